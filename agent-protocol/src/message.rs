@@ -1,0 +1,292 @@
+//! Control messages: what travels in [`crate::Frame::Control`] frames, as JSON.
+//!
+//! A stream is opened by the host with one [`Request`]. The agent answers with any number
+//! of non-final replies and data frames, and ends the stream with exactly one final reply
+//! ([`Reply::is_final`]). Stream kinds that later issues add (PTY, file watch, metrics,
+//! port tunnels) are new `Request` variants on the same framing; a new agent answers an
+//! unknown request with [`ErrorCode::Unsupported`], so old hosts and new agents coexist.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Version of the protocol spoken by this build. Bumped on incompatible changes.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Host → agent control messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Handshake. Sent (and re-sent until answered) after every (re)connect; the agent
+    /// answers with [`Reply::Hello`] echoing `nonce`.
+    Hello {
+        /// Protocol versions the host speaks, lowest and highest.
+        min_version: u32,
+        max_version: u32,
+        nonce: u64,
+    },
+    /// Start a process. Its output streams back on this stream.
+    Exec(ExecRequest),
+    /// Attach this stream to a running (or just finished) process started earlier.
+    Attach { pid: u32 },
+    /// Stop forwarding output to this stream; the process keeps running.
+    Detach,
+    /// Cancel the operation of this stream (kills a foreground process).
+    Cancel,
+    /// List the processes the agent started that are running or not yet collected.
+    ListProcesses,
+    /// Send a signal to a process (and its process group).
+    Signal { pid: u32, signal: i32 },
+    /// Stream a file's contents back on [`crate::Channel::Output`].
+    ReadFile { path: String },
+    /// Write a file from the [`crate::Channel::Input`] bytes that follow; replaced
+    /// atomically when the input ends.
+    WriteFile {
+        path: String,
+        /// Permission bits of a newly created file; default 0o644.
+        #[serde(default)]
+        mode: Option<u32>,
+        /// Owner of the new file; default the agent's default user.
+        #[serde(default)]
+        user: Option<String>,
+    },
+    /// List a directory.
+    ListDir { path: String },
+    /// Describe one path.
+    Stat { path: String },
+    /// Create a directory and its missing parents.
+    Mkdir {
+        path: String,
+        #[serde(default)]
+        user: Option<String>,
+    },
+    /// Remove a file, or a directory with everything under it.
+    Remove { path: String },
+    /// Rename (move) a path.
+    Rename { from: String, to: String },
+}
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub command: Command,
+    /// Extra environment variables (on top of PATH, HOME, USER, LANG).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; default `/workspace`.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// User to run as; default [`DEFAULT_USER`].
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Keep the process running when this stream goes away.
+    #[serde(default)]
+    pub background: bool,
+    /// Whether the process gets a stdin pipe (else /dev/null).
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+/// The user processes and files belong to unless a request names another.
+pub const DEFAULT_USER: &str = "user";
+/// The working directory processes start in unless a request names another.
+pub const DEFAULT_CWD: &str = "/workspace";
+
+/// A program and its arguments, or a shell command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    /// Executed directly; `argv[0]` is looked up in PATH.
+    Argv(Vec<String>),
+    /// Run by `/bin/sh -c`.
+    Shell(String),
+}
+
+/// Agent → host control messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Reply {
+    /// Handshake answer.
+    Hello {
+        version: u32,
+        agent_version: String,
+        nonce: u64,
+    },
+    /// The process started (also the first reply to an attach).
+    Started { pid: u32 },
+    /// The process ended. Final.
+    Exited(ExitStatus),
+    /// The stream detached from a process that keeps running. Final.
+    Detached,
+    /// The operation succeeded. Final.
+    Done {
+        /// Bytes transferred, where that applies.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bytes: Option<u64>,
+    },
+    /// Directory listing. Final.
+    Entries { entries: Vec<FileInfo> },
+    /// One path's description. Final.
+    Stat { info: FileInfo },
+    /// Process listing. Final.
+    Processes { processes: Vec<ProcessInfo> },
+    /// The operation failed. Final.
+    Error(AgentError),
+}
+
+impl Reply {
+    /// Whether this reply ends its stream.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, Reply::Hello { .. } | Reply::Started { .. })
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code, when it exited normally.
+    pub code: Option<i32>,
+    /// The signal that killed it, otherwise.
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    /// True for exit code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// Kind of a filesystem entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileType {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// A filesystem entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    pub name: String,
+    pub path: String,
+    #[serde(rename = "type")]
+    pub file_type: FileType,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time, seconds since the Unix epoch.
+    pub mtime: i64,
+    /// Target of a symlink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symlink_target: Option<String>,
+}
+
+/// A process the agent started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub command: Command,
+    pub user: String,
+    pub cwd: String,
+    pub background: bool,
+    /// Whether a stream currently receives its output.
+    pub attached: bool,
+    /// Set once it has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitStatus>,
+}
+
+/// Why an operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    NotFound,
+    PermissionDenied,
+    AlreadyExists,
+    NotADirectory,
+    IsADirectory,
+    InvalidArgument,
+    UnknownUser,
+    FrameTooLarge,
+    UnsupportedVersion,
+    Unsupported,
+    Busy,
+    Cancelled,
+    Io,
+}
+
+/// A failed operation: a machine-readable code and a message for people that says what
+/// to do instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct AgentError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl AgentError {
+    /// An error with a code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Maps an I/O error about `what` to the closest code.
+    pub fn from_io(err: &std::io::Error, what: &str) -> Self {
+        use std::io::ErrorKind as K;
+        let code = match err.kind() {
+            K::NotFound => ErrorCode::NotFound,
+            K::PermissionDenied => ErrorCode::PermissionDenied,
+            K::AlreadyExists => ErrorCode::AlreadyExists,
+            K::NotADirectory => ErrorCode::NotADirectory,
+            K::IsADirectory => ErrorCode::IsADirectory,
+            K::InvalidInput => ErrorCode::InvalidArgument,
+            _ => ErrorCode::Io,
+        };
+        Self::new(code, format!("{what}: {err}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let r = Request::Exec(ExecRequest {
+            command: Command::Shell("echo hi".into()),
+            env: BTreeMap::new(),
+            cwd: None,
+            user: None,
+            background: false,
+            stdin: false,
+        });
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            json,
+            r#"{"op":"exec","command":{"shell":"echo hi"},"env":{},"cwd":null,"user":null,"background":false,"stdin":false}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_str::<Request>(r#"{"op":"stat","path":"/","bogus":1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn only_hello_and_started_leave_a_stream_open() {
+        assert!(!Reply::Started { pid: 1 }.is_final());
+        assert!(Reply::Detached.is_final());
+        assert!(Reply::Error(AgentError::new(ErrorCode::Io, "x")).is_final());
+    }
+}

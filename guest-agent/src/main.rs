@@ -1,0 +1,35 @@
+//! The Nullspace guest agent.
+//!
+//! Runs inside every sandbox VM as PID 1's child (see [`init`]), reads frames from the
+//! virtio-serial port named [`agent_protocol::PORT_NAME`] and serves processes and files
+//! over many concurrent streams (see [`session`]).
+
+mod files;
+mod init;
+mod port;
+mod process;
+mod session;
+mod users;
+
+fn main() {
+    if std::process::id() == 1 {
+        // Returns only in the forked child that goes on to be the agent.
+        init::run_as_init();
+    }
+    let port_path = match port::find_port(std::time::Duration::from_secs(30)) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("nullspace-agent: {e}");
+            std::process::exit(1);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = session::serve(&port_path, runtime.handle().clone()) {
+        eprintln!("nullspace-agent: {e}");
+        std::process::exit(1);
+    }
+}

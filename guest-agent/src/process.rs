@@ -1,0 +1,379 @@
+//! Processes: start, stream output, stdin, signals, background and re-attach.
+//!
+//! A process outlives the stream that started it when it runs in the background or the
+//! stream detaches. Its output then collects in a bounded backlog that the next stream to
+//! attach receives first, followed by live output and the exit status.
+
+use crate::session::{Inbound, Outbox};
+use crate::users;
+use agent_protocol::{
+    AgentError, Channel, Command, ErrorCode, ExecRequest, ExitStatus, ProcessInfo, Reply,
+    DATA_CHUNK, DEFAULT_CWD, DEFAULT_USER,
+};
+use std::collections::{BTreeMap, VecDeque};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::ChildStdin;
+use tokio::sync::{watch, Mutex};
+
+/// Output kept for a detached process; older bytes are dropped first.
+const BACKLOG_LIMIT: usize = 1024 * 1024;
+/// Finished, never-collected processes kept for a later attach or list.
+const FINISHED_KEPT: usize = 64;
+
+/// The processes this agent started.
+#[derive(Clone, Default)]
+pub struct ProcessTable {
+    procs: Arc<Mutex<BTreeMap<u32, Arc<Proc>>>>,
+}
+
+struct Proc {
+    info: ProcessInfo,
+    state: Mutex<ProcState>,
+    stdin: Mutex<Option<ChildStdin>>,
+    exit: watch::Receiver<Option<ExitStatus>>,
+}
+
+#[derive(Default)]
+struct ProcState {
+    /// The stream output goes to, if any.
+    attached: Option<Outbox>,
+    /// Output produced while detached: (channel, bytes).
+    backlog: VecDeque<(Channel, Vec<u8>)>,
+    backlog_bytes: usize,
+}
+
+impl ProcState {
+    fn push_backlog(&mut self, channel: Channel, bytes: Vec<u8>) {
+        self.backlog_bytes += bytes.len();
+        self.backlog.push_back((channel, bytes));
+        while self.backlog_bytes > BACKLOG_LIMIT {
+            let Some((_, old)) = self.backlog.pop_front() else {
+                break;
+            };
+            self.backlog_bytes -= old.len();
+        }
+    }
+}
+
+impl ProcessTable {
+    /// Every process not yet collected, oldest first.
+    pub async fn list(&self) -> Vec<ProcessInfo> {
+        let procs: Vec<Arc<Proc>> = self.procs.lock().await.values().cloned().collect();
+        let mut out = Vec::with_capacity(procs.len());
+        for p in procs {
+            let mut info = p.info.clone();
+            info.attached = p.state.lock().await.attached.is_some();
+            info.exit = *p.exit.borrow();
+            out.push(info);
+        }
+        out
+    }
+
+    /// Signals a process's whole process group (it leads its own session).
+    pub async fn signal(&self, pid: u32, signal: i32) -> Result<(), AgentError> {
+        let proc = self.get(pid).await?;
+        if proc.exit.borrow().is_some() {
+            return Err(AgentError::new(
+                ErrorCode::NotFound,
+                format!("process {pid} has already exited"),
+            ));
+        }
+        // SAFETY: kill has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(-(pid as i32), signal) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            let code = if err.raw_os_error() == Some(libc::EINVAL) {
+                ErrorCode::InvalidArgument
+            } else {
+                ErrorCode::Io
+            };
+            return Err(AgentError::new(code, format!("signal {signal} to process {pid}: {err}")));
+        }
+        Ok(())
+    }
+
+    async fn get(&self, pid: u32) -> Result<Arc<Proc>, AgentError> {
+        self.procs.lock().await.get(&pid).cloned().ok_or_else(|| {
+            AgentError::new(
+                ErrorCode::NotFound,
+                format!("no process {pid} was started by the agent; list processes to see which exist"),
+            )
+        })
+    }
+
+    async fn insert(&self, proc: Arc<Proc>) {
+        let mut procs = self.procs.lock().await;
+        procs.insert(proc.info.pid, proc);
+        // Forget the oldest finished processes nobody collected.
+        let finished: Vec<u32> = procs
+            .iter()
+            .filter(|(_, p)| p.exit.borrow().is_some())
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in finished.iter().take(finished.len().saturating_sub(FINISHED_KEPT)) {
+            procs.remove(pid);
+        }
+    }
+
+    async fn remove(&self, pid: u32) {
+        self.procs.lock().await.remove(&pid);
+    }
+}
+
+/// Starts a process and serves it on `out`'s stream.
+pub async fn exec(
+    req: ExecRequest,
+    out: Outbox,
+    inbox: tokio::sync::mpsc::Receiver<Inbound>,
+    table: ProcessTable,
+) {
+    let proc = match spawn(req, &table).await {
+        Ok(p) => p,
+        Err(e) => return out.error(e).await,
+    };
+    serve_attached(proc, out, inbox, table).await;
+}
+
+/// Attaches `out`'s stream to a process started earlier.
+pub async fn attach(
+    pid: u32,
+    out: Outbox,
+    inbox: tokio::sync::mpsc::Receiver<Inbound>,
+    table: ProcessTable,
+) {
+    match table.get(pid).await {
+        Ok(proc) => serve_attached(proc, out, inbox, table).await,
+        Err(e) => out.error(e).await,
+    }
+}
+
+async fn spawn(req: ExecRequest, table: &ProcessTable) -> Result<Arc<Proc>, AgentError> {
+    let user = users::lookup(req.user.as_deref().unwrap_or(DEFAULT_USER))?;
+    let cwd = req.cwd.clone().unwrap_or_else(|| DEFAULT_CWD.to_string());
+    match std::fs::metadata(&cwd) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(AgentError::new(
+                ErrorCode::NotADirectory,
+                format!("working directory {cwd} is not a directory; send an existing directory as cwd"),
+            ))
+        }
+        Err(e) => {
+            return Err(AgentError::new(
+                ErrorCode::NotFound,
+                format!("working directory {cwd}: {e}; create it first or send another cwd"),
+            ))
+        }
+    }
+    let argv: Vec<String> = match &req.command {
+        Command::Argv(argv) if argv.is_empty() || argv[0].is_empty() => {
+            return Err(AgentError::new(
+                ErrorCode::InvalidArgument,
+                "argv is empty; send at least the program to run",
+            ))
+        }
+        Command::Argv(argv) => argv.clone(),
+        Command::Shell(line) => vec!["/bin/sh".into(), "-c".into(), line.clone()],
+    };
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .current_dir(&cwd)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", &user.home)
+        .env("USER", &user.name)
+        .env("LOGNAME", &user.name)
+        .env("SHELL", &user.shell)
+        .env("LANG", "C.UTF-8")
+        .envs(&req.env)
+        .stdin(if req.stdin {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let (uid, gid, groups) = (user.uid, user.gid, user.groups.clone());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Its own session and process group, so a signal reaches its children too.
+            if libc::setsid() < 0
+                || libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| {
+            let code = match e.kind() {
+                std::io::ErrorKind::NotFound => ErrorCode::NotFound,
+                std::io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
+                _ => ErrorCode::Io,
+            };
+            AgentError::new(
+                code,
+                format!(
+                    "cannot start '{}': {e}; send an installed program (or a shell command line)",
+                    argv[0]
+                ),
+            )
+        })?;
+    let pid = child.id().expect("a just-spawned child has a pid");
+    let (exit_tx, exit_rx) = watch::channel(None);
+    let proc = Arc::new(Proc {
+        info: ProcessInfo {
+            pid,
+            command: req.command,
+            user: user.name,
+            cwd,
+            background: req.background,
+            attached: false,
+            exit: None,
+        },
+        state: Mutex::new(ProcState::default()),
+        stdin: Mutex::new(child.stdin.take()),
+        exit: exit_rx,
+    });
+    table.insert(proc.clone()).await;
+
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let p = proc.clone();
+    let table = table.clone();
+    tokio::spawn(async move {
+        let (_, _, status) = tokio::join!(
+            pump(&p, Channel::Output, stdout),
+            pump(&p, Channel::Error, stderr),
+            child.wait()
+        );
+        let status = match status {
+            Ok(s) => ExitStatus {
+                code: s.code(),
+                signal: s.signal(),
+            },
+            Err(_) => ExitStatus {
+                code: None,
+                signal: None,
+            },
+        };
+        *p.stdin.lock().await = None;
+        let mut state = p.state.lock().await;
+        let _ = exit_tx.send(Some(status));
+        if let Some(out) = state.attached.take() {
+            out.reply(&Reply::Exited(status)).await;
+            drop(state);
+            table.remove(p.info.pid).await;
+        }
+    });
+    Ok(proc)
+}
+
+/// Copies one output pipe to the attached stream, or to the backlog while detached.
+async fn pump(proc: &Proc, channel: Channel, mut pipe: impl AsyncRead + Unpin) {
+    let mut buf = vec![0u8; DATA_CHUNK];
+    loop {
+        let n = match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut state = proc.state.lock().await;
+        match &state.attached {
+            Some(out) => out.data(channel, buf[..n].to_vec()).await,
+            None => state.push_backlog(channel, buf[..n].to_vec()),
+        }
+    }
+}
+
+/// Makes `out` the process's stream (taking it over from a previous one), replays the
+/// backlog, then serves stdin and detach/cancel until the process ends or the stream
+/// detaches.
+async fn serve_attached(
+    proc: Arc<Proc>,
+    out: Outbox,
+    mut inbox: tokio::sync::mpsc::Receiver<Inbound>,
+    table: ProcessTable,
+) {
+    let pid = proc.info.pid;
+    {
+        let mut state = proc.state.lock().await;
+        if let Some(previous) = state.attached.take() {
+            previous.reply(&Reply::Detached).await;
+        }
+        out.reply(&Reply::Started { pid }).await;
+        for (channel, bytes) in std::mem::take(&mut state.backlog) {
+            out.data(channel, bytes).await;
+        }
+        state.backlog_bytes = 0;
+        let exited = *proc.exit.borrow();
+        if let Some(status) = exited {
+            out.reply(&Reply::Exited(status)).await;
+            drop(state);
+            table.remove(pid).await;
+            return;
+        }
+        state.attached = Some(out.clone());
+    }
+    let mut exit = proc.exit.clone();
+    loop {
+        tokio::select! {
+            msg = inbox.recv() => match msg {
+                Some(Inbound::Data(bytes)) => {
+                    let mut stdin = proc.stdin.lock().await;
+                    if let Some(pipe) = stdin.as_mut() {
+                        if pipe.write_all(&bytes).await.is_err() {
+                            *stdin = None;
+                        }
+                    }
+                }
+                Some(Inbound::Eof) => *proc.stdin.lock().await = None,
+                Some(Inbound::Detach) => {
+                    if detach(&proc, &out).await {
+                        out.reply(&Reply::Detached).await;
+                    }
+                    return;
+                }
+                Some(Inbound::Abort(err)) => {
+                    if proc.info.background {
+                        if detach(&proc, &out).await {
+                            out.error(err).await;
+                        }
+                        return;
+                    }
+                    // A foreground process dies with its stream; the exit status still
+                    // comes back as the final reply.
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+                }
+                None => return,
+            },
+            _ = exit.changed() => {
+                // The pump task sent the final reply if this stream was still attached.
+                return;
+            }
+        }
+    }
+}
+
+/// Detaches `out` if it is still the attached stream; false if another stream took over.
+async fn detach(proc: &Proc, out: &Outbox) -> bool {
+    let mut state = proc.state.lock().await;
+    match &state.attached {
+        Some(current) if current.stream() == out.stream() => {
+            state.attached = None;
+            true
+        }
+        _ => false,
+    }
+}

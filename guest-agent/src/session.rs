@@ -1,0 +1,268 @@
+//! Routing frames to streams.
+//!
+//! The reader thread owns the stream table: a frame that opens a stream spawns its
+//! handler task; later frames of that stream go to the handler's inbox. Handlers reply
+//! through [`Outbox`], which the writer thread drains onto the port.
+
+use crate::{files, process};
+use agent_protocol::{
+    AgentError, Channel, Decoded, ErrorCode, Frame, Reply, Request, PROTOCOL_VERSION,
+};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+
+/// What a stream's handler receives after the opening request.
+#[derive(Debug)]
+pub enum Inbound {
+    /// Bytes on the input channel (stdin or a file body).
+    Data(Vec<u8>),
+    /// The input channel ended.
+    Eof,
+    /// The host asked to detach from a process.
+    Detach,
+    /// The stream must end with this error: the host cancelled it, or sent a frame
+    /// for it that could not be read.
+    Abort(AgentError),
+}
+
+/// Sends frames for one stream to the writer thread.
+#[derive(Clone)]
+pub struct Outbox {
+    stream: u32,
+    tx: mpsc::Sender<Frame>,
+}
+
+impl Outbox {
+    /// Outbox of another stream on the same port.
+    pub fn for_stream(&self, stream: u32) -> Outbox {
+        Outbox {
+            stream,
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// The stream this outbox writes to.
+    pub fn stream(&self) -> u32 {
+        self.stream
+    }
+
+    /// Sends a control reply. Errors mean the port is gone; there is no one to tell.
+    pub async fn reply(&self, reply: &Reply) {
+        let json = serde_json::to_vec(reply).expect("replies always serialize");
+        let _ = self
+            .tx
+            .send(Frame::Control {
+                stream: self.stream,
+                json,
+            })
+            .await;
+    }
+
+    /// Sends an error as the final reply.
+    pub async fn error(&self, err: AgentError) {
+        self.reply(&Reply::Error(err)).await;
+    }
+
+    /// Sends bytes on an output channel.
+    pub async fn data(&self, channel: Channel, bytes: Vec<u8>) {
+        let _ = self
+            .tx
+            .send(Frame::Data {
+                stream: self.stream,
+                channel,
+                bytes,
+            })
+            .await;
+    }
+
+    /// Ends an output channel.
+    pub async fn eof(&self, channel: Channel) {
+        let _ = self
+            .tx
+            .send(Frame::Eof {
+                stream: self.stream,
+                channel,
+            })
+            .await;
+    }
+}
+
+type StreamTable = Arc<Mutex<HashMap<u32, mpsc::Sender<Inbound>>>>;
+
+/// Serves the port until it fails.
+pub fn serve(port_path: &Path, rt: Handle) -> std::io::Result<()> {
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(port_path)?;
+    let writer = reader.try_clone()?;
+    let (tx, rx) = mpsc::channel::<Frame>(256);
+    std::thread::spawn(move || crate::port::write_loop(writer, rx));
+
+    let streams: StreamTable = Arc::default();
+    let processes = process::ProcessTable::default();
+    let root = Outbox { stream: 0, tx };
+    let err = crate::port::read_loop(reader, |item| {
+        dispatch(item, &rt, &root, &streams, &processes);
+    });
+    Err(err)
+}
+
+fn dispatch(
+    item: Decoded,
+    rt: &Handle,
+    root: &Outbox,
+    streams: &StreamTable,
+    processes: &process::ProcessTable,
+) {
+    match item {
+        Decoded::Frame(Frame::Control { stream, json }) => {
+            let existing = streams.lock().unwrap().get(&stream).cloned();
+            let out = root.for_stream(stream);
+            match serde_json::from_slice::<Request>(&json) {
+                Ok(req @ (Request::Detach | Request::Cancel)) => {
+                    // Without a stream it crossed the stream's final reply: nothing to do.
+                    if let Some(inbox) = existing {
+                        let msg = match req {
+                            Request::Detach => Inbound::Detach,
+                            _ => Inbound::Abort(AgentError::new(
+                                ErrorCode::Cancelled,
+                                "cancelled by the host",
+                            )),
+                        };
+                        let _ = inbox.blocking_send(msg);
+                    }
+                }
+                Ok(_) if existing.is_some() => spawn_error(
+                    rt,
+                    out,
+                    ErrorCode::InvalidArgument,
+                    format!("stream {stream} is already open; open each request on a new stream ID"),
+                ),
+                Ok(request) => open_stream(request, out, rt, streams, processes),
+                Err(e) => spawn_error(
+                    rt,
+                    out,
+                    ErrorCode::InvalidArgument,
+                    format!("unreadable request: {e}"),
+                ),
+            }
+        }
+        Decoded::Frame(Frame::Data { stream, bytes, .. }) => {
+            let inbox = streams.lock().unwrap().get(&stream).cloned();
+            if let Some(inbox) = inbox {
+                let _ = inbox.blocking_send(Inbound::Data(bytes));
+            }
+        }
+        Decoded::Frame(Frame::Eof { stream, .. }) => {
+            let inbox = streams.lock().unwrap().get(&stream).cloned();
+            if let Some(inbox) = inbox {
+                let _ = inbox.blocking_send(Inbound::Eof);
+            }
+        }
+        Decoded::Oversized { stream, len } => {
+            let err = AgentError::new(
+                ErrorCode::FrameTooLarge,
+                format!(
+                    "frame of {len} bytes exceeds the {} byte limit; send data in chunks of at most {} bytes",
+                    agent_protocol::MAX_FRAME_PAYLOAD,
+                    agent_protocol::DATA_CHUNK
+                ),
+            );
+            // A stream that lost a frame cannot complete: its handler ends it with the
+            // error. Without a handler, the error is the stream's only reply.
+            let inbox = streams.lock().unwrap().get(&stream).cloned();
+            match inbox {
+                Some(inbox) => {
+                    let _ = inbox.blocking_send(Inbound::Abort(err));
+                }
+                None => spawn_error(rt, root.for_stream(stream), err.code, err.message),
+            }
+        }
+        Decoded::Malformed { stream, reason } => {
+            spawn_error(rt, root.for_stream(stream), ErrorCode::InvalidArgument, reason)
+        }
+        Decoded::Resynced { skipped } => {
+            eprintln!("nullspace-agent: skipped {skipped} bytes that were not a frame");
+        }
+    }
+}
+
+fn spawn_error(rt: &Handle, out: Outbox, code: ErrorCode, message: String) {
+    rt.spawn(async move { out.error(AgentError::new(code, message)).await });
+}
+
+fn open_stream(
+    request: Request,
+    out: Outbox,
+    rt: &Handle,
+    streams: &StreamTable,
+    processes: &process::ProcessTable,
+) {
+    if let Request::Hello {
+        min_version,
+        max_version,
+        nonce,
+    } = request
+    {
+        rt.spawn(async move {
+            if (min_version..=max_version).contains(&PROTOCOL_VERSION) {
+                out.reply(&Reply::Hello {
+                    version: PROTOCOL_VERSION,
+                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                    nonce,
+                })
+                .await;
+            } else {
+                out.error(AgentError::new(
+                    ErrorCode::UnsupportedVersion,
+                    format!("agent speaks protocol {PROTOCOL_VERSION}, host asked for {min_version}..={max_version}; rebuild the guest image"),
+                ))
+                .await;
+            }
+        });
+        return;
+    }
+    let (tx, inbox) = mpsc::channel(64);
+    let stream = out.stream();
+    streams.lock().unwrap().insert(stream, tx);
+    let streams = streams.clone();
+    let processes = processes.clone();
+    rt.spawn(async move {
+        handle(request, out, inbox, processes).await;
+        streams.lock().unwrap().remove(&stream);
+    });
+}
+
+async fn handle(
+    request: Request,
+    out: Outbox,
+    inbox: mpsc::Receiver<Inbound>,
+    processes: process::ProcessTable,
+) {
+    match request {
+        Request::Exec(req) => process::exec(req, out, inbox, processes).await,
+        Request::Attach { pid } => process::attach(pid, out, inbox, processes).await,
+        Request::ListProcesses => {
+            out.reply(&Reply::Processes {
+                processes: processes.list().await,
+            })
+            .await
+        }
+        Request::Signal { pid, signal } => match processes.signal(pid, signal).await {
+            Ok(()) => out.reply(&Reply::Done { bytes: None }).await,
+            Err(e) => out.error(e).await,
+        },
+        Request::ReadFile { path } => files::read(&path, &out).await,
+        Request::WriteFile { path, mode, user } => {
+            files::write(&path, mode, user.as_deref(), &out, inbox).await
+        }
+        other => match files::simple(other).await {
+            Ok(reply) => out.reply(&reply).await,
+            Err(e) => out.error(e).await,
+        },
+    }
+}
