@@ -305,7 +305,10 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                Decoded::Oversized { stream: 3, len: big },
+                Decoded::Oversized {
+                    stream: 3,
+                    len: big
+                },
                 Decoded::Frame(Frame::Eof {
                     stream: 4,
                     channel: Channel::Input
@@ -342,7 +345,10 @@ mod tests {
         wire.push(0);
         let mut d = FrameDecoder::new();
         d.feed(&wire);
-        assert!(matches!(d.next(), Some(Decoded::Malformed { stream: 5, .. })));
+        assert!(matches!(
+            d.next(),
+            Some(Decoded::Malformed { stream: 5, .. })
+        ));
         assert_eq!(d.next(), None);
     }
 }

@@ -23,6 +23,10 @@ pub enum Request {
         min_version: u32,
         max_version: u32,
         nonce: u64,
+        /// The host's wall clock (ns since the Unix epoch). The guest clock stands still
+        /// while a VM is paused or snapshotted, so the agent sets it from this.
+        #[serde(default)]
+        host_time_ns: Option<u64>,
     },
     /// Start a process. Its output streams back on this stream.
     Exec(ExecRequest),

@@ -121,7 +121,7 @@ echo sandbox >"$root/etc/hostname"
 chown 1000:1000 "$root/home/user" "$root/workspace"
 chmod 1777 "$root/tmp"
 step="mkfs minimal.ext4"
-mkfs.ext4 -q -F -L nullspace-root -E root_owner=0:0 -d "$root" "$tmp/minimal.ext4" "$(image_mib "$root" 48)M"
+mkfs.ext4 -q -F -L nullspace-root -E root_owner=0:0 -d "$root" "$tmp/minimal.ext4" "$(image_mib "$root" 48)M" >&2
 rm -rf "$root"
 
 step="base rootfs"
@@ -131,7 +131,7 @@ tar -xpf "$base_tar" --numeric-owner -C "$root"
 install -m 0755 "$agent" "$root/sbin/nullspace-agent"
 echo sandbox >"$root/etc/hostname"
 step="mkfs base.ext4"
-mkfs.ext4 -q -F -L nullspace-root -E root_owner=0:0 -d "$root" "$tmp/base.ext4" "$(image_mib "$root" 256)M"
+mkfs.ext4 -q -F -L nullspace-root -E root_owner=0:0 -d "$root" "$tmp/base.ext4" "$(image_mib "$root" 256)M" >&2
 rm -rf "$root"
 
 step="manifest"

@@ -7,8 +7,8 @@
 use crate::session::{Inbound, Outbox};
 use crate::users;
 use agent_protocol::{
-    AgentError, Channel, ErrorCode, FileInfo, FileType, Reply, Request, DATA_CHUNK,
-    DEFAULT_CWD, DEFAULT_USER,
+    AgentError, Channel, ErrorCode, FileInfo, FileType, Reply, Request, DATA_CHUNK, DEFAULT_CWD,
+    DEFAULT_USER,
 };
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -207,7 +207,12 @@ fn mkdir_all(dir: &Path, uid: u32, gid: u32) -> Result<(), AgentError> {
 pub async fn simple(request: Request) -> Result<Reply, AgentError> {
     tokio::task::spawn_blocking(move || simple_blocking(request))
         .await
-        .unwrap_or_else(|e| Err(AgentError::new(ErrorCode::Io, format!("agent task failed: {e}"))))
+        .unwrap_or_else(|e| {
+            Err(AgentError::new(
+                ErrorCode::Io,
+                format!("agent task failed: {e}"),
+            ))
+        })
 }
 
 fn simple_blocking(request: Request) -> Result<Reply, AgentError> {
@@ -252,8 +257,8 @@ fn simple_blocking(request: Request) -> Result<Reply, AgentError> {
                     "refusing to remove /; send a path below it",
                 ));
             }
-            let meta =
-                std::fs::symlink_metadata(&target).map_err(|e| AgentError::from_io(&e, &display))?;
+            let meta = std::fs::symlink_metadata(&target)
+                .map_err(|e| AgentError::from_io(&e, &display))?;
             if meta.is_dir() {
                 std::fs::remove_dir_all(&target)
             } else {

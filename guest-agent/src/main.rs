@@ -8,6 +8,7 @@ mod files;
 mod init;
 mod port;
 mod process;
+mod rootfs;
 mod session;
 mod users;
 
@@ -23,6 +24,12 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // Off the boot path: requests are served while the filesystem grows.
+    std::thread::spawn(|| {
+        if let Err(e) = rootfs::grow() {
+            eprintln!("nullspace-agent: {e}");
+        }
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -89,7 +89,10 @@ impl ProcessTable {
             } else {
                 ErrorCode::Io
             };
-            return Err(AgentError::new(code, format!("signal {signal} to process {pid}: {err}")));
+            return Err(AgentError::new(
+                code,
+                format!("signal {signal} to process {pid}: {err}"),
+            ));
         }
         Ok(())
     }
@@ -98,7 +101,9 @@ impl ProcessTable {
         self.procs.lock().await.get(&pid).cloned().ok_or_else(|| {
             AgentError::new(
                 ErrorCode::NotFound,
-                format!("no process {pid} was started by the agent; list processes to see which exist"),
+                format!(
+                    "no process {pid} was started by the agent; list processes to see which exist"
+                ),
             )
         })
     }
@@ -112,7 +117,10 @@ impl ProcessTable {
             .filter(|(_, p)| p.exit.borrow().is_some())
             .map(|(pid, _)| *pid)
             .collect();
-        for pid in finished.iter().take(finished.len().saturating_sub(FINISHED_KEPT)) {
+        for pid in finished
+            .iter()
+            .take(finished.len().saturating_sub(FINISHED_KEPT))
+        {
             procs.remove(pid);
         }
     }
@@ -157,7 +165,9 @@ async fn spawn(req: ExecRequest, table: &ProcessTable) -> Result<Arc<Proc>, Agen
         Ok(_) => {
             return Err(AgentError::new(
                 ErrorCode::NotADirectory,
-                format!("working directory {cwd} is not a directory; send an existing directory as cwd"),
+                format!(
+                    "working directory {cwd} is not a directory; send an existing directory as cwd"
+                ),
             ))
         }
         Err(e) => {

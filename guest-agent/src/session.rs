@@ -140,7 +140,9 @@ fn dispatch(
                     rt,
                     out,
                     ErrorCode::InvalidArgument,
-                    format!("stream {stream} is already open; open each request on a new stream ID"),
+                    format!(
+                        "stream {stream} is already open; open each request on a new stream ID"
+                    ),
                 ),
                 Ok(request) => open_stream(request, out, rt, streams, processes),
                 Err(e) => spawn_error(
@@ -182,9 +184,12 @@ fn dispatch(
                 None => spawn_error(rt, root.for_stream(stream), err.code, err.message),
             }
         }
-        Decoded::Malformed { stream, reason } => {
-            spawn_error(rt, root.for_stream(stream), ErrorCode::InvalidArgument, reason)
-        }
+        Decoded::Malformed { stream, reason } => spawn_error(
+            rt,
+            root.for_stream(stream),
+            ErrorCode::InvalidArgument,
+            reason,
+        ),
         Decoded::Resynced { skipped } => {
             eprintln!("nullspace-agent: skipped {skipped} bytes that were not a frame");
         }
@@ -206,8 +211,12 @@ fn open_stream(
         min_version,
         max_version,
         nonce,
+        host_time_ns,
     } = request
     {
+        if let Some(ns) = host_time_ns {
+            set_clock(ns);
+        }
         rt.spawn(async move {
             if (min_version..=max_version).contains(&PROTOCOL_VERSION) {
                 out.reply(&Reply::Hello {
@@ -264,5 +273,21 @@ async fn handle(
             Ok(reply) => out.reply(&reply).await,
             Err(e) => out.error(e).await,
         },
+    }
+}
+
+/// Sets the guest's wall clock. Failure is only logged: a wrong clock is better than no
+/// agent.
+fn set_clock(unix_ns: u64) {
+    let ts = libc::timespec {
+        tv_sec: (unix_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (unix_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: a valid timespec pointer.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        eprintln!(
+            "nullspace-agent: setting the clock failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

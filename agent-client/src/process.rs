@@ -1,0 +1,144 @@
+//! A process running in the guest, seen from the host.
+
+use crate::{unexpected, ClientError, Stream, StreamEvent};
+use agent_protocol::{Channel, ExitStatus, Reply, Request};
+
+/// Something a process did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcessEvent {
+    /// Bytes it wrote to stdout.
+    Stdout(Vec<u8>),
+    /// Bytes it wrote to stderr.
+    Stderr(Vec<u8>),
+    /// It ended. The last event.
+    Exited(ExitStatus),
+    /// This handle was detached (by [`Process::detach`] or because another handle
+    /// attached); the process keeps running. The last event.
+    Detached,
+}
+
+/// Everything a finished process wrote, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: ExitStatus,
+}
+
+impl Output {
+    /// stdout as text (lossy).
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// stderr as text (lossy).
+    pub fn stderr_str(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// A handle on a process, streaming its output. Dropping the handle of a foreground
+/// process kills it; a background process keeps running.
+pub struct Process {
+    pid: u32,
+    stream: Stream,
+    ended: bool,
+}
+
+impl Process {
+    /// Waits for the agent to confirm the start (or to say why it could not).
+    pub(crate) async fn start(mut stream: Stream) -> Result<Self, ClientError> {
+        match stream.next().await? {
+            StreamEvent::Reply(Reply::Started { pid }) => Ok(Self {
+                pid,
+                stream,
+                ended: false,
+            }),
+            StreamEvent::Reply(Reply::Error(e)) => Err(e.into()),
+            StreamEvent::Reply(other) => Err(unexpected(other)),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// The process ID inside the guest.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The next thing the process did; `None` after its last event.
+    pub async fn next_event(&mut self) -> Result<Option<ProcessEvent>, ClientError> {
+        while !self.ended {
+            let event = match self.stream.next().await? {
+                StreamEvent::Data(Channel::Error, bytes) => ProcessEvent::Stderr(bytes),
+                StreamEvent::Data(_, bytes) => ProcessEvent::Stdout(bytes),
+                StreamEvent::Eof(_) => continue,
+                StreamEvent::Reply(Reply::Exited(status)) => ProcessEvent::Exited(status),
+                StreamEvent::Reply(Reply::Detached) => ProcessEvent::Detached,
+                StreamEvent::Reply(Reply::Error(e)) => {
+                    self.ended = true;
+                    return Err(e.into());
+                }
+                StreamEvent::Reply(other) => return Err(unexpected(other)),
+            };
+            self.ended = matches!(event, ProcessEvent::Exited(_) | ProcessEvent::Detached);
+            return Ok(Some(event));
+        }
+        Ok(None)
+    }
+
+    /// Writes to the process's stdin (it must have been started with `stdin: true`).
+    pub async fn write_stdin(&self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.stream.send_data(bytes.to_vec()).await
+    }
+
+    /// Closes the process's stdin.
+    pub async fn close_stdin(&self) -> Result<(), ClientError> {
+        self.stream.send_eof().await
+    }
+
+    /// Stops receiving output; the process keeps running and can be attached again.
+    pub async fn detach(mut self) -> Result<(), ClientError> {
+        self.stream.send_control(&Request::Detach).await?;
+        while let Some(event) = self.next_event().await? {
+            if event == ProcessEvent::Detached || matches!(event, ProcessEvent::Exited(_)) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the end, calling `on_stdout` / `on_stderr` as output arrives.
+    pub async fn wait_with(
+        mut self,
+        mut on_stdout: impl FnMut(&[u8]),
+        mut on_stderr: impl FnMut(&[u8]),
+    ) -> Result<ExitStatus, ClientError> {
+        while let Some(event) = self.next_event().await? {
+            match event {
+                ProcessEvent::Stdout(b) => on_stdout(&b),
+                ProcessEvent::Stderr(b) => on_stderr(&b),
+                ProcessEvent::Exited(status) => return Ok(status),
+                ProcessEvent::Detached => break,
+            }
+        }
+        Err(ClientError::Protocol(
+            "the process was detached by another handle before it ended".into(),
+        ))
+    }
+
+    /// Waits for the end and collects all output.
+    pub async fn wait(self) -> Result<Output, ClientError> {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let status = self
+            .wait_with(
+                |b| stdout.extend_from_slice(b),
+                |b| stderr.extend_from_slice(b),
+            )
+            .await?;
+        Ok(Output {
+            stdout,
+            stderr,
+            status,
+        })
+    }
+}

@@ -1,0 +1,142 @@
+//! The per-VM directory: every file a VM owns (sockets, overlay, console log, memory
+//! files) lives in one directory, removed with the VM.
+//!
+//! The directory records the owning process, so a directory left behind by an owner that
+//! died without cleaning up (a test killed on timeout, a crashed daemon) is found and
+//! removed, and its QEMU killed, the next time any owner starts ([`reap_orphans`]).
+
+use std::path::{Path, PathBuf};
+
+const OWNER_FILE: &str = "owner.pid";
+const QEMU_PID_FILE: &str = "qemu.pid";
+
+/// A VM's directory. Removed on drop.
+#[derive(Debug)]
+pub struct VmDir {
+    path: PathBuf,
+}
+
+impl VmDir {
+    /// Creates `run_dir/id`, recording this process as its owner.
+    pub fn create(run_dir: &Path, id: &str) -> std::io::Result<Self> {
+        std::fs::create_dir_all(run_dir)?;
+        let path = run_dir.join(id);
+        std::fs::create_dir(&path)?;
+        let dir = Self { path };
+        std::fs::write(
+            dir.path.join(OWNER_FILE),
+            process_identity(std::process::id())?,
+        )?;
+        Ok(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A file inside the directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Records the QEMU process serving this directory.
+    pub fn record_qemu(&self, pid: u32) -> std::io::Result<()> {
+        std::fs::write(self.file(QEMU_PID_FILE), pid.to_string())
+    }
+}
+
+impl Drop for VmDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+        // The run dir goes too once its last VM is gone; a racing create retries.
+        if let Some(parent) = self.path.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+/// `pid` plus its start time, so a recycled PID is not mistaken for the owner.
+fn process_identity(pid: u32) -> std::io::Result<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Field 22 (starttime) counted after the ")" that ends the command name.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let start = after.split_whitespace().nth(19).unwrap_or("0");
+    Ok(format!("{pid} {start}"))
+}
+
+fn owner_alive(identity: &str) -> bool {
+    let Some(pid) = identity
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+    else {
+        return false;
+    };
+    process_identity(pid)
+        .map(|now| now == identity.trim())
+        .unwrap_or(false)
+}
+
+/// Kills the QEMU of, and removes, every VM directory in `run_dir` whose owner is gone.
+/// Returns how many were reaped.
+pub fn reap_orphans(run_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return 0;
+    };
+    let mut reaped = 0;
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let owner = std::fs::read_to_string(dir.join(OWNER_FILE)).unwrap_or_default();
+        if owner.is_empty() || owner_alive(&owner) {
+            // No owner file yet: a VM being created right now.
+            continue;
+        }
+        if let Some(pid) = std::fs::read_to_string(dir.join(QEMU_PID_FILE))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // Only kill the PID if it still is the QEMU of this directory.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy()) {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        tracing::warn!(dir = %dir.display(), "removing a VM directory whose owner is gone");
+        let _ = std::fs::remove_dir_all(&dir);
+        reaped += 1;
+    }
+    reaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dir_is_removed_on_drop_with_its_parent_when_empty() {
+        let base = std::env::temp_dir().join(format!("vmdir-test-{}", std::process::id()));
+        let run = base.join("run");
+        {
+            let d = VmDir::create(&run, "vm1").unwrap();
+            std::fs::write(d.file("x"), "y").unwrap();
+            assert!(d.path().is_dir());
+        }
+        assert!(!run.exists());
+        let _ = std::fs::remove_dir_all(base);
+    }
+
+    #[test]
+    fn orphans_of_dead_owners_are_reaped_live_ones_kept() {
+        let run = std::env::temp_dir().join(format!("vmdir-orphans-{}", std::process::id()));
+        let live = VmDir::create(&run, "live").unwrap();
+        std::fs::create_dir_all(run.join("dead")).unwrap();
+        // PID 1 exists but with another start time than recorded: a dead owner.
+        std::fs::write(run.join("dead").join(OWNER_FILE), "1 123456789").unwrap();
+        assert_eq!(reap_orphans(&run), 1);
+        assert!(!run.join("dead").exists());
+        assert!(live.path().exists());
+        drop(live);
+    }
+}
