@@ -390,7 +390,7 @@ async fn read_loop(mut socket: tokio::net::unix::OwnedReadHalf, routes: Routes) 
             Ok(n) => n,
         };
         decoder.feed(&buf[..n]);
-        while let Some(item) = decoder.next() {
+        while let Some(item) = decoder.decode_next() {
             let (stream, event, last) = match item {
                 Decoded::Frame(Frame::Control { stream, json }) => {
                     match serde_json::from_slice::<Reply>(&json) {

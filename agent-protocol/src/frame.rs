@@ -167,7 +167,7 @@ impl FrameDecoder {
     }
 
     /// The next decoded item, or `None` when more bytes are needed.
-    pub fn next(&mut self) -> Option<Decoded> {
+    pub fn decode_next(&mut self) -> Option<Decoded> {
         if self.skip > 0 {
             let n = (self.skip as usize).min(self.buf.len());
             self.buf.drain(..n);
@@ -251,7 +251,7 @@ mod tests {
     use super::*;
 
     fn decode_all(d: &mut FrameDecoder) -> Vec<Decoded> {
-        std::iter::from_fn(|| d.next()).collect()
+        std::iter::from_fn(|| d.decode_next()).collect()
     }
 
     #[test]
@@ -346,9 +346,9 @@ mod tests {
         let mut d = FrameDecoder::new();
         d.feed(&wire);
         assert!(matches!(
-            d.next(),
+            d.decode_next(),
             Some(Decoded::Malformed { stream: 5, .. })
         ));
-        assert_eq!(d.next(), None);
+        assert_eq!(d.decode_next(), None);
     }
 }

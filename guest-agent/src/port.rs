@@ -41,7 +41,7 @@ pub fn read_loop(mut port: File, mut on_item: impl FnMut(Decoded)) -> std::io::E
             Ok(0) => std::thread::sleep(Duration::from_millis(50)),
             Ok(n) => {
                 decoder.feed(&buf[..n]);
-                while let Some(item) = decoder.next() {
+                while let Some(item) = decoder.decode_next() {
                     on_item(item);
                 }
             }

@@ -429,6 +429,35 @@ async fn egress_off_blocks_outbound_tcp_and_egress_on_allows_it() {
 }
 
 #[tokio::test]
+async fn qemu_runs_unprivileged_under_seccomp() {
+    let d = driver().await;
+    let vm = d.boot(&minimal()).await.unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid().unwrap())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| l.split_whitespace().nth(1).unwrap().to_string())
+            .unwrap()
+    };
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let vm_user = std::process::Command::new("id")
+        .args(["-u", vmm::qemu::VM_USER])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match (root, vm_user) {
+        (true, Some(uid)) => assert_eq!(field("Uid:"), uid, "QEMU runs as {}", vmm::qemu::VM_USER),
+        // SAFETY: geteuid has no preconditions.
+        _ => assert_eq!(field("Uid:"), unsafe { libc::geteuid() }.to_string()),
+    }
+    assert!(d.seccomp(), "this host supports seccomp");
+    assert_eq!(field("Seccomp:"), "2", "QEMU runs under a seccomp filter");
+}
+
+#[tokio::test]
 async fn killing_a_vm_leaves_no_process_socket_or_file() {
     let vm = driver().await.boot(&minimal()).await.unwrap();
     let pid = vm.pid().unwrap();

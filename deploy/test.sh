@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: formatting, lints, unit tests and the end-to-end tests that
+# boot real microVMs. Installs and builds whatever is missing first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/nullspace/target}
+
+deploy/install-deps.sh
+deploy/build.sh >/dev/null
+cargo fmt --all -- --check
+cargo clippy --quiet --workspace --all-targets --locked -- -D warnings
+cargo nextest run --workspace --locked --profile ci
