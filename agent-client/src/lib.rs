@@ -72,6 +72,8 @@ struct Inner {
     next_stream: AtomicU32,
     version: u32,
     agent_version: String,
+    /// This host session's handshake nonce.
+    nonce: u64,
 }
 
 impl AgentClient {
@@ -88,52 +90,29 @@ impl AgentClient {
                 }
             }
         });
-        let (hello_tx, mut hello_rx) = mpsc::unbounded_channel();
-        routes.lock().unwrap().as_mut().unwrap().insert(0, hello_tx);
         tokio::spawn(read_loop(read_half, routes.clone()));
-
-        let nonce = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64;
-        let deadline = tokio::time::Instant::now() + timeout;
-        let (version, agent_version) = loop {
-            let hello = Request::Hello {
-                min_version: PROTOCOL_VERSION,
-                max_version: PROTOCOL_VERSION,
-                nonce,
-                host_time_ns: Some(now_ns()),
-            };
-            send_frame(&writer, control_frame(0, &hello)?).await?;
-            let resend = tokio::time::Instant::now() + Duration::from_millis(500);
-            match tokio::time::timeout_at(resend.min(deadline), hello_rx.recv()).await {
-                Ok(Some(StreamEvent::Reply(Reply::Hello {
-                    version,
-                    agent_version,
-                    nonce: n,
-                }))) if n == nonce => break (version, agent_version),
-                Ok(Some(StreamEvent::Reply(Reply::Error(e)))) => return Err(e.into()),
-                Ok(Some(_)) => {}
-                Ok(None) => return Err(ClientError::Disconnected),
-                Err(_) if tokio::time::Instant::now() >= deadline => {
-                    return Err(ClientError::Timeout(timeout))
-                }
-                Err(_) => {}
-            }
-        };
-        // Late answers to re-sent hellos arrive on stream 0 and are dropped.
-        if let Some(r) = routes.lock().unwrap().as_mut() {
-            r.remove(&0);
-        }
+        let nonce = now_ns();
+        let (version, agent_version) = hello_exchange(&writer, &routes, nonce, timeout).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 writer,
                 routes,
-                next_stream: AtomicU32::new(1),
+                // Stream IDs start somewhere new on every connection, so frames of an
+                // earlier host session still in flight never match a stream of this one.
+                next_stream: AtomicU32::new((nonce as u32 >> 1) | 1),
                 version,
                 agent_version,
+                nonce,
             }),
         })
+    }
+
+    /// Repeats the handshake on the same session: the agent sets the guest clock from the
+    /// host's (it stood still while the VM was paused). Call after every resume.
+    pub async fn resync(&self, timeout: Duration) -> Result<(), ClientError> {
+        hello_exchange(&self.inner.writer, &self.inner.routes, self.inner.nonce, timeout)
+            .await
+            .map(drop)
     }
 
     /// Protocol version agreed in the handshake.
@@ -146,9 +125,19 @@ impl AgentClient {
         &self.inner.agent_version
     }
 
+    /// A fresh stream ID; 0 is the handshake's.
+    fn next_stream_id(&self) -> u32 {
+        loop {
+            let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+            if id != 0 {
+                return id;
+            }
+        }
+    }
+
     /// Opens a stream with `request`.
     pub async fn open(&self, request: &Request) -> Result<Stream, ClientError> {
-        let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_stream_id();
         let frame = control_frame(id, request)?;
         let (tx, rx) = mpsc::unbounded_channel();
         match self.inner.routes.lock().unwrap().as_mut() {
@@ -328,7 +317,7 @@ impl AgentClient {
     /// Registers a route for a stream ID chosen by the caller (tests of raw frames).
     #[doc(hidden)]
     pub fn stream_for_test(&self) -> Stream {
-        let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_stream_id();
         let (tx, rx) = mpsc::unbounded_channel();
         if let Some(routes) = self.inner.routes.lock().unwrap().as_mut() {
             routes.insert(id, tx);
@@ -340,6 +329,51 @@ impl AgentClient {
             finished: false,
         }
     }
+}
+
+/// Sends hellos on stream 0 until the agent answers this nonce or `timeout` passes; the
+/// agent may still be booting, and a port can drop bytes written before it was opened.
+async fn hello_exchange(
+    writer: &mpsc::Sender<Vec<u8>>,
+    routes: &Routes,
+    nonce: u64,
+    timeout: Duration,
+) -> Result<(u32, String), ClientError> {
+    let (hello_tx, mut hello_rx) = mpsc::unbounded_channel();
+    match routes.lock().unwrap().as_mut() {
+        Some(r) => r.insert(0, hello_tx),
+        None => return Err(ClientError::Disconnected),
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let result = loop {
+        let hello = Request::Hello {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            nonce,
+            host_time_ns: Some(now_ns()),
+        };
+        send_frame(writer, control_frame(0, &hello)?).await?;
+        let resend = tokio::time::Instant::now() + Duration::from_millis(500);
+        match tokio::time::timeout_at(resend.min(deadline), hello_rx.recv()).await {
+            Ok(Some(StreamEvent::Reply(Reply::Hello {
+                version,
+                agent_version,
+                nonce: n,
+            }))) if n == nonce => break Ok((version, agent_version)),
+            Ok(Some(StreamEvent::Reply(Reply::Error(e)))) => break Err(e.into()),
+            Ok(Some(_)) => {}
+            Ok(None) => break Err(ClientError::Disconnected),
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                break Err(ClientError::Timeout(timeout))
+            }
+            Err(_) => {}
+        }
+    };
+    // Late answers to re-sent hellos arrive on stream 0 and are dropped.
+    if let Some(r) = routes.lock().unwrap().as_mut() {
+        r.remove(&0);
+    }
+    result
 }
 
 async fn finish_upload(event: StreamEvent, stream: &mut Stream) -> Result<u64, ClientError> {

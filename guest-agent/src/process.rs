@@ -97,6 +97,14 @@ impl ProcessTable {
         Ok(())
     }
 
+    /// Detaches every process from its stream (the host that held them is gone).
+    pub async fn detach_all(&self) {
+        let procs: Vec<Arc<Proc>> = self.procs.lock().await.values().cloned().collect();
+        for p in procs {
+            p.state.lock().await.attached = None;
+        }
+    }
+
     async fn get(&self, pid: u32) -> Result<Arc<Proc>, AgentError> {
         self.procs.lock().await.get(&pid).cloned().ok_or_else(|| {
             AgentError::new(

@@ -102,27 +102,117 @@ pub fn serve(port_path: &Path, rt: Handle) -> std::io::Result<()> {
     let (tx, rx) = mpsc::channel::<Frame>(256);
     std::thread::spawn(move || crate::port::write_loop(writer, rx));
 
-    let streams: StreamTable = Arc::default();
-    let processes = process::ProcessTable::default();
-    let root = Outbox { stream: 0, tx };
-    let err = crate::port::read_loop(reader, |item| {
-        dispatch(item, &rt, &root, &streams, &processes);
-    });
+    let mut session = Session {
+        rt,
+        root: Outbox { stream: 0, tx },
+        streams: Arc::default(),
+        processes: process::ProcessTable::default(),
+        host_nonce: None,
+    };
+    let err = crate::port::read_loop(reader, |item| session.dispatch(item));
     Err(err)
 }
 
-fn dispatch(
-    item: Decoded,
-    rt: &Handle,
-    root: &Outbox,
-    streams: &StreamTable,
-    processes: &process::ProcessTable,
-) {
-    match item {
-        Decoded::Frame(Frame::Control { stream, json }) => {
+/// The state the reader thread keeps for the host connected to the port.
+struct Session {
+    rt: Handle,
+    root: Outbox,
+    streams: StreamTable,
+    processes: process::ProcessTable,
+    /// The nonce of the host session's handshake. A hello with another nonce is a new
+    /// host (a restored VM talks to a new QEMU and client): the old streams are gone.
+    host_nonce: Option<u64>,
+}
+
+impl Session {
+    fn dispatch(&mut self, item: Decoded) {
+        let Session {
+            rt, root, streams, ..
+        } = self;
+        match item {
+            Decoded::Frame(Frame::Control { stream, json }) => {
+                match serde_json::from_slice::<Request>(&json) {
+                    Ok(Request::Hello {
+                        min_version,
+                        max_version,
+                        nonce,
+                        host_time_ns,
+                    }) => self.hello(stream, min_version..=max_version, nonce, host_time_ns),
+                    parsed => self.control(stream, parsed),
+                }
+            }
+            other => dispatch_frame(other, rt, root, streams),
+        }
+    }
+
+    /// Answers a handshake; sets the clock (it stood still while the VM was paused or
+    /// snapshotted); on a new host session, ends the old one.
+    fn hello(
+        &mut self,
+        stream: u32,
+        versions: std::ops::RangeInclusive<u32>,
+        nonce: u64,
+        host_time_ns: Option<u64>,
+    ) {
+        if let Some(ns) = host_time_ns {
+            set_clock(ns);
+        }
+        if self.host_nonce != Some(nonce) {
+            if self.host_nonce.is_some() {
+                self.end_host_session();
+            }
+            self.host_nonce = Some(nonce);
+        }
+        let out = self.root.for_stream(stream);
+        self.rt.spawn(async move {
+            if versions.contains(&PROTOCOL_VERSION) {
+                out.reply(&Reply::Hello {
+                    version: PROTOCOL_VERSION,
+                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                    nonce,
+                })
+                .await;
+            } else {
+                out.error(AgentError::new(
+                    ErrorCode::UnsupportedVersion,
+                    format!(
+                        "agent speaks protocol {PROTOCOL_VERSION}, host asked for {}..={}; rebuild the guest image",
+                        versions.start(),
+                        versions.end()
+                    ),
+                ))
+                .await;
+            }
+        });
+    }
+
+    /// Ends every stream of the previous host; processes keep running, detached, so
+    /// their output waits for the new host to attach.
+    fn end_host_session(&mut self) {
+        let old: Vec<_> = self.streams.lock().unwrap().drain().collect();
+        for (_, inbox) in old {
+            let _ = inbox.try_send(Inbound::Abort(AgentError::new(
+                ErrorCode::Cancelled,
+                "a new host session started",
+            )));
+        }
+        let processes = self.processes.clone();
+        self.rt.block_on(processes.detach_all());
+    }
+
+    fn control(&mut self, stream: u32, parsed: Result<Request, serde_json::Error>) {
+        let Session {
+            rt,
+            root,
+            streams,
+            processes,
+            ..
+        } = self;
+        {
+
             let existing = streams.lock().unwrap().get(&stream).cloned();
             let out = root.for_stream(stream);
-            match serde_json::from_slice::<Request>(&json) {
+            match parsed {
                 Ok(req @ (Request::Detach | Request::Cancel)) => {
                     // Without a stream it crossed the stream's final reply: nothing to do.
                     if let Some(inbox) = existing {
@@ -153,6 +243,17 @@ fn dispatch(
                 ),
             }
         }
+    }
+}
+
+fn dispatch_frame(
+    item: Decoded,
+    rt: &Handle,
+    root: &Outbox,
+    streams: &StreamTable,
+) {
+    match item {
+        Decoded::Frame(Frame::Control { .. }) => unreachable!("control frames go to Session::control"),
         Decoded::Frame(Frame::Data { stream, bytes, .. }) => {
             let inbox = streams.lock().unwrap().get(&stream).cloned();
             if let Some(inbox) = inbox {
@@ -207,34 +308,6 @@ fn open_stream(
     streams: &StreamTable,
     processes: &process::ProcessTable,
 ) {
-    if let Request::Hello {
-        min_version,
-        max_version,
-        nonce,
-        host_time_ns,
-    } = request
-    {
-        if let Some(ns) = host_time_ns {
-            set_clock(ns);
-        }
-        rt.spawn(async move {
-            if (min_version..=max_version).contains(&PROTOCOL_VERSION) {
-                out.reply(&Reply::Hello {
-                    version: PROTOCOL_VERSION,
-                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
-                    nonce,
-                })
-                .await;
-            } else {
-                out.error(AgentError::new(
-                    ErrorCode::UnsupportedVersion,
-                    format!("agent speaks protocol {PROTOCOL_VERSION}, host asked for {min_version}..={max_version}; rebuild the guest image"),
-                ))
-                .await;
-            }
-        });
-        return;
-    }
     let (tx, inbox) = mpsc::channel(64);
     let stream = out.stream();
     streams.lock().unwrap().insert(stream, tx);

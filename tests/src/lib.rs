@@ -76,3 +76,31 @@ pub fn process_alive(pid: u32) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// A directory for a test's snapshots on tmpfs (where the memory files must be),
+/// removed with everything in it when dropped.
+pub struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    /// A fresh `/dev/shm/nullspace-test-<name>-<pid>`.
+    pub fn new(name: &str) -> Self {
+        let path = std::path::PathBuf::from(format!(
+            "/dev/shm/nullspace-test-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("scratch dir");
+        Self(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

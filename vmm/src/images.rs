@@ -47,6 +47,19 @@ impl ImageSet {
             .unwrap_or_default()
     }
 
+    /// The key of the kernel layer (kernel package and initramfs): a snapshot's RAM
+    /// holds a running kernel, so it restores only under the same one.
+    pub fn kernel_key(&self) -> Result<String, VmmError> {
+        let text = std::fs::read_to_string(self.dir.join("manifest.json"))
+            .map_err(|e| VmmError::Image(format!("{}/manifest.json: {e}", self.dir.display())))?;
+        let manifest: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| VmmError::Image(format!("{}/manifest.json: {e}", self.dir.display())))?;
+        manifest["kernel_key"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| VmmError::Image(format!("{}/manifest.json has no kernel_key", self.dir.display())))
+    }
+
     /// The guest kernel.
     pub fn kernel(&self) -> PathBuf {
         self.dir.join("vmlinuz")

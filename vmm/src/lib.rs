@@ -9,12 +9,14 @@ pub mod accel;
 pub mod images;
 pub mod qemu;
 pub mod qmp;
+pub mod snapshot;
 pub mod tsc;
 pub mod vm_dir;
 
 pub use accel::{Accel, AccelChoice, Detection};
 pub use images::ImageSet;
-pub use qemu::{QemuConfig, QemuVm, QemuVmm};
+pub use qemu::{QemuConfig, QemuVm, QemuVmm, RestoreMemory, RestoreOptions};
+pub use snapshot::{MemoryFormat, Snapshot, SnapshotManifest};
 
 use agent_client::AgentClient;
 use std::future::Future;
@@ -92,6 +94,12 @@ pub enum VmmError {
     /// The agent handshake failed.
     #[error("guest agent: {0}")]
     Agent(String),
+    /// Taking, reading or restoring a snapshot failed.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    /// The snapshot cannot be restored on this host; the message says why and what to do.
+    #[error("snapshot cannot be restored here: {0}")]
+    SnapshotMismatch(String),
     /// QMP failed.
     #[error(transparent)]
     Qmp(#[from] qmp::QmpError),

@@ -8,8 +8,11 @@
 use crate::accel::{self, Accel, AccelChoice, Detection};
 use crate::images::ImageSet;
 use crate::qmp::Qmp;
+use crate::snapshot::{self, MemoryFormat, Snapshot, SnapshotManifest};
 use crate::vm_dir::{self, VmDir};
 use crate::{tsc, Vm, VmSpec, Vmm, VmmError};
+use serde_json::json;
+use std::os::unix::fs::PermissionsExt;
 use agent_client::AgentClient;
 use std::ffi::CString;
 use std::os::unix::process::CommandExt;
@@ -69,6 +72,7 @@ pub struct QemuVmm {
     tsc_khz: u64,
     run_as: Option<RunAs>,
     seccomp: bool,
+    qemu_version: String,
 }
 
 impl QemuVmm {
@@ -84,7 +88,9 @@ impl QemuVmm {
             warn!("QEMU runs without -sandbox: this host or QEMU build has no seccomp");
         }
         vm_dir::reap_orphans(&config.run_dir);
+        let qemu_version = qemu_version_of(&config.qemu_binary)?;
         let mut vmm = Self {
+            qemu_version,
             config,
             images,
             accel: Detection {
@@ -189,37 +195,59 @@ impl QemuVmm {
         )
     }
 
-    fn qemu_args(&self, spec: &VmSpec, dir: &VmDir) -> Vec<String> {
-        let path = |name: &str| dir.file(name).display().to_string();
+    /// The QEMU version this driver runs (first line of `qemu -version`).
+    pub fn qemu_version(&self) -> &str {
+        &self.qemu_version
+    }
+
+    /// Machine arguments: everything that shapes the guest and must be identical between
+    /// a snapshot and its restores. No per-VM paths.
+    fn machine_args(&self, vcpus: u32, mem_mib: u32) -> Vec<String> {
         let accel = self.accel.accel;
+        [
+            "-M",
+            &format!("microvm,accel={accel},pic=off,pit=off,rtc=off,isa-serial=on,memory-backend=mem0"),
+            "-cpu",
+            match accel {
+                Accel::Kvm => "host",
+                Accel::Tcg => "max",
+            },
+            "-smp",
+            &vcpus.to_string(),
+            "-m",
+            &format!("{mem_mib}M"),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-append",
+            &self.kernel_cmdline(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// The per-VM half of the command line: files in `dir`, devices, and how RAM is backed.
+    fn vm_args(&self, launch: &Launch, dir: &VmDir) -> Vec<String> {
+        let path = |name: &str| dir.file(name).display().to_string();
+        let (mem_path, share) = match &launch.memory {
+            Memory::Owned => (path("memory"), "on"),
+            Memory::CopyOnWrite(snapshot_memory) => (snapshot_memory.display().to_string(), "off"),
+        };
         let mut args: Vec<String> = vec![
             "-name".into(),
+            format!("nullspace-{}", launch.id),
+            "-object".into(),
             format!(
-                "nullspace-{}",
-                dir.path().file_name().unwrap_or_default().to_string_lossy()
+                "memory-backend-file,id=mem0,size={}M,mem-path={mem_path},share={share}",
+                launch.mem_mib
             ),
-            "-M".into(),
-            format!("microvm,accel={accel},pic=off,pit=off,rtc=off,isa-serial=on"),
-            "-cpu".into(),
-            match accel {
-                Accel::Kvm => "host".into(),
-                Accel::Tcg => "max".into(),
-            },
-            "-smp".into(),
-            spec.vcpus.to_string(),
-            "-m".into(),
-            format!("{}M", spec.mem_mib),
-            "-nodefaults".into(),
-            "-no-user-config".into(),
-            "-display".into(),
-            "none".into(),
-            "-no-reboot".into(),
             "-kernel".into(),
             self.images.kernel().display().to_string(),
             "-initrd".into(),
             self.images.initrd().display().to_string(),
-            "-append".into(),
-            self.kernel_cmdline(),
             "-chardev".into(),
             format!("file,id=console,path={}", path("console.log")),
             "-serial".into(),
@@ -232,7 +260,7 @@ impl QemuVmm {
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
             "-netdev".into(),
-            if spec.egress {
+            if launch.egress {
                 "user,id=net0".into()
             } else {
                 "user,id=net0,restrict=on".into()
@@ -244,23 +272,19 @@ impl QemuVmm {
             "-device".into(),
             "virtio-serial-device,max_ports=2".into(),
             "-chardev".into(),
-            format!(
-                "socket,id=agent,path={},server=on,wait=off",
-                path("agent.sock")
-            ),
+            format!("socket,id=agent,path={},server=on,wait=off", path("agent.sock")),
             "-device".into(),
-            format!(
-                "virtserialport,chardev=agent,name={}",
-                agent_protocol::PORT_NAME
-            ),
+            format!("virtserialport,chardev=agent,name={}", agent_protocol::PORT_NAME),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", path("qmp.sock")),
         ];
+        if launch.incoming {
+            args.push("-incoming".into());
+            args.push("defer".into());
+        }
         if self.seccomp {
             args.push("-sandbox".into());
-            args.push(
-                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
-            );
+            args.push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into());
         }
         args
     }
@@ -292,22 +316,30 @@ impl QemuVmm {
         Ok(rootfs)
     }
 
-    async fn boot_in(&self, spec: &VmSpec, id: &str) -> Result<QemuVm, VmmError> {
-        let started = Instant::now();
-        let rootfs = self.validate(spec)?;
-        let dir = VmDir::create(&self.config.run_dir, id)
+    /// Creates the VM directory and disk, starts QEMU and connects QMP. The agent is
+    /// connected by the caller: after boot, or after an incoming migration.
+    async fn launch(
+        &self,
+        launch: Launch,
+        prepare: impl FnOnce(&VmDir) -> Result<(), VmmError>,
+    ) -> Result<QemuVm, VmmError> {
+        let dir = VmDir::create(&self.config.run_dir, &launch.id)
             .map_err(|e| VmmError::Host(format!("creating the VM directory: {e}")))?;
-        create_overlay(&rootfs, &dir.file("disk.qcow2"), spec.disk_mib).await?;
+        let disk = dir.file("disk.qcow2");
+        create_overlay(&launch.disk_backing, launch.disk_backing_format, &disk, launch.disk_mib).await?;
+        prepare(&dir)?;
         if let Some(run_as) = &self.run_as {
-            for p in [dir.path().to_path_buf(), dir.file("disk.qcow2")] {
-                std::os::unix::fs::chown(&p, Some(run_as.uid), Some(run_as.gid))
-                    .map_err(|e| VmmError::Host(format!("chown {}: {e}", p.display())))?;
+            for entry in std::fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+                let _ = std::os::unix::fs::chown(entry.path(), Some(run_as.uid), Some(run_as.gid));
             }
+            std::os::unix::fs::chown(dir.path(), Some(run_as.uid), Some(run_as.gid))
+                .map_err(|e| VmmError::Host(format!("chown {}: {e}", dir.path().display())))?;
         }
         let log = std::fs::File::create(dir.file("qemu.log"))
             .map_err(|e| VmmError::Host(format!("creating qemu.log: {e}")))?;
         let mut cmd = std::process::Command::new(&self.config.qemu_binary);
-        cmd.args(self.qemu_args(spec, &dir))
+        cmd.args(&launch.machine_args)
+            .args(self.vm_args(&launch, &dir))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| VmmError::Host(e.to_string()))?)
             .stderr(log);
@@ -339,51 +371,215 @@ impl QemuVmm {
         })?;
         let _ = dir.record_qemu(child.id());
         let mut vm = QemuVm {
-            id: id.to_string(),
+            id: launch.id.clone(),
             child: Some(child),
             qmp: None,
             agent: None,
-            accel: self.accel.accel,
+            run_as: self.run_as.clone(),
+            qemu_version: self.qemu_version.clone(),
+            kernel_key: self.images.kernel_key()?,
+            launch,
             dir,
         };
-        let deadline = started + spec.boot_timeout;
-        match vm.connect(deadline).await {
+        let deadline = Instant::now() + vm.launch.boot_timeout;
+        if let Err(e) = vm.connect_qmp(deadline).await {
+            return Err(vm.boot_failure(e).await);
+        }
+        Ok(vm)
+    }
+
+    /// Connects the agent of a just-launched VM, turning failure into a boot error.
+    async fn finish_boot(&self, mut vm: QemuVm, started: Instant) -> Result<QemuVm, VmmError> {
+        let deadline = started + vm.launch.boot_timeout;
+        match vm.connect_agent(deadline).await {
             Ok(()) => {
-                info!(
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "VM booted"
-                );
+                info!(elapsed_ms = started.elapsed().as_millis() as u64, "VM ready");
                 Ok(vm)
             }
-            Err(e) => {
-                let console = vm.console_tail(2048);
-                let qemu_log = std::fs::read_to_string(vm.dir.file("qemu.log")).unwrap_or_default();
-                vm.kill().await;
-                Err(VmmError::Boot {
-                    reason: e.to_string(),
-                    console,
-                    qemu_log,
-                })
-            }
+            Err(e) => Err(vm.boot_failure(e).await),
         }
     }
+
+    async fn boot_in(&self, spec: &VmSpec, id: &str) -> Result<QemuVm, VmmError> {
+        let started = Instant::now();
+        let rootfs = self.validate(spec)?;
+        let launch = Launch {
+            id: id.to_string(),
+            machine_args: self.machine_args(spec.vcpus, spec.mem_mib),
+            memory: Memory::Owned,
+            disk_backing: rootfs,
+            disk_backing_format: "raw",
+            disk_mib: spec.disk_mib,
+            egress: spec.egress,
+            incoming: false,
+            boot_timeout: spec.boot_timeout,
+            rootfs: spec.rootfs.clone(),
+            vcpus: spec.vcpus,
+            mem_mib: spec.mem_mib,
+        };
+        let vm = self.launch(launch, |_| Ok(())).await?;
+        self.finish_boot(vm, started).await
+    }
+
+    /// Starts a new VM from `snapshot`: same memory, processes, devices and disk.
+    pub async fn restore(
+        &self,
+        snapshot: &Snapshot,
+        options: &RestoreOptions,
+    ) -> Result<QemuVm, VmmError> {
+        let id = new_vm_id();
+        let span = tracing::info_span!("vm", id = %id, snapshot = %snapshot.manifest().id);
+        self.restore_in(snapshot, options, id).instrument(span).await
+    }
+
+    async fn restore_in(
+        &self,
+        snapshot: &Snapshot,
+        options: &RestoreOptions,
+        id: String,
+    ) -> Result<QemuVm, VmmError> {
+        let started = Instant::now();
+        let m = snapshot.manifest();
+        snapshot.check_compatible(&self.qemu_version, &self.images.kernel_key()?, self.accel.accel)?;
+        let memory = match (m.memory, options.memory) {
+            (MemoryFormat::File, RestoreMemory::CopyOnWrite) => Memory::CopyOnWrite(snapshot.memory()),
+            // A stream snapshot carries RAM in its state: it loads into fresh memory.
+            (MemoryFormat::File, RestoreMemory::Copy) | (MemoryFormat::Stream, _) => Memory::Owned,
+        };
+        let launch = Launch {
+            id,
+            machine_args: m.machine_args.clone(),
+            memory: memory.clone(),
+            disk_backing: snapshot.disk(),
+            disk_backing_format: "qcow2",
+            disk_mib: m.disk_mib,
+            egress: options.egress.unwrap_or(m.egress),
+            incoming: true,
+            boot_timeout: options.timeout,
+            rootfs: m.rootfs.clone(),
+            vcpus: m.vcpus,
+            mem_mib: m.mem_mib,
+        };
+        let copy_memory = m.memory == MemoryFormat::File && memory == Memory::Owned;
+        let vm = self
+            .launch(launch, |dir| {
+                if copy_memory {
+                    snapshot::copy_sparse(&snapshot.memory(), &dir.file("memory")).map_err(|e| {
+                        VmmError::Snapshot(format!("copying the snapshot's memory: {e}"))
+                    })?;
+                }
+                Ok(())
+            })
+            .await?;
+        let deadline = started + options.timeout;
+        if let Err(e) = vm.migrate_in(snapshot, deadline).await {
+            return Err(vm.boot_failure(e).await);
+        }
+        self.finish_boot(vm, started).await
+    }
+
+    /// Snapshots `parent` (which keeps running) into `snapshot_dir` and restores `n`
+    /// children from it, their memory mapped copy-on-write from the snapshot.
+    pub async fn fork(
+        &self,
+        parent: &mut QemuVm,
+        n: usize,
+        snapshot_dir: &Path,
+    ) -> Result<(Snapshot, Vec<QemuVm>), VmmError> {
+        let snapshot = parent.snapshot(snapshot_dir, true).await?;
+        let options = RestoreOptions {
+            memory: RestoreMemory::CopyOnWrite,
+            ..RestoreOptions::default()
+        };
+        let mut children = Vec::with_capacity(n);
+        let results = futures::future::join_all((0..n).map(|_| self.restore(&snapshot, &options))).await;
+        for r in results {
+            children.push(r?);
+        }
+        Ok((snapshot, children))
+    }
+}
+
+/// How a restored VM gets its RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RestoreMemory {
+    /// A private copy in the VM's directory: the VM can be snapshotted cheaply again.
+    #[default]
+    Copy,
+    /// The snapshot's file mapped copy-on-write: only written pages cost memory.
+    CopyOnWrite,
+}
+
+/// How to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub memory: RestoreMemory,
+    /// Egress of the restored VM; default as recorded in the snapshot.
+    pub egress: Option<bool>,
+    /// Deadline for the restored VM's agent to answer.
+    pub timeout: Duration,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        Self {
+            memory: RestoreMemory::Copy,
+            egress: None,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where a VM's RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Memory {
+    /// `memory` in the VM directory, mapped shared: snapshots leave it out of the
+    /// migration stream and copy the file.
+    Owned,
+    /// A snapshot's memory file, mapped private (copy-on-write).
+    CopyOnWrite(PathBuf),
+}
+
+/// Everything one QEMU launch needs.
+#[derive(Debug, Clone)]
+struct Launch {
+    id: String,
+    machine_args: Vec<String>,
+    memory: Memory,
+    disk_backing: PathBuf,
+    disk_backing_format: &'static str,
+    disk_mib: u64,
+    egress: bool,
+    incoming: bool,
+    boot_timeout: Duration,
+    rootfs: String,
+    vcpus: u32,
+    mem_mib: u32,
+}
+
+fn new_vm_id() -> String {
+    format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..16])
 }
 
 impl Vmm for QemuVmm {
     type Vm = QemuVm;
 
     async fn boot(&self, spec: &VmSpec) -> Result<QemuVm, VmmError> {
-        let id = format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
-        let span =
-            tracing::info_span!("vm", id = %id, rootfs = %spec.rootfs, accel = %self.accel.accel);
+        let id = new_vm_id();
+        let span = tracing::info_span!("vm", id = %id, rootfs = %spec.rootfs, accel = %self.accel.accel);
         self.boot_in(spec, &id).instrument(span).await
     }
 }
 
-async fn create_overlay(base: &Path, overlay: &Path, size_mib: u64) -> Result<(), VmmError> {
+async fn create_overlay(
+    backing: &Path,
+    backing_format: &str,
+    overlay: &Path,
+    size_mib: u64,
+) -> Result<(), VmmError> {
     let out = tokio::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(base)
+        .args(["create", "-q", "-f", "qcow2", "-F", backing_format, "-b"])
+        .arg(backing)
         .arg(overlay)
         .arg(format!("{size_mib}M"))
         .output()
@@ -397,7 +593,6 @@ async fn create_overlay(base: &Path, overlay: &Path, size_mib: u64) -> Result<()
     }
     Ok(())
 }
-
 fn unprivileged_user() -> Option<RunAs> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -420,6 +615,25 @@ fn unprivileged_user() -> Option<RunAs> {
     Some(RunAs { uid, gid, groups })
 }
 
+/// The first line of `qemu -version`: snapshots only restore into the same build.
+fn qemu_version_of(qemu: &Path) -> Result<String, VmmError> {
+    let out = std::process::Command::new(qemu)
+        .arg("-version")
+        .output()
+        .map_err(|e| {
+            VmmError::Host(format!(
+                "running {} -version: {e}; install qemu-system-x86 or set NULLSPACE_QEMU",
+                qemu.display()
+            ))
+        })?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string())
+}
+
 fn seccomp_available(qemu: &Path) -> bool {
     let kernel = std::fs::read_to_string("/proc/self/status")
         .map(|s| s.lines().any(|l| l.starts_with("Seccomp:")))
@@ -438,13 +652,17 @@ pub struct QemuVm {
     child: Option<Child>,
     qmp: Option<Qmp>,
     agent: Option<AgentClient>,
-    accel: Accel,
+    run_as: Option<RunAs>,
+    qemu_version: String,
+    kernel_key: String,
+    launch: Launch,
     // Last: removed after QEMU is dead.
     dir: VmDir,
 }
 
 impl QemuVm {
-    async fn connect(&mut self, deadline: Instant) -> Result<(), VmmError> {
+    /// Waits for QEMU's sockets and negotiates QMP.
+    async fn connect_qmp(&mut self, deadline: Instant) -> Result<(), VmmError> {
         let qmp_sock = self.dir.file("qmp.sock");
         let agent_sock = self.dir.file("agent.sock");
         while !(qmp_sock.exists() && agent_sock.exists()) {
@@ -458,11 +676,16 @@ impl QemuVm {
             .await
             .map_err(|e| VmmError::Host(format!("connecting QMP: {e}")))?;
         self.qmp = Some(Qmp::connect(qmp).await?);
-        let agent = UnixStream::connect(&agent_sock)
+        Ok(())
+    }
+
+    /// Connects the agent socket and performs the handshake, watching QEMU meanwhile:
+    /// a guest that panics ends QEMU (-no-reboot).
+    async fn connect_agent(&mut self, deadline: Instant) -> Result<(), VmmError> {
+        let agent = UnixStream::connect(self.dir.file("agent.sock"))
             .await
             .map_err(|e| VmmError::Host(format!("connecting the agent socket: {e}")))?;
         let remaining = deadline.saturating_duration_since(Instant::now());
-        // Watch QEMU while waiting: a guest that panics ends QEMU (-no-reboot).
         let handshake = AgentClient::handshake(agent, remaining);
         tokio::pin!(handshake);
         loop {
@@ -473,6 +696,19 @@ impl QemuVm {
                 }
                 _ = tokio::time::sleep(Duration::from_millis(100)) => self.check_alive()?,
             }
+        }
+    }
+
+    /// Kills the VM and turns `reason` into an error that carries what QEMU and the
+    /// guest printed.
+    async fn boot_failure(mut self, reason: VmmError) -> VmmError {
+        let console = self.console_tail(2048);
+        let qemu_log = std::fs::read_to_string(self.dir.file("qemu.log")).unwrap_or_default();
+        self.kill_now();
+        VmmError::Boot {
+            reason: reason.to_string(),
+            console,
+            qemu_log,
         }
     }
 
@@ -487,14 +723,12 @@ impl QemuVm {
 
     /// The guest agent connection.
     pub fn agent(&self) -> &AgentClient {
-        self.agent
-            .as_ref()
-            .expect("a booted VM has an agent connection")
+        self.agent.as_ref().expect("a booted VM has an agent connection")
     }
 
     /// The QMP connection.
     pub fn qmp(&self) -> &Qmp {
-        self.qmp.as_ref().expect("a booted VM has a QMP connection")
+        self.qmp.as_ref().expect("a launched VM has a QMP connection")
     }
 
     /// The QEMU process ID.
@@ -507,15 +741,225 @@ impl QemuVm {
         self.dir.path()
     }
 
-    /// The accelerator this VM runs under.
-    pub fn accel(&self) -> Accel {
-        self.accel
+    /// The configured memory in MiB.
+    pub fn mem_mib(&self) -> u32 {
+        self.launch.mem_mib
     }
 
     /// The last `max` bytes of the guest's serial console.
     pub fn console_tail(&self, max: usize) -> String {
         let bytes = std::fs::read(self.dir.file("console.log")).unwrap_or_default();
         String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(max)..]).into_owned()
+    }
+
+    /// Stops the vCPUs. Processes in the guest freeze; the agent channel stays open.
+    pub async fn pause(&self) -> Result<(), VmmError> {
+        self.qmp().execute("stop", None).await?;
+        Ok(())
+    }
+
+    /// Continues after [`pause`](Self::pause) and sets the guest clock, which stood
+    /// still meanwhile.
+    pub async fn resume(&self) -> Result<(), VmmError> {
+        self.qmp().execute("cont", None).await?;
+        self.agent()
+            .resync(Duration::from_secs(10))
+            .await
+            .map_err(|e| VmmError::Agent(e.to_string()))
+    }
+
+    /// Writes a snapshot into the new directory `dest`. The VM is stopped while its
+    /// state is saved, then continues if `keep_running` (and it was running), else
+    /// stays stopped.
+    pub async fn snapshot(&mut self, dest: &Path, keep_running: bool) -> Result<Snapshot, VmmError> {
+        let started = Instant::now();
+        let io = |what: &str, e: std::io::Error| VmmError::Snapshot(format!("{what}: {e}"));
+        std::fs::create_dir(dest).map_err(|e| io(&format!("creating {}", dest.display()), e))?;
+        let result = self.snapshot_into(dest).await;
+        let was_running = result.as_ref().map(|(_, r)| *r).unwrap_or(true);
+        if keep_running && was_running {
+            self.resume().await?;
+        }
+        match result {
+            Ok((snapshot, _)) => {
+                info!(
+                    vm = %self.id,
+                    snapshot = %snapshot.manifest().id,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    bytes = snapshot.disk_usage(),
+                    "snapshot taken"
+                );
+                Ok(snapshot)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(dest);
+                Err(e)
+            }
+        }
+    }
+
+    async fn snapshot_into(&mut self, dest: &Path) -> Result<(Snapshot, bool), VmmError> {
+        let status = self.qmp().execute("query-status", None).await?;
+        let was_running = status["running"].as_bool().unwrap_or(false);
+        if was_running {
+            self.qmp().execute("stop", None).await?;
+        }
+        let format = match self.launch.memory {
+            Memory::Owned => MemoryFormat::File,
+            Memory::CopyOnWrite(_) => MemoryFormat::Stream,
+        };
+        self.set_ignore_shared(format == MemoryFormat::File).await?;
+
+        // QEMU connects to us and streams its state; we write it to `state`.
+        let sock = self.dir.file("migrate.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock)
+            .map_err(|e| VmmError::Host(format!("binding {}: {e}", sock.display())))?;
+        if let Some(r) = &self.run_as {
+            let _ = std::os::unix::fs::chown(&sock, Some(r.uid), Some(r.gid));
+        }
+        let state_path = dest.join("state");
+        let receive = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await?;
+            let mut file = tokio::fs::File::create(&state_path).await?;
+            let n = tokio::io::copy(&mut conn, &mut file).await?;
+            file.sync_all().await?;
+            Ok::<u64, std::io::Error>(n)
+        });
+        let uri = format!("unix:{}", sock.display());
+        let migrated = async {
+            self.qmp()
+                .execute("migrate", Some(json!({ "uri": uri })))
+                .await?;
+            self.wait_migration("taking a snapshot").await
+        }
+        .await;
+        if let Err(e) = migrated {
+            receive.abort();
+            let _ = std::fs::remove_file(&sock);
+            return Err(e);
+        }
+        let received = receive
+            .await
+            .map_err(|e| VmmError::Snapshot(format!("receiving the state: {e}")))?
+            .map_err(|e| VmmError::Snapshot(format!("receiving the state: {e}")))?;
+        let _ = std::fs::remove_file(&sock);
+        tracing::debug!(bytes = received, "device state saved");
+
+        // Migration flushed and released the disk: the overlay is consistent to copy.
+        if format == MemoryFormat::File {
+            snapshot::copy_sparse(&self.dir.file("memory"), &dest.join("memory"))
+                .map_err(|e| VmmError::Snapshot(format!("copying memory: {e}")))?;
+        }
+        snapshot::copy_sparse(&self.dir.file("disk.qcow2"), &dest.join("disk.qcow2"))
+            .map_err(|e| VmmError::Snapshot(format!("copying the disk overlay: {e}")))?;
+        if let Some(r) = &self.run_as {
+            // Restored VMs open these: the memory file read-write (QEMU 7.2 cannot map a
+            // read-only file copy-on-write), the disk read-only as a backing file.
+            for name in ["memory", "disk.qcow2", "state"] {
+                let p = dest.join(name);
+                if p.exists() {
+                    let _ = std::os::unix::fs::chown(&p, Some(0), Some(r.gid));
+                    let mode = if name == "memory" { 0o660 } else { 0o640 };
+                    let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode));
+                }
+            }
+        }
+        let qemu_version = self.qemu_version.clone();
+        let manifest = SnapshotManifest {
+            format_version: snapshot::FORMAT_VERSION,
+            id: format!("snap-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]),
+            source_vm: self.id.clone(),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64,
+            qemu_version,
+            accel: self.accel(),
+            kernel_key: self.kernel_key.clone(),
+            rootfs: self.launch.rootfs.clone(),
+            machine_args: self.launch.machine_args.clone(),
+            vcpus: self.launch.vcpus,
+            mem_mib: self.launch.mem_mib,
+            disk_mib: self.launch.disk_mib,
+            egress: self.launch.egress,
+            memory: format,
+        };
+        let snapshot = Snapshot::new(dest.to_path_buf(), manifest);
+        snapshot.commit()?;
+        Ok((snapshot, was_running))
+    }
+
+    /// Loads a snapshot's state into this VM, started with `-incoming defer`, and runs it.
+    async fn migrate_in(&self, snapshot: &Snapshot, deadline: Instant) -> Result<(), VmmError> {
+        self.set_ignore_shared(snapshot.manifest().memory == MemoryFormat::File)
+            .await?;
+        let sock = self.dir.file("incoming.sock");
+        let uri = format!("unix:{}", sock.display());
+        self.qmp()
+            .execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .await?;
+        let mut conn = loop {
+            match UnixStream::connect(&sock).await {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err(e) => return Err(VmmError::Host(format!("connecting {}: {e}", sock.display()))),
+            }
+        };
+        let mut state = tokio::fs::File::open(snapshot.state())
+            .await
+            .map_err(|e| VmmError::Snapshot(format!("opening the snapshot state: {e}")))?;
+        tokio::io::copy(&mut state, &mut conn)
+            .await
+            .map_err(|e| VmmError::Snapshot(format!("sending the snapshot state: {e}")))?;
+        drop(conn);
+        self.wait_migration("restoring a snapshot").await?;
+        let _ = std::fs::remove_file(&sock);
+        self.qmp().execute("cont", None).await?;
+        Ok(())
+    }
+
+    async fn set_ignore_shared(&self, on: bool) -> Result<(), VmmError> {
+        self.qmp()
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] })),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Polls the migration until it completes; fails with QEMU's reason otherwise.
+    async fn wait_migration(&self, what: &str) -> Result<(), VmmError> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let info = self.qmp().execute("query-migrate", None).await?;
+            match info["status"].as_str().unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    return Err(VmmError::Snapshot(format!(
+                        "{what}: migration {}: {}",
+                        info["status"],
+                        info["error-desc"].as_str().unwrap_or("no reason given")
+                    )))
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(VmmError::Timeout(format!("{what} (migration)")))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// The accelerator this VM runs under.
+    pub fn accel(&self) -> Accel {
+        if self.launch.machine_args.iter().any(|a| a.contains("accel=kvm")) {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        }
     }
 
     fn kill_now(&mut self) {

@@ -1,0 +1,251 @@
+//! Snapshots: what a VM's memory, device state and disk were at one instant, and what is
+//! needed to restore them.
+//!
+//! A snapshot is a directory:
+//!
+//! - `state` — QEMU's migration stream. With [`MemoryFormat::File`] it holds only device
+//!   state (the `x-ignore-shared` capability leaves the shared guest RAM out); with
+//!   [`MemoryFormat::Stream`] it holds RAM too (taken from a VM whose RAM is a private
+//!   copy-on-write mapping, such as a fork child).
+//! - `memory` — guest RAM as a sparse file ([`MemoryFormat::File`] only). Restores map it
+//!   `share=off`: pages are copied only when a child writes them.
+//! - `disk.qcow2` — the VM's disk overlay at that instant; its backing chain ends at the
+//!   image set's read-only root filesystem.
+//! - `manifest.json` — written last (rename), so a snapshot is wholly there or absent.
+
+use crate::{Accel, VmmError};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// Version of the snapshot layout.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Where guest RAM is in a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryFormat {
+    /// In the `memory` file.
+    File,
+    /// Inside the `state` migration stream.
+    Stream,
+}
+
+/// Everything a restore must match or reproduce.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotManifest {
+    pub format_version: u32,
+    pub id: String,
+    /// The VM it was taken from.
+    pub source_vm: String,
+    pub created_unix_ms: u64,
+    /// `qemu -version`'s first line: device state only loads into the same QEMU.
+    pub qemu_version: String,
+    pub accel: Accel,
+    /// The image set's kernel layer key: RAM holds a running kernel.
+    pub kernel_key: String,
+    pub rootfs: String,
+    /// QEMU's machine arguments (no per-VM paths); a restore uses them verbatim.
+    pub machine_args: Vec<String>,
+    pub vcpus: u32,
+    pub mem_mib: u32,
+    pub disk_mib: u64,
+    pub egress: bool,
+    pub memory: MemoryFormat,
+}
+
+/// A snapshot on disk.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    dir: PathBuf,
+    manifest: SnapshotManifest,
+}
+
+impl Snapshot {
+    /// Opens the snapshot in `dir`; fails if it is incomplete or of another layout.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, VmmError> {
+        let dir = dir.into();
+        let text = std::fs::read_to_string(dir.join("manifest.json")).map_err(|e| {
+            VmmError::Snapshot(format!(
+                "{} is not a complete snapshot (manifest.json: {e})",
+                dir.display()
+            ))
+        })?;
+        let manifest: SnapshotManifest = serde_json::from_str(&text)
+            .map_err(|e| VmmError::Snapshot(format!("{}: unreadable manifest: {e}", dir.display())))?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(VmmError::Snapshot(format!(
+                "{} has snapshot format {}, this build reads {FORMAT_VERSION}",
+                dir.display(),
+                manifest.format_version
+            )));
+        }
+        Ok(Self { dir, manifest })
+    }
+
+    pub(crate) fn new(dir: PathBuf, manifest: SnapshotManifest) -> Self {
+        Self { dir, manifest }
+    }
+
+    /// The snapshot's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What it records.
+    pub fn manifest(&self) -> &SnapshotManifest {
+        &self.manifest
+    }
+
+    /// Bytes it occupies on disk (allocated, not apparent).
+    pub fn disk_usage(&self) -> u64 {
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .sum()
+    }
+
+    /// Deletes it. Running VMs restored from it keep working: their mappings and open
+    /// backing files outlive the names.
+    pub fn delete(self) -> std::io::Result<()> {
+        std::fs::remove_dir_all(&self.dir)
+    }
+
+    pub(crate) fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    pub(crate) fn memory(&self) -> PathBuf {
+        self.dir.join("memory")
+    }
+
+    pub(crate) fn disk(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+
+    /// Checks that this host can restore it: same QEMU, kernel and accelerator.
+    pub(crate) fn check_compatible(
+        &self,
+        qemu_version: &str,
+        kernel_key: &str,
+        accel: Accel,
+    ) -> Result<(), VmmError> {
+        let m = &self.manifest;
+        let mismatch = |what: &str, theirs: &str, ours: &str| {
+            Err(VmmError::SnapshotMismatch(format!(
+                "snapshot {} was taken with {what} {theirs}, this host has {ours}; restore it on a host with the same {what}, or take a new snapshot here",
+                m.id
+            )))
+        };
+        if m.qemu_version != qemu_version {
+            return mismatch("QEMU", &m.qemu_version, qemu_version);
+        }
+        if m.kernel_key != kernel_key {
+            return mismatch("guest kernel", &m.kernel_key, kernel_key);
+        }
+        if m.accel != accel {
+            return mismatch("accelerator", &m.accel.to_string(), &accel.to_string());
+        }
+        Ok(())
+    }
+
+    /// Writes the manifest last, atomically: before it, the snapshot does not exist.
+    pub(crate) fn commit(&self) -> Result<(), VmmError> {
+        let tmp = self.dir.join("manifest.json.tmp");
+        let io = |e: std::io::Error| VmmError::Snapshot(format!("writing the manifest: {e}"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.manifest).expect("json")).map_err(io)?;
+        File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+        std::fs::rename(&tmp, self.dir.join("manifest.json")).map_err(io)
+    }
+}
+
+/// Copies `src` to `dst` preserving holes: only allocated ranges are read and written,
+/// so a mostly untouched guest RAM file costs what the guest touched.
+pub fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<u64> {
+    let from = File::open(src)?;
+    let len = from.metadata()?.len();
+    let to = File::create(dst)?;
+    to.set_len(len)?;
+    let (ifd, ofd) = (from.as_raw_fd(), to.as_raw_fd());
+    let mut copied = 0u64;
+    let mut pos: i64 = 0;
+    while (pos as u64) < len {
+        // SAFETY: lseek on an fd we own.
+        let data = unsafe { libc::lseek(ifd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole remains
+            }
+            return Err(err);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(ifd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (mut off_in, mut off_out) = (data, data);
+        while off_in < hole {
+            // SAFETY: offsets are valid pointers to our locals.
+            let n = unsafe {
+                libc::copy_file_range(
+                    ifd,
+                    &mut off_in,
+                    ofd,
+                    &mut off_out,
+                    (hole - off_in) as usize,
+                    0,
+                )
+            };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if n == 0 {
+                break;
+            }
+            copied += n as u64;
+        }
+        pos = hole;
+    }
+    Ok(copied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let dir = std::env::temp_dir().join(format!("sparse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (src, dst) = (dir.join("src"), dir.join("dst"));
+        let mut f = File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.seek(SeekFrom::Start(10 << 20)).unwrap();
+        f.write_all(&[7u8; 8192]).unwrap();
+        f.seek(SeekFrom::Start(40 << 20)).unwrap();
+        f.write_all(b"end").unwrap();
+        drop(f);
+        let copied = copy_sparse(&src, &dst).unwrap();
+        assert!(copied < 1 << 20, "copied {copied} bytes of a 64 MiB sparse file");
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&dst).unwrap());
+        assert!(blocks * 512 < 1 << 20, "destination is not sparse");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn incomplete_snapshots_are_refused() {
+        let dir = std::env::temp_dir().join(format!("snap-incomplete-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("state"), b"x").unwrap();
+        let err = Snapshot::open(&dir).unwrap_err().to_string();
+        assert!(err.contains("not a complete snapshot"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
