@@ -25,6 +25,11 @@ fi
 if ! id nullspace-vm >/dev/null 2>&1; then
     useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin nullspace-vm
 fi
+# /dev/kvm as Debian's udev rules leave it (root:kvm 0660), where no udev ran.
+if [ -c /dev/kvm ]; then
+    getent group kvm >/dev/null || groupadd --system kvm
+    [ "$(stat -c %G /dev/kvm)" = kvm ] || { chgrp kvm /dev/kvm && chmod 0660 /dev/kvm; }
+fi
 if getent group kvm >/dev/null && ! id -nG nullspace-vm | grep -qw kvm; then
     usermod -a -G kvm nullspace-vm
 fi

@@ -110,9 +110,14 @@ impl AgentClient {
     /// Repeats the handshake on the same session: the agent sets the guest clock from the
     /// host's (it stood still while the VM was paused). Call after every resume.
     pub async fn resync(&self, timeout: Duration) -> Result<(), ClientError> {
-        hello_exchange(&self.inner.writer, &self.inner.routes, self.inner.nonce, timeout)
-            .await
-            .map(drop)
+        hello_exchange(
+            &self.inner.writer,
+            &self.inner.routes,
+            self.inner.nonce,
+            timeout,
+        )
+        .await
+        .map(drop)
     }
 
     /// Protocol version agreed in the handshake.

@@ -19,6 +19,8 @@ use tokio::sync::{watch, Mutex};
 
 /// Output kept for a detached process; older bytes are dropped first.
 const BACKLOG_LIMIT: usize = 1024 * 1024;
+/// How long output is gathered into one frame after its first bytes arrive.
+const COALESCE_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
 /// Finished, never-collected processes kept for a later attach or list.
 const FINISHED_KEPT: usize = 64;
 
@@ -290,9 +292,9 @@ async fn spawn(req: ExecRequest, table: &ProcessTable) -> Result<Arc<Proc>, Agen
         let mut state = p.state.lock().await;
         let _ = exit_tx.send(Some(status));
         if let Some(out) = state.attached.take() {
-            out.reply(&Reply::Exited(status)).await;
-            drop(state);
+            // Collected: gone from the table before the host hears of the exit.
             table.remove(p.info.pid).await;
+            out.reply(&Reply::Exited(status)).await;
         }
     });
     Ok(proc)
@@ -302,10 +304,20 @@ async fn spawn(req: ExecRequest, table: &ProcessTable) -> Result<Arc<Proc>, Agen
 async fn pump(proc: &Proc, channel: Channel, mut pipe: impl AsyncRead + Unpin) {
     let mut buf = vec![0u8; DATA_CHUNK];
     loop {
-        let n = match pipe.read(&mut buf).await {
+        let mut n = match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        // Programs often write in small pieces (a line, 4 KiB). Every frame costs a
+        // VM exit, so gather what follows within a moment into one frame; the added
+        // latency is at most COALESCE_WINDOW.
+        let deadline = tokio::time::Instant::now() + COALESCE_WINDOW;
+        while n < buf.len() {
+            match tokio::time::timeout_at(deadline, pipe.read(&mut buf[n..])).await {
+                Ok(Ok(m)) if m > 0 => n += m,
+                _ => break,
+            }
+        }
         let mut state = proc.state.lock().await;
         match &state.attached {
             Some(out) => out.data(channel, buf[..n].to_vec()).await,
@@ -336,9 +348,8 @@ async fn serve_attached(
         state.backlog_bytes = 0;
         let exited = *proc.exit.borrow();
         if let Some(status) = exited {
-            out.reply(&Reply::Exited(status)).await;
-            drop(state);
             table.remove(pid).await;
+            out.reply(&Reply::Exited(status)).await;
             return;
         }
         state.attached = Some(out.clone());

@@ -94,10 +94,7 @@ type StreamTable = Arc<Mutex<HashMap<u32, mpsc::Sender<Inbound>>>>;
 
 /// Serves the port until it fails.
 pub fn serve(port_path: &Path, rt: Handle) -> std::io::Result<()> {
-    let reader = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(port_path)?;
+    let reader = crate::port::open(port_path)?;
     let writer = reader.try_clone()?;
     let (tx, rx) = mpsc::channel::<Frame>(256);
     std::thread::spawn(move || crate::port::write_loop(writer, rx));
@@ -209,7 +206,6 @@ impl Session {
             ..
         } = self;
         {
-
             let existing = streams.lock().unwrap().get(&stream).cloned();
             let out = root.for_stream(stream);
             match parsed {
@@ -246,14 +242,11 @@ impl Session {
     }
 }
 
-fn dispatch_frame(
-    item: Decoded,
-    rt: &Handle,
-    root: &Outbox,
-    streams: &StreamTable,
-) {
+fn dispatch_frame(item: Decoded, rt: &Handle, root: &Outbox, streams: &StreamTable) {
     match item {
-        Decoded::Frame(Frame::Control { .. }) => unreachable!("control frames go to Session::control"),
+        Decoded::Frame(Frame::Control { .. }) => {
+            unreachable!("control frames go to Session::control")
+        }
         Decoded::Frame(Frame::Data { stream, bytes, .. }) => {
             let inbox = streams.lock().unwrap().get(&stream).cloned();
             if let Some(inbox) = inbox {

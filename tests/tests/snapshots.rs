@@ -3,9 +3,7 @@
 use agent_client::ProcessEvent;
 use nullspace_tests::{driver, minimal, process_alive, sh, ScratchDir};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use vmm::{
-    MemoryFormat, RestoreMemory, RestoreOptions, Snapshot, Vm, VmSpec, Vmm, VmmError,
-};
+use vmm::{MemoryFormat, RestoreMemory, RestoreOptions, Snapshot, Vm, VmSpec, Vmm, VmmError};
 
 fn spec_512() -> VmSpec {
     VmSpec {
@@ -20,7 +18,10 @@ async fn guest_unix_time(vm: &vmm::QemuVm) -> i64 {
 }
 
 fn host_unix_time() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 #[tokio::test]
@@ -28,7 +29,9 @@ async fn a_process_started_before_pause_runs_on_after_resume() {
     let vm = driver().await.boot(&minimal()).await.unwrap();
     let mut p = vm
         .agent()
-        .exec(sh("i=0; while [ $i -lt 20 ]; do echo $i; i=$((i+1)); sleep 0.1; done"))
+        .exec(sh(
+            "i=0; while [ $i -lt 20 ]; do echo $i; i=$((i+1)); sleep 0.1; done",
+        ))
         .await
         .unwrap();
     assert_eq!(
@@ -69,7 +72,8 @@ async fn snapshot_and_restore_keep_a_running_process_memory_and_disk() {
     let d = driver().await;
     let mut vm = d.boot(&spec_512()).await.unwrap();
     // A process holding a value only in its memory, waiting for input.
-    let mut req = sh("v=$(cat /proc/sys/kernel/random/uuid); echo before $v; read line; echo after $v $line");
+    let mut req =
+        sh("v=$(cat /proc/sys/kernel/random/uuid); echo before $v; read line; echo after $v $line");
     req.background = true;
     req.stdin = true;
     let mut p = vm.agent().exec(req).await.unwrap();
@@ -84,14 +88,20 @@ async fn snapshot_and_restore_keep_a_running_process_memory_and_disk() {
         .write_file("/workspace/on-disk.txt", &b"disk survives"[..], None, None)
         .await
         .unwrap();
-    vm.agent().run(sh("echo in-tmpfs > /tmp/mem.txt")).await.unwrap();
+    vm.agent()
+        .run(sh("echo in-tmpfs > /tmp/mem.txt"))
+        .await
+        .unwrap();
 
     let scratch = ScratchDir::new("snapshot");
     let snapshot = vm.snapshot(&scratch.path().join("s1"), true).await.unwrap();
     assert_eq!(snapshot.manifest().memory, MemoryFormat::File);
     assert_eq!(snapshot.manifest().mem_mib, 512);
     // The source keeps running and serving.
-    assert_eq!(vm.agent().run(sh("echo alive")).await.unwrap().stdout_str(), "alive\n");
+    assert_eq!(
+        vm.agent().run(sh("echo alive")).await.unwrap().stdout_str(),
+        "alive\n"
+    );
 
     // Restore after a delay: the restored clock is set from the host's.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -112,14 +122,24 @@ async fn snapshot_and_restore_keep_a_running_process_memory_and_disk() {
         let attached = a.attach(pid).await.unwrap();
         attached.write_stdin(b"hello\n").await.unwrap();
         let out = attached.wait().await.unwrap();
-        assert_eq!(out.stdout_str(), format!("after {value} hello\n"), "{memory:?}");
-        assert_eq!(a.read_file("/workspace/on-disk.txt").await.unwrap(), b"disk survives");
+        assert_eq!(
+            out.stdout_str(),
+            format!("after {value} hello\n"),
+            "{memory:?}"
+        );
+        assert_eq!(
+            a.read_file("/workspace/on-disk.txt").await.unwrap(),
+            b"disk survives"
+        );
         assert_eq!(a.read_file("/tmp/mem.txt").await.unwrap(), b"in-tmpfs\n");
         let skew = (guest_unix_time(&restored).await - host_unix_time()).abs();
         assert!(skew <= 2, "restored clock is {skew} s off");
         let (qemu, dir) = (restored.pid().unwrap(), restored.dir().to_path_buf());
         restored.kill().await;
-        assert!(!process_alive(qemu) && !dir.exists(), "restored VM left traces");
+        assert!(
+            !process_alive(qemu) && !dir.exists(),
+            "restored VM left traces"
+        );
     }
     // The source's own process was not disturbed by its restored copies.
     let listed = vm.agent().processes().await.unwrap();
@@ -134,7 +154,9 @@ async fn fork_children_diverge_and_share_memory_copy_on_write() {
     // Touch memory in the parent so the snapshot holds something worth sharing.
     parent
         .agent()
-        .run(sh("head -c 50000000 /dev/zero > /tmp/ballast && echo parent > /workspace/who"))
+        .run(sh(
+            "head -c 50000000 /dev/zero > /tmp/ballast && echo parent > /workspace/who",
+        ))
         .await
         .unwrap();
     let scratch = ScratchDir::new("fork");
@@ -146,28 +168,45 @@ async fn fork_children_diverge_and_share_memory_copy_on_write() {
 
     for (i, child) in children.iter().enumerate() {
         let a = child.agent();
-        a.write_file("/workspace/who", format!("child {i}").as_bytes(), None, None)
-            .await
-            .unwrap();
+        a.write_file(
+            "/workspace/who",
+            format!("child {i}").as_bytes(),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
         let mut req = sh(&format!("echo started-{i}; sleep 300"));
         req.background = true;
         a.exec(req).await.unwrap().detach().await.unwrap();
     }
     for (i, child) in children.iter().enumerate() {
         let a = child.agent();
-        assert_eq!(a.read_file("/workspace/who").await.unwrap(), format!("child {i}").as_bytes());
+        assert_eq!(
+            a.read_file("/workspace/who").await.unwrap(),
+            format!("child {i}").as_bytes()
+        );
         let procs = a.processes().await.unwrap();
-        assert_eq!(procs.len(), 1, "each child has only its own process: {procs:?}");
+        assert_eq!(
+            procs.len(),
+            1,
+            "each child has only its own process: {procs:?}"
+        );
         assert_eq!(a.read_file("/tmp/ballast").await.unwrap().len(), 50_000_000);
     }
-    assert_eq!(parent.agent().read_file("/workspace/who").await.unwrap(), b"parent\n");
+    assert_eq!(
+        parent.agent().read_file("/workspace/who").await.unwrap(),
+        b"parent\n"
+    );
     assert!(parent.agent().processes().await.unwrap().is_empty());
 
     // Memory: each child's own pages are far below its configured 512 MiB, because the
     // snapshot's pages (the 50 MB ballast included) are shared until written.
     let snapshot_bytes = snapshot.disk_usage();
     for child in &children {
-        let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", child.pid().unwrap())).unwrap();
+        let rollup =
+            std::fs::read_to_string(format!("/proc/{}/smaps_rollup", child.pid().unwrap()))
+                .unwrap();
         let kib = |key: &str| -> u64 {
             rollup
                 .lines()
@@ -191,10 +230,23 @@ async fn fork_children_diverge_and_share_memory_copy_on_write() {
 
     // A child (copy-on-write RAM) can itself be snapshotted and restored.
     let mut child = children.into_iter().next().unwrap();
-    let nested = child.snapshot(&scratch.path().join("nested"), false).await.unwrap();
+    let nested = child
+        .snapshot(&scratch.path().join("nested"), false)
+        .await
+        .unwrap();
     assert_eq!(nested.manifest().memory, MemoryFormat::Stream);
-    let grandchild = d.restore(&nested, &RestoreOptions::default()).await.unwrap();
-    assert_eq!(grandchild.agent().read_file("/workspace/who").await.unwrap(), b"child 0");
+    let grandchild = d
+        .restore(&nested, &RestoreOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        grandchild
+            .agent()
+            .read_file("/workspace/who")
+            .await
+            .unwrap(),
+        b"child 0"
+    );
 }
 
 #[tokio::test]
@@ -214,7 +266,10 @@ async fn restoring_with_another_qemu_or_kernel_is_refused() {
         m[field] = value.into();
         std::fs::write(&manifest_path, m.to_string()).unwrap();
         let err = d
-            .restore(&Snapshot::open(snapshot.dir()).unwrap(), &RestoreOptions::default())
+            .restore(
+                &Snapshot::open(snapshot.dir()).unwrap(),
+                &RestoreOptions::default(),
+            )
             .await
             .err()
             .expect("refused");
@@ -226,10 +281,16 @@ async fn restoring_with_another_qemu_or_kernel_is_refused() {
     // The untouched manifest restores.
     std::fs::write(&manifest_path, &original).unwrap();
     let vm = d
-        .restore(&Snapshot::open(snapshot.dir()).unwrap(), &RestoreOptions::default())
+        .restore(
+            &Snapshot::open(snapshot.dir()).unwrap(),
+            &RestoreOptions::default(),
+        )
         .await
         .unwrap();
-    assert_eq!(vm.agent().run(sh("echo ok")).await.unwrap().stdout_str(), "ok\n");
+    assert_eq!(
+        vm.agent().run(sh("echo ok")).await.unwrap().stdout_str(),
+        "ok\n"
+    );
     // A half-written snapshot (no manifest) is not a snapshot.
     std::fs::remove_file(&manifest_path).unwrap();
     assert!(Snapshot::open(snapshot.dir()).is_err());

@@ -57,7 +57,12 @@ impl ImageSet {
         manifest["kernel_key"]
             .as_str()
             .map(str::to_string)
-            .ok_or_else(|| VmmError::Image(format!("{}/manifest.json has no kernel_key", self.dir.display())))
+            .ok_or_else(|| {
+                VmmError::Image(format!(
+                    "{}/manifest.json has no kernel_key",
+                    self.dir.display()
+                ))
+            })
     }
 
     /// The guest kernel.

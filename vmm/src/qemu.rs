@@ -11,10 +11,10 @@ use crate::qmp::Qmp;
 use crate::snapshot::{self, MemoryFormat, Snapshot, SnapshotManifest};
 use crate::vm_dir::{self, VmDir};
 use crate::{tsc, Vm, VmSpec, Vmm, VmmError};
-use serde_json::json;
-use std::os::unix::fs::PermissionsExt;
 use agent_client::AgentClient;
+use serde_json::json;
 use std::ffi::CString;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -206,7 +206,9 @@ impl QemuVmm {
         let accel = self.accel.accel;
         [
             "-M",
-            &format!("microvm,accel={accel},pic=off,pit=off,rtc=off,isa-serial=on,memory-backend=mem0"),
+            &format!(
+                "microvm,accel={accel},pic=off,pit=off,rtc=off,isa-serial=on,memory-backend=mem0"
+            ),
             "-cpu",
             match accel {
                 Accel::Kvm => "host",
@@ -272,9 +274,15 @@ impl QemuVmm {
             "-device".into(),
             "virtio-serial-device,max_ports=2".into(),
             "-chardev".into(),
-            format!("socket,id=agent,path={},server=on,wait=off", path("agent.sock")),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                path("agent.sock")
+            ),
             "-device".into(),
-            format!("virtserialport,chardev=agent,name={}", agent_protocol::PORT_NAME),
+            format!(
+                "virtserialport,chardev=agent,name={}",
+                agent_protocol::PORT_NAME
+            ),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", path("qmp.sock")),
         ];
@@ -284,7 +292,9 @@ impl QemuVmm {
         }
         if self.seccomp {
             args.push("-sandbox".into());
-            args.push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into());
+            args.push(
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+            );
         }
         args
     }
@@ -326,10 +336,20 @@ impl QemuVmm {
         let dir = VmDir::create(&self.config.run_dir, &launch.id)
             .map_err(|e| VmmError::Host(format!("creating the VM directory: {e}")))?;
         let disk = dir.file("disk.qcow2");
-        create_overlay(&launch.disk_backing, launch.disk_backing_format, &disk, launch.disk_mib).await?;
+        create_overlay(
+            &launch.disk_backing,
+            launch.disk_backing_format,
+            &disk,
+            launch.disk_mib,
+        )
+        .await?;
         prepare(&dir)?;
         if let Some(run_as) = &self.run_as {
-            for entry in std::fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+            for entry in std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let _ = std::os::unix::fs::chown(entry.path(), Some(run_as.uid), Some(run_as.gid));
             }
             std::os::unix::fs::chown(dir.path(), Some(run_as.uid), Some(run_as.gid))
@@ -393,7 +413,10 @@ impl QemuVmm {
         let deadline = started + vm.launch.boot_timeout;
         match vm.connect_agent(deadline).await {
             Ok(()) => {
-                info!(elapsed_ms = started.elapsed().as_millis() as u64, "VM ready");
+                info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "VM ready"
+                );
                 Ok(vm)
             }
             Err(e) => Err(vm.boot_failure(e).await),
@@ -429,7 +452,9 @@ impl QemuVmm {
     ) -> Result<QemuVm, VmmError> {
         let id = new_vm_id();
         let span = tracing::info_span!("vm", id = %id, snapshot = %snapshot.manifest().id);
-        self.restore_in(snapshot, options, id).instrument(span).await
+        self.restore_in(snapshot, options, id)
+            .instrument(span)
+            .await
     }
 
     async fn restore_in(
@@ -440,9 +465,15 @@ impl QemuVmm {
     ) -> Result<QemuVm, VmmError> {
         let started = Instant::now();
         let m = snapshot.manifest();
-        snapshot.check_compatible(&self.qemu_version, &self.images.kernel_key()?, self.accel.accel)?;
+        snapshot.check_compatible(
+            &self.qemu_version,
+            &self.images.kernel_key()?,
+            self.accel.accel,
+        )?;
         let memory = match (m.memory, options.memory) {
-            (MemoryFormat::File, RestoreMemory::CopyOnWrite) => Memory::CopyOnWrite(snapshot.memory()),
+            (MemoryFormat::File, RestoreMemory::CopyOnWrite) => {
+                Memory::CopyOnWrite(snapshot.memory())
+            }
             // A stream snapshot carries RAM in its state: it loads into fresh memory.
             (MemoryFormat::File, RestoreMemory::Copy) | (MemoryFormat::Stream, _) => Memory::Owned,
         };
@@ -464,9 +495,9 @@ impl QemuVmm {
         let vm = self
             .launch(launch, |dir| {
                 if copy_memory {
-                    snapshot::copy_sparse(&snapshot.memory(), &dir.file("memory")).map_err(|e| {
-                        VmmError::Snapshot(format!("copying the snapshot's memory: {e}"))
-                    })?;
+                    snapshot::copy_sparse(&snapshot.memory(), &dir.file("memory")).map_err(
+                        |e| VmmError::Snapshot(format!("copying the snapshot's memory: {e}")),
+                    )?;
                 }
                 Ok(())
             })
@@ -492,7 +523,8 @@ impl QemuVmm {
             ..RestoreOptions::default()
         };
         let mut children = Vec::with_capacity(n);
-        let results = futures::future::join_all((0..n).map(|_| self.restore(&snapshot, &options))).await;
+        let results =
+            futures::future::join_all((0..n).map(|_| self.restore(&snapshot, &options))).await;
         for r in results {
             children.push(r?);
         }
@@ -566,7 +598,8 @@ impl Vmm for QemuVmm {
 
     async fn boot(&self, spec: &VmSpec) -> Result<QemuVm, VmmError> {
         let id = new_vm_id();
-        let span = tracing::info_span!("vm", id = %id, rootfs = %spec.rootfs, accel = %self.accel.accel);
+        let span =
+            tracing::info_span!("vm", id = %id, rootfs = %spec.rootfs, accel = %self.accel.accel);
         self.boot_in(spec, &id).instrument(span).await
     }
 }
@@ -723,12 +756,16 @@ impl QemuVm {
 
     /// The guest agent connection.
     pub fn agent(&self) -> &AgentClient {
-        self.agent.as_ref().expect("a booted VM has an agent connection")
+        self.agent
+            .as_ref()
+            .expect("a booted VM has an agent connection")
     }
 
     /// The QMP connection.
     pub fn qmp(&self) -> &Qmp {
-        self.qmp.as_ref().expect("a launched VM has a QMP connection")
+        self.qmp
+            .as_ref()
+            .expect("a launched VM has a QMP connection")
     }
 
     /// The QEMU process ID.
@@ -771,7 +808,11 @@ impl QemuVm {
     /// Writes a snapshot into the new directory `dest`. The VM is stopped while its
     /// state is saved, then continues if `keep_running` (and it was running), else
     /// stays stopped.
-    pub async fn snapshot(&mut self, dest: &Path, keep_running: bool) -> Result<Snapshot, VmmError> {
+    pub async fn snapshot(
+        &mut self,
+        dest: &Path,
+        keep_running: bool,
+    ) -> Result<Snapshot, VmmError> {
         let started = Instant::now();
         let io = |what: &str, e: std::io::Error| VmmError::Snapshot(format!("{what}: {e}"));
         std::fs::create_dir(dest).map_err(|e| io(&format!("creating {}", dest.display()), e))?;
@@ -905,7 +946,12 @@ impl QemuVm {
                 Err(_) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(5)).await
                 }
-                Err(e) => return Err(VmmError::Host(format!("connecting {}: {e}", sock.display()))),
+                Err(e) => {
+                    return Err(VmmError::Host(format!(
+                        "connecting {}: {e}",
+                        sock.display()
+                    )))
+                }
             }
         };
         let mut state = tokio::fs::File::open(snapshot.state())
@@ -955,7 +1001,12 @@ impl QemuVm {
 
     /// The accelerator this VM runs under.
     pub fn accel(&self) -> Accel {
-        if self.launch.machine_args.iter().any(|a| a.contains("accel=kvm")) {
+        if self
+            .launch
+            .machine_args
+            .iter()
+            .any(|a| a.contains("accel=kvm"))
+        {
             Accel::Kvm
         } else {
             Accel::Tcg

@@ -72,8 +72,9 @@ impl Snapshot {
                 dir.display()
             ))
         })?;
-        let manifest: SnapshotManifest = serde_json::from_str(&text)
-            .map_err(|e| VmmError::Snapshot(format!("{}: unreadable manifest: {e}", dir.display())))?;
+        let manifest: SnapshotManifest = serde_json::from_str(&text).map_err(|e| {
+            VmmError::Snapshot(format!("{}: unreadable manifest: {e}", dir.display()))
+        })?;
         if manifest.format_version != FORMAT_VERSION {
             return Err(VmmError::Snapshot(format!(
                 "{} has snapshot format {}, this build reads {FORMAT_VERSION}",
@@ -157,7 +158,11 @@ impl Snapshot {
     pub(crate) fn commit(&self) -> Result<(), VmmError> {
         let tmp = self.dir.join("manifest.json.tmp");
         let io = |e: std::io::Error| VmmError::Snapshot(format!("writing the manifest: {e}"));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.manifest).expect("json")).map_err(io)?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&self.manifest).expect("json"),
+        )
+        .map_err(io)?;
         File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
         std::fs::rename(&tmp, self.dir.join("manifest.json")).map_err(io)
     }
@@ -232,7 +237,10 @@ mod tests {
         f.write_all(b"end").unwrap();
         drop(f);
         let copied = copy_sparse(&src, &dst).unwrap();
-        assert!(copied < 1 << 20, "copied {copied} bytes of a 64 MiB sparse file");
+        assert!(
+            copied < 1 << 20,
+            "copied {copied} bytes of a 64 MiB sparse file"
+        );
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&dst).unwrap());
         assert!(blocks * 512 < 1 << 20, "destination is not sparse");

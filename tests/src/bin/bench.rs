@@ -5,9 +5,9 @@
 //! Prints cold boot to agent-ready, agent round trip (stat) and a small exec, each with
 //! percentiles, and their ratios.
 
-use nullspace_tests::{driver, minimal, sh};
+use nullspace_tests::{driver, minimal, sh, ScratchDir};
 use std::time::{Duration, Instant};
-use vmm::{Vm, VmSpec, Vmm};
+use vmm::{RestoreMemory, RestoreOptions, Vm, VmSpec, Vmm};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
@@ -38,6 +38,7 @@ fn arg(name: &str, default: usize) -> usize {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let boots = arg("--boots", 3);
+    let restores = arg("--restores", 5);
     let round_trips = arg("--round-trips", 500);
     let d = driver().await;
     println!(
@@ -86,18 +87,100 @@ async fn main() -> anyhow::Result<()> {
         ex.push(t.elapsed());
     }
     let ex50 = report("exec `true` to exit", ex);
+    let mb = |bytes: usize, t: Instant| bytes as f64 / t.elapsed().as_secs_f64() / 1e6;
     let t = Instant::now();
     let out = agent.run(sh("head -c 33554432 /dev/zero")).await?;
-    let secs = t.elapsed().as_secs_f64();
     println!(
         "{:<28} {:.1} MB/s",
         "stdout throughput",
-        out.stdout.len() as f64 / secs / 1e6
+        mb(out.stdout.len(), t)
+    );
+    let data = vec![7u8; 32 << 20];
+    let t = Instant::now();
+    agent
+        .write_file("/tmp/upload", &data[..], None, None)
+        .await?;
+    println!("{:<28} {:.1} MB/s", "upload throughput", mb(data.len(), t));
+    let t = Instant::now();
+    let back = agent.read_file("/tmp/upload").await?;
+    println!(
+        "{:<28} {:.1} MB/s",
+        "download throughput",
+        mb(back.len(), t)
     );
     println!(
         "ratio exec/round trip: {:.1}x",
         ex50.as_secs_f64() / rt50.as_secs_f64()
     );
     vm.kill().await;
+
+    // Snapshot, restore and fork, each to agent-ready, against a cold boot of the
+    // same shape measured in this run.
+    let spec = VmSpec {
+        mem_mib: 512,
+        ..minimal()
+    };
+    let mut cold = Vec::new();
+    for _ in 0..boots {
+        let t = Instant::now();
+        let vm = d.boot(&spec).await?;
+        cold.push(t.elapsed());
+        vm.kill().await;
+    }
+    let cold50 = report("cold boot (minimal, 512 MiB)", cold);
+    let scratch = ScratchDir::new("bench");
+    let mut parent = d.boot(&spec).await?;
+    let mut snaps = Vec::new();
+    let mut snapshot = None;
+    for i in 0..restores {
+        let t = Instant::now();
+        let s = parent
+            .snapshot(&scratch.path().join(format!("s{i}")), true)
+            .await?;
+        snaps.push(t.elapsed());
+        if let Some(old) = snapshot.replace(s) {
+            vmm::Snapshot::delete(old)?;
+        }
+    }
+    let snapshot = snapshot.expect("at least one snapshot");
+    report("snapshot (VM keeps running)", snaps);
+    for (name, memory) in [
+        ("restore (memory copied)", RestoreMemory::Copy),
+        ("fork child (copy-on-write)", RestoreMemory::CopyOnWrite),
+    ] {
+        let options = RestoreOptions {
+            memory,
+            ..RestoreOptions::default()
+        };
+        let mut samples = Vec::new();
+        let mut private = Vec::new();
+        for _ in 0..restores {
+            let t = Instant::now();
+            let vm = d.restore(&snapshot, &options).await?;
+            samples.push(t.elapsed());
+            private.push(private_mib(vm.pid().unwrap_or(0)));
+            vm.kill().await;
+        }
+        let p50 = report(name, samples);
+        println!(
+            "{:<28} cold boot / this = {:.1}x; private memory per VM {} MiB (of 512)",
+            "",
+            cold50.as_secs_f64() / p50.as_secs_f64(),
+            private.iter().sum::<u64>() / private.len() as u64
+        );
+    }
+    println!("snapshot size on disk: {} MiB", snapshot.disk_usage() >> 20);
+    parent.kill().await;
     Ok(())
+}
+
+/// Private (not shared with other mappers) memory of a process, MiB.
+fn private_mib(pid: u32) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    rollup
+        .lines()
+        .filter(|l| l.starts_with("Private_"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum::<u64>()
+        / 1024
 }
