@@ -36,6 +36,7 @@ kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depen
 kernel_ver=$(apt-cache policy "$kernel_pkg" | awk '/Candidate:/{print $2}')
 busybox_ver=$(dpkg-query -W -f='${Version}' busybox-static)
 
+step="hash inputs"
 kernel_key=$( { echo "$kernel_pkg $kernel_ver busybox $busybox_ver"; cat "$here/init" "$here/modules.order"; sed -n '/^# --- kernel layer/,/^# --- end kernel layer/p' "$0"; } | hash_of)
 base_key=$( { echo "$suite"; cat "$here/base-packages"; sed -n '/^# --- base tree layer/,/^# --- end base tree layer/p' "$0"; } | hash_of)
 agent_key=$(sha256sum "$agent" | cut -c1-16)
@@ -153,6 +154,18 @@ chmod 0644 "$tmp"/*
 mv -T "$tmp" "$final"
 tmp=""
 ln -sfn "set-$final_key" "$images/current"
+# Every agent change makes a new set (~330 MB): keep the three newest. Snapshots whose
+# disk chain ends in a pruned set's rootfs no longer restore, so production hosts
+# should pin NULLSPACE_IMAGES instead of rebuilding.
+step="prune old image sets"
+ls -1dt "$images"/set-* | tail -n +4 | while read -r old; do
+    log "pruning $old"
+    rm -rf "$old"
+done
+# Layers are only inputs of sets: keep just the ones the current set was made from.
+for old in "$images"/kernel-* "$images"/base-tree-*.tar; do
+    [ "$old" = "$kernel_dir" ] || [ "$old" = "$base_tar" ] || [ ! -e "$old" ] || rm -rf "$old"
+done
 # --- end final layer
 log "image set ready: $final"
 echo "$final"

@@ -205,39 +205,46 @@ impl Session {
             processes,
             ..
         } = self;
-        {
-            let existing = streams.lock().unwrap().get(&stream).cloned();
-            let out = root.for_stream(stream);
-            match parsed {
-                Ok(req @ (Request::Detach | Request::Cancel)) => {
-                    // Without a stream it crossed the stream's final reply: nothing to do.
-                    if let Some(inbox) = existing {
-                        let msg = match req {
-                            Request::Detach => Inbound::Detach,
-                            _ => Inbound::Abort(AgentError::new(
-                                ErrorCode::Cancelled,
-                                "cancelled by the host",
-                            )),
-                        };
-                        let _ = inbox.blocking_send(msg);
-                    }
+        let existing = streams.lock().unwrap().get(&stream).cloned();
+        let out = root.for_stream(stream);
+        match parsed {
+            Ok(req @ (Request::Detach | Request::Cancel)) => {
+                // Without a stream it crossed the stream's final reply: nothing to do.
+                if let Some(inbox) = existing {
+                    let msg = match req {
+                        Request::Detach => Inbound::Detach,
+                        _ => Inbound::Abort(AgentError::new(
+                            ErrorCode::Cancelled,
+                            "cancelled by the host",
+                        )),
+                    };
+                    let _ = inbox.blocking_send(msg);
                 }
-                Ok(_) if existing.is_some() => spawn_error(
-                    rt,
-                    out,
-                    ErrorCode::InvalidArgument,
-                    format!(
-                        "stream {stream} is already open; open each request on a new stream ID"
-                    ),
-                ),
-                Ok(request) => open_stream(request, out, rt, streams, processes),
-                Err(e) => spawn_error(
-                    rt,
-                    out,
-                    ErrorCode::InvalidArgument,
-                    format!("unreadable request: {e}"),
-                ),
             }
+            Ok(_) if existing.is_some() => spawn_error(
+                rt,
+                out,
+                ErrorCode::InvalidArgument,
+                format!("stream {stream} is already open; open each request on a new stream ID"),
+            ),
+            Ok(request) => open_stream(request, out, rt, streams, processes),
+            // An op this agent does not know comes from a newer host: say so in a
+            // way the host can act on, rather than as a malformed request.
+            Err(e) if e.to_string().starts_with("unknown variant") => spawn_error(
+                rt,
+                out,
+                ErrorCode::Unsupported,
+                format!(
+                    "this agent ({}) does not support that request: {e}; update the guest image",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            ),
+            Err(e) => spawn_error(
+                rt,
+                out,
+                ErrorCode::InvalidArgument,
+                format!("unreadable request: {e}"),
+            ),
         }
     }
 }

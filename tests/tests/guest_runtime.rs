@@ -366,6 +366,19 @@ async fn bad_input_gives_clear_errors_and_the_agent_keeps_serving() {
         }
         other => panic!("expected frame_too_large, got {other:?}"),
     }
+    // A request kind this agent does not know (a newer host's): unsupported, not fatal.
+    let mut stream = a.stream_for_test();
+    let frame = agent_protocol::Frame::Control {
+        stream: stream.id(),
+        json: br#"{"op":"teleport","to":"mars"}"#.to_vec(),
+    };
+    a.send_raw_for_test(frame.encode()).await.unwrap();
+    match stream.next().await.unwrap() {
+        agent_client::StreamEvent::Reply(agent_protocol::Reply::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::Unsupported, "{}", e.message);
+        }
+        other => panic!("expected unsupported, got {other:?}"),
+    }
     // A control message too big for a frame never leaves the host.
     let err = a.run(sh(&"x".repeat(2 * 1024 * 1024))).await.unwrap_err();
     assert!(
