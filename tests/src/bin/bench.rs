@@ -58,13 +58,7 @@ async fn main() -> anyhow::Result<()> {
             },
         ),
     ] {
-        let mut samples = Vec::new();
-        for _ in 0..boots {
-            let t = Instant::now();
-            let vm = d.boot(&spec).await?;
-            samples.push(t.elapsed());
-            vm.kill().await;
-        }
+        let samples = cold_boots(&d, &spec, boots).await?;
         report(&format!("cold boot {name} ({} MiB)", spec.mem_mib), samples);
     }
 
@@ -120,14 +114,10 @@ async fn main() -> anyhow::Result<()> {
         mem_mib: 512,
         ..minimal()
     };
-    let mut cold = Vec::new();
-    for _ in 0..boots {
-        let t = Instant::now();
-        let vm = d.boot(&spec).await?;
-        cold.push(t.elapsed());
-        vm.kill().await;
-    }
-    let cold50 = report("cold boot (minimal, 512 MiB)", cold);
+    let cold50 = report(
+        "cold boot (minimal, 512 MiB)",
+        cold_boots(&d, &spec, boots).await?,
+    );
     let scratch = ScratchDir::new("bench");
     let mut parent = d.boot(&spec).await?;
     let mut snaps = Vec::new();
@@ -172,6 +162,18 @@ async fn main() -> anyhow::Result<()> {
     println!("snapshot size on disk: {} MiB", snapshot.disk_usage() >> 20);
     parent.kill().await;
     Ok(())
+}
+
+/// Boots `n` VMs one after another, timing each to agent-ready.
+async fn cold_boots(d: &vmm::QemuVmm, spec: &VmSpec, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let vm = d.boot(spec).await?;
+        samples.push(t.elapsed());
+        vm.kill().await;
+    }
+    Ok(samples)
 }
 
 /// Private (not shared with other mappers) memory of a process, MiB.
