@@ -160,8 +160,39 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!("snapshot size on disk: {} MiB", snapshot.disk_usage() >> 20);
+
+    // An idle sandbox's CPU use: QEMU's CPU time over a quiet window after boot.
+    let idle = d.boot(&minimal()).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pid = idle.pid().unwrap_or(0);
+    let (cpu0, t0) = (cpu_ticks(pid), Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let used = (cpu_ticks(pid) - cpu0) as f64 / 100.0;
+    println!(
+        "{:<28} {:.2}% of a core over {:.0?}",
+        "idle VM CPU",
+        100.0 * used / t0.elapsed().as_secs_f64(),
+        t0.elapsed()
+    );
+    idle.kill().await;
     parent.kill().await;
     Ok(())
+}
+
+/// utime + stime of a process, in clock ticks (100 per second on Linux).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the command name.
+    fields
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
 }
 
 /// Boots `n` VMs one after another, timing each to agent-ready.
