@@ -235,6 +235,8 @@ async fn fork_children_diverge_and_share_memory_copy_on_write() {
         .await
         .unwrap();
     assert_eq!(nested.manifest().memory, MemoryFormat::Stream);
+    // The nested snapshot stands alone: the fork snapshot its disk grew from can go.
+    snapshot.delete().unwrap();
     let grandchild = d
         .restore(&nested, &RestoreOptions::default())
         .await

@@ -430,8 +430,9 @@ impl QemuVmm {
             id: id.to_string(),
             machine_args: self.machine_args(spec.vcpus, spec.mem_mib),
             memory: Memory::Owned,
-            disk_backing: rootfs,
+            disk_backing: rootfs.clone(),
             disk_backing_format: "raw",
+            rootfs_image: rootfs,
             disk_mib: spec.disk_mib,
             egress: spec.egress,
             incoming: false,
@@ -483,6 +484,7 @@ impl QemuVmm {
             memory: memory.clone(),
             disk_backing: snapshot.disk(),
             disk_backing_format: "qcow2",
+            rootfs_image: m.rootfs_image.clone(),
             disk_mib: m.disk_mib,
             egress: options.egress.unwrap_or(m.egress),
             incoming: true,
@@ -580,6 +582,8 @@ struct Launch {
     memory: Memory,
     disk_backing: PathBuf,
     disk_backing_format: &'static str,
+    /// The read-only root filesystem image at the bottom of the disk chain.
+    rootfs_image: PathBuf,
     disk_mib: u64,
     egress: bool,
     incoming: bool,
@@ -626,6 +630,25 @@ async fn create_overlay(
     }
     Ok(())
 }
+/// Rebases a qcow2 overlay onto `rootfs` (raw), copying into it whatever of its
+/// current backing chain differs from the rootfs.
+async fn rebase(overlay: &Path, rootfs: &Path) -> Result<(), VmmError> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["rebase", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(rootfs)
+        .arg(overlay)
+        .output()
+        .await
+        .map_err(|e| VmmError::Host(format!("running qemu-img: {e}; install qemu-utils")))?;
+    if !out.status.success() {
+        return Err(VmmError::Snapshot(format!(
+            "flattening the disk: qemu-img rebase failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 fn unprivileged_user() -> Option<RunAs> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -892,8 +915,15 @@ impl QemuVm {
             snapshot::copy_sparse(&self.dir.file("memory"), &dest.join("memory"))
                 .map_err(|e| VmmError::Snapshot(format!("copying memory: {e}")))?;
         }
-        snapshot::copy_sparse(&self.dir.file("disk.qcow2"), &dest.join("disk.qcow2"))
+        let disk = dest.join("disk.qcow2");
+        snapshot::copy_sparse(&self.dir.file("disk.qcow2"), &disk)
             .map_err(|e| VmmError::Snapshot(format!("copying the disk overlay: {e}")))?;
+        if self.launch.disk_backing != self.launch.rootfs_image {
+            // This VM was restored: its overlay sits on another snapshot's disk. Fold
+            // that layer in, so this snapshot depends only on the read-only rootfs and
+            // survives the other snapshot's deletion.
+            rebase(&disk, &self.launch.rootfs_image).await?;
+        }
         if let Some(r) = &self.run_as {
             // Restored VMs open these: the memory file read-write (QEMU 7.2 cannot map a
             // read-only file copy-on-write), the disk read-only as a backing file.
@@ -919,6 +949,7 @@ impl QemuVm {
             accel: self.accel(),
             kernel_key: self.kernel_key.clone(),
             rootfs: self.launch.rootfs.clone(),
+            rootfs_image: self.launch.rootfs_image.clone(),
             machine_args: self.launch.machine_args.clone(),
             vcpus: self.launch.vcpus,
             mem_mib: self.launch.mem_mib,

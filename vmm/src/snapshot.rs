@@ -46,6 +46,9 @@ pub struct SnapshotManifest {
     /// The image set's kernel layer key: RAM holds a running kernel.
     pub kernel_key: String,
     pub rootfs: String,
+    /// The read-only root filesystem image `disk.qcow2` is layered on (its only
+    /// dependency outside the snapshot).
+    pub rootfs_image: PathBuf,
     /// QEMU's machine arguments (no per-VM paths); a restore uses them verbatim.
     pub machine_args: Vec<String>,
     pub vcpus: u32,
