@@ -8,7 +8,7 @@
 
 mod process;
 
-pub use process::{Output, Process, ProcessEvent};
+pub use process::{Output, Process, ProcessEvent, StdinWriter};
 
 use agent_protocol::{
     AgentError, Channel, Decoded, ExecRequest, FileInfo, Frame, FrameDecoder, ProcessInfo, Reply,
@@ -233,28 +233,34 @@ impl AgentClient {
         mode: Option<u32>,
         user: Option<&str>,
     ) -> Result<u64, ClientError> {
-        let mut stream = self
+        let mut upload = self.upload(path, mode, user).await?;
+        let mut buf = vec![0u8; DATA_CHUNK];
+        loop {
+            let n = source.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            upload.send(&buf[..n]).await?;
+        }
+        upload.finish().await
+    }
+
+    /// Starts a streamed upload: [`Upload::send`] the bytes, then [`Upload::finish`].
+    /// Dropping it unfinished cancels it and leaves the target untouched.
+    pub async fn upload(
+        &self,
+        path: &str,
+        mode: Option<u32>,
+        user: Option<&str>,
+    ) -> Result<Upload, ClientError> {
+        let stream = self
             .open(&Request::WriteFile {
                 path: path.to_string(),
                 mode,
                 user: user.map(str::to_string),
             })
             .await?;
-        let mut buf = vec![0u8; DATA_CHUNK];
-        loop {
-            // An early error (bad path, unknown user) ends the upload at once.
-            if let Some(event) = stream.try_next() {
-                return finish_upload(event, &mut stream).await;
-            }
-            let n = source.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            stream.send_data(buf[..n].to_vec()).await?;
-        }
-        stream.send_eof().await?;
-        let event = stream.next().await?;
-        finish_upload(event, &mut stream).await
+        Ok(Upload { stream })
     }
 
     /// Lists a directory.
@@ -310,6 +316,19 @@ impl AgentClient {
         })
         .await
         .map(drop)
+    }
+
+    /// Grows the guest's root filesystem to fill its disk; returns the new size in
+    /// bytes, or `None` if it already filled it.
+    pub async fn resize_rootfs(&self) -> Result<Option<u64>, ClientError> {
+        match self.call(&Request::ResizeRootfs).await? {
+            Reply::Done { bytes } => Ok(bytes),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub(crate) async fn send_frame(&self, bytes: Vec<u8>) -> Result<(), ClientError> {
+        send_frame(&self.inner.writer, bytes).await
     }
 
     /// Writes raw bytes to the connection. Only for tests that must produce frames a
@@ -381,12 +400,40 @@ async fn hello_exchange(
     result
 }
 
-async fn finish_upload(event: StreamEvent, stream: &mut Stream) -> Result<u64, ClientError> {
-    stream.finished = true;
-    match event {
-        StreamEvent::Reply(Reply::Done { bytes }) => Ok(bytes.unwrap_or(0)),
-        StreamEvent::Reply(Reply::Error(e)) => Err(e.into()),
-        other => Err(ClientError::Protocol(format!("{other:?}"))),
+/// A file being uploaded.
+pub struct Upload {
+    stream: Stream,
+}
+
+impl Upload {
+    /// Sends the next bytes of the file.
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        // An early error (bad path, unknown user) ends the upload at once.
+        if let Some(event) = self.stream.try_next() {
+            return Err(self.end(event).err().unwrap_or_else(|| {
+                ClientError::Protocol("the upload ended before its data did".into())
+            }));
+        }
+        self.stream.send_data(bytes.to_vec()).await
+    }
+
+    /// Ends the file; returns the bytes written once the agent has replaced the target.
+    pub async fn finish(mut self) -> Result<u64, ClientError> {
+        if let Some(event) = self.stream.try_next() {
+            return self.end(event);
+        }
+        self.stream.send_eof().await?;
+        let event = self.stream.next().await?;
+        self.end(event)
+    }
+
+    fn end(&mut self, event: StreamEvent) -> Result<u64, ClientError> {
+        self.stream.finished = true;
+        match event {
+            StreamEvent::Reply(Reply::Done { bytes }) => Ok(bytes.unwrap_or(0)),
+            StreamEvent::Reply(Reply::Error(e)) => Err(e.into()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
     }
 }
 

@@ -86,6 +86,15 @@ impl Process {
         Ok(None)
     }
 
+    /// A handle that writes this process's stdin from elsewhere (another task or
+    /// request) while this handle streams its output.
+    pub fn stdin(&self) -> StdinWriter {
+        StdinWriter {
+            client: self.stream.client.clone(),
+            stream: self.stream.id,
+        }
+    }
+
     /// Writes to the process's stdin (it must have been started with `stdin: true`).
     pub async fn write_stdin(&self, bytes: &[u8]) -> Result<(), ClientError> {
         self.stream.send_data(bytes.to_vec()).await
@@ -140,5 +149,36 @@ impl Process {
             stderr,
             status,
         })
+    }
+}
+
+/// Writes a process's stdin through the stream that is attached to it.
+#[derive(Clone)]
+pub struct StdinWriter {
+    client: crate::AgentClient,
+    stream: u32,
+}
+
+impl StdinWriter {
+    /// Writes bytes to stdin.
+    pub async fn write(&self, bytes: &[u8]) -> Result<(), ClientError> {
+        for chunk in bytes.chunks(agent_protocol::DATA_CHUNK) {
+            let frame = agent_protocol::Frame::Data {
+                stream: self.stream,
+                channel: Channel::Input,
+                bytes: chunk.to_vec(),
+            };
+            self.client.send_frame(frame.encode()).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes stdin.
+    pub async fn close(&self) -> Result<(), ClientError> {
+        let frame = agent_protocol::Frame::Eof {
+            stream: self.stream,
+            channel: Channel::Input,
+        };
+        self.client.send_frame(frame.encode()).await
     }
 }

@@ -67,6 +67,8 @@ pub enum Request {
     Remove { path: String },
     /// Rename (move) a path.
     Rename { from: String, to: String },
+    /// Grow the root filesystem to its disk's size (after the host grew the disk).
+    ResizeRootfs,
 }
 
 /// What to run.

@@ -339,6 +339,14 @@ async fn handle(
             Err(e) => out.error(e).await,
         },
         Request::ReadFile { path } => files::read(&path, &out).await,
+        Request::ResizeRootfs => match tokio::task::spawn_blocking(crate::rootfs::grow).await {
+            Ok(Ok(bytes)) => out.reply(&Reply::Done { bytes }).await,
+            Ok(Err(e)) => out.error(AgentError::new(ErrorCode::Io, e)).await,
+            Err(e) => {
+                out.error(AgentError::new(ErrorCode::Io, e.to_string()))
+                    .await
+            }
+        },
         Request::WriteFile { path, mode, user } => {
             files::write(&path, mode, user.as_deref(), &out, inbox).await
         }

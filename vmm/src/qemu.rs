@@ -493,6 +493,12 @@ impl QemuVmm {
             vcpus: m.vcpus,
             mem_mib: m.mem_mib,
         };
+        if let Some(asked) = options.disk_mib.filter(|&d| d < m.disk_mib) {
+            return Err(VmmError::InvalidSpec(format!(
+                "disk {asked} MiB is smaller than the snapshot's {} MiB; disks only grow, send at least {}",
+                m.disk_mib, m.disk_mib
+            )));
+        }
         let copy_memory = m.memory == MemoryFormat::File && memory == Memory::Owned;
         let vm = self
             .launch(launch, |dir| {
@@ -508,7 +514,20 @@ impl QemuVmm {
         if let Err(e) = vm.migrate_in(snapshot, deadline).await {
             return Err(vm.boot_failure(e).await);
         }
-        self.finish_boot(vm, started).await
+        let vm = self.finish_boot(vm, started).await?;
+        if let Some(asked) = options.disk_mib.filter(|&d| d > m.disk_mib) {
+            vm.grow_disk(asked).await?;
+        }
+        Ok(vm)
+    }
+
+    /// Size of root filesystem `name` in MiB: the smallest disk that holds it.
+    pub fn rootfs_mib(&self, name: &str) -> Result<u64, VmmError> {
+        let path = self.images.rootfs(name)?;
+        Ok(std::fs::metadata(&path)
+            .map_err(|e| VmmError::Image(format!("{}: {e}", path.display())))?
+            .len()
+            .div_ceil(1024 * 1024))
     }
 
     /// Snapshots `parent` (which keeps running) into `snapshot_dir` and restores `n`
@@ -552,6 +571,8 @@ pub struct RestoreOptions {
     pub egress: Option<bool>,
     /// Deadline for the restored VM's agent to answer.
     pub timeout: Duration,
+    /// Grow the disk to this size (MiB) after the restore; default the snapshot's.
+    pub disk_mib: Option<u64>,
 }
 
 impl Default for RestoreOptions {
@@ -560,6 +581,7 @@ impl Default for RestoreOptions {
             memory: RestoreMemory::Copy,
             egress: None,
             timeout: Duration::from_secs(60),
+            disk_mib: None,
         }
     }
 }
@@ -810,6 +832,21 @@ impl QemuVm {
     pub fn console_tail(&self, max: usize) -> String {
         let bytes = std::fs::read(self.dir.file("console.log")).unwrap_or_default();
         String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(max)..]).into_owned()
+    }
+
+    /// Grows the disk to `mib` and the guest's root filesystem with it.
+    pub async fn grow_disk(&self, mib: u64) -> Result<(), VmmError> {
+        self.qmp()
+            .execute(
+                "block_resize",
+                Some(json!({ "device": "root", "size": mib * 1024 * 1024 })),
+            )
+            .await?;
+        self.agent()
+            .resize_rootfs()
+            .await
+            .map_err(|e| VmmError::Agent(format!("growing the root filesystem: {e}")))?;
+        Ok(())
     }
 
     /// Stops the vCPUs. Processes in the guest freeze; the agent channel stays open.

@@ -210,7 +210,16 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<u64> {
                 )
             };
             if n < 0 {
-                return Err(std::io::Error::last_os_error());
+                let err = std::io::Error::last_os_error();
+                // Across filesystems (tmpfs to disk) some kernels refuse; copy by hand.
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)
+                ) {
+                    copied += copy_range(&from, &to, off_in as u64, (hole - off_in) as u64)?;
+                    break;
+                }
+                return Err(err);
             }
             if n == 0 {
                 break;
@@ -220,6 +229,23 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<u64> {
         pos = hole;
     }
     Ok(copied)
+}
+
+/// Copies `len` bytes at `offset` from one file to the same offset in another.
+fn copy_range(from: &File, to: &File, offset: u64, len: u64) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < len {
+        let want = buf.len().min((len - done) as usize);
+        let n = from.read_at(&mut buf[..want], offset + done)?;
+        if n == 0 {
+            break;
+        }
+        to.write_all_at(&buf[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(done)
 }
 
 #[cfg(test)]

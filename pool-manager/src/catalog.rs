@@ -1,0 +1,303 @@
+//! The catalog: teams, API keys, sandbox records, their event logs and template
+//! snapshots, in an embedded SQLite database (WAL, synchronous=FULL) in the state dir.
+//!
+//! Sandbox records are stored as JSON documents: the record shape grows with every issue,
+//! and per-host volumes (hundreds of sandboxes) filter comfortably in memory.
+
+use crate::model::{Event, SandboxRecord};
+use rusqlite::{params, Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::Mutex;
+
+/// Catalog errors.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("catalog record: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// A team.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Team {
+    pub id: String,
+    pub name: String,
+}
+
+/// The durable store.
+pub struct Catalog {
+    db: Mutex<Connection>,
+}
+
+/// Hex SHA-256 of an API key: keys are never stored, only their hashes.
+pub fn hash_key(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Catalog {
+    /// Opens (creating if needed) the catalog at `path`.
+    pub fn open(path: &Path) -> Result<Self, CatalogError> {
+        let db = Connection::open(path)?;
+        db.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=FULL;
+             PRAGMA foreign_keys=ON;
+             CREATE TABLE IF NOT EXISTS teams (
+                 id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, created_at INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS api_keys (
+                 key_hash TEXT PRIMARY KEY,
+                 team_id TEXT NOT NULL REFERENCES teams(id),
+                 prefix TEXT NOT NULL,
+                 created_at INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS sandboxes (
+                 id TEXT PRIMARY KEY,
+                 team_id TEXT NOT NULL REFERENCES teams(id),
+                 seq INTEGER NOT NULL UNIQUE,
+                 record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS events (
+                 sandbox_id TEXT NOT NULL,
+                 event_id INTEGER NOT NULL,
+                 at_ms INTEGER NOT NULL,
+                 kind TEXT NOT NULL,
+                 data TEXT NOT NULL,
+                 PRIMARY KEY (sandbox_id, event_id));",
+        )?;
+        Ok(Self { db: Mutex::new(db) })
+    }
+
+    /// Creates a team.
+    pub fn create_team(&self, name: &str) -> Result<Team, CatalogError> {
+        let team = Team {
+            id: format!("team-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+            name: name.to_string(),
+        };
+        let db = self.db.lock().unwrap();
+        match db.execute(
+            "INSERT INTO teams (id, name, created_at) VALUES (?1, ?2, ?3)",
+            params![team.id, team.name, now_ms()],
+        ) {
+            Ok(_) => Ok(team),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(CatalogError::Conflict(format!(
+                    "a team named '{name}' exists; pick another name"
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Looks a team up by ID or name.
+    pub fn team(&self, id_or_name: &str) -> Result<Option<Team>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        Ok(db
+            .query_row(
+                "SELECT id, name FROM teams WHERE id = ?1 OR name = ?1",
+                params![id_or_name],
+                |r| {
+                    Ok(Team {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Issues a new API key for `team_id`; returns the key (shown once, stored hashed).
+    pub fn create_key(&self, team_id: &str) -> Result<String, CatalogError> {
+        let key = format!("ns_{}", uuid::Uuid::new_v4().simple());
+        let db = self.db.lock().unwrap();
+        db.execute(
+            "INSERT INTO api_keys (key_hash, team_id, prefix, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![hash_key(&key), team_id, &key[..7], now_ms()],
+        )?;
+        Ok(key)
+    }
+
+    /// The team an API key belongs to.
+    pub fn team_of_key(&self, key: &str) -> Result<Option<String>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        Ok(db
+            .query_row(
+                "SELECT team_id FROM api_keys WHERE key_hash = ?1",
+                params![hash_key(key)],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Inserts or replaces a sandbox record.
+    pub fn put_sandbox(&self, record: &SandboxRecord) -> Result<(), CatalogError> {
+        let json = serde_json::to_string(record)?;
+        let db = self.db.lock().unwrap();
+        db.execute(
+            "INSERT INTO sandboxes (id, team_id, seq, record)
+             VALUES (?1, ?2, (SELECT COALESCE(MAX(seq), 0) + 1 FROM sandboxes), ?3)
+             ON CONFLICT(id) DO UPDATE SET record = excluded.record",
+            params![record.id, record.team_id, json],
+        )?;
+        Ok(())
+    }
+
+    /// A sandbox record by ID.
+    pub fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let json: Option<String> = db
+            .query_row(
+                "SELECT record FROM sandboxes WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
+    }
+
+    /// A team's sandboxes after position `after_seq`, oldest first, with their positions.
+    pub fn sandboxes_of(
+        &self,
+        team_id: &str,
+        after_seq: i64,
+    ) -> Result<Vec<(i64, SandboxRecord)>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let mut stmt = db.prepare(
+            "SELECT seq, record FROM sandboxes WHERE team_id = ?1 AND seq > ?2 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(params![team_id, after_seq], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, json) = row?;
+            out.push((seq, serde_json::from_str(&json)?));
+        }
+        Ok(out)
+    }
+
+    /// Every sandbox record (for timeouts and start-up reconciliation).
+    pub fn all_sandboxes(&self) -> Result<Vec<SandboxRecord>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let mut stmt = db.prepare("SELECT record FROM sandboxes ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for json in rows {
+            out.push(serde_json::from_str(&json?)?);
+        }
+        Ok(out)
+    }
+
+    /// Appends an event to a sandbox's log; returns its ID (1, 2, 3, ... per sandbox).
+    pub fn append_event(
+        &self,
+        sandbox_id: &str,
+        kind: &str,
+        data: &serde_json::Value,
+    ) -> Result<u64, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let next: i64 = db.query_row(
+            "SELECT COALESCE(MAX(event_id), 0) + 1 FROM events WHERE sandbox_id = ?1",
+            params![sandbox_id],
+            |r| r.get(0),
+        )?;
+        db.execute(
+            "INSERT INTO events (sandbox_id, event_id, at_ms, kind, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![sandbox_id, next, now_ms(), kind, data.to_string()],
+        )?;
+        Ok(next as u64)
+    }
+
+    /// A sandbox's events with IDs above `after`, in order.
+    pub fn events(
+        &self,
+        sandbox_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let mut stmt = db.prepare(
+            "SELECT event_id, at_ms, kind, data FROM events
+             WHERE sandbox_id = ?1 AND event_id > ?2 ORDER BY event_id LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![sandbox_id, after as i64, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, at_ms, kind, data) = row?;
+            out.push(Event {
+                id: id as u64,
+                at: crate::model::iso8601(at_ms),
+                kind,
+                data: serde_json::from_str(&data)?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> (Catalog, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "catalog-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        (Catalog::open(&dir.join("catalog.db")).unwrap(), dir)
+    }
+
+    #[test]
+    fn keys_are_stored_hashed_and_resolve_to_their_team() {
+        let (c, dir) = catalog();
+        let team = c.create_team("acme").unwrap();
+        let key = c.create_key(&team.id).unwrap();
+        assert_eq!(c.team_of_key(&key).unwrap(), Some(team.id.clone()));
+        assert_eq!(c.team_of_key("ns_wrong").unwrap(), None);
+        let stored: String =
+            c.db.lock()
+                .unwrap()
+                .query_row("SELECT key_hash FROM api_keys", [], |r| r.get(0))
+                .unwrap();
+        assert_ne!(stored, key);
+        assert!(c.create_team("acme").is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn event_ids_increase_per_sandbox_and_survive_reopening() {
+        let (c, dir) = catalog();
+        assert_eq!(c.append_event("a", "x", &serde_json::json!({})).unwrap(), 1);
+        assert_eq!(c.append_event("a", "y", &serde_json::json!({})).unwrap(), 2);
+        assert_eq!(c.append_event("b", "x", &serde_json::json!({})).unwrap(), 1);
+        drop(c);
+        let c = Catalog::open(&dir.join("catalog.db")).unwrap();
+        let after_one: Vec<u64> = c
+            .events("a", 1, 100)
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(after_one, vec![2]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,412 @@
+//! The data-plane edge (`openapi/dataplane.yaml`): commands and files of one sandbox,
+//! reached with the runtime token from create/connect. Output streams as NDJSON while the
+//! command runs; file bodies stream in both directions.
+
+use crate::api::parse_body;
+use crate::error::ApiError;
+use crate::sandboxes::Manager;
+use crate::tokens::{TokenError, TokenSigner};
+use agent_client::{AgentClient, ProcessEvent, StdinWriter};
+use agent_protocol::{Command, ExecRequest};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+/// Edge state: the manager, the token checker, and stdin writers of running commands.
+#[derive(Clone)]
+pub struct Edge {
+    manager: Arc<Manager>,
+    tokens: TokenSigner,
+    stdin: Arc<Mutex<HashMap<(String, u32), StdinWriter>>>,
+}
+
+/// The router.
+pub fn router(manager: Arc<Manager>, tokens: TokenSigner) -> Router {
+    let edge = Edge {
+        manager,
+        tokens,
+        stdin: Arc::default(),
+    };
+    Router::new()
+        .route("/v1/sandboxes/{id}/commands", post(run).get(list_commands))
+        .route("/v1/sandboxes/{id}/commands/{pid}", get(attach))
+        .route("/v1/sandboxes/{id}/commands/{pid}/stdin", post(stdin))
+        .route("/v1/sandboxes/{id}/commands/{pid}/signal", post(signal))
+        .route(
+            "/v1/sandboxes/{id}/files",
+            get(download).put(upload).delete(remove),
+        )
+        .route("/v1/sandboxes/{id}/files/list", get(list_dir))
+        .route("/v1/sandboxes/{id}/files/stat", get(stat))
+        .route("/v1/sandboxes/{id}/files/mkdir", post(mkdir))
+        .route("/v1/sandboxes/{id}/files/rename", post(rename))
+        .fallback(|| async { ApiError::not_found("route", "this path") })
+        .with_state(edge)
+}
+
+impl Edge {
+    /// Checks the runtime token and returns the sandbox's agent and env vars.
+    async fn agent(
+        &self,
+        headers: &HeaderMap,
+        id: &str,
+    ) -> Result<(AgentClient, BTreeMap<String, String>), ApiError> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                ApiError::unauthorized("send the runtime token as Authorization: Bearer")
+            })?;
+        match self
+            .tokens
+            .check(token.trim(), id, chrono::Utc::now().timestamp())
+        {
+            Ok(()) => self.manager.agent(id).await,
+            Err(TokenError::Invalid(why)) => Err(ApiError::unauthorized(why)),
+            Err(TokenError::OtherSandbox) => Err(ApiError::forbidden(
+                "this runtime token belongs to another sandbox",
+            )),
+        }
+    }
+}
+
+/// A command to run.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunBody {
+    /// A shell command line.
+    #[serde(default)]
+    cmd: Option<String>,
+    /// Or a program and its arguments.
+    #[serde(default)]
+    argv: Option<Vec<String>>,
+    #[serde(default)]
+    envs: BTreeMap<String, String>,
+    #[serde(default)]
+    cwd: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    background: bool,
+    #[serde(default)]
+    stdin: bool,
+}
+
+fn ndjson_line(v: Value) -> Bytes {
+    let mut line = serde_json::to_vec(&v).expect("json");
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+fn output_line(stream: &str, bytes: &[u8]) -> Bytes {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => ndjson_line(json!({ "event": stream, "data": text })),
+        Err(_) => ndjson_line(json!({
+            "event": stream,
+            "dataBase64": base64::engine::general_purpose::STANDARD.encode(bytes)
+        })),
+    }
+}
+
+/// Streams a process's events as NDJSON until it exits or detaches.
+fn stream_process(edge: &Edge, id: &str, process: agent_client::Process) -> Response {
+    let pid = process.pid();
+    let key = (id.to_string(), pid);
+    edge.stdin
+        .lock()
+        .unwrap()
+        .insert(key.clone(), process.stdin());
+    let stdin_map = edge.stdin.clone();
+    let start = futures::stream::once(async move {
+        Ok::<Bytes, std::io::Error>(ndjson_line(json!({ "event": "start", "pid": pid })))
+    });
+    let events = futures::stream::unfold(Some((process, stdin_map, key)), |state| async move {
+        let (mut process, stdin_map, key) = state?;
+        let line = match process.next_event().await {
+            Ok(Some(ProcessEvent::Stdout(b))) => output_line("stdout", &b),
+            Ok(Some(ProcessEvent::Stderr(b))) => output_line("stderr", &b),
+            Ok(Some(ProcessEvent::Exited(s))) => {
+                stdin_map.lock().unwrap().remove(&key);
+                return Some((
+                    Ok(ndjson_line(
+                        json!({ "event": "exit", "exitCode": s.code, "signal": s.signal }),
+                    )),
+                    None,
+                ));
+            }
+            Ok(Some(ProcessEvent::Detached)) | Ok(None) => {
+                stdin_map.lock().unwrap().remove(&key);
+                return Some((Ok(ndjson_line(json!({ "event": "detached" }))), None));
+            }
+            Err(e) => {
+                stdin_map.lock().unwrap().remove(&key);
+                let err = ApiError::from(e);
+                return Some((
+                    Ok(ndjson_line(
+                        json!({ "event": "error", "code": err.code, "message": err.message }),
+                    )),
+                    None,
+                ));
+            }
+        };
+        Some((Ok(line), Some((process, stdin_map, key))))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(start.chain(events)))
+        .expect("response")
+}
+
+async fn run(
+    State(edge): State<Edge>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (agent, sandbox_env) = edge.agent(&headers, &id).await?;
+    let b: RunBody = parse_body(&body)?;
+    let command = match (b.cmd, b.argv) {
+        (Some(cmd), None) => Command::Shell(cmd),
+        (None, Some(argv)) => Command::Argv(argv),
+        _ => {
+            return Err(ApiError::bad_request(
+                "send exactly one of `cmd` (a shell command line) or `argv` (a program and its arguments)",
+            ))
+        }
+    };
+    // The sandbox's envVars apply to every command; the command's own envs win.
+    let mut env = sandbox_env;
+    env.extend(b.envs);
+    let process = agent
+        .exec(ExecRequest {
+            command,
+            env,
+            cwd: b.cwd,
+            user: b.user,
+            background: b.background,
+            stdin: b.stdin,
+        })
+        .await?;
+    if b.background {
+        let pid = process.pid();
+        process.detach().await?;
+        return Ok((StatusCode::CREATED, Json(json!({ "pid": pid }))).into_response());
+    }
+    Ok(stream_process(&edge, &id, process))
+}
+
+async fn list_commands(
+    State(edge): State<Edge>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (agent, _) = edge.agent(&headers, &id).await?;
+    Ok(Json(json!({ "processes": agent.processes().await? })))
+}
+
+async fn attach(
+    State(edge): State<Edge>,
+    headers: HeaderMap,
+    Path((id, pid)): Path<(String, u32)>,
+) -> Result<Response, ApiError> {
+    let (agent, _) = edge.agent(&headers, &id).await?;
+    let process = agent.attach(pid).await?;
+    Ok(stream_process(&edge, &id, process))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StdinQuery {
+    #[serde(default)]
+    eof: bool,
+}
+
+async fn stdin(
+    State(edge): State<Edge>,
+    headers: HeaderMap,
+    Path((id, pid)): Path<(String, u32)>,
+    Query(q): Query<StdinQuery>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    edge.agent(&headers, &id).await?;
+    let writer = edge
+        .stdin
+        .lock()
+        .unwrap()
+        .get(&(id.clone(), pid))
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::conflict(format!(
+                "process {pid} has no open stdin here; start it with \"stdin\": true and keep its output stream (or an attach) open"
+            ))
+        })?;
+    if !body.is_empty() {
+        writer.write(&body).await?;
+    }
+    if q.eof {
+        writer.close().await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignalBody {
+    signal: i32,
+}
+
+async fn signal(
+    State(edge): State<Edge>,
+    headers: HeaderMap,
+    Path((id, pid)): Path<(String, u32)>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let (agent, _) = edge.agent(&headers, &id).await?;
+    let b: SignalBody = parse_body(&body)?;
+    agent.signal(pid, b.signal).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathQuery {
+    path: String,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+}
+
+async fn download(
+    State(edge): State<Edge>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Response, ApiError> {
+    let (agent, _) = edge.agent(&headers, &id).await?;
+    let mut download = agent.download(&q.path).await?;
+    // The first chunk (or error) decides the status; the rest streams.
+    let first = download.chunk().await?;
+    let head = futures::stream::iter(first.map(|c| Ok::<Bytes, std::io::Error>(Bytes::from(c))));
+    let rest = futures::stream::unfold(download, |mut d| async move {
+        match d.chunk().await {
+            Ok(Some(c)) => Some((Ok(Bytes::from(c)), d)),
+            Ok(None) => None,
+            Err(e) => Some((Err(std::io::Error::other(e.to_string())), d)),
+        }
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(Body::from_stream(head.chain(rest)))
+        .expect("response"))
+}
+
+async fn upload(
+    State(edge): State<Edge>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let (agent, _) = edge.agent(&headers, &id).await?;
+    let mode = q
+        .mode
+        .as_deref()
+        .map(|m| {
+            u32::from_str_radix(m, 8).map_err(|_| {
+                ApiError::bad_request(format!("mode {m:?} is not octal; send e.g. 644"))
+            })
+        })
+        .transpose()?;
+    let mut upload = agent.upload(&q.path, mode, q.user.as_deref()).await?;
+    let mut body = body.into_data_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("reading the upload body: {e}")))?;
+        upload.send(&chunk).await?;
+    }
+    let bytes = upload.finish().await?;
+    Ok(Json(json!({ "path": q.path, "bytes": bytes })))
+}
+
+async fn remove(
+    State(edge): State<Edge>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<StatusCode, ApiError> {
+    let (agent, _) = edge.agent(&headers, &id).await?;
+    agent.remove(&q.path).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_dir(
+    State(edge): State<Edge>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let (agent, _) = edge.agent(&headers, &id).await?;
+    Ok(Json(json!({ "entries": agent.list_dir(&q.path).await? })))
+}
+
+async fn stat(
+    State(edge): State<Edge>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let (agent, _) = edge.agent(&headers, &id).await?;
+    Ok(Json(
+        serde_json::to_value(agent.stat(&q.path).await?).expect("json"),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MkdirBody {
+    path: String,
+    #[serde(default)]
+    user: Option<String>,
+}
+
+async fn mkdir(
+    State(edge): State<Edge>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let (agent, _) = edge.agent(&headers, &id).await?;
+    let b: MkdirBody = parse_body(&body)?;
+    agent.mkdir(&b.path, b.user.as_deref()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenameBody {
+    from: String,
+    to: String,
+}
+
+async fn rename(
+    State(edge): State<Edge>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let (agent, _) = edge.agent(&headers, &id).await?;
+    let b: RenameBody = parse_body(&body)?;
+    agent.rename(&b.from, &b.to).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

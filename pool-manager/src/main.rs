@@ -1,0 +1,200 @@
+//! `nullspace-pool-manager`: the per-host daemon, and its admin commands.
+//!
+//! ```text
+//! nullspace-pool-manager serve [--listen ADDR] [--edge-listen ADDR] [--state-dir DIR]
+//! nullspace-pool-manager admin team create NAME [--state-dir DIR]
+//! nullspace-pool-manager admin key create --team TEAM [--state-dir DIR]
+//! ```
+
+mod api;
+mod catalog;
+mod edge;
+mod error;
+mod model;
+mod sandboxes;
+mod templates;
+mod tokens;
+
+use anyhow::{bail, Context};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const USAGE: &str = "usage:
+  nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--state-dir /var/lib/nullspace]
+  nullspace-pool-manager admin team create NAME [--state-dir DIR]
+  nullspace-pool-manager admin key create --team TEAM [--state-dir DIR]";
+
+/// Command-line flags: `--name value` pairs after the positional words.
+struct Args {
+    words: Vec<String>,
+    flags: Vec<(String, String)>,
+}
+
+impl Args {
+    fn parse() -> anyhow::Result<Self> {
+        let mut words = Vec::new();
+        let mut flags = Vec::new();
+        let mut it = std::env::args().skip(1);
+        while let Some(a) = it.next() {
+            if let Some(name) = a.strip_prefix("--") {
+                let value = it
+                    .next()
+                    .with_context(|| format!("--{name} needs a value\n{USAGE}"))?;
+                flags.push((name.to_string(), value));
+            } else {
+                words.push(a);
+            }
+        }
+        Ok(Self { words, flags })
+    }
+
+    fn flag(&self, name: &str, default: &str) -> String {
+        self.flags
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| default.to_string())
+    }
+
+    fn check_flags(&self, allowed: &[&str]) -> anyhow::Result<()> {
+        if let Some((n, _)) = self
+            .flags
+            .iter()
+            .find(|(n, _)| !allowed.contains(&n.as_str()))
+        {
+            bail!("unknown flag --{n}\n{USAGE}");
+        }
+        Ok(())
+    }
+}
+
+fn state_dir(args: &Args) -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from(args.flag(
+        "state-dir",
+        &std::env::var("NULLSPACE_STATE_DIR").unwrap_or_else(|_| "/var/lib/nullspace".into()),
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn open_catalog(dir: &std::path::Path) -> anyhow::Result<catalog::Catalog> {
+    catalog::Catalog::open(&dir.join("catalog.db")).context("opening the catalog")
+}
+
+/// The per-host secret runtime tokens are signed with, made on first start.
+fn token_secret(dir: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("runtime-token.key");
+    if let Ok(bytes) = std::fs::read(&path) {
+        if bytes.len() >= 32 {
+            return Ok(bytes);
+        }
+    }
+    let secret: Vec<u8> = (0..32).map(|_| rand::random::<u8>()).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::io::Write::write_all(&mut f, &secret)?;
+    Ok(secret)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse()?;
+    let words: Vec<&str> = args.words.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["serve"] => serve(&args).await,
+        ["admin", "team", "create", name] => {
+            args.check_flags(&["state-dir"])?;
+            let team = open_catalog(&state_dir(&args)?)?.create_team(name)?;
+            println!("{}", serde_json::to_string(&team)?);
+            Ok(())
+        }
+        ["admin", "key", "create"] => {
+            args.check_flags(&["state-dir", "team"])?;
+            let catalog = open_catalog(&state_dir(&args)?)?;
+            let team_ref = args.flag("team", "");
+            let team = catalog.team(&team_ref)?.with_context(|| {
+                format!("no team '{team_ref}'; create it with `admin team create NAME`")
+            })?;
+            println!("{}", catalog.create_key(&team.id)?);
+            Ok(())
+        }
+        _ => bail!("{USAGE}"),
+    }
+}
+
+async fn serve(args: &Args) -> anyhow::Result<()> {
+    args.check_flags(&["listen", "edge-listen", "state-dir"])?;
+    let dir = state_dir(args)?;
+    let listen = args.flag("listen", "127.0.0.1:7070");
+    let edge_listen = args.flag("edge-listen", "127.0.0.1:7071");
+    let catalog = open_catalog(&dir)?;
+    let tokens = tokens::TokenSigner::new(token_secret(&dir)?);
+    let vmm = vmm::QemuVmm::new(vmm::QemuConfig::from_env()?, vmm::ImageSet::from_env()?)
+        .await
+        .context("starting the VMM driver")?;
+
+    let control = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let data = tokio::net::TcpListener::bind(&edge_listen)
+        .await
+        .with_context(|| format!("binding {edge_listen}"))?;
+    let edge_url = format!("http://{}", data.local_addr()?);
+    let manager = Arc::new(sandboxes::Manager::new(
+        catalog,
+        vmm,
+        tokens.clone(),
+        edge_url.clone(),
+        dir.clone(),
+    ));
+    manager
+        .reconcile_after_start()
+        .map_err(|e| anyhow::anyhow!("reconciling the catalog: {}", e.message))?;
+    let warm = manager.clone();
+    tokio::spawn(async move {
+        match warm.warm_templates().await {
+            Ok(()) => tracing::info!("template snapshots ready"),
+            Err(e) => tracing::error!(error = %e.message, "template snapshots failed"),
+        }
+    });
+    tokio::spawn(manager.clone().sweep_timeouts());
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let control_addr = control.local_addr()?;
+    let control_server = axum::serve(control, api::router(manager.clone()))
+        .with_graceful_shutdown(wait_stop(stop_rx.clone()));
+    let edge_server = axum::serve(data, edge::router(manager.clone(), tokens))
+        .with_graceful_shutdown(wait_stop(stop_rx));
+    eprintln!(
+        "nullspace-pool-manager: control API http://{} , data plane {edge_url} , state {}",
+        control_addr,
+        dir.display()
+    );
+    let servers = tokio::spawn(async move { tokio::try_join!(control_server, edge_server) });
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down: ending VMs");
+    let _ = stop_tx.send(true);
+    manager.shutdown().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), servers).await;
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! Sandbox records, their states, and the JSON shapes of the internal API.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Lifecycle states inside the pool manager. Never shown to callers: see
+/// [`InternalState::public`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InternalState {
+    New,
+    Creating,
+    Active,
+    /// Paused: the VM is gone, its pause snapshot is on this host's disk.
+    Stopped,
+    Destroying,
+    Deleted,
+    Failed,
+}
+
+impl InternalState {
+    /// The state callers see.
+    pub fn public(self) -> &'static str {
+        match self {
+            InternalState::New | InternalState::Creating => "starting",
+            InternalState::Active => "running",
+            InternalState::Stopped => "paused",
+            InternalState::Destroying | InternalState::Deleted => "deleted",
+            InternalState::Failed => "error",
+        }
+    }
+}
+
+/// CPU, memory and disk of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Resources {
+    pub vcpus: u32,
+    #[serde(rename = "memMiB")]
+    pub mem_mib: u32,
+    #[serde(rename = "diskSizeMiB")]
+    pub disk_mib: u64,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self {
+            vcpus: 2,
+            mem_mib: 2048,
+            disk_mib: 8192,
+        }
+    }
+}
+
+/// What happens when a sandbox's timeout passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    #[default]
+    Kill,
+    Pause,
+    Hibernate,
+}
+
+/// One step of a sandbox's life, for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineStep {
+    pub at: String,
+    pub step: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Why something failed and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Diagnostic {
+    pub code: String,
+    pub message: String,
+    pub action: String,
+}
+
+/// A sandbox as the catalog stores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub team_id: String,
+    pub template_id: String,
+    pub state: InternalState,
+    pub resources: Resources,
+    pub env_vars: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+    pub on_timeout: OnTimeout,
+    pub timeout_s: u64,
+    pub expires_at_ms: i64,
+    pub created_at_ms: i64,
+    pub timeline: Vec<TimelineStep>,
+    pub diagnostic: Option<Diagnostic>,
+    /// Directory of the pause snapshot while paused.
+    #[serde(default)]
+    pub pause_snapshot: Option<String>,
+}
+
+impl SandboxRecord {
+    /// Appends a timeline step stamped now.
+    pub fn step(&mut self, step: &str, detail: Option<String>) {
+        self.timeline.push(TimelineStep {
+            at: iso8601(chrono::Utc::now().timestamp_millis()),
+            step: step.to_string(),
+            detail,
+        });
+    }
+}
+
+/// One entry of a sandbox's event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: u64,
+    pub at: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub data: serde_json::Value,
+}
+
+/// Milliseconds since the epoch as ISO 8601 (UTC).
+pub fn iso8601(ms: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// `lifecycle` of a create request.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LifecycleRequest {
+    #[serde(default)]
+    pub on_timeout: Option<OnTimeout>,
+    #[serde(default)]
+    pub auto_resume: Option<bool>,
+}
+
+/// The body of a create.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateRequest {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    #[serde(default)]
+    pub wait_ready: Option<bool>,
+    #[serde(default)]
+    pub env_vars: BTreeMap<String, String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub auto_pause: Option<bool>,
+    #[serde(default)]
+    pub lifecycle: Option<LifecycleRequest>,
+    #[serde(default)]
+    pub resources: Option<Resources>,
+    #[serde(default)]
+    pub egress: Option<serde_json::Value>,
+    #[serde(default)]
+    pub mounts: Option<serde_json::Value>,
+    #[serde(default)]
+    pub warm_pool: Option<serde_json::Value>,
+}
+
+/// Where and how a client reaches a sandbox's data plane.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeAccess {
+    pub target: RuntimeTarget,
+    pub token: String,
+    pub token_expires_at: String,
+}
+
+/// The data-plane address of a sandbox.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeTarget {
+    pub transport: String,
+    pub host: String,
+    pub base_url: String,
+}
+
+/// A sandbox as callers see it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxView {
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    pub state: &'static str,
+    pub resources: Resources,
+    pub metadata: BTreeMap<String, String>,
+    pub lifecycle: serde_json::Value,
+    pub timeout: u64,
+    pub created_at: String,
+    pub expires_at: String,
+    pub timeline: Vec<TimelineStep>,
+    pub diagnostic: Option<Diagnostic>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeAccess>,
+}
+
+impl SandboxView {
+    /// The caller's view of `r`, with runtime access if given.
+    pub fn of(r: &SandboxRecord, runtime: Option<RuntimeAccess>) -> Self {
+        Self {
+            sandbox_id: r.id.clone(),
+            template_id: r.template_id.clone(),
+            state: r.state.public(),
+            resources: r.resources,
+            metadata: r.metadata.clone(),
+            lifecycle: serde_json::json!({ "onTimeout": r.on_timeout }),
+            timeout: r.timeout_s,
+            created_at: iso8601(r.created_at_ms),
+            expires_at: iso8601(r.expires_at_ms),
+            timeline: r.timeline.clone(),
+            diagnostic: r.diagnostic.clone(),
+            runtime,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_states_never_leak() {
+        for (s, public) in [
+            (InternalState::New, "starting"),
+            (InternalState::Creating, "starting"),
+            (InternalState::Active, "running"),
+            (InternalState::Stopped, "paused"),
+            (InternalState::Destroying, "deleted"),
+            (InternalState::Failed, "error"),
+        ] {
+            assert_eq!(s.public(), public);
+        }
+    }
+
+    #[test]
+    fn create_requests_reject_unknown_fields() {
+        let err = serde_json::from_str::<CreateRequest>(r#"{"templateID":"base","timeoutMs":5}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("timeoutMs"), "{err}");
+    }
+}

@@ -1,0 +1,653 @@
+//! The sandbox lifecycle: create (always a restore), get, list, connect, pause, resume,
+//! refresh, timeout, delete, and the timeout sweeper.
+//!
+//! Each sandbox has a slot whose async mutex serializes its lifecycle operations and
+//! holds its VM while it runs. Every state change is written to the catalog and appended
+//! to the sandbox's event log before the call returns.
+
+use crate::catalog::Catalog;
+use crate::error::ApiError;
+use crate::model::*;
+use crate::templates::{Templates, BUILTIN};
+use crate::tokens::{TokenSigner, TOKEN_TTL_S};
+use agent_client::AgentClient;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tracing::{info, warn, Instrument};
+use vmm::{QemuVm, QemuVmm, RestoreMemory, RestoreOptions, Snapshot, Vm};
+
+/// Default lifetime of a sandbox.
+pub const DEFAULT_TIMEOUT_S: u64 = 300;
+/// Longest lifetime one call may set.
+pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
+
+type Slot = Arc<tokio::sync::Mutex<Option<QemuVm>>>;
+
+/// Owns every sandbox on this host.
+pub struct Manager {
+    pub catalog: Catalog,
+    vmm: QemuVmm,
+    templates: Templates,
+    tokens: TokenSigner,
+    edge_url: String,
+    state_dir: PathBuf,
+    slots: Mutex<HashMap<String, Slot>>,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Manager {
+    /// A manager over `catalog`, keeping snapshots under `state_dir`.
+    pub fn new(
+        catalog: Catalog,
+        vmm: QemuVmm,
+        tokens: TokenSigner,
+        edge_url: String,
+        state_dir: PathBuf,
+    ) -> Self {
+        Self {
+            catalog,
+            templates: Templates::new(state_dir.join("templates"), vmm.clone()),
+            vmm,
+            tokens,
+            edge_url,
+            state_dir,
+            slots: Mutex::default(),
+        }
+    }
+
+    /// Makes the default-shape template snapshots now, so the first create is fast.
+    pub async fn warm_templates(&self) -> Result<(), ApiError> {
+        let r = Resources::default();
+        for t in BUILTIN {
+            self.templates
+                .snapshot(t, r.vcpus, r.mem_mib)
+                .await
+                .map_err(|e| ApiError::internal(format!("making the {t} template: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Marks sandboxes whose VMs did not survive a restart: running ones failed (their
+    /// VM died with the previous daemon), half-created or half-deleted ones resolved.
+    pub fn reconcile_after_start(&self) -> Result<(), ApiError> {
+        for mut r in self.catalog.all_sandboxes()? {
+            let next = match r.state {
+                InternalState::New | InternalState::Creating | InternalState::Active => {
+                    InternalState::Failed
+                }
+                InternalState::Destroying => InternalState::Deleted,
+                _ => continue,
+            };
+            if next == InternalState::Failed {
+                r.diagnostic = Some(Diagnostic {
+                    code: "host_restarted".into(),
+                    message: "the pool manager restarted and this sandbox's VM did not survive it"
+                        .into(),
+                    action:
+                        "create a new sandbox; pause sandboxes you want to keep across restarts"
+                            .into(),
+                });
+            }
+            self.transition(&mut r, next, "reconciled after restart")?;
+        }
+        Ok(())
+    }
+
+    fn slot(&self, id: &str) -> Slot {
+        self.slots
+            .lock()
+            .unwrap()
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Sets the state, stamps the timeline, stores the record and logs the event.
+    fn transition(
+        &self,
+        r: &mut SandboxRecord,
+        state: InternalState,
+        reason: &str,
+    ) -> Result<(), ApiError> {
+        let from = r.state;
+        r.state = state;
+        r.step(state.public(), Some(reason.to_string()));
+        self.catalog.put_sandbox(r)?;
+        self.catalog.append_event(
+            &r.id,
+            &format!("sandbox.{}", state.public()),
+            &serde_json::json!({ "state": state.public(), "from": from.public(), "reason": reason }),
+        )?;
+        info!(sandbox = %r.id, from = ?from, to = ?state, reason, "state change");
+        Ok(())
+    }
+
+    /// The record `id` if it belongs to `team`; other teams' sandboxes do not exist.
+    pub fn owned(&self, team: &str, id: &str) -> Result<SandboxRecord, ApiError> {
+        match self.catalog.sandbox(id)? {
+            Some(r) if r.team_id == team => Ok(r),
+            _ => Err(ApiError::not_found("sandbox", id)),
+        }
+    }
+
+    /// Runtime access for a running sandbox.
+    pub fn runtime_access(&self, id: &str) -> RuntimeAccess {
+        let expires = chrono::Utc::now().timestamp() + TOKEN_TTL_S;
+        let host = self
+            .edge_url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .to_string();
+        RuntimeAccess {
+            target: RuntimeTarget {
+                transport: "http".into(),
+                host,
+                base_url: format!("{}/v1/sandboxes/{id}", self.edge_url),
+            },
+            token: self.tokens.issue(id, expires),
+            token_expires_at: iso8601(expires * 1000),
+        }
+    }
+
+    fn view(&self, r: &SandboxRecord, with_runtime: bool) -> SandboxView {
+        let runtime =
+            (with_runtime && r.state == InternalState::Active).then(|| self.runtime_access(&r.id));
+        SandboxView::of(r, runtime)
+    }
+
+    /// Validates a create request into a new record.
+    fn plan(&self, team: &str, req: CreateRequest) -> Result<(SandboxRecord, bool), ApiError> {
+        if !BUILTIN.contains(&req.template_id.as_str()) {
+            return Err(ApiError::not_found("template", &req.template_id)
+                .with_details(serde_json::json!({ "field": "templateID", "available": BUILTIN })));
+        }
+        for (field, given) in [
+            ("egress", req.egress.is_some()),
+            ("mounts", req.mounts.is_some()),
+            ("warmPool", req.warm_pool.is_some()),
+        ] {
+            if given {
+                return Err(ApiError::not_implemented(
+                    field,
+                    format!("{field} is not available yet on this server; omit it"),
+                ));
+            }
+        }
+        let lifecycle = req.lifecycle.unwrap_or_default();
+        if lifecycle.auto_resume.is_some() {
+            return Err(ApiError::not_implemented(
+                "lifecycle.autoResume",
+                "autoResume is not available yet on this server; omit it",
+            ));
+        }
+        let on_timeout =
+            match (req.auto_pause, lifecycle.on_timeout) {
+                (Some(true), Some(OnTimeout::Kill)) | (Some(false), Some(OnTimeout::Pause)) => {
+                    return Err(ApiError::bad_request(
+                        "autoPause and lifecycle.onTimeout disagree; send only lifecycle.onTimeout",
+                    ))
+                }
+                (_, Some(OnTimeout::Hibernate)) => return Err(ApiError::not_implemented(
+                    "lifecycle.onTimeout",
+                    "onTimeout=hibernate is not available yet on this server; send kill or pause",
+                )),
+                (_, Some(o)) => o,
+                (Some(true), None) => OnTimeout::Pause,
+                _ => OnTimeout::Kill,
+            };
+        let timeout_s = validate_timeout(req.timeout.unwrap_or(DEFAULT_TIMEOUT_S))?;
+        let resources = req.resources.unwrap_or_default();
+        if !(1..=16).contains(&resources.vcpus) {
+            return Err(ApiError::bad_request(format!(
+                "resources.vcpus {} is out of range; send 1 to 16",
+                resources.vcpus
+            )));
+        }
+        if !(256..=65536).contains(&resources.mem_mib) {
+            return Err(ApiError::bad_request(format!(
+                "resources.memMiB {} is out of range; send 256 to 65536",
+                resources.mem_mib
+            )));
+        }
+        let min_disk = self
+            .vmm
+            .rootfs_mib(&req.template_id)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        if resources.disk_mib < min_disk || resources.disk_mib > 1024 * 1024 {
+            return Err(ApiError::bad_request(format!(
+                "resources.diskSizeMiB {} is out of range for template {}; send {min_disk} to 1048576",
+                resources.disk_mib, req.template_id
+            )));
+        }
+        for key in req.env_vars.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(ApiError::bad_request(format!(
+                    "envVars key {key:?} is not a valid variable name; send names without '=' or NUL"
+                )));
+            }
+        }
+        validate_metadata(&req.metadata)?;
+        let now = now_ms();
+        let mut record = SandboxRecord {
+            id: format!("sbx-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
+            team_id: team.to_string(),
+            template_id: req.template_id,
+            state: InternalState::New,
+            resources,
+            env_vars: req.env_vars,
+            metadata: req.metadata,
+            on_timeout,
+            timeout_s,
+            expires_at_ms: now + timeout_s as i64 * 1000,
+            created_at_ms: now,
+            timeline: Vec::new(),
+            diagnostic: None,
+            pause_snapshot: None,
+        };
+        record.step("requested", None);
+        Ok((record, req.wait_ready.unwrap_or(true)))
+    }
+
+    /// Creates a sandbox: a restore of its template's snapshot for the asked shape.
+    pub async fn create(
+        self: &Arc<Self>,
+        team: &str,
+        req: CreateRequest,
+    ) -> Result<SandboxView, ApiError> {
+        let (mut record, wait) = self.plan(team, req)?;
+        self.catalog.put_sandbox(&record)?;
+        self.catalog.append_event(
+            &record.id,
+            "sandbox.created",
+            &serde_json::json!({ "templateID": record.template_id, "state": "starting" }),
+        )?;
+        let starting = self.view(&record, false);
+        let slot = self.slot(&record.id);
+        // Held until the VM is in the slot, so nothing else acts on a half-made sandbox.
+        let mut guard = slot.clone().lock_owned().await;
+        let span = tracing::info_span!("sandbox", id = %record.id);
+        let this = self.clone();
+        let work = async move {
+            let result = this.start_vm(&mut record).await;
+            match result {
+                Ok(vm) => {
+                    *guard = Some(vm);
+                    this.transition(&mut record, InternalState::Active, "restored from template")?;
+                }
+                Err(e) => {
+                    record.diagnostic = Some(Diagnostic {
+                        code: "create_failed".into(),
+                        message: e.message.clone(),
+                        action: "retry the create; if it fails again, check the pool manager's log"
+                            .into(),
+                    });
+                    this.transition(&mut record, InternalState::Failed, "create failed")?;
+                }
+            }
+            Ok::<SandboxRecord, ApiError>(record)
+        }
+        .instrument(span);
+        if wait {
+            let record = work.await?;
+            if record.state == InternalState::Failed {
+                let d = record.diagnostic.clone().unwrap();
+                return Err(ApiError::internal(d.message.clone()).with_details(
+                    serde_json::json!({
+                        "sandboxID": record.id, "diagnostic": d
+                    }),
+                ));
+            }
+            Ok(self.view(&record, true))
+        } else {
+            tokio::spawn(async move {
+                if let Err(e) = work.await {
+                    warn!(error = %e.message, "background create failed");
+                }
+            });
+            Ok(starting)
+        }
+    }
+
+    async fn start_vm(&self, record: &mut SandboxRecord) -> Result<QemuVm, ApiError> {
+        self.transition(
+            record,
+            InternalState::Creating,
+            "restoring the template snapshot",
+        )?;
+        let res = record.resources;
+        let snapshot = self
+            .templates
+            .snapshot(&record.template_id, res.vcpus, res.mem_mib)
+            .await
+            .map_err(|e| ApiError::internal(format!("template snapshot: {e}")))?;
+        let options = RestoreOptions {
+            memory: RestoreMemory::CopyOnWrite,
+            disk_mib: Some(res.disk_mib),
+            ..RestoreOptions::default()
+        };
+        self.vmm
+            .restore(&snapshot, &options)
+            .await
+            .map_err(|e| ApiError::internal(format!("restore: {e}")))
+    }
+
+    /// The sandbox's record and view, read-only (never wakes it).
+    pub fn get(&self, team: &str, id: &str) -> Result<SandboxView, ApiError> {
+        let r = self.owned(team, id)?;
+        Ok(self.view(&r, true))
+    }
+
+    /// A page of a team's sandboxes.
+    pub fn list(
+        &self,
+        team: &str,
+        q: &ListQuery,
+    ) -> Result<(Vec<SandboxView>, Option<String>), ApiError> {
+        let after = match &q.next_token {
+            None => 0,
+            Some(t) => decode_token(t)?,
+        };
+        let mut page: Vec<(i64, SandboxView)> = Vec::new();
+        let mut more = false;
+        for (seq, r) in self.catalog.sandboxes_of(team, after)? {
+            let state = r.state.public();
+            let state_ok = match &q.states {
+                Some(states) => states.iter().any(|s| s == state),
+                None => state != "deleted",
+            };
+            let meta_ok = q.metadata.iter().all(|(k, v)| r.metadata.get(k) == Some(v));
+            if !(state_ok && meta_ok) {
+                continue;
+            }
+            if page.len() == q.limit {
+                more = true;
+                break;
+            }
+            page.push((seq, self.view(&r, false)));
+        }
+        // The token is the position of the last item returned.
+        let next = more.then(|| encode_token(page.last().map(|(s, _)| *s).unwrap_or(after)));
+        Ok((page.into_iter().map(|(_, v)| v).collect(), next))
+    }
+
+    /// Resumes if paused, optionally sets the timeout, and hands out fresh runtime access.
+    pub async fn connect(
+        &self,
+        team: &str,
+        id: &str,
+        timeout: Option<u64>,
+    ) -> Result<SandboxView, ApiError> {
+        let r = self.owned(team, id)?;
+        if r.state == InternalState::Stopped {
+            self.resume(team, id).await?;
+        }
+        if let Some(t) = timeout {
+            self.set_timeout(team, id, t)?;
+        }
+        let r = self.owned(team, id)?;
+        match r.state {
+            InternalState::Active => Ok(self.view(&r, true)),
+            other => Err(ApiError::conflict(format!(
+                "sandbox {id} is {}; create a new one",
+                other.public()
+            ))),
+        }
+    }
+
+    /// Takes a pause snapshot on this host's disk and ends the VM.
+    pub async fn pause(&self, team: &str, id: &str) -> Result<SandboxView, ApiError> {
+        self.owned(team, id)?;
+        let slot = self.slot(id);
+        let mut vm_slot = slot.lock().await;
+        let mut r = self.owned(team, id)?;
+        match r.state {
+            InternalState::Active => {}
+            InternalState::Stopped => return Ok(self.view(&r, false)),
+            other => {
+                return Err(ApiError::conflict(format!(
+                    "sandbox {id} is {} and cannot be paused",
+                    other.public()
+                )))
+            }
+        }
+        let mut vm = vm_slot
+            .take()
+            .ok_or_else(|| ApiError::internal("running sandbox has no VM"))?;
+        let dir = self.state_dir.join("pauses").join(id);
+        let _ = std::fs::create_dir_all(dir.parent().unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+        match vm.snapshot(&dir, false).await {
+            Ok(_) => {
+                vm.kill().await;
+                r.pause_snapshot = Some(dir.display().to_string());
+                self.transition(&mut r, InternalState::Stopped, "paused")?;
+                Ok(self.view(&r, false))
+            }
+            Err(e) => {
+                // The VM is intact: keep it running and say why the pause failed.
+                let _ = vm.resume().await;
+                *vm_slot = Some(vm);
+                Err(ApiError::internal(format!(
+                    "pause failed, the sandbox keeps running: {e}"
+                )))
+            }
+        }
+    }
+
+    /// Restores a paused sandbox from its pause snapshot.
+    pub async fn resume(&self, team: &str, id: &str) -> Result<SandboxView, ApiError> {
+        self.owned(team, id)?;
+        let slot = self.slot(id);
+        let mut vm_slot = slot.lock().await;
+        let mut r = self.owned(team, id)?;
+        match r.state {
+            InternalState::Stopped => {}
+            InternalState::Active => return Ok(self.view(&r, true)),
+            other => {
+                return Err(ApiError::conflict(format!(
+                    "sandbox {id} is {} and cannot be resumed",
+                    other.public()
+                )))
+            }
+        }
+        let dir = r
+            .pause_snapshot
+            .clone()
+            .ok_or_else(|| ApiError::internal("paused sandbox has no pause snapshot"))?;
+        let snapshot = Snapshot::open(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
+        let vm = self
+            .vmm
+            .restore(&snapshot, &RestoreOptions::default())
+            .await
+            .map_err(|e| {
+                ApiError::internal(format!("resume failed, the sandbox stays paused: {e}"))
+            })?;
+        *vm_slot = Some(vm);
+        // Timeouts count from the resume.
+        r.expires_at_ms = now_ms() + r.timeout_s as i64 * 1000;
+        r.pause_snapshot = None;
+        self.transition(&mut r, InternalState::Active, "resumed")?;
+        let _ = snapshot.delete();
+        Ok(self.view(&r, true))
+    }
+
+    /// Sets the timeout to `seconds` from now.
+    pub fn set_timeout(&self, team: &str, id: &str, seconds: u64) -> Result<SandboxView, ApiError> {
+        let seconds = validate_timeout(seconds)?;
+        let mut r = self.owned(team, id)?;
+        if matches!(
+            r.state,
+            InternalState::Deleted | InternalState::Destroying | InternalState::Failed
+        ) {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is {}",
+                r.state.public()
+            )));
+        }
+        r.timeout_s = seconds;
+        r.expires_at_ms = now_ms() + seconds as i64 * 1000;
+        self.catalog.put_sandbox(&r)?;
+        self.catalog.append_event(
+            id,
+            "sandbox.timeout_set",
+            &serde_json::json!({ "timeout": seconds, "expiresAt": iso8601(r.expires_at_ms) }),
+        )?;
+        Ok(self.view(&r, false))
+    }
+
+    /// Extends the lifetime by `seconds` (default: its timeout) from now.
+    pub fn refresh(
+        &self,
+        team: &str,
+        id: &str,
+        seconds: Option<u64>,
+    ) -> Result<SandboxView, ApiError> {
+        let r = self.owned(team, id)?;
+        self.set_timeout(team, id, seconds.unwrap_or(r.timeout_s))
+    }
+
+    /// Ends the sandbox and everything it owns on this host.
+    pub async fn delete(&self, team: &str, id: &str) -> Result<(), ApiError> {
+        self.owned(team, id)?;
+        self.destroy(id, "deleted by request").await
+    }
+
+    async fn destroy(&self, id: &str, reason: &str) -> Result<(), ApiError> {
+        let slot = self.slot(id);
+        let mut vm_slot = slot.lock().await;
+        let Some(mut r) = self.catalog.sandbox(id)? else {
+            return Ok(());
+        };
+        if r.state == InternalState::Deleted {
+            return Ok(());
+        }
+        self.transition(&mut r, InternalState::Destroying, reason)?;
+        if let Some(vm) = vm_slot.take() {
+            vm.kill().await;
+        }
+        if let Some(dir) = r.pause_snapshot.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        self.transition(&mut r, InternalState::Deleted, reason)?;
+        drop(vm_slot);
+        self.slots.lock().unwrap().remove(id);
+        Ok(())
+    }
+
+    /// The agent of a running sandbox, for the data plane.
+    pub async fn agent(
+        &self,
+        id: &str,
+    ) -> Result<(AgentClient, BTreeMap<String, String>), ApiError> {
+        let r = self
+            .catalog
+            .sandbox(id)?
+            .ok_or_else(|| ApiError::not_found("sandbox", id))?;
+        let slot = self.slot(id);
+        let vm = slot.lock().await;
+        match vm.as_ref() {
+            Some(vm) if r.state == InternalState::Active => Ok((vm.agent().clone(), r.env_vars)),
+            _ => Err(ApiError::conflict(format!(
+                "sandbox {id} is {}; connect to resume it",
+                r.state.public()
+            ))),
+        }
+    }
+
+    /// Ends or pauses sandboxes whose timeout passed. Runs until the process ends.
+    pub async fn sweep_timeouts(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let now = now_ms();
+            let due: Vec<SandboxRecord> = match self.catalog.all_sandboxes() {
+                Ok(all) => all
+                    .into_iter()
+                    .filter(|r| r.state == InternalState::Active && r.expires_at_ms <= now)
+                    .collect(),
+                Err(e) => {
+                    warn!(error = %e, "timeout sweep could not read the catalog");
+                    continue;
+                }
+            };
+            for r in due {
+                let _ = self.catalog.append_event(
+                    &r.id,
+                    "sandbox.timeout",
+                    &serde_json::json!({ "onTimeout": r.on_timeout }),
+                );
+                let result = match r.on_timeout {
+                    OnTimeout::Pause => self.pause(&r.team_id, &r.id).await.map(drop),
+                    _ => self.destroy(&r.id, "timeout").await,
+                };
+                if let Err(e) = result {
+                    warn!(sandbox = %r.id, error = %e.message, "timeout action failed");
+                }
+            }
+        }
+    }
+
+    /// Kills every VM (daemon shutdown). Their sandboxes are marked on the next start.
+    pub async fn shutdown(&self) {
+        let slots: Vec<Slot> = self.slots.lock().unwrap().values().cloned().collect();
+        for slot in slots {
+            if let Some(vm) = slot.lock().await.take() {
+                vm.kill().await;
+            }
+        }
+    }
+}
+
+fn validate_timeout(seconds: u64) -> Result<u64, ApiError> {
+    if !(1..=MAX_TIMEOUT_S).contains(&seconds) {
+        return Err(ApiError::bad_request(format!(
+            "timeout {seconds} is out of range; send seconds from 1 to {MAX_TIMEOUT_S}"
+        )));
+    }
+    Ok(seconds)
+}
+
+fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if m.len() > 64 {
+        return Err(ApiError::bad_request(
+            "metadata has more than 64 keys; send at most 64",
+        ));
+    }
+    for (k, v) in m {
+        if k.is_empty() || k.len() > 128 || v.len() > 1024 {
+            return Err(ApiError::bad_request(format!(
+                "metadata entry {k:?} is too large or empty; keys 1-128 bytes, values up to 1024"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Filters and paging of a list.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    pub states: Option<Vec<String>>,
+    pub metadata: BTreeMap<String, String>,
+    pub limit: usize,
+    pub next_token: Option<String>,
+}
+
+fn encode_token(seq: i64) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("after:{seq}"))
+}
+
+fn decode_token(token: &str) -> Result<i64, ApiError> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.strip_prefix("after:").and_then(|n| n.parse().ok()))
+        .ok_or_else(|| {
+            ApiError::bad_request("nextToken is not one this server issued; send the nextToken of the previous page, or none")
+        })
+}
