@@ -153,6 +153,12 @@ async fn write_inner(
                 }
                 Some(Inbound::Eof) => break,
                 Some(Inbound::Abort(err)) => return Err(err),
+                Some(Inbound::SessionEnded) => {
+                    return Err(AgentError::new(
+                        ErrorCode::Cancelled,
+                        "the host session that sent this upload ended",
+                    ))
+                }
                 Some(Inbound::Detach) => {}
                 None => {
                     return Err(AgentError::new(

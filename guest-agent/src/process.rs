@@ -373,6 +373,10 @@ async fn serve_attached(
                     }
                     return;
                 }
+                Some(Inbound::SessionEnded) => {
+                    detach(&proc, &out).await;
+                    return;
+                }
                 Some(Inbound::Abort(err)) => {
                     if proc.info.background {
                         if detach(&proc, &out).await {

@@ -26,6 +26,9 @@ pub enum Inbound {
     /// The stream must end with this error: the host cancelled it, or sent a frame
     /// for it that could not be read.
     Abort(AgentError),
+    /// The host that opened the stream is gone (a new host session started, e.g. after
+    /// a restore). Processes are detached, not killed: the user's work goes on.
+    SessionEnded,
 }
 
 /// Sends frames for one stream to the writer thread.
@@ -188,10 +191,7 @@ impl Session {
     fn end_host_session(&mut self) {
         let old: Vec<_> = self.streams.lock().unwrap().drain().collect();
         for (_, inbox) in old {
-            let _ = inbox.try_send(Inbound::Abort(AgentError::new(
-                ErrorCode::Cancelled,
-                "a new host session started",
-            )));
+            let _ = inbox.try_send(Inbound::SessionEnded);
         }
         let processes = self.processes.clone();
         self.rt.block_on(processes.detach_all());

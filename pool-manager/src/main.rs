@@ -1,7 +1,7 @@
 //! `nullspace-pool-manager`: the per-host daemon, and its admin commands.
 //!
 //! ```text
-//! nullspace-pool-manager serve [--listen ADDR] [--edge-listen ADDR] [--state-dir DIR]
+//! nullspace-pool-manager serve [--listen ADDR] [--edge-listen ADDR] [--state-dir DIR] [--templates-dir DIR]
 //! nullspace-pool-manager admin team create NAME [--state-dir DIR]
 //! nullspace-pool-manager admin key create --team TEAM [--state-dir DIR]
 //! ```
@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 const USAGE: &str = "usage:
-  nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--state-dir /var/lib/nullspace]
+  nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--state-dir /var/lib/nullspace] [--templates-dir DIR]
   nullspace-pool-manager admin team create NAME [--state-dir DIR]
   nullspace-pool-manager admin key create --team TEAM [--state-dir DIR]";
 
@@ -135,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: &Args) -> anyhow::Result<()> {
-    args.check_flags(&["listen", "edge-listen", "state-dir"])?;
+    args.check_flags(&["listen", "edge-listen", "state-dir", "templates-dir"])?;
     let dir = state_dir(args)?;
     let listen = args.flag("listen", "127.0.0.1:7070");
     let edge_listen = args.flag("edge-listen", "127.0.0.1:7071");
@@ -158,6 +158,10 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         tokens.clone(),
         edge_url.clone(),
         dir.clone(),
+        PathBuf::from(args.flag(
+            "templates-dir",
+            &dir.join("templates").display().to_string(),
+        )),
     ));
     manager
         .reconcile_after_start()
@@ -165,7 +169,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     let warm = manager.clone();
     tokio::spawn(async move {
         match warm.warm_templates().await {
-            Ok(()) => tracing::info!("template snapshots ready"),
+            Ok(()) => eprintln!("nullspace-pool-manager: template snapshots ready"),
             Err(e) => tracing::error!(error = %e.message, "template snapshots failed"),
         }
     });

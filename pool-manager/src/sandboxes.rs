@@ -47,10 +47,11 @@ impl Manager {
         tokens: TokenSigner,
         edge_url: String,
         state_dir: PathBuf,
+        templates_dir: PathBuf,
     ) -> Self {
         Self {
             catalog,
-            templates: Templates::new(state_dir.join("templates"), vmm.clone()),
+            templates: Templates::new(templates_dir, vmm.clone()),
             vmm,
             tokens,
             edge_url,
@@ -117,11 +118,15 @@ impl Manager {
         r.state = state;
         r.step(state.public(), Some(reason.to_string()));
         self.catalog.put_sandbox(r)?;
-        self.catalog.append_event(
-            &r.id,
-            &format!("sandbox.{}", state.public()),
-            &serde_json::json!({ "state": state.public(), "from": from.public(), "reason": reason }),
-        )?;
+        // Internal steps within one public state (new → creating, destroying → deleted)
+        // are timeline entries; the event log records what callers can observe.
+        if from.public() != state.public() {
+            self.catalog.append_event(
+                &r.id,
+                &format!("sandbox.{}", state.public()),
+                &serde_json::json!({ "state": state.public(), "from": from.public(), "reason": reason }),
+            )?;
+        }
         info!(sandbox = %r.id, from = ?from, to = ?state, reason, "state change");
         Ok(())
     }

@@ -72,8 +72,6 @@ impl Templates {
         if let Ok(s) = Snapshot::open(&dir) {
             return Ok(s);
         }
-        // Whatever a crashed earlier build left is not a snapshot: start over.
-        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| VmmError::Host(format!("creating {}: {e}", self.dir.display())))?;
         let started = std::time::Instant::now();
@@ -85,10 +83,22 @@ impl Templates {
             egress: true,
             boot_timeout: std::time::Duration::from_secs(120),
         };
+        // Built aside and renamed into place: another daemon sharing the directory may
+        // build the same key at the same time, and a crash must not leave a half snapshot.
+        let tmp = self.dir.join(format!(
+            ".{key}.tmp-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
         let mut vm = self.vmm.boot(&spec).await?;
-        let snapshot = vm.snapshot(&dir, false).await;
+        let built = vm.snapshot(&tmp, false).await;
         vm.kill().await;
-        let snapshot = snapshot?;
+        built?;
+        if std::fs::rename(&tmp, &dir).is_err() {
+            // Someone else finished first: theirs is as good as ours.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        let snapshot = Snapshot::open(&dir)?;
         tracing::info!(
             template,
             vcpus,

@@ -104,3 +104,146 @@ impl Drop for ScratchDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A `nullspace-pool-manager` process with its own state directory, on free loopback
+/// ports. SIGTERM on drop (the daemon ends its VMs), then the state is removed.
+pub struct Daemon {
+    child: Option<std::process::Child>,
+    state: std::path::PathBuf,
+    /// `http://127.0.0.1:PORT` of the internal control API.
+    pub control: String,
+    /// `http://127.0.0.1:PORT` of the data-plane edge.
+    pub edge: String,
+}
+
+/// Template snapshots shared by every test daemon (keyed by their inputs, built once).
+pub fn shared_templates_dir() -> std::path::PathBuf {
+    vmm::cache_dir().join("test-templates")
+}
+
+fn pool_manager_binary() -> std::path::PathBuf {
+    // Test binaries live in target/<profile>/deps; the daemon in target/<profile>.
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = profile_dir.join("nullspace-pool-manager");
+    assert!(bin.is_file(), "build the daemon first: {}", bin.display());
+    bin
+}
+
+impl Daemon {
+    /// Starts a daemon on a fresh state directory.
+    pub fn start(name: &str) -> Self {
+        let state =
+            std::path::PathBuf::from(format!("/tmp/nullspace-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state);
+        std::fs::create_dir_all(&state).unwrap();
+        Self::start_in(state)
+    }
+
+    /// Starts a daemon on an existing state directory (a restart).
+    pub fn start_in(state: std::path::PathBuf) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(pool_manager_binary())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--edge-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--templates-dir")
+            .arg(shared_templates_dir())
+            .env("RUST_LOG", "warn")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the pool manager");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            let (mut addresses, mut ready) = (None, false);
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("control API") {
+                    addresses = Some(line.clone());
+                }
+                // Ready once the templates are too: tests then see only their own VMs.
+                ready |= line.contains("template snapshots ready");
+                if let (true, Some(a)) = (ready, &addresses) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(a.clone());
+                    }
+                }
+                eprintln!("[daemon] {line}");
+            }
+        });
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(180))
+            .expect("the daemon announces its addresses and readiness");
+        let urls: Vec<String> = line
+            .split_whitespace()
+            .filter(|w| w.starts_with("http://"))
+            .map(str::to_string)
+            .collect();
+        Self {
+            child: Some(child),
+            state,
+            control: urls[0].clone(),
+            edge: urls[1].clone(),
+        }
+    }
+
+    /// The daemon's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.state
+    }
+
+    /// Runs an admin command against this daemon's state; returns its stdout.
+    pub fn admin(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(pool_manager_binary())
+            .arg("admin")
+            .args(args)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Creates a team and returns an API key for it.
+    pub fn team_key(&self, team: &str) -> String {
+        self.admin(&["team", "create", team]);
+        self.admin(&["key", "create", "--team", team])
+    }
+
+    /// Ends the daemon with `signal` and waits for it; the state stays.
+    pub fn stop_with(&mut self, signal: i32) -> std::path::PathBuf {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            let _ = child.wait();
+        }
+        self.state.clone()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop_with(libc::SIGTERM);
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}

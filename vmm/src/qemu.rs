@@ -750,9 +750,20 @@ impl QemuVm {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let qmp = UnixStream::connect(&qmp_sock)
-            .await
-            .map_err(|e| VmmError::Host(format!("connecting QMP: {e}")))?;
+        // The socket file appears at bind(), a moment before QEMU listens on it.
+        let qmp = loop {
+            match UnixStream::connect(&qmp_sock).await {
+                Ok(s) => break s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    self.check_alive()?;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => return Err(VmmError::Host(format!("connecting QMP: {e}"))),
+            }
+        };
         self.qmp = Some(Qmp::connect(qmp).await?);
         Ok(())
     }

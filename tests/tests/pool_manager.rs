@@ -1,0 +1,620 @@
+//! The pool manager end to end: a real daemon process, its HTTP APIs, real VMs.
+
+use nullspace_tests::{process_alive, Daemon};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// A caller of the internal API with one team's key.
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+}
+
+/// The small shape tests use.
+fn small() -> Value {
+    json!({ "vcpus": 1, "memMiB": 512, "diskSizeMiB": 1024 })
+}
+
+impl Api {
+    fn new(daemon: &Daemon, key: String) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap(),
+            base: daemon.control.clone(),
+            key,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("X-API-Key", &self.key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    async fn create(&self, body: Value) -> Value {
+        let (status, v) = self
+            .call(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        v
+    }
+
+    async fn get(&self, id: &str) -> Value {
+        let (status, v) = self
+            .call(reqwest::Method::GET, &format!("/v1/sandboxes/{id}"), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        v
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// Polls a sandbox until `state`, failing after `within`.
+    async fn wait_state(&self, id: &str, state: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.get(id).await;
+            if v["state"] == state {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{id} never became {state}: {v}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// The data plane of one sandbox, with its runtime token.
+struct Runtime {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Runtime {
+    fn of(sandbox: &Value) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: sandbox["runtime"]["target"]["baseUrl"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            token: sandbox["runtime"]["token"].as_str().unwrap().to_string(),
+        }
+    }
+
+    /// Runs a shell command; returns (stdout, stderr, exit code, NDJSON lines).
+    async fn run(&self, cmd: &str) -> (String, String, i64) {
+        let resp = self
+            .http
+            .post(format!("{}/commands", self.base))
+            .bearer_auth(&self.token)
+            .json(&json!({ "cmd": cmd }))
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let text = resp.text().await.unwrap();
+        let (mut out, mut err, mut code) = (String::new(), String::new(), -1);
+        for line in text.lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            match v["event"].as_str().unwrap() {
+                "stdout" => out.push_str(v["data"].as_str().unwrap()),
+                "stderr" => err.push_str(v["data"].as_str().unwrap()),
+                "exit" => code = v["exitCode"].as_i64().unwrap_or(-1),
+                _ => {}
+            }
+        }
+        (out, err, code)
+    }
+}
+
+#[tokio::test]
+async fn create_exec_files_delete_with_events() {
+    let daemon = Daemon::start("lifecycle");
+    let api = Api::new(&daemon, daemon.team_key("acme"));
+    let sbx = api
+        .create(json!({
+            "templateID": "minimal",
+            "resources": small(),
+            "envVars": { "GREETING": "hello" },
+            "metadata": { "purpose": "test" },
+            "timeout": 120
+        }))
+        .await;
+    let id = sbx["sandboxID"].as_str().unwrap().to_string();
+    assert_eq!(sbx["state"], "running");
+    assert!(sbx["runtime"]["tokenExpiresAt"].is_string());
+    let rt = Runtime::of(&sbx);
+
+    let (out, err, code) = rt.run("echo $GREETING; echo oops >&2; exit 3").await;
+    assert_eq!((out.as_str(), err.as_str(), code), ("hello\n", "oops\n", 3));
+
+    // File round trip through the data plane.
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let resp = rt
+        .http
+        .put(format!("{}/files?path=/workspace/data.bin", rt.base))
+        .bearer_auth(&rt.token)
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let back = rt
+        .http
+        .get(format!("{}/files?path=/workspace/data.bin", rt.base))
+        .bearer_auth(&rt.token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(back.as_ref(), data.as_slice());
+    let listing: Value = rt
+        .http
+        .get(format!("{}/files/list?path=/workspace", rt.base))
+        .bearer_auth(&rt.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listing["entries"][0]["name"], "data.bin");
+    let missing = rt
+        .http
+        .get(format!("{}/files?path=/nope", rt.base))
+        .bearer_auth(&rt.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+
+    // get never shows internal states; fields= projects.
+    let (_, projected) = api
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/sandboxes/{id}?fields=state,metadata"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        projected,
+        json!({ "sandboxID": id, "state": "running", "metadata": { "purpose": "test" } })
+    );
+
+    let (status, _) = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(api.get(&id).await["state"], "deleted");
+    let resp = rt
+        .http
+        .post(format!("{}/commands", rt.base))
+        .bearer_auth(&rt.token)
+        .json(&json!({ "cmd": "true" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+
+    let (_, events) = api
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/sandboxes/{id}/events"),
+            None,
+        )
+        .await;
+    let kinds: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["sandbox.created", "sandbox.running", "sandbox.deleted"]
+    );
+    let ids: Vec<u64> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 2, 3]);
+    let (_, after) = api
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/sandboxes/{id}/events?after_event_id=1"),
+            None,
+        )
+        .await;
+    assert_eq!(after["events"].as_array().unwrap().len(), 2);
+    // Nothing of the VM is left.
+    assert_eq!(qemus_of(&daemon), 0);
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_with_what_to_send() {
+    let daemon = Daemon::start("badreq");
+    let api = Api::new(&daemon, daemon.team_key("acme"));
+    let cases = [
+        (
+            json!({ "templateID": "base", "timeoutMs": 1000 }),
+            StatusCode::BAD_REQUEST,
+            "`timeout`",
+        ),
+        (
+            json!({ "templateID": "base", "volumeMounts": {} }),
+            StatusCode::BAD_REQUEST,
+            "`mounts`",
+        ),
+        (
+            json!({ "templateID": "base", "bogus": 1 }),
+            StatusCode::BAD_REQUEST,
+            "bogus",
+        ),
+        (
+            json!({ "templateID": "nope" }),
+            StatusCode::NOT_FOUND,
+            "template 'nope'",
+        ),
+        (
+            json!({ "templateID": "base", "timeout": 0 }),
+            StatusCode::BAD_REQUEST,
+            "send seconds from 1",
+        ),
+        (
+            json!({ "templateID": "base", "resources": { "vcpus": 99, "memMiB": 512, "diskSizeMiB": 2048 } }),
+            StatusCode::BAD_REQUEST,
+            "send 1 to 16",
+        ),
+        (
+            json!({ "templateID": "base", "egress": { "internet": false } }),
+            StatusCode::NOT_IMPLEMENTED,
+            "egress",
+        ),
+        (
+            json!({ "templateID": "base", "lifecycle": { "onTimeout": "hibernate" } }),
+            StatusCode::NOT_IMPLEMENTED,
+            "hibernate",
+        ),
+        (
+            json!({ "templateID": "base", "lifecycle": { "autoResume": true } }),
+            StatusCode::NOT_IMPLEMENTED,
+            "autoResume",
+        ),
+        (
+            json!({ "templateID": "base", "warmPool": "require" }),
+            StatusCode::NOT_IMPLEMENTED,
+            "warmPool",
+        ),
+    ];
+    for (body, status, hint) in cases {
+        let (got, v) = api.post("/v1/sandboxes", body.clone()).await;
+        assert_eq!(got, status, "{body} -> {v}");
+        assert!(
+            v["message"].as_str().unwrap().contains(hint),
+            "{body} -> {v}"
+        );
+        assert!(v["code"].is_string());
+    }
+    let (status, v) = Api {
+        key: "ns_wrong".into(),
+        ..Api::new(&daemon, String::new())
+    }
+    .call(reqwest::Method::GET, "/v1/sandboxes", None)
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+    let (status, v) = api
+        .call(reqwest::Method::GET, "/v1/sandboxes?limit=0", None)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let (status, v) = api
+        .call(
+            reqwest::Method::GET,
+            "/v1/sandboxes?nextToken=garbage",
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+}
+
+#[tokio::test]
+async fn list_pages_through_a_metadata_filter() {
+    let daemon = Daemon::start("list");
+    let api = Api::new(&daemon, daemon.team_key("acme"));
+    let mut blue = Vec::new();
+    for i in 0..7 {
+        let color = if i % 3 == 2 { "red" } else { "blue" };
+        let s = api
+            .create(json!({ "templateID": "minimal", "resources": small(), "metadata": { "color": color, "i": i.to_string() } }))
+            .await;
+        if color == "blue" {
+            blue.push(s["sandboxID"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(blue.len(), 5);
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut path = "/v1/sandboxes?metadata=color%3Dblue&limit=2&fields=state".to_string();
+        if let Some(t) = &token {
+            path.push_str(&format!("&nextToken={t}"));
+        }
+        let (status, page) = api.call(reqwest::Method::GET, &path, None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        pages += 1;
+        for s in page["sandboxes"].as_array().unwrap() {
+            assert_eq!(s.as_object().unwrap().len(), 2, "projected: {s}");
+            seen.push(s["sandboxID"].as_str().unwrap().to_string());
+        }
+        match page["nextToken"].as_str() {
+            Some(t) => token = Some(t.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, blue);
+    let (_, running) = api
+        .call(reqwest::Method::GET, "/v1/sandboxes?state=paused", None)
+        .await;
+    assert!(running["sandboxes"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn timeouts_kill_or_pause_and_connect_resumes_with_memory() {
+    let daemon = Daemon::start("timeouts");
+    let api = Api::new(&daemon, daemon.team_key("acme"));
+    let killed = api
+        .create(json!({ "templateID": "minimal", "resources": small(), "timeout": 2 }))
+        .await;
+    let paused = api
+        .create(json!({ "templateID": "minimal", "resources": small(), "timeout": 3, "lifecycle": { "onTimeout": "pause" } }))
+        .await;
+    let rt = Runtime::of(&paused);
+    // A value only in memory (tmpfs), and a background process.
+    let (out, _, _) = rt
+        .run("cat /proc/sys/kernel/random/uuid > /tmp/value; cat /tmp/value")
+        .await;
+    let value = out.trim().to_string();
+    let started: Value = rt
+        .http
+        .post(format!("{}/commands", rt.base))
+        .bearer_auth(&rt.token)
+        .json(&json!({ "cmd": "sleep 1000", "background": true }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pid = started["pid"].as_u64().expect("a pid");
+
+    api.wait_state(
+        killed["sandboxID"].as_str().unwrap(),
+        "deleted",
+        Duration::from_secs(30),
+    )
+    .await;
+    let id = paused["sandboxID"].as_str().unwrap();
+    api.wait_state(id, "paused", Duration::from_secs(30)).await;
+    // A paused sandbox's data plane refuses, and get does not wake it.
+    let resp = rt
+        .http
+        .post(format!("{}/commands", rt.base))
+        .bearer_auth(&rt.token)
+        .json(&json!({ "cmd": "true" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(api.get(id).await["state"], "paused");
+
+    let (status, connected) = api
+        .post(
+            &format!("/v1/sandboxes/{id}/connect"),
+            json!({ "timeout": 60 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{connected}");
+    assert_eq!(connected["state"], "running");
+    let rt = Runtime::of(&connected);
+    let (out, _, _) = rt.run("cat /tmp/value").await;
+    assert_eq!(out, format!("{value}\n"));
+    let listed: Value = rt
+        .http
+        .get(format!("{}/commands", rt.base))
+        .bearer_auth(&rt.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sleeper = listed["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(pid))
+        .unwrap_or_else(|| panic!("the background process survived the pause: {listed}"));
+    assert!(sleeper.get("exit").is_none(), "{sleeper}");
+    let (status, _) = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn a_non_default_shape_gets_its_cpus_memory_and_disk() {
+    let daemon = Daemon::start("shape");
+    let api = Api::new(&daemon, daemon.team_key("acme"));
+    let sbx = api
+        .create(json!({ "templateID": "minimal", "resources": { "vcpus": 3, "memMiB": 768, "diskSizeMiB": 3072 } }))
+        .await;
+    assert_eq!(
+        sbx["resources"],
+        json!({ "vcpus": 3, "memMiB": 768, "diskSizeMiB": 3072 })
+    );
+    let (out, _, _) = Runtime::of(&sbx)
+        .run("nproc; awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo; df -m / | tail -1 | awk '{print $2}'")
+        .await;
+    let nums: Vec<u64> = out.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(nums[0], 3);
+    assert!((600..=768).contains(&nums[1]), "MemTotal {} MiB", nums[1]);
+    assert!((2800..=3072).contains(&nums[2]), "root fs {} MiB", nums[2]);
+}
+
+#[tokio::test]
+async fn teams_cannot_see_or_reach_each_others_sandboxes() {
+    let daemon = Daemon::start("teams");
+    let a = Api::new(&daemon, daemon.team_key("team-a"));
+    let b = Api::new(&daemon, daemon.team_key("team-b"));
+    let sa = a
+        .create(json!({ "templateID": "minimal", "resources": small() }))
+        .await;
+    let sb = b
+        .create(json!({ "templateID": "minimal", "resources": small() }))
+        .await;
+    let ida = sa["sandboxID"].as_str().unwrap();
+    for (method, path) in [
+        (reqwest::Method::GET, format!("/v1/sandboxes/{ida}")),
+        (reqwest::Method::POST, format!("/v1/sandboxes/{ida}/pause")),
+        (
+            reqwest::Method::POST,
+            format!("/v1/sandboxes/{ida}/connect"),
+        ),
+        (reqwest::Method::DELETE, format!("/v1/sandboxes/{ida}")),
+    ] {
+        let (status, v) = b.call(method, &path, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {v}");
+    }
+    let (_, listed) = b.call(reqwest::Method::GET, "/v1/sandboxes", None).await;
+    let ids: Vec<&str> = listed["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["sandboxID"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [sb["sandboxID"].as_str().unwrap()]);
+    // B's runtime token does not open A's sandbox.
+    let rt_b = Runtime::of(&sb);
+    let resp = rt_b
+        .http
+        .post(format!("{}/v1/sandboxes/{ida}/commands", daemon.edge))
+        .bearer_auth(&rt_b.token)
+        .json(&json!({ "cmd": "cat /etc/hostname" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = rt_b
+        .http
+        .post(format!("{}/v1/sandboxes/{ida}/commands", daemon.edge))
+        .json(&json!({ "cmd": "true" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(a.get(ida).await["state"], "running");
+}
+
+#[tokio::test]
+async fn twenty_concurrent_creates_and_deletes_leave_nothing() {
+    let daemon = Daemon::start("burst");
+    let api = std::sync::Arc::new(Api::new(&daemon, daemon.team_key("acme")));
+    // Warm the shape's template first, so the burst measures restores.
+    let first = api
+        .create(json!({ "templateID": "minimal", "resources": small() }))
+        .await;
+    let (status, _) = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{}", first["sandboxID"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let api = api.clone();
+            tokio::spawn(async move {
+                let s = api
+                    .create(json!({ "templateID": "minimal", "resources": small() }))
+                    .await;
+                let id = s["sandboxID"].as_str().unwrap().to_string();
+                let (out, _, _) = Runtime::of(&s).run("echo up").await;
+                assert_eq!(out, "up\n");
+                let (status, v) = api
+                    .call(
+                        reqwest::Method::DELETE,
+                        &format!("/v1/sandboxes/{id}"),
+                        None,
+                    )
+                    .await;
+                assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
+                id
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (_, listed) = api.call(reqwest::Method::GET, "/v1/sandboxes", None).await;
+    assert!(
+        listed["sandboxes"].as_array().unwrap().is_empty(),
+        "{listed}"
+    );
+    assert_eq!(qemus_of(&daemon), 0, "QEMU processes leaked");
+}
+
+/// Running QEMU processes started by `daemon`.
+fn qemus_of(daemon: &Daemon) -> usize {
+    let parent = daemon.pid().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            process_alive(*pid)
+                && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| {
+                        let after = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+                        s.contains("(qemu-system-x86")
+                            && after.split_whitespace().nth(1) == Some(&parent)
+                    })
+                    .unwrap_or(false)
+        })
+        .count()
+}
