@@ -1,7 +1,7 @@
 //! `nullspace-pool-manager`: the per-host daemon, and its admin commands.
 //!
 //! ```text
-//! nullspace-pool-manager serve [--listen ADDR] [--edge-listen ADDR] [--state-dir DIR] [--templates-dir DIR]
+//! nullspace-pool-manager serve [--listen ADDR] [--edge-listen ADDR] [--state-dir DIR] [--templates-dir DIR] [--on-exit end|keep]
 //! nullspace-pool-manager admin team create NAME [--state-dir DIR]
 //! nullspace-pool-manager admin key create --team TEAM [--state-dir DIR]
 //! ```
@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 const USAGE: &str = "usage:
-  nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--state-dir /var/lib/nullspace] [--templates-dir DIR]
+  nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--state-dir /var/lib/nullspace] [--templates-dir DIR] [--on-exit end|keep]
   nullspace-pool-manager admin team create NAME [--state-dir DIR]
   nullspace-pool-manager admin key create --team TEAM [--state-dir DIR]";
 
@@ -135,13 +135,32 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: &Args) -> anyhow::Result<()> {
-    args.check_flags(&["listen", "edge-listen", "state-dir", "templates-dir"])?;
+    args.check_flags(&[
+        "listen",
+        "edge-listen",
+        "state-dir",
+        "templates-dir",
+        "on-exit",
+    ])?;
     let dir = state_dir(args)?;
     let listen = args.flag("listen", "127.0.0.1:7070");
     let edge_listen = args.flag("edge-listen", "127.0.0.1:7071");
     let catalog = open_catalog(&dir)?;
     let tokens = tokens::TokenSigner::new(token_secret(&dir)?);
-    let vmm = vmm::QemuVmm::new(vmm::QemuConfig::from_env()?, vmm::ImageSet::from_env()?)
+    let keep_vms = match args.flag("on-exit", "end").as_str() {
+        "end" => false,
+        "keep" => true,
+        other => bail!(
+            "--on-exit {other}: send end (VMs end with the daemon) or keep (a restart adopts them)"
+        ),
+    };
+    // VMs outlive the daemon process: a crash or SIGKILL loses no sandbox, and the next
+    // start adopts them.
+    let config = vmm::QemuConfig {
+        detach_vms: true,
+        ..vmm::QemuConfig::from_env()?
+    };
+    let vmm = vmm::QemuVmm::new(config, vmm::ImageSet::from_env()?)
         .await
         .context("starting the VMM driver")?;
 
@@ -165,6 +184,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     ));
     manager
         .reconcile_after_start()
+        .await
         .map_err(|e| anyhow::anyhow!("reconciling the catalog: {}", e.message))?;
     let warm = manager.clone();
     tokio::spawn(async move {
@@ -196,9 +216,9 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    tracing::info!("shutting down: ending VMs");
+    tracing::info!(keep_vms, "shutting down");
     let _ = stop_tx.send(true);
-    manager.shutdown().await;
+    manager.shutdown(keep_vms).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), servers).await;
     Ok(())
 }

@@ -98,6 +98,9 @@ pub struct SandboxRecord {
     /// Directory of the pause snapshot while paused.
     #[serde(default)]
     pub pause_snapshot: Option<String>,
+    /// The VM's directory while running: a restarted daemon adopts the VM from it.
+    #[serde(default)]
+    pub vm_dir: Option<String>,
 }
 
 impl SandboxRecord {

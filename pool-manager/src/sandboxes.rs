@@ -72,29 +72,64 @@ impl Manager {
         Ok(())
     }
 
-    /// Marks sandboxes whose VMs did not survive a restart: running ones failed (their
-    /// VM died with the previous daemon), half-created or half-deleted ones resolved.
-    pub fn reconcile_after_start(&self) -> Result<(), ApiError> {
+    /// After a (re)start: adopts the VMs of running sandboxes that survived the previous
+    /// daemon, marks those that did not, resolves half-done operations, then reaps VM
+    /// directories nobody owns.
+    pub async fn reconcile_after_start(&self) -> Result<(), ApiError> {
+        let mut adopted = Vec::new();
         for mut r in self.catalog.all_sandboxes()? {
-            let next = match r.state {
-                InternalState::New | InternalState::Creating | InternalState::Active => {
-                    InternalState::Failed
+            match r.state {
+                InternalState::Active => {
+                    let dir = r.vm_dir.clone().unwrap_or_default();
+                    match self.vmm.adopt(std::path::Path::new(&dir)).await {
+                        Ok(vm) => {
+                            adopted.push(PathBuf::from(&dir));
+                            *self.slot(&r.id).lock().await = Some(vm);
+                            r.step(
+                                "running",
+                                Some("re-adopted after a pool manager restart".into()),
+                            );
+                            self.catalog.put_sandbox(&r)?;
+                            self.catalog.append_event(
+                                &r.id,
+                                "sandbox.readopted",
+                                &serde_json::json!({ "state": "running" }),
+                            )?;
+                        }
+                        Err(e) => {
+                            r.diagnostic = Some(Diagnostic {
+                                code: "host_restarted".into(),
+                                message: format!("the pool manager restarted and this sandbox's VM could not be re-adopted: {e}"),
+                                action: "create a new sandbox".into(),
+                            });
+                            r.vm_dir = None;
+                            self.transition(&mut r, InternalState::Failed, "lost in a restart")?;
+                        }
+                    }
                 }
-                InternalState::Destroying => InternalState::Deleted,
-                _ => continue,
-            };
-            if next == InternalState::Failed {
-                r.diagnostic = Some(Diagnostic {
-                    code: "host_restarted".into(),
-                    message: "the pool manager restarted and this sandbox's VM did not survive it"
-                        .into(),
-                    action:
-                        "create a new sandbox; pause sandboxes you want to keep across restarts"
+                InternalState::New | InternalState::Creating => {
+                    r.diagnostic = Some(Diagnostic {
+                        code: "host_restarted".into(),
+                        message: "the pool manager restarted while this sandbox was being created"
                             .into(),
-                });
+                        action: "create a new sandbox".into(),
+                    });
+                    self.transition(
+                        &mut r,
+                        InternalState::Failed,
+                        "creation interrupted by a restart",
+                    )?;
+                }
+                InternalState::Destroying => self.transition(
+                    &mut r,
+                    InternalState::Deleted,
+                    "deletion finished after a restart",
+                )?,
+                _ => {}
             }
-            self.transition(&mut r, next, "reconciled after restart")?;
         }
+        let reaped = self.vmm.reap_orphans(&adopted);
+        info!(adopted = adopted.len(), reaped, "reconciled after start");
         Ok(())
     }
 
@@ -252,6 +287,7 @@ impl Manager {
             timeline: Vec::new(),
             diagnostic: None,
             pause_snapshot: None,
+            vm_dir: None,
         };
         record.step("requested", None);
         Ok((record, req.wait_ready.unwrap_or(true)))
@@ -280,6 +316,7 @@ impl Manager {
             let result = this.start_vm(&mut record).await;
             match result {
                 Ok(vm) => {
+                    record.vm_dir = Some(vm.dir().display().to_string());
                     *guard = Some(vm);
                     this.transition(&mut record, InternalState::Active, "restored from template")?;
                 }
@@ -429,6 +466,7 @@ impl Manager {
             Ok(_) => {
                 vm.kill().await;
                 r.pause_snapshot = Some(dir.display().to_string());
+                r.vm_dir = None;
                 self.transition(&mut r, InternalState::Stopped, "paused")?;
                 Ok(self.view(&r, false))
             }
@@ -471,6 +509,7 @@ impl Manager {
             .map_err(|e| {
                 ApiError::internal(format!("resume failed, the sandbox stays paused: {e}"))
             })?;
+        r.vm_dir = Some(vm.dir().display().to_string());
         *vm_slot = Some(vm);
         // Timeouts count from the resume.
         r.expires_at_ms = now_ms() + r.timeout_s as i64 * 1000;
@@ -595,12 +634,34 @@ impl Manager {
         }
     }
 
-    /// Kills every VM (daemon shutdown). Their sandboxes are marked on the next start.
-    pub async fn shutdown(&self) {
-        let slots: Vec<Slot> = self.slots.lock().unwrap().values().cloned().collect();
-        for slot in slots {
+    /// Daemon shutdown: ends every VM, or with `keep` leaves them running for the next
+    /// start to adopt.
+    pub async fn shutdown(&self, keep: bool) {
+        let slots: Vec<(String, Slot)> = self
+            .slots
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, s)| (id.clone(), s.clone()))
+            .collect();
+        for (id, slot) in slots {
             if let Some(vm) = slot.lock().await.take() {
+                if keep {
+                    vm.release();
+                    continue;
+                }
                 vm.kill().await;
+                if let Ok(Some(mut r)) = self.catalog.sandbox(&id) {
+                    r.diagnostic = Some(Diagnostic {
+                        code: "host_stopped".into(),
+                        message: "the pool manager was stopped and ended this sandbox's VM".into(),
+                        action:
+                            "create a new sandbox; pause sandboxes you want to keep across stops"
+                                .into(),
+                    });
+                    r.vm_dir = None;
+                    let _ = self.transition(&mut r, InternalState::Failed, "pool manager stopped");
+                }
             }
         }
     }

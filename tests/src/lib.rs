@@ -143,7 +143,17 @@ impl Daemon {
     /// Starts a daemon on an existing state directory (a restart).
     pub fn start_in(state: std::path::PathBuf) -> Self {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(pool_manager_binary())
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(pool_manager_binary());
+        // If the test process dies (a timeout), the daemon is told to end its VMs.
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .args([
                 "serve",
                 "--listen",
@@ -156,6 +166,19 @@ impl Daemon {
             .arg("--templates-dir")
             .arg(shared_templates_dir())
             .env("RUST_LOG", "warn")
+            // Its own run directory: a daemon reaps VM directories of dead owners, and
+            // another test's daemon killed on purpose is one.
+            .env(
+                "NULLSPACE_RUN_DIR",
+                format!(
+                    "/dev/shm/nullspace-{}",
+                    state
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .trim_start_matches("nullspace-")
+                ),
+            )
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start the pool manager");

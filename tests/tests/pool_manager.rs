@@ -550,6 +550,93 @@ async fn teams_cannot_see_or_reach_each_others_sandboxes() {
 }
 
 #[tokio::test]
+async fn a_killed_daemon_restarts_and_re_adopts_running_sandboxes() {
+    let mut daemon = Daemon::start("restart");
+    let key = daemon.team_key("acme");
+    let api = Api::new(&daemon, key.clone());
+    let sbx = api
+        .create(json!({ "templateID": "minimal", "resources": small(), "timeout": 600 }))
+        .await;
+    let short = api
+        .create(json!({ "templateID": "minimal", "resources": small(), "timeout": 8 }))
+        .await;
+    let id = sbx["sandboxID"].as_str().unwrap().to_string();
+    let rt = Runtime::of(&sbx);
+    rt.run("echo kept > /tmp/memory-only").await;
+    let started: Value = rt
+        .http
+        .post(format!("{}/commands", rt.base))
+        .bearer_auth(&rt.token)
+        .json(&json!({ "cmd": "while true; do sleep 0.5; done", "background": true }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pid = started["pid"].as_u64().unwrap();
+    let qemus = qemu_pids_of(&daemon);
+    assert_eq!(qemus.len(), 2);
+
+    // SIGKILL: no clean-up runs. The VMs must outlive it.
+    let state = daemon.stop_with(libc::SIGKILL);
+    assert!(
+        qemus.iter().all(|p| process_alive(*p)),
+        "VMs died with the daemon"
+    );
+    std::mem::forget(daemon); // keep its state directory for the restart
+    let daemon = Daemon::start_in(state);
+    let api = Api::new(&daemon, key);
+    let after = api.get(&id).await;
+    assert_eq!(after["state"], "running", "{after}");
+    let (status, connected) = api
+        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{connected}");
+    let rt = Runtime::of(&connected);
+    let (out, _, _) = rt.run("cat /tmp/memory-only").await;
+    assert_eq!(out, "kept\n");
+    let listed: Value = rt
+        .http
+        .get(format!("{}/commands", rt.base))
+        .bearer_auth(&rt.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        listed["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["pid"].as_u64() == Some(pid) && p.get("exit").is_none()),
+        "the process started before the kill still runs: {listed}"
+    );
+    // Timeouts still fire for adopted sandboxes.
+    api.wait_state(
+        short["sandboxID"].as_str().unwrap(),
+        "deleted",
+        Duration::from_secs(30),
+    )
+    .await;
+    let (status, _) = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // Nothing orphaned: both adopted QEMUs are gone.
+    assert!(
+        qemus.iter().all(|p| !process_alive(*p)),
+        "an adopted VM outlived its sandbox"
+    );
+}
+
+#[tokio::test]
 async fn twenty_concurrent_creates_and_deletes_leave_nothing() {
     let daemon = Daemon::start("burst");
     let api = std::sync::Arc::new(Api::new(&daemon, daemon.team_key("acme")));
@@ -601,6 +688,11 @@ async fn twenty_concurrent_creates_and_deletes_leave_nothing() {
 
 /// Running QEMU processes started by `daemon`.
 fn qemus_of(daemon: &Daemon) -> usize {
+    qemu_pids_of(daemon).len()
+}
+
+/// PIDs of the running QEMU processes started by `daemon`.
+fn qemu_pids_of(daemon: &Daemon) -> Vec<u32> {
     let parent = daemon.pid().to_string();
     std::fs::read_dir("/proc")
         .unwrap()
@@ -616,5 +708,5 @@ fn qemus_of(daemon: &Daemon) -> usize {
                     })
                     .unwrap_or(false)
         })
-        .count()
+        .collect()
 }

@@ -36,6 +36,10 @@ pub struct QemuConfig {
     pub run_dir: PathBuf,
     /// Accelerator, or auto-detection.
     pub accel: AccelChoice,
+    /// VMs outlive this process (a daemon): no parent-death signal, a session of their
+    /// own, and a restarted owner re-adopts them ([`QemuVmm::adopt`]). Otherwise QEMU
+    /// dies with the thread that started it.
+    pub detach_vms: bool,
 }
 
 impl QemuConfig {
@@ -51,6 +55,7 @@ impl QemuConfig {
             accel: std::env::var("NULLSPACE_ACCEL")
                 .unwrap_or_default()
                 .parse()?,
+            detach_vms: false,
         })
     }
 }
@@ -87,7 +92,9 @@ impl QemuVmm {
         if !seccomp {
             warn!("QEMU runs without -sandbox: this host or QEMU build has no seccomp");
         }
-        vm_dir::reap_orphans(&config.run_dir);
+        if !config.detach_vms {
+            vm_dir::reap_orphans(&config.run_dir, &[]);
+        }
         let qemu_version = qemu_version_of(&config.qemu_binary)?;
         let mut vmm = Self {
             qemu_version,
@@ -171,6 +178,50 @@ impl QemuVmm {
         };
         accel::store_cached(&cache_file, &key, &detection);
         detection
+    }
+
+    /// Kills the QEMU of, and removes, every VM directory whose owner is gone, except
+    /// those in `keep` (VMs just adopted). Returns how many were reaped.
+    pub fn reap_orphans(&self, keep: &[PathBuf]) -> usize {
+        vm_dir::reap_orphans(&self.config.run_dir, keep)
+    }
+
+    /// Takes over a VM a previous owner left running in `dir` (the daemon restarted):
+    /// reconnects QMP and the agent (a new agent session; processes keep running).
+    pub async fn adopt(&self, dir: &Path) -> Result<QemuVm, VmmError> {
+        let record: LaunchRecord = std::fs::read(dir.join(LAUNCH_RECORD))
+            .map_err(|e| VmmError::Host(format!("{}: {e}", dir.join(LAUNCH_RECORD).display())))
+            .and_then(|b| {
+                serde_json::from_slice(&b)
+                    .map_err(|e| VmmError::Host(format!("unreadable {LAUNCH_RECORD}: {e}")))
+            })?;
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", record.pid)).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy()) {
+            return Err(VmmError::Exited(format!(
+                "QEMU {} of {} is no longer running",
+                record.pid,
+                dir.display()
+            )));
+        }
+        let vm_dir = VmDir::take_over(dir)
+            .map_err(|e| VmmError::Host(format!("taking over {}: {e}", dir.display())))?;
+        let mut vm = QemuVm {
+            id: record.launch.id.clone(),
+            child: None,
+            pid: record.pid,
+            qmp: None,
+            agent: None,
+            run_as: self.run_as.clone(),
+            qemu_version: self.qemu_version.clone(),
+            kernel_key: self.images.kernel_key()?,
+            launch: record.launch,
+            dir: vm_dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        vm.connect_qmp(deadline).await?;
+        vm.connect_agent(deadline).await?;
+        info!(vm = %vm.id, pid = vm.pid, "VM adopted");
+        Ok(vm)
     }
 
     /// The accelerator in use and why.
@@ -338,7 +389,7 @@ impl QemuVmm {
         let disk = dir.file("disk.qcow2");
         create_overlay(
             &launch.disk_backing,
-            launch.disk_backing_format,
+            &launch.disk_backing_format,
             &disk,
             launch.disk_mib,
         )
@@ -364,6 +415,7 @@ impl QemuVmm {
             .stdout(log.try_clone().map_err(|e| VmmError::Host(e.to_string()))?)
             .stderr(log);
         let run_as = self.run_as.clone();
+        let detach = self.config.detach_vms;
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -375,9 +427,14 @@ impl QemuVmm {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                // QEMU dies with the thread that started it: no VM outlives a crashed
-                // owner. Set after the uid change, which would clear it.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                if detach {
+                    // Out of the owner's session: a signal to its group spares VMs.
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    // QEMU dies with the thread that started it: no VM outlives a crashed
+                    // owner. Set after the uid change, which would clear it.
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -390,8 +447,18 @@ impl QemuVmm {
             ))
         })?;
         let _ = dir.record_qemu(child.id());
+        let record = LaunchRecord {
+            pid: child.id(),
+            launch: launch.clone(),
+        };
+        std::fs::write(
+            dir.file(LAUNCH_RECORD),
+            serde_json::to_vec(&record).expect("json"),
+        )
+        .map_err(|e| VmmError::Host(format!("writing {LAUNCH_RECORD}: {e}")))?;
         let mut vm = QemuVm {
             id: launch.id.clone(),
+            pid: child.id(),
             child: Some(child),
             qmp: None,
             agent: None,
@@ -431,7 +498,7 @@ impl QemuVmm {
             machine_args: self.machine_args(spec.vcpus, spec.mem_mib),
             memory: Memory::Owned,
             disk_backing: rootfs.clone(),
-            disk_backing_format: "raw",
+            disk_backing_format: "raw".into(),
             rootfs_image: rootfs,
             disk_mib: spec.disk_mib,
             egress: spec.egress,
@@ -483,7 +550,7 @@ impl QemuVmm {
             machine_args: m.machine_args.clone(),
             memory: memory.clone(),
             disk_backing: snapshot.disk(),
-            disk_backing_format: "qcow2",
+            disk_backing_format: "qcow2".into(),
             rootfs_image: m.rootfs_image.clone(),
             disk_mib: m.disk_mib,
             egress: options.egress.unwrap_or(m.egress),
@@ -587,7 +654,7 @@ impl Default for RestoreOptions {
 }
 
 /// Where a VM's RAM lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Memory {
     /// `memory` in the VM directory, mapped shared: snapshots leave it out of the
     /// migration stream and copy the file.
@@ -596,14 +663,24 @@ enum Memory {
     CopyOnWrite(PathBuf),
 }
 
+/// What a VM directory records of its launch, so a later owner can adopt the VM.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct LaunchRecord {
+    pid: u32,
+    launch: Launch,
+}
+
+/// File in the VM directory holding its [`LaunchRecord`].
+const LAUNCH_RECORD: &str = "launch.json";
+
 /// Everything one QEMU launch needs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Launch {
     id: String,
     machine_args: Vec<String>,
     memory: Memory,
     disk_backing: PathBuf,
-    disk_backing_format: &'static str,
+    disk_backing_format: String,
     /// The read-only root filesystem image at the bottom of the disk chain.
     rootfs_image: PathBuf,
     disk_mib: u64,
@@ -727,7 +804,9 @@ fn seccomp_available(qemu: &Path) -> bool {
 /// A running QEMU microVM. Dropping it kills QEMU and removes its directory.
 pub struct QemuVm {
     id: String,
+    /// Set when this process started QEMU; an adopted VM has only its `pid`.
     child: Option<Child>,
+    pid: u32,
     qmp: Option<Qmp>,
     agent: Option<AgentClient>,
     run_as: Option<RunAs>,
@@ -826,7 +905,15 @@ impl QemuVm {
 
     /// The QEMU process ID.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        Some(self.pid)
+    }
+
+    /// Lets go of the VM without ending it: QEMU keeps running and its directory stays,
+    /// for a later owner to [`adopt`](QemuVmm::adopt).
+    pub fn release(mut self) {
+        self.child = None;
+        self.pid = 0;
+        self.dir.keep();
     }
 
     /// The VM's directory.
@@ -1096,7 +1183,24 @@ impl QemuVm {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        } else if self.pid != 0 {
+            // Adopted: not our child, so no wait(); watch it go instead.
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline
+                && std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+                    .map(|s| {
+                        !s.rsplit_once(')')
+                            .map(|(_, r)| r.trim_start().starts_with('Z'))
+                            .unwrap_or(true)
+                    })
+                    .unwrap_or(false)
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
+        self.pid = 0;
     }
 }
 

@@ -14,6 +14,8 @@ const QEMU_PID_FILE: &str = "qemu.pid";
 #[derive(Debug)]
 pub struct VmDir {
     path: PathBuf,
+    /// Left in place on drop (the VM was released to a later owner).
+    keep: bool,
 }
 
 impl VmDir {
@@ -22,12 +24,26 @@ impl VmDir {
         std::fs::create_dir_all(run_dir)?;
         let path = run_dir.join(id);
         std::fs::create_dir(&path)?;
-        let dir = Self { path };
+        let dir = Self { path, keep: false };
         std::fs::write(
             dir.path.join(OWNER_FILE),
             process_identity(std::process::id())?,
         )?;
         Ok(dir)
+    }
+
+    /// Becomes the owner of an existing VM directory (adopting its VM).
+    pub fn take_over(path: &Path) -> std::io::Result<Self> {
+        std::fs::write(path.join(OWNER_FILE), process_identity(std::process::id())?)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            keep: false,
+        })
+    }
+
+    /// Leaves the directory in place when dropped.
+    pub fn keep(&mut self) {
+        self.keep = true;
     }
 
     /// The directory.
@@ -48,6 +64,9 @@ impl VmDir {
 
 impl Drop for VmDir {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.path);
         // The run dir goes too once its last VM is gone; a racing create retries.
         if let Some(parent) = self.path.parent() {
@@ -80,13 +99,16 @@ fn owner_alive(identity: &str) -> bool {
 
 /// Kills the QEMU of, and removes, every VM directory in `run_dir` whose owner is gone.
 /// Returns how many were reaped.
-pub fn reap_orphans(run_dir: &Path) -> usize {
+pub fn reap_orphans(run_dir: &Path, keep: &[PathBuf]) -> usize {
     let Ok(entries) = std::fs::read_dir(run_dir) else {
         return 0;
     };
     let mut reaped = 0;
     for entry in entries.flatten() {
         let dir = entry.path();
+        if keep.contains(&dir) {
+            continue;
+        }
         let owner = std::fs::read_to_string(dir.join(OWNER_FILE)).unwrap_or_default();
         if owner.is_empty() || owner_alive(&owner) {
             // No owner file yet: a VM being created right now.
@@ -134,7 +156,7 @@ mod tests {
         std::fs::create_dir_all(run.join("dead")).unwrap();
         // PID 1 exists but with another start time than recorded: a dead owner.
         std::fs::write(run.join("dead").join(OWNER_FILE), "1 123456789").unwrap();
-        assert_eq!(reap_orphans(&run), 1);
+        assert_eq!(reap_orphans(&run, &[]), 1);
         assert!(!run.join("dead").exists());
         assert!(live.path().exists());
         drop(live);
