@@ -123,11 +123,16 @@ pub fn shared_templates_dir() -> std::path::PathBuf {
 
 fn pool_manager_binary() -> std::path::PathBuf {
     // Test binaries live in target/<profile>/deps; the daemon in target/<profile>.
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = profile_dir.join("nullspace-pool-manager");
-    assert!(bin.is_file(), "build the daemon first: {}", bin.display());
-    bin
+    // Beside this binary (a bench), or one level up (a test in deps/).
+    let exe = std::env::current_exe().expect("own binary path");
+    let dir = exe.parent().expect("target dir");
+    [
+        dir.join("nullspace-pool-manager"),
+        dir.join("../nullspace-pool-manager"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .unwrap_or_else(|| panic!("build the daemon first (next to {})", exe.display()))
 }
 
 impl Daemon {
