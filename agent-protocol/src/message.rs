@@ -91,6 +91,14 @@ pub struct ExecRequest {
     /// Whether the process gets a stdin pipe (else /dev/null).
     #[serde(default)]
     pub stdin: bool,
+    /// Stream output to this stream. `false` starts it detached: the stream ends with
+    /// `Detached` right after `Started`, and all output waits for an attach.
+    #[serde(default = "attach_by_default")]
+    pub attach: bool,
+}
+
+fn attach_by_default() -> bool {
+    true
 }
 
 /// The user processes and files belong to unless a request names another.
@@ -272,11 +280,12 @@ mod tests {
             user: None,
             background: false,
             stdin: false,
+            attach: true,
         });
         let json = serde_json::to_string(&r).unwrap();
         assert_eq!(
             json,
-            r#"{"op":"exec","command":{"shell":"echo hi"},"env":{},"cwd":null,"user":null,"background":false,"stdin":false}"#
+            r#"{"op":"exec","command":{"shell":"echo hi"},"env":{},"cwd":null,"user":null,"background":false,"stdin":false,"attach":true}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), r);
     }

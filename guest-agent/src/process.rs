@@ -147,11 +147,17 @@ pub async fn exec(
     inbox: tokio::sync::mpsc::Receiver<Inbound>,
     table: ProcessTable,
 ) {
+    let attach = req.attach;
     let proc = match spawn(req, &table).await {
         Ok(p) => p,
         Err(e) => return out.error(e).await,
     };
-    serve_attached(proc, out, inbox, table).await;
+    if attach {
+        serve_attached(proc, out, inbox, table).await;
+    } else {
+        out.reply(&Reply::Started { pid: proc.info.pid }).await;
+        out.reply(&Reply::Detached).await;
+    }
 }
 
 /// Attaches `out`'s stream to a process started earlier.

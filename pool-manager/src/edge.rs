@@ -195,12 +195,13 @@ async fn run(
             user: b.user,
             background: b.background,
             stdin: b.stdin,
+            // A background command starts detached, so all of its output waits in its
+            // backlog for whoever attaches.
+            attach: !b.background,
         })
         .await?;
     if b.background {
-        let pid = process.pid();
-        process.detach().await?;
-        return Ok((StatusCode::CREATED, Json(json!({ "pid": pid }))).into_response());
+        return Ok((StatusCode::CREATED, Json(json!({ "pid": process.pid() }))).into_response());
     }
     Ok(stream_process(&edge, &id, process))
 }

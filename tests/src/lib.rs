@@ -45,6 +45,7 @@ pub fn sh(line: &str) -> ExecRequest {
         user: None,
         background: false,
         stdin: false,
+        attach: true,
     }
 }
 

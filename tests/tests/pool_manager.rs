@@ -260,6 +260,110 @@ async fn create_exec_files_delete_with_events() {
 }
 
 #[tokio::test]
+async fn data_plane_stdin_signals_and_reattach() {
+    use futures::StreamExt;
+    let daemon = Daemon::start("dataplane");
+    let api = Api::new(&daemon, daemon.team_key("acme"));
+    let sbx = api
+        .create(json!({ "templateID": "minimal", "resources": small() }))
+        .await;
+    let rt = Runtime::of(&sbx);
+    // stdin from a second request while the first streams the output.
+    let resp = rt
+        .http
+        .post(format!("{}/commands", rt.base))
+        .bearer_auth(&rt.token)
+        .json(&json!({ "cmd": "tr a-z A-Z", "stdin": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.bytes_stream();
+    let first: Value = serde_json::from_slice(&body.next().await.unwrap().unwrap()).unwrap();
+    assert_eq!(first["event"], "start");
+    let pid = first["pid"].as_u64().unwrap();
+    let resp = rt
+        .http
+        .post(format!("{}/commands/{pid}/stdin?eof=true", rt.base))
+        .bearer_auth(&rt.token)
+        .body("hello stdin\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let mut rest = Vec::new();
+    while let Some(chunk) = body.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    let text = String::from_utf8(rest).unwrap();
+    assert!(text.contains(r#""data":"HELLO STDIN\n""#), "{text}");
+    assert!(text.contains(r#""exitCode":0"#), "{text}");
+
+    // A background command, signalled, then waited for by attaching.
+    let started: Value = rt
+        .http
+        .post(format!("{}/commands", rt.base))
+        .bearer_auth(&rt.token)
+        .json(&json!({ "cmd": "echo begun; touch /tmp/begun; sleep 300", "background": true }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pid = started["pid"].as_u64().unwrap();
+    // Signal only once it has written its output (it runs detached meanwhile).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rt.run("test -e /tmp/begun").await.2 != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the background command never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resp = rt
+        .http
+        .post(format!("{}/commands/{pid}/signal", rt.base))
+        .bearer_auth(&rt.token)
+        .json(&json!({ "signal": 15 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let waited = rt
+        .http
+        .get(format!("{}/commands/{pid}", rt.base))
+        .bearer_auth(&rt.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(waited.contains(r#""data":"begun\n""#), "{waited}");
+    assert!(waited.contains(r#""signal":15"#), "{waited}");
+    let resp = rt
+        .http
+        .post(format!("{}/commands/{pid}/stdin", rt.base))
+        .bearer_auth(&rt.token)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    // An expired token is refused with what to do.
+    let expired = format!("{}.1.x", sbx["sandboxID"].as_str().unwrap());
+    let resp = rt
+        .http
+        .get(format!("{}/commands", rt.base))
+        .bearer_auth(expired)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
 async fn bad_requests_are_refused_with_what_to_send() {
     let daemon = Daemon::start("badreq");
     let api = Api::new(&daemon, daemon.team_key("acme"));
