@@ -53,6 +53,30 @@ pub fn router(manager: Arc<Manager>, tokens: TokenSigner) -> Router {
         .with_state(edge)
 }
 
+/// An extractor whose rejection is the one JSON error body instead of axum's text.
+pub struct JsonErr<E>(pub E);
+
+impl<S, E> axum::extract::FromRequestParts<S> for JsonErr<E>
+where
+    S: Send + Sync,
+    E: axum::extract::FromRequestParts<S>,
+    E::Rejection: std::fmt::Display,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match E::from_request_parts(parts, state).await {
+            Ok(v) => Ok(JsonErr(v)),
+            Err(rejection) => Err(ApiError::bad_request(format!(
+                "{rejection}; see openapi/dataplane.yaml for this route's parameters"
+            ))),
+        }
+    }
+}
+
 impl Edge {
     /// Checks the runtime token and returns the sandbox's agent and env vars.
     async fn agent(
@@ -218,7 +242,7 @@ async fn list_commands(
 async fn attach(
     State(edge): State<Edge>,
     headers: HeaderMap,
-    Path((id, pid)): Path<(String, u32)>,
+    JsonErr(Path((id, pid))): JsonErr<Path<(String, u32)>>,
 ) -> Result<Response, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
     let process = agent.attach(pid).await?;
@@ -235,8 +259,8 @@ struct StdinQuery {
 async fn stdin(
     State(edge): State<Edge>,
     headers: HeaderMap,
-    Path((id, pid)): Path<(String, u32)>,
-    Query(q): Query<StdinQuery>,
+    JsonErr(Path((id, pid))): JsonErr<Path<(String, u32)>>,
+    JsonErr(Query(q)): JsonErr<Query<StdinQuery>>,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
     edge.agent(&headers, &id).await?;
@@ -269,7 +293,7 @@ struct SignalBody {
 async fn signal(
     State(edge): State<Edge>,
     headers: HeaderMap,
-    Path((id, pid)): Path<(String, u32)>,
+    JsonErr(Path((id, pid))): JsonErr<Path<(String, u32)>>,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
@@ -292,7 +316,7 @@ async fn download(
     State(edge): State<Edge>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<PathQuery>,
+    JsonErr(Query(q)): JsonErr<Query<PathQuery>>,
 ) -> Result<Response, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
     let mut download = agent.download(&q.path).await?;
@@ -316,7 +340,7 @@ async fn upload(
     State(edge): State<Edge>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<PathQuery>,
+    JsonErr(Query(q)): JsonErr<Query<PathQuery>>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
@@ -344,7 +368,7 @@ async fn remove(
     State(edge): State<Edge>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<PathQuery>,
+    JsonErr(Query(q)): JsonErr<Query<PathQuery>>,
 ) -> Result<StatusCode, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
     agent.remove(&q.path).await?;
@@ -355,7 +379,7 @@ async fn list_dir(
     State(edge): State<Edge>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<PathQuery>,
+    JsonErr(Query(q)): JsonErr<Query<PathQuery>>,
 ) -> Result<Json<Value>, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
     Ok(Json(json!({ "entries": agent.list_dir(&q.path).await? })))
@@ -365,7 +389,7 @@ async fn stat(
     State(edge): State<Edge>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<PathQuery>,
+    JsonErr(Query(q)): JsonErr<Query<PathQuery>>,
 ) -> Result<Json<Value>, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
     Ok(Json(

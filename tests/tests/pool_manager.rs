@@ -351,6 +351,17 @@ async fn data_plane_stdin_signals_and_reattach() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::CONFLICT);
+    // A missing parameter gets the JSON error body too.
+    let resp = rt
+        .http
+        .get(format!("{}/files", rt.base))
+        .bearer_auth(&rt.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["message"].as_str().unwrap().contains("path"), "{v}");
     // An expired token is refused with what to do.
     let expired = format!("{}.1.x", sbx["sandboxID"].as_str().unwrap());
     let resp = rt
