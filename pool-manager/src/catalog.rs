@@ -65,6 +65,14 @@ impl Catalog {
                  team_id TEXT NOT NULL REFERENCES teams(id),
                  seq INTEGER NOT NULL UNIQUE,
                  record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS snapshots (
+                 id TEXT PRIMARY KEY,
+                 kind TEXT NOT NULL,
+                 sandbox_id TEXT,
+                 template TEXT,
+                 dir TEXT NOT NULL,
+                 created_at INTEGER NOT NULL,
+                 manifest TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS events (
                  sandbox_id TEXT NOT NULL,
                  event_id INTEGER NOT NULL,
@@ -198,6 +206,54 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Records a snapshot this host keeps (`template` or `pause`); recording one twice
+    /// is a no-op.
+    pub fn record_snapshot(
+        &self,
+        kind: &str,
+        sandbox_id: Option<&str>,
+        template: Option<&str>,
+        snapshot: &vmm::Snapshot,
+    ) -> Result<(), CatalogError> {
+        let db = self.db.lock().unwrap();
+        db.execute(
+            "INSERT OR IGNORE INTO snapshots (id, kind, sandbox_id, template, dir, created_at, manifest)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                snapshot.manifest().id,
+                kind,
+                sandbox_id,
+                template,
+                snapshot.dir().display().to_string(),
+                now_ms(),
+                serde_json::to_string(snapshot.manifest())?
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets a snapshot (it was deleted).
+    pub fn forget_snapshot(&self, id: &str) -> Result<(), CatalogError> {
+        let db = self.db.lock().unwrap();
+        db.execute("DELETE FROM snapshots WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    /// Snapshots of one kind: (id, sandbox, template, dir).
+    pub fn snapshots(
+        &self,
+        kind: &str,
+    ) -> Result<Vec<(String, Option<String>, Option<String>, String)>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let mut stmt = db.prepare(
+            "SELECT id, sandbox_id, template, dir FROM snapshots WHERE kind = ?1 ORDER BY created_at",
+        )?;
+        let rows = stmt.query_map(params![kind], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Appends an event to a sandbox's log; returns its ID (1, 2, 3, ... per sandbox).
     pub fn append_event(
         &self,
@@ -280,6 +336,29 @@ mod tests {
                 .unwrap();
         assert_ne!(stored, key);
         assert!(c.create_team("acme").is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn snapshots_are_recorded_once_and_forgotten() {
+        let (c, dir) = catalog();
+        let snap_dir = dir.join("snap");
+        std::fs::create_dir_all(&snap_dir).unwrap();
+        let manifest = serde_json::json!({
+            "format_version": 1, "id": "snap-1", "source_vm": "vm", "created_unix_ms": 0,
+            "qemu_version": "q", "accel": "tcg", "kernel_key": "k", "rootfs": "minimal",
+            "rootfs_image": "/x", "machine_args": [], "vcpus": 1, "mem_mib": 256,
+            "disk_mib": 256, "egress": true, "memory": "file"
+        });
+        std::fs::write(snap_dir.join("manifest.json"), manifest.to_string()).unwrap();
+        let snap = vmm::Snapshot::open(&snap_dir).unwrap();
+        c.record_snapshot("pause", Some("sbx-1"), None, &snap)
+            .unwrap();
+        c.record_snapshot("pause", Some("sbx-1"), None, &snap)
+            .unwrap();
+        assert_eq!(c.snapshots("pause").unwrap().len(), 1);
+        c.forget_snapshot("snap-1").unwrap();
+        assert!(c.snapshots("pause").unwrap().is_empty());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

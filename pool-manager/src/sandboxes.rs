@@ -128,6 +128,24 @@ impl Manager {
                 _ => {}
             }
         }
+        // A paused sandbox is only as good as its pause snapshot.
+        for (snapshot_id, sandbox, _, dir) in self.catalog.snapshots("pause")? {
+            if Snapshot::open(&dir).is_ok() {
+                continue;
+            }
+            self.catalog.forget_snapshot(&snapshot_id)?;
+            if let Some(mut r) = sandbox.and_then(|id| self.catalog.sandbox(&id).ok().flatten()) {
+                if r.state == InternalState::Stopped {
+                    r.diagnostic = Some(Diagnostic {
+                        code: "snapshot_missing".into(),
+                        message: format!("the pause snapshot in {dir} is gone or incomplete"),
+                        action: "create a new sandbox".into(),
+                    });
+                    r.pause_snapshot = None;
+                    self.transition(&mut r, InternalState::Failed, "pause snapshot missing")?;
+                }
+            }
+        }
         let reaped = self.vmm.reap_orphans(&adopted);
         info!(adopted = adopted.len(), reaped, "reconciled after start");
         Ok(())
@@ -366,6 +384,8 @@ impl Manager {
             .snapshot(&record.template_id, res.vcpus, res.mem_mib)
             .await
             .map_err(|e| ApiError::internal(format!("template snapshot: {e}")))?;
+        self.catalog
+            .record_snapshot("template", None, Some(&record.template_id), &snapshot)?;
         let options = RestoreOptions {
             memory: RestoreMemory::CopyOnWrite,
             disk_mib: Some(res.disk_mib),
@@ -463,7 +483,9 @@ impl Manager {
         let _ = std::fs::create_dir_all(dir.parent().unwrap());
         let _ = std::fs::remove_dir_all(&dir);
         match vm.snapshot(&dir, false).await {
-            Ok(_) => {
+            Ok(snapshot) => {
+                self.catalog
+                    .record_snapshot("pause", Some(id), None, &snapshot)?;
                 vm.kill().await;
                 r.pause_snapshot = Some(dir.display().to_string());
                 r.vm_dir = None;
@@ -515,6 +537,7 @@ impl Manager {
         r.expires_at_ms = now_ms() + r.timeout_s as i64 * 1000;
         r.pause_snapshot = None;
         self.transition(&mut r, InternalState::Active, "resumed")?;
+        self.catalog.forget_snapshot(&snapshot.manifest().id)?;
         let _ = snapshot.delete();
         Ok(self.view(&r, true))
     }
@@ -574,6 +597,9 @@ impl Manager {
             vm.kill().await;
         }
         if let Some(dir) = r.pause_snapshot.take() {
+            if let Ok(snapshot) = Snapshot::open(&dir) {
+                self.catalog.forget_snapshot(&snapshot.manifest().id)?;
+            }
             let _ = std::fs::remove_dir_all(dir);
         }
         self.transition(&mut r, InternalState::Deleted, reason)?;
