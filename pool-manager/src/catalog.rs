@@ -28,6 +28,15 @@ pub struct Team {
     pub name: String,
 }
 
+/// A snapshot the catalog knows of.
+#[derive(Debug, Clone)]
+pub struct SnapshotRow {
+    pub id: String,
+    pub sandbox_id: Option<String>,
+    pub template: Option<String>,
+    pub dir: String,
+}
+
 /// The durable store.
 pub struct Catalog {
     db: Mutex<Connection>,
@@ -239,17 +248,19 @@ impl Catalog {
         Ok(())
     }
 
-    /// Snapshots of one kind: (id, sandbox, template, dir).
-    pub fn snapshots(
-        &self,
-        kind: &str,
-    ) -> Result<Vec<(String, Option<String>, Option<String>, String)>, CatalogError> {
+    /// Snapshots of one kind, oldest first.
+    pub fn snapshots(&self, kind: &str) -> Result<Vec<SnapshotRow>, CatalogError> {
         let db = self.db.lock().unwrap();
         let mut stmt = db.prepare(
             "SELECT id, sandbox_id, template, dir FROM snapshots WHERE kind = ?1 ORDER BY created_at",
         )?;
         let rows = stmt.query_map(params![kind], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            Ok(SnapshotRow {
+                id: r.get(0)?,
+                sandbox_id: r.get(1)?,
+                template: r.get(2)?,
+                dir: r.get(3)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

@@ -129,12 +129,16 @@ impl Manager {
             }
         }
         // A paused sandbox is only as good as its pause snapshot.
-        for (snapshot_id, sandbox, _, dir) in self.catalog.snapshots("pause")? {
-            if Snapshot::open(&dir).is_ok() {
+        for row in self.catalog.snapshots("pause")? {
+            if Snapshot::open(&row.dir).is_ok() {
                 continue;
             }
-            self.catalog.forget_snapshot(&snapshot_id)?;
-            if let Some(mut r) = sandbox.and_then(|id| self.catalog.sandbox(&id).ok().flatten()) {
+            self.catalog.forget_snapshot(&row.id)?;
+            let dir = row.dir;
+            if let Some(mut r) = row
+                .sandbox_id
+                .and_then(|id| self.catalog.sandbox(&id).ok().flatten())
+            {
                 if r.state == InternalState::Stopped {
                     r.diagnostic = Some(Diagnostic {
                         code: "snapshot_missing".into(),
