@@ -33,7 +33,6 @@ pub struct Team {
 pub struct SnapshotRow {
     pub id: String,
     pub sandbox_id: Option<String>,
-    pub template: Option<String>,
     pub dir: String,
 }
 
@@ -252,14 +251,13 @@ impl Catalog {
     pub fn snapshots(&self, kind: &str) -> Result<Vec<SnapshotRow>, CatalogError> {
         let db = self.db.lock().unwrap();
         let mut stmt = db.prepare(
-            "SELECT id, sandbox_id, template, dir FROM snapshots WHERE kind = ?1 ORDER BY created_at",
+            "SELECT id, sandbox_id, dir FROM snapshots WHERE kind = ?1 ORDER BY created_at",
         )?;
         let rows = stmt.query_map(params![kind], |r| {
             Ok(SnapshotRow {
                 id: r.get(0)?,
                 sandbox_id: r.get(1)?,
-                template: r.get(2)?,
-                dir: r.get(3)?,
+                dir: r.get(2)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
