@@ -101,7 +101,28 @@ impl Runtime {
         }
     }
 
-    /// Runs a shell command; returns (stdout, stderr, exit code, NDJSON lines).
+    /// POSTs JSON to a data-plane path (relative to the sandbox's base URL).
+    async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// GETs a data-plane path.
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Runs a shell command; returns (stdout, stderr, exit code).
     async fn run(&self, cmd: &str) -> (String, String, i64) {
         let resp = self
             .http
@@ -161,34 +182,20 @@ async fn create_exec_files_delete_with_events() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let back = rt
-        .http
-        .get(format!("{}/files?path=/workspace/data.bin", rt.base))
-        .bearer_auth(&rt.token)
-        .send()
+        .get("/files?path=/workspace/data.bin")
         .await
-        .unwrap()
         .bytes()
         .await
         .unwrap();
     assert_eq!(back.as_ref(), data.as_slice());
     let listing: Value = rt
-        .http
-        .get(format!("{}/files/list?path=/workspace", rt.base))
-        .bearer_auth(&rt.token)
-        .send()
+        .get("/files/list?path=/workspace")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
     assert_eq!(listing["entries"][0]["name"], "data.bin");
-    let missing = rt
-        .http
-        .get(format!("{}/files?path=/nope", rt.base))
-        .bearer_auth(&rt.token)
-        .send()
-        .await
-        .unwrap();
+    let missing = rt.get("/files?path=/nope").await;
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
 
     // get never shows internal states; fields= projects.
@@ -213,14 +220,7 @@ async fn create_exec_files_delete_with_events() {
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(api.get(&id).await["state"], "deleted");
-    let resp = rt
-        .http
-        .post(format!("{}/commands", rt.base))
-        .bearer_auth(&rt.token)
-        .json(&json!({ "cmd": "true" }))
-        .send()
-        .await
-        .unwrap();
+    let resp = rt.post("/commands", json!({ "cmd": "true" })).await;
     assert_eq!(resp.status(), StatusCode::CONFLICT);
 
     let (_, events) = api
@@ -270,13 +270,8 @@ async fn data_plane_stdin_signals_and_reattach() {
     let rt = Runtime::of(&sbx);
     // stdin from a second request while the first streams the output.
     let resp = rt
-        .http
-        .post(format!("{}/commands", rt.base))
-        .bearer_auth(&rt.token)
-        .json(&json!({ "cmd": "tr a-z A-Z", "stdin": true }))
-        .send()
-        .await
-        .unwrap();
+        .post("/commands", json!({ "cmd": "tr a-z A-Z", "stdin": true }))
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.bytes_stream();
     let first: Value = serde_json::from_slice(&body.next().await.unwrap().unwrap()).unwrap();
@@ -301,13 +296,11 @@ async fn data_plane_stdin_signals_and_reattach() {
 
     // A background command, signalled, then waited for by attaching.
     let started: Value = rt
-        .http
-        .post(format!("{}/commands", rt.base))
-        .bearer_auth(&rt.token)
-        .json(&json!({ "cmd": "echo begun; touch /tmp/begun; sleep 300", "background": true }))
-        .send()
+        .post(
+            "/commands",
+            json!({ "cmd": "echo begun; touch /tmp/begun; sleep 300", "background": true }),
+        )
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -322,21 +315,12 @@ async fn data_plane_stdin_signals_and_reattach() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let resp = rt
-        .http
-        .post(format!("{}/commands/{pid}/signal", rt.base))
-        .bearer_auth(&rt.token)
-        .json(&json!({ "signal": 15 }))
-        .send()
-        .await
-        .unwrap();
+        .post(&format!("/commands/{pid}/signal"), json!({ "signal": 15 }))
+        .await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     let waited = rt
-        .http
-        .get(format!("{}/commands/{pid}", rt.base))
-        .bearer_auth(&rt.token)
-        .send()
+        .get(&format!("/commands/{pid}"))
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -352,13 +336,7 @@ async fn data_plane_stdin_signals_and_reattach() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::CONFLICT);
     // A missing parameter gets the JSON error body too.
-    let resp = rt
-        .http
-        .get(format!("{}/files", rt.base))
-        .bearer_auth(&rt.token)
-        .send()
-        .await
-        .unwrap();
+    let resp = rt.get("/files").await;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     let v: Value = resp.json().await.unwrap();
     assert!(v["message"].as_str().unwrap().contains("path"), "{v}");
@@ -520,13 +498,11 @@ async fn timeouts_kill_or_pause_and_connect_resumes_with_memory() {
         .await;
     let value = out.trim().to_string();
     let started: Value = rt
-        .http
-        .post(format!("{}/commands", rt.base))
-        .bearer_auth(&rt.token)
-        .json(&json!({ "cmd": "sleep 1000", "background": true }))
-        .send()
+        .post(
+            "/commands",
+            json!({ "cmd": "sleep 1000", "background": true }),
+        )
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -541,14 +517,7 @@ async fn timeouts_kill_or_pause_and_connect_resumes_with_memory() {
     let id = paused["sandboxID"].as_str().unwrap();
     api.wait_state(id, "paused", Duration::from_secs(30)).await;
     // A paused sandbox's data plane refuses, and get does not wake it.
-    let resp = rt
-        .http
-        .post(format!("{}/commands", rt.base))
-        .bearer_auth(&rt.token)
-        .json(&json!({ "cmd": "true" }))
-        .send()
-        .await
-        .unwrap();
+    let resp = rt.post("/commands", json!({ "cmd": "true" })).await;
     assert_eq!(resp.status(), StatusCode::CONFLICT);
     assert_eq!(api.get(id).await["state"], "paused");
 
@@ -563,16 +532,7 @@ async fn timeouts_kill_or_pause_and_connect_resumes_with_memory() {
     let rt = Runtime::of(&connected);
     let (out, _, _) = rt.run("cat /tmp/value").await;
     assert_eq!(out, format!("{value}\n"));
-    let listed: Value = rt
-        .http
-        .get(format!("{}/commands", rt.base))
-        .bearer_auth(&rt.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = rt.get("/commands").await.json().await.unwrap();
     let sleeper = listed["processes"]
         .as_array()
         .unwrap()
@@ -679,13 +639,11 @@ async fn a_killed_daemon_restarts_and_re_adopts_running_sandboxes() {
     let rt = Runtime::of(&sbx);
     rt.run("echo kept > /tmp/memory-only").await;
     let started: Value = rt
-        .http
-        .post(format!("{}/commands", rt.base))
-        .bearer_auth(&rt.token)
-        .json(&json!({ "cmd": "while true; do sleep 0.5; done", "background": true }))
-        .send()
+        .post(
+            "/commands",
+            json!({ "cmd": "while true; do sleep 0.5; done", "background": true }),
+        )
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -711,16 +669,7 @@ async fn a_killed_daemon_restarts_and_re_adopts_running_sandboxes() {
     let rt = Runtime::of(&connected);
     let (out, _, _) = rt.run("cat /tmp/memory-only").await;
     assert_eq!(out, "kept\n");
-    let listed: Value = rt
-        .http
-        .get(format!("{}/commands", rt.base))
-        .bearer_auth(&rt.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = rt.get("/commands").await.json().await.unwrap();
     assert!(
         listed["processes"]
             .as_array()
