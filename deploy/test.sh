@@ -9,4 +9,6 @@ deploy/install-deps.sh
 deploy/build.sh >/dev/null
 cargo fmt --all -- --check
 cargo clippy --quiet --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests start the real daemon binary.
+cargo build --quiet --workspace --bins --locked
 cargo nextest run --workspace --locked --profile ci
