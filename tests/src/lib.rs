@@ -148,6 +148,11 @@ impl Daemon {
 
     /// Starts a daemon on an existing state directory (a restart).
     pub fn start_in(state: std::path::PathBuf) -> Self {
+        Self::start_in_with(state, &[])
+    }
+
+    /// Starts a daemon on `state` with extra `serve` flags.
+    pub fn start_in_with(state: std::path::PathBuf, extra: &[&str]) -> Self {
         use std::io::BufRead;
         use std::os::unix::process::CommandExt;
         let mut cmd = std::process::Command::new(pool_manager_binary());
@@ -167,6 +172,7 @@ impl Daemon {
                 "--edge-listen",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .arg("--state-dir")
             .arg(&state)
             .arg("--templates-dir")

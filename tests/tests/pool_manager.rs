@@ -701,6 +701,51 @@ async fn a_killed_daemon_restarts_and_re_adopts_running_sandboxes() {
 }
 
 #[tokio::test]
+async fn sigterm_ends_vms_by_default_or_keeps_them_when_configured() {
+    let state = {
+        let mut d = Daemon::start("sigterm");
+        let dir = d.stop_with(libc::SIGTERM);
+        std::mem::forget(d); // keep the state directory
+        dir
+    };
+    // --on-exit keep: SIGTERM leaves the VM running, the next start adopts it.
+    let mut daemon = Daemon::start_in_with(state.clone(), &["--on-exit", "keep"]);
+    let key = daemon.team_key("acme");
+    let api = Api::new(&daemon, key.clone());
+    let kept = api
+        .create(json!({ "templateID": "minimal", "resources": small() }))
+        .await;
+    let kept_id = kept["sandboxID"].as_str().unwrap().to_string();
+    Runtime::of(&kept).run("echo still > /tmp/here").await;
+    let qemus = qemu_pids_of(&daemon);
+    daemon.stop_with(libc::SIGTERM);
+    std::mem::forget(daemon);
+    assert!(qemus.iter().all(|p| process_alive(*p)), "keep ended the VM");
+
+    // Default (end): the adopted VM ends with the daemon and the sandbox says why.
+    let mut daemon = Daemon::start_in(state.clone());
+    let api = Api::new(&daemon, key.clone());
+    let connected = api
+        .post(&format!("/v1/sandboxes/{kept_id}/connect"), json!({}))
+        .await
+        .1;
+    assert_eq!(connected["state"], "running", "{connected}");
+    let (out, _, _) = Runtime::of(&connected).run("cat /tmp/here").await;
+    assert_eq!(out, "still\n");
+    daemon.stop_with(libc::SIGTERM);
+    std::mem::forget(daemon);
+    assert!(
+        qemus.iter().all(|p| !process_alive(*p)),
+        "SIGTERM left the VM running"
+    );
+    let daemon = Daemon::start_in(state);
+    let api = Api::new(&daemon, key);
+    let ended = api.get(&kept_id).await;
+    assert_eq!(ended["state"], "error", "{ended}");
+    assert_eq!(ended["diagnostic"]["code"], "host_stopped", "{ended}");
+}
+
+#[tokio::test]
 async fn twenty_concurrent_creates_and_deletes_leave_nothing() {
     let daemon = Daemon::start("burst");
     let api = std::sync::Arc::new(Api::new(&daemon, daemon.team_key("acme")));
