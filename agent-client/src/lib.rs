@@ -15,7 +15,7 @@ use agent_protocol::{
     Request, DATA_CHUNK, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -56,7 +56,34 @@ pub enum StreamEvent {
     Eof(Channel),
 }
 
-type Routes = Arc<Mutex<Option<HashMap<u32, mpsc::UnboundedSender<StreamEvent>>>>>;
+/// Where a stream's events go, and how many data bytes wait there unread.
+struct Route {
+    tx: mpsc::UnboundedSender<StreamEvent>,
+    buffered: Arc<AtomicUsize>,
+}
+
+impl Route {
+    fn new() -> (Self, mpsc::UnboundedReceiver<StreamEvent>, Arc<AtomicUsize>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let buffered = Arc::new(AtomicUsize::new(0));
+        (
+            Self {
+                tx,
+                buffered: buffered.clone(),
+            },
+            rx,
+            buffered,
+        )
+    }
+}
+
+/// Unread output a stream may hold on the host before it is cut off: a consumer that
+/// stops reading must not make the host buffer a guest's output without bound. (A safety
+/// net: per-stream flow control, where the agent waits for the host's credit, would slow
+/// the guest down instead.)
+pub const MAX_UNREAD_BYTES: usize = 64 * 1024 * 1024;
+
+type Routes = Arc<Mutex<Option<HashMap<u32, Route>>>>;
 
 /// A connection to one guest agent. Cheap to clone; all clones share the connection.
 #[derive(Clone)]
@@ -90,7 +117,7 @@ impl AgentClient {
                 }
             }
         });
-        tokio::spawn(read_loop(read_half, routes.clone()));
+        tokio::spawn(read_loop(read_half, routes.clone(), writer.clone()));
         let nonce = now_ns();
         let (version, agent_version) = hello_exchange(&writer, &routes, nonce, timeout).await?;
         Ok(Self {
@@ -144,14 +171,15 @@ impl AgentClient {
     pub async fn open(&self, request: &Request) -> Result<Stream, ClientError> {
         let id = self.next_stream_id();
         let frame = control_frame(id, request)?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (route, rx, buffered) = Route::new();
         match self.inner.routes.lock().unwrap().as_mut() {
-            Some(routes) => routes.insert(id, tx),
+            Some(routes) => routes.insert(id, route),
             None => return Err(ClientError::Disconnected),
         };
         let stream = Stream {
             id,
             rx,
+            buffered,
             client: self.clone(),
             finished: false,
         };
@@ -342,13 +370,14 @@ impl AgentClient {
     #[doc(hidden)]
     pub fn stream_for_test(&self) -> Stream {
         let id = self.next_stream_id();
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (route, rx, buffered) = Route::new();
         if let Some(routes) = self.inner.routes.lock().unwrap().as_mut() {
-            routes.insert(id, tx);
+            routes.insert(id, route);
         }
         Stream {
             id,
             rx,
+            buffered,
             client: self.clone(),
             finished: false,
         }
@@ -363,9 +392,9 @@ async fn hello_exchange(
     nonce: u64,
     timeout: Duration,
 ) -> Result<(u32, String), ClientError> {
-    let (hello_tx, mut hello_rx) = mpsc::unbounded_channel();
+    let (route, mut hello_rx, _) = Route::new();
     match routes.lock().unwrap().as_mut() {
-        Some(r) => r.insert(0, hello_tx),
+        Some(r) => r.insert(0, route),
         None => return Err(ClientError::Disconnected),
     };
     let deadline = tokio::time::Instant::now() + timeout;
@@ -467,7 +496,11 @@ async fn send_frame(writer: &mpsc::Sender<Vec<u8>>, bytes: Vec<u8>) -> Result<()
 }
 
 /// Routes incoming frames to streams until the socket closes, then closes every stream.
-async fn read_loop(mut socket: tokio::net::unix::OwnedReadHalf, routes: Routes) {
+async fn read_loop(
+    mut socket: tokio::net::unix::OwnedReadHalf,
+    routes: Routes,
+    writer: mpsc::Sender<Vec<u8>>,
+) {
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -505,11 +538,29 @@ async fn read_loop(mut socket: tokio::net::unix::OwnedReadHalf, routes: Routes) 
             };
             let mut guard = routes.lock().unwrap();
             let Some(table) = guard.as_mut() else { return };
-            if let Some(tx) = table.get(&stream) {
-                let _ = tx.send(event);
-                if last && stream != 0 {
+            let Some(route) = table.get(&stream) else {
+                continue;
+            };
+            if let StreamEvent::Data(_, bytes) = &event {
+                let unread = route.buffered.fetch_add(bytes.len(), Ordering::Relaxed) + bytes.len();
+                if unread > MAX_UNREAD_BYTES {
+                    // Cut the stream off: end it in the agent, tell the consumer why.
+                    let _ = route.tx.send(StreamEvent::Reply(Reply::Error(AgentError::new(
+                        agent_protocol::ErrorCode::Busy,
+                        format!(
+                            "more than {MAX_UNREAD_BYTES} bytes of output went unread; read the stream as it arrives, or run the command in the background and attach later"
+                        ),
+                    ))));
                     table.remove(&stream);
+                    if let Ok(frame) = control_frame(stream, &Request::Cancel) {
+                        let _ = writer.try_send(frame);
+                    }
+                    continue;
                 }
+            }
+            let _ = route.tx.send(event);
+            if last && stream != 0 {
+                table.remove(&stream);
             }
         }
     }
@@ -521,6 +572,8 @@ async fn read_loop(mut socket: tokio::net::unix::OwnedReadHalf, routes: Routes) 
 pub struct Stream {
     id: u32,
     rx: mpsc::UnboundedReceiver<StreamEvent>,
+    /// Data bytes received but not yet taken by [`Stream::next`].
+    buffered: Arc<AtomicUsize>,
     client: AgentClient,
     finished: bool,
 }
@@ -534,15 +587,25 @@ impl Stream {
     /// The next event; `Disconnected` if the connection closed first.
     pub async fn next(&mut self) -> Result<StreamEvent, ClientError> {
         let event = self.rx.recv().await.ok_or(ClientError::Disconnected)?;
-        if let StreamEvent::Reply(r) = &event {
-            self.finished |= r.is_final();
-        }
+        self.took(&event);
         Ok(event)
+    }
+
+    fn took(&mut self, event: &StreamEvent) {
+        match event {
+            StreamEvent::Reply(r) => self.finished |= r.is_final(),
+            StreamEvent::Data(_, bytes) => {
+                self.buffered.fetch_sub(bytes.len(), Ordering::Relaxed);
+            }
+            StreamEvent::Eof(_) => {}
+        }
     }
 
     /// An event that has already arrived, without waiting.
     pub fn try_next(&mut self) -> Option<StreamEvent> {
-        self.rx.try_recv().ok()
+        let event = self.rx.try_recv().ok()?;
+        self.took(&event);
+        Some(event)
     }
 
     /// Sends bytes on the input channel, in frames of at most [`DATA_CHUNK`] bytes.

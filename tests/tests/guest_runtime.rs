@@ -117,6 +117,60 @@ async fn ten_megabytes_of_stdout_arrive_complete_and_in_order() {
 }
 
 #[tokio::test]
+async fn output_nobody_reads_is_cut_off_instead_of_filling_the_host() {
+    let vm = driver().await.boot(&minimal()).await.unwrap();
+    let limit = agent_client::MAX_UNREAD_BYTES;
+    let mb = limit / (1 << 20) + 16;
+    let mut p = vm
+        .agent()
+        .exec(sh(&format!(
+            "dd if=/dev/zero bs=1M count={mb} 2>/dev/null; echo done"
+        )))
+        .await
+        .unwrap();
+    // Read nothing while the guest writes more than the limit.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let rss_kib = |s: &str| -> u64 {
+        s.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let before = rss_kib(&status);
+    // The cut-off cancels the command in the guest: dd goes away.
+    loop {
+        assert!(Instant::now() < deadline, "the stream was never cut off");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let out = vm
+            .agent()
+            .run(sh("ps | grep -c '[d]d if=/dev/zero' || true"))
+            .await
+            .unwrap();
+        if out.stdout_str().trim() == "0" {
+            break;
+        }
+    }
+    // What was buffered drains, then the stream ends with the cut-off, never "done".
+    let err = loop {
+        match p.next_event().await {
+            Ok(Some(ProcessEvent::Stdout(_))) => {}
+            Ok(other) => panic!("expected the cut-off, got {other:?}"),
+            Err(e) => break e,
+        }
+    };
+    assert!(err.to_string().contains("went unread"), "{err}");
+    let grown =
+        rss_kib(&std::fs::read_to_string("/proc/self/status").unwrap()).saturating_sub(before);
+    assert!(
+        grown < 2 * limit as u64 / 1024,
+        "the host buffered {grown} KiB for a {} KiB limit",
+        limit / 1024
+    );
+}
+
+#[tokio::test]
 async fn a_64_mib_file_uploads_and_downloads_intact() {
     let vm = driver().await.boot(&minimal()).await.unwrap();
     // Pseudo-random, so a dropped or repeated chunk changes the hash.
