@@ -228,13 +228,12 @@ async fn list(
         }
     }
     let mut metadata = BTreeMap::new();
-    for (k, v) in pairs.iter().filter(|(k, _)| k == "metadata") {
+    for (_, v) in pairs.iter().filter(|(k, _)| k == "metadata") {
         let (mk, mv) = v.split_once('=').ok_or_else(|| {
             ApiError::bad_request(format!(
                 "metadata filter {v:?} is not key=value; send metadata=key=value"
             ))
         })?;
-        let _ = k;
         metadata.insert(mk.to_string(), mv.to_string());
     }
     let query = ListQuery {
