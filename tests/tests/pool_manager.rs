@@ -57,15 +57,29 @@ impl Api {
     }
 
     async fn get(&self, id: &str) -> Value {
-        let (status, v) = self
-            .call(reqwest::Method::GET, &format!("/v1/sandboxes/{id}"), None)
-            .await;
+        let (status, v) = self.fetch(&format!("/v1/sandboxes/{id}")).await;
         assert_eq!(status, StatusCode::OK, "{v}");
         v
     }
 
     async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
         self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// GET on the control API.
+    async fn fetch(&self, path: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    /// Deletes a sandbox.
+    async fn delete(&self, id: &str) -> StatusCode {
+        self.call(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{id}"),
+            None,
+        )
+        .await
+        .0
     }
 
     /// Polls a sandbox until `state`, failing after `within`.
@@ -200,36 +214,20 @@ async fn create_exec_files_delete_with_events() {
 
     // get never shows internal states; fields= projects.
     let (_, projected) = api
-        .call(
-            reqwest::Method::GET,
-            &format!("/v1/sandboxes/{id}?fields=state,metadata"),
-            None,
-        )
+        .fetch(&format!("/v1/sandboxes/{id}?fields=state,metadata"))
         .await;
     assert_eq!(
         projected,
         json!({ "sandboxID": id, "state": "running", "metadata": { "purpose": "test" } })
     );
 
-    let (status, _) = api
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/v1/sandboxes/{id}"),
-            None,
-        )
-        .await;
+    let status = api.delete(&id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(api.get(&id).await["state"], "deleted");
     let resp = rt.post("/commands", json!({ "cmd": "true" })).await;
     assert_eq!(resp.status(), StatusCode::CONFLICT);
 
-    let (_, events) = api
-        .call(
-            reqwest::Method::GET,
-            &format!("/v1/sandboxes/{id}/events"),
-            None,
-        )
-        .await;
+    let (_, events) = api.fetch(&format!("/v1/sandboxes/{id}/events")).await;
     let kinds: Vec<&str> = events["events"]
         .as_array()
         .unwrap()
@@ -248,11 +246,7 @@ async fn create_exec_files_delete_with_events() {
         .collect();
     assert_eq!(ids, [1, 2, 3]);
     let (_, after) = api
-        .call(
-            reqwest::Method::GET,
-            &format!("/v1/sandboxes/{id}/events?after_event_id=1"),
-            None,
-        )
+        .fetch(&format!("/v1/sandboxes/{id}/events?after_event_id=1"))
         .await;
     assert_eq!(after["events"].as_array().unwrap().len(), 2);
     // Nothing of the VM is left.
@@ -424,17 +418,9 @@ async fn bad_requests_are_refused_with_what_to_send() {
     .call(reqwest::Method::GET, "/v1/sandboxes", None)
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
-    let (status, v) = api
-        .call(reqwest::Method::GET, "/v1/sandboxes?limit=0", None)
-        .await;
+    let (status, v) = api.fetch("/v1/sandboxes?limit=0").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
-    let (status, v) = api
-        .call(
-            reqwest::Method::GET,
-            "/v1/sandboxes?nextToken=garbage",
-            None,
-        )
-        .await;
+    let (status, v) = api.fetch("/v1/sandboxes?nextToken=garbage").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
 }
 
@@ -475,9 +461,7 @@ async fn list_pages_through_a_metadata_filter() {
     }
     assert_eq!(pages, 3);
     assert_eq!(seen, blue);
-    let (_, running) = api
-        .call(reqwest::Method::GET, "/v1/sandboxes?state=paused", None)
-        .await;
+    let (_, running) = api.fetch("/v1/sandboxes?state=paused").await;
     assert!(running["sandboxes"].as_array().unwrap().is_empty());
 }
 
@@ -540,13 +524,7 @@ async fn timeouts_kill_or_pause_and_connect_resumes_with_memory() {
         .find(|p| p["pid"].as_u64() == Some(pid))
         .unwrap_or_else(|| panic!("the background process survived the pause: {listed}"));
     assert!(sleeper.get("exit").is_none(), "{sleeper}");
-    let (status, _) = api
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/v1/sandboxes/{id}"),
-            None,
-        )
-        .await;
+    let status = api.delete(&id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
 
@@ -594,7 +572,7 @@ async fn teams_cannot_see_or_reach_each_others_sandboxes() {
         let (status, v) = b.call(method, &path, None).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {v}");
     }
-    let (_, listed) = b.call(reqwest::Method::GET, "/v1/sandboxes", None).await;
+    let (_, listed) = b.fetch("/v1/sandboxes").await;
     let ids: Vec<&str> = listed["sandboxes"]
         .as_array()
         .unwrap()
@@ -685,13 +663,7 @@ async fn a_killed_daemon_restarts_and_re_adopts_running_sandboxes() {
         Duration::from_secs(30),
     )
     .await;
-    let (status, _) = api
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/v1/sandboxes/{id}"),
-            None,
-        )
-        .await;
+    let status = api.delete(&id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     // Nothing orphaned: both adopted QEMUs are gone.
     assert!(
@@ -787,7 +759,7 @@ async fn twenty_concurrent_creates_and_deletes_leave_nothing() {
     for t in tasks {
         t.await.unwrap();
     }
-    let (_, listed) = api.call(reqwest::Method::GET, "/v1/sandboxes", None).await;
+    let (_, listed) = api.fetch("/v1/sandboxes").await;
     assert!(
         listed["sandboxes"].as_array().unwrap().is_empty(),
         "{listed}"
