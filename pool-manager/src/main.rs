@@ -218,7 +218,17 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     }
     tracing::info!(keep_vms, "shutting down");
     let _ = stop_tx.send(true);
-    manager.shutdown(keep_vms).await;
+    if tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        manager.shutdown(keep_vms),
+    )
+    .await
+    .is_err()
+    {
+        tracing::error!(
+            "shutdown took over 20 s; exiting anyway (the next start reaps or adopts what is left)"
+        );
+    }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), servers).await;
     Ok(())
 }

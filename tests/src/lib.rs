@@ -217,7 +217,7 @@ impl Daemon {
             }
         });
         let line = rx
-            .recv_timeout(std::time::Duration::from_secs(180))
+            .recv_timeout(std::time::Duration::from_secs(120))
             .expect("the daemon announces its addresses and readiness");
         let urls: Vec<String> = line
             .split_whitespace()
@@ -270,7 +270,15 @@ impl Daemon {
         if let Some(mut child) = self.child.take() {
             // SAFETY: kill has no memory-safety preconditions.
             unsafe { libc::kill(child.id() as i32, signal) };
-            let _ = child.wait();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() {
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the pool manager did not stop within 30 s of signal {signal}");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
         self.state.clone()
     }

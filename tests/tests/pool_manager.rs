@@ -524,7 +524,7 @@ async fn timeouts_kill_or_pause_and_connect_resumes_with_memory() {
         .find(|p| p["pid"].as_u64() == Some(pid))
         .unwrap_or_else(|| panic!("the background process survived the pause: {listed}"));
     assert!(sleeper.get("exit").is_none(), "{sleeper}");
-    let status = api.delete(&id).await;
+    let status = api.delete(id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
 

@@ -47,7 +47,18 @@ impl Qmp {
     pub async fn connect(socket: UnixStream) -> Result<Self, QmpError> {
         let (read_half, write_half) = socket.into_split();
         let mut lines = BufReader::new(read_half).lines();
-        let greeting = lines.next_line().await?.ok_or(QmpError::Closed)?;
+        // QEMU serves one QMP client at a time: a greeting that never comes means another
+        // client still holds the monitor.
+        let wait = Duration::from_secs(10);
+        let greeting = tokio::time::timeout(wait, lines.next_line())
+            .await
+            .map_err(|_| {
+                QmpError::Timeout(
+                    "the QMP greeting (is another client connected?)".into(),
+                    wait,
+                )
+            })??
+            .ok_or(QmpError::Closed)?;
         if !greeting.contains("\"QMP\"") {
             return Err(QmpError::Protocol(format!(
                 "unexpected greeting: {greeting}"
