@@ -3,7 +3,7 @@
 //! a team sees only its own sandboxes.
 
 use crate::error::ApiError;
-use crate::model::CreateRequest;
+use crate::model::{CreateRequest, SandboxView};
 use crate::sandboxes::{ListQuery, Manager};
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -67,6 +67,20 @@ pub fn router(manager: Arc<Manager>) -> Router {
             }))
         })
         .with_state(manager)
+}
+
+/// The calling team, resolved from the request's API key.
+pub struct Caller(pub String);
+
+impl axum::extract::FromRequestParts<Arc<Manager>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        m: &Arc<Manager>,
+    ) -> Result<Self, ApiError> {
+        team(m, &parts.headers).map(Caller)
+    }
 }
 
 /// The caller's team, from `X-API-Key` or `Authorization: Bearer`.
@@ -186,10 +200,9 @@ fn reject_unknown_params(pairs: &[(String, String)], allowed: &[&str]) -> Result
 
 async fn create(
     State(m): State<Arc<Manager>>,
-    headers: HeaderMap,
+    Caller(team): Caller,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let team = team(&m, &headers)?;
     let req: CreateRequest = parse_body(&body)?;
     let view = m.create(&team, req).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
@@ -197,10 +210,9 @@ async fn create(
 
 async fn list(
     State(m): State<Arc<Manager>>,
-    headers: HeaderMap,
+    Caller(team): Caller,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let team = team(&m, &headers)?;
     let pairs = query_pairs(&q);
     reject_unknown_params(
         &pairs,
@@ -253,11 +265,10 @@ async fn list(
 
 async fn detail(
     State(m): State<Arc<Manager>>,
-    headers: HeaderMap,
+    Caller(team): Caller,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let team = team(&m, &headers)?;
     let pairs = query_pairs(&q);
     reject_unknown_params(&pairs, &["fields"])?;
     let view = m.get(&team, &id)?;
@@ -283,85 +294,68 @@ struct RefreshBody {
 
 async fn connect(
     State(m): State<Arc<Manager>>,
-    headers: HeaderMap,
+    Caller(team): Caller,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let team = team(&m, &headers)?;
+) -> Result<Json<SandboxView>, ApiError> {
     let b: TimeoutBody = parse_body(&body)?;
-    Ok(Json(
-        serde_json::to_value(m.connect(&team, &id, b.timeout).await?).expect("json"),
-    ))
+    Ok(Json(m.connect(&team, &id, b.timeout).await?))
 }
 
 async fn pause(
     State(m): State<Arc<Manager>>,
-    headers: HeaderMap,
+    Caller(team): Caller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let team = team(&m, &headers)?;
-    Ok(Json(
-        serde_json::to_value(m.pause(&team, &id).await?).expect("json"),
-    ))
+) -> Result<Json<SandboxView>, ApiError> {
+    Ok(Json(m.pause(&team, &id).await?))
 }
 
 async fn resume(
     State(m): State<Arc<Manager>>,
-    headers: HeaderMap,
+    Caller(team): Caller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let team = team(&m, &headers)?;
-    Ok(Json(
-        serde_json::to_value(m.resume(&team, &id).await?).expect("json"),
-    ))
+) -> Result<Json<SandboxView>, ApiError> {
+    Ok(Json(m.resume(&team, &id).await?))
 }
 
 async fn refresh(
     State(m): State<Arc<Manager>>,
-    headers: HeaderMap,
+    Caller(team): Caller,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let team = team(&m, &headers)?;
+) -> Result<Json<SandboxView>, ApiError> {
     let b: RefreshBody = parse_body(&body)?;
-    Ok(Json(
-        serde_json::to_value(m.refresh(&team, &id, b.duration)?).expect("json"),
-    ))
+    Ok(Json(m.refresh(&team, &id, b.duration)?))
 }
 
 async fn set_timeout(
     State(m): State<Arc<Manager>>,
-    headers: HeaderMap,
+    Caller(team): Caller,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let team = team(&m, &headers)?;
+) -> Result<Json<SandboxView>, ApiError> {
     let b: TimeoutBody = parse_body(&body)?;
     let seconds = b
         .timeout
         .ok_or_else(|| ApiError::bad_request("timeout is required; send {\"timeout\": seconds}"))?;
-    Ok(Json(
-        serde_json::to_value(m.set_timeout(&team, &id, seconds)?).expect("json"),
-    ))
+    Ok(Json(m.set_timeout(&team, &id, seconds)?))
 }
 
 async fn delete(
     State(m): State<Arc<Manager>>,
-    headers: HeaderMap,
+    Caller(team): Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let team = team(&m, &headers)?;
     m.delete(&team, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn events(
     State(m): State<Arc<Manager>>,
-    headers: HeaderMap,
+    Caller(team): Caller,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let team = team(&m, &headers)?;
     m.owned(&team, &id)?;
     let pairs = query_pairs(&q);
     reject_unknown_params(&pairs, &["after_event_id", "limit"])?;

@@ -33,6 +33,8 @@ pub struct Manager {
     edge_url: String,
     state_dir: PathBuf,
     slots: Mutex<HashMap<String, Slot>>,
+    /// Template snapshots already in the catalog.
+    recorded_templates: Mutex<std::collections::HashSet<String>>,
 }
 
 fn now_ms() -> i64 {
@@ -57,6 +59,7 @@ impl Manager {
             edge_url,
             state_dir,
             slots: Mutex::default(),
+            recorded_templates: Mutex::default(),
         }
     }
 
@@ -388,8 +391,16 @@ impl Manager {
             .snapshot(&record.template_id, res.vcpus, res.mem_mib)
             .await
             .map_err(|e| ApiError::internal(format!("template snapshot: {e}")))?;
-        self.catalog
-            .record_snapshot("template", None, Some(&record.template_id), &snapshot)?;
+        // Once per template snapshot, not on every create: it is a synchronous write.
+        if self
+            .recorded_templates
+            .lock()
+            .unwrap()
+            .insert(snapshot.manifest().id.clone())
+        {
+            self.catalog
+                .record_snapshot("template", None, Some(&record.template_id), &snapshot)?;
+        }
         let options = RestoreOptions {
             memory: RestoreMemory::CopyOnWrite,
             disk_mib: Some(res.disk_mib),
@@ -464,12 +475,21 @@ impl Manager {
         }
     }
 
+    /// Locks the sandbox's slot and reads its record under the lock. Ownership is checked
+    /// first, so another team's ID never gets a slot.
+    async fn lock_owned(
+        &self,
+        team: &str,
+        id: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<Option<QemuVm>>, SandboxRecord), ApiError> {
+        self.owned(team, id)?;
+        let guard = self.slot(id).lock_owned().await;
+        Ok((guard, self.owned(team, id)?))
+    }
+
     /// Takes a pause snapshot on this host's disk and ends the VM.
     pub async fn pause(&self, team: &str, id: &str) -> Result<SandboxView, ApiError> {
-        self.owned(team, id)?;
-        let slot = self.slot(id);
-        let mut vm_slot = slot.lock().await;
-        let mut r = self.owned(team, id)?;
+        let (mut vm_slot, mut r) = self.lock_owned(team, id).await?;
         match r.state {
             InternalState::Active => {}
             InternalState::Stopped => return Ok(self.view(&r, false)),
@@ -509,10 +529,7 @@ impl Manager {
 
     /// Restores a paused sandbox from its pause snapshot.
     pub async fn resume(&self, team: &str, id: &str) -> Result<SandboxView, ApiError> {
-        self.owned(team, id)?;
-        let slot = self.slot(id);
-        let mut vm_slot = slot.lock().await;
-        let mut r = self.owned(team, id)?;
+        let (mut vm_slot, mut r) = self.lock_owned(team, id).await?;
         match r.state {
             InternalState::Stopped => {}
             InternalState::Active => return Ok(self.view(&r, true)),

@@ -713,37 +713,49 @@ async fn create_overlay(
     overlay: &Path,
     size_mib: u64,
 ) -> Result<(), VmmError> {
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", backing_format, "-b"])
-        .arg(backing)
-        .arg(overlay)
-        .arg(format!("{size_mib}M"))
-        .output()
-        .await
-        .map_err(|e| VmmError::Host(format!("running qemu-img: {e}; install qemu-utils")))?;
-    if !out.status.success() {
-        return Err(VmmError::Host(format!(
-            "qemu-img create failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    qemu_img(&[
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-F".as_ref(),
+        backing_format.as_ref(),
+        "-b".as_ref(),
+        backing.as_os_str(),
+        overlay.as_os_str(),
+        format!("{size_mib}M").as_ref(),
+    ])
+    .await
+    .map_err(|e| VmmError::Host(format!("qemu-img create failed: {e}")))
 }
+
 /// Rebases a qcow2 overlay onto `rootfs` (raw), copying into it whatever of its
 /// current backing chain differs from the rootfs.
 async fn rebase(overlay: &Path, rootfs: &Path) -> Result<(), VmmError> {
+    qemu_img(&[
+        "rebase".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-F".as_ref(),
+        "raw".as_ref(),
+        "-b".as_ref(),
+        rootfs.as_os_str(),
+        overlay.as_os_str(),
+    ])
+    .await
+    .map_err(|e| VmmError::Snapshot(format!("flattening the disk: qemu-img rebase failed: {e}")))
+}
+
+/// Runs `qemu-img` with `args`; the error is what it printed.
+async fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), String> {
     let out = tokio::process::Command::new("qemu-img")
-        .args(["rebase", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(rootfs)
-        .arg(overlay)
+        .args(args)
         .output()
         .await
-        .map_err(|e| VmmError::Host(format!("running qemu-img: {e}; install qemu-utils")))?;
+        .map_err(|e| format!("running qemu-img: {e}; install qemu-utils"))?;
     if !out.status.success() {
-        return Err(VmmError::Snapshot(format!(
-            "flattening the disk: qemu-img rebase failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
     }
     Ok(())
 }
@@ -919,11 +931,6 @@ impl QemuVm {
     /// The VM's directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    /// The configured memory in MiB.
-    pub fn mem_mib(&self) -> u32 {
-        self.launch.mem_mib
     }
 
     /// The last `max` bytes of the guest's serial console.
