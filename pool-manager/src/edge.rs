@@ -2,12 +2,12 @@
 //! reached with the runtime token from create/connect. Output streams as NDJSON while the
 //! command runs; file bodies stream in both directions.
 
-use crate::api::parse_body;
-use crate::error::ApiError;
+use crate::error::{agent_error, ApiError};
 use crate::sandboxes::Manager;
 use crate::tokens::{TokenError, TokenSigner};
 use agent_client::{AgentClient, ProcessEvent, StdinWriter};
 use agent_protocol::{Command, ExecRequest};
+use api_model::parse_body;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -174,7 +174,7 @@ fn stream_process(edge: &Edge, id: &str, process: agent_client::Process) -> Resp
             }
             Err(e) => {
                 stdin_map.lock().unwrap().remove(&key);
-                let err = ApiError::from(e);
+                let err = agent_error(e);
                 return Some((
                     Ok(ndjson_line(
                         json!({ "event": "error", "code": err.code, "message": err.message }),
@@ -223,7 +223,8 @@ async fn run(
             // backlog for whoever attaches.
             attach: !b.background,
         })
-        .await?;
+        .await
+        .map_err(agent_error)?;
     if b.background {
         return Ok((StatusCode::CREATED, Json(json!({ "pid": process.pid() }))).into_response());
     }
@@ -236,7 +237,9 @@ async fn list_commands(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
-    Ok(Json(json!({ "processes": agent.processes().await? })))
+    Ok(Json(
+        json!({ "processes": agent.processes().await.map_err(agent_error)? }),
+    ))
 }
 
 async fn attach(
@@ -245,7 +248,7 @@ async fn attach(
     JsonErr(Path((id, pid))): JsonErr<Path<(String, u32)>>,
 ) -> Result<Response, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
-    let process = agent.attach(pid).await?;
+    let process = agent.attach(pid).await.map_err(agent_error)?;
     Ok(stream_process(&edge, &id, process))
 }
 
@@ -276,10 +279,10 @@ async fn stdin(
             ))
         })?;
     if !body.is_empty() {
-        writer.write(&body).await?;
+        writer.write(&body).await.map_err(agent_error)?;
     }
     if q.eof {
-        writer.close().await?;
+        writer.close().await.map_err(agent_error)?;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -298,7 +301,7 @@ async fn signal(
 ) -> Result<StatusCode, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
     let b: SignalBody = parse_body(&body)?;
-    agent.signal(pid, b.signal).await?;
+    agent.signal(pid, b.signal).await.map_err(agent_error)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -319,9 +322,9 @@ async fn download(
     JsonErr(Query(q)): JsonErr<Query<PathQuery>>,
 ) -> Result<Response, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
-    let mut download = agent.download(&q.path).await?;
+    let mut download = agent.download(&q.path).await.map_err(agent_error)?;
     // The first chunk (or error) decides the status; the rest streams.
-    let first = download.chunk().await?;
+    let first = download.chunk().await.map_err(agent_error)?;
     let head = futures::stream::iter(first.map(|c| Ok::<Bytes, std::io::Error>(Bytes::from(c))));
     let rest = futures::stream::unfold(download, |mut d| async move {
         match d.chunk().await {
@@ -353,14 +356,17 @@ async fn upload(
             })
         })
         .transpose()?;
-    let mut upload = agent.upload(&q.path, mode, q.user.as_deref()).await?;
+    let mut upload = agent
+        .upload(&q.path, mode, q.user.as_deref())
+        .await
+        .map_err(agent_error)?;
     let mut body = body.into_data_stream();
     while let Some(chunk) = body.next().await {
         let chunk =
             chunk.map_err(|e| ApiError::bad_request(format!("reading the upload body: {e}")))?;
-        upload.send(&chunk).await?;
+        upload.send(&chunk).await.map_err(agent_error)?;
     }
-    let bytes = upload.finish().await?;
+    let bytes = upload.finish().await.map_err(agent_error)?;
     Ok(Json(json!({ "path": q.path, "bytes": bytes })))
 }
 
@@ -371,7 +377,7 @@ async fn remove(
     JsonErr(Query(q)): JsonErr<Query<PathQuery>>,
 ) -> Result<StatusCode, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
-    agent.remove(&q.path).await?;
+    agent.remove(&q.path).await.map_err(agent_error)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -382,7 +388,9 @@ async fn list_dir(
     JsonErr(Query(q)): JsonErr<Query<PathQuery>>,
 ) -> Result<Json<Value>, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
-    Ok(Json(json!({ "entries": agent.list_dir(&q.path).await? })))
+    Ok(Json(
+        json!({ "entries": agent.list_dir(&q.path).await.map_err(agent_error)? }),
+    ))
 }
 
 async fn stat(
@@ -393,7 +401,7 @@ async fn stat(
 ) -> Result<Json<Value>, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
     Ok(Json(
-        serde_json::to_value(agent.stat(&q.path).await?).expect("json"),
+        serde_json::to_value(agent.stat(&q.path).await.map_err(agent_error)?).expect("json"),
     ))
 }
 
@@ -413,7 +421,10 @@ async fn mkdir(
 ) -> Result<StatusCode, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
     let b: MkdirBody = parse_body(&body)?;
-    agent.mkdir(&b.path, b.user.as_deref()).await?;
+    agent
+        .mkdir(&b.path, b.user.as_deref())
+        .await
+        .map_err(agent_error)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -432,6 +443,6 @@ async fn rename(
 ) -> Result<StatusCode, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
     let b: RenameBody = parse_body(&body)?;
-    agent.rename(&b.from, &b.to).await?;
+    agent.rename(&b.from, &b.to).await.map_err(agent_error)?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,5 +1,6 @@
 //! Sandbox records, their states, and the JSON shapes of the internal API.
 
+pub use api_model::{CreateRequest, OnTimeout, Resources};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -29,37 +30,6 @@ impl InternalState {
             InternalState::Failed => "error",
         }
     }
-}
-
-/// CPU, memory and disk of a sandbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Resources {
-    pub vcpus: u32,
-    #[serde(rename = "memMiB")]
-    pub mem_mib: u32,
-    #[serde(rename = "diskSizeMiB")]
-    pub disk_mib: u64,
-}
-
-impl Default for Resources {
-    fn default() -> Self {
-        Self {
-            vcpus: 2,
-            mem_mib: 2048,
-            disk_mib: 8192,
-        }
-    }
-}
-
-/// What happens when a sandbox's timeout passes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum OnTimeout {
-    #[default]
-    Kill,
-    Pause,
-    Hibernate,
 }
 
 /// One step of a sandbox's life, for people.
@@ -129,44 +99,6 @@ pub fn iso8601(ms: i64) -> String {
     chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// `lifecycle` of a create request.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct LifecycleRequest {
-    #[serde(default)]
-    pub on_timeout: Option<OnTimeout>,
-    #[serde(default)]
-    pub auto_resume: Option<bool>,
-}
-
-/// The body of a create.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CreateRequest {
-    #[serde(rename = "templateID")]
-    pub template_id: String,
-    #[serde(default)]
-    pub timeout: Option<u64>,
-    #[serde(default)]
-    pub wait_ready: Option<bool>,
-    #[serde(default)]
-    pub env_vars: BTreeMap<String, String>,
-    #[serde(default)]
-    pub metadata: BTreeMap<String, String>,
-    #[serde(default)]
-    pub auto_pause: Option<bool>,
-    #[serde(default)]
-    pub lifecycle: Option<LifecycleRequest>,
-    #[serde(default)]
-    pub resources: Option<Resources>,
-    #[serde(default)]
-    pub egress: Option<serde_json::Value>,
-    #[serde(default)]
-    pub mounts: Option<serde_json::Value>,
-    #[serde(default)]
-    pub warm_pool: Option<serde_json::Value>,
 }
 
 /// Where and how a client reaches a sandbox's data plane.
@@ -244,13 +176,5 @@ mod tests {
         ] {
             assert_eq!(s.public(), public);
         }
-    }
-
-    #[test]
-    fn create_requests_reject_unknown_fields() {
-        let err = serde_json::from_str::<CreateRequest>(r#"{"templateID":"base","timeoutMs":5}"#)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("timeoutMs"), "{err}");
     }
 }

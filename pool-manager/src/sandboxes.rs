@@ -17,11 +17,6 @@ use std::sync::{Arc, Mutex};
 use tracing::{info, warn, Instrument};
 use vmm::{QemuVm, QemuVmm, RestoreMemory, RestoreOptions, Snapshot, Vm};
 
-/// Default lifetime of a sandbox.
-pub const DEFAULT_TIMEOUT_S: u64 = 300;
-/// Longest lifetime one call may set.
-pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
-
 type Slot = Arc<tokio::sync::Mutex<Option<QemuVm>>>;
 
 /// Owns every sandbox on this host.
@@ -230,72 +225,19 @@ impl Manager {
             return Err(ApiError::not_found("template", &req.template_id)
                 .with_details(serde_json::json!({ "field": "templateID", "available": BUILTIN })));
         }
-        for (field, given) in [
-            ("egress", req.egress.is_some()),
-            ("mounts", req.mounts.is_some()),
-            ("warmPool", req.warm_pool.is_some()),
-        ] {
-            if given {
-                return Err(ApiError::not_implemented(
-                    field,
-                    format!("{field} is not available yet on this server; omit it"),
-                ));
-            }
-        }
-        let lifecycle = req.lifecycle.unwrap_or_default();
-        if lifecycle.auto_resume.is_some() {
-            return Err(ApiError::not_implemented(
-                "lifecycle.autoResume",
-                "autoResume is not available yet on this server; omit it",
-            ));
-        }
-        let on_timeout =
-            match (req.auto_pause, lifecycle.on_timeout) {
-                (Some(true), Some(OnTimeout::Kill)) | (Some(false), Some(OnTimeout::Pause)) => {
-                    return Err(ApiError::bad_request(
-                        "autoPause and lifecycle.onTimeout disagree; send only lifecycle.onTimeout",
-                    ))
-                }
-                (_, Some(OnTimeout::Hibernate)) => return Err(ApiError::not_implemented(
-                    "lifecycle.onTimeout",
-                    "onTimeout=hibernate is not available yet on this server; send kill or pause",
-                )),
-                (_, Some(o)) => o,
-                (Some(true), None) => OnTimeout::Pause,
-                _ => OnTimeout::Kill,
-            };
-        let timeout_s = validate_timeout(req.timeout.unwrap_or(DEFAULT_TIMEOUT_S))?;
-        let resources = req.resources.unwrap_or_default();
-        if !(1..=16).contains(&resources.vcpus) {
-            return Err(ApiError::bad_request(format!(
-                "resources.vcpus {} is out of range; send 1 to 16",
-                resources.vcpus
-            )));
-        }
-        if !(256..=65536).contains(&resources.mem_mib) {
-            return Err(ApiError::bad_request(format!(
-                "resources.memMiB {} is out of range; send 256 to 65536",
-                resources.mem_mib
-            )));
-        }
+        let valid = req.validate()?;
+        let (on_timeout, timeout_s, resources) =
+            (valid.on_timeout, valid.timeout_s, valid.resources);
         let min_disk = self
             .vmm
             .rootfs_mib(&req.template_id)
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        if resources.disk_mib < min_disk || resources.disk_mib > 1024 * 1024 {
+        if resources.disk_mib < min_disk {
             return Err(ApiError::bad_request(format!(
-                "resources.diskSizeMiB {} is out of range for template {}; send {min_disk} to 1048576",
+                "resources.diskSizeMiB {} is smaller than template {}'s root file system; send at least {min_disk}",
                 resources.disk_mib, req.template_id
             )));
         }
-        for key in req.env_vars.keys() {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(ApiError::bad_request(format!(
-                    "envVars key {key:?} is not a valid variable name; send names without '=' or NUL"
-                )));
-            }
-        }
-        validate_metadata(&req.metadata)?;
         let now = now_ms();
         let mut record = SandboxRecord {
             id: format!("sbx-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
@@ -315,7 +257,7 @@ impl Manager {
             vm_dir: None,
         };
         record.step("requested", None);
-        Ok((record, req.wait_ready.unwrap_or(true)))
+        Ok((record, valid.wait_ready))
     }
 
     /// Creates a sandbox: a restore of its template's snapshot for the asked shape.
@@ -565,7 +507,7 @@ impl Manager {
 
     /// Sets the timeout to `seconds` from now.
     pub fn set_timeout(&self, team: &str, id: &str, seconds: u64) -> Result<SandboxView, ApiError> {
-        let seconds = validate_timeout(seconds)?;
+        let seconds = api_model::validate_timeout(seconds)?;
         let mut r = self.owned(team, id)?;
         if matches!(
             r.state,
@@ -712,31 +654,6 @@ impl Manager {
             }
         }
     }
-}
-
-fn validate_timeout(seconds: u64) -> Result<u64, ApiError> {
-    if !(1..=MAX_TIMEOUT_S).contains(&seconds) {
-        return Err(ApiError::bad_request(format!(
-            "timeout {seconds} is out of range; send seconds from 1 to {MAX_TIMEOUT_S}"
-        )));
-    }
-    Ok(seconds)
-}
-
-fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), ApiError> {
-    if m.len() > 64 {
-        return Err(ApiError::bad_request(
-            "metadata has more than 64 keys; send at most 64",
-        ));
-    }
-    for (k, v) in m {
-        if k.is_empty() || k.len() > 128 || v.len() > 1024 {
-            return Err(ApiError::bad_request(format!(
-                "metadata entry {k:?} is too large or empty; keys 1-128 bytes, values up to 1024"
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Filters and paging of a list.

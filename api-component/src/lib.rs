@@ -1,0 +1,272 @@
+//! Nullspace's public control-plane API (`/api/v1`) as a stateless wasi:http component.
+//!
+//! Every request is checked here — API key present and well formed, path and method,
+//! query parameters, body size, JSON, stale and unknown fields, ranges — and only a
+//! request that passes is forwarded to a pool manager's internal API (`/v1/...`), with the
+//! caller's key, which the pool manager resolves to a team. The component keeps nothing
+//! between requests: one instance serves one request.
+//!
+//! The upstream is `NULLSPACE_UPSTREAM` at build time (default `http://127.0.0.1:7070`).
+//! Our api-host sends every outbound request of the component to its configured pool
+//! manager whatever the authority, so one `.wasm` serves any deployment; under a stock
+//! host (`wasmtime serve`, Spin) the built-in address is used.
+
+use api_model::{
+    fields_param, parse_body, parse_query, reject_unknown_params, ApiError, CreateRequest,
+    EventsParams, ListParams, RefreshBody, TimeoutBody, MAX_BODY_BYTES,
+};
+use spin_sdk::http::{IncomingRequest, Method, Request, Response};
+use spin_sdk::http_component;
+
+/// The pool manager's internal API, as built in.
+const UPSTREAM: &str = match option_env!("NULLSPACE_UPSTREAM") {
+    Some(u) => u,
+    None => "http://127.0.0.1:7070",
+};
+
+/// The public OpenAPI document, served at `/api/v1/openapi.json`.
+const OPENAPI: &str = include_str!("../openapi.json");
+
+#[http_component]
+async fn handle(req: IncomingRequest) -> Response {
+    match serve(req).await {
+        Ok(resp) => resp,
+        Err(e) => error_response(&e),
+    }
+}
+
+/// A body that must be empty or `{}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoFields {}
+
+/// A checked request, ready to forward.
+struct Forward {
+    method: Method,
+    path: String,
+    body: Vec<u8>,
+}
+
+async fn serve(req: IncomingRequest) -> Result<Response, ApiError> {
+    let method = req.method();
+    let path_with_query = req.path_with_query().unwrap_or_default();
+    let (path, query) = match path_with_query.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (path_with_query.clone(), None),
+    };
+    let segments: Vec<&str> = path
+        .strip_prefix("/api/v1")
+        .map(|rest| rest.split('/').filter(|s| !s.is_empty()).collect())
+        .ok_or_else(unknown_route)?;
+
+    // Routes that need no key.
+    match (&method, segments.as_slice()) {
+        (Method::Get, ["openapi.json"]) => {
+            return Ok(json_response(200, OPENAPI.as_bytes().to_vec()))
+        }
+        (Method::Get, ["health"]) => return Ok(json_response(200, br#"{"status":"ok"}"#.to_vec())),
+        _ => {}
+    }
+
+    let headers = req.headers();
+    let header = |name: &str| -> Option<String> {
+        headers
+            .get(&name.to_string())
+            .into_iter()
+            .next()
+            .and_then(|v| String::from_utf8(v).ok())
+    };
+    let (x_api_key, authorization) = (header("x-api-key"), header("authorization"));
+    let key = api_model::api_key(|name| match name {
+        "x-api-key" => x_api_key.as_deref(),
+        "authorization" => authorization.as_deref(),
+        _ => None,
+    })?
+    .to_string();
+    let declared = header("content-length").and_then(|l| l.trim().parse::<usize>().ok());
+    if declared.is_some_and(|l| l > MAX_BODY_BYTES) {
+        return Err(ApiError::too_large(MAX_BODY_BYTES));
+    }
+    drop(headers);
+    let body = read_body(req).await?;
+    let pairs = parse_query(query.as_deref());
+
+    let forward = route(&method, &segments, &pairs, body)?;
+    let url = match &query {
+        Some(q) if !q.is_empty() => format!("{UPSTREAM}{}?{q}", forward.path),
+        _ => format!("{UPSTREAM}{}", forward.path),
+    };
+    let outbound = Request::builder()
+        .method(forward.method)
+        .uri(url)
+        .header("x-api-key", key)
+        .header("content-type", "application/json")
+        .body(forward.body)
+        .build();
+    let upstream: Response = spin_sdk::http::send(outbound).await.map_err(|e| {
+        ApiError::upstream(format!(
+            "the pool manager did not answer ({e}); try again, and check that it runs"
+        ))
+    })?;
+    Ok(json_response(*upstream.status(), upstream.into_body()))
+}
+
+/// Checks a request against its route; returns what to send upstream.
+fn route(
+    method: &Method,
+    segments: &[&str],
+    pairs: &[(String, String)],
+    body: Vec<u8>,
+) -> Result<Forward, ApiError> {
+    let forward = |method: Method, path: String, body: Vec<u8>| Forward { method, path, body };
+    let no_query = || reject_unknown_params(pairs, &[]);
+    match segments {
+        ["sandboxes"] => match method {
+            Method::Post => {
+                no_query()?;
+                let create: CreateRequest = parse_body(&body)?;
+                create.validate()?;
+                Ok(forward(Method::Post, "/v1/sandboxes".into(), body))
+            }
+            Method::Get => {
+                ListParams::parse(pairs)?;
+                empty_body(&body)?;
+                Ok(forward(Method::Get, "/v1/sandboxes".into(), Vec::new()))
+            }
+            _ => Err(not_allowed(method, "/api/v1/sandboxes", "POST or GET")),
+        },
+        ["sandboxes", id] => {
+            let id = sandbox_id(id)?;
+            let path = format!("/v1/sandboxes/{id}");
+            match method {
+                Method::Get => {
+                    reject_unknown_params(pairs, &["fields"])?;
+                    fields_param(pairs)?;
+                    empty_body(&body)?;
+                    Ok(forward(Method::Get, path, Vec::new()))
+                }
+                Method::Delete => {
+                    no_query()?;
+                    empty_body(&body)?;
+                    Ok(forward(Method::Delete, path, Vec::new()))
+                }
+                _ => Err(not_allowed(
+                    method,
+                    "/api/v1/sandboxes/{id}",
+                    "GET or DELETE",
+                )),
+            }
+        }
+        ["sandboxes", id, action] => {
+            let id = sandbox_id(id)?;
+            let path = format!("/v1/sandboxes/{id}/{action}");
+            let allowed = match *action {
+                "connect" | "pause" | "resume" | "refreshes" | "timeout" => "POST",
+                "events" => "GET",
+                _ => return Err(unknown_route()),
+            };
+            if method.to_string() != allowed {
+                return Err(not_allowed(
+                    method,
+                    &format!("/api/v1/sandboxes/{{id}}/{action}"),
+                    allowed,
+                ));
+            }
+            if *action == "events" {
+                EventsParams::parse(pairs)?;
+                empty_body(&body)?;
+                return Ok(forward(Method::Get, path, Vec::new()));
+            }
+            no_query()?;
+            match *action {
+                "connect" => {
+                    parse_body::<TimeoutBody>(&body)?.checked()?;
+                }
+                "timeout" => {
+                    parse_body::<TimeoutBody>(&body)?
+                        .checked()?
+                        .ok_or_else(|| {
+                            ApiError::bad_request(
+                                "timeout is required; send {\"timeout\": seconds}",
+                            )
+                        })?;
+                }
+                "refreshes" => {
+                    parse_body::<RefreshBody>(&body)?.checked()?;
+                }
+                _ => {
+                    parse_body::<NoFields>(&body)?;
+                }
+            }
+            Ok(forward(Method::Post, path, body))
+        }
+        _ => Err(unknown_route()),
+    }
+}
+
+/// A sandbox ID as the pool manager issues them (`sbx-` + 20 hex digits). Anything else
+/// cannot exist, so it is a 404 without a round trip.
+fn sandbox_id<'a>(id: &'a str) -> Result<&'a str, ApiError> {
+    let ok = id
+        .strip_prefix("sbx-")
+        .is_some_and(|h| h.len() == 20 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if ok {
+        Ok(id)
+    } else {
+        Err(ApiError::not_found("sandbox", id))
+    }
+}
+
+fn empty_body(body: &[u8]) -> Result<(), ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request("this route takes no body; send none"))
+    }
+}
+
+fn unknown_route() -> ApiError {
+    ApiError::new(
+        404,
+        "not_found",
+        "no such route; see /api/v1/openapi.json for the routes",
+    )
+}
+
+fn not_allowed(method: &Method, path: &str, allowed: &str) -> ApiError {
+    ApiError::method_not_allowed(&method.to_string(), path, allowed)
+}
+
+/// Reads the request body, refusing more than [`MAX_BODY_BYTES`] whatever the host allows.
+async fn read_body(req: IncomingRequest) -> Result<Vec<u8>, ApiError> {
+    use futures::StreamExt;
+    let mut stream = std::pin::pin!(req.into_body_stream());
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e:?}")))?;
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(ApiError::too_large(MAX_BODY_BYTES));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn json_response(status: u16, body: Vec<u8>) -> Response {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(body)
+        .build()
+}
+
+fn error_response(e: &ApiError) -> Response {
+    let body = serde_json::to_vec(&e.body()).unwrap_or_default();
+    let mut resp = Response::builder();
+    resp.status(e.status)
+        .header("content-type", "application/json");
+    if e.status == 401 {
+        resp.header("www-authenticate", "Bearer");
+    }
+    resp.body(body).build()
+}

@@ -1,0 +1,59 @@
+//! `nullspace-api`: serves the public API component over HTTP.
+//!
+//! ```text
+//! nullspace-api --component FILE.wasm [--listen 127.0.0.1:7080] [--pool-manager http://127.0.0.1:7070]
+//!     [--max-body-bytes 1048576] [--request-timeout-s 60] [--ready-timeout-s 300] [--max-concurrent 256]
+//! ```
+//!
+//! Prints `public API http://ADDR` on stderr once it listens; SIGINT or SIGTERM stop it
+//! gracefully.
+
+mod config;
+mod runtime;
+mod server;
+mod upstream;
+
+use anyhow::Context;
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,wasmtime=warn,cranelift=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = config::HostConfig::from_args(std::env::args().skip(1))?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(config))
+}
+
+async fn run(config: config::HostConfig) -> anyhow::Result<()> {
+    let upstream = upstream::Upstream::new(config.pool_manager.clone(), 64);
+    let started = std::time::Instant::now();
+    let runtime = runtime::ApiRuntime::load(&config.component, config.max_concurrent, upstream)?;
+    tracing::info!(
+        component = %config.component.display(),
+        compile_ms = started.elapsed().as_millis() as u64,
+        "component ready"
+    );
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    eprintln!(
+        "public API http://{} (pool manager http://{})",
+        listener.local_addr()?,
+        config.pool_manager
+    );
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    server::serve(listener, config, runtime, shutdown).await
+}

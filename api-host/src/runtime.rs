@@ -1,0 +1,145 @@
+//! The wasm side: one engine with the pooling allocator, the component compiled and
+//! pre-instantiated once, and a fresh instance in a fresh store for every request.
+
+use crate::upstream::Upstream;
+use anyhow::Context;
+use std::path::Path;
+use std::time::Duration;
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+/// How often running guests yield to other tasks (epoch tick).
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The state of one request's store.
+pub struct RequestState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    upstream: Upstream,
+}
+
+impl WasiView for RequestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for RequestState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.upstream,
+        }
+    }
+}
+
+/// The compiled component, ready to instantiate.
+pub struct ApiRuntime {
+    pre: ProxyPre<RequestState>,
+    upstream: Upstream,
+}
+
+impl ApiRuntime {
+    /// Compiles `component` for an engine sized for `max_concurrent` live instances.
+    pub fn load(component: &Path, max_concurrent: u32, upstream: Upstream) -> anyhow::Result<Self> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(max_concurrent)
+            .total_core_instances(max_concurrent * 4)
+            .total_memories(max_concurrent * 2)
+            .total_tables(max_concurrent * 2)
+            .max_memory_size(64 << 20)
+            // Keeping the first pages resident saves re-faulting the component's data
+            // on every request (~25% in the probe).
+            .linear_memory_keep_resident(2 << 20)
+            .table_keep_resident(64 << 10);
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)?;
+        let bytes = std::fs::read(component)
+            .with_context(|| format!("reading the component {}", component.display()))?;
+        let component = Component::new(&engine, &bytes)
+            .map_err(anyhow::Error::from)
+            .with_context(|| {
+                format!(
+                "{} is not a component this host can run (build it with deploy/build-component.sh)",
+                component.display()
+            )
+            })?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        let pre = ProxyPre::new(linker.instantiate_pre(&component)?)
+            .map_err(anyhow::Error::from)
+            .context("the component does not export wasi:http/incoming-handler")?;
+
+        // Epoch ticks let a long-running guest yield instead of holding a thread.
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
+        Ok(Self { pre, upstream })
+    }
+
+    /// Runs one request in a new instance; resolves to the component's response.
+    pub async fn handle(
+        &self,
+        request: http::Request<wasmtime_wasi_http::p2::body::HyperIncomingBody>,
+    ) -> anyhow::Result<http::Response<HyperOutgoingBody>> {
+        let mut store = Store::new(
+            self.pre.engine(),
+            RequestState {
+                wasi: WasiCtx::builder().inherit_stderr().build(),
+                http: WasiHttpCtx::new(),
+                table: ResourceTable::new(),
+                upstream: self.upstream.clone(),
+            },
+        );
+        store.epoch_deadline_async_yield_and_update(1);
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let req = store
+            .data_mut()
+            .http()
+            .new_incoming_request(Scheme::Http, request)?;
+        let out = store.data_mut().http().new_response_outparam(sender)?;
+        let pre = self.pre.clone();
+        // The guest runs in its own task: it may go on streaming a body after the
+        // response head is out.
+        let task = tokio::spawn(async move {
+            let proxy = pre.instantiate_async(&mut store).await?;
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(store, req, out)
+                .await
+        });
+        match receiver.await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(code)) => Err(anyhow::anyhow!("the component answered an error: {code:?}")),
+            Err(_) => {
+                let why = match task.await {
+                    Ok(Ok(())) => anyhow::anyhow!("the component never set a response"),
+                    Ok(Err(e)) => anyhow::Error::from(e).context("the component failed"),
+                    Err(e) => anyhow::Error::from(e).context("the component task failed"),
+                };
+                Err(why)
+            }
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The HTTP side: accept loop, limits, timeouts, graceful shutdown.
+
+use crate::config::HostConfig;
+use crate::runtime::ApiRuntime;
+use api_model::ApiError;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn, Instrument};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+
+/// How long in-flight requests get to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Bytes a body may run past the limit before the host cuts it: the component enforces
+/// the exact limit itself (and answers 413), the host only bounds what a broken or
+/// foreign component would read.
+const LIMIT_SLACK: usize = 64 * 1024;
+
+struct Shared {
+    config: HostConfig,
+    runtime: ApiRuntime,
+    slots: Semaphore,
+}
+
+/// Serves until `shutdown` resolves, then lets in-flight requests finish.
+pub async fn serve(
+    listener: TcpListener,
+    config: HostConfig,
+    runtime: ApiRuntime,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared {
+        slots: Semaphore::new(config.max_concurrent as usize),
+        config,
+        runtime,
+    });
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let shared = shared.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle(&shared, req).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    info!("shutting down: no new connections; waiting for in-flight requests");
+    tokio::select! {
+        _ = graceful.shutdown() => info!("all connections closed"),
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => warn!("requests still running after {SHUTDOWN_GRACE:?}; stopping anyway"),
+    }
+    Ok(())
+}
+
+/// Whether a request may wait for a sandbox to become ready (a longer time limit).
+fn waits_for_readiness(method: &http::Method, path: &str) -> bool {
+    if method != http::Method::POST {
+        return false;
+    }
+    let path = path.trim_end_matches('/');
+    path == "/api/v1/sandboxes" || path.ends_with("/connect") || path.ends_with("/resume")
+}
+
+async fn handle(
+    shared: &Shared,
+    req: http::Request<Incoming>,
+) -> http::Response<HyperOutgoingBody> {
+    let started = Instant::now();
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let span = tracing::debug_span!("request", %method, %path);
+    let resp = async {
+        let Ok(_slot) = shared.slots.try_acquire() else {
+            let mut resp = error(&ApiError::new(
+                503,
+                "overloaded",
+                "the API is serving its maximum of concurrent requests; retry shortly",
+            ));
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            return resp;
+        };
+        let limit = shared.config.max_body_bytes;
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|l| l > limit as u64) {
+            return error(&ApiError::too_large(limit));
+        }
+        let timeout = if waits_for_readiness(&method, &path) {
+            shared.config.ready_timeout
+        } else {
+            shared.config.request_timeout
+        };
+        let req = req.map(|body| {
+            Limited::new(body, limit + LIMIT_SLACK)
+                .map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e.to_string())))
+                .boxed_unsync()
+        });
+        match tokio::time::timeout(timeout, shared.runtime.handle(req)).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                warn!(error = format!("{e:#}"), "request failed in the component");
+                error(&ApiError::internal(
+                    "the API component failed on this request; see the api-host log",
+                ))
+            }
+            Err(_) => error(&ApiError::new(
+                504,
+                "timeout",
+                format!(
+                    "the request took longer than {} s; check the sandbox's state with GET, then retry",
+                    timeout.as_secs()
+                ),
+            )),
+        }
+    }
+    .instrument(span)
+    .await;
+    debug!(%method, %path, status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "served");
+    resp
+}
+
+/// A JSON error response made by the host itself.
+fn error(e: &ApiError) -> http::Response<HyperOutgoingBody> {
+    let body = Bytes::from(serde_json::to_vec(&e.body()).unwrap_or_default());
+    http::Response::builder()
+        .status(e.status)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(
+            Full::new(body)
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .expect("a valid response")
+}

@@ -1,0 +1,52 @@
+//! The public API's shapes and every check that needs no state: what the API component
+//! enforces before a request reaches a pool manager, and what the pool manager enforces
+//! again on its own internal API. No I/O, so it builds for `wasm32-wasip1` as well.
+
+mod error;
+mod query;
+mod request;
+
+pub use error::ApiError;
+pub use query::{
+    fields_param, parse_query, project, reject_unknown_params, single, EventsParams, ListParams,
+    PUBLIC_STATES, VIEW_FIELDS,
+};
+pub use request::{
+    parse_body, validate_timeout, CreateRequest, LifecycleRequest, OnTimeout, RefreshBody,
+    Resources, TimeoutBody, ValidCreate, DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, STALE_FIELDS,
+};
+
+/// Largest control-plane request body, in bytes.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Whether `key` has the shape keys are issued in (`ns_` + 32 lower-case hex digits).
+/// The component refuses other shapes with a 401 before any lookup, so garbage never
+/// costs a round trip to a pool manager.
+pub fn key_is_well_formed(key: &str) -> bool {
+    key.strip_prefix("ns_").is_some_and(|hex| {
+        hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+/// The API key of a request, from `X-API-Key` or `Authorization: Bearer`, given a way to
+/// read a header by lower-case name.
+pub fn api_key<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Result<&'a str, ApiError> {
+    let key = header("x-api-key")
+        .or_else(|| {
+            header("authorization").and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+        })
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| {
+            ApiError::unauthorized("no API key; send it as X-API-Key or Authorization: Bearer")
+        })?;
+    if !key_is_well_formed(key) {
+        return Err(ApiError::unauthorized(
+            "malformed API key; send the key exactly as `admin key create` printed it",
+        ));
+    }
+    Ok(key)
+}

@@ -1,0 +1,360 @@
+//! Request bodies, and the checks on them that need no state.
+
+use crate::ApiError;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+/// Timeout of a sandbox whose create names none, in seconds.
+pub const DEFAULT_TIMEOUT_S: u64 = 300;
+/// Longest timeout a caller may set, in seconds (a week).
+pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
+
+/// Fields that older APIs accepted and this one refuses, with what to send instead.
+pub const STALE_FIELDS: &[(&str, &str)] = &[
+    ("timeoutMs", "send `timeout` in seconds"),
+    ("autoResume", "send `lifecycle.autoResume`"),
+    (
+        "secure",
+        "omit it: runtime access is always token-protected",
+    ),
+    ("allow_internet_access", "send `egress`"),
+    ("network", "send `egress`"),
+    ("mcp", "omit it"),
+    ("volume_mounts", "send `mounts`"),
+    ("volumeMounts", "send `mounts`"),
+];
+
+/// CPU, memory and disk of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Resources {
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    #[serde(rename = "memMiB")]
+    pub mem_mib: u32,
+    /// Root disk in MiB.
+    #[serde(rename = "diskSizeMiB")]
+    pub disk_mib: u64,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self {
+            vcpus: 2,
+            mem_mib: 2048,
+            disk_mib: 8192,
+        }
+    }
+}
+
+/// What happens when a sandbox's timeout passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    /// End the sandbox.
+    #[default]
+    Kill,
+    /// Pause it: memory and disk kept in a snapshot on the host.
+    Pause,
+    /// Pause into object storage.
+    Hibernate,
+}
+
+/// `lifecycle` of a create request.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LifecycleRequest {
+    /// What the timeout does.
+    #[serde(default)]
+    pub on_timeout: Option<OnTimeout>,
+    /// Wake on preview traffic.
+    #[serde(default)]
+    pub auto_resume: Option<bool>,
+}
+
+/// The body of a create.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateRequest {
+    /// Template to boot from.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Lifetime in seconds.
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    /// Answer only once the sandbox runs (default true).
+    #[serde(default)]
+    pub wait_ready: Option<bool>,
+    /// Environment of every command.
+    #[serde(default)]
+    pub env_vars: BTreeMap<String, String>,
+    /// Caller's labels, filterable in a list.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Short form of `lifecycle.onTimeout: pause`.
+    #[serde(default)]
+    pub auto_pause: Option<bool>,
+    /// Timeout behaviour.
+    #[serde(default)]
+    pub lifecycle: Option<LifecycleRequest>,
+    /// Shape; defaults 2 vCPUs, 2048 MiB, 8192 MiB disk.
+    #[serde(default)]
+    pub resources: Option<Resources>,
+    /// Network egress policy (not available yet).
+    #[serde(default)]
+    pub egress: Option<Value>,
+    /// Volume mounts (not available yet).
+    #[serde(default)]
+    pub mounts: Option<Value>,
+    /// Warm-pool checkout mode (not available yet).
+    #[serde(default)]
+    pub warm_pool: Option<Value>,
+}
+
+/// A create request that passed every stateless check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidCreate {
+    /// What the timeout does.
+    pub on_timeout: OnTimeout,
+    /// Lifetime in seconds.
+    pub timeout_s: u64,
+    /// Shape (the disk still has to fit the template: only a pool manager knows its size).
+    pub resources: Resources,
+    /// Whether to answer only once running.
+    pub wait_ready: bool,
+}
+
+impl CreateRequest {
+    /// Every check that needs no state: ranges, conflicts, features not yet available.
+    pub fn validate(&self) -> Result<ValidCreate, ApiError> {
+        if self.template_id.is_empty() || self.template_id.len() > 128 {
+            return Err(ApiError::bad_request(
+                "templateID must be 1 to 128 characters; send e.g. \"base\"",
+            )
+            .with_details(json!({ "field": "templateID" })));
+        }
+        for (field, given) in [
+            ("egress", self.egress.is_some()),
+            ("mounts", self.mounts.is_some()),
+            ("warmPool", self.warm_pool.is_some()),
+        ] {
+            if given {
+                return Err(ApiError::not_implemented(
+                    field,
+                    format!("{field} is not available yet on this server; omit it"),
+                ));
+            }
+        }
+        let lifecycle = self.lifecycle.clone().unwrap_or_default();
+        if lifecycle.auto_resume.is_some() {
+            return Err(ApiError::not_implemented(
+                "lifecycle.autoResume",
+                "autoResume is not available yet on this server; omit it",
+            ));
+        }
+        let on_timeout =
+            match (self.auto_pause, lifecycle.on_timeout) {
+                (Some(true), Some(OnTimeout::Kill)) | (Some(false), Some(OnTimeout::Pause)) => {
+                    return Err(ApiError::bad_request(
+                        "autoPause and lifecycle.onTimeout disagree; send only lifecycle.onTimeout",
+                    ))
+                }
+                (_, Some(OnTimeout::Hibernate)) => return Err(ApiError::not_implemented(
+                    "lifecycle.onTimeout",
+                    "onTimeout=hibernate is not available yet on this server; send kill or pause",
+                )),
+                (_, Some(o)) => o,
+                (Some(true), None) => OnTimeout::Pause,
+                _ => OnTimeout::Kill,
+            };
+        let timeout_s = validate_timeout(self.timeout.unwrap_or(DEFAULT_TIMEOUT_S))?;
+        let resources = self.resources.unwrap_or_default();
+        if !(1..=16).contains(&resources.vcpus) {
+            return Err(ApiError::bad_request(format!(
+                "resources.vcpus {} is out of range; send 1 to 16",
+                resources.vcpus
+            )));
+        }
+        if !(256..=65536).contains(&resources.mem_mib) {
+            return Err(ApiError::bad_request(format!(
+                "resources.memMiB {} is out of range; send 256 to 65536",
+                resources.mem_mib
+            )));
+        }
+        if resources.disk_mib > 1024 * 1024 {
+            return Err(ApiError::bad_request(format!(
+                "resources.diskSizeMiB {} is out of range; send at most 1048576",
+                resources.disk_mib
+            )));
+        }
+        if self.env_vars.len() > 256 {
+            return Err(ApiError::bad_request(
+                "envVars has more than 256 entries; send at most 256",
+            ));
+        }
+        for key in self.env_vars.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(ApiError::bad_request(format!(
+                    "envVars key {key:?} is not a valid variable name; send names without '=' or NUL"
+                )));
+            }
+        }
+        if let Some((k, _)) = self.env_vars.iter().find(|(_, v)| v.contains('\0')) {
+            return Err(ApiError::bad_request(format!(
+                "envVars value of {k:?} contains NUL; send text without NUL"
+            )));
+        }
+        validate_metadata(&self.metadata)?;
+        Ok(ValidCreate {
+            on_timeout,
+            timeout_s,
+            resources,
+            wait_ready: self.wait_ready.unwrap_or(true),
+        })
+    }
+}
+
+/// Body of `connect` and `timeout`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutBody {
+    /// Seconds from now.
+    #[serde(default)]
+    pub timeout: Option<u64>,
+}
+
+impl TimeoutBody {
+    /// The timeout if given, checked.
+    pub fn checked(&self) -> Result<Option<u64>, ApiError> {
+        self.timeout.map(validate_timeout).transpose()
+    }
+}
+
+/// Body of `refreshes`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshBody {
+    /// Seconds to extend by (default: the sandbox's timeout).
+    #[serde(default)]
+    pub duration: Option<u64>,
+}
+
+impl RefreshBody {
+    /// The duration if given, checked.
+    pub fn checked(&self) -> Result<Option<u64>, ApiError> {
+        self.duration.map(validate_timeout).transpose()
+    }
+}
+
+/// A timeout in seconds, if in range.
+pub fn validate_timeout(seconds: u64) -> Result<u64, ApiError> {
+    if !(1..=MAX_TIMEOUT_S).contains(&seconds) {
+        return Err(ApiError::bad_request(format!(
+            "timeout {seconds} is out of range; send seconds from 1 to {MAX_TIMEOUT_S}"
+        )));
+    }
+    Ok(seconds)
+}
+
+fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if m.len() > 64 {
+        return Err(ApiError::bad_request(
+            "metadata has more than 64 keys; send at most 64",
+        ));
+    }
+    for (k, v) in m {
+        if k.is_empty() || k.len() > 128 || v.len() > 1024 {
+            return Err(ApiError::bad_request(format!(
+                "metadata entry {k:?} is too large or empty; keys 1-128 bytes, values up to 1024"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Parses a JSON body into `T`, refusing stale and unknown fields by name. An empty body
+/// is `{}`.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let text = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        body
+    };
+    let value: Value = serde_json::from_slice(text).map_err(|e| {
+        ApiError::bad_request(format!("body is not valid JSON ({e}); send a JSON object"))
+    })?;
+    let Some(obj) = value.as_object() else {
+        return Err(ApiError::bad_request(
+            "body is not a JSON object; send a JSON object such as {}",
+        ));
+    };
+    for (field, instead) in STALE_FIELDS {
+        if obj.contains_key(*field) {
+            return Err(ApiError::bad_request(format!(
+                "field `{field}` is no longer accepted; {instead}"
+            ))
+            .with_details(json!({ "field": field })));
+        }
+    }
+    serde_json::from_value(value).map_err(|e| {
+        let msg = e.to_string();
+        let details = unknown_field(&msg).map(|f| json!({ "field": f }));
+        let err = ApiError::bad_request(format!("invalid body: {msg}"));
+        match details {
+            Some(d) => err.with_details(d),
+            None => err,
+        }
+    })
+}
+
+/// The field serde named in an "unknown field `x`" error.
+fn unknown_field(msg: &str) -> Option<&str> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_fields_are_named_with_their_replacement() {
+        let err =
+            parse_body::<CreateRequest>(br#"{"templateID":"base","timeoutMs":1000}"#).unwrap_err();
+        assert!(
+            err.message.contains("`timeoutMs`") && err.message.contains("`timeout`"),
+            "{}",
+            err.message
+        );
+        let err = parse_body::<CreateRequest>(br#"{"templateID":"base","bogus":1}"#).unwrap_err();
+        assert!(err.message.contains("bogus"), "{}", err.message);
+        assert_eq!(err.details["field"], "bogus");
+    }
+
+    #[test]
+    fn bodies_must_be_json_objects() {
+        assert_eq!(parse_body::<TimeoutBody>(b"[1]").unwrap_err().status, 400);
+        assert_eq!(parse_body::<TimeoutBody>(b"{").unwrap_err().status, 400);
+        assert!(parse_body::<TimeoutBody>(b"  ").unwrap().timeout.is_none());
+    }
+
+    #[test]
+    fn create_checks_ranges_and_conflicts() {
+        let ok: CreateRequest = parse_body(br#"{"templateID":"base","autoPause":true}"#).unwrap();
+        assert_eq!(ok.validate().unwrap().on_timeout, OnTimeout::Pause);
+        for bad in [
+            r#"{"templateID":"base","timeout":0}"#,
+            r#"{"templateID":"base","resources":{"vcpus":0,"memMiB":512,"diskSizeMiB":1024}}"#,
+            r#"{"templateID":"base","autoPause":true,"lifecycle":{"onTimeout":"kill"}}"#,
+            r#"{"templateID":"","timeout":5}"#,
+            r#"{"templateID":"base","envVars":{"A=B":"x"}}"#,
+        ] {
+            let req: CreateRequest = parse_body(bad.as_bytes()).unwrap();
+            assert_eq!(req.validate().unwrap_err().status, 400, "{bad}");
+        }
+        let req: CreateRequest = parse_body(br#"{"templateID":"base","egress":{}}"#).unwrap();
+        assert_eq!(req.validate().unwrap_err().status, 501);
+    }
+}

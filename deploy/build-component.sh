@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds the public API component: the core module for wasm32-wasip1 with Debian's
+# rustc-web and build-std (deploy/wasm-toolchain.sh), then a component with the preview1
+# proxy adapter (api-component/componentize). Prints the component's path:
+# $NULLSPACE_CACHE/components/nullspace-api.wasm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cache=${NULLSPACE_CACHE:-/var/cache/nullspace}
+host_target=${CARGO_TARGET_DIR:-$cache/target}
+step="toolchain"
+trap 'echo "component build FAILED at step: $step" >&2' ERR
+
+# The componentizer runs on the host: build it with the host toolchain first.
+step="componentize"
+CARGO_TARGET_DIR="$host_target" cargo build --quiet --release --locked \
+    --manifest-path api-component/componentize/Cargo.toml
+componentize="$host_target/release/componentize"
+
+step="toolchain"
+toolchain_env=$(deploy/wasm-toolchain.sh)
+step="core module"
+(
+    eval "$toolchain_env"
+    CARGO_TARGET_DIR="$cache/wasm-target" cargo build --quiet --release --locked \
+        -Zbuild-std=std,panic_abort --target wasm32-wasip1 \
+        --manifest-path api-component/Cargo.toml
+)
+core="$cache/wasm-target/wasm32-wasip1/release/nullspace_api_component.wasm"
+
+step="component"
+mkdir -p "$cache/components"
+out="$cache/components/nullspace-api.wasm"
+"$componentize" "$core" "$out.tmp"
+mv "$out.tmp" "$out"
+echo "$out"
