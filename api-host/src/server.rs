@@ -24,6 +24,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// foreign component would read.
 const LIMIT_SLACK: usize = 64 * 1024;
 
+/// Largest oversized body the host reads (and discards) before answering 413.
+const DRAIN_LIMIT: u64 = 16 << 20;
+
 struct Shared {
     config: HostConfig,
     runtime: ApiRuntime,
@@ -116,7 +119,13 @@ async fn handle(
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|l| l > limit as u64) {
+        if let Some(declared) = declared.filter(|l| *l > limit as u64) {
+            // Most clients read no answer before they finished sending: take a moderately
+            // large body in (and drop it) so they see the 413 instead of a broken pipe.
+            if declared <= DRAIN_LIMIT {
+                let drain = req.into_body().collect();
+                let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
+            }
             return error(&ApiError::too_large(limit));
         }
         let timeout = if waits_for_readiness(&method, &path) {

@@ -87,7 +87,10 @@ impl Catalog {
                  at_ms INTEGER NOT NULL,
                  kind TEXT NOT NULL,
                  data TEXT NOT NULL,
-                 PRIMARY KEY (sandbox_id, event_id));",
+                 PRIMARY KEY (sandbox_id, event_id));
+             CREATE TABLE IF NOT EXISTS team_quotas (
+                 team_id TEXT PRIMARY KEY REFERENCES teams(id),
+                 max_sandboxes INTEGER NOT NULL);",
         )?;
         Ok(Self { db: Mutex::new(db) })
     }
@@ -113,6 +116,30 @@ impl Catalog {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Sets how many live sandboxes `team_id` may hold.
+    pub fn set_quota(&self, team_id: &str, max_sandboxes: u32) -> Result<(), CatalogError> {
+        self.db.lock().unwrap().execute(
+            "INSERT INTO team_quotas (team_id, max_sandboxes) VALUES (?1, ?2)
+             ON CONFLICT(team_id) DO UPDATE SET max_sandboxes = excluded.max_sandboxes",
+            params![team_id, max_sandboxes],
+        )?;
+        Ok(())
+    }
+
+    /// The team's own quota, if one was set.
+    pub fn quota(&self, team_id: &str) -> Result<Option<u32>, CatalogError> {
+        Ok(self
+            .db
+            .lock()
+            .unwrap()
+            .query_row(
+                "SELECT max_sandboxes FROM team_quotas WHERE team_id = ?1",
+                params![team_id],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     /// Looks a team up by ID or name.

@@ -1,8 +1,9 @@
 //! `nullspace-pool-manager`: the per-host daemon, and its admin commands.
 //!
 //! ```text
-//! nullspace-pool-manager serve [--listen ADDR] [--edge-listen ADDR] [--state-dir DIR] [--templates-dir DIR] [--on-exit end|keep]
-//! nullspace-pool-manager admin team create NAME [--state-dir DIR]
+//! nullspace-pool-manager serve [--listen ADDR] [--edge-listen ADDR] [--state-dir DIR] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
+//! nullspace-pool-manager admin team create NAME [--max-sandboxes N] [--state-dir DIR]
+//! nullspace-pool-manager admin team quota TEAM --max-sandboxes N [--state-dir DIR]
 //! nullspace-pool-manager admin key create --team TEAM [--state-dir DIR]
 //! ```
 
@@ -20,8 +21,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 const USAGE: &str = "usage:
-  nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--state-dir /var/lib/nullspace] [--templates-dir DIR] [--on-exit end|keep]
-  nullspace-pool-manager admin team create NAME [--state-dir DIR]
+  nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--state-dir /var/lib/nullspace] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
+  nullspace-pool-manager admin team create NAME [--max-sandboxes N] [--state-dir DIR]
+  nullspace-pool-manager admin team quota TEAM --max-sandboxes N [--state-dir DIR]
   nullspace-pool-manager admin key create --team TEAM [--state-dir DIR]";
 
 /// Command-line flags: `--name value` pairs after the positional words.
@@ -49,8 +51,10 @@ impl Args {
     }
 
     fn flag(&self, name: &str, default: &str) -> String {
+        // The last one wins, as in most command lines.
         self.flags
             .iter()
+            .rev()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.clone())
             .unwrap_or_else(|| default.to_string())
@@ -102,6 +106,17 @@ fn token_secret(dir: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     Ok(secret)
 }
 
+/// `--max-sandboxes N`, if given.
+fn max_sandboxes(args: &Args) -> anyhow::Result<Option<u32>> {
+    let v = args.flag("max-sandboxes", "");
+    if v.is_empty() {
+        return Ok(None);
+    }
+    v.parse()
+        .map(Some)
+        .with_context(|| format!("--max-sandboxes {v:?} is not a number; send e.g. 10"))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -115,9 +130,24 @@ async fn main() -> anyhow::Result<()> {
     match words.as_slice() {
         ["serve"] => serve(&args).await,
         ["admin", "team", "create", name] => {
-            args.check_flags(&["state-dir"])?;
-            let team = open_catalog(&state_dir(&args)?)?.create_team(name)?;
+            args.check_flags(&["state-dir", "max-sandboxes"])?;
+            let catalog = open_catalog(&state_dir(&args)?)?;
+            let team = catalog.create_team(name)?;
+            if let Some(max) = max_sandboxes(&args)? {
+                catalog.set_quota(&team.id, max)?;
+            }
             println!("{}", serde_json::to_string(&team)?);
+            Ok(())
+        }
+        ["admin", "team", "quota", team_ref] => {
+            args.check_flags(&["state-dir", "max-sandboxes"])?;
+            let catalog = open_catalog(&state_dir(&args)?)?;
+            let team = catalog.team(team_ref)?.with_context(|| {
+                format!("no team '{team_ref}'; create it with `admin team create NAME`")
+            })?;
+            let max = max_sandboxes(&args)?.context("send --max-sandboxes N")?;
+            catalog.set_quota(&team.id, max)?;
+            println!("team {} may hold {max} live sandboxes", team.name);
             Ok(())
         }
         ["admin", "key", "create"] => {
@@ -141,6 +171,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         "state-dir",
         "templates-dir",
         "on-exit",
+        "max-sandboxes-per-team",
     ])?;
     let dir = state_dir(args)?;
     let listen = args.flag("listen", "127.0.0.1:7070");
@@ -181,6 +212,9 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
             "templates-dir",
             &dir.join("templates").display().to_string(),
         )),
+        args.flag("max-sandboxes-per-team", "20")
+            .parse()
+            .context("--max-sandboxes-per-team needs a number")?,
     ));
     manager
         .reconcile_after_start()

@@ -30,6 +30,25 @@ pub struct Manager {
     slots: Mutex<HashMap<String, Slot>>,
     /// Template snapshots already in the catalog.
     recorded_templates: Mutex<std::collections::HashSet<String>>,
+    /// Live sandboxes a team may hold unless the catalog says otherwise.
+    default_quota: u32,
+    /// Most memory one sandbox may have on this host (half of its RAM).
+    max_mem_mib: u32,
+    /// Serialises the quota check with the insert, so a burst cannot overshoot.
+    admission: Mutex<()>,
+}
+
+/// Half of this host's memory in MiB: no single sandbox gets more.
+fn host_mem_budget_mib() -> u32 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(4 << 20);
+    (total_kib / 1024 / 2).min(u32::MAX as u64) as u32
 }
 
 fn now_ms() -> i64 {
@@ -45,6 +64,7 @@ impl Manager {
         edge_url: String,
         state_dir: PathBuf,
         templates_dir: PathBuf,
+        default_quota: u32,
     ) -> Self {
         Self {
             catalog,
@@ -55,6 +75,9 @@ impl Manager {
             state_dir,
             slots: Mutex::default(),
             recorded_templates: Mutex::default(),
+            default_quota,
+            max_mem_mib: host_mem_budget_mib(),
+            admission: Mutex::default(),
         }
     }
 
@@ -228,6 +251,12 @@ impl Manager {
         let valid = req.validate()?;
         let (on_timeout, timeout_s, resources) =
             (valid.on_timeout, valid.timeout_s, valid.resources);
+        if resources.mem_mib > self.max_mem_mib {
+            return Err(ApiError::bad_request(format!(
+                "resources.memMiB {} is more than this host gives one sandbox; send at most {}",
+                resources.mem_mib, self.max_mem_mib
+            )));
+        }
         let min_disk = self
             .vmm
             .rootfs_mib(&req.template_id)
@@ -260,6 +289,29 @@ impl Manager {
         Ok((record, valid.wait_ready))
     }
 
+    /// Records `record` if its team is under its quota of live sandboxes.
+    fn admit(&self, record: &SandboxRecord) -> Result<(), ApiError> {
+        let _one_at_a_time = self.admission.lock().unwrap();
+        let quota = self
+            .catalog
+            .quota(&record.team_id)?
+            .unwrap_or(self.default_quota);
+        let live = self
+            .catalog
+            .sandboxes_of(&record.team_id, 0)?
+            .into_iter()
+            .filter(|(_, r)| !matches!(r.state, InternalState::Deleted | InternalState::Failed))
+            .count();
+        if live >= quota as usize {
+            return Err(ApiError::quota(format!(
+                "the team holds {live} live sandboxes, its quota is {quota}; delete one, or raise it with `admin team quota`"
+            ))
+            .with_details(serde_json::json!({ "quota": quota, "live": live })));
+        }
+        self.catalog.put_sandbox(record)?;
+        Ok(())
+    }
+
     /// Creates a sandbox: a restore of its template's snapshot for the asked shape.
     pub async fn create(
         self: &Arc<Self>,
@@ -267,7 +319,7 @@ impl Manager {
         req: CreateRequest,
     ) -> Result<SandboxView, ApiError> {
         let (mut record, wait) = self.plan(team, req)?;
-        self.catalog.put_sandbox(&record)?;
+        self.admit(&record)?;
         self.catalog.append_event(
             &record.id,
             "sandbox.created",

@@ -1,6 +1,8 @@
 //! Shared helpers for the end-to-end tests and benchmarks: a driver configured from the
 //! environment, small VM shapes, and request builders.
 
+pub mod http;
+
 use agent_protocol::{Command, ExecRequest};
 use std::time::Duration;
 use vmm::{ImageSet, QemuConfig, QemuVmm, VmSpec};
@@ -122,18 +124,156 @@ pub fn shared_templates_dir() -> std::path::PathBuf {
     vmm::cache_dir().join("test-templates")
 }
 
-fn pool_manager_binary() -> std::path::PathBuf {
-    // Test binaries live in target/<profile>/deps; the daemon in target/<profile>.
+/// A binary of this workspace built with the same profile as the running one.
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    // Test binaries live in target/<profile>/deps; the daemons in target/<profile>.
     // Beside this binary (a bench), or one level up (a test in deps/).
     let exe = std::env::current_exe().expect("own binary path");
     let dir = exe.parent().expect("target dir");
-    [
-        dir.join("nullspace-pool-manager"),
-        dir.join("../nullspace-pool-manager"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
-    .unwrap_or_else(|| panic!("build the daemon first (next to {})", exe.display()))
+    [dir.join(name), dir.join("..").join(name)]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("build {name} first (next to {})", exe.display()))
+}
+
+fn pool_manager_binary() -> std::path::PathBuf {
+    workspace_binary("nullspace-pool-manager")
+}
+
+/// The public API component, as `deploy/build-component.sh` leaves it
+/// (`NULLSPACE_API_COMPONENT` overrides).
+pub fn api_component() -> std::path::PathBuf {
+    let path = std::env::var_os("NULLSPACE_API_COMPONENT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| vmm::cache_dir().join("components/nullspace-api.wasm"));
+    assert!(
+        path.is_file(),
+        "no API component at {} (run deploy/build-component.sh)",
+        path.display()
+    );
+    path
+}
+
+/// Spawns `cmd` with PDEATHSIG (so a test killed on timeout takes it along) and waits
+/// for a stderr line containing `marker`; returns the child and that line. Every stderr
+/// line is echoed with `tag`.
+pub fn spawn_until(
+    mut cmd: std::process::Command,
+    tag: &'static str,
+    marker: &'static str,
+    within: Duration,
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains(marker) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(line.clone());
+                }
+            }
+            eprintln!("[{tag}] {line}");
+        }
+    });
+    match rx.recv_timeout(within) {
+        Ok(line) => (child, line),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{tag} did not print {marker:?} within {within:?}");
+        }
+    }
+}
+
+/// Sends `signal` to `child` and waits up to 30 s for it to exit; kills it after that.
+pub fn stop_child(child: &mut std::process::Child, signal: i32, what: &str) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().ok().flatten().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not stop within 30 s of signal {signal}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `nullspace-api` host serving the API component in front of a pool manager.
+pub struct ApiHost {
+    child: Option<std::process::Child>,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl ApiHost {
+    /// Starts a host on a free loopback port in front of the pool manager at `control`.
+    pub fn start(control: &str, extra: &[&str]) -> Self {
+        let mut cmd = std::process::Command::new(workspace_binary("nullspace-api"));
+        cmd.arg("--component")
+            .arg(api_component())
+            .args(["--listen", "127.0.0.1:0", "--pool-manager", control])
+            .args(extra)
+            .env("RUST_LOG", "warn");
+        let (child, line) = spawn_until(cmd, "api", "public API http://", Duration::from_secs(120));
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap()
+            .to_string();
+        Self {
+            child: Some(child),
+            url,
+        }
+    }
+}
+
+impl Drop for ApiHost {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, libc::SIGTERM, "the API host");
+        }
+    }
+}
+
+/// The whole local stack: a pool manager and the public API in front of it.
+pub struct Stack {
+    /// Dropped first: the API goes before the daemon behind it.
+    pub api: ApiHost,
+    /// The pool manager.
+    pub daemon: Daemon,
+}
+
+impl Stack {
+    /// Starts a daemon on a fresh state directory and an API host in front of it.
+    pub fn start(name: &str) -> Self {
+        let daemon = Daemon::start(name);
+        let api = ApiHost::start(&daemon.control, &[]);
+        Self { api, daemon }
+    }
+
+    /// A caller of the public API with `key` (paths `/v1/...` land on `/api/v1/...`).
+    pub fn public(&self, key: String) -> http::Api {
+        http::Api::at(&format!("{}/api", self.api.url), key)
+    }
 }
 
 impl Daemon {
@@ -268,17 +408,7 @@ impl Daemon {
     /// Ends the daemon with `signal` and waits for it; the state stays.
     pub fn stop_with(&mut self, signal: i32) -> std::path::PathBuf {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(child.id() as i32, signal) };
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-            while child.try_wait().ok().flatten().is_none() {
-                if std::time::Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("the pool manager did not stop within 30 s of signal {signal}");
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+            stop_child(&mut child, signal, "the pool manager");
         }
         self.state.clone()
     }

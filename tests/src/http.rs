@@ -1,0 +1,170 @@
+//! HTTP callers of the control API (internal or public) and of a sandbox's data plane.
+
+use crate::Daemon;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// A caller of the internal API with one team's key.
+pub struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub key: String,
+}
+
+/// The small shape tests use.
+pub fn small() -> Value {
+    json!({ "vcpus": 1, "memMiB": 512, "diskSizeMiB": 1024 })
+}
+
+impl Api {
+    pub fn new(daemon: &Daemon, key: String) -> Self {
+        Self::at(&daemon.control, key)
+    }
+
+    /// A caller of the API whose `/v1/...` routes live under `base` (the pool manager's
+    /// URL, or the public API's URL + `/api`).
+    pub fn at(base: &str, key: String) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap(),
+            base: base.to_string(),
+            key,
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("X-API-Key", &self.key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn create(&self, body: Value) -> Value {
+        let (status, v) = self
+            .call(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        v
+    }
+
+    pub async fn get(&self, id: &str) -> Value {
+        let (status, v) = self.fetch(&format!("/v1/sandboxes/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        v
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// GET on the control API.
+    pub async fn fetch(&self, path: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    /// Deletes a sandbox.
+    pub async fn delete(&self, id: &str) -> StatusCode {
+        self.call(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{id}"),
+            None,
+        )
+        .await
+        .0
+    }
+
+    /// Polls a sandbox until `state`, failing after `within`.
+    pub async fn wait_state(&self, id: &str, state: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.get(id).await;
+            if v["state"] == state {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{id} never became {state}: {v}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// The data plane of one sandbox, with its runtime token.
+pub struct Runtime {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub token: String,
+}
+
+impl Runtime {
+    pub fn of(sandbox: &Value) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: sandbox["runtime"]["target"]["baseUrl"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            token: sandbox["runtime"]["token"].as_str().unwrap().to_string(),
+        }
+    }
+
+    /// POSTs JSON to a data-plane path (relative to the sandbox's base URL).
+    pub async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// GETs a data-plane path.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Runs a shell command; returns (stdout, stderr, exit code).
+    pub async fn run(&self, cmd: &str) -> (String, String, i64) {
+        let resp = self
+            .http
+            .post(format!("{}/commands", self.base))
+            .bearer_auth(&self.token)
+            .json(&json!({ "cmd": cmd }))
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let text = resp.text().await.unwrap();
+        let (mut out, mut err, mut code) = (String::new(), String::new(), -1);
+        for line in text.lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            match v["event"].as_str().unwrap() {
+                "stdout" => out.push_str(v["data"].as_str().unwrap()),
+                "stderr" => err.push_str(v["data"].as_str().unwrap()),
+                "exit" => code = v["exitCode"].as_i64().unwrap_or(-1),
+                _ => {}
+            }
+        }
+        (out, err, code)
+    }
+}

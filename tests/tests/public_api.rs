@@ -1,0 +1,437 @@
+//! The public API end to end: the real wasm component in the real api-host, in front of a
+//! real pool manager booting real VMs.
+
+use nullspace_tests::http::{small, Api, Runtime};
+use nullspace_tests::{process_alive, Stack};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// A raw call to the public API: method, path under `/api/v1`, headers, body.
+async fn raw(
+    stack: &Stack,
+    method: reqwest::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> (StatusCode, Value) {
+    let mut req = reqwest::Client::new().request(method, format!("{}/api/v1{path}", stack.api.url));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if let Some(b) = body {
+        req = req.body(b);
+    }
+    let resp = req.timeout(Duration::from_secs(60)).send().await.unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Asserts an error response: status, code, and that the message mentions `needle`.
+fn assert_error(got: &(StatusCode, Value), status: StatusCode, code: &str, needle: &str) {
+    assert_eq!(got.0, status, "{}", got.1);
+    assert_eq!(got.1["code"], code, "{}", got.1);
+    let message = got.1["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(needle),
+        "{message:?} should mention {needle:?}"
+    );
+}
+
+#[tokio::test]
+async fn create_command_files_delete_through_the_public_api() {
+    let stack = Stack::start("public-e2e");
+    let api = stack.public(stack.daemon.team_key("acme"));
+    let sbx = api
+        .create(json!({
+            "templateID": "minimal",
+            "resources": small(),
+            "envVars": { "GREETING": "hi from the component" },
+            "metadata": { "suite": "public" },
+            "timeout": 120
+        }))
+        .await;
+    let id = sbx["sandboxID"].as_str().unwrap().to_string();
+    assert_eq!(sbx["state"], "running", "{sbx}");
+
+    // Commands and files go to the data plane the create answered with.
+    let rt = Runtime::of(&sbx);
+    let (out, _, code) = rt
+        .run("echo $GREETING; cat /proc/cpuinfo | grep -c processor")
+        .await;
+    assert_eq!(code, 0);
+    assert_eq!(out, "hi from the component\n1\n");
+    let put = rt
+        .http
+        .put(format!("{}/files?path=/workspace/notes.txt", rt.base))
+        .bearer_auth(&rt.token)
+        .body("written through the public API")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), StatusCode::OK);
+    let (out, _, _) = rt.run("cat /workspace/notes.txt").await;
+    assert_eq!(out, "written through the public API");
+
+    // Detail with a projection, list with a metadata filter: through the component.
+    let (status, v) = api
+        .fetch(&format!("/v1/sandboxes/{id}?fields=state,metadata"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v,
+        json!({ "sandboxID": id, "state": "running", "metadata": { "suite": "public" } })
+    );
+    let (status, v) = api.fetch("/v1/sandboxes?metadata=suite%3Dpublic").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["sandboxes"].as_array().unwrap().len(), 1);
+
+    // Lifecycle through the component: timeout, pause, resume.
+    let (status, v) = api
+        .post(
+            &format!("/v1/sandboxes/{id}/timeout"),
+            json!({ "timeout": 90 }),
+        )
+        .await;
+    assert_eq!(
+        (status, v["timeout"].as_u64()),
+        (StatusCode::OK, Some(90)),
+        "{v}"
+    );
+    let (status, v) = api
+        .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+        .await;
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (StatusCode::OK, Some("paused")),
+        "{v}"
+    );
+    let (status, v) = api
+        .post(&format!("/v1/sandboxes/{id}/resume"), json!({}))
+        .await;
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (StatusCode::OK, Some("running")),
+        "{v}"
+    );
+    let (out, _, _) = Runtime::of(&v).run("cat /workspace/notes.txt").await;
+    assert_eq!(out, "written through the public API");
+
+    // Delete ends the VM.
+    assert_eq!(api.delete(&id).await, StatusCode::NO_CONTENT);
+    let (status, v) = api.fetch(&format!("/v1/sandboxes/{id}")).await;
+    assert!(
+        status == StatusCode::NOT_FOUND || v["state"] == "deleted",
+        "{status} {v}"
+    );
+    let (_, v) = api.fetch("/v1/sandboxes").await;
+    assert_eq!(
+        v["sandboxes"],
+        json!([]),
+        "deleted sandboxes leave the default list"
+    );
+    assert!(
+        !std::process::Command::new("pgrep")
+            .args(["-f", &id])
+            .status()
+            .unwrap()
+            .success(),
+        "no process of {id} outlives its delete"
+    );
+}
+
+#[tokio::test]
+async fn keys_are_required_and_teams_see_only_their_own() {
+    let stack = Stack::start("public-auth");
+    let acme = stack.public(stack.daemon.team_key("acme"));
+    let other = stack.public(stack.daemon.team_key("other"));
+    let sbx = acme
+        .create(json!({ "templateID": "minimal", "resources": small() }))
+        .await;
+    let id = sbx["sandboxID"].as_str().unwrap().to_string();
+    let get = reqwest::Method::GET;
+
+    // No key, a malformed key, a well-formed key nobody issued.
+    let none = raw(&stack, get.clone(), &format!("/sandboxes/{id}"), &[], None).await;
+    assert_error(&none, StatusCode::UNAUTHORIZED, "unauthorized", "X-API-Key");
+    let malformed = raw(
+        &stack,
+        get.clone(),
+        "/sandboxes",
+        &[("X-API-Key", "hunter2")],
+        None,
+    )
+    .await;
+    assert_error(
+        &malformed,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "malformed",
+    );
+    let unknown = raw(
+        &stack,
+        get.clone(),
+        "/sandboxes",
+        &[(
+            "Authorization",
+            "Bearer ns_0123456789abcdef0123456789abcdef",
+        )],
+        None,
+    )
+    .await;
+    assert_error(
+        &unknown,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "unknown API key",
+    );
+
+    // Both header forms work for the owner.
+    let bearer = format!("Bearer {}", acme.key);
+    let (status, v) = raw(
+        &stack,
+        get.clone(),
+        &format!("/sandboxes/{id}"),
+        &[("Authorization", &bearer)],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, v["sandboxID"].as_str()),
+        (StatusCode::OK, Some(id.as_str()))
+    );
+
+    // Another team: 404 on everything, and an empty list.
+    let (status, v) = other.fetch(&format!("/v1/sandboxes/{id}")).await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found")),
+        "{v}"
+    );
+    let (status, _) = other
+        .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(other.delete(&id).await, StatusCode::NOT_FOUND);
+    let (_, v) = other.fetch("/v1/sandboxes").await;
+    assert_eq!(v["sandboxes"], json!([]));
+    // Still running for its owner.
+    assert_eq!(acme.get(&id).await["state"], "running");
+    assert_eq!(acme.delete(&id).await, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_by_the_component_with_what_to_send() {
+    let stack = Stack::start("public-validation");
+    let key = stack.daemon.team_key("acme");
+    let auth = [("X-API-Key", key.as_str())];
+    let post = reqwest::Method::POST;
+    let create = |body: &str| {
+        raw(
+            &stack,
+            post.clone(),
+            "/sandboxes",
+            &auth,
+            Some(body.as_bytes().to_vec()),
+        )
+    };
+
+    // Stale fields name their replacement; unknown fields are named.
+    for (body, field, instead) in [
+        (
+            r#"{"templateID":"base","timeoutMs":1000}"#,
+            "timeoutMs",
+            "`timeout`",
+        ),
+        (
+            r#"{"templateID":"base","autoResume":true}"#,
+            "autoResume",
+            "lifecycle.autoResume",
+        ),
+        (r#"{"templateID":"base","secure":true}"#, "secure", "token"),
+        (
+            r#"{"templateID":"base","allow_internet_access":false}"#,
+            "allow_internet_access",
+            "egress",
+        ),
+        (
+            r#"{"templateID":"base","volumeMounts":{}}"#,
+            "volumeMounts",
+            "mounts",
+        ),
+    ] {
+        let got = create(body).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request", instead);
+        assert_eq!(got.1["details"]["field"], field, "{}", got.1);
+    }
+    let got = create(r#"{"templateID":"base","colour":"blue"}"#).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request", "colour");
+    assert_eq!(got.1["details"]["field"], "colour");
+    let got = create(r#"{"templateID":"base","lifecycle":{"onTimeout":"pause","extra":1}}"#).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request", "extra");
+
+    // Bad JSON, a non-object, wrong types, out-of-range values.
+    let got = create(r#"{"templateID":"#).await;
+    assert_error(
+        &got,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "not valid JSON",
+    );
+    let got = create("[1,2]").await;
+    assert_error(
+        &got,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "JSON object",
+    );
+    let got = create(r#"{"templateID":"base","timeout":"soon"}"#).await;
+    assert_error(
+        &got,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "invalid type",
+    );
+    let got = create(r#"{"templateID":"base","timeout":0}"#).await;
+    assert_error(
+        &got,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "send seconds from 1",
+    );
+    let got = create(r#"{"templateID":"base","egress":{"internet":false}}"#).await;
+    assert_error(
+        &got,
+        StatusCode::NOT_IMPLEMENTED,
+        "not_implemented",
+        "egress",
+    );
+    let got = create(r#"{"templateID":"no-such-template"}"#).await;
+    assert_error(&got, StatusCode::NOT_FOUND, "not_found", "no-such-template");
+
+    // Oversized bodies, declared and chunked.
+    let big = vec![b' '; 2 << 20];
+    let got = create(std::str::from_utf8(&big).unwrap()).await;
+    assert_error(&got, StatusCode::PAYLOAD_TOO_LARGE, "too_large", "1048576");
+    let chunks =
+        futures::stream::iter((0..40).map(|_| Ok::<_, std::io::Error>(vec![b' '; 64 * 1024])));
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v1/sandboxes", stack.api.url))
+        .header("X-API-Key", &key)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Routes, methods, query parameters, IDs.
+    let get = reqwest::Method::GET;
+    let got = raw(&stack, get.clone(), "/nothing-here", &auth, None).await;
+    assert_error(&got, StatusCode::NOT_FOUND, "not_found", "openapi.json");
+    let got = raw(&stack, reqwest::Method::PUT, "/sandboxes", &auth, None).await;
+    assert_error(
+        &got,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "POST or GET",
+    );
+    let got = raw(&stack, get.clone(), "/sandboxes?limit=0", &auth, None).await;
+    assert_error(
+        &got,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "send 1 to 100",
+    );
+    let got = raw(&stack, get.clone(), "/sandboxes?colour=blue", &auth, None).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request", "colour");
+    let got = raw(&stack, get.clone(), "/sandboxes?state=active", &auth, None).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request", "running");
+    let got = raw(&stack, get.clone(), "/sandboxes?fields=secret", &auth, None).await;
+    assert_error(
+        &got,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "sandboxID",
+    );
+    let got = raw(&stack, get.clone(), "/sandboxes/not-an-id", &auth, None).await;
+    assert_error(&got, StatusCode::NOT_FOUND, "not_found", "not-an-id");
+    let got = raw(
+        &stack,
+        post.clone(),
+        "/sandboxes/sbx-0123456789abcdef0123/timeout",
+        &auth,
+        Some(b"{}".to_vec()),
+    )
+    .await;
+    assert_error(
+        &got,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "timeout is required",
+    );
+
+    // The contract is served, and names every route the component answers.
+    let (status, doc) = raw(&stack, get, "/openapi.json", &[], None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/api/v1/sandboxes",
+        "/api/v1/sandboxes/{id}",
+        "/api/v1/sandboxes/{id}/connect",
+        "/api/v1/sandboxes/{id}/pause",
+        "/api/v1/sandboxes/{id}/resume",
+        "/api/v1/sandboxes/{id}/refreshes",
+        "/api/v1/sandboxes/{id}/timeout",
+    ] {
+        assert!(doc["paths"][path].is_object(), "openapi.json lacks {path}");
+    }
+}
+
+#[tokio::test]
+async fn a_team_quota_caps_live_sandboxes() {
+    let stack = Stack::start("public-quota");
+    stack
+        .daemon
+        .admin(&["team", "create", "tiny", "--max-sandboxes", "1"]);
+    let api = stack.public(stack.daemon.admin(&["key", "create", "--team", "tiny"]));
+    let first = api
+        .create(json!({ "templateID": "minimal", "resources": small() }))
+        .await;
+    let (status, v) = api
+        .post(
+            "/v1/sandboxes",
+            json!({ "templateID": "minimal", "resources": small() }),
+        )
+        .await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("quota_exceeded")),
+        "{v}"
+    );
+    assert_eq!(v["details"]["quota"], 1);
+    // Deleting frees the slot.
+    assert_eq!(
+        api.delete(first["sandboxID"].as_str().unwrap()).await,
+        StatusCode::NO_CONTENT
+    );
+    let second = api
+        .create(json!({ "templateID": "minimal", "resources": small() }))
+        .await;
+    assert_eq!(second["state"], "running");
+}
+
+#[tokio::test]
+async fn the_api_host_stops_on_sigterm_and_a_new_one_takes_over() {
+    let mut stack = Stack::start("public-shutdown");
+    let api: Api = stack.public(stack.daemon.team_key("acme"));
+    let (status, _) = api.fetch("/v1/sandboxes").await;
+    assert_eq!(status, StatusCode::OK);
+    let daemon_pid = stack.daemon.pid();
+    // Replacing the host drops the old one: SIGTERM, and it must exit within 30 s.
+    stack.api = nullspace_tests::ApiHost::start(&stack.daemon.control, &["--max-concurrent", "4"]);
+    assert!(process_alive(daemon_pid));
+    let api = stack.public(api.key.clone());
+    let (status, _) = api.fetch("/v1/sandboxes").await;
+    assert_eq!(status, StatusCode::OK);
+}
