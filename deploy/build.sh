@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds what the platform runs from: the static guest agent and the guest image set.
-# Idempotent and cached (cargo's target dir; images by content hash). Prints the image
-# set's directory on stdout.
+# Builds what the platform runs from: the static guest agent, the public API component
+# and the guest image set. Idempotent and cached (cargo's target dirs; images by content
+# hash). Prints the image set's directory on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/nullspace/target}
@@ -9,4 +9,5 @@ target=x86_64-unknown-linux-gnu
 # crt-static only for this target, so build scripts and proc macros stay dynamic.
 CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --quiet --locked -p guest-agent --release --target "$target" >&2
+deploy/build-component.sh >&2
 exec deploy/guest-image/build.sh "$CARGO_TARGET_DIR/$target/release/nullspace-agent"

@@ -7,8 +7,14 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/nullspace/target}
 
 deploy/install-deps.sh
 deploy/build.sh >/dev/null
+deploy/install-wasmtime-cli.sh >/dev/null
 cargo fmt --all -- --check
+for crate in api-component api-component/componentize; do
+    cargo fmt --manifest-path "$crate/Cargo.toml" -- --check
+done
 cargo clippy --quiet --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the real daemon binary.
 cargo build --quiet --workspace --bins --locked
 cargo nextest run --workspace --locked --profile ci
+# The public API against its own OpenAPI document, on a live stack of its own.
+deploy/schemathesis.sh "$CARGO_TARGET_DIR/debug"

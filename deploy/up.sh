@@ -1,53 +1,99 @@
 #!/usr/bin/env bash
-# Sets up this machine (Debian bookworm, root) and runs what exists of Nullspace locally.
-# Safe to run again: every step is cached.
+# Sets up this machine (Debian bookworm, root) and runs Nullspace locally: the pool
+# manager and the public API (api-host serving the wasm component) on loopback, with a
+# development team and key. Safe to run again: every step is cached.
+#
+#   deploy/up.sh                 run in the foreground; Ctrl-C stops everything, VMs included
+#   deploy/up.sh --background    start, print how to reach it, return; deploy/down.sh stops it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/nullspace/target}
+background=false
+case "${1:-}" in
+    "") ;;
+    --background) background=true ;;
+    *) echo "usage: deploy/up.sh [--background]" >&2; exit 2 ;;
+esac
 
 deploy/install-deps.sh
 images=$(deploy/build.sh)
-cargo build --quiet --release --locked -p nullspace-tests -p pool-manager --bins
+cargo build --quiet --release --locked -p pool-manager -p api-host -p nullspace-tests --bins
 bin="$CARGO_TARGET_DIR/release"
-
+component="${NULLSPACE_CACHE:-/var/cache/nullspace}/components/nullspace-api.wasm"
 echo "Guest image set: $images" >&2
 "$bin/vmctl" --rootfs base -- '. /etc/os-release; echo "guest: $PRETTY_NAME, kernel $(uname -r), $(python3 --version)"'
 
-# The pool manager: a development team and key, then the daemon on loopback.
 state=${NULLSPACE_STATE_DIR:-/var/lib/nullspace}
-mkdir -p "$state"
+env_dir=${XDG_STATE_HOME:-$HOME/.local/state}/nullspace
+control=127.0.0.1:7070 edge=127.0.0.1:7071 public=127.0.0.1:7080
+mkdir -p "$state" "$env_dir"
+chmod 711 "$state" # QEMU runs as nullspace-vm and opens pause snapshots under it
+for addr in $control $edge $public; do
+    if (exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}") 2>/dev/null; then
+        echo "Something already listens on $addr: stop it first (deploy/down.sh stops a stack this script started)." >&2
+        exit 1
+    fi
+done
+
+# A development team and key, once; the env file clients read.
 pm="$bin/nullspace-pool-manager"
-if [ ! -s "$state/dev.env" ]; then
+if [ ! -s "$env_dir/dev.env" ] || ! grep -q NULLSPACE_API_KEY "$env_dir/dev.env"; then
     "$pm" admin team create dev --state-dir "$state" >/dev/null 2>&1 || true
     key=$("$pm" admin key create --team dev --state-dir "$state")
-    printf 'NULLSPACE_API_URL=http://127.0.0.1:7070\nNULLSPACE_API_KEY=%s\n' "$key" >"$state/dev.env"
-    chmod 600 "$state/dev.env"
-fi
-if curl -fsS http://127.0.0.1:7070/v1/health >/dev/null 2>&1; then
-    echo "A pool manager already answers on 127.0.0.1:7070; leaving it running." >&2
 else
-    nohup "$pm" serve --state-dir "$state" >"$state/pool-manager.log" 2>&1 &
-    for _ in $(seq 1 240); do
-        grep -q "template snapshots ready" "$state/pool-manager.log" 2>/dev/null && break
-        sleep 1
-    done
-    grep -q "template snapshots ready" "$state/pool-manager.log" || { tail -20 "$state/pool-manager.log" >&2; exit 1; }
+    key=$(sed -n 's/^NULLSPACE_API_KEY=//p' "$env_dir/dev.env")
 fi
-. "$state/dev.env"
+umask 077
+cat >"$env_dir/dev.env" <<ENV
+NULLSPACE_API_URL=http://$public
+NULLSPACE_API_KEY=$key
+NULLSPACE_DATA_PLANE_URL=http://$edge
+ENV
+umask 022
+
+# Start both; remember their PIDs for deploy/down.sh.
+nohup "$pm" serve --listen $control --edge-listen $edge --state-dir "$state" --on-exit end \
+    >"$state/pool-manager.log" 2>&1 &
+pm_pid=$!
+echo "$pm_pid" >"$state/pool-manager.pid"
+for _ in $(seq 1 300); do
+    grep -q "template snapshots ready" "$state/pool-manager.log" 2>/dev/null && break
+    kill -0 $pm_pid 2>/dev/null || { tail -20 "$state/pool-manager.log" >&2; exit 1; }
+    sleep 1
+done
+nohup "$bin/nullspace-api" --component "$component" --listen $public \
+    --pool-manager "http://$control" >"$state/api.log" 2>&1 &
+api_pid=$!
+echo "$api_pid" >"$state/api.pid"
+for _ in $(seq 1 120); do
+    grep -q "public API http://" "$state/api.log" 2>/dev/null && break
+    kill -0 $api_pid 2>/dev/null || { tail -20 "$state/api.log" >&2; deploy/down.sh; exit 1; }
+    sleep 0.5
+done
 
 cat <<MSG
 
 Nullspace is running on this machine:
-  control API  $NULLSPACE_API_URL   (key in $state/dev.env; log $state/pool-manager.log)
-  data plane   http://127.0.0.1:7071 (use the runtime token a create returns)
+  public API   http://$public/api/v1   (OpenAPI: http://$public/api/v1/openapi.json)
+  API key      $key
+  data plane   http://$edge   (reached with the runtime token a create returns)
+  env file     $env_dir/dev.env   (NULLSPACE_API_URL, NULLSPACE_API_KEY, NULLSPACE_DATA_PLANE_URL)
+  logs         $state/pool-manager.log, $state/api.log
 
-  . $state/dev.env
-  curl -s -XPOST \$NULLSPACE_API_URL/v1/sandboxes -H "X-API-Key: \$NULLSPACE_API_KEY" \\
+  set -a; . $env_dir/dev.env; set +a
+  curl -s -XPOST \$NULLSPACE_API_URL/api/v1/sandboxes -H "X-API-Key: \$NULLSPACE_API_KEY" \\
        -d '{"templateID":"base"}'
   curl -sN -XPOST <runtime.target.baseUrl>/commands -H "Authorization: Bearer <runtime.token>" \\
        -d '{"cmd":"python3 -c \\"print(6*7)\\""}'
 
-  $bin/vmctl --rootfs base -- <command>    a throwaway microVM without the daemon
-  $bin/bench                               guest-runtime numbers
-Stop the daemon with: pkill -TERM -f nullspace-pool-manager
 MSG
+if $background; then
+    echo "Stop everything (VMs included) with: deploy/down.sh"
+    exit 0
+fi
+echo "Ctrl-C stops everything, VMs included (or run deploy/down.sh from another shell)."
+trap 'deploy/down.sh; exit 0' INT TERM
+while kill -0 $pm_pid 2>/dev/null && kill -0 $api_pid 2>/dev/null; do sleep 1; done
+echo "A service stopped on its own; see the logs above. Stopping the rest." >&2
+deploy/down.sh
+exit 1

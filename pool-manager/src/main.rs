@@ -202,16 +202,22 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {edge_listen}"))?;
     let edge_url = format!("http://{}", data.local_addr()?);
+    let templates_dir = PathBuf::from(args.flag(
+        "templates-dir",
+        &dir.join("templates").display().to_string(),
+    ));
+    std::fs::create_dir_all(&templates_dir)
+        .with_context(|| format!("creating {}", templates_dir.display()))?;
+    for d in [&dir, &templates_dir] {
+        vmm::qemu::check_vm_user_can_reach(d).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     let manager = Arc::new(sandboxes::Manager::new(
         catalog,
         vmm,
         tokens.clone(),
         edge_url.clone(),
         dir.clone(),
-        PathBuf::from(args.flag(
-            "templates-dir",
-            &dir.join("templates").display().to_string(),
-        )),
+        templates_dir,
         args.flag("max-sandboxes-per-team", "20")
             .parse()
             .context("--max-sandboxes-per-team needs a number")?,

@@ -497,14 +497,23 @@ impl Manager {
         let mut vm = vm_slot
             .take()
             .ok_or_else(|| ApiError::internal("running sandbox has no VM"))?;
-        let dir = self.state_dir.join("pauses").join(id);
-        let _ = std::fs::create_dir_all(dir.parent().unwrap());
-        let _ = std::fs::remove_dir_all(&dir);
+        // A new directory per pause: a VM resumed from the previous pause still reads
+        // that snapshot's disk as its backing file until this one is complete.
+        let pauses = self.pauses_dir(id);
+        let dir = pauses.join(uuid::Uuid::new_v4().simple().to_string());
+        let _ = std::fs::create_dir_all(&pauses);
         match vm.snapshot(&dir, false).await {
             Ok(snapshot) => {
                 self.catalog
                     .record_snapshot("pause", Some(id), None, &snapshot)?;
                 vm.kill().await;
+                // The new snapshot stands alone (its disk is rebased onto the template's
+                // root file system): earlier pauses of this sandbox can go.
+                for old in std::fs::read_dir(&pauses).into_iter().flatten().flatten() {
+                    if old.path() != dir {
+                        let _ = std::fs::remove_dir_all(old.path());
+                    }
+                }
                 r.pause_snapshot = Some(dir.display().to_string());
                 r.vm_dir = None;
                 self.transition(&mut r, InternalState::Stopped, "paused")?;
@@ -519,6 +528,11 @@ impl Manager {
                 )))
             }
         }
+    }
+
+    /// Where a sandbox's pause snapshots live.
+    fn pauses_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("pauses").join(id)
     }
 
     /// Restores a paused sandbox from its pause snapshot.
@@ -552,8 +566,9 @@ impl Manager {
         r.expires_at_ms = now_ms() + r.timeout_s as i64 * 1000;
         r.pause_snapshot = None;
         self.transition(&mut r, InternalState::Active, "resumed")?;
+        // The files stay: the running VM's disk is an overlay on this snapshot's disk.
+        // The next pause or the delete removes them.
         self.catalog.forget_snapshot(&snapshot.manifest().id)?;
-        let _ = snapshot.delete();
         Ok(self.view(&r, true))
     }
 
@@ -615,8 +630,9 @@ impl Manager {
             if let Ok(snapshot) = Snapshot::open(&dir) {
                 self.catalog.forget_snapshot(&snapshot.manifest().id)?;
             }
-            let _ = std::fs::remove_dir_all(dir);
         }
+        // Every pause snapshot of the sandbox, including one a resumed VM was using.
+        let _ = std::fs::remove_dir_all(self.pauses_dir(id));
         self.transition(&mut r, InternalState::Deleted, reason)?;
         drop(vm_slot);
         self.slots.lock().unwrap().remove(id);

@@ -99,27 +99,43 @@ async fn create_command_files_delete_through_the_public_api() {
         (StatusCode::OK, Some(90)),
         "{v}"
     );
-    let (status, v) = api
-        .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+    // Twice: a resumed VM's disk sits on its pause snapshot, which the second pause
+    // must neither overwrite nor need.
+    for round in 1..=2 {
+        let (status, v) = api
+            .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+            .await;
+        assert_eq!(
+            (status, v["state"].as_str()),
+            (StatusCode::OK, Some("paused")),
+            "{v}"
+        );
+        let (status, v) = api
+            .post(&format!("/v1/sandboxes/{id}/resume"), json!({}))
+            .await;
+        assert_eq!(
+            (status, v["state"].as_str()),
+            (StatusCode::OK, Some("running")),
+            "{v}"
+        );
+        let rt = Runtime::of(&v);
+        let (out, _, _) = rt
+            .run(&format!(
+                "cat /workspace/notes.txt; echo {round} >> /workspace/rounds"
+            ))
+            .await;
+        assert_eq!(out, "written through the public API");
+    }
+    let (_, v) = api
+        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
         .await;
-    assert_eq!(
-        (status, v["state"].as_str()),
-        (StatusCode::OK, Some("paused")),
-        "{v}"
-    );
-    let (status, v) = api
-        .post(&format!("/v1/sandboxes/{id}/resume"), json!({}))
-        .await;
-    assert_eq!(
-        (status, v["state"].as_str()),
-        (StatusCode::OK, Some("running")),
-        "{v}"
-    );
-    let (out, _, _) = Runtime::of(&v).run("cat /workspace/notes.txt").await;
-    assert_eq!(out, "written through the public API");
+    let (out, _, _) = Runtime::of(&v).run("cat /workspace/rounds").await;
+    assert_eq!(out, "1\n2\n");
 
     // Delete ends the VM.
     assert_eq!(api.delete(&id).await, StatusCode::NO_CONTENT);
+    let pauses = stack.daemon.state_dir().join("pauses").join(&id);
+    assert!(!pauses.exists(), "{} outlived the delete", pauses.display());
     let (status, v) = api.fetch(&format!("/v1/sandboxes/{id}")).await;
     assert!(
         status == StatusCode::NOT_FOUND || v["state"] == "deleted",

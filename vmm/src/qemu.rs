@@ -760,6 +760,39 @@ async fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks that the unprivileged VM user can reach files under `dir` (snapshots a VM
+/// opens live there): every directory on the way must let others through. Errors say
+/// which directory and what to do. Always fine when QEMU runs as the caller.
+pub fn check_vm_user_can_reach(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(user) = unprivileged_user() else {
+        return Ok(());
+    };
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    for d in dir.ancestors() {
+        let meta = std::fs::metadata(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        let mode = meta.permissions().mode();
+        let through = {
+            use std::os::unix::fs::MetadataExt;
+            mode & 0o001 != 0
+                || (meta.uid() == user.uid && mode & 0o100 != 0)
+                || (user.groups.contains(&meta.gid()) && mode & 0o010 != 0)
+        };
+        if !through {
+            return Err(format!(
+                "{} (mode {:o}) does not let the VM user {VM_USER} through, so QEMU could not open snapshots under {}; run `chmod o+x {}` or choose another directory",
+                d.display(),
+                mode & 0o7777,
+                dir.display(),
+                d.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn unprivileged_user() -> Option<RunAs> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
