@@ -100,7 +100,10 @@ async fn serve(req: IncomingRequest) -> Result<Response, ApiError> {
         .method(forward.method)
         .uri(url)
         .header("x-api-key", key)
+        // A declared length lets both hosts write head and body at once: chunked
+        // encoding costs a second write, and a second wake-up of the other side.
         .header("content-type", "application/json")
+        .header("content-length", forward.body.len().to_string())
         .body(forward.body)
         .build();
     let upstream: Response = spin_sdk::http::send(outbound).await.map_err(|e| {
@@ -256,6 +259,7 @@ fn json_response(status: u16, body: Vec<u8>) -> Response {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
+        .header("content-length", body.len().to_string())
         .body(body)
         .build()
 }
@@ -264,7 +268,8 @@ fn error_response(e: &ApiError) -> Response {
     let body = serde_json::to_vec(&e.body()).unwrap_or_default();
     let mut resp = Response::builder();
     resp.status(e.status)
-        .header("content-type", "application/json");
+        .header("content-type", "application/json")
+        .header("content-length", body.len().to_string());
     if e.status == 401 {
         resp.header("www-authenticate", "Bearer");
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 /// Usage text.
 pub const USAGE: &str = "usage: nullspace-api --component FILE.wasm [--listen 127.0.0.1:7080]
     [--pool-manager http://127.0.0.1:7070] [--max-body-bytes 1048576]
-    [--request-timeout-s 60] [--ready-timeout-s 300] [--max-concurrent 256]";
+    [--request-timeout-s 60] [--ready-timeout-s 300] [--max-concurrent 256] [--threads 1]";
 
 /// The host's settings.
 #[derive(Debug, Clone)]
@@ -30,6 +30,9 @@ pub struct HostConfig {
     /// Requests served at once; more get 503 with `Retry-After` (default 256). Also the
     /// size of the instance pool.
     pub max_concurrent: u32,
+    /// Threads serving requests (default 1: on a 2-core host the pool manager and the
+    /// VMs want the other core, and one thread avoids cross-CPU wake-ups per request).
+    pub threads: usize,
 }
 
 impl HostConfig {
@@ -43,6 +46,7 @@ impl HostConfig {
             request_timeout: Duration::from_secs(60),
             ready_timeout: Duration::from_secs(300),
             max_concurrent: 256,
+            threads: 1,
         };
         let mut args = args.peekable();
         while let Some(flag) = args.next() {
@@ -73,6 +77,13 @@ impl HostConfig {
                 "--ready-timeout-s" => {
                     c.ready_timeout =
                         Duration::from_secs(value.parse().with_context(|| bad("seconds"))?)
+                }
+                "--threads" => {
+                    c.threads = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=256).contains(n))
+                        .with_context(|| bad("a number from 1 to 256"))?
                 }
                 "--max-concurrent" => {
                     c.max_concurrent = value

@@ -3,6 +3,7 @@
 //! ```text
 //! nullspace-api --component FILE.wasm [--listen 127.0.0.1:7080] [--pool-manager http://127.0.0.1:7070]
 //!     [--max-body-bytes 1048576] [--request-timeout-s 60] [--ready-timeout-s 300] [--max-concurrent 256]
+//!     [--threads 1]
 //! ```
 //!
 //! Prints `public API http://ADDR` on stderr once it listens; SIGINT or SIGTERM stop it
@@ -16,6 +17,13 @@ mod upstream;
 use anyhow::Context;
 
 fn main() -> anyhow::Result<()> {
+    // anyhow captures a backtrace for every error it makes when RUST_BACKTRACE is set,
+    // and wasi:http makes errors on ordinary paths (a body stream's end): that costs more
+    // than the request. Panics keep their backtraces.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -24,10 +32,16 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let config = config::HostConfig::from_args(std::env::args().skip(1))?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(config))
+    let mut rt = if config.threads <= 1 {
+        // One thread: no wake-ups across CPUs between the connection, the guest and the
+        // upstream client, which on a 2-core host is faster than two threads.
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(config.threads);
+        b
+    };
+    rt.enable_all().build()?.block_on(run(config))
 }
 
 async fn run(config: config::HostConfig) -> anyhow::Result<()> {
