@@ -140,18 +140,24 @@ fn pool_manager_binary() -> std::path::PathBuf {
     workspace_binary("nullspace-pool-manager")
 }
 
+/// A file the set-up scripts leave in the cache: `$env` if set, else `relative` under
+/// the cache directory; panics naming `made_by` when it is missing.
+pub fn cached_artifact(env: &str, relative: &str, made_by: &str) -> std::path::PathBuf {
+    let path = std::env::var_os(env)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| vmm::cache_dir().join(relative));
+    assert!(path.is_file(), "no {} (run {made_by})", path.display());
+    path
+}
+
 /// The public API component, as `deploy/build-component.sh` leaves it
 /// (`NULLSPACE_API_COMPONENT` overrides).
 pub fn api_component() -> std::path::PathBuf {
-    let path = std::env::var_os("NULLSPACE_API_COMPONENT")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| vmm::cache_dir().join("components/nullspace-api.wasm"));
-    assert!(
-        path.is_file(),
-        "no API component at {} (run deploy/build-component.sh)",
-        path.display()
-    );
-    path
+    cached_artifact(
+        "NULLSPACE_API_COMPONENT",
+        "components/nullspace-api.wasm",
+        "deploy/build-component.sh",
+    )
 }
 
 /// Spawns `cmd` with PDEATHSIG (so a test killed on timeout takes it along) and waits

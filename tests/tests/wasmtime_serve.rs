@@ -6,23 +6,19 @@
 //! (root only, as CI is), where it starts a pool manager on that address and
 //! `wasmtime serve` beside it, without touching anything on the machine's loopback.
 
-use nullspace_tests::{api_component, spawn_until, stop_child, Daemon};
-use serde_json::Value;
+use nullspace_tests::{api_component, cached_artifact, spawn_until, stop_child, Daemon};
+use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::time::Duration;
 
 /// `wasmtime` as `deploy/install-wasmtime-cli.sh` installs it (`NULLSPACE_WASMTIME`
 /// overrides).
 fn wasmtime_cli() -> std::path::PathBuf {
-    let path = std::env::var_os("NULLSPACE_WASMTIME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| vmm::cache_dir().join("tools/wasmtime-48.0.8/bin/wasmtime"));
-    assert!(
-        path.is_file(),
-        "no wasmtime CLI at {} (run deploy/install-wasmtime-cli.sh)",
-        path.display()
-    );
-    path
+    cached_artifact(
+        "NULLSPACE_WASMTIME",
+        "tools/wasmtime-48.0.8/bin/wasmtime",
+        "deploy/install-wasmtime-cli.sh",
+    )
 }
 
 /// One HTTP/1.1 exchange over a fresh connection made from the calling thread (and so in
@@ -108,71 +104,84 @@ fn the_component_runs_under_stock_wasmtime_serve() {
         let addr = "127.0.0.1:8123";
         let auth = [("X-API-Key", key.as_str())];
 
-        // Checks made by the component alone.
-        let (status, v) = call(addr, "GET", "/api/v1/sandboxes", &[], "");
-        assert_eq!(
-            (status, v["code"].as_str()),
-            (401, Some("unauthorized")),
-            "{v}"
-        );
-        let (status, _) = call(
-            addr,
-            "GET",
-            "/api/v1/sandboxes",
-            &[("X-API-Key", "nope")],
-            "",
-        );
-        assert_eq!(status, 401);
-        let (status, v) = call(
-            addr,
-            "POST",
-            "/api/v1/sandboxes",
-            &auth,
-            r#"{"templateID":"minimal","timeoutMs":5}"#,
-        );
-        assert_eq!(
-            (status, v["details"]["field"].as_str()),
-            (400, Some("timeoutMs")),
-            "{v}"
-        );
-        let (status, v) = call(
-            addr,
-            "POST",
-            "/api/v1/sandboxes",
-            &auth,
-            r#"{"templateID":"minimal","mcp":{}}"#,
-        );
-        assert_eq!(
-            (status, v["details"]["field"].as_str()),
-            (400, Some("mcp")),
-            "{v}"
-        );
-        let (status, v) = call(addr, "POST", "/api/v1/sandboxes", &auth, "{oops");
-        assert_eq!(
-            (status, v["code"].as_str()),
-            (400, Some("invalid_request")),
-            "{v}"
-        );
-
-        // Checks that need the pool manager behind it: the stock outbound handler works.
-        let (status, v) = call(
-            addr,
-            "GET",
-            "/api/v1/sandboxes",
-            &[("X-API-Key", "ns_0123456789abcdef0123456789abcdef")],
-            "",
-        );
-        assert_eq!(
-            (status, v["code"].as_str()),
-            (401, Some("unauthorized")),
-            "{v}"
-        );
-        let (status, v) = call(addr, "GET", "/api/v1/sandboxes", &auth, "");
-        assert_eq!(
-            (status, &v["sandboxes"]),
-            (200, &serde_json::json!([])),
-            "{v}"
-        );
+        let unknown_key = [("X-API-Key", "ns_0123456789abcdef0123456789abcdef")];
+        let bad_key = [("X-API-Key", "nope")];
+        // (method, path, headers, body, status, JSON pointer, value there)
+        let cases: [(&str, &str, &[(&str, &str)], &str, u16, &str, Value); 7] = [
+            // Made by the component alone.
+            (
+                "GET",
+                "/api/v1/sandboxes",
+                &[],
+                "",
+                401,
+                "/code",
+                json!("unauthorized"),
+            ),
+            (
+                "GET",
+                "/api/v1/sandboxes",
+                &bad_key,
+                "",
+                401,
+                "/code",
+                json!("unauthorized"),
+            ),
+            (
+                "POST",
+                "/api/v1/sandboxes",
+                &auth,
+                r#"{"templateID":"minimal","timeoutMs":5}"#,
+                400,
+                "/details/field",
+                json!("timeoutMs"),
+            ),
+            (
+                "POST",
+                "/api/v1/sandboxes",
+                &auth,
+                r#"{"templateID":"minimal","mcp":{}}"#,
+                400,
+                "/details/field",
+                json!("mcp"),
+            ),
+            (
+                "POST",
+                "/api/v1/sandboxes",
+                &auth,
+                "{oops",
+                400,
+                "/code",
+                json!("invalid_request"),
+            ),
+            // Needing the pool manager behind it: the stock outbound handler works.
+            (
+                "GET",
+                "/api/v1/sandboxes",
+                &unknown_key,
+                "",
+                401,
+                "/code",
+                json!("unauthorized"),
+            ),
+            (
+                "GET",
+                "/api/v1/sandboxes",
+                &auth,
+                "",
+                200,
+                "/sandboxes",
+                json!([]),
+            ),
+        ];
+        for (method, path, headers, body, status, pointer, want) in cases {
+            let (got, v) = call(addr, method, path, headers, body);
+            assert_eq!(
+                (got, v.pointer(pointer)),
+                (status, Some(&want)),
+                "{method} {path} {body}: {v}"
+            );
+        }
         let (status, v) = call(
             addr,
             "POST",
