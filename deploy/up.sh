@@ -51,8 +51,9 @@ NULLSPACE_DATA_PLANE_URL=http://$edge
 ENV
 umask 022
 
-# Start both; remember their PIDs for deploy/down.sh.
-nohup "$pm" serve --listen $control --edge-listen $edge --state-dir "$state" --on-exit end \
+# Start both in sessions of their own (a terminal Ctrl-C reaches only this script, whose
+# trap stops them in order); remember their PIDs for deploy/down.sh.
+setsid nohup "$pm" serve --listen $control --edge-listen $edge --state-dir "$state" --on-exit end \
     >"$state/pool-manager.log" 2>&1 &
 pm_pid=$!
 echo "$pm_pid" >"$state/pool-manager.pid"
@@ -61,7 +62,7 @@ for _ in $(seq 1 300); do
     kill -0 $pm_pid 2>/dev/null || { tail -20 "$state/pool-manager.log" >&2; exit 1; }
     sleep 1
 done
-nohup "$bin/nullspace-api" --component "$component" --listen $public \
+setsid nohup "$bin/nullspace-api" --component "$component" --listen $public \
     --pool-manager "http://$control" >"$state/api.log" 2>&1 &
 api_pid=$!
 echo "$api_pid" >"$state/api.pid"
