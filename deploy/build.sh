@@ -4,7 +4,7 @@
 # hash). Prints the image set's directory on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/nullspace/target}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${NULLSPACE_CACHE:-/var/cache/nullspace}/target}
 target=x86_64-unknown-linux-gnu
 # crt-static only for this target, so build scripts and proc macros stay dynamic.
 CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \

@@ -3,7 +3,7 @@
 # boot real microVMs. Installs and builds whatever is missing first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/nullspace/target}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${NULLSPACE_CACHE:-/var/cache/nullspace}/target}
 
 deploy/install-deps.sh
 deploy/build.sh >/dev/null

@@ -7,7 +7,7 @@
 #   deploy/up.sh --background    start, print how to reach it, return; deploy/down.sh stops it
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/nullspace/target}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${NULLSPACE_CACHE:-/var/cache/nullspace}/target}
 background=false
 case "${1:-}" in
     "") ;;
