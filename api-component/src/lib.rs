@@ -136,7 +136,7 @@ fn route(
                 empty_body(&body)?;
                 Ok(forward(Method::Get, "/v1/sandboxes".into(), Vec::new()))
             }
-            _ => Err(not_allowed(method, "/api/v1/sandboxes", "POST or GET")),
+            _ => Err(not_allowed(method, "/api/v1/sandboxes", &["POST", "GET"])),
         },
         ["sandboxes", id] => {
             let id = sandbox_id(id)?;
@@ -156,7 +156,7 @@ fn route(
                 _ => Err(not_allowed(
                     method,
                     "/api/v1/sandboxes/{id}",
-                    "GET or DELETE",
+                    &["GET", "DELETE"],
                 )),
             }
         }
@@ -172,7 +172,7 @@ fn route(
                 return Err(not_allowed(
                     method,
                     &format!("/api/v1/sandboxes/{{id}}/{action}"),
-                    allowed,
+                    &[allowed],
                 ));
             }
             if *action == "events" {
@@ -236,7 +236,7 @@ fn unknown_route() -> ApiError {
     )
 }
 
-fn not_allowed(method: &Method, path: &str, allowed: &str) -> ApiError {
+fn not_allowed(method: &Method, path: &str, allowed: &[&str]) -> ApiError {
     ApiError::method_not_allowed(&method.to_string(), path, allowed)
 }
 
@@ -272,6 +272,9 @@ fn error_response(e: &ApiError) -> Response {
         .header("content-length", body.len().to_string());
     if e.status == 401 {
         resp.header("www-authenticate", "Bearer");
+    }
+    if let Some(allowed) = e.allowed_methods() {
+        resp.header("allow", allowed);
     }
     resp.body(body).build()
 }

@@ -101,3 +101,38 @@ impl HostConfig {
         Ok(c)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> anyhow::Result<HostConfig> {
+        HostConfig::from_args(args.iter().map(|a| a.to_string()))
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_stated_limits() {
+        let c = parse(&["--component", "api.wasm"]).unwrap();
+        assert!(c.listen.ip().is_loopback());
+        assert_eq!(c.pool_manager.as_str(), "127.0.0.1:7070");
+        assert_eq!(c.max_body_bytes, 1 << 20);
+        assert_eq!(c.request_timeout, Duration::from_secs(60));
+        assert_eq!(c.threads, 1);
+    }
+
+    #[test]
+    fn bad_flags_say_what_to_send() {
+        let msg = |args: &[&str]| parse(args).unwrap_err().to_string();
+        assert!(msg(&[]).contains("--component is required"));
+        assert!(msg(&["--component", "a", "--pool-manager", "https://x"]).contains("http://"));
+        assert!(msg(&["--component", "a", "--threads", "0"]).contains("1 to 256"));
+        assert!(msg(&["--component", "a", "--bogus", "1"]).contains("unknown flag --bogus"));
+        assert!(msg(&["--component"]).contains("needs a value"));
+    }
+
+    #[test]
+    fn the_pool_manager_url_becomes_an_authority() {
+        let c = parse(&["--component", "a", "--pool-manager", "http://10.0.0.5:9000"]).unwrap();
+        assert_eq!(c.pool_manager.as_str(), "10.0.0.5:9000");
+    }
+}

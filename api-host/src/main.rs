@@ -30,6 +30,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,wasmtime=warn,cranelift=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, not in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = config::HostConfig::from_args(std::env::args().skip(1))?;
     let mut rt = if config.threads <= 1 {

@@ -175,3 +175,27 @@ fn error(e: &ApiError) -> http::Response<HyperOutgoingBody> {
         )
         .expect("a valid response")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_creates_connects_and_resumes_wait_for_readiness() {
+        let post = http::Method::POST;
+        assert!(waits_for_readiness(&post, "/api/v1/sandboxes"));
+        assert!(waits_for_readiness(
+            &post,
+            "/api/v1/sandboxes/sbx-1/connect"
+        ));
+        assert!(waits_for_readiness(
+            &post,
+            "/api/v1/sandboxes/sbx-1/resume/"
+        ));
+        assert!(!waits_for_readiness(&post, "/api/v1/sandboxes/sbx-1/pause"));
+        assert!(!waits_for_readiness(
+            &http::Method::GET,
+            "/api/v1/sandboxes"
+        ));
+    }
+}

@@ -47,11 +47,26 @@ impl ApiError {
     }
 
     /// 405: the path exists, the method does not.
-    pub fn method_not_allowed(method: &str, path: &str, allowed: &str) -> Self {
+    pub fn method_not_allowed(method: &str, path: &str, allowed: &[&str]) -> Self {
         Self::new(
             405,
             "method_not_allowed",
-            format!("{method} is not allowed on {path}; send {allowed}"),
+            format!(
+                "{method} is not allowed on {path}; send {}",
+                allowed.join(" or ")
+            ),
+        )
+        .with_details(json!({ "allowed": allowed }))
+    }
+
+    /// The methods a 405 allows, for an `Allow` header.
+    pub fn allowed_methods(&self) -> Option<String> {
+        let list = self.details.get("allowed")?.as_array()?;
+        Some(
+            list.iter()
+                .filter_map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         )
     }
 

@@ -352,6 +352,7 @@ async fn bad_requests_are_refused_by_the_component_with_what_to_send() {
         "method_not_allowed",
         "POST or GET",
     );
+    assert_eq!(got.1["details"]["allowed"], json!(["POST", "GET"]));
     let got = raw(&stack, get.clone(), "/sandboxes?limit=0", &auth, None).await;
     assert_error(
         &got,

@@ -71,6 +71,18 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// A request and what must come back: method, path, headers, body, status, a JSON
+/// pointer into the answer and the value there.
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    &'a [(&'a str, &'a str)],
+    &'a str,
+    u16,
+    &'a str,
+    Value,
+);
+
 #[test]
 fn the_component_runs_under_stock_wasmtime_serve() {
     let wasmtime = wasmtime_cli();
@@ -107,7 +119,7 @@ fn the_component_runs_under_stock_wasmtime_serve() {
         let unknown_key = [("X-API-Key", "ns_0123456789abcdef0123456789abcdef")];
         let bad_key = [("X-API-Key", "nope")];
         // (method, path, headers, body, status, JSON pointer, value there)
-        let cases: [(&str, &str, &[(&str, &str)], &str, u16, &str, Value); 7] = [
+        let cases: [Case; 7] = [
             // Made by the component alone.
             (
                 "GET",
