@@ -1,0 +1,171 @@
+//! The same calls without async: each blocks on a small runtime the handle owns.
+
+use crate::models::{
+    CommandResult, CreateOptions, FileInfo, ListQuery, ProcessInfo, SandboxInfo, SandboxPage,
+};
+use crate::{ConnectionConfig, Error, Result, RunOptions};
+use std::sync::Arc;
+
+fn runtime() -> Result<Arc<tokio::runtime::Runtime>> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map(Arc::new)
+        .map_err(Error::Io)
+}
+
+/// A connected sandbox (blocking). See [`crate::Sandbox`].
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    inner: crate::Sandbox,
+    rt: Arc<tokio::runtime::Runtime>,
+}
+
+impl Sandbox {
+    /// Creates a sandbox.
+    pub fn create(config: &ConnectionConfig, options: &CreateOptions) -> Result<Sandbox> {
+        let rt = runtime()?;
+        let inner = rt.block_on(crate::Sandbox::create(config, options))?;
+        Ok(Self { inner, rt })
+    }
+
+    /// Connects to an existing sandbox (resuming it if paused).
+    pub fn connect(
+        config: &ConnectionConfig,
+        sandbox_id: &str,
+        timeout: Option<u64>,
+    ) -> Result<Sandbox> {
+        let rt = runtime()?;
+        let inner = rt.block_on(crate::Sandbox::connect(config, sandbox_id, timeout))?;
+        Ok(Self { inner, rt })
+    }
+
+    /// One page of the team's sandboxes.
+    pub fn list(config: &ConnectionConfig, query: &ListQuery) -> Result<SandboxPage> {
+        runtime()?.block_on(crate::Sandbox::list(config, query))
+    }
+
+    /// A sandbox's description without connecting.
+    pub fn get_info_by_id(config: &ConnectionConfig, sandbox_id: &str) -> Result<SandboxInfo> {
+        runtime()?.block_on(crate::Sandbox::get_info_by_id(config, sandbox_id))
+    }
+
+    /// Its ID.
+    pub fn id(&self) -> &str {
+        self.inner.id()
+    }
+
+    /// The async handle.
+    pub fn as_async(&self) -> &crate::Sandbox {
+        &self.inner
+    }
+
+    /// Its current description.
+    pub fn get_info(&self) -> Result<SandboxInfo> {
+        self.rt.block_on(self.inner.get_info())
+    }
+
+    /// Whether it runs.
+    pub fn is_running(&self) -> Result<bool> {
+        self.rt.block_on(self.inner.is_running())
+    }
+
+    /// Ends it; `false` if it was already gone.
+    pub fn kill(&self) -> Result<bool> {
+        self.rt.block_on(self.inner.kill())
+    }
+
+    /// Sets its timeout, seconds from now.
+    pub fn set_timeout(&self, seconds: u64) -> Result<()> {
+        self.rt.block_on(self.inner.set_timeout(seconds))
+    }
+
+    /// Pauses it.
+    pub fn pause(&self) -> Result<()> {
+        self.rt.block_on(self.inner.pause())
+    }
+
+    /// Resumes it.
+    pub fn resume(&mut self) -> Result<()> {
+        self.rt.block_on(self.inner.resume())
+    }
+
+    /// Runs a command and waits for it.
+    pub fn run(&self, cmd: &str) -> Result<CommandResult> {
+        self.rt.block_on(self.inner.commands().run(cmd))
+    }
+
+    /// Runs a command with options and waits for it.
+    pub fn run_with(&self, cmd: &str, options: RunOptions) -> Result<CommandResult> {
+        self.rt
+            .block_on(self.inner.commands().run_with(cmd, options))
+    }
+
+    /// Starts a command in the background; returns its pid.
+    pub fn spawn(&self, cmd: &str, options: RunOptions) -> Result<u32> {
+        Ok(self
+            .rt
+            .block_on(self.inner.commands().spawn(cmd, options))?
+            .pid)
+    }
+
+    /// Waits for a background command.
+    pub fn wait(&self, pid: u32) -> Result<CommandResult> {
+        self.rt.block_on(self.inner.commands().connect(pid).wait())
+    }
+
+    /// Processes the sandbox started.
+    pub fn processes(&self) -> Result<Vec<ProcessInfo>> {
+        self.rt.block_on(self.inner.commands().list())
+    }
+
+    /// Kills a process group; `false` if there was none.
+    pub fn kill_process(&self, pid: u32) -> Result<bool> {
+        self.rt.block_on(self.inner.commands().kill(pid))
+    }
+
+    /// Reads a file.
+    pub fn read(&self, path: &str) -> Result<Vec<u8>> {
+        self.rt.block_on(self.inner.files().read(path))
+    }
+
+    /// Writes a file.
+    pub fn write(&self, path: &str, data: impl Into<Vec<u8>>) -> Result<()> {
+        self.rt.block_on(self.inner.files().write(path, data))
+    }
+
+    /// Uploads a local file.
+    pub fn upload(&self, local: &std::path::Path, path: &str) -> Result<u64> {
+        self.rt.block_on(self.inner.files().upload(local, path))
+    }
+
+    /// Downloads to a local file.
+    pub fn download(&self, path: &str, local: &std::path::Path) -> Result<u64> {
+        self.rt.block_on(self.inner.files().download(path, local))
+    }
+
+    /// Lists a directory.
+    pub fn list_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
+        self.rt.block_on(self.inner.files().list(path))
+    }
+
+    /// Describes a path.
+    pub fn stat(&self, path: &str) -> Result<FileInfo> {
+        self.rt.block_on(self.inner.files().stat(path))
+    }
+
+    /// Creates a directory.
+    pub fn mkdir(&self, path: &str) -> Result<()> {
+        self.rt.block_on(self.inner.files().mkdir(path))
+    }
+
+    /// Removes a path.
+    pub fn remove(&self, path: &str) -> Result<()> {
+        self.rt.block_on(self.inner.files().remove(path))
+    }
+
+    /// Renames a path.
+    pub fn rename(&self, from: &str, to: &str) -> Result<()> {
+        self.rt.block_on(self.inner.files().rename(from, to))
+    }
+}

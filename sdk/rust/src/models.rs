@@ -1,0 +1,267 @@
+//! The shapes the API answers with, and the options calls take.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// CPU, memory and disk of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    #[serde(rename = "memMiB")]
+    pub mem_mib: u32,
+    /// Root disk in MiB.
+    #[serde(rename = "diskSizeMiB")]
+    pub disk_mib: u64,
+}
+
+/// What a sandbox does when its timeout passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    /// End it (the default).
+    #[default]
+    Kill,
+    /// Pause it; `connect` or `resume` brings it back.
+    Pause,
+}
+
+/// Data-plane address and token of a running sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeAccess {
+    /// Where the data plane is.
+    pub target: RuntimeTarget,
+    /// Bearer token for it.
+    pub token: String,
+    /// When the token stops working (ISO 8601); `connect` gives a new one.
+    pub token_expires_at: String,
+}
+
+/// The data-plane address of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeTarget {
+    /// `http`.
+    pub transport: String,
+    /// `host:port`.
+    pub host: String,
+    /// Base URL of this sandbox's data-plane routes.
+    pub base_url: String,
+}
+
+/// One step of a sandbox's life.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct TimelineStep {
+    /// When (ISO 8601).
+    pub at: String,
+    /// What.
+    pub step: String,
+    /// More, for people.
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+/// Why something failed and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Diagnostic {
+    /// Stable code.
+    pub code: String,
+    /// What happened.
+    pub message: String,
+    /// What to do.
+    pub action: String,
+}
+
+/// A sandbox as the API describes it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxInfo {
+    /// Its ID.
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    /// The template it booted from.
+    #[serde(rename = "templateID", default)]
+    pub template_id: String,
+    /// `starting`, `running`, `paused`, `deleted` or `error`.
+    #[serde(default)]
+    pub state: String,
+    /// Its shape.
+    #[serde(default)]
+    pub resources: Option<Resources>,
+    /// Caller's labels.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Lifetime in seconds.
+    #[serde(default)]
+    pub timeout: u64,
+    /// Created (ISO 8601).
+    #[serde(default)]
+    pub created_at: String,
+    /// Ends or pauses at (ISO 8601).
+    #[serde(default)]
+    pub expires_at: String,
+    /// Lifecycle steps.
+    #[serde(default)]
+    pub timeline: Vec<TimelineStep>,
+    /// Why it failed, if it did.
+    #[serde(default)]
+    pub diagnostic: Option<Diagnostic>,
+    /// Data-plane access, while running and when asked for (create, connect).
+    #[serde(default)]
+    pub runtime: Option<RuntimeAccess>,
+}
+
+/// Options of [`crate::Sandbox::create`]. `CreateOptions::new("base")` and set what you need.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateOptions {
+    /// Template to boot (`base`, `minimal`, ...).
+    #[serde(rename = "templateID")]
+    pub template: String,
+    /// Lifetime in seconds (server default 300).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    /// Labels, filterable in a list.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Environment of every command.
+    #[serde(rename = "envVars", skip_serializing_if = "BTreeMap::is_empty")]
+    pub envs: BTreeMap<String, String>,
+    /// Shape (server default 2 vCPUs, 2048 MiB, 8192 MiB disk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    /// What the timeout does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<Lifecycle>,
+}
+
+/// `lifecycle` of a create.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lifecycle {
+    /// Kill (default) or pause when the timeout passes.
+    pub on_timeout: OnTimeout,
+}
+
+impl CreateOptions {
+    /// Options for `template`, everything else the server's default.
+    pub fn new(template: impl Into<String>) -> Self {
+        Self {
+            template: template.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the timeout in seconds.
+    pub fn timeout(mut self, seconds: u64) -> Self {
+        self.timeout = Some(seconds);
+        self
+    }
+
+    /// Adds a metadata label.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.envs.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the shape.
+    pub fn resources(mut self, vcpus: u32, mem_mib: u32, disk_mib: u64) -> Self {
+        self.resources = Some(Resources {
+            vcpus,
+            mem_mib,
+            disk_mib,
+        });
+        self
+    }
+
+    /// Pauses instead of killing on timeout.
+    pub fn pause_on_timeout(mut self) -> Self {
+        self.lifecycle = Some(Lifecycle {
+            on_timeout: OnTimeout::Pause,
+        });
+        self
+    }
+}
+
+/// Filters and paging of [`crate::Sandbox::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Public states to keep (default: all but deleted).
+    pub states: Vec<String>,
+    /// Labels that must all match.
+    pub metadata: BTreeMap<String, String>,
+    /// Page size, 1 to 100.
+    pub limit: Option<u32>,
+    /// The previous page's `next_token`.
+    pub next_token: Option<String>,
+}
+
+/// One page of a list.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SandboxPage {
+    /// The sandboxes.
+    pub sandboxes: Vec<SandboxInfo>,
+    /// Pass back for the next page; `None` on the last.
+    #[serde(rename = "nextToken")]
+    pub next_token: Option<String>,
+}
+
+/// A file or directory in a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct FileInfo {
+    /// Base name.
+    #[serde(default)]
+    pub name: String,
+    /// Full path.
+    #[serde(default)]
+    pub path: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    /// Size in bytes.
+    #[serde(default)]
+    pub size: u64,
+    /// Permission bits.
+    #[serde(default)]
+    pub mode: u32,
+    /// Modified, seconds since the epoch.
+    #[serde(default)]
+    pub mtime: i64,
+}
+
+/// How a command ended, with its output.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CommandResult {
+    /// Standard output (non-UTF-8 bytes replaced).
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+    /// Exit code; `None` when a signal ended it.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it.
+    pub signal: Option<i32>,
+}
+
+/// A process the sandbox started.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ProcessInfo {
+    /// Its ID in the sandbox.
+    pub pid: u32,
+    /// What was run.
+    #[serde(default)]
+    pub command: serde_json::Value,
+    /// Started in the background.
+    #[serde(default)]
+    pub background: bool,
+    /// Whether a client is attached to its output.
+    #[serde(default)]
+    pub attached: bool,
+}

@@ -1,0 +1,242 @@
+//! A sandbox and the control-plane calls on it.
+
+use crate::commands::Commands;
+use crate::error::check;
+use crate::files::Files;
+use crate::models::{CreateOptions, ListQuery, RuntimeAccess, SandboxInfo, SandboxPage};
+use crate::{ConnectionConfig, Error, Result};
+use serde_json::{json, Value};
+
+/// A connected sandbox: its ID, the API it lives behind, and its data-plane access.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    pub(crate) config: ConnectionConfig,
+    pub(crate) http: reqwest::Client,
+    id: String,
+    pub(crate) runtime: Option<RuntimeAccess>,
+}
+
+pub(crate) fn client(config: &ConnectionConfig) -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(config.request_timeout)
+        .build()?)
+}
+
+/// Calls the public API; returns the JSON body (`Null` for 204).
+pub(crate) async fn call(
+    http: &reqwest::Client,
+    config: &ConnectionConfig,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value> {
+    let mut req = http
+        .request(method, config.url(path))
+        .header("X-API-Key", &config.api_key);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = check(req.send().await?).await?;
+    if resp.status() == reqwest::StatusCode::NO_CONTENT {
+        return Ok(Value::Null);
+    }
+    Ok(resp.json().await?)
+}
+
+fn info(v: Value) -> Result<SandboxInfo> {
+    serde_json::from_value(v).map_err(|e| Error::Protocol(format!("a sandbox: {e}")))
+}
+
+impl Sandbox {
+    /// Creates a sandbox and returns it connected.
+    pub async fn create(config: &ConnectionConfig, options: &CreateOptions) -> Result<Sandbox> {
+        let http = client(config)?;
+        let body = serde_json::to_value(options).map_err(|e| Error::Protocol(e.to_string()))?;
+        let v = call(
+            &http,
+            config,
+            reqwest::Method::POST,
+            "/sandboxes",
+            Some(body),
+        )
+        .await?;
+        Ok(Self::from_info(config.clone(), http, info(v)?))
+    }
+
+    /// Connects to an existing sandbox (resuming it if paused), optionally setting its
+    /// timeout, with fresh data-plane access.
+    pub async fn connect(
+        config: &ConnectionConfig,
+        sandbox_id: &str,
+        timeout: Option<u64>,
+    ) -> Result<Sandbox> {
+        let http = client(config)?;
+        let body = timeout.map_or_else(|| json!({}), |t| json!({ "timeout": t }));
+        let v = call(
+            &http,
+            config,
+            reqwest::Method::POST,
+            &format!("/sandboxes/{sandbox_id}/connect"),
+            Some(body),
+        )
+        .await?;
+        Ok(Self::from_info(config.clone(), http, info(v)?))
+    }
+
+    /// One page of the team's sandboxes.
+    pub async fn list(config: &ConnectionConfig, query: &ListQuery) -> Result<SandboxPage> {
+        let http = client(config)?;
+        let mut params: Vec<(String, String)> = Vec::new();
+        if !query.states.is_empty() {
+            params.push(("state".into(), query.states.join(",")));
+        }
+        for (k, v) in &query.metadata {
+            params.push(("metadata".into(), format!("{k}={v}")));
+        }
+        if let Some(l) = query.limit {
+            params.push(("limit".into(), l.to_string()));
+        }
+        if let Some(t) = &query.next_token {
+            params.push(("nextToken".into(), t.clone()));
+        }
+        let resp = http
+            .get(config.url("/sandboxes"))
+            .query(&params)
+            .header("X-API-Key", &config.api_key)
+            .send()
+            .await?;
+        let v: Value = check(resp).await?.json().await?;
+        serde_json::from_value(v).map_err(|e| Error::Protocol(format!("a list: {e}")))
+    }
+
+    /// A sandbox's description without connecting (never wakes a paused one).
+    pub async fn get_info_by_id(
+        config: &ConnectionConfig,
+        sandbox_id: &str,
+    ) -> Result<SandboxInfo> {
+        let http = client(config)?;
+        let v = call(
+            &http,
+            config,
+            reqwest::Method::GET,
+            &format!("/sandboxes/{sandbox_id}"),
+            None,
+        )
+        .await?;
+        info(v)
+    }
+
+    fn from_info(config: ConnectionConfig, http: reqwest::Client, info: SandboxInfo) -> Self {
+        Self {
+            config,
+            http,
+            id: info.sandbox_id,
+            runtime: info.runtime,
+        }
+    }
+
+    /// Its ID.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Data-plane access as of the last create, connect or resume.
+    pub fn runtime(&self) -> Option<&RuntimeAccess> {
+        self.runtime.as_ref()
+    }
+
+    async fn control(
+        &self,
+        method: reqwest::Method,
+        action: &str,
+        body: Option<Value>,
+    ) -> Result<Value> {
+        let path = if action.is_empty() {
+            format!("/sandboxes/{}", self.id)
+        } else {
+            format!("/sandboxes/{}/{action}", self.id)
+        };
+        call(&self.http, &self.config, method, &path, body).await
+    }
+
+    /// Its current description.
+    pub async fn get_info(&self) -> Result<SandboxInfo> {
+        info(self.control(reqwest::Method::GET, "", None).await?)
+    }
+
+    /// Whether it is running now.
+    pub async fn is_running(&self) -> Result<bool> {
+        Ok(self.get_info().await?.state == "running")
+    }
+
+    /// Ends it. `true` if this call ended it, `false` if it was already gone.
+    pub async fn kill(&self) -> Result<bool> {
+        // A delete of a deleted sandbox succeeds (deletes are idempotent): ask first.
+        match self.get_info().await {
+            Ok(info) if info.state == "deleted" => return Ok(false),
+            Err(e) if e.is_not_found() => return Ok(false),
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        match self.control(reqwest::Method::DELETE, "", None).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets its timeout to `seconds` from now.
+    pub async fn set_timeout(&self, seconds: u64) -> Result<()> {
+        self.control(
+            reqwest::Method::POST,
+            "timeout",
+            Some(json!({ "timeout": seconds })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Pauses it: memory and disk kept in a snapshot, the VM ended.
+    pub async fn pause(&self) -> Result<()> {
+        self.control(reqwest::Method::POST, "pause", Some(json!({})))
+            .await
+            .map(drop)
+    }
+
+    /// Resumes it; data-plane access is refreshed.
+    pub async fn resume(&mut self) -> Result<()> {
+        let v = self
+            .control(reqwest::Method::POST, "resume", Some(json!({})))
+            .await?;
+        self.runtime = info(v)?.runtime;
+        Ok(())
+    }
+
+    /// Commands in the sandbox.
+    pub fn commands(&self) -> Commands<'_> {
+        Commands { sandbox: self }
+    }
+
+    /// Its filesystem.
+    pub fn files(&self) -> Files<'_> {
+        Files { sandbox: self }
+    }
+
+    /// A data-plane request to `path` under this sandbox's base URL.
+    pub(crate) fn data(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<reqwest::RequestBuilder> {
+        let rt = self.runtime.as_ref().ok_or_else(|| {
+            Error::Config(format!(
+                "no data-plane access for {}: connect to it first (it may be paused)",
+                self.id
+            ))
+        })?;
+        Ok(self
+            .http
+            .request(method, format!("{}{path}", rt.target.base_url))
+            .bearer_auth(&rt.token))
+    }
+}

@@ -1,0 +1,203 @@
+//! The Rust SDK against the live stack: public API (component) + pool manager + real VMs.
+
+use nullspace::{ConnectionConfig, CreateOptions, ListQuery, RunOptions, Sandbox};
+use nullspace_tests::{sha256_hex, ScratchDir, Stack};
+use std::sync::{Arc, Mutex};
+
+fn small(template: &str) -> CreateOptions {
+    CreateOptions::new(template).resources(1, 512, 1024)
+}
+
+#[tokio::test]
+async fn the_async_sdk_drives_a_sandbox_end_to_end() {
+    let stack = Stack::start("sdk-rust");
+    let config = ConnectionConfig::new(&stack.api.url, stack.daemon.team_key("acme"));
+    let mut sbx = Sandbox::create(
+        &config,
+        &small("minimal")
+            .timeout(120)
+            .metadata("suite", "sdk")
+            .env("GREETING", "hello"),
+    )
+    .await
+    .unwrap();
+    assert!(sbx.is_running().await.unwrap());
+
+    // Commands: streamed output through callbacks, exit codes, env and cwd.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let out = sbx
+        .commands()
+        .run_with(
+            "echo $GREETING $EXTRA; pwd; echo oops >&2; exit 3",
+            RunOptions {
+                envs: [("EXTRA".to_string(), "world".to_string())].into(),
+                on_stdout: Some(Box::new(move |s| sink.lock().unwrap().push(s.to_string()))),
+                ..RunOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, "hello world\n/workspace\n");
+    assert_eq!(out.stderr, "oops\n");
+    assert_eq!(out.exit_code, Some(3));
+    assert_eq!(seen.lock().unwrap().concat(), out.stdout);
+
+    // A background command with stdin, waited on later.
+    let handle = sbx
+        .commands()
+        .spawn(
+            "tr a-z A-Z",
+            RunOptions {
+                stdin: true,
+                ..RunOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(sbx
+        .commands()
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|p| p.pid == handle.pid));
+    // Its stdin flows while someone waits on it: wait in a task, send once attached.
+    let waiter = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.wait().await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sbx
+        .commands()
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|p| p.pid == handle.pid && p.attached)
+    {
+        assert!(std::time::Instant::now() < deadline, "never attached");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    handle.send_stdin("shout\n").await.unwrap();
+    handle.close_stdin().await.unwrap();
+    let done = waiter.await.unwrap().unwrap();
+    assert_eq!((done.stdout.as_str(), done.exit_code), ("SHOUT\n", Some(0)));
+    let sleeper = sbx
+        .commands()
+        .spawn("sleep 300", RunOptions::default())
+        .await
+        .unwrap();
+    assert!(sbx.commands().kill(sleeper.pid).await.unwrap());
+    assert_eq!(sleeper.wait().await.unwrap().signal, Some(9));
+
+    // Files, small and streamed.
+    let files = sbx.files();
+    files.write("notes/a.txt", "alpha").await.unwrap();
+    assert_eq!(files.read_to_string("notes/a.txt").await.unwrap(), "alpha");
+    files.mkdir("notes/deep/er").await.unwrap();
+    files.rename("notes/a.txt", "notes/b.txt").await.unwrap();
+    let names: Vec<String> = files
+        .list("notes")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
+    assert_eq!(names, ["b.txt", "deep"]);
+    assert_eq!(files.stat("notes/b.txt").await.unwrap().size, 5);
+    assert!(!files.exists("notes/a.txt").await.unwrap());
+    let dir = ScratchDir::new("sdk-files");
+    let blob: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(dir.path().join("up.bin"), &blob).unwrap();
+    assert_eq!(
+        files
+            .upload(&dir.path().join("up.bin"), "/workspace/up.bin")
+            .await
+            .unwrap(),
+        blob.len() as u64
+    );
+    files
+        .download("/workspace/up.bin", &dir.path().join("down.bin"))
+        .await
+        .unwrap();
+    assert_eq!(
+        sha256_hex(&std::fs::read(dir.path().join("down.bin")).unwrap()),
+        sha256_hex(&blob)
+    );
+    files.remove("notes").await.unwrap();
+    let err = files.read("notes/b.txt").await.unwrap_err();
+    assert_eq!(err.code(), Some("not_found"), "{err}");
+
+    // Control plane: list, info, timeout, pause/resume, kill.
+    let page = Sandbox::list(
+        &config,
+        &ListQuery {
+            metadata: [("suite".to_string(), "sdk".to_string())].into(),
+            ..ListQuery::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(page.sandboxes.len(), 1);
+    assert_eq!(page.sandboxes[0].sandbox_id, sbx.id());
+    sbx.set_timeout(90).await.unwrap();
+    assert_eq!(sbx.get_info().await.unwrap().timeout, 90);
+    sbx.pause().await.unwrap();
+    let info = Sandbox::get_info_by_id(&config, sbx.id()).await.unwrap();
+    assert_eq!(info.state, "paused");
+    assert!(info.runtime.is_none(), "a read-only get never wakes it");
+    sbx.resume().await.unwrap();
+    assert_eq!(
+        sbx.files().read_to_string("up.bin").await.unwrap().len(),
+        String::from_utf8_lossy(&blob).len()
+    );
+    assert!(sbx.kill().await.unwrap());
+    assert!(!sbx.kill().await.unwrap(), "a second kill finds nothing");
+}
+
+#[tokio::test]
+async fn errors_carry_the_api_code_and_blocking_calls_work() {
+    let stack = Stack::start("sdk-rust-blocking");
+    let key = stack.daemon.team_key("acme");
+    let config = ConnectionConfig::new(&stack.api.url, key.clone());
+
+    let err = Sandbox::get_info_by_id(&config, "sbx-0123456789abcdef0123")
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    let bad = config
+        .clone()
+        .with_api_key("ns_0123456789abcdef0123456789abcdef");
+    let err = Sandbox::list(&bad, &ListQuery::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("unauthorized"), "{err}");
+    let err = Sandbox::create(&config, &CreateOptions::new("no-such-template"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("not_found"), "{err}");
+    // A domain given as host:port works like a URL.
+    let domain = stack.api.url.trim_start_matches("http://").to_string();
+    let by_domain = config.clone().with_domain(&domain);
+    assert!(Sandbox::list(&by_domain, &ListQuery::default())
+        .await
+        .is_ok());
+
+    // The blocking API, from a plain thread.
+    tokio::task::spawn_blocking(move || {
+        use nullspace::blocking;
+        let sbx = blocking::Sandbox::create(&config, &small("minimal")).unwrap();
+        assert_eq!(sbx.run("echo $((6*7))").unwrap().stdout, "42\n");
+        sbx.write("x.txt", "blocking").unwrap();
+        assert_eq!(sbx.read("x.txt").unwrap(), b"blocking");
+        let pid = sbx.spawn("echo later", RunOptions::default()).unwrap();
+        assert_eq!(sbx.wait(pid).unwrap().stdout, "later\n");
+        let again = blocking::Sandbox::connect(&config, sbx.id(), Some(60)).unwrap();
+        assert_eq!(again.read("x.txt").unwrap(), b"blocking");
+        assert!(sbx.kill().unwrap());
+        assert!(!again.is_running().unwrap_or(false));
+    })
+    .await
+    .unwrap();
+}
