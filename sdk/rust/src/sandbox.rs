@@ -126,6 +126,17 @@ impl Sandbox {
         info(v)
     }
 
+    /// A handle on a sandbox by ID, without a call: control-plane methods (kill, pause,
+    /// set_timeout, get_info) work; commands and files need [`Sandbox::connect`].
+    pub fn from_id(config: &ConnectionConfig, sandbox_id: &str) -> Result<Sandbox> {
+        Ok(Self {
+            config: config.clone(),
+            http: client(config)?,
+            id: sandbox_id.to_string(),
+            runtime: None,
+        })
+    }
+
     fn from_info(config: ConnectionConfig, http: reqwest::Client, info: SandboxInfo) -> Self {
         Self {
             config,

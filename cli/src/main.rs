@@ -1,0 +1,464 @@
+//! `nullspace`: sandboxes from the command line, through the public API.
+//!
+//! Reads `NULLSPACE_API_URL` / `NULLSPACE_API_KEY`, or the dev stack's
+//! `~/.local/state/nullspace/dev.env`; `--api-key` and `--domain` override. Human output
+//! by default, `--json` for scripts.
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use nullspace::{ConnectionConfig, CreateOptions, ListQuery, RunOptions, Sandbox, SandboxInfo};
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "nullspace",
+    version,
+    about = "Nullspace sandboxes from the command line"
+)]
+struct Cli {
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// API key (default: NULLSPACE_API_KEY, then the dev stack's dev.env).
+    #[arg(long, global = true)]
+    api_key: Option<String>,
+    /// API address, `host:port` or a URL (default: NULLSPACE_API_URL).
+    #[arg(long, global = true)]
+    domain: Option<String>,
+    /// Per-request timeout in seconds.
+    #[arg(long, global = true)]
+    request_timeout: Option<u64>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, inspect and manage sandboxes.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+    /// Run a command in a sandbox; output streams, the exit code is the command's.
+    Exec {
+        /// Sandbox ID.
+        id: String,
+        /// Working directory in the sandbox.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// User in the sandbox.
+        #[arg(long)]
+        user: Option<String>,
+        /// Extra environment, KEY=VALUE (repeatable).
+        #[arg(long = "env", value_parser = key_value)]
+        envs: Vec<(String, String)>,
+        /// The command (run by /bin/sh -c; quote it or put it after --).
+        #[arg(required = true, trailing_var_arg = true)]
+        command: Vec<String>,
+    },
+    /// Copy files to or from a sandbox: `nullspace cp ./a ID:/workspace/a`, or back.
+    Cp {
+        /// Source: a local path or ID:path.
+        from: String,
+        /// Destination: a local path or ID:path.
+        to: String,
+    },
+    /// Teams, keys and quotas (runs `nullspace-pool-manager admin` on this host's state).
+    Admin {
+        /// The pool manager's state directory.
+        #[arg(long, default_value = "/var/lib/nullspace")]
+        state_dir: String,
+        /// `team create NAME [--max-sandboxes N]`, `team quota NAME --max-sandboxes N`,
+        /// `key create --team NAME`.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SandboxCommand {
+    /// Create a sandbox and print its ID.
+    Create(CreateArgs),
+    /// List the team's sandboxes.
+    List {
+        /// Only these states (comma-separated: starting,running,paused,deleted,error).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only sandboxes with this label, KEY=VALUE (repeatable).
+        #[arg(long = "metadata", value_parser = key_value)]
+        metadata: Vec<(String, String)>,
+        /// Page size, 1 to 100.
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Token of the next page (printed after a full page).
+        #[arg(long)]
+        next_token: Option<String>,
+    },
+    /// Describe a sandbox (never wakes a paused one).
+    Info { id: String },
+    /// Connect: resume if paused, optionally set the timeout, print data-plane access.
+    Connect {
+        id: String,
+        /// New timeout in seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Pause a sandbox (memory and disk kept).
+    Pause { id: String },
+    /// Resume a paused sandbox.
+    Resume { id: String },
+    /// End a sandbox.
+    Kill { id: String },
+    /// Set a sandbox's timeout, seconds from now.
+    Timeout { id: String, seconds: u64 },
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    /// Template to boot.
+    #[arg(long, short, default_value = "base")]
+    template: String,
+    /// Lifetime in seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Label, KEY=VALUE (repeatable).
+    #[arg(long = "metadata", value_parser = key_value)]
+    metadata: Vec<(String, String)>,
+    /// Environment of every command, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_parser = key_value)]
+    envs: Vec<(String, String)>,
+    /// vCPUs (with --memory-mib and --disk-mib; defaults 2, 2048, 8192).
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long)]
+    memory_mib: Option<u32>,
+    /// Disk in MiB.
+    #[arg(long)]
+    disk_mib: Option<u64>,
+    /// Pause instead of killing when the timeout passes.
+    #[arg(long)]
+    pause_on_timeout: bool,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    match rt.block_on(run(cli)) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("nullspace: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn config(cli: &Cli) -> anyhow::Result<ConnectionConfig> {
+    let mut c = match (&cli.api_key, &cli.domain) {
+        (Some(key), Some(domain)) => ConnectionConfig::new(domain.as_str(), key.as_str()),
+        _ => {
+            let mut c = ConnectionConfig::from_env().or_else(|e| {
+                cli.api_key
+                    .clone()
+                    .map(|k| ConnectionConfig::new("http://127.0.0.1:7080", k))
+                    .ok_or(e)
+            })?;
+            if let Some(k) = &cli.api_key {
+                c = c.with_api_key(k.as_str());
+            }
+            if let Some(d) = &cli.domain {
+                c = c.with_domain(d);
+            }
+            c
+        }
+    };
+    if let Some(t) = cli.request_timeout {
+        c = c.with_request_timeout(Duration::from_secs(t));
+    }
+    Ok(c)
+}
+
+/// Prints a sandbox: JSON, or a few lines for people.
+fn show(info: &SandboxInfo, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&to_json(info)).unwrap());
+        return;
+    }
+    println!(
+        "{}  {}  template={}  expires={}",
+        info.sandbox_id, info.state, info.template_id, info.expires_at
+    );
+    if let Some(r) = &info.resources {
+        println!(
+            "  resources: {} vCPU, {} MiB memory, {} MiB disk",
+            r.vcpus, r.mem_mib, r.disk_mib
+        );
+    }
+    if !info.metadata.is_empty() {
+        let labels: Vec<String> = info
+            .metadata
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("  metadata: {}", labels.join(" "));
+    }
+    if let Some(d) = &info.diagnostic {
+        println!("  diagnostic: {} — {} ({})", d.code, d.message, d.action);
+    }
+    if let Some(rt) = &info.runtime {
+        println!(
+            "  data plane: {} (token until {})",
+            rt.target.base_url, rt.token_expires_at
+        );
+    }
+}
+
+fn to_json(info: &SandboxInfo) -> serde_json::Value {
+    serde_json::json!({
+        "sandboxID": info.sandbox_id,
+        "templateID": info.template_id,
+        "state": info.state,
+        "resources": info.resources.map(|r| serde_json::json!({"vcpus": r.vcpus, "memMiB": r.mem_mib, "diskSizeMiB": r.disk_mib})),
+        "metadata": info.metadata,
+        "timeout": info.timeout,
+        "createdAt": info.created_at,
+        "expiresAt": info.expires_at,
+        "runtime": info.runtime.as_ref().map(|r| serde_json::json!({
+            "baseUrl": r.target.base_url, "token": r.token, "tokenExpiresAt": r.token_expires_at
+        })),
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let json = cli.json;
+    match &cli.command {
+        Command::Admin { state_dir, args } => admin(state_dir, args),
+        Command::Sandbox(cmd) => {
+            let config = config(&cli)?;
+            sandbox(&config, cmd, json).await.map(|()| 0)
+        }
+        Command::Exec {
+            id,
+            cwd,
+            user,
+            envs,
+            command,
+        } => {
+            let config = config(&cli)?;
+            let sbx = Sandbox::connect(&config, id, None).await?;
+            let options = RunOptions {
+                envs: envs.iter().cloned().collect(),
+                cwd: cwd.clone(),
+                user: user.clone(),
+                on_stdout: Some(Box::new(|s| {
+                    let mut out = std::io::stdout();
+                    let _ = out.write_all(s.as_bytes());
+                    let _ = out.flush();
+                })),
+                on_stderr: Some(Box::new(|s| {
+                    let _ = std::io::stderr().write_all(s.as_bytes());
+                })),
+                ..RunOptions::default()
+            };
+            let result = sbx.commands().run_with(&command.join(" "), options).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "exitCode": result.exit_code, "signal": result.signal })
+                );
+            }
+            Ok(result
+                .exit_code
+                .unwrap_or_else(|| 128 + result.signal.unwrap_or(0)))
+        }
+        Command::Cp { from, to } => {
+            let config = config(&cli)?;
+            copy(&config, from, to, json).await.map(|()| 0)
+        }
+    }
+}
+
+async fn sandbox(
+    config: &ConnectionConfig,
+    cmd: &SandboxCommand,
+    json: bool,
+) -> anyhow::Result<()> {
+    match cmd {
+        SandboxCommand::Create(a) => {
+            let mut o = CreateOptions::new(&a.template);
+            o.timeout = a.timeout;
+            o.metadata = a.metadata.iter().cloned().collect();
+            o.envs = a.envs.iter().cloned().collect();
+            if a.vcpus.is_some() || a.memory_mib.is_some() || a.disk_mib.is_some() {
+                o = o.resources(
+                    a.vcpus.unwrap_or(2),
+                    a.memory_mib.unwrap_or(2048),
+                    a.disk_mib.unwrap_or(8192),
+                );
+            }
+            if a.pause_on_timeout {
+                o = o.pause_on_timeout();
+            }
+            let progress = std::io::stderr().is_terminal() && !json;
+            if progress {
+                eprint!("creating a sandbox from {} ... ", a.template);
+            }
+            let started = std::time::Instant::now();
+            let sbx = Sandbox::create(config, &o).await?;
+            if progress {
+                eprintln!("running in {:.1?}", started.elapsed());
+            }
+            if json {
+                show(&sbx.get_info().await?, true);
+            } else {
+                println!("{}", sbx.id());
+            }
+        }
+        SandboxCommand::List {
+            state,
+            metadata,
+            limit,
+            next_token,
+        } => {
+            let query = ListQuery {
+                states: state
+                    .iter()
+                    .flat_map(|s| s.split(',').map(str::to_string))
+                    .collect(),
+                metadata: metadata.iter().cloned().collect(),
+                limit: *limit,
+                next_token: next_token.clone(),
+            };
+            let page = Sandbox::list(config, &query).await?;
+            if json {
+                let items: Vec<_> = page.sandboxes.iter().map(to_json).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({ "sandboxes": items, "nextToken": page.next_token })
+                );
+            } else {
+                println!(
+                    "{:<26} {:<9} {:<10} {:<26} METADATA",
+                    "ID", "STATE", "TEMPLATE", "EXPIRES"
+                );
+                for s in &page.sandboxes {
+                    let labels: Vec<String> =
+                        s.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    println!(
+                        "{:<26} {:<9} {:<10} {:<26} {}",
+                        s.sandbox_id,
+                        s.state,
+                        s.template_id,
+                        s.expires_at,
+                        labels.join(",")
+                    );
+                }
+                if let Some(t) = page.next_token {
+                    println!("more: --next-token {t}");
+                }
+            }
+        }
+        SandboxCommand::Info { id } => show(&Sandbox::get_info_by_id(config, id).await?, json),
+        SandboxCommand::Connect { id, timeout } => {
+            let sbx = Sandbox::connect(config, id, *timeout).await?;
+            let mut info = sbx.get_info().await?;
+            info.runtime = sbx.runtime().cloned();
+            show(&info, json);
+        }
+        SandboxCommand::Pause { id } => {
+            Sandbox::from_id(config, id)?.pause().await?;
+            show(&Sandbox::get_info_by_id(config, id).await?, json);
+        }
+        SandboxCommand::Resume { id } => {
+            // Connect resumes a paused sandbox.
+            let sbx = Sandbox::connect(config, id, None).await?;
+            show(&sbx.get_info().await?, json);
+        }
+        SandboxCommand::Kill { id } => {
+            let killed = Sandbox::from_id(config, id)?.kill().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "sandboxID": id, "killed": killed })
+                );
+            } else if killed {
+                println!("killed {id}");
+            } else {
+                println!("{id} was already gone");
+            }
+        }
+        SandboxCommand::Timeout { id, seconds } => {
+            Sandbox::from_id(config, id)?.set_timeout(*seconds).await?;
+            show(&Sandbox::get_info_by_id(config, id).await?, json);
+        }
+    }
+    Ok(())
+}
+
+/// `ID:path` → (ID, path); local paths have no colon before a slash.
+fn remote(spec: &str) -> Option<(&str, &str)> {
+    let (id, path) = spec.split_once(':')?;
+    (id.starts_with("sbx-") && !id.contains('/')).then_some((id, path))
+}
+
+async fn copy(config: &ConnectionConfig, from: &str, to: &str, json: bool) -> anyhow::Result<()> {
+    let bytes = match (remote(from), remote(to)) {
+        (None, Some((id, path))) => {
+            let sbx = Sandbox::connect(config, id, None).await?;
+            sbx.files()
+                .upload(Path::new(from), path)
+                .await
+                .with_context(|| format!("uploading {from}"))?
+        }
+        (Some((id, path)), None) => {
+            let sbx = Sandbox::connect(config, id, None).await?;
+            sbx.files()
+                .download(path, Path::new(to))
+                .await
+                .with_context(|| format!("downloading {path}"))?
+        }
+        (Some(_), Some(_)) => {
+            bail!("copy between two sandboxes through a local file: cp ID:a ./a, then cp ./a ID2:a")
+        }
+        (None, None) => {
+            bail!("one side must be a sandbox path, ID:path (e.g. sbx-…:/workspace/file)")
+        }
+    };
+    if json {
+        println!("{}", serde_json::json!({ "bytes": bytes }));
+    } else {
+        println!("copied {bytes} bytes");
+    }
+    Ok(())
+}
+
+/// Runs `nullspace-pool-manager admin ...` (beside this binary, else on PATH).
+fn admin(state_dir: &str, args: &[String]) -> anyhow::Result<i32> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("nullspace-pool-manager")))
+        .filter(|p| p.is_file());
+    let pm = beside.unwrap_or_else(|| "nullspace-pool-manager".into());
+    let status = std::process::Command::new(&pm)
+        .arg("admin")
+        .args(args)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .status()
+        .with_context(|| {
+            format!(
+                "running {} (install the pool manager on this host)",
+                pm.display()
+            )
+        })?;
+    Ok(status.code().unwrap_or(1))
+}

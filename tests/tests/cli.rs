@@ -1,0 +1,147 @@
+//! The `nullspace` CLI against the live stack.
+
+use nullspace_tests::{workspace_binary, ScratchDir, Stack};
+use std::process::Output;
+
+struct Cli {
+    url: String,
+    key: String,
+    home: ScratchDir,
+}
+
+impl Cli {
+    fn run(&self, args: &[&str]) -> Output {
+        std::process::Command::new(workspace_binary("nullspace"))
+            .args(args)
+            .env("NULLSPACE_API_URL", &self.url)
+            .env("NULLSPACE_API_KEY", &self.key)
+            // No dev.env of the machine's own stack leaks in.
+            .env("HOME", self.home.path())
+            .env_remove("XDG_STATE_HOME")
+            .output()
+            .unwrap()
+    }
+
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "nullspace {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn the_cli_creates_runs_copies_and_kills() {
+    let stack = Stack::start("cli");
+    let cli = Cli {
+        url: stack.api.url.clone(),
+        key: stack.daemon.team_key("acme"),
+        home: ScratchDir::new("cli-home"),
+    };
+    let id = cli
+        .ok(&[
+            "sandbox",
+            "create",
+            "-t",
+            "minimal",
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            "512",
+            "--disk-mib",
+            "1024",
+            "--metadata",
+            "suite=cli",
+            "--env",
+            "WHO=cli",
+        ])
+        .trim()
+        .to_string();
+    assert!(id.starts_with("sbx-"), "{id}");
+
+    // exec streams output and exits with the command's code.
+    let out = cli.run(&["exec", &id, "--", "echo hi $WHO; echo err >&2; exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi cli\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+
+    // cp both ways.
+    let local = cli.home.path().join("in.txt");
+    std::fs::write(&local, "copied through the CLI").unwrap();
+    cli.ok(&[
+        "cp",
+        local.to_str().unwrap(),
+        &format!("{id}:/workspace/in.txt"),
+    ]);
+    let back = cli.home.path().join("back.txt");
+    cli.ok(&[
+        "cp",
+        &format!("{id}:/workspace/in.txt"),
+        back.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(&back).unwrap(),
+        "copied through the CLI"
+    );
+
+    // list / info / timeout / pause / resume, as JSON.
+    let list: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["sandbox", "list", "--metadata", "suite=cli", "--json"]))
+            .unwrap();
+    assert_eq!(list["sandboxes"][0]["sandboxID"], id.as_str());
+    assert!(
+        cli.ok(&["sandbox", "list"]).contains(&id),
+        "human list names it"
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["sandbox", "timeout", &id, "100", "--json"])).unwrap();
+    assert_eq!(info["timeout"], 100);
+    let info: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["sandbox", "pause", &id, "--json"])).unwrap();
+    assert_eq!(info["state"], "paused");
+    let info: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["sandbox", "resume", &id, "--json"])).unwrap();
+    assert_eq!(info["state"], "running");
+    let out = cli.run(&["exec", &id, "cat", "/workspace/in.txt"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "copied through the CLI"
+    );
+
+    // kill, twice.
+    assert!(cli.ok(&["sandbox", "kill", &id]).contains("killed"));
+    assert!(cli.ok(&["sandbox", "kill", &id]).contains("already gone"));
+
+    // Errors: the API's code on stderr, exit 1; no key says where to get one.
+    let out = cli.run(&["sandbox", "info", "sbx-0123456789abcdef0123"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not_found"));
+    let out = std::process::Command::new(workspace_binary("nullspace"))
+        .args(["sandbox", "list"])
+        .env_remove("NULLSPACE_API_KEY")
+        .env_remove("XDG_STATE_HOME")
+        .env("HOME", cli.home.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NULLSPACE_API_KEY"));
+
+    // Admin verbs go to the pool manager's state.
+    let state = stack.daemon.state_dir().to_str().unwrap().to_string();
+    cli.ok(&["admin", "--state-dir", &state, "team", "create", "beta"]);
+    let key = cli.ok(&[
+        "admin",
+        "--state-dir",
+        &state,
+        "key",
+        "create",
+        "--team",
+        "beta",
+    ]);
+    assert!(key.trim().starts_with("ns_"), "{key}");
+}
