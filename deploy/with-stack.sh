@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Runs a command against a live stack of its own — a pool manager and the public API
+# (api-host + the component) on free loopback ports, a fresh state directory, a team with
+# a small sandbox quota — with NULLSPACE_API_URL and NULLSPACE_API_KEY exported. Then
+# deletes every sandbox through the API, stops the stack, and fails if a sandbox, a QEMU
+# process or a VM directory is left over.
+#
+#   deploy/with-stack.sh COMMAND [ARGS...]
+#   NULLSPACE_BIN (default $CARGO_TARGET_DIR/debug), NULLSPACE_TEAM_QUOTA (default 4)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cache=${NULLSPACE_CACHE:-/var/cache/nullspace}
+bin=${NULLSPACE_BIN:-${CARGO_TARGET_DIR:-$cache/target}/debug}
+[ $# -gt 0 ] || { echo "usage: deploy/with-stack.sh COMMAND [ARGS...]" >&2; exit 2; }
+
+state=$(mktemp -d /tmp/nullspace-stack-XXXXXX)
+chmod 711 "$state" # QEMU runs as nullspace-vm and opens pause snapshots here
+run_dir="/dev/shm/nullspace-stack-$$"
+pids=()
+stop_all() {
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do
+        for _ in $(seq 1 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null || true
+    done
+    pids=()
+}
+trap 'stop_all; rm -rf "$state" "$run_dir"' EXIT
+
+"$bin/nullspace-pool-manager" admin team create ci --max-sandboxes "${NULLSPACE_TEAM_QUOTA:-4}" \
+    --state-dir "$state" >/dev/null
+key=$("$bin/nullspace-pool-manager" admin key create --team ci --state-dir "$state")
+
+wait_for() { # FILE PATTERN SECONDS
+    for _ in $(seq 1 $(($3 * 10))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+    echo "timed out waiting for '$2' in $1:" >&2; tail -20 "$1" >&2; return 1
+}
+NULLSPACE_RUN_DIR="$run_dir" RUST_LOG=warn "$bin/nullspace-pool-manager" serve \
+    --listen 127.0.0.1:0 --edge-listen 127.0.0.1:0 --state-dir "$state" \
+    --templates-dir "$cache/test-templates" 2>"$state/pool-manager.log" &
+pids+=($!)
+wait_for "$state/pool-manager.log" "template snapshots ready" 300
+control=$(grep -o 'control API http://[0-9.:]*' "$state/pool-manager.log" | awk '{print $3}')
+RUST_LOG=warn "$bin/nullspace-api" --component "$cache/components/nullspace-api.wasm" \
+    --listen 127.0.0.1:0 --pool-manager "$control" 2>"$state/api.log" &
+pids=("$!" "${pids[@]}")
+wait_for "$state/api.log" "public API http://" 60
+api=$(grep -o 'public API http://[0-9.:]*' "$state/api.log" | awk '{print $3}')
+
+status=0
+NULLSPACE_API_URL="$api" NULLSPACE_API_KEY="$key" "$@" || status=$?
+
+# Whatever the command made, delete it through the API, then stop the stack.
+list() { curl -fsS "$api/api/v1/sandboxes?state=starting,running,paused,error&limit=100" -H "X-API-Key: $key"; }
+for id in $(list | python3 -c 'import json,sys; print(" ".join(s["sandboxID"] for s in json.load(sys.stdin)["sandboxes"]))'); do
+    curl -fsS -o /dev/null -X DELETE "$api/api/v1/sandboxes/$id" -H "X-API-Key: $key" ||
+        { echo "[stack] deleting $id failed" >&2; status=1; }
+done
+left=$(list)
+stop_all
+[ "$left" = '{"nextToken":null,"sandboxes":[]}' ] || { echo "[stack] sandboxes left: $left" >&2; status=1; }
+if pgrep -f "$run_dir" >/dev/null; then
+    echo "[stack] VM processes outlived the stack:" >&2; pgrep -af "$run_dir" >&2; status=1
+fi
+if [ -n "$(ls -A "$run_dir" 2>/dev/null)" ]; then
+    echo "[stack] VM files left in $run_dir:" >&2; ls -la "$run_dir" >&2; status=1
+fi
+exit $status
