@@ -18,3 +18,5 @@ cargo build --quiet --workspace --bins --locked
 cargo nextest run --workspace --locked --profile ci
 # The public API against its own OpenAPI document, on a live stack of its own.
 deploy/schemathesis.sh "$CARGO_TARGET_DIR/debug"
+# The Python SDK's tests, on a live stack of their own.
+deploy/test-python-sdk.sh "$CARGO_TARGET_DIR/debug"

@@ -1,0 +1,261 @@
+"""The asynchronous SDK: ``AsyncSandbox``, the same calls as coroutines."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import httpx
+
+from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, apply_event,
+                    create_body, list_params, raise_for, run_body)
+
+
+async def _call(client: httpx.AsyncClient, config: Config, method: str, path: str,
+                body: Optional[Dict[str, Any]] = None, params: Any = None,
+                request_timeout: Optional[float] = None) -> Any:
+    resp = await client.request(method, config.url(path), json=body, params=params,
+                                headers=config.headers(),
+                                timeout=request_timeout or config.request_timeout)
+    raise_for(resp.status_code, resp.content)
+    return None if resp.status_code == 204 else resp.json()
+
+
+class AsyncCommandHandle:
+    """A command started with ``background=True``."""
+
+    def __init__(self, sandbox: "AsyncSandbox", pid: int):
+        self._sandbox = sandbox
+        self.pid = pid
+
+    async def wait(self, on_stdout: Optional[Callable[[str], Any]] = None,
+                   on_stderr: Optional[Callable[[str], Any]] = None) -> CommandResult:
+        return await self._sandbox.commands._stream("GET", f"/commands/{self.pid}", None,
+                                                    on_stdout, on_stderr)
+
+    async def send_stdin(self, data: Union[str, bytes], eof: bool = False) -> None:
+        await self._sandbox.commands.send_stdin(self.pid, data, eof=eof)
+
+    async def kill(self) -> bool:
+        return await self._sandbox.commands.kill(self.pid)
+
+
+class AsyncCommands:
+    """Commands in one sandbox."""
+
+    def __init__(self, sandbox: "AsyncSandbox"):
+        self._sandbox = sandbox
+
+    async def _stream(self, method, path, body, on_stdout, on_stderr) -> CommandResult:
+        result = CommandResult()
+        ended = False
+        async with self._sandbox._data_stream(method, path, json=body) as resp:
+            if resp.status_code >= 300:
+                await resp.aread()
+                raise_for(resp.status_code, resp.content)
+            async for line in resp.aiter_lines():
+                if line.strip():
+                    ended |= apply_event(json.loads(line), result, on_stdout, on_stderr)
+        if not ended:
+            raise SandboxError("protocol", "the command's stream ended before its exit")
+        return result
+
+    async def run(self, cmd: str, background: bool = False,
+                  envs: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,
+                  user: Optional[str] = None, on_stdout: Optional[Callable[[str], Any]] = None,
+                  on_stderr: Optional[Callable[[str], Any]] = None,
+                  stdin: bool = False) -> Union[CommandResult, AsyncCommandHandle]:
+        body = run_body(cmd, background, envs, cwd, user, stdin)
+        if background:
+            resp = await self._sandbox._data("POST", "/commands", json=body)
+            raise_for(resp.status_code, resp.content)
+            return AsyncCommandHandle(self._sandbox, resp.json()["pid"])
+        return await self._stream("POST", "/commands", body, on_stdout, on_stderr)
+
+    async def list(self) -> List[Dict[str, Any]]:
+        resp = await self._sandbox._data("GET", "/commands")
+        raise_for(resp.status_code, resp.content)
+        return resp.json()["processes"]
+
+    async def kill(self, pid: int) -> bool:
+        resp = await self._sandbox._data("POST", f"/commands/{pid}/signal", json={"signal": 9})
+        if resp.status_code == 404:
+            return False
+        raise_for(resp.status_code, resp.content)
+        return True
+
+    async def send_stdin(self, pid: int, data: Union[str, bytes], eof: bool = False) -> None:
+        payload = data.encode() if isinstance(data, str) else data
+        resp = await self._sandbox._data("POST", f"/commands/{pid}/stdin",
+                                         params={"eof": "true" if eof else "false"},
+                                         content=payload)
+        raise_for(resp.status_code, resp.content)
+
+
+class AsyncFilesystem:
+    """The filesystem of one sandbox; relative paths are under /workspace."""
+
+    def __init__(self, sandbox: "AsyncSandbox"):
+        self._sandbox = sandbox
+
+    async def read(self, path: str, format: str = "text") -> Union[str, bytes]:
+        resp = await self._sandbox._data("GET", "/files", params={"path": path})
+        raise_for(resp.status_code, resp.content)
+        return resp.content if format == "bytes" else resp.content.decode(errors="replace")
+
+    async def write(self, path: str, data: Union[str, bytes]) -> None:
+        payload = data.encode() if isinstance(data, str) else data
+        resp = await self._sandbox._data("PUT", "/files", params={"path": path}, content=payload)
+        raise_for(resp.status_code, resp.content)
+
+    async def list(self, path: str) -> List[EntryInfo]:
+        resp = await self._sandbox._data("GET", "/files/list", params={"path": path})
+        raise_for(resp.status_code, resp.content)
+        return [EntryInfo.parse(e) for e in resp.json()["entries"]]
+
+    async def exists(self, path: str) -> bool:
+        resp = await self._sandbox._data("GET", "/files/stat", params={"path": path})
+        if resp.status_code == 404:
+            return False
+        raise_for(resp.status_code, resp.content)
+        return True
+
+    async def make_dir(self, path: str) -> None:
+        resp = await self._sandbox._data("POST", "/files/mkdir", json={"path": path})
+        raise_for(resp.status_code, resp.content)
+
+    async def remove(self, path: str) -> None:
+        resp = await self._sandbox._data("DELETE", "/files", params={"path": path})
+        raise_for(resp.status_code, resp.content)
+
+    async def rename(self, old_path: str, new_path: str) -> None:
+        resp = await self._sandbox._data("POST", "/files/rename",
+                                         json={"from": old_path, "to": new_path})
+        raise_for(resp.status_code, resp.content)
+
+
+class AsyncSandbox:
+    """A connected sandbox (async). ``await AsyncSandbox.create(...)``."""
+
+    def __init__(self, info: SandboxInfo, config: Config, client: httpx.AsyncClient):
+        self._config = config
+        self._client = client
+        self.sandbox_id = info.sandbox_id
+        self._runtime = info.runtime
+        self.commands = AsyncCommands(self)
+        self.files = AsyncFilesystem(self)
+
+    @classmethod
+    async def create(cls, template: str = "base", timeout: Optional[int] = None,
+                     metadata: Optional[Dict[str, str]] = None,
+                     envs: Optional[Dict[str, str]] = None,
+                     lifecycle: Optional[Dict[str, Any]] = None,
+                     resources: Optional[Dict[str, int]] = None, api_key: Optional[str] = None,
+                     domain: Optional[str] = None,
+                     request_timeout: Optional[float] = None) -> "AsyncSandbox":
+        config = Config.resolve(api_key, domain, request_timeout)
+        client = httpx.AsyncClient(timeout=config.request_timeout)
+        try:
+            doc = await _call(client, config, "POST", "/sandboxes",
+                              create_body(template, timeout, metadata, envs, lifecycle, resources))
+        except Exception:
+            await client.aclose()
+            raise
+        return cls(SandboxInfo.parse(doc), config, client)
+
+    @classmethod
+    async def connect(cls, sandbox_id: str, timeout: Optional[int] = None,
+                      api_key: Optional[str] = None, domain: Optional[str] = None,
+                      request_timeout: Optional[float] = None) -> "AsyncSandbox":
+        config = Config.resolve(api_key, domain, request_timeout)
+        client = httpx.AsyncClient(timeout=config.request_timeout)
+        try:
+            doc = await _call(client, config, "POST", f"/sandboxes/{sandbox_id}/connect",
+                              {} if timeout is None else {"timeout": timeout})
+        except Exception:
+            await client.aclose()
+            raise
+        return cls(SandboxInfo.parse(doc), config, client)
+
+    @classmethod
+    async def list(cls, query: Optional[Dict[str, Any]] = None, limit: Optional[int] = None,
+                   next_token: Optional[str] = None, api_key: Optional[str] = None,
+                   domain: Optional[str] = None,
+                   request_timeout: Optional[float] = None) -> Dict[str, Any]:
+        config = Config.resolve(api_key, domain, request_timeout)
+        async with httpx.AsyncClient(timeout=config.request_timeout) as client:
+            doc = await _call(client, config, "GET", "/sandboxes",
+                              params=list_params(query, limit, next_token))
+        return {"sandboxes": doc["sandboxes"], "next_token": doc.get("nextToken")}
+
+    @classmethod
+    async def get_info_by_id(cls, sandbox_id: str, api_key: Optional[str] = None,
+                             domain: Optional[str] = None,
+                             request_timeout: Optional[float] = None) -> SandboxInfo:
+        config = Config.resolve(api_key, domain, request_timeout)
+        async with httpx.AsyncClient(timeout=config.request_timeout) as client:
+            return SandboxInfo.parse(await _call(client, config, "GET", f"/sandboxes/{sandbox_id}"))
+
+    @classmethod
+    async def run_once(cls, cmd: str, template: str = "base", **create_args: Any) -> CommandResult:
+        sbx = await cls.create(template=template, **create_args)
+        try:
+            return await sbx.commands.run(cmd)
+        finally:
+            await sbx.kill()
+            await sbx.close()
+
+    async def _control(self, method: str, action: str = "",
+                       body: Optional[Dict[str, Any]] = None) -> Any:
+        path = f"/sandboxes/{self.sandbox_id}" + (f"/{action}" if action else "")
+        return await _call(self._client, self._config, method, path, body)
+
+    def _target(self, path: str):
+        if not self._runtime:
+            raise SandboxError("config", f"no data-plane access to {self.sandbox_id}: "
+                               "connect to it first (it may be paused)")
+        return (self._runtime["target"]["baseUrl"] + path,
+                {"Authorization": f"Bearer {self._runtime['token']}"})
+
+    async def _data(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        url, headers = self._target(path)
+        return await self._client.request(method, url, headers=headers, **kwargs)
+
+    def _data_stream(self, method: str, path: str, **kwargs: Any):
+        url, headers = self._target(path)
+        return self._client.stream(method, url, headers=headers, **kwargs)
+
+    async def get_info(self) -> SandboxInfo:
+        return SandboxInfo.parse(await self._control("GET"))
+
+    async def is_running(self) -> bool:
+        return (await self.get_info()).state == "running"
+
+    async def kill(self) -> bool:
+        try:
+            if (await self.get_info()).state == "deleted":
+                return False
+            await self._control("DELETE")
+            return True
+        except SandboxError as e:
+            if e.code == "not_found":
+                return False
+            raise
+
+    async def set_timeout(self, timeout: int) -> None:
+        await self._control("POST", "timeout", {"timeout": timeout})
+
+    async def pause(self) -> None:
+        await self._control("POST", "pause", {})
+
+    async def resume(self) -> None:
+        self._runtime = SandboxInfo.parse(await self._control("POST", "resume", {})).runtime
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> "AsyncSandbox":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()

@@ -1,0 +1,17 @@
+"""Python SDK for Nullspace sandboxes: ``Sandbox`` (sync) and ``AsyncSandbox``."""
+
+from ._core import CommandResult, EntryInfo, NotFoundError, SandboxError, SandboxInfo
+from .async_sandbox import AsyncCommandHandle, AsyncSandbox
+from .sandbox import CommandHandle, Sandbox
+
+__all__ = [
+    "AsyncCommandHandle",
+    "AsyncSandbox",
+    "CommandHandle",
+    "CommandResult",
+    "EntryInfo",
+    "NotFoundError",
+    "Sandbox",
+    "SandboxError",
+    "SandboxInfo",
+]

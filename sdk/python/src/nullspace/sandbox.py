@@ -1,0 +1,310 @@
+"""The synchronous SDK: ``Sandbox``, with ``.commands`` and ``.files``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import httpx
+
+from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, apply_event,
+                    create_body, list_params, raise_for, run_body)
+
+
+def _call(client: httpx.Client, config: Config, method: str, path: str,
+          body: Optional[Dict[str, Any]] = None, params: Any = None,
+          request_timeout: Optional[float] = None) -> Any:
+    resp = client.request(method, config.url(path), json=body, params=params,
+                          headers=config.headers(),
+                          timeout=request_timeout or config.request_timeout)
+    raise_for(resp.status_code, resp.content)
+    return None if resp.status_code == 204 else resp.json()
+
+
+class CommandHandle:
+    """A command started with ``background=True``."""
+
+    def __init__(self, sandbox: "Sandbox", pid: int):
+        self._sandbox = sandbox
+        self.pid = pid
+
+    def wait(self, on_stdout: Optional[Callable[[str], Any]] = None,
+             on_stderr: Optional[Callable[[str], Any]] = None,
+             request_timeout: Optional[float] = None) -> CommandResult:
+        """Waits for the end; output produced so far is replayed first."""
+        return self._sandbox.commands._stream("GET", f"/commands/{self.pid}", None,
+                                              on_stdout, on_stderr, request_timeout)
+
+    def send_stdin(self, data: Union[str, bytes], eof: bool = False) -> None:
+        """Writes to its stdin while someone waits on it (started with ``stdin=True``)."""
+        self._sandbox.commands.send_stdin(self.pid, data, eof=eof)
+
+    def kill(self) -> bool:
+        return self._sandbox.commands.kill(self.pid)
+
+
+class Commands:
+    """Commands in one sandbox."""
+
+    def __init__(self, sandbox: "Sandbox"):
+        self._sandbox = sandbox
+
+    def _stream(self, method: str, path: str, body: Optional[Dict[str, Any]],
+                on_stdout, on_stderr, request_timeout) -> CommandResult:
+        result = CommandResult()
+        ended = False
+        with self._sandbox._data(method, path, json=body, stream=True,
+                                 request_timeout=request_timeout) as resp:
+            if resp.status_code >= 300:
+                resp.read()
+                raise_for(resp.status_code, resp.content)
+            for line in resp.iter_lines():
+                if line.strip():
+                    ended |= apply_event(json.loads(line), result, on_stdout, on_stderr)
+        if not ended:
+            raise SandboxError("protocol", "the command's stream ended before its exit")
+        return result
+
+    def run(self, cmd: str, background: bool = False, envs: Optional[Dict[str, str]] = None,
+            cwd: Optional[str] = None, user: Optional[str] = None,
+            on_stdout: Optional[Callable[[str], Any]] = None,
+            on_stderr: Optional[Callable[[str], Any]] = None, stdin: bool = False,
+            request_timeout: Optional[float] = None) -> Union[CommandResult, CommandHandle]:
+        """Runs ``cmd`` with ``/bin/sh -c``: waits and returns a ``CommandResult``, or with
+        ``background=True`` returns a ``CommandHandle`` at once."""
+        body = run_body(cmd, background, envs, cwd, user, stdin)
+        if background:
+            resp = self._sandbox._data("POST", "/commands", json=body, request_timeout=request_timeout)
+            raise_for(resp.status_code, resp.content)
+            return CommandHandle(self._sandbox, resp.json()["pid"])
+        return self._stream("POST", "/commands", body, on_stdout, on_stderr, request_timeout)
+
+    def list(self) -> List[Dict[str, Any]]:
+        resp = self._sandbox._data("GET", "/commands")
+        raise_for(resp.status_code, resp.content)
+        return resp.json()["processes"]
+
+    def kill(self, pid: int) -> bool:
+        """SIGKILL to the process group; False if there was no such process."""
+        resp = self._sandbox._data("POST", f"/commands/{pid}/signal", json={"signal": 9})
+        if resp.status_code == 404:
+            return False
+        raise_for(resp.status_code, resp.content)
+        return True
+
+    def send_stdin(self, pid: int, data: Union[str, bytes], eof: bool = False) -> None:
+        payload = data.encode() if isinstance(data, str) else data
+        resp = self._sandbox._data("POST", f"/commands/{pid}/stdin",
+                                   params={"eof": "true" if eof else "false"}, content=payload)
+        raise_for(resp.status_code, resp.content)
+
+    def connect(self, pid: int) -> CommandHandle:
+        return CommandHandle(self._sandbox, pid)
+
+
+class Filesystem:
+    """The filesystem of one sandbox; relative paths are under /workspace."""
+
+    def __init__(self, sandbox: "Sandbox"):
+        self._sandbox = sandbox
+
+    def read(self, path: str, format: str = "text") -> Union[str, bytes]:
+        """The whole file, as text (``format="text"``) or bytes (``"bytes"``)."""
+        resp = self._sandbox._data("GET", "/files", params={"path": path})
+        raise_for(resp.status_code, resp.content)
+        return resp.content if format == "bytes" else resp.content.decode(errors="replace")
+
+    def write(self, path: str, data: Union[str, bytes]) -> None:
+        """Replaces the file atomically; missing parents are created."""
+        payload = data.encode() if isinstance(data, str) else data
+        resp = self._sandbox._data("PUT", "/files", params={"path": path}, content=payload)
+        raise_for(resp.status_code, resp.content)
+
+    def upload(self, local_path: str, path: str) -> int:
+        """Streams a local file into the sandbox; returns its size."""
+        import os
+        with open(local_path, "rb") as f:
+            resp = self._sandbox._data("PUT", "/files", params={"path": path},
+                                       content=iter(lambda: f.read(256 * 1024), b""))
+        raise_for(resp.status_code, resp.content)
+        return os.path.getsize(local_path)
+
+    def download(self, path: str, local_path: str) -> int:
+        """Streams a file out of the sandbox; only a complete download takes the name."""
+        import os
+        tmp = local_path + ".nullspace-partial"
+        n = 0
+        with self._sandbox._data("GET", "/files", params={"path": path}, stream=True) as resp:
+            if resp.status_code >= 300:
+                resp.read()
+                raise_for(resp.status_code, resp.content)
+            with open(tmp, "wb") as out:
+                for chunk in resp.iter_bytes():
+                    out.write(chunk)
+                    n += len(chunk)
+        os.replace(tmp, local_path)
+        return n
+
+    def list(self, path: str) -> List[EntryInfo]:
+        resp = self._sandbox._data("GET", "/files/list", params={"path": path})
+        raise_for(resp.status_code, resp.content)
+        return [EntryInfo.parse(e) for e in resp.json()["entries"]]
+
+    def get_info(self, path: str) -> EntryInfo:
+        resp = self._sandbox._data("GET", "/files/stat", params={"path": path})
+        raise_for(resp.status_code, resp.content)
+        return EntryInfo.parse(resp.json())
+
+    def exists(self, path: str) -> bool:
+        resp = self._sandbox._data("GET", "/files/stat", params={"path": path})
+        if resp.status_code == 404:
+            return False
+        raise_for(resp.status_code, resp.content)
+        return True
+
+    def make_dir(self, path: str) -> None:
+        resp = self._sandbox._data("POST", "/files/mkdir", json={"path": path})
+        raise_for(resp.status_code, resp.content)
+
+    def remove(self, path: str) -> None:
+        resp = self._sandbox._data("DELETE", "/files", params={"path": path})
+        raise_for(resp.status_code, resp.content)
+
+    def rename(self, old_path: str, new_path: str) -> None:
+        resp = self._sandbox._data("POST", "/files/rename", json={"from": old_path, "to": new_path})
+        raise_for(resp.status_code, resp.content)
+
+
+class Sandbox:
+    """A connected sandbox. Create with ``Sandbox.create`` or ``Sandbox.connect``."""
+
+    def __init__(self, info: SandboxInfo, config: Config, client: Optional[httpx.Client] = None):
+        self._config = config
+        self._client = client or httpx.Client(timeout=config.request_timeout)
+        self.sandbox_id = info.sandbox_id
+        self._runtime = info.runtime
+        self.commands = Commands(self)
+        self.files = Filesystem(self)
+
+    # -- class methods -------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, template: str = "base", timeout: Optional[int] = None,
+               metadata: Optional[Dict[str, str]] = None, envs: Optional[Dict[str, str]] = None,
+               lifecycle: Optional[Dict[str, Any]] = None,
+               resources: Optional[Dict[str, int]] = None, api_key: Optional[str] = None,
+               domain: Optional[str] = None, request_timeout: Optional[float] = None) -> "Sandbox":
+        """Creates a sandbox and returns it connected."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        client = httpx.Client(timeout=config.request_timeout)
+        try:
+            doc = _call(client, config, "POST", "/sandboxes",
+                        create_body(template, timeout, metadata, envs, lifecycle, resources))
+        except Exception:
+            client.close()
+            raise
+        return cls(SandboxInfo.parse(doc), config, client)
+
+    @classmethod
+    def connect(cls, sandbox_id: str, timeout: Optional[int] = None,
+                api_key: Optional[str] = None, domain: Optional[str] = None,
+                request_timeout: Optional[float] = None) -> "Sandbox":
+        """Connects to an existing sandbox, resuming it if paused."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        client = httpx.Client(timeout=config.request_timeout)
+        try:
+            doc = _call(client, config, "POST", f"/sandboxes/{sandbox_id}/connect",
+                        {} if timeout is None else {"timeout": timeout})
+        except Exception:
+            client.close()
+            raise
+        return cls(SandboxInfo.parse(doc), config, client)
+
+    @classmethod
+    def list(cls, query: Optional[Dict[str, Any]] = None, limit: Optional[int] = None,
+             next_token: Optional[str] = None, api_key: Optional[str] = None,
+             domain: Optional[str] = None, request_timeout: Optional[float] = None) -> Dict[str, Any]:
+        """One page: ``{"sandboxes": [...], "next_token": ...}``. ``query`` takes
+        ``state`` (str or list) and ``metadata`` (dict)."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        with httpx.Client(timeout=config.request_timeout) as client:
+            doc = _call(client, config, "GET", "/sandboxes",
+                        params=list_params(query, limit, next_token))
+        return {"sandboxes": doc["sandboxes"], "next_token": doc.get("nextToken")}
+
+    @classmethod
+    def get_info_by_id(cls, sandbox_id: str, api_key: Optional[str] = None,
+                       domain: Optional[str] = None,
+                       request_timeout: Optional[float] = None) -> SandboxInfo:
+        """A sandbox's description; read-only, never wakes a paused one."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        with httpx.Client(timeout=config.request_timeout) as client:
+            return SandboxInfo.parse(_call(client, config, "GET", f"/sandboxes/{sandbox_id}"))
+
+    @classmethod
+    def run_once(cls, cmd: str, template: str = "base", **create_args: Any) -> CommandResult:
+        """Creates a sandbox, runs ``cmd``, kills the sandbox whatever happened."""
+        sbx = cls.create(template=template, **create_args)
+        try:
+            return sbx.commands.run(cmd)
+        finally:
+            sbx.kill()
+            sbx.close()
+
+    # -- instance methods ----------------------------------------------------------------
+
+    def _control(self, method: str, action: str = "", body: Optional[Dict[str, Any]] = None,
+                 request_timeout: Optional[float] = None) -> Any:
+        path = f"/sandboxes/{self.sandbox_id}" + (f"/{action}" if action else "")
+        return _call(self._client, self._config, method, path, body,
+                     request_timeout=request_timeout)
+
+    def _data(self, method: str, path: str, stream: bool = False,
+              request_timeout: Optional[float] = None, **kwargs: Any):
+        if not self._runtime:
+            raise SandboxError("config", f"no data-plane access to {self.sandbox_id}: "
+                               "connect to it first (it may be paused)")
+        url = self._runtime["target"]["baseUrl"] + path
+        headers = {"Authorization": f"Bearer {self._runtime['token']}"}
+        timeout = request_timeout or self._config.request_timeout
+        if stream:
+            return self._client.stream(method, url, headers=headers, timeout=timeout, **kwargs)
+        return self._client.request(method, url, headers=headers, timeout=timeout, **kwargs)
+
+    def get_info(self, request_timeout: Optional[float] = None) -> SandboxInfo:
+        return SandboxInfo.parse(self._control("GET", request_timeout=request_timeout))
+
+    def is_running(self, request_timeout: Optional[float] = None) -> bool:
+        return self.get_info(request_timeout).state == "running"
+
+    def kill(self, request_timeout: Optional[float] = None) -> bool:
+        """Ends the sandbox; False if it was already gone."""
+        try:
+            if self.get_info(request_timeout).state == "deleted":
+                return False
+            self._control("DELETE", request_timeout=request_timeout)
+            return True
+        except SandboxError as e:
+            if e.code == "not_found":
+                return False
+            raise
+
+    def set_timeout(self, timeout: int, request_timeout: Optional[float] = None) -> None:
+        self._control("POST", "timeout", {"timeout": timeout}, request_timeout)
+
+    def pause(self, request_timeout: Optional[float] = None) -> None:
+        self._control("POST", "pause", {}, request_timeout)
+
+    def resume(self, request_timeout: Optional[float] = None) -> None:
+        doc = self._control("POST", "resume", {}, request_timeout)
+        self._runtime = SandboxInfo.parse(doc).runtime
+
+    def close(self) -> None:
+        """Closes the HTTP client; the sandbox keeps running."""
+        self._client.close()
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,106 @@
+"""The Python SDK against a live stack (deploy/test-python-sdk.sh starts one and sets
+NULLSPACE_API_URL / NULLSPACE_API_KEY)."""
+
+import os
+
+import pytest
+
+from nullspace import AsyncSandbox, NotFoundError, Sandbox, SandboxError
+
+SMALL = {"vcpus": 1, "memMiB": 512, "diskSizeMiB": 1024}
+
+
+def test_sync_sandbox_end_to_end(tmp_path):
+    chunks = []
+    with Sandbox.create(template="minimal", timeout=120, metadata={"suite": "py"},
+                        envs={"GREETING": "hello"}, resources=SMALL) as sbx:
+        assert sbx.is_running()
+        result = sbx.commands.run("echo $GREETING $EXTRA; echo oops >&2; exit 3",
+                                  envs={"EXTRA": "py"}, on_stdout=chunks.append)
+        assert (result.stdout, result.stderr, result.exit_code) == ("hello py\n", "oops\n", 3)
+        assert "".join(chunks) == result.stdout
+
+        handle = sbx.commands.run("echo later; sleep 0.2", background=True)
+        assert any(p["pid"] == handle.pid for p in sbx.commands.list())
+        assert handle.wait().stdout == "later\n"
+        sleeper = sbx.commands.run("sleep 300", background=True)
+        assert sbx.commands.kill(sleeper.pid)
+        assert sleeper.wait().signal == 9
+
+        sbx.files.write("notes/a.txt", "alpha")
+        assert sbx.files.read("notes/a.txt") == "alpha"
+        sbx.files.make_dir("notes/deep")
+        sbx.files.rename("notes/a.txt", "notes/b.txt")
+        assert [e.name for e in sbx.files.list("notes")] == ["b.txt", "deep"]
+        assert sbx.files.get_info("notes/b.txt").size == 5
+        assert not sbx.files.exists("notes/a.txt")
+        blob = bytes(i * 7 % 251 for i in range(2_000_000))
+        (tmp_path / "up.bin").write_bytes(blob)
+        assert sbx.files.upload(str(tmp_path / "up.bin"), "/workspace/up.bin") == len(blob)
+        assert sbx.files.download("/workspace/up.bin", str(tmp_path / "down.bin")) == len(blob)
+        assert (tmp_path / "down.bin").read_bytes() == blob
+        assert sbx.files.read("up.bin", format="bytes") == blob
+        sbx.files.remove("notes")
+        with pytest.raises(NotFoundError):
+            sbx.files.read("notes/b.txt")
+
+        page = Sandbox.list(query={"metadata": {"suite": "py"}, "state": ["running"]})
+        assert [s["sandboxID"] for s in page["sandboxes"]] == [sbx.sandbox_id]
+        sbx.set_timeout(90)
+        assert sbx.get_info().timeout == 90
+        sbx.pause()
+        info = Sandbox.get_info_by_id(sbx.sandbox_id)
+        assert info.state == "paused" and info.runtime is None
+        sbx.resume()
+        assert sbx.files.read("up.bin", format="bytes") == blob
+        sandbox_id = sbx.sandbox_id
+    # The context manager closed the client; the sandbox still runs.
+    assert Sandbox.get_info_by_id(sandbox_id).state == "running"
+    again = Sandbox.connect(sandbox_id, timeout=60)
+    assert again.kill() is True
+    assert again.kill() is False
+    again.close()
+
+
+def test_errors_carry_the_api_code_and_overrides_work(monkeypatch, tmp_path):
+    with pytest.raises(NotFoundError) as e:
+        Sandbox.get_info_by_id("sbx-0123456789abcdef0123")
+    assert e.value.status == 404
+    with pytest.raises(SandboxError) as e:
+        Sandbox.list(api_key="ns_0123456789abcdef0123456789abcdef")
+    assert e.value.code == "unauthorized"
+    with pytest.raises(SandboxError) as e:
+        Sandbox.create(template="no-such-template")
+    assert e.value.code == "not_found"
+    # domain as host:port, per call.
+    host_port = os.environ["NULLSPACE_API_URL"].split("://", 1)[1]
+    monkeypatch.setenv("NULLSPACE_API_URL", "http://127.0.0.1:9")
+    assert "sandboxes" in Sandbox.list(domain=host_port)
+    # No key anywhere: a config error that says where to get one.
+    monkeypatch.delenv("NULLSPACE_API_KEY")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    with pytest.raises(SandboxError) as e:
+        Sandbox.list()
+    assert e.value.code == "config" and "NULLSPACE_API_KEY" in e.value.message
+
+
+def test_run_once_cleans_up():
+    result = Sandbox.run_once("echo once", template="minimal", resources=SMALL)
+    assert result.stdout == "once\n"
+    assert Sandbox.list()["sandboxes"] == []
+
+
+async def test_async_sandbox():
+    async with await AsyncSandbox.create(template="minimal", resources=SMALL) as sbx:
+        result = await sbx.commands.run("echo $((6*7))")
+        assert result.stdout == "42\n"
+        await sbx.files.write("x.txt", "async")
+        assert await sbx.files.read("x.txt") == "async"
+        handle = await sbx.commands.run("echo bg", background=True)
+        assert (await handle.wait()).stdout == "bg\n"
+        assert (await AsyncSandbox.get_info_by_id(sbx.sandbox_id)).state == "running"
+        assert await sbx.kill()
+        assert not await sbx.kill()
+    once = await AsyncSandbox.run_once("echo async-once", template="minimal", resources=SMALL)
+    assert once.stdout == "async-once\n"
