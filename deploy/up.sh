@@ -17,7 +17,7 @@ esac
 
 deploy/install-deps.sh
 images=$(deploy/build.sh)
-cargo build --quiet --release --locked -p pool-manager -p api-host -p nullspace-tests --bins
+cargo build --quiet --release --locked -p pool-manager -p api-host -p nullspace-cli -p nullspace-tests --bins
 bin="$CARGO_TARGET_DIR/release"
 component="${NULLSPACE_CACHE:-/var/cache/nullspace}/components/nullspace-api.wasm"
 echo "Guest image set: $images" >&2
