@@ -3,29 +3,8 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// CPU, memory and disk of a sandbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Resources {
-    /// Virtual CPUs.
-    pub vcpus: u32,
-    /// Memory in MiB.
-    #[serde(rename = "memMiB")]
-    pub mem_mib: u32,
-    /// Root disk in MiB.
-    #[serde(rename = "diskSizeMiB")]
-    pub disk_mib: u64,
-}
-
-/// What a sandbox does when its timeout passes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum OnTimeout {
-    /// End it (the default).
-    #[default]
-    Kill,
-    /// Pause it; `connect` or `resume` brings it back.
-    Pause,
-}
+// The same shapes the API component checks requests against.
+pub use api_model::{OnTimeout, Resources};
 
 /// Data-plane address and token of a running sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
