@@ -111,6 +111,13 @@ enum SandboxCommand {
     Kill { id: String },
     /// Set a sandbox's timeout, seconds from now.
     Timeout { id: String, seconds: u64 },
+    /// Extend a sandbox's life (default: by its timeout).
+    Refresh {
+        id: String,
+        /// Seconds from now.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
 }
 
 #[derive(Args)]
@@ -395,6 +402,10 @@ async fn sandbox(
             } else {
                 println!("{id} was already gone");
             }
+        }
+        SandboxCommand::Refresh { id, duration } => {
+            Sandbox::from_id(config, id)?.refresh(*duration).await?;
+            show(&Sandbox::get_info_by_id(config, id).await?, json);
         }
         SandboxCommand::Timeout { id, seconds } => {
             Sandbox::from_id(config, id)?.set_timeout(*seconds).await?;

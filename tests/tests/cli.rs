@@ -101,6 +101,10 @@ async fn the_cli_creates_runs_copies_and_kills() {
     let info: serde_json::Value =
         serde_json::from_str(&cli.ok(&["sandbox", "timeout", &id, "100", "--json"])).unwrap();
     assert_eq!(info["timeout"], 100);
+    let refreshed: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["sandbox", "refresh", &id, "--duration", "3600", "--json"]))
+            .unwrap();
+    assert!(refreshed["expiresAt"].as_str() > info["expiresAt"].as_str());
     let info: serde_json::Value =
         serde_json::from_str(&cli.ok(&["sandbox", "pause", &id, "--json"])).unwrap();
     assert_eq!(info["state"], "paused");

@@ -143,6 +143,12 @@ async fn the_async_sdk_drives_a_sandbox_end_to_end() {
     assert_eq!(page.sandboxes[0].sandbox_id, sbx.id());
     sbx.set_timeout(90).await.unwrap();
     assert_eq!(sbx.get_info().await.unwrap().timeout, 90);
+    let before = sbx.get_info().await.unwrap().expires_at;
+    sbx.refresh(Some(3600)).await.unwrap();
+    assert!(
+        sbx.get_info().await.unwrap().expires_at > before,
+        "refresh extends the life"
+    );
     sbx.pause().await.unwrap();
     let info = Sandbox::get_info_by_id(&config, sbx.id()).await.unwrap();
     assert_eq!(info.state, "paused");

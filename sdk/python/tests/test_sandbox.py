@@ -48,6 +48,9 @@ def test_sync_sandbox_end_to_end(tmp_path):
         assert [s["sandboxID"] for s in page["sandboxes"]] == [sbx.sandbox_id]
         sbx.set_timeout(90)
         assert sbx.get_info().timeout == 90
+        before = sbx.get_info().expires_at
+        sbx.refresh(3600)
+        assert sbx.get_info().expires_at > before
         sbx.pause()
         info = Sandbox.get_info_by_id(sbx.sandbox_id)
         assert info.state == "paused" and info.runtime is None

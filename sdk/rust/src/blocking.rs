@@ -80,6 +80,16 @@ impl Sandbox {
         self.rt.block_on(self.inner.set_timeout(seconds))
     }
 
+    /// Extends its life by `duration` seconds from now (default: its timeout).
+    pub fn refresh(&self, duration: Option<u64>) -> Result<()> {
+        self.rt.block_on(self.inner.refresh(duration))
+    }
+
+    /// Whether a path exists.
+    pub fn exists(&self, path: &str) -> Result<bool> {
+        self.rt.block_on(self.inner.files().exists(path))
+    }
+
     /// Pauses it.
     pub fn pause(&self) -> Result<()> {
         self.rt.block_on(self.inner.pause())

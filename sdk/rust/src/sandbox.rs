@@ -207,6 +207,14 @@ impl Sandbox {
         .map(drop)
     }
 
+    /// Extends its life by `duration` seconds from now (default: its timeout).
+    pub async fn refresh(&self, duration: Option<u64>) -> Result<()> {
+        let body = duration.map_or_else(|| json!({}), |d| json!({ "duration": d }));
+        self.control(reqwest::Method::POST, "refreshes", Some(body))
+            .await
+            .map(drop)
+    }
+
     /// Pauses it: memory and disk kept in a snapshot, the VM ended.
     pub async fn pause(&self) -> Result<()> {
         self.control(reqwest::Method::POST, "pause", Some(json!({})))

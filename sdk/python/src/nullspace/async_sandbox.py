@@ -245,6 +245,9 @@ class AsyncSandbox:
     async def set_timeout(self, timeout: int) -> None:
         await self._control("POST", "timeout", {"timeout": timeout})
 
+    async def refresh(self, duration: Optional[int] = None) -> None:
+        await self._control("POST", "refreshes", {} if duration is None else {"duration": duration})
+
     async def pause(self) -> None:
         await self._control("POST", "pause", {})
 

@@ -292,6 +292,12 @@ class Sandbox:
     def set_timeout(self, timeout: int, request_timeout: Optional[float] = None) -> None:
         self._control("POST", "timeout", {"timeout": timeout}, request_timeout)
 
+    def refresh(self, duration: Optional[int] = None,
+                request_timeout: Optional[float] = None) -> None:
+        """Extends its life by ``duration`` seconds from now (default: its timeout)."""
+        self._control("POST", "refreshes", {} if duration is None else {"duration": duration},
+                      request_timeout)
+
     def pause(self, request_timeout: Optional[float] = None) -> None:
         self._control("POST", "pause", {}, request_timeout)
 
