@@ -97,9 +97,9 @@ impl ObjectStore for LocalStore {
     }
 
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        Ok(tokio::fs::try_exists(self.path(key)?)
+        tokio::fs::try_exists(self.path(key)?)
             .await
-            .map_err(io("stat", key))?)
+            .map_err(io("stat", key))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
