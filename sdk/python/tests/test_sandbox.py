@@ -103,6 +103,8 @@ async def test_async_sandbox():
         handle = await sbx.commands.run("echo bg", background=True)
         assert (await handle.wait()).stdout == "bg\n"
         assert (await AsyncSandbox.get_info_by_id(sbx.sandbox_id)).state == "running"
+        await sbx.set_timeout(120, request_timeout=30)
+        assert (await sbx.get_info(request_timeout=30)).timeout == 120
         assert await sbx.kill()
         assert not await sbx.kill()
     once = await AsyncSandbox.run_once("echo async-once", template="minimal", resources=SMALL)

@@ -206,9 +206,11 @@ class AsyncSandbox:
             await sbx.close()
 
     async def _control(self, method: str, action: str = "",
-                       body: Optional[Dict[str, Any]] = None) -> Any:
+                       body: Optional[Dict[str, Any]] = None,
+                       request_timeout: Optional[float] = None) -> Any:
         path = f"/sandboxes/{self.sandbox_id}" + (f"/{action}" if action else "")
-        return await _call(self._client, self._config, method, path, body)
+        return await _call(self._client, self._config, method, path, body,
+                           request_timeout=request_timeout)
 
     def _target(self, path: str):
         if not self._runtime:
@@ -225,34 +227,37 @@ class AsyncSandbox:
         url, headers = self._target(path)
         return self._client.stream(method, url, headers=headers, **kwargs)
 
-    async def get_info(self) -> SandboxInfo:
-        return SandboxInfo.parse(await self._control("GET"))
+    async def get_info(self, request_timeout: Optional[float] = None) -> SandboxInfo:
+        return SandboxInfo.parse(await self._control("GET", request_timeout=request_timeout))
 
-    async def is_running(self) -> bool:
-        return (await self.get_info()).state == "running"
+    async def is_running(self, request_timeout: Optional[float] = None) -> bool:
+        return (await self.get_info(request_timeout)).state == "running"
 
-    async def kill(self) -> bool:
+    async def kill(self, request_timeout: Optional[float] = None) -> bool:
         try:
-            if (await self.get_info()).state == "deleted":
+            if (await self.get_info(request_timeout)).state == "deleted":
                 return False
-            await self._control("DELETE")
+            await self._control("DELETE", request_timeout=request_timeout)
             return True
         except SandboxError as e:
             if e.code == "not_found":
                 return False
             raise
 
-    async def set_timeout(self, timeout: int) -> None:
-        await self._control("POST", "timeout", {"timeout": timeout})
+    async def set_timeout(self, timeout: int, request_timeout: Optional[float] = None) -> None:
+        await self._control("POST", "timeout", {"timeout": timeout}, request_timeout)
 
-    async def refresh(self, duration: Optional[int] = None) -> None:
-        await self._control("POST", "refreshes", {} if duration is None else {"duration": duration})
+    async def refresh(self, duration: Optional[int] = None,
+                      request_timeout: Optional[float] = None) -> None:
+        await self._control("POST", "refreshes",
+                            {} if duration is None else {"duration": duration}, request_timeout)
 
-    async def pause(self) -> None:
-        await self._control("POST", "pause", {})
+    async def pause(self, request_timeout: Optional[float] = None) -> None:
+        await self._control("POST", "pause", {}, request_timeout)
 
-    async def resume(self) -> None:
-        self._runtime = SandboxInfo.parse(await self._control("POST", "resume", {})).runtime
+    async def resume(self, request_timeout: Optional[float] = None) -> None:
+        doc = await self._control("POST", "resume", {}, request_timeout)
+        self._runtime = SandboxInfo.parse(doc).runtime
 
     async def close(self) -> None:
         await self._client.aclose()
