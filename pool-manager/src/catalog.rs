@@ -208,6 +208,19 @@ impl Catalog {
         Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
     }
 
+    /// How many of a team's sandboxes are live (neither deleted nor failed), counted in
+    /// SQL: a create must not parse the team's whole history to check its quota.
+    pub fn live_count(&self, team_id: &str) -> Result<usize, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let n: i64 = db.query_row(
+            "SELECT COUNT(*) FROM sandboxes WHERE team_id = ?1
+             AND json_extract(record, '$.state') NOT IN ('deleted', 'failed')",
+            params![team_id],
+            |r| r.get(0),
+        )?;
+        Ok(n as usize)
+    }
+
     /// A team's sandboxes after position `after_seq`, oldest first, with their positions.
     pub fn sandboxes_of(
         &self,

@@ -296,12 +296,7 @@ impl Manager {
             .catalog
             .quota(&record.team_id)?
             .unwrap_or(self.default_quota);
-        let live = self
-            .catalog
-            .sandboxes_of(&record.team_id, 0)?
-            .into_iter()
-            .filter(|(_, r)| !matches!(r.state, InternalState::Deleted | InternalState::Failed))
-            .count();
+        let live = self.catalog.live_count(&record.team_id)?;
         if live >= quota as usize {
             return Err(ApiError::quota(format!(
                 "the team holds {live} live sandboxes, its quota is {quota}; delete one, or raise it with `admin team quota`"
@@ -609,7 +604,15 @@ impl Manager {
 
     /// Ends the sandbox and everything it owns on this host.
     pub async fn delete(&self, team: &str, id: &str) -> Result<(), ApiError> {
-        self.owned(team, id)?;
+        // A second delete says so (404), so a caller learns whether its call ended the
+        // sandbox without asking first.
+        if self.owned(team, id)?.state == InternalState::Deleted {
+            return Err(ApiError::new(
+                404,
+                "not_found",
+                format!("sandbox '{id}' is already deleted"),
+            ));
+        }
         self.destroy(id, "deleted by request").await
     }
 

@@ -134,6 +134,11 @@ async fn create_command_files_delete_through_the_public_api() {
 
     // Delete ends the VM.
     assert_eq!(api.delete(&id).await, StatusCode::NO_CONTENT);
+    assert_eq!(
+        api.delete(&id).await,
+        StatusCode::NOT_FOUND,
+        "a second delete says it found nothing to end"
+    );
     let pauses = stack.daemon.state_dir().join("pauses").join(&id);
     assert!(!pauses.exists(), "{} outlived the delete", pauses.display());
     let (status, v) = api.fetch(&format!("/v1/sandboxes/{id}")).await;

@@ -75,6 +75,9 @@ def test_errors_carry_the_api_code_and_overrides_work(monkeypatch, tmp_path):
     with pytest.raises(SandboxError) as e:
         Sandbox.create(template="no-such-template")
     assert e.value.code == "not_found"
+    with pytest.raises(SandboxError) as e:
+        Sandbox.create(template="minimal", resources={"memory": 512})
+    assert e.value.code == "invalid_request" and "memory" in e.value.message
     # domain as host:port, per call.
     host_port = os.environ["NULLSPACE_API_URL"].split("://", 1)[1]
     monkeypatch.setenv("NULLSPACE_API_URL", "http://127.0.0.1:9")

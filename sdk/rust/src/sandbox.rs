@@ -180,15 +180,9 @@ impl Sandbox {
         Ok(self.get_info().await?.state == "running")
     }
 
-    /// Ends it. `true` if this call ended it, `false` if it was already gone.
+    /// Ends it. `true` if this call ended it, `false` if it was already gone (the API
+    /// answers a second delete with `not_found`).
     pub async fn kill(&self) -> Result<bool> {
-        // A delete of a deleted sandbox succeeds (deletes are idempotent): ask first.
-        match self.get_info().await {
-            Ok(info) if info.state == "deleted" => return Ok(false),
-            Err(e) if e.is_not_found() => return Ok(false),
-            Err(e) => return Err(e),
-            Ok(_) => {}
-        }
         match self.control(reqwest::Method::DELETE, "", None).await {
             Ok(_) => Ok(true),
             Err(e) if e.is_not_found() => Ok(false),

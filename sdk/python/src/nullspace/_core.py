@@ -164,6 +164,11 @@ def create_body(template: str, timeout: Optional[int], metadata: Optional[Dict[s
             lc["autoResume"] = lifecycle["auto_resume"]
         body["lifecycle"] = lc
     if resources:
+        known = {"vcpus", "cpu", "memMiB", "memory_mb", "diskSizeMiB", "disk_mb"}
+        unknown = set(resources) - known
+        if unknown:
+            raise SandboxError("invalid_request", f"resources has unknown keys {sorted(unknown)}; "
+                               "send vcpus (or cpu), memMiB (or memory_mb), diskSizeMiB (or disk_mb)")
         body["resources"] = {
             "vcpus": resources.get("vcpus", resources.get("cpu", 2)),
             "memMiB": resources.get("memMiB", resources.get("memory_mb", 2048)),

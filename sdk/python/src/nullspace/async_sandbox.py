@@ -235,8 +235,6 @@ class AsyncSandbox:
 
     async def kill(self, request_timeout: Optional[float] = None) -> bool:
         try:
-            if (await self.get_info(request_timeout)).state == "deleted":
-                return False
             await self._control("DELETE", request_timeout=request_timeout)
             return True
         except SandboxError as e:

@@ -280,8 +280,6 @@ class Sandbox:
     def kill(self, request_timeout: Optional[float] = None) -> bool:
         """Ends the sandbox; False if it was already gone."""
         try:
-            if self.get_info(request_timeout).state == "deleted":
-                return False
             self._control("DELETE", request_timeout=request_timeout)
             return True
         except SandboxError as e:
