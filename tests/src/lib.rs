@@ -161,14 +161,14 @@ pub fn api_component() -> std::path::PathBuf {
 }
 
 /// Spawns `cmd` with PDEATHSIG (so a test killed on timeout takes it along) and waits
-/// for a stderr line containing `marker`; returns the child and that line. Every stderr
-/// line is echoed with `tag`.
+/// until its stderr has shown a line containing each of `markers`, in any order; returns
+/// the child and, per marker, the first such line. Every stderr line is echoed with `tag`.
 pub fn spawn_until(
     mut cmd: std::process::Command,
     tag: &'static str,
-    marker: &'static str,
+    markers: &[&'static str],
     within: Duration,
-) -> (std::process::Child, String) {
+) -> (std::process::Child, Vec<String>) {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe.
@@ -184,26 +184,33 @@ pub fn spawn_until(
         .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let wanted: Vec<&'static str> = markers.to_vec();
     std::thread::spawn(move || {
+        let mut found: Vec<Option<String>> = vec![None; wanted.len()];
         let mut tx = Some(tx);
         for line in std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
         {
-            if line.contains(marker) {
+            for (slot, marker) in found.iter_mut().zip(&wanted) {
+                if slot.is_none() && line.contains(marker) {
+                    *slot = Some(line.clone());
+                }
+            }
+            if found.iter().all(Option::is_some) {
                 if let Some(tx) = tx.take() {
-                    let _ = tx.send(line.clone());
+                    let _ = tx.send(found.iter().flatten().cloned().collect::<Vec<_>>());
                 }
             }
             eprintln!("[{tag}] {line}");
         }
     });
     match rx.recv_timeout(within) {
-        Ok(line) => (child, line),
+        Ok(lines) => (child, lines),
         Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{tag} did not print {marker:?} within {within:?}");
+            panic!("{tag} did not print {markers:?} within {within:?}");
         }
     }
 }
@@ -239,8 +246,13 @@ impl ApiHost {
             .args(["--listen", "127.0.0.1:0", "--pool-manager", control])
             .args(extra)
             .env("RUST_LOG", "warn");
-        let (child, line) = spawn_until(cmd, "api", "public API http://", Duration::from_secs(120));
-        let url = line
+        let (child, lines) = spawn_until(
+            cmd,
+            "api",
+            &["public API http://"],
+            Duration::from_secs(120),
+        );
+        let url = lines[0]
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
             .unwrap()
@@ -299,73 +311,42 @@ impl Daemon {
 
     /// Starts a daemon on `state` with extra `serve` flags.
     pub fn start_in_with(state: std::path::PathBuf, extra: &[&str]) -> Self {
-        use std::io::BufRead;
-        use std::os::unix::process::CommandExt;
         let mut cmd = std::process::Command::new(pool_manager_binary());
-        // If the test process dies (a timeout), the daemon is told to end its VMs.
-        // SAFETY: prctl is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--edge-listen",
-                "127.0.0.1:0",
-            ])
-            .args(extra)
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--templates-dir")
-            .arg(shared_templates_dir())
-            .env("RUST_LOG", "warn")
-            // Its own run directory: a daemon reaps VM directories of dead owners, and
-            // another test's daemon killed on purpose is one.
-            .env(
-                "NULLSPACE_RUN_DIR",
-                format!(
-                    "/dev/shm/nullspace-{}",
-                    state
-                        .file_name()
-                        .unwrap()
-                        .to_string_lossy()
-                        .trim_start_matches("nullspace-")
-                ),
-            )
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start the pool manager");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            let (mut addresses, mut ready) = (None, false);
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if line.contains("control API") {
-                    addresses = Some(line.clone());
-                }
-                // Ready once the templates are too: tests then see only their own VMs.
-                ready |= line.contains("template snapshots ready");
-                if let (true, Some(a)) = (ready, &addresses) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(a.clone());
-                    }
-                }
-                eprintln!("[daemon] {line}");
-            }
-        });
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(120))
-            .expect("the daemon announces its addresses and readiness");
-        let urls: Vec<String> = line
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--edge-listen",
+            "127.0.0.1:0",
+        ])
+        .args(extra)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--templates-dir")
+        .arg(shared_templates_dir())
+        .env("RUST_LOG", "warn")
+        // Its own run directory: a daemon reaps VM directories of dead owners, and
+        // another test's daemon killed on purpose is one.
+        .env(
+            "NULLSPACE_RUN_DIR",
+            format!(
+                "/dev/shm/nullspace-{}",
+                state
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .trim_start_matches("nullspace-")
+            ),
+        );
+        // Ready once the templates are too: tests then see only their own VMs. If the
+        // test process dies (a timeout), PDEATHSIG tells the daemon to end its VMs.
+        let (child, lines) = spawn_until(
+            cmd,
+            "daemon",
+            &["control API", "template snapshots ready"],
+            Duration::from_secs(120),
+        );
+        let urls: Vec<String> = lines[0]
             .split_whitespace()
             .filter(|w| w.starts_with("http://"))
             .map(str::to_string)

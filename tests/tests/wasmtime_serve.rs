@@ -111,8 +111,12 @@ fn the_component_runs_under_stock_wasmtime_serve() {
         let mut cmd = std::process::Command::new(&wasmtime);
         cmd.args(["serve", "--addr", "127.0.0.1:8123"])
             .arg(&component);
-        let (mut serve, _) =
-            spawn_until(cmd, "wasmtime", "Serving HTTP on", Duration::from_secs(120));
+        let (mut serve, _) = spawn_until(
+            cmd,
+            "wasmtime",
+            &["Serving HTTP on"],
+            Duration::from_secs(120),
+        );
         let addr = "127.0.0.1:8123";
         let auth = [("X-API-Key", key.as_str())];
 
