@@ -7,10 +7,14 @@
 //! The [`FileManifest`] lists offsets and hashes; reading back verifies every chunk.
 
 use crate::store::{ObjectStore, StoreError};
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+/// Chunks read, hashed and sent at once.
+const UPLOAD_CONCURRENCY: usize = 8;
 
 /// Size of a chunk: a multiple of the page size, so memory pages never straddle two.
 pub const CHUNK_SIZE: u64 = 1 << 20;
@@ -124,37 +128,56 @@ pub async fn upload_file(
         skipped: size.div_ceil(CHUNK_SIZE) as usize - offsets.len(),
         ..UploadStats::default()
     };
-    let mut chunks = Vec::new();
-    for offset in offsets {
-        let len = CHUNK_SIZE.min(size - offset);
-        let buf = {
+    // Several chunks in flight: against S3 each is a round trip or two.
+    let results: Vec<Option<(ChunkRef, bool)>> = futures::stream::iter(offsets)
+        .map(|offset| {
             let file = file.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; len as usize];
-                file.read_exact_at(&mut buf, offset).map(|()| buf)
-            })
-            .await
-            .expect("read task")
-            .map_err(io("read", path))?
-        };
-        if buf.iter().all(|b| *b == 0) {
-            stats.skipped += 1;
-            continue;
+            async move {
+                let len = CHUNK_SIZE.min(size - offset);
+                let (buf, sha) = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; len as usize];
+                    file.read_exact_at(&mut buf, offset)?;
+                    let sha = (!buf.iter().all(|b| *b == 0)).then(|| hex(&Sha256::digest(&buf)));
+                    Ok::<_, std::io::Error>((buf, sha))
+                })
+                .await
+                .expect("read task")
+                .map_err(io("read", path))?;
+                let Some(sha) = sha else {
+                    return Ok(None);
+                };
+                let key = chunk_key(&sha);
+                let sent = !store.exists(&key).await?;
+                if sent {
+                    store.put(&key, buf.into()).await?;
+                }
+                Ok::<_, StoreError>(Some((
+                    ChunkRef {
+                        offset,
+                        len,
+                        sha256: sha,
+                    },
+                    sent,
+                )))
+            }
+        })
+        .buffered(UPLOAD_CONCURRENCY)
+        .try_collect()
+        .await?;
+    let mut chunks = Vec::new();
+    for r in results {
+        match r {
+            None => stats.skipped += 1,
+            Some((chunk, sent)) => {
+                if sent {
+                    stats.uploaded += 1;
+                    stats.bytes_uploaded += chunk.len;
+                } else {
+                    stats.reused += 1;
+                }
+                chunks.push(chunk);
+            }
         }
-        let sha = hex(&Sha256::digest(&buf));
-        let key = chunk_key(&sha);
-        if store.exists(&key).await? {
-            stats.reused += 1;
-        } else {
-            stats.bytes_uploaded += len;
-            store.put(&key, buf.into()).await?;
-            stats.uploaded += 1;
-        }
-        chunks.push(ChunkRef {
-            offset,
-            len,
-            sha256: sha,
-        });
     }
     stats.chunks = chunks.len();
     Ok((
@@ -178,20 +201,26 @@ pub async fn restore_file(
     let file = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
     file.set_len(manifest.size).map_err(io("size", &tmp))?;
     let result = async {
-        for chunk in &manifest.chunks {
-            let key = chunk.key();
-            let data = store.get(&key).await?;
-            let found = hex(&Sha256::digest(&data));
-            if found != chunk.sha256 || data.len() as u64 != chunk.len {
-                return Err(StoreError::Corrupt {
-                    key,
-                    expected: chunk.sha256.clone(),
-                    found,
-                });
-            }
-            file.write_all_at(&data, chunk.offset)
-                .map_err(io("write", &tmp))?;
-        }
+        let file = &file;
+        let tmp = &tmp;
+        futures::stream::iter(&manifest.chunks)
+            .map(|chunk| async move {
+                let key = chunk.key();
+                let data = store.get(&key).await?;
+                let found = hex(&Sha256::digest(&data));
+                if found != chunk.sha256 || data.len() as u64 != chunk.len {
+                    return Err(StoreError::Corrupt {
+                        key,
+                        expected: chunk.sha256.clone(),
+                        found,
+                    });
+                }
+                file.write_all_at(&data, chunk.offset)
+                    .map_err(io("write", tmp))
+            })
+            .buffer_unordered(UPLOAD_CONCURRENCY)
+            .try_collect::<()>()
+            .await?;
         file.sync_all().map_err(io("sync", &tmp))
     }
     .await;

@@ -1,16 +1,23 @@
 //! Object storage for snapshots and volumes.
 //!
-//! - [`ObjectStore`]: the one interface (put, conditional put, get, list, delete) with a
-//!   local-directory backend ([`LocalStore`]); the S3 backend joins it.
+//! - [`ObjectStore`]: the one interface (put, conditional put, get, list, delete) with two
+//!   backends, a local directory ([`LocalStore`]) and S3 ([`S3Store`]); [`Store`] is
+//!   whichever the configuration names.
 //! - [`chunks`]: files (memory images, disk layers) stored as content-addressed chunks
 //!   (`chunks/<sha256>`), page-aligned, holes and zero chunks skipped, so a fork family or
 //!   periodic snapshots of one sandbox share most bytes; every chunk is verified when read
 //!   back.
+//! - [`snapshots`]: a snapshot directory published as chunks plus a manifest written last
+//!   with a conditional put, listed, fetched back, deleted, and the chunks no manifest
+//!   references collected.
 
 pub mod chunks;
 mod local;
+mod s3;
+pub mod snapshots;
 mod store;
 
 pub use chunks::{restore_file, upload_file, FileManifest, UploadStats, CHUNK_SIZE};
 pub use local::LocalStore;
-pub use store::{ObjectStore, StoreError};
+pub use s3::{S3Config, S3Store};
+pub use store::{ObjectStore, Store, StoreError};

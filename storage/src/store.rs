@@ -32,6 +32,16 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A remote backend (S3) refused or failed a request.
+    #[error("{op} {key}: {message}")]
+    Backend {
+        /// What was attempted.
+        op: &'static str,
+        /// On which key.
+        key: String,
+        /// What the backend said.
+        message: String,
+    },
     /// A key that is not a relative path of plain segments.
     #[error("invalid key {0:?}: use relative paths of [A-Za-z0-9._-] segments")]
     InvalidKey(String),
@@ -82,5 +92,110 @@ pub(crate) fn check_key(key: &str) -> Result<(), StoreError> {
         Ok(())
     } else {
         Err(StoreError::InvalidKey(key.to_string()))
+    }
+}
+
+/// The configured backend, plus an optional injected fault (tests).
+#[derive(Debug, Clone)]
+pub struct Store {
+    backend: Backend,
+    fault: Option<std::sync::Arc<FaultPlan>>,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Local(crate::LocalStore),
+    S3(crate::S3Store),
+}
+
+/// A one-shot fault: after `after` more successful puts, the next put fails.
+#[derive(Debug)]
+struct FaultPlan {
+    remaining: std::sync::atomic::AtomicI64,
+}
+
+impl Store {
+    /// A local-directory store.
+    pub fn local(store: crate::LocalStore) -> Self {
+        Self {
+            backend: Backend::Local(store),
+            fault: None,
+        }
+    }
+
+    /// An S3 store.
+    pub fn s3(store: crate::S3Store) -> Self {
+        Self {
+            backend: Backend::S3(store),
+            fault: None,
+        }
+    }
+
+    /// Test hook: the put after the next `after` puts fails once (as if the server went
+    /// away mid-upload); puts after it succeed again.
+    pub fn with_fault_after_puts(mut self, after: u32) -> Self {
+        self.fault = Some(std::sync::Arc::new(FaultPlan {
+            remaining: std::sync::atomic::AtomicI64::new(after as i64),
+        }));
+        self
+    }
+
+    /// Which backend, for logs.
+    pub fn describe(&self) -> &'static str {
+        match self.backend {
+            Backend::Local(_) => "local directory",
+            Backend::S3(_) => "S3",
+        }
+    }
+
+    fn check_fault(&self, key: &str) -> Result<(), StoreError> {
+        if let Some(f) = &self.fault {
+            // Counts down through zero once; the put that reaches -1 fails.
+            if f.remaining.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return Err(StoreError::Backend {
+                    op: "put",
+                    key: key.to_string(),
+                    message: "injected fault (NULLSPACE_TEST_FAIL_PUT_AFTER)".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &$self.backend {
+            Backend::Local($s) => $e,
+            Backend::S3($s) => $e,
+        }
+    };
+}
+
+impl ObjectStore for Store {
+    async fn put(&self, key: &str, data: bytes::Bytes) -> Result<(), StoreError> {
+        self.check_fault(key)?;
+        dispatch!(self, s => s.put(key, data).await)
+    }
+
+    async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> Result<(), StoreError> {
+        self.check_fault(key)?;
+        dispatch!(self, s => s.put_if_absent(key, data).await)
+    }
+
+    async fn get(&self, key: &str) -> Result<bytes::Bytes, StoreError> {
+        dispatch!(self, s => s.get(key).await)
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.exists(key).await)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        dispatch!(self, s => s.list(prefix).await)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.delete(key).await)
     }
 }

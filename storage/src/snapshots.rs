@@ -1,0 +1,393 @@
+//! Snapshots in an object store.
+//!
+//! Layout:
+//!
+//! - `chunks/<sha256>` — file contents, shared by every snapshot that has the same bytes.
+//! - `snapshots/<sandbox ID>/<snapshot ID>.json` — one [`StoredSnapshot`] per snapshot,
+//!   written last with a conditional put: a snapshot whose upload failed part way has no
+//!   manifest and does not exist (its chunks are garbage until a retry reuses them or
+//!   [`collect_garbage`] removes them).
+//!
+//! Snapshot IDs carry their sandbox's ID (`snap-<sandbox hex>-<random>`), so a snapshot
+//! is found from its ID alone on any worker that shares the bucket.
+
+use crate::chunks::{restore_file, upload_file, FileManifest, UploadStats};
+use crate::store::{ObjectStore, StoreError};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+/// Version of the stored manifest layout.
+pub const FORMAT: u32 = 1;
+
+/// Why a snapshot was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Taken when the sandbox was paused to object storage (hibernated).
+    Pause,
+    /// Taken on a timer.
+    Periodic,
+    /// Asked for; they accumulate and outlive the sandbox.
+    Manual,
+}
+
+impl Kind {
+    /// Restore preference when no snapshot is named: lower is preferred.
+    pub fn preference(self) -> u8 {
+        match self {
+            Kind::Pause => 0,
+            Kind::Periodic => 1,
+            Kind::Manual => 2,
+        }
+    }
+
+    /// Its wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Pause => "pause",
+            Kind::Periodic => "periodic",
+            Kind::Manual => "manual",
+        }
+    }
+}
+
+/// A snapshot's manifest in the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredSnapshot {
+    pub format: u32,
+    pub id: String,
+    pub sandbox_id: String,
+    /// The team that owns it: no other team sees it.
+    pub team_id: String,
+    pub kind: Kind,
+    pub created_unix_ms: u64,
+    /// The template the sandbox was created from.
+    pub template_id: String,
+    /// The snapshot's files (`state`, `memory`, `disk.qcow2`) as chunk lists.
+    pub files: BTreeMap<String, FileManifest>,
+    /// The hypervisor's own manifest, written back beside the files on fetch.
+    pub vm: serde_json::Value,
+}
+
+impl StoredSnapshot {
+    /// Sum of the files' sizes (what a restore materializes, holes included).
+    pub fn size_bytes(&self) -> u64 {
+        self.files.values().map(|f| f.size).sum()
+    }
+
+    /// Bytes of data in its chunks (holes and zero chunks excluded; shared chunks
+    /// counted once per snapshot).
+    pub fn data_bytes(&self) -> u64 {
+        self.files
+            .values()
+            .flat_map(|f| &f.chunks)
+            .map(|c| c.len)
+            .sum()
+    }
+}
+
+/// A new snapshot ID for a snapshot of `sandbox_id` (`sbx-<hex>`).
+pub fn new_snapshot_id(sandbox_id: &str) -> String {
+    let hex = sandbox_id.strip_prefix("sbx-").unwrap_or(sandbox_id);
+    format!(
+        "snap-{hex}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// The sandbox a snapshot ID belongs to, or `None` if it is not a stored-snapshot ID.
+pub fn sandbox_of(snapshot_id: &str) -> Option<String> {
+    let rest = snapshot_id.strip_prefix("snap-")?;
+    let (hex, random) = rest.rsplit_once('-')?;
+    let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (plain(hex) && plain(random) && random.len() == 12).then(|| format!("sbx-{hex}"))
+}
+
+fn manifest_key(sandbox_id: &str, snapshot_id: &str) -> String {
+    format!("snapshots/{sandbox_id}/{snapshot_id}.json")
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublishStats {
+    pub files: usize,
+    /// Chunk totals over all files.
+    pub chunks: UploadStats,
+}
+
+/// Everything but the files of a snapshot to publish.
+#[derive(Debug, Clone)]
+pub struct NewSnapshot {
+    pub id: String,
+    pub sandbox_id: String,
+    pub team_id: String,
+    pub kind: Kind,
+    pub template_id: String,
+    pub vm: serde_json::Value,
+}
+
+/// Uploads the files `names` of the snapshot directory `dir` (missing ones skipped),
+/// then commits the manifest. Nothing is visible until the manifest lands.
+pub async fn publish(
+    store: &impl ObjectStore,
+    dir: &Path,
+    names: &[&str],
+    new: NewSnapshot,
+) -> Result<(StoredSnapshot, PublishStats), StoreError> {
+    let mut files = BTreeMap::new();
+    let mut stats = PublishStats::default();
+    for name in names {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let (manifest, s) = upload_file(store, &path).await?;
+        stats.files += 1;
+        stats.chunks.chunks += s.chunks;
+        stats.chunks.uploaded += s.uploaded;
+        stats.chunks.reused += s.reused;
+        stats.chunks.skipped += s.skipped;
+        stats.chunks.bytes_uploaded += s.bytes_uploaded;
+        files.insert(name.to_string(), manifest);
+    }
+    let stored = StoredSnapshot {
+        format: FORMAT,
+        id: new.id,
+        sandbox_id: new.sandbox_id,
+        team_id: new.team_id,
+        kind: new.kind,
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64,
+        template_id: new.template_id,
+        files,
+        vm: new.vm,
+    };
+    let body = serde_json::to_vec_pretty(&stored).expect("json");
+    store
+        .put_if_absent(&manifest_key(&stored.sandbox_id, &stored.id), body.into())
+        .await?;
+    Ok((stored, stats))
+}
+
+/// Reads one snapshot's manifest.
+pub async fn get(store: &impl ObjectStore, snapshot_id: &str) -> Result<StoredSnapshot, StoreError> {
+    let sandbox =
+        sandbox_of(snapshot_id).ok_or_else(|| StoreError::NotFound(snapshot_id.to_string()))?;
+    let key = manifest_key(&sandbox, snapshot_id);
+    let bytes = store.get(&key).await?;
+    parse(&key, &bytes)
+}
+
+fn parse(key: &str, bytes: &[u8]) -> Result<StoredSnapshot, StoreError> {
+    let s: StoredSnapshot = serde_json::from_slice(bytes).map_err(|e| StoreError::Backend {
+        op: "parse manifest",
+        key: key.to_string(),
+        message: e.to_string(),
+    })?;
+    if s.format != FORMAT {
+        return Err(StoreError::Backend {
+            op: "parse manifest",
+            key: key.to_string(),
+            message: format!("snapshot format {}, this build reads {FORMAT}", s.format),
+        });
+    }
+    Ok(s)
+}
+
+/// A sandbox's snapshots, newest first.
+pub async fn list(
+    store: &impl ObjectStore,
+    sandbox_id: &str,
+) -> Result<Vec<StoredSnapshot>, StoreError> {
+    let mut out = Vec::new();
+    for key in store.list(&format!("snapshots/{sandbox_id}/")).await? {
+        if !key.ends_with(".json") {
+            continue;
+        }
+        match store.get(&key).await {
+            Ok(bytes) => out.push(parse(&key, &bytes)?),
+            // Deleted between the list and the read.
+            Err(StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    out.sort_by(|a, b| b.created_unix_ms.cmp(&a.created_unix_ms).then(b.id.cmp(&a.id)));
+    Ok(out)
+}
+
+/// The snapshot a restore uses when none is named: pause before periodic before
+/// manual, the newest of the preferred kind.
+pub fn preferred(snapshots: &[StoredSnapshot]) -> Option<&StoredSnapshot> {
+    snapshots
+        .iter()
+        .min_by_key(|s| (s.kind.preference(), std::cmp::Reverse(s.created_unix_ms)))
+}
+
+/// Writes the snapshot's files into the new directory `dest`, verifying every chunk.
+/// The hypervisor manifest is the caller's to write, last.
+pub async fn fetch(
+    store: &impl ObjectStore,
+    snapshot: &StoredSnapshot,
+    dest: &Path,
+) -> Result<(), StoreError> {
+    for (name, manifest) in &snapshot.files {
+        restore_file(store, manifest, &dest.join(name)).await?;
+    }
+    Ok(())
+}
+
+/// Deletes a snapshot's manifest: from then on it does not exist. Its chunks go with
+/// the next [`collect_garbage`].
+pub async fn delete(store: &impl ObjectStore, snapshot: &StoredSnapshot) -> Result<(), StoreError> {
+    store
+        .delete(&manifest_key(&snapshot.sandbox_id, &snapshot.id))
+        .await
+}
+
+/// What a garbage collection did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcStats {
+    pub manifests: usize,
+    pub chunks_kept: usize,
+    pub chunks_deleted: usize,
+}
+
+/// Deletes every chunk no manifest references.
+///
+/// A chunk uploaded for a snapshot whose manifest is not yet written looks unreferenced:
+/// the caller must not run this while an upload to the same store is in flight (the pool
+/// manager holds its snapshot lock; workers sharing a bucket should run it from one place).
+pub async fn collect_garbage(store: &impl ObjectStore) -> Result<GcStats, StoreError> {
+    let mut referenced = HashSet::new();
+    let mut stats = GcStats::default();
+    for key in store.list("snapshots/").await? {
+        if !key.ends_with(".json") {
+            continue;
+        }
+        let bytes = match store.get(&key).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        // An unreadable manifest keeps everything: never delete what might be needed.
+        let snapshot = parse(&key, &bytes)?;
+        stats.manifests += 1;
+        for f in snapshot.files.values() {
+            referenced.extend(f.chunks.iter().map(|c| c.key()));
+        }
+    }
+    for key in store.list("chunks/").await? {
+        if referenced.contains(&key) {
+            stats.chunks_kept += 1;
+        } else {
+            store.delete(&key).await?;
+            stats.chunks_deleted += 1;
+        }
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LocalStore;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "snapshots-{name}-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn new(id: &str, kind: Kind) -> NewSnapshot {
+        NewSnapshot {
+            id: id.into(),
+            sandbox_id: "sbx-abc123".into(),
+            team_id: "team-1".into(),
+            kind,
+            template_id: "base".into(),
+            vm: serde_json::json!({ "vm": true }),
+        }
+    }
+
+    #[test]
+    fn ids_carry_their_sandbox() {
+        let id = new_snapshot_id("sbx-0123456789abcdef0123");
+        assert_eq!(sandbox_of(&id).as_deref(), Some("sbx-0123456789abcdef0123"));
+        for bad in ["snap-", "snap-xyz-123", "base", "snap-abc-12345678901z", "snap--0123456789ab"] {
+            assert_eq!(sandbox_of(bad), None, "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn publish_list_fetch_delete_and_collect() {
+        let root = scratch("cycle");
+        let store = LocalStore::open(root.join("store")).unwrap();
+        let src = root.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("state"), vec![7u8; 3 << 20]).unwrap();
+        std::fs::write(src.join("disk.qcow2"), b"disk").unwrap();
+
+        let a = new_snapshot_id("sbx-abc123");
+        let (first, stats) = publish(&store, &src, &["state", "memory", "disk.qcow2"], new(&a, Kind::Manual))
+            .await
+            .unwrap();
+        assert_eq!(stats.files, 2, "the missing memory file is skipped");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let b = new_snapshot_id("sbx-abc123");
+        let (_, again) = publish(&store, &src, &["state", "disk.qcow2"], new(&b, Kind::Pause))
+            .await
+            .unwrap();
+        assert_eq!(again.chunks.uploaded, 0, "same bytes: every chunk reused");
+
+        let listed = list(&store, "sbx-abc123").await.unwrap();
+        assert_eq!(listed.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), [b.as_str(), a.as_str()]);
+        assert_eq!(preferred(&listed).unwrap().kind, Kind::Pause);
+        assert_eq!(get(&store, &a).await.unwrap(), first);
+
+        let dest = root.join("dest");
+        std::fs::create_dir_all(&dest).unwrap();
+        fetch(&store, &first, &dest).await.unwrap();
+        assert_eq!(std::fs::read(dest.join("state")).unwrap(), vec![7u8; 3 << 20]);
+        assert_eq!(std::fs::read(dest.join("disk.qcow2")).unwrap(), b"disk");
+
+        // Deleting one keeps the shared chunks; deleting both frees them.
+        delete(&store, &first).await.unwrap();
+        assert_eq!(collect_garbage(&store).await.unwrap().chunks_deleted, 0);
+        delete(&store, &listed[0]).await.unwrap();
+        let gc = collect_garbage(&store).await.unwrap();
+        assert_eq!((gc.manifests, gc.chunks_kept), (0, 0));
+        assert!(gc.chunks_deleted >= 2);
+        assert!(matches!(get(&store, &a).await, Err(StoreError::NotFound(_))));
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_upload_leaves_no_snapshot_and_a_retry_reuses_its_chunks() {
+        let root = scratch("fault");
+        let store = crate::Store::local(LocalStore::open(root.join("store")).unwrap())
+            .with_fault_after_puts(2);
+        let src = root.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let data: Vec<u8> = (0..(6u32 << 20)).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(src.join("memory"), &data).unwrap();
+        let id = new_snapshot_id("sbx-abc123");
+        let err = publish(&store, &src, &["memory"], new(&id, Kind::Manual))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("injected fault"), "{err}");
+        assert!(list(&store, "sbx-abc123").await.unwrap().is_empty());
+        let (_, stats) = publish(&store, &src, &["memory"], new(&id, Kind::Manual))
+            .await
+            .unwrap();
+        assert!(stats.chunks.reused >= 2, "{stats:?}");
+        assert_eq!(list(&store, "sbx-abc123").await.unwrap().len(), 1);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+}
