@@ -12,8 +12,9 @@
 //! host (`wasmtime serve`, Spin) the built-in address is used.
 
 use api_model::{
-    fields_param, parse_body, parse_query, reject_unknown_params, ApiError, CreateRequest,
-    EventsParams, ListParams, RefreshBody, TimeoutBody, MAX_BODY_BYTES,
+    fields_param, is_sandbox_id, is_snapshot_id, parse_body, parse_query, reject_unknown_params,
+    ApiError, CreateRequest, EventsParams, ForkBody, ListParams, RefreshBody, RestoreBody,
+    TimeoutBody, MAX_BODY_BYTES,
 };
 use spin_sdk::http::{IncomingRequest, Method, Request, Response};
 use spin_sdk::http_component;
@@ -138,6 +139,14 @@ fn route(
             }
             _ => Err(not_allowed(method, "/api/v1/sandboxes", &["POST", "GET"])),
         },
+        ["sandboxes", "restore"] => {
+            if *method != Method::Post {
+                return Err(not_allowed(method, "/api/v1/sandboxes/restore", &["POST"]));
+            }
+            no_query()?;
+            parse_body::<RestoreBody>(&body)?.validate()?;
+            Ok(forward(Method::Post, "/v1/sandboxes/restore".into(), body))
+        }
         ["sandboxes", id] => {
             let id = sandbox_id(id)?;
             let path = format!("/v1/sandboxes/{id}");
@@ -163,8 +172,29 @@ fn route(
         ["sandboxes", id, action] => {
             let id = sandbox_id(id)?;
             let path = format!("/v1/sandboxes/{id}/{action}");
+            if *action == "snapshots" {
+                return match method {
+                    Method::Post => {
+                        no_query()?;
+                        parse_body::<NoFields>(&body)?;
+                        Ok(forward(Method::Post, path, body))
+                    }
+                    Method::Get => {
+                        no_query()?;
+                        empty_body(&body)?;
+                        Ok(forward(Method::Get, path, Vec::new()))
+                    }
+                    _ => Err(not_allowed(
+                        method,
+                        "/api/v1/sandboxes/{id}/snapshots",
+                        &["POST", "GET"],
+                    )),
+                };
+            }
             let allowed = match *action {
-                "connect" | "pause" | "resume" | "refreshes" | "timeout" => "POST",
+                "connect" | "pause" | "resume" | "refreshes" | "timeout" | "hibernate" | "fork" => {
+                    "POST"
+                }
                 "events" => "GET",
                 _ => return Err(unknown_route()),
             };
@@ -197,11 +227,34 @@ fn route(
                 "refreshes" => {
                     parse_body::<RefreshBody>(&body)?.checked()?;
                 }
+                "fork" => {
+                    parse_body::<ForkBody>(&body)?.validate()?;
+                }
                 _ => {
                     parse_body::<NoFields>(&body)?;
                 }
             }
             Ok(forward(Method::Post, path, body))
+        }
+        ["sandboxes", id, "snapshots", snapshot] => {
+            let id = sandbox_id(id)?;
+            if !is_snapshot_id(snapshot) {
+                return Err(ApiError::not_found("snapshot", snapshot));
+            }
+            if *method != Method::Delete {
+                return Err(not_allowed(
+                    method,
+                    "/api/v1/sandboxes/{id}/snapshots/{snapshotID}",
+                    &["DELETE"],
+                ));
+            }
+            no_query()?;
+            empty_body(&body)?;
+            Ok(forward(
+                Method::Delete,
+                format!("/v1/sandboxes/{id}/snapshots/{snapshot}"),
+                Vec::new(),
+            ))
         }
         _ => Err(unknown_route()),
     }
@@ -210,10 +263,7 @@ fn route(
 /// A sandbox ID as the pool manager issues them (`sbx-` + 20 hex digits). Anything else
 /// cannot exist, so it is a 404 without a round trip.
 fn sandbox_id<'a>(id: &'a str) -> Result<&'a str, ApiError> {
-    let ok = id
-        .strip_prefix("sbx-")
-        .is_some_and(|h| h.len() == 20 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-    if ok {
+    if is_sandbox_id(id) {
         Ok(id)
     } else {
         Err(ApiError::not_found("sandbox", id))

@@ -97,6 +97,16 @@ impl ApiError {
         }
     }
 
+    /// 507: the host has too little disk left to take a snapshot safely.
+    pub fn insufficient_storage(message: impl Into<String>) -> Self {
+        Self::new(507, "insufficient_storage", message)
+    }
+
+    /// 503: the snapshot store (local directory or S3) failed; nothing was changed.
+    pub fn storage(message: impl Into<String>) -> Self {
+        Self::new(503, "storage_unavailable", message)
+    }
+
     /// 500: our fault; the message says what failed.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "internal", message)

@@ -12,8 +12,10 @@ pub use query::{
     PUBLIC_STATES, VIEW_FIELDS,
 };
 pub use request::{
-    parse_body, validate_timeout, CreateRequest, LifecycleRequest, OnTimeout, RefreshBody,
-    Resources, TimeoutBody, ValidCreate, DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, STALE_FIELDS,
+    is_sandbox_id, is_snapshot_id, parse_body, validate_snapshot_interval, validate_timeout,
+    CreateRequest, ForkBody, LifecycleRequest, OnTimeout, RefreshBody, Resources, RestoreBody,
+    TimeoutBody, ValidCreate, DEFAULT_TIMEOUT_S, MAX_FORK_CHILDREN, MAX_TIMEOUT_S,
+    MIN_SNAPSHOT_INTERVAL_S, STALE_FIELDS,
 };
 
 /// Largest control-plane request body, in bytes.

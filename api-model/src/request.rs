@@ -111,6 +111,10 @@ pub struct CreateRequest {
     /// Warm-pool checkout mode (not available yet).
     #[serde(default)]
     pub warm_pool: Option<Value>,
+    /// Seconds between periodic snapshots to object storage; 0 turns them off; absent:
+    /// the pool manager's configured default.
+    #[serde(default)]
+    pub snapshot_interval: Option<u64>,
 }
 
 /// A create request that passed every stateless check.
@@ -124,6 +128,8 @@ pub struct ValidCreate {
     pub resources: Resources,
     /// Whether to answer only once running.
     pub wait_ready: bool,
+    /// Periodic snapshot interval in seconds (`Some(0)`: off; `None`: the default).
+    pub snapshot_interval_s: Option<u64>,
 }
 
 impl CreateRequest {
@@ -161,10 +167,6 @@ impl CreateRequest {
                         "autoPause and lifecycle.onTimeout disagree; send only lifecycle.onTimeout",
                     ))
                 }
-                (_, Some(OnTimeout::Hibernate)) => return Err(ApiError::not_implemented(
-                    "lifecycle.onTimeout",
-                    "onTimeout=hibernate is not available yet on this server; send kill or pause",
-                )),
                 (_, Some(o)) => o,
                 (Some(true), None) => OnTimeout::Pause,
                 _ => OnTimeout::Kill,
@@ -207,12 +209,125 @@ impl CreateRequest {
             )));
         }
         validate_metadata(&self.metadata)?;
+        let snapshot_interval_s = self
+            .snapshot_interval
+            .map(validate_snapshot_interval)
+            .transpose()?;
         Ok(ValidCreate {
             on_timeout,
             timeout_s,
             resources,
             wait_ready: self.wait_ready.unwrap_or(true),
+            snapshot_interval_s,
         })
+    }
+}
+
+/// Shortest periodic snapshot interval, in seconds.
+pub const MIN_SNAPSHOT_INTERVAL_S: u64 = 10;
+
+/// A periodic snapshot interval: 0 (off) or 10 s to a day.
+pub fn validate_snapshot_interval(seconds: u64) -> Result<u64, ApiError> {
+    if seconds != 0 && !(MIN_SNAPSHOT_INTERVAL_S..=86_400).contains(&seconds) {
+        return Err(ApiError::bad_request(format!(
+            "snapshotInterval {seconds} is out of range; send 0 (off) or seconds from {MIN_SNAPSHOT_INTERVAL_S} to 86400"
+        ))
+        .with_details(json!({ "field": "snapshotInterval" })));
+    }
+    Ok(seconds)
+}
+
+/// Whether `id` has the shape of a sandbox ID (`sbx-` + 20 hex digits).
+pub fn is_sandbox_id(id: &str) -> bool {
+    id.strip_prefix("sbx-")
+        .is_some_and(|h| h.len() == 20 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Whether `id` has the shape of a snapshot ID: `snap-` + hex groups.
+pub fn is_snapshot_id(id: &str) -> bool {
+    id.strip_prefix("snap-").is_some_and(|rest| {
+        !rest.is_empty()
+            && rest.len() <= 64
+            && rest.split('-').all(|g| !g.is_empty() && g.bytes().all(|b| b.is_ascii_hexdigit()))
+    })
+}
+
+/// Body of `POST /sandboxes/restore`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RestoreBody {
+    /// The sandbox whose snapshot to restore (it may be deleted, or on another worker).
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    /// The snapshot; default the newest, preferring pause, then periodic, then manual.
+    #[serde(rename = "snapshotID", default)]
+    pub snapshot_id: Option<String>,
+    /// Lifetime of the new sandbox in seconds (default 300).
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    /// Labels of the new sandbox (default: the original's).
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+impl RestoreBody {
+    /// Checks IDs, timeout and metadata; returns the timeout.
+    pub fn validate(&self) -> Result<u64, ApiError> {
+        if !is_sandbox_id(&self.sandbox_id) {
+            return Err(ApiError::bad_request(format!(
+                "sandboxID {:?} is not a sandbox ID; send one like \"sbx-…\" (20 hex digits)",
+                self.sandbox_id
+            ))
+            .with_details(json!({ "field": "sandboxID" })));
+        }
+        if let Some(s) = self.snapshot_id.as_deref().filter(|s| !is_snapshot_id(s)) {
+            return Err(ApiError::bad_request(format!(
+                "snapshotID {s:?} is not a snapshot ID; send one from list_snapshots, or omit it for the newest"
+            ))
+            .with_details(json!({ "field": "snapshotID" })));
+        }
+        if let Some(m) = &self.metadata {
+            validate_metadata(m)?;
+        }
+        validate_timeout(self.timeout.unwrap_or(DEFAULT_TIMEOUT_S))
+    }
+}
+
+/// Most children one fork makes.
+pub const MAX_FORK_CHILDREN: u32 = 16;
+
+/// Body of `POST /sandboxes/{id}/fork`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ForkBody {
+    /// How many children (default 1).
+    #[serde(default)]
+    pub count: Option<u32>,
+    /// Lifetime of each child in seconds (default: the parent's timeout).
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    /// Labels of the children (default: the parent's).
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+impl ForkBody {
+    /// Checks the ranges; returns the count.
+    pub fn validate(&self) -> Result<u32, ApiError> {
+        let count = self.count.unwrap_or(1);
+        if !(1..=MAX_FORK_CHILDREN).contains(&count) {
+            return Err(ApiError::bad_request(format!(
+                "count {count} is out of range; send 1 to {MAX_FORK_CHILDREN}"
+            ))
+            .with_details(json!({ "field": "count" })));
+        }
+        if let Some(t) = self.timeout {
+            validate_timeout(t)?;
+        }
+        if let Some(m) = &self.metadata {
+            validate_metadata(m)?;
+        }
+        Ok(count)
     }
 }
 

@@ -7,7 +7,7 @@ use crate::model::{CreateRequest, SandboxView};
 use crate::sandboxes::{ListQuery, Manager};
 use api_model::{
     fields_param, parse_body, parse_query, project, reject_unknown_params, EventsParams,
-    ListParams, RefreshBody, TimeoutBody,
+    ForkBody, ListParams, RefreshBody, RestoreBody, TimeoutBody,
 };
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -33,6 +33,17 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/sandboxes/{id}/refreshes", post(refresh))
         .route("/v1/sandboxes/{id}/timeout", post(set_timeout))
         .route("/v1/sandboxes/{id}/events", get(events))
+        .route("/v1/sandboxes/{id}/hibernate", post(hibernate))
+        .route(
+            "/v1/sandboxes/{id}/snapshots",
+            post(create_snapshot).get(list_snapshots),
+        )
+        .route(
+            "/v1/sandboxes/{id}/snapshots/{snapshot}",
+            axum::routing::delete(delete_snapshot),
+        )
+        .route("/v1/sandboxes/{id}/fork", post(fork))
+        .route("/v1/sandboxes/restore", post(restore))
         .fallback(|| async {
             ApiError::not_found("route", "this path").with_details(json!({
                 "hint": "see openapi/internal.yaml for the routes"
@@ -185,4 +196,70 @@ async fn events(
     Ok(Json(
         json!({ "events": m.catalog.events(&id, p.after, p.limit as usize)? }),
     ))
+}
+
+/// A body that must be empty or `{}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoFields {}
+
+async fn hibernate(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<SandboxView>, ApiError> {
+    parse_body::<NoFields>(&body)?;
+    Ok(Json(m.hibernate(&team, &id).await?))
+}
+
+async fn create_snapshot(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    parse_body::<NoFields>(&body)?;
+    let view = m.create_snapshot(&team, &id).await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+async fn list_snapshots(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        json!({ "snapshots": m.list_snapshots(&team, &id).await? }),
+    ))
+}
+
+async fn delete_snapshot(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path((id, snapshot)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    m.delete_snapshot(&team, &id, &snapshot).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn fork(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let b: ForkBody = parse_body(&body)?;
+    let children = m.fork(&team, &id, b).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "sandboxes": children }))).into_response())
+}
+
+async fn restore(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let b: RestoreBody = parse_body(&body)?;
+    let view = m.restore(&team, b).await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
 }

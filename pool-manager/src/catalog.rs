@@ -95,10 +95,13 @@ impl Catalog {
         Ok(Self { db: Mutex::new(db) })
     }
 
-    /// Creates a team.
-    pub fn create_team(&self, name: &str) -> Result<Team, CatalogError> {
+    /// Creates a team, with a new ID or, to mirror a team of another worker that shares
+    /// the snapshot store, the given one.
+    pub fn create_team(&self, name: &str, id: Option<&str>) -> Result<Team, CatalogError> {
         let team = Team {
-            id: format!("team-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+            id: id.map(str::to_string).unwrap_or_else(|| {
+                format!("team-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+            }),
             name: name.to_string(),
         };
         let db = self.db.lock().unwrap();
@@ -111,7 +114,8 @@ impl Catalog {
                 if e.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
                 Err(CatalogError::Conflict(format!(
-                    "a team named '{name}' exists; pick another name"
+                    "a team named '{name}' or with ID {} exists; pick another",
+                    team.id
                 )))
             }
             Err(e) => Err(e.into()),
@@ -159,9 +163,12 @@ impl Catalog {
             .optional()?)
     }
 
-    /// Issues a new API key for `team_id`; returns the key (shown once, stored hashed).
-    pub fn create_key(&self, team_id: &str) -> Result<String, CatalogError> {
-        let key = format!("ns_{}", uuid::Uuid::new_v4().simple());
+    /// Issues a new API key for `team_id` (or records `given`, a key of the same team on
+    /// another worker); returns the key (shown once, stored hashed).
+    pub fn create_key(&self, team_id: &str, given: Option<&str>) -> Result<String, CatalogError> {
+        let key = given
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("ns_{}", uuid::Uuid::new_v4().simple()));
         let db = self.db.lock().unwrap();
         db.execute(
             "INSERT INTO api_keys (key_hash, team_id, prefix, created_at) VALUES (?1, ?2, ?3, ?4)",
@@ -374,8 +381,8 @@ mod tests {
     #[test]
     fn keys_are_stored_hashed_and_resolve_to_their_team() {
         let (c, dir) = catalog();
-        let team = c.create_team("acme").unwrap();
-        let key = c.create_key(&team.id).unwrap();
+        let team = c.create_team("acme", None).unwrap();
+        let key = c.create_key(&team.id, None).unwrap();
         assert_eq!(c.team_of_key(&key).unwrap(), Some(team.id.clone()));
         assert_eq!(c.team_of_key("ns_wrong").unwrap(), None);
         let stored: String =
@@ -384,7 +391,7 @@ mod tests {
                 .query_row("SELECT key_hash FROM api_keys", [], |r| r.get(0))
                 .unwrap();
         assert_ne!(stored, key);
-        assert!(c.create_team("acme").is_err());
+        assert!(c.create_team("acme", None).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

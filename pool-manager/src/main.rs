@@ -2,9 +2,18 @@
 //!
 //! ```text
 //! nullspace-pool-manager serve [--listen ADDR] [--edge-listen ADDR] [--state-dir DIR] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
-//! nullspace-pool-manager admin team create NAME [--max-sandboxes N] [--state-dir DIR]
+//!     [--snapshot-store local|s3] [--store-dir DIR] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region R]]
+//!     [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024]
+//! nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--state-dir DIR]
 //! nullspace-pool-manager admin team quota TEAM --max-sandboxes N [--state-dir DIR]
-//! nullspace-pool-manager admin key create --team TEAM [--state-dir DIR]
+//! nullspace-pool-manager admin key create --team TEAM [--key KEY] [--state-dir DIR]
+//! ```
+//!
+//! S3 credentials come from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`. Workers that
+//! share a bucket restore each other's snapshots; a team and its keys are mirrored onto
+//! another worker with `--id` and `--key`.
+//!
+//! ```text
 //! ```
 
 mod api;
@@ -22,9 +31,12 @@ use std::sync::Arc;
 
 const USAGE: &str = "usage:
   nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--state-dir /var/lib/nullspace] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
-  nullspace-pool-manager admin team create NAME [--max-sandboxes N] [--state-dir DIR]
+      [--snapshot-store local|s3] [--store-dir STATE/objects] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region us-east-1]]
+      [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024]
+  nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--state-dir DIR]
   nullspace-pool-manager admin team quota TEAM --max-sandboxes N [--state-dir DIR]
-  nullspace-pool-manager admin key create --team TEAM [--state-dir DIR]";
+  nullspace-pool-manager admin key create --team TEAM [--key KEY] [--state-dir DIR]
+S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.";
 
 /// Command-line flags: `--name value` pairs after the positional words.
 struct Args {
@@ -132,9 +144,18 @@ async fn main() -> anyhow::Result<()> {
     match words.as_slice() {
         ["serve"] => serve(&args).await,
         ["admin", "team", "create", name] => {
-            args.check_flags(&["state-dir", "max-sandboxes"])?;
+            args.check_flags(&["state-dir", "max-sandboxes", "id"])?;
             let catalog = open_catalog(&state_dir(&args)?)?;
-            let team = catalog.create_team(name)?;
+            let id = args.flag("id", "");
+            let well_formed = |id: &str| {
+                id.strip_prefix("team-").is_some_and(|rest| {
+                    rest.len() <= 64 && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+                })
+            };
+            if !id.is_empty() && !well_formed(&id) {
+                bail!("--id {id:?}: send a team ID as another worker printed it (team-…)");
+            }
+            let team = catalog.create_team(name, (!id.is_empty()).then_some(id.as_str()))?;
             if let Some(max) = max_sandboxes(&args)? {
                 catalog.set_quota(&team.id, max)?;
             }
@@ -153,17 +174,94 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         ["admin", "key", "create"] => {
-            args.check_flags(&["state-dir", "team"])?;
+            args.check_flags(&["state-dir", "team", "key"])?;
             let catalog = open_catalog(&state_dir(&args)?)?;
             let team_ref = args.flag("team", "");
             let team = catalog.team(&team_ref)?.with_context(|| {
                 format!("no team '{team_ref}'; create it with `admin team create NAME`")
             })?;
-            println!("{}", catalog.create_key(&team.id)?);
+            let key = args.flag("key", "");
+            if !key.is_empty() && !api_model::key_is_well_formed(&key) {
+                bail!("--key: send a key as another worker issued it (ns_ and 32 hex digits)");
+            }
+            println!(
+                "{}",
+                catalog.create_key(&team.id, (!key.is_empty()).then_some(key.as_str()))?
+            );
             Ok(())
         }
         _ => bail!("{USAGE}"),
     }
+}
+
+/// A numeric flag.
+fn number(args: &Args, name: &str, default: u64) -> anyhow::Result<u64> {
+    let v = args.flag(name, &default.to_string());
+    v.parse()
+        .with_context(|| format!("--{name} {v:?} is not a number; send e.g. {default}"))
+}
+
+/// The snapshot store and its limits, from the flags.
+async fn snapshot_settings(
+    args: &Args,
+    state: &std::path::Path,
+) -> anyhow::Result<sandboxes::SnapshotSettings> {
+    let store = match args.flag("snapshot-store", "local").as_str() {
+        "local" => {
+            let dir = args.flag("store-dir", &state.join("objects").display().to_string());
+            storage::Store::local(
+                storage::LocalStore::open(&dir)
+                    .with_context(|| format!("opening the snapshot store {dir}"))?,
+            )
+        }
+        "s3" => {
+            let need = |name: &str| {
+                let v = args.flag(name, "");
+                if v.is_empty() {
+                    bail!("--snapshot-store s3 needs --{name}\n{USAGE}");
+                }
+                Ok(v)
+            };
+            let env = |name: &str| {
+                std::env::var(name).with_context(|| {
+                    format!("--snapshot-store s3 needs {name} in the environment (any value for a server without authentication)")
+                })
+            };
+            let config = storage::S3Config {
+                endpoint: need("s3-endpoint")?,
+                bucket: need("s3-bucket")?,
+                prefix: args.flag("s3-prefix", ""),
+                region: args.flag("s3-region", "us-east-1"),
+                access_key: env("AWS_ACCESS_KEY_ID")?,
+                secret_key: env("AWS_SECRET_ACCESS_KEY")?,
+            };
+            let s3 = storage::S3Store::new(&config);
+            s3.ensure_bucket().await.with_context(|| {
+                format!(
+                    "reaching bucket {} at {}; check --s3-endpoint and the credentials",
+                    config.bucket, config.endpoint
+                )
+            })?;
+            storage::Store::s3(s3)
+        }
+        other => bail!("--snapshot-store {other}: send local or s3"),
+    };
+    // Test hook: a fault after N puts, to prove a failed upload leaves no snapshot.
+    let store = match std::env::var("NULLSPACE_TEST_FAIL_PUT_AFTER") {
+        Ok(n) => store.with_fault_after_puts(
+            n.parse()
+                .context("NULLSPACE_TEST_FAIL_PUT_AFTER needs a number")?,
+        ),
+        Err(_) => store,
+    };
+    let periodic_default_s = number(args, "periodic-snapshot-interval-s", 0)?;
+    api_model::validate_snapshot_interval(periodic_default_s)
+        .map_err(|e| anyhow::anyhow!("--periodic-snapshot-interval-s: {}", e.message))?;
+    Ok(sandboxes::SnapshotSettings {
+        store,
+        periodic_default_s,
+        min_free_mib: number(args, "min-free-disk-mib", 1024)?,
+    })
 }
 
 async fn serve(args: &Args) -> anyhow::Result<()> {
@@ -174,6 +272,14 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         "templates-dir",
         "on-exit",
         "max-sandboxes-per-team",
+        "snapshot-store",
+        "store-dir",
+        "s3-endpoint",
+        "s3-bucket",
+        "s3-prefix",
+        "s3-region",
+        "periodic-snapshot-interval-s",
+        "min-free-disk-mib",
     ])?;
     let dir = state_dir(args)?;
     let listen = args.flag("listen", "127.0.0.1:7070");
@@ -213,16 +319,25 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     for d in [&dir, &templates_dir] {
         vmm::qemu::check_vm_user_can_reach(d).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
+    let snapshots = snapshot_settings(args, &dir).await?;
+    eprintln!(
+        "nullspace-pool-manager: snapshots in {}",
+        snapshots.store.describe()
+    );
     let manager = Arc::new(sandboxes::Manager::new(
         catalog,
         vmm,
         tokens.clone(),
-        edge_url.clone(),
-        dir.clone(),
-        templates_dir,
-        args.flag("max-sandboxes-per-team", "20")
-            .parse()
-            .context("--max-sandboxes-per-team needs a number")?,
+        sandboxes::ManagerConfig {
+            edge_url: edge_url.clone(),
+            state_dir: dir.clone(),
+            templates_dir,
+            default_quota: args
+                .flag("max-sandboxes-per-team", "20")
+                .parse()
+                .context("--max-sandboxes-per-team needs a number")?,
+            snapshots,
+        },
     ));
     manager
         .reconcile_after_start()
@@ -236,6 +351,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         }
     });
     tokio::spawn(manager.clone().sweep_timeouts());
+    tokio::spawn(manager.clone().sweep_periodic());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

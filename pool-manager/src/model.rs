@@ -71,6 +71,18 @@ pub struct SandboxRecord {
     /// The VM's directory while running: a restarted daemon adopts the VM from it.
     #[serde(default)]
     pub vm_dir: Option<String>,
+    /// While hibernated: the stored pause snapshot to resume from.
+    #[serde(default)]
+    pub hibernated: Option<String>,
+    /// Seconds between periodic snapshots (0: none).
+    #[serde(default)]
+    pub snapshot_interval_s: u64,
+    /// When the last periodic snapshot was attempted (ms since the epoch).
+    #[serde(default)]
+    pub last_periodic_ms: i64,
+    /// The fork snapshot this sandbox's VM was restored from (kept while a child uses it).
+    #[serde(default)]
+    pub fork_base: Option<String>,
 }
 
 impl SandboxRecord {
@@ -82,6 +94,28 @@ impl SandboxRecord {
             detail,
         });
     }
+}
+
+/// A snapshot as callers see it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotView {
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// `pause`, `periodic` or `manual`.
+    pub kind: &'static str,
+    pub created_at: String,
+    /// Bytes a restore materializes (memory, device state and disk, holes included).
+    pub size_bytes: u64,
+    /// Bytes of data it references in the store (holes and zero pages left out).
+    pub stored_bytes: u64,
+    /// `object` (restorable on any worker sharing the store) or `local` (this worker).
+    pub storage: &'static str,
+    pub resources: Resources,
 }
 
 /// One entry of a sandbox's event log.
@@ -138,6 +172,10 @@ pub struct SandboxView {
     pub diagnostic: Option<Diagnostic>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime: Option<RuntimeAccess>,
+    /// Seconds between periodic snapshots (0: none).
+    pub snapshot_interval: u64,
+    /// Whether the pause snapshot is in object storage (resumable on any worker).
+    pub hibernated: bool,
 }
 
 impl SandboxView {
@@ -156,6 +194,8 @@ impl SandboxView {
             timeline: r.timeline.clone(),
             diagnostic: r.diagnostic.clone(),
             runtime,
+            snapshot_interval: r.snapshot_interval_s,
+            hibernated: r.hibernated.is_some(),
         }
     }
 }

@@ -7,7 +7,6 @@
 //! The [`FileManifest`] lists offsets and hashes; reading back verifies every chunk.
 
 use crate::store::{ObjectStore, StoreError};
-use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::FileExt;
@@ -109,6 +108,43 @@ fn data_chunk_offsets(file: &std::fs::File, size: u64) -> std::io::Result<Vec<u6
     Ok(offsets)
 }
 
+/// Reads the chunk at `offset`; unless it is all zeros, stores it if the store lacks
+/// it. Returns its reference and whether it was sent.
+async fn upload_chunk(
+    store: &impl ObjectStore,
+    file: std::sync::Arc<std::fs::File>,
+    size: u64,
+    offset: u64,
+    path: &Path,
+) -> Result<Option<(ChunkRef, bool)>, StoreError> {
+    let len = CHUNK_SIZE.min(size - offset);
+    let (buf, sha) = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset)?;
+        let sha = (!buf.iter().all(|b| *b == 0)).then(|| hex(&Sha256::digest(&buf)));
+        Ok::<_, std::io::Error>((buf, sha))
+    })
+    .await
+    .expect("read task")
+    .map_err(io("read", path))?;
+    let Some(sha) = sha else {
+        return Ok(None);
+    };
+    let key = chunk_key(&sha);
+    let sent = !store.exists(&key).await?;
+    if sent {
+        store.put(&key, buf.into()).await?;
+    }
+    Ok(Some((
+        ChunkRef {
+            offset,
+            len,
+            sha256: sha,
+        },
+        sent,
+    )))
+}
+
 /// Stores `path` as chunks; returns its manifest (not stored: it goes into the caller's
 /// snapshot manifest, which is written last).
 pub async fn upload_file(
@@ -129,41 +165,14 @@ pub async fn upload_file(
         ..UploadStats::default()
     };
     // Several chunks in flight: against S3 each is a round trip or two.
-    let results: Vec<Option<(ChunkRef, bool)>> = futures::stream::iter(offsets)
-        .map(|offset| {
-            let file = file.clone();
-            async move {
-                let len = CHUNK_SIZE.min(size - offset);
-                let (buf, sha) = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len as usize];
-                    file.read_exact_at(&mut buf, offset)?;
-                    let sha = (!buf.iter().all(|b| *b == 0)).then(|| hex(&Sha256::digest(&buf)));
-                    Ok::<_, std::io::Error>((buf, sha))
-                })
-                .await
-                .expect("read task")
-                .map_err(io("read", path))?;
-                let Some(sha) = sha else {
-                    return Ok(None);
-                };
-                let key = chunk_key(&sha);
-                let sent = !store.exists(&key).await?;
-                if sent {
-                    store.put(&key, buf.into()).await?;
-                }
-                Ok::<_, StoreError>(Some((
-                    ChunkRef {
-                        offset,
-                        len,
-                        sha256: sha,
-                    },
-                    sent,
-                )))
-            }
-        })
-        .buffered(UPLOAD_CONCURRENCY)
-        .try_collect()
-        .await?;
+    let mut results: Vec<Option<(ChunkRef, bool)>> = Vec::with_capacity(offsets.len());
+    for batch in offsets.chunks(UPLOAD_CONCURRENCY) {
+        let puts: Vec<_> = batch
+            .iter()
+            .map(|&offset| upload_chunk(store, file.clone(), size, offset, path))
+            .collect();
+        results.extend(futures::future::try_join_all(puts).await?);
+    }
     let mut chunks = Vec::new();
     for r in results {
         match r {
@@ -190,6 +199,27 @@ pub async fn upload_file(
     ))
 }
 
+/// Reads one chunk, verifies it, and writes it at its offset.
+async fn restore_chunk(
+    store: &impl ObjectStore,
+    chunk: &ChunkRef,
+    file: &std::fs::File,
+    tmp: &Path,
+) -> Result<(), StoreError> {
+    let key = chunk.key();
+    let data = store.get(&key).await?;
+    let found = hex(&Sha256::digest(&data));
+    if found != chunk.sha256 || data.len() as u64 != chunk.len {
+        return Err(StoreError::Corrupt {
+            key,
+            expected: chunk.sha256.clone(),
+            found,
+        });
+    }
+    file.write_all_at(&data, chunk.offset)
+        .map_err(io("write", tmp))
+}
+
 /// Rebuilds a file from its manifest at `dest` (sparse where nothing was stored),
 /// verifying every chunk; the file takes its name only once complete.
 pub async fn restore_file(
@@ -203,25 +233,17 @@ pub async fn restore_file(
     let result = async {
         let file = &file;
         let tmp = &tmp;
-        futures::stream::iter(&manifest.chunks)
-            .map(|chunk| async move {
-                let key = chunk.key();
-                let data = store.get(&key).await?;
-                let found = hex(&Sha256::digest(&data));
-                if found != chunk.sha256 || data.len() as u64 != chunk.len {
-                    return Err(StoreError::Corrupt {
-                        key,
-                        expected: chunk.sha256.clone(),
-                        found,
-                    });
-                }
-                file.write_all_at(&data, chunk.offset)
-                    .map_err(io("write", tmp))
-            })
-            .buffer_unordered(UPLOAD_CONCURRENCY)
-            .try_collect::<()>()
-            .await?;
-        file.sync_all().map_err(io("sync", &tmp))
+        // In batches, several gets in flight. (A stream over an iterator with a
+        // closure would pipeline better, but its future is not provably `Send` to
+        // rustc, and callers spawn this.)
+        for batch in manifest.chunks.chunks(UPLOAD_CONCURRENCY) {
+            let gets: Vec<_> = batch
+                .iter()
+                .map(|chunk| restore_chunk(store, chunk, file, tmp))
+                .collect();
+            futures::future::try_join_all(gets).await?;
+        }
+        file.sync_all().map_err(io("sync", tmp))
     }
     .await;
     match result {

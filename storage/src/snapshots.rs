@@ -68,6 +68,10 @@ pub struct StoredSnapshot {
     pub files: BTreeMap<String, FileManifest>,
     /// The hypervisor's own manifest, written back beside the files on fetch.
     pub vm: serde_json::Value,
+    /// What the pool manager records of the sandbox (labels, environment), so a restore
+    /// on another worker recreates it.
+    #[serde(default)]
+    pub sandbox: serde_json::Value,
 }
 
 impl StoredSnapshot {
@@ -125,6 +129,7 @@ pub struct NewSnapshot {
     pub kind: Kind,
     pub template_id: String,
     pub vm: serde_json::Value,
+    pub sandbox: serde_json::Value,
 }
 
 /// Uploads the files `names` of the snapshot directory `dir` (missing ones skipped),
@@ -164,6 +169,7 @@ pub async fn publish(
         template_id: new.template_id,
         files,
         vm: new.vm,
+        sandbox: new.sandbox,
     };
     let body = serde_json::to_vec_pretty(&stored).expect("json");
     store
@@ -313,6 +319,7 @@ mod tests {
             kind,
             template_id: "base".into(),
             vm: serde_json::json!({ "vm": true }),
+            sandbox: serde_json::json!({}),
         }
     }
 

@@ -230,6 +230,35 @@ pub fn stop_child(child: &mut std::process::Child, signal: i32, what: &str) {
     }
 }
 
+/// The S3 endpoint of the suite's SeaweedFS, from `NULLSPACE_TEST_S3` (deploy/test.sh
+/// starts one; by hand: `deploy/seaweedfs.sh start DIR` and export what it prints).
+pub fn s3_endpoint() -> String {
+    std::env::var("NULLSPACE_TEST_S3").unwrap_or_else(|_| {
+        panic!("NULLSPACE_TEST_S3 is not set: run the suite with deploy/test.sh, or start SeaweedFS with deploy/seaweedfs.sh start DIR and export NULLSPACE_TEST_S3=<the endpoint it prints>")
+    })
+}
+
+/// `serve` flags that keep snapshots in `bucket` (made if missing) of the suite's S3.
+pub fn s3_flags(bucket: &str) -> Vec<String> {
+    [
+        "--snapshot-store",
+        "s3",
+        "--s3-endpoint",
+        &s3_endpoint(),
+        "--s3-bucket",
+        bucket,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The environment a daemon needs for S3 (SeaweedFS here takes any credentials).
+pub const S3_ENV: &[(&str, &str)] = &[
+    ("AWS_ACCESS_KEY_ID", "nullspace-test"),
+    ("AWS_SECRET_ACCESS_KEY", "nullspace-test"),
+];
+
 /// A `nullspace-api` host serving the API component in front of a pool manager.
 pub struct ApiHost {
     child: Option<std::process::Child>,
@@ -283,7 +312,12 @@ pub struct Stack {
 impl Stack {
     /// Starts a daemon on a fresh state directory and an API host in front of it.
     pub fn start(name: &str) -> Self {
-        let daemon = Daemon::start(name);
+        Self::start_with(name, &[], &[])
+    }
+
+    /// As [`Stack::start`], with extra `serve` flags and environment for the daemon.
+    pub fn start_with(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let daemon = Daemon::start_with(name, extra, env);
         let api = ApiHost::start(&daemon.control, &[]);
         Self { api, daemon }
     }
@@ -311,7 +345,22 @@ impl Daemon {
 
     /// Starts a daemon on `state` with extra `serve` flags.
     pub fn start_in_with(state: std::path::PathBuf, extra: &[&str]) -> Self {
+        Self::launch(state, extra, &[])
+    }
+
+    /// Starts a daemon on a fresh state directory with extra `serve` flags and
+    /// environment.
+    pub fn start_with(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let state =
+            std::path::PathBuf::from(format!("/tmp/nullspace-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state);
+        std::fs::create_dir_all(&state).unwrap();
+        Self::launch(state, extra, env)
+    }
+
+    fn launch(state: std::path::PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut cmd = std::process::Command::new(pool_manager_binary());
+        cmd.envs(env.iter().copied());
         cmd.args([
             "serve",
             "--listen",
@@ -390,6 +439,18 @@ impl Daemon {
     pub fn team_key(&self, team: &str) -> String {
         self.admin(&["team", "create", team]);
         self.admin(&["key", "create", "--team", team])
+    }
+
+    /// Creates a team here and the same team (ID and key) on `other`, as workers that
+    /// share a snapshot store; returns the key.
+    pub fn mirrored_team_key(&self, other: &Daemon, team: &str) -> String {
+        let made: serde_json::Value =
+            serde_json::from_str(&self.admin(&["team", "create", team])).unwrap();
+        let id = made["id"].as_str().unwrap();
+        other.admin(&["team", "create", team, "--id", id]);
+        let key = self.admin(&["key", "create", "--team", team]);
+        other.admin(&["key", "create", "--team", team, "--key", &key]);
+        key
     }
 
     /// Ends the daemon with `signal` and waits for it; the state stays.

@@ -581,11 +581,41 @@ impl QemuVmm {
         if let Err(e) = vm.migrate_in(snapshot, deadline).await {
             return Err(vm.boot_failure(e).await);
         }
-        let vm = self.finish_boot(vm, started).await?;
+        let mut vm = self.finish_boot(vm, started).await?;
         if let Some(asked) = options.disk_mib.filter(|&d| d > m.disk_mib) {
             vm.grow_disk(asked).await?;
         }
         Ok(vm)
+    }
+
+    /// Makes the snapshot files fetched into `dir` (from object storage, say) a
+    /// snapshot this host restores: checks the manifest against this host, lets QEMU
+    /// read the files, and writes the manifest last.
+    pub fn import_snapshot(
+        &self,
+        dir: &Path,
+        manifest: SnapshotManifest,
+    ) -> Result<Snapshot, VmmError> {
+        if manifest.format_version != snapshot::FORMAT_VERSION {
+            return Err(VmmError::Snapshot(format!(
+                "snapshot {} has format {}, this build reads {}",
+                manifest.id,
+                manifest.format_version,
+                snapshot::FORMAT_VERSION
+            )));
+        }
+        if !manifest.rootfs_image.exists() {
+            return Err(VmmError::SnapshotMismatch(format!(
+                "snapshot {} is layered on {}, which this host does not have; restore it on a host with the same guest image set",
+                manifest.id,
+                manifest.rootfs_image.display()
+            )));
+        }
+        let snapshot = Snapshot::new(dir.to_path_buf(), manifest);
+        snapshot.check_compatible(&self.qemu_version, &self.images.kernel_key()?, self.accel.accel)?;
+        grant_restore_access(dir, self.run_as.as_ref());
+        snapshot.commit()?;
+        Ok(snapshot)
     }
 
     /// Size of root filesystem `name` in MiB: the smallest disk that holds it.
@@ -617,6 +647,21 @@ impl QemuVmm {
             children.push(r?);
         }
         Ok((snapshot, children))
+    }
+}
+
+/// Lets the unprivileged QEMU of a later restore open a snapshot's files: the memory
+/// file read-write (QEMU 7.2 cannot map a read-only file copy-on-write), the disk
+/// read-only as a backing file.
+fn grant_restore_access(dir: &Path, run_as: Option<&RunAs>) {
+    let Some(r) = run_as else { return };
+    for name in ["memory", "disk.qcow2", "state"] {
+        let p = dir.join(name);
+        if p.exists() {
+            let _ = std::os::unix::fs::chown(&p, Some(0), Some(r.gid));
+            let mode = if name == "memory" { 0o660 } else { 0o640 };
+            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode));
+        }
     }
 }
 
@@ -973,13 +1018,25 @@ impl QemuVm {
     }
 
     /// Grows the disk to `mib` and the guest's root filesystem with it.
-    pub async fn grow_disk(&self, mib: u64) -> Result<(), VmmError> {
+    pub async fn grow_disk(&mut self, mib: u64) -> Result<(), VmmError> {
         self.qmp()
             .execute(
                 "block_resize",
                 Some(json!({ "device": "root", "size": mib * 1024 * 1024 })),
             )
             .await?;
+        // Snapshots record the size (restores size their overlays by it), and so does the
+        // launch record a restarted daemon adopts the VM from.
+        self.launch.disk_mib = mib;
+        let record = LaunchRecord {
+            pid: self.pid,
+            launch: self.launch.clone(),
+        };
+        std::fs::write(
+            self.dir.file(LAUNCH_RECORD),
+            serde_json::to_vec(&record).expect("json"),
+        )
+        .map_err(|e| VmmError::Host(format!("writing {LAUNCH_RECORD}: {e}")))?;
         self.agent()
             .resize_rootfs()
             .await
@@ -1099,18 +1156,7 @@ impl QemuVm {
             // survives the other snapshot's deletion.
             rebase(&disk, &self.launch.rootfs_image).await?;
         }
-        if let Some(r) = &self.run_as {
-            // Restored VMs open these: the memory file read-write (QEMU 7.2 cannot map a
-            // read-only file copy-on-write), the disk read-only as a backing file.
-            for name in ["memory", "disk.qcow2", "state"] {
-                let p = dest.join(name);
-                if p.exists() {
-                    let _ = std::os::unix::fs::chown(&p, Some(0), Some(r.gid));
-                    let mode = if name == "memory" { 0o660 } else { 0o640 };
-                    let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode));
-                }
-            }
-        }
+        grant_restore_access(dest, self.run_as.as_ref());
         let qemu_version = self.qemu_version.clone();
         let manifest = SnapshotManifest {
             format_version: snapshot::FORMAT_VERSION,

@@ -17,6 +17,10 @@ use std::sync::{Arc, Mutex};
 use tracing::{info, warn, Instrument};
 use vmm::{QemuVm, QemuVmm, RestoreMemory, RestoreOptions, Snapshot, Vm};
 
+mod snapshots;
+use snapshots::snapshot_resources;
+pub use snapshots::SnapshotSettings;
+
 type Slot = Arc<tokio::sync::Mutex<Option<QemuVm>>>;
 
 /// Owns every sandbox on this host.
@@ -36,6 +40,13 @@ pub struct Manager {
     max_mem_mib: u32,
     /// Serialises the quota check with the insert, so a burst cannot overshoot.
     admission: Mutex<()>,
+    /// Where snapshots go, and the limits on taking them.
+    snapshots: SnapshotSettings,
+    /// Uploads hold it shared, garbage collection exclusively: a chunk uploaded for a
+    /// manifest not yet written must not be collected.
+    uploads: tokio::sync::RwLock<()>,
+    /// Serialises fetches of snapshots used as templates into the local cache.
+    template_fetch: tokio::sync::Mutex<()>,
 }
 
 /// Half of this host's memory in MiB: no single sandbox gets more.
@@ -55,17 +66,30 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Where a manager keeps things and what it allows.
+pub struct ManagerConfig {
+    /// Base URL of this host's data plane, handed to clients.
+    pub edge_url: String,
+    /// Catalog, pause snapshots, fork snapshots, scratch space.
+    pub state_dir: PathBuf,
+    /// Template snapshots.
+    pub templates_dir: PathBuf,
+    /// Live sandboxes a team may hold unless its own quota says otherwise.
+    pub default_quota: u32,
+    /// The snapshot store and its limits.
+    pub snapshots: SnapshotSettings,
+}
+
 impl Manager {
-    /// A manager over `catalog`, keeping snapshots under `state_dir`.
-    pub fn new(
-        catalog: Catalog,
-        vmm: QemuVmm,
-        tokens: TokenSigner,
-        edge_url: String,
-        state_dir: PathBuf,
-        templates_dir: PathBuf,
-        default_quota: u32,
-    ) -> Self {
+    /// A manager over `catalog`.
+    pub fn new(catalog: Catalog, vmm: QemuVmm, tokens: TokenSigner, config: ManagerConfig) -> Self {
+        let ManagerConfig {
+            edge_url,
+            state_dir,
+            templates_dir,
+            default_quota,
+            snapshots,
+        } = config;
         Self {
             catalog,
             templates: Templates::new(templates_dir, vmm.clone()),
@@ -78,6 +102,9 @@ impl Manager {
             default_quota,
             max_mem_mib: host_mem_budget_mib(),
             admission: Mutex::default(),
+            snapshots,
+            uploads: tokio::sync::RwLock::new(()),
+            template_fetch: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -243,24 +270,39 @@ impl Manager {
     }
 
     /// Validates a create request into a new record.
-    fn plan(&self, team: &str, req: CreateRequest) -> Result<(SandboxRecord, bool), ApiError> {
-        if !BUILTIN.contains(&req.template_id.as_str()) {
-            return Err(ApiError::not_found("template", &req.template_id)
-                .with_details(serde_json::json!({ "field": "templateID", "available": BUILTIN })));
-        }
+    async fn plan(
+        &self,
+        team: &str,
+        req: CreateRequest,
+    ) -> Result<(SandboxRecord, bool), ApiError> {
         let valid = req.validate()?;
-        let (on_timeout, timeout_s, resources) =
+        let (on_timeout, timeout_s, mut resources) =
             (valid.on_timeout, valid.timeout_s, valid.resources);
+        if !BUILTIN.contains(&req.template_id.as_str()) {
+            // A snapshot ID works as a template: its shape is the snapshot's.
+            let snapshot = self
+                .snapshot_template(team, &req.template_id)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::not_found("template", &req.template_id).with_details(
+                        serde_json::json!({ "field": "templateID", "available": BUILTIN, "hint": "or a snapshot ID of your team" }),
+                    )
+                })?;
+            resources = snapshot_resources(&snapshot, req.resources, &req.template_id)?;
+        }
         if resources.mem_mib > self.max_mem_mib {
             return Err(ApiError::bad_request(format!(
                 "resources.memMiB {} is more than this host gives one sandbox; send at most {}",
                 resources.mem_mib, self.max_mem_mib
             )));
         }
-        let min_disk = self
-            .vmm
-            .rootfs_mib(&req.template_id)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let min_disk = if BUILTIN.contains(&req.template_id.as_str()) {
+            self.vmm
+                .rootfs_mib(&req.template_id)
+                .map_err(|e| ApiError::internal(e.to_string()))?
+        } else {
+            0
+        };
         if resources.disk_mib < min_disk {
             return Err(ApiError::bad_request(format!(
                 "resources.diskSizeMiB {} is smaller than template {}'s root file system; send at least {min_disk}",
@@ -284,6 +326,12 @@ impl Manager {
             diagnostic: None,
             pause_snapshot: None,
             vm_dir: None,
+            hibernated: None,
+            snapshot_interval_s: valid
+                .snapshot_interval_s
+                .unwrap_or(self.snapshots.periodic_default_s),
+            last_periodic_ms: now,
+            fork_base: None,
         };
         record.step("requested", None);
         Ok((record, valid.wait_ready))
@@ -313,7 +361,7 @@ impl Manager {
         team: &str,
         req: CreateRequest,
     ) -> Result<SandboxView, ApiError> {
-        let (mut record, wait) = self.plan(team, req)?;
+        let (mut record, wait) = self.plan(team, req).await?;
         self.admit(&record)?;
         self.catalog.append_event(
             &record.id,
@@ -375,6 +423,9 @@ impl Manager {
             "restoring the template snapshot",
         )?;
         let res = record.resources;
+        if !BUILTIN.contains(&record.template_id.as_str()) {
+            return self.restore_snapshot_template(record).await;
+        }
         let snapshot = self
             .templates
             .snapshot(&record.template_id, res.vcpus, res.mem_mib)
@@ -543,6 +594,9 @@ impl Manager {
                 )))
             }
         }
+        if r.hibernated.is_some() {
+            return self.resume_hibernated(vm_slot, r).await;
+        }
         let dir = r
             .pause_snapshot
             .clone()
@@ -636,7 +690,14 @@ impl Manager {
         }
         // Every pause snapshot of the sandbox, including one a resumed VM was using.
         let _ = std::fs::remove_dir_all(self.pauses_dir(id));
+        // Its stored pause snapshots end with it; periodic and manual ones stay.
+        r.hibernated = None;
+        self.delete_stored_pauses(id).await;
+        let fork_base = r.fork_base.take();
         self.transition(&mut r, InternalState::Deleted, reason)?;
+        if let Some(dir) = fork_base {
+            self.release_fork_base(&dir)?;
+        }
         drop(vm_slot);
         self.slots.lock().unwrap().remove(id);
         Ok(())
@@ -685,6 +746,7 @@ impl Manager {
                 );
                 let result = match r.on_timeout {
                     OnTimeout::Pause => self.pause(&r.team_id, &r.id).await.map(drop),
+                    OnTimeout::Hibernate => self.hibernate(&r.team_id, &r.id).await.map(drop),
                     _ => self.destroy(&r.id, "timeout").await,
                 };
                 if let Err(e) = result {

@@ -1,0 +1,871 @@
+//! Snapshots in object storage: manual and periodic snapshots, hibernate and its resume,
+//! restore into a new sandbox (on any worker sharing the store), snapshots used as
+//! templates, fork, and garbage collection of unreferenced chunks.
+//!
+//! A snapshot is taken into a scratch directory under the state dir, published to the
+//! store (chunks, then the manifest with a conditional put), and the scratch directory
+//! removed whatever happened. A failed publish leaves no snapshot and the sandbox
+//! running.
+
+use super::{now_ms, Manager, Slot};
+use crate::error::ApiError;
+use crate::model::*;
+use api_model::{ForkBody, RestoreBody};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use storage::snapshots::{self as stored, Kind, NewSnapshot, StoredSnapshot};
+use storage::{Store, StoreError};
+use tracing::{info, warn};
+use vmm::{QemuVm, RestoreMemory, RestoreOptions, Snapshot, SnapshotManifest, Vm};
+
+/// Periodic snapshots kept per sandbox; older ones are deleted as new ones land.
+const PERIODIC_KEPT: usize = 3;
+
+/// Files of a vmm snapshot directory that are published.
+const SNAPSHOT_FILES: &[&str] = &["state", "memory", "disk.qcow2"];
+
+/// Where snapshots go and the limits on taking them.
+#[derive(Debug, Clone)]
+pub struct SnapshotSettings {
+    /// The object store (local directory or S3).
+    pub store: Store,
+    /// Periodic snapshot interval of sandboxes whose create names none (0: off).
+    pub periodic_default_s: u64,
+    /// Disk the state dir's file system must keep free after a snapshot, in MiB.
+    pub min_free_mib: u64,
+}
+
+fn store_error(what: &str, e: StoreError) -> ApiError {
+    match e {
+        StoreError::Corrupt { .. } => ApiError::new(
+            500,
+            "snapshot_corrupt",
+            format!("{what}: {e}; the stored snapshot is damaged: restore another snapshot (list_snapshots)"),
+        ),
+        StoreError::NotFound(_) => ApiError::new(
+            500,
+            "snapshot_incomplete",
+            format!("{what}: {e}; a chunk of the snapshot is missing from the store: restore another snapshot"),
+        ),
+        other => ApiError::storage(format!("{what}: {other}; check the snapshot store and retry")),
+    }
+}
+
+/// The resources of a snapshot, given what the caller asked: memory and vCPUs are the
+/// snapshot's, the disk may grow.
+pub(super) fn snapshot_resources(
+    snapshot: &StoredSnapshot,
+    asked: Option<Resources>,
+    template: &str,
+) -> Result<Resources, ApiError> {
+    let vm = vm_manifest(snapshot)?;
+    let own = Resources {
+        vcpus: vm.vcpus,
+        mem_mib: vm.mem_mib,
+        disk_mib: vm.disk_mib,
+    };
+    let Some(asked) = asked else { return Ok(own) };
+    if asked.vcpus != own.vcpus || asked.mem_mib != own.mem_mib {
+        return Err(ApiError::bad_request(format!(
+            "template {template} is a snapshot with {} vCPUs and {} MiB: a restore keeps them; omit resources, or send vcpus {} and memMiB {}",
+            own.vcpus, own.mem_mib, own.vcpus, own.mem_mib
+        ))
+        .with_details(serde_json::json!({ "field": "resources" })));
+    }
+    if asked.disk_mib < own.disk_mib {
+        return Err(ApiError::bad_request(format!(
+            "resources.diskSizeMiB {} is smaller than snapshot {template}'s disk; send at least {}",
+            asked.disk_mib, own.disk_mib
+        )));
+    }
+    Ok(asked)
+}
+
+fn vm_manifest(snapshot: &StoredSnapshot) -> Result<SnapshotManifest, ApiError> {
+    serde_json::from_value(snapshot.vm.clone()).map_err(|e| {
+        ApiError::internal(format!(
+            "snapshot {} has an unreadable VM manifest: {e}",
+            snapshot.id
+        ))
+    })
+}
+
+fn view_of(s: &StoredSnapshot) -> SnapshotView {
+    let vm = vm_manifest(s).ok();
+    SnapshotView {
+        snapshot_id: s.id.clone(),
+        sandbox_id: s.sandbox_id.clone(),
+        template_id: s.template_id.clone(),
+        kind: s.kind.as_str(),
+        created_at: iso8601(s.created_unix_ms as i64),
+        size_bytes: s.size_bytes(),
+        stored_bytes: s.data_bytes(),
+        storage: "object",
+        resources: vm
+            .map(|m| Resources {
+                vcpus: m.vcpus,
+                mem_mib: m.mem_mib,
+                disk_mib: m.disk_mib,
+            })
+            .unwrap_or_default(),
+    }
+}
+
+fn local_view(r: &SandboxRecord, s: &Snapshot) -> SnapshotView {
+    let m = s.manifest();
+    SnapshotView {
+        snapshot_id: m.id.clone(),
+        sandbox_id: r.id.clone(),
+        template_id: r.template_id.clone(),
+        kind: "pause",
+        created_at: iso8601(m.created_unix_ms as i64),
+        size_bytes: SNAPSHOT_FILES
+            .iter()
+            .filter_map(|f| std::fs::metadata(s.dir().join(f)).ok())
+            .map(|md| md.len())
+            .sum(),
+        stored_bytes: s.disk_usage(),
+        storage: "local",
+        resources: Resources {
+            vcpus: m.vcpus,
+            mem_mib: m.mem_mib,
+            disk_mib: m.disk_mib,
+        },
+    }
+}
+
+/// Bytes free for unprivileged use on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs fills the struct we pass; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Allocated bytes of a file (0 if absent).
+fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .unwrap_or(0)
+}
+
+impl Manager {
+    /// The store snapshots go to.
+    pub fn store(&self) -> &Store {
+        &self.snapshots.store
+    }
+
+    /// Refuses a snapshot of `vm` unless the state dir's file system keeps the
+    /// configured reserve free after it (memory at most its full size, plus the disk
+    /// overlay).
+    fn check_disk_space(&self, vm: &QemuVm, mem_mib: u32) -> Result<(), ApiError> {
+        let need = (mem_mib as u64) << 20;
+        let need = need + allocated(&vm.dir().join("disk.qcow2"));
+        let reserve = self.snapshots.min_free_mib << 20;
+        let free = free_bytes(&self.state_dir)
+            .map_err(|e| ApiError::internal(format!("checking free disk space: {e}")))?;
+        if free < need + reserve {
+            return Err(ApiError::insufficient_storage(format!(
+                "this worker has {} MiB of disk free; a snapshot of this sandbox may need {} MiB and {} MiB must stay free; free disk space (delete snapshots or sandboxes) and retry",
+                free >> 20,
+                need >> 20,
+                self.snapshots.min_free_mib
+            ))
+            .with_details(serde_json::json!({ "freeMiB": free >> 20, "neededMiB": need >> 20, "reserveMiB": self.snapshots.min_free_mib })));
+        }
+        Ok(())
+    }
+
+    /// A scratch directory for one snapshot, removed by the caller.
+    fn scratch_dir(&self) -> PathBuf {
+        self.state_dir
+            .join("uploads")
+            .join(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    /// Snapshots `vm` (which keeps running if `keep_running`) and publishes it as `kind`.
+    /// On failure nothing is stored and the VM is running again.
+    async fn take_and_publish(
+        &self,
+        vm: &mut QemuVm,
+        r: &SandboxRecord,
+        kind: Kind,
+        keep_running: bool,
+    ) -> Result<StoredSnapshot, ApiError> {
+        self.check_disk_space(vm, r.resources.mem_mib)?;
+        let started = std::time::Instant::now();
+        let dir = self.scratch_dir();
+        let _ = std::fs::create_dir_all(dir.parent().unwrap());
+        let result: Result<StoredSnapshot, ApiError> = async {
+            let snapshot = vm
+                .snapshot(&dir, keep_running)
+                .await
+                .map_err(|e| ApiError::internal(format!("taking the snapshot: {e}")))?;
+            let taken_ms = started.elapsed().as_millis() as u64;
+            let _uploading = self.uploads.read().await;
+            let new = NewSnapshot {
+                id: stored::new_snapshot_id(&r.id),
+                sandbox_id: r.id.clone(),
+                team_id: r.team_id.clone(),
+                kind,
+                template_id: r.template_id.clone(),
+                vm: serde_json::to_value(snapshot.manifest()).expect("json"),
+                sandbox: serde_json::json!({
+                    "envVars": r.env_vars,
+                    "metadata": r.metadata,
+                    "onTimeout": r.on_timeout,
+                    "timeout": r.timeout_s,
+                }),
+            };
+            let (s, stats) = stored::publish(self.store(), &dir, SNAPSHOT_FILES, new)
+                .await
+                .map_err(|e| store_error("storing the snapshot", e))?;
+            info!(sandbox = %r.id, snapshot = %s.id, kind = kind.as_str(), taken_ms,
+                total_ms = started.elapsed().as_millis() as u64,
+                chunks = stats.chunks.chunks, uploaded = stats.chunks.uploaded,
+                reused = stats.chunks.reused, bytes_uploaded = stats.chunks.bytes_uploaded,
+                "snapshot stored");
+            Ok(s)
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&dir);
+        match &result {
+            Ok(s) => {
+                self.catalog.append_event(
+                    &r.id,
+                    "sandbox.snapshot",
+                    &serde_json::json!({ "snapshotID": s.id, "kind": kind.as_str(), "sizeBytes": s.size_bytes() }),
+                )?;
+            }
+            Err(e) => {
+                if !keep_running {
+                    // It was to stop for good; it stays: say so and keep it running.
+                    let _ = vm.resume().await;
+                }
+                self.catalog.append_event(
+                    &r.id,
+                    "sandbox.snapshot_failed",
+                    &serde_json::json!({ "kind": kind.as_str(), "error": e.message }),
+                )?;
+                warn!(sandbox = %r.id, kind = kind.as_str(), error = %e.message, "snapshot failed");
+            }
+        }
+        result
+    }
+
+    /// Locks a running sandbox: its slot guard, record and VM.
+    async fn lock_running(
+        &self,
+        team: &str,
+        id: &str,
+        what: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<Option<QemuVm>>, SandboxRecord), ApiError> {
+        let (guard, r) = self.lock_owned(team, id).await?;
+        if r.state != InternalState::Active || guard.is_none() {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is {} and cannot be {what}; resume it first",
+                r.state.public()
+            )));
+        }
+        Ok((guard, r))
+    }
+
+    /// Takes a manual snapshot of a running sandbox; it keeps running.
+    pub async fn create_snapshot(&self, team: &str, id: &str) -> Result<SnapshotView, ApiError> {
+        let (mut guard, r) = self.lock_running(team, id, "snapshotted").await?;
+        let vm = guard.as_mut().expect("checked");
+        let s = self.take_and_publish(vm, &r, Kind::Manual, true).await?;
+        Ok(view_of(&s))
+    }
+
+    /// The stored snapshots of `sandbox_id` that belong to `team`. The sandbox may be
+    /// unknown here (deleted long ago, or made on another worker): the store decides.
+    async fn stored_of(&self, team: &str, sandbox_id: &str) -> Result<Vec<StoredSnapshot>, ApiError> {
+        let local = self.catalog.sandbox(sandbox_id)?;
+        if local.as_ref().is_some_and(|r| r.team_id != team) {
+            return Err(ApiError::not_found("sandbox", sandbox_id));
+        }
+        let all = stored::list(self.store(), sandbox_id)
+            .await
+            .map_err(|e| store_error("listing snapshots", e))?;
+        let mine: Vec<StoredSnapshot> = all.into_iter().filter(|s| s.team_id == team).collect();
+        if local.is_none() && mine.is_empty() {
+            return Err(ApiError::not_found("sandbox", sandbox_id));
+        }
+        Ok(mine)
+    }
+
+    /// The local pause snapshot of a paused sandbox of `team`, if any.
+    fn local_pause(&self, team: &str, sandbox_id: &str) -> Option<(SandboxRecord, Snapshot)> {
+        let r = self.catalog.sandbox(sandbox_id).ok().flatten()?;
+        if r.team_id != team {
+            return None;
+        }
+        let s = Snapshot::open(r.pause_snapshot.as_ref()?).ok()?;
+        Some((r, s))
+    }
+
+    /// A sandbox's snapshots, newest first: stored ones, and a local pause snapshot.
+    pub async fn list_snapshots(&self, team: &str, id: &str) -> Result<Vec<SnapshotView>, ApiError> {
+        let mut views: Vec<SnapshotView> =
+            self.stored_of(team, id).await?.iter().map(view_of).collect();
+        if let Some((r, s)) = self.local_pause(team, id) {
+            views.push(local_view(&r, &s));
+        }
+        views.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        Ok(views)
+    }
+
+    /// Deletes a stored snapshot; its chunks go unless another snapshot shares them.
+    pub async fn delete_snapshot(
+        &self,
+        team: &str,
+        id: &str,
+        snapshot_id: &str,
+    ) -> Result<(), ApiError> {
+        let snapshots = self.stored_of(team, id).await?;
+        let Some(s) = snapshots.iter().find(|s| s.id == snapshot_id) else {
+            if self
+                .local_pause(team, id)
+                .is_some_and(|(_, l)| l.manifest().id == snapshot_id)
+            {
+                return Err(ApiError::conflict(format!(
+                    "{snapshot_id} is the pause snapshot sandbox {id} resumes from; resume or delete the sandbox instead"
+                )));
+            }
+            return Err(ApiError::not_found("snapshot", snapshot_id));
+        };
+        if self
+            .catalog
+            .sandbox(id)?
+            .is_some_and(|r| r.hibernated.as_deref() == Some(snapshot_id))
+        {
+            return Err(ApiError::conflict(format!(
+                "{snapshot_id} holds hibernated sandbox {id}; resume or delete the sandbox instead"
+            )));
+        }
+        stored::delete(self.store(), s)
+            .await
+            .map_err(|e| store_error("deleting the snapshot", e))?;
+        let _ = self.catalog.append_event(
+            id,
+            "sandbox.snapshot_deleted",
+            &serde_json::json!({ "snapshotID": snapshot_id }),
+        );
+        self.collect_garbage().await;
+        Ok(())
+    }
+
+    /// Deletes chunks no snapshot references, waiting for uploads in flight.
+    pub async fn collect_garbage(&self) {
+        let _exclusive = self.uploads.write().await;
+        match stored::collect_garbage(self.store()).await {
+            Ok(gc) => info!(
+                manifests = gc.manifests,
+                kept = gc.chunks_kept,
+                deleted = gc.chunks_deleted,
+                "snapshot chunks collected"
+            ),
+            Err(e) => warn!(error = %e, "collecting snapshot chunks failed; the next delete retries"),
+        }
+    }
+
+    /// Deletes the stored pause snapshots of a sandbox that is ending.
+    pub(super) async fn delete_stored_pauses(&self, id: &str) {
+        let Ok(all) = stored::list(self.store(), id).await else {
+            return;
+        };
+        let mut deleted = false;
+        for s in all.iter().filter(|s| s.kind == Kind::Pause) {
+            deleted |= stored::delete(self.store(), s).await.is_ok();
+        }
+        if deleted {
+            self.collect_garbage().await;
+        }
+    }
+
+    /// Pauses into object storage: the snapshot is stored, the local copy dropped and
+    /// the VM ended, so any worker sharing the store can restore it.
+    pub async fn hibernate(&self, team: &str, id: &str) -> Result<SandboxView, ApiError> {
+        let (mut guard, mut r) = self.lock_owned(team, id).await?;
+        match r.state {
+            InternalState::Active => {}
+            InternalState::Stopped if r.hibernated.is_some() => return Ok(self.view(&r, false)),
+            other => {
+                return Err(ApiError::conflict(format!(
+                    "sandbox {id} is {} and cannot be hibernated",
+                    other.public()
+                )))
+            }
+        }
+        let vm = guard
+            .as_mut()
+            .ok_or_else(|| ApiError::internal("running sandbox has no VM"))?;
+        let s = self
+            .take_and_publish(vm, &r, Kind::Pause, false)
+            .await
+            .map_err(|e| ApiError {
+                message: format!("hibernate failed, the sandbox keeps running: {}", e.message),
+                ..e
+            })?;
+        guard.take().expect("checked").kill().await;
+        // A resumed VM's base snapshot is no longer needed by anyone.
+        let _ = std::fs::remove_dir_all(self.pauses_dir(id));
+        if let Some(old) = r.pause_snapshot.take() {
+            if let Ok(snap) = Snapshot::open(&old) {
+                self.catalog.forget_snapshot(&snap.manifest().id)?;
+            }
+        }
+        r.hibernated = Some(s.id.clone());
+        r.vm_dir = None;
+        self.transition(&mut r, InternalState::Stopped, "hibernated")?;
+        Ok(self.view(&r, false))
+    }
+
+    /// Resumes a hibernated sandbox from its stored pause snapshot.
+    pub(super) async fn resume_hibernated(
+        &self,
+        mut guard: tokio::sync::OwnedMutexGuard<Option<QemuVm>>,
+        mut r: SandboxRecord,
+    ) -> Result<SandboxView, ApiError> {
+        let snapshot_id = r.hibernated.clone().expect("hibernated");
+        let s = stored::get(self.store(), &snapshot_id)
+            .await
+            .map_err(|e| store_error("reading the hibernate snapshot", e))?;
+        let dir = self.pauses_dir(&r.id).join(uuid::Uuid::new_v4().simple().to_string());
+        let vm = self
+            .fetch_and_restore(&s, &dir, RestoreMemory::Copy, None)
+            .await
+            .map_err(|e| ApiError {
+                message: format!("resume failed, the sandbox stays hibernated: {}", e.message),
+                ..e
+            })?;
+        r.vm_dir = Some(vm.dir().display().to_string());
+        *guard = Some(vm);
+        r.expires_at_ms = now_ms() + r.timeout_s as i64 * 1000;
+        r.hibernated = None;
+        self.transition(&mut r, InternalState::Active, "resumed from object storage")?;
+        // Consumed: a later hibernate stores a new one.
+        if stored::delete(self.store(), &s).await.is_ok() {
+            self.collect_garbage().await;
+        }
+        Ok(self.view(&r, true))
+    }
+
+    /// Fetches a stored snapshot into `dir` (which stays: the VM's disk is layered on
+    /// it) and restores a VM from it.
+    async fn fetch_and_restore(
+        &self,
+        s: &StoredSnapshot,
+        dir: &Path,
+        memory: RestoreMemory,
+        disk_mib: Option<u64>,
+    ) -> Result<QemuVm, ApiError> {
+        let started = std::time::Instant::now();
+        let snapshot = self.fetch(s, dir).await?;
+        let fetched_ms = started.elapsed().as_millis() as u64;
+        let vm = self
+            .vmm
+            .restore(
+                &snapshot,
+                &RestoreOptions {
+                    memory,
+                    disk_mib,
+                    ..RestoreOptions::default()
+                },
+            )
+            .await
+            .map_err(|e| ApiError::internal(format!("restore: {e}")));
+        if vm.is_err() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        info!(snapshot = %s.id, fetched_ms, total_ms = started.elapsed().as_millis() as u64, "restored from the store");
+        vm
+    }
+
+    /// Fetches and verifies a stored snapshot into the new directory `dir`.
+    async fn fetch(&self, s: &StoredSnapshot, dir: &Path) -> Result<Snapshot, ApiError> {
+        let vm = vm_manifest(s)?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
+        let result = async {
+            stored::fetch(self.store(), s, dir)
+                .await
+                .map_err(|e| store_error(&format!("fetching snapshot {}", s.id), e))?;
+            self.vmm
+                .import_snapshot(dir, vm)
+                .map_err(|e| ApiError::conflict(e.to_string()))
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        result
+    }
+
+    /// A stored snapshot of `team` used as a template, if `template` names one.
+    pub(super) async fn snapshot_template(
+        &self,
+        team: &str,
+        template: &str,
+    ) -> Result<Option<StoredSnapshot>, ApiError> {
+        if stored::sandbox_of(template).is_none() {
+            return Ok(None);
+        }
+        match stored::get(self.store(), template).await {
+            Ok(s) if s.team_id == team => Ok(Some(s)),
+            Ok(_) | Err(StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(store_error("reading the snapshot", e)),
+        }
+    }
+
+    /// Starts the VM of a sandbox whose template is a stored snapshot: fetched once into
+    /// this worker's cache, then restored with its memory mapped copy-on-write.
+    pub(super) async fn restore_snapshot_template(
+        &self,
+        record: &SandboxRecord,
+    ) -> Result<QemuVm, ApiError> {
+        let cache = self.state_dir.join("snapshot-templates").join(&record.template_id);
+        let snapshot = {
+            let _one = self.template_fetch.lock().await;
+            match Snapshot::open(&cache) {
+                Ok(s) => s,
+                Err(_) => {
+                    let s = self
+                        .snapshot_template(&record.team_id, &record.template_id)
+                        .await?
+                        .ok_or_else(|| ApiError::not_found("template", &record.template_id))?;
+                    let _ = std::fs::remove_dir_all(&cache);
+                    self.fetch(&s, &cache).await?
+                }
+            }
+        };
+        self.vmm
+            .restore(
+                &snapshot,
+                &RestoreOptions {
+                    memory: RestoreMemory::CopyOnWrite,
+                    disk_mib: Some(record.resources.disk_mib),
+                    ..RestoreOptions::default()
+                },
+            )
+            .await
+            .map_err(|e| ApiError::internal(format!("restore: {e}")))
+    }
+
+    /// Starts a new sandbox from a snapshot of `body.sandbox_id`: the one named, or the
+    /// newest, preferring pause over periodic over manual.
+    pub async fn restore(
+        self: &Arc<Self>,
+        team: &str,
+        body: RestoreBody,
+    ) -> Result<SandboxView, ApiError> {
+        let timeout_s = body.validate()?;
+        let source = &body.sandbox_id;
+        let local = self.local_pause(team, source);
+        let stored_list = match self.stored_of(team, source).await {
+            Ok(list) => list,
+            Err(e) if e.status == 404 && local.is_some() => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        enum Pick<'a> {
+            Stored(&'a StoredSnapshot),
+            Local(&'a SandboxRecord, &'a Snapshot),
+        }
+        let pick = match body.snapshot_id.as_deref() {
+            Some(sid) => {
+                if let Some(s) = stored_list.iter().find(|s| s.id == sid) {
+                    Pick::Stored(s)
+                } else if let Some((r, l)) = local.as_ref().filter(|(_, l)| l.manifest().id == sid)
+                {
+                    Pick::Local(r, l)
+                } else {
+                    return Err(ApiError::not_found("snapshot", sid));
+                }
+            }
+            None => {
+                // A local pause snapshot is the sandbox's newest pause state.
+                match (&local, stored::preferred(&stored_list)) {
+                    (Some((r, l)), _) => Pick::Local(r, l),
+                    (None, Some(s)) => Pick::Stored(s),
+                    (None, None) => {
+                        return Err(ApiError::not_found("snapshot", &format!("of {source}"))
+                            .with_details(serde_json::json!({
+                                "hint": format!("sandbox {source} has no snapshots; take one with POST /api/v1/sandboxes/{source}/snapshots")
+                            })))
+                    }
+                }
+            }
+        };
+        let (template_id, vmm_manifest, origin, snapshot_id) = match &pick {
+            Pick::Stored(s) => (
+                s.template_id.clone(),
+                vm_manifest(s)?,
+                serde_json::from_value::<StoredSandbox>(s.sandbox.clone()).unwrap_or_default(),
+                s.id.clone(),
+            ),
+            Pick::Local(r, l) => (
+                r.template_id.clone(),
+                l.manifest().clone(),
+                StoredSandbox {
+                    env_vars: r.env_vars.clone(),
+                    metadata: r.metadata.clone(),
+                },
+                l.manifest().id.clone(),
+            ),
+        };
+        let now = now_ms();
+        let mut record = SandboxRecord {
+            id: format!("sbx-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
+            team_id: team.to_string(),
+            template_id,
+            state: InternalState::New,
+            resources: Resources {
+                vcpus: vmm_manifest.vcpus,
+                mem_mib: vmm_manifest.mem_mib,
+                disk_mib: vmm_manifest.disk_mib,
+            },
+            env_vars: origin.env_vars,
+            metadata: body.metadata.unwrap_or(origin.metadata),
+            on_timeout: OnTimeout::Kill,
+            timeout_s,
+            expires_at_ms: now + timeout_s as i64 * 1000,
+            created_at_ms: now,
+            timeline: Vec::new(),
+            diagnostic: None,
+            pause_snapshot: None,
+            vm_dir: None,
+            hibernated: None,
+            snapshot_interval_s: self.snapshots.periodic_default_s,
+            last_periodic_ms: now,
+            fork_base: None,
+        };
+        record.step("requested", Some(format!("restore of {snapshot_id} ({source})")));
+        self.admit(&record)?;
+        self.catalog.append_event(
+            &record.id,
+            "sandbox.created",
+            &serde_json::json!({ "restoredFrom": { "sandboxID": source, "snapshotID": snapshot_id }, "state": "starting" }),
+        )?;
+        let slot = self.slot(&record.id);
+        let mut guard = slot.lock().await;
+        self.transition(&mut record, InternalState::Creating, "restoring a snapshot")?;
+        let dir = self
+            .pauses_dir(&record.id)
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        let result = match &pick {
+            Pick::Stored(s) => self.fetch_and_restore(s, &dir, RestoreMemory::Copy, None).await,
+            Pick::Local(_, l) => self.copy_and_restore(l, &dir).await,
+        };
+        match result {
+            Ok(vm) => {
+                record.vm_dir = Some(vm.dir().display().to_string());
+                *guard = Some(vm);
+                self.transition(&mut record, InternalState::Active, "restored from a snapshot")?;
+                Ok(self.view(&record, true))
+            }
+            Err(e) => {
+                record.diagnostic = Some(Diagnostic {
+                    code: "restore_failed".into(),
+                    message: e.message.clone(),
+                    action: "restore another snapshot (list_snapshots), or retry".into(),
+                });
+                let _ = std::fs::remove_dir_all(self.pauses_dir(&record.id));
+                self.transition(&mut record, InternalState::Failed, "restore failed")?;
+                Err(e.with_details(serde_json::json!({ "sandboxID": record.id })))
+            }
+        }
+    }
+
+    /// Copies a local snapshot (another sandbox's pause, which may go away) into `dir`
+    /// and restores it.
+    async fn copy_and_restore(&self, from: &Snapshot, dir: &Path) -> Result<QemuVm, ApiError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
+        for f in SNAPSHOT_FILES {
+            let src = from.dir().join(f);
+            if src.exists() {
+                vmm::snapshot::copy_sparse(&src, &dir.join(f))
+                    .map_err(|e| ApiError::internal(format!("copying the snapshot: {e}")))?;
+            }
+        }
+        let snapshot = self
+            .vmm
+            .import_snapshot(dir, from.manifest().clone())
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.vmm
+            .restore(&snapshot, &RestoreOptions::default())
+            .await
+            .map_err(|e| ApiError::internal(format!("restore: {e}")))
+    }
+
+    /// Branches a running sandbox into `count` children; the parent keeps running.
+    pub async fn fork(
+        self: &Arc<Self>,
+        team: &str,
+        id: &str,
+        body: ForkBody,
+    ) -> Result<Vec<SandboxView>, ApiError> {
+        let count = body.validate()?;
+        let (mut guard, parent) = self.lock_running(team, id, "forked").await?;
+        let vm = guard.as_mut().expect("checked");
+        self.check_disk_space(vm, parent.resources.mem_mib)?;
+        let now = now_ms();
+        let timeout_s = body.timeout.unwrap_or(parent.timeout_s);
+        let dir = self
+            .state_dir
+            .join("forks")
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        let mut children = Vec::new();
+        for _ in 0..count {
+            let mut child = SandboxRecord {
+                id: format!("sbx-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
+                state: InternalState::New,
+                metadata: body.metadata.clone().unwrap_or_else(|| parent.metadata.clone()),
+                timeout_s,
+                expires_at_ms: now + timeout_s as i64 * 1000,
+                created_at_ms: now,
+                timeline: Vec::new(),
+                diagnostic: None,
+                pause_snapshot: None,
+                vm_dir: None,
+                hibernated: None,
+                last_periodic_ms: now,
+                fork_base: Some(dir.display().to_string()),
+                ..parent.clone()
+            };
+            child.step("requested", Some(format!("fork of {id}")));
+            if let Err(e) = self.admit(&child) {
+                for mut c in children {
+                    self.transition(&mut c, InternalState::Deleted, "fork refused")?;
+                }
+                return Err(e);
+            }
+            self.catalog.append_event(
+                &child.id,
+                "sandbox.created",
+                &serde_json::json!({ "forkedFrom": id, "state": "starting" }),
+            )?;
+            children.push(child);
+        }
+        let _ = std::fs::create_dir_all(dir.parent().unwrap());
+        let started = std::time::Instant::now();
+        match self.vmm.fork(vm, count as usize, &dir).await {
+            Ok((_snapshot, vms)) => {
+                info!(sandbox = %id, children = count, elapsed_ms = started.elapsed().as_millis() as u64, "forked");
+                let mut views = Vec::new();
+                for (mut child, vm) in children.into_iter().zip(vms) {
+                    child.vm_dir = Some(vm.dir().display().to_string());
+                    *self.slot(&child.id).lock().await = Some(vm);
+                    self.transition(&mut child, InternalState::Active, "forked")?;
+                    views.push(self.view(&child, true));
+                }
+                self.catalog.append_event(
+                    id,
+                    "sandbox.forked",
+                    &serde_json::json!({ "children": views.iter().map(|v| v.sandbox_id.clone()).collect::<Vec<_>>() }),
+                )?;
+                Ok(views)
+            }
+            Err(e) => {
+                for mut c in children {
+                    c.diagnostic = Some(Diagnostic {
+                        code: "fork_failed".into(),
+                        message: e.to_string(),
+                        action: "retry the fork".into(),
+                    });
+                    c.fork_base = None;
+                    self.transition(&mut c, InternalState::Failed, "fork failed")?;
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(ApiError::internal(format!(
+                    "fork failed, the parent keeps running: {e}"
+                )))
+            }
+        }
+    }
+
+    /// Removes a fork snapshot once no live sandbox is restored from it.
+    pub(super) fn release_fork_base(&self, dir: &str) -> Result<(), ApiError> {
+        let in_use = self.catalog.all_sandboxes()?.iter().any(|r| {
+            r.fork_base.as_deref() == Some(dir)
+                && !matches!(r.state, InternalState::Deleted | InternalState::Failed)
+        });
+        if !in_use {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(())
+    }
+
+    /// Takes periodic snapshots of running sandboxes that are due. Runs until the
+    /// process ends.
+    pub async fn sweep_periodic(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let now = now_ms();
+            let due: Vec<SandboxRecord> = match self.catalog.all_sandboxes() {
+                Ok(all) => all
+                    .into_iter()
+                    .filter(|r| {
+                        r.state == InternalState::Active
+                            && r.snapshot_interval_s > 0
+                            && now - r.last_periodic_ms >= r.snapshot_interval_s as i64 * 1000
+                    })
+                    .collect(),
+                Err(e) => {
+                    warn!(error = %e, "periodic snapshot sweep could not read the catalog");
+                    continue;
+                }
+            };
+            for r in due {
+                if let Err(e) = self.periodic_snapshot(&r.team_id, &r.id).await {
+                    warn!(sandbox = %r.id, error = %e.message, "periodic snapshot failed");
+                }
+            }
+        }
+    }
+
+    async fn periodic_snapshot(&self, team: &str, id: &str) -> Result<(), ApiError> {
+        let slot: Slot = self.slot(id);
+        let mut guard = slot.lock_owned().await;
+        let Some(mut r) = self.catalog.sandbox(id)? else {
+            return Ok(());
+        };
+        if r.state != InternalState::Active || r.team_id != team {
+            return Ok(());
+        }
+        let Some(vm) = guard.as_mut() else {
+            return Ok(());
+        };
+        // Stamped first: a failing snapshot is retried at the next interval, not at once.
+        r.last_periodic_ms = now_ms();
+        self.catalog.put_sandbox(&r)?;
+        self.take_and_publish(vm, &r, Kind::Periodic, true).await?;
+        let periodic: Vec<StoredSnapshot> = stored::list(self.store(), id)
+            .await
+            .map_err(|e| store_error("listing snapshots", e))?
+            .into_iter()
+            .filter(|s| s.kind == Kind::Periodic)
+            .collect();
+        if periodic.len() > PERIODIC_KEPT {
+            for old in &periodic[PERIODIC_KEPT..] {
+                let _ = stored::delete(self.store(), old).await;
+            }
+            self.collect_garbage().await;
+        }
+        Ok(())
+    }
+}
+
+/// What a stored snapshot records of its sandbox, for restores elsewhere.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct StoredSandbox {
+    env_vars: std::collections::BTreeMap<String, String>,
+    metadata: std::collections::BTreeMap<String, String>,
+}
