@@ -15,6 +15,11 @@ done
 cargo clippy --quiet --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the real daemon binary.
 cargo build --quiet --workspace --bins --locked
+# Snapshot tests store in a real S3 server: SeaweedFS on loopback, this run's own.
+s3_dir=$(mktemp -d /tmp/nullspace-test-s3-XXXXXX)
+trap 'deploy/seaweedfs.sh stop "$s3_dir"; rm -rf "$s3_dir"' EXIT
+NULLSPACE_TEST_S3=$(deploy/seaweedfs.sh start "$s3_dir" 19433)
+export NULLSPACE_TEST_S3
 cargo nextest run --workspace --locked --profile ci
 # The public API against its own OpenAPI document, on a live stack of its own.
 deploy/schemathesis.sh "$CARGO_TARGET_DIR/debug"

@@ -160,17 +160,16 @@ impl CreateRequest {
                 "autoResume is not available yet on this server; omit it",
             ));
         }
-        let on_timeout =
-            match (self.auto_pause, lifecycle.on_timeout) {
-                (Some(true), Some(OnTimeout::Kill)) | (Some(false), Some(OnTimeout::Pause)) => {
-                    return Err(ApiError::bad_request(
-                        "autoPause and lifecycle.onTimeout disagree; send only lifecycle.onTimeout",
-                    ))
-                }
-                (_, Some(o)) => o,
-                (Some(true), None) => OnTimeout::Pause,
-                _ => OnTimeout::Kill,
-            };
+        let on_timeout = match (self.auto_pause, lifecycle.on_timeout) {
+            (Some(true), Some(OnTimeout::Kill)) | (Some(false), Some(OnTimeout::Pause)) => {
+                return Err(ApiError::bad_request(
+                    "autoPause and lifecycle.onTimeout disagree; send only lifecycle.onTimeout",
+                ))
+            }
+            (_, Some(o)) => o,
+            (Some(true), None) => OnTimeout::Pause,
+            _ => OnTimeout::Kill,
+        };
         let timeout_s = validate_timeout(self.timeout.unwrap_or(DEFAULT_TIMEOUT_S))?;
         let resources = self.resources.unwrap_or_default();
         if !(1..=16).contains(&resources.vcpus) {
@@ -248,7 +247,9 @@ pub fn is_snapshot_id(id: &str) -> bool {
     id.strip_prefix("snap-").is_some_and(|rest| {
         !rest.is_empty()
             && rest.len() <= 64
-            && rest.split('-').all(|g| !g.is_empty() && g.bytes().all(|b| b.is_ascii_hexdigit()))
+            && rest
+                .split('-')
+                .all(|g| !g.is_empty() && g.bytes().all(|b| b.is_ascii_hexdigit()))
     })
 }
 

@@ -6,8 +6,8 @@ use crate::error::ApiError;
 use crate::model::{CreateRequest, SandboxView};
 use crate::sandboxes::{ListQuery, Manager};
 use api_model::{
-    fields_param, parse_body, parse_query, project, reject_unknown_params, EventsParams,
-    ForkBody, ListParams, RefreshBody, RestoreBody, TimeoutBody,
+    fields_param, parse_body, parse_query, project, reject_unknown_params, EventsParams, ForkBody,
+    ListParams, RefreshBody, RestoreBody, TimeoutBody,
 };
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};

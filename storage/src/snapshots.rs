@@ -179,7 +179,10 @@ pub async fn publish(
 }
 
 /// Reads one snapshot's manifest.
-pub async fn get(store: &impl ObjectStore, snapshot_id: &str) -> Result<StoredSnapshot, StoreError> {
+pub async fn get(
+    store: &impl ObjectStore,
+    snapshot_id: &str,
+) -> Result<StoredSnapshot, StoreError> {
     let sandbox =
         sandbox_of(snapshot_id).ok_or_else(|| StoreError::NotFound(snapshot_id.to_string()))?;
     let key = manifest_key(&sandbox, snapshot_id);
@@ -220,7 +223,11 @@ pub async fn list(
             Err(e) => return Err(e),
         }
     }
-    out.sort_by(|a, b| b.created_unix_ms.cmp(&a.created_unix_ms).then(b.id.cmp(&a.id)));
+    out.sort_by(|a, b| {
+        b.created_unix_ms
+            .cmp(&a.created_unix_ms)
+            .then(b.id.cmp(&a.id))
+    });
     Ok(out)
 }
 
@@ -327,7 +334,13 @@ mod tests {
     fn ids_carry_their_sandbox() {
         let id = new_snapshot_id("sbx-0123456789abcdef0123");
         assert_eq!(sandbox_of(&id).as_deref(), Some("sbx-0123456789abcdef0123"));
-        for bad in ["snap-", "snap-xyz-123", "base", "snap-abc-12345678901z", "snap--0123456789ab"] {
+        for bad in [
+            "snap-",
+            "snap-xyz-123",
+            "base",
+            "snap-abc-12345678901z",
+            "snap--0123456789ab",
+        ] {
             assert_eq!(sandbox_of(bad), None, "{bad}");
         }
     }
@@ -342,9 +355,14 @@ mod tests {
         std::fs::write(src.join("disk.qcow2"), b"disk").unwrap();
 
         let a = new_snapshot_id("sbx-abc123");
-        let (first, stats) = publish(&store, &src, &["state", "memory", "disk.qcow2"], new(&a, Kind::Manual))
-            .await
-            .unwrap();
+        let (first, stats) = publish(
+            &store,
+            &src,
+            &["state", "memory", "disk.qcow2"],
+            new(&a, Kind::Manual),
+        )
+        .await
+        .unwrap();
         assert_eq!(stats.files, 2, "the missing memory file is skipped");
         std::thread::sleep(std::time::Duration::from_millis(5));
         let b = new_snapshot_id("sbx-abc123");
@@ -354,14 +372,20 @@ mod tests {
         assert_eq!(again.chunks.uploaded, 0, "same bytes: every chunk reused");
 
         let listed = list(&store, "sbx-abc123").await.unwrap();
-        assert_eq!(listed.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), [b.as_str(), a.as_str()]);
+        assert_eq!(
+            listed.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            [b.as_str(), a.as_str()]
+        );
         assert_eq!(preferred(&listed).unwrap().kind, Kind::Pause);
         assert_eq!(get(&store, &a).await.unwrap(), first);
 
         let dest = root.join("dest");
         std::fs::create_dir_all(&dest).unwrap();
         fetch(&store, &first, &dest).await.unwrap();
-        assert_eq!(std::fs::read(dest.join("state")).unwrap(), vec![7u8; 3 << 20]);
+        assert_eq!(
+            std::fs::read(dest.join("state")).unwrap(),
+            vec![7u8; 3 << 20]
+        );
         assert_eq!(std::fs::read(dest.join("disk.qcow2")).unwrap(), b"disk");
 
         // Deleting one keeps the shared chunks; deleting both frees them.
@@ -371,7 +395,10 @@ mod tests {
         let gc = collect_garbage(&store).await.unwrap();
         assert_eq!((gc.manifests, gc.chunks_kept), (0, 0));
         assert!(gc.chunks_deleted >= 2);
-        assert!(matches!(get(&store, &a).await, Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            get(&store, &a).await,
+            Err(StoreError::NotFound(_))
+        ));
         std::fs::remove_dir_all(root).unwrap();
     }
 

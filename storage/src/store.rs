@@ -151,7 +151,10 @@ impl Store {
     fn check_fault(&self, key: &str) -> Result<(), StoreError> {
         if let Some(f) = &self.fault {
             // Counts down through zero once; the put that reaches -1 fails.
-            if f.remaining.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            if f.remaining
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+                == 0
+            {
                 return Err(StoreError::Backend {
                     op: "put",
                     key: key.to_string(),

@@ -28,7 +28,10 @@ async fn mark(rt: &Runtime) -> Marks {
         .await;
     assert_eq!(code, 0);
     let started: Value = rt
-        .post("/commands", json!({ "cmd": "sleep 1000", "background": true }))
+        .post(
+            "/commands",
+            json!({ "cmd": "sleep 1000", "background": true }),
+        )
         .await
         .json()
         .await
@@ -70,7 +73,13 @@ async fn list(api: &Api, id: &str) -> Vec<Value> {
 
 fn kinds(list: &[Value]) -> Vec<String> {
     list.iter()
-        .map(|s| format!("{}/{}", s["kind"].as_str().unwrap(), s["storage"].as_str().unwrap()))
+        .map(|s| {
+            format!(
+                "{}/{}",
+                s["kind"].as_str().unwrap(),
+                s["storage"].as_str().unwrap()
+            )
+        })
         .collect()
 }
 
@@ -92,7 +101,9 @@ async fn hibernate_resumes_with_memory_and_disk_and_a_second_worker_restores_fro
     let (on_a, on_b) = (a.public(key.clone()), b.public(key));
 
     let sbx = on_a
-        .create(json!({ "templateID": "minimal", "resources": small(), "metadata": { "app": "hib" } }))
+        .create(
+            json!({ "templateID": "minimal", "resources": small(), "metadata": { "app": "hib" } }),
+        )
         .await;
     let id = id_of(&sbx);
     let marks = mark(&Runtime::of(&sbx)).await;
@@ -105,7 +116,10 @@ async fn hibernate_resumes_with_memory_and_disk_and_a_second_worker_restores_fro
         .post(&format!("/v1/sandboxes/{id}/hibernate"), json!({}))
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
-    assert_eq!((v["state"].as_str(), v["hibernated"].as_bool()), (Some("paused"), Some(true)));
+    assert_eq!(
+        (v["state"].as_str(), v["hibernated"].as_bool()),
+        (Some("paused"), Some(true))
+    );
     // Nothing of it is left on worker A's disk.
     let pauses = a.daemon.state_dir().join("pauses").join(&id);
     assert!(
@@ -113,18 +127,29 @@ async fn hibernate_resumes_with_memory_and_disk_and_a_second_worker_restores_fro
         "hibernate left a local copy in {}",
         pauses.display()
     );
-    assert_eq!(kinds(&list(&on_a, &id).await), ["pause/object", "manual/object"]);
+    assert_eq!(
+        kinds(&list(&on_a, &id).await),
+        ["pause/object", "manual/object"]
+    );
 
     // Worker B never saw the sandbox: it finds the snapshots in the bucket by its ID.
-    assert_eq!(kinds(&list(&on_b, &id).await), ["pause/object", "manual/object"]);
+    assert_eq!(
+        kinds(&list(&on_b, &id).await),
+        ["pause/object", "manual/object"]
+    );
     let (status, copy) = restore(&on_b, json!({ "sandboxID": id })).await;
     assert_eq!(status, StatusCode::CREATED, "{copy}");
     assert_eq!(copy["state"], "running");
-    assert_eq!(copy["metadata"]["app"], "hib", "labels travel with the snapshot");
+    assert_eq!(
+        copy["metadata"]["app"], "hib",
+        "labels travel with the snapshot"
+    );
     check(&Runtime::of(&copy), &marks, "restore on worker B").await;
     let b_dir = b.daemon.state_dir().display().to_string();
     assert!(
-        !copy.to_string().contains(&a.daemon.state_dir().display().to_string()),
+        !copy
+            .to_string()
+            .contains(&a.daemon.state_dir().display().to_string()),
         "the restore on B refers to A's state dir ({b_dir})"
     );
 
@@ -164,7 +189,13 @@ async fn manual_snapshots_survive_kill_restore_serve_as_templates_and_fork() {
     let snap_id = snap["snapshotID"].as_str().unwrap().to_string();
     assert!(snap["sizeBytes"].as_u64().unwrap() > 0, "{snap}");
     // Another team sees neither the snapshots nor the template.
-    assert_eq!(other.fetch(&format!("/v1/sandboxes/{id}/snapshots")).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        other
+            .fetch(&format!("/v1/sandboxes/{id}/snapshots"))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
     let (status, v) = other
         .post("/v1/sandboxes", json!({ "templateID": snap_id }))
         .await;
@@ -187,14 +218,19 @@ async fn manual_snapshots_survive_kill_restore_serve_as_templates_and_fork() {
     let from_template = api.create(json!({ "templateID": snap_id })).await;
     assert_eq!(from_template["templateID"], snap_id.as_str());
     assert_eq!(from_template["resources"], small());
-    let (out, _, _) = Runtime::of(&from_template).run("cat /workspace/kept.txt").await;
+    let (out, _, _) = Runtime::of(&from_template)
+        .run("cat /workspace/kept.txt")
+        .await;
     assert_eq!(out, "kept\n");
 
     // Fork the restored sandbox: children have its state, the parent keeps running, and
     // they no longer share writes.
     let (_, _, _) = rt.run("echo parent-only > /tmp/mem.txt").await;
     let (status, forked) = api
-        .post(&format!("/v1/sandboxes/{}/fork", id_of(&restored)), json!({ "count": 2 }))
+        .post(
+            &format!("/v1/sandboxes/{}/fork", id_of(&restored)),
+            json!({ "count": 2 }),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{forked}");
     let children = forked["sandboxes"].as_array().unwrap().clone();
@@ -203,18 +239,26 @@ async fn manual_snapshots_survive_kill_restore_serve_as_templates_and_fork() {
         let crt = Runtime::of(child);
         let (out, _, _) = crt.run("cat /tmp/mem.txt /workspace/kept.txt").await;
         assert_eq!(out, "parent-only\nkept\n", "child {i}");
-        crt.run(&format!("echo child-{i} > /workspace/kept.txt")).await;
+        crt.run(&format!("echo child-{i} > /workspace/kept.txt"))
+            .await;
     }
     let (out, _, _) = rt.run("cat /workspace/kept.txt").await;
     assert_eq!(out, "kept\n", "a child's write reached the parent");
     let (status, _) = api
-        .post(&format!("/v1/sandboxes/{}/fork", id_of(&restored)), json!({ "count": 17 }))
+        .post(
+            &format!("/v1/sandboxes/{}/fork", id_of(&restored)),
+            json!({ "count": 17 }),
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
     // Deleting the snapshot: it is gone, and so are its unshared chunks.
     let (status, v) = api
-        .call(Method::DELETE, &format!("/v1/sandboxes/{id}/snapshots/{snap_id}"), None)
+        .call(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{id}/snapshots/{snap_id}"),
+            None,
+        )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
     let (status, v) = restore(&api, json!({ "sandboxID": id })).await;
@@ -247,8 +291,14 @@ async fn a_failed_upload_stores_nothing_keeps_the_sandbox_running_and_a_retry_su
     let (status, v) = snapshot(&api, &id).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert_eq!(v["code"], "storage_unavailable");
-    assert!(v["message"].as_str().unwrap().contains("injected fault"), "{v}");
-    assert!(list(&api, &id).await.is_empty(), "a partial snapshot is visible");
+    assert!(
+        v["message"].as_str().unwrap().contains("injected fault"),
+        "{v}"
+    );
+    assert!(
+        list(&api, &id).await.is_empty(),
+        "a partial snapshot is visible"
+    );
     assert_eq!(api.get(&id).await["state"], "running");
     check(&Runtime::of(&sbx), &marks, "after the failed snapshot").await;
 
@@ -286,8 +336,7 @@ async fn corrupted_chunks_are_detected_and_a_low_disk_refuses_snapshots() {
         .join("snapshots")
         .join(&id)
         .join(format!("{}.json", snap["snapshotID"].as_str().unwrap()));
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let manifest: Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
     let sha = manifest["files"]["state"]["chunks"][0]["sha256"]
         .as_str()
         .unwrap()
@@ -303,7 +352,11 @@ async fn corrupted_chunks_are_detected_and_a_low_disk_refuses_snapshots() {
     assert!(v["message"].as_str().unwrap().contains(&sha), "{v}");
     let failed = v["details"]["sandboxID"].as_str().unwrap();
     assert_eq!(api.get(failed).await["state"], "error");
-    assert_eq!(api.get(&id).await["state"], "running", "the source is untouched");
+    assert_eq!(
+        api.get(&id).await["state"],
+        "running",
+        "the source is untouched"
+    );
     assert_eq!(api.delete(&id).await, StatusCode::NO_CONTENT);
     drop(stack);
 
@@ -320,7 +373,10 @@ async fn corrupted_chunks_are_detected_and_a_low_disk_refuses_snapshots() {
             .await;
         assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{action}: {v}");
         assert_eq!(v["code"], "insufficient_storage");
-        assert!(v["message"].as_str().unwrap().contains("free disk space"), "{v}");
+        assert!(
+            v["message"].as_str().unwrap().contains("free disk space"),
+            "{v}"
+        );
     }
     let (out, _, _) = Runtime::of(&sbx).run("echo still here").await;
     assert_eq!(out, "still here\n");
@@ -333,7 +389,10 @@ async fn periodic_snapshots_and_hibernate_on_timeout_with_restore_preferring_pau
     let stack = Stack::start_with("snap-periodic", &flags(&s3), S3_ENV);
     let api = stack.public(stack.daemon.team_key("acme"));
     let (status, v) = api
-        .post("/v1/sandboxes", json!({ "templateID": "minimal", "snapshotInterval": 5 }))
+        .post(
+            "/v1/sandboxes",
+            json!({ "templateID": "minimal", "snapshotInterval": 5 }),
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(v["details"]["field"], "snapshotInterval");
@@ -349,22 +408,36 @@ async fn periodic_snapshots_and_hibernate_on_timeout_with_restore_preferring_pau
     let marks = mark(&Runtime::of(&sbx)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !kinds(&list(&api, &id).await).contains(&"periodic/object".to_string()) {
-        assert!(Instant::now() < deadline, "no periodic snapshot within 60 s");
+        assert!(
+            Instant::now() < deadline,
+            "no periodic snapshot within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let paused = api.wait_state(&id, "paused", Duration::from_secs(90)).await;
     assert_eq!(paused["hibernated"], true, "{paused}");
     let listed = kinds(&list(&api, &id).await);
     assert_eq!(listed[0], "pause/object", "{listed:?}");
-    assert!(listed.contains(&"periodic/object".to_string()), "{listed:?}");
+    assert!(
+        listed.contains(&"periodic/object".to_string()),
+        "{listed:?}"
+    );
 
     // With none named, a restore takes the pause snapshot (the newest state).
     let (status, copy) = restore(&api, json!({ "sandboxID": id })).await;
     assert_eq!(status, StatusCode::CREATED, "{copy}");
-    check(&Runtime::of(&copy), &marks, "restore of the hibernated sandbox").await;
+    check(
+        &Runtime::of(&copy),
+        &marks,
+        "restore of the hibernated sandbox",
+    )
+    .await;
     // And connect wakes the original.
     let (status, woke) = api
-        .post(&format!("/v1/sandboxes/{id}/connect"), json!({ "timeout": 60 }))
+        .post(
+            &format!("/v1/sandboxes/{id}/connect"),
+            json!({ "timeout": 60 }),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{woke}");
     check(&Runtime::of(&woke), &marks, "connect after hibernate").await;

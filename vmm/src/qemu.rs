@@ -612,7 +612,11 @@ impl QemuVmm {
             )));
         }
         let snapshot = Snapshot::new(dir.to_path_buf(), manifest);
-        snapshot.check_compatible(&self.qemu_version, &self.images.kernel_key()?, self.accel.accel)?;
+        snapshot.check_compatible(
+            &self.qemu_version,
+            &self.images.kernel_key()?,
+            self.accel.accel,
+        )?;
         grant_restore_access(dir, self.run_as.as_ref());
         snapshot.commit()?;
         Ok(snapshot)

@@ -285,7 +285,11 @@ impl Manager {
 
     /// The stored snapshots of `sandbox_id` that belong to `team`. The sandbox may be
     /// unknown here (deleted long ago, or made on another worker): the store decides.
-    async fn stored_of(&self, team: &str, sandbox_id: &str) -> Result<Vec<StoredSnapshot>, ApiError> {
+    async fn stored_of(
+        &self,
+        team: &str,
+        sandbox_id: &str,
+    ) -> Result<Vec<StoredSnapshot>, ApiError> {
         let local = self.catalog.sandbox(sandbox_id)?;
         if local.as_ref().is_some_and(|r| r.team_id != team) {
             return Err(ApiError::not_found("sandbox", sandbox_id));
@@ -311,9 +315,17 @@ impl Manager {
     }
 
     /// A sandbox's snapshots, newest first: stored ones, and a local pause snapshot.
-    pub async fn list_snapshots(&self, team: &str, id: &str) -> Result<Vec<SnapshotView>, ApiError> {
-        let mut views: Vec<SnapshotView> =
-            self.stored_of(team, id).await?.iter().map(view_of).collect();
+    pub async fn list_snapshots(
+        &self,
+        team: &str,
+        id: &str,
+    ) -> Result<Vec<SnapshotView>, ApiError> {
+        let mut views: Vec<SnapshotView> = self
+            .stored_of(team, id)
+            .await?
+            .iter()
+            .map(view_of)
+            .collect();
         if let Some((r, s)) = self.local_pause(team, id) {
             views.push(local_view(&r, &s));
         }
@@ -371,7 +383,9 @@ impl Manager {
                 deleted = gc.chunks_deleted,
                 "snapshot chunks collected"
             ),
-            Err(e) => warn!(error = %e, "collecting snapshot chunks failed; the next delete retries"),
+            Err(e) => {
+                warn!(error = %e, "collecting snapshot chunks failed; the next delete retries")
+            }
         }
     }
 
@@ -437,7 +451,9 @@ impl Manager {
         let s = stored::get(self.store(), &snapshot_id)
             .await
             .map_err(|e| store_error("reading the hibernate snapshot", e))?;
-        let dir = self.pauses_dir(&r.id).join(uuid::Uuid::new_v4().simple().to_string());
+        let dir = self
+            .pauses_dir(&r.id)
+            .join(uuid::Uuid::new_v4().simple().to_string());
         let vm = self
             .fetch_and_restore(&s, &dir, RestoreMemory::Copy, None)
             .await
@@ -530,7 +546,10 @@ impl Manager {
         &self,
         record: &SandboxRecord,
     ) -> Result<QemuVm, ApiError> {
-        let cache = self.state_dir.join("snapshot-templates").join(&record.template_id);
+        let cache = self
+            .state_dir
+            .join("snapshot-templates")
+            .join(&record.template_id);
         let snapshot = {
             let _one = self.template_fetch.lock().await;
             match Snapshot::open(&cache) {
@@ -645,7 +664,10 @@ impl Manager {
             last_periodic_ms: now,
             fork_base: None,
         };
-        record.step("requested", Some(format!("restore of {snapshot_id} ({source})")));
+        record.step(
+            "requested",
+            Some(format!("restore of {snapshot_id} ({source})")),
+        );
         self.admit(&record)?;
         self.catalog.append_event(
             &record.id,
@@ -659,14 +681,21 @@ impl Manager {
             .pauses_dir(&record.id)
             .join(uuid::Uuid::new_v4().simple().to_string());
         let result = match &pick {
-            Pick::Stored(s) => self.fetch_and_restore(s, &dir, RestoreMemory::Copy, None).await,
+            Pick::Stored(s) => {
+                self.fetch_and_restore(s, &dir, RestoreMemory::Copy, None)
+                    .await
+            }
             Pick::Local(_, l) => self.copy_and_restore(l, &dir).await,
         };
         match result {
             Ok(vm) => {
                 record.vm_dir = Some(vm.dir().display().to_string());
                 *guard = Some(vm);
-                self.transition(&mut record, InternalState::Active, "restored from a snapshot")?;
+                self.transition(
+                    &mut record,
+                    InternalState::Active,
+                    "restored from a snapshot",
+                )?;
                 Ok(self.view(&record, true))
             }
             Err(e) => {
@@ -726,7 +755,10 @@ impl Manager {
             let mut child = SandboxRecord {
                 id: format!("sbx-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
                 state: InternalState::New,
-                metadata: body.metadata.clone().unwrap_or_else(|| parent.metadata.clone()),
+                metadata: body
+                    .metadata
+                    .clone()
+                    .unwrap_or_else(|| parent.metadata.clone()),
                 timeout_s,
                 expires_at_ms: now + timeout_s as i64 * 1000,
                 created_at_ms: now,
