@@ -24,8 +24,8 @@ pub struct HostConfig {
     pub max_body_bytes: usize,
     /// Longest a request may take (default 60 s) ...
     pub request_timeout: Duration,
-    /// ... except those that wait for a sandbox to become ready: create, connect and
-    /// resume (default 300 s).
+    /// ... except those that wait on a VM: create, connect, resume, pause, hibernate,
+    /// snapshot, fork and restore (default 300 s).
     pub ready_timeout: Duration,
     /// Requests served at once; more get 503 with `Retry-After` (default 256). Also the
     /// size of the instance pool.

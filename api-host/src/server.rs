@@ -86,13 +86,25 @@ pub async fn serve(
     Ok(())
 }
 
-/// Whether a request may wait for a sandbox to become ready (a longer time limit).
+/// Whether a request waits on a VM (a boot, a restore, a snapshot written out): the
+/// longer time limit.
 fn waits_for_readiness(method: &http::Method, path: &str) -> bool {
     if method != http::Method::POST {
         return false;
     }
     let path = path.trim_end_matches('/');
-    path == "/api/v1/sandboxes" || path.ends_with("/connect") || path.ends_with("/resume")
+    path == "/api/v1/sandboxes"
+        || [
+            "/connect",
+            "/resume",
+            "/pause",
+            "/hibernate",
+            "/snapshots",
+            "/fork",
+            "/restore",
+        ]
+        .iter()
+        .any(|action| path.ends_with(action))
 }
 
 async fn handle(
@@ -181,7 +193,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_creates_connects_and_resumes_wait_for_readiness() {
+    fn only_calls_that_wait_on_a_vm_get_the_longer_limit() {
         let post = http::Method::POST;
         assert!(waits_for_readiness(&post, "/api/v1/sandboxes"));
         assert!(waits_for_readiness(
@@ -192,7 +204,19 @@ mod tests {
             &post,
             "/api/v1/sandboxes/sbx-1/resume/"
         ));
-        assert!(!waits_for_readiness(&post, "/api/v1/sandboxes/sbx-1/pause"));
+        assert!(waits_for_readiness(&post, "/api/v1/sandboxes/restore"));
+        assert!(waits_for_readiness(
+            &post,
+            "/api/v1/sandboxes/sbx-1/snapshots"
+        ));
+        assert!(!waits_for_readiness(
+            &post,
+            "/api/v1/sandboxes/sbx-1/refreshes"
+        ));
+        assert!(!waits_for_readiness(
+            &http::Method::GET,
+            "/api/v1/sandboxes/sbx-1/snapshots"
+        ));
         assert!(!waits_for_readiness(
             &http::Method::GET,
             "/api/v1/sandboxes"

@@ -6,7 +6,10 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use nullspace::{ConnectionConfig, CreateOptions, ListQuery, RunOptions, Sandbox, SandboxInfo};
+use nullspace::{
+    ConnectionConfig, CreateOptions, ListQuery, RestoreOptions, RunOptions, Sandbox, SandboxInfo,
+    SnapshotInfo,
+};
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Duration;
@@ -118,6 +121,32 @@ enum SandboxCommand {
         #[arg(long)]
         duration: Option<u64>,
     },
+    /// Pause into object storage: resumable (and restorable) on any worker.
+    Hibernate { id: String },
+    /// Take a manual snapshot (kept after kill; its ID works as a --template).
+    Snapshot { id: String },
+    /// List a sandbox's snapshots, newest first (also after it was killed).
+    Snapshots { id: String },
+    /// Delete one of a sandbox's snapshots.
+    DeleteSnapshot { id: String, snapshot_id: String },
+    /// Start a new sandbox from a snapshot of ID (default the newest: pause, then
+    /// periodic, then manual) and print the new sandbox's ID.
+    Restore {
+        id: String,
+        /// The snapshot to restore.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Lifetime of the new sandbox in seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Branch a running sandbox into COUNT children; print their IDs.
+    Fork {
+        id: String,
+        /// How many children.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
 }
 
 #[derive(Args)]
@@ -144,8 +173,44 @@ struct CreateArgs {
     #[arg(long)]
     disk_mib: Option<u64>,
     /// Pause instead of killing when the timeout passes.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "hibernate_on_timeout")]
     pause_on_timeout: bool,
+    /// Hibernate (pause into object storage) when the timeout passes.
+    #[arg(long)]
+    hibernate_on_timeout: bool,
+    /// Take a periodic snapshot every N seconds (10 to 86400; 0: off).
+    #[arg(long)]
+    snapshot_every: Option<u64>,
+}
+
+fn show_snapshots(list: &[SnapshotInfo], json: bool) {
+    if json {
+        let items: Vec<_> = list.iter().map(snapshot_json).collect();
+        println!("{}", serde_json::json!({ "snapshots": items }));
+        return;
+    }
+    println!(
+        "{:<40} {:<9} {:<7} {:>10} {:<26}",
+        "SNAPSHOT", "KIND", "STORAGE", "SIZE MiB", "CREATED"
+    );
+    for s in list {
+        println!(
+            "{:<40} {:<9} {:<7} {:>10.1} {:<26}",
+            s.snapshot_id,
+            s.kind,
+            s.storage,
+            s.size_bytes as f64 / 1048576.0,
+            s.created_at
+        );
+    }
+}
+
+fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
+    serde_json::json!({
+        "snapshotID": s.snapshot_id, "sandboxID": s.sandbox_id, "templateID": s.template_id,
+        "kind": s.kind, "createdAt": s.created_at, "sizeBytes": s.size_bytes,
+        "storedBytes": s.stored_bytes, "storage": s.storage,
+    })
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
@@ -315,6 +380,10 @@ async fn sandbox(
             if a.pause_on_timeout {
                 o = o.pause_on_timeout();
             }
+            if a.hibernate_on_timeout {
+                o = o.hibernate_on_timeout();
+            }
+            o.snapshot_interval = a.snapshot_every;
             let progress = std::io::stderr().is_terminal() && !json;
             if progress {
                 eprint!("creating a sandbox from {} ... ", a.template);
@@ -410,6 +479,65 @@ async fn sandbox(
         SandboxCommand::Timeout { id, seconds } => {
             Sandbox::from_id(config, id)?.set_timeout(*seconds).await?;
             show(&Sandbox::get_info_by_id(config, id).await?, json);
+        }
+        SandboxCommand::Hibernate { id } => {
+            Sandbox::from_id(config, id)?.hibernate().await?;
+            show(&Sandbox::get_info_by_id(config, id).await?, json);
+        }
+        SandboxCommand::Snapshot { id } => {
+            let s = Sandbox::from_id(config, id)?.create_snapshot().await?;
+            if json {
+                println!("{}", snapshot_json(&s));
+            } else {
+                println!("{}", s.snapshot_id);
+            }
+        }
+        SandboxCommand::Snapshots { id } => {
+            show_snapshots(&Sandbox::list_snapshots_of(config, id).await?, json)
+        }
+        SandboxCommand::DeleteSnapshot { id, snapshot_id } => {
+            Sandbox::from_id(config, id)?
+                .delete_snapshot(snapshot_id)
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "snapshotID": snapshot_id, "deleted": true })
+                );
+            } else {
+                println!("deleted {snapshot_id}");
+            }
+        }
+        SandboxCommand::Restore {
+            id,
+            snapshot,
+            timeout,
+        } => {
+            let options = RestoreOptions {
+                snapshot_id: snapshot.clone(),
+                timeout: *timeout,
+                metadata: None,
+            };
+            let sbx = Sandbox::restore(config, id, &options).await?;
+            if json {
+                show(&sbx.get_info().await?, true);
+            } else {
+                println!("{}", sbx.id());
+            }
+        }
+        SandboxCommand::Fork { id, count } => {
+            let children = Sandbox::connect(config, id, None)
+                .await?
+                .fork(*count)
+                .await?;
+            if json {
+                let ids: Vec<&str> = children.iter().map(|c| c.id()).collect();
+                println!("{}", serde_json::json!({ "sandboxIDs": ids }));
+            } else {
+                for c in &children {
+                    println!("{}", c.id());
+                }
+            }
         }
     }
     Ok(())

@@ -86,6 +86,39 @@ pub struct SandboxRecord {
 }
 
 impl SandboxRecord {
+    /// A new sandbox (fresh ID, state `New`, lifetime counted from now) with no
+    /// environment, labels or history; the caller sets what else it has.
+    pub fn fresh(
+        team_id: &str,
+        template_id: String,
+        resources: Resources,
+        timeout_s: u64,
+        snapshot_interval_s: u64,
+    ) -> Self {
+        let now = chrono::Utc::now().timestamp_millis();
+        Self {
+            id: format!("sbx-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
+            team_id: team_id.to_string(),
+            template_id,
+            state: InternalState::New,
+            resources,
+            env_vars: BTreeMap::new(),
+            metadata: BTreeMap::new(),
+            on_timeout: OnTimeout::Kill,
+            timeout_s,
+            expires_at_ms: now + timeout_s as i64 * 1000,
+            created_at_ms: now,
+            timeline: Vec::new(),
+            diagnostic: None,
+            pause_snapshot: None,
+            vm_dir: None,
+            hibernated: None,
+            snapshot_interval_s,
+            last_periodic_ms: now,
+            fork_base: None,
+        }
+    }
+
     /// Appends a timeline step stamped now.
     pub fn step(&mut self, step: &str, detail: Option<String>) {
         self.timeline.push(TimelineStep {

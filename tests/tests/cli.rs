@@ -117,6 +117,31 @@ async fn the_cli_creates_runs_copies_and_kills() {
         "copied through the CLI"
     );
 
+    // Snapshots: take one, list it, restore it, fork, hibernate.
+    let snap = cli.ok(&["sandbox", "snapshot", &id]);
+    assert!(snap.starts_with("snap-"), "{snap}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["sandbox", "snapshots", &id, "--json"])).unwrap();
+    assert_eq!(listed["snapshots"][0]["snapshotID"], snap.as_str());
+    assert_eq!(listed["snapshots"][0]["kind"], "manual");
+    let restored = cli.ok(&["sandbox", "restore", &id, "--snapshot", &snap]);
+    let out = cli.run(&["exec", &restored, "cat", "/workspace/in.txt"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "copied through the CLI"
+    );
+    let child = cli.ok(&["sandbox", "fork", &restored, "--count", "1"]);
+    assert!(child.starts_with("sbx-"), "{child}");
+    let info: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["sandbox", "hibernate", &restored, "--json"])).unwrap();
+    assert_eq!(info["state"], "paused");
+    for other in [&restored, &child] {
+        assert!(cli.ok(&["sandbox", "kill", other]).contains("killed"));
+    }
+    assert!(cli
+        .ok(&["sandbox", "delete-snapshot", &id, &snap])
+        .contains("deleted"));
+
     // kill, twice.
     assert!(cli.ok(&["sandbox", "kill", &id]).contains("killed"));
     assert!(cli.ok(&["sandbox", "kill", &id]).contains("already gone"));

@@ -230,9 +230,14 @@ async fn bad_requests_are_refused_with_what_to_send() {
             "egress",
         ),
         (
-            json!({ "templateID": "base", "lifecycle": { "onTimeout": "hibernate" } }),
-            StatusCode::NOT_IMPLEMENTED,
-            "hibernate",
+            json!({ "templateID": "base", "snapshotInterval": 3 }),
+            StatusCode::BAD_REQUEST,
+            "snapshotInterval",
+        ),
+        (
+            json!({ "templateID": "snap-0123456789abcdef0123-0123456789ab" }),
+            StatusCode::NOT_FOUND,
+            "snap-0123456789abcdef0123-0123456789ab",
         ),
         (
             json!({ "templateID": "base", "lifecycle": { "autoResume": true } }),

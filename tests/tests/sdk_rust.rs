@@ -207,3 +207,85 @@ async fn errors_carry_the_api_code_and_blocking_calls_work() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn the_sdk_snapshots_restores_forks_and_hibernates() {
+    use nullspace::RestoreOptions;
+    let stack = Stack::start("sdk-rust-snapshots");
+    let config = ConnectionConfig::new(&stack.api.url, stack.daemon.team_key("acme"));
+    let mut sbx = Sandbox::create(&config, &small("minimal").timeout(120))
+        .await
+        .unwrap();
+    sbx.files()
+        .write("/workspace/state.txt", "v1")
+        .await
+        .unwrap();
+    let snap = sbx.create_snapshot().await.unwrap();
+    assert_eq!(
+        (snap.kind.as_str(), snap.storage.as_str()),
+        ("manual", "object")
+    );
+    let listed = sbx.list_snapshots().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].snapshot_id, snap.snapshot_id);
+
+    let children = sbx.fork(1).await.unwrap();
+    assert_eq!(children.len(), 1);
+    assert_eq!(
+        children[0]
+            .files()
+            .read_to_string("/workspace/state.txt")
+            .await
+            .unwrap(),
+        "v1"
+    );
+
+    sbx.hibernate().await.unwrap();
+    let info = sbx.get_info().await.unwrap();
+    assert!(info.hibernated && info.state == "paused", "{info:?}");
+    sbx.resume().await.unwrap();
+    sbx.files()
+        .write("/workspace/state.txt", "v2")
+        .await
+        .unwrap();
+    assert!(sbx.kill().await.unwrap());
+
+    // After the kill, the manual snapshot restores the state it had then.
+    let restored = Sandbox::restore(
+        &config,
+        sbx.id(),
+        &RestoreOptions {
+            snapshot_id: Some(snap.snapshot_id.clone()),
+            ..RestoreOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        restored
+            .files()
+            .read_to_string("/workspace/state.txt")
+            .await
+            .unwrap(),
+        "v1"
+    );
+    let from_template = Sandbox::create(&config, &CreateOptions::new(&snap.snapshot_id))
+        .await
+        .unwrap();
+    assert!(from_template
+        .files()
+        .exists("/workspace/state.txt")
+        .await
+        .unwrap());
+    for s in [&restored, &from_template, &children[0]] {
+        assert!(s.kill().await.unwrap());
+    }
+    let gone = Sandbox::restore(
+        &config,
+        "sbx-0123456789abcdef0123",
+        &RestoreOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(gone.is_not_found(), "{gone}");
+}

@@ -198,6 +198,8 @@ impl Manager {
                 }
             }
         }
+        // Scratch space of snapshots a crash interrupted: never published, never needed.
+        let _ = std::fs::remove_dir_all(self.state_dir.join("uploads"));
         let reaped = self.vmm.reap_orphans(&adopted);
         info!(adopted = adopted.len(), reaped, "reconciled after start");
         Ok(())
@@ -309,29 +311,19 @@ impl Manager {
                 resources.disk_mib, req.template_id
             )));
         }
-        let now = now_ms();
         let mut record = SandboxRecord {
-            id: format!("sbx-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
-            team_id: team.to_string(),
-            template_id: req.template_id,
-            state: InternalState::New,
-            resources,
             env_vars: req.env_vars,
             metadata: req.metadata,
             on_timeout,
-            timeout_s,
-            expires_at_ms: now + timeout_s as i64 * 1000,
-            created_at_ms: now,
-            timeline: Vec::new(),
-            diagnostic: None,
-            pause_snapshot: None,
-            vm_dir: None,
-            hibernated: None,
-            snapshot_interval_s: valid
-                .snapshot_interval_s
-                .unwrap_or(self.snapshots.periodic_default_s),
-            last_periodic_ms: now,
-            fork_base: None,
+            ..SandboxRecord::fresh(
+                team,
+                req.template_id,
+                resources,
+                timeout_s,
+                valid
+                    .snapshot_interval_s
+                    .unwrap_or(self.snapshots.periodic_default_s),
+            )
         };
         record.step("requested", None);
         Ok((record, valid.wait_ready))

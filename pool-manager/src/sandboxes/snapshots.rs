@@ -364,6 +364,16 @@ impl Manager {
         stored::delete(self.store(), s)
             .await
             .map_err(|e| store_error("deleting the snapshot", e))?;
+        // This worker's cached copy (a template) goes once no live sandbox uses it.
+        let in_use = self.catalog.all_sandboxes()?.iter().any(|r| {
+            r.template_id == snapshot_id
+                && !matches!(r.state, InternalState::Deleted | InternalState::Failed)
+        });
+        if !in_use {
+            let _ = std::fs::remove_dir_all(
+                self.state_dir.join("snapshot-templates").join(snapshot_id),
+            );
+        }
         let _ = self.catalog.append_event(
             id,
             "sandbox.snapshot_deleted",
@@ -638,31 +648,21 @@ impl Manager {
                 l.manifest().id.clone(),
             ),
         };
-        let now = now_ms();
+        let resources = Resources {
+            vcpus: vmm_manifest.vcpus,
+            mem_mib: vmm_manifest.mem_mib,
+            disk_mib: vmm_manifest.disk_mib,
+        };
         let mut record = SandboxRecord {
-            id: format!("sbx-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
-            team_id: team.to_string(),
-            template_id,
-            state: InternalState::New,
-            resources: Resources {
-                vcpus: vmm_manifest.vcpus,
-                mem_mib: vmm_manifest.mem_mib,
-                disk_mib: vmm_manifest.disk_mib,
-            },
             env_vars: origin.env_vars,
             metadata: body.metadata.unwrap_or(origin.metadata),
-            on_timeout: OnTimeout::Kill,
-            timeout_s,
-            expires_at_ms: now + timeout_s as i64 * 1000,
-            created_at_ms: now,
-            timeline: Vec::new(),
-            diagnostic: None,
-            pause_snapshot: None,
-            vm_dir: None,
-            hibernated: None,
-            snapshot_interval_s: self.snapshots.periodic_default_s,
-            last_periodic_ms: now,
-            fork_base: None,
+            ..SandboxRecord::fresh(
+                team,
+                template_id,
+                resources,
+                timeout_s,
+                self.snapshots.periodic_default_s,
+            )
         };
         record.step(
             "requested",
@@ -744,7 +744,6 @@ impl Manager {
         let (mut guard, parent) = self.lock_running(team, id, "forked").await?;
         let vm = guard.as_mut().expect("checked");
         self.check_disk_space(vm, parent.resources.mem_mib)?;
-        let now = now_ms();
         let timeout_s = body.timeout.unwrap_or(parent.timeout_s);
         let dir = self
             .state_dir
@@ -753,23 +752,20 @@ impl Manager {
         let mut children = Vec::new();
         for _ in 0..count {
             let mut child = SandboxRecord {
-                id: format!("sbx-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
-                state: InternalState::New,
+                env_vars: parent.env_vars.clone(),
                 metadata: body
                     .metadata
                     .clone()
                     .unwrap_or_else(|| parent.metadata.clone()),
-                timeout_s,
-                expires_at_ms: now + timeout_s as i64 * 1000,
-                created_at_ms: now,
-                timeline: Vec::new(),
-                diagnostic: None,
-                pause_snapshot: None,
-                vm_dir: None,
-                hibernated: None,
-                last_periodic_ms: now,
+                on_timeout: parent.on_timeout,
                 fork_base: Some(dir.display().to_string()),
-                ..parent.clone()
+                ..SandboxRecord::fresh(
+                    team,
+                    parent.template_id.clone(),
+                    parent.resources,
+                    timeout_s,
+                    parent.snapshot_interval_s,
+                )
             };
             child.step("requested", Some(format!("fork of {id}")));
             if let Err(e) = self.admit(&child) {

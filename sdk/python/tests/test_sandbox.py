@@ -112,3 +112,47 @@ async def test_async_sandbox():
         assert not await sbx.kill()
     once = await AsyncSandbox.run_once("echo async-once", template="minimal", resources=SMALL)
     assert once.stdout == "async-once\n"
+
+
+def test_snapshots_restore_fork_and_hibernate():
+    sbx = Sandbox.create(template="minimal", timeout=120, resources=SMALL)
+    try:
+        sbx.files.write("/workspace/state.txt", "v1")
+        snap = sbx.create_snapshot()
+        assert (snap.kind, snap.storage) == ("manual", "object")
+        assert [s.snapshot_id for s in sbx.list_snapshots()] == [snap.snapshot_id]
+
+        (child,) = sbx.fork(1)
+        with child:
+            assert child.files.read("/workspace/state.txt") == "v1"
+            assert child.kill()
+
+        sbx.hibernate()
+        info = sbx.get_info()
+        assert info.state == "paused" and info.hibernated
+        sbx.resume()
+        sbx.files.write("/workspace/state.txt", "v2")
+    finally:
+        sbx.kill()
+        sbx.close()
+
+    # The manual snapshot outlives the sandbox and restores the state it had.
+    with Sandbox.restore(sbx.sandbox_id, snapshot_id=snap.snapshot_id) as restored:
+        assert restored.files.read("/workspace/state.txt") == "v1"
+        assert restored.kill()
+    with pytest.raises(NotFoundError):
+        Sandbox.restore("sbx-0123456789abcdef0123")
+
+
+@pytest.mark.asyncio
+async def test_async_snapshots():
+    sbx = await AsyncSandbox.create(template="minimal", timeout=120, resources=SMALL)
+    try:
+        snap = await sbx.snapshot()
+        listed = await sbx.list_snapshots()
+        assert [s.snapshot_id for s in listed] == [snap.snapshot_id]
+        await sbx.delete_snapshot(snap.snapshot_id)
+        assert await sbx.list_snapshots() == []
+    finally:
+        await sbx.kill()
+        await sbx.close()

@@ -1,7 +1,8 @@
 //! The same calls without async: each blocks on a small runtime the handle owns.
 
 use crate::models::{
-    CommandResult, CreateOptions, FileInfo, ListQuery, ProcessInfo, SandboxInfo, SandboxPage,
+    CommandResult, CreateOptions, FileInfo, ListQuery, ProcessInfo, RestoreOptions, SandboxInfo,
+    SandboxPage, SnapshotInfo,
 };
 use crate::{ConnectionConfig, Error, Result, RunOptions};
 use std::sync::Arc;
@@ -50,9 +51,47 @@ impl Sandbox {
         runtime()?.block_on(crate::Sandbox::get_info_by_id(config, sandbox_id))
     }
 
+    /// Starts a new sandbox from a snapshot of `sandbox_id`.
+    pub fn restore(
+        config: &ConnectionConfig,
+        sandbox_id: &str,
+        options: &RestoreOptions,
+    ) -> Result<Sandbox> {
+        let rt = runtime()?;
+        let inner = rt.block_on(crate::Sandbox::restore(config, sandbox_id, options))?;
+        Ok(Self { inner, rt })
+    }
+
     /// Its ID.
     pub fn id(&self) -> &str {
         self.inner.id()
+    }
+
+    /// Hibernates it.
+    pub fn hibernate(&self) -> Result<()> {
+        self.rt.block_on(self.inner.hibernate())
+    }
+
+    /// Takes a manual snapshot.
+    pub fn create_snapshot(&self) -> Result<SnapshotInfo> {
+        self.rt.block_on(self.inner.create_snapshot())
+    }
+
+    /// Its snapshots, newest first.
+    pub fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        self.rt.block_on(self.inner.list_snapshots())
+    }
+
+    /// Branches it into `count` children.
+    pub fn fork(&self, count: u32) -> Result<Vec<Sandbox>> {
+        let children = self.rt.block_on(self.inner.fork(count))?;
+        Ok(children
+            .into_iter()
+            .map(|inner| Self {
+                inner,
+                rt: self.rt.clone(),
+            })
+            .collect())
     }
 
     /// The async handle.

@@ -30,6 +30,7 @@ pub use error::{Error, Result};
 pub use files::Files;
 pub use models::{
     CommandResult, CreateOptions, Diagnostic, FileInfo, Lifecycle, ListQuery, OnTimeout,
-    ProcessInfo, Resources, RuntimeAccess, RuntimeTarget, SandboxInfo, SandboxPage, TimelineStep,
+    ProcessInfo, Resources, RestoreOptions, RuntimeAccess, RuntimeTarget, SandboxInfo, SandboxPage,
+    SnapshotInfo, TimelineStep,
 };
 pub use sandbox::Sandbox;

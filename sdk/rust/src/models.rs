@@ -90,6 +90,56 @@ pub struct SandboxInfo {
     /// Data-plane access, while running and when asked for (create, connect).
     #[serde(default)]
     pub runtime: Option<RuntimeAccess>,
+    /// Seconds between periodic snapshots (0: none).
+    #[serde(default)]
+    pub snapshot_interval: u64,
+    /// Paused into object storage (resumable on any worker).
+    #[serde(default)]
+    pub hibernated: bool,
+}
+
+/// A snapshot of a sandbox: memory, processes and disk at one instant.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotInfo {
+    /// Its ID; works as a template ID in [`CreateOptions::new`].
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    /// The sandbox it was taken of.
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    /// That sandbox's template.
+    #[serde(rename = "templateID", default)]
+    pub template_id: String,
+    /// `pause`, `periodic` or `manual`.
+    pub kind: String,
+    /// Taken (ISO 8601).
+    pub created_at: String,
+    /// Bytes a restore materializes.
+    pub size_bytes: u64,
+    /// Bytes of data it references in the store.
+    #[serde(default)]
+    pub stored_bytes: u64,
+    /// `object` (any worker sharing the store) or `local` (this worker).
+    pub storage: String,
+    /// The shape a restore gets.
+    #[serde(default)]
+    pub resources: Option<Resources>,
+}
+
+/// Options of [`crate::Sandbox::restore`].
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreOptions {
+    /// The snapshot; default the newest, preferring pause, then periodic, then manual.
+    #[serde(rename = "snapshotID", skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+    /// Lifetime of the new sandbox in seconds (server default 300).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    /// Labels of the new sandbox (default: the original's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
 }
 
 /// Options of [`crate::Sandbox::create`]. `CreateOptions::new("base")` and set what you need.
@@ -114,13 +164,16 @@ pub struct CreateOptions {
     /// What the timeout does.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lifecycle: Option<Lifecycle>,
+    /// Seconds between periodic snapshots (0: off; server default otherwise).
+    #[serde(rename = "snapshotInterval", skip_serializing_if = "Option::is_none")]
+    pub snapshot_interval: Option<u64>,
 }
 
 /// `lifecycle` of a create.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Lifecycle {
-    /// Kill (default) or pause when the timeout passes.
+    /// Kill (default), pause, or hibernate when the timeout passes.
     pub on_timeout: OnTimeout,
 }
 
@@ -166,6 +219,20 @@ impl CreateOptions {
         self.lifecycle = Some(Lifecycle {
             on_timeout: OnTimeout::Pause,
         });
+        self
+    }
+
+    /// Hibernates (pauses into object storage) instead of killing on timeout.
+    pub fn hibernate_on_timeout(mut self) -> Self {
+        self.lifecycle = Some(Lifecycle {
+            on_timeout: OnTimeout::Hibernate,
+        });
+        self
+    }
+
+    /// Takes a periodic snapshot every `seconds` (10 to 86400; 0 turns them off).
+    pub fn snapshot_every(mut self, seconds: u64) -> Self {
+        self.snapshot_interval = Some(seconds);
         self
     }
 }

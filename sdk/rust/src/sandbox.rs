@@ -3,7 +3,9 @@
 use crate::commands::Commands;
 use crate::error::check;
 use crate::files::Files;
-use crate::models::{CreateOptions, ListQuery, RuntimeAccess, SandboxInfo, SandboxPage};
+use crate::models::{
+    CreateOptions, ListQuery, RestoreOptions, RuntimeAccess, SandboxInfo, SandboxPage, SnapshotInfo,
+};
 use crate::{ConnectionConfig, Error, Result};
 use serde_json::{json, Value};
 
@@ -45,6 +47,10 @@ pub(crate) async fn call(
 
 fn info(v: Value) -> Result<SandboxInfo> {
     serde_json::from_value(v).map_err(|e| Error::Protocol(format!("a sandbox: {e}")))
+}
+
+fn snapshot_info(v: Value) -> Result<SnapshotInfo> {
+    serde_json::from_value(v).map_err(|e| Error::Protocol(format!("a snapshot: {e}")))
 }
 
 impl Sandbox {
@@ -223,6 +229,103 @@ impl Sandbox {
             .await?;
         self.runtime = info(v)?.runtime;
         Ok(())
+    }
+
+    /// Pauses it into object storage (hibernates): any worker sharing the store can
+    /// resume or restore it.
+    pub async fn hibernate(&self) -> Result<()> {
+        self.control(reqwest::Method::POST, "hibernate", Some(json!({})))
+            .await
+            .map(drop)
+    }
+
+    /// Takes a manual snapshot to object storage; the sandbox keeps running. Manual
+    /// snapshots accumulate and survive [`Sandbox::kill`]; the ID works as a template.
+    pub async fn create_snapshot(&self) -> Result<SnapshotInfo> {
+        snapshot_info(
+            self.control(reqwest::Method::POST, "snapshots", Some(json!({})))
+                .await?,
+        )
+    }
+
+    /// The same as [`Sandbox::create_snapshot`] (the name the seeds' SDK uses for
+    /// checkpoints).
+    pub async fn snapshot(&self) -> Result<SnapshotInfo> {
+        self.create_snapshot().await
+    }
+
+    /// Its snapshots (pause, periodic, manual), newest first.
+    pub async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        Self::list_snapshots_of(&self.config, &self.id).await
+    }
+
+    /// The snapshots of any sandbox of the team, also one deleted or on another worker.
+    pub async fn list_snapshots_of(
+        config: &ConnectionConfig,
+        sandbox_id: &str,
+    ) -> Result<Vec<SnapshotInfo>> {
+        let http = client(config)?;
+        let v = call(
+            &http,
+            config,
+            reqwest::Method::GET,
+            &format!("/sandboxes/{sandbox_id}/snapshots"),
+            None,
+        )
+        .await?;
+        let list = v.get("snapshots").cloned().unwrap_or(Value::Null);
+        serde_json::from_value(list).map_err(|e| Error::Protocol(format!("snapshots: {e}")))
+    }
+
+    /// Deletes one of its stored snapshots.
+    pub async fn delete_snapshot(&self, snapshot_id: &str) -> Result<()> {
+        self.control(
+            reqwest::Method::DELETE,
+            &format!("snapshots/{snapshot_id}"),
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Starts a new sandbox from a snapshot of `sandbox_id` (it may be deleted, or on
+    /// another worker) and returns it connected.
+    pub async fn restore(
+        config: &ConnectionConfig,
+        sandbox_id: &str,
+        options: &RestoreOptions,
+    ) -> Result<Sandbox> {
+        let http = client(config)?;
+        let mut body = serde_json::to_value(options).map_err(|e| Error::Protocol(e.to_string()))?;
+        body["sandboxID"] = json!(sandbox_id);
+        let v = call(
+            &http,
+            config,
+            reqwest::Method::POST,
+            "/sandboxes/restore",
+            Some(body),
+        )
+        .await?;
+        Ok(Self::from_info(config.clone(), http, info(v)?))
+    }
+
+    /// Branches it into `count` running children with its memory, processes and disk;
+    /// it keeps running.
+    pub async fn fork(&self, count: u32) -> Result<Vec<Sandbox>> {
+        let v = self
+            .control(
+                reqwest::Method::POST,
+                "fork",
+                Some(json!({ "count": count })),
+            )
+            .await?;
+        let children: Vec<SandboxInfo> =
+            serde_json::from_value(v.get("sandboxes").cloned().unwrap_or(Value::Null))
+                .map_err(|e| Error::Protocol(format!("fork children: {e}")))?;
+        Ok(children
+            .into_iter()
+            .map(|c| Self::from_info(self.config.clone(), self.http.clone(), c))
+            .collect())
     }
 
     /// Commands in the sandbox.

@@ -1,6 +1,7 @@
 """Python SDK for Nullspace sandboxes: ``Sandbox`` (sync) and ``AsyncSandbox``."""
 
-from ._core import CommandResult, EntryInfo, NotFoundError, SandboxError, SandboxInfo
+from ._core import (CommandResult, EntryInfo, NotFoundError, SandboxError, SandboxInfo,
+                    SnapshotInfo)
 from .async_sandbox import AsyncCommandHandle, AsyncSandbox
 from .sandbox import CommandHandle, Sandbox
 
@@ -14,4 +15,5 @@ __all__ = [
     "Sandbox",
     "SandboxError",
     "SandboxInfo",
+    "SnapshotInfo",
 ]

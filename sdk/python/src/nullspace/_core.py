@@ -100,6 +100,8 @@ class SandboxInfo:
     timeline: List[Dict[str, Any]] = field(default_factory=list)
     diagnostic: Optional[Dict[str, str]] = None
     runtime: Optional[Dict[str, Any]] = None
+    snapshot_interval: int = 0
+    hibernated: bool = False
 
     @staticmethod
     def parse(doc: Dict[str, Any]) -> "SandboxInfo":
@@ -115,7 +117,51 @@ class SandboxInfo:
             timeline=doc.get("timeline") or [],
             diagnostic=doc.get("diagnostic"),
             runtime=doc.get("runtime"),
+            snapshot_interval=doc.get("snapshotInterval", 0),
+            hibernated=bool(doc.get("hibernated", False)),
         )
+
+
+@dataclass
+class SnapshotInfo:
+    """A snapshot: a sandbox's memory, processes and disk at one instant. ``snapshot_id``
+    works as a template (``Sandbox.create(template=snapshot_id)``)."""
+
+    snapshot_id: str
+    sandbox_id: str
+    template_id: str
+    kind: str
+    created_at: str
+    size_bytes: int
+    stored_bytes: int
+    storage: str
+    resources: Optional[Dict[str, int]] = None
+
+    @staticmethod
+    def parse(doc: Dict[str, Any]) -> "SnapshotInfo":
+        return SnapshotInfo(
+            snapshot_id=doc["snapshotID"],
+            sandbox_id=doc.get("sandboxID", ""),
+            template_id=doc.get("templateID", ""),
+            kind=doc.get("kind", ""),
+            created_at=doc.get("createdAt", ""),
+            size_bytes=doc.get("sizeBytes", 0),
+            stored_bytes=doc.get("storedBytes", 0),
+            storage=doc.get("storage", ""),
+            resources=doc.get("resources"),
+        )
+
+
+def restore_body(sandbox_id: str, snapshot_id: Optional[str], timeout: Optional[int],
+                 metadata: Optional[Dict[str, str]]) -> Dict[str, Any]:
+    body: Dict[str, Any] = {"sandboxID": sandbox_id}
+    if snapshot_id is not None:
+        body["snapshotID"] = snapshot_id
+    if timeout is not None:
+        body["timeout"] = timeout
+    if metadata is not None:
+        body["metadata"] = metadata
+    return body
 
 
 @dataclass
@@ -148,8 +194,11 @@ class EntryInfo:
 
 def create_body(template: str, timeout: Optional[int], metadata: Optional[Dict[str, str]],
                 envs: Optional[Dict[str, str]], lifecycle: Optional[Dict[str, Any]],
-                resources: Optional[Dict[str, int]]) -> Dict[str, Any]:
+                resources: Optional[Dict[str, int]],
+                snapshot_interval: Optional[int] = None) -> Dict[str, Any]:
     body: Dict[str, Any] = {"templateID": template}
+    if snapshot_interval is not None:
+        body["snapshotInterval"] = snapshot_interval
     if timeout is not None:
         body["timeout"] = timeout
     if metadata:

@@ -7,8 +7,8 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import httpx
 
-from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, apply_event,
-                    create_body, list_params, raise_for, run_body)
+from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, SnapshotInfo,
+                    apply_event, create_body, list_params, raise_for, restore_body, run_body)
 
 
 async def _call(client: httpx.AsyncClient, config: Config, method: str, path: str,
@@ -150,14 +150,16 @@ class AsyncSandbox:
                      metadata: Optional[Dict[str, str]] = None,
                      envs: Optional[Dict[str, str]] = None,
                      lifecycle: Optional[Dict[str, Any]] = None,
-                     resources: Optional[Dict[str, int]] = None, api_key: Optional[str] = None,
+                     resources: Optional[Dict[str, int]] = None,
+                     snapshot_interval: Optional[int] = None, api_key: Optional[str] = None,
                      domain: Optional[str] = None,
                      request_timeout: Optional[float] = None) -> "AsyncSandbox":
         config = Config.resolve(api_key, domain, request_timeout)
         client = httpx.AsyncClient(timeout=config.request_timeout)
         try:
             doc = await _call(client, config, "POST", "/sandboxes",
-                              create_body(template, timeout, metadata, envs, lifecycle, resources))
+                              create_body(template, timeout, metadata, envs, lifecycle, resources,
+                                          snapshot_interval))
         except Exception:
             await client.aclose()
             raise
@@ -195,6 +197,24 @@ class AsyncSandbox:
         config = Config.resolve(api_key, domain, request_timeout)
         async with httpx.AsyncClient(timeout=config.request_timeout) as client:
             return SandboxInfo.parse(await _call(client, config, "GET", f"/sandboxes/{sandbox_id}"))
+
+    @classmethod
+    async def restore(cls, sandbox_id: str, snapshot_id: Optional[str] = None,
+                 timeout: Optional[int] = None, metadata: Optional[Dict[str, str]] = None,
+                 api_key: Optional[str] = None, domain: Optional[str] = None,
+                 request_timeout: Optional[float] = None) -> "AsyncSandbox":
+        """Starts a new sandbox from a snapshot of ``sandbox_id`` (which may be deleted or
+        on another worker): ``snapshot_id``, or the newest (pause, then periodic, then
+        manual). Returns it connected."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        client = httpx.AsyncClient(timeout=config.request_timeout)
+        try:
+            doc = await _call(client, config, "POST", "/sandboxes/restore",
+                              restore_body(sandbox_id, snapshot_id, timeout, metadata))
+        except Exception:
+            await client.aclose()
+            raise
+        return cls(SandboxInfo.parse(doc), config, client)
 
     @classmethod
     async def run_once(cls, cmd: str, template: str = "base", **create_args: Any) -> CommandResult:
@@ -256,6 +276,38 @@ class AsyncSandbox:
     async def resume(self, request_timeout: Optional[float] = None) -> None:
         doc = await self._control("POST", "resume", {}, request_timeout)
         self._runtime = SandboxInfo.parse(doc).runtime
+
+    async def hibernate(self, request_timeout: Optional[float] = None) -> None:
+        """Pauses into object storage: any worker sharing the store can resume it."""
+        await self._control("POST", "hibernate", {}, request_timeout)
+
+    async def create_snapshot(self, request_timeout: Optional[float] = None) -> SnapshotInfo:
+        """Takes a snapshot to object storage; the sandbox keeps running. Its ID works as
+        a template ID."""
+        return SnapshotInfo.parse(await self._control("POST", "snapshots", {}, request_timeout))
+
+    async def snapshot(self, request_timeout: Optional[float] = None) -> SnapshotInfo:
+        """A manual snapshot: they accumulate and survive ``kill()``; restore one with
+        ``Sandbox.restore``."""
+        return await self.create_snapshot(request_timeout)
+
+    async def list_snapshots(self, request_timeout: Optional[float] = None) -> List[SnapshotInfo]:
+        """Its snapshots (pause, periodic, manual), newest first."""
+        doc = await self._control("GET", "snapshots", request_timeout=request_timeout)
+        return [SnapshotInfo.parse(d) for d in doc["snapshots"]]
+
+    async def delete_snapshot(self, snapshot_id: str,
+                              request_timeout: Optional[float] = None) -> None:
+        await self._control("DELETE", f"snapshots/{snapshot_id}", request_timeout=request_timeout)
+
+    async def fork(self, count: int = 1,
+                   request_timeout: Optional[float] = None) -> List["AsyncSandbox"]:
+        """Branches it into ``count`` running children with its memory, processes and
+        disk; it keeps running. Each child has its own HTTP client: close it when done."""
+        doc = await self._control("POST", "fork", {"count": count}, request_timeout)
+        return [type(self)(SandboxInfo.parse(c), self._config,
+                           httpx.AsyncClient(timeout=self._config.request_timeout))
+                for c in doc["sandboxes"]]
 
     async def close(self) -> None:
         await self._client.aclose()

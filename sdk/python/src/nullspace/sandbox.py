@@ -7,8 +7,8 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import httpx
 
-from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, apply_event,
-                    create_body, list_params, raise_for, run_body)
+from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, SnapshotInfo,
+                    apply_event, create_body, list_params, raise_for, restore_body, run_body)
 
 
 def _call(client: httpx.Client, config: Config, method: str, path: str,
@@ -192,14 +192,16 @@ class Sandbox:
     def create(cls, template: str = "base", timeout: Optional[int] = None,
                metadata: Optional[Dict[str, str]] = None, envs: Optional[Dict[str, str]] = None,
                lifecycle: Optional[Dict[str, Any]] = None,
-               resources: Optional[Dict[str, int]] = None, api_key: Optional[str] = None,
+               resources: Optional[Dict[str, int]] = None,
+               snapshot_interval: Optional[int] = None, api_key: Optional[str] = None,
                domain: Optional[str] = None, request_timeout: Optional[float] = None) -> "Sandbox":
         """Creates a sandbox and returns it connected."""
         config = Config.resolve(api_key, domain, request_timeout)
         client = httpx.Client(timeout=config.request_timeout)
         try:
             doc = _call(client, config, "POST", "/sandboxes",
-                        create_body(template, timeout, metadata, envs, lifecycle, resources))
+                        create_body(template, timeout, metadata, envs, lifecycle, resources,
+                                    snapshot_interval))
         except Exception:
             client.close()
             raise
@@ -240,6 +242,24 @@ class Sandbox:
         config = Config.resolve(api_key, domain, request_timeout)
         with httpx.Client(timeout=config.request_timeout) as client:
             return SandboxInfo.parse(_call(client, config, "GET", f"/sandboxes/{sandbox_id}"))
+
+    @classmethod
+    def restore(cls, sandbox_id: str, snapshot_id: Optional[str] = None,
+                timeout: Optional[int] = None, metadata: Optional[Dict[str, str]] = None,
+                api_key: Optional[str] = None, domain: Optional[str] = None,
+                request_timeout: Optional[float] = None) -> "Sandbox":
+        """Starts a new sandbox from a snapshot of ``sandbox_id`` (which may be deleted or
+        on another worker): ``snapshot_id``, or the newest (pause, then periodic, then
+        manual). Returns it connected."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        client = httpx.Client(timeout=config.request_timeout)
+        try:
+            doc = _call(client, config, "POST", "/sandboxes/restore",
+                        restore_body(sandbox_id, snapshot_id, timeout, metadata))
+        except Exception:
+            client.close()
+            raise
+        return cls(SandboxInfo.parse(doc), config, client)
 
     @classmethod
     def run_once(cls, cmd: str, template: str = "base", **create_args: Any) -> CommandResult:
@@ -302,6 +322,38 @@ class Sandbox:
     def resume(self, request_timeout: Optional[float] = None) -> None:
         doc = self._control("POST", "resume", {}, request_timeout)
         self._runtime = SandboxInfo.parse(doc).runtime
+
+    def hibernate(self, request_timeout: Optional[float] = None) -> None:
+        """Pauses into object storage: any worker sharing the store can resume it."""
+        self._control("POST", "hibernate", {}, request_timeout)
+
+    def create_snapshot(self, request_timeout: Optional[float] = None) -> SnapshotInfo:
+        """Takes a snapshot to object storage; the sandbox keeps running. Its ID works as
+        a template ID."""
+        return SnapshotInfo.parse(self._control("POST", "snapshots", {}, request_timeout))
+
+    def snapshot(self, request_timeout: Optional[float] = None) -> SnapshotInfo:
+        """A manual snapshot: they accumulate and survive ``kill()``; restore one with
+        ``Sandbox.restore``."""
+        return self.create_snapshot(request_timeout)
+
+    def list_snapshots(self, request_timeout: Optional[float] = None) -> List[SnapshotInfo]:
+        """Its snapshots (pause, periodic, manual), newest first."""
+        doc = self._control("GET", "snapshots", request_timeout=request_timeout)
+        return [SnapshotInfo.parse(d) for d in doc["snapshots"]]
+
+    def delete_snapshot(self, snapshot_id: str,
+                        request_timeout: Optional[float] = None) -> None:
+        self._control("DELETE", f"snapshots/{snapshot_id}", request_timeout=request_timeout)
+
+    def fork(self, count: int = 1,
+             request_timeout: Optional[float] = None) -> List["Sandbox"]:
+        """Branches it into ``count`` running children with its memory, processes and
+        disk; it keeps running. Each child has its own HTTP client: close it when done."""
+        doc = self._control("POST", "fork", {"count": count}, request_timeout)
+        return [type(self)(SandboxInfo.parse(c), self._config,
+                           httpx.Client(timeout=self._config.request_timeout))
+                for c in doc["sandboxes"]]
 
     def close(self) -> None:
         """Closes the HTTP client; the sandbox keeps running."""
