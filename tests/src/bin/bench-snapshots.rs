@@ -46,6 +46,19 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
+/// Takes a manual snapshot; returns how long it took and what the API said of it.
+async fn snapshot(api: &Api, id: &str) -> anyhow::Result<(Duration, Value)> {
+    let t = Instant::now();
+    let v = post(
+        api,
+        &format!("/v1/sandboxes/{id}/snapshots"),
+        json!({}),
+        StatusCode::CREATED,
+    )
+    .await?;
+    Ok((t.elapsed(), v))
+}
+
 struct Results {
     first: (Duration, u64, u64),
     later: Vec<(Duration, u64)>,
@@ -63,18 +76,7 @@ async fn measure(api: &Api, n: usize) -> anyhow::Result<Results> {
     let rt = nullspace_tests::http::Runtime::of(&sbx);
     rt.run("head -c 33554432 /dev/urandom > /tmp/mem.bin; head -c 33554432 /dev/urandom > /workspace/disk.bin; sync")
         .await;
-    let snap = |api: &Api, id: String| async move {
-        let t = Instant::now();
-        let v = post(
-            api,
-            &format!("/v1/sandboxes/{id}/snapshots"),
-            json!({}),
-            StatusCode::CREATED,
-        )
-        .await?;
-        anyhow::Ok((t.elapsed(), v))
-    };
-    let (t, v) = snap(api, id.clone()).await?;
+    let (t, v) = snapshot(api, &id).await?;
     let first = (
         t,
         v["sizeBytes"].as_u64().unwrap_or(0),
@@ -82,7 +84,7 @@ async fn measure(api: &Api, n: usize) -> anyhow::Result<Results> {
     );
     let mut later = Vec::new();
     for _ in 1..n.max(2) {
-        let (t, v) = snap(api, id.clone()).await?;
+        let (t, v) = snapshot(api, &id).await?;
         later.push((t, v["storedBytes"].as_u64().unwrap_or(0)));
     }
     let mut restore = Vec::new();
