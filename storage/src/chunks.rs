@@ -165,13 +165,17 @@ pub async fn upload_file(
         ..UploadStats::default()
     };
     // Several chunks in flight: against S3 each is a round trip or two.
-    let mut results: Vec<Option<(ChunkRef, bool)>> = Vec::with_capacity(offsets.len());
+    let mut results = Vec::with_capacity(offsets.len());
     for batch in offsets.chunks(UPLOAD_CONCURRENCY) {
         let puts: Vec<_> = batch
             .iter()
             .map(|&offset| upload_chunk(store, file.clone(), size, offset, path))
             .collect();
-        results.extend(futures::future::try_join_all(puts).await?);
+        // Every put of the batch runs to its end, failed or not: what landed stays, so a
+        // retry of an interrupted upload sends only the rest.
+        for r in futures::future::join_all(puts).await {
+            results.push(r?);
+        }
     }
     let mut chunks = Vec::new();
     for r in results {

@@ -118,19 +118,25 @@ async fn the_cli_creates_runs_copies_and_kills() {
     );
 
     // Snapshots: take one, list it, restore it, fork, hibernate.
-    let snap = cli.ok(&["sandbox", "snapshot", &id]);
+    let snap = cli.ok(&["sandbox", "snapshot", &id]).trim().to_string();
     assert!(snap.starts_with("snap-"), "{snap}");
     let listed: serde_json::Value =
         serde_json::from_str(&cli.ok(&["sandbox", "snapshots", &id, "--json"])).unwrap();
     assert_eq!(listed["snapshots"][0]["snapshotID"], snap.as_str());
     assert_eq!(listed["snapshots"][0]["kind"], "manual");
-    let restored = cli.ok(&["sandbox", "restore", &id, "--snapshot", &snap]);
+    let restored = cli
+        .ok(&["sandbox", "restore", &id, "--snapshot", &snap])
+        .trim()
+        .to_string();
     let out = cli.run(&["exec", &restored, "cat", "/workspace/in.txt"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "copied through the CLI"
     );
-    let child = cli.ok(&["sandbox", "fork", &restored, "--count", "1"]);
+    let child = cli
+        .ok(&["sandbox", "fork", &restored, "--count", "1"])
+        .trim()
+        .to_string();
     assert!(child.starts_with("sbx-"), "{child}");
     let info: serde_json::Value =
         serde_json::from_str(&cli.ok(&["sandbox", "hibernate", &restored, "--json"])).unwrap();

@@ -188,25 +188,52 @@ impl Manager {
             .join(uuid::Uuid::new_v4().simple().to_string())
     }
 
-    /// Snapshots `vm` (which keeps running if `keep_running`) and publishes it as `kind`.
-    /// On failure nothing is stored and the VM is running again.
-    async fn take_and_publish(
+    /// Snapshots `vm` into scratch space (it keeps running if `keep_running`). On
+    /// failure nothing is left and the VM is running again.
+    async fn take(
         &self,
         vm: &mut QemuVm,
         r: &SandboxRecord,
         kind: Kind,
         keep_running: bool,
-    ) -> Result<StoredSnapshot, ApiError> {
-        self.check_disk_space(vm, r.resources.mem_mib)?;
+    ) -> Result<Taken, ApiError> {
         let started = std::time::Instant::now();
-        let dir = self.scratch_dir();
-        let _ = std::fs::create_dir_all(dir.parent().unwrap());
-        let result: Result<StoredSnapshot, ApiError> = async {
-            let snapshot = vm
-                .snapshot(&dir, keep_running)
-                .await
-                .map_err(|e| ApiError::internal(format!("taking the snapshot: {e}")))?;
-            let taken_ms = started.elapsed().as_millis() as u64;
+        let result = async {
+            self.check_disk_space(vm, r.resources.mem_mib)?;
+            let dir = self.scratch_dir();
+            let _ = std::fs::create_dir_all(dir.parent().unwrap());
+            match vm.snapshot(&dir, keep_running).await {
+                Ok(snapshot) => Ok(Taken {
+                    dir,
+                    snapshot,
+                    started,
+                }),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    Err(ApiError::internal(format!("taking the snapshot: {e}")))
+                }
+            }
+        }
+        .await;
+        if let Err(e) = &result {
+            if !keep_running {
+                let _ = vm.resume().await;
+            }
+            self.snapshot_failed(r, kind, e)?;
+        }
+        result
+    }
+
+    /// Publishes a taken snapshot as `kind`; the scratch space goes either way. Needs no
+    /// lock on the sandbox: its VM may run on (and serve commands) meanwhile.
+    async fn publish(
+        &self,
+        taken: Taken,
+        r: &SandboxRecord,
+        kind: Kind,
+    ) -> Result<StoredSnapshot, ApiError> {
+        let taken_ms = taken.started.elapsed().as_millis() as u64;
+        let result = async {
             let _uploading = self.uploads.read().await;
             let new = NewSnapshot {
                 id: stored::new_snapshot_id(&r.id),
@@ -214,7 +241,7 @@ impl Manager {
                 team_id: r.team_id.clone(),
                 kind,
                 template_id: r.template_id.clone(),
-                vm: serde_json::to_value(snapshot.manifest()).expect("json"),
+                vm: serde_json::to_value(taken.snapshot.manifest()).expect("json"),
                 sandbox: serde_json::json!({
                     "envVars": r.env_vars,
                     "metadata": r.metadata,
@@ -222,40 +249,42 @@ impl Manager {
                     "timeout": r.timeout_s,
                 }),
             };
-            let (s, stats) = stored::publish(self.store(), &dir, SNAPSHOT_FILES, new)
+            stored::publish(self.store(), &taken.dir, SNAPSHOT_FILES, new)
                 .await
-                .map_err(|e| store_error("storing the snapshot", e))?;
-            info!(sandbox = %r.id, snapshot = %s.id, kind = kind.as_str(), taken_ms,
-                total_ms = started.elapsed().as_millis() as u64,
-                chunks = stats.chunks.chunks, uploaded = stats.chunks.uploaded,
-                reused = stats.chunks.reused, bytes_uploaded = stats.chunks.bytes_uploaded,
-                "snapshot stored");
-            Ok(s)
+                .map_err(|e| store_error("storing the snapshot", e))
         }
         .await;
-        let _ = std::fs::remove_dir_all(&dir);
-        match &result {
-            Ok(s) => {
+        let _ = std::fs::remove_dir_all(&taken.dir);
+        match result {
+            Ok((s, stats)) => {
+                info!(sandbox = %r.id, snapshot = %s.id, kind = kind.as_str(), taken_ms,
+                    total_ms = taken.started.elapsed().as_millis() as u64,
+                    chunks = stats.chunks.chunks, uploaded = stats.chunks.uploaded,
+                    reused = stats.chunks.reused, bytes_uploaded = stats.chunks.bytes_uploaded,
+                    "snapshot stored");
                 self.catalog.append_event(
                     &r.id,
                     "sandbox.snapshot",
                     &serde_json::json!({ "snapshotID": s.id, "kind": kind.as_str(), "sizeBytes": s.size_bytes() }),
                 )?;
+                Ok(s)
             }
             Err(e) => {
-                if !keep_running {
-                    // It was to stop for good; it stays: say so and keep it running.
-                    let _ = vm.resume().await;
-                }
-                self.catalog.append_event(
-                    &r.id,
-                    "sandbox.snapshot_failed",
-                    &serde_json::json!({ "kind": kind.as_str(), "error": e.message }),
-                )?;
-                warn!(sandbox = %r.id, kind = kind.as_str(), error = %e.message, "snapshot failed");
+                self.snapshot_failed(r, kind, &e)?;
+                Err(e)
             }
         }
-        result
+    }
+
+    /// Records a failed snapshot in the sandbox's events and the log.
+    fn snapshot_failed(&self, r: &SandboxRecord, kind: Kind, e: &ApiError) -> Result<(), ApiError> {
+        warn!(sandbox = %r.id, kind = kind.as_str(), error = %e.message, "snapshot failed");
+        self.catalog.append_event(
+            &r.id,
+            "sandbox.snapshot_failed",
+            &serde_json::json!({ "kind": kind.as_str(), "error": e.message }),
+        )?;
+        Ok(())
     }
 
     /// Locks a running sandbox: its slot guard, record and VM.
@@ -279,8 +308,9 @@ impl Manager {
     pub async fn create_snapshot(&self, team: &str, id: &str) -> Result<SnapshotView, ApiError> {
         let (mut guard, r) = self.lock_running(team, id, "snapshotted").await?;
         let vm = guard.as_mut().expect("checked");
-        let s = self.take_and_publish(vm, &r, Kind::Manual, true).await?;
-        Ok(view_of(&s))
+        let taken = self.take(vm, &r, Kind::Manual, true).await?;
+        drop(guard);
+        Ok(view_of(&self.publish(taken, &r, Kind::Manual).await?))
     }
 
     /// The stored snapshots of `sandbox_id` that belong to `team`. The sandbox may be
@@ -430,13 +460,21 @@ impl Manager {
         let vm = guard
             .as_mut()
             .ok_or_else(|| ApiError::internal("running sandbox has no VM"))?;
-        let s = self
-            .take_and_publish(vm, &r, Kind::Pause, false)
+        let kept_running = |e: ApiError| ApiError {
+            message: format!("hibernate failed, the sandbox keeps running: {}", e.message),
+            ..e
+        };
+        let taken = self
+            .take(vm, &r, Kind::Pause, false)
             .await
-            .map_err(|e| ApiError {
-                message: format!("hibernate failed, the sandbox keeps running: {}", e.message),
-                ..e
-            })?;
+            .map_err(kept_running)?;
+        let s = match self.publish(taken, &r, Kind::Pause).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = vm.resume().await;
+                return Err(kept_running(e));
+            }
+        };
         guard.take().expect("checked").kill().await;
         // A resumed VM's base snapshot is no longer needed by anyone.
         let _ = std::fs::remove_dir_all(self.pauses_dir(id));
@@ -873,7 +911,9 @@ impl Manager {
         // Stamped first: a failing snapshot is retried at the next interval, not at once.
         r.last_periodic_ms = now_ms();
         self.catalog.put_sandbox(&r)?;
-        self.take_and_publish(vm, &r, Kind::Periodic, true).await?;
+        let taken = self.take(vm, &r, Kind::Periodic, true).await?;
+        drop(guard);
+        self.publish(taken, &r, Kind::Periodic).await?;
         let periodic: Vec<StoredSnapshot> = stored::list(self.store(), id)
             .await
             .map_err(|e| store_error("listing snapshots", e))?
@@ -888,6 +928,13 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// A snapshot in scratch space, not yet published.
+struct Taken {
+    dir: PathBuf,
+    snapshot: Snapshot,
+    started: std::time::Instant,
 }
 
 /// What a stored snapshot records of its sandbox, for restores elsewhere.
