@@ -92,7 +92,7 @@ fn id_of(v: &Value) -> String {
 }
 
 #[tokio::test]
-async fn hibernate_resumes_with_memory_and_disk_and_a_second_worker_restores_from_the_bucket() {
+async fn hibernated_sandboxes_restore_and_resume_on_a_second_worker_sharing_the_bucket() {
     let bucket = bucket("hibernate");
     let s3 = s3_flags(&bucket);
     let a = Stack::start_with("snap-worker-a", &flags(&s3), S3_ENV);
@@ -153,16 +153,34 @@ async fn hibernate_resumes_with_memory_and_disk_and_a_second_worker_restores_fro
         "the restore on B refers to A's state dir ({b_dir})"
     );
 
-    // Worker A resumes the hibernated sandbox itself; the pause snapshot is consumed.
-    let (status, resumed) = on_a
-        .post(&format!("/v1/sandboxes/{id}/resume"), json!({}))
+    // The hibernated sandbox itself resumes on worker B, under its own ID; worker A can
+    // no longer resume it, and the pause snapshot is consumed.
+    let (status, resumed) = on_b
+        .post(
+            &format!("/v1/sandboxes/{id}/connect"),
+            json!({ "timeout": 120 }),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{resumed}");
-    assert_eq!(resumed["hibernated"], false);
-    check(&Runtime::of(&resumed), &marks, "resume on worker A").await;
-    assert_eq!(kinds(&list(&on_a, &id).await), ["manual/object"]);
+    assert_eq!(
+        (
+            resumed["sandboxID"].as_str(),
+            resumed["hibernated"].as_bool()
+        ),
+        (Some(id.as_str()), Some(false))
+    );
+    check(&Runtime::of(&resumed), &marks, "resume on worker B").await;
+    let (status, v) = on_a
+        .post(&format!("/v1/sandboxes/{id}/resume"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("another worker"),
+        "{v}"
+    );
+    assert_eq!(kinds(&list(&on_b, &id).await), ["manual/object"]);
 
-    for (api, id) in [(&on_a, &id), (&on_b, &id_of(&copy))] {
+    for (api, id) in [(&on_b, &id), (&on_b, &id_of(&copy)), (&on_a, &id)] {
         assert_eq!(api.delete(id).await, StatusCode::NO_CONTENT);
     }
     // Manual snapshots survive the kill.

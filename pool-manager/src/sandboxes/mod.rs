@@ -490,6 +490,7 @@ impl Manager {
         id: &str,
         timeout: Option<u64>,
     ) -> Result<SandboxView, ApiError> {
+        self.adopt_hibernated(team, id).await?;
         let r = self.owned(team, id)?;
         if r.state == InternalState::Stopped {
             self.resume(team, id).await?;
@@ -575,6 +576,7 @@ impl Manager {
 
     /// Restores a paused sandbox from its pause snapshot.
     pub async fn resume(&self, team: &str, id: &str) -> Result<SandboxView, ApiError> {
+        self.adopt_hibernated(team, id).await?;
         let (mut vm_slot, mut r) = self.lock_owned(team, id).await?;
         match r.state {
             InternalState::Stopped => {}

@@ -14,7 +14,7 @@ use api_model::{ForkBody, RestoreBody};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use storage::snapshots::{self as stored, Kind, NewSnapshot, StoredSnapshot};
-use storage::{Store, StoreError};
+use storage::{ObjectStore, Store, StoreError};
 use tracing::{info, warn};
 use vmm::{QemuVm, RestoreMemory, RestoreOptions, Snapshot, SnapshotManifest, Vm};
 
@@ -489,16 +489,92 @@ impl Manager {
         Ok(self.view(&r, false))
     }
 
-    /// Resumes a hibernated sandbox from its stored pause snapshot.
+    /// A sandbox this worker does not know, hibernated by another worker that shares
+    /// the store, becomes this worker's (paused, to be resumed here): its newest pause
+    /// snapshot in the store says what it was. Nothing happens for a known sandbox.
+    pub(super) async fn adopt_hibernated(&self, team: &str, id: &str) -> Result<(), ApiError> {
+        if !api_model::is_sandbox_id(id) || self.catalog.sandbox(id)?.is_some() {
+            return Ok(());
+        }
+        let snapshots = stored::list(self.store(), id)
+            .await
+            .map_err(|e| store_error("looking for the sandbox in the store", e))?;
+        let Some(s) = snapshots
+            .into_iter()
+            .find(|s| s.kind == Kind::Pause && s.team_id == team)
+        else {
+            return Ok(());
+        };
+        let vm = vm_manifest(&s)?;
+        let origin: StoredSandbox = serde_json::from_value(s.sandbox.clone()).unwrap_or_default();
+        let mut r = SandboxRecord {
+            env_vars: origin.env_vars,
+            metadata: origin.metadata,
+            on_timeout: origin.on_timeout,
+            state: InternalState::Stopped,
+            hibernated: Some(s.id.clone()),
+            ..SandboxRecord::fresh(
+                team,
+                s.template_id.clone(),
+                Resources {
+                    vcpus: vm.vcpus,
+                    mem_mib: vm.mem_mib,
+                    disk_mib: vm.disk_mib,
+                },
+                origin.timeout.unwrap_or(api_model::DEFAULT_TIMEOUT_S),
+                self.snapshots.periodic_default_s,
+            )
+        };
+        r.id = id.to_string();
+        r.step(
+            "paused",
+            Some(format!(
+                "adopted from the store (hibernated on another worker, {})",
+                s.id
+            )),
+        );
+        self.admit(&r)?;
+        self.catalog.append_event(
+            id,
+            "sandbox.adopted",
+            &serde_json::json!({ "snapshotID": s.id, "state": "paused" }),
+        )?;
+        info!(sandbox = %id, snapshot = %s.id, "adopted a sandbox hibernated elsewhere");
+        Ok(())
+    }
+
+    /// Resumes a hibernated sandbox from its stored pause snapshot. A claim written with
+    /// a conditional put makes sure one worker only resumes it.
     pub(super) async fn resume_hibernated(
         &self,
         mut guard: tokio::sync::OwnedMutexGuard<Option<QemuVm>>,
         mut r: SandboxRecord,
     ) -> Result<SandboxView, ApiError> {
         let snapshot_id = r.hibernated.clone().expect("hibernated");
-        let s = stored::get(self.store(), &snapshot_id)
+        let elsewhere = || {
+            ApiError::conflict(format!(
+                "sandbox {} was resumed from its hibernate snapshot by another worker (or the snapshot was deleted); connect through that worker, or restore one of its snapshots here",
+                r.id
+            ))
+        };
+        let s = match stored::get(self.store(), &snapshot_id).await {
+            Ok(s) => s,
+            Err(StoreError::NotFound(_)) => return Err(elsewhere()),
+            Err(e) => return Err(store_error("reading the hibernate snapshot", e)),
+        };
+        // Claims stay: a claim deleted after the resume would let a late worker in.
+        match self
+            .store()
+            .put_if_absent(
+                &format!("claims/{}/{snapshot_id}", r.id),
+                bytes::Bytes::from(self.edge_url.clone()),
+            )
             .await
-            .map_err(|e| store_error("reading the hibernate snapshot", e))?;
+        {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists(_)) => return Err(elsewhere()),
+            Err(e) => return Err(store_error("claiming the hibernate snapshot", e)),
+        }
         let dir = self
             .pauses_dir(&r.id)
             .join(uuid::Uuid::new_v4().simple().to_string());
@@ -682,6 +758,7 @@ impl Manager {
                 StoredSandbox {
                     env_vars: r.env_vars.clone(),
                     metadata: r.metadata.clone(),
+                    ..StoredSandbox::default()
                 },
                 l.manifest().id.clone(),
             ),
@@ -943,4 +1020,6 @@ struct Taken {
 struct StoredSandbox {
     env_vars: std::collections::BTreeMap<String, String>,
     metadata: std::collections::BTreeMap<String, String>,
+    on_timeout: OnTimeout,
+    timeout: Option<u64>,
 }
