@@ -1023,3 +1023,56 @@ struct StoredSandbox {
     on_timeout: OnTimeout,
     timeout: Option<u64>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored_with(vcpus: u32, mem_mib: u32, disk_mib: u64) -> StoredSnapshot {
+        StoredSnapshot {
+            format: stored::FORMAT,
+            id: "snap-0123-0123456789ab".into(),
+            sandbox_id: "sbx-0123".into(),
+            team_id: "team-1".into(),
+            kind: Kind::Manual,
+            created_unix_ms: 0,
+            template_id: "base".into(),
+            files: Default::default(),
+            vm: serde_json::json!({
+                "format_version": 1, "id": "snap-x", "source_vm": "vm-x", "created_unix_ms": 0,
+                "qemu_version": "q", "accel": "tcg", "kernel_key": "k", "rootfs": "base",
+                "rootfs_image": "/nonexistent", "machine_args": [], "vcpus": vcpus,
+                "mem_mib": mem_mib, "disk_mib": disk_mib, "egress": true, "memory": "stream"
+            }),
+            sandbox: serde_json::json!({}),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_template_keeps_its_cpus_and_memory_and_may_grow_its_disk() {
+        let s = stored_with(1, 512, 1024);
+        let own = snapshot_resources(&s, None, "t").unwrap();
+        assert_eq!((own.vcpus, own.mem_mib, own.disk_mib), (1, 512, 1024));
+        let bigger = Resources {
+            disk_mib: 4096,
+            ..own
+        };
+        assert_eq!(snapshot_resources(&s, Some(bigger), "t").unwrap(), bigger);
+        let more_memory = Resources {
+            mem_mib: 1024,
+            ..own
+        };
+        let err = snapshot_resources(&s, Some(more_memory), "t").unwrap_err();
+        assert!(err.message.contains("memMiB 512"), "{}", err.message);
+        let smaller_disk = Resources {
+            disk_mib: 512,
+            ..own
+        };
+        assert_eq!(
+            snapshot_resources(&s, Some(smaller_disk), "t")
+                .unwrap_err()
+                .status,
+            400
+        );
+    }
+}
