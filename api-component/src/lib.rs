@@ -14,7 +14,7 @@
 use api_model::{
     fields_param, is_sandbox_id, is_snapshot_id, parse_body, parse_query, reject_unknown_params,
     ApiError, CreateRequest, EventsParams, ForkBody, ListParams, RefreshBody, RestoreBody,
-    TimeoutBody, MAX_BODY_BYTES,
+    TimeoutBody, WarmPoolBody, MAX_BODY_BYTES,
 };
 use spin_sdk::http::{IncomingRequest, Method, Request, Response};
 use spin_sdk::http_component;
@@ -236,6 +236,26 @@ fn route(
             }
             Ok(forward(Method::Post, path, body))
         }
+        ["templates", template, "warm-pool"] => {
+            let template = template_id(template)?;
+            let path = format!("/v1/templates/{template}/warm-pool");
+            no_query()?;
+            match method {
+                Method::Put => {
+                    parse_body::<WarmPoolBody>(&body)?.validate()?;
+                    Ok(forward(Method::Put, path, body))
+                }
+                Method::Get => {
+                    empty_body(&body)?;
+                    Ok(forward(Method::Get, path, Vec::new()))
+                }
+                _ => Err(not_allowed(
+                    method,
+                    "/api/v1/templates/{id}/warm-pool",
+                    &["PUT", "GET"],
+                )),
+            }
+        }
         ["sandboxes", id, "snapshots", snapshot] => {
             let id = sandbox_id(id)?;
             if !is_snapshot_id(snapshot) {
@@ -267,6 +287,19 @@ fn sandbox_id<'a>(id: &'a str) -> Result<&'a str, ApiError> {
         Ok(id)
     } else {
         Err(ApiError::not_found("sandbox", id))
+    }
+}
+
+/// A template ID: 1 to 128 characters of `[A-Za-z0-9._-]` (anything else cannot exist).
+fn template_id<'a>(id: &'a str) -> Result<&'a str, ApiError> {
+    let ok = (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(id)
+    } else {
+        Err(ApiError::not_found("template", id))
     }
 }
 

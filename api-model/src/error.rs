@@ -102,6 +102,11 @@ impl ApiError {
         Self::new(507, "insufficient_storage", message)
     }
 
+    /// 503: a create asked for a warm-pool instance (`require`) and none is ready.
+    pub fn warm_pool_unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, "warm_pool_unavailable", message)
+    }
+
     /// 503: the snapshot store (local directory or S3) failed; nothing was changed.
     pub fn storage(message: impl Into<String>) -> Self {
         Self::new(503, "storage_unavailable", message)

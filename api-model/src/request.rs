@@ -39,6 +39,31 @@ pub struct Resources {
     pub disk_mib: u64,
 }
 
+impl Resources {
+    /// Checks the ranges: 1-16 vCPUs, 256-65536 MiB, a disk of at most 1 TiB.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if !(1..=16).contains(&self.vcpus) {
+            return Err(ApiError::bad_request(format!(
+                "self.vcpus {} is out of range; send 1 to 16",
+                self.vcpus
+            )));
+        }
+        if !(256..=65536).contains(&self.mem_mib) {
+            return Err(ApiError::bad_request(format!(
+                "self.memMiB {} is out of range; send 256 to 65536",
+                self.mem_mib
+            )));
+        }
+        if self.disk_mib > 1024 * 1024 {
+            return Err(ApiError::bad_request(format!(
+                "self.diskSizeMiB {} is out of range; send at most 1048576",
+                self.disk_mib
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for Resources {
     fn default() -> Self {
         Self {
@@ -108,9 +133,10 @@ pub struct CreateRequest {
     /// Volume mounts (not available yet).
     #[serde(default)]
     pub mounts: Option<Value>,
-    /// Warm-pool checkout mode (not available yet).
+    /// Warm-pool checkout: `require` (fail with `warm_pool_unavailable` when no ready
+    /// instance matches) or `prefer` (fall back to a restore); absent: no checkout.
     #[serde(default)]
-    pub warm_pool: Option<Value>,
+    pub warm_pool: Option<WarmPoolMode>,
     /// Seconds between periodic snapshots to object storage; 0 turns them off; absent:
     /// the pool manager's configured default.
     #[serde(default)]
@@ -130,6 +156,8 @@ pub struct ValidCreate {
     pub wait_ready: bool,
     /// Periodic snapshot interval in seconds (`Some(0)`: off; `None`: the default).
     pub snapshot_interval_s: Option<u64>,
+    /// Warm-pool checkout mode, if asked for.
+    pub warm_pool: Option<WarmPoolMode>,
 }
 
 impl CreateRequest {
@@ -144,7 +172,6 @@ impl CreateRequest {
         for (field, given) in [
             ("egress", self.egress.is_some()),
             ("mounts", self.mounts.is_some()),
-            ("warmPool", self.warm_pool.is_some()),
         ] {
             if given {
                 return Err(ApiError::not_implemented(
@@ -172,24 +199,7 @@ impl CreateRequest {
         };
         let timeout_s = validate_timeout(self.timeout.unwrap_or(DEFAULT_TIMEOUT_S))?;
         let resources = self.resources.unwrap_or_default();
-        if !(1..=16).contains(&resources.vcpus) {
-            return Err(ApiError::bad_request(format!(
-                "resources.vcpus {} is out of range; send 1 to 16",
-                resources.vcpus
-            )));
-        }
-        if !(256..=65536).contains(&resources.mem_mib) {
-            return Err(ApiError::bad_request(format!(
-                "resources.memMiB {} is out of range; send 256 to 65536",
-                resources.mem_mib
-            )));
-        }
-        if resources.disk_mib > 1024 * 1024 {
-            return Err(ApiError::bad_request(format!(
-                "resources.diskSizeMiB {} is out of range; send at most 1048576",
-                resources.disk_mib
-            )));
-        }
+        resources.validate()?;
         if self.env_vars.len() > 256 {
             return Err(ApiError::bad_request(
                 "envVars has more than 256 entries; send at most 256",
@@ -218,7 +228,50 @@ impl CreateRequest {
             resources,
             wait_ready: self.wait_ready.unwrap_or(true),
             snapshot_interval_s,
+            warm_pool: self.warm_pool,
         })
+    }
+}
+
+/// How a create uses its template's warm pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WarmPoolMode {
+    /// A ready instance or an error (`warm_pool_unavailable`), at once.
+    Require,
+    /// A ready instance if there is one, else a normal create.
+    Prefer,
+}
+
+/// Most ready instances one warm pool may keep.
+pub const MAX_WARM_POOL_SIZE: u32 = 16;
+
+/// Body of `PUT /templates/{id}/warm-pool`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WarmPoolBody {
+    /// Ready instances to keep (0 empties the pool).
+    pub size: u32,
+    /// The shape of its instances (default 2 vCPUs, 2048 MiB, 8192 MiB disk); creates
+    /// check out only with the same shape.
+    #[serde(default)]
+    pub resources: Option<Resources>,
+    /// Whether the pool refills in the background (default true).
+    #[serde(default)]
+    pub refill: Option<bool>,
+}
+
+impl WarmPoolBody {
+    /// Checks the size.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if self.size > MAX_WARM_POOL_SIZE {
+            return Err(ApiError::bad_request(format!(
+                "size {} is out of range; send 0 to {MAX_WARM_POOL_SIZE}",
+                self.size
+            ))
+            .with_details(json!({ "field": "size" })));
+        }
+        Ok(())
     }
 }
 
@@ -472,5 +525,17 @@ mod tests {
         }
         let req: CreateRequest = parse_body(br#"{"templateID":"base","egress":{}}"#).unwrap();
         assert_eq!(req.validate().unwrap_err().status, 501);
+        let req: CreateRequest =
+            parse_body(br#"{"templateID":"base","warmPool":"require"}"#).unwrap();
+        assert_eq!(
+            req.validate().unwrap().warm_pool,
+            Some(WarmPoolMode::Require)
+        );
+        assert_eq!(
+            parse_body::<CreateRequest>(br#"{"templateID":"base","warmPool":"always"}"#)
+                .unwrap_err()
+                .status,
+            400
+        );
     }
 }

@@ -42,6 +42,9 @@ enum Command {
     /// Create, inspect and manage sandboxes.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
+    /// Templates and their warm pools.
+    #[command(subcommand)]
+    Template(TemplateCommand),
     /// Run a command in a sandbox; output streams, the exit code is the command's.
     Exec {
         /// Sandbox ID.
@@ -149,6 +152,30 @@ enum SandboxCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum TemplateCommand {
+    /// Show a template's warm pool, or set it with --size.
+    WarmPool {
+        /// A built-in template (base, minimal).
+        template: String,
+        /// Ready instances to keep (0 to 16; 0 empties the pool).
+        #[arg(long)]
+        size: Option<u32>,
+        /// Instance vCPUs (with --memory-mib and --disk-mib; defaults 2, 2048, 8192).
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Instance memory in MiB.
+        #[arg(long)]
+        memory_mib: Option<u32>,
+        /// Instance disk in MiB.
+        #[arg(long)]
+        disk_mib: Option<u64>,
+        /// Do not refill in the background.
+        #[arg(long)]
+        no_refill: bool,
+    },
+}
+
 #[derive(Args)]
 struct CreateArgs {
     /// Template to boot.
@@ -181,6 +208,10 @@ struct CreateArgs {
     /// Take a periodic snapshot every N seconds (10 to 86400; 0: off).
     #[arg(long)]
     snapshot_every: Option<u64>,
+    /// Check out a ready instance of the template's warm pool: require (fail when none
+    /// is ready) or prefer (fall back to a normal create).
+    #[arg(long, value_parser = ["require", "prefer"])]
+    warm_pool: Option<String>,
 }
 
 fn show_snapshots(list: &[SnapshotInfo], json: bool) {
@@ -318,6 +349,55 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let config = config(&cli)?;
             sandbox(&config, cmd, json).await.map(|()| 0)
         }
+        Command::Template(TemplateCommand::WarmPool {
+            template,
+            size,
+            vcpus,
+            memory_mib,
+            disk_mib,
+            no_refill,
+        }) => {
+            let config = config(&cli)?;
+            let pool = match size {
+                None => nullspace::Templates::warm_pool(&config, template).await?,
+                Some(size) => {
+                    let resources = (vcpus.is_some() || memory_mib.is_some() || disk_mib.is_some())
+                        .then(|| nullspace::Resources {
+                            vcpus: vcpus.unwrap_or(2),
+                            mem_mib: memory_mib.unwrap_or(2048),
+                            disk_mib: disk_mib.unwrap_or(8192),
+                        });
+                    let settings = nullspace::WarmPoolSettings {
+                        size: *size,
+                        resources,
+                        refill: Some(!no_refill),
+                    };
+                    nullspace::Templates::set_warm_pool(&config, template, &settings).await?
+                }
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "templateID": pool.template_id, "target": pool.target, "ready": pool.ready,
+                        "warming": pool.warming, "checkouts": pool.checkouts, "misses": pool.misses,
+                        "refill": pool.refill,
+                    })
+                );
+            } else {
+                println!(
+                    "{}: target {} ready {} warming {} checkouts {} misses {}{}",
+                    pool.template_id,
+                    pool.target,
+                    pool.ready,
+                    pool.warming,
+                    pool.checkouts,
+                    pool.misses,
+                    if pool.refill { "" } else { " (refill off)" }
+                );
+            }
+            Ok(0)
+        }
         Command::Exec {
             id,
             cwd,
@@ -384,6 +464,10 @@ async fn sandbox(
                 o = o.hibernate_on_timeout();
             }
             o.snapshot_interval = a.snapshot_every;
+            o.warm_pool = a.warm_pool.as_deref().map(|m| match m {
+                "require" => nullspace::WarmPoolMode::Require,
+                _ => nullspace::WarmPoolMode::Prefer,
+            });
             let progress = std::io::stderr().is_terminal() && !json;
             if progress {
                 eprint!("creating a sandbox from {} ... ", a.template);

@@ -7,7 +7,7 @@ use crate::model::{CreateRequest, SandboxView};
 use crate::sandboxes::{ListQuery, Manager};
 use api_model::{
     fields_param, parse_body, parse_query, project, reject_unknown_params, EventsParams, ForkBody,
-    ListParams, RefreshBody, RestoreBody, TimeoutBody,
+    ListParams, RefreshBody, RestoreBody, TimeoutBody, WarmPoolBody,
 };
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -44,6 +44,10 @@ pub fn router(manager: Arc<Manager>) -> Router {
         )
         .route("/v1/sandboxes/{id}/fork", post(fork))
         .route("/v1/sandboxes/restore", post(restore))
+        .route(
+            "/v1/templates/{id}/warm-pool",
+            axum::routing::put(set_warm_pool).get(warm_pool),
+        )
         .fallback(|| async {
             ApiError::not_found("route", "this path").with_details(json!({
                 "hint": "see openapi/internal.yaml for the routes"
@@ -262,4 +266,22 @@ async fn restore(
     let b: RestoreBody = parse_body(&body)?;
     let view = m.restore(&team, b).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+async fn set_warm_pool(
+    State(m): State<Arc<Manager>>,
+    Caller(_team): Caller,
+    Path(template): Path<String>,
+    body: Bytes,
+) -> Result<Json<crate::sandboxes::PoolStatus>, ApiError> {
+    let b: WarmPoolBody = parse_body(&body)?;
+    Ok(Json(m.set_warm_pool(&template, b).await?))
+}
+
+async fn warm_pool(
+    State(m): State<Arc<Manager>>,
+    Caller(_team): Caller,
+    Path(template): Path<String>,
+) -> Result<Json<crate::sandboxes::PoolStatus>, ApiError> {
+    Ok(Json(m.warm_pool_status(&template)?))
 }

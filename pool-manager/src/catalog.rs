@@ -88,11 +88,42 @@ impl Catalog {
                  kind TEXT NOT NULL,
                  data TEXT NOT NULL,
                  PRIMARY KEY (sandbox_id, event_id));
+             CREATE TABLE IF NOT EXISTS warm_pools (
+                 template TEXT PRIMARY KEY, config TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS team_quotas (
                  team_id TEXT PRIMARY KEY REFERENCES teams(id),
                  max_sandboxes INTEGER NOT NULL);",
         )?;
         Ok(Self { db: Mutex::new(db) })
+    }
+
+    /// Records a template's warm-pool settings.
+    pub fn put_warm_pool<T: serde::Serialize>(
+        &self,
+        template: &str,
+        config: &T,
+    ) -> Result<(), CatalogError> {
+        self.db.lock().unwrap().execute(
+            "INSERT INTO warm_pools (template, config) VALUES (?1, ?2)
+             ON CONFLICT(template) DO UPDATE SET config = excluded.config",
+            params![template, serde_json::to_string(config)?],
+        )?;
+        Ok(())
+    }
+
+    /// Every template's warm-pool settings.
+    pub fn warm_pools<T: serde::de::DeserializeOwned>(
+        &self,
+    ) -> Result<Vec<(String, T)>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let mut stmt = db.prepare("SELECT template, config FROM warm_pools ORDER BY template")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (template, config) = row?;
+            out.push((template, serde_json::from_str(&config)?));
+        }
+        Ok(out)
     }
 
     /// Creates a team, with a new ID or, to mirror a team of another worker that shares

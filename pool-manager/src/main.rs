@@ -352,6 +352,10 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     });
     tokio::spawn(manager.clone().sweep_timeouts());
     tokio::spawn(manager.clone().sweep_periodic());
+    manager
+        .load_warm_pools()
+        .map_err(|e| anyhow::anyhow!("loading warm pools: {}", e.message))?;
+    tokio::spawn(manager.clone().refill_warm_pools());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -246,8 +246,8 @@ async fn bad_requests_are_refused_with_what_to_send() {
         ),
         (
             json!({ "templateID": "base", "warmPool": "require" }),
-            StatusCode::NOT_IMPLEMENTED,
-            "warmPool",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "warm pool",
         ),
     ];
     for (body, status, hint) in cases {

@@ -18,8 +18,10 @@ use tracing::{info, warn, Instrument};
 use vmm::{QemuVm, QemuVmm, RestoreMemory, RestoreOptions, Snapshot, Vm};
 
 mod snapshots;
+mod warm;
 use snapshots::snapshot_resources;
 pub use snapshots::SnapshotSettings;
+pub use warm::PoolStatus;
 
 type Slot = Arc<tokio::sync::Mutex<Option<QemuVm>>>;
 
@@ -47,6 +49,8 @@ pub struct Manager {
     uploads: tokio::sync::RwLock<()>,
     /// Serialises fetches of snapshots used as templates into the local cache.
     template_fetch: tokio::sync::Mutex<()>,
+    /// Ready VMs per template.
+    warm: warm::WarmPools,
 }
 
 /// Half of this host's memory in MiB: no single sandbox gets more.
@@ -105,6 +109,7 @@ impl Manager {
             snapshots,
             uploads: tokio::sync::RwLock::new(()),
             template_fetch: tokio::sync::Mutex::new(()),
+            warm: warm::WarmPools::default(),
         }
     }
 
@@ -276,7 +281,7 @@ impl Manager {
         &self,
         team: &str,
         req: CreateRequest,
-    ) -> Result<(SandboxRecord, bool), ApiError> {
+    ) -> Result<(SandboxRecord, api_model::ValidCreate), ApiError> {
         let valid = req.validate()?;
         let (on_timeout, timeout_s, mut resources) =
             (valid.on_timeout, valid.timeout_s, valid.resources);
@@ -326,7 +331,7 @@ impl Manager {
             )
         };
         record.step("requested", None);
-        Ok((record, valid.wait_ready))
+        Ok((record, valid))
     }
 
     /// Records `record` if its team is under its quota of live sandboxes.
@@ -353,7 +358,22 @@ impl Manager {
         team: &str,
         req: CreateRequest,
     ) -> Result<SandboxView, ApiError> {
-        let (mut record, wait) = self.plan(team, req).await?;
+        let (mut record, valid) = self.plan(team, req).await?;
+        let wait = valid.wait_ready;
+        if let Some(mode) = valid.warm_pool {
+            match self.check_out(&record.template_id, record.resources) {
+                Some(vm) => return self.adopt_warm(record, vm).await,
+                None if mode == api_model::WarmPoolMode::Require => {
+                    let r = record.resources;
+                    return Err(ApiError::warm_pool_unavailable(format!(
+                        "no ready instance of {} ({} vCPUs, {} MiB, {} MiB disk) in its warm pool; retry, send warmPool: prefer to fall back to a restore, or raise the pool's size",
+                        record.template_id, r.vcpus, r.mem_mib, r.disk_mib
+                    ))
+                    .with_details(serde_json::json!({ "templateID": record.template_id })));
+                }
+                None => {}
+            }
+        }
         self.admit(&record)?;
         self.catalog.append_event(
             &record.id,
@@ -408,19 +428,56 @@ impl Manager {
         }
     }
 
+    /// Makes a checked-out warm VM the new sandbox's: its record (labels, env, timeout
+    /// from the create) is written and the VM goes into its slot, with no restore.
+    async fn adopt_warm(
+        &self,
+        mut record: SandboxRecord,
+        vm: QemuVm,
+    ) -> Result<SandboxView, ApiError> {
+        if let Err(e) = self.admit(&record) {
+            // Never recycled: it may have been seen by nobody, but the rule is simple.
+            vm.kill().await;
+            return Err(e);
+        }
+        self.catalog.append_event(
+            &record.id,
+            "sandbox.created",
+            &serde_json::json!({ "templateID": record.template_id, "state": "starting", "warmPool": true }),
+        )?;
+        let slot = self.slot(&record.id);
+        let mut guard = slot.lock().await;
+        record.vm_dir = Some(vm.dir().display().to_string());
+        *guard = Some(vm);
+        // Timeouts count from the checkout.
+        record.expires_at_ms = now_ms() + record.timeout_s as i64 * 1000;
+        self.transition(
+            &mut record,
+            InternalState::Active,
+            "checked out from the warm pool",
+        )?;
+        Ok(self.view(&record, true))
+    }
+
     async fn start_vm(&self, record: &mut SandboxRecord) -> Result<QemuVm, ApiError> {
         self.transition(
             record,
             InternalState::Creating,
             "restoring the template snapshot",
         )?;
-        let res = record.resources;
         if !BUILTIN.contains(&record.template_id.as_str()) {
             return self.restore_snapshot_template(record).await;
         }
+        self.restore_template(&record.template_id, record.resources)
+            .await
+    }
+
+    /// A new VM of a built-in template with this shape: a copy-on-write restore of its
+    /// template snapshot, the disk grown to size.
+    async fn restore_template(&self, template: &str, res: Resources) -> Result<QemuVm, ApiError> {
         let snapshot = self
             .templates
-            .snapshot(&record.template_id, res.vcpus, res.mem_mib)
+            .snapshot(template, res.vcpus, res.mem_mib)
             .await
             .map_err(|e| ApiError::internal(format!("template snapshot: {e}")))?;
         // Once per template snapshot, not on every create: it is a synchronous write.
@@ -431,7 +488,7 @@ impl Manager {
             .insert(snapshot.manifest().id.clone())
         {
             self.catalog
-                .record_snapshot("template", None, Some(&record.template_id), &snapshot)?;
+                .record_snapshot("template", None, Some(template), &snapshot)?;
         }
         let options = RestoreOptions {
             memory: RestoreMemory::CopyOnWrite,
@@ -753,6 +810,8 @@ impl Manager {
     /// Daemon shutdown: ends every VM, or with `keep` leaves them running for the next
     /// start to adopt.
     pub async fn shutdown(&self, keep: bool) {
+        // Warm VMs belong to no sandbox: nothing would adopt them.
+        self.drain_warm_pools().await;
         let slots: Vec<(String, Slot)> = self
             .slots
             .lock()

@@ -156,3 +156,30 @@ async def test_async_snapshots():
     finally:
         await sbx.kill()
         await sbx.close()
+
+
+def test_warm_pool_checkout():
+    import time
+
+    from nullspace import Template
+
+    with pytest.raises(SandboxError) as err:
+        Template.set_warm_pool("minimal", 99)
+    assert err.value.code == "invalid_request"
+    Template.set_warm_pool("minimal", 1, resources=SMALL)
+    deadline = time.time() + 120
+    while Template.get_warm_pool("minimal")["ready"] < 1:
+        assert time.time() < deadline, "the pool never filled"
+        time.sleep(0.25)
+    try:
+        with Sandbox.create(template="minimal", resources=SMALL, warm_pool="require",
+                            envs={"FROM": "pool"}) as sbx:
+            assert sbx.commands.run("echo $FROM").stdout == "pool\n"
+            steps = [t.get("detail") for t in sbx.get_info().timeline]
+            assert "checked out from the warm pool" in steps
+            sbx.kill()
+        with pytest.raises(SandboxError) as err:
+            Sandbox.create(template="minimal", warm_pool="always")
+        assert err.value.code == "invalid_request"
+    finally:
+        Template.set_warm_pool("minimal", 0, resources=SMALL)

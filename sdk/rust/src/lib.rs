@@ -23,6 +23,7 @@ mod error;
 mod files;
 mod models;
 mod sandbox;
+mod templates;
 
 pub use commands::{CommandHandle, Commands, OutputCallback, RunOptions};
 pub use config::{ConnectionConfig, DEFAULT_REQUEST_TIMEOUT};
@@ -31,6 +32,7 @@ pub use files::Files;
 pub use models::{
     CommandResult, CreateOptions, Diagnostic, FileInfo, Lifecycle, ListQuery, OnTimeout,
     ProcessInfo, Resources, RestoreOptions, RuntimeAccess, RuntimeTarget, SandboxInfo, SandboxPage,
-    SnapshotInfo, TimelineStep,
+    SnapshotInfo, TimelineStep, WarmPoolMode,
 };
 pub use sandbox::Sandbox;
+pub use templates::{Templates, WarmPool, WarmPoolSettings};

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 // The same shapes the API component checks requests against.
-pub use api_model::{OnTimeout, Resources};
+pub use api_model::{OnTimeout, Resources, WarmPoolMode};
 
 /// Data-plane address and token of a running sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -167,6 +167,9 @@ pub struct CreateOptions {
     /// Seconds between periodic snapshots (0: off; server default otherwise).
     #[serde(rename = "snapshotInterval", skip_serializing_if = "Option::is_none")]
     pub snapshot_interval: Option<u64>,
+    /// Check out a ready instance of the template's warm pool.
+    #[serde(rename = "warmPool", skip_serializing_if = "Option::is_none")]
+    pub warm_pool: Option<WarmPoolMode>,
 }
 
 /// `lifecycle` of a create.
@@ -227,6 +230,13 @@ impl CreateOptions {
         self.lifecycle = Some(Lifecycle {
             on_timeout: OnTimeout::Hibernate,
         });
+        self
+    }
+
+    /// Checks out a ready instance of the template's warm pool: `Require` fails with
+    /// `warm_pool_unavailable` when none is ready, `Prefer` falls back to a restore.
+    pub fn warm_pool(mut self, mode: WarmPoolMode) -> Self {
+        self.warm_pool = Some(mode);
         self
     }
 

@@ -5,7 +5,8 @@
 //!
 //! Create-to-first-command through the daemon's HTTP APIs against a raw restore of the
 //! same template snapshot to its first command, measured in one run, with their ratio;
-//! then sandboxes created per second by a concurrent burst.
+//! then sandboxes created per second by a concurrent burst; then a warm-pool checkout
+//! against a restore-from-template create (p50/p99, ratio) and a burst of checkouts.
 
 use nullspace_tests::{driver, sh, shared_templates_dir, Daemon};
 use serde_json::{json, Value};
@@ -65,9 +66,11 @@ async fn main() -> anyhow::Result<()> {
     delete(warm["sandboxID"].as_str().unwrap_or_default().to_string()).await?;
 
     let mut api = Vec::new();
+    let mut create_only = Vec::new();
     for _ in 0..n {
         let t = Instant::now();
         let s = create(json!({ "templateID": "minimal", "resources": shape })).await?;
+        create_only.push(t.elapsed());
         let out = http
             .post(format!(
                 "{}/commands",
@@ -147,6 +150,93 @@ async fn main() -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(0)
     );
+    futures::future::join_all(ids.into_iter().map(delete)).await;
+
+    // Warm pool: a checkout against a restore-from-template create, answer to answer.
+    let pool_url = format!("{}/v1/templates/minimal/warm-pool", daemon.control);
+    let set_pool = |size: u32| {
+        let (http, url, key, shape) = (http.clone(), pool_url.clone(), key.clone(), shape.clone());
+        async move {
+            http.put(url)
+                .header("X-API-Key", key)
+                .json(&json!({ "size": size, "resources": shape }))
+                .send()
+                .await?
+                .error_for_status()?;
+            anyhow::Ok(())
+        }
+    };
+    let ready = || {
+        let (http, url, key) = (http.clone(), pool_url.clone(), key.clone());
+        async move {
+            let v: Value = http
+                .get(url)
+                .header("X-API-Key", key)
+                .send()
+                .await?
+                .json()
+                .await?;
+            anyhow::Ok(v["ready"].as_u64().unwrap_or(0))
+        }
+    };
+    let wait_ready = |want: u64| async move {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while ready().await? < want {
+            anyhow::ensure!(Instant::now() < deadline, "the pool never held {want}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::Ok(())
+    };
+    set_pool(2).await?;
+    let mut checkout = Vec::new();
+    for _ in 0..n {
+        wait_ready(1).await?;
+        let t = Instant::now();
+        let s =
+            create(json!({ "templateID": "minimal", "resources": shape, "warmPool": "require" }))
+                .await?;
+        checkout.push(t.elapsed());
+        anyhow::ensure!(s["state"] == "running", "checkout failed: {s}");
+        delete(s["sandboxID"].as_str().unwrap_or_default().to_string()).await?;
+    }
+    let p99 = |mut v: Vec<Duration>| {
+        v.sort();
+        v[(v.len() * 99 / 100).min(v.len() - 1)]
+    };
+    let (c, w) = (p50(create_only.clone()), p50(checkout.clone()));
+    println!(
+        "create (restore from template)   n={n} p50={c:>9.1?} p99={:>9.1?}",
+        p99(create_only)
+    );
+    println!(
+        "create (warm-pool checkout)      n={n} p50={w:>9.1?} p99={:>9.1?}",
+        p99(checkout)
+    );
+    println!(
+        "ratio create / checkout: {:.0}x faster (promise: at least 300x)",
+        c.as_secs_f64() / w.as_secs_f64()
+    );
+
+    let size = 16u32;
+    set_pool(size).await?;
+    wait_ready(size as u64).await?;
+    let t = Instant::now();
+    let results = futures::future::join_all((0..size).map(|_| {
+        create(json!({ "templateID": "minimal", "resources": shape, "warmPool": "require" }))
+    }))
+    .await;
+    let wall = t.elapsed();
+    let mut ids = Vec::new();
+    for r in results {
+        let v = r?;
+        anyhow::ensure!(v["state"] == "running", "checkout failed: {v}");
+        ids.push(v["sandboxID"].as_str().unwrap_or_default().to_string());
+    }
+    println!(
+        "burst of {size} concurrent warm checkouts: {wall:.2?} wall, {:.0} sandboxes/s",
+        size as f64 / wall.as_secs_f64()
+    );
+    set_pool(0).await?;
     futures::future::join_all(ids.into_iter().map(delete)).await;
     Ok(())
 }

@@ -3,7 +3,7 @@
 from ._core import (CommandResult, EntryInfo, NotFoundError, SandboxError, SandboxInfo,
                     SnapshotInfo)
 from .async_sandbox import AsyncCommandHandle, AsyncSandbox
-from .sandbox import CommandHandle, Sandbox
+from .sandbox import CommandHandle, Sandbox, Template
 
 __all__ = [
     "AsyncCommandHandle",
@@ -16,4 +16,5 @@ __all__ = [
     "SandboxError",
     "SandboxInfo",
     "SnapshotInfo",
+    "Template",
 ]

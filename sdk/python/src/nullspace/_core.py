@@ -152,6 +152,20 @@ class SnapshotInfo:
         )
 
 
+def resources_body(resources: Dict[str, int]) -> Dict[str, int]:
+    """``resources`` with the SDK's aliases (cpu, memory_mb, disk_mb) as the API's keys."""
+    known = {"vcpus", "cpu", "memMiB", "memory_mb", "diskSizeMiB", "disk_mb"}
+    unknown = set(resources) - known
+    if unknown:
+        raise SandboxError("invalid_request", f"resources has unknown keys {sorted(unknown)}; "
+                           "send vcpus (or cpu), memMiB (or memory_mb), diskSizeMiB (or disk_mb)")
+    return {
+        "vcpus": resources.get("vcpus", resources.get("cpu", 2)),
+        "memMiB": resources.get("memMiB", resources.get("memory_mb", 2048)),
+        "diskSizeMiB": resources.get("diskSizeMiB", resources.get("disk_mb", 8192)),
+    }
+
+
 def restore_body(sandbox_id: str, snapshot_id: Optional[str], timeout: Optional[int],
                  metadata: Optional[Dict[str, str]]) -> Dict[str, Any]:
     body: Dict[str, Any] = {"sandboxID": sandbox_id}
@@ -195,10 +209,16 @@ class EntryInfo:
 def create_body(template: str, timeout: Optional[int], metadata: Optional[Dict[str, str]],
                 envs: Optional[Dict[str, str]], lifecycle: Optional[Dict[str, Any]],
                 resources: Optional[Dict[str, int]],
-                snapshot_interval: Optional[int] = None) -> Dict[str, Any]:
+                snapshot_interval: Optional[int] = None,
+                warm_pool: Optional[str] = None) -> Dict[str, Any]:
     body: Dict[str, Any] = {"templateID": template}
     if snapshot_interval is not None:
         body["snapshotInterval"] = snapshot_interval
+    if warm_pool is not None:
+        if warm_pool not in ("require", "prefer"):
+            raise SandboxError("invalid_request", f"warm_pool {warm_pool!r} is not a mode; "
+                               "send 'require' or 'prefer'")
+        body["warmPool"] = warm_pool
     if timeout is not None:
         body["timeout"] = timeout
     if metadata:
@@ -213,16 +233,7 @@ def create_body(template: str, timeout: Optional[int], metadata: Optional[Dict[s
             lc["autoResume"] = lifecycle["auto_resume"]
         body["lifecycle"] = lc
     if resources:
-        known = {"vcpus", "cpu", "memMiB", "memory_mb", "diskSizeMiB", "disk_mb"}
-        unknown = set(resources) - known
-        if unknown:
-            raise SandboxError("invalid_request", f"resources has unknown keys {sorted(unknown)}; "
-                               "send vcpus (or cpu), memMiB (or memory_mb), diskSizeMiB (or disk_mb)")
-        body["resources"] = {
-            "vcpus": resources.get("vcpus", resources.get("cpu", 2)),
-            "memMiB": resources.get("memMiB", resources.get("memory_mb", 2048)),
-            "diskSizeMiB": resources.get("diskSizeMiB", resources.get("disk_mb", 8192)),
-        }
+        body["resources"] = resources_body(resources)
     return body
 
 

@@ -151,7 +151,8 @@ class AsyncSandbox:
                      envs: Optional[Dict[str, str]] = None,
                      lifecycle: Optional[Dict[str, Any]] = None,
                      resources: Optional[Dict[str, int]] = None,
-                     snapshot_interval: Optional[int] = None, api_key: Optional[str] = None,
+                     snapshot_interval: Optional[int] = None, warm_pool: Optional[str] = None,
+                     api_key: Optional[str] = None,
                      domain: Optional[str] = None,
                      request_timeout: Optional[float] = None) -> "AsyncSandbox":
         config = Config.resolve(api_key, domain, request_timeout)
@@ -159,7 +160,7 @@ class AsyncSandbox:
         try:
             doc = await _call(client, config, "POST", "/sandboxes",
                               create_body(template, timeout, metadata, envs, lifecycle, resources,
-                                          snapshot_interval))
+                                          snapshot_interval, warm_pool))
         except Exception:
             await client.aclose()
             raise

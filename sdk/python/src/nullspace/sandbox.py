@@ -8,7 +8,8 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import httpx
 
 from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, SnapshotInfo,
-                    apply_event, create_body, list_params, raise_for, restore_body, run_body)
+                    apply_event, create_body, list_params, raise_for, resources_body,
+                    restore_body, run_body)
 
 
 def _call(client: httpx.Client, config: Config, method: str, path: str,
@@ -193,7 +194,8 @@ class Sandbox:
                metadata: Optional[Dict[str, str]] = None, envs: Optional[Dict[str, str]] = None,
                lifecycle: Optional[Dict[str, Any]] = None,
                resources: Optional[Dict[str, int]] = None,
-               snapshot_interval: Optional[int] = None, api_key: Optional[str] = None,
+               snapshot_interval: Optional[int] = None, warm_pool: Optional[str] = None,
+               api_key: Optional[str] = None,
                domain: Optional[str] = None, request_timeout: Optional[float] = None) -> "Sandbox":
         """Creates a sandbox and returns it connected."""
         config = Config.resolve(api_key, domain, request_timeout)
@@ -201,7 +203,7 @@ class Sandbox:
         try:
             doc = _call(client, config, "POST", "/sandboxes",
                         create_body(template, timeout, metadata, envs, lifecycle, resources,
-                                    snapshot_interval))
+                                    snapshot_interval, warm_pool))
         except Exception:
             client.close()
             raise
@@ -364,3 +366,31 @@ class Sandbox:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class Template:
+    """Templates: their warm pools (ready capacity that ``Sandbox.create(warm_pool=...)``
+    checks out)."""
+
+    @staticmethod
+    def get_warm_pool(template: str, api_key: Optional[str] = None,
+                      domain: Optional[str] = None,
+                      request_timeout: Optional[float] = None) -> Dict[str, Any]:
+        """``{templateID, target, ready, warming, checkouts, misses, resources, refill}``."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        with httpx.Client(timeout=config.request_timeout) as client:
+            return _call(client, config, "GET", f"/templates/{template}/warm-pool")
+
+    @staticmethod
+    def set_warm_pool(template: str, size: int, resources: Optional[Dict[str, int]] = None,
+                      refill: bool = True, api_key: Optional[str] = None,
+                      domain: Optional[str] = None,
+                      request_timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Keeps ``size`` ready instances of ``template`` with this shape; it fills in the
+        background."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        body: Dict[str, Any] = {"size": size, "refill": refill}
+        if resources:
+            body["resources"] = resources_body(resources)
+        with httpx.Client(timeout=config.request_timeout) as client:
+            return _call(client, config, "PUT", f"/templates/{template}/warm-pool", body)

@@ -1,0 +1,309 @@
+//! Template warm pools: VMs of one template and shape, already restored and running,
+//! handed to creates that ask (`warmPool: require | prefer`) instead of a restore at
+//! request time. A checked-out VM becomes that sandbox's and never returns to the pool;
+//! the pool refills in the background. Pool settings are in the catalog, so pools come
+//! back after a restart (their VMs are made again). Restore, resume, fork, hibernate and
+//! pause never take from a pool.
+
+use super::Manager;
+use crate::error::ApiError;
+use crate::model::Resources;
+use crate::templates::BUILTIN;
+use api_model::{WarmPoolBody, MAX_WARM_POOL_SIZE};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use tracing::{info, warn};
+use vmm::{QemuVm, Vm};
+
+/// VMs booting at once per pool: restores are CPU-bound, and creates share the cores.
+const MAX_WARMING_PER_POOL: u32 = 2;
+
+/// What a pool should hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolConfig {
+    pub target: u32,
+    pub resources: Resources,
+    pub refill: bool,
+}
+
+/// A pool as callers see it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStatus {
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    pub target: u32,
+    pub ready: u32,
+    pub warming: u32,
+    pub checkouts: u64,
+    pub misses: u64,
+    pub resources: Resources,
+    pub refill: bool,
+}
+
+struct Pool {
+    config: PoolConfig,
+    ready: VecDeque<QemuVm>,
+    warming: u32,
+    checkouts: u64,
+    misses: u64,
+}
+
+impl Pool {
+    fn status(&self, template: &str) -> PoolStatus {
+        PoolStatus {
+            template_id: template.to_string(),
+            target: self.config.target,
+            ready: self.ready.len() as u32,
+            warming: self.warming,
+            checkouts: self.checkouts,
+            misses: self.misses,
+            resources: self.config.resources,
+            refill: self.config.refill,
+        }
+    }
+}
+
+/// Every template's pool on this host.
+#[derive(Default)]
+pub struct WarmPools {
+    pools: Mutex<HashMap<String, Pool>>,
+    wake: tokio::sync::Notify,
+}
+
+impl WarmPools {
+    /// A ready VM of `template` with exactly this shape, counted as a checkout; `None`
+    /// (counted as a miss where the template has a pool) otherwise.
+    fn take(&self, template: &str, resources: Resources) -> Option<QemuVm> {
+        let mut pools = self.pools.lock().unwrap();
+        let pool = pools.get_mut(template)?;
+        let vm = if pool.config.resources == resources {
+            pool.ready.pop_front()
+        } else {
+            None
+        };
+        match vm {
+            Some(vm) => {
+                pool.checkouts += 1;
+                self.wake.notify_one();
+                Some(vm)
+            }
+            None => {
+                pool.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Sets a pool's config; returns the ready VMs it no longer wants.
+    fn configure(&self, template: &str, config: PoolConfig) -> Vec<QemuVm> {
+        let mut pools = self.pools.lock().unwrap();
+        let pool = pools.entry(template.to_string()).or_insert_with(|| Pool {
+            config,
+            ready: VecDeque::new(),
+            warming: 0,
+            checkouts: 0,
+            misses: 0,
+        });
+        let mut surplus = Vec::new();
+        if pool.config.resources != config.resources {
+            surplus.extend(pool.ready.drain(..));
+        }
+        pool.config = config;
+        while pool.ready.len() > config.target as usize {
+            surplus.extend(pool.ready.pop_back());
+        }
+        self.wake.notify_one();
+        surplus
+    }
+
+    fn status(&self, template: &str) -> Option<PoolStatus> {
+        self.pools
+            .lock()
+            .unwrap()
+            .get(template)
+            .map(|p| p.status(template))
+    }
+
+    /// Pools short of their target (with refill on): claims a warming slot in each.
+    fn claim_refills(&self) -> Vec<(String, Resources)> {
+        let mut pools = self.pools.lock().unwrap();
+        let mut out = Vec::new();
+        for (template, pool) in pools.iter_mut() {
+            let have = pool.ready.len() as u32 + pool.warming;
+            if pool.config.refill
+                && have < pool.config.target
+                && pool.warming < MAX_WARMING_PER_POOL
+            {
+                pool.warming += 1;
+                out.push((template.clone(), pool.config.resources));
+            }
+        }
+        out
+    }
+
+    /// A refill's VM is up: the pool keeps it if it still wants it (and the refill is
+    /// done), else it comes back to be ended before [`WarmPools::done_warming`].
+    fn settle(&self, template: &str, resources: Resources, vm: QemuVm) -> Option<QemuVm> {
+        let mut pools = self.pools.lock().unwrap();
+        let Some(pool) = pools.get_mut(template) else {
+            return Some(vm);
+        };
+        if pool.config.resources == resources && (pool.ready.len() as u32) < pool.config.target {
+            pool.ready.push_back(vm);
+            pool.warming = pool.warming.saturating_sub(1);
+            self.wake.notify_one();
+            None
+        } else {
+            Some(vm)
+        }
+    }
+
+    /// A refill ended without adding to its pool (its VM, if any, is gone).
+    fn done_warming(&self, template: &str) {
+        if let Some(pool) = self.pools.lock().unwrap().get_mut(template) {
+            pool.warming = pool.warming.saturating_sub(1);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Whether any refill is still making a VM.
+    fn warming(&self) -> bool {
+        self.pools.lock().unwrap().values().any(|p| p.warming > 0)
+    }
+
+    /// Stops refilling (until the next configure): every pool's target drops to zero
+    /// in memory; the catalog keeps the real one for the next start.
+    fn stop_refilling(&self) {
+        for pool in self.pools.lock().unwrap().values_mut() {
+            pool.config.target = 0;
+        }
+    }
+
+    /// Every ready VM, for shutdown.
+    fn drain(&self) -> Vec<QemuVm> {
+        self.pools
+            .lock()
+            .unwrap()
+            .values_mut()
+            .flat_map(|p| p.ready.drain(..))
+            .collect()
+    }
+}
+
+impl Manager {
+    /// Sets `template`'s warm pool; the pool fills (or empties) in the background.
+    pub async fn set_warm_pool(
+        &self,
+        template: &str,
+        body: WarmPoolBody,
+    ) -> Result<PoolStatus, ApiError> {
+        body.validate()?;
+        if !BUILTIN.contains(&template) {
+            return Err(ApiError::not_found("template", template).with_details(
+                serde_json::json!({ "available": BUILTIN, "hint": "warm pools are kept for the built-in templates" }),
+            ));
+        }
+        let resources = body.resources.unwrap_or_default();
+        // The same checks a create makes: a pool of shapes no create could ask for
+        // would only burn memory.
+        resources.validate()?;
+        if resources.mem_mib > self.max_mem_mib {
+            return Err(ApiError::bad_request(format!(
+                "resources.memMiB {} is more than this host gives one sandbox; send at most {}",
+                resources.mem_mib, self.max_mem_mib
+            )));
+        }
+        let config = PoolConfig {
+            target: body.size.min(MAX_WARM_POOL_SIZE),
+            resources,
+            refill: body.refill.unwrap_or(true),
+        };
+        self.catalog.put_warm_pool(template, &config)?;
+        for vm in self.warm.configure(template, config) {
+            vm.kill().await;
+        }
+        info!(
+            template,
+            target = config.target,
+            refill = config.refill,
+            "warm pool set"
+        );
+        Ok(self.warm.status(template).expect("just configured"))
+    }
+
+    /// A template's warm pool.
+    pub fn warm_pool_status(&self, template: &str) -> Result<PoolStatus, ApiError> {
+        if !BUILTIN.contains(&template) {
+            return Err(ApiError::not_found("template", template));
+        }
+        Ok(self.warm.status(template).unwrap_or(PoolStatus {
+            template_id: template.to_string(),
+            target: 0,
+            ready: 0,
+            warming: 0,
+            checkouts: 0,
+            misses: 0,
+            resources: Resources::default(),
+            refill: true,
+        }))
+    }
+
+    /// A ready VM for a create of `template` with this shape, if its pool has one.
+    pub(super) fn check_out(&self, template: &str, resources: Resources) -> Option<QemuVm> {
+        self.warm.take(template, resources)
+    }
+
+    /// Loads the pools the catalog records (after a start).
+    pub fn load_warm_pools(&self) -> Result<(), ApiError> {
+        for (template, config) in self.catalog.warm_pools()? {
+            self.warm.configure(&template, config);
+        }
+        Ok(())
+    }
+
+    /// Keeps every pool at its target. Runs until the process ends.
+    pub async fn refill_warm_pools(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.warm.wake.notified() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+            for (template, resources) in self.warm.claim_refills() {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    match this.restore_template(&template, resources).await {
+                        Ok(vm) => match this.warm.settle(&template, resources, vm) {
+                            None => return,
+                            Some(unwanted) => unwanted.kill().await,
+                        },
+                        Err(e) => {
+                            warn!(template, error = %e.message, "warm pool refill failed");
+                            // Not at once again: the next tick retries.
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        }
+                    }
+                    this.warm.done_warming(&template);
+                });
+            }
+        }
+    }
+
+    /// Ends every warm VM, waiting (a bounded time) for those still being made: no VM
+    /// may outlive the daemon unowned.
+    pub(super) async fn drain_warm_pools(&self) {
+        self.warm.stop_refilling();
+        // Inside the daemon's 20 s shutdown budget; a restore takes a second or two.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            for vm in self.warm.drain() {
+                vm.kill().await;
+            }
+            if !self.warm.warming() || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Template warm pools through the public API, with real VMs.
+
+use futures::future::join_all;
+use nullspace_tests::http::{small, Api, Runtime};
+use nullspace_tests::{Daemon, Stack};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const POOL: &str = "/v1/templates/minimal/warm-pool";
+
+async fn pool(api: &Api) -> Value {
+    let (status, v) = api.fetch(POOL).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    v
+}
+
+async fn set_pool(api: &Api, body: Value) -> Value {
+    let (status, v) = api.call(Method::PUT, POOL, Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    v
+}
+
+/// Waits until the pool holds `ready` instances.
+async fn wait_ready(api: &Api, ready: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let v = pool(api).await;
+        if v["ready"] == ready && v["warming"] == 0 {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool never held {ready}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Fires `n` creates at once; returns their (status, body) in order.
+async fn burst(api: &Api, n: usize, mode: &str) -> Vec<(StatusCode, Value)> {
+    join_all((0..n).map(|i| {
+        api.post(
+            "/v1/sandboxes",
+            json!({
+                "templateID": "minimal", "resources": small(), "warmPool": mode,
+                "envVars": { "N": i.to_string() }, "metadata": { "n": i.to_string() }, "timeout": 300
+            }),
+        )
+    }))
+    .await
+}
+
+#[tokio::test]
+async fn require_gets_exactly_the_ready_instances_prefer_falls_back_and_pools_refill() {
+    let mut stack = Stack::start("warm-pools");
+    stack
+        .daemon
+        .admin(&["team", "create", "acme", "--max-sandboxes", "40"]);
+    let key = stack.daemon.admin(&["key", "create", "--team", "acme"]);
+    let api = stack.public(key.clone());
+
+    let (status, v) = api
+        .call(Method::PUT, POOL, Some(json!({ "size": 17 })))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let (status, _) = api
+        .call(
+            Method::PUT,
+            "/v1/templates/nope/warm-pool",
+            Some(json!({ "size": 1 })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Five ready, then refill held off: a burst of 20 `require` gets exactly those five.
+    set_pool(&api, json!({ "size": 5, "resources": small() })).await;
+    wait_ready(&api, 5).await;
+    let held = set_pool(
+        &api,
+        json!({ "size": 5, "resources": small(), "refill": false }),
+    )
+    .await;
+    assert_eq!(
+        (&held["ready"], &held["refill"]),
+        (&json!(5), &json!(false)),
+        "{held}"
+    );
+    let got = burst(&api, 20, "require").await;
+    let ok: Vec<&Value> = got
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::CREATED)
+        .map(|(_, v)| v)
+        .collect();
+    let refused = got
+        .iter()
+        .filter(|(s, v)| {
+            *s == StatusCode::SERVICE_UNAVAILABLE && v["code"] == "warm_pool_unavailable"
+        })
+        .count();
+    assert_eq!((ok.len(), refused), (5, 15), "{got:?}");
+    let status = pool(&api).await;
+    assert_eq!(
+        (&status["checkouts"], &status["misses"], &status["ready"]),
+        (&json!(5), &json!(15), &json!(0)),
+        "{status}"
+    );
+
+    // Each checked-out sandbox is its own: the create's env and labels, its own disk.
+    for v in &ok {
+        assert_eq!(v["state"], "running");
+        let n = v["metadata"]["n"].as_str().unwrap().to_string();
+        let rt = Runtime::of(v);
+        let (out, _, _) = rt.run("echo $N; ls /workspace").await;
+        assert_eq!(
+            out,
+            format!("{n}\n"),
+            "a sandbox saw another's env or files"
+        );
+        rt.run(&format!("echo mine-{n} > /workspace/owner")).await;
+    }
+    // Emptying the pool leaves checked-out sandboxes alone.
+    set_pool(&api, json!({ "size": 0, "resources": small() })).await;
+    let (out, _, _) = Runtime::of(ok[0]).run("cat /workspace/owner").await;
+    assert_eq!(
+        out,
+        format!("mine-{}\n", ok[0]["metadata"]["n"].as_str().unwrap())
+    );
+    let mut ids: Vec<String> = ok
+        .iter()
+        .map(|v| v["sandboxID"].as_str().unwrap().to_string())
+        .collect();
+
+    // With refill on, the pool comes back to its target; `prefer` never fails.
+    set_pool(&api, json!({ "size": 5, "resources": small() })).await;
+    wait_ready(&api, 5).await;
+    let got = burst(&api, 20, "prefer").await;
+    for (s, v) in &got {
+        assert_eq!(*s, StatusCode::CREATED, "{v}");
+        ids.push(v["sandboxID"].as_str().unwrap().to_string());
+    }
+    let checked_out = got
+        .iter()
+        .filter(|(_, v)| {
+            v["timeline"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["detail"] == "checked out from the warm pool")
+        })
+        .count();
+    assert_eq!(checked_out, 5, "prefer should take the 5 ready ones first");
+    for id in &ids {
+        assert_eq!(api.delete(id).await, StatusCode::NO_CONTENT);
+    }
+    wait_ready(&api, 5).await;
+
+    // Pools come back after a restart (their VMs are made again).
+    let state = stack.daemon.stop_with(libc::SIGTERM);
+    let daemon = Daemon::start_in(state);
+    let api = Api::new(&daemon, key);
+    let status = wait_ready(&api, 5).await;
+    assert_eq!(status["target"], 5, "{status}");
+}
