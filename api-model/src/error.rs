@@ -102,9 +102,10 @@ impl ApiError {
         Self::new(507, "insufficient_storage", message)
     }
 
-    /// 503: a create asked for a warm-pool instance (`require`) and none is ready.
+    /// 409: a create asked for a warm-pool instance (`require`) and none is ready: the
+    /// pool's state, not the server, refuses it (retry, or send `prefer`).
     pub fn warm_pool_unavailable(message: impl Into<String>) -> Self {
-        Self::new(503, "warm_pool_unavailable", message)
+        Self::new(409, "warm_pool_unavailable", message)
     }
 
     /// 503: the snapshot store (local directory or S3) failed; nothing was changed.

@@ -3,7 +3,7 @@
 //! ```text
 //! nullspace-pool-manager serve [--listen ADDR] [--edge-listen ADDR] [--state-dir DIR] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
 //!     [--snapshot-store local|s3] [--store-dir DIR] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region R]]
-//!     [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024]
+//!     [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
 //! nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--state-dir DIR]
 //! nullspace-pool-manager admin team quota TEAM --max-sandboxes N [--state-dir DIR]
 //! nullspace-pool-manager admin key create --team TEAM [--key KEY] [--state-dir DIR]
@@ -32,7 +32,7 @@ use std::sync::Arc;
 const USAGE: &str = "usage:
   nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--state-dir /var/lib/nullspace] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
       [--snapshot-store local|s3] [--store-dir STATE/objects] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region us-east-1]]
-      [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024]
+      [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
   nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--state-dir DIR]
   nullspace-pool-manager admin team quota TEAM --max-sandboxes N [--state-dir DIR]
   nullspace-pool-manager admin key create --team TEAM [--key KEY] [--state-dir DIR]
@@ -70,6 +70,15 @@ impl Args {
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.clone())
             .unwrap_or_else(|| default.to_string())
+    }
+
+    /// Every value of a repeatable flag, in order.
+    fn all(&self, name: &str) -> Vec<String> {
+        self.flags
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     fn check_flags(&self, allowed: &[&str]) -> anyhow::Result<()> {
@@ -280,6 +289,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         "s3-region",
         "periodic-snapshot-interval-s",
         "min-free-disk-mib",
+        "warm-pool",
     ])?;
     let dir = state_dir(args)?;
     let listen = args.flag("listen", "127.0.0.1:7070");
@@ -355,6 +365,22 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     manager
         .load_warm_pools()
         .map_err(|e| anyhow::anyhow!("loading warm pools: {}", e.message))?;
+    // `--warm-pool TEMPLATE=SIZE` (repeatable) sets pools of the default shape at start.
+    for spec in args.all("warm-pool") {
+        let (template, size) = spec
+            .split_once('=')
+            .and_then(|(t, n)| Some((t, n.parse::<u32>().ok()?)))
+            .with_context(|| format!("--warm-pool {spec:?}: send TEMPLATE=SIZE, e.g. base=2"))?;
+        let body = api_model::WarmPoolBody {
+            size,
+            resources: None,
+            refill: None,
+        };
+        manager
+            .set_warm_pool(template, body)
+            .await
+            .map_err(|e| anyhow::anyhow!("--warm-pool {spec}: {}", e.message))?;
+    }
     tokio::spawn(manager.clone().refill_warm_pools());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

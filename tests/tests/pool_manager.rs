@@ -246,7 +246,7 @@ async fn bad_requests_are_refused_with_what_to_send() {
         ),
         (
             json!({ "templateID": "base", "warmPool": "require" }),
-            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::CONFLICT,
             "warm pool",
         ),
     ];

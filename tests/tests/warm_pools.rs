@@ -94,9 +94,7 @@ async fn require_gets_exactly_the_ready_instances_prefer_falls_back_and_pools_re
         .collect();
     let refused = got
         .iter()
-        .filter(|(s, v)| {
-            *s == StatusCode::SERVICE_UNAVAILABLE && v["code"] == "warm_pool_unavailable"
-        })
+        .filter(|(s, v)| *s == StatusCode::CONFLICT && v["code"] == "warm_pool_unavailable")
         .count();
     assert_eq!((ok.len(), refused), (5, 15), "{got:?}");
     let status = pool(&api).await;
