@@ -36,6 +36,15 @@ pub struct SnapshotRow {
     pub dir: String,
 }
 
+/// How durable a write must be before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Synced to disk (the default for everything).
+    Synced,
+    /// In the OS's cache: survives this process crashing, not the host.
+    UntilPowerLoss,
+}
+
 /// The durable store.
 pub struct Catalog {
     db: Mutex<Connection>,
@@ -339,6 +348,57 @@ impl Catalog {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Stores a record and appends events to its log in one transaction: one sync to
+    /// disk instead of one per write. With `durability` [`Durability::UntilPowerLoss`]
+    /// the commit is not synced at all (it survives a crash of this process, not of
+    /// the host; the next synced commit carries it to disk) — for records of running
+    /// VMs, which a power loss ends anyway.
+    pub fn put_sandbox_with_events(
+        &self,
+        record: &SandboxRecord,
+        events: &[(&str, serde_json::Value)],
+        durability: Durability,
+    ) -> Result<(), CatalogError> {
+        let json = serde_json::to_string(record)?;
+        let mut db = self.db.lock().unwrap();
+        if durability == Durability::UntilPowerLoss {
+            db.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        let result = Self::write_record_and_events(&mut db, record, &json, events);
+        if durability == Durability::UntilPowerLoss {
+            db.pragma_update(None, "synchronous", "FULL")?;
+        }
+        result
+    }
+
+    fn write_record_and_events(
+        db: &mut Connection,
+        record: &SandboxRecord,
+        json: &str,
+        events: &[(&str, serde_json::Value)],
+    ) -> Result<(), CatalogError> {
+        let tx = db.transaction()?;
+        tx.execute(
+            "INSERT INTO sandboxes (id, team_id, seq, record)
+             VALUES (?1, ?2, (SELECT COALESCE(MAX(seq), 0) + 1 FROM sandboxes), ?3)
+             ON CONFLICT(id) DO UPDATE SET record = excluded.record",
+            params![record.id, record.team_id, json],
+        )?;
+        let first: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(event_id), 0) + 1 FROM events WHERE sandbox_id = ?1",
+            params![record.id],
+            |r| r.get(0),
+        )?;
+        for (id, (kind, data)) in (first..).zip(events) {
+            tx.execute(
+                "INSERT INTO events (sandbox_id, event_id, at_ms, kind, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![record.id, id, now_ms(), kind, data.to_string()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Appends an event to a sandbox's log; returns its ID (1, 2, 3, ... per sandbox).

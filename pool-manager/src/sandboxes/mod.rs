@@ -5,7 +5,7 @@
 //! holds its VM while it runs. Every state change is written to the catalog and appended
 //! to the sandbox's event log before the call returns.
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Durability};
 use crate::error::ApiError;
 use crate::model::*;
 use crate::templates::{Templates, BUILTIN};
@@ -336,6 +336,16 @@ impl Manager {
 
     /// Records `record` if its team is under its quota of live sandboxes.
     fn admit(&self, record: &SandboxRecord) -> Result<(), ApiError> {
+        self.admit_with_events(record, &[], Durability::Synced)
+    }
+
+    /// Records `record` and its first events at once, if its team is under its quota.
+    fn admit_with_events(
+        &self,
+        record: &SandboxRecord,
+        events: &[(&str, serde_json::Value)],
+        durability: Durability,
+    ) -> Result<(), ApiError> {
         let _one_at_a_time = self.admission.lock().unwrap();
         let quota = self
             .catalog
@@ -348,7 +358,8 @@ impl Manager {
             ))
             .with_details(serde_json::json!({ "quota": quota, "live": live })));
         }
-        self.catalog.put_sandbox(record)?;
+        self.catalog
+            .put_sandbox_with_events(record, events, durability)?;
         Ok(())
     }
 
@@ -429,33 +440,40 @@ impl Manager {
     }
 
     /// Makes a checked-out warm VM the new sandbox's: its record (labels, env, timeout
-    /// from the create) is written and the VM goes into its slot, with no restore.
+    /// from the create) and events are written in one transaction and the VM goes into
+    /// its slot, with no restore.
     async fn adopt_warm(
         &self,
         mut record: SandboxRecord,
         vm: QemuVm,
     ) -> Result<SandboxView, ApiError> {
-        if let Err(e) = self.admit(&record) {
-            // Never recycled: it may have been seen by nobody, but the rule is simple.
-            vm.kill().await;
-            return Err(e);
-        }
-        self.catalog.append_event(
-            &record.id,
-            "sandbox.created",
-            &serde_json::json!({ "templateID": record.template_id, "state": "starting", "warmPool": true }),
-        )?;
         let slot = self.slot(&record.id);
         let mut guard = slot.lock().await;
         record.vm_dir = Some(vm.dir().display().to_string());
-        *guard = Some(vm);
         // Timeouts count from the checkout.
         record.expires_at_ms = now_ms() + record.timeout_s as i64 * 1000;
-        self.transition(
-            &mut record,
-            InternalState::Active,
-            "checked out from the warm pool",
-        )?;
+        record.state = InternalState::Active;
+        record.step("running", Some("checked out from the warm pool".into()));
+        let events = [
+            (
+                "sandbox.created",
+                serde_json::json!({ "templateID": record.template_id, "state": "starting", "warmPool": true }),
+            ),
+            (
+                "sandbox.running",
+                serde_json::json!({ "state": "running", "from": "starting", "reason": "checked out from the warm pool" }),
+            ),
+        ];
+        // Not synced: the record of a running VM needs to survive what the VM survives
+        // (a crash of this daemon), and a sync is most of a checkout's cost.
+        if let Err(e) = self.admit_with_events(&record, &events, Durability::UntilPowerLoss) {
+            // Never recycled, even unseen: the rule stays simple.
+            drop(guard);
+            vm.kill().await;
+            return Err(e);
+        }
+        *guard = Some(vm);
+        info!(sandbox = %record.id, "checked out from the warm pool");
         Ok(self.view(&record, true))
     }
 

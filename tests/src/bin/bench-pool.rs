@@ -90,6 +90,8 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // The same snapshot, restored directly through the VMM, to its first command.
+    // The one of the current image set: older sets' snapshots stay in the directory.
+    let rootfs = vmm::ImageSet::from_env()?.rootfs("minimal")?;
     let template = std::fs::read_dir(shared_templates_dir())?
         .flatten()
         .map(|e| e.path())
@@ -97,9 +99,9 @@ async fn main() -> anyhow::Result<()> {
             p.file_name()
                 .map(|n| n.to_string_lossy().starts_with("minimal-1x512-"))
                 .unwrap_or(false)
-                && Snapshot::open(p).is_ok()
+                && Snapshot::open(p).is_ok_and(|s| s.manifest().rootfs_image == rootfs)
         })
-        .ok_or_else(|| anyhow::anyhow!("no minimal 1x512 template snapshot"))?;
+        .ok_or_else(|| anyhow::anyhow!("no minimal 1x512 template snapshot of this image set"))?;
     let snapshot = Snapshot::open(&template)?;
     let d = driver().await;
     let options = RestoreOptions {
