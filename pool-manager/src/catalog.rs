@@ -231,15 +231,7 @@ impl Catalog {
 
     /// Inserts or replaces a sandbox record.
     pub fn put_sandbox(&self, record: &SandboxRecord) -> Result<(), CatalogError> {
-        let json = serde_json::to_string(record)?;
-        let db = self.db.lock().unwrap();
-        db.execute(
-            "INSERT INTO sandboxes (id, team_id, seq, record)
-             VALUES (?1, ?2, (SELECT COALESCE(MAX(seq), 0) + 1 FROM sandboxes), ?3)
-             ON CONFLICT(id) DO UPDATE SET record = excluded.record",
-            params![record.id, record.team_id, json],
-        )?;
-        Ok(())
+        self.put_sandbox_with_events(record, &[], Durability::Synced)
     }
 
     /// A sandbox record by ID.
@@ -386,16 +378,18 @@ impl Catalog {
              ON CONFLICT(id) DO UPDATE SET record = excluded.record",
             params![record.id, record.team_id, json],
         )?;
-        let first: i64 = tx.query_row(
-            "SELECT COALESCE(MAX(event_id), 0) + 1 FROM events WHERE sandbox_id = ?1",
-            params![record.id],
-            |r| r.get(0),
-        )?;
-        for (id, (kind, data)) in (first..).zip(events) {
-            tx.execute(
-                "INSERT INTO events (sandbox_id, event_id, at_ms, kind, data) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![record.id, id, now_ms(), kind, data.to_string()],
+        if !events.is_empty() {
+            let first: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(event_id), 0) + 1 FROM events WHERE sandbox_id = ?1",
+                params![record.id],
+                |r| r.get(0),
             )?;
+            for (id, (kind, data)) in (first..).zip(events) {
+                tx.execute(
+                    "INSERT INTO events (sandbox_id, event_id, at_ms, kind, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![record.id, id, now_ms(), kind, data.to_string()],
+                )?;
+            }
         }
         tx.commit()?;
         Ok(())
