@@ -246,6 +246,29 @@ pub enum WarmPoolMode {
 /// Most ready instances one warm pool may keep.
 pub const MAX_WARM_POOL_SIZE: u32 = 16;
 
+/// A template's warm pool, as `GET`/`PUT /templates/{id}/warm-pool` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmPoolStatus {
+    /// The template.
+    #[serde(rename = "templateID")]
+    pub template_id: String,
+    /// Ready instances it keeps.
+    pub target: u32,
+    /// Ready now.
+    pub ready: u32,
+    /// Being made.
+    pub warming: u32,
+    /// Creates that got an instance.
+    pub checkouts: u64,
+    /// Creates that asked and found none ready.
+    pub misses: u64,
+    /// The shape of its instances.
+    pub resources: Resources,
+    /// Whether it refills in the background.
+    pub refill: bool,
+}
+
 /// Body of `PUT /templates/{id}/warm-pool`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

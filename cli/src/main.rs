@@ -214,6 +214,21 @@ struct CreateArgs {
     warm_pool: Option<String>,
 }
 
+/// `--vcpus`/`--memory-mib`/`--disk-mib`: none given, the server's default; any
+/// given, the rest from the default shape.
+fn shape(
+    vcpus: Option<u32>,
+    mem_mib: Option<u32>,
+    disk_mib: Option<u64>,
+) -> Option<nullspace::Resources> {
+    let default = nullspace::Resources::default();
+    (vcpus.is_some() || mem_mib.is_some() || disk_mib.is_some()).then(|| nullspace::Resources {
+        vcpus: vcpus.unwrap_or(default.vcpus),
+        mem_mib: mem_mib.unwrap_or(default.mem_mib),
+        disk_mib: disk_mib.unwrap_or(default.disk_mib),
+    })
+}
+
 fn show_snapshots(list: &[SnapshotInfo], json: bool) {
     if json {
         let items: Vec<_> = list.iter().map(snapshot_json).collect();
@@ -361,12 +376,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let pool = match size {
                 None => nullspace::Templates::warm_pool(&config, template).await?,
                 Some(size) => {
-                    let resources = (vcpus.is_some() || memory_mib.is_some() || disk_mib.is_some())
-                        .then(|| nullspace::Resources {
-                            vcpus: vcpus.unwrap_or(2),
-                            mem_mib: memory_mib.unwrap_or(2048),
-                            disk_mib: disk_mib.unwrap_or(8192),
-                        });
+                    let resources = shape(*vcpus, *memory_mib, *disk_mib);
                     let settings = nullspace::WarmPoolSettings {
                         size: *size,
                         resources,
@@ -450,13 +460,7 @@ async fn sandbox(
             o.timeout = a.timeout;
             o.metadata = a.metadata.iter().cloned().collect();
             o.envs = a.envs.iter().cloned().collect();
-            if a.vcpus.is_some() || a.memory_mib.is_some() || a.disk_mib.is_some() {
-                o = o.resources(
-                    a.vcpus.unwrap_or(2),
-                    a.memory_mib.unwrap_or(2048),
-                    a.disk_mib.unwrap_or(8192),
-                );
-            }
+            o.resources = shape(a.vcpus, a.memory_mib, a.disk_mib);
             if a.pause_on_timeout {
                 o = o.pause_on_timeout();
             }

@@ -659,11 +659,11 @@ impl QemuVmm {
 /// read-only as a backing file.
 fn grant_restore_access(dir: &Path, run_as: Option<&RunAs>) {
     let Some(r) = run_as else { return };
-    for name in ["memory", "disk.qcow2", "state"] {
+    for name in snapshot::FILES {
         let p = dir.join(name);
         if p.exists() {
             let _ = std::os::unix::fs::chown(&p, Some(0), Some(r.gid));
-            let mode = if name == "memory" { 0o660 } else { 0o640 };
+            let mode = if *name == "memory" { 0o660 } else { 0o640 };
             let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode));
         }
     }

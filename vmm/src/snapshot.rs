@@ -19,6 +19,10 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+/// The files a snapshot directory holds besides its manifest (`memory` only in
+/// [`MemoryFormat::File`] snapshots).
+pub const FILES: &[&str] = &["state", "memory", "disk.qcow2"];
+
 /// Version of the snapshot layout.
 pub const FORMAT_VERSION: u32 = 1;
 

@@ -49,6 +49,8 @@ pub struct Manager {
     uploads: tokio::sync::RwLock<()>,
     /// Serialises fetches of snapshots used as templates into the local cache.
     template_fetch: tokio::sync::Mutex<()>,
+    /// A delete left chunks that may be garbage.
+    gc_wanted: tokio::sync::Notify,
     /// Ready VMs per template.
     warm: warm::WarmPools,
 }
@@ -109,6 +111,7 @@ impl Manager {
             snapshots,
             uploads: tokio::sync::RwLock::new(()),
             template_fetch: tokio::sync::Mutex::new(()),
+            gc_wanted: tokio::sync::Notify::new(),
             warm: warm::WarmPools::default(),
         }
     }
@@ -759,9 +762,10 @@ impl Manager {
         }
         // Every pause snapshot of the sandbox, including one a resumed VM was using.
         let _ = std::fs::remove_dir_all(self.pauses_dir(id));
-        // Its stored pause snapshots end with it; periodic and manual ones stay.
-        r.hibernated = None;
-        self.delete_stored_pauses(id).await;
+        // Its stored pause snapshot ends with it; periodic and manual ones stay.
+        if let Some(snapshot_id) = r.hibernated.take() {
+            self.delete_hibernate_snapshot(&snapshot_id).await;
+        }
         let fork_base = r.fork_base.take();
         self.transition(&mut r, InternalState::Deleted, reason)?;
         if let Some(dir) = fork_base {

@@ -22,7 +22,7 @@ use vmm::{QemuVm, RestoreMemory, RestoreOptions, Snapshot, SnapshotManifest, Vm}
 const PERIODIC_KEPT: usize = 3;
 
 /// Files of a vmm snapshot directory that are published.
-const SNAPSHOT_FILES: &[&str] = &["state", "memory", "disk.qcow2"];
+const SNAPSHOT_FILES: &[&str] = vmm::snapshot::FILES;
 
 /// Where snapshots go and the limits on taking them.
 #[derive(Debug, Clone)]
@@ -395,11 +395,7 @@ impl Manager {
             .await
             .map_err(|e| store_error("deleting the snapshot", e))?;
         // This worker's cached copy (a template) goes once no live sandbox uses it.
-        let in_use = self.catalog.all_sandboxes()?.iter().any(|r| {
-            r.template_id == snapshot_id
-                && !matches!(r.state, InternalState::Deleted | InternalState::Failed)
-        });
-        if !in_use {
+        if !self.any_live(|r| r.template_id == snapshot_id)? {
             let _ = std::fs::remove_dir_all(
                 self.state_dir.join("snapshot-templates").join(snapshot_id),
             );
@@ -409,12 +405,31 @@ impl Manager {
             "sandbox.snapshot_deleted",
             &serde_json::json!({ "snapshotID": snapshot_id }),
         );
-        self.collect_garbage().await;
+        self.gc_wanted.notify_one();
         Ok(())
     }
 
+    /// Whether a sandbox that is not deleted or failed matches `uses`.
+    fn any_live(&self, uses: impl Fn(&SandboxRecord) -> bool) -> Result<bool, ApiError> {
+        Ok(self
+            .catalog
+            .all_sandboxes()?
+            .iter()
+            .any(|r| !matches!(r.state, InternalState::Deleted | InternalState::Failed) && uses(r)))
+    }
+
+    /// Collects garbage whenever a delete asks for it, off the request that deleted:
+    /// a collection reads every manifest and lists every chunk. Runs until the process
+    /// ends.
+    pub async fn collect_garbage_when_asked(self: Arc<Self>) {
+        loop {
+            self.gc_wanted.notified().await;
+            self.collect_garbage().await;
+        }
+    }
+
     /// Deletes chunks no snapshot references, waiting for uploads in flight.
-    pub async fn collect_garbage(&self) {
+    async fn collect_garbage(&self) {
         let _exclusive = self.uploads.write().await;
         match stored::collect_garbage(self.store()).await {
             Ok(gc) => info!(
@@ -429,17 +444,13 @@ impl Manager {
         }
     }
 
-    /// Deletes the stored pause snapshots of a sandbox that is ending.
-    pub(super) async fn delete_stored_pauses(&self, id: &str) {
-        let Ok(all) = stored::list(self.store(), id).await else {
-            return;
-        };
-        let mut deleted = false;
-        for s in all.iter().filter(|s| s.kind == Kind::Pause) {
-            deleted |= stored::delete(self.store(), s).await.is_ok();
-        }
-        if deleted {
-            self.collect_garbage().await;
+    /// Deletes the hibernate snapshot of a sandbox that is ending (a sandbox's only
+    /// stored pause snapshot: a resume consumes it).
+    pub(super) async fn delete_hibernate_snapshot(&self, snapshot_id: &str) {
+        if let Ok(s) = stored::get(self.store(), snapshot_id).await {
+            if stored::delete(self.store(), &s).await.is_ok() {
+                self.gc_wanted.notify_one();
+            }
         }
     }
 
@@ -592,7 +603,7 @@ impl Manager {
         self.transition(&mut r, InternalState::Active, "resumed from object storage")?;
         // Consumed: a later hibernate stores a new one.
         if stored::delete(self.store(), &s).await.is_ok() {
-            self.collect_garbage().await;
+            self.gc_wanted.notify_one();
         }
         Ok(self.view(&r, true))
     }
@@ -935,11 +946,7 @@ impl Manager {
 
     /// Removes a fork snapshot once no live sandbox is restored from it.
     pub(super) fn release_fork_base(&self, dir: &str) -> Result<(), ApiError> {
-        let in_use = self.catalog.all_sandboxes()?.iter().any(|r| {
-            r.fork_base.as_deref() == Some(dir)
-                && !matches!(r.state, InternalState::Deleted | InternalState::Failed)
-        });
-        if !in_use {
+        if !self.any_live(|r| r.fork_base.as_deref() == Some(dir))? {
             let _ = std::fs::remove_dir_all(dir);
         }
         Ok(())
@@ -1001,7 +1008,7 @@ impl Manager {
             for old in &periodic[PERIODIC_KEPT..] {
                 let _ = stored::delete(self.store(), old).await;
             }
-            self.collect_garbage().await;
+            self.gc_wanted.notify_one();
         }
         Ok(())
     }

@@ -28,19 +28,7 @@ pub struct PoolConfig {
 }
 
 /// A pool as callers see it.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PoolStatus {
-    #[serde(rename = "templateID")]
-    pub template_id: String,
-    pub target: u32,
-    pub ready: u32,
-    pub warming: u32,
-    pub checkouts: u64,
-    pub misses: u64,
-    pub resources: Resources,
-    pub refill: bool,
-}
+pub type PoolStatus = api_model::WarmPoolStatus;
 
 struct Pool {
     config: PoolConfig,

@@ -3,32 +3,10 @@
 use crate::models::Resources;
 use crate::sandbox::{call, client};
 use crate::{ConnectionConfig, Error, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// A template's warm pool.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct WarmPool {
-    /// The template.
-    #[serde(rename = "templateID")]
-    pub template_id: String,
-    /// Ready instances it keeps.
-    pub target: u32,
-    /// Ready now.
-    pub ready: u32,
-    /// Being made.
-    pub warming: u32,
-    /// Creates that got an instance.
-    pub checkouts: u64,
-    /// Creates that asked and found none ready.
-    pub misses: u64,
-    /// The shape of its instances.
-    #[serde(default)]
-    pub resources: Option<Resources>,
-    /// Whether it refills in the background.
-    #[serde(default)]
-    pub refill: bool,
-}
+/// A template's warm pool: the API's own shape.
+pub use api_model::WarmPoolStatus as WarmPool;
 
 /// What to set a warm pool to.
 #[derive(Debug, Clone, Default, Serialize)]
