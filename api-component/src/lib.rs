@@ -13,8 +13,8 @@
 
 use api_model::{
     fields_param, is_sandbox_id, is_snapshot_id, parse_body, parse_query, reject_unknown_params,
-    ApiError, CreateRequest, EventsParams, ForkBody, ListParams, RefreshBody, RestoreBody,
-    TimeoutBody, WarmPoolBody, MAX_BODY_BYTES,
+    ApiError, BuildLogParams, CreateRequest, EventsParams, ForkBody, ListParams, RefreshBody,
+    RestoreBody, TemplateBuildRequest, TimeoutBody, WarmPoolBody, MAX_BODY_BYTES,
 };
 use spin_sdk::http::{IncomingRequest, Method, Request, Response};
 use spin_sdk::http_component;
@@ -235,6 +235,47 @@ fn route(
                 }
             }
             Ok(forward(Method::Post, path, body))
+        }
+        ["templates"] => match method {
+            Method::Post => {
+                no_query()?;
+                parse_body::<TemplateBuildRequest>(&body)?.validate()?;
+                Ok(forward(Method::Post, "/v1/templates".into(), body))
+            }
+            Method::Get => {
+                no_query()?;
+                empty_body(&body)?;
+                Ok(forward(Method::Get, "/v1/templates".into(), Vec::new()))
+            }
+            _ => Err(not_allowed(method, "/api/v1/templates", &["POST", "GET"])),
+        },
+        ["templates", template] => {
+            let template = template_id(template)?;
+            let path = format!("/v1/templates/{template}");
+            no_query()?;
+            empty_body(&body)?;
+            match method {
+                Method::Get => Ok(forward(Method::Get, path, Vec::new())),
+                Method::Delete => Ok(forward(Method::Delete, path, Vec::new())),
+                _ => Err(not_allowed(
+                    method,
+                    "/api/v1/templates/{id}",
+                    &["GET", "DELETE"],
+                )),
+            }
+        }
+        ["templates", template, "logs"] => {
+            let template = template_id(template)?;
+            if *method != Method::Get {
+                return Err(not_allowed(method, "/api/v1/templates/{id}/logs", &["GET"]));
+            }
+            BuildLogParams::parse(pairs)?;
+            empty_body(&body)?;
+            Ok(forward(
+                Method::Get,
+                format!("/v1/templates/{template}/logs"),
+                Vec::new(),
+            ))
         }
         ["templates", template, "warm-pool"] => {
             let template = template_id(template)?;

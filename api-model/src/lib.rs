@@ -5,10 +5,12 @@
 mod error;
 mod query;
 mod request;
+mod template;
 
 pub use error::ApiError;
 pub use query::{
-    fields_param, parse_query, project, reject_unknown_params, single, EventsParams, ListParams,
+    fields_param, parse_query, project, reject_unknown_params, single, BuildLogParams, EventsParams,
+    ListParams,
     PUBLIC_STATES, VIEW_FIELDS,
 };
 pub use request::{
@@ -16,6 +18,11 @@ pub use request::{
     CreateRequest, ForkBody, LifecycleRequest, OnTimeout, RefreshBody, Resources, RestoreBody,
     TimeoutBody, ValidCreate, WarmPoolBody, WarmPoolMode, WarmPoolStatus, DEFAULT_TIMEOUT_S,
     MAX_FORK_CHILDREN, MAX_TIMEOUT_S, MAX_WARM_POOL_SIZE, MIN_SNAPSHOT_INTERVAL_S, STALE_FIELDS,
+};
+pub use template::{
+    is_template_id, is_template_name, BuildFailure, BuildLogLine, BuildLogPage, BuildStep, FileSpec,
+    StepAction, StepStatus, StepView, TemplateBuildRequest, TemplateStatus, TemplateView,
+    ValidBuild, ValidStep, BUILTIN_TEMPLATES, MAX_LOG_PAGE, MAX_LOG_WAIT_S,
 };
 
 /// Largest control-plane request body, in bytes.

@@ -199,6 +199,42 @@ impl EventsParams {
     }
 }
 
+/// Query of `GET /templates/{id}/logs`: `after` (a line's seq), `limit`, `wait` (s).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildLogParams {
+    /// Only lines after this seq.
+    pub after: u64,
+    /// At most this many (1 to 1000, default 1000).
+    pub limit: usize,
+    /// Seconds to wait for a line while the build runs (0 to 20, default 0).
+    pub wait_s: u64,
+}
+
+impl BuildLogParams {
+    /// Parses and checks a build log query.
+    pub fn parse(pairs: &[(String, String)]) -> Result<Self, ApiError> {
+        reject_unknown_params(pairs, &["after", "limit", "wait"])?;
+        let number = |name: &str, max: u64| -> Result<Option<u64>, ApiError> {
+            single(pairs, name)
+                .map(|v| {
+                    v.parse::<u64>().ok().filter(|n| *n <= max).ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "{name} {v:?} is not a number from 0 to {max}; send one"
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        Ok(Self {
+            after: number("after", i64::MAX as u64)?.unwrap_or(0),
+            limit: number("limit", crate::MAX_LOG_PAGE as u64)?
+                .unwrap_or(crate::MAX_LOG_PAGE as u64)
+                .max(1) as usize,
+            wait_s: number("wait", crate::MAX_LOG_WAIT_S)?.unwrap_or(0),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

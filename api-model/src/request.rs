@@ -44,19 +44,19 @@ impl Resources {
     pub fn validate(&self) -> Result<(), ApiError> {
         if !(1..=16).contains(&self.vcpus) {
             return Err(ApiError::bad_request(format!(
-                "self.vcpus {} is out of range; send 1 to 16",
+                "resources.vcpus {} is out of range; send 1 to 16",
                 self.vcpus
             )));
         }
         if !(256..=65536).contains(&self.mem_mib) {
             return Err(ApiError::bad_request(format!(
-                "self.memMiB {} is out of range; send 256 to 65536",
+                "resources.memMiB {} is out of range; send 256 to 65536",
                 self.mem_mib
             )));
         }
         if self.disk_mib > 1024 * 1024 {
             return Err(ApiError::bad_request(format!(
-                "self.diskSizeMiB {} is out of range; send at most 1048576",
+                "resources.diskSizeMiB {} is out of range; send at most 1048576",
                 self.disk_mib
             )));
         }

@@ -44,6 +44,12 @@ pub fn router(manager: Arc<Manager>) -> Router {
         )
         .route("/v1/sandboxes/{id}/fork", post(fork))
         .route("/v1/sandboxes/restore", post(restore))
+        .route("/v1/templates", post(build_template).get(list_templates))
+        .route(
+            "/v1/templates/{id}",
+            get(template).delete(delete_template),
+        )
+        .route("/v1/templates/{id}/logs", get(build_log))
         .route(
             "/v1/templates/{id}/warm-pool",
             axum::routing::put(set_warm_pool).get(warm_pool),
@@ -270,18 +276,73 @@ async fn restore(
 
 async fn set_warm_pool(
     State(m): State<Arc<Manager>>,
-    Caller(_team): Caller,
+    Caller(team): Caller,
     Path(template): Path<String>,
     body: Bytes,
 ) -> Result<Json<crate::sandboxes::PoolStatus>, ApiError> {
     let b: WarmPoolBody = parse_body(&body)?;
-    Ok(Json(m.set_warm_pool(&template, b).await?))
+    Ok(Json(m.set_warm_pool(&team, &template, b).await?))
 }
 
 async fn warm_pool(
     State(m): State<Arc<Manager>>,
-    Caller(_team): Caller,
+    Caller(team): Caller,
     Path(template): Path<String>,
 ) -> Result<Json<crate::sandboxes::PoolStatus>, ApiError> {
-    Ok(Json(m.warm_pool_status(&template)?))
+    Ok(Json(m.warm_pool_status(&team, &template)?))
+}
+
+async fn build_template(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let b: api_model::TemplateBuildRequest = parse_body(&body)?;
+    let view = m.build_template(&team, b).await?;
+    Ok((StatusCode::ACCEPTED, Json(view)).into_response())
+}
+
+async fn list_templates(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    reject_unknown_params(&parse_query(q.as_deref()), &[])?;
+    Ok(Json(json!({ "templates": m.list_templates(&team)? })))
+}
+
+async fn template(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<api_model::TemplateView>, ApiError> {
+    Ok(Json(m.template_view(&team, &id)?))
+}
+
+async fn delete_template(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    m.delete_template(&team, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn build_log(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<api_model::BuildLogPage>, ApiError> {
+    let p = api_model::BuildLogParams::parse(&parse_query(q.as_deref()))?;
+    let page = m
+        .build_log(
+            &team,
+            &id,
+            p.after,
+            p.limit,
+            std::time::Duration::from_secs(p.wait_s),
+        )
+        .await?;
+    Ok(Json(page))
 }

@@ -4,7 +4,8 @@
 //! Sandbox records are stored as JSON documents: the record shape grows with every issue,
 //! and per-host volumes (hundreds of sandboxes) filter comfortably in memory.
 
-use crate::model::{Event, SandboxRecord};
+use crate::model::{iso8601, Event, SandboxRecord, TemplateRecord};
+use api_model::BuildLogLine;
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -99,6 +100,21 @@ impl Catalog {
                  PRIMARY KEY (sandbox_id, event_id));
              CREATE TABLE IF NOT EXISTS warm_pools (
                  template TEXT PRIMARY KEY, config TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS templates (
+                 id TEXT PRIMARY KEY,
+                 team_id TEXT NOT NULL,
+                 name TEXT,
+                 created_at INTEGER NOT NULL,
+                 record TEXT NOT NULL,
+                 UNIQUE (team_id, name));
+             CREATE TABLE IF NOT EXISTS build_logs (
+                 template_id TEXT NOT NULL,
+                 seq INTEGER NOT NULL,
+                 at_ms INTEGER NOT NULL,
+                 step INTEGER,
+                 stream TEXT NOT NULL,
+                 text TEXT NOT NULL,
+                 PRIMARY KEY (template_id, seq));
              CREATE TABLE IF NOT EXISTS team_quotas (
                  team_id TEXT PRIMARY KEY REFERENCES teams(id),
                  max_sandboxes INTEGER NOT NULL);",
@@ -118,6 +134,118 @@ impl Catalog {
             params![template, serde_json::to_string(config)?],
         )?;
         Ok(())
+    }
+
+    /// Stores a template record. A new record whose name its team already uses is a
+    /// [`CatalogError::Conflict`].
+    pub fn put_template(&self, t: &TemplateRecord) -> Result<(), CatalogError> {
+        let json = serde_json::to_string(t)?;
+        let result = self.db.lock().unwrap().execute(
+            "INSERT INTO templates (id, team_id, name, created_at, record) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(id) DO UPDATE SET record = excluded.record",
+            params![t.id, t.team_id, t.name, t.created_at_ms, json],
+        );
+        match result {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(CatalogError::Conflict(format!(
+                    "the team already has a template named {:?}",
+                    t.name.as_deref().unwrap_or_default()
+                )))
+            }
+            other => other.map(drop).map_err(Into::into),
+        }
+    }
+
+    /// The template `id`, or the one its team calls `id`.
+    pub fn template(&self, team_id: &str, id_or_name: &str) -> Result<Option<TemplateRecord>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let json: Option<String> = db
+            .query_row(
+                "SELECT record FROM templates WHERE team_id = ?1 AND (id = ?2 OR name = ?2)",
+                params![team_id, id_or_name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
+    }
+
+    /// Every template record (of one team, if given), oldest first.
+    pub fn templates(&self, team_id: Option<&str>) -> Result<Vec<TemplateRecord>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let mut stmt = db.prepare(
+            "SELECT record FROM templates WHERE ?1 IS NULL OR team_id = ?1 ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map(params![team_id], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(serde_json::from_str(&row?)?);
+        }
+        Ok(out)
+    }
+
+    /// Forgets a template and its build log.
+    pub fn delete_template(&self, id: &str) -> Result<(), CatalogError> {
+        let mut db = self.db.lock().unwrap();
+        let tx = db.transaction()?;
+        tx.execute("DELETE FROM templates WHERE id = ?1", params![id])?;
+        tx.execute("DELETE FROM build_logs WHERE template_id = ?1", params![id])?;
+        tx.execute("DELETE FROM warm_pools WHERE template = ?1", params![id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Appends lines `(step, stream, text)` to a template's build log. Not synced: a
+    /// log is for reading along, and a build a crash interrupts fails anyway.
+    pub fn append_build_log(
+        &self,
+        template_id: &str,
+        lines: &[(Option<u32>, &str, String)],
+    ) -> Result<(), CatalogError> {
+        let mut db = self.db.lock().unwrap();
+        db.pragma_update(None, "synchronous", "NORMAL")?;
+        let result = (|| {
+            let tx = db.transaction()?;
+            let first: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM build_logs WHERE template_id = ?1",
+                params![template_id],
+                |r| r.get(0),
+            )?;
+            for (seq, (step, stream, text)) in (first..).zip(lines) {
+                tx.execute(
+                    "INSERT INTO build_logs (template_id, seq, at_ms, step, stream, text) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![template_id, seq, now_ms(), step, stream, text],
+                )?;
+            }
+            tx.commit()
+        })();
+        db.pragma_update(None, "synchronous", "FULL")?;
+        Ok(result?)
+    }
+
+    /// Up to `limit` build log lines of a template after `after`, in order.
+    pub fn build_log(
+        &self,
+        template_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<BuildLogLine>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let mut stmt = db.prepare(
+            "SELECT seq, at_ms, step, stream, text FROM build_logs
+             WHERE template_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![template_id, after as i64, limit as i64], |r| {
+            Ok(BuildLogLine {
+                seq: r.get::<_, i64>(0)? as u64,
+                time: iso8601(r.get(1)?),
+                step: r.get::<_, Option<u32>>(2)?,
+                stream: r.get(3)?,
+                text: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Every template's warm-pool settings.

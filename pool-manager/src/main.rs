@@ -377,8 +377,16 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
             resources: None,
             refill: None,
         };
+        // A custom template's pool acts for the team that owns it.
+        let owner = manager
+            .catalog
+            .templates(None)?
+            .into_iter()
+            .find(|t| t.id == template)
+            .map(|t| t.team_id)
+            .unwrap_or_default();
         manager
-            .set_warm_pool(template, body)
+            .set_warm_pool(&owner, template, body)
             .await
             .map_err(|e| anyhow::anyhow!("--warm-pool {spec}: {}", e.message))?;
     }

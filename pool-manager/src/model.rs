@@ -251,3 +251,48 @@ mod tests {
         }
     }
 }
+
+/// A custom template as the catalog stores it: its definition, where its build is,
+/// and (once ready) the stored snapshot sandboxes restore from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    pub id: String,
+    pub team_id: String,
+    pub name: Option<String>,
+    pub request: api_model::TemplateBuildRequest,
+    /// `from` resolved: a built-in template or a `tpl-…` ID.
+    pub base: String,
+    pub status: api_model::TemplateStatus,
+    pub resources: Resources,
+    /// Environment from its `env` steps (and its base's).
+    pub env_vars: BTreeMap<String, String>,
+    pub steps: Vec<api_model::StepView>,
+    pub error: Option<api_model::BuildFailure>,
+    /// The stored snapshot of the ready VM.
+    pub snapshot_id: Option<String>,
+    pub created_at_ms: i64,
+    pub ready_at_ms: Option<i64>,
+    pub build_ms: Option<u64>,
+}
+
+impl TemplateRecord {
+    /// The view callers get.
+    pub fn view(&self) -> api_model::TemplateView {
+        api_model::TemplateView {
+            template_id: self.id.clone(),
+            name: self.name.clone(),
+            builtin: false,
+            from: self.base.clone(),
+            status: self.status,
+            resources: self.resources,
+            env_vars: self.env_vars.clone(),
+            start_cmd: self.request.start_cmd.clone(),
+            ready_cmd: self.request.ready_cmd.clone(),
+            steps: self.steps.clone(),
+            error: self.error.clone(),
+            created_at: iso8601(self.created_at_ms),
+            ready_at: self.ready_at_ms.map(iso8601),
+            build_ms: self.build_ms,
+        }
+    }
+}

@@ -11,7 +11,7 @@ use tokio::sync::Mutex;
 use vmm::{QemuVmm, Snapshot, Vm, VmSpec, Vmm, VmmError};
 
 /// The built-in templates and the root filesystems they boot.
-pub const BUILTIN: &[&str] = &["base", "minimal"];
+pub const BUILTIN: &[&str] = api_model::BUILTIN_TEMPLATES;
 
 /// Template snapshots by shape, made on first use.
 pub struct Templates {

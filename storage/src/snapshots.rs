@@ -30,6 +30,8 @@ pub enum Kind {
     Periodic,
     /// Asked for; they accumulate and outlive the sandbox.
     Manual,
+    /// The ready VM of a custom template's build; lives as long as the template.
+    Template,
 }
 
 impl Kind {
@@ -39,6 +41,7 @@ impl Kind {
             Kind::Pause => 0,
             Kind::Periodic => 1,
             Kind::Manual => 2,
+            Kind::Template => 3,
         }
     }
 
@@ -48,6 +51,7 @@ impl Kind {
             Kind::Pause => "pause",
             Kind::Periodic => "periodic",
             Kind::Manual => "manual",
+            Kind::Template => "template",
         }
     }
 }

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use tracing::{info, warn, Instrument};
 use vmm::{QemuVm, QemuVmm, RestoreMemory, RestoreOptions, Snapshot, Vm};
 
+mod builds;
 mod snapshots;
 mod warm;
 use snapshots::snapshot_resources;
@@ -53,6 +54,8 @@ pub struct Manager {
     gc_wanted: tokio::sync::Notify,
     /// Ready VMs per template.
     warm: warm::WarmPools,
+    /// Template builds.
+    builds: builds::Builds,
 }
 
 /// Half of this host's memory in MiB: no single sandbox gets more.
@@ -113,6 +116,7 @@ impl Manager {
             template_fetch: tokio::sync::Mutex::new(()),
             gc_wanted: tokio::sync::Notify::new(),
             warm: warm::WarmPools::default(),
+            builds: builds::Builds::default(),
         }
     }
 
@@ -206,6 +210,7 @@ impl Manager {
                 }
             }
         }
+        self.fail_interrupted_builds()?;
         // Scratch space of snapshots a crash interrupted: never published, never needed.
         let _ = std::fs::remove_dir_all(self.state_dir.join("uploads"));
         let reaped = self.vmm.reap_orphans(&adopted);
@@ -288,14 +293,21 @@ impl Manager {
         let valid = req.validate()?;
         let (on_timeout, timeout_s, mut resources) =
             (valid.on_timeout, valid.timeout_s, valid.resources);
-        if !BUILTIN.contains(&req.template_id.as_str()) {
+        let mut template_id = req.template_id.clone();
+        let mut env_vars = req.env_vars.clone();
+        if let Some(t) = self.ready_template(Some(team), &req.template_id)? {
+            // A custom template (by ID or name): its shape, its env under the create's.
+            resources = snapshots::fixed_shape(t.resources, req.resources, &t.id)?;
+            template_id = t.id;
+            env_vars = t.env_vars.into_iter().chain(req.env_vars.clone()).collect();
+        } else if !BUILTIN.contains(&req.template_id.as_str()) {
             // A snapshot ID works as a template: its shape is the snapshot's.
             let snapshot = self
                 .snapshot_template(team, &req.template_id)
                 .await?
                 .ok_or_else(|| {
                     ApiError::not_found("template", &req.template_id).with_details(
-                        serde_json::json!({ "field": "templateID", "available": BUILTIN, "hint": "or a snapshot ID of your team" }),
+                        serde_json::json!({ "field": "templateID", "available": BUILTIN, "hint": "or a template of your team (GET /templates), or one of its snapshot IDs" }),
                     )
                 })?;
             resources = snapshot_resources(&snapshot, req.resources, &req.template_id)?;
@@ -320,12 +332,12 @@ impl Manager {
             )));
         }
         let mut record = SandboxRecord {
-            env_vars: req.env_vars,
+            env_vars,
             metadata: req.metadata,
             on_timeout,
             ..SandboxRecord::fresh(
                 team,
-                req.template_id,
+                template_id,
                 resources,
                 timeout_s,
                 valid
@@ -487,7 +499,9 @@ impl Manager {
             "restoring the template snapshot",
         )?;
         if !BUILTIN.contains(&record.template_id.as_str()) {
-            return self.restore_snapshot_template(record).await;
+            return self
+                .restore_snapshot_template(Some(&record.team_id), &record.template_id, record.resources)
+                .await;
         }
         self.restore_template(&record.template_id, record.resources)
             .await
@@ -832,7 +846,8 @@ impl Manager {
     /// Daemon shutdown: ends every VM, or with `keep` leaves them running for the next
     /// start to adopt.
     pub async fn shutdown(&self, keep: bool) {
-        // Warm VMs belong to no sandbox: nothing would adopt them.
+        // Build VMs and warm VMs belong to no sandbox: nothing would adopt them.
+        self.cancel_builds().await;
         self.drain_warm_pools().await;
         let slots: Vec<(String, Slot)> = self
             .slots

@@ -22,7 +22,7 @@ use vmm::{QemuVm, RestoreMemory, RestoreOptions, Snapshot, SnapshotManifest, Vm}
 const PERIODIC_KEPT: usize = 3;
 
 /// Files of a vmm snapshot directory that are published.
-const SNAPSHOT_FILES: &[&str] = vmm::snapshot::FILES;
+pub(super) const SNAPSHOT_FILES: &[&str] = vmm::snapshot::FILES;
 
 /// Where snapshots go and the limits on taking them.
 #[derive(Debug, Clone)]
@@ -35,7 +35,7 @@ pub struct SnapshotSettings {
     pub min_free_mib: u64,
 }
 
-fn store_error(what: &str, e: StoreError) -> ApiError {
+pub(super) fn store_error(what: &str, e: StoreError) -> ApiError {
     match e {
         StoreError::Corrupt { .. } => ApiError::new(
             500,
@@ -64,6 +64,16 @@ pub(super) fn snapshot_resources(
         mem_mib: vm.mem_mib,
         disk_mib: vm.disk_mib,
     };
+    fixed_shape(own, asked, template)
+}
+
+/// The resources of a sandbox of a template whose snapshot has shape `own`, given what
+/// the caller asked: memory and vCPUs stay, the disk may grow.
+pub(super) fn fixed_shape(
+    own: Resources,
+    asked: Option<Resources>,
+    template: &str,
+) -> Result<Resources, ApiError> {
     let Some(asked) = asked else { return Ok(own) };
     if asked.vcpus != own.vcpus || asked.mem_mib != own.mem_mib {
         return Err(ApiError::bad_request(format!(
@@ -163,7 +173,7 @@ impl Manager {
     /// Refuses a snapshot of `vm` unless the state dir's file system keeps the
     /// configured reserve free after it (memory at most its full size, plus the disk
     /// overlay).
-    fn check_disk_space(&self, vm: &QemuVm, mem_mib: u32) -> Result<(), ApiError> {
+    pub(super) fn check_disk_space(&self, vm: &QemuVm, mem_mib: u32) -> Result<(), ApiError> {
         let need = (mem_mib as u64) << 20;
         let need = need + allocated(&vm.dir().join("disk.qcow2"));
         let reserve = self.snapshots.min_free_mib << 20;
@@ -182,7 +192,7 @@ impl Manager {
     }
 
     /// A scratch directory for one snapshot, removed by the caller.
-    fn scratch_dir(&self) -> PathBuf {
+    pub(super) fn scratch_dir(&self) -> PathBuf {
         self.state_dir
             .join("uploads")
             .join(uuid::Uuid::new_v4().simple().to_string())
@@ -397,7 +407,7 @@ impl Manager {
         // This worker's cached copy (a template) goes once no live sandbox uses it.
         if !self.any_live(|r| r.template_id == snapshot_id)? {
             let _ = std::fs::remove_dir_all(
-                self.state_dir.join("snapshot-templates").join(snapshot_id),
+                self.template_cache_dir(snapshot_id),
             );
         }
         let _ = self.catalog.append_event(
@@ -410,7 +420,7 @@ impl Manager {
     }
 
     /// Whether a sandbox that is not deleted or failed matches `uses`.
-    fn any_live(&self, uses: impl Fn(&SandboxRecord) -> bool) -> Result<bool, ApiError> {
+    pub(super) fn any_live(&self, uses: impl Fn(&SandboxRecord) -> bool) -> Result<bool, ApiError> {
         Ok(self
             .catalog
             .all_sandboxes()?
@@ -675,36 +685,57 @@ impl Manager {
         }
     }
 
-    /// Starts the VM of a sandbox whose template is a stored snapshot: fetched once into
-    /// this worker's cache, then restored with its memory mapped copy-on-write.
+    /// Where this host keeps its copy of a template's (or snapshot template's) snapshot.
+    pub(super) fn template_cache_dir(&self, template: &str) -> PathBuf {
+        self.state_dir.join("snapshot-templates").join(template)
+    }
+
+    /// The local snapshot of a custom template (`tpl-…`) or a snapshot used as a
+    /// template, fetched from the store into this host's cache on first use. `team`
+    /// `None` skips the team check (warm-pool refills act for whoever set the pool).
+    pub(super) async fn template_snapshot(
+        &self,
+        team: Option<&str>,
+        template: &str,
+    ) -> Result<Snapshot, ApiError> {
+        let cache = self.template_cache_dir(template);
+        let _one = self.template_fetch.lock().await;
+        if let Ok(s) = Snapshot::open(&cache) {
+            return Ok(s);
+        }
+        let stored = if api_model::is_template_id(template) {
+            let t = self
+                .ready_template(team, template)?
+                .ok_or_else(|| ApiError::not_found("template", template))?;
+            let id = t.snapshot_id.ok_or_else(|| ApiError::not_found("template", template))?;
+            stored::get(self.store(), &id)
+                .await
+                .map_err(|e| store_error("reading the template's snapshot", e))?
+        } else {
+            let team = team.ok_or_else(|| ApiError::not_found("template", template))?;
+            self.snapshot_template(team, template)
+                .await?
+                .ok_or_else(|| ApiError::not_found("template", template))?
+        };
+        let _ = std::fs::remove_dir_all(&cache);
+        self.fetch(&stored, &cache).await
+    }
+
+    /// Starts the VM of a sandbox whose template is custom or a stored snapshot: its
+    /// snapshot (cached on this host) restored with its memory mapped copy-on-write.
     pub(super) async fn restore_snapshot_template(
         &self,
-        record: &SandboxRecord,
+        team: Option<&str>,
+        template: &str,
+        resources: Resources,
     ) -> Result<QemuVm, ApiError> {
-        let cache = self
-            .state_dir
-            .join("snapshot-templates")
-            .join(&record.template_id);
-        let snapshot = {
-            let _one = self.template_fetch.lock().await;
-            match Snapshot::open(&cache) {
-                Ok(s) => s,
-                Err(_) => {
-                    let s = self
-                        .snapshot_template(&record.team_id, &record.template_id)
-                        .await?
-                        .ok_or_else(|| ApiError::not_found("template", &record.template_id))?;
-                    let _ = std::fs::remove_dir_all(&cache);
-                    self.fetch(&s, &cache).await?
-                }
-            }
-        };
+        let snapshot = self.template_snapshot(team, template).await?;
         self.vmm
             .restore(
                 &snapshot,
                 &RestoreOptions {
                     memory: RestoreMemory::CopyOnWrite,
-                    disk_mib: Some(record.resources.disk_mib),
+                    disk_mib: Some(resources.disk_mib),
                     ..RestoreOptions::default()
                 },
             )

@@ -106,6 +106,16 @@ impl WarmPools {
         surplus
     }
 
+    /// Forgets a pool; returns its ready VMs. Refills still warming end unwanted.
+    fn remove(&self, template: &str) -> Vec<QemuVm> {
+        self.pools
+            .lock()
+            .unwrap()
+            .remove(template)
+            .map(|p| p.ready.into_iter().collect())
+            .unwrap_or_default()
+    }
+
     fn status(&self, template: &str) -> Option<PoolStatus> {
         self.pools
             .lock()
@@ -181,19 +191,30 @@ impl WarmPools {
 }
 
 impl Manager {
-    /// Sets `template`'s warm pool; the pool fills (or empties) in the background.
-    pub async fn set_warm_pool(
+    /// The shape a pool of `template` has, given what the caller asked: any valid
+    /// shape for a built-in template, the template's own (disk may grow) for a custom
+    /// one of `team`.
+    fn pool_shape(
         &self,
+        team: &str,
         template: &str,
-        body: WarmPoolBody,
-    ) -> Result<PoolStatus, ApiError> {
-        body.validate()?;
+        asked: Option<Resources>,
+    ) -> Result<Resources, ApiError> {
+        if let Some(t) = self.ready_template(Some(team), template)? {
+            if t.id != template {
+                return Err(ApiError::bad_request(format!(
+                    "warm pools are set by template ID; send {} instead of its name {template}",
+                    t.id
+                )));
+            }
+            return super::snapshots::fixed_shape(t.resources, asked, template);
+        }
         if !BUILTIN.contains(&template) {
             return Err(ApiError::not_found("template", template).with_details(
-                serde_json::json!({ "available": BUILTIN, "hint": "warm pools are kept for the built-in templates" }),
+                serde_json::json!({ "available": BUILTIN, "hint": "or a ready template of your team (GET /templates)" }),
             ));
         }
-        let resources = body.resources.unwrap_or_default();
+        let resources = asked.unwrap_or_default();
         // The same checks a create makes: a pool of shapes no create could ask for
         // would only burn memory.
         resources.validate()?;
@@ -203,6 +224,18 @@ impl Manager {
                 resources.mem_mib, self.max_mem_mib
             )));
         }
+        Ok(resources)
+    }
+
+    /// Sets `template`'s warm pool; the pool fills (or empties) in the background.
+    pub async fn set_warm_pool(
+        &self,
+        team: &str,
+        template: &str,
+        body: WarmPoolBody,
+    ) -> Result<PoolStatus, ApiError> {
+        body.validate()?;
+        let resources = self.pool_shape(team, template, body.resources)?;
         let config = PoolConfig {
             target: body.size.min(MAX_WARM_POOL_SIZE),
             resources,
@@ -222,10 +255,8 @@ impl Manager {
     }
 
     /// A template's warm pool.
-    pub fn warm_pool_status(&self, template: &str) -> Result<PoolStatus, ApiError> {
-        if !BUILTIN.contains(&template) {
-            return Err(ApiError::not_found("template", template));
-        }
+    pub fn warm_pool_status(&self, team: &str, template: &str) -> Result<PoolStatus, ApiError> {
+        let resources = self.pool_shape(team, template, None)?;
         Ok(self.warm.status(template).unwrap_or(PoolStatus {
             template_id: template.to_string(),
             target: 0,
@@ -233,9 +264,16 @@ impl Manager {
             warming: 0,
             checkouts: 0,
             misses: 0,
-            resources: Resources::default(),
+            resources,
             refill: true,
         }))
+    }
+
+    /// Removes a deleted template's pool and ends its VMs.
+    pub(super) async fn drop_warm_pool(&self, template: &str) {
+        for vm in self.warm.remove(template) {
+            vm.kill().await;
+        }
     }
 
     /// A ready VM for a create of `template` with this shape, if its pool has one.
@@ -261,7 +299,12 @@ impl Manager {
             for (template, resources) in self.warm.claim_refills() {
                 let this = self.clone();
                 tokio::spawn(async move {
-                    match this.restore_template(&template, resources).await {
+                    let made = if BUILTIN.contains(&template.as_str()) {
+                        this.restore_template(&template, resources).await
+                    } else {
+                        this.restore_snapshot_template(None, &template, resources).await
+                    };
+                    match made {
                         Ok(vm) => match this.warm.settle(&template, resources, vm) {
                             None => return,
                             Some(unwanted) => unwanted.kill().await,
