@@ -9,9 +9,8 @@ mod template;
 
 pub use error::ApiError;
 pub use query::{
-    fields_param, parse_query, project, reject_unknown_params, single, BuildLogParams, EventsParams,
-    ListParams,
-    PUBLIC_STATES, VIEW_FIELDS,
+    fields_param, parse_query, project, reject_unknown_params, single, BuildLogParams,
+    EventsParams, ListParams, PUBLIC_STATES, VIEW_FIELDS,
 };
 pub use request::{
     is_sandbox_id, is_snapshot_id, parse_body, validate_snapshot_interval, validate_timeout,
@@ -20,8 +19,8 @@ pub use request::{
     MAX_FORK_CHILDREN, MAX_TIMEOUT_S, MAX_WARM_POOL_SIZE, MIN_SNAPSHOT_INTERVAL_S, STALE_FIELDS,
 };
 pub use template::{
-    is_template_id, is_template_name, BuildFailure, BuildLogLine, BuildLogPage, BuildStep, FileSpec,
-    StepAction, StepStatus, StepView, TemplateBuildRequest, TemplateStatus, TemplateView,
+    is_template_id, is_template_name, BuildFailure, BuildLogLine, BuildLogPage, BuildStep,
+    FileSpec, StepAction, StepStatus, StepView, TemplateBuildRequest, TemplateStatus, TemplateView,
     ValidBuild, ValidStep, BUILTIN_TEMPLATES, MAX_LOG_PAGE, MAX_LOG_WAIT_S,
 };
 

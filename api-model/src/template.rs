@@ -90,6 +90,68 @@ pub struct BuildStep {
     pub timeout: Option<u64>,
 }
 
+impl BuildStep {
+    /// A `run` step: a shell command, as root in /.
+    pub fn run(command: impl Into<String>) -> Self {
+        Self {
+            run: Some(command.into()),
+            ..Self::default()
+        }
+    }
+
+    /// A `packages` step: Debian packages installed with apt.
+    pub fn packages<S: Into<String>>(names: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            packages: Some(names.into_iter().map(Into::into).collect()),
+            ..Self::default()
+        }
+    }
+
+    /// A `files` step writing one file (mode 0644, owned by root).
+    pub fn file(path: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            files: Some(vec![FileSpec {
+                path: path.into(),
+                content: content.into(),
+                mode: None,
+            }]),
+            ..Self::default()
+        }
+    }
+
+    /// An `env` step.
+    pub fn env<K: Into<String>, V: Into<String>>(vars: impl IntoIterator<Item = (K, V)>) -> Self {
+        Self {
+            env: Some(
+                vars.into_iter()
+                    .map(|(k, v)| (k.into(), v.into()))
+                    .collect(),
+            ),
+            ..Self::default()
+        }
+    }
+
+    /// The same step, run as (or its files owned by) `user`.
+    pub fn as_user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+}
+
+impl Default for TemplateBuildRequest {
+    fn default() -> Self {
+        Self {
+            name: None,
+            from: default_from(),
+            steps: Vec::new(),
+            start_cmd: None,
+            ready_cmd: None,
+            ready_timeout: None,
+            resources: None,
+        }
+    }
+}
+
 /// A file a `files` step writes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -155,16 +217,14 @@ fn is_package_name(p: &str) -> bool {
     name.len() >= 2
         && name.len() <= 128
         && name.as_bytes()[0].is_ascii_alphanumeric()
-        && p.bytes().all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || b"+-.=:~".contains(&c)
-        })
+        && p.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"+-.=:~".contains(&c))
 }
 
 fn is_user_name(u: &str) -> bool {
     !u.is_empty()
         && u.len() <= 32
-        && u
-            .bytes()
+        && u.bytes()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-')
 }
 
@@ -184,18 +244,28 @@ impl BuildStep {
                 index,
                 format!(
                     "a step has exactly one of run, packages, files, env; this one has {}",
-                    if given.is_empty() { "none".to_string() } else { given.join(" and ") }
+                    if given.is_empty() {
+                        "none".to_string()
+                    } else {
+                        given.join(" and ")
+                    }
                 ),
             ));
         }
         let action = if let Some(cmd) = &self.run {
             if cmd.trim().is_empty() || cmd.len() > 65_536 {
-                return Err(step_error(index, "run must be a non-empty shell command of at most 64 KiB".into()));
+                return Err(step_error(
+                    index,
+                    "run must be a non-empty shell command of at most 64 KiB".into(),
+                ));
             }
             StepAction::Run(cmd.clone())
         } else if let Some(pkgs) = &self.packages {
             if pkgs.is_empty() || pkgs.len() > 200 {
-                return Err(step_error(index, "packages must list 1 to 200 Debian package names".into()));
+                return Err(step_error(
+                    index,
+                    "packages must list 1 to 200 Debian package names".into(),
+                ));
             }
             if let Some(bad) = pkgs.iter().find(|p| !is_package_name(p)) {
                 return Err(step_error(
@@ -211,7 +281,13 @@ impl BuildStep {
             let mut out = Vec::new();
             for f in files {
                 if !f.path.starts_with('/') || f.path.contains('\0') || f.path.len() > 4096 {
-                    return Err(step_error(index, format!("file path {:?} must be absolute, e.g. \"/etc/app.conf\"", f.path)));
+                    return Err(step_error(
+                        index,
+                        format!(
+                            "file path {:?} must be absolute, e.g. \"/etc/app.conf\"",
+                            f.path
+                        ),
+                    ));
                 }
                 let mode = match &f.mode {
                     None => 0o644,
@@ -235,25 +311,45 @@ impl BuildStep {
         };
         let runs = matches!(action, StepAction::Run(_) | StepAction::Packages(_));
         if self.timeout.is_some() && !runs {
-            return Err(step_error(index, "timeout applies to run and packages steps only; omit it".into()));
+            return Err(step_error(
+                index,
+                "timeout applies to run and packages steps only; omit it".into(),
+            ));
         }
         if self.cwd.is_some() && !matches!(action, StepAction::Run(_)) {
-            return Err(step_error(index, "cwd applies to run steps only; omit it".into()));
+            return Err(step_error(
+                index,
+                "cwd applies to run steps only; omit it".into(),
+            ));
         }
         if self.user.is_some() && !matches!(action, StepAction::Run(_) | StepAction::Files(_)) {
-            return Err(step_error(index, "user applies to run and files steps only; omit it".into()));
+            return Err(step_error(
+                index,
+                "user applies to run and files steps only; omit it".into(),
+            ));
         }
         let timeout_s = self.timeout.unwrap_or(DEFAULT_STEP_TIMEOUT_S);
         if !(1..=MAX_STEP_TIMEOUT_S).contains(&timeout_s) {
-            return Err(step_error(index, format!("timeout {timeout_s} is out of range; send 1 to {MAX_STEP_TIMEOUT_S} seconds")));
+            return Err(step_error(
+                index,
+                format!(
+                    "timeout {timeout_s} is out of range; send 1 to {MAX_STEP_TIMEOUT_S} seconds"
+                ),
+            ));
         }
         let user = self.user.clone().unwrap_or_else(|| "root".into());
         if !is_user_name(&user) {
-            return Err(step_error(index, format!("user {user:?} is not a user name; send e.g. \"root\" or \"user\"")));
+            return Err(step_error(
+                index,
+                format!("user {user:?} is not a user name; send e.g. \"root\" or \"user\""),
+            ));
         }
         let cwd = self.cwd.clone().unwrap_or_else(|| "/".into());
         if !cwd.starts_with('/') {
-            return Err(step_error(index, format!("cwd {cwd:?} must be an absolute path")));
+            return Err(step_error(
+                index,
+                format!("cwd {cwd:?} must be an absolute path"),
+            ));
         }
         Ok(ValidStep {
             action,
@@ -299,13 +395,17 @@ impl TemplateBuildRequest {
         if self.from.is_empty() || self.from.len() > 128 {
             return Err(field_error(
                 "from",
-                "from must name a template; send \"base\", \"minimal\" or one of your templates".into(),
+                "from must name a template; send \"base\", \"minimal\" or one of your templates"
+                    .into(),
             ));
         }
         if self.steps.len() > MAX_BUILD_STEPS {
             return Err(field_error(
                 "steps",
-                format!("{} steps is too many; send at most {MAX_BUILD_STEPS} (join commands with &&)", self.steps.len()),
+                format!(
+                    "{} steps is too many; send at most {MAX_BUILD_STEPS} (join commands with &&)",
+                    self.steps.len()
+                ),
             ));
         }
         let steps = self
@@ -323,7 +423,10 @@ impl TemplateBuildRequest {
         }
         let ready_timeout_s = self.ready_timeout.unwrap_or(DEFAULT_READY_TIMEOUT_S);
         if self.ready_timeout.is_some() && self.ready_cmd.is_none() {
-            return Err(field_error("readyTimeout", "readyTimeout needs a readyCmd; send one, or omit readyTimeout".into()));
+            return Err(field_error(
+                "readyTimeout",
+                "readyTimeout needs a readyCmd; send one, or omit readyTimeout".into(),
+            ));
         }
         if !(1..=MAX_READY_TIMEOUT_S).contains(&ready_timeout_s) {
             return Err(field_error(
@@ -474,7 +577,11 @@ mod tests {
     #[test]
     fn a_step_has_exactly_one_action() {
         let e = req(json!({"steps": [{"run": "true", "env": {"A": "1"}}]})).unwrap_err();
-        assert!(e.message.contains("steps[0]") && e.message.contains("run and env"), "{}", e.message);
+        assert!(
+            e.message.contains("steps[0]") && e.message.contains("run and env"),
+            "{}",
+            e.message
+        );
         let e = req(json!({"steps": [{"user": "root"}]})).unwrap_err();
         assert!(e.message.contains("has none"), "{}", e.message);
         let e = req(json!({"steps": [{"shell": "x"}]})).unwrap_err();
@@ -485,9 +592,15 @@ mod tests {
     fn package_names_cannot_smuggle_options_or_shell() {
         for bad in ["-o", "a;rm", "Foo", "x", "a b"] {
             let e = req(json!({"steps": [{"packages": [bad]}]})).unwrap_err();
-            assert!(e.message.contains("not a Debian package name"), "{bad}: {}", e.message);
+            assert!(
+                e.message.contains("not a Debian package name"),
+                "{bad}: {}",
+                e.message
+            );
         }
-        assert!(req(json!({"steps": [{"packages": ["python3-numpy", "jq=1.6-2.1", "g++"]}]})).is_ok());
+        assert!(
+            req(json!({"steps": [{"packages": ["python3-numpy", "jq=1.6-2.1", "g++"]}]})).is_ok()
+        );
     }
 
     #[test]
@@ -498,7 +611,8 @@ mod tests {
         assert!(e.message.contains("needs a readyCmd"), "{}", e.message);
         let e = req(json!({"steps": [{"files": [{"path": "rel", "content": ""}]}]})).unwrap_err();
         assert!(e.message.contains("absolute"), "{}", e.message);
-        let e = req(json!({"steps": [{"files": [{"path": "/a", "content": "", "mode": "999"}]}]})).unwrap_err();
+        let e = req(json!({"steps": [{"files": [{"path": "/a", "content": "", "mode": "999"}]}]}))
+            .unwrap_err();
         assert!(e.message.contains("octal"), "{}", e.message);
         let e = req(json!({"name": "base"})).unwrap_err();
         assert!(e.message.contains("not usable"), "{}", e.message);

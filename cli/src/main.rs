@@ -154,9 +154,27 @@ enum SandboxCommand {
 
 #[derive(Subcommand)]
 enum TemplateCommand {
+    /// Build a template from a base and steps, streaming the build log; exits 1 if the
+    /// build fails (saying which step and why).
+    Build(BuildArgs),
+    /// The built-in templates and the team's own.
+    List,
+    /// A template: status, steps, and for a failed build which step failed and why.
+    Get {
+        /// Template ID (tpl-…) or name.
+        template: String,
+    },
+    /// Print a build's log (to its end with --follow).
+    Logs {
+        template: String,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Delete a template (cancels its build if it runs).
+    Delete { template: String },
     /// Show a template's warm pool, or set it with --size.
     WarmPool {
-        /// A built-in template (base, minimal).
+        /// A built-in template (base, minimal) or a template ID (tpl-…).
         template: String,
         /// Ready instances to keep (0 to 16; 0 empties the pool).
         #[arg(long)]
@@ -174,6 +192,147 @@ enum TemplateCommand {
         #[arg(long)]
         no_refill: bool,
     },
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    /// A JSON build request (the body of POST /api/v1/templates); flags add to it.
+    #[arg(long, short)]
+    file: Option<std::path::PathBuf>,
+    /// Name, unique within the team, usable as a template ID.
+    #[arg(long)]
+    name: Option<String>,
+    /// Base: base, minimal, or one of your templates.
+    #[arg(long)]
+    from: Option<String>,
+    /// A step, in order (repeatable): run:COMMAND, packages:PKG[,PKG…], env:KEY=VALUE,
+    /// copy:LOCAL_PATH:GUEST_PATH.
+    #[arg(long = "step", value_parser = build_step)]
+    steps: Vec<nullspace::BuildStep>,
+    /// A long-running process its sandboxes start with.
+    #[arg(long)]
+    start: Option<String>,
+    /// A command that exits 0 once the template is ready.
+    #[arg(long)]
+    ready: Option<String>,
+    /// Seconds the ready check may take (default 60).
+    #[arg(long)]
+    ready_timeout: Option<u64>,
+    /// vCPUs (with --memory-mib and --disk-mib; defaults 2, 2048, 8192).
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long)]
+    memory_mib: Option<u32>,
+    /// Disk in MiB.
+    #[arg(long)]
+    disk_mib: Option<u64>,
+    /// Start the build and print the template without following it.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// A `--step` value as a build step.
+fn build_step(s: &str) -> Result<nullspace::BuildStep, String> {
+    let (kind, rest) = s.split_once(':').ok_or_else(|| {
+        format!("{s:?}: send run:COMMAND, packages:PKG,…, env:KEY=VALUE or copy:LOCAL:GUEST")
+    })?;
+    match kind {
+        "run" => Ok(nullspace::BuildStep::run(rest)),
+        "packages" => Ok(nullspace::BuildStep::packages(
+            rest.split(',').map(str::trim),
+        )),
+        "env" => key_value(rest).map(|kv| nullspace::BuildStep::env([kv])),
+        "copy" => {
+            let (local, guest) = rest
+                .split_once(':')
+                .ok_or_else(|| format!("{s:?}: send copy:LOCAL_PATH:GUEST_PATH"))?;
+            let content = std::fs::read_to_string(local)
+                .map_err(|e| format!("reading {local}: {e} (copy takes UTF-8 text files)"))?;
+            Ok(nullspace::BuildStep::file(guest, content))
+        }
+        other => Err(format!(
+            "unknown step kind {other:?}; send run:, packages:, env: or copy:"
+        )),
+    }
+}
+
+/// The build request the flags describe.
+fn build_request(a: &BuildArgs) -> anyhow::Result<nullspace::TemplateBuild> {
+    let mut r: nullspace::TemplateBuild = match &a.file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a template build request", path.display()))?
+        }
+        None => nullspace::TemplateBuild::default(),
+    };
+    r.steps.extend(a.steps.iter().cloned());
+    let set = |field: &mut Option<String>, v: &Option<String>| {
+        if v.is_some() {
+            *field = v.clone();
+        }
+    };
+    set(&mut r.name, &a.name);
+    set(&mut r.start_cmd, &a.start);
+    set(&mut r.ready_cmd, &a.ready);
+    if let Some(from) = &a.from {
+        r.from = from.clone();
+    }
+    if a.ready_timeout.is_some() {
+        r.ready_timeout = a.ready_timeout;
+    }
+    if let Some(res) = shape(a.vcpus, a.memory_mib, a.disk_mib) {
+        r.resources = Some(res);
+    }
+    Ok(r)
+}
+
+fn print_log_line(l: &nullspace::BuildLogLine) {
+    let step = l
+        .step
+        .map(|s| format!("step {s}"))
+        .unwrap_or_else(|| "build".into());
+    match l.stream.as_str() {
+        "stderr" => eprintln!("[{step}] {}", l.text),
+        _ => println!("[{step}] {}", l.text),
+    }
+}
+
+fn show_template(t: &nullspace::Template, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(t).unwrap());
+        return;
+    }
+    let status = serde_json::to_value(t.status).unwrap();
+    println!(
+        "{}{}  {}  from {}",
+        t.template_id,
+        t.name
+            .as_ref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default(),
+        status.as_str().unwrap_or_default(),
+        t.from
+    );
+    for s in &t.steps {
+        let status = serde_json::to_value(s.status).unwrap();
+        println!(
+            "  {:>2} {:<8} {:<8} {}",
+            s.index,
+            s.kind,
+            status.as_str().unwrap_or_default(),
+            s.summary
+        );
+    }
+    if let Some(e) = &t.error {
+        println!("  failed ({}): {}", e.phase, e.message);
+        if !e.output_tail.is_empty() {
+            println!("  output:\n    {}", e.output_tail.replace('\n', "\n    "));
+        }
+        println!("  what to do: {}", e.action);
+    }
 }
 
 #[derive(Args)]
@@ -363,6 +522,82 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Sandbox(cmd) => {
             let config = config(&cli)?;
             sandbox(&config, cmd, json).await.map(|()| 0)
+        }
+        Command::Template(TemplateCommand::Build(args)) => {
+            let config = config(&cli)?;
+            let request = build_request(args)?;
+            let t = nullspace::Templates::build(&config, &request).await?;
+            if args.no_wait {
+                show_template(&t, json);
+                return Ok(0);
+            }
+            if !json {
+                eprintln!("building {}", t.template_id);
+            }
+            let result = nullspace::Templates::wait_built(&config, &t.template_id, |l| {
+                if !json {
+                    print_log_line(l)
+                }
+            })
+            .await;
+            let t = nullspace::Templates::get(&config, &t.template_id).await?;
+            show_template(&t, json);
+            Ok(if result.is_ok() { 0 } else { 1 })
+        }
+        Command::Template(TemplateCommand::List) => {
+            let config = config(&cli)?;
+            let list = nullspace::Templates::list(&config).await?;
+            if json {
+                println!("{}", serde_json::json!({ "templates": list }));
+            } else {
+                for t in &list {
+                    let status = serde_json::to_value(t.status).unwrap();
+                    println!(
+                        "{:<22} {:<10} {:<20} from {}",
+                        t.template_id,
+                        status.as_str().unwrap_or_default(),
+                        t.name.clone().unwrap_or_default(),
+                        t.from
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::Template(TemplateCommand::Get { template }) => {
+            let config = config(&cli)?;
+            show_template(&nullspace::Templates::get(&config, template).await?, json);
+            Ok(0)
+        }
+        Command::Template(TemplateCommand::Logs { template, follow }) => {
+            let config = config(&cli)?;
+            let mut after = 0;
+            loop {
+                let page = nullspace::Templates::logs(
+                    &config,
+                    template,
+                    after,
+                    if *follow { 20 } else { 0 },
+                )
+                .await?;
+                for l in &page.lines {
+                    if json {
+                        println!("{}", serde_json::to_string(l).unwrap());
+                    } else {
+                        print_log_line(l);
+                    }
+                }
+                after = page.next;
+                let more = *follow && page.status == nullspace::TemplateStatus::Building;
+                if page.lines.is_empty() && !more {
+                    break;
+                }
+            }
+            Ok(0)
+        }
+        Command::Template(TemplateCommand::Delete { template }) => {
+            let config = config(&cli)?;
+            nullspace::Templates::delete(&config, template).await?;
+            Ok(0)
         }
         Command::Template(TemplateCommand::WarmPool {
             template,

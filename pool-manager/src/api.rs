@@ -45,10 +45,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/sandboxes/{id}/fork", post(fork))
         .route("/v1/sandboxes/restore", post(restore))
         .route("/v1/templates", post(build_template).get(list_templates))
-        .route(
-            "/v1/templates/{id}",
-            get(template).delete(delete_template),
-        )
+        .route("/v1/templates/{id}", get(template).delete(delete_template))
         .route("/v1/templates/{id}/logs", get(build_log))
         .route(
             "/v1/templates/{id}/warm-pool",

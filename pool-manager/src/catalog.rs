@@ -159,7 +159,11 @@ impl Catalog {
     }
 
     /// The template `id`, or the one its team calls `id`.
-    pub fn template(&self, team_id: &str, id_or_name: &str) -> Result<Option<TemplateRecord>, CatalogError> {
+    pub fn template(
+        &self,
+        team_id: &str,
+        id_or_name: &str,
+    ) -> Result<Option<TemplateRecord>, CatalogError> {
         let db = self.db.lock().unwrap();
         let json: Option<String> = db
             .query_row(

@@ -180,3 +180,62 @@ async fn the_cli_creates_runs_copies_and_kills() {
     ]);
     assert!(key.trim().starts_with("ns_"), "{key}");
 }
+
+#[tokio::test]
+async fn the_cli_builds_templates_streams_the_log_and_says_why_a_build_failed() {
+    let stack = Stack::start("cli-templates");
+    let cli = Cli {
+        url: stack.api.url.clone(),
+        key: stack.daemon.team_key("acme"),
+        home: ScratchDir::new("cli-templates-home"),
+    };
+    let local = cli.home.path().join("motd");
+    std::fs::write(&local, "copied in\n").unwrap();
+    let shape = ["--vcpus", "1", "--memory-mib", "512", "--disk-mib", "2048"];
+    let copy = format!("copy:{}:/etc/motd-test", local.display());
+    let mut args = vec!["template", "build", "--name", "cli-tpl", "--from", "base"];
+    args.extend(shape);
+    args.extend([
+        "--step",
+        "env:WHO=cli",
+        "--step",
+        &copy,
+        "--step",
+        "run:echo built by $WHO | tee /built",
+        "--start",
+        "sleep 1000",
+        "--ready",
+        "test -f /built",
+    ]);
+    let out = cli.ok(&args);
+    assert!(out.contains("[step 2] built by cli"), "{out}");
+    assert!(out.contains("ready"), "{out}");
+    let list = cli.ok(&["template", "list"]);
+    assert!(list.contains("cli-tpl") && list.contains("base"), "{list}");
+    let t: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["--json", "template", "get", "cli-tpl"])).unwrap();
+    assert_eq!(t["status"], "ready", "{t}");
+    assert_eq!(t["envVars"]["WHO"], "cli", "{t}");
+    let logs = cli.ok(&["template", "logs", "cli-tpl"]);
+    assert!(logs.contains("built by cli"), "{logs}");
+
+    // A failing step: exit 1, the step, its code and its output.
+    let mut args = vec!["template", "build"];
+    args.extend(shape);
+    args.extend(["--step", "run:echo oops >&2; exit 4"]);
+    let out = cli.run(&args);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("failed (step): step 0 (run) exited with code 4"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("oops"), "{stdout}");
+    let out = cli.run(&["template", "build", "--step", "nope:x"]);
+    assert_eq!(out.status.code(), Some(2), "clap refuses a bad --step");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown step kind"));
+
+    cli.ok(&["template", "delete", "cli-tpl"]);
+    let out = cli.run(&["template", "get", "cli-tpl"]);
+    assert_eq!(out.status.code(), Some(1));
+}

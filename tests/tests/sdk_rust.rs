@@ -289,3 +289,82 @@ async fn the_sdk_snapshots_restores_forks_and_hibernates() {
     .unwrap_err();
     assert!(gone.is_not_found(), "{gone}");
 }
+
+#[tokio::test]
+async fn the_sdk_builds_templates_streams_logs_and_reports_failures() {
+    use nullspace::{BuildStep, TemplateBuild, TemplateStatus, Templates};
+    let stack = Stack::start("sdk-rust-templates");
+    let config = ConnectionConfig::new(&stack.api.url, stack.daemon.team_key("acme"));
+    let shape = nullspace::Resources {
+        vcpus: 1,
+        mem_mib: 512,
+        disk_mib: 2048,
+    };
+    let request = TemplateBuild {
+        name: Some("sdk-tpl".into()),
+        steps: vec![
+            BuildStep::env([("MODE", "sdk")]),
+            BuildStep::file("/etc/sdk-note", "written by a step\n").as_user("user"),
+            BuildStep::run("echo mode $MODE; stat -c %U /etc/sdk-note"),
+        ],
+        resources: Some(shape),
+        ..TemplateBuild::default()
+    };
+    let mut lines = Vec::new();
+    let t = Templates::build_and_wait(&config, &request, |l| lines.push(l.clone()))
+        .await
+        .unwrap();
+    assert_eq!(t.status, TemplateStatus::Ready);
+    let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+    assert!(
+        texts.contains(&"mode sdk") && texts.contains(&"user"),
+        "{texts:?}"
+    );
+    let sbx = Sandbox::create(&config, &CreateOptions::new("sdk-tpl"))
+        .await
+        .unwrap();
+    let out = sbx
+        .commands()
+        .run("cat /etc/sdk-note; echo $MODE")
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, "written by a step\nsdk\n");
+    sbx.kill().await.unwrap();
+
+    let failing = TemplateBuild {
+        steps: vec![BuildStep::run("echo broken >&2; exit 5")],
+        resources: Some(shape),
+        ..TemplateBuild::default()
+    };
+    let err = Templates::build_and_wait(&config, &failing, |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("build_failed"), "{err}");
+    assert!(
+        err.to_string().contains("step 0 (run) exited with code 5"),
+        "{err}"
+    );
+    match &err {
+        nullspace::Error::Api { details, .. } => {
+            assert_eq!(details["exitCode"], 5);
+            assert!(details["outputTail"].as_str().unwrap().contains("broken"));
+        }
+        other => panic!("{other}"),
+    }
+
+    // Blocking: list, get, delete.
+    let config2 = config.clone();
+    tokio::task::spawn_blocking(move || {
+        use nullspace::blocking::Templates;
+        let all = Templates::list(&config2).unwrap();
+        assert!(all.iter().any(|t| t.name.as_deref() == Some("sdk-tpl")));
+        let t = Templates::get(&config2, "sdk-tpl").unwrap();
+        assert_eq!(t.env_vars["MODE"], "sdk");
+        Templates::delete(&config2, "sdk-tpl").unwrap();
+        assert!(Templates::get(&config2, "sdk-tpl")
+            .unwrap_err()
+            .is_not_found());
+    })
+    .await
+    .unwrap();
+}

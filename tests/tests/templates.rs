@@ -34,7 +34,10 @@ async fn follow(api: &Api, id: &str) -> (Vec<Value>, Value) {
         assert_eq!(status, StatusCode::OK, "{page}");
         let got = page["lines"].as_array().unwrap().clone();
         for l in &got {
-            assert!(l["seq"].as_u64().unwrap() > after, "lines come in order, once: {l}");
+            assert!(
+                l["seq"].as_u64().unwrap() > after,
+                "lines come in order, once: {l}"
+            );
             after = l["seq"].as_u64().unwrap();
         }
         assert_eq!(page["next"], after);
@@ -52,7 +55,13 @@ async fn follow(api: &Api, id: &str) -> (Vec<Value>, Value) {
 fn text(lines: &[Value]) -> String {
     lines
         .iter()
-        .map(|l| format!("[{}] {}", l["stream"].as_str().unwrap(), l["text"].as_str().unwrap()))
+        .map(|l| {
+            format!(
+                "[{}] {}",
+                l["stream"].as_str().unwrap(),
+                l["text"].as_str().unwrap()
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -156,9 +165,16 @@ async fn a_template_builds_from_steps_caches_them_and_serves_creates_and_a_warm_
     let (lines, t2) = follow(&api, &second_id).await;
     let log = text(&lines);
     assert_eq!(t2["status"], "ready", "{t2}\n{log}");
-    assert_eq!(step_statuses(&t2), ["cached", "cached", "cached", "done"], "{t2}");
+    assert_eq!(
+        step_statuses(&t2),
+        ["cached", "cached", "cached", "done"],
+        "{t2}"
+    );
     assert!(log.contains("step 2 (run): cached"), "{log}");
-    assert!(!log.contains("building hello"), "a cached step does not run again: {log}");
+    assert!(
+        !log.contains("building hello"),
+        "a cached step does not run again: {log}"
+    );
 
     // A template built from a custom one inherits its disk and env.
     let third = build(
@@ -177,10 +193,14 @@ async fn a_template_builds_from_steps_caches_them_and_serves_creates_and_a_warm_
 
     // A warm pool of the custom template: a require checkout is its ready VM.
     let pool = format!("/v1/templates/{id}/warm-pool");
-    let (status, v) = api.call(Method::PUT, &pool, Some(json!({ "size": 1 }))).await;
+    let (status, v) = api
+        .call(Method::PUT, &pool, Some(json!({ "size": 1 })))
+        .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["resources"], shape(), "{v}");
-    let (status, _) = other.call(Method::PUT, &pool, Some(json!({ "size": 1 }))).await;
+    let (status, _) = other
+        .call(Method::PUT, &pool, Some(json!({ "size": 1 })))
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -211,7 +231,9 @@ async fn a_template_builds_from_steps_caches_them_and_serves_creates_and_a_warm_
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = api.fetch(&format!("/v1/templates/{id}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = api.post("/v1/sandboxes", json!({ "templateID": "web" })).await;
+    let (status, _) = api
+        .post("/v1/sandboxes", json!({ "templateID": "web" }))
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (out, _, code) = rt.run("cat /opt/app/version").await;
     assert_eq!((out.as_str(), code), ("v1\n", 0));
@@ -221,10 +243,11 @@ async fn a_template_builds_from_steps_caches_them_and_serves_creates_and_a_warm_
         api.delete(s["sandboxID"].as_str().unwrap()).await;
     }
     for t in [&second_id, &third_id] {
-        let (status, _) = api.call(Method::DELETE, &format!("/v1/templates/{t}"), None).await;
+        let (status, _) = api
+            .call(Method::DELETE, &format!("/v1/templates/{t}"), None)
+            .await;
         assert_eq!(status, StatusCode::NO_CONTENT);
     }
-
 }
 
 #[tokio::test]
@@ -234,14 +257,26 @@ async fn a_failed_build_says_which_step_failed_and_why() {
 
     // Refused before anything runs, with what to send instead.
     for (body, says) in [
-        (json!({ "steps": [{ "run": "true", "env": { "A": "1" } }] }), "exactly one of"),
-        (json!({ "steps": [{ "packages": ["-o", "x"] }] }), "not a Debian package name"),
-        (json!({ "steps": [], "readyTimeout": 5 }), "needs a readyCmd"),
+        (
+            json!({ "steps": [{ "run": "true", "env": { "A": "1" } }] }),
+            "exactly one of",
+        ),
+        (
+            json!({ "steps": [{ "packages": ["-o", "x"] }] }),
+            "not a Debian package name",
+        ),
+        (
+            json!({ "steps": [], "readyTimeout": 5 }),
+            "needs a readyCmd",
+        ),
         (json!({ "from": "nope" }), "template"),
         (json!({ "name": "base" }), "not usable"),
     ] {
         let (status, v) = api.post("/v1/templates", body.clone()).await;
-        assert!(status == StatusCode::BAD_REQUEST || status == StatusCode::NOT_FOUND, "{body}: {status} {v}");
+        assert!(
+            status == StatusCode::BAD_REQUEST || status == StatusCode::NOT_FOUND,
+            "{body}: {status} {v}"
+        );
         assert!(v["message"].as_str().unwrap().contains(says), "{body}: {v}");
     }
 
@@ -267,17 +302,37 @@ async fn a_failed_build_says_which_step_failed_and_why() {
     assert_eq!(e["phase"], "step", "{e}");
     assert_eq!(e["step"], 1, "{e}");
     assert_eq!(e["exitCode"], 3, "{e}");
-    assert!(e["message"].as_str().unwrap().contains("step 1 (run) exited with code 3"), "{e}");
-    assert!(e["outputTail"].as_str().unwrap().contains("no such thing"), "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("step 1 (run) exited with code 3"),
+        "{e}"
+    );
+    assert!(
+        e["outputTail"].as_str().unwrap().contains("no such thing"),
+        "{e}"
+    );
     assert!(!e["action"].as_str().unwrap().is_empty(), "{e}");
-    assert!(log.contains("[stdout] about to fail") && !log.contains("never"), "{log}");
-    assert!(log.contains("build failed: step 1 (run) exited with code 3"), "{log}");
+    assert!(
+        log.contains("[stdout] about to fail") && !log.contains("never"),
+        "{log}"
+    );
+    assert!(
+        log.contains("build failed: step 1 (run) exited with code 3"),
+        "{log}"
+    );
     // Not usable, and the name is taken until it is deleted.
-    let (status, v) = api.post("/v1/sandboxes", json!({ "templateID": "broken" })).await;
+    let (status, v) = api
+        .post("/v1/sandboxes", json!({ "templateID": "broken" }))
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{v}");
     assert!(v["message"].as_str().unwrap().contains("failed"), "{v}");
     let (status, v) = api
-        .post("/v1/templates", json!({ "name": "broken", "resources": shape() }))
+        .post(
+            "/v1/templates",
+            json!({ "name": "broken", "resources": shape() }),
+        )
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{v}");
 
@@ -307,8 +362,14 @@ async fn a_failed_build_says_which_step_failed_and_why() {
         let (_, t) = follow(&api, v["templateID"].as_str().unwrap()).await;
         assert_eq!(t["status"], "failed", "{body}: {t}");
         assert_eq!(t["error"]["phase"], phase, "{body}: {t}");
-        assert!(t["error"]["message"].as_str().unwrap().contains(says), "{body}: {t}");
-        assert!(t["error"]["outputTail"].as_str().unwrap().contains(tail), "{body}: {t}");
+        assert!(
+            t["error"]["message"].as_str().unwrap().contains(says),
+            "{body}: {t}"
+        );
+        assert!(
+            t["error"]["outputTail"].as_str().unwrap().contains(tail),
+            "{body}: {t}"
+        );
     }
 
     // Two builds at a time per team; a delete cancels a running one.
@@ -325,5 +386,4 @@ async fn a_failed_build_says_which_step_failed_and_why() {
         let (status, _) = api.fetch(&path).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
     }
-
 }

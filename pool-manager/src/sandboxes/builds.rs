@@ -78,7 +78,11 @@ fn summary(step: &ValidStep) -> String {
     let s = match &step.action {
         StepAction::Run(cmd) => cmd.lines().next().unwrap_or_default().to_string(),
         StepAction::Packages(p) => p.join(" "),
-        StepAction::Files(f) => f.iter().map(|(p, _, _)| p.as_str()).collect::<Vec<_>>().join(" "),
+        StepAction::Files(f) => f
+            .iter()
+            .map(|(p, _, _)| p.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
         StepAction::Env(e) => e.keys().cloned().collect::<Vec<_>>().join(" "),
     };
     if s.chars().count() > 120 {
@@ -160,7 +164,9 @@ impl<'a> LineLog<'a> {
     }
 
     fn line(&mut self, stderr: bool, bytes: &[u8]) {
-        let text = String::from_utf8_lossy(bytes).trim_end_matches('\r').to_string();
+        let text = String::from_utf8_lossy(bytes)
+            .trim_end_matches('\r')
+            .to_string();
         if self.tail.len() == TAIL_LINES {
             self.tail.pop_front();
         }
@@ -229,7 +235,10 @@ impl Manager {
             Some(t) => Err(ApiError::conflict(format!(
                 "template {} is {}, not ready: {}",
                 t.id,
-                serde_json::to_value(t.status).expect("json").as_str().unwrap_or_default(),
+                serde_json::to_value(t.status)
+                    .expect("json")
+                    .as_str()
+                    .unwrap_or_default(),
                 match t.status {
                     TemplateStatus::Building => "wait for its build to end (GET /templates/{id})",
                     _ => "see its error (GET /templates/{id}) and build it again",
@@ -257,7 +266,8 @@ impl Manager {
                     "field": "from", "available": BUILTIN, "hint": "or a ready template of your team (GET /templates)"
                 }))
             })?;
-            let resources = super::snapshots::fixed_shape(base.resources, request.resources, &base.id)?;
+            let resources =
+                super::snapshots::fixed_shape(base.resources, request.resources, &base.id)?;
             (base.id, resources, base.env_vars)
         };
         let now = now_ms();
@@ -383,7 +393,11 @@ impl Manager {
                 }
                 t.status = TemplateStatus::Failed;
                 t.build_ms = Some(started.elapsed().as_millis() as u64);
-                self.log_line(&t.id, failure.step, format!("build failed: {}", failure.message));
+                self.log_line(
+                    &t.id,
+                    failure.step,
+                    format!("build failed: {}", failure.message),
+                );
                 t.error = Some(failure);
             }
         }
@@ -501,7 +515,11 @@ impl Manager {
             }
             if i < done {
                 t.steps[i].status = StepStatus::Cached;
-                self.log_line(&t.id, Some(i as u32), format!("step {i} ({}): cached", step.action.kind()));
+                self.log_line(
+                    &t.id,
+                    Some(i as u32),
+                    format!("step {i} ({}): cached", step.action.kind()),
+                );
                 continue;
             }
             t.steps[i].status = StepStatus::Running;
@@ -512,7 +530,8 @@ impl Manager {
                 format!("step {i} ({}): {}", step.action.kind(), t.steps[i].summary),
             );
             let started = Instant::now();
-            self.run_step(&t.id, i as u32, vm.agent(), step, &env).await?;
+            self.run_step(&t.id, i as u32, vm.agent(), step, &env)
+                .await?;
             t.steps[i].status = StepStatus::Done;
             t.steps[i].duration_ms = Some(started.elapsed().as_millis() as u64);
             if !matches!(step.action, StepAction::Env(_)) {
@@ -585,7 +604,13 @@ impl Manager {
             attach: true,
         };
         let mut log = LineLog::new(self, template, Some(index));
-        let outcome = run_logged(agent, request, &mut log, Duration::from_secs(step.timeout_s)).await;
+        let outcome = run_logged(
+            agent,
+            request,
+            &mut log,
+            Duration::from_secs(step.timeout_s),
+        )
+        .await;
         let tail = log.tail();
         let fail = |message: String, exit_code: Option<i32>, action: &str| {
             let mut f = Failed::new("step", Some(index), message, action);
@@ -739,7 +764,10 @@ impl Manager {
                             )
                         }
                         Ok(Err(e)) => last_check = e.to_string(),
-                        Err(_) => last_check = format!("it ran longer than {} s", READY_CHECK_TIMEOUT.as_secs()),
+                        Err(_) => {
+                            last_check =
+                                format!("it ran longer than {} s", READY_CHECK_TIMEOUT.as_secs())
+                        }
                     }
                 }
                 None if started.elapsed() >= Duration::from_secs(1) => break,
@@ -809,7 +837,11 @@ impl Manager {
     /// Snapshots the ready build VM (ending it), stores the snapshot as the template's,
     /// and keeps the local copy as this host's cache of it, so creates here need no
     /// fetch. Returns the stored snapshot's ID.
-    async fn store_template(&self, t: &TemplateRecord, vm: &mut QemuVm) -> Result<String, ApiError> {
+    async fn store_template(
+        &self,
+        t: &TemplateRecord,
+        vm: &mut QemuVm,
+    ) -> Result<String, ApiError> {
         let builder = format!("sbx-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]);
         let dir = self.scratch_dir();
         let _ = std::fs::create_dir_all(dir.parent().expect("scratch has a parent"));
@@ -891,7 +923,10 @@ impl Manager {
                 .template(team, id)?
                 .ok_or_else(|| ApiError::not_found("template", id))?;
             let lines = self.catalog.build_log(&t.id, after, limit)?;
-            if !lines.is_empty() || t.status != TemplateStatus::Building || Instant::now() >= deadline {
+            if !lines.is_empty()
+                || t.status != TemplateStatus::Building
+                || Instant::now() >= deadline
+            {
                 let next = lines.last().map_or(after, |l| l.seq);
                 return Ok(BuildLogPage {
                     template_id: t.id,
@@ -908,7 +943,9 @@ impl Manager {
     /// snapshot and warm pool go; sandboxes made from it keep running.
     pub async fn delete_template(&self, team: &str, id: &str) -> Result<(), ApiError> {
         if BUILTIN.contains(&id) {
-            return Err(ApiError::conflict(format!("{id} is a built-in template and cannot be deleted")));
+            return Err(ApiError::conflict(format!(
+                "{id} is a built-in template and cannot be deleted"
+            )));
         }
         let t = self
             .catalog
@@ -921,11 +958,16 @@ impl Manager {
         self.drop_warm_pool(&t.id).await;
         if let Some(snapshot_id) = &t.snapshot_id {
             match stored::get(self.store(), snapshot_id).await {
-                Ok(s) => stored::delete(self.store(), &s)
-                    .await
-                    .map_err(|e| super::snapshots::store_error("deleting the template's snapshot", e))?,
+                Ok(s) => stored::delete(self.store(), &s).await.map_err(|e| {
+                    super::snapshots::store_error("deleting the template's snapshot", e)
+                })?,
                 Err(storage::StoreError::NotFound(_)) => {}
-                Err(e) => return Err(super::snapshots::store_error("reading the template's snapshot", e)),
+                Err(e) => {
+                    return Err(super::snapshots::store_error(
+                        "reading the template's snapshot",
+                        e,
+                    ))
+                }
             }
             self.gc_wanted.notify_one();
         }
@@ -1042,8 +1084,14 @@ mod tests {
 
     #[test]
     fn a_step_key_covers_the_base_and_every_step_before_it() {
-        let a = step_keys("base-1", &request(serde_json::json!([{"run": "a"}, {"run": "b"}])));
-        let b = step_keys("base-1", &request(serde_json::json!([{"run": "a"}, {"run": "c"}])));
+        let a = step_keys(
+            "base-1",
+            &request(serde_json::json!([{"run": "a"}, {"run": "b"}])),
+        );
+        let b = step_keys(
+            "base-1",
+            &request(serde_json::json!([{"run": "a"}, {"run": "c"}])),
+        );
         let c = step_keys("base-2", &request(serde_json::json!([{"run": "a"}])));
         assert_eq!(a[0], b[0]);
         assert_ne!(a[1], b[1]);

@@ -500,7 +500,11 @@ impl Manager {
         )?;
         if !BUILTIN.contains(&record.template_id.as_str()) {
             return self
-                .restore_snapshot_template(Some(&record.team_id), &record.template_id, record.resources)
+                .restore_snapshot_template(
+                    Some(&record.team_id),
+                    &record.template_id,
+                    record.resources,
+                )
                 .await;
         }
         self.restore_template(&record.template_id, record.resources)

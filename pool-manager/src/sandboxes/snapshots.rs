@@ -406,9 +406,7 @@ impl Manager {
             .map_err(|e| store_error("deleting the snapshot", e))?;
         // This worker's cached copy (a template) goes once no live sandbox uses it.
         if !self.any_live(|r| r.template_id == snapshot_id)? {
-            let _ = std::fs::remove_dir_all(
-                self.template_cache_dir(snapshot_id),
-            );
+            let _ = std::fs::remove_dir_all(self.template_cache_dir(snapshot_id));
         }
         let _ = self.catalog.append_event(
             id,
@@ -707,7 +705,9 @@ impl Manager {
             let t = self
                 .ready_template(team, template)?
                 .ok_or_else(|| ApiError::not_found("template", template))?;
-            let id = t.snapshot_id.ok_or_else(|| ApiError::not_found("template", template))?;
+            let id = t
+                .snapshot_id
+                .ok_or_else(|| ApiError::not_found("template", template))?;
             stored::get(self.store(), &id)
                 .await
                 .map_err(|e| store_error("reading the template's snapshot", e))?

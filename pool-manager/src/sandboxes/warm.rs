@@ -302,7 +302,8 @@ impl Manager {
                     let made = if BUILTIN.contains(&template.as_str()) {
                         this.restore_template(&template, resources).await
                     } else {
-                        this.restore_snapshot_template(None, &template, resources).await
+                        this.restore_snapshot_template(None, &template, resources)
+                            .await
                     };
                     match made {
                         Ok(vm) => match this.warm.settle(&template, resources, vm) {

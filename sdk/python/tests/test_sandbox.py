@@ -183,3 +183,36 @@ def test_warm_pool_checkout():
         assert err.value.code == "invalid_request"
     finally:
         Template.set_warm_pool("minimal", 0, resources=SMALL)
+
+
+def test_template_build_streams_its_log_and_failures_say_why():
+    from nullspace import Template
+
+    shape = {"vcpus": 1, "memMiB": 512, "diskSizeMiB": 2048}
+    lines = []
+    tpl = Template.build(
+        name="py-tpl", resources=shape, on_log=lines.append,
+        steps=[{"env": {"FROM_PY": "yes"}},
+               {"files": [{"path": "/etc/py-note", "content": "note\n"}]},
+               {"run": "echo from python $FROM_PY"}])
+    try:
+        assert tpl["status"] == "ready"
+        assert any(l["text"] == "from python yes" and l["stream"] == "stdout" for l in lines)
+        assert [l["seq"] for l in lines] == sorted({l["seq"] for l in lines})
+        assert "py-tpl" in [t.get("name") for t in Template.list()]
+        with Sandbox.create(template="py-tpl") as sbx:
+            out = sbx.commands.run("cat /etc/py-note; echo $FROM_PY").stdout
+            assert out == "note\nyes\n"
+            sbx.kill()
+        with pytest.raises(SandboxError) as err:
+            Template.build(resources=shape, steps=[{"run": "echo nope >&2; exit 9"}])
+        assert err.value.code == "build_failed"
+        assert err.value.details["step"] == 0 and err.value.details["exitCode"] == 9
+        assert "nope" in err.value.details["outputTail"]
+        with pytest.raises(SandboxError) as err:
+            Template.build(steps=[{"run": "true", "env": {"A": "1"}}])
+        assert err.value.code == "invalid_request"
+    finally:
+        Template.delete(tpl["templateID"])
+    with pytest.raises(NotFoundError):
+        Template.get("py-tpl")

@@ -4,7 +4,10 @@ use crate::models::{
     CommandResult, CreateOptions, FileInfo, ListQuery, ProcessInfo, RestoreOptions, SandboxInfo,
     SandboxPage, SnapshotInfo,
 };
-use crate::{ConnectionConfig, Error, Result, RunOptions};
+use crate::{
+    BuildLogLine, BuildLogPage, ConnectionConfig, Error, Result, RunOptions, Template,
+    TemplateBuild, WarmPool, WarmPoolSettings,
+};
 use std::sync::Arc;
 
 fn runtime() -> Result<Arc<tokio::runtime::Runtime>> {
@@ -216,5 +219,63 @@ impl Sandbox {
     /// Renames a path.
     pub fn rename(&self, from: &str, to: &str) -> Result<()> {
         self.rt.block_on(self.inner.files().rename(from, to))
+    }
+}
+
+/// Calls on templates (blocking). See [`crate::Templates`].
+pub struct Templates;
+
+impl Templates {
+    /// Starts a build; answers at once.
+    pub fn build(config: &ConnectionConfig, request: &TemplateBuild) -> Result<Template> {
+        runtime()?.block_on(crate::Templates::build(config, request))
+    }
+
+    /// Builds a template, streaming its log to `on_line`; returns it once ready.
+    pub fn build_and_wait(
+        config: &ConnectionConfig,
+        request: &TemplateBuild,
+        on_line: impl FnMut(&BuildLogLine),
+    ) -> Result<Template> {
+        runtime()?.block_on(crate::Templates::build_and_wait(config, request, on_line))
+    }
+
+    /// A page of a build's log.
+    pub fn logs(
+        config: &ConnectionConfig,
+        template_id: &str,
+        after: u64,
+        wait_s: u64,
+    ) -> Result<BuildLogPage> {
+        runtime()?.block_on(crate::Templates::logs(config, template_id, after, wait_s))
+    }
+
+    /// A template.
+    pub fn get(config: &ConnectionConfig, template_id: &str) -> Result<Template> {
+        runtime()?.block_on(crate::Templates::get(config, template_id))
+    }
+
+    /// The built-in templates and the team's own.
+    pub fn list(config: &ConnectionConfig) -> Result<Vec<Template>> {
+        runtime()?.block_on(crate::Templates::list(config))
+    }
+
+    /// Deletes a template.
+    pub fn delete(config: &ConnectionConfig, template_id: &str) -> Result<()> {
+        runtime()?.block_on(crate::Templates::delete(config, template_id))
+    }
+
+    /// A template's warm pool.
+    pub fn warm_pool(config: &ConnectionConfig, template: &str) -> Result<WarmPool> {
+        runtime()?.block_on(crate::Templates::warm_pool(config, template))
+    }
+
+    /// Sets a template's warm pool.
+    pub fn set_warm_pool(
+        config: &ConnectionConfig,
+        template: &str,
+        settings: &WarmPoolSettings,
+    ) -> Result<WarmPool> {
+        runtime()?.block_on(crate::Templates::set_warm_pool(config, template, settings))
     }
 }

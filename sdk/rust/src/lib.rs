@@ -35,4 +35,7 @@ pub use models::{
     SnapshotInfo, TimelineStep, WarmPoolMode,
 };
 pub use sandbox::Sandbox;
-pub use templates::{Templates, WarmPool, WarmPoolSettings};
+pub use templates::{
+    BuildFailure, BuildLogLine, BuildLogPage, BuildStep, FileSpec, StepStatus, StepView, Template,
+    TemplateBuild, TemplateStatus, Templates, WarmPool, WarmPoolSettings,
+};

@@ -369,8 +369,93 @@ class Sandbox:
 
 
 class Template:
-    """Templates: their warm pools (ready capacity that ``Sandbox.create(warm_pool=...)``
-    checks out)."""
+    """Templates: custom template builds (steps, a start command and a ready check,
+    ending as a snapshot of the ready VM) and warm pools (ready capacity that
+    ``Sandbox.create(warm_pool=...)`` checks out)."""
+
+    @staticmethod
+    def build(steps: Optional[List[Dict[str, Any]]] = None, name: Optional[str] = None,
+              from_template: str = "base", start_cmd: Optional[str] = None,
+              ready_cmd: Optional[str] = None, ready_timeout: Optional[int] = None,
+              resources: Optional[Dict[str, int]] = None,
+              on_log: Optional[Callable[[Dict[str, Any]], None]] = None, wait: bool = True,
+              api_key: Optional[str] = None, domain: Optional[str] = None,
+              request_timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Builds a template from ``from_template`` and ``steps`` (each one of
+        ``{"run": cmd}``, ``{"packages": [...]}``, ``{"files": [{"path", "content"}]}``,
+        ``{"env": {...}}``). With ``wait`` (default) the build log streams to ``on_log``
+        line by line and the ready template is returned; a failed build raises
+        ``SandboxError`` with code ``build_failed``, saying which step failed and why
+        (the failure is in ``details``)."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        body: Dict[str, Any] = {"from": from_template, "steps": steps or []}
+        for key, value in (("name", name), ("startCmd", start_cmd), ("readyCmd", ready_cmd),
+                           ("readyTimeout", ready_timeout)):
+            if value is not None:
+                body[key] = value
+        if resources:
+            body["resources"] = resources_body(resources)
+        with httpx.Client(timeout=config.request_timeout) as client:
+            template = _call(client, config, "POST", "/templates", body)
+        if not wait:
+            return template
+        return Template.wait_built(template["templateID"], on_log, api_key, domain,
+                                   request_timeout)
+
+    @staticmethod
+    def wait_built(template_id: str, on_log: Optional[Callable[[Dict[str, Any]], None]] = None,
+                   api_key: Optional[str] = None, domain: Optional[str] = None,
+                   request_timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Follows a build's log to its end; returns the template once ready (see
+        ``build``)."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        after = 0
+        # A page waits up to 20 s for a line: the client must wait longer.
+        timeout = max(config.request_timeout, 40.0)
+        with httpx.Client(timeout=timeout) as client:
+            while True:
+                page = _call(client, config, "GET",
+                             f"/templates/{template_id}/logs?after={after}&wait=20",
+                             request_timeout=timeout)
+                for line in page["lines"]:
+                    if on_log:
+                        on_log(line)
+                after = page["next"]
+                if page["status"] != "building" and not page["lines"]:
+                    break
+            template = _call(client, config, "GET", f"/templates/{template_id}")
+        if template["status"] != "ready":
+            error = template.get("error") or {}
+            raise SandboxError("build_failed",
+                               f"template {template_id} failed to build: "
+                               f"{error.get('message', 'no reason recorded')}",
+                               422, error)
+        return template
+
+    @staticmethod
+    def get(template_id: str, api_key: Optional[str] = None, domain: Optional[str] = None,
+            request_timeout: Optional[float] = None) -> Dict[str, Any]:
+        """A template (built-in or the team's, by ID or name)."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        with httpx.Client(timeout=config.request_timeout) as client:
+            return _call(client, config, "GET", f"/templates/{template_id}")
+
+    @staticmethod
+    def list(api_key: Optional[str] = None, domain: Optional[str] = None,
+             request_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
+        """The built-in templates and the team's own."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        with httpx.Client(timeout=config.request_timeout) as client:
+            return _call(client, config, "GET", "/templates")["templates"]
+
+    @staticmethod
+    def delete(template_id: str, api_key: Optional[str] = None, domain: Optional[str] = None,
+               request_timeout: Optional[float] = None) -> None:
+        """Deletes a template (cancelling its build if it runs); its sandboxes keep
+        running."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        with httpx.Client(timeout=config.request_timeout) as client:
+            _call(client, config, "DELETE", f"/templates/{template_id}")
 
     @staticmethod
     def get_warm_pool(template: str, api_key: Optional[str] = None,
