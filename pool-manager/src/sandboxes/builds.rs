@@ -341,28 +341,6 @@ impl Manager {
         Ok(view)
     }
 
-    /// Memory and disk checks a create of this built-in template and shape would make.
-    fn check_shape(&self, template: &str, resources: Resources) -> Result<(), ApiError> {
-        resources.validate()?;
-        if resources.mem_mib > self.max_mem_mib {
-            return Err(ApiError::bad_request(format!(
-                "resources.memMiB {} is more than this host gives one sandbox; send at most {}",
-                resources.mem_mib, self.max_mem_mib
-            )));
-        }
-        let min_disk = self
-            .vmm
-            .rootfs_mib(template)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        if resources.disk_mib < min_disk {
-            return Err(ApiError::bad_request(format!(
-                "resources.diskSizeMiB {} is smaller than template {template}'s root file system; send at least {min_disk}",
-                resources.disk_mib
-            )));
-        }
-        Ok(())
-    }
-
     /// Runs a build to its end and records the outcome.
     async fn run_build(&self, mut t: TemplateRecord, steps: Vec<ValidStep>, ready_timeout_s: u64) {
         let _one_build = self.builds.slot.acquire().await.expect("never closed");

@@ -312,25 +312,7 @@ impl Manager {
                 })?;
             resources = snapshot_resources(&snapshot, req.resources, &req.template_id)?;
         }
-        if resources.mem_mib > self.max_mem_mib {
-            return Err(ApiError::bad_request(format!(
-                "resources.memMiB {} is more than this host gives one sandbox; send at most {}",
-                resources.mem_mib, self.max_mem_mib
-            )));
-        }
-        let min_disk = if BUILTIN.contains(&req.template_id.as_str()) {
-            self.vmm
-                .rootfs_mib(&req.template_id)
-                .map_err(|e| ApiError::internal(e.to_string()))?
-        } else {
-            0
-        };
-        if resources.disk_mib < min_disk {
-            return Err(ApiError::bad_request(format!(
-                "resources.diskSizeMiB {} is smaller than template {}'s root file system; send at least {min_disk}",
-                resources.disk_mib, req.template_id
-            )));
-        }
+        self.check_shape(&template_id, resources)?;
         let mut record = SandboxRecord {
             env_vars,
             metadata: req.metadata,
@@ -347,6 +329,32 @@ impl Manager {
         };
         record.step("requested", None);
         Ok((record, valid))
+    }
+
+    /// The checks on a shape that need this host: memory within its budget, and for a
+    /// built-in template a disk that holds its root file system. (Custom and snapshot
+    /// templates fix their own shape, and their disks only grow.)
+    pub(super) fn check_shape(&self, template: &str, resources: Resources) -> Result<(), ApiError> {
+        resources.validate()?;
+        if resources.mem_mib > self.max_mem_mib {
+            return Err(ApiError::bad_request(format!(
+                "resources.memMiB {} is more than this host gives one sandbox; send at most {}",
+                resources.mem_mib, self.max_mem_mib
+            )));
+        }
+        if BUILTIN.contains(&template) {
+            let min_disk = self
+                .vmm
+                .rootfs_mib(template)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            if resources.disk_mib < min_disk {
+                return Err(ApiError::bad_request(format!(
+                    "resources.diskSizeMiB {} is smaller than template {template}'s root file system; send at least {min_disk}",
+                    resources.disk_mib
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Records `record` if its team is under its quota of live sandboxes.

@@ -217,13 +217,7 @@ impl Manager {
         let resources = asked.unwrap_or_default();
         // The same checks a create makes: a pool of shapes no create could ask for
         // would only burn memory.
-        resources.validate()?;
-        if resources.mem_mib > self.max_mem_mib {
-            return Err(ApiError::bad_request(format!(
-                "resources.memMiB {} is more than this host gives one sandbox; send at most {}",
-                resources.mem_mib, self.max_mem_mib
-            )));
-        }
+        self.check_shape(template, resources)?;
         Ok(resources)
     }
 
