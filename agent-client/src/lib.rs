@@ -7,8 +7,10 @@
 //! reading an unconnected port spins on EOF.
 
 mod process;
+mod tunnel;
 
 pub use process::{Output, Process, ProcessEvent, StdinWriter};
+pub use tunnel::{PtyOptions, Watch};
 
 use agent_protocol::{
     AgentError, Channel, Decoded, ExecRequest, FileInfo, Frame, FrameDecoder, ProcessInfo, Reply,

@@ -41,7 +41,7 @@ impl Output {
 /// process kills it; a background process keeps running.
 pub struct Process {
     pid: u32,
-    stream: Stream,
+    pub(crate) stream: Stream,
     ended: bool,
 }
 

@@ -69,6 +69,73 @@ pub enum Request {
     Rename { from: String, to: String },
     /// Grow the root filesystem to its disk's size (after the host grew the disk).
     ResizeRootfs,
+    /// Connect to a TCP port on the guest's loopback and bridge it to this stream:
+    /// [`Reply::Connected`], then input bytes go to the socket and the socket's bytes come
+    /// back on the output channel (preview URLs and `sandbox proxy`; no guest network
+    /// needed). Ends with `Done` once both directions are closed.
+    ConnectPort { port: u16 },
+    /// Start a process on a new pseudo-terminal (a login shell unless `command` is
+    /// given): [`Reply::Started`], then terminal output on the output channel and input
+    /// from the input channel; [`Request::Resize`] on the same stream resizes it. Ends
+    /// with `Exited`.
+    Pty {
+        #[serde(default)]
+        command: Option<String>,
+        cols: u16,
+        rows: u16,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        #[serde(default)]
+        user: Option<String>,
+        #[serde(default)]
+        cwd: Option<String>,
+    },
+    /// Resize the terminal of this stream's PTY.
+    Resize { cols: u16, rows: u16 },
+    /// Watch a directory: [`Reply::Watching`], then one JSON [`FsEvent`] per line on the
+    /// output channel until the host cancels.
+    WatchDir {
+        path: String,
+        #[serde(default)]
+        recursive: bool,
+    },
+    /// The guest's resource counters now.
+    Metrics,
+}
+
+/// A change in a watched directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsEvent {
+    /// `create`, `write`, `remove`, `rename` or `chmod`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The path it happened to (for a rename, the new path).
+    pub path: String,
+    /// For a rename: the old path, if it was inside the watched tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Whether the path is a directory.
+    #[serde(default)]
+    pub dir: bool,
+}
+
+/// The guest's resource counters at one moment (cumulative counters since boot).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestMetrics {
+    /// CPU time of all CPUs, busy and idle, in clock ticks (USER_HZ, 100 per second).
+    pub cpu_total_ticks: u64,
+    /// Of which idle (idle + iowait).
+    pub cpu_idle_ticks: u64,
+    pub cpus: u32,
+    pub mem_total_kib: u64,
+    pub mem_available_kib: u64,
+    pub disk_total_bytes: u64,
+    pub disk_used_bytes: u64,
+    /// Bytes through every interface but loopback.
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    /// Tasks (processes) running in the guest.
+    pub tasks: u32,
 }
 
 /// What to run.
@@ -146,12 +213,21 @@ pub enum Reply {
     Processes { processes: Vec<ProcessInfo> },
     /// The operation failed. Final.
     Error(AgentError),
+    /// A port tunnel is connected.
+    Connected,
+    /// A directory watch is in place.
+    Watching,
+    /// Resource counters. Final.
+    Metrics(GuestMetrics),
 }
 
 impl Reply {
     /// Whether this reply ends its stream.
     pub fn is_final(&self) -> bool {
-        !matches!(self, Reply::Hello { .. } | Reply::Started { .. })
+        !matches!(
+            self,
+            Reply::Hello { .. } | Reply::Started { .. } | Reply::Connected | Reply::Watching
+        )
     }
 }
 

@@ -159,7 +159,7 @@ async fn write_inner(
                         "the host session that sent this upload ended",
                     ))
                 }
-                Some(Inbound::Detach) => {}
+                Some(Inbound::Detach) | Some(Inbound::Resize { .. }) => {}
                 None => {
                     return Err(AgentError::new(
                         ErrorCode::Cancelled,

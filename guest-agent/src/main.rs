@@ -6,11 +6,15 @@
 
 mod files;
 mod init;
+mod metrics;
 mod port;
 mod process;
+mod pty;
 mod rootfs;
 mod session;
+mod tunnel;
 mod users;
+mod watch;
 
 fn main() {
     if std::process::id() == 1 {

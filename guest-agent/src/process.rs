@@ -373,6 +373,7 @@ async fn serve_attached(
                     }
                 }
                 Some(Inbound::Eof) => *proc.stdin.lock().await = None,
+                Some(Inbound::Resize { .. }) => {}
                 Some(Inbound::Detach) => {
                     if detach(&proc, &out).await {
                         out.reply(&Reply::Detached).await;

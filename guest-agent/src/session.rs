@@ -23,6 +23,8 @@ pub enum Inbound {
     Eof,
     /// The host asked to detach from a process.
     Detach,
+    /// The host resized the stream's terminal.
+    Resize { cols: u16, rows: u16 },
     /// The stream must end with this error: the host cancelled it, or sent a frame
     /// for it that could not be read.
     Abort(AgentError),
@@ -208,11 +210,12 @@ impl Session {
         let existing = streams.lock().unwrap().get(&stream).cloned();
         let out = root.for_stream(stream);
         match parsed {
-            Ok(req @ (Request::Detach | Request::Cancel)) => {
+            Ok(req @ (Request::Detach | Request::Cancel | Request::Resize { .. })) => {
                 // Without a stream it crossed the stream's final reply: nothing to do.
                 if let Some(inbox) = existing {
                     let msg = match req {
                         Request::Detach => Inbound::Detach,
+                        Request::Resize { cols, rows } => Inbound::Resize { cols, rows },
                         _ => Inbound::Abort(AgentError::new(
                             ErrorCode::Cancelled,
                             "cancelled by the host",
@@ -349,6 +352,34 @@ async fn handle(
         },
         Request::WriteFile { path, mode, user } => {
             files::write(&path, mode, user.as_deref(), &out, inbox).await
+        }
+        Request::ConnectPort { port } => crate::tunnel::connect(port, out, inbox).await,
+        Request::Pty {
+            command,
+            cols,
+            rows,
+            env,
+            user,
+            cwd,
+        } => {
+            let req = crate::pty::PtyRequest {
+                command,
+                cols,
+                rows,
+                env,
+                user,
+                cwd,
+            };
+            crate::pty::run(req, out, inbox).await
+        }
+        Request::WatchDir { path, recursive } => {
+            crate::watch::watch(path, recursive, out, inbox).await
+        }
+        Request::Metrics => {
+            let m = tokio::task::spawn_blocking(crate::metrics::read)
+                .await
+                .unwrap_or_default();
+            out.reply(&Reply::Metrics(m)).await
         }
         other => match files::simple(other).await {
             Ok(reply) => out.reply(&reply).await,

@@ -698,3 +698,97 @@ async fn accelerator_override_and_auto_detection() {
         }
     }
 }
+
+/// Reads a terminal's output until it contains `want` (with a deadline).
+async fn read_until(p: &mut agent_client::Process, seen: &mut String, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !seen.contains(want) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, p.next_event()).await {
+            Ok(Ok(Some(ProcessEvent::Stdout(b)))) => seen.push_str(&String::from_utf8_lossy(&b)),
+            other => panic!("waiting for {want:?} in {seen:?}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn port_tunnels_terminals_directory_watches_and_metrics() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let vm = driver().await.boot(&minimal()).await.unwrap();
+    let agent = vm.agent();
+
+    // A tunnel to a server on the guest's loopback; a closed port is a clear error.
+    let out = agent
+        .run(sh("mkdir -p /tmp/www && echo tunnel-ok > /tmp/www/index.html && busybox httpd -p 127.0.0.1:8080 -h /tmp/www"))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", out.stderr_str());
+    let mut conn = agent.connect_port(8080).await.unwrap();
+    conn.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(20), conn.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.") && answer.contains("tunnel-ok"), "{answer}");
+    let err = agent.connect_port(9).await.unwrap_err();
+    assert_eq!(agent_code(err), ErrorCode::NotFound);
+
+    // A terminal: a login shell that sees its size, and a resize.
+    let mut p = agent
+        .pty(agent_client::PtyOptions {
+            cols: 80,
+            rows: 24,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    p.write_stdin(b"stty size; echo pty-$((6*7))\n").await.unwrap();
+    read_until(&mut p, &mut seen, "pty-42").await;
+    assert!(seen.contains("24 80"), "{seen:?}");
+    p.resize(100, 30).await.unwrap();
+    p.write_stdin(b"stty size\n").await.unwrap();
+    read_until(&mut p, &mut seen, "30 100").await;
+    p.write_stdin(b"exit 7\n").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline.into(), p.next_event()).await.unwrap().unwrap() {
+            Some(ProcessEvent::Exited(s)) => {
+                assert_eq!(s.code, Some(7));
+                break;
+            }
+            Some(_) => {}
+            None => panic!("the terminal ended without an exit status"),
+        }
+    }
+
+    // A recursive directory watch sees creates, writes, renames and removes.
+    let mut watch = agent.watch_dir("/workspace", true).await.unwrap();
+    agent
+        .run(sh("echo a > /workspace/f; mkdir /workspace/d; sleep 0.3; echo b > /workspace/d/g; mv /workspace/f /workspace/h; rm /workspace/h"))
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    while !events.iter().any(|e: &agent_protocol::FsEvent| e.kind == "remove" && e.path == "/workspace/h") {
+        let e = tokio::time::timeout(Duration::from_secs(20), watch.next())
+            .await
+            .unwrap_or_else(|_| panic!("events so far: {events:?}"))
+            .unwrap()
+            .unwrap();
+        events.push(e);
+    }
+    let has = |kind: &str, path: &str| events.iter().any(|e| e.kind == kind && e.path == path);
+    assert!(has("create", "/workspace/f") && has("write", "/workspace/f"), "{events:?}");
+    assert!(has("create", "/workspace/d") && has("write", "/workspace/d/g"), "{events:?}");
+    assert!(
+        events.iter().any(|e| e.kind == "rename" && e.path == "/workspace/h" && e.from.as_deref() == Some("/workspace/f")),
+        "{events:?}"
+    );
+    let err = agent.watch_dir("/nope", false).await.err().unwrap();
+    assert_eq!(agent_code(err), ErrorCode::NotFound);
+
+    let m = agent.metrics().await.unwrap();
+    assert!(m.cpus >= 1 && m.mem_total_kib > 0 && m.tasks > 0 && m.disk_total_bytes > 0, "{m:?}");
+    assert!(m.cpu_total_ticks >= m.cpu_idle_ticks && m.cpu_total_ticks > 0, "{m:?}");
+}
