@@ -3,7 +3,8 @@
 # what is missing, so a second run takes a second. Needs root.
 set -euo pipefail
 
-packages=(qemu-system-x86 qemu-utils busybox-static mmdebstrap e2fsprogs cpio gzip iproute2 curl)
+packages=(qemu-system-x86 qemu-utils busybox-static mmdebstrap e2fsprogs cpio gzip iproute2 curl
+    chromium openssh-client)  # chromium: the preview tests load pages in a real browser
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -25,10 +25,10 @@ echo "Guest image set: $images" >&2
 
 state=${NULLSPACE_STATE_DIR:-/var/lib/nullspace}
 env_dir=${XDG_STATE_HOME:-$HOME/.local/state}/nullspace
-control=127.0.0.1:7070 edge=127.0.0.1:7071 public=127.0.0.1:7080
+control=127.0.0.1:7070 edge=127.0.0.1:7071 preview=127.0.0.1:7072 public=127.0.0.1:7080
 mkdir -p "$state" "$env_dir"
 chmod 711 "$state" # QEMU runs as nullspace-vm and opens pause snapshots under it
-for addr in $control $edge $public; do
+for addr in $control $edge $preview $public; do
     if (exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}") 2>/dev/null; then
         echo "Something already listens on $addr: stop it first (deploy/down.sh stops a stack this script started)." >&2
         exit 1
@@ -53,7 +53,8 @@ umask 022
 
 # Start both in sessions of their own (a terminal Ctrl-C reaches only this script, whose
 # trap stops them in order); remember their PIDs for deploy/down.sh.
-setsid nohup "$pm" serve --listen $control --edge-listen $edge --state-dir "$state" --on-exit end \
+setsid nohup "$pm" serve --listen $control --edge-listen $edge --preview-listen $preview \
+    --state-dir "$state" --on-exit end \
     >"$state/pool-manager.log" 2>&1 &
 pm_pid=$!
 echo "$pm_pid" >"$state/pool-manager.pid"
@@ -78,6 +79,7 @@ Nullspace is running on this machine:
   public API   http://$public/api/v1   (OpenAPI: http://$public/api/v1/openapi.json)
   API key      $key
   data plane   http://$edge   (reached with the runtime token a create returns)
+  previews     http://PORT-SANDBOXID.localhost:${preview#*:}   (POST /api/v1/sandboxes/ID/previews {"port":N} signs one)
   env file     $env_dir/dev.env   (NULLSPACE_API_URL, NULLSPACE_API_KEY, NULLSPACE_DATA_PLANE_URL)
   logs         $state/pool-manager.log, $state/api.log
 

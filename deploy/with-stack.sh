@@ -36,7 +36,7 @@ wait_for() { # FILE PATTERN SECONDS
     echo "timed out waiting for '$2' in $1:" >&2; tail -20 "$1" >&2; return 1
 }
 NULLSPACE_RUN_DIR="$run_dir" RUST_LOG=warn "$bin/nullspace-pool-manager" serve \
-    --listen 127.0.0.1:0 --edge-listen 127.0.0.1:0 --state-dir "$state" \
+    --listen 127.0.0.1:0 --edge-listen 127.0.0.1:0 --preview-listen 127.0.0.1:0 --state-dir "$state" \
     --templates-dir "$cache/test-templates" 2>"$state/pool-manager.log" &
 pids+=($!)
 wait_for "$state/pool-manager.log" "template snapshots ready" 300

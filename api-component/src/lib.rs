@@ -13,7 +13,8 @@
 
 use api_model::{
     fields_param, is_sandbox_id, is_snapshot_id, parse_body, parse_query, reject_unknown_params,
-    ApiError, BuildLogParams, CreateRequest, EventsParams, ForkBody, ListParams, RefreshBody,
+    ApiError, BuildLogParams, CreateRequest, EventsParams, ForkBody, ListParams, PreviewBody,
+    RefreshBody,
     RestoreBody, TemplateBuildRequest, TimeoutBody, WarmPoolBody, MAX_BODY_BYTES,
 };
 use spin_sdk::http::{IncomingRequest, Method, Request, Response};
@@ -192,7 +193,8 @@ fn route(
                 };
             }
             let allowed = match *action {
-                "connect" | "pause" | "resume" | "refreshes" | "timeout" | "hibernate" | "fork" => {
+                "connect" | "pause" | "resume" | "refreshes" | "timeout" | "hibernate" | "fork"
+                | "previews" => {
                     "POST"
                 }
                 "events" => "GET",
@@ -229,6 +231,9 @@ fn route(
                 }
                 "fork" => {
                     parse_body::<ForkBody>(&body)?.validate()?;
+                }
+                "previews" => {
+                    parse_body::<PreviewBody>(&body)?.validate()?;
                 }
                 _ => {
                     parse_body::<NoFields>(&body)?;

@@ -158,6 +158,8 @@ pub struct ValidCreate {
     pub snapshot_interval_s: Option<u64>,
     /// Warm-pool checkout mode, if asked for.
     pub warm_pool: Option<WarmPoolMode>,
+    /// Whether preview traffic wakes the sandbox once paused.
+    pub auto_resume: bool,
 }
 
 impl CreateRequest {
@@ -181,12 +183,6 @@ impl CreateRequest {
             }
         }
         let lifecycle = self.lifecycle.clone().unwrap_or_default();
-        if lifecycle.auto_resume.is_some() {
-            return Err(ApiError::not_implemented(
-                "lifecycle.autoResume",
-                "autoResume is not available yet on this server; omit it",
-            ));
-        }
         let on_timeout = match (self.auto_pause, lifecycle.on_timeout) {
             (Some(true), Some(OnTimeout::Kill)) | (Some(false), Some(OnTimeout::Pause)) => {
                 return Err(ApiError::bad_request(
@@ -197,6 +193,13 @@ impl CreateRequest {
             (Some(true), None) => OnTimeout::Pause,
             _ => OnTimeout::Kill,
         };
+        let auto_resume = lifecycle.auto_resume.unwrap_or(false);
+        if auto_resume && on_timeout == OnTimeout::Kill {
+            return Err(ApiError::bad_request(
+                "lifecycle.autoResume needs a sandbox that pauses on timeout; send lifecycle.onTimeout \"pause\" or \"hibernate\" with it, or omit autoResume",
+            )
+            .with_details(json!({ "field": "lifecycle.autoResume" })));
+        }
         let timeout_s = validate_timeout(self.timeout.unwrap_or(DEFAULT_TIMEOUT_S))?;
         let resources = self.resources.unwrap_or_default();
         resources.validate()?;
@@ -229,6 +232,7 @@ impl CreateRequest {
             wait_ready: self.wait_ready.unwrap_or(true),
             snapshot_interval_s,
             warm_pool: self.warm_pool,
+            auto_resume,
         })
     }
 }
@@ -295,6 +299,42 @@ impl WarmPoolBody {
             .with_details(json!({ "field": "size" })));
         }
         Ok(())
+    }
+}
+
+/// Body of `POST /sandboxes/{id}/previews`: a signed preview URL (and proxy target) for
+/// a port, and optionally whether the port is public (reachable without a token).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PreviewBody {
+    /// The port inside the sandbox.
+    pub port: u32,
+    /// Make the port reachable without a token (`true`) or private again (`false`).
+    #[serde(default)]
+    pub public: Option<bool>,
+    /// Seconds the tokens stay valid (60 to 86400, default 3600).
+    #[serde(default)]
+    pub expires_in: Option<u64>,
+}
+
+impl PreviewBody {
+    /// Checks the port and lifetime; returns them.
+    pub fn validate(&self) -> Result<(u16, u64), ApiError> {
+        let port = u16::try_from(self.port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("port {} is not a TCP port; send 1 to 65535", self.port))
+                    .with_details(json!({ "field": "port" }))
+            })?;
+        let expires_in = self.expires_in.unwrap_or(3600);
+        if !(60..=86_400).contains(&expires_in) {
+            return Err(ApiError::bad_request(format!(
+                "expiresIn {expires_in} is out of range; send 60 to 86400 seconds"
+            ))
+            .with_details(json!({ "field": "expiresIn" })));
+        }
+        Ok((port, expires_in))
     }
 }
 

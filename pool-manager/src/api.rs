@@ -43,6 +43,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
             axum::routing::delete(delete_snapshot),
         )
         .route("/v1/sandboxes/{id}/fork", post(fork))
+        .route("/v1/sandboxes/{id}/previews", post(create_preview))
         .route("/v1/sandboxes/restore", post(restore))
         .route("/v1/templates", post(build_template).get(list_templates))
         .route("/v1/templates/{id}", get(template).delete(delete_template))
@@ -342,4 +343,15 @@ async fn build_log(
         )
         .await?;
     Ok(Json(page))
+}
+
+async fn create_preview(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let b: api_model::PreviewBody = parse_body(&body)?;
+    let view = m.create_preview(&team, &id, b).await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
 }

@@ -1,7 +1,7 @@
 //! `nullspace-pool-manager`: the per-host daemon, and its admin commands.
 //!
 //! ```text
-//! nullspace-pool-manager serve [--listen ADDR] [--edge-listen ADDR] [--state-dir DIR] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
+//! nullspace-pool-manager serve [--listen ADDR] [--edge-listen ADDR] [--preview-listen ADDR] [--preview-domain HOST[:PORT]] [--state-dir DIR] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
 //!     [--snapshot-store local|s3] [--store-dir DIR] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region R]]
 //!     [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
 //! nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--state-dir DIR]
@@ -19,6 +19,7 @@
 mod api;
 mod catalog;
 mod edge;
+mod preview;
 mod error;
 mod model;
 mod sandboxes;
@@ -30,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 const USAGE: &str = "usage:
-  nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--state-dir /var/lib/nullspace] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
+  nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--preview-listen 127.0.0.1:7072] [--preview-domain localhost:PORT] [--state-dir /var/lib/nullspace] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
       [--snapshot-store local|s3] [--store-dir STATE/objects] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region us-east-1]]
       [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
   nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--state-dir DIR]
@@ -277,6 +278,8 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     args.check_flags(&[
         "listen",
         "edge-listen",
+        "preview-listen",
+        "preview-domain",
         "state-dir",
         "templates-dir",
         "on-exit",
@@ -320,6 +323,15 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {edge_listen}"))?;
     let edge_url = format!("http://{}", data.local_addr()?);
+    let preview_listen = args.flag("preview-listen", "127.0.0.1:7072");
+    let preview_listener = tokio::net::TcpListener::bind(&preview_listen)
+        .await
+        .with_context(|| format!("binding {preview_listen}"))?;
+    // Browsers resolve every *.localhost name to loopback: no DNS needed locally.
+    let preview_domain = args.flag(
+        "preview-domain",
+        &format!("localhost:{}", preview_listener.local_addr()?.port()),
+    );
     let templates_dir = PathBuf::from(args.flag(
         "templates-dir",
         &dir.join("templates").display().to_string(),
@@ -347,6 +359,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
                 .parse()
                 .context("--max-sandboxes-per-team needs a number")?,
             snapshots,
+            preview_domain: preview_domain.clone(),
         },
     ));
     manager
@@ -399,14 +412,23 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     let control_addr = control.local_addr()?;
     let control_server = axum::serve(control, api::router(manager.clone()))
         .with_graceful_shutdown(wait_stop(stop_rx.clone()));
-    let edge_server = axum::serve(data, edge::router(manager.clone(), tokens))
+    let edge_server = axum::serve(data, edge::router(manager.clone(), tokens.clone()))
+        .with_graceful_shutdown(wait_stop(stop_rx.clone()));
+    let previews = std::sync::Arc::new(preview::Previews {
+        manager: manager.clone(),
+        tokens,
+        domain: preview_domain.clone(),
+    });
+    let preview_server = axum::serve(preview_listener, preview::router(previews))
         .with_graceful_shutdown(wait_stop(stop_rx));
     eprintln!(
-        "nullspace-pool-manager: control API http://{} , data plane {edge_url} , state {}",
+        "nullspace-pool-manager: control API http://{} , data plane {edge_url} , previews http://{preview_domain} , state {}",
         control_addr,
         dir.display()
     );
-    let servers = tokio::spawn(async move { tokio::try_join!(control_server, edge_server) });
+    let servers = tokio::spawn(async move {
+        tokio::try_join!(control_server, edge_server, preview_server)
+    });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

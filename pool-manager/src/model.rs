@@ -83,6 +83,12 @@ pub struct SandboxRecord {
     /// The fork snapshot this sandbox's VM was restored from (kept while a child uses it).
     #[serde(default)]
     pub fork_base: Option<String>,
+    /// Whether preview traffic wakes it once paused.
+    #[serde(default)]
+    pub auto_resume: bool,
+    /// Ports its preview URLs serve without a token.
+    #[serde(default)]
+    pub public_ports: Vec<u16>,
 }
 
 impl SandboxRecord {
@@ -116,6 +122,8 @@ impl SandboxRecord {
             snapshot_interval_s,
             last_periodic_ms: now,
             fork_base: None,
+            auto_resume: false,
+            public_ports: Vec::new(),
         }
     }
 
@@ -220,7 +228,7 @@ impl SandboxView {
             state: r.state.public(),
             resources: r.resources,
             metadata: r.metadata.clone(),
-            lifecycle: serde_json::json!({ "onTimeout": r.on_timeout }),
+            lifecycle: serde_json::json!({ "onTimeout": r.on_timeout, "autoResume": r.auto_resume }),
             timeout: r.timeout_s,
             created_at: iso8601(r.created_at_ms),
             expires_at: iso8601(r.expires_at_ms),

@@ -117,6 +117,8 @@ pub struct Daemon {
     pub control: String,
     /// `http://127.0.0.1:PORT` of the data-plane edge.
     pub edge: String,
+    /// `http://localhost:PORT`: the preview domain (`<port>-<sandbox>.localhost:PORT`).
+    pub preview: String,
 }
 
 /// Template snapshots shared by every test daemon (keyed by their inputs, built once).
@@ -367,6 +369,8 @@ impl Daemon {
             "127.0.0.1:0",
             "--edge-listen",
             "127.0.0.1:0",
+            "--preview-listen",
+            "127.0.0.1:0",
         ])
         .args(extra)
         .arg("--state-dir")
@@ -405,6 +409,7 @@ impl Daemon {
             state,
             control: urls[0].clone(),
             edge: urls[1].clone(),
+            preview: urls[2].clone(),
         }
     }
 

@@ -18,10 +18,12 @@ use tracing::{info, warn, Instrument};
 use vmm::{QemuVm, QemuVmm, RestoreMemory, RestoreOptions, Snapshot, Vm};
 
 mod builds;
+mod previews;
 mod snapshots;
 mod warm;
 use snapshots::snapshot_resources;
 pub use snapshots::SnapshotSettings;
+pub use previews::PreviewWake;
 pub use warm::PoolStatus;
 
 type Slot = Arc<tokio::sync::Mutex<Option<QemuVm>>>;
@@ -56,6 +58,8 @@ pub struct Manager {
     warm: warm::WarmPools,
     /// Template builds.
     builds: builds::Builds,
+    /// `HOST[:PORT]` preview URLs are made under.
+    preview_domain: String,
 }
 
 /// Half of this host's memory in MiB: no single sandbox gets more.
@@ -87,6 +91,8 @@ pub struct ManagerConfig {
     pub default_quota: u32,
     /// The snapshot store and its limits.
     pub snapshots: SnapshotSettings,
+    /// `HOST[:PORT]` preview URLs are made under (`<port>-<sandbox>.HOST`).
+    pub preview_domain: String,
 }
 
 impl Manager {
@@ -98,6 +104,7 @@ impl Manager {
             templates_dir,
             default_quota,
             snapshots,
+            preview_domain,
         } = config;
         Self {
             catalog,
@@ -117,6 +124,7 @@ impl Manager {
             gc_wanted: tokio::sync::Notify::new(),
             warm: warm::WarmPools::default(),
             builds: builds::Builds::default(),
+            preview_domain,
         }
     }
 
@@ -317,6 +325,7 @@ impl Manager {
             env_vars,
             metadata: req.metadata,
             on_timeout,
+            auto_resume: valid.auto_resume,
             ..SandboxRecord::fresh(
                 team,
                 template_id,

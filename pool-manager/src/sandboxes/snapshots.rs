@@ -256,6 +256,8 @@ impl Manager {
                     "envVars": r.env_vars,
                     "metadata": r.metadata,
                     "onTimeout": r.on_timeout,
+                    "autoResume": r.auto_resume,
+                    "publicPorts": r.public_ports,
                     "timeout": r.timeout_s,
                 }),
             };
@@ -530,6 +532,8 @@ impl Manager {
             env_vars: origin.env_vars,
             metadata: origin.metadata,
             on_timeout: origin.on_timeout,
+            auto_resume: origin.auto_resume,
+            public_ports: origin.public_ports,
             state: InternalState::Stopped,
             hibernated: Some(s.id.clone()),
             ..SandboxRecord::fresh(
@@ -915,6 +919,8 @@ impl Manager {
                     .clone()
                     .unwrap_or_else(|| parent.metadata.clone()),
                 on_timeout: parent.on_timeout,
+                auto_resume: parent.auto_resume,
+                public_ports: parent.public_ports.clone(),
                 fork_base: Some(dir.display().to_string()),
                 ..SandboxRecord::fresh(
                     team,
@@ -1060,6 +1066,8 @@ struct StoredSandbox {
     metadata: std::collections::BTreeMap<String, String>,
     on_timeout: OnTimeout,
     timeout: Option<u64>,
+    auto_resume: bool,
+    public_ports: Vec<u16>,
 }
 
 #[cfg(test)]

@@ -1,0 +1,258 @@
+//! Preview URLs: HTTP and WebSocket traffic to `<port>-<sandboxID>.<domain>` reaches that
+//! port inside the sandbox through the guest agent's port tunnel (no guest networking).
+//!
+//! Access needs a signed preview token — in the URL (`?ns_preview_token=`, traded for a
+//! cookie scoped to the host and a redirect that drops it from the address bar), in that
+//! cookie, or as a proxy token in `x-nullspace-preview-proxy-token` (for application
+//! proxies) — unless the sandbox made the port public. A paused sandbox with
+//! `autoResume` is woken within a bounded window; otherwise the answer is 503 with
+//! `Retry-After: 5`.
+
+use crate::error::ApiError;
+use crate::sandboxes::{Manager, PreviewWake};
+use crate::tokens::{TokenError, TokenSigner};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The query parameter that carries a preview token.
+pub const TOKEN_PARAM: &str = "ns_preview_token";
+/// The header application proxies send a proxy token in.
+pub const PROXY_HEADER: &str = "x-nullspace-preview-proxy-token";
+/// How long a request waits for a paused sandbox to wake.
+const WAKE_WINDOW: Duration = Duration::from_secs(30);
+
+/// What previews need: the manager, the signer, and the domain URLs are made on.
+pub struct Previews {
+    pub manager: Arc<Manager>,
+    pub tokens: TokenSigner,
+    /// `HOST[:PORT]` under which `<port>-<sandbox>.` names resolve (e.g. `localhost:7072`).
+    pub domain: String,
+}
+
+/// Token subjects: a preview token opens one port of one sandbox in a browser; a proxy
+/// token the same port from an application proxy. Neither opens the other, nor the data
+/// plane.
+pub fn subject(sandbox: &str, port: u16, proxy: bool) -> String {
+    format!("{sandbox}:{port}:{}", if proxy { "proxy" } else { "preview" })
+}
+
+/// The router: every request is a preview request.
+pub fn router(previews: Arc<Previews>) -> Router {
+    Router::new().fallback(handle).with_state(previews)
+}
+
+/// `(port, sandbox)` of a preview host name, if it is one under `domain`.
+fn parse_host(host: &str, domain: &str) -> Option<(u16, String)> {
+    let bare = |h: &str| h.rsplit_once(':').map_or(h, |(n, p)| if p.bytes().all(|b| b.is_ascii_digit()) { n } else { h }).to_ascii_lowercase();
+    let (name, domain) = (bare(host), bare(domain));
+    let label = name.strip_suffix(&format!(".{domain}"))?;
+    let (port, sandbox) = label.split_once('-')?;
+    let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
+    api_model::is_sandbox_id(sandbox).then(|| (port, sandbox.to_string()))
+}
+
+fn cookie_name(port: u16) -> String {
+    format!("ns_preview_{port}")
+}
+
+fn unavailable(message: String) -> Response {
+    let mut resp = ApiError::new(503, "sandbox_unavailable", message).into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    resp
+}
+
+fn token_refused(e: TokenError, what: &str) -> ApiError {
+    match e {
+        TokenError::Invalid(why) => ApiError::unauthorized(format!(
+            "{what}: {why}; get a new preview URL (get_preview_url) or proxy target"
+        )),
+        TokenError::OtherSandbox => ApiError::forbidden(format!(
+            "{what} is for another sandbox or port; get one for this port"
+        )),
+    }
+}
+
+/// The request's query without the token parameter; and the token, if it had one.
+fn split_token(uri: &Uri) -> (Option<String>, Option<String>) {
+    let Some(q) = uri.query() else { return (None, None) };
+    let mut token = None;
+    let kept: Vec<&str> = q
+        .split('&')
+        .filter(|pair| match pair.strip_prefix(&format!("{TOKEN_PARAM}=")) {
+            Some(t) => {
+                token = Some(t.to_string());
+                false
+            }
+            None => true,
+        })
+        .collect();
+    (token, (!kept.is_empty()).then(|| kept.join("&")))
+}
+
+fn cookie(req: &Request, name: &str) -> Option<String> {
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+async fn handle(State(p): State<Arc<Previews>>, req: Request) -> Response {
+    match serve(&p, req).await {
+        Ok(r) => r,
+        Err(r) => r,
+    }
+}
+
+async fn serve(p: &Previews, mut req: Request) -> Result<Response, Response> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let (port, sandbox) = parse_host(&host, &p.domain).ok_or_else(|| {
+        ApiError::not_found("preview host", &host)
+            .with_details(serde_json::json!({ "hint": format!("preview URLs look like http://PORT-SANDBOXID.{}", p.domain) }))
+            .into_response()
+    })?;
+    let record = p
+        .manager
+        .catalog
+        .sandbox(&sandbox)
+        .ok()
+        .flatten()
+        .ok_or_else(|| ApiError::not_found("sandbox", &sandbox).into_response())?;
+    let now = chrono::Utc::now().timestamp();
+    let (url_token, rest_query) = split_token(req.uri());
+    let upgrade = req.headers().contains_key(header::UPGRADE);
+    if !record.public_ports.contains(&port) {
+        if let Some(t) = req.headers().get(PROXY_HEADER).and_then(|v| v.to_str().ok()) {
+            p.tokens
+                .check(t, &subject(&sandbox, port, true), now)
+                .map_err(|e| token_refused(e, "the proxy token").into_response())?;
+        } else if let Some(t) = &url_token {
+            p.tokens
+                .check(t, &subject(&sandbox, port, false), now)
+                .map_err(|e| token_refused(e, "the preview token").into_response())?;
+            if !upgrade && req.method() == axum::http::Method::GET {
+                // Traded for a cookie, so the token leaves the address bar and links
+                // within the page keep working.
+                let path = req.uri().path();
+                let location = match &rest_query {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path.to_string(),
+                };
+                let cookie = format!(
+                    "{}={t}; Path=/; HttpOnly; SameSite=Lax; Max-Age=86400",
+                    cookie_name(port)
+                );
+                return Ok(Response::builder()
+                    .status(StatusCode::FOUND)
+                    .header(header::LOCATION, location)
+                    .header(header::SET_COOKIE, cookie)
+                    .header(header::CACHE_CONTROL, "no-store")
+                    .body(Body::empty())
+                    .expect("a valid response"));
+            }
+        } else if let Some(t) = cookie(&req, &cookie_name(port)) {
+            p.tokens
+                .check(&t, &subject(&sandbox, port, false), now)
+                .map_err(|e| token_refused(e, "the preview cookie").into_response())?;
+        } else {
+            return Err(ApiError::unauthorized(format!(
+                "port {port} of {sandbox} is private: open its preview URL with the token (get_preview_url), send a proxy token in {PROXY_HEADER}, or make the port public"
+            ))
+            .into_response());
+        }
+    }
+    let agent = match p.manager.preview_agent(&sandbox, WAKE_WINDOW).await {
+        Ok(agent) => agent,
+        Err(PreviewWake::Unavailable(why)) => return Err(unavailable(why)),
+        Err(PreviewWake::Gone(e)) => return Err(e.into_response()),
+    };
+    let tunnel = agent.connect_port(port).await.map_err(|e| {
+        ApiError::new(
+            502,
+            "port_unreachable",
+            format!("nothing answers on port {port} in {sandbox}: {e}"),
+        )
+        .into_response()
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
+        .await
+        .map_err(|e| ApiError::new(502, "port_unreachable", format!("talking to port {port}: {e}")).into_response())?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    // What the application sees: no credentials of ours.
+    req.headers_mut().remove(PROXY_HEADER);
+    if url_token.is_some() {
+        let path = req.uri().path().to_string();
+        let pq = match &rest_query {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        *req.uri_mut() = pq.parse().unwrap_or_else(|_| Uri::from_static("/"));
+    } else if req.uri().scheme().is_some() {
+        // An absolute-form request line: the origin form is what servers expect.
+        let pq = req.uri().path_and_query().map(|x| x.as_str().to_string()).unwrap_or_else(|| "/".into());
+        *req.uri_mut() = pq.parse().unwrap_or_else(|_| Uri::from_static("/"));
+    }
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let mut resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| ApiError::new(502, "port_unreachable", format!("port {port} answered badly: {e}")).into_response())?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_side) = client_upgrade {
+            let app_side = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(client), Ok(app)) = (client_side.await, app_side.await) {
+                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(app)).await;
+                }
+            });
+        }
+    }
+    Ok(resp.map(Body::new))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preview_hosts_name_a_port_and_a_sandbox_under_the_domain() {
+        let id = "sbx-0123456789abcdef0123";
+        assert_eq!(
+            parse_host(&format!("8000-{id}.localhost:7072"), "localhost:7072"),
+            Some((8000, id.to_string()))
+        );
+        assert_eq!(
+            parse_host(&format!("8000-{id}.preview.example.com"), "preview.example.com"),
+            Some((8000, id.to_string()))
+        );
+        assert_eq!(parse_host(&format!("8000-{id}.evil.com"), "localhost"), None);
+        assert_eq!(parse_host(&format!("0-{id}.localhost"), "localhost"), None);
+        assert_eq!(parse_host("8000-sbx-nope.localhost", "localhost"), None);
+        assert_eq!(parse_host("localhost:7072", "localhost:7072"), None);
+    }
+
+    #[test]
+    fn the_token_parameter_is_split_from_the_query() {
+        let uri: Uri = "/a?x=1&ns_preview_token=abc&y=2".parse().unwrap();
+        assert_eq!(split_token(&uri), (Some("abc".into()), Some("x=1&y=2".into())));
+        let uri: Uri = "/a?ns_preview_token=abc".parse().unwrap();
+        assert_eq!(split_token(&uri), (Some("abc".into()), None));
+    }
+}

@@ -1,0 +1,168 @@
+//! The sandbox side of preview URLs: issuing signed URLs and proxy targets, public
+//! ports, and waking a paused sandbox for preview traffic.
+
+use super::Manager;
+use crate::error::ApiError;
+use crate::model::*;
+use crate::preview::{subject, PROXY_HEADER, TOKEN_PARAM};
+use agent_client::AgentClient;
+use api_model::PreviewBody;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why preview traffic cannot reach a sandbox now.
+pub enum PreviewWake {
+    /// Not now (paused without autoResume, still waking, starting): 503, retry.
+    Unavailable(String),
+    /// Not at all (unknown, deleted, failed).
+    Gone(ApiError),
+}
+
+/// A preview URL and proxy target, as `POST /sandboxes/{id}/previews` answers.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviewView {
+    pub port: u16,
+    pub public: bool,
+    /// The host name the port is served under.
+    pub host: String,
+    /// Open in a browser: carries the token unless the port is public.
+    pub url: String,
+    /// The signed preview token (also in `url`).
+    pub token: String,
+    pub expires_at: String,
+    /// For application proxies: forward to `url` with `token` in the `header`.
+    pub proxy_target: ProxyTarget,
+}
+
+/// Where an application proxy forwards, and the token it sends.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyTarget {
+    pub url: String,
+    pub header: String,
+    pub token: String,
+}
+
+impl Manager {
+    /// A signed preview URL and proxy target for `port` of a running or paused sandbox;
+    /// `public` (if given) first makes the port reachable without a token, or private.
+    pub async fn create_preview(
+        &self,
+        team: &str,
+        id: &str,
+        body: PreviewBody,
+    ) -> Result<PreviewView, ApiError> {
+        let (port, expires_in) = body.validate()?;
+        let (_guard, mut r) = self.lock_owned(team, id).await?;
+        if matches!(r.state, InternalState::Deleted | InternalState::Failed | InternalState::Destroying) {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is {}: it serves no previews",
+                r.state.public()
+            )));
+        }
+        if let Some(public) = body.public {
+            r.public_ports.retain(|p| *p != port);
+            if public {
+                r.public_ports.push(port);
+            }
+            self.catalog.put_sandbox(&r)?;
+            self.catalog.append_event(
+                id,
+                "sandbox.preview_port",
+                &serde_json::json!({ "port": port, "public": public }),
+            )?;
+        }
+        let expires = chrono::Utc::now().timestamp() + expires_in as i64;
+        let token = self.tokens.issue(&subject(id, port, false), expires);
+        let proxy_token = self.tokens.issue(&subject(id, port, true), expires);
+        let host = format!("{port}-{id}.{}", self.preview_domain);
+        let base = format!("http://{host}/");
+        let public = r.public_ports.contains(&port);
+        Ok(PreviewView {
+            port,
+            public,
+            url: if public {
+                base.clone()
+            } else {
+                format!("{base}?{TOKEN_PARAM}={token}")
+            },
+            host,
+            token,
+            expires_at: iso8601(expires * 1000),
+            proxy_target: ProxyTarget {
+                url: base,
+                header: PROXY_HEADER.into(),
+                token: proxy_token,
+            },
+        })
+    }
+
+    /// The agent of a sandbox preview traffic is for, waking it (within `window`) if it
+    /// is paused with autoResume.
+    pub async fn preview_agent(
+        self: &Arc<Self>,
+        id: &str,
+        window: Duration,
+    ) -> Result<AgentClient, PreviewWake> {
+        let r = self
+            .catalog
+            .sandbox(id)
+            .map_err(|e| PreviewWake::Gone(e.into()))?
+            .ok_or_else(|| PreviewWake::Gone(ApiError::not_found("sandbox", id)))?;
+        match r.state {
+            InternalState::Active => {}
+            InternalState::Stopped if r.auto_resume => {
+                let started = std::time::Instant::now();
+                // The wake goes on even if this request stops waiting: cancelling a
+                // restore half-way would help no one.
+                let this = self.clone();
+                let (team, sandbox) = (r.team_id.clone(), id.to_string());
+                let wake = tokio::spawn(async move { this.resume(&team, &sandbox).await });
+                match tokio::time::timeout(window, wake).await {
+                    Ok(Ok(Ok(_))) => {
+                        tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, "woken by preview traffic");
+                        let _ = self.catalog.append_event(
+                            id,
+                            "sandbox.auto_resumed",
+                            &serde_json::json!({ "by": "preview", "elapsedMs": started.elapsed().as_millis() as u64 }),
+                        );
+                    }
+                    Ok(Ok(Err(e))) => {
+                        return Err(PreviewWake::Unavailable(format!(
+                            "waking sandbox {id} failed: {}; retry",
+                            e.message
+                        )))
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        return Err(PreviewWake::Unavailable(format!(
+                            "sandbox {id} is still waking up; retry in a few seconds"
+                        )))
+                    }
+                }
+            }
+            InternalState::Stopped => {
+                return Err(PreviewWake::Unavailable(format!(
+                    "sandbox {id} is paused and preview traffic does not wake it (lifecycle.autoResume is off); resume or connect it"
+                )))
+            }
+            InternalState::New | InternalState::Creating => {
+                return Err(PreviewWake::Unavailable(format!(
+                    "sandbox {id} is still starting; retry in a few seconds"
+                )))
+            }
+            _ => {
+                return Err(PreviewWake::Gone(ApiError::new(
+                    410,
+                    "sandbox_gone",
+                    format!("sandbox {id} is {}; its previews are gone", r.state.public()),
+                )))
+            }
+        }
+        self.agent(id)
+            .await
+            .map(|(agent, _)| agent)
+            .map_err(|e| PreviewWake::Unavailable(e.message))
+    }
+}
