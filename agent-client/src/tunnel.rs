@@ -51,7 +51,9 @@ impl Watch {
 impl Process {
     /// Resizes the terminal of a process started with [`AgentClient::pty`].
     pub async fn resize(&self, cols: u16, rows: u16) -> Result<(), ClientError> {
-        self.stream.send_control(&Request::Resize { cols, rows }).await
+        self.stream
+            .send_control(&Request::Resize { cols, rows })
+            .await
     }
 }
 

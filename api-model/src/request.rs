@@ -324,8 +324,11 @@ impl PreviewBody {
             .ok()
             .filter(|p| *p > 0)
             .ok_or_else(|| {
-                ApiError::bad_request(format!("port {} is not a TCP port; send 1 to 65535", self.port))
-                    .with_details(json!({ "field": "port" }))
+                ApiError::bad_request(format!(
+                    "port {} is not a TCP port; send 1 to 65535",
+                    self.port
+                ))
+                .with_details(json!({ "field": "port" }))
             })?;
         let expires_in = self.expires_in.unwrap_or(3600);
         if !(60..=86_400).contains(&expires_in) {

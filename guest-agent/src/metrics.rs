@@ -21,7 +21,8 @@ pub fn read() -> GuestMetrics {
                 .collect();
             // user nice system idle iowait irq softirq steal (guest time is in user).
             m.cpu_total_ticks = ticks.iter().take(8).sum();
-            m.cpu_idle_ticks = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+            m.cpu_idle_ticks =
+                ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
         }
         m.cpus = stat
             .lines()
@@ -43,11 +44,16 @@ pub fn read() -> GuestMetrics {
     }
     if let Ok(dev) = std::fs::read_to_string("/proc/net/dev") {
         for line in dev.lines().skip(2) {
-            let Some((name, rest)) = line.split_once(':') else { continue };
+            let Some((name, rest)) = line.split_once(':') else {
+                continue;
+            };
             if name.trim() == "lo" {
                 continue;
             }
-            let v: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            let v: Vec<u64> = rest
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
             m.net_rx_bytes += v.first().copied().unwrap_or(0);
             m.net_tx_bytes += v.get(8).copied().unwrap_or(0);
         }
@@ -55,7 +61,12 @@ pub fn read() -> GuestMetrics {
     if let Ok(dir) = std::fs::read_dir("/proc") {
         m.tasks = dir
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
             .count() as u32;
     }
     m

@@ -3,7 +3,9 @@
 
 use crate::session::{Inbound, Outbox};
 use crate::users;
-use agent_protocol::{AgentError, Channel, ErrorCode, ExitStatus, Reply, DATA_CHUNK, DEFAULT_CWD, DEFAULT_USER};
+use agent_protocol::{
+    AgentError, Channel, ErrorCode, ExitStatus, Reply, DATA_CHUNK, DEFAULT_CWD, DEFAULT_USER,
+};
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -118,7 +120,11 @@ fn start(req: &PtyRequest) -> Result<(tokio::process::Child, OwnedFd), AgentErro
     }
     let (master, slave) = open_pty(req.cols, req.rows)
         .map_err(|e| AgentError::new(ErrorCode::Io, format!("opening a terminal: {e}")))?;
-    let shell = if user.shell.is_empty() { "/bin/sh".to_string() } else { user.shell.clone() };
+    let shell = if user.shell.is_empty() {
+        "/bin/sh".to_string()
+    } else {
+        user.shell.clone()
+    };
     let mut cmd = match &req.command {
         Some(line) => {
             let mut c = std::process::Command::new("/bin/sh");
@@ -138,7 +144,10 @@ fn start(req: &PtyRequest) -> Result<(tokio::process::Child, OwnedFd), AgentErro
     };
     cmd.current_dir(&cwd)
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .env("HOME", &user.home)
         .env("USER", &user.name)
         .env("LOGNAME", &user.name)
@@ -168,7 +177,12 @@ fn start(req: &PtyRequest) -> Result<(tokio::process::Child, OwnedFd), AgentErro
     let child = tokio::process::Command::from(cmd)
         .kill_on_drop(false)
         .spawn()
-        .map_err(|e| AgentError::new(ErrorCode::NotFound, format!("cannot start the terminal's program: {e}")))?;
+        .map_err(|e| {
+            AgentError::new(
+                ErrorCode::NotFound,
+                format!("cannot start the terminal's program: {e}"),
+            )
+        })?;
     // Only the child keeps the slave open, so the master reads EIO when it is gone.
     drop(slave);
     Ok((child, master))

@@ -26,7 +26,8 @@ struct Watcher {
 
 impl Watcher {
     fn add(&mut self, dir: &str) -> std::io::Result<()> {
-        let c = CString::new(dir).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let c = CString::new(dir)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
         // SAFETY: a valid descriptor and NUL-terminated path.
         let wd = unsafe { libc::inotify_add_watch(self.fd, c.as_ptr(), MASK) };
         if wd < 0 {
@@ -45,7 +46,11 @@ impl Watcher {
 
     /// Reads the pending events (waits up to 200 ms for some).
     fn poll(&mut self, pending_moves: &mut HashMap<u32, (String, bool)>) -> Vec<FsEvent> {
-        let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         if unsafe { libc::poll(&mut pfd, 1, 200) } <= 0 {
             return unpaired_moves(pending_moves);
@@ -61,19 +66,35 @@ impl Watcher {
         let header = std::mem::size_of::<libc::inotify_event>();
         while at + header <= n as usize {
             // SAFETY: the kernel wrote whole events; read_unaligned copes with alignment.
-            let ev: libc::inotify_event = unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+            let ev: libc::inotify_event =
+                unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
             let name_bytes = &buf[at + header..at + header + ev.len as usize];
-            let name = String::from_utf8_lossy(name_bytes).trim_end_matches('\0').to_string();
+            let name = String::from_utf8_lossy(name_bytes)
+                .trim_end_matches('\0')
+                .to_string();
             at += header + ev.len as usize;
-            let Some(dir) = self.dirs.get(&ev.wd).cloned() else { continue };
-            let path = if name.is_empty() { dir.clone() } else { format!("{}/{name}", dir.trim_end_matches('/')) };
+            let Some(dir) = self.dirs.get(&ev.wd).cloned() else {
+                continue;
+            };
+            let path = if name.is_empty() {
+                dir.clone()
+            } else {
+                format!("{}/{name}", dir.trim_end_matches('/'))
+            };
             let is_dir = ev.mask & libc::IN_ISDIR != 0;
-            let event = |kind: &str, from: Option<String>| FsEvent { kind: kind.into(), path: path.clone(), from, dir: is_dir };
+            let event = |kind: &str, from: Option<String>| FsEvent {
+                kind: kind.into(),
+                path: path.clone(),
+                from,
+                dir: is_dir,
+            };
             if ev.mask & libc::IN_CREATE != 0 {
+                events.push(event("create", None));
                 if is_dir && self.recursive {
                     let _ = self.add(&path);
+                    // What was made in it before its watch was in place.
+                    events.extend(scan(&path));
                 }
-                events.push(event("create", None));
             } else if ev.mask & libc::IN_CLOSE_WRITE != 0 {
                 events.push(event("write", None));
             } else if ev.mask & libc::IN_DELETE != 0 {
@@ -84,7 +105,10 @@ impl Watcher {
                 if is_dir && self.recursive {
                     let _ = self.add(&path);
                 }
-                events.push(event("rename", pending_moves.remove(&ev.cookie).map(|(p, _)| p)));
+                events.push(event(
+                    "rename",
+                    pending_moves.remove(&ev.cookie).map(|(p, _)| p),
+                ));
             } else if ev.mask & libc::IN_ATTRIB != 0 {
                 events.push(event("chmod", None));
             } else if ev.mask & libc::IN_DELETE_SELF != 0 {
@@ -96,13 +120,40 @@ impl Watcher {
     }
 }
 
+/// Everything under a directory that has just been created, as creates.
+fn scan(dir: &str) -> Vec<FsEvent> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let path = e.path().display().to_string();
+        let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        out.push(FsEvent {
+            kind: "create".into(),
+            path: path.clone(),
+            from: None,
+            dir: is_dir,
+        });
+        if is_dir {
+            out.extend(scan(&path));
+        }
+    }
+    out
+}
+
 /// Moves whose other half did not come within one more read: moves out of the tree,
 /// which are removals. (The halves of one rename may arrive in separate reads.)
 fn unpaired_moves(pending: &mut HashMap<u32, (String, bool)>) -> Vec<FsEvent> {
     let mut out = Vec::new();
     pending.retain(|_, (path, waited)| {
         if *waited {
-            out.push(FsEvent { kind: "remove".into(), path: path.clone(), from: None, dir: false });
+            out.push(FsEvent {
+                kind: "remove".into(),
+                path: path.clone(),
+                from: None,
+                dir: false,
+            });
             false
         } else {
             *waited = true;
@@ -124,14 +175,23 @@ pub async fn watch(path: String, recursive: bool, out: Outbox, mut inbox: mpsc::
     // SAFETY: plain syscall.
     let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
     if fd < 0 {
-        return out.error(AgentError::from_io(&std::io::Error::last_os_error(), &path)).await;
+        return out
+            .error(AgentError::from_io(&std::io::Error::last_os_error(), &path))
+            .await;
     }
-    let mut watcher = Watcher { fd, dirs: HashMap::new(), recursive };
+    let mut watcher = Watcher {
+        fd,
+        dirs: HashMap::new(),
+        recursive,
+    };
     match std::fs::metadata(&path) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
             return out
-                .error(AgentError::new(agent_protocol::ErrorCode::NotADirectory, format!("{path} is not a directory; watch a directory")))
+                .error(AgentError::new(
+                    agent_protocol::ErrorCode::NotADirectory,
+                    format!("{path} is not a directory; watch a directory"),
+                ))
                 .await
         }
         Err(e) => return out.error(AgentError::from_io(&e, &path)).await,

@@ -49,6 +49,8 @@ pub enum Durability {
 /// The durable store.
 pub struct Catalog {
     db: Mutex<Connection>,
+    /// The sandbox ID of every event appended, for live followers of event logs.
+    appended: tokio::sync::broadcast::Sender<String>,
 }
 
 /// Hex SHA-256 of an API key: keys are never stored, only their hashes.
@@ -119,7 +121,10 @@ impl Catalog {
                  team_id TEXT PRIMARY KEY REFERENCES teams(id),
                  max_sandboxes INTEGER NOT NULL);",
         )?;
-        Ok(Self { db: Mutex::new(db) })
+        Ok(Self {
+            db: Mutex::new(db),
+            appended: tokio::sync::broadcast::channel(1024).0,
+        })
     }
 
     /// Records a template's warm-pool settings.
@@ -494,6 +499,10 @@ impl Catalog {
         if durability == Durability::UntilPowerLoss {
             db.pragma_update(None, "synchronous", "FULL")?;
         }
+        drop(db);
+        if result.is_ok() && !events.is_empty() {
+            let _ = self.appended.send(record.id.clone());
+        }
         result
     }
 
@@ -527,6 +536,23 @@ impl Catalog {
         Ok(())
     }
 
+    /// Sandbox IDs as events are appended to their logs (a lagging receiver re-reads
+    /// the log: the notification carries no event).
+    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.appended.subscribe()
+    }
+
+    /// The ID of a sandbox's newest event (0 if none).
+    pub fn last_event_id(&self, sandbox_id: &str) -> Result<u64, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let id: i64 = db.query_row(
+            "SELECT COALESCE(MAX(event_id), 0) FROM events WHERE sandbox_id = ?1",
+            params![sandbox_id],
+            |r| r.get(0),
+        )?;
+        Ok(id as u64)
+    }
+
     /// Appends an event to a sandbox's log; returns its ID (1, 2, 3, ... per sandbox).
     pub fn append_event(
         &self,
@@ -544,6 +570,8 @@ impl Catalog {
             "INSERT INTO events (sandbox_id, event_id, at_ms, kind, data) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![sandbox_id, next, now_ms(), kind, data.to_string()],
         )?;
+        drop(db);
+        let _ = self.appended.send(sandbox_id.to_string());
         Ok(next as u64)
     }
 

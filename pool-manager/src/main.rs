@@ -19,9 +19,9 @@
 mod api;
 mod catalog;
 mod edge;
-mod preview;
 mod error;
 mod model;
+mod preview;
 mod sandboxes;
 mod templates;
 mod tokens;
@@ -426,9 +426,8 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         control_addr,
         dir.display()
     );
-    let servers = tokio::spawn(async move {
-        tokio::try_join!(control_server, edge_server, preview_server)
-    });
+    let servers =
+        tokio::spawn(async move { tokio::try_join!(control_server, edge_server, preview_server) });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

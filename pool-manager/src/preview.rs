@@ -39,7 +39,10 @@ pub struct Previews {
 /// token the same port from an application proxy. Neither opens the other, nor the data
 /// plane.
 pub fn subject(sandbox: &str, port: u16, proxy: bool) -> String {
-    format!("{sandbox}:{port}:{}", if proxy { "proxy" } else { "preview" })
+    format!(
+        "{sandbox}:{port}:{}",
+        if proxy { "proxy" } else { "preview" }
+    )
 }
 
 /// The router: every request is a preview request.
@@ -49,7 +52,17 @@ pub fn router(previews: Arc<Previews>) -> Router {
 
 /// `(port, sandbox)` of a preview host name, if it is one under `domain`.
 fn parse_host(host: &str, domain: &str) -> Option<(u16, String)> {
-    let bare = |h: &str| h.rsplit_once(':').map_or(h, |(n, p)| if p.bytes().all(|b| b.is_ascii_digit()) { n } else { h }).to_ascii_lowercase();
+    let bare = |h: &str| {
+        h.rsplit_once(':')
+            .map_or(h, |(n, p)| {
+                if p.bytes().all(|b| b.is_ascii_digit()) {
+                    n
+                } else {
+                    h
+                }
+            })
+            .to_ascii_lowercase()
+    };
     let (name, domain) = (bare(host), bare(domain));
     let label = name.strip_suffix(&format!(".{domain}"))?;
     let (port, sandbox) = label.split_once('-')?;
@@ -81,7 +94,9 @@ fn token_refused(e: TokenError, what: &str) -> ApiError {
 
 /// The request's query without the token parameter; and the token, if it had one.
 fn split_token(uri: &Uri) -> (Option<String>, Option<String>) {
-    let Some(q) = uri.query() else { return (None, None) };
+    let Some(q) = uri.query() else {
+        return (None, None);
+    };
     let mut token = None;
     let kept: Vec<&str> = q
         .split('&')
@@ -137,7 +152,11 @@ async fn serve(p: &Previews, mut req: Request) -> Result<Response, Response> {
     let (url_token, rest_query) = split_token(req.uri());
     let upgrade = req.headers().contains_key(header::UPGRADE);
     if !record.public_ports.contains(&port) {
-        if let Some(t) = req.headers().get(PROXY_HEADER).and_then(|v| v.to_str().ok()) {
+        if let Some(t) = req
+            .headers()
+            .get(PROXY_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
             p.tokens
                 .check(t, &subject(&sandbox, port, true), now)
                 .map_err(|e| token_refused(e, "the proxy token").into_response())?;
@@ -191,7 +210,14 @@ async fn serve(p: &Previews, mut req: Request) -> Result<Response, Response> {
     })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
         .await
-        .map_err(|e| ApiError::new(502, "port_unreachable", format!("talking to port {port}: {e}")).into_response())?;
+        .map_err(|e| {
+            ApiError::new(
+                502,
+                "port_unreachable",
+                format!("talking to port {port}: {e}"),
+            )
+            .into_response()
+        })?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
@@ -206,20 +232,32 @@ async fn serve(p: &Previews, mut req: Request) -> Result<Response, Response> {
         *req.uri_mut() = pq.parse().unwrap_or_else(|_| Uri::from_static("/"));
     } else if req.uri().scheme().is_some() {
         // An absolute-form request line: the origin form is what servers expect.
-        let pq = req.uri().path_and_query().map(|x| x.as_str().to_string()).unwrap_or_else(|| "/".into());
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|x| x.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
         *req.uri_mut() = pq.parse().unwrap_or_else(|_| Uri::from_static("/"));
     }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let mut resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| ApiError::new(502, "port_unreachable", format!("port {port} answered badly: {e}")).into_response())?;
+    let mut resp = sender.send_request(req).await.map_err(|e| {
+        ApiError::new(
+            502,
+            "port_unreachable",
+            format!("port {port} answered badly: {e}"),
+        )
+        .into_response()
+    })?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_side) = client_upgrade {
             let app_side = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
                 if let (Ok(client), Ok(app)) = (client_side.await, app_side.await) {
-                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(app)).await;
+                    let _ = tokio::io::copy_bidirectional(
+                        &mut TokioIo::new(client),
+                        &mut TokioIo::new(app),
+                    )
+                    .await;
                 }
             });
         }
@@ -239,10 +277,16 @@ mod tests {
             Some((8000, id.to_string()))
         );
         assert_eq!(
-            parse_host(&format!("8000-{id}.preview.example.com"), "preview.example.com"),
+            parse_host(
+                &format!("8000-{id}.preview.example.com"),
+                "preview.example.com"
+            ),
             Some((8000, id.to_string()))
         );
-        assert_eq!(parse_host(&format!("8000-{id}.evil.com"), "localhost"), None);
+        assert_eq!(
+            parse_host(&format!("8000-{id}.evil.com"), "localhost"),
+            None
+        );
         assert_eq!(parse_host(&format!("0-{id}.localhost"), "localhost"), None);
         assert_eq!(parse_host("8000-sbx-nope.localhost", "localhost"), None);
         assert_eq!(parse_host("localhost:7072", "localhost:7072"), None);
@@ -251,7 +295,10 @@ mod tests {
     #[test]
     fn the_token_parameter_is_split_from_the_query() {
         let uri: Uri = "/a?x=1&ns_preview_token=abc&y=2".parse().unwrap();
-        assert_eq!(split_token(&uri), (Some("abc".into()), Some("x=1&y=2".into())));
+        assert_eq!(
+            split_token(&uri),
+            (Some("abc".into()), Some("x=1&y=2".into()))
+        );
         let uri: Uri = "/a?ns_preview_token=abc".parse().unwrap();
         assert_eq!(split_token(&uri), (Some("abc".into()), None));
     }

@@ -459,6 +459,15 @@ impl Daemon {
     }
 
     /// Ends the daemon with `signal` and waits for it; the state stays.
+    /// Restarts the daemon (SIGTERM, then a new one on the same state dir with `extra`
+    /// flags), in place.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        let state = self.stop_with(libc::SIGTERM);
+        let old = std::mem::replace(self, Self::launch(state, extra, &[]));
+        // Its state dir is the new daemon's now: dropping it would remove that.
+        std::mem::forget(old);
+    }
+
     pub fn stop_with(&mut self, signal: i32) -> std::path::PathBuf {
         if let Some(mut child) = self.child.take() {
             stop_child(&mut child, signal, "the pool manager");

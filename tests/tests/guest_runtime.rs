@@ -724,13 +724,18 @@ async fn port_tunnels_terminals_directory_watches_and_metrics() {
         .unwrap();
     assert!(out.status.success(), "{}", out.stderr_str());
     let mut conn = agent.connect_port(8080).await.unwrap();
-    conn.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").await.unwrap();
+    conn.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
     let mut answer = String::new();
     tokio::time::timeout(Duration::from_secs(20), conn.read_to_string(&mut answer))
         .await
         .unwrap()
         .unwrap();
-    assert!(answer.starts_with("HTTP/1.") && answer.contains("tunnel-ok"), "{answer}");
+    assert!(
+        answer.starts_with("HTTP/1.") && answer.contains("tunnel-ok"),
+        "{answer}"
+    );
     let err = agent.connect_port(9).await.unwrap_err();
     assert_eq!(agent_code(err), ErrorCode::NotFound);
 
@@ -744,7 +749,9 @@ async fn port_tunnels_terminals_directory_watches_and_metrics() {
         .await
         .unwrap();
     let mut seen = String::new();
-    p.write_stdin(b"stty size; echo pty-$((6*7))\n").await.unwrap();
+    p.write_stdin(b"stty size; echo pty-$((6*7))\n")
+        .await
+        .unwrap();
     read_until(&mut p, &mut seen, "pty-42").await;
     assert!(seen.contains("24 80"), "{seen:?}");
     p.resize(100, 30).await.unwrap();
@@ -753,7 +760,11 @@ async fn port_tunnels_terminals_directory_watches_and_metrics() {
     p.write_stdin(b"exit 7\n").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match tokio::time::timeout_at(deadline.into(), p.next_event()).await.unwrap().unwrap() {
+        match tokio::time::timeout_at(deadline.into(), p.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+        {
             Some(ProcessEvent::Exited(s)) => {
                 assert_eq!(s.code, Some(7));
                 break;
@@ -770,7 +781,10 @@ async fn port_tunnels_terminals_directory_watches_and_metrics() {
         .await
         .unwrap();
     let mut events = Vec::new();
-    while !events.iter().any(|e: &agent_protocol::FsEvent| e.kind == "remove" && e.path == "/workspace/h") {
+    while !events
+        .iter()
+        .any(|e: &agent_protocol::FsEvent| e.kind == "remove" && e.path == "/workspace/h")
+    {
         let e = tokio::time::timeout(Duration::from_secs(20), watch.next())
             .await
             .unwrap_or_else(|_| panic!("events so far: {events:?}"))
@@ -779,16 +793,30 @@ async fn port_tunnels_terminals_directory_watches_and_metrics() {
         events.push(e);
     }
     let has = |kind: &str, path: &str| events.iter().any(|e| e.kind == kind && e.path == path);
-    assert!(has("create", "/workspace/f") && has("write", "/workspace/f"), "{events:?}");
-    assert!(has("create", "/workspace/d") && has("write", "/workspace/d/g"), "{events:?}");
     assert!(
-        events.iter().any(|e| e.kind == "rename" && e.path == "/workspace/h" && e.from.as_deref() == Some("/workspace/f")),
+        has("create", "/workspace/f") && has("write", "/workspace/f"),
+        "{events:?}"
+    );
+    assert!(
+        has("create", "/workspace/d") && has("write", "/workspace/d/g"),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e.kind == "rename"
+            && e.path == "/workspace/h"
+            && e.from.as_deref() == Some("/workspace/f")),
         "{events:?}"
     );
     let err = agent.watch_dir("/nope", false).await.err().unwrap();
     assert_eq!(agent_code(err), ErrorCode::NotFound);
 
     let m = agent.metrics().await.unwrap();
-    assert!(m.cpus >= 1 && m.mem_total_kib > 0 && m.tasks > 0 && m.disk_total_bytes > 0, "{m:?}");
-    assert!(m.cpu_total_ticks >= m.cpu_idle_ticks && m.cpu_total_ticks > 0, "{m:?}");
+    assert!(
+        m.cpus >= 1 && m.mem_total_kib > 0 && m.tasks > 0 && m.disk_total_bytes > 0,
+        "{m:?}"
+    );
+    assert!(
+        m.cpu_total_ticks >= m.cpu_idle_ticks && m.cpu_total_ticks > 0,
+        "{m:?}"
+    );
 }

@@ -75,7 +75,10 @@ async fn serve(rt: &Runtime) {
         .unwrap();
     assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
     let resp = rt
-        .post("/commands", json!({ "cmd": "python3 /workspace/server.py", "background": true }))
+        .post(
+            "/commands",
+            json!({ "cmd": "python3 /workspace/server.py", "background": true }),
+        )
         .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -98,7 +101,11 @@ struct Preview {
 
 impl Preview {
     fn new(stack: &Stack) -> Self {
-        let domain = stack.daemon.preview.trim_start_matches("http://").to_string();
+        let domain = stack
+            .daemon
+            .preview
+            .trim_start_matches("http://")
+            .to_string();
         let port = domain.rsplit_once(':').unwrap().1.to_string();
         Self {
             http: reqwest::Client::builder()
@@ -128,7 +135,9 @@ impl Preview {
 }
 
 async fn preview(api: &Api, id: &str, body: Value) -> Value {
-    let (status, v) = api.post(&format!("/v1/sandboxes/{id}/previews"), body).await;
+    let (status, v) = api
+        .post(&format!("/v1/sandboxes/{id}/previews"), body)
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
     v
 }
@@ -171,54 +180,115 @@ async fn a_browser_loads_a_preview_and_its_websocket_and_tokens_guard_private_po
     assert_eq!(v["public"], false);
     assert_eq!(v["host"], host.as_str());
     let url = v["url"].as_str().unwrap().to_string();
-    assert!(url.starts_with(&format!("http://{host}/?ns_preview_token=")), "{url}");
-    let (status, _) = other.post(&format!("/v1/sandboxes/{id}/previews"), json!({ "port": 8000 })).await;
+    assert!(
+        url.starts_with(&format!("http://{host}/?ns_preview_token=")),
+        "{url}"
+    );
+    let (status, _) = other
+        .post(
+            &format!("/v1/sandboxes/{id}/previews"),
+            json!({ "port": 8000 }),
+        )
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, e) = api.post(&format!("/v1/sandboxes/{id}/previews"), json!({ "port": 0 })).await;
+    let (status, e) = api
+        .post(
+            &format!("/v1/sandboxes/{id}/previews"),
+            json!({ "port": 0 }),
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
 
     // A real browser: the signed URL trades its token for a cookie, the page loads, and
     // its WebSocket echoes through the same preview host.
     let dom = chromium_dom(&url);
-    assert!(dom.contains("preview page") && dom.contains("echo:ping"), "{dom}");
+    assert!(
+        dom.contains("preview page") && dom.contains("echo:ping"),
+        "{dom}"
+    );
 
     // By hand: no token, a forged one, another port's, the runtime token.
     let token = v["token"].as_str().unwrap();
     let resp = p.get(&host, "/", &[]).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     let forged = format!("{}x", token);
-    let resp = p.get(&host, &format!("/?ns_preview_token={forged}"), &[]).await;
+    let resp = p
+        .get(&host, &format!("/?ns_preview_token={forged}"), &[])
+        .await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     let other_port = preview(&api, &id, json!({ "port": 9000 })).await;
     let resp = p
-        .get(&host, &format!("/?ns_preview_token={}", other_port["token"].as_str().unwrap()), &[])
+        .get(
+            &host,
+            &format!(
+                "/?ns_preview_token={}",
+                other_port["token"].as_str().unwrap()
+            ),
+            &[],
+        )
         .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
-    let resp = p.get(&host, "/", &[("x-nullspace-preview-proxy-token", &rt.token)]).await;
+    let resp = p
+        .get(
+            &host,
+            "/",
+            &[("x-nullspace-preview-proxy-token", &rt.token)],
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     // The URL token becomes a cookie (and leaves the URL); the cookie opens the port.
-    let resp = p.get(&host, &format!("/x?a=1&ns_preview_token={token}"), &[]).await;
+    let resp = p
+        .get(&host, &format!("/x?a=1&ns_preview_token={token}"), &[])
+        .await;
     assert_eq!(resp.status(), StatusCode::FOUND);
     assert_eq!(resp.headers()["location"], "/x?a=1");
-    let cookie = resp.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
+    let cookie = resp.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
     let resp = p.get(&host, "/x?a=1", &[("cookie", &cookie)]).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body = resp.text().await.unwrap();
-    assert!(body.contains("path=/x?a=1") && body.contains(&format!("host={host}")), "{body}");
+    assert!(
+        body.contains("path=/x?a=1") && body.contains(&format!("host={host}")),
+        "{body}"
+    );
     // The proxy target: the token in a header, which the application never sees.
     let target = &v["proxyTarget"];
     assert_eq!(target["header"], "x-nullspace-preview-proxy-token");
     let resp = p
-        .get(&host, "/via-proxy", &[("x-nullspace-preview-proxy-token", target["token"].as_str().unwrap())])
+        .get(
+            &host,
+            "/via-proxy",
+            &[(
+                "x-nullspace-preview-proxy-token",
+                target["token"].as_str().unwrap(),
+            )],
+        )
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(resp.text().await.unwrap().contains("proxy=None"));
     // A preview token is not a proxy token.
-    let resp = p.get(&host, "/", &[("x-nullspace-preview-proxy-token", token)]).await;
+    let resp = p
+        .get(&host, "/", &[("x-nullspace-preview-proxy-token", token)])
+        .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     // Nothing listens on 9000: a clear 502.
     let resp = p
-        .get(&p.host(&id, 9000), &format!("/?ns_preview_token={}", other_port["token"].as_str().unwrap()), &[("x-nullspace-preview-proxy-token", other_port["proxyTarget"]["token"].as_str().unwrap())])
+        .get(
+            &p.host(&id, 9000),
+            &format!(
+                "/?ns_preview_token={}",
+                other_port["token"].as_str().unwrap()
+            ),
+            &[(
+                "x-nullspace-preview-proxy-token",
+                other_port["proxyTarget"]["token"].as_str().unwrap(),
+            )],
+        )
         .await;
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     // A public port needs no token; private again, it does.
@@ -226,9 +296,15 @@ async fn a_browser_loads_a_preview_and_its_websocket_and_tokens_guard_private_po
     assert_eq!(v["url"], format!("http://{host}/"));
     assert_eq!(p.get(&host, "/", &[]).await.status(), StatusCode::OK);
     preview(&api, &id, json!({ "port": 8000, "public": false })).await;
-    assert_eq!(p.get(&host, "/", &[]).await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        p.get(&host, "/", &[]).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
     // Not a preview host at all.
-    assert_eq!(p.get("example.com", "/", &[]).await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        p.get("example.com", "/", &[]).await.status(),
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
@@ -236,7 +312,10 @@ async fn preview_traffic_wakes_an_auto_resume_sandbox_and_others_answer_503() {
     let stack = Stack::start("previews-wake");
     let api = stack.public(stack.daemon.team_key("acme"));
     let (status, e) = api
-        .post("/v1/sandboxes", json!({ "templateID": "base", "lifecycle": { "autoResume": true } }))
+        .post(
+            "/v1/sandboxes",
+            json!({ "templateID": "base", "lifecycle": { "autoResume": true } }),
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
     assert!(e["message"].as_str().unwrap().contains("onTimeout"), "{e}");
@@ -255,21 +334,34 @@ async fn preview_traffic_wakes_an_auto_resume_sandbox_and_others_answer_503() {
     for id in &ids {
         let v = preview(&api, id, json!({ "port": 8000 })).await;
         targets.push(v["proxyTarget"]["token"].as_str().unwrap().to_string());
-        let (status, v) = api.post(&format!("/v1/sandboxes/{id}/pause"), json!({})).await;
+        let (status, v) = api
+            .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+            .await;
         assert_eq!(status, StatusCode::OK, "{v}");
     }
     // autoResume: the request wakes it and is answered.
     let started = Instant::now();
     let resp = p
-        .get(&p.host(&ids[0], 8000), "/woken", &[("x-nullspace-preview-proxy-token", &targets[0])])
+        .get(
+            &p.host(&ids[0], 8000),
+            "/woken",
+            &[("x-nullspace-preview-proxy-token", &targets[0])],
+        )
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(resp.text().await.unwrap().contains("path=/woken"));
-    eprintln!("auto-resume wake + request: {} ms", started.elapsed().as_millis());
+    eprintln!(
+        "auto-resume wake + request: {} ms",
+        started.elapsed().as_millis()
+    );
     assert_eq!(api.get(&ids[0]).await["state"], "running");
     // Without it: 503 with Retry-After, and the sandbox stays paused.
     let resp = p
-        .get(&p.host(&ids[1], 8000), "/", &[("x-nullspace-preview-proxy-token", &targets[1])])
+        .get(
+            &p.host(&ids[1], 8000),
+            "/",
+            &[("x-nullspace-preview-proxy-token", &targets[1])],
+        )
         .await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(resp.headers()["retry-after"], "5");
@@ -278,7 +370,11 @@ async fn preview_traffic_wakes_an_auto_resume_sandbox_and_others_answer_503() {
     // A deleted sandbox's previews are gone.
     api.delete(&ids[0]).await;
     let resp = p
-        .get(&p.host(&ids[0], 8000), "/", &[("x-nullspace-preview-proxy-token", &targets[0])])
+        .get(
+            &p.host(&ids[0], 8000),
+            "/",
+            &[("x-nullspace-preview-proxy-token", &targets[0])],
+        )
         .await;
     assert_eq!(resp.status(), StatusCode::GONE);
 }

@@ -368,3 +368,153 @@ async fn the_sdk_builds_templates_streams_logs_and_reports_failures() {
     .await
     .unwrap();
 }
+
+/// Reads a terminal until its output contains `want`.
+async fn pty_until(pty: &mut nullspace::Pty, out: &mut String, want: &str) {
+    while !out.contains(want) {
+        match tokio::time::timeout(std::time::Duration::from_secs(20), pty.next()).await {
+            Ok(Some(Ok(nullspace::PtyEvent::Output(b)))) => {
+                out.push_str(&String::from_utf8_lossy(&b))
+            }
+            other => panic!("waiting for {want:?} in {out:?}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn events_stream_without_gaps_across_a_daemon_restart_and_terminals_and_watches_work() {
+    use nullspace::{EventStreamOptions, PtyEvent};
+    use std::time::Duration;
+    let mut stack = Stack::start_with("sdk-rust-live", &["--on-exit", "keep"], &[]);
+    let config = ConnectionConfig::new(&stack.api.url, stack.daemon.team_key("acme"));
+    let sbx = Sandbox::create(&config, &small("minimal").timeout(600))
+        .await
+        .unwrap();
+    let mut events = sbx.stream_events(EventStreamOptions::default());
+    let mut seen: Vec<nullspace::Event> = Vec::new();
+    async fn until(
+        events: &mut nullspace::EventStream,
+        seen: &mut Vec<nullspace::Event>,
+        kind: &str,
+    ) {
+        while !seen.iter().any(|e| e.kind == kind) {
+            let e = tokio::time::timeout(Duration::from_secs(60), events.next())
+                .await
+                .unwrap_or_else(|_| panic!("no {kind} in {seen:?}"))
+                .unwrap()
+                .unwrap();
+            seen.push(e);
+        }
+    }
+    until(&mut events, &mut seen, "sandbox.running").await;
+    assert_eq!(
+        seen[0].kind, "sandbox.created",
+        "the replay starts at the start"
+    );
+
+    // A terminal with a resize, and a directory watch.
+    let mut pty = sbx.pty(80, 24).await.unwrap();
+    pty.send(b"stty size; echo pty-$((6*7))\n").await.unwrap();
+    let mut out = String::new();
+    pty_until(&mut pty, &mut out, "pty-42").await;
+    pty_until(&mut pty, &mut out, "24 80").await;
+    pty.resize(100, 30).await.unwrap();
+    pty.send(b"stty size\n").await.unwrap();
+    pty_until(&mut pty, &mut out, "30 100").await;
+    pty.send(b"exit 3\n").await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), pty.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(PtyEvent::Exit { exit_code, .. })) => {
+                assert_eq!(exit_code, Some(3));
+                break;
+            }
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut watch = sbx.files().watch_dir("/workspace", true).await.unwrap();
+    sbx.commands()
+        .run("mkdir /workspace/w && sleep 0.5 && echo x > /workspace/w/f && mv /workspace/w/f /workspace/w/g")
+        .await
+        .unwrap();
+    let mut changes = Vec::new();
+    while !changes
+        .iter()
+        .any(|e: &nullspace::FsEvent| e.kind == "rename")
+    {
+        let e = tokio::time::timeout(Duration::from_secs(20), watch.next())
+            .await
+            .unwrap_or_else(|_| panic!("changes so far: {changes:?}"))
+            .unwrap()
+            .unwrap();
+        changes.push(e);
+    }
+    assert!(
+        changes
+            .iter()
+            .any(|e| e.kind == "create" && e.path == "/workspace/w" && e.dir),
+        "{changes:?}"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|e| e.kind == "write" && e.path == "/workspace/w/f"),
+        "{changes:?}"
+    );
+    assert!(
+        changes.iter().any(|e| e.kind == "rename"
+            && e.path == "/workspace/w/g"
+            && e.from.as_deref() == Some("/workspace/w/f")),
+        "{changes:?}"
+    );
+    drop(watch);
+
+    // Live events, then the pool manager restarts (its VMs kept) on the same addresses:
+    // the stream reconnects and goes on after the last event it yielded.
+    sbx.set_timeout(900).await.unwrap();
+    sbx.pause().await.unwrap();
+    until(&mut events, &mut seen, "sandbox.paused").await;
+    let addr = |url: &str| url.trim_start_matches("http://").to_string();
+    let (control, edge) = (addr(&stack.daemon.control), addr(&stack.daemon.edge));
+    stack.daemon.restart_with(&[
+        "--listen",
+        &control,
+        "--edge-listen",
+        &edge,
+        "--on-exit",
+        "keep",
+    ]);
+    let mut sbx = Sandbox::connect(&config, sbx.id(), None).await.unwrap();
+    while seen.iter().filter(|e| e.kind == "sandbox.running").count() < 2 {
+        let e = tokio::time::timeout(Duration::from_secs(60), events.next())
+            .await
+            .unwrap_or_else(|_| panic!("no resume after the restart in {seen:?}"))
+            .unwrap()
+            .unwrap();
+        seen.push(e);
+    }
+    let ids: Vec<u64> = seen.iter().map(|e| e.id).collect();
+    assert_eq!(
+        ids,
+        (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "no gap, no duplicate: {seen:?}"
+    );
+    // live_only skips the replay.
+    let mut live = sbx.stream_events(EventStreamOptions {
+        live_only: true,
+        ..Default::default()
+    });
+    sbx.pause().await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(30), live.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.kind, "sandbox.paused");
+    assert!(e.id > *ids.last().unwrap());
+    sbx.resume().await.unwrap();
+    assert!(sbx.kill().await.unwrap());
+}

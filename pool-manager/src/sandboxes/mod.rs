@@ -21,9 +21,9 @@ mod builds;
 mod previews;
 mod snapshots;
 mod warm;
+pub use previews::PreviewWake;
 use snapshots::snapshot_resources;
 pub use snapshots::SnapshotSettings;
-pub use previews::PreviewWake;
 pub use warm::PoolStatus;
 
 type Slot = Arc<tokio::sync::Mutex<Option<QemuVm>>>;

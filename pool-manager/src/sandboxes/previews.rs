@@ -56,7 +56,10 @@ impl Manager {
     ) -> Result<PreviewView, ApiError> {
         let (port, expires_in) = body.validate()?;
         let (_guard, mut r) = self.lock_owned(team, id).await?;
-        if matches!(r.state, InternalState::Deleted | InternalState::Failed | InternalState::Destroying) {
+        if matches!(
+            r.state,
+            InternalState::Deleted | InternalState::Failed | InternalState::Destroying
+        ) {
             return Err(ApiError::conflict(format!(
                 "sandbox {id} is {}: it serves no previews",
                 r.state.public()

@@ -21,6 +21,7 @@ mod commands;
 mod config;
 mod error;
 mod files;
+mod live;
 mod models;
 mod sandbox;
 mod templates;
@@ -29,6 +30,10 @@ pub use commands::{CommandHandle, Commands, OutputCallback, RunOptions};
 pub use config::{ConnectionConfig, DEFAULT_REQUEST_TIMEOUT};
 pub use error::{Error, Result};
 pub use files::Files;
+pub use live::{
+    redact_preview_token, redact_preview_url, Event, EventStream, EventStreamOptions, FsEvent,
+    Preview, ProxyTarget, Pty, PtyEvent, Watch,
+};
 pub use models::{
     CommandResult, CreateOptions, Diagnostic, FileInfo, Lifecycle, ListQuery, OnTimeout,
     ProcessInfo, Resources, RestoreOptions, RuntimeAccess, RuntimeTarget, SandboxInfo, SandboxPage,

@@ -21,6 +21,8 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+mod live;
+
 /// Edge state: the manager, the token checker, and stdin writers of running commands.
 #[derive(Clone)]
 pub struct Edge {
@@ -49,6 +51,10 @@ pub fn router(manager: Arc<Manager>, tokens: TokenSigner) -> Router {
         .route("/v1/sandboxes/{id}/files/stat", get(stat))
         .route("/v1/sandboxes/{id}/files/mkdir", post(mkdir))
         .route("/v1/sandboxes/{id}/files/rename", post(rename))
+        .route("/v1/sandboxes/{id}/files/watch", get(live::watch))
+        .route("/v1/sandboxes/{id}/lifecycle/ws", get(live::lifecycle_ws))
+        .route("/v1/sandboxes/{id}/pty", get(live::pty_ws))
+        .route("/v1/sandboxes/{id}/ports/{port}/ws", get(live::port_ws))
         .fallback(|| async { ApiError::not_found("route", "this path") })
         .with_state(edge)
 }
@@ -84,6 +90,12 @@ impl Edge {
         headers: &HeaderMap,
         id: &str,
     ) -> Result<(AgentClient, BTreeMap<String, String>), ApiError> {
+        self.check_token(headers, id)?;
+        self.manager.agent(id).await
+    }
+
+    /// Checks that the request carries a runtime token of sandbox `id`.
+    fn check_token(&self, headers: &HeaderMap, id: &str) -> Result<(), ApiError> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -95,7 +107,7 @@ impl Edge {
             .tokens
             .check(token.trim(), id, chrono::Utc::now().timestamp())
         {
-            Ok(()) => self.manager.agent(id).await,
+            Ok(()) => Ok(()),
             Err(TokenError::Invalid(why)) => Err(ApiError::unauthorized(why)),
             Err(TokenError::OtherSandbox) => Err(ApiError::forbidden(
                 "this runtime token belongs to another sandbox",

@@ -1,0 +1,275 @@
+//! The data plane's long-lived streams: the lifecycle event stream, terminals and port
+//! proxies over WebSocket (which a wasi:http component cannot serve), and directory
+//! watches as NDJSON.
+
+use super::{Edge, JsonErr};
+use crate::error::{agent_error, ApiError};
+use agent_client::{ProcessEvent, PtyOptions};
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap};
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::json;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Keep-alive pings on idle WebSockets (proxies drop silent connections).
+const PING_EVERY: Duration = Duration::from_secs(20);
+
+impl Edge {
+    /// Who may follow a sandbox's events: its team's API key, or its runtime token.
+    fn authorize_events(&self, headers: &HeaderMap, id: &str) -> Result<(), ApiError> {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let key = headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .or(bearer.filter(|b| b.starts_with("ns_")));
+        match key {
+            Some(key) => {
+                let team = self.manager.catalog.team_of_key(key)?.ok_or_else(|| {
+                    ApiError::unauthorized("unknown API key; create one with `nullspace-pool-manager admin key create`")
+                })?;
+                self.manager.owned(&team, id).map(drop)
+            }
+            None => self.check_token(headers, id),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EventsQuery {
+    #[serde(default)]
+    after_event_id: Option<u64>,
+    #[serde(default)]
+    live_only: Option<bool>,
+}
+
+/// `GET /v1/sandboxes/{id}/lifecycle/ws`: the event log after `after_event_id` (all of
+/// it by default; none with `live_only=true`), then live events, one JSON text message
+/// each, in order, without gaps or duplicates.
+pub(super) async fn lifecycle_ws(
+    State(edge): State<Edge>,
+    Path(id): Path<String>,
+    JsonErr(Query(q)): JsonErr<Query<EventsQuery>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    edge.authorize_events(&headers, &id)?;
+    let catalog_last = edge.manager.catalog.last_event_id(&id)?;
+    let after = match (q.live_only.unwrap_or(false), q.after_event_id) {
+        // Live only: nothing before now, unless the caller resumes after a known event.
+        (true, None) => catalog_last,
+        (_, Some(after)) => after,
+        (false, None) => 0,
+    };
+    Ok(ws.on_upgrade(move |socket| follow_events(edge, id, after, socket)))
+}
+
+async fn follow_events(edge: Edge, id: String, mut after: u64, mut socket: WebSocket) {
+    let catalog = &edge.manager.catalog;
+    // Subscribed before the first read: an event appended in between is not missed.
+    let mut appended = catalog.subscribe_events();
+    loop {
+        let events = match catalog.events(&id, after, 500) {
+            Ok(e) => e,
+            Err(_) => return,
+        };
+        for e in &events {
+            let text = serde_json::to_string(e).expect("json");
+            if socket.send(Message::Text(text.into())).await.is_err() {
+                return;
+            }
+            after = e.id;
+        }
+        if events.len() == 500 {
+            continue;
+        }
+        // Wait for this sandbox's next event (a lagging receiver re-reads the log).
+        loop {
+            tokio::select! {
+                got = appended.recv() => match got {
+                    Ok(sandbox) if sandbox != id => continue,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                msg = socket.recv() => match msg {
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    _ => continue,
+                },
+                _ = tokio::time::sleep(PING_EVERY) => {
+                    if socket.send(Message::Ping(Bytes::new())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PtyQuery {
+    #[serde(default)]
+    cols: Option<u16>,
+    #[serde(default)]
+    rows: Option<u16>,
+    /// A command line instead of the user's login shell.
+    #[serde(default)]
+    cmd: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    cwd: Option<String>,
+}
+
+/// `GET /v1/sandboxes/{id}/pty`: a terminal over WebSocket. Binary messages are the
+/// terminal's bytes both ways; a text message `{"type":"resize","cols":C,"rows":R}`
+/// resizes it; the last message is `{"type":"exit","exitCode":N,"signal":S}`.
+pub(super) async fn pty_ws(
+    State(edge): State<Edge>,
+    Path(id): Path<String>,
+    JsonErr(Query(q)): JsonErr<Query<PtyQuery>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let (agent, env) = edge.agent(&headers, &id).await?;
+    let options = PtyOptions {
+        command: q.cmd,
+        cols: q.cols.unwrap_or(80),
+        rows: q.rows.unwrap_or(24),
+        env,
+        user: q.user,
+        cwd: q.cwd,
+    };
+    let process = agent.pty(options).await.map_err(agent_error)?;
+    Ok(ws.on_upgrade(move |socket| terminal(process, socket)))
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum TerminalControl {
+    Resize { cols: u16, rows: u16 },
+}
+
+async fn terminal(mut process: agent_client::Process, mut socket: WebSocket) {
+    loop {
+        tokio::select! {
+            event = process.next_event() => match event {
+                Ok(Some(ProcessEvent::Stdout(b))) | Ok(Some(ProcessEvent::Stderr(b))) => {
+                    if socket.send(Message::Binary(b.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(ProcessEvent::Exited(s))) => {
+                    let exit = json!({ "type": "exit", "exitCode": s.code, "signal": s.signal });
+                    let _ = socket.send(Message::Text(exit.to_string().into())).await;
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                }
+                _ => {
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                }
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Binary(b))) if process.write_stdin(&b).await.is_err() => return,
+                Some(Ok(Message::Text(t))) => {
+                    if let Ok(TerminalControl::Resize { cols, rows }) = serde_json::from_str(t.as_str()) {
+                        let _ = process.resize(cols, rows).await;
+                    }
+                }
+                // The user left: the terminal's session gets a hangup (the stream's cancel).
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                _ => {}
+            },
+        }
+    }
+}
+
+/// `GET /v1/sandboxes/{id}/ports/{port}/ws`: a raw TCP connection to a port inside the
+/// sandbox, as binary WebSocket messages (what `nullspace sandbox proxy` and SSH's
+/// ProxyCommand ride on).
+pub(super) async fn port_ws(
+    State(edge): State<Edge>,
+    Path((id, port)): Path<(String, u16)>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let (agent, _) = edge.agent(&headers, &id).await?;
+    let tunnel = agent.connect_port(port).await.map_err(agent_error)?;
+    Ok(ws.on_upgrade(move |socket| bridge_port(tunnel, socket)))
+}
+
+async fn bridge_port(tunnel: tokio::io::DuplexStream, mut socket: WebSocket) {
+    let (mut from_port, mut to_port) = tokio::io::split(tunnel);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            n = from_port.read(&mut buf) => match n {
+                Ok(n) if n > 0 => {
+                    if socket.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                        return;
+                    }
+                }
+                _ => {
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                }
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Binary(b))) if to_port.write_all(&b).await.is_err() => return,
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                    let _ = to_port.shutdown().await;
+                    return;
+                }
+                _ => {}
+            },
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WatchQuery {
+    path: String,
+    #[serde(default)]
+    recursive: bool,
+}
+
+/// `GET /v1/sandboxes/{id}/files/watch?path=&recursive=`: one JSON event per line
+/// (`{"type":"create|write|remove|rename|chmod","path",...}`) until the caller
+/// disconnects.
+pub(super) async fn watch(
+    State(edge): State<Edge>,
+    Path(id): Path<String>,
+    JsonErr(Query(q)): JsonErr<Query<WatchQuery>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (agent, _) = edge.agent(&headers, &id).await?;
+    let watch = agent
+        .watch_dir(&q.path, q.recursive)
+        .await
+        .map_err(agent_error)?;
+    let lines = futures::stream::unfold(Some(watch), |watch| async move {
+        let mut watch = watch?;
+        match watch.next().await {
+            Ok(Some(event)) => {
+                let line = format!("{}\n", serde_json::to_string(&event).expect("json"));
+                Some((Ok::<Bytes, std::io::Error>(Bytes::from(line)), Some(watch)))
+            }
+            // Ended (or the VM went away): the response ends; the caller may watch again.
+            Ok(None) | Err(_) => None,
+        }
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(lines))
+        .expect("a valid response"))
+}
