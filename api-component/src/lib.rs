@@ -13,7 +13,8 @@
 
 use api_model::{
     fields_param, is_sandbox_id, is_snapshot_id, parse_body, parse_query, reject_unknown_params,
-    ApiError, BuildLogParams, CreateRequest, EventsParams, ForkBody, ListParams, PreviewBody,
+    ApiError, BuildLogParams, CreateRequest, EventsParams, ForkBody, ListParams, MetricsParams,
+    PreviewBody,
     RefreshBody,
     RestoreBody, TemplateBuildRequest, TimeoutBody, WarmPoolBody, MAX_BODY_BYTES,
 };
@@ -197,7 +198,7 @@ fn route(
                 | "previews" => {
                     "POST"
                 }
-                "events" => "GET",
+                "events" | "logs" | "metrics" => "GET",
                 _ => return Err(unknown_route()),
             };
             if method.to_string() != allowed {
@@ -207,8 +208,17 @@ fn route(
                     &[allowed],
                 ));
             }
-            if *action == "events" {
-                EventsParams::parse(pairs)?;
+            match *action {
+                "events" => {
+                    EventsParams::parse(pairs)?;
+                }
+                "metrics" => {
+                    MetricsParams::parse(pairs)?;
+                }
+                "logs" => no_query()?,
+                _ => {}
+            }
+            if allowed == "GET" {
                 empty_body(&body)?;
                 return Ok(forward(Method::Get, path, Vec::new()));
             }
@@ -240,6 +250,14 @@ fn route(
                 }
             }
             Ok(forward(Method::Post, path, body))
+        }
+        ["observability", "summary"] => {
+            if *method != Method::Get {
+                return Err(not_allowed(method, "/api/v1/observability/summary", &["GET"]));
+            }
+            no_query()?;
+            empty_body(&body)?;
+            Ok(forward(Method::Get, "/v1/observability/summary".into(), Vec::new()))
         }
         ["templates"] => match method {
             Method::Post => {

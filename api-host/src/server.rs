@@ -31,6 +31,26 @@ struct Shared {
     config: HostConfig,
     runtime: ApiRuntime,
     slots: Semaphore,
+    /// Responses by status class (1xx..5xx), for `/metrics`.
+    served: [std::sync::atomic::AtomicU64; 5],
+}
+
+impl Shared {
+    /// Prometheus' text format: responses by status class, requests in flight.
+    fn prometheus(&self) -> String {
+        use std::sync::atomic::Ordering;
+        let mut out = String::from("# HELP nullspace_api_responses_total Responses by status class.\n# TYPE nullspace_api_responses_total counter\n");
+        for (i, n) in self.served.iter().enumerate() {
+            out.push_str(&format!(
+                "nullspace_api_responses_total{{class=\"{}xx\"}} {}\n",
+                i + 1,
+                n.load(Ordering::Relaxed)
+            ));
+        }
+        let in_flight = self.config.max_concurrent as usize - self.slots.available_permits();
+        out.push_str(&format!("# HELP nullspace_api_in_flight Requests being served.\n# TYPE nullspace_api_in_flight gauge\nnullspace_api_in_flight {in_flight}\n"));
+        out
+    }
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight requests finish.
@@ -42,6 +62,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         slots: Semaphore::new(config.max_concurrent as usize),
+        served: Default::default(),
         config,
         runtime,
     });
@@ -114,6 +135,16 @@ async fn handle(
     let started = Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let span = tracing::debug_span!("request", %method, %path);
+    if method == http::Method::GET && path == "/metrics" {
+        return http::Response::builder()
+            .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
+            .body(
+                Full::new(Bytes::from(shared.prometheus()))
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .expect("a valid response");
+    }
     let resp = async {
         let Ok(_slot) = shared.slots.try_acquire() else {
             let mut resp = error(&ApiError::new(
@@ -171,6 +202,12 @@ async fn handle(
     .instrument(span)
     .await;
     debug!(%method, %path, status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "served");
+    if let Some(n) = shared
+        .served
+        .get((resp.status().as_u16() / 100).saturating_sub(1) as usize)
+    {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     resp
 }
 

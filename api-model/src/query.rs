@@ -199,6 +199,40 @@ impl EventsParams {
     }
 }
 
+/// Query of `GET /sandboxes/{id}/metrics`: `start` and `end` in unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsParams {
+    pub start: Option<i64>,
+    pub end: Option<i64>,
+}
+
+impl MetricsParams {
+    /// Parses and checks a metrics query.
+    pub fn parse(pairs: &[(String, String)]) -> Result<Self, ApiError> {
+        reject_unknown_params(pairs, &["start", "end"])?;
+        let time = |name: &str| -> Result<Option<i64>, ApiError> {
+            single(pairs, name)
+                .map(|v| {
+                    v.parse::<i64>().ok().filter(|t| *t >= 0).ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "{name} {v:?} is not a time; send unix seconds"
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        let (start, end) = (time("start")?, time("end")?);
+        if let (Some(s), Some(e)) = (start, end) {
+            if s > e {
+                return Err(ApiError::bad_request(format!(
+                    "start {s} is after end {e}; send start <= end"
+                )));
+            }
+        }
+        Ok(Self { start, end })
+    }
+}
+
 /// Query of `GET /templates/{id}/logs`: `after` (a line's seq), `limit`, `wait` (s).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildLogParams {

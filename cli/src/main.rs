@@ -126,6 +126,32 @@ enum SandboxCommand {
     },
     /// Pause into object storage: resumable (and restorable) on any worker.
     Hibernate { id: String },
+    /// An interactive shell in the sandbox (a terminal; resizes follow this one). Exits
+    /// with the shell's exit code.
+    Shell { id: String },
+    /// Connects stdin/stdout to a TCP port inside the sandbox, e.g. for SSH:
+    /// `ssh -o ProxyCommand='nullspace sandbox proxy %h 22' user@SANDBOX_ID`.
+    Proxy { id: String, port: u16 },
+    /// A signed preview URL for a port (--public / --private first changes its access).
+    Preview {
+        id: String,
+        port: u16,
+        #[arg(long, conflicts_with = "private")]
+        public: bool,
+        #[arg(long)]
+        private: bool,
+    },
+    /// Its logs: boot console, lifecycle events, the diagnostic of a failure.
+    Logs { id: String },
+    /// Resource samples (CPU, memory, disk, network, tasks) of the last hour, or from
+    /// --start to --end (unix seconds).
+    Metrics {
+        id: String,
+        #[arg(long)]
+        start: Option<i64>,
+        #[arg(long)]
+        end: Option<i64>,
+    },
     /// Take a manual snapshot (kept after kill; its ID works as a --template).
     Snapshot { id: String },
     /// List a sandbox's snapshots, newest first (also after it was killed).
@@ -422,6 +448,89 @@ fn key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// The terminal's size (columns, rows), if stdout is one.
+fn terminal_size() -> Option<(u16, u16)> {
+    // SAFETY: a zeroed winsize is a valid out-parameter.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes a winsize.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    (ok && ws.ws_col > 0).then_some((ws.ws_col, ws.ws_row))
+}
+
+/// Puts the local terminal in raw mode until dropped (keystrokes go straight to the
+/// sandbox's terminal, which echoes).
+struct RawMode(libc::termios);
+
+impl RawMode {
+    fn enable() -> Option<Self> {
+        if !std::io::stdin().is_terminal() {
+            return None;
+        }
+        // SAFETY: termios calls on stdin with valid pointers.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(libc::STDIN_FILENO, &mut t) != 0 {
+                return None;
+            }
+            let saved = t;
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t);
+            Some(Self(saved))
+        }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes read in `enable`.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0) };
+    }
+}
+
+/// An interactive shell; returns its exit code.
+async fn shell(config: &ConnectionConfig, id: &str) -> anyhow::Result<i32> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sbx = Sandbox::connect(config, id, None).await?;
+    let (cols, rows) = terminal_size().unwrap_or((80, 24));
+    let mut pty = sbx.pty(cols, rows).await?;
+    let raw = RawMode::enable();
+    let mut stdin = tokio::io::stdin();
+    let mut stdout = tokio::io::stdout();
+    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
+    let mut buf = vec![0u8; 4096];
+    let mut stdin_open = true;
+    let code = loop {
+        tokio::select! {
+            n = stdin.read(&mut buf), if stdin_open => match n? {
+                // Input ended (a pipe): the shell reads EOF as the end of its input.
+                0 => {
+                    stdin_open = false;
+                    pty.send(&[4]).await?;
+                }
+                n => pty.send(&buf[..n]).await?,
+            },
+            event = pty.next() => match event {
+                Some(Ok(nullspace::PtyEvent::Output(b))) => {
+                    stdout.write_all(&b).await?;
+                    stdout.flush().await?;
+                }
+                Some(Ok(nullspace::PtyEvent::Exit { exit_code, signal })) => {
+                    break exit_code.unwrap_or(128 + signal.unwrap_or(0));
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => break 1,
+            },
+            _ = winch.recv() => {
+                if let Some((c, r)) = terminal_size() {
+                    pty.resize(c, r).await?;
+                }
+            }
+        }
+    };
+    drop(raw);
+    Ok(code)
 }
 
 fn main() {
@@ -802,6 +911,81 @@ async fn sandbox(
         SandboxCommand::Timeout { id, seconds } => {
             Sandbox::from_id(config, id)?.set_timeout(*seconds).await?;
             show(&Sandbox::get_info_by_id(config, id).await?, json);
+        }
+        SandboxCommand::Shell { id } => {
+            let code = shell(config, id).await?;
+            std::process::exit(code);
+        }
+        SandboxCommand::Proxy { id, port } => {
+            let sbx = Sandbox::connect(config, id, None).await?;
+            let conn = sbx.connect_port(*port).await?;
+            conn.pipe(tokio::io::stdin(), tokio::io::stdout()).await?;
+        }
+        SandboxCommand::Preview {
+            id,
+            port,
+            public,
+            private,
+        } => {
+            let sbx = Sandbox::from_id(config, id)?;
+            let p = if *public || *private {
+                sbx.set_port_public(*port, *public).await?
+            } else {
+                sbx.get_preview_url(*port).await?
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "port": p.port, "public": p.public, "url": p.url, "expiresAt": p.expires_at,
+                        "proxyTarget": { "url": p.proxy_target.url, "header": p.proxy_target.header, "token": p.proxy_target.token } })
+                );
+            } else {
+                println!("{}", p.url);
+            }
+        }
+        SandboxCommand::Logs { id } => {
+            for l in Sandbox::from_id(config, id)?.logs().await? {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "time": l.time, "source": l.source, "text": l.text })
+                    );
+                } else {
+                    println!("[{}] {}", l.source, l.text);
+                }
+            }
+        }
+        SandboxCommand::Metrics { id, start, end } => {
+            let samples = Sandbox::from_id(config, id)?
+                .get_metrics(*start, *end)
+                .await?;
+            if !json {
+                println!(
+                    "{:<12} {:>6} {:>14} {:>22} {:>6} {:>9}",
+                    "time", "cpu%", "mem MiB", "disk MiB", "tasks", "host cpu%"
+                );
+            }
+            for m in samples {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "timestamp": m.timestamp, "cpuUsedPct": m.cpu_used_pct, "memUsedMiB": m.mem_used_mib,
+                            "memTotalMiB": m.mem_total_mib, "diskUsedBytes": m.disk_used_bytes, "tasks": m.tasks, "hostCpuPct": m.host_cpu_pct })
+                    );
+                } else {
+                    println!(
+                        "{:<12} {:>6.1} {:>6}/{:<7} {:>10}/{:<11} {:>6} {:>9.2}",
+                        m.timestamp,
+                        m.cpu_used_pct,
+                        m.mem_used_mib,
+                        m.mem_total_mib,
+                        m.disk_used_bytes >> 20,
+                        m.disk_total_bytes >> 20,
+                        m.tasks,
+                        m.host_cpu_pct
+                    );
+                }
+            }
         }
         SandboxCommand::Hibernate { id } => {
             Sandbox::from_id(config, id)?.hibernate().await?;

@@ -164,6 +164,9 @@ impl Session {
                 self.end_host_session();
             }
             self.host_nonce = Some(nonce);
+            // On the console, which the host keeps as the sandbox's log: every boot,
+            // restore and resume shows up there.
+            eprintln!("nullspace-agent: host session {nonce:016x} connected");
         }
         let out = self.root.for_stream(stream);
         self.rt.spawn(async move {

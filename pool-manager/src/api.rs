@@ -44,6 +44,10 @@ pub fn router(manager: Arc<Manager>) -> Router {
         )
         .route("/v1/sandboxes/{id}/fork", post(fork))
         .route("/v1/sandboxes/{id}/previews", post(create_preview))
+        .route("/v1/sandboxes/{id}/logs", get(logs))
+        .route("/v1/sandboxes/{id}/metrics", get(metrics))
+        .route("/v1/observability/summary", get(summary))
+        .route("/metrics", get(prometheus))
         .route("/v1/sandboxes/restore", post(restore))
         .route("/v1/templates", post(build_template).get(list_templates))
         .route("/v1/templates/{id}", get(template).delete(delete_template))
@@ -354,4 +358,45 @@ async fn create_preview(
     let b: api_model::PreviewBody = parse_body(&body)?;
     let view = m.create_preview(&team, &id, b).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+async fn logs(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    reject_unknown_params(&parse_query(q.as_deref()), &[])?;
+    Ok(Json(json!({ "logs": m.logs(&team, &id).await? })))
+}
+
+async fn metrics(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let p = api_model::MetricsParams::parse(&parse_query(q.as_deref()))?;
+    Ok(Json(
+        json!({ "metrics": m.metrics(&team, &id, p.start, p.end).await? }),
+    ))
+}
+
+async fn summary(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(m.summary(&team).await?))
+}
+
+/// Prometheus' text format; no key: bind the control API to loopback (the default).
+async fn prometheus(State(m): State<Arc<Manager>>) -> Result<Response, ApiError> {
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        m.prometheus()?,
+    )
+        .into_response())
 }

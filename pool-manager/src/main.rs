@@ -376,6 +376,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     tokio::spawn(manager.clone().sweep_timeouts());
     tokio::spawn(manager.clone().sweep_periodic());
     tokio::spawn(manager.clone().collect_garbage_when_asked());
+    tokio::spawn(manager.clone().sample_metrics());
     manager
         .load_warm_pools()
         .map_err(|e| anyhow::anyhow!("loading warm pools: {}", e.message))?;

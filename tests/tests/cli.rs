@@ -239,3 +239,116 @@ async fn the_cli_builds_templates_streams_the_log_and_says_why_a_build_failed() 
     let out = cli.run(&["template", "get", "cli-tpl"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[tokio::test]
+async fn the_cli_opens_a_shell_proxies_ssh_and_shows_previews_logs_and_metrics() {
+    let stack = Stack::start("cli-live");
+    let cli = Cli {
+        url: stack.api.url.clone(),
+        key: stack.daemon.team_key("acme"),
+        home: ScratchDir::new("cli-live-home"),
+    };
+    let id = cli
+        .ok(&[
+            "sandbox",
+            "create",
+            "-t",
+            "base",
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            "512",
+            "--disk-mib",
+            "2048",
+        ])
+        .trim()
+        .to_string();
+
+    // A shell fed from a pipe: its output, and its exit code as ours.
+    let out = std::process::Command::new(workspace_binary("nullspace"))
+        .args(["sandbox", "shell", &id])
+        .env("NULLSPACE_API_URL", &cli.url)
+        .env("NULLSPACE_API_KEY", &cli.key)
+        .env("HOME", cli.home.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"echo shell-$((6*7)) $(id -un)\nexit 5\n")?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("shell-42 user"), "{stdout}");
+    assert_eq!(out.status.code(), Some(5), "{stdout}");
+
+    // A real OpenSSH client through `sandbox proxy` to the template's sshd.
+    let key = cli.home.path().join("id_ed25519");
+    let gen = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(gen.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let setup = format!(
+        "mkdir -p /home/user/.ssh && echo '{}' > /home/user/.ssh/authorized_keys && chown -R user /home/user/.ssh && chmod 700 /home/user/.ssh && mkdir -p /run/sshd && /usr/sbin/sshd",
+        public.trim()
+    );
+    cli.ok(&["exec", &id, "--user", "root", "--", &setup]);
+    let proxy = format!(
+        "{} sandbox proxy %h 22",
+        workspace_binary("nullspace").display()
+    );
+    let out = std::process::Command::new("ssh")
+        .args(["-o", &format!("ProxyCommand={proxy}")])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=60",
+        ])
+        .arg("-i")
+        .arg(&key)
+        .arg(format!("user@{id}"))
+        .arg("echo ssh-$((6*7)) $(whoami)")
+        .env("NULLSPACE_API_URL", &cli.url)
+        .env("NULLSPACE_API_KEY", &cli.key)
+        .env("HOME", cli.home.path())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ssh-42 user"),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Preview URLs, logs and metrics.
+    let url = cli.ok(&["sandbox", "preview", &id, "8080"]);
+    assert!(
+        url.contains(&format!("8080-{id}.")) && url.contains("ns_preview_token="),
+        "{url}"
+    );
+    let url = cli.ok(&["sandbox", "preview", &id, "8080", "--public"]);
+    assert!(!url.contains("ns_preview_token="), "{url}");
+    let logs = cli.ok(&["sandbox", "logs", &id]);
+    assert!(
+        logs.contains("[lifecycle] sandbox.created")
+            && logs.contains("[lifecycle] sandbox.preview_port"),
+        "{logs}"
+    );
+    let metrics = cli.ok(&["--json", "sandbox", "metrics", &id]);
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert!(first["memTotalMiB"].as_u64().unwrap() > 0, "{metrics}");
+    cli.ok(&["sandbox", "kill", &id]);
+}

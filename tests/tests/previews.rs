@@ -378,3 +378,96 @@ async fn preview_traffic_wakes_an_auto_resume_sandbox_and_others_answer_503() {
         .await;
     assert_eq!(resp.status(), StatusCode::GONE);
 }
+
+#[tokio::test]
+async fn metrics_sample_over_time_and_summary_and_prometheus_say_what_there_is() {
+    let stack = Stack::start("observability");
+    let api = stack.public(stack.daemon.team_key("acme"));
+    let sbx = api
+        .create(json!({ "templateID": "minimal", "resources": { "vcpus": 1, "memMiB": 512, "diskSizeMiB": 1024 } }))
+        .await;
+    let id = sbx["sandboxID"].as_str().unwrap();
+    // Busy for a while, then samples show it (the sampler runs every 5 s).
+    Runtime::of(&sbx)
+        .post(
+            "/commands",
+            json!({ "cmd": "timeout 12 sh -c 'while :; do :; done'", "background": true }),
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let samples = loop {
+        let (status, v) = api.fetch(&format!("/v1/sandboxes/{id}/metrics")).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let s = v["metrics"].as_array().unwrap().clone();
+        if s.len() >= 3 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert!(
+        samples
+            .iter()
+            .any(|s| s["cpuUsedPct"].as_f64().unwrap() > 50.0),
+        "{samples:?}"
+    );
+    assert!(samples
+        .iter()
+        .all(|s| s["memTotalMiB"].as_u64().unwrap() > 0 && s["tasks"].as_u64().unwrap() > 0));
+    let (status, v) = api
+        .fetch(&format!("/v1/sandboxes/{id}/metrics?start=10&end=5"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let (status, v) = api.fetch(&format!("/v1/sandboxes/{id}/logs")).await;
+    assert_eq!(status, StatusCode::OK);
+    let logs = v["logs"].as_array().unwrap();
+    assert!(
+        logs.iter().any(|l| l["source"] == "console"),
+        "the boot console: {v}"
+    );
+    assert!(
+        logs.iter().any(|l| l["source"] == "lifecycle"
+            && l["text"].as_str().unwrap().starts_with("sandbox.running")),
+        "{v}"
+    );
+
+    let (status, s) = api.fetch("/v1/observability/summary").await;
+    assert_eq!(status, StatusCode::OK, "{s}");
+    assert_eq!(s["usage"]["running"], 1, "{s}");
+    assert_eq!(s["quotaChecks"][0]["used"], 1, "{s}");
+    assert!(
+        s["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["status"] == "ok"),
+        "{s}"
+    );
+
+    let text = reqwest::get(format!("{}/metrics", stack.daemon.control))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("nullspace_sandboxes{state=\"running\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "nullspace_sandbox_host_cpu_percent{{sandbox=\"{id}\"}}"
+        )),
+        "{text}"
+    );
+    let text = reqwest::get(format!("{}/metrics", stack.api.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("nullspace_api_responses_total{class=\"2xx\"}"),
+        "{text}"
+    );
+}

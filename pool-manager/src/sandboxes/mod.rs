@@ -18,6 +18,7 @@ use tracing::{info, warn, Instrument};
 use vmm::{QemuVm, QemuVmm, RestoreMemory, RestoreOptions, Snapshot, Vm};
 
 mod builds;
+mod observe;
 mod previews;
 mod snapshots;
 mod warm;
@@ -60,6 +61,8 @@ pub struct Manager {
     builds: builds::Builds,
     /// `HOST[:PORT]` preview URLs are made under.
     preview_domain: String,
+    /// Resource samples of running sandboxes.
+    samples: observe::Samples,
 }
 
 /// Half of this host's memory in MiB: no single sandbox gets more.
@@ -125,6 +128,7 @@ impl Manager {
             warm: warm::WarmPools::default(),
             builds: builds::Builds::default(),
             preview_domain,
+            samples: observe::Samples::default(),
         }
     }
 

@@ -263,6 +263,11 @@ impl Manager {
         }))
     }
 
+    /// A pool's status without a team check (the daemon's own metrics).
+    pub(super) fn warm_status_any(&self, template: &str) -> Option<PoolStatus> {
+        self.warm.status(template)
+    }
+
     /// Removes a deleted template's pool and ends its VMs.
     pub(super) async fn drop_warm_pool(&self, template: &str) {
         for vm in self.warm.remove(template) {

@@ -32,7 +32,7 @@ pub use error::{Error, Result};
 pub use files::Files;
 pub use live::{
     redact_preview_token, redact_preview_url, Event, EventStream, EventStreamOptions, FsEvent,
-    Preview, ProxyTarget, Pty, PtyEvent, Watch,
+    LogLine, Metric, PortConnection, Preview, ProxyTarget, Pty, PtyEvent, Watch,
 };
 pub use models::{
     CommandResult, CreateOptions, Diagnostic, FileInfo, Lifecycle, ListQuery, OnTimeout,

@@ -410,3 +410,132 @@ async fn follow(
         }
     }
 }
+
+/// One resource sample of a sandbox.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Metric {
+    /// Unix seconds.
+    pub timestamp: i64,
+    pub cpu_used_pct: f64,
+    pub cpu_count: u32,
+    #[serde(rename = "memUsedMiB")]
+    pub mem_used_mib: u64,
+    #[serde(rename = "memTotalMiB")]
+    pub mem_total_mib: u64,
+    pub disk_used_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub tasks: u32,
+    /// CPU of the VM's process on the host, percent of one core.
+    pub host_cpu_pct: f64,
+}
+
+/// One line of a sandbox's logs.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct LogLine {
+    #[serde(default)]
+    pub time: Option<String>,
+    /// `console`, `lifecycle` or `diagnostic`.
+    pub source: String,
+    pub text: String,
+}
+
+impl Sandbox {
+    /// Resource samples between `start` and `end` (unix seconds; default the last hour).
+    pub async fn get_metrics(&self, start: Option<i64>, end: Option<i64>) -> Result<Vec<Metric>> {
+        let mut q = Vec::new();
+        if let Some(s) = start {
+            q.push(format!("start={s}"));
+        }
+        if let Some(e) = end {
+            q.push(format!("end={e}"));
+        }
+        let query = if q.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", q.join("&"))
+        };
+        let v = call(
+            &self.http,
+            &self.config,
+            reqwest::Method::GET,
+            &format!("/sandboxes/{}/metrics{query}", self.id()),
+            None,
+        )
+        .await?;
+        serde_json::from_value(v["metrics"].clone())
+            .map_err(|e| Error::Protocol(format!("metrics: {e}")))
+    }
+
+    /// Its logs: boot console, lifecycle events, the diagnostic of a failure.
+    pub async fn logs(&self) -> Result<Vec<LogLine>> {
+        let v = call(
+            &self.http,
+            &self.config,
+            reqwest::Method::GET,
+            &format!("/sandboxes/{}/logs", self.id()),
+            None,
+        )
+        .await?;
+        serde_json::from_value(v["logs"].clone()).map_err(|e| Error::Protocol(format!("logs: {e}")))
+    }
+
+    /// A raw connection to `port` inside the sandbox as a WebSocket of binary messages
+    /// (what `nullspace sandbox proxy` carries SSH over).
+    pub async fn connect_port(&self, port: u16) -> Result<PortConnection> {
+        let token = self
+            .runtime
+            .as_ref()
+            .map(|r| r.token.clone())
+            .unwrap_or_default();
+        Ok(PortConnection {
+            socket: self.open_ws(&format!("/ports/{port}/ws"), &token).await?,
+        })
+    }
+}
+
+/// A TCP connection to a port inside a sandbox.
+pub struct PortConnection {
+    socket: Socket,
+}
+
+impl PortConnection {
+    /// Copies between this connection and a local reader/writer (stdin/stdout, say)
+    /// until either side ends.
+    pub async fn pipe(
+        self,
+        mut input: impl tokio::io::AsyncRead + Unpin,
+        mut output: impl tokio::io::AsyncWrite + Unpin,
+    ) -> Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut sink, mut stream) = self.socket.split();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            tokio::select! {
+                n = input.read(&mut buf) => match n? {
+                    0 => {
+                        let _ = sink.send(Message::Close(None)).await;
+                        // Drain what the far side still sends.
+                        while let Some(Ok(Message::Binary(b))) = stream.next().await {
+                            output.write_all(&b).await?;
+                        }
+                        output.flush().await?;
+                        return Ok(());
+                    }
+                    n => sink.send(Message::Binary(buf[..n].to_vec().into())).await.map_err(ws_error)?,
+                },
+                msg = stream.next() => match msg {
+                    Some(Ok(Message::Binary(b))) => {
+                        output.write_all(&b).await?;
+                        output.flush().await?;
+                    }
+                    Some(Ok(Message::Close(_))) | None => return Ok(()),
+                    Some(Err(e)) => return Err(ws_error(e)),
+                    _ => {}
+                },
+            }
+        }
+    }
+}
