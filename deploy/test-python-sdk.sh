@@ -7,11 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cache=${NULLSPACE_CACHE:-/var/cache/nullspace}
 export NULLSPACE_BIN=${1:-${CARGO_TARGET_DIR:-$cache/target}/debug}
-venv="$cache/venv-sdk-python-1"
+venv="$cache/venv-sdk-python-2"
 if [ ! -f "$venv/.complete" ]; then
     rm -rf "$venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet 'httpx==0.28.1' 'pytest==9.2.0' 'pytest-asyncio==1.5.0'
+    "$venv/bin/pip" install --quiet 'httpx==0.28.1' 'websockets==15.0.1' 'pytest==9.2.0' 'pytest-asyncio==1.5.0'
     touch "$venv/.complete"
 fi
 "$venv/bin/pip" install --quiet --no-deps --force-reinstall ./sdk/python

@@ -216,3 +216,50 @@ def test_template_build_streams_its_log_and_failures_say_why():
         Template.delete(tpl["templateID"])
     with pytest.raises(NotFoundError):
         Template.get("py-tpl")
+
+
+def test_previews_metrics_logs_watch_and_the_event_stream():
+    import threading
+
+    from nullspace import redact_preview_token, redact_preview_url
+
+    with Sandbox.create(template="minimal", resources=SMALL, timeout=300) as sbx:
+        p = sbx.get_preview_url(8000)
+        assert "ns_preview_token=" in p["url"]
+        red = redact_preview_url(p["url"])
+        assert p["token"] not in red and red.endswith("ns_preview_token=REDACTED")
+        assert p["token"] not in redact_preview_token(p["token"])
+        target = sbx.create_preview_proxy_target(8000)
+        assert target["header"] == "x-nullspace-preview-proxy-token" and target["token"]
+        assert sbx.set_port_public(8000)["public"] is True
+
+        samples = sbx.get_metrics()
+        assert samples and samples[-1]["memTotalMiB"] > 0
+        assert any(l["source"] == "lifecycle" for l in sbx.logs())
+
+        changes = []
+        def watch():
+            for change in sbx.files.watch_dir("/workspace", timeout=30):
+                changes.append(change)
+                if change["type"] == "write":
+                    return
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        import time
+        time.sleep(1)
+        sbx.commands.run("echo hi > /workspace/watched")
+        watcher.join(30)
+        assert {"type": "write", "path": "/workspace/watched", "dir": False} in changes
+
+        events = sbx.stream_events()
+        first = next(events)
+        assert first["id"] == 1 and first["type"] == "sandbox.created"
+        seen = [first]
+        sbx.pause()
+        for e in events:
+            seen.append(e)
+            if e["type"] == "sandbox.paused":
+                break
+        ids = [e["id"] for e in seen]
+        assert ids == list(range(1, len(ids) + 1))
+        sbx.kill()

@@ -1,7 +1,7 @@
 """Python SDK for Nullspace sandboxes: ``Sandbox`` (sync) and ``AsyncSandbox``."""
 
 from ._core import (CommandResult, EntryInfo, NotFoundError, SandboxError, SandboxInfo,
-                    SnapshotInfo)
+                    SnapshotInfo, redact_preview_token, redact_preview_url)
 from .async_sandbox import AsyncCommandHandle, AsyncSandbox
 from .sandbox import CommandHandle, Sandbox, Template
 
@@ -17,4 +17,6 @@ __all__ = [
     "SandboxInfo",
     "SnapshotInfo",
     "Template",
+    "redact_preview_token",
+    "redact_preview_url",
 ]

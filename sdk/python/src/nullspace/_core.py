@@ -293,3 +293,29 @@ def apply_event(event: Dict[str, Any], result: CommandResult,
     elif kind == "error":
         raise SandboxError(event.get("code", "sandbox_error"), event.get("message", ""), 200)
     return False
+
+
+def redact_preview_url(url: str) -> str:
+    """``url`` with any preview token replaced by ``REDACTED``, for logs."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    parts = []
+    for kv in query.split("&"):
+        key, eq, _ = kv.partition("=")
+        parts.append(f"{key}=REDACTED" if key == "ns_preview_token" and eq else kv)
+    return base + "?" + "&".join(parts)
+
+
+def redact_preview_token(token: str) -> str:
+    """A token with all but its first 6 characters hidden, for logs."""
+    return token[:6] + "…REDACTED"
+
+
+def metrics_params(start: Optional[int], end: Optional[int]) -> Dict[str, int]:
+    params = {}
+    if start is not None:
+        params["start"] = int(start)
+    if end is not None:
+        params["end"] = int(end)
+    return params

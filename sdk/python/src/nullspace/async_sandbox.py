@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import httpx
 
 from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, SnapshotInfo,
+                    metrics_params,
                     apply_event, create_body, list_params, raise_for, restore_body, run_body)
 
 
@@ -270,6 +271,29 @@ class AsyncSandbox:
                       request_timeout: Optional[float] = None) -> None:
         await self._control("POST", "refreshes",
                             {} if duration is None else {"duration": duration}, request_timeout)
+
+    async def get_preview_url(self, port: int,
+                              request_timeout: Optional[float] = None) -> Dict[str, Any]:
+        """A signed preview URL for ``port`` (see ``Sandbox.get_preview_url``)."""
+        return await self._control("POST", "previews", {"port": port}, request_timeout)
+
+    async def create_preview_proxy_target(self, port: int,
+                                          request_timeout: Optional[float] = None
+                                          ) -> Dict[str, Any]:
+        """``{url, header, token}`` for application proxies."""
+        return (await self.get_preview_url(port, request_timeout))["proxyTarget"]
+
+    async def get_metrics(self, start: Optional[int] = None, end: Optional[int] = None,
+                          request_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
+        """Resource samples (see ``Sandbox.get_metrics``)."""
+        doc = await _call(self._client, self._config, "GET",
+                          f"/sandboxes/{self.sandbox_id}/metrics",
+                          params=metrics_params(start, end), request_timeout=request_timeout)
+        return doc["metrics"]
+
+    async def logs(self, request_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
+        """``[{time, source, text}]``: boot console, lifecycle events, diagnostics."""
+        return (await self._control("GET", "logs", request_timeout=request_timeout))["logs"]
 
     async def pause(self, request_timeout: Optional[float] = None) -> None:
         await self._control("POST", "pause", {}, request_timeout)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Dict, List, Optional, Union
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import httpx
 
 from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, SnapshotInfo,
-                    apply_event, create_body, list_params, raise_for, resources_body,
-                    restore_body, run_body)
+                    apply_event, create_body, list_params, metrics_params, raise_for,
+                    resources_body, restore_body, run_body)
 
 
 def _call(client: httpx.Client, config: Config, method: str, path: str,
@@ -170,6 +171,20 @@ class Filesystem:
     def remove(self, path: str) -> None:
         resp = self._sandbox._data("DELETE", "/files", params={"path": path})
         raise_for(resp.status_code, resp.content)
+
+    def watch_dir(self, path: str, recursive: bool = False,
+                  timeout: Optional[float] = None) -> Iterator[Dict[str, Any]]:
+        """Yields changes under ``path``: ``{type: create|write|remove|rename|chmod, path,
+        from?, dir}``, until the caller stops iterating (or ``timeout`` seconds pass)."""
+        with self._sandbox._data("GET", "/files/watch", stream=True,
+                                 params={"path": path, "recursive": str(recursive).lower()},
+                                 request_timeout=timeout or 365 * 24 * 3600.0) as resp:
+            if resp.status_code >= 300:
+                resp.read()
+                raise_for(resp.status_code, resp.content)
+            for line in resp.iter_lines():
+                if line.strip():
+                    yield json.loads(line)
 
     def rename(self, old_path: str, new_path: str) -> None:
         resp = self._sandbox._data("POST", "/files/rename", json={"from": old_path, "to": new_path})
@@ -356,6 +371,86 @@ class Sandbox:
         return [type(self)(SandboxInfo.parse(c), self._config,
                            httpx.Client(timeout=self._config.request_timeout))
                 for c in doc["sandboxes"]]
+
+    # -- previews, logs, metrics, events, terminals -----------------------------------------
+
+    def get_preview_url(self, port: int, request_timeout: Optional[float] = None) -> Dict[str, Any]:
+        """A signed preview URL for ``port``: ``{url, token, host, expiresAt, public,
+        proxyTarget}``. Redact it before logging (``redact_preview_url``)."""
+        return self._control("POST", "previews", {"port": port}, request_timeout)
+
+    def create_preview_proxy_target(self, port: int,
+                                    request_timeout: Optional[float] = None) -> Dict[str, Any]:
+        """For application proxies: ``{url, header, token}`` — forward to ``url`` with
+        ``token`` in the ``x-nullspace-preview-proxy-token`` header."""
+        return self.get_preview_url(port, request_timeout)["proxyTarget"]
+
+    def set_port_public(self, port: int, public: bool = True,
+                        request_timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Makes ``port`` reachable without a token (or private again)."""
+        return self._control("POST", "previews", {"port": port, "public": public},
+                             request_timeout)
+
+    def get_metrics(self, start: Optional[int] = None, end: Optional[int] = None,
+                    request_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
+        """Resource samples (unix seconds; default the last hour): ``cpuUsedPct``,
+        ``memUsedMiB``, ``diskUsedBytes``, ``netRxBytes``, ``tasks``, ``hostCpuPct``..."""
+        return _call(self._client, self._config, "GET", f"/sandboxes/{self.sandbox_id}/metrics",
+                     params=metrics_params(start, end),
+                     request_timeout=request_timeout)["metrics"]
+
+    def logs(self, request_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
+        """``[{time, source, text}]``: boot console, lifecycle events, diagnostics."""
+        return self._control("GET", "logs", request_timeout=request_timeout)["logs"]
+
+    def _ws_url(self, path: str) -> str:
+        if not self._runtime:
+            raise SandboxError("config", f"no data-plane access to {self.sandbox_id}: "
+                               "connect to it first (it may be paused)")
+        base = self._runtime["target"]["baseUrl"]
+        return ("wss://" + base[8:] if base.startswith("https://") else "ws://" + base[7:]) + path
+
+    def stream_events(self, after_event_id: Optional[int] = None,
+                      live_only: bool = False) -> Iterator[Dict[str, Any]]:
+        """Yields lifecycle events ``{id, at, type, data}`` as they happen. Reconnects by
+        itself and resumes after the last event it yielded: no gap, no duplicate (also
+        across a pool manager restart). Ends after ``sandbox.deleted``."""
+        from websockets.sync.client import connect as ws_connect
+        last = after_event_id
+        failures = 0
+        while True:
+            if last is not None:
+                query = f"?after_event_id={last}"
+            else:
+                query = "?live_only=true" if live_only else ""
+            try:
+                with ws_connect(self._ws_url("/lifecycle/ws" + query),
+                                additional_headers={"X-API-Key": self._config.api_key},
+                                open_timeout=30) as ws:
+                    failures = 0
+                    for message in ws:
+                        event = json.loads(message)
+                        if last is not None and event["id"] <= last:
+                            continue
+                        last = event["id"]
+                        yield event
+                        if event["type"] == "sandbox.deleted":
+                            return
+            except GeneratorExit:
+                raise
+            except Exception as e:  # a dropped connection, a restarting pool manager
+                failures += 1
+                status = getattr(getattr(e, "response", None), "status_code", 0)
+                if status in (401, 403, 404) or failures > 60:
+                    raise SandboxError("stream_failed", f"event stream: {e}", status)
+            time.sleep(min(0.1 * 2 ** min(failures, 5), 2.0))
+            try:
+                info = Sandbox.get_info_by_id(self.sandbox_id, self._config.api_key,
+                                              self._config.api_url)
+                if info.runtime:
+                    self._runtime = info.runtime
+            except SandboxError:
+                pass
 
     def close(self) -> None:
         """Closes the HTTP client; the sandbox keeps running."""
