@@ -4,23 +4,13 @@
 use crate::process::Process;
 use crate::{unexpected, AgentClient, ClientError, Stream, StreamEvent};
 use agent_protocol::{FsEvent, GuestMetrics, Reply, Request};
-use std::collections::BTreeMap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 /// Bytes buffered in each direction of a tunnel on the host.
 const TUNNEL_BUFFER: usize = 256 * 1024;
 
 /// A terminal to open: see [`AgentClient::pty`].
-#[derive(Debug, Clone, Default)]
-pub struct PtyOptions {
-    /// A shell command line; default the user's login shell.
-    pub command: Option<String>,
-    pub cols: u16,
-    pub rows: u16,
-    pub env: BTreeMap<String, String>,
-    pub user: Option<String>,
-    pub cwd: Option<String>,
-}
+pub use agent_protocol::PtyRequest as PtyOptions;
 
 /// A directory watch: [`Watch::next`] yields its events.
 pub struct Watch {
@@ -78,15 +68,7 @@ impl AgentClient {
     /// comes as stdout events; write input with [`Process::write_stdin`], resize with
     /// [`Process::resize`].
     pub async fn pty(&self, options: PtyOptions) -> Result<Process, ClientError> {
-        let request = Request::Pty {
-            command: options.command,
-            cols: options.cols,
-            rows: options.rows,
-            env: options.env,
-            user: options.user,
-            cwd: options.cwd,
-        };
-        Process::start(self.open(&request).await?).await
+        Process::start(self.open(&Request::Pty(options)).await?).await
     }
 
     /// Watches a directory (and, if `recursive`, everything under it).

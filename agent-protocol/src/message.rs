@@ -78,18 +78,7 @@ pub enum Request {
     /// given): [`Reply::Started`], then terminal output on the output channel and input
     /// from the input channel; [`Request::Resize`] on the same stream resizes it. Ends
     /// with `Exited`.
-    Pty {
-        #[serde(default)]
-        command: Option<String>,
-        cols: u16,
-        rows: u16,
-        #[serde(default)]
-        env: BTreeMap<String, String>,
-        #[serde(default)]
-        user: Option<String>,
-        #[serde(default)]
-        cwd: Option<String>,
-    },
+    Pty(PtyRequest),
     /// Resize the terminal of this stream's PTY.
     Resize { cols: u16, rows: u16 },
     /// Watch a directory: [`Reply::Watching`], then one JSON [`FsEvent`] per line on the
@@ -101,6 +90,22 @@ pub enum Request {
     },
     /// The guest's resource counters now.
     Metrics,
+}
+
+/// A terminal to open: see [`Request::Pty`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PtyRequest {
+    /// A shell command line; default the user's login shell.
+    #[serde(default)]
+    pub command: Option<String>,
+    pub cols: u16,
+    pub rows: u16,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
 }
 
 /// A change in a watched directory.

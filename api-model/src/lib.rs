@@ -3,11 +3,13 @@
 //! again on its own internal API. No I/O, so it builds for `wasm32-wasip1` as well.
 
 mod error;
+mod live;
 mod query;
 mod request;
 mod template;
 
 pub use error::ApiError;
+pub use live::{Event, MetricSample, Preview, ProxyTarget};
 pub use query::{
     fields_param, parse_query, project, reject_unknown_params, single, BuildLogParams,
     EventsParams, ListParams, MetricsParams, PUBLIC_STATES, VIEW_FIELDS,

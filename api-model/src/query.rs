@@ -181,22 +181,25 @@ impl EventsParams {
     /// Parses and checks an event query.
     pub fn parse(pairs: &[(String, String)]) -> Result<Self, ApiError> {
         reject_unknown_params(pairs, &["after_event_id", "limit"])?;
-        let number = |name: &str, max: u64| -> Result<Option<u64>, ApiError> {
-            single(pairs, name)
-                .map(|v| {
-                    v.parse::<u64>().ok().filter(|n| *n <= max).ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "{name} {v:?} is not a number from 0 to {max}; send one"
-                        ))
-                    })
-                })
-                .transpose()
-        };
+        let number = |name: &str, max: u64| number_param(pairs, name, max);
         Ok(Self {
             after: number("after_event_id", i64::MAX as u64)?.unwrap_or(0),
             limit: number("limit", 1000)?.unwrap_or(1000).max(1),
         })
     }
+}
+
+/// A numeric query parameter from 0 to `max`, if given.
+fn number_param(pairs: &[(String, String)], name: &str, max: u64) -> Result<Option<u64>, ApiError> {
+    single(pairs, name)
+        .map(|v| {
+            v.parse::<u64>().ok().filter(|n| *n <= max).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "{name} {v:?} is not a number from 0 to {max}; send one"
+                ))
+            })
+        })
+        .transpose()
 }
 
 /// Query of `GET /sandboxes/{id}/metrics`: `start` and `end` in unix seconds.
@@ -210,17 +213,8 @@ impl MetricsParams {
     /// Parses and checks a metrics query.
     pub fn parse(pairs: &[(String, String)]) -> Result<Self, ApiError> {
         reject_unknown_params(pairs, &["start", "end"])?;
-        let time = |name: &str| -> Result<Option<i64>, ApiError> {
-            single(pairs, name)
-                .map(|v| {
-                    v.parse::<i64>().ok().filter(|t| *t >= 0).ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "{name} {v:?} is not a time; send unix seconds"
-                        ))
-                    })
-                })
-                .transpose()
-        };
+        let time =
+            |name: &str| number_param(pairs, name, i64::MAX as u64).map(|t| t.map(|t| t as i64));
         let (start, end) = (time("start")?, time("end")?);
         if let (Some(s), Some(e)) = (start, end) {
             if s > e {
@@ -248,17 +242,7 @@ impl BuildLogParams {
     /// Parses and checks a build log query.
     pub fn parse(pairs: &[(String, String)]) -> Result<Self, ApiError> {
         reject_unknown_params(pairs, &["after", "limit", "wait"])?;
-        let number = |name: &str, max: u64| -> Result<Option<u64>, ApiError> {
-            single(pairs, name)
-                .map(|v| {
-                    v.parse::<u64>().ok().filter(|n| *n <= max).ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "{name} {v:?} is not a number from 0 to {max}; send one"
-                        ))
-                    })
-                })
-                .transpose()
-        };
+        let number = |name: &str, max: u64| number_param(pairs, name, max);
         Ok(Self {
             after: number("after", i64::MAX as u64)?.unwrap_or(0),
             limit: number("limit", crate::MAX_LOG_PAGE as u64)?

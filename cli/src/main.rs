@@ -205,19 +205,33 @@ enum TemplateCommand {
         /// Ready instances to keep (0 to 16; 0 empties the pool).
         #[arg(long)]
         size: Option<u32>,
-        /// Instance vCPUs (with --memory-mib and --disk-mib; defaults 2, 2048, 8192).
-        #[arg(long)]
-        vcpus: Option<u32>,
-        /// Instance memory in MiB.
-        #[arg(long)]
-        memory_mib: Option<u32>,
-        /// Instance disk in MiB.
-        #[arg(long)]
-        disk_mib: Option<u64>,
+        #[command(flatten)]
+        shape: ShapeArgs,
         /// Do not refill in the background.
         #[arg(long)]
         no_refill: bool,
     },
+}
+
+/// A shape: vCPUs, memory and disk.
+#[derive(Args)]
+struct ShapeArgs {
+    /// vCPUs (with --memory-mib and --disk-mib; defaults 2, 2048, 8192).
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long)]
+    memory_mib: Option<u32>,
+    /// Disk in MiB.
+    #[arg(long)]
+    disk_mib: Option<u64>,
+}
+
+impl ShapeArgs {
+    /// The shape the flags give, if any was given (the others at their defaults).
+    fn resources(&self) -> Option<nullspace::Resources> {
+        shape(self.vcpus, self.memory_mib, self.disk_mib)
+    }
 }
 
 #[derive(Args)]
@@ -244,15 +258,8 @@ struct BuildArgs {
     /// Seconds the ready check may take (default 60).
     #[arg(long)]
     ready_timeout: Option<u64>,
-    /// vCPUs (with --memory-mib and --disk-mib; defaults 2, 2048, 8192).
-    #[arg(long)]
-    vcpus: Option<u32>,
-    /// Memory in MiB.
-    #[arg(long)]
-    memory_mib: Option<u32>,
-    /// Disk in MiB.
-    #[arg(long)]
-    disk_mib: Option<u64>,
+    #[command(flatten)]
+    shape: ShapeArgs,
     /// Start the build and print the template without following it.
     #[arg(long)]
     no_wait: bool,
@@ -309,7 +316,7 @@ fn build_request(a: &BuildArgs) -> anyhow::Result<nullspace::TemplateBuild> {
     if a.ready_timeout.is_some() {
         r.ready_timeout = a.ready_timeout;
     }
-    if let Some(res) = shape(a.vcpus, a.memory_mib, a.disk_mib) {
+    if let Some(res) = a.shape.resources() {
         r.resources = Some(res);
     }
     Ok(r)
@@ -375,15 +382,8 @@ struct CreateArgs {
     /// Environment of every command, KEY=VALUE (repeatable).
     #[arg(long = "env", value_parser = key_value)]
     envs: Vec<(String, String)>,
-    /// vCPUs (with --memory-mib and --disk-mib; defaults 2, 2048, 8192).
-    #[arg(long)]
-    vcpus: Option<u32>,
-    /// Memory in MiB.
-    #[arg(long)]
-    memory_mib: Option<u32>,
-    /// Disk in MiB.
-    #[arg(long)]
-    disk_mib: Option<u64>,
+    #[command(flatten)]
+    shape: ShapeArgs,
     /// Pause instead of killing when the timeout passes.
     #[arg(long, conflicts_with = "hibernate_on_timeout")]
     pause_on_timeout: bool,
@@ -711,16 +711,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Template(TemplateCommand::WarmPool {
             template,
             size,
-            vcpus,
-            memory_mib,
-            disk_mib,
+            shape,
             no_refill,
         }) => {
             let config = config(&cli)?;
             let pool = match size {
                 None => nullspace::Templates::warm_pool(&config, template).await?,
                 Some(size) => {
-                    let resources = shape(*vcpus, *memory_mib, *disk_mib);
+                    let resources = shape.resources();
                     let settings = nullspace::WarmPoolSettings {
                         size: *size,
                         resources,
@@ -804,7 +802,7 @@ async fn sandbox(
             o.timeout = a.timeout;
             o.metadata = a.metadata.iter().cloned().collect();
             o.envs = a.envs.iter().cloned().collect();
-            o.resources = shape(a.vcpus, a.memory_mib, a.disk_mib);
+            o.resources = a.shape.resources();
             if a.pause_on_timeout {
                 o = o.pause_on_timeout();
             }

@@ -140,6 +140,50 @@ impl ProcessTable {
     }
 }
 
+/// A command run as `user` in `cwd`: a clean environment (PATH, HOME, USER, LOGNAME,
+/// SHELL, LANG) plus `env`, in a session of its own (so a signal reaches its children),
+/// with the user's identity; `controlling_tty` makes its stdin (a terminal) the
+/// session's controlling terminal.
+pub fn command_as(
+    program: &str,
+    args: &[String],
+    user: &users::User,
+    cwd: &str,
+    env: &BTreeMap<String, String>,
+    controlling_tty: bool,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", &user.home)
+        .env("USER", &user.name)
+        .env("LOGNAME", &user.name)
+        .env("SHELL", &user.shell)
+        .env("LANG", "C.UTF-8")
+        .envs(env);
+    let (uid, gid, groups) = (user.uid, user.gid, user.groups.clone());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0
+                || (controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0)
+                || libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// Starts a process and serves it on `out`'s stream.
 pub async fn exec(
     req: ExecRequest,
@@ -203,42 +247,14 @@ async fn spawn(req: ExecRequest, table: &ProcessTable) -> Result<Arc<Proc>, Agen
         Command::Argv(argv) => argv.clone(),
         Command::Shell(line) => vec!["/bin/sh".into(), "-c".into(), line.clone()],
     };
-    let mut cmd = std::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .current_dir(&cwd)
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .env("HOME", &user.home)
-        .env("USER", &user.name)
-        .env("LOGNAME", &user.name)
-        .env("SHELL", &user.shell)
-        .env("LANG", "C.UTF-8")
-        .envs(&req.env)
-        .stdin(if req.stdin {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let (uid, gid, groups) = (user.uid, user.gid, user.groups.clone());
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Its own session and process group, so a signal reaches its children too.
-            if libc::setsid() < 0
-                || libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let mut cmd = command_as(&argv[0], &argv[1..], &user, &cwd, &req.env, false);
+    cmd.stdin(if req.stdin {
+        std::process::Stdio::piped()
+    } else {
+        std::process::Stdio::null()
+    })
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
     let mut child = tokio::process::Command::from(cmd)
         .kill_on_drop(false)
         .spawn()

@@ -4,23 +4,13 @@
 use crate::session::{Inbound, Outbox};
 use crate::users;
 use agent_protocol::{
-    AgentError, Channel, ErrorCode, ExitStatus, Reply, DATA_CHUNK, DEFAULT_CWD, DEFAULT_USER,
+    AgentError, Channel, ErrorCode, ExitStatus, PtyRequest, Reply, DATA_CHUNK, DEFAULT_CWD,
+    DEFAULT_USER,
 };
-use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-
-/// What to start on the terminal.
-pub struct PtyRequest {
-    pub command: Option<String>,
-    pub cols: u16,
-    pub rows: u16,
-    pub env: BTreeMap<String, String>,
-    pub user: Option<String>,
-    pub cwd: Option<String>,
-}
 
 fn winsize(cols: u16, rows: u16) -> libc::winsize {
     libc::winsize {
@@ -125,55 +115,22 @@ fn start(req: &PtyRequest) -> Result<(tokio::process::Child, OwnedFd), AgentErro
     } else {
         user.shell.clone()
     };
-    let mut cmd = match &req.command {
-        Some(line) => {
-            let mut c = std::process::Command::new("/bin/sh");
-            c.args(["-c", line]);
-            c
-        }
-        None => {
-            let mut c = std::process::Command::new(&shell);
-            c.arg("-l");
-            c
-        }
+    let (program, args) = match &req.command {
+        Some(line) => ("/bin/sh".to_string(), vec!["-c".to_string(), line.clone()]),
+        None => (shell, vec!["-l".to_string()]),
     };
     let stdio = |fd: &OwnedFd| -> Result<std::process::Stdio, AgentError> {
         fd.try_clone()
             .map(std::process::Stdio::from)
             .map_err(|e| AgentError::new(ErrorCode::Io, e.to_string()))
     };
-    cmd.current_dir(&cwd)
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .env("HOME", &user.home)
-        .env("USER", &user.name)
-        .env("LOGNAME", &user.name)
-        .env("SHELL", &shell)
-        .env("LANG", "C.UTF-8")
-        .env("TERM", "xterm-256color")
-        .envs(&req.env)
-        .stdin(stdio(&slave)?)
+    let mut cmd = crate::process::command_as(&program, &args, &user, &cwd, &req.env, true);
+    if !req.env.contains_key("TERM") {
+        cmd.env("TERM", "xterm-256color");
+    }
+    cmd.stdin(stdio(&slave)?)
         .stdout(stdio(&slave)?)
         .stderr(stdio(&slave)?);
-    let (uid, gid, groups) = (user.uid, user.gid, user.groups.clone());
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // A new session whose controlling terminal is the slave (stdin by now).
-            if libc::setsid() < 0
-                || libc::ioctl(0, libc::TIOCSCTTY, 0) != 0
-                || libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     let child = tokio::process::Command::from(cmd)
         .kill_on_drop(false)
         .spawn()

@@ -357,24 +357,7 @@ async fn handle(
             files::write(&path, mode, user.as_deref(), &out, inbox).await
         }
         Request::ConnectPort { port } => crate::tunnel::connect(port, out, inbox).await,
-        Request::Pty {
-            command,
-            cols,
-            rows,
-            env,
-            user,
-            cwd,
-        } => {
-            let req = crate::pty::PtyRequest {
-                command,
-                cols,
-                rows,
-                env,
-                user,
-                cwd,
-            };
-            crate::pty::run(req, out, inbox).await
-        }
+        Request::Pty(req) => crate::pty::run(req, out, inbox).await,
         Request::WatchDir { path, recursive } => {
             crate::watch::watch(path, recursive, out, inbox).await
         }

@@ -1,6 +1,6 @@
 //! Sandbox records, their states, and the JSON shapes of the internal API.
 
-pub use api_model::{CreateRequest, OnTimeout, Resources};
+pub use api_model::{CreateRequest, Event, OnTimeout, Resources};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -157,16 +157,6 @@ pub struct SnapshotView {
     /// `object` (restorable on any worker sharing the store) or `local` (this worker).
     pub storage: &'static str,
     pub resources: Resources,
-}
-
-/// One entry of a sandbox's event log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    pub id: u64,
-    pub at: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub data: serde_json::Value,
 }
 
 /// Milliseconds since the epoch as ISO 8601 (UTC).

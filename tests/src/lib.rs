@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end tests and benchmarks: a driver configured from the
 //! environment, small VM shapes, and request builders.
 
+pub mod bench;
 pub mod http;
 
 use agent_protocol::{Command, ExecRequest};

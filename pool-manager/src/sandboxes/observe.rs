@@ -23,27 +23,7 @@ const SAMPLES_KEPT: usize = 720;
 const CONSOLE_TAIL: usize = 64 * 1024;
 
 /// One resource sample.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Sample {
-    /// Unix seconds.
-    pub timestamp: i64,
-    /// Guest CPU busy since the previous sample, percent of all its vCPUs.
-    pub cpu_used_pct: f64,
-    pub cpu_count: u32,
-    #[serde(rename = "memUsedMiB")]
-    pub mem_used_mib: u64,
-    #[serde(rename = "memTotalMiB")]
-    pub mem_total_mib: u64,
-    pub disk_used_bytes: u64,
-    pub disk_total_bytes: u64,
-    pub net_rx_bytes: u64,
-    pub net_tx_bytes: u64,
-    pub tasks: u32,
-    /// CPU the VM's QEMU process used on the host since the previous sample, percent
-    /// of one host core (an idle sandbox should stay under 1).
-    pub host_cpu_pct: f64,
-}
+pub type Sample = api_model::MetricSample;
 
 /// Samples per sandbox, with the counters of the last one (for deltas).
 #[derive(Default)]

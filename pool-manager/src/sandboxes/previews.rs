@@ -7,7 +7,6 @@ use crate::model::*;
 use crate::preview::{subject, PROXY_HEADER, TOKEN_PARAM};
 use agent_client::AgentClient;
 use api_model::PreviewBody;
-use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,31 +18,9 @@ pub enum PreviewWake {
     Gone(ApiError),
 }
 
-/// A preview URL and proxy target, as `POST /sandboxes/{id}/previews` answers.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PreviewView {
-    pub port: u16,
-    pub public: bool,
-    /// The host name the port is served under.
-    pub host: String,
-    /// Open in a browser: carries the token unless the port is public.
-    pub url: String,
-    /// The signed preview token (also in `url`).
-    pub token: String,
-    pub expires_at: String,
-    /// For application proxies: forward to `url` with `token` in the `header`.
-    pub proxy_target: ProxyTarget,
-}
-
-/// Where an application proxy forwards, and the token it sends.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProxyTarget {
-    pub url: String,
-    pub header: String,
-    pub token: String,
-}
+/// A preview URL and proxy target.
+pub type PreviewView = api_model::Preview;
+use api_model::ProxyTarget;
 
 impl Manager {
     /// A signed preview URL and proxy target for `port` of a running or paused sandbox;

@@ -10,19 +10,8 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-/// One lifecycle event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    /// Increasing per sandbox (1, 2, 3, ...).
-    pub id: u64,
-    /// When (ISO 8601).
-    pub at: String,
-    /// `sandbox.created`, `sandbox.running`, `sandbox.paused`, ...
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// What the event says.
-    pub data: serde_json::Value,
-}
+/// One lifecycle event: the API's own shape.
+pub use api_model::Event;
 
 /// Where an event stream starts.
 #[derive(Debug, Clone, Copy, Default)]
@@ -163,30 +152,8 @@ impl Watch {
     }
 }
 
-/// A preview URL of a port, and the proxy target for application proxies.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Preview {
-    pub port: u16,
-    /// Reachable without a token.
-    pub public: bool,
-    pub host: String,
-    /// Opens the port in a browser (with the token unless public). Redact it before
-    /// logging: [`redact_preview_url`].
-    pub url: String,
-    pub token: String,
-    pub expires_at: String,
-    pub proxy_target: ProxyTarget,
-}
-
-/// Where an application proxy forwards, and the token it sends in `header`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProxyTarget {
-    pub url: String,
-    pub header: String,
-    pub token: String,
-}
+/// A preview URL of a port and its proxy target: the API's own shapes.
+pub use api_model::{Preview, ProxyTarget};
 
 /// `url` with any preview token replaced by `REDACTED`, for logs.
 pub fn redact_preview_url(url: &str) -> String {
@@ -411,26 +378,8 @@ async fn follow(
     }
 }
 
-/// One resource sample of a sandbox.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Metric {
-    /// Unix seconds.
-    pub timestamp: i64,
-    pub cpu_used_pct: f64,
-    pub cpu_count: u32,
-    #[serde(rename = "memUsedMiB")]
-    pub mem_used_mib: u64,
-    #[serde(rename = "memTotalMiB")]
-    pub mem_total_mib: u64,
-    pub disk_used_bytes: u64,
-    pub disk_total_bytes: u64,
-    pub net_rx_bytes: u64,
-    pub net_tx_bytes: u64,
-    pub tasks: u32,
-    /// CPU of the VM's process on the host, percent of one core.
-    pub host_cpu_pct: f64,
-}
+/// One resource sample: the API's own shape.
+pub use api_model::MetricSample as Metric;
 
 /// One line of a sandbox's logs.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -14,17 +14,7 @@ use nullspace_tests::Stack;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-fn flag(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
+use nullspace_tests::bench::{flag, percentile};
 
 /// One way to reach the control API: a base URL its `/v1/...` paths hang off.
 #[derive(Clone)]

@@ -14,17 +14,7 @@ use nullspace_tests::Stack;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-fn flag(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
+use nullspace_tests::bench::{flag, percentile};
 
 /// Measures inside the guest: `n` sequential GETs, then `connections` threads for
 /// `seconds`. Prints one JSON line.
@@ -66,7 +56,12 @@ async fn start_server(rt: &Runtime) -> anyhow::Result<()> {
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while rt.run("curl -sf http://127.0.0.1:8000/page.html >/dev/null").await.2 != 0 {
+    while rt
+        .run("curl -sf http://127.0.0.1:8000/page.html >/dev/null")
+        .await
+        .2
+        != 0
+    {
         anyhow::ensure!(Instant::now() < deadline, "the server never answered");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -93,9 +88,16 @@ impl Target {
     }
 }
 
-async fn target(stack: &Stack, api: &nullspace_tests::http::Api, id: &str) -> anyhow::Result<Target> {
+async fn target(
+    stack: &Stack,
+    api: &nullspace_tests::http::Api,
+    id: &str,
+) -> anyhow::Result<Target> {
     let (status, v) = api
-        .post(&format!("/v1/sandboxes/{id}/previews"), json!({ "port": 8000 }))
+        .post(
+            &format!("/v1/sandboxes/{id}/previews"),
+            json!({ "port": 8000 }),
+        )
         .await;
     anyhow::ensure!(status.is_success(), "{v}");
     let port = stack.daemon.preview.rsplit_once(':').unwrap().1.to_string();
@@ -116,21 +118,27 @@ async fn main() -> anyhow::Result<()> {
     let stack = Stack::start("bench-preview");
     let api = stack.public(stack.daemon.team_key("bench"));
     let shape = json!({ "vcpus": 1, "memMiB": 512, "diskSizeMiB": 2048 });
-    let sbx: Value = api.create(json!({ "templateID": "base", "resources": shape, "timeout": 3600 })).await;
+    let sbx: Value = api
+        .create(json!({ "templateID": "base", "resources": shape, "timeout": 3600 }))
+        .await;
     let id = sbx["sandboxID"].as_str().unwrap().to_string();
     let rt = Runtime::of(&sbx);
     start_server(&rt).await?;
 
     // Inside the guest.
     let (out, err, code) = rt
-        .run(&format!("python3 /workspace/bench.py {n} {seconds} {connections}"))
+        .run(&format!(
+            "python3 /workspace/bench.py {n} {seconds} {connections}"
+        ))
         .await;
     anyhow::ensure!(code == 0, "in-guest bench: {err}");
     let inside: Value = serde_json::from_str(out.trim())?;
 
     // Through the preview URL.
     let t = target(&stack, &api, &id).await?;
-    let http = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()?;
     for _ in 0..10 {
         t.get(&http, "/page.html").await?;
     }
@@ -147,7 +155,9 @@ async fn main() -> anyhow::Result<()> {
         .map(|_| {
             let t = t.clone();
             tokio::spawn(async move {
-                let http = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
+                let http = reqwest::Client::builder()
+                    .pool_max_idle_per_host(1)
+                    .build()?;
                 let mut k = 0u64;
                 while Instant::now() < deadline {
                     t.get(&http, "/page.html").await?;
@@ -164,7 +174,9 @@ async fn main() -> anyhow::Result<()> {
     let rps = total as f64 / seconds as f64;
     let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    println!("GET of a 1 KiB page, {n} sequential, then {connections} connections for {seconds} s:");
+    println!(
+        "GET of a 1 KiB page, {n} sequential, then {connections} connections for {seconds} s:"
+    );
     println!(
         "  inside the guest  p50 {:>7.2} ms  p99 {:>7.2} ms  {:>7.1} req/s",
         inside["p50_ms"].as_f64().unwrap(),
@@ -185,8 +197,10 @@ async fn main() -> anyhow::Result<()> {
 
     // Auto-resume: a paused sandbox woken by its first preview request.
     let sleeper: Value = api
-        .create(json!({ "templateID": "base", "resources": shape, "timeout": 3600,
-            "lifecycle": { "onTimeout": "pause", "autoResume": true } }))
+        .create(
+            json!({ "templateID": "base", "resources": shape, "timeout": 3600,
+            "lifecycle": { "onTimeout": "pause", "autoResume": true } }),
+        )
         .await;
     let sleeper_id = sleeper["sandboxID"].as_str().unwrap().to_string();
     start_server(&Runtime::of(&sleeper)).await?;
