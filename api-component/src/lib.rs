@@ -14,9 +14,8 @@
 use api_model::{
     fields_param, is_sandbox_id, is_snapshot_id, parse_body, parse_query, reject_unknown_params,
     ApiError, BuildLogParams, CreateRequest, EventsParams, ForkBody, ListParams, MetricsParams,
-    PreviewBody,
-    RefreshBody,
-    RestoreBody, TemplateBuildRequest, TimeoutBody, WarmPoolBody, MAX_BODY_BYTES,
+    PreviewBody, RefreshBody, RestoreBody, TemplateBuildRequest, TimeoutBody, WarmPoolBody,
+    MAX_BODY_BYTES,
 };
 use spin_sdk::http::{IncomingRequest, Method, Request, Response};
 use spin_sdk::http_component;
@@ -195,9 +194,7 @@ fn route(
             }
             let allowed = match *action {
                 "connect" | "pause" | "resume" | "refreshes" | "timeout" | "hibernate" | "fork"
-                | "previews" => {
-                    "POST"
-                }
+                | "previews" => "POST",
                 "events" | "logs" | "metrics" => "GET",
                 _ => return Err(unknown_route()),
             };
@@ -253,11 +250,19 @@ fn route(
         }
         ["observability", "summary"] => {
             if *method != Method::Get {
-                return Err(not_allowed(method, "/api/v1/observability/summary", &["GET"]));
+                return Err(not_allowed(
+                    method,
+                    "/api/v1/observability/summary",
+                    &["GET"],
+                ));
             }
             no_query()?;
             empty_body(&body)?;
-            Ok(forward(Method::Get, "/v1/observability/summary".into(), Vec::new()))
+            Ok(forward(
+                Method::Get,
+                "/v1/observability/summary".into(),
+                Vec::new(),
+            ))
         }
         ["templates"] => match method {
             Method::Post => {

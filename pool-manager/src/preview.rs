@@ -293,6 +293,33 @@ mod tests {
     }
 
     #[test]
+    fn preview_and_proxy_tokens_open_one_port_until_they_expire() {
+        let signer = TokenSigner::new(b"secret".to_vec());
+        let id = "sbx-0123456789abcdef0123";
+        let now = 1_000_000;
+        let token = signer.issue(&subject(id, 8000, false), now + 60);
+        assert_eq!(signer.check(&token, &subject(id, 8000, false), now), Ok(()));
+        // Expired, another port, the proxy kind, a runtime token's subject: refused.
+        assert!(matches!(
+            signer.check(&token, &subject(id, 8000, false), now + 61),
+            Err(TokenError::Invalid(_))
+        ));
+        assert_eq!(
+            signer.check(&token, &subject(id, 8001, false), now),
+            Err(TokenError::OtherSandbox)
+        );
+        assert_eq!(
+            signer.check(&token, &subject(id, 8000, true), now),
+            Err(TokenError::OtherSandbox)
+        );
+        let runtime = signer.issue(id, now + 60);
+        assert_eq!(
+            signer.check(&runtime, &subject(id, 8000, false), now),
+            Err(TokenError::OtherSandbox)
+        );
+    }
+
+    #[test]
     fn the_token_parameter_is_split_from_the_query() {
         let uri: Uri = "/a?x=1&ns_preview_token=abc&y=2".parse().unwrap();
         assert_eq!(

@@ -45,7 +45,7 @@ impl TokenSigner {
     pub fn check(&self, token: &str, sandbox: &str, now_unix: i64) -> Result<(), TokenError> {
         let mut parts = token.rsplitn(3, '.');
         let (Some(mac), Some(expiry), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(TokenError::Invalid("malformed runtime token"));
+            return Err(TokenError::Invalid("malformed token"));
         };
         let payload = format!("{id}.{expiry}");
         let want = self.mac(&payload);
@@ -57,15 +57,13 @@ impl TokenSigner {
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 != 0
         {
-            return Err(TokenError::Invalid("runtime token signature is invalid"));
+            return Err(TokenError::Invalid("token signature is invalid"));
         }
         let expiry: i64 = expiry
             .parse()
-            .map_err(|_| TokenError::Invalid("malformed runtime token"))?;
+            .map_err(|_| TokenError::Invalid("malformed token"))?;
         if expiry <= now_unix {
-            return Err(TokenError::Invalid(
-                "runtime token expired; call connect for a fresh one",
-            ));
+            return Err(TokenError::Invalid("token expired"));
         }
         if id != sandbox {
             return Err(TokenError::OtherSandbox);

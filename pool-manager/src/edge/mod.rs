@@ -108,7 +108,9 @@ impl Edge {
             .check(token.trim(), id, chrono::Utc::now().timestamp())
         {
             Ok(()) => Ok(()),
-            Err(TokenError::Invalid(why)) => Err(ApiError::unauthorized(why)),
+            Err(TokenError::Invalid(why)) => Err(ApiError::unauthorized(format!(
+                "the runtime token is refused ({why}); call connect for a fresh one"
+            ))),
             Err(TokenError::OtherSandbox) => Err(ApiError::forbidden(
                 "this runtime token belongs to another sandbox",
             )),

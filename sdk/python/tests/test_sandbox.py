@@ -263,3 +263,26 @@ def test_previews_metrics_logs_watch_and_the_event_stream():
         ids = [e["id"] for e in seen]
         assert ids == list(range(1, len(ids) + 1))
         sbx.kill()
+
+
+def test_pty_round_trip_with_resize():
+    with Sandbox.create(template="minimal", resources=SMALL, timeout=120) as sbx:
+        with sbx.pty.create(cols=80, rows=24) as term:
+            out = b""
+            def until(want: bytes) -> None:
+                nonlocal out
+                while want not in out:
+                    chunk = term.recv(timeout=20)
+                    assert chunk is not None, out
+                    out += chunk
+            term.send("stty size; echo py-$((6*7))\n")
+            until(b"py-42")
+            until(b"24 80")
+            term.resize(100, 30)
+            term.send("stty size\n")
+            until(b"30 100")
+            term.send("exit 4\n")
+            while term.recv(timeout=20) is not None:
+                pass
+            assert term.exit_code == 4
+        sbx.kill()

@@ -191,6 +191,71 @@ class Filesystem:
         raise_for(resp.status_code, resp.content)
 
 
+class PtyHandle:
+    """An interactive terminal: ``send`` keystrokes, ``recv`` output, ``resize``; after
+    the shell exits, ``recv`` returns None and ``exit_code`` is set."""
+
+    def __init__(self, ws: Any):
+        self._ws = ws
+        self.exit_code: Optional[int] = None
+
+    def send(self, data: Union[str, bytes]) -> None:
+        self._ws.send(data.encode() if isinstance(data, str) else bytes(data))
+
+    def resize(self, cols: int, rows: int) -> None:
+        self._ws.send(json.dumps({"type": "resize", "cols": cols, "rows": rows}))
+
+    def recv(self, timeout: Optional[float] = None) -> Optional[bytes]:
+        """The terminal's next output (waiting up to ``timeout`` seconds, raising
+        ``TimeoutError`` after); None once the process has exited."""
+        while self.exit_code is None:
+            try:
+                message = self._ws.recv(timeout)
+            except Exception as e:
+                if isinstance(e, TimeoutError):
+                    raise
+                return None
+            if isinstance(message, bytes):
+                return message
+            event = json.loads(message)
+            if event.get("type") == "exit":
+                self.exit_code = event.get("exitCode")
+        return None
+
+    def close(self) -> None:
+        self._ws.close()
+
+    def __enter__(self) -> "PtyHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Pty:
+    """Terminals in a sandbox."""
+
+    def __init__(self, sandbox: "Sandbox"):
+        self._sandbox = sandbox
+
+    def create(self, cols: int = 80, rows: int = 24, cmd: Optional[str] = None,
+               user: Optional[str] = None) -> PtyHandle:
+        """Opens a terminal (the user's login shell, or ``cmd``)."""
+        from urllib.parse import urlencode
+
+        from websockets.sync.client import connect as ws_connect
+        query: Dict[str, Any] = {"cols": cols, "rows": rows}
+        if cmd:
+            query["cmd"] = cmd
+        if user:
+            query["user"] = user
+        sbx = self._sandbox
+        ws = ws_connect(sbx._ws_url("/pty?" + urlencode(query)),
+                        additional_headers={"Authorization": f"Bearer {sbx._runtime['token']}"},
+                        open_timeout=30)
+        return PtyHandle(ws)
+
+
 class Sandbox:
     """A connected sandbox. Create with ``Sandbox.create`` or ``Sandbox.connect``."""
 
@@ -201,6 +266,7 @@ class Sandbox:
         self._runtime = info.runtime
         self.commands = Commands(self)
         self.files = Filesystem(self)
+        self.pty = Pty(self)
 
     # -- class methods -------------------------------------------------------------------
 
