@@ -241,8 +241,8 @@ async fn bad_requests_are_refused_with_what_to_send() {
         ),
         (
             json!({ "templateID": "base", "lifecycle": { "autoResume": true } }),
-            StatusCode::NOT_IMPLEMENTED,
-            "autoResume",
+            StatusCode::BAD_REQUEST,
+            "onTimeout \"pause\" or \"hibernate\"",
         ),
         (
             json!({ "templateID": "base", "warmPool": "require" }),
