@@ -138,7 +138,9 @@ impl Manager {
     async fn sample(&self, id: &str) -> Option<Sample> {
         let (agent, pid) = {
             let slot = self.slot(id);
-            let vm = slot.lock().await;
+            // A sandbox in the middle of a lifecycle operation (a pause, a snapshot) is
+            // skipped this round rather than holding up every other sample.
+            let vm = slot.try_lock().ok()?;
             let vm = vm.as_ref()?;
             (vm.agent().clone(), vm.pid())
         };
@@ -214,8 +216,11 @@ impl Manager {
         }
         let console = {
             let slot = self.slot(id);
-            let vm = slot.lock().await;
-            vm.as_ref().map(|vm| vm.console_tail(CONSOLE_TAIL))
+            // Bounded: a long operation (a snapshot to S3) must not hold up a log read.
+            match tokio::time::timeout(Duration::from_secs(2), slot.lock()).await {
+                Ok(vm) => vm.as_ref().map(|vm| vm.console_tail(CONSOLE_TAIL)),
+                Err(_) => None,
+            }
         };
         for line in console.unwrap_or_default().lines() {
             lines.push(LogLine {

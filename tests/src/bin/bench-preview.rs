@@ -7,7 +7,7 @@
 //! connection per request): the same GET made from inside the guest and through the
 //! preview URL (host → preview listener → agent port tunnel → guest), latency p50/p99
 //! and requests/s, as ratios; then the auto-resume wake of a paused sandbox (the first
-//! preview request's time, pause → answered).
+//! preview request's time, pause → answered); then the idle sandbox's host CPU.
 
 use nullspace_tests::http::Runtime;
 use nullspace_tests::Stack;
@@ -223,6 +223,24 @@ async fn main() -> anyhow::Result<()> {
         ms(percentile(&woken, 0.5)),
         woken.iter().map(|d| format!("{:.0}", ms(*d))).collect::<Vec<_>>().join(", "),
         ms(warm.elapsed())
+    );
+    // An idle sandbox's cost on the host: its QEMU process's CPU over the last samples
+    // (the sampler runs every 5 s), after 20 s of nothing.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (_, m) = api.fetch(&format!("/v1/sandboxes/{id}/metrics")).await;
+    let idle: Vec<f64> = m["metrics"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .rev()
+                .take(3)
+                .filter_map(|s| s["hostCpuPct"].as_f64())
+                .collect()
+        })
+        .unwrap_or_default();
+    println!(
+        "idle sandbox (1 vCPU, a server waiting): host CPU of its VM over the last samples {:?} % of a core",
+        idle
     );
     for sid in [&id, &sleeper_id] {
         api.delete(sid).await;
