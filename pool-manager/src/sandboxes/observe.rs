@@ -217,10 +217,11 @@ impl Manager {
         let console = {
             let slot = self.slot(id);
             // Bounded: a long operation (a snapshot to S3) must not hold up a log read.
-            match tokio::time::timeout(Duration::from_secs(2), slot.lock()).await {
+            let tail = match tokio::time::timeout(Duration::from_secs(2), slot.lock()).await {
                 Ok(vm) => vm.as_ref().map(|vm| vm.console_tail(CONSOLE_TAIL)),
                 Err(_) => None,
-            }
+            };
+            tail
         };
         for line in console.unwrap_or_default().lines() {
             lines.push(LogLine {
