@@ -114,6 +114,8 @@ impl Drop for ScratchDir {
 pub struct Daemon {
     child: Option<std::process::Child>,
     state: std::path::PathBuf,
+    /// Where its VMs' directories are (`NULLSPACE_RUN_DIR`).
+    run_dir: std::path::PathBuf,
     /// `http://127.0.0.1:PORT` of the internal control API.
     pub control: String,
     /// `http://127.0.0.1:PORT` of the data-plane edge.
@@ -364,6 +366,8 @@ impl Daemon {
     fn launch(state: std::path::PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut cmd = std::process::Command::new(pool_manager_binary());
         cmd.envs(env.iter().copied());
+        reap_dead_test_runs();
+        let run_dir = run_dir_of(&state);
         cmd.args([
             "serve",
             "--listen",
@@ -381,17 +385,7 @@ impl Daemon {
         .env("RUST_LOG", "warn")
         // Its own run directory: a daemon reaps VM directories of dead owners, and
         // another test's daemon killed on purpose is one.
-        .env(
-            "NULLSPACE_RUN_DIR",
-            format!(
-                "/dev/shm/nullspace-{}",
-                state
-                    .file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .trim_start_matches("nullspace-")
-            ),
-        );
+        .env("NULLSPACE_RUN_DIR", &run_dir);
         // Ready once the templates are too: tests then see only their own VMs. If the
         // test process dies (a timeout), PDEATHSIG tells the daemon to end its VMs.
         let (child, lines) = spawn_until(
@@ -408,6 +402,7 @@ impl Daemon {
         Self {
             child: Some(child),
             state,
+            run_dir,
             control: urls[0].clone(),
             edge: urls[1].clone(),
             preview: urls[2].clone(),
@@ -480,6 +475,47 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop_with(libc::SIGTERM);
+        // A daemon started with `--on-exit keep` leaves its VMs running for the next
+        // start to adopt; there is none after a test, failed or not.
+        end_vms_of(&self.run_dir);
         let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+/// A daemon's run directory: its own, named after its state dir (a daemon reaps VM
+/// directories of dead owners, and another test's daemon killed on purpose is one).
+fn run_dir_of(state: &std::path::Path) -> std::path::PathBuf {
+    let name = state.file_name().unwrap().to_string_lossy().to_string();
+    std::path::PathBuf::from(format!(
+        "/dev/shm/nullspace-{}",
+        name.trim_start_matches("nullspace-")
+    ))
+}
+
+/// Kills the QEMU of every VM in `run_dir` whose daemon is gone, and removes the
+/// directories (the run dir goes with its last VM).
+fn end_vms_of(run_dir: &std::path::Path) {
+    vmm::vm_dir::reap_orphans(run_dir, &[]);
+    let _ = std::fs::remove_dir(run_dir);
+}
+
+/// Ends what test processes that were killed (a timeout: no `Drop` ran) left: the run
+/// dirs `/dev/shm/nullspace-test-NAME-PID` of PIDs that no longer run.
+fn reap_dead_test_runs() {
+    let Ok(entries) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix("nullspace-test-")
+            .and_then(|rest| rest.rsplit_once('-'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            end_vms_of(&e.path());
+        }
     }
 }
