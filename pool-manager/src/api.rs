@@ -79,7 +79,7 @@ impl axum::extract::FromRequestParts<Arc<Manager>> for Caller {
 }
 
 /// The caller's team, from `X-API-Key` or `Authorization: Bearer`.
-fn team(m: &Manager, headers: &HeaderMap) -> Result<String, ApiError> {
+pub(crate) fn team(m: &Manager, headers: &HeaderMap) -> Result<String, ApiError> {
     let key = api_model::api_key(|name| headers.get(name).and_then(|v| v.to_str().ok()))?;
     m.catalog.team_of_key(key)?.ok_or_else(|| {
         ApiError::unauthorized(

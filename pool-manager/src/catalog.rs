@@ -163,16 +163,18 @@ impl Catalog {
         }
     }
 
-    /// The template `id`, or the one its team calls `id`.
+    /// The template `id_or_name` of `team_id` (by ID or the name the team gave it);
+    /// with no team, any team's template by ID.
     pub fn template(
         &self,
-        team_id: &str,
+        team_id: Option<&str>,
         id_or_name: &str,
     ) -> Result<Option<TemplateRecord>, CatalogError> {
         let db = self.db.lock().unwrap();
         let json: Option<String> = db
             .query_row(
-                "SELECT record FROM templates WHERE team_id = ?1 AND (id = ?2 OR name = ?2)",
+                "SELECT record FROM templates WHERE (?1 IS NULL AND id = ?2)
+                 OR (team_id = ?1 AND (id = ?2 OR name = ?2))",
                 params![team_id, id_or_name],
                 |r| r.get(0),
             )
@@ -501,7 +503,7 @@ impl Catalog {
         }
         drop(db);
         if result.is_ok() && !events.is_empty() {
-            let _ = self.appended.send(record.id.clone());
+            self.announce(&record.id);
         }
         result
     }
@@ -534,6 +536,14 @@ impl Catalog {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Tells followers that `sandbox_id`'s log grew (nothing to do when none follows:
+    /// the create path appends events too).
+    fn announce(&self, sandbox_id: &str) {
+        if self.appended.receiver_count() > 0 {
+            let _ = self.appended.send(sandbox_id.to_string());
+        }
     }
 
     /// Sandbox IDs as events are appended to their logs (a lagging receiver re-reads
@@ -571,7 +581,7 @@ impl Catalog {
             params![sandbox_id, next, now_ms(), kind, data.to_string()],
         )?;
         drop(db);
-        let _ = self.appended.send(sandbox_id.to_string());
+        self.announce(sandbox_id);
         Ok(next as u64)
     }
 

@@ -394,9 +394,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         // A custom template's pool acts for the team that owns it.
         let owner = manager
             .catalog
-            .templates(None)?
-            .into_iter()
-            .find(|t| t.id == template)
+            .template(None, template)?
             .map(|t| t.team_id)
             .unwrap_or_default();
         manager

@@ -274,6 +274,20 @@ pub struct TemplateRecord {
 }
 
 impl TemplateRecord {
+    /// Ends its build as failed: the running step failed, the ones after it skipped.
+    pub fn fail(&mut self, failure: api_model::BuildFailure) {
+        use api_model::StepStatus;
+        for s in self.steps.iter_mut() {
+            s.status = match s.status {
+                StepStatus::Running => StepStatus::Failed,
+                StepStatus::Pending => StepStatus::Skipped,
+                done => done,
+            };
+        }
+        self.status = api_model::TemplateStatus::Failed;
+        self.error = Some(failure);
+    }
+
     /// The view callers get.
     pub fn view(&self) -> api_model::TemplateView {
         api_model::TemplateView {

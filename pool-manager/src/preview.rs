@@ -195,7 +195,7 @@ async fn serve(p: &Previews, mut req: Request) -> Result<Response, Response> {
             .into_response());
         }
     }
-    let agent = match p.manager.preview_agent(&sandbox, WAKE_WINDOW).await {
+    let agent = match p.manager.preview_agent(&record, WAKE_WINDOW).await {
         Ok(agent) => agent,
         Err(PreviewWake::Unavailable(why)) => return Err(unavailable(why)),
         Err(PreviewWake::Gone(e)) => return Err(e.into_response()),

@@ -26,18 +26,12 @@ impl Edge {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
-        let key = headers
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .or(bearer.filter(|b| b.starts_with("ns_")));
-        match key {
-            Some(key) => {
-                let team = self.manager.catalog.team_of_key(key)?.ok_or_else(|| {
-                    ApiError::unauthorized("unknown API key; create one with `nullspace-pool-manager admin key create`")
-                })?;
-                self.manager.owned(&team, id).map(drop)
-            }
-            None => self.check_token(headers, id),
+        // An API key (the control API's own check) or else a runtime token.
+        if headers.contains_key("x-api-key") || bearer.is_some_and(|b| b.starts_with("ns_")) {
+            let team = crate::api::team(&self.manager, headers)?;
+            self.manager.owned(&team, id).map(drop)
+        } else {
+            self.check_token(headers, id)
         }
     }
 }

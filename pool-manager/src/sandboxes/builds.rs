@@ -222,15 +222,7 @@ impl Manager {
         team: Option<&str>,
         id: &str,
     ) -> Result<Option<TemplateRecord>, ApiError> {
-        let found = match team {
-            Some(team) => self.catalog.template(team, id)?,
-            None => self
-                .catalog
-                .templates(None)?
-                .into_iter()
-                .find(|t| t.id == id),
-        };
-        match found {
+        match self.catalog.template(team, id)? {
             Some(t) if t.status == TemplateStatus::Ready => Ok(Some(t)),
             Some(t) => Err(ApiError::conflict(format!(
                 "template {} is {}, not ready: {}",
@@ -360,26 +352,16 @@ impl Manager {
                 );
             }
             Err(Failed(failure)) => {
-                for s in t.steps.iter_mut() {
-                    if matches!(s.status, StepStatus::Pending | StepStatus::Running) {
-                        s.status = if s.status == StepStatus::Running {
-                            StepStatus::Failed
-                        } else {
-                            StepStatus::Skipped
-                        };
-                    }
-                }
-                t.status = TemplateStatus::Failed;
                 t.build_ms = Some(started.elapsed().as_millis() as u64);
                 self.log_line(
                     &t.id,
                     failure.step,
                     format!("build failed: {}", failure.message),
                 );
-                t.error = Some(failure);
+                t.fail(failure);
             }
         }
-        let deleted = !matches!(self.catalog.template(&t.team_id, &t.id), Ok(Some(_)));
+        let deleted = !matches!(self.catalog.template(Some(&t.team_id), &t.id), Ok(Some(_)));
         if deleted {
             // Deleted while its snapshot was being stored: nothing of it may stay.
             if let Some(id) = &t.snapshot_id {
@@ -867,7 +849,7 @@ impl Manager {
             return Ok(builtin_view(id));
         }
         self.catalog
-            .template(team, id)?
+            .template(Some(team), id)?
             .map(|t| t.view())
             .ok_or_else(|| ApiError::not_found("template", id))
     }
@@ -898,7 +880,7 @@ impl Manager {
             woken.as_mut().enable();
             let t = self
                 .catalog
-                .template(team, id)?
+                .template(Some(team), id)?
                 .ok_or_else(|| ApiError::not_found("template", id))?;
             let lines = self.catalog.build_log(&t.id, after, limit)?;
             if !lines.is_empty()
@@ -927,7 +909,7 @@ impl Manager {
         }
         let t = self
             .catalog
-            .template(team, id)?
+            .template(Some(team), id)?
             .ok_or_else(|| ApiError::not_found("template", id))?;
         if let Some(build) = self.builds.running.lock().unwrap().remove(&t.id) {
             build.abort();
@@ -977,13 +959,7 @@ impl Manager {
             if t.status != TemplateStatus::Building {
                 continue;
             }
-            for s in t.steps.iter_mut() {
-                if matches!(s.status, StepStatus::Pending | StepStatus::Running) {
-                    s.status = StepStatus::Skipped;
-                }
-            }
-            t.status = TemplateStatus::Failed;
-            t.error = Some(BuildFailure {
+            t.fail(BuildFailure {
                 phase: "base".into(),
                 step: None,
                 message: "the pool manager stopped while this template was being built".into(),

@@ -307,12 +307,14 @@ impl Manager {
             (valid.on_timeout, valid.timeout_s, valid.resources);
         let mut template_id = req.template_id.clone();
         let mut env_vars = req.env_vars.clone();
-        if let Some(t) = self.ready_template(Some(team), &req.template_id)? {
+        if BUILTIN.contains(&req.template_id.as_str()) {
+            // The common case: no lookup on the create path.
+        } else if let Some(t) = self.ready_template(Some(team), &req.template_id)? {
             // A custom template (by ID or name): its shape, its env under the create's.
             resources = snapshots::fixed_shape(t.resources, req.resources, &t.id)?;
             template_id = t.id;
             env_vars = t.env_vars.into_iter().chain(req.env_vars.clone()).collect();
-        } else if !BUILTIN.contains(&req.template_id.as_str()) {
+        } else {
             // A snapshot ID works as a template: its shape is the snapshot's.
             let snapshot = self
                 .snapshot_template(team, &req.template_id)

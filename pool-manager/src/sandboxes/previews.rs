@@ -79,18 +79,14 @@ impl Manager {
         })
     }
 
-    /// The agent of a sandbox preview traffic is for, waking it (within `window`) if it
-    /// is paused with autoResume.
+    /// The agent of the sandbox `r` preview traffic is for, waking it (within `window`)
+    /// if it is paused with autoResume.
     pub async fn preview_agent(
         self: &Arc<Self>,
-        id: &str,
+        r: &SandboxRecord,
         window: Duration,
     ) -> Result<AgentClient, PreviewWake> {
-        let r = self
-            .catalog
-            .sandbox(id)
-            .map_err(|e| PreviewWake::Gone(e.into()))?
-            .ok_or_else(|| PreviewWake::Gone(ApiError::not_found("sandbox", id)))?;
+        let id = r.id.as_str();
         match r.state {
             InternalState::Active => {}
             InternalState::Stopped if r.auto_resume => {

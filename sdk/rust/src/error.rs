@@ -54,14 +54,19 @@ pub(crate) async fn check(resp: reqwest::Response) -> Result<reqwest::Response> 
         return Ok(resp);
     }
     let text = resp.text().await.unwrap_or_default();
-    let body: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    Err(Error::Api {
-        status: status.as_u16(),
+    Err(api_error(status.as_u16(), &text))
+}
+
+/// [`Error::Api`] from a refusal's status and body (the API's JSON error, or any text).
+pub(crate) fn api_error(status: u16, text: &str) -> Error {
+    let body: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+    Error::Api {
+        status,
         code: body["code"].as_str().unwrap_or("http_error").to_string(),
         message: body["message"]
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| format!("{status}: {text}")),
         details: body.get("details").cloned().unwrap_or_default(),
-    })
+    }
 }

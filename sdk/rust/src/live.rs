@@ -293,18 +293,11 @@ async fn ws_connect(url: &str, bearer: &str) -> Result<Socket> {
     match tokio_tungstenite::connect_async(request).await {
         Ok((socket, _)) => Ok(socket),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let status = resp.status().as_u16();
-            let body: serde_json::Value = resp
-                .body()
-                .as_ref()
-                .and_then(|b| serde_json::from_slice(b).ok())
-                .unwrap_or_default();
-            Err(Error::Api {
-                status,
-                code: body["code"].as_str().unwrap_or("http_error").to_string(),
-                message: body["message"].as_str().unwrap_or("refused").to_string(),
-                details: body.get("details").cloned().unwrap_or_default(),
-            })
+            let body = resp.body().as_deref().unwrap_or_default();
+            Err(crate::error::api_error(
+                resp.status().as_u16(),
+                &String::from_utf8_lossy(body),
+            ))
         }
         Err(e) => Err(ws_error(e)),
     }
