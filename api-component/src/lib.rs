@@ -14,8 +14,8 @@
 use api_model::{
     fields_param, is_sandbox_id, is_snapshot_id, parse_body, parse_query, reject_unknown_params,
     ApiError, BuildLogParams, CreateRequest, EventsParams, ForkBody, ListParams, MetricsParams,
-    PreviewBody, RefreshBody, RestoreBody, TemplateBuildRequest, TimeoutBody, WarmPoolBody,
-    MAX_BODY_BYTES,
+    PreviewBody, RefreshBody, RestoreBody, TemplateBuildRequest, TimeoutBody, VolumeCreateRequest,
+    WarmPoolBody, EgressPolicy, MAX_BODY_BYTES,
 };
 use spin_sdk::http::{IncomingRequest, Method, Request, Response};
 use spin_sdk::http_component;
@@ -192,6 +192,18 @@ fn route(
                     )),
                 };
             }
+            if *action == "egress" {
+                if *method != Method::Put {
+                    return Err(not_allowed(
+                        method,
+                        "/api/v1/sandboxes/{id}/egress",
+                        &["PUT"],
+                    ));
+                }
+                no_query()?;
+                parse_body::<EgressPolicy>(&body)?.compile()?;
+                return Ok(forward(Method::Put, path, body));
+            }
             let allowed = match *action {
                 "connect" | "pause" | "resume" | "refreshes" | "timeout" | "hibernate" | "fork"
                 | "previews" => "POST",
@@ -288,6 +300,35 @@ fn route(
                 _ => Err(not_allowed(
                     method,
                     "/api/v1/templates/{id}",
+                    &["GET", "DELETE"],
+                )),
+            }
+        }
+        ["volumes"] => match method {
+            Method::Post => {
+                no_query()?;
+                parse_body::<VolumeCreateRequest>(&body)?.validate()?;
+                Ok(forward(Method::Post, "/v1/volumes".into(), body))
+            }
+            Method::Get => {
+                no_query()?;
+                empty_body(&body)?;
+                Ok(forward(Method::Get, "/v1/volumes".into(), Vec::new()))
+            }
+            _ => Err(not_allowed(method, "/api/v1/volumes", &["POST", "GET"])),
+        },
+        ["volumes", volume] => {
+            // A volume ID, or a name: the same characters as a template's.
+            let volume = template_id(volume).map_err(|_| ApiError::not_found("volume", volume))?;
+            let path = format!("/v1/volumes/{volume}");
+            no_query()?;
+            empty_body(&body)?;
+            match method {
+                Method::Get => Ok(forward(Method::Get, path, Vec::new())),
+                Method::Delete => Ok(forward(Method::Delete, path, Vec::new())),
+                _ => Err(not_allowed(
+                    method,
+                    "/api/v1/volumes/{id}",
                     &["GET", "DELETE"],
                 )),
             }

@@ -2,12 +2,15 @@
 //! enforces before a request reaches a pool manager, and what the pool manager enforces
 //! again on its own internal API. No I/O, so it builds for `wasm32-wasip1` as well.
 
+mod egress;
 mod error;
 mod live;
 mod query;
 mod request;
 mod template;
+mod volume;
 
+pub use egress::{CompiledEgress, EgressPolicy, EgressRule, MAX_EGRESS_RULES};
 pub use error::ApiError;
 pub use live::{Event, MetricSample, Preview, ProxyTarget};
 pub use query::{
@@ -25,6 +28,11 @@ pub use template::{
     is_template_id, is_template_name, BuildFailure, BuildLogLine, BuildLogPage, BuildStep,
     FileSpec, StepAction, StepStatus, StepView, TemplateBuildRequest, TemplateStatus, TemplateView,
     ValidBuild, ValidStep, BUILTIN_TEMPLATES, MAX_LOG_PAGE, MAX_LOG_WAIT_S,
+};
+
+pub use volume::{
+    is_volume_id, validate_mounts, Mount, MountMode, MountRequest, VolumeAttachment,
+    VolumeCreateRequest, VolumeView, DEFAULT_VOLUME_MIB, MAX_MOUNTS, VOLUME_MIB_RANGE,
 };
 
 /// Largest control-plane request body, in bytes.

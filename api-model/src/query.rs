@@ -18,6 +18,10 @@ pub const VIEW_FIELDS: &[&str] = &[
     "timeline",
     "diagnostic",
     "runtime",
+    "snapshotInterval",
+    "hibernated",
+    "egress",
+    "mounts",
 ];
 
 /// The states callers see; internal ones never leave a pool manager.

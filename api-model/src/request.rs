@@ -1,5 +1,7 @@
 //! Request bodies, and the checks on them that need no state.
 
+use crate::egress::EgressPolicy;
+use crate::volume::{validate_mounts, Mount, MountRequest};
 use crate::ApiError;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -127,12 +129,12 @@ pub struct CreateRequest {
     /// Shape; defaults 2 vCPUs, 2048 MiB, 8192 MiB disk.
     #[serde(default)]
     pub resources: Option<Resources>,
-    /// Network egress policy (not available yet).
+    /// Network egress policy (default: internet on, no lists).
     #[serde(default)]
-    pub egress: Option<Value>,
-    /// Volume mounts (not available yet).
+    pub egress: Option<EgressPolicy>,
+    /// Volume mounts: guest path → `{id, type}`.
     #[serde(default)]
-    pub mounts: Option<Value>,
+    pub mounts: BTreeMap<String, MountRequest>,
     /// Warm-pool checkout: `require` (fail with `warm_pool_unavailable` when no ready
     /// instance matches) or `prefer` (fall back to a restore); absent: no checkout.
     #[serde(default)]
@@ -160,6 +162,10 @@ pub struct ValidCreate {
     pub warm_pool: Option<WarmPoolMode>,
     /// Whether preview traffic wakes the sandbox once paused.
     pub auto_resume: bool,
+    /// The egress policy (checked).
+    pub egress: EgressPolicy,
+    /// The volumes to mount (checked; names not yet resolved).
+    pub mounts: Vec<Mount>,
 }
 
 impl CreateRequest {
@@ -171,17 +177,9 @@ impl CreateRequest {
             )
             .with_details(json!({ "field": "templateID" })));
         }
-        for (field, given) in [
-            ("egress", self.egress.is_some()),
-            ("mounts", self.mounts.is_some()),
-        ] {
-            if given {
-                return Err(ApiError::not_implemented(
-                    field,
-                    format!("{field} is not available yet on this server; omit it"),
-                ));
-            }
-        }
+        let egress = self.egress.clone().unwrap_or_default();
+        egress.compile()?;
+        let mounts = validate_mounts(&self.mounts)?;
         let lifecycle = self.lifecycle.clone().unwrap_or_default();
         let on_timeout = match (self.auto_pause, lifecycle.on_timeout) {
             (Some(true), Some(OnTimeout::Kill)) | (Some(false), Some(OnTimeout::Pause)) => {
@@ -233,6 +231,8 @@ impl CreateRequest {
             snapshot_interval_s,
             warm_pool: self.warm_pool,
             auto_resume,
+            egress,
+            mounts,
         })
     }
 }
@@ -589,8 +589,21 @@ mod tests {
             let req: CreateRequest = parse_body(bad.as_bytes()).unwrap();
             assert_eq!(req.validate().unwrap_err().status, 400, "{bad}");
         }
-        let req: CreateRequest = parse_body(br#"{"templateID":"base","egress":{}}"#).unwrap();
-        assert_eq!(req.validate().unwrap_err().status, 501);
+        let req: CreateRequest = parse_body(
+            br#"{"templateID":"base","egress":{"internet":false,"allow":["10.0.0.0/40"]}}"#,
+        )
+        .unwrap();
+        assert!(req
+            .validate()
+            .unwrap_err()
+            .message
+            .starts_with("egress.allow[0]"));
+        let req: CreateRequest = parse_body(
+            br#"{"templateID":"base","mounts":{"/mnt/w":{"id":"w","type":"ro"}},"egress":{"deny":["bad.test"]}}"#,
+        )
+        .unwrap();
+        let v = req.validate().unwrap();
+        assert_eq!((v.mounts.len(), v.egress.deny.len()), (1, 1));
         let req: CreateRequest =
             parse_body(br#"{"templateID":"base","warmPool":"require"}"#).unwrap();
         assert_eq!(

@@ -13,7 +13,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -44,6 +44,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         )
         .route("/v1/sandboxes/{id}/fork", post(fork))
         .route("/v1/sandboxes/{id}/previews", post(create_preview))
+        .route("/v1/sandboxes/{id}/egress", put(set_egress))
         .route("/v1/sandboxes/{id}/logs", get(logs))
         .route("/v1/sandboxes/{id}/metrics", get(metrics))
         .route("/v1/observability/summary", get(summary))
@@ -186,6 +187,16 @@ async fn set_timeout(
         .checked()?
         .ok_or_else(|| ApiError::bad_request("timeout is required; send {\"timeout\": seconds}"))?;
     Ok(Json(m.set_timeout(&team, &id, seconds)?))
+}
+
+async fn set_egress(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<SandboxView>, ApiError> {
+    let policy: api_model::EgressPolicy = parse_body(&body)?;
+    Ok(Json(m.set_egress(&team, &id, policy).await?))
 }
 
 async fn delete(

@@ -4,6 +4,7 @@
 //! nullspace-pool-manager serve [--listen ADDR] [--edge-listen ADDR] [--preview-listen ADDR] [--preview-domain HOST[:PORT]] [--state-dir DIR] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
 //!     [--snapshot-store local|s3] [--store-dir DIR] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region R]]
 //!     [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
+//!     [--network auto|isolated|user] [--egress-dns IP:PORT]
 //! nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--state-dir DIR]
 //! nullspace-pool-manager admin team quota TEAM --max-sandboxes N [--state-dir DIR]
 //! nullspace-pool-manager admin key create --team TEAM [--key KEY] [--state-dir DIR]
@@ -34,10 +35,44 @@ const USAGE: &str = "usage:
   nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--preview-listen 127.0.0.1:7072] [--preview-domain localhost:PORT] [--state-dir /var/lib/nullspace] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
       [--snapshot-store local|s3] [--store-dir STATE/objects] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region us-east-1]]
       [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
+      [--network auto|isolated|user] [--egress-dns IP:PORT]
   nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--state-dir DIR]
   nullspace-pool-manager admin team quota TEAM --max-sandboxes N [--state-dir DIR]
   nullspace-pool-manager admin key create --team TEAM [--key KEY] [--state-dir DIR]
 S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.";
+
+/// `--network`: `isolated` (each VM in its own namespace behind the egress proxy; an
+/// error where the host cannot), `user` (QEMU's user-mode network: no egress rules), or
+/// `auto` (isolated where the host can).
+fn network_settings(args: &Args) -> anyhow::Result<sandboxes::NetworkSettings> {
+    let check = vmm::net::GuestNet::check_host();
+    let isolated = match args.flag("network", "auto").as_str() {
+        "auto" => check,
+        "isolated" => {
+            check.map_err(|why| anyhow::anyhow!("--network isolated: {why}"))?;
+            Ok(())
+        }
+        "user" => Err("started with --network user".to_string()),
+        other => bail!("--network {other}: send auto, isolated or user"),
+    };
+    match &isolated {
+        Ok(()) => {
+            eprintln!("nullspace-pool-manager: network: each VM isolated behind the egress proxy")
+        }
+        Err(why) => eprintln!(
+            "nullspace-pool-manager: network: user-mode, egress rules unavailable ({why})"
+        ),
+    }
+    let upstream = match args.flags.iter().rev().find(|(n, _)| n == "egress-dns") {
+        Some((_, v)) => egress::Upstream {
+            dns: v
+                .parse()
+                .with_context(|| format!("--egress-dns {v}: send IP:PORT, e.g. 10.0.0.53:53"))?,
+        },
+        None => egress::Upstream::from_host(),
+    };
+    Ok(sandboxes::NetworkSettings { isolated, upstream })
+}
 
 /// Command-line flags: `--name value` pairs after the positional words.
 struct Args {
@@ -293,6 +328,8 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         "periodic-snapshot-interval-s",
         "min-free-disk-mib",
         "warm-pool",
+        "network",
+        "egress-dns",
     ])?;
     let dir = state_dir(args)?;
     let listen = args.flag("listen", "127.0.0.1:7070");
@@ -308,8 +345,10 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     };
     // VMs outlive the daemon process: a crash or SIGKILL loses no sandbox, and the next
     // start adopts them.
+    let network = network_settings(args)?;
     let config = vmm::QemuConfig {
         detach_vms: true,
+        isolated_network: network.isolated.is_ok(),
         ..vmm::QemuConfig::from_env()?
     };
     let vmm = vmm::QemuVmm::new(config, vmm::ImageSet::from_env()?)
@@ -360,6 +399,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
                 .context("--max-sandboxes-per-team needs a number")?,
             snapshots,
             preview_domain: preview_domain.clone(),
+            network,
         },
     ));
     manager

@@ -89,6 +89,12 @@ pub struct SandboxRecord {
     /// Ports its preview URLs serve without a token.
     #[serde(default)]
     pub public_ports: Vec<u16>,
+    /// What its guest may reach.
+    #[serde(default)]
+    pub egress: api_model::EgressPolicy,
+    /// Volumes it holds (resolved IDs), mounted at each start of its VM.
+    #[serde(default)]
+    pub mounts: Vec<api_model::Mount>,
 }
 
 impl SandboxRecord {
@@ -124,6 +130,8 @@ impl SandboxRecord {
             fork_base: None,
             auto_resume: false,
             public_ports: Vec::new(),
+            egress: api_model::EgressPolicy::default(),
+            mounts: Vec::new(),
         }
     }
 
@@ -207,6 +215,10 @@ pub struct SandboxView {
     pub snapshot_interval: u64,
     /// Whether the pause snapshot is in object storage (resumable on any worker).
     pub hibernated: bool,
+    /// What its guest may reach.
+    pub egress: api_model::EgressPolicy,
+    /// Its volumes: guest path, volume ID, `rw` or `ro`.
+    pub mounts: Vec<api_model::Mount>,
 }
 
 impl SandboxView {
@@ -227,6 +239,8 @@ impl SandboxView {
             runtime,
             snapshot_interval: r.snapshot_interval_s,
             hibernated: r.hibernated.is_some(),
+            egress: r.egress.clone(),
+            mounts: r.mounts.clone(),
         }
     }
 }

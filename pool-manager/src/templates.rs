@@ -33,8 +33,13 @@ impl Templates {
 
     fn key(&self, template: &str, vcpus: u32, mem_mib: u32) -> String {
         let inputs = format!(
-            "{}|{}|{}|{}|{}|{}",
+            "{}|{}|{}|{}|{}|{}|{}",
             self.vmm.images().key(),
+            if self.vmm.isolated_network() {
+                "isolated"
+            } else {
+                "user"
+            },
             self.vmm.qemu_version(),
             self.vmm.accel().accel,
             template,

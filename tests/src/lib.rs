@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod http;
+pub mod netns;
 
 use agent_protocol::{Command, ExecRequest};
 use std::time::Duration;

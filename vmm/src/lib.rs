@@ -7,6 +7,7 @@
 
 pub mod accel;
 pub mod images;
+pub mod net;
 pub mod qemu;
 pub mod qmp;
 pub mod snapshot;

@@ -7,6 +7,7 @@
 
 use crate::accel::{self, Accel, AccelChoice, Detection};
 use crate::images::ImageSet;
+use crate::net::{EgressSockets, GuestNet};
 use crate::qmp::Qmp;
 use crate::snapshot::{self, MemoryFormat, Snapshot, SnapshotManifest};
 use crate::vm_dir::{self, VmDir};
@@ -40,10 +41,15 @@ pub struct QemuConfig {
     /// own, and a restarted owner re-adopts them ([`QemuVmm::adopt`]). Otherwise QEMU
     /// dies with the thread that started it.
     pub detach_vms: bool,
+    /// Each VM in its own network namespace behind a tap device, its traffic handed to
+    /// the owner's egress proxy ([`QemuVm::take_egress`]); otherwise QEMU's user-mode
+    /// network.
+    pub isolated_network: bool,
 }
 
 impl QemuConfig {
-    /// Defaults, overridden by `NULLSPACE_QEMU`, `NULLSPACE_RUN_DIR`, `NULLSPACE_ACCEL`.
+    /// Defaults, overridden by `NULLSPACE_QEMU`, `NULLSPACE_RUN_DIR`, `NULLSPACE_ACCEL`,
+    /// `NULLSPACE_NETWORK` (`user` or `isolated`).
     pub fn from_env() -> Result<Self, VmmError> {
         Ok(Self {
             qemu_binary: std::env::var_os("NULLSPACE_QEMU")
@@ -56,6 +62,15 @@ impl QemuConfig {
                 .unwrap_or_default()
                 .parse()?,
             detach_vms: false,
+            isolated_network: match std::env::var("NULLSPACE_NETWORK").as_deref() {
+                Ok("isolated") => true,
+                Ok("user") | Err(_) => false,
+                Ok(other) => {
+                    return Err(VmmError::InvalidSpec(format!(
+                        "NULLSPACE_NETWORK={other}: send isolated or user"
+                    )))
+                }
+            },
         })
     }
 }
@@ -214,6 +229,14 @@ impl QemuVmm {
             run_as: self.run_as.clone(),
             qemu_version: self.qemu_version.clone(),
             kernel_key: self.images.kernel_key()?,
+            net: if record.launch.isolated_network {
+                Some(GuestNet::of_process(record.pid).map_err(|e| {
+                    VmmError::Host(format!("re-entering the VM's network namespace: {e}"))
+                })?)
+            } else {
+                None
+            },
+            holds: Vec::new(),
             launch: record.launch,
             dir: vm_dir,
         };
@@ -232,6 +255,11 @@ impl QemuVmm {
     /// The image set VMs boot from.
     pub fn images(&self) -> &ImageSet {
         &self.images
+    }
+
+    /// Whether each VM gets its own network namespace (see [`crate::net`]).
+    pub fn isolated_network(&self) -> bool {
+        self.config.isolated_network
     }
 
     /// Whether QEMU runs under `-sandbox on`.
@@ -313,7 +341,9 @@ impl QemuVmm {
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
             "-netdev".into(),
-            if launch.egress {
+            if launch.isolated_network {
+                "tap,id=net0,ifname=tap0,script=no,downscript=no".into()
+            } else if launch.egress {
                 "user,id=net0".into()
             } else {
                 "user,id=net0,restrict=on".into()
@@ -395,6 +425,18 @@ impl QemuVmm {
         )
         .await?;
         prepare(&dir)?;
+        let net = if launch.isolated_network {
+            let owner = self.run_as.as_ref().map(|r| r.uid);
+            Some(
+                tokio::task::spawn_blocking(move || GuestNet::create(owner))
+                    .await
+                    .map_err(|e| VmmError::Host(e.to_string()))?
+                    .map_err(|e| VmmError::Host(format!("the VM's network namespace: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let netns_fd = net.as_ref().map(|n| n.netns_fd());
         if let Some(run_as) = &self.run_as {
             for entry in std::fs::read_dir(dir.path())
                 .into_iter()
@@ -419,6 +461,11 @@ impl QemuVmm {
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(fd) = netns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 if let Some(r) = &run_as {
                     if libc::setgroups(r.groups.len(), r.groups.as_ptr()) != 0
                         || libc::setgid(r.gid) != 0
@@ -466,6 +513,8 @@ impl QemuVmm {
             qemu_version: self.qemu_version.clone(),
             kernel_key: self.images.kernel_key()?,
             launch,
+            net,
+            holds: Vec::new(),
             dir,
         };
         let deadline = Instant::now() + vm.launch.boot_timeout;
@@ -502,6 +551,7 @@ impl QemuVmm {
             rootfs_image: rootfs,
             disk_mib: spec.disk_mib,
             egress: spec.egress,
+            isolated_network: self.config.isolated_network,
             incoming: false,
             boot_timeout: spec.boot_timeout,
             rootfs: spec.rootfs.clone(),
@@ -537,6 +587,7 @@ impl QemuVmm {
             &self.qemu_version,
             &self.images.kernel_key()?,
             self.accel.accel,
+            self.config.isolated_network,
         )?;
         let memory = match (m.memory, options.memory) {
             (MemoryFormat::File, RestoreMemory::CopyOnWrite) => {
@@ -554,6 +605,7 @@ impl QemuVmm {
             rootfs_image: m.rootfs_image.clone(),
             disk_mib: m.disk_mib,
             egress: options.egress.unwrap_or(m.egress),
+            isolated_network: self.config.isolated_network,
             incoming: true,
             boot_timeout: options.timeout,
             rootfs: m.rootfs.clone(),
@@ -616,6 +668,7 @@ impl QemuVmm {
             &self.qemu_version,
             &self.images.kernel_key()?,
             self.accel.accel,
+            self.config.isolated_network,
         )?;
         grant_restore_access(dir, self.run_as.as_ref());
         snapshot.commit()?;
@@ -734,6 +787,9 @@ struct Launch {
     rootfs_image: PathBuf,
     disk_mib: u64,
     egress: bool,
+    /// In a network namespace of its own (see [`crate::net`]).
+    #[serde(default)]
+    isolated_network: bool,
     incoming: bool,
     boot_timeout: Duration,
     rootfs: String,
@@ -907,6 +963,10 @@ pub struct QemuVm {
     qemu_version: String,
     kernel_key: String,
     launch: Launch,
+    /// Its network namespace, when it has one.
+    net: Option<GuestNet>,
+    /// What lives exactly as long as this VM handle (its egress proxy, say).
+    holds: Vec<Box<dyn std::any::Any + Send + Sync>>,
     // Last: removed after QEMU is dead.
     dir: VmDir,
 }
@@ -1011,6 +1071,17 @@ impl QemuVm {
     }
 
     /// The VM's directory.
+    /// The sockets of this VM's egress proxy, once (none under user-mode networking).
+    pub fn take_egress(&mut self) -> Option<EgressSockets> {
+        self.net.as_mut()?.take_sockets()
+    }
+
+    /// Keeps `value` until this VM handle goes (killed, released or dropped): what
+    /// serves the VM stops with it.
+    pub fn hold(&mut self, value: impl std::any::Any + Send + Sync) {
+        self.holds.push(Box::new(value));
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -1181,6 +1252,7 @@ impl QemuVm {
             disk_mib: self.launch.disk_mib,
             egress: self.launch.egress,
             memory: format,
+            isolated_network: self.launch.isolated_network,
         };
         let snapshot = Snapshot::new(dest.to_path_buf(), manifest);
         snapshot.commit()?;

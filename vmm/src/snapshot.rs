@@ -60,6 +60,10 @@ pub struct SnapshotManifest {
     pub disk_mib: u64,
     pub egress: bool,
     pub memory: MemoryFormat,
+    /// Whether the VM was on a tap device in its own namespace (QEMU saves user-mode
+    /// networking's state, so a snapshot restores only into the same kind of network).
+    #[serde(default)]
+    pub isolated_network: bool,
 }
 
 /// A snapshot on disk.
@@ -141,8 +145,24 @@ impl Snapshot {
         qemu_version: &str,
         kernel_key: &str,
         accel: Accel,
+        isolated_network: bool,
     ) -> Result<(), VmmError> {
         let m = &self.manifest;
+        if m.isolated_network != isolated_network {
+            let kind = |isolated| {
+                if isolated {
+                    "an isolated network"
+                } else {
+                    "user-mode networking"
+                }
+            };
+            return Err(VmmError::SnapshotMismatch(format!(
+                "snapshot {} was taken with {}, this host runs VMs with {}; restore it on a host started with the same --network, or take a new snapshot here",
+                m.id,
+                kind(m.isolated_network),
+                kind(isolated_network)
+            )));
+        }
         let mismatch = |what: &str, theirs: &str, ours: &str| {
             Err(VmmError::SnapshotMismatch(format!(
                 "snapshot {} was taken with {what} {theirs}, this host has {ours}; restore it on a host with the same {what}, or take a new snapshot here",

@@ -405,7 +405,10 @@ impl Manager {
             let _ = std::fs::File::open(snapshot.dir())
                 .and_then(|f| f.set_modified(std::time::SystemTime::now()));
             match self.vmm.restore(&snapshot, &options).await {
-                Ok(vm) => return Ok((vm, i + 1)),
+                Ok(mut vm) => {
+                    self.seat_open(&mut vm, &t.id);
+                    return Ok((vm, i + 1));
+                }
                 Err(e) => {
                     warn!(template = %t.id, error = %e, "a cached step would not restore; dropping it");
                     let _ = std::fs::remove_dir_all(snapshot.dir());
@@ -433,6 +436,8 @@ impl Manager {
             )
             .await
             .map_err(|e| base_failed(ApiError::internal(e.to_string())))?;
+        let mut vm = vm;
+        self.seat_open(&mut vm, &t.id);
         Ok((vm, 0))
     }
 

@@ -18,10 +18,12 @@ use tracing::{info, warn, Instrument};
 use vmm::{QemuVm, QemuVmm, RestoreMemory, RestoreOptions, Snapshot, Vm};
 
 mod builds;
+mod network;
 mod observe;
 mod previews;
 mod snapshots;
 mod warm;
+pub use network::NetworkSettings;
 pub use previews::PreviewWake;
 use snapshots::snapshot_resources;
 pub use snapshots::SnapshotSettings;
@@ -63,6 +65,8 @@ pub struct Manager {
     preview_domain: String,
     /// Resource samples of running sandboxes.
     samples: observe::Samples,
+    /// Egress proxies and their policies.
+    network: network::Network,
 }
 
 /// Half of this host's memory in MiB: no single sandbox gets more.
@@ -96,6 +100,8 @@ pub struct ManagerConfig {
     pub snapshots: SnapshotSettings,
     /// `HOST[:PORT]` preview URLs are made under (`<port>-<sandbox>.HOST`).
     pub preview_domain: String,
+    /// How VMs are networked.
+    pub network: NetworkSettings,
 }
 
 impl Manager {
@@ -108,6 +114,7 @@ impl Manager {
             default_quota,
             snapshots,
             preview_domain,
+            network,
         } = config;
         Self {
             catalog,
@@ -129,6 +136,7 @@ impl Manager {
             builds: builds::Builds::default(),
             preview_domain,
             samples: observe::Samples::default(),
+            network: network::Network::new(network),
         }
     }
 
@@ -154,8 +162,9 @@ impl Manager {
                 InternalState::Active => {
                     let dir = r.vm_dir.clone().unwrap_or_default();
                     match self.vmm.adopt(std::path::Path::new(&dir)).await {
-                        Ok(vm) => {
+                        Ok(mut vm) => {
                             adopted.push(PathBuf::from(&dir));
+                            self.seat(&r, &mut vm);
                             *self.slot(&r.id).lock().await = Some(vm);
                             r.step(
                                 "running",
@@ -327,11 +336,13 @@ impl Manager {
             resources = snapshot_resources(&snapshot, req.resources, &req.template_id)?;
         }
         self.check_shape(&template_id, resources)?;
+        self.network.check(&valid.egress)?;
         let mut record = SandboxRecord {
             env_vars,
             metadata: req.metadata,
             on_timeout,
             auto_resume: valid.auto_resume,
+            egress: valid.egress.clone(),
             ..SandboxRecord::fresh(
                 team,
                 template_id,
@@ -438,8 +449,9 @@ impl Manager {
         let work = async move {
             let result = this.start_vm(&mut record).await;
             match result {
-                Ok(vm) => {
+                Ok(mut vm) => {
                     record.vm_dir = Some(vm.dir().display().to_string());
+                    this.seat(&record, &mut vm);
                     *guard = Some(vm);
                     this.transition(&mut record, InternalState::Active, "restored from template")?;
                 }
@@ -483,7 +495,7 @@ impl Manager {
     async fn adopt_warm(
         &self,
         mut record: SandboxRecord,
-        vm: QemuVm,
+        mut vm: QemuVm,
     ) -> Result<SandboxView, ApiError> {
         let slot = self.slot(&record.id);
         let mut guard = slot.lock().await;
@@ -510,6 +522,7 @@ impl Manager {
             vm.kill().await;
             return Err(e);
         }
+        self.seat(&record, &mut vm);
         *guard = Some(vm);
         info!(sandbox = %record.id, "checked out from the warm pool");
         Ok(self.view(&record, true))
@@ -715,7 +728,7 @@ impl Manager {
             .clone()
             .ok_or_else(|| ApiError::internal("paused sandbox has no pause snapshot"))?;
         let snapshot = Snapshot::open(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
-        let vm = self
+        let mut vm = self
             .vmm
             .restore(&snapshot, &RestoreOptions::default())
             .await
@@ -723,6 +736,7 @@ impl Manager {
                 ApiError::internal(format!("resume failed, the sandbox stays paused: {e}"))
             })?;
         r.vm_dir = Some(vm.dir().display().to_string());
+        self.seat(&r, &mut vm);
         *vm_slot = Some(vm);
         // Timeouts count from the resume.
         r.expires_at_ms = now_ms() + r.timeout_s as i64 * 1000;
@@ -808,6 +822,7 @@ impl Manager {
             self.delete_hibernate_snapshot(&snapshot_id).await;
         }
         let fork_base = r.fork_base.take();
+        self.network.forget(&r.id);
         self.transition(&mut r, InternalState::Deleted, reason)?;
         if let Some(dir) = fork_base {
             self.release_fork_base(&dir)?;

@@ -259,6 +259,8 @@ impl Manager {
                     "autoResume": r.auto_resume,
                     "publicPorts": r.public_ports,
                     "timeout": r.timeout_s,
+                    "egress": r.egress,
+                    "mounts": r.mounts,
                 }),
             };
             stored::publish(self.store(), &taken.dir, SNAPSHOT_FILES, new)
@@ -601,7 +603,7 @@ impl Manager {
         let dir = self
             .pauses_dir(&r.id)
             .join(uuid::Uuid::new_v4().simple().to_string());
-        let vm = self
+        let mut vm = self
             .fetch_and_restore(&s, &dir, RestoreMemory::Copy, None)
             .await
             .map_err(|e| ApiError {
@@ -609,6 +611,7 @@ impl Manager {
                 ..e
             })?;
         r.vm_dir = Some(vm.dir().display().to_string());
+        self.seat(&r, &mut vm);
         *guard = Some(vm);
         r.expires_at_ms = now_ms() + r.timeout_s as i64 * 1000;
         r.hibernated = None;
@@ -804,6 +807,8 @@ impl Manager {
                 StoredSandbox {
                     env_vars: r.env_vars.clone(),
                     metadata: r.metadata.clone(),
+                    egress: r.egress.clone(),
+                    mounts: r.mounts.clone(),
                     ..StoredSandbox::default()
                 },
                 l.manifest().id.clone(),
@@ -817,6 +822,7 @@ impl Manager {
         let mut record = SandboxRecord {
             env_vars: origin.env_vars,
             metadata: body.metadata.unwrap_or(origin.metadata),
+            egress: origin.egress,
             ..SandboxRecord::fresh(
                 team,
                 template_id,
@@ -849,8 +855,9 @@ impl Manager {
             Pick::Local(_, l) => self.copy_and_restore(l, &dir).await,
         };
         match result {
-            Ok(vm) => {
+            Ok(mut vm) => {
                 record.vm_dir = Some(vm.dir().display().to_string());
+                self.seat(&record, &mut vm);
                 *guard = Some(vm);
                 self.transition(
                     &mut record,
@@ -921,6 +928,7 @@ impl Manager {
                 on_timeout: parent.on_timeout,
                 auto_resume: parent.auto_resume,
                 public_ports: parent.public_ports.clone(),
+                egress: parent.egress.clone(),
                 fork_base: Some(dir.display().to_string()),
                 ..SandboxRecord::fresh(
                     team,
@@ -950,8 +958,9 @@ impl Manager {
             Ok((_snapshot, vms)) => {
                 info!(sandbox = %id, children = count, elapsed_ms = started.elapsed().as_millis() as u64, "forked");
                 let mut views = Vec::new();
-                for (mut child, vm) in children.into_iter().zip(vms) {
+                for (mut child, mut vm) in children.into_iter().zip(vms) {
                     child.vm_dir = Some(vm.dir().display().to_string());
+                    self.seat(&child, &mut vm);
                     *self.slot(&child.id).lock().await = Some(vm);
                     self.transition(&mut child, InternalState::Active, "forked")?;
                     views.push(self.view(&child, true));
@@ -1068,6 +1077,8 @@ struct StoredSandbox {
     timeout: Option<u64>,
     auto_resume: bool,
     public_ports: Vec<u16>,
+    egress: api_model::EgressPolicy,
+    mounts: Vec<api_model::Mount>,
 }
 
 #[cfg(test)]

@@ -1,0 +1,130 @@
+//! Sandbox egress: each VM's proxy serves under its sandbox's policy (one [`Gate`]
+//! per sandbox, kept while the sandbox exists, so a policy set while it is paused holds
+//! when it runs again), and policy changes on running sandboxes.
+
+use super::Manager;
+use crate::error::ApiError;
+use crate::model::*;
+use api_model::EgressPolicy;
+use egress::{Gate, Upstream};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tracing::warn;
+use vmm::QemuVm;
+
+/// How this host networks its VMs.
+#[derive(Debug, Clone)]
+pub struct NetworkSettings {
+    /// `Ok`: every VM has its own namespace and an egress proxy; `Err(why)`: user-mode
+    /// networking, and no policy but the open one can be enforced.
+    pub isolated: Result<(), String>,
+    /// Where the proxies send DNS lookups.
+    pub upstream: Upstream,
+}
+
+/// The gates of this host's sandboxes.
+pub(super) struct Network {
+    pub settings: NetworkSettings,
+    gates: Mutex<HashMap<String, Arc<Gate>>>,
+}
+
+impl Network {
+    pub fn new(settings: NetworkSettings) -> Self {
+        Self {
+            settings,
+            gates: Mutex::default(),
+        }
+    }
+
+    fn gate(&self, sandbox: &str, policy: &EgressPolicy) -> Arc<Gate> {
+        self.gates
+            .lock()
+            .unwrap()
+            .entry(sandbox.to_string())
+            .or_insert_with(|| Gate::new(policy.compile().unwrap_or_else(|_| closed())))
+            .clone()
+    }
+
+    /// Forgets a sandbox's gate (it is gone).
+    pub fn forget(&self, sandbox: &str) {
+        self.gates.lock().unwrap().remove(sandbox);
+    }
+
+    /// Refuses a policy this host cannot enforce.
+    pub fn check(&self, policy: &EgressPolicy) -> Result<(), ApiError> {
+        match &self.settings.isolated {
+            Err(why) if !policy.is_open() => Err(ApiError::not_implemented(
+                "egress",
+                format!(
+                    "this host cannot enforce egress rules ({why}); omit egress, or run the pool manager with --network isolated on a host that can"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What a stored policy that no longer parses becomes: nothing out (never more open
+/// than what was asked).
+fn closed() -> api_model::CompiledEgress {
+    api_model::CompiledEgress {
+        internet: false,
+        allow: Vec::new(),
+        deny: Vec::new(),
+    }
+}
+
+impl Manager {
+    /// Starts serving `vm`'s egress under `record`'s policy. Nothing to do for a VM on
+    /// user-mode networking, or one already served (its proxy lives as long as it).
+    pub(super) fn seat(&self, record: &SandboxRecord, vm: &mut QemuVm) {
+        let gate = self.network.gate(&record.id, &record.egress);
+        serve(vm, gate, self.network.settings.upstream, &record.id);
+    }
+
+    /// Serves the egress of a VM that belongs to no sandbox (a template build) with the
+    /// open policy.
+    pub(super) fn seat_open(&self, vm: &mut QemuVm, label: &str) {
+        let gate = Gate::new(EgressPolicy::default().compile().expect("open policy"));
+        serve(vm, gate, self.network.settings.upstream, label);
+    }
+
+    /// Replaces a sandbox's policy. A running sandbox's new connections and lookups
+    /// follow it at once, and its open connections the policy no longer allows are cut.
+    pub async fn set_egress(
+        &self,
+        team: &str,
+        id: &str,
+        policy: EgressPolicy,
+    ) -> Result<SandboxView, ApiError> {
+        let compiled = policy.compile()?;
+        self.network.check(&policy)?;
+        let (_guard, mut r) = self.lock_owned(team, id).await?;
+        if matches!(r.state, InternalState::Deleted | InternalState::Destroying) {
+            return Err(ApiError::conflict(format!("sandbox {id} is deleted")));
+        }
+        r.egress = policy;
+        self.catalog.put_sandbox(&r)?;
+        self.catalog.append_event(
+            id,
+            "sandbox.egress_updated",
+            &serde_json::json!({ "egress": r.egress }),
+        )?;
+        if let Some(gate) = self.network.gates.lock().unwrap().get(id) {
+            gate.set(compiled);
+        }
+        Ok(self.view(&r, true))
+    }
+}
+
+fn serve(vm: &mut QemuVm, gate: Arc<Gate>, upstream: Upstream, label: &str) {
+    let Some(sockets) = vm.take_egress() else {
+        return;
+    };
+    let span = tracing::info_span!("egress", sandbox = %label);
+    let _in_span = span.enter();
+    match egress::serve(sockets.tcp, sockets.dns, gate, upstream) {
+        Ok(serving) => vm.hold(serving),
+        Err(e) => warn!(error = %e, "the VM's egress proxy did not start: it has no network"),
+    }
+}
