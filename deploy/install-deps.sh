@@ -4,7 +4,9 @@
 set -euo pipefail
 
 packages=(qemu-system-x86 qemu-utils busybox-static mmdebstrap e2fsprogs cpio gzip iproute2 curl
-    chromium openssh-client)  # chromium: the preview tests load pages in a real browser
+    nftables  # each VM's network namespace: its traffic to the egress proxy
+    chromium openssh-client  # chromium: the preview tests load pages in a real browser
+    dnsmasq-base)  # the egress tests' DNS server, in a namespace of their own
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

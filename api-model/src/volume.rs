@@ -141,12 +141,12 @@ pub fn validate_mounts(mounts: &BTreeMap<String, MountRequest>) -> Result<Vec<Mo
                 .split('/')
                 .skip(1)
                 .all(|s| !s.is_empty() && s != "." && s != "..")
-            && !path
-                .bytes()
-                .any(|b| b.is_ascii_control() || b == b',' || b == b' ');
+            && path.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_' | b'-' | b'@' | b'+')
+            });
         if !normal {
             return bad(
-                "the key must be an absolute normalised path without spaces or commas; send e.g. \"/mnt/workspace\""
+                "the key must be an absolute normalised path of A-Z a-z 0-9 . _ - @ +; send e.g. \"/mnt/workspace\""
                     .into(),
             );
         }
@@ -253,6 +253,7 @@ mod tests {
             ("/mnt/../etc", "absolute"),
             ("/etc", "system directory"),
             ("/mnt/a/", "absolute"),
+            ("/mnt/it's", "absolute"),
         ] {
             let e = validate_mounts(&mounts(&[(path, "v1", MountMode::Rw)])).unwrap_err();
             assert!(e.message.contains(why), "{path}: {}", e.message);

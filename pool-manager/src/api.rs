@@ -45,6 +45,8 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/sandboxes/{id}/fork", post(fork))
         .route("/v1/sandboxes/{id}/previews", post(create_preview))
         .route("/v1/sandboxes/{id}/egress", put(set_egress))
+        .route("/v1/volumes", post(create_volume).get(list_volumes))
+        .route("/v1/volumes/{id}", get(volume).delete(delete_volume))
         .route("/v1/sandboxes/{id}/logs", get(logs))
         .route("/v1/sandboxes/{id}/metrics", get(metrics))
         .route("/v1/observability/summary", get(summary))
@@ -338,6 +340,40 @@ async fn delete_template(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     m.delete_template(&team, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn create_volume(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let b: api_model::VolumeCreateRequest = parse_body(&body)?;
+    let view = m.create_volume(&team, b).await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+async fn list_volumes(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+) -> Result<Json<Vec<api_model::VolumeView>>, ApiError> {
+    Ok(Json(m.list_volumes(&team).await?))
+}
+
+async fn volume(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<api_model::VolumeView>, ApiError> {
+    Ok(Json(m.get_volume(&team, &id).await?))
+}
+
+async fn delete_volume(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    m.delete_volume(&team, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

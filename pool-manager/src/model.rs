@@ -92,9 +92,13 @@ pub struct SandboxRecord {
     /// What its guest may reach.
     #[serde(default)]
     pub egress: api_model::EgressPolicy,
-    /// Volumes it holds (resolved IDs), mounted at each start of its VM.
+    /// Volumes it holds (resolved IDs); each at LUN = its index.
     #[serde(default)]
     pub mounts: Vec<api_model::Mount>,
+    /// Its volume images are copies (a fork child, a restored copy): no holds, never
+    /// saved back.
+    #[serde(default)]
+    pub volume_copies: bool,
 }
 
 impl SandboxRecord {
@@ -132,6 +136,7 @@ impl SandboxRecord {
             public_ports: Vec::new(),
             egress: api_model::EgressPolicy::default(),
             mounts: Vec::new(),
+            volume_copies: false,
         }
     }
 

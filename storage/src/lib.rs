@@ -10,12 +10,15 @@
 //! - [`snapshots`]: a snapshot directory published as chunks plus a manifest written last
 //!   with a conditional put, listed, fetched back, deleted, and the chunks no manifest
 //!   references collected.
+//! - [`volumes`]: durable volumes: records, saved contents (chunks too), the write lock
+//!   and holders.
 
 pub mod chunks;
 mod local;
 mod s3;
 pub mod snapshots;
 mod store;
+pub mod volumes;
 
 pub use chunks::{restore_file, upload_file, FileManifest, UploadStats, CHUNK_SIZE};
 pub use local::LocalStore;

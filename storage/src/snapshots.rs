@@ -296,6 +296,7 @@ pub async fn collect_garbage(store: &impl ObjectStore) -> Result<GcStats, StoreE
             referenced.extend(f.chunks.iter().map(|c| c.key()));
         }
     }
+    referenced.extend(crate::volumes::referenced_chunks(store).await?);
     for key in store.list("chunks/").await? {
         if referenced.contains(&key) {
             stats.chunks_kept += 1;

@@ -161,7 +161,9 @@ async fn fork_children_diverge_and_share_memory_copy_on_write() {
         .unwrap();
     let scratch = ScratchDir::new("fork");
     let (snapshot, children) = d
-        .fork(&mut parent, 3, &scratch.path().join("fork"))
+        .fork(&mut parent, 3, &scratch.path().join("fork"), |_, _| {
+            Ok(Default::default())
+        })
         .await
         .unwrap();
     assert_eq!(children.len(), 3);

@@ -16,7 +16,7 @@ pub mod vm_dir;
 
 pub use accel::{Accel, AccelChoice, Detection};
 pub use images::ImageSet;
-pub use qemu::{QemuConfig, QemuVm, QemuVmm, RestoreMemory, RestoreOptions};
+pub use qemu::{QemuConfig, QemuVm, QemuVmm, RestoreMemory, RestoreOptions, VolumeDrive};
 pub use snapshot::{MemoryFormat, Snapshot, SnapshotManifest};
 
 use agent_client::AgentClient;

@@ -14,6 +14,7 @@ use crate::vm_dir::{self, VmDir};
 use crate::{tsc, Vm, VmSpec, Vmm, VmmError};
 use agent_client::AgentClient;
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -366,7 +367,22 @@ impl QemuVmm {
             ),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", path("qmp.sock")),
+            // Volumes are SCSI disks on it: SCSI hotplugs on any machine, virtio-mmio
+            // does not.
+            "-device".into(),
+            "virtio-scsi-device,id=scsi0".into(),
         ];
+        for v in &launch.volumes {
+            args.push("-blockdev".into());
+            args.push(v.blockdev().to_string());
+            args.push("-device".into());
+            args.push(format!(
+                "scsi-hd,bus=scsi0.0,channel=0,scsi-id=0,lun={lun},drive={node},id={dev}",
+                lun = v.lun,
+                node = v.node_name(),
+                dev = v.device_id()
+            ));
+        }
         if launch.incoming {
             args.push("-incoming".into());
             args.push("defer".into());
@@ -447,6 +463,9 @@ impl QemuVmm {
             }
             std::os::unix::fs::chown(dir.path(), Some(run_as.uid), Some(run_as.gid))
                 .map_err(|e| VmmError::Host(format!("chown {}: {e}", dir.path().display())))?;
+            for v in &launch.volumes {
+                let _ = std::os::unix::fs::chown(&v.path, Some(run_as.uid), Some(run_as.gid));
+            }
         }
         let log = std::fs::File::create(dir.file("qemu.log"))
             .map_err(|e| VmmError::Host(format!("creating qemu.log: {e}")))?;
@@ -552,6 +571,7 @@ impl QemuVmm {
             disk_mib: spec.disk_mib,
             egress: spec.egress,
             isolated_network: self.config.isolated_network,
+            volumes: Vec::new(),
             incoming: false,
             boot_timeout: spec.boot_timeout,
             rootfs: spec.rootfs.clone(),
@@ -606,6 +626,7 @@ impl QemuVmm {
             disk_mib: m.disk_mib,
             egress: options.egress.unwrap_or(m.egress),
             isolated_network: self.config.isolated_network,
+            volumes: volume_drives(m, &options.volumes)?,
             incoming: true,
             boot_timeout: options.timeout,
             rootfs: m.rootfs.clone(),
@@ -686,20 +707,29 @@ impl QemuVmm {
 
     /// Snapshots `parent` (which keeps running) into `snapshot_dir` and restores `n`
     /// children from it, their memory mapped copy-on-write from the snapshot.
+    ///
+    /// `child_volumes(i, snapshot)` gives child `i` an image for each of the snapshot's
+    /// volume slots (never the parent's own: one writer per image).
     pub async fn fork(
         &self,
         parent: &mut QemuVm,
         n: usize,
         snapshot_dir: &Path,
+        child_volumes: impl Fn(usize, &Snapshot) -> Result<BTreeMap<u8, PathBuf>, VmmError>,
     ) -> Result<(Snapshot, Vec<QemuVm>), VmmError> {
         let snapshot = parent.snapshot(snapshot_dir, true).await?;
-        let options = RestoreOptions {
-            memory: RestoreMemory::CopyOnWrite,
-            ..RestoreOptions::default()
-        };
+        let options = (0..n)
+            .map(|i| {
+                Ok(RestoreOptions {
+                    memory: RestoreMemory::CopyOnWrite,
+                    volumes: child_volumes(i, &snapshot)?,
+                    ..RestoreOptions::default()
+                })
+            })
+            .collect::<Result<Vec<_>, VmmError>>()?;
         let mut children = Vec::with_capacity(n);
         let results =
-            futures::future::join_all((0..n).map(|_| self.restore(&snapshot, &options))).await;
+            futures::future::join_all(options.iter().map(|o| self.restore(&snapshot, o))).await;
         for r in results {
             children.push(r?);
         }
@@ -742,6 +772,9 @@ pub struct RestoreOptions {
     pub timeout: Duration,
     /// Grow the disk to this size (MiB) after the restore; default the snapshot's.
     pub disk_mib: Option<u64>,
+    /// The image each of the snapshot's volume slots uses (LUN → file), one for every
+    /// slot its manifest lists.
+    pub volumes: BTreeMap<u8, PathBuf>,
 }
 
 impl Default for RestoreOptions {
@@ -751,6 +784,7 @@ impl Default for RestoreOptions {
             egress: None,
             timeout: Duration::from_secs(60),
             disk_mib: None,
+            volumes: BTreeMap::new(),
         }
     }
 }
@@ -790,11 +824,78 @@ struct Launch {
     /// In a network namespace of its own (see [`crate::net`]).
     #[serde(default)]
     isolated_network: bool,
+    /// Volume disks attached (at launch or since).
+    #[serde(default)]
+    volumes: Vec<VolumeDrive>,
     incoming: bool,
     boot_timeout: Duration,
     rootfs: String,
     vcpus: u32,
     mem_mib: u32,
+}
+
+/// A volume: a raw disk image as a SCSI disk at `lun` on `scsi0`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeDrive {
+    /// Its LUN (0 to 7).
+    pub lun: u8,
+    /// The image file.
+    pub path: PathBuf,
+    /// Whether the guest sees it write-protected.
+    pub read_only: bool,
+}
+
+impl VolumeDrive {
+    fn node_name(&self) -> String {
+        format!("vol{}", self.lun)
+    }
+
+    fn device_id(&self) -> String {
+        format!("volume{}", self.lun)
+    }
+
+    /// The `-blockdev` / `blockdev-add` description (JSON: paths may hold commas).
+    fn blockdev(&self) -> serde_json::Value {
+        json!({
+            "driver": "raw",
+            "node-name": self.node_name(),
+            "read-only": self.read_only,
+            "discard": "unmap",
+            "file": {
+                "driver": "file",
+                "filename": self.path.display().to_string(),
+                "read-only": self.read_only,
+            }
+        })
+    }
+
+    /// File name of this slot's image in a snapshot.
+    pub fn snapshot_file(lun: u8) -> String {
+        format!("volume-{lun}.img")
+    }
+}
+
+/// The drives of a restore: one image per slot of the snapshot.
+fn volume_drives(
+    m: &SnapshotManifest,
+    images: &BTreeMap<u8, PathBuf>,
+) -> Result<Vec<VolumeDrive>, VmmError> {
+    m.volumes
+        .iter()
+        .map(|slot| {
+            let path = images.get(&slot.lun).ok_or_else(|| {
+                VmmError::InvalidSpec(format!(
+                    "snapshot {} has a volume at LUN {}: restore it with an image for it",
+                    m.id, slot.lun
+                ))
+            })?;
+            Ok(VolumeDrive {
+                lun: slot.lun,
+                path: path.clone(),
+                read_only: slot.read_only,
+            })
+        })
+        .collect()
 }
 
 fn new_vm_id() -> String {
@@ -1071,6 +1172,64 @@ impl QemuVm {
     }
 
     /// The VM's directory.
+    /// Hot-plugs a volume image as a SCSI disk; the guest sees a new `sd` device at
+    /// `lun` (mounting it is the caller's). Recorded for snapshots and adoption.
+    pub async fn attach_volume(&mut self, drive: VolumeDrive) -> Result<(), VmmError> {
+        if self.launch.volumes.iter().any(|v| v.lun == drive.lun) {
+            return Err(VmmError::InvalidSpec(format!(
+                "LUN {} already holds a volume",
+                drive.lun
+            )));
+        }
+        if let Some(r) = &self.run_as {
+            let _ = std::os::unix::fs::chown(&drive.path, Some(r.uid), Some(r.gid));
+        }
+        self.qmp()
+            .execute("blockdev-add", Some(drive.blockdev()))
+            .await?;
+        let added = self
+            .qmp()
+            .execute(
+                "device_add",
+                Some(json!({
+                    "driver": "scsi-hd",
+                    "bus": "scsi0.0",
+                    "channel": 0,
+                    "scsi-id": 0,
+                    "lun": drive.lun,
+                    "drive": drive.node_name(),
+                    "id": drive.device_id(),
+                })),
+            )
+            .await;
+        if let Err(e) = added {
+            let _ = self
+                .qmp()
+                .execute(
+                    "blockdev-del",
+                    Some(json!({ "node-name": drive.node_name() })),
+                )
+                .await;
+            return Err(e.into());
+        }
+        self.launch.volumes.push(drive);
+        let record = LaunchRecord {
+            pid: self.pid,
+            launch: self.launch.clone(),
+        };
+        std::fs::write(
+            self.dir.file(LAUNCH_RECORD),
+            serde_json::to_vec(&record).expect("json"),
+        )
+        .map_err(|e| VmmError::Host(format!("writing {LAUNCH_RECORD}: {e}")))?;
+        Ok(())
+    }
+
+    /// The volume images attached.
+    pub fn volumes(&self) -> &[VolumeDrive] {
+        &self.launch.volumes
+    }
+
     /// The sockets of this VM's egress proxy, once (none under user-mode networking).
     pub fn take_egress(&mut self) -> Option<EgressSockets> {
         self.net.as_mut()?.take_sockets()
@@ -1225,6 +1384,10 @@ impl QemuVm {
         let disk = dest.join("disk.qcow2");
         snapshot::copy_sparse(&self.dir.file("disk.qcow2"), &disk)
             .map_err(|e| VmmError::Snapshot(format!("copying the disk overlay: {e}")))?;
+        for v in &self.launch.volumes {
+            snapshot::copy_sparse(&v.path, &dest.join(VolumeDrive::snapshot_file(v.lun)))
+                .map_err(|e| VmmError::Snapshot(format!("copying volume {}: {e}", v.lun)))?;
+        }
         if self.launch.disk_backing != self.launch.rootfs_image {
             // This VM was restored: its overlay sits on another snapshot's disk. Fold
             // that layer in, so this snapshot depends only on the read-only rootfs and
@@ -1253,6 +1416,15 @@ impl QemuVm {
             egress: self.launch.egress,
             memory: format,
             isolated_network: self.launch.isolated_network,
+            volumes: self
+                .launch
+                .volumes
+                .iter()
+                .map(|v| snapshot::VolumeSlot {
+                    lun: v.lun,
+                    read_only: v.read_only,
+                })
+                .collect(),
         };
         let snapshot = Snapshot::new(dest.to_path_buf(), manifest);
         snapshot.commit()?;

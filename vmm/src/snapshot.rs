@@ -64,6 +64,16 @@ pub struct SnapshotManifest {
     /// networking's state, so a snapshot restores only into the same kind of network).
     #[serde(default)]
     pub isolated_network: bool,
+    /// Volume slots: each has its image in the snapshot as `volume-<lun>.img`.
+    #[serde(default)]
+    pub volumes: Vec<VolumeSlot>,
+}
+
+/// A volume attached when the snapshot was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSlot {
+    pub lun: u8,
+    pub read_only: bool,
 }
 
 /// A snapshot on disk.

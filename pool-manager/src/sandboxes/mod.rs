@@ -22,6 +22,7 @@ mod network;
 mod observe;
 mod previews;
 mod snapshots;
+mod volumes;
 mod warm;
 pub use network::NetworkSettings;
 pub use previews::PreviewWake;
@@ -343,6 +344,7 @@ impl Manager {
             on_timeout,
             auto_resume: valid.auto_resume,
             egress: valid.egress.clone(),
+            mounts: self.resolve_mounts(team, valid.mounts.clone()).await?,
             ..SandboxRecord::fresh(
                 team,
                 template_id,
@@ -418,7 +420,23 @@ impl Manager {
         team: &str,
         req: CreateRequest,
     ) -> Result<SandboxView, ApiError> {
-        let (mut record, valid) = self.plan(team, req).await?;
+        let (record, valid) = self.plan(team, req).await?;
+        self.hold_volumes(&record).await?;
+        let released = record.clone();
+        let result = self.create_holding(record, valid).await;
+        if result.is_err() {
+            // Nothing ran with the volumes (or the failure path already saved them).
+            self.release_volumes(&released).await;
+        }
+        result
+    }
+
+    /// Creates a sandbox whose volume holds are taken.
+    async fn create_holding(
+        self: &Arc<Self>,
+        mut record: SandboxRecord,
+        valid: api_model::ValidCreate,
+    ) -> Result<SandboxView, ApiError> {
         let wait = valid.wait_ready;
         if let Some(mode) = valid.warm_pool {
             match self.check_out(&record.template_id, record.resources) {
@@ -447,7 +465,16 @@ impl Manager {
         let span = tracing::info_span!("sandbox", id = %record.id);
         let this = self.clone();
         let work = async move {
-            let result = this.start_vm(&mut record).await;
+            let result = match this.start_vm(&mut record).await {
+                Ok(mut vm) => match this.mount_volumes(&record, &mut vm).await {
+                    Ok(()) => Ok(vm),
+                    Err(e) => {
+                        vm.kill().await;
+                        Err(e)
+                    }
+                },
+                Err(e) => Err(e),
+            };
             match result {
                 Ok(mut vm) => {
                     record.vm_dir = Some(vm.dir().display().to_string());
@@ -463,6 +490,7 @@ impl Manager {
                             .into(),
                     });
                     this.transition(&mut record, InternalState::Failed, "create failed")?;
+                    this.release_volumes(&record).await;
                 }
             }
             Ok::<SandboxRecord, ApiError>(record)
@@ -497,6 +525,10 @@ impl Manager {
         mut record: SandboxRecord,
         mut vm: QemuVm,
     ) -> Result<SandboxView, ApiError> {
+        if let Err(e) = self.mount_volumes(&record, &mut vm).await {
+            vm.kill().await;
+            return Err(e);
+        }
         let slot = self.slot(&record.id);
         let mut guard = slot.lock().await;
         record.vm_dir = Some(vm.dir().display().to_string());
@@ -728,13 +760,13 @@ impl Manager {
             .clone()
             .ok_or_else(|| ApiError::internal("paused sandbox has no pause snapshot"))?;
         let snapshot = Snapshot::open(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
-        let mut vm = self
-            .vmm
-            .restore(&snapshot, &RestoreOptions::default())
-            .await
-            .map_err(|e| {
-                ApiError::internal(format!("resume failed, the sandbox stays paused: {e}"))
-            })?;
+        let options = RestoreOptions {
+            volumes: self.volume_images(&r.id, &snapshot)?,
+            ..RestoreOptions::default()
+        };
+        let mut vm = self.vmm.restore(&snapshot, &options).await.map_err(|e| {
+            ApiError::internal(format!("resume failed, the sandbox stays paused: {e}"))
+        })?;
         r.vm_dir = Some(vm.dir().display().to_string());
         self.seat(&r, &mut vm);
         *vm_slot = Some(vm);
@@ -808,8 +840,10 @@ impl Manager {
         }
         self.transition(&mut r, InternalState::Destroying, reason)?;
         if let Some(vm) = vm_slot.take() {
+            self.quiesce_volumes(&r, &vm, false).await;
             vm.kill().await;
         }
+        self.release_volumes(&r).await;
         if let Some(dir) = r.pause_snapshot.take() {
             if let Ok(snapshot) = Snapshot::open(&dir) {
                 self.catalog.forget_snapshot(&snapshot.manifest().id)?;

@@ -22,7 +22,21 @@ use vmm::{QemuVm, RestoreMemory, RestoreOptions, Snapshot, SnapshotManifest, Vm}
 const PERIODIC_KEPT: usize = 3;
 
 /// Files of a vmm snapshot directory that are published.
-pub(super) const SNAPSHOT_FILES: &[&str] = vmm::snapshot::FILES;
+/// A snapshot's files: the VM's own, then the images of its volume slots (LUN 0 to 7;
+/// absent ones are skipped).
+pub(super) const SNAPSHOT_FILES: &[&str] = &[
+    "state",
+    "memory",
+    "disk.qcow2",
+    "volume-0.img",
+    "volume-1.img",
+    "volume-2.img",
+    "volume-3.img",
+    "volume-4.img",
+    "volume-5.img",
+    "volume-6.img",
+    "volume-7.img",
+];
 
 /// Where snapshots go and the limits on taking them.
 #[derive(Debug, Clone)]
@@ -487,6 +501,8 @@ impl Manager {
             message: format!("hibernate failed, the sandbox keeps running: {}", e.message),
             ..e
         };
+        // Clean copies of its read-write volumes, saved once the hibernate lands.
+        self.quiesce_volumes(&r, vm, true).await;
         let taken = self
             .take(vm, &r, Kind::Pause, false)
             .await
@@ -499,6 +515,11 @@ impl Manager {
             }
         };
         guard.take().expect("checked").kill().await;
+        // Its volumes' writes are saved, and a resume anywhere takes the images from the
+        // snapshot: this host's copies would go stale if it resumed elsewhere.
+        if self.save_volumes(&r, true).await {
+            self.drop_volume_images(id);
+        }
         // A resumed VM's base snapshot is no longer needed by anyone.
         let _ = std::fs::remove_dir_all(self.pauses_dir(id));
         if let Some(old) = r.pause_snapshot.take() {
@@ -604,7 +625,7 @@ impl Manager {
             .pauses_dir(&r.id)
             .join(uuid::Uuid::new_v4().simple().to_string());
         let mut vm = self
-            .fetch_and_restore(&s, &dir, RestoreMemory::Copy, None)
+            .fetch_and_restore(&s, &dir, RestoreMemory::Copy, None, &r.id)
             .await
             .map_err(|e| ApiError {
                 message: format!("resume failed, the sandbox stays hibernated: {}", e.message),
@@ -631,22 +652,27 @@ impl Manager {
         dir: &Path,
         memory: RestoreMemory,
         disk_mib: Option<u64>,
+        sandbox: &str,
     ) -> Result<QemuVm, ApiError> {
         let started = std::time::Instant::now();
         let snapshot = self.fetch(s, dir).await?;
         let fetched_ms = started.elapsed().as_millis() as u64;
-        let vm = self
-            .vmm
-            .restore(
-                &snapshot,
-                &RestoreOptions {
-                    memory,
-                    disk_mib,
-                    ..RestoreOptions::default()
-                },
-            )
-            .await
-            .map_err(|e| ApiError::internal(format!("restore: {e}")));
+        let vm = match self.volume_images(sandbox, &snapshot) {
+            Ok(volumes) => self
+                .vmm
+                .restore(
+                    &snapshot,
+                    &RestoreOptions {
+                        memory,
+                        disk_mib,
+                        volumes,
+                        ..RestoreOptions::default()
+                    },
+                )
+                .await
+                .map_err(|e| ApiError::internal(format!("restore: {e}"))),
+            Err(e) => Err(e),
+        };
         if vm.is_err() {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -823,6 +849,8 @@ impl Manager {
             env_vars: origin.env_vars,
             metadata: body.metadata.unwrap_or(origin.metadata),
             egress: origin.egress,
+            mounts: origin.mounts,
+            volume_copies: true,
             ..SandboxRecord::fresh(
                 team,
                 template_id,
@@ -849,10 +877,10 @@ impl Manager {
             .join(uuid::Uuid::new_v4().simple().to_string());
         let result = match &pick {
             Pick::Stored(s) => {
-                self.fetch_and_restore(s, &dir, RestoreMemory::Copy, None)
+                self.fetch_and_restore(s, &dir, RestoreMemory::Copy, None, &record.id)
                     .await
             }
-            Pick::Local(_, l) => self.copy_and_restore(l, &dir).await,
+            Pick::Local(_, l) => self.copy_and_restore(l, &dir, &record.id).await,
         };
         match result {
             Ok(mut vm) => {
@@ -881,7 +909,12 @@ impl Manager {
 
     /// Copies a local snapshot (another sandbox's pause, which may go away) into `dir`
     /// and restores it.
-    async fn copy_and_restore(&self, from: &Snapshot, dir: &Path) -> Result<QemuVm, ApiError> {
+    async fn copy_and_restore(
+        &self,
+        from: &Snapshot,
+        dir: &Path,
+        sandbox: &str,
+    ) -> Result<QemuVm, ApiError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
         for f in SNAPSHOT_FILES {
@@ -895,8 +928,12 @@ impl Manager {
             .vmm
             .import_snapshot(dir, from.manifest().clone())
             .map_err(|e| ApiError::internal(e.to_string()))?;
+        let options = RestoreOptions {
+            volumes: self.volume_images(sandbox, &snapshot)?,
+            ..RestoreOptions::default()
+        };
         self.vmm
-            .restore(&snapshot, &RestoreOptions::default())
+            .restore(&snapshot, &options)
             .await
             .map_err(|e| ApiError::internal(format!("restore: {e}")))
     }
@@ -929,6 +966,8 @@ impl Manager {
                 auto_resume: parent.auto_resume,
                 public_ports: parent.public_ports.clone(),
                 egress: parent.egress.clone(),
+                mounts: parent.mounts.clone(),
+                volume_copies: true,
                 fork_base: Some(dir.display().to_string()),
                 ..SandboxRecord::fresh(
                     team,
@@ -954,7 +993,12 @@ impl Manager {
         }
         let _ = std::fs::create_dir_all(dir.parent().unwrap());
         let started = std::time::Instant::now();
-        match self.vmm.fork(vm, count as usize, &dir).await {
+        let child_ids: Vec<String> = children.iter().map(|c| c.id.clone()).collect();
+        let child_volumes = |i: usize, snapshot: &Snapshot| {
+            self.volume_images(&child_ids[i], snapshot)
+                .map_err(|e| vmm::VmmError::Host(e.message))
+        };
+        match self.vmm.fork(vm, count as usize, &dir, child_volumes).await {
             Ok((_snapshot, vms)) => {
                 info!(sandbox = %id, children = count, elapsed_ms = started.elapsed().as_millis() as u64, "forked");
                 let mut views = Vec::new();
@@ -1084,6 +1128,14 @@ struct StoredSandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_files_are_the_vms_and_every_volume_slot() {
+        assert_eq!(&SNAPSHOT_FILES[..3], vmm::snapshot::FILES);
+        for lun in 0..api_model::MAX_MOUNTS as u8 {
+            assert!(SNAPSHOT_FILES.contains(&vmm::VolumeDrive::snapshot_file(lun).as_str()));
+        }
+    }
 
     fn stored_with(vcpus: u32, mem_mib: u32, disk_mib: u64) -> StoredSnapshot {
         StoredSnapshot {

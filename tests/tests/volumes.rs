@@ -1,0 +1,165 @@
+//! Durable volumes, end to end through the public API: real VMs mounting real disk
+//! images, two workers sharing a real S3 server (SeaweedFS, `NULLSPACE_TEST_S3`).
+
+use nullspace_tests::http::{small, Api, Runtime};
+use nullspace_tests::{s3_flags, Stack, S3_ENV};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+fn id_of(v: &Value) -> String {
+    v["sandboxID"].as_str().unwrap().to_string()
+}
+
+async fn create(api: &Api, volume: &str, mode: &str) -> (StatusCode, Value) {
+    api.post(
+        "/v1/sandboxes",
+        json!({
+            "templateID": "base",
+            "resources": small(),
+            "mounts": { "/mnt/work": { "id": volume, "type": mode } },
+        }),
+    )
+    .await
+}
+
+async fn run(rt: &Runtime, cmd: &str) -> (String, i64) {
+    let (out, err, code) = rt.run(cmd).await;
+    (format!("{out}{err}").trim().to_string(), code)
+}
+
+#[tokio::test]
+async fn a_volume_outlives_its_sandboxes_and_workers_with_one_writer_at_a_time() {
+    let s3 = s3_flags(&format!("t-volumes-{}", std::process::id()));
+    let flags: Vec<&str> = s3.iter().map(String::as_str).collect();
+    let a = Stack::start_with("volumes-a", &flags, S3_ENV);
+    let b = Stack::start_with("volumes-b", &flags, S3_ENV);
+    let key = a.daemon.mirrored_team_key(&b.daemon, "acme");
+    let (on_a, on_b) = (a.public(key.clone()), b.public(key));
+    let other = a.public(a.daemon.team_key("other"));
+
+    // Refusals say what to send.
+    let (status, v) = on_a.post("/v1/volumes", json!({ "sizeMiB": 1 })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let (status, v) = create(&on_a, "no-such-volume", "rw").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+    let (status, v) = on_a
+        .post(
+            "/v1/sandboxes",
+            json!({ "templateID": "base", "mounts": { "/etc": { "id": "x" } } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+
+    let (status, vol) = on_a
+        .post("/v1/volumes", json!({ "name": "work", "sizeMiB": 64 }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{vol}");
+    let vol_id = vol["volumeID"].as_str().unwrap().to_string();
+    let (status, v) = on_a.post("/v1/volumes", json!({ "name": "work" })).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a second volume named work: {v}"
+    );
+    // Worker B sees it (the store is the registry); another team does not.
+    let (status, listed) = on_b.fetch("/v1/volumes").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed[0]["volumeID"], json!(vol_id), "{listed}");
+    let (status, _) = other.fetch(&format!("/v1/volumes/{vol_id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // A writer on A (mounted by name).
+    let (status, writer) = create(&on_a, "work", "rw").await;
+    assert_eq!(status, StatusCode::CREATED, "{writer}");
+    assert_eq!(writer["mounts"][0]["volumeID"], json!(vol_id), "{writer}");
+    let w = Runtime::of(&writer);
+    let (out, code) = run(
+        &w,
+        "echo hello > /mnt/work/note.txt && cat /mnt/work/note.txt && df -m /mnt/work | tail -1",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("hello"), "{out}");
+
+    // A second writer, on either worker, is refused and told why; a reader is not.
+    for api in [&on_a, &on_b] {
+        let (status, v) = create(api, &vol_id, "rw").await;
+        assert_eq!(status, StatusCode::CONFLICT, "{v}");
+        assert!(
+            v["message"].as_str().unwrap().contains(&id_of(&writer)),
+            "{v}"
+        );
+    }
+    let (status, reader) = create(&on_b, &vol_id, "ro").await;
+    assert_eq!(status, StatusCode::CREATED, "{reader}");
+    let r = Runtime::of(&reader);
+    let (out, code) = run(&r, "ls /mnt/work; touch /mnt/work/x").await;
+    assert_ne!(code, 0, "a read-only mount took a write: {out}");
+    assert!(
+        !out.contains("note.txt"),
+        "the reader sees only saved content: {out}"
+    );
+
+    // Deleting a mounted volume is refused; its holders are listed.
+    let (status, v) = on_a
+        .call(Method::DELETE, &format!("/v1/volumes/{vol_id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    let (_, shown) = on_a.fetch(&format!("/v1/volumes/{vol_id}")).await;
+    assert_eq!(shown["attachments"].as_array().unwrap().len(), 2, "{shown}");
+
+    // Pause and resume remount it; a fork child writes its own copy only.
+    let wid = id_of(&writer);
+    let (status, v) = on_a
+        .post(&format!("/v1/sandboxes/{wid}/pause"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (status, resumed) = on_a
+        .post(&format!("/v1/sandboxes/{wid}/connect"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{resumed}");
+    let w = Runtime::of(&resumed);
+    let (out, code) = run(
+        &w,
+        "cat /mnt/work/note.txt && echo again >> /mnt/work/note.txt",
+    )
+    .await;
+    assert_eq!((out.as_str(), code), ("hello", 0));
+    let (status, forked) = on_a
+        .post(&format!("/v1/sandboxes/{wid}/fork"), json!({ "count": 1 }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{forked}");
+    let child = &forked["sandboxes"][0];
+    let (out, code) = run(
+        &Runtime::of(child),
+        "cat /mnt/work/note.txt && echo child > /mnt/work/child.txt",
+    )
+    .await;
+    assert_eq!((out.as_str(), code), ("hello\nagain", 0));
+
+    // The writer ends: its writes are saved. A later writer on worker B reads them,
+    // and not the fork child's.
+    for (api, id) in [
+        (&on_a, wid.as_str()),
+        (&on_a, &id_of(child)),
+        (&on_b, &id_of(&reader)),
+    ] {
+        assert_eq!(api.delete(id).await, StatusCode::NO_CONTENT);
+    }
+    let (status, later) = create(&on_b, &vol_id, "rw").await;
+    assert_eq!(status, StatusCode::CREATED, "{later}");
+    let (out, code) = run(&Runtime::of(&later), "cat /mnt/work/note.txt; ls /mnt/work").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("hello\nagain\n"), "{out}");
+    assert!(!out.contains("child.txt"), "{out}");
+    let (_, shown) = on_b.fetch(&format!("/v1/volumes/{vol_id}")).await;
+    assert_eq!(shown["version"], json!(1), "{shown}");
+    assert_eq!(on_b.delete(&id_of(&later)).await, StatusCode::NO_CONTENT);
+
+    let (status, _) = on_b
+        .call(Method::DELETE, &format!("/v1/volumes/{vol_id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = on_a.fetch(&format!("/v1/volumes/{vol_id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
