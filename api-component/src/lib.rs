@@ -13,9 +13,9 @@
 
 use api_model::{
     fields_param, is_sandbox_id, is_snapshot_id, parse_body, parse_query, reject_unknown_params,
-    ApiError, BuildLogParams, CreateRequest, EventsParams, ForkBody, ListParams, MetricsParams,
-    PreviewBody, RefreshBody, RestoreBody, TemplateBuildRequest, TimeoutBody, VolumeCreateRequest,
-    WarmPoolBody, EgressPolicy, MAX_BODY_BYTES,
+    ApiError, BuildLogParams, CreateRequest, EgressPolicy, EventsParams, ForkBody, ListParams,
+    MetricsParams, PreviewBody, RefreshBody, RestoreBody, TemplateBuildRequest, TimeoutBody,
+    VolumeCreateRequest, WarmPoolBody, MAX_BODY_BYTES,
 };
 use spin_sdk::http::{IncomingRequest, Method, Request, Response};
 use spin_sdk::http_component;

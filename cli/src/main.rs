@@ -45,6 +45,9 @@ enum Command {
     /// Templates and their warm pools.
     #[command(subcommand)]
     Template(TemplateCommand),
+    /// Durable volumes (mount one with `sandbox create --mount PATH=VOLUME`).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Run a command in a sandbox; output streams, the exit code is the command's.
     Exec {
         /// Sandbox ID.
@@ -126,6 +129,12 @@ enum SandboxCommand {
     },
     /// Pause into object storage: resumable (and restorable) on any worker.
     Hibernate { id: String },
+    /// Replace a sandbox's egress policy (applies at once; no flags: everything open).
+    Egress {
+        id: String,
+        #[command(flatten)]
+        egress: EgressArgs,
+    },
     /// An interactive shell in the sandbox (a terminal; resizes follow this one). Exits
     /// with the shell's exit code.
     Shell { id: String },
@@ -176,6 +185,66 @@ enum SandboxCommand {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// Create an empty volume and print its ID.
+    Create {
+        /// A name, unique in the team (usable wherever the ID is).
+        #[arg(long)]
+        name: Option<String>,
+        /// Capacity in MiB (16 to 1048576; default 1024).
+        #[arg(long)]
+        size_mib: Option<u64>,
+    },
+    /// List the team's volumes.
+    List,
+    /// Describe a volume: size, saved version, who holds it.
+    Get { id: String },
+    /// Delete a volume and its content (refused while a sandbox holds it).
+    Delete { id: String },
+}
+
+/// `--no-internet`, `--allow`, `--deny`: an egress policy.
+#[derive(Args, Clone)]
+struct EgressArgs {
+    /// Deny every destination no --allow names.
+    #[arg(long)]
+    no_internet: bool,
+    /// A reachable destination: IP, CIDR, domain or *.domain (repeatable).
+    #[arg(long = "allow")]
+    allow: Vec<String>,
+    /// An unreachable destination: IP, CIDR, domain or *.domain (repeatable).
+    #[arg(long = "deny")]
+    deny: Vec<String>,
+}
+
+impl EgressArgs {
+    fn given(&self) -> bool {
+        self.no_internet || !self.allow.is_empty() || !self.deny.is_empty()
+    }
+
+    fn policy(&self) -> nullspace::EgressPolicy {
+        nullspace::EgressPolicy {
+            internet: !self.no_internet,
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
+        }
+    }
+}
+
+/// `PATH=VOLUME[:ro|:rw]`.
+fn mount_arg(s: &str) -> Result<(String, String, nullspace::MountMode), String> {
+    let (path, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: send PATH=VOLUME[:ro|:rw], e.g. /mnt/work=my-volume"))?;
+    let (volume, mode) = match rest.rsplit_once(':') {
+        Some((v, "ro")) => (v, nullspace::MountMode::Ro),
+        Some((v, "rw")) => (v, nullspace::MountMode::Rw),
+        _ => (rest, nullspace::MountMode::Rw),
+    };
+    Ok((path.to_string(), volume.to_string(), mode))
 }
 
 #[derive(Subcommand)]
@@ -397,6 +466,11 @@ struct CreateArgs {
     /// is ready) or prefer (fall back to a normal create).
     #[arg(long, value_parser = ["require", "prefer"])]
     warm_pool: Option<String>,
+    #[command(flatten)]
+    egress: EgressArgs,
+    /// Mount a volume, PATH=VOLUME[:ro|:rw] (repeatable; default rw).
+    #[arg(long = "mount", value_parser = mount_arg)]
+    mounts: Vec<(String, String, nullspace::MountMode)>,
 }
 
 /// `--vcpus`/`--memory-mib`/`--disk-mib`: none given, the server's default; any
@@ -597,6 +671,30 @@ fn show(info: &SandboxInfo, json: bool) {
             .collect();
         println!("  metadata: {}", labels.join(" "));
     }
+    if let Some(e) = info.egress.as_ref().filter(|e| !e.is_open()) {
+        println!(
+            "  egress: internet {}{}{}",
+            if e.internet { "on" } else { "off" },
+            if e.allow.is_empty() {
+                String::new()
+            } else {
+                format!(", allow {}", e.allow.join(" "))
+            },
+            if e.deny.is_empty() {
+                String::new()
+            } else {
+                format!(", deny {}", e.deny.join(" "))
+            },
+        );
+    }
+    for m in &info.mounts {
+        println!(
+            "  mount: {} = volume {} ({})",
+            m.path,
+            m.volume,
+            m.mode.as_str()
+        );
+    }
     if let Some(d) = &info.diagnostic {
         println!("  diagnostic: {} — {} ({})", d.code, d.message, d.action);
     }
@@ -606,6 +704,63 @@ fn show(info: &SandboxInfo, json: bool) {
             rt.target.base_url, rt.token_expires_at
         );
     }
+}
+
+fn show_volume(v: &nullspace::Volume) {
+    println!(
+        "{}{}  {} MiB  version {}{}",
+        v.volume_id,
+        v.name
+            .as_ref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default(),
+        v.size_mib,
+        v.version,
+        v.saved_at
+            .as_ref()
+            .map(|s| format!(" saved {s}"))
+            .unwrap_or_default()
+    );
+    for a in &v.attachments {
+        println!(
+            "  held by {} at {} ({})",
+            a.sandbox_id,
+            a.path,
+            a.mode.as_str()
+        );
+    }
+}
+
+async fn volume(config: &ConnectionConfig, cmd: &VolumeCommand, json: bool) -> anyhow::Result<()> {
+    use nullspace::Volumes;
+    let print = |v: &nullspace::Volume| {
+        if json {
+            println!("{}", serde_json::to_string_pretty(v).unwrap());
+        } else {
+            show_volume(v);
+        }
+    };
+    match cmd {
+        VolumeCommand::Create { name, size_mib } => {
+            let v = Volumes::create(config, name.as_deref(), *size_mib).await?;
+            if json {
+                print(&v);
+            } else {
+                println!("{}", v.volume_id);
+            }
+        }
+        VolumeCommand::List => {
+            let all = Volumes::list(config).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all).unwrap());
+            } else {
+                all.iter().for_each(show_volume);
+            }
+        }
+        VolumeCommand::Get { id } => print(&Volumes::get(config, id).await?),
+        VolumeCommand::Delete { id } => Volumes::delete(config, id).await?,
+    }
+    Ok(())
 }
 
 fn to_json(info: &SandboxInfo) -> serde_json::Value {
@@ -621,6 +776,8 @@ fn to_json(info: &SandboxInfo) -> serde_json::Value {
         "runtime": info.runtime.as_ref().map(|r| serde_json::json!({
             "baseUrl": r.target.base_url, "token": r.token, "tokenExpiresAt": r.token_expires_at
         })),
+        "egress": info.egress,
+        "mounts": info.mounts,
     })
 }
 
@@ -702,6 +859,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
             }
             Ok(0)
+        }
+        Command::Volume(cmd) => {
+            let config = config(&cli)?;
+            volume(&config, cmd, json).await.map(|()| 0)
         }
         Command::Template(TemplateCommand::Delete { template }) => {
             let config = config(&cli)?;
@@ -814,6 +975,12 @@ async fn sandbox(
                 "require" => nullspace::WarmPoolMode::Require,
                 _ => nullspace::WarmPoolMode::Prefer,
             });
+            if a.egress.given() {
+                o = o.egress(a.egress.policy());
+            }
+            for (path, volume, mode) in &a.mounts {
+                o = o.mount(path, volume, *mode);
+            }
             let progress = std::io::stderr().is_terminal() && !json;
             if progress {
                 eprint!("creating a sandbox from {} ... ", a.template);
@@ -984,6 +1151,12 @@ async fn sandbox(
                     );
                 }
             }
+        }
+        SandboxCommand::Egress { id, egress } => {
+            let info = Sandbox::from_id(config, id)?
+                .set_egress(&egress.policy())
+                .await?;
+            show(&info, json);
         }
         SandboxCommand::Hibernate { id } => {
             Sandbox::from_id(config, id)?.hibernate().await?;

@@ -25,7 +25,9 @@ mod live;
 mod models;
 mod sandbox;
 mod templates;
+mod volumes;
 
+pub use api_model::{EgressPolicy, Mount, MountMode, MountRequest};
 pub use commands::{CommandHandle, Commands, OutputCallback, RunOptions};
 pub use config::{ConnectionConfig, DEFAULT_REQUEST_TIMEOUT};
 pub use error::{Error, Result};
@@ -44,3 +46,4 @@ pub use templates::{
     BuildFailure, BuildLogLine, BuildLogPage, BuildStep, FileSpec, StepStatus, StepView, Template,
     TemplateBuild, TemplateStatus, Templates, WarmPool, WarmPoolSettings,
 };
+pub use volumes::{Volume, Volumes};

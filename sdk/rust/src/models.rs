@@ -96,6 +96,12 @@ pub struct SandboxInfo {
     /// Paused into object storage (resumable on any worker).
     #[serde(default)]
     pub hibernated: bool,
+    /// What it may reach.
+    #[serde(default)]
+    pub egress: Option<api_model::EgressPolicy>,
+    /// Its volumes.
+    #[serde(default)]
+    pub mounts: Vec<api_model::Mount>,
 }
 
 /// A snapshot of a sandbox: memory, processes and disk at one instant.
@@ -170,6 +176,12 @@ pub struct CreateOptions {
     /// Check out a ready instance of the template's warm pool.
     #[serde(rename = "warmPool", skip_serializing_if = "Option::is_none")]
     pub warm_pool: Option<WarmPoolMode>,
+    /// What the sandbox may reach (server default: everything).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<api_model::EgressPolicy>,
+    /// Volumes to mount: guest path → volume.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub mounts: BTreeMap<String, api_model::MountRequest>,
 }
 
 /// `lifecycle` of a create.
@@ -187,6 +199,30 @@ impl CreateOptions {
             template: template.into(),
             ..Self::default()
         }
+    }
+
+    /// Sets the egress policy.
+    pub fn egress(mut self, policy: api_model::EgressPolicy) -> Self {
+        self.egress = Some(policy);
+        self
+    }
+
+    /// Mounts volume `volume` (ID or name) at guest path `path`.
+    pub fn mount(
+        mut self,
+        path: impl Into<String>,
+        volume: impl Into<String>,
+        mode: api_model::MountMode,
+    ) -> Self {
+        self.mounts.insert(
+            path.into(),
+            api_model::MountRequest {
+                id: volume.into(),
+                mode,
+                shared: None,
+            },
+        );
+        self
     }
 
     /// Sets the timeout in seconds.

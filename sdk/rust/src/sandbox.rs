@@ -207,6 +207,16 @@ impl Sandbox {
         .map(drop)
     }
 
+    /// Replaces its egress policy; a running sandbox follows it at once (open
+    /// connections it no longer allows are reset).
+    pub async fn set_egress(&self, policy: &api_model::EgressPolicy) -> Result<SandboxInfo> {
+        let body = serde_json::to_value(policy).map_err(|e| Error::Protocol(e.to_string()))?;
+        info(
+            self.control(reqwest::Method::PUT, "egress", Some(body))
+                .await?,
+        )
+    }
+
     /// Extends its life by `duration` seconds from now (default: its timeout).
     pub async fn refresh(&self, duration: Option<u64>) -> Result<()> {
         let body = duration.map_or_else(|| json!({}), |d| json!({ "duration": d }));
