@@ -291,18 +291,13 @@ fn route(
         },
         ["templates", template] => {
             let template = template_id(template)?;
-            let path = format!("/v1/templates/{template}");
             no_query()?;
-            empty_body(&body)?;
-            match method {
-                Method::Get => Ok(forward(Method::Get, path, Vec::new())),
-                Method::Delete => Ok(forward(Method::Delete, path, Vec::new())),
-                _ => Err(not_allowed(
-                    method,
-                    "/api/v1/templates/{id}",
-                    &["GET", "DELETE"],
-                )),
-            }
+            get_or_delete(
+                method,
+                &body,
+                format!("/v1/templates/{template}"),
+                "/api/v1/templates/{id}",
+            )
         }
         ["volumes"] => match method {
             Method::Post => {
@@ -320,18 +315,13 @@ fn route(
         ["volumes", volume] => {
             // A volume ID, or a name: the same characters as a template's.
             let volume = template_id(volume).map_err(|_| ApiError::not_found("volume", volume))?;
-            let path = format!("/v1/volumes/{volume}");
             no_query()?;
-            empty_body(&body)?;
-            match method {
-                Method::Get => Ok(forward(Method::Get, path, Vec::new())),
-                Method::Delete => Ok(forward(Method::Delete, path, Vec::new())),
-                _ => Err(not_allowed(
-                    method,
-                    "/api/v1/volumes/{id}",
-                    &["GET", "DELETE"],
-                )),
-            }
+            get_or_delete(
+                method,
+                &body,
+                format!("/v1/volumes/{volume}"),
+                "/api/v1/volumes/{id}",
+            )
         }
         ["templates", template, "logs"] => {
             let template = template_id(template)?;
@@ -418,6 +408,21 @@ fn empty_body(body: &[u8]) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::bad_request("this route takes no body; send none"))
+    }
+}
+
+/// A resource's GET (read) or DELETE, neither with a body.
+fn get_or_delete(
+    method: &Method,
+    body: &[u8],
+    path: String,
+    route: &str,
+) -> Result<Forward, ApiError> {
+    empty_body(body)?;
+    match method {
+        Method::Get => Ok(forward(Method::Get, path, Vec::new())),
+        Method::Delete => Ok(forward(Method::Delete, path, Vec::new())),
+        _ => Err(not_allowed(method, route, &["GET", "DELETE"])),
     }
 }
 

@@ -26,7 +26,8 @@ impl TestNet {
     pub fn new(hosts: u8) -> Self {
         // A subnet per test process; a leftover of a killed run is replaced.
         let subnet = 20 + (std::process::id() % 200) as u8;
-        let name = format!("nstest-{subnet}");
+        let name = format!("nstest-{}-{subnet}", std::process::id());
+        reap_dead();
         let host_end = format!("vt{subnet}h");
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         let _ = Command::new("ip").args(["link", "del", &host_end]).output();
@@ -77,14 +78,25 @@ impl TestNet {
 
     /// Starts `cmd` in the namespace; it ends with this value.
     pub fn spawn(&mut self, cmd: &[&str]) {
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &self.name])
             .args(cmd)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn in the test namespace");
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe. A test killed by its timeout runs no Drop:
+        // its servers die with it instead.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("spawn in the test namespace");
         self.children.push(child);
     }
 
@@ -133,6 +145,26 @@ impl TestNet {
                 "{addr}:{port} never answered"
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+/// Removes the namespaces of test processes that no longer run (killed by a timeout).
+fn reap_dead() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(pid) = name
+            .strip_prefix("nstest-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
         }
     }
 }

@@ -352,3 +352,68 @@ async fn the_cli_opens_a_shell_proxies_ssh_and_shows_previews_logs_and_metrics()
     assert!(first["memTotalMiB"].as_u64().unwrap() > 0, "{metrics}");
     cli.ok(&["sandbox", "kill", &id]);
 }
+
+#[tokio::test]
+async fn the_cli_manages_volumes_and_egress() {
+    let stack = Stack::start("cli-volumes");
+    let cli = Cli {
+        url: stack.api.url.clone(),
+        key: stack.daemon.team_key("acme"),
+        home: ScratchDir::new("cli-volumes-home"),
+    };
+    let vol = cli.ok(&["volume", "create", "--name", "clivol", "--size-mib", "32"]);
+    let vol = vol.trim();
+    let out = cli.run(&[
+        "sandbox",
+        "create",
+        "-t",
+        "minimal",
+        "--mount",
+        "relative=clivol",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("absolute"),
+        "{out:?}"
+    );
+    let id = cli.ok(&[
+        "sandbox",
+        "create",
+        "-t",
+        "minimal",
+        "--vcpus",
+        "1",
+        "--memory-mib",
+        "512",
+        "--disk-mib",
+        "1024",
+        "--mount",
+        "/mnt/cli=clivol",
+        "--no-internet",
+        "--allow",
+        "10.0.0.0/8",
+    ]);
+    let id = id.trim();
+    let info: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["--json", "sandbox", "info", id])).unwrap();
+    assert_eq!(info["egress"]["allow"][0], "10.0.0.0/8", "{info}");
+    assert_eq!(info["mounts"][0]["volumeID"], vol, "{info}");
+    let out = cli.ok(&["exec", id, "--", "echo cli > /mnt/cli/f && cat /mnt/cli/f"]);
+    assert_eq!(out, "cli\n");
+    let shown = cli.ok(&["sandbox", "egress", id, "--deny", "*.example"]);
+    assert!(
+        shown.contains("egress: internet on, deny *.example"),
+        "{shown}"
+    );
+    let out = cli.run(&["volume", "delete", "clivol"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(id), "{out:?}");
+    assert!(cli
+        .ok(&["volume", "get", vol])
+        .contains(&format!("held by {id} at /mnt/cli (rw)")));
+    cli.ok(&["sandbox", "kill", id]);
+    let listed = cli.ok(&["volume", "list"]);
+    assert!(listed.contains("(clivol)  32 MiB  version 1"), "{listed}");
+    cli.ok(&["volume", "delete", vol]);
+    assert!(!cli.run(&["volume", "get", vol]).status.success());
+}

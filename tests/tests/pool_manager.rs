@@ -225,9 +225,9 @@ async fn bad_requests_are_refused_with_what_to_send() {
             "send 1 to 16",
         ),
         (
-            json!({ "templateID": "base", "egress": { "internet": false } }),
-            StatusCode::NOT_IMPLEMENTED,
-            "egress",
+            json!({ "templateID": "base", "egress": { "deny": ["10.0.0.0/8", "-x"] } }),
+            StatusCode::BAD_REQUEST,
+            "egress.deny[1]",
         ),
         (
             json!({ "templateID": "base", "snapshotInterval": 3 }),

@@ -321,12 +321,20 @@ async fn bad_requests_are_refused_by_the_component_with_what_to_send() {
         "invalid_request",
         "send seconds from 1",
     );
-    let got = create(r#"{"templateID":"base","egress":{"internet":false}}"#).await;
+    // Egress and mount checks run in the component: nothing reaches a pool manager.
+    let got = create(r#"{"templateID":"base","egress":{"allow":["not a host"]}}"#).await;
     assert_error(
         &got,
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "egress",
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "egress.allow[0]",
+    );
+    let got = create(r#"{"templateID":"base","mounts":{"/proc":{"id":"v"}}}"#).await;
+    assert_error(
+        &got,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "system directory",
     );
     let got = create(r#"{"templateID":"no-such-template"}"#).await;
     assert_error(&got, StatusCode::NOT_FOUND, "not_found", "no-such-template");

@@ -518,3 +518,57 @@ async fn events_stream_without_gaps_across_a_daemon_restart_and_terminals_and_wa
     sbx.resume().await.unwrap();
     assert!(sbx.kill().await.unwrap());
 }
+
+#[tokio::test]
+async fn the_sdk_sets_egress_and_mounts_volumes() {
+    use nullspace::{EgressPolicy, MountMode, Volumes};
+    let stack = Stack::start("sdk-rust-volumes");
+    let config = ConnectionConfig::new(&stack.api.url, stack.daemon.team_key("acme"));
+    let vol = Volumes::create(&config, Some("sdk"), Some(32))
+        .await
+        .unwrap();
+    assert_eq!((vol.size_mib, vol.version), (32, 0));
+    let closed = EgressPolicy {
+        internet: false,
+        ..EgressPolicy::default()
+    };
+    let sbx = Sandbox::create(
+        &config,
+        &small("minimal")
+            .egress(closed.clone())
+            .mount("/mnt/sdk", "sdk", MountMode::Rw),
+    )
+    .await
+    .unwrap();
+    let info = sbx.get_info().await.unwrap();
+    assert_eq!(info.egress, Some(closed));
+    assert_eq!(info.mounts[0].volume, vol.volume_id);
+    let out = sbx
+        .commands()
+        .run("echo kept > /mnt/sdk/f && cat /mnt/sdk/f")
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, "kept\n");
+    let open = EgressPolicy {
+        deny: vec!["*.example".into()],
+        ..EgressPolicy::default()
+    };
+    assert_eq!(sbx.set_egress(&open).await.unwrap().egress, Some(open));
+    let bad = EgressPolicy {
+        allow: vec!["no such host".into()],
+        ..EgressPolicy::default()
+    };
+    let err = sbx.set_egress(&bad).await.unwrap_err();
+    assert_eq!(err.code(), Some("invalid_request"), "{err}");
+    let err = Volumes::delete(&config, "sdk").await.unwrap_err();
+    assert_eq!(err.code(), Some("invalid_state"), "{err}");
+    sbx.kill().await.unwrap();
+    let saved = Volumes::get(&config, "sdk").await.unwrap();
+    assert_eq!((saved.version, saved.attachments.len()), (1, 0));
+    assert_eq!(Volumes::list(&config).await.unwrap().len(), 1);
+    Volumes::delete(&config, &vol.volume_id).await.unwrap();
+    assert!(Volumes::get(&config, "sdk")
+        .await
+        .unwrap_err()
+        .is_not_found());
+}

@@ -137,24 +137,69 @@ async fn a_volume_outlives_its_sandboxes_and_workers_with_one_writer_at_a_time()
     .await;
     assert_eq!((out.as_str(), code), ("hello\nagain", 0));
 
-    // The writer ends: its writes are saved. A later writer on worker B reads them,
-    // and not the fork child's.
+    // A restored copy of a snapshot has the volume as it was, and its own copy too.
+    let (status, snap) = on_a
+        .post(&format!("/v1/sandboxes/{wid}/snapshots"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{snap}");
+    let (status, copy) = on_a
+        .post(
+            "/v1/sandboxes/restore",
+            json!({ "sandboxID": wid, "snapshotID": snap["snapshotID"] }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{copy}");
+    let (out, code) = run(
+        &Runtime::of(&copy),
+        "cat /mnt/work/note.txt && touch /mnt/work/copy.txt",
+    )
+    .await;
+    assert_eq!((out.as_str(), code), ("hello\nagain", 0));
+
+    // Hibernated on A, resumed on B: the same writer, its volume remounted there.
+    let (status, v) = on_a
+        .post(&format!("/v1/sandboxes/{wid}/hibernate"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (_, shown) = on_b.fetch(&format!("/v1/volumes/{vol_id}")).await;
+    assert_eq!(
+        shown["version"],
+        json!(1),
+        "a hibernate saves the writes: {shown}"
+    );
+    let (status, moved) = on_b
+        .post(&format!("/v1/sandboxes/{wid}/connect"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{moved}");
+    let (out, code) = run(
+        &Runtime::of(&moved),
+        "echo from-b >> /mnt/work/note.txt && cat /mnt/work/note.txt",
+    )
+    .await;
+    assert_eq!((out.as_str(), code), ("hello\nagain\nfrom-b", 0));
+
+    // The writer ends: its writes are saved. A later writer reads them, and not the
+    // fork child's or the restored copy's.
     for (api, id) in [
-        (&on_a, wid.as_str()),
+        (&on_b, wid.as_str()),
         (&on_a, &id_of(child)),
+        (&on_a, &id_of(&copy)),
         (&on_b, &id_of(&reader)),
     ] {
         assert_eq!(api.delete(id).await, StatusCode::NO_CONTENT);
     }
-    let (status, later) = create(&on_b, &vol_id, "rw").await;
+    let (status, later) = create(&on_a, &vol_id, "rw").await;
     assert_eq!(status, StatusCode::CREATED, "{later}");
     let (out, code) = run(&Runtime::of(&later), "cat /mnt/work/note.txt; ls /mnt/work").await;
     assert_eq!(code, 0, "{out}");
-    assert!(out.starts_with("hello\nagain\n"), "{out}");
-    assert!(!out.contains("child.txt"), "{out}");
+    assert!(out.starts_with("hello\nagain\nfrom-b\n"), "{out}");
+    assert!(
+        !out.contains("child.txt") && !out.contains("copy.txt"),
+        "{out}"
+    );
     let (_, shown) = on_b.fetch(&format!("/v1/volumes/{vol_id}")).await;
-    assert_eq!(shown["version"], json!(1), "{shown}");
-    assert_eq!(on_b.delete(&id_of(&later)).await, StatusCode::NO_CONTENT);
+    assert_eq!(shown["version"], json!(2), "{shown}");
+    assert_eq!(on_a.delete(&id_of(&later)).await, StatusCode::NO_CONTENT);
 
     let (status, _) = on_b
         .call(Method::DELETE, &format!("/v1/volumes/{vol_id}"), None)

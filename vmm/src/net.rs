@@ -226,7 +226,11 @@ mod tests {
         );
         assert_eq!(sockets.tcp.local_addr().unwrap().port(), PROXY_PORT);
         let shown = Command::new("nsenter")
-            .arg(format!("--net=/proc/self/fd/{}", net.netns_fd()))
+            .arg(format!(
+                "--net=/proc/{}/fd/{}",
+                std::process::id(),
+                net.netns_fd()
+            ))
             .args(["ip", "-brief", "addr", "show", "tap0"])
             .output()
             .unwrap();

@@ -1213,6 +1213,12 @@ impl QemuVm {
             return Err(e.into());
         }
         self.launch.volumes.push(drive);
+        self.write_launch_record()?;
+        Ok(())
+    }
+
+    /// Rewrites the launch record after a change a restarted owner must see.
+    fn write_launch_record(&self) -> Result<(), VmmError> {
         let record = LaunchRecord {
             pid: self.pid,
             launch: self.launch.clone(),
@@ -1221,8 +1227,7 @@ impl QemuVm {
             self.dir.file(LAUNCH_RECORD),
             serde_json::to_vec(&record).expect("json"),
         )
-        .map_err(|e| VmmError::Host(format!("writing {LAUNCH_RECORD}: {e}")))?;
-        Ok(())
+        .map_err(|e| VmmError::Host(format!("writing {LAUNCH_RECORD}: {e}")))
     }
 
     /// The volume images attached.
@@ -1262,15 +1267,7 @@ impl QemuVm {
         // Snapshots record the size (restores size their overlays by it), and so does the
         // launch record a restarted daemon adopts the VM from.
         self.launch.disk_mib = mib;
-        let record = LaunchRecord {
-            pid: self.pid,
-            launch: self.launch.clone(),
-        };
-        std::fs::write(
-            self.dir.file(LAUNCH_RECORD),
-            serde_json::to_vec(&record).expect("json"),
-        )
-        .map_err(|e| VmmError::Host(format!("writing {LAUNCH_RECORD}: {e}")))?;
+        self.write_launch_record()?;
         self.agent()
             .resize_rootfs()
             .await

@@ -186,6 +186,7 @@ impl Manager {
                             });
                             r.vm_dir = None;
                             self.transition(&mut r, InternalState::Failed, "lost in a restart")?;
+                            self.release_volumes(&r).await;
                         }
                     }
                 }
@@ -201,6 +202,7 @@ impl Manager {
                         InternalState::Failed,
                         "creation interrupted by a restart",
                     )?;
+                    self.release_volumes(&r).await;
                 }
                 InternalState::Destroying => self.transition(
                     &mut r,
@@ -938,8 +940,14 @@ impl Manager {
                     vm.release();
                     continue;
                 }
+                let record = self.catalog.sandbox(&id).ok().flatten();
+                if let Some(r) = &record {
+                    self.quiesce_volumes(r, &vm, false).await;
+                }
                 vm.kill().await;
-                if let Ok(Some(mut r)) = self.catalog.sandbox(&id) {
+                if let Some(mut r) = record {
+                    // Its volume writes are saved and the volumes freed: it never runs again.
+                    self.release_volumes(&r).await;
                     r.diagnostic = Some(Diagnostic {
                         code: "host_stopped".into(),
                         message: "the pool manager was stopped and ended this sandbox's VM".into(),

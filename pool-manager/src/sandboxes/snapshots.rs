@@ -557,6 +557,10 @@ impl Manager {
             on_timeout: origin.on_timeout,
             auto_resume: origin.auto_resume,
             public_ports: origin.public_ports,
+            // The same sandbox, moved: its policy, and its volume holds (the write lock
+            // is the sandbox's, whatever worker runs it).
+            egress: origin.egress,
+            mounts: origin.mounts,
             state: InternalState::Stopped,
             hibernated: Some(s.id.clone()),
             ..SandboxRecord::fresh(

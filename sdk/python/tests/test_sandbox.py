@@ -286,3 +286,29 @@ def test_pty_round_trip_with_resize():
                 pass
             assert term.exit_code == 4
         sbx.kill()
+
+
+def test_volumes_and_egress():
+    from nullspace import Volume
+    vol = Volume.create(name=f"py-{os.getpid()}", size_mib=32)
+    assert vol["version"] == 0 and vol["sizeMiB"] == 32
+    with pytest.raises(SandboxError) as bad:
+        Sandbox.create(template="minimal", resources=SMALL,
+                       egress={"allow": ["not a host"]})
+    assert bad.value.code == "invalid_request" and "egress.allow[0]" in str(bad.value)
+    with Sandbox.create(template="minimal", resources=SMALL, timeout=120,
+                        egress={"internet": False}, mounts={"/mnt/py": vol["name"]}) as sbx:
+        info = sbx.get_info()
+        assert info.egress == {"internet": False, "allow": [], "deny": []}
+        assert info.mounts == [{"path": "/mnt/py", "volumeID": vol["volumeID"], "type": "rw"}]
+        assert sbx.commands.run("echo kept > /mnt/py/f && cat /mnt/py/f").stdout == "kept\n"
+        assert sbx.set_egress(deny=["10.0.0.0/8"]).egress["deny"] == ["10.0.0.0/8"]
+        with pytest.raises(SandboxError) as held:
+            Volume.delete(vol["volumeID"])
+        assert held.value.code == "invalid_state"
+        assert Volume.get(vol["volumeID"])["attachments"][0]["sandboxID"] == sbx.sandbox_id
+    assert Volume.get(vol["name"])["version"] == 1
+    assert any(v["volumeID"] == vol["volumeID"] for v in Volume.list())
+    Volume.delete(vol["volumeID"])
+    with pytest.raises(NotFoundError):
+        Volume.get(vol["volumeID"])

@@ -8,7 +8,7 @@
 //! then sandboxes created per second by a concurrent burst; then a warm-pool checkout
 //! against a restore-from-template create (p50/p99, ratio) and a burst of checkouts.
 
-use nullspace_tests::{driver, sh, shared_templates_dir, Daemon};
+use nullspace_tests::{sh, shared_templates_dir, Daemon};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use vmm::{RestoreMemory, RestoreOptions, Snapshot, Vm};
@@ -90,8 +90,10 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // The same snapshot, restored directly through the VMM, to its first command.
-    // The one of the current image set: older sets' snapshots stay in the directory.
+    // The one of the current image set and of the daemon's network kind (`--network
+    // auto`: isolated where the host can): older sets' snapshots stay in the directory.
     let rootfs = vmm::ImageSet::from_env()?.rootfs("minimal")?;
+    let isolated = vmm::net::GuestNet::check_host().is_ok();
     let template = std::fs::read_dir(shared_templates_dir())?
         .flatten()
         .map(|e| e.path())
@@ -99,11 +101,20 @@ async fn main() -> anyhow::Result<()> {
             p.file_name()
                 .map(|n| n.to_string_lossy().starts_with("minimal-1x512-"))
                 .unwrap_or(false)
-                && Snapshot::open(p).is_ok_and(|s| s.manifest().rootfs_image == rootfs)
+                && Snapshot::open(p).is_ok_and(|s| {
+                    s.manifest().rootfs_image == rootfs && s.manifest().isolated_network == isolated
+                })
         })
         .ok_or_else(|| anyhow::anyhow!("no minimal 1x512 template snapshot of this image set"))?;
     let snapshot = Snapshot::open(&template)?;
-    let d = driver().await;
+    let d = vmm::QemuVmm::new(
+        vmm::QemuConfig {
+            isolated_network: isolated,
+            ..vmm::QemuConfig::from_env()?
+        },
+        vmm::ImageSet::from_env()?,
+    )
+    .await?;
     let options = RestoreOptions {
         memory: RestoreMemory::CopyOnWrite,
         disk_mib: Some(1024),

@@ -3,7 +3,7 @@
 from ._core import (CommandResult, EntryInfo, NotFoundError, SandboxError, SandboxInfo,
                     SnapshotInfo, redact_preview_token, redact_preview_url)
 from .async_sandbox import AsyncCommandHandle, AsyncSandbox
-from .sandbox import CommandHandle, Sandbox, Template
+from .sandbox import CommandHandle, Sandbox, Template, Volume
 
 __all__ = [
     "AsyncCommandHandle",
@@ -17,6 +17,7 @@ __all__ = [
     "SandboxInfo",
     "SnapshotInfo",
     "Template",
+    "Volume",
     "redact_preview_token",
     "redact_preview_url",
 ]

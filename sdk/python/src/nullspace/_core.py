@@ -102,6 +102,8 @@ class SandboxInfo:
     runtime: Optional[Dict[str, Any]] = None
     snapshot_interval: int = 0
     hibernated: bool = False
+    egress: Optional[Dict[str, Any]] = None
+    mounts: List[Dict[str, str]] = field(default_factory=list)
 
     @staticmethod
     def parse(doc: Dict[str, Any]) -> "SandboxInfo":
@@ -119,6 +121,8 @@ class SandboxInfo:
             runtime=doc.get("runtime"),
             snapshot_interval=doc.get("snapshotInterval", 0),
             hibernated=bool(doc.get("hibernated", False)),
+            egress=doc.get("egress"),
+            mounts=doc.get("mounts") or [],
         )
 
 
@@ -206,12 +210,32 @@ class EntryInfo:
                          doc.get("size", 0), doc.get("mode", 0), doc.get("mtime", 0))
 
 
+def egress_body(internet: bool = True, allow: Optional[List[str]] = None,
+                deny: Optional[List[str]] = None) -> Dict[str, Any]:
+    """An egress policy: ``internet`` (False: only ``allow`` is reachable), ``allow`` and
+    ``deny`` lists of IPs, CIDRs, domains and ``*.domains`` (deny wins)."""
+    return {"internet": internet, "allow": list(allow or []), "deny": list(deny or [])}
+
+
+def mount_body(m: Any) -> Dict[str, Any]:
+    """A mount: a volume ID or name (read-write), or ``{"id": ..., "type": "rw"|"ro"}``."""
+    if isinstance(m, str):
+        return {"id": m, "type": "rw"}
+    return dict(m)
+
+
 def create_body(template: str, timeout: Optional[int], metadata: Optional[Dict[str, str]],
                 envs: Optional[Dict[str, str]], lifecycle: Optional[Dict[str, Any]],
                 resources: Optional[Dict[str, int]],
                 snapshot_interval: Optional[int] = None,
-                warm_pool: Optional[str] = None) -> Dict[str, Any]:
+                warm_pool: Optional[str] = None,
+                egress: Optional[Dict[str, Any]] = None,
+                mounts: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     body: Dict[str, Any] = {"templateID": template}
+    if egress is not None:
+        body["egress"] = egress_body(**egress)
+    if mounts:
+        body["mounts"] = {path: mount_body(m) for path, m in mounts.items()}
     if snapshot_interval is not None:
         body["snapshotInterval"] = snapshot_interval
     if warm_pool is not None:

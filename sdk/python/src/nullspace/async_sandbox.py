@@ -153,6 +153,8 @@ class AsyncSandbox:
                      lifecycle: Optional[Dict[str, Any]] = None,
                      resources: Optional[Dict[str, int]] = None,
                      snapshot_interval: Optional[int] = None, warm_pool: Optional[str] = None,
+                     egress: Optional[Dict[str, Any]] = None,
+                     mounts: Optional[Dict[str, Any]] = None,
                      api_key: Optional[str] = None,
                      domain: Optional[str] = None,
                      request_timeout: Optional[float] = None) -> "AsyncSandbox":
@@ -161,7 +163,7 @@ class AsyncSandbox:
         try:
             doc = await _call(client, config, "POST", "/sandboxes",
                               create_body(template, timeout, metadata, envs, lifecycle, resources,
-                                          snapshot_interval, warm_pool))
+                                          snapshot_interval, warm_pool, egress, mounts))
         except Exception:
             await client.aclose()
             raise

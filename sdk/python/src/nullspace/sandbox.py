@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 import httpx
 
 from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, SnapshotInfo,
-                    apply_event, create_body, list_params, metrics_params, raise_for,
+                    apply_event, create_body, egress_body, list_params, metrics_params, raise_for,
                     resources_body, restore_body, run_body)
 
 
@@ -276,6 +276,7 @@ class Sandbox:
                lifecycle: Optional[Dict[str, Any]] = None,
                resources: Optional[Dict[str, int]] = None,
                snapshot_interval: Optional[int] = None, warm_pool: Optional[str] = None,
+               egress: Optional[Dict[str, Any]] = None, mounts: Optional[Dict[str, Any]] = None,
                api_key: Optional[str] = None,
                domain: Optional[str] = None, request_timeout: Optional[float] = None) -> "Sandbox":
         """Creates a sandbox and returns it connected."""
@@ -284,7 +285,7 @@ class Sandbox:
         try:
             doc = _call(client, config, "POST", "/sandboxes",
                         create_body(template, timeout, metadata, envs, lifecycle, resources,
-                                    snapshot_interval, warm_pool))
+                                    snapshot_interval, warm_pool, egress, mounts))
         except Exception:
             client.close()
             raise
@@ -392,6 +393,14 @@ class Sandbox:
 
     def set_timeout(self, timeout: int, request_timeout: Optional[float] = None) -> None:
         self._control("POST", "timeout", {"timeout": timeout}, request_timeout)
+
+    def set_egress(self, internet: bool = True, allow: Optional[List[str]] = None,
+                   deny: Optional[List[str]] = None,
+                   request_timeout: Optional[float] = None) -> SandboxInfo:
+        """Replaces its egress policy; a running sandbox follows it at once (open
+        connections it no longer allows are reset)."""
+        return SandboxInfo.parse(self._control("PUT", "egress", egress_body(internet, allow, deny),
+                                               request_timeout))
 
     def refresh(self, duration: Optional[int] = None,
                 request_timeout: Optional[float] = None) -> None:
@@ -527,6 +536,50 @@ class Sandbox:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class Volume:
+    """Durable volumes: content kept in the store, outliving every sandbox and worker.
+    Mount one at create: ``Sandbox.create(mounts={"/mnt/work": volume_id})`` (read-write;
+    one writer at a time) or ``{"/mnt/work": {"id": volume_id, "type": "ro"}}``."""
+
+    @staticmethod
+    def create(name: Optional[str] = None, size_mib: Optional[int] = None,
+               api_key: Optional[str] = None, domain: Optional[str] = None,
+               request_timeout: Optional[float] = None) -> Dict[str, Any]:
+        """An empty volume: ``{volumeID, name, sizeMiB, createdAt, version, attachments}``."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        body: Dict[str, Any] = {}
+        if name is not None:
+            body["name"] = name
+        if size_mib is not None:
+            body["sizeMiB"] = size_mib
+        with httpx.Client(timeout=config.request_timeout) as client:
+            return _call(client, config, "POST", "/volumes", body)
+
+    @staticmethod
+    def get(volume_id: str, api_key: Optional[str] = None, domain: Optional[str] = None,
+            request_timeout: Optional[float] = None) -> Dict[str, Any]:
+        """A volume by ID or name, with its saved version and holders."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        with httpx.Client(timeout=config.request_timeout) as client:
+            return _call(client, config, "GET", f"/volumes/{volume_id}")
+
+    @staticmethod
+    def list(api_key: Optional[str] = None, domain: Optional[str] = None,
+             request_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
+        """The team's volumes, oldest first."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        with httpx.Client(timeout=config.request_timeout) as client:
+            return _call(client, config, "GET", "/volumes")
+
+    @staticmethod
+    def delete(volume_id: str, api_key: Optional[str] = None, domain: Optional[str] = None,
+               request_timeout: Optional[float] = None) -> None:
+        """Deletes a volume and its content; refused (409) while a sandbox holds it."""
+        config = Config.resolve(api_key, domain, request_timeout)
+        with httpx.Client(timeout=config.request_timeout) as client:
+            _call(client, config, "DELETE", f"/volumes/{volume_id}")
 
 
 class Template:
