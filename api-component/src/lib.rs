@@ -420,8 +420,11 @@ fn get_or_delete(
 ) -> Result<Forward, ApiError> {
     empty_body(body)?;
     match method {
-        Method::Get => Ok(forward(Method::Get, path, Vec::new())),
-        Method::Delete => Ok(forward(Method::Delete, path, Vec::new())),
+        Method::Get | Method::Delete => Ok(Forward {
+            method: method.clone(),
+            path,
+            body: Vec::new(),
+        }),
         _ => Err(not_allowed(method, route, &["GET", "DELETE"])),
     }
 }
