@@ -307,6 +307,7 @@ def test_volumes_and_egress():
             Volume.delete(vol["volumeID"])
         assert held.value.code == "invalid_state"
         assert Volume.get(vol["volumeID"])["attachments"][0]["sandboxID"] == sbx.sandbox_id
+        assert sbx.kill()  # the writer ends: its writes are saved
     assert Volume.get(vol["name"])["version"] == 1
     assert any(v["volumeID"] == vol["volumeID"] for v in Volume.list())
     Volume.delete(vol["volumeID"])
