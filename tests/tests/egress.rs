@@ -176,6 +176,42 @@ async fn policies_are_enforced_on_the_host_changed_live_and_kept_by_fork_restore
     let (status, _) = set_egress(&other, &id, json!({})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
+    // A warm-pool checkout: the ready VM's proxy serves with nothing allowed until the
+    // checkout sets the create's policy.
+    let pool = "/v1/templates/base/warm-pool";
+    let (status, v) = api
+        .call(
+            Method::PUT,
+            pool,
+            Some(json!({ "size": 1, "resources": small() })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        let (_, v) = api.fetch(pool).await;
+        if v["ready"] == json!(1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never filled: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let warm = api
+        .create(json!({ "templateID": "base", "resources": small(), "warmPool": "require", "egress": policy }))
+        .await;
+    check_closed_policy(&Runtime::of(&warm), &n, "warm checkout").await;
+    let (status, v) = api
+        .call(Method::PUT, pool, Some(json!({ "size": 0 })))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        api.delete(warm["sandboxID"].as_str().unwrap()).await,
+        StatusCode::NO_CONTENT
+    );
+
     for s in [
         &id,
         child["sandboxID"].as_str().unwrap(),

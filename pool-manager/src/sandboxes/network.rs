@@ -10,7 +10,7 @@ use egress::{Gate, Upstream};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tracing::warn;
-use vmm::QemuVm;
+use vmm::{QemuVm, Vm};
 
 /// How this host networks its VMs.
 #[derive(Debug, Clone)]
@@ -26,6 +26,9 @@ pub struct NetworkSettings {
 pub(super) struct Network {
     pub settings: NetworkSettings,
     gates: Mutex<HashMap<String, Arc<Gate>>>,
+    /// Gates of warm VMs (by VM ID), already serving with nothing allowed: a checkout
+    /// only sets the policy, no sockets to register on the create path.
+    prepared: Mutex<HashMap<String, Arc<Gate>>>,
 }
 
 impl Network {
@@ -33,6 +36,7 @@ impl Network {
         Self {
             settings,
             gates: Mutex::default(),
+            prepared: Mutex::default(),
         }
     }
 
@@ -43,6 +47,11 @@ impl Network {
             .entry(sandbox.to_string())
             .or_insert_with(|| Gate::new(policy.compile().unwrap_or_else(|_| closed())))
             .clone()
+    }
+
+    /// Forgets a warm VM's gate (the VM is gone unused).
+    pub fn forget_prepared(&self, vm: &str) {
+        self.prepared.lock().unwrap().remove(vm);
     }
 
     /// Forgets a sandbox's gate (it is gone).
@@ -78,8 +87,36 @@ impl Manager {
     /// Starts serving `vm`'s egress under `record`'s policy. Nothing to do for a VM on
     /// user-mode networking, or one already served (its proxy lives as long as it).
     pub(super) fn seat(&self, record: &SandboxRecord, vm: &mut QemuVm) {
+        let prepared = self.network.prepared.lock().unwrap().remove(vm.id());
+        if let Some(gate) = prepared {
+            gate.set(record.egress.compile().unwrap_or_else(|_| closed()));
+            self.network
+                .gates
+                .lock()
+                .unwrap()
+                .insert(record.id.clone(), gate);
+            return;
+        }
         let gate = self.network.gate(&record.id, &record.egress);
         serve(vm, gate, self.network.settings.upstream, &record.id);
+    }
+
+    /// Serves a warm VM's egress before anyone owns it, with nothing allowed until a
+    /// checkout [`Manager::seat`]s it.
+    pub(super) fn prepare_egress(&self, vm: &mut QemuVm) {
+        let gate = Gate::new(closed());
+        if serve(
+            vm,
+            gate.clone(),
+            self.network.settings.upstream,
+            vm.id().to_string().as_str(),
+        ) {
+            self.network
+                .prepared
+                .lock()
+                .unwrap()
+                .insert(vm.id().to_string(), gate);
+        }
     }
 
     /// Serves the egress of a VM that belongs to no sandbox (a template build) with the
@@ -117,14 +154,22 @@ impl Manager {
     }
 }
 
-fn serve(vm: &mut QemuVm, gate: Arc<Gate>, upstream: Upstream, label: &str) {
+/// Starts `vm`'s proxy under `gate`; whether it did (a VM on user-mode networking, or
+/// one already served, has no sockets left to serve).
+fn serve(vm: &mut QemuVm, gate: Arc<Gate>, upstream: Upstream, label: &str) -> bool {
     let Some(sockets) = vm.take_egress() else {
-        return;
+        return false;
     };
     let span = tracing::info_span!("egress", sandbox = %label);
     let _in_span = span.enter();
     match egress::serve(sockets.tcp, sockets.dns, gate, upstream) {
-        Ok(serving) => vm.hold(serving),
-        Err(e) => warn!(error = %e, "the VM's egress proxy did not start: it has no network"),
+        Ok(serving) => {
+            vm.hold(serving);
+            true
+        }
+        Err(e) => {
+            warn!(error = %e, "the VM's egress proxy did not start: it has no network");
+            false
+        }
     }
 }

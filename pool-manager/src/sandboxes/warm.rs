@@ -237,7 +237,7 @@ impl Manager {
         };
         self.catalog.put_warm_pool(template, &config)?;
         for vm in self.warm.configure(template, config) {
-            vm.kill().await;
+            self.end_warm(vm).await;
         }
         info!(
             template,
@@ -271,8 +271,14 @@ impl Manager {
     /// Removes a deleted template's pool and ends its VMs.
     pub(super) async fn drop_warm_pool(&self, template: &str) {
         for vm in self.warm.remove(template) {
-            vm.kill().await;
+            self.end_warm(vm).await;
         }
+    }
+
+    /// Ends a warm VM nobody checked out.
+    async fn end_warm(&self, vm: QemuVm) {
+        self.network.forget_prepared(vm.id());
+        vm.kill().await;
     }
 
     /// A ready VM for a create of `template` with this shape, if its pool has one.
@@ -305,10 +311,13 @@ impl Manager {
                             .await
                     };
                     match made {
-                        Ok(vm) => match this.warm.settle(&template, resources, vm) {
-                            None => return,
-                            Some(unwanted) => unwanted.kill().await,
-                        },
+                        Ok(mut vm) => {
+                            this.prepare_egress(&mut vm);
+                            match this.warm.settle(&template, resources, vm) {
+                                None => return,
+                                Some(unwanted) => this.end_warm(unwanted).await,
+                            }
+                        }
                         Err(e) => {
                             warn!(template, error = %e.message, "warm pool refill failed");
                             // Not at once again: the next tick retries.
@@ -329,7 +338,7 @@ impl Manager {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         loop {
             for vm in self.warm.drain() {
-                vm.kill().await;
+                self.end_warm(vm).await;
             }
             if !self.warm.warming() || std::time::Instant::now() > deadline {
                 break;
