@@ -1,7 +1,7 @@
 //! Pool-manager benchmark (a command, not a test):
 //!
 //!     cargo build --release -p pool-manager -p nullspace-tests --bins
-//!     $CARGO_TARGET_DIR/release/bench-pool [--n 10]
+//!     $CARGO_TARGET_DIR/release/bench-pool [--n 10] [--network auto|isolated|user]
 //!
 //! Create-to-first-command through the daemon's HTTP APIs against a raw restore of the
 //! same template snapshot to its first command, measured in one run, with their ratio;
@@ -32,7 +32,28 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
-    let daemon = Daemon::start("bench");
+    // `--network user|isolated|auto` (the daemon's default, auto): what network
+    // isolation costs a create.
+    let network = args
+        .iter()
+        .position(|a| a == "--network")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "auto".into());
+    let isolated = match network.as_str() {
+        "user" => false,
+        "isolated" => true,
+        _ => vmm::net::GuestNet::check_host().is_ok(),
+    };
+    println!(
+        "network: {}",
+        if isolated {
+            "isolated (egress proxy)"
+        } else {
+            "user-mode"
+        }
+    );
+    let daemon = Daemon::start_with("bench", &["--network", &network], &[]);
     let key = daemon.team_key("bench");
     let http = reqwest::Client::new();
     let shape = json!({ "vcpus": 1, "memMiB": 512, "diskSizeMiB": 1024 });
@@ -93,7 +114,6 @@ async fn main() -> anyhow::Result<()> {
     // The one of the current image set and of the daemon's network kind (`--network
     // auto`: isolated where the host can): older sets' snapshots stay in the directory.
     let rootfs = vmm::ImageSet::from_env()?.rootfs("minimal")?;
-    let isolated = vmm::net::GuestNet::check_host().is_ok();
     let template = std::fs::read_dir(shared_templates_dir())?
         .flatten()
         .map(|e| e.path())
