@@ -177,6 +177,10 @@ async fn a_volume_outlives_its_sandboxes_and_workers_with_one_writer_at_a_time()
     )
     .await;
     assert_eq!((out.as_str(), code), ("hello\nagain\nfrom-b", 0));
+    // Worker A's stale record of it releases nothing: B's VM keeps the write lock.
+    let _ = on_a.delete(&wid).await;
+    let (status, v) = create(&on_a, &vol_id, "rw").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
 
     // The writer ends: its writes are saved. A later writer reads them, and not the
     // fork child's or the restored copy's.

@@ -354,6 +354,16 @@ impl Manager {
         if r.mounts.is_empty() {
             return;
         }
+        if let Some(snapshot) = &r.hibernated {
+            // Hibernated here, and its pause snapshot consumed: another worker resumed it
+            // and holds its volumes now. This worker's stale record releases nothing.
+            if matches!(
+                storage::snapshots::get(self.store(), snapshot).await,
+                Err(storage::StoreError::NotFound(_))
+            ) {
+                return;
+            }
+        }
         let saved = self.save_volumes(r, false).await;
         if !r.volume_copies {
             for m in &r.mounts {
