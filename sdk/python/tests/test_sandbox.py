@@ -101,6 +101,8 @@ async def test_async_sandbox():
     async with await AsyncSandbox.create(template="minimal", resources=SMALL) as sbx:
         result = await sbx.commands.run("echo $((6*7))")
         assert result.stdout == "42\n"
+        changed = await sbx.set_egress(internet=False, allow=["192.0.2.0/24"])
+        assert changed.egress == {"internet": False, "allow": ["192.0.2.0/24"], "deny": []}
         await sbx.files.write("x.txt", "async")
         assert await sbx.files.read("x.txt") == "async"
         handle = await sbx.commands.run("echo bg", background=True)

@@ -9,7 +9,8 @@ import httpx
 
 from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, SnapshotInfo,
                     metrics_params,
-                    apply_event, create_body, list_params, raise_for, restore_body, run_body)
+                    apply_event, create_body, egress_body, list_params, raise_for, restore_body,
+                    run_body)
 
 
 async def _call(client: httpx.AsyncClient, config: Config, method: str, path: str,
@@ -268,6 +269,14 @@ class AsyncSandbox:
 
     async def set_timeout(self, timeout: int, request_timeout: Optional[float] = None) -> None:
         await self._control("POST", "timeout", {"timeout": timeout}, request_timeout)
+
+    async def set_egress(self, internet: bool = True, allow: Optional[List[str]] = None,
+                         deny: Optional[List[str]] = None,
+                         request_timeout: Optional[float] = None) -> SandboxInfo:
+        """Replaces its egress policy; a running sandbox follows it at once."""
+        return SandboxInfo.parse(await self._control("PUT", "egress",
+                                                     egress_body(internet, allow, deny),
+                                                     request_timeout))
 
     async def refresh(self, duration: Optional[int] = None,
                       request_timeout: Optional[float] = None) -> None:
