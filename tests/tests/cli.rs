@@ -9,6 +9,20 @@ struct Cli {
     home: ScratchDir,
 }
 
+/// `sandbox create` of a small `minimal` sandbox; the test adds its flags.
+const CREATE_SMALL: &[&str] = &[
+    "sandbox",
+    "create",
+    "-t",
+    "minimal",
+    "--vcpus",
+    "1",
+    "--memory-mib",
+    "512",
+    "--disk-mib",
+    "1024",
+];
+
 impl Cli {
     fn run(&self, args: &[&str]) -> Output {
         std::process::Command::new(workspace_binary("nullspace"))
@@ -45,21 +59,10 @@ async fn the_cli_creates_runs_copies_and_kills() {
     };
     let id = cli
         .ok(&[
-            "sandbox",
-            "create",
-            "-t",
-            "minimal",
-            "--vcpus",
-            "1",
-            "--memory-mib",
-            "512",
-            "--disk-mib",
-            "1024",
-            "--metadata",
-            "suite=cli",
-            "--env",
-            "WHO=cli",
-        ])
+            CREATE_SMALL,
+            &["--metadata", "suite=cli", "--env", "WHO=cli"],
+        ]
+        .concat())
         .trim()
         .to_string();
     assert!(id.starts_with("sbx-"), "{id}");
@@ -377,22 +380,16 @@ async fn the_cli_manages_volumes_and_egress() {
         "{out:?}"
     );
     let id = cli.ok(&[
-        "sandbox",
-        "create",
-        "-t",
-        "minimal",
-        "--vcpus",
-        "1",
-        "--memory-mib",
-        "512",
-        "--disk-mib",
-        "1024",
-        "--mount",
-        "/mnt/cli=clivol",
-        "--no-internet",
-        "--allow",
-        "10.0.0.0/8",
-    ]);
+        CREATE_SMALL,
+        &[
+            "--mount",
+            "/mnt/cli=clivol",
+            "--no-internet",
+            "--allow",
+            "10.0.0.0/8",
+        ],
+    ]
+    .concat());
     let id = id.trim();
     let info: serde_json::Value =
         serde_json::from_str(&cli.ok(&["--json", "sandbox", "info", id])).unwrap();
