@@ -276,19 +276,12 @@ fn route(
                 Vec::new(),
             ))
         }
-        ["templates"] => match method {
-            Method::Post => {
-                no_query()?;
-                parse_body::<TemplateBuildRequest>(&body)?.validate()?;
-                Ok(forward(Method::Post, "/v1/templates".into(), body))
-            }
-            Method::Get => {
-                no_query()?;
-                empty_body(&body)?;
-                Ok(forward(Method::Get, "/v1/templates".into(), Vec::new()))
-            }
-            _ => Err(not_allowed(method, "/api/v1/templates", &["POST", "GET"])),
-        },
+        ["templates"] => {
+            no_query()?;
+            create_or_list(method, body, "templates", |b| {
+                parse_body::<TemplateBuildRequest>(b)?.validate().map(drop)
+            })
+        }
         ["templates", template] => {
             let template = template_id(template)?;
             no_query()?;
@@ -299,19 +292,12 @@ fn route(
                 "/api/v1/templates/{id}",
             )
         }
-        ["volumes"] => match method {
-            Method::Post => {
-                no_query()?;
-                parse_body::<VolumeCreateRequest>(&body)?.validate()?;
-                Ok(forward(Method::Post, "/v1/volumes".into(), body))
-            }
-            Method::Get => {
-                no_query()?;
-                empty_body(&body)?;
-                Ok(forward(Method::Get, "/v1/volumes".into(), Vec::new()))
-            }
-            _ => Err(not_allowed(method, "/api/v1/volumes", &["POST", "GET"])),
-        },
+        ["volumes"] => {
+            no_query()?;
+            create_or_list(method, body, "volumes", |b| {
+                parse_body::<VolumeCreateRequest>(b)?.validate().map(drop)
+            })
+        }
         ["volumes", volume] => {
             // A volume ID, or a name: the same characters as a template's.
             let volume = template_id(volume).map_err(|_| ApiError::not_found("volume", volume))?;
@@ -408,6 +394,39 @@ fn empty_body(body: &[u8]) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::bad_request("this route takes no body; send none"))
+    }
+}
+
+/// A collection's POST (a create, its body checked by `check`) or GET (a list, no body).
+fn create_or_list(
+    method: &Method,
+    body: Vec<u8>,
+    collection: &str,
+    check: impl FnOnce(&[u8]) -> Result<(), ApiError>,
+) -> Result<Forward, ApiError> {
+    let path = format!("/v1/{collection}");
+    match method {
+        Method::Post => {
+            check(&body)?;
+            Ok(Forward {
+                method: Method::Post,
+                path,
+                body,
+            })
+        }
+        Method::Get => {
+            empty_body(&body)?;
+            Ok(Forward {
+                method: Method::Get,
+                path,
+                body: Vec::new(),
+            })
+        }
+        _ => Err(not_allowed(
+            method,
+            &format!("/api/v1/{collection}"),
+            &["POST", "GET"],
+        )),
     }
 }
 

@@ -20,7 +20,6 @@ use api_model::{CompiledEgress, EgressRule};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,15 +37,11 @@ const MAX_RESOLVED: usize = 4096;
 /// Most DNS queries answered at once per sandbox.
 const MAX_DNS_IN_FLIGHT: usize = 64;
 
-/// One sandbox's policy, what its lookups resolved, and counters.
+/// One sandbox's policy and what its lookups resolved.
 #[derive(Debug)]
 pub struct Gate {
     policy: watch::Sender<Arc<CompiledEgress>>,
     resolved: Mutex<HashMap<IpAddr, Vec<(String, Instant)>>>,
-    /// Connections and lookups let out.
-    pub allowed: AtomicU64,
-    /// Connections and lookups refused.
-    pub denied: AtomicU64,
 }
 
 impl Gate {
@@ -55,8 +50,6 @@ impl Gate {
         Arc::new(Self {
             policy: watch::Sender::new(Arc::new(policy)),
             resolved: Mutex::default(),
-            allowed: AtomicU64::new(0),
-            denied: AtomicU64::new(0),
         })
     }
 
@@ -104,11 +97,6 @@ impl Gate {
             names.push((name.to_string(), now + RESOLVED_FOR));
         }
     }
-
-    fn count(&self, allowed: bool) {
-        let c = if allowed { &self.allowed } else { &self.denied };
-        c.fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 /// Where lookups go.
@@ -141,7 +129,15 @@ impl Upstream {
 /// The running proxy of one VM; dropping it stops it and closes its sockets.
 #[derive(Debug)]
 pub struct Serving {
+    gate: Arc<Gate>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Serving {
+    /// The gate it serves under.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
 }
 
 impl Drop for Serving {
@@ -163,6 +159,7 @@ pub fn serve(
     let tcp = tokio::net::TcpListener::from_std(tcp)?;
     let dns = Arc::new(UdpSocket::from_std(dns)?);
     let span = tracing::Span::current();
+    let serving_gate = gate.clone();
     let connections = {
         let gate = gate.clone();
         tokio::spawn(
@@ -211,6 +208,7 @@ pub fn serve(
         .instrument(span),
     );
     Ok(Serving {
+        gate: serving_gate,
         tasks: vec![connections, lookups],
     })
 }
@@ -218,7 +216,6 @@ pub fn serve(
 async fn lookup(query: &[u8], gate: &Gate, upstream: Upstream) -> Option<Vec<u8>> {
     let name = dns::question_name(query)?;
     if !gate.policy().allows_lookup(&name) {
-        gate.count(false);
         info!(name = %name, "egress: lookup refused by policy");
         return dns::refused(query);
     }
@@ -261,9 +258,10 @@ async fn connection(mut client: TcpStream, gate: Arc<Gate>) {
         return reset(client);
     };
     let ip = IpAddr::V4(*dst.ip());
-    let policy = gate.policy();
+    // Subscribed before the first decision: a change made meanwhile is not missed.
+    let mut changes = gate.policy.subscribe();
+    let policy = changes.borrow_and_update().clone();
     if never_reachable(*dst.ip(), &policy) {
-        gate.count(false);
         debug!(%dst, "egress: destination never reachable");
         return reset(client);
     }
@@ -289,11 +287,9 @@ async fn connection(mut client: TcpStream, gate: Arc<Gate>) {
         policy.allows_connection(ip, host.as_deref(), &gate.names_for(ip))
     };
     if !allowed(&policy) {
-        gate.count(false);
         info!(%dst, host = host.as_deref().unwrap_or(""), "egress: connection refused by policy");
         return reset(client);
     }
-    gate.count(true);
     let mut upstream =
         match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(dst)).await {
             Ok(Ok(s)) => s,
@@ -302,7 +298,6 @@ async fn connection(mut client: TcpStream, gate: Arc<Gate>) {
     if upstream.write_all(&first).await.is_err() {
         return reset(client);
     }
-    let mut changes = gate.policy.subscribe();
     let cut = async {
         loop {
             if changes.changed().await.is_err() {

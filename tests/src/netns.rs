@@ -24,13 +24,12 @@ fn ip(args: &[&str]) {
 impl TestNet {
     /// Makes the namespace with hosts `.2` to `.2+hosts-1` (and `.53`).
     pub fn new(hosts: u8) -> Self {
-        // A subnet per test process; a leftover of a killed run is replaced.
+        // A subnet per test process; the namespaces of killed runs go first (their veths
+        // with them).
         let subnet = 20 + (std::process::id() % 200) as u8;
         let name = format!("nstest-{}-{subnet}", std::process::id());
         reap_dead();
         let host_end = format!("vt{subnet}h");
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let _ = Command::new("ip").args(["link", "del", &host_end]).output();
         ip(&["netns", "add", &name]);
         let peer = format!("vt{subnet}n");
         ip(&[

@@ -22,8 +22,6 @@ pub const DNS_PORT: u16 = 15053;
 /// The gateway's MAC address, the same in every namespace (and the one QEMU's
 /// user-mode network uses): a restored guest's ARP cache stays right.
 pub const GATEWAY_MAC: &str = "52:55:0a:00:02:02";
-/// The guest's address (fixed in the guest image).
-pub const GUEST_ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 15);
 
 /// The sockets a VM's egress proxy serves, opened in its namespace.
 #[derive(Debug)]

@@ -1171,7 +1171,6 @@ impl QemuVm {
         self.dir.keep();
     }
 
-    /// The VM's directory.
     /// Hot-plugs a volume image as a SCSI disk; the guest sees a new `sd` device at
     /// `lun` (mounting it is the caller's). Recorded for snapshots and adoption.
     pub async fn attach_volume(&mut self, drive: VolumeDrive) -> Result<(), VmmError> {
@@ -1230,11 +1229,6 @@ impl QemuVm {
         .map_err(|e| VmmError::Host(format!("writing {LAUNCH_RECORD}: {e}")))
     }
 
-    /// The volume images attached.
-    pub fn volumes(&self) -> &[VolumeDrive] {
-        &self.launch.volumes
-    }
-
     /// The sockets of this VM's egress proxy, once (none under user-mode networking).
     pub fn take_egress(&mut self) -> Option<EgressSockets> {
         self.net.as_mut()?.take_sockets()
@@ -1246,6 +1240,12 @@ impl QemuVm {
         self.holds.push(Box::new(value));
     }
 
+    /// The value of type `T` this VM [`QemuVm::hold`]s, if any.
+    pub fn held<T: std::any::Any>(&self) -> Option<&T> {
+        self.holds.iter().find_map(|h| h.downcast_ref::<T>())
+    }
+
+    /// The VM's directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

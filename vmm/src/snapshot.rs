@@ -158,27 +158,20 @@ impl Snapshot {
         isolated_network: bool,
     ) -> Result<(), VmmError> {
         let m = &self.manifest;
-        if m.isolated_network != isolated_network {
-            let kind = |isolated| {
-                if isolated {
-                    "an isolated network"
-                } else {
-                    "user-mode networking"
-                }
-            };
-            return Err(VmmError::SnapshotMismatch(format!(
-                "snapshot {} was taken with {}, this host runs VMs with {}; restore it on a host started with the same --network, or take a new snapshot here",
-                m.id,
-                kind(m.isolated_network),
-                kind(isolated_network)
-            )));
-        }
         let mismatch = |what: &str, theirs: &str, ours: &str| {
             Err(VmmError::SnapshotMismatch(format!(
                 "snapshot {} was taken with {what} {theirs}, this host has {ours}; restore it on a host with the same {what}, or take a new snapshot here",
                 m.id
             )))
         };
+        if m.isolated_network != isolated_network {
+            let kind = |isolated| if isolated { "isolated" } else { "user-mode" };
+            return mismatch(
+                "network kind (--network)",
+                kind(m.isolated_network),
+                kind(isolated_network),
+            );
+        }
         if m.qemu_version != qemu_version {
             return mismatch("QEMU", &m.qemu_version, qemu_version);
         }

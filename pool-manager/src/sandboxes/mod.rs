@@ -163,10 +163,10 @@ impl Manager {
                 InternalState::Active => {
                     let dir = r.vm_dir.clone().unwrap_or_default();
                     match self.vmm.adopt(std::path::Path::new(&dir)).await {
-                        Ok(mut vm) => {
+                        Ok(vm) => {
                             adopted.push(PathBuf::from(&dir));
-                            self.seat(&r, &mut vm);
-                            *self.slot(&r.id).lock().await = Some(vm);
+                            let slot = self.slot(&r.id);
+                            self.install(&mut r, vm, &mut *slot.lock().await);
                             r.step(
                                 "running",
                                 Some("re-adopted after a pool manager restart".into()),
@@ -423,6 +423,9 @@ impl Manager {
         req: CreateRequest,
     ) -> Result<SandboxView, ApiError> {
         let (record, valid) = self.plan(team, req).await?;
+        if record.mounts.is_empty() {
+            return self.create_holding(record, valid).await;
+        }
         self.hold_volumes(&record).await?;
         let released = record.clone();
         let result = self.create_holding(record, valid).await;
@@ -433,7 +436,7 @@ impl Manager {
         result
     }
 
-    /// Creates a sandbox whose volume holds are taken.
+    /// Creates a sandbox whose volume holds (if any) are taken.
     async fn create_holding(
         self: &Arc<Self>,
         mut record: SandboxRecord,
@@ -478,10 +481,8 @@ impl Manager {
                 Err(e) => Err(e),
             };
             match result {
-                Ok(mut vm) => {
-                    record.vm_dir = Some(vm.dir().display().to_string());
-                    this.seat(&record, &mut vm);
-                    *guard = Some(vm);
+                Ok(vm) => {
+                    this.install(&mut record, vm, &mut guard);
                     this.transition(&mut record, InternalState::Active, "restored from template")?;
                 }
                 Err(e) => {
@@ -556,8 +557,7 @@ impl Manager {
             vm.kill().await;
             return Err(e);
         }
-        self.seat(&record, &mut vm);
-        *guard = Some(vm);
+        self.install(&mut record, vm, &mut guard);
         info!(sandbox = %record.id, "checked out from the warm pool");
         Ok(self.view(&record, true))
     }
@@ -766,12 +766,10 @@ impl Manager {
             volumes: self.volume_images(&r.id, &snapshot)?,
             ..RestoreOptions::default()
         };
-        let mut vm = self.vmm.restore(&snapshot, &options).await.map_err(|e| {
+        let vm = self.vmm.restore(&snapshot, &options).await.map_err(|e| {
             ApiError::internal(format!("resume failed, the sandbox stays paused: {e}"))
         })?;
-        r.vm_dir = Some(vm.dir().display().to_string());
-        self.seat(&r, &mut vm);
-        *vm_slot = Some(vm);
+        self.install(&mut r, vm, &mut vm_slot);
         // Timeouts count from the resume.
         r.expires_at_ms = now_ms() + r.timeout_s as i64 * 1000;
         r.pause_snapshot = None;

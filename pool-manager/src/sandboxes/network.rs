@@ -26,9 +26,6 @@ pub struct NetworkSettings {
 pub(super) struct Network {
     pub settings: NetworkSettings,
     gates: Mutex<HashMap<String, Arc<Gate>>>,
-    /// Gates of warm VMs (by VM ID), already serving with nothing allowed: a checkout
-    /// only sets the policy, no sockets to register on the create path.
-    prepared: Mutex<HashMap<String, Arc<Gate>>>,
 }
 
 impl Network {
@@ -36,7 +33,6 @@ impl Network {
         Self {
             settings,
             gates: Mutex::default(),
-            prepared: Mutex::default(),
         }
     }
 
@@ -47,11 +43,6 @@ impl Network {
             .entry(sandbox.to_string())
             .or_insert_with(|| Gate::new(policy.compile().unwrap_or_else(|_| closed())))
             .clone()
-    }
-
-    /// Forgets a warm VM's gate (the VM is gone unused).
-    pub fn forget_prepared(&self, vm: &str) {
-        self.prepared.lock().unwrap().remove(vm);
     }
 
     /// Forgets a sandbox's gate (it is gone).
@@ -84,11 +75,27 @@ fn closed() -> api_model::CompiledEgress {
 }
 
 impl Manager {
-    /// Starts serving `vm`'s egress under `record`'s policy. Nothing to do for a VM on
-    /// user-mode networking, or one already served (its proxy lives as long as it).
-    pub(super) fn seat(&self, record: &SandboxRecord, vm: &mut QemuVm) {
-        let prepared = self.network.prepared.lock().unwrap().remove(vm.id());
-        if let Some(gate) = prepared {
+    /// Makes `vm` the sandbox's: it goes into the sandbox's `slot` (whose lock the
+    /// caller holds), the record notes its directory (a restart adopts it from there),
+    /// and its egress is served under the sandbox's policy. Every way a VM becomes a
+    /// sandbox's (create, checkout, resume, restore, fork, adoption) goes through here.
+    pub(super) fn install(
+        &self,
+        record: &mut SandboxRecord,
+        mut vm: QemuVm,
+        slot: &mut Option<QemuVm>,
+    ) {
+        record.vm_dir = Some(vm.dir().display().to_string());
+        self.seat(record, &mut vm);
+        *slot = Some(vm);
+    }
+
+    /// Starts serving `vm`'s egress under `record`'s policy. A VM already served (a
+    /// warm one) keeps its proxy: its gate takes the policy and becomes the sandbox's,
+    /// so a checkout registers no sockets. Nothing to do under user-mode networking.
+    fn seat(&self, record: &SandboxRecord, vm: &mut QemuVm) {
+        if let Some(serving) = vm.held::<egress::Serving>() {
+            let gate = serving.gate().clone();
             gate.set(record.egress.compile().unwrap_or_else(|_| closed()));
             self.network
                 .gates
@@ -104,19 +111,13 @@ impl Manager {
     /// Serves a warm VM's egress before anyone owns it, with nothing allowed until a
     /// checkout [`Manager::seat`]s it.
     pub(super) fn prepare_egress(&self, vm: &mut QemuVm) {
-        let gate = Gate::new(closed());
-        if serve(
+        let label = vm.id().to_string();
+        serve(
             vm,
-            gate.clone(),
+            Gate::new(closed()),
             self.network.settings.upstream,
-            vm.id().to_string().as_str(),
-        ) {
-            self.network
-                .prepared
-                .lock()
-                .unwrap()
-                .insert(vm.id().to_string(), gate);
-        }
+            &label,
+        );
     }
 
     /// Serves the egress of a VM that belongs to no sandbox (a template build) with the
@@ -154,22 +155,16 @@ impl Manager {
     }
 }
 
-/// Starts `vm`'s proxy under `gate`; whether it did (a VM on user-mode networking, or
-/// one already served, has no sockets left to serve).
-fn serve(vm: &mut QemuVm, gate: Arc<Gate>, upstream: Upstream, label: &str) -> bool {
+/// Starts `vm`'s proxy under `gate` (a VM on user-mode networking, or one already
+/// served, has no sockets left to serve).
+fn serve(vm: &mut QemuVm, gate: Arc<Gate>, upstream: Upstream, label: &str) {
     let Some(sockets) = vm.take_egress() else {
-        return false;
+        return;
     };
     let span = tracing::info_span!("egress", sandbox = %label);
     let _in_span = span.enter();
     match egress::serve(sockets.tcp, sockets.dns, gate, upstream) {
-        Ok(serving) => {
-            vm.hold(serving);
-            true
-        }
-        Err(e) => {
-            warn!(error = %e, "the VM's egress proxy did not start: it has no network");
-            false
-        }
+        Ok(serving) => vm.hold(serving),
+        Err(e) => warn!(error = %e, "the VM's egress proxy did not start: it has no network"),
     }
 }

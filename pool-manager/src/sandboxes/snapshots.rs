@@ -628,16 +628,14 @@ impl Manager {
         let dir = self
             .pauses_dir(&r.id)
             .join(uuid::Uuid::new_v4().simple().to_string());
-        let mut vm = self
+        let vm = self
             .fetch_and_restore(&s, &dir, RestoreMemory::Copy, None, &r.id)
             .await
             .map_err(|e| ApiError {
                 message: format!("resume failed, the sandbox stays hibernated: {}", e.message),
                 ..e
             })?;
-        r.vm_dir = Some(vm.dir().display().to_string());
-        self.seat(&r, &mut vm);
-        *guard = Some(vm);
+        self.install(&mut r, vm, &mut guard);
         r.expires_at_ms = now_ms() + r.timeout_s as i64 * 1000;
         r.hibernated = None;
         self.transition(&mut r, InternalState::Active, "resumed from object storage")?;
@@ -661,22 +659,19 @@ impl Manager {
         let started = std::time::Instant::now();
         let snapshot = self.fetch(s, dir).await?;
         let fetched_ms = started.elapsed().as_millis() as u64;
-        let vm = match self.volume_images(sandbox, &snapshot) {
-            Ok(volumes) => self
-                .vmm
-                .restore(
-                    &snapshot,
-                    &RestoreOptions {
-                        memory,
-                        disk_mib,
-                        volumes,
-                        ..RestoreOptions::default()
-                    },
-                )
+        let vm = async {
+            let options = RestoreOptions {
+                memory,
+                disk_mib,
+                volumes: self.volume_images(sandbox, &snapshot)?,
+                ..RestoreOptions::default()
+            };
+            self.vmm
+                .restore(&snapshot, &options)
                 .await
-                .map_err(|e| ApiError::internal(format!("restore: {e}"))),
-            Err(e) => Err(e),
-        };
+                .map_err(|e| ApiError::internal(format!("restore: {e}")))
+        }
+        .await;
         if vm.is_err() {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -887,10 +882,8 @@ impl Manager {
             Pick::Local(_, l) => self.copy_and_restore(l, &dir, &record.id).await,
         };
         match result {
-            Ok(mut vm) => {
-                record.vm_dir = Some(vm.dir().display().to_string());
-                self.seat(&record, &mut vm);
-                *guard = Some(vm);
+            Ok(vm) => {
+                self.install(&mut record, vm, &mut guard);
                 self.transition(
                     &mut record,
                     InternalState::Active,
@@ -1006,10 +999,9 @@ impl Manager {
             Ok((_snapshot, vms)) => {
                 info!(sandbox = %id, children = count, elapsed_ms = started.elapsed().as_millis() as u64, "forked");
                 let mut views = Vec::new();
-                for (mut child, mut vm) in children.into_iter().zip(vms) {
-                    child.vm_dir = Some(vm.dir().display().to_string());
-                    self.seat(&child, &mut vm);
-                    *self.slot(&child.id).lock().await = Some(vm);
+                for (mut child, vm) in children.into_iter().zip(vms) {
+                    let slot = self.slot(&child.id);
+                    self.install(&mut child, vm, &mut *slot.lock().await);
                     self.transition(&mut child, InternalState::Active, "forked")?;
                     views.push(self.view(&child, true));
                 }

@@ -207,6 +207,13 @@ impl Manager {
         self.state_dir.join("volumes").join(sandbox)
     }
 
+    /// The sandbox's image of the volume at `lun` (`clean`: its frozen copy, what a
+    /// hibernate saves).
+    fn volume_image(&self, sandbox: &str, lun: u8, clean: bool) -> PathBuf {
+        let ext = if clean { "clean" } else { "img" };
+        self.volume_dir(sandbox).join(format!("{lun}.{ext}"))
+    }
+
     /// Puts each of the sandbox's volumes into its fresh VM and mounts it in the guest.
     pub(super) async fn mount_volumes(
         &self,
@@ -221,7 +228,7 @@ impl Manager {
             .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
         for (lun, m) in r.mounts.iter().enumerate() {
             let lun = lun as u8;
-            let image = dir.join(format!("{lun}.img"));
+            let image = self.volume_image(&r.id, lun, false);
             self.prepare_image(&m.volume, &image).await?;
             vm.attach_volume(VolumeDrive {
                 lun,
@@ -238,9 +245,6 @@ impl Manager {
     /// The volume's newest content at `image`, or a fresh empty file system.
     async fn prepare_image(&self, volume: &str, image: &Path) -> Result<(), ApiError> {
         let store_err = |e: storage::StoreError| volume_error(e.into());
-        let v = stored::get(self.store(), volume)
-            .await
-            .map_err(volume_error)?;
         match stored::latest(self.store(), volume)
             .await
             .map_err(store_err)?
@@ -248,7 +252,12 @@ impl Manager {
             Some(latest) => stored::fetch(self.store(), &latest, image)
                 .await
                 .map_err(store_err),
-            None => format_image(image, v.size_mib).await,
+            None => {
+                let v = stored::get(self.store(), volume)
+                    .await
+                    .map_err(volume_error)?;
+                format_image(image, v.size_mib).await
+            }
         }
     }
 
@@ -267,7 +276,7 @@ impl Manager {
         std::fs::create_dir_all(&dir)
             .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
         for slot in &snapshot.manifest().volumes {
-            let image = dir.join(format!("{}.img", slot.lun));
+            let image = self.volume_image(sandbox, slot.lun, false);
             if !image.exists() {
                 let from = snapshot.dir().join(VolumeDrive::snapshot_file(slot.lun));
                 vmm::snapshot::copy_sparse(&from, &image).map_err(|e| {
@@ -298,10 +307,10 @@ impl Manager {
                 continue;
             }
             if thaw {
-                let dir = self.volume_dir(&r.id);
+                let lun = lun as u8;
                 let copied = vmm::snapshot::copy_sparse(
-                    &dir.join(format!("{lun}.img")),
-                    &dir.join(format!("{lun}.clean")),
+                    &self.volume_image(&r.id, lun, false),
+                    &self.volume_image(&r.id, lun, true),
                 );
                 if let Err(e) = copied {
                     warn!(sandbox = %r.id, volume = %m.volume, error = %e, "copying a frozen volume failed");
@@ -320,13 +329,7 @@ impl Manager {
         }
         let mut all = true;
         for (lun, m) in r.mounts.iter().enumerate() {
-            let dir = self.volume_dir(&r.id);
-            let clean = dir.join(format!("{lun}.clean"));
-            let image = if from_clean {
-                clean.clone()
-            } else {
-                dir.join(format!("{lun}.img"))
-            };
+            let image = self.volume_image(&r.id, lun as u8, from_clean);
             if m.mode != MountMode::Rw || !image.exists() {
                 continue;
             }
@@ -341,7 +344,7 @@ impl Manager {
                 }
             }
             if from_clean {
-                let _ = std::fs::remove_file(&clean);
+                let _ = std::fs::remove_file(&image);
             }
         }
         all

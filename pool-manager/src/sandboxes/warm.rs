@@ -237,7 +237,7 @@ impl Manager {
         };
         self.catalog.put_warm_pool(template, &config)?;
         for vm in self.warm.configure(template, config) {
-            self.end_warm(vm).await;
+            vm.kill().await;
         }
         info!(
             template,
@@ -271,14 +271,8 @@ impl Manager {
     /// Removes a deleted template's pool and ends its VMs.
     pub(super) async fn drop_warm_pool(&self, template: &str) {
         for vm in self.warm.remove(template) {
-            self.end_warm(vm).await;
+            vm.kill().await;
         }
-    }
-
-    /// Ends a warm VM nobody checked out.
-    async fn end_warm(&self, vm: QemuVm) {
-        self.network.forget_prepared(vm.id());
-        vm.kill().await;
     }
 
     /// A ready VM for a create of `template` with this shape, if its pool has one.
@@ -315,7 +309,7 @@ impl Manager {
                             this.prepare_egress(&mut vm);
                             match this.warm.settle(&template, resources, vm) {
                                 None => return,
-                                Some(unwanted) => this.end_warm(unwanted).await,
+                                Some(unwanted) => unwanted.kill().await,
                             }
                         }
                         Err(e) => {
@@ -338,7 +332,7 @@ impl Manager {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         loop {
             for vm in self.warm.drain() {
-                self.end_warm(vm).await;
+                vm.kill().await;
             }
             if !self.warm.warming() || std::time::Instant::now() > deadline {
                 break;

@@ -23,6 +23,15 @@ def _call(client: httpx.Client, config: Config, method: str, path: str,
     return None if resp.status_code == 204 else resp.json()
 
 
+def _call_once(method: str, path: str, body: Optional[Dict[str, Any]] = None,
+               api_key: Optional[str] = None, domain: Optional[str] = None,
+               request_timeout: Optional[float] = None) -> Any:
+    """One control-plane call with its own configuration and client."""
+    config = Config.resolve(api_key, domain, request_timeout)
+    with httpx.Client(timeout=config.request_timeout) as client:
+        return _call(client, config, method, path, body)
+
+
 class CommandHandle:
     """A command started with ``background=True``."""
 
@@ -548,38 +557,30 @@ class Volume:
                api_key: Optional[str] = None, domain: Optional[str] = None,
                request_timeout: Optional[float] = None) -> Dict[str, Any]:
         """An empty volume: ``{volumeID, name, sizeMiB, createdAt, version, attachments}``."""
-        config = Config.resolve(api_key, domain, request_timeout)
         body: Dict[str, Any] = {}
         if name is not None:
             body["name"] = name
         if size_mib is not None:
             body["sizeMiB"] = size_mib
-        with httpx.Client(timeout=config.request_timeout) as client:
-            return _call(client, config, "POST", "/volumes", body)
+        return _call_once("POST", "/volumes", body, api_key, domain, request_timeout)
 
     @staticmethod
     def get(volume_id: str, api_key: Optional[str] = None, domain: Optional[str] = None,
             request_timeout: Optional[float] = None) -> Dict[str, Any]:
         """A volume by ID or name, with its saved version and holders."""
-        config = Config.resolve(api_key, domain, request_timeout)
-        with httpx.Client(timeout=config.request_timeout) as client:
-            return _call(client, config, "GET", f"/volumes/{volume_id}")
+        return _call_once("GET", f"/volumes/{volume_id}", None, api_key, domain, request_timeout)
 
     @staticmethod
     def list(api_key: Optional[str] = None, domain: Optional[str] = None,
              request_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
         """The team's volumes, oldest first."""
-        config = Config.resolve(api_key, domain, request_timeout)
-        with httpx.Client(timeout=config.request_timeout) as client:
-            return _call(client, config, "GET", "/volumes")
+        return _call_once("GET", "/volumes", None, api_key, domain, request_timeout)
 
     @staticmethod
     def delete(volume_id: str, api_key: Optional[str] = None, domain: Optional[str] = None,
                request_timeout: Optional[float] = None) -> None:
         """Deletes a volume and its content; refused (409) while a sandbox holds it."""
-        config = Config.resolve(api_key, domain, request_timeout)
-        with httpx.Client(timeout=config.request_timeout) as client:
-            _call(client, config, "DELETE", f"/volumes/{volume_id}")
+        _call_once("DELETE", f"/volumes/{volume_id}", None, api_key, domain, request_timeout)
 
 
 class Template:
@@ -650,35 +651,28 @@ class Template:
     def get(template_id: str, api_key: Optional[str] = None, domain: Optional[str] = None,
             request_timeout: Optional[float] = None) -> Dict[str, Any]:
         """A template (built-in or the team's, by ID or name)."""
-        config = Config.resolve(api_key, domain, request_timeout)
-        with httpx.Client(timeout=config.request_timeout) as client:
-            return _call(client, config, "GET", f"/templates/{template_id}")
+        return _call_once("GET", f"/templates/{template_id}", None, api_key, domain, request_timeout)
 
     @staticmethod
     def list(api_key: Optional[str] = None, domain: Optional[str] = None,
              request_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
         """The built-in templates and the team's own."""
-        config = Config.resolve(api_key, domain, request_timeout)
-        with httpx.Client(timeout=config.request_timeout) as client:
-            return _call(client, config, "GET", "/templates")["templates"]
+        return _call_once("GET", "/templates", None, api_key, domain,
+                          request_timeout)["templates"]
 
     @staticmethod
     def delete(template_id: str, api_key: Optional[str] = None, domain: Optional[str] = None,
                request_timeout: Optional[float] = None) -> None:
         """Deletes a template (cancelling its build if it runs); its sandboxes keep
         running."""
-        config = Config.resolve(api_key, domain, request_timeout)
-        with httpx.Client(timeout=config.request_timeout) as client:
-            _call(client, config, "DELETE", f"/templates/{template_id}")
+        _call_once("DELETE", f"/templates/{template_id}", None, api_key, domain, request_timeout)
 
     @staticmethod
     def get_warm_pool(template: str, api_key: Optional[str] = None,
                       domain: Optional[str] = None,
                       request_timeout: Optional[float] = None) -> Dict[str, Any]:
         """``{templateID, target, ready, warming, checkouts, misses, resources, refill}``."""
-        config = Config.resolve(api_key, domain, request_timeout)
-        with httpx.Client(timeout=config.request_timeout) as client:
-            return _call(client, config, "GET", f"/templates/{template}/warm-pool")
+        return _call_once("GET", f"/templates/{template}/warm-pool", None, api_key, domain, request_timeout)
 
     @staticmethod
     def set_warm_pool(template: str, size: int, resources: Optional[Dict[str, int]] = None,
@@ -687,9 +681,8 @@ class Template:
                       request_timeout: Optional[float] = None) -> Dict[str, Any]:
         """Keeps ``size`` ready instances of ``template`` with this shape; it fills in the
         background."""
-        config = Config.resolve(api_key, domain, request_timeout)
         body: Dict[str, Any] = {"size": size, "refill": refill}
         if resources:
             body["resources"] = resources_body(resources)
-        with httpx.Client(timeout=config.request_timeout) as client:
-            return _call(client, config, "PUT", f"/templates/{template}/warm-pool", body)
+        return _call_once("PUT", f"/templates/{template}/warm-pool", body, api_key, domain,
+                          request_timeout)
