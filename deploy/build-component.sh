@@ -12,7 +12,7 @@ trap 'echo "component build FAILED at step: $step" >&2' ERR
 
 # The componentizer runs on the host: build it with the host toolchain first.
 step="componentize"
-CARGO_TARGET_DIR="$host_target" cargo build --quiet --release --locked \
+CARGO_TARGET_DIR="$host_target" cargo build --release --locked \
     --manifest-path api-component/componentize/Cargo.toml
 componentize="$host_target/release/componentize"
 
@@ -24,7 +24,7 @@ step="core module"
     # A 128 KiB stack instead of Rust's 1 MiB: the stack sits at the bottom of linear
     # memory, which the host resets on every request, so its size is a per-request cost.
     export RUSTFLAGS="$RUSTFLAGS -C link-arg=-zstack-size=131072"
-    CARGO_TARGET_DIR="$cache/wasm-target" cargo build --quiet --release --locked \
+    CARGO_TARGET_DIR="$cache/wasm-target" cargo build --release --locked \
         -Zbuild-std=std,panic_abort --target wasm32-wasip1 \
         --manifest-path api-component/Cargo.toml
 )

@@ -1,27 +1,52 @@
 #!/usr/bin/env bash
-# Installs what Nullspace needs on a Debian bookworm host (this machine kind), and only
-# what is missing, so a second run takes a second. Needs root.
+# Installs what Nullspace needs on a Debian bookworm host (this machine kind), in one apt
+# transaction and only what is missing, then checks that every tool the platform and its
+# tests run really runs. Stops with the fix named when one does not. Needs root.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+. deploy/lib.sh
+[ "$(id -u)" = 0 ] || die "install-deps needs root (the VM user, /dev/kvm and apt): run it as root"
 
-packages=(qemu-system-x86 qemu-utils busybox-static mmdebstrap e2fsprogs cpio gzip iproute2 curl
+packages=(qemu-system-x86 busybox-static mmdebstrap e2fsprogs cpio gzip iproute2 curl util-linux
     nftables  # each VM's network namespace: its traffic to the egress proxy
     chromium openssh-client  # chromium: the preview tests load pages in a real browser
     dnsmasq-base)  # the egress tests' DNS server, in a namespace of their own
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "[install-deps] installing: ${missing[*]}" >&2
+
+installed_version() { { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null || true; } | awk '$3 == "installed" {print $4}'; }
+
+# qemu-img must come from the same QEMU as qemu-system-x86_64: a machine may ship a newer
+# qemu-utils (bookworm-backports) that Debian's qemu-system-common breaks, so installing
+# the system emulator alone would remove qemu-img. Pin qemu-utils to the emulator's version
+# (installed, or the candidate) in the same transaction.
+qemu_version() {
+    local v
+    v=$(installed_version qemu-system-x86)
+    [ -n "$v" ] || v=$(apt-cache policy qemu-system-x86 2>/dev/null | awk '/Candidate:/{print $2}')
+    [ "$v" = "(none)" ] || echo "$v"
+}
+missing() {
+    for p in "${packages[@]}"; do
+        [ -n "$(installed_version "$p")" ] || echo "$p"
+    done
+    local v
+    v=$(qemu_version)
+    [ -n "$v" ] && [ "$(installed_version qemu-utils)" = "$v" ] || echo "qemu-utils"
+}
+wanted=$(missing)
+if [ -n "$wanted" ]; then
+    echo "[install-deps] installing:" $wanted >&2
     apt-get update -q >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+    qemu=$(qemu_version)
+    [ -n "$qemu" ] || die "no qemu-system-x86 package in the apt sources: add Debian bookworm main to /etc/apt/sources.list"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends --allow-downgrades \
+        "${packages[@]}" "qemu-system-x86=$qemu" "qemu-utils=$qemu" >&2
 fi
+qemu=$(qemu_version)
 # The kernel package must be resolvable for the guest image build.
 apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || apt-get update -q >&2
 
 if ! command -v cargo-nextest >/dev/null 2>&1; then
-    echo "[install-deps] installing cargo-nextest" >&2
-    cargo install --locked cargo-nextest >&2
+    step "installing cargo-nextest" cargo install --locked cargo-nextest
 fi
 
 # QEMU runs as this unprivileged account (see vmm::qemu::VM_USER).
@@ -31,8 +56,48 @@ fi
 # /dev/kvm as Debian's udev rules leave it (root:kvm 0660), where no udev ran.
 if [ -c /dev/kvm ]; then
     getent group kvm >/dev/null || groupadd --system kvm
-    [ "$(stat -c %G /dev/kvm)" = kvm ] || { chgrp kvm /dev/kvm && chmod 0660 /dev/kvm; }
+    [ "$(stat -c %G /dev/kvm)" = kvm ] || chgrp kvm /dev/kvm
+    [ "$(stat -c %a /dev/kvm)" = 660 ] || chmod 0660 /dev/kvm
 fi
 if getent group kvm >/dev/null && ! id -nG nullspace-vm | grep -qw kvm; then
     usermod -a -G kvm nullspace-vm
 fi
+
+# --- verify: every tool runs, not merely "is installed" -------------------------------------
+failed=0
+check() { # NAME FIX COMMAND...
+    local name=$1 fix=$2 out
+    shift 2
+    if out=$("$@" 2>&1); then
+        echo "[install-deps] ✓ $name: $(head -1 <<<"$out")" >&2
+    else
+        echo "[install-deps] ✗ $name: $(head -1 <<<"$out")" >&2
+        echo "                fix: $fix" >&2
+        failed=1
+    fi
+}
+qemu_fix="apt-get install --allow-downgrades qemu-system-x86=$qemu qemu-utils=$qemu"
+check qemu-system-x86_64 "$qemu_fix" qemu-system-x86_64 --version
+check qemu-img "$qemu_fix" qemu-img --version
+emulator=$(qemu-system-x86_64 --version 2>/dev/null | awk 'NR==1{print $4}')
+img=$(qemu-img --version 2>/dev/null | awk 'NR==1{print $3}')
+same_version() { [ -n "$emulator" ] && [ "$emulator" = "$img" ] && echo "$emulator" ||
+    { echo "qemu-system-x86_64 ${emulator:-missing}, qemu-img ${img:-missing}"; false; }; }
+check "one QEMU version" "$qemu_fix" same_version
+check mkfs.ext4 "apt-get install e2fsprogs" mkfs.ext4 -V
+check nft "apt-get install nftables" nft --version
+check ip "apt-get install iproute2" ip -V
+check nsenter "apt-get install util-linux" nsenter --version
+check busybox "apt-get install busybox-static" /bin/busybox --help
+check mmdebstrap "apt-get install mmdebstrap" mmdebstrap --version
+check cpio "apt-get install cpio" cpio --version
+check curl "apt-get install curl" curl --version
+check chromium "apt-get install chromium" sh -c "chromium --version 2>/dev/null"
+check ssh "apt-get install openssh-client" ssh -V
+check dnsmasq "apt-get install dnsmasq-base" dnsmasq --version
+check cargo "install Rust with rustup (https://rustup.rs)" cargo --version
+check cargo-nextest "cargo install --locked cargo-nextest" cargo nextest --version
+check cc "apt-get install gcc" cc --version
+check "python3 venv" "apt-get install python3-venv" python3 -c 'import venv, ensurepip; print("venv ok")'
+check "VM user" "useradd --system nullspace-vm" id nullspace-vm
+[ "$failed" = 0 ] || die "install-deps: the tools marked ✗ above are missing or broken; apply the fixes and run it again"

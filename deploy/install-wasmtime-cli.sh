@@ -10,7 +10,7 @@ if [ ! -x "$root/bin/wasmtime" ]; then
     echo "[wasmtime-cli] installing wasmtime-cli $version (once)" >&2
     # Its own target dir: the CLI's feature set differs from our host's, and keeping the
     # build there makes a re-install after a cache wipe of $root incremental.
-    CARGO_TARGET_DIR="$cache/target-tools" cargo install --quiet wasmtime-cli \
+    CARGO_TARGET_DIR="$cache/target-tools" cargo install wasmtime-cli \
         --version "$version" --locked --no-default-features \
         --features serve,run,cranelift,pooling-allocator,parallel-compilation,component-model,component-model-async \
         --root "$root" >&2

@@ -1,27 +1,43 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: formatting, lints, unit tests and the end-to-end tests that
-# boot real microVMs. Installs and builds whatever is missing first.
+# boot real microVMs. Installs and builds whatever is missing first; each step names
+# itself with its elapsed time, and the host check runs before any VM does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. deploy/lib.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${NULLSPACE_CACHE:-/var/cache/nullspace}/target}
+total=$SECONDS
 
-deploy/install-deps.sh
-deploy/build.sh >/dev/null
-deploy/install-wasmtime-cli.sh >/dev/null
-cargo fmt --all -- --check
-for crate in api-component api-component/componentize; do
-    cargo fmt --manifest-path "$crate/Cargo.toml" -- --check
-done
-cargo clippy --quiet --workspace --all-targets --locked -- -D warnings
+step "installing and checking system packages" deploy/install-deps.sh
+step "building the guest agent, API component and guest images" deploy/build.sh >/dev/null
+step "installing stock wasmtime (portability test)" deploy/install-wasmtime-cli.sh >/dev/null
+check_format() {
+    cargo fmt --all -- --check
+    for crate in api-component api-component/componentize; do
+        cargo fmt --manifest-path "$crate/Cargo.toml" -- --check
+    done
+}
+step "checking formatting" check_format
+step "linting (clippy -D warnings)" cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the real daemon binary.
-cargo build --quiet --workspace --bins --locked
+step "building the binaries" cargo build --workspace --bins --locked
+# A host that cannot run VMs stops here, with the fix, before any test boots one.
+host_check() {
+    local state
+    state=$(mktemp -d /tmp/nullspace-check-XXXXXX)
+    chmod 711 "$state"
+    "$CARGO_TARGET_DIR/debug/nullspace-pool-manager" check --state-dir "$state" || { rm -rf "$state"; return 1; }
+    rm -rf "$state"
+}
+step "checking the host (nullspace-pool-manager check)" host_check
 # Snapshot tests store in a real S3 server: SeaweedFS on loopback, this run's own.
 s3_dir=$(mktemp -d /tmp/nullspace-test-s3-XXXXXX)
 trap 'deploy/seaweedfs.sh stop "$s3_dir"; rm -rf "$s3_dir"' EXIT
 NULLSPACE_TEST_S3=$(deploy/seaweedfs.sh start "$s3_dir" 19433)
 export NULLSPACE_TEST_S3
-cargo nextest run --workspace --locked --profile ci
+step "running the tests (cargo nextest, 2 threads)" cargo nextest run --workspace --locked --profile ci
 # The public API against its own OpenAPI document, on a live stack of its own.
-deploy/schemathesis.sh "$CARGO_TARGET_DIR/debug"
+step "fuzzing the public API (schemathesis)" deploy/schemathesis.sh "$CARGO_TARGET_DIR/debug"
 # The Python SDK's tests, on a live stack of their own.
-deploy/test-python-sdk.sh "$CARGO_TARGET_DIR/debug"
+step "testing the Python SDK (pytest)" deploy/test-python-sdk.sh "$CARGO_TARGET_DIR/debug"
+echo "[nullspace] ✓ all tests passed in $((SECONDS - total)) s" >&2

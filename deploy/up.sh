@@ -7,6 +7,7 @@
 #   deploy/up.sh --background    start, print how to reach it, return; deploy/down.sh stops it
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. deploy/lib.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${NULLSPACE_CACHE:-/var/cache/nullspace}/target}
 background=false
 case "${1:-}" in
@@ -15,19 +16,26 @@ case "${1:-}" in
     *) echo "usage: deploy/up.sh [--background]" >&2; exit 2 ;;
 esac
 
-deploy/install-deps.sh
+total=$SECONDS
+step "installing and checking system packages" deploy/install-deps.sh
 images=$(deploy/build.sh)
-cargo build --quiet --release --locked -p pool-manager -p api-host -p nullspace-cli -p nullspace-tests --bins
+echo "Guest image set: $images" >&2
+step "building the release binaries" \
+    cargo build --release --locked -p pool-manager -p api-host -p nullspace-cli -p nullspace-tests --bins
 bin="$CARGO_TARGET_DIR/release"
 component="${NULLSPACE_CACHE:-/var/cache/nullspace}/components/nullspace-api.wasm"
-echo "Guest image set: $images" >&2
-"$bin/vmctl" --rootfs base -- '. /etc/os-release; echo "guest: $PRETTY_NAME, kernel $(uname -r), $(python3 --version)"'
 
 state=${NULLSPACE_STATE_DIR:-/var/lib/nullspace}
+mkdir -p "$state"
+chmod 711 "$state" # QEMU runs as nullspace-vm and opens pause snapshots under it
+# Everything a VM needs, one line each with the fix; stops here on a host that cannot.
+step "checking the host (nullspace-pool-manager check)" "$bin/nullspace-pool-manager" check --state-dir "$state"
+step "booting a base microVM (smoke test)" "$bin/vmctl" --rootfs base -- \
+    '. /etc/os-release; echo "guest: $PRETTY_NAME, kernel $(uname -r), $(python3 --version)"'
+
 env_dir=${XDG_STATE_HOME:-$HOME/.local/state}/nullspace
 control=127.0.0.1:7070 edge=127.0.0.1:7071 preview=127.0.0.1:7072 public=127.0.0.1:7080
-mkdir -p "$state" "$env_dir"
-chmod 711 "$state" # QEMU runs as nullspace-vm and opens pause snapshots under it
+mkdir -p "$env_dir"
 for addr in $control $edge $preview $public; do
     if (exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}") 2>/dev/null; then
         echo "Something already listens on $addr: stop it first (deploy/down.sh stops a stack this script started)." >&2
@@ -58,11 +66,26 @@ setsid nohup "$pm" serve --listen $control --edge-listen $edge --preview-listen 
     >"$state/pool-manager.log" 2>&1 &
 pm_pid=$!
 echo "$pm_pid" >"$state/pool-manager.pid"
-for _ in $(seq 1 300); do
-    grep -q "template snapshots ready" "$state/pool-manager.log" 2>/dev/null && break
-    kill -0 $pm_pid 2>/dev/null || { tail -20 "$state/pool-manager.log" >&2; exit 1; }
+# Until the built-in templates are made; the daemon exits (non-zero) when they cannot
+# be, and this stops at once with its error, never with a success banner.
+echo "[nullspace] ▶ starting the pool manager and making the template snapshots" >&2
+started=$SECONDS
+while ! grep -q "template snapshots ready" "$state/pool-manager.log" 2>/dev/null; do
+    if ! kill -0 $pm_pid 2>/dev/null || grep -q "template snapshots failed" "$state/pool-manager.log"; then
+        echo "[nullspace] ✗ the pool manager stopped; its log ($state/pool-manager.log) ends:" >&2
+        tail -20 "$state/pool-manager.log" >&2
+        deploy/down.sh >/dev/null 2>&1 || true
+        exit 1
+    fi
+    if [ $((SECONDS - started)) -ge 600 ]; then
+        echo "[nullspace] ✗ no template snapshots after 600 s; the log ends:" >&2
+        tail -20 "$state/pool-manager.log" >&2
+        deploy/down.sh >/dev/null 2>&1 || true
+        exit 1
+    fi
     sleep 1
 done
+echo "[nullspace] ✓ pool manager ready ($((SECONDS - started)) s)" >&2
 setsid nohup "$bin/nullspace-api" --component "$component" --listen $public \
     --pool-manager "http://$control" >"$state/api.log" 2>&1 &
 api_pid=$!
@@ -75,7 +98,7 @@ done
 
 cat <<MSG
 
-Nullspace is running on this machine:
+Nullspace is running on this machine (set up in $((SECONDS - total)) s):
   public API   http://$public/api/v1   (OpenAPI: http://$public/api/v1/openapi.json)
   API key      $key
   data plane   http://$edge   (reached with the runtime token a create returns)

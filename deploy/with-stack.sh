@@ -31,20 +31,24 @@ trap 'stop_all; rm -rf "$state" "$run_dir"' EXIT
     --state-dir "$state" >/dev/null
 key=$("$bin/nullspace-pool-manager" admin key create --team ci --state-dir "$state")
 
-wait_for() { # FILE PATTERN SECONDS
-    for _ in $(seq 1 $(($3 * 10))); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+wait_for() { # FILE PATTERN SECONDS PID: fails at once when PID exits
+    for _ in $(seq 1 $(($3 * 10))); do
+        grep -q "$2" "$1" 2>/dev/null && return 0
+        kill -0 "$4" 2>/dev/null || { echo "[stack] the process writing $1 exited:" >&2; tail -20 "$1" >&2; return 1; }
+        sleep 0.1
+    done
     echo "timed out waiting for '$2' in $1:" >&2; tail -20 "$1" >&2; return 1
 }
 NULLSPACE_RUN_DIR="$run_dir" RUST_LOG=warn "$bin/nullspace-pool-manager" serve \
     --listen 127.0.0.1:0 --edge-listen 127.0.0.1:0 --preview-listen 127.0.0.1:0 --state-dir "$state" \
     --templates-dir "$cache/test-templates" 2>"$state/pool-manager.log" &
 pids+=($!)
-wait_for "$state/pool-manager.log" "template snapshots ready" 300
+wait_for "$state/pool-manager.log" "template snapshots ready" 300 "${pids[0]}"
 control=$(grep -o 'control API http://[0-9.:]*' "$state/pool-manager.log" | awk '{print $3}')
 RUST_LOG=warn "$bin/nullspace-api" --component "$cache/components/nullspace-api.wasm" \
     --listen 127.0.0.1:0 --pool-manager "$control" 2>"$state/api.log" &
 pids=("$!" "${pids[@]}")
-wait_for "$state/api.log" "public API http://" 60
+wait_for "$state/api.log" "public API http://" 60 "${pids[0]}"
 api=$(grep -o 'public API http://[0-9.:]*' "$state/api.log" | awk '{print $3}')
 
 status=0

@@ -20,8 +20,8 @@ pub use query::{
 pub use request::{
     is_sandbox_id, is_snapshot_id, parse_body, validate_snapshot_interval, validate_timeout,
     CreateRequest, ForkBody, LifecycleRequest, OnTimeout, PreviewBody, RefreshBody, Resources,
-    RestoreBody, TimeoutBody, ValidCreate, WarmPoolBody, WarmPoolMode, WarmPoolStatus,
-    DEFAULT_TIMEOUT_S, MAX_FORK_CHILDREN, MAX_TIMEOUT_S, MAX_WARM_POOL_SIZE,
+    RestoreBody, TimeoutBody, ValidCreate, WarmPoolBody, WarmPoolError, WarmPoolMode,
+    WarmPoolStatus, DEFAULT_TIMEOUT_S, MAX_FORK_CHILDREN, MAX_TIMEOUT_S, MAX_WARM_POOL_SIZE,
     MIN_SNAPSHOT_INTERVAL_S, STALE_FIELDS,
 };
 pub use template::{

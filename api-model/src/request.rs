@@ -271,6 +271,24 @@ pub struct WarmPoolStatus {
     pub resources: Resources,
     /// Whether it refills in the background.
     pub refill: bool,
+    /// Why the last refill failed, while refills keep failing (they back off
+    /// exponentially); `None` once one succeeds. Explains a pool stuck at `ready: 0`.
+    #[serde(default)]
+    pub last_error: Option<WarmPoolError>,
+}
+
+/// A warm pool's last refill failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmPoolError {
+    /// What went wrong.
+    pub message: String,
+    /// When (RFC 3339, UTC).
+    pub at: String,
+    /// Refills failed in a row.
+    pub failures: u32,
+    /// Seconds from `at` until the next attempt.
+    pub retry_in_s: u64,
 }
 
 /// Body of `PUT /templates/{id}/warm-pool`.

@@ -894,7 +894,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     serde_json::json!({
                         "templateID": pool.template_id, "target": pool.target, "ready": pool.ready,
                         "warming": pool.warming, "checkouts": pool.checkouts, "misses": pool.misses,
-                        "refill": pool.refill,
+                        "refill": pool.refill, "lastError": pool.last_error,
                     })
                 );
             } else {
@@ -908,6 +908,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     pool.misses,
                     if pool.refill { "" } else { " (refill off)" }
                 );
+                if let Some(e) = &pool.last_error {
+                    println!(
+                        "  last refill failed at {} ({} in a row, next try in {} s): {}",
+                        e.at, e.failures, e.retry_in_s, e.message
+                    );
+                }
             }
             Ok(0)
         }

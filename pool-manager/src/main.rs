@@ -5,6 +5,7 @@
 //!     [--snapshot-store local|s3] [--store-dir DIR] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region R]]
 //!     [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
 //!     [--network auto|isolated|user] [--egress-dns IP:PORT]
+//! nullspace-pool-manager check [--state-dir DIR] [--network auto|isolated|user] [--min-free-disk-mib 1024]
 //! nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--state-dir DIR]
 //! nullspace-pool-manager admin team quota TEAM --max-sandboxes N [--state-dir DIR]
 //! nullspace-pool-manager admin key create --team TEAM [--key KEY] [--state-dir DIR]
@@ -18,9 +19,11 @@
 //! ```
 
 mod api;
+mod backoff;
 mod catalog;
 mod edge;
 mod error;
+mod host_check;
 mod model;
 mod preview;
 mod sandboxes;
@@ -36,33 +39,38 @@ const USAGE: &str = "usage:
       [--snapshot-store local|s3] [--store-dir STATE/objects] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region us-east-1]]
       [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
       [--network auto|isolated|user] [--egress-dns IP:PORT]
+  nullspace-pool-manager check [--state-dir /var/lib/nullspace] [--network auto] [--min-free-disk-mib 1024]
   nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--state-dir DIR]
   nullspace-pool-manager admin team quota TEAM --max-sandboxes N [--state-dir DIR]
   nullspace-pool-manager admin key create --team TEAM [--key KEY] [--state-dir DIR]
 S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.";
 
-/// `--network`: `isolated` (each VM in its own namespace behind the egress proxy; an
-/// error where the host cannot), `user` (QEMU's user-mode network: no egress rules), or
-/// `auto` (isolated where the host can).
+/// `--network`: `isolated` (each VM in its own namespace behind the egress proxy),
+/// `auto` (the same; an error where the host cannot: never a silent fall back), or
+/// `user` (QEMU's user-mode network, restricted: every guest offline; only by name).
 fn network_settings(args: &Args) -> anyhow::Result<sandboxes::NetworkSettings> {
-    let check = vmm::net::GuestNet::check_host();
-    let isolated = match args.flag("network", "auto").as_str() {
-        "auto" => check,
-        "isolated" => {
-            check.map_err(|why| anyhow::anyhow!("--network isolated: {why}"))?;
+    let mode: host_check::NetworkMode = args
+        .flag("network", "auto")
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    let isolated = match mode {
+        host_check::NetworkMode::Auto | host_check::NetworkMode::Isolated => {
+            vmm::net::GuestNet::check_host().map_err(|why| {
+                anyhow::anyhow!(
+                    "--network {}: this host cannot isolate VMs ({why}); fix the host (deploy/install-deps.sh, as root), or pass --network user to run every guest offline",
+                    args.flag("network", "auto")
+                )
+            })?;
+            eprintln!("nullspace-pool-manager: network: each VM isolated behind the egress proxy");
             Ok(())
         }
-        "user" => Err("started with --network user".to_string()),
-        other => bail!("--network {other}: send auto, isolated or user"),
-    };
-    match &isolated {
-        Ok(()) => {
-            eprintln!("nullspace-pool-manager: network: each VM isolated behind the egress proxy")
+        host_check::NetworkMode::User => {
+            tracing::warn!(
+                "network: user-mode (--network user): every guest is offline and egress policies cannot be enforced"
+            );
+            Err(sandboxes::USER_MODE_NETWORK.to_string())
         }
-        Err(why) => eprintln!(
-            "nullspace-pool-manager: network: user-mode, egress rules unavailable ({why})"
-        ),
-    }
+    };
     let upstream = match args.flags.iter().rev().find(|(n, _)| n == "egress-dns") {
         Some((_, v)) => egress::Upstream {
             dns: v
@@ -72,6 +80,39 @@ fn network_settings(args: &Args) -> anyhow::Result<sandboxes::NetworkSettings> {
         None => egress::Upstream::from_host(),
     };
     Ok(sandboxes::NetworkSettings { isolated, upstream })
+}
+
+/// The host check's input, from the flags and the environment.
+fn host_check_input(
+    args: &Args,
+    state: &std::path::Path,
+) -> anyhow::Result<host_check::HostCheckInput> {
+    let config = vmm::QemuConfig::from_env()?;
+    Ok(host_check::HostCheckInput {
+        qemu_binary: config.qemu_binary,
+        accel: config.accel,
+        network: args
+            .flag("network", "auto")
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!(e))?,
+        state_dir: state.to_path_buf(),
+        run_dir: config.run_dir,
+        min_free_disk_mib: number(args, "min-free-disk-mib", 1024)?,
+    })
+}
+
+/// Runs the host check, printing each line; an error names every fatal one.
+fn check_host(args: &Args, state: &std::path::Path) -> anyhow::Result<()> {
+    let check = host_check::run(&host_check_input(args, state)?);
+    eprint!("{}", check.report());
+    let fatal: Vec<String> = check.fatal().map(|l| l.name.to_string()).collect();
+    if !fatal.is_empty() {
+        bail!(
+            "this host cannot run VMs ({}): apply the fixes above, then `nullspace-pool-manager check`",
+            fatal.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Command-line flags: `--name value` pairs after the positional words.
@@ -188,6 +229,10 @@ async fn main() -> anyhow::Result<()> {
     let words: Vec<&str> = args.words.iter().map(String::as_str).collect();
     match words.as_slice() {
         ["serve"] => serve(&args).await,
+        ["check"] => {
+            args.check_flags(&["state-dir", "network", "min-free-disk-mib"])?;
+            check_host(&args, &state_dir(&args)?)
+        }
         ["admin", "team", "create", name] => {
             args.check_flags(&["state-dir", "max-sandboxes", "id"])?;
             let catalog = open_catalog(&state_dir(&args)?)?;
@@ -332,6 +377,8 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         "egress-dns",
     ])?;
     let dir = state_dir(args)?;
+    // First: a host that cannot run a VM stops here, not at the first create.
+    check_host(args, &dir)?;
     let listen = args.flag("listen", "127.0.0.1:7070");
     let edge_listen = args.flag("edge-listen", "127.0.0.1:7071");
     let catalog = open_catalog(&dir)?;
@@ -406,11 +453,19 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         .reconcile_after_start()
         .await
         .map_err(|e| anyhow::anyhow!("reconciling the catalog: {}", e.message))?;
+    // A built-in template that cannot be made means no create can succeed: the daemon
+    // stops (non-zero) instead of answering every create with a 500.
+    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<String>(1);
     let warm = manager.clone();
     tokio::spawn(async move {
         match warm.warm_templates().await {
             Ok(()) => eprintln!("nullspace-pool-manager: template snapshots ready"),
-            Err(e) => tracing::error!(error = %e.message, "template snapshots failed"),
+            Err(e) => {
+                tracing::error!(error = %e.message, "template snapshots failed");
+                let _ = fatal_tx
+                    .send(format!("template snapshots failed: {}", e.message))
+                    .await;
+            }
         }
     });
     tokio::spawn(manager.clone().sweep_timeouts());
@@ -469,10 +524,11 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         tokio::spawn(async move { tokio::try_join!(control_server, edge_server, preview_server) });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    let fatal = tokio::select! {
+        _ = term.recv() => None,
+        _ = tokio::signal::ctrl_c() => None,
+        Some(why) = fatal_rx.recv() => Some(why),
+    };
     tracing::info!(keep_vms, "shutting down");
     let _ = stop_tx.send(true);
     if tokio::time::timeout(
@@ -487,5 +543,8 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         );
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), servers).await;
-    Ok(())
+    match fatal {
+        Some(why) => bail!("{why}; run `nullspace-pool-manager check`"),
+        None => Ok(()),
+    }
 }

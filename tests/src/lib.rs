@@ -415,6 +415,11 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// Where its VMs' directories are (`NULLSPACE_RUN_DIR`).
+    pub fn run_dir(&self) -> &std::path::Path {
+        &self.run_dir
+    }
+
     /// The state directory.
     pub fn state_dir(&self) -> &std::path::Path {
         &self.state

@@ -160,3 +160,66 @@ async fn require_gets_exactly_the_ready_instances_prefer_falls_back_and_pools_re
     let status = wait_ready(&api, 5).await;
     assert_eq!(status["target"], 5, "{status}");
 }
+
+#[tokio::test]
+async fn a_failing_refill_backs_off_says_why_and_recovers() {
+    let daemon = Daemon::start("warm-backoff");
+    let key = daemon.team_key("backoff");
+    let api = Api::new(&daemon, key);
+    // A real fault: the daemon's run directory becomes a file, so no VM directory can
+    // be made and every refill fails.
+    let run_dir = daemon.run_dir().to_path_buf();
+    let _ = std::fs::remove_dir_all(&run_dir);
+    std::fs::write(&run_dir, b"not a directory").unwrap();
+    let restore_dir = scopeguard(&run_dir);
+    set_pool(&api, json!({ "size": 1, "resources": small() })).await;
+
+    // Refills back off (1, 2, 4 s ...): in 8 s at most four attempts, not eight or
+    // eighty, and the status says why the pool stays empty.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let v = pool(&api).await;
+    assert_eq!(v["ready"], 0, "{v}");
+    let failures = v["lastError"]["failures"].as_u64().unwrap_or(0);
+    assert!((2..=4).contains(&failures), "{v}");
+    let message = v["lastError"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("directory"), "{v}");
+    assert!(
+        v["lastError"]["at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{v}"
+    );
+    assert!(v["lastError"]["retryInS"].as_u64().unwrap() >= 2, "{v}");
+    let (status, summary) = api.fetch("/v1/observability/summary").await;
+    assert_eq!(status, StatusCode::OK, "{summary}");
+    assert!(
+        summary["suggestedActions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s.as_str().unwrap().contains("warm pool cannot refill")),
+        "{summary}"
+    );
+    assert_eq!(summary["network"]["mode"], "isolated", "{summary}");
+
+    // The host is fixed: the next attempt (within the back-off) fills the pool and the
+    // error is gone.
+    drop(restore_dir);
+    let v = wait_ready(&api, 1).await;
+    assert!(v["lastError"].is_null(), "{v}");
+    set_pool(&api, json!({ "size": 0, "resources": small() })).await;
+}
+
+/// Puts `run_dir` back as a directory when dropped (also when the test fails).
+fn scopeguard(run_dir: &std::path::Path) -> impl Drop {
+    struct Restore(std::path::PathBuf);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if self.0.is_file() {
+                let _ = std::fs::remove_file(&self.0);
+            }
+            let _ = std::fs::create_dir_all(&self.0);
+        }
+    }
+    Restore(run_dir.to_path_buf())
+}

@@ -71,6 +71,23 @@ pub fn kvm_device_usable() -> Result<(), String> {
         .map_err(|e| format!("/dev/kvm: {e}"))
 }
 
+/// Whether a failed KVM probe says something about KVM on this host (worth caching
+/// for the rest of the host's boot): the guest started and never answered (the hang
+/// seen on PVM-backed hosts), or QEMU itself failed in KVM (it said so in its log, as
+/// "failed to set MSR" on some nested hosts). Anything else (a missing tool, a
+/// directory QEMU cannot write) is the host's configuration, fixed without a reboot.
+pub(crate) fn is_verdict_about_kvm(e: &VmmError) -> bool {
+    match e {
+        VmmError::Boot {
+            reason, qemu_log, ..
+        } => {
+            matches!(**reason, VmmError::Timeout(_) | VmmError::Agent(_))
+                || qemu_log.to_ascii_lowercase().contains("kvm")
+        }
+        _ => false,
+    }
+}
+
 /// Key of a cached detection: the host boot and the image set probed.
 pub(crate) fn cache_key(image_key: &str) -> String {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
@@ -105,6 +122,30 @@ pub(crate) fn store_cached(path: &std::path::Path, key: &str, detection: &Detect
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_failures_of_the_guest_or_of_kvm_are_verdicts() {
+        let boot = |reason: VmmError, qemu_log: &str| VmmError::Boot {
+            reason: Box::new(reason),
+            console: String::new(),
+            qemu_log: qemu_log.into(),
+        };
+        let hung = boot(VmmError::Agent("handshake timed out".into()), "");
+        assert!(is_verdict_about_kvm(&hung));
+        let msr = boot(
+            VmmError::Exited("signal 6".into()),
+            "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69\n../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: Assertion failed",
+        );
+        assert!(is_verdict_about_kvm(&msr));
+        let tun = boot(
+            VmmError::Exited("exit status: 1".into()),
+            "could not open /dev/net/tun: Permission denied",
+        );
+        assert!(!is_verdict_about_kvm(&tun));
+        let no_img =
+            VmmError::Host("qemu-img create failed: running qemu-img: No such file".into());
+        assert!(!is_verdict_about_kvm(&no_img));
+    }
 
     #[test]
     fn parses_choices_and_rejects_unknown_ones() {

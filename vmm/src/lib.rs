@@ -33,7 +33,9 @@ pub struct VmSpec {
     pub mem_mib: u32,
     /// Size of the VM's disk; the root filesystem grows to fill it.
     pub disk_mib: u64,
-    /// Whether the guest may open connections out (user-mode networking either way).
+    /// Whether the guest may open connections out. Recorded with the VM and its
+    /// snapshots; the egress proxy enforces it under isolated networking, and
+    /// user-mode networking never lets anything out (`restrict=on`).
     pub egress: bool,
     /// How long to wait for the agent before declaring the boot failed.
     pub boot_timeout: Duration,
@@ -107,7 +109,7 @@ pub enum VmmError {
     /// The VM did not come up; carries what QEMU and the guest printed.
     #[error("VM did not boot: {reason}\n--- guest console (tail) ---\n{console}\n--- qemu ---\n{qemu_log}")]
     Boot {
-        reason: String,
+        reason: Box<VmmError>,
         console: String,
         qemu_log: String,
     },

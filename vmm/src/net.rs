@@ -37,6 +37,8 @@ pub struct EgressSockets {
 #[derive(Debug)]
 pub struct GuestNet {
     netns: OwnedFd,
+    /// The tap device's queue, until QEMU has it ([`GuestNet::take_tap`]).
+    tap: Option<OwnedFd>,
     sockets: Option<EgressSockets>,
 }
 
@@ -48,9 +50,15 @@ impl GuestNet {
         if unsafe { libc::geteuid() } != 0 {
             return Err("the pool manager is not root (network namespaces need it)".into());
         }
-        if !std::path::Path::new("/dev/net/tun").exists() {
-            return Err("/dev/net/tun is missing".into());
-        }
+        // Only this process opens it (QEMU gets the tap's descriptor), so a tun device
+        // at mode 0600 is fine; one that is missing or refuses root is not.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(|e| {
+                format!("/dev/net/tun cannot be opened ({e}); load the tun module (modprobe tun)")
+            })?;
         for tool in ["ip", "nft"] {
             let found = Command::new(tool)
                 .arg("-V")
@@ -67,22 +75,22 @@ impl GuestNet {
         Ok(())
     }
 
-    /// Makes a namespace with its tap device (owned by `tap_owner`, so an unprivileged
-    /// QEMU can open it), rules and sockets.
-    pub fn create(tap_owner: Option<u32>) -> io::Result<Self> {
+    /// Makes a namespace with its tap device, rules and sockets. This process opens the
+    /// tap (as libvirt does): QEMU, unprivileged, gets the descriptor
+    /// ([`GuestNet::take_tap`]) and never needs `/dev/net/tun`.
+    pub fn create() -> io::Result<Self> {
         in_new_thread(move || {
             // SAFETY: unshare affects only this thread, which exists for this.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error());
             }
             let netns = open_own_netns()?;
-            let owner = tap_owner.map(|u| format!(" user {u}")).unwrap_or_default();
+            let tap = open_tap("tap0")?;
             run_with_stdin(
                 "ip",
                 &["-batch", "-"],
                 &format!(
                     "link set lo up\n\
-                     tuntap add dev tap0 mode tap{owner}\n\
                      link set tap0 address {GATEWAY_MAC}\n\
                      addr add 10.0.2.2/24 dev tap0\n\
                      addr add 10.0.2.3/32 dev tap0\n\
@@ -93,6 +101,7 @@ impl GuestNet {
             let sockets = open_sockets()?;
             Ok(Self {
                 netns,
+                tap: Some(tap),
                 sockets: Some(sockets),
             })
         })
@@ -114,8 +123,16 @@ impl GuestNet {
         })?;
         Ok(Self {
             netns,
+            tap: None,
             sockets: Some(sockets),
         })
+    }
+
+    /// The tap device's descriptor, once: the caller hands it to QEMU
+    /// (`-netdev tap,fd=N`) and closes its own copy after QEMU started, so the device
+    /// lives exactly as long as QEMU.
+    pub fn take_tap(&mut self) -> Option<OwnedFd> {
+        self.tap.take()
     }
 
     /// The namespace, for QEMU to enter before it starts.
@@ -127,6 +144,47 @@ impl GuestNet {
     pub fn take_sockets(&mut self) -> Option<EgressSockets> {
         self.sockets.take()
     }
+}
+
+/// Creates tap device `name` in the calling thread's network namespace and returns its
+/// queue: `IFF_NO_PI` (plain Ethernet frames) and `IFF_VNET_HDR` (QEMU then offloads
+/// checksums and segmentation, as when it opens the tap itself). The device goes away
+/// when the last descriptor closes.
+fn open_tap(name: &str) -> io::Result<OwnedFd> {
+    /// `_IOW('T', 202, int)`.
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const IFF_TAP: libc::c_short = 0x0002;
+    const IFF_NO_PI: libc::c_short = 0x1000;
+    const IFF_VNET_HDR: libc::c_short = 0x4000;
+    let path = std::ffi::CString::new("/dev/net/tun").expect("no NUL");
+    // SAFETY: a valid C string; the fd is owned below.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("opening /dev/net/tun: {e}"),
+        ));
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // struct ifreq: the name (IFNAMSIZ bytes), then the flags; 40 bytes in all.
+    let mut ifr = [0u8; 40];
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::other(format!("tap name {name} is too long")));
+    }
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    let flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    ifr[libc::IFNAMSIZ..libc::IFNAMSIZ + 2].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `ifr` is large enough for.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, ifr.as_mut_ptr()) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("creating tap {name}: {e}"),
+        ));
+    }
+    Ok(fd)
 }
 
 /// The namespace's rules: TCP to the proxy, DNS to the resolver, nothing else in or
@@ -216,7 +274,9 @@ mod tests {
             eprintln!("skipped: no network namespaces here");
             return;
         }
-        let mut net = GuestNet::create(None).expect("namespace");
+        let mut net = GuestNet::create().expect("namespace");
+        let _tap = net.take_tap().expect("a tap");
+        assert!(net.take_tap().is_none(), "the tap is handed out once");
         let sockets = net.take_sockets().unwrap();
         assert!(
             net.take_sockets().is_none(),

@@ -16,6 +16,7 @@ use agent_client::AgentClient;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::ffi::CString;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -44,7 +45,7 @@ pub struct QemuConfig {
     pub detach_vms: bool,
     /// Each VM in its own network namespace behind a tap device, its traffic handed to
     /// the owner's egress proxy ([`QemuVm::take_egress`]); otherwise QEMU's user-mode
-    /// network.
+    /// network, restricted: the guest reaches nothing (only the agent's channel).
     pub isolated_network: bool,
 }
 
@@ -147,7 +148,10 @@ impl QemuVmm {
     }
 
     /// Auto-detects the accelerator: KVM only if our minimal guest boots under it.
-    /// With `use_cache`, a result from earlier in this host boot is reused.
+    /// With `use_cache`, a verdict from earlier in this host boot is reused. Only a
+    /// verdict about the guest under KVM is cached (it booted, or it started and never
+    /// answered): a missing tool or a misconfigured host gives TCG for this start only,
+    /// so fixing the host is enough.
     pub async fn detect_accel(&self, use_cache: bool) -> Detection {
         let cache_file = crate::cache_dir().join("accel.json");
         let key = accel::cache_key(&self.images.key());
@@ -156,39 +160,47 @@ impl QemuVmm {
                 return d;
             }
         }
-        let detection = match accel::kvm_device_usable() {
-            Err(e) => Detection {
+        if let Err(e) = accel::kvm_device_usable() {
+            return Detection {
                 accel: Accel::Tcg,
                 reason: format!("{e}; using TCG"),
-            },
-            Ok(()) => {
-                let mut probe = self.clone();
-                probe.accel = Detection {
+            };
+        }
+        let mut probe = self.clone();
+        probe.accel = Detection {
+            accel: Accel::Kvm,
+            reason: "probe".into(),
+        };
+        // The probe needs no network of its own: a namespace problem is not KVM's.
+        probe.config.isolated_network = false;
+        let spec = VmSpec {
+            rootfs: "minimal".into(),
+            vcpus: 1,
+            mem_mib: 256,
+            disk_mib: 256,
+            egress: false,
+            boot_timeout: KVM_PROBE_TIMEOUT,
+        };
+        let detection = match probe.boot(&spec).await {
+            Ok(vm) => {
+                vm.kill().await;
+                Detection {
                     accel: Accel::Kvm,
-                    reason: "probe".into(),
-                };
-                let spec = VmSpec {
-                    rootfs: "minimal".into(),
-                    vcpus: 1,
-                    mem_mib: 256,
-                    disk_mib: 256,
-                    egress: false,
-                    boot_timeout: KVM_PROBE_TIMEOUT,
-                };
-                match probe.boot(&spec).await {
-                    Ok(vm) => {
-                        vm.kill().await;
-                        Detection {
-                            accel: Accel::Kvm,
-                            reason: "a guest booted under KVM".into(),
-                        }
-                    }
-                    Err(e) => Detection {
-                        accel: Accel::Tcg,
-                        reason: format!(
-                            "/dev/kvm opens but a guest did not boot under it ({e}); using TCG"
-                        ),
-                    },
+                    reason: "a guest booted under KVM".into(),
+                }
+            }
+            Err(e) if accel::is_verdict_about_kvm(&e) => Detection {
+                accel: Accel::Tcg,
+                reason: format!(
+                    "/dev/kvm opens but a guest did not boot under it ({e}); using TCG"
+                ),
+            },
+            Err(e) => {
+                return Detection {
+                    accel: Accel::Tcg,
+                    reason: format!(
+                        "the KVM probe could not run ({e}); using TCG until the host is fixed (not cached)"
+                    ),
                 }
             }
         };
@@ -312,7 +324,9 @@ impl QemuVmm {
     }
 
     /// The per-VM half of the command line: files in `dir`, devices, and how RAM is backed.
-    fn vm_args(&self, launch: &Launch, dir: &VmDir) -> Vec<String> {
+    /// `tap_fd`: the tap device's descriptor, inherited by QEMU, under isolated
+    /// networking.
+    fn vm_args(&self, launch: &Launch, dir: &VmDir, tap_fd: Option<i32>) -> Vec<String> {
         let path = |name: &str| dir.file(name).display().to_string();
         let (mem_path, share) = match &launch.memory {
             Memory::Owned => (path("memory"), "on"),
@@ -342,12 +356,13 @@ impl QemuVmm {
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
             "-netdev".into(),
-            if launch.isolated_network {
-                "tap,id=net0,ifname=tap0,script=no,downscript=no".into()
-            } else if launch.egress {
-                "user,id=net0".into()
-            } else {
-                "user,id=net0,restrict=on".into()
+            match tap_fd {
+                // QEMU gets the tap this process opened: it never opens /dev/net/tun.
+                Some(fd) => format!("tap,id=net0,fd={fd}"),
+                // User-mode networking is only ever restricted: its gateway (10.0.2.2)
+                // would otherwise reach this host's loopback services. The host reaches
+                // the guest through the agent, which needs no network.
+                None => "user,id=net0,restrict=on".into(),
             },
             "-device".into(),
             "virtio-net-device,netdev=net0".into(),
@@ -441,10 +456,9 @@ impl QemuVmm {
         )
         .await?;
         prepare(&dir)?;
-        let net = if launch.isolated_network {
-            let owner = self.run_as.as_ref().map(|r| r.uid);
+        let mut net = if launch.isolated_network {
             Some(
-                tokio::task::spawn_blocking(move || GuestNet::create(owner))
+                tokio::task::spawn_blocking(GuestNet::create)
                     .await
                     .map_err(|e| VmmError::Host(e.to_string()))?
                     .map_err(|e| VmmError::Host(format!("the VM's network namespace: {e}")))?,
@@ -453,6 +467,9 @@ impl QemuVmm {
             None
         };
         let netns_fd = net.as_ref().map(|n| n.netns_fd());
+        // Kept open only until QEMU has inherited it.
+        let tap = net.as_mut().and_then(GuestNet::take_tap);
+        let tap_fd = tap.as_ref().map(|t| t.as_raw_fd());
         if let Some(run_as) = &self.run_as {
             for entry in std::fs::read_dir(dir.path())
                 .into_iter()
@@ -471,7 +488,7 @@ impl QemuVmm {
             .map_err(|e| VmmError::Host(format!("creating qemu.log: {e}")))?;
         let mut cmd = std::process::Command::new(&self.config.qemu_binary);
         cmd.args(&launch.machine_args)
-            .args(self.vm_args(&launch, &dir))
+            .args(self.vm_args(&launch, &dir, tap_fd))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| VmmError::Host(e.to_string()))?)
             .stderr(log);
@@ -480,6 +497,12 @@ impl QemuVmm {
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(fd) = tap_fd {
+                    // Inherited across exec: QEMU's `-netdev tap,fd=N`.
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 if let Some(fd) = netns_fd {
                     if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                         return Err(std::io::Error::last_os_error());
@@ -512,6 +535,7 @@ impl QemuVmm {
                 self.config.qemu_binary.display()
             ))
         })?;
+        drop(tap);
         let _ = dir.record_qemu(child.id());
         let record = LaunchRecord {
             pid: child.id(),
@@ -999,6 +1023,47 @@ pub fn check_vm_user_can_reach(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The account QEMU runs as, described for a host check: `Err` says what is wrong
+/// and how to fix it. Not root: QEMU runs as the caller, which is reported as an error
+/// (nothing separates QEMU from the daemon then).
+pub fn check_vm_user() -> Result<String, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(
+            "the pool manager is not root, so QEMU runs as its caller; run it as root".into(),
+        );
+    }
+    let user = unprivileged_user().ok_or_else(|| {
+        format!("no '{VM_USER}' account, so QEMU would run as root; run deploy/install-deps.sh (useradd --system {VM_USER})")
+    })?;
+    Ok(format!("{VM_USER} (uid {})", user.uid))
+}
+
+/// Whether the account QEMU runs as may open `/dev/kvm` (fine where there is none, or
+/// QEMU runs as root); `Err` says how to fix it.
+pub fn check_vm_user_kvm() -> Result<(), String> {
+    let Some(user) = unprivileged_user() else {
+        return Ok(());
+    };
+    let kvm = std::path::Path::new("/dev/kvm");
+    if kvm.exists() {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(kvm).map_err(|e| format!("/dev/kvm: {e}"))?;
+        let mode = meta.mode();
+        let opens = mode & 0o006 == 0o006
+            || (meta.uid() == user.uid && mode & 0o600 == 0o600)
+            || (user.groups.contains(&meta.gid()) && mode & 0o060 == 0o060);
+        if !opens {
+            return Err(format!(
+                "{VM_USER} cannot open /dev/kvm (mode {:o}, group {}), so VMs fall back to TCG; run deploy/install-deps.sh (chgrp kvm /dev/kvm; chmod 0660 /dev/kvm; usermod -a -G kvm {VM_USER})",
+                mode & 0o777,
+                meta.gid()
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn unprivileged_user() -> Option<RunAs> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -1129,7 +1194,7 @@ impl QemuVm {
         let qemu_log = std::fs::read_to_string(self.dir.file("qemu.log")).unwrap_or_default();
         self.kill_now();
         VmmError::Boot {
-            reason: reason.to_string(),
+            reason: Box::new(reason),
             console,
             qemu_log,
         }

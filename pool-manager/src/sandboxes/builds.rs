@@ -41,6 +41,8 @@ const TAIL_LINES: usize = 30;
 const LOG_FLUSH: Duration = Duration::from_millis(200);
 /// Pause between ready checks.
 const READY_RETRY: Duration = Duration::from_millis(500);
+/// The longest wait between two ready checks.
+const READY_RETRY_CAP: Duration = Duration::from_secs(4);
 /// Longest one ready check may run.
 const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -706,6 +708,7 @@ impl Manager {
         if let Some(cmd) = &t.request.ready_cmd {
             self.log_line(&t.id, None, format!("ready check: {cmd}"));
         }
+        let mut ready_retry = READY_RETRY;
         loop {
             match &t.request.ready_cmd {
                 Some(cmd) => {
@@ -751,7 +754,9 @@ impl Manager {
                 f.0.output_tail = log.tail();
                 return Err(f);
             }
-            let pause = tokio::time::sleep(READY_RETRY);
+            let pause = tokio::time::sleep(ready_retry);
+            // A check that keeps failing is run less often, up to every few seconds.
+            ready_retry = (ready_retry * 2).min(READY_RETRY_CAP);
             tokio::pin!(pause);
             loop {
                 let event = async {

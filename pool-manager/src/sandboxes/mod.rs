@@ -24,8 +24,9 @@ mod previews;
 mod snapshots;
 mod volumes;
 mod warm;
-pub use network::NetworkSettings;
+pub use network::{NetworkSettings, USER_MODE_NETWORK};
 pub use previews::PreviewWake;
+pub(crate) use snapshots::free_bytes;
 use snapshots::snapshot_resources;
 pub use snapshots::SnapshotSettings;
 pub use warm::PoolStatus;
@@ -68,6 +69,9 @@ pub struct Manager {
     samples: observe::Samples,
     /// Egress proxies and their policies.
     network: network::Network,
+    /// Sandboxes whose periodic snapshots keep failing: each waits longer before the
+    /// next attempt (on top of its interval).
+    periodic_backoff: Mutex<HashMap<String, crate::backoff::Backoff>>,
 }
 
 /// Half of this host's memory in MiB: no single sandbox gets more.
@@ -138,6 +142,7 @@ impl Manager {
             preview_domain,
             samples: observe::Samples::default(),
             network: network::Network::new(network),
+            periodic_backoff: Mutex::default(),
         }
     }
 

@@ -22,6 +22,19 @@ pub struct NetworkSettings {
     pub upstream: Upstream,
 }
 
+/// Why egress rules cannot be enforced under `--network user`.
+pub const USER_MODE_NETWORK: &str =
+    "the pool manager runs with --network user: every guest is offline (QEMU user-mode networking, restricted)";
+
+impl NetworkSettings {
+    /// A warning for people reading the summary and the log, under user-mode networking.
+    pub fn warning(&self) -> Option<String> {
+        self.isolated.as_ref().err().map(|why| {
+            format!("{why}; egress policies cannot be enforced: restart it with --network auto on a host that can isolate VMs (nullspace-pool-manager check)")
+        })
+    }
+}
+
 /// The gates of this host's sandboxes.
 pub(super) struct Network {
     pub settings: NetworkSettings,
@@ -56,7 +69,7 @@ impl Network {
             Err(why) if !policy.is_open() => Err(ApiError::not_implemented(
                 "egress",
                 format!(
-                    "this host cannot enforce egress rules ({why}); omit egress, or run the pool manager with --network isolated on a host that can"
+                    "this host cannot enforce egress rules ({why}); omit egress, or run the pool manager with --network auto on a host that can isolate VMs"
                 ),
             )),
             _ => Ok(()),

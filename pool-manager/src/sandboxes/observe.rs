@@ -276,6 +276,18 @@ impl Manager {
                 "{failed_builds} template builds failed: see their error (GET /templates/ID) and build again"
             ));
         }
+        let network_warning = self.network.settings.warning();
+        if let Some(w) = &network_warning {
+            suggestions.push(w.clone());
+        }
+        for (template, _) in self.catalog.warm_pools::<super::warm::PoolConfig>()? {
+            if let Some(e) = self.warm_status_any(&template).and_then(|s| s.last_error) {
+                suggestions.push(format!(
+                    "the {template} warm pool cannot refill ({}): GET /templates/{template}/warm-pool shows its last error",
+                    e.message
+                ));
+            }
+        }
         if let Err(e) = &store_ok {
             suggestions.push(format!("the snapshot store does not answer ({e}): snapshots, hibernate and templates will fail until it does"));
         }
@@ -302,6 +314,10 @@ impl Manager {
                 { "name": "snapshot store", "status": if store_ok.is_ok() { "ok" } else { "unavailable" },
                   "detail": store_ok.err() },
             ],
+            "network": {
+                "mode": if network_warning.is_some() { "user" } else { "isolated" },
+                "warning": network_warning,
+            },
             "suggestedActions": suggestions,
         }))
     }

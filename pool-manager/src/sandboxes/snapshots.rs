@@ -20,6 +20,9 @@ use vmm::{QemuVm, RestoreMemory, RestoreOptions, Snapshot, SnapshotManifest, Vm}
 
 /// Periodic snapshots kept per sandbox; older ones are deleted as new ones land.
 const PERIODIC_KEPT: usize = 3;
+/// A failing periodic snapshot's first extra wait; doubling, up to the cap.
+const PERIODIC_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+const PERIODIC_RETRY_CAP: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Files of a vmm snapshot directory that are published.
 /// A snapshot's files: the VM's own, then the images of its volume slots (LUN 0 to 7;
@@ -159,7 +162,7 @@ fn local_view(r: &SandboxRecord, s: &Snapshot) -> SnapshotView {
 }
 
 /// Bytes free for unprivileged use on the file system holding `dir`.
-fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+pub(crate) fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -1038,8 +1041,9 @@ impl Manager {
         Ok(())
     }
 
-    /// Takes periodic snapshots of running sandboxes that are due. Runs until the
-    /// process ends.
+    /// Takes periodic snapshots of running sandboxes that are due, one pass a second,
+    /// until the process ends. A sandbox whose snapshots keep failing backs off
+    /// exponentially on top of its interval.
     pub async fn sweep_periodic(self: Arc<Self>) {
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -1058,11 +1062,47 @@ impl Manager {
                     continue;
                 }
             };
+            let now = std::time::Instant::now();
             for r in due {
-                if let Err(e) = self.periodic_snapshot(&r.team_id, &r.id).await {
-                    warn!(sandbox = %r.id, error = %e.message, "periodic snapshot failed");
+                let waiting = self
+                    .periodic_backoff
+                    .lock()
+                    .unwrap()
+                    .get(&r.id)
+                    .is_some_and(|b| !b.ready(now));
+                if waiting {
+                    continue;
+                }
+                match self.periodic_snapshot(&r.team_id, &r.id).await {
+                    Ok(()) => {
+                        self.periodic_backoff.lock().unwrap().remove(&r.id);
+                    }
+                    Err(e) => {
+                        let mut backoff = self.periodic_backoff.lock().unwrap();
+                        let retry = backoff
+                            .entry(r.id.clone())
+                            .or_insert(crate::backoff::Backoff::new(
+                                PERIODIC_RETRY,
+                                PERIODIC_RETRY_CAP,
+                            ))
+                            .failed(std::time::Instant::now());
+                        warn!(
+                            sandbox = %r.id,
+                            error = %e.message,
+                            retry_in_s = retry.as_secs(),
+                            "periodic snapshot failed"
+                        );
+                    }
                 }
             }
+            // Sandboxes gone or no longer snapshotting need no back-off.
+            self.periodic_backoff.lock().unwrap().retain(|id, _| {
+                self.catalog
+                    .sandbox(id)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| r.state == InternalState::Active && r.snapshot_interval_s > 0)
+            });
         }
     }
 

@@ -6,6 +6,7 @@
 //! pause never take from a pool.
 
 use super::Manager;
+use crate::backoff::Backoff;
 use crate::error::ApiError;
 use crate::model::Resources;
 use crate::templates::BUILTIN;
@@ -18,6 +19,9 @@ use vmm::{QemuVm, Vm};
 
 /// VMs booting at once per pool: restores are CPU-bound, and creates share the cores.
 const MAX_WARMING_PER_POOL: u32 = 2;
+/// A failing refill's first retry; each next one waits twice as long, up to the cap.
+const REFILL_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+const REFILL_RETRY_CAP: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// What a pool should hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +40,9 @@ struct Pool {
     warming: u32,
     checkouts: u64,
     misses: u64,
+    /// Refill failures in a row, and when the next refill may start.
+    backoff: Backoff,
+    last_error: Option<api_model::WarmPoolError>,
 }
 
 impl Pool {
@@ -49,6 +56,7 @@ impl Pool {
             misses: self.misses,
             resources: self.config.resources,
             refill: self.config.refill,
+            last_error: self.last_error.clone(),
         }
     }
 }
@@ -93,6 +101,8 @@ impl WarmPools {
             warming: 0,
             checkouts: 0,
             misses: 0,
+            backoff: Backoff::new(REFILL_RETRY, REFILL_RETRY_CAP),
+            last_error: None,
         });
         let mut surplus = Vec::new();
         if pool.config.resources != config.resources {
@@ -128,11 +138,13 @@ impl WarmPools {
     fn claim_refills(&self) -> Vec<(String, Resources)> {
         let mut pools = self.pools.lock().unwrap();
         let mut out = Vec::new();
+        let now = std::time::Instant::now();
         for (template, pool) in pools.iter_mut() {
             let have = pool.ready.len() as u32 + pool.warming;
             if pool.config.refill
                 && have < pool.config.target
                 && pool.warming < MAX_WARMING_PER_POOL
+                && pool.backoff.ready(now)
             {
                 pool.warming += 1;
                 out.push((template.clone(), pool.config.resources));
@@ -148,6 +160,8 @@ impl WarmPools {
         let Some(pool) = pools.get_mut(template) else {
             return Some(vm);
         };
+        pool.backoff.succeeded();
+        pool.last_error = None;
         if pool.config.resources == resources && (pool.ready.len() as u32) < pool.config.target {
             pool.ready.push_back(vm);
             pool.warming = pool.warming.saturating_sub(1);
@@ -156,6 +170,23 @@ impl WarmPools {
         } else {
             Some(vm)
         }
+    }
+
+    /// A refill failed: the pool waits (exponentially longer each time in a row)
+    /// before the next, and says why in its status.
+    fn failed(&self, template: &str, message: &str) -> std::time::Duration {
+        let mut pools = self.pools.lock().unwrap();
+        let Some(pool) = pools.get_mut(template) else {
+            return std::time::Duration::ZERO;
+        };
+        let delay = pool.backoff.failed(std::time::Instant::now());
+        pool.last_error = Some(api_model::WarmPoolError {
+            message: message.to_string(),
+            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            failures: pool.backoff.failures(),
+            retry_in_s: delay.as_secs(),
+        });
+        delay
     }
 
     /// A refill ended without adding to its pool (its VM, if any, is gone).
@@ -260,6 +291,7 @@ impl Manager {
             misses: 0,
             resources,
             refill: true,
+            last_error: None,
         }))
     }
 
@@ -313,9 +345,13 @@ impl Manager {
                             }
                         }
                         Err(e) => {
-                            warn!(template, error = %e.message, "warm pool refill failed");
-                            // Not at once again: the next tick retries.
-                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                            let retry = this.warm.failed(&template, &e.message);
+                            warn!(
+                                template,
+                                error = %e.message,
+                                retry_in_s = retry.as_secs(),
+                                "warm pool refill failed"
+                            );
                         }
                     }
                     this.warm.done_warming(&template);
