@@ -11,7 +11,7 @@ target=x86_64-unknown-linux-gnu
 # crt-static only for this target, so build scripts and proc macros stay dynamic.
 build_agent() {
     CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
-        cargo build --locked -p guest-agent --release --target "$target" >&2
+        cargo build --locked -p guest-agent --release --target "$target" >&2 || return
 }
 step "building the guest agent (static)" build_agent
 step "building the public API component (wasm)" deploy/build-component.sh >&2

@@ -8,40 +8,45 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || die "install-deps needs root (the VM user, /dev/kvm and apt): run it as root"
 
 packages=(qemu-system-x86 busybox-static mmdebstrap e2fsprogs cpio gzip iproute2 curl util-linux
+    gcc libc6-dev  # crates that build C
     nftables  # each VM's network namespace: its traffic to the egress proxy
     chromium openssh-client  # chromium: the preview tests load pages in a real browser
     dnsmasq-base)  # the egress tests' DNS server, in a namespace of their own
 
 installed_version() { { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null || true; } | awk '$3 == "installed" {print $4}'; }
+candidate_version() { { apt-cache policy "$1" 2>/dev/null || true; } | awk '/Candidate:/ && $2 != "(none)" {print $2}'; }
+available() { { apt-cache madison "$1" 2>/dev/null || true; } | awk -F'|' '{gsub(/ /, "", $2); print $2}' | grep -qxF "$2"; }
 
 # qemu-img must come from the same QEMU as qemu-system-x86_64: a machine may ship a newer
 # qemu-utils (bookworm-backports) that Debian's qemu-system-common breaks, so installing
-# the system emulator alone would remove qemu-img. Pin qemu-utils to the emulator's version
-# (installed, or the candidate) in the same transaction.
+# the system emulator alone would remove qemu-img. Both are pinned to one version in one
+# transaction: the installed emulator's, if apt still offers it, else the candidate.
 qemu_version() {
     local v
     v=$(installed_version qemu-system-x86)
-    [ -n "$v" ] || v=$(apt-cache policy qemu-system-x86 2>/dev/null | awk '/Candidate:/{print $2}')
-    [ "$v" = "(none)" ] || echo "$v"
+    if [ -z "$v" ] || ! available qemu-utils "$v"; then
+        v=$(candidate_version qemu-system-x86)
+    fi
+    echo "$v"
 }
 missing() {
     for p in "${packages[@]}"; do
         [ -n "$(installed_version "$p")" ] || echo "$p"
     done
-    local v
-    v=$(qemu_version)
-    [ -n "$v" ] && [ "$(installed_version qemu-utils)" = "$v" ] || echo "qemu-utils"
 }
+qemu=$(qemu_version)
 wanted=$(missing)
-if [ -n "$wanted" ]; then
-    echo "[install-deps] installing:" $wanted >&2
+if [ -n "$wanted" ] || [ -z "$qemu" ] || [ "$(installed_version qemu-utils)" != "$qemu" ] ||
+    [ "$(installed_version qemu-system-x86)" != "$qemu" ]; then
     apt-get update -q >&2
     qemu=$(qemu_version)
     [ -n "$qemu" ] || die "no qemu-system-x86 package in the apt sources: add Debian bookworm main to /etc/apt/sources.list"
+    wanted=$(missing | grep -vx qemu-system-x86 || true)
+    echo "[install-deps] installing:" $wanted "qemu-system-x86=$qemu qemu-utils=$qemu" >&2
+    # shellcheck disable=SC2086 # one word per package
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends --allow-downgrades \
-        "${packages[@]}" "qemu-system-x86=$qemu" "qemu-utils=$qemu" >&2
+        $wanted "qemu-system-x86=$qemu" "qemu-utils=$qemu" >&2
 fi
-qemu=$(qemu_version)
 # The kernel package must be resolvable for the guest image build.
 apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || apt-get update -q >&2
 
@@ -79,8 +84,8 @@ check() { # NAME FIX COMMAND...
 qemu_fix="apt-get install --allow-downgrades qemu-system-x86=$qemu qemu-utils=$qemu"
 check qemu-system-x86_64 "$qemu_fix" qemu-system-x86_64 --version
 check qemu-img "$qemu_fix" qemu-img --version
-emulator=$(qemu-system-x86_64 --version 2>/dev/null | awk 'NR==1{print $4}')
-img=$(qemu-img --version 2>/dev/null | awk 'NR==1{print $3}')
+emulator=$({ qemu-system-x86_64 --version 2>/dev/null || true; } | awk 'NR==1{print $4}')
+img=$({ qemu-img --version 2>/dev/null || true; } | awk 'NR==1{print $3}')
 same_version() { [ -n "$emulator" ] && [ "$emulator" = "$img" ] && echo "$emulator" ||
     { echo "qemu-system-x86_64 ${emulator:-missing}, qemu-img ${img:-missing}"; false; }; }
 check "one QEMU version" "$qemu_fix" same_version
@@ -98,6 +103,6 @@ check dnsmasq "apt-get install dnsmasq-base" dnsmasq --version
 check cargo "install Rust with rustup (https://rustup.rs)" cargo --version
 check cargo-nextest "cargo install --locked cargo-nextest" cargo nextest --version
 check cc "apt-get install gcc" cc --version
-check "python3 venv" "apt-get install python3-venv" python3 -c 'import venv, ensurepip; print("venv ok")'
+check "python3 venv" "install a Python 3 with its venv module (Debian: apt-get install python3-venv)" python3 -c 'import venv, ensurepip; print("venv ok")'
 check "VM user" "useradd --system nullspace-vm" id nullspace-vm
 [ "$failed" = 0 ] || die "install-deps: the tools marked ✗ above are missing or broken; apply the fixes and run it again"

@@ -3,6 +3,9 @@
 #
 #   step "building the release binaries" cargo build --release ...
 #
+# `set -e` does not apply inside a function run by `step` (bash ignores it there), so
+# such a function must return non-zero itself (`|| return`).
+#
 # prints "[nullspace] ▶ building the release binaries" before, a line a minute while it
 # runs, "[nullspace] ✓ … (93 s)" after, or "[nullspace] ✗ … failed after 93 s (exit 101)" and exits with the command's
 # status.
@@ -12,9 +15,10 @@ step() {
     shift
     echo "[nullspace] ▶ $name" >&2
     # A line a minute while it runs: a long build is never silent.
-    (while sleep 60 && kill -0 $$ 2>/dev/null; do
+    # Its sleep holds no output: a caller capturing stdout must not wait for it.
+    (while sleep 60 </dev/null >/dev/null 2>&1 && kill -0 $$ 2>/dev/null; do
         echo "[nullspace] … $name: $((SECONDS - start)) s so far" >&2
-    done) &
+    done) >/dev/null &
     ticker=$!
     "$@" || status=$?
     kill "$ticker" 2>/dev/null || true

@@ -12,9 +12,9 @@ step "installing and checking system packages" deploy/install-deps.sh
 step "building the guest agent, API component and guest images" deploy/build.sh >/dev/null
 step "installing stock wasmtime (portability test)" deploy/install-wasmtime-cli.sh >/dev/null
 check_format() {
-    cargo fmt --all -- --check
+    cargo fmt --all -- --check || return
     for crate in api-component api-component/componentize; do
-        cargo fmt --manifest-path "$crate/Cargo.toml" -- --check
+        cargo fmt --manifest-path "$crate/Cargo.toml" -- --check || return
     done
 }
 step "checking formatting" check_format
@@ -24,8 +24,8 @@ step "building the binaries" cargo build --workspace --bins --locked
 # A host that cannot run VMs stops here, with the fix, before any test boots one.
 host_check() {
     local state
-    state=$(mktemp -d /tmp/nullspace-check-XXXXXX)
-    chmod 711 "$state"
+    state=$(mktemp -d /tmp/nullspace-check-XXXXXX) || return
+    chmod 711 "$state" || return
     "$CARGO_TARGET_DIR/debug/nullspace-pool-manager" check --state-dir "$state" || { rm -rf "$state"; return 1; }
     rm -rf "$state"
 }

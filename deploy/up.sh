@@ -92,9 +92,15 @@ api_pid=$!
 echo "$api_pid" >"$state/api.pid"
 for _ in $(seq 1 120); do
     grep -q "public API http://" "$state/api.log" 2>/dev/null && break
-    kill -0 $api_pid 2>/dev/null || { tail -20 "$state/api.log" >&2; deploy/down.sh; exit 1; }
+    kill -0 $api_pid 2>/dev/null || break
     sleep 0.5
 done
+if ! grep -q "public API http://" "$state/api.log" 2>/dev/null; then
+    echo "[nullspace] ✗ the public API did not start; its log ($state/api.log) ends:" >&2
+    tail -20 "$state/api.log" >&2
+    deploy/down.sh >/dev/null 2>&1 || true
+    exit 1
+fi
 
 cat <<MSG
 

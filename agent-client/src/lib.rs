@@ -319,6 +319,13 @@ impl AgentClient {
         }
     }
 
+    /// Has the guest kernel mix `entropy` into its pool and reseed its CRNG (see
+    /// [`Request::Reseed`]).
+    pub async fn reseed(&self, entropy: &[u8]) -> Result<(), ClientError> {
+        let hex: String = entropy.iter().map(|b| format!("{b:02x}")).collect();
+        self.call(&Request::Reseed { entropy: hex }).await.map(drop)
+    }
+
     /// Creates a directory and its parents.
     pub async fn mkdir(&self, path: &str, user: Option<&str>) -> Result<(), ClientError> {
         self.call(&Request::Mkdir {

@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 
 /// Version of the protocol spoken by this build. Bumped on incompatible changes.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// Most bytes one [`Request::Reseed`] carries.
+pub const MAX_RESEED_BYTES: usize = 512;
 
 /// Host → agent control messages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +32,11 @@ pub enum Request {
     },
     /// Start a process. Its output streams back on this stream.
     Exec(ExecRequest),
+    /// Mix `entropy` (hex, at most [`MAX_RESEED_BYTES`] bytes) into the kernel's entropy
+    /// pool, credited, and reseed its CRNG at once. Sent after every handshake: guests
+    /// restored from one snapshot would otherwise share their random output. An agent
+    /// that predates it answers `unsupported`.
+    Reseed { entropy: String },
     /// Attach this stream to a running (or just finished) process started earlier.
     Attach { pid: u32 },
     /// Stop forwarding output to this stream; the process keeps running.

@@ -4,6 +4,7 @@
 //! virtio-serial port named [`agent_protocol::PORT_NAME`] and serves processes and files
 //! over many concurrent streams (see [`session`]).
 
+mod entropy;
 mod files;
 mod init;
 mod metrics;

@@ -361,6 +361,16 @@ async fn handle(
         Request::WatchDir { path, recursive } => {
             crate::watch::watch(path, recursive, out, inbox).await
         }
+        Request::Reseed { entropy } => {
+            match tokio::task::spawn_blocking(move || crate::entropy::reseed(&entropy)).await {
+                Ok(Ok(reply)) => out.reply(&reply).await,
+                Ok(Err(e)) => out.error(e).await,
+                Err(e) => {
+                    out.error(AgentError::new(ErrorCode::Io, e.to_string()))
+                        .await
+                }
+            }
+        }
         Request::Metrics => {
             let m = tokio::task::spawn_blocking(crate::metrics::read)
                 .await

@@ -49,6 +49,12 @@ impl Backoff {
         self.not_before.is_none_or(|t| now >= t)
     }
 
+    /// How long from `now` until the work may run again (zero when it may now).
+    pub fn not_before(&self, now: Instant) -> Duration {
+        self.not_before
+            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
+    }
+
     /// Failures in a row.
     pub fn failures(&self) -> u32 {
         self.failures

@@ -38,7 +38,7 @@ const USAGE: &str = "usage:
   nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--preview-listen 127.0.0.1:7072] [--preview-domain localhost:PORT] [--state-dir /var/lib/nullspace] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
       [--snapshot-store local|s3] [--store-dir STATE/objects] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region us-east-1]]
       [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
-      [--network auto|isolated|user] [--egress-dns IP:PORT]
+      [--network auto|isolated|user] [--egress-dns IP:PORT] [--insecure-unconfined-qemu]
   nullspace-pool-manager check [--state-dir /var/lib/nullspace] [--network auto] [--min-free-disk-mib 1024]
   nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--state-dir DIR]
   nullspace-pool-manager admin team quota TEAM --max-sandboxes N [--state-dir DIR]
@@ -89,6 +89,7 @@ fn host_check_input(
 ) -> anyhow::Result<host_check::HostCheckInput> {
     let config = vmm::QemuConfig::from_env()?;
     Ok(host_check::HostCheckInput {
+        allow_unconfined: config.allow_unconfined || args.switch("insecure-unconfined-qemu"),
         qemu_binary: config.qemu_binary,
         accel: config.accel,
         network: args
@@ -115,6 +116,9 @@ fn check_host(args: &Args, state: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Flags that take no value.
+const SWITCHES: &[&str] = &["insecure-unconfined-qemu"];
+
 /// Command-line flags: `--name value` pairs after the positional words.
 struct Args {
     words: Vec<String>,
@@ -128,6 +132,10 @@ impl Args {
         let mut it = std::env::args().skip(1);
         while let Some(a) = it.next() {
             if let Some(name) = a.strip_prefix("--") {
+                if SWITCHES.contains(&name) {
+                    flags.push((name.to_string(), String::new()));
+                    continue;
+                }
                 let value = it
                     .next()
                     .with_context(|| format!("--{name} needs a value\n{USAGE}"))?;
@@ -137,6 +145,11 @@ impl Args {
             }
         }
         Ok(Self { words, flags })
+    }
+
+    /// Whether a switch (a flag without a value) was given.
+    fn switch(&self, name: &str) -> bool {
+        self.flags.iter().any(|(n, _)| n == name)
     }
 
     fn flag(&self, name: &str, default: &str) -> String {
@@ -230,7 +243,12 @@ async fn main() -> anyhow::Result<()> {
     match words.as_slice() {
         ["serve"] => serve(&args).await,
         ["check"] => {
-            args.check_flags(&["state-dir", "network", "min-free-disk-mib"])?;
+            args.check_flags(&[
+                "state-dir",
+                "network",
+                "min-free-disk-mib",
+                "insecure-unconfined-qemu",
+            ])?;
             check_host(&args, &state_dir(&args)?)
         }
         ["admin", "team", "create", name] => {
@@ -375,6 +393,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         "warm-pool",
         "network",
         "egress-dns",
+        "insecure-unconfined-qemu",
     ])?;
     let dir = state_dir(args)?;
     // First: a host that cannot run a VM stops here, not at the first create.
@@ -393,10 +412,12 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     // VMs outlive the daemon process: a crash or SIGKILL loses no sandbox, and the next
     // start adopts them.
     let network = network_settings(args)?;
+    let defaults = vmm::QemuConfig::from_env()?;
     let config = vmm::QemuConfig {
         detach_vms: true,
         isolated_network: network.isolated.is_ok(),
-        ..vmm::QemuConfig::from_env()?
+        allow_unconfined: defaults.allow_unconfined || args.switch("insecure-unconfined-qemu"),
+        ..defaults
     };
     let vmm = vmm::QemuVmm::new(config, vmm::ImageSet::from_env()?)
         .await
@@ -458,20 +479,26 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<String>(1);
     let warm = manager.clone();
     tokio::spawn(async move {
-        match warm.warm_templates().await {
-            Ok(()) => eprintln!("nullspace-pool-manager: template snapshots ready"),
-            Err(e) => {
-                tracing::error!(error = %e.message, "template snapshots failed");
-                let _ = fatal_tx
-                    .send(format!("template snapshots failed: {}", e.message))
-                    .await;
+        // Its own task: a panic while making them is a failure too, not a silent wait.
+        let made = tokio::spawn(async move { warm.warm_templates().await }).await;
+        let why = match made {
+            Ok(Ok(())) => {
+                eprintln!("nullspace-pool-manager: template snapshots ready");
+                return;
             }
-        }
+            Ok(Err(e)) => e.message,
+            Err(e) => format!("the task making them ended: {e}"),
+        };
+        tracing::error!(error = %why, "template snapshots failed");
+        let _ = fatal_tx
+            .send(format!("template snapshots failed: {why}"))
+            .await;
     });
     tokio::spawn(manager.clone().sweep_timeouts());
     tokio::spawn(manager.clone().sweep_periodic());
     tokio::spawn(manager.clone().collect_garbage_when_asked());
     tokio::spawn(manager.clone().sample_metrics());
+    tokio::spawn(manager.clone().cap_consoles());
     manager
         .load_warm_pools()
         .map_err(|e| anyhow::anyhow!("loading warm pools: {}", e.message))?;

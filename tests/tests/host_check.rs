@@ -38,6 +38,19 @@ fn run_within(mut cmd: Command, within: Duration, log: &Path) -> (Option<i32>, S
     (status.unwrap().code(), text)
 }
 
+/// `serve` on free loopback ports, with its state and run directory under `state`.
+fn serve_in(state: &Path) -> Command {
+    let mut cmd = Command::new(workspace_binary("nullspace-pool-manager"));
+    cmd.arg("serve");
+    for flag in ["--listen", "--edge-listen", "--preview-listen"] {
+        cmd.args([flag, "127.0.0.1:0"]);
+    }
+    cmd.arg("--state-dir")
+        .arg(state)
+        .env("NULLSPACE_RUN_DIR", state.join("run"));
+    cmd
+}
+
 #[test]
 fn the_check_passes_here_with_one_line_per_thing_it_needs() {
     let state = ScratchDir::new("host-check");
@@ -91,18 +104,8 @@ fn the_check_passes_here_with_one_line_per_thing_it_needs() {
 #[test]
 fn serve_stops_at_once_on_a_host_that_cannot_run_a_vm() {
     let state = ScratchDir::new("host-check-serve");
-    let mut cmd = Command::new(workspace_binary("nullspace-pool-manager"));
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--edge-listen",
-        "127.0.0.1:0",
-    ])
-    .args(["--preview-listen", "127.0.0.1:0", "--state-dir"])
-    .arg(state.path())
-    .env("NULLSPACE_QEMU", "/nonexistent/qemu-system-x86_64")
-    .env("NULLSPACE_RUN_DIR", state.path().join("run"));
+    let mut cmd = serve_in(state.path());
+    cmd.env("NULLSPACE_QEMU", "/nonexistent/qemu-system-x86_64");
     let started = Instant::now();
     let (code, out) = run_within(
         cmd,
@@ -137,21 +140,11 @@ fn serve_exits_non_zero_when_a_builtin_template_cannot_be_made() {
     )
     .unwrap();
     std::fs::set_permissions(&qemu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let mut cmd = Command::new(workspace_binary("nullspace-pool-manager"));
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--edge-listen",
-        "127.0.0.1:0",
-    ])
-    .args(["--preview-listen", "127.0.0.1:0", "--state-dir"])
-    .arg(state.path())
+    let mut cmd = serve_in(state.path());
     // Its own, empty: the templates must be made.
-    .arg("--templates-dir")
-    .arg(state.path().join("templates"))
-    .env("NULLSPACE_QEMU", &qemu)
-    .env("NULLSPACE_RUN_DIR", state.path().join("run"));
+    cmd.arg("--templates-dir")
+        .arg(state.path().join("templates"))
+        .env("NULLSPACE_QEMU", &qemu);
     let (code, out) = run_within(
         cmd,
         Duration::from_secs(60),
@@ -170,7 +163,22 @@ fn serve_exits_non_zero_when_a_builtin_template_cannot_be_made() {
 #[tokio::test]
 async fn an_isolated_vm_gets_its_tap_as_a_descriptor_with_tun_at_0600() {
     use std::os::unix::fs::PermissionsExt;
-    // A new machine's tun device: root only. Only the daemon (root) opens it.
+    // A new machine's tun device: root only. Only the daemon (root) opens it. Its mode
+    // is put back afterwards, whatever happens.
+    struct RestoreMode(u32);
+    impl Drop for RestoreMode {
+        fn drop(&mut self) {
+            let _ =
+                std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(self.0));
+        }
+    }
+    let _restore = RestoreMode(
+        std::fs::metadata("/dev/net/tun")
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+    );
     std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(0o600)).unwrap();
     nullspace_tests::init_logging();
     let config = QemuConfig {
@@ -223,4 +231,58 @@ async fn an_isolated_vm_gets_its_tap_as_a_descriptor_with_tun_at_0600() {
     .unwrap();
     assert_eq!(&got[..n], b"hello-from-the-guest\n");
     vm.kill().await;
+}
+
+#[tokio::test]
+async fn qemu_without_seccomp_is_refused_unless_the_operator_accepts_the_risk() {
+    let state = ScratchDir::new("host-check-seccomp");
+    // The real QEMU, but one whose help has no -sandbox (a build without seccomp).
+    let qemu = state.path().join("qemu-system-x86_64");
+    std::fs::write(
+        &qemu,
+        "#!/bin/sh\nif [ \"$1\" = -help ]; then qemu-system-x86_64 -help | grep -v -- -sandbox; exit 0; fi\n\
+         exec qemu-system-x86_64 \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&qemu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let check = |insecure: bool| {
+        let mut cmd = Command::new(workspace_binary("nullspace-pool-manager"));
+        cmd.args(["check", "--state-dir"])
+            .arg(state.path())
+            .env("NULLSPACE_QEMU", &qemu)
+            .env("NULLSPACE_RUN_DIR", state.path().join("run"));
+        if insecure {
+            cmd.arg("--insecure-unconfined-qemu");
+        }
+        run_within(
+            cmd,
+            Duration::from_secs(30),
+            &state.path().join("check.log"),
+        )
+    };
+    let (code, out) = check(false);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("✗ seccomp:"), "{out}");
+    assert!(
+        out.contains("--insecure-unconfined-qemu"),
+        "the way out is named: {out}"
+    );
+    let (code, out) = check(true);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("(not fatal)"), "{out}");
+
+    // The driver itself refuses too, whoever calls it.
+    let config = |allow_unconfined| QemuConfig {
+        qemu_binary: qemu.clone(),
+        run_dir: state.path().join("run"),
+        allow_unconfined,
+        ..QemuConfig::from_env().unwrap()
+    };
+    let images = ImageSet::from_env().unwrap();
+    let refused = QemuVmm::new(config(false), images.clone())
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("without seccomp"), "{refused}");
+    let vmm = QemuVmm::new(config(true), images).await.unwrap();
+    assert!(!vmm.seccomp());
 }

@@ -81,8 +81,14 @@ pub(crate) fn is_verdict_about_kvm(e: &VmmError) -> bool {
         VmmError::Boot {
             reason, qemu_log, ..
         } => {
+            let log = qemu_log.to_ascii_lowercase();
+            // QEMU that could not open /dev/kvm also names it: that is the host's
+            // configuration (its mode, the VM user's groups), not KVM's verdict.
+            let cannot_open = ["permission denied", "no such file", "could not access kvm"]
+                .iter()
+                .any(|m| log.contains(m));
             matches!(**reason, VmmError::Timeout(_) | VmmError::Agent(_))
-                || qemu_log.to_ascii_lowercase().contains("kvm")
+                || (log.contains("kvm") && !cannot_open)
         }
         _ => false,
     }
@@ -142,6 +148,11 @@ mod tests {
             "could not open /dev/net/tun: Permission denied",
         );
         assert!(!is_verdict_about_kvm(&tun));
+        let no_access = boot(
+            VmmError::Exited("exit status: 1".into()),
+            "Could not access KVM kernel module: Permission denied\nqemu-system-x86_64: failed to initialize kvm: Permission denied",
+        );
+        assert!(!is_verdict_about_kvm(&no_access));
         let no_img =
             VmmError::Host("qemu-img create failed: running qemu-img: No such file".into());
         assert!(!is_verdict_about_kvm(&no_img));

@@ -168,6 +168,18 @@ fn open_tap(name: &str) -> io::Result<OwnedFd> {
     }
     // SAFETY: `fd` was just opened and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // At 3 or above: QEMU inherits it by number, and 0 to 2 are replaced by its stdio.
+    let fd = if fd.as_raw_fd() < 3 {
+        // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor, owned below.
+        let dup = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `dup` was just made and is owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(dup) }
+    } else {
+        fd
+    };
     // struct ifreq: the name (IFNAMSIZ bytes), then the flags; 40 bytes in all.
     let mut ifr = [0u8; 40];
     if name.len() >= libc::IFNAMSIZ {

@@ -17,7 +17,7 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -47,6 +47,10 @@ pub struct QemuConfig {
     /// the owner's egress proxy ([`QemuVm::take_egress`]); otherwise QEMU's user-mode
     /// network, restricted: the guest reaches nothing (only the agent's channel).
     pub isolated_network: bool,
+    /// Lets QEMU run as root (no VM account) or without seccomp (`-sandbox`), with a
+    /// warning. Off: the driver refuses, since a guest that escapes QEMU would then own
+    /// the host. Only ever set by an explicit operator choice.
+    pub allow_unconfined: bool,
 }
 
 impl QemuConfig {
@@ -64,6 +68,7 @@ impl QemuConfig {
                 .unwrap_or_default()
                 .parse()?,
             detach_vms: false,
+            allow_unconfined: std::env::var_os("NULLSPACE_INSECURE_UNCONFINED_QEMU").is_some(),
             isolated_network: match std::env::var("NULLSPACE_NETWORK").as_deref() {
                 Ok("isolated") => true,
                 Ok("user") | Err(_) => false,
@@ -102,12 +107,26 @@ impl QemuVmm {
     pub async fn new(config: QemuConfig, images: ImageSet) -> Result<Self, VmmError> {
         let tsc_khz = tsc::host_tsc_khz().map_err(VmmError::Host)?;
         let run_as = unprivileged_user();
-        if run_as.is_none() {
-            warn!("QEMU runs with this process's own privileges (no '{VM_USER}' account, or not root)");
-        }
         let seccomp = seccomp_available(&config.qemu_binary);
-        if !seccomp {
-            warn!("QEMU runs without -sandbox: this host or QEMU build has no seccomp");
+        // SAFETY: geteuid has no preconditions.
+        let as_root = run_as.is_none() && unsafe { libc::geteuid() } == 0;
+        let unconfined = match (as_root, seccomp) {
+            (true, _) => Some(format!(
+                "QEMU would run as root (there is no '{VM_USER}' account; deploy/install-deps.sh makes it)"
+            )),
+            (false, false) => Some(format!(
+                "QEMU would run without seccomp ({} or this kernel has no -sandbox)",
+                config.qemu_binary.display()
+            )),
+            (false, true) => None,
+        };
+        if let Some(why) = unconfined {
+            if !config.allow_unconfined {
+                return Err(VmmError::Host(format!(
+                    "{why}; fix the host, or accept the risk with --insecure-unconfined-qemu (NULLSPACE_INSECURE_UNCONFINED_QEMU=1)"
+                )));
+            }
+            warn!("{why}: running it anyway (--insecure-unconfined-qemu)");
         }
         if !config.detach_vms {
             vm_dir::reap_orphans(&config.run_dir, &[]);
@@ -160,7 +179,8 @@ impl QemuVmm {
                 return d;
             }
         }
-        if let Err(e) = accel::kvm_device_usable() {
+        // Neither is KVM's verdict: both are fixed on the host without a reboot.
+        if let Err(e) = accel::kvm_device_usable().and(check_vm_user_kvm()) {
             return Detection {
                 accel: Accel::Tcg,
                 reason: format!("{e}; using TCG"),
@@ -345,7 +365,8 @@ impl QemuVmm {
             "-initrd".into(),
             self.images.initrd().display().to_string(),
             "-chardev".into(),
-            format!("file,id=console,path={}", path("console.log")),
+            // Appended: the daemon truncates it when it grows past its cap.
+            format!("file,id=console,path={},append=on", path("console.log")),
             "-serial".into(),
             "chardev:console".into(),
             "-drive".into(),
@@ -990,6 +1011,61 @@ async fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), String> {
     Ok(())
 }
 
+/// Opens `path` without following a link in its last component.
+fn open_nofollow(path: &Path, access: libc::c_int) -> std::io::Result<std::fs::File> {
+    let write = access & (libc::O_WRONLY | libc::O_RDWR) != 0;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// The last `max` bytes of `path` (a link is not followed), read by seeking: memory
+/// stays bounded however large the file grew.
+fn read_tail(path: &Path, max: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = open_nofollow(path, libc::O_RDONLY)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max as u64)))?;
+    let mut out = Vec::with_capacity(max.min(len as usize));
+    f.take(max as u64).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Bytes of host randomness each handshake gives the guest.
+const RESEED_BYTES: usize = 64;
+
+/// Gives the guest fresh randomness from the host: every VM restored from one snapshot
+/// (a template, a fork's parent) would otherwise resume with the same CRNG state and
+/// read the same bytes. A VM is never handed out with its snapshot's state: a failed
+/// reseed fails the boot, except with an agent that predates the request (a snapshot
+/// taken before it existed), which is only logged.
+async fn reseed(agent: &AgentClient) -> Result<(), VmmError> {
+    let mut entropy = [0u8; RESEED_BYTES];
+    // SAFETY: getrandom fills at most the buffer's length.
+    let n = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
+    if n != RESEED_BYTES as isize {
+        return Err(VmmError::Host(format!(
+            "reading host randomness: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    match tokio::time::timeout(Duration::from_secs(10), agent.reseed(&entropy)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(agent_client::ClientError::Agent(e)))
+            if e.code == agent_protocol::ErrorCode::Unsupported =>
+        {
+            warn!("the guest agent predates reseeding: this VM shares its snapshot's random state until its kernel reseeds");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(VmmError::Agent(format!("reseeding the guest's CRNG: {e}"))),
+        Err(_) => Err(VmmError::Agent(
+            "reseeding the guest's CRNG: no answer within 10 s".into(),
+        )),
+    }
+}
+
 /// Checks that the unprivileged VM user can reach files under `dir` (snapshots a VM
 /// opens live there): every directory on the way must let others through. Errors say
 /// which directory and what to do. Always fine when QEMU runs as the caller.
@@ -1088,15 +1164,26 @@ fn unprivileged_user() -> Option<RunAs> {
 
 /// The first line of `qemu -version`: snapshots only restore into the same build.
 fn qemu_version_of(qemu: &Path) -> Result<String, VmmError> {
-    let out = std::process::Command::new(qemu)
-        .arg("-version")
+    first_line_of(qemu, "-version").map_err(|e| {
+        VmmError::Host(format!(
+            "{e}; install qemu-system-x86 or set NULLSPACE_QEMU"
+        ))
+    })
+}
+
+/// The first line `program arg` prints (a version, say), or why it did not run.
+pub fn first_line_of(program: &Path, arg: &str) -> Result<String, String> {
+    let out = std::process::Command::new(program)
+        .arg(arg)
         .output()
-        .map_err(|e| {
-            VmmError::Host(format!(
-                "running {} -version: {e}; install qemu-system-x86 or set NULLSPACE_QEMU",
-                qemu.display()
-            ))
-        })?;
+        .map_err(|e| format!("{} does not run: {e}", program.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} {arg} failed: {}",
+            program.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()
@@ -1105,7 +1192,8 @@ fn qemu_version_of(qemu: &Path) -> Result<String, VmmError> {
         .to_string())
 }
 
-fn seccomp_available(qemu: &Path) -> bool {
+/// Whether this kernel has seccomp and `qemu` has `-sandbox`.
+pub fn seccomp_available(qemu: &Path) -> bool {
     let kernel = std::fs::read_to_string("/proc/self/status")
         .map(|s| s.lines().any(|l| l.starts_with("Seccomp:")))
         .unwrap_or(false);
@@ -1179,7 +1267,9 @@ impl QemuVm {
         loop {
             tokio::select! {
                 result = &mut handshake => {
-                    self.agent = Some(result.map_err(|e| VmmError::Agent(e.to_string()))?);
+                    let agent = result.map_err(|e| VmmError::Agent(e.to_string()))?;
+                    reseed(&agent).await?;
+                    self.agent = Some(agent);
                     return Ok(());
                 }
                 _ = tokio::time::sleep(Duration::from_millis(100)) => self.check_alive()?,
@@ -1191,7 +1281,9 @@ impl QemuVm {
     /// guest printed.
     async fn boot_failure(mut self, reason: VmmError) -> VmmError {
         let console = self.console_tail(2048);
-        let qemu_log = std::fs::read_to_string(self.dir.file("qemu.log")).unwrap_or_default();
+        let qemu_log = read_tail(&self.dir.file("qemu.log"), 8192)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
         self.kill_now();
         VmmError::Boot {
             reason: Box::new(reason),
@@ -1317,8 +1409,32 @@ impl QemuVm {
 
     /// The last `max` bytes of the guest's serial console.
     pub fn console_tail(&self, max: usize) -> String {
-        let bytes = std::fs::read(self.dir.file("console.log")).unwrap_or_default();
-        String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(max)..]).into_owned()
+        let bytes = read_tail(&self.dir.file("console.log"), max).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Keeps the console log under `max` bytes however much the guest writes: past it,
+    /// its last `max / 2` bytes move to `console.log.1` (replacing the one before) and
+    /// the log starts over (QEMU appends, so its next write lands at the new end).
+    /// Returns whether it rotated. Neither file is followed if it is a link: QEMU, which
+    /// can write the directory, is not trusted.
+    pub fn cap_console(&self, max: u64) -> std::io::Result<bool> {
+        let path = self.dir.file("console.log");
+        let log = open_nofollow(&path, libc::O_RDWR)?;
+        if log.metadata()?.len() <= max {
+            return Ok(false);
+        }
+        let tail = read_tail(&path, (max / 2) as usize)?;
+        let rotated = self.dir.file("console.log.1");
+        let _ = std::fs::remove_file(&rotated);
+        let mut old = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&rotated)?;
+        std::io::Write::write_all(&mut old, &tail)?;
+        log.set_len(0)?;
+        Ok(true)
     }
 
     /// Grows the disk to `mib` and the guest's root filesystem with it.

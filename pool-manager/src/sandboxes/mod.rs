@@ -74,16 +74,18 @@ pub struct Manager {
     periodic_backoff: Mutex<HashMap<String, crate::backoff::Backoff>>,
 }
 
+/// A `/proc/meminfo` field (`MemTotal`, `MemAvailable`) in KiB.
+pub(crate) fn meminfo_kib(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let rest = text
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
 /// Half of this host's memory in MiB: no single sandbox gets more.
 fn host_mem_budget_mib() -> u32 {
-    let total_kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(4 << 20);
+    let total_kib = meminfo_kib("MemTotal").unwrap_or(4 << 20);
     (total_kib / 1024 / 2).min(u32::MAX as u64) as u32
 }
 
@@ -245,6 +247,16 @@ impl Manager {
         let reaped = self.vmm.reap_orphans(&adopted);
         info!(adopted = adopted.len(), reaped, "reconciled after start");
         Ok(())
+    }
+
+    /// Every sandbox's slot, as of now (the map's lock is not held afterwards).
+    fn all_slots(&self) -> Vec<(String, Slot)> {
+        self.slots
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, s)| (id.clone(), s.clone()))
+            .collect()
     }
 
     fn slot(&self, id: &str) -> Slot {
@@ -930,14 +942,7 @@ impl Manager {
         // Build VMs and warm VMs belong to no sandbox: nothing would adopt them.
         self.cancel_builds().await;
         self.drain_warm_pools().await;
-        let slots: Vec<(String, Slot)> = self
-            .slots
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, s)| (id.clone(), s.clone()))
-            .collect();
-        for (id, slot) in slots {
+        for (id, slot) in self.all_slots() {
             if let Some(vm) = slot.lock().await.take() {
                 if keep {
                     vm.release();

@@ -21,6 +21,11 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 const SAMPLES_KEPT: usize = 720;
 /// Console output a log read returns at most.
 const CONSOLE_TAIL: usize = 64 * 1024;
+/// Most bytes of console log a VM keeps (plus half as much rotated out): a guest that
+/// floods its serial console costs the host no more (the run dir is memory).
+pub const CONSOLE_MAX: u64 = 1024 * 1024;
+/// How often console logs are checked against [`CONSOLE_MAX`].
+const CONSOLE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// One resource sample.
 pub type Sample = api_model::MetricSample;
@@ -152,6 +157,27 @@ impl Manager {
         Some(self.samples.record(id, m, qemu))
     }
 
+    /// Keeps every sandbox's console log under [`CONSOLE_MAX`], checking each second.
+    /// A VM busy in a lifecycle operation is checked next time. Runs until the process
+    /// ends.
+    pub async fn cap_consoles(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(CONSOLE_CHECK_EVERY).await;
+            for (id, slot) in self.all_slots() {
+                let Ok(vm) = slot.try_lock() else { continue };
+                if let Some(vm) = vm.as_ref() {
+                    match vm.cap_console(CONSOLE_MAX) {
+                        Ok(true) => tracing::debug!(sandbox = %id, "console log rotated"),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::debug!(sandbox = %id, error = %e, "capping the console log")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Samples every running sandbox every [`SAMPLE_EVERY`]. Runs until the process ends.
     pub async fn sample_metrics(self: Arc<Self>) {
         loop {
@@ -281,7 +307,11 @@ impl Manager {
             suggestions.push(w.clone());
         }
         for (template, _) in self.catalog.warm_pools::<super::warm::PoolConfig>()? {
-            if let Some(e) = self.warm_status_any(&template).and_then(|s| s.last_error) {
+            let failing = self
+                .warm_status_any(&template)
+                .filter(|s| s.target > 0)
+                .and_then(|s| s.last_error);
+            if let Some(e) = failing {
                 suggestions.push(format!(
                     "the {template} warm pool cannot refill ({}): GET /templates/{template}/warm-pool shows its last error",
                     e.message

@@ -108,6 +108,11 @@ impl WarmPools {
         if pool.config.resources != config.resources {
             surplus.extend(pool.ready.drain(..));
         }
+        if pool.config != config {
+            // New settings may well fix what failed: try again at once.
+            pool.backoff.succeeded();
+            pool.last_error = None;
+        }
         pool.config = config;
         while pool.ready.len() > config.target as usize {
             surplus.extend(pool.ready.pop_back());
@@ -179,7 +184,13 @@ impl WarmPools {
         let Some(pool) = pools.get_mut(template) else {
             return std::time::Duration::ZERO;
         };
-        let delay = pool.backoff.failed(std::time::Instant::now());
+        let now = std::time::Instant::now();
+        // Two refills that ran at once and failed together are one failure.
+        let delay = if pool.backoff.ready(now) {
+            pool.backoff.failed(now)
+        } else {
+            pool.backoff.not_before(now)
+        };
         pool.last_error = Some(api_model::WarmPoolError {
             message: message.to_string(),
             at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
