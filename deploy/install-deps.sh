@@ -36,16 +36,27 @@ missing() {
 }
 qemu=$(qemu_version)
 wanted=$(missing)
-if [ -n "$wanted" ] || [ -z "$qemu" ] || [ "$(installed_version qemu-utils)" != "$qemu" ] ||
-    [ "$(installed_version qemu-system-x86)" != "$qemu" ]; then
+# qemu-system-data is built once for all architectures: no binNMU suffix (+bN).
+data_version() { sed 's/+b[0-9]*$//' <<<"$qemu"; }
+qemu_mismatch() {
+    for p in qemu-system-x86 qemu-system-common qemu-utils; do
+        [ "$(installed_version "$p")" = "$qemu" ] || return 0
+    done
+    [ "$(installed_version qemu-system-data)" = "$(data_version)" ] || return 0
+    return 1
+}
+if [ -n "$wanted" ] || [ -z "$qemu" ] || qemu_mismatch; then
     apt-get update -q >&2
     qemu=$(qemu_version)
     [ -n "$qemu" ] || die "no qemu-system-x86 package in the apt sources: add Debian bookworm main to /etc/apt/sources.list"
     wanted=$(missing | grep -vx qemu-system-x86 || true)
-    echo "[install-deps] installing:" $wanted "qemu-system-x86=$qemu qemu-utils=$qemu" >&2
+    # Every package of the QEMU source at one version: a newer qemu-utils can have
+    # pulled a newer qemu-system-data, which breaks the older qemu-system-common.
+    qemu_pins="qemu-system-x86=$qemu qemu-system-common=$qemu qemu-system-data=$(data_version) qemu-utils=$qemu"
+    echo "[install-deps] installing:" $wanted $qemu_pins >&2
     # shellcheck disable=SC2086 # one word per package
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends --allow-downgrades \
-        $wanted "qemu-system-x86=$qemu" "qemu-utils=$qemu" >&2
+        $wanted $qemu_pins >&2
 fi
 # The kernel package must be resolvable for the guest image build.
 apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || apt-get update -q >&2
@@ -81,7 +92,7 @@ check() { # NAME FIX COMMAND...
         failed=1
     fi
 }
-qemu_fix="apt-get install --allow-downgrades qemu-system-x86=$qemu qemu-utils=$qemu"
+qemu_fix="apt-get install --allow-downgrades qemu-system-x86=$qemu qemu-system-common=$qemu qemu-system-data=$(data_version) qemu-utils=$qemu"
 check qemu-system-x86_64 "$qemu_fix" qemu-system-x86_64 --version
 check qemu-img "$qemu_fix" qemu-img --version
 emulator=$({ qemu-system-x86_64 --version 2>/dev/null || true; } | awk 'NR==1{print $4}')
