@@ -1449,6 +1449,28 @@ impl QemuVm {
         // launch record a restarted daemon adopts the VM from.
         self.launch.disk_mib = mib;
         self.write_launch_record()?;
+        // The guest learns the new size from a config interrupt, a moment after QMP
+        // answers: growing the file system before it has would silently do nothing.
+        let want_sectors = mib * 1024 * 1024 / 512;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = self
+                .agent()
+                .read_file("/sys/block/vda/size")
+                .await
+                .map_err(|e| VmmError::Agent(format!("reading the guest's disk size: {e}")))?;
+            let sectors: u64 = String::from_utf8_lossy(&seen).trim().parse().unwrap_or(0);
+            if sectors >= want_sectors {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(VmmError::Timeout(format!(
+                    "the guest to see its disk grow to {mib} MiB (it sees {} MiB)",
+                    sectors * 512 / (1024 * 1024)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.agent()
             .resize_rootfs()
             .await
