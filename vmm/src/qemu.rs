@@ -1409,7 +1409,14 @@ impl QemuVm {
 
     /// The last `max` bytes of the guest's serial console.
     pub fn console_tail(&self, max: usize) -> String {
-        let bytes = read_tail(&self.dir.file("console.log"), max).unwrap_or_default();
+        let current = read_tail(&self.dir.file("console.log"), max).unwrap_or_default();
+        if current.len() >= max {
+            return String::from_utf8_lossy(&current).into_owned();
+        }
+        // Just rotated: the rest of the tail is at the end of the rotated-out part.
+        let mut bytes =
+            read_tail(&self.dir.file("console.log.1"), max - current.len()).unwrap_or_default();
+        bytes.extend_from_slice(&current);
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
