@@ -417,6 +417,8 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         detach_vms: true,
         isolated_network: network.isolated.is_ok(),
         allow_unconfined: defaults.allow_unconfined || args.switch("insecure-unconfined-qemu"),
+        // On the state disk, not the tmpfs run dir.
+        disk_dir: dir.join("disks"),
         ..defaults
     };
     let vmm = vmm::QemuVmm::new(config, vmm::ImageSet::from_env()?)

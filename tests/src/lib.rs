@@ -501,7 +501,7 @@ fn run_dir_of(state: &std::path::Path) -> std::path::PathBuf {
 /// Kills the QEMU of every VM in `run_dir` whose daemon is gone, and removes the
 /// directories (the run dir goes with its last VM).
 fn end_vms_of(run_dir: &std::path::Path) {
-    vmm::vm_dir::reap_orphans(run_dir, &[]);
+    vmm::vm_dir::reap_orphans(run_dir, None, &[]);
     let _ = std::fs::remove_dir(run_dir);
 }
 

@@ -528,17 +528,20 @@ async fn killing_a_vm_leaves_no_process_socket_or_file() {
     let vm = driver().await.boot(&minimal()).await.unwrap();
     let pid = vm.pid().unwrap();
     let dir = vm.dir().to_path_buf();
+    let disk = vm.disk_path().to_path_buf();
     assert!(process_alive(pid));
-    assert!(dir.join("agent.sock").exists() && dir.join("disk.qcow2").exists());
+    assert!(dir.join("agent.sock").exists() && disk.exists());
     vm.kill().await;
     assert!(!process_alive(pid), "QEMU {pid} still runs");
     assert!(!dir.exists(), "{} left behind", dir.display());
+    assert!(!disk.exists(), "{} left behind", disk.display());
 
     // Dropping without kill (a panicking test) cleans up the same way.
     let vm = driver().await.boot(&minimal()).await.unwrap();
     let (pid, dir) = (vm.pid().unwrap(), vm.dir().to_path_buf());
+    let disk = vm.disk_path().to_path_buf();
     drop(vm);
-    assert!(!process_alive(pid) && !dir.exists());
+    assert!(!process_alive(pid) && !dir.exists() && !disk.exists());
 
     // An agent call on a dead VM fails instead of hanging.
     let vm = driver().await.boot(&minimal()).await.unwrap();

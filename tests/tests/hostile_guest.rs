@@ -76,3 +76,68 @@ async fn a_guest_flooding_its_console_costs_the_host_a_bounded_log() {
     );
     assert_eq!(api.delete(id).await, reqwest::StatusCode::NO_CONTENT);
 }
+
+/// Bytes allocated by the files under `dir`, recursively.
+fn allocated_under(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => allocated_under(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn what_a_guest_writes_to_its_disk_costs_host_disk_not_memory() {
+    let daemon = Daemon::start("hostile-disk");
+    let api = Api::new(&daemon, daemon.team_key("disk"));
+    let sbx = api
+        .create(json!({
+            "templateID": "minimal",
+            "resources": { "vcpus": 1, "memMiB": 256, "diskSizeMiB": 1024 },
+            "timeout": 300
+        }))
+        .await;
+    let rt = Runtime::of(&sbx);
+    let memory_before = allocated_under(daemon.run_dir());
+    // More than the guest's RAM, synced to its disk; then past the disk's end, which
+    // the guest sees as a full disk and nothing else notices.
+    let resp = rt
+        .post(
+            "/commands",
+            json!({
+                "cmd": "dd if=/dev/zero of=/workspace/fill bs=1M count=400 conv=fsync 2>/dev/null && echo filled; \
+                        dd if=/dev/zero of=/workspace/more bs=1M count=1024 conv=fsync 2>&1 | grep -o 'No space left' | head -1",
+                "user": "root"
+            }),
+        )
+        .await;
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("filled"), "{text}");
+    assert!(
+        text.contains("No space left"),
+        "the guest's disk fills: {text}"
+    );
+    let memory_grew = allocated_under(daemon.run_dir()).saturating_sub(memory_before);
+    let on_disk = allocated_under(&daemon.state_dir().join("disks"));
+    assert!(
+        on_disk > 900 * 1024 * 1024,
+        "the overlay holds what was written: {on_disk} bytes"
+    );
+    assert!(
+        memory_grew < 64 * 1024 * 1024,
+        "the run dir (memory) grew by {memory_grew} bytes"
+    );
+    // The daemon and the sandbox still answer.
+    let (out, _, code) = rt.run("rm -f /workspace/fill /workspace/more; echo ok").await;
+    assert_eq!((out.trim(), code), ("ok", 0));
+    let id = sbx["sandboxID"].as_str().unwrap();
+    assert_eq!(api.delete(id).await, reqwest::StatusCode::NO_CONTENT);
+}

@@ -10,7 +10,7 @@ use crate::images::ImageSet;
 use crate::net::{EgressSockets, GuestNet};
 use crate::qmp::Qmp;
 use crate::snapshot::{self, MemoryFormat, Snapshot, SnapshotManifest};
-use crate::vm_dir::{self, VmDir};
+use crate::vm_dir::{self, DiskFile, VmDir};
 use crate::{tsc, Vm, VmSpec, Vmm, VmmError};
 use agent_client::AgentClient;
 use serde_json::json;
@@ -37,6 +37,9 @@ pub struct QemuConfig {
     pub qemu_binary: PathBuf,
     /// Where per-VM directories go. On tmpfs: memory files live there too.
     pub run_dir: PathBuf,
+    /// Where VMs' disk overlays go: on disk, never tmpfs (a guest filling its disk
+    /// would otherwise fill host memory).
+    pub disk_dir: PathBuf,
     /// Accelerator, or auto-detection.
     pub accel: AccelChoice,
     /// VMs outlive this process (a daemon): no parent-death signal, a session of their
@@ -64,6 +67,9 @@ impl QemuConfig {
             run_dir: std::env::var_os("NULLSPACE_RUN_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| "/dev/shm/nullspace".into()),
+            disk_dir: std::env::var_os("NULLSPACE_DISK_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/var/lib/nullspace/disks".into()),
             accel: std::env::var("NULLSPACE_ACCEL")
                 .unwrap_or_default()
                 .parse()?,
@@ -129,7 +135,7 @@ impl QemuVmm {
             warn!("{why}: running it anyway (--insecure-unconfined-qemu)");
         }
         if !config.detach_vms {
-            vm_dir::reap_orphans(&config.run_dir, &[]);
+            vm_dir::reap_orphans(&config.run_dir, Some(&config.disk_dir), &[]);
         }
         let qemu_version = qemu_version_of(&config.qemu_binary)?;
         let mut vmm = Self {
@@ -231,7 +237,7 @@ impl QemuVmm {
     /// Kills the QEMU of, and removes, every VM directory whose owner is gone, except
     /// those in `keep` (VMs just adopted). Returns how many were reaped.
     pub fn reap_orphans(&self, keep: &[PathBuf]) -> usize {
-        vm_dir::reap_orphans(&self.config.run_dir, keep)
+        vm_dir::reap_orphans(&self.config.run_dir, Some(&self.config.disk_dir), keep)
     }
 
     /// Takes over a VM a previous owner left running in `dir` (the daemon restarted):
@@ -253,6 +259,10 @@ impl QemuVmm {
         }
         let vm_dir = VmDir::take_over(dir)
             .map_err(|e| VmmError::Host(format!("taking over {}: {e}", dir.display())))?;
+        // From the directory's name (the daemon chose it), never from the record.
+        let id = dir.file_name().unwrap_or_default().to_string_lossy();
+        let disk = DiskFile::for_vm(&self.config.disk_dir, &id)
+            .map_err(|e| VmmError::Host(format!("the disk of {}: {e}", dir.display())))?;
         let mut vm = QemuVm {
             id: record.launch.id.clone(),
             child: None,
@@ -271,6 +281,7 @@ impl QemuVmm {
             },
             holds: Vec::new(),
             launch: record.launch,
+            disk,
             dir: vm_dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -346,7 +357,13 @@ impl QemuVmm {
     /// The per-VM half of the command line: files in `dir`, devices, and how RAM is backed.
     /// `tap_fd`: the tap device's descriptor, inherited by QEMU, under isolated
     /// networking.
-    fn vm_args(&self, launch: &Launch, dir: &VmDir, tap_fd: Option<i32>) -> Vec<String> {
+    fn vm_args(
+        &self,
+        launch: &Launch,
+        dir: &VmDir,
+        disk: &Path,
+        tap_fd: Option<i32>,
+    ) -> Vec<String> {
         let path = |name: &str| dir.file(name).display().to_string();
         let (mem_path, share) = match &launch.memory {
             Memory::Owned => (path("memory"), "on"),
@@ -372,7 +389,7 @@ impl QemuVmm {
             "-drive".into(),
             format!(
                 "id=root,file={},format=qcow2,if=none,discard=unmap",
-                path("disk.qcow2")
+                disk.display()
             ),
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
@@ -468,11 +485,12 @@ impl QemuVmm {
     ) -> Result<QemuVm, VmmError> {
         let dir = VmDir::create(&self.config.run_dir, &launch.id)
             .map_err(|e| VmmError::Host(format!("creating the VM directory: {e}")))?;
-        let disk = dir.file("disk.qcow2");
+        let disk = DiskFile::for_vm(&self.config.disk_dir, &launch.id)
+            .map_err(|e| VmmError::Host(format!("the VM's disk: {e}")))?;
         create_overlay(
             &launch.disk_backing,
             &launch.disk_backing_format,
-            &disk,
+            disk.path(),
             launch.disk_mib,
         )
         .await?;
@@ -501,6 +519,8 @@ impl QemuVmm {
             }
             std::os::unix::fs::chown(dir.path(), Some(run_as.uid), Some(run_as.gid))
                 .map_err(|e| VmmError::Host(format!("chown {}: {e}", dir.path().display())))?;
+            std::os::unix::fs::chown(disk.path(), Some(run_as.uid), Some(run_as.gid))
+                .map_err(|e| VmmError::Host(format!("chown {}: {e}", disk.path().display())))?;
             for v in &launch.volumes {
                 let _ = std::os::unix::fs::chown(&v.path, Some(run_as.uid), Some(run_as.gid));
             }
@@ -509,7 +529,7 @@ impl QemuVmm {
             .map_err(|e| VmmError::Host(format!("creating qemu.log: {e}")))?;
         let mut cmd = std::process::Command::new(&self.config.qemu_binary);
         cmd.args(&launch.machine_args)
-            .args(self.vm_args(&launch, &dir, tap_fd))
+            .args(self.vm_args(&launch, &dir, disk.path(), tap_fd))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| VmmError::Host(e.to_string()))?)
             .stderr(log);
@@ -579,6 +599,7 @@ impl QemuVmm {
             launch,
             net,
             holds: Vec::new(),
+            disk,
             dir,
         };
         let deadline = Instant::now() + vm.launch.boot_timeout;
@@ -1221,6 +1242,8 @@ pub struct QemuVm {
     net: Option<GuestNet>,
     /// What lives exactly as long as this VM handle (its egress proxy, say).
     holds: Vec<Box<dyn std::any::Any + Send + Sync>>,
+    /// Its disk overlay, on the state disk; removed after QEMU is dead.
+    disk: DiskFile,
     // Last: removed after QEMU is dead.
     dir: VmDir,
 }
@@ -1325,6 +1348,7 @@ impl QemuVm {
     pub fn release(mut self) {
         self.child = None;
         self.pid = 0;
+        self.disk.keep();
         self.dir.keep();
     }
 
@@ -1405,6 +1429,11 @@ impl QemuVm {
     /// The VM's directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Its disk overlay (on the state disk, not in [`QemuVm::dir`]).
+    pub fn disk_path(&self) -> &Path {
+        self.disk.path()
     }
 
     /// The last `max` bytes of the guest's serial console.
@@ -1589,7 +1618,7 @@ impl QemuVm {
                 .map_err(|e| VmmError::Snapshot(format!("copying memory: {e}")))?;
         }
         let disk = dest.join("disk.qcow2");
-        snapshot::copy_sparse(&self.dir.file("disk.qcow2"), &disk)
+        snapshot::copy_sparse(self.disk.path(), &disk)
             .map_err(|e| VmmError::Snapshot(format!("copying the disk overlay: {e}")))?;
         for v in &self.launch.volumes {
             snapshot::copy_sparse(&v.path, &dest.join(VolumeDrive::snapshot_file(v.lun)))

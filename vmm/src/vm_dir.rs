@@ -1,5 +1,7 @@
-//! The per-VM directory: every file a VM owns (sockets, overlay, console log, memory
-//! files) lives in one directory, removed with the VM.
+//! The per-VM directory: every file a VM owns (sockets, console log, memory files)
+//! lives in one directory, removed with the VM; its disk overlay lives on the state disk
+//! ([`DiskFile`]): the run directory is memory (tmpfs), and what a guest writes to its
+//! disk must not cost the host memory.
 //!
 //! The directory records the owning process, so a directory left behind by an owner that
 //! died without cleaning up (a test killed on timeout, a crashed daemon) is found and
@@ -62,6 +64,61 @@ impl VmDir {
     }
 }
 
+/// A VM's disk overlay, `DISK_DIR/<vm id>.qcow2` on the state disk. Its path is always
+/// derived from the VM's ID, never read from the VM directory (QEMU can write there).
+/// Removed on drop.
+#[derive(Debug)]
+pub struct DiskFile {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl DiskFile {
+    /// The overlay of VM `id` under `disk_dir` (made, mode 0711, if missing: the VM user
+    /// opens its own file by name, and lists nothing).
+    pub fn for_vm(disk_dir: &Path, id: &str) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        if !is_vm_id(id) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{id:?} is not a VM ID"),
+            ));
+        }
+        if !disk_dir.is_dir() {
+            std::fs::create_dir_all(disk_dir)?;
+            std::fs::set_permissions(disk_dir, std::fs::Permissions::from_mode(0o711))?;
+        }
+        Ok(Self {
+            path: disk_dir.join(format!("{id}.qcow2")),
+            keep: false,
+        })
+    }
+
+    /// The overlay's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Leaves the file in place on drop (the VM was released to a later owner).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for DiskFile {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Whether `id` is one [`crate::qemu`] makes (`vm-` and hex digits): safe in a path.
+pub fn is_vm_id(id: &str) -> bool {
+    id.strip_prefix("vm-")
+        .is_some_and(|h| !h.is_empty() && h.len() <= 32 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 impl Drop for VmDir {
     fn drop(&mut self) {
         if self.keep {
@@ -97,9 +154,9 @@ fn owner_alive(identity: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Kills the QEMU of, and removes, every VM directory in `run_dir` whose owner is gone.
-/// Returns how many were reaped.
-pub fn reap_orphans(run_dir: &Path, keep: &[PathBuf]) -> usize {
+/// Kills the QEMU of, and removes, every VM directory in `run_dir` whose owner is gone,
+/// with its disk overlay in `disk_dir`. Returns how many were reaped.
+pub fn reap_orphans(run_dir: &Path, disk_dir: Option<&Path>, keep: &[PathBuf]) -> usize {
     let Ok(entries) = std::fs::read_dir(run_dir) else {
         return 0;
     };
@@ -127,6 +184,10 @@ pub fn reap_orphans(run_dir: &Path, keep: &[PathBuf]) -> usize {
         }
         tracing::warn!(dir = %dir.display(), "removing a VM directory whose owner is gone");
         let _ = std::fs::remove_dir_all(&dir);
+        let id = dir.file_name().unwrap_or_default().to_string_lossy();
+        if let Some(disks) = disk_dir.filter(|_| is_vm_id(&id)) {
+            let _ = std::fs::remove_file(disks.join(format!("{id}.qcow2")));
+        }
         reaped += 1;
     }
     reaped
@@ -156,7 +217,7 @@ mod tests {
         std::fs::create_dir_all(run.join("dead")).unwrap();
         // PID 1 exists but with another start time than recorded: a dead owner.
         std::fs::write(run.join("dead").join(OWNER_FILE), "1 123456789").unwrap();
-        assert_eq!(reap_orphans(&run, &[]), 1);
+        assert_eq!(reap_orphans(&run, None, &[]), 1);
         assert!(!run.join("dead").exists());
         assert!(live.path().exists());
         drop(live);

@@ -192,7 +192,7 @@ impl Manager {
     /// overlay).
     pub(super) fn check_disk_space(&self, vm: &QemuVm, mem_mib: u32) -> Result<(), ApiError> {
         let need = (mem_mib as u64) << 20;
-        let need = need + allocated(&vm.dir().join("disk.qcow2"));
+        let need = need + allocated(vm.disk_path());
         let reserve = self.snapshots.min_free_mib << 20;
         let free = free_bytes(&self.state_dir)
             .map_err(|e| ApiError::internal(format!("checking free disk space: {e}")))?;
