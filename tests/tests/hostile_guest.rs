@@ -136,7 +136,9 @@ async fn what_a_guest_writes_to_its_disk_costs_host_disk_not_memory() {
         "the run dir (memory) grew by {memory_grew} bytes"
     );
     // The daemon and the sandbox still answer.
-    let (out, _, code) = rt.run("rm -f /workspace/fill /workspace/more; echo ok").await;
+    let (out, _, code) = rt
+        .run("rm -f /workspace/fill /workspace/more; echo ok")
+        .await;
     assert_eq!((out.trim(), code), ("ok", 0));
     let id = sbx["sandboxID"].as_str().unwrap();
     assert_eq!(api.delete(id).await, reqwest::StatusCode::NO_CONTENT);
