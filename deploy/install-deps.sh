@@ -45,8 +45,12 @@ qemu_mismatch() {
     [ "$(installed_version qemu-system-data)" = "$(data_version)" ] || return 0
     return 1
 }
+apt_update() {
+    apt-get update -q >&2 ||
+        die "apt-get update failed (its output is above): check the network and /etc/apt/sources.list (Debian bookworm main)"
+}
 if [ -n "$wanted" ] || [ -z "$qemu" ] || qemu_mismatch; then
-    apt-get update -q >&2
+    apt_update
     qemu=$(qemu_version)
     [ -n "$qemu" ] || die "no qemu-system-x86 package in the apt sources: add Debian bookworm main to /etc/apt/sources.list"
     wanted=$(missing | grep -vx qemu-system-x86 || true)
@@ -56,10 +60,11 @@ if [ -n "$wanted" ] || [ -z "$qemu" ] || qemu_mismatch; then
     echo "[install-deps] installing:" $wanted $qemu_pins >&2
     # shellcheck disable=SC2086 # one word per package
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends --allow-downgrades \
-        $wanted $qemu_pins >&2
+        $wanted $qemu_pins >&2 ||
+        die "apt-get install failed (its output is above): fix what apt names (a held or broken package, dpkg --configure -a), then run deploy/install-deps.sh again"
 fi
 # The kernel package must be resolvable for the guest image build.
-apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || apt-get update -q >&2
+apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || apt_update
 
 if ! command -v cargo-nextest >/dev/null 2>&1; then
     step "installing cargo-nextest" cargo install --locked cargo-nextest

@@ -7,8 +7,8 @@
 # such a function must return non-zero itself (`|| return`).
 #
 # prints "[nullspace] ▶ building the release binaries" before, a line a minute while it
-# runs, "[nullspace] ✓ … (93 s)" after, or "[nullspace] ✗ … failed after 93 s (exit 101)" and exits with the command's
-# status.
+# runs, "[nullspace] ✓ … (93 s)" after, or "[nullspace] ✗ … failed after 93 s (exit 101)"
+# and exits with the command's status.
 
 step() {
     local name=$1 start=$SECONDS status=0 ticker

@@ -48,12 +48,30 @@ S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.";
 /// `--network`: `isolated` (each VM in its own namespace behind the egress proxy),
 /// `auto` (the same; an error where the host cannot: never a silent fall back), or
 /// `user` (QEMU's user-mode network, restricted: every guest offline; only by name).
-fn network_settings(args: &Args) -> anyhow::Result<sandboxes::NetworkSettings> {
-    let mode: host_check::NetworkMode = args
-        .flag("network", "auto")
+fn network_mode(args: &Args) -> anyhow::Result<host_check::NetworkMode> {
+    args.flag("network", "auto")
         .parse()
-        .map_err(|e: String| anyhow::anyhow!(e))?;
-    let isolated = match mode {
+        .map_err(|e: String| anyhow::anyhow!(e))
+}
+
+/// The driver's settings: the environment's (`QemuConfig::from_env`), with what the
+/// flags and the state directory decide. One value for the host check and for `serve`.
+fn qemu_config(args: &Args, state: &std::path::Path) -> anyhow::Result<vmm::QemuConfig> {
+    let env = vmm::QemuConfig::from_env()?;
+    Ok(vmm::QemuConfig {
+        // VMs outlive the daemon process: a crash or SIGKILL loses no sandbox, and the
+        // next start adopts them.
+        detach_vms: true,
+        isolated_network: network_mode(args)? != host_check::NetworkMode::User,
+        allow_unconfined: env.allow_unconfined || args.switch("insecure-unconfined-qemu"),
+        // On the state disk, not the tmpfs run dir.
+        disk_dir: state.join("disks"),
+        ..env
+    })
+}
+
+fn network_settings(args: &Args) -> anyhow::Result<sandboxes::NetworkSettings> {
+    let isolated = match network_mode(args)? {
         host_check::NetworkMode::Auto | host_check::NetworkMode::Isolated => {
             vmm::net::GuestNet::check_host().map_err(|why| {
                 anyhow::anyhow!(
@@ -82,29 +100,22 @@ fn network_settings(args: &Args) -> anyhow::Result<sandboxes::NetworkSettings> {
     Ok(sandboxes::NetworkSettings { isolated, upstream })
 }
 
-/// The host check's input, from the flags and the environment.
-fn host_check_input(
+/// Runs the host check on what `config` will run, printing each line; an error names
+/// every fatal one.
+fn check_host(
     args: &Args,
     state: &std::path::Path,
-) -> anyhow::Result<host_check::HostCheckInput> {
-    let config = vmm::QemuConfig::from_env()?;
-    Ok(host_check::HostCheckInput {
-        allow_unconfined: config.allow_unconfined || args.switch("insecure-unconfined-qemu"),
-        qemu_binary: config.qemu_binary,
+    config: &vmm::QemuConfig,
+) -> anyhow::Result<()> {
+    let check = host_check::run(&host_check::HostCheckInput {
+        qemu_binary: config.qemu_binary.clone(),
         accel: config.accel,
-        network: args
-            .flag("network", "auto")
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!(e))?,
+        network: network_mode(args)?,
         state_dir: state.to_path_buf(),
-        run_dir: config.run_dir,
+        run_dir: config.run_dir.clone(),
         min_free_disk_mib: number(args, "min-free-disk-mib", 1024)?,
-    })
-}
-
-/// Runs the host check, printing each line; an error names every fatal one.
-fn check_host(args: &Args, state: &std::path::Path) -> anyhow::Result<()> {
-    let check = host_check::run(&host_check_input(args, state)?);
+        allow_unconfined: config.allow_unconfined,
+    });
     eprint!("{}", check.report());
     let fatal: Vec<String> = check.fatal().map(|l| l.name.to_string()).collect();
     if !fatal.is_empty() {
@@ -249,7 +260,8 @@ async fn main() -> anyhow::Result<()> {
                 "min-free-disk-mib",
                 "insecure-unconfined-qemu",
             ])?;
-            check_host(&args, &state_dir(&args)?)
+            let state = state_dir(&args)?;
+            check_host(&args, &state, &qemu_config(&args, &state)?)
         }
         ["admin", "team", "create", name] => {
             args.check_flags(&["state-dir", "max-sandboxes", "id"])?;
@@ -397,7 +409,8 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     ])?;
     let dir = state_dir(args)?;
     // First: a host that cannot run a VM stops here, not at the first create.
-    check_host(args, &dir)?;
+    let config = qemu_config(args, &dir)?;
+    check_host(args, &dir, &config)?;
     let listen = args.flag("listen", "127.0.0.1:7070");
     let edge_listen = args.flag("edge-listen", "127.0.0.1:7071");
     let catalog = open_catalog(&dir)?;
@@ -409,18 +422,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
             "--on-exit {other}: send end (VMs end with the daemon) or keep (a restart adopts them)"
         ),
     };
-    // VMs outlive the daemon process: a crash or SIGKILL loses no sandbox, and the next
-    // start adopts them.
     let network = network_settings(args)?;
-    let defaults = vmm::QemuConfig::from_env()?;
-    let config = vmm::QemuConfig {
-        detach_vms: true,
-        isolated_network: network.isolated.is_ok(),
-        allow_unconfined: defaults.allow_unconfined || args.switch("insecure-unconfined-qemu"),
-        // On the state disk, not the tmpfs run dir.
-        disk_dir: dir.join("disks"),
-        ..defaults
-    };
     let vmm = vmm::QemuVmm::new(config, vmm::ImageSet::from_env()?)
         .await
         .context("starting the VMM driver")?;
@@ -478,7 +480,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("reconciling the catalog: {}", e.message))?;
     // A built-in template that cannot be made means no create can succeed: the daemon
     // stops (non-zero) instead of answering every create with a 500.
-    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<String>(1);
+    let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel::<String>();
     let warm = manager.clone();
     tokio::spawn(async move {
         // Its own task: a panic while making them is a failure too, not a silent wait.
@@ -492,9 +494,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
             Err(e) => format!("the task making them ended: {e}"),
         };
         tracing::error!(error = %why, "template snapshots failed");
-        let _ = fatal_tx
-            .send(format!("template snapshots failed: {why}"))
-            .await;
+        let _ = fatal_tx.send(format!("template snapshots failed: {why}"));
     });
     tokio::spawn(manager.clone().sweep_timeouts());
     tokio::spawn(manager.clone().sweep_periodic());
@@ -556,7 +556,8 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     let fatal = tokio::select! {
         _ = term.recv() => None,
         _ = tokio::signal::ctrl_c() => None,
-        Some(why) = fatal_rx.recv() => Some(why),
+        // Dropped unsent (the templates were made): this branch just never fires.
+        Ok(why) = &mut fatal_rx => Some(why),
     };
     tracing::info!(keep_vms, "shutting down");
     let _ = stop_tx.send(true);

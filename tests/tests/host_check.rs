@@ -38,6 +38,15 @@ fn run_within(mut cmd: Command, within: Duration, log: &Path) -> (Option<i32>, S
     (status.unwrap().code(), text)
 }
 
+/// A `qemu-system-x86_64` in `dir`: a shell script with `body`, wrapping the real one.
+fn fake_qemu(dir: &Path, body: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let qemu = dir.join("qemu-system-x86_64");
+    std::fs::write(&qemu, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    qemu
+}
+
 /// `serve` on free loopback ports, with its state and run directory under `state`.
 fn serve_in(state: &Path) -> Command {
     let mut cmd = Command::new(workspace_binary("nullspace-pool-manager"));
@@ -132,14 +141,11 @@ fn serve_exits_non_zero_when_a_builtin_template_cannot_be_made() {
     let state = ScratchDir::new("host-check-templates");
     // A QEMU that passes the host check (it reports the real version) but cannot start
     // a VM: every template boot fails at once.
-    let qemu = state.path().join("qemu-system-x86_64");
-    std::fs::write(
-        &qemu,
-        "#!/bin/sh\ncase \"$1\" in --version|-version|-help) exec qemu-system-x86_64 \"$@\";; esac\n\
+    let qemu = fake_qemu(
+        state.path(),
+        "case \"$1\" in --version|-version|-help) exec qemu-system-x86_64 \"$@\";; esac\n\
          echo 'qemu: broken on purpose' >&2\nexit 1\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&qemu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     let mut cmd = serve_in(state.path());
     // Its own, empty: the templates must be made.
     cmd.arg("--templates-dir")
@@ -237,14 +243,11 @@ async fn an_isolated_vm_gets_its_tap_as_a_descriptor_with_tun_at_0600() {
 async fn qemu_without_seccomp_is_refused_unless_the_operator_accepts_the_risk() {
     let state = ScratchDir::new("host-check-seccomp");
     // The real QEMU, but one whose help has no -sandbox (a build without seccomp).
-    let qemu = state.path().join("qemu-system-x86_64");
-    std::fs::write(
-        &qemu,
-        "#!/bin/sh\nif [ \"$1\" = -help ]; then qemu-system-x86_64 -help | grep -v -- -sandbox; exit 0; fi\n\
+    let qemu = fake_qemu(
+        state.path(),
+        "if [ \"$1\" = -help ]; then qemu-system-x86_64 -help | grep -v -- -sandbox; exit 0; fi\n\
          exec qemu-system-x86_64 \"$@\"\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&qemu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     let check = |insecure: bool| {
         let mut cmd = Command::new(workspace_binary("nullspace-pool-manager"));
         cmd.args(["check", "--state-dir"])

@@ -721,6 +721,9 @@ impl QemuVmm {
             return Err(vm.boot_failure(e).await);
         }
         let mut vm = self.finish_boot(vm, started).await?;
+        // Only a VM resumed from a snapshot shares another's random state: a booted one
+        // seeds itself, and an adopted one is the same VM as before.
+        reseed(vm.agent()).await?;
         if let Some(asked) = options.disk_mib.filter(|&d| d > m.disk_mib) {
             vm.grow_disk(asked).await?;
         }
@@ -1057,11 +1060,11 @@ fn read_tail(path: &Path, max: usize) -> std::io::Result<Vec<u8>> {
 /// Bytes of host randomness each handshake gives the guest.
 const RESEED_BYTES: usize = 64;
 
-/// Gives the guest fresh randomness from the host: every VM restored from one snapshot
-/// (a template, a fork's parent) would otherwise resume with the same CRNG state and
-/// read the same bytes. A VM is never handed out with its snapshot's state: a failed
-/// reseed fails the boot, except with an agent that predates the request (a snapshot
-/// taken before it existed), which is only logged.
+/// Gives a restored guest fresh randomness from the host: every VM restored from one
+/// snapshot (a template, a fork's parent, a pause) would otherwise resume with the same
+/// CRNG state and read the same bytes. A VM is never handed out with its snapshot's
+/// state: a failed reseed fails the restore, except with an agent that predates the
+/// request (a snapshot taken before it existed), which is only logged.
 async fn reseed(agent: &AgentClient) -> Result<(), VmmError> {
     let mut entropy = [0u8; RESEED_BYTES];
     // SAFETY: getrandom fills at most the buffer's length.
@@ -1290,9 +1293,7 @@ impl QemuVm {
         loop {
             tokio::select! {
                 result = &mut handshake => {
-                    let agent = result.map_err(|e| VmmError::Agent(e.to_string()))?;
-                    reseed(&agent).await?;
-                    self.agent = Some(agent);
+                    self.agent = Some(result.map_err(|e| VmmError::Agent(e.to_string()))?);
                     return Ok(());
                 }
                 _ = tokio::time::sleep(Duration::from_millis(100)) => self.check_alive()?,
