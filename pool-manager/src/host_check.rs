@@ -39,7 +39,8 @@ pub struct HostCheckInput {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
     pub min_free_disk_mib: u64,
-    /// `--insecure-unconfined-qemu`: QEMU as root or without seccomp is not fatal.
+    /// `--insecure-unconfined-qemu`: QEMU as root, without seccomp or without cgroups is
+    /// not fatal.
     pub allow_unconfined: bool,
 }
 
@@ -179,6 +180,19 @@ pub fn run(input: &HostCheckInput) -> HostCheck {
             "use Debian's qemu-system-x86 on a kernel with seccomp, or accept the risk with --insecure-unconfined-qemu",
             !input.allow_unconfined,
         )
+    });
+
+    lines.push(match vmm::cgroup::Cgroups::detect() {
+        Ok(c) => ok(
+            "cgroups",
+            format!("{}: each VM's memory, CPU, threads and I/O limited", c.describe()),
+        ),
+        Err(e) => bad(
+            "cgroups",
+            format!("{e}: a guest could take all of the host's memory and CPU"),
+            "run as root on a host with cgroup v2 (or v1 memory, cpu, pids) mounted, or accept the risk with --insecure-unconfined-qemu",
+            !input.allow_unconfined,
+        ),
     });
 
     lines.extend(network(input.network));

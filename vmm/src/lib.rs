@@ -6,6 +6,7 @@
 //! port. Everything a VM owns lives in its [`vm_dir::VmDir`].
 
 pub mod accel;
+pub mod cgroup;
 pub mod images;
 pub mod net;
 pub mod qemu;

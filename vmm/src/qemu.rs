@@ -6,11 +6,12 @@
 //! grows the filesystem to fill it at boot.
 
 use crate::accel::{self, Accel, AccelChoice, Detection};
+use crate::cgroup::{Cgroups, VmCgroup, VmLimits};
 use crate::images::ImageSet;
 use crate::net::{EgressSockets, GuestNet};
 use crate::qmp::Qmp;
 use crate::snapshot::{self, MemoryFormat, Snapshot, SnapshotManifest};
-use crate::vm_dir::{self, DiskFile, VmDir};
+use crate::vm_dir::{self, DiskFile, VmDir, LAUNCH_RECORD};
 use crate::{tsc, Vm, VmSpec, Vmm, VmmError};
 use agent_client::AgentClient;
 use serde_json::json;
@@ -105,6 +106,8 @@ pub struct QemuVmm {
     tsc_khz: u64,
     run_as: Option<RunAs>,
     seccomp: bool,
+    /// Where each VM's QEMU gets its limits; `None` only when running unconfined.
+    cgroups: Option<Cgroups>,
     qemu_version: String,
 }
 
@@ -114,18 +117,21 @@ impl QemuVmm {
         let tsc_khz = tsc::host_tsc_khz().map_err(VmmError::Host)?;
         let run_as = unprivileged_user();
         let seccomp = seccomp_available(&config.qemu_binary);
+        let cgroups = Cgroups::detect();
         // SAFETY: geteuid has no preconditions.
         let as_root = run_as.is_none() && unsafe { libc::geteuid() } == 0;
-        let unconfined = match (as_root, seccomp) {
-            (true, _) => Some(format!(
+        let unconfined = match (as_root, seccomp, &cgroups) {
+            (true, _, _) => Some(format!(
                 "QEMU would run as root (there is no '{VM_USER}' account; deploy/install-deps.sh makes it)"
             )),
-            (false, false) => Some(format!(
+            (false, false, _) => Some(format!(
                 "QEMU would run without seccomp ({} or this kernel has no -sandbox)",
                 config.qemu_binary.display()
             )),
-            (false, true) => None,
+            (false, true, Err(e)) => Some(format!("QEMU would run without per-VM limits: {e}")),
+            (false, true, Ok(_)) => None,
         };
+        let cgroups = cgroups.ok();
         if let Some(why) = unconfined {
             if !config.allow_unconfined {
                 return Err(VmmError::Host(format!(
@@ -136,6 +142,9 @@ impl QemuVmm {
         }
         if !config.detach_vms {
             vm_dir::reap_orphans(&config.run_dir, Some(&config.disk_dir), &[]);
+        }
+        if let Some(c) = &cgroups {
+            c.reap_orphans();
         }
         let qemu_version = qemu_version_of(&config.qemu_binary)?;
         let mut vmm = Self {
@@ -149,6 +158,7 @@ impl QemuVmm {
             tsc_khz,
             run_as,
             seccomp,
+            cgroups,
         };
         vmm.accel = match vmm.config.accel {
             AccelChoice::Fixed(Accel::Kvm) => {
@@ -237,13 +247,17 @@ impl QemuVmm {
     /// Kills the QEMU of, and removes, every VM directory whose owner is gone, except
     /// those in `keep` (VMs just adopted). Returns how many were reaped.
     pub fn reap_orphans(&self, keep: &[PathBuf]) -> usize {
+        if let Some(c) = &self.cgroups {
+            c.reap_orphans();
+        }
         vm_dir::reap_orphans(&self.config.run_dir, Some(&self.config.disk_dir), keep)
     }
 
     /// Takes over a VM a previous owner left running in `dir` (the daemon restarted):
     /// reconnects QMP and the agent (a new agent session; processes keep running).
     pub async fn adopt(&self, dir: &Path) -> Result<QemuVm, VmmError> {
-        let record: LaunchRecord = std::fs::read(dir.join(LAUNCH_RECORD))
+        // QEMU can write in `dir`: the record counts only if it is still the daemon's.
+        let record: LaunchRecord = vm_dir::read_daemon_file(dir, LAUNCH_RECORD)
             .map_err(|e| VmmError::Host(format!("{}: {e}", dir.join(LAUNCH_RECORD).display())))
             .and_then(|b| {
                 serde_json::from_slice(&b)
@@ -256,6 +270,24 @@ impl QemuVmm {
                 record.pid,
                 dir.display()
             )));
+        }
+        // The process must also run as the VM user: never adopt (and later kill) another.
+        if let Some(r) = &self.run_as {
+            let uid = std::fs::read_to_string(format!("/proc/{}/status", record.pid))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("Uid:"))
+                        .and_then(|u| u.split_whitespace().next()?.parse::<u32>().ok())
+                });
+            if uid != Some(r.uid) {
+                return Err(VmmError::Host(format!(
+                    "process {} of {} runs as uid {uid:?}, not the VM user's {}: not adopted",
+                    record.pid,
+                    dir.display(),
+                    r.uid
+                )));
+            }
         }
         let vm_dir = VmDir::take_over(dir)
             .map_err(|e| VmmError::Host(format!("taking over {}: {e}", dir.display())))?;
@@ -280,6 +312,7 @@ impl QemuVmm {
                 None
             },
             holds: Vec::new(),
+            cgroup: self.cgroups.as_ref().map(|c| c.existing(&id)),
             launch: record.launch,
             disk,
             dir: vm_dir,
@@ -309,6 +342,11 @@ impl QemuVmm {
     /// Whether QEMU runs under `-sandbox on`.
     pub fn seccomp(&self) -> bool {
         self.seccomp
+    }
+
+    /// The cgroups each VM is limited by (`None` only when running unconfined).
+    pub fn cgroups(&self) -> Option<&Cgroups> {
+        self.cgroups.as_ref()
     }
 
     fn kernel_cmdline(&self) -> String {
@@ -515,9 +553,17 @@ impl QemuVmm {
                 .flatten()
                 .flatten()
             {
-                let _ = std::os::unix::fs::chown(entry.path(), Some(run_as.uid), Some(run_as.gid));
+                if !vm_dir::DAEMON_FILES.contains(&&*entry.file_name().to_string_lossy()) {
+                    let _ =
+                        std::os::unix::fs::chown(entry.path(), Some(run_as.uid), Some(run_as.gid));
+                }
             }
-            std::os::unix::fs::chown(dir.path(), Some(run_as.uid), Some(run_as.gid))
+            // The daemon's, sticky, writable by the VM group: QEMU makes its sockets and
+            // logs there but cannot replace or remove the daemon's records.
+            std::os::unix::fs::chown(dir.path(), Some(0), Some(run_as.gid))
+                .and_then(|()| {
+                    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1770))
+                })
                 .map_err(|e| VmmError::Host(format!("chown {}: {e}", dir.path().display())))?;
             std::os::unix::fs::chown(disk.path(), Some(run_as.uid), Some(run_as.gid))
                 .map_err(|e| VmmError::Host(format!("chown {}: {e}", disk.path().display())))?;
@@ -525,6 +571,14 @@ impl QemuVmm {
                 let _ = std::os::unix::fs::chown(&v.path, Some(run_as.uid), Some(run_as.gid));
             }
         }
+        let mut cgroup = match &self.cgroups {
+            Some(c) => Some(
+                c.create(&launch.id, &VmLimits::for_vm(launch.vcpus, launch.mem_mib))
+                    .map_err(|e| VmmError::Host(format!("the VM's cgroup: {e}")))?,
+            ),
+            None => None,
+        };
+        let join_cgroup = cgroup.as_ref().map(VmCgroup::join_fds).unwrap_or_default();
         let log = std::fs::File::create(dir.file("qemu.log"))
             .map_err(|e| VmmError::Host(format!("creating qemu.log: {e}")))?;
         let mut cmd = std::process::Command::new(&self.config.qemu_binary);
@@ -538,6 +592,12 @@ impl QemuVmm {
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
+                // First, while root: everything QEMU allocates is the VM's.
+                for fd in &join_cgroup {
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 if let Some(fd) = tap_fd {
                     // Inherited across exec: QEMU's `-netdev tap,fd=N`.
                     if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
@@ -577,14 +637,19 @@ impl QemuVmm {
             ))
         })?;
         drop(tap);
+        if let Some(c) = &mut cgroup {
+            c.joined();
+        }
         let _ = dir.record_qemu(child.id());
         let record = LaunchRecord {
             pid: child.id(),
             launch: launch.clone(),
         };
-        std::fs::write(
-            dir.file(LAUNCH_RECORD),
-            serde_json::to_vec(&record).expect("json"),
+        vm_dir::write_daemon_file(
+            dir.path(),
+            LAUNCH_RECORD,
+            &serde_json::to_vec(&record).expect("json"),
+            false,
         )
         .map_err(|e| VmmError::Host(format!("writing {LAUNCH_RECORD}: {e}")))?;
         let mut vm = QemuVm {
@@ -599,6 +664,7 @@ impl QemuVmm {
             launch,
             net,
             holds: Vec::new(),
+            cgroup,
             disk,
             dir,
         };
@@ -874,9 +940,6 @@ struct LaunchRecord {
     pid: u32,
     launch: Launch,
 }
-
-/// File in the VM directory holding its [`LaunchRecord`].
-const LAUNCH_RECORD: &str = "launch.json";
 
 /// Everything one QEMU launch needs.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -1245,6 +1308,8 @@ pub struct QemuVm {
     net: Option<GuestNet>,
     /// What lives exactly as long as this VM handle (its egress proxy, say).
     holds: Vec<Box<dyn std::any::Any + Send + Sync>>,
+    /// Its cgroups (the host's limits on QEMU); removed after QEMU is dead.
+    cgroup: Option<VmCgroup>,
     /// Its disk overlay, on the state disk; removed after QEMU is dead.
     disk: DiskFile,
     // Last: removed after QEMU is dead.
@@ -1350,6 +1415,9 @@ impl QemuVm {
         self.child = None;
         self.pid = 0;
         self.disk.keep();
+        if let Some(c) = &mut self.cgroup {
+            c.keep();
+        }
         self.dir.keep();
     }
 
@@ -1404,9 +1472,11 @@ impl QemuVm {
             pid: self.pid,
             launch: self.launch.clone(),
         };
-        std::fs::write(
-            self.dir.file(LAUNCH_RECORD),
-            serde_json::to_vec(&record).expect("json"),
+        vm_dir::write_daemon_file(
+            self.dir.path(),
+            LAUNCH_RECORD,
+            &serde_json::to_vec(&record).expect("json"),
+            true,
         )
         .map_err(|e| VmmError::Host(format!("writing {LAUNCH_RECORD}: {e}")))
     }

@@ -17,6 +17,7 @@ use crate::{Accel, VmmError};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The files a snapshot directory holds besides its manifest (`memory` only in
@@ -201,8 +202,20 @@ impl Snapshot {
 /// Copies `src` to `dst` preserving holes: only allocated ranges are read and written,
 /// so a mostly untouched guest RAM file costs what the guest touched.
 pub fn copy_sparse(src: &Path, dst: &Path) -> std::io::Result<u64> {
-    let from = File::open(src)?;
-    let len = from.metadata()?.len();
+    // The source may sit where QEMU can write (a VM's memory file): never follow a
+    // link or read a device or pipe as root.
+    let from = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(src)?;
+    let meta = from.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is not a regular file", src.display()),
+        ));
+    }
+    let len = meta.len();
     let to = File::create(dst)?;
     to.set_len(len)?;
     let (ifd, ofd) = (from.as_raw_fd(), to.as_raw_fd());

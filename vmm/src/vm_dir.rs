@@ -6,11 +6,99 @@
 //! The directory records the owning process, so a directory left behind by an owner that
 //! died without cleaning up (a test killed on timeout, a crashed daemon) is found and
 //! removed, and its QEMU killed, the next time any owner starts ([`reap_orphans`]).
+//!
+//! QEMU (the VM user) can create files in the directory, so what the daemon reads back
+//! from it is never trusted by name: its own records ([`DAEMON_FILES`]) are written
+//! only through a name QEMU did not make first, and read only if they are regular
+//! files (no links followed) owned by the daemon's user. The directory is the
+//! daemon's, sticky and group-writable for the VM user, so QEMU can neither replace
+//! nor remove them.
 
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 const OWNER_FILE: &str = "owner.pid";
 const QEMU_PID_FILE: &str = "qemu.pid";
+/// The launch record ([`crate::qemu`]): how to adopt the VM after a restart.
+pub const LAUNCH_RECORD: &str = "launch.json";
+/// The files in a VM directory only the daemon writes: never handed to the VM user.
+pub const DAEMON_FILES: &[&str] = &[OWNER_FILE, QEMU_PID_FILE, LAUNCH_RECORD];
+/// The most a daemon file may hold.
+const DAEMON_FILE_MAX: u64 = 1 << 20;
+
+/// Writes the daemon's file `name` in `dir`: a new file, or (`replace`) one that is
+/// already the daemon's. Never through a link or a file another user made.
+pub fn write_daemon_file(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    replace: bool,
+) -> std::io::Result<()> {
+    let path = dir.join(name);
+    let mut f = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if replace && e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)?;
+            ours(&f.metadata()?, &path)?;
+            f.set_len(0)?;
+            f
+        }
+        Err(e) => return Err(e),
+    };
+    f.write_all(bytes)
+}
+
+/// Reads the daemon's file `name` in `dir`, refusing a link, a non-regular file, one
+/// another user owns (QEMU made it) or one over a megabyte.
+pub fn read_daemon_file(dir: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    let path = dir.join(name);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path)?;
+    let meta = f.metadata()?;
+    ours(&meta, &path)?;
+    if meta.len() > DAEMON_FILE_MAX {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} is {} bytes: not the daemon's",
+                path.display(),
+                meta.len()
+            ),
+        ));
+    }
+    let mut bytes = Vec::new();
+    f.take(DAEMON_FILE_MAX).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Fails unless `meta` is a regular file owned by this process's user.
+fn ours(meta: &std::fs::Metadata, path: &Path) -> std::io::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_file() || meta.uid() != me {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a regular file of uid {me} (uid {}): not trusted",
+                path.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// A VM's directory. Removed on drop.
 #[derive(Debug)]
@@ -27,16 +115,23 @@ impl VmDir {
         let path = run_dir.join(id);
         std::fs::create_dir(&path)?;
         let dir = Self { path, keep: false };
-        std::fs::write(
-            dir.path.join(OWNER_FILE),
-            process_identity(std::process::id())?,
+        write_daemon_file(
+            &dir.path,
+            OWNER_FILE,
+            process_identity(std::process::id())?.as_bytes(),
+            false,
         )?;
         Ok(dir)
     }
 
     /// Becomes the owner of an existing VM directory (adopting its VM).
     pub fn take_over(path: &Path) -> std::io::Result<Self> {
-        std::fs::write(path.join(OWNER_FILE), process_identity(std::process::id())?)?;
+        write_daemon_file(
+            path,
+            OWNER_FILE,
+            process_identity(std::process::id())?.as_bytes(),
+            true,
+        )?;
         Ok(Self {
             path: path.to_path_buf(),
             keep: false,
@@ -60,7 +155,7 @@ impl VmDir {
 
     /// Records the QEMU process serving this directory.
     pub fn record_qemu(&self, pid: u32) -> std::io::Result<()> {
-        std::fs::write(self.file(QEMU_PID_FILE), pid.to_string())
+        write_daemon_file(&self.path, QEMU_PID_FILE, pid.to_string().as_bytes(), true)
     }
 }
 
@@ -166,15 +261,17 @@ pub fn reap_orphans(run_dir: &Path, disk_dir: Option<&Path>, keep: &[PathBuf]) -
         if keep.contains(&dir) {
             continue;
         }
-        let owner = std::fs::read_to_string(dir.join(OWNER_FILE)).unwrap_or_default();
+        let text = |name| {
+            read_daemon_file(&dir, name)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
+        let owner = text(OWNER_FILE);
         if owner.is_empty() || owner_alive(&owner) {
             // No owner file yet: a VM being created right now.
             continue;
         }
-        if let Some(pid) = std::fs::read_to_string(dir.join(QEMU_PID_FILE))
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-        {
+        if let Some(pid) = Some(text(QEMU_PID_FILE)).and_then(|p| p.trim().parse::<i32>().ok()) {
             // Only kill the PID if it still is the QEMU of this directory.
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             if String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy()) {
@@ -217,9 +314,15 @@ mod tests {
         std::fs::create_dir_all(run.join("dead")).unwrap();
         // PID 1 exists but with another start time than recorded: a dead owner.
         std::fs::write(run.join("dead").join(OWNER_FILE), "1 123456789").unwrap();
+        // A record another user wrote is not trusted: its directory is left alone.
+        std::fs::create_dir_all(run.join("forged")).unwrap();
+        std::fs::write(run.join("forged").join(OWNER_FILE), "1 123456789").unwrap();
+        std::os::unix::fs::chown(run.join("forged").join(OWNER_FILE), Some(65534), None).unwrap();
         assert_eq!(reap_orphans(&run, None, &[]), 1);
         assert!(!run.join("dead").exists());
+        assert!(run.join("forged").exists());
         assert!(live.path().exists());
         drop(live);
+        let _ = std::fs::remove_dir_all(&run);
     }
 }

@@ -25,7 +25,18 @@ async fn main() -> anyhow::Result<()> {
         match flag.as_str() {
             "--rootfs" => spec.rootfs = it.next().cloned().unwrap_or_default(),
             "--no-egress" => spec.egress = false,
-            other => anyhow::bail!("unknown flag {other}; usage: vmctl [--rootfs base|minimal] [--no-egress] -- COMMAND..."),
+            "--vcpus" | "--mem-mib" => {
+                let n: u32 = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| anyhow::anyhow!("{flag} takes a number"))?;
+                if flag == "--vcpus" {
+                    spec.vcpus = n
+                } else {
+                    spec.mem_mib = n
+                }
+            }
+            other => anyhow::bail!("unknown flag {other}; usage: vmctl [--rootfs base|minimal] [--vcpus N] [--mem-mib N] [--no-egress] -- COMMAND..."),
         }
     }
     let command = if command.is_empty() {
