@@ -13,6 +13,13 @@ pub const MAX_EGRESS_RULES: usize = 256;
 /// What a sandbox may reach. `internet: false` denies everything not allowed; `deny`
 /// wins over `allow`. Entries are IPs (`203.0.113.7`), CIDRs (`10.0.0.0/8`), domains
 /// (`example.com`: that name only) or wildcard domains (`*.example.com`: names under it).
+///
+/// Whatever the policy, the host's own addresses, private networks (RFC 1918,
+/// `100.64.0.0/10`), link-local addresses (cloud metadata) and reserved blocks are
+/// reachable only through an IP or CIDR allow rule that names them
+/// ([`CompiledEgress::names_reserved`]); `internet: true` does not open them. Under
+/// domain rules, a connection that names no host (no TLS SNI, no HTTP Host) is admitted
+/// only by `internet: true` or an IP or CIDR allow rule, never by a domain allow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EgressPolicy {
@@ -221,9 +228,19 @@ impl CompiledEgress {
     /// in its first bytes (TLS SNI, HTTP Host), when it sent one; `resolved` are the
     /// names this sandbox looked up that answered with `ip`.
     ///
-    /// A domain allow rule admits an address only if the sandbox resolved an allowed
-    /// name to it (so a forged SNI cannot reach an arbitrary address), and only if the
-    /// name the client then asks for is allowed too.
+    /// In order: a deny rule covering the address, the asked name, or (when no name was
+    /// asked) every name the address was resolved from refuses; an IP or CIDR allow rule
+    /// covering the address admits; `internet: true` admits. What is left is a domain
+    /// allow rule, which admits only a connection that asked for an allowed name, to an
+    /// address the sandbox resolved an allowed name to (so a forged SNI cannot reach an
+    /// arbitrary address). A connection whose name cannot be read — no SNI, no Host, or
+    /// a client that did not speak first — is never admitted by a domain rule: an
+    /// address shared by many names (a CDN) would otherwise let the client reach any of
+    /// them.
+    ///
+    /// This is the policy's word only: addresses of the host and private networks are
+    /// refused before it is asked unless [`CompiledEgress::names_reserved`] says an allow
+    /// rule names them.
     pub fn allows_connection(&self, ip: IpAddr, host: Option<&str>, resolved: &[String]) -> bool {
         if self.deny.iter().any(|r| r.matches_ip(ip)) {
             return false;
@@ -240,7 +257,26 @@ impl CompiledEgress {
             return true;
         }
         let allowed_name = |n: &str| self.allow.iter().any(|r| r.matches_name(n));
-        resolved.iter().any(|n| allowed_name(n)) && host.is_none_or(allowed_name)
+        host.is_some_and(allowed_name) && resolved.iter().any(|n| allowed_name(n))
+    }
+
+    /// The shortest IPv4 prefix of an allow rule that opens a reserved address (see
+    /// [`CompiledEgress::names_reserved`]): `10.0.0.0/8`, the widest private network,
+    /// names it; `0.0.0.0/0` or `0.0.0.0/1` ("everything") name nothing in particular.
+    pub const MIN_NAMING_PREFIX: u8 = 8;
+
+    /// Whether an allow rule names `ip`, for addresses no policy reaches unless a rule
+    /// names them (the host's own, private networks, link-local): an IP or CIDR allow
+    /// rule covering `ip` that is at least [`Self::MIN_NAMING_PREFIX`] bits long.
+    /// `internet: true`, domain rules and near-everything blocks (`0.0.0.0/0`) do not
+    /// count: none of them says the operator meant this network.
+    pub fn names_reserved(&self, ip: IpAddr) -> bool {
+        self.allow.iter().any(|r| match r {
+            EgressRule::Net { prefix, .. } => {
+                *prefix >= Self::MIN_NAMING_PREFIX && r.matches_ip(ip)
+            }
+            EgressRule::Domain { .. } => false,
+        })
     }
 }
 
@@ -319,10 +355,45 @@ mod tests {
         assert!(!p.allows_lookup("other.test"));
         // A domain allow needs the address to come from that name's lookup...
         let good = ["good.test".to_string()];
-        assert!(p.allows_connection(ip("198.51.100.1"), None, &good));
         assert!(p.allows_connection(ip("198.51.100.1"), Some("good.test"), &good));
-        // ...and a client that then asks for another name is refused.
+        // ...and a client that then asks for another name is refused...
         assert!(!p.allows_connection(ip("198.51.100.1"), Some("other.test"), &good));
         assert!(!p.allows_connection(ip("198.51.100.1"), Some("good.test"), &[]));
+        // ...and so is one that names nothing (no SNI, no Host, silent): its address
+        // alone is not the allowed name (a CDN serves many).
+        assert!(!p.allows_connection(ip("198.51.100.1"), None, &good));
+    }
+
+    #[test]
+    fn a_nameless_connection_needs_an_ip_rule_or_the_internet() {
+        let good = ["good.test".to_string()];
+        // An IP or CIDR allow rule admits it whatever the domain rules.
+        let p = policy(false, &["good.test", "198.51.100.0/24"], &[]);
+        assert!(p.allows_connection(ip("198.51.100.1"), None, &good));
+        assert!(p.allows_connection(ip("198.51.100.1"), None, &[]));
+        assert!(!p.allows_connection(ip("203.0.113.1"), None, &good));
+        // With the internet on, it goes unless every name of its address is denied.
+        let p = policy(true, &[], &["bad.test"]);
+        assert!(p.allows_connection(ip("203.0.113.1"), None, &[]));
+        assert!(p.allows_connection(ip("203.0.113.1"), None, &good));
+        let bad = ["bad.test".to_string()];
+        assert!(!p.allows_connection(ip("203.0.113.1"), None, &bad));
+    }
+
+    #[test]
+    fn only_an_ip_rule_of_a_network_names_a_reserved_address() {
+        let p = policy(
+            true,
+            &["192.168.1.5", "10.0.0.0/8", "*.example.com", "0.0.0.0/0"],
+            &[],
+        );
+        assert!(p.names_reserved(ip("192.168.1.5")));
+        assert!(!p.names_reserved(ip("192.168.1.6")));
+        assert!(p.names_reserved(ip("10.200.0.1")));
+        // `0.0.0.0/0` covers everything and names nothing; `internet: true` neither.
+        assert!(!p.names_reserved(ip("172.16.0.1")));
+        assert!(!p.names_reserved(ip("169.254.169.254")));
+        assert!(!policy(true, &[], &[]).names_reserved(ip("100.64.0.1")));
+        assert!(!policy(false, &["0.0.0.0/7"], &[]).names_reserved(ip("1.2.3.4")));
     }
 }

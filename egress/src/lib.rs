@@ -4,28 +4,46 @@
 //!
 //! - DNS: a query for a name the policy refuses gets REFUSED; others are sent to the
 //!   host's resolver, and the addresses in the answer are remembered as that name's.
-//! - TCP: the destination is the connection's original one. When the policy has domain
-//!   rules, the client's first bytes are read for the name it asks for (TLS SNI, HTTP
-//!   Host; a client that speaks first within [`SNIFF_WAIT`]); the connection is let
-//!   out if [`CompiledEgress::allows_connection`] says so, else reset.
+//! - TCP: the destination is the connection's original one. The host's own addresses,
+//!   private networks and other reserved blocks are refused unless an IP or CIDR allow
+//!   rule names them ([`never_reachable`]). When the policy has domain rules, the
+//!   client's first bytes are read for the name it asks for (TLS SNI, HTTP Host; a
+//!   client that speaks first within [`SNIFF_WAIT`], in at most
+//!   [`sniff::MAX_SNIFF_BYTES`]); the connection is let out if
+//!   [`CompiledEgress::allows_connection`] says so, else reset.
 //! - A policy change applies at once: open connections it no longer allows are reset.
 //!
+//! The guest is root in its VM and may be hostile, so what it can cost the host is
+//! bounded: [`MAX_CONNECTIONS`] open connections per sandbox (the rest are reset at
+//! once), [`MAX_DNS_IN_FLIGHT`] lookups, a bounded first-bytes buffer, logs of what it
+//! causes at most once a second, and failed accepts (no descriptor left) back off
+//! instead of spinning. The daemon raises its open-file limit at start
+//! ([`raise_nofile_limit`]).
+//!
 //! Only TCP and DNS leave a sandbox: other UDP, ICMP and IPv6 are dropped by the
-//! namespace's rules.
+//! namespace's rules. The daemon's own lookups (to `--egress-dns`) are not the guest's
+//! connections and go wherever the host routes them.
 
 pub mod dns;
+mod host;
+mod limits;
 pub mod sniff;
 
-use api_model::{CompiledEgress, EgressRule};
+pub use limits::{raise_nofile_limit, MAX_CONNECTIONS};
+
+use api_model::CompiledEgress;
+use limits::{Backoff, Throttle};
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::watch;
-use tracing::{debug, info, Instrument};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{watch, Semaphore};
+use tracing::{debug, info, warn, Instrument};
 
 /// How long a connection's first bytes are waited for when a domain rule needs a name.
 pub const SNIFF_WAIT: Duration = Duration::from_millis(1500);
@@ -34,14 +52,17 @@ pub const SNIFF_WAIT: Duration = Duration::from_millis(1500);
 const RESOLVED_FOR: Duration = Duration::from_secs(30 * 60);
 /// Most addresses remembered per sandbox.
 const MAX_RESOLVED: usize = 4096;
-/// Most DNS queries answered at once per sandbox.
-const MAX_DNS_IN_FLIGHT: usize = 64;
+/// Most DNS queries answered at once per sandbox (each holds a socket to the resolver
+/// for up to 5 s); more are dropped and the guest's resolver retries.
+pub const MAX_DNS_IN_FLIGHT: usize = 64;
 
 /// One sandbox's policy and what its lookups resolved.
 #[derive(Debug)]
 pub struct Gate {
     policy: watch::Sender<Arc<CompiledEgress>>,
     resolved: Mutex<HashMap<IpAddr, Vec<(String, Instant)>>>,
+    /// Refusals are logged at most once a second: a guest can cause thousands a second.
+    refusals: Mutex<Throttle>,
 }
 
 impl Gate {
@@ -50,6 +71,7 @@ impl Gate {
         Arc::new(Self {
             policy: watch::Sender::new(Arc::new(policy)),
             resolved: Mutex::default(),
+            refusals: Mutex::default(),
         })
     }
 
@@ -61,6 +83,15 @@ impl Gate {
     /// The policy in force.
     pub fn policy(&self) -> Arc<CompiledEgress> {
         self.policy.borrow().clone()
+    }
+
+    /// `Some(n)` when a refusal should be logged now, `n` being the refusals since the
+    /// last line.
+    fn log_refusal(&self) -> Option<u64> {
+        self.refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .hit(Instant::now())
     }
 
     fn names_for(&self, ip: IpAddr) -> Vec<String> {
@@ -126,10 +157,18 @@ impl Upstream {
     }
 }
 
+/// What one proxy has counted ([`Serving::refused_over_cap`]).
+#[derive(Debug, Default)]
+struct Stats {
+    refused_over_cap: AtomicU64,
+}
+
 /// The running proxy of one VM; dropping it stops it and closes its sockets.
 #[derive(Debug)]
 pub struct Serving {
     gate: Arc<Gate>,
+    open: Arc<Semaphore>,
+    stats: Arc<Stats>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -137,6 +176,16 @@ impl Serving {
     /// The gate it serves under.
     pub fn gate(&self) -> &Arc<Gate> {
         &self.gate
+    }
+
+    /// Connections open now (accepted and not yet closed), at most [`MAX_CONNECTIONS`].
+    pub fn open_connections(&self) -> usize {
+        MAX_CONNECTIONS - self.open.available_permits()
+    }
+
+    /// Connections reset because [`MAX_CONNECTIONS`] were open.
+    pub fn refused_over_cap(&self) -> u64 {
+        self.stats.refused_over_cap.load(Ordering::Relaxed)
     }
 }
 
@@ -156,67 +205,120 @@ pub fn serve(
     gate: Arc<Gate>,
     upstream: Upstream,
 ) -> std::io::Result<Serving> {
-    let tcp = tokio::net::TcpListener::from_std(tcp)?;
+    let tcp = TcpListener::from_std(tcp)?;
     let dns = Arc::new(UdpSocket::from_std(dns)?);
+    // A fresh reading for a new VM; connections refresh it every few seconds.
+    host::addresses(true);
     let span = tracing::Span::current();
-    let serving_gate = gate.clone();
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let stats = Arc::new(Stats::default());
     let connections = {
         let gate = gate.clone();
         tokio::spawn(
-            async move {
-                // Connection tasks are aborted with the listener's task: a VM's end
-                // ends its connections.
-                let mut open = tokio::task::JoinSet::new();
-                loop {
-                    tokio::select! {
-                        accepted = tcp.accept() => {
-                            let Ok((client, _)) = accepted else { continue };
-                            let gate = gate.clone();
-                            open.spawn(connection(client, gate).in_current_span());
-                        }
-                        Some(_) = open.join_next(), if !open.is_empty() => {}
-                    }
-                }
-            }
+            accept_loop(tcp, open.clone(), stats.clone(), move |client| {
+                connection(client, gate.clone()).in_current_span()
+            })
             .instrument(span.clone()),
         )
     };
-    let lookups = tokio::spawn(
-        async move {
-            let limit = Arc::new(tokio::sync::Semaphore::new(MAX_DNS_IN_FLIGHT));
-            let mut buf = vec![0u8; 4096];
-            loop {
-                let Ok((n, from)) = dns.recv_from(&mut buf).await else {
-                    continue;
-                };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    continue; // too many in flight: the guest retries
-                };
-                let query = buf[..n].to_vec();
-                let (dns, gate) = (dns.clone(), gate.clone());
-                tokio::spawn(
-                    async move {
-                        if let Some(answer) = lookup(&query, &gate, upstream).await {
-                            let _ = dns.send_to(&answer, from).await;
-                        }
-                        drop(permit);
-                    }
-                    .in_current_span(),
-                );
-            }
-        }
-        .instrument(span),
-    );
+    let lookups = tokio::spawn(lookup_loop(dns, gate.clone(), upstream).instrument(span));
     Ok(Serving {
-        gate: serving_gate,
+        gate,
+        open,
+        stats,
         tasks: vec![connections, lookups],
     })
+}
+
+/// Accepts connections and hands each to `handle` while fewer than the semaphore's
+/// permits are open; resets the rest at once. Runs until aborted, and so do the
+/// connections: a VM's end ends them.
+async fn accept_loop<H, F>(tcp: TcpListener, open: Arc<Semaphore>, stats: Arc<Stats>, handle: H)
+where
+    H: Fn(TcpStream) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut backoff = Backoff::new();
+    let (mut over_cap, mut failing) = (Throttle::default(), Throttle::default());
+    loop {
+        tokio::select! {
+            accepted = tcp.accept() => match accepted {
+                Ok((client, _)) => {
+                    backoff.succeeded();
+                    let Ok(permit) = open.clone().try_acquire_owned() else {
+                        // Reset, not left in the backlog: the guest's program learns at
+                        // once, and the connections it holds keep working.
+                        reset(client);
+                        let total = stats.refused_over_cap.fetch_add(1, Ordering::Relaxed) + 1;
+                        if let Some(since) = over_cap.hit(Instant::now()) {
+                            warn!(since, total, cap = MAX_CONNECTIONS, "egress: connections over the cap reset");
+                        }
+                        continue;
+                    };
+                    let task = handle(client);
+                    tasks.spawn(async move {
+                        task.await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOBUFS: the connection waits in the backlog; try
+                    // again once something may have been freed.
+                    if let Some(since) = failing.hit(Instant::now()) {
+                        warn!(error = %e, since, "egress: accept failed; backing off");
+                    }
+                    tokio::time::sleep(backoff.failed()).await;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+}
+
+/// Answers the guest's DNS queries, at most [`MAX_DNS_IN_FLIGHT`] at once.
+async fn lookup_loop(dns: Arc<UdpSocket>, gate: Arc<Gate>, upstream: Upstream) {
+    let limit = Arc::new(Semaphore::new(MAX_DNS_IN_FLIGHT));
+    let mut buf = vec![0u8; 4096];
+    let mut backoff = Backoff::new();
+    let mut failing = Throttle::default();
+    loop {
+        let (n, from) = match dns.recv_from(&mut buf).await {
+            Ok(got) => {
+                backoff.succeeded();
+                got
+            }
+            Err(e) => {
+                if let Some(since) = failing.hit(Instant::now()) {
+                    warn!(error = %e, since, "egress: DNS receive failed; backing off");
+                }
+                tokio::time::sleep(backoff.failed()).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            continue; // too many in flight: the guest retries
+        };
+        let query = buf[..n].to_vec();
+        let (dns, gate) = (dns.clone(), gate.clone());
+        tokio::spawn(
+            async move {
+                if let Some(answer) = lookup(&query, &gate, upstream).await {
+                    let _ = dns.send_to(&answer, from).await;
+                }
+                drop(permit);
+            }
+            .in_current_span(),
+        );
+    }
 }
 
 async fn lookup(query: &[u8], gate: &Gate, upstream: Upstream) -> Option<Vec<u8>> {
     let name = dns::question_name(query)?;
     if !gate.policy().allows_lookup(&name) {
-        info!(name = %name, "egress: lookup refused by policy");
+        if let Some(since) = gate.log_refusal() {
+            info!(name = %name, since, "egress: lookup refused by policy");
+        }
         return dns::refused(query);
     }
     let bind: SocketAddr = if upstream.dns.is_ipv4() {
@@ -240,17 +342,93 @@ async fn lookup(query: &[u8], gate: &Gate, upstream: Upstream) -> Option<Vec<u8>
     Some(buf)
 }
 
-/// Addresses no policy opens: the host itself, the guest's own network, multicast.
-/// Link-local addresses (cloud metadata services) only open to an allow rule naming them.
-fn never_reachable(ip: Ipv4Addr, policy: &CompiledEgress) -> bool {
+/// Blocks no policy opens: a guest reaching them would reach the host's loopback
+/// services, its own network's gateway (the proxy's namespace), or nothing at all.
+fn always_closed(ip: Ipv4Addr) -> bool {
     let own_net = ip.octets()[..3] == [10, 0, 2];
-    if ip.is_link_local() {
-        return !policy
-            .allow
-            .iter()
-            .any(|r| matches!(r, EgressRule::Net { .. }) && r.matches_ip(IpAddr::V4(ip)));
-    }
     ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() || own_net
+}
+
+/// Blocks closed unless an allow rule names them ([`CompiledEgress::names_reserved`]):
+/// the networks behind a host (private, carrier-grade NAT, link-local with the cloud
+/// metadata service at 169.254.169.254) and blocks that are no one's on the internet.
+const RESERVED: [(Ipv4Addr, u8); 8] = [
+    (Ipv4Addr::new(0, 0, 0, 0), 8),      // "this network"
+    (Ipv4Addr::new(10, 0, 0, 0), 8),     // RFC 1918
+    (Ipv4Addr::new(100, 64, 0, 0), 10),  // carrier-grade NAT (RFC 6598)
+    (Ipv4Addr::new(169, 254, 0, 0), 16), // link-local, cloud metadata
+    (Ipv4Addr::new(172, 16, 0, 0), 12),  // RFC 1918
+    (Ipv4Addr::new(192, 0, 0, 0), 24),   // IETF protocol assignments
+    (Ipv4Addr::new(192, 168, 0, 0), 16), // RFC 1918
+    (Ipv4Addr::new(240, 0, 0, 0), 4),    // reserved
+];
+
+fn in_block(ip: Ipv4Addr, (net, prefix): (Ipv4Addr, u8)) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    u32::from(ip) & mask == u32::from(net)
+}
+
+/// Whether a guest's connection to `ip` is refused before the policy is asked: the
+/// guest's own network, loopback, unspecified, multicast and broadcast always; the
+/// host's own addresses (`host`: every address on its interfaces) and [`RESERVED`]
+/// blocks unless an IP or CIDR allow rule names them — `internet: true` and domain
+/// rules never do, so neither a permissive policy nor a name resolving to a private
+/// address (DNS rebinding) reaches the host's networks.
+pub fn never_reachable(ip: Ipv4Addr, policy: &CompiledEgress, host: &[Ipv4Addr]) -> bool {
+    if always_closed(ip) {
+        return true;
+    }
+    let reserved = host.contains(&ip) || RESERVED.iter().any(|b| in_block(ip, *b));
+    reserved && !policy.names_reserved(IpAddr::V4(ip))
+}
+
+/// Why a connection is reset before it is let out.
+#[derive(Debug)]
+enum Refused {
+    /// The client's TLS or HTTP start would put its name past
+    /// [`sniff::MAX_SNIFF_BYTES`].
+    TooLong,
+    /// The client closed or failed before a name was read.
+    Gone,
+}
+
+/// Reads the client's first bytes for the name it asks for, within [`SNIFF_WAIT`] and
+/// [`sniff::MAX_SNIFF_BYTES`]. `Ok(None)`: no name (not TLS/HTTP, no SNI or Host, or a
+/// client that did not speak in time); the bytes read are in `first` either way.
+async fn read_name(client: &mut TcpStream, first: &mut Vec<u8>) -> Result<Option<String>, Refused> {
+    let reading = async {
+        const CHUNK: usize = 2048;
+        let mut chunk = [0u8; CHUNK];
+        loop {
+            let room = sniff::MAX_SNIFF_BYTES - first.len();
+            if room == 0 {
+                return Err(Refused::TooLong);
+            }
+            let n = match client.read(&mut chunk[..room.min(CHUNK)]).await {
+                Ok(0) | Err(_) => return Err(Refused::Gone),
+                Ok(n) => n,
+            };
+            // Grown by doubling but never past the bound (a plain extend could double
+            // to twice it).
+            let need = first.len() + n;
+            if need > first.capacity() {
+                let target = (first.capacity() * 2)
+                    .max(need)
+                    .clamp(1024, sniff::MAX_SNIFF_BYTES);
+                first.reserve_exact(target - first.len());
+            }
+            first.extend_from_slice(&chunk[..n]);
+            match sniff::sniff(first) {
+                sniff::Sniffed::Host(h) => return Ok(Some(h)),
+                sniff::Sniffed::NeedMore => continue,
+                sniff::Sniffed::Nothing => return Ok(None),
+                sniff::Sniffed::TooLong => return Err(Refused::TooLong),
+            }
+        }
+    };
+    tokio::time::timeout(SNIFF_WAIT, reading)
+        .await
+        .unwrap_or(Ok(None))
 }
 
 async fn connection(mut client: TcpStream, gate: Arc<Gate>) {
@@ -261,33 +439,31 @@ async fn connection(mut client: TcpStream, gate: Arc<Gate>) {
     // Subscribed before the first decision: a change made meanwhile is not missed.
     let mut changes = gate.policy.subscribe();
     let policy = changes.borrow_and_update().clone();
-    if never_reachable(*dst.ip(), &policy) {
-        debug!(%dst, "egress: destination never reachable");
+    if never_reachable(*dst.ip(), &policy, &host::addresses(false)) {
+        if let Some(since) = gate.log_refusal() {
+            info!(%dst, since, "egress: connection refused: the host's, a private or a reserved address no allow rule names");
+        }
         return reset(client);
     }
-    let mut first = Vec::with_capacity(2048);
-    let mut host = None;
+    let mut first = Vec::new();
+    let mut asked = None;
     if policy.has_domain_rules() {
-        let waited = tokio::time::timeout(SNIFF_WAIT, async {
-            loop {
-                match client.read_buf(&mut first).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(_) => match sniff::sniff(&first) {
-                        sniff::Sniffed::Host(h) => return Some(h),
-                        sniff::Sniffed::NeedMore => continue,
-                        sniff::Sniffed::Nothing => return None,
-                    },
-                }
+        match read_name(&mut client, &mut first).await {
+            Ok(name) => asked = name,
+            Err(why) => {
+                debug!(%dst, ?why, "egress: no name read");
+                return reset(client);
             }
-        })
-        .await;
-        host = waited.ok().flatten();
+        }
     }
     let allowed = |policy: &CompiledEgress| {
-        policy.allows_connection(ip, host.as_deref(), &gate.names_for(ip))
+        policy.allows_connection(ip, asked.as_deref(), &gate.names_for(ip))
+            && !never_reachable(*dst.ip(), policy, &host::addresses(false))
     };
     if !allowed(&policy) {
-        info!(%dst, host = host.as_deref().unwrap_or(""), "egress: connection refused by policy");
+        if let Some(since) = gate.log_refusal() {
+            info!(%dst, host = asked.as_deref().unwrap_or(""), since, "egress: connection refused by policy");
+        }
         return reset(client);
     }
     let mut upstream =
@@ -298,6 +474,7 @@ async fn connection(mut client: TcpStream, gate: Arc<Gate>) {
     if upstream.write_all(&first).await.is_err() {
         return reset(client);
     }
+    drop(first);
     let cut = async {
         loop {
             if changes.changed().await.is_err() {
@@ -363,29 +540,204 @@ fn original_destination(stream: &TcpStream) -> Option<SocketAddrV4> {
 mod tests {
     use super::*;
 
+    fn compiled(internet: bool, allow: &[&str]) -> CompiledEgress {
+        api_model::EgressPolicy {
+            internet,
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+            deny: Vec::new(),
+        }
+        .compile()
+        .unwrap()
+    }
+
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn the_host_and_the_guest_network_are_never_reachable() {
-        let open = api_model::EgressPolicy::default().compile().unwrap();
+        let host = [v4("127.0.0.1"), v4("198.51.100.20")];
+        let open = compiled(true, &[]);
         for ip in [
             "127.0.0.1",
             "10.0.2.2",
             "0.0.0.0",
             "224.0.0.1",
+            "255.255.255.255",
             "169.254.169.254",
+            // Private networks, carrier-grade NAT, reserved blocks: closed to
+            // `internet: true`.
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.254",
+            "192.168.1.5",
+            "100.64.0.1",
+            "0.1.2.3",
+            "192.0.0.8",
+            "240.0.0.1",
+            // The host's own (public) address.
+            "198.51.100.20",
         ] {
-            assert!(never_reachable(ip.parse().unwrap(), &open), "{ip}");
+            assert!(never_reachable(v4(ip), &open, &host), "{ip}");
         }
-        assert!(!never_reachable("192.0.2.1".parse().unwrap(), &open));
-        let metadata = api_model::EgressPolicy {
-            allow: vec!["169.254.169.254".into()],
-            ..Default::default()
+        for ip in ["192.0.2.1", "172.32.0.1", "100.128.0.1", "198.51.100.21"] {
+            assert!(!never_reachable(v4(ip), &open, &host), "{ip}");
         }
-        .compile()
-        .unwrap();
-        assert!(!never_reachable(
-            "169.254.169.254".parse().unwrap(),
-            &metadata
+        // A rule naming an address or a network opens it, and only it.
+        let named = compiled(
+            false,
+            &[
+                "169.254.169.254",
+                "192.168.1.5",
+                "198.51.100.20",
+                "10.0.0.0/8",
+            ],
+        );
+        for ip in [
+            "169.254.169.254",
+            "192.168.1.5",
+            "198.51.100.20",
+            "10.9.9.9",
+        ] {
+            assert!(!never_reachable(v4(ip), &named, &host), "{ip}");
+        }
+        for ip in ["192.168.1.6", "169.254.169.253", "172.16.0.1", "100.64.0.1"] {
+            assert!(never_reachable(v4(ip), &named, &host), "{ip}");
+        }
+        // The guest's own network and loopback stay closed even to a rule naming them;
+        // "everything" and domain rules name nothing.
+        let everything = compiled(
+            false,
+            &["10.0.2.0/24", "127.0.0.0/8", "0.0.0.0/0", "*.internal"],
+        );
+        for ip in ["10.0.2.2", "127.0.0.1", "192.168.1.5", "198.51.100.20"] {
+            assert!(never_reachable(v4(ip), &everything, &host), "{ip}");
+        }
+        assert!(!never_reachable(v4("192.0.2.1"), &everything, &host));
+    }
+
+    #[test]
+    fn the_host_addresses_are_read_from_its_interfaces() {
+        let host = host::addresses(true);
+        assert!(host.contains(&Ipv4Addr::LOCALHOST), "{host:?}");
+        let open = compiled(true, &[]);
+        for ip in host.iter() {
+            assert!(never_reachable(*ip, &open, &host), "{ip}");
+        }
+    }
+
+    /// A client connected to `listener`, and the server's end.
+    async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let (client, server) = tokio::join!(
+            TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        (client.unwrap(), server.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_are_read_within_a_bound() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // A name in the first bytes.
+        let (mut client, mut server) = pair(&listener).await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = Vec::new();
+        let name = read_name(&mut server, &mut first).await.unwrap();
+        assert_eq!(name.as_deref(), Some("a.test"));
+        assert!(first.starts_with(b"GET /"));
+        // A head that never ends: refused at the bound, having kept no more than it.
+        let (mut client, mut server) = pair(&listener).await;
+        let writer = tokio::spawn(async move {
+            let _ = client.write_all(b"GET / HTTP/1.1\r\nX: ").await;
+            let _ = client.write_all(&[b'a'; 64 * 1024]).await;
+            client
+        });
+        let mut first = Vec::new();
+        assert!(matches!(
+            read_name(&mut server, &mut first).await,
+            Err(Refused::TooLong)
         ));
+        assert_eq!(first.len(), sniff::MAX_SNIFF_BYTES);
+        assert!(
+            first.capacity() <= sniff::MAX_SNIFF_BYTES,
+            "{}",
+            first.capacity()
+        );
+        drop(server);
+        drop(writer.await.unwrap());
+        // A silent client: no name once SNIFF_WAIT is over.
+        let (_client, mut server) = pair(&listener).await;
+        let started = Instant::now();
+        let mut first = Vec::new();
+        assert_eq!(read_name(&mut server, &mut first).await.unwrap(), None);
+        assert!(started.elapsed() >= SNIFF_WAIT);
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_reset_at_once() {
+        const CAP: usize = 8;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(Semaphore::new(CAP));
+        let stats = Arc::new(Stats::default());
+        // Each handled connection is held until the test lets go.
+        let (release, released) = watch::channel(false);
+        let looping = tokio::spawn(accept_loop(
+            listener,
+            open.clone(),
+            stats.clone(),
+            move |client| {
+                let mut released = released.clone();
+                async move {
+                    let _ = released.wait_for(|r| *r).await;
+                    drop(client);
+                }
+            },
+        ));
+        let mut clients = Vec::new();
+        // The five over the cap are reset quickly (maybe before the connect returns), or
+        // read an end; the rest are held.
+        let mut reset = 0;
+        let mut held = 0;
+        for _ in 0..CAP + 5 {
+            match TcpStream::connect(addr).await {
+                Ok(c) => clients.push(c),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => reset += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        for c in &mut clients {
+            let mut b = [0u8; 1];
+            match tokio::time::timeout(Duration::from_millis(300), c.read(&mut b)).await {
+                Err(_) => held += 1,
+                Ok(Ok(0)) | Ok(Err(_)) => reset += 1,
+                Ok(Ok(_)) => panic!("nothing is sent"),
+            }
+        }
+        assert_eq!((held, reset), (CAP, 5));
+        assert_eq!(stats.refused_over_cap.load(Ordering::Relaxed), 5);
+        assert_eq!(open.available_permits(), 0);
+        // Once they close, their slots are free again.
+        release.send_replace(true);
+        drop(clients);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while open.available_permits() < CAP {
+            assert!(Instant::now() < deadline, "slots never freed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        release.send_replace(false);
+        let mut again = TcpStream::connect(addr).await.unwrap();
+        let mut b = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), again.read(&mut b))
+                .await
+                .is_err(),
+            "a connection under the cap is held"
+        );
+        looping.abort();
     }
 
     #[test]

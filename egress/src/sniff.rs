@@ -1,6 +1,12 @@
 //! The name a client asks for in its first bytes: the server name of a TLS ClientHello
 //! (SNI) or the `Host` header of an HTTP/1 request.
 
+/// Most bytes read while looking for the name: a ClientHello (typically under 2 KiB,
+/// a few KiB with large key shares) and an HTTP request head fit; a client that sends
+/// more without a complete one is refused. Bounds what a guest's silent or dribbling
+/// connections cost in host memory ([`crate::MAX_CONNECTIONS`] of them at most).
+pub const MAX_SNIFF_BYTES: usize = 16 * 1024;
+
 /// What the first bytes say.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Sniffed {
@@ -10,6 +16,8 @@ pub enum Sniffed {
     NeedMore,
     /// Neither TLS with SNI nor HTTP with Host: there is no name to find.
     Nothing,
+    /// A TLS or HTTP start whose name would come past [`MAX_SNIFF_BYTES`].
+    TooLong,
 }
 
 /// Looks for the requested host name in `buf`, the client's first bytes.
@@ -35,10 +43,10 @@ fn http_host(buf: &[u8]) -> Sniffed {
         return Sniffed::Nothing;
     }
     let Some(end) = find(buf, b"\r\n\r\n") else {
-        return if buf.len() < 16 * 1024 {
+        return if buf.len() < MAX_SNIFF_BYTES {
             Sniffed::NeedMore
         } else {
-            Sniffed::Nothing
+            Sniffed::TooLong
         };
     };
     let head = String::from_utf8_lossy(&buf[..end]);
@@ -99,10 +107,10 @@ fn tls_sni(buf: &[u8]) -> Sniffed {
     }
     let record_len = ((buf[3] as usize) << 8) | buf[4] as usize;
     if buf.len() < 5 + record_len {
-        return if record_len <= 16 * 1024 + 256 {
+        return if 5 + record_len <= MAX_SNIFF_BYTES {
             Sniffed::NeedMore
         } else {
-            Sniffed::Nothing
+            Sniffed::TooLong
         };
     }
     match client_hello_sni(&buf[5..5 + record_len]) {
@@ -207,7 +215,14 @@ mod tests {
         assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: a.t"), Sniffed::NeedMore);
         assert_eq!(sniff(b"GET / HTTP/1.0\r\n\r\n"), Sniffed::Nothing);
         assert_eq!(sniff(b"SSH-2.0-OpenSSH\r\n"), Sniffed::Nothing);
-        assert_eq!(sniff(&[0x16, 3, 1, 0xff, 0xff, 1]), Sniffed::Nothing);
+        // Heads that would not fit in MAX_SNIFF_BYTES are given up on, not waited for.
+        assert_eq!(sniff(&[0x16, 3, 1, 0xff, 0xff, 1]), Sniffed::TooLong);
+        assert_eq!(sniff(&[0x16, 3, 1, 0x40, 0x00, 1]), Sniffed::TooLong);
+        assert_eq!(sniff(&[0x16, 3, 1, 0x3f, 0xfb, 1]), Sniffed::NeedMore);
+        let mut long = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        long.resize(MAX_SNIFF_BYTES, b'a');
+        assert_eq!(sniff(&long), Sniffed::TooLong);
+        assert_eq!(sniff(&long[..MAX_SNIFF_BYTES - 1]), Sniffed::NeedMore);
         // Garbage never panics.
         for n in 0..hello.len() {
             let mut bad = hello.clone();

@@ -66,6 +66,7 @@ fn qemu_config(args: &Args, state: &std::path::Path) -> anyhow::Result<vmm::Qemu
         allow_unconfined: env.allow_unconfined || args.switch("insecure-unconfined-qemu"),
         // On the state disk, not the tmpfs run dir.
         disk_dir: state.join("disks"),
+        min_free_mib: number(args, "min-free-disk-mib", 1024)?,
         ..env
     })
 }
@@ -407,6 +408,11 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         "egress-dns",
         "insecure-unconfined-qemu",
     ])?;
+    // Every VM and every proxied connection holds descriptors; the soft limit is too few.
+    match egress::raise_nofile_limit() {
+        Ok((soft, hard)) => tracing::info!(soft, hard, "open-file limit raised to the hard limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let dir = state_dir(args)?;
     // First: a host that cannot run a VM stops here, not at the first create.
     let config = qemu_config(args, &dir)?;

@@ -3,8 +3,8 @@
 
 use std::process::{Child, Command, Stdio};
 
-/// A namespace `ns` with addresses `10.213.N.2..` on its end of a veth whose host end
-/// is `10.213.N.1/24`. Dropping it ends its servers and removes it (and the veth).
+/// A namespace `ns` with addresses `198.18.N.2..` on its end of a veth whose host end
+/// is `198.18.N.1/24`. Dropping it ends its servers and removes it (and the veth).
 pub struct TestNet {
     name: String,
     subnet: u8,
@@ -39,7 +39,7 @@ impl TestNet {
         ip(&[
             "addr",
             "add",
-            &format!("10.213.{subnet}.1/24"),
+            &format!("198.18.{subnet}.1/24"),
             "dev",
             &host_end,
         ]);
@@ -56,7 +56,7 @@ impl TestNet {
                 "ip",
                 "addr",
                 "add",
-                &format!("10.213.{subnet}.{h}/24"),
+                &format!("198.18.{subnet}.{h}/24"),
                 "dev",
                 &peer,
             ]);
@@ -66,7 +66,7 @@ impl TestNet {
 
     /// Address of host `h` (`.h`).
     pub fn addr(&self, h: u8) -> String {
-        format!("10.213.{}.{h}", self.subnet)
+        format!("198.18.{}.{h}", self.subnet)
     }
 
     fn exec(&self, cmd: &[&str]) {

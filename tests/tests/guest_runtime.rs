@@ -515,7 +515,39 @@ async fn qemu_runs_unprivileged_under_seccomp() {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     match (root, vm_user) {
-        (true, Some(uid)) => assert_eq!(field("Uid:"), uid, "QEMU runs as {}", vmm::qemu::VM_USER),
+        (true, Some(account)) => {
+            // A user and group of its own, keeping the VM account's group (shared
+            // snapshots): another VM's QEMU can neither signal nor read it.
+            let uid: u32 = field("Uid:").parse().unwrap();
+            assert!(
+                vmm::vm_user::is_vm_uid(uid),
+                "QEMU runs as VM uid, not {uid}"
+            );
+            assert_ne!(uid.to_string(), account);
+            assert_eq!(field("Gid:"), uid.to_string(), "its own group");
+            let shared_gid = std::process::Command::new("id")
+                .args(["-g", vmm::qemu::VM_USER])
+                .output()
+                .unwrap();
+            let shared_gid = String::from_utf8_lossy(&shared_gid.stdout)
+                .trim()
+                .to_string();
+            let groups = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .unwrap_or_default();
+            assert!(
+                groups.split_whitespace().any(|g| g == shared_gid),
+                "{groups:?} holds {shared_gid}"
+            );
+            let second = d.boot(&minimal()).await.unwrap();
+            let other =
+                std::fs::read_to_string(format!("/proc/{}/status", second.pid().unwrap())).unwrap();
+            assert!(
+                !other.contains(&format!("Uid:\t{uid}\t")),
+                "two VMs never share a uid"
+            );
+        }
         // SAFETY: geteuid has no preconditions.
         _ => assert_eq!(field("Uid:"), unsafe { libc::geteuid() }.to_string()),
     }

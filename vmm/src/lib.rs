@@ -12,8 +12,10 @@ pub mod net;
 pub mod qemu;
 pub mod qmp;
 pub mod snapshot;
+pub mod space;
 pub mod tsc;
 pub mod vm_dir;
+pub mod vm_user;
 
 pub use accel::{Accel, AccelChoice, Detection};
 pub use images::ImageSet;
@@ -98,6 +100,10 @@ pub enum VmmError {
     /// The agent handshake failed.
     #[error("guest agent: {0}")]
     Agent(String),
+    /// A file system the VM would write has too little room left; the message says
+    /// which, how much is free and what to do.
+    #[error("not enough space: {0}")]
+    NoSpace(String),
     /// Taking, reading or restoring a snapshot failed.
     #[error("snapshot: {0}")]
     Snapshot(String),

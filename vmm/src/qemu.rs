@@ -12,7 +12,8 @@ use crate::net::{EgressSockets, GuestNet};
 use crate::qmp::Qmp;
 use crate::snapshot::{self, MemoryFormat, Snapshot, SnapshotManifest};
 use crate::vm_dir::{self, DiskFile, VmDir, LAUNCH_RECORD};
-use crate::{tsc, Vm, VmSpec, Vmm, VmmError};
+use crate::vm_user::{self, VmUid};
+use crate::{space, tsc, Vm, VmSpec, Vmm, VmmError};
 use agent_client::AgentClient;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -55,6 +56,13 @@ pub struct QemuConfig {
     /// warning. Off: the driver refuses, since a guest that escapes QEMU would then own
     /// the host. Only ever set by an explicit operator choice.
     pub allow_unconfined: bool,
+    /// Each VM's QEMU in cgroups of its own ([`crate::cgroup`]). Off counts as
+    /// unconfined: only with `allow_unconfined` (`NULLSPACE_CGROUPS=off`, for
+    /// measuring what the limits cost).
+    pub cgroups: bool,
+    /// MiB that must stay free in the disk and run directories after a VM starts
+    /// ([`crate::space`]).
+    pub min_free_mib: u64,
 }
 
 impl QemuConfig {
@@ -76,6 +84,23 @@ impl QemuConfig {
                 .parse()?,
             detach_vms: false,
             allow_unconfined: std::env::var_os("NULLSPACE_INSECURE_UNCONFINED_QEMU").is_some(),
+            cgroups: match std::env::var("NULLSPACE_CGROUPS").as_deref() {
+                Ok("on") | Err(_) => true,
+                Ok("off") => false,
+                Ok(other) => {
+                    return Err(VmmError::InvalidSpec(format!(
+                        "NULLSPACE_CGROUPS={other}: send on or off"
+                    )))
+                }
+            },
+            min_free_mib: match std::env::var("NULLSPACE_MIN_FREE_MIB") {
+                Ok(v) => v.parse().map_err(|_| {
+                    VmmError::InvalidSpec(format!(
+                        "NULLSPACE_MIN_FREE_MIB={v}: send a whole number of MiB"
+                    ))
+                })?,
+                Err(_) => 1024,
+            },
             isolated_network: match std::env::var("NULLSPACE_NETWORK").as_deref() {
                 Ok("isolated") => true,
                 Ok("user") | Err(_) => false,
@@ -95,6 +120,25 @@ struct RunAs {
     uid: u32,
     gid: u32,
     groups: Vec<u32>,
+    /// The `nullspace-vm` group: what every VM may read (template snapshots).
+    shared_gid: u32,
+}
+
+impl RunAs {
+    /// One VM's credentials: its own ID as user and group, keeping the shared group
+    /// and the VM account's others (`kvm`).
+    fn for_vm(&self, uid: u32) -> RunAs {
+        let mut groups = self.groups.clone();
+        if !groups.contains(&self.shared_gid) {
+            groups.push(self.shared_gid);
+        }
+        RunAs {
+            uid,
+            gid: uid,
+            groups,
+            shared_gid: self.shared_gid,
+        }
+    }
 }
 
 /// Boots QEMU microVMs from one image set.
@@ -117,7 +161,11 @@ impl QemuVmm {
         let tsc_khz = tsc::host_tsc_khz().map_err(VmmError::Host)?;
         let run_as = unprivileged_user();
         let seccomp = seccomp_available(&config.qemu_binary);
-        let cgroups = Cgroups::detect();
+        let cgroups = if config.cgroups {
+            Cgroups::detect()
+        } else {
+            Err("switched off (NULLSPACE_CGROUPS=off)".into())
+        };
         // SAFETY: geteuid has no preconditions.
         let as_root = run_as.is_none() && unsafe { libc::geteuid() } == 0;
         let unconfined = match (as_root, seccomp, &cgroups) {
@@ -271,8 +319,20 @@ impl QemuVmm {
                 dir.display()
             )));
         }
-        // The process must also run as the VM user: never adopt (and later kill) another.
-        if let Some(r) = &self.run_as {
+        // The process must also run as the VM's own user: never adopt (and later kill)
+        // another.
+        let run_as = match (&self.run_as, record.uid) {
+            (Some(r), Some(uid)) if vm_user::is_vm_uid(uid) => Some(r.for_vm(uid)),
+            (Some(r), None) => Some(r.clone()),
+            (Some(_), Some(uid)) => {
+                return Err(VmmError::Host(format!(
+                    "{} records uid {uid}, outside the VM range: not adopted",
+                    dir.display()
+                )))
+            }
+            (None, _) => None,
+        };
+        if let Some(r) = &run_as {
             let uid = std::fs::read_to_string(format!("/proc/{}/status", record.pid))
                 .ok()
                 .and_then(|s| {
@@ -282,7 +342,7 @@ impl QemuVmm {
                 });
             if uid != Some(r.uid) {
                 return Err(VmmError::Host(format!(
-                    "process {} of {} runs as uid {uid:?}, not the VM user's {}: not adopted",
+                    "process {} of {} runs as uid {uid:?}, not the VM's {}: not adopted",
                     record.pid,
                     dir.display(),
                     r.uid
@@ -301,7 +361,10 @@ impl QemuVmm {
             pid: record.pid,
             qmp: None,
             agent: None,
-            run_as: self.run_as.clone(),
+            run_as,
+            uid_claim: record
+                .uid
+                .map(|uid| VmUid::adopted(Path::new(vm_user::CLAIMS_DIR), uid)),
             qemu_version: self.qemu_version.clone(),
             kernel_key: self.images.kernel_key()?,
             net: if record.launch.isolated_network {
@@ -521,6 +584,16 @@ impl QemuVmm {
         launch: Launch,
         prepare: impl FnOnce(&VmDir) -> Result<(), VmmError>,
     ) -> Result<QemuVm, VmmError> {
+        // Refused before anything is made: a full disk or tmpfs would fail every VM
+        // on the host, not only this one.
+        let reserve = self.config.min_free_mib << 20;
+        space::ensure(&self.config.disk_dir, 0, reserve, "VM disk overlays")?;
+        let ram = match launch.memory {
+            // Only the pages the guest writes, in QEMU's own memory.
+            Memory::CopyOnWrite(_) => 0,
+            Memory::Owned => u64::from(launch.mem_mib) << 20,
+        };
+        space::ensure(&self.config.run_dir, ram, reserve, "VM memory, on tmpfs")?;
         let dir = VmDir::create(&self.config.run_dir, &launch.id)
             .map_err(|e| VmmError::Host(format!("creating the VM directory: {e}")))?;
         let disk = DiskFile::for_vm(&self.config.disk_dir, &launch.id)
@@ -543,11 +616,24 @@ impl QemuVmm {
         } else {
             None
         };
+        // Its own user and group, when QEMU runs unprivileged.
+        let uid_claim = match &self.run_as {
+            Some(_) => Some(
+                VmUid::claim(Path::new(vm_user::CLAIMS_DIR), dir.path(), &launch.id)
+                    .map_err(|e| VmmError::Host(format!("claiming the VM's user ID: {e}")))?,
+            ),
+            None => None,
+        };
+        let vm_run_as = self
+            .run_as
+            .as_ref()
+            .zip(uid_claim.as_ref())
+            .map(|(r, u)| r.for_vm(u.uid()));
         let netns_fd = net.as_ref().map(|n| n.netns_fd());
         // Kept open only until QEMU has inherited it.
         let tap = net.as_mut().and_then(GuestNet::take_tap);
         let tap_fd = tap.as_ref().map(|t| t.as_raw_fd());
-        if let Some(run_as) = &self.run_as {
+        if let Some(run_as) = &vm_run_as {
             for entry in std::fs::read_dir(dir.path())
                 .into_iter()
                 .flatten()
@@ -587,7 +673,7 @@ impl QemuVmm {
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| VmmError::Host(e.to_string()))?)
             .stderr(log);
-        let run_as = self.run_as.clone();
+        let run_as = vm_run_as.clone();
         let detach = self.config.detach_vms;
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
@@ -644,6 +730,7 @@ impl QemuVmm {
         let record = LaunchRecord {
             pid: child.id(),
             launch: launch.clone(),
+            uid: uid_claim.as_ref().map(VmUid::uid),
         };
         vm_dir::write_daemon_file(
             dir.path(),
@@ -658,7 +745,8 @@ impl QemuVmm {
             child: Some(child),
             qmp: None,
             agent: None,
-            run_as: self.run_as.clone(),
+            run_as: vm_run_as,
+            uid_claim,
             qemu_version: self.qemu_version.clone(),
             kernel_key: self.images.kernel_key()?,
             launch,
@@ -880,7 +968,7 @@ fn grant_restore_access(dir: &Path, run_as: Option<&RunAs>) {
     for name in snapshot::FILES {
         let p = dir.join(name);
         if p.exists() {
-            let _ = std::os::unix::fs::chown(&p, Some(0), Some(r.gid));
+            let _ = std::os::unix::fs::chown(&p, Some(0), Some(r.shared_gid));
             let mode = if *name == "memory" { 0o660 } else { 0o640 };
             let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode));
         }
@@ -939,6 +1027,10 @@ enum Memory {
 struct LaunchRecord {
     pid: u32,
     launch: Launch,
+    /// The VM's own user and group ID ([`crate::vm_user`]); absent when QEMU runs as
+    /// the caller.
+    #[serde(default)]
+    uid: Option<u32>,
 }
 
 /// Everything one QEMU launch needs.
@@ -1169,9 +1261,9 @@ pub fn check_vm_user_can_reach(dir: &Path) -> Result<(), String> {
         let mode = meta.permissions().mode();
         let through = {
             use std::os::unix::fs::MetadataExt;
-            mode & 0o001 != 0
-                || (meta.uid() == user.uid && mode & 0o100 != 0)
-                || (user.groups.contains(&meta.gid()) && mode & 0o010 != 0)
+            // Each VM runs as its own ID with the VM account's groups: only the group
+            // and other bits let it through.
+            mode & 0o001 != 0 || (user.groups.contains(&meta.gid()) && mode & 0o010 != 0)
         };
         if !through {
             return Err(format!(
@@ -1246,7 +1338,12 @@ fn unprivileged_user() -> Option<RunAs> {
     // SAFETY: buffer and its length are passed together.
     let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
     groups.truncate(if rc < 0 { 0 } else { n as usize });
-    Some(RunAs { uid, gid, groups })
+    Some(RunAs {
+        uid,
+        gid,
+        groups,
+        shared_gid: gid,
+    })
 }
 
 /// The first line of `qemu -version`: snapshots only restore into the same build.
@@ -1301,6 +1398,8 @@ pub struct QemuVm {
     qmp: Option<Qmp>,
     agent: Option<AgentClient>,
     run_as: Option<RunAs>,
+    /// Its own user ID's claim, released after QEMU is dead.
+    uid_claim: Option<VmUid>,
     qemu_version: String,
     kernel_key: String,
     launch: Launch,
@@ -1418,6 +1517,9 @@ impl QemuVm {
         if let Some(c) = &mut self.cgroup {
             c.keep();
         }
+        if let Some(u) = &mut self.uid_claim {
+            u.keep();
+        }
         self.dir.keep();
     }
 
@@ -1471,6 +1573,7 @@ impl QemuVm {
         let record = LaunchRecord {
             pid: self.pid,
             launch: self.launch.clone(),
+            uid: self.uid_claim.as_ref().map(VmUid::uid),
         };
         vm_dir::write_daemon_file(
             self.dir.path(),

@@ -503,11 +503,18 @@ impl Manager {
                     this.transition(&mut record, InternalState::Active, "restored from template")?;
                 }
                 Err(e) => {
+                    // A full worker is said as such: the caller frees space or goes
+                    // elsewhere, retrying here would fail the same way.
+                    let full = e.status == 507;
                     record.diagnostic = Some(Diagnostic {
-                        code: "create_failed".into(),
+                        code: if full { "insufficient_storage" } else { "create_failed" }.into(),
                         message: e.message.clone(),
-                        action: "retry the create; if it fails again, check the pool manager's log"
-                            .into(),
+                        action: if full {
+                            "free space on this worker (end sandboxes, delete snapshots) or create elsewhere"
+                        } else {
+                            "retry the create; if it fails again, check the pool manager's log"
+                        }
+                        .into(),
                     });
                     this.transition(&mut record, InternalState::Failed, "create failed")?;
                     this.release_volumes(&record).await;
@@ -520,11 +527,14 @@ impl Manager {
             let record = work.await?;
             if record.state == InternalState::Failed {
                 let d = record.diagnostic.clone().unwrap();
-                return Err(ApiError::internal(d.message.clone()).with_details(
-                    serde_json::json!({
-                        "sandboxID": record.id, "diagnostic": d
-                    }),
-                ));
+                let error = if d.code == "insufficient_storage" {
+                    ApiError::insufficient_storage(d.message.clone())
+                } else {
+                    ApiError::internal(d.message.clone())
+                };
+                return Err(error.with_details(serde_json::json!({
+                    "sandboxID": record.id, "diagnostic": d
+                })));
             }
             Ok(self.view(&record, true))
         } else {
@@ -624,7 +634,7 @@ impl Manager {
         self.vmm
             .restore(&snapshot, &options)
             .await
-            .map_err(|e| ApiError::internal(format!("restore: {e}")))
+            .map_err(|e| vm_error("restore", e))
     }
 
     /// The sandbox's record and view, read-only (never wakes it).
@@ -995,4 +1005,13 @@ fn decode_token(token: &str) -> Result<i64, ApiError> {
         .ok_or_else(|| {
             ApiError::bad_request("nextToken is not one this server issued; send the nextToken of the previous page, or none")
         })
+}
+
+/// A VM that could not start, as the API says it: a full file system is the host's
+/// storage (507, with what to free), anything else an internal error.
+pub(crate) fn vm_error(what: &str, e: vmm::VmmError) -> ApiError {
+    match e {
+        vmm::VmmError::NoSpace(why) => ApiError::insufficient_storage(format!("{what}: {why}")),
+        e => ApiError::internal(format!("{what}: {e}")),
+    }
 }

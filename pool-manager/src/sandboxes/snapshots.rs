@@ -161,18 +161,7 @@ fn local_view(r: &SandboxRecord, s: &Snapshot) -> SnapshotView {
     }
 }
 
-/// Bytes free for unprivileged use on the file system holding `dir`.
-pub(crate) fn free_bytes(dir: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: statvfs fills the struct we pass; `c` is a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
-}
+pub(crate) use vmm::space::free_bytes;
 
 /// Allocated bytes of a file (0 if absent).
 fn allocated(path: &Path) -> u64 {
@@ -672,7 +661,7 @@ impl Manager {
             self.vmm
                 .restore(&snapshot, &options)
                 .await
-                .map_err(|e| ApiError::internal(format!("restore: {e}")))
+                .map_err(|e| super::vm_error("restore", e))
         }
         .await;
         if vm.is_err() {
@@ -775,7 +764,7 @@ impl Manager {
                 },
             )
             .await
-            .map_err(|e| ApiError::internal(format!("restore: {e}")))
+            .map_err(|e| super::vm_error("restore", e))
     }
 
     /// Starts a new sandbox from a snapshot of `body.sandbox_id`: the one named, or the
@@ -935,7 +924,7 @@ impl Manager {
         self.vmm
             .restore(&snapshot, &options)
             .await
-            .map_err(|e| ApiError::internal(format!("restore: {e}")))
+            .map_err(|e| super::vm_error("restore", e))
     }
 
     /// Branches a running sandbox into `count` children; the parent keeps running.
