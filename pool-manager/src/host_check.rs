@@ -182,6 +182,21 @@ pub fn run(input: &HostCheckInput) -> HostCheck {
         )
     });
 
+    lines.push(
+        if vmm::qemu::maps_read_only_files_private(&input.qemu_binary) {
+            ok(
+                "template memory",
+                "read-only to VMs (QEMU maps it copy-on-write with rom=off)",
+            )
+        } else {
+            bad(
+                "template memory",
+                "this QEMU opens a template's memory file read-write to map it copy-on-write, so the file is group-writable by VMs (a guest that escapes QEMU could alter later restores)",
+                "use QEMU 8.2 or later (Debian: qemu-system-x86 from bookworm-backports)",
+                false,
+            )
+        },
+    );
     lines.push(match vmm::cgroup::Cgroups::detect() {
         Ok(c) => ok(
             "cgroups",

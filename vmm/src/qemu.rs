@@ -152,6 +152,9 @@ pub struct QemuVmm {
     seccomp: bool,
     /// Where each VM's QEMU gets its limits; `None` only when running unconfined.
     cgroups: Option<Cgroups>,
+    /// QEMU maps a read-only file copy-on-write (`rom=off`, QEMU 8.2+): template
+    /// memory files can then be read-only to VMs.
+    private_rom: bool,
     qemu_version: String,
 }
 
@@ -195,6 +198,7 @@ impl QemuVmm {
             c.reap_orphans();
         }
         let qemu_version = qemu_version_of(&config.qemu_binary)?;
+        let private_rom = maps_read_only_files_private(&config.qemu_binary);
         let mut vmm = Self {
             qemu_version,
             config,
@@ -207,6 +211,7 @@ impl QemuVmm {
             run_as,
             seccomp,
             cgroups,
+            private_rom,
         };
         vmm.accel = match vmm.config.accel {
             AccelChoice::Fixed(Accel::Kvm) => {
@@ -362,6 +367,7 @@ impl QemuVmm {
             qmp: None,
             agent: None,
             run_as,
+            private_rom: self.private_rom,
             uid_claim: record
                 .uid
                 .map(|uid| VmUid::adopted(Path::new(vm_user::CLAIMS_DIR), uid)),
@@ -468,6 +474,11 @@ impl QemuVmm {
         let path = |name: &str| dir.file(name).display().to_string();
         let (mem_path, share) = match &launch.memory {
             Memory::Owned => (path("memory"), "on"),
+            // Opened read-only where QEMU can (the file is then read-only to VMs).
+            Memory::CopyOnWrite(snapshot_memory) if self.private_rom => (
+                snapshot_memory.display().to_string(),
+                "off,readonly=on,rom=off",
+            ),
             Memory::CopyOnWrite(snapshot_memory) => (snapshot_memory.display().to_string(), "off"),
         };
         let mut args: Vec<String> = vec![
@@ -746,6 +757,7 @@ impl QemuVmm {
             qmp: None,
             agent: None,
             run_as: vm_run_as,
+            private_rom: self.private_rom,
             uid_claim,
             qemu_version: self.qemu_version.clone(),
             kernel_key: self.images.kernel_key()?,
@@ -914,7 +926,7 @@ impl QemuVmm {
             self.accel.accel,
             self.config.isolated_network,
         )?;
-        grant_restore_access(dir, self.run_as.as_ref());
+        grant_restore_access(dir, self.run_as.as_ref(), self.private_rom);
         snapshot.commit()?;
         Ok(snapshot)
     }
@@ -963,13 +975,17 @@ impl QemuVmm {
 /// Lets the unprivileged QEMU of a later restore open a snapshot's files: the memory
 /// file read-write (QEMU 7.2 cannot map a read-only file copy-on-write), the disk
 /// read-only as a backing file.
-fn grant_restore_access(dir: &Path, run_as: Option<&RunAs>) {
+fn grant_restore_access(dir: &Path, run_as: Option<&RunAs>, private_rom: bool) {
     let Some(r) = run_as else { return };
     for name in snapshot::FILES {
         let p = dir.join(name);
         if p.exists() {
             let _ = std::os::unix::fs::chown(&p, Some(0), Some(r.shared_gid));
-            let mode = if *name == "memory" { 0o660 } else { 0o640 };
+            let mode = if *name == "memory" && !private_rom {
+                0o660
+            } else {
+                0o640
+            };
             let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode));
         }
     }
@@ -1389,6 +1405,18 @@ pub fn seccomp_available(qemu: &Path) -> bool {
     kernel && qemu_has_it
 }
 
+/// Whether `qemu` can map a file it opened read-only as private, writable guest RAM
+/// (`memory-backend-file,readonly=on,rom=off`, QEMU 8.2+). Without it a template's
+/// memory file must be writable by the VM group (QEMU 7.2 opens it read-write, though
+/// its writes never reach the file).
+pub fn maps_read_only_files_private(qemu: &Path) -> bool {
+    std::process::Command::new(qemu)
+        .args(["-object", "memory-backend-file,help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("rom="))
+        .unwrap_or(false)
+}
+
 /// A running QEMU microVM. Dropping it kills QEMU and removes its directory.
 pub struct QemuVm {
     id: String,
@@ -1398,6 +1426,8 @@ pub struct QemuVm {
     qmp: Option<Qmp>,
     agent: Option<AgentClient>,
     run_as: Option<RunAs>,
+    /// Its driver's `private_rom`: template memory opened read-only.
+    private_rom: bool,
     /// Its own user ID's claim, released after QEMU is dead.
     uid_claim: Option<VmUid>,
     qemu_version: String,
@@ -1804,7 +1834,7 @@ impl QemuVm {
             // survives the other snapshot's deletion.
             rebase(&disk, &self.launch.rootfs_image).await?;
         }
-        grant_restore_access(dest, self.run_as.as_ref());
+        grant_restore_access(dest, self.run_as.as_ref(), self.private_rom);
         let qemu_version = self.qemu_version.clone();
         let manifest = SnapshotManifest {
             format_version: snapshot::FORMAT_VERSION,
