@@ -7,22 +7,25 @@
 //! reading an unconnected port spins on EOF.
 
 mod process;
+#[cfg(test)]
+mod tests;
 mod tunnel;
 
 pub use process::{Output, Process, ProcessEvent, StdinWriter};
-pub use tunnel::{PtyOptions, Watch};
+pub use tunnel::{PtyOptions, Watch, MAX_WATCH_LINE};
 
 use agent_protocol::{
-    AgentError, Channel, Decoded, ExecRequest, FileInfo, Frame, FrameDecoder, ProcessInfo, Reply,
-    Request, DATA_CHUNK, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION,
+    AgentError, Channel, Decoded, ErrorCode, ExecRequest, FileInfo, Frame, FrameDecoder,
+    ProcessInfo, Reply, Request, DATA_CHUNK, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 /// Errors of agent operations.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,9 @@ pub enum ClientError {
     /// A request that cannot be sent as one frame.
     #[error("request of {size} bytes exceeds the {limit} byte frame limit; send large data as a file upload instead")]
     RequestTooLarge { size: usize, limit: usize },
+    /// The connection already has [`MAX_OPEN_STREAMS`] streams open.
+    #[error("the sandbox already has {limit} operations open (commands, file transfers, watches, terminals, tunnels); finish or close some, then retry")]
+    TooManyStreams { limit: usize },
     /// The agent answered something this client does not expect.
     #[error("unexpected reply from the guest agent: {0}")]
     Protocol(String),
@@ -58,34 +64,332 @@ pub enum StreamEvent {
     Eof(Channel),
 }
 
-/// Where a stream's events go, and how many data bytes wait there unread.
-struct Route {
-    tx: mpsc::UnboundedSender<StreamEvent>,
-    buffered: Arc<AtomicUsize>,
-}
-
-impl Route {
-    fn new() -> (Self, mpsc::UnboundedReceiver<StreamEvent>, Arc<AtomicUsize>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let buffered = Arc::new(AtomicUsize::new(0));
-        (
-            Self {
-                tx,
-                buffered: buffered.clone(),
-            },
-            rx,
-            buffered,
-        )
-    }
-}
-
 /// Unread output a stream may hold on the host before it is cut off: a consumer that
-/// stops reading must not make the host buffer a guest's output without bound. (A safety
+/// stops reading must not make the host buffer a guest's output without bound. Every
+/// frame counts, not only data: its payload plus a fixed per-event overhead. (A safety
 /// net: per-stream flow control, where the agent waits for the host's credit, would slow
 /// the guest down instead.)
 pub const MAX_UNREAD_BYTES: usize = 64 * 1024 * 1024;
 
-type Routes = Arc<Mutex<Option<HashMap<u32, Route>>>>;
+/// Unread output all streams of one connection (one VM) may hold together. Many
+/// stalled streams, each under [`MAX_UNREAD_BYTES`], would otherwise add up; past this
+/// bound the stream holding the most is cut off (its buffered output dropped, the
+/// operation cancelled in the guest), so the host's memory per VM stays bounded.
+pub const MAX_UNREAD_BYTES_PER_VM: usize = 256 * 1024 * 1024;
+
+/// Streams one connection may have open at once. Every command, file transfer, watch,
+/// terminal and tunnel is a stream until its handle drops; opening more fails with
+/// [`ClientError::TooManyStreams`].
+pub const MAX_OPEN_STREAMS: usize = 1024;
+
+/// Largest control reply accepted from the agent; a larger one ends its stream with an
+/// error rather than being buffered (the frame decoder skips it unread).
+pub const MAX_REPLY_BYTES: usize = MAX_FRAME_PAYLOAD;
+
+/// What one buffered event costs beyond its payload (its queue slot, plus an allocation
+/// header), so a flood of empty frames counts against the bounds too.
+const EVENT_OVERHEAD: usize = std::mem::size_of::<(StreamEvent, usize)>() + 32;
+
+/// The bounds one connection enforces; tests shrink them.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    per_stream: usize,
+    per_vm: usize,
+    streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            per_stream: MAX_UNREAD_BYTES,
+            per_vm: MAX_UNREAD_BYTES_PER_VM,
+            streams: MAX_OPEN_STREAMS,
+        }
+    }
+}
+
+/// A stream's events waiting for its consumer.
+#[derive(Default)]
+struct Inbox {
+    queue: Mutex<Queue>,
+    /// Woken once per push; a stored permit covers a push before the consumer waits.
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Events with the cost each was counted at.
+    events: VecDeque<(StreamEvent, usize)>,
+    /// Sum of the costs in `events`.
+    bytes: usize,
+    /// Nothing more will be queued: the final reply arrived, the stream was cut off, or
+    /// the connection closed. Frames for it are dropped unbuffered.
+    ended: bool,
+}
+
+/// State the reader, the writer and the handles of one connection share.
+struct Conn {
+    /// Open streams (until their handle drops); `None` once the connection is gone.
+    routes: Mutex<Option<HashMap<u32, Arc<Inbox>>>>,
+    /// The cost of every event queued in any inbox: the bound per VM.
+    unread: AtomicUsize,
+    /// Streams to cancel in the agent. Not on the bounded frame queue: a cancel must not
+    /// be lost because uploads fill it, or a cut-off stream would keep streaming.
+    cancels: Mutex<Vec<u32>>,
+    cancel_ready: Notify,
+    limits: Limits,
+}
+
+impl Conn {
+    fn new(limits: Limits) -> Self {
+        Self {
+            routes: Mutex::new(Some(HashMap::new())),
+            unread: AtomicUsize::new(0),
+            cancels: Mutex::new(Vec::new()),
+            cancel_ready: Notify::new(),
+            limits,
+        }
+    }
+
+    /// Registers a stream; refused past the open-stream bound unless `exempt`.
+    fn register(&self, id: u32, exempt: bool) -> Result<Arc<Inbox>, ClientError> {
+        let inbox = Arc::new(Inbox::default());
+        let mut guard = self.routes.lock().unwrap();
+        let table = guard.as_mut().ok_or(ClientError::Disconnected)?;
+        if !exempt && table.len() >= self.limits.streams {
+            return Err(ClientError::TooManyStreams {
+                limit: self.limits.streams,
+            });
+        }
+        table.insert(id, inbox.clone());
+        Ok(inbox)
+    }
+
+    /// Forgets a stream whose handle went: later frames for it are dropped, what it
+    /// still held is released. Returns whether the agent may still be running it.
+    fn unregister(&self, id: u32, inbox: &Inbox) -> bool {
+        if let Some(table) = self.routes.lock().unwrap().as_mut() {
+            // Only this stream's own entry (a re-sent hello re-registers stream 0).
+            if table
+                .get(&id)
+                .is_some_and(|i| std::ptr::eq(Arc::as_ptr(i), inbox))
+            {
+                table.remove(&id);
+            }
+        }
+        let mut q = inbox.queue.lock().unwrap();
+        self.unread
+            .fetch_sub(std::mem::take(&mut q.bytes), Ordering::Relaxed);
+        q.events.clear();
+        !std::mem::replace(&mut q.ended, true)
+    }
+
+    /// Asks the writer to cancel `stream` in the agent.
+    fn cancel(&self, stream: u32) {
+        self.cancels.lock().unwrap().push(stream);
+        self.cancel_ready.notify_one();
+    }
+
+    /// The next event of `inbox`: `None` while there is none yet, `Disconnected` once
+    /// none will come.
+    fn pop(&self, inbox: &Inbox) -> Option<Result<StreamEvent, ClientError>> {
+        let mut q = inbox.queue.lock().unwrap();
+        match q.events.pop_front() {
+            Some((event, cost)) => {
+                q.bytes -= cost;
+                self.unread.fetch_sub(cost, Ordering::Relaxed);
+                Some(Ok(event))
+            }
+            None if q.ended => Some(Err(ClientError::Disconnected)),
+            None => None,
+        }
+    }
+
+    /// Waits for the next event of `inbox`.
+    async fn recv(&self, inbox: &Inbox) -> Result<StreamEvent, ClientError> {
+        loop {
+            if let Some(event) = self.pop(inbox) {
+                return event;
+            }
+            inbox.ready.notified().await;
+        }
+    }
+
+    /// Ends a stream with `error`: what it held is dropped (the consumer will not get it
+    /// now), the error is its last event, and the agent is asked to stop it.
+    fn cut_off(&self, stream: u32, inbox: &Inbox, q: &mut Queue, error: AgentError) {
+        self.unread
+            .fetch_sub(std::mem::take(&mut q.bytes), Ordering::Relaxed);
+        q.events.clear();
+        // The error costs nothing: it replaces what was dropped and nothing follows it.
+        q.events
+            .push_back((StreamEvent::Reply(Reply::Error(error)), 0));
+        let running = !std::mem::replace(&mut q.ended, true);
+        inbox.ready.notify_one();
+        if running && stream != 0 {
+            self.cancel(stream);
+        }
+    }
+
+    /// Routes one decoded item to its stream, within the bounds.
+    fn route(&self, item: Decoded, complaints: &mut Complaints) {
+        enum Incoming {
+            Event(StreamEvent),
+            Reply(Vec<u8>),
+            Failed(AgentError),
+        }
+        let (stream, incoming, cost) = match item {
+            Decoded::Frame(Frame::Data {
+                stream,
+                channel,
+                bytes,
+            }) => {
+                let cost = bytes.len() + EVENT_OVERHEAD;
+                (
+                    stream,
+                    Incoming::Event(StreamEvent::Data(channel, bytes)),
+                    cost,
+                )
+            }
+            Decoded::Frame(Frame::Eof { stream, channel }) => (
+                stream,
+                Incoming::Event(StreamEvent::Eof(channel)),
+                EVENT_OVERHEAD,
+            ),
+            Decoded::Frame(Frame::Control { stream, json }) => {
+                let cost = json.len() + EVENT_OVERHEAD;
+                (stream, Incoming::Reply(json), cost)
+            }
+            Decoded::Oversized { stream, len } => {
+                complaints.note(&format!("a frame of {len} bytes on stream {stream}"));
+                let error = AgentError::new(
+                    ErrorCode::Io,
+                    format!(
+                        "the guest agent sent a frame of {len} bytes, over the {MAX_FRAME_PAYLOAD} byte limit; the operation was stopped"
+                    ),
+                );
+                (stream, Incoming::Failed(error), 0)
+            }
+            other => {
+                complaints.note(&other);
+                return;
+            }
+        };
+        let guard = self.routes.lock().unwrap();
+        let Some(table) = guard.as_ref() else { return };
+        // Unknown (never opened, or its handle is gone) or ended: dropped unbuffered.
+        let Some(inbox) = table.get(&stream) else {
+            return;
+        };
+        let mut q = inbox.queue.lock().unwrap();
+        if q.ended {
+            return;
+        }
+        let event = match incoming {
+            Incoming::Event(event) => event,
+            Incoming::Failed(error) => return self.cut_off(stream, inbox, &mut q, error),
+            Incoming::Reply(json) if json.len() > MAX_REPLY_BYTES => {
+                let error = AgentError::new(
+                    ErrorCode::Io,
+                    format!(
+                        "the guest agent sent a reply of {} bytes, over the {MAX_REPLY_BYTES} byte limit; the operation was stopped",
+                        json.len()
+                    ),
+                );
+                return self.cut_off(stream, inbox, &mut q, error);
+            }
+            Incoming::Reply(json) => match serde_json::from_slice::<Reply>(&json) {
+                Ok(reply) => StreamEvent::Reply(reply),
+                // The handshake re-sends its hello; an answer it cannot read is noise.
+                Err(e) if stream == 0 => return complaints.note(&e),
+                Err(e) => {
+                    complaints.note(&e);
+                    let error = AgentError::new(
+                        ErrorCode::Io,
+                        format!("the guest agent sent an unreadable reply ({e}); the operation was stopped"),
+                    );
+                    return self.cut_off(stream, inbox, &mut q, error);
+                }
+            },
+        };
+        if q.bytes + cost > self.limits.per_stream {
+            tracing::info!(stream, "cutting off a stream whose output goes unread");
+            let error = AgentError::new(
+                ErrorCode::Busy,
+                format!(
+                    "more than {} bytes of output went unread; read the stream as it arrives, or run the command in the background and attach later",
+                    self.limits.per_stream
+                ),
+            );
+            return self.cut_off(stream, inbox, &mut q, error);
+        }
+        // Over the bound per VM: cut off the streams holding the most until this fits.
+        // Each holds at least a share of the bound, so this takes few rounds.
+        while self.unread.load(Ordering::Relaxed) + cost > self.limits.per_vm {
+            let largest = table
+                .iter()
+                .filter(|(id, _)| **id != stream)
+                .map(|(id, i)| (i.queue.lock().unwrap().bytes, *id, i))
+                .max_by_key(|(bytes, ..)| *bytes);
+            let error = AgentError::new(
+                ErrorCode::Busy,
+                format!(
+                    "the sandbox's streams held more than {} bytes of unread output together and this one held the most; read output as it arrives, or run commands in the background and attach later",
+                    self.limits.per_vm
+                ),
+            );
+            match largest {
+                Some((bytes, id, other)) if bytes > q.bytes => {
+                    tracing::info!(
+                        stream = id,
+                        "cutting off a stream: the VM's unread output is over its bound"
+                    );
+                    let mut other_q = other.queue.lock().unwrap();
+                    self.cut_off(id, other, &mut other_q, error);
+                }
+                _ => {
+                    tracing::info!(
+                        stream,
+                        "cutting off a stream: the VM's unread output is over its bound"
+                    );
+                    return self.cut_off(stream, inbox, &mut q, error);
+                }
+            }
+        }
+        if let StreamEvent::Reply(reply) = &event {
+            q.ended = reply.is_final();
+        }
+        q.events.push_back((event, cost));
+        q.bytes += cost;
+        self.unread.fetch_add(cost, Ordering::Relaxed);
+        inbox.ready.notify_one();
+    }
+
+    /// The connection is gone: every stream ends (`Disconnected` after what it holds).
+    fn disconnect(&self) {
+        let table = self.routes.lock().unwrap().take();
+        for inbox in table.into_iter().flat_map(HashMap::into_values) {
+            inbox.queue.lock().unwrap().ended = true;
+            inbox.ready.notify_one();
+        }
+    }
+}
+
+/// Counts the agent's protocol violations and logs them sparingly: a hostile guest can
+/// send millions, and each must not cost a log line.
+#[derive(Default)]
+struct Complaints {
+    count: u64,
+}
+
+impl Complaints {
+    fn note(&mut self, what: &dyn std::fmt::Debug) {
+        self.count += 1;
+        if self.count.is_power_of_two() {
+            tracing::warn!(count = self.count, latest = ?what, "bad frames from the agent (logged at powers of two)");
+        }
+    }
+}
 
 /// A connection to one guest agent. Cheap to clone; all clones share the connection.
 #[derive(Clone)]
@@ -96,8 +400,7 @@ pub struct AgentClient {
 struct Inner {
     /// Encoded frames for the writer task; bounded so uploads wait for the socket.
     writer: mpsc::Sender<Vec<u8>>,
-    /// Open streams; `None` once the connection is gone.
-    routes: Routes,
+    conn: Arc<Conn>,
     next_stream: AtomicU32,
     version: u32,
     agent_version: String,
@@ -109,23 +412,25 @@ impl AgentClient {
     /// Connects over `socket` and performs the version handshake, re-sending the hello
     /// until the agent answers or `timeout` passes (the agent may still be booting).
     pub async fn handshake(socket: UnixStream, timeout: Duration) -> Result<Self, ClientError> {
-        let (read_half, mut write_half) = socket.into_split();
-        let (writer, mut frames) = mpsc::channel::<Vec<u8>>(64);
-        let routes: Routes = Arc::new(Mutex::new(Some(HashMap::new())));
-        tokio::spawn(async move {
-            while let Some(buf) = frames.recv().await {
-                if write_half.write_all(&buf).await.is_err() {
-                    break;
-                }
-            }
-        });
-        tokio::spawn(read_loop(read_half, routes.clone(), writer.clone()));
+        Self::handshake_within(socket, timeout, Limits::default()).await
+    }
+
+    async fn handshake_within(
+        socket: UnixStream,
+        timeout: Duration,
+        limits: Limits,
+    ) -> Result<Self, ClientError> {
+        let (read_half, write_half) = socket.into_split();
+        let (writer, frames) = mpsc::channel::<Vec<u8>>(64);
+        let conn = Arc::new(Conn::new(limits));
+        tokio::spawn(write_loop(write_half, frames, conn.clone()));
+        tokio::spawn(read_loop(read_half, conn.clone()));
         let nonce = now_ns();
-        let (version, agent_version) = hello_exchange(&writer, &routes, nonce, timeout).await?;
+        let (version, agent_version) = hello_exchange(&writer, &conn, nonce, timeout).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 writer,
-                routes,
+                conn,
                 // Stream IDs start somewhere new on every connection, so frames of an
                 // earlier host session still in flight never match a stream of this one.
                 next_stream: AtomicU32::new((nonce as u32 >> 1) | 1),
@@ -141,7 +446,7 @@ impl AgentClient {
     pub async fn resync(&self, timeout: Duration) -> Result<(), ClientError> {
         hello_exchange(
             &self.inner.writer,
-            &self.inner.routes,
+            &self.inner.conn,
             self.inner.nonce,
             timeout,
         )
@@ -159,6 +464,23 @@ impl AgentClient {
         &self.inner.agent_version
     }
 
+    /// Output bytes (and per-event overhead) the host holds for this connection's streams,
+    /// not yet taken by their consumers: at most [`MAX_UNREAD_BYTES_PER_VM`].
+    pub fn unread_bytes(&self) -> usize {
+        self.inner.conn.unread.load(Ordering::Relaxed)
+    }
+
+    /// Streams open on this connection (at most [`MAX_OPEN_STREAMS`]).
+    pub fn open_streams(&self) -> usize {
+        self.inner
+            .conn
+            .routes
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, HashMap::len)
+    }
+
     /// A fresh stream ID; 0 is the handshake's.
     fn next_stream_id(&self) -> u32 {
         loop {
@@ -169,21 +491,16 @@ impl AgentClient {
         }
     }
 
-    /// Opens a stream with `request`.
+    /// Opens a stream with `request`; refused with [`ClientError::TooManyStreams`] while
+    /// [`MAX_OPEN_STREAMS`] are open.
     pub async fn open(&self, request: &Request) -> Result<Stream, ClientError> {
         let id = self.next_stream_id();
         let frame = control_frame(id, request)?;
-        let (route, rx, buffered) = Route::new();
-        match self.inner.routes.lock().unwrap().as_mut() {
-            Some(routes) => routes.insert(id, route),
-            None => return Err(ClientError::Disconnected),
-        };
+        let inbox = self.inner.conn.register(id, false)?;
         let stream = Stream {
             id,
-            rx,
-            buffered,
+            inbox,
             client: self.clone(),
-            finished: false,
         };
         send_frame(&self.inner.writer, frame).await?;
         Ok(stream)
@@ -207,9 +524,16 @@ impl AgentClient {
         Process::start(self.open(&Request::Exec(request)).await?).await
     }
 
-    /// Runs a process to completion and collects its output.
+    /// Runs a process to completion and collects its output. Only for commands whose
+    /// output is known to be small; see [`AgentClient::run_tail`].
     pub async fn run(&self, request: ExecRequest) -> Result<Output, ClientError> {
         self.exec(request).await?.wait().await
+    }
+
+    /// Runs a process to completion, keeping only the last `keep` bytes of its stdout
+    /// and of its stderr: host memory stays bounded whatever the guest prints.
+    pub async fn run_tail(&self, request: ExecRequest, keep: usize) -> Result<Output, ClientError> {
+        self.exec(request).await?.wait_tail(keep).await
     }
 
     /// Attaches to a process started earlier (background or detached), receiving the
@@ -379,16 +703,16 @@ impl AgentClient {
     #[doc(hidden)]
     pub fn stream_for_test(&self) -> Stream {
         let id = self.next_stream_id();
-        let (route, rx, buffered) = Route::new();
-        if let Some(routes) = self.inner.routes.lock().unwrap().as_mut() {
-            routes.insert(id, route);
-        }
+        // A closed connection leaves the stream unrouted: it reports `Disconnected`.
+        let inbox = self.inner.conn.register(id, true).unwrap_or_else(|_| {
+            let inbox = Arc::new(Inbox::default());
+            inbox.queue.lock().unwrap().ended = true;
+            inbox
+        });
         Stream {
             id,
-            rx,
-            buffered,
+            inbox,
             client: self.clone(),
-            finished: false,
         }
     }
 }
@@ -397,15 +721,11 @@ impl AgentClient {
 /// agent may still be booting, and a port can drop bytes written before it was opened.
 async fn hello_exchange(
     writer: &mpsc::Sender<Vec<u8>>,
-    routes: &Routes,
+    conn: &Conn,
     nonce: u64,
     timeout: Duration,
 ) -> Result<(u32, String), ClientError> {
-    let (route, mut hello_rx, _) = Route::new();
-    match routes.lock().unwrap().as_mut() {
-        Some(r) => r.insert(0, route),
-        None => return Err(ClientError::Disconnected),
-    };
+    let inbox = conn.register(0, true)?;
     let deadline = tokio::time::Instant::now() + timeout;
     let result = loop {
         let hello = Request::Hello {
@@ -414,17 +734,19 @@ async fn hello_exchange(
             nonce,
             host_time_ns: Some(now_ns()),
         };
-        send_frame(writer, control_frame(0, &hello)?).await?;
+        if let Err(e) = send_frame(writer, control_frame(0, &hello)?).await {
+            break Err(e);
+        }
         let resend = tokio::time::Instant::now() + Duration::from_millis(500);
-        match tokio::time::timeout_at(resend.min(deadline), hello_rx.recv()).await {
-            Ok(Some(StreamEvent::Reply(Reply::Hello {
+        match tokio::time::timeout_at(resend.min(deadline), conn.recv(&inbox)).await {
+            Ok(Ok(StreamEvent::Reply(Reply::Hello {
                 version,
                 agent_version,
                 nonce: n,
             }))) if n == nonce => break Ok((version, agent_version)),
-            Ok(Some(StreamEvent::Reply(Reply::Error(e)))) => break Err(e.into()),
-            Ok(Some(_)) => {}
-            Ok(None) => break Err(ClientError::Disconnected),
+            Ok(Ok(StreamEvent::Reply(Reply::Error(e)))) => break Err(e.into()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => break Err(e),
             Err(_) if tokio::time::Instant::now() >= deadline => {
                 break Err(ClientError::Timeout(timeout))
             }
@@ -432,9 +754,7 @@ async fn hello_exchange(
         }
     };
     // Late answers to re-sent hellos arrive on stream 0 and are dropped.
-    if let Some(r) = routes.lock().unwrap().as_mut() {
-        r.remove(&0);
-    }
+    conn.unregister(0, &inbox);
     result
 }
 
@@ -466,7 +786,6 @@ impl Upload {
     }
 
     fn end(&mut self, event: StreamEvent) -> Result<u64, ClientError> {
-        self.stream.finished = true;
         match event {
             StreamEvent::Reply(Reply::Done { bytes }) => Ok(bytes.unwrap_or(0)),
             StreamEvent::Reply(Reply::Error(e)) => Err(e.into()),
@@ -504,13 +823,43 @@ async fn send_frame(writer: &mpsc::Sender<Vec<u8>>, bytes: Vec<u8>) -> Result<()
         .map_err(|_| ClientError::Disconnected)
 }
 
-/// Routes incoming frames to streams until the socket closes, then closes every stream.
-async fn read_loop(
-    mut socket: tokio::net::unix::OwnedReadHalf,
-    routes: Routes,
-    writer: mpsc::Sender<Vec<u8>>,
+/// Writes queued frames to the socket, cancels first: a cancel ends output the host
+/// has stopped wanting, so it must not wait behind a queue of uploads.
+async fn write_loop(
+    mut socket: OwnedWriteHalf,
+    mut frames: mpsc::Receiver<Vec<u8>>,
+    conn: Arc<Conn>,
 ) {
+    loop {
+        let buf = tokio::select! {
+            biased;
+            _ = conn.cancel_ready.notified() => {
+                let ids = std::mem::take(&mut *conn.cancels.lock().unwrap());
+                let mut buf = Vec::new();
+                for id in ids {
+                    Frame::Control {
+                        stream: id,
+                        json: serde_json::to_vec(&Request::Cancel).expect("requests always serialize"),
+                    }
+                    .encode_into(&mut buf);
+                }
+                buf
+            }
+            frame = frames.recv() => match frame {
+                Some(frame) => frame,
+                None => break,
+            },
+        };
+        if socket.write_all(&buf).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Routes incoming frames to streams until the socket closes, then ends every stream.
+async fn read_loop(mut socket: OwnedReadHalf, conn: Arc<Conn>) {
     let mut decoder = FrameDecoder::new();
+    let mut complaints = Complaints::default();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         let n = match socket.read(&mut buf).await {
@@ -519,72 +868,18 @@ async fn read_loop(
         };
         decoder.feed(&buf[..n]);
         while let Some(item) = decoder.decode_next() {
-            let (stream, event, last) = match item {
-                Decoded::Frame(Frame::Control { stream, json }) => {
-                    match serde_json::from_slice::<Reply>(&json) {
-                        Ok(reply) => {
-                            let last = reply.is_final();
-                            (stream, StreamEvent::Reply(reply), last)
-                        }
-                        Err(e) => {
-                            tracing::warn!(stream, error = %e, "unreadable reply from the agent");
-                            continue;
-                        }
-                    }
-                }
-                Decoded::Frame(Frame::Data {
-                    stream,
-                    channel,
-                    bytes,
-                }) => (stream, StreamEvent::Data(channel, bytes), false),
-                Decoded::Frame(Frame::Eof { stream, channel }) => {
-                    (stream, StreamEvent::Eof(channel), false)
-                }
-                other => {
-                    tracing::warn!(?other, "bad frame from the agent");
-                    continue;
-                }
-            };
-            let mut guard = routes.lock().unwrap();
-            let Some(table) = guard.as_mut() else { return };
-            let Some(route) = table.get(&stream) else {
-                continue;
-            };
-            if let StreamEvent::Data(_, bytes) = &event {
-                let unread = route.buffered.fetch_add(bytes.len(), Ordering::Relaxed) + bytes.len();
-                if unread > MAX_UNREAD_BYTES {
-                    // Cut the stream off: end it in the agent, tell the consumer why.
-                    let _ = route.tx.send(StreamEvent::Reply(Reply::Error(AgentError::new(
-                        agent_protocol::ErrorCode::Busy,
-                        format!(
-                            "more than {MAX_UNREAD_BYTES} bytes of output went unread; read the stream as it arrives, or run the command in the background and attach later"
-                        ),
-                    ))));
-                    table.remove(&stream);
-                    if let Ok(frame) = control_frame(stream, &Request::Cancel) {
-                        let _ = writer.try_send(frame);
-                    }
-                    continue;
-                }
-            }
-            let _ = route.tx.send(event);
-            if last && stream != 0 {
-                table.remove(&stream);
-            }
+            conn.route(item, &mut complaints);
         }
     }
-    // Dropping every sender wakes every waiting stream with `Disconnected`.
-    *routes.lock().unwrap() = None;
+    conn.disconnect();
 }
 
 /// One operation in flight. Dropping an unfinished stream cancels it in the agent.
 pub struct Stream {
     id: u32,
-    rx: mpsc::UnboundedReceiver<StreamEvent>,
-    /// Data bytes received but not yet taken by [`Stream::next`].
-    buffered: Arc<AtomicUsize>,
+    /// Events received but not yet taken.
+    inbox: Arc<Inbox>,
     client: AgentClient,
-    finished: bool,
 }
 
 impl Stream {
@@ -593,28 +888,15 @@ impl Stream {
         self.id
     }
 
-    /// The next event; `Disconnected` if the connection closed first.
+    /// The next event; `Disconnected` if the connection closed first (or after the
+    /// stream's final reply).
     pub async fn next(&mut self) -> Result<StreamEvent, ClientError> {
-        let event = self.rx.recv().await.ok_or(ClientError::Disconnected)?;
-        self.took(&event);
-        Ok(event)
-    }
-
-    fn took(&mut self, event: &StreamEvent) {
-        match event {
-            StreamEvent::Reply(r) => self.finished |= r.is_final(),
-            StreamEvent::Data(_, bytes) => {
-                self.buffered.fetch_sub(bytes.len(), Ordering::Relaxed);
-            }
-            StreamEvent::Eof(_) => {}
-        }
+        self.client.inner.conn.recv(&self.inbox).await
     }
 
     /// An event that has already arrived, without waiting.
     pub fn try_next(&mut self) -> Option<StreamEvent> {
-        let event = self.rx.try_recv().ok()?;
-        self.took(&event);
-        Some(event)
+        self.client.inner.conn.pop(&self.inbox)?.ok()
     }
 
     /// Sends bytes on the input channel, in frames of at most [`DATA_CHUNK`] bytes.
@@ -647,15 +929,10 @@ impl Stream {
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        if let Some(routes) = self.client.inner.routes.lock().unwrap().as_mut() {
-            routes.remove(&self.id);
-        }
-        if !self.finished {
-            if let Ok(frame) = control_frame(self.id, &Request::Cancel) {
-                // Best effort: if the writer queue is full the connection is busy with
-                // data for other streams; the agent ends the stream with the VM anyway.
-                let _ = self.client.inner.writer.try_send(frame);
-            }
+        let conn = &self.client.inner.conn;
+        // Still running in the agent (no final reply, no cut-off): cancel it there.
+        if conn.unregister(self.id, &self.inbox) {
+            conn.cancel(self.id);
         }
     }
 }

@@ -17,12 +17,18 @@ pub enum ProcessEvent {
     Detached,
 }
 
-/// Everything a finished process wrote, and how it ended.
+/// What a finished process wrote, and how it ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Output {
+    /// Its stdout (only the end of it if collected by [`Process::wait_tail`]).
     pub stdout: Vec<u8>,
+    /// Its stderr (likewise).
     pub stderr: Vec<u8>,
+    /// How it ended.
     pub status: ExitStatus,
+    /// Bytes dropped from the front of stdout and stderr together to keep the tail
+    /// bound; 0 for [`Process::wait`].
+    pub omitted: u64,
 }
 
 impl Output {
@@ -135,7 +141,8 @@ impl Process {
         ))
     }
 
-    /// Waits for the end and collects all output.
+    /// Waits for the end and collects all output. Only for commands whose output is
+    /// known to be small: a guest can print without end; see [`Process::wait_tail`].
     pub async fn wait(self) -> Result<Output, ClientError> {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let status = self
@@ -148,7 +155,62 @@ impl Process {
             stdout,
             stderr,
             status,
+            omitted: 0,
         })
+    }
+
+    /// Waits for the end, keeping only the last `keep` bytes of stdout and of stderr
+    /// (what an error message needs), however much the process prints.
+    pub async fn wait_tail(self, keep: usize) -> Result<Output, ClientError> {
+        let (mut stdout, mut stderr) = (Tail::new(keep), Tail::new(keep));
+        let status = self
+            .wait_with(|b| stdout.push(b), |b| stderr.push(b))
+            .await?;
+        Ok(Output {
+            omitted: stdout.omitted + stderr.omitted,
+            stdout: stdout.into_bytes(),
+            stderr: stderr.into_bytes(),
+            status,
+        })
+    }
+}
+
+/// The last `keep` bytes of a byte stream, in at most twice that memory; trimming
+/// happens once per `keep` bytes pushed, so the cost stays linear.
+struct Tail {
+    buf: Vec<u8>,
+    keep: usize,
+    omitted: u64,
+}
+
+impl Tail {
+    fn new(keep: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            keep,
+            omitted: 0,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        // Of a chunk larger than the bound, only its end can survive.
+        let skip = bytes.len().saturating_sub(self.keep);
+        self.omitted += skip as u64;
+        self.buf.extend_from_slice(&bytes[skip..]);
+        if self.buf.len() > 2 * self.keep {
+            self.trim();
+        }
+    }
+
+    fn trim(&mut self) {
+        let excess = self.buf.len().saturating_sub(self.keep);
+        self.buf.drain(..excess);
+        self.omitted += excess as u64;
+    }
+
+    fn into_bytes(mut self) -> Vec<u8> {
+        self.trim();
+        self.buf
     }
 }
 
@@ -180,5 +242,28 @@ impl StdinWriter {
             channel: Channel::Input,
         };
         self.client.send_frame(frame.encode()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tail;
+
+    #[test]
+    fn a_tail_keeps_the_last_bytes_and_counts_the_rest() {
+        let mut t = Tail::new(10);
+        let mut pushed = 0;
+        for i in 0..1000u32 {
+            let chunk = format!("{i},");
+            pushed += chunk.len() as u64;
+            t.push(chunk.as_bytes());
+            assert!(t.buf.len() <= 20);
+        }
+        t.push(&[b'x'; 25]);
+        assert_eq!(t.omitted + t.buf.len() as u64, pushed + 25);
+        assert_eq!(t.into_bytes(), vec![b'x'; 10]);
+        let mut t = Tail::new(10);
+        t.push(b"short");
+        assert_eq!((t.omitted, t.into_bytes()), (0, b"short".to_vec()));
     }
 }

@@ -12,27 +12,121 @@ const TUNNEL_BUFFER: usize = 256 * 1024;
 /// A terminal to open: see [`AgentClient::pty`].
 pub use agent_protocol::PtyRequest as PtyOptions;
 
+/// Longest line a watch accepts from the guest: a real event is a few hundred bytes
+/// (paths are at most 4 KiB); a longer line is dropped, not buffered without end.
+pub const MAX_WATCH_LINE: usize = 64 * 1024;
+
 /// A directory watch: [`Watch::next`] yields its events.
 pub struct Watch {
     stream: Stream,
-    pending: Vec<u8>,
+    lines: LineSplitter,
 }
 
 impl Watch {
-    /// The next change; `None` once the watch ended.
+    /// The next change; `None` once the watch ended. Lines over [`MAX_WATCH_LINE`] are
+    /// skipped (counted in [`Watch::dropped_lines`]); an unreadable line ends the watch
+    /// with an error.
     pub async fn next(&mut self) -> Result<Option<FsEvent>, ClientError> {
         loop {
-            if let Some(n) = self.pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.pending.drain(..=n).collect();
-                return serde_json::from_slice(&line[..n])
+            if let Some(line) = self.lines.next_line() {
+                return serde_json::from_slice(line)
                     .map(Some)
                     .map_err(|e| ClientError::Protocol(format!("a watch event: {e}")));
             }
             match self.stream.next().await? {
-                StreamEvent::Data(_, bytes) => self.pending.extend(bytes),
+                StreamEvent::Data(_, bytes) => {
+                    let dropped = self.lines.dropped;
+                    self.lines.feed(&bytes);
+                    if self.lines.dropped > dropped && self.lines.dropped.is_power_of_two() {
+                        tracing::warn!(
+                            dropped = self.lines.dropped,
+                            "the guest sent watch lines over {MAX_WATCH_LINE} bytes; skipped (logged at powers of two)"
+                        );
+                    }
+                }
                 StreamEvent::Eof(_) => {}
                 StreamEvent::Reply(Reply::Error(e)) => return Err(e.into()),
                 StreamEvent::Reply(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// Lines skipped so far for being over [`MAX_WATCH_LINE`].
+    pub fn dropped_lines(&self) -> u64 {
+        self.lines.dropped
+    }
+}
+
+/// Splits bytes into lines of at most `max` bytes, in linear time: a read cursor
+/// instead of draining each line off the front, and a scan that never revisits bytes.
+struct LineSplitter {
+    buf: Vec<u8>,
+    /// Start of the first line not yet returned.
+    start: usize,
+    /// Where the search for the next newline resumes.
+    scanned: usize,
+    /// Inside an over-long line: its bytes are thrown away up to its newline.
+    skipping: bool,
+    max: usize,
+    dropped: u64,
+}
+
+impl LineSplitter {
+    fn new(max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            start: 0,
+            scanned: 0,
+            skipping: false,
+            max,
+            dropped: 0,
+        }
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) {
+        if self.skipping {
+            match bytes.iter().position(|&b| b == b'\n') {
+                Some(n) => {
+                    self.skipping = false;
+                    bytes = &bytes[n + 1..];
+                }
+                None => return,
+            }
+        }
+        // What was returned is no longer needed; what is left is one partial line.
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.scanned -= self.start;
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete line (without its newline), if one is buffered.
+    fn next_line(&mut self) -> Option<&[u8]> {
+        loop {
+            match self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                Some(n) => {
+                    let (start, end) = (self.start, self.scanned + n);
+                    self.start = end + 1;
+                    self.scanned = end + 1;
+                    if end - start > self.max {
+                        self.dropped += 1;
+                        continue;
+                    }
+                    return Some(&self.buf[start..end]);
+                }
+                None => {
+                    self.scanned = self.buf.len();
+                    if self.buf.len() - self.start > self.max {
+                        // A line already too long: stop holding it.
+                        self.dropped += 1;
+                        self.skipping = true;
+                        self.buf.clear();
+                        (self.start, self.scanned) = (0, 0);
+                    }
+                    return None;
+                }
             }
         }
     }
@@ -82,7 +176,7 @@ impl AgentClient {
         match stream.next().await? {
             StreamEvent::Reply(Reply::Watching) => Ok(Watch {
                 stream,
-                pending: Vec::new(),
+                lines: LineSplitter::new(MAX_WATCH_LINE),
             }),
             StreamEvent::Reply(Reply::Error(e)) => Err(e.into()),
             StreamEvent::Reply(other) => Err(unexpected(other)),
@@ -136,4 +230,48 @@ async fn bridge(mut stream: Stream, local: DuplexStream) {
     // Both directions closed: wait for the agent's final reply, so the stream ends
     // cleanly rather than being cancelled on drop.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), stream.next()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LineSplitter;
+
+    fn lines(s: &mut LineSplitter) -> Vec<String> {
+        std::iter::from_fn(|| {
+            s.next_line()
+                .map(|l| String::from_utf8_lossy(l).into_owned())
+        })
+        .collect()
+    }
+
+    #[test]
+    fn lines_are_split_across_chunks() {
+        let mut s = LineSplitter::new(16);
+        s.feed(b"one\ntw");
+        assert_eq!(lines(&mut s), ["one"]);
+        s.feed(b"o\nthree\n");
+        assert_eq!(lines(&mut s), ["two", "three"]);
+        assert_eq!(s.dropped, 0);
+    }
+
+    #[test]
+    fn an_over_long_line_is_dropped_without_being_held() {
+        let mut s = LineSplitter::new(16);
+        s.feed(b"ok\n");
+        assert_eq!(lines(&mut s), ["ok"]);
+        // A line that never ends: memory stays bounded by the chunk size.
+        for _ in 0..10_000 {
+            s.feed(&[b'x'; 100]);
+            assert!(lines(&mut s).is_empty());
+            assert!(s.buf.len() <= 16 + 100, "{} bytes held", s.buf.len());
+        }
+        assert_eq!(s.dropped, 1);
+        // Its end, then the next line is whole again.
+        s.feed(b"xxxx\nafter\n");
+        assert_eq!(lines(&mut s), ["after"]);
+        // One over-long line inside a chunk is dropped; its neighbours are kept.
+        s.feed(&[b"a\n".as_slice(), &[b'y'; 40], b"\nb\n"].concat());
+        assert_eq!(lines(&mut s), ["a", "b"]);
+        assert_eq!(s.dropped, 2);
+    }
 }

@@ -142,11 +142,21 @@ pub enum Decoded {
 }
 
 /// Incremental frame decoder: feed it bytes as they arrive, take frames out.
+///
+/// Linear in the bytes fed: decoding only advances a read cursor into the buffer, and
+/// the consumed prefix is dropped by [`FrameDecoder::feed`] only once it is at least as
+/// long as what remains, so each byte is moved at most a constant number of times
+/// however small the frames are (a peer sending many tiny frames cannot make the reader
+/// quadratic).
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Start of the bytes not yet decoded in `buf`.
+    pos: usize,
     /// Payload bytes of an oversized frame still to be thrown away.
     skip: u64,
+    /// Bytes moved by compactions so far (tests check the decoder stays linear).
+    moved: u64,
 }
 
 impl FrameDecoder {
@@ -156,63 +166,93 @@ impl FrameDecoder {
     }
 
     /// Adds bytes read from the transport.
-    pub fn feed(&mut self, bytes: &[u8]) {
+    pub fn feed(&mut self, mut bytes: &[u8]) {
         if self.skip > 0 {
-            let n = (self.skip as usize).min(bytes.len());
+            // Still inside an oversized payload (whose held bytes `decode_next` already
+            // dropped): throw it away before buffering anything.
+            let n = usize::try_from(self.skip)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len());
             self.skip -= n as u64;
-            self.buf.extend_from_slice(&bytes[n..]);
-        } else {
-            self.buf.extend_from_slice(bytes);
+            bytes = &bytes[n..];
         }
+        self.compact();
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Drops the decoded prefix once it is no shorter than the rest: the copy is paid
+    /// for by the bytes already consumed, so the total work stays linear.
+    fn compact(&mut self) {
+        if self.pos == 0 {
+            return;
+        }
+        let rest = self.buf.len() - self.pos;
+        if rest == 0 {
+            self.buf.clear();
+            self.pos = 0;
+        } else if self.pos >= rest {
+            self.buf.copy_within(self.pos.., 0);
+            self.buf.truncate(rest);
+            self.moved += rest as u64;
+            self.pos = 0;
+        }
+    }
+
+    /// Bytes fed but not yet decoded.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.pos
     }
 
     /// The next decoded item, or `None` when more bytes are needed.
     pub fn decode_next(&mut self) -> Option<Decoded> {
         if self.skip > 0 {
-            let n = (self.skip as usize).min(self.buf.len());
-            self.buf.drain(..n);
+            let n = usize::try_from(self.skip)
+                .unwrap_or(usize::MAX)
+                .min(self.pending());
+            self.pos += n;
             self.skip -= n as u64;
             if self.skip > 0 {
                 return None;
             }
         }
-        if self.buf.len() < 2 {
+        let rest = &self.buf[self.pos..];
+        if rest.len() < 2 {
             return None;
         }
-        if u16::from_be_bytes([self.buf[0], self.buf[1]]) != MAGIC {
-            let magic = MAGIC.to_be_bytes();
-            let found = self.buf.windows(2).position(|w| w == magic);
+        let magic = MAGIC.to_be_bytes();
+        if rest[..2] != magic {
+            let found = rest.windows(2).position(|w| w == magic);
             // Keep a trailing first magic byte: its partner may arrive in the next read.
-            let skipped = found.unwrap_or(if self.buf.last() == Some(&magic[0]) {
-                self.buf.len() - 1
+            let skipped = found.unwrap_or(if rest.last() == Some(&magic[0]) {
+                rest.len() - 1
             } else {
-                self.buf.len()
+                rest.len()
             });
-            self.buf.drain(..skipped);
+            self.pos += skipped;
             return Some(Decoded::Resynced { skipped });
         }
-        if self.buf.len() < HEADER_LEN {
+        if rest.len() < HEADER_LEN {
             return None;
         }
-        let kind = self.buf[2];
-        let channel = self.buf[3];
-        let stream = u32::from_be_bytes(self.buf[4..8].try_into().unwrap());
-        let len = u32::from_be_bytes(self.buf[8..12].try_into().unwrap());
+        let kind = rest[2];
+        let channel = rest[3];
+        let stream = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
+        let len = u32::from_be_bytes([rest[8], rest[9], rest[10], rest[11]]);
+        let available = rest.len();
         if len as usize > MAX_FRAME_PAYLOAD {
-            self.buf.drain(..HEADER_LEN);
-            self.skip = len as u64;
-            // Drop what we already hold of the payload.
-            let n = (self.skip as usize).min(self.buf.len());
-            self.buf.drain(..n);
-            self.skip -= n as u64;
+            // Drop the header and what we already hold of the payload; `feed` throws
+            // the rest away as it arrives.
+            let held = (available - HEADER_LEN).min(len as usize);
+            self.pos += HEADER_LEN + held;
+            self.skip = u64::from(len) - held as u64;
             return Some(Decoded::Oversized { stream, len });
         }
         let total = HEADER_LEN + len as usize;
-        if self.buf.len() < total {
+        if available < total {
             return None;
         }
-        let payload: Vec<u8> = self.buf[HEADER_LEN..total].to_vec();
-        self.buf.drain(..total);
+        let payload = self.pos + HEADER_LEN..self.pos + total;
+        self.pos += total;
         let Some(kind) = FrameKind::from_u8(kind) else {
             return Some(Decoded::Malformed {
                 stream,
@@ -222,7 +262,7 @@ impl FrameDecoder {
         let frame = match kind {
             FrameKind::Control => Frame::Control {
                 stream,
-                json: payload,
+                json: self.buf[payload].to_vec(),
             },
             FrameKind::Data | FrameKind::Eof => {
                 let Some(channel) = Channel::from_u8(channel) else {
@@ -235,7 +275,7 @@ impl FrameDecoder {
                     Frame::Data {
                         stream,
                         channel,
-                        bytes: payload,
+                        bytes: self.buf[payload].to_vec(),
                     }
                 } else {
                     Frame::Eof { stream, channel }
@@ -315,6 +355,116 @@ mod tests {
                 })
             ]
         );
+    }
+
+    #[test]
+    fn many_small_frames_decode_in_linear_time() {
+        const FRAMES: u32 = 100_000;
+        let mut wire = Vec::new();
+        for i in 0..FRAMES {
+            if i % 2 == 0 {
+                Frame::Eof {
+                    stream: i,
+                    channel: Channel::Output,
+                }
+                .encode_into(&mut wire);
+            } else {
+                Frame::Data {
+                    stream: i,
+                    channel: Channel::Output,
+                    bytes: vec![i as u8],
+                }
+                .encode_into(&mut wire);
+            }
+        }
+        // All in one buffer: decoding only moves the cursor, no byte is ever shifted
+        // (a decoder that drained each frame off the front would move ~25 GB here).
+        let mut d = FrameDecoder::new();
+        d.feed(&wire);
+        let mut n = 0u32;
+        while let Some(item) = d.decode_next() {
+            let Decoded::Frame(f) = item else {
+                panic!("{item:?}")
+            };
+            assert_eq!(f.stream(), n);
+            n += 1;
+        }
+        assert_eq!(n, FRAMES);
+        assert_eq!(d.moved, 0);
+        assert_eq!(d.pending(), 0);
+        // In reads that cut frames anywhere: compaction moves at most what was fed.
+        for read in [7, 1000, 4096, 65_536] {
+            let mut d = FrameDecoder::new();
+            let mut n = 0u32;
+            for chunk in wire.chunks(read) {
+                d.feed(chunk);
+                n += decode_all(&mut d).len() as u32;
+            }
+            assert_eq!(n, FRAMES, "reads of {read}");
+            assert!(
+                d.moved <= wire.len() as u64,
+                "reads of {read}: {} bytes moved for {} fed",
+                d.moved,
+                wire.len()
+            );
+        }
+    }
+
+    #[test]
+    fn an_oversized_payload_is_never_buffered() {
+        let mut wire = Vec::new();
+        let big = 8 * MAX_FRAME_PAYLOAD as u32;
+        encode_header(&mut wire, FrameKind::Control as u8, 0, 3, big);
+        wire.extend(std::iter::repeat_n(0x4E, big as usize));
+        Frame::Eof {
+            stream: 4,
+            channel: Channel::Input,
+        }
+        .encode_into(&mut wire);
+        let mut d = FrameDecoder::new();
+        let mut got = Vec::new();
+        for chunk in wire.chunks(100_000) {
+            d.feed(chunk);
+            assert!(d.buf.len() <= 2 * 100_000, "{} bytes held", d.buf.len());
+            got.extend(decode_all(&mut d));
+        }
+        assert_eq!(
+            got,
+            vec![
+                Decoded::Oversized {
+                    stream: 3,
+                    len: big
+                },
+                Decoded::Frame(Frame::Eof {
+                    stream: 4,
+                    channel: Channel::Input
+                })
+            ]
+        );
+    }
+
+    #[test]
+    fn garbage_between_frames_in_one_buffer_resyncs() {
+        let mut wire = Vec::new();
+        for i in 0..3 {
+            wire.extend_from_slice(b"\x00junk\x4E");
+            Frame::Eof {
+                stream: i,
+                channel: Channel::Output,
+            }
+            .encode_into(&mut wire);
+        }
+        let mut d = FrameDecoder::new();
+        d.feed(&wire);
+        let frames: Vec<_> = decode_all(&mut d)
+            .into_iter()
+            .filter_map(|item| match item {
+                Decoded::Frame(f) => Some(f.stream()),
+                Decoded::Resynced { .. } => None,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(frames, vec![0, 1, 2]);
     }
 
     #[test]

@@ -64,14 +64,20 @@ fn info(path: &Path) -> Result<FileInfo, AgentError> {
     })
 }
 
-/// Streams a file back as output data, then `Done` with its size.
-pub async fn read(path: &str, out: &Outbox) {
-    if let Err(e) = read_inner(path, out).await {
+/// Streams a file back as output data, then `Done` with its size. A cancel from the host
+/// (or the end of its session) stops it between chunks: a file without end (`/dev/zero`)
+/// must not stream on after the host stopped wanting it.
+pub async fn read(path: &str, out: &Outbox, inbox: mpsc::Receiver<Inbound>) {
+    if let Err(e) = read_inner(path, out, inbox).await {
         out.error(e).await;
     }
 }
 
-async fn read_inner(path: &str, out: &Outbox) -> Result<(), AgentError> {
+async fn read_inner(
+    path: &str,
+    out: &Outbox,
+    mut inbox: mpsc::Receiver<Inbound>,
+) -> Result<(), AgentError> {
     let path = resolve(path)?;
     let display = path.display().to_string();
     if path.is_dir() {
@@ -85,6 +91,20 @@ async fn read_inner(path: &str, out: &Outbox) -> Result<(), AgentError> {
         .map_err(|e| AgentError::from_io(&e, &display))?;
     let mut total = 0u64;
     loop {
+        // Checked once per chunk: cheap, and a cancel waits at most one chunk.
+        while let Ok(message) = inbox.try_recv() {
+            match message {
+                Inbound::Abort(err) => return Err(err),
+                Inbound::SessionEnded => {
+                    return Err(AgentError::new(
+                        ErrorCode::Cancelled,
+                        "the host session that asked for this file ended",
+                    ))
+                }
+                // Nothing else means anything to a download.
+                Inbound::Data(_) | Inbound::Eof | Inbound::Detach | Inbound::Resize { .. } => {}
+            }
+        }
         let mut buf = vec![0u8; DATA_CHUNK];
         let n = file
             .read(&mut buf)

@@ -344,7 +344,7 @@ async fn handle(
             Ok(()) => out.reply(&Reply::Done { bytes: None }).await,
             Err(e) => out.error(e).await,
         },
-        Request::ReadFile { path } => files::read(&path, &out).await,
+        Request::ReadFile { path } => files::read(&path, &out, inbox).await,
         Request::ResizeRootfs => match tokio::task::spawn_blocking(crate::rootfs::grow).await {
             Ok(Ok(bytes)) => out.reply(&Reply::Done { bytes }).await,
             Ok(Err(e)) => out.error(AgentError::new(ErrorCode::Io, e)).await,

@@ -30,6 +30,10 @@ pub fn agent_error(e: agent_client::ClientError) -> ApiError {
                 };
                 ApiError::new(status, code, a.message)
             }
+            // The sandbox's own limit, not the team's quota: closing streams frees it.
+            e @ agent_client::ClientError::TooManyStreams { .. } => {
+                ApiError::new(429, "too_many_streams", e.to_string())
+            }
             agent_client::ClientError::Disconnected => ApiError::new(
                 409,
                 "invalid_state",
@@ -37,5 +41,17 @@ pub fn agent_error(e: agent_client::ClientError) -> ApiError {
             ),
             other => ApiError::new(502, "sandbox_error", other.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::agent_error;
+
+    #[test]
+    fn too_many_streams_is_a_429_that_says_what_to_do() {
+        let e = agent_error(agent_client::ClientError::TooManyStreams { limit: 1024 });
+        assert_eq!((e.status, e.code), (429, "too_many_streams"));
+        assert!(e.message.contains("close some"), "{}", e.message);
     }
 }

@@ -45,6 +45,9 @@ const READY_RETRY: Duration = Duration::from_millis(500);
 const READY_RETRY_CAP: Duration = Duration::from_secs(4);
 /// Longest one ready check may run.
 const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Output of a ready check kept for the failure message, per channel: the end is what
+/// says why, and a check that prints without end must not grow the host's memory.
+const READY_OUTPUT_TAIL: usize = 32 * 1024;
 
 /// Builds in progress and what waits on their logs.
 pub(super) struct Builds {
@@ -712,7 +715,7 @@ impl Manager {
         loop {
             match &t.request.ready_cmd {
                 Some(cmd) => {
-                    let check = agent.run(ExecRequest {
+                    let request = ExecRequest {
                         command: Command::Shell(cmd.clone()),
                         env: env.clone(),
                         cwd: Some(DEFAULT_CWD.into()),
@@ -720,7 +723,8 @@ impl Manager {
                         background: false,
                         stdin: false,
                         attach: true,
-                    });
+                    };
+                    let check = agent.run_tail(request, READY_OUTPUT_TAIL);
                     match tokio::time::timeout(READY_CHECK_TIMEOUT, check).await {
                         Ok(Ok(out)) if out.status.success() => break,
                         Ok(Ok(out)) => {

@@ -420,9 +420,14 @@ async fn format_image(image: &Path, size_mib: u64) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Runs a shell script as root in the guest (at most 30 s); fails with its stderr.
+/// Output of a guest helper kept for its error message, per channel: the guest may
+/// print without end, the host keeps only this much of the end.
+const HELPER_OUTPUT_TAIL: usize = 64 * 1024;
+
+/// Runs a shell script as root in the guest (at most 30 s); fails with (the end of) its
+/// stderr.
 async fn guest_root(vm: &QemuVm, script: &str) -> Result<(), ApiError> {
-    let run = vm.agent().run(ExecRequest {
+    let request = ExecRequest {
         command: Command::Shell(script.to_string()),
         env: BTreeMap::new(),
         cwd: Some("/".into()),
@@ -430,7 +435,8 @@ async fn guest_root(vm: &QemuVm, script: &str) -> Result<(), ApiError> {
         background: false,
         stdin: false,
         attach: true,
-    });
+    };
+    let run = vm.agent().run_tail(request, HELPER_OUTPUT_TAIL);
     let out = tokio::time::timeout(std::time::Duration::from_secs(30), run)
         .await
         .map_err(|_| ApiError::internal("the guest took over 30 s"))?
