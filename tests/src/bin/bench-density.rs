@@ -101,7 +101,8 @@ async fn idle_cost(
     for _ in 0..n {
         vms.push(restore(d, snapshot).await?);
     }
-    tokio::time::sleep(Duration::from_secs(3)).await; // settle after the restore
+    // Settle: a restored guest finishes its post-restore work (reseed, clock) first.
+    tokio::time::sleep(Duration::from_secs(10)).await;
     let pids: Vec<u32> = vms.iter().filter_map(|v| v.pid()).collect();
     let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
     let t = Instant::now();
