@@ -224,6 +224,10 @@ impl Manager {
             return Ok(());
         }
         let dir = self.volume_dir(&r.id);
+        // Images are sparse and grow with what the guest writes: the reserve must be
+        // there before one is fetched or made.
+        vmm::space::ensure(&dir, 0, self.snapshots.min_free_mib << 20, "volume images")
+            .map_err(|e| super::vm_error("mounting volumes", e))?;
         std::fs::create_dir_all(&dir)
             .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
         for (lun, m) in r.mounts.iter().enumerate() {
