@@ -77,6 +77,14 @@ pub const MAX_UNREAD_BYTES: usize = 64 * 1024 * 1024;
 /// operation cancelled in the guest), so the host's memory per VM stays bounded.
 pub const MAX_UNREAD_BYTES_PER_VM: usize = 256 * 1024 * 1024;
 
+/// Unread output all connections of this process (every VM on the host) may hold
+/// together. With 150-300 VMs per host the bound per VM alone would allow tens of GiB;
+/// past this one, the connection whose frame would cross it cuts off its own stream
+/// holding the most: a VM's frames only ever cut its own streams, never another VM's
+/// held output. (While the host is full, though, whichever VM receives output next pays;
+/// filling it takes at least four VMs at their bound per VM.)
+pub const MAX_UNREAD_BYTES_TOTAL: usize = 1024 * 1024 * 1024;
+
 /// Streams one connection may have open at once. Every command, file transfer, watch,
 /// terminal and tunnel is a stream until its handle drops; opening more fails with
 /// [`ClientError::TooManyStreams`].
@@ -90,12 +98,51 @@ pub const MAX_REPLY_BYTES: usize = MAX_FRAME_PAYLOAD;
 /// header), so a flood of empty frames counts against the bounds too.
 const EVENT_OVERHEAD: usize = std::mem::size_of::<(StreamEvent, usize)>() + 32;
 
-/// The bounds one connection enforces; tests shrink them.
+/// The unread output of every connection that shares it, against one bound. Every
+/// change to a connection's `unread` is mirrored here, and a connection returns what it
+/// still counts when it drops, so a budget never leaks.
+#[derive(Debug)]
+struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+/// The process-wide budget: [`MAX_UNREAD_BYTES_TOTAL`] over all connections.
+static TOTAL: Budget = Budget::new(MAX_UNREAD_BYTES_TOTAL);
+
+impl Budget {
+    const fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes `bytes` if they fit (atomically: connections route concurrently), or
+    /// regardless if `force`.
+    fn take(&self, bytes: usize, force: bool) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                let total = used.saturating_add(bytes);
+                (force || total <= self.limit).then_some(total)
+            })
+            .is_ok()
+    }
+}
+
+/// Output bytes (and per-event overhead) all connections of this process hold unread:
+/// at most [`MAX_UNREAD_BYTES_TOTAL`].
+pub fn total_unread_bytes() -> usize {
+    TOTAL.used.load(Ordering::Relaxed)
+}
+
+/// The bounds one connection enforces; tests shrink them and give it its own budget.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
     per_stream: usize,
     per_vm: usize,
     streams: usize,
+    total: &'static Budget,
 }
 
 impl Default for Limits {
@@ -104,6 +151,7 @@ impl Default for Limits {
             per_stream: MAX_UNREAD_BYTES,
             per_vm: MAX_UNREAD_BYTES_PER_VM,
             streams: MAX_OPEN_STREAMS,
+            total: &TOTAL,
         }
     }
 }
@@ -131,7 +179,8 @@ struct Queue {
 struct Conn {
     /// Open streams (until their handle drops); `None` once the connection is gone.
     routes: Mutex<Option<HashMap<u32, Arc<Inbox>>>>,
-    /// The cost of every event queued in any inbox: the bound per VM.
+    /// The cost of every event queued in any inbox: the bound per VM. Also counted in
+    /// `limits.total`; only [`Conn::release`] lowers it.
     unread: AtomicUsize,
     /// Streams to cancel in the agent. Not on the bounded frame queue: a cancel must not
     /// be lost because uploads fill it, or a cut-off stream would keep streaming.
@@ -178,10 +227,15 @@ impl Conn {
             }
         }
         let mut q = inbox.queue.lock().unwrap();
-        self.unread
-            .fetch_sub(std::mem::take(&mut q.bytes), Ordering::Relaxed);
+        self.release(std::mem::take(&mut q.bytes));
         q.events.clear();
         !std::mem::replace(&mut q.ended, true)
+    }
+
+    /// Returns the cost of events no longer held, to this VM's count and the budget.
+    fn release(&self, bytes: usize) {
+        self.unread.fetch_sub(bytes, Ordering::Relaxed);
+        self.limits.total.used.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// Asks the writer to cancel `stream` in the agent.
@@ -197,7 +251,7 @@ impl Conn {
         match q.events.pop_front() {
             Some((event, cost)) => {
                 q.bytes -= cost;
-                self.unread.fetch_sub(cost, Ordering::Relaxed);
+                self.release(cost);
                 Some(Ok(event))
             }
             None if q.ended => Some(Err(ClientError::Disconnected)),
@@ -218,8 +272,7 @@ impl Conn {
     /// Ends a stream with `error`: what it held is dropped (the consumer will not get it
     /// now), the error is its last event, and the agent is asked to stop it.
     fn cut_off(&self, stream: u32, inbox: &Inbox, q: &mut Queue, error: AgentError) {
-        self.unread
-            .fetch_sub(std::mem::take(&mut q.bytes), Ordering::Relaxed);
+        self.release(std::mem::take(&mut q.bytes));
         q.events.clear();
         // The error costs nothing: it replaces what was dropped and nothing follows it.
         q.events
@@ -323,35 +376,46 @@ impl Conn {
             );
             return self.cut_off(stream, inbox, &mut q, error);
         }
-        // Over the bound per VM: cut off the streams holding the most until this fits.
-        // Each holds at least a share of the bound, so this takes few rounds.
-        while self.unread.load(Ordering::Relaxed) + cost > self.limits.per_vm {
+        // Over the bound per VM, or the host's over its total: cut off this VM's streams
+        // holding the most until this fits (never another VM's). Each holds at least a
+        // share of the bound, so this takes few rounds. The total is taken here (this VM's
+        // count below); the handshake's tiny replies are never refused for it, so a full
+        // host still lets VMs start and resume.
+        loop {
+            let over_vm = self.unread.load(Ordering::Relaxed) + cost > self.limits.per_vm;
+            let (what, error) = if over_vm {
+                (
+                    "the VM's unread output is over its bound",
+                    format!(
+                        "the sandbox's streams held more than {} bytes of unread output together and this one held the most; read output as it arrives, or run commands in the background and attach later",
+                        self.limits.per_vm
+                    ),
+                )
+            } else if self.limits.total.take(cost, stream == 0) {
+                break;
+            } else {
+                (
+                    "the host's unread output is over its bound",
+                    format!(
+                        "the host held more than {} bytes of unread output of all sandboxes together, and this stream held the most of this sandbox's; read output as it arrives, or run commands in the background and attach later",
+                        self.limits.total.limit
+                    ),
+                )
+            };
+            let error = AgentError::new(ErrorCode::Busy, error);
             let largest = table
                 .iter()
                 .filter(|(id, _)| **id != stream)
                 .map(|(id, i)| (i.queue.lock().unwrap().bytes, *id, i))
                 .max_by_key(|(bytes, ..)| *bytes);
-            let error = AgentError::new(
-                ErrorCode::Busy,
-                format!(
-                    "the sandbox's streams held more than {} bytes of unread output together and this one held the most; read output as it arrives, or run commands in the background and attach later",
-                    self.limits.per_vm
-                ),
-            );
             match largest {
                 Some((bytes, id, other)) if bytes > q.bytes => {
-                    tracing::info!(
-                        stream = id,
-                        "cutting off a stream: the VM's unread output is over its bound"
-                    );
+                    tracing::info!(stream = id, "cutting off a stream: {what}");
                     let mut other_q = other.queue.lock().unwrap();
                     self.cut_off(id, other, &mut other_q, error);
                 }
                 _ => {
-                    tracing::info!(
-                        stream,
-                        "cutting off a stream: the VM's unread output is over its bound"
-                    );
+                    tracing::info!(stream, "cutting off a stream: {what}");
                     return self.cut_off(stream, inbox, &mut q, error);
                 }
             }
@@ -361,6 +425,7 @@ impl Conn {
         }
         q.events.push_back((event, cost));
         q.bytes += cost;
+        // (Already taken from the total above.)
         self.unread.fetch_add(cost, Ordering::Relaxed);
         inbox.ready.notify_one();
     }
@@ -372,6 +437,15 @@ impl Conn {
             inbox.queue.lock().unwrap().ended = true;
             inbox.ready.notify_one();
         }
+    }
+}
+
+impl Drop for Conn {
+    /// Returns what inboxes still count (one a cancelled handshake left registered, say)
+    /// to the budget, which would otherwise shrink for good.
+    fn drop(&mut self) {
+        let unread = *self.unread.get_mut();
+        self.limits.total.used.fetch_sub(unread, Ordering::Relaxed);
     }
 }
 

@@ -268,3 +268,136 @@ async fn an_oversized_or_unreadable_reply_ends_its_stream() {
     }
     assert_eq!(cancelled, HashSet::from([big.id(), garbled.id()]));
 }
+
+/// A budget of its own for a test (the process-wide one is shared by every test).
+fn budget(limit: usize) -> &'static Budget {
+    Box::leak(Box::new(Budget::new(limit)))
+}
+
+fn used(budget: &Budget) -> usize {
+    budget.used.load(Ordering::Relaxed)
+}
+
+/// Waits (10 s at most) until `stream` has received its last event: every frame the
+/// agent sent before that has been routed too.
+async fn ended(stream: &Stream) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !stream.inbox.queue.lock().unwrap().ended {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the stream ends within 10 s");
+}
+
+#[tokio::test]
+async fn the_host_bound_cuts_off_only_the_vm_that_crosses_it() {
+    let total = budget(1024 * 1024);
+    let limits = Limits {
+        total,
+        ..Limits::default()
+    };
+    let (quiet, mut quiet_agent) = connect(limits).await;
+    let (noisy, mut noisy_agent) = connect(limits).await;
+    let mut held = quiet.open(&stat()).await.unwrap();
+    quiet_agent.request().await;
+    let mut hog = noisy.open(&stat()).await.unwrap();
+    let mut small = noisy.open(&stat()).await.unwrap();
+    for _ in 0..2 {
+        noisy_agent.request().await;
+    }
+    // One VM holds most of the host's budget unread, under its own bounds...
+    quiet_agent.data(held.id(), 700 * 1024).await;
+    quiet_agent
+        .reply(held.id(), &Reply::Done { bytes: None })
+        .await;
+    ended(&held).await;
+    // ...and another pushes the total past it: that one loses its largest stream.
+    noisy_agent.data(small.id(), 4 * 1024).await;
+    noisy_agent.data(hog.id(), 400 * 1024).await;
+    noisy_agent.cancelled(hog.id()).await;
+    let e = error_of(&mut hog).await;
+    assert_eq!(e.code, ErrorCode::Busy);
+    assert!(e.message.contains("the host held"), "{}", e.message);
+    assert!(used(total) <= 1024 * 1024, "{}", used(total));
+    match small.next().await.unwrap() {
+        StreamEvent::Data(_, b) => assert_eq!(b.len(), 4 * 1024),
+        other => panic!("{other:?}"),
+    }
+    // The VM that got there first lost nothing.
+    let mut got = 0;
+    loop {
+        match held.next().await.unwrap() {
+            StreamEvent::Data(_, b) => got += b.len(),
+            StreamEvent::Reply(Reply::Done { .. }) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(got, 700 * 1024);
+    assert!(quiet_agent.requests.try_recv().is_err());
+    assert_eq!(used(total), 0);
+}
+
+#[tokio::test]
+async fn every_way_out_returns_bytes_to_the_host_budget() {
+    let total = budget(MAX_UNREAD_BYTES_TOTAL);
+    let limits = Limits {
+        per_stream: 256 * 1024,
+        total,
+        ..Limits::default()
+    };
+    let (client, mut agent) = connect(limits).await;
+    let mut read = client.open(&stat()).await.unwrap();
+    let mut cut = client.open(&stat()).await.unwrap();
+    let dropped = client.open(&stat()).await.unwrap();
+    let kept = client.open(&stat()).await.unwrap();
+    for _ in 0..4 {
+        agent.request().await;
+    }
+    agent.data(read.id(), 100 * 1024).await;
+    agent.reply(read.id(), &Reply::Done { bytes: None }).await;
+    agent.data(cut.id(), 300 * 1024).await;
+    agent.data(dropped.id(), 100 * 1024).await;
+    agent.data(kept.id(), 100 * 1024).await;
+    agent.reply(kept.id(), &Reply::Done { bytes: None }).await;
+    ended(&kept).await;
+    assert!(used(total) > 300 * 1024, "{}", used(total));
+    assert_eq!(used(total), client.unread_bytes());
+    // Read to the end, cut off, dropped unread.
+    while !matches!(read.next().await.unwrap(), StreamEvent::Reply(_)) {}
+    error_of(&mut cut).await;
+    drop(dropped);
+    assert_eq!(used(total), client.unread_bytes());
+    // The connection closes; a stream still holding output goes, then the client.
+    agent.out.lock().await.shutdown().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while client.open_streams() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the connection closes within 10 s");
+    assert!(used(total) > 100 * 1024, "{}", used(total));
+    drop((read, cut, kept, client));
+    assert_eq!(used(total), 0);
+}
+
+#[test]
+fn a_connection_that_goes_returns_what_it_still_counts() {
+    let total = budget(1024 * 1024);
+    let conn = Conn::new(Limits {
+        total,
+        ..Limits::default()
+    });
+    // Left registered, as by a handshake given up on mid-wait.
+    let _inbox = conn.register(0, true).unwrap();
+    let frame = Frame::Data {
+        stream: 0,
+        channel: Channel::Output,
+        bytes: vec![0; 1000],
+    };
+    conn.route(Decoded::Frame(frame), &mut Complaints::default());
+    assert!(used(total) > 1000);
+    drop(conn);
+    assert_eq!(used(total), 0);
+}

@@ -52,6 +52,9 @@ pub const SNIFF_WAIT: Duration = Duration::from_millis(1500);
 const RESOLVED_FOR: Duration = Duration::from_secs(30 * 60);
 /// Most addresses remembered per sandbox.
 const MAX_RESOLVED: usize = 4096;
+/// Most names remembered per address (a CDN address serves many; a hostile guest can
+/// resolve a wildcard domain's endless names to one).
+const MAX_NAMES_PER_ADDRESS: usize = 16;
 /// Most DNS queries answered at once per sandbox (each holds a socket to the resolver
 /// for up to 5 s); more are dropped and the guest's resolver retries.
 pub const MAX_DNS_IN_FLIGHT: usize = 64;
@@ -125,6 +128,11 @@ impl Gate {
         for ip in addrs {
             let names = map.entry(*ip).or_default();
             names.retain(|(n, until)| n != name && *until > now);
+            // A guest can look up endless names of one address (a wildcard domain):
+            // the oldest go, so memory per address stays bounded.
+            if names.len() >= MAX_NAMES_PER_ADDRESS {
+                names.remove(0);
+            }
             names.push((name.to_string(), now + RESOLVED_FOR));
         }
     }
@@ -750,5 +758,12 @@ mod tests {
         let mut names = gate.names_for(ip);
         names.sort();
         assert_eq!(names, ["a.test", "b.test"]);
+        // Endless names of one address keep only the newest.
+        for i in 0..1000 {
+            gate.remember(&format!("n{i}.wild.test"), &[ip]);
+        }
+        let names = gate.names_for(ip);
+        assert_eq!(names.len(), MAX_NAMES_PER_ADDRESS);
+        assert!(names.contains(&"n999.wild.test".to_string()));
     }
 }

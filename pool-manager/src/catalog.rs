@@ -69,6 +69,13 @@ impl Catalog {
     /// Opens (creating if needed) the catalog at `path`.
     pub fn open(path: &Path) -> Result<Self, CatalogError> {
         let db = Connection::open(path)?;
+        // Every team's records (environment variables included): the daemon's alone, not
+        // readable by a guest that escaped into its QEMU. SQLite gives its WAL and shared
+        // memory files the database's mode.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
         db.execute_batch(
             "PRAGMA journal_mode=WAL;
              PRAGMA synchronous=FULL;

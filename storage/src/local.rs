@@ -22,6 +22,11 @@ impl LocalStore {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
         std::fs::create_dir_all(root.join(".tmp")).map_err(io("create", ""))?;
+        // Only this process reads the store: every team's snapshots are in it, and a
+        // guest that escaped into its QEMU (another user) must not reach them.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("chmod", ""))?;
         Ok(Self { root })
     }
 

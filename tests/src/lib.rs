@@ -328,6 +328,13 @@ impl Stack {
         Self { api, daemon }
     }
 
+    /// Starts a stack whose daemon keeps its state in `state` (an existing directory).
+    pub fn start_in_with(state: std::path::PathBuf, extra: &[&str]) -> Self {
+        let daemon = Daemon::start_in_with(state, extra);
+        let api = ApiHost::start(&daemon.control, &[]);
+        Self { api, daemon }
+    }
+
     /// A caller of the public API with `key` (paths `/v1/...` land on `/api/v1/...`).
     pub fn public(&self, key: String) -> http::Api {
         http::Api::at(&format!("{}/api", self.api.url), key)
@@ -523,5 +530,53 @@ fn reap_dead_test_runs() {
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             end_vms_of(&e.path());
         }
+    }
+}
+
+/// A small tmpfs mounted for one test (a file system that can fill up without touching
+/// the host's); unmounted and removed on drop. The tests run as root.
+pub struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    /// Mounts `size_mib` of tmpfs on a fresh directory named after `name`.
+    pub fn mount(name: &str, size_mib: u64) -> Self {
+        let dir = std::path::PathBuf::from(format!(
+            "/tmp/nullspace-test-fs-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::create_dir_all(&dir);
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mib}m,mode=0755"),
+                "tmpfs",
+            ])
+            .arg(&dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "mounting a tmpfs on {} (the tests run as root)",
+            dir.display()
+        );
+        Self(dir)
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

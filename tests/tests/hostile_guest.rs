@@ -2,7 +2,7 @@
 //! states what the host must hold and measures it.
 
 use nullspace_tests::http::{small, Api, Runtime};
-use nullspace_tests::Daemon;
+use nullspace_tests::{Daemon, SmallFs};
 use serde_json::json;
 use std::collections::HashSet;
 
@@ -372,56 +372,17 @@ async fn two_cpu_burners_leave_a_third_sandbox_responsive() {
     }
 }
 
-/// A small tmpfs mounted for one test; unmounted and removed on drop.
-struct SmallFs(std::path::PathBuf);
-
-impl SmallFs {
-    fn mount(name: &str, size_mib: u64) -> Self {
-        let dir =
-            std::path::PathBuf::from(format!("/tmp/nullspace-test-{name}-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let ok = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size_mib}m,mode=0755"),
-                "tmpfs",
-            ])
-            .arg(&dir)
-            .status()
-            .unwrap()
-            .success();
-        assert!(
-            ok,
-            "mounting a tmpfs on {} (the tests run as root)",
-            dir.display()
-        );
-        Self(dir)
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[tokio::test]
 async fn a_full_state_disk_refuses_new_sandboxes_and_breaks_nothing() {
     // The state dir (catalog, disk overlays) on a file system of its own, 3 GiB.
     let fs = SmallFs::mount("space", 3072);
-    let daemon = Daemon::start_in(fs.0.clone());
+    let daemon = Daemon::start_in(fs.path().to_path_buf());
     let api = Api::new(&daemon, daemon.team_key("space"));
     let body = json!({ "templateID": "minimal", "resources": small(), "timeout": 300 });
     let first = api.create(body.clone()).await;
     // Something else fills the disk until less than the reserve (1024 MiB) is free.
-    let free = vmm::space::free_bytes(&fs.0).unwrap();
-    let filler = fs.0.join("filler");
+    let free = vmm::space::free_bytes(fs.path()).unwrap();
+    let filler = fs.path().join("filler");
     let status = std::process::Command::new("fallocate")
         .args(["-l", &(free - (512 << 20)).to_string()])
         .arg(&filler)

@@ -2,7 +2,7 @@
 //! wasm component, and a real S3 server (SeaweedFS, `NULLSPACE_TEST_S3`).
 
 use nullspace_tests::http::{small, Api, Runtime};
-use nullspace_tests::{s3_flags, Stack, S3_ENV};
+use nullspace_tests::{s3_flags, SmallFs, Stack, S3_ENV};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -378,8 +378,11 @@ async fn corrupted_chunks_are_detected_and_a_low_disk_refuses_snapshots() {
     assert_eq!(api.delete(&id).await, StatusCode::NO_CONTENT);
     drop(stack);
 
-    // A worker whose disk would drop below its reserve refuses snapshots up front.
-    let stack = Stack::start_with("snap-disk", &["--min-free-disk-mib", "1000000000"], &[]);
+    // A worker whose disk would drop below its reserve refuses snapshots up front: its
+    // state disk (1400 MiB) keeps the 1024 MiB reserve with a sandbox running, but not
+    // with a snapshot of its 512 MiB of memory on top.
+    let fs = SmallFs::mount("snap-disk", 1400);
+    let stack = Stack::start_in_with(fs.path().to_path_buf(), &["--min-free-disk-mib", "1024"]);
     let api = stack.public(stack.daemon.team_key("acme"));
     let sbx = api
         .create(json!({ "templateID": "minimal", "resources": small() }))
@@ -399,6 +402,7 @@ async fn corrupted_chunks_are_detected_and_a_low_disk_refuses_snapshots() {
     let (out, _, _) = Runtime::of(&sbx).run("echo still here").await;
     assert_eq!(out, "still here\n");
     assert_eq!(api.delete(&id).await, StatusCode::NO_CONTENT);
+    drop(stack);
 }
 
 #[tokio::test]

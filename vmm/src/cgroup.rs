@@ -274,6 +274,9 @@ impl Cgroups {
                 set("memory.limit_in_bytes", l.memory_bytes.to_string())?;
                 if dir.join("memory.memsw.limit_in_bytes").exists() {
                     set("memory.memsw.limit_in_bytes", l.memory_bytes.to_string())?;
+                } else {
+                    // No swap accounting: keep the group out of swap instead.
+                    let _ = set("memory.swappiness", "0".into());
                 }
             }
             (Version::V1, Controller::Cpu) => {

@@ -662,10 +662,14 @@ impl QemuVmm {
                     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1770))
                 })
                 .map_err(|e| VmmError::Host(format!("chown {}: {e}", dir.path().display())))?;
+            // Its own files, 0600: no other VM's QEMU may read them.
             std::os::unix::fs::chown(disk.path(), Some(run_as.uid), Some(run_as.gid))
+                .and_then(|()| {
+                    std::fs::set_permissions(disk.path(), std::fs::Permissions::from_mode(0o600))
+                })
                 .map_err(|e| VmmError::Host(format!("chown {}: {e}", disk.path().display())))?;
             for v in &launch.volumes {
-                let _ = std::os::unix::fs::chown(&v.path, Some(run_as.uid), Some(run_as.gid));
+                give_to(&v.path, run_as);
             }
         }
         let mut cgroup = match &self.cgroups {
@@ -1193,6 +1197,44 @@ async fn rebase(overlay: &Path, rootfs: &Path) -> Result<(), VmmError> {
     .map_err(|e| VmmError::Snapshot(format!("flattening the disk: qemu-img rebase failed: {e}")))
 }
 
+/// Checks that the qcow2 header of `copy` (the daemon's own copy of a VM's overlay,
+/// which QEMU could write) still names `backing` and nothing else: a guest that escaped
+/// into QEMU could point it at a host file (`/etc/shadow`) or an external data file,
+/// and root's `qemu-img rebase`, or a later restore, would then read it into a
+/// snapshot the guest's team can restore. `qemu-img info` opens no backing file.
+async fn check_overlay_header(copy: &Path, backing: &Path) -> Result<(), VmmError> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "qcow2"])
+        .arg(copy)
+        .output()
+        .await
+        .map_err(|e| VmmError::Host(format!("running qemu-img: {e}; install qemu-utils")))?;
+    let refuse = |why: String| {
+        VmmError::Snapshot(format!(
+            "the VM's disk overlay {why}: not snapshotted (its QEMU may have rewritten it)"
+        ))
+    };
+    if !out.status.success() {
+        return Err(refuse(format!(
+            "is unreadable ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| refuse(format!("has an unreadable header ({e})")))?;
+    let named = info["backing-filename"].as_str().unwrap_or_default();
+    if Path::new(named) != backing {
+        return Err(refuse(format!(
+            "names backing file {named:?}, not {}",
+            backing.display()
+        )));
+    }
+    if !info["format-specific"]["data"]["data-file"].is_null() {
+        return Err(refuse("names an external data file".into()));
+    }
+    Ok(())
+}
+
 /// Runs `qemu-img` with `args`; the error is what it printed.
 async fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), String> {
     let out = tokio::process::Command::new("qemu-img")
@@ -1209,11 +1251,20 @@ async fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), String> {
 /// Opens `path` without following a link in its last component.
 fn open_nofollow(path: &Path, access: libc::c_int) -> std::io::Result<std::fs::File> {
     let write = access & (libc::O_WRONLY | libc::O_RDWR) != 0;
-    std::fs::OpenOptions::new()
+    // Non-blocking: QEMU could have put a FIFO there, and an open or read of one would
+    // hang the daemon; and only a regular file is read at all.
+    let f = std::fs::OpenOptions::new()
         .read(true)
         .write(write)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is not a regular file: not read", path.display()),
+        ));
+    }
+    Ok(f)
 }
 
 /// The last `max` bytes of `path` (a link is not followed), read by seeking: memory
@@ -1405,6 +1456,19 @@ pub fn seccomp_available(qemu: &Path) -> bool {
     kernel && qemu_has_it
 }
 
+/// Hands a file the VM uses (a volume image) to its QEMU alone: its uid, mode 0600.
+fn give_to(path: &Path, run_as: &RunAs) {
+    let _ = std::os::unix::fs::chown(path, Some(run_as.uid), Some(run_as.gid));
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+
+/// Takes a file back from a VM that ended: its uid is claimed again by later VMs, of
+/// any team.
+fn take_back(path: &Path) {
+    let _ = std::os::unix::fs::chown(path, Some(0), Some(0));
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+
 /// Whether `qemu` can map a file it opened read-only as private, writable guest RAM
 /// (`memory-backend-file,readonly=on,rom=off`, QEMU 8.2+). Without it a template's
 /// memory file must be writable by the VM group (QEMU 7.2 opens it read-write, though
@@ -1471,7 +1535,25 @@ impl QemuVm {
                 Err(e) => return Err(VmmError::Host(format!("connecting QMP: {e}"))),
             }
         };
+        self.check_peer(&qmp, "QMP")?;
         self.qmp = Some(Qmp::connect(qmp).await?);
+        Ok(())
+    }
+
+    /// Fails unless the other end of `socket` is this VM's QEMU: the socket's file is in
+    /// a directory QEMU writes, so it could be a link to another VM's socket.
+    fn check_peer(&self, socket: &UnixStream, what: &str) -> Result<(), VmmError> {
+        let peer = socket
+            .peer_cred()
+            .map_err(|e| VmmError::Host(format!("the {what} socket's peer: {e}")))?;
+        if peer.pid() != Some(self.pid as i32) {
+            return Err(VmmError::Host(format!(
+                "the {what} socket of {} is served by process {:?}, not its QEMU {}: not used",
+                self.id,
+                peer.pid(),
+                self.pid
+            )));
+        }
         Ok(())
     }
 
@@ -1481,6 +1563,7 @@ impl QemuVm {
         let agent = UnixStream::connect(self.dir.file("agent.sock"))
             .await
             .map_err(|e| VmmError::Host(format!("connecting the agent socket: {e}")))?;
+        self.check_peer(&agent, "agent")?;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let handshake = AgentClient::handshake(agent, remaining);
         tokio::pin!(handshake);
@@ -1563,7 +1646,7 @@ impl QemuVm {
             )));
         }
         if let Some(r) = &self.run_as {
-            let _ = std::os::unix::fs::chown(&drive.path, Some(r.uid), Some(r.gid));
+            give_to(&drive.path, r);
         }
         self.qmp()
             .execute("blockdev-add", Some(drive.blockdev()))
@@ -1694,11 +1777,24 @@ impl QemuVm {
         let want_sectors = mib * 1024 * 1024 / 512;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let seen = self
-                .agent()
-                .read_file("/sys/block/vda/size")
-                .await
-                .map_err(|e| VmmError::Agent(format!("reading the guest's disk size: {e}")))?;
+            // A number of a few digits: a guest sending more (or never ending) is cut
+            // off, within the deadline.
+            let read = async {
+                let mut download = self.agent().download("/sys/block/vda/size").await?;
+                let mut out = Vec::new();
+                while let Some(chunk) = download.chunk().await? {
+                    out.extend_from_slice(&chunk);
+                    if out.len() > 64 {
+                        break;
+                    }
+                }
+                Ok::<_, agent_client::ClientError>(out)
+            };
+            let seen =
+                tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), read)
+                    .await
+                    .map_err(|_| VmmError::Timeout("the guest's disk size".into()))?
+                    .map_err(|e| VmmError::Agent(format!("reading the guest's disk size: {e}")))?;
             let sectors: u64 = String::from_utf8_lossy(&seen).trim().parse().unwrap_or(0);
             if sectors >= want_sectors {
                 break;
@@ -1789,12 +1885,33 @@ impl QemuVm {
             let _ = std::os::unix::fs::chown(&sock, Some(r.uid), Some(r.gid));
         }
         let state_path = dest.join("state");
+        // At most the guest's RAM (a stream snapshot carries it) plus device state, from
+        // this VM's QEMU only, within the migration's own deadline: a QEMU a guest took
+        // over must not fill the state disk or hold the snapshot forever.
+        let cap = (u64::from(self.launch.mem_mib) + 256) << 20;
+        let qemu_pid = self.pid as i32;
         let receive = tokio::spawn(async move {
-            let (mut conn, _) = listener.accept().await?;
-            let mut file = tokio::fs::File::create(&state_path).await?;
-            let n = tokio::io::copy(&mut conn, &mut file).await?;
-            file.sync_all().await?;
-            Ok::<u64, std::io::Error>(n)
+            let work = async {
+                let (conn, _) = listener.accept().await?;
+                if conn.peer_cred()?.pid() != Some(qemu_pid) {
+                    return Err(std::io::Error::other("the state came from another process"));
+                }
+                let mut file = tokio::fs::File::create(&state_path).await?;
+                let n =
+                    tokio::io::copy(&mut tokio::io::AsyncReadExt::take(conn, cap + 1), &mut file)
+                        .await?;
+                if n > cap {
+                    return Err(std::io::Error::other(format!(
+                        "the device state outgrew {} MiB",
+                        cap >> 20
+                    )));
+                }
+                file.sync_all().await?;
+                Ok::<u64, std::io::Error>(n)
+            };
+            tokio::time::timeout(Duration::from_secs(330), work)
+                .await
+                .map_err(|_| std::io::Error::other("timed out receiving the state"))?
         });
         let uri = format!("unix:{}", sock.display());
         let migrated = async {
@@ -1824,6 +1941,7 @@ impl QemuVm {
         let disk = dest.join("disk.qcow2");
         snapshot::copy_sparse(self.disk.path(), &disk)
             .map_err(|e| VmmError::Snapshot(format!("copying the disk overlay: {e}")))?;
+        check_overlay_header(&disk, &self.launch.disk_backing).await?;
         for v in &self.launch.volumes {
             snapshot::copy_sparse(&v.path, &dest.join(VolumeDrive::snapshot_file(v.lun)))
                 .map_err(|e| VmmError::Snapshot(format!("copying volume {}: {e}", v.lun)))?;
@@ -1954,6 +2072,16 @@ impl QemuVm {
     }
 
     fn kill_now(&mut self) {
+        let ends = self.child.is_some() || self.pid != 0;
+        self.kill_qemu();
+        if ends && self.run_as.is_some() {
+            for v in &self.launch.volumes {
+                take_back(&v.path);
+            }
+        }
+    }
+
+    fn kill_qemu(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

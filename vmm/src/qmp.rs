@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot};
 
@@ -42,15 +42,38 @@ pub struct Qmp {
     events: broadcast::Sender<Value>,
 }
 
+/// The longest QMP message read. QEMU's largest answers are a few KiB; a QEMU a guest
+/// took over must not make the daemon buffer a line without end.
+const MAX_MESSAGE: u64 = 4 << 20;
+
+/// One message (a line), at most [`MAX_MESSAGE`] bytes; `None` at the end.
+async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    let n = (&mut *r)
+        .take(MAX_MESSAGE)
+        .read_until(b'\n', &mut buf)
+        .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() != Some(&b'\n') && n as u64 == MAX_MESSAGE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a QMP message over {MAX_MESSAGE} bytes"),
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
+}
+
 impl Qmp {
     /// Reads the greeting and enters command mode.
     pub async fn connect(socket: UnixStream) -> Result<Self, QmpError> {
         let (read_half, write_half) = socket.into_split();
-        let mut lines = BufReader::new(read_half).lines();
+        let mut lines = BufReader::new(read_half);
         // QEMU serves one QMP client at a time: a greeting that never comes means another
         // client still holds the monitor.
         let wait = Duration::from_secs(10);
-        let greeting = tokio::time::timeout(wait, lines.next_line())
+        let greeting = tokio::time::timeout(wait, read_line(&mut lines))
             .await
             .map_err(|_| {
                 QmpError::Timeout(
@@ -73,7 +96,7 @@ impl Qmp {
             events: events.clone(),
         };
         tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
+            while let Ok(Some(line)) = read_line(&mut lines).await {
                 let Ok(msg) = serde_json::from_str::<Value>(&line) else {
                     continue;
                 };

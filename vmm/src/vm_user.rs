@@ -38,6 +38,17 @@ impl VmUid {
     /// from the ID so that most claims succeed at the first try.
     pub fn claim(claims_dir: &Path, vm_dir: &Path, id: &str) -> std::io::Result<Self> {
         std::fs::create_dir_all(claims_dir)?;
+        // One claimer at a time on this host (a stale claim is checked and replaced in
+        // two steps); released when `_lock` closes.
+        let _lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(claims_dir.join(".lock"))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&_lock), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         let start = id
             .strip_prefix("vm-")
             .and_then(|h| u64::from_str_radix(&h[h.len().saturating_sub(15)..], 16).ok())
@@ -64,12 +75,21 @@ impl VmUid {
                     let holder = std::fs::read(&claim).unwrap_or_default();
                     let holder = Path::new(std::ffi::OsStr::from_bytes(&holder));
                     if !holder.exists() && !uid_in_use(uid) {
-                        std::fs::write(&claim, vm_dir.as_os_str().as_bytes())?;
-                        return Ok(Self {
-                            uid,
-                            claim,
-                            keep: false,
-                        });
+                        // Under the lock: no other claimer is between its check and
+                        // its claim.
+                        let _ = std::fs::remove_file(&claim);
+                        if let Ok(mut f) = std::fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .open(&claim)
+                        {
+                            f.write_all(vm_dir.as_os_str().as_bytes())?;
+                            return Ok(Self {
+                                uid,
+                                claim,
+                                keep: false,
+                            });
+                        }
                     }
                 }
                 Err(e) => return Err(e),
