@@ -250,10 +250,32 @@ pub async fn fetch(
     snapshot: &StoredSnapshot,
     dest: &Path,
 ) -> Result<(), StoreError> {
+    // The manifest came from the bucket: a name like `../x` or `/etc/x` would write
+    // anywhere as root. Every name is checked before anything is written.
+    if let Some(bad) = snapshot.files.keys().find(|n| !is_file_name(n)) {
+        return Err(StoreError::Backend {
+            op: "fetch",
+            key: snapshot.id.clone(),
+            message: format!(
+                "the manifest names a file {bad:?}; a snapshot holds only state, memory, disk.qcow2 and volume-<0-255>.img: the stored manifest was tampered with"
+            ),
+        });
+    }
     for (name, manifest) in &snapshot.files {
         restore_file(store, manifest, &dest.join(name)).await?;
     }
     Ok(())
+}
+
+/// Whether `name` is one a snapshot's file may have: `state`, `memory`, `disk.qcow2` or
+/// `volume-<lun>.img` (a LUN of 0 to 255, written without leading zeros).
+pub fn is_file_name(name: &str) -> bool {
+    matches!(name, "state" | "memory" | "disk.qcow2")
+        || name
+            .strip_prefix("volume-")
+            .and_then(|n| n.strip_suffix(".img"))
+            .and_then(|n| n.parse::<u8>().ok().filter(|lun| lun.to_string() == n))
+            .is_some()
 }
 
 /// Deletes a snapshot's manifest: from then on it does not exist. Its chunks go with
@@ -392,6 +414,29 @@ mod tests {
             vec![7u8; 3 << 20]
         );
         assert_eq!(std::fs::read(dest.join("disk.qcow2")).unwrap(), b"disk");
+
+        // A manifest from the bucket naming a file outside the snapshot is refused
+        // before anything is written, wherever the name points.
+        for bad in [
+            "../escaped",
+            "/tmp/escaped-abs",
+            "sub/state",
+            "volume-007.img",
+            "",
+        ] {
+            let mut tampered = first.clone();
+            let state = tampered.files["state"].clone();
+            tampered.files.insert(bad.to_string(), state);
+            let fresh = root.join(format!("tampered-{}", bad.len()));
+            std::fs::create_dir_all(&fresh).unwrap();
+            let e = fetch(&store, &tampered, &fresh).await.unwrap_err();
+            assert!(e.to_string().contains("tampered"), "{bad}: {e}");
+            assert_eq!(std::fs::read_dir(&fresh).unwrap().count(), 0, "{bad}");
+        }
+        assert!(!root.join("escaped").exists());
+        assert!(!std::path::Path::new("/tmp/escaped-abs").exists());
+        assert!(is_file_name("volume-7.img") && is_file_name("volume-255.img"));
+        assert!(!is_file_name("volume-256.img") && !is_file_name("manifest.json"));
 
         // Deleting one keeps the shared chunks; deleting both frees them.
         delete(&store, &first).await.unwrap();

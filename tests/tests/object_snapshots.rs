@@ -91,6 +91,28 @@ fn id_of(v: &Value) -> String {
     v["sandboxID"].as_str().unwrap().to_string()
 }
 
+/// A stack on the default local-directory store with one `minimal` sandbox and one
+/// snapshot of it: the stack, a caller, the sandbox's ID and the snapshot's stored
+/// manifest (a test may damage what the store holds in place).
+async fn snapshot_in_local_store(name: &str) -> (Stack, Api, String, std::path::PathBuf) {
+    let stack = Stack::start(name);
+    let api = stack.public(stack.daemon.team_key("acme"));
+    let sbx = api
+        .create(json!({ "templateID": "minimal", "resources": small() }))
+        .await;
+    let id = id_of(&sbx);
+    let (status, snap) = snapshot(&api, &id).await;
+    assert_eq!(status, StatusCode::CREATED, "{snap}");
+    let manifest_path = stack
+        .daemon
+        .state_dir()
+        .join("objects")
+        .join("snapshots")
+        .join(&id)
+        .join(format!("{}.json", snap["snapshotID"].as_str().unwrap()));
+    (stack, api, id, manifest_path)
+}
+
 #[tokio::test]
 async fn hibernated_sandboxes_restore_and_resume_on_a_second_worker_sharing_the_bucket() {
     let bucket = bucket("hibernate");
@@ -341,19 +363,8 @@ async fn a_failed_upload_stores_nothing_keeps_the_sandbox_running_and_a_retry_su
 #[tokio::test]
 async fn corrupted_chunks_are_detected_and_a_low_disk_refuses_snapshots() {
     // The default local-directory store, so the test can damage a chunk in place.
-    let stack = Stack::start("snap-corrupt");
-    let api = stack.public(stack.daemon.team_key("acme"));
-    let sbx = api
-        .create(json!({ "templateID": "minimal", "resources": small() }))
-        .await;
-    let id = id_of(&sbx);
-    let (status, snap) = snapshot(&api, &id).await;
-    assert_eq!(status, StatusCode::CREATED, "{snap}");
+    let (stack, api, id, manifest_path) = snapshot_in_local_store("snap-corrupt").await;
     let objects = stack.daemon.state_dir().join("objects");
-    let manifest_path = objects
-        .join("snapshots")
-        .join(&id)
-        .join(format!("{}.json", snap["snapshotID"].as_str().unwrap()));
     let manifest: Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
     let sha = manifest["files"]["state"]["chunks"][0]["sha256"]
         .as_str()
@@ -466,4 +477,73 @@ async fn periodic_snapshots_and_hibernate_on_timeout_with_restore_preferring_pau
     for s in [&id, &id_of(&copy)] {
         assert_eq!(api.delete(s).await, StatusCode::NO_CONTENT);
     }
+}
+
+#[tokio::test]
+async fn tampered_manifests_are_refused_and_write_nothing_outside() {
+    // The default local-directory store, so the test can rewrite a manifest in place,
+    // as anyone holding the bucket's credentials could.
+    let (_stack, api, id, manifest_path) = snapshot_in_local_store("snap-tamper").await;
+    let original: Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let pid = std::process::id();
+    let escaped = [
+        std::path::PathBuf::from(format!("/tmp/nullspace-escaped-{pid}")),
+        std::path::PathBuf::from(format!("/nullspace-escaped-{pid}")),
+    ];
+    type Tamper = fn(&mut Value, u32);
+    let cases: [(&str, Tamper, &str); 4] = [
+        (
+            "an absolute file name",
+            |m, pid| {
+                let state = m["files"]["state"].clone();
+                m["files"][format!("/tmp/nullspace-escaped-{pid}")] = state;
+            },
+            "tampered",
+        ),
+        (
+            "a file name climbing out",
+            |m, pid| {
+                let state = m["files"]["state"].clone();
+                m["files"][format!("../../../../../../../../nullspace-escaped-{pid}")] = state;
+            },
+            "tampered",
+        ),
+        (
+            "an extra QEMU argument",
+            |m, _| {
+                let args = m["vm"]["machine_args"].as_array_mut().unwrap();
+                args.push(json!("-monitor"));
+                args.push(json!(
+                    "unix:/tmp/nullspace-escaped-monitor,server=on,wait=off"
+                ));
+            },
+            "machine arguments",
+        ),
+        (
+            "a root filesystem of its own",
+            |m, _| m["vm"]["rootfs_image"] = json!("/etc/shadow"),
+            "root filesystem",
+        ),
+    ];
+    for (what, tamper, says) in cases {
+        let mut m = original.clone();
+        tamper(&mut m, pid);
+        std::fs::write(&manifest_path, serde_json::to_vec(&m).unwrap()).unwrap();
+        let (status, v) = restore(&api, json!({ "sandboxID": id })).await;
+        assert_ne!(status, StatusCode::CREATED, "{what}: restored anyway");
+        assert!(
+            v["message"].as_str().unwrap_or("").contains(says),
+            "{what}: {v}"
+        );
+        for path in &escaped {
+            assert!(!path.exists(), "{what}: {} was written", path.display());
+        }
+        assert!(!std::path::Path::new("/tmp/nullspace-escaped-monitor").exists());
+    }
+    // The manifest as it was restores.
+    std::fs::write(&manifest_path, serde_json::to_vec(&original).unwrap()).unwrap();
+    let (status, v) = restore(&api, json!({ "sandboxID": id })).await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(api.delete(&id_of(&v)).await, StatusCode::NO_CONTENT);
+    assert_eq!(api.delete(&id).await, StatusCode::NO_CONTENT);
 }

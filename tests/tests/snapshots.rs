@@ -262,12 +262,35 @@ async fn restoring_with_another_qemu_or_kernel_is_refused() {
     vm.kill().await;
     let manifest_path = snapshot.dir().join("manifest.json");
     let original = std::fs::read_to_string(&manifest_path).unwrap();
-    for (field, value, what) in [
-        ("qemu_version", "QEMU emulator version 99.0.0", "QEMU"),
-        ("kernel_key", "0000000000000000", "guest kernel"),
-    ] {
+    // Another QEMU or kernel; and machine arguments or a root filesystem that are not
+    // this host's (a manifest from a bucket is never trusted).
+    type Tamper = fn(&mut serde_json::Value);
+    let cases: [(Tamper, &[&str]); 4] = [
+        (
+            |m| m["qemu_version"] = "QEMU emulator version 99.0.0".into(),
+            &["QEMU", "99.0.0"],
+        ),
+        (
+            |m| m["kernel_key"] = "0000000000000000".into(),
+            &["guest kernel", "0000000000000000"],
+        ),
+        (
+            |m| {
+                m["machine_args"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push("-no-shutdown".into())
+            },
+            &["machine arguments"],
+        ),
+        (
+            |m| m["rootfs_image"] = "/etc/shadow".into(),
+            &["root filesystem"],
+        ),
+    ];
+    for (tamper, says) in cases {
         let mut m: serde_json::Value = serde_json::from_str(&original).unwrap();
-        m[field] = value.into();
+        tamper(&mut m);
         std::fs::write(&manifest_path, m.to_string()).unwrap();
         let err = d
             .restore(
@@ -279,7 +302,7 @@ async fn restoring_with_another_qemu_or_kernel_is_refused() {
             .expect("refused");
         assert!(matches!(err, VmmError::SnapshotMismatch(_)), "{err}");
         let msg = err.to_string();
-        assert!(msg.contains(what) && msg.contains(value), "{msg}");
+        assert!(says.iter().all(|w| msg.contains(w)), "{msg}");
         assert!(msg.contains("take a new snapshot"), "{msg}");
     }
     // The untouched manifest restores.

@@ -588,6 +588,46 @@ impl QemuVmm {
         Ok(rootfs)
     }
 
+    /// Checks what a snapshot's manifest would hand QEMU against this host. A manifest
+    /// may come from a bucket anyone with its credentials can write, so nothing in it
+    /// reaches QEMU unchecked: the shape must be one a boot accepts, the root filesystem
+    /// this host's image of that name, and the machine arguments exactly the ones this
+    /// host builds for that shape (an extra `-monitor` or `-chardev` would hand the
+    /// bucket's writer the VM, or a file as root).
+    fn check_manifest(&self, m: &SnapshotManifest) -> Result<(), VmmError> {
+        let refuse = |why: String| {
+            VmmError::SnapshotMismatch(format!(
+                "snapshot {}: {why}; restore it on a host with the same guest images and configuration, or take a new snapshot here",
+                m.id
+            ))
+        };
+        let spec = VmSpec {
+            rootfs: m.rootfs.clone(),
+            vcpus: m.vcpus,
+            mem_mib: m.mem_mib,
+            disk_mib: m.disk_mib,
+            egress: m.egress,
+            boot_timeout: Duration::from_secs(1),
+        };
+        let rootfs = self.validate(&spec).map_err(|e| refuse(e.to_string()))?;
+        if rootfs != m.rootfs_image {
+            return Err(refuse(format!(
+                "it is layered on {}, this host's '{}' root filesystem is {}",
+                m.rootfs_image.display(),
+                m.rootfs,
+                rootfs.display()
+            )));
+        }
+        let ours = self.machine_args(m.vcpus, m.mem_mib);
+        if ours != m.machine_args {
+            return Err(refuse(format!(
+                "it records QEMU machine arguments {:?}, this host uses {:?} for that shape",
+                m.machine_args, ours
+            )));
+        }
+        Ok(())
+    }
+
     /// Creates the VM directory and disk, starts QEMU and connects QMP. The agent is
     /// connected by the caller: after boot, or after an incoming migration.
     async fn launch(
@@ -845,6 +885,7 @@ impl QemuVmm {
             self.accel.accel,
             self.config.isolated_network,
         )?;
+        self.check_manifest(m)?;
         let memory = match (m.memory, options.memory) {
             (MemoryFormat::File, RestoreMemory::CopyOnWrite) => {
                 Memory::CopyOnWrite(snapshot.memory())
@@ -916,13 +957,6 @@ impl QemuVmm {
                 snapshot::FORMAT_VERSION
             )));
         }
-        if !manifest.rootfs_image.exists() {
-            return Err(VmmError::SnapshotMismatch(format!(
-                "snapshot {} is layered on {}, which this host does not have; restore it on a host with the same guest image set",
-                manifest.id,
-                manifest.rootfs_image.display()
-            )));
-        }
         let snapshot = Snapshot::new(dir.to_path_buf(), manifest);
         snapshot.check_compatible(
             &self.qemu_version,
@@ -930,6 +964,7 @@ impl QemuVmm {
             self.accel.accel,
             self.config.isolated_network,
         )?;
+        self.check_manifest(snapshot.manifest())?;
         grant_restore_access(dir, self.run_as.as_ref(), self.private_rom);
         snapshot.commit()?;
         Ok(snapshot)
