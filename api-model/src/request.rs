@@ -218,6 +218,26 @@ impl CreateRequest {
                 "envVars value of {k:?} contains NUL; send text without NUL"
             )));
         }
+        // Kept in the catalog with the sandbox and in its snapshots: bounded, so one
+        // team cannot grow the catalog every request reads.
+        if let Some((k, _)) = self
+            .env_vars
+            .iter()
+            .find(|(k, v)| k.len() > MAX_ENV_KEY_BYTES || v.len() > MAX_ENV_VALUE_BYTES)
+        {
+            return Err(ApiError::bad_request(format!(
+                "envVars entry {:?} is too large; send names up to {MAX_ENV_KEY_BYTES} bytes and values up to {MAX_ENV_VALUE_BYTES} bytes",
+                k.chars().take(64).collect::<String>()
+            ))
+            .with_details(json!({ "field": "envVars" })));
+        }
+        let total: usize = self.env_vars.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if total > MAX_ENV_TOTAL_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "envVars hold {total} bytes; send at most {MAX_ENV_TOTAL_BYTES} in all (put large data in a file instead)"
+            ))
+            .with_details(json!({ "field": "envVars" })));
+        }
         validate_metadata(&self.metadata)?;
         let snapshot_interval_s = self
             .snapshot_interval
@@ -511,6 +531,13 @@ pub fn validate_timeout(seconds: u64) -> Result<u64, ApiError> {
     Ok(seconds)
 }
 
+/// Longest environment variable name accepted.
+pub const MAX_ENV_KEY_BYTES: usize = 256;
+/// Longest environment variable value accepted.
+pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+/// Most bytes of environment (names and values) one sandbox may carry.
+pub const MAX_ENV_TOTAL_BYTES: usize = 256 * 1024;
+
 fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if m.len() > 64 {
         return Err(ApiError::bad_request(
@@ -584,6 +611,31 @@ mod tests {
         let err = parse_body::<CreateRequest>(br#"{"templateID":"base","bogus":1}"#).unwrap_err();
         assert!(err.message.contains("bogus"), "{}", err.message);
         assert_eq!(err.details["field"], "bogus");
+    }
+
+    #[test]
+    fn environment_is_bounded_in_size() {
+        let with = |env: serde_json::Value| {
+            let body = json!({ "templateID": "base", "envVars": env }).to_string();
+            parse_body::<CreateRequest>(body.as_bytes())
+                .unwrap()
+                .validate()
+                .map(|_| ())
+        };
+        assert!(with(json!({ "A": "x".repeat(MAX_ENV_VALUE_BYTES) })).is_ok());
+        let long_value = with(json!({ "A": "x".repeat(MAX_ENV_VALUE_BYTES + 1) })).unwrap_err();
+        assert!(
+            long_value.message.contains("values up to"),
+            "{}",
+            long_value.message
+        );
+        assert_eq!(long_value.details["field"], "envVars");
+        assert!(with(json!({ "K".repeat(MAX_ENV_KEY_BYTES + 1): "x" })).is_err());
+        let many: serde_json::Map<String, serde_json::Value> = (0..10)
+            .map(|i| (format!("V{i}"), json!("x".repeat(MAX_ENV_VALUE_BYTES))))
+            .collect();
+        let total = with(serde_json::Value::Object(many)).unwrap_err();
+        assert!(total.message.contains("in all"), "{}", total.message);
     }
 
     #[test]

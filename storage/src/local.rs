@@ -110,9 +110,16 @@ impl ObjectStore for LocalStore {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let root = self.root.clone();
         let prefix = prefix.to_string();
+        // Only the directory the prefix names is walked (listing one sandbox's
+        // snapshots must not read the name of every chunk in the store).
+        let dir_part = prefix.rsplit_once('/').map_or("", |(d, _)| d);
+        if !dir_part.is_empty() {
+            check_key(dir_part)?;
+        }
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            let mut stack = vec![root.clone()];
+            let dir_part = prefix.rsplit_once('/').map_or("", |(d, _)| d);
+            let mut stack = vec![root.join(dir_part)];
             while let Some(dir) = stack.pop() {
                 let entries = match std::fs::read_dir(&dir) {
                     Ok(e) => e,
@@ -130,7 +137,9 @@ impl ObjectStore for LocalStore {
                         continue;
                     }
                     if path.is_dir() {
-                        stack.push(path);
+                        if rel.starts_with(&prefix) || prefix.starts_with(&format!("{rel}/")) {
+                            stack.push(path);
+                        }
                     } else if rel.starts_with(&prefix) {
                         out.push(rel);
                     }
@@ -149,5 +158,36 @@ impl ObjectStore for LocalStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io("delete", key)(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lists_walk_only_what_the_prefix_names() {
+        let root = std::env::temp_dir().join(format!("local-list-{}", std::process::id()));
+        let store = LocalStore::open(&root).unwrap();
+        for key in [
+            "snapshots/a/1.json",
+            "snapshots/ab/2.json",
+            "snapshots/b/3.json",
+            "chunks/x",
+        ] {
+            store.put(key, b"v".to_vec().into()).await.unwrap();
+        }
+        assert_eq!(
+            store.list("snapshots/a/").await.unwrap(),
+            ["snapshots/a/1.json"]
+        );
+        assert_eq!(
+            store.list("snapshots/a").await.unwrap(),
+            ["snapshots/a/1.json", "snapshots/ab/2.json"]
+        );
+        assert_eq!(store.list("").await.unwrap().len(), 4);
+        assert!(store.list("missing/").await.unwrap().is_empty());
+        assert!(store.list("../etc/").await.is_err());
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
