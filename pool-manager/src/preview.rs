@@ -141,17 +141,16 @@ async fn serve(p: &Previews, mut req: Request) -> Result<Response, Response> {
             .with_details(serde_json::json!({ "hint": format!("preview URLs look like http://PORT-SANDBOXID.{}", p.domain) }))
             .into_response()
     })?;
-    let record = p
-        .manager
-        .catalog
-        .sandbox(&sandbox)
-        .ok()
-        .flatten()
-        .ok_or_else(|| ApiError::not_found("sandbox", &sandbox).into_response())?;
+    // A sandbox that does not exist answers exactly as one whose port is private: the
+    // preview domain is shared, and whether an ID exists is no one else's business.
+    let record = p.manager.catalog.sandbox(&sandbox).ok().flatten();
     let now = chrono::Utc::now().timestamp();
     let (url_token, rest_query) = split_token(req.uri());
     let upgrade = req.headers().contains_key(header::UPGRADE);
-    if !record.public_ports.contains(&port) {
+    let public = record
+        .as_ref()
+        .is_some_and(|r| r.public_ports.contains(&port));
+    if !public {
         if let Some(t) = req
             .headers()
             .get(PROXY_HEADER)
@@ -189,12 +188,11 @@ async fn serve(p: &Previews, mut req: Request) -> Result<Response, Response> {
                 .check(&t, &subject(&sandbox, port, false), now)
                 .map_err(|e| token_refused(e, "the preview cookie").into_response())?;
         } else {
-            return Err(ApiError::unauthorized(format!(
-                "port {port} of {sandbox} is private: open its preview URL with the token (get_preview_url), send a proxy token in {PROXY_HEADER}, or make the port public"
-            ))
-            .into_response());
+            return Err(private(port, &sandbox));
         }
     }
+    // Only a valid token (issued for a sandbox since deleted) gets this far without one.
+    let record = record.ok_or_else(|| private(port, &sandbox))?;
     let agent = match p.manager.preview_agent(&record, WAKE_WINDOW).await {
         Ok(agent) => agent,
         Err(PreviewWake::Unavailable(why)) => return Err(unavailable(why)),
@@ -223,6 +221,7 @@ async fn serve(p: &Previews, mut req: Request) -> Result<Response, Response> {
     });
     // What the application sees: no credentials of ours.
     req.headers_mut().remove(PROXY_HEADER);
+    strip_our_cookies(req.headers_mut());
     if url_token.is_some() {
         let path = req.uri().path().to_string();
         let pq = match &rest_query {
@@ -262,7 +261,65 @@ async fn serve(p: &Previews, mut req: Request) -> Result<Response, Response> {
             });
         }
     }
+    host_only_cookies(resp.headers_mut());
     Ok(resp.map(Body::new))
+}
+
+/// The answer for a port without access: the same whether the sandbox exists or not.
+fn private(port: u16, sandbox: &str) -> Response {
+    ApiError::unauthorized(format!(
+        "port {port} of {sandbox} is private or does not exist: open its preview URL with the token (get_preview_url), send a proxy token in {PROXY_HEADER}, or make the port public"
+    ))
+    .into_response()
+}
+
+/// Removes our preview cookies from what the application receives: a token of ours is
+/// no business of the application's (and a logging one would leak it).
+fn strip_our_cookies(headers: &mut axum::http::HeaderMap) {
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty() && !kv.starts_with("ns_preview_"))
+        .map(str::to_string)
+        .collect();
+    headers.remove(header::COOKIE);
+    if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+        if !kept.is_empty() {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// Drops the `Domain` attribute of every cookie the application sets: its cookies stay
+/// on its own preview host, never on the shared parent domain where they would reach
+/// every other sandbox's previews.
+fn host_only_cookies(headers: &mut axum::http::HeaderMap) {
+    let cookies: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .map(|v| {
+            let Ok(text) = v.to_str() else {
+                return v.clone();
+            };
+            let kept: Vec<&str> = text
+                .split(';')
+                .filter(|attr| {
+                    !attr
+                        .trim()
+                        .get(..7)
+                        .is_some_and(|a| a.eq_ignore_ascii_case("domain="))
+                })
+                .collect();
+            HeaderValue::from_str(&kept.join(";")).unwrap_or_else(|_| v.clone())
+        })
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for c in cookies {
+        headers.append(header::SET_COOKIE, c);
+    }
 }
 
 #[cfg(test)]
@@ -317,6 +374,39 @@ mod tests {
             signer.check(&runtime, &subject(id, 8000, false), now),
             Err(TokenError::OtherSandbox)
         );
+    }
+
+    #[test]
+    fn our_cookies_stay_ours_and_the_apps_stay_on_its_host() {
+        let mut h = axum::http::HeaderMap::new();
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("ns_preview_8000=tok; app=1"),
+        );
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("ns_preview_9000=x"),
+        );
+        strip_our_cookies(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(h[header::COOKIE], "app=1");
+        let mut h = axum::http::HeaderMap::new();
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("ns_preview_8000=tok"),
+        );
+        strip_our_cookies(&mut h);
+        assert!(h.get(header::COOKIE).is_none());
+
+        let mut h = axum::http::HeaderMap::new();
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("a=1; Domain=.preview.test; Path=/; HttpOnly"),
+        );
+        h.append(header::SET_COOKIE, HeaderValue::from_static("b=2;domain=x"));
+        host_only_cookies(&mut h);
+        let set: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
+        assert_eq!(set, ["a=1; Path=/; HttpOnly", "b=2"]);
     }
 
     #[test]

@@ -50,8 +50,10 @@ class H(http.server.BaseHTTPRequestHandler):
             # Holds the page's load event (when the browser dumps the DOM) until the
             # WebSocket has echoed.
             ECHOED.wait(20)
-        body = PAGE if self.path.split('?')[0] in ('/', '/index.html') else ('path=' + self.path + ' host=' + self.headers['Host'] + ' proxy=' + str(self.headers.get('x-nullspace-preview-proxy-token'))).encode()
+        body = PAGE if self.path.split('?')[0] in ('/', '/index.html') else ('path=' + self.path + ' host=' + self.headers['Host'] + ' proxy=' + str(self.headers.get('x-nullspace-preview-proxy-token')) + ' cookie=' + str(self.headers.get('Cookie'))).encode()
         self.send_response(200)
+        if self.path.startswith('/setcookie'):
+            self.send_header('Set-Cookie', 'app=2; Domain=.parent.test; Path=/')
         self.send_header('Content-Type', 'text/html')
         self.send_header('Content-Length', str(len(body)))
         self.end_headers()
@@ -249,13 +251,35 @@ async fn a_browser_loads_a_preview_and_its_websocket_and_tokens_guard_private_po
         .next()
         .unwrap()
         .to_string();
-    let resp = p.get(&host, "/x?a=1", &[("cookie", &cookie)]).await;
+    let resp = p
+        .get(&host, "/x?a=1", &[("cookie", &format!("{cookie}; app=1"))])
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body = resp.text().await.unwrap();
     assert!(
         body.contains("path=/x?a=1") && body.contains(&format!("host={host}")),
         "{body}"
     );
+    // The application gets its own cookies, never ours.
+    assert!(
+        body.contains("cookie=app=1") && !body.contains("ns_preview"),
+        "{body}"
+    );
+    // A cookie the application sets stays on its own preview host.
+    let resp = p.get(&host, "/setcookie", &[("cookie", &cookie)]).await;
+    assert_eq!(resp.headers()["set-cookie"], "app=2; Path=/");
+    // A sandbox that does not exist answers as a private port does.
+    let private = p.get(&host, "/", &[]).await;
+    let missing = p
+        .get(&p.host("sbx-00000000000000000000", 8000), "/", &[])
+        .await;
+    assert_eq!(
+        (private.status(), missing.status()),
+        (StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED)
+    );
+    let (private, missing): (Value, Value) =
+        (private.json().await.unwrap(), missing.json().await.unwrap());
+    assert_eq!(private["code"], missing["code"]);
     // The proxy target: the token in a header, which the application never sees.
     let target = &v["proxyTarget"];
     assert_eq!(target["header"], "x-nullspace-preview-proxy-token");
