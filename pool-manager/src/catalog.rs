@@ -427,6 +427,41 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Removes the sandboxes deleted before `before_ms` (the time of their last step)
+    /// with their events, in one transaction; returns how many. Records of deleted
+    /// sandboxes are kept only for a retention period: the catalog must not grow with
+    /// every sandbox ever made.
+    pub fn prune_deleted(&self, before_ms: i64) -> Result<usize, CatalogError> {
+        let mut db = self.db.lock().unwrap();
+        let old: Vec<String> = {
+            let mut stmt = db.prepare(
+                "SELECT id, json_extract(record, '$.timeline[#-1].at') FROM sandboxes
+                 WHERE json_extract(record, '$.state') = 'deleted'",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            })?;
+            let mut old = Vec::new();
+            for row in rows {
+                let (id, at) = row?;
+                let ended = at
+                    .and_then(|at| chrono::DateTime::parse_from_rfc3339(&at).ok())
+                    .map(|t| t.timestamp_millis());
+                if ended.is_some_and(|t| t < before_ms) {
+                    old.push(id);
+                }
+            }
+            old
+        };
+        let tx = db.transaction()?;
+        for id in &old {
+            tx.execute("DELETE FROM events WHERE sandbox_id = ?1", params![id])?;
+            tx.execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
+        }
+        tx.commit()?;
+        Ok(old.len())
+    }
+
     /// Every sandbox record (for timeouts and start-up reconciliation).
     pub fn all_sandboxes(&self) -> Result<Vec<SandboxRecord>, CatalogError> {
         let db = self.db.lock().unwrap();
@@ -638,6 +673,36 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         (Catalog::open(&dir.join("catalog.db")).unwrap(), dir)
+    }
+
+    #[test]
+    fn deleted_sandboxes_past_their_retention_go_with_their_events() {
+        use crate::model::{InternalState, SandboxRecord};
+        let (c, dir) = catalog();
+        let team = c.create_team("acme", None).unwrap();
+        let fresh = || SandboxRecord::fresh(&team.id, "base".into(), Default::default(), 300, 0);
+        let mut old = fresh();
+        old.state = InternalState::Deleted;
+        old.step("deleted", None);
+        old.timeline.last_mut().unwrap().at = "2020-01-01T00:00:00.000Z".into();
+        let mut recent = fresh();
+        recent.state = InternalState::Deleted;
+        recent.step("deleted", None);
+        let live = fresh();
+        for r in [&old, &recent, &live] {
+            c.put_sandbox(r).unwrap();
+            c.append_event(&r.id, "sandbox.created", &serde_json::json!({}))
+                .unwrap();
+        }
+        let an_hour_ago = chrono::Utc::now().timestamp_millis() - 3_600_000;
+        assert_eq!(c.prune_deleted(an_hour_ago).unwrap(), 1);
+        assert!(c.sandbox(&old.id).unwrap().is_none());
+        assert_eq!(c.last_event_id(&old.id).unwrap(), 0, "its events went too");
+        assert!(c.sandbox(&recent.id).unwrap().is_some());
+        assert!(c.sandbox(&live.id).unwrap().is_some());
+        assert_eq!(c.last_event_id(&live.id).unwrap(), 1);
+        assert_eq!(c.prune_deleted(an_hour_ago).unwrap(), 0);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -37,7 +37,7 @@ use std::sync::Arc;
 const USAGE: &str = "usage:
   nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--preview-listen 127.0.0.1:7072] [--preview-domain localhost:PORT] [--state-dir /var/lib/nullspace] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
       [--snapshot-store local|s3] [--store-dir STATE/objects] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region us-east-1]]
-      [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
+      [--periodic-snapshot-interval-s 0] [--deleted-retention-s 604800] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
       [--network auto|isolated|user] [--egress-dns IP:PORT] [--insecure-unconfined-qemu]
   nullspace-pool-manager check [--state-dir /var/lib/nullspace] [--network auto] [--min-free-disk-mib 1024]
   nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--state-dir DIR]
@@ -402,6 +402,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         "s3-prefix",
         "s3-region",
         "periodic-snapshot-interval-s",
+        "deleted-retention-s",
         "min-free-disk-mib",
         "warm-pool",
         "network",
@@ -475,6 +476,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
                 .flag("max-sandboxes-per-team", "20")
                 .parse()
                 .context("--max-sandboxes-per-team needs a number")?,
+            deleted_retention_s: number(args, "deleted-retention-s", 7 * 24 * 3600)?,
             snapshots,
             preview_domain: preview_domain.clone(),
             network,

@@ -639,3 +639,34 @@ fn qemu_pids_of(daemon: &Daemon) -> Vec<u32> {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn deleted_sandboxes_are_pruned_after_their_retention() {
+    // No retention: a deleted sandbox's record and events go at the next prune (every
+    // 10 s), so the catalog does not grow with every sandbox ever made.
+    let daemon = Daemon::start_with("prune", &["--deleted-retention-s", "0"], &[]);
+    let api = Api::new(&daemon, daemon.team_key("acme"));
+    let sbx = api
+        .create(json!({ "templateID": "minimal", "resources": small() }))
+        .await;
+    let id = sbx["sandboxID"].as_str().unwrap().to_string();
+    let kept = api
+        .create(json!({ "templateID": "minimal", "resources": small() }))
+        .await;
+    assert_eq!(api.delete(&id).await, StatusCode::NO_CONTENT);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let (status, _) = api.fetch(&format!("/v1/sandboxes/{id}")).await;
+        if status == StatusCode::NOT_FOUND {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {status} after 40 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (status, _) = api.fetch(&format!("/v1/sandboxes/{id}/events")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "its events went with it");
+    // A live sandbox is never pruned.
+    let kept_id = kept["sandboxID"].as_str().unwrap();
+    assert_eq!(api.get(kept_id).await["state"], "running");
+    assert_eq!(api.delete(kept_id).await, StatusCode::NO_CONTENT);
+}

@@ -46,6 +46,8 @@ pub struct Manager {
     recorded_templates: Mutex<std::collections::HashSet<String>>,
     /// Live sandboxes a team may hold unless the catalog says otherwise.
     default_quota: u32,
+    /// How long a deleted sandbox's record and events are kept (then pruned).
+    deleted_retention_s: u64,
     /// Most memory one sandbox may have on this host (half of its RAM).
     max_mem_mib: u32,
     /// Serialises the quota check with the insert, so a burst cannot overshoot.
@@ -103,6 +105,8 @@ pub struct ManagerConfig {
     pub templates_dir: PathBuf,
     /// Live sandboxes a team may hold unless its own quota says otherwise.
     pub default_quota: u32,
+    /// How long a deleted sandbox's record and events are kept, in seconds.
+    pub deleted_retention_s: u64,
     /// The snapshot store and its limits.
     pub snapshots: SnapshotSettings,
     /// `HOST[:PORT]` preview URLs are made under (`<port>-<sandbox>.HOST`).
@@ -119,6 +123,7 @@ impl Manager {
             state_dir,
             templates_dir,
             default_quota,
+            deleted_retention_s,
             snapshots,
             preview_domain,
             network,
@@ -133,6 +138,7 @@ impl Manager {
             slots: Mutex::default(),
             recorded_templates: Mutex::default(),
             default_quota,
+            deleted_retention_s,
             max_mem_mib: host_mem_budget_mib(),
             admission: Mutex::default(),
             snapshots,
@@ -913,11 +919,22 @@ impl Manager {
         }
     }
 
-    /// Ends or pauses sandboxes whose timeout passed. Runs until the process ends.
+    /// Ends or pauses sandboxes whose timeout passed, and prunes deleted sandboxes past
+    /// their retention. Runs until the process ends.
     pub async fn sweep_timeouts(self: Arc<Self>) {
+        let mut last_prune = std::time::Instant::now() - PRUNE_EVERY;
         loop {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             let now = now_ms();
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                last_prune = std::time::Instant::now();
+                let before = now - (self.deleted_retention_s as i64).saturating_mul(1000);
+                match self.catalog.prune_deleted(before) {
+                    Ok(0) => {}
+                    Ok(n) => info!(pruned = n, "deleted sandboxes past their retention pruned"),
+                    Err(e) => warn!(error = %e, "pruning deleted sandboxes failed"),
+                }
+            }
             let due: Vec<SandboxRecord> = match self.catalog.all_sandboxes() {
                 Ok(all) => all
                     .into_iter()
@@ -1006,6 +1023,9 @@ fn decode_token(token: &str) -> Result<i64, ApiError> {
             ApiError::bad_request("nextToken is not one this server issued; send the nextToken of the previous page, or none")
         })
 }
+
+/// How often deleted sandboxes past their retention are pruned.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A VM that could not start, as the API says it: a full file system is the host's
 /// storage (507, with what to free), anything else an internal error.
