@@ -1842,11 +1842,21 @@ impl QemuVm {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.agent()
-            .resize_rootfs()
-            .await
-            .map_err(|e| VmmError::Agent(format!("growing the root filesystem: {e}")))?;
-        Ok(())
+        // The guest's own grow at boot may still hold the file system's resize (EBUSY):
+        // wait for it, within a deadline of its own.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.agent().resize_rootfs().await {
+                Ok(_) => return Ok(()),
+                Err(e)
+                    if e.to_string().contains("busy")
+                        && Instant::now() + Duration::from_millis(200) < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(VmmError::Agent(format!("growing the root filesystem: {e}"))),
+            }
+        }
     }
 
     /// Stops the vCPUs. Processes in the guest freeze; the agent channel stays open.
