@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs a command against a live stack of its own — a pool manager and the public API
 # (api-host + the component) on free loopback ports, a fresh state directory, a team with
-# a small sandbox quota — with NULLSPACE_API_URL and NULLSPACE_API_KEY exported. Then
-# deletes every sandbox through the API, stops the stack, and fails if a sandbox, a QEMU
-# process or a VM directory is left over.
+# a small sandbox quota — with NULLSPACE_API_URL, NULLSPACE_API_KEY (the team's key) and
+# NULLSPACE_OPERATOR_KEY (an operator key: teams, quotas, keys, built-in warm pools)
+# exported. Then deletes every sandbox through the API, stops the stack, and fails if a
+# sandbox, a QEMU process or a VM directory is left over.
 #
 #   deploy/with-stack.sh COMMAND [ARGS...]
 #   NULLSPACE_BIN (default $CARGO_TARGET_DIR/debug), NULLSPACE_TEAM_QUOTA (default 4)
@@ -30,6 +31,7 @@ trap 'stop_all; rm -rf "$state" "$run_dir"' EXIT
 "$bin/nullspace-pool-manager" admin team create ci --max-sandboxes "${NULLSPACE_TEAM_QUOTA:-4}" \
     --state-dir "$state" >/dev/null
 key=$("$bin/nullspace-pool-manager" admin key create --team ci --state-dir "$state")
+operator_key=$("$bin/nullspace-pool-manager" admin key create --operator --state-dir "$state")
 
 wait_for() { # FILE PATTERN SECONDS PID: fails at once when PID exits
     for _ in $(seq 1 $(($3 * 10))); do
@@ -52,7 +54,8 @@ wait_for "$state/api.log" "public API http://" 60 "${pids[0]}"
 api=$(grep -o 'public API http://[0-9.:]*' "$state/api.log" | awk '{print $3}')
 
 status=0
-NULLSPACE_API_URL="$api" NULLSPACE_API_KEY="$key" "$@" || status=$?
+NULLSPACE_API_URL="$api" NULLSPACE_API_KEY="$key" NULLSPACE_OPERATOR_KEY="$operator_key" "$@" ||
+    status=$?
 
 # Whatever the command made, delete it through the API, then stop the stack.
 list() { curl -fsS "$api/api/v1/sandboxes?state=starting,running,paused,error&limit=100" -H "X-API-Key: $key"; }

@@ -113,7 +113,17 @@ async fn serve(req: IncomingRequest) -> Result<Response, ApiError> {
             "the pool manager did not answer ({e}); try again, and check that it runs"
         ))
     })?;
-    Ok(json_response(*upstream.status(), upstream.into_body()))
+    let status = *upstream.status();
+    // A rate-limited create says when to come back; the header is all clients read.
+    let retry_after = upstream
+        .header("retry-after")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    let mut response = json_response(status, upstream.into_body());
+    if let Some(v) = retry_after {
+        response.set_header("retry-after", v);
+    }
+    Ok(response)
 }
 
 /// Checks a request against its route; returns what to send upstream.
@@ -278,9 +288,13 @@ fn route(
         }
         ["templates"] => {
             no_query()?;
-            create_or_list(method, body, "templates", |b| {
-                parse_body::<TemplateBuildRequest>(b)?.validate().map(drop)
-            })
+            create_or_list(
+                method,
+                body,
+                "/v1/templates".into(),
+                "/api/v1/templates",
+                |b| parse_body::<TemplateBuildRequest>(b)?.validate().map(drop),
+            )
         }
         ["templates", template] => {
             let template = template_id(template)?;
@@ -294,7 +308,7 @@ fn route(
         }
         ["volumes"] => {
             no_query()?;
-            create_or_list(method, body, "volumes", |b| {
+            create_or_list(method, body, "/v1/volumes".into(), "/api/v1/volumes", |b| {
                 parse_body::<VolumeCreateRequest>(b)?.validate().map(drop)
             })
         }
@@ -362,7 +376,272 @@ fn route(
                 Vec::new(),
             ))
         }
+        // Teams, quotas and keys. The pool manager decides who may: the team routes are
+        // the operator's (a team key gets 403 there); the key routes act on the caller's
+        // own team's keys (an operator key: on any).
+        ["teams"] => {
+            no_query()?;
+            create_or_list(method, body, "/v1/teams".into(), "/api/v1/teams", |b| {
+                parse_body::<TeamBody>(b)?.validate()
+            })
+        }
+        ["teams", team] => {
+            let team = team_ref(team)?;
+            if *method != Method::Get {
+                return Err(not_allowed(method, "/api/v1/teams/{team}", &["GET"]));
+            }
+            no_query()?;
+            empty_body(&body)?;
+            Ok(forward(
+                Method::Get,
+                format!("/v1/teams/{team}"),
+                Vec::new(),
+            ))
+        }
+        ["teams", team, "quota"] => {
+            let team = team_ref(team)?;
+            let path = format!("/v1/teams/{team}/quota");
+            no_query()?;
+            match method {
+                Method::Put => {
+                    parse_body::<LimitsBody>(&body)?.validate()?;
+                    Ok(forward(Method::Put, path, body))
+                }
+                Method::Get => {
+                    empty_body(&body)?;
+                    Ok(forward(Method::Get, path, Vec::new()))
+                }
+                _ => Err(not_allowed(
+                    method,
+                    "/api/v1/teams/{team}/quota",
+                    &["PUT", "GET"],
+                )),
+            }
+        }
+        ["teams", team, "keys"] => {
+            let team = team_ref(team)?;
+            no_query()?;
+            create_or_list(
+                method,
+                body,
+                format!("/v1/teams/{team}/keys"),
+                "/api/v1/teams/{team}/keys",
+                |b| parse_body::<KeyBody>(b)?.validate(),
+            )
+        }
+        ["keys"] => {
+            no_query()?;
+            create_or_list(method, body, "/v1/keys".into(), "/api/v1/keys", |b| {
+                parse_body::<KeyBody>(b)?.validate()
+            })
+        }
+        ["keys", id] => {
+            let id = key_id(id)?;
+            if *method != Method::Delete {
+                return Err(not_allowed(method, "/api/v1/keys/{keyID}", &["DELETE"]));
+            }
+            no_query()?;
+            empty_body(&body)?;
+            Ok(forward(
+                Method::Delete,
+                format!("/v1/keys/{id}"),
+                Vec::new(),
+            ))
+        }
+        ["keys", id, "rotate"] => {
+            let id = key_id(id)?;
+            if *method != Method::Post {
+                return Err(not_allowed(
+                    method,
+                    "/api/v1/keys/{keyID}/rotate",
+                    &["POST"],
+                ));
+            }
+            no_query()?;
+            parse_body::<RotateBody>(&body)?.validate()?;
+            Ok(forward(Method::Post, format!("/v1/keys/{id}/rotate"), body))
+        }
         _ => Err(unknown_route()),
+    }
+}
+
+/// The largest value a limit takes (the pool manager's bound): beyond it a "limit" is
+/// a typo, not a policy.
+const MAX_LIMIT: u64 = 1 << 40;
+
+/// Longest a rotated-out key may keep working (the pool manager's bound).
+const MAX_ROTATION_GRACE_S: u64 = 7 * 24 * 3600;
+
+/// Body of `PUT /teams/{team}/quota` (and `limits` of `POST /teams`): the limits to
+/// set; those not sent keep their value.
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LimitsBody {
+    #[serde(default)]
+    sandboxes: Option<u64>,
+    #[serde(default)]
+    vcpus: Option<u64>,
+    #[serde(default, rename = "memoryMiB")]
+    memory_mib: Option<u64>,
+    #[serde(default, rename = "diskMiB")]
+    disk_mib: Option<u64>,
+    #[serde(default)]
+    snapshots: Option<u64>,
+    #[serde(default, rename = "snapshotMiB")]
+    snapshot_mib: Option<u64>,
+    #[serde(default)]
+    volumes: Option<u64>,
+    #[serde(default, rename = "volumeMiB")]
+    volume_mib: Option<u64>,
+    #[serde(default)]
+    templates: Option<u64>,
+    #[serde(default)]
+    builds: Option<u64>,
+    #[serde(default)]
+    creates_per_minute: Option<u64>,
+    #[serde(default)]
+    create_burst: Option<u64>,
+}
+
+impl LimitsBody {
+    /// At least one limit, none past [`MAX_LIMIT`], and a burst that lets creates through.
+    fn validate(&self) -> Result<(), ApiError> {
+        let fields = [
+            ("sandboxes", self.sandboxes),
+            ("vcpus", self.vcpus),
+            ("memoryMiB", self.memory_mib),
+            ("diskMiB", self.disk_mib),
+            ("snapshots", self.snapshots),
+            ("snapshotMiB", self.snapshot_mib),
+            ("volumes", self.volumes),
+            ("volumeMiB", self.volume_mib),
+            ("templates", self.templates),
+            ("builds", self.builds),
+            ("createsPerMinute", self.creates_per_minute),
+            ("createBurst", self.create_burst),
+        ];
+        if fields.iter().all(|(_, v)| v.is_none()) {
+            let names: Vec<&str> = fields.iter().map(|(n, _)| *n).collect();
+            return Err(ApiError::bad_request(format!(
+                "send at least one limit to set, e.g. {{\"vcpus\": 16}}; the limits are {}",
+                names.join(", ")
+            )));
+        }
+        for (name, v) in fields {
+            if let Some(v) = v.filter(|v| *v > MAX_LIMIT) {
+                return Err(ApiError::bad_request(format!(
+                    "{name} {v} is beyond any real limit; send at most {MAX_LIMIT}"
+                ))
+                .with_details(serde_json::json!({ "field": name })));
+            }
+        }
+        if self.create_burst == Some(0) && self.creates_per_minute.is_some_and(|r| r > 0) {
+            return Err(ApiError::bad_request(
+                "createBurst 0 would refuse every create whatever createsPerMinute says; send createBurst of at least 1 (or createsPerMinute 0 to stop creates)",
+            )
+            .with_details(serde_json::json!({ "field": "createBurst" })));
+        }
+        Ok(())
+    }
+}
+
+/// Body of `POST /teams`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TeamBody {
+    name: String,
+    #[serde(default)]
+    limits: Option<LimitsBody>,
+}
+
+impl TeamBody {
+    /// A name the admin command would take, never the operator's or a team ID's form.
+    fn validate(self) -> Result<(), ApiError> {
+        if !is_team_ref(&self.name) {
+            return Err(ApiError::bad_request(
+                "name must be 1-64 letters, digits, '-', '_' or '.'; send e.g. {\"name\": \"blue\"}",
+            )
+            .with_details(serde_json::json!({ "field": "name" })));
+        }
+        if self.name == "operator" || self.name.starts_with("team-") {
+            return Err(ApiError::bad_request(format!(
+                "{:?} is reserved (the operator's team, or a team ID's form); pick another name",
+                self.name
+            ))
+            .with_details(serde_json::json!({ "field": "name" })));
+        }
+        match &self.limits {
+            Some(l) => l.validate(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Body of `POST /keys` and `POST /teams/{team}/keys` (may be empty).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyBody {
+    #[serde(default)]
+    role: Option<String>,
+}
+
+impl KeyBody {
+    /// Keys issued through the API are team keys.
+    fn validate(self) -> Result<(), ApiError> {
+        match self.role.as_deref() {
+            None | Some("team") => Ok(()),
+            Some(_) => Err(ApiError::bad_request(
+                "a team's keys have role \"team\"; operator keys are made on the host (`nullspace-pool-manager admin key create --operator`)",
+            )
+            .with_details(serde_json::json!({ "field": "role" }))),
+        }
+    }
+}
+
+/// Body of `POST /keys/{id}/rotate` (may be empty: an hour's grace).
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RotateBody {
+    #[serde(default)]
+    grace_seconds: Option<u64>,
+}
+
+impl RotateBody {
+    fn validate(self) -> Result<(), ApiError> {
+        match self.grace_seconds {
+            Some(g) if g > MAX_ROTATION_GRACE_S => Err(ApiError::bad_request(format!(
+                "graceSeconds {g} is longer than a rotation may overlap; send at most {MAX_ROTATION_GRACE_S} (0 ends the old key now)"
+            ))
+            .with_details(serde_json::json!({ "field": "graceSeconds" }))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Whether `s` is a team's name or ID: 1 to 64 characters of `[A-Za-z0-9._-]`.
+fn is_team_ref(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A team by name or ID (`team-…`); anything else cannot exist, so it is a 404.
+fn team_ref(team: &str) -> Result<&str, ApiError> {
+    if is_team_ref(team) {
+        Ok(team)
+    } else {
+        Err(ApiError::not_found("team", team))
+    }
+}
+
+/// A key's ID: 16 lower-case hex digits (of its hash). Anything else cannot exist.
+fn key_id(id: &str) -> Result<&str, ApiError> {
+    if id.len() == 16 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(id)
+    } else {
+        Err(ApiError::not_found("key", id).with_details(
+            serde_json::json!({ "hint": "key IDs are 16 hex digits; GET /api/v1/keys lists yours" }),
+        ))
     }
 }
 
@@ -397,14 +676,15 @@ fn empty_body(body: &[u8]) -> Result<(), ApiError> {
     }
 }
 
-/// A collection's POST (a create, its body checked by `check`) or GET (a list, no body).
+/// A collection's POST (a create, its body checked by `check`) or GET (a list, no body):
+/// forwarded to `path`; `route` names it in a 405.
 fn create_or_list(
     method: &Method,
     body: Vec<u8>,
-    collection: &str,
+    path: String,
+    route: &str,
     check: impl FnOnce(&[u8]) -> Result<(), ApiError>,
 ) -> Result<Forward, ApiError> {
-    let path = format!("/v1/{collection}");
     match method {
         Method::Post => {
             check(&body)?;
@@ -422,11 +702,7 @@ fn create_or_list(
                 body: Vec::new(),
             })
         }
-        _ => Err(not_allowed(
-            method,
-            &format!("/api/v1/{collection}"),
-            &["POST", "GET"],
-        )),
+        _ => Err(not_allowed(method, route, &["POST", "GET"])),
     }
 }
 
@@ -497,4 +773,279 @@ fn error_response(e: &ApiError) -> Response {
         resp.header("allow", allowed);
     }
     resp.body(body).build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(method: Method, path: &str, body: &str) -> Result<Forward, ApiError> {
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let pairs = parse_query(Some(query));
+        route(&method, &segments, &pairs, body.as_bytes().to_vec())
+    }
+
+    fn forwarded(method: Method, path: &str, body: &str) -> (String, String) {
+        let f = call(method, path, body).unwrap_or_else(|e| panic!("{path}: {e}"));
+        (f.method.to_string(), f.path)
+    }
+
+    fn refused(method: Method, path: &str, body: &str) -> ApiError {
+        match call(method, path, body) {
+            Ok(f) => panic!("{path} was forwarded to {}", f.path),
+            Err(e) => e,
+        }
+    }
+
+    const KEY_ID: &str = "0123456789abcdef";
+
+    #[test]
+    fn team_quota_and_key_routes_go_to_the_pool_manager() {
+        let cases = [
+            (Method::Get, "teams", "", "GET", "/v1/teams"),
+            (
+                Method::Post,
+                "teams",
+                r#"{"name":"blue"}"#,
+                "POST",
+                "/v1/teams",
+            ),
+            (
+                Method::Post,
+                "teams",
+                r#"{"name":"blue","limits":{"vcpus":8,"createBurst":5}}"#,
+                "POST",
+                "/v1/teams",
+            ),
+            (Method::Get, "teams/blue", "", "GET", "/v1/teams/blue"),
+            (
+                Method::Get,
+                "teams/team-0123456789ab",
+                "",
+                "GET",
+                "/v1/teams/team-0123456789ab",
+            ),
+            (
+                Method::Get,
+                "teams/blue/quota",
+                "",
+                "GET",
+                "/v1/teams/blue/quota",
+            ),
+            (
+                Method::Put,
+                "teams/blue/quota",
+                r#"{"memoryMiB":4096,"createsPerMinute":0}"#,
+                "PUT",
+                "/v1/teams/blue/quota",
+            ),
+            (
+                Method::Get,
+                "teams/blue/keys",
+                "",
+                "GET",
+                "/v1/teams/blue/keys",
+            ),
+            (
+                Method::Post,
+                "teams/blue/keys",
+                "",
+                "POST",
+                "/v1/teams/blue/keys",
+            ),
+            (
+                Method::Post,
+                "teams/blue/keys",
+                r#"{"role":"team"}"#,
+                "POST",
+                "/v1/teams/blue/keys",
+            ),
+            (Method::Get, "keys", "", "GET", "/v1/keys"),
+            (Method::Post, "keys", "{}", "POST", "/v1/keys"),
+            (
+                Method::Delete,
+                "keys/0123456789abcdef",
+                "",
+                "DELETE",
+                "/v1/keys/0123456789abcdef",
+            ),
+            (
+                Method::Post,
+                "keys/0123456789abcdef/rotate",
+                "",
+                "POST",
+                "/v1/keys/0123456789abcdef/rotate",
+            ),
+            (
+                Method::Post,
+                "keys/0123456789abcdef/rotate",
+                r#"{"graceSeconds":604800}"#,
+                "POST",
+                "/v1/keys/0123456789abcdef/rotate",
+            ),
+        ];
+        for (method, path, body, want_method, want_path) in cases {
+            assert_eq!(
+                forwarded(method, path, body),
+                (want_method.to_string(), want_path.to_string()),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_methods_are_405_with_allow() {
+        let cases = [
+            (Method::Delete, "teams", "POST, GET"),
+            (Method::Put, "teams/blue", "GET"),
+            (Method::Post, "teams/blue/quota", "PUT, GET"),
+            (Method::Delete, "teams/blue/keys", "POST, GET"),
+            (Method::Put, "keys", "POST, GET"),
+            (Method::Get, "keys/0123456789abcdef", "DELETE"),
+            (Method::Get, "keys/0123456789abcdef/rotate", "POST"),
+        ];
+        for (method, path, allow) in cases {
+            let e = refused(method, path, "");
+            assert_eq!((e.status, e.code), (405, "method_not_allowed"), "{path}");
+            assert_eq!(e.allowed_methods().as_deref(), Some(allow), "{path}");
+        }
+    }
+
+    #[test]
+    fn ids_that_cannot_exist_are_404_without_a_round_trip() {
+        for path in [
+            "keys/0123456789abcde",
+            "keys/0123456789abcdef0",
+            "keys/0123456789ABCDEF",
+            "keys/0123456789abcdeg/rotate",
+            "teams/blue%20team",
+            "teams/blue:1/quota",
+        ] {
+            let method = if path.starts_with("keys/") && !path.ends_with("rotate") {
+                Method::Delete
+            } else if path.ends_with("rotate") {
+                Method::Post
+            } else {
+                Method::Get
+            };
+            let e = refused(method, path, "");
+            assert_eq!((e.status, e.code), (404, "not_found"), "{path}");
+        }
+        let long = format!("teams/{}/keys", "a".repeat(65));
+        assert_eq!(refused(Method::Get, &long, "").status, 404);
+        let ok = format!("teams/{}/keys", "a".repeat(64));
+        assert_eq!(forwarded(Method::Get, &ok, "").1, format!("/v1/{ok}"));
+        // Unknown sub-routes stay 404.
+        assert_eq!(refused(Method::Get, "teams/blue/members", "").status, 404);
+        assert_eq!(
+            refused(Method::Get, &format!("keys/{KEY_ID}/x"), "").status,
+            404
+        );
+    }
+
+    #[test]
+    fn bodies_and_queries_are_checked_before_they_go_upstream() {
+        let bad = |method: Method, path: &str, body: &str, needle: &str| {
+            let e = refused(method, path, body);
+            assert_eq!(
+                (e.status, e.code),
+                (400, "invalid_request"),
+                "{path} {body}"
+            );
+            assert!(e.message.contains(needle), "{path} {body}: {}", e.message);
+            e
+        };
+        // Teams.
+        bad(Method::Post, "teams", "", "name");
+        bad(Method::Post, "teams", r#"{"name":""}"#, "1-64");
+        bad(Method::Post, "teams", r#"{"name":"a b"}"#, "1-64");
+        bad(Method::Post, "teams", r#"{"name":"operator"}"#, "reserved");
+        bad(Method::Post, "teams", r#"{"name":"team-x"}"#, "reserved");
+        bad(Method::Post, "teams", r#"{"name":"b","quota":{}}"#, "quota");
+        bad(
+            Method::Post,
+            "teams",
+            r#"{"name":"b","limits":{}}"#,
+            "at least one",
+        );
+        bad(Method::Get, "teams?all=1", "", "all");
+        bad(Method::Get, "teams/blue", "{}", "no body");
+        // Quotas.
+        bad(Method::Put, "teams/blue/quota", "{}", "at least one");
+        bad(Method::Put, "teams/blue/quota", r#"{"cpus":4}"#, "cpus");
+        bad(Method::Put, "teams/blue/quota", r#"{"vcpus":-1}"#, "u64");
+        bad(
+            Method::Put,
+            "teams/blue/quota",
+            r#"{"vcpus":1.5}"#,
+            "invalid body",
+        );
+        let e = bad(
+            Method::Put,
+            "teams/blue/quota",
+            r#"{"diskMiB":1099511627777}"#,
+            "beyond",
+        );
+        assert_eq!(e.details["field"], "diskMiB");
+        forwarded(
+            Method::Put,
+            "teams/blue/quota",
+            r#"{"diskMiB":1099511627776}"#,
+        );
+        bad(
+            Method::Put,
+            "teams/blue/quota",
+            r#"{"createBurst":0,"createsPerMinute":5}"#,
+            "createBurst",
+        );
+        forwarded(
+            Method::Put,
+            "teams/blue/quota",
+            r#"{"createBurst":0,"createsPerMinute":0}"#,
+        );
+        bad(Method::Put, "teams/blue/quota", "[]", "JSON object");
+        // Keys.
+        bad(
+            Method::Post,
+            "keys",
+            r#"{"role":"operator"}"#,
+            "operator keys",
+        );
+        bad(
+            Method::Post,
+            "teams/blue/keys",
+            r#"{"role":"admin"}"#,
+            "role",
+        );
+        bad(Method::Post, "keys", r#"{"name":"ci"}"#, "name");
+        bad(Method::Get, "keys?team=blue", "", "team");
+        bad(Method::Delete, &format!("keys/{KEY_ID}"), "{}", "no body");
+        let rotate = format!("keys/{KEY_ID}/rotate");
+        let e = bad(
+            Method::Post,
+            &rotate,
+            r#"{"graceSeconds":604801}"#,
+            "604800",
+        );
+        assert_eq!(e.details["field"], "graceSeconds");
+        bad(Method::Post, &rotate, r#"{"graceSeconds":-1}"#, "u64");
+        bad(Method::Post, &rotate, r#"{"grace":10}"#, "grace");
+        forwarded(Method::Post, &rotate, r#"{"graceSeconds":0}"#);
+    }
+
+    #[test]
+    fn the_collections_that_share_a_helper_keep_their_routes() {
+        assert_eq!(
+            forwarded(Method::Get, "templates", ""),
+            ("GET".into(), "/v1/templates".into())
+        );
+        assert_eq!(
+            forwarded(Method::Get, "volumes", ""),
+            ("GET".into(), "/v1/volumes".into())
+        );
+        let e = refused(Method::Put, "volumes", "");
+        assert!(e.message.contains("/api/v1/volumes"), "{}", e.message);
+        assert_eq!(e.allowed_methods().as_deref(), Some("POST, GET"));
+    }
 }

@@ -152,6 +152,15 @@ impl axum::response::IntoResponse for ApiError {
     fn into_response(self) -> axum::response::Response {
         let status = axum::http::StatusCode::from_u16(self.status)
             .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-        (status, axum::Json(self.body())).into_response()
+        // An error that knows when to come back says so in the header clients read.
+        let retry = self.details.get("retryAfterS").and_then(|v| v.as_u64());
+        let mut response = (status, axum::Json(self.body())).into_response();
+        if let Some(s) = retry {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(s),
+            );
+        }
+        response
     }
 }

@@ -566,7 +566,7 @@ impl Drop for RawMode {
 /// An interactive shell; returns its exit code.
 async fn shell(config: &ConnectionConfig, id: &str) -> anyhow::Result<i32> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let sbx = Sandbox::connect(config, id, None).await?;
+    let sbx = Sandbox::attach(config, id).await?;
     let (cols, rows) = terminal_size().unwrap_or((80, 24));
     let mut pty = sbx.pty(cols, rows).await?;
     let raw = RawMode::enable();
@@ -925,7 +925,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             command,
         } => {
             let config = config(&cli)?;
-            let sbx = Sandbox::connect(&config, id, None).await?;
+            let sbx = Sandbox::attach(&config, id).await?;
             let options = RunOptions {
                 envs: envs.iter().cloned().collect(),
                 cwd: cwd.clone(),
@@ -1088,7 +1088,7 @@ async fn sandbox(
             std::process::exit(code);
         }
         SandboxCommand::Proxy { id, port } => {
-            let sbx = Sandbox::connect(config, id, None).await?;
+            let sbx = Sandbox::attach(config, id).await?;
             let conn = sbx.connect_port(*port).await?;
             conn.pipe(tokio::io::stdin(), tokio::io::stdout()).await?;
         }
@@ -1210,10 +1210,7 @@ async fn sandbox(
             }
         }
         SandboxCommand::Fork { id, count } => {
-            let children = Sandbox::connect(config, id, None)
-                .await?
-                .fork(*count)
-                .await?;
+            let children = Sandbox::attach(config, id).await?.fork(*count).await?;
             if json {
                 let ids: Vec<&str> = children.iter().map(|c| c.id()).collect();
                 println!("{}", serde_json::json!({ "sandboxIDs": ids }));
@@ -1236,14 +1233,14 @@ fn remote(spec: &str) -> Option<(&str, &str)> {
 async fn copy(config: &ConnectionConfig, from: &str, to: &str, json: bool) -> anyhow::Result<()> {
     let bytes = match (remote(from), remote(to)) {
         (None, Some((id, path))) => {
-            let sbx = Sandbox::connect(config, id, None).await?;
+            let sbx = Sandbox::attach(config, id).await?;
             sbx.files()
                 .upload(Path::new(from), path)
                 .await
                 .with_context(|| format!("uploading {from}"))?
         }
         (Some((id, path)), None) => {
-            let sbx = Sandbox::connect(config, id, None).await?;
+            let sbx = Sandbox::attach(config, id).await?;
             sbx.files()
                 .download(path, Path::new(to))
                 .await

@@ -2,9 +2,10 @@
 //! component calls. Authenticated by the caller's API key, which resolves to a team;
 //! a team sees only its own sandboxes.
 
+use crate::catalog::{KeyOwner, Role};
 use crate::error::ApiError;
 use crate::model::{CreateRequest, SandboxView};
-use crate::sandboxes::{ListQuery, Manager};
+use crate::sandboxes::{Actor, ListQuery, Manager};
 use api_model::{
     fields_param, parse_body, parse_query, project, reject_unknown_params, EventsParams, ForkBody,
     ListParams, RefreshBody, RestoreBody, TimeoutBody, WarmPoolBody,
@@ -59,6 +60,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
             "/v1/templates/{id}/warm-pool",
             axum::routing::put(set_warm_pool).get(warm_pool),
         )
+        .merge(crate::operator_api::routes())
         .fallback(|| async {
             ApiError::not_found("route", "this path").with_details(json!({
                 "hint": "see openapi/internal.yaml for the routes"
@@ -67,7 +69,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .with_state(manager)
 }
 
-/// The calling team, resolved from the request's API key.
+/// The calling team, resolved from the request's (team) API key.
 pub struct Caller(pub String);
 
 impl axum::extract::FromRequestParts<Arc<Manager>> for Caller {
@@ -81,14 +83,50 @@ impl axum::extract::FromRequestParts<Arc<Manager>> for Caller {
     }
 }
 
-/// The caller's team, from `X-API-Key` or `Authorization: Bearer`.
-pub(crate) fn team(m: &Manager, headers: &HeaderMap) -> Result<String, ApiError> {
+/// Whoever calls, team or operator.
+pub struct AnyCaller(pub KeyOwner);
+
+impl axum::extract::FromRequestParts<Arc<Manager>> for AnyCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        m: &Arc<Manager>,
+    ) -> Result<Self, ApiError> {
+        owner(m, &parts.headers).map(AnyCaller)
+    }
+}
+
+impl AnyCaller {
+    /// As the actor on a warm pool.
+    pub fn actor(&self) -> Actor<'_> {
+        match self.0.role {
+            Role::Operator => Actor::Operator,
+            Role::Team => Actor::Team(&self.0.team_id),
+        }
+    }
+}
+
+/// The key's owner, from `X-API-Key` or `Authorization: Bearer`.
+pub(crate) fn owner(m: &Manager, headers: &HeaderMap) -> Result<KeyOwner, ApiError> {
     let key = api_model::api_key(|name| headers.get(name).and_then(|v| v.to_str().ok()))?;
-    m.catalog.team_of_key(key)?.ok_or_else(|| {
+    m.catalog.key_owner(key)?.ok_or_else(|| {
         ApiError::unauthorized(
-            "unknown API key; create one with `nullspace-pool-manager admin key create`",
+            "unknown API key (or one revoked or rotated out); ask the operator for one (`nullspace-pool-manager admin key create --team TEAM`)",
         )
     })
+}
+
+/// The caller's team, from a team key: an operator key runs the platform and acts for
+/// no team.
+pub(crate) fn team(m: &Manager, headers: &HeaderMap) -> Result<String, ApiError> {
+    let o = owner(m, headers)?;
+    match o.role {
+        Role::Team => Ok(o.team_id),
+        Role::Operator => Err(ApiError::forbidden(
+            "this is an operator key: it manages teams, quotas, keys and the built-in warm pools; call team routes with a team key (POST /teams/{team}/keys issues one)",
+        )),
+    }
 }
 
 async fn create(
@@ -291,20 +329,20 @@ async fn restore(
 
 async fn set_warm_pool(
     State(m): State<Arc<Manager>>,
-    Caller(team): Caller,
+    caller: AnyCaller,
     Path(template): Path<String>,
     body: Bytes,
 ) -> Result<Json<crate::sandboxes::PoolStatus>, ApiError> {
     let b: WarmPoolBody = parse_body(&body)?;
-    Ok(Json(m.set_warm_pool(&team, &template, b).await?))
+    Ok(Json(m.set_warm_pool(caller.actor(), &template, b).await?))
 }
 
 async fn warm_pool(
     State(m): State<Arc<Manager>>,
-    Caller(team): Caller,
+    caller: AnyCaller,
     Path(template): Path<String>,
 ) -> Result<Json<crate::sandboxes::PoolStatus>, ApiError> {
-    Ok(Json(m.warm_pool_status(&team, &template)?))
+    Ok(Json(m.warm_pool_status(caller.actor(), &template)?))
 }
 
 async fn build_template(

@@ -5,11 +5,14 @@
 //! and per-host volumes (hundreds of sandboxes) filter comfortably in memory.
 
 use crate::model::{iso8601, Event, SandboxRecord, TemplateRecord};
+use crate::quotas::LimitsPatch;
 use api_model::BuildLogLine;
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::Mutex;
+
+mod builds;
 
 /// Catalog errors.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +30,52 @@ pub enum CatalogError {
 pub struct Team {
     pub id: String,
     pub name: String,
+}
+
+/// What an API key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Acts for its team on the team's own sandboxes, snapshots, volumes and templates.
+    Team,
+    /// Runs the platform: teams, quotas, keys and the built-in templates' warm pools.
+    Operator,
+}
+
+impl Role {
+    /// As stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Team => "team",
+            Role::Operator => "operator",
+        }
+    }
+}
+
+/// The reserved team operator keys belong to (never a tenant).
+pub const OPERATOR_TEAM_ID: &str = "team-operator";
+/// Its name.
+pub const OPERATOR_TEAM: &str = "operator";
+
+/// Who a key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyOwner {
+    pub team_id: String,
+    pub role: Role,
+}
+
+/// An API key as listed: never the key, only its ID (16 hex digits of its hash) and
+/// its first characters.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyInfo {
+    pub id: String,
+    #[serde(rename = "teamID")]
+    pub team_id: String,
+    pub role: String,
+    pub prefix: String,
+    pub created_at: String,
+    /// When a rotated key stops working.
+    pub expires_at: Option<String>,
 }
 
 /// A snapshot the catalog knows of.
@@ -126,7 +175,55 @@ impl Catalog {
                  PRIMARY KEY (template_id, seq));
              CREATE TABLE IF NOT EXISTS team_quotas (
                  team_id TEXT PRIMARY KEY REFERENCES teams(id),
-                 max_sandboxes INTEGER NOT NULL);",
+                 max_sandboxes INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS stored_items (
+                 kind TEXT NOT NULL,
+                 id TEXT NOT NULL,
+                 team_id TEXT NOT NULL,
+                 mib INTEGER NOT NULL,
+                 created_at INTEGER NOT NULL,
+                 PRIMARY KEY (kind, id));
+             CREATE INDEX IF NOT EXISTS stored_items_team ON stored_items (team_id, kind);",
+        )?;
+        // Columns added after the first release: a catalog made by an older build gets
+        // them on open (SQLite has no ADD COLUMN IF NOT EXISTS).
+        for (table, column, ddl) in [
+            (
+                "team_quotas",
+                "limits",
+                "ALTER TABLE team_quotas ADD COLUMN limits TEXT",
+            ),
+            (
+                "api_keys",
+                "role",
+                "ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'team'",
+            ),
+            (
+                "api_keys",
+                "expires_at",
+                "ALTER TABLE api_keys ADD COLUMN expires_at INTEGER",
+            ),
+            // The state as a column the sweeper, the sampler and the listings filter on
+            // with an index, instead of parsing every record ever kept.
+            (
+                "sandboxes",
+                "state",
+                "ALTER TABLE sandboxes ADD COLUMN state TEXT
+                 GENERATED ALWAYS AS (json_extract(record, '$.state')) VIRTUAL",
+            ),
+        ] {
+            let has: bool = db.query_row(
+                &format!("SELECT COUNT(*) > 0 FROM pragma_table_xinfo('{table}') WHERE name = ?1"),
+                params![column],
+                |r| r.get(0),
+            )?;
+            if !has {
+                db.execute_batch(ddl)?;
+            }
+        }
+        db.execute_batch(
+            "CREATE INDEX IF NOT EXISTS sandboxes_state ON sandboxes (state);
+             CREATE INDEX IF NOT EXISTS sandboxes_team_state ON sandboxes (team_id, state);",
         )?;
         Ok(Self {
             db: Mutex::new(db),
@@ -308,28 +405,118 @@ impl Catalog {
         }
     }
 
-    /// Sets how many live sandboxes `team_id` may hold.
-    pub fn set_quota(&self, team_id: &str, max_sandboxes: u32) -> Result<(), CatalogError> {
+    /// Merges `patch` into the team's own limits; returns them all.
+    pub fn set_limits(
+        &self,
+        team_id: &str,
+        patch: &LimitsPatch,
+    ) -> Result<LimitsPatch, CatalogError> {
+        let mut db = self.db.lock().unwrap();
+        let tx = db.transaction()?;
+        let merged = Self::limits_in(&tx, team_id)?.merged(patch);
+        tx.execute(
+            "INSERT INTO team_quotas (team_id, max_sandboxes, limits) VALUES (?1, ?2, ?3)
+             ON CONFLICT(team_id) DO UPDATE SET max_sandboxes = excluded.max_sandboxes,
+             limits = excluded.limits",
+            params![
+                team_id,
+                merged.sandboxes.map(|n| n as i64).unwrap_or(-1),
+                serde_json::to_string(&merged)?
+            ],
+        )?;
+        tx.commit()?;
+        Ok(merged)
+    }
+
+    /// The team's own limits (what the host's defaults do not decide).
+    pub fn limits(&self, team_id: &str) -> Result<LimitsPatch, CatalogError> {
+        Self::limits_in(&self.db.lock().unwrap(), team_id)
+    }
+
+    fn limits_in(db: &Connection, team_id: &str) -> Result<LimitsPatch, CatalogError> {
+        let row: Option<(i64, Option<String>)> = db
+            .query_row(
+                "SELECT max_sandboxes, limits FROM team_quotas WHERE team_id = ?1",
+                params![team_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(match row {
+            None => LimitsPatch::default(),
+            Some((_, Some(json))) => serde_json::from_str(&json)?,
+            // A catalog from before per-resource limits: only the sandbox count.
+            Some((max, None)) => LimitsPatch {
+                sandboxes: u64::try_from(max).ok(),
+                ..LimitsPatch::default()
+            },
+        })
+    }
+
+    /// Every team, by name.
+    pub fn teams(&self) -> Result<Vec<Team>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let mut stmt = db.prepare("SELECT id, name FROM teams ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Team {
+                id: r.get(0)?,
+                name: r.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// What the team's live sandboxes hold: `(count, vcpus, memory MiB, disk MiB)`,
+    /// summed in SQL over the state index.
+    pub fn live_resources(&self, team_id: &str) -> Result<(u64, u64, u64, u64), CatalogError> {
+        let db = self.db.lock().unwrap();
+        let row: (i64, i64, i64, i64) = db.query_row(
+            "SELECT COUNT(*),
+                    COALESCE(SUM(json_extract(record, '$.resources.vcpus')), 0),
+                    COALESCE(SUM(json_extract(record, '$.resources.memMiB')), 0),
+                    COALESCE(SUM(json_extract(record, '$.resources.diskSizeMiB')), 0)
+             FROM sandboxes WHERE team_id = ?1 AND state NOT IN ('deleted', 'failed')",
+            params![team_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?;
+        let u = |v: i64| v.max(0) as u64;
+        Ok((u(row.0), u(row.1), u(row.2), u(row.3)))
+    }
+
+    /// Records something a team keeps in the store (`snapshot`, `volume`) and its size,
+    /// for its quotas; recording it again updates the size.
+    pub fn record_item(
+        &self,
+        kind: &str,
+        id: &str,
+        team_id: &str,
+        mib: u64,
+    ) -> Result<(), CatalogError> {
         self.db.lock().unwrap().execute(
-            "INSERT INTO team_quotas (team_id, max_sandboxes) VALUES (?1, ?2)
-             ON CONFLICT(team_id) DO UPDATE SET max_sandboxes = excluded.max_sandboxes",
-            params![team_id, max_sandboxes],
+            "INSERT INTO stored_items (kind, id, team_id, mib, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(kind, id) DO UPDATE SET mib = excluded.mib",
+            params![kind, id, team_id, mib as i64, now_ms()],
         )?;
         Ok(())
     }
 
-    /// The team's own quota, if one was set.
-    pub fn quota(&self, team_id: &str) -> Result<Option<u32>, CatalogError> {
-        Ok(self
-            .db
-            .lock()
-            .unwrap()
-            .query_row(
-                "SELECT max_sandboxes FROM team_quotas WHERE team_id = ?1",
-                params![team_id],
-                |r| r.get(0),
-            )
-            .optional()?)
+    /// Forgets a stored item (deleted); forgetting an unknown one is a no-op.
+    pub fn forget_item(&self, kind: &str, id: &str) -> Result<(), CatalogError> {
+        self.db.lock().unwrap().execute(
+            "DELETE FROM stored_items WHERE kind = ?1 AND id = ?2",
+            params![kind, id],
+        )?;
+        Ok(())
+    }
+
+    /// How many items of `kind` the team keeps, and their MiB.
+    pub fn items_of(&self, kind: &str, team_id: &str) -> Result<(u64, u64), CatalogError> {
+        let db = self.db.lock().unwrap();
+        let (n, mib): (i64, i64) = db.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(mib), 0) FROM stored_items WHERE kind = ?1 AND team_id = ?2",
+            params![kind, team_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((n.max(0) as u64, mib.max(0) as u64))
     }
 
     /// Looks a team up by ID or name.
@@ -352,32 +539,135 @@ impl Catalog {
     /// Issues a new API key for `team_id` (or records `given`, a key of the same team on
     /// another worker); returns the key (shown once, stored hashed).
     pub fn create_key(&self, team_id: &str, given: Option<&str>) -> Result<String, CatalogError> {
+        self.create_key_with_role(team_id, given, Role::Team)
+    }
+
+    /// Issues a key with `role`: an operator key belongs to the reserved operator team
+    /// (made on first use).
+    pub fn create_key_with_role(
+        &self,
+        team_id: &str,
+        given: Option<&str>,
+        role: Role,
+    ) -> Result<String, CatalogError> {
         let key = given
             .map(str::to_string)
             .unwrap_or_else(|| format!("ns_{}", uuid::Uuid::new_v4().simple()));
         let db = self.db.lock().unwrap();
+        if role == Role::Operator {
+            db.execute(
+                "INSERT OR IGNORE INTO teams (id, name, created_at) VALUES (?1, ?2, ?3)",
+                params![OPERATOR_TEAM_ID, OPERATOR_TEAM, now_ms()],
+            )?;
+        }
+        let team_id = if role == Role::Operator {
+            OPERATOR_TEAM_ID
+        } else {
+            team_id
+        };
         db.execute(
-            "INSERT INTO api_keys (key_hash, team_id, prefix, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![hash_key(&key), team_id, &key[..7], now_ms()],
+            "INSERT INTO api_keys (key_hash, team_id, prefix, created_at, role) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![hash_key(&key), team_id, &key[..key.len().min(7)], now_ms(), role.as_str()],
         )?;
         Ok(key)
     }
 
-    /// The team an API key belongs to.
-    pub fn team_of_key(&self, key: &str) -> Result<Option<String>, CatalogError> {
+    /// Who an API key is, if it is in force (known, not past its rotation deadline).
+    pub fn key_owner(&self, key: &str) -> Result<Option<KeyOwner>, CatalogError> {
         let db = self.db.lock().unwrap();
-        Ok(db
+        let row: Option<(String, String)> = db
             .query_row(
-                "SELECT team_id FROM api_keys WHERE key_hash = ?1",
-                params![hash_key(key)],
-                |r| r.get(0),
+                "SELECT team_id, role FROM api_keys WHERE key_hash = ?1
+                 AND (expires_at IS NULL OR expires_at > ?2)",
+                params![hash_key(key), now_ms()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional()?)
+            .optional()?;
+        Ok(row.map(|(team_id, role)| KeyOwner {
+            team_id,
+            role: if role == "operator" {
+                Role::Operator
+            } else {
+                Role::Team
+            },
+        }))
+    }
+
+    /// The keys of a team (every team's when `None`), oldest first; never the keys
+    /// themselves.
+    pub fn keys(&self, team_id: Option<&str>) -> Result<Vec<KeyInfo>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let mut stmt = db.prepare(
+            "SELECT substr(key_hash, 1, 16), team_id, role, prefix, created_at, expires_at
+             FROM api_keys WHERE (?1 IS NULL OR team_id = ?1)
+             AND (expires_at IS NULL OR expires_at > ?2) ORDER BY created_at, key_hash",
+        )?;
+        let rows = stmt.query_map(params![team_id, now_ms()], |r| {
+            Ok(KeyInfo {
+                id: r.get(0)?,
+                team_id: r.get(1)?,
+                role: r.get(2)?,
+                prefix: r.get(3)?,
+                created_at: iso8601(r.get(4)?),
+                expires_at: r.get::<_, Option<i64>>(5)?.map(iso8601),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A key in force by its ID (the first 16 hex digits of its hash).
+    pub fn key(&self, id: &str) -> Result<Option<KeyInfo>, CatalogError> {
+        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        Ok(self.keys(None)?.into_iter().find(|k| k.id == id))
+    }
+
+    /// Ends a key at `at_ms` (now: revoked; later: the grace of a rotation). Returns
+    /// whether a key in force had that ID.
+    pub fn expire_key(&self, id: &str, at_ms: i64) -> Result<bool, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let n = db.execute(
+            "UPDATE api_keys SET expires_at = ?2 WHERE substr(key_hash, 1, 16) = ?1
+             AND (expires_at IS NULL OR expires_at > ?2)",
+            params![id, at_ms],
+        )?;
+        // Keys past their end are kept no longer than needed to say so.
+        db.execute(
+            "DELETE FROM api_keys WHERE expires_at IS NOT NULL AND expires_at < ?1",
+            params![now_ms() - 30 * 24 * 3600 * 1000],
+        )?;
+        Ok(n > 0)
     }
 
     /// Inserts or replaces a sandbox record.
     pub fn put_sandbox(&self, record: &SandboxRecord) -> Result<(), CatalogError> {
         self.put_sandbox_with_events(record, &[], Durability::Synced)
+    }
+
+    /// Sets a sandbox's timeout and expiry in place (a JSON patch of those two fields, not
+    /// a rewrite of a record read earlier: a concurrent `connect` or pause that rewrote
+    /// the record meanwhile keeps what it wrote); returns the record after.
+    pub fn set_expiry(
+        &self,
+        id: &str,
+        timeout_s: u64,
+        expires_at_ms: i64,
+    ) -> Result<Option<SandboxRecord>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        db.execute(
+            "UPDATE sandboxes SET record = json_set(record, '$.timeout_s', ?2, '$.expires_at_ms', ?3)
+             WHERE id = ?1",
+            params![id, timeout_s as i64, expires_at_ms],
+        )?;
+        let json: Option<String> = db
+            .query_row(
+                "SELECT record FROM sandboxes WHERE id = ?1",
+                params![id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
     }
 
     /// A sandbox record by ID.
@@ -393,30 +683,22 @@ impl Catalog {
         Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
     }
 
-    /// How many of a team's sandboxes are live (neither deleted nor failed), counted in
-    /// SQL: a create must not parse the team's whole history to check its quota.
-    pub fn live_count(&self, team_id: &str) -> Result<usize, CatalogError> {
-        let db = self.db.lock().unwrap();
-        let n: i64 = db.query_row(
-            "SELECT COUNT(*) FROM sandboxes WHERE team_id = ?1
-             AND json_extract(record, '$.state') NOT IN ('deleted', 'failed')",
-            params![team_id],
-            |r| r.get(0),
-        )?;
-        Ok(n as usize)
-    }
-
-    /// A team's sandboxes after position `after_seq`, oldest first, with their positions.
+    /// A team's sandboxes in one of `states` (internal names) after position
+    /// `after_seq`, oldest first, with their positions. The state filter runs in SQL over
+    /// the index: a listing never parses the team's deleted history.
     pub fn sandboxes_of(
         &self,
         team_id: &str,
         after_seq: i64,
+        states: &[&str],
     ) -> Result<Vec<(i64, SandboxRecord)>, CatalogError> {
         let db = self.db.lock().unwrap();
+        let states = serde_json::to_string(states)?;
         let mut stmt = db.prepare(
-            "SELECT seq, record FROM sandboxes WHERE team_id = ?1 AND seq > ?2 ORDER BY seq",
+            "SELECT seq, record FROM sandboxes WHERE team_id = ?1 AND seq > ?2
+             AND state IN (SELECT value FROM json_each(?3)) ORDER BY seq",
         )?;
-        let rows = stmt.query_map(params![team_id, after_seq], |r| {
+        let rows = stmt.query_map(params![team_id, after_seq, states], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
         })?;
         let mut out = Vec::new();
@@ -436,7 +718,7 @@ impl Catalog {
         let old: Vec<String> = {
             let mut stmt = db.prepare(
                 "SELECT id, json_extract(record, '$.timeline[#-1].at') FROM sandboxes
-                 WHERE json_extract(record, '$.state') = 'deleted'",
+                 WHERE state = 'deleted'",
             )?;
             let rows = stmt.query_map([], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
@@ -462,16 +744,48 @@ impl Catalog {
         Ok(old.len())
     }
 
-    /// Every sandbox record (for timeouts and start-up reconciliation).
-    pub fn all_sandboxes(&self) -> Result<Vec<SandboxRecord>, CatalogError> {
+    /// Every state but `deleted`: what start-up reconciliation looks at.
+    pub const NOT_DELETED: &'static [&'static str] = &[
+        "new",
+        "creating",
+        "active",
+        "stopped",
+        "destroying",
+        "failed",
+    ];
+    /// The states of sandboxes that hold resources.
+    pub const LIVE: &'static [&'static str] =
+        &["new", "creating", "active", "stopped", "destroying"];
+
+    /// The records in one of `states` (internal names: `active`, `stopped`, ...), oldest
+    /// first, found through the state index: the periodic loops never parse the
+    /// records of deleted sandboxes.
+    pub fn sandboxes_in(&self, states: &[&str]) -> Result<Vec<SandboxRecord>, CatalogError> {
         let db = self.db.lock().unwrap();
-        let mut stmt = db.prepare("SELECT record FROM sandboxes ORDER BY seq")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let marks = vec!["?"; states.len()].join(", ");
+        let mut stmt = db.prepare(&format!(
+            "SELECT record FROM sandboxes WHERE state IN ({marks}) ORDER BY seq"
+        ))?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(states), |r| {
+            r.get::<_, String>(0)
+        })?;
         let mut out = Vec::new();
         for json in rows {
             out.push(serde_json::from_str(&json?)?);
         }
         Ok(out)
+    }
+
+    /// How many of every team's sandboxes are in each internal state.
+    pub fn state_counts(&self, team_id: Option<&str>) -> Result<Vec<(String, u64)>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let mut stmt = db.prepare(
+            "SELECT state, COUNT(*) FROM sandboxes WHERE (?1 IS NULL OR team_id = ?1) GROUP BY state",
+        )?;
+        let rows = stmt.query_map(params![team_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Records a snapshot this host keeps (`template` or `pause`); recording one twice
@@ -706,12 +1020,80 @@ mod tests {
     }
 
     #[test]
+    fn keys_rotate_with_a_grace_and_revoke_at_once() {
+        let (c, dir) = catalog();
+        let team = c.create_team("acme", None).unwrap();
+        let a = c.create_key(&team.id, None).unwrap();
+        let b = c.create_key(&team.id, None).unwrap();
+        let op = c.create_key_with_role("", None, Role::Operator).unwrap();
+        assert_eq!(c.key_owner(&op).unwrap().unwrap().role, Role::Operator);
+        assert_eq!(c.keys(Some(&team.id)).unwrap().len(), 2);
+        let id = |k: &str| hash_key(k)[..16].to_string();
+        // Revoked: gone now, and not listed.
+        assert!(c.expire_key(&id(&a), now_ms()).unwrap());
+        assert_eq!(c.key_owner(&a).unwrap(), None);
+        assert!(!c.expire_key(&id(&a), now_ms()).unwrap(), "already ended");
+        // Rotated: works until its end, which a later rotation never extends.
+        assert!(c.expire_key(&id(&b), now_ms() + 60_000).unwrap());
+        assert!(c.key_owner(&b).unwrap().is_some());
+        assert!(!c.expire_key(&id(&b), now_ms() + 120_000).unwrap());
+        assert!(c.key(&id(&b)).unwrap().unwrap().expires_at.is_some());
+        assert_eq!(c.key("not-an-id").unwrap().map(|k| k.id), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn limits_merge_and_live_resources_sum_over_the_state_index() {
+        let (c, dir) = catalog();
+        let team = c.create_team("acme", None).unwrap();
+        let one = |f: &str, v: u64| -> LimitsPatch {
+            serde_json::from_value(serde_json::json!({ f: v })).unwrap()
+        };
+        c.set_limits(&team.id, &one("vcpus", 4)).unwrap();
+        let both = c.set_limits(&team.id, &one("sandboxes", 3)).unwrap();
+        assert_eq!((both.vcpus, both.sandboxes), (Some(4), Some(3)));
+        assert_eq!(c.limits(&team.id).unwrap(), both);
+        for (i, state) in ["active", "stopped", "deleted", "failed"]
+            .iter()
+            .enumerate()
+        {
+            let mut r = SandboxRecord::fresh(
+                &team.id,
+                "base".into(),
+                crate::model::Resources {
+                    vcpus: 2,
+                    mem_mib: 512,
+                    disk_mib: 1024,
+                },
+                60,
+                0,
+            );
+            r.id = format!("sbx-{i}");
+            r.state = serde_json::from_value(serde_json::json!(state)).unwrap();
+            c.put_sandbox(&r).unwrap();
+        }
+        assert_eq!(c.live_resources(&team.id).unwrap(), (2, 4, 1024, 2048));
+        let active = c.sandboxes_in(&["active"]).unwrap();
+        assert_eq!(active.len(), 1);
+        assert_eq!(c.sandboxes_in(Catalog::NOT_DELETED).unwrap().len(), 3);
+        c.record_item("snapshot", "snap-1", &team.id, 10).unwrap();
+        c.record_item("snapshot", "snap-2", &team.id, 5).unwrap();
+        c.forget_item("snapshot", "snap-1").unwrap();
+        assert_eq!(c.items_of("snapshot", &team.id).unwrap(), (1, 5));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn keys_are_stored_hashed_and_resolve_to_their_team() {
         let (c, dir) = catalog();
         let team = c.create_team("acme", None).unwrap();
         let key = c.create_key(&team.id, None).unwrap();
-        assert_eq!(c.team_of_key(&key).unwrap(), Some(team.id.clone()));
-        assert_eq!(c.team_of_key("ns_wrong").unwrap(), None);
+        let owner = c.key_owner(&key).unwrap().unwrap();
+        assert_eq!(
+            (owner.team_id.as_str(), owner.role),
+            (team.id.as_str(), Role::Team)
+        );
+        assert_eq!(c.key_owner("ns_wrong").unwrap(), None);
         let stored: String =
             c.db.lock()
                 .unwrap()

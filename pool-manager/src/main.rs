@@ -6,9 +6,13 @@
 //!     [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
 //!     [--network auto|isolated|user] [--egress-dns IP:PORT]
 //! nullspace-pool-manager check [--state-dir DIR] [--network auto|isolated|user] [--min-free-disk-mib 1024]
-//! nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--state-dir DIR]
-//! nullspace-pool-manager admin team quota TEAM --max-sandboxes N [--state-dir DIR]
-//! nullspace-pool-manager admin key create --team TEAM [--key KEY] [--state-dir DIR]
+//! nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR]
+//! nullspace-pool-manager admin team quota TEAM [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR]
+//! nullspace-pool-manager admin team list [--state-dir DIR]
+//! nullspace-pool-manager admin key create (--team TEAM [--key KEY] | --operator) [--state-dir DIR]
+//! nullspace-pool-manager admin key list [--team TEAM] [--state-dir DIR]
+//! nullspace-pool-manager admin key revoke KEY_ID [--state-dir DIR]
+//! nullspace-pool-manager admin key rotate KEY_ID [--grace-s 3600] [--state-dir DIR]
 //! ```
 //!
 //! S3 credentials come from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`. Workers that
@@ -25,7 +29,9 @@ mod edge;
 mod error;
 mod host_check;
 mod model;
+mod operator_api;
 mod preview;
+mod quotas;
 mod sandboxes;
 mod templates;
 mod tokens;
@@ -40,9 +46,15 @@ const USAGE: &str = "usage:
       [--periodic-snapshot-interval-s 0] [--deleted-retention-s 604800] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
       [--network auto|isolated|user] [--egress-dns IP:PORT] [--insecure-unconfined-qemu]
   nullspace-pool-manager check [--state-dir /var/lib/nullspace] [--network auto] [--min-free-disk-mib 1024]
-  nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--state-dir DIR]
-  nullspace-pool-manager admin team quota TEAM --max-sandboxes N [--state-dir DIR]
-  nullspace-pool-manager admin key create --team TEAM [--key KEY] [--state-dir DIR]
+  nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR]
+  nullspace-pool-manager admin team quota TEAM [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR]
+  nullspace-pool-manager admin team list [--state-dir DIR]
+  nullspace-pool-manager admin key create (--team TEAM [--key KEY] | --operator) [--state-dir DIR]
+  nullspace-pool-manager admin key list [--team TEAM] [--state-dir DIR]
+  nullspace-pool-manager admin key revoke KEY_ID [--state-dir DIR]
+  nullspace-pool-manager admin key rotate KEY_ID [--grace-s 3600] [--state-dir DIR]
+Limits (--set): sandboxes vcpus memoryMiB diskMiB snapshots snapshotMiB volumes volumeMiB
+  templates builds createsPerMinute createBurst.
 S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.";
 
 /// `--network`: `isolated` (each VM in its own namespace behind the egress proxy),
@@ -129,7 +141,7 @@ fn check_host(
 }
 
 /// Flags that take no value.
-const SWITCHES: &[&str] = &["insecure-unconfined-qemu"];
+const SWITCHES: &[&str] = &["insecure-unconfined-qemu", "operator"];
 
 /// Command-line flags: `--name value` pairs after the positional words.
 struct Args {
@@ -229,6 +241,31 @@ fn token_secret(dir: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     Ok(secret)
 }
 
+/// A tenant team by ID or name (never the operator's reserved one).
+fn tenant(catalog: &catalog::Catalog, team_ref: &str) -> anyhow::Result<catalog::Team> {
+    if team_ref.is_empty() {
+        bail!("send --team TEAM (a team's name or ID); `admin team list` shows them");
+    }
+    catalog
+        .team(team_ref)?
+        .filter(|t| t.id != catalog::OPERATOR_TEAM_ID)
+        .with_context(|| format!("no team '{team_ref}'; create it with `admin team create NAME`"))
+}
+
+/// The limits `--max-sandboxes N` and `--set NAME=VALUE` (repeatable) ask for.
+fn limits_patch(args: &Args) -> anyhow::Result<quotas::LimitsPatch> {
+    let mut patch = quotas::LimitsPatch::default();
+    if let Some(max) = max_sandboxes(args)? {
+        patch.sandboxes = Some(max as u64);
+    }
+    for assignment in args.all("set") {
+        patch
+            .set(&assignment)
+            .map_err(|e| anyhow::anyhow!("--set {assignment}: {e}"))?;
+    }
+    Ok(patch)
+}
+
 /// `--max-sandboxes N`, if given.
 fn max_sandboxes(args: &Args) -> anyhow::Result<Option<u32>> {
     let v = args.flag("max-sandboxes", "");
@@ -265,7 +302,7 @@ async fn main() -> anyhow::Result<()> {
             check_host(&args, &state, &qemu_config(&args, &state)?)
         }
         ["admin", "team", "create", name] => {
-            args.check_flags(&["state-dir", "max-sandboxes", "id"])?;
+            args.check_flags(&["state-dir", "max-sandboxes", "id", "set"])?;
             let catalog = open_catalog(&state_dir(&args)?)?;
             let id = args.flag("id", "");
             let well_formed = |id: &str| {
@@ -276,39 +313,118 @@ async fn main() -> anyhow::Result<()> {
             if !id.is_empty() && !well_formed(&id) {
                 bail!("--id {id:?}: send a team ID as another worker printed it (team-…)");
             }
+            if *name == catalog::OPERATOR_TEAM || id == catalog::OPERATOR_TEAM_ID {
+                bail!("{name:?} is the operator's reserved team; pick another name (operator keys: `admin key create --operator`)");
+            }
+            let patch = limits_patch(&args)?;
             let team = catalog.create_team(name, (!id.is_empty()).then_some(id.as_str()))?;
-            if let Some(max) = max_sandboxes(&args)? {
-                catalog.set_quota(&team.id, max)?;
+            if patch != quotas::LimitsPatch::default() {
+                catalog.set_limits(&team.id, &patch)?;
             }
             println!("{}", serde_json::to_string(&team)?);
             Ok(())
         }
         ["admin", "team", "quota", team_ref] => {
-            args.check_flags(&["state-dir", "max-sandboxes"])?;
+            args.check_flags(&["state-dir", "max-sandboxes", "set", "default-max-sandboxes"])?;
             let catalog = open_catalog(&state_dir(&args)?)?;
-            let team = catalog.team(team_ref)?.with_context(|| {
-                format!("no team '{team_ref}'; create it with `admin team create NAME`")
-            })?;
-            let max = max_sandboxes(&args)?.context("send --max-sandboxes N")?;
-            catalog.set_quota(&team.id, max)?;
-            println!("team {} may hold {max} live sandboxes", team.name);
+            let team = tenant(&catalog, team_ref)?;
+            let patch = limits_patch(&args)?;
+            let own = if patch == quotas::LimitsPatch::default() {
+                // No change asked: show what is in force.
+                catalog.limits(&team.id)?
+            } else {
+                patch.validate().map_err(|e| anyhow::anyhow!(e.message))?;
+                catalog.set_limits(&team.id, &patch)?
+            };
+            let default_max: u32 = number(&args, "default-max-sandboxes", 20)? as u32;
+            let limits = quotas::Limits::defaults(default_max).with(&own);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "team": team, "limits": limits, "ownLimits": own,
+                    "note": "limits not in ownLimits are the serving daemon's defaults (sandboxes: its --max-sandboxes-per-team)"
+                }))?
+            );
+            Ok(())
+        }
+        ["admin", "team", "list"] => {
+            args.check_flags(&["state-dir"])?;
+            let catalog = open_catalog(&state_dir(&args)?)?;
+            for t in catalog.teams()? {
+                if t.id != catalog::OPERATOR_TEAM_ID {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "id": t.id, "name": t.name, "ownLimits": catalog.limits(&t.id)? })
+                    );
+                }
+            }
             Ok(())
         }
         ["admin", "key", "create"] => {
-            args.check_flags(&["state-dir", "team", "key"])?;
+            args.check_flags(&["state-dir", "team", "key", "operator"])?;
             let catalog = open_catalog(&state_dir(&args)?)?;
-            let team_ref = args.flag("team", "");
-            let team = catalog.team(&team_ref)?.with_context(|| {
-                format!("no team '{team_ref}'; create it with `admin team create NAME`")
-            })?;
             let key = args.flag("key", "");
             if !key.is_empty() && !api_model::key_is_well_formed(&key) {
                 bail!("--key: send a key as another worker issued it (ns_ and 32 hex digits)");
             }
-            println!(
-                "{}",
-                catalog.create_key(&team.id, (!key.is_empty()).then_some(key.as_str()))?
-            );
+            let given = (!key.is_empty()).then_some(key.as_str());
+            if args.switch("operator") {
+                if args.switch("team") {
+                    bail!("an operator key belongs to no team: send --operator or --team TEAM, not both");
+                }
+                println!(
+                    "{}",
+                    catalog.create_key_with_role("", given, catalog::Role::Operator)?
+                );
+                return Ok(());
+            }
+            let team = tenant(&catalog, &args.flag("team", ""))?;
+            println!("{}", catalog.create_key(&team.id, given)?);
+            Ok(())
+        }
+        ["admin", "key", "list"] => {
+            args.check_flags(&["state-dir", "team"])?;
+            let catalog = open_catalog(&state_dir(&args)?)?;
+            let team = match args.flag("team", "").as_str() {
+                "" => None,
+                t => Some(tenant(&catalog, t)?.id),
+            };
+            for k in catalog.keys(team.as_deref())? {
+                println!("{}", serde_json::to_string(&k)?);
+            }
+            Ok(())
+        }
+        ["admin", "key", "revoke", id] => {
+            args.check_flags(&["state-dir"])?;
+            let catalog = open_catalog(&state_dir(&args)?)?;
+            if !catalog.expire_key(id, chrono::Utc::now().timestamp_millis())? {
+                bail!("no key in force with ID {id:?}; `admin key list` shows the IDs (16 hex digits)");
+            }
+            println!("key {id} revoked: it no longer opens anything");
+            Ok(())
+        }
+        ["admin", "key", "rotate", id] => {
+            args.check_flags(&["state-dir", "grace-s"])?;
+            let catalog = open_catalog(&state_dir(&args)?)?;
+            let grace = number(&args, "grace-s", 3600)?;
+            if grace > 7 * 24 * 3600 {
+                bail!("--grace-s {grace}: a rotation overlaps at most 604800 s (7 days); 0 ends the old key now");
+            }
+            let old = catalog.key(id)?.with_context(|| {
+                format!("no key in force with ID {id:?}; `admin key list` shows the IDs (16 hex digits)")
+            })?;
+            let role = if old.role == "operator" {
+                catalog::Role::Operator
+            } else {
+                catalog::Role::Team
+            };
+            let key = catalog.create_key_with_role(&old.team_id, None, role)?;
+            catalog.expire_key(
+                id,
+                chrono::Utc::now().timestamp_millis() + grace as i64 * 1000,
+            )?;
+            eprintln!("key {id} keeps working for {grace} s; the new key follows");
+            println!("{key}");
             Ok(())
         }
         _ => bail!("{USAGE}"),
@@ -523,14 +639,9 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
             resources: None,
             refill: None,
         };
-        // A custom template's pool acts for the team that owns it.
-        let owner = manager
-            .catalog
-            .template(None, template)?
-            .map(|t| t.team_id)
-            .unwrap_or_default();
+        // The host's own command line speaks for the operator.
         manager
-            .set_warm_pool(&owner, template, body)
+            .set_warm_pool(sandboxes::Actor::Operator, template, body)
             .await
             .map_err(|e| anyhow::anyhow!("--warm-pool {spec}: {}", e.message))?;
     }

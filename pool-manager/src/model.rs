@@ -20,6 +20,18 @@ pub enum InternalState {
 }
 
 impl InternalState {
+    /// The internal states (as stored) behind a public one; none for an unknown name.
+    pub fn stored_names_of(public: &str) -> &'static [&'static str] {
+        match public {
+            "starting" => &["new", "creating"],
+            "running" => &["active"],
+            "paused" => &["stopped"],
+            "deleted" => &["destroying", "deleted"],
+            "error" => &["failed"],
+            _ => &[],
+        }
+    }
+
     /// The state callers see.
     pub fn public(self) -> &'static str {
         match self {
@@ -99,6 +111,15 @@ pub struct SandboxRecord {
     /// saved back.
     #[serde(default)]
     pub volume_copies: bool,
+    /// The epoch of its runtime tokens: `connect` moves it on, ending the tokens issued
+    /// before. 0: never moved (see `tokens::runtime_epoch`).
+    #[serde(default)]
+    pub runtime_token_epoch: u64,
+    /// Per port, the epoch of its preview and proxy tokens: making the port private moves
+    /// it on, ending the URLs issued before. A port not here never moved its epoch (see
+    /// `tokens::preview_epoch`).
+    #[serde(default)]
+    pub preview_token_epochs: BTreeMap<u16, u64>,
 }
 
 impl SandboxRecord {
@@ -137,6 +158,8 @@ impl SandboxRecord {
             egress: api_model::EgressPolicy::default(),
             mounts: Vec::new(),
             volume_copies: false,
+            runtime_token_epoch: 0,
+            preview_token_epochs: BTreeMap::new(),
         }
     }
 

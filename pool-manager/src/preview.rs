@@ -4,13 +4,15 @@
 //! Access needs a signed preview token — in the URL (`?ns_preview_token=`, traded for a
 //! cookie scoped to the host and a redirect that drops it from the address bar), in that
 //! cookie, or as a proxy token in `x-nullspace-preview-proxy-token` (for application
-//! proxies) — unless the sandbox made the port public. A paused sandbox with
-//! `autoResume` is woken within a bounded window; otherwise the answer is 503 with
-//! `Retry-After: 5`.
+//! proxies) — unless the sandbox made the port public. A token is good for the port's
+//! current preview epoch only (see `tokens`): making the port private ends the tokens
+//! issued before. A paused sandbox with `autoResume` is woken within a bounded window;
+//! otherwise the answer is 503 with `Retry-After: 5`.
 
 use crate::error::ApiError;
+use crate::model::{InternalState, SandboxRecord};
 use crate::sandboxes::{Manager, PreviewWake};
-use crate::tokens::{TokenError, TokenSigner};
+use crate::tokens::{preview_epoch, TokenError, TokenSigner};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode, Uri};
@@ -83,13 +85,41 @@ fn unavailable(message: String) -> Response {
 
 fn token_refused(e: TokenError, what: &str) -> ApiError {
     match e {
-        TokenError::Invalid(why) => ApiError::unauthorized(format!(
-            "{what}: {why}; get a new preview URL (get_preview_url) or proxy target"
-        )),
+        TokenError::Revoked => ApiError::new(
+            401,
+            "token_revoked",
+            format!(
+                "{what} was revoked: the port was made private after it was issued; get a new preview URL (get_preview_url) or proxy target"
+            ),
+        ),
         TokenError::OtherSandbox => ApiError::forbidden(format!(
             "{what} is for another sandbox or port; get one for this port"
         )),
+        e => ApiError::unauthorized(format!(
+            "{what}: {e}; get a new preview URL (get_preview_url) or proxy target"
+        )),
     }
+}
+
+/// Checks a preview or proxy token for `subject` against the port's current epoch. A
+/// sandbox that is gone (`current` is `None`) has none: a genuine token of it passes
+/// here, to get the same answer as a private port of an unknown sandbox after.
+fn check_token(
+    tokens: &TokenSigner,
+    token: &str,
+    subject: &str,
+    current: Option<u64>,
+    now: i64,
+) -> Result<(), TokenError> {
+    match current {
+        Some(current) => tokens.check(token, subject, current, now),
+        None => tokens.verify(token, subject, now).map(drop),
+    }
+}
+
+/// Whether `r` is of a sandbox that is gone: it answers as one that never existed.
+fn gone(r: &SandboxRecord) -> bool {
+    matches!(r.state, InternalState::Deleted | InternalState::Destroying)
 }
 
 /// The request's query without the token parameter; and the token, if it had one.
@@ -143,7 +173,15 @@ async fn serve(p: &Previews, mut req: Request) -> Result<Response, Response> {
     })?;
     // A sandbox that does not exist answers exactly as one whose port is private: the
     // preview domain is shared, and whether an ID exists is no one else's business.
-    let record = p.manager.catalog.sandbox(&sandbox).ok().flatten();
+    // A deleted one likewise: its tokens and public ports end with it.
+    let record = p
+        .manager
+        .catalog
+        .sandbox(&sandbox)
+        .ok()
+        .flatten()
+        .filter(|r| !gone(r));
+    let current = record.as_ref().map(|r| preview_epoch(r, port));
     let now = chrono::Utc::now().timestamp();
     let (url_token, rest_query) = split_token(req.uri());
     let upgrade = req.headers().contains_key(header::UPGRADE);
@@ -156,12 +194,10 @@ async fn serve(p: &Previews, mut req: Request) -> Result<Response, Response> {
             .get(PROXY_HEADER)
             .and_then(|v| v.to_str().ok())
         {
-            p.tokens
-                .check(t, &subject(&sandbox, port, true), now)
+            check_token(&p.tokens, t, &subject(&sandbox, port, true), current, now)
                 .map_err(|e| token_refused(e, "the proxy token").into_response())?;
         } else if let Some(t) = &url_token {
-            p.tokens
-                .check(t, &subject(&sandbox, port, false), now)
+            check_token(&p.tokens, t, &subject(&sandbox, port, false), current, now)
                 .map_err(|e| token_refused(e, "the preview token").into_response())?;
             if !upgrade && req.method() == axum::http::Method::GET {
                 // Traded for a cookie, so the token leaves the address bar and links
@@ -184,14 +220,14 @@ async fn serve(p: &Previews, mut req: Request) -> Result<Response, Response> {
                     .expect("a valid response"));
             }
         } else if let Some(t) = cookie(&req, &cookie_name(port)) {
-            p.tokens
-                .check(&t, &subject(&sandbox, port, false), now)
+            check_token(&p.tokens, &t, &subject(&sandbox, port, false), current, now)
                 .map_err(|e| token_refused(e, "the preview cookie").into_response())?;
         } else {
             return Err(private(port, &sandbox));
         }
     }
-    // Only a valid token (issued for a sandbox since deleted) gets this far without one.
+    // Only a valid token (issued for a sandbox since deleted) gets this far without one,
+    // and meets the answer an unknown sandbox gets.
     let record = record.ok_or_else(|| private(port, &sandbox))?;
     let agent = match p.manager.preview_agent(&record, WAKE_WINDOW).await {
         Ok(agent) => agent,
@@ -354,26 +390,51 @@ mod tests {
         let signer = TokenSigner::new(b"secret".to_vec());
         let id = "sbx-0123456789abcdef0123";
         let now = 1_000_000;
-        let token = signer.issue(&subject(id, 8000, false), now + 60);
-        assert_eq!(signer.check(&token, &subject(id, 8000, false), now), Ok(()));
+        let check =
+            |token: &str, subject: &str, at: i64| check_token(&signer, token, subject, Some(5), at);
+        let token = signer.issue(&subject(id, 8000, false), 5, now + 60);
+        assert_eq!(check(&token, &subject(id, 8000, false), now), Ok(()));
         // Expired, another port, the proxy kind, a runtime token's subject: refused.
         assert!(matches!(
-            signer.check(&token, &subject(id, 8000, false), now + 61),
+            check(&token, &subject(id, 8000, false), now + 61),
             Err(TokenError::Invalid(_))
         ));
         assert_eq!(
-            signer.check(&token, &subject(id, 8001, false), now),
+            check(&token, &subject(id, 8001, false), now),
             Err(TokenError::OtherSandbox)
         );
         assert_eq!(
-            signer.check(&token, &subject(id, 8000, true), now),
+            check(&token, &subject(id, 8000, true), now),
             Err(TokenError::OtherSandbox)
         );
-        let runtime = signer.issue(id, now + 60);
+        let runtime = signer.issue(id, 5, now + 60);
         assert_eq!(
-            signer.check(&runtime, &subject(id, 8000, false), now),
+            check(&runtime, &subject(id, 8000, false), now),
             Err(TokenError::OtherSandbox)
         );
+    }
+
+    #[test]
+    fn a_port_made_private_refuses_its_older_tokens_and_a_gone_sandbox_defers() {
+        let signer = TokenSigner::new(b"secret".to_vec());
+        let id = "sbx-0123456789abcdef0123";
+        let (now, preview) = (1_000_000, subject(id, 8000, false));
+        let old = signer.issue(&preview, 5, now + 60);
+        let new = signer.issue(&preview, 6, now + 60);
+        assert_eq!(
+            check_token(&signer, &old, &preview, Some(6), now),
+            Err(TokenError::Revoked)
+        );
+        assert_eq!(check_token(&signer, &new, &preview, Some(6), now), Ok(()));
+        let refused = token_refused(TokenError::Revoked, "the preview token");
+        assert_eq!((refused.status, refused.code), (401, "token_revoked"));
+        // No record (unknown or deleted): a genuine token passes here, so it meets the
+        // answer of a private port of an unknown sandbox; a forged one still does not.
+        assert_eq!(check_token(&signer, &old, &preview, None, now), Ok(()));
+        assert!(matches!(
+            check_token(&signer, &format!("{old}x"), &preview, None, now),
+            Err(TokenError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -5,7 +5,8 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-/// A caller of the internal API with one team's key.
+/// A caller of the internal API with one key (a team's or the operator's).
+#[derive(Clone)]
 pub struct Api {
     pub http: reqwest::Client,
     pub base: String,

@@ -449,6 +449,11 @@ impl Daemon {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
+    /// Issues an operator key (teams, quotas, keys, the built-in warm pools).
+    pub fn operator_key(&self) -> String {
+        self.admin(&["key", "create", "--operator"])
+    }
+
     /// Creates a team and returns an API key for it.
     pub fn team_key(&self, team: &str) -> String {
         self.admin(&["team", "create", team]);

@@ -179,7 +179,8 @@ async fn policies_are_enforced_on_the_host_changed_live_and_kept_by_fork_restore
     // A warm-pool checkout: the ready VM's proxy serves with nothing allowed until the
     // checkout sets the create's policy.
     let pool = "/v1/templates/base/warm-pool";
-    let (status, v) = api
+    let op = stack.public(stack.daemon.operator_key());
+    let (status, v) = op
         .call(
             Method::PUT,
             pool,
@@ -203,9 +204,7 @@ async fn policies_are_enforced_on_the_host_changed_live_and_kept_by_fork_restore
         .create(json!({ "templateID": "base", "resources": small(), "warmPool": "require", "egress": policy }))
         .await;
     check_closed_policy(&Runtime::of(&warm), &n, "warm checkout").await;
-    let (status, v) = api
-        .call(Method::PUT, pool, Some(json!({ "size": 0 })))
-        .await;
+    let (status, v) = op.call(Method::PUT, pool, Some(json!({ "size": 0 }))).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(
         api.delete(warm["sandboxID"].as_str().unwrap()).await,

@@ -324,6 +324,13 @@ async fn a_browser_loads_a_preview_and_its_websocket_and_tokens_guard_private_po
         p.get(&host, "/", &[]).await.status(),
         StatusCode::UNAUTHORIZED
     );
+    // And the port's URLs and cookies from before it was made private end with it.
+    let resp = p
+        .get(&host, &format!("/?ns_preview_token={token}"), &[])
+        .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let resp = p.get(&host, "/", &[("cookie", &cookie)]).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     // Not a preview host at all.
     assert_eq!(
         p.get("example.com", "/", &[]).await.status(),
@@ -391,7 +398,8 @@ async fn preview_traffic_wakes_an_auto_resume_sandbox_and_others_answer_503() {
     assert_eq!(resp.headers()["retry-after"], "5");
     assert!(resp.text().await.unwrap().contains("autoResume"));
     assert_eq!(api.get(&ids[1]).await["state"], "paused");
-    // A deleted sandbox's previews are gone.
+    // A deleted sandbox's previews are gone: its tokens get what a sandbox that never
+    // existed answers (whether an ID existed is no one else's business either).
     api.delete(&ids[0]).await;
     let resp = p
         .get(
@@ -400,7 +408,19 @@ async fn preview_traffic_wakes_an_auto_resume_sandbox_and_others_answer_503() {
             &[("x-nullspace-preview-proxy-token", &targets[0])],
         )
         .await;
-    assert_eq!(resp.status(), StatusCode::GONE);
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let missing = p
+        .get(&p.host("sbx-00000000000000000000", 8000), "/", &[])
+        .await;
+    let (deleted, missing): (Value, Value) =
+        (resp.json().await.unwrap(), missing.json().await.unwrap());
+    assert_eq!(
+        deleted["message"]
+            .as_str()
+            .unwrap()
+            .replace(&ids[0], "sbx-00000000000000000000"),
+        missing["message"].as_str().unwrap()
+    );
 }
 
 #[tokio::test]

@@ -439,7 +439,8 @@ async fn a_team_quota_caps_live_sandboxes() {
         (StatusCode::TOO_MANY_REQUESTS, Some("quota_exceeded")),
         "{v}"
     );
-    assert_eq!(v["details"]["quota"], 1);
+    assert_eq!(v["details"]["quota"], "sandboxes", "{v}");
+    assert_eq!(v["details"]["limit"], 1, "{v}");
     // Deleting frees the slot.
     assert_eq!(
         api.delete(first["sandboxID"].as_str().unwrap()).await,

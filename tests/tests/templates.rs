@@ -378,12 +378,110 @@ async fn a_failed_build_says_which_step_failed_and_why() {
     let b = build(&api, slow.clone()).await;
     let (status, v) = api.post("/v1/templates", slow).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{v}");
-    assert_eq!(v["code"], "too_many_builds");
+    assert_eq!(
+        (v["code"].as_str(), v["details"]["quota"].as_str()),
+        (Some("quota_exceeded"), Some("builds")),
+        "{v}"
+    );
     for t in [&a, &b] {
         let path = format!("/v1/templates/{}", t["templateID"].as_str().unwrap());
         let (status, _) = api.call(Method::DELETE, &path, None).await;
         assert_eq!(status, StatusCode::NO_CONTENT);
         let (status, _) = api.fetch(&path).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+}
+
+/// The text of a template's log lines so far (one page, not waiting).
+async fn log_now(api: &Api, id: &str) -> String {
+    let (status, page) = api
+        .fetch(&format!("/v1/templates/{id}/logs?after=0&wait=0"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    text(page["lines"].as_array().unwrap())
+}
+
+#[tokio::test]
+async fn builds_take_turns_by_team_and_a_log_stops_at_its_cap() {
+    let stack = Stack::start("template-queue");
+    let a = stack.public(stack.daemon.team_key("team-a"));
+    let b = stack.public(stack.daemon.team_key("team-b"));
+    let id = |v: &Value| v["templateID"].as_str().unwrap().to_string();
+
+    // Team a takes the host's build slot and queues a second build; team b's build,
+    // sent after it, goes first.
+    let slow = json!({ "resources": shape(), "steps": [{ "run": "sleep 600" }] });
+    let a1 = id(&build(&a, slow.clone()).await);
+    let a2 = id(&build(&a, slow).await);
+    // About 5 MB of output, past the 4 MiB a build's log keeps, then a failure.
+    let loud = json!({
+        "resources": shape(),
+        "steps": [{ "run": "yes \"$(printf '%0999d' 0)\" | head -n 5000; echo end-of-$((40 + 2)); exit 1" }]
+    });
+    let b1 = id(&build(&b, loud).await);
+    let log = log_now(&a, &a2).await;
+    assert!(log.starts_with("[build] queued at position 1"), "{log}");
+    let log = log_now(&b, &b1).await;
+    assert!(log.starts_with("[build] queued at position 1"), "{log}");
+    assert!(log_now(&a, &a1).await.contains("building"));
+
+    // Deleting the running build hands the slot on: to team b, not to a2.
+    let (status, _) = a
+        .call(Method::DELETE, &format!("/v1/templates/{a1}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !log_now(&b, &b1).await.contains("[build] building") {
+        assert!(Instant::now() < deadline, "b1 never started");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = log_now(&a, &a2).await;
+    assert!(
+        !log.contains("[build] building"),
+        "a2 waits its turn: {log}"
+    );
+
+    // The log keeps 4 MiB of output and one line saying the rest was cut; the
+    // failure's output tail still has the last lines.
+    let (lines, t) = follow(&b, &b1).await;
+    assert_eq!(t["status"], "failed", "{t}");
+    assert_eq!(t["error"]["phase"], "step", "{t}");
+    let output: usize = lines
+        .iter()
+        .filter(|l| l["stream"] != "build")
+        .map(|l| l["text"].as_str().unwrap().len())
+        .sum();
+    assert!(
+        output > 4_000_000 && output <= 4 << 20,
+        "{output} bytes of output"
+    );
+    let truncated: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["text"].as_str().unwrap().contains("log truncated after"))
+        .collect();
+    assert_eq!(truncated.len(), 1, "{truncated:?}");
+    assert_eq!(truncated[0]["stream"], "build");
+    let log = text(&lines);
+    assert!(!log.contains("end-of-42"), "nothing past the cap is stored");
+    assert!(log.contains("build failed: step 0 (run) exited with code 1"));
+    assert!(
+        t["error"]["outputTail"]
+            .as_str()
+            .unwrap()
+            .ends_with("end-of-42"),
+        "{t}"
+    );
+
+    // Then a2 has its turn; deleting it cancels it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !log_now(&a, &a2).await.contains("[build] building") {
+        assert!(Instant::now() < deadline, "a2 never started");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (api, t) in [(&a, &a2), (&b, &b1)] {
+        let (status, _) = api
+            .call(Method::DELETE, &format!("/v1/templates/{t}"), None)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
     }
 }

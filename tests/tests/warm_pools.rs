@@ -59,12 +59,24 @@ async fn require_gets_exactly_the_ready_instances_prefer_falls_back_and_pools_re
         .admin(&["team", "create", "acme", "--max-sandboxes", "40"]);
     let key = stack.daemon.admin(&["key", "create", "--team", "acme"]);
     let api = stack.public(key.clone());
-
+    // The built-in templates' pools are the operator's: a team may read, not size them.
     let (status, v) = api
+        .call(Method::PUT, POOL, Some(json!({ "size": 1 })))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("operator"), "{v}");
+    let api = stack.public(stack.daemon.operator_key());
+    // And the operator's key acts for no team.
+    let (status, v) = api.fetch("/v1/sandboxes").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    let op = api.clone();
+    let api = stack.public(key.clone());
+
+    let (status, v) = op
         .call(Method::PUT, POOL, Some(json!({ "size": 17 })))
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
-    let (status, _) = api
+    let (status, _) = op
         .call(
             Method::PUT,
             "/v1/templates/nope/warm-pool",
@@ -74,10 +86,10 @@ async fn require_gets_exactly_the_ready_instances_prefer_falls_back_and_pools_re
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // Five ready, then refill held off: a burst of 20 `require` gets exactly those five.
-    set_pool(&api, json!({ "size": 5, "resources": small() })).await;
+    set_pool(&op, json!({ "size": 5, "resources": small() })).await;
     wait_ready(&api, 5).await;
     let held = set_pool(
-        &api,
+        &op,
         json!({ "size": 5, "resources": small(), "refill": false }),
     )
     .await;
@@ -118,7 +130,7 @@ async fn require_gets_exactly_the_ready_instances_prefer_falls_back_and_pools_re
         rt.run(&format!("echo mine-{n} > /workspace/owner")).await;
     }
     // Emptying the pool leaves checked-out sandboxes alone.
-    set_pool(&api, json!({ "size": 0, "resources": small() })).await;
+    set_pool(&op, json!({ "size": 0, "resources": small() })).await;
     let (out, _, _) = Runtime::of(ok[0]).run("cat /workspace/owner").await;
     assert_eq!(
         out,
@@ -130,7 +142,7 @@ async fn require_gets_exactly_the_ready_instances_prefer_falls_back_and_pools_re
         .collect();
 
     // With refill on, the pool comes back to its target; `prefer` never fails.
-    set_pool(&api, json!({ "size": 5, "resources": small() })).await;
+    set_pool(&op, json!({ "size": 5, "resources": small() })).await;
     wait_ready(&api, 5).await;
     let got = burst(&api, 20, "prefer").await;
     for (s, v) in &got {
@@ -164,8 +176,7 @@ async fn require_gets_exactly_the_ready_instances_prefer_falls_back_and_pools_re
 #[tokio::test]
 async fn a_failing_refill_backs_off_says_why_and_recovers() {
     let daemon = Daemon::start("warm-backoff");
-    let key = daemon.team_key("backoff");
-    let api = Api::new(&daemon, key);
+    let api = Api::new(&daemon, daemon.operator_key());
     // A real fault: the daemon's run directory becomes a file, so no VM directory can
     // be made and every refill fails.
     let run_dir = daemon.run_dir().to_path_buf();

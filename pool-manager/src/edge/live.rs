@@ -31,7 +31,7 @@ impl Edge {
             let team = crate::api::team(&self.manager, headers)?;
             self.manager.owned(&team, id).map(drop)
         } else {
-            self.check_token(headers, id)
+            self.authorize(headers, id).map(drop)
         }
     }
 }

@@ -1,10 +1,15 @@
 //! The data-plane edge (`openapi/dataplane.yaml`): commands and files of one sandbox,
 //! reached with the runtime token from create/connect. Output streams as NDJSON while the
 //! command runs; file bodies stream in both directions.
+//!
+//! A token opens the sandbox only while it is of the sandbox's current runtime epoch
+//! (see `tokens`): each request reads the sandbox's record once, for that check and for
+//! the state and environment the request needs.
 
 use crate::error::{agent_error, ApiError};
+use crate::model::{InternalState, SandboxRecord};
 use crate::sandboxes::Manager;
-use crate::tokens::{TokenError, TokenSigner};
+use crate::tokens::{runtime_epoch, TokenError, TokenSigner};
 use agent_client::{AgentClient, ProcessEvent, StdinWriter};
 use agent_protocol::{Command, ExecRequest};
 use api_model::parse_body;
@@ -90,12 +95,15 @@ impl Edge {
         headers: &HeaderMap,
         id: &str,
     ) -> Result<(AgentClient, BTreeMap<String, String>), ApiError> {
-        self.check_token(headers, id)?;
-        self.manager.agent(id).await
+        let record = self.authorize(headers, id)?;
+        let agent = self.manager.running_agent(&record).await?;
+        Ok((agent, record.env_vars))
     }
 
-    /// Checks that the request carries a runtime token of sandbox `id`.
-    fn check_token(&self, headers: &HeaderMap, id: &str) -> Result<(), ApiError> {
+    /// Checks that the request carries a current runtime token of sandbox `id`, and
+    /// returns the sandbox's record (read here, once per request, after the token's
+    /// signature passed: a forged token costs no catalog read).
+    fn authorize(&self, headers: &HeaderMap, id: &str) -> Result<SandboxRecord, ApiError> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -103,18 +111,43 @@ impl Edge {
             .ok_or_else(|| {
                 ApiError::unauthorized("send the runtime token as Authorization: Bearer")
             })?;
-        match self
+        let issued = self
             .tokens
-            .check(token.trim(), id, chrono::Utc::now().timestamp())
-        {
-            Ok(()) => Ok(()),
-            Err(TokenError::Invalid(why)) => Err(ApiError::unauthorized(format!(
-                "the runtime token is refused ({why}); call connect for a fresh one"
-            ))),
-            Err(TokenError::OtherSandbox) => Err(ApiError::forbidden(
-                "this runtime token belongs to another sandbox",
-            )),
+            .verify(token.trim(), id, chrono::Utc::now().timestamp())
+            .map_err(runtime_token_refused)?;
+        // A deleted sandbox answers exactly as one that never existed (or whose record
+        // was pruned): its tokens end with it.
+        let record = self
+            .manager
+            .catalog
+            .sandbox(id)?
+            .filter(|r| !matches!(r.state, InternalState::Deleted | InternalState::Destroying))
+            .ok_or_else(|| {
+                ApiError::unauthorized(format!(
+                    "the runtime token is refused: sandbox {id} does not exist (or was deleted); create a new one"
+                ))
+            })?;
+        if issued != runtime_epoch(&record) {
+            return Err(runtime_token_refused(TokenError::Revoked));
         }
+        Ok(record)
+    }
+}
+
+/// The answer to a runtime token that is refused.
+fn runtime_token_refused(e: TokenError) -> ApiError {
+    match e {
+        TokenError::Revoked => ApiError::new(
+            401,
+            "token_revoked",
+            "the runtime token was replaced: connect issued a newer one, which ends the older ones; use the newest token, or call connect for a fresh one",
+        ),
+        TokenError::OtherSandbox => {
+            ApiError::forbidden("this runtime token belongs to another sandbox")
+        }
+        e => ApiError::unauthorized(format!(
+            "the runtime token is refused ({e}); call connect for a fresh one"
+        )),
     }
 }
 

@@ -2,15 +2,40 @@
 //! a start command and a ready check, run in a VM and ended as a stored snapshot of the
 //! ready VM, addressable as `tpl-…` (or the template's name).
 //!
-//! Each step's result is cached on this host as a snapshot of the build VM, keyed by the
-//! base snapshot and every step up to it: a build whose first steps match an earlier one
-//! restores the newest matching snapshot and runs only the rest. One build runs at a time
-//! per host (a build VM is as heavy as any sandbox, and the step cache is pruned between
-//! builds, when no build VM stands on one of its entries).
+//! **The queue.** A build VM is as heavy as any sandbox, so a host runs
+//! [`BUILD_SLOTS`] build at a time; a team may have as many running or queued as its
+//! `builds` quota says (2 by default), and as many templates as its `templates` quota. Waiting builds get the slot round-robin by team ([`BuildQueue`]): the free
+//! slot goes to the waiting team served longest ago, and within a team in arrival
+//! order, so one team's queued builds never make another team's build wait behind all
+//! of them. A queued build is `building` with its steps `pending`; its log's first line
+//! gives its place in the queue. Deleting a build (queued or running) takes it out of
+//! the queue and hands its slot on.
 //!
-//! The build log goes to the catalog line by line as output arrives; callers read it in
-//! pages that wait for new lines (`GET /templates/{id}/logs?after=&wait=`), which the
-//! SDKs turn into a stream.
+//! **The deadline.** Once it has the slot (time in the queue does not count), a build
+//! must have its VM ready within [`BUILD_DEADLINE`], whatever its steps' own timeouts
+//! add up to (64 steps of up to an hour each could otherwise hold the slot for days): a
+//! step's timeout is cut to the time left, and past the deadline the build VM is killed
+//! and the template fails saying so (the phase it was in, its output tail where there
+//! is one, and what to do). Snapshotting and storing the ready VM is host work and is
+//! not cut short: a half-stored template would leak.
+//!
+//! **The step cache.** Each step's result is cached on this host as a snapshot of the
+//! build VM in `build-cache/<team>/<key>`, the key covering the team, the base snapshot
+//! and every step up to it: a build whose first steps match an earlier build of the
+//! same team restores the newest matching snapshot and runs only the rest (one team's
+//! cache hit never reveals another team's steps). The cache keeps [`CACHE_ENTRIES`]
+//! entries over all teams, oldest used going first; it is pruned before every step
+//! snapshot is written and after every build, never removing an entry a running build
+//! stands on (restored from) or is writing. Entries from before caches were per team
+//! are pruned. A step is not cached when the disk is short of space (the build log
+//! says so); the build goes on.
+//!
+//! **The log.** The build log goes to the catalog line by line as output arrives;
+//! callers read it in pages that wait for new lines (`GET /templates/{id}/logs?after=&
+//! wait=`), which the SDKs turn into a stream. A build's command output stored there is
+//! capped at [`MAX_LOG_BYTES`] ([`LogBudget`]): past it one line says the log was
+//! truncated and no more output is stored (the build's own status lines still are, so
+//! the log says how the build ended, and a failure's `outputTail` keeps the last lines).
 
 use super::{now_ms, Manager};
 use crate::error::ApiError;
@@ -23,18 +48,27 @@ use api_model::{
     TemplateStatus, TemplateView, ValidStep, MAX_LOG_PAGE, MAX_LOG_WAIT_S,
 };
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use storage::snapshots::{self as stored, Kind, NewSnapshot};
+use tokio::sync::oneshot;
 use tracing::{info, warn, Instrument};
 use vmm::{QemuVm, RestoreOptions, Snapshot};
 
-/// Step snapshots kept in the build cache (oldest used go first).
+/// Step snapshots kept in the build cache, all teams together (oldest used go first).
 const CACHE_ENTRIES: usize = 16;
-/// Builds a team may have running or queued at once.
-const MAX_BUILDS_PER_TEAM: usize = 2;
+/// Builds that run at once on this host (a build VM is as heavy as any sandbox).
+const BUILD_SLOTS: usize = 1;
+/// The longest a build may take from getting its slot to a ready VM: past it the build
+/// VM is killed and the template fails.
+const BUILD_DEADLINE: Duration = Duration::from_secs(30 * 60);
+/// How long past [`BUILD_DEADLINE`] the whole-build net waits: a step the deadline
+/// cuts short ends on its own clock first and reports its output tail.
+const DEADLINE_SLACK: Duration = Duration::from_secs(2);
+/// Bytes of command output one build's log stores in the catalog.
+const MAX_LOG_BYTES: u64 = 4 << 20;
 /// Output lines a failure reports.
 const TAIL_LINES: usize = 30;
 /// How often a running command's output is written to the log.
@@ -49,12 +83,24 @@ const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 /// says why, and a check that prints without end must not grow the host's memory.
 const READY_OUTPUT_TAIL: usize = 32 * 1024;
 
+/// Locks `m`, also after a panic elsewhere held it: every state kept under these locks
+/// stays consistent between statements, and the queue's hand-off must not stop.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Builds in progress and what waits on their logs.
 pub(super) struct Builds {
-    /// One build at a time on this host.
-    slot: tokio::sync::Semaphore,
+    /// The host's build slots and the builds waiting for one.
+    queue: Mutex<BuildQueue<oneshot::Sender<()>>>,
     /// Running (or queued) builds, to cancel on delete or shutdown.
     running: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+    /// Each unfinished build's log budget, by template.
+    logs: Mutex<HashMap<String, LogBudget>>,
+    /// Step-cache directories each unfinished build stands on or is writing, by
+    /// template: never pruned. Pruning holds this lock, so a claim and a prune never
+    /// interleave.
+    cache_claims: Mutex<HashMap<String, Vec<PathBuf>>>,
     /// Woken on every log flush and status change.
     activity: tokio::sync::Notify,
 }
@@ -62,10 +108,251 @@ pub(super) struct Builds {
 impl Default for Builds {
     fn default() -> Self {
         Self {
-            slot: tokio::sync::Semaphore::new(1),
+            queue: Mutex::new(BuildQueue::new(BUILD_SLOTS)),
             running: Mutex::default(),
+            logs: Mutex::default(),
+            cache_claims: Mutex::default(),
             activity: tokio::sync::Notify::new(),
         }
+    }
+}
+
+/// Where a build stands once it joined the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Joined {
+    /// It holds a slot and may start now.
+    Started,
+    /// It waits; position 1 starts next.
+    Queued { position: usize },
+}
+
+/// A build waiting for a slot.
+struct Waiter<T> {
+    template: String,
+    /// Order of arrival over all teams (ties between teams go to the earliest).
+    arrival: u64,
+    /// What tells it that it holds a slot now.
+    wake: T,
+}
+
+/// The host's build slots and the builds waiting for one, served round-robin by team: a
+/// free slot goes to the waiting team that was given one longest ago (a team never
+/// served, or not since it last had nothing queued or running, first; ties to the
+/// earliest arrival), and within a team to its oldest build. `T` wakes a waiter (a
+/// oneshot sender in the daemon); the queue itself is plain data.
+struct BuildQueue<T> {
+    slots: usize,
+    /// Builds holding a slot: template → team.
+    running: HashMap<String, String>,
+    /// Waiting builds by team, oldest first; a team with none has no entry.
+    waiting: HashMap<String, VecDeque<Waiter<T>>>,
+    arrivals: u64,
+    /// The turn at which each team waiting or running was last given a slot.
+    served: HashMap<String, u64>,
+    turns: u64,
+}
+
+impl<T> BuildQueue<T> {
+    fn new(slots: usize) -> Self {
+        Self {
+            slots: slots.max(1),
+            running: HashMap::new(),
+            waiting: HashMap::new(),
+            arrivals: 0,
+            served: HashMap::new(),
+            turns: 0,
+        }
+    }
+
+    /// Adds a build of `team`: it starts now if a slot is free, else waits and is woken
+    /// through `wake` (dropped unused when it starts at once).
+    fn join(&mut self, team: &str, template: &str, wake: T) -> Joined {
+        self.arrivals += 1;
+        self.waiting
+            .entry(team.to_string())
+            .or_default()
+            .push_back(Waiter {
+                template: template.to_string(),
+                arrival: self.arrivals,
+                wake,
+            });
+        // Slots are only free while nobody waits: this build is the one that starts.
+        let started = self.fill();
+        if started.iter().any(|(t, _)| t == template) {
+            return Joined::Started;
+        }
+        Joined::Queued {
+            position: self.position(template).unwrap_or(1),
+        }
+    }
+
+    /// Takes a build out, running or waiting (its end, or a cancel). Returns the builds
+    /// that hold a slot now, with their wakers.
+    fn finish(&mut self, template: &str) -> Vec<(String, T)> {
+        if self.running.remove(template).is_none() {
+            for queue in self.waiting.values_mut() {
+                queue.retain(|w| w.template != template);
+            }
+            self.waiting.retain(|_, q| !q.is_empty());
+        }
+        let started = self.fill();
+        // A team neither waiting nor running starts afresh when it comes back.
+        let (waiting, running) = (&self.waiting, &self.running);
+        self.served
+            .retain(|team, _| waiting.contains_key(team) || running.values().any(|t| t == team));
+        started
+    }
+
+    /// Whose turn it is among teams with `served` turns and queues from `heads` on:
+    /// the team served longest ago, ties to the earliest arrival.
+    fn pick<'a>(
+        &'a self,
+        served: &HashMap<&str, u64>,
+        heads: &HashMap<&str, usize>,
+    ) -> Option<&'a str> {
+        self.waiting
+            .iter()
+            .filter_map(|(team, queue)| {
+                let head = queue.get(heads.get(team.as_str()).copied().unwrap_or(0))?;
+                let last = served.get(team.as_str()).copied().unwrap_or(0);
+                Some(((last, head.arrival), team.as_str()))
+            })
+            .min()
+            .map(|(_, team)| team)
+    }
+
+    /// Gives free slots to waiting builds, in turn.
+    fn fill(&mut self) -> Vec<(String, T)> {
+        let mut started = Vec::new();
+        while self.running.len() < self.slots {
+            let served: HashMap<&str, u64> =
+                self.served.iter().map(|(t, n)| (t.as_str(), *n)).collect();
+            let Some(team) = self.pick(&served, &HashMap::new()).map(str::to_string) else {
+                break;
+            };
+            let Some(queue) = self.waiting.get_mut(&team) else {
+                break;
+            };
+            let Some(next) = queue.pop_front() else {
+                break;
+            };
+            if queue.is_empty() {
+                self.waiting.remove(&team);
+            }
+            self.turns += 1;
+            self.served.insert(team.clone(), self.turns);
+            self.running.insert(next.template.clone(), team);
+            started.push((next.template, next.wake));
+        }
+        started
+    }
+
+    /// A waiting build's place in the queue (1 starts next) if nobody else joins.
+    fn position(&self, template: &str) -> Option<usize> {
+        let mut served: HashMap<&str, u64> =
+            self.served.iter().map(|(t, n)| (t.as_str(), *n)).collect();
+        let mut heads: HashMap<&str, usize> = HashMap::new();
+        let mut turn = self.turns;
+        for position in 1.. {
+            let team = self.pick(&served, &heads)?;
+            let head = heads.entry(team).or_insert(0);
+            // `pick` only names a team with a build at its head.
+            let waiter = self.waiting.get(team)?.get(*head)?;
+            if waiter.template == template {
+                return Some(position);
+            }
+            *head += 1;
+            turn += 1;
+            served.insert(team, turn);
+        }
+        None
+    }
+}
+
+/// One build log line: the step (none for the build's own lines), the stream
+/// (`stdout`, `stderr` or `build`) and the text.
+type LogLine = (Option<u32>, &'static str, String);
+
+/// A build log's cap on stored command output: lines past it are dropped, and one line
+/// says so. The build's own lines (`build`: few, each short or bounded) always pass,
+/// so the log still says how the build ended.
+struct LogBudget {
+    cap: u64,
+    /// Output bytes stored so far.
+    used: u64,
+    truncated: bool,
+}
+
+impl LogBudget {
+    fn new(cap: u64, used: u64) -> Self {
+        Self {
+            cap,
+            used,
+            truncated: used > cap,
+        }
+    }
+
+    /// The lines of `lines` to store.
+    fn admit(&mut self, lines: Vec<LogLine>) -> Vec<LogLine> {
+        let mut out = Vec::with_capacity(lines.len());
+        for line in lines {
+            if line.1 == "build" {
+                out.push(line);
+                continue;
+            }
+            if self.truncated {
+                continue;
+            }
+            let n = line.2.len() as u64;
+            if self.used + n > self.cap {
+                self.truncated = true;
+                out.push((
+                    line.0,
+                    "build",
+                    format!(
+                        "... log truncated after {} bytes of output (a build's log keeps at most {} MiB); later output is not stored, and a failure's outputTail has the last lines",
+                        self.used,
+                        self.cap >> 20
+                    ),
+                ));
+                continue;
+            }
+            self.used += n;
+            out.push(line);
+        }
+        out
+    }
+}
+
+/// What a build is doing, for the message of a build its deadline stops.
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    /// A [`BuildFailure`] phase: `base`, `step`, `start` or `ready`.
+    phase: &'static str,
+    step: Option<u32>,
+}
+
+/// Ends a build's stay in the queue however its task ends (done, failed, cancelled by
+/// a delete or shutdown, even before it first ran): hands its slot (or place) on, and
+/// drops its log budget and cache claims.
+struct BuildTicket {
+    manager: Arc<Manager>,
+    template: String,
+}
+
+impl Drop for BuildTicket {
+    fn drop(&mut self) {
+        let builds = &self.manager.builds;
+        let started = lock(&builds.queue).finish(&self.template);
+        for (template, wake) in started {
+            // A waiter that is gone had its ticket take it out of the queue, unless its
+            // task is being dropped right now: then its ticket, dropped next, hands
+            // this slot on again.
+            let _ = wake.send(());
+            info!(template, "a queued build has the build slot");
+        }
+        lock(&builds.logs).remove(&self.template);
+        lock(&builds.cache_claims).remove(&self.template);
     }
 }
 
@@ -97,9 +384,10 @@ fn summary(step: &ValidStep) -> String {
     }
 }
 
-/// The cache keys of a build's steps: each covers the base and every step up to it.
-fn step_keys(base_key: &str, request: &TemplateBuildRequest) -> Vec<String> {
-    let mut key = hex(&Sha256::digest(base_key.as_bytes()));
+/// The cache keys of a build's steps: each covers the team, the base and every step up
+/// to it, so no team's build can hit another team's entry.
+fn step_keys(team: &str, base_key: &str, request: &TemplateBuildRequest) -> Vec<String> {
+    let mut key = hex(&Sha256::digest(format!("{team}|{base_key}").as_bytes()));
     request
         .steps
         .iter()
@@ -109,6 +397,66 @@ fn step_keys(base_key: &str, request: &TemplateBuildRequest) -> Vec<String> {
             key.clone()
         })
         .collect()
+}
+
+/// The directory of a team's step cache under `build-cache`: `t-<team ID>` where the ID
+/// is a plain name, else `t=` and a hash of it (never a path a team ID could steer).
+/// Anything else there is from before caches were per team.
+fn team_cache_name(team: &str) -> String {
+    let plain = !team.is_empty()
+        && team.len() <= 64
+        && team
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if plain {
+        format!("t-{team}")
+    } else {
+        format!("t={}", &hex(&Sha256::digest(team.as_bytes()))[..32])
+    }
+}
+
+/// Whether a directory under `build-cache` is a team's cache (not a left-over entry
+/// from before caches were per team).
+fn is_team_cache_name(name: &str) -> bool {
+    name.starts_with("t-") || name.starts_with("t=")
+}
+
+/// The failure of a build its deadline stopped, at `progress`.
+fn deadline_failure(progress: Progress, step_kind: Option<&str>) -> Failed {
+    let at = match (progress.phase, progress.step) {
+        ("step", Some(i)) => format!("during step {i} ({})", step_kind.unwrap_or("step")),
+        ("start", _) => "while starting the start command".into(),
+        ("ready", _) => "while waiting for the ready check to pass".into(),
+        _ => "while starting the build VM".into(),
+    };
+    Failed::new(
+        progress.phase,
+        progress.step,
+        format!(
+            "the build did not have its VM ready within its deadline of {} min (counted from when it left the queue) and was stopped {at}; the build VM was killed",
+            BUILD_DEADLINE.as_secs() / 60
+        ),
+        "make the build finish sooner (fewer or quicker steps; the steps that finished come from the cache when you build it again), or split it: build a template with the first steps, then another one from it",
+    )
+}
+
+/// The failure of a build whose ready VM could not be stored as the template: a disk
+/// too full for the snapshot (507) says what to free.
+fn snapshot_failure(e: ApiError) -> Failed {
+    if e.status == 507 {
+        return Failed::new(
+            "snapshot",
+            None,
+            format!("no room for the template's snapshot: {}", e.message),
+            "free disk space on this worker (delete snapshots, templates or sandboxes), then build again: the finished steps come from the cache",
+        );
+    }
+    Failed::new(
+        "snapshot",
+        None,
+        format!("storing the template's snapshot: {}", e.message),
+        "check the snapshot store and free disk space, then build again",
+    )
 }
 
 /// Why a build stopped.
@@ -133,7 +481,7 @@ struct LineLog<'a> {
     template: &'a str,
     step: Option<u32>,
     partial: [Vec<u8>; 2],
-    pending: Vec<(Option<u32>, &'static str, String)>,
+    pending: Vec<LogLine>,
     tail: VecDeque<String>,
     flushed: Instant,
 }
@@ -201,8 +549,25 @@ impl<'a> LineLog<'a> {
 }
 
 impl Manager {
-    /// Appends build-level and output lines to a template's log and wakes readers.
-    fn write_log(&self, template: &str, lines: Vec<(Option<u32>, &'static str, String)>) {
+    /// Appends build-level and output lines to a template's log, within its build's
+    /// [`LogBudget`], and wakes readers.
+    fn write_log(&self, template: &str, lines: Vec<LogLine>) {
+        let lines = {
+            let mut logs = lock(&self.builds.logs);
+            let budget = logs.entry(template.to_string()).or_insert_with(|| {
+                // Counted once per build (the log of a new template starts empty, but
+                // the catalog is what the cap is about).
+                let used = self
+                    .catalog
+                    .build_log_output_bytes(template)
+                    .unwrap_or_default();
+                LogBudget::new(MAX_LOG_BYTES, used)
+            });
+            budget.admit(lines)
+        };
+        if lines.is_empty() {
+            return;
+        }
         if let Err(e) = self.catalog.append_build_log(template, &lines) {
             warn!(template, error = %e, "writing the build log");
         }
@@ -298,19 +663,8 @@ impl Manager {
         {
             // Counted and recorded under one lock, so a burst cannot overshoot.
             let _one_at_a_time = self.admission.lock().unwrap();
-            let unfinished = self
-                .catalog
-                .templates(Some(team))?
-                .iter()
-                .filter(|t| t.status == TemplateStatus::Building)
-                .count();
-            if unfinished >= MAX_BUILDS_PER_TEAM {
-                return Err(ApiError::new(
-                    429,
-                    "too_many_builds",
-                    format!("the team has {unfinished} template builds running or queued, the most it may have; wait for one to end (GET /templates), or delete one"),
-                ));
-            }
+            // The team's templates and builds quotas (builds: running or queued).
+            self.check_build_quota(team)?;
             self.catalog.put_template(&record)
         }
         .map_err(|e| match e {
@@ -323,10 +677,32 @@ impl Manager {
         let view = record.view();
         let this = self.clone();
         let id = record.id.clone();
+        // Joined here, not in the task, so the queue's order is the order builds were
+        // accepted in. The ticket leaves the queue however the task ends.
+        let (wake, woken) = oneshot::channel();
+        let joined = lock(&self.builds.queue).join(team, &id, wake);
+        let ticket = BuildTicket {
+            manager: self.clone(),
+            template: id.clone(),
+        };
+        let wait = match joined {
+            Joined::Started => None,
+            Joined::Queued { position } => {
+                self.log_line(
+                    &id,
+                    None,
+                    format!(
+                        "queued at position {position} for this host's build slot (builds of different teams take turns); it starts when the slot is free"
+                    ),
+                );
+                Some(woken)
+            }
+        };
         let span = tracing::info_span!("template_build", template = %id);
         let task = tokio::spawn(
             async move {
-                this.run_build(record, valid.steps, valid.ready_timeout_s)
+                let _ticket = ticket;
+                this.run_build(record, valid.steps, valid.ready_timeout_s, wait)
                     .await;
             }
             .instrument(span),
@@ -338,12 +714,67 @@ impl Manager {
         Ok(view)
     }
 
-    /// Runs a build to its end and records the outcome.
-    async fn run_build(&self, mut t: TemplateRecord, steps: Vec<ValidStep>, ready_timeout_s: u64) {
-        let _one_build = self.builds.slot.acquire().await.expect("never closed");
+    /// Runs a build to its end (once the queue gives it the slot, if `wait`) and records
+    /// the outcome. The caller's [`BuildTicket`] hands the slot on afterwards.
+    async fn run_build(
+        &self,
+        mut t: TemplateRecord,
+        steps: Vec<ValidStep>,
+        ready_timeout_s: u64,
+        wait: Option<oneshot::Receiver<()>>,
+    ) {
+        let queued = Instant::now();
+        if let Some(woken) = wait {
+            // The sender goes only with the queue entry, which only this build's
+            // ticket takes out: an error cannot happen while this task runs.
+            let _ = woken.await;
+        }
         let started = Instant::now();
-        self.log_line(&t.id, None, format!("building {} from {}", t.id, t.base));
-        let result = self.build_steps(&mut t, &steps, ready_timeout_s).await;
+        let waited = started - queued;
+        self.log_line(
+            &t.id,
+            None,
+            if waited >= Duration::from_secs(1) {
+                format!(
+                    "building {} from {} (after {:.0} s in the queue)",
+                    t.id,
+                    t.base,
+                    waited.as_secs_f64()
+                )
+            } else {
+                format!("building {} from {}", t.id, t.base)
+            },
+        );
+        let deadline = started + BUILD_DEADLINE;
+        let progress = Mutex::new(Progress {
+            phase: "base",
+            step: None,
+        });
+        // The net under the deadline: whatever the build VM is doing past it (a step
+        // cut short to the deadline ends first, with its output), it is dropped here,
+        // and with it the VM.
+        let ready = tokio::time::timeout_at(
+            (deadline + DEADLINE_SLACK).into(),
+            self.ready_vm(&mut t, &steps, ready_timeout_s, deadline, &progress),
+        )
+        .await;
+        let result = match ready {
+            Ok(Ok(mut vm)) => {
+                self.log_line(&t.id, None, "snapshotting the ready VM".into());
+                self.store_template(&t, &mut vm)
+                    .await
+                    .map_err(snapshot_failure)
+            }
+            Ok(Err(failed)) => Err(failed),
+            Err(_) => {
+                let at = *lock(&progress);
+                let kind = at
+                    .step
+                    .and_then(|i| steps.get(i as usize))
+                    .map(|s| s.action.kind());
+                Err(deadline_failure(at, kind))
+            }
+        };
         match result {
             Ok(snapshot_id) => {
                 t.status = TemplateStatus::Ready;
@@ -379,11 +810,41 @@ impl Manager {
             warn!(template = %t.id, error = %e.message, "recording the build's end");
         }
         self.builds.running.lock().unwrap().remove(&t.id);
-        self.prune_build_cache();
+        // The VM is gone: its cache entries are free to prune.
+        lock(&self.builds.cache_claims).remove(&t.id);
+        self.prune_build_cache(CACHE_ENTRIES);
     }
 
     fn build_cache(&self) -> PathBuf {
         self.state_dir.join("build-cache")
+    }
+
+    /// A team's step cache.
+    fn team_cache(&self, team: &str) -> PathBuf {
+        self.build_cache().join(team_cache_name(team))
+    }
+
+    /// Claims the cache entry `dir` for `template`'s build (so no prune removes it)
+    /// and marks it recently used, if it is there.
+    fn claim_cache_entry(&self, template: &str, dir: &Path) -> bool {
+        let mut claims = lock(&self.builds.cache_claims);
+        if !dir.is_dir() {
+            return false;
+        }
+        // Marks it recently used, for pruning.
+        let _ = std::fs::File::open(dir).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        claims
+            .entry(template.to_string())
+            .or_default()
+            .push(dir.to_path_buf());
+        true
+    }
+
+    /// Gives up `template`'s claim on `dir`.
+    fn release_cache_entry(&self, template: &str, dir: &Path) {
+        if let Some(dirs) = lock(&self.builds.cache_claims).get_mut(template) {
+            dirs.retain(|d| d != dir);
+        }
     }
 
     /// The VM the build starts from: the newest cached step snapshot that matches, or
@@ -402,21 +863,30 @@ impl Manager {
             )
         };
         let options = RestoreOptions::default();
+        let cache = self.team_cache(&t.team_id);
         for (i, key) in keys.iter().enumerate().rev() {
-            let Ok(snapshot) = Snapshot::open(self.build_cache().join(key)) else {
+            let dir = cache.join(key);
+            // Claimed before it is read: the restored VM's disk stands on it.
+            if !self.claim_cache_entry(&t.id, &dir) {
                 continue;
+            }
+            let restored = match Snapshot::open(&dir) {
+                Ok(snapshot) => self
+                    .vmm
+                    .restore(&snapshot, &options)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
             };
-            // Marks it recently used, for pruning.
-            let _ = std::fs::File::open(snapshot.dir())
-                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
-            match self.vmm.restore(&snapshot, &options).await {
+            match restored {
                 Ok(mut vm) => {
                     self.seat_open(&mut vm, &t.id);
                     return Ok((vm, i + 1));
                 }
                 Err(e) => {
                     warn!(template = %t.id, error = %e, "a cached step would not restore; dropping it");
-                    let _ = std::fs::remove_dir_all(snapshot.dir());
+                    self.release_cache_entry(&t.id, &dir);
+                    self.drop_cache_entry(&dir);
                 }
             }
         }
@@ -470,13 +940,22 @@ impl Manager {
         Ok(format!("{base}|{}", t.resources.disk_mib))
     }
 
-    async fn build_steps(
+    /// Runs the build up to a ready VM: the base (or the newest cached step), the
+    /// steps, the start command and the ready check, each within `deadline`.
+    /// `progress` says where it is, for a build the deadline stops.
+    async fn ready_vm(
         &self,
         t: &mut TemplateRecord,
         steps: &[ValidStep],
         ready_timeout_s: u64,
-    ) -> Result<String, Failed> {
-        let keys = step_keys(&self.base_key(t).await?, &t.request);
+        deadline: Instant,
+        progress: &Mutex<Progress>,
+    ) -> Result<QemuVm, Failed> {
+        let at = |phase: &'static str, step: Option<u32>| {
+            *lock(progress) = Progress { phase, step };
+        };
+        at("base", None);
+        let keys = step_keys(&t.team_id, &self.base_key(t).await?, &t.request);
         let (mut vm, done) = self.build_vm(t, &keys).await?;
         let mut env = t.env_vars.clone();
         for (i, step) in steps.iter().enumerate() {
@@ -492,6 +971,7 @@ impl Manager {
                 );
                 continue;
             }
+            at("step", Some(i as u32));
             t.steps[i].status = StepStatus::Running;
             let _ = self.save_template(t);
             self.log_line(
@@ -500,31 +980,25 @@ impl Manager {
                 format!("step {i} ({}): {}", step.action.kind(), t.steps[i].summary),
             );
             let started = Instant::now();
-            self.run_step(&t.id, i as u32, vm.agent(), step, &env)
+            self.run_step(&t.id, i as u32, vm.agent(), step, &env, deadline)
                 .await?;
             t.steps[i].status = StepStatus::Done;
             t.steps[i].duration_ms = Some(started.elapsed().as_millis() as u64);
             if !matches!(step.action, StepAction::Env(_)) {
-                self.cache_step(&mut vm, &keys[i]).await;
+                self.cache_step(t, &mut vm, &keys[i], i as u32).await;
             }
         }
         t.env_vars = env.clone();
         let _ = self.save_template(t);
+        at("start", None);
         let start = match &t.request.start_cmd {
             Some(cmd) => Some(self.start_command(&t.id, vm.agent(), cmd, &env).await?),
             None => None,
         };
-        self.wait_ready(t, vm.agent(), &env, start, ready_timeout_s)
+        at("ready", None);
+        self.wait_ready(t, vm.agent(), &env, start, ready_timeout_s, deadline)
             .await?;
-        self.log_line(&t.id, None, "snapshotting the ready VM".into());
-        self.store_template(t, &mut vm).await.map_err(|e| {
-            Failed::new(
-                "snapshot",
-                None,
-                format!("storing the template's snapshot: {}", e.message),
-                "check the snapshot store and free disk space, then build again",
-            )
-        })
+        Ok(vm)
     }
 
     /// Runs one step in the build VM.
@@ -535,6 +1009,7 @@ impl Manager {
         agent: &AgentClient,
         step: &ValidStep,
         env: &BTreeMap<String, String>,
+        deadline: Instant,
     ) -> Result<(), Failed> {
         let command = match &step.action {
             StepAction::Env(_) => return Ok(()),
@@ -574,13 +1049,10 @@ impl Manager {
             attach: true,
         };
         let mut log = LineLog::new(self, template, Some(index));
-        let outcome = run_logged(
-            agent,
-            request,
-            &mut log,
-            Duration::from_secs(step.timeout_s),
-        )
-        .await;
+        // The step's own timeout, or the build's deadline if that comes first.
+        let own = Duration::from_secs(step.timeout_s);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let outcome = run_logged(agent, request, &mut log, own.min(left)).await;
         let tail = log.tail();
         let fail = |message: String, exit_code: Option<i32>, action: &str| {
             let mut f = Failed::new("step", Some(index), message, action);
@@ -602,6 +1074,17 @@ impl Manager {
                     "the step may have run out of memory: build with more resources.memMiB, or fix the step",
                 ),
             }),
+            Err(RunError::Timeout) if left < own => {
+                let mut f = deadline_failure(
+                    Progress {
+                        phase: "step",
+                        step: Some(index),
+                    },
+                    Some(step.action.kind()),
+                );
+                f.0.output_tail = tail.clone();
+                Err(f)
+            }
             Err(RunError::Timeout) => Err(fail(
                 format!("{what} did not finish within {} s and was stopped", step.timeout_s),
                 None,
@@ -615,50 +1098,118 @@ impl Manager {
         }
     }
 
-    /// Snapshots the build VM (it keeps running) into the step cache under `key`.
-    async fn cache_step(&self, vm: &mut QemuVm, key: &str) {
-        let dir = self.build_cache().join(key);
-        let tmp = self
-            .build_cache()
-            .join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
-        let _ = std::fs::create_dir_all(self.build_cache());
+    /// Snapshots the build VM (it keeps running) into the team's step cache under
+    /// `key`, after pruning the cache to make room. Skipped (the build log says why)
+    /// when the disk is short of space: a missing entry costs a later build time, a
+    /// full disk costs every sandbox here.
+    async fn cache_step(&self, t: &TemplateRecord, vm: &mut QemuVm, key: &str, index: u32) {
+        self.prune_build_cache(CACHE_ENTRIES.saturating_sub(1));
+        if let Err(e) = self.check_disk_space(vm, t.resources.mem_mib) {
+            self.log_line(
+                &t.id,
+                Some(index),
+                format!(
+                    "step {index}: not cached, the disk is short of space: {}",
+                    e.message
+                ),
+            );
+            return;
+        }
+        let cache = self.team_cache(&t.team_id);
+        let dir = cache.join(key);
+        let tmp = cache.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+        // Claimed before it exists, so a prune meanwhile leaves it (and the team's
+        // directory) alone.
+        lock(&self.builds.cache_claims)
+            .entry(t.id.clone())
+            .or_default()
+            .push(tmp.clone());
+        let _ = std::fs::create_dir_all(&cache);
         match vm.snapshot(&tmp, true).await {
             Ok(_) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                if std::fs::rename(&tmp, &dir).is_err() {
+                let claims = lock(&self.builds.cache_claims);
+                let in_use = claims.values().flatten().any(|d| *d == dir);
+                // An entry another build stands on stays; this copy is the same state.
+                if in_use {
                     let _ = std::fs::remove_dir_all(&tmp);
+                } else {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    if std::fs::rename(&tmp, &dir).is_err() {
+                        let _ = std::fs::remove_dir_all(&tmp);
+                    }
                 }
             }
             // The build goes on: a missing cache entry costs time, not correctness.
             Err(e) => warn!(key, error = %e, "caching a build step failed"),
         }
+        self.release_cache_entry(&t.id, &tmp);
     }
 
-    /// Keeps the newest [`CACHE_ENTRIES`] step snapshots; drops half-written ones.
-    fn prune_build_cache(&self) {
-        let Ok(entries) = std::fs::read_dir(self.build_cache()) else {
+    /// Removes a cache entry unless a build has claimed it.
+    fn drop_cache_entry(&self, dir: &Path) {
+        let claims = lock(&self.builds.cache_claims);
+        if !claims.values().flatten().any(|d| d == dir) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    /// Keeps the newest `keep` step snapshots over all teams' caches (more only where
+    /// builds stand on them); drops half-written ones no build is writing and entries
+    /// from before caches were per team. Entries a build claimed are never removed.
+    fn prune_build_cache(&self, keep: usize) {
+        let root = self.build_cache();
+        let Ok(teams) = std::fs::read_dir(&root) else {
             return;
         };
+        // Held throughout: no claim slips in between a decision and a removal.
+        let claims = lock(&self.builds.cache_claims);
+        let claimed: HashSet<&Path> = claims.values().flatten().map(PathBuf::as_path).collect();
         let mut kept = Vec::new();
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with(".tmp-") {
-                // No build runs now (this runs as the slot is given back): a leftover.
-                if self.builds.slot.available_permits() > 0 {
-                    let _ = std::fs::remove_dir_all(e.path());
+        let mut in_use = 0;
+        for team in teams.flatten() {
+            let path = team.path();
+            if !is_team_cache_name(&team.file_name().to_string_lossy()) {
+                // From before caches were per team: no build reads it any more.
+                if !claimed.contains(path.as_path()) {
+                    let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
                 }
                 continue;
             }
-            let used = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .unwrap_or(std::time::UNIX_EPOCH);
-            kept.push((used, e.path()));
+            let Ok(entries) = std::fs::read_dir(&path) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let entry = e.path();
+                if claimed.contains(entry.as_path()) {
+                    in_use += 1;
+                    continue;
+                }
+                if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                    // No build is writing it: a leftover.
+                    let _ = std::fs::remove_dir_all(&entry);
+                    continue;
+                }
+                let used = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                kept.push((used, entry));
+            }
         }
         kept.sort();
-        let surplus = kept.len().saturating_sub(CACHE_ENTRIES);
+        let surplus = (kept.len() + in_use).saturating_sub(keep).min(kept.len());
         for (_, path) in kept.into_iter().take(surplus) {
             let _ = std::fs::remove_dir_all(path);
+        }
+        // Team directories left empty go (remove_dir leaves any that is not; a claim
+        // on a path not yet made keeps its team's).
+        if let Ok(teams) = std::fs::read_dir(&root) {
+            for team in teams.flatten() {
+                let path = team.path();
+                if !claimed.iter().any(|c| c.starts_with(&path)) {
+                    let _ = std::fs::remove_dir(&path);
+                }
+            }
         }
     }
 
@@ -703,9 +1254,11 @@ impl Manager {
         env: &BTreeMap<String, String>,
         mut start: Option<Process>,
         ready_timeout_s: u64,
+        build_deadline: Instant,
     ) -> Result<(), Failed> {
         let started = Instant::now();
-        let deadline = started + Duration::from_secs(ready_timeout_s);
+        let own_deadline = started + Duration::from_secs(ready_timeout_s);
+        let deadline = own_deadline.min(build_deadline);
         let mut log = LineLog::new(self, &t.id, None);
         let mut last_check = String::new();
         if let Some(cmd) = &t.request.ready_cmd {
@@ -744,6 +1297,17 @@ impl Manager {
                 }
                 None if started.elapsed() >= Duration::from_secs(1) => break,
                 None => {}
+            }
+            if Instant::now() >= deadline && deadline < own_deadline {
+                let mut f = deadline_failure(
+                    Progress {
+                        phase: "ready",
+                        step: None,
+                    },
+                    None,
+                );
+                f.0.output_tail = log.tail();
+                return Err(f);
             }
             if Instant::now() >= deadline {
                 let mut f = Failed::new(
@@ -1050,20 +1614,226 @@ mod tests {
         serde_json::from_value(serde_json::json!({ "steps": steps })).unwrap()
     }
 
+    /// Joins builds `(team, template)` in order; returns how each joined.
+    fn join_all(q: &mut BuildQueue<()>, builds: &[(&str, &str)]) -> Vec<Joined> {
+        builds.iter().map(|(team, t)| q.join(team, t, ())).collect()
+    }
+
+    /// Ends running builds one after another; returns the order builds started in.
+    fn drain(q: &mut BuildQueue<()>, first: &str) -> Vec<String> {
+        let mut order = vec![first.to_string()];
+        let mut current = first.to_string();
+        loop {
+            let started = q.finish(&current);
+            match started.as_slice() {
+                [] => break,
+                [(next, ())] => {
+                    order.push(next.clone());
+                    current = next.clone();
+                }
+                more => panic!("one slot, {} started", more.len()),
+            }
+        }
+        order
+    }
+
+    #[test]
+    fn the_queue_serves_teams_in_turn_not_in_arrival_order() {
+        let mut q = BuildQueue::new(1);
+        let joined = join_all(
+            &mut q,
+            &[
+                ("a", "a1"),
+                ("a", "a2"),
+                ("a", "a3"),
+                ("a", "a4"),
+                ("b", "b1"),
+                ("c", "c1"),
+                ("b", "b2"),
+            ],
+        );
+        assert_eq!(joined[0], Joined::Started);
+        // b1 arrived after a2..a4, but team b has not had the slot yet: it goes next.
+        assert_eq!(joined[4], Joined::Queued { position: 1 });
+        assert_eq!(q.position("c1"), Some(2));
+        assert_eq!(q.position("a2"), Some(3));
+        assert_eq!(q.position("b2"), Some(4));
+        assert_eq!(
+            q.position("a1"),
+            None,
+            "a running build has no place in the queue"
+        );
+        assert_eq!(
+            drain(&mut q, "a1"),
+            ["a1", "b1", "c1", "a2", "b2", "a3", "a4"]
+        );
+        assert!(q.running.is_empty() && q.waiting.is_empty() && q.served.is_empty());
+    }
+
+    #[test]
+    fn a_team_alone_keeps_its_order_and_a_newcomer_goes_next() {
+        let mut q = BuildQueue::new(1);
+        join_all(&mut q, &[("a", "a1"), ("a", "a2"), ("a", "a3")]);
+        let started = q.finish("a1");
+        assert_eq!(started.len(), 1);
+        assert_eq!(started[0].0, "a2");
+        // b joins while a2 runs and a3 waits: b is next, a3 after it.
+        assert_eq!(q.join("b", "b1", ()), Joined::Queued { position: 1 });
+        assert_eq!(q.position("a3"), Some(2));
+        assert_eq!(drain(&mut q, "a2"), ["a2", "b1", "a3"]);
+    }
+
+    #[test]
+    fn a_cancelled_build_leaves_the_queue_and_a_cancelled_runner_hands_the_slot_on() {
+        let mut q = BuildQueue::new(1);
+        join_all(
+            &mut q,
+            &[("a", "a1"), ("a", "a2"), ("b", "b1"), ("b", "b2")],
+        );
+        // Waiting: taken out, nothing starts, the others move up.
+        assert!(q.finish("b1").is_empty());
+        assert_eq!(q.position("b2"), Some(1));
+        assert_eq!(q.position("a2"), Some(2));
+        assert_eq!(q.position("b1"), None);
+        // Running: its slot goes to the next in turn.
+        let started = q.finish("a1");
+        assert_eq!(started.len(), 1);
+        assert_eq!(started[0].0, "b2");
+        assert!(
+            q.finish("nothing-such").is_empty(),
+            "an unknown build is no change"
+        );
+        assert_eq!(drain(&mut q, "b2"), ["b2", "a2"]);
+        // Empty again: the next build starts at once.
+        assert_eq!(q.join("c", "c1", ()), Joined::Started);
+    }
+
+    #[test]
+    fn more_slots_start_more_builds_and_still_take_turns() {
+        let mut q = BuildQueue::new(2);
+        let joined = join_all(
+            &mut q,
+            &[("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1")],
+        );
+        assert_eq!(joined[..2], [Joined::Started, Joined::Started]);
+        assert_eq!(joined[3], Joined::Queued { position: 1 });
+        let started = q.finish("a1");
+        assert_eq!(
+            started.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+            ["b1"]
+        );
+    }
+
+    fn out(text: &str) -> LogLine {
+        (Some(0), "stdout", text.to_string())
+    }
+
+    #[test]
+    fn the_log_stores_output_up_to_its_cap_then_one_line_saying_so() {
+        let mut budget = LogBudget::new(10, 0);
+        let stored = budget.admit(vec![out("12345"), out("1234"), out("123"), out("1")]);
+        // 5 + 4 fit; 3 more would pass 10: the truncation line, then nothing.
+        assert_eq!(stored.len(), 3, "{stored:?}");
+        assert_eq!(stored[..2], [out("12345"), out("1234")]);
+        assert_eq!(stored[2].1, "build");
+        assert!(
+            stored[2].2.starts_with("... log truncated after 9 bytes"),
+            "{}",
+            stored[2].2
+        );
+        assert!(stored[2].2.contains("outputTail"), "{}", stored[2].2);
+        // Later output is dropped without another notice; the build's own lines pass.
+        let later = budget.admit(vec![
+            out("x"),
+            (None, "build", "build failed: step 0".into()),
+            (Some(0), "stderr", "y".into()),
+        ]);
+        assert_eq!(later, [(None, "build", "build failed: step 0".to_string())]);
+        assert_eq!(budget.used, 9);
+    }
+
+    #[test]
+    fn a_log_budget_counts_bytes_and_what_the_log_already_holds() {
+        let mut budget = LogBudget::new(8, 6);
+        // "é" is 2 bytes: 6 + 2 fits exactly, one more byte does not.
+        assert_eq!(budget.admit(vec![out("é")]), [out("é")]);
+        let stored = budget.admit(vec![out("z")]);
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].1, "build");
+        assert!(LogBudget::new(8, 9).admit(vec![out("a")]).is_empty());
+    }
+
+    #[test]
+    fn team_cache_directories_are_plain_names_or_hashes() {
+        assert_eq!(team_cache_name("team-0123abcd"), "t-team-0123abcd");
+        for odd in ["../x", "", "a/b", ".hidden", &"x".repeat(65)] {
+            let name = team_cache_name(odd);
+            assert!(
+                name.starts_with("t=") && name.len() == 34,
+                "{odd:?}: {name}"
+            );
+            assert!(!name.contains('/') && !name.contains(".."), "{name}");
+        }
+        assert_ne!(team_cache_name("a/b"), team_cache_name("a/c"));
+        assert!(is_team_cache_name(&team_cache_name("a/b")));
+        // Entries from before caches were per team: 32 hex digits, or half-written.
+        assert!(!is_team_cache_name("0123456789abcdef0123456789abcdef"));
+        assert!(!is_team_cache_name(".tmp-0123"));
+    }
+
+    #[test]
+    fn a_deadline_failure_says_where_the_build_was_and_what_to_do() {
+        let Failed(f) = deadline_failure(
+            Progress {
+                phase: "step",
+                step: Some(3),
+            },
+            Some("run"),
+        );
+        assert_eq!((f.phase.as_str(), f.step), ("step", Some(3)));
+        assert!(f.message.contains("deadline of 30 min"), "{}", f.message);
+        assert!(f.message.contains("during step 3 (run)"), "{}", f.message);
+        assert!(f.action.contains("split it"), "{}", f.action);
+        let Failed(f) = deadline_failure(
+            Progress {
+                phase: "ready",
+                step: None,
+            },
+            None,
+        );
+        assert!(f.message.contains("ready check"), "{}", f.message);
+    }
+
     #[test]
     fn a_step_key_covers_the_base_and_every_step_before_it() {
         let a = step_keys(
+            "team-a",
             "base-1",
             &request(serde_json::json!([{"run": "a"}, {"run": "b"}])),
         );
         let b = step_keys(
+            "team-a",
             "base-1",
             &request(serde_json::json!([{"run": "a"}, {"run": "c"}])),
         );
-        let c = step_keys("base-2", &request(serde_json::json!([{"run": "a"}])));
+        let c = step_keys(
+            "team-a",
+            "base-2",
+            &request(serde_json::json!([{"run": "a"}])),
+        );
+        let other_team = step_keys(
+            "team-b",
+            "base-1",
+            &request(serde_json::json!([{"run": "a"}, {"run": "b"}])),
+        );
         assert_eq!(a[0], b[0]);
         assert_ne!(a[1], b[1]);
         assert_ne!(a[0], c[0]);
+        assert_ne!(
+            a[0], other_team[0],
+            "a team never hits another team's entry"
+        );
+        assert_ne!(a[1], other_team[1]);
         assert_eq!(a[0].len(), 32);
     }
 }

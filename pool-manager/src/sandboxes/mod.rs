@@ -5,7 +5,7 @@
 //! holds its VM while it runs. Every state change is written to the catalog and appended
 //! to the sandbox's event log before the call returns.
 
-use crate::catalog::{Catalog, Durability};
+use crate::catalog::Catalog;
 use crate::error::ApiError;
 use crate::model::*;
 use crate::templates::{Templates, BUILTIN};
@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use tracing::{info, warn, Instrument};
 use vmm::{QemuVm, QemuVmm, RestoreMemory, RestoreOptions, Snapshot, Vm};
 
+mod admission;
 mod builds;
 mod network;
 mod observe;
@@ -24,6 +25,7 @@ mod previews;
 mod snapshots;
 mod volumes;
 mod warm;
+pub use admission::Actor;
 pub use network::{NetworkSettings, USER_MODE_NETWORK};
 pub use previews::PreviewWake;
 pub(crate) use snapshots::free_bytes;
@@ -52,6 +54,10 @@ pub struct Manager {
     max_mem_mib: u32,
     /// Serialises the quota check with the insert, so a burst cannot overshoot.
     admission: Mutex<()>,
+    /// Per-team create rates.
+    create_rate: crate::quotas::CreateRate,
+    /// How long the timeout sweeper's last read of the catalog took (µs).
+    sweep_scan_us: std::sync::atomic::AtomicU64,
     /// Where snapshots go, and the limits on taking them.
     snapshots: SnapshotSettings,
     /// Uploads hold it shared, garbage collection exclusively: a chunk uploaded for a
@@ -141,6 +147,8 @@ impl Manager {
             deleted_retention_s,
             max_mem_mib: host_mem_budget_mib(),
             admission: Mutex::default(),
+            create_rate: crate::quotas::CreateRate::default(),
+            sweep_scan_us: std::sync::atomic::AtomicU64::new(0),
             snapshots,
             uploads: tokio::sync::RwLock::new(()),
             template_fetch: tokio::sync::Mutex::new(()),
@@ -171,7 +179,7 @@ impl Manager {
     /// directories nobody owns.
     pub async fn reconcile_after_start(&self) -> Result<(), ApiError> {
         let mut adopted = Vec::new();
-        for mut r in self.catalog.all_sandboxes()? {
+        for mut r in self.catalog.sandboxes_in(Catalog::NOT_DELETED)? {
             match r.state {
                 InternalState::Active => {
                     let dir = r.vm_dir.clone().unwrap_or_default();
@@ -306,8 +314,10 @@ impl Manager {
         }
     }
 
-    /// Runtime access for a running sandbox.
-    pub fn runtime_access(&self, id: &str) -> RuntimeAccess {
+    /// Runtime access for running sandbox `r`: a token of its current runtime epoch
+    /// (issuing one moves nothing; only `connect` ends the older tokens).
+    pub fn runtime_access(&self, r: &SandboxRecord) -> RuntimeAccess {
+        let id = &r.id;
         let expires = chrono::Utc::now().timestamp() + TOKEN_TTL_S;
         let host = self
             .edge_url
@@ -320,14 +330,16 @@ impl Manager {
                 host,
                 base_url: format!("{}/v1/sandboxes/{id}", self.edge_url),
             },
-            token: self.tokens.issue(id, expires),
+            token: self
+                .tokens
+                .issue(id, crate::tokens::runtime_epoch(r), expires),
             token_expires_at: iso8601(expires * 1000),
         }
     }
 
     fn view(&self, r: &SandboxRecord, with_runtime: bool) -> SandboxView {
         let runtime =
-            (with_runtime && r.state == InternalState::Active).then(|| self.runtime_access(&r.id));
+            (with_runtime && r.state == InternalState::Active).then(|| self.runtime_access(r));
         SandboxView::of(r, runtime)
     }
 
@@ -410,35 +422,6 @@ impl Manager {
         Ok(())
     }
 
-    /// Records `record` if its team is under its quota of live sandboxes.
-    fn admit(&self, record: &SandboxRecord) -> Result<(), ApiError> {
-        self.admit_with_events(record, &[], Durability::Synced)
-    }
-
-    /// Records `record` and its first events at once, if its team is under its quota.
-    fn admit_with_events(
-        &self,
-        record: &SandboxRecord,
-        events: &[(&str, serde_json::Value)],
-        durability: Durability,
-    ) -> Result<(), ApiError> {
-        let _one_at_a_time = self.admission.lock().unwrap();
-        let quota = self
-            .catalog
-            .quota(&record.team_id)?
-            .unwrap_or(self.default_quota);
-        let live = self.catalog.live_count(&record.team_id)?;
-        if live >= quota as usize {
-            return Err(ApiError::quota(format!(
-                "the team holds {live} live sandboxes, its quota is {quota}; delete one, or raise it with `admin team quota`"
-            ))
-            .with_details(serde_json::json!({ "quota": quota, "live": live })));
-        }
-        self.catalog
-            .put_sandbox_with_events(record, events, durability)?;
-        Ok(())
-    }
-
     /// Creates a sandbox: a restore of its template's snapshot for the asked shape.
     pub async fn create(
         self: &Arc<Self>,
@@ -467,7 +450,24 @@ impl Manager {
     ) -> Result<SandboxView, ApiError> {
         let wait = valid.wait_ready;
         if let Some(mode) = valid.warm_pool {
-            match self.check_out(&record.template_id, record.resources) {
+            // Quotas first, then the checkout and the record in one critical section.
+            match self.admit_checkout(&mut record, |record, vm| {
+                record.vm_dir = Some(vm.dir().display().to_string());
+                // Timeouts count from the checkout.
+                record.expires_at_ms = now_ms() + record.timeout_s as i64 * 1000;
+                record.state = InternalState::Active;
+                record.step("running", Some("checked out from the warm pool".into()));
+                vec![
+                    (
+                        "sandbox.created",
+                        serde_json::json!({ "templateID": record.template_id, "state": "starting", "warmPool": true }),
+                    ),
+                    (
+                        "sandbox.running",
+                        serde_json::json!({ "state": "running", "from": "starting", "reason": "checked out from the warm pool" }),
+                    ),
+                ]
+            })? {
                 Some(vm) => return self.adopt_warm(record, vm).await,
                 None if mode == api_model::WarmPoolMode::Require => {
                     let r = record.resources;
@@ -553,41 +553,28 @@ impl Manager {
         }
     }
 
-    /// Makes a checked-out warm VM the new sandbox's: its record (labels, env, timeout
-    /// from the create) and events are written in one transaction and the VM goes into
-    /// its slot, with no restore.
+    /// Makes a checked-out warm VM (its record already written by
+    /// [`Manager::admit_checkout`]) the new sandbox's: its volumes are mounted and the
+    /// VM goes into its slot, with no restore.
     async fn adopt_warm(
         &self,
         mut record: SandboxRecord,
         mut vm: QemuVm,
     ) -> Result<SandboxView, ApiError> {
-        if let Err(e) = self.mount_volumes(&record, &mut vm).await {
-            vm.kill().await;
-            return Err(e);
-        }
         let slot = self.slot(&record.id);
         let mut guard = slot.lock().await;
-        record.vm_dir = Some(vm.dir().display().to_string());
-        // Timeouts count from the checkout.
-        record.expires_at_ms = now_ms() + record.timeout_s as i64 * 1000;
-        record.state = InternalState::Active;
-        record.step("running", Some("checked out from the warm pool".into()));
-        let events = [
-            (
-                "sandbox.created",
-                serde_json::json!({ "templateID": record.template_id, "state": "starting", "warmPool": true }),
-            ),
-            (
-                "sandbox.running",
-                serde_json::json!({ "state": "running", "from": "starting", "reason": "checked out from the warm pool" }),
-            ),
-        ];
-        // Not synced: the record of a running VM needs to survive what the VM survives
-        // (a crash of this daemon), and a sync is most of a checkout's cost.
-        if let Err(e) = self.admit_with_events(&record, &events, Durability::UntilPowerLoss) {
-            // Never recycled, even unseen: the rule stays simple.
-            drop(guard);
+        if let Err(e) = self.mount_volumes(&record, &mut vm).await {
             vm.kill().await;
+            record.diagnostic = Some(Diagnostic {
+                code: "create_failed".into(),
+                message: e.message.clone(),
+                action: "check the volumes named in mounts, then create again".into(),
+            });
+            self.transition(
+                &mut record,
+                InternalState::Failed,
+                "mounting volumes failed",
+            )?;
             return Err(e);
         }
         self.install(&mut record, vm, &mut guard);
@@ -661,14 +648,19 @@ impl Manager {
         };
         let mut page: Vec<(i64, SandboxView)> = Vec::new();
         let mut more = false;
-        for (seq, r) in self.catalog.sandboxes_of(team, after)? {
-            let state = r.state.public();
-            let state_ok = match &q.states {
-                Some(states) => states.iter().any(|s| s == state),
-                None => state != "deleted",
-            };
+        let stored: Vec<&str> = match &q.states {
+            Some(states) => states
+                .iter()
+                .flat_map(|s| InternalState::stored_names_of(s).iter().copied())
+                .collect(),
+            None => ["starting", "running", "paused", "error"]
+                .iter()
+                .flat_map(|s| InternalState::stored_names_of(s).iter().copied())
+                .collect(),
+        };
+        for (seq, r) in self.catalog.sandboxes_of(team, after, &stored)? {
             let meta_ok = q.metadata.iter().all(|(k, v)| r.metadata.get(k) == Some(v));
-            if !(state_ok && meta_ok) {
+            if !meta_ok {
                 continue;
             }
             if page.len() == q.limit {
@@ -682,7 +674,8 @@ impl Manager {
         Ok((page.into_iter().map(|(_, v)| v).collect(), next))
     }
 
-    /// Resumes if paused, optionally sets the timeout, and hands out fresh runtime access.
+    /// Resumes if paused, optionally sets the timeout, and hands out fresh runtime access:
+    /// a token of a new runtime epoch, which ends every runtime token issued before it.
     pub async fn connect(
         &self,
         team: &str,
@@ -697,14 +690,29 @@ impl Manager {
         if let Some(t) = timeout {
             self.set_timeout(team, id, t)?;
         }
-        let r = self.owned(team, id)?;
-        match r.state {
-            InternalState::Active => Ok(self.view(&r, true)),
-            other => Err(ApiError::conflict(format!(
+        let not_running = |state: InternalState| {
+            ApiError::conflict(format!(
                 "sandbox {id} is {}; create a new one",
-                other.public()
-            ))),
+                state.public()
+            ))
+        };
+        // Checked before the lock too: one still starting answers now, not once its
+        // create (which holds the lock) is done.
+        match self.owned(team, id)?.state {
+            InternalState::Active => {}
+            other => return Err(not_running(other)),
         }
+        // Under the slot's lock: a lifecycle operation writing the record from a read
+        // made before this one would bring the old epoch (and the old tokens) back.
+        let (_guard, mut r) = self.lock_owned(team, id).await?;
+        if r.state != InternalState::Active {
+            return Err(not_running(r.state));
+        }
+        crate::tokens::bump_runtime_epoch(&mut r, now_ms());
+        // Synced before the token leaves: a record rolled back by a crash would refuse
+        // the new token and take the old ones back.
+        self.catalog.put_sandbox(&r)?;
+        Ok(self.view(&r, true))
     }
 
     /// Locks the sandbox's slot and reads its record under the lock. Ownership is checked
@@ -826,9 +834,13 @@ impl Manager {
                 r.state.public()
             )));
         }
-        r.timeout_s = seconds;
-        r.expires_at_ms = now_ms() + seconds as i64 * 1000;
-        self.catalog.put_sandbox(&r)?;
+        let expires_at_ms = now_ms() + seconds as i64 * 1000;
+        // Patched in place: this call holds no lock on the sandbox, and rewriting the
+        // record read above could undo a `connect` (its token epoch) made meanwhile.
+        r = self
+            .catalog
+            .set_expiry(id, seconds, expires_at_ms)?
+            .ok_or_else(|| ApiError::not_found("sandbox", id))?;
         self.catalog.append_event(
             id,
             "sandbox.timeout_set",
@@ -935,16 +947,20 @@ impl Manager {
                     Err(e) => warn!(error = %e, "pruning deleted sandboxes failed"),
                 }
             }
-            let due: Vec<SandboxRecord> = match self.catalog.all_sandboxes() {
-                Ok(all) => all
-                    .into_iter()
-                    .filter(|r| r.state == InternalState::Active && r.expires_at_ms <= now)
-                    .collect(),
+            let scan = std::time::Instant::now();
+            let due: Vec<SandboxRecord> = match self.catalog.sandboxes_in(&["active"]) {
+                Ok(all) => all.into_iter().filter(|r| r.expires_at_ms <= now).collect(),
                 Err(e) => {
                     warn!(error = %e, "timeout sweep could not read the catalog");
                     continue;
                 }
             };
+            // What one pass over the catalog costs: it must not grow with the history
+            // (the catalog bench reads it from /metrics).
+            self.sweep_scan_us.store(
+                scan.elapsed().as_micros() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             for r in due {
                 let _ = self.catalog.append_event(
                     &r.id,

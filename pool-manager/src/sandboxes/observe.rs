@@ -182,12 +182,8 @@ impl Manager {
     pub async fn sample_metrics(self: Arc<Self>) {
         loop {
             tokio::time::sleep(SAMPLE_EVERY).await;
-            let running: Vec<String> = match self.catalog.all_sandboxes() {
-                Ok(all) => all
-                    .into_iter()
-                    .filter(|r| r.state == InternalState::Active)
-                    .map(|r| r.id)
-                    .collect(),
+            let running: Vec<String> = match self.catalog.sandboxes_in(&["active"]) {
+                Ok(all) => all.into_iter().map(|r| r.id).collect(),
                 Err(_) => continue,
             };
             for id in &running {
@@ -261,15 +257,21 @@ impl Manager {
 
     /// What a team has, what limits it, whether the endpoints answer, and what to do.
     pub async fn summary(&self, team: &str) -> Result<serde_json::Value, ApiError> {
-        let records: Vec<SandboxRecord> = self
-            .catalog
-            .all_sandboxes()?
-            .into_iter()
-            .filter(|r| r.team_id == team)
-            .collect();
-        let count = |state: &str| records.iter().filter(|r| r.state.public() == state).count();
-        let live = self.catalog.live_count(team)?;
-        let quota = self.catalog.quota(team)?.unwrap_or(self.default_quota) as usize;
+        // Counted in SQL over the state index: a team's history is not parsed.
+        let states = self.catalog.state_counts(Some(team))?;
+        let count = |public: &str| {
+            states
+                .iter()
+                .filter(|(s, _)| {
+                    serde_json::from_value::<InternalState>(serde_json::json!(s))
+                        .is_ok_and(|s| s.public() == public)
+                })
+                .map(|(_, n)| *n as usize)
+                .sum::<usize>()
+        };
+        let limits = self.limits(team)?;
+        let usage = self.usage(team)?;
+        let live = usage.sandboxes as usize;
         let store_ok = match storage::ObjectStore::exists(self.store(), "health-check").await {
             Ok(_) => Ok(()),
             Err(e) => Err(e.to_string()),
@@ -280,10 +282,13 @@ impl Manager {
             .filter(|t| t.status == api_model::TemplateStatus::Failed)
             .count();
         let mut suggestions = Vec::new();
-        if live * 10 >= quota * 8 {
-            suggestions.push(format!(
-                "{live} of {quota} live sandboxes: delete idle ones, or raise the quota (admin team quota)"
-            ));
+        let checks = usage.checks(&limits);
+        for (name, used, limit) in checks {
+            if used * 10 >= limit * 8 {
+                suggestions.push(format!(
+                    "{name}: {used} of {limit} used: free some (delete idle sandboxes, old snapshots, volumes or templates), or ask the operator to raise it (`admin team quota TEAM --set {name}=N`)"
+                ));
+            }
         }
         if count("error") > 0 {
             suggestions.push(format!(
@@ -330,13 +335,21 @@ impl Manager {
                 "starting": count("starting"),
                 "error": count("error"),
                 "templates": templates.len(),
+                "quota": usage,
             },
-            "quotaChecks": [{
-                "name": "live sandboxes",
-                "used": live,
-                "limit": quota,
-                "ok": live < quota,
-            }],
+            "quotaChecks": checks
+                .iter()
+                .map(|(name, used, limit)| serde_json::json!({
+                    "name": name, "used": used, "limit": limit, "ok": used < limit,
+                }))
+                .chain(std::iter::once(serde_json::json!({
+                    "name": "createsPerMinute",
+                    "limit": limits.creates_per_minute,
+                    "burst": limits.create_burst,
+                    "ok": limits.creates_per_minute > 0,
+                })))
+                .collect::<Vec<_>>(),
+            "limits": limits,
             "endpoints": [
                 { "name": "control API", "status": "ok" },
                 { "name": "data plane", "url": self.edge_url, "status": "ok" },
@@ -356,12 +369,24 @@ impl Manager {
     pub fn prometheus(&self) -> Result<String, ApiError> {
         use std::fmt::Write;
         let mut out = String::new();
-        let records = self.catalog.all_sandboxes()?;
+        let counts = self.catalog.state_counts(None)?;
         let _ = writeln!(out, "# HELP nullspace_sandboxes Sandboxes on this host by public state.\n# TYPE nullspace_sandboxes gauge");
         for state in ["starting", "running", "paused", "error", "deleted"] {
-            let n = records.iter().filter(|r| r.state.public() == state).count();
+            let n: u64 = counts
+                .iter()
+                .filter(|(s, _)| {
+                    serde_json::from_value::<InternalState>(serde_json::json!(s))
+                        .is_ok_and(|s| s.public() == state)
+                })
+                .map(|(_, n)| n)
+                .sum();
             let _ = writeln!(out, "nullspace_sandboxes{{state=\"{state}\"}} {n}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP nullspace_timeout_sweep_scan_seconds The timeout sweeper's last read of the catalog.\n# TYPE nullspace_timeout_sweep_scan_seconds gauge\nnullspace_timeout_sweep_scan_seconds {:.6}",
+            self.sweep_scan_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "# HELP nullspace_warm_pool_ready Ready instances per template warm pool.\n# TYPE nullspace_warm_pool_ready gauge");
         let _ = writeln!(out, "# HELP nullspace_warm_pool_checkouts_total Creates that got a warm instance.\n# TYPE nullspace_warm_pool_checkouts_total counter");
         for (template, _) in self.catalog.warm_pools::<super::warm::PoolConfig>()? {

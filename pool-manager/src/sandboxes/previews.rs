@@ -5,6 +5,7 @@ use super::Manager;
 use crate::error::ApiError;
 use crate::model::*;
 use crate::preview::{subject, PROXY_HEADER, TOKEN_PARAM};
+use crate::tokens::{bump_preview_epoch, preview_epoch};
 use agent_client::AgentClient;
 use api_model::PreviewBody;
 use std::sync::Arc;
@@ -25,6 +26,8 @@ use api_model::ProxyTarget;
 impl Manager {
     /// A signed preview URL and proxy target for `port` of a running or paused sandbox;
     /// `public` (if given) first makes the port reachable without a token, or private.
+    /// Making it private (`public: false`, whatever it was) also ends every preview URL
+    /// and proxy target issued for the port before: only the ones returned here open it.
     pub async fn create_preview(
         &self,
         team: &str,
@@ -46,6 +49,9 @@ impl Manager {
             r.public_ports.retain(|p| *p != port);
             if public {
                 r.public_ports.push(port);
+            } else {
+                // Written (synced) before the new tokens leave, like every epoch move.
+                bump_preview_epoch(&mut r, port, chrono::Utc::now().timestamp_millis());
             }
             self.catalog.put_sandbox(&r)?;
             self.catalog.append_event(
@@ -55,8 +61,9 @@ impl Manager {
             )?;
         }
         let expires = chrono::Utc::now().timestamp() + expires_in as i64;
-        let token = self.tokens.issue(&subject(id, port, false), expires);
-        let proxy_token = self.tokens.issue(&subject(id, port, true), expires);
+        let epoch = preview_epoch(&r, port);
+        let token = self.tokens.issue(&subject(id, port, false), epoch, expires);
+        let proxy_token = self.tokens.issue(&subject(id, port, true), epoch, expires);
         let host = format!("{port}-{id}.{}", self.preview_domain);
         let base = format!("http://{host}/");
         let public = r.public_ports.contains(&port);
@@ -88,7 +95,12 @@ impl Manager {
     ) -> Result<AgentClient, PreviewWake> {
         let id = r.id.as_str();
         match r.state {
-            InternalState::Active => {}
+            InternalState::Active => {
+                return self
+                    .running_agent(r)
+                    .await
+                    .map_err(|e| PreviewWake::Unavailable(e.message))
+            }
             InternalState::Stopped if r.auto_resume => {
                 let started = std::time::Instant::now();
                 // The wake goes on even if this request stops waiting: cancelling a
@@ -136,9 +148,26 @@ impl Manager {
                 )))
             }
         }
+        // Woken just now: the record read before is stale.
         self.agent(id)
             .await
             .map(|(agent, _)| agent)
             .map_err(|e| PreviewWake::Unavailable(e.message))
+    }
+
+    /// The agent of sandbox `r`, a record the caller has just read (the preview listener
+    /// and the data-plane edge read it to check the request's token), if it runs: one
+    /// catalog read per request instead of a second in [`Manager::agent`].
+    pub async fn running_agent(&self, r: &SandboxRecord) -> Result<AgentClient, ApiError> {
+        let slot = self.slot(&r.id);
+        let vm = slot.lock().await;
+        match vm.as_ref() {
+            Some(vm) if r.state == InternalState::Active => Ok(vm.agent().clone()),
+            _ => Err(ApiError::conflict(format!(
+                "sandbox {} is {}; connect to resume it",
+                r.id,
+                r.state.public()
+            ))),
+        }
     }
 }

@@ -277,6 +277,12 @@ impl Manager {
         let _ = std::fs::remove_dir_all(&taken.dir);
         match result {
             Ok((s, stats)) => {
+                self.catalog.record_item(
+                    "snapshot",
+                    &s.id,
+                    &r.team_id,
+                    s.size_bytes().div_ceil(1 << 20),
+                )?;
                 info!(sandbox = %r.id, snapshot = %s.id, kind = kind.as_str(), taken_ms,
                     total_ms = taken.started.elapsed().as_millis() as u64,
                     chunks = stats.chunks.chunks, uploaded = stats.chunks.uploaded,
@@ -294,6 +300,27 @@ impl Manager {
                 Err(e)
             }
         }
+    }
+
+    /// Deletes a stored snapshot and takes it off its team's snapshot quota.
+    pub(super) async fn delete_stored(
+        &self,
+        s: &StoredSnapshot,
+    ) -> Result<(), storage::StoreError> {
+        stored::delete(self.store(), s).await?;
+        if let Err(e) = self.catalog.forget_item("snapshot", &s.id) {
+            warn!(snapshot = %s.id, error = %e, "the snapshot is deleted but still counts against its team's quota");
+        }
+        Ok(())
+    }
+
+    /// Refuses a snapshot the team has no quota left for (counted before anything is
+    /// taken); recorded as a failed snapshot like any other refusal.
+    fn check_snapshot_quota(&self, r: &SandboxRecord, kind: Kind) -> Result<(), ApiError> {
+        self.check_store_quota(&r.team_id, "snapshot", 1)
+            .inspect_err(|e| {
+                let _ = self.snapshot_failed(r, kind, e);
+            })
     }
 
     /// Records a failed snapshot in the sandbox's events and the log.
@@ -327,6 +354,7 @@ impl Manager {
     /// Takes a manual snapshot of a running sandbox; it keeps running.
     pub async fn create_snapshot(&self, team: &str, id: &str) -> Result<SnapshotView, ApiError> {
         let (mut guard, r) = self.lock_running(team, id, "snapshotted").await?;
+        self.check_snapshot_quota(&r, Kind::Manual)?;
         let vm = guard.as_mut().expect("checked");
         let taken = self.take(vm, &r, Kind::Manual, true).await?;
         drop(guard);
@@ -411,7 +439,7 @@ impl Manager {
                 "{snapshot_id} holds hibernated sandbox {id}; resume or delete the sandbox instead"
             )));
         }
-        stored::delete(self.store(), s)
+        self.delete_stored(s)
             .await
             .map_err(|e| store_error("deleting the snapshot", e))?;
         // This worker's cached copy (a template) goes once no live sandbox uses it.
@@ -431,9 +459,9 @@ impl Manager {
     pub(super) fn any_live(&self, uses: impl Fn(&SandboxRecord) -> bool) -> Result<bool, ApiError> {
         Ok(self
             .catalog
-            .all_sandboxes()?
+            .sandboxes_in(crate::catalog::Catalog::LIVE)?
             .iter()
-            .any(|r| !matches!(r.state, InternalState::Deleted | InternalState::Failed) && uses(r)))
+            .any(uses))
     }
 
     /// Collects garbage whenever a delete asks for it, off the request that deleted:
@@ -466,7 +494,7 @@ impl Manager {
     /// stored pause snapshot: a resume consumes it).
     pub(super) async fn delete_hibernate_snapshot(&self, snapshot_id: &str) {
         if let Ok(s) = stored::get(self.store(), snapshot_id).await {
-            if stored::delete(self.store(), &s).await.is_ok() {
+            if self.delete_stored(&s).await.is_ok() {
                 self.gc_wanted.notify_one();
             }
         }
@@ -632,7 +660,7 @@ impl Manager {
         r.hibernated = None;
         self.transition(&mut r, InternalState::Active, "resumed from object storage")?;
         // Consumed: a later hibernate stores a new one.
-        if stored::delete(self.store(), &s).await.is_ok() {
+        if self.delete_stored(&s).await.is_ok() {
             self.gc_wanted.notify_one();
         }
         Ok(self.view(&r, true))
@@ -1037,12 +1065,11 @@ impl Manager {
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             let now = now_ms();
-            let due: Vec<SandboxRecord> = match self.catalog.all_sandboxes() {
+            let due: Vec<SandboxRecord> = match self.catalog.sandboxes_in(&["active"]) {
                 Ok(all) => all
                     .into_iter()
                     .filter(|r| {
-                        r.state == InternalState::Active
-                            && r.snapshot_interval_s > 0
+                        r.snapshot_interval_s > 0
                             && now - r.last_periodic_ms >= r.snapshot_interval_s as i64 * 1000
                     })
                     .collect(),
@@ -1110,6 +1137,7 @@ impl Manager {
         // Stamped first: a failing snapshot is retried at the next interval, not at once.
         r.last_periodic_ms = now_ms();
         self.catalog.put_sandbox(&r)?;
+        self.check_snapshot_quota(&r, Kind::Periodic)?;
         let taken = self.take(vm, &r, Kind::Periodic, true).await?;
         drop(guard);
         self.publish(taken, &r, Kind::Periodic).await?;
@@ -1121,7 +1149,7 @@ impl Manager {
             .collect();
         if periodic.len() > PERIODIC_KEPT {
             for old in &periodic[PERIODIC_KEPT..] {
-                let _ = stored::delete(self.store(), old).await;
+                let _ = self.delete_stored(old).await;
             }
             self.gc_wanted.notify_one();
         }

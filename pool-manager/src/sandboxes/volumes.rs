@@ -78,6 +78,7 @@ impl Manager {
         req: VolumeCreateRequest,
     ) -> Result<VolumeView, ApiError> {
         let (name, size_mib) = req.validate()?;
+        self.check_store_quota(team, "volume", size_mib)?;
         let volume = StoredVolume {
             format: stored::FORMAT,
             id: uuid::Uuid::new_v4().hyphenated().to_string(),
@@ -89,6 +90,8 @@ impl Manager {
         stored::create(self.store(), &volume)
             .await
             .map_err(volume_error)?;
+        self.catalog
+            .record_item("volume", &volume.id, team, size_mib)?;
         info!(volume = %volume.id, size_mib, "volume created");
         Ok(view(&volume, Vec::new(), None))
     }
@@ -157,6 +160,7 @@ impl Manager {
         stored::delete(self.store(), &v)
             .await
             .map_err(|e| volume_error(e.into()))?;
+        self.catalog.forget_item("volume", &v.id)?;
         self.gc_wanted.notify_one();
         info!(volume = %v.id, "volume deleted");
         Ok(())

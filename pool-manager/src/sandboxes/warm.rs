@@ -5,7 +5,7 @@
 //! back after a restart (their VMs are made again). Restore, resume, fork, hibernate and
 //! pause never take from a pool.
 
-use super::Manager;
+use super::{Actor, Manager};
 use crate::backoff::Backoff;
 use crate::error::ApiError;
 use crate::model::Resources;
@@ -89,6 +89,23 @@ impl WarmPools {
                 pool.misses += 1;
                 None
             }
+        }
+    }
+
+    /// Puts back a VM just taken (its create was refused): first in line again, the
+    /// checkout not counted. Returns it if the pool no longer wants it.
+    fn put_back(&self, template: &str, resources: Resources, vm: QemuVm) -> Option<QemuVm> {
+        let mut pools = self.pools.lock().unwrap();
+        match pools.get_mut(template) {
+            Some(pool)
+                if pool.config.resources == resources
+                    && (pool.ready.len() as u32) < pool.config.target =>
+            {
+                pool.ready.push_front(vm);
+                pool.checkouts = pool.checkouts.saturating_sub(1);
+                None
+            }
+            _ => Some(vm),
         }
     }
 
@@ -238,11 +255,11 @@ impl Manager {
     /// one of `team`.
     fn pool_shape(
         &self,
-        team: &str,
+        team: Option<&str>,
         template: &str,
         asked: Option<Resources>,
     ) -> Result<Resources, ApiError> {
-        if let Some(t) = self.ready_template(Some(team), template)? {
+        if let Some(t) = self.ready_template(team, template)? {
             if t.id != template {
                 return Err(ApiError::bad_request(format!(
                     "warm pools are set by template ID; send {} instead of its name {template}",
@@ -266,18 +283,39 @@ impl Manager {
     /// Sets `template`'s warm pool; the pool fills (or empties) in the background.
     pub async fn set_warm_pool(
         &self,
-        team: &str,
+        actor: Actor<'_>,
         template: &str,
         body: WarmPoolBody,
     ) -> Result<PoolStatus, ApiError> {
         body.validate()?;
+        let team = match actor {
+            Actor::Team(team) => {
+                if BUILTIN.contains(&template) {
+                    return Err(ApiError::forbidden(format!(
+                        "the built-in templates' warm pools are the operator's: ask them to size the {template} pool, or build a template of your own (POST /templates) and pool that"
+                    )));
+                }
+                Some(team)
+            }
+            Actor::Operator => None,
+        };
         let resources = self.pool_shape(team, template, body.resources)?;
         let config = PoolConfig {
             target: body.size.min(MAX_WARM_POOL_SIZE),
             resources,
             refill: body.refill.unwrap_or(true),
         };
-        self.catalog.put_warm_pool(template, &config)?;
+        let owner = if BUILTIN.contains(&template) {
+            None
+        } else {
+            self.catalog.template(None, template)?.map(|t| t.team_id)
+        };
+        {
+            // One pool change at a time: two could each fit alone and not together.
+            let _one_at_a_time = self.admission.lock().unwrap();
+            self.check_pool(actor, owner.as_deref(), template, &config)?;
+            self.catalog.put_warm_pool(template, &config)?;
+        }
         for vm in self.warm.configure(template, config) {
             vm.kill().await;
         }
@@ -291,7 +329,15 @@ impl Manager {
     }
 
     /// A template's warm pool.
-    pub fn warm_pool_status(&self, team: &str, template: &str) -> Result<PoolStatus, ApiError> {
+    pub fn warm_pool_status(
+        &self,
+        actor: Actor<'_>,
+        template: &str,
+    ) -> Result<PoolStatus, ApiError> {
+        let team = match actor {
+            Actor::Team(team) => Some(team),
+            Actor::Operator => None,
+        };
         let resources = self.pool_shape(team, template, None)?;
         Ok(self.warm.status(template).unwrap_or(PoolStatus {
             template_id: template.to_string(),
@@ -321,6 +367,14 @@ impl Manager {
     /// A ready VM for a create of `template` with this shape, if its pool has one.
     pub(super) fn check_out(&self, template: &str, resources: Resources) -> Option<QemuVm> {
         self.warm.take(template, resources)
+    }
+
+    /// Returns a VM taken for a create that was then refused (the pool keeps it, or it
+    /// ends in the background).
+    pub(super) fn return_to_pool(&self, template: &str, resources: Resources, vm: QemuVm) {
+        if let Some(unwanted) = self.warm.put_back(template, resources, vm) {
+            tokio::spawn(async move { unwanted.kill().await });
+        }
     }
 
     /// Loads the pools the catalog records (after a start).

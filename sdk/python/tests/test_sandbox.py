@@ -1,5 +1,5 @@
 """The Python SDK against a live stack (deploy/test-python-sdk.sh starts one and sets
-NULLSPACE_API_URL / NULLSPACE_API_KEY)."""
+NULLSPACE_API_URL / NULLSPACE_API_KEY, and an operator key as NULLSPACE_OPERATOR_KEY)."""
 
 import os
 
@@ -165,10 +165,15 @@ def test_warm_pool_checkout():
 
     from nullspace import Template
 
+    # The built-in templates' pools are the operator's: a team key is refused.
+    operator = os.environ["NULLSPACE_OPERATOR_KEY"]
     with pytest.raises(SandboxError) as err:
-        Template.set_warm_pool("minimal", 99)
+        Template.set_warm_pool("minimal", 1, resources=SMALL)
+    assert (err.value.status, err.value.code) == (403, "forbidden"), err.value
+    with pytest.raises(SandboxError) as err:
+        Template.set_warm_pool("minimal", 99, api_key=operator)
     assert err.value.code == "invalid_request"
-    Template.set_warm_pool("minimal", 1, resources=SMALL)
+    Template.set_warm_pool("minimal", 1, resources=SMALL, api_key=operator)
     deadline = time.time() + 120
     while Template.get_warm_pool("minimal")["ready"] < 1:
         assert time.time() < deadline, "the pool never filled"
@@ -184,7 +189,7 @@ def test_warm_pool_checkout():
             Sandbox.create(template="minimal", warm_pool="always")
         assert err.value.code == "invalid_request"
     finally:
-        Template.set_warm_pool("minimal", 0, resources=SMALL)
+        Template.set_warm_pool("minimal", 0, resources=SMALL, api_key=operator)
 
 
 def test_template_build_streams_its_log_and_failures_say_why():

@@ -89,6 +89,27 @@ impl Sandbox {
         Ok(Self::from_info(config.clone(), http, info(v)?))
     }
 
+    /// A handle on an existing sandbox that shares it with other clients: a running
+    /// sandbox is read (its current runtime token, which ends no other client's), and
+    /// only one that is not running is connected (resumed, with a new token). Use
+    /// [`Sandbox::connect`] to take the runtime access over, ending older tokens.
+    pub async fn attach(config: &ConnectionConfig, sandbox_id: &str) -> Result<Sandbox> {
+        let http = client(config)?;
+        let v = call(
+            &http,
+            config,
+            reqwest::Method::GET,
+            &format!("/sandboxes/{sandbox_id}"),
+            None,
+        )
+        .await?;
+        let found = info(v)?;
+        if found.state == "running" && found.runtime.is_some() {
+            return Ok(Self::from_info(config.clone(), http, found));
+        }
+        Self::connect(config, sandbox_id, None).await
+    }
+
     /// One page of the team's sandboxes.
     pub async fn list(config: &ConnectionConfig, query: &ListQuery) -> Result<SandboxPage> {
         let http = client(config)?;
