@@ -36,6 +36,10 @@ trap 'deploy/seaweedfs.sh stop "$s3_dir"; rm -rf "$s3_dir"' EXIT
 NULLSPACE_TEST_S3=$(deploy/seaweedfs.sh start "$s3_dir" 19433)
 export NULLSPACE_TEST_S3
 step "running the tests (cargo nextest, 2 threads)" cargo nextest run --workspace --locked --profile ci
+# The component's own routing tests (a workspace of its own, built for the host here).
+step "testing the API component's routes (cargo test)" env \
+    CARGO_TARGET_DIR="${NULLSPACE_CACHE:-/var/cache/nullspace}/api-component-test-target" \
+    cargo test --locked --manifest-path api-component/Cargo.toml
 # The public API against its own OpenAPI document, on a live stack of its own.
 step "fuzzing the public API (schemathesis)" deploy/schemathesis.sh "$CARGO_TARGET_DIR/debug"
 # The Python SDK's tests, on a live stack of their own.

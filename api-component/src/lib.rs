@@ -382,7 +382,7 @@ fn route(
         ["teams"] => {
             no_query()?;
             create_or_list(method, body, "/v1/teams".into(), "/api/v1/teams", |b| {
-                parse_body::<TeamBody>(b)?.validate()
+                parse_body::<api_model::TeamCreateRequest>(b)?.validate()
             })
         }
         ["teams", team] => {
@@ -404,7 +404,7 @@ fn route(
             no_query()?;
             match method {
                 Method::Put => {
-                    parse_body::<LimitsBody>(&body)?.validate()?;
+                    parse_body::<api_model::LimitsPatch>(&body)?.validate()?;
                     Ok(forward(Method::Put, path, body))
                 }
                 Method::Get => {
@@ -426,13 +426,13 @@ fn route(
                 body,
                 format!("/v1/teams/{team}/keys"),
                 "/api/v1/teams/{team}/keys",
-                |b| parse_body::<KeyBody>(b)?.validate(),
+                |b| parse_body::<api_model::KeyRequest>(b)?.validate(),
             )
         }
         ["keys"] => {
             no_query()?;
             create_or_list(method, body, "/v1/keys".into(), "/api/v1/keys", |b| {
-                parse_body::<KeyBody>(b)?.validate()
+                parse_body::<api_model::KeyRequest>(b)?.validate()
             })
         }
         ["keys", id] => {
@@ -458,176 +458,16 @@ fn route(
                 ));
             }
             no_query()?;
-            parse_body::<RotateBody>(&body)?.validate()?;
+            parse_body::<api_model::RotateRequest>(&body)?.grace_s()?;
             Ok(forward(Method::Post, format!("/v1/keys/{id}/rotate"), body))
         }
         _ => Err(unknown_route()),
     }
 }
 
-/// The largest value a limit takes (the pool manager's bound): beyond it a "limit" is
-/// a typo, not a policy.
-const MAX_LIMIT: u64 = 1 << 40;
-
-/// Longest a rotated-out key may keep working (the pool manager's bound).
-const MAX_ROTATION_GRACE_S: u64 = 7 * 24 * 3600;
-
-/// Body of `PUT /teams/{team}/quota` (and `limits` of `POST /teams`): the limits to
-/// set; those not sent keep their value.
-#[derive(serde::Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct LimitsBody {
-    #[serde(default)]
-    sandboxes: Option<u64>,
-    #[serde(default)]
-    vcpus: Option<u64>,
-    #[serde(default, rename = "memoryMiB")]
-    memory_mib: Option<u64>,
-    #[serde(default, rename = "diskMiB")]
-    disk_mib: Option<u64>,
-    #[serde(default)]
-    snapshots: Option<u64>,
-    #[serde(default, rename = "snapshotMiB")]
-    snapshot_mib: Option<u64>,
-    #[serde(default)]
-    volumes: Option<u64>,
-    #[serde(default, rename = "volumeMiB")]
-    volume_mib: Option<u64>,
-    #[serde(default)]
-    templates: Option<u64>,
-    #[serde(default)]
-    builds: Option<u64>,
-    #[serde(default)]
-    creates_per_minute: Option<u64>,
-    #[serde(default)]
-    create_burst: Option<u64>,
-}
-
-impl LimitsBody {
-    /// At least one limit, none past [`MAX_LIMIT`], and a burst that lets creates through.
-    fn validate(&self) -> Result<(), ApiError> {
-        let fields = [
-            ("sandboxes", self.sandboxes),
-            ("vcpus", self.vcpus),
-            ("memoryMiB", self.memory_mib),
-            ("diskMiB", self.disk_mib),
-            ("snapshots", self.snapshots),
-            ("snapshotMiB", self.snapshot_mib),
-            ("volumes", self.volumes),
-            ("volumeMiB", self.volume_mib),
-            ("templates", self.templates),
-            ("builds", self.builds),
-            ("createsPerMinute", self.creates_per_minute),
-            ("createBurst", self.create_burst),
-        ];
-        if fields.iter().all(|(_, v)| v.is_none()) {
-            let names: Vec<&str> = fields.iter().map(|(n, _)| *n).collect();
-            return Err(ApiError::bad_request(format!(
-                "send at least one limit to set, e.g. {{\"vcpus\": 16}}; the limits are {}",
-                names.join(", ")
-            )));
-        }
-        for (name, v) in fields {
-            if let Some(v) = v.filter(|v| *v > MAX_LIMIT) {
-                return Err(ApiError::bad_request(format!(
-                    "{name} {v} is beyond any real limit; send at most {MAX_LIMIT}"
-                ))
-                .with_details(serde_json::json!({ "field": name })));
-            }
-        }
-        if self.create_burst == Some(0) && self.creates_per_minute.is_some_and(|r| r > 0) {
-            return Err(ApiError::bad_request(
-                "createBurst 0 would refuse every create whatever createsPerMinute says; send createBurst of at least 1 (or createsPerMinute 0 to stop creates)",
-            )
-            .with_details(serde_json::json!({ "field": "createBurst" })));
-        }
-        Ok(())
-    }
-}
-
-/// Body of `POST /teams`.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TeamBody {
-    name: String,
-    #[serde(default)]
-    limits: Option<LimitsBody>,
-}
-
-impl TeamBody {
-    /// A name the admin command would take, never the operator's or a team ID's form.
-    fn validate(self) -> Result<(), ApiError> {
-        if !is_team_ref(&self.name) {
-            return Err(ApiError::bad_request(
-                "name must be 1-64 letters, digits, '-', '_' or '.'; send e.g. {\"name\": \"blue\"}",
-            )
-            .with_details(serde_json::json!({ "field": "name" })));
-        }
-        if self.name == "operator" || self.name.starts_with("team-") {
-            return Err(ApiError::bad_request(format!(
-                "{:?} is reserved (the operator's team, or a team ID's form); pick another name",
-                self.name
-            ))
-            .with_details(serde_json::json!({ "field": "name" })));
-        }
-        match &self.limits {
-            Some(l) => l.validate(),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Body of `POST /keys` and `POST /teams/{team}/keys` (may be empty).
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct KeyBody {
-    #[serde(default)]
-    role: Option<String>,
-}
-
-impl KeyBody {
-    /// Keys issued through the API are team keys.
-    fn validate(self) -> Result<(), ApiError> {
-        match self.role.as_deref() {
-            None | Some("team") => Ok(()),
-            Some(_) => Err(ApiError::bad_request(
-                "a team's keys have role \"team\"; operator keys are made on the host (`nullspace-pool-manager admin key create --operator`)",
-            )
-            .with_details(serde_json::json!({ "field": "role" }))),
-        }
-    }
-}
-
-/// Body of `POST /keys/{id}/rotate` (may be empty: an hour's grace).
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RotateBody {
-    #[serde(default)]
-    grace_seconds: Option<u64>,
-}
-
-impl RotateBody {
-    fn validate(self) -> Result<(), ApiError> {
-        match self.grace_seconds {
-            Some(g) if g > MAX_ROTATION_GRACE_S => Err(ApiError::bad_request(format!(
-                "graceSeconds {g} is longer than a rotation may overlap; send at most {MAX_ROTATION_GRACE_S} (0 ends the old key now)"
-            ))
-            .with_details(serde_json::json!({ "field": "graceSeconds" }))),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// Whether `s` is a team's name or ID: 1 to 64 characters of `[A-Za-z0-9._-]`.
-fn is_team_ref(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 /// A team by name or ID (`team-…`); anything else cannot exist, so it is a 404.
 fn team_ref(team: &str) -> Result<&str, ApiError> {
-    if is_team_ref(team) {
+    if api_model::is_team_ref(team) {
         Ok(team)
     } else {
         Err(ApiError::not_found("team", team))

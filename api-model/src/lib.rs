@@ -8,6 +8,7 @@ mod live;
 mod query;
 mod request;
 mod template;
+mod tenant;
 mod volume;
 
 pub use egress::{CompiledEgress, EgressPolicy, EgressRule, MAX_EGRESS_RULES};
@@ -28,6 +29,10 @@ pub use template::{
     is_template_id, is_template_name, BuildFailure, BuildLogLine, BuildLogPage, BuildStep,
     FileSpec, StepAction, StepStatus, StepView, TemplateBuildRequest, TemplateStatus, TemplateView,
     ValidBuild, ValidStep, BUILTIN_TEMPLATES, MAX_LOG_PAGE, MAX_LOG_WAIT_S,
+};
+pub use tenant::{
+    is_team_ref, KeyRequest, LimitsPatch, RotateRequest, TeamCreateRequest,
+    DEFAULT_ROTATION_GRACE_S, LIMIT_NAMES, MAX_LIMIT, MAX_ROTATION_GRACE_S, OPERATOR_TEAM,
 };
 
 pub use volume::{

@@ -54,7 +54,7 @@ impl Role {
 /// The reserved team operator keys belong to (never a tenant).
 pub const OPERATOR_TEAM_ID: &str = "team-operator";
 /// Its name.
-pub const OPERATOR_TEAM: &str = "operator";
+pub use api_model::OPERATOR_TEAM;
 
 /// Who a key is.
 #[derive(Debug, Clone, PartialEq, Eq)]

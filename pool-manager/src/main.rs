@@ -406,9 +406,12 @@ async fn main() -> anyhow::Result<()> {
         ["admin", "key", "rotate", id] => {
             args.check_flags(&["state-dir", "grace-s"])?;
             let catalog = open_catalog(&state_dir(&args)?)?;
-            let grace = number(&args, "grace-s", 3600)?;
-            if grace > 7 * 24 * 3600 {
-                bail!("--grace-s {grace}: a rotation overlaps at most 604800 s (7 days); 0 ends the old key now");
+            let grace = number(&args, "grace-s", api_model::DEFAULT_ROTATION_GRACE_S)?;
+            if grace > api_model::MAX_ROTATION_GRACE_S {
+                bail!(
+                    "--grace-s {grace}: a rotation overlaps at most {} s (7 days); 0 ends the old key now",
+                    api_model::MAX_ROTATION_GRACE_S
+                );
             }
             let old = catalog.key(id)?.with_context(|| {
                 format!("no key in force with ID {id:?}; `admin key list` shows the IDs (16 hex digits)")

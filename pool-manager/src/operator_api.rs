@@ -3,25 +3,19 @@
 //! only its own team's keys (others' are 404, like every other team's resource).
 
 use crate::api::AnyCaller;
-use crate::catalog::{KeyInfo, KeyOwner, Role, Team, OPERATOR_TEAM, OPERATOR_TEAM_ID};
+use crate::catalog::{KeyInfo, KeyOwner, Role, Team, OPERATOR_TEAM_ID};
 use crate::error::ApiError;
 use crate::quotas::LimitsPatch;
 use crate::sandboxes::Manager;
-use api_model::parse_body;
+use api_model::{parse_body, KeyRequest, RotateRequest, TeamCreateRequest};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
-
-/// Longest a rotated-out key may keep working: a rotation is not a second key.
-const MAX_ROTATION_GRACE_S: u64 = 7 * 24 * 3600;
-/// A rotated-out key's grace unless the request says otherwise.
-const DEFAULT_ROTATION_GRACE_S: u64 = 3600;
 
 /// The routes, merged into the control API's router.
 pub fn routes() -> Router<Arc<Manager>> {
@@ -82,45 +76,14 @@ async fn list_teams(
     Ok(Json(json!({ "teams": out })))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateTeamBody {
-    name: String,
-    #[serde(default)]
-    limits: Option<LimitsPatch>,
-}
-
-/// A team name: what the admin command takes, and never the operator's.
-fn check_team_name(name: &str) -> Result<(), ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if !ok {
-        return Err(ApiError::bad_request(
-            "name must be 1-64 letters, digits, '-', '_' or '.'; send e.g. {\"name\": \"blue\"}",
-        ));
-    }
-    if name == OPERATOR_TEAM || name.starts_with("team-") {
-        return Err(ApiError::bad_request(format!(
-            "{name:?} is reserved (the operator's team, or a team ID's form); pick another name"
-        )));
-    }
-    Ok(())
-}
-
 async fn create_team(
     State(m): State<Arc<Manager>>,
     caller: AnyCaller,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     operator(&caller)?;
-    let b: CreateTeamBody = parse_body(&body)?;
-    check_team_name(&b.name)?;
-    if let Some(l) = &b.limits {
-        l.validate()?;
-    }
+    let b: TeamCreateRequest = parse_body(&body)?;
+    b.validate()?;
     let t = m.catalog.create_team(&b.name, None)?;
     if let Some(l) = &b.limits {
         m.catalog.set_limits(&t.id, l)?;
@@ -161,13 +124,6 @@ fn issued(key: String, info: Option<KeyInfo>) -> Response {
     (StatusCode::CREATED, Json(body)).into_response()
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct CreateKeyBody {
-    #[serde(default)]
-    role: Option<String>,
-}
-
 async fn team_keys(
     State(m): State<Arc<Manager>>,
     caller: AnyCaller,
@@ -186,20 +142,19 @@ async fn create_team_key(
 ) -> Result<Response, ApiError> {
     operator(&caller)?;
     let t = tenant(&m, &team)?;
-    let b: CreateKeyBody = if body.is_empty() {
-        CreateKeyBody::default()
-    } else {
-        parse_body(&body)?
-    };
-    if b.role.as_deref().is_some_and(|r| r != "team") {
-        return Err(ApiError::bad_request(
-            "a team's keys have role \"team\"; operator keys are made with `nullspace-pool-manager admin key create --operator` on the host",
-        ));
-    }
+    key_request(&body)?;
     let key = m.catalog.create_key(&t.id, None)?;
     tracing::info!(team = %t.id, "key issued");
     let info = m.catalog.key(&key_id(&key))?;
     Ok(issued(key, info))
+}
+
+/// Checks a key request's body (may be empty): keys issued over the API are team keys.
+fn key_request(body: &[u8]) -> Result<(), ApiError> {
+    if body.is_empty() {
+        return Ok(());
+    }
+    parse_body::<KeyRequest>(body)?.validate()
 }
 
 /// A key's ID: the first 16 hex digits of its hash.
@@ -223,14 +178,7 @@ async fn create_own_key(
     caller: AnyCaller,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    if !body.is_empty() {
-        let b: CreateKeyBody = parse_body(&body)?;
-        if b.role.as_deref().is_some_and(|r| r != "team") {
-            return Err(ApiError::bad_request(
-                "a team's keys have role \"team\"; operator keys are made with `nullspace-pool-manager admin key create --operator` on the host",
-            ));
-        }
-    }
+    key_request(&body)?;
     if caller.0.role == Role::Operator {
         return Err(ApiError::bad_request(
             "operator keys are made on the host (`nullspace-pool-manager admin key create --operator`); a team's keys with POST /teams/{team}/keys",
@@ -266,13 +214,6 @@ async fn revoke_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RotateBody {
-    #[serde(default)]
-    grace_seconds: Option<u64>,
-}
-
 async fn rotate_key(
     State(m): State<Arc<Manager>>,
     caller: AnyCaller,
@@ -280,18 +221,12 @@ async fn rotate_key(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let k = visible_key(&m, &caller.0, &id)?;
-    let b: RotateBody = if body.is_empty() {
-        RotateBody::default()
+    let grace = if body.is_empty() {
+        RotateRequest::default()
     } else {
-        parse_body(&body)?
-    };
-    let grace = b.grace_seconds.unwrap_or(DEFAULT_ROTATION_GRACE_S);
-    if grace > MAX_ROTATION_GRACE_S {
-        return Err(ApiError::bad_request(format!(
-            "graceSeconds {grace} is longer than a rotation may overlap; send at most {MAX_ROTATION_GRACE_S} (0 ends the old key now)"
-        ))
-        .with_details(json!({ "field": "graceSeconds" })));
+        parse_body::<RotateRequest>(&body)?
     }
+    .grace_s()?;
     let role = if k.role == "operator" {
         Role::Operator
     } else {

@@ -7,6 +7,7 @@
 //! starts no restore.
 
 use api_model::ApiError;
+pub use api_model::LimitsPatch;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -86,130 +87,6 @@ impl Limits {
             create_burst
         );
         self
-    }
-}
-
-/// A team's own limits: the fields set replace the host's defaults. Also the body of
-/// `PUT /v1/teams/{team}/quota` (fields not sent keep their value).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct LimitsPatch {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sandboxes: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vcpus: Option<u64>,
-    #[serde(default, rename = "memoryMiB", skip_serializing_if = "Option::is_none")]
-    pub memory_mib: Option<u64>,
-    #[serde(default, rename = "diskMiB", skip_serializing_if = "Option::is_none")]
-    pub disk_mib: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub snapshots: Option<u64>,
-    #[serde(
-        default,
-        rename = "snapshotMiB",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub snapshot_mib: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub volumes: Option<u64>,
-    #[serde(default, rename = "volumeMiB", skip_serializing_if = "Option::is_none")]
-    pub volume_mib: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub templates: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub builds: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub creates_per_minute: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub create_burst: Option<u64>,
-}
-
-/// The largest value any limit takes: beyond it a "limit" is a typo, not a policy.
-const MAX_LIMIT: u64 = 1 << 40;
-
-/// The names a patch takes, as on the wire and in `admin team quota --set NAME=VALUE`.
-pub const LIMIT_NAMES: &[&str] = &[
-    "sandboxes",
-    "vcpus",
-    "memoryMiB",
-    "diskMiB",
-    "snapshots",
-    "snapshotMiB",
-    "volumes",
-    "volumeMiB",
-    "templates",
-    "builds",
-    "createsPerMinute",
-    "createBurst",
-];
-
-impl LimitsPatch {
-    /// `patch`'s fields over these.
-    pub fn merged(mut self, patch: &LimitsPatch) -> Self {
-        macro_rules! apply {
-            ($($f:ident),*) => { $( if patch.$f.is_some() { self.$f = patch.$f; } )* };
-        }
-        apply!(
-            sandboxes,
-            vcpus,
-            memory_mib,
-            disk_mib,
-            snapshots,
-            snapshot_mib,
-            volumes,
-            volume_mib,
-            templates,
-            builds,
-            creates_per_minute,
-            create_burst
-        );
-        self
-    }
-
-    /// Refuses values no operator means; an empty patch changes nothing and says so.
-    pub fn validate(&self) -> Result<(), ApiError> {
-        let value = serde_json::to_value(self).expect("json");
-        let fields = value.as_object().expect("an object");
-        if fields.is_empty() {
-            return Err(ApiError::bad_request(format!(
-                "send at least one limit to set, e.g. {{\"vcpus\": 16}}; the limits are {}",
-                LIMIT_NAMES.join(", ")
-            )));
-        }
-        for (name, v) in fields {
-            if v.as_u64().is_some_and(|v| v > MAX_LIMIT) {
-                return Err(ApiError::bad_request(format!(
-                    "{name} {v} is beyond any real limit; send at most {MAX_LIMIT}"
-                ))
-                .with_details(serde_json::json!({ "field": name })));
-            }
-        }
-        if self.create_burst == Some(0) && self.creates_per_minute.is_some_and(|r| r > 0) {
-            return Err(ApiError::bad_request(
-                "createBurst 0 would refuse every create whatever createsPerMinute says; send createBurst of at least 1 (or createsPerMinute 0 to stop creates)",
-            ));
-        }
-        Ok(())
-    }
-
-    /// Parses `NAME=VALUE` (the admin command's `--set`) into this patch.
-    pub fn set(&mut self, assignment: &str) -> Result<(), String> {
-        let (name, value) = assignment
-            .split_once('=')
-            .ok_or_else(|| format!("{assignment:?} is not NAME=VALUE; send e.g. vcpus=16"))?;
-        if !LIMIT_NAMES.contains(&name) {
-            return Err(format!(
-                "no limit named {name:?}; the limits are {}",
-                LIMIT_NAMES.join(", ")
-            ));
-        }
-        let value: u64 = value
-            .parse()
-            .map_err(|_| format!("{name}={value:?} is not a whole number; send e.g. {name}=10"))?;
-        let one: LimitsPatch = serde_json::from_value(serde_json::json!({ name: value }))
-            .map_err(|e| e.to_string())?;
-        *self = self.merged(&one);
-        Ok(())
     }
 }
 
