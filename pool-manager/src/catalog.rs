@@ -61,7 +61,13 @@ pub use api_model::OPERATOR_TEAM;
 pub struct KeyOwner {
     pub team_id: String,
     pub role: Role,
+    /// Rotated, in its grace: it still works, but makes, rotates and revokes no keys
+    /// (a leaked key must not outlive its rotation through a key it minted).
+    pub rotating_out: bool,
 }
+
+/// Keys in force a team (or the operator) may hold.
+const MAX_KEYS_PER_TEAM: i64 = 20;
 
 /// An API key as listed: never the key, only its ID (16 hex digits of its hash) and
 /// its first characters.
@@ -221,6 +227,10 @@ impl Catalog {
                 db.execute_batch(ddl)?;
             }
         }
+        db.execute(
+            "DELETE FROM stored_items WHERE id LIKE ?1 || '%'",
+            params![Self::PENDING_PREFIX],
+        )?;
         db.execute_batch(
             "CREATE INDEX IF NOT EXISTS sandboxes_state ON sandboxes (state);
              CREATE INDEX IF NOT EXISTS sandboxes_team_state ON sandboxes (team_id, state);",
@@ -565,6 +575,17 @@ impl Catalog {
         } else {
             team_id
         };
+        let in_force: i64 = db.query_row(
+            "SELECT COUNT(*) FROM api_keys WHERE team_id = ?1
+             AND (expires_at IS NULL OR expires_at > ?2)",
+            params![team_id, now_ms()],
+            |r| r.get(0),
+        )?;
+        if in_force >= MAX_KEYS_PER_TEAM {
+            return Err(CatalogError::Conflict(format!(
+                "the team has {in_force} keys in force, the most it may have; revoke one first (DELETE /keys/ID, or `admin key revoke ID`)"
+            )));
+        }
         db.execute(
             "INSERT INTO api_keys (key_hash, team_id, prefix, created_at, role) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![hash_key(&key), team_id, &key[..key.len().min(7)], now_ms(), role.as_str()],
@@ -575,21 +596,22 @@ impl Catalog {
     /// Who an API key is, if it is in force (known, not past its rotation deadline).
     pub fn key_owner(&self, key: &str) -> Result<Option<KeyOwner>, CatalogError> {
         let db = self.db.lock().unwrap();
-        let row: Option<(String, String)> = db
+        let row: Option<(String, String, Option<i64>)> = db
             .query_row(
-                "SELECT team_id, role FROM api_keys WHERE key_hash = ?1
+                "SELECT team_id, role, expires_at FROM api_keys WHERE key_hash = ?1
                  AND (expires_at IS NULL OR expires_at > ?2)",
                 params![hash_key(key), now_ms()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        Ok(row.map(|(team_id, role)| KeyOwner {
+        Ok(row.map(|(team_id, role, expires_at)| KeyOwner {
             team_id,
             role: if role == "operator" {
                 Role::Operator
             } else {
                 Role::Team
             },
+            rotating_out: expires_at.is_some(),
         }))
     }
 
@@ -620,7 +642,25 @@ impl Catalog {
         if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(None);
         }
-        Ok(self.keys(None)?.into_iter().find(|k| k.id == id))
+        let db = self.db.lock().unwrap();
+        Ok(db
+            .query_row(
+                "SELECT substr(key_hash, 1, 16), team_id, role, prefix, created_at, expires_at
+                 FROM api_keys WHERE substr(key_hash, 1, 16) = ?1
+                 AND (expires_at IS NULL OR expires_at > ?2)",
+                params![id, now_ms()],
+                |r| {
+                    Ok(KeyInfo {
+                        id: r.get(0)?,
+                        team_id: r.get(1)?,
+                        role: r.get(2)?,
+                        prefix: r.get(3)?,
+                        created_at: iso8601(r.get(4)?),
+                        expires_at: r.get::<_, Option<i64>>(5)?.map(iso8601),
+                    })
+                },
+            )
+            .optional()?)
     }
 
     /// Ends a key at `at_ms` (now: revoked; later: the grace of a rotation). Returns
@@ -683,22 +723,24 @@ impl Catalog {
         Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
     }
 
-    /// A team's sandboxes in one of `states` (internal names) after position
-    /// `after_seq`, oldest first, with their positions. The state filter runs in SQL over
+    /// Up to `limit` (all: `None`) of a team's sandboxes in one of `states` (internal
+    /// names) after position `after_seq`, oldest first, with their positions. The state filter runs in SQL over
     /// the index: a listing never parses the team's deleted history.
     pub fn sandboxes_of(
         &self,
         team_id: &str,
         after_seq: i64,
         states: &[&str],
+        limit: Option<usize>,
     ) -> Result<Vec<(i64, SandboxRecord)>, CatalogError> {
         let db = self.db.lock().unwrap();
         let states = serde_json::to_string(states)?;
+        let limit = limit.map_or(-1, |l| l as i64);
         let mut stmt = db.prepare(
             "SELECT seq, record FROM sandboxes WHERE team_id = ?1 AND seq > ?2
-             AND state IN (SELECT value FROM json_each(?3)) ORDER BY seq",
+             AND state IN (SELECT value FROM json_each(?3)) ORDER BY seq LIMIT ?4",
         )?;
-        let rows = stmt.query_map(params![team_id, after_seq, states], |r| {
+        let rows = stmt.query_map(params![team_id, after_seq, states, limit], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
         })?;
         let mut out = Vec::new();
@@ -743,6 +785,10 @@ impl Catalog {
         tx.commit()?;
         Ok(old.len())
     }
+
+    /// The ID prefix of a quota hold in `stored_items` (see `StoreHold`): holds left by
+    /// a crash are dropped when the catalog opens.
+    pub const PENDING_PREFIX: &'static str = "pending-";
 
     /// Every state but `deleted`: what start-up reconciliation looks at.
     pub const NOT_DELETED: &'static [&'static str] = &[

@@ -316,7 +316,13 @@ async fn main() -> anyhow::Result<()> {
             if *name == catalog::OPERATOR_TEAM || id == catalog::OPERATOR_TEAM_ID {
                 bail!("{name:?} is the operator's reserved team; pick another name (operator keys: `admin key create --operator`)");
             }
+            if !api_model::is_team_ref(name) || name.starts_with("team-") {
+                bail!("{name:?}: a team name is 1-64 letters, digits, '-', '_' or '.', and does not start with team- (the form of team IDs)");
+            }
             let patch = limits_patch(&args)?;
+            if patch != quotas::LimitsPatch::default() {
+                patch.validate().map_err(|e| anyhow::anyhow!(e.message))?;
+            }
             let team = catalog.create_team(name, (!id.is_empty()).then_some(id.as_str()))?;
             if patch != quotas::LimitsPatch::default() {
                 catalog.set_limits(&team.id, &patch)?;

@@ -41,6 +41,16 @@ fn operator(caller: &AnyCaller) -> Result<(), ApiError> {
     }
 }
 
+/// Refuses key management to a key that is being rotated out.
+fn may_manage_keys(caller: &AnyCaller) -> Result<(), ApiError> {
+    if caller.0.rotating_out {
+        return Err(ApiError::forbidden(
+            "this key is being rotated out: it still works until its end, but makes, rotates and revokes no keys; use the key that replaced it",
+        ));
+    }
+    Ok(())
+}
+
 /// A tenant team by ID or name (never the operator's own).
 fn tenant(m: &Manager, id_or_name: &str) -> Result<Team, ApiError> {
     m.catalog
@@ -141,6 +151,7 @@ async fn create_team_key(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     operator(&caller)?;
+    may_manage_keys(&caller)?;
     let t = tenant(&m, &team)?;
     key_request(&body)?;
     let key = m.catalog.create_key(&t.id, None)?;
@@ -179,6 +190,7 @@ async fn create_own_key(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     key_request(&body)?;
+    may_manage_keys(&caller)?;
     if caller.0.role == Role::Operator {
         return Err(ApiError::bad_request(
             "operator keys are made on the host (`nullspace-pool-manager admin key create --operator`); a team's keys with POST /teams/{team}/keys",
@@ -208,6 +220,7 @@ async fn revoke_key(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let k = visible_key(&m, &caller.0, &id)?;
+    may_manage_keys(&caller)?;
     m.catalog
         .expire_key(&k.id, chrono::Utc::now().timestamp_millis())?;
     tracing::info!(key = %k.id, team = %k.team_id, "key revoked");
@@ -221,6 +234,7 @@ async fn rotate_key(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let k = visible_key(&m, &caller.0, &id)?;
+    may_manage_keys(&caller)?;
     let grace = if body.is_empty() {
         RotateRequest::default()
     } else {

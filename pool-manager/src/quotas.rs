@@ -212,6 +212,16 @@ impl CreateRate {
     }
 }
 
+impl CreateRate {
+    /// Gives back `n` creates taken for a request that was then refused for another
+    /// reason (a quota, an empty pool): only what is spent counts against the rate.
+    pub fn refund(&self, team: &str, n: u64, burst: u64) {
+        if let Some(b) = self.buckets.lock().unwrap().get_mut(team) {
+            b.tokens = (b.tokens + n as f64).min(burst as f64);
+        }
+    }
+}
+
 /// The `Retry-After` seconds a rate-limited error carries, if any.
 #[cfg(test)]
 fn retry_after(e: &ApiError) -> Option<u64> {
@@ -262,6 +272,12 @@ mod tests {
         assert_eq!(retry_after(&e), Some(1));
         // Another team has its own bucket.
         rate.take_at("b", 1, 60, 3, t0).unwrap();
+        // A refund gives back what a refused request took, never past the burst.
+        rate.refund("b", 5, 3);
+        for _ in 0..3 {
+            rate.take_at("b", 1, 60, 3, t0).unwrap();
+        }
+        assert!(rate.take_at("b", 1, 60, 3, t0).is_err());
         // One a second comes back.
         rate.take_at("a", 1, 60, 3, t0 + Duration::from_millis(1001))
             .unwrap();

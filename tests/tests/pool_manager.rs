@@ -67,8 +67,9 @@ async fn create_exec_files_delete_with_events() {
     let status = api.delete(&id).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(api.get(&id).await["state"], "deleted");
+    // A deleted sandbox's token opens nothing, with the answer an unknown one gets.
     let resp = rt.post("/commands", json!({ "cmd": "true" })).await;
-    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 
     let (_, events) = api.fetch(&format!("/v1/sandboxes/{id}/events")).await;
     let kinds: Vec<&str> = events["events"]
@@ -399,8 +400,8 @@ async fn a_non_default_shape_gets_its_cpus_memory_and_disk() {
 #[tokio::test]
 async fn teams_cannot_see_or_reach_each_others_sandboxes() {
     let daemon = Daemon::start("teams");
-    let a = Api::new(&daemon, daemon.team_key("team-a"));
-    let b = Api::new(&daemon, daemon.team_key("team-b"));
+    let a = Api::new(&daemon, daemon.team_key("red"));
+    let b = Api::new(&daemon, daemon.team_key("blue"));
     let sa = a
         .create(json!({ "templateID": "minimal", "resources": small() }))
         .await;

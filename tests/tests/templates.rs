@@ -404,8 +404,8 @@ async fn log_now(api: &Api, id: &str) -> String {
 #[tokio::test]
 async fn builds_take_turns_by_team_and_a_log_stops_at_its_cap() {
     let stack = Stack::start("template-queue");
-    let a = stack.public(stack.daemon.team_key("team-a"));
-    let b = stack.public(stack.daemon.team_key("team-b"));
+    let a = stack.public(stack.daemon.team_key("red"));
+    let b = stack.public(stack.daemon.team_key("blue"));
     let id = |v: &Value| v["templateID"].as_str().unwrap().to_string();
 
     // Team a takes the host's build slot and queues a second build; team b's build,

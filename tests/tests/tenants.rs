@@ -266,6 +266,9 @@ async fn keys_rotate_and_revoke_and_never_cross_teams() {
     let a3 = stack.public(v["key"].as_str().unwrap().to_string());
     assert_eq!(a2.fetch("/v1/sandboxes").await.0, StatusCode::OK);
     assert_eq!(a3.fetch("/v1/sandboxes").await.0, StatusCode::OK);
+    // A key in its grace works, but mints no key that would outlive its rotation.
+    let (status, v) = a2.post("/v1/keys", json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
     let (status, v) = a3
         .post(
             &format!("/v1/keys/{a2_id}/rotate"),

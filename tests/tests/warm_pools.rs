@@ -201,7 +201,9 @@ async fn a_failing_refill_backs_off_says_why_and_recovers() {
         "{v}"
     );
     assert!(v["lastError"]["retryInS"].as_u64().unwrap() >= 2, "{v}");
-    let (status, summary) = api.fetch("/v1/observability/summary").await;
+    // Teams see the failing pool in their summary (the operator's key has none).
+    let team = Api::new(&daemon, daemon.team_key("backoff"));
+    let (status, summary) = team.fetch("/v1/observability/summary").await;
     assert_eq!(status, StatusCode::OK, "{summary}");
     assert!(
         summary["suggestedActions"]

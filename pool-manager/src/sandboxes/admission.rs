@@ -7,7 +7,7 @@
 
 use super::warm::PoolConfig;
 use super::Manager;
-use crate::catalog::Durability;
+use crate::catalog::{Catalog, Durability};
 use crate::error::ApiError;
 use crate::model::{Resources, SandboxRecord};
 use crate::quotas::{self, Limits, Usage};
@@ -21,6 +21,20 @@ pub enum Actor<'a> {
     Team(&'a str),
     /// The operator, on any pool (the built-in templates' are theirs alone).
     Operator,
+}
+
+/// A place held in a team's snapshot or volume quota while the item is made; gone when
+/// dropped (the item is stored and counted by then, or it failed).
+pub(super) struct StoreHold<'a> {
+    catalog: &'a Catalog,
+    kind: &'static str,
+    id: String,
+}
+
+impl Drop for StoreHold<'_> {
+    fn drop(&mut self) {
+        let _ = self.catalog.forget_item(self.kind, &self.id);
+    }
 }
 
 impl Manager {
@@ -70,10 +84,17 @@ impl Manager {
         Ok((vcpus, mib))
     }
 
-    /// Refuses one more sandbox of this shape for `team` (the create rate is charged
-    /// only if `charge_rate`).
-    fn check_admission(&self, team: &str, r: Resources, charge_rate: bool) -> Result<(), ApiError> {
+    /// Takes one create from `team`'s rate, before any lock or count: a flood of
+    /// creates is turned away at the cost of a map lookup. Returns the limits in force.
+    fn charge_rate(&self, team: &str) -> Result<Limits, ApiError> {
         let limits = self.limits(team)?;
+        self.create_rate
+            .take(team, 1, limits.creates_per_minute, limits.create_burst)?;
+        Ok(limits)
+    }
+
+    /// Refuses one more sandbox of this shape for `team` past any of its quotas.
+    fn check_quotas(&self, team: &str, r: Resources, limits: &Limits) -> Result<(), ApiError> {
         let used = self.usage(team)?;
         quotas::check("sandboxes", used.sandboxes, 1, limits.sandboxes)?;
         quotas::check("vcpus", used.vcpus, r.vcpus as u64, limits.vcpus)?;
@@ -83,12 +104,7 @@ impl Manager {
             r.mem_mib as u64,
             limits.memory_mib,
         )?;
-        quotas::check("diskMiB", used.disk_mib, r.disk_mib, limits.disk_mib)?;
-        if charge_rate {
-            self.create_rate
-                .take(team, 1, limits.creates_per_minute, limits.create_burst)?;
-        }
-        Ok(())
+        quotas::check("diskMiB", used.disk_mib, r.disk_mib, limits.disk_mib)
     }
 
     /// Records `record` if its team may have it.
@@ -96,59 +112,94 @@ impl Manager {
         self.admit_with_events(record, &[], Durability::Synced)
     }
 
-    /// Records `record` and its first events at once, if its team may have it.
+    /// Records `record` and its first events at once, if its team may have it: the
+    /// rate first, then the quotas and the record under one lock (a refusal gives the
+    /// rate back).
     pub(super) fn admit_with_events(
         &self,
         record: &SandboxRecord,
         events: &[(&str, serde_json::Value)],
         durability: Durability,
     ) -> Result<(), ApiError> {
-        let _one_at_a_time = self.admission.lock().unwrap();
-        self.check_admission(&record.team_id, record.resources, true)?;
-        self.catalog
-            .put_sandbox_with_events(record, events, durability)?;
-        Ok(())
+        let team = &record.team_id;
+        let limits = self.charge_rate(team)?;
+        let admitted = {
+            let _one_at_a_time = self.admission.lock().unwrap();
+            self.check_quotas(team, record.resources, &limits)
+                .and_then(|()| {
+                    Ok(self
+                        .catalog
+                        .put_sandbox_with_events(record, events, durability)?)
+                })
+        };
+        if admitted.is_err() {
+            self.create_rate.refund(team, 1, limits.create_burst);
+        }
+        admitted
     }
 
-    /// For a create that asks for a warm VM: checks the team's quotas and rate first,
-    /// then takes a ready VM of the record's template and shape, and records the
-    /// sandbox as running on it (`ready` prepares the record for the VM's directory),
-    /// all in one critical section. `None` if the pool has none ready (nothing spent).
+    /// For a create that asks for a warm VM: charges the team's rate and checks its
+    /// quotas first, then takes a ready VM of the record's template and shape and
+    /// records the sandbox as running on it (`ready` prepares the record for the VM),
+    /// all in one critical section. `None` if the pool has none ready: nothing spent
+    /// (the rate is given back; the fallback create charges it again).
     pub(super) fn admit_checkout(
         &self,
         record: &mut SandboxRecord,
         ready: impl FnOnce(&mut SandboxRecord, &QemuVm) -> Vec<(&'static str, serde_json::Value)>,
     ) -> Result<Option<QemuVm>, ApiError> {
-        let _one_at_a_time = self.admission.lock().unwrap();
-        self.check_admission(&record.team_id, record.resources, false)?;
-        let Some(vm) = self.check_out(&record.template_id, record.resources) else {
-            return Ok(None);
-        };
-        let admitted = self
-            .limits(&record.team_id)
-            .and_then(|l| {
-                self.create_rate
-                    .take(&record.team_id, 1, l.creates_per_minute, l.create_burst)
-            })
-            .and_then(|()| {
-                let events = ready(record, &vm);
-                // Not synced: the record of a running VM needs to survive what the VM
-                // survives (a crash of this daemon), and a sync is most of a checkout's
-                // cost.
-                Ok(self.catalog.put_sandbox_with_events(
-                    record,
-                    &events,
-                    Durability::UntilPowerLoss,
-                )?)
-            });
-        match admitted {
-            Ok(()) => Ok(Some(vm)),
-            Err(e) => {
-                // Refused at the last step (the rate): the VM goes back, unseen.
-                self.return_to_pool(&record.template_id, record.resources, vm);
-                Err(e)
+        let team = record.team_id.clone();
+        let limits = self.charge_rate(&team)?;
+        let result = (|| {
+            let _one_at_a_time = self.admission.lock().unwrap();
+            self.check_quotas(&team, record.resources, &limits)?;
+            let Some(vm) = self.check_out(&record.template_id, record.resources) else {
+                return Ok(None);
+            };
+            let events = ready(record, &vm);
+            // Not synced: the record of a running VM needs to survive what the VM
+            // survives (a crash of this daemon), and a sync is most of a checkout's cost.
+            match self
+                .catalog
+                .put_sandbox_with_events(record, &events, Durability::UntilPowerLoss)
+            {
+                Ok(()) => Ok(Some(vm)),
+                Err(e) => {
+                    // Not recorded: the VM goes back, unseen.
+                    self.return_to_pool(&record.template_id, record.resources, vm);
+                    Err(e.into())
+                }
             }
+        })();
+        if !matches!(result, Ok(Some(_))) {
+            self.create_rate.refund(&team, 1, limits.create_burst);
         }
+        result
+    }
+
+    /// Holds a place for one more stored item of `kind` (`snapshot`, `volume`) of about
+    /// `mib` MiB in `team`'s quota while it is made, or refuses it: the check and the
+    /// hold are one step under the admission lock, so concurrent requests cannot all
+    /// pass. The item's own ledger row replaces the hold once it is stored.
+    pub(super) fn hold_store_quota(
+        &self,
+        team: &str,
+        kind: &'static str,
+        mib: u64,
+    ) -> Result<StoreHold<'_>, ApiError> {
+        let _one_at_a_time = self.admission.lock().unwrap();
+        self.check_store_quota(team, kind, mib)?;
+        let id = format!(
+            "{}{}",
+            Catalog::PENDING_PREFIX,
+            uuid::Uuid::new_v4().simple()
+        );
+        self.catalog.record_item(kind, &id, team, mib)?;
+        Ok(StoreHold {
+            catalog: &self.catalog,
+            kind,
+            id,
+        })
     }
 
     /// Refuses one more stored item of `kind` (`snapshot`, `volume`) of `mib` MiB.

@@ -449,6 +449,16 @@ impl Manager {
         valid: api_model::ValidCreate,
     ) -> Result<SandboxView, ApiError> {
         let wait = valid.wait_ready;
+        // The new sandbox's slot is held from before its record exists until its VM is
+        // in it: a delete or connect that finds the record waits for a whole sandbox.
+        // Nobody else knows the ID yet, so this never waits.
+        let slot = self.slot(&record.id);
+        let mut guard = slot.clone().lock_owned().await;
+        let id = record.id.clone();
+        let refused = |e: ApiError| {
+            self.slots.lock().unwrap().remove(&id);
+            e
+        };
         if let Some(mode) = valid.warm_pool {
             // Quotas first, then the checkout and the record in one critical section.
             match self.admit_checkout(&mut record, |record, vm| {
@@ -467,10 +477,11 @@ impl Manager {
                         serde_json::json!({ "state": "running", "from": "starting", "reason": "checked out from the warm pool" }),
                     ),
                 ]
-            })? {
-                Some(vm) => return self.adopt_warm(record, vm).await,
+            }).map_err(refused)? {
+                Some(vm) => return self.adopt_warm(record, vm, guard).await,
                 None if mode == api_model::WarmPoolMode::Require => {
                     let r = record.resources;
+                    self.slots.lock().unwrap().remove(&id);
                     return Err(ApiError::warm_pool_unavailable(format!(
                         "no ready instance of {} ({} vCPUs, {} MiB, {} MiB disk) in its warm pool; retry, send warmPool: prefer to fall back to a restore, or raise the pool's size",
                         record.template_id, r.vcpus, r.mem_mib, r.disk_mib
@@ -480,16 +491,13 @@ impl Manager {
                 None => {}
             }
         }
-        self.admit(&record)?;
+        self.admit(&record).map_err(refused)?;
         self.catalog.append_event(
             &record.id,
             "sandbox.created",
             &serde_json::json!({ "templateID": record.template_id, "state": "starting" }),
         )?;
         let starting = self.view(&record, false);
-        let slot = self.slot(&record.id);
-        // Held until the VM is in the slot, so nothing else acts on a half-made sandbox.
-        let mut guard = slot.clone().lock_owned().await;
         let span = tracing::info_span!("sandbox", id = %record.id);
         let this = self.clone();
         let work = async move {
@@ -560,9 +568,8 @@ impl Manager {
         &self,
         mut record: SandboxRecord,
         mut vm: QemuVm,
+        mut guard: tokio::sync::OwnedMutexGuard<Option<QemuVm>>,
     ) -> Result<SandboxView, ApiError> {
-        let slot = self.slot(&record.id);
-        let mut guard = slot.lock().await;
         if let Err(e) = self.mount_volumes(&record, &mut vm).await {
             vm.kill().await;
             record.diagnostic = Some(Diagnostic {
@@ -658,7 +665,10 @@ impl Manager {
                 .flat_map(|s| InternalState::stored_names_of(s).iter().copied())
                 .collect(),
         };
-        for (seq, r) in self.catalog.sandboxes_of(team, after, &stored)? {
+        // Without a metadata filter every row read is kept: one more than a page says
+        // whether there is a next one, and nothing past it is parsed.
+        let rows = q.metadata.is_empty().then_some(q.limit + 1);
+        for (seq, r) in self.catalog.sandboxes_of(team, after, &stored, rows)? {
             let meta_ok = q.metadata.iter().all(|(k, v)| r.metadata.get(k) == Some(v));
             if !meta_ok {
                 continue;

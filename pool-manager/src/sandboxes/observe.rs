@@ -284,7 +284,7 @@ impl Manager {
         let mut suggestions = Vec::new();
         let checks = usage.checks(&limits);
         for (name, used, limit) in checks {
-            if used * 10 >= limit * 8 {
+            if used.saturating_mul(10) >= limit.saturating_mul(8) {
                 suggestions.push(format!(
                     "{name}: {used} of {limit} used: free some (delete idle sandboxes, old snapshots, volumes or templates), or ask the operator to raise it (`admin team quota TEAM --set {name}=N`)"
                 ));

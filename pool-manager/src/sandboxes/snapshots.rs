@@ -315,9 +315,15 @@ impl Manager {
     }
 
     /// Refuses a snapshot the team has no quota left for (counted before anything is
-    /// taken); recorded as a failed snapshot like any other refusal.
-    fn check_snapshot_quota(&self, r: &SandboxRecord, kind: Kind) -> Result<(), ApiError> {
-        self.check_store_quota(&r.team_id, "snapshot", 1)
+    /// taken); recorded as a failed snapshot like any other refusal. Otherwise holds
+    /// the snapshot's place (its memory's size as the estimate) until it is published
+    /// or fails.
+    fn hold_snapshot_quota(
+        &self,
+        r: &SandboxRecord,
+        kind: Kind,
+    ) -> Result<super::admission::StoreHold<'_>, ApiError> {
+        self.hold_store_quota(&r.team_id, "snapshot", r.resources.mem_mib as u64)
             .inspect_err(|e| {
                 let _ = self.snapshot_failed(r, kind, e);
             })
@@ -354,7 +360,7 @@ impl Manager {
     /// Takes a manual snapshot of a running sandbox; it keeps running.
     pub async fn create_snapshot(&self, team: &str, id: &str) -> Result<SnapshotView, ApiError> {
         let (mut guard, r) = self.lock_running(team, id, "snapshotted").await?;
-        self.check_snapshot_quota(&r, Kind::Manual)?;
+        let _held = self.hold_snapshot_quota(&r, Kind::Manual)?;
         let vm = guard.as_mut().expect("checked");
         let taken = self.take(vm, &r, Kind::Manual, true).await?;
         drop(guard);
@@ -996,6 +1002,11 @@ impl Manager {
             };
             child.step("requested", Some(format!("fork of {id}")));
             if let Err(e) = self.admit(&child) {
+                // All or nothing: the children already admitted give their creates back.
+                if let Ok(l) = self.limits(team) {
+                    self.create_rate
+                        .refund(team, children.len() as u64, l.create_burst);
+                }
                 for mut c in children {
                     self.transition(&mut c, InternalState::Deleted, "fork refused")?;
                 }
@@ -1137,10 +1148,11 @@ impl Manager {
         // Stamped first: a failing snapshot is retried at the next interval, not at once.
         r.last_periodic_ms = now_ms();
         self.catalog.put_sandbox(&r)?;
-        self.check_snapshot_quota(&r, Kind::Periodic)?;
+        let held = self.hold_snapshot_quota(&r, Kind::Periodic)?;
         let taken = self.take(vm, &r, Kind::Periodic, true).await?;
         drop(guard);
         self.publish(taken, &r, Kind::Periodic).await?;
+        drop(held);
         let periodic: Vec<StoredSnapshot> = stored::list(self.store(), id)
             .await
             .map_err(|e| store_error("listing snapshots", e))?

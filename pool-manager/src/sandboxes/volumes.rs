@@ -78,7 +78,7 @@ impl Manager {
         req: VolumeCreateRequest,
     ) -> Result<VolumeView, ApiError> {
         let (name, size_mib) = req.validate()?;
-        self.check_store_quota(team, "volume", size_mib)?;
+        let _held = self.hold_store_quota(team, "volume", size_mib)?;
         let volume = StoredVolume {
             format: stored::FORMAT,
             id: uuid::Uuid::new_v4().hyphenated().to_string(),
