@@ -77,8 +77,9 @@ enum Command {
         /// The pool manager's state directory.
         #[arg(long, default_value = "/var/lib/nullspace")]
         state_dir: String,
-        /// `team create NAME [--max-sandboxes N]`, `team quota NAME --max-sandboxes N`,
-        /// `key create --team NAME`.
+        /// `team create NAME [--set LIMIT=N ...]`, `team quota NAME [--set LIMIT=N ...]`,
+        /// `team list`, `key create (--team NAME | --operator)`, `key list [--team NAME]`,
+        /// `key rotate KEY_ID [--grace-s N]`, `key revoke KEY_ID`.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
