@@ -5,12 +5,17 @@
 //! stored; the rest go to `chunks/<sha256>` once — a chunk already in the store (another
 //! snapshot of the same family, or an interrupted upload of this one) is not sent again.
 //! The [`FileManifest`] lists offsets and hashes; reading back verifies every chunk.
+//!
+//! A chunk that is reused (or uploaded) is first claimed from the garbage collector
+//! ([`crate::gc`]): the manifest that references it must be committed within half the
+//! bucket's grace of the claims, or its chunks are checked again ([`Batch::ready`]).
 
+use crate::gc::{Claims, RECHECKS};
 use crate::store::{ObjectStore, StoreError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Chunks read, hashed and sent at once.
 const UPLOAD_CONCURRENCY: usize = 8;
@@ -108,10 +113,11 @@ fn data_chunk_offsets(file: &std::fs::File, size: u64) -> std::io::Result<Vec<u6
     Ok(offsets)
 }
 
-/// Reads the chunk at `offset`; unless it is all zeros, stores it if the store lacks
-/// it. Returns its reference and whether it was sent.
+/// Reads the chunk at `offset`; unless it is all zeros, claims it and stores it if the
+/// store lacks it. Returns its reference and whether it was sent.
 async fn upload_chunk(
     store: &impl ObjectStore,
+    claims: &Claims,
     file: std::sync::Arc<std::fs::File>,
     size: u64,
     offset: u64,
@@ -131,6 +137,8 @@ async fn upload_chunk(
         return Ok(None);
     };
     let key = chunk_key(&sha);
+    // Claimed before the check: a collector that has not deleted it by then won't.
+    claims.claim(store, &sha).await?;
     let sent = !store.exists(&key).await?;
     if sent {
         store.put(&key, buf.into()).await?;
@@ -146,10 +154,119 @@ async fn upload_chunk(
 }
 
 /// Stores `path` as chunks; returns its manifest (not stored: it goes into the caller's
-/// snapshot manifest, which is written last).
+/// snapshot manifest, which is written last, within half the bucket's garbage-collection
+/// grace of this call; the crate's own publishes use a [`Batch`], which re-checks).
 pub async fn upload_file(
     store: &impl ObjectStore,
     path: &Path,
+) -> Result<(FileManifest, UploadStats), StoreError> {
+    let claims = Claims::begin(store).await?;
+    upload_claimed(store, path, &claims).await
+}
+
+/// Files uploaded for one manifest (a snapshot's, a volume version's) and the claims
+/// that keep their chunks from a collector until the manifest is committed.
+pub(crate) struct Batch {
+    claims: Claims,
+    files: Vec<(PathBuf, FileManifest)>,
+}
+
+impl Batch {
+    /// Lists the collector's marks: the claims' view.
+    pub(crate) async fn begin(store: &impl ObjectStore) -> Result<Self, StoreError> {
+        Ok(Self {
+            claims: Claims::begin(store).await?,
+            files: Vec::new(),
+        })
+    }
+
+    /// Stores `path` as chunks (see [`upload_file`]).
+    pub(crate) async fn upload(
+        &mut self,
+        store: &impl ObjectStore,
+        path: &Path,
+    ) -> Result<(FileManifest, UploadStats), StoreError> {
+        let (manifest, stats) = upload_claimed(store, path, &self.claims).await?;
+        self.files.push((path.to_path_buf(), manifest.clone()));
+        Ok((manifest, stats))
+    }
+
+    /// Call right before committing the manifest: if the uploads outlived their view of
+    /// the marks (half the grace), every chunk is claimed and checked again under a new
+    /// one, and uploaded again if a collector deleted it meanwhile.
+    pub(crate) async fn ready(&mut self, store: &impl ObjectStore) -> Result<(), StoreError> {
+        for _ in 0..RECHECKS {
+            if self.claims.fresh() {
+                return Ok(());
+            }
+            self.claims = Claims::begin(store).await?;
+            for (path, manifest) in &self.files {
+                recheck_file(store, &self.claims, path, manifest).await?;
+            }
+        }
+        if self.claims.fresh() {
+            Ok(())
+        } else {
+            Err(self.claims.too_slow())
+        }
+    }
+}
+
+/// Claims and checks every chunk of an uploaded file again; one that is missing is read
+/// from `path` again (unchanged: it is verified) and stored.
+async fn recheck_file(
+    store: &impl ObjectStore,
+    claims: &Claims,
+    path: &Path,
+    manifest: &FileManifest,
+) -> Result<(), StoreError> {
+    let file = std::sync::Arc::new(std::fs::File::open(path).map_err(io("open", path))?);
+    for batch in manifest.chunks.chunks(UPLOAD_CONCURRENCY) {
+        let checks: Vec<_> = batch
+            .iter()
+            .map(|chunk| recheck_chunk(store, claims, file.clone(), chunk, path))
+            .collect();
+        futures::future::try_join_all(checks).await?;
+    }
+    Ok(())
+}
+
+async fn recheck_chunk(
+    store: &impl ObjectStore,
+    claims: &Claims,
+    file: std::sync::Arc<std::fs::File>,
+    chunk: &ChunkRef,
+    path: &Path,
+) -> Result<(), StoreError> {
+    claims.claim(store, &chunk.sha256).await?;
+    let key = chunk.key();
+    if store.exists(&key).await? {
+        return Ok(());
+    }
+    let (offset, len) = (chunk.offset, chunk.len);
+    let (buf, found) = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset)?;
+        let sha = hex(&Sha256::digest(&buf));
+        Ok::<_, std::io::Error>((buf, sha))
+    })
+    .await
+    .expect("read task")
+    .map_err(io("read", path))?;
+    if found != chunk.sha256 {
+        return Err(StoreError::Corrupt {
+            key: format!("{} (changed during its upload)", path.display()),
+            expected: chunk.sha256.clone(),
+            found,
+        });
+    }
+    store.put(&key, buf.into()).await
+}
+
+async fn upload_claimed(
+    store: &impl ObjectStore,
+    path: &Path,
+    claims: &Claims,
 ) -> Result<(FileManifest, UploadStats), StoreError> {
     let file = std::sync::Arc::new(std::fs::File::open(path).map_err(io("open", path))?);
     let size = file.metadata().map_err(io("stat", path))?.len();
@@ -169,7 +286,7 @@ pub async fn upload_file(
     for batch in offsets.chunks(UPLOAD_CONCURRENCY) {
         let puts: Vec<_> = batch
             .iter()
-            .map(|&offset| upload_chunk(store, file.clone(), size, offset, path))
+            .map(|&offset| upload_chunk(store, claims, file.clone(), size, offset, path))
             .collect();
         // Every put of the batch runs to its end, failed or not: what landed stays, so a
         // retry of an interrupted upload sends only the rest.
@@ -251,7 +368,17 @@ pub async fn restore_file(
     }
     .await;
     match result {
-        Ok(()) => std::fs::rename(&tmp, dest).map_err(io("commit", dest)),
+        Ok(()) => {
+            std::fs::rename(&tmp, dest).map_err(io("commit", dest))?;
+            // The name too survives a crash.
+            let dir = dest
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io("sync", dir))
+        }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             Err(e)

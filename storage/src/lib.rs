@@ -12,8 +12,12 @@
 //!   references collected.
 //! - [`volumes`]: durable volumes: records, saved contents (chunks too), the write lock
 //!   and holders.
+//! - [`gc`]: garbage collection shared by every worker of a bucket: one collector at a
+//!   time (a lease), chunks deleted only after a grace period unreferenced, and claims
+//!   that keep a publish's chunks until its manifest lands.
 
 pub mod chunks;
+pub mod gc;
 mod local;
 mod s3;
 pub mod snapshots;

@@ -1,4 +1,7 @@
-//! The local-directory backend: one file per object, written aside and renamed in.
+//! The local-directory backend: one file per object, written aside (fsynced) and renamed
+//! (or, for a conditional put, linked) in, then its directory fsynced: an object whose
+//! put returned survives a crash, name and all, so a snapshot's chunks are durable
+//! before its manifest is written.
 
 use crate::store::{check_key, ObjectStore, StoreError};
 use std::path::{Path, PathBuf};
@@ -35,60 +38,93 @@ impl LocalStore {
         Ok(self.root.join(key))
     }
 
-    /// Writes `data` to a temp file beside the root, fsyncs it, and returns its path.
-    async fn stage(&self, key: &str, data: &[u8]) -> Result<PathBuf, StoreError> {
-        let tmp = self
-            .root
+    /// A fresh temp file name beside the root.
+    fn temp(&self) -> PathBuf {
+        self.root
             .join(".tmp")
-            .join(uuid::Uuid::new_v4().simple().to_string());
-        let data = data.to_vec();
-        let t = tmp.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&t)?;
-            f.write_all(&data)?;
-            f.sync_all()
+            .join(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    /// Writes `data` aside (fsynced), then `commit`s it to `path`: the object and its
+    /// name are durable when this returns (the directory is fsynced after the commit,
+    /// and any directory it made, in its parent).
+    async fn write(
+        &self,
+        key: &str,
+        data: bytes::Bytes,
+        commit: fn(&Path, &Path) -> std::io::Result<()>,
+    ) -> Result<(), StoreError> {
+        let path = self.path(key)?;
+        let tmp = self.temp();
+        let root = self.root.clone();
+        let result =
+            tokio::task::spawn_blocking(move || -> Result<(), (&'static str, std::io::Error)> {
+                if let Err(e) = write_synced(&tmp, &data) {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(("write", e));
+                }
+                let parent = path.parent().expect("a key's path has a parent");
+                let committed = create_dirs(&root, parent)
+                    .map_err(|e| ("create", e))
+                    .and_then(|()| commit(&tmp, &path).map_err(|e| ("commit", e)));
+                // Gone after a rename; a link leaves it (and a failure either way).
+                let _ = std::fs::remove_file(&tmp);
+                committed?;
+                sync_dir(parent).map_err(|e| ("sync", e))
+            })
+            .await
+            .expect("write task");
+        result.map_err(|(op, e)| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists && op == "commit" {
+                StoreError::AlreadyExists(key.to_string())
+            } else {
+                io(op, key)(e)
+            }
         })
-        .await
-        .expect("stage task")
-        .map_err(io("write", key))?;
-        Ok(tmp)
     }
 }
 
-async fn ensure_parent(path: &Path, key: &str) -> Result<(), StoreError> {
-    if let Some(parent) = path.parent() {
-        tokio::fs::create_dir_all(parent)
-            .await
-            .map_err(io("create", key))?;
+/// Writes a new file and fsyncs it.
+fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+/// Fsyncs a directory: the names created or removed in it survive a crash.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and its missing parents up to `root`, each new one made durable in its
+/// parent.
+fn create_dirs(root: &Path, dir: &Path) -> std::io::Result<()> {
+    if dir == root || dir.is_dir() {
+        return Ok(());
     }
-    Ok(())
+    let parent = dir.parent().unwrap_or(root);
+    create_dirs(root, parent)?;
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        // Made by another writer just now, who may not have synced its parent yet.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    sync_dir(parent)
 }
 
 impl ObjectStore for LocalStore {
     async fn put(&self, key: &str, data: bytes::Bytes) -> Result<(), StoreError> {
-        let path = self.path(key)?;
-        ensure_parent(&path, key).await?;
-        let tmp = self.stage(key, &data).await?;
-        tokio::fs::rename(&tmp, &path)
+        self.write(key, data, |tmp, path| std::fs::rename(tmp, path))
             .await
-            .map_err(io("commit", key))
     }
 
     async fn put_if_absent(&self, key: &str, data: bytes::Bytes) -> Result<(), StoreError> {
-        let path = self.path(key)?;
-        ensure_parent(&path, key).await?;
-        let tmp = self.stage(key, &data).await?;
-        // link(2) fails if the name exists: the commit is atomic and exclusive.
-        let result = tokio::fs::hard_link(&tmp, &path).await;
-        let _ = tokio::fs::remove_file(&tmp).await;
-        match result {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                Err(StoreError::AlreadyExists(key.to_string()))
-            }
-            Err(e) => Err(io("commit", key)(e)),
-        }
+        // link(2) fails if the name exists: the commit is atomic and exclusive (the temp
+        // name is removed after).
+        self.write(key, data, |tmp, path| std::fs::hard_link(tmp, path))
+            .await
     }
 
     async fn get(&self, key: &str) -> Result<bytes::Bytes, StoreError> {
@@ -153,11 +189,17 @@ impl ObjectStore for LocalStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        match tokio::fs::remove_file(self.path(key)?).await {
-            Ok(()) => Ok(()),
+        let path = self.path(key)?;
+        tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
+            // Durable too: a delete undone by a crash could bring back a garbage
+            // collector's mark of long ago.
+            Ok(()) => sync_dir(path.parent().expect("a key's path has a parent")),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io("delete", key)(e)),
-        }
+            Err(e) => Err(e),
+        })
+        .await
+        .expect("delete task")
+        .map_err(io("delete", key))
     }
 }
 

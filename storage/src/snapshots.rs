@@ -6,15 +6,16 @@
 //! - `snapshots/<sandbox ID>/<snapshot ID>.json` — one [`StoredSnapshot`] per snapshot,
 //!   written last with a conditional put: a snapshot whose upload failed part way has no
 //!   manifest and does not exist (its chunks are garbage until a retry reuses them or
-//!   [`collect_garbage`] removes them).
+//!   [`collect_garbage`] removes them, a grace period after it first finds them
+//!   unreferenced: see [`crate::gc`]).
 //!
 //! Snapshot IDs carry their sandbox's ID (`snap-<sandbox hex>-<random>`), so a snapshot
 //! is found from its ID alone on any worker that shares the bucket.
 
-use crate::chunks::{restore_file, upload_file, FileManifest, UploadStats};
+use crate::chunks::{restore_file, Batch, FileManifest, UploadStats};
 use crate::store::{ObjectStore, StoreError};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Version of the stored manifest layout.
@@ -137,7 +138,9 @@ pub struct NewSnapshot {
 }
 
 /// Uploads the files `names` of the snapshot directory `dir` (missing ones skipped),
-/// then commits the manifest. Nothing is visible until the manifest lands.
+/// then commits the manifest. Nothing is visible until the manifest lands. Every chunk
+/// is durable in the store before the manifest is written (each put returns only then),
+/// and claimed from the garbage collector until it is.
 pub async fn publish(
     store: &impl ObjectStore,
     dir: &Path,
@@ -146,12 +149,13 @@ pub async fn publish(
 ) -> Result<(StoredSnapshot, PublishStats), StoreError> {
     let mut files = BTreeMap::new();
     let mut stats = PublishStats::default();
+    let mut batch = Batch::begin(store).await?;
     for name in names {
         let path = dir.join(name);
         if !path.exists() {
             continue;
         }
-        let (manifest, s) = upload_file(store, &path).await?;
+        let (manifest, s) = batch.upload(store, &path).await?;
         stats.files += 1;
         stats.chunks.chunks += s.chunks;
         stats.chunks.uploaded += s.uploaded;
@@ -176,6 +180,7 @@ pub async fn publish(
         sandbox: new.sandbox,
     };
     let body = serde_json::to_vec_pretty(&stored).expect("json");
+    batch.ready(store).await?;
     store
         .put_if_absent(&manifest_key(&stored.sandbox_id, &stored.id), body.into())
         .await?;
@@ -194,7 +199,7 @@ pub async fn get(
     parse(&key, &bytes)
 }
 
-fn parse(key: &str, bytes: &[u8]) -> Result<StoredSnapshot, StoreError> {
+pub(crate) fn parse(key: &str, bytes: &[u8]) -> Result<StoredSnapshot, StoreError> {
     let s: StoredSnapshot = serde_json::from_slice(bytes).map_err(|e| StoreError::Backend {
         op: "parse manifest",
         key: key.to_string(),
@@ -286,48 +291,18 @@ pub async fn delete(store: &impl ObjectStore, snapshot: &StoredSnapshot) -> Resu
         .await
 }
 
-/// What a garbage collection did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct GcStats {
-    pub manifests: usize,
-    pub chunks_kept: usize,
-    pub chunks_deleted: usize,
-}
+pub use crate::gc::GcStats;
 
-/// Deletes every chunk no manifest references.
-///
-/// A chunk uploaded for a snapshot whose manifest is not yet written looks unreferenced:
-/// the caller must not run this while an upload to the same store is in flight (the pool
-/// manager holds its snapshot lock; workers sharing a bucket should run it from one place).
+/// Collects the chunks no snapshot manifest or volume version references, safely
+/// against other workers sharing the bucket: one collector at a time (the bucket's
+/// lease: a round finding another collector at work does nothing and says so in
+/// [`GcStats::busy`]), and a chunk goes only once it has stayed unreferenced for the
+/// bucket's grace period (10 minutes unless [`crate::gc::set_grace`] says otherwise) and
+/// no publish in flight claimed it. Unreferenced chunks are marked by one round and
+/// deleted by a later one at least a grace later: run it again after the grace for
+/// garbage to go. See [`crate::gc`] for the protocol.
 pub async fn collect_garbage(store: &impl ObjectStore) -> Result<GcStats, StoreError> {
-    let mut referenced = HashSet::new();
-    let mut stats = GcStats::default();
-    for key in store.list("snapshots/").await? {
-        if !key.ends_with(".json") {
-            continue;
-        }
-        let bytes = match store.get(&key).await {
-            Ok(b) => b,
-            Err(StoreError::NotFound(_)) => continue,
-            Err(e) => return Err(e),
-        };
-        // An unreadable manifest keeps everything: never delete what might be needed.
-        let snapshot = parse(&key, &bytes)?;
-        stats.manifests += 1;
-        for f in snapshot.files.values() {
-            referenced.extend(f.chunks.iter().map(|c| c.key()));
-        }
-    }
-    referenced.extend(crate::volumes::referenced_chunks(store).await?);
-    for key in store.list("chunks/").await? {
-        if referenced.contains(&key) {
-            stats.chunks_kept += 1;
-        } else {
-            store.delete(&key).await?;
-            stats.chunks_deleted += 1;
-        }
-    }
-    Ok(stats)
+    crate::gc::collect(store, &crate::gc::GcOptions::default()).await
 }
 
 #[cfg(test)]
@@ -438,13 +413,22 @@ mod tests {
         assert!(is_file_name("volume-7.img") && is_file_name("volume-255.img"));
         assert!(!is_file_name("volume-256.img") && !is_file_name("manifest.json"));
 
-        // Deleting one keeps the shared chunks; deleting both frees them.
+        // Deleting one keeps the shared chunks; deleting both frees them, a grace after
+        // a collection first finds them unreferenced.
+        crate::gc::set_grace(&store, std::time::Duration::from_millis(100))
+            .await
+            .unwrap();
         delete(&store, &first).await.unwrap();
-        assert_eq!(collect_garbage(&store).await.unwrap().chunks_deleted, 0);
+        let gc = collect_garbage(&store).await.unwrap();
+        assert_eq!((gc.chunks_marked, gc.chunks_deleted), (0, 0), "{gc:?}");
         delete(&store, &listed[0]).await.unwrap();
         let gc = collect_garbage(&store).await.unwrap();
         assert_eq!((gc.manifests, gc.chunks_kept), (0, 0));
-        assert!(gc.chunks_deleted >= 2);
+        assert!(gc.chunks_marked >= 2 && gc.chunks_deleted == 0, "{gc:?}");
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        let gc = collect_garbage(&store).await.unwrap();
+        assert!(gc.chunks_deleted >= 2, "{gc:?}");
+        assert!(store.list("chunks/").await.unwrap().is_empty());
         assert!(matches!(
             get(&store, &a).await,
             Err(StoreError::NotFound(_))

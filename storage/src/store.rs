@@ -95,11 +95,12 @@ pub(crate) fn check_key(key: &str) -> Result<(), StoreError> {
     }
 }
 
-/// The configured backend, plus an optional injected fault (tests).
+/// The configured backend, plus an optional injected fault or latency (tests).
 #[derive(Debug, Clone)]
 pub struct Store {
     backend: Backend,
     fault: Option<std::sync::Arc<FaultPlan>>,
+    latency: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +121,7 @@ impl Store {
         Self {
             backend: Backend::Local(store),
             fault: None,
+            latency: None,
         }
     }
 
@@ -128,6 +130,7 @@ impl Store {
         Self {
             backend: Backend::S3(store),
             fault: None,
+            latency: None,
         }
     }
 
@@ -138,6 +141,19 @@ impl Store {
             remaining: std::sync::atomic::AtomicI64::new(after as i64),
         }));
         self
+    }
+
+    /// Test hook: every operation waits `latency` first, as one on a remote store would
+    /// (races between workers sharing a local directory then play out as over S3).
+    pub fn with_latency(mut self, latency: std::time::Duration) -> Self {
+        self.latency = Some(latency);
+        self
+    }
+
+    async fn delay(&self) {
+        if let Some(d) = self.latency {
+            tokio::time::sleep(d).await;
+        }
     }
 
     /// Which backend, for logs.
@@ -167,12 +183,13 @@ impl Store {
 }
 
 macro_rules! dispatch {
-    ($self:ident, $s:ident => $e:expr) => {
+    ($self:ident, $s:ident => $e:expr) => {{
+        $self.delay().await;
         match &$self.backend {
             Backend::Local($s) => $e,
             Backend::S3($s) => $e,
         }
-    };
+    }};
 }
 
 impl ObjectStore for Store {

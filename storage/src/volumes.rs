@@ -11,7 +11,7 @@
 //! - `volumes/<id>/holders/<sandbox>.json` — every holder, read-write or read-only.
 //! - `volume-names/<team>/<name>` — a name's claim (conditional put), holding the ID.
 
-use crate::chunks::{restore_file, upload_file, FileManifest};
+use crate::chunks::{restore_file, Batch, FileManifest};
 use crate::store::{ObjectStore, StoreError};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -198,7 +198,8 @@ pub async fn save(
     image: &Path,
     now_unix_ms: u64,
 ) -> Result<VolumeVersion, VolumeError> {
-    let (manifest, _) = upload_file(store, image).await?;
+    let mut batch = Batch::begin(store).await?;
+    let (manifest, _) = batch.upload(store, image).await?;
     let prefix = versions_prefix(id);
     let keys = store.list(&prefix).await?;
     let next = keys
@@ -217,6 +218,8 @@ pub async fn save(
         sandbox_id: sandbox_id.to_string(),
         image: manifest,
     };
+    // Its chunks claimed from the garbage collector until this lands.
+    batch.ready(store).await?;
     store
         .put_if_absent(&format!("{prefix}{next:012}.json"), json(&version))
         .await?;

@@ -671,3 +671,267 @@ async fn deleted_sandboxes_are_pruned_after_their_retention() {
     assert_eq!(api.get(kept_id).await["state"], "running");
     assert_eq!(api.delete(kept_id).await, StatusCode::NO_CONTENT);
 }
+
+/// The smallest shape a sandbox runs in (the restart tests make several).
+fn tiny() -> Value {
+    json!({ "vcpus": 1, "memMiB": 256, "diskSizeMiB": 1024 })
+}
+
+/// Running QEMU processes of the VMs in `run_dir`, whoever started them (an adopted VM
+/// is no child of the daemon that holds it).
+fn qemus_in(run_dir: &std::path::Path) -> Vec<u32> {
+    let dir = run_dir.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            process_alive(*pid)
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| {
+                        let c = String::from_utf8_lossy(&c);
+                        c.contains("qemu-system") && c.contains(&dir)
+                    })
+                    .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Writes `data` to `path` in a sandbox through its data plane.
+async fn put_file(rt: &Runtime, path: &str, data: &[u8]) {
+    let resp = rt
+        .http
+        .put(format!("{}/files?path={path}", rt.base))
+        .bearer_auth(&rt.token)
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_daemon_killed_during_pauses_loses_no_file() {
+    let mut daemon = Daemon::start("pause-kill");
+    let key = daemon.team_key("acme");
+    let api = Api::new(&daemon, key.clone());
+    let pause = |id: &str| {
+        let api = api.clone();
+        let id = id.to_string();
+        async move {
+            let (status, v) = api
+                .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+                .await;
+            assert_eq!(
+                (status, v["state"].as_str()),
+                (StatusCode::OK, Some("paused")),
+                "{v}"
+            );
+        }
+    };
+    // Each sandbox paused and resumed once: the pause the kill interrupts is a second
+    // one, whose VM's disk is layered on the first one's snapshot (it must survive).
+    let mut sandboxes = Vec::new();
+    let mut pause_took = Duration::ZERO;
+    for i in 0..5u32 {
+        let sbx = api
+            .create(json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }))
+            .await;
+        let id = sbx["sandboxID"].as_str().unwrap().to_string();
+        let data: Vec<u8> = (0..1_000_000u32)
+            .map(|n| (n.wrapping_mul(13) + i * 7) as u8)
+            .collect();
+        put_file(&Runtime::of(&sbx), "/workspace/kept.bin", &data).await;
+        let t = Instant::now();
+        pause(&id).await;
+        pause_took = pause_took.max(t.elapsed());
+        let (status, v) = api
+            .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        sandboxes.push((id, data));
+    }
+    // How long before the SIGKILL each sandbox's pause is sent: from the `stop` through
+    // the state stream and the disk copy to the end of the VM.
+    let sent_before_kill_ms = [pause_took.as_millis() as u64, 400, 150, 50, 15];
+    let old_qemus = qemus_in(daemon.run_dir());
+    assert_eq!(old_qemus.len(), sandboxes.len());
+
+    // The pauses are in flight, nobody waits for them, and the daemon dies.
+    let kill_at = Duration::from_millis(sent_before_kill_ms.into_iter().max().unwrap());
+    let start = Instant::now();
+    let mut pauses = Vec::new();
+    for ((id, _), before) in sandboxes.iter().zip(sent_before_kill_ms) {
+        let send_at = kill_at - Duration::from_millis(before);
+        tokio::time::sleep(send_at.saturating_sub(start.elapsed())).await;
+        let request = api
+            .http
+            .post(format!("{}/v1/sandboxes/{id}/pause", api.base))
+            .header("X-API-Key", &api.key)
+            .send();
+        pauses.push(tokio::spawn(request));
+    }
+    tokio::time::sleep(kill_at.saturating_sub(start.elapsed())).await;
+    let state = daemon.stop_with(libc::SIGKILL);
+    std::mem::forget(daemon); // keep its state directory for the restart
+    for p in pauses {
+        let _ = p.await; // answered, or cut off by the kill
+    }
+
+    let daemon = Daemon::start_in(state);
+    let api = Api::new(&daemon, key);
+    let pause = |id: &str| {
+        let api = api.clone();
+        let id = id.to_string();
+        async move {
+            let (status, v) = api
+                .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+                .await;
+            assert_eq!(
+                (status, v["state"].as_str()),
+                (StatusCode::OK, Some("paused")),
+                "{v}"
+            );
+        }
+    };
+    for ((id, data), before) in sandboxes.iter().zip(sent_before_kill_ms) {
+        let after = api.get(id).await;
+        eprintln!(
+            "pause sent {before} ms before the kill: {} after the restart",
+            after["state"]
+        );
+        assert!(
+            after["state"] == "running" || after["state"] == "paused",
+            "pause sent {before} ms before the kill: {after}"
+        );
+        // Twice: connect after the restart, then after one more pause (which needs the
+        // snapshot the VM's disk is layered on).
+        for round in ["after the restart", "after one more pause"] {
+            let (status, connected) = api
+                .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{connected}");
+            assert_eq!(connected["state"], "running", "{connected}");
+            let back = Runtime::of(&connected)
+                .get("/files?path=/workspace/kept.bin")
+                .await
+                .bytes()
+                .await
+                .unwrap();
+            assert!(
+                back.as_ref() == data.as_slice(),
+                "pause sent {before} ms before the kill, {round}: the file came back as {} bytes, not the {} written",
+                back.len(),
+                data.len()
+            );
+            if round == "after the restart" {
+                pause(id).await;
+            }
+        }
+    }
+    // One QEMU per sandbox, each the new daemon's: the old daemon left none behind.
+    assert_eq!(
+        qemus_in(daemon.run_dir()).len(),
+        sandboxes.len(),
+        "QEMU processes besides the sandboxes' VMs"
+    );
+    for (id, _) in &sandboxes {
+        assert_eq!(api.delete(id).await, StatusCode::NO_CONTENT);
+    }
+    assert!(
+        qemus_in(daemon.run_dir()).is_empty(),
+        "QEMU processes leaked"
+    );
+    assert!(
+        old_qemus.iter().all(|p| !process_alive(*p)),
+        "a VM of the killed daemon outlived its sandbox"
+    );
+}
+
+#[tokio::test]
+async fn a_restart_finishes_a_pause_and_a_delete_the_records_missed() {
+    let mut daemon = Daemon::start("pause-recover");
+    let key = daemon.team_key("acme");
+    let api = Api::new(&daemon, key.clone());
+    let paused = api
+        .create(json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }))
+        .await;
+    let deleting = api
+        .create(json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }))
+        .await;
+    let (a, b) = (
+        paused["sandboxID"].as_str().unwrap().to_string(),
+        deleting["sandboxID"].as_str().unwrap().to_string(),
+    );
+    let data: Vec<u8> = (0..1_000_000u32).map(|n| (n % 241) as u8).collect();
+    put_file(&Runtime::of(&paused), "/workspace/kept.bin", &data).await;
+    for id in [&a, &b] {
+        let (status, v) = api
+            .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+            .await;
+        assert_eq!(
+            (status, v["state"].as_str()),
+            (StatusCode::OK, Some("paused"))
+        );
+    }
+    let state = daemon.stop_with(libc::SIGKILL);
+    std::mem::forget(daemon);
+    // As the catalog is when the daemon dies after `a`'s pause snapshot was complete and
+    // its VM ended, before the snapshot and the record were written; and during `b`'s
+    // delete.
+    let db = rusqlite::Connection::open(state.join("catalog.db")).unwrap();
+    db.execute(
+        "UPDATE sandboxes SET record = json_set(record, '$.state', 'active',
+             '$.pause_snapshot', NULL, '$.vm_dir', '/nonexistent/vm') WHERE id = ?1",
+        [&a],
+    )
+    .unwrap();
+    db.execute("DELETE FROM snapshots WHERE sandbox_id = ?1", [&a])
+        .unwrap();
+    db.execute(
+        "UPDATE sandboxes SET record = json_set(record, '$.state', 'destroying') WHERE id = ?1",
+        [&b],
+    )
+    .unwrap();
+    drop(db);
+    // And a pause of `a` that never finished its snapshot.
+    let unfinished = state.join("pauses").join(&a).join("unfinished");
+    std::fs::create_dir_all(&unfinished).unwrap();
+    std::fs::write(unfinished.join("state"), b"partial").unwrap();
+
+    let daemon = Daemon::start_in(state.clone());
+    let api = Api::new(&daemon, key);
+    let recovered = api.get(&a).await;
+    assert_eq!(recovered["state"], "paused", "{recovered}");
+    let (_, events) = api.fetch(&format!("/v1/sandboxes/{a}/events")).await;
+    let kinds: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"sandbox.recovered"), "{events}");
+    assert!(!unfinished.exists(), "the unfinished pause is still there");
+    let (status, connected) = api
+        .post(&format!("/v1/sandboxes/{a}/connect"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{connected}");
+    let back = Runtime::of(&connected)
+        .get("/files?path=/workspace/kept.bin")
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert!(back.as_ref() == data.as_slice(), "the file changed");
+
+    assert_eq!(api.get(&b).await["state"], "deleted");
+    assert!(
+        !state.join("pauses").join(&b).exists(),
+        "the deleted sandbox's pause snapshot is still there"
+    );
+    assert_eq!(api.delete(&a).await, StatusCode::NO_CONTENT);
+    assert!(
+        qemus_in(daemon.run_dir()).is_empty(),
+        "QEMU processes leaked"
+    );
+}

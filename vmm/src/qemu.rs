@@ -388,6 +388,8 @@ impl QemuVmm {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         vm.connect_qmp(deadline).await?;
+        // A stopped guest never answers the handshake.
+        vm.continue_adopted(deadline).await?;
         vm.connect_agent(deadline).await?;
         info!(vm = %vm.id, pid = vm.pid, "VM adopted");
         Ok(vm)
@@ -629,12 +631,17 @@ impl QemuVmm {
     }
 
     /// Creates the VM directory and disk, starts QEMU and connects QMP. The agent is
-    /// connected by the caller: after boot, or after an incoming migration.
-    async fn launch(
+    /// connected by the caller: after boot, or after an incoming migration. `prepare`
+    /// gets the VM directory's path before QEMU starts (file work in it runs on a
+    /// blocking thread).
+    async fn launch<F>(
         &self,
         launch: Launch,
-        prepare: impl FnOnce(&VmDir) -> Result<(), VmmError>,
-    ) -> Result<QemuVm, VmmError> {
+        prepare: impl FnOnce(PathBuf) -> F,
+    ) -> Result<QemuVm, VmmError>
+    where
+        F: std::future::Future<Output = Result<(), VmmError>>,
+    {
         // Refused before anything is made: a full disk or tmpfs would fail every VM
         // on the host, not only this one.
         let reserve = self.config.min_free_mib << 20;
@@ -656,7 +663,7 @@ impl QemuVmm {
             launch.disk_mib,
         )
         .await?;
-        prepare(&dir)?;
+        prepare(dir.path().to_path_buf()).await?;
         let mut net = if launch.isolated_network {
             Some(
                 tokio::task::spawn_blocking(GuestNet::create)
@@ -854,7 +861,7 @@ impl QemuVmm {
             vcpus: spec.vcpus,
             mem_mib: spec.mem_mib,
         };
-        let vm = self.launch(launch, |_| Ok(())).await?;
+        let vm = self.launch(launch, |_| async { Ok(()) }).await?;
         self.finish_boot(vm, started).await
     }
 
@@ -917,12 +924,17 @@ impl QemuVmm {
             )));
         }
         let copy_memory = m.memory == MemoryFormat::File && memory == Memory::Owned;
+        let memory_source = copy_memory.then(|| snapshot.memory());
         let vm = self
-            .launch(launch, |dir| {
-                if copy_memory {
-                    snapshot::copy_sparse(&snapshot.memory(), &dir.file("memory")).map_err(
-                        |e| VmmError::Snapshot(format!("copying the snapshot's memory: {e}")),
-                    )?;
+            .launch(launch, |dir| async move {
+                // GiB of guest RAM: copied on a blocking thread.
+                if let Some(src) = memory_source {
+                    blocking(move || {
+                        snapshot::copy_sparse(&src, &dir.join("memory")).map_err(|e| {
+                            VmmError::Snapshot(format!("copying the snapshot's memory: {e}"))
+                        })
+                    })
+                    .await?;
                 }
                 Ok(())
             })
@@ -943,7 +955,8 @@ impl QemuVmm {
 
     /// Makes the snapshot files fetched into `dir` (from object storage, say) a
     /// snapshot this host restores: checks the manifest against this host, lets QEMU
-    /// read the files, and writes the manifest last.
+    /// read the files, flushes them to disk and writes the manifest last. Blocking (the
+    /// flush): async callers run it on a blocking thread.
     pub fn import_snapshot(
         &self,
         dir: &Path,
@@ -966,7 +979,7 @@ impl QemuVmm {
         )?;
         self.check_manifest(snapshot.manifest())?;
         grant_restore_access(dir, self.run_as.as_ref(), self.private_rom);
-        snapshot.commit()?;
+        snapshot.commit(true)?;
         Ok(snapshot)
     }
 
@@ -980,7 +993,9 @@ impl QemuVmm {
     }
 
     /// Snapshots `parent` (which keeps running) into `snapshot_dir` and restores `n`
-    /// children from it, their memory mapped copy-on-write from the snapshot.
+    /// children from it, their memory mapped copy-on-write from the snapshot. The
+    /// snapshot is not flushed to disk: it serves only its children, which a host crash
+    /// ends too.
     ///
     /// `child_volumes(i, snapshot)` gives child `i` an image for each of the snapshot's
     /// volume slots (never the parent's own: one writer per image).
@@ -991,7 +1006,7 @@ impl QemuVmm {
         snapshot_dir: &Path,
         child_volumes: impl Fn(usize, &Snapshot) -> Result<BTreeMap<u8, PathBuf>, VmmError>,
     ) -> Result<(Snapshot, Vec<QemuVm>), VmmError> {
-        let snapshot = parent.snapshot(snapshot_dir, true).await?;
+        let snapshot = parent.snapshot_transient(snapshot_dir, true).await?;
         let options = (0..n)
             .map(|i| {
                 Ok(RestoreOptions {
@@ -1009,6 +1024,16 @@ impl QemuVmm {
         }
         Ok((snapshot, children))
     }
+}
+
+/// Runs blocking file work (copies and flushes of GiB-sized files) on a blocking
+/// thread, off the runtime's workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, VmmError> + Send + 'static,
+) -> Result<T, VmmError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| VmmError::Host(format!("blocking file work: {e}")))?
 }
 
 /// Lets the unprivileged QEMU of a later restore open a snapshot's files: the memory
@@ -1575,6 +1600,69 @@ impl QemuVm {
         Ok(())
     }
 
+    /// Runs an adopted VM again if its previous owner left it stopped: a pause,
+    /// snapshot, fork or hibernate it never finished (`stop`, then `migrate` to the
+    /// owner's socket). A migration still under way is cancelled (nobody receives it any
+    /// more) and one finishing is waited for; a completed one leaves `postmigrate`,
+    /// which `cont` leaves too (QEMU takes the disk back): the guest carries on where it
+    /// stopped, and the half-made snapshot is the owner's to discard.
+    async fn continue_adopted(&self, deadline: Instant) -> Result<(), VmmError> {
+        let mut cancelled = false;
+        loop {
+            if Instant::now() > deadline {
+                return Err(VmmError::Timeout(
+                    "an adopted VM's interrupted migration to end".into(),
+                ));
+            }
+            let migration = self.qmp().execute("query-migrate", None).await?;
+            match migration["status"].as_str().unwrap_or("") {
+                "setup" | "active" | "pre-switchover" | "device" | "wait-unplug"
+                | "postcopy-active" | "postcopy-paused" | "postcopy-recover" => {
+                    if !cancelled {
+                        warn!(vm = %self.id, status = %migration["status"], "adopted VM was migrating: cancelled");
+                        let _ = self.qmp().execute("migrate_cancel", None).await;
+                        cancelled = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                "cancelling" => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                _ => {}
+            }
+            let status = self.qmp().execute("query-status", None).await?;
+            let state = status["status"].as_str().unwrap_or("");
+            match state {
+                "running" => return Ok(()),
+                // Between a migration's end and its result (`cont` refuses meanwhile).
+                "finish-migrate" | "save-vm" | "restore-vm" => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                // Stopped by its owner (`stop`, or a migration that ended, completed or
+                // not, after one): it can go on.
+                "paused" | "postmigrate" | "prelaunch" | "debug" | "io-error" => {
+                    self.qmp().execute("cont", None).await?;
+                    warn!(vm = %self.id, was = state, "adopted VM was stopped: continued");
+                    return Ok(());
+                }
+                // Started to receive a snapshot that never came: it holds no guest.
+                "inmigrate" => {
+                    return Err(VmmError::Snapshot(
+                        "the VM was still being restored when its owner stopped: not adopted"
+                            .into(),
+                    ))
+                }
+                "shutdown" | "internal-error" | "guest-panicked" => {
+                    return Err(VmmError::Exited(format!("its guest ended: {state}")))
+                }
+                // Anything else (`suspended`, `watchdog`, ...): the handshake decides.
+                _ => return Ok(()),
+            }
+        }
+    }
+
     /// Fails unless the other end of `socket` is this VM's QEMU: the socket's file is in
     /// a directory QEMU writes, so it could be a link to another VM's socket.
     fn check_peer(&self, socket: &UnixStream, what: &str) -> Result<(), VmmError> {
@@ -1877,11 +1965,33 @@ impl QemuVm {
 
     /// Writes a snapshot into the new directory `dest`. The VM is stopped while its
     /// state is saved, then continues if `keep_running` (and it was running), else
-    /// stays stopped.
+    /// stays stopped. Every file of the snapshot is flushed to disk before its manifest
+    /// is written (after the VM continues): a snapshot that survives a host crash is
+    /// whole.
     pub async fn snapshot(
         &mut self,
         dest: &Path,
         keep_running: bool,
+    ) -> Result<Snapshot, VmmError> {
+        self.snapshot_to(dest, keep_running, true).await
+    }
+
+    /// [`snapshot`](Self::snapshot) without the flush to disk, for a snapshot that never
+    /// outlives this boot of the host: scratch space published elsewhere and removed, a
+    /// fork's base. Saves writing GiB of memory to disk that would only be deleted.
+    pub async fn snapshot_transient(
+        &mut self,
+        dest: &Path,
+        keep_running: bool,
+    ) -> Result<Snapshot, VmmError> {
+        self.snapshot_to(dest, keep_running, false).await
+    }
+
+    async fn snapshot_to(
+        &mut self,
+        dest: &Path,
+        keep_running: bool,
+        durable: bool,
     ) -> Result<Snapshot, VmmError> {
         let started = Instant::now();
         let io = |what: &str, e: std::io::Error| VmmError::Snapshot(format!("{what}: {e}"));
@@ -1891,8 +2001,19 @@ impl QemuVm {
         if keep_running && was_running {
             self.resume().await?;
         }
-        match result {
+        // The flush and the manifest: the copies are the snapshot's own, so the VM runs
+        // again meanwhile.
+        let result = match result {
             Ok((snapshot, _)) => {
+                let committed = snapshot.clone();
+                blocking(move || committed.commit(durable))
+                    .await
+                    .map(|()| snapshot)
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(snapshot) => {
                 info!(
                     vm = %self.id,
                     snapshot = %snapshot.manifest().id,
@@ -1903,12 +2024,15 @@ impl QemuVm {
                 Ok(snapshot)
             }
             Err(e) => {
-                let _ = std::fs::remove_dir_all(dest);
+                let dest = dest.to_path_buf();
+                let _ = blocking(move || Ok(std::fs::remove_dir_all(dest))).await;
                 Err(e)
             }
         }
     }
 
+    /// Saves the VM's state and copies its files into `dest`; the manifest is the
+    /// caller's to commit.
     async fn snapshot_into(&mut self, dest: &Path) -> Result<(Snapshot, bool), VmmError> {
         let status = self.qmp().execute("query-status", None).await?;
         let was_running = status["running"].as_bool().unwrap_or(false);
@@ -1979,18 +2103,37 @@ impl QemuVm {
         tracing::debug!(bytes = received, "device state saved");
 
         // Migration flushed and released the disk: the overlay is consistent to copy.
-        if format == MemoryFormat::File {
-            snapshot::copy_sparse(&self.dir.file("memory"), &dest.join("memory"))
-                .map_err(|e| VmmError::Snapshot(format!("copying memory: {e}")))?;
-        }
+        // GiB of memory and disk: copied on a blocking thread.
         let disk = dest.join("disk.qcow2");
-        snapshot::copy_sparse(self.disk.path(), &disk)
-            .map_err(|e| VmmError::Snapshot(format!("copying the disk overlay: {e}")))?;
-        check_overlay_header(&disk, &self.launch.disk_backing).await?;
-        for v in &self.launch.volumes {
-            snapshot::copy_sparse(&v.path, &dest.join(VolumeDrive::snapshot_file(v.lun)))
-                .map_err(|e| VmmError::Snapshot(format!("copying volume {}: {e}", v.lun)))?;
+        let mut copies = Vec::new();
+        if format == MemoryFormat::File {
+            copies.push((
+                self.dir.file("memory"),
+                dest.join("memory"),
+                "copying memory".to_string(),
+            ));
         }
+        copies.push((
+            self.disk.path().to_path_buf(),
+            disk.clone(),
+            "copying the disk overlay".to_string(),
+        ));
+        for v in &self.launch.volumes {
+            copies.push((
+                v.path.clone(),
+                dest.join(VolumeDrive::snapshot_file(v.lun)),
+                format!("copying volume {}", v.lun),
+            ));
+        }
+        blocking(move || {
+            for (src, dst, what) in copies {
+                snapshot::copy_sparse(&src, &dst)
+                    .map_err(|e| VmmError::Snapshot(format!("{what}: {e}")))?;
+            }
+            Ok(())
+        })
+        .await?;
+        check_overlay_header(&disk, &self.launch.disk_backing).await?;
         if self.launch.disk_backing != self.launch.rootfs_image {
             // This VM was restored: its overlay sits on another snapshot's disk. Fold
             // that layer in, so this snapshot depends only on the read-only rootfs and
@@ -2029,9 +2172,7 @@ impl QemuVm {
                 })
                 .collect(),
         };
-        let snapshot = Snapshot::new(dest.to_path_buf(), manifest);
-        snapshot.commit()?;
-        Ok((snapshot, was_running))
+        Ok((Snapshot::new(dest.to_path_buf(), manifest), was_running))
     }
 
     /// Loads a snapshot's state into this VM, started with `-incoming defer`, and runs it.

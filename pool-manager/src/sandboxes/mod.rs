@@ -12,7 +12,7 @@ use crate::templates::{Templates, BUILTIN};
 use crate::tokens::{TokenSigner, TOKEN_TTL_S};
 use agent_client::AgentClient;
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tracing::{info, warn, Instrument};
 use vmm::{QemuVm, QemuVmm, RestoreMemory, RestoreOptions, Snapshot, Vm};
@@ -101,6 +101,52 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// When sandbox `r` last started running (created, resumed, re-adopted), in ms since
+/// the epoch.
+fn last_running_ms(r: &SandboxRecord) -> i64 {
+    r.timeline
+        .iter()
+        .rev()
+        .find(|s| s.step == InternalState::Active.public())
+        .and_then(|s| chrono::DateTime::parse_from_rfc3339(&s.at).ok())
+        .map(|t| t.timestamp_millis())
+        .unwrap_or(r.created_at_ms)
+}
+
+/// When `path` was last written, in ms since the epoch (`i64::MIN` if unknown: older
+/// than anything).
+fn modified_ms(path: &Path) -> i64 {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(i64::MIN, |d| d.as_millis() as i64)
+}
+
+/// The backing file a qcow2 image's header names, if it is a readable qcow2 with one.
+/// QEMU can write the image: the answer only ever spares a file, never picks one.
+fn qcow2_backing(image: &Path) -> Option<PathBuf> {
+    use std::io::Read;
+    let mut header = [0u8; 20];
+    let mut file = std::fs::File::open(image).ok()?;
+    file.read_exact(&mut header).ok()?;
+    if &header[..4] != b"QFI\xfb" {
+        return None;
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().ok()?);
+    let size = u32::from_be_bytes(header[16..20].try_into().ok()?);
+    if offset == 0 || size == 0 || size > 1023 {
+        return None;
+    }
+    let mut name = vec![0u8; size as usize];
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(offset)).ok()?;
+    file.read_exact(&mut name).ok()?;
+    let name =
+        PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(name));
+    // A relative name is relative to the image's directory.
+    Some(image.parent().unwrap_or(Path::new("/")).join(name))
+}
+
 /// Where a manager keeps things and what it allows.
 pub struct ManagerConfig {
     /// Base URL of this host's data plane, handed to clients.
@@ -185,6 +231,9 @@ impl Manager {
                     let dir = r.vm_dir.clone().unwrap_or_default();
                     match self.vmm.adopt(std::path::Path::new(&dir)).await {
                         Ok(vm) => {
+                            // A pause the previous daemon did not finish: the VM runs on
+                            // (adopt continued it), so what that pause made goes.
+                            self.discard_unfinished_pauses(&r, vm.disk_path())?;
                             adopted.push(PathBuf::from(&dir));
                             let slot = self.slot(&r.id);
                             self.install(&mut r, vm, &mut *slot.lock().await);
@@ -200,6 +249,11 @@ impl Manager {
                             )?;
                         }
                         Err(e) => {
+                            // The daemon died after a pause had snapshotted and ended the
+                            // VM, before it wrote the record: the pause stands.
+                            if self.recover_pause(&mut r, &e)? {
+                                continue;
+                            }
                             r.diagnostic = Some(Diagnostic {
                                 code: "host_restarted".into(),
                                 message: format!("the pool manager restarted and this sandbox's VM could not be re-adopted: {e}"),
@@ -225,11 +279,18 @@ impl Manager {
                     )?;
                     self.release_volumes(&r).await;
                 }
-                InternalState::Destroying => self.transition(
-                    &mut r,
-                    InternalState::Deleted,
-                    "deletion finished after a restart",
-                )?,
+                InternalState::Destroying => {
+                    // As `destroy` does it: the VM (if it is still there) first, then
+                    // what the sandbox holds.
+                    if let Some(dir) = r.vm_dir.clone() {
+                        if let Ok(vm) = self.vmm.adopt(std::path::Path::new(&dir)).await {
+                            self.quiesce_volumes(&r, &vm, false).await;
+                            vm.kill().await;
+                        }
+                    }
+                    self.finish_destroy(&mut r, "deletion finished after a restart")
+                        .await?;
+                }
                 _ => {}
             }
         }
@@ -750,6 +811,7 @@ impl Manager {
                 )))
             }
         }
+        test_stall_pause().await;
         let mut vm = vm_slot
             .take()
             .ok_or_else(|| ApiError::internal("running sandbox has no VM"))?;
@@ -764,12 +826,17 @@ impl Manager {
                     .record_snapshot("pause", Some(id), None, &snapshot)?;
                 vm.kill().await;
                 // The new snapshot stands alone (its disk is rebased onto the template's
-                // root file system): earlier pauses of this sandbox can go.
-                for old in std::fs::read_dir(&pauses).into_iter().flatten().flatten() {
-                    if old.path() != dir {
-                        let _ = std::fs::remove_dir_all(old.path());
+                // root file system): earlier pauses of this sandbox can go (GiB of files:
+                // removed on a blocking thread).
+                let keep = dir.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    for old in std::fs::read_dir(&pauses).into_iter().flatten().flatten() {
+                        if old.path() != keep {
+                            let _ = std::fs::remove_dir_all(old.path());
+                        }
                     }
-                }
+                })
+                .await;
                 r.pause_snapshot = Some(dir.display().to_string());
                 r.vm_dir = None;
                 self.transition(&mut r, InternalState::Stopped, "paused")?;
@@ -898,27 +965,118 @@ impl Manager {
             self.quiesce_volumes(&r, &vm, false).await;
             vm.kill().await;
         }
-        self.release_volumes(&r).await;
+        self.finish_destroy(&mut r, reason).await?;
+        drop(vm_slot);
+        self.slots.lock().unwrap().remove(id);
+        Ok(())
+    }
+
+    /// The rest of a deletion once the sandbox's VM is gone (`destroy`, or a restart
+    /// that found it `destroying`): its volumes saved and released, its pause snapshots
+    /// (local and stored) deleted, its fork base released, then `deleted`.
+    async fn finish_destroy(&self, r: &mut SandboxRecord, reason: &str) -> Result<(), ApiError> {
+        self.release_volumes(r).await;
         if let Some(dir) = r.pause_snapshot.take() {
             if let Ok(snapshot) = Snapshot::open(&dir) {
                 self.catalog.forget_snapshot(&snapshot.manifest().id)?;
             }
         }
         // Every pause snapshot of the sandbox, including one a resumed VM was using.
-        let _ = std::fs::remove_dir_all(self.pauses_dir(id));
+        let _ = std::fs::remove_dir_all(self.pauses_dir(&r.id));
         // Its stored pause snapshot ends with it; periodic and manual ones stay.
         if let Some(snapshot_id) = r.hibernated.take() {
             self.delete_hibernate_snapshot(&snapshot_id).await;
         }
         let fork_base = r.fork_base.take();
         self.network.forget(&r.id);
-        self.transition(&mut r, InternalState::Deleted, reason)?;
+        self.transition(r, InternalState::Deleted, reason)?;
         if let Some(dir) = fork_base {
             self.release_fork_base(&dir)?;
         }
-        drop(vm_slot);
-        self.slots.lock().unwrap().remove(id);
         Ok(())
+    }
+
+    /// The pause snapshots of sandbox `r` made since it last started running (created,
+    /// resumed or re-adopted): a pause a restart interrupted made them. The one a
+    /// resumed VM's disk is layered on is older. Oldest first. Incomplete directories
+    /// are removed: nothing finishes them after a restart.
+    fn pauses_since_running(&self, r: &SandboxRecord) -> Vec<Snapshot> {
+        let since = last_running_ms(r);
+        let mut found = Vec::new();
+        let pauses = self.pauses_dir(&r.id);
+        for entry in std::fs::read_dir(&pauses).into_iter().flatten().flatten() {
+            let path = entry.path();
+            match Snapshot::open(&path) {
+                // The manifest's file time, not its `created_unix_ms`: a snapshot
+                // fetched from the store was made on another host's clock.
+                Ok(s) if modified_ms(&path.join("manifest.json")) >= since => found.push(s),
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(sandbox = %r.id, error = %e, "removing an unfinished pause snapshot");
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+            }
+        }
+        found.sort_by_key(|s| s.manifest().created_unix_ms);
+        found
+    }
+
+    /// After adopting running sandbox `r`'s VM (its disk overlay `disk`): the snapshots
+    /// of a pause the previous daemon did not finish go, as a failed pause leaves none.
+    /// The snapshot the overlay is layered on stays whatever its time says.
+    fn discard_unfinished_pauses(&self, r: &SandboxRecord, disk: &Path) -> Result<(), ApiError> {
+        let backing = qcow2_backing(disk);
+        for s in self.pauses_since_running(r) {
+            if backing.as_deref().is_some_and(|b| b.starts_with(s.dir())) {
+                continue;
+            }
+            info!(sandbox = %r.id, snapshot = %s.manifest().id, "discarding the snapshot of a pause a restart interrupted: the sandbox keeps running");
+            self.catalog.forget_snapshot(&s.manifest().id)?;
+            let _ = s.delete();
+        }
+        Ok(())
+    }
+
+    /// Running sandbox `r` lost its VM in a restart (`lost`): if a pause had completed
+    /// its snapshot first (the daemon died before writing the record), the sandbox is
+    /// paused on it, as `pause` leaves it. Returns whether it was.
+    fn recover_pause(&self, r: &mut SandboxRecord, lost: &vmm::VmmError) -> Result<bool, ApiError> {
+        let Some(snapshot) = self.pauses_since_running(r).pop() else {
+            return Ok(false);
+        };
+        let snapshot_id = snapshot.manifest().id.clone();
+        self.catalog
+            .record_snapshot("pause", Some(&r.id), None, &snapshot)?;
+        for old in std::fs::read_dir(self.pauses_dir(&r.id))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if old.path() != snapshot.dir() {
+                if let Ok(s) = Snapshot::open(old.path()) {
+                    self.catalog.forget_snapshot(&s.manifest().id)?;
+                }
+                let _ = std::fs::remove_dir_all(old.path());
+            }
+        }
+        r.pause_snapshot = Some(snapshot.dir().display().to_string());
+        r.vm_dir = None;
+        self.transition(
+            r,
+            InternalState::Stopped,
+            "paused (recovered after a pool manager restart)",
+        )?;
+        self.catalog.append_event(
+            &r.id,
+            "sandbox.recovered",
+            &serde_json::json!({
+                "state": "paused",
+                "snapshotID": snapshot_id,
+                "reason": format!("the pool manager stopped after the pause's snapshot was complete; its VM was not re-adopted: {lost}"),
+            }),
+        )?;
+        warn!(sandbox = %r.id, snapshot = %snapshot_id, "recovered an interrupted pause");
+        Ok(true)
     }
 
     /// The agent of a running sandbox, for the data plane.
@@ -943,7 +1101,14 @@ impl Manager {
 
     /// Ends or pauses sandboxes whose timeout passed, and prunes deleted sandboxes past
     /// their retention. Runs until the process ends.
+    ///
+    /// The loop never waits on a sandbox: each due sandbox's action runs in a task of
+    /// its own, at most `SWEEP_PARALLEL` pauses and hibernates (they write GiB, or
+    /// wait on a guest to freeze its file systems) and as many kills at once, and a
+    /// sandbox whose action is still running is not started again. One slow hibernate
+    /// delays no other sandbox's timeout.
     pub async fn sweep_timeouts(self: Arc<Self>) {
+        let lanes = SweepLanes::default();
         let mut last_prune = std::time::Instant::now() - PRUNE_EVERY;
         loop {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -972,20 +1137,58 @@ impl Manager {
                 std::sync::atomic::Ordering::Relaxed,
             );
             for r in due {
-                let _ = self.catalog.append_event(
-                    &r.id,
-                    "sandbox.timeout",
-                    &serde_json::json!({ "onTimeout": r.on_timeout }),
-                );
-                let result = match r.on_timeout {
-                    OnTimeout::Pause => self.pause(&r.team_id, &r.id).await.map(drop),
-                    OnTimeout::Hibernate => self.hibernate(&r.team_id, &r.id).await.map(drop),
-                    _ => self.destroy(&r.id, "timeout").await,
-                };
-                if let Err(e) = result {
-                    warn!(sandbox = %r.id, error = %e.message, "timeout action failed");
-                }
+                self.clone().spawn_timeout_action(r, &lanes);
             }
+        }
+    }
+
+    /// Starts sandbox `r`'s timeout action in a task of its own, unless its previous one
+    /// still runs. The task waits for a permit of the action's lane.
+    fn spawn_timeout_action(self: Arc<Self>, r: SandboxRecord, lanes: &SweepLanes) {
+        let Some(claim) = InFlight::claim(&lanes.in_flight, &r.id) else {
+            return;
+        };
+        let lane = match r.on_timeout {
+            OnTimeout::Pause | OnTimeout::Hibernate => lanes.snapshots.clone(),
+            _ => lanes.kills.clone(),
+        };
+        let span = tracing::info_span!("timeout", sandbox = %r.id);
+        tokio::spawn(
+            async move {
+                // Given back when the task ends, however it ends.
+                let _claim = claim;
+                let Ok(_permit) = lane.acquire_owned().await else {
+                    return;
+                };
+                self.timeout_action(&r.id).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Applies sandbox `id`'s timeout action if its timeout still stands: waiting for a
+    /// permit may have taken a while, and a refresh, pause or delete meanwhile wins.
+    async fn timeout_action(&self, id: &str) {
+        let r = match self.catalog.sandbox(id) {
+            Ok(Some(r)) if r.state == InternalState::Active && r.expires_at_ms <= now_ms() => r,
+            Ok(_) => return,
+            Err(e) => {
+                warn!(sandbox = %id, error = %e, "timeout sweep could not read the sandbox");
+                return;
+            }
+        };
+        let _ = self.catalog.append_event(
+            &r.id,
+            "sandbox.timeout",
+            &serde_json::json!({ "onTimeout": r.on_timeout }),
+        );
+        let result = match r.on_timeout {
+            OnTimeout::Pause => self.pause(&r.team_id, &r.id).await.map(drop),
+            OnTimeout::Hibernate => self.hibernate(&r.team_id, &r.id).await.map(drop),
+            _ => self.destroy(&r.id, "timeout").await,
+        };
+        if let Err(e) = result {
+            warn!(sandbox = %r.id, error = %e.message, "timeout action failed");
         }
     }
 
@@ -1052,6 +1255,90 @@ fn decode_token(token: &str) -> Result<i64, ApiError> {
 
 /// How often deleted sandboxes past their retention are pruned.
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Timeout actions the sweeper runs at once per lane (pauses and hibernates; kills).
+const SWEEP_PARALLEL: usize = 8;
+
+/// What the timeout sweeper has under way: the sandboxes whose action runs, and the
+/// permits of its two lanes. Pauses and hibernates (GiB to write, a guest's freeze to
+/// wait for) have a lane of their own, so even a full lane of stalled ones holds up
+/// no kill.
+struct SweepLanes {
+    in_flight: Arc<Mutex<std::collections::HashSet<String>>>,
+    snapshots: Arc<tokio::sync::Semaphore>,
+    kills: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for SweepLanes {
+    fn default() -> Self {
+        Self {
+            in_flight: Arc::default(),
+            snapshots: Arc::new(tokio::sync::Semaphore::new(SWEEP_PARALLEL)),
+            kills: Arc::new(tokio::sync::Semaphore::new(SWEEP_PARALLEL)),
+        }
+    }
+}
+
+/// A sandbox's place in the sweeper's in-flight set, given up when dropped (when its
+/// action ends, fails or panics).
+struct InFlight {
+    set: Arc<Mutex<std::collections::HashSet<String>>>,
+    id: String,
+}
+
+impl InFlight {
+    /// The place of `id`, unless an action of it is already under way.
+    fn claim(set: &Arc<Mutex<std::collections::HashSet<String>>>, id: &str) -> Option<Self> {
+        let fresh = set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string());
+        fresh.then(|| Self {
+            set: set.clone(),
+            id: id.to_string(),
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// Removes a directory tree (a snapshot's GiB of memory and disk files) on a blocking
+/// thread, off the runtime's workers; whether it went is not reported.
+async fn remove_tree(dir: PathBuf) {
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+}
+
+/// Test hook: how long each pause and hibernate waits (its sandbox locked, the VM
+/// running) before it snapshots, from `NULLSPACE_TEST_STALL_PAUSE_MS`, read once.
+/// Debug builds only (a release build ignores the variable): the sweeper's tests stall
+/// one sandbox's timeout action with it.
+#[cfg(debug_assertions)]
+async fn test_stall_pause() {
+    static STALL: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    let stall = *STALL.get_or_init(|| {
+        std::env::var("NULLSPACE_TEST_STALL_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    });
+    if let Some(stall) = stall {
+        warn!(
+            stall_ms = stall.as_millis() as u64,
+            "test hook: stalling a pause (NULLSPACE_TEST_STALL_PAUSE_MS)"
+        );
+        tokio::time::sleep(stall).await;
+    }
+}
+
+#[cfg(not(debug_assertions))]
+async fn test_stall_pause() {}
 
 /// A VM that could not start, as the API says it: a full file system is the host's
 /// storage (507, with what to free), anything else an internal error.

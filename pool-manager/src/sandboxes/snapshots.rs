@@ -218,14 +218,16 @@ impl Manager {
             self.check_disk_space(vm, r.resources.mem_mib)?;
             let dir = self.scratch_dir();
             let _ = std::fs::create_dir_all(dir.parent().unwrap());
-            match vm.snapshot(&dir, keep_running).await {
+            // Scratch space, published and removed: not flushed to disk (the store
+            // makes what it keeps durable).
+            match vm.snapshot_transient(&dir, keep_running).await {
                 Ok(snapshot) => Ok(Taken {
                     dir,
                     snapshot,
                     started,
                 }),
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&dir);
+                    super::remove_tree(dir).await;
                     Err(ApiError::internal(format!("taking the snapshot: {e}")))
                 }
             }
@@ -274,7 +276,7 @@ impl Manager {
                 .map_err(|e| store_error("storing the snapshot", e))
         }
         .await;
-        let _ = std::fs::remove_dir_all(&taken.dir);
+        super::remove_tree(taken.dir.clone()).await;
         match result {
             Ok((s, stats)) => {
                 self.catalog.record_item(
@@ -450,7 +452,7 @@ impl Manager {
             .map_err(|e| store_error("deleting the snapshot", e))?;
         // This worker's cached copy (a template) goes once no live sandbox uses it.
         if !self.any_live(|r| r.template_id == snapshot_id)? {
-            let _ = std::fs::remove_dir_all(self.template_cache_dir(snapshot_id));
+            super::remove_tree(self.template_cache_dir(snapshot_id)).await;
         }
         let _ = self.catalog.append_event(
             id,
@@ -476,22 +478,46 @@ impl Manager {
     pub async fn collect_garbage_when_asked(self: Arc<Self>) {
         loop {
             self.gc_wanted.notified().await;
-            self.collect_garbage().await;
+            if let Some(again) = self.collect_garbage().await {
+                // Chunks marked this round go only on a round a grace later (or another
+                // worker held the lease): ask again then, not at the next delete.
+                let this = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(again).await;
+                    this.gc_wanted.notify_one();
+                });
+            }
         }
     }
 
-    /// Deletes chunks no snapshot references, waiting for uploads in flight.
-    async fn collect_garbage(&self) {
+    /// Marks and deletes chunks no snapshot or volume references (see `storage::gc`: one
+    /// collector per bucket, a grace before a delete); says when to run again, if
+    /// garbage is still waiting.
+    async fn collect_garbage(&self) -> Option<std::time::Duration> {
         let _exclusive = self.uploads.write().await;
         match stored::collect_garbage(self.store()).await {
-            Ok(gc) => info!(
-                manifests = gc.manifests,
-                kept = gc.chunks_kept,
-                deleted = gc.chunks_deleted,
-                "snapshot chunks collected"
-            ),
+            Ok(gc) => {
+                info!(
+                    manifests = gc.manifests,
+                    kept = gc.chunks_kept,
+                    marked = gc.chunks_marked,
+                    pending = gc.chunks_pending,
+                    deleted = gc.chunks_deleted,
+                    busy = gc.busy.as_deref().unwrap_or("-"),
+                    "snapshot chunks collected"
+                );
+                let waiting = gc.chunks_marked + gc.chunks_pending > 0 || gc.busy.is_some();
+                if !waiting {
+                    return None;
+                }
+                let grace = storage::gc::grace(self.store())
+                    .await
+                    .unwrap_or(std::time::Duration::from_secs(600));
+                Some(grace + std::time::Duration::from_secs(1))
+            }
             Err(e) => {
-                warn!(error = %e, "collecting snapshot chunks failed; the next delete retries")
+                warn!(error = %e, "collecting snapshot chunks failed; the next delete retries");
+                None
             }
         }
     }
@@ -520,6 +546,7 @@ impl Manager {
                 )))
             }
         }
+        super::test_stall_pause().await;
         let vm = guard
             .as_mut()
             .ok_or_else(|| ApiError::internal("running sandbox has no VM"))?;
@@ -547,7 +574,7 @@ impl Manager {
             self.drop_volume_images(id);
         }
         // A resumed VM's base snapshot is no longer needed by anyone.
-        let _ = std::fs::remove_dir_all(self.pauses_dir(id));
+        super::remove_tree(self.pauses_dir(id)).await;
         if let Some(old) = r.pause_snapshot.take() {
             if let Ok(snap) = Snapshot::open(&old) {
                 self.catalog.forget_snapshot(&snap.manifest().id)?;
@@ -699,7 +726,7 @@ impl Manager {
         }
         .await;
         if vm.is_err() {
-            let _ = std::fs::remove_dir_all(dir);
+            super::remove_tree(dir.to_path_buf()).await;
         }
         info!(snapshot = %s.id, fetched_ms, total_ms = started.elapsed().as_millis() as u64, "restored from the store");
         vm
@@ -714,13 +741,16 @@ impl Manager {
             stored::fetch(self.store(), s, dir)
                 .await
                 .map_err(|e| store_error(&format!("fetching snapshot {}", s.id), e))?;
-            self.vmm
-                .import_snapshot(dir, vm)
+            // Flushes the fetched files to disk: on a blocking thread.
+            let (driver, at) = (self.vmm.clone(), dir.to_path_buf());
+            tokio::task::spawn_blocking(move || driver.import_snapshot(&at, vm))
+                .await
+                .map_err(|e| ApiError::internal(format!("importing the snapshot: {e}")))?
                 .map_err(|e| ApiError::conflict(e.to_string()))
         }
         .await;
         if result.is_err() {
-            let _ = std::fs::remove_dir_all(dir);
+            super::remove_tree(dir.to_path_buf()).await;
         }
         result
     }
@@ -775,7 +805,7 @@ impl Manager {
                 .await?
                 .ok_or_else(|| ApiError::not_found("template", template))?
         };
-        let _ = std::fs::remove_dir_all(&cache);
+        super::remove_tree(cache.clone()).await;
         self.fetch(&stored, &cache).await
     }
 
@@ -923,7 +953,7 @@ impl Manager {
                     message: e.message.clone(),
                     action: "restore another snapshot (list_snapshots), or retry".into(),
                 });
-                let _ = std::fs::remove_dir_all(self.pauses_dir(&record.id));
+                super::remove_tree(self.pauses_dir(&record.id)).await;
                 self.transition(&mut record, InternalState::Failed, "restore failed")?;
                 Err(e.with_details(serde_json::json!({ "sandboxID": record.id })))
             }
@@ -940,17 +970,27 @@ impl Manager {
     ) -> Result<QemuVm, ApiError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
-        for f in SNAPSHOT_FILES {
-            let src = from.dir().join(f);
-            if src.exists() {
-                vmm::snapshot::copy_sparse(&src, &dir.join(f))
-                    .map_err(|e| ApiError::internal(format!("copying the snapshot: {e}")))?;
+        // GiB of memory and disk copied, then flushed to disk: on a blocking thread.
+        let (driver, src_dir, dst_dir) = (
+            self.vmm.clone(),
+            from.dir().to_path_buf(),
+            dir.to_path_buf(),
+        );
+        let manifest = from.manifest().clone();
+        let snapshot = tokio::task::spawn_blocking(move || {
+            for f in SNAPSHOT_FILES {
+                let src = src_dir.join(f);
+                if src.exists() {
+                    vmm::snapshot::copy_sparse(&src, &dst_dir.join(f))
+                        .map_err(|e| ApiError::internal(format!("copying the snapshot: {e}")))?;
+                }
             }
-        }
-        let snapshot = self
-            .vmm
-            .import_snapshot(dir, from.manifest().clone())
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+            driver
+                .import_snapshot(&dst_dir, manifest)
+                .map_err(|e| ApiError::internal(e.to_string()))
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("copying the snapshot: {e}")))??;
         let options = RestoreOptions {
             volumes: self.volume_images(sandbox, &snapshot)?,
             ..RestoreOptions::default()
@@ -1053,7 +1093,7 @@ impl Manager {
                     c.fork_base = None;
                     self.transition(&mut c, InternalState::Failed, "fork failed")?;
                 }
-                let _ = std::fs::remove_dir_all(&dir);
+                super::remove_tree(dir).await;
                 Err(ApiError::internal(format!(
                     "fork failed, the parent keeps running: {e}"
                 )))
@@ -1064,7 +1104,22 @@ impl Manager {
     /// Removes a fork snapshot once no live sandbox is restored from it.
     pub(super) fn release_fork_base(&self, dir: &str) -> Result<(), ApiError> {
         if !self.any_live(|r| r.fork_base.as_deref() == Some(dir))? {
-            let _ = std::fs::remove_dir_all(dir);
+            // GiB of memory and disk: moved aside at once (into scratch space, which a
+            // restart clears), then removed on a blocking thread.
+            let aside = self.scratch_dir();
+            let moved = std::fs::create_dir_all(aside.parent().unwrap())
+                .and_then(|()| std::fs::rename(dir, &aside));
+            match (moved, tokio::runtime::Handle::try_current()) {
+                (Ok(()), Ok(runtime)) => {
+                    runtime.spawn_blocking(move || std::fs::remove_dir_all(aside));
+                }
+                (Ok(()), Err(_)) => {
+                    let _ = std::fs::remove_dir_all(aside);
+                }
+                (Err(_), _) => {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            }
         }
         Ok(())
     }
