@@ -634,6 +634,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     tokio::spawn(manager.clone().collect_garbage_when_asked());
     tokio::spawn(manager.clone().sample_metrics());
     tokio::spawn(manager.clone().cap_consoles());
+    tokio::spawn(manager.clone().keep_volume_leases());
     manager
         .load_warm_pools()
         .map_err(|e| anyhow::anyhow!("loading warm pools: {}", e.message))?;

@@ -9,17 +9,38 @@
 //! - `volumes/<id>/writer.json` — the read-write holder, created with a conditional put:
 //!   the one lock that keeps a second writer out, whatever worker asks.
 //! - `volumes/<id>/holders/<sandbox>.json` — every holder, read-write or read-only.
+//! - `volumes/<id>/takeovers/<sha256 of a writer.json>/<n>.json` — claims on an expired
+//!   write lock (conditional put): exactly one of the writers that saw it expired
+//!   replaces it.
 //! - `volume-names/<team>/<name>` — a name's claim (conditional put), holding the ID.
+//!
+//! **Holds are leases.** A holder carries `expiresUnixMs`; its pool manager renews it
+//! ([`renew`], every third of [`DEFAULT_LEASE`]) while the sandbox lives on that host.
+//! A hold past its expiry (plus [`CLOCK_GRACE_MS`] for clock skew and a renewal's
+//! latency) is gone: a delete of the volume ignores it and another writer takes the
+//! write lock over. So a hold whose owner died (a crashed daemon, a create that never
+//! recorded its sandbox, a save that kept failing) frees the volume after a lease.
+//! Holds written before leases (no expiry) never expire. The assumption: a renewal's
+//! read and put land within [`CLOCK_GRACE_MS`], and workers' clocks agree within it.
 
 use crate::chunks::{restore_file, Batch, FileManifest};
 use crate::store::{ObjectStore, StoreError};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::time::Duration;
 
 /// Version of the stored volume layout.
 pub const FORMAT: u32 = 1;
 /// Saved contents kept per volume.
 const VERSIONS_KEPT: usize = 2;
+/// How long a hold lasts unless renewed.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(300);
+/// How long past its expiry a hold still counts (clock skew between workers, and the
+/// latency of a renewal that read it just before its expiry).
+pub const CLOCK_GRACE_MS: u64 = 30_000;
+/// How old a takeover claim must be before another writer may claim the same lock
+/// (its claimant died between the claim and its put).
+const CLAIM_STALE_MS: u64 = 60_000;
 
 /// A volume's record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +76,31 @@ pub struct Holder {
     /// `rw` or `ro`.
     pub mode: String,
     pub since_unix_ms: u64,
+    /// The lease's end, unless renewed (`None`: a hold from before leases, never
+    /// expires).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix_ms: Option<u64>,
+}
+
+impl Holder {
+    /// Whether the lease ran out (with [`CLOCK_GRACE_MS`]) at `now_unix_ms`: the hold
+    /// is gone.
+    pub fn expired(&self, now_unix_ms: u64) -> bool {
+        self.expires_unix_ms
+            .is_some_and(|e| now_unix_ms >= e.saturating_add(CLOCK_GRACE_MS))
+    }
+}
+
+/// What [`renew`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewal {
+    /// The lease runs until the new expiry.
+    Renewed,
+    /// The sandbox holds the volume no more (released): nothing was written.
+    Released,
+    /// Another writer holds the write lock (this one's lease expired and was taken
+    /// over), or nobody does: the sandbox writes without the lock.
+    Lost(Option<Holder>),
 }
 
 /// What a volume operation can fail with.
@@ -85,6 +131,17 @@ fn writer_key(id: &str) -> String {
 }
 fn holders_prefix(id: &str) -> String {
     format!("volumes/{id}/holders/")
+}
+fn holder_key(id: &str, sandbox_id: &str) -> String {
+    format!("{}{sandbox_id}.json", holders_prefix(id))
+}
+fn takeovers_prefix(id: &str, seen: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let sha: String = Sha256::digest(seen)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("volumes/{id}/takeovers/{sha}/")
 }
 fn name_key(team: &str, name: &str) -> String {
     format!("volume-names/{team}/{name}")
@@ -252,34 +309,163 @@ pub async fn holders(store: &impl ObjectStore, id: &str) -> Result<Vec<Holder>, 
 }
 
 /// Records `holder`; a read-write holder must be the only one
-/// ([`VolumeError::WriterExists`] names the one there).
-pub async fn hold(store: &impl ObjectStore, id: &str, holder: &Holder) -> Result<(), VolumeError> {
+/// ([`VolumeError::WriterExists`] names the one there). A write lock whose lease expired
+/// (at `now_unix_ms`) is taken over; the sandbox's own is refreshed.
+pub async fn hold(
+    store: &impl ObjectStore,
+    id: &str,
+    holder: &Holder,
+    now_unix_ms: u64,
+) -> Result<(), VolumeError> {
     if holder.mode == "rw" {
-        match store.put_if_absent(&writer_key(id), json(holder)).await {
-            Err(StoreError::AlreadyExists(_)) => {
-                let there: Option<Holder> = read(store, &writer_key(id)).await?;
-                match there {
-                    Some(h) if h.sandbox_id == holder.sandbox_id => {}
-                    Some(h) => {
-                        return Err(VolumeError::WriterExists {
-                            volume: id.to_string(),
-                            holder: h,
-                        })
-                    }
-                    // Released meanwhile: try once more.
-                    None => store.put_if_absent(&writer_key(id), json(holder)).await?,
-                }
-            }
-            other => other?,
-        }
+        take_writer(store, id, holder, now_unix_ms).await?;
     }
     store
-        .put(
-            &format!("{}{}.json", holders_prefix(id), holder.sandbox_id),
-            json(holder),
-        )
+        .put(&holder_key(id, &holder.sandbox_id), json(holder))
         .await?;
     Ok(())
+}
+
+/// Takes (or refreshes) the write lock for `holder`.
+async fn take_writer(
+    store: &impl ObjectStore,
+    id: &str,
+    holder: &Holder,
+    now_unix_ms: u64,
+) -> Result<(), VolumeError> {
+    let key = writer_key(id);
+    for _ in 0..3 {
+        match store.put_if_absent(&key, json(holder)).await {
+            Err(StoreError::AlreadyExists(_)) => {}
+            other => return other.map_err(VolumeError::from),
+        }
+        let seen = match store.get(&key).await {
+            Ok(b) => b,
+            // Released meanwhile: try again.
+            Err(StoreError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let there: Holder = parse(&key, &seen)?;
+        if there.sandbox_id == holder.sandbox_id {
+            // Its own (a retried create, a resume elsewhere): refreshed, unless the
+            // lease ran out and must be won like anyone's.
+            if !there.expired(now_unix_ms) {
+                store.put(&key, json(holder)).await?;
+                return Ok(());
+            }
+        } else if !there.expired(now_unix_ms) {
+            return Err(VolumeError::WriterExists {
+                volume: id.to_string(),
+                holder: there,
+            });
+        }
+        if take_over(store, id, &seen, holder, now_unix_ms).await? {
+            return Ok(());
+        }
+        // Another writer won it (or it changed): look again.
+    }
+    let there: Option<Holder> = read(store, &key).await?;
+    match there {
+        Some(h) if h.sandbox_id != holder.sandbox_id => Err(VolumeError::WriterExists {
+            volume: id.to_string(),
+            holder: h,
+        }),
+        _ => Err(VolumeError::Store(StoreError::Backend {
+            op: "take the volume's write lock",
+            key,
+            message: "the lock changed hands three times while being taken".into(),
+        })),
+    }
+}
+
+/// Replaces the expired write lock `seen` (its exact bytes) with `holder`'s: claims it
+/// with a conditional put first, so of the writers that saw it expired exactly one
+/// replaces it. False: another writer claimed it first, or the lock changed.
+async fn take_over(
+    store: &impl ObjectStore,
+    id: &str,
+    seen: &[u8],
+    holder: &Holder,
+    now_unix_ms: u64,
+) -> Result<bool, StoreError> {
+    let prefix = takeovers_prefix(id, seen);
+    let newest = store
+        .list(&prefix)
+        .await?
+        .iter()
+        .filter_map(|k| {
+            k.strip_prefix(&prefix)?
+                .strip_suffix(".json")?
+                .parse::<u64>()
+                .ok()
+        })
+        .max();
+    if let Some(n) = newest {
+        // A fresh claim: its claimant is replacing the lock now.
+        let claimed: Option<u64> = read(store, &format!("{prefix}{n:06}.json")).await?;
+        if claimed.is_some_and(|at| now_unix_ms < at.saturating_add(CLAIM_STALE_MS)) {
+            return Ok(false);
+        }
+    }
+    let claim = format!("{prefix}{:06}.json", newest.map_or(1, |n| n + 1));
+    match store.put_if_absent(&claim, json(&now_unix_ms)).await {
+        Ok(()) => {}
+        Err(StoreError::AlreadyExists(_)) => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    let key = writer_key(id);
+    let still = match store.get(&key).await {
+        Ok(b) => b.as_ref() == seen,
+        Err(StoreError::NotFound(_)) => false,
+        Err(e) => return Err(e),
+    };
+    if still {
+        store.put(&key, json(holder)).await?;
+    }
+    // The claims are clutter now (a late claimant finds the lock changed).
+    for k in store.list(&prefix).await? {
+        let _ = store.delete(&k).await;
+    }
+    Ok(still)
+}
+
+/// Extends `sandbox_id`'s hold on the volume to `expires_unix_ms` (its write lock too,
+/// for a read-write hold). A released hold is not written again; a write lock whose
+/// lease ran out is won back only if nobody took it over.
+pub async fn renew(
+    store: &impl ObjectStore,
+    id: &str,
+    sandbox_id: &str,
+    expires_unix_ms: u64,
+    now_unix_ms: u64,
+) -> Result<Renewal, StoreError> {
+    let Some(mut mine) = read::<Holder>(store, &holder_key(id, sandbox_id)).await? else {
+        return Ok(Renewal::Released);
+    };
+    mine.expires_unix_ms = Some(expires_unix_ms);
+    if mine.mode == "rw" {
+        let key = writer_key(id);
+        let seen = match store.get(&key).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => return Ok(Renewal::Lost(None)),
+            Err(e) => return Err(e),
+        };
+        let there: Holder = parse(&key, &seen)?;
+        if there.sandbox_id != sandbox_id {
+            return Ok(Renewal::Lost(Some(there)));
+        }
+        let renewed = Holder {
+            expires_unix_ms: Some(expires_unix_ms),
+            ..there.clone()
+        };
+        if !there.expired(now_unix_ms) {
+            store.put(&key, json(&renewed)).await?;
+        } else if !take_over(store, id, &seen, &renewed, now_unix_ms).await? {
+            return Ok(Renewal::Lost(read(store, &key).await?));
+        }
+    }
+    store.put(&holder_key(id, sandbox_id), json(&mine)).await?;
+    Ok(Renewal::Renewed)
 }
 
 /// Drops `sandbox_id`'s hold (its write lock too).
@@ -293,12 +479,11 @@ pub async fn release(
             store.delete(&writer_key(id)).await?;
         }
     }
-    store
-        .delete(&format!("{}{sandbox_id}.json", holders_prefix(id)))
-        .await
+    store.delete(&holder_key(id, sandbox_id)).await
 }
 
-/// Deletes the volume's record, contents and name (its chunks become garbage).
+/// Deletes the volume's record, contents and name (its chunks become garbage), then
+/// what is left of its holds (the caller found them expired, or none).
 pub async fn delete(store: &impl ObjectStore, volume: &StoredVolume) -> Result<(), StoreError> {
     for key in store.list(&versions_prefix(&volume.id)).await? {
         store.delete(&key).await?;
@@ -308,6 +493,9 @@ pub async fn delete(store: &impl ObjectStore, volume: &StoredVolume) -> Result<(
         if id_of_name(store, &volume.team_id, name).await?.as_deref() == Some(&volume.id) {
             store.delete(&name_key(&volume.team_id, name)).await?;
         }
+    }
+    for key in store.list(&format!("volumes/{}/", volume.id)).await? {
+        store.delete(&key).await?;
     }
     Ok(())
 }
@@ -352,6 +540,14 @@ mod tests {
             path: "/mnt/v".into(),
             mode: mode.into(),
             since_unix_ms: 0,
+            expires_unix_ms: None,
+        }
+    }
+
+    fn leased(sbx: &str, mode: &str, expires: u64) -> Holder {
+        Holder {
+            expires_unix_ms: Some(expires),
+            ..holder(sbx, mode)
         }
     }
 
@@ -379,16 +575,24 @@ mod tests {
         assert_eq!(list(&store, "team-1").await.unwrap(), vec![vol.clone()]);
         assert!(list(&store, "team-2").await.unwrap().is_empty());
 
-        hold(&store, &vol.id, &holder("sbx-a", "rw")).await.unwrap();
-        hold(&store, &vol.id, &holder("sbx-a", "rw")).await.unwrap();
-        match hold(&store, &vol.id, &holder("sbx-b", "rw")).await {
+        hold(&store, &vol.id, &holder("sbx-a", "rw"), 0)
+            .await
+            .unwrap();
+        hold(&store, &vol.id, &holder("sbx-a", "rw"), 0)
+            .await
+            .unwrap();
+        match hold(&store, &vol.id, &holder("sbx-b", "rw"), 0).await {
             Err(VolumeError::WriterExists { holder, .. }) => assert_eq!(holder.sandbox_id, "sbx-a"),
             other => panic!("{other:?}"),
         }
-        hold(&store, &vol.id, &holder("sbx-c", "ro")).await.unwrap();
+        hold(&store, &vol.id, &holder("sbx-c", "ro"), 0)
+            .await
+            .unwrap();
         assert_eq!(holders(&store, &vol.id).await.unwrap().len(), 2);
         release(&store, &vol.id, "sbx-a").await.unwrap();
-        hold(&store, &vol.id, &holder("sbx-b", "rw")).await.unwrap();
+        hold(&store, &vol.id, &holder("sbx-b", "rw"), 0)
+            .await
+            .unwrap();
 
         let image = dir.join("img");
         for (i, byte) in [1u8, 2, 3].iter().enumerate() {
@@ -414,6 +618,117 @@ mod tests {
             Err(VolumeError::NotFound(_))
         ));
         assert_eq!(id_of_name(&store, "team-1", "work").await.unwrap(), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn write_locks_are_leases_renewed_and_taken_over_after_expiry() {
+        let dir = scratch();
+        let store = LocalStore::open(dir.join("store")).unwrap();
+        let vol = StoredVolume {
+            format: FORMAT,
+            id: "2f6b6a2e-3c1d-4c55-9a0b-2b8d5b1c9e10".into(),
+            team_id: "team-1".into(),
+            name: None,
+            size_mib: 16,
+            created_unix_ms: 1,
+        };
+        create(&store, &vol).await.unwrap();
+        let lease = DEFAULT_LEASE.as_millis() as u64;
+        let t0 = 1_000_000;
+        hold(&store, &vol.id, &leased("sbx-a", "rw", t0 + lease), t0)
+            .await
+            .unwrap();
+
+        // A live lease (even just past its expiry, within the grace) is not taken over.
+        for now in [t0 + 1, t0 + lease + CLOCK_GRACE_MS - 1] {
+            match hold(&store, &vol.id, &leased("sbx-b", "rw", now + lease), now).await {
+                Err(VolumeError::WriterExists { holder, .. }) => {
+                    assert_eq!(holder.sandbox_id, "sbx-a")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // A renewal extends it: what would have expired is still held.
+        let t1 = t0 + lease / 3;
+        assert_eq!(
+            renew(&store, &vol.id, "sbx-a", t1 + lease, t1)
+                .await
+                .unwrap(),
+            Renewal::Renewed
+        );
+        let late = t0 + lease + CLOCK_GRACE_MS + 1;
+        assert!(!holders(&store, &vol.id).await.unwrap()[0].expired(late));
+        assert!(matches!(
+            hold(&store, &vol.id, &leased("sbx-b", "rw", late + lease), late).await,
+            Err(VolumeError::WriterExists { .. })
+        ));
+
+        // Past the renewed expiry it is taken over, by exactly one of two writers.
+        let t2 = t1 + lease + CLOCK_GRACE_MS;
+        assert!(holders(&store, &vol.id).await.unwrap()[0].expired(t2));
+        hold(&store, &vol.id, &leased("sbx-b", "rw", t2 + lease), t2)
+            .await
+            .unwrap();
+        match hold(&store, &vol.id, &leased("sbx-c", "rw", t2 + lease), t2).await {
+            Err(VolumeError::WriterExists { holder, .. }) => assert_eq!(holder.sandbox_id, "sbx-b"),
+            other => panic!("{other:?}"),
+        }
+        let writer: Holder = read(&store, &writer_key(&vol.id)).await.unwrap().unwrap();
+        assert_eq!(writer.sandbox_id, "sbx-b");
+        assert!(store
+            .list(&format!("volumes/{}/takeovers/", vol.id))
+            .await
+            .unwrap()
+            .is_empty());
+        // The old writer's renewal finds the lock lost and writes nothing.
+        match renew(&store, &vol.id, "sbx-a", t2 + lease, t2)
+            .await
+            .unwrap()
+        {
+            Renewal::Lost(Some(h)) => assert_eq!(h.sandbox_id, "sbx-b"),
+            other => panic!("{other:?}"),
+        }
+        // A fresh takeover claim holds others off; a stale one (its claimant died
+        // between the claim and its put) does not.
+        let t3 = t2 + lease + CLOCK_GRACE_MS;
+        let seen = store.get(&writer_key(&vol.id)).await.unwrap();
+        store
+            .put(
+                &format!("{}000001.json", takeovers_prefix(&vol.id, &seen)),
+                json(&t3),
+            )
+            .await
+            .unwrap();
+        match hold(&store, &vol.id, &leased("sbx-c", "rw", t3 + lease), t3).await {
+            Err(VolumeError::WriterExists { holder, .. }) => assert_eq!(holder.sandbox_id, "sbx-b"),
+            other => panic!("{other:?}"),
+        }
+        let t4 = t3 + CLAIM_STALE_MS;
+        hold(&store, &vol.id, &leased("sbx-c", "rw", t4 + lease), t4)
+            .await
+            .unwrap();
+
+        // A released hold is not renewed back.
+        release(&store, &vol.id, "sbx-c").await.unwrap();
+        assert_eq!(
+            renew(&store, &vol.id, "sbx-c", t4 + 2 * lease, t4)
+                .await
+                .unwrap(),
+            Renewal::Released
+        );
+        assert!(!store.exists(&writer_key(&vol.id)).await.unwrap());
+
+        // Holds from before leases never expire.
+        assert!(!holder("sbx-old", "rw").expired(u64::MAX));
+
+        // Deleting the volume removes the expired holds left behind.
+        delete(&store, &vol).await.unwrap();
+        assert!(store
+            .list(&format!("volumes/{}/", vol.id))
+            .await
+            .unwrap()
+            .is_empty());
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -2,6 +2,7 @@
 //! environment, small VM shapes, and request builders.
 
 pub mod bench;
+pub mod faults;
 pub mod http;
 pub mod netns;
 

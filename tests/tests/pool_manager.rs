@@ -898,6 +898,10 @@ async fn a_restart_finishes_a_pause_and_a_delete_the_records_missed() {
     let unfinished = state.join("pauses").join(&a).join("unfinished");
     std::fs::create_dir_all(&unfinished).unwrap();
     std::fs::write(unfinished.join("state"), b"partial").unwrap();
+    // A fork the crash interrupted: its snapshot serves no child.
+    let orphan_fork = state.join("forks").join("0123456789abcdef");
+    std::fs::create_dir_all(&orphan_fork).unwrap();
+    std::fs::write(orphan_fork.join("memory"), b"partial").unwrap();
 
     let daemon = Daemon::start_in(state.clone());
     let api = Api::new(&daemon, key);
@@ -928,6 +932,10 @@ async fn a_restart_finishes_a_pause_and_a_delete_the_records_missed() {
     assert!(
         !state.join("pauses").join(&b).exists(),
         "the deleted sandbox's pause snapshot is still there"
+    );
+    assert!(
+        !orphan_fork.exists(),
+        "an unused fork snapshot outlived the restart"
     );
     assert_eq!(api.delete(&a).await, StatusCode::NO_CONTENT);
     assert!(

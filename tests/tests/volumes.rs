@@ -212,3 +212,170 @@ async fn a_volume_outlives_its_sandboxes_and_workers_with_one_writer_at_a_time()
     let (status, _) = on_a.fetch(&format!("/v1/volumes/{vol_id}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+/// Writes a hold of `volume` by `sandbox` straight into the store, as a worker that died
+/// would have left it: its write lock too for `rw`, its lease ending at `expires_unix_ms`.
+async fn plant_hold(
+    store: &storage::S3Store,
+    volume: &str,
+    sandbox: &str,
+    mode: &str,
+    expires_unix_ms: u64,
+) {
+    use storage::ObjectStore;
+    let holder = storage::volumes::Holder {
+        sandbox_id: sandbox.into(),
+        path: "/mnt/work".into(),
+        mode: mode.into(),
+        since_unix_ms: 1,
+        expires_unix_ms: Some(expires_unix_ms),
+    };
+    let bytes: bytes::Bytes = serde_json::to_vec(&holder).unwrap().into();
+    if mode == "rw" {
+        store
+            .put(&format!("volumes/{volume}/writer.json"), bytes.clone())
+            .await
+            .unwrap();
+    }
+    store
+        .put(&format!("volumes/{volume}/holders/{sandbox}.json"), bytes)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_hold_whose_lease_expired_frees_the_volume_for_writers_and_deletes() {
+    let bucket = format!("t-volume-leases-{}", std::process::id());
+    let s3 = s3_flags(&bucket);
+    let flags: Vec<&str> = s3.iter().map(String::as_str).collect();
+    let stack = Stack::start_with("volume-leases", &flags, S3_ENV);
+    let api = stack.public(stack.daemon.team_key("acme"));
+    let store = storage::S3Store::new(&storage::S3Config {
+        endpoint: nullspace_tests::s3_endpoint(),
+        bucket,
+        prefix: String::new(),
+        region: "us-east-1".into(),
+        access_key: "nullspace-test".into(),
+        secret_key: "nullspace-test".into(),
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let hour = 3_600_000;
+    let mut ids = Vec::new();
+    for name in ["live", "expired"] {
+        let (status, vol) = api
+            .post("/v1/volumes", json!({ "name": name, "sizeMiB": 64 }))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{vol}");
+        ids.push(vol["volumeID"].as_str().unwrap().to_string());
+    }
+    let (live, expired) = (&ids[0], &ids[1]);
+    // A writer on a worker that still renews its lease, and one whose worker died an
+    // hour ago (its lease long run out), with a reader from then.
+    plant_hold(&store, live, "sbx-renewing", "rw", now + hour).await;
+    plant_hold(&store, expired, "sbx-gone", "rw", now - hour).await;
+    plant_hold(&store, expired, "sbx-gone-reader", "ro", now - hour).await;
+
+    // The live lease keeps writers out and the volume undeleted.
+    let (status, v) = create(&api, live, "rw").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("sbx-renewing"),
+        "{v}"
+    );
+    let (status, v) = api
+        .call(Method::DELETE, &format!("/v1/volumes/{live}"), None)
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+
+    // The expired ones are gone: not shown, and a new writer takes the lock over.
+    let (_, shown) = api.fetch(&format!("/v1/volumes/{expired}")).await;
+    assert_eq!(shown["attachments"], json!([]), "{shown}");
+    let (status, writer) = create(&api, expired, "rw").await;
+    assert_eq!(status, StatusCode::CREATED, "{writer}");
+    let (out, code) = run(
+        &Runtime::of(&writer),
+        "echo taken > /mnt/work/t && cat /mnt/work/t",
+    )
+    .await;
+    assert_eq!((out.as_str(), code), ("taken", 0));
+    let (_, shown) = api.fetch(&format!("/v1/volumes/{expired}")).await;
+    assert_eq!(
+        shown["attachments"][0]["sandboxID"],
+        json!(id_of(&writer)),
+        "{shown}"
+    );
+    assert_eq!(api.delete(&id_of(&writer)).await, StatusCode::NO_CONTENT);
+    let (_, shown) = api.fetch(&format!("/v1/volumes/{expired}")).await;
+    assert_eq!(shown["version"], json!(1), "the new writer's save: {shown}");
+
+    // A volume whose only holds expired can be deleted, and its leftovers go with it.
+    plant_hold(&store, expired, "sbx-gone-again", "rw", now - hour).await;
+    let (status, v) = api
+        .call(Method::DELETE, &format!("/v1/volumes/{expired}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
+    use storage::ObjectStore;
+    assert_eq!(
+        store.list(&format!("volumes/{expired}/")).await.unwrap(),
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test]
+async fn a_failed_save_keeps_the_hold_and_is_retried_until_it_lands() {
+    let scratch = nullspace_tests::ScratchDir::new("volume-save-retry");
+    let store_dir = scratch.path().join("objects");
+    let dir_flag = store_dir.display().to_string();
+    let stack = Stack::start_with("volume-save-retry", &["--store-dir", &dir_flag], &[]);
+    let api = stack.public(stack.daemon.team_key("acme"));
+    let (status, vol) = api
+        .post("/v1/volumes", json!({ "name": "retried", "sizeMiB": 64 }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{vol}");
+    let vol_id = vol["volumeID"].as_str().unwrap().to_string();
+    let (status, writer) = create(&api, &vol_id, "rw").await;
+    assert_eq!(status, StatusCode::CREATED, "{writer}");
+    let (out, code) = run(
+        &Runtime::of(&writer),
+        "echo kept > /mnt/work/k && cat /mnt/work/k",
+    )
+    .await;
+    assert_eq!((out.as_str(), code), ("kept", 0));
+
+    // The store cannot take the volume's versions (a file where their directory goes):
+    // the save at the writer's end fails, and its hold stays.
+    let versions = store_dir.join("volumes").join(&vol_id).join("versions");
+    std::fs::write(&versions, b"in the way").unwrap();
+    assert_eq!(api.delete(&id_of(&writer)).await, StatusCode::NO_CONTENT);
+    let (status, v) = api
+        .call(Method::DELETE, &format!("/v1/volumes/{vol_id}"), None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "the unsaved writer still holds it: {v}"
+    );
+
+    // The store recovers: a retry (after its back-off) saves it and releases the hold.
+    std::fs::remove_file(&versions).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let shown = loop {
+        let (_, shown) = api.fetch(&format!("/v1/volumes/{vol_id}")).await;
+        if shown["version"] == json!(1) && shown["attachments"] == json!([]) {
+            break shown;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the save was not retried: {shown}"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    };
+    assert!(shown["savedAt"].is_string(), "{shown}");
+    let (status, v) = api
+        .call(Method::DELETE, &format!("/v1/volumes/{vol_id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
+}

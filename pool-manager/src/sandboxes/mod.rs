@@ -319,6 +319,22 @@ impl Manager {
         self.fail_interrupted_builds()?;
         // Scratch space of snapshots a crash interrupted: never published, never needed.
         let _ = std::fs::remove_dir_all(self.state_dir.join("uploads"));
+        // Fork snapshots no live child stands on (a fork the crash interrupted, or one
+        // whose last child's delete did not get to it).
+        let bases: std::collections::HashSet<String> = self
+            .catalog
+            .sandboxes_in(Catalog::LIVE)?
+            .into_iter()
+            .filter_map(|r| r.fork_base)
+            .collect();
+        if let Ok(forks) = std::fs::read_dir(self.state_dir.join("forks")) {
+            for dir in forks.flatten() {
+                if !bases.contains(&dir.path().display().to_string()) {
+                    info!(dir = %dir.path().display(), "removing an unused fork snapshot");
+                    let _ = std::fs::remove_dir_all(dir.path());
+                }
+            }
+        }
         let reaped = self.vmm.reap_orphans(&adopted);
         info!(adopted = adopted.len(), reaped, "reconciled after start");
         Ok(())

@@ -11,22 +11,83 @@
 //! Snapshots carry a copy of every attached image (`volume-<lun>.img`): a resume reuses
 //! the sandbox's own image; a fork child or a restored copy gets its own copy of the
 //! snapshot's and holds no lock (it never writes the volume back).
+//!
+//! Holds are leases ([`VOLUME_LEASE`], see `storage::volumes`): [`Manager::keep_volume_leases`]
+//! renews those of this host's live sandboxes, and of its saves still being retried,
+//! every third of it. A hold whose owner is gone (a daemon that died, a create that
+//! never recorded its sandbox) expires, and the volume can be written or deleted again.
+//!
+//! A save that fails when a writer ends keeps the image and the write lock, and is
+//! retried in the background with exponential back-off ([`SAVE_TRIES`] tries in all);
+//! the queue is on disk (`<state>/volumes/<sandbox>/save-pending.json`), so a restarted
+//! daemon goes on with it. A save that lands releases the hold. After the last failure
+//! the sandbox gets a `volume.save_failed` event, the image stays on this host
+//! (`save-failed.json` beside it names the volumes: only an operator can still upload
+//! or remove it) and the lease is no longer renewed: once it expires the volume can be
+//! taken over by another writer (from its last saved content) or deleted.
 
 use super::{now_ms, Manager};
+use crate::backoff::Backoff;
 use crate::error::ApiError;
 use crate::model::*;
 use agent_protocol::{Command, ExecRequest};
 use api_model::{
     is_volume_id, Mount, MountMode, VolumeAttachment, VolumeCreateRequest, VolumeView,
 };
-use std::collections::BTreeMap;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use storage::volumes::{self as stored, Holder, StoredVolume, VolumeError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use storage::volumes::{self as stored, Holder, Renewal, StoredVolume, VolumeError};
 use tracing::{info, warn};
 use vmm::{QemuVm, VolumeDrive};
 
 /// How long the guest gets to see a hot-plugged disk.
 const DEVICE_WAIT_S: u32 = 20;
+/// How long a volume hold lasts unless renewed (renewed every third of it).
+pub(crate) const VOLUME_LEASE: Duration = stored::DEFAULT_LEASE;
+/// Tries of a volume's save when its writer ends, the first one included.
+const SAVE_TRIES: u32 = 6;
+/// The back-off between tries of a failed save: 10 s, doubling, at most 2 min (so a
+/// save is given up about 4.5 min after its first failure).
+const SAVE_RETRY_BASE: Duration = Duration::from_secs(10);
+const SAVE_RETRY_CAP: Duration = Duration::from_secs(120);
+/// How often the retry queue is looked at.
+const SAVE_RETRY_TICK: Duration = Duration::from_secs(5);
+/// A writer's saves still being retried (in its volume directory).
+const PENDING_FILE: &str = "save-pending.json";
+/// A writer's saves given up on.
+const ABANDONED_FILE: &str = "save-failed.json";
+
+/// Serialises this host's lease renewals with its releases: a renewal that read a hold
+/// just before the release deleted it would write it back.
+static LEASE_WRITES: std::sync::LazyLock<tokio::sync::Mutex<()>> =
+    std::sync::LazyLock::new(|| tokio::sync::Mutex::new(()));
+
+/// The saves of an ended writer's volumes that failed, retried in the background.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PendingSave {
+    sandbox_id: String,
+    /// The volumes not saved yet.
+    mounts: Vec<PendingMount>,
+    /// Tries so far.
+    tries: u32,
+    /// The last failure.
+    error: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PendingMount {
+    lun: u8,
+    volume: String,
+}
+
+fn lease_end(now_unix_ms: u64) -> u64 {
+    now_unix_ms + VOLUME_LEASE.as_millis() as u64
+}
 
 fn volume_error(e: VolumeError) -> ApiError {
     match e {
@@ -57,6 +118,7 @@ fn view(
         saved_at: latest.map(|l| iso8601(l.saved_unix_ms as i64)),
         attachments: holders
             .into_iter()
+            .filter(|h| !h.expired(now_ms() as u64))
             .map(|h| VolumeAttachment {
                 sandbox_id: h.sandbox_id,
                 path: h.path,
@@ -145,9 +207,14 @@ impl Manager {
     /// Deletes a volume no sandbox holds, with its saved contents.
     pub async fn delete_volume(&self, team: &str, id: &str) -> Result<(), ApiError> {
         let v = self.volume(team, id).await?;
-        let holders = stored::holders(self.store(), &v.id)
+        let now = now_ms() as u64;
+        let holders: Vec<Holder> = stored::holders(self.store(), &v.id)
             .await
-            .map_err(|e| volume_error(e.into()))?;
+            .map_err(|e| volume_error(e.into()))?
+            .into_iter()
+            // A hold whose lease ran out is gone (its owner stopped renewing it).
+            .filter(|h| !h.expired(now))
+            .collect();
         if !holders.is_empty() {
             let ids: Vec<&str> = holders.iter().map(|h| h.sandbox_id.as_str()).collect();
             return Err(ApiError::conflict(format!(
@@ -191,13 +258,17 @@ impl Manager {
     /// Takes the sandbox's holds on its volumes (the write lock for `rw`); all or none.
     pub(super) async fn hold_volumes(&self, r: &SandboxRecord) -> Result<(), ApiError> {
         for (i, m) in r.mounts.iter().enumerate() {
+            let now = now_ms() as u64;
             let holder = Holder {
                 sandbox_id: r.id.clone(),
                 path: m.path.clone(),
                 mode: m.mode.as_str().into(),
-                since_unix_ms: now_ms() as u64,
+                since_unix_ms: now,
+                // Renewed once the sandbox's record exists (a create that dies before
+                // then leaves a hold that expires).
+                expires_unix_ms: Some(lease_end(now)),
             };
-            if let Err(e) = stored::hold(self.store(), &m.volume, &holder).await {
+            if let Err(e) = stored::hold(self.store(), &m.volume, &holder, now).await {
                 for earlier in &r.mounts[..i] {
                     let _ = stored::release(self.store(), &earlier.volume, &r.id).await;
                 }
@@ -332,13 +403,39 @@ impl Manager {
     /// each one's clean copy (`from_clean`: what [`Manager::quiesce_volumes`] made, then
     /// removed), else its image. Returns whether every save landed.
     pub(super) async fn save_volumes(&self, r: &SandboxRecord, from_clean: bool) -> bool {
+        self.save_volume_images(r, from_clean).await.is_empty()
+    }
+
+    /// [`Manager::save_volumes`], returning the mounts whose save failed (their LUN)
+    /// and the last error.
+    async fn save_volume_images(
+        &self,
+        r: &SandboxRecord,
+        from_clean: bool,
+    ) -> Vec<(PendingMount, String)> {
         if r.volume_copies {
-            return true;
+            return Vec::new();
         }
-        let mut all = true;
+        let mut failed = Vec::new();
         for (lun, m) in r.mounts.iter().enumerate() {
             let image = self.volume_image(&r.id, lun as u8, from_clean);
             if m.mode != MountMode::Rw || !image.exists() {
+                continue;
+            }
+            // Renewed first: a lock taken over by another writer (this one's lease ran
+            // out, its host down) is not saved over.
+            let now = now_ms() as u64;
+            let renewed = {
+                let _leases = LEASE_WRITES.lock().await;
+                stored::renew(self.store(), &m.volume, &r.id, lease_end(now), now).await
+            };
+            if let Ok(Renewal::Lost(Some(other))) = renewed {
+                warn!(sandbox = %r.id, volume = %m.volume, held_by = %other.sandbox_id, "not saving a volume whose write lock another writer took over (this one's lease expired)");
+                let _ = self.catalog.append_event(
+                    &r.id,
+                    "volume.save_failed",
+                    &serde_json::json!({ "volumeID": m.volume, "error": "the write lock was lost (its lease expired)", "heldBy": other.sandbox_id }),
+                );
                 continue;
             }
             let _uploading = self.uploads.read().await;
@@ -347,20 +444,27 @@ impl Manager {
                     info!(sandbox = %r.id, volume = %m.volume, version = v.version, "volume saved")
                 }
                 Err(e) => {
-                    all = false;
                     warn!(sandbox = %r.id, volume = %m.volume, error = %e, "saving a volume failed; its image and write lock stay");
+                    failed.push((
+                        PendingMount {
+                            lun: lun as u8,
+                            volume: m.volume.clone(),
+                        },
+                        e.to_string(),
+                    ));
                 }
             }
             if from_clean {
                 let _ = std::fs::remove_file(&image);
             }
         }
-        all
+        failed
     }
 
     /// Ends the sandbox's hold on its volumes once its VM is gone: read-write content
     /// saved, locks released, local images removed. A failed save keeps the image and
-    /// the write lock (nobody else may write over what was not saved).
+    /// the write lock (nobody else may write over what was not saved) and is retried in
+    /// the background ([`Manager::keep_volume_leases`]).
     pub(super) async fn release_volumes(&self, r: &SandboxRecord) {
         if r.mounts.is_empty() {
             return;
@@ -375,10 +479,11 @@ impl Manager {
                 return;
             }
         }
-        let saved = self.save_volumes(r, false).await;
+        let failed = self.save_volume_images(r, false).await;
         if !r.volume_copies {
+            let _leases = LEASE_WRITES.lock().await;
             for m in &r.mounts {
-                if !saved && m.mode == MountMode::Rw {
+                if failed.iter().any(|(f, _)| f.volume == m.volume) {
                     continue;
                 }
                 if let Err(e) = stored::release(self.store(), &m.volume, &r.id).await {
@@ -386,9 +491,212 @@ impl Manager {
                 }
             }
         }
-        if saved {
+        if failed.is_empty() {
             let _ = std::fs::remove_dir_all(self.volume_dir(&r.id));
+            return;
         }
+        let error = failed.last().map(|(_, e)| e.clone()).unwrap_or_default();
+        let pending = PendingSave {
+            sandbox_id: r.id.clone(),
+            mounts: failed.into_iter().map(|(m, _)| m).collect(),
+            tries: 1,
+            error,
+        };
+        // Without the file nothing renews the hold: it expires after a lease.
+        if let Err(e) = self.write_save_file(&pending, PENDING_FILE) {
+            warn!(sandbox = %r.id, error = %e, "recording a volume save to retry failed; its write lock expires unrenewed");
+        }
+    }
+
+    fn write_save_file(&self, pending: &PendingSave, name: &str) -> std::io::Result<()> {
+        let dir = self.volume_dir(&pending.sandbox_id);
+        let tmp = dir.join(format!("{name}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(pending).expect("json"))?;
+        std::fs::rename(&tmp, dir.join(name))
+    }
+
+    /// The saves being retried on this host.
+    fn pending_saves(&self) -> Vec<PendingSave> {
+        let Ok(dirs) = std::fs::read_dir(self.state_dir.join("volumes")) else {
+            return Vec::new();
+        };
+        dirs.flatten()
+            .filter_map(|d| {
+                let bytes = std::fs::read(d.path().join(PENDING_FILE)).ok()?;
+                serde_json::from_slice(&bytes).ok()
+            })
+            .collect()
+    }
+
+    /// Runs for the daemon's life: renews this host's volume holds every third of
+    /// [`VOLUME_LEASE`] (live sandboxes', and those of saves being retried), and
+    /// retries failed saves (a task of its own, so a slow upload delays no renewal).
+    pub async fn keep_volume_leases(self: Arc<Self>) {
+        tokio::spawn(self.clone().retry_volume_saves());
+        let mut reported = HashSet::new();
+        // At once first: a restarted daemon's holds were last renewed before it stopped.
+        loop {
+            self.renew_volume_leases(&mut reported).await;
+            tokio::time::sleep(VOLUME_LEASE / 3).await;
+        }
+    }
+
+    /// One round of renewals; a lost lock is reported once per sandbox and volume.
+    async fn renew_volume_leases(&self, reported: &mut HashSet<(String, String)>) {
+        let mut held: Vec<(String, String)> = Vec::new();
+        match self
+            .catalog
+            .sandboxes_in(&["new", "creating", "active", "stopped", "destroying"])
+        {
+            Ok(records) => {
+                for r in records.iter().filter(|r| !r.volume_copies) {
+                    held.extend(r.mounts.iter().map(|m| (r.id.clone(), m.volume.clone())));
+                }
+            }
+            Err(e) => warn!(error = %e, "renewing volume leases: the catalog could not be read"),
+        }
+        for p in self.pending_saves() {
+            held.extend(
+                p.mounts
+                    .into_iter()
+                    .map(|m| (p.sandbox_id.clone(), m.volume)),
+            );
+        }
+        for (sandbox, volume) in held {
+            let renewed = {
+                let _leases = LEASE_WRITES.lock().await;
+                let now = now_ms() as u64;
+                stored::renew(self.store(), &volume, &sandbox, lease_end(now), now).await
+            };
+            match renewed {
+                Ok(Renewal::Renewed | Renewal::Released) => {}
+                Ok(Renewal::Lost(by)) => {
+                    if !reported.insert((sandbox.clone(), volume.clone())) {
+                        continue;
+                    }
+                    let by = by.map(|h| h.sandbox_id);
+                    warn!(%sandbox, %volume, held_by = ?by, "a volume's write lock was lost (its lease expired unrenewed); this sandbox's writes will not be saved over the new writer's");
+                    let _ = self.catalog.append_event(
+                        &sandbox,
+                        "volume.lease_lost",
+                        &serde_json::json!({ "volumeID": volume, "heldBy": by }),
+                    );
+                }
+                Err(e) => warn!(%sandbox, %volume, error = %e, "renewing a volume lease failed"),
+            }
+        }
+    }
+
+    /// Retries failed saves, each with its own back-off, until they land or run out of
+    /// tries.
+    async fn retry_volume_saves(self: Arc<Self>) {
+        let mut backoffs: HashMap<String, Backoff> = HashMap::new();
+        loop {
+            tokio::time::sleep(SAVE_RETRY_TICK).await;
+            let pending = self.pending_saves();
+            backoffs.retain(|id, _| pending.iter().any(|p| &p.sandbox_id == id));
+            for p in pending {
+                let now = Instant::now();
+                let backoff = backoffs.entry(p.sandbox_id.clone()).or_insert_with(|| {
+                    // The tries so far (a restarted daemon goes on from the file).
+                    let mut b = Backoff::new(SAVE_RETRY_BASE, SAVE_RETRY_CAP);
+                    for _ in 0..p.tries.max(1) {
+                        b.failed(now);
+                    }
+                    b
+                });
+                if backoff.ready(now) {
+                    self.retry_save(p, backoff).await;
+                }
+            }
+        }
+    }
+
+    /// One more try of a pending save: what lands is released; what fails waits for
+    /// the next try, or after the last one is given up (see the module's comment).
+    async fn retry_save(&self, mut p: PendingSave, backoff: &mut Backoff) {
+        let mut still = Vec::new();
+        for m in std::mem::take(&mut p.mounts) {
+            let image = self.volume_image(&p.sandbox_id, m.lun, false);
+            // Only a writer that still holds the lock may save (another may have taken
+            // it over after the lease ran out).
+            let now = now_ms() as u64;
+            let held = {
+                let _leases = LEASE_WRITES.lock().await;
+                stored::renew(self.store(), &m.volume, &p.sandbox_id, lease_end(now), now).await
+            };
+            match held {
+                Ok(Renewal::Renewed) => {}
+                Ok(lost) => {
+                    warn!(sandbox = %p.sandbox_id, volume = %m.volume, found = ?lost, "a volume save being retried lost its write lock; its writes are not saved");
+                    let _ = self.catalog.append_event(
+                        &p.sandbox_id,
+                        "volume.save_failed",
+                        &serde_json::json!({ "volumeID": m.volume, "tries": p.tries, "error": "the write lock was lost (its lease expired)" }),
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    p.error = e.to_string();
+                    still.push(m);
+                    continue;
+                }
+            }
+            let saved = if image.exists() {
+                let _uploading = self.uploads.read().await;
+                stored::save(self.store(), &m.volume, &p.sandbox_id, &image, now)
+                    .await
+                    .map(Some)
+            } else {
+                Ok(None)
+            };
+            match saved {
+                Ok(v) => {
+                    info!(sandbox = %p.sandbox_id, volume = %m.volume, version = v.map(|v| v.version), tries = p.tries + 1, "volume saved on a retry");
+                    let _leases = LEASE_WRITES.lock().await;
+                    if let Err(e) = stored::release(self.store(), &m.volume, &p.sandbox_id).await {
+                        warn!(sandbox = %p.sandbox_id, volume = %m.volume, error = %e, "releasing a volume failed; its lease expires unrenewed");
+                    }
+                }
+                Err(e) => {
+                    p.error = e.to_string();
+                    still.push(m);
+                }
+            }
+        }
+        let dir = self.volume_dir(&p.sandbox_id);
+        if still.is_empty() {
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+        p.mounts = still;
+        p.tries += 1;
+        if p.tries < SAVE_TRIES {
+            let wait = backoff.failed(Instant::now());
+            warn!(sandbox = %p.sandbox_id, tries = p.tries, error = %p.error, retry_in_s = wait.as_secs(), "saving volumes failed again");
+            if let Err(e) = self.write_save_file(&p, PENDING_FILE) {
+                warn!(sandbox = %p.sandbox_id, error = %e, "recording a volume save to retry failed");
+            }
+            return;
+        }
+        // Given up: the file moves aside, so nothing renews the holds any more.
+        let volumes: Vec<&str> = p.mounts.iter().map(|m| m.volume.as_str()).collect();
+        warn!(sandbox = %p.sandbox_id, ?volumes, tries = p.tries, error = %p.error, dir = %dir.display(), "saving volumes failed for good; their images stay here and their write locks expire after a lease");
+        if let Err(e) = self.write_save_file(&p, ABANDONED_FILE) {
+            warn!(sandbox = %p.sandbox_id, error = %e, "recording a given-up volume save failed");
+        }
+        let _ = std::fs::remove_file(dir.join(PENDING_FILE));
+        let _ = self.catalog.append_event(
+            &p.sandbox_id,
+            "volume.save_failed",
+            &serde_json::json!({
+                "volumeIDs": volumes,
+                "tries": p.tries,
+                "error": p.error,
+                "image": dir.display().to_string(),
+                "lockExpiresInS": VOLUME_LEASE.as_secs(),
+            }),
+        );
     }
 
     /// Drops this host's images of a sandbox whose volumes were saved (hibernated: a
