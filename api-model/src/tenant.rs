@@ -60,25 +60,22 @@ pub const LIMIT_NAMES: &[&str] = &[
 
 impl LimitsPatch {
     /// `patch`'s fields over these.
-    pub fn merged(mut self, patch: &LimitsPatch) -> Self {
-        macro_rules! apply {
-            ($($f:ident),*) => { $( if patch.$f.is_some() { self.$f = patch.$f; } )* };
+    pub fn merged(self, patch: &LimitsPatch) -> Self {
+        patch.overlay(&self)
+    }
+
+    /// `base` (any shape with the limits' wire names: this patch, or the limits in
+    /// force) with the fields this patch sets in place of its own. The fields are named
+    /// once, by serde, not in every place that merges them.
+    pub fn overlay<T: Serialize + serde::de::DeserializeOwned>(&self, base: &T) -> T {
+        let mut merged = serde_json::to_value(base).expect("limits serialize");
+        if let (Some(into), serde_json::Value::Object(set)) = (
+            merged.as_object_mut(),
+            serde_json::to_value(self).expect("limits serialize"),
+        ) {
+            into.extend(set);
         }
-        apply!(
-            sandboxes,
-            vcpus,
-            memory_mib,
-            disk_mib,
-            snapshots,
-            snapshot_mib,
-            volumes,
-            volume_mib,
-            templates,
-            builds,
-            creates_per_minute,
-            create_burst
-        );
-        self
+        serde_json::from_value(merged).expect("the same wire names")
     }
 
     /// Refuses values no operator means; an empty patch changes nothing and says so.

@@ -68,25 +68,8 @@ impl Limits {
     }
 
     /// These limits with `patch`'s fields in place of theirs.
-    pub fn with(mut self, patch: &LimitsPatch) -> Self {
-        macro_rules! apply {
-            ($($f:ident),*) => { $( if let Some(v) = patch.$f { self.$f = v; } )* };
-        }
-        apply!(
-            sandboxes,
-            vcpus,
-            memory_mib,
-            disk_mib,
-            snapshots,
-            snapshot_mib,
-            volumes,
-            volume_mib,
-            templates,
-            builds,
-            creates_per_minute,
-            create_burst
-        );
-        self
+    pub fn with(self, patch: &LimitsPatch) -> Self {
+        patch.overlay(&self)
     }
 }
 

@@ -94,17 +94,20 @@ impl Manager {
     }
 
     /// Refuses one more sandbox of this shape for `team` past any of its quotas.
+    /// Only what a sandbox counts against is read (one SQL sum and the team's pools):
+    /// this runs on every create, under the admission lock.
     fn check_quotas(&self, team: &str, r: Resources, limits: &Limits) -> Result<(), ApiError> {
-        let used = self.usage(team)?;
-        quotas::check("sandboxes", used.sandboxes, 1, limits.sandboxes)?;
-        quotas::check("vcpus", used.vcpus, r.vcpus as u64, limits.vcpus)?;
+        let (sandboxes, vcpus, memory_mib, disk_mib) = self.catalog.live_resources(team)?;
+        let (warm_vcpus, warm_mib) = self.team_warm_share(team, None)?;
+        quotas::check("sandboxes", sandboxes, 1, limits.sandboxes)?;
+        quotas::check("vcpus", vcpus + warm_vcpus, r.vcpus as u64, limits.vcpus)?;
         quotas::check(
             "memoryMiB",
-            used.memory_mib,
+            memory_mib + warm_mib,
             r.mem_mib as u64,
             limits.memory_mib,
         )?;
-        quotas::check("diskMiB", used.disk_mib, r.disk_mib, limits.disk_mib)
+        quotas::check("diskMiB", disk_mib, r.disk_mib, limits.disk_mib)
     }
 
     /// Records `record` if its team may have it.
@@ -245,8 +248,7 @@ impl Manager {
         let want_mib = config.target as u64 * config.resources.mem_mib as u64;
         if let (Actor::Team(_), Some(team)) = (actor, owner) {
             let limits = self.limits(team)?;
-            let (live, vcpus, mib, _) = self.catalog.live_resources(team)?;
-            let _ = live;
+            let (_, vcpus, mib, _) = self.catalog.live_resources(team)?;
             let (warm_vcpus, warm_mib) = self.team_warm_share(team, Some(template))?;
             quotas::check("vcpus", vcpus + warm_vcpus, want_vcpus, limits.vcpus)?;
             quotas::check("memoryMiB", mib + warm_mib, want_mib, limits.memory_mib)?;

@@ -1104,15 +1104,8 @@ impl Manager {
             .catalog
             .sandbox(id)?
             .ok_or_else(|| ApiError::not_found("sandbox", id))?;
-        let slot = self.slot(id);
-        let vm = slot.lock().await;
-        match vm.as_ref() {
-            Some(vm) if r.state == InternalState::Active => Ok((vm.agent().clone(), r.env_vars)),
-            _ => Err(ApiError::conflict(format!(
-                "sandbox {id} is {}; connect to resume it",
-                r.state.public()
-            ))),
-        }
+        let agent = self.running_agent(&r).await?;
+        Ok((agent, r.env_vars))
     }
 
     /// Ends or pauses sandboxes whose timeout passed, and prunes deleted sandboxes past
