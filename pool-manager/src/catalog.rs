@@ -13,6 +13,8 @@ use std::path::Path;
 use std::sync::Mutex;
 
 mod builds;
+mod intents;
+pub use intents::Intent;
 
 /// Catalog errors.
 #[derive(Debug, thiserror::Error)]
@@ -231,6 +233,7 @@ impl Catalog {
             "DELETE FROM stored_items WHERE id LIKE ?1 || '%'",
             params![Self::PENDING_PREFIX],
         )?;
+        db.execute_batch(intents::SCHEMA)?;
         db.execute_batch(
             "CREATE INDEX IF NOT EXISTS sandboxes_state ON sandboxes (state);
              CREATE INDEX IF NOT EXISTS sandboxes_team_state ON sandboxes (team_id, state);",

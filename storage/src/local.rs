@@ -73,7 +73,8 @@ impl LocalStore {
                 sync_dir(parent).map_err(|e| ("sync", e))
             })
             .await
-            .expect("write task");
+            // A blocking task cancelled (the runtime shutting down) is an error, not a panic.
+            .unwrap_or_else(|e| Err(("write", std::io::Error::other(e))));
         result.map_err(|(op, e)| {
             if e.kind() == std::io::ErrorKind::AlreadyExists && op == "commit" {
                 StoreError::AlreadyExists(key.to_string())
@@ -152,6 +153,7 @@ impl ObjectStore for LocalStore {
         if !dir_part.is_empty() {
             check_key(dir_part)?;
         }
+        let listed = prefix.clone();
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             let dir_part = prefix.rsplit_once('/').map_or("", |(d, _)| d);
@@ -185,7 +187,7 @@ impl ObjectStore for LocalStore {
             Ok(out)
         })
         .await
-        .expect("list task")
+        .unwrap_or_else(|e| Err(io("list", &listed)(std::io::Error::other(e))))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -198,7 +200,7 @@ impl ObjectStore for LocalStore {
             Err(e) => Err(e),
         })
         .await
-        .expect("delete task")
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
         .map_err(io("delete", key))
     }
 }

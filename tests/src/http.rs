@@ -133,6 +133,26 @@ impl Runtime {
             .unwrap()
     }
 
+    /// Writes `data` to `path` in the sandbox (panics unless it is written).
+    pub async fn put_file(&self, path: &str, data: &[u8]) {
+        let resp = self
+            .http
+            .put(format!("{}/files?path={path}", self.base))
+            .bearer_auth(&self.token)
+            .body(data.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "writing {path}");
+    }
+
+    /// Reads file `path` from the sandbox, if it is there.
+    pub async fn read_file(&self, path: &str) -> Option<Vec<u8>> {
+        let resp = self.get(&format!("/files?path={path}")).await;
+        resp.status().is_success().then_some(())?;
+        Some(resp.bytes().await.ok()?.to_vec())
+    }
+
     /// GETs a data-plane path.
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.http

@@ -491,6 +491,48 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Waits up to `within` for the daemon to end by itself (a failpoint's SIGKILL);
+    /// returns the signal that ended it (`None`: it exited, or still runs and was
+    /// killed here). Its state stays.
+    pub fn wait_for_exit(&mut self, within: Duration) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = self.child.take()?;
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.signal();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Running QEMU processes of the VMs in `run_dir`, whoever started them (an adopted VM
+/// is no child of the daemon that holds it).
+pub fn qemus_in(run_dir: &std::path::Path) -> Vec<u32> {
+    let dir = run_dir.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            process_alive(*pid)
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| {
+                        let c = String::from_utf8_lossy(&c);
+                        c.contains("qemu-system") && c.contains(&dir)
+                    })
+                    .unwrap_or(false)
+        })
+        .collect()
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop_with(libc::SIGTERM);

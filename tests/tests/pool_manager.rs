@@ -1,7 +1,7 @@
 //! The pool manager end to end: a real daemon process, its HTTP APIs, real VMs.
 
 use nullspace_tests::http::{small, Api, Runtime};
-use nullspace_tests::{process_alive, Daemon};
+use nullspace_tests::{process_alive, qemus_in, Daemon};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -677,39 +677,6 @@ fn tiny() -> Value {
     json!({ "vcpus": 1, "memMiB": 256, "diskSizeMiB": 1024 })
 }
 
-/// Running QEMU processes of the VMs in `run_dir`, whoever started them (an adopted VM
-/// is no child of the daemon that holds it).
-fn qemus_in(run_dir: &std::path::Path) -> Vec<u32> {
-    let dir = run_dir.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            process_alive(*pid)
-                && std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| {
-                        let c = String::from_utf8_lossy(&c);
-                        c.contains("qemu-system") && c.contains(&dir)
-                    })
-                    .unwrap_or(false)
-        })
-        .collect()
-}
-
-/// Writes `data` to `path` in a sandbox through its data plane.
-async fn put_file(rt: &Runtime, path: &str, data: &[u8]) {
-    let resp = rt
-        .http
-        .put(format!("{}/files?path={path}", rt.base))
-        .bearer_auth(&rt.token)
-        .body(data.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-}
-
 #[tokio::test]
 async fn a_daemon_killed_during_pauses_loses_no_file() {
     let mut daemon = Daemon::start("pause-kill");
@@ -741,7 +708,9 @@ async fn a_daemon_killed_during_pauses_loses_no_file() {
         let data: Vec<u8> = (0..1_000_000u32)
             .map(|n| (n.wrapping_mul(13) + i * 7) as u8)
             .collect();
-        put_file(&Runtime::of(&sbx), "/workspace/kept.bin", &data).await;
+        Runtime::of(&sbx)
+            .put_file("/workspace/kept.bin", &data)
+            .await;
         let t = Instant::now();
         pause(&id).await;
         pause_took = pause_took.max(t.elapsed());
@@ -864,7 +833,9 @@ async fn a_restart_finishes_a_pause_and_a_delete_the_records_missed() {
         deleting["sandboxID"].as_str().unwrap().to_string(),
     );
     let data: Vec<u8> = (0..1_000_000u32).map(|n| (n % 241) as u8).collect();
-    put_file(&Runtime::of(&paused), "/workspace/kept.bin", &data).await;
+    Runtime::of(&paused)
+        .put_file("/workspace/kept.bin", &data)
+        .await;
     for id in [&a, &b] {
         let (status, v) = api
             .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))

@@ -1007,6 +1007,7 @@ impl QemuVmm {
         child_volumes: impl Fn(usize, &Snapshot) -> Result<BTreeMap<u8, PathBuf>, VmmError>,
     ) -> Result<(Snapshot, Vec<QemuVm>), VmmError> {
         let snapshot = parent.snapshot_transient(snapshot_dir, true).await?;
+        failpoint::hit("vm.fork.base_taken");
         let options = (0..n)
             .map(|i| {
                 Ok(RestoreOptions {
@@ -2005,6 +2006,7 @@ impl QemuVm {
         // again meanwhile.
         let result = match result {
             Ok((snapshot, _)) => {
+                failpoint::hit("vm.snapshot.copied");
                 let committed = snapshot.clone();
                 blocking(move || committed.commit(durable))
                     .await
@@ -2039,6 +2041,7 @@ impl QemuVm {
         if was_running {
             self.qmp().execute("stop", None).await?;
         }
+        failpoint::hit("vm.snapshot.stopped");
         let format = match self.launch.memory {
             Memory::Owned => MemoryFormat::File,
             Memory::CopyOnWrite(_) => MemoryFormat::Stream,
@@ -2101,6 +2104,7 @@ impl QemuVm {
             .map_err(|e| VmmError::Snapshot(format!("receiving the state: {e}")))?;
         let _ = std::fs::remove_file(&sock);
         tracing::debug!(bytes = received, "device state saved");
+        failpoint::hit("vm.snapshot.state_saved");
 
         // Migration flushed and released the disk: the overlay is consistent to copy.
         // GiB of memory and disk: copied on a blocking thread.

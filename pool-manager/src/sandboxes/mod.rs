@@ -22,6 +22,7 @@ mod builds;
 mod network;
 mod observe;
 mod previews;
+mod recovery;
 mod snapshots;
 mod volumes;
 mod warm;
@@ -37,7 +38,8 @@ type Slot = Arc<tokio::sync::Mutex<Option<QemuVm>>>;
 
 /// Owns every sandbox on this host.
 pub struct Manager {
-    pub catalog: Catalog,
+    /// Shared with the intents of operations under way, which end their rows when dropped.
+    pub catalog: Arc<Catalog>,
     vmm: QemuVmm,
     templates: Templates,
     tokens: TokenSigner,
@@ -181,7 +183,7 @@ impl Manager {
             network,
         } = config;
         Self {
-            catalog,
+            catalog: Arc::new(catalog),
             templates: Templates::new(templates_dir, vmm.clone()),
             vmm,
             tokens,
@@ -225,7 +227,14 @@ impl Manager {
     /// directories nobody owns.
     pub async fn reconcile_after_start(&self) -> Result<(), ApiError> {
         let mut adopted = Vec::new();
+        // Operations a crash cut short, by their intent records: first what needs
+        // their VM before it is adopted as a plain running sandbox.
+        let intents = self.catalog.intents()?;
+        let settled = self.recover_before_states(&intents, &mut adopted).await?;
         for mut r in self.catalog.sandboxes_in(Catalog::NOT_DELETED)? {
+            if settled.contains(&r.id) {
+                continue;
+            }
             match r.state {
                 InternalState::Active => {
                     let dir = r.vm_dir.clone().unwrap_or_default();
@@ -317,6 +326,8 @@ impl Manager {
             }
         }
         self.fail_interrupted_builds()?;
+        // Then the rest of each operation cut short, with every sandbox settled.
+        self.recover_after_states(intents).await?;
         // Scratch space of snapshots a crash interrupted: never published, never needed.
         let _ = std::fs::remove_dir_all(self.state_dir.join("uploads"));
         // Fork snapshots no live child stands on (a fork the crash interrupted, or one
@@ -506,12 +517,20 @@ impl Manager {
         req: CreateRequest,
     ) -> Result<SandboxView, ApiError> {
         let (record, valid) = self.plan(team, req).await?;
+        // Its volume holds are taken before its record exists: the intent names them.
+        let volumes: Vec<&str> = record.mounts.iter().map(|m| m.volume.as_str()).collect();
+        let intent = self.begin_op(
+            &record.id,
+            recovery::op::CREATE,
+            serde_json::json!({ "volumes": volumes }),
+        )?;
         if record.mounts.is_empty() {
-            return self.create_holding(record, valid).await;
+            return self.create_holding(record, valid, intent).await;
         }
         self.hold_volumes(&record).await?;
+        intent.step("create.held", serde_json::json!({}));
         let released = record.clone();
-        let result = self.create_holding(record, valid).await;
+        let result = self.create_holding(record, valid, intent).await;
         if result.is_err() {
             // Nothing ran with the volumes (or the failure path already saved them).
             self.release_volumes(&released).await;
@@ -524,6 +543,7 @@ impl Manager {
         self: &Arc<Self>,
         mut record: SandboxRecord,
         valid: api_model::ValidCreate,
+        intent: recovery::OpIntent,
     ) -> Result<SandboxView, ApiError> {
         let wait = valid.wait_ready;
         // The new sandbox's slot is held from before its record exists until its VM is
@@ -574,13 +594,18 @@ impl Manager {
             "sandbox.created",
             &serde_json::json!({ "templateID": record.template_id, "state": "starting" }),
         )?;
+        intent.step("create.admitted", serde_json::json!({}));
         let starting = self.view(&record, false);
         let span = tracing::info_span!("sandbox", id = %record.id);
         let this = self.clone();
         let work = async move {
+            let intent = intent;
             let result = match this.start_vm(&mut record).await {
                 Ok(mut vm) => match this.mount_volumes(&record, &mut vm).await {
-                    Ok(()) => Ok(vm),
+                    Ok(()) => {
+                        intent.step("create.started", serde_json::json!({}));
+                        Ok(vm)
+                    }
                     Err(e) => {
                         vm.kill().await;
                         Err(e)
@@ -835,12 +860,19 @@ impl Manager {
         // that snapshot's disk as its backing file until this one is complete.
         let pauses = self.pauses_dir(id);
         let dir = pauses.join(uuid::Uuid::new_v4().simple().to_string());
+        let intent = self.begin_op(
+            id,
+            recovery::op::PAUSE,
+            serde_json::json!({ "dir": dir.display().to_string() }),
+        )?;
         let _ = std::fs::create_dir_all(&pauses);
         match vm.snapshot(&dir, false).await {
             Ok(snapshot) => {
+                intent.step("pause.snapshotted", serde_json::json!({}));
                 self.catalog
                     .record_snapshot("pause", Some(id), None, &snapshot)?;
                 vm.kill().await;
+                intent.step("pause.vm_ended", serde_json::json!({}));
                 // The new snapshot stands alone (its disk is rebased onto the template's
                 // root file system): earlier pauses of this sandbox can go (GiB of files:
                 // removed on a blocking thread).
@@ -853,6 +885,7 @@ impl Manager {
                     }
                 })
                 .await;
+                intent.step("pause.older_removed", serde_json::json!({}));
                 r.pause_snapshot = Some(dir.display().to_string());
                 r.vm_dir = None;
                 self.transition(&mut r, InternalState::Stopped, "paused")?;
@@ -976,11 +1009,14 @@ impl Manager {
         if r.state == InternalState::Deleted {
             return Ok(());
         }
+        let intent = self.begin_op(id, recovery::op::DELETE, serde_json::json!({}))?;
         self.transition(&mut r, InternalState::Destroying, reason)?;
+        intent.step("delete.destroying", serde_json::json!({}));
         if let Some(vm) = vm_slot.take() {
             self.quiesce_volumes(&r, &vm, false).await;
             vm.kill().await;
         }
+        intent.step("delete.vm_ended", serde_json::json!({}));
         self.finish_destroy(&mut r, reason).await?;
         drop(vm_slot);
         self.slots.lock().unwrap().remove(id);
@@ -992,6 +1028,7 @@ impl Manager {
     /// (local and stored) deleted, its fork base released, then `deleted`.
     async fn finish_destroy(&self, r: &mut SandboxRecord, reason: &str) -> Result<(), ApiError> {
         self.release_volumes(r).await;
+        failpoint::hit("delete.volumes_released");
         if let Some(dir) = r.pause_snapshot.take() {
             if let Ok(snapshot) = Snapshot::open(&dir) {
                 self.catalog.forget_snapshot(&snapshot.manifest().id)?;
@@ -1003,6 +1040,7 @@ impl Manager {
         if let Some(snapshot_id) = r.hibernated.take() {
             self.delete_hibernate_snapshot(&snapshot_id).await;
         }
+        failpoint::hit("delete.snapshots_removed");
         let fork_base = r.fork_base.take();
         self.network.forget(&r.id);
         self.transition(r, InternalState::Deleted, reason)?;

@@ -363,10 +363,21 @@ impl Manager {
     pub async fn create_snapshot(&self, team: &str, id: &str) -> Result<SnapshotView, ApiError> {
         let (mut guard, r) = self.lock_running(team, id, "snapshotted").await?;
         let _held = self.hold_snapshot_quota(&r, Kind::Manual)?;
+        let intent = self.begin_op(
+            id,
+            super::recovery::op::SNAPSHOT,
+            serde_json::json!({ "kind": Kind::Manual.as_str() }),
+        )?;
         let vm = guard.as_mut().expect("checked");
         let taken = self.take(vm, &r, Kind::Manual, true).await?;
+        intent.step("snapshot.taken", serde_json::json!({}));
         drop(guard);
-        Ok(view_of(&self.publish(taken, &r, Kind::Manual).await?))
+        let published = self.publish(taken, &r, Kind::Manual).await?;
+        intent.step(
+            "snapshot.published",
+            serde_json::json!({ "snapshot": published.id }),
+        );
+        Ok(view_of(&published))
     }
 
     /// The stored snapshots of `sandbox_id` that belong to `team`. The sandbox may be
@@ -554,12 +565,15 @@ impl Manager {
             message: format!("hibernate failed, the sandbox keeps running: {}", e.message),
             ..e
         };
+        let intent = self.begin_op(id, super::recovery::op::HIBERNATE, serde_json::json!({}))?;
         // Clean copies of its read-write volumes, saved once the hibernate lands.
         self.quiesce_volumes(&r, vm, true).await;
+        intent.step("hibernate.quiesced", serde_json::json!({}));
         let taken = self
             .take(vm, &r, Kind::Pause, false)
             .await
             .map_err(kept_running)?;
+        intent.step("hibernate.taken", serde_json::json!({}));
         let s = match self.publish(taken, &r, Kind::Pause).await {
             Ok(s) => s,
             Err(e) => {
@@ -567,12 +581,19 @@ impl Manager {
                 return Err(kept_running(e));
             }
         };
+        // From here on a restart finishes the hibernate: the snapshot is stored.
+        intent.step(
+            "hibernate.published",
+            serde_json::json!({ "snapshot": s.id }),
+        );
         guard.take().expect("checked").kill().await;
+        intent.step("hibernate.vm_ended", serde_json::json!({}));
         // Its volumes' writes are saved, and a resume anywhere takes the images from the
         // snapshot: this host's copies would go stale if it resumed elsewhere.
         if self.save_volumes(&r, true).await {
             self.drop_volume_images(id);
         }
+        intent.step("hibernate.volumes_saved", serde_json::json!({}));
         // A resumed VM's base snapshot is no longer needed by anyone.
         super::remove_tree(self.pauses_dir(id)).await;
         if let Some(old) = r.pause_snapshot.take() {
@@ -918,12 +939,18 @@ impl Manager {
             "requested",
             Some(format!("restore of {snapshot_id} ({source})")),
         );
+        let intent = self.begin_op(
+            &record.id,
+            super::recovery::op::RESTORE,
+            serde_json::json!({ "snapshot": snapshot_id }),
+        )?;
         self.admit(&record)?;
         self.catalog.append_event(
             &record.id,
             "sandbox.created",
             &serde_json::json!({ "restoredFrom": { "sandboxID": source, "snapshotID": snapshot_id }, "state": "starting" }),
         )?;
+        intent.step("restore.admitted", serde_json::json!({}));
         let slot = self.slot(&record.id);
         let mut guard = slot.lock().await;
         self.transition(&mut record, InternalState::Creating, "restoring a snapshot")?;
@@ -939,6 +966,7 @@ impl Manager {
         };
         match result {
             Ok(vm) => {
+                intent.step("restore.started", serde_json::json!({}));
                 self.install(&mut record, vm, &mut guard);
                 self.transition(
                     &mut record,
@@ -1017,6 +1045,11 @@ impl Manager {
             .state_dir
             .join("forks")
             .join(uuid::Uuid::new_v4().simple().to_string());
+        let intent = self.begin_op(
+            id,
+            super::recovery::op::FORK,
+            serde_json::json!({ "dir": dir.display().to_string() }),
+        )?;
         let mut children = Vec::new();
         for _ in 0..count {
             let mut child = SandboxRecord {
@@ -1059,6 +1092,10 @@ impl Manager {
             )?;
             children.push(child);
         }
+        intent.step(
+            "fork.admitted",
+            serde_json::json!({ "children": children.iter().map(|c| c.id.clone()).collect::<Vec<_>>() }),
+        );
         let _ = std::fs::create_dir_all(dir.parent().unwrap());
         let started = std::time::Instant::now();
         let child_ids: Vec<String> = children.iter().map(|c| c.id.clone()).collect();
@@ -1069,11 +1106,13 @@ impl Manager {
         match self.vmm.fork(vm, count as usize, &dir, child_volumes).await {
             Ok((_snapshot, vms)) => {
                 info!(sandbox = %id, children = count, elapsed_ms = started.elapsed().as_millis() as u64, "forked");
+                intent.step("fork.children_started", serde_json::json!({}));
                 let mut views = Vec::new();
                 for (mut child, vm) in children.into_iter().zip(vms) {
                     let slot = self.slot(&child.id);
                     self.install(&mut child, vm, &mut *slot.lock().await);
                     self.transition(&mut child, InternalState::Active, "forked")?;
+                    intent.step("fork.child_running", serde_json::json!({}));
                     views.push(self.view(&child, true));
                 }
                 self.catalog.append_event(
@@ -1204,9 +1243,20 @@ impl Manager {
         r.last_periodic_ms = now_ms();
         self.catalog.put_sandbox(&r)?;
         let held = self.hold_snapshot_quota(&r, Kind::Periodic)?;
+        let intent = self.begin_op(
+            id,
+            super::recovery::op::SNAPSHOT,
+            serde_json::json!({ "kind": Kind::Periodic.as_str() }),
+        )?;
         let taken = self.take(vm, &r, Kind::Periodic, true).await?;
+        intent.step("snapshot.taken", serde_json::json!({}));
         drop(guard);
-        self.publish(taken, &r, Kind::Periodic).await?;
+        let published = self.publish(taken, &r, Kind::Periodic).await?;
+        intent.step(
+            "snapshot.published",
+            serde_json::json!({ "snapshot": published.id }),
+        );
+        drop(intent);
         drop(held);
         let periodic: Vec<StoredSnapshot> = stored::list(self.store(), id)
             .await

@@ -381,10 +381,11 @@ impl Manager {
             if m.mode != MountMode::Rw {
                 continue;
             }
-            if let Err(e) = guest_root(vm, &format!("sync; fsfreeze -f '{}'", m.path)).await {
+            if let Err(e) = guest_root(vm, &format!("sync; fsfreeze --freeze '{}'", m.path)).await {
                 warn!(sandbox = %r.id, volume = %m.volume, error = %e.message, "the guest did not freeze a volume");
                 continue;
             }
+            failpoint::hit("volumes.frozen");
             if thaw {
                 let lun = lun as u8;
                 let copied = vmm::snapshot::copy_sparse(
@@ -394,8 +395,24 @@ impl Manager {
                 if let Err(e) = copied {
                     warn!(sandbox = %r.id, volume = %m.volume, error = %e, "copying a frozen volume failed");
                 }
-                let _ = guest_root(vm, &format!("fsfreeze -u '{}'", m.path)).await;
+                let _ = guest_root(vm, &format!("fsfreeze --unfreeze '{}'", m.path)).await;
             }
+        }
+    }
+
+    /// Undoes [`Manager::quiesce_volumes`] with `thaw` cut short by a restart: the
+    /// guest's read-write volumes thaw (a file system not frozen answers with an error,
+    /// ignored) and their clean copies go.
+    pub(super) async fn thaw_volumes(&self, r: &SandboxRecord, vm: &QemuVm) {
+        if r.volume_copies {
+            return;
+        }
+        for (lun, m) in r.mounts.iter().enumerate() {
+            if m.mode != MountMode::Rw {
+                continue;
+            }
+            let _ = guest_root(vm, &format!("fsfreeze --unfreeze '{}' || true", m.path)).await;
+            let _ = std::fs::remove_file(self.volume_image(&r.id, lun as u8, true));
         }
     }
 
@@ -479,7 +496,16 @@ impl Manager {
                 return;
             }
         }
+        // Best effort: without the row a save cut short is still retried from the
+        // record (a sandbox `destroying` finishes its delete at start).
+        let intent = self
+            .begin_op(&r.id, super::recovery::op::VOLUME_SAVE, serde_json::json!({}))
+            .inspect_err(|e| warn!(sandbox = %r.id, error = %e.message, "recording a volume save's intent failed"))
+            .ok();
         let failed = self.save_volume_images(r, false).await;
+        if let Some(intent) = &intent {
+            intent.step("volume_save.saved", serde_json::json!({}));
+        }
         if !r.volume_copies {
             let _leases = LEASE_WRITES.lock().await;
             for m in &r.mounts {

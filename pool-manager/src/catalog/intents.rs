@@ -1,0 +1,136 @@
+//! Intent records: a multi-step lifecycle operation (pause, hibernate, fork, snapshot,
+//! restore, create, delete, volume save) writes what it set out to do before its first
+//! step, and how far it got after each step that outlives the process. The row goes
+//! when the operation ends, however it ends in-process; a row still there at start is
+//! an operation a crash cut short, which the daemon finishes or rolls back
+//! (`sandboxes::recovery`).
+
+use super::{now_ms, Catalog, CatalogError};
+use rusqlite::params;
+
+/// One operation a crash may have cut short.
+#[derive(Debug, Clone)]
+pub struct Intent {
+    /// The row's ID.
+    pub id: i64,
+    /// The sandbox it acts on (for a fork, the parent; for a restore or a create, the
+    /// new sandbox).
+    pub sandbox_id: String,
+    /// What it does (`pause`, `hibernate`, …).
+    pub op: String,
+    /// The last step it finished (`begun` until the first).
+    pub step: String,
+    /// What recovery needs to know: paths, IDs, the new sandboxes.
+    pub data: serde_json::Value,
+    /// When it began, in ms since the epoch.
+    pub started_at_ms: i64,
+}
+
+/// The table, created on open.
+pub(super) const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS intents (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sandbox_id TEXT NOT NULL,
+    op TEXT NOT NULL,
+    step TEXT NOT NULL,
+    data TEXT NOT NULL,
+    started_at_ms INTEGER NOT NULL);";
+
+impl Catalog {
+    /// Records that `op` on `sandbox_id` begins, with what recovery needs; returns the
+    /// intent's ID. Synced before the first step runs.
+    pub fn begin_intent(
+        &self,
+        sandbox_id: &str,
+        op: &str,
+        data: &serde_json::Value,
+    ) -> Result<i64, CatalogError> {
+        let db = self.db.lock().unwrap();
+        db.execute(
+            "INSERT INTO intents (sandbox_id, op, step, data, started_at_ms)
+             VALUES (?1, ?2, 'begun', ?3, ?4)",
+            params![sandbox_id, op, data.to_string(), now_ms()],
+        )?;
+        Ok(db.last_insert_rowid())
+    }
+
+    /// Records that intent `id` finished `step`; the keys of `data` (an object) are
+    /// merged into what it recorded before.
+    pub fn intent_step(
+        &self,
+        id: i64,
+        step: &str,
+        data: &serde_json::Value,
+    ) -> Result<(), CatalogError> {
+        let db = self.db.lock().unwrap();
+        db.execute(
+            "UPDATE intents SET step = ?2, data = json_patch(data, ?3) WHERE id = ?1",
+            params![id, step, data.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// The operation of intent `id` ended (done, or undone by its own error handling).
+    pub fn end_intent(&self, id: i64) -> Result<(), CatalogError> {
+        let db = self.db.lock().unwrap();
+        db.execute("DELETE FROM intents WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    /// Every intent not ended, oldest first.
+    pub fn intents(&self) -> Result<Vec<Intent>, CatalogError> {
+        let db = self.db.lock().unwrap();
+        let mut stmt = db.prepare(
+            "SELECT id, sandbox_id, op, step, data, started_at_ms FROM intents ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let data: String = r.get(4)?;
+            Ok(Intent {
+                id: r.get(0)?,
+                sandbox_id: r.get(1)?,
+                op: r.get(2)?,
+                step: r.get(3)?,
+                data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+                started_at_ms: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn steps_merge_data_and_ended_intents_are_gone() {
+        let dir = std::env::temp_dir().join(format!(
+            "catalog-intents-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = Catalog::open(&dir.join("catalog.db")).unwrap();
+        let a = c
+            .begin_intent("sbx-a", "pause", &json!({ "dir": "/p/1" }))
+            .unwrap();
+        let b = c.begin_intent("sbx-b", "delete", &json!({})).unwrap();
+        c.intent_step(a, "snapshotted", &json!({ "snapshot": "s1" }))
+            .unwrap();
+        c.end_intent(b).unwrap();
+        // What a restart sees: a's last step and everything it recorded.
+        let reopened = Catalog::open(&dir.join("catalog.db")).unwrap();
+        let left = reopened.intents().unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(
+            (
+                left[0].sandbox_id.as_str(),
+                left[0].op.as_str(),
+                left[0].step.as_str()
+            ),
+            ("sbx-a", "pause", "snapshotted")
+        );
+        assert_eq!(left[0].data, json!({ "dir": "/p/1", "snapshot": "s1" }));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
