@@ -129,13 +129,25 @@ pub(crate) fn team(m: &Manager, headers: &HeaderMap) -> Result<String, ApiError>
     }
 }
 
+/// Runs a lifecycle operation to its end in a task of its own. hyper drops a handler
+/// whose caller hung up; an operation dropped halfway would leave its VM out of its
+/// slot (ended), its volumes frozen or its snapshot half-recorded, and its intent
+/// row gone with it. Only a crash may cut one short: that is what intents recover.
+async fn to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("the operation ended abnormally: {e}")))?
+}
+
 async fn create(
     State(m): State<Arc<Manager>>,
     Caller(team): Caller,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let req: CreateRequest = parse_body(&body)?;
-    let view = m.create(&team, req).await?;
+    let view = to_completion(async move { m.create(&team, req).await }).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
@@ -187,7 +199,10 @@ async fn connect(
     body: Bytes,
 ) -> Result<Json<SandboxView>, ApiError> {
     let b: TimeoutBody = parse_body(&body)?;
-    Ok(Json(m.connect(&team, &id, b.checked()?).await?))
+    let timeout = b.checked()?;
+    Ok(Json(
+        to_completion(async move { m.connect(&team, &id, timeout).await }).await?,
+    ))
 }
 
 async fn pause(
@@ -195,7 +210,9 @@ async fn pause(
     Caller(team): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxView>, ApiError> {
-    Ok(Json(m.pause(&team, &id).await?))
+    Ok(Json(
+        to_completion(async move { m.pause(&team, &id).await }).await?,
+    ))
 }
 
 async fn resume(
@@ -203,7 +220,9 @@ async fn resume(
     Caller(team): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxView>, ApiError> {
-    Ok(Json(m.resume(&team, &id).await?))
+    Ok(Json(
+        to_completion(async move { m.resume(&team, &id).await }).await?,
+    ))
 }
 
 async fn refresh(
@@ -244,7 +263,7 @@ async fn delete(
     Caller(team): Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    m.delete(&team, &id).await?;
+    to_completion(async move { m.delete(&team, &id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -273,7 +292,9 @@ async fn hibernate(
     body: Bytes,
 ) -> Result<Json<SandboxView>, ApiError> {
     parse_body::<NoFields>(&body)?;
-    Ok(Json(m.hibernate(&team, &id).await?))
+    Ok(Json(
+        to_completion(async move { m.hibernate(&team, &id).await }).await?,
+    ))
 }
 
 async fn create_snapshot(
@@ -283,7 +304,7 @@ async fn create_snapshot(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     parse_body::<NoFields>(&body)?;
-    let view = m.create_snapshot(&team, &id).await?;
+    let view = to_completion(async move { m.create_snapshot(&team, &id).await }).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
@@ -302,7 +323,7 @@ async fn delete_snapshot(
     Caller(team): Caller,
     Path((id, snapshot)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    m.delete_snapshot(&team, &id, &snapshot).await?;
+    to_completion(async move { m.delete_snapshot(&team, &id, &snapshot).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -313,7 +334,7 @@ async fn fork(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let b: ForkBody = parse_body(&body)?;
-    let children = m.fork(&team, &id, b).await?;
+    let children = to_completion(async move { m.fork(&team, &id, b).await }).await?;
     Ok((StatusCode::CREATED, Json(json!({ "sandboxes": children }))).into_response())
 }
 
@@ -323,7 +344,7 @@ async fn restore(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let b: RestoreBody = parse_body(&body)?;
-    let view = m.restore(&team, b).await?;
+    let view = to_completion(async move { m.restore(&team, b).await }).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 

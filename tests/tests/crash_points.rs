@@ -106,6 +106,12 @@ async fn prepare(op: Op, api: &Api) -> Prepared {
     };
     let id = sbx["sandboxID"].as_str().unwrap().to_string();
     Runtime::of(&sbx).put_file(FILE, &data()).await;
+    if op == Op::Hibernate {
+        let (_, _, code) = Runtime::of(&sbx)
+            .run(&format!("echo kept > {VOLUME_FILE}"))
+            .await;
+        assert_eq!(code, 0);
+    }
     if op == Op::Restore {
         let (status, v) = api
             .post(&format!("/v1/sandboxes/{id}/snapshots"), json!({}))
@@ -256,6 +262,22 @@ async fn kill_at(op: Op, point: &str) {
             "running" | "paused" => {}
             other => panic!("{at}: {id} is {other}: {sbx}"),
         }
+        if op == Op::Hibernate && Some(&id) == p.sandbox.as_ref() {
+            // Hibernated: its one stored pause snapshot; running on: none left over.
+            let (_, listed) = api.fetch(&format!("/v1/sandboxes/{id}/snapshots")).await;
+            let pauses = listed["snapshots"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["kind"] == "pause")
+                .count();
+            let expected = usize::from(sbx["state"] == "paused");
+            assert_eq!(
+                pauses, expected,
+                "{at}: stored pause snapshots of a {} sandbox: {listed}",
+                sbx["state"]
+            );
+        }
         let (status, connected) = api
             .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
             .await;
@@ -266,13 +288,18 @@ async fn kill_at(op: Op, point: &str) {
             continue;
         }
         if op == Op::Hibernate {
-            // Thawed: a write to a frozen file system would block.
-            let (_, err, code) = rt
+            // What it wrote before, and thawed: a write to a frozen file system would
+            // block.
+            let (out, err, code) = rt
                 .run(&format!(
-                    "timeout 10 sh -c 'echo {id} > {VOLUME_FILE} && sync'"
+                    "cat {VOLUME_FILE} && timeout 10 sh -c 'echo after > {VOLUME_FILE} && sync'"
                 ))
                 .await;
-            assert_eq!(code, 0, "{at}: {id}'s volume takes no write: {err}");
+            assert_eq!(
+                (out.trim(), code),
+                ("kept", 0),
+                "{at}: {id}'s volume: {err}"
+            );
         }
         let back = rt.read_file(FILE).await;
         assert!(
@@ -317,7 +344,7 @@ async fn kill_at(op: Op, point: &str) {
         "{at}: a QEMU outlived its sandbox"
     );
     // Large trees go on blocking threads after the delete answers: a few seconds.
-    for dir in ["pauses", "forks", "uploads"] {
+    for dir in ["pauses", "forks", "uploads", "volumes"] {
         let dir = daemon.state_dir().join(dir);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !entries(&dir).is_empty() && std::time::Instant::now() < deadline {
@@ -351,7 +378,7 @@ async fn check_volume(api: &Api, volume: &str, op: Op, at: &str) {
     let expected = match op {
         Op::VolumeSave => Some("kept".to_string()),
         // What the hibernated (or running on) sandbox wrote after the restart.
-        Op::Hibernate => Some(String::new()),
+        Op::Hibernate => Some("after".to_string()),
         _ => None,
     };
     if let Some(expected) = expected {

@@ -575,7 +575,7 @@ impl Manager {
                     ),
                 ]
             }).map_err(refused)? {
-                Some(vm) => return self.adopt_warm(record, vm, guard).await,
+                Some(vm) => return self.adopt_warm(record, vm, guard, &intent).await,
                 None if mode == api_model::WarmPoolMode::Require => {
                     let r = record.resources;
                     self.slots.lock().unwrap().remove(&id);
@@ -671,6 +671,7 @@ impl Manager {
         mut record: SandboxRecord,
         mut vm: QemuVm,
         mut guard: tokio::sync::OwnedMutexGuard<Option<QemuVm>>,
+        intent: &recovery::OpIntent,
     ) -> Result<SandboxView, ApiError> {
         if let Err(e) = self.mount_volumes(&record, &mut vm).await {
             vm.kill().await;
@@ -686,6 +687,9 @@ impl Manager {
             )?;
             return Err(e);
         }
+        // The record said `running` from the checkout on: a restart before this step
+        // fails the sandbox (its volumes may be missing) instead of re-adopting it.
+        intent.step("create.started", serde_json::json!({}));
         self.install(&mut record, vm, &mut guard);
         info!(sandbox = %record.id, "checked out from the warm pool");
         Ok(self.view(&record, true))

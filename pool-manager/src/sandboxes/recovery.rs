@@ -57,6 +57,22 @@ impl OpIntent {
     }
 }
 
+impl OpIntent {
+    /// [`OpIntent::step`] for a step recovery must know about: an error if it could
+    /// not be recorded (the caller undoes the step instead of going on).
+    pub(super) fn step_or_fail(
+        &self,
+        name: &'static str,
+        data: serde_json::Value,
+    ) -> Result<(), ApiError> {
+        if let Some(id) = self.id {
+            self.catalog.intent_step(id, name, &data)?;
+        }
+        failpoint::hit(name);
+        Ok(())
+    }
+}
+
 impl Drop for OpIntent {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
@@ -105,7 +121,7 @@ impl Manager {
         adopted: &mut Vec<PathBuf>,
     ) -> Result<std::collections::HashSet<String>, ApiError> {
         let mut settled = std::collections::HashSet::new();
-        for i in intents {
+        for i in newest_per_sandbox(intents) {
             warn!(sandbox = %i.sandbox_id, op = %i.op, step = %i.step, "recovering an operation a restart cut short");
             if self.catalog.sandbox(&i.sandbox_id)?.is_some() {
                 self.catalog.append_event(
@@ -114,7 +130,12 @@ impl Manager {
                     &json!({ "op": i.op, "step": i.step, "reason": "the pool manager stopped during it" }),
                 )?;
             }
-            if i.op == op::HIBERNATE && self.recover_hibernate(i, adopted).await? {
+            let done = match i.op.as_str() {
+                op::HIBERNATE => self.recover_hibernate(i, adopted).await?,
+                op::CREATE => self.fail_unmounted_checkout(i).await?,
+                _ => false,
+            };
+            if done {
                 settled.insert(i.sandbox_id.clone());
             }
         }
@@ -125,18 +146,29 @@ impl Manager {
     /// left of each operation is finished or undone, and its intent ends.
     pub(super) async fn recover_after_states(&self, intents: Vec<Intent>) -> Result<(), ApiError> {
         let mut collect = false;
+        let newest: std::collections::HashSet<i64> =
+            newest_per_sandbox(&intents).map(|i| i.id).collect();
         for i in intents {
+            if !newest.contains(&i.id) {
+                // An older operation on the same sandbox (a delete around the volume save
+                // it was in): the newest one says where the sandbox got to.
+                self.catalog.end_intent(i.id)?;
+                continue;
+            }
             let record = self.catalog.sandbox(&i.sandbox_id)?;
             let live = record.as_ref().is_some_and(|r| {
                 !matches!(r.state, InternalState::Failed | InternalState::Deleted)
             });
             match i.op.as_str() {
                 op::CREATE | op::RESTORE if !live => {
-                    // Holds taken before the record was written, and files of a
-                    // sandbox that never ran.
-                    if record.is_none() {
-                        self.release_intent_holds(&i).await;
+                    // Holds taken before the record was written (or released on the way
+                    // to `error` by a step the crash cut), and files of a sandbox that
+                    // never ran. Both are safe to repeat.
+                    match &record {
+                        None => self.release_intent_holds(&i).await,
+                        Some(r) => self.release_volumes(r).await,
                     }
+                    self.drop_volume_images(&i.sandbox_id);
                     remove_tree(self.pauses_dir(&i.sandbox_id)).await;
                 }
                 op::FORK => {
@@ -219,14 +251,24 @@ impl Manager {
         let Some(mut r) = self.catalog.sandbox(&i.sandbox_id)? else {
             return Ok(false);
         };
-        if r.state != InternalState::Active {
+        // Ran again since (a resume after the row should have ended): stale.
+        if r.state != InternalState::Active || super::last_running_ms(&r) > i.started_at_ms {
             return Ok(false);
         }
         let vm = match &r.vm_dir {
             Some(dir) => self.vmm.adopt(std::path::Path::new(dir)).await.ok(),
             None => None,
         };
-        if let Some(snapshot) = i.data["snapshot"].as_str() {
+        // The snapshot the row names, if it is in the store; without the VM, one stored
+        // since the hibernate began (its step may not have been recorded).
+        let mut published = match i.data["snapshot"].as_str() {
+            Some(id) => storage::snapshots::get(self.store(), id).await.ok(),
+            None => None,
+        };
+        if published.is_none() && vm.is_none() {
+            published = self.stored_pauses_since(&r, i.started_at_ms).await.pop();
+        }
+        if let Some(snapshot) = published.as_ref().map(|s| s.id.as_str()) {
             if let Some(vm) = vm {
                 vm.kill().await;
             }
@@ -277,18 +319,76 @@ impl Manager {
         Ok(true)
     }
 
-    /// Stored pause snapshots of running sandbox `r` made since `since_ms` (when the
-    /// hibernate began): stored before the restart cut it short, before it recorded so.
-    /// The sandbox runs on and resumes from none of them.
+    /// Stored pause snapshots of sandbox `r` made since `since_ms` (when a hibernate
+    /// began), oldest first.
+    async fn stored_pauses_since(
+        &self,
+        r: &SandboxRecord,
+        since_ms: i64,
+    ) -> Vec<storage::snapshots::StoredSnapshot> {
+        let mut found: Vec<_> = storage::snapshots::list(self.store(), &r.id)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| {
+                s.kind == storage::snapshots::Kind::Pause && s.created_unix_ms as i64 >= since_ms
+            })
+            .collect();
+        found.sort_by_key(|s| s.created_unix_ms);
+        found
+    }
+
+    /// The pause snapshots a hibernate a restart undid had stored (before it recorded
+    /// so): the sandbox runs on and resumes from none of them.
     async fn delete_stale_pauses(&self, r: &SandboxRecord, since_ms: i64) {
-        let Ok(stored) = storage::snapshots::list(self.store(), &r.id).await else {
-            return;
-        };
-        for s in stored {
-            if s.kind == storage::snapshots::Kind::Pause && s.created_unix_ms as i64 >= since_ms {
-                info!(sandbox = %r.id, snapshot = %s.id, "deleting the snapshot of a hibernate a restart undid");
-                let _ = self.delete_stored(&s).await;
-            }
+        for s in self.stored_pauses_since(r, since_ms).await {
+            info!(sandbox = %r.id, snapshot = %s.id, "deleting the snapshot of a hibernate a restart undid");
+            let _ = self.delete_stored(&s).await;
         }
     }
+
+    /// A warm checkout cut short before its volumes were mounted: its record already
+    /// says `running` (written with the checkout), but the VM lacks what the caller
+    /// asked for. It fails (the VM ended, its holds released) instead of being
+    /// re-adopted. Returns whether the sandbox was settled here.
+    async fn fail_unmounted_checkout(&self, i: &Intent) -> Result<bool, ApiError> {
+        let Some(mut r) = self.catalog.sandbox(&i.sandbox_id)? else {
+            return Ok(false);
+        };
+        if r.state != InternalState::Active || i.step == "create.started" {
+            return Ok(false);
+        }
+        if let Some(dir) = r.vm_dir.take() {
+            if let Ok(vm) = self.vmm.adopt(std::path::Path::new(&dir)).await {
+                vm.kill().await;
+            }
+        }
+        r.diagnostic = Some(Diagnostic {
+            code: "host_restarted".into(),
+            message: "the pool manager restarted while this sandbox's warm VM was being readied (its volumes mounted)".into(),
+            action: "create a new sandbox".into(),
+        });
+        self.transition(
+            &mut r,
+            InternalState::Failed,
+            "creation interrupted by a restart",
+        )?;
+        self.release_volumes(&r).await;
+        self.drop_volume_images(&r.id);
+        Ok(true)
+    }
+}
+
+/// The newest intent of each sandbox. Operations on one sandbox are serialized by its
+/// slot, so an older row is either nested in the newest (a delete's volume save) or
+/// stale (its end was not recorded): the newest says where the sandbox got to.
+fn newest_per_sandbox(intents: &[Intent]) -> impl Iterator<Item = &Intent> {
+    let mut newest: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+    for i in intents {
+        let id = newest.entry(i.sandbox_id.as_str()).or_insert(i.id);
+        *id = (*id).max(i.id);
+    }
+    intents
+        .iter()
+        .filter(move |i| newest.get(i.sandbox_id.as_str()) == Some(&i.id))
 }

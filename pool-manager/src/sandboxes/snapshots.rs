@@ -581,11 +581,16 @@ impl Manager {
                 return Err(kept_running(e));
             }
         };
-        // From here on a restart finishes the hibernate: the snapshot is stored.
-        intent.step(
+        // From here on a restart finishes the hibernate: the snapshot is stored. Unless
+        // the catalog says so, a restart would undo it: undone now instead.
+        if let Err(e) = intent.step_or_fail(
             "hibernate.published",
             serde_json::json!({ "snapshot": s.id }),
-        );
+        ) {
+            let _ = self.delete_stored(&s).await;
+            let _ = vm.resume().await;
+            return Err(kept_running(e));
+        }
         guard.take().expect("checked").kill().await;
         intent.step("hibernate.vm_ended", serde_json::json!({}));
         // Its volumes' writes are saved, and a resume anywhere takes the images from the

@@ -446,14 +446,24 @@ impl Manager {
                 let _leases = LEASE_WRITES.lock().await;
                 stored::renew(self.store(), &m.volume, &r.id, lease_end(now), now).await
             };
-            if let Ok(Renewal::Lost(Some(other))) = renewed {
-                warn!(sandbox = %r.id, volume = %m.volume, held_by = %other.sandbox_id, "not saving a volume whose write lock another writer took over (this one's lease expired)");
-                let _ = self.catalog.append_event(
-                    &r.id,
-                    "volume.save_failed",
-                    &serde_json::json!({ "volumeID": m.volume, "error": "the write lock was lost (its lease expired)", "heldBy": other.sandbox_id }),
-                );
-                continue;
+            match renewed {
+                // A store that fails now fails the save too: it is retried.
+                Ok(Renewal::Renewed) | Err(_) => {}
+                Ok(Renewal::Lost(Some(other))) => {
+                    warn!(sandbox = %r.id, volume = %m.volume, held_by = %other.sandbox_id, "not saving a volume whose write lock another writer took over (this one's lease expired)");
+                    let _ = self.catalog.append_event(
+                        &r.id,
+                        "volume.save_failed",
+                        &serde_json::json!({ "volumeID": m.volume, "error": "the write lock was lost (its lease expired)", "heldBy": other.sandbox_id }),
+                    );
+                    continue;
+                }
+                // Released already (a restart repeating a save that landed, its release
+                // half or wholly done): another writer may have saved since.
+                Ok(Renewal::Released | Renewal::Lost(None)) => {
+                    info!(sandbox = %r.id, volume = %m.volume, "not saving a volume this sandbox no longer holds");
+                    continue;
+                }
             }
             let _uploading = self.uploads.read().await;
             match stored::save(self.store(), &m.volume, &r.id, &image, now_ms() as u64).await {
@@ -506,6 +516,11 @@ impl Manager {
         if let Some(intent) = &intent {
             intent.step("volume_save.saved", serde_json::json!({}));
         }
+        // The images go before the locks: a restart between the two must not find an
+        // image to save again over what a next writer saved.
+        if failed.is_empty() {
+            let _ = std::fs::remove_dir_all(self.volume_dir(&r.id));
+        }
         if !r.volume_copies {
             let _leases = LEASE_WRITES.lock().await;
             for m in &r.mounts {
@@ -518,7 +533,6 @@ impl Manager {
             }
         }
         if failed.is_empty() {
-            let _ = std::fs::remove_dir_all(self.volume_dir(&r.id));
             return;
         }
         let error = failed.last().map(|(_, e)| e.clone()).unwrap_or_default();
