@@ -11,7 +11,8 @@ packages=(qemu-system-x86 busybox-static mmdebstrap e2fsprogs cpio gzip iproute2
     gcc libc6-dev  # crates that build C
     nftables  # each VM's network namespace: its traffic to the egress proxy
     chromium openssh-client  # chromium: the preview tests load pages in a real browser
-    dnsmasq-base)  # the egress tests' DNS server, in a namespace of their own
+    dnsmasq-base  # the egress tests' DNS server, in a namespace of their own
+    postgresql)  # the catalog's shared backend: its tests run one (deploy/postgres.sh)
 
 installed_version() { { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null || true; } | awk '$3 == "installed" {print $4}'; }
 candidate_version() { { apt-cache policy "$1" 2>/dev/null || true; } | awk '/Candidate:/ && $2 != "(none)" {print $2}'; }
@@ -116,6 +117,7 @@ check curl "apt-get install curl" curl --version
 check chromium "apt-get install chromium" sh -c "chromium --version 2>/dev/null"
 check ssh "apt-get install openssh-client" ssh -V
 check dnsmasq "apt-get install dnsmasq-base" dnsmasq --version
+check postgresql "apt-get install postgresql" deploy/postgres.sh version
 check cargo "install Rust with rustup (https://rustup.rs)" cargo --version
 check cargo-nextest "cargo install --locked cargo-nextest" cargo nextest --version
 check cc "apt-get install gcc" cc --version

@@ -30,11 +30,15 @@ host_check() {
     rm -rf "$state"
 }
 step "checking the host (nullspace-pool-manager check)" host_check
-# Snapshot tests store in a real S3 server: SeaweedFS on loopback, this run's own.
+# Snapshot tests store in a real S3 server: SeaweedFS on loopback, this run's own; the
+# catalog's tests run on PostgreSQL too: a cluster on loopback, this run's own.
 s3_dir=$(mktemp -d /tmp/nullspace-test-s3-XXXXXX)
-trap 'deploy/seaweedfs.sh stop "$s3_dir"; rm -rf "$s3_dir"' EXIT
+pg_dir=$(mktemp -d /tmp/nullspace-test-pg-XXXXXX)
+trap 'deploy/postgres.sh stop "$pg_dir" || true; rm -rf "$pg_dir"; deploy/seaweedfs.sh stop "$s3_dir"; rm -rf "$s3_dir"' EXIT
 NULLSPACE_TEST_S3=$(deploy/seaweedfs.sh start "$s3_dir" 19433)
 export NULLSPACE_TEST_S3
+NULLSPACE_TEST_POSTGRES=$(deploy/postgres.sh start "$pg_dir" 19543)
+export NULLSPACE_TEST_POSTGRES
 step "running the tests (cargo nextest, 2 threads)" cargo nextest run --workspace --locked --profile ci
 # The component's own routing tests (a workspace of its own, built for the host here).
 step "testing the API component's routes (cargo test)" env \

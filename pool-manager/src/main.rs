@@ -1,19 +1,24 @@
 //! `nullspace-pool-manager`: the per-host daemon, and its admin commands.
 //!
 //! ```text
-//! nullspace-pool-manager serve [--listen ADDR] [--edge-listen ADDR] [--preview-listen ADDR] [--preview-domain HOST[:PORT]] [--state-dir DIR] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
+//! nullspace-pool-manager serve [--listen ADDR] [--edge-listen ADDR] [--preview-listen ADDR] [--preview-domain HOST[:PORT]] [--state-dir DIR] [--catalog URL] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
 //!     [--snapshot-store local|s3] [--store-dir DIR] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region R]]
 //!     [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
 //!     [--network auto|isolated|user] [--egress-dns IP:PORT]
 //! nullspace-pool-manager check [--state-dir DIR] [--network auto|isolated|user] [--min-free-disk-mib 1024]
-//! nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR]
-//! nullspace-pool-manager admin team quota TEAM [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR]
-//! nullspace-pool-manager admin team list [--state-dir DIR]
-//! nullspace-pool-manager admin key create (--team TEAM [--key KEY] | --operator) [--state-dir DIR]
-//! nullspace-pool-manager admin key list [--team TEAM] [--state-dir DIR]
-//! nullspace-pool-manager admin key revoke KEY_ID [--state-dir DIR]
-//! nullspace-pool-manager admin key rotate KEY_ID [--grace-s 3600] [--state-dir DIR]
+//! nullspace-pool-manager migrate [--catalog URL] [--state-dir DIR]
+//! nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR] [--catalog URL]
+//! nullspace-pool-manager admin team quota TEAM [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR] [--catalog URL]
+//! nullspace-pool-manager admin team list [--state-dir DIR] [--catalog URL]
+//! nullspace-pool-manager admin key create (--team TEAM [--key KEY] | --operator) [--state-dir DIR] [--catalog URL]
+//! nullspace-pool-manager admin key list [--team TEAM] [--state-dir DIR] [--catalog URL]
+//! nullspace-pool-manager admin key revoke KEY_ID [--state-dir DIR] [--catalog URL]
+//! nullspace-pool-manager admin key rotate KEY_ID [--grace-s 3600] [--state-dir DIR] [--catalog URL]
 //! ```
+//!
+//! The catalog (`--catalog`) is SQLite at `STATE/catalog.db` unless given: `sqlite:PATH`
+//! (or a path), or `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` for a catalog hosts
+//! share, whose schema `migrate` brings up to date (once per upgrade, before `serve`).
 //!
 //! S3 credentials come from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`. Workers that
 //! share a bucket restore each other's snapshots; a team and its keys are mirrored onto
@@ -41,18 +46,21 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 const USAGE: &str = "usage:
-  nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--preview-listen 127.0.0.1:7072] [--preview-domain localhost:PORT] [--state-dir /var/lib/nullspace] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
+  nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--preview-listen 127.0.0.1:7072] [--preview-domain localhost:PORT] [--state-dir /var/lib/nullspace] [--catalog URL] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
       [--snapshot-store local|s3] [--store-dir STATE/objects] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region us-east-1]]
       [--periodic-snapshot-interval-s 0] [--deleted-retention-s 604800] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
       [--network auto|isolated|user] [--egress-dns IP:PORT] [--insecure-unconfined-qemu]
   nullspace-pool-manager check [--state-dir /var/lib/nullspace] [--network auto] [--min-free-disk-mib 1024]
-  nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR]
-  nullspace-pool-manager admin team quota TEAM [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR]
-  nullspace-pool-manager admin team list [--state-dir DIR]
-  nullspace-pool-manager admin key create (--team TEAM [--key KEY] | --operator) [--state-dir DIR]
-  nullspace-pool-manager admin key list [--team TEAM] [--state-dir DIR]
-  nullspace-pool-manager admin key revoke KEY_ID [--state-dir DIR]
-  nullspace-pool-manager admin key rotate KEY_ID [--grace-s 3600] [--state-dir DIR]
+  nullspace-pool-manager migrate [--catalog URL] [--state-dir DIR]
+  nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR] [--catalog URL]
+  nullspace-pool-manager admin team quota TEAM [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR] [--catalog URL]
+  nullspace-pool-manager admin team list [--state-dir DIR] [--catalog URL]
+  nullspace-pool-manager admin key create (--team TEAM [--key KEY] | --operator) [--state-dir DIR] [--catalog URL]
+  nullspace-pool-manager admin key list [--team TEAM] [--state-dir DIR] [--catalog URL]
+  nullspace-pool-manager admin key revoke KEY_ID [--state-dir DIR] [--catalog URL]
+  nullspace-pool-manager admin key rotate KEY_ID [--grace-s 3600] [--state-dir DIR] [--catalog URL]
+Catalog (--catalog): sqlite:PATH or a path (default: STATE/catalog.db), or
+  postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (run `migrate --catalog URL` first, and after each upgrade).
 Limits (--set): sandboxes vcpus memoryMiB diskMiB snapshots snapshotMiB volumes volumeMiB
   templates builds createsPerMinute createBurst.
 S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.";
@@ -216,8 +224,20 @@ fn state_dir(args: &Args) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn open_catalog(dir: &std::path::Path) -> anyhow::Result<catalog::Catalog> {
-    catalog::Catalog::open(&dir.join("catalog.db")).context("opening the catalog")
+/// The catalog `--catalog` names; SQLite in the state dir by default.
+fn catalog_location(args: &Args) -> anyhow::Result<catalog::Location> {
+    match args.flag("catalog", "").as_str() {
+        "" => Ok(catalog::Location::Sqlite(
+            state_dir(args)?.join("catalog.db"),
+        )),
+        url => catalog::Location::parse(url).map_err(|e| anyhow::anyhow!("--catalog: {e}")),
+    }
+}
+
+fn open_catalog(args: &Args) -> anyhow::Result<catalog::Catalog> {
+    let location = catalog_location(args)?;
+    catalog::Catalog::open_location(&location)
+        .with_context(|| format!("opening the catalog {location}"))
 }
 
 /// The per-host secret runtime tokens are signed with, made on first start.
@@ -301,9 +321,25 @@ async fn main() -> anyhow::Result<()> {
             let state = state_dir(&args)?;
             check_host(&args, &state, &qemu_config(&args, &state)?)
         }
+        ["migrate"] => {
+            args.check_flags(&["catalog", "state-dir"])?;
+            let location = catalog_location(&args)?;
+            let done = catalog::Catalog::migrate(&location)
+                .with_context(|| format!("migrating the catalog {location}"))?;
+            if done.from == done.to {
+                eprintln!("catalog {location}: up to date");
+            } else {
+                eprintln!(
+                    "catalog {location}: migrated from schema version {} to {}",
+                    done.from, done.to
+                );
+            }
+            println!("schema version {}", done.to);
+            Ok(())
+        }
         ["admin", "team", "create", name] => {
-            args.check_flags(&["state-dir", "max-sandboxes", "id", "set"])?;
-            let catalog = open_catalog(&state_dir(&args)?)?;
+            args.check_flags(&["state-dir", "catalog", "max-sandboxes", "id", "set"])?;
+            let catalog = open_catalog(&args)?;
             let id = args.flag("id", "");
             let well_formed = |id: &str| {
                 id.strip_prefix("team-").is_some_and(|rest| {
@@ -331,8 +367,14 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         ["admin", "team", "quota", team_ref] => {
-            args.check_flags(&["state-dir", "max-sandboxes", "set", "default-max-sandboxes"])?;
-            let catalog = open_catalog(&state_dir(&args)?)?;
+            args.check_flags(&[
+                "state-dir",
+                "catalog",
+                "max-sandboxes",
+                "set",
+                "default-max-sandboxes",
+            ])?;
+            let catalog = open_catalog(&args)?;
             let team = tenant(&catalog, team_ref)?;
             let patch = limits_patch(&args)?;
             let own = if patch == quotas::LimitsPatch::default() {
@@ -354,8 +396,8 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         ["admin", "team", "list"] => {
-            args.check_flags(&["state-dir"])?;
-            let catalog = open_catalog(&state_dir(&args)?)?;
+            args.check_flags(&["state-dir", "catalog"])?;
+            let catalog = open_catalog(&args)?;
             for t in catalog.teams()? {
                 if t.id != catalog::OPERATOR_TEAM_ID {
                     println!(
@@ -367,8 +409,8 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         ["admin", "key", "create"] => {
-            args.check_flags(&["state-dir", "team", "key", "operator"])?;
-            let catalog = open_catalog(&state_dir(&args)?)?;
+            args.check_flags(&["state-dir", "catalog", "team", "key", "operator"])?;
+            let catalog = open_catalog(&args)?;
             let key = args.flag("key", "");
             if !key.is_empty() && !api_model::key_is_well_formed(&key) {
                 bail!("--key: send a key as another worker issued it (ns_ and 32 hex digits)");
@@ -389,8 +431,8 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         ["admin", "key", "list"] => {
-            args.check_flags(&["state-dir", "team"])?;
-            let catalog = open_catalog(&state_dir(&args)?)?;
+            args.check_flags(&["state-dir", "catalog", "team"])?;
+            let catalog = open_catalog(&args)?;
             let team = match args.flag("team", "").as_str() {
                 "" => None,
                 t => Some(tenant(&catalog, t)?.id),
@@ -401,8 +443,8 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         ["admin", "key", "revoke", id] => {
-            args.check_flags(&["state-dir"])?;
-            let catalog = open_catalog(&state_dir(&args)?)?;
+            args.check_flags(&["state-dir", "catalog"])?;
+            let catalog = open_catalog(&args)?;
             if !catalog.expire_key(id, chrono::Utc::now().timestamp_millis())? {
                 bail!("no key in force with ID {id:?}; `admin key list` shows the IDs (16 hex digits)");
             }
@@ -410,8 +452,8 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         ["admin", "key", "rotate", id] => {
-            args.check_flags(&["state-dir", "grace-s"])?;
-            let catalog = open_catalog(&state_dir(&args)?)?;
+            args.check_flags(&["state-dir", "catalog", "grace-s"])?;
+            let catalog = open_catalog(&args)?;
             let grace = number(&args, "grace-s", api_model::DEFAULT_ROTATION_GRACE_S)?;
             if grace > api_model::MAX_ROTATION_GRACE_S {
                 bail!(
@@ -517,6 +559,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         "preview-listen",
         "preview-domain",
         "state-dir",
+        "catalog",
         "templates-dir",
         "on-exit",
         "max-sandboxes-per-team",
@@ -545,7 +588,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     check_host(args, &dir, &config)?;
     let listen = args.flag("listen", "127.0.0.1:7070");
     let edge_listen = args.flag("edge-listen", "127.0.0.1:7071");
-    let catalog = open_catalog(&dir)?;
+    let catalog = open_catalog(args)?;
     let tokens = tokens::TokenSigner::new(token_secret(&dir)?);
     let keep_vms = match args.flag("on-exit", "end").as_str() {
         "end" => false,

@@ -5,8 +5,8 @@
 //! an operation a crash cut short, which the daemon finishes or rolls back
 //! (`sandboxes::recovery`).
 
+use super::sql::args;
 use super::{now_ms, Catalog, CatalogError};
-use rusqlite::params;
 
 /// One operation a crash may have cut short.
 #[derive(Debug, Clone)]
@@ -26,14 +26,7 @@ pub struct Intent {
     pub started_at_ms: i64,
 }
 
-/// The table, created on open.
-pub(super) const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS intents (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    sandbox_id TEXT NOT NULL,
-    op TEXT NOT NULL,
-    step TEXT NOT NULL,
-    data TEXT NOT NULL,
-    started_at_ms INTEGER NOT NULL);";
+// The table is made by the catalog's migrations (version 1).
 
 impl Catalog {
     /// Records that `op` on `sandbox_id` begins, with what recovery needs; returns the
@@ -44,13 +37,13 @@ impl Catalog {
         op: &str,
         data: &serde_json::Value,
     ) -> Result<i64, CatalogError> {
-        let db = self.db.lock().unwrap();
-        db.execute(
-            "INSERT INTO intents (sandbox_id, op, step, data, started_at_ms)
-             VALUES (?1, ?2, 'begun', ?3, ?4)",
-            params![sandbox_id, op, data.to_string(), now_ms()],
-        )?;
-        Ok(db.last_insert_rowid())
+        self.db
+            .query_one(
+                "INSERT INTO intents (sandbox_id, op, step, data, started_at_ms)
+                 VALUES (?1, ?2, 'begun', ?3, ?4) RETURNING id",
+                args![sandbox_id, op, data.to_string(), now_ms()],
+            )?
+            .get(0)
     }
 
     /// Records that intent `id` finished `step`; the keys of `data` (an object) are
@@ -61,76 +54,73 @@ impl Catalog {
         step: &str,
         data: &serde_json::Value,
     ) -> Result<(), CatalogError> {
-        let db = self.db.lock().unwrap();
-        db.execute(
-            "UPDATE intents SET step = ?2, data = json_patch(data, ?3) WHERE id = ?1",
-            params![id, step, data.to_string()],
+        let merged = self.db.dialect().json_merge("data", 3);
+        self.db.execute(
+            &format!("UPDATE intents SET step = ?2, data = {merged} WHERE id = ?1"),
+            args![id, step, data.to_string()],
         )?;
         Ok(())
     }
 
     /// The operation of intent `id` ended (done, or undone by its own error handling).
     pub fn end_intent(&self, id: i64) -> Result<(), CatalogError> {
-        let db = self.db.lock().unwrap();
-        db.execute("DELETE FROM intents WHERE id = ?1", params![id])?;
+        self.db
+            .execute("DELETE FROM intents WHERE id = ?1", args![id])?;
         Ok(())
     }
 
     /// Every intent not ended, oldest first.
     pub fn intents(&self) -> Result<Vec<Intent>, CatalogError> {
-        let db = self.db.lock().unwrap();
-        let mut stmt = db.prepare(
-            "SELECT id, sandbox_id, op, step, data, started_at_ms FROM intents ORDER BY id",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            let data: String = r.get(4)?;
-            Ok(Intent {
-                id: r.get(0)?,
-                sandbox_id: r.get(1)?,
-                op: r.get(2)?,
-                step: r.get(3)?,
-                data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
-                started_at_ms: r.get(5)?,
+        self.db
+            .query(
+                "SELECT id, sandbox_id, op, step, data, started_at_ms FROM intents ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(Intent {
+                    id: r.get(0)?,
+                    sandbox_id: r.get(1)?,
+                    op: r.get(2)?,
+                    step: r.get(3)?,
+                    data: serde_json::from_str(&r.get::<String>(4)?)
+                        .unwrap_or(serde_json::Value::Null),
+                    started_at_ms: r.get(5)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use serde_json::json;
 
     #[test]
     fn steps_merge_data_and_ended_intents_are_gone() {
-        let dir = std::env::temp_dir().join(format!(
-            "catalog-intents-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let c = Catalog::open(&dir.join("catalog.db")).unwrap();
-        let a = c
-            .begin_intent("sbx-a", "pause", &json!({ "dir": "/p/1" }))
-            .unwrap();
-        let b = c.begin_intent("sbx-b", "delete", &json!({})).unwrap();
-        c.intent_step(a, "snapshotted", &json!({ "snapshot": "s1" }))
-            .unwrap();
-        c.end_intent(b).unwrap();
-        // What a restart sees: a's last step and everything it recorded.
-        let reopened = Catalog::open(&dir.join("catalog.db")).unwrap();
-        let left = reopened.intents().unwrap();
-        assert_eq!(left.len(), 1);
-        assert_eq!(
-            (
-                left[0].sandbox_id.as_str(),
-                left[0].op.as_str(),
-                left[0].step.as_str()
-            ),
-            ("sbx-a", "pause", "snapshotted")
-        );
-        assert_eq!(left[0].data, json!({ "dir": "/p/1", "snapshot": "s1" }));
-        let _ = std::fs::remove_dir_all(dir);
+        for t in crate::catalog::testing::backends() {
+            let c = t.catalog();
+            let a = c
+                .begin_intent("sbx-a", "pause", &json!({ "dir": "/p/1" }))
+                .unwrap();
+            let b = c.begin_intent("sbx-b", "delete", &json!({})).unwrap();
+            assert!(b > a, "{}: IDs increase", t.name());
+            c.intent_step(a, "snapshotted", &json!({ "snapshot": "s1" }))
+                .unwrap();
+            c.end_intent(b).unwrap();
+            // What a restart sees: a's last step and everything it recorded.
+            let reopened = t.reopen();
+            let left = reopened.intents().unwrap();
+            assert_eq!(left.len(), 1, "{}", t.name());
+            assert_eq!(
+                (
+                    left[0].sandbox_id.as_str(),
+                    left[0].op.as_str(),
+                    left[0].step.as_str()
+                ),
+                ("sbx-a", "pause", "snapshotted")
+            );
+            assert_eq!(left[0].data, json!({ "dir": "/p/1", "snapshot": "s1" }));
+        }
     }
 }
