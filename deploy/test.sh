@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/lib.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${NULLSPACE_CACHE:-/var/cache/nullspace}/target}
+# A test run builds each crate once: incremental state would only cost disk (GiB).
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 total=$SECONDS
 
 step "installing and checking system packages" deploy/install-deps.sh

@@ -66,6 +66,10 @@ pub fn router(manager: Arc<Manager>) -> Router {
                 "hint": "see openapi/internal.yaml for the routes"
             }))
         })
+        .layer(axum::middleware::from_fn_with_state(
+            (manager.clone(), crate::cluster::routing::Face::Control),
+            crate::cluster::routing::to_owner,
+        ))
         .with_state(manager)
 }
 
@@ -144,11 +148,39 @@ async fn to_completion<T: Send + 'static>(
 async fn create(
     State(m): State<Arc<Manager>>,
     Caller(team): Caller,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let req: CreateRequest = parse_body(&body)?;
-    let view = to_completion(async move { m.create(&team, req).await }).await?;
-    Ok((StatusCode::CREATED, Json(view)).into_response())
+    // On a cluster: the host placement picks, which may be another one.
+    let valid = req.validate()?;
+    let warm_only = valid.warm_pool == Some(api_model::WarmPoolMode::Require);
+    if let Some(placed) = crate::cluster::placement::place_create(
+        &m,
+        &headers,
+        &req.template_id,
+        valid.resources,
+        warm_only,
+        &body,
+    )
+    .await?
+    {
+        return Ok(placed);
+    }
+    // Placed here by another host: its reservation ends once this host's record of the
+    // sandbox counts (or the create failed).
+    let reservation = headers
+        .get(crate::cluster::placement::RESERVATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let made = {
+        let m = m.clone();
+        to_completion(async move { m.create(&team, req).await }).await
+    };
+    if let Some(r) = reservation {
+        let _ = m.catalog.release_reservation(&r);
+    }
+    Ok((StatusCode::CREATED, Json(made?)).into_response())
 }
 
 async fn list(

@@ -10,6 +10,8 @@
 //! nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR] [--catalog URL]
 //! nullspace-pool-manager admin team quota TEAM [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR] [--catalog URL]
 //! nullspace-pool-manager admin team list [--state-dir DIR] [--catalog URL]
+//! nullspace-pool-manager admin host list [--state-dir DIR] [--catalog URL]
+//! nullspace-pool-manager admin host drain|undrain HOST_ID [--state-dir DIR] [--catalog URL]
 //! nullspace-pool-manager admin key create (--team TEAM [--key KEY] | --operator) [--state-dir DIR] [--catalog URL]
 //! nullspace-pool-manager admin key list [--team TEAM] [--state-dir DIR] [--catalog URL]
 //! nullspace-pool-manager admin key revoke KEY_ID [--state-dir DIR] [--catalog URL]
@@ -30,6 +32,7 @@
 mod api;
 mod backoff;
 mod catalog;
+mod cluster;
 mod edge;
 mod error;
 mod host_check;
@@ -50,11 +53,14 @@ const USAGE: &str = "usage:
       [--snapshot-store local|s3] [--store-dir STATE/objects] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region us-east-1]]
       [--periodic-snapshot-interval-s 0] [--deleted-retention-s 604800] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
       [--network auto|isolated|user] [--egress-dns IP:PORT] [--insecure-unconfined-qemu]
+      [--host-id ID (kept in STATE/host-id)] [--advertise-host ADDR (what other hosts reach this one at)]
   nullspace-pool-manager check [--state-dir /var/lib/nullspace] [--network auto] [--min-free-disk-mib 1024]
   nullspace-pool-manager migrate [--catalog URL] [--state-dir DIR]
   nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR] [--catalog URL]
   nullspace-pool-manager admin team quota TEAM [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR] [--catalog URL]
   nullspace-pool-manager admin team list [--state-dir DIR] [--catalog URL]
+  nullspace-pool-manager admin host list [--state-dir DIR] [--catalog URL]
+  nullspace-pool-manager admin host drain|undrain HOST_ID [--state-dir DIR] [--catalog URL]
   nullspace-pool-manager admin key create (--team TEAM [--key KEY] | --operator) [--state-dir DIR] [--catalog URL]
   nullspace-pool-manager admin key list [--team TEAM] [--state-dir DIR] [--catalog URL]
   nullspace-pool-manager admin key revoke KEY_ID [--state-dir DIR] [--catalog URL]
@@ -408,6 +414,28 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        ["admin", "host", "list"] => {
+            args.check_flags(&["state-dir", "catalog"])?;
+            let catalog = open_catalog(&args)?;
+            for h in catalog.hosts()? {
+                println!("{}", serde_json::to_string(&h)?);
+            }
+            Ok(())
+        }
+        ["admin", "host", state @ ("drain" | "undrain"), id] => {
+            args.check_flags(&["state-dir", "catalog"])?;
+            let catalog = open_catalog(&args)?;
+            let to = if *state == "drain" {
+                "draining"
+            } else {
+                "ready"
+            };
+            if !catalog.set_host_state(id, to)? {
+                bail!("no host {id:?}; `admin host list` shows them");
+            }
+            println!("{}", serde_json::json!({ "hostID": id, "state": to }));
+            Ok(())
+        }
         ["admin", "key", "create"] => {
             args.check_flags(&["state-dir", "catalog", "team", "key", "operator"])?;
             let catalog = open_catalog(&args)?;
@@ -576,6 +604,8 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         "network",
         "egress-dns",
         "insecure-unconfined-qemu",
+        "host-id",
+        "advertise-host",
     ])?;
     // Every VM and every proxied connection holds descriptors; the soft limit is too few.
     match egress::raise_nofile_limit() {
@@ -589,6 +619,14 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     let listen = args.flag("listen", "127.0.0.1:7070");
     let edge_listen = args.flag("edge-listen", "127.0.0.1:7071");
     let catalog = open_catalog(args)?;
+    // Which host this is: its records and background work are its own on a catalog
+    // hosts share.
+    let given_host = args.flag("host-id", "");
+    let host = cluster::hosts::host_id(&dir, Some(given_host.as_str()).filter(|h| !h.is_empty()))?;
+    cluster::set_this_host(&host);
+    catalog
+        .set_host(&host)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let tokens = tokens::TokenSigner::new(token_secret(&dir)?);
     let keep_vms = match args.flag("on-exit", "end").as_str() {
         "end" => false,
@@ -627,6 +665,26 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     for d in [&dir, &templates_dir] {
         vmm::qemu::check_vm_user_can_reach(d).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
+    // What other hosts and clients reach this one at (its listeners' ports on the
+    // address it advertises; the bound address by default).
+    let advertised = args.flag("advertise-host", "");
+    let advertise = |addr: std::net::SocketAddr| match advertised.as_str() {
+        "" => format!("http://{addr}"),
+        h => format!("http://{h}:{}", addr.port()),
+    };
+    let (vcpus, mem_mib, disk_mib) = cluster::hosts::capacity(&dir);
+    let host_info = catalog::HostInfo {
+        id: host.clone(),
+        control_url: advertise(control.local_addr()?),
+        edge_url: advertise(data.local_addr()?),
+        preview_url: preview_domain.clone(),
+        vcpus,
+        mem_mib,
+        disk_mib,
+        qemu: vmm.qemu_version().to_string(),
+        accel: format!("{:?}", vmm.accel().accel).to_lowercase(),
+        image_set: vmm.images().key(),
+    };
     let snapshots = snapshot_settings(args, &dir).await?;
     eprintln!(
         "nullspace-pool-manager: snapshots in {}",
@@ -672,6 +730,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         tracing::error!(error = %why, "template snapshots failed");
         let _ = fatal_tx.send(format!("template snapshots failed: {why}"));
     });
+    tokio::spawn(cluster::hosts::heartbeat(manager.clone(), host_info));
     tokio::spawn(manager.clone().sweep_timeouts());
     tokio::spawn(manager.clone().sweep_periodic());
     tokio::spawn(manager.clone().collect_garbage_when_asked());

@@ -120,6 +120,10 @@ pub struct SandboxRecord {
     /// `tokens::preview_epoch`).
     #[serde(default)]
     pub preview_token_epochs: BTreeMap<u16, u64>,
+    /// The host that owns it (runs it, or holds its pause snapshot): the one this
+    /// daemon is when the record is made. None on a catalog from before hosts.
+    #[serde(rename = "hostID", default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<String>,
 }
 
 impl SandboxRecord {
@@ -134,6 +138,7 @@ impl SandboxRecord {
     ) -> Self {
         let now = chrono::Utc::now().timestamp_millis();
         Self {
+            host_id: crate::cluster::this_host().map(str::to_string),
             id: format!("sbx-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
             team_id: team_id.to_string(),
             template_id,

@@ -6,86 +6,10 @@
 //! starts one; by hand: `deploy/postgres.sh start DIR` and export the URL it prints).
 
 use nullspace_tests::http::{small, Api, Runtime};
-use nullspace_tests::{workspace_binary, Daemon};
+use nullspace_tests::postgres::{pool_manager, FreshDatabase};
+use nullspace_tests::Daemon;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-/// A database of its own on the test server, dropped (with its sessions) afterwards.
-struct FreshDatabase {
-    server: String,
-    name: String,
-    url: String,
-}
-
-impl FreshDatabase {
-    async fn create(server: &str) -> Self {
-        let name = format!("nullspace_e2e_{}", std::process::id());
-        admin(
-            server,
-            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-        )
-        .await;
-        admin(server, &format!("CREATE DATABASE {name}")).await;
-        Self {
-            server: server.to_string(),
-            url: with_database(server, &name),
-            name,
-        }
-    }
-}
-
-impl Drop for FreshDatabase {
-    fn drop(&mut self) {
-        // On a thread of its own: this runs inside the test's runtime.
-        let (server, sql) = (
-            self.server.clone(),
-            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-        );
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(admin(&server, &sql))
-        })
-        .join();
-    }
-}
-
-/// `url` with its database replaced by `database`.
-fn with_database(url: &str, database: &str) -> String {
-    let (scheme, rest) = url.split_once("://").expect("a postgres:// URL");
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let query = tail.find('?').map_or("", |q| &tail[q..]);
-    format!("{scheme}://{authority}/{database}{query}")
-}
-
-async fn admin(server: &str, sql: &str) {
-    let (client, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connecting to NULLSPACE_TEST_POSTGRES ({server}): {e}"));
-    let driver = tokio::spawn(connection);
-    client
-        .batch_execute(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    drop(client);
-    let _ = driver.await;
-}
-
-/// Runs `nullspace-pool-manager ARGS`; returns its stdout, or its stderr as the error.
-fn pool_manager(args: &[&str]) -> Result<String, String> {
-    let out = std::process::Command::new(workspace_binary("nullspace-pool-manager"))
-        .args(args)
-        .output()
-        .unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).to_string())
-    }
-}
 
 #[tokio::test]
 async fn a_daemon_on_a_postgres_catalog_keeps_everything_across_a_restart() {
@@ -96,7 +20,7 @@ async fn a_daemon_on_a_postgres_catalog_keeps_everything_across_a_restart() {
         return;
     };
     // Declared first, so dropped after the daemon that uses it.
-    let db = FreshDatabase::create(&server).await;
+    let db = FreshDatabase::create(&server, "catalog").await;
     let url = db.url.as_str();
 
     // An unmigrated catalog: serve and the admin commands refuse it, naming the fix.
@@ -109,7 +33,7 @@ async fn a_daemon_on_a_postgres_catalog_keeps_everything_across_a_restart() {
     for _ in 0..2 {
         assert_eq!(
             pool_manager(&["migrate", "--catalog", url]).unwrap(),
-            "schema version 1"
+            "schema version 2"
         );
     }
     let unknown = pool_manager(&["migrate", "--catalog", "mysql://u@h/db"]).unwrap_err();

@@ -39,9 +39,9 @@ impl Catalog {
     ) -> Result<i64, CatalogError> {
         self.db
             .query_one(
-                "INSERT INTO intents (sandbox_id, op, step, data, started_at_ms)
-                 VALUES (?1, ?2, 'begun', ?3, ?4) RETURNING id",
-                args![sandbox_id, op, data.to_string(), now_ms()],
+                "INSERT INTO intents (sandbox_id, op, step, data, started_at_ms, host_id)
+                 VALUES (?1, ?2, 'begun', ?3, ?4, ?5) RETURNING id",
+                args![sandbox_id, op, data.to_string(), now_ms(), self.host.get()],
             )?
             .get(0)
     }
@@ -71,10 +71,15 @@ impl Catalog {
 
     /// Every intent not ended, oldest first.
     pub fn intents(&self) -> Result<Vec<Intent>, CatalogError> {
+        let mut params = Vec::new();
+        let mine = self.host_filter("host_id", &mut params);
         self.db
             .query(
-                "SELECT id, sandbox_id, op, step, data, started_at_ms FROM intents ORDER BY id",
-                &[],
+                &format!(
+                    "SELECT id, sandbox_id, op, step, data, started_at_ms FROM intents
+                     WHERE 1 = 1{mine} ORDER BY id"
+                ),
+                &params,
             )?
             .iter()
             .map(|r| {

@@ -12,7 +12,7 @@ use super::sql::{args, Db, Dialect, Tx};
 use super::{now_ms, CatalogError, Durability};
 
 /// The schema version this binary reads and writes.
-pub const LATEST: i64 = 1;
+pub const LATEST: i64 = 2;
 
 /// The key of the advisory lock Postgres migrations hold (any constant the catalog
 /// uses for nothing else: "nullspace" in ASCII).
@@ -25,10 +25,16 @@ struct Migration {
 }
 
 /// Every migration, oldest first; versions 1, 2, 3, … without gaps.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    apply: v1,
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        apply: v1,
+    },
+    Migration {
+        version: 2,
+        apply: v2,
+    },
+];
 
 /// Brings the catalog to [`LATEST`]; returns the version it was at before. Running it
 /// again changes nothing. A catalog newer than this binary is an error.
@@ -123,6 +129,53 @@ fn v1(tx: &mut dyn Tx) -> Result<(), CatalogError> {
         }
         Dialect::Postgres => tx.batch(V1_POSTGRES),
     }
+}
+
+/// Version 2: the hosts of a cluster (registered, heartbeating), capacity reserved on
+/// them for creates on their way, and which host owns each sandbox (a column the
+/// record's `hostID` generates, indexed with the state) and each intent.
+fn v2(tx: &mut dyn Tx) -> Result<(), CatalogError> {
+    let (int, owner) = match tx.dialect() {
+        Dialect::Sqlite => (
+            "INTEGER",
+            "ALTER TABLE sandboxes ADD COLUMN host_id TEXT
+             GENERATED ALWAYS AS (json_extract(record, '$.hostID')) VIRTUAL;",
+        ),
+        Dialect::Postgres => (
+            "BIGINT",
+            "ALTER TABLE sandboxes ADD COLUMN host_id TEXT
+             GENERATED ALWAYS AS ((record::jsonb)->>'hostID') STORED;",
+        ),
+    };
+    tx.batch(&format!(
+        "CREATE TABLE hosts (
+             id TEXT PRIMARY KEY,
+             control_url TEXT NOT NULL,
+             edge_url TEXT NOT NULL,
+             preview_url TEXT NOT NULL,
+             vcpus {int} NOT NULL,
+             mem_mib {int} NOT NULL,
+             disk_mib {int} NOT NULL,
+             qemu TEXT NOT NULL,
+             accel TEXT NOT NULL,
+             image_set TEXT NOT NULL,
+             state TEXT NOT NULL,
+             warm TEXT NOT NULL,
+             heartbeat_ms {int} NOT NULL,
+             registered_ms {int} NOT NULL);
+         CREATE TABLE reservations (
+             id TEXT PRIMARY KEY,
+             host_id TEXT NOT NULL,
+             vcpus {int} NOT NULL,
+             mem_mib {int} NOT NULL,
+             disk_mib {int} NOT NULL,
+             expires_ms {int} NOT NULL);
+         CREATE INDEX reservations_host ON reservations (host_id, expires_ms);
+         {owner}
+         CREATE INDEX sandboxes_host_state ON sandboxes (host_id, state);
+         ALTER TABLE intents ADD COLUMN host_id TEXT;
+         ALTER TABLE snapshots ADD COLUMN host_id TEXT;"
+    ))
 }
 
 /// Columns added after the first release, before there were migrations: a catalog

@@ -14,7 +14,9 @@ use sql::{args, Db, Tx, Value};
 use std::path::{Path, PathBuf};
 
 mod builds;
+mod hosts;
 mod intents;
+pub use hosts::{Allocation, HostInfo, HostRecord};
 mod migrations;
 mod postgres;
 mod sql;
@@ -229,6 +231,9 @@ pub enum Durability {
 /// The durable store.
 pub struct Catalog {
     db: Db,
+    /// This host's ID once set ([`Catalog::set_host`]): on a catalog hosts share, the
+    /// background loops, recovery and local snapshots see only this host's rows.
+    host: std::sync::OnceLock<String>,
     /// The sandbox ID of every event appended, for live followers of event logs.
     appended: tokio::sync::broadcast::Sender<String>,
 }
@@ -329,8 +334,36 @@ impl Catalog {
         )?;
         Ok(Self {
             db,
+            host: std::sync::OnceLock::new(),
             appended: tokio::sync::broadcast::channel(1024).0,
         })
+    }
+
+    /// Says which host this daemon is: from then on the background loops' reads
+    /// (sandboxes by state, intents, local snapshots) return this host's rows and the
+    /// rows of no host (a catalog from before there were hosts). Set once; a second
+    /// call with another ID is an error.
+    pub fn set_host(&self, id: &str) -> Result<(), CatalogError> {
+        let set = self.host.get_or_init(|| id.to_string());
+        if set != id {
+            return Err(CatalogError::Conflict(format!(
+                "this catalog handle is host {set}'s, not {id}'s"
+            )));
+        }
+        Ok(())
+    }
+
+    /// ` AND (column IS NULL OR column = ?N)` with this host as parameter N (pushed
+    /// onto `params`), or nothing when no host is set.
+    fn host_filter(&self, column: &str, params: &mut Vec<Value>) -> String {
+        match self.host.get() {
+            None => String::new(),
+            Some(host) => {
+                params.push(Value::from(host.as_str()));
+                let n = params.len();
+                format!(" AND ({column} IS NULL OR {column} = ?{n})")
+            }
+        }
     }
 
     /// Records a template's warm-pool settings.
@@ -892,9 +925,10 @@ impl Catalog {
             .map(|n| format!("?{n}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let params: Vec<Value> = states.iter().map(|s| Value::from(*s)).collect();
+        let mut params: Vec<Value> = states.iter().map(|s| Value::from(*s)).collect();
+        let mine = self.host_filter("host_id", &mut params);
         let rows = self.db.query(
-            &format!("SELECT record FROM sandboxes WHERE state IN ({marks}) ORDER BY seq"),
+            &format!("SELECT record FROM sandboxes WHERE state IN ({marks}){mine} ORDER BY seq"),
             &params,
         )?;
         let mut out = Vec::new();
@@ -927,8 +961,8 @@ impl Catalog {
         snapshot: &vmm::Snapshot,
     ) -> Result<(), CatalogError> {
         self.db.execute(
-            "INSERT INTO snapshots (id, kind, sandbox_id, template, dir, created_at, manifest)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+            "INSERT INTO snapshots (id, kind, sandbox_id, template, dir, created_at, manifest, host_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
             args![
                 &snapshot.manifest().id,
                 kind,
@@ -936,7 +970,8 @@ impl Catalog {
                 template,
                 snapshot.dir().display().to_string(),
                 now_ms(),
-                serde_json::to_string(snapshot.manifest())?
+                serde_json::to_string(snapshot.manifest())?,
+                self.host.get()
             ],
         )?;
         Ok(())
@@ -951,10 +986,14 @@ impl Catalog {
 
     /// Snapshots of one kind, oldest first.
     pub fn snapshots(&self, kind: &str) -> Result<Vec<SnapshotRow>, CatalogError> {
+        let mut params = args![kind].to_vec();
+        let mine = self.host_filter("host_id", &mut params);
         self.db
             .query(
-                "SELECT id, sandbox_id, dir FROM snapshots WHERE kind = ?1 ORDER BY created_at",
-                args![kind],
+                &format!(
+                    "SELECT id, sandbox_id, dir FROM snapshots WHERE kind = ?1{mine} ORDER BY created_at"
+                ),
+                &params,
             )?
             .iter()
             .map(|r| {
@@ -1481,7 +1520,7 @@ mod tests {
             team_id TEXT PRIMARY KEY REFERENCES teams(id), max_sandboxes INTEGER NOT NULL);";
 
     #[test]
-    fn a_catalog_from_before_migrations_opens_at_version_1() {
+    fn a_catalog_from_before_migrations_opens_and_migrates_to_the_latest() {
         let dir = std::env::temp_dir().join(format!(
             "catalog-old-{}-{}",
             std::process::id(),
@@ -1515,7 +1554,7 @@ mod tests {
             .unwrap();
         }
         let c = Catalog::open(&path).unwrap();
-        assert_eq!(c.schema_version().unwrap(), 1);
+        assert_eq!(c.schema_version().unwrap(), SCHEMA_VERSION);
         // What it held reads as before, through the columns added on the way.
         let owner = c.key_owner("ns_old").unwrap().unwrap();
         assert_eq!(
@@ -1536,7 +1575,7 @@ mod tests {
         c.record_item("volume", "vol-1", "team-old", 1).unwrap();
         drop(c);
         let c = Catalog::open(&path).unwrap();
-        assert_eq!(c.schema_version().unwrap(), 1);
+        assert_eq!(c.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(c.intents().unwrap().len(), 1);
         drop(c);
         std::fs::remove_dir_all(dir).unwrap();

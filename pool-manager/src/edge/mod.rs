@@ -38,6 +38,10 @@ pub struct Edge {
 
 /// The router.
 pub fn router(manager: Arc<Manager>, tokens: TokenSigner) -> Router {
+    let owner_routing = axum::middleware::from_fn_with_state(
+        (manager.clone(), crate::cluster::routing::Face::Edge),
+        crate::cluster::routing::to_owner,
+    );
     let edge = Edge {
         manager,
         tokens,
@@ -61,6 +65,7 @@ pub fn router(manager: Arc<Manager>, tokens: TokenSigner) -> Router {
         .route("/v1/sandboxes/{id}/pty", get(live::pty_ws))
         .route("/v1/sandboxes/{id}/ports/{port}/ws", get(live::port_ws))
         .fallback(|| async { ApiError::not_found("route", "this path") })
+        .layer(owner_routing)
         .with_state(edge)
 }
 

@@ -148,6 +148,22 @@ impl WarmPools {
             .unwrap_or_default()
     }
 
+    /// Ready VMs per pool, keyed `template/vcpus/memMiB/diskMiB`.
+    fn ready_counts(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.pools
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(template, p)| {
+                let r = p.config.resources;
+                (
+                    format!("{template}/{}/{}/{}", r.vcpus, r.mem_mib, r.disk_mib),
+                    serde_json::Value::from(p.ready.len()),
+                )
+            })
+            .collect()
+    }
+
     fn status(&self, template: &str) -> Option<PoolStatus> {
         self.pools
             .lock()
@@ -281,6 +297,12 @@ impl Manager {
     }
 
     /// Sets `template`'s warm pool; the pool fills (or empties) in the background.
+    /// Ready warm VMs on this host per pool (`template/vcpus/memMiB/diskMiB` → count),
+    /// what its heartbeat tells placement.
+    pub fn warm_counts(&self) -> serde_json::Value {
+        serde_json::Value::Object(self.warm.ready_counts())
+    }
+
     pub async fn set_warm_pool(
         &self,
         actor: Actor<'_>,

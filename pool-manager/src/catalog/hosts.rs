@@ -1,0 +1,398 @@
+//! The hosts of a cluster sharing this catalog: each pool manager registers itself
+//! (ID, addresses, capacity, what its VMs need: QEMU version, accelerator, image set)
+//! and heartbeats; placement reads them and reserves capacity on one atomically.
+//!
+//! A host is `ready`, `draining` (no new placements; an operator's drain), or `dead`:
+//! not stored, but read as such when its heartbeat is older than [`HEARTBEAT_EXPIRY_MS`].
+
+use super::sql::{args, Row};
+use super::{now_ms, Catalog, CatalogError, Durability};
+use serde::Serialize;
+
+/// A heartbeat older than this and the host is dead: placement skips it, failover
+/// takes over its stored sandboxes.
+pub const HEARTBEAT_EXPIRY_MS: i64 = 15_000;
+
+/// How long a reservation holds capacity for a create forwarded to a host before
+/// that host's record of the sandbox counts instead.
+pub const RESERVATION_TTL_MS: i64 = 120_000;
+
+/// What one host is and has, as it registers itself.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HostInfo {
+    /// Its stable ID.
+    #[serde(rename = "hostID")]
+    pub id: String,
+    /// Base URL of its control API (what other hosts forward to).
+    pub control_url: String,
+    /// Base URL of its data-plane edge.
+    pub edge_url: String,
+    /// `HOST[:PORT]` of its preview listener.
+    pub preview_url: String,
+    /// vCPUs, memory and disk sandboxes may have there.
+    pub vcpus: u64,
+    /// Memory in MiB.
+    #[serde(rename = "memMiB")]
+    pub mem_mib: u64,
+    /// Disk in MiB.
+    #[serde(rename = "diskMiB")]
+    pub disk_mib: u64,
+    /// The QEMU version its VMs run under (snapshots restore only on the same).
+    pub qemu: String,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// The key of its guest image set (snapshots restore only on the same).
+    pub image_set: String,
+}
+
+/// A host as the catalog knows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostRecord {
+    /// What it registered.
+    #[serde(flatten)]
+    pub info: HostInfo,
+    /// `ready`, `draining`, `drained` or `dead`.
+    pub state: String,
+    /// Ready warm VMs per template (`template/vcpus/memMiB/diskMiB` → count).
+    pub warm: serde_json::Value,
+    /// What its live sandboxes hold, and capacity reserved for creates on their way.
+    pub allocated: Allocation,
+    /// Its last heartbeat, in ms since the epoch.
+    pub heartbeat_ms: i64,
+}
+
+/// vCPUs, memory and disk taken on a host.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Allocation {
+    /// vCPUs.
+    pub vcpus: u64,
+    /// Memory in MiB.
+    #[serde(rename = "memMiB")]
+    pub mem_mib: u64,
+    /// Disk in MiB.
+    #[serde(rename = "diskMiB")]
+    pub disk_mib: u64,
+}
+
+impl HostRecord {
+    /// Whether placement may choose it (registered ready and heartbeating).
+    pub fn is_ready(&self) -> bool {
+        self.state == "ready"
+    }
+
+    /// What is left of its capacity.
+    pub fn free(&self) -> Allocation {
+        Allocation {
+            vcpus: self.info.vcpus.saturating_sub(self.allocated.vcpus),
+            mem_mib: self.info.mem_mib.saturating_sub(self.allocated.mem_mib),
+            disk_mib: self.info.disk_mib.saturating_sub(self.allocated.disk_mib),
+        }
+    }
+}
+
+fn u(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+fn i(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+/// The columns [`host_of`] reads, with each host's allocation: its live sandboxes and
+/// its reservations not yet expired.
+fn select_hosts(dialect: super::sql::Dialect) -> String {
+    let vcpus = dialect.json_int("s.record", &["resources", "vcpus"]);
+    let mem = dialect.json_int("s.record", &["resources", "memMiB"]);
+    let disk = dialect.json_int("s.record", &["resources", "diskSizeMiB"]);
+    format!(
+        "SELECT h.id, h.control_url, h.edge_url, h.preview_url, h.vcpus, h.mem_mib, h.disk_mib,
+                h.qemu, h.accel, h.image_set, h.state, h.warm, h.heartbeat_ms,
+                CAST(COALESCE((SELECT SUM({vcpus}) FROM sandboxes s WHERE s.host_id = h.id
+                               AND s.state NOT IN ('deleted', 'failed', 'stopped')), 0)
+                  + COALESCE((SELECT SUM(r.vcpus) FROM reservations r
+                               WHERE r.host_id = h.id AND r.expires_ms > ?1), 0) AS BIGINT),
+                CAST(COALESCE((SELECT SUM({mem}) FROM sandboxes s WHERE s.host_id = h.id
+                               AND s.state NOT IN ('deleted', 'failed', 'stopped')), 0)
+                  + COALESCE((SELECT SUM(r.mem_mib) FROM reservations r
+                               WHERE r.host_id = h.id AND r.expires_ms > ?1), 0) AS BIGINT),
+                CAST(COALESCE((SELECT SUM({disk}) FROM sandboxes s WHERE s.host_id = h.id
+                               AND s.state NOT IN ('deleted', 'failed')), 0)
+                  + COALESCE((SELECT SUM(r.disk_mib) FROM reservations r
+                               WHERE r.host_id = h.id AND r.expires_ms > ?1), 0) AS BIGINT)
+         FROM hosts h"
+    )
+}
+
+fn host_of(row: &Row, now: i64) -> Result<HostRecord, CatalogError> {
+    let heartbeat_ms: i64 = row.get(12)?;
+    let stored: String = row.get(10)?;
+    let state = if now - heartbeat_ms > HEARTBEAT_EXPIRY_MS && stored != "drained" {
+        "dead".to_string()
+    } else {
+        stored
+    };
+    Ok(HostRecord {
+        info: HostInfo {
+            id: row.get(0)?,
+            control_url: row.get(1)?,
+            edge_url: row.get(2)?,
+            preview_url: row.get(3)?,
+            vcpus: u(row.get(4)?),
+            mem_mib: u(row.get(5)?),
+            disk_mib: u(row.get(6)?),
+            qemu: row.get(7)?,
+            accel: row.get(8)?,
+            image_set: row.get(9)?,
+        },
+        state,
+        warm: serde_json::from_str(&row.get::<String>(11)?).unwrap_or_default(),
+        heartbeat_ms,
+        allocated: Allocation {
+            vcpus: u(row.get(13)?),
+            mem_mib: u(row.get(14)?),
+            disk_mib: u(row.get(15)?),
+        },
+    })
+}
+
+impl Catalog {
+    /// Registers this host (or updates what it registered, keeping a `draining` or
+    /// `drained` state an operator set), with a first heartbeat.
+    pub fn register_host(&self, info: &HostInfo) -> Result<(), CatalogError> {
+        self.db.execute(
+            "INSERT INTO hosts (id, control_url, edge_url, preview_url, vcpus, mem_mib, disk_mib,
+                                qemu, accel, image_set, state, warm, heartbeat_ms, registered_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'ready', '{}', ?11, ?11)
+             ON CONFLICT(id) DO UPDATE SET control_url = excluded.control_url,
+                 edge_url = excluded.edge_url, preview_url = excluded.preview_url,
+                 vcpus = excluded.vcpus, mem_mib = excluded.mem_mib,
+                 disk_mib = excluded.disk_mib, qemu = excluded.qemu, accel = excluded.accel,
+                 image_set = excluded.image_set, heartbeat_ms = excluded.heartbeat_ms",
+            args![
+                &info.id,
+                &info.control_url,
+                &info.edge_url,
+                &info.preview_url,
+                i(info.vcpus),
+                i(info.mem_mib),
+                i(info.disk_mib),
+                &info.qemu,
+                &info.accel,
+                &info.image_set,
+                now_ms()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// This host is alive, with these warm VMs; returns its state as stored (an
+    /// operator may have set it draining). Not synced: a heartbeat lost in a crash is
+    /// the next one's.
+    pub fn heartbeat(&self, host: &str, warm: &serde_json::Value) -> Result<String, CatalogError> {
+        let row = self.db.transaction(Durability::UntilPowerLoss, |tx| {
+            tx.execute(
+                "UPDATE hosts SET heartbeat_ms = ?2, warm = ?3 WHERE id = ?1",
+                args![host, now_ms(), warm.to_string()],
+            )?;
+            tx.query_opt("SELECT state FROM hosts WHERE id = ?1", args![host])
+        })?;
+        match row {
+            Some(r) => r.get(0),
+            None => Err(CatalogError::Conflict(format!(
+                "host {host} is not registered (was it removed?)"
+            ))),
+        }
+    }
+
+    /// Every host, by ID, with its allocation and its state as of now.
+    pub fn hosts(&self) -> Result<Vec<HostRecord>, CatalogError> {
+        let now = now_ms();
+        let sql = format!("{} ORDER BY h.id", select_hosts(self.db.dialect()));
+        self.db
+            .query(&sql, args![now])?
+            .iter()
+            .map(|r| host_of(r, now))
+            .collect()
+    }
+
+    /// One host.
+    pub fn host(&self, id: &str) -> Result<Option<HostRecord>, CatalogError> {
+        let now = now_ms();
+        let sql = format!("{} WHERE h.id = ?2", select_hosts(self.db.dialect()));
+        self.db
+            .query_opt(&sql, args![now, id])?
+            .map(|r| host_of(&r, now))
+            .transpose()
+    }
+
+    /// Sets a host's state (`ready`, `draining`, `drained`); false if there is no
+    /// such host.
+    pub fn set_host_state(&self, id: &str, state: &str) -> Result<bool, CatalogError> {
+        Ok(self.db.execute(
+            "UPDATE hosts SET state = ?2 WHERE id = ?1",
+            args![id, state],
+        )? > 0)
+    }
+
+    /// Reserves `need` on host `host` for a create on its way there, if the host is
+    /// ready and has that much free; returns the reservation's ID. Checked and written
+    /// in one transaction under a lock on the host, so two hosts placing at once never
+    /// both take the last of its capacity.
+    pub fn reserve(&self, host: &str, need: Allocation) -> Result<Option<String>, CatalogError> {
+        let id = format!("rsv-{}", uuid::Uuid::new_v4().simple());
+        let now = now_ms();
+        let sql = format!("{} WHERE h.id = ?2", select_hosts(self.db.dialect()));
+        self.db.transaction(Durability::Synced, |tx| {
+            tx.lock("host", host)?;
+            let Some(row) = tx.query_opt(&sql, args![now, host])? else {
+                return Ok(None);
+            };
+            let h = host_of(&row, now)?;
+            let free = h.free();
+            if !h.is_ready()
+                || free.vcpus < need.vcpus
+                || free.mem_mib < need.mem_mib
+                || free.disk_mib < need.disk_mib
+            {
+                return Ok(None);
+            }
+            tx.execute(
+                "INSERT INTO reservations (id, host_id, vcpus, mem_mib, disk_mib, expires_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                args![
+                    &id,
+                    host,
+                    i(need.vcpus),
+                    i(need.mem_mib),
+                    i(need.disk_mib),
+                    now + RESERVATION_TTL_MS
+                ],
+            )?;
+            Ok(Some(id.clone()))
+        })
+    }
+
+    /// Ends a reservation (its create landed, and its record counts now; or it failed).
+    /// Expired ones are pruned on the way.
+    pub fn release_reservation(&self, id: &str) -> Result<(), CatalogError> {
+        self.db.execute(
+            "DELETE FROM reservations WHERE id = ?1 OR expires_ms <= ?2",
+            args![id, now_ms()],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str) -> HostInfo {
+        HostInfo {
+            id: id.into(),
+            control_url: format!("http://{id}:7070"),
+            edge_url: format!("http://{id}:7071"),
+            preview_url: format!("{id}:7072"),
+            vcpus: 4,
+            mem_mib: 4096,
+            disk_mib: 10_000,
+            qemu: "QEMU emulator version 7.2.0".into(),
+            accel: "kvm".into(),
+            image_set: "img-1".into(),
+        }
+    }
+
+    #[test]
+    fn hosts_register_heartbeat_and_reserve_only_what_is_free() {
+        for t in crate::catalog::testing::backends() {
+            let c = t.catalog();
+            c.register_host(&info("host-a")).unwrap();
+            c.register_host(&info("host-b")).unwrap();
+            let warm = serde_json::json!({ "base/1/256/1024": 2 });
+            assert_eq!(c.heartbeat("host-a", &warm).unwrap(), "ready");
+            let hosts = c.hosts().unwrap();
+            assert_eq!(hosts.len(), 2, "{}", t.name());
+            assert_eq!(hosts[0].warm, warm, "{}", t.name());
+            assert_eq!(hosts[0].allocated, Allocation::default());
+            // Reservations add up, and refuse what is not free.
+            let need = Allocation {
+                vcpus: 3,
+                mem_mib: 1024,
+                disk_mib: 1000,
+            };
+            let first = c.reserve("host-a", need).unwrap();
+            assert!(first.is_some(), "{}", t.name());
+            assert_eq!(c.host("host-a").unwrap().unwrap().allocated, need);
+            assert!(
+                c.reserve("host-a", need).unwrap().is_none(),
+                "{}: 6 of 4 vCPUs",
+                t.name()
+            );
+            c.release_reservation(&first.unwrap()).unwrap();
+            assert!(c.reserve("host-a", need).unwrap().is_some(), "{}", t.name());
+            // A draining host takes no placements; re-registering keeps the drain.
+            assert!(c.set_host_state("host-b", "draining").unwrap());
+            c.register_host(&info("host-b")).unwrap();
+            assert_eq!(c.host("host-b").unwrap().unwrap().state, "draining");
+            assert!(c.reserve("host-b", need).unwrap().is_none(), "{}", t.name());
+            assert!(!c.set_host_state("host-z", "draining").unwrap());
+            assert!(c.heartbeat("host-z", &warm).is_err(), "{}", t.name());
+        }
+    }
+
+    #[test]
+    fn a_host_sees_its_own_and_unowned_rows_only() {
+        for t in crate::catalog::testing::backends() {
+            let c = t.catalog();
+            c.create_team("acme", Some("team-acme")).unwrap();
+            let mut mine = crate::model::SandboxRecord::fresh(
+                "team-acme",
+                "base".into(),
+                crate::model::Resources::default(),
+                60,
+                0,
+            );
+            mine.state = crate::model::InternalState::Active;
+            mine.host_id = Some("host-a".into());
+            let mut theirs = mine.clone();
+            theirs.id = "sbx-theirs".into();
+            theirs.host_id = Some("host-b".into());
+            let mut legacy = mine.clone();
+            legacy.id = "sbx-legacy".into();
+            legacy.host_id = None;
+            for r in [&mine, &theirs, &legacy] {
+                c.put_sandbox(r).unwrap();
+            }
+            c.begin_intent("sbx-x", "pause", &serde_json::json!({}))
+                .unwrap();
+            c.set_host("host-a").unwrap();
+            c.begin_intent("sbx-y", "pause", &serde_json::json!({}))
+                .unwrap();
+            let mut seen: Vec<String> = c
+                .sandboxes_in(&["active"])
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+            seen.sort();
+            let mut want = vec![mine.id.clone(), legacy.id.clone()];
+            want.sort();
+            assert_eq!(seen, want, "{}", t.name());
+            assert!(c.set_host("host-b").is_err());
+            // Another host's handle sees its own intents (and none of host-a's).
+            let other = t.reopen();
+            other.set_host("host-b").unwrap();
+            let theirs_intents: Vec<String> = other
+                .intents()
+                .unwrap()
+                .into_iter()
+                .map(|i| i.sandbox_id)
+                .collect();
+            assert_eq!(theirs_intents, vec!["sbx-x".to_string()], "{}", t.name());
+            assert_eq!(c.intents().unwrap().len(), 2, "{}", t.name());
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Forwarding a request to another host of the cluster: the request as it came (method,
+//! path, query, headers, a streamed body; a WebSocket or other upgrade carried through),
+//! marked with [`FORWARDED_BY`] so the receiving host never forwards it again.
+
+use axum::body::Body;
+use axum::http::{HeaderValue, Request, Response, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use std::time::Duration;
+
+/// The loop guard: set on every forwarded request to the forwarding host's ID. A host
+/// that receives it serves the request itself (or says it cannot), never forwards.
+pub const FORWARDED_BY: &str = "x-nullspace-forwarded-by";
+
+/// How long connecting to another host may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a request could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The host's URL is not `http://HOST:PORT`.
+    #[error("host URL {0:?} is not http://HOST:PORT")]
+    BadUrl(String),
+    /// Nothing answered there.
+    #[error("connecting to {url}: {why}")]
+    Connect {
+        /// The host's base URL.
+        url: String,
+        /// What failed.
+        why: String,
+    },
+    /// The connection broke before an answer.
+    #[error("{url} did not answer: {why}")]
+    Exchange {
+        /// The host's base URL.
+        url: String,
+        /// What failed.
+        why: String,
+    },
+}
+
+/// Sends `req` to the host at `base_url` (`http://HOST:PORT`) as `from` forwarding it,
+/// and returns its answer, streamed. An upgrade both sides agree to is bridged.
+pub async fn forward(
+    base_url: &str,
+    from: &str,
+    mut req: Request<Body>,
+) -> Result<Response<Body>, ForwardError> {
+    let authority = base_url
+        .strip_prefix("http://")
+        .map(|a| a.trim_end_matches('/'))
+        .filter(|a| !a.is_empty() && !a.contains('/'))
+        .ok_or_else(|| ForwardError::BadUrl(base_url.to_string()))?
+        .to_string();
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&authority))
+        .await
+        .map_err(|_| ForwardError::Connect {
+            url: base_url.into(),
+            why: format!("no answer within {CONNECT_TIMEOUT:?}"),
+        })?
+        .map_err(|e| ForwardError::Connect {
+            url: base_url.into(),
+            why: e.to_string(),
+        })?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ForwardError::Connect {
+            url: base_url.into(),
+            why: e.to_string(),
+        })?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    // Origin form, and the target as Host.
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    *req.uri_mut() = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
+    let headers = req.headers_mut();
+    if let Ok(host) = HeaderValue::from_str(&authority) {
+        headers.insert(axum::http::header::HOST, host);
+    }
+    if let Ok(v) = HeaderValue::from_str(from) {
+        headers.insert(FORWARDED_BY, v);
+    }
+    let upgrading = req.headers().contains_key(axum::http::header::UPGRADE);
+    let client_side = upgrading.then(|| hyper::upgrade::on(&mut req));
+    let mut resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| ForwardError::Exchange {
+            url: base_url.into(),
+            why: e.to_string(),
+        })?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_side) = client_side {
+            let owner_side = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(client), Ok(owner)) = (client_side.await, owner_side.await) {
+                    let _ = tokio::io::copy_bidirectional(
+                        &mut TokioIo::new(client),
+                        &mut TokioIo::new(owner),
+                    )
+                    .await;
+                }
+            });
+        }
+    }
+    Ok(resp.map(Body::new))
+}

@@ -1,0 +1,260 @@
+//! Where a new sandbox goes: best-of-K over the ready hosts that can run it, scored by
+//! free capacity with a bonus for a ready warm VM of its template and shape; capacity
+//! reserved on the chosen host in the catalog before the create is forwarded there, and
+//! a host that refuses excluded before the next try.
+
+use super::forward::{forward, FORWARDED_BY};
+use crate::catalog::{Allocation, HostRecord};
+use crate::error::ApiError;
+use crate::model::Resources;
+use crate::sandboxes::Manager;
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::response::Response;
+use rand::seq::SliceRandom;
+use std::collections::HashSet;
+
+/// Set on a create forwarded by placement: the reservation the receiving host ends once
+/// its record of the sandbox counts instead.
+pub const RESERVATION: &str = "x-nullspace-reservation";
+
+/// Hosts compared per decision (the "K" of best-of-K): enough to find a good one, few
+/// enough that concurrent placements spread instead of all picking the one best host.
+pub const BEST_OF: usize = 3;
+
+/// A warm VM's place in a host's heartbeat (`template/vcpus/memMiB/diskMiB`).
+pub fn warm_key(template: &str, r: Resources) -> String {
+    format!("{template}/{}/{}/{}", r.vcpus, r.mem_mib, r.disk_mib)
+}
+
+/// How good `h` is for a sandbox needing `need`: the shares of its vCPUs and memory
+/// left free afterwards, plus 1 with a ready warm VM of `warm` there. `None` when it
+/// cannot take it (not ready, too full).
+pub fn score(h: &HostRecord, need: Allocation, warm: &str) -> Option<f64> {
+    let free = h.free();
+    if !h.is_ready()
+        || free.vcpus < need.vcpus
+        || free.mem_mib < need.mem_mib
+        || free.disk_mib < need.disk_mib
+    {
+        return None;
+    }
+    let share = |left: u64, of: u64| {
+        if of == 0 {
+            0.0
+        } else {
+            left as f64 / of as f64
+        }
+    };
+    let after = share(free.vcpus - need.vcpus, h.info.vcpus)
+        + share(free.mem_mib - need.mem_mib, h.info.mem_mib);
+    let warm_bonus = if h.warm.get(warm).and_then(|v| v.as_u64()).unwrap_or(0) > 0 {
+        1.0
+    } else {
+        0.0
+    };
+    Some(after + warm_bonus)
+}
+
+/// The host to try: of up to [`BEST_OF`] hosts drawn at random from those that can
+/// take it (`compatible`, not `excluded`, and with a warm VM when `warm_only`), the best
+/// scored.
+pub fn choose<'a>(
+    hosts: &'a [HostRecord],
+    need: Allocation,
+    warm: &str,
+    warm_only: bool,
+    compatible: impl Fn(&HostRecord) -> bool,
+    excluded: &HashSet<String>,
+) -> Option<&'a HostRecord> {
+    let mut fit: Vec<(&HostRecord, f64)> = hosts
+        .iter()
+        .filter(|h| !excluded.contains(&h.info.id) && compatible(h))
+        .filter(|h| !warm_only || h.warm.get(warm).and_then(|v| v.as_u64()).unwrap_or(0) > 0)
+        .filter_map(|h| Some((h, score(h, need, warm)?)))
+        .collect();
+    fit.shuffle(&mut rand::thread_rng());
+    fit.truncate(BEST_OF);
+    fit.into_iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(h, _)| h)
+}
+
+/// Places a create (`body`, as the caller sent it) on the cluster: `None` when it is
+/// this host's to make (one host only, or this one chosen, or no other would take it),
+/// else the chosen host's answer. A host that fails or refuses for capacity
+/// (502, 503, 507, or unreachable) is excluded and the next one tried.
+pub async fn place_create(
+    m: &Manager,
+    headers: &HeaderMap,
+    template: &str,
+    resources: Resources,
+    warm_only: bool,
+    body: &bytes::Bytes,
+) -> Result<Option<Response>, ApiError> {
+    let Some(this) = super::this_host() else {
+        return Ok(None);
+    };
+    if headers.contains_key(FORWARDED_BY) {
+        return Ok(None);
+    }
+    let hosts = m.catalog.hosts()?;
+    if hosts.iter().filter(|h| h.is_ready()).count() < 2 {
+        return Ok(None);
+    }
+    let Some(me) = hosts.iter().find(|h| h.info.id == this) else {
+        return Ok(None);
+    };
+    // Same QEMU and guest images: what a template or snapshot made on one restores on.
+    let compatible =
+        |h: &HostRecord| h.info.qemu == me.info.qemu && h.info.image_set == me.info.image_set;
+    let need = Allocation {
+        vcpus: u64::from(resources.vcpus),
+        mem_mib: u64::from(resources.mem_mib),
+        disk_mib: resources.disk_mib,
+    };
+    let warm = warm_key(template, resources);
+    let mut excluded = HashSet::new();
+    let started = std::time::Instant::now();
+    loop {
+        let Some(host) = choose(&hosts, need, &warm, warm_only, compatible, &excluded) else {
+            return Ok(None);
+        };
+        if host.info.id == this {
+            tracing::debug!(
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "placed here"
+            );
+            return Ok(None);
+        }
+        excluded.insert(host.info.id.clone());
+        let Some(reservation) = m.catalog.reserve(&host.info.id, need)? else {
+            continue;
+        };
+        tracing::info!(host = %host.info.id, elapsed_us = started.elapsed().as_micros() as u64, "create placed on another host");
+        let mut req = Request::builder()
+            .method("POST")
+            .uri("/v1/sandboxes")
+            .body(Body::from(body.clone()))
+            .expect("a fixed request");
+        for (name, value) in headers {
+            if name != axum::http::header::CONTENT_LENGTH {
+                req.headers_mut().append(name, value.clone());
+            }
+        }
+        if let Ok(v) = reservation.parse() {
+            req.headers_mut().insert(RESERVATION, v);
+        }
+        match forward(&host.info.control_url, this, req).await {
+            Ok(resp)
+                if !matches!(
+                    resp.status(),
+                    StatusCode::BAD_GATEWAY
+                        | StatusCode::SERVICE_UNAVAILABLE
+                        | StatusCode::INSUFFICIENT_STORAGE
+                ) =>
+            {
+                return Ok(Some(resp));
+            }
+            Ok(resp) => {
+                tracing::warn!(host = %host.info.id, status = %resp.status(), "a placed create was refused; trying another host");
+            }
+            Err(e) => {
+                tracing::warn!(host = %host.info.id, error = %e, "a placed create could not be sent; trying another host");
+            }
+        }
+        let _ = m.catalog.release_reservation(&reservation);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::HostInfo;
+
+    fn host(id: &str, free_mem: u64, warm: u64) -> HostRecord {
+        HostRecord {
+            info: HostInfo {
+                id: id.into(),
+                control_url: String::new(),
+                edge_url: String::new(),
+                preview_url: String::new(),
+                vcpus: 8,
+                mem_mib: 8192,
+                disk_mib: 100_000,
+                qemu: "q".into(),
+                accel: "kvm".into(),
+                image_set: "i".into(),
+            },
+            state: "ready".into(),
+            warm: serde_json::json!({ "base/1/256/1024": warm }),
+            allocated: Allocation {
+                vcpus: 0,
+                mem_mib: 8192 - free_mem,
+                disk_mib: 0,
+            },
+            heartbeat_ms: 0,
+        }
+    }
+
+    const NEED: Allocation = Allocation {
+        vcpus: 1,
+        mem_mib: 256,
+        disk_mib: 1024,
+    };
+
+    #[test]
+    fn the_freest_host_wins_and_a_warm_vm_outweighs_free_memory() {
+        let hosts = vec![host("a", 1024, 0), host("b", 8000, 0), host("c", 300, 1)];
+        let none = HashSet::new();
+        let picked = choose(&hosts, NEED, "base/1/256/1024", false, |_| true, &none).unwrap();
+        assert_eq!(picked.info.id, "c", "the warm VM's bonus");
+        let picked = choose(&hosts, NEED, "other/1/256/1024", false, |_| true, &none).unwrap();
+        assert_eq!(picked.info.id, "b", "most memory free");
+        // Too full, not ready, excluded or incompatible: never chosen.
+        let mut full = host("d", 100, 5);
+        full.state = "ready".into();
+        let mut draining = host("e", 8000, 5);
+        draining.state = "draining".into();
+        let hosts = vec![full, draining, host("f", 8000, 0)];
+        let excluded: HashSet<String> = ["f".to_string()].into();
+        assert!(choose(&hosts, NEED, "base/1/256/1024", false, |_| true, &excluded).is_none());
+        assert!(choose(
+            &hosts,
+            NEED,
+            "base/1/256/1024",
+            false,
+            |h| h.info.id != "f",
+            &none
+        )
+        .is_none());
+        // `require`: only hosts with a warm VM.
+        let hosts = vec![host("a", 8000, 0), host("b", 500, 1)];
+        let picked = choose(&hosts, NEED, "base/1/256/1024", true, |_| true, &none).unwrap();
+        assert_eq!(picked.info.id, "b");
+    }
+
+    #[test]
+    fn a_decision_over_a_thousand_hosts_reads_rows_only() {
+        let hosts: Vec<HostRecord> = (0..1000)
+            .map(|i| host(&format!("h{i}"), 256 + i, 0))
+            .collect();
+        let t = std::time::Instant::now();
+        for _ in 0..100 {
+            assert!(choose(
+                &hosts,
+                NEED,
+                "base/1/256/1024",
+                false,
+                |_| true,
+                &HashSet::new()
+            )
+            .is_some());
+        }
+        // Reported, not asserted (timing): the bench reports the ratio.
+        eprintln!(
+            "placement over 1000 hosts: {:?} per decision",
+            t.elapsed() / 100
+        );
+    }
+}

@@ -1,0 +1,148 @@
+//! Any host answers any request: one about a sandbox another host owns goes to that
+//! host (its control API or its data plane), found through the catalog (with a short
+//! cache) and sent with a loop guard.
+
+use super::forward::{forward, FORWARDED_BY};
+use crate::error::ApiError;
+use crate::sandboxes::Manager;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::Request;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Which of a host's listeners a request came to (and goes to on the owner).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Face {
+    /// The control API.
+    Control,
+    /// The data-plane edge.
+    Edge,
+}
+
+/// How long an owner looked up is believed: ownership moves only on failover and
+/// drain, and a stale answer costs one refused hop (the loop guard), not a wrong host.
+const OWNER_TTL: Duration = Duration::from_secs(2);
+
+/// A sandbox's owner as looked up (a host ID, or none), and when.
+type Looked = (Option<String>, Instant);
+
+/// Owners looked up lately, by sandbox ID.
+static OWNERS: Mutex<Option<HashMap<String, Looked>>> = Mutex::new(None);
+
+/// The host that owns sandbox `id`, if the catalog names one.
+fn owner_of(m: &Manager, id: &str) -> Result<Option<String>, ApiError> {
+    {
+        let cache = OWNERS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((owner, at)) = cache.as_ref().and_then(|c| c.get(id)) {
+            if at.elapsed() < OWNER_TTL {
+                return Ok(owner.clone());
+            }
+        }
+    }
+    let owner = m.catalog.sandbox(id)?.and_then(|r| r.host_id);
+    let mut cache = OWNERS.lock().unwrap_or_else(|e| e.into_inner());
+    let map = cache.get_or_insert_with(HashMap::new);
+    if map.len() > 10_000 {
+        map.clear();
+    }
+    map.insert(id.to_string(), (owner.clone(), Instant::now()));
+    Ok(owner)
+}
+
+/// The sandbox ID a path is about (`/v1/sandboxes/{id}` and below), if any.
+fn sandbox_in_path(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v1/sandboxes/")?;
+    let id = rest.split('/').next()?;
+    api_model::is_sandbox_id(id).then_some(id)
+}
+
+/// Middleware: serves requests about this host's sandboxes (and every other request)
+/// here; forwards those about another host's to it.
+pub async fn to_owner(
+    State((m, face)): State<(Arc<Manager>, Face)>,
+    req: Request<Body>,
+    next: Next,
+) -> Response {
+    let (Some(this), Some(id)) = (
+        super::this_host(),
+        sandbox_in_path(req.uri().path()).map(str::to_string),
+    ) else {
+        return next.run(req).await;
+    };
+    let id = id.as_str();
+    let owner = match owner_of(&m, id) {
+        Ok(Some(owner)) if owner != this => owner,
+        Ok(_) => return next.run(req).await,
+        Err(e) => return e.into_response(),
+    };
+    if req.headers().contains_key(FORWARDED_BY) {
+        // Sent here by a host that believed this one the owner: ownership moved since.
+        return ApiError::new(
+            503,
+            "owner_moved",
+            format!(
+                "sandbox {id} moved to host {owner} while this request was on its way; retry it"
+            ),
+        )
+        .into_response();
+    }
+    let host = match m.catalog.host(&owner) {
+        Ok(Some(h)) => h,
+        Ok(None) => {
+            return ApiError::new(
+                503,
+                "host_unavailable",
+                format!("sandbox {id}'s host {owner} is not registered; ask the operator (`admin host list`)"),
+            )
+            .into_response()
+        }
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    if host.state == "dead" {
+        return ApiError::new(
+            503,
+            "host_unavailable",
+            format!(
+                "sandbox {id}'s host {owner} stopped heartbeating; a hibernated or paused sandbox resumes elsewhere once it is declared lost, a running one is lost with it"
+            ),
+        )
+        .into_response();
+    }
+    let base = match face {
+        Face::Control => &host.info.control_url,
+        Face::Edge => &host.info.edge_url,
+    };
+    tracing::debug!(sandbox = %id, owner = %owner, ?face, "forwarding to the owner");
+    match forward(base, this, req).await {
+        Ok(resp) => resp,
+        Err(e) => ApiError::new(
+            502,
+            "host_unreachable",
+            format!("sandbox {id}'s host {owner} could not be reached: {e}; retry"),
+        )
+        .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_sandbox_paths_are_routed() {
+        let id = "sbx-0123456789abcdef0123";
+        assert!(api_model::is_sandbox_id(id));
+        assert_eq!(sandbox_in_path(&format!("/v1/sandboxes/{id}")), Some(id));
+        assert_eq!(
+            sandbox_in_path(&format!("/v1/sandboxes/{id}/commands")),
+            Some(id)
+        );
+        assert_eq!(sandbox_in_path("/v1/sandboxes/restore"), None);
+        assert_eq!(sandbox_in_path("/v1/sandboxes"), None);
+        assert_eq!(sandbox_in_path("/v1/templates/x"), None);
+    }
+}
