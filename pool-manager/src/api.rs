@@ -167,20 +167,17 @@ async fn create(
     {
         return Ok(placed);
     }
-    // Placed here by another host: its reservation ends once this host's record of the
-    // sandbox counts (or the create failed).
-    let reservation = headers
+    // Placed here by another host: its reservation ends now, as this host's record of
+    // the sandbox (written within the create's first milliseconds) takes its place;
+    // held to the end it would count twice for the whole create.
+    if let Some(r) = headers
         .get(crate::cluster::placement::RESERVATION)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let made = {
-        let m = m.clone();
-        to_completion(async move { m.create(&team, req).await }).await
-    };
-    if let Some(r) = reservation {
-        let _ = m.catalog.release_reservation(&r);
+    {
+        let _ = m.catalog.release_reservation(r);
     }
-    Ok((StatusCode::CREATED, Json(made?)).into_response())
+    let view = to_completion(async move { m.create(&team, req).await }).await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
 async fn list(

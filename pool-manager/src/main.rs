@@ -731,6 +731,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         let _ = fatal_tx.send(format!("template snapshots failed: {why}"));
     });
     tokio::spawn(cluster::hosts::heartbeat(manager.clone(), host_info));
+    tokio::spawn(manager.clone().watch_cluster());
     tokio::spawn(manager.clone().sweep_timeouts());
     tokio::spawn(manager.clone().sweep_periodic());
     tokio::spawn(manager.clone().collect_garbage_when_asked());

@@ -124,6 +124,14 @@ pub struct SandboxRecord {
     /// daemon is when the record is made. None on a catalog from before hosts.
     #[serde(rename = "hostID", default, skip_serializing_if = "Option::is_none")]
     pub host_id: Option<String>,
+    /// How many times it changed hosts (failover, drain): a write of the record by a
+    /// host holding an older epoch is refused, so a host that comes back after its
+    /// sandboxes moved cannot write them back.
+    #[serde(rename = "ownerEpoch", default)]
+    pub owner_epoch: u64,
+    /// Moved here by a drain while hibernated: its new host resumes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume_after_move: bool,
 }
 
 impl SandboxRecord {
@@ -139,6 +147,8 @@ impl SandboxRecord {
         let now = chrono::Utc::now().timestamp_millis();
         Self {
             host_id: crate::cluster::this_host().map(str::to_string),
+            owner_epoch: 0,
+            resume_after_move: false,
             id: format!("sbx-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
             team_id: team_id.to_string(),
             template_id,
@@ -318,6 +328,9 @@ pub struct TemplateRecord {
     pub created_at_ms: i64,
     pub ready_at_ms: Option<i64>,
     pub build_ms: Option<u64>,
+    /// The host building it: only that host fails the build when it restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built_on: Option<String>,
 }
 
 impl TemplateRecord {

@@ -158,3 +158,196 @@ async fn two_hosts_place_creates_on_both_and_forward_requests_to_the_owner() {
     }
     drop((a, b));
 }
+
+/// The host (A or B) whose edge a sandbox view's runtime URL is on.
+fn owner_of<'a>(view: &Value, hosts: &[(&'a str, String)]) -> &'a str {
+    let base = view["runtime"]["target"]["baseUrl"]
+        .as_str()
+        .unwrap_or_default();
+    hosts
+        .iter()
+        .find(|(_, edge)| base.starts_with(edge.as_str()))
+        .map(|(name, _)| *name)
+        .unwrap_or_else(|| panic!("no host's edge serves {view}"))
+}
+
+/// Polls `check` every 500 ms for up to `secs` seconds.
+async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(why) if std::time::Instant::now() > deadline => {
+                panic!("{what} did not happen within {secs} s: {why}")
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_drain_moves_sandboxes_live_and_a_lost_hosts_hibernated_sandbox_resumes_elsewhere() {
+    let server = match server() {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let db = FreshDatabase::create(&server, "failover").await;
+    let url = db.url.clone();
+    pool_manager(&["migrate", "--catalog", &url]).unwrap();
+    // One bucket: hibernate snapshots are found from any host.
+    let s3 = nullspace_tests::s3_flags(&format!("t-failover-{}", std::process::id()));
+    let flags = |host: &'static str| -> Vec<String> {
+        let mut f: Vec<String> = ["--catalog", url.as_str(), "--host-id", host]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        f.extend(s3.iter().cloned());
+        f
+    };
+    let fa = flags("host-a");
+    let fb = flags("host-b");
+    let a = Daemon::start_with(
+        "failover-a",
+        &fa.iter().map(String::as_str).collect::<Vec<_>>(),
+        nullspace_tests::S3_ENV,
+    );
+    let mut b = Daemon::start_with(
+        "failover-b",
+        &fb.iter().map(String::as_str).collect::<Vec<_>>(),
+        nullspace_tests::S3_ENV,
+    );
+    a.admin(&["team", "create", "acme", "--catalog", &url]);
+    let key = a.admin(&["key", "create", "--team", "acme", "--catalog", &url]);
+    let via_a = Api::new(&a, key.clone());
+    let hosts = [("host-a", a.edge.clone()), ("host-b", b.edge.clone())];
+
+    // A sandbox on host A with a file and a process.
+    let mut sbx = Value::Null;
+    for _ in 0..8 {
+        sbx = via_a
+            .create(json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }))
+            .await;
+        if owner_of(&sbx, &hosts) == "host-a" {
+            break;
+        }
+        via_a.delete(sbx["sandboxID"].as_str().unwrap()).await;
+    }
+    assert_eq!(owner_of(&sbx, &hosts), "host-a", "no create landed on A");
+    let id = sbx["sandboxID"].as_str().unwrap().to_string();
+    let rt = Runtime::of(&sbx);
+    rt.put_file("/workspace/kept.txt", b"kept across hosts")
+        .await;
+    let (pid, _, code) = rt
+        .run("setsid sleep 3000 </dev/null >/dev/null 2>&1 & echo $!")
+        .await;
+    assert_eq!(code, 0);
+    let pid = pid.trim().to_string();
+
+    // Drain A: the sandbox moves to B and runs there, its file and process with it.
+    a.admin(&["host", "drain", "host-a", "--catalog", &url]);
+    let b_edge = b.edge.clone();
+    eventually(60, "the drain", || {
+        let via_a = via_a.clone();
+        let id = id.clone();
+        let b_edge = b_edge.clone();
+        async move {
+            let v = via_a.get(&id).await;
+            if v["state"] != "running" {
+                return Err(format!("{v}"));
+            }
+            let (_, c) = via_a
+                .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+                .await;
+            match c["runtime"]["target"]["baseUrl"].as_str() {
+                Some(base) if base.starts_with(&b_edge) => Ok(()),
+                _ => Err(format!("{c}")),
+            }
+        }
+    })
+    .await;
+    let (_, moved) = via_a
+        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+        .await;
+    assert_eq!(owner_of(&moved, &hosts), "host-b", "{moved}");
+    let rt = Runtime::of(&moved);
+    assert_eq!(
+        rt.read_file("/workspace/kept.txt").await.as_deref(),
+        Some(&b"kept across hosts"[..])
+    );
+    let (_, _, alive) = rt.run(&format!("kill -0 {pid}")).await;
+    assert_eq!(alive, 0, "the process started on A runs on B");
+    let drained = a.admin(&["host", "list", "--catalog", &url]);
+    assert!(
+        drained.contains(r#""hostID":"host-a""#) && drained.contains(r#""state":"drained""#),
+        "{drained}"
+    );
+    a.admin(&["host", "undrain", "host-a", "--catalog", &url]);
+
+    // On B: the moved sandbox hibernated, and a second one left running. B dies.
+    let (status, v) = via_a
+        .post(&format!("/v1/sandboxes/{id}/hibernate"), json!({}))
+        .await;
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (StatusCode::OK, Some("paused")),
+        "{v}"
+    );
+    // A draining host makes no sandbox: a create sent to A lands on B.
+    a.admin(&["host", "drain", "host-a", "--catalog", &url]);
+    let running = via_a
+        .create(json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }))
+        .await;
+    assert_eq!(owner_of(&running, &hosts), "host-b", "{running}");
+    a.admin(&["host", "undrain", "host-a", "--catalog", &url]);
+    let running_id = running["sandboxID"].as_str().unwrap().to_string();
+    let state = b.stop_with(libc::SIGKILL);
+    // Its VMs outlive it by design (a restart adopts them); a host that is gone for
+    // good takes them along: here, as B's machine going down would.
+    let b_run = b.run_dir().to_path_buf();
+    vmm::vm_dir::reap_orphans(&b_run, None, &[]);
+    let _ = std::fs::remove_dir_all(&b_run);
+    assert_eq!(nullspace_tests::qemus_in(&b_run).len(), 0);
+    std::mem::forget(b);
+    let _ = std::fs::remove_dir_all(state);
+
+    // A declares B lost: the hibernated sandbox is A's (and resumes there, file and
+    // process intact); the running one is `error` with host_lost.
+    eventually(45, "the failover", || {
+        let via_a = via_a.clone();
+        let running_id = running_id.clone();
+        async move {
+            let v = via_a.get(&running_id).await;
+            match v["diagnostic"]["code"].as_str() {
+                Some("host_lost") => Ok(()),
+                _ => Err(format!("{v}")),
+            }
+        }
+    })
+    .await;
+    let lost = via_a.get(&running_id).await;
+    assert_eq!(lost["state"], "error", "{lost}");
+    let (status, resumed) = via_a
+        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{resumed}");
+    assert_eq!(owner_of(&resumed, &hosts), "host-a", "{resumed}");
+    let rt = Runtime::of(&resumed);
+    assert_eq!(
+        rt.read_file("/workspace/kept.txt").await.as_deref(),
+        Some(&b"kept across hosts"[..])
+    );
+    let (_, _, alive) = rt.run(&format!("kill -0 {pid}")).await;
+    assert_eq!(alive, 0, "the process came along");
+    let hosts_now = a.admin(&["host", "list", "--catalog", &url]);
+    assert!(hosts_now.contains(r#""state":"lost""#), "{hosts_now}");
+    assert_eq!(via_a.delete(&id).await, StatusCode::NO_CONTENT);
+    assert_eq!(via_a.delete(&running_id).await, StatusCode::NO_CONTENT);
+    assert_eq!(nullspace_tests::qemus_in(a.run_dir()).len(), 0);
+}

@@ -353,15 +353,20 @@ impl Catalog {
         Ok(())
     }
 
-    /// ` AND (column IS NULL OR column = ?N)` with this host as parameter N (pushed
-    /// onto `params`), or nothing when no host is set.
+    /// ` AND column = ?N` with this host as parameter N (pushed onto `params`), or
+    /// nothing when no host is set. On SQLite (one host's own file) rows of no host,
+    /// made before there were hosts, are this host's too; on a shared Postgres catalog
+    /// they are nobody's: no host acts on what it cannot know to be its own.
     fn host_filter(&self, column: &str, params: &mut Vec<Value>) -> String {
         match self.host.get() {
             None => String::new(),
             Some(host) => {
                 params.push(Value::from(host.as_str()));
                 let n = params.len();
-                format!(" AND ({column} IS NULL OR {column} = ?{n})")
+                match self.db.dialect() {
+                    sql::Dialect::Sqlite => format!(" AND ({column} IS NULL OR {column} = ?{n})"),
+                    sql::Dialect::Postgres => format!(" AND {column} = ?{n}"),
+                }
             }
         }
     }
@@ -1034,14 +1039,31 @@ impl Catalog {
         events: &[(&str, serde_json::Value)],
     ) -> Result<(), CatalogError> {
         let seq = tx.dialect().next_sandbox_seq();
-        tx.execute(
+        // Fenced: a record another host owns now (or owned again since, a later epoch)
+        // is not written over by one that lost it.
+        let epoch = tx.dialect().json_int("sandboxes.record", &["ownerEpoch"]);
+        let written = tx.execute(
             &format!(
                 "INSERT INTO sandboxes (id, team_id, seq, record)
                  VALUES (?1, ?2, {seq}, ?3)
-                 ON CONFLICT(id) DO UPDATE SET record = excluded.record"
+                 ON CONFLICT(id) DO UPDATE SET record = excluded.record
+                 WHERE sandboxes.host_id IS NULL
+                    OR (sandboxes.host_id = ?4 AND COALESCE({epoch}, 0) <= ?5)"
             ),
-            args![&record.id, &record.team_id, json],
+            args![
+                &record.id,
+                &record.team_id,
+                json,
+                record.host_id.as_deref(),
+                record.owner_epoch.min(i64::MAX as u64) as i64
+            ],
         )?;
+        if written == 0 {
+            return Err(CatalogError::Conflict(format!(
+                "sandbox {} moved to another host (failover or drain); this host no longer writes it",
+                record.id
+            )));
+        }
         if !events.is_empty() {
             Self::append_events(tx, &record.id, events)?;
         }
@@ -1336,6 +1358,7 @@ mod tests {
                 created_at_ms: now_ms(),
                 ready_at_ms: None,
                 build_ms: None,
+                built_on: None,
             };
             c.put_template(&template("tpl-1")).unwrap();
             // The same record again is an update, not a conflict.

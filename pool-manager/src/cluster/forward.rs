@@ -79,6 +79,7 @@ pub async fn forward(
         .unwrap_or_else(|| "/".into());
     *req.uri_mut() = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
     let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
     if let Ok(host) = HeaderValue::from_str(&authority) {
         headers.insert(axum::http::header::HOST, host);
     }
@@ -108,5 +109,38 @@ pub async fn forward(
             });
         }
     }
+    strip_hop_by_hop(resp.headers_mut());
     Ok(resp.map(Body::new))
+}
+
+/// Removes the headers that describe one connection, not the message (RFC 9110 7.6.1):
+/// those `Connection` names and the fixed ones. An upgrade keeps `Connection: upgrade`
+/// and `Upgrade`, which the next hop needs to agree to it.
+fn strip_hop_by_hop(headers: &mut axum::http::HeaderMap) {
+    use axum::http::header;
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty() && n != "upgrade")
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+    ] {
+        headers.remove(name);
+    }
+    let upgrading = headers.contains_key(header::UPGRADE);
+    if !upgrading {
+        headers.remove(header::CONNECTION);
+    }
 }

@@ -82,8 +82,9 @@ pub fn choose<'a>(
 
 /// Places a create (`body`, as the caller sent it) on the cluster: `None` when it is
 /// this host's to make (one host only, or this one chosen, or no other would take it),
-/// else the chosen host's answer. A host that fails or refuses for capacity
-/// (502, 503, 507, or unreachable) is excluded and the next one tried.
+/// else the chosen host's answer. A host that refuses for capacity (503, 507) or cannot
+/// be connected to is excluded and the next one tried; one that took the request and
+/// then failed is not retried elsewhere (the sandbox may exist there).
 pub async fn place_create(
     m: &Manager,
     headers: &HeaderMap,
@@ -99,11 +100,24 @@ pub async fn place_create(
         return Ok(None);
     }
     let hosts = m.catalog.hosts()?;
-    if hosts.iter().filter(|h| h.is_ready()).count() < 2 {
-        return Ok(None);
-    }
     let Some(me) = hosts.iter().find(|h| h.info.id == this) else {
         return Ok(None);
+    };
+    // A host that is not ready (draining, drained, declared lost) makes no sandbox:
+    // another host does, or the create is refused.
+    let here_ok = me.is_ready();
+    if here_ok && hosts.iter().filter(|h| h.is_ready()).count() < 2 {
+        return Ok(None);
+    }
+    let refused_here = || {
+        ApiError::new(
+            503,
+            "no_host_available",
+            format!(
+                "this host ({this}) is {} and no other host can take the sandbox now; retry later, or ask the operator to add capacity",
+                me.state
+            ),
+        )
     };
     // Same QEMU and guest images: what a template or snapshot made on one restores on.
     let compatible =
@@ -118,7 +132,11 @@ pub async fn place_create(
     let started = std::time::Instant::now();
     loop {
         let Some(host) = choose(&hosts, need, &warm, warm_only, compatible, &excluded) else {
-            return Ok(None);
+            return if here_ok {
+                Ok(None)
+            } else {
+                Err(refused_here())
+            };
         };
         if host.info.id == this {
             tracing::debug!(
@@ -149,9 +167,7 @@ pub async fn place_create(
             Ok(resp)
                 if !matches!(
                     resp.status(),
-                    StatusCode::BAD_GATEWAY
-                        | StatusCode::SERVICE_UNAVAILABLE
-                        | StatusCode::INSUFFICIENT_STORAGE
+                    StatusCode::SERVICE_UNAVAILABLE | StatusCode::INSUFFICIENT_STORAGE
                 ) =>
             {
                 return Ok(Some(resp));
@@ -159,8 +175,16 @@ pub async fn place_create(
             Ok(resp) => {
                 tracing::warn!(host = %host.info.id, status = %resp.status(), "a placed create was refused; trying another host");
             }
-            Err(e) => {
+            Err(e @ super::forward::ForwardError::Connect { .. }) => {
                 tracing::warn!(host = %host.info.id, error = %e, "a placed create could not be sent; trying another host");
+            }
+            Err(e) => {
+                let _ = m.catalog.release_reservation(&reservation);
+                return Err(ApiError::new(
+                    502,
+                    "host_unreachable",
+                    format!("the create placed on host {} got no answer ({e}); list your sandboxes before retrying, it may exist", host.info.id),
+                ));
             }
         }
         let _ = m.catalog.release_reservation(&reservation);

@@ -53,11 +53,32 @@ fn owner_of(m: &Manager, id: &str) -> Result<Option<String>, ApiError> {
     Ok(owner)
 }
 
-/// The sandbox ID a path is about (`/v1/sandboxes/{id}` and below), if any.
-fn sandbox_in_path(path: &str) -> Option<&str> {
+/// The sandbox ID a path is about (`/v1/sandboxes/{id}` and below), if any, decoded
+/// as the router's `Path` decodes it: a percent-encoded ID must not slip past routing
+/// to be served by a host that does not own it.
+fn sandbox_in_path(path: &str) -> Option<String> {
     let rest = path.strip_prefix("/v1/sandboxes/")?;
-    let id = rest.split('/').next()?;
-    api_model::is_sandbox_id(id).then_some(id)
+    let id = percent_decoded(rest.split('/').next()?)?;
+    api_model::is_sandbox_id(&id).then_some(id)
+}
+
+/// `segment` with its `%XX` escapes decoded; `None` if one is malformed or the result
+/// is not UTF-8.
+fn percent_decoded(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Middleware: serves requests about this host's sandboxes (and every other request)
@@ -67,12 +88,17 @@ pub async fn to_owner(
     req: Request<Body>,
     next: Next,
 ) -> Response {
-    let (Some(this), Some(id)) = (
-        super::this_host(),
-        sandbox_in_path(req.uri().path()).map(str::to_string),
-    ) else {
+    let (Some(this), Some(id)) = (super::this_host(), sandbox_in_path(req.uri().path())) else {
         return next.run(req).await;
     };
+    // A sandbox's details are the shared catalog's: any host answers them, even while
+    // the owner is down (its callers learn that from the state).
+    if face == Face::Control
+        && req.method() == axum::http::Method::GET
+        && req.uri().path().trim_end_matches('/') == format!("/v1/sandboxes/{id}")
+    {
+        return next.run(req).await;
+    }
     let id = id.as_str();
     let owner = match owner_of(&m, id) {
         Ok(Some(owner)) if owner != this => owner,
@@ -136,11 +162,20 @@ mod tests {
     fn only_sandbox_paths_are_routed() {
         let id = "sbx-0123456789abcdef0123";
         assert!(api_model::is_sandbox_id(id));
-        assert_eq!(sandbox_in_path(&format!("/v1/sandboxes/{id}")), Some(id));
         assert_eq!(
-            sandbox_in_path(&format!("/v1/sandboxes/{id}/commands")),
+            sandbox_in_path(&format!("/v1/sandboxes/{id}")).as_deref(),
             Some(id)
         );
+        assert_eq!(
+            sandbox_in_path(&format!("/v1/sandboxes/{id}/commands")).as_deref(),
+            Some(id)
+        );
+        // Escaped as a client may send it: still that sandbox.
+        assert_eq!(
+            sandbox_in_path("/v1/sandboxes/%73bx-0123456789abcdef0123/pause").as_deref(),
+            Some(id)
+        );
+        assert_eq!(sandbox_in_path("/v1/sandboxes/%zz"), None);
         assert_eq!(sandbox_in_path("/v1/sandboxes/restore"), None);
         assert_eq!(sandbox_in_path("/v1/sandboxes"), None);
         assert_eq!(sandbox_in_path("/v1/templates/x"), None);

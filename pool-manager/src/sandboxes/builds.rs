@@ -658,6 +658,7 @@ impl Manager {
             created_at_ms: now,
             ready_at_ms: None,
             build_ms: None,
+            built_on: crate::cluster::this_host().map(str::to_string),
             request,
         };
         {
@@ -1534,7 +1535,9 @@ impl Manager {
     /// After a start: builds the previous daemon did not finish have failed.
     pub(super) fn fail_interrupted_builds(&self) -> Result<(), ApiError> {
         for mut t in self.catalog.templates(None)? {
-            if t.status != TemplateStatus::Building {
+            // Another host's build (on a catalog hosts share) runs on.
+            let mine = t.built_on.is_none() || t.built_on.as_deref() == crate::cluster::this_host();
+            if t.status != TemplateStatus::Building || !mine {
                 continue;
             }
             t.fail(BuildFailure {

@@ -19,6 +19,7 @@ use vmm::{QemuVm, QemuVmm, RestoreMemory, RestoreOptions, Snapshot, Vm};
 
 mod admission;
 mod builds;
+mod moves;
 mod network;
 mod observe;
 mod previews;
