@@ -405,7 +405,7 @@ mod tests {
     }
 
     #[test]
-    fn a_host_sees_its_own_and_unowned_rows_only() {
+    fn on_postgres_a_host_sees_its_own_rows_only() {
         for t in crate::catalog::testing::backends() {
             let c = t.catalog();
             c.create_team("acme", Some("team-acme")).unwrap();
@@ -439,10 +439,13 @@ mod tests {
                 .map(|r| r.id)
                 .collect();
             seen.sort();
-            // Rows of no host are the one host's on SQLite, nobody's on Postgres.
+            // On SQLite (one host's file) every row is this host's; on Postgres only
+            // its own, and rows of no host are nobody's.
+            let sqlite = t.name() == "sqlite";
             let mut want = vec![mine.id.clone()];
-            if t.name() == "sqlite" {
+            if sqlite {
                 want.push(legacy.id.clone());
+                want.push(theirs.id.clone());
             }
             want.sort();
             assert_eq!(seen, want, "{}", t.name());
@@ -456,8 +459,11 @@ mod tests {
                 .into_iter()
                 .map(|i| i.sandbox_id)
                 .collect();
-            let sqlite = t.name() == "sqlite";
-            let expected: Vec<String> = if sqlite { vec!["sbx-x".into()] } else { vec![] };
+            let expected: Vec<String> = if sqlite {
+                vec!["sbx-x".into(), "sbx-y".into()]
+            } else {
+                vec![]
+            };
             assert_eq!(theirs_intents, expected, "{}", t.name());
             assert_eq!(
                 c.intents().unwrap().len(),
@@ -465,6 +471,49 @@ mod tests {
                 "{}",
                 t.name()
             );
+        }
+    }
+
+    #[test]
+    fn a_moved_sandbox_cannot_be_written_back_by_its_old_host() {
+        for t in crate::catalog::testing::backends() {
+            let c = t.catalog();
+            c.create_team("acme", Some("team-acme")).unwrap();
+            let mut r = crate::model::SandboxRecord::fresh(
+                "team-acme",
+                "base".into(),
+                crate::model::Resources::default(),
+                60,
+                0,
+            );
+            r.host_id = Some("host-a".into());
+            c.put_sandbox(&r).unwrap();
+            // Only its owner may hand it over; the move is a new epoch.
+            assert!(c
+                .reassign(&r.id, "host-x", "host-b", |_| {})
+                .unwrap()
+                .is_none());
+            let moved = c
+                .reassign(&r.id, "host-a", "host-b", |_| {})
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (moved.host_id.as_deref(), moved.owner_epoch),
+                (Some("host-b"), 1)
+            );
+            // The old owner's copy (host-a, epoch 0) is refused on a shared catalog.
+            let stale = c.put_sandbox(&r);
+            if t.name() == "sqlite" {
+                assert!(stale.is_ok());
+            } else {
+                assert!(matches!(stale, Err(CatalogError::Conflict(_))), "{stale:?}");
+                assert_eq!(
+                    c.sandbox(&r.id).unwrap().unwrap().host_id.as_deref(),
+                    Some("host-b")
+                );
+                // The new owner writes it.
+                c.put_sandbox(&moved).unwrap();
+            }
         }
     }
 }

@@ -353,21 +353,18 @@ impl Catalog {
         Ok(())
     }
 
-    /// ` AND column = ?N` with this host as parameter N (pushed onto `params`), or
-    /// nothing when no host is set. On SQLite (one host's own file) rows of no host,
-    /// made before there were hosts, are this host's too; on a shared Postgres catalog
-    /// they are nobody's: no host acts on what it cannot know to be its own.
+    /// ` AND column = ?N` with this host as parameter N (pushed onto `params`) on a
+    /// shared Postgres catalog, where rows of no host (made before there were hosts)
+    /// are nobody's: no host acts on what it cannot know to be its own. Nothing on
+    /// SQLite: the file is one host's, whatever ID it went by (a host ID changed
+    /// between starts must not orphan its sandboxes).
     fn host_filter(&self, column: &str, params: &mut Vec<Value>) -> String {
-        match self.host.get() {
-            None => String::new(),
-            Some(host) => {
+        match (self.host.get(), self.db.dialect()) {
+            (Some(host), sql::Dialect::Postgres) => {
                 params.push(Value::from(host.as_str()));
-                let n = params.len();
-                match self.db.dialect() {
-                    sql::Dialect::Sqlite => format!(" AND ({column} IS NULL OR {column} = ?{n})"),
-                    sql::Dialect::Postgres => format!(" AND {column} = ?{n}"),
-                }
+                format!(" AND {column} = ?{}", params.len())
             }
+            _ => String::new(),
         }
     }
 
@@ -1041,22 +1038,28 @@ impl Catalog {
         let seq = tx.dialect().next_sandbox_seq();
         // Fenced: a record another host owns now (or owned again since, a later epoch)
         // is not written over by one that lost it.
-        let epoch = tx.dialect().json_int("sandboxes.record", &["ownerEpoch"]);
+        // (On SQLite, one host's own file, there is nobody to fence.)
+        let fence = match tx.dialect() {
+            sql::Dialect::Sqlite => String::new(),
+            sql::Dialect::Postgres => format!(
+                "WHERE sandboxes.host_id IS NULL
+                    OR (sandboxes.host_id = ?4 AND COALESCE({}, 0) <= ?5)",
+                tx.dialect().json_int("sandboxes.record", &["ownerEpoch"])
+            ),
+        };
         let written = tx.execute(
             &format!(
                 "INSERT INTO sandboxes (id, team_id, seq, record)
                  VALUES (?1, ?2, {seq}, ?3)
-                 ON CONFLICT(id) DO UPDATE SET record = excluded.record
-                 WHERE sandboxes.host_id IS NULL
-                    OR (sandboxes.host_id = ?4 AND COALESCE({epoch}, 0) <= ?5)"
+                 ON CONFLICT(id) DO UPDATE SET record = excluded.record {fence}"
             ),
-            args![
+            &args![
                 &record.id,
                 &record.team_id,
                 json,
                 record.host_id.as_deref(),
                 record.owner_epoch.min(i64::MAX as u64) as i64
-            ],
+            ][..if fence.is_empty() { 3 } else { 5 }],
         )?;
         if written == 0 {
             return Err(CatalogError::Conflict(format!(
