@@ -312,8 +312,19 @@ async fn a_drain_moves_sandboxes_live_and_a_lost_hosts_hibernated_sandbox_resume
     // good takes them along: here, as B's machine going down would.
     let b_run = b.run_dir().to_path_buf();
     vmm::vm_dir::reap_orphans(&b_run, None, &[]);
+    // SIGKILLed, they take a moment to be gone.
+    eventually(10, "B's VMs ending", || {
+        let left = nullspace_tests::qemus_in(&b_run);
+        async move {
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("QEMU {left:?} still runs"))
+            }
+        }
+    })
+    .await;
     let _ = std::fs::remove_dir_all(&b_run);
-    assert_eq!(nullspace_tests::qemus_in(&b_run).len(), 0);
     std::mem::forget(b);
     let _ = std::fs::remove_dir_all(state);
 
