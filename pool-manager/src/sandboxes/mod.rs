@@ -276,18 +276,11 @@ impl Manager {
                     }
                 }
                 InternalState::New | InternalState::Creating => {
-                    r.diagnostic = Some(Diagnostic {
-                        code: "host_restarted".into(),
-                        message: "the pool manager restarted while this sandbox was being created"
-                            .into(),
-                        action: "create a new sandbox".into(),
-                    });
-                    self.transition(
+                    self.fail_interrupted_create(
                         &mut r,
-                        InternalState::Failed,
-                        "creation interrupted by a restart",
-                    )?;
-                    self.release_volumes(&r).await;
+                        "the pool manager restarted while this sandbox was being created",
+                    )
+                    .await?;
                 }
                 InternalState::Destroying => {
                     // As `destroy` does it: the VM (if it is still there) first, then
@@ -349,6 +342,27 @@ impl Manager {
         }
         let reaped = self.vmm.reap_orphans(&adopted);
         info!(adopted = adopted.len(), reaped, "reconciled after start");
+        Ok(())
+    }
+
+    /// A create a restart cut short: `error` (`host_restarted`, with `message`), its
+    /// volume holds released.
+    async fn fail_interrupted_create(
+        &self,
+        r: &mut SandboxRecord,
+        message: &str,
+    ) -> Result<(), ApiError> {
+        r.diagnostic = Some(Diagnostic {
+            code: "host_restarted".into(),
+            message: message.into(),
+            action: "create a new sandbox".into(),
+        });
+        self.transition(
+            r,
+            InternalState::Failed,
+            "creation interrupted by a restart",
+        )?;
+        self.release_volumes(r).await;
         Ok(())
     }
 

@@ -363,17 +363,11 @@ impl Manager {
                 vm.kill().await;
             }
         }
-        r.diagnostic = Some(Diagnostic {
-            code: "host_restarted".into(),
-            message: "the pool manager restarted while this sandbox's warm VM was being readied (its volumes mounted)".into(),
-            action: "create a new sandbox".into(),
-        });
-        self.transition(
+        self.fail_interrupted_create(
             &mut r,
-            InternalState::Failed,
-            "creation interrupted by a restart",
-        )?;
-        self.release_volumes(&r).await;
+            "the pool manager restarted while this sandbox's warm VM was being readied (its volumes mounted)",
+        )
+        .await?;
         self.drop_volume_images(&r.id);
         Ok(true)
     }

@@ -155,9 +155,8 @@ impl WarmPools {
             .unwrap()
             .iter()
             .map(|(template, p)| {
-                let r = p.config.resources;
                 (
-                    format!("{template}/{}/{}/{}", r.vcpus, r.mem_mib, r.disk_mib),
+                    crate::cluster::placement::warm_key(template, p.config.resources),
                     serde_json::Value::from(p.ready.len()),
                 )
             })
