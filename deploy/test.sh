@@ -41,6 +41,8 @@ NULLSPACE_TEST_S3=$(deploy/seaweedfs.sh start "$s3_dir" 19433)
 export NULLSPACE_TEST_S3
 NULLSPACE_TEST_POSTGRES=$(deploy/postgres.sh start "$pg_dir" 19543)
 export NULLSPACE_TEST_POSTGRES
+# Every PostgreSQL test runs here: one that finds no server fails instead of skipping.
+export NULLSPACE_TEST_REQUIRE_POSTGRES=1
 step "running the tests (cargo nextest, 2 threads)" cargo nextest run --workspace --locked --profile ci
 # The component's own routing tests (a workspace of its own, built for the host here).
 step "testing the API component's routes (cargo test)" env \

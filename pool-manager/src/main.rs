@@ -627,7 +627,14 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     catalog
         .set_host(&host)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let tokens = tokens::TokenSigner::new(token_secret(&dir)?);
+    let tokens = tokens::TokenSigner::new(match catalog.is_shared() {
+        // Every host signs and checks with one key: a token stays good on whichever
+        // host its sandbox moves to (drain, failover).
+        true => catalog
+            .shared_secret("runtime-token-key", &token_secret(&dir)?)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        false => token_secret(&dir)?,
+    });
     let keep_vms = match args.flag("on-exit", "end").as_str() {
         "end" => false,
         "keep" => true,
@@ -677,7 +684,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         id: host.clone(),
         control_url: advertise(control.local_addr()?),
         edge_url: advertise(data.local_addr()?),
-        preview_url: preview_domain.clone(),
+        preview_url: advertise(preview_listener.local_addr()?),
         vcpus,
         mem_mib,
         disk_mib,
@@ -730,7 +737,11 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         tracing::error!(error = %why, "template snapshots failed");
         let _ = fatal_tx.send(format!("template snapshots failed: {why}"));
     });
-    tokio::spawn(cluster::hosts::heartbeat(manager.clone(), host_info));
+    tokio::spawn(cluster::hosts::heartbeat(
+        manager.clone(),
+        host_info,
+        dir.clone(),
+    ));
     tokio::spawn(manager.clone().watch_cluster());
     tokio::spawn(manager.clone().sweep_timeouts());
     tokio::spawn(manager.clone().sweep_periodic());
@@ -774,10 +785,11 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         tokens,
         domain: preview_domain.clone(),
     });
+    let preview_addr = preview_listener.local_addr()?;
     let preview_server = axum::serve(preview_listener, preview::router(previews))
         .with_graceful_shutdown(wait_stop(stop_rx));
     eprintln!(
-        "nullspace-pool-manager: control API http://{} , data plane {edge_url} , previews http://{preview_domain} , state {}",
+        "nullspace-pool-manager: control API http://{} , data plane {edge_url} , previews http://{preview_domain} , preview listener http://{preview_addr} , state {}",
         control_addr,
         dir.display()
     );

@@ -9,6 +9,7 @@
 //! issued before. A paused sandbox with `autoResume` is woken within a bounded window;
 //! otherwise the answer is 503 with `Retry-After: 5`.
 
+use crate::cluster::routing::{Face, Routed};
 use crate::error::ApiError;
 use crate::model::{InternalState, SandboxRecord};
 use crate::sandboxes::{Manager, PreviewWake};
@@ -153,6 +154,25 @@ fn cookie(req: &Request, name: &str) -> Option<String> {
 }
 
 async fn handle(State(p): State<Arc<Previews>>, req: Request) -> Response {
+    // Another host's sandbox is served by that host, the request as it came.
+    let sandbox = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| parse_host(h, &p.domain))
+        .map(|(_, sandbox)| sandbox);
+    let req = match sandbox {
+        Some(id) => match crate::cluster::routing::route(&p.manager, &id, Face::Preview, req).await
+        {
+            Routed::Here(req) => req,
+            Routed::There(resp) => return resp,
+        },
+        None => req,
+    };
+    // The loop guard is between hosts: the sandbox's app never sees it.
+    let mut req = req;
+    req.headers_mut()
+        .remove(crate::cluster::forward::FORWARDED_BY);
     match serve(&p, req).await {
         Ok(r) => r,
         Err(r) => r,

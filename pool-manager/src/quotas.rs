@@ -163,36 +163,50 @@ impl CreateRate {
         burst: u64,
         now: Instant,
     ) -> Result<(), ApiError> {
-        if per_minute == 0 || burst == 0 || n > burst {
-            return Err(ApiError::quota(format!(
-                "the team may create {per_minute} sandboxes a minute, {burst} at once; this asks for {n}: ask the operator to raise createsPerMinute/createBurst"
-            ))
-            .with_details(serde_json::json!({ "quota": "createsPerMinute", "limit": per_minute, "burst": burst, "requested": n })));
-        }
-        let rate = per_minute as f64 / 60.0;
         let mut buckets = self.buckets.lock().unwrap();
         let b = buckets.entry(team.to_string()).or_insert(Bucket {
             tokens: burst as f64,
             at: now,
         });
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * rate).min(burst as f64);
+        let (tokens, taken) = take_from_bucket(b.tokens, elapsed, n, per_minute, burst);
+        b.tokens = tokens;
         b.at = now;
-        if b.tokens >= n as f64 {
-            b.tokens -= n as f64;
-            return Ok(());
-        }
-        let wait = Duration::from_secs_f64((n as f64 - b.tokens) / rate);
-        let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        Err(ApiError::new(
-            429,
-            "rate_limited",
-            format!(
-                "the team creates sandboxes faster than its rate ({per_minute} a minute, bursts of {burst}); retry in {retry_after} s (Retry-After), or ask the operator to raise createsPerMinute"
-            ),
-        )
-        .with_details(serde_json::json!({ "quota": "createsPerMinute", "limit": per_minute, "burst": burst, "retryAfterS": retry_after })))
+        taken
     }
+}
+
+/// Takes `n` creates from a bucket that held `tokens` `elapsed_s` seconds ago (refilled
+/// at `per_minute`, holding at most `burst`): the tokens it holds now, and whether they
+/// were taken or the 429 that says when to retry.
+pub fn take_from_bucket(
+    tokens: f64,
+    elapsed_s: f64,
+    n: u64,
+    per_minute: u64,
+    burst: u64,
+) -> (f64, Result<(), ApiError>) {
+    if per_minute == 0 || burst == 0 || n > burst {
+        return (tokens, Err(ApiError::quota(format!(
+            "the team may create {per_minute} sandboxes a minute, {burst} at once; this asks for {n}: ask the operator to raise createsPerMinute/createBurst"
+        ))
+        .with_details(serde_json::json!({ "quota": "createsPerMinute", "limit": per_minute, "burst": burst, "requested": n }))));
+    }
+    let rate = per_minute as f64 / 60.0;
+    let tokens = (tokens + elapsed_s.max(0.0) * rate).min(burst as f64);
+    if tokens >= n as f64 {
+        return (tokens - n as f64, Ok(()));
+    }
+    let wait = Duration::from_secs_f64((n as f64 - tokens) / rate);
+    let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    (tokens, Err(ApiError::new(
+        429,
+        "rate_limited",
+        format!(
+            "the team creates sandboxes faster than its rate ({per_minute} a minute, bursts of {burst}); retry in {retry_after} s (Retry-After), or ask the operator to raise createsPerMinute"
+        ),
+    )
+    .with_details(serde_json::json!({ "quota": "createsPerMinute", "limit": per_minute, "burst": burst, "retryAfterS": retry_after }))))
 }
 
 impl CreateRate {

@@ -125,6 +125,9 @@ pub struct Daemon {
     pub edge: String,
     /// `http://localhost:PORT`: the preview domain (`<port>-<sandbox>.localhost:PORT`).
     pub preview: String,
+    /// `http://127.0.0.1:PORT`: the preview listener (where a preview domain other
+    /// than the default points).
+    pub preview_listener: String,
 }
 
 /// Template snapshots shared by every test daemon (keyed by their inputs, built once).
@@ -416,6 +419,7 @@ impl Daemon {
             control: urls[0].clone(),
             edge: urls[1].clone(),
             preview: urls[2].clone(),
+            preview_listener: urls[3].clone(),
         }
     }
 

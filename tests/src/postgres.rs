@@ -2,9 +2,15 @@
 //! deploy/test.sh): fresh databases, and the pool manager's commands against them.
 
 /// The test server's URL, or a message saying how to get one.
+/// Where the run promised a server (`NULLSPACE_TEST_REQUIRE_POSTGRES=1`, as
+/// deploy/test.sh does), its absence fails the test instead of skipping it.
 pub fn server() -> Result<String, String> {
     std::env::var("NULLSPACE_TEST_POSTGRES").map_err(|_| {
-        "NULLSPACE_TEST_POSTGRES is not set (deploy/test.sh sets it; by hand: deploy/postgres.sh start DIR, and export the URL it prints)".to_string()
+        let why = "NULLSPACE_TEST_POSTGRES is not set (deploy/test.sh sets it; by hand: deploy/postgres.sh start DIR, and export the URL it prints)";
+        if std::env::var_os("NULLSPACE_TEST_REQUIRE_POSTGRES").is_some_and(|v| v == "1") {
+            panic!("{why}; NULLSPACE_TEST_REQUIRE_POSTGRES=1 says this run must test PostgreSQL");
+        }
+        why.to_string()
     })
 }
 

@@ -8,6 +8,7 @@ use nullspace_tests::Daemon;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use tokio_tungstenite::tungstenite::Message;
 
 fn tiny() -> Value {
     json!({ "vcpus": 1, "memMiB": 256, "diskSizeMiB": 1024 })
@@ -25,7 +26,13 @@ async fn two_hosts_place_creates_on_both_and_forward_requests_to_the_owner() {
     let db = FreshDatabase::create(&server, "cluster").await;
     let url = db.url.clone();
     pool_manager(&["migrate", "--catalog", &url]).unwrap();
-    let catalog = ["--catalog", url.as_str()];
+    // One preview domain for the cluster, as a wildcard DNS name over every host.
+    let catalog = [
+        "--catalog",
+        url.as_str(),
+        "--preview-domain",
+        PREVIEW_DOMAIN,
+    ];
     let a = Daemon::start_with(
         "cluster-a",
         &[&catalog[..], &["--host-id", "host-a"]].concat(),
@@ -119,6 +126,68 @@ async fn two_hosts_place_creates_on_both_and_forward_requests_to_the_owner() {
         through_a.read_file("/workspace/note.txt").await.as_deref(),
         Some(&b"from host a"[..])
     );
+    // A terminal through A's edge: B's VM answers.
+    let mut pty = websocket(
+        &format!(
+            "{}/v1/sandboxes/{id}/pty?cmd=echo%20pty-via-a%3B%20hostname",
+            a.edge
+        ),
+        ("authorization", &format!("Bearer {}", through_a.token)),
+    )
+    .await;
+    let mut screen = String::new();
+    let exit = read_ws_until(&mut pty, |m| match m {
+        Message::Binary(b) => {
+            screen.push_str(&String::from_utf8_lossy(&b));
+            false
+        }
+        Message::Text(t) => t.contains("\"exit\""),
+        _ => false,
+    })
+    .await;
+    assert!(screen.contains("pty-via-a"), "{screen:?} then {exit:?}");
+    // A preview of B's sandbox, through A's preview listener (the Host names it).
+    let (out, err, code) = through_a
+        .run("mkdir -p /workspace/www && echo preview-of-b > /workspace/www/index.html && busybox httpd -p 127.0.0.1:8000 -h /workspace/www")
+        .await;
+    assert_eq!(code, 0, "{out} {err}");
+    let (status, pv) = via_a
+        .post(
+            &format!("/v1/sandboxes/{id}/previews"),
+            json!({ "port": 8000 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{pv}");
+    let preview_url = pv["url"].as_str().unwrap();
+    let path = &preview_url[preview_url.find("/?").unwrap()..];
+    // The token in the URL is traded for a cookie (a redirect), then the page.
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let preview_host = format!("8000-{id}.{PREVIEW_DOMAIN}");
+    let first = browser
+        .get(format!("{}{path}", a.preview_listener))
+        .header("Host", &preview_host)
+        .send()
+        .await
+        .unwrap();
+    assert!(first.status().is_redirection(), "{}", first.status());
+    let cookie = first.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let page = browser
+        .get(format!("{}/", a.preview_listener))
+        .header("Host", &preview_host)
+        .header("Cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    let status = page.status();
+    let body = page.text().await.unwrap();
+    assert!(
+        status.is_success() && body.contains("preview-of-b"),
+        "{status}: {body}"
+    );
     // Pause and resume through A: B does them, the file stays.
     let (status, v) = via_a
         .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
@@ -157,6 +226,50 @@ async fn two_hosts_place_creates_on_both_and_forward_requests_to_the_owner() {
         assert_eq!(nullspace_tests::qemus_in(d.run_dir()).len(), 0);
     }
     drop((a, b));
+}
+
+/// The preview domain the hosts of the first test share.
+const PREVIEW_DOMAIN: &str = "preview.nullspace.test";
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket to `http_url` (its `ws://` form) with one header.
+async fn websocket(http_url: &str, header: (&str, &str)) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = http_url
+        .replacen("http://", "ws://", 1)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        header.0.parse::<reqwest::header::HeaderName>().unwrap(),
+        header.1.parse().unwrap(),
+    );
+    let (ws, _) = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .expect("the WebSocket opens within 30 s")
+    .unwrap_or_else(|e| panic!("{http_url}: {e}"));
+    ws
+}
+
+/// Reads messages until `done` says so (returning that one), for up to 60 s.
+async fn read_ws_until(ws: &mut Ws, mut done: impl FnMut(Message) -> bool) -> String {
+    use futures::StreamExt;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("the awaited message within 60 s")
+            .expect("the socket open")
+            .expect("a message");
+        let text = format!("{msg:?}");
+        if done(msg) {
+            return text;
+        }
+    }
 }
 
 /// The host (A or B) whose edge a sandbox view's runtime URL is on.
@@ -250,6 +363,14 @@ async fn a_drain_moves_sandboxes_live_and_a_lost_hosts_hibernated_sandbox_resume
     assert_eq!(code, 0);
     let pid = pid.trim().to_string();
 
+    // A follower of its events on A, from before the move: what B appends once it
+    // owns the sandbox reaches it through the catalog's notifications.
+    let mut follower = websocket(
+        &format!("{}/v1/sandboxes/{id}/lifecycle/ws", a.edge),
+        ("x-api-key", &key),
+    )
+    .await;
+
     // Drain A: the sandbox moves to B and runs there, its file and process with it.
     a.admin(&["host", "drain", "host-a", "--catalog", &url]);
     let b_edge = b.edge.clone();
@@ -299,6 +420,20 @@ async fn a_drain_moves_sandboxes_live_and_a_lost_hosts_hibernated_sandbox_resume
         (StatusCode::OK, Some("paused")),
         "{v}"
     );
+    // B appended that; the follower on A hears every event of the log, up to it.
+    let (_, log) = via_a.fetch(&format!("/v1/sandboxes/{id}/events")).await;
+    let last = log["events"].as_array().unwrap().last().unwrap()["id"].clone();
+    let mut heard = Vec::new();
+    read_ws_until(&mut follower, |m| match m {
+        Message::Text(t) => {
+            let e: Value = serde_json::from_str(&t).unwrap();
+            heard.push(e["type"].clone());
+            e["id"] == last
+        }
+        _ => false,
+    })
+    .await;
+    drop(follower);
     // A draining host makes no sandbox: a create sent to A lands on B.
     a.admin(&["host", "drain", "host-a", "--catalog", &url]);
     let running = via_a

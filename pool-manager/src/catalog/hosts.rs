@@ -8,7 +8,7 @@
 //! than [`HEARTBEAT_EXPIRY_MS`] (until a host declares it lost).
 
 use super::sql::{args, Row};
-use super::{now_ms, Catalog, CatalogError, Durability};
+use super::{Catalog, CatalogError, Durability};
 use crate::model::SandboxRecord;
 use serde::Serialize;
 
@@ -31,7 +31,8 @@ pub struct HostInfo {
     pub control_url: String,
     /// Base URL of its data-plane edge.
     pub edge_url: String,
-    /// `HOST[:PORT]` of its preview listener.
+    /// Base URL of its preview listener (previews of its sandboxes are forwarded
+    /// there with their `Host` kept).
     pub preview_url: String,
     /// vCPUs, memory and disk sandboxes may have there.
     pub vcpus: u64,
@@ -107,30 +108,33 @@ fn i(v: u64) -> i64 {
 /// The columns [`host_of`] reads, with each host's allocation: its live sandboxes and
 /// its reservations not yet expired.
 fn select_hosts(dialect: super::sql::Dialect) -> String {
+    let now = dialect.now_ms();
     let vcpus = dialect.json_int("s.record", &["resources", "vcpus"]);
     let mem = dialect.json_int("s.record", &["resources", "memMiB"]);
     let disk = dialect.json_int("s.record", &["resources", "diskSizeMiB"]);
     format!(
         "SELECT h.id, h.control_url, h.edge_url, h.preview_url, h.vcpus, h.mem_mib, h.disk_mib,
-                h.qemu, h.accel, h.image_set, h.state, h.warm, h.heartbeat_ms,
+                h.qemu, h.accel, h.image_set, h.state, h.warm, h.heartbeat_ms, n.now,
                 CAST(COALESCE((SELECT SUM({vcpus}) FROM sandboxes s WHERE s.host_id = h.id
                                AND s.state NOT IN ('deleted', 'failed', 'stopped')), 0)
                   + COALESCE((SELECT SUM(r.vcpus) FROM reservations r
-                               WHERE r.host_id = h.id AND r.expires_ms > ?1), 0) AS BIGINT),
+                               WHERE r.host_id = h.id AND r.expires_ms > n.now), 0) AS BIGINT),
                 CAST(COALESCE((SELECT SUM({mem}) FROM sandboxes s WHERE s.host_id = h.id
                                AND s.state NOT IN ('deleted', 'failed', 'stopped')), 0)
                   + COALESCE((SELECT SUM(r.mem_mib) FROM reservations r
-                               WHERE r.host_id = h.id AND r.expires_ms > ?1), 0) AS BIGINT),
+                               WHERE r.host_id = h.id AND r.expires_ms > n.now), 0) AS BIGINT),
                 CAST(COALESCE((SELECT SUM({disk}) FROM sandboxes s WHERE s.host_id = h.id
                                AND s.state NOT IN ('deleted', 'failed')), 0)
                   + COALESCE((SELECT SUM(r.disk_mib) FROM reservations r
-                               WHERE r.host_id = h.id AND r.expires_ms > ?1), 0) AS BIGINT)
-         FROM hosts h"
+                               WHERE r.host_id = h.id AND r.expires_ms > n.now), 0) AS BIGINT)
+         FROM hosts h, (SELECT {now} AS now) n"
     )
 }
 
-fn host_of(row: &Row, now: i64) -> Result<HostRecord, CatalogError> {
+/// A host from a row of [`select_hosts`], its state judged by the database's clock.
+fn host_of(row: &Row) -> Result<HostRecord, CatalogError> {
     let heartbeat_ms: i64 = row.get(12)?;
+    let now: i64 = row.get(13)?;
     let stored: String = row.get(10)?;
     let state =
         if now - heartbeat_ms > HEARTBEAT_EXPIRY_MS && stored != "drained" && stored != "lost" {
@@ -155,9 +159,9 @@ fn host_of(row: &Row, now: i64) -> Result<HostRecord, CatalogError> {
         warm: serde_json::from_str(&row.get::<String>(11)?).unwrap_or_default(),
         heartbeat_ms,
         allocated: Allocation {
-            vcpus: u(row.get(13)?),
-            mem_mib: u(row.get(14)?),
-            disk_mib: u(row.get(15)?),
+            vcpus: u(row.get(14)?),
+            mem_mib: u(row.get(15)?),
+            disk_mib: u(row.get(16)?),
         },
     })
 }
@@ -166,15 +170,16 @@ impl Catalog {
     /// Registers this host (or updates what it registered, keeping a `draining` or
     /// `drained` state an operator set), with a first heartbeat.
     pub fn register_host(&self, info: &HostInfo) -> Result<(), CatalogError> {
+        let now = self.db.dialect().now_ms();
         self.db.execute(
-            "INSERT INTO hosts (id, control_url, edge_url, preview_url, vcpus, mem_mib, disk_mib,
+            &format!("INSERT INTO hosts (id, control_url, edge_url, preview_url, vcpus, mem_mib, disk_mib,
                                 qemu, accel, image_set, state, warm, heartbeat_ms, registered_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'ready', '{}', ?11, ?11)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'ready', '{{}}', {now}, {now})
              ON CONFLICT(id) DO UPDATE SET control_url = excluded.control_url,
                  edge_url = excluded.edge_url, preview_url = excluded.preview_url,
                  vcpus = excluded.vcpus, mem_mib = excluded.mem_mib,
                  disk_mib = excluded.disk_mib, qemu = excluded.qemu, accel = excluded.accel,
-                 image_set = excluded.image_set, heartbeat_ms = excluded.heartbeat_ms",
+                 image_set = excluded.image_set, heartbeat_ms = excluded.heartbeat_ms"),
             args![
                 &info.id,
                 &info.control_url,
@@ -185,21 +190,28 @@ impl Catalog {
                 i(info.disk_mib),
                 &info.qemu,
                 &info.accel,
-                &info.image_set,
-                now_ms()
+                &info.image_set
             ],
         )?;
         Ok(())
     }
 
-    /// This host is alive, with these warm VMs; returns its state as stored (an
-    /// operator may have set it draining). Not synced: a heartbeat lost in a crash is
-    /// the next one's.
-    pub fn heartbeat(&self, host: &str, warm: &serde_json::Value) -> Result<String, CatalogError> {
+    /// This host is alive, with these warm VMs and this much disk for sandboxes now;
+    /// returns its state as stored (an operator may have set it draining). Not synced:
+    /// a heartbeat lost in a crash is the next one's.
+    pub fn heartbeat(
+        &self,
+        host: &str,
+        warm: &serde_json::Value,
+        disk_mib: u64,
+    ) -> Result<String, CatalogError> {
+        let now = self.db.dialect().now_ms();
         let row = self.db.transaction(Durability::UntilPowerLoss, |tx| {
             tx.execute(
-                "UPDATE hosts SET heartbeat_ms = ?2, warm = ?3 WHERE id = ?1",
-                args![host, now_ms(), warm.to_string()],
+                &format!(
+                    "UPDATE hosts SET heartbeat_ms = {now}, warm = ?2, disk_mib = ?3 WHERE id = ?1"
+                ),
+                args![host, warm.to_string(), i(disk_mib)],
             )?;
             tx.query_opt("SELECT state FROM hosts WHERE id = ?1", args![host])
         })?;
@@ -213,22 +225,16 @@ impl Catalog {
 
     /// Every host, by ID, with its allocation and its state as of now.
     pub fn hosts(&self) -> Result<Vec<HostRecord>, CatalogError> {
-        let now = now_ms();
         let sql = format!("{} ORDER BY h.id", select_hosts(self.db.dialect()));
-        self.db
-            .query(&sql, args![now])?
-            .iter()
-            .map(|r| host_of(r, now))
-            .collect()
+        self.db.query(&sql, &[])?.iter().map(host_of).collect()
     }
 
     /// One host.
     pub fn host(&self, id: &str) -> Result<Option<HostRecord>, CatalogError> {
-        let now = now_ms();
-        let sql = format!("{} WHERE h.id = ?2", select_hosts(self.db.dialect()));
+        let sql = format!("{} WHERE h.id = ?1", select_hosts(self.db.dialect()));
         self.db
-            .query_opt(&sql, args![now, id])?
-            .map(|r| host_of(&r, now))
+            .query_opt(&sql, args![id])?
+            .map(|r| host_of(&r))
             .transpose()
     }
 
@@ -304,14 +310,14 @@ impl Catalog {
     /// both take the last of its capacity.
     pub fn reserve(&self, host: &str, need: Allocation) -> Result<Option<String>, CatalogError> {
         let id = format!("rsv-{}", uuid::Uuid::new_v4().simple());
-        let now = now_ms();
-        let sql = format!("{} WHERE h.id = ?2", select_hosts(self.db.dialect()));
+        let sql = format!("{} WHERE h.id = ?1", select_hosts(self.db.dialect()));
         self.db.transaction(Durability::Synced, |tx| {
             tx.lock("host", host)?;
-            let Some(row) = tx.query_opt(&sql, args![now, host])? else {
+            let Some(row) = tx.query_opt(&sql, args![host])? else {
                 return Ok(None);
             };
-            let h = host_of(&row, now)?;
+            let now: i64 = row.get(13)?;
+            let h = host_of(&row)?;
             let free = h.free();
             if !h.is_ready()
                 || free.vcpus < need.vcpus
@@ -340,8 +346,11 @@ impl Catalog {
     /// Expired ones are pruned on the way.
     pub fn release_reservation(&self, id: &str) -> Result<(), CatalogError> {
         self.db.execute(
-            "DELETE FROM reservations WHERE id = ?1 OR expires_ms <= ?2",
-            args![id, now_ms()],
+            &format!(
+                "DELETE FROM reservations WHERE id = ?1 OR expires_ms <= {}",
+                self.db.dialect().now_ms()
+            ),
+            args![id],
         )?;
         Ok(())
     }
@@ -373,7 +382,7 @@ mod tests {
             c.register_host(&info("host-a")).unwrap();
             c.register_host(&info("host-b")).unwrap();
             let warm = serde_json::json!({ "base/1/256/1024": 2 });
-            assert_eq!(c.heartbeat("host-a", &warm).unwrap(), "ready");
+            assert_eq!(c.heartbeat("host-a", &warm, 1000).unwrap(), "ready");
             let hosts = c.hosts().unwrap();
             assert_eq!(hosts.len(), 2, "{}", t.name());
             assert_eq!(hosts[0].warm, warm, "{}", t.name());
@@ -400,7 +409,7 @@ mod tests {
             assert_eq!(c.host("host-b").unwrap().unwrap().state, "draining");
             assert!(c.reserve("host-b", need).unwrap().is_none(), "{}", t.name());
             assert!(!c.set_host_state("host-z", "draining").unwrap());
-            assert!(c.heartbeat("host-z", &warm).is_err(), "{}", t.name());
+            assert!(c.heartbeat("host-z", &warm, 1000).is_err(), "{}", t.name());
         }
     }
 

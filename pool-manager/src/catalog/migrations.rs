@@ -12,7 +12,7 @@ use super::sql::{args, Db, Dialect, Tx};
 use super::{now_ms, CatalogError, Durability};
 
 /// The schema version this binary reads and writes.
-pub const LATEST: i64 = 2;
+pub const LATEST: i64 = 3;
 
 /// The key of the advisory lock Postgres migrations hold (any constant the catalog
 /// uses for nothing else: "nullspace" in ASCII).
@@ -33,6 +33,10 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 2,
         apply: v2,
+    },
+    Migration {
+        version: 3,
+        apply: v3,
     },
 ];
 
@@ -176,6 +180,21 @@ fn v2(tx: &mut dyn Tx) -> Result<(), CatalogError> {
          ALTER TABLE intents ADD COLUMN host_id TEXT;
          ALTER TABLE snapshots ADD COLUMN host_id TEXT;"
     ))
+}
+
+/// Version 3: secrets every host of a cluster shares (the key runtime, preview and
+/// proxy tokens are signed with: a token stays good when its sandbox moves host), and
+/// each team's create-rate bucket, which hosts of a cluster take from together.
+fn v3(tx: &mut dyn Tx) -> Result<(), CatalogError> {
+    tx.batch(
+        "CREATE TABLE shared_secrets (
+             name TEXT PRIMARY KEY,
+             value TEXT NOT NULL);
+         CREATE TABLE create_buckets (
+             team_id TEXT PRIMARY KEY,
+             millitokens BIGINT NOT NULL,
+             at_ms BIGINT NOT NULL)",
+    )
 }
 
 /// Columns added after the first release, before there were migrations: a catalog

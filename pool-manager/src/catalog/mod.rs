@@ -238,6 +238,107 @@ pub struct Catalog {
     appended: tokio::sync::broadcast::Sender<String>,
 }
 
+/// A team's live sandboxes: how many, and their vCPUs, memory and disk (MiB).
+pub type LiveResources = (u64, u64, u64, u64);
+
+/// The query of a team's [`LiveResources`] (parameter 1: the team).
+fn live_resources_sql(d: sql::Dialect) -> String {
+    let sum = |field: &str| {
+        format!(
+            "CAST(COALESCE(SUM({}), 0) AS BIGINT)",
+            d.json_int("record", &["resources", field])
+        )
+    };
+    format!(
+        "SELECT COUNT(*), {}, {}, {}
+         FROM sandboxes WHERE team_id = ?1 AND state NOT IN ('deleted', 'failed')",
+        sum("vcpus"),
+        sum("memMiB"),
+        sum("diskSizeMiB")
+    )
+}
+
+fn live_resources_of(row: &sql::Row) -> Result<LiveResources, CatalogError> {
+    let u = |i: usize| row.get::<i64>(i).map(|v| v.max(0) as u64);
+    Ok((u(0)?, u(1)?, u(2)?, u(3)?))
+}
+
+/// One team's admission in progress (see [`Catalog::admit`]): its reads and writes
+/// are one transaction, under the team's lock.
+pub struct Admission<'a> {
+    tx: &'a mut dyn Tx,
+    team: String,
+    /// Sandboxes whose logs grew, told to followers once committed.
+    announced: &'a mut Vec<String>,
+}
+
+impl Admission<'_> {
+    /// What the team holds, as of this transaction.
+    pub fn live_resources(&mut self) -> Result<LiveResources, CatalogError> {
+        let row = self
+            .tx
+            .query_one(&live_resources_sql(self.tx.dialect()), args![&self.team])?;
+        live_resources_of(&row)
+    }
+
+    /// The team's cluster-wide create bucket: the creates it held and how many
+    /// milliseconds ago (by the database's clock) they were counted; `None` if the team
+    /// never created through it.
+    pub fn create_bucket(&mut self) -> Result<Option<(f64, i64)>, CatalogError> {
+        let now = self.tx.dialect().now_ms();
+        self.tx
+            .query_opt(
+                &format!(
+                    "SELECT millitokens, {now} - at_ms FROM create_buckets WHERE team_id = ?1"
+                ),
+                args![&self.team],
+            )?
+            .map(|r| Ok((r.get::<i64>(0)? as f64 / 1000.0, r.get::<i64>(1)?)))
+            .transpose()
+    }
+
+    /// Sets the team's cluster-wide create bucket to `tokens` as of now.
+    pub fn set_create_bucket(&mut self, tokens: f64) -> Result<(), CatalogError> {
+        let now = self.tx.dialect().now_ms();
+        self.tx.execute(
+            &format!(
+                "INSERT INTO create_buckets (team_id, millitokens, at_ms) VALUES (?1, ?2, {now})
+                 ON CONFLICT(team_id) DO UPDATE SET millitokens = excluded.millitokens, at_ms = excluded.at_ms"
+            ),
+            args![&self.team, (tokens * 1000.0).round() as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Stores the team's new sandbox record and its first events.
+    pub fn put_sandbox_with_events(
+        &mut self,
+        record: &SandboxRecord,
+        events: &[(&str, serde_json::Value)],
+    ) -> Result<(), CatalogError> {
+        if record.team_id != self.team {
+            return Err(CatalogError::Conflict(format!(
+                "admitting a sandbox of team {} under team {}'s lock",
+                record.team_id, self.team
+            )));
+        }
+        let json = serde_json::to_string(record)?;
+        Catalog::write_record_and_events(self.tx, record, &json, events)?;
+        if !events.is_empty() {
+            self.announced.push(record.id.clone());
+        }
+        Ok(())
+    }
+}
+
+/// The PostgreSQL notification channel appends are announced on (payload: the
+/// sandbox ID).
+const EVENTS_CHANNEL: &str = "nullspace_events";
+
+/// What [`Catalog::subscribe_events`] sends when any log may have grown unseen (the
+/// notification connection was lost for a while): every follower re-reads.
+pub const ANY_SANDBOX: &str = "*";
+
 /// Hex SHA-256 of an API key: keys are never stored, only their hashes.
 pub fn hash_key(key: &str) -> String {
     Sha256::digest(key.as_bytes())
@@ -332,11 +433,25 @@ impl Catalog {
             "DELETE FROM stored_items WHERE id LIKE ?1 AND created_at < ?2",
             args![format!("{}%", Self::PENDING_PREFIX), left_before],
         )?;
+        let appended = tokio::sync::broadcast::channel(1024).0;
+        if let Db::Postgres(pg) = &db {
+            // Appends made on other hosts reach this host's followers too.
+            let to_followers = appended.clone();
+            pg.listen(EVENTS_CHANNEL, move |sandbox| {
+                let _ = to_followers.send(sandbox.unwrap_or_else(|| ANY_SANDBOX.to_string()));
+            });
+        }
         Ok(Self {
             db,
             host: std::sync::OnceLock::new(),
-            appended: tokio::sync::broadcast::channel(1024).0,
+            appended,
         })
+    }
+
+    /// Whether hosts share this catalog (PostgreSQL), rather than one host keeping it
+    /// (SQLite).
+    pub fn is_shared(&self) -> bool {
+        self.db.dialect() == sql::Dialect::Postgres
     }
 
     /// Says which host this daemon is: from then on the background loops' reads
@@ -596,26 +711,48 @@ impl Catalog {
 
     /// What the team's live sandboxes hold: `(count, vcpus, memory MiB, disk MiB)`,
     /// summed in SQL over the state index.
-    pub fn live_resources(&self, team_id: &str) -> Result<(u64, u64, u64, u64), CatalogError> {
-        let d = self.db.dialect();
-        let sum = |field: &str| {
-            format!(
-                "CAST(COALESCE(SUM({}), 0) AS BIGINT)",
-                d.json_int("record", &["resources", field])
-            )
-        };
-        let row = self.db.query_one(
-            &format!(
-                "SELECT COUNT(*), {}, {}, {}
-                 FROM sandboxes WHERE team_id = ?1 AND state NOT IN ('deleted', 'failed')",
-                sum("vcpus"),
-                sum("memMiB"),
-                sum("diskSizeMiB")
-            ),
-            args![team_id],
-        )?;
-        let u = |i: usize| row.get::<i64>(i).map(|v| v.max(0) as u64);
-        Ok((u(0)?, u(1)?, u(2)?, u(3)?))
+    pub fn live_resources(&self, team_id: &str) -> Result<LiveResources, CatalogError> {
+        let row = self
+            .db
+            .query_one(&live_resources_sql(self.db.dialect()), args![team_id])?;
+        live_resources_of(&row)
+    }
+
+    /// Runs `admit` in one transaction under a lock on `team`: what it reads
+    /// ([`Admission::live_resources`]) and what it writes
+    /// ([`Admission::put_sandbox_with_events`]) are one step, so hosts admitting
+    /// creates of one team at once take turns and together never overshoot its
+    /// quotas. An error from `admit` writes nothing.
+    pub fn admit<T, E: From<CatalogError>>(
+        &self,
+        team: &str,
+        durability: Durability,
+        admit: impl FnOnce(&mut Admission<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut refused = None;
+        let mut announced = Vec::new();
+        let result = self.db.transaction(durability, |tx| {
+            tx.lock("admission", team)?;
+            let mut a = Admission {
+                tx,
+                team: team.to_string(),
+                announced: &mut announced,
+            };
+            admit(&mut a).map_err(|e| {
+                refused = Some(e);
+                CatalogError::Conflict("refused by admission".into())
+            })
+        });
+        match (result, refused) {
+            (Ok(out), _) => {
+                for id in &announced {
+                    self.announce(id);
+                }
+                Ok(out)
+            }
+            (Err(_), Some(e)) => Err(e),
+            (Err(e), None) => Err(e.into()),
+        }
     }
 
     /// Records something a team keeps in the store (`snapshot`, `volume`) and its size,
@@ -1093,6 +1230,13 @@ impl Catalog {
                 args![sandbox_id, id, now_ms(), *kind, data.to_string()],
             )?;
         }
+        if tx.dialect() == sql::Dialect::Postgres {
+            // Delivered to every host's listener when (and only if) this commits.
+            tx.execute(
+                &format!("SELECT pg_notify('{EVENTS_CHANNEL}', ?1)"),
+                args![sandbox_id],
+            )?;
+        }
         Ok(first)
     }
 
@@ -1104,10 +1248,40 @@ impl Catalog {
         }
     }
 
-    /// Sandbox IDs as events are appended to their logs (a lagging receiver re-reads
-    /// the log: the notification carries no event).
+    /// Sandbox IDs as events are appended to their logs, on this host or (on a shared
+    /// catalog) any other; [`ANY_SANDBOX`] when appends may have been missed. A lagging
+    /// receiver, like one told [`ANY_SANDBOX`], re-reads the log: the notification
+    /// carries no event.
     pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.appended.subscribe()
+    }
+
+    /// The secret every host of this catalog shares under `name`: the one stored, or
+    /// else `made` (the first host to ask stores it; a host racing it gets the stored
+    /// one). Only a shared catalog needs this; a SQLite one keeps it too.
+    pub fn shared_secret(&self, name: &str, made: &[u8]) -> Result<Vec<u8>, CatalogError> {
+        let hex: String = made.iter().map(|b| format!("{b:02x}")).collect();
+        self.db.execute(
+            "INSERT INTO shared_secrets (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING",
+            args![name, hex],
+        )?;
+        let stored: String = self
+            .db
+            .query_one(
+                "SELECT value FROM shared_secrets WHERE name = ?1",
+                args![name],
+            )?
+            .get(0)?;
+        (0..stored.len())
+            .step_by(2)
+            .map(|i| stored.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .filter(|b| b.len() >= 32)
+            .ok_or_else(|| {
+                CatalogError::Conflict(format!(
+                    "the shared secret {name} in the catalog is not 32 or more hex bytes; delete its row (shared_secrets) to have a new one made"
+                ))
+            })
     }
 
     /// The ID of a sandbox's newest event (0 if none).
@@ -1173,7 +1347,7 @@ mod testing;
 #[cfg(test)]
 mod tests {
     use super::migrations::LATEST as SCHEMA_VERSION;
-    use super::testing::{backends, PgDatabase};
+    use super::testing::{self, backends, PgDatabase};
     use super::*;
 
     #[test]
@@ -1422,6 +1596,99 @@ mod tests {
             c.forget_snapshot("snap-1").unwrap();
             assert!(c.snapshots("pause").unwrap().is_empty());
         }
+    }
+
+    #[test]
+    fn hosts_admitting_one_teams_creates_at_once_never_overshoot_its_quota() {
+        for t in backends() {
+            // Two hosts (handles), four creates each at once, a quota of three.
+            let team = t.catalog().create_team("q", None).unwrap().id;
+            let team = team.as_str();
+            let hosts = [t.reopen(), t.reopen()];
+            let admitted = std::sync::atomic::AtomicU64::new(0);
+            std::thread::scope(|scope| {
+                for (h, c) in hosts.iter().enumerate() {
+                    for i in 0..4 {
+                        let admitted = &admitted;
+                        scope.spawn(move || {
+                            let mut r = SandboxRecord::fresh(
+                                team,
+                                "base".into(),
+                                Default::default(),
+                                60,
+                                0,
+                            );
+                            r.id = format!("sbx-{h}-{i}");
+                            let outcome = c.admit(team, Durability::Synced, |a| {
+                                let (live, ..) = a.live_resources()?;
+                                // The window a lock must close: read, think, write.
+                                std::thread::sleep(std::time::Duration::from_millis(20));
+                                if live >= 3 {
+                                    return Err(CatalogError::Conflict("over quota".into()));
+                                }
+                                a.put_sandbox_with_events(
+                                    &r,
+                                    &[("sandbox.created", serde_json::json!({}))],
+                                )
+                            });
+                            if outcome.is_ok() {
+                                admitted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                        });
+                    }
+                }
+            });
+            assert_eq!(admitted.into_inner(), 3, "{}", t.name());
+            assert_eq!(
+                t.catalog().live_resources(team).unwrap().0,
+                3,
+                "{}",
+                t.name()
+            );
+        }
+    }
+
+    #[test]
+    fn a_shared_secret_is_the_first_hosts_for_every_host() {
+        for t in backends() {
+            let first = t.catalog().shared_secret("k", &[7; 32]).unwrap();
+            assert_eq!(first, vec![7; 32], "{}", t.name());
+            let other = t.reopen();
+            assert_eq!(other.shared_secret("k", &[9; 32]).unwrap(), vec![7; 32]);
+        }
+    }
+
+    #[test]
+    fn appends_on_one_host_reach_the_followers_on_another() {
+        let Some(t) = testing::postgres() else {
+            return;
+        };
+        // Two handles on one database: two hosts.
+        let other = t.reopen();
+        let mut followed = other.subscribe_events();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut seen = Vec::new();
+        // Appended until the other host hears it (its listener may still be connecting:
+        // what it missed meanwhile it learns as ANY_SANDBOX, which is no proof here).
+        'wait: while std::time::Instant::now() < deadline {
+            t.catalog()
+                .append_event("sbx-far", "created", &serde_json::json!({}))
+                .unwrap();
+            let round = std::time::Instant::now() + std::time::Duration::from_millis(500);
+            while std::time::Instant::now() < round {
+                match followed.try_recv() {
+                    Ok(id) if id == "sbx-far" => break 'wait,
+                    Ok(id) => seen.push(id),
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no notification of the other host's append within 20 s; heard {seen:?}"
+        );
+        // The log is the shared one.
+        assert!(!other.events("sbx-far", 0, 10).unwrap().is_empty());
     }
 
     #[test]

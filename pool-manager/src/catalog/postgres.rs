@@ -36,6 +36,8 @@ pub(crate) struct PgDb {
     name: String,
     /// How long one call waits.
     deadline: Duration,
+    /// Where it connects (for the listener's connection of its own).
+    config: Box<tokio_postgres::Config>,
 }
 
 impl PgDb {
@@ -66,6 +68,10 @@ impl PgDb {
         if config.get_application_name().is_none() {
             config.application_name("nullspace-pool-manager");
         }
+        // A server (or a link) that vanishes without a word is noticed by TCP
+        // keepalives, not only when the next statement's deadline passes.
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(10));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("catalog-postgres")
@@ -73,7 +79,7 @@ impl PgDb {
             .build()
             .map_err(|e| unavailable(format!("starting its runtime: {e}")))?;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             tokio_postgres::NoTls,
             ManagerConfig {
                 // A connection goes back to the pool only between transactions (see
@@ -94,9 +100,42 @@ impl PgDb {
             pool,
             name,
             deadline,
+            config: Box::new(config),
         };
         db.query("SELECT 1", &[])?;
         Ok(db)
+    }
+
+    /// Follows `NOTIFY channel` from every host on a connection of its own, for as long
+    /// as the catalog is open: `on(Some(payload))` per notification, `on(None)` when
+    /// notifications may have been missed (at first, and after each reconnect, since a
+    /// broken connection loses what was sent meanwhile). A lost connection is made
+    /// again with a growing delay; a silent one is found by a probe every
+    /// [`LISTEN_PROBE_EVERY`].
+    pub(crate) fn listen(
+        &self,
+        channel: &'static str,
+        on: impl Fn(Option<String>) + Send + Sync + 'static,
+    ) {
+        let Some(runtime) = self.runtime.as_ref() else {
+            return;
+        };
+        let config = (*self.config).clone();
+        let name = self.name.clone();
+        runtime.spawn(async move {
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match listen_once(&config, channel, &on).await {
+                    Ok(()) => delay = Duration::from_millis(100),
+                    Err(e) => {
+                        tracing::warn!(catalog = %name, error = %e, "event notifications: reconnecting")
+                    }
+                }
+                on(None);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        });
     }
 
     /// The URL without its password.
@@ -244,6 +283,62 @@ impl Drop for PgDb {
     }
 }
 
+/// How often an idle listening connection is checked with a statement.
+const LISTEN_PROBE_EVERY: Duration = Duration::from_secs(15);
+
+/// One listening connection, until it breaks: `Ok` if it had been listening (so the
+/// next one starts over quickly), the error if it never got there.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    channel: &str,
+    on: &(impl Fn(Option<String>) + Send + Sync),
+) -> Result<(), String> {
+    let (client, mut connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| describe(&e))?;
+    let (notes, mut notified) = tokio::sync::mpsc::unbounded_channel();
+    // The connection is driven here; notifications arrive as its messages.
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if notes.send(n.payload().to_string()).is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return,
+            }
+        }
+    });
+    let listening = async {
+        client
+            .batch_execute(&format!("LISTEN {channel}"))
+            .await
+            .map_err(|e| describe(&e))?;
+        // Whatever was sent before this connection listened is found by re-reading.
+        on(None);
+        loop {
+            tokio::select! {
+                got = notified.recv() => match got {
+                    Some(payload) => on(Some(payload)),
+                    None => return Ok(()),
+                },
+                _ = tokio::time::sleep(LISTEN_PROBE_EVERY) => {
+                    let probe = tokio::time::timeout(DEADLINE, client.simple_query("SELECT 1")).await;
+                    if !matches!(probe, Ok(Ok(_))) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    };
+    let out = listening.await;
+    driver.abort();
+    out
+}
+
 /// Runs `f`, which blocks, where the caller is: inside `block_in_place` on a worker of
 /// a multi-thread runtime (never on a current-thread one, where it panics).
 fn wait<R>(f: impl FnOnce() -> R) -> R {
@@ -324,14 +419,14 @@ impl PgTx<'_> {
         let (tx, rx) = mpsc::sync_channel(1);
         let fut = op(conn);
         runtime.spawn(async move {
-            if let Err(mpsc::SendError((conn, _))) = tx.send(fut.await) {
-                // The caller gave up on it: closed, never back in the pool mid-transaction.
-                drop(Object::take(conn));
-            }
+            let (conn, result) = fut.await;
+            // Unclaimed (the caller gave up on it, even just as it was sent), the
+            // connection is closed, never back in the pool mid-transaction.
+            let _ = tx.send((Unpooled(Some(conn)), result));
         });
         match wait(|| rx.recv_timeout(self.db.deadline)) {
-            Ok((conn, result)) => {
-                self.conn = Some(conn);
+            Ok((mut conn, result)) => {
+                self.conn = conn.0.take();
                 result.map_err(|e| self.db.error(&format!("running {}", excerpt(sql)), e))
             }
             Err(mpsc::RecvTimeoutError::Timeout) => Err(self.db.unavailable(format!(
@@ -347,6 +442,18 @@ impl PgTx<'_> {
     /// The transaction ended: the connection goes back to the pool.
     fn release(&mut self) {
         self.conn = None;
+    }
+}
+
+/// A transaction's connection on its way back to the caller: closed if dropped before
+/// the caller takes it (see [`PgTx::step`]).
+struct Unpooled(Option<Object>);
+
+impl Drop for Unpooled {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(Object::take(conn));
+        }
     }
 }
 

@@ -185,6 +185,15 @@ impl Dialect {
         }
     }
 
+    /// The database's own clock in milliseconds since the epoch: hosts that share a
+    /// catalog compare heartbeats and expiries on one clock, never each their own.
+    pub(crate) fn now_ms(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+            Dialect::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+
     /// The integer at `path` in the JSON document in `column`.
     pub(crate) fn json_int(self, column: &str, path: &[&str]) -> String {
         match self {

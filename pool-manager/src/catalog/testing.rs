@@ -113,6 +113,10 @@ impl PgDatabase {
     /// configured.
     pub(crate) fn create() -> Option<Self> {
         let Ok(admin_url) = std::env::var(POSTGRES_ENV) else {
+            // A run that promised a server (deploy/test.sh) fails instead of skipping.
+            if std::env::var_os("NULLSPACE_TEST_REQUIRE_POSTGRES").is_some_and(|v| v == "1") {
+                panic!("{POSTGRES_ENV} is not set, and NULLSPACE_TEST_REQUIRE_POSTGRES=1 says this run must test PostgreSQL");
+            }
             eprintln!("{POSTGRES_ENV} is not set: testing the SQLite catalog only (deploy/postgres.sh start DIR prints a URL for it)");
             return None;
         };

@@ -38,12 +38,22 @@ pub enum ForwardError {
     },
 }
 
+/// What `Host` a forwarded request carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostHeader {
+    /// The target host's address (the control API and the edge route by path).
+    Target,
+    /// The one it came with (a preview listener routes by it).
+    Kept,
+}
+
 /// Sends `req` to the host at `base_url` (`http://HOST:PORT`) as `from` forwarding it,
 /// and returns its answer, streamed. An upgrade both sides agree to is bridged.
 pub async fn forward(
     base_url: &str,
     from: &str,
     mut req: Request<Body>,
+    host_header: HostHeader,
 ) -> Result<Response<Body>, ForwardError> {
     let authority = base_url
         .strip_prefix("http://")
@@ -80,8 +90,10 @@ pub async fn forward(
     *req.uri_mut() = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
-    if let Ok(host) = HeaderValue::from_str(&authority) {
-        headers.insert(axum::http::header::HOST, host);
+    if host_header == HostHeader::Target || !headers.contains_key(axum::http::header::HOST) {
+        if let Ok(host) = HeaderValue::from_str(&authority) {
+            headers.insert(axum::http::header::HOST, host);
+        }
     }
     if let Ok(v) = HeaderValue::from_str(from) {
         headers.insert(FORWARDED_BY, v);

@@ -50,19 +50,31 @@ pub fn capacity(state_dir: &Path) -> (u64, u64, u64) {
     (vcpus, mem_mib, disk_mib)
 }
 
-/// Registers this host and heartbeats until the process ends. A host an operator set
-/// draining stays so (its heartbeat says it).
-pub async fn heartbeat(manager: Arc<Manager>, info: HostInfo) {
+/// The disk this host offers sandboxes as of now: what is free in the state directory
+/// plus what its sandboxes (and creates on their way) were given, since placement
+/// subtracts those from the offer. So the free disk placement sees follows the disk
+/// (snapshots, templates and other files take from it), not the figure at start.
+fn disk_offer_mib(catalog: &Catalog, state_dir: &Path, host: &str) -> Option<u64> {
+    let free = crate::sandboxes::free_bytes(state_dir).ok()? >> 20;
+    let given = catalog.host(host).ok()??.allocated.disk_mib;
+    Some(free.saturating_add(given))
+}
+
+/// Registers this host and heartbeats until the process ends, with its disk offer
+/// measured again each time. A host an operator set draining stays so (its heartbeat
+/// says it).
+pub async fn heartbeat(manager: Arc<Manager>, info: HostInfo, state_dir: std::path::PathBuf) {
     let catalog: &Catalog = &manager.catalog;
     let mut state = String::new();
+    let mut disk_mib = info.disk_mib;
     loop {
         let warm = manager.warm_counts();
         let beat = if state.is_empty() {
             catalog
                 .register_host(&info)
-                .and_then(|()| catalog.heartbeat(&info.id, &warm))
+                .and_then(|()| catalog.heartbeat(&info.id, &warm, disk_mib))
         } else {
-            catalog.heartbeat(&info.id, &warm)
+            catalog.heartbeat(&info.id, &warm, disk_mib)
         };
         match beat {
             Ok(now) => {
@@ -78,5 +90,10 @@ pub async fn heartbeat(manager: Arc<Manager>, info: HostInfo) {
             }
         }
         tokio::time::sleep(HEARTBEAT_EVERY).await;
+        if let Some(now) =
+            tokio::task::block_in_place(|| disk_offer_mib(catalog, &state_dir, &info.id))
+        {
+            disk_mib = now;
+        }
     }
 }

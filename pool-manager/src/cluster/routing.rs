@@ -2,7 +2,7 @@
 //! host (its control API or its data plane), found through the catalog (with a short
 //! cache) and sent with a loop guard.
 
-use super::forward::{forward, FORWARDED_BY};
+use super::forward::{forward, HostHeader, FORWARDED_BY};
 use crate::error::ApiError;
 use crate::sandboxes::Manager;
 use axum::body::Body;
@@ -21,6 +21,17 @@ pub enum Face {
     Control,
     /// The data-plane edge.
     Edge,
+    /// The preview listener (`<port>-<sandbox>.<domain>`: the `Host` names the sandbox
+    /// and goes to the owner as it came).
+    Preview,
+}
+
+/// Where a request about a sandbox is served.
+pub enum Routed {
+    /// Here: this host owns it, no host does, or this is not a cluster.
+    Here(Request<Body>),
+    /// On another host: its answer (or why it could not be had).
+    There(Response),
 }
 
 /// How long an owner looked up is believed: ownership moves only on failover and
@@ -88,7 +99,7 @@ pub async fn to_owner(
     req: Request<Body>,
     next: Next,
 ) -> Response {
-    let (Some(this), Some(id)) = (super::this_host(), sandbox_in_path(req.uri().path())) else {
+    let Some(id) = sandbox_in_path(req.uri().path()) else {
         return next.run(req).await;
     };
     // A sandbox's details are the shared catalog's: any host answers them, even while
@@ -99,12 +110,35 @@ pub async fn to_owner(
     {
         return next.run(req).await;
     }
-    let id = id.as_str();
-    let owner = match owner_of(&m, id) {
-        Ok(Some(owner)) if owner != this => owner,
-        Ok(_) => return next.run(req).await,
-        Err(e) => return e.into_response(),
+    match route(&m, &id, face, req).await {
+        Routed::Here(req) => next.run(req).await,
+        Routed::There(resp) => resp,
+    }
+}
+
+/// Serves a request about sandbox `id` here if this host owns it (or no host does, or
+/// there is no cluster), else forwards it to the owner's listener for `face`.
+pub async fn route(m: &Manager, id: &str, face: Face, req: Request<Body>) -> Routed {
+    let Some(this) = super::this_host() else {
+        return Routed::Here(req);
     };
+    let owner = match owner_of(m, id) {
+        Ok(Some(owner)) if owner != this => owner,
+        Ok(_) => return Routed::Here(req),
+        Err(e) => return Routed::There(e.into_response()),
+    };
+    Routed::There(to_host(m, id, &owner, this, face, req).await)
+}
+
+/// The answer of `owner`, sandbox `id`'s host, to `req`.
+async fn to_host(
+    m: &Manager,
+    id: &str,
+    owner: &str,
+    this: &str,
+    face: Face,
+    req: Request<Body>,
+) -> Response {
     if req.headers().contains_key(FORWARDED_BY) {
         // Sent here by a host that believed this one the owner: ownership moved since.
         return ApiError::new(
@@ -116,7 +150,7 @@ pub async fn to_owner(
         )
         .into_response();
     }
-    let host = match m.catalog.host(&owner) {
+    let host = match m.catalog.host(owner) {
         Ok(Some(h)) => h,
         Ok(None) => {
             return ApiError::new(
@@ -138,12 +172,13 @@ pub async fn to_owner(
         )
         .into_response();
     }
-    let base = match face {
-        Face::Control => &host.info.control_url,
-        Face::Edge => &host.info.edge_url,
+    let (base, host_header) = match face {
+        Face::Control => (&host.info.control_url, HostHeader::Target),
+        Face::Edge => (&host.info.edge_url, HostHeader::Target),
+        Face::Preview => (&host.info.preview_url, HostHeader::Kept),
     };
     tracing::debug!(sandbox = %id, owner = %owner, ?face, "forwarding to the owner");
-    match forward(base, this, req).await {
+    match forward(base, this, req, host_header).await {
         Ok(resp) => resp,
         Err(e) => ApiError::new(
             502,

@@ -89,7 +89,7 @@ async fn follow_events(edge: Edge, id: String, mut after: u64, mut socket: WebSo
         loop {
             tokio::select! {
                 got = appended.recv() => match got {
-                    Ok(sandbox) if sandbox != id => continue,
+                    Ok(sandbox) if sandbox != id && sandbox != crate::catalog::ANY_SANDBOX => continue,
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 },

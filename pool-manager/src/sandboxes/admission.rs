@@ -93,12 +93,43 @@ impl Manager {
         Ok(limits)
     }
 
-    /// Refuses one more sandbox of this shape for `team` past any of its quotas.
-    /// Only what a sandbox counts against is read (one SQL sum and the team's pools):
-    /// this runs on every create, under the admission lock.
-    fn check_quotas(&self, team: &str, r: Resources, limits: &Limits) -> Result<(), ApiError> {
-        let (sandboxes, vcpus, memory_mib, disk_mib) = self.catalog.live_resources(team)?;
-        let (warm_vcpus, warm_mib) = self.team_warm_share(team, None)?;
+    /// On a catalog hosts share, takes one create from the team's bucket there too,
+    /// in the admission's transaction: each host's own bucket turns a flood away
+    /// cheaply, this one holds the team to its rate however many hosts its creates are
+    /// spread over. (A refusal later in the transaction takes nothing.)
+    fn charge_cluster_rate(
+        &self,
+        a: &mut crate::catalog::Admission<'_>,
+        limits: &Limits,
+    ) -> Result<(), ApiError> {
+        if !self.catalog.is_shared() {
+            return Ok(());
+        }
+        let burst = limits.create_burst;
+        let (tokens, elapsed_ms) = a.create_bucket()?.unwrap_or((burst as f64, 0));
+        let (left, taken) = quotas::take_from_bucket(
+            tokens,
+            elapsed_ms as f64 / 1000.0,
+            1,
+            limits.creates_per_minute,
+            burst,
+        );
+        taken?;
+        a.set_create_bucket(left)?;
+        Ok(())
+    }
+
+    /// Refuses one more sandbox of this shape for `team` past any of its quotas, given
+    /// what it holds (`live`, read in the admission's transaction) and what its warm
+    /// pools hold (`warm`, read before: pool settings, not counts that race).
+    fn check_quotas(
+        r: Resources,
+        limits: &Limits,
+        live: crate::catalog::LiveResources,
+        warm: (u64, u64),
+    ) -> Result<(), ApiError> {
+        let (sandboxes, vcpus, memory_mib, disk_mib) = live;
+        let (warm_vcpus, warm_mib) = warm;
         quotas::check("sandboxes", sandboxes, 1, limits.sandboxes)?;
         quotas::check("vcpus", vcpus + warm_vcpus, r.vcpus as u64, limits.vcpus)?;
         quotas::check(
@@ -116,8 +147,8 @@ impl Manager {
     }
 
     /// Records `record` and its first events at once, if its team may have it: the
-    /// rate first, then the quotas and the record under one lock (a refusal gives the
-    /// rate back).
+    /// rate first, then the quotas and the record in one transaction under the team's
+    /// lock, which every host of a shared catalog takes (a refusal gives the rate back).
     pub(super) fn admit_with_events(
         &self,
         record: &SandboxRecord,
@@ -126,15 +157,14 @@ impl Manager {
     ) -> Result<(), ApiError> {
         let team = &record.team_id;
         let limits = self.charge_rate(team)?;
-        let admitted = {
+        let admitted = self.team_warm_share(team, None).and_then(|warm| {
             let _one_at_a_time = self.admission.lock().unwrap();
-            self.check_quotas(team, record.resources, &limits)
-                .and_then(|()| {
-                    Ok(self
-                        .catalog
-                        .put_sandbox_with_events(record, events, durability)?)
-                })
-        };
+            self.catalog.admit(team, durability, |a| {
+                Self::check_quotas(record.resources, &limits, a.live_resources()?, warm)?;
+                self.charge_cluster_rate(a, &limits)?;
+                Ok(a.put_sandbox_with_events(record, events)?)
+            })
+        });
         if admitted.is_err() {
             self.create_rate.refund(team, 1, limits.create_burst);
         }
@@ -154,23 +184,31 @@ impl Manager {
         let team = record.team_id.clone();
         let limits = self.charge_rate(&team)?;
         let result = (|| {
+            let warm = self.team_warm_share(&team, None)?;
             let _one_at_a_time = self.admission.lock().unwrap();
-            self.check_quotas(&team, record.resources, &limits)?;
-            let Some(vm) = self.check_out(&record.template_id, record.resources) else {
-                return Ok(None);
-            };
-            let events = ready(record, &vm);
+            let mut taken = None;
             // Not synced: the record of a running VM needs to survive what the VM
             // survives (a crash of this daemon), and a sync is most of a checkout's cost.
-            match self
-                .catalog
-                .put_sandbox_with_events(record, &events, Durability::UntilPowerLoss)
-            {
-                Ok(()) => Ok(Some(vm)),
-                Err(e) => {
+            let admitted = self.catalog.admit(&team, Durability::UntilPowerLoss, |a| {
+                Self::check_quotas(record.resources, &limits, a.live_resources()?, warm)?;
+                let Some(vm) = self.check_out(&record.template_id, record.resources) else {
+                    return Ok::<_, ApiError>(false);
+                };
+                let events = ready(record, &vm);
+                taken = Some(vm);
+                self.charge_cluster_rate(a, &limits)?;
+                a.put_sandbox_with_events(record, &events)?;
+                Ok(true)
+            });
+            match (admitted, taken) {
+                (Ok(true), Some(vm)) => Ok(Some(vm)),
+                (Ok(_), None) => Ok(None),
+                (outcome, vm) => {
                     // Not recorded: the VM goes back, unseen.
-                    self.return_to_pool(&record.template_id, record.resources, vm);
-                    Err(e.into())
+                    if let Some(vm) = vm {
+                        self.return_to_pool(&record.template_id, record.resources, vm);
+                    }
+                    outcome.map(|_| None)
                 }
             }
         })();
