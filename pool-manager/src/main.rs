@@ -627,6 +627,7 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     catalog
         .set_host(&host)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let shared_catalog = catalog.is_shared();
     let tokens = tokens::TokenSigner::new(match catalog.is_shared() {
         // Every host signs and checks with one key: a token stays good on whichever
         // host its sandbox moves to (drain, failover).
@@ -679,6 +680,14 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         "" => format!("http://{addr}"),
         h => format!("http://{h}:{}", addr.port()),
     };
+    if shared_catalog && advertised.is_empty() && control.local_addr()?.ip().is_loopback() {
+        // Other hosts forward to what this one registers: loopback works only when
+        // every host runs on this machine (tests, deploy/cluster.sh gives each its own).
+        tracing::warn!(
+            "this host shares its catalog but registers loopback addresses (http://{}): other machines cannot reach it; pass --advertise-host ADDR and listen on it",
+            control.local_addr()?
+        );
+    }
     let (vcpus, mem_mib, disk_mib) = cluster::hosts::capacity(&dir);
     let host_info = catalog::HostInfo {
         id: host.clone(),
