@@ -36,8 +36,8 @@ pub(crate) struct PgDb {
     name: String,
     /// How long one call waits.
     deadline: Duration,
-    /// Where it connects (for the listener's connection of its own).
-    config: Box<tokio_postgres::Config>,
+    /// Where it connects and how (for the listener's connection of its own).
+    config: Box<(tokio_postgres::Config, Tls)>,
 }
 
 impl PgDb {
@@ -57,11 +57,13 @@ impl PgDb {
             catalog: name.clone(),
             message,
         };
+        let (url, root_cert) = split_root_cert(url);
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             unavailable(format!(
-                "not a PostgreSQL URL ({e}); send postgres://USER@HOST:PORT/DATABASE"
+                "not a PostgreSQL URL ({e}); send postgres://USER@HOST:PORT/DATABASE[?sslmode=require[&sslrootcert=FILE]]"
             ))
         })?;
+        let tls = Tls::for_url(&url, root_cert.as_deref()).map_err(unavailable)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(deadline.min(Duration::from_secs(10)));
         }
@@ -78,15 +80,19 @@ impl PgDb {
             .enable_all()
             .build()
             .map_err(|e| unavailable(format!("starting its runtime: {e}")))?;
-        let manager = Manager::from_config(
-            config.clone(),
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                // A connection goes back to the pool only between transactions (see
-                // `PgTx`): checking that it is open is enough.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            // A connection goes back to the pool only between transactions (see
+            // `PgTx`): checking that it is open is enough.
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &tls {
+            Tls::Plain => {
+                Manager::from_config(config.clone(), tokio_postgres::NoTls, manager_config)
+            }
+            Tls::Verified(connect) => {
+                Manager::from_config(config.clone(), connect.clone(), manager_config)
+            }
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -100,7 +106,7 @@ impl PgDb {
             pool,
             name,
             deadline,
-            config: Box::new(config),
+            config: Box::new((config, tls)),
         };
         db.query("SELECT 1", &[])?;
         Ok(db)
@@ -120,12 +126,12 @@ impl PgDb {
         let Some(runtime) = self.runtime.as_ref() else {
             return;
         };
-        let config = (*self.config).clone();
+        let (config, tls) = (*self.config).clone();
         let name = self.name.clone();
         runtime.spawn(async move {
             let mut delay = Duration::from_millis(100);
             loop {
-                match listen_once(&config, channel, &on).await {
+                match listen_once(&config, &tls, channel, &on).await {
                     Ok(()) => delay = Duration::from_millis(100),
                     Err(e) => {
                         tracing::warn!(catalog = %name, error = %e, "event notifications: reconnecting")
@@ -290,28 +296,29 @@ const LISTEN_PROBE_EVERY: Duration = Duration::from_secs(15);
 /// next one starts over quickly), the error if it never got there.
 async fn listen_once(
     config: &tokio_postgres::Config,
+    tls: &Tls,
     channel: &str,
     on: &(impl Fn(Option<String>) + Send + Sync),
 ) -> Result<(), String> {
-    let (client, mut connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| describe(&e))?;
     let (notes, mut notified) = tokio::sync::mpsc::unbounded_channel();
-    // The connection is driven here; notifications arrive as its messages.
-    let driver = tokio::spawn(async move {
-        loop {
-            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                    if notes.send(n.payload().to_string()).is_err() {
-                        return;
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => return,
-            }
+    // The connection is driven by a task of its own; notifications arrive as its
+    // messages.
+    let (client, driver) = match tls {
+        Tls::Plain => {
+            let (client, connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| describe(&e))?;
+            (client, tokio::spawn(drive(connection, notes)))
         }
-    });
+        Tls::Verified(connect) => {
+            let (client, connection) = config
+                .connect(connect.clone())
+                .await
+                .map_err(|e| describe(&e))?;
+            (client, tokio::spawn(drive(connection, notes)))
+        }
+    };
     let listening = async {
         client
             .batch_execute(&format!("LISTEN {channel}"))
@@ -337,6 +344,109 @@ async fn listen_once(
     let out = listening.await;
     driver.abort();
     out
+}
+
+/// Drives a listening connection, sending each notification's payload on.
+async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    notes: tokio::sync::mpsc::UnboundedSender<String>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                if notes.send(n.payload().to_string()).is_err() {
+                    return;
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return,
+        }
+    }
+}
+
+/// How connections to the catalog are made.
+#[derive(Clone)]
+enum Tls {
+    /// In the clear: the URL asks for no TLS (no `sslmode`, or `sslmode=disable`).
+    Plain,
+    /// TLS with the server's certificate verified (its name too) against the
+    /// system's roots and the URL's `sslrootcert`, whatever `sslmode` other than
+    /// `disable` the URL names: stricter than libpq's `require`, which checks nothing,
+    /// since a catalog's traffic carries every team's keys and records.
+    Verified(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl Tls {
+    fn for_url(url: &str, root_cert: Option<&str>) -> Result<Self, String> {
+        let mode = url
+            .split_once('?')
+            .map(|(_, q)| q)
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("sslmode="));
+        match (mode, root_cert) {
+            (None | Some("disable"), None) => return Ok(Tls::Plain),
+            (Some("disable"), Some(_)) => {
+                return Err("sslmode=disable with an sslrootcert: send sslmode=require to use TLS, or drop sslrootcert".into())
+            }
+            _ => {}
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        // The system's roots: a managed database's certificate is usually under one.
+        let native = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(native.certs);
+        if let Some(file) = root_cert {
+            use rustls::pki_types::pem::PemObject;
+            let certs = rustls::pki_types::CertificateDer::pem_file_iter(file)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("sslrootcert={file}: {e}; send a PEM file of the CA (or server) certificate"))?;
+            if certs.is_empty() {
+                return Err(format!("sslrootcert={file}: no certificate in it; send a PEM file of the CA (or server) certificate"));
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("sslrootcert={file}: {e}"))?;
+            }
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("setting up TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Tls::Verified(
+            tokio_postgres_rustls::MakeRustlsConnect::new(config),
+        ))
+    }
+}
+
+/// `url` without its `sslrootcert=FILE` parameter (libpq's, which the driver does
+/// not know), and that file.
+fn split_root_cert(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_string(), None);
+    };
+    let mut root_cert = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|kv| match kv.strip_prefix("sslrootcert=") {
+            Some(file) => {
+                root_cert = Some(file.to_string());
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let url = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    (url, root_cert)
 }
 
 /// Runs `f`, which blocks, where the caller is: inside `block_in_place` on a worker of
@@ -686,6 +796,131 @@ mod tests {
             .query("SELECT CAST(to_regclass('t') AS TEXT)", args![])
             .unwrap();
         assert_eq!(tables[0].get::<Option<String>>(0).unwrap(), None);
+    }
+
+    /// Turns TLS on in the test server with a certificate for 127.0.0.1 (made here),
+    /// and off again when dropped.
+    struct ServerTls<'a> {
+        db: &'a crate::catalog::testing::PgDatabase,
+        /// The CA's certificate (PEM), for `sslrootcert`.
+        cert: std::path::PathBuf,
+        dir: std::path::PathBuf,
+    }
+
+    impl<'a> ServerTls<'a> {
+        fn on(db: &'a crate::catalog::testing::PgDatabase, data_dir: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("pg-tls-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+            let ca = dir.join("ca.crt");
+            std::fs::write(
+                dir.join("ext"),
+                "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+            )
+            .unwrap();
+            // A CA, and the server's certificate for 127.0.0.1 under it.
+            let script = format!(
+                "set -e; cd {}; \
+                 openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=nullspace-test-ca -keyout ca.key -out ca.crt; \
+                 openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout server.key -out server.csr; \
+                 openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -extfile ext -out server.crt",
+                dir.display()
+            );
+            let made = std::process::Command::new("sh")
+                .args(["-c", &script])
+                .output()
+                .expect("openssl");
+            assert!(made.status.success(), "{made:?}");
+            // The server reads them as its own user, the key private to it.
+            let uid = String::from_utf8(
+                std::process::Command::new("id")
+                    .args(["-u", "postgres"])
+                    .output()
+                    .unwrap()
+                    .stdout,
+            )
+            .unwrap();
+            let uid: u32 = uid.trim().parse().unwrap();
+            for (from, name, mode) in [
+                (&cert, "nullspace-test.crt", 0o644),
+                (&key, "nullspace-test.key", 0o600),
+            ] {
+                let to = std::path::Path::new(data_dir).join(name);
+                std::fs::copy(from, &to).unwrap();
+                std::os::unix::fs::chown(&to, Some(uid), None).unwrap();
+                std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                    .unwrap();
+            }
+            db.admin("ALTER SYSTEM SET ssl_cert_file = 'nullspace-test.crt'")
+                .unwrap();
+            db.admin("ALTER SYSTEM SET ssl_key_file = 'nullspace-test.key'")
+                .unwrap();
+            db.admin("ALTER SYSTEM SET ssl = on").unwrap();
+            db.admin("SELECT pg_reload_conf()").unwrap();
+            Self { db, cert: ca, dir }
+        }
+    }
+
+    impl Drop for ServerTls<'_> {
+        fn drop(&mut self) {
+            for setting in ["ssl", "ssl_cert_file", "ssl_key_file"] {
+                let _ = self.db.admin(&format!("ALTER SYSTEM RESET {setting}"));
+            }
+            let _ = self.db.admin("SELECT pg_reload_conf()");
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn tls_to_the_catalog_verifies_the_servers_certificate() {
+        let Some(db) = crate::catalog::testing::PgDatabase::create() else {
+            return;
+        };
+        let plain = PgDb::connect(&db.url).unwrap();
+        let data_dir: String = plain.query("SHOW data_directory", &[]).unwrap()[0]
+            .get(0)
+            .unwrap();
+        let tls = ServerTls::on(&db, &data_dir);
+        let trusted = format!(
+            "{}?sslmode=require&sslrootcert={}",
+            db.url,
+            tls.cert.display()
+        );
+        // The reload takes effect soon after it is asked for.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let pg = loop {
+            match PgDb::connect_with_deadline(&trusted, Duration::from_secs(5)) {
+                Ok(pg) => break pg,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("TLS with the server's certificate trusted: {e}"),
+            }
+        };
+        let encrypted: String = pg
+            .query(
+                "SELECT CAST(ssl AS TEXT) FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .unwrap()[0]
+            .get(0)
+            .unwrap();
+        assert_eq!(encrypted, "true");
+        // A certificate nobody vouches for is refused, not used.
+        let untrusted = format!("{}?sslmode=require", db.url);
+        let e = PgDb::connect_with_deadline(&untrusted, Duration::from_secs(5))
+            .err()
+            .expect("an unverified server certificate is refused")
+            .to_string();
+        assert!(e.to_lowercase().contains("certificate"), "{e}");
+        // A root certificate that is not one says so.
+        let bad = format!("{}?sslmode=require&sslrootcert=/etc/hostname", db.url);
+        let e = PgDb::connect(&bad).err().expect("refused").to_string();
+        assert!(e.contains("sslrootcert=/etc/hostname"), "{e}");
+        // And the clear stays the default.
+        drop(pg);
+        plain.query("SELECT 1", &[]).unwrap();
     }
 
     #[test]

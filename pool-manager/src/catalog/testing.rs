@@ -136,6 +136,14 @@ impl PgDatabase {
     }
 }
 
+impl PgDatabase {
+    /// Runs `sql` on the test server as its administrator (statements that may not
+    /// run in a transaction too, e.g. `ALTER SYSTEM`).
+    pub(crate) fn admin(&self, sql: &str) -> Result<(), String> {
+        admin(&self.admin_url, sql)
+    }
+}
+
 impl Drop for PgDatabase {
     fn drop(&mut self) {
         // Never a panic here: this runs while a failed test unwinds too.
