@@ -6,12 +6,18 @@
 #
 #   deploy/postgres.sh start DIR [PORT]   start (if not already running); prints the URL
 #                                         postgres://postgres@127.0.0.1:PORT/postgres
+#   deploy/postgres.sh start DIR PORT ADDR/PREFIX
+#                                         the same, listening on ADDR (an address of this
+#                                         host, e.g. a bridge's) instead of 127.0.0.1 and
+#                                         trusting the network ADDR/PREFIX too (network
+#                                         namespaces behind that bridge: deploy/cluster.sh);
+#                                         prints postgres://postgres@ADDR:PORT/postgres
 #   deploy/postgres.sh stop DIR           stop the cluster in DIR; no process is left
 #   deploy/postgres.sh version            the server version it would run
 #
 # Needs root (the cluster runs as the postgres user) or the postgres user itself.
 set -euo pipefail
-usage="usage: postgres.sh start DIR [PORT] | stop DIR | version"
+usage="usage: postgres.sh start DIR [PORT [ADDR/PREFIX]] | stop DIR | version"
 action=${1:?$usage}
 
 die() {
@@ -34,11 +40,18 @@ fi
 
 dir=${2:?$usage}
 port=${3:-19543}
+clients=${4:-}
+listen=127.0.0.1
+if [ -n "$clients" ]; then
+    [[ "$clients" =~ ^([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}$ ]] ||
+        die "ADDR/PREFIX $clients: send this host's address on the clients' network with its prefix, e.g. 10.78.0.1/24"
+    listen=${clients%/*}
+fi
 dir=$(realpath -m "$dir")
 data="$dir/data"
 sockets="$dir/run"
 log="$dir/postgres.log"
-url="postgres://postgres@127.0.0.1:$port/postgres"
+url="postgres://postgres@$listen:$port/postgres"
 
 # Runs a command as the postgres user.
 as_postgres() {
@@ -100,7 +113,8 @@ fi
 if pid=$(postmaster); then
     # Already running from DIR: say where (its port, which may not be PORT).
     running_port=$(sed -n 4p "$data/postmaster.pid")
-    echo "postgres://postgres@127.0.0.1:$running_port/postgres"
+    running_addr=$(sed -n 6p "$data/postmaster.pid")
+    echo "postgres://postgres@${running_addr:-127.0.0.1}:$running_port/postgres"
     exit 0
 fi
 
@@ -116,16 +130,10 @@ if [ ! -f "$data/PG_VERSION" ]; then
     as_postgres "$bindir/initdb" -D "$data" --username=postgres --encoding=UTF8 --no-locale \
         --auth-local=peer --auth-host=reject >"$dir/initdb.log" 2>&1 ||
         { tail -20 "$dir/initdb.log" >&2; die "initdb failed (its log is above, and in $dir/initdb.log)"; }
-    # Trust for 127.0.0.1 only (tests and development on this host); the socket, in
-    # DIR, for the postgres user only; nothing else.
-    as_postgres tee "$data/pg_hba.conf" >/dev/null <<EOF
-# Written by deploy/postgres.sh.
-local all postgres peer
-host  all all 127.0.0.1/32 trust
-EOF
     as_postgres tee -a "$data/postgresql.conf" >/dev/null <<EOF
 
-# deploy/postgres.sh: loopback only, its socket inside its own directory, durable.
+# deploy/postgres.sh: loopback only (or the address given at start), its socket
+# inside its own directory, durable.
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$sockets'
 fsync = on
@@ -134,15 +142,27 @@ full_page_writes = on
 max_connections = 300
 EOF
 fi
+# Trust for 127.0.0.1 (tests and development on this host) and, when given, for the
+# clients' network; the socket, in DIR, for the postgres user only; nothing else.
+# Written at each start: it follows ADDR/PREFIX.
+{
+    echo "# Written by deploy/postgres.sh."
+    echo "local all postgres peer"
+    echo "host  all all 127.0.0.1/32 trust"
+    if [ -n "$clients" ]; then
+        echo "host  all all $clients trust"
+    fi
+} | as_postgres tee "$data/pg_hba.conf" >/dev/null
 
-if ! as_postgres "$bindir/pg_ctl" -D "$data" -l "$log" -o "-p $port" -w -t 60 start >&2; then
+if ! as_postgres "$bindir/pg_ctl" -D "$data" -l "$log" \
+    -o "-p $port -c listen_addresses=$listen" -w -t 60 start >&2; then
     echo "PostgreSQL did not start; its log ($log) ends:" >&2
     tail -20 "$log" >&2 || true
     stop
     exit 1
 fi
-if [ -x "$bindir/pg_isready" ] && ! "$bindir/pg_isready" -q -h 127.0.0.1 -p "$port" -t 30; then
-    echo "PostgreSQL started but does not answer on 127.0.0.1:$port; its log ($log) ends:" >&2
+if [ -x "$bindir/pg_isready" ] && ! "$bindir/pg_isready" -q -h "$listen" -p "$port" -t 30; then
+    echo "PostgreSQL started but does not answer on $listen:$port; its log ($log) ends:" >&2
     tail -20 "$log" >&2 || true
     stop
     exit 1

