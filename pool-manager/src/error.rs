@@ -6,6 +6,13 @@ impl From<crate::catalog::CatalogError> for ApiError {
     fn from(e: crate::catalog::CatalogError) -> Self {
         match e {
             crate::catalog::CatalogError::Conflict(m) => Self::conflict(m),
+            // The database did not answer (down, cut off, or past a deadline): the
+            // request may succeed on a retry, or through another host.
+            e @ crate::catalog::CatalogError::Unavailable { .. } => Self::new(
+                503,
+                "catalog_unavailable",
+                format!("{e}; retry shortly (or through another host)"),
+            ),
             other => Self::internal(other.to_string()),
         }
     }

@@ -262,6 +262,9 @@ pub struct SandboxView {
     pub egress: api_model::EgressPolicy,
     /// Its volumes: guest path, volume ID, `rw` or `ro`.
     pub mounts: Vec<api_model::Mount>,
+    /// The host that runs it (or holds it paused), for operators of a cluster.
+    #[serde(rename = "hostID", skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<String>,
 }
 
 impl SandboxView {
@@ -284,6 +287,7 @@ impl SandboxView {
             hibernated: r.hibernated.is_some(),
             egress: r.egress.clone(),
             mounts: r.mounts.clone(),
+            host_id: r.host_id.clone(),
         }
     }
 }

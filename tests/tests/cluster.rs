@@ -107,6 +107,10 @@ async fn two_hosts_place_creates_on_both_and_forward_requests_to_the_owner() {
     let id = owners["host-b"][0].clone();
     let detail = via_a.get(&id).await;
     assert_eq!(detail["state"], "running", "{detail}");
+    assert_eq!(
+        detail["hostID"], "host-b",
+        "operators see the owner: {detail}"
+    );
     let (status, connected) = via_a
         .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
         .await;
