@@ -446,6 +446,41 @@ async fn a_drain_moves_sandboxes_live_and_a_lost_hosts_hibernated_sandbox_resume
     assert_eq!(owner_of(&running, &hosts), "host-b", "{running}");
     a.admin(&["host", "undrain", "host-a", "--catalog", &url]);
     let running_id = running["sandboxID"].as_str().unwrap().to_string();
+    // A warm pool of two for the cluster: one VM on each ready host.
+    let operator = Api::new(
+        &a,
+        a.admin(&["key", "create", "--operator", "--catalog", &url]),
+    );
+    let pool = |size: u32| json!({ "size": size, "resources": tiny() });
+    let (status, v) = operator
+        .call(
+            reqwest::Method::PUT,
+            "/v1/templates/minimal/warm-pool",
+            Some(pool(2)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["target"], 2, "{v}");
+    let warm_on = |host: &'static str, want: u64| {
+        let url = url.clone();
+        let a = &a;
+        move || {
+            let listed = a.admin(&["host", "list", "--catalog", &url]);
+            let ready = listed
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .find(|h| h["hostID"] == host)
+                .map(|h| h["warm"]["minimal/1/256/1024"].as_u64().unwrap_or(0));
+            async move {
+                match ready {
+                    Some(n) if n == want => Ok(()),
+                    other => Err(format!("{host} has {other:?} warm: {listed}")),
+                }
+            }
+        }
+    };
+    eventually(60, "one warm VM on each host", warm_on("host-a", 1)).await;
+    eventually(60, "one warm VM on each host", warm_on("host-b", 1)).await;
     let state = b.stop_with(libc::SIGKILL);
     // Its VMs outlive it by design (a restart adopts them); a host that is gone for
     // good takes them along: here, as B's machine going down would.
@@ -497,7 +532,33 @@ async fn a_drain_moves_sandboxes_live_and_a_lost_hosts_hibernated_sandbox_resume
     assert_eq!(alive, 0, "the process came along");
     let hosts_now = a.admin(&["host", "list", "--catalog", &url]);
     assert!(hosts_now.contains(r#""state":"lost""#), "{hosts_now}");
+    // B's warm VM is made again on A, the one ready host left.
+    eventually(
+        60,
+        "the lost host's warm VM made again on A",
+        warm_on("host-a", 2),
+    )
+    .await;
+    let (status, v) = operator
+        .call(
+            reqwest::Method::PUT,
+            "/v1/templates/minimal/warm-pool",
+            Some(pool(0)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(via_a.delete(&id).await, StatusCode::NO_CONTENT);
     assert_eq!(via_a.delete(&running_id).await, StatusCode::NO_CONTENT);
-    assert_eq!(nullspace_tests::qemus_in(a.run_dir()).len(), 0);
+    let a_run = a.run_dir().to_path_buf();
+    eventually(20, "A's VMs (the emptied pool's too) ending", || {
+        let left = nullspace_tests::qemus_in(&a_run);
+        async move {
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("QEMU {left:?} still runs"))
+            }
+        }
+    })
+    .await;
 }

@@ -82,6 +82,13 @@ pub async fn heartbeat(manager: Arc<Manager>, info: HostInfo, state_dir: std::pa
                     info!(host = %info.id, state = %now, "host state");
                     state = now;
                 }
+                if catalog.is_shared() {
+                    // Pools set through other hosts, and this host's part of each as
+                    // hosts come and go.
+                    if let Err(e) = tokio::task::block_in_place(|| manager.sync_warm_pools()) {
+                        warn!(host = %info.id, error = %e.message, "syncing the warm pools");
+                    }
+                }
             }
             Err(e) => {
                 warn!(host = %info.id, error = %e, "heartbeat failed");

@@ -138,6 +138,11 @@ impl WarmPools {
         surplus
     }
 
+    /// The templates that have a pool.
+    fn templates(&self) -> Vec<String> {
+        self.pools.lock().unwrap().keys().cloned().collect()
+    }
+
     /// Forgets a pool; returns its ready VMs. Refills still warming end unwanted.
     fn remove(&self, template: &str) -> Vec<QemuVm> {
         self.pools
@@ -337,16 +342,74 @@ impl Manager {
             self.check_pool(actor, owner.as_deref(), template, &config)?;
             self.catalog.put_warm_pool(template, &config)?;
         }
-        for vm in self.warm.configure(template, config) {
+        let local = PoolConfig {
+            target: self.local_target(config.target)?,
+            ..config
+        };
+        for vm in self.warm.configure(template, local) {
             vm.kill().await;
         }
         info!(
             template,
             target = config.target,
+            here = local.target,
             refill = config.refill,
             "warm pool set"
         );
-        Ok(self.warm.status(template).expect("just configured"))
+        let mut status = self.warm.status(template).expect("just configured");
+        // The pool's size is the cluster's; what is ready or warming is this host's.
+        status.target = config.target;
+        Ok(status)
+    }
+
+    /// This host's part of a warm pool of `target` VMs: all of it on a catalog of one
+    /// host; on one hosts share, the target spread over the ready hosts (in order of
+    /// ID, the first ones taking what does not divide), none on a host that is not
+    /// ready. So when a host is lost or drained, the others' parts grow and its warm
+    /// VMs are made again elsewhere.
+    fn local_target(&self, target: u32) -> Result<u32, ApiError> {
+        if !self.catalog.is_shared() {
+            return Ok(target);
+        }
+        let Some(this) = crate::cluster::this_host() else {
+            return Ok(target);
+        };
+        let ready: Vec<String> = self
+            .catalog
+            .hosts()?
+            .into_iter()
+            .filter(|h| h.is_ready())
+            .map(|h| h.info.id)
+            .collect();
+        let Some(index) = ready.iter().position(|h| h == this) else {
+            return Ok(0);
+        };
+        let n = ready.len() as u32;
+        Ok(target / n + u32::from((index as u32) < target % n))
+    }
+
+    /// Brings this host's warm pools in line with the shared catalog: pools set or
+    /// removed through other hosts, and this host's part of each as hosts come and go
+    /// (see [`Manager::local_target`]). Run with every heartbeat.
+    pub fn sync_warm_pools(&self) -> Result<(), ApiError> {
+        let pools = self.catalog.warm_pools::<PoolConfig>()?;
+        for (template, config) in &pools {
+            let local = PoolConfig {
+                target: self.local_target(config.target)?,
+                ..*config
+            };
+            for vm in self.warm.configure(template, local) {
+                tokio::spawn(async move { vm.kill().await });
+            }
+        }
+        for template in self.warm.templates() {
+            if !pools.iter().any(|(t, _)| *t == template) {
+                for vm in self.warm.remove(&template) {
+                    tokio::spawn(async move { vm.kill().await });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A template's warm pool.
@@ -400,8 +463,12 @@ impl Manager {
 
     /// Loads the pools the catalog records (after a start).
     pub fn load_warm_pools(&self) -> Result<(), ApiError> {
-        for (template, config) in self.catalog.warm_pools()? {
-            self.warm.configure(&template, config);
+        for (template, config) in self.catalog.warm_pools::<PoolConfig>()? {
+            let local = PoolConfig {
+                target: self.local_target(config.target)?,
+                ..config
+            };
+            self.warm.configure(&template, local);
         }
         Ok(())
     }
