@@ -106,28 +106,34 @@ fn i(v: u64) -> i64 {
 }
 
 /// The columns [`host_of`] reads, with each host's allocation: its live sandboxes and
-/// its reservations not yet expired.
+/// its reservations not yet expired. Each is summed once per host (grouped, not a
+/// sub-query per host: placement reads every host for every create).
 fn select_hosts(dialect: super::sql::Dialect) -> String {
     let now = dialect.now_ms();
-    let vcpus = dialect.json_int("s.record", &["resources", "vcpus"]);
-    let mem = dialect.json_int("s.record", &["resources", "memMiB"]);
-    let disk = dialect.json_int("s.record", &["resources", "diskSizeMiB"]);
+    let vcpus = dialect.json_int("record", &["resources", "vcpus"]);
+    let mem = dialect.json_int("record", &["resources", "memMiB"]);
+    let disk = dialect.json_int("record", &["resources", "diskSizeMiB"]);
+    // A stopped sandbox holds its disk, not its CPUs or memory.
+    let running = "state <> 'stopped'";
     format!(
         "SELECT h.id, h.control_url, h.edge_url, h.preview_url, h.vcpus, h.mem_mib, h.disk_mib,
                 h.qemu, h.accel, h.image_set, h.state, h.warm, h.heartbeat_ms, n.now,
-                CAST(COALESCE((SELECT SUM({vcpus}) FROM sandboxes s WHERE s.host_id = h.id
-                               AND s.state NOT IN ('deleted', 'failed', 'stopped')), 0)
-                  + COALESCE((SELECT SUM(r.vcpus) FROM reservations r
-                               WHERE r.host_id = h.id AND r.expires_ms > n.now), 0) AS BIGINT),
-                CAST(COALESCE((SELECT SUM({mem}) FROM sandboxes s WHERE s.host_id = h.id
-                               AND s.state NOT IN ('deleted', 'failed', 'stopped')), 0)
-                  + COALESCE((SELECT SUM(r.mem_mib) FROM reservations r
-                               WHERE r.host_id = h.id AND r.expires_ms > n.now), 0) AS BIGINT),
-                CAST(COALESCE((SELECT SUM({disk}) FROM sandboxes s WHERE s.host_id = h.id
-                               AND s.state NOT IN ('deleted', 'failed')), 0)
-                  + COALESCE((SELECT SUM(r.disk_mib) FROM reservations r
-                               WHERE r.host_id = h.id AND r.expires_ms > n.now), 0) AS BIGINT)
-         FROM hosts h, (SELECT {now} AS now) n"
+                CAST(COALESCE(s.vcpus, 0) + COALESCE(r.vcpus, 0) AS BIGINT),
+                CAST(COALESCE(s.mem, 0) + COALESCE(r.mem, 0) AS BIGINT),
+                CAST(COALESCE(s.disk, 0) + COALESCE(r.disk, 0) AS BIGINT)
+         FROM hosts h
+         CROSS JOIN (SELECT {now} AS now) n
+         LEFT JOIN (SELECT host_id,
+                           SUM(CASE WHEN {running} THEN {vcpus} ELSE 0 END) AS vcpus,
+                           SUM(CASE WHEN {running} THEN {mem} ELSE 0 END) AS mem,
+                           SUM({disk}) AS disk
+                    FROM sandboxes
+                    WHERE host_id IS NOT NULL AND state NOT IN ('deleted', 'failed')
+                    GROUP BY host_id) s ON s.host_id = h.id
+         LEFT JOIN (SELECT host_id, SUM(vcpus) AS vcpus, SUM(mem_mib) AS mem,
+                           SUM(disk_mib) AS disk
+                    FROM reservations WHERE expires_ms > {now}
+                    GROUP BY host_id) r ON r.host_id = h.id"
     )
 }
 
