@@ -306,6 +306,21 @@ where
     }
 }
 
+/// Waits up to `secs` seconds for no QEMU to run in `run_dir`.
+async fn no_qemus_within(secs: u64, what: &str, run_dir: &std::path::Path) {
+    eventually(secs, what, || {
+        let left = nullspace_tests::qemus_in(run_dir);
+        async move {
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("QEMU {left:?} still runs"))
+            }
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_drain_moves_sandboxes_live_and_a_lost_hosts_hibernated_sandbox_resumes_elsewhere() {
     let server = match server() {
@@ -487,17 +502,7 @@ async fn a_drain_moves_sandboxes_live_and_a_lost_hosts_hibernated_sandbox_resume
     let b_run = b.run_dir().to_path_buf();
     vmm::vm_dir::reap_orphans(&b_run, None, &[]);
     // SIGKILLed, they take a moment to be gone.
-    eventually(10, "B's VMs ending", || {
-        let left = nullspace_tests::qemus_in(&b_run);
-        async move {
-            if left.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("QEMU {left:?} still runs"))
-            }
-        }
-    })
-    .await;
+    no_qemus_within(10, "B's VMs ending", &b_run).await;
     let _ = std::fs::remove_dir_all(&b_run);
     std::mem::forget(b);
     let _ = std::fs::remove_dir_all(state);
@@ -549,16 +554,5 @@ async fn a_drain_moves_sandboxes_live_and_a_lost_hosts_hibernated_sandbox_resume
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(via_a.delete(&id).await, StatusCode::NO_CONTENT);
     assert_eq!(via_a.delete(&running_id).await, StatusCode::NO_CONTENT);
-    let a_run = a.run_dir().to_path_buf();
-    eventually(20, "A's VMs (the emptied pool's too) ending", || {
-        let left = nullspace_tests::qemus_in(&a_run);
-        async move {
-            if left.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("QEMU {left:?} still runs"))
-            }
-        }
-    })
-    .await;
+    no_qemus_within(20, "A's VMs (the emptied pool's too) ending", a.run_dir()).await;
 }
