@@ -3,13 +3,23 @@
 //! ```text
 //! nullspace-api --component FILE.wasm [--listen 127.0.0.1:7080] [--pool-manager http://127.0.0.1:7070]
 //!     [--max-body-bytes 1048576] [--request-timeout-s 60] [--ready-timeout-s 300] [--max-concurrent 256]
-//!     [--threads 1]
+//!     [--threads 1] [--config FILE]
 //! ```
+//!
+//! `--help` describes each flag (`config.rs`). Every flag is also read from `NULLSPACE_`
+//! and its name in upper snake case (`--pool-manager`: `NULLSPACE_POOL_MANAGER`,
+//! `--component`: `NULLSPACE_COMPONENT`), and from the TOML file `--config FILE`
+//! (`NULLSPACE_CONFIG`) names, keyed by the flags' names (`pool-manager =
+//! "http://10.0.0.5:7070"`); the command line wins over the environment, which wins over
+//! the file (the pool manager's rules: `pool-manager/src/layered.rs`, shared).
 //!
 //! Prints `public API http://ADDR` on stderr once it listens; SIGINT or SIGTERM stop it
 //! gracefully.
 
 mod config;
+// The pool manager's flag layering (command line, environment, file), shared.
+#[path = "../../pool-manager/src/layered.rs"]
+mod layered;
 mod runtime;
 mod server;
 mod upstream;
@@ -24,6 +34,12 @@ fn main() -> anyhow::Result<()> {
         // SAFETY: no other thread exists yet.
         unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
+    // Before the log: `--help` and a mistake in the flags print clap's text and exit.
+    let config = match config::HostConfig::load(std::env::args_os(), |name| std::env::var_os(name))
+    {
+        Ok(config) => config,
+        Err(e) => e.exit(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -33,7 +49,6 @@ fn main() -> anyhow::Result<()> {
         // Colours only for a person at a terminal, not in log files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = config::HostConfig::from_args(std::env::args().skip(1))?;
     let mut rt = if config.threads <= 1 {
         // One thread: no wake-ups across CPUs between the connection, the guest and the
         // upstream client, which on a 2-core host is faster than two threads.

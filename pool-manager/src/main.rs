@@ -1,22 +1,32 @@
 //! `nullspace-pool-manager`: the per-host daemon, and its admin commands.
 //!
 //! ```text
-//! nullspace-pool-manager serve [--listen ADDR] [--edge-listen ADDR] [--preview-listen ADDR] [--preview-domain HOST[:PORT]] [--state-dir DIR] [--catalog URL] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
-//!     [--snapshot-store local|s3] [--store-dir DIR] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region R]]
-//!     [--periodic-snapshot-interval-s 0] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
-//!     [--network auto|isolated|user] [--egress-dns IP:PORT]
-//! nullspace-pool-manager check [--state-dir DIR] [--network auto|isolated|user] [--min-free-disk-mib 1024]
+//! nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--preview-listen 127.0.0.1:7072]
+//!     [--preview-domain HOST[:PORT]] [--state-dir /var/lib/nullspace] [--catalog URL] [--templates-dir DIR]
+//!     [--on-exit end|keep] [--max-sandboxes-per-team 20]
+//!     [--snapshot-store local|s3] [--store-dir DIR] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region us-east-1]]
+//!     [--periodic-snapshot-interval-s 0] [--deleted-retention-s 604800] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
+//!     [--network auto|isolated|user] [--egress-dns IP:PORT] [--insecure-unconfined-qemu]
+//!     [--host-id ID] [--advertise-host ADDR]
+//! nullspace-pool-manager check [--state-dir DIR] [--network auto|isolated|user] [--min-free-disk-mib 1024] [--insecure-unconfined-qemu]
 //! nullspace-pool-manager migrate [--catalog URL] [--state-dir DIR]
 //! nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR] [--catalog URL]
-//! nullspace-pool-manager admin team quota TEAM [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR] [--catalog URL]
+//! nullspace-pool-manager admin team quota TEAM [--max-sandboxes N] [--set LIMIT=N ...] [--default-max-sandboxes 20] [--state-dir DIR] [--catalog URL]
 //! nullspace-pool-manager admin team list [--state-dir DIR] [--catalog URL]
 //! nullspace-pool-manager admin host list [--state-dir DIR] [--catalog URL]
-//! nullspace-pool-manager admin host drain|undrain HOST_ID [--state-dir DIR] [--catalog URL]
+//! nullspace-pool-manager admin host drain HOST_ID [--wait-s 0] [--state-dir DIR] [--catalog URL]
+//! nullspace-pool-manager admin host undrain HOST_ID [--state-dir DIR] [--catalog URL]
 //! nullspace-pool-manager admin key create (--team TEAM [--key KEY] | --operator) [--state-dir DIR] [--catalog URL]
 //! nullspace-pool-manager admin key list [--team TEAM] [--state-dir DIR] [--catalog URL]
 //! nullspace-pool-manager admin key revoke KEY_ID [--state-dir DIR] [--catalog URL]
 //! nullspace-pool-manager admin key rotate KEY_ID [--grace-s 3600] [--state-dir DIR] [--catalog URL]
 //! ```
+//!
+//! `--help` describes every subcommand and flag (`cli.rs`). Every flag is also read from
+//! `NULLSPACE_` and its name in upper snake case (`--state-dir`: `NULLSPACE_STATE_DIR`)
+//! and from the TOML file `--config FILE` (`NULLSPACE_CONFIG`) names, keyed by the flags'
+//! names; the command line wins over the environment, which wins over the file
+//! (`layered.rs`).
 //!
 //! The catalog (`--catalog`) is SQLite at `STATE/catalog.db` unless given: `sqlite:PATH`
 //! (or a path), or `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` for a catalog hosts
@@ -25,17 +35,16 @@
 //! S3 credentials come from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`. Workers that
 //! share a bucket restore each other's snapshots; a team and its keys are mirrored onto
 //! another worker with `--id` and `--key`.
-//!
-//! ```text
-//! ```
 
 mod api;
 mod backoff;
 mod catalog;
+mod cli;
 mod cluster;
 mod edge;
 mod error;
 mod host_check;
+mod layered;
 mod model;
 mod operator_api;
 mod preview;
@@ -45,65 +54,51 @@ mod templates;
 mod tokens;
 
 use anyhow::{bail, Context};
+use cli::{Admin, CatalogArgs, HostArgs, HostCommand, KeyCommand, TeamCommand};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-const USAGE: &str = "usage:
-  nullspace-pool-manager serve [--listen 127.0.0.1:7070] [--edge-listen 127.0.0.1:7071] [--preview-listen 127.0.0.1:7072] [--preview-domain localhost:PORT] [--state-dir /var/lib/nullspace] [--catalog URL] [--templates-dir DIR] [--on-exit end|keep] [--max-sandboxes-per-team 20]
-      [--snapshot-store local|s3] [--store-dir STATE/objects] [--s3-endpoint URL --s3-bucket NAME [--s3-prefix P] [--s3-region us-east-1]]
-      [--periodic-snapshot-interval-s 0] [--deleted-retention-s 604800] [--min-free-disk-mib 1024] [--warm-pool TEMPLATE=SIZE ...]
-      [--network auto|isolated|user] [--egress-dns IP:PORT] [--insecure-unconfined-qemu]
-      [--host-id ID (kept in STATE/host-id)] [--advertise-host ADDR (what other hosts reach this one at)]
-  nullspace-pool-manager check [--state-dir /var/lib/nullspace] [--network auto] [--min-free-disk-mib 1024]
-  nullspace-pool-manager migrate [--catalog URL] [--state-dir DIR]
-  nullspace-pool-manager admin team create NAME [--id TEAM_ID] [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR] [--catalog URL]
-  nullspace-pool-manager admin team quota TEAM [--max-sandboxes N] [--set LIMIT=N ...] [--state-dir DIR] [--catalog URL]
-  nullspace-pool-manager admin team list [--state-dir DIR] [--catalog URL]
-  nullspace-pool-manager admin host list [--state-dir DIR] [--catalog URL]
-  nullspace-pool-manager admin host drain|undrain HOST_ID [--state-dir DIR] [--catalog URL]
-  nullspace-pool-manager admin key create (--team TEAM [--key KEY] | --operator) [--state-dir DIR] [--catalog URL]
-  nullspace-pool-manager admin key list [--team TEAM] [--state-dir DIR] [--catalog URL]
-  nullspace-pool-manager admin key revoke KEY_ID [--state-dir DIR] [--catalog URL]
-  nullspace-pool-manager admin key rotate KEY_ID [--grace-s 3600] [--state-dir DIR] [--catalog URL]
-Catalog (--catalog): sqlite:PATH or a path (default: STATE/catalog.db), or
-  postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (run `migrate --catalog URL` first, and after each upgrade).
-Limits (--set): sandboxes vcpus memoryMiB diskMiB snapshots snapshotMiB volumes volumeMiB
-  templates builds createsPerMinute createBurst.
-S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.";
-
-/// `--network`: `isolated` (each VM in its own namespace behind the egress proxy),
-/// `auto` (the same; an error where the host cannot: never a silent fall back), or
-/// `user` (QEMU's user-mode network, restricted: every guest offline; only by name).
-fn network_mode(args: &Args) -> anyhow::Result<host_check::NetworkMode> {
-    args.flag("network", "auto")
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!(e))
+/// `--network`'s value as given.
+fn network_name(mode: host_check::NetworkMode) -> &'static str {
+    match mode {
+        host_check::NetworkMode::Auto => "auto",
+        host_check::NetworkMode::Isolated => "isolated",
+        host_check::NetworkMode::User => "user",
+    }
 }
 
 /// The driver's settings: the environment's (`QemuConfig::from_env`), with what the
 /// flags and the state directory decide. One value for the host check and for `serve`.
-fn qemu_config(args: &Args, state: &std::path::Path) -> anyhow::Result<vmm::QemuConfig> {
+fn qemu_config(host: &HostArgs, state: &std::path::Path) -> anyhow::Result<vmm::QemuConfig> {
     let env = vmm::QemuConfig::from_env()?;
     Ok(vmm::QemuConfig {
         // VMs outlive the daemon process: a crash or SIGKILL loses no sandbox, and the
         // next start adopts them.
         detach_vms: true,
-        isolated_network: network_mode(args)? != host_check::NetworkMode::User,
-        allow_unconfined: env.allow_unconfined || args.switch("insecure-unconfined-qemu"),
+        isolated_network: host.network != host_check::NetworkMode::User,
+        // `--insecure-unconfined-qemu`, which NULLSPACE_INSECURE_UNCONFINED_QEMU (the
+        // driver's own variable) also sets.
+        allow_unconfined: host.insecure_unconfined_qemu,
         // On the state disk, not the tmpfs run dir.
         disk_dir: state.join("disks"),
-        min_free_mib: number(args, "min-free-disk-mib", 1024)?,
+        min_free_mib: host.min_free_disk_mib,
         ..env
     })
 }
 
-fn network_settings(args: &Args) -> anyhow::Result<sandboxes::NetworkSettings> {
-    let isolated = match network_mode(args)? {
+/// `--network`: `isolated` (each VM in its own namespace behind the egress proxy),
+/// `auto` (the same; an error where the host cannot: never a silent fall back), or
+/// `user` (QEMU's user-mode network, restricted: every guest offline; only by name).
+fn network_settings(
+    host: &HostArgs,
+    egress_dns: Option<std::net::SocketAddr>,
+) -> anyhow::Result<sandboxes::NetworkSettings> {
+    let isolated = match host.network {
         host_check::NetworkMode::Auto | host_check::NetworkMode::Isolated => {
             vmm::net::GuestNet::check_host().map_err(|why| {
                 anyhow::anyhow!(
                     "--network {}: this host cannot isolate VMs ({why}); fix the host (deploy/install-deps.sh, as root), or pass --network user to run every guest offline",
-                    args.flag("network", "auto")
+                    network_name(host.network)
                 )
             })?;
             eprintln!("nullspace-pool-manager: network: each VM isolated behind the egress proxy");
@@ -116,12 +111,8 @@ fn network_settings(args: &Args) -> anyhow::Result<sandboxes::NetworkSettings> {
             Err(sandboxes::USER_MODE_NETWORK.to_string())
         }
     };
-    let upstream = match args.flags.iter().rev().find(|(n, _)| n == "egress-dns") {
-        Some((_, v)) => egress::Upstream {
-            dns: v
-                .parse()
-                .with_context(|| format!("--egress-dns {v}: send IP:PORT, e.g. 10.0.0.53:53"))?,
-        },
+    let upstream = match egress_dns {
+        Some(dns) => egress::Upstream { dns },
         None => egress::Upstream::from_host(),
     };
     Ok(sandboxes::NetworkSettings { isolated, upstream })
@@ -130,17 +121,17 @@ fn network_settings(args: &Args) -> anyhow::Result<sandboxes::NetworkSettings> {
 /// Runs the host check on what `config` will run, printing each line; an error names
 /// every fatal one.
 fn check_host(
-    args: &Args,
+    host: &HostArgs,
     state: &std::path::Path,
     config: &vmm::QemuConfig,
 ) -> anyhow::Result<()> {
     let check = host_check::run(&host_check::HostCheckInput {
         qemu_binary: config.qemu_binary.clone(),
         accel: config.accel,
-        network: network_mode(args)?,
+        network: host.network,
         state_dir: state.to_path_buf(),
         run_dir: config.run_dir.clone(),
-        min_free_disk_mib: number(args, "min-free-disk-mib", 1024)?,
+        min_free_disk_mib: host.min_free_disk_mib,
         allow_unconfined: config.allow_unconfined,
     });
     eprint!("{}", check.report());
@@ -154,93 +145,29 @@ fn check_host(
     Ok(())
 }
 
-/// Flags that take no value.
-const SWITCHES: &[&str] = &["insecure-unconfined-qemu", "operator"];
-
-/// Command-line flags: `--name value` pairs after the positional words.
-struct Args {
-    words: Vec<String>,
-    flags: Vec<(String, String)>,
-}
-
-impl Args {
-    fn parse() -> anyhow::Result<Self> {
-        let mut words = Vec::new();
-        let mut flags = Vec::new();
-        let mut it = std::env::args().skip(1);
-        while let Some(a) = it.next() {
-            if let Some(name) = a.strip_prefix("--") {
-                if SWITCHES.contains(&name) {
-                    flags.push((name.to_string(), String::new()));
-                    continue;
-                }
-                let value = it
-                    .next()
-                    .with_context(|| format!("--{name} needs a value\n{USAGE}"))?;
-                flags.push((name.to_string(), value));
-            } else {
-                words.push(a);
-            }
-        }
-        Ok(Self { words, flags })
-    }
-
-    /// Whether a switch (a flag without a value) was given.
-    fn switch(&self, name: &str) -> bool {
-        self.flags.iter().any(|(n, _)| n == name)
-    }
-
-    fn flag(&self, name: &str, default: &str) -> String {
-        // The last one wins, as in most command lines.
-        self.flags
-            .iter()
-            .rev()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| default.to_string())
-    }
-
-    /// Every value of a repeatable flag, in order.
-    fn all(&self, name: &str) -> Vec<String> {
-        self.flags
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-            .collect()
-    }
-
-    fn check_flags(&self, allowed: &[&str]) -> anyhow::Result<()> {
-        if let Some((n, _)) = self
-            .flags
-            .iter()
-            .find(|(n, _)| !allowed.contains(&n.as_str()))
-        {
-            bail!("unknown flag --{n}\n{USAGE}");
-        }
-        Ok(())
-    }
-}
-
-fn state_dir(args: &Args) -> anyhow::Result<PathBuf> {
-    let dir = PathBuf::from(args.flag(
-        "state-dir",
-        &std::env::var("NULLSPACE_STATE_DIR").unwrap_or_else(|_| "/var/lib/nullspace".into()),
-    ));
+/// The state directory, made if missing.
+fn state_dir(state: &cli::StateDir) -> anyhow::Result<PathBuf> {
+    let dir = state.state_dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
 
+/// A flag's value; empty counts as not given.
+fn given(v: &Option<String>) -> Option<&str> {
+    v.as_deref().filter(|v| !v.is_empty())
+}
+
 /// The catalog `--catalog` names; SQLite in the state dir by default.
-fn catalog_location(args: &Args) -> anyhow::Result<catalog::Location> {
-    match args.flag("catalog", "").as_str() {
-        "" => Ok(catalog::Location::Sqlite(
-            state_dir(args)?.join("catalog.db"),
+fn catalog_location(args: &CatalogArgs) -> anyhow::Result<catalog::Location> {
+    match given(&args.catalog) {
+        None => Ok(catalog::Location::Sqlite(
+            state_dir(&args.state)?.join("catalog.db"),
         )),
-        url => catalog::Location::parse(url).map_err(|e| anyhow::anyhow!("--catalog: {e}")),
+        Some(url) => catalog::Location::parse(url).map_err(|e| anyhow::anyhow!("--catalog: {e}")),
     }
 }
 
-fn open_catalog(args: &Args) -> anyhow::Result<catalog::Catalog> {
+fn open_catalog(args: &CatalogArgs) -> anyhow::Result<catalog::Catalog> {
     let location = catalog_location(args)?;
     catalog::Catalog::open_location(&location)
         .with_context(|| format!("opening the catalog {location}"))
@@ -279,32 +206,26 @@ fn tenant(catalog: &catalog::Catalog, team_ref: &str) -> anyhow::Result<catalog:
 }
 
 /// The limits `--max-sandboxes N` and `--set NAME=VALUE` (repeatable) ask for.
-fn limits_patch(args: &Args) -> anyhow::Result<quotas::LimitsPatch> {
+fn limits_patch(args: &cli::LimitsArgs) -> anyhow::Result<quotas::LimitsPatch> {
     let mut patch = quotas::LimitsPatch::default();
-    if let Some(max) = max_sandboxes(args)? {
+    if let Some(max) = args.max_sandboxes {
         patch.sandboxes = Some(max as u64);
     }
-    for assignment in args.all("set") {
+    for assignment in &args.set {
         patch
-            .set(&assignment)
+            .set(assignment)
             .map_err(|e| anyhow::anyhow!("--set {assignment}: {e}"))?;
     }
     Ok(patch)
 }
 
-/// `--max-sandboxes N`, if given.
-fn max_sandboxes(args: &Args) -> anyhow::Result<Option<u32>> {
-    let v = args.flag("max-sandboxes", "");
-    if v.is_empty() {
-        return Ok(None);
-    }
-    v.parse()
-        .map(Some)
-        .with_context(|| format!("--max-sandboxes {v:?} is not a number; send e.g. 10"))
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Before the log: `--help` and a mistake in the flags print clap's text and exit.
+    let cli = match cli::Cli::parse_with(std::env::args_os(), |name| std::env::var_os(name)) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -313,22 +234,13 @@ async fn main() -> anyhow::Result<()> {
         // Colours only for a person at a terminal, not in log files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse()?;
-    let words: Vec<&str> = args.words.iter().map(String::as_str).collect();
-    match words.as_slice() {
-        ["serve"] => serve(&args).await,
-        ["check"] => {
-            args.check_flags(&[
-                "state-dir",
-                "network",
-                "min-free-disk-mib",
-                "insecure-unconfined-qemu",
-            ])?;
-            let state = state_dir(&args)?;
-            check_host(&args, &state, &qemu_config(&args, &state)?)
+    match cli.command {
+        cli::Command::Serve(args) => serve(&args).await,
+        cli::Command::Check(args) => {
+            let state = state_dir(&args.state)?;
+            check_host(&args.host, &state, &qemu_config(&args.host, &state)?)
         }
-        ["migrate"] => {
-            args.check_flags(&["catalog", "state-dir"])?;
+        cli::Command::Migrate(args) => {
             let location = catalog_location(&args)?;
             let done = catalog::Catalog::migrate(&location)
                 .with_context(|| format!("migrating the catalog {location}"))?;
@@ -343,46 +255,54 @@ async fn main() -> anyhow::Result<()> {
             println!("schema version {}", done.to);
             Ok(())
         }
-        ["admin", "team", "create", name] => {
-            args.check_flags(&["state-dir", "catalog", "max-sandboxes", "id", "set"])?;
-            let catalog = open_catalog(&args)?;
-            let id = args.flag("id", "");
+        cli::Command::Admin(admin) => run_admin(admin).await,
+    }
+}
+
+async fn run_admin(admin: Admin) -> anyhow::Result<()> {
+    match admin {
+        Admin::Team(TeamCommand::Create {
+            name,
+            id,
+            limits,
+            catalog,
+        }) => {
+            let catalog = open_catalog(&catalog)?;
+            let id = given(&id).unwrap_or_default();
             let well_formed = |id: &str| {
                 id.strip_prefix("team-").is_some_and(|rest| {
                     rest.len() <= 64 && rest.bytes().all(|b| b.is_ascii_alphanumeric())
                 })
             };
-            if !id.is_empty() && !well_formed(&id) {
+            if !id.is_empty() && !well_formed(id) {
                 bail!("--id {id:?}: send a team ID as another worker printed it (team-…)");
             }
-            if *name == catalog::OPERATOR_TEAM || id == catalog::OPERATOR_TEAM_ID {
+            if name == catalog::OPERATOR_TEAM || id == catalog::OPERATOR_TEAM_ID {
                 bail!("{name:?} is the operator's reserved team; pick another name (operator keys: `admin key create --operator`)");
             }
-            if !api_model::is_team_ref(name) || name.starts_with("team-") {
+            if !api_model::is_team_ref(&name) || name.starts_with("team-") {
                 bail!("{name:?}: a team name is 1-64 letters, digits, '-', '_' or '.', and does not start with team- (the form of team IDs)");
             }
-            let patch = limits_patch(&args)?;
+            let patch = limits_patch(&limits)?;
             if patch != quotas::LimitsPatch::default() {
                 patch.validate().map_err(|e| anyhow::anyhow!(e.message))?;
             }
-            let team = catalog.create_team(name, (!id.is_empty()).then_some(id.as_str()))?;
+            let team = catalog.create_team(&name, (!id.is_empty()).then_some(id))?;
             if patch != quotas::LimitsPatch::default() {
                 catalog.set_limits(&team.id, &patch)?;
             }
             println!("{}", serde_json::to_string(&team)?);
             Ok(())
         }
-        ["admin", "team", "quota", team_ref] => {
-            args.check_flags(&[
-                "state-dir",
-                "catalog",
-                "max-sandboxes",
-                "set",
-                "default-max-sandboxes",
-            ])?;
-            let catalog = open_catalog(&args)?;
-            let team = tenant(&catalog, team_ref)?;
-            let patch = limits_patch(&args)?;
+        Admin::Team(TeamCommand::Quota {
+            team,
+            limits,
+            default_max_sandboxes,
+            catalog,
+        }) => {
+            let catalog = open_catalog(&catalog)?;
+            let team = tenant(&catalog, &team)?;
+            let patch = limits_patch(&limits)?;
             let own = if patch == quotas::LimitsPatch::default() {
                 // No change asked: show what is in force.
                 catalog.limits(&team.id)?
@@ -390,8 +310,7 @@ async fn main() -> anyhow::Result<()> {
                 patch.validate().map_err(|e| anyhow::anyhow!(e.message))?;
                 catalog.set_limits(&team.id, &patch)?
             };
-            let default_max: u32 = number(&args, "default-max-sandboxes", 20)? as u32;
-            let limits = quotas::Limits::defaults(default_max).with(&own);
+            let limits = quotas::Limits::defaults(default_max_sandboxes).with(&own);
             println!(
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({
@@ -401,9 +320,8 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        ["admin", "team", "list"] => {
-            args.check_flags(&["state-dir", "catalog"])?;
-            let catalog = open_catalog(&args)?;
+        Admin::Team(TeamCommand::List { catalog }) => {
+            let catalog = open_catalog(&catalog)?;
             for t in catalog.teams()? {
                 if t.id != catalog::OPERATOR_TEAM_ID {
                     println!(
@@ -414,82 +332,90 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        ["admin", "host", "list"] => {
-            args.check_flags(&["state-dir", "catalog"])?;
-            let catalog = open_catalog(&args)?;
+        Admin::Host(HostCommand::List { catalog }) => {
+            let catalog = open_catalog(&catalog)?;
             for h in catalog.hosts()? {
                 println!("{}", serde_json::to_string(&h)?);
             }
             Ok(())
         }
-        ["admin", "host", state @ ("drain" | "undrain"), id] => {
-            args.check_flags(&["state-dir", "catalog"])?;
-            let catalog = open_catalog(&args)?;
-            let to = if *state == "drain" {
-                "draining"
-            } else {
-                "ready"
-            };
-            if !catalog.set_host_state(id, to)? {
-                bail!("no host {id:?}; `admin host list` shows them");
+        Admin::Host(HostCommand::Drain {
+            host,
+            wait_s,
+            catalog,
+        }) => {
+            let catalog = open_catalog(&catalog)?;
+            set_host_state(&catalog, &host, "draining")?;
+            if wait_s > 0 {
+                wait_drained(&catalog, &host, wait_s).await?;
+                println!(
+                    "{}",
+                    serde_json::json!({ "hostID": host, "state": "drained" })
+                );
             }
-            println!("{}", serde_json::json!({ "hostID": id, "state": to }));
             Ok(())
         }
-        ["admin", "key", "create"] => {
-            args.check_flags(&["state-dir", "catalog", "team", "key", "operator"])?;
-            let catalog = open_catalog(&args)?;
-            let key = args.flag("key", "");
-            if !key.is_empty() && !api_model::key_is_well_formed(&key) {
+        Admin::Host(HostCommand::Undrain { host, catalog }) => {
+            let catalog = open_catalog(&catalog)?;
+            set_host_state(&catalog, &host, "ready")
+        }
+        Admin::Key(KeyCommand::Create {
+            team,
+            key,
+            operator,
+            catalog,
+        }) => {
+            let catalog = open_catalog(&catalog)?;
+            let key = given(&key);
+            if key.is_some_and(|k| !api_model::key_is_well_formed(k)) {
                 bail!("--key: send a key as another worker issued it (ns_ and 32 hex digits)");
             }
-            let given = (!key.is_empty()).then_some(key.as_str());
-            if args.switch("operator") {
-                if args.switch("team") {
+            if operator {
+                if team.is_some() {
                     bail!("an operator key belongs to no team: send --operator or --team TEAM, not both");
                 }
                 println!(
                     "{}",
-                    catalog.create_key_with_role("", given, catalog::Role::Operator)?
+                    catalog.create_key_with_role("", key, catalog::Role::Operator)?
                 );
                 return Ok(());
             }
-            let team = tenant(&catalog, &args.flag("team", ""))?;
-            println!("{}", catalog.create_key(&team.id, given)?);
+            let team = tenant(&catalog, team.as_deref().unwrap_or_default())?;
+            println!("{}", catalog.create_key(&team.id, key)?);
             Ok(())
         }
-        ["admin", "key", "list"] => {
-            args.check_flags(&["state-dir", "catalog", "team"])?;
-            let catalog = open_catalog(&args)?;
-            let team = match args.flag("team", "").as_str() {
-                "" => None,
-                t => Some(tenant(&catalog, t)?.id),
+        Admin::Key(KeyCommand::List { team, catalog }) => {
+            let catalog = open_catalog(&catalog)?;
+            let team = match given(&team) {
+                None => None,
+                Some(t) => Some(tenant(&catalog, t)?.id),
             };
             for k in catalog.keys(team.as_deref())? {
                 println!("{}", serde_json::to_string(&k)?);
             }
             Ok(())
         }
-        ["admin", "key", "revoke", id] => {
-            args.check_flags(&["state-dir", "catalog"])?;
-            let catalog = open_catalog(&args)?;
-            if !catalog.expire_key(id, chrono::Utc::now().timestamp_millis())? {
+        Admin::Key(KeyCommand::Revoke { id, catalog }) => {
+            let catalog = open_catalog(&catalog)?;
+            if !catalog.expire_key(&id, chrono::Utc::now().timestamp_millis())? {
                 bail!("no key in force with ID {id:?}; `admin key list` shows the IDs (16 hex digits)");
             }
             println!("key {id} revoked: it no longer opens anything");
             Ok(())
         }
-        ["admin", "key", "rotate", id] => {
-            args.check_flags(&["state-dir", "catalog", "grace-s"])?;
-            let catalog = open_catalog(&args)?;
-            let grace = number(&args, "grace-s", api_model::DEFAULT_ROTATION_GRACE_S)?;
+        Admin::Key(KeyCommand::Rotate {
+            id,
+            grace_s: grace,
+            catalog,
+        }) => {
+            let catalog = open_catalog(&catalog)?;
             if grace > api_model::MAX_ROTATION_GRACE_S {
                 bail!(
                     "--grace-s {grace}: a rotation overlaps at most {} s (7 days); 0 ends the old key now",
                     api_model::MAX_ROTATION_GRACE_S
                 );
             }
-            let old = catalog.key(id)?.with_context(|| {
+            let old = catalog.key(&id)?.with_context(|| {
                 format!("no key in force with ID {id:?}; `admin key list` shows the IDs (16 hex digits)")
             })?;
             let role = if old.role == "operator" {
@@ -499,44 +425,86 @@ async fn main() -> anyhow::Result<()> {
             };
             let key = catalog.create_key_with_role(&old.team_id, None, role)?;
             catalog.expire_key(
-                id,
+                &id,
                 chrono::Utc::now().timestamp_millis() + grace as i64 * 1000,
             )?;
             eprintln!("key {id} keeps working for {grace} s; the new key follows");
             println!("{key}");
             Ok(())
         }
-        _ => bail!("{USAGE}"),
     }
 }
 
-/// A numeric flag.
-fn number(args: &Args, name: &str, default: u64) -> anyhow::Result<u64> {
-    let v = args.flag(name, &default.to_string());
-    v.parse()
-        .with_context(|| format!("--{name} {v:?} is not a number; send e.g. {default}"))
+/// `admin host drain|undrain`: sets the state; prints it.
+fn set_host_state(catalog: &catalog::Catalog, id: &str, to: &str) -> anyhow::Result<()> {
+    if !catalog.set_host_state(id, to)? {
+        bail!("no host {id:?}; `admin host list` shows them");
+    }
+    println!("{}", serde_json::json!({ "hostID": id, "state": to }));
+    Ok(())
+}
+
+/// `admin host drain --wait-s N`: polls the catalog until the host is `drained`; an
+/// error after `wait_s`, or as soon as the host can no longer drain (undrained, dead or
+/// lost, gone).
+async fn wait_drained(catalog: &catalog::Catalog, id: &str, wait_s: u64) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait_s);
+    eprintln!("waiting up to {wait_s} s for host {id} to drain");
+    loop {
+        let Some(host) = catalog.host(id)? else {
+            bail!("host {id:?} left the catalog while draining; `admin host list` shows the hosts");
+        };
+        match host.state.as_str() {
+            "drained" => {
+                eprintln!("host {id} drained: no sandbox left on it");
+                return Ok(());
+            }
+            "draining" => {}
+            "ready" => bail!(
+                "host {id} was undrained (`admin host undrain`) before it drained; drain it again"
+            ),
+            other => bail!(
+                "host {id} is {other} (no heartbeat): it cannot finish draining; the other hosts take its sandboxes over"
+            ),
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            let left = catalog
+                .sandboxes_of_host(id)
+                .map(|s| format!("{} sandbox(es) still on it", s.len()))
+                .unwrap_or_else(|e| format!("counting its sandboxes failed: {e}"));
+            bail!(
+                "host {id} is still draining after {wait_s} s ({left}); wait longer (--wait-s), or check `admin host list` and the host's log"
+            );
+        }
+        tokio::time::sleep((deadline - now).min(std::time::Duration::from_secs(1))).await;
+    }
 }
 
 /// The snapshot store and its limits, from the flags.
 async fn snapshot_settings(
-    args: &Args,
+    args: &cli::Serve,
     state: &std::path::Path,
 ) -> anyhow::Result<sandboxes::SnapshotSettings> {
-    let store = match args.flag("snapshot-store", "local").as_str() {
-        "local" => {
-            let dir = args.flag("store-dir", &state.join("objects").display().to_string());
+    let store = match args.snapshot_store {
+        cli::SnapshotStore::Local => {
+            let dir = args
+                .store_dir
+                .clone()
+                .unwrap_or_else(|| state.join("objects"));
+            let dir = dir.display().to_string();
             storage::Store::local(
                 storage::LocalStore::open(&dir)
                     .with_context(|| format!("opening the snapshot store {dir}"))?,
             )
         }
-        "s3" => {
-            let need = |name: &str| {
-                let v = args.flag(name, "");
-                if v.is_empty() {
-                    bail!("--snapshot-store s3 needs --{name}\n{USAGE}");
-                }
-                Ok(v)
+        cli::SnapshotStore::S3 => {
+            let need = |name: &str, v: &Option<String>| match given(v) {
+                Some(v) => Ok(v.to_string()),
+                None => bail!(
+                    "--snapshot-store s3 needs --{name} (or {})",
+                    layered::env_name(name)
+                ),
             };
             let env = |name: &str| {
                 std::env::var(name).with_context(|| {
@@ -544,10 +512,10 @@ async fn snapshot_settings(
                 })
             };
             let config = storage::S3Config {
-                endpoint: need("s3-endpoint")?,
-                bucket: need("s3-bucket")?,
-                prefix: args.flag("s3-prefix", ""),
-                region: args.flag("s3-region", "us-east-1"),
+                endpoint: need("s3-endpoint", &args.s3_endpoint)?,
+                bucket: need("s3-bucket", &args.s3_bucket)?,
+                prefix: args.s3_prefix.clone().unwrap_or_default(),
+                region: args.s3_region.clone(),
                 access_key: env("AWS_ACCESS_KEY_ID")?,
                 secret_key: env("AWS_SECRET_ACCESS_KEY")?,
             };
@@ -560,7 +528,6 @@ async fn snapshot_settings(
             })?;
             storage::Store::s3(s3)
         }
-        other => bail!("--snapshot-store {other}: send local or s3"),
     };
     // Test hook: a fault after N puts, to prove a failed upload leaves no snapshot.
     let store = match std::env::var("NULLSPACE_TEST_FAIL_PUT_AFTER") {
@@ -570,59 +537,32 @@ async fn snapshot_settings(
         ),
         Err(_) => store,
     };
-    let periodic_default_s = number(args, "periodic-snapshot-interval-s", 0)?;
+    let periodic_default_s = args.periodic_snapshot_interval_s;
     api_model::validate_snapshot_interval(periodic_default_s)
         .map_err(|e| anyhow::anyhow!("--periodic-snapshot-interval-s: {}", e.message))?;
     Ok(sandboxes::SnapshotSettings {
         store,
         periodic_default_s,
-        min_free_mib: number(args, "min-free-disk-mib", 1024)?,
+        min_free_mib: args.host.min_free_disk_mib,
     })
 }
 
-async fn serve(args: &Args) -> anyhow::Result<()> {
-    args.check_flags(&[
-        "listen",
-        "edge-listen",
-        "preview-listen",
-        "preview-domain",
-        "state-dir",
-        "catalog",
-        "templates-dir",
-        "on-exit",
-        "max-sandboxes-per-team",
-        "snapshot-store",
-        "store-dir",
-        "s3-endpoint",
-        "s3-bucket",
-        "s3-prefix",
-        "s3-region",
-        "periodic-snapshot-interval-s",
-        "deleted-retention-s",
-        "min-free-disk-mib",
-        "warm-pool",
-        "network",
-        "egress-dns",
-        "insecure-unconfined-qemu",
-        "host-id",
-        "advertise-host",
-    ])?;
+async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
     // Every VM and every proxied connection holds descriptors; the soft limit is too few.
     match egress::raise_nofile_limit() {
         Ok((soft, hard)) => tracing::info!(soft, hard, "open-file limit raised to the hard limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
-    let dir = state_dir(args)?;
+    let dir = state_dir(&args.catalog.state)?;
     // First: a host that cannot run a VM stops here, not at the first create.
-    let config = qemu_config(args, &dir)?;
-    check_host(args, &dir, &config)?;
-    let listen = args.flag("listen", "127.0.0.1:7070");
-    let edge_listen = args.flag("edge-listen", "127.0.0.1:7071");
-    let catalog = open_catalog(args)?;
+    let config = qemu_config(&args.host, &dir)?;
+    check_host(&args.host, &dir, &config)?;
+    let listen = &args.listen;
+    let edge_listen = &args.edge_listen;
+    let catalog = open_catalog(&args.catalog)?;
     // Which host this is: its records and background work are its own on a catalog
     // hosts share.
-    let given_host = args.flag("host-id", "");
-    let host = cluster::hosts::host_id(&dir, Some(given_host.as_str()).filter(|h| !h.is_empty()))?;
+    let host = cluster::hosts::host_id(&dir, given(&args.host_id))?;
     cluster::set_this_host(&host);
     catalog
         .set_host(&host)
@@ -636,38 +576,32 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?,
         false => token_secret(&dir)?,
     });
-    let keep_vms = match args.flag("on-exit", "end").as_str() {
-        "end" => false,
-        "keep" => true,
-        other => bail!(
-            "--on-exit {other}: send end (VMs end with the daemon) or keep (a restart adopts them)"
-        ),
-    };
-    let network = network_settings(args)?;
+    let keep_vms = args.on_exit == cli::OnExit::Keep;
+    let network = network_settings(&args.host, args.egress_dns)?;
     let vmm = vmm::QemuVmm::new(config, vmm::ImageSet::from_env()?)
         .await
         .context("starting the VMM driver")?;
 
-    let control = tokio::net::TcpListener::bind(&listen)
+    let control = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    let data = tokio::net::TcpListener::bind(&edge_listen)
+    let data = tokio::net::TcpListener::bind(edge_listen)
         .await
         .with_context(|| format!("binding {edge_listen}"))?;
     let edge_url = format!("http://{}", data.local_addr()?);
-    let preview_listen = args.flag("preview-listen", "127.0.0.1:7072");
-    let preview_listener = tokio::net::TcpListener::bind(&preview_listen)
+    let preview_listen = &args.preview_listen;
+    let preview_listener = tokio::net::TcpListener::bind(preview_listen)
         .await
         .with_context(|| format!("binding {preview_listen}"))?;
     // Browsers resolve every *.localhost name to loopback: no DNS needed locally.
-    let preview_domain = args.flag(
-        "preview-domain",
-        &format!("localhost:{}", preview_listener.local_addr()?.port()),
-    );
-    let templates_dir = PathBuf::from(args.flag(
-        "templates-dir",
-        &dir.join("templates").display().to_string(),
-    ));
+    let preview_domain = match given(&args.preview_domain) {
+        Some(domain) => domain.to_string(),
+        None => format!("localhost:{}", preview_listener.local_addr()?.port()),
+    };
+    let templates_dir = args
+        .templates_dir
+        .clone()
+        .unwrap_or_else(|| dir.join("templates"));
     std::fs::create_dir_all(&templates_dir)
         .with_context(|| format!("creating {}", templates_dir.display()))?;
     for d in [&dir, &templates_dir] {
@@ -675,12 +609,12 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     }
     // What other hosts and clients reach this one at (its listeners' ports on the
     // address it advertises; the bound address by default).
-    let advertised = args.flag("advertise-host", "");
-    let advertise = |addr: std::net::SocketAddr| match advertised.as_str() {
-        "" => format!("http://{addr}"),
-        h => format!("http://{h}:{}", addr.port()),
+    let advertised = given(&args.advertise_host);
+    let advertise = |addr: std::net::SocketAddr| match advertised {
+        None => format!("http://{addr}"),
+        Some(h) => format!("http://{h}:{}", addr.port()),
     };
-    if shared_catalog && advertised.is_empty() && control.local_addr()?.ip().is_loopback() {
+    if shared_catalog && advertised.is_none() && control.local_addr()?.ip().is_loopback() {
         // Other hosts forward to what this one registers: loopback works only when
         // every host runs on this machine (tests, deploy/cluster.sh gives each its own).
         tracing::warn!(
@@ -714,11 +648,8 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
             edge_url: edge_url.clone(),
             state_dir: dir.clone(),
             templates_dir,
-            default_quota: args
-                .flag("max-sandboxes-per-team", "20")
-                .parse()
-                .context("--max-sandboxes-per-team needs a number")?,
-            deleted_retention_s: number(args, "deleted-retention-s", 7 * 24 * 3600)?,
+            default_quota: args.max_sandboxes_per_team,
+            deleted_retention_s: args.deleted_retention_s,
             snapshots,
             preview_domain: preview_domain.clone(),
             network,
@@ -762,21 +693,17 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
         .load_warm_pools()
         .map_err(|e| anyhow::anyhow!("loading warm pools: {}", e.message))?;
     // `--warm-pool TEMPLATE=SIZE` (repeatable) sets pools of the default shape at start.
-    for spec in args.all("warm-pool") {
-        let (template, size) = spec
-            .split_once('=')
-            .and_then(|(t, n)| Some((t, n.parse::<u32>().ok()?)))
-            .with_context(|| format!("--warm-pool {spec:?}: send TEMPLATE=SIZE, e.g. base=2"))?;
+    for pool in &args.warm_pool {
         let body = api_model::WarmPoolBody {
-            size,
+            size: pool.size,
             resources: None,
             refill: None,
         };
         // The host's own command line speaks for the operator.
         manager
-            .set_warm_pool(sandboxes::Actor::Operator, template, body)
+            .set_warm_pool(sandboxes::Actor::Operator, &pool.template, body)
             .await
-            .map_err(|e| anyhow::anyhow!("--warm-pool {spec}: {}", e.message))?;
+            .map_err(|e| anyhow::anyhow!("--warm-pool {}: {}", pool.spec, e.message))?;
     }
     tokio::spawn(manager.clone().refill_warm_pools());
 
@@ -784,18 +711,28 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    // Replies go out as they are written, not held for Nagle's algorithm: a streamed
+    // answer (a file, a forwarded reply) otherwise waits out the peer's delayed ACK,
+    // ~40 ms.
+    use axum::serve::ListenerExt;
+    let no_delay = |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    };
     let control_addr = control.local_addr()?;
-    let control_server = axum::serve(control, api::router(manager.clone()))
+    let control_server = axum::serve(control.tap_io(no_delay), api::router(manager.clone()))
         .with_graceful_shutdown(wait_stop(stop_rx.clone()));
-    let edge_server = axum::serve(data, edge::router(manager.clone(), tokens.clone()))
-        .with_graceful_shutdown(wait_stop(stop_rx.clone()));
+    let edge_server = axum::serve(
+        data.tap_io(no_delay),
+        edge::router(manager.clone(), tokens.clone()),
+    )
+    .with_graceful_shutdown(wait_stop(stop_rx.clone()));
     let previews = std::sync::Arc::new(preview::Previews {
         manager: manager.clone(),
         tokens,
         domain: preview_domain.clone(),
     });
     let preview_addr = preview_listener.local_addr()?;
-    let preview_server = axum::serve(preview_listener, preview::router(previews))
+    let preview_server = axum::serve(preview_listener.tap_io(no_delay), preview::router(previews))
         .with_graceful_shutdown(wait_stop(stop_rx));
     eprintln!(
         "nullspace-pool-manager: control API http://{} , data plane {edge_url} , previews http://{preview_domain} , preview listener http://{preview_addr} , state {}",
@@ -829,5 +766,61 @@ async fn serve(args: &Args) -> anyhow::Result<()> {
     match fatal {
         Some(why) => bail!("{why}; run `nullspace-pool-manager check`"),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_info(id: &str) -> catalog::HostInfo {
+        catalog::HostInfo {
+            id: id.to_string(),
+            control_url: "http://127.0.0.1:1".into(),
+            edge_url: "http://127.0.0.1:2".into(),
+            preview_url: "http://127.0.0.1:3".into(),
+            vcpus: 2,
+            mem_mib: 1024,
+            disk_mib: 1024,
+            qemu: "test".into(),
+            accel: "tcg".into(),
+            image_set: "test".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn drain_wait_returns_once_drained_and_says_why_it_gave_up() {
+        let dir = std::env::temp_dir().join(format!(
+            "nullspace-drain-wait-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("catalog.db");
+        let catalog = catalog::Catalog::open(&path).unwrap();
+        catalog.register_host(&host_info("host-a")).unwrap();
+        set_host_state(&catalog, "host-a", "draining").unwrap();
+        // The host's drain finishing a moment later.
+        let other = catalog::Catalog::open(&path).unwrap();
+        let finish = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+            other.set_host_state("host-a", "drained").unwrap();
+        });
+        wait_drained(&catalog, "host-a", 30).await.unwrap();
+        finish.await.unwrap();
+
+        set_host_state(&catalog, "host-a", "draining").unwrap();
+        let e = wait_drained(&catalog, "host-a", 1).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("still draining after 1 s (0 sandbox(es) still on it)"),
+            "{e}"
+        );
+        set_host_state(&catalog, "host-a", "ready").unwrap();
+        let e = wait_drained(&catalog, "host-a", 5).await.unwrap_err();
+        assert!(e.to_string().contains("was undrained"), "{e}");
+        assert!(set_host_state(&catalog, "host-b", "draining").is_err());
+        drop(catalog);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

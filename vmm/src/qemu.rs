@@ -67,7 +67,7 @@ pub struct QemuConfig {
 
 impl QemuConfig {
     /// Defaults, overridden by `NULLSPACE_QEMU`, `NULLSPACE_RUN_DIR`, `NULLSPACE_ACCEL`,
-    /// `NULLSPACE_NETWORK` (`user` or `isolated`).
+    /// `NULLSPACE_NETWORK` (`user`, or `isolated` or `auto`: isolated).
     pub fn from_env() -> Result<Self, VmmError> {
         Ok(Self {
             qemu_binary: std::env::var_os("NULLSPACE_QEMU")
@@ -83,7 +83,14 @@ impl QemuConfig {
                 .unwrap_or_default()
                 .parse()?,
             detach_vms: false,
-            allow_unconfined: std::env::var_os("NULLSPACE_INSECURE_UNCONFINED_QEMU").is_some(),
+            // Set is on (set but empty too), unless it says 0, false, no or off: as the
+            // pool manager reads it (`--insecure-unconfined-qemu`).
+            allow_unconfined: std::env::var("NULLSPACE_INSECURE_UNCONFINED_QEMU").is_ok_and(|v| {
+                !matches!(
+                    v.to_ascii_lowercase().as_str(),
+                    "0" | "false" | "no" | "off"
+                )
+            }),
             cgroups: match std::env::var("NULLSPACE_CGROUPS").as_deref() {
                 Ok("on") | Err(_) => true,
                 Ok("off") => false,
@@ -101,12 +108,14 @@ impl QemuConfig {
                 })?,
                 Err(_) => 1024,
             },
+            // `auto` is the pool manager's `--network auto` (which it also reads from
+            // here): isolated, or an error where the host cannot.
             isolated_network: match std::env::var("NULLSPACE_NETWORK").as_deref() {
-                Ok("isolated") => true,
+                Ok("isolated" | "auto") => true,
                 Ok("user") | Err(_) => false,
                 Ok(other) => {
                     return Err(VmmError::InvalidSpec(format!(
-                        "NULLSPACE_NETWORK={other}: send isolated or user"
+                        "NULLSPACE_NETWORK={other}: send isolated, auto or user"
                     )))
                 }
             },
