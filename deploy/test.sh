@@ -48,6 +48,8 @@ step "running the tests (cargo nextest, 2 threads)" cargo nextest run --workspac
 step "testing the API component's routes (cargo test)" env \
     CARGO_TARGET_DIR="${NULLSPACE_CACHE:-/var/cache/nullspace}/api-component-test-target" \
     cargo test --locked --manifest-path api-component/Cargo.toml
+# The deployment manifests (Kubernetes, Nomad, systemd, Spin), rendered and checked offline.
+step "checking the deployment manifests" deploy/check-manifests.sh "$CARGO_TARGET_DIR/debug"
 # The public API against its own OpenAPI document, on a live stack of its own.
 step "fuzzing the public API (schemathesis)" deploy/schemathesis.sh "$CARGO_TARGET_DIR/debug"
 # The Python SDK's tests, on a live stack of their own.

@@ -6,10 +6,12 @@
 //! caller's key, which the pool manager resolves to a team. The component keeps nothing
 //! between requests: one instance serves one request.
 //!
-//! The upstream is `NULLSPACE_UPSTREAM` at build time (default `http://127.0.0.1:7070`).
-//! Our api-host sends every outbound request of the component to its configured pool
-//! manager whatever the authority, so one `.wasm` serves any deployment; under a stock
-//! host (`wasmtime serve`, Spin) the built-in address is used.
+//! The upstream is `NULLSPACE_UPSTREAM` in the component's environment at run time
+//! (wasi:cli/environment; default `http://127.0.0.1:7070`), so one `.wasm` serves every
+//! deployment: Spin passes a component's `environment` (spin.toml), `wasmtime serve -Scli
+//! --env NULLSPACE_UPSTREAM=URL` its `--env`. Our api-host gives the component an empty
+//! environment and sends every outbound request to its own `--pool-manager` whatever the
+//! authority.
 
 use api_model::{
     fields_param, is_sandbox_id, is_snapshot_id, parse_body, parse_query, reject_unknown_params,
@@ -20,11 +22,55 @@ use api_model::{
 use spin_sdk::http::{IncomingRequest, Method, Request, Response};
 use spin_sdk::http_component;
 
-/// The pool manager's internal API, as built in.
-const UPSTREAM: &str = match option_env!("NULLSPACE_UPSTREAM") {
-    Some(u) => u,
-    None => "http://127.0.0.1:7070",
-};
+/// The pool manager's internal API when the environment names none.
+const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:7070";
+
+/// The environment variable that names the upstream.
+const UPSTREAM_VAR: &str = "NULLSPACE_UPSTREAM";
+
+/// The upstream this instance forwards to: `NULLSPACE_UPSTREAM` from the host's
+/// environment (unset or empty: the default).
+fn upstream() -> Result<String, ApiError> {
+    upstream_from(environment())
+}
+
+/// The component's environment: wasi:cli/environment, imported directly (the preview1
+/// *proxy* adapter answers `environ_get` with nothing, so `std::env` sees none of it).
+#[cfg(target_arch = "wasm32")]
+fn environment() -> Vec<(String, String)> {
+    wasi::cli::environment::get_environment()
+}
+
+/// The process's environment, for the routing tests on the build host.
+#[cfg(not(target_arch = "wasm32"))]
+fn environment() -> Vec<(String, String)> {
+    std::env::vars().collect()
+}
+
+/// `NULLSPACE_UPSTREAM` of `env`, checked: an `http://` or `https://` base URL without
+/// query, its trailing slashes dropped.
+fn upstream_from(env: Vec<(String, String)>) -> Result<String, ApiError> {
+    let value = env
+        .into_iter()
+        .find(|(k, _)| k == UPSTREAM_VAR)
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    if value.is_empty() {
+        return Ok(DEFAULT_UPSTREAM.to_string());
+    }
+    let base = value.trim_end_matches('/');
+    let authority = base
+        .strip_prefix("http://")
+        .or_else(|| base.strip_prefix("https://"))
+        .map(|rest| rest.split('/').next().unwrap_or_default());
+    match authority {
+        Some(a) if !a.is_empty() && !base.contains(['?', '#', ' ']) => Ok(base.to_string()),
+        _ => Err(ApiError::upstream(format!(
+            "the component's {UPSTREAM_VAR} {value:?} is not an http:// or https:// URL: \
+             fix the deployment's environment (e.g. {DEFAULT_UPSTREAM})"
+        ))),
+    }
+}
 
 /// The public OpenAPI document, served at `/api/v1/openapi.json`.
 const OPENAPI: &str = include_str!("../openapi.json");
@@ -94,9 +140,10 @@ async fn serve(req: IncomingRequest) -> Result<Response, ApiError> {
     let pairs = parse_query(query.as_deref());
 
     let forward = route(&method, &segments, &pairs, body)?;
+    let base = upstream()?;
     let url = match &query {
-        Some(q) if !q.is_empty() => format!("{UPSTREAM}{}?{q}", forward.path),
-        _ => format!("{UPSTREAM}{}", forward.path),
+        Some(q) if !q.is_empty() => format!("{base}{}?{q}", forward.path),
+        _ => format!("{base}{}", forward.path),
     };
     let outbound = Request::builder()
         .method(forward.method)
@@ -618,6 +665,37 @@ fn error_response(e: &ApiError) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_upstream_comes_from_the_environment_at_run_time() {
+        let env = |v: &str| {
+            vec![
+                ("PATH".to_string(), "/bin".to_string()),
+                (UPSTREAM_VAR.to_string(), v.to_string()),
+            ]
+        };
+        assert_eq!(upstream_from(Vec::new()).unwrap(), DEFAULT_UPSTREAM);
+        assert_eq!(upstream_from(env("")).unwrap(), DEFAULT_UPSTREAM);
+        assert_eq!(
+            upstream_from(env(" http://10.0.0.5:7070/ ")).unwrap(),
+            "http://10.0.0.5:7070"
+        );
+        assert_eq!(
+            upstream_from(env("https://pool.nullspace.svc:7070/base")).unwrap(),
+            "https://pool.nullspace.svc:7070/base"
+        );
+        for bad in [
+            "10.0.0.5:7070",
+            "ftp://x",
+            "http://",
+            "http://x?y=1",
+            "http:///v1",
+        ] {
+            let e = upstream_from(env(bad)).unwrap_err();
+            assert_eq!((e.status, e.code), (502, "upstream_unavailable"), "{bad}");
+            assert!(e.message.contains(UPSTREAM_VAR), "{bad}: {}", e.message);
+        }
+    }
 
     fn call(method: Method, path: &str, body: &str) -> Result<Forward, ApiError> {
         let (path, query) = path.split_once('?').unwrap_or((path, ""));

@@ -167,6 +167,14 @@ fn catalog_location(args: &CatalogArgs) -> anyhow::Result<catalog::Location> {
     }
 }
 
+/// The catalog for `admin host` commands: one a newer binary migrated is fine (see
+/// [`catalog::Catalog::open_for_hosts`]).
+fn open_catalog_for_hosts(args: &CatalogArgs) -> anyhow::Result<catalog::Catalog> {
+    let location = catalog_location(args)?;
+    catalog::Catalog::open_for_hosts(&location)
+        .with_context(|| format!("opening the catalog {location}"))
+}
+
 fn open_catalog(args: &CatalogArgs) -> anyhow::Result<catalog::Catalog> {
     let location = catalog_location(args)?;
     catalog::Catalog::open_location(&location)
@@ -333,7 +341,7 @@ async fn run_admin(admin: Admin) -> anyhow::Result<()> {
             Ok(())
         }
         Admin::Host(HostCommand::List { catalog }) => {
-            let catalog = open_catalog(&catalog)?;
+            let catalog = open_catalog_for_hosts(&catalog)?;
             for h in catalog.hosts()? {
                 println!("{}", serde_json::to_string(&h)?);
             }
@@ -344,7 +352,7 @@ async fn run_admin(admin: Admin) -> anyhow::Result<()> {
             wait_s,
             catalog,
         }) => {
-            let catalog = open_catalog(&catalog)?;
+            let catalog = open_catalog_for_hosts(&catalog)?;
             set_host_state(&catalog, &host, "draining")?;
             if wait_s > 0 {
                 wait_drained(&catalog, &host, wait_s).await?;
@@ -356,7 +364,7 @@ async fn run_admin(admin: Admin) -> anyhow::Result<()> {
             Ok(())
         }
         Admin::Host(HostCommand::Undrain { host, catalog }) => {
-            let catalog = open_catalog(&catalog)?;
+            let catalog = open_catalog_for_hosts(&catalog)?;
             set_host_state(&catalog, &host, "ready")
         }
         Admin::Key(KeyCommand::Create {
@@ -588,7 +596,6 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
     let data = tokio::net::TcpListener::bind(edge_listen)
         .await
         .with_context(|| format!("binding {edge_listen}"))?;
-    let edge_url = format!("http://{}", data.local_addr()?);
     let preview_listen = &args.preview_listen;
     let preview_listener = tokio::net::TcpListener::bind(preview_listen)
         .await
@@ -622,6 +629,9 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
             control.local_addr()?
         );
     }
+    // The data plane clients are sent to (a sandbox's runtime URL): where other hosts
+    // reach this one is where clients do too.
+    let edge_url = advertise(data.local_addr()?);
     let (vcpus, mem_mib, disk_mib) = cluster::hosts::capacity(&dir);
     let host_info = catalog::HostInfo {
         id: host.clone(),

@@ -1,10 +1,11 @@
 //! The same `.wasm` under stock `wasmtime serve`: the component is portable, and its
 //! checks do not depend on our host.
 //!
-//! A stock host sends the component's outbound calls where the component says: to its
-//! built-in `http://127.0.0.1:7070`. So the test runs in a network namespace of its own
-//! (root only, as CI is), where it starts a pool manager on that address and
-//! `wasmtime serve` beside it, without touching anything on the machine's loopback.
+//! A stock host sends the component's outbound calls where the component says: to
+//! `NULLSPACE_UPSTREAM` from its environment, read at run time (wasi:cli/environment:
+//! `wasmtime serve -Scli --env NULLSPACE_UPSTREAM=URL`). The test starts a pool manager
+//! on a free loopback port and points `wasmtime serve` at it that way, as
+//! `deploy/nomad/api.nomad.hcl` does.
 
 use nullspace_tests::{api_component, cached_artifact, spawn_until, stop_child, Daemon};
 use serde_json::{json, Value};
@@ -21,8 +22,7 @@ fn wasmtime_cli() -> std::path::PathBuf {
     )
 }
 
-/// One HTTP/1.1 exchange over a fresh connection made from the calling thread (and so in
-/// its network namespace).
+/// One HTTP/1.1 exchange over a fresh connection.
 fn call(
     addr: &str,
     method: &str,
@@ -83,142 +83,152 @@ type Case<'a> = (
     Value,
 );
 
+/// Starts `wasmtime serve` on a free loopback port with the component's upstream set to
+/// `upstream` through `--env`; returns the child and its `IP:PORT`.
+fn wasmtime_serve(upstream: &str) -> (std::process::Child, String) {
+    let mut cmd = std::process::Command::new(wasmtime_cli());
+    cmd.args(["serve", "-Scli", "--addr", "127.0.0.1:0"])
+        .arg(format!("--env=NULLSPACE_UPSTREAM={upstream}"))
+        .arg(api_component());
+    let (serve, lines) = spawn_until(
+        cmd,
+        "wasmtime",
+        &["Serving HTTP on"],
+        Duration::from_secs(120),
+    );
+    let addr = lines[0]
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {:?}", lines[0]))
+        .to_string();
+    (serve, addr)
+}
+
 #[test]
 fn the_component_runs_under_stock_wasmtime_serve() {
-    let wasmtime = wasmtime_cli();
-    let component = api_component();
-    // Namespaces belong to threads: everything below runs on this one.
-    std::thread::spawn(move || {
-        // SAFETY: unshare affects only this thread, which owns nothing shared with others.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET) needs root: {}",
-            std::io::Error::last_os_error()
-        );
-        let up = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .unwrap();
-        assert!(up.success());
-
-        let state =
-            std::env::temp_dir().join(format!("nullspace-wasmtime-serve-{}", std::process::id()));
-        let daemon = Daemon::start_in_with(state, &["--listen", "127.0.0.1:7070"]);
-        let key = daemon.team_key("acme");
-
-        let mut cmd = std::process::Command::new(&wasmtime);
-        cmd.args(["serve", "--addr", "127.0.0.1:8123"])
-            .arg(&component);
-        let (mut serve, _) = spawn_until(
-            cmd,
-            "wasmtime",
-            &["Serving HTTP on"],
-            Duration::from_secs(120),
-        );
-        let addr = "127.0.0.1:8123";
-        let auth = [("X-API-Key", key.as_str())];
-
-        let unknown_key = [("X-API-Key", "ns_0123456789abcdef0123456789abcdef")];
-        let bad_key = [("X-API-Key", "nope")];
-        // (method, path, headers, body, status, JSON pointer, value there)
-        let cases: [Case; 7] = [
-            // Made by the component alone.
-            (
-                "GET",
-                "/api/v1/sandboxes",
-                &[],
-                "",
-                401,
-                "/code",
-                json!("unauthorized"),
-            ),
-            (
-                "GET",
-                "/api/v1/sandboxes",
-                &bad_key,
-                "",
-                401,
-                "/code",
-                json!("unauthorized"),
-            ),
-            (
-                "POST",
-                "/api/v1/sandboxes",
-                &auth,
-                r#"{"templateID":"minimal","timeoutMs":5}"#,
-                400,
-                "/details/field",
-                json!("timeoutMs"),
-            ),
-            (
-                "POST",
-                "/api/v1/sandboxes",
-                &auth,
-                r#"{"templateID":"minimal","mcp":{}}"#,
-                400,
-                "/details/field",
-                json!("mcp"),
-            ),
-            (
-                "POST",
-                "/api/v1/sandboxes",
-                &auth,
-                "{oops",
-                400,
-                "/code",
-                json!("invalid_request"),
-            ),
-            // Needing the pool manager behind it: the stock outbound handler works.
-            (
-                "GET",
-                "/api/v1/sandboxes",
-                &unknown_key,
-                "",
-                401,
-                "/code",
-                json!("unauthorized"),
-            ),
-            (
-                "GET",
-                "/api/v1/sandboxes",
-                &auth,
-                "",
-                200,
-                "/sandboxes",
-                json!([]),
-            ),
-        ];
-        for (method, path, headers, body, status, pointer, want) in cases {
-            let (got, v) = call(addr, method, path, headers, body);
-            assert_eq!(
-                (got, v.pointer(pointer)),
-                (status, Some(&want)),
-                "{method} {path} {body}: {v}"
-            );
-        }
-        let (status, v) = call(
-            addr,
+    let daemon = Daemon::start("wasmtime-serve");
+    let key = daemon.team_key("acme");
+    let (mut serve, addr) = wasmtime_serve(&daemon.control);
+    let addr = addr.as_str();
+    let auth = [("X-API-Key", key.as_str())];
+    let unknown_key = [("X-API-Key", "ns_0123456789abcdef0123456789abcdef")];
+    let bad_key = [("X-API-Key", "nope")];
+    // (method, path, headers, body, status, JSON pointer, value there)
+    let cases: [Case; 7] = [
+        // Made by the component alone.
+        (
+            "GET",
+            "/api/v1/sandboxes",
+            &[],
+            "",
+            401,
+            "/code",
+            json!("unauthorized"),
+        ),
+        (
+            "GET",
+            "/api/v1/sandboxes",
+            &bad_key,
+            "",
+            401,
+            "/code",
+            json!("unauthorized"),
+        ),
+        (
             "POST",
             "/api/v1/sandboxes",
             &auth,
-            r#"{"templateID":"minimal","resources":{"vcpus":1,"memMiB":512,"diskSizeMiB":1024}}"#,
-        );
-        assert_eq!((status, v["state"].as_str()), (201, Some("running")), "{v}");
-        let id = v["sandboxID"].as_str().unwrap();
-        let (status, _) = call(
-            addr,
-            "DELETE",
-            &format!("/api/v1/sandboxes/{id}"),
+            r#"{"templateID":"minimal","timeoutMs":5}"#,
+            400,
+            "/details/field",
+            json!("timeoutMs"),
+        ),
+        (
+            "POST",
+            "/api/v1/sandboxes",
+            &auth,
+            r#"{"templateID":"minimal","mcp":{}}"#,
+            400,
+            "/details/field",
+            json!("mcp"),
+        ),
+        (
+            "POST",
+            "/api/v1/sandboxes",
+            &auth,
+            "{oops",
+            400,
+            "/code",
+            json!("invalid_request"),
+        ),
+        // Needing the pool manager behind it: the stock outbound handler works.
+        (
+            "GET",
+            "/api/v1/sandboxes",
+            &unknown_key,
+            "",
+            401,
+            "/code",
+            json!("unauthorized"),
+        ),
+        (
+            "GET",
+            "/api/v1/sandboxes",
             &auth,
             "",
+            200,
+            "/sandboxes",
+            json!([]),
+        ),
+    ];
+    for (method, path, headers, body, status, pointer, want) in cases {
+        let (got, v) = call(addr, method, path, headers, body);
+        assert_eq!(
+            (got, v.pointer(pointer)),
+            (status, Some(&want)),
+            "{method} {path} {body}: {v}"
         );
-        assert_eq!(status, 204);
+    }
+    let (status, v) = call(
+        addr,
+        "POST",
+        "/api/v1/sandboxes",
+        &auth,
+        r#"{"templateID":"minimal","resources":{"vcpus":1,"memMiB":512,"diskSizeMiB":1024}}"#,
+    );
+    assert_eq!((status, v["state"].as_str()), (201, Some("running")), "{v}");
+    let id = v["sandboxID"].as_str().unwrap();
+    let (status, _) = call(
+        addr,
+        "DELETE",
+        &format!("/api/v1/sandboxes/{id}"),
+        &auth,
+        "",
+    );
+    assert_eq!(status, 204);
 
-        stop_child(&mut serve, libc::SIGTERM, "wasmtime serve");
-        drop(daemon);
-    })
-    .join()
-    .expect("the wasmtime serve checks passed");
+    stop_child(&mut serve, libc::SIGTERM, "wasmtime serve");
+
+    // The upstream is read when a request comes, not built in: a host that names a
+    // broken one gets a 502 that says which setting to fix, from the same `.wasm`.
+    let (mut broken, addr) = wasmtime_serve("pool-manager:7070");
+    let (status, v) = call(&addr, "GET", "/api/v1/sandboxes", &auth, "");
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (502, Some("upstream_unavailable")),
+        "{v}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("NULLSPACE_UPSTREAM"),
+        "{v}"
+    );
+    // Requests that need no upstream are still served.
+    let (status, v) = call(&addr, "GET", "/api/v1/health", &[], "");
+    assert_eq!((status, v["status"].as_str()), (200, Some("ok")), "{v}");
+    stop_child(&mut broken, libc::SIGTERM, "wasmtime serve");
+    drop(daemon);
 }

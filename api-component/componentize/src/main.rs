@@ -1,6 +1,7 @@
 //! `componentize CORE.wasm OUT.wasm`: wraps a wasm32-wasip1 core module into a component
 //! using the `wasi_snapshot_preview1` proxy adapter, so it imports only what a strict
-//! wasi:http proxy-world host (Spin, `wasmtime serve`, our api-host) provides.
+//! wasi:http proxy-world host provides, and the wasi:cli/environment the API component
+//! imports itself (Spin, `wasmtime serve -Scli`, our api-host give it).
 
 use anyhow::Context;
 

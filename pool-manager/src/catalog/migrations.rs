@@ -115,6 +115,23 @@ pub(super) fn check(db: &Db, catalog: &str) -> Result<(), CatalogError> {
     Ok(())
 }
 
+/// The first version with the hosts table.
+pub(super) const HOSTS_SINCE: i64 = 2;
+
+/// For the host commands (`admin host list|drain|undrain`) only: any version with the
+/// hosts table, newer ones too. A host's stop (a preStop hook, a unit's ExecStop) runs
+/// the binary it is being replaced from, after the catalog was migrated for its
+/// successor; its drain must still work.
+pub(super) fn check_hosts(db: &Db, catalog: &str) -> Result<(), CatalogError> {
+    let at = version(db)?;
+    if at < HOSTS_SINCE {
+        return Err(CatalogError::Schema(format!(
+            "the catalog {catalog} is at schema version {at}, before hosts (version {HOSTS_SINCE}): run `nullspace-pool-manager migrate --catalog {catalog}` first"
+        )));
+    }
+    Ok(())
+}
+
 fn newer(catalog: &str, at: i64) -> CatalogError {
     CatalogError::Schema(format!(
         "the catalog {catalog} is at schema version {at}, newer than this binary's {LATEST}: upgrade nullspace-pool-manager"

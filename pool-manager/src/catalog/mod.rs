@@ -392,6 +392,22 @@ impl Catalog {
         Self::ready(db)
     }
 
+    /// Opens the catalog at `location` for the host commands only (list, drain,
+    /// undrain): a shared catalog at any schema version with the hosts table is
+    /// accepted, a newer one too (see `migrations::check_hosts`).
+    pub fn open_for_hosts(location: &Location) -> Result<Self, CatalogError> {
+        match location {
+            Location::Sqlite(path) => Self::open(path),
+            Location::Postgres(url) => {
+                let db = Db::Postgres(postgres::PgDb::connect(url)?);
+                if let Db::Postgres(pg) = &db {
+                    migrations::check_hosts(&db, pg.name())?;
+                }
+                Self::ready(db)
+            }
+        }
+    }
+
     /// Opens the catalog at `location` ([`Catalog::open`], [`Catalog::connect`]).
     pub fn open_location(location: &Location) -> Result<Self, CatalogError> {
         match location {
@@ -1646,6 +1662,30 @@ mod tests {
                 t.name()
             );
         }
+    }
+
+    #[test]
+    fn a_host_stopping_drains_through_a_catalog_its_successor_migrated() {
+        let Some(t) = testing::postgres() else {
+            return;
+        };
+        let Location::Postgres(url) = t.location().clone() else {
+            unreachable!()
+        };
+        // The catalog one version ahead of this binary (its successor migrated it).
+        t.catalog()
+            .db
+            .execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 0)",
+                args![SCHEMA_VERSION + 1],
+            )
+            .unwrap();
+        let refused = Catalog::connect(&url)
+            .err()
+            .expect("a newer schema is refused");
+        assert!(refused.to_string().contains("newer"), "{refused}");
+        let hosts = Catalog::open_for_hosts(t.location()).unwrap();
+        assert!(hosts.hosts().unwrap().is_empty());
     }
 
     #[test]
