@@ -278,9 +278,15 @@ def check_k8s(label: str, path: Path, spinkube_schema: dict, k8s_spin: dict) -> 
 
     job = by.get(("Job", "nullspace-migrate"))
     if check(job is not None, f"{label}: the migration Job"):
-        argv = container_argv(job["spec"]["template"]["spec"]["containers"][0])
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        argv = container_argv(container)
         note_invocation(f"{label} Job", argv)
-        check(argv[1:2] == ["migrate"] and "--catalog" in argv, f"{label}: the Job runs migrate on the catalog")
+        envs = {e.get("name") for e in container.get("env", [])}
+        # The catalog URL carries its password: from the environment, never argv (/proc).
+        check(
+            argv[1:2] == ["migrate"] and "--catalog" not in argv and "NULLSPACE_CATALOG" in envs,
+            f"{label}: the Job runs migrate on the catalog (NULLSPACE_CATALOG, not in argv)",
+        )
 
     for name in ("nullspace-control", "nullspace-edge"):
         check(("Service", name) in by, f"{label}: Service {name}")

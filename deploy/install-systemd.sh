@@ -132,6 +132,8 @@ chmod 711 "$state_dir" # QEMU runs as nullspace-vm and opens pause snapshots und
 
 mkdir -p /etc/nullspace
 if [ ! -e /etc/nullspace/pool-manager.env ]; then
+    # Root's alone: it is where the catalog's password and the S3 keys go.
+    (umask 077 && : >/etc/nullspace/pool-manager.env)
     cat >/etc/nullspace/pool-manager.env <<'ENV'
 # nullspace-pool-manager.service: every flag of `nullspace-pool-manager serve` as
 # NULLSPACE_<FLAG> (--max-sandboxes-per-team: NULLSPACE_MAX_SANDBOXES_PER_TEAM), and:

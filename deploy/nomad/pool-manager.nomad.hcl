@@ -114,16 +114,16 @@ job "nullspace-pool-manager" {
         command = "/bin/sh"
         args = ["-c", <<-SCRIPT
           pm=${var.bin_dir}/nullspace-pool-manager
-          "$pm" admin host undrain "$HOST_ID" --catalog "$NULLSPACE_CATALOG" --state-dir "$STATE_DIR" ||
+          "$pm" admin host undrain "$HOST_ID" --state-dir "$STATE_DIR" ||
             echo "host $HOST_ID is not registered yet: its first start" >&2
-          "$pm" serve --state-dir "$STATE_DIR" --catalog "$NULLSPACE_CATALOG" \
+          "$pm" serve --state-dir "$STATE_DIR" \
             --host-id "$HOST_ID" --advertise-host "$HOST_IP" \
             --listen "$HOST_IP:7070" --edge-listen "$HOST_IP:7071" --preview-listen "$HOST_IP:7072" \
             --preview-domain "$PREVIEW_DOMAIN" --snapshot-store s3 \
             --s3-endpoint "$S3_ENDPOINT" --s3-bucket "$S3_BUCKET" --on-exit end &
           daemon=$!
           drain_then_stop() {
-            "$pm" admin host drain "$HOST_ID" --catalog "$NULLSPACE_CATALOG" --state-dir "$STATE_DIR" \
+            "$pm" admin host drain "$HOST_ID" --state-dir "$STATE_DIR" \
               --wait-s "$DRAIN_WAIT_S" || echo "host $HOST_ID did not drain in $DRAIN_WAIT_S s: stopping anyway" >&2
             kill -TERM "$daemon"
           }
@@ -151,6 +151,10 @@ job "nullspace-pool-manager" {
       template {
         destination = "secrets/nullspace.env"
         env         = true
+        # A re-render (SeaweedFS rescheduled, a variable put) must not restart every
+        # pool manager at once: they would all drain with nowhere to move to. The next
+        # start of each task reads the new values.
+        change_mode = "noop"
         data        = <<-EOT
           {{ with nomadVar "nomad/jobs/nullspace-pool-manager" }}
           NULLSPACE_CATALOG={{ .catalog }}

@@ -376,6 +376,35 @@ fn in_block(ip: Ipv4Addr, (net, prefix): (Ipv4Addr, u8)) -> bool {
     u32::from(ip) & mask == u32::from(net)
 }
 
+/// Blocks the operator closed to every guest whatever its policy names
+/// ([`close_to_every_guest`]): the catalog's and the object store's addresses, a
+/// cluster's pod and service networks.
+static CLOSED_BY_OPERATOR: std::sync::OnceLock<Vec<(Ipv4Addr, u8)>> = std::sync::OnceLock::new();
+
+/// Closes `blocks` to every guest of this process, whatever its policy names (a team
+/// may name private networks; not these). Set once, at start; a second call is an
+/// error.
+pub fn close_to_every_guest(blocks: Vec<(Ipv4Addr, u8)>) -> Result<(), String> {
+    CLOSED_BY_OPERATOR
+        .set(blocks)
+        .map_err(|_| "the blocks closed to every guest are set once, at start".to_string())
+}
+
+/// An IPv4 address or CIDR block (`10.96.0.0/12`, `10.0.0.5`) as `(network, prefix)`.
+pub fn parse_block(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (addr, prefix) = match s.split_once('/') {
+        Some((a, p)) => (a, p.parse::<u8>().ok().filter(|p| *p <= 32)),
+        None => (s, Some(32)),
+    };
+    let (Ok(addr), Some(prefix)) = (addr.parse::<Ipv4Addr>(), prefix) else {
+        return Err(format!(
+            "{s:?}: send an IPv4 address or block, e.g. 10.96.0.0/12 or 10.0.0.5"
+        ));
+    };
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    Ok((Ipv4Addr::from(u32::from(addr) & mask), prefix))
+}
+
 /// Whether a guest's connection to `ip` is refused before the policy is asked: the
 /// guest's own network, loopback, unspecified, multicast and broadcast always; the
 /// host's own addresses (`host`: every address on its interfaces) and [`RESERVED`]
@@ -383,7 +412,18 @@ fn in_block(ip: Ipv4Addr, (net, prefix): (Ipv4Addr, u8)) -> bool {
 /// rules never do, so neither a permissive policy nor a name resolving to a private
 /// address (DNS rebinding) reaches the host's networks.
 pub fn never_reachable(ip: Ipv4Addr, policy: &CompiledEgress, host: &[Ipv4Addr]) -> bool {
-    if always_closed(ip) {
+    let closed = CLOSED_BY_OPERATOR.get().map_or(&[][..], Vec::as_slice);
+    never_reachable_with(ip, policy, host, closed)
+}
+
+/// [`never_reachable`] with the operator's closed blocks given.
+fn never_reachable_with(
+    ip: Ipv4Addr,
+    policy: &CompiledEgress,
+    host: &[Ipv4Addr],
+    closed: &[(Ipv4Addr, u8)],
+) -> bool {
+    if always_closed(ip) || closed.iter().any(|b| in_block(ip, *b)) {
         return true;
     }
     let reserved = host.contains(&ip) || RESERVED.iter().any(|b| in_block(ip, *b));
@@ -622,6 +662,31 @@ mod tests {
             assert!(never_reachable(v4(ip), &everything, &host), "{ip}");
         }
         assert!(!never_reachable(v4("192.0.2.1"), &everything, &host));
+    }
+
+    #[test]
+    fn blocks_the_operator_closed_stay_closed_whatever_a_policy_names() {
+        let host = [v4("10.78.0.11")];
+        let named = compiled(false, &["10.0.0.0/8", "10.78.0.1"]);
+        let closed = [
+            parse_block("10.78.0.1").unwrap(),
+            parse_block("10.96.0.0/12").unwrap(),
+        ];
+        for ip in ["10.78.0.1", "10.96.0.10", "10.111.255.254"] {
+            assert!(never_reachable_with(v4(ip), &named, &host, &closed), "{ip}");
+        }
+        // The rest of what the policy names stays open.
+        for ip in ["10.78.0.2", "10.112.0.1"] {
+            assert!(
+                !never_reachable_with(v4(ip), &named, &host, &closed),
+                "{ip}"
+            );
+        }
+        assert_eq!(parse_block("10.96.1.2/12").unwrap(), (v4("10.96.0.0"), 12));
+        assert!(parse_block("10.96.0.0/33").is_err());
+        assert!(parse_block("example.com")
+            .unwrap_err()
+            .contains("send an IPv4"));
     }
 
     #[test]

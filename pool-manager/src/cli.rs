@@ -144,6 +144,11 @@ pub struct Serve {
     pub warm_pool: Vec<WarmPool>,
     #[command(flatten)]
     pub host: HostArgs,
+    /// An address or IPv4 block no guest reaches, whatever its egress policy names
+    /// (repeatable; the catalog's and the S3 endpoint's addresses are always closed):
+    /// e.g. a cluster's pod and service networks
+    #[arg(long, value_name = "CIDR", value_parser = egress::parse_block)]
+    pub egress_never: Vec<(std::net::Ipv4Addr, u8)>,
     /// The DNS server the egress proxy resolves with, IP:PORT (default: the host's)
     #[arg(long, value_name = "IP:PORT", value_parser = egress_dns)]
     pub egress_dns: Option<SocketAddr>,

@@ -13,6 +13,15 @@ impl From<crate::catalog::CatalogError> for ApiError {
                 "catalog_unavailable",
                 format!("{e}; retry shortly (or through another host)"),
             ),
+            crate::catalog::CatalogError::Postgres { ref error, .. }
+                if error.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+            {
+                Self::new(
+                    503,
+                    "catalog_busy",
+                    format!("{e}: another request of the team holds it; retry shortly"),
+                )
+            }
             other => Self::internal(other.to_string()),
         }
     }

@@ -7,7 +7,7 @@
 //! - every long flag `--some-flag` of the chosen (sub)command is also read from the
 //!   environment variable `NULLSPACE_SOME_FLAG` ([`env_name`]): a repeatable flag takes
 //!   comma-separated values, a switch `true`/`false` (`1`/`0`, `yes`/`no`, `on`/`off`;
-//!   set but empty counts as on), and an empty value counts as unset for the others;
+//!   empty is off, as unset), and an empty value counts as unset for the others;
 //! - `--config FILE` (`NULLSPACE_CONFIG`) names a TOML file whose keys are the flags'
 //!   names (`state-dir = "/var/lib/nullspace"`): a string or a number per flag, an
 //!   array for a repeatable one, a boolean for a switch. A key no (sub)command knows is
@@ -191,11 +191,13 @@ enum Value {
     Text(String),
 }
 
-/// A switch's value in the environment; empty (set) is on.
+/// A switch's value in the environment. Empty is off, as unset is: a variable cleared
+/// the usual ways (`Environment=VAR=` in a unit, `value: ""` in a manifest) must never
+/// turn a switch on, least of all an `insecure-` one.
 fn switch_value(v: &str) -> Option<bool> {
     match v.to_ascii_lowercase().as_str() {
-        "" | "1" | "true" | "yes" | "on" => Some(true),
-        "0" | "false" | "no" | "off" => Some(false),
+        "1" | "true" | "yes" | "on" => Some(true),
+        "" | "0" | "false" | "no" | "off" => Some(false),
         _ => None,
     }
 }
@@ -447,13 +449,13 @@ mod tests {
             (set, unsafe_mode),
             (vec!["c=3".into(), "d=4".into()], false)
         );
-        // Set but empty: on.
+        // Set but empty: off, as unset (a cleared variable never turns a switch on).
         let DemoCommand::Run { unsafe_mode, .. } =
             run(&["run"], &[("NULLSPACE_UNSAFE_MODE", "")]).unwrap()
         else {
             panic!()
         };
-        assert!(unsafe_mode);
+        assert!(!unsafe_mode);
         // The command line's values replace the others, not add to them.
         let DemoCommand::Run { set, .. } = run(&["run", "--set", "x=9"], &env).unwrap() else {
             panic!()

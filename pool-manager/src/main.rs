@@ -167,6 +167,41 @@ fn catalog_location(args: &CatalogArgs) -> anyhow::Result<catalog::Location> {
     }
 }
 
+/// Closes to every guest what `--egress-never` names and the addresses of the catalog
+/// and the S3 endpoint (as resolved now): a team's policy may name private networks,
+/// and these live on them.
+fn close_to_guests(args: &cli::Serve) -> anyhow::Result<()> {
+    use std::net::ToSocketAddrs;
+    let mut blocks = args.egress_never.clone();
+    let urls = [given(&args.catalog.catalog), given(&args.s3_endpoint)];
+    for url in urls.into_iter().flatten() {
+        // scheme://[user[:password]@]host[:port][/…]
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let (host, port) = match host_port.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => (h, p.parse().unwrap_or(0)),
+            _ => (host_port, 0),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || !url.contains("://") {
+            continue;
+        }
+        for addr in (host, port).to_socket_addrs().into_iter().flatten() {
+            if let std::net::IpAddr::V4(ip) = addr.ip() {
+                // Loopback is closed to guests already.
+                if !ip.is_loopback() {
+                    blocks.push((ip, 32));
+                }
+            }
+        }
+    }
+    if !blocks.is_empty() {
+        tracing::info!(?blocks, "egress: closed to every guest");
+    }
+    egress::close_to_every_guest(blocks).map_err(|e| anyhow::anyhow!(e))
+}
+
 /// The catalog for `admin host` commands: one a newer binary migrated is fine (see
 /// [`catalog::Catalog::open_for_hosts`]).
 fn open_catalog_for_hosts(args: &CatalogArgs) -> anyhow::Result<catalog::Catalog> {
@@ -586,6 +621,7 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
     });
     let keep_vms = args.on_exit == cli::OnExit::Keep;
     let network = network_settings(&args.host, args.egress_dns)?;
+    close_to_guests(args)?;
     let vmm = vmm::QemuVmm::new(config, vmm::ImageSet::from_env()?)
         .await
         .context("starting the VMM driver")?;
@@ -621,6 +657,28 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
         None => format!("http://{addr}"),
         Some(h) => format!("http://{h}:{}", addr.port()),
     };
+    if advertised.is_none() {
+        if let Some(any) = [
+            control.local_addr()?,
+            data.local_addr()?,
+            preview_listener.local_addr()?,
+        ]
+        .into_iter()
+        .find(|a| a.ip().is_unspecified())
+        {
+            // What a host registers and hands clients must be somewhere to connect to.
+            if shared_catalog {
+                bail!(
+                    "this host listens on {any} and shares its catalog: other hosts and clients cannot reach {}; pass --advertise-host ADDR (this host's address on their network)",
+                    any.ip()
+                );
+            }
+            tracing::warn!(
+                "listening on {any} without --advertise-host: runtime URLs name {}, which clients cannot reach; pass --advertise-host ADDR",
+                any.ip()
+            );
+        }
+    }
     if shared_catalog && advertised.is_none() && control.local_addr()?.ip().is_loopback() {
         // Other hosts forward to what this one registers: loopback works only when
         // every host runs on this machine (tests, deploy/cluster.sh gives each its own).

@@ -372,6 +372,15 @@ async fn a_drain_moves_sandboxes_live_and_a_lost_hosts_hibernated_sandbox_resume
         via_a.delete(sbx["sandboxID"].as_str().unwrap()).await;
     }
     assert_eq!(owner_of(&sbx, &hosts), "host-a", "no create landed on A");
+    // Its QEMU has none of the daemon's secrets (the S3 keys are in A's environment).
+    for pid in nullspace_tests::qemus_in(a.run_dir()) {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let env = String::from_utf8_lossy(&env);
+        assert!(
+            !env.contains("AWS_SECRET_ACCESS_KEY") && !env.contains("NULLSPACE_"),
+            "QEMU {pid} inherited the daemon's environment: {env}"
+        );
+    }
     let id = sbx["sandboxID"].as_str().unwrap().to_string();
     let rt = Runtime::of(&sbx);
     rt.put_file("/workspace/kept.txt", b"kept across hosts")

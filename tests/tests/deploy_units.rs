@@ -308,6 +308,19 @@ async fn the_systemd_units_command_lines_serve_the_api() {
     let mut drain_env = pm_env.clone();
     drain_env.insert("NULLSPACE_DRAIN_ON_STOP".into(), "yes".into());
     drain_env.insert("NULLSPACE_DRAIN_WAIT_S".into(), "60".into());
+    // systemd names the running daemon to ExecStop (none after a crash: no drain).
+    let mut crashed_env = drain_env.clone();
+    crashed_env.insert("MAINPID".into(), String::new());
+    let stop = systemd_argv(&pm_unit.exec["ExecStop"], &crashed_env);
+    let status = systemd_command(&stop, &crashed_env).status().unwrap();
+    assert!(status.success(), "ExecStop after a crash: {status}");
+    assert_eq!(
+        host_state(),
+        "ready",
+        "a crashed daemon's host is not drained"
+    );
+    let main_pid = started.children.last().unwrap().0.id();
+    drain_env.insert("MAINPID".into(), main_pid.to_string());
     let stop = systemd_argv(&pm_unit.exec["ExecStop"], &drain_env);
     let status = systemd_command(&stop, &drain_env).status().unwrap();
     assert!(status.success(), "ExecStop with a drain: {status}");

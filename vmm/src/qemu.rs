@@ -83,12 +83,13 @@ impl QemuConfig {
                 .unwrap_or_default()
                 .parse()?,
             detach_vms: false,
-            // Set is on (set but empty too), unless it says 0, false, no or off: as the
-            // pool manager reads it (`--insecure-unconfined-qemu`).
+            // Set and not empty is on, unless it says 0, false, no or off: as the pool
+            // manager reads it (`--insecure-unconfined-qemu`). Empty is off: a cleared
+            // variable never unconfines QEMU.
             allow_unconfined: std::env::var("NULLSPACE_INSECURE_UNCONFINED_QEMU").is_ok_and(|v| {
                 !matches!(
                     v.to_ascii_lowercase().as_str(),
-                    "0" | "false" | "no" | "off"
+                    "" | "0" | "false" | "no" | "off"
                 )
             }),
             cgroups: match std::env::var("NULLSPACE_CGROUPS").as_deref() {
@@ -739,6 +740,15 @@ impl QemuVmm {
         let log = std::fs::File::create(dir.file("qemu.log"))
             .map_err(|e| VmmError::Host(format!("creating qemu.log: {e}")))?;
         let mut cmd = std::process::Command::new(&self.config.qemu_binary);
+        // QEMU gets none of the daemon's environment: it holds the catalog's URL with
+        // its password and the object store's keys, and QEMU runs what a guest may
+        // escape into. Only what finding its own files and a sane locale need.
+        cmd.env_clear();
+        for keep in ["PATH", "LANG", "LC_ALL", "TZ"] {
+            if let Some(v) = std::env::var_os(keep) {
+                cmd.env(keep, v);
+            }
+        }
         cmd.args(&launch.machine_args)
             .args(self.vm_args(&launch, &dir, disk.path(), tap_fd))
             .stdin(Stdio::null())

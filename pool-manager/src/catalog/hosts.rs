@@ -65,6 +65,9 @@ pub struct HostRecord {
     pub allocated: Allocation,
     /// Its last heartbeat, in ms since the epoch.
     pub heartbeat_ms: i64,
+    /// The database's time when this was read (what `state` was judged against).
+    #[serde(skip)]
+    pub now_ms: i64,
 }
 
 /// vCPUs, memory and disk taken on a host.
@@ -164,6 +167,7 @@ fn host_of(row: &Row) -> Result<HostRecord, CatalogError> {
         state,
         warm: serde_json::from_str(&row.get::<String>(11)?).unwrap_or_default(),
         heartbeat_ms,
+        now_ms: now,
         allocated: Allocation {
             vcpus: u(row.get(14)?),
             mem_mib: u(row.get(15)?),

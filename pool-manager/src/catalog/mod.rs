@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 mod builds;
 mod hosts;
 mod intents;
-pub use hosts::{Allocation, HostInfo, HostRecord};
+pub use hosts::{Allocation, HostInfo, HostRecord, HEARTBEAT_EXPIRY_MS};
 mod migrations;
 mod postgres;
 mod sql;
@@ -748,6 +748,11 @@ impl Catalog {
         let mut refused = None;
         let mut announced = Vec::new();
         let result = self.db.transaction(durability, |tx| {
+            if tx.dialect() == sql::Dialect::Postgres {
+                // A team's creates on other hosts hold its lock briefly; one held longer
+                // is a host in trouble: give up (503) rather than queue behind it.
+                tx.batch("SET LOCAL lock_timeout = '10s'")?;
+            }
             tx.lock("admission", team)?;
             let mut a = Admission {
                 tx,

@@ -58,12 +58,22 @@ impl PgDb {
             message,
         };
         let (url, root_cert) = split_root_cert(url);
+        // libpq's verifying modes are what the driver calls `require` (it verifies
+        // whatever the connector does: ours always verifies).
+        let url = url
+            .replace("sslmode=verify-full", "sslmode=require")
+            .replace("sslmode=verify-ca", "sslmode=require");
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             unavailable(format!(
                 "not a PostgreSQL URL ({e}); send postgres://USER@HOST:PORT/DATABASE[?sslmode=require[&sslrootcert=FILE]]"
             ))
         })?;
         let tls = Tls::for_url(&url, root_cert.as_deref()).map_err(unavailable)?;
+        if matches!(tls, Tls::Verified(_)) {
+            // Never the driver's default `prefer`, which goes on in the clear when the
+            // server (or whoever is in the path) declines TLS.
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(deadline.min(Duration::from_secs(10)));
         }
@@ -131,13 +141,14 @@ impl PgDb {
         runtime.spawn(async move {
             let mut delay = Duration::from_millis(100);
             loop {
+                // Followers are told to re-read only once listening again (in
+                // `listen_once`): not on every failed try while the database is away.
                 match listen_once(&config, &tls, channel, &on).await {
                     Ok(()) => delay = Duration::from_millis(100),
                     Err(e) => {
                         tracing::warn!(catalog = %name, error = %e, "event notifications: reconnecting")
                     }
                 }
-                on(None);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -907,6 +918,9 @@ mod tests {
             .get(0)
             .unwrap();
         assert_eq!(encrypted, "true");
+        // libpq's verifying mode names the same.
+        let full = trusted.replace("sslmode=require", "sslmode=verify-full");
+        PgDb::connect_with_deadline(&full, Duration::from_secs(5)).unwrap();
         // A certificate nobody vouches for is refused, not used.
         let untrusted = format!("{}?sslmode=require", db.url);
         let e = PgDb::connect_with_deadline(&untrusted, Duration::from_secs(5))

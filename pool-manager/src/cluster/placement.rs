@@ -218,6 +218,7 @@ mod tests {
                 disk_mib: 0,
             },
             heartbeat_ms: 0,
+            now_ms: 0,
         }
     }
 

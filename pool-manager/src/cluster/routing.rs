@@ -125,12 +125,17 @@ pub async fn route(m: &Manager, id: &str, face: Face, req: Request<Body>) -> Rou
     let owner = match owner_of(m, id) {
         Ok(Some(owner)) if owner != this => owner,
         Ok(_) => return Routed::Here(req),
+        // The preview listener serves it, and says only what it says of any sandbox
+        // it cannot serve.
+        Err(_) if face == Face::Preview => return Routed::Here(req),
         Err(e) => return Routed::There(e.into_response()),
     };
     Routed::There(to_host(m, id, &owner, this, face, req).await)
 }
 
-/// The answer of `owner`, sandbox `id`'s host, to `req`.
+/// The answer of `owner`, sandbox `id`'s host, to `req`. On the preview listener
+/// (anyone's to ask), this host's own refusals say nothing of hosts, addresses or
+/// whether the sandbox exists: one generic 503.
 async fn to_host(
     m: &Manager,
     id: &str,
@@ -139,38 +144,62 @@ async fn to_host(
     face: Face,
     req: Request<Body>,
 ) -> Response {
+    match to_host_unmasked(m, id, owner, this, face, req).await {
+        Err(refused) if face == Face::Preview => {
+            tracing::debug!(sandbox = %id, owner = %owner, status = %refused.status(), "preview not forwarded");
+            ApiError::new(
+                503,
+                "unavailable",
+                "this preview is not available right now; retry shortly",
+            )
+            .into_response()
+        }
+        Err(refused) => refused,
+        Ok(answer) => answer,
+    }
+}
+
+/// The answer of `owner`, sandbox `id`'s host, to `req`.
+async fn to_host_unmasked(
+    m: &Manager,
+    id: &str,
+    owner: &str,
+    this: &str,
+    face: Face,
+    req: Request<Body>,
+) -> Result<Response, Response> {
     if req.headers().contains_key(FORWARDED_BY) {
         // Sent here by a host that believed this one the owner: ownership moved since.
-        return ApiError::new(
+        return Err(ApiError::new(
             503,
             "owner_moved",
             format!(
                 "sandbox {id} moved to host {owner} while this request was on its way; retry it"
             ),
         )
-        .into_response();
+        .into_response());
     }
     let host = match m.catalog.host(owner) {
         Ok(Some(h)) => h,
         Ok(None) => {
-            return ApiError::new(
+            return Err(ApiError::new(
                 503,
                 "host_unavailable",
                 format!("sandbox {id}'s host {owner} is not registered; ask the operator (`admin host list`)"),
             )
-            .into_response()
+            .into_response())
         }
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => return Err(ApiError::from(e).into_response()),
     };
     if host.state == "dead" {
-        return ApiError::new(
+        return Err(ApiError::new(
             503,
             "host_unavailable",
             format!(
                 "sandbox {id}'s host {owner} stopped heartbeating; a hibernated or paused sandbox resumes elsewhere once it is declared lost, a running one is lost with it"
             ),
         )
-        .into_response();
+        .into_response());
     }
     let (base, host_header) = match face {
         Face::Control => (&host.info.control_url, HostHeader::Target),
@@ -179,13 +208,13 @@ async fn to_host(
     };
     tracing::debug!(sandbox = %id, owner = %owner, ?face, "forwarding to the owner");
     match forward(base, this, req, host_header).await {
-        Ok(resp) => resp,
-        Err(e) => ApiError::new(
+        Ok(resp) => Ok(resp),
+        Err(e) => Err(ApiError::new(
             502,
             "host_unreachable",
             format!("sandbox {id}'s host {owner} could not be reached: {e}; retry"),
         )
-        .into_response(),
+        .into_response()),
     }
 }
 

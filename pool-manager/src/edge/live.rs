@@ -73,7 +73,18 @@ async fn follow_events(edge: Edge, id: String, mut after: u64, mut socket: WebSo
     loop {
         let events = match catalog.events(&id, after, 500) {
             Ok(e) => e,
-            Err(_) => return,
+            Err(e) => {
+                // The catalog is away for a moment (a restart, a failover): the stream
+                // waits for it rather than ending; the client may still leave.
+                tracing::debug!(sandbox = %id, error = %e, "event stream: the catalog did not answer; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                    msg = socket.recv() => match msg {
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                        _ => continue,
+                    },
+                }
+            }
         };
         for e in &events {
             let text = serde_json::to_string(e).expect("json");

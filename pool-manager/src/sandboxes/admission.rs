@@ -12,7 +12,7 @@ use crate::error::ApiError;
 use crate::model::{Resources, SandboxRecord};
 use crate::quotas::{self, Limits, Usage};
 use crate::templates::BUILTIN;
-use vmm::QemuVm;
+use vmm::{QemuVm, Vm};
 
 /// Who acts on a warm pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,7 +158,11 @@ impl Manager {
         let team = &record.team_id;
         let limits = self.charge_rate(team)?;
         let admitted = self.team_warm_share(team, None).and_then(|warm| {
-            let _one_at_a_time = self.admission.lock().unwrap();
+            // On SQLite this host's lock is the team's; on a shared catalog the team's lock
+            // is in the database (`Catalog::admit`), and one team waiting on another host
+            // must not hold up this host's other teams.
+            let _one_at_a_time =
+                (!self.catalog.is_shared()).then(|| self.admission.lock().unwrap());
             self.catalog.admit(team, durability, |a| {
                 Self::check_quotas(record.resources, &limits, a.live_resources()?, warm)?;
                 self.charge_cluster_rate(a, &limits)?;
@@ -185,7 +189,11 @@ impl Manager {
         let limits = self.charge_rate(&team)?;
         let result = (|| {
             let warm = self.team_warm_share(&team, None)?;
-            let _one_at_a_time = self.admission.lock().unwrap();
+            // On SQLite this host's lock is the team's; on a shared catalog the team's lock
+            // is in the database (`Catalog::admit`), and one team waiting on another host
+            // must not hold up this host's other teams.
+            let _one_at_a_time =
+                (!self.catalog.is_shared()).then(|| self.admission.lock().unwrap());
             let mut taken = None;
             // Not synced: the record of a running VM needs to survive what the VM
             // survives (a crash of this daemon), and a sync is most of a checkout's cost.
@@ -204,9 +212,16 @@ impl Manager {
                 (Ok(true), Some(vm)) => Ok(Some(vm)),
                 (Ok(_), None) => Ok(None),
                 (outcome, vm) => {
-                    // Not recorded: the VM goes back, unseen.
-                    if let Some(vm) = vm {
-                        self.return_to_pool(&record.template_id, record.resources, vm);
+                    match vm {
+                        // The catalog did not answer: the record may have been stored
+                        // all the same (a commit whose reply was lost), so the VM may
+                        // be that sandbox's. It never goes to another: it ends.
+                        Some(vm) if matches!(&outcome, Err(e) if e.status == 503) => {
+                            tokio::spawn(async move { vm.kill().await });
+                        }
+                        // Not recorded: the VM goes back, unseen.
+                        Some(vm) => self.return_to_pool(&record.template_id, record.resources, vm),
+                        None => {}
                     }
                     outcome.map(|_| None)
                 }

@@ -342,8 +342,9 @@ impl Manager {
             self.check_pool(actor, owner.as_deref(), template, &config)?;
             self.catalog.put_warm_pool(template, &config)?;
         }
+        let ready = self.ready_hosts()?;
         let local = PoolConfig {
-            target: self.local_target(config.target)?,
+            target: self.local_target(template, config.target, ready.as_deref()),
             ..config
         };
         for vm in self.warm.configure(template, local) {
@@ -362,30 +363,49 @@ impl Manager {
         Ok(status)
     }
 
-    /// This host's part of a warm pool of `target` VMs: all of it on a catalog of one
-    /// host; on one hosts share, the target spread over the ready hosts (in order of
-    /// ID, the first ones taking what does not divide), none on a host that is not
-    /// ready. So when a host is lost or drained, the others' parts grow and its warm
-    /// VMs are made again elsewhere.
-    fn local_target(&self, target: u32) -> Result<u32, ApiError> {
-        if !self.catalog.is_shared() {
-            return Ok(target);
-        }
-        let Some(this) = crate::cluster::this_host() else {
-            return Ok(target);
+    /// This host's part of a warm pool of `target` VMs of `template`: all of it on a
+    /// catalog of one host; on one hosts share, the target spread over the ready hosts
+    /// (`ready`, sorted by ID; [`Manager::ready_hosts`]), none on a host that is not
+    /// ready. What does not divide goes to hosts chosen by the template's hash, so a
+    /// host joining moves few VMs and pools do not pile their remainders on one host.
+    /// When a host is lost or drained the others' parts grow: its warm VMs are made
+    /// again elsewhere.
+    fn local_target(&self, template: &str, target: u32, ready: Option<&[String]>) -> u32 {
+        let (Some(ready), Some(this)) = (ready, crate::cluster::this_host()) else {
+            return target;
         };
-        let ready: Vec<String> = self
+        let Some(index) = ready.iter().position(|h| h == this) else {
+            return 0;
+        };
+        let n = ready.len() as u32;
+        let first = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            template.hash(&mut h);
+            (h.finish() % u64::from(n)) as u32
+        };
+        // Hosts first, first+1, … (wrapping) take one more each.
+        let offset = (index as u32 + n - first) % n;
+        target / n + u32::from(offset < target % n)
+    }
+
+    /// The ready hosts of a shared catalog, by ID (`None` on a catalog of one host). A
+    /// host whose heartbeat is late but within twice the expiry still counts: one slow
+    /// beat must not move every pool's VMs around.
+    fn ready_hosts(&self) -> Result<Option<Vec<String>>, ApiError> {
+        if !self.catalog.is_shared() {
+            return Ok(None);
+        }
+        let grace = 2 * crate::catalog::HEARTBEAT_EXPIRY_MS;
+        let mut ready: Vec<String> = self
             .catalog
             .hosts()?
             .into_iter()
-            .filter(|h| h.is_ready())
+            .filter(|h| h.is_ready() || (h.state == "dead" && h.now_ms - h.heartbeat_ms <= grace))
             .map(|h| h.info.id)
             .collect();
-        let Some(index) = ready.iter().position(|h| h == this) else {
-            return Ok(0);
-        };
-        let n = ready.len() as u32;
-        Ok(target / n + u32::from((index as u32) < target % n))
+        ready.sort();
+        Ok(Some(ready))
     }
 
     /// Brings this host's warm pools in line with the shared catalog: pools set or
@@ -393,9 +413,10 @@ impl Manager {
     /// (see [`Manager::local_target`]). Run with every heartbeat.
     pub fn sync_warm_pools(&self) -> Result<(), ApiError> {
         let pools = self.catalog.warm_pools::<PoolConfig>()?;
+        let ready = self.ready_hosts()?;
         for (template, config) in &pools {
             let local = PoolConfig {
-                target: self.local_target(config.target)?,
+                target: self.local_target(template, config.target, ready.as_deref()),
                 ..*config
             };
             for vm in self.warm.configure(template, local) {
@@ -463,9 +484,10 @@ impl Manager {
 
     /// Loads the pools the catalog records (after a start).
     pub fn load_warm_pools(&self) -> Result<(), ApiError> {
+        let ready = self.ready_hosts()?;
         for (template, config) in self.catalog.warm_pools::<PoolConfig>()? {
             let local = PoolConfig {
-                target: self.local_target(config.target)?,
+                target: self.local_target(&template, config.target, ready.as_deref()),
                 ..config
             };
             self.warm.configure(&template, local);
