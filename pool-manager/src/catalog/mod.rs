@@ -1708,32 +1708,65 @@ mod tests {
         let Some(t) = testing::postgres() else {
             return;
         };
-        // Two handles on one database: two hosts.
+        // Two handles on one database: two hosts. (A listener still connecting tells
+        // its followers to re-read: no proof here; the sandbox's own notice is.)
         let other = t.reopen();
         let mut followed = other.subscribe_events();
+        heard_across(t.catalog(), &mut followed, "sbx-far");
+        // The log is the shared one.
+        assert!(!other.events("sbx-far", 0, 10).unwrap().is_empty());
+    }
+
+    /// Appends on `from` until a follower of `to` hears `sandbox` (up to 20 s); what
+    /// else it heard meanwhile.
+    fn heard_across(
+        from: &Catalog,
+        to_followers: &mut tokio::sync::broadcast::Receiver<String>,
+        sandbox: &str,
+    ) -> Vec<String> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let mut seen = Vec::new();
-        // Appended until the other host hears it (its listener may still be connecting:
-        // what it missed meanwhile it learns as ANY_SANDBOX, which is no proof here).
-        'wait: while std::time::Instant::now() < deadline {
-            t.catalog()
-                .append_event("sbx-far", "created", &serde_json::json!({}))
+        while std::time::Instant::now() < deadline {
+            from.append_event(sandbox, "x", &serde_json::json!({}))
                 .unwrap();
             let round = std::time::Instant::now() + std::time::Duration::from_millis(500);
             while std::time::Instant::now() < round {
-                match followed.try_recv() {
-                    Ok(id) if id == "sbx-far" => break 'wait,
+                match to_followers.try_recv() {
+                    Ok(id) if id == sandbox => return seen,
                     Ok(id) => seen.push(id),
                     Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
                 }
             }
         }
+        panic!("no notification of {sandbox} within 20 s; heard {seen:?}");
+    }
+
+    #[test]
+    fn a_listener_whose_connection_is_cut_listens_again_and_says_to_re_read() {
+        let Some(t) = testing::postgres() else {
+            return;
+        };
+        let other = t.reopen();
+        let mut followed = other.subscribe_events();
+        heard_across(t.catalog(), &mut followed, "sbx-before");
+        // The server ends the listening connections (a restart, a failover, a cut).
+        let cut = t
+            .catalog()
+            .db
+            .query(
+                "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = ?1) AS cut",
+                args![postgres::LISTENER_APPLICATION],
+            )
+            .unwrap()[0]
+            .get::<i64>(0)
+            .unwrap();
+        assert!(cut >= 1, "no listening connection to cut");
+        let heard = heard_across(t.catalog(), &mut followed, "sbx-after");
         assert!(
-            std::time::Instant::now() < deadline,
-            "no notification of the other host's append within 20 s; heard {seen:?}"
+            heard.iter().any(|h| h == ANY_SANDBOX),
+            "followers are told to re-read after a reconnect: {heard:?}"
         );
-        // The log is the shared one.
-        assert!(!other.events("sbx-far", 0, 10).unwrap().is_empty());
     }
 
     #[test]

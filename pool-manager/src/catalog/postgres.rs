@@ -136,7 +136,9 @@ impl PgDb {
         let Some(runtime) = self.runtime.as_ref() else {
             return;
         };
-        let (config, tls) = (*self.config).clone();
+        let (mut config, tls) = (*self.config).clone();
+        // Told apart from the pool's connections in pg_stat_activity.
+        config.application_name(LISTENER_APPLICATION);
         let name = self.name.clone();
         runtime.spawn(async move {
             let mut delay = Duration::from_millis(100);
@@ -299,6 +301,9 @@ impl Drop for PgDb {
         }
     }
 }
+
+/// The `application_name` of a catalog's listening connection.
+pub(crate) const LISTENER_APPLICATION: &str = "nullspace-pool-manager-listen";
 
 /// How often an idle listening connection is checked with a statement.
 const LISTEN_PROBE_EVERY: Duration = Duration::from_secs(15);
