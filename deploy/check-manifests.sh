@@ -90,6 +90,7 @@ fi
 deploy/install-systemd.sh --render "$out/units" --with-seaweedfs --bin-dir "$bin" \
     --component "$cache/components/nullspace-api.wasm" --cache-dir "$cache" --weed "$weed" >/dev/null
 [ -f "$cache/components/nullspace-api.wasm" ] || die "no $cache/components/nullspace-api.wasm: deploy/build-component.sh"
+command -v systemd-analyze >/dev/null || die "no systemd-analyze: apt-get install systemd (deploy/install-deps.sh does)"
 echo "[check-manifests] $(systemd-analyze --version | head -1 | cut -d' ' -f1-2): verify" >&2
 # verify exits 0 on unknown keys (it only warns): any output is a failure here.
 (cd "$out/units" && systemd-analyze verify --man=no ./*.service) >"$out/verify.log" 2>&1 || true

@@ -12,7 +12,9 @@ packages=(qemu-system-x86 busybox-static mmdebstrap e2fsprogs cpio gzip iproute2
     nftables  # each VM's network namespace: its traffic to the egress proxy
     chromium openssh-client  # chromium: the preview tests load pages in a real browser
     dnsmasq-base  # the egress tests' DNS server, in a namespace of their own
-    postgresql)  # the catalog's shared backend: its tests run one (deploy/postgres.sh)
+    postgresql  # the catalog's shared backend: its tests run one (deploy/postgres.sh)
+    openssl  # the catalog TLS test makes a CA and a server certificate
+    systemd)  # systemd-analyze verify checks the units (deploy/check-manifests.sh); nothing is started
 
 installed_version() { { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null || true; } | awk '$3 == "installed" {print $4}'; }
 candidate_version() { { apt-cache policy "$1" 2>/dev/null || true; } | awk '/Candidate:/ && $2 != "(none)" {print $2}'; }
@@ -118,6 +120,8 @@ check chromium "apt-get install chromium" sh -c "chromium --version 2>/dev/null"
 check ssh "apt-get install openssh-client" ssh -V
 check dnsmasq "apt-get install dnsmasq-base" dnsmasq --version
 check postgresql "apt-get install postgresql" deploy/postgres.sh version
+check openssl "apt-get install openssl" openssl version
+check systemd-analyze "apt-get install systemd" systemd-analyze --version
 check cargo "install Rust with rustup (https://rustup.rs)" cargo --version
 check cargo-nextest "cargo install --locked cargo-nextest" cargo nextest --version
 check cc "apt-get install gcc" cc --version
