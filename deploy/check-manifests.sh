@@ -45,8 +45,8 @@ fi
 kc_root="$cache/tools/kubernetes-client-$version"
 if [ ! -x "$kc_root/usr/bin/kubectl" ]; then
     tmp=$(mktemp -d "$cache/.kubectl-XXXXXX")
-    (cd "$tmp" && apt-get download kubernetes-client >/dev/null 2>&1) ||
-        { rm -rf "$tmp"; die "apt-get download kubernetes-client failed"; }
+    (cd "$tmp" && apt-get download kubernetes-client >"$tmp/download.log" 2>&1) ||
+        { tail -5 "$tmp/download.log" >&2; rm -rf "$tmp"; die "apt-get download kubernetes-client failed (above): check apt's sources (Debian bookworm main)"; }
     dpkg-deb -x "$tmp"/kubernetes-client_*.deb "$tmp/root"
     rm -rf "$kc_root"
     mkdir -p "$(dirname "$kc_root")"

@@ -161,31 +161,7 @@ mod tests {
         load(args, &[])
     }
 
-    /// A config file in the temporary directory, removed when dropped.
-    struct ConfigFile(PathBuf);
-
-    impl ConfigFile {
-        fn new(text: &str) -> ConfigFile {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "nullspace-api-config-{}-{}.toml",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::write(&path, text).unwrap();
-            ConfigFile(path)
-        }
-        fn path(&self) -> &str {
-            self.0.to_str().unwrap()
-        }
-    }
-
-    impl Drop for ConfigFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+    use crate::layered::TempFile as ConfigFile;
 
     #[test]
     fn the_command_is_well_formed() {

@@ -301,6 +301,36 @@ impl ConfigFile {
     }
 }
 
+/// A file in the temporary directory, removed when dropped (the config-file tests of
+/// both daemons).
+#[cfg(test)]
+pub(crate) struct TempFile(std::path::PathBuf);
+
+#[cfg(test)]
+impl TempFile {
+    pub(crate) fn new(text: &str) -> TempFile {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "nullspace-layered-{}-{}.toml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, text).unwrap();
+        TempFile(path)
+    }
+    pub(crate) fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+#[cfg(test)]
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,32 +367,6 @@ mod tests {
             team: Option<String>,
             name: String,
         },
-    }
-
-    /// A file in the temporary directory, removed when dropped.
-    struct TempFile(PathBuf);
-
-    impl TempFile {
-        fn new(text: &str) -> TempFile {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "nullspace-layered-{}-{}.toml",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::write(&path, text).unwrap();
-            TempFile(path)
-        }
-        fn path(&self) -> &str {
-            self.0.to_str().unwrap()
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
     }
 
     fn run(args: &[&str], env: &[(&str, &str)]) -> Result<DemoCommand, String> {

@@ -130,21 +130,10 @@ pub async fn route(m: &Manager, id: &str, face: Face, req: Request<Body>) -> Rou
         Err(_) if face == Face::Preview => return Routed::Here(req),
         Err(e) => return Routed::There(e.into_response()),
     };
-    Routed::There(to_host(m, id, &owner, this, face, req).await)
-}
-
-/// The answer of `owner`, sandbox `id`'s host, to `req`. On the preview listener
-/// (anyone's to ask), this host's own refusals say nothing of hosts, addresses or
-/// whether the sandbox exists: one generic 503.
-async fn to_host(
-    m: &Manager,
-    id: &str,
-    owner: &str,
-    this: &str,
-    face: Face,
-    req: Request<Body>,
-) -> Response {
-    match to_host_unmasked(m, id, owner, this, face, req).await {
+    Routed::There(match to_host(m, id, &owner, this, face, req).await {
+        Ok(answer) => answer,
+        // The preview listener is anyone's to ask: its own refusals say nothing of
+        // hosts, addresses or whether the sandbox exists.
         Err(refused) if face == Face::Preview => {
             tracing::debug!(sandbox = %id, owner = %owner, status = %refused.status(), "preview not forwarded");
             ApiError::new(
@@ -155,12 +144,11 @@ async fn to_host(
             .into_response()
         }
         Err(refused) => refused,
-        Ok(answer) => answer,
-    }
+    })
 }
 
-/// The answer of `owner`, sandbox `id`'s host, to `req`.
-async fn to_host_unmasked(
+/// The answer of `owner`, sandbox `id`'s host, to `req`, or this host's refusal.
+async fn to_host(
     m: &Manager,
     id: &str,
     owner: &str,
