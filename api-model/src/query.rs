@@ -24,6 +24,18 @@ pub const VIEW_FIELDS: &[&str] = &[
     "mounts",
 ];
 
+/// The seeds' names for view fields, accepted by `fields=` and answered under the name
+/// asked for (`fields=id,status` → `{"id": …, "status": …}`).
+pub const FIELD_ALIASES: &[(&str, &str)] = &[("id", "sandboxID"), ("status", "state")];
+
+/// The view field a `fields=` name reads: an alias's target, or the name itself.
+fn view_field(name: &str) -> &str {
+    FIELD_ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == name)
+        .map_or(name, |(_, field)| field)
+}
+
 /// The states callers see; internal ones never leave a pool manager.
 pub const PUBLIC_STATES: &[&str] = &["starting", "running", "paused", "deleted", "error"];
 
@@ -83,32 +95,44 @@ pub fn reject_unknown_params(pairs: &[(String, String)], allowed: &[&str]) -> Re
     Ok(())
 }
 
-/// The `fields=` list, checked against [`VIEW_FIELDS`].
+/// The `fields=` list, checked against [`VIEW_FIELDS`] and [`FIELD_ALIASES`].
 pub fn fields_param(pairs: &[(String, String)]) -> Result<Option<Vec<String>>, ApiError> {
     let Some(fields) = single(pairs, "fields").filter(|f| !f.is_empty()) else {
         return Ok(None);
     };
     let wanted: Vec<String> = fields.split(',').map(|f| f.trim().to_string()).collect();
-    if let Some(bad) = wanted.iter().find(|f| !VIEW_FIELDS.contains(&f.as_str())) {
+    if let Some(bad) = wanted
+        .iter()
+        .find(|f| !VIEW_FIELDS.contains(&view_field(f)))
+    {
+        let aliases: Vec<&str> = FIELD_ALIASES.iter().map(|(a, _)| *a).collect();
         return Err(ApiError::bad_request(format!(
-            "fields contains unknown field `{bad}`; send a comma-separated subset of: {}",
-            VIEW_FIELDS.join(", ")
+            "fields contains unknown field `{bad}`; send a comma-separated subset of: {} (or the seeds' {})",
+            VIEW_FIELDS.join(", "),
+            aliases.join(", ")
         )));
     }
     Ok(Some(wanted))
 }
 
-/// Applies a checked `fields=` list to a view; `sandboxID` is always kept.
+/// Applies a checked `fields=` list to a view, each field under the name asked for
+/// (`id` → the `sandboxID`, `status` → the `state`). `sandboxID` is always kept: a
+/// projection identifies its sandbox under the one name every reader knows (the SDKs
+/// hand their callers exactly the names asked for).
 pub fn project(view: Value, fields: Option<&[String]>) -> Value {
     let (Some(wanted), Value::Object(map)) = (fields, &view) else {
         return view;
     };
-    Value::Object(
-        map.iter()
-            .filter(|(k, _)| *k == "sandboxID" || wanted.iter().any(|w| w == *k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    )
+    let mut out = serde_json::Map::new();
+    if let Some(id) = map.get("sandboxID") {
+        out.insert("sandboxID".into(), id.clone());
+    }
+    for name in wanted {
+        if let Some(v) = map.get(view_field(name)) {
+            out.insert(name.clone(), v.clone());
+        }
+    }
+    Value::Object(out)
 }
 
 /// Parameters of `GET /sandboxes`.
@@ -271,6 +295,23 @@ mod tests {
             json!({"sandboxID": "x", "state": "running"})
         );
         assert!(fields_param(&parse_query(Some("fields=nope"))).is_err());
+    }
+
+    #[test]
+    fn the_seeds_names_answer_under_the_name_asked_for() {
+        let v = json!({"sandboxID": "x", "state": "paused", "metadata": {}});
+        let fields = fields_param(&parse_query(Some("fields=id,status"))).unwrap();
+        assert_eq!(
+            project(v.clone(), fields.as_deref()),
+            json!({"sandboxID": "x", "id": "x", "status": "paused"})
+        );
+        let fields = fields_param(&parse_query(Some("fields=status,metadata"))).unwrap();
+        assert_eq!(
+            project(v, fields.as_deref()),
+            json!({"sandboxID": "x", "status": "paused", "metadata": {}})
+        );
+        let err = fields_param(&parse_query(Some("fields=ID"))).unwrap_err();
+        assert!(err.to_string().contains("id, status"), "{err}");
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! summary, and the daemon's Prometheus metrics.
 //!
 //! A sampler asks every running sandbox's agent for its counters every
-//! [`SAMPLE_EVERY`] and keeps the last [`SAMPLES_KEPT`] per sandbox in memory (an hour):
-//! CPU from tick deltas, memory, disk, network, tasks, and the CPU its QEMU process used
-//! on the host.
+//! [`SAMPLE_EVERY`]: CPU from tick deltas, memory, disk, network, tasks, and the CPU its
+//! QEMU process used on the host. Samples are kept in memory for the sandbox's whole life
+//! (while it runs or is paused on this host): the last hour as taken, older ones merged
+//! into buckets whose width doubles whenever [`OLDER_KEPT`] of them are held, so a
+//! sandbox's history costs a bounded amount of memory however long it lives.
 
 use super::Manager;
 use crate::error::ApiError;
@@ -17,8 +19,13 @@ use std::time::Duration;
 
 /// How often running sandboxes are sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
-/// Samples kept per sandbox.
-const SAMPLES_KEPT: usize = 720;
+/// Samples kept as taken per sandbox: the last hour.
+const RECENT_KEPT: usize = 720;
+/// Merged buckets of older samples kept per sandbox; at most this many, however long the
+/// sandbox lives (their width doubles instead).
+const OLDER_KEPT: usize = 720;
+/// Width of an older bucket before any doubling, in seconds.
+const OLDER_BUCKET_S: i64 = 60;
 /// Console output a log read returns at most.
 const CONSOLE_TAIL: usize = 64 * 1024;
 /// Most bytes of console log a VM keeps (plus half as much rotated out): a guest that
@@ -38,8 +45,72 @@ pub(super) struct Samples {
 
 #[derive(Default)]
 struct History {
-    samples: VecDeque<Sample>,
+    /// The last [`RECENT_KEPT`] samples, as taken.
+    recent: VecDeque<Sample>,
+    /// Older samples merged into buckets, oldest first.
+    older: Coarse,
     last: Option<(GuestMetrics, u64, std::time::Instant)>,
+}
+
+/// Older samples merged into buckets of `width_s` seconds: percentages are averaged,
+/// gauges and counters take the bucket's last value, the timestamp is the bucket's start.
+#[derive(Debug, Default)]
+struct Coarse {
+    buckets: Vec<(Sample, u32)>,
+    width_s: i64,
+}
+
+impl Coarse {
+    fn bucket_of(&self, t: i64) -> i64 {
+        t - t.rem_euclid(self.width_s)
+    }
+
+    /// Adds one sample that aged out of the recent window.
+    fn push(&mut self, s: Sample) {
+        if self.width_s == 0 {
+            self.width_s = OLDER_BUCKET_S;
+        }
+        let start = self.bucket_of(s.timestamp);
+        match self.buckets.last_mut() {
+            Some((b, n)) if b.timestamp == start => merge_into(b, n, &s, 1),
+            _ => {
+                let mut b = s;
+                b.timestamp = start;
+                self.buckets.push((b, 1));
+            }
+        }
+        if self.buckets.len() > OLDER_KEPT {
+            self.coarsen();
+        }
+    }
+
+    /// Doubles the bucket width, merging neighbours.
+    fn coarsen(&mut self) {
+        self.width_s *= 2;
+        let mut merged: Vec<(Sample, u32)> = Vec::with_capacity(self.buckets.len() / 2 + 1);
+        for (mut b, n) in std::mem::take(&mut self.buckets) {
+            b.timestamp = self.bucket_of(b.timestamp);
+            match merged.last_mut() {
+                Some((m, k)) if m.timestamp == b.timestamp => merge_into(m, k, &b, n),
+                _ => merged.push((b, n)),
+            }
+        }
+        self.buckets = merged;
+    }
+}
+
+/// Folds `s` (standing for `n` samples) into bucket `b` (standing for `k`).
+fn merge_into(b: &mut Sample, k: &mut u32, s: &Sample, n: u32) {
+    let (kf, nf) = (f64::from(*k), f64::from(n));
+    let mean = |a: f64, x: f64| ((a * kf + x * nf) / (kf + nf) * 100.0).round() / 100.0;
+    let start = b.timestamp;
+    let cpu = mean(b.cpu_used_pct, s.cpu_used_pct);
+    let host = mean(b.host_cpu_pct, s.host_cpu_pct);
+    *b = s.clone();
+    b.timestamp = start;
+    b.cpu_used_pct = cpu;
+    b.host_cpu_pct = host;
+    *k += n;
 }
 
 /// CPU time (user + system) of a host process, in clock ticks.
@@ -97,10 +168,12 @@ impl Samples {
             host_cpu_pct: (host_cpu_pct * 100.0).round() / 100.0,
         };
         h.last = Some((m, qemu_ticks, now));
-        if h.samples.len() == SAMPLES_KEPT {
-            h.samples.pop_front();
+        if h.recent.len() == RECENT_KEPT {
+            if let Some(aged) = h.recent.pop_front() {
+                h.older.push(aged);
+            }
         }
-        h.samples.push_back(sample.clone());
+        h.recent.push_back(sample.clone());
         sample
     }
 
@@ -110,13 +183,24 @@ impl Samples {
             .unwrap()
             .get(id)
             .map(|h| {
-                h.samples
+                h.older
+                    .buckets
                     .iter()
+                    .map(|(s, _)| s)
+                    .chain(h.recent.iter())
                     .filter(|s| s.timestamp >= start && s.timestamp <= end)
                     .cloned()
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The sandbox's VM is gone (paused): the next sample after a resume starts its
+    /// deltas afresh (a new QEMU process counts from zero).
+    fn stopped(&self, id: &str) {
+        if let Some(h) = self.by_sandbox.lock().unwrap().get_mut(id) {
+            h.last = None;
+        }
     }
 
     fn forget_except(&self, live: &[String]) {
@@ -182,19 +266,29 @@ impl Manager {
     pub async fn sample_metrics(self: Arc<Self>) {
         loop {
             tokio::time::sleep(SAMPLE_EVERY).await;
-            let running: Vec<String> = match self.catalog.sandboxes_in(&["active"]) {
-                Ok(all) => all.into_iter().map(|r| r.id).collect(),
+            // Samples outlive a pause (the history is the sandbox's life, not its VM's)
+            // and go with the sandbox.
+            let kept: Vec<(String, InternalState)> = match self
+                .catalog
+                .sandboxes_in(&["new", "creating", "active", "stopped"])
+            {
+                Ok(all) => all.into_iter().map(|r| (r.id, r.state)).collect(),
                 Err(_) => continue,
             };
-            for id in &running {
-                self.sample(id).await;
+            for (id, state) in &kept {
+                if *state == InternalState::Active {
+                    self.sample(id).await;
+                } else {
+                    self.samples.stopped(id);
+                }
             }
-            self.samples.forget_except(&running);
+            let ids: Vec<String> = kept.into_iter().map(|(id, _)| id).collect();
+            self.samples.forget_except(&ids);
         }
     }
 
-    /// A sandbox's samples between `start` and `end` (unix seconds; default the last
-    /// hour). A running sandbox with none yet is sampled now.
+    /// A sandbox's samples between `start` and `end` (unix seconds; default from its
+    /// creation to now). A running sandbox with none yet is sampled now.
     pub async fn metrics(
         &self,
         team: &str,
@@ -204,14 +298,19 @@ impl Manager {
     ) -> Result<Vec<Sample>, ApiError> {
         let r = self.owned(team, id)?;
         let now = chrono::Utc::now().timestamp();
-        let (start, end) = (start.unwrap_or(now - 3600), end.unwrap_or(now));
+        let (start, end) = (
+            start.unwrap_or(r.created_at_ms.div_euclid(1000)),
+            end.unwrap_or(now),
+        );
         if start > end {
             return Err(ApiError::bad_request(format!(
                 "start {start} is after end {end}; send start <= end (unix seconds)"
             )));
         }
         let mut samples = self.samples.between(id, start, end);
-        if samples.is_empty() && r.state == InternalState::Active && end >= now - 1 {
+        // Only a range that holds "now" can be answered with a sample taken now.
+        if samples.is_empty() && r.state == InternalState::Active && start <= now && end >= now - 1
+        {
             samples.extend(self.sample(id).await);
         }
         Ok(samples)
@@ -413,7 +512,8 @@ impl Manager {
         let samples = self.samples.by_sandbox.lock().unwrap();
         let _ = writeln!(out, "# HELP nullspace_sandbox_host_cpu_percent CPU of a sandbox's VM process on the host, percent of one core (last sample).\n# TYPE nullspace_sandbox_host_cpu_percent gauge");
         for (id, h) in samples.iter() {
-            if let Some(s) = h.samples.back() {
+            // Only a sandbox whose VM runs now (a paused one keeps its history only).
+            if let (Some(s), Some(_)) = (h.recent.back(), &h.last) {
                 let _ = writeln!(
                     out,
                     "nullspace_sandbox_host_cpu_percent{{sandbox=\"{id}\"}} {}",
@@ -422,5 +522,91 @@ impl Manager {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(t: i64, cpu: f64, tasks: u32) -> Sample {
+        Sample {
+            timestamp: t,
+            cpu_used_pct: cpu,
+            cpu_count: 1,
+            mem_used_mib: 1,
+            mem_total_mib: 2,
+            disk_used_bytes: 3,
+            disk_total_bytes: 4,
+            net_rx_bytes: t as u64,
+            net_tx_bytes: 0,
+            tasks,
+            host_cpu_pct: cpu / 10.0,
+        }
+    }
+
+    #[test]
+    fn older_samples_merge_into_buckets_that_keep_means_and_last_values() {
+        let mut c = Coarse::default();
+        // Two full minutes at 5 s: 0..60 at 10 %, 60..120 at 30 %.
+        for i in 0..24 {
+            let t = 600 + i * 5;
+            c.push(sample(t, if t < 660 { 10.0 } else { 30.0 }, i as u32));
+        }
+        assert_eq!(c.buckets.len(), 2);
+        let (first, n) = &c.buckets[0];
+        assert_eq!((first.timestamp, *n, first.cpu_used_pct), (600, 12, 10.0));
+        let (second, _) = &c.buckets[1];
+        assert_eq!((second.timestamp, second.cpu_used_pct), (660, 30.0));
+        assert_eq!(
+            (second.tasks, second.net_rx_bytes),
+            (23, 715),
+            "last values"
+        );
+    }
+
+    #[test]
+    fn a_long_life_stays_bounded_and_covers_the_whole_range() {
+        let mut c = Coarse::default();
+        // 30 days at one sample each 5 s.
+        let end = 30 * 24 * 3600;
+        for t in (0..end).step_by(5) {
+            c.push(sample(t, 50.0, 1));
+        }
+        assert!(c.buckets.len() <= OLDER_KEPT, "{}", c.buckets.len());
+        assert!(c.buckets.len() > OLDER_KEPT / 2, "{}", c.buckets.len());
+        assert_eq!(
+            c.buckets[0].0.timestamp, 0,
+            "the first sample's bucket is kept"
+        );
+        assert!(c.buckets.last().unwrap().0.timestamp > end - 2 * c.width_s);
+        assert!(c.buckets.iter().all(|(s, _)| s.cpu_used_pct == 50.0));
+        let total: u32 = c.buckets.iter().map(|(_, n)| n).sum();
+        assert_eq!(total as i64, end / 5, "every sample counted once");
+    }
+
+    #[test]
+    fn samples_past_the_recent_window_are_still_served() {
+        let samples = Samples::default();
+        {
+            let mut all = samples.by_sandbox.lock().unwrap();
+            let h = all.entry("s".into()).or_default();
+            for t in (0..2 * 3600).step_by(5) {
+                if h.recent.len() == RECENT_KEPT {
+                    let aged = h.recent.pop_front().unwrap();
+                    h.older.push(aged);
+                }
+                h.recent.push_back(sample(t, 1.0, 1));
+            }
+        }
+        let all = samples.between("s", 0, 2 * 3600);
+        assert_eq!(all[0].timestamp, 0);
+        assert_eq!(
+            all.len(),
+            60 + RECENT_KEPT,
+            "an hour of minutes, an hour as taken"
+        );
+        assert!(all.windows(2).all(|w| w[0].timestamp < w[1].timestamp));
+        assert_eq!(samples.between("s", 7000, 7100).len(), 21);
     }
 }

@@ -241,7 +241,7 @@ def test_previews_metrics_logs_watch_and_the_event_stream():
         assert sbx.set_port_public(8000)["public"] is True
 
         samples = sbx.get_metrics()
-        assert samples and samples[-1]["memTotalMiB"] > 0
+        assert samples and samples[-1].mem_total_mib > 0
         assert any(l["source"] == "lifecycle" for l in sbx.logs())
 
         changes = []

@@ -6,7 +6,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 DEFAULT_URL = "http://127.0.0.1:7080"
 DEFAULT_REQUEST_TIMEOUT = 300.0
@@ -224,46 +227,252 @@ def mount_body(m: Any) -> Dict[str, Any]:
     return dict(m)
 
 
+ALL_TRAFFIC_V4 = "0.0.0.0/0"
+ALL_TRAFFIC_V6 = "::/0"
+ON_TIMEOUT_VALUES = ("kill", "pause", "hibernate")
+WARM_POOL_MODES = ("require", "prefer")
+
+
+def _invalid(message: str) -> SandboxError:
+    return SandboxError("invalid_request", message)
+
+
+def _strings(name: str, value: Any) -> List[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise _invalid(f"{name} must be a list of strings (IPs, CIDRs or domains), "
+                       f"e.g. [\"10.0.0.0/8\", \"example.com\"]; got {value!r}")
+    return [v.strip() for v in value]
+
+
+@dataclass
+class SandboxNetworkOpts:
+    """Seed 001's fine-grained network configuration. ``deny_out=["0.0.0.0/0"]`` closes
+    all outbound traffic, and ``allow_out`` then lists what stays reachable.
+
+    It becomes the REST ``egress`` policy: ``0.0.0.0/0`` in ``deny_out`` turns
+    ``internet`` off (``::/0`` goes with it), ``allow_out`` → ``allow``, the rest of
+    ``deny_out`` → ``deny``. Here a deny rule wins over an allow rule, so an
+    ``allow_out`` entry inside a remaining ``deny_out`` entry is refused rather than
+    silently blocked."""
+
+    allow_out: List[str] = field(default_factory=list)
+    deny_out: List[str] = field(default_factory=list)
+
+    @staticmethod
+    def parse(value: Any) -> "SandboxNetworkOpts":
+        if isinstance(value, SandboxNetworkOpts):
+            return value
+        if not isinstance(value, dict):
+            raise _invalid(f"network must be a SandboxNetworkOpts or a dict with allow_out "
+                           f"and deny_out; got {type(value).__name__}")
+        unknown = set(value) - {"allow_out", "deny_out"}
+        if unknown:
+            raise _invalid(f"network has unknown keys {sorted(unknown)}; send allow_out "
+                           "and deny_out (lists of IPs, CIDRs, domains)")
+        return SandboxNetworkOpts(_strings("network.allow_out", value.get("allow_out")),
+                                  _strings("network.deny_out", value.get("deny_out")))
+
+    def egress(self) -> Dict[str, Any]:
+        """The REST ``egress`` policy this stands for."""
+        allow = _strings("network.allow_out", self.allow_out)
+        deny_out = _strings("network.deny_out", self.deny_out)
+        closed = ALL_TRAFFIC_V4 in deny_out
+        deny = [d for d in deny_out
+                if d != ALL_TRAFFIC_V4 and not (closed and d == ALL_TRAFFIC_V6)]
+        for a in allow:
+            for d in deny:
+                if _covers(d, a):
+                    raise _invalid(
+                        f"network.allow_out {a!r} is inside network.deny_out {d!r}, and a "
+                        f"deny rule wins here; remove {a!r} from allow_out or narrow {d!r}")
+        return {"internet": not closed, "allow": allow, "deny": deny}
+
+
+def _covers(deny: str, allow: str) -> bool:
+    """Whether destination rule ``deny`` matches everything ``allow`` names."""
+    import ipaddress
+    try:
+        d_net = ipaddress.ip_network(deny, strict=False)
+        a_net = ipaddress.ip_network(allow, strict=False)
+    except ValueError:
+        d_net = a_net = None
+    if d_net is not None and a_net is not None:
+        return d_net.version == a_net.version and a_net.subnet_of(d_net)  # type: ignore[arg-type]
+    d, a = deny.lower().rstrip("."), allow.lower().rstrip(".")
+    if d.startswith("*."):
+        suffix = d[1:]
+        return a.endswith(suffix) and a != suffix[1:]
+    return d == a
+
+
+@dataclass
+class SandboxLifecycle:
+    """What the timeout does: ``on_timeout`` ``"kill"`` (default), ``"pause"`` or
+    ``"hibernate"``; ``auto_resume=True`` (only with pause or hibernate) wakes the paused
+    sandbox on preview traffic."""
+
+    on_timeout: Optional[str] = None
+    auto_resume: Optional[bool] = None
+
+    @staticmethod
+    def parse(value: Any) -> "SandboxLifecycle":
+        if isinstance(value, SandboxLifecycle):
+            return SandboxLifecycle(value.on_timeout, value.auto_resume)
+        if not isinstance(value, dict):
+            raise _invalid(f"lifecycle must be a SandboxLifecycle or a dict with on_timeout "
+                           f"and auto_resume; got {type(value).__name__}")
+        names = {"on_timeout": "on_timeout", "onTimeout": "on_timeout",
+                 "auto_resume": "auto_resume", "autoResume": "auto_resume"}
+        unknown = set(value) - set(names)
+        if unknown:
+            raise _invalid(f"lifecycle has unknown keys {sorted(unknown)}; send on_timeout "
+                           "and auto_resume")
+        lc = SandboxLifecycle()
+        for key, v in value.items():
+            setattr(lc, names[key], v)
+        return lc
+
+
+@dataclass
+class SecurityPolicy:
+    """Seed 001's security policy for the TLS-intercepting proxy: PII detection,
+    injection defense, transformations, audit and env masking. Sent as
+    ``securityPolicy``; the API answers ``not_implemented`` (501) until the proxy is
+    available."""
+
+    pii: Any = None
+    injection_defense: Any = None
+    transforms: Any = None
+    audit: Any = None
+    env_masking: Any = None
+
+    _WIRE = {"pii": "pii", "injection_defense": "injectionDefense",
+             "transforms": "transforms", "audit": "audit", "env_masking": "envMasking"}
+
+    @staticmethod
+    def body_of(value: Any) -> Dict[str, Any]:
+        """The REST ``securityPolicy`` of a SecurityPolicy or a dict of its fields."""
+        if isinstance(value, SecurityPolicy):
+            items = {k: getattr(value, k) for k in SecurityPolicy._WIRE}
+        elif isinstance(value, dict):
+            unknown = set(value) - set(SecurityPolicy._WIRE)
+            if unknown:
+                raise _invalid(f"security_policy has unknown keys {sorted(unknown)}; send "
+                               f"{', '.join(SecurityPolicy._WIRE)}")
+            items = value
+        else:
+            raise _invalid(f"security_policy must be a SecurityPolicy or a dict; got "
+                           f"{type(value).__name__}")
+        return {SecurityPolicy._WIRE[k]: v for k, v in items.items() if v is not None}
+
+
+def _one_of(name: str, first: Any, other_name: str, other: Any) -> Any:
+    if first is not None and other is not None and first != other:
+        raise _invalid(f"{name}={first!r} and {other_name}={other!r} disagree; send one of them")
+    return first if first is not None else other
+
+
 def create_body(template: str, timeout: Optional[int], metadata: Optional[Dict[str, str]],
-                envs: Optional[Dict[str, str]], lifecycle: Optional[Dict[str, Any]],
+                envs: Optional[Dict[str, str]], lifecycle: Any,
                 resources: Optional[Dict[str, int]],
                 snapshot_interval: Optional[int] = None,
                 warm_pool: Optional[str] = None,
                 egress: Optional[Dict[str, Any]] = None,
-                mounts: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                mounts: Optional[Dict[str, Any]] = None,
+                *, allow_internet_access: Optional[bool] = None, network: Any = None,
+                secure: Optional[bool] = None, security_policy: Any = None,
+                on_timeout: Optional[str] = None, auto_resume: Optional[bool] = None,
+                warm_pool_mode: Optional[str] = None,
+                wait_ready: bool = True) -> Dict[str, Any]:
+    """The REST create body for the SDK's parameters (seed 001 and 004 names included)."""
     body: Dict[str, Any] = {"templateID": template}
-    if egress is not None:
+    # Network: `network` overrides `allow_internet_access` (seed 001); our own `egress`
+    # is the REST form, and two sources of one policy are a mistake, not a merge.
+    if egress is not None and (network is not None or allow_internet_access is not None):
+        raise _invalid("egress and network/allow_internet_access both set the network "
+                       "policy; send one of them")
+    if network is not None:
+        body["egress"] = SandboxNetworkOpts.parse(network).egress()
+    elif allow_internet_access is not None:
+        if not isinstance(allow_internet_access, bool):
+            raise _invalid(f"allow_internet_access must be True or False; got "
+                           f"{allow_internet_access!r}")
+        if not allow_internet_access:
+            body["egress"] = egress_body(internet=False)
+    elif egress is not None:
         body["egress"] = egress_body(**egress)
+    if secure is False and security_policy is not None:
+        raise _invalid("secure=False turns the security proxy off, but security_policy "
+                       "configures it; send one of them")
+    if security_policy is not None:
+        body["securityPolicy"] = SecurityPolicy.body_of(security_policy)
+    elif secure:
+        body["securityPolicy"] = {}
     if mounts:
         body["mounts"] = {path: mount_body(m) for path, m in mounts.items()}
     if snapshot_interval is not None:
         body["snapshotInterval"] = snapshot_interval
-    if warm_pool is not None:
-        if warm_pool not in ("require", "prefer"):
-            raise SandboxError("invalid_request", f"warm_pool {warm_pool!r} is not a mode; "
-                               "send 'require' or 'prefer'")
-        body["warmPool"] = warm_pool
+    mode = _one_of("warm_pool", warm_pool, "warm_pool_mode", warm_pool_mode)
+    if mode is not None:
+        if mode not in WARM_POOL_MODES:
+            raise _invalid(f"warm_pool_mode {mode!r} is not a mode; send 'require' or 'prefer'")
+        body["warmPool"] = mode
     if timeout is not None:
         body["timeout"] = timeout
     if metadata:
         body["metadata"] = metadata
     if envs:
         body["envVars"] = envs
-    if lifecycle:
-        lc = {}
-        if "on_timeout" in lifecycle:
-            lc["onTimeout"] = lifecycle["on_timeout"]
-        if "auto_resume" in lifecycle:
-            lc["autoResume"] = lifecycle["auto_resume"]
-        body["lifecycle"] = lc
+    lc = SandboxLifecycle.parse(lifecycle) if lifecycle is not None else SandboxLifecycle()
+    lc.on_timeout = _one_of("lifecycle.on_timeout", lc.on_timeout, "on_timeout", on_timeout)
+    lc.auto_resume = _one_of("lifecycle.auto_resume", lc.auto_resume, "auto_resume",
+                             auto_resume)
+    if lc.on_timeout is not None and lc.on_timeout not in ON_TIMEOUT_VALUES:
+        raise _invalid(f"on_timeout {lc.on_timeout!r} is not a timeout action; send "
+                       "'kill', 'pause' or 'hibernate'")
+    if lc.on_timeout is not None or lc.auto_resume is not None:
+        body["lifecycle"] = {k: v for k, v in (("onTimeout", lc.on_timeout),
+                                               ("autoResume", lc.auto_resume)) if v is not None}
     if resources:
         body["resources"] = resources_body(resources)
+    if not wait_ready:
+        body["waitReady"] = False
     return body
 
 
+def fields_query(fields: Optional[List[str]]) -> Optional[str]:
+    """``fields=`` for the REST API, or None; the seeds' ``id`` and ``status`` included."""
+    if fields is None:
+        return None
+    if isinstance(fields, str) or not fields or not all(
+            isinstance(f, str) and f.strip() for f in fields):
+        raise _invalid(f"fields must be a non-empty list of names, e.g. [\"id\", \"status\"]; "
+                       f"got {fields!r}")
+    return ",".join(f.strip() for f in fields)
+
+
+def only_fields(doc: Dict[str, Any], fields: Optional[List[str]]) -> Dict[str, Any]:
+    """A projected sandbox with exactly the names asked for (the API also keeps
+    ``sandboxID`` in every projection)."""
+    names = [f.strip() for f in fields or []]
+    return {n: doc[n] for n in names if n in doc}
+
+
+def list_page(doc: Dict[str, Any], fields: Optional[List[str]]) -> Dict[str, Any]:
+    items = doc["sandboxes"]
+    if fields is not None:
+        items = [only_fields(d, fields) for d in items]
+    return {"sandboxes": items, "next_token": doc.get("nextToken")}
+
+
 def list_params(query: Optional[Dict[str, Any]], limit: Optional[int],
-                next_token: Optional[str]) -> List[tuple]:
+                next_token: Optional[str], fields: Optional[List[str]] = None) -> List[tuple]:
     params: List[tuple] = []
+    projection = fields_query(fields)
+    if projection is not None:
+        params.append(("fields", projection))
     query = query or {}
     state = query.get("state")
     if state:
@@ -336,10 +545,103 @@ def redact_preview_token(token: str) -> str:
     return token[:6] + "…REDACTED"
 
 
-def metrics_params(start: Optional[int], end: Optional[int]) -> Dict[str, int]:
+def _unix(name: str, value: Any, round_up: bool) -> int:
+    import math
+    from datetime import datetime, timezone
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        value = value.timestamp()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _invalid(f"{name} must be a datetime or Unix seconds; got {value!r}")
+    return int(math.ceil(value) if round_up else math.floor(value))
+
+
+def metrics_params(start: Any, end: Any) -> Dict[str, int]:
+    """``start``/``end`` (datetimes, naive ones in UTC, or Unix seconds) as the query."""
     params = {}
     if start is not None:
-        params["start"] = int(start)
+        params["start"] = _unix("start", start, round_up=False)
     if end is not None:
-        params["end"] = int(end)
+        params["end"] = _unix("end", end, round_up=True)
     return params
+
+
+def parse_time(text: str) -> Optional["datetime"]:
+    """An ISO 8601 time of the API as an aware datetime (None if absent)."""
+    from datetime import datetime
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@dataclass
+class SandboxMetrics:
+    """One resource sample (seed 001's ``SandboxMetrics``)."""
+
+    timestamp: "datetime"
+    cpu_used_pct: float
+    cpu_count: int
+    mem_used_mib: int
+    mem_total_mib: int
+    disk_used_bytes: int
+    disk_total_bytes: int
+    net_rx_bytes: int
+    net_tx_bytes: int
+    tasks: int
+    host_cpu_pct: float
+
+    @property
+    def mem_used(self) -> int:
+        """Memory used, bytes."""
+        return self.mem_used_mib * 1024 * 1024
+
+    @property
+    def mem_total(self) -> int:
+        """Memory of the VM, bytes."""
+        return self.mem_total_mib * 1024 * 1024
+
+    @property
+    def disk_used(self) -> int:
+        """Root disk used, bytes."""
+        return self.disk_used_bytes
+
+    @property
+    def disk_total(self) -> int:
+        """Root disk size, bytes."""
+        return self.disk_total_bytes
+
+    @staticmethod
+    def parse(doc: Dict[str, Any]) -> "SandboxMetrics":
+        from datetime import datetime, timezone
+        return SandboxMetrics(
+            timestamp=datetime.fromtimestamp(doc["timestamp"], tz=timezone.utc),
+            cpu_used_pct=doc.get("cpuUsedPct", 0.0), cpu_count=doc.get("cpuCount", 0),
+            mem_used_mib=doc.get("memUsedMiB", 0), mem_total_mib=doc.get("memTotalMiB", 0),
+            disk_used_bytes=doc.get("diskUsedBytes", 0),
+            disk_total_bytes=doc.get("diskTotalBytes", 0),
+            net_rx_bytes=doc.get("netRxBytes", 0), net_tx_bytes=doc.get("netTxBytes", 0),
+            tasks=doc.get("tasks", 0), host_cpu_pct=doc.get("hostCpuPct", 0.0))
+
+
+def check_port(port: Any) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise _invalid(f"port must be an integer from 1 to 65535; got {port!r}")
+    return port
+
+
+def ready_or_raise(info: "SandboxInfo") -> bool:
+    """Whether a polled sandbox is running; raises if it never will be."""
+    if info.state == "running":
+        return True
+    if info.state in ("error", "deleted"):
+        d = info.diagnostic or {}
+        raise SandboxError(d.get("code", "sandbox_failed"),
+                           f"sandbox {info.sandbox_id} is {info.state}, it will not become "
+                           f"ready: {d.get('message', 'no diagnostic recorded')}", 0, d or None)
+    return False
+
+
+def restore_snapshot_id(snapshot_id: Any) -> Optional[str]:
+    """A snapshot ID, or the ID of a ``SnapshotInfo``/``Snapshot``."""
+    return getattr(snapshot_id, "snapshot_id", snapshot_id)

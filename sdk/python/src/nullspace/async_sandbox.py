@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
-from typing import Any, Callable, Dict, List, Optional, Union
+import time
+from datetime import datetime
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Union
 
 import httpx
 
-from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, SnapshotInfo,
-                    metrics_params,
-                    apply_event, create_body, egress_body, list_params, raise_for, restore_body,
-                    run_body)
+from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo,
+                    SandboxLifecycle, SandboxMetrics, SandboxNetworkOpts, SecurityPolicy,
+                    SnapshotInfo, apply_event, check_port, create_body, egress_body,
+                    fields_query, list_page, list_params, only_fields, metrics_params, parse_time, raise_for,
+                    ready_or_raise, restore_body, restore_snapshot_id, run_body)
 
 
 async def _call(client: httpx.AsyncClient, config: Config, method: str, path: str,
@@ -31,11 +36,14 @@ class AsyncCommandHandle:
         self.pid = pid
 
     async def wait(self, on_stdout: Optional[Callable[[str], Any]] = None,
-                   on_stderr: Optional[Callable[[str], Any]] = None) -> CommandResult:
+                   on_stderr: Optional[Callable[[str], Any]] = None,
+                   request_timeout: Optional[float] = None) -> CommandResult:
+        """Waits for the end; output produced so far is replayed first."""
         return await self._sandbox.commands._stream("GET", f"/commands/{self.pid}", None,
-                                                    on_stdout, on_stderr)
+                                                    on_stdout, on_stderr, request_timeout)
 
     async def send_stdin(self, data: Union[str, bytes], eof: bool = False) -> None:
+        """Writes to its stdin while someone waits on it (started with ``stdin=True``)."""
         await self._sandbox.commands.send_stdin(self.pid, data, eof=eof)
 
     async def kill(self) -> bool:
@@ -48,10 +56,12 @@ class AsyncCommands:
     def __init__(self, sandbox: "AsyncSandbox"):
         self._sandbox = sandbox
 
-    async def _stream(self, method, path, body, on_stdout, on_stderr) -> CommandResult:
+    async def _stream(self, method, path, body, on_stdout, on_stderr,
+                      request_timeout=None) -> CommandResult:
         result = CommandResult()
         ended = False
-        async with self._sandbox._data_stream(method, path, json=body) as resp:
+        async with self._sandbox._data_stream(method, path, json=body,
+                                              request_timeout=request_timeout) as resp:
             if resp.status_code >= 300:
                 await resp.aread()
                 raise_for(resp.status_code, resp.content)
@@ -66,13 +76,17 @@ class AsyncCommands:
                   envs: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,
                   user: Optional[str] = None, on_stdout: Optional[Callable[[str], Any]] = None,
                   on_stderr: Optional[Callable[[str], Any]] = None,
-                  stdin: bool = False) -> Union[CommandResult, AsyncCommandHandle]:
+                  stdin: bool = False, request_timeout: Optional[float] = None
+                  ) -> Union[CommandResult, AsyncCommandHandle]:
+        """Runs ``cmd`` with ``/bin/sh -c`` (see ``Sandbox.commands.run``)."""
         body = run_body(cmd, background, envs, cwd, user, stdin)
         if background:
-            resp = await self._sandbox._data("POST", "/commands", json=body)
+            resp = await self._sandbox._data("POST", "/commands", json=body,
+                                             request_timeout=request_timeout)
             raise_for(resp.status_code, resp.content)
             return AsyncCommandHandle(self._sandbox, resp.json()["pid"])
-        return await self._stream("POST", "/commands", body, on_stdout, on_stderr)
+        return await self._stream("POST", "/commands", body, on_stdout, on_stderr,
+                                  request_timeout)
 
     async def list(self) -> List[Dict[str, Any]]:
         resp = await self._sandbox._data("GET", "/commands")
@@ -93,6 +107,10 @@ class AsyncCommands:
                                          content=payload)
         raise_for(resp.status_code, resp.content)
 
+    def connect(self, pid: int) -> AsyncCommandHandle:
+        """A handle on a running command (``await handle.wait()`` re-attaches)."""
+        return AsyncCommandHandle(self._sandbox, pid)
+
 
 class AsyncFilesystem:
     """The filesystem of one sandbox; relative paths are under /workspace."""
@@ -110,10 +128,62 @@ class AsyncFilesystem:
         resp = await self._sandbox._data("PUT", "/files", params={"path": path}, content=payload)
         raise_for(resp.status_code, resp.content)
 
+    async def upload(self, local_path: str, path: str) -> int:
+        """Streams a local file into the sandbox; returns its size."""
+        import os
+
+        async def chunks():
+            with open(local_path, "rb") as f:
+                while True:
+                    chunk = await asyncio.to_thread(f.read, 256 * 1024)
+                    if not chunk:
+                        return
+                    yield chunk
+
+        resp = await self._sandbox._data("PUT", "/files", params={"path": path},
+                                         content=chunks())
+        raise_for(resp.status_code, resp.content)
+        return os.path.getsize(local_path)
+
+    async def download(self, path: str, local_path: str) -> int:
+        """Streams a file out of the sandbox; only a complete download takes the name."""
+        import os
+        tmp = local_path + ".nullspace-partial"
+        n = 0
+        async with self._sandbox._data_stream("GET", "/files", params={"path": path}) as resp:
+            if resp.status_code >= 300:
+                await resp.aread()
+                raise_for(resp.status_code, resp.content)
+            with open(tmp, "wb") as out:
+                async for chunk in resp.aiter_bytes():
+                    out.write(chunk)
+                    n += len(chunk)
+        os.replace(tmp, local_path)
+        return n
+
     async def list(self, path: str) -> List[EntryInfo]:
         resp = await self._sandbox._data("GET", "/files/list", params={"path": path})
         raise_for(resp.status_code, resp.content)
         return [EntryInfo.parse(e) for e in resp.json()["entries"]]
+
+    async def get_info(self, path: str) -> EntryInfo:
+        resp = await self._sandbox._data("GET", "/files/stat", params={"path": path})
+        raise_for(resp.status_code, resp.content)
+        return EntryInfo.parse(resp.json())
+
+    async def watch_dir(self, path: str, recursive: bool = False,
+                        timeout: Optional[float] = None) -> AsyncIterator[Dict[str, Any]]:
+        """Yields changes under ``path`` (see ``Sandbox.files.watch_dir``) until the caller
+        stops iterating (or ``timeout`` seconds pass)."""
+        async with self._sandbox._data_stream(
+                "GET", "/files/watch", params={"path": path, "recursive": str(recursive).lower()},
+                request_timeout=timeout or 365 * 24 * 3600.0) as resp:
+            if resp.status_code >= 300:
+                await resp.aread()
+                raise_for(resp.status_code, resp.content)
+            async for line in resp.aiter_lines():
+                if line.strip():
+                    yield json.loads(line)
 
     async def exists(self, path: str) -> bool:
         resp = await self._sandbox._data("GET", "/files/stat", params={"path": path})
@@ -136,8 +206,117 @@ class AsyncFilesystem:
         raise_for(resp.status_code, resp.content)
 
 
+class AsyncPtyHandle:
+    """An interactive terminal (async): ``send``, ``recv``, ``resize``; after the shell
+    exits ``recv`` returns None and ``exit_code`` is set."""
+
+    def __init__(self, ws: Any):
+        self._ws = ws
+        self.exit_code: Optional[int] = None
+
+    async def send(self, data: Union[str, bytes]) -> None:
+        await self._ws.send(data.encode() if isinstance(data, str) else bytes(data))
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await self._ws.send(json.dumps({"type": "resize", "cols": cols, "rows": rows}))
+
+    async def recv(self, timeout: Optional[float] = None) -> Optional[bytes]:
+        """The terminal's next output (raising ``TimeoutError`` after ``timeout``
+        seconds); None once the process has exited."""
+        while self.exit_code is None:
+            try:
+                message = await asyncio.wait_for(self._ws.recv(), timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                raise TimeoutError(f"no terminal output within {timeout} s") from None
+            except Exception:
+                return None
+            if isinstance(message, bytes):
+                return message
+            event = json.loads(message)
+            if event.get("type") == "exit":
+                self.exit_code = event.get("exitCode")
+        return None
+
+    async def close(self) -> None:
+        await self._ws.close()
+
+    async def __aenter__(self) -> "AsyncPtyHandle":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+class AsyncPty:
+    """Terminals in a sandbox (async)."""
+
+    def __init__(self, sandbox: "AsyncSandbox"):
+        self._sandbox = sandbox
+
+    async def create(self, cols: int = 80, rows: int = 24, cmd: Optional[str] = None,
+                     user: Optional[str] = None) -> AsyncPtyHandle:
+        """Opens a terminal (the user's login shell, or ``cmd``)."""
+        from urllib.parse import urlencode
+
+        from websockets.asyncio.client import connect as ws_connect
+        query: Dict[str, Any] = {"cols": cols, "rows": rows}
+        if cmd:
+            query["cmd"] = cmd
+        if user:
+            query["user"] = user
+        sbx = self._sandbox
+        ws = await ws_connect(sbx._ws_url("/pty?" + urlencode(query)),
+                              additional_headers={
+                                  "Authorization": f"Bearer {sbx._runtime['token']}"},
+                              open_timeout=30)
+        return AsyncPtyHandle(ws)
+
+
+class AsyncSnapshot(SnapshotInfo):
+    """A stored snapshot (async; see ``nullspace.Snapshot``)."""
+
+    def __init__(self, info: SnapshotInfo, config: Config):
+        super().__init__(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)})
+        self._config = config
+
+    @property
+    def id(self) -> str:
+        return self.snapshot_id
+
+    @property
+    def created(self) -> Optional[datetime]:
+        """When it was taken (UTC)."""
+        return parse_time(self.created_at)
+
+    @property
+    def size(self) -> int:
+        """Bytes a restore materializes."""
+        return self.size_bytes
+
+    @property
+    def info(self) -> SnapshotInfo:
+        return SnapshotInfo(**{f.name: getattr(self, f.name)
+                               for f in dataclasses.fields(SnapshotInfo)})
+
+    async def restore(self, timeout: Optional[int] = None,
+                      metadata: Optional[Dict[str, str]] = None,
+                      request_timeout: Optional[float] = None) -> "AsyncSandbox":
+        """Starts a new sandbox from it and returns it connected."""
+        return await AsyncSandbox.restore(self.sandbox_id, self.snapshot_id, timeout, metadata,
+                                          self._config.api_key, self._config.api_url,
+                                          request_timeout or self._config.request_timeout)
+
+    async def delete(self, request_timeout: Optional[float] = None) -> None:
+        """Deletes it from the store."""
+        async with httpx.AsyncClient(timeout=self._config.request_timeout) as client:
+            await _call(client, self._config, "DELETE",
+                        f"/sandboxes/{self.sandbox_id}/snapshots/{self.snapshot_id}",
+                        request_timeout=request_timeout)
+
+
 class AsyncSandbox:
-    """A connected sandbox (async). ``await AsyncSandbox.create(...)``."""
+    """A connected sandbox (async). ``await AsyncSandbox.create(...)``; every call of
+    ``Sandbox`` as a coroutine (iterators as async iterators)."""
 
     def __init__(self, info: SandboxInfo, config: Config, client: httpx.AsyncClient):
         self._config = config
@@ -146,25 +325,36 @@ class AsyncSandbox:
         self._runtime = info.runtime
         self.commands = AsyncCommands(self)
         self.files = AsyncFilesystem(self)
+        self.pty = AsyncPty(self)
 
     @classmethod
     async def create(cls, template: str = "base", timeout: Optional[int] = None,
                      metadata: Optional[Dict[str, str]] = None,
                      envs: Optional[Dict[str, str]] = None,
-                     lifecycle: Optional[Dict[str, Any]] = None,
+                     secure: Optional[bool] = None,
+                     allow_internet_access: Optional[bool] = None,
+                     network: Optional[Union[SandboxNetworkOpts, Dict[str, Any]]] = None,
+                     security_policy: Optional[Union[SecurityPolicy, Dict[str, Any]]] = None,
                      resources: Optional[Dict[str, int]] = None,
+                     lifecycle: Optional[Union[SandboxLifecycle, Dict[str, Any]]] = None,
+                     api_key: Optional[str] = None, domain: Optional[str] = None,
+                     request_timeout: Optional[float] = None,
+                     on_timeout: Optional[str] = None, auto_resume: Optional[bool] = None,
+                     warm_pool_mode: Optional[str] = None, wait_ready: bool = True,
                      snapshot_interval: Optional[int] = None, warm_pool: Optional[str] = None,
                      egress: Optional[Dict[str, Any]] = None,
-                     mounts: Optional[Dict[str, Any]] = None,
-                     api_key: Optional[str] = None,
-                     domain: Optional[str] = None,
-                     request_timeout: Optional[float] = None) -> "AsyncSandbox":
+                     mounts: Optional[Dict[str, Any]] = None) -> "AsyncSandbox":
+        """Creates a sandbox and returns it connected (see ``Sandbox.create``)."""
+        body = create_body(template, timeout, metadata, envs, lifecycle, resources,
+                           snapshot_interval, warm_pool, egress, mounts,
+                           allow_internet_access=allow_internet_access, network=network,
+                           secure=secure, security_policy=security_policy,
+                           on_timeout=on_timeout, auto_resume=auto_resume,
+                           warm_pool_mode=warm_pool_mode, wait_ready=wait_ready)
         config = Config.resolve(api_key, domain, request_timeout)
         client = httpx.AsyncClient(timeout=config.request_timeout)
         try:
-            doc = await _call(client, config, "POST", "/sandboxes",
-                              create_body(template, timeout, metadata, envs, lifecycle, resources,
-                                          snapshot_interval, warm_pool, egress, mounts))
+            doc = await _call(client, config, "POST", "/sandboxes", body)
         except Exception:
             await client.aclose()
             raise
@@ -188,26 +378,35 @@ class AsyncSandbox:
     async def list(cls, query: Optional[Dict[str, Any]] = None, limit: Optional[int] = None,
                    next_token: Optional[str] = None, api_key: Optional[str] = None,
                    domain: Optional[str] = None,
-                   request_timeout: Optional[float] = None) -> Dict[str, Any]:
+                   request_timeout: Optional[float] = None,
+                   fields: Optional[List[str]] = None) -> Dict[str, Any]:
+        """One page of raw dictionaries (see ``Sandbox.list``)."""
+        params = list_params(query, limit, next_token, fields)
         config = Config.resolve(api_key, domain, request_timeout)
         async with httpx.AsyncClient(timeout=config.request_timeout) as client:
-            doc = await _call(client, config, "GET", "/sandboxes",
-                              params=list_params(query, limit, next_token))
-        return {"sandboxes": doc["sandboxes"], "next_token": doc.get("nextToken")}
+            doc = await _call(client, config, "GET", "/sandboxes", params=params)
+        return list_page(doc, fields)
 
     @classmethod
     async def get_info_by_id(cls, sandbox_id: str, api_key: Optional[str] = None,
                              domain: Optional[str] = None,
-                             request_timeout: Optional[float] = None) -> SandboxInfo:
+                             request_timeout: Optional[float] = None,
+                             fields: Optional[List[str]] = None
+                             ) -> Union[SandboxInfo, Dict[str, Any]]:
+        """A sandbox's description, read-only (see ``Sandbox.get_info_by_id``)."""
+        projection = fields_query(fields)
         config = Config.resolve(api_key, domain, request_timeout)
         async with httpx.AsyncClient(timeout=config.request_timeout) as client:
-            return SandboxInfo.parse(await _call(client, config, "GET", f"/sandboxes/{sandbox_id}"))
+            doc = await _call(client, config, "GET", f"/sandboxes/{sandbox_id}",
+                              params=None if projection is None else {"fields": projection})
+        return only_fields(doc, fields) if fields is not None else SandboxInfo.parse(doc)
 
     @classmethod
-    async def restore(cls, sandbox_id: str, snapshot_id: Optional[str] = None,
-                 timeout: Optional[int] = None, metadata: Optional[Dict[str, str]] = None,
-                 api_key: Optional[str] = None, domain: Optional[str] = None,
-                 request_timeout: Optional[float] = None) -> "AsyncSandbox":
+    async def restore(cls, sandbox_id: str,
+                      snapshot_id: Optional[Union[str, SnapshotInfo]] = None,
+                      timeout: Optional[int] = None, metadata: Optional[Dict[str, str]] = None,
+                      api_key: Optional[str] = None, domain: Optional[str] = None,
+                      request_timeout: Optional[float] = None) -> "AsyncSandbox":
         """Starts a new sandbox from a snapshot of ``sandbox_id`` (which may be deleted or
         on another worker): ``snapshot_id``, or the newest (pause, then periodic, then
         manual). Returns it connected."""
@@ -215,7 +414,8 @@ class AsyncSandbox:
         client = httpx.AsyncClient(timeout=config.request_timeout)
         try:
             doc = await _call(client, config, "POST", "/sandboxes/restore",
-                              restore_body(sandbox_id, snapshot_id, timeout, metadata))
+                              restore_body(sandbox_id, restore_snapshot_id(snapshot_id),
+                                           timeout, metadata))
         except Exception:
             await client.aclose()
             raise
@@ -244,19 +444,45 @@ class AsyncSandbox:
         return (self._runtime["target"]["baseUrl"] + path,
                 {"Authorization": f"Bearer {self._runtime['token']}"})
 
-    async def _data(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def _data(self, method: str, path: str, request_timeout: Optional[float] = None,
+                    **kwargs: Any) -> httpx.Response:
         url, headers = self._target(path)
-        return await self._client.request(method, url, headers=headers, **kwargs)
+        return await self._client.request(method, url, headers=headers,
+                                          timeout=request_timeout or self._config.request_timeout,
+                                          **kwargs)
 
-    def _data_stream(self, method: str, path: str, **kwargs: Any):
+    def _data_stream(self, method: str, path: str, request_timeout: Optional[float] = None,
+                     **kwargs: Any):
         url, headers = self._target(path)
-        return self._client.stream(method, url, headers=headers, **kwargs)
+        return self._client.stream(method, url, headers=headers,
+                                   timeout=request_timeout or self._config.request_timeout,
+                                   **kwargs)
+
+    def _ws_url(self, path: str) -> str:
+        url, _ = self._target(path)
+        return ("wss://" + url[8:] if url.startswith("https://") else "ws://" + url[7:])
 
     async def get_info(self, request_timeout: Optional[float] = None) -> SandboxInfo:
         return SandboxInfo.parse(await self._control("GET", request_timeout=request_timeout))
 
     async def is_running(self, request_timeout: Optional[float] = None) -> bool:
         return (await self.get_info(request_timeout)).state == "running"
+
+    async def wait_ready(self, timeout: float = 60.0,
+                         request_timeout: Optional[float] = None) -> None:
+        """Waits until it runs and takes its data-plane access (see
+        ``Sandbox.wait_ready``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            info = await self.get_info(request_timeout or max(min(left, 30.0), 1.0))
+            if ready_or_raise(info):
+                self._runtime = info.runtime
+                return
+            if left <= 0:
+                raise SandboxError("timeout", f"sandbox {self.sandbox_id} is still "
+                                   f"{info.state} after {timeout} s")
+            await asyncio.sleep(min(0.2, max(left, 0.0)))
 
     async def kill(self, request_timeout: Optional[float] = None) -> bool:
         try:
@@ -294,13 +520,67 @@ class AsyncSandbox:
         """``{url, header, token}`` for application proxies."""
         return (await self.get_preview_url(port, request_timeout))["proxyTarget"]
 
-    async def get_metrics(self, start: Optional[int] = None, end: Optional[int] = None,
-                          request_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
+    async def set_port_public(self, port: int, public: bool = True,
+                              request_timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Makes ``port`` reachable without a token (or private again)."""
+        return await self._control("POST", "previews", {"port": port, "public": public},
+                                   request_timeout)
+
+    async def get_host(self, port: int, request_timeout: Optional[float] = None) -> str:
+        """The preview host name of ``port`` (see ``Sandbox.get_host``)."""
+        port = check_port(port)
+        return (await self._control("POST", "previews", {"port": port}, request_timeout))["host"]
+
+    async def get_metrics(self, start: Optional[Union[datetime, float]] = None,
+                          end: Optional[Union[datetime, float]] = None,
+                          request_timeout: Optional[float] = None) -> List[SandboxMetrics]:
         """Resource samples (see ``Sandbox.get_metrics``)."""
+        params = metrics_params(start, end)
         doc = await _call(self._client, self._config, "GET",
                           f"/sandboxes/{self.sandbox_id}/metrics",
-                          params=metrics_params(start, end), request_timeout=request_timeout)
-        return doc["metrics"]
+                          params=params, request_timeout=request_timeout)
+        return [SandboxMetrics.parse(m) for m in doc["metrics"]]
+
+    async def stream_events(self, after_event_id: Optional[int] = None,
+                            live_only: bool = False) -> AsyncIterator[Dict[str, Any]]:
+        """Yields lifecycle events as they happen (see ``Sandbox.stream_events``):
+        reconnects by itself, no gap, no duplicate; ends after ``sandbox.deleted``."""
+        from websockets.asyncio.client import connect as ws_connect
+        last = after_event_id
+        failures = 0
+        while True:
+            if last is not None:
+                query = f"?after_event_id={last}"
+            else:
+                query = "?live_only=true" if live_only else ""
+            try:
+                async with ws_connect(self._ws_url("/lifecycle/ws" + query),
+                                      additional_headers={"X-API-Key": self._config.api_key},
+                                      open_timeout=30) as ws:
+                    failures = 0
+                    async for message in ws:
+                        event = json.loads(message)
+                        if last is not None and event["id"] <= last:
+                            continue
+                        last = event["id"]
+                        yield event
+                        if event["type"] == "sandbox.deleted":
+                            return
+            except (GeneratorExit, asyncio.CancelledError):
+                raise
+            except Exception as e:  # a dropped connection, a restarting pool manager
+                failures += 1
+                status = getattr(getattr(e, "response", None), "status_code", 0)
+                if status in (401, 403, 404) or failures > 60:
+                    raise SandboxError("stream_failed", f"event stream: {e}", status)
+            await asyncio.sleep(min(0.1 * 2 ** min(failures, 5), 2.0))
+            try:
+                info = await AsyncSandbox.get_info_by_id(self.sandbox_id, self._config.api_key,
+                                                         self._config.api_url)
+                if info.runtime:
+                    self._runtime = info.runtime
+            except SandboxError:
+                pass
 
     async def logs(self, request_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
         """``[{time, source, text}]``: boot console, lifecycle events, diagnostics."""
@@ -322,15 +602,15 @@ class AsyncSandbox:
         a template ID."""
         return SnapshotInfo.parse(await self._control("POST", "snapshots", {}, request_timeout))
 
-    async def snapshot(self, request_timeout: Optional[float] = None) -> SnapshotInfo:
-        """A manual snapshot: they accumulate and survive ``kill()``; restore one with
-        ``Sandbox.restore``."""
-        return await self.create_snapshot(request_timeout)
+    async def snapshot(self, request_timeout: Optional[float] = None) -> AsyncSnapshot:
+        """A manual snapshot (see ``Sandbox.snapshot``)."""
+        return AsyncSnapshot(await self.create_snapshot(request_timeout), self._config)
 
-    async def list_snapshots(self, request_timeout: Optional[float] = None) -> List[SnapshotInfo]:
+    async def list_snapshots(self, request_timeout: Optional[float] = None
+                             ) -> List[AsyncSnapshot]:
         """Its snapshots (pause, periodic, manual), newest first."""
         doc = await self._control("GET", "snapshots", request_timeout=request_timeout)
-        return [SnapshotInfo.parse(d) for d in doc["snapshots"]]
+        return [AsyncSnapshot(SnapshotInfo.parse(d), self._config) for d in doc["snapshots"]]
 
     async def delete_snapshot(self, snapshot_id: str,
                               request_timeout: Optional[float] = None) -> None:

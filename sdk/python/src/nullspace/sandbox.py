@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from datetime import datetime
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import httpx
 
-from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, SnapshotInfo,
-                    apply_event, create_body, egress_body, list_params, metrics_params, raise_for,
-                    resources_body, restore_body, run_body)
+from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, SandboxMetrics,
+                    SnapshotInfo, apply_event, check_port, create_body, egress_body,
+                    fields_query, list_page, list_params, only_fields, metrics_params, parse_time, raise_for,
+                    ready_or_raise, resources_body, restore_body, restore_snapshot_id, run_body,
+                    SandboxLifecycle, SandboxNetworkOpts, SecurityPolicy)
 
 
 def _call(client: httpx.Client, config: Config, method: str, path: str,
@@ -282,19 +286,31 @@ class Sandbox:
     @classmethod
     def create(cls, template: str = "base", timeout: Optional[int] = None,
                metadata: Optional[Dict[str, str]] = None, envs: Optional[Dict[str, str]] = None,
-               lifecycle: Optional[Dict[str, Any]] = None,
+               secure: Optional[bool] = None, allow_internet_access: Optional[bool] = None,
+               network: Optional[Union[SandboxNetworkOpts, Dict[str, Any]]] = None,
+               security_policy: Optional[Union[SecurityPolicy, Dict[str, Any]]] = None,
                resources: Optional[Dict[str, int]] = None,
+               lifecycle: Optional[Union[SandboxLifecycle, Dict[str, Any]]] = None,
+               api_key: Optional[str] = None, domain: Optional[str] = None,
+               request_timeout: Optional[float] = None,
+               on_timeout: Optional[str] = None, auto_resume: Optional[bool] = None,
+               warm_pool_mode: Optional[str] = None, wait_ready: bool = True,
                snapshot_interval: Optional[int] = None, warm_pool: Optional[str] = None,
-               egress: Optional[Dict[str, Any]] = None, mounts: Optional[Dict[str, Any]] = None,
-               api_key: Optional[str] = None,
-               domain: Optional[str] = None, request_timeout: Optional[float] = None) -> "Sandbox":
-        """Creates a sandbox and returns it connected."""
+               egress: Optional[Dict[str, Any]] = None,
+               mounts: Optional[Dict[str, Any]] = None) -> "Sandbox":
+        """Creates a sandbox and returns it connected (seed 001's parameters; see the
+        README for how each becomes a REST field). With ``wait_ready=False`` it returns
+        while the sandbox is still ``starting``: call ``wait_ready()`` before commands."""
+        body = create_body(template, timeout, metadata, envs, lifecycle, resources,
+                           snapshot_interval, warm_pool, egress, mounts,
+                           allow_internet_access=allow_internet_access, network=network,
+                           secure=secure, security_policy=security_policy,
+                           on_timeout=on_timeout, auto_resume=auto_resume,
+                           warm_pool_mode=warm_pool_mode, wait_ready=wait_ready)
         config = Config.resolve(api_key, domain, request_timeout)
         client = httpx.Client(timeout=config.request_timeout)
         try:
-            doc = _call(client, config, "POST", "/sandboxes",
-                        create_body(template, timeout, metadata, envs, lifecycle, resources,
-                                    snapshot_interval, warm_pool, egress, mounts))
+            doc = _call(client, config, "POST", "/sandboxes", body)
         except Exception:
             client.close()
             raise
@@ -318,26 +334,33 @@ class Sandbox:
     @classmethod
     def list(cls, query: Optional[Dict[str, Any]] = None, limit: Optional[int] = None,
              next_token: Optional[str] = None, api_key: Optional[str] = None,
-             domain: Optional[str] = None, request_timeout: Optional[float] = None) -> Dict[str, Any]:
-        """One page: ``{"sandboxes": [...], "next_token": ...}``. ``query`` takes
-        ``state`` (str or list) and ``metadata`` (dict)."""
+             domain: Optional[str] = None, request_timeout: Optional[float] = None,
+             fields: Optional[List[str]] = None) -> Dict[str, Any]:
+        """One page: ``{"sandboxes": [...], "next_token": ...}`` (raw dictionaries).
+        ``query`` takes ``state`` (str or list) and ``metadata`` (dict); ``fields`` (e.g.
+        ``["id", "status"]``) makes each sandbox a dict of just those names."""
+        params = list_params(query, limit, next_token, fields)
         config = Config.resolve(api_key, domain, request_timeout)
         with httpx.Client(timeout=config.request_timeout) as client:
-            doc = _call(client, config, "GET", "/sandboxes",
-                        params=list_params(query, limit, next_token))
-        return {"sandboxes": doc["sandboxes"], "next_token": doc.get("nextToken")}
+            doc = _call(client, config, "GET", "/sandboxes", params=params)
+        return list_page(doc, fields)
 
     @classmethod
     def get_info_by_id(cls, sandbox_id: str, api_key: Optional[str] = None,
                        domain: Optional[str] = None,
-                       request_timeout: Optional[float] = None) -> SandboxInfo:
-        """A sandbox's description; read-only, never wakes a paused one."""
+                       request_timeout: Optional[float] = None,
+                       fields: Optional[List[str]] = None) -> Union[SandboxInfo, Dict[str, Any]]:
+        """A sandbox's description; read-only, never wakes a paused one. With ``fields``
+        (e.g. ``["id", "status"]``) a raw dict of just those names."""
+        projection = fields_query(fields)
         config = Config.resolve(api_key, domain, request_timeout)
         with httpx.Client(timeout=config.request_timeout) as client:
-            return SandboxInfo.parse(_call(client, config, "GET", f"/sandboxes/{sandbox_id}"))
+            doc = _call(client, config, "GET", f"/sandboxes/{sandbox_id}",
+                        params=None if projection is None else {"fields": projection})
+        return only_fields(doc, fields) if fields is not None else SandboxInfo.parse(doc)
 
     @classmethod
-    def restore(cls, sandbox_id: str, snapshot_id: Optional[str] = None,
+    def restore(cls, sandbox_id: str, snapshot_id: Optional[Union[str, SnapshotInfo]] = None,
                 timeout: Optional[int] = None, metadata: Optional[Dict[str, str]] = None,
                 api_key: Optional[str] = None, domain: Optional[str] = None,
                 request_timeout: Optional[float] = None) -> "Sandbox":
@@ -348,7 +371,8 @@ class Sandbox:
         client = httpx.Client(timeout=config.request_timeout)
         try:
             doc = _call(client, config, "POST", "/sandboxes/restore",
-                        restore_body(sandbox_id, snapshot_id, timeout, metadata))
+                        restore_body(sandbox_id, restore_snapshot_id(snapshot_id), timeout,
+                                     metadata))
         except Exception:
             client.close()
             raise
@@ -389,6 +413,22 @@ class Sandbox:
 
     def is_running(self, request_timeout: Optional[float] = None) -> bool:
         return self.get_info(request_timeout).state == "running"
+
+    def wait_ready(self, timeout: float = 60.0, request_timeout: Optional[float] = None) -> None:
+        """Waits until it runs (after ``create(..., wait_ready=False)``) and takes its
+        data-plane access; raises ``SandboxError`` code ``timeout`` after ``timeout``
+        seconds, or the failure's code if it ends in ``error``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            info = self.get_info(request_timeout or max(min(left, 30.0), 1.0))
+            if ready_or_raise(info):
+                self._runtime = info.runtime
+                return
+            if left <= 0:
+                raise SandboxError("timeout", f"sandbox {self.sandbox_id} is still "
+                                   f"{info.state} after {timeout} s")
+            time.sleep(min(0.2, max(left, 0.0)))
 
     def kill(self, request_timeout: Optional[float] = None) -> bool:
         """Ends the sandbox; False if it was already gone."""
@@ -433,15 +473,15 @@ class Sandbox:
         a template ID."""
         return SnapshotInfo.parse(self._control("POST", "snapshots", {}, request_timeout))
 
-    def snapshot(self, request_timeout: Optional[float] = None) -> SnapshotInfo:
-        """A manual snapshot: they accumulate and survive ``kill()``; restore one with
-        ``Sandbox.restore``."""
-        return self.create_snapshot(request_timeout)
+    def snapshot(self, request_timeout: Optional[float] = None) -> "Snapshot":
+        """A manual snapshot: they accumulate and survive ``kill()``. The ``Snapshot``
+        restores (``snap.restore()``) and deletes itself."""
+        return Snapshot(self.create_snapshot(request_timeout), self._config)
 
-    def list_snapshots(self, request_timeout: Optional[float] = None) -> List[SnapshotInfo]:
+    def list_snapshots(self, request_timeout: Optional[float] = None) -> List["Snapshot"]:
         """Its snapshots (pause, periodic, manual), newest first."""
         doc = self._control("GET", "snapshots", request_timeout=request_timeout)
-        return [SnapshotInfo.parse(d) for d in doc["snapshots"]]
+        return [Snapshot(SnapshotInfo.parse(d), self._config) for d in doc["snapshots"]]
 
     def delete_snapshot(self, snapshot_id: str,
                         request_timeout: Optional[float] = None) -> None:
@@ -475,13 +515,22 @@ class Sandbox:
         return self._control("POST", "previews", {"port": port, "public": public},
                              request_timeout)
 
-    def get_metrics(self, start: Optional[int] = None, end: Optional[int] = None,
-                    request_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
-        """Resource samples (unix seconds; default the last hour): ``cpuUsedPct``,
-        ``memUsedMiB``, ``diskUsedBytes``, ``netRxBytes``, ``tasks``, ``hostCpuPct``..."""
-        return _call(self._client, self._config, "GET", f"/sandboxes/{self.sandbox_id}/metrics",
-                     params=metrics_params(start, end),
-                     request_timeout=request_timeout)["metrics"]
+    def get_host(self, port: int, request_timeout: Optional[float] = None) -> str:
+        """The preview host name of ``port`` (``<port>-<sandbox>.<preview domain>``);
+        a browser needs ``get_preview_url`` (its token) unless the port is public."""
+        port = check_port(port)
+        return self._control("POST", "previews", {"port": port}, request_timeout)["host"]
+
+    def get_metrics(self, start: Optional[Union[datetime, float]] = None,
+                    end: Optional[Union[datetime, float]] = None,
+                    request_timeout: Optional[float] = None) -> List[SandboxMetrics]:
+        """Resource samples from ``start`` (default: the sandbox's creation) to ``end``
+        (default: now), as datetimes (naive ones are UTC) or Unix seconds. Every 5 s for
+        the last hour, merged into coarser buckets before."""
+        params = metrics_params(start, end)
+        doc = _call(self._client, self._config, "GET", f"/sandboxes/{self.sandbox_id}/metrics",
+                    params=params, request_timeout=request_timeout)
+        return [SandboxMetrics.parse(m) for m in doc["metrics"]]
 
     def logs(self, request_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
         """``[{time, source, text}]``: boot console, lifecycle events, diagnostics."""
@@ -545,6 +594,48 @@ class Sandbox:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class Snapshot(SnapshotInfo):
+    """A stored snapshot (what ``sbx.snapshot()`` and ``list_snapshots()`` return): its
+    ``snapshot_id`` (also ``id``), ``kind``, ``created`` and ``size``, every
+    ``SnapshotInfo`` field, and ``restore()`` / ``delete()``. It outlives its sandbox."""
+
+    def __init__(self, info: SnapshotInfo, config: Config):
+        super().__init__(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)})
+        self._config = config
+
+    @property
+    def id(self) -> str:
+        return self.snapshot_id
+
+    @property
+    def created(self) -> Optional[datetime]:
+        """When it was taken (UTC)."""
+        return parse_time(self.created_at)
+
+    @property
+    def size(self) -> int:
+        """Bytes a restore materializes."""
+        return self.size_bytes
+
+    @property
+    def info(self) -> SnapshotInfo:
+        return SnapshotInfo(**{f.name: getattr(self, f.name)
+                               for f in dataclasses.fields(SnapshotInfo)})
+
+    def restore(self, timeout: Optional[int] = None, metadata: Optional[Dict[str, str]] = None,
+                request_timeout: Optional[float] = None) -> Sandbox:
+        """Starts a new sandbox from it and returns it connected."""
+        return Sandbox.restore(self.sandbox_id, self.snapshot_id, timeout, metadata,
+                               self._config.api_key, self._config.api_url,
+                               request_timeout or self._config.request_timeout)
+
+    def delete(self, request_timeout: Optional[float] = None) -> None:
+        """Deletes it from the store."""
+        _call_once("DELETE", f"/sandboxes/{self.sandbox_id}/snapshots/{self.snapshot_id}",
+                   None, self._config.api_key, self._config.api_url,
+                   request_timeout or self._config.request_timeout)
 
 
 class Volume:
