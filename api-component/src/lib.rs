@@ -234,7 +234,7 @@ fn route(
                 return match method {
                     Method::Post => {
                         no_query()?;
-                        parse_body::<NoFields>(&body)?;
+                        parse_body::<api_model::SnapshotBody>(&body)?.validate()?;
                         Ok(forward(Method::Post, path, body))
                     }
                     Method::Get => {

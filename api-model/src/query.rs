@@ -167,12 +167,17 @@ impl ListParams {
                     ApiError::bad_request(format!("limit {l:?} is invalid; send 1 to 100"))
                 })?,
         };
-        let states =
-            single(pairs, "state").map(|s| s.split(',').map(str::to_string).collect::<Vec<_>>());
+        // Seed 003 calls the failed state both `failed` and `error`: either is the one
+        // public `error`.
+        let states = single(pairs, "state").map(|s| {
+            s.split(',')
+                .map(|s| if s == "failed" { "error" } else { s }.to_string())
+                .collect::<Vec<_>>()
+        });
         if let Some(states) = &states {
             if let Some(bad) = states.iter().find(|s| !PUBLIC_STATES.contains(&s.as_str())) {
                 return Err(ApiError::bad_request(format!(
-                    "state `{bad}` is unknown; send a comma-separated subset of: {}",
+                    "state `{bad}` is unknown; send a comma-separated subset of: {} (`failed` is `error`)",
                     PUBLIC_STATES.join(", ")
                 )));
             }
@@ -312,6 +317,12 @@ mod tests {
         );
         let err = fields_param(&parse_query(Some("fields=ID"))).unwrap_err();
         assert!(err.to_string().contains("id, status"), "{err}");
+    }
+
+    #[test]
+    fn failed_is_the_error_state() {
+        let p = ListParams::parse(&parse_query(Some("state=running,failed"))).unwrap();
+        assert_eq!(p.states.unwrap(), ["running", "error"]);
     }
 
     #[test]

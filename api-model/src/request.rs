@@ -96,18 +96,47 @@ pub struct LifecycleRequest {
     /// What the timeout does.
     #[serde(default)]
     pub on_timeout: Option<OnTimeout>,
-    /// Wake on preview traffic.
+    /// Wake on preview traffic and data-plane calls.
     #[serde(default)]
     pub auto_resume: Option<bool>,
+    /// Seconds without data-plane calls, preview traffic or a running foreground
+    /// command after which `onTimeout` applies (beside the lifetime `timeout`).
+    #[serde(default)]
+    pub idle_timeout: Option<u64>,
 }
 
 /// The body of a create.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateRequest {
-    /// Template to boot from.
-    #[serde(rename = "templateID")]
-    pub template_id: String,
+    /// Template to boot from: a built-in, a template of the team (ID or name), or one of
+    /// its snapshot IDs. Exactly one of `templateID`, `imageName` and `snapshotName`.
+    #[serde(rename = "templateID", default)]
+    pub template_id: Option<String>,
+    /// Seed 002's start source: a template by name.
+    #[serde(default)]
+    pub image_name: Option<String>,
+    /// Pins the exact template build `imageName` must be (its `tpl-…` ID).
+    #[serde(default)]
+    pub image_id: Option<String>,
+    /// Seed 002's start source: a snapshot by the name it was given.
+    #[serde(default)]
+    pub snapshot_name: Option<String>,
+    /// Pins the exact snapshot `snapshotName` must be (its `snap-…` ID).
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
+    /// Seed 002's top-level shape, an alternative to `resources`.
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Seed 002's top-level shape, an alternative to `resources`.
+    #[serde(rename = "memMiB", default)]
+    pub mem_mib: Option<u32>,
+    /// Seed 002's top-level shape, an alternative to `resources`.
+    #[serde(rename = "diskSizeMiB", default)]
+    pub disk_size_mib: Option<u64>,
+    /// A region the operator configured; placement keeps the sandbox in it.
+    #[serde(default)]
+    pub region: Option<String>,
     /// Lifetime in seconds.
     #[serde(default)]
     pub timeout: Option<u64>,
@@ -150,9 +179,37 @@ pub struct CreateRequest {
     pub security_policy: Option<Value>,
 }
 
+/// Where a sandbox starts from (seed 002's start sources).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartSource {
+    /// `templateID`: a built-in, a template (ID or name) or a snapshot ID.
+    Template(String),
+    /// `imageName` (a template's name), optionally pinned to its ID by `imageId`.
+    Image { name: String, id: Option<String> },
+    /// `snapshotName` (a named snapshot), optionally pinned to its ID by `snapshotId`.
+    Snapshot { name: String, id: Option<String> },
+}
+
+impl StartSource {
+    /// The field the caller named it in, for errors.
+    pub fn field(&self) -> &'static str {
+        match self {
+            StartSource::Template(_) => "templateID",
+            StartSource::Image { .. } => "imageName",
+            StartSource::Snapshot { .. } => "snapshotName",
+        }
+    }
+}
+
 /// A create request that passed every stateless check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidCreate {
+    /// Where it starts from.
+    pub source: StartSource,
+    /// The shape the caller gave (`resources`, or the top-level fields), if any.
+    pub resources_given: Option<Resources>,
+    /// The region asked for (not yet checked against the configured ones).
+    pub region: Option<String>,
     /// What the timeout does.
     pub on_timeout: OnTimeout,
     /// Lifetime in seconds.
@@ -165,8 +222,10 @@ pub struct ValidCreate {
     pub snapshot_interval_s: Option<u64>,
     /// Warm-pool checkout mode, if asked for.
     pub warm_pool: Option<WarmPoolMode>,
-    /// Whether preview traffic wakes the sandbox once paused.
+    /// Whether preview traffic and data-plane calls wake the sandbox once paused.
     pub auto_resume: bool,
+    /// Seconds of idleness after which the timeout action applies (0: off).
+    pub idle_timeout_s: u64,
     /// The egress policy (checked).
     pub egress: EgressPolicy,
     /// The volumes to mount (checked; names not yet resolved).
@@ -174,13 +233,105 @@ pub struct ValidCreate {
 }
 
 impl CreateRequest {
+    /// Exactly one start source, each ID pin only with its name.
+    pub fn start_source(&self) -> Result<StartSource, ApiError> {
+        let given: Vec<&str> = [
+            ("templateID", self.template_id.is_some()),
+            ("imageName", self.image_name.is_some()),
+            ("snapshotName", self.snapshot_name.is_some()),
+        ]
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(name, _)| *name)
+        .collect();
+        if given.len() != 1 {
+            return Err(ApiError::bad_request(format!(
+                "send exactly one start source: templateID (e.g. \"base\"), imageName (a template's name) or snapshotName (a named snapshot); got {}",
+                if given.is_empty() { "none".to_string() } else { given.join(" and ") }
+            ))
+            .with_details(json!({ "field": "templateID" })));
+        }
+        for (pin, name, set) in [
+            ("imageId", "imageName", self.image_name.is_some()),
+            ("snapshotId", "snapshotName", self.snapshot_name.is_some()),
+        ] {
+            let pinned = match pin {
+                "imageId" => self.image_id.is_some(),
+                _ => self.snapshot_id.is_some(),
+            };
+            if pinned && !set {
+                return Err(ApiError::bad_request(format!(
+                    "{pin} pins the exact build of {name}; send it together with {name}, or omit it"
+                ))
+                .with_details(json!({ "field": pin })));
+            }
+        }
+        let checked = |field: &str, v: &str| -> Result<String, ApiError> {
+            if v.is_empty() || v.len() > 128 {
+                return Err(ApiError::bad_request(format!(
+                    "{field} must be 1 to 128 characters; send e.g. \"base\""
+                ))
+                .with_details(json!({ "field": field })));
+            }
+            Ok(v.to_string())
+        };
+        Ok(if let Some(t) = &self.template_id {
+            StartSource::Template(checked("templateID", t)?)
+        } else if let Some(name) = &self.image_name {
+            StartSource::Image {
+                name: checked("imageName", name)?,
+                id: self
+                    .image_id
+                    .as_deref()
+                    .map(|i| checked("imageId", i))
+                    .transpose()?,
+            }
+        } else {
+            let name = self.snapshot_name.as_deref().unwrap_or_default();
+            StartSource::Snapshot {
+                name: checked("snapshotName", name)?,
+                id: self
+                    .snapshot_id
+                    .as_deref()
+                    .map(|i| checked("snapshotId", i))
+                    .transpose()?,
+            }
+        })
+    }
+
+    /// The shape the caller gave: `resources`, or seed 002's top-level `vcpus`, `memMiB`
+    /// and `diskSizeMiB` (the ones left out at their defaults); never both.
+    pub fn resources_given(&self) -> Result<Option<Resources>, ApiError> {
+        let top = self.vcpus.is_some() || self.mem_mib.is_some() || self.disk_size_mib.is_some();
+        match (self.resources, top) {
+            (Some(_), true) => Err(ApiError::bad_request(
+                "send the shape once: either resources {vcpus, memMiB, diskSizeMiB} or the top-level vcpus, memMiB, diskSizeMiB, not both",
+            )
+            .with_details(json!({ "field": "resources" }))),
+            (Some(r), false) => Ok(Some(r)),
+            (None, true) => {
+                let d = Resources::default();
+                Ok(Some(Resources {
+                    vcpus: self.vcpus.unwrap_or(d.vcpus),
+                    mem_mib: self.mem_mib.unwrap_or(d.mem_mib),
+                    disk_mib: self.disk_size_mib.unwrap_or(d.disk_mib),
+                }))
+            }
+            (None, false) => Ok(None),
+        }
+    }
+
     /// Every check that needs no state: ranges, conflicts, features not yet available.
     pub fn validate(&self) -> Result<ValidCreate, ApiError> {
-        if self.template_id.is_empty() || self.template_id.len() > 128 {
-            return Err(ApiError::bad_request(
-                "templateID must be 1 to 128 characters; send e.g. \"base\"",
-            )
-            .with_details(json!({ "field": "templateID" })));
+        let source = self.start_source()?;
+        let resources_given = self.resources_given()?;
+        if let Some(region) = &self.region {
+            if region.is_empty() || region.len() > 64 {
+                return Err(ApiError::bad_request(
+                    "region must be 1 to 64 characters naming a configured region; omit it for any",
+                )
+                .with_details(json!({ "field": "region" })));
+            }
         }
         if self.security_policy.is_some() {
             return Err(ApiError::not_implemented(
@@ -210,7 +361,8 @@ impl CreateRequest {
             .with_details(json!({ "field": "lifecycle.autoResume" })));
         }
         let timeout_s = validate_timeout(self.timeout.unwrap_or(DEFAULT_TIMEOUT_S))?;
-        let resources = self.resources.unwrap_or_default();
+        let idle_timeout_s = validate_idle_timeout(lifecycle.idle_timeout)?;
+        let resources = resources_given.unwrap_or_default();
         resources.validate()?;
         if self.env_vars.len() > 256 {
             return Err(ApiError::bad_request(
@@ -255,6 +407,9 @@ impl CreateRequest {
             .map(validate_snapshot_interval)
             .transpose()?;
         Ok(ValidCreate {
+            source,
+            resources_given,
+            region: self.region.clone(),
             on_timeout,
             timeout_s,
             resources,
@@ -262,9 +417,60 @@ impl CreateRequest {
             snapshot_interval_s,
             warm_pool: self.warm_pool,
             auto_resume,
+            idle_timeout_s,
             egress,
             mounts,
         })
+    }
+}
+
+/// The body of `POST /sandboxes/{id}/snapshots`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SnapshotBody {
+    /// A name for the snapshot, unique in the team (seed 002's `snapshotName` start
+    /// source finds it by this name).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl SnapshotBody {
+    /// Checks the name: 1 to 64 letters, digits, `.`, `_` or `-`, not starting like an
+    /// ID (`snap-`), so that a name and an ID never collide.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        let Some(name) = &self.name else {
+            return Ok(());
+        };
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            && !name.starts_with("snap-");
+        if ok {
+            Ok(())
+        } else {
+            Err(ApiError::bad_request(format!(
+                "snapshot name {name:?} is invalid; send 1 to 64 letters, digits, '.', '_' or '-', not starting with \"snap-\""
+            ))
+            .with_details(json!({ "field": "name" })))
+        }
+    }
+}
+
+/// Shortest idle timeout, in seconds: idleness is checked twice a second, and a pause
+/// takes longer than that.
+pub const MIN_IDLE_TIMEOUT_S: u64 = 5;
+
+/// Checks `lifecycle.idleTimeout`: absent or 0 is off, else 5 s to a week.
+pub fn validate_idle_timeout(idle: Option<u64>) -> Result<u64, ApiError> {
+    match idle {
+        None | Some(0) => Ok(0),
+        Some(s) if (MIN_IDLE_TIMEOUT_S..=MAX_TIMEOUT_S).contains(&s) => Ok(s),
+        Some(s) => Err(ApiError::bad_request(format!(
+            "lifecycle.idleTimeout {s} is out of range; send {MIN_IDLE_TIMEOUT_S} to {MAX_TIMEOUT_S} seconds, or 0 (off)"
+        ))
+        .with_details(json!({ "field": "lifecycle.idleTimeout" }))),
     }
 }
 

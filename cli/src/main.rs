@@ -88,7 +88,7 @@ enum Command {
 #[derive(Subcommand)]
 enum SandboxCommand {
     /// Create a sandbox and print its ID.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List the team's sandboxes.
     List {
         /// Only these states (comma-separated: starting,running,paused,deleted,error).
@@ -103,9 +103,28 @@ enum SandboxCommand {
         /// Token of the next page (printed after a full page).
         #[arg(long)]
         next_token: Option<String>,
+        /// Print compact JSON with only these fields (comma-separated): view names
+        /// (sandboxID, state, metadata, expiresAt, ...) or the seeds' id and status.
+        #[arg(long, value_delimiter = ',')]
+        fields: Vec<String>,
     },
     /// Describe a sandbox (never wakes a paused one).
-    Info { id: String },
+    Info {
+        id: String,
+        /// Print compact JSON with only these fields (comma-separated), e.g. id,status.
+        #[arg(long, value_delimiter = ',')]
+        fields: Vec<String>,
+    },
+    /// Wait until a sandbox is running (one created with --no-wait-ready); exits 1 if it
+    /// fails or the timeout passes.
+    WaitReady {
+        id: String,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// The host name a port is served under (<port>-<sandbox>.<preview domain>).
+    Host { id: String, port: u16 },
     /// Connect: resume if paused, optionally set the timeout, print data-plane access.
     Connect {
         id: String,
@@ -153,14 +172,17 @@ enum SandboxCommand {
     },
     /// Its logs: boot console, lifecycle events, the diagnostic of a failure.
     Logs { id: String },
-    /// Resource samples (CPU, memory, disk, network, tasks) of the last hour, or from
-    /// --start to --end (unix seconds).
+    /// Resource samples (CPU, memory, disk, network, tasks) since the sandbox was
+    /// created, or from --start to --end.
     Metrics {
         id: String,
-        #[arg(long)]
-        start: Option<i64>,
-        #[arg(long)]
-        end: Option<i64>,
+        /// From (RFC 3339 such as 2025-01-31T12:00:00Z, or Unix seconds; default: its
+        /// creation).
+        #[arg(long, value_parser = metrics_time)]
+        start: Option<nullspace::MetricsTime>,
+        /// Until (RFC 3339 or Unix seconds; default: now).
+        #[arg(long, value_parser = metrics_time)]
+        end: Option<nullspace::MetricsTime>,
     },
     /// Take a manual snapshot (kept after kill; its ID works as a --template).
     Snapshot { id: String },
@@ -283,17 +305,17 @@ enum TemplateCommand {
     },
 }
 
-/// A shape: vCPUs, memory and disk.
+/// A shape: vCPUs, memory and disk (the seeds' cpu, memory_mb and disk_mb).
 #[derive(Args)]
 struct ShapeArgs {
     /// vCPUs (with --memory-mib and --disk-mib; defaults 2, 2048, 8192).
-    #[arg(long)]
+    #[arg(long, visible_alias = "cpu")]
     vcpus: Option<u32>,
     /// Memory in MiB.
-    #[arg(long)]
+    #[arg(long, visible_alias = "memory-mb")]
     memory_mib: Option<u32>,
     /// Disk in MiB.
-    #[arg(long)]
+    #[arg(long, visible_alias = "disk-mb")]
     disk_mib: Option<u64>,
 }
 
@@ -460,6 +482,13 @@ struct CreateArgs {
     /// Hibernate (pause into object storage) when the timeout passes.
     #[arg(long)]
     hibernate_on_timeout: bool,
+    /// What the timeout does: kill, pause or hibernate (seed 004's on_timeout).
+    #[arg(long, value_parser = on_timeout, conflicts_with_all = ["pause_on_timeout", "hibernate_on_timeout"])]
+    on_timeout: Option<nullspace::OnTimeout>,
+    /// Preview traffic wakes the sandbox once paused (with --on-timeout pause or
+    /// hibernate).
+    #[arg(long)]
+    auto_resume: bool,
     /// Take a periodic snapshot every N seconds (10 to 86400; 0: off).
     #[arg(long)]
     snapshot_every: Option<u64>,
@@ -467,8 +496,29 @@ struct CreateArgs {
     /// is ready) or prefer (fall back to a normal create).
     #[arg(long, value_parser = ["require", "prefer"])]
     warm_pool: Option<String>,
+    /// The seeds' name of --warm-pool.
+    #[arg(long, value_parser = ["require", "prefer"], conflicts_with = "warm_pool")]
+    warm_pool_mode: Option<String>,
+    /// Answer while the sandbox is still starting (then `sandbox wait-ready ID`).
+    #[arg(long)]
+    no_wait_ready: bool,
     #[command(flatten)]
     egress: EgressArgs,
+    /// false: no outbound traffic at all (seed 001's allow_internet_access).
+    #[arg(long, value_name = "true|false")]
+    allow_internet_access: Option<bool>,
+    /// A destination reachable even when --deny-out blocks everything: IP, CIDR, domain
+    /// or *.domain (repeatable; seed 001's network.allow_out).
+    #[arg(long, conflicts_with_all = ["no_internet", "allow", "deny"])]
+    allow_out: Vec<String>,
+    /// An unreachable destination (repeatable); 0.0.0.0/0 blocks all traffic but
+    /// --allow-out (seed 001's network.deny_out).
+    #[arg(long, conflicts_with_all = ["no_internet", "allow", "deny"])]
+    deny_out: Vec<String>,
+    /// true: the TLS-intercepting security proxy (not available yet: the API answers
+    /// not_implemented).
+    #[arg(long, value_name = "true|false")]
+    secure: Option<bool>,
     /// Mount a volume, PATH=VOLUME[:ro|:rw] (repeatable; default rw).
     #[arg(long = "mount", value_parser = mount_arg)]
     mounts: Vec<(String, String, nullspace::MountMode)>,
@@ -517,6 +567,28 @@ fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
         "kind": s.kind, "createdAt": s.created_at, "sizeBytes": s.size_bytes,
         "storedBytes": s.stored_bytes, "storage": s.storage,
     })
+}
+
+/// `--on-timeout` value.
+fn on_timeout(s: &str) -> Result<nullspace::OnTimeout, String> {
+    match s {
+        "kill" => Ok(nullspace::OnTimeout::Kill),
+        "pause" => Ok(nullspace::OnTimeout::Pause),
+        "hibernate" => Ok(nullspace::OnTimeout::Hibernate),
+        other => Err(format!("{other:?}: send kill, pause or hibernate")),
+    }
+}
+
+/// `--start`/`--end` value: RFC 3339 or Unix seconds.
+fn metrics_time(s: &str) -> Result<nullspace::MetricsTime, String> {
+    s.parse().map_err(|e: nullspace::Error| e.to_string())
+}
+
+fn warm_pool_mode(s: &str) -> nullspace::WarmPoolMode {
+    match s {
+        "require" => nullspace::WarmPoolMode::Require,
+        _ => nullspace::WarmPoolMode::Prefer,
+    }
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
@@ -977,13 +1049,26 @@ async fn sandbox(
             if a.hibernate_on_timeout {
                 o = o.hibernate_on_timeout();
             }
+            o.on_timeout = a.on_timeout.or(o.on_timeout);
+            if a.auto_resume {
+                o = o.auto_resume(true);
+            }
             o.snapshot_interval = a.snapshot_every;
-            o.warm_pool = a.warm_pool.as_deref().map(|m| match m {
-                "require" => nullspace::WarmPoolMode::Require,
-                _ => nullspace::WarmPoolMode::Prefer,
-            });
+            o.warm_pool = a.warm_pool.as_deref().map(warm_pool_mode);
+            o.warm_pool_mode = a.warm_pool_mode.as_deref().map(warm_pool_mode);
             if a.egress.given() {
                 o = o.egress(a.egress.policy());
+            }
+            o.allow_internet_access = a.allow_internet_access;
+            if !a.allow_out.is_empty() || !a.deny_out.is_empty() {
+                o = o.network(nullspace::SandboxNetworkOpts {
+                    allow_out: a.allow_out.clone(),
+                    deny_out: a.deny_out.clone(),
+                });
+            }
+            o.secure = a.secure;
+            if a.no_wait_ready {
+                o = o.wait_ready(false);
             }
             for (path, volume, mode) in &a.mounts {
                 o = o.mount(path, volume, *mode);
@@ -995,7 +1080,12 @@ async fn sandbox(
             let started = std::time::Instant::now();
             let sbx = Sandbox::create(config, &o).await?;
             if progress {
-                eprintln!("running in {:.1?}", started.elapsed());
+                let state = if a.no_wait_ready {
+                    "started"
+                } else {
+                    "running"
+                };
+                eprintln!("{state} in {:.1?}", started.elapsed());
             }
             if json {
                 show(&sbx.get_info().await?, true);
@@ -1008,6 +1098,7 @@ async fn sandbox(
             metadata,
             limit,
             next_token,
+            fields,
         } => {
             let query = ListQuery {
                 states: state
@@ -1018,6 +1109,15 @@ async fn sandbox(
                 limit: *limit,
                 next_token: next_token.clone(),
             };
+            if !fields.is_empty() {
+                let names: Vec<&str> = fields.iter().map(String::as_str).collect();
+                let page = Sandbox::list_fields(config, &query, &names).await?;
+                println!(
+                    "{}",
+                    serde_json::json!({ "sandboxes": page.sandboxes, "nextToken": page.next_token })
+                );
+                return Ok(());
+            }
             let page = Sandbox::list(config, &query).await?;
             if json {
                 let items: Vec<_> = page.sandboxes.iter().map(to_json).collect();
@@ -1047,7 +1147,29 @@ async fn sandbox(
                 }
             }
         }
-        SandboxCommand::Info { id } => show(&Sandbox::get_info_by_id(config, id).await?, json),
+        SandboxCommand::Info { id, fields } if !fields.is_empty() => {
+            let names: Vec<&str> = fields.iter().map(String::as_str).collect();
+            let view = Sandbox::get_info_by_id_fields(config, id, &names).await?;
+            println!("{}", serde_json::Value::Object(view));
+        }
+        SandboxCommand::Info { id, .. } => show(&Sandbox::get_info_by_id(config, id).await?, json),
+        SandboxCommand::WaitReady { id, timeout } => {
+            let mut sbx = Sandbox::from_id(config, id)?;
+            sbx.wait_ready(Duration::from_secs(*timeout)).await?;
+            if json {
+                show(&sbx.get_info().await?, true);
+            } else {
+                println!("{id} is running");
+            }
+        }
+        SandboxCommand::Host { id, port } => {
+            let host = Sandbox::from_id(config, id)?.get_host(*port).await?;
+            if json {
+                println!("{}", serde_json::json!({ "port": port, "host": host }));
+            } else {
+                println!("{host}");
+            }
+        }
         SandboxCommand::Connect { id, timeout } => {
             let sbx = Sandbox::connect(config, id, *timeout).await?;
             let mut info = sbx.get_info().await?;

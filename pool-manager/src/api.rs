@@ -155,12 +155,19 @@ async fn create(
     // On a cluster: the host placement picks, which may be another one.
     let valid = req.validate()?;
     let warm_only = valid.warm_pool == Some(api_model::WarmPoolMode::Require);
+    m.check_region(valid.region.as_deref())?;
+    // Warm pools are kept per template ID: a name (imageName, snapshotName) matches none.
+    let template = match &valid.source {
+        api_model::StartSource::Template(t) => t.as_str(),
+        _ => "",
+    };
     if let Some(placed) = crate::cluster::placement::place_create(
         &m,
         &headers,
-        &req.template_id,
+        template,
         valid.resources,
         warm_only,
+        valid.region.as_deref(),
         &body,
     )
     .await?
@@ -332,8 +339,9 @@ async fn create_snapshot(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    parse_body::<NoFields>(&body)?;
-    let view = to_completion(async move { m.create_snapshot(&team, &id).await }).await?;
+    let b: api_model::SnapshotBody = parse_body(&body)?;
+    b.validate()?;
+    let view = to_completion(async move { m.create_snapshot(&team, &id, b.name).await }).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 

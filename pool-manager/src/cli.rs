@@ -104,6 +104,10 @@ pub struct Serve {
     /// The domain of preview URLs, <port>-<sandbox>.DOMAIN (default: localhost:PORT, the preview listener's port)
     #[arg(long, value_name = "HOST[:PORT]")]
     pub preview_domain: Option<String>,
+    /// The region this host is in: a create naming a region is placed on that region's
+    /// hosts only, and one naming a region no host is in is refused (default: none)
+    #[arg(long, value_name = "NAME")]
+    pub region: Option<String>,
     #[command(flatten)]
     pub catalog: CatalogArgs,
     /// Where built templates are kept (default: STATE/templates)

@@ -702,6 +702,7 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
         qemu: vmm.qemu_version().to_string(),
         accel: format!("{:?}", vmm.accel().accel).to_lowercase(),
         image_set: vmm.images().key(),
+        region: given(&args.region).map(str::to_string),
     };
     let snapshots = snapshot_settings(args, &dir).await?;
     eprintln!(
@@ -721,6 +722,7 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
             snapshots,
             preview_domain: preview_domain.clone(),
             network,
+            region: given(&args.region).map(str::to_string),
         },
     ));
     manager
@@ -853,6 +855,7 @@ mod tests {
             qemu: "test".into(),
             accel: "tcg".into(),
             image_set: "test".into(),
+            region: None,
         }
     }
 

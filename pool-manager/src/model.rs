@@ -95,9 +95,13 @@ pub struct SandboxRecord {
     /// The fork snapshot this sandbox's VM was restored from (kept while a child uses it).
     #[serde(default)]
     pub fork_base: Option<String>,
-    /// Whether preview traffic wakes it once paused.
+    /// Whether preview traffic and data-plane calls wake it once paused.
     #[serde(default)]
     pub auto_resume: bool,
+    /// Seconds without traffic or a foreground command after which `on_timeout`
+    /// applies (0: off).
+    #[serde(default)]
+    pub idle_timeout_s: u64,
     /// Ports its preview URLs serve without a token.
     #[serde(default)]
     pub public_ports: Vec<u16>,
@@ -169,6 +173,7 @@ impl SandboxRecord {
             last_periodic_ms: now,
             fork_base: None,
             auto_resume: false,
+            idle_timeout_s: 0,
             public_ports: Vec::new(),
             egress: api_model::EgressPolicy::default(),
             mounts: Vec::new(),
@@ -208,6 +213,9 @@ pub struct SnapshotView {
     /// `object` (restorable on any worker sharing the store) or `local` (this worker).
     pub storage: &'static str,
     pub resources: Resources,
+    /// The name the team gave it, if any (`snapshotName` starts a sandbox from it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// Milliseconds since the epoch as ISO 8601 (UTC).
@@ -276,7 +284,7 @@ impl SandboxView {
             state: r.state.public(),
             resources: r.resources,
             metadata: r.metadata.clone(),
-            lifecycle: serde_json::json!({ "onTimeout": r.on_timeout, "autoResume": r.auto_resume }),
+            lifecycle: serde_json::json!({ "onTimeout": r.on_timeout, "autoResume": r.auto_resume, "idleTimeout": r.idle_timeout_s }),
             timeout: r.timeout_s,
             created_at: iso8601(r.created_at_ms),
             expires_at: iso8601(r.expires_at_ms),

@@ -12,7 +12,7 @@
 use crate::cluster::routing::{Face, Routed};
 use crate::error::ApiError;
 use crate::model::{InternalState, SandboxRecord};
-use crate::sandboxes::{Manager, PreviewWake};
+use crate::sandboxes::{Manager, Wake, WAKE_WINDOW};
 use crate::tokens::{preview_epoch, TokenError, TokenSigner};
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -21,15 +21,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// The query parameter that carries a preview token.
 pub const TOKEN_PARAM: &str = "ns_preview_token";
 /// The header application proxies send a proxy token in.
 pub const PROXY_HEADER: &str = "x-nullspace-preview-proxy-token";
-/// How long a request waits for a paused sandbox to wake.
-const WAKE_WINDOW: Duration = Duration::from_secs(30);
-
 /// What previews need: the manager, the signer, and the domain URLs are made on.
 pub struct Previews {
     pub manager: Arc<Manager>,
@@ -249,10 +245,10 @@ async fn serve(p: &Previews, mut req: Request) -> Result<Response, Response> {
     // Only a valid token (issued for a sandbox since deleted) gets this far without one,
     // and meets the answer an unknown sandbox gets.
     let record = record.ok_or_else(|| private(port, &sandbox))?;
-    let agent = match p.manager.preview_agent(&record, WAKE_WINDOW).await {
+    let agent = match p.manager.wake_agent(&record, WAKE_WINDOW, "preview").await {
         Ok(agent) => agent,
-        Err(PreviewWake::Unavailable(why)) => return Err(unavailable(why)),
-        Err(PreviewWake::Gone(e)) => return Err(e.into_response()),
+        Err(Wake::Unavailable(why)) => return Err(unavailable(why)),
+        Err(Wake::Gone(e)) => return Err(e.into_response()),
     };
     let tunnel = agent.connect_port(port).await.map_err(|e| {
         ApiError::new(
@@ -272,7 +268,10 @@ async fn serve(p: &Previews, mut req: Request) -> Result<Response, Response> {
             )
             .into_response()
         })?;
+    // Preview traffic keeps the sandbox from idling while its connection lasts.
+    let busy = p.manager.activity.busy(&record.id);
     tokio::spawn(async move {
+        let _busy = busy;
         let _ = conn.with_upgrades().await;
     });
     // What the application sees: no credentials of ours.

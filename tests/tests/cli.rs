@@ -379,22 +379,110 @@ async fn the_cli_manages_volumes_and_egress() {
         String::from_utf8_lossy(&out.stderr).contains("absolute"),
         "{out:?}"
     );
-    let id = cli.ok(&[
-        CREATE_SMALL,
+    // The seeds' forms: conflicting flags are clap's errors (exit 2) or the SDK's
+    // (exit 1, before any request); secure=true is the API's not_implemented.
+    for conflict in [
+        &["--warm-pool", "require", "--warm-pool-mode", "prefer"][..],
+        &["--allow-out", "10.0.0.0/8", "--allow", "10.0.0.0/8"],
+        &["--deny-out", "0.0.0.0/0", "--no-internet"],
+        &["--on-timeout", "pause", "--hibernate-on-timeout"],
+        &["--on-timeout", "nap"],
+        &["--allow-internet-access", "maybe"],
+    ] {
+        let out = cli.run(&[CREATE_SMALL, conflict].concat());
+        assert_eq!(out.status.code(), Some(2), "{conflict:?}: {out:?}");
+    }
+    let out = cli.run(
         &[
-            "--mount",
-            "/mnt/cli=clivol",
-            "--no-internet",
-            "--allow",
-            "10.0.0.0/8",
-        ],
-    ]
-    .concat());
+            CREATE_SMALL,
+            &["--allow-out", "10.1.2.3", "--deny-out", "10.0.0.0/8"],
+        ]
+        .concat(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid_request")
+            && stderr.contains("remove \"10.0.0.0/8\" from deny_out"),
+        "{stderr}"
+    );
+    let out = cli.run(
+        &[
+            CREATE_SMALL,
+            &["--allow-internet-access", "false", "--deny", "10.0.0.0/8"],
+        ]
+        .concat(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = cli.run(&[CREATE_SMALL, &["--secure", "true"]].concat());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not_implemented"),
+        "{out:?}"
+    );
+    // A create with the seeds' names (--cpu/--memory-mb/--disk-mb, network lists,
+    // on_timeout + auto_resume), answered while starting and waited on.
+    let id = cli.ok(&[
+        "sandbox",
+        "create",
+        "-t",
+        "minimal",
+        "--cpu",
+        "1",
+        "--memory-mb",
+        "512",
+        "--disk-mb",
+        "1024",
+        "--mount",
+        "/mnt/cli=clivol",
+        "--allow-out",
+        "10.0.0.0/8",
+        "--deny-out",
+        "0.0.0.0/0",
+        "--on-timeout",
+        "pause",
+        "--auto-resume",
+        "--no-wait-ready",
+    ]);
     let id = id.trim();
+    assert!(cli
+        .ok(&["sandbox", "wait-ready", id, "--timeout", "180"])
+        .contains("running"));
     let info: serde_json::Value =
         serde_json::from_str(&cli.ok(&["--json", "sandbox", "info", id])).unwrap();
     assert_eq!(info["egress"]["allow"][0], "10.0.0.0/8", "{info}");
+    assert_eq!(info["egress"]["internet"], false, "{info}");
     assert_eq!(info["mounts"][0]["volumeID"], vol, "{info}");
+    assert_eq!(info["resources"]["vcpus"], 1, "{info}");
+    let compact: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["sandbox", "info", id, "--fields", "id,status,lifecycle"]))
+            .unwrap();
+    let keys: std::collections::BTreeSet<&str> = compact
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ["id", "lifecycle", "status"].into(), "{compact}");
+    assert_eq!(
+        (&compact["id"], &compact["status"]),
+        (&serde_json::json!(id), &serde_json::json!("running"))
+    );
+    assert_eq!(
+        (
+            &compact["lifecycle"]["onTimeout"],
+            &compact["lifecycle"]["autoResume"]
+        ),
+        (&serde_json::json!("pause"), &serde_json::json!(true)),
+        "{compact}"
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["sandbox", "list", "--fields", "id,status"])).unwrap();
+    assert_eq!(
+        listed["sandboxes"],
+        serde_json::json!([{ "id": id, "status": "running" }])
+    );
+    let host = cli.ok(&["sandbox", "host", id, "8080"]);
+    assert!(host.trim().starts_with(&format!("8080-{id}.")), "{host}");
     let out = cli.ok(&["exec", id, "--", "echo cli > /mnt/cli/f && cat /mnt/cli/f"]);
     assert_eq!(out, "cli\n");
     let shown = cli.ok(&["sandbox", "egress", id, "--deny", "*.example"]);
@@ -408,6 +496,24 @@ async fn the_cli_manages_volumes_and_egress() {
     assert!(cli
         .ok(&["volume", "get", vol])
         .contains(&format!("held by {id} at /mnt/cli (rw)")));
+    // Metrics from an RFC 3339 time to Unix seconds.
+    let out = cli.ok(&[
+        "--json",
+        "sandbox",
+        "metrics",
+        id,
+        "--start",
+        "2020-01-01T00:00:00Z",
+        "--end",
+        "4102444800",
+    ]);
+    for line in out.lines() {
+        let sample: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(
+            sample["timestamp"].as_i64().unwrap() > 1_577_836_800,
+            "{line}"
+        );
+    }
     cli.ok(&["sandbox", "kill", id]);
     let listed = cli.ok(&["volume", "list"]);
     assert!(listed.contains("(clivol)  32 MiB  version 1"), "{listed}");

@@ -35,12 +35,12 @@ async fn two_hosts_place_creates_on_both_and_forward_requests_to_the_owner() {
     ];
     let a = Daemon::start_with(
         "cluster-a",
-        &[&catalog[..], &["--host-id", "host-a"]].concat(),
+        &[&catalog[..], &["--host-id", "host-a", "--region", "eu"]].concat(),
         &[],
     );
     let b = Daemon::start_with(
         "cluster-b",
-        &[&catalog[..], &["--host-id", "host-b"]].concat(),
+        &[&catalog[..], &["--host-id", "host-b", "--region", "us"]].concat(),
         &[],
     );
 
@@ -51,8 +51,9 @@ async fn two_hosts_place_creates_on_both_and_forward_requests_to_the_owner() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(hosts.len(), 2, "{listed}");
-    for (h, d) in hosts.iter().zip([&a, &b]) {
+    for ((h, d), region) in hosts.iter().zip([&a, &b]).zip(["eu", "us"]) {
         assert_eq!(h["state"], "ready", "{h}");
+        assert_eq!(h["region"], region, "{h}");
         assert_eq!(h["controlUrl"], json!(d.control), "{h}");
         assert!(h["memMiB"].as_u64().unwrap() > 0, "{h}");
     }
@@ -102,6 +103,23 @@ async fn two_hosts_place_creates_on_both_and_forward_requests_to_the_owner() {
             "{id}'s allocation is its sandboxes: {h}"
         );
     }
+
+    // A create that names a region is placed on that region's hosts only; a region no
+    // host is in is refused with the ones there are.
+    let in_us = via_a
+        .create(json!({ "templateID": "minimal", "resources": tiny(), "region": "us" }))
+        .await;
+    let base = in_us["runtime"]["target"]["baseUrl"].as_str().unwrap();
+    assert!(base.starts_with(&b.edge), "region us is host-b: {in_us}");
+    let (status, e) = via_a
+        .post(
+            "/v1/sandboxes",
+            json!({ "templateID": "minimal", "resources": tiny(), "region": "ap" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("eu, us"), "{e}");
+    via_a.delete(in_us["sandboxID"].as_str().unwrap()).await;
 
     // B's sandbox, used through A only.
     let id = owners["host-b"][0].clone();

@@ -352,13 +352,15 @@ async fn preview_traffic_wakes_an_auto_resume_sandbox_and_others_answer_503() {
     assert!(e["message"].as_str().unwrap().contains("onTimeout"), "{e}");
     let p = Preview::new(&stack);
     let shape = json!({ "vcpus": 1, "memMiB": 512, "diskSizeMiB": 2048 });
-    let mut ids = Vec::new();
+    let (mut ids, mut runtimes) = (Vec::new(), Vec::new());
     for auto in [true, false] {
         let sbx = api
             .create(json!({ "templateID": "base", "resources": shape, "lifecycle": { "onTimeout": "pause", "autoResume": auto } }))
             .await;
         assert_eq!(sbx["lifecycle"]["autoResume"], auto, "{sbx}");
-        serve(&Runtime::of(&sbx)).await;
+        let rt = Runtime::of(&sbx);
+        serve(&rt).await;
+        runtimes.push(rt);
         ids.push(sbx["sandboxID"].as_str().unwrap().to_string());
     }
     let mut targets = Vec::new();
@@ -397,6 +399,34 @@ async fn preview_traffic_wakes_an_auto_resume_sandbox_and_others_answer_503() {
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(resp.headers()["retry-after"], "5");
     assert!(resp.text().await.unwrap().contains("autoResume"));
+    assert_eq!(api.get(&ids[1]).await["state"], "paused");
+    // A data-plane call (an SDK's command) wakes it the same way, with the token it had;
+    // without autoResume it is refused and the sandbox stays paused.
+    let (status, v) = api
+        .post(&format!("/v1/sandboxes/{}/pause", ids[0]), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (out, _, code) = runtimes[0].run("echo woken-by-sdk").await;
+    assert_eq!((out.as_str(), code), ("woken-by-sdk\n", 0));
+    assert_eq!(api.get(&ids[0]).await["state"], "running");
+    let (_, events) = api.fetch(&format!("/v1/sandboxes/{}/events", ids[0])).await;
+    let woken: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "sandbox.auto_resumed")
+        .map(|e| e["data"]["by"].as_str().unwrap())
+        .collect();
+    assert_eq!(woken, ["preview", "data-plane"], "{events}");
+    let refused = runtimes[1]
+        .http
+        .post(format!("{}/commands", runtimes[1].base))
+        .bearer_auth(&runtimes[1].token)
+        .json(&json!({ "cmd": "true" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::CONFLICT);
     assert_eq!(api.get(&ids[1]).await["state"], "paused");
     // A deleted sandbox's previews are gone: its tokens get what a sandbox that never
     // existed answers (whether an ID existed is no one else's business either).
@@ -514,4 +544,49 @@ async fn metrics_sample_over_time_and_summary_and_prometheus_say_what_there_is()
         text.contains("nullspace_api_responses_total{class=\"2xx\"}"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn an_idle_sandbox_times_out_while_a_running_command_keeps_it_busy() {
+    let stack = Stack::start("idle-timeout");
+    let api = stack.public(stack.daemon.team_key("acme"));
+    let (status, e) = api
+        .post(
+            "/v1/sandboxes",
+            json!({ "templateID": "minimal", "lifecycle": { "idleTimeout": 2 } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["details"]["field"], "lifecycle.idleTimeout", "{e}");
+    let sbx = api
+        .create(json!({
+            "templateID": "minimal",
+            "resources": nullspace_tests::http::small(),
+            "timeout": 600,
+            "lifecycle": { "onTimeout": "pause", "autoResume": true, "idleTimeout": 5 },
+        }))
+        .await;
+    assert_eq!(sbx["lifecycle"]["idleTimeout"], 5, "{sbx}");
+    let id = sbx["sandboxID"].as_str().unwrap();
+    let rt = Runtime::of(&sbx);
+    // A foreground command that runs past the idle timeout keeps the sandbox busy.
+    let (out, _, code) = rt.run("sleep 8; echo still-here").await;
+    assert_eq!((out.as_str(), code), ("still-here\n", 0));
+    assert_eq!(api.get(id).await["state"], "running");
+    // Left alone, it is paused (its onTimeout) though its lifetime has long to go.
+    api.wait_state(id, "paused", Duration::from_secs(90)).await;
+    let (_, events) = api.fetch(&format!("/v1/sandboxes/{id}/events")).await;
+    let timeouts: Vec<&Value> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "sandbox.timeout")
+        .map(|e| &e["data"]["reason"])
+        .collect();
+    assert_eq!(timeouts, [&json!("idleTimeout")], "{events}");
+    // autoResume: the next SDK call wakes it, and its idle clock starts over.
+    let (out, _, _) = rt.run("echo back").await;
+    assert_eq!(out, "back\n");
+    assert_eq!(api.get(id).await["state"], "running");
+    api.delete(id).await;
 }

@@ -86,6 +86,31 @@ async fn create_command_files_delete_through_the_public_api() {
     let (status, v) = api.fetch("/v1/sandboxes?metadata=suite%3Dpublic").await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["sandboxes"].as_array().unwrap().len(), 1);
+    // The seeds' names for the ID and the state, answered under those names.
+    let (status, v) = api
+        .fetch("/v1/sandboxes?metadata=suite%3Dpublic&fields=id,status")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["sandboxes"],
+        json!([{ "sandboxID": id, "id": id, "status": "running" }])
+    );
+    // The security proxy's policy is a feature that has not landed: 501, not ignored.
+    let (status, v) = api
+        .post(
+            "/v1/sandboxes",
+            json!({ "templateID": "minimal", "securityPolicy": {} }),
+        )
+        .await;
+    assert_eq!(
+        (status, v["code"].as_str(), v["details"]["field"].as_str()),
+        (
+            StatusCode::NOT_IMPLEMENTED,
+            Some("not_implemented"),
+            Some("securityPolicy")
+        ),
+        "{v}"
+    );
 
     // Lifecycle through the component: timeout, pause, resume.
     let (status, v) = api
@@ -338,6 +363,28 @@ async fn bad_requests_are_refused_by_the_component_with_what_to_send() {
     );
     let got = create(r#"{"templateID":"no-such-template"}"#).await;
     assert_error(&got, StatusCode::NOT_FOUND, "not_found", "no-such-template");
+    // Seed 002's start sources: exactly one, each pin with its name; one shape.
+    for (body, needle) in [
+        (r#"{"timeout":60}"#, "got none"),
+        (
+            r#"{"templateID":"base","snapshotName":"s"}"#,
+            "templateID and snapshotName",
+        ),
+        (
+            r#"{"templateID":"base","imageId":"tpl-0123456789abcdef"}"#,
+            "together with imageName",
+        ),
+        (
+            r#"{"templateID":"base","vcpus":1,"resources":{"vcpus":1,"memMiB":512,"diskSizeMiB":1024}}"#,
+            "not both",
+        ),
+        (r#"{"templateID":"base","region":"eu"}"#, "no regions"),
+    ] {
+        let got = create(body).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request", needle);
+    }
+    let got = create(r#"{"imageName":"no-such-image"}"#).await;
+    assert_error(&got, StatusCode::NOT_FOUND, "not_found", "no-such-image");
 
     // Oversized bodies, declared and chunked.
     let big = vec![b' '; 2 << 20];
@@ -465,4 +512,70 @@ async fn the_api_host_stops_on_sigterm_and_a_new_one_takes_over() {
     let api = stack.public(api.key.clone());
     let (status, _) = api.fetch("/v1/sandboxes").await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn seed_002_start_sources_top_level_shapes_and_named_snapshots() {
+    let stack = Stack::start("public-sources");
+    let api = stack.public(stack.daemon.team_key("acme"));
+    // The top-level shape, and `failed` as a name of the error state.
+    let sbx = api
+        .create(json!({ "templateID": "minimal", "vcpus": 1, "memMiB": 512, "diskSizeMiB": 1024 }))
+        .await;
+    assert_eq!(sbx["resources"], small(), "{sbx}");
+    let id = sbx["sandboxID"].as_str().unwrap().to_string();
+    let (status, v) = api.fetch("/v1/sandboxes?state=failed").await;
+    assert_eq!(
+        (status, &v["sandboxes"]),
+        (StatusCode::OK, &json!([])),
+        "{v}"
+    );
+    let (out, _, _) = Runtime::of(&sbx)
+        .run("echo two > /workspace/seed && cat /workspace/seed")
+        .await;
+    assert_eq!(out, "two\n");
+
+    // A named snapshot: names are the team's, checked, and listed.
+    let snaps = format!("/v1/sandboxes/{id}/snapshots");
+    let (status, snap) = api.post(&snaps, json!({ "name": "seed-two" })).await;
+    assert_eq!(status, StatusCode::CREATED, "{snap}");
+    assert_eq!(snap["name"], "seed-two", "{snap}");
+    let snap_id = snap["snapshotID"].as_str().unwrap().to_string();
+    let (status, v) = api.post(&snaps, json!({ "name": "seed-two" })).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    let (status, v) = api.post(&snaps, json!({ "name": "snap-1" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let (_, listed) = api.fetch(&snaps).await;
+    assert_eq!(listed["snapshots"][0]["name"], "seed-two", "{listed}");
+
+    // Started from it by name, pinned to its ID: the state it had.
+    let child = api
+        .create(json!({ "snapshotName": "seed-two", "snapshotId": snap_id, "resources": small() }))
+        .await;
+    assert_eq!(child["templateID"], json!(snap_id), "{child}");
+    let (out, _, _) = Runtime::of(&child).run("cat /workspace/seed").await;
+    assert_eq!(out, "two\n");
+    let (status, v) = api
+        .post(
+            "/v1/sandboxes",
+            json!({ "snapshotName": "seed-two", "snapshotId": "snap-00000000000000000000" }),
+        )
+        .await;
+    assert_eq!(
+        (status, v["details"]["current"].as_str()),
+        (StatusCode::CONFLICT, Some(snap_id.as_str())),
+        "{v}"
+    );
+    api.delete(child["sandboxID"].as_str().unwrap()).await;
+
+    // Deleted, its name is free and finds nothing.
+    let (status, v) = api
+        .call(reqwest::Method::DELETE, &format!("{snaps}/{snap_id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
+    let (status, v) = api
+        .post("/v1/sandboxes", json!({ "snapshotName": "seed-two" }))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+    api.delete(&id).await;
 }

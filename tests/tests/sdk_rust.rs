@@ -572,3 +572,226 @@ async fn the_sdk_sets_egress_and_mounts_volumes() {
         .unwrap_err()
         .is_not_found());
 }
+
+/// What `curl` in the guest gets from `url` (`who:<address> host:…`, or `FAIL`).
+async fn curl(sbx: &Sandbox, url: &str) -> String {
+    let out = sbx
+        .commands()
+        .run(&format!("curl -s -m 5 {url} || echo FAIL"))
+        .await
+        .unwrap();
+    out.stdout.trim().to_string()
+}
+
+/// Seed 001's and seed 004's examples, transcribed: create parameters (proven from
+/// inside the guests against hosts of the test's own network), `fields=`, `get_host`,
+/// `get_metrics` with `SystemTime`, `wait_ready`, and `snapshot()` as a `Snapshot`.
+#[tokio::test]
+async fn the_seed_documents_examples_run_as_written() {
+    use nullspace::{
+        blocking, EgressPolicy, MetricTimestamp, MetricsTime, RestoreOptions, SandboxNetworkOpts,
+    };
+    use nullspace_tests::netns::TestNet;
+    use serde_json::json;
+    use std::time::{Duration, Instant, SystemTime};
+
+    // Hosts .2 and .3, each answering `who:<its address>`.
+    let mut net = TestNet::new(2);
+    net.http_server(8080);
+    let (two, three) = (net.addr(2), net.addr(3));
+    net.wait_tcp(&two, 8080);
+    let url = |addr: &str| format!("http://{addr}:8080/");
+    let stack = Stack::start_with("sdk-rust-seeds", &["--network", "isolated"], &[]);
+    let config = ConnectionConfig::new(&stack.api.url, stack.daemon.team_key("acme"));
+
+    // Forms that would mean two things are refused before anything is sent; secure=True
+    // reaches the API, which says the security proxy is not built yet.
+    let err = Sandbox::create(
+        &config,
+        &small("base")
+            .allow_internet_access(false)
+            .egress(EgressPolicy::default()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Some("invalid_request"), "{err}");
+    let err = Sandbox::create(&config, &small("base").secure(true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("not_implemented"), "{err}");
+
+    // Seed 001: Sandbox.create(allow_internet_access=False): nothing goes out.
+    let started = SystemTime::now();
+    let offline = Sandbox::create(
+        &config,
+        &small("base")
+            .timeout(600)
+            .metadata("suite", "seeds")
+            .allow_internet_access(false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        curl(&offline, &url(&two)).await,
+        "FAIL",
+        "no internet access"
+    );
+
+    // Seed 001: network=SandboxNetworkOpts(allow_out=[.2], deny_out=["0.0.0.0/0"]),
+    // created with wait_ready=False and waited on.
+    let mut fenced = Sandbox::create(
+        &config,
+        &small("base")
+            .network(
+                SandboxNetworkOpts::new()
+                    .allow_out(&two)
+                    .deny_out("0.0.0.0/0"),
+            )
+            .wait_ready(false),
+    )
+    .await
+    .unwrap();
+    // Seed 004: fields=["id", "status"] gives exactly those names.
+    let compact = Sandbox::get_info_by_id_fields(&config, fenced.id(), &["id", "status"])
+        .await
+        .unwrap();
+    assert_eq!(compact.keys().collect::<Vec<_>>(), ["id", "status"]);
+    assert_eq!(compact["id"], json!(fenced.id()));
+    assert!(
+        matches!(compact["status"].as_str(), Some("starting" | "running")),
+        "{compact:?}"
+    );
+    let err = fenced.wait_ready(Duration::ZERO).await.unwrap_err();
+    assert_eq!(err.code(), Some("timeout"), "{err}");
+    fenced.wait_ready(Duration::from_secs(180)).await.unwrap();
+    assert!(
+        fenced.runtime().is_some(),
+        "wait_ready takes the runtime access"
+    );
+    let reached = curl(&fenced, &url(&two)).await;
+    assert!(reached.starts_with(&format!("who:{two}")), "{reached}");
+    assert_eq!(
+        curl(&fenced, &url(&three)).await,
+        "FAIL",
+        "deny_out 0.0.0.0/0"
+    );
+    assert!(fenced.kill().await.unwrap());
+
+    // Seed 001: network=SandboxNetworkOpts(deny_out=[.3]), through the blocking API.
+    let blocking_config = config.clone();
+    let (b_two, b_three) = (two.clone(), three.clone());
+    tokio::task::spawn_blocking(move || {
+        let sbx = blocking::Sandbox::create(
+            &blocking_config,
+            &small("base").network(SandboxNetworkOpts::new().deny_out(&b_three)),
+        )
+        .unwrap();
+        let fetch = |addr: &str| {
+            sbx.run(&format!("curl -s -m 5 http://{addr}:8080/ || echo FAIL"))
+                .unwrap()
+                .stdout
+                .trim()
+                .to_string()
+        };
+        let reached = fetch(&b_two);
+        assert!(reached.starts_with(&format!("who:{b_two}")), "{reached}");
+        assert_eq!(fetch(&b_three), "FAIL", "deny_out .3");
+        assert!(sbx.kill().unwrap());
+    })
+    .await
+    .unwrap();
+
+    // fields on list: compact dictionaries, exactly the names asked for.
+    let page = Sandbox::list_fields(
+        &config,
+        &ListQuery {
+            metadata: [("suite".to_string(), "seeds".to_string())].into(),
+            ..ListQuery::default()
+        },
+        &["id", "status"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        page.sandboxes,
+        [json!({ "id": offline.id(), "status": "running" })
+            .as_object()
+            .unwrap()
+            .clone()]
+    );
+    let err = Sandbox::list_fields(&config, &ListQuery::default(), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("invalid_request"), "{err}");
+    // View names work too: the offline sandbox's egress is the closed policy.
+    let egress = Sandbox::get_info_by_id_fields(&config, offline.id(), &["egress"])
+        .await
+        .unwrap();
+    assert_eq!(
+        egress["egress"],
+        json!({ "internet": false, "allow": [], "deny": [] })
+    );
+
+    // Seed 004: getHost.
+    let host = offline.get_host(8080).await.unwrap();
+    assert!(
+        host.starts_with(&format!("8080-{}.", offline.id())),
+        "{host}"
+    );
+
+    // Seed 001: get_metrics(start, end) with datetimes, and its default range.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while offline.get_metrics(None, None).await.unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no metrics sample in 60 s");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let now = SystemTime::now();
+    let window = offline
+        .get_metrics(Some(started.into()), Some(now.into()))
+        .await
+        .unwrap();
+    assert!(!window.is_empty());
+    let from = MetricsTime::from(started).to_system_time();
+    for m in &window {
+        assert!(m.time() >= from && m.time() <= now, "{m:?}");
+    }
+    let by_seconds = offline
+        .get_metrics(Some(MetricsTime::from(started).unix_seconds().into()), None)
+        .await
+        .unwrap();
+    assert!(by_seconds.len() >= window.len());
+
+    // Seed 001: snapshot() → Snapshot; restore() and delete().
+    offline
+        .files()
+        .write("/workspace/seed.txt", "v1")
+        .await
+        .unwrap();
+    let snap = offline.snapshot().await.unwrap();
+    assert_eq!(
+        (snap.kind.as_str(), snap.sandbox_id.as_str(), snap.id()),
+        ("manual", offline.id(), snap.info.snapshot_id.as_str())
+    );
+    assert!(snap.size > 0);
+    assert!(
+        snap.created >= from && snap.created <= SystemTime::now() + Duration::from_secs(1),
+        "{snap:?}"
+    );
+    assert!(offline.kill().await.unwrap());
+    let restored = snap.restore(&RestoreOptions::default()).await.unwrap();
+    assert_eq!(
+        restored
+            .files()
+            .read_to_string("/workspace/seed.txt")
+            .await
+            .unwrap(),
+        "v1"
+    );
+    assert!(restored.kill().await.unwrap());
+    snap.delete().await.unwrap();
+    assert!(!Sandbox::list_snapshots_of(&config, &snap.sandbox_id)
+        .await
+        .unwrap()
+        .iter()
+        .any(|s| s.snapshot_id == snap.snapshot_id));
+}

@@ -48,6 +48,10 @@ pub struct HostInfo {
     pub accel: String,
     /// The key of its guest image set (snapshots restore only on the same).
     pub image_set: String,
+    /// The region the operator put it in (`--region`); creates that name a region are
+    /// placed on its hosts only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// A host as the catalog knows it.
@@ -123,7 +127,7 @@ fn select_hosts(dialect: super::sql::Dialect) -> String {
                 h.qemu, h.accel, h.image_set, h.state, h.warm, h.heartbeat_ms, n.now,
                 CAST(COALESCE(s.vcpus, 0) + COALESCE(r.vcpus, 0) AS BIGINT),
                 CAST(COALESCE(s.mem, 0) + COALESCE(r.mem, 0) AS BIGINT),
-                CAST(COALESCE(s.disk, 0) + COALESCE(r.disk, 0) AS BIGINT)
+                CAST(COALESCE(s.disk, 0) + COALESCE(r.disk, 0) AS BIGINT), h.region
          FROM hosts h
          CROSS JOIN (SELECT {now} AS now) n
          LEFT JOIN (SELECT host_id,
@@ -163,6 +167,7 @@ fn host_of(row: &Row) -> Result<HostRecord, CatalogError> {
             qemu: row.get(7)?,
             accel: row.get(8)?,
             image_set: row.get(9)?,
+            region: row.get(17)?,
         },
         state,
         warm: serde_json::from_str(&row.get::<String>(11)?).unwrap_or_default(),
@@ -183,13 +188,14 @@ impl Catalog {
         let now = self.db.dialect().now_ms();
         self.db.execute(
             &format!("INSERT INTO hosts (id, control_url, edge_url, preview_url, vcpus, mem_mib, disk_mib,
-                                qemu, accel, image_set, state, warm, heartbeat_ms, registered_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'ready', '{{}}', {now}, {now})
+                                qemu, accel, image_set, state, warm, heartbeat_ms, registered_ms, region)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'ready', '{{}}', {now}, {now}, ?11)
              ON CONFLICT(id) DO UPDATE SET control_url = excluded.control_url,
                  edge_url = excluded.edge_url, preview_url = excluded.preview_url,
                  vcpus = excluded.vcpus, mem_mib = excluded.mem_mib,
                  disk_mib = excluded.disk_mib, qemu = excluded.qemu, accel = excluded.accel,
-                 image_set = excluded.image_set, heartbeat_ms = excluded.heartbeat_ms"),
+                 image_set = excluded.image_set, heartbeat_ms = excluded.heartbeat_ms,
+                 region = excluded.region"),
             args![
                 &info.id,
                 &info.control_url,
@@ -200,7 +206,8 @@ impl Catalog {
                 i(info.disk_mib),
                 &info.qemu,
                 &info.accel,
-                &info.image_set
+                &info.image_set,
+                info.region.as_deref()
             ],
         )?;
         Ok(())
@@ -382,6 +389,7 @@ mod tests {
             qemu: "QEMU emulator version 7.2.0".into(),
             accel: "kvm".into(),
             image_set: "img-1".into(),
+            region: None,
         }
     }
 

@@ -12,7 +12,7 @@ use super::sql::{args, Db, Dialect, Tx};
 use super::{now_ms, CatalogError, Durability};
 
 /// The schema version this binary reads and writes.
-pub const LATEST: i64 = 3;
+pub const LATEST: i64 = 4;
 
 /// The key of the advisory lock Postgres migrations hold (any constant the catalog
 /// uses for nothing else: "nullspace" in ASCII).
@@ -37,6 +37,10 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 3,
         apply: v3,
+    },
+    Migration {
+        version: 4,
+        apply: v4,
     },
 ];
 
@@ -211,6 +215,21 @@ fn v3(tx: &mut dyn Tx) -> Result<(), CatalogError> {
              team_id TEXT PRIMARY KEY,
              millitokens BIGINT NOT NULL,
              at_ms BIGINT NOT NULL)",
+    )
+}
+
+/// Version 4: names teams give snapshots (seed 002's `snapshotName` start source), one
+/// snapshot per name and team; and each host's region, which placement honours.
+fn v4(tx: &mut dyn Tx) -> Result<(), CatalogError> {
+    tx.batch(
+        "CREATE TABLE snapshot_names (
+             team_id TEXT NOT NULL,
+             name TEXT NOT NULL,
+             snapshot_id TEXT NOT NULL UNIQUE,
+             sandbox_id TEXT NOT NULL,
+             created_at BIGINT NOT NULL,
+             PRIMARY KEY (team_id, name));
+         ALTER TABLE hosts ADD COLUMN region TEXT",
     )
 }
 

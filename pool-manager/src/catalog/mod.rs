@@ -545,6 +545,62 @@ impl Catalog {
         )?)
     }
 
+    /// Gives snapshot `snapshot_id` (of `sandbox_id`) the team-unique `name`; a name in
+    /// use is a conflict.
+    pub fn name_snapshot(
+        &self,
+        team_id: &str,
+        name: &str,
+        snapshot_id: &str,
+        sandbox_id: &str,
+    ) -> Result<(), CatalogError> {
+        match self.db.execute(
+            "INSERT INTO snapshot_names (team_id, name, snapshot_id, sandbox_id, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            args![team_id, name, snapshot_id, sandbox_id, now_ms()],
+        ) {
+            Err(e) if e.is_constraint_violation() => Err(CatalogError::Conflict(format!(
+                "the team already has a snapshot named {name:?}; pick another name, or delete that snapshot"
+            ))),
+            other => other.map(drop),
+        }
+    }
+
+    /// The ID of the snapshot `team_id` named `name`.
+    pub fn snapshot_named(
+        &self,
+        team_id: &str,
+        name: &str,
+    ) -> Result<Option<String>, CatalogError> {
+        self.db
+            .query_opt(
+                "SELECT snapshot_id FROM snapshot_names WHERE team_id = ?1 AND name = ?2",
+                args![team_id, name],
+            )?
+            .map(|r| r.get(0))
+            .transpose()
+    }
+
+    /// The name of snapshot `snapshot_id`, if it has one.
+    pub fn snapshot_name(&self, snapshot_id: &str) -> Result<Option<String>, CatalogError> {
+        self.db
+            .query_opt(
+                "SELECT name FROM snapshot_names WHERE snapshot_id = ?1",
+                args![snapshot_id],
+            )?
+            .map(|r| r.get(0))
+            .transpose()
+    }
+
+    /// Forgets the name of a deleted snapshot.
+    pub fn forget_snapshot_name(&self, snapshot_id: &str) -> Result<(), CatalogError> {
+        self.db.execute(
+            "DELETE FROM snapshot_names WHERE snapshot_id = ?1",
+            args![snapshot_id],
+        )?;
+        Ok(())
+    }
+
     /// Every template record (of one team, if given), oldest first.
     pub fn templates(&self, team_id: Option<&str>) -> Result<Vec<TemplateRecord>, CatalogError> {
         let rows = self.db.query(

@@ -91,6 +91,7 @@ pub async fn place_create(
     template: &str,
     resources: Resources,
     warm_only: bool,
+    region: Option<&str>,
     body: &bytes::Bytes,
 ) -> Result<Option<Response>, ApiError> {
     let Some(this) = super::this_host() else {
@@ -103,9 +104,11 @@ pub async fn place_create(
     let Some(me) = hosts.iter().find(|h| h.info.id == this) else {
         return Ok(None);
     };
+    // A create that names a region goes to that region's hosts only.
+    let in_region = |h: &HostRecord| region.is_none_or(|r| h.info.region.as_deref() == Some(r));
     // A host that is not ready (draining, drained, declared lost) makes no sandbox:
     // another host does, or the create is refused.
-    let here_ok = me.is_ready();
+    let here_ok = me.is_ready() && in_region(me);
     if here_ok && hosts.iter().filter(|h| h.is_ready()).count() < 2 {
         return Ok(None);
     }
@@ -113,15 +116,21 @@ pub async fn place_create(
         ApiError::new(
             503,
             "no_host_available",
-            format!(
-                "this host ({this}) is {} and no other host can take the sandbox now; retry later, or ask the operator to add capacity",
-                me.state
-            ),
+            match region {
+                Some(r) if !in_region(me) => format!(
+                    "no host of region {r:?} can take the sandbox now; retry later, or ask the operator to add capacity there"
+                ),
+                _ => format!(
+                    "this host ({this}) is {} and no other host can take the sandbox now; retry later, or ask the operator to add capacity",
+                    me.state
+                ),
+            },
         )
     };
     // Same QEMU and guest images: what a template or snapshot made on one restores on.
-    let compatible =
-        |h: &HostRecord| h.info.qemu == me.info.qemu && h.info.image_set == me.info.image_set;
+    let compatible = |h: &HostRecord| {
+        h.info.qemu == me.info.qemu && h.info.image_set == me.info.image_set && in_region(h)
+    };
     let need = Allocation {
         vcpus: u64::from(resources.vcpus),
         mem_mib: u64::from(resources.mem_mib),
@@ -131,7 +140,22 @@ pub async fn place_create(
     let mut excluded = HashSet::new();
     let started = std::time::Instant::now();
     loop {
-        let Some(host) = choose(&hosts, need, &warm, warm_only, compatible, &excluded) else {
+        // With no host judged to have room, a create that may stay here is made here
+        // (this host's own admission decides); one for a region this host is not in goes
+        // to that region's least-loaded ready host instead, whose admission decides.
+        let fallback = || {
+            (!in_region(me))
+                .then(|| {
+                    hosts
+                        .iter()
+                        .filter(|h| h.is_ready() && compatible(h) && !excluded.contains(&h.info.id))
+                        .min_by_key(|h| h.allocated.mem_mib)
+                })
+                .flatten()
+        };
+        let chosen = choose(&hosts, need, &warm, warm_only, compatible, &excluded);
+        let by_fallback = chosen.is_none();
+        let Some(host) = chosen.or_else(|| (!warm_only).then(fallback).flatten()) else {
             return if here_ok {
                 Ok(None)
             } else {
@@ -146,8 +170,12 @@ pub async fn place_create(
             return Ok(None);
         }
         excluded.insert(host.info.id.clone());
-        let Some(reservation) = m.catalog.reserve(&host.info.id, need)? else {
-            continue;
+        // A fallback host is one placement judged full: it gets the create without a
+        // reservation, as this host would take one it may keep.
+        let reservation = match m.catalog.reserve(&host.info.id, need)? {
+            Some(r) => Some(r),
+            None if by_fallback => None,
+            None => continue,
         };
         tracing::info!(host = %host.info.id, elapsed_us = started.elapsed().as_micros() as u64, "create placed on another host");
         let mut req = Request::builder()
@@ -160,7 +188,7 @@ pub async fn place_create(
                 req.headers_mut().append(name, value.clone());
             }
         }
-        if let Ok(v) = reservation.parse() {
+        if let Some(v) = reservation.as_deref().and_then(|r| r.parse().ok()) {
             req.headers_mut().insert(RESERVATION, v);
         }
         match forward(&host.info.control_url, this, req, HostHeader::Target).await {
@@ -179,7 +207,9 @@ pub async fn place_create(
                 tracing::warn!(host = %host.info.id, error = %e, "a placed create could not be sent; trying another host");
             }
             Err(e) => {
-                let _ = m.catalog.release_reservation(&reservation);
+                if let Some(r) = &reservation {
+                    let _ = m.catalog.release_reservation(r);
+                }
                 return Err(ApiError::new(
                     502,
                     "host_unreachable",
@@ -187,7 +217,9 @@ pub async fn place_create(
                 ));
             }
         }
-        let _ = m.catalog.release_reservation(&reservation);
+        if let Some(r) = &reservation {
+            let _ = m.catalog.release_reservation(r);
+        }
     }
 }
 
@@ -209,6 +241,7 @@ mod tests {
                 qemu: "q".into(),
                 accel: "kvm".into(),
                 image_set: "i".into(),
+                region: None,
             },
             state: "ready".into(),
             warm: serde_json::json!({ "base/1/256/1024": warm }),

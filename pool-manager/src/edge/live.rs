@@ -154,7 +154,12 @@ pub(super) async fn pty_ws(
         cwd: q.cwd,
     };
     let process = agent.pty(options).await.map_err(agent_error)?;
-    Ok(ws.on_upgrade(move |socket| terminal(process, socket)))
+    // An open terminal keeps the sandbox from idling.
+    let busy = edge.manager.activity.busy(&id);
+    Ok(ws.on_upgrade(move |socket| async move {
+        let _busy = busy;
+        terminal(process, socket).await
+    }))
 }
 
 #[derive(Deserialize)]
@@ -209,7 +214,11 @@ pub(super) async fn port_ws(
 ) -> Result<Response, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
     let tunnel = agent.connect_port(port).await.map_err(agent_error)?;
-    Ok(ws.on_upgrade(move |socket| bridge_port(tunnel, socket)))
+    let busy = edge.manager.activity.busy(&id);
+    Ok(ws.on_upgrade(move |socket| async move {
+        let _busy = busy;
+        bridge_port(tunnel, socket).await
+    }))
 }
 
 async fn bridge_port(tunnel: tokio::io::DuplexStream, mut socket: WebSocket) {

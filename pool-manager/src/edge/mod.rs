@@ -8,7 +8,7 @@
 
 use crate::error::{agent_error, ApiError};
 use crate::model::{InternalState, SandboxRecord};
-use crate::sandboxes::Manager;
+use crate::sandboxes::{Manager, Wake, WAKE_WINDOW};
 use crate::tokens::{runtime_epoch, TokenError, TokenSigner};
 use agent_client::{AgentClient, ProcessEvent, StdinWriter};
 use agent_protocol::{Command, ExecRequest};
@@ -94,14 +94,32 @@ where
 }
 
 impl Edge {
-    /// Checks the runtime token and returns the sandbox's agent and env vars.
+    /// Checks the runtime token and returns the sandbox's agent and env vars. A paused
+    /// sandbox with autoResume is woken first (seed 000: SDK calls wake it, as preview
+    /// traffic does); one still waking after [`WAKE_WINDOW`] is a 503 with Retry-After.
     async fn agent(
         &self,
         headers: &HeaderMap,
         id: &str,
     ) -> Result<(AgentClient, BTreeMap<String, String>), ApiError> {
         let record = self.authorize(headers, id)?;
-        let agent = self.manager.running_agent(&record).await?;
+        self.manager.activity.touch(id);
+        let agent = if record.state == InternalState::Stopped && record.auto_resume {
+            match self
+                .manager
+                .wake_agent(&record, WAKE_WINDOW, "data-plane")
+                .await
+            {
+                Ok(agent) => agent,
+                Err(Wake::Unavailable(why)) => {
+                    return Err(ApiError::new(503, "sandbox_unavailable", why)
+                        .with_details(serde_json::json!({ "retryAfterS": 5 })))
+                }
+                Err(Wake::Gone(e)) => return Err(e),
+            }
+        } else {
+            self.manager.running_agent(&record).await?
+        };
         Ok((agent, record.env_vars))
     }
 
@@ -194,8 +212,10 @@ fn output_line(stream: &str, bytes: &[u8]) -> Bytes {
     }
 }
 
-/// Streams a process's events as NDJSON until it exits or detaches.
+/// Streams a process's events as NDJSON until it exits or detaches; the sandbox counts
+/// as busy (never idle) while the stream lasts.
 fn stream_process(edge: &Edge, id: &str, process: agent_client::Process) -> Response {
+    let busy = edge.manager.activity.busy(id);
     let pid = process.pid();
     let key = (id.to_string(), pid);
     edge.stdin
@@ -206,37 +226,38 @@ fn stream_process(edge: &Edge, id: &str, process: agent_client::Process) -> Resp
     let start = futures::stream::once(async move {
         Ok::<Bytes, std::io::Error>(ndjson_line(json!({ "event": "start", "pid": pid })))
     });
-    let events = futures::stream::unfold(Some((process, stdin_map, key)), |state| async move {
-        let (mut process, stdin_map, key) = state?;
-        let line = match process.next_event().await {
-            Ok(Some(ProcessEvent::Stdout(b))) => output_line("stdout", &b),
-            Ok(Some(ProcessEvent::Stderr(b))) => output_line("stderr", &b),
-            Ok(Some(ProcessEvent::Exited(s))) => {
-                stdin_map.lock().unwrap().remove(&key);
-                return Some((
-                    Ok(ndjson_line(
-                        json!({ "event": "exit", "exitCode": s.code, "signal": s.signal }),
-                    )),
-                    None,
-                ));
-            }
-            Ok(Some(ProcessEvent::Detached)) | Ok(None) => {
-                stdin_map.lock().unwrap().remove(&key);
-                return Some((Ok(ndjson_line(json!({ "event": "detached" }))), None));
-            }
-            Err(e) => {
-                stdin_map.lock().unwrap().remove(&key);
-                let err = agent_error(e);
-                return Some((
-                    Ok(ndjson_line(
-                        json!({ "event": "error", "code": err.code, "message": err.message }),
-                    )),
-                    None,
-                ));
-            }
-        };
-        Some((Ok(line), Some((process, stdin_map, key))))
-    });
+    let events =
+        futures::stream::unfold(Some((process, stdin_map, key, busy)), |state| async move {
+            let (mut process, stdin_map, key, busy) = state?;
+            let line = match process.next_event().await {
+                Ok(Some(ProcessEvent::Stdout(b))) => output_line("stdout", &b),
+                Ok(Some(ProcessEvent::Stderr(b))) => output_line("stderr", &b),
+                Ok(Some(ProcessEvent::Exited(s))) => {
+                    stdin_map.lock().unwrap().remove(&key);
+                    return Some((
+                        Ok(ndjson_line(
+                            json!({ "event": "exit", "exitCode": s.code, "signal": s.signal }),
+                        )),
+                        None,
+                    ));
+                }
+                Ok(Some(ProcessEvent::Detached)) | Ok(None) => {
+                    stdin_map.lock().unwrap().remove(&key);
+                    return Some((Ok(ndjson_line(json!({ "event": "detached" }))), None));
+                }
+                Err(e) => {
+                    stdin_map.lock().unwrap().remove(&key);
+                    let err = agent_error(e);
+                    return Some((
+                        Ok(ndjson_line(
+                            json!({ "event": "error", "code": err.code, "message": err.message }),
+                        )),
+                        None,
+                    ));
+                }
+            };
+            Some((Ok(line), Some((process, stdin_map, key, busy))))
+        });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(start.chain(events)))

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use tracing::{info, warn, Instrument};
 use vmm::{QemuVm, QemuVmm, RestoreMemory, RestoreOptions, Snapshot, Vm};
 
+mod activity;
 mod admission;
 mod builds;
 mod moves;
@@ -29,7 +30,7 @@ mod volumes;
 mod warm;
 pub use admission::Actor;
 pub use network::{NetworkSettings, USER_MODE_NETWORK};
-pub use previews::PreviewWake;
+pub use previews::{Wake, WAKE_WINDOW};
 pub(crate) use snapshots::free_bytes;
 use snapshots::snapshot_resources;
 pub use snapshots::SnapshotSettings;
@@ -59,6 +60,8 @@ pub struct Manager {
     admission: Mutex<()>,
     /// Per-team create rates.
     create_rate: crate::quotas::CreateRate,
+    /// The region this host is in (`--region`).
+    region: Option<String>,
     /// How long the timeout sweeper's last read of the catalog took (µs).
     sweep_scan_us: std::sync::atomic::AtomicU64,
     /// Where snapshots go, and the limits on taking them.
@@ -78,6 +81,8 @@ pub struct Manager {
     preview_domain: String,
     /// Resource samples of running sandboxes.
     samples: observe::Samples,
+    /// Last traffic per running sandbox (idle timeouts).
+    pub(crate) activity: Arc<activity::Activity>,
     /// Egress proxies and their policies.
     network: network::Network,
     /// Sandboxes whose periodic snapshots keep failing: each waits longer before the
@@ -168,6 +173,8 @@ pub struct ManagerConfig {
     pub preview_domain: String,
     /// How VMs are networked.
     pub network: NetworkSettings,
+    /// The region this host is in, if the operator named one.
+    pub region: Option<String>,
 }
 
 impl Manager {
@@ -182,6 +189,7 @@ impl Manager {
             snapshots,
             preview_domain,
             network,
+            region,
         } = config;
         Self {
             catalog: Arc::new(catalog),
@@ -206,9 +214,39 @@ impl Manager {
             builds: builds::Builds::default(),
             preview_domain,
             samples: observe::Samples::default(),
+            activity: Arc::default(),
             network: network::Network::new(network),
             periodic_backoff: Mutex::default(),
+            region,
         }
+    }
+
+    /// Checks a create's `region` against the regions the operator configured (this
+    /// host's, and on a cluster every live host's).
+    pub fn check_region(&self, region: Option<&str>) -> Result<(), ApiError> {
+        let Some(want) = region else {
+            return Ok(());
+        };
+        let mut known: std::collections::BTreeSet<String> = self.region.iter().cloned().collect();
+        if crate::cluster::this_host().is_some() {
+            for h in self.catalog.hosts()? {
+                if matches!(h.state.as_str(), "ready" | "draining") {
+                    known.extend(h.info.region);
+                }
+            }
+        }
+        if known.contains(want) {
+            return Ok(());
+        }
+        let message = if known.is_empty() {
+            format!("region {want:?} is not configured: this platform has no regions; omit region")
+        } else {
+            format!(
+                "region {want:?} is not configured; send one of: {}",
+                known.into_iter().collect::<Vec<_>>().join(", ")
+            )
+        };
+        Err(ApiError::bad_request(message).with_details(serde_json::json!({ "field": "region" })))
     }
 
     /// Makes the default-shape template snapshots now, so the first create is fast.
@@ -393,6 +431,10 @@ impl Manager {
         reason: &str,
     ) -> Result<(), ApiError> {
         let from = r.state;
+        if from != state {
+            // A start (or an end) begins the idle clock afresh.
+            self.activity.reset(&r.id);
+        }
         r.state = state;
         r.step(state.public(), Some(reason.to_string()));
         self.catalog.put_sandbox(r)?;
@@ -455,26 +497,28 @@ impl Manager {
         let valid = req.validate()?;
         let (on_timeout, timeout_s, mut resources) =
             (valid.on_timeout, valid.timeout_s, valid.resources);
-        let mut template_id = req.template_id.clone();
+        let given = valid.resources_given;
+        let source = self.resolve_start_source(team, &valid.source)?;
+        let mut template_id = source.clone();
         let mut env_vars = req.env_vars.clone();
-        if BUILTIN.contains(&req.template_id.as_str()) {
+        if BUILTIN.contains(&source.as_str()) {
             // The common case: no lookup on the create path.
-        } else if let Some(t) = self.ready_template(Some(team), &req.template_id)? {
+        } else if let Some(t) = self.ready_template(Some(team), &source)? {
             // A custom template (by ID or name): its shape, its env under the create's.
-            resources = snapshots::fixed_shape(t.resources, req.resources, &t.id)?;
+            resources = snapshots::fixed_shape(t.resources, given, &t.id)?;
             template_id = t.id;
             env_vars = t.env_vars.into_iter().chain(req.env_vars.clone()).collect();
         } else {
             // A snapshot ID works as a template: its shape is the snapshot's.
             let snapshot = self
-                .snapshot_template(team, &req.template_id)
+                .snapshot_template(team, &source)
                 .await?
                 .ok_or_else(|| {
-                    ApiError::not_found("template", &req.template_id).with_details(
-                        serde_json::json!({ "field": "templateID", "available": BUILTIN, "hint": "or a template of your team (GET /templates), or one of its snapshot IDs" }),
+                    ApiError::not_found("template", &source).with_details(
+                        serde_json::json!({ "field": valid.source.field(), "available": BUILTIN, "hint": "or a template of your team (GET /templates), or one of its snapshot IDs" }),
                     )
                 })?;
-            resources = snapshot_resources(&snapshot, req.resources, &req.template_id)?;
+            resources = snapshot_resources(&snapshot, given, &source)?;
         }
         self.check_shape(&template_id, resources)?;
         self.network.check(&valid.egress)?;
@@ -483,6 +527,7 @@ impl Manager {
             metadata: req.metadata,
             on_timeout,
             auto_resume: valid.auto_resume,
+            idle_timeout_s: valid.idle_timeout_s,
             egress: valid.egress.clone(),
             mounts: self.resolve_mounts(team, valid.mounts.clone()).await?,
             ..SandboxRecord::fresh(
@@ -497,6 +542,56 @@ impl Manager {
         };
         record.step("requested", None);
         Ok((record, valid))
+    }
+
+    /// What a start source names as a template reference (a built-in, a template ID or
+    /// name, or a snapshot ID): `imageName` is a template of the team by name (its
+    /// `imageId` must be that template's ID), `snapshotName` a snapshot the team named
+    /// (its `snapshotId` must be that snapshot).
+    fn resolve_start_source(
+        &self,
+        team: &str,
+        source: &api_model::StartSource,
+    ) -> Result<String, ApiError> {
+        use api_model::StartSource;
+        match source {
+            StartSource::Template(t) => Ok(t.clone()),
+            StartSource::Image { name, id } => {
+                let t = self
+                    .catalog
+                    .template(Some(team), name)?
+                    .filter(|t| t.name.as_deref() == Some(name.as_str()))
+                    .ok_or_else(|| {
+                        ApiError::not_found("template named", name).with_details(serde_json::json!({
+                            "field": "imageName",
+                            "hint": "imageName is the name a template was built with (GET /templates); send templateID for a built-in or an ID"
+                        }))
+                    })?;
+                match id {
+                    Some(pin) if *pin != t.id => Err(ApiError::conflict(format!(
+                        "imageName {name:?} is template {} now, not the pinned imageId {pin}; send imageId {} or omit it",
+                        t.id, t.id
+                    ))
+                    .with_details(serde_json::json!({ "field": "imageId", "current": t.id }))),
+                    _ => Ok(t.id),
+                }
+            }
+            StartSource::Snapshot { name, id } => {
+                let snapshot = self.catalog.snapshot_named(team, name)?.ok_or_else(|| {
+                    ApiError::not_found("snapshot named", name).with_details(serde_json::json!({
+                        "field": "snapshotName",
+                        "hint": "name a snapshot when taking it (POST /sandboxes/{id}/snapshots {\"name\": …}); send templateID for a snapshot ID"
+                    }))
+                })?;
+                match id {
+                    Some(pin) if *pin != snapshot => Err(ApiError::conflict(format!(
+                        "snapshotName {name:?} is snapshot {snapshot} now, not the pinned snapshotId {pin}; send snapshotId {snapshot} or omit it"
+                    ))
+                    .with_details(serde_json::json!({ "field": "snapshotId", "current": snapshot }))),
+                    _ => Ok(snapshot),
+                }
+            }
+        }
     }
 
     /// The checks on a shape that need this host: memory within its budget, and for a
@@ -1189,13 +1284,19 @@ impl Manager {
                 }
             }
             let scan = std::time::Instant::now();
-            let due: Vec<SandboxRecord> = match self.catalog.sandboxes_in(&["active"]) {
-                Ok(all) => all.into_iter().filter(|r| r.expires_at_ms <= now).collect(),
+            let active = match self.catalog.sandboxes_in(&["active"]) {
+                Ok(all) => all,
                 Err(e) => {
                     warn!(error = %e, "timeout sweep could not read the catalog");
                     continue;
                 }
             };
+            self.activity
+                .retain(&active.iter().map(|r| r.id.clone()).collect::<Vec<_>>());
+            let due: Vec<SandboxRecord> = active
+                .into_iter()
+                .filter(|r| r.expires_at_ms <= now || self.idle_past_timeout(r))
+                .collect();
             // What one pass over the catalog costs: it must not grow with the history
             // (the catalog bench reads it from /metrics).
             self.sweep_scan_us.store(
@@ -1232,11 +1333,23 @@ impl Manager {
         );
     }
 
-    /// Applies sandbox `id`'s timeout action if its timeout still stands: waiting for a
-    /// permit may have taken a while, and a refresh, pause or delete meanwhile wins.
+    /// Whether running sandbox `r` has an idle timeout and has been idle that long.
+    fn idle_past_timeout(&self, r: &SandboxRecord) -> bool {
+        r.idle_timeout_s > 0
+            && self.activity.idle_for(&r.id) >= std::time::Duration::from_secs(r.idle_timeout_s)
+    }
+
+    /// Applies sandbox `id`'s timeout action if its timeout (or idle timeout) still
+    /// stands: waiting for a permit may have taken a while, and a refresh, pause, delete
+    /// or traffic meanwhile wins.
     async fn timeout_action(&self, id: &str) {
-        let r = match self.catalog.sandbox(id) {
-            Ok(Some(r)) if r.state == InternalState::Active && r.expires_at_ms <= now_ms() => r,
+        let (r, why) = match self.catalog.sandbox(id) {
+            Ok(Some(r)) if r.state == InternalState::Active && r.expires_at_ms <= now_ms() => {
+                (r, "timeout")
+            }
+            Ok(Some(r)) if r.state == InternalState::Active && self.idle_past_timeout(&r) => {
+                (r, "idleTimeout")
+            }
             Ok(_) => return,
             Err(e) => {
                 warn!(sandbox = %id, error = %e, "timeout sweep could not read the sandbox");
@@ -1246,7 +1359,7 @@ impl Manager {
         let _ = self.catalog.append_event(
             &r.id,
             "sandbox.timeout",
-            &serde_json::json!({ "onTimeout": r.on_timeout }),
+            &serde_json::json!({ "onTimeout": r.on_timeout, "reason": why }),
         );
         let result = match r.on_timeout {
             OnTimeout::Pause => self.pause(&r.team_id, &r.id).await.map(drop),

@@ -1,5 +1,6 @@
 //! The sandbox side of preview URLs: issuing signed URLs and proxy targets, public
-//! ports, and waking a paused sandbox for preview traffic.
+//! ports, and waking a paused sandbox with autoResume for preview traffic and data-plane
+//! calls alike.
 
 use super::Manager;
 use crate::error::ApiError;
@@ -11,8 +12,11 @@ use api_model::PreviewBody;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Why preview traffic cannot reach a sandbox now.
-pub enum PreviewWake {
+/// How long traffic to a paused sandbox with autoResume waits for it to wake.
+pub const WAKE_WINDOW: Duration = Duration::from_secs(30);
+
+/// Why traffic cannot reach a sandbox now.
+pub enum Wake {
     /// Not now (paused without autoResume, still waking, starting): 503, retry.
     Unavailable(String),
     /// Not at all (unknown, deleted, failed).
@@ -86,20 +90,22 @@ impl Manager {
         })
     }
 
-    /// The agent of the sandbox `r` preview traffic is for, waking it (within `window`)
-    /// if it is paused with autoResume.
-    pub async fn preview_agent(
+    /// The agent of the sandbox `r` traffic is for, waking it (within `window`) if it is
+    /// paused with autoResume. `by` names the traffic in the `sandbox.auto_resumed`
+    /// event: `preview` or `data-plane`.
+    pub async fn wake_agent(
         self: &Arc<Self>,
         r: &SandboxRecord,
         window: Duration,
-    ) -> Result<AgentClient, PreviewWake> {
+        by: &'static str,
+    ) -> Result<AgentClient, Wake> {
         let id = r.id.as_str();
         match r.state {
             InternalState::Active => {
                 return self
                     .running_agent(r)
                     .await
-                    .map_err(|e| PreviewWake::Unavailable(e.message))
+                    .map_err(|e| Wake::Unavailable(e.message))
             }
             InternalState::Stopped if r.auto_resume => {
                 let started = std::time::Instant::now();
@@ -110,38 +116,38 @@ impl Manager {
                 let wake = tokio::spawn(async move { this.resume(&team, &sandbox).await });
                 match tokio::time::timeout(window, wake).await {
                     Ok(Ok(Ok(_))) => {
-                        tracing::info!(sandbox = %id, elapsed_ms = started.elapsed().as_millis() as u64, "woken by preview traffic");
+                        tracing::info!(sandbox = %id, by, elapsed_ms = started.elapsed().as_millis() as u64, "woken by traffic");
                         let _ = self.catalog.append_event(
                             id,
                             "sandbox.auto_resumed",
-                            &serde_json::json!({ "by": "preview", "elapsedMs": started.elapsed().as_millis() as u64 }),
+                            &serde_json::json!({ "by": by, "elapsedMs": started.elapsed().as_millis() as u64 }),
                         );
                     }
                     Ok(Ok(Err(e))) => {
-                        return Err(PreviewWake::Unavailable(format!(
+                        return Err(Wake::Unavailable(format!(
                             "waking sandbox {id} failed: {}; retry",
                             e.message
                         )))
                     }
                     Ok(Err(_)) | Err(_) => {
-                        return Err(PreviewWake::Unavailable(format!(
+                        return Err(Wake::Unavailable(format!(
                             "sandbox {id} is still waking up; retry in a few seconds"
                         )))
                     }
                 }
             }
             InternalState::Stopped => {
-                return Err(PreviewWake::Unavailable(format!(
-                    "sandbox {id} is paused and preview traffic does not wake it (lifecycle.autoResume is off); resume or connect it"
+                return Err(Wake::Unavailable(format!(
+                    "sandbox {id} is paused and traffic does not wake it (lifecycle.autoResume is off); resume or connect it"
                 )))
             }
             InternalState::New | InternalState::Creating => {
-                return Err(PreviewWake::Unavailable(format!(
+                return Err(Wake::Unavailable(format!(
                     "sandbox {id} is still starting; retry in a few seconds"
                 )))
             }
             _ => {
-                return Err(PreviewWake::Gone(ApiError::new(
+                return Err(Wake::Gone(ApiError::new(
                     410,
                     "sandbox_gone",
                     format!("sandbox {id} is {}; its previews are gone", r.state.public()),
@@ -152,7 +158,7 @@ impl Manager {
         self.agent(id)
             .await
             .map(|(agent, _)| agent)
-            .map_err(|e| PreviewWake::Unavailable(e.message))
+            .map_err(|e| Wake::Unavailable(e.message))
     }
 
     /// The agent of sandbox `r`, a record the caller has just read (the preview listener

@@ -128,6 +128,7 @@ fn view_of(s: &StoredSnapshot) -> SnapshotView {
         size_bytes: s.size_bytes(),
         stored_bytes: s.data_bytes(),
         storage: "object",
+        name: None,
         resources: vm
             .map(|m| Resources {
                 vcpus: m.vcpus,
@@ -153,6 +154,7 @@ fn local_view(r: &SandboxRecord, s: &Snapshot) -> SnapshotView {
             .sum(),
         stored_bytes: s.disk_usage(),
         storage: "local",
+        name: None,
         resources: Resources {
             vcpus: m.vcpus,
             mem_mib: m.mem_mib,
@@ -265,6 +267,7 @@ impl Manager {
                     "metadata": r.metadata,
                     "onTimeout": r.on_timeout,
                     "autoResume": r.auto_resume,
+                    "idleTimeout": r.idle_timeout_s,
                     "publicPorts": r.public_ports,
                     "timeout": r.timeout_s,
                     "egress": r.egress,
@@ -360,7 +363,24 @@ impl Manager {
     }
 
     /// Takes a manual snapshot of a running sandbox; it keeps running.
-    pub async fn create_snapshot(&self, team: &str, id: &str) -> Result<SnapshotView, ApiError> {
+    pub async fn create_snapshot(
+        &self,
+        team: &str,
+        id: &str,
+        name: Option<String>,
+    ) -> Result<SnapshotView, ApiError> {
+        let taken_name = |name: &str| {
+            ApiError::conflict(format!(
+                "the team already has a snapshot named {name:?}; pick another name, or delete that snapshot"
+            ))
+            .with_details(serde_json::json!({ "field": "name" }))
+        };
+        if let Some(n) = &name {
+            // Checked first: a snapshot taken for nothing costs a pause and GiB.
+            if self.catalog.snapshot_named(team, n)?.is_some() {
+                return Err(taken_name(n));
+            }
+        }
         let (mut guard, r) = self.lock_running(team, id, "snapshotted").await?;
         let _held = self.hold_snapshot_quota(&r, Kind::Manual)?;
         let intent = self.begin_op(
@@ -377,7 +397,20 @@ impl Manager {
             "snapshot.published",
             serde_json::json!({ "snapshot": published.id }),
         );
-        Ok(view_of(&published))
+        let mut view = view_of(&published);
+        if let Some(n) = name {
+            // Another create took the name meanwhile: the snapshot stays, unnamed.
+            self.catalog
+                .name_snapshot(team, &n, &published.id, id)
+                .map_err(|_| {
+                    ApiError::conflict(format!(
+                        "snapshot {} was taken, but another request named a snapshot {n:?} meanwhile; it is kept without a name (use its ID, or delete it)",
+                        published.id
+                    ))
+                })?;
+            view.name = Some(n);
+        }
+        Ok(view)
     }
 
     /// The stored snapshots of `sandbox_id` that belong to `team`. The sandbox may be
@@ -423,6 +456,9 @@ impl Manager {
             .iter()
             .map(view_of)
             .collect();
+        for v in &mut views {
+            v.name = self.catalog.snapshot_name(&v.snapshot_id)?;
+        }
         if let Some((r, s)) = self.local_pause(team, id) {
             views.push(local_view(&r, &s));
         }
@@ -461,6 +497,7 @@ impl Manager {
         self.delete_stored(s)
             .await
             .map_err(|e| store_error("deleting the snapshot", e))?;
+        self.catalog.forget_snapshot_name(snapshot_id)?;
         // This worker's cached copy (a template) goes once no live sandbox uses it.
         if !self.any_live(|r| r.template_id == snapshot_id)? {
             super::remove_tree(self.template_cache_dir(snapshot_id)).await;
@@ -635,6 +672,7 @@ impl Manager {
             metadata: origin.metadata,
             on_timeout: origin.on_timeout,
             auto_resume: origin.auto_resume,
+            idle_timeout_s: origin.idle_timeout.unwrap_or(0),
             public_ports: origin.public_ports,
             // The same sandbox, moved: its policy, and its volume holds (the write lock
             // is the sandbox's, whatever worker runs it).
@@ -1065,6 +1103,7 @@ impl Manager {
                     .unwrap_or_else(|| parent.metadata.clone()),
                 on_timeout: parent.on_timeout,
                 auto_resume: parent.auto_resume,
+                idle_timeout_s: parent.idle_timeout_s,
                 public_ports: parent.public_ports.clone(),
                 egress: parent.egress.clone(),
                 mounts: parent.mounts.clone(),
@@ -1295,6 +1334,7 @@ struct StoredSandbox {
     on_timeout: OnTimeout,
     timeout: Option<u64>,
     auto_resume: bool,
+    idle_timeout: Option<u64>,
     public_ports: Vec<u16>,
     egress: api_model::EgressPolicy,
     mounts: Vec<api_model::Mount>,

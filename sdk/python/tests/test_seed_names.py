@@ -58,6 +58,10 @@ def test_lifecycle_security_and_pool_names():
     assert "disagree" in refused(lifecycle={"on_timeout": "kill"}, on_timeout="pause")
     assert "'kill', 'pause' or 'hibernate'" in refused(on_timeout="sleep")
     assert "unknown keys" in refused(lifecycle={"on_timeout": "pause", "idle": 3})
+    assert body(lifecycle={"on_timeout": "pause"}, idle_timeout=30)["lifecycle"] == {
+        "onTimeout": "pause", "idleTimeout": 30}
+    assert body(lifecycle=SandboxLifecycle(idle_timeout=30))["lifecycle"] == {"idleTimeout": 30}
+    assert "disagree" in refused(lifecycle={"idle_timeout": 30}, idle_timeout=60)
     assert body(warm_pool_mode="require")["warmPool"] == "require"
     assert "disagree" in refused(warm_pool="prefer", warm_pool_mode="require")
     assert "'require' or 'prefer'" in refused(warm_pool_mode="always")
@@ -131,7 +135,8 @@ def test_the_async_classes_have_every_call_of_the_sync_ones(sync, async_):
 def test_create_takes_every_seed_001_and_004_parameter():
     seed = ["template", "timeout", "metadata", "envs", "secure", "allow_internet_access",
             "network", "security_policy", "resources", "lifecycle", "api_key", "domain",
-            "request_timeout", "on_timeout", "auto_resume", "warm_pool_mode", "wait_ready"]
+            "request_timeout", "on_timeout", "auto_resume", "warm_pool_mode", "wait_ready",
+            "idle_timeout"]
     for cls in (Sandbox, AsyncSandbox):
         params = list(inspect.signature(cls.create).parameters)
         assert params[:13] == seed[:13], params  # seed 001's order, positionally

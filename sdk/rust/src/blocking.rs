@@ -1,14 +1,16 @@
 //! The same calls without async: each blocks on a small runtime the handle owns.
 
 use crate::models::{
-    CommandResult, CreateOptions, FileInfo, ListQuery, ProcessInfo, RestoreOptions, SandboxInfo,
-    SandboxPage, SnapshotInfo,
+    CommandResult, FileInfo, ListQuery, ProcessInfo, RestoreOptions, SandboxInfo, SandboxPage,
+    SnapshotInfo,
 };
 use crate::{
-    BuildLogLine, BuildLogPage, ConnectionConfig, Error, Result, RunOptions, Template,
-    TemplateBuild, WarmPool, WarmPoolSettings,
+    BuildLogLine, BuildLogPage, ConnectionConfig, CreateOptions, Error, FieldsPage, Metric,
+    MetricsTime, Result, RunOptions, Template, TemplateBuild, WarmPool, WarmPoolSettings,
 };
+use serde_json::{Map, Value};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 fn runtime() -> Result<Arc<tokio::runtime::Runtime>> {
     tokio::runtime::Builder::new_current_thread()
@@ -26,7 +28,18 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Creates a sandbox.
+    /// Creates a sandbox (see [`crate::Sandbox::create`]; with
+    /// [`CreateOptions::wait_ready`]`(false)` it returns while `starting`: call
+    /// [`Sandbox::wait_ready`]).
+    ///
+    /// ```no_run
+    /// # fn demo(config: &nullspace::ConnectionConfig) -> nullspace::Result<()> {
+    /// use nullspace::{blocking::Sandbox, CreateOptions};
+    /// let mut sbx = Sandbox::create(config, &CreateOptions::new("base").allow_internet_access(false).wait_ready(false))?;
+    /// sbx.wait_ready(std::time::Duration::from_secs(60))?;
+    /// assert_eq!(sbx.run("echo hi")?.stdout, "hi\n");
+    /// # Ok(()) }
+    /// ```
     pub fn create(config: &ConnectionConfig, options: &CreateOptions) -> Result<Sandbox> {
         let rt = runtime()?;
         let inner = rt.block_on(crate::Sandbox::create(config, options))?;
@@ -54,6 +67,36 @@ impl Sandbox {
         runtime()?.block_on(crate::Sandbox::get_info_by_id(config, sandbox_id))
     }
 
+    /// One page of the team's sandboxes as compact raw maps with exactly `fields`. See
+    /// [`crate::Sandbox::list_fields`].
+    pub fn list_fields(
+        config: &ConnectionConfig,
+        query: &ListQuery,
+        fields: &[&str],
+    ) -> Result<FieldsPage> {
+        runtime()?.block_on(crate::Sandbox::list_fields(config, query, fields))
+    }
+
+    /// A sandbox's description as a compact raw map with exactly `fields`. See
+    /// [`crate::Sandbox::get_info_by_id_fields`].
+    pub fn get_info_by_id_fields(
+        config: &ConnectionConfig,
+        sandbox_id: &str,
+        fields: &[&str],
+    ) -> Result<Map<String, Value>> {
+        runtime()?.block_on(crate::Sandbox::get_info_by_id_fields(
+            config, sandbox_id, fields,
+        ))
+    }
+
+    /// A handle on a sandbox by ID, without a call. See [`crate::Sandbox::from_id`].
+    pub fn from_id(config: &ConnectionConfig, sandbox_id: &str) -> Result<Sandbox> {
+        Ok(Self {
+            inner: crate::Sandbox::from_id(config, sandbox_id)?,
+            rt: runtime()?,
+        })
+    }
+
     /// Starts a new sandbox from a snapshot of `sandbox_id`.
     pub fn restore(
         config: &ConnectionConfig,
@@ -78,6 +121,43 @@ impl Sandbox {
     /// Takes a manual snapshot.
     pub fn create_snapshot(&self) -> Result<SnapshotInfo> {
         self.rt.block_on(self.inner.create_snapshot())
+    }
+
+    /// Seed 001's `snapshot()`: a manual snapshot as a [`Snapshot`] that can restore and
+    /// delete itself.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let inner = self.rt.block_on(self.inner.snapshot())?;
+        Ok(Snapshot {
+            inner,
+            rt: self.rt.clone(),
+        })
+    }
+
+    /// Waits until it is `running`. See [`crate::Sandbox::wait_ready`].
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        self.rt.block_on(self.inner.wait_ready(timeout))
+    }
+
+    /// The host name `port` is served under. See [`crate::Sandbox::get_host`].
+    pub fn get_host(&self, port: u16) -> Result<String> {
+        self.rt.block_on(self.inner.get_host(port))
+    }
+
+    /// Resource samples from `start` to `end` (Unix seconds or [`SystemTime`]; default
+    /// its whole life). See [`crate::Sandbox::get_metrics`].
+    ///
+    /// ```no_run
+    /// # fn demo(sbx: &nullspace::blocking::Sandbox) -> nullspace::Result<()> {
+    /// use std::time::{Duration, SystemTime};
+    /// let recent = sbx.get_metrics(Some((SystemTime::now() - Duration::from_secs(60)).into()), None)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn get_metrics(
+        &self,
+        start: Option<MetricsTime>,
+        end: Option<MetricsTime>,
+    ) -> Result<Vec<Metric>> {
+        self.rt.block_on(self.inner.get_metrics(start, end))
     }
 
     /// Its snapshots, newest first.
@@ -219,6 +299,64 @@ impl Sandbox {
     /// Renames a path.
     pub fn rename(&self, from: &str, to: &str) -> Result<()> {
         self.rt.block_on(self.inner.files().rename(from, to))
+    }
+}
+
+/// A stored snapshot (blocking). See [`crate::Snapshot`].
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    inner: crate::Snapshot,
+    rt: Arc<tokio::runtime::Runtime>,
+}
+
+impl Snapshot {
+    /// Its ID.
+    pub fn id(&self) -> &str {
+        self.inner.id()
+    }
+
+    /// `pause`, `periodic` or `manual`.
+    pub fn kind(&self) -> &str {
+        &self.inner.kind
+    }
+
+    /// When it was taken.
+    pub fn created(&self) -> SystemTime {
+        self.inner.created
+    }
+
+    /// Bytes a restore materializes.
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// The sandbox it was taken of.
+    pub fn sandbox_id(&self) -> &str {
+        &self.inner.sandbox_id
+    }
+
+    /// The API's full description.
+    pub fn info(&self) -> &SnapshotInfo {
+        &self.inner.info
+    }
+
+    /// Starts a new sandbox from it. See [`crate::Snapshot::restore`].
+    pub fn restore(&self, options: &RestoreOptions) -> Result<Sandbox> {
+        let inner = self.rt.block_on(self.inner.restore(options))?;
+        Ok(Sandbox {
+            inner,
+            rt: self.rt.clone(),
+        })
+    }
+
+    /// Deletes it from the store.
+    pub fn delete(&self) -> Result<()> {
+        self.rt.block_on(self.inner.delete())
+    }
+
+    /// The async snapshot.
+    pub fn as_async(&self) -> &crate::Snapshot {
+        &self.inner
     }
 }
 

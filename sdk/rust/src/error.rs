@@ -27,15 +27,39 @@ pub enum Error {
     /// The server sent something this SDK does not understand.
     #[error("unexpected answer: {0}")]
     Protocol(String),
+    /// Refused or ended by the SDK itself, with a stable code like the API's: a
+    /// request it will not send (`invalid_request`: conflicting options, naming what to
+    /// send instead), a wait that ran out (`timeout`), a sandbox that failed while
+    /// waited on (its diagnostic's code, or `sandbox_failed`).
+    #[error("{code}: {message}")]
+    Local {
+        /// Stable code (`invalid_request`, `timeout`, `sandbox_failed`, ...).
+        code: String,
+        /// What went wrong and what to send instead.
+        message: String,
+    },
 }
 
 impl Error {
-    /// The API's error code, if the API answered with one.
+    /// The error's stable code: the API's, or the SDK's own for [`Error::Local`].
     pub fn code(&self) -> Option<&str> {
         match self {
-            Error::Api { code, .. } => Some(code),
+            Error::Api { code, .. } | Error::Local { code, .. } => Some(code),
             _ => None,
         }
+    }
+
+    /// An [`Error::Local`] with `code` and `message`.
+    pub(crate) fn local(code: &str, message: impl Into<String>) -> Self {
+        Error::Local {
+            code: code.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// An [`Error::Local`] `invalid_request`: options the SDK will not send.
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        Self::local("invalid_request", message)
     }
 
     /// Whether this is the API's "no such thing" answer.

@@ -15,33 +15,100 @@
 //! The control plane (create, list, connect, pause, ...) goes to the public API with the
 //! team's API key; commands and files go to the sandbox's data plane with the runtime
 //! token the create or connect returned. [`blocking`] has the same calls without async.
+//!
+//! # The seed documents' names
+//!
+//! Code written against the seed documents' SDK (seed 001's `Sandbox.create(...)`,
+//! seed 004's keyword forms) maps one to one onto this crate: each name is a builder
+//! method of [`CreateOptions`] or a call on [`Sandbox`]. The REST API refuses the seeds'
+//! SDK names that differ from its own (seed 003); this SDK translates them
+//! ([`CreateOptions::to_body`]) and refuses combinations that would mean two things
+//! (an [`Error::Local`] with code `invalid_request` that names what to send instead).
+//!
+//! | Seed name | Here | REST |
+//! |---|---|---|
+//! | `template` | [`CreateOptions::new`] | `templateID` |
+//! | `timeout` | [`CreateOptions::timeout`] | `timeout` (seconds) |
+//! | `metadata` | [`CreateOptions::metadata`] | `metadata` |
+//! | `envs` | [`CreateOptions::env`] | `envVars` |
+//! | `resources` `{"cpu", "memory_mb", "disk_mb"}` | [`CreateOptions::resources`]`(vcpus, mem_mib, disk_mib)` | `resources {vcpus, memMiB, diskSizeMiB}` |
+//! | `allow_internet_access=False` | [`CreateOptions::allow_internet_access`]`(false)` | `egress {internet: false, allow: [], deny: []}` (`true`: nothing sent) |
+//! | `network` (`SandboxNetworkOpts`) | [`CreateOptions::network`], [`SandboxNetworkOpts`] | `egress`: `allow` = `allow_out`; `deny` = `deny_out` without `0.0.0.0/0` / `::/0`, whose presence sets `internet: false` |
+//! | `secure=True` | [`CreateOptions::secure`]`(true)` | `securityPolicy: {}` (`501 not_implemented` until the security proxy lands; `false`: nothing sent) |
+//! | `security_policy` (`SecurityPolicy`) | [`CreateOptions::security_policy`], [`SecurityPolicy`] | `securityPolicy {pii, injectionDefense, transforms, audit, envMasking}` |
+//! | `lifecycle` (`SandboxLifecycle`) | [`CreateOptions::lifecycle`], [`SandboxLifecycle`] | `lifecycle {onTimeout, autoResume}` |
+//! | `on_timeout=` (seed 004) | [`CreateOptions::on_timeout`] | `lifecycle.onTimeout` |
+//! | `auto_resume=` (seed 004) | [`CreateOptions::auto_resume`] | `lifecycle.autoResume` |
+//! | `warm_pool_mode=` (seed 004) | [`CreateOptions::warm_pool_mode`] (= [`CreateOptions::warm_pool`]) | `warmPool` |
+//! | `wait_ready=False` | [`CreateOptions::wait_ready`]`(false)`, then [`Sandbox::wait_ready`] | `waitReady: false` |
+//! | `api_key`, `domain` (`host:port`), `request_timeout` | [`ConnectionConfig::with_api_key`], [`ConnectionConfig::with_domain`], [`ConnectionConfig::with_request_timeout`] | `X-API-Key` header, base URL, HTTP timeout |
+//! | `fields=["id", "status"]` | [`Sandbox::list_fields`], [`Sandbox::get_info_by_id_fields`] | `?fields=id,status` |
+//! | `get_host(port)` / `getHost` | [`Sandbox::get_host`] | `POST /sandboxes/:id/previews {port}` → `host` |
+//! | `get_metrics(start, end)` | [`Sandbox::get_metrics`] with [`MetricsTime`] (Unix seconds or `SystemTime`) | `GET /sandboxes/:id/metrics?start=&end=` (Unix seconds) |
+//! | `snapshot()` → `Snapshot` | [`Sandbox::snapshot`] → [`Snapshot`] (`restore`, `delete`) | `POST /sandboxes/:id/snapshots` |
+//! | `create_snapshot()` → `SnapshotInfo` | [`Sandbox::create_snapshot`] | `POST /sandboxes/:id/snapshots` |
+//!
+//! Conflicts refused before sending: `network` with `egress`; `allow_internet_access`
+//! `false` with `egress`; `secure` `false` with `security_policy`; `lifecycle.on_timeout`
+//! / `lifecycle.auto_resume` with a different `on_timeout=` / `auto_resume=`;
+//! `warm_pool` with a different `warm_pool_mode`; an `allow_out` entry inside a
+//! `deny_out` entry (the seed lets allow win, this API lets deny win). `network`
+//! overrides `allow_internet_access` without an error, as seed 001 says.
+//!
+//! ```no_run
+//! # async fn demo(config: &nullspace::ConnectionConfig) -> nullspace::Result<()> {
+//! use nullspace::{CreateOptions, OnTimeout, Sandbox, SandboxNetworkOpts, WarmPoolMode};
+//! // Seed 001: Sandbox.create(template="base", allow_internet_access=False)
+//! let offline = Sandbox::create(config, &CreateOptions::new("base").allow_internet_access(false)).await?;
+//! // Seed 001: network=SandboxNetworkOpts(allow_out=["203.0.113.7"], deny_out=["0.0.0.0/0"])
+//! let net = SandboxNetworkOpts::new().allow_out("203.0.113.7").deny_out("0.0.0.0/0");
+//! let fenced = Sandbox::create(config, &CreateOptions::new("base").network(net)).await?;
+//! // Seed 004: on_timeout="pause", auto_resume=True, warm_pool_mode="prefer"
+//! let napping = Sandbox::create(
+//!     config,
+//!     &CreateOptions::new("base")
+//!         .on_timeout(OnTimeout::Pause)
+//!         .auto_resume(true)
+//!         .warm_pool_mode(WarmPoolMode::Prefer),
+//! )
+//! .await?;
+//! # Ok(()) }
+//! ```
 
 pub mod blocking;
 mod commands;
 mod config;
+mod create;
 mod error;
 mod files;
 mod live;
 mod models;
 mod sandbox;
+mod snapshot;
 mod templates;
+mod time;
 mod volumes;
 
 pub use api_model::{EgressPolicy, Mount, MountMode, MountRequest};
 pub use commands::{CommandHandle, Commands, OutputCallback, RunOptions};
 pub use config::{ConnectionConfig, DEFAULT_REQUEST_TIMEOUT};
+pub use create::{
+    CreateOptions, Lifecycle, OnTimeout, SandboxLifecycle, SandboxNetworkOpts, SecurityPolicy,
+    WarmPoolMode,
+};
 pub use error::{Error, Result};
 pub use files::Files;
 pub use live::{
     redact_preview_token, redact_preview_url, Event, EventStream, EventStreamOptions, FsEvent,
-    LogLine, Metric, PortConnection, Preview, ProxyTarget, Pty, PtyEvent, Watch,
+    LogLine, Metric, MetricTimestamp, MetricsTime, PortConnection, Preview, ProxyTarget, Pty,
+    PtyEvent, SandboxMetrics, Watch,
 };
 pub use models::{
-    CommandResult, CreateOptions, Diagnostic, FileInfo, Lifecycle, ListQuery, OnTimeout,
-    ProcessInfo, Resources, RestoreOptions, RuntimeAccess, RuntimeTarget, SandboxInfo, SandboxPage,
-    SnapshotInfo, TimelineStep, WarmPoolMode,
+    CommandResult, Diagnostic, FileInfo, ListQuery, ProcessInfo, Resources, RestoreOptions,
+    RuntimeAccess, RuntimeTarget, SandboxInfo, SandboxPage, SnapshotInfo, TimelineStep,
 };
-pub use sandbox::Sandbox;
+pub use sandbox::{FieldsPage, Sandbox};
+pub use snapshot::Snapshot;
 pub use templates::{
     BuildFailure, BuildLogLine, BuildLogPage, BuildStep, FileSpec, StepStatus, StepView, Template,
     TemplateBuild, TemplateStatus, Templates, WarmPool, WarmPoolSettings,

@@ -233,6 +233,25 @@ impl Sandbox {
         self.preview(serde_json::json!({ "port": port })).await
     }
 
+    /// Seed 004's `getHost`: the host name `port` is served under
+    /// (`<port>-<sandbox id>.<preview domain>`), e.g. for a `Host` header or to build a
+    /// URL of your own. Port 0 is `invalid_request`.
+    ///
+    /// ```no_run
+    /// # async fn demo(sbx: &nullspace::Sandbox) -> nullspace::Result<()> {
+    /// let host = sbx.get_host(8080).await?;
+    /// println!("https://{host}/");
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_host(&self, port: u16) -> Result<String> {
+        if port == 0 {
+            return Err(Error::invalid(
+                "port 0 is not a port; send 1 to 65535 (the port the sandbox serves on)",
+            ));
+        }
+        Ok(self.get_preview_url(port).await?.host)
+    }
+
     /// A target for an application proxy: forward to its URL with its token in the
     /// `x-nullspace-preview-proxy-token` header (no token in browser-visible URLs).
     pub async fn create_preview_proxy_target(&self, port: u16) -> Result<ProxyTarget> {
@@ -374,6 +393,24 @@ async fn follow(
 /// One resource sample: the API's own shape.
 pub use api_model::MetricSample as Metric;
 
+/// Seed 001's name of a resource sample ([`Metric`]).
+pub type SandboxMetrics = Metric;
+
+pub use crate::time::MetricsTime;
+
+/// A sample's timestamp as a [`std::time::SystemTime`] (the sample type is the API's
+/// shape, so the helper is a trait: `use nullspace::MetricTimestamp`).
+pub trait MetricTimestamp {
+    /// When the sample was taken.
+    fn time(&self) -> std::time::SystemTime;
+}
+
+impl MetricTimestamp for Metric {
+    fn time(&self) -> std::time::SystemTime {
+        crate::time::unix_to_system_time(self.timestamp)
+    }
+}
+
 /// One line of a sandbox's logs.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct LogLine {
@@ -385,14 +422,33 @@ pub struct LogLine {
 }
 
 impl Sandbox {
-    /// Resource samples between `start` and `end` (unix seconds; default the last hour).
-    pub async fn get_metrics(&self, start: Option<i64>, end: Option<i64>) -> Result<Vec<Metric>> {
+    /// Resource samples (seed 001's `SandboxMetrics`) from `start` to `end`: Unix
+    /// seconds or [`std::time::SystemTime`] (see [`MetricsTime`]). `start` defaults to
+    /// the sandbox's creation, `end` to now (both decided by the server). Samples are
+    /// kept for the sandbox's whole life: every 5 s for the last hour, coarser before.
+    ///
+    /// ```no_run
+    /// # async fn demo(sbx: &nullspace::Sandbox) -> nullspace::Result<()> {
+    /// use nullspace::MetricTimestamp;
+    /// use std::time::{Duration, SystemTime};
+    /// let since = SystemTime::now() - Duration::from_secs(600);
+    /// for m in sbx.get_metrics(Some(since.into()), None).await? {
+    ///     println!("{:?}: {:.1}% CPU, {} MiB", m.time(), m.cpu_used_pct, m.mem_used_mib);
+    /// }
+    /// let all = sbx.get_metrics(None, None).await?; // its whole life
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_metrics(
+        &self,
+        start: Option<MetricsTime>,
+        end: Option<MetricsTime>,
+    ) -> Result<Vec<Metric>> {
         let mut q = Vec::new();
         if let Some(s) = start {
-            q.push(format!("start={s}"));
+            q.push(format!("start={}", s.unix_seconds()));
         }
         if let Some(e) = end {
-            q.push(format!("end={e}"));
+            q.push(format!("end={}", e.unix_seconds()));
         }
         let query = if q.is_empty() {
             String::new()

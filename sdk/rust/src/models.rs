@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 // The same shapes the API component checks requests against.
-pub use api_model::{OnTimeout, Resources, WarmPoolMode};
+pub use api_model::Resources;
 
 /// Data-plane address and token of a running sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -108,7 +108,7 @@ pub struct SandboxInfo {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotInfo {
-    /// Its ID; works as a template ID in [`CreateOptions::new`].
+    /// Its ID; works as a template ID in [`crate::CreateOptions::new`].
     #[serde(rename = "snapshotID")]
     pub snapshot_id: String,
     /// The sandbox it was taken of.
@@ -146,141 +146,6 @@ pub struct RestoreOptions {
     /// Labels of the new sandbox (default: the original's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<BTreeMap<String, String>>,
-}
-
-/// Options of [`crate::Sandbox::create`]. `CreateOptions::new("base")` and set what you need.
-#[derive(Debug, Clone, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CreateOptions {
-    /// Template to boot (`base`, `minimal`, ...).
-    #[serde(rename = "templateID")]
-    pub template: String,
-    /// Lifetime in seconds (server default 300).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<u64>,
-    /// Labels, filterable in a list.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub metadata: BTreeMap<String, String>,
-    /// Environment of every command.
-    #[serde(rename = "envVars", skip_serializing_if = "BTreeMap::is_empty")]
-    pub envs: BTreeMap<String, String>,
-    /// Shape (server default 2 vCPUs, 2048 MiB, 8192 MiB disk).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub resources: Option<Resources>,
-    /// What the timeout does.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lifecycle: Option<Lifecycle>,
-    /// Seconds between periodic snapshots (0: off; server default otherwise).
-    #[serde(rename = "snapshotInterval", skip_serializing_if = "Option::is_none")]
-    pub snapshot_interval: Option<u64>,
-    /// Check out a ready instance of the template's warm pool.
-    #[serde(rename = "warmPool", skip_serializing_if = "Option::is_none")]
-    pub warm_pool: Option<WarmPoolMode>,
-    /// What the sandbox may reach (server default: everything).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub egress: Option<api_model::EgressPolicy>,
-    /// Volumes to mount: guest path → volume.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub mounts: BTreeMap<String, api_model::MountRequest>,
-}
-
-/// `lifecycle` of a create.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Lifecycle {
-    /// Kill (default), pause, or hibernate when the timeout passes.
-    pub on_timeout: OnTimeout,
-}
-
-impl CreateOptions {
-    /// Options for `template`, everything else the server's default.
-    pub fn new(template: impl Into<String>) -> Self {
-        Self {
-            template: template.into(),
-            ..Self::default()
-        }
-    }
-
-    /// Sets the egress policy.
-    pub fn egress(mut self, policy: api_model::EgressPolicy) -> Self {
-        self.egress = Some(policy);
-        self
-    }
-
-    /// Mounts volume `volume` (ID or name) at guest path `path`.
-    pub fn mount(
-        mut self,
-        path: impl Into<String>,
-        volume: impl Into<String>,
-        mode: api_model::MountMode,
-    ) -> Self {
-        self.mounts.insert(
-            path.into(),
-            api_model::MountRequest {
-                id: volume.into(),
-                mode,
-                shared: None,
-            },
-        );
-        self
-    }
-
-    /// Sets the timeout in seconds.
-    pub fn timeout(mut self, seconds: u64) -> Self {
-        self.timeout = Some(seconds);
-        self
-    }
-
-    /// Adds a metadata label.
-    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.metadata.insert(key.into(), value.into());
-        self
-    }
-
-    /// Adds an environment variable.
-    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.envs.insert(key.into(), value.into());
-        self
-    }
-
-    /// Sets the shape.
-    pub fn resources(mut self, vcpus: u32, mem_mib: u32, disk_mib: u64) -> Self {
-        self.resources = Some(Resources {
-            vcpus,
-            mem_mib,
-            disk_mib,
-        });
-        self
-    }
-
-    /// Pauses instead of killing on timeout.
-    pub fn pause_on_timeout(mut self) -> Self {
-        self.lifecycle = Some(Lifecycle {
-            on_timeout: OnTimeout::Pause,
-        });
-        self
-    }
-
-    /// Hibernates (pauses into object storage) instead of killing on timeout.
-    pub fn hibernate_on_timeout(mut self) -> Self {
-        self.lifecycle = Some(Lifecycle {
-            on_timeout: OnTimeout::Hibernate,
-        });
-        self
-    }
-
-    /// Checks out a ready instance of the template's warm pool: `Require` fails with
-    /// `warm_pool_unavailable` when none is ready, `Prefer` falls back to a restore.
-    pub fn warm_pool(mut self, mode: WarmPoolMode) -> Self {
-        self.warm_pool = Some(mode);
-        self
-    }
-
-    /// Takes a periodic snapshot every `seconds` (10 to 86400; 0 turns them off).
-    pub fn snapshot_every(mut self, seconds: u64) -> Self {
-        self.snapshot_interval = Some(seconds);
-        self
-    }
 }
 
 /// Filters and paging of [`crate::Sandbox::list`].

@@ -4,10 +4,11 @@ use crate::commands::Commands;
 use crate::error::check;
 use crate::files::Files;
 use crate::models::{
-    CreateOptions, ListQuery, RestoreOptions, RuntimeAccess, SandboxInfo, SandboxPage, SnapshotInfo,
+    ListQuery, RestoreOptions, RuntimeAccess, SandboxInfo, SandboxPage, SnapshotInfo,
 };
-use crate::{ConnectionConfig, Error, Result};
-use serde_json::{json, Value};
+use crate::{ConnectionConfig, CreateOptions, Error, Result, Snapshot};
+use serde_json::{json, Map, Value};
+use std::time::Duration;
 
 /// A connected sandbox: its ID, the API it lives behind, and its data-plane access.
 #[derive(Debug, Clone)]
@@ -49,15 +50,114 @@ fn info(v: Value) -> Result<SandboxInfo> {
     serde_json::from_value(v).map_err(|e| Error::Protocol(format!("a sandbox: {e}")))
 }
 
+/// The `fields=` value: the names joined, each checked (the API checks them against
+/// its views).
+fn fields_param(fields: &[&str]) -> Result<String> {
+    if fields.is_empty() {
+        return Err(Error::invalid(
+            "fields is empty; send at least one name, e.g. [\"id\", \"status\"]",
+        ));
+    }
+    if let Some(bad) = fields
+        .iter()
+        .find(|f| f.trim().is_empty() || f.contains(','))
+    {
+        return Err(Error::invalid(format!(
+            "fields contains {bad:?}; send each name on its own, e.g. [\"id\", \"status\"]"
+        )));
+    }
+    Ok(fields
+        .iter()
+        .map(|f| f.trim())
+        .collect::<Vec<_>>()
+        .join(","))
+}
+
+/// `view` with exactly the `fields` asked for (the API adds `sandboxID` when `id` was
+/// not asked for: a compact map has only what the caller named).
+fn only(view: Value, fields: &[&str]) -> Result<Map<String, Value>> {
+    let Value::Object(mut map) = view else {
+        return Err(Error::Protocol(format!(
+            "a sandbox that is not an object: {view}"
+        )));
+    };
+    map.retain(|k, _| fields.iter().any(|f| f.trim() == k));
+    Ok(map)
+}
+
+/// `GET /sandboxes` with `query` (and a `fields=` projection).
+async fn list_raw(
+    config: &ConnectionConfig,
+    query: &ListQuery,
+    fields: Option<&str>,
+) -> Result<Value> {
+    let http = client(config)?;
+    let mut params: Vec<(String, String)> = Vec::new();
+    if !query.states.is_empty() {
+        params.push(("state".into(), query.states.join(",")));
+    }
+    for (k, v) in &query.metadata {
+        params.push(("metadata".into(), format!("{k}={v}")));
+    }
+    if let Some(l) = query.limit {
+        params.push(("limit".into(), l.to_string()));
+    }
+    if let Some(t) = &query.next_token {
+        params.push(("nextToken".into(), t.clone()));
+    }
+    if let Some(f) = fields {
+        params.push(("fields".into(), f.to_string()));
+    }
+    let resp = http
+        .get(config.url("/sandboxes"))
+        .query(&params)
+        .header("X-API-Key", &config.api_key)
+        .send()
+        .await?;
+    Ok(check(resp).await?.json().await?)
+}
+
+/// The error of a sandbox that failed while waited on.
+fn failed(info: &SandboxInfo) -> Error {
+    match &info.diagnostic {
+        Some(d) => Error::local(
+            &d.code,
+            format!(
+                "sandbox {} is {}: {} ({})",
+                info.sandbox_id, info.state, d.message, d.action
+            ),
+        ),
+        None => Error::local(
+            "sandbox_failed",
+            format!(
+                "sandbox {} is {} and will not run; create another, or read its logs for why",
+                info.sandbox_id, info.state
+            ),
+        ),
+    }
+}
+
+/// One page of [`Sandbox::list_fields`]: compact raw maps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldsPage {
+    /// The sandboxes, each with exactly the names asked for.
+    pub sandboxes: Vec<Map<String, Value>>,
+    /// Pass back (in [`ListQuery::next_token`]) for the next page; `None` on the last.
+    pub next_token: Option<String>,
+}
+
 fn snapshot_info(v: Value) -> Result<SnapshotInfo> {
     serde_json::from_value(v).map_err(|e| Error::Protocol(format!("a snapshot: {e}")))
 }
 
 impl Sandbox {
-    /// Creates a sandbox and returns it connected.
+    /// Creates a sandbox and returns it connected (still `starting`, without data-plane
+    /// access, when [`CreateOptions::wait_ready`] is `false`: see
+    /// [`Sandbox::wait_ready`]). Options that conflict are refused before any request
+    /// ([`CreateOptions::to_body`]).
     pub async fn create(config: &ConnectionConfig, options: &CreateOptions) -> Result<Sandbox> {
+        let body = options.to_body()?;
         let http = client(config)?;
-        let body = serde_json::to_value(options).map_err(|e| Error::Protocol(e.to_string()))?;
         let v = call(
             &http,
             config,
@@ -112,28 +212,71 @@ impl Sandbox {
 
     /// One page of the team's sandboxes.
     pub async fn list(config: &ConnectionConfig, query: &ListQuery) -> Result<SandboxPage> {
+        let v = list_raw(config, query, None).await?;
+        serde_json::from_value(v).map_err(|e| Error::Protocol(format!("a list: {e}")))
+    }
+
+    /// One page of the team's sandboxes as compact raw maps with exactly the `fields`
+    /// asked for (seed 004's `fields=`): view names (`sandboxID`, `state`, `metadata`,
+    /// `expiresAt`, ...) or the seeds' `id` and `status`. An empty `fields` is
+    /// `invalid_request`.
+    ///
+    /// ```no_run
+    /// # async fn demo(config: &nullspace::ConnectionConfig) -> nullspace::Result<()> {
+    /// use nullspace::{ListQuery, Sandbox};
+    /// let page = Sandbox::list_fields(config, &ListQuery::default(), &["id", "status"]).await?;
+    /// for s in &page.sandboxes {
+    ///     println!("{} {}", s["id"], s["status"]);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn list_fields(
+        config: &ConnectionConfig,
+        query: &ListQuery,
+        fields: &[&str],
+    ) -> Result<FieldsPage> {
+        let wanted = fields_param(fields)?;
+        let mut v = list_raw(config, query, Some(&wanted)).await?;
+        let sandboxes = match v.get_mut("sandboxes").map(Value::take) {
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|item| only(item, fields))
+                .collect::<Result<Vec<_>>>()?,
+            _ => return Err(Error::Protocol(format!("a list without sandboxes: {v}"))),
+        };
+        let next_token = v
+            .get("nextToken")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        Ok(FieldsPage {
+            sandboxes,
+            next_token,
+        })
+    }
+
+    /// A sandbox's description as a compact raw map with exactly the `fields` asked for
+    /// (see [`Sandbox::list_fields`]); read-only, never wakes a paused sandbox.
+    ///
+    /// ```no_run
+    /// # async fn demo(config: &nullspace::ConnectionConfig) -> nullspace::Result<()> {
+    /// let s = nullspace::Sandbox::get_info_by_id_fields(config, "sbx-…", &["id", "status"]).await?;
+    /// assert_eq!(s.len(), 2);
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_info_by_id_fields(
+        config: &ConnectionConfig,
+        sandbox_id: &str,
+        fields: &[&str],
+    ) -> Result<Map<String, Value>> {
+        let wanted = fields_param(fields)?;
         let http = client(config)?;
-        let mut params: Vec<(String, String)> = Vec::new();
-        if !query.states.is_empty() {
-            params.push(("state".into(), query.states.join(",")));
-        }
-        for (k, v) in &query.metadata {
-            params.push(("metadata".into(), format!("{k}={v}")));
-        }
-        if let Some(l) = query.limit {
-            params.push(("limit".into(), l.to_string()));
-        }
-        if let Some(t) = &query.next_token {
-            params.push(("nextToken".into(), t.clone()));
-        }
         let resp = http
-            .get(config.url("/sandboxes"))
-            .query(&params)
+            .get(config.url(&format!("/sandboxes/{sandbox_id}")))
+            .query(&[("fields", wanted)])
             .header("X-API-Key", &config.api_key)
             .send()
             .await?;
-        let v: Value = check(resp).await?.json().await?;
-        serde_json::from_value(v).map_err(|e| Error::Protocol(format!("a list: {e}")))
+        only(check(resp).await?.json().await?, fields)
     }
 
     /// A sandbox's description without connecting (never wakes a paused one).
@@ -200,6 +343,56 @@ impl Sandbox {
     /// Its current description.
     pub async fn get_info(&self) -> Result<SandboxInfo> {
         info(self.control(reqwest::Method::GET, "", None).await?)
+    }
+
+    /// Waits until it is `running` (after a create with
+    /// [`CreateOptions::wait_ready`]`(false)`), polling its description every 200 ms,
+    /// then takes its data-plane access from it. Fails with the diagnostic's code (or
+    /// `sandbox_failed`) if it ends in `error` or `deleted`, and with `timeout` once
+    /// `timeout` has passed.
+    ///
+    /// ```no_run
+    /// # async fn demo(config: &nullspace::ConnectionConfig) -> nullspace::Result<()> {
+    /// use nullspace::{CreateOptions, Sandbox};
+    /// use std::time::Duration;
+    /// let mut sbx = Sandbox::create(config, &CreateOptions::new("base").wait_ready(false)).await?;
+    /// // ... other work while it boots ...
+    /// sbx.wait_ready(Duration::from_secs(60)).await?;
+    /// sbx.commands().run("echo ready").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut state = String::from("not yet read");
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            // A single slow answer must not carry the wait past its deadline.
+            if let Ok(found) = tokio::time::timeout(left, self.get_info()).await {
+                let info = found?;
+                match info.state.as_str() {
+                    "running" => {
+                        if info.runtime.is_some() {
+                            self.runtime = info.runtime;
+                        }
+                        return Ok(());
+                    }
+                    "error" | "deleted" => return Err(failed(&info)),
+                    _ => state = info.state,
+                }
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::local(
+                    "timeout",
+                    format!(
+                        "sandbox {} was not running after {:.1} s (last seen: {state}); wait longer, or read its logs and timeline (get_info) for what holds it up",
+                        self.id,
+                        timeout.as_secs_f64()
+                    ),
+                ));
+            }
+            tokio::time::sleep(left.min(Duration::from_millis(200))).await;
+        }
     }
 
     /// Whether it is running now.
@@ -279,10 +472,12 @@ impl Sandbox {
         )
     }
 
-    /// The same as [`Sandbox::create_snapshot`] (the name the seeds' SDK uses for
-    /// checkpoints).
-    pub async fn snapshot(&self) -> Result<SnapshotInfo> {
-        self.create_snapshot().await
+    /// Seed 001's `snapshot()`: takes a manual snapshot like
+    /// [`Sandbox::create_snapshot`] and returns it as a [`Snapshot`] that can restore
+    /// and delete itself.
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        let info = self.create_snapshot().await?;
+        Snapshot::new(self.config.clone(), self.http.clone(), info)
     }
 
     /// Its snapshots (pause, periodic, manual), newest first.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
@@ -159,6 +159,34 @@ class SnapshotInfo:
         )
 
 
+class StoredSnapshot(SnapshotInfo):
+    """A ``SnapshotInfo`` that knows its client configuration, with the seed's names
+    (``id``, ``created``, ``size``); the sync and async ``Snapshot`` add ``restore`` and
+    ``delete``."""
+
+    def __init__(self, info: SnapshotInfo, config: "Config"):
+        super().__init__(**{f.name: getattr(info, f.name) for f in fields(info)})
+        self._config = config
+
+    @property
+    def id(self) -> str:
+        return self.snapshot_id
+
+    @property
+    def created(self) -> Optional["datetime"]:
+        """When it was taken (UTC)."""
+        return parse_time(self.created_at)
+
+    @property
+    def size(self) -> int:
+        """Bytes a restore materializes."""
+        return self.size_bytes
+
+    @property
+    def info(self) -> SnapshotInfo:
+        return SnapshotInfo(**{f.name: getattr(self, f.name) for f in fields(SnapshotInfo)})
+
+
 def resources_body(resources: Dict[str, int]) -> Dict[str, int]:
     """``resources`` with the SDK's aliases (cpu, memory_mb, disk_mb) as the API's keys."""
     known = {"vcpus", "cpu", "memMiB", "memory_mb", "diskSizeMiB", "disk_mb"}
@@ -311,24 +339,28 @@ def _covers(deny: str, allow: str) -> bool:
 class SandboxLifecycle:
     """What the timeout does: ``on_timeout`` ``"kill"`` (default), ``"pause"`` or
     ``"hibernate"``; ``auto_resume=True`` (only with pause or hibernate) wakes the paused
-    sandbox on preview traffic."""
+    sandbox on preview traffic and SDK calls; ``idle_timeout`` (seconds without SDK
+    calls, preview traffic or a running foreground command) applies ``on_timeout``
+    early."""
 
     on_timeout: Optional[str] = None
     auto_resume: Optional[bool] = None
+    idle_timeout: Optional[int] = None
 
     @staticmethod
     def parse(value: Any) -> "SandboxLifecycle":
         if isinstance(value, SandboxLifecycle):
-            return SandboxLifecycle(value.on_timeout, value.auto_resume)
+            return SandboxLifecycle(value.on_timeout, value.auto_resume, value.idle_timeout)
         if not isinstance(value, dict):
             raise _invalid(f"lifecycle must be a SandboxLifecycle or a dict with on_timeout "
                            f"and auto_resume; got {type(value).__name__}")
         names = {"on_timeout": "on_timeout", "onTimeout": "on_timeout",
-                 "auto_resume": "auto_resume", "autoResume": "auto_resume"}
+                 "auto_resume": "auto_resume", "autoResume": "auto_resume",
+                 "idle_timeout": "idle_timeout", "idleTimeout": "idle_timeout"}
         unknown = set(value) - set(names)
         if unknown:
-            raise _invalid(f"lifecycle has unknown keys {sorted(unknown)}; send on_timeout "
-                           "and auto_resume")
+            raise _invalid(f"lifecycle has unknown keys {sorted(unknown)}; send on_timeout, "
+                           "auto_resume and idle_timeout")
         lc = SandboxLifecycle()
         for key, v in value.items():
             setattr(lc, names[key], v)
@@ -385,7 +417,7 @@ def create_body(template: str, timeout: Optional[int], metadata: Optional[Dict[s
                 secure: Optional[bool] = None, security_policy: Any = None,
                 on_timeout: Optional[str] = None, auto_resume: Optional[bool] = None,
                 warm_pool_mode: Optional[str] = None,
-                wait_ready: bool = True) -> Dict[str, Any]:
+                wait_ready: bool = True, idle_timeout: Optional[int] = None) -> Dict[str, Any]:
     """The REST create body for the SDK's parameters (seed 001 and 004 names included)."""
     body: Dict[str, Any] = {"templateID": template}
     # Network: `network` overrides `allow_internet_access` (seed 001); our own `egress`
@@ -429,12 +461,15 @@ def create_body(template: str, timeout: Optional[int], metadata: Optional[Dict[s
     lc.on_timeout = _one_of("lifecycle.on_timeout", lc.on_timeout, "on_timeout", on_timeout)
     lc.auto_resume = _one_of("lifecycle.auto_resume", lc.auto_resume, "auto_resume",
                              auto_resume)
+    lc.idle_timeout = _one_of("lifecycle.idle_timeout", lc.idle_timeout, "idle_timeout",
+                              idle_timeout)
     if lc.on_timeout is not None and lc.on_timeout not in ON_TIMEOUT_VALUES:
         raise _invalid(f"on_timeout {lc.on_timeout!r} is not a timeout action; send "
                        "'kill', 'pause' or 'hibernate'")
-    if lc.on_timeout is not None or lc.auto_resume is not None:
-        body["lifecycle"] = {k: v for k, v in (("onTimeout", lc.on_timeout),
-                                               ("autoResume", lc.auto_resume)) if v is not None}
+    wire = (("onTimeout", lc.on_timeout), ("autoResume", lc.auto_resume),
+            ("idleTimeout", lc.idle_timeout))
+    if any(v is not None for _, v in wire):
+        body["lifecycle"] = {k: v for k, v in wire if v is not None}
     if resources:
         body["resources"] = resources_body(resources)
     if not wait_ready:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from datetime import datetime
@@ -11,10 +10,10 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Union
 
 import httpx
 
-from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo,
+from ._core import (StoredSnapshot, CommandResult, Config, EntryInfo, SandboxError, SandboxInfo,
                     SandboxLifecycle, SandboxMetrics, SandboxNetworkOpts, SecurityPolicy,
                     SnapshotInfo, apply_event, check_port, create_body, egress_body,
-                    fields_query, list_page, list_params, only_fields, metrics_params, parse_time, raise_for,
+                    fields_query, list_page, list_params, only_fields, metrics_params, raise_for,
                     ready_or_raise, restore_body, restore_snapshot_id, run_body)
 
 
@@ -272,31 +271,8 @@ class AsyncPty:
         return AsyncPtyHandle(ws)
 
 
-class AsyncSnapshot(SnapshotInfo):
+class AsyncSnapshot(StoredSnapshot):
     """A stored snapshot (async; see ``nullspace.Snapshot``)."""
-
-    def __init__(self, info: SnapshotInfo, config: Config):
-        super().__init__(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)})
-        self._config = config
-
-    @property
-    def id(self) -> str:
-        return self.snapshot_id
-
-    @property
-    def created(self) -> Optional[datetime]:
-        """When it was taken (UTC)."""
-        return parse_time(self.created_at)
-
-    @property
-    def size(self) -> int:
-        """Bytes a restore materializes."""
-        return self.size_bytes
-
-    @property
-    def info(self) -> SnapshotInfo:
-        return SnapshotInfo(**{f.name: getattr(self, f.name)
-                               for f in dataclasses.fields(SnapshotInfo)})
 
     async def restore(self, timeout: Optional[int] = None,
                       metadata: Optional[Dict[str, str]] = None,
@@ -341,6 +317,7 @@ class AsyncSandbox:
                      request_timeout: Optional[float] = None,
                      on_timeout: Optional[str] = None, auto_resume: Optional[bool] = None,
                      warm_pool_mode: Optional[str] = None, wait_ready: bool = True,
+                     idle_timeout: Optional[int] = None,
                      snapshot_interval: Optional[int] = None, warm_pool: Optional[str] = None,
                      egress: Optional[Dict[str, Any]] = None,
                      mounts: Optional[Dict[str, Any]] = None) -> "AsyncSandbox":
@@ -350,7 +327,8 @@ class AsyncSandbox:
                            allow_internet_access=allow_internet_access, network=network,
                            secure=secure, security_policy=security_policy,
                            on_timeout=on_timeout, auto_resume=auto_resume,
-                           warm_pool_mode=warm_pool_mode, wait_ready=wait_ready)
+                           warm_pool_mode=warm_pool_mode, wait_ready=wait_ready,
+                           idle_timeout=idle_timeout)
         config = Config.resolve(api_key, domain, request_timeout)
         client = httpx.AsyncClient(timeout=config.request_timeout)
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from datetime import datetime
@@ -10,9 +9,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import httpx
 
-from ._core import (CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, SandboxMetrics,
+from ._core import (StoredSnapshot, CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, SandboxMetrics,
                     SnapshotInfo, apply_event, check_port, create_body, egress_body,
-                    fields_query, list_page, list_params, only_fields, metrics_params, parse_time, raise_for,
+                    fields_query, list_page, list_params, only_fields, metrics_params, raise_for,
                     ready_or_raise, resources_body, restore_body, restore_snapshot_id, run_body,
                     SandboxLifecycle, SandboxNetworkOpts, SecurityPolicy)
 
@@ -295,6 +294,7 @@ class Sandbox:
                request_timeout: Optional[float] = None,
                on_timeout: Optional[str] = None, auto_resume: Optional[bool] = None,
                warm_pool_mode: Optional[str] = None, wait_ready: bool = True,
+               idle_timeout: Optional[int] = None,
                snapshot_interval: Optional[int] = None, warm_pool: Optional[str] = None,
                egress: Optional[Dict[str, Any]] = None,
                mounts: Optional[Dict[str, Any]] = None) -> "Sandbox":
@@ -306,7 +306,8 @@ class Sandbox:
                            allow_internet_access=allow_internet_access, network=network,
                            secure=secure, security_policy=security_policy,
                            on_timeout=on_timeout, auto_resume=auto_resume,
-                           warm_pool_mode=warm_pool_mode, wait_ready=wait_ready)
+                           warm_pool_mode=warm_pool_mode, wait_ready=wait_ready,
+                           idle_timeout=idle_timeout)
         config = Config.resolve(api_key, domain, request_timeout)
         client = httpx.Client(timeout=config.request_timeout)
         try:
@@ -596,33 +597,10 @@ class Sandbox:
         self.close()
 
 
-class Snapshot(SnapshotInfo):
+class Snapshot(StoredSnapshot):
     """A stored snapshot (what ``sbx.snapshot()`` and ``list_snapshots()`` return): its
     ``snapshot_id`` (also ``id``), ``kind``, ``created`` and ``size``, every
     ``SnapshotInfo`` field, and ``restore()`` / ``delete()``. It outlives its sandbox."""
-
-    def __init__(self, info: SnapshotInfo, config: Config):
-        super().__init__(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)})
-        self._config = config
-
-    @property
-    def id(self) -> str:
-        return self.snapshot_id
-
-    @property
-    def created(self) -> Optional[datetime]:
-        """When it was taken (UTC)."""
-        return parse_time(self.created_at)
-
-    @property
-    def size(self) -> int:
-        """Bytes a restore materializes."""
-        return self.size_bytes
-
-    @property
-    def info(self) -> SnapshotInfo:
-        return SnapshotInfo(**{f.name: getattr(self, f.name)
-                               for f in dataclasses.fields(SnapshotInfo)})
 
     def restore(self, timeout: Optional[int] = None, metadata: Optional[Dict[str, str]] = None,
                 request_timeout: Optional[float] = None) -> Sandbox:
