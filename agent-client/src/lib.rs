@@ -16,7 +16,7 @@ pub use tunnel::{PtyOptions, Watch, MAX_WATCH_LINE};
 
 use agent_protocol::{
     AgentError, Channel, Decoded, ErrorCode, ExecRequest, FileInfo, Frame, FrameDecoder,
-    ProcessInfo, Reply, Request, DATA_CHUNK, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION,
+    OutputPiece, ProcessInfo, Reply, Request, DATA_CHUNK, MAX_FRAME_PAYLOAD, PROTOCOL_VERSION,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -620,6 +620,14 @@ impl AgentClient {
     pub async fn processes(&self) -> Result<Vec<ProcessInfo>, ClientError> {
         match self.call(&Request::ListProcesses).await? {
             Reply::Processes { processes } => Ok(processes),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The output background process `pid` produced, as the agent keeps it for logs.
+    pub async fn process_output(&self, pid: u32) -> Result<Vec<OutputPiece>, ClientError> {
+        match self.call(&Request::ProcessOutput { pid }).await? {
+            Reply::ProcessOutput { pieces } => Ok(pieces),
             other => Err(unexpected(other)),
         }
     }

@@ -97,6 +97,24 @@ pub enum Request {
     },
     /// The guest's resource counters now.
     Metrics,
+    /// The output a background process produced, as kept for logs (the last
+    /// [`PROCESS_HISTORY_BYTES`] of it, whether or not a stream received it):
+    /// [`Reply::ProcessOutput`]. An agent that predates it answers `unsupported`.
+    ProcessOutput { pid: u32 },
+}
+
+/// Output of a background process an agent keeps for logs (older bytes go first).
+pub const PROCESS_HISTORY_BYTES: usize = 128 * 1024;
+
+/// A piece of a process's kept output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputPiece {
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// The bytes, as UTF-8 (invalid sequences replaced).
+    pub text: String,
+    /// When it was produced (ms since the Unix epoch, guest clock).
+    pub at_ms: u64,
 }
 
 /// A terminal to open: see [`Request::Pty`].
@@ -223,6 +241,8 @@ pub enum Reply {
     Stat { info: FileInfo },
     /// Process listing. Final.
     Processes { processes: Vec<ProcessInfo> },
+    /// A background process's kept output, oldest first. Final.
+    ProcessOutput { pieces: Vec<OutputPiece> },
     /// The operation failed. Final.
     Error(AgentError),
     /// A port tunnel is connected.

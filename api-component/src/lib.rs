@@ -281,7 +281,9 @@ fn route(
                 "metrics" => {
                     MetricsParams::parse(pairs)?;
                 }
-                "logs" => no_query()?,
+                "logs" => {
+                    api_model::SandboxLogParams::parse(pairs)?;
+                }
                 _ => {}
             }
             if allowed == "GET" {

@@ -16,7 +16,7 @@ pub use error::ApiError;
 pub use live::{Event, MetricSample, Preview, ProxyTarget};
 pub use query::{
     fields_param, parse_query, project, reject_unknown_params, single, BuildLogParams,
-    EventsParams, ListParams, MetricsParams, PUBLIC_STATES, VIEW_FIELDS,
+    EventsParams, ListParams, MetricsParams, SandboxLogParams, PUBLIC_STATES, VIEW_FIELDS,
 };
 pub use request::{
     is_sandbox_id, is_snapshot_id, parse_body, validate_snapshot_interval, validate_timeout,

@@ -260,6 +260,32 @@ impl MetricsParams {
     }
 }
 
+/// Query of `GET /sandboxes/{id}/logs`: `offset` (the line a page starts at; a page's
+/// `next`) and `limit` (1 to [`crate::MAX_LOG_PAGE`], default all of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxLogParams {
+    pub offset: usize,
+    pub limit: usize,
+}
+
+impl SandboxLogParams {
+    /// Parses and checks a sandbox log query.
+    pub fn parse(pairs: &[(String, String)]) -> Result<Self, ApiError> {
+        reject_unknown_params(pairs, &["offset", "limit"])?;
+        let max = crate::MAX_LOG_PAGE as u64;
+        let limit = number_param(pairs, "limit", max)?.unwrap_or(max);
+        if limit == 0 {
+            return Err(ApiError::bad_request(format!(
+                "limit 0 is out of range; send 1 to {max}"
+            )));
+        }
+        Ok(Self {
+            offset: number_param(pairs, "offset", u32::MAX as u64)?.unwrap_or(0) as usize,
+            limit: limit as usize,
+        })
+    }
+}
+
 /// Query of `GET /templates/{id}/logs`: `after` (a line's seq), `limit`, `wait` (s).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildLogParams {

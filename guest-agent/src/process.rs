@@ -7,8 +7,8 @@
 use crate::session::{Inbound, Outbox};
 use crate::users;
 use agent_protocol::{
-    AgentError, Channel, Command, ErrorCode, ExecRequest, ExitStatus, ProcessInfo, Reply,
-    DATA_CHUNK, DEFAULT_CWD, DEFAULT_USER,
+    AgentError, Channel, Command, ErrorCode, ExecRequest, ExitStatus, OutputPiece, ProcessInfo,
+    Reply, DATA_CHUNK, DEFAULT_CWD, DEFAULT_USER, PROCESS_HISTORY_BYTES,
 };
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -44,9 +44,29 @@ struct ProcState {
     /// Output produced while detached: (channel, bytes).
     backlog: VecDeque<(Channel, Vec<u8>)>,
     backlog_bytes: usize,
+    /// A background process's output as kept for logs, attached or not: (channel, when
+    /// in ms since the epoch, bytes), at most [`PROCESS_HISTORY_BYTES`].
+    history: VecDeque<(Channel, u64, Vec<u8>)>,
+    history_bytes: usize,
 }
 
 impl ProcState {
+    fn push_history(&mut self, channel: Channel, bytes: &[u8]) {
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        // A piece larger than the whole history keeps its end.
+        let bytes = &bytes[bytes.len().saturating_sub(PROCESS_HISTORY_BYTES)..];
+        self.history_bytes += bytes.len();
+        self.history.push_back((channel, at_ms, bytes.to_vec()));
+        while self.history_bytes > PROCESS_HISTORY_BYTES {
+            let Some((_, _, old)) = self.history.pop_front() else {
+                break;
+            };
+            self.history_bytes -= old.len();
+        }
+    }
+
     fn push_backlog(&mut self, channel: Channel, bytes: Vec<u8>) {
         self.backlog_bytes += bytes.len();
         self.backlog.push_back((channel, bytes));
@@ -137,6 +157,26 @@ impl ProcessTable {
 
     async fn remove(&self, pid: u32) {
         self.procs.lock().await.remove(&pid);
+    }
+
+    /// The output background process `pid` produced, as kept for logs.
+    pub async fn output(&self, pid: u32) -> Result<Vec<OutputPiece>, AgentError> {
+        let proc = self.get(pid).await?;
+        let state = proc.state.lock().await;
+        Ok(state
+            .history
+            .iter()
+            .map(|(channel, at_ms, bytes)| OutputPiece {
+                stream: if *channel == Channel::Error {
+                    "stderr"
+                } else {
+                    "stdout"
+                }
+                .into(),
+                text: String::from_utf8_lossy(bytes).into_owned(),
+                at_ms: *at_ms,
+            })
+            .collect())
     }
 }
 
@@ -341,6 +381,9 @@ async fn pump(proc: &Proc, channel: Channel, mut pipe: impl AsyncRead + Unpin) {
             }
         }
         let mut state = proc.state.lock().await;
+        if proc.info.background {
+            state.push_history(channel, &buf[..n]);
+        }
         match &state.attached {
             Some(out) => out.data(channel, buf[..n].to_vec()).await,
             None => state.push_backlog(channel, buf[..n].to_vec()),

@@ -377,6 +377,10 @@ async fn handle(
                 .unwrap_or_default();
             out.reply(&Reply::Metrics(m)).await
         }
+        Request::ProcessOutput { pid } => match processes.output(pid).await {
+            Ok(pieces) => out.reply(&Reply::ProcessOutput { pieces }).await,
+            Err(e) => out.error(e).await,
+        },
         other => match files::simple(other).await {
             Ok(reply) => out.reply(&reply).await,
             Err(e) => out.error(e).await,

@@ -509,8 +509,9 @@ async fn logs(
     Path(id): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    reject_unknown_params(&parse_query(q.as_deref()), &[])?;
-    Ok(Json(json!({ "logs": m.logs(&team, &id).await? })))
+    let p = api_model::SandboxLogParams::parse(&parse_query(q.as_deref()))?;
+    let (logs, next) = m.logs(&team, &id, p.offset, p.limit).await?;
+    Ok(Json(json!({ "logs": logs, "next": next })))
 }
 
 async fn metrics(
@@ -542,4 +543,79 @@ async fn prometheus(State(m): State<Arc<Manager>>) -> Result<Response, ApiError>
         m.prometheus()?,
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The paths a router's source declares (`.route("/v1/...", ...)`), with path
+    /// parameters written `{}`.
+    fn routes_in(source: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        // The code, not its tests (this one mentions `.route(` itself).
+        let mut rest = source.split("#[cfg(test)]").next().unwrap_or_default();
+        while let Some(i) = rest.find(".route(") {
+            rest = &rest[i + ".route(".len()..];
+            let Some(start) = rest.find('"') else { break };
+            let Some(len) = rest[start + 1..].find('"') else {
+                break;
+            };
+            out.push(normalized(&rest[start + 1..start + 1 + len]));
+        }
+        out
+    }
+
+    fn normalized(path: &str) -> String {
+        let mut out = String::new();
+        let mut in_param = false;
+        for c in path.chars() {
+            match c {
+                '{' => {
+                    in_param = true;
+                    out.push_str("{}");
+                }
+                '}' => in_param = false,
+                c if !in_param => out.push(c),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// The paths an OpenAPI YAML document lists (two-space indented `/...:` keys).
+    fn documented(yaml: &str) -> Vec<String> {
+        yaml.lines()
+            .filter_map(|l| l.strip_prefix("  /"))
+            .filter_map(|l| l.split_once(':').map(|(p, _)| normalized(&format!("/{p}"))))
+            .collect()
+    }
+
+    fn check(router: &str, doc: &str, name: &str) {
+        let documented = documented(doc);
+        let served = routes_in(router);
+        assert!(served.len() > 5, "no routes found in the source of {name}");
+        let missing: Vec<&String> = served.iter().filter(|r| !documented.contains(r)).collect();
+        assert!(missing.is_empty(), "{name} does not document {missing:?}");
+        let stale: Vec<&String> = documented.iter().filter(|d| !served.contains(d)).collect();
+        assert!(
+            stale.is_empty(),
+            "{name} documents routes nobody serves: {stale:?}"
+        );
+    }
+
+    #[test]
+    fn the_openapi_documents_list_exactly_the_routes_served() {
+        let control = [include_str!("api.rs"), include_str!("operator_api.rs")]
+            .map(|s| s.split("#[cfg(test)]").next().unwrap_or_default())
+            .concat();
+        check(
+            &control,
+            include_str!("../openapi/internal.yaml"),
+            "internal.yaml",
+        );
+        check(
+            include_str!("edge/mod.rs"),
+            include_str!("../openapi/dataplane.yaml"),
+            "dataplane.yaml",
+        );
+    }
 }

@@ -579,3 +579,85 @@ async fn seed_002_start_sources_top_level_shapes_and_named_snapshots() {
     assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
     api.delete(&id).await;
 }
+
+#[tokio::test]
+async fn presigned_urls_read_and_write_one_path_without_the_token() {
+    let stack = Stack::start("public-presign");
+    let api = stack.public(stack.daemon.team_key("acme"));
+    let sbx = api
+        .create(json!({ "templateID": "minimal", "resources": small() }))
+        .await;
+    let rt = Runtime::of(&sbx);
+    rt.put_file("/workspace/report.csv", b"a,b\n1,2\n").await;
+    let presign = |body: Value| {
+        let rt = &rt;
+        async move {
+            let resp = rt.post("/files/presign", body).await;
+            let status = resp.status();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let anon = reqwest::Client::new();
+
+    // GET: the file, with no credential but the URL.
+    let (status, get) = presign(json!({ "path": "/workspace/report.csv", "expires": 60 })).await;
+    assert_eq!(status, StatusCode::OK, "{get}");
+    assert_eq!(get["method"], "GET", "{get}");
+    let url = get["url"].as_str().unwrap().to_string();
+    let resp = anon.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), b"a,b\n1,2\n");
+    // Bound to its method and path: a PUT with it, or another path, is refused.
+    let resp = anon.put(&url).body("overwritten").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let other = url.replacen("report.csv", "secret.txt", 1);
+    assert_eq!(
+        anon.get(&other).send().await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    let forged = format!("{}x", &url[..url.len() - 1]);
+    assert_eq!(
+        anon.get(&forged).send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    // PUT: the body becomes the file.
+    let (status, put) = presign(json!({ "path": "/workspace/upload.bin", "method": "PUT" })).await;
+    assert_eq!(status, StatusCode::OK, "{put}");
+    let resp = anon
+        .put(put["url"].as_str().unwrap())
+        .body(vec![7u8; 100_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        rt.read_file("/workspace/upload.bin").await.unwrap(),
+        vec![7u8; 100_000]
+    );
+
+    // Bad requests say what to send; an expired URL is refused.
+    for (body, needle) in [
+        (json!({ "path": "/a", "method": "DELETE" }), "GET"),
+        (json!({ "path": "/a", "expires": 0 }), "1 to 86400"),
+        (json!({ "path": "" }), "path"),
+    ] {
+        let (status, v) = presign(body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v["message"].as_str().unwrap().contains(needle), "{v}");
+    }
+    let (_, short) = presign(json!({ "path": "/workspace/report.csv", "expires": 1 })).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let resp = anon
+        .get(short["url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    // Its sandbox gone, its URLs are.
+    api.delete(sbx["sandboxID"].as_str().unwrap()).await;
+    assert_eq!(
+        anon.get(&url).send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+}

@@ -141,6 +141,56 @@ async fn a_template_builds_from_steps_caches_them_and_serves_creates_and_a_warm_
     let rt = Runtime::of(&sbx);
     let (page, _, code) = rt.run("curl -s http://127.0.0.1:8000/index.html").await;
     assert_eq!((page.as_str(), code), ("template page", 0));
+    // The start command's output (the server's request log) is in the sandbox's logs,
+    // and so is a background command's.
+    let started = rt
+        .post(
+            "/commands",
+            json!({ "cmd": "echo bg-out; echo bg-err >&2; sleep 60", "background": true }),
+        )
+        .await;
+    assert_eq!(started.status(), StatusCode::CREATED);
+    let sid = sbx["sandboxID"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let logs = loop {
+        let (status, v) = api.fetch(&format!("/v1/sandboxes/{sid}/logs")).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let lines = v["logs"].as_array().unwrap().clone();
+        let has = |source: &str, stream: &str, text: &str| {
+            lines.iter().any(|l| {
+                l["source"] == source
+                    && l["stream"] == stream
+                    && l["text"].as_str().unwrap_or("").contains(text)
+            })
+        };
+        if has("start", "stderr", "GET /index.html")
+            && has("process", "stdout", "bg-out")
+            && has("process", "stderr", "bg-err")
+        {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "no application logs: {v}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    // Paged: a page of one line says where the next starts.
+    let (_, page) = api
+        .fetch(&format!("/v1/sandboxes/{sid}/logs?limit=1&offset=1"))
+        .await;
+    assert_eq!(page["logs"].as_array().unwrap().len(), 1, "{page}");
+    assert_eq!(page["logs"][0]["text"], logs[1]["text"], "{page}");
+    assert_eq!(page["next"], 2, "{page}");
+    // Seed 002's imageName finds it too; a stale imageId pin is a conflict.
+    let (status, v) = api
+        .post(
+            "/v1/sandboxes",
+            json!({ "imageName": "web", "imageId": "tpl-0000000000000000" }),
+        )
+        .await;
+    assert_eq!(
+        (status, v["details"]["current"].as_str()),
+        (StatusCode::CONFLICT, Some(id.as_str())),
+        "{v}"
+    );
     let (out, _, _) = rt
         .run("cat /opt/app/version; echo $GREETING $PORT; cat /tmp/who")
         .await;

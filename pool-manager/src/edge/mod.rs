@@ -58,6 +58,11 @@ pub fn router(manager: Arc<Manager>, tokens: TokenSigner) -> Router {
         )
         .route("/v1/sandboxes/{id}/files/list", get(list_dir))
         .route("/v1/sandboxes/{id}/files/stat", get(stat))
+        .route("/v1/sandboxes/{id}/files/presign", post(presign::issue))
+        .route(
+            "/v1/sandboxes/{id}/files/presigned",
+            get(presign::download).put(presign::upload),
+        )
         .route("/v1/sandboxes/{id}/files/mkdir", post(mkdir))
         .route("/v1/sandboxes/{id}/files/rename", post(rename))
         .route("/v1/sandboxes/{id}/files/watch", get(live::watch))
@@ -68,6 +73,8 @@ pub fn router(manager: Arc<Manager>, tokens: TokenSigner) -> Router {
         .layer(owner_routing)
         .with_state(edge)
 }
+
+mod presign;
 
 /// An extractor whose rejection is the one JSON error body instead of axum's text.
 pub struct JsonErr<E>(pub E);
@@ -103,6 +110,16 @@ impl Edge {
         id: &str,
     ) -> Result<(AgentClient, BTreeMap<String, String>), ApiError> {
         let record = self.authorize(headers, id)?;
+        self.agent_of(record).await
+    }
+
+    /// The agent of sandbox `record` (a caller already checked a credential for it),
+    /// waking it if it is paused with autoResume.
+    async fn agent_of(
+        &self,
+        record: SandboxRecord,
+    ) -> Result<(AgentClient, BTreeMap<String, String>), ApiError> {
+        let id = record.id.as_str();
         self.manager.activity.touch(id);
         let agent = if record.state == InternalState::Stopped && record.auto_resume {
             match self
@@ -395,7 +412,12 @@ async fn download(
     JsonErr(Query(q)): JsonErr<Query<PathQuery>>,
 ) -> Result<Response, ApiError> {
     let (agent, _) = edge.agent(&headers, &id).await?;
-    let mut download = agent.download(&q.path).await.map_err(agent_error)?;
+    stream_download(&agent, &q.path).await
+}
+
+/// A file of the sandbox as a streamed response body.
+async fn stream_download(agent: &AgentClient, path: &str) -> Result<Response, ApiError> {
+    let mut download = agent.download(path).await.map_err(agent_error)?;
     // The first chunk (or error) decides the status; the rest streams.
     let first = download.chunk().await.map_err(agent_error)?;
     let head = futures::stream::iter(first.map(|c| Ok::<Bytes, std::io::Error>(Bytes::from(c))));
@@ -429,10 +451,18 @@ async fn upload(
             })
         })
         .transpose()?;
-    let mut upload = agent
-        .upload(&q.path, mode, q.user.as_deref())
-        .await
-        .map_err(agent_error)?;
+    stream_upload(&agent, &q.path, mode, q.user.as_deref(), body).await
+}
+
+/// Writes a request body to a file of the sandbox (atomically: the agent replaces it).
+async fn stream_upload(
+    agent: &AgentClient,
+    path: &str,
+    mode: Option<u32>,
+    user: Option<&str>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let mut upload = agent.upload(path, mode, user).await.map_err(agent_error)?;
     let mut body = body.into_data_stream();
     while let Some(chunk) = body.next().await {
         let chunk =
@@ -440,7 +470,7 @@ async fn upload(
         upload.send(&chunk).await.map_err(agent_error)?;
     }
     let bytes = upload.finish().await.map_err(agent_error)?;
-    Ok(Json(json!({ "path": q.path, "bytes": bytes })))
+    Ok(Json(json!({ "path": path, "bytes": bytes })))
 }
 
 async fn remove(

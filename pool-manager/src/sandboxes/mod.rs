@@ -45,7 +45,7 @@ pub struct Manager {
     vmm: QemuVmm,
     templates: Templates,
     tokens: TokenSigner,
-    edge_url: String,
+    pub(crate) edge_url: String,
     state_dir: PathBuf,
     slots: Mutex<HashMap<String, Slot>>,
     /// Template snapshots already in the catalog.

@@ -217,9 +217,65 @@ pub struct LogLine {
     /// ISO 8601, where known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time: Option<String>,
-    /// `console` (the VM's boot console), `lifecycle` (its events), `diagnostic`.
+    /// `console` (the VM's boot console), `lifecycle` (its events), `diagnostic`,
+    /// `start` (the template's start command), `process` (a background command).
     pub source: String,
+    /// The process a `start` or `process` line came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// `stdout` or `stderr`, for a `start` or `process` line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
     pub text: String,
+}
+
+/// Most lines a log page has.
+pub const MAX_LOG_LINES: usize = 1000;
+/// Background processes whose output a log read gathers, newest first.
+const PROCESSES_LOGGED: usize = 16;
+
+/// Splits kept process output into lines (a piece may end mid-line: the rest comes in
+/// the next piece of the same stream).
+fn process_lines(
+    pid: u32,
+    source: &str,
+    pieces: Vec<agent_protocol::OutputPiece>,
+    out: &mut Vec<LogLine>,
+) {
+    let mut partial: HashMap<String, (String, u64)> = HashMap::new();
+    let emit = |stream: &str, text: String, at_ms: u64, out: &mut Vec<LogLine>| {
+        out.push(LogLine {
+            time: Some(iso8601(at_ms as i64)),
+            source: source.to_string(),
+            pid: Some(pid),
+            stream: Some(stream.to_string()),
+            text,
+        });
+    };
+    for p in pieces {
+        let (buf, at) = partial
+            .entry(p.stream.clone())
+            .or_insert_with(|| (String::new(), p.at_ms));
+        if buf.is_empty() {
+            *at = p.at_ms;
+        }
+        buf.push_str(&p.text);
+        while let Some(i) = buf.find('\n') {
+            let line: String = buf.drain(..=i).collect();
+            emit(
+                &p.stream,
+                line.trim_end_matches(['\n', '\r']).to_string(),
+                *at,
+                out,
+            );
+            *at = p.at_ms;
+        }
+    }
+    for (stream, (rest, at)) in partial {
+        if !rest.is_empty() {
+            emit(&stream, rest, at, out);
+        }
+    }
 }
 
 impl Manager {
@@ -316,15 +372,73 @@ impl Manager {
         Ok(samples)
     }
 
-    /// A sandbox's logs: its boot console (while a VM runs), its lifecycle events, and
-    /// the diagnostic of a failure.
-    pub async fn logs(&self, team: &str, id: &str) -> Result<Vec<LogLine>, ApiError> {
+    /// One page of a sandbox's logs from line `offset`: its lifecycle events, the
+    /// diagnostic of a failure, and while a VM runs its boot console and the output of
+    /// the template's start command and its background commands (the last 128 KiB of
+    /// each, of the newest 16). Also the offset of the next page, if there is more.
+    pub async fn logs(
+        &self,
+        team: &str,
+        id: &str,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<LogLine>, Option<usize>), ApiError> {
+        let mut all = self.all_logs(team, id).await?;
+        let limit = limit.clamp(1, MAX_LOG_LINES);
+        let next = (all.len() > offset.saturating_add(limit)).then(|| offset + limit);
+        let page = all.drain(offset.min(all.len())..).take(limit).collect();
+        Ok((page, next))
+    }
+
+    /// The output of the start command and background commands of a running sandbox.
+    async fn application_logs(&self, r: &SandboxRecord) -> Vec<LogLine> {
+        let agent = {
+            let slot = self.slot(&r.id);
+            let Ok(vm) = tokio::time::timeout(Duration::from_secs(2), slot.lock()).await else {
+                return Vec::new();
+            };
+            match vm.as_ref() {
+                Some(vm) => vm.agent().clone(),
+                None => return Vec::new(),
+            }
+        };
+        let start_cmd = self
+            .catalog
+            .template(Some(&r.team_id), &r.template_id)
+            .ok()
+            .flatten()
+            .and_then(|t| t.request.start_cmd);
+        let Ok(Ok(procs)) = tokio::time::timeout(Duration::from_secs(2), agent.processes()).await
+        else {
+            return Vec::new();
+        };
+        let mut lines = Vec::new();
+        let background = procs.into_iter().filter(|p| p.background);
+        let newest: Vec<_> = background.rev().take(PROCESSES_LOGGED).collect();
+        for p in newest.into_iter().rev() {
+            let source = match (&p.command, &start_cmd) {
+                (agent_protocol::Command::Shell(c), Some(s)) if c == s => "start",
+                _ => "process",
+            };
+            // An agent that predates kept output has none to give.
+            if let Ok(Ok(pieces)) =
+                tokio::time::timeout(Duration::from_secs(2), agent.process_output(p.pid)).await
+            {
+                process_lines(p.pid, source, pieces, &mut lines);
+            }
+        }
+        lines
+    }
+
+    async fn all_logs(&self, team: &str, id: &str) -> Result<Vec<LogLine>, ApiError> {
         let r = self.owned(team, id)?;
         let mut lines = Vec::new();
         for e in self.catalog.events(id, 0, 10_000)? {
             lines.push(LogLine {
                 time: Some(e.at.clone()),
                 source: "lifecycle".into(),
+                pid: None,
+                stream: None,
                 text: format!("{} {}", e.kind, e.data),
             });
         }
@@ -332,6 +446,8 @@ impl Manager {
             lines.push(LogLine {
                 time: None,
                 source: "diagnostic".into(),
+                pid: None,
+                stream: None,
                 text: format!("{}: {} (what to do: {})", d.code, d.message, d.action),
             });
         }
@@ -348,8 +464,13 @@ impl Manager {
             lines.push(LogLine {
                 time: None,
                 source: "console".into(),
+                pid: None,
+                stream: None,
                 text: line.to_string(),
             });
+        }
+        if r.state == InternalState::Active {
+            lines.extend(self.application_logs(&r).await);
         }
         Ok(lines)
     }

@@ -184,6 +184,15 @@ class AsyncFilesystem:
                 if line.strip():
                     yield json.loads(line)
 
+    async def presign(self, path: str, method: str = "GET",
+                      expires: int = 3600) -> Dict[str, Any]:
+        """A URL for ``path`` that needs no credential (see ``Sandbox.files.presign``)."""
+        resp = await self._sandbox._data("POST", "/files/presign",
+                                         json={"path": path, "method": method,
+                                               "expires": expires})
+        raise_for(resp.status_code, resp.content)
+        return resp.json()
+
     async def exists(self, path: str) -> bool:
         resp = await self._sandbox._data("GET", "/files/stat", params={"path": path})
         if resp.status_code == 404:

@@ -169,6 +169,15 @@ class Filesystem:
         raise_for(resp.status_code, resp.content)
         return EntryInfo.parse(resp.json())
 
+    def presign(self, path: str, method: str = "GET", expires: int = 3600) -> Dict[str, Any]:
+        """A URL that downloads (``GET``) or uploads (``PUT``, the request body) ``path``
+        with no other credential until it expires (``expires`` seconds, at most a day):
+        ``{url, method, path, expiresAt}``. Bound to that path and method."""
+        resp = self._sandbox._data("POST", "/files/presign",
+                                   json={"path": path, "method": method, "expires": expires})
+        raise_for(resp.status_code, resp.content)
+        return resp.json()
+
     def exists(self, path: str) -> bool:
         resp = self._sandbox._data("GET", "/files/stat", params={"path": path})
         if resp.status_code == 404:
