@@ -170,8 +170,29 @@ enum SandboxCommand {
         #[arg(long)]
         private: bool,
     },
-    /// Its logs: boot console, lifecycle events, the diagnostic of a failure.
-    Logs { id: String },
+    /// Its logs: boot console, lifecycle events, the diagnostic of a failure, and the
+    /// output of the template's start command and background commands.
+    Logs {
+        id: String,
+        /// The line to start at (a page's next).
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        /// At most this many lines (1 to 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// A URL that downloads (or with --put uploads) one file with no credential until it
+    /// expires.
+    Presign {
+        id: String,
+        path: String,
+        /// An upload URL (PUT) instead of a download URL (GET).
+        #[arg(long)]
+        put: bool,
+        /// Seconds it stays valid (1 to 86400).
+        #[arg(long, default_value_t = 3600)]
+        expires: u64,
+    },
     /// Resource samples (CPU, memory, disk, network, tasks) since the sandbox was
     /// created, or from --start to --end.
     Metrics {
@@ -185,7 +206,12 @@ enum SandboxCommand {
         end: Option<nullspace::MetricsTime>,
     },
     /// Take a manual snapshot (kept after kill; its ID works as a --template).
-    Snapshot { id: String },
+    Snapshot {
+        id: String,
+        /// A name for it, unique in the team (then `create --snapshot-name NAME`).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// List a sandbox's snapshots, newest first (also after it was killed).
     Snapshots { id: String },
     /// Delete one of a sandbox's snapshots.
@@ -462,9 +488,29 @@ fn show_template(t: &nullspace::Template, json: bool) {
 
 #[derive(Args)]
 struct CreateArgs {
-    /// Template to boot.
-    #[arg(long, short, default_value = "base")]
-    template: String,
+    /// Template to boot (default: base).
+    #[arg(long, short, conflicts_with_all = ["image_name", "snapshot_name"])]
+    template: Option<String>,
+    /// Start from a template by name (seed 002's imageName).
+    #[arg(long, conflicts_with = "snapshot_name")]
+    image_name: Option<String>,
+    /// With --image-name: the template ID it must be (a rebuilt name is refused).
+    #[arg(long, requires = "image_name")]
+    image_id: Option<String>,
+    /// Start from a snapshot by the name it was given (seed 002's snapshotName; name
+    /// one with `sandbox snapshot ID --name NAME`).
+    #[arg(long)]
+    snapshot_name: Option<String>,
+    /// With --snapshot-name: the snapshot ID it must be.
+    #[arg(long, requires = "snapshot_name")]
+    snapshot_id: Option<String>,
+    /// A region the operator configured.
+    #[arg(long)]
+    region: Option<String>,
+    /// Apply the timeout action after N seconds without SDK calls, preview traffic or a
+    /// running foreground command (5 to 604800).
+    #[arg(long, value_name = "SECONDS")]
+    idle_timeout: Option<u64>,
     /// Lifetime in seconds.
     #[arg(long)]
     timeout: Option<u64>,
@@ -565,7 +611,7 @@ fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
     serde_json::json!({
         "snapshotID": s.snapshot_id, "sandboxID": s.sandbox_id, "templateID": s.template_id,
         "kind": s.kind, "createdAt": s.created_at, "sizeBytes": s.size_bytes,
-        "storedBytes": s.stored_bytes, "storage": s.storage,
+        "storedBytes": s.stored_bytes, "storage": s.storage, "name": s.name,
     })
 }
 
@@ -1038,7 +1084,13 @@ async fn sandbox(
 ) -> anyhow::Result<()> {
     match cmd {
         SandboxCommand::Create(a) => {
-            let mut o = CreateOptions::new(&a.template);
+            let mut o = match (&a.image_name, &a.snapshot_name) {
+                (Some(name), _) => CreateOptions::image(name, a.image_id.clone()),
+                (None, Some(name)) => CreateOptions::snapshot_named(name, a.snapshot_id.clone()),
+                (None, None) => CreateOptions::new(a.template.as_deref().unwrap_or("base")),
+            };
+            o.region = a.region.clone();
+            o.idle_timeout = a.idle_timeout;
             o.timeout = a.timeout;
             o.metadata = a.metadata.iter().cloned().collect();
             o.envs = a.envs.iter().cloned().collect();
@@ -1075,7 +1127,13 @@ async fn sandbox(
             }
             let progress = std::io::stderr().is_terminal() && !json;
             if progress {
-                eprint!("creating a sandbox from {} ... ", a.template);
+                let from = a
+                    .image_name
+                    .as_deref()
+                    .or(a.snapshot_name.as_deref())
+                    .or(a.template.as_deref())
+                    .unwrap_or("base");
+                eprint!("creating a sandbox from {from} ... ");
             }
             let started = std::time::Instant::now();
             let sbx = Sandbox::create(config, &o).await?;
@@ -1237,16 +1295,42 @@ async fn sandbox(
                 println!("{}", p.url);
             }
         }
-        SandboxCommand::Logs { id } => {
-            for l in Sandbox::from_id(config, id)?.logs().await? {
+        SandboxCommand::Logs { id, offset, limit } => {
+            let (lines, next) = Sandbox::from_id(config, id)?
+                .logs_page(*offset, *limit)
+                .await?;
+            for l in lines {
                 if json {
                     println!(
                         "{}",
-                        serde_json::json!({ "time": l.time, "source": l.source, "text": l.text })
+                        serde_json::json!({ "time": l.time, "source": l.source, "pid": l.pid, "stream": l.stream, "text": l.text })
                     );
+                } else if let Some(pid) = l.pid {
+                    println!("[{} {pid}] {}", l.source, l.text);
                 } else {
                     println!("[{}] {}", l.source, l.text);
                 }
+            }
+            if let (Some(next), false) = (next, json) {
+                eprintln!("more: --offset {next}");
+            }
+        }
+        SandboxCommand::Presign {
+            id,
+            path,
+            put,
+            expires,
+        } => {
+            let sbx = Sandbox::attach(config, id).await?;
+            let method = if *put { "PUT" } else { "GET" };
+            let link = sbx.files().presign(path, method, *expires).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "url": link.url, "method": link.method, "path": link.path, "expiresAt": link.expires_at })
+                );
+            } else {
+                println!("{}", link.url);
             }
         }
         SandboxCommand::Metrics { id, start, end } => {
@@ -1291,8 +1375,12 @@ async fn sandbox(
             Sandbox::from_id(config, id)?.hibernate().await?;
             show(&Sandbox::get_info_by_id(config, id).await?, json);
         }
-        SandboxCommand::Snapshot { id } => {
-            let s = Sandbox::from_id(config, id)?.create_snapshot().await?;
+        SandboxCommand::Snapshot { id, name } => {
+            let sbx = Sandbox::from_id(config, id)?;
+            let s = match name {
+                Some(n) => sbx.snapshot_named(n).await?.info,
+                None => sbx.create_snapshot().await?,
+            };
             if json {
                 println!("{}", snapshot_json(&s));
             } else {

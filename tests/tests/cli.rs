@@ -514,6 +514,48 @@ async fn the_cli_manages_volumes_and_egress() {
             "{line}"
         );
     }
+    // Issue 24: presigned URLs, paged logs with background output, named snapshots.
+    cli.ok(&["exec", id, "--", "echo shared > /workspace/shared.txt"]);
+    let url = cli.ok(&[
+        "sandbox",
+        "presign",
+        id,
+        "/workspace/shared.txt",
+        "--expires",
+        "60",
+    ]);
+    let got = reqwest::get(url.trim()).await.unwrap();
+    assert_eq!(got.text().await.unwrap(), "shared\n");
+    let page = cli.ok(&["sandbox", "logs", id, "--limit", "2"]);
+    assert_eq!(page.lines().count(), 2, "{page}");
+    let snap: serde_json::Value = serde_json::from_str(&cli.ok(&[
+        "--json",
+        "sandbox",
+        "snapshot",
+        id,
+        "--name",
+        "cli-named",
+    ]))
+    .unwrap();
+    assert_eq!(snap["name"], "cli-named", "{snap}");
+    let out = cli.run(&[
+        "sandbox",
+        "create",
+        "--snapshot-name",
+        "cli-named",
+        "-t",
+        "base",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "clap refuses two start sources: {out:?}"
+    );
+    let out = cli.run(&["sandbox", "create", "-t", "minimal", "--idle-timeout", "2"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("idleTimeout"),
+        "{out:?}"
+    );
     cli.ok(&["sandbox", "kill", id]);
     let listed = cli.ok(&["volume", "list"]);
     assert!(listed.contains("(clivol)  32 MiB  version 1"), "{listed}");

@@ -13,7 +13,7 @@ from nullspace._core import create_body, fields_query, metrics_params
 
 
 def body(**kw):
-    return create_body("base", None, None, None, kw.pop("lifecycle", None),
+    return create_body(kw.pop("template", None), None, None, None, kw.pop("lifecycle", None),
                        kw.pop("resources", None), **kw)
 
 
@@ -70,6 +70,11 @@ def test_lifecycle_security_and_pool_names():
     assert body(security_policy=SecurityPolicy(pii={"mode": "redact"}, env_masking=True))[
         "securityPolicy"] == {"pii": {"mode": "redact"}, "envMasking": True}
     assert "send one" in refused(secure=False, security_policy={"audit": True})
+    assert body(image_name="web", image_id="tpl-1")["imageName"] == "web"
+    assert "templateID" not in body(snapshot_name="s", snapshot_id="snap-1")
+    assert body(region="eu")["region"] == "eu"
+    assert "start source" in refused(template="base", image_name="web")
+    assert "image_name" in refused(image_id="tpl-1")
     assert body(wait_ready=False)["waitReady"] is False
     assert "waitReady" not in body()
     assert body(resources={"cpu": 1, "memory_mb": 512, "disk_mb": 1024})["resources"] == {
@@ -136,7 +141,7 @@ def test_create_takes_every_seed_001_and_004_parameter():
     seed = ["template", "timeout", "metadata", "envs", "secure", "allow_internet_access",
             "network", "security_policy", "resources", "lifecycle", "api_key", "domain",
             "request_timeout", "on_timeout", "auto_resume", "warm_pool_mode", "wait_ready",
-            "idle_timeout"]
+            "idle_timeout", "image_name", "image_id", "snapshot_name", "snapshot_id", "region"]
     for cls in (Sandbox, AsyncSandbox):
         params = list(inspect.signature(cls.create).parameters)
         assert params[:13] == seed[:13], params  # seed 001's order, positionally

@@ -133,6 +133,30 @@ impl Sandbox {
         })
     }
 
+    /// A manual snapshot named `name` (see [`crate::Sandbox::snapshot_named`]).
+    pub fn snapshot_named(&self, name: &str) -> Result<Snapshot> {
+        let inner = self.rt.block_on(self.inner.snapshot_named(name))?;
+        Ok(Snapshot {
+            inner,
+            rt: self.rt.clone(),
+        })
+    }
+
+    /// A presigned URL for `path` (see [`crate::Files::presign`]).
+    pub fn presign(&self, path: &str, method: &str, expires_s: u64) -> Result<crate::Presigned> {
+        self.rt
+            .block_on(self.inner.files().presign(path, method, expires_s))
+    }
+
+    /// A page of its logs (see [`crate::Sandbox::logs_page`]).
+    pub fn logs_page(
+        &self,
+        offset: usize,
+        limit: Option<usize>,
+    ) -> Result<(Vec<crate::LogLine>, Option<usize>)> {
+        self.rt.block_on(self.inner.logs_page(offset, limit))
+    }
+
     /// Waits until it is `running`. See [`crate::Sandbox::wait_ready`].
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         self.rt.block_on(self.inner.wait_ready(timeout))

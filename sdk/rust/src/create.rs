@@ -213,8 +213,11 @@ impl SecurityPolicy {
 pub struct SandboxLifecycle {
     /// Kill (the default), pause, or hibernate when the timeout passes.
     pub on_timeout: Option<OnTimeout>,
-    /// Wake on preview traffic once paused (needs `pause` or `hibernate`).
+    /// Wake on preview traffic and SDK calls once paused (needs `pause` or `hibernate`).
     pub auto_resume: Option<bool>,
+    /// Seconds without SDK calls, preview traffic or a running foreground command after
+    /// which `on_timeout` applies, beside the lifetime timeout (0: off).
+    pub idle_timeout: Option<u64>,
 }
 
 /// The name this SDK used before seed 001's [`SandboxLifecycle`].
@@ -226,12 +229,19 @@ impl SandboxLifecycle {
         Self {
             on_timeout: Some(on_timeout),
             auto_resume: None,
+            idle_timeout: None,
         }
     }
 
-    /// Sets whether preview traffic wakes the paused sandbox.
+    /// Sets whether preview traffic and SDK calls wake the paused sandbox.
     pub fn auto_resume(mut self, on: bool) -> Self {
         self.auto_resume = Some(on);
+        self
+    }
+
+    /// Applies `on_timeout` after `seconds` without traffic (5 to 604800; 0: off).
+    pub fn idle_timeout(mut self, seconds: u64) -> Self {
+        self.idle_timeout = Some(seconds);
         self
     }
 }
@@ -311,9 +321,51 @@ pub struct CreateOptions {
     pub wait_ready: Option<bool>,
     /// Volumes to mount: guest path → volume → `mounts`.
     pub mounts: BTreeMap<String, MountRequest>,
+    /// Seed 004's keyword form of `lifecycle.idle_timeout` → `lifecycle.idleTimeout`.
+    pub idle_timeout: Option<u64>,
+    /// Seed 002's start source: a template by name (and optionally its pinned ID), sent
+    /// instead of `template` → `imageName`, `imageId`.
+    pub image: Option<(String, Option<String>)>,
+    /// Seed 002's start source: a snapshot by the name it was given (and optionally its
+    /// pinned ID) → `snapshotName`, `snapshotId`.
+    pub snapshot: Option<(String, Option<String>)>,
+    /// A region the operator configured → `region`.
+    pub region: Option<String>,
 }
 
 impl CreateOptions {
+    /// Starts from a template by name (seed 002's `imageName`); `pin` (a `tpl-…` ID)
+    /// makes the create fail (409) if the name now means another build.
+    pub fn image(name: impl Into<String>, pin: Option<String>) -> Self {
+        Self {
+            image: Some((name.into(), pin)),
+            ..Self::default()
+        }
+    }
+
+    /// Starts from a snapshot the team named (seed 002's `snapshotName`, see
+    /// [`crate::Sandbox::snapshot_named`]); `pin` (a `snap-…` ID) makes the create fail
+    /// (409) if the name now means another snapshot.
+    pub fn snapshot_named(name: impl Into<String>, pin: Option<String>) -> Self {
+        Self {
+            snapshot: Some((name.into(), pin)),
+            ..Self::default()
+        }
+    }
+
+    /// Places the sandbox in a region the operator configured.
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = Some(region.into());
+        self
+    }
+
+    /// Applies the timeout action after `seconds` without traffic (seed 000's idle
+    /// timeout; 0: off).
+    pub fn idle_timeout(mut self, seconds: u64) -> Self {
+        self.idle_timeout = Some(seconds);
+        self
+    }
+
     /// Options for `template`, everything else the server's default.
     pub fn new(template: impl Into<String>) -> Self {
         Self {
@@ -487,7 +539,41 @@ impl CreateOptions {
     /// ```
     pub fn to_body(&self) -> Result<Value> {
         let mut body = Map::new();
-        body.insert("templateID".into(), json!(self.template));
+        match (&self.image, &self.snapshot) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    "image and snapshot_named are each a start source; send one of them",
+                ))
+            }
+            (Some((name, pin)), None) | (None, Some((name, pin))) => {
+                let (n, p) = if self.image.is_some() {
+                    ("imageName", "imageId")
+                } else {
+                    ("snapshotName", "snapshotId")
+                };
+                body.insert(n.into(), json!(name));
+                if let Some(pin) = pin {
+                    body.insert(p.into(), json!(pin));
+                }
+            }
+            (None, None) => {
+                let template = if self.template.is_empty() {
+                    "base"
+                } else {
+                    &self.template
+                };
+                body.insert("templateID".into(), json!(template));
+            }
+        }
+        if (self.image.is_some() || self.snapshot.is_some()) && !self.template.is_empty() {
+            return Err(Error::invalid(format!(
+                "template {:?} and image/snapshot_named are each a start source; send one of them",
+                self.template
+            )));
+        }
+        if let Some(r) = &self.region {
+            body.insert("region".into(), json!(r));
+        }
         if let Some(t) = self.timeout {
             body.insert("timeout".into(), json!(t));
         }
@@ -533,7 +619,10 @@ impl CreateOptions {
         let auto_resume = agree("auto_resume", from.auto_resume, self.auto_resume, |b| {
             b.to_string()
         })?;
-        if on_timeout.is_none() && auto_resume.is_none() {
+        let idle_timeout = agree("idle_timeout", from.idle_timeout, self.idle_timeout, |s| {
+            s.to_string()
+        })?;
+        if on_timeout.is_none() && auto_resume.is_none() && idle_timeout.is_none() {
             return Ok(None);
         }
         let mut l = Map::new();
@@ -542,6 +631,9 @@ impl CreateOptions {
         }
         if let Some(a) = auto_resume {
             l.insert("autoResume".into(), json!(a));
+        }
+        if let Some(s) = idle_timeout {
+            l.insert("idleTimeout".into(), json!(s));
         }
         Ok(Some(Value::Object(l)))
     }
@@ -868,5 +960,34 @@ mod tests {
             body(&CreateOptions::new("base").wait_ready(false))["waitReady"],
             json!(false)
         );
+    }
+
+    #[test]
+    fn seed_002_start_sources_region_and_the_idle_timeout() {
+        let b = body(&CreateOptions::image("web", Some("tpl-1".into())).region("eu"));
+        assert_eq!(
+            b,
+            json!({ "imageName": "web", "imageId": "tpl-1", "region": "eu" })
+        );
+        let b = body(&CreateOptions::snapshot_named("nightly", None));
+        assert_eq!(b, json!({ "snapshotName": "nightly" }));
+        assert_eq!(body(&CreateOptions::default())["templateID"], "base");
+        let mut both = CreateOptions::image("web", None);
+        both.template = "base".into();
+        assert!(refused(&both).contains("start source"));
+        let b = body(
+            &CreateOptions::new("base")
+                .lifecycle(SandboxLifecycle::new(OnTimeout::Pause).idle_timeout(30)),
+        );
+        assert_eq!(
+            b["lifecycle"],
+            json!({ "onTimeout": "pause", "idleTimeout": 30 })
+        );
+        let b = body(&CreateOptions::new("base").idle_timeout(60));
+        assert_eq!(b["lifecycle"], json!({ "idleTimeout": 60 }));
+        let clash = CreateOptions::new("base")
+            .lifecycle(SandboxLifecycle::default().idle_timeout(30))
+            .idle_timeout(60);
+        assert!(refused(&clash).contains("idle_timeout"));
     }
 }

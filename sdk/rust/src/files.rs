@@ -7,6 +7,20 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
+/// A presigned file URL ([`Files::presign`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Presigned {
+    /// Works without a credential until `expires_at`; treat it as a secret.
+    pub url: String,
+    /// `GET` or `PUT`.
+    pub method: String,
+    /// The one path it reads or writes.
+    pub path: String,
+    /// ISO 8601.
+    pub expires_at: String,
+}
+
 /// The filesystem of one sandbox. Relative paths are under `/workspace`.
 pub struct Files<'a> {
     pub(crate) sandbox: &'a Sandbox,
@@ -111,6 +125,27 @@ impl Files<'_> {
             .await?;
         let v: Value = check(resp).await?.json().await?;
         serde_json::from_value(v).map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    /// A URL that downloads (`"GET"`) or uploads (`"PUT"`: the request body replaces the
+    /// file) `path` with no other credential for `expires_s` seconds (1 to 86400); bound
+    /// to that path and method, ended early only by the sandbox's deletion.
+    ///
+    /// ```no_run
+    /// # async fn demo(sbx: &nullspace::Sandbox) -> nullspace::Result<()> {
+    /// let link = sbx.files().presign("/workspace/report.csv", "GET", 3600).await?;
+    /// println!("{}", link.url); // anyone with it can download the file for an hour
+    /// # Ok(()) }
+    /// ```
+    pub async fn presign(&self, path: &str, method: &str, expires_s: u64) -> Result<Presigned> {
+        let resp = self
+            .sandbox
+            .data(reqwest::Method::POST, "/files/presign")?
+            .json(&serde_json::json!({ "path": path, "method": method, "expires": expires_s }))
+            .send()
+            .await?;
+        let v: Value = check(resp).await?.json().await?;
+        serde_json::from_value(v).map_err(|e| Error::Protocol(format!("a presigned URL: {e}")))
     }
 
     /// Whether a path exists.

@@ -47,6 +47,12 @@
 //! | `get_metrics(start, end)` | [`Sandbox::get_metrics`] with [`MetricsTime`] (Unix seconds or `SystemTime`) | `GET /sandboxes/:id/metrics?start=&end=` (Unix seconds) |
 //! | `snapshot()` → `Snapshot` | [`Sandbox::snapshot`] → [`Snapshot`] (`restore`, `delete`) | `POST /sandboxes/:id/snapshots` |
 //! | `create_snapshot()` → `SnapshotInfo` | [`Sandbox::create_snapshot`] | `POST /sandboxes/:id/snapshots` |
+//! | `lifecycle.idle_timeout`, `idle_timeout=` (seed 000) | [`SandboxLifecycle::idle_timeout`], [`CreateOptions::idle_timeout`] | `lifecycle.idleTimeout` |
+//! | `imageName` / `imageId` (seed 002) | [`CreateOptions::image`]`(name, pin)` | `imageName`, `imageId` |
+//! | `snapshotName` / `snapshotId` (seed 002) | [`Sandbox::snapshot_named`], then [`CreateOptions::snapshot_named`]`(name, pin)` | `POST …/snapshots {name}`; `snapshotName`, `snapshotId` |
+//! | `region` (seed 002) | [`CreateOptions::region`] | `region` |
+//! | `files.presign` (seed 002) | [`Files::presign`] → [`Presigned`] | `POST …/files/presign {path, method, expires}` |
+//! | logs (seed 003) | [`Sandbox::logs`], [`Sandbox::logs_page`] | `GET /sandboxes/:id/logs?offset=&limit=` |
 //!
 //! Conflicts refused before sending: `network` with `egress`; `allow_internet_access`
 //! `false` with `egress`; `secure` `false` with `security_policy`; `lifecycle.on_timeout`
@@ -97,7 +103,7 @@ pub use create::{
     WarmPoolMode,
 };
 pub use error::{Error, Result};
-pub use files::Files;
+pub use files::{Files, Presigned};
 pub use live::{
     redact_preview_token, redact_preview_url, Event, EventStream, EventStreamOptions, FsEvent,
     LogLine, Metric, MetricTimestamp, MetricsTime, PortConnection, Preview, ProxyTarget, Pty,

@@ -416,8 +416,15 @@ impl MetricTimestamp for Metric {
 pub struct LogLine {
     #[serde(default)]
     pub time: Option<String>,
-    /// `console`, `lifecycle` or `diagnostic`.
+    /// `console`, `lifecycle`, `diagnostic`, `start` (the template's start command) or
+    /// `process` (a background command).
     pub source: String,
+    /// The process of a `start` or `process` line.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// `stdout` or `stderr`, for a `start` or `process` line.
+    #[serde(default)]
+    pub stream: Option<String>,
     pub text: String,
 }
 
@@ -469,15 +476,28 @@ impl Sandbox {
 
     /// Its logs: boot console, lifecycle events, the diagnostic of a failure.
     pub async fn logs(&self) -> Result<Vec<LogLine>> {
+        Ok(self.logs_page(0, None).await?.0)
+    }
+
+    /// One page of its logs from line `offset` (at most `limit`, 1 to 1000), and the
+    /// offset of the next page if there is more.
+    pub async fn logs_page(
+        &self,
+        offset: usize,
+        limit: Option<usize>,
+    ) -> Result<(Vec<LogLine>, Option<usize>)> {
+        let limit = limit.map_or(String::new(), |l| format!("&limit={l}"));
         let v = call(
             &self.http,
             &self.config,
             reqwest::Method::GET,
-            &format!("/sandboxes/{}/logs", self.id()),
+            &format!("/sandboxes/{}/logs?offset={offset}{limit}", self.id()),
             None,
         )
         .await?;
-        serde_json::from_value(v["logs"].clone()).map_err(|e| Error::Protocol(format!("logs: {e}")))
+        let lines = serde_json::from_value(v["logs"].clone())
+            .map_err(|e| Error::Protocol(format!("logs: {e}")))?;
+        Ok((lines, v["next"].as_u64().map(|n| n as usize)))
     }
 
     /// A raw connection to `port` inside the sandbox as a WebSocket of binary messages

@@ -131,6 +131,9 @@ pub struct SnapshotInfo {
     /// The shape a restore gets.
     #[serde(default)]
     pub resources: Option<Resources>,
+    /// The name the team gave it (a start source: [`crate::CreateOptions::snapshot_named`]).
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// Options of [`crate::Sandbox::restore`].

@@ -472,6 +472,20 @@ impl Sandbox {
         )
     }
 
+    /// Takes a manual snapshot and gives it `name`, unique in the team (409 if taken):
+    /// [`crate::CreateOptions::snapshot_named`] starts sandboxes from it by that name.
+    pub async fn snapshot_named(&self, name: &str) -> Result<Snapshot> {
+        let info = snapshot_info(
+            self.control(
+                reqwest::Method::POST,
+                "snapshots",
+                Some(json!({ "name": name })),
+            )
+            .await?,
+        )?;
+        Snapshot::new(self.config.clone(), self.http.clone(), info)
+    }
+
     /// Seed 001's `snapshot()`: takes a manual snapshot like
     /// [`Sandbox::create_snapshot`] and returns it as a [`Snapshot`] that can restore
     /// and delete itself.

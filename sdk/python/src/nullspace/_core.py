@@ -143,6 +143,7 @@ class SnapshotInfo:
     stored_bytes: int
     storage: str
     resources: Optional[Dict[str, int]] = None
+    name: Optional[str] = None
 
     @staticmethod
     def parse(doc: Dict[str, Any]) -> "SnapshotInfo":
@@ -156,6 +157,7 @@ class SnapshotInfo:
             stored_bytes=doc.get("storedBytes", 0),
             storage=doc.get("storage", ""),
             resources=doc.get("resources"),
+            name=doc.get("name"),
         )
 
 
@@ -406,7 +408,7 @@ def _one_of(name: str, first: Any, other_name: str, other: Any) -> Any:
     return first if first is not None else other
 
 
-def create_body(template: str, timeout: Optional[int], metadata: Optional[Dict[str, str]],
+def create_body(template: Optional[str], timeout: Optional[int], metadata: Optional[Dict[str, str]],
                 envs: Optional[Dict[str, str]], lifecycle: Any,
                 resources: Optional[Dict[str, int]],
                 snapshot_interval: Optional[int] = None,
@@ -417,9 +419,35 @@ def create_body(template: str, timeout: Optional[int], metadata: Optional[Dict[s
                 secure: Optional[bool] = None, security_policy: Any = None,
                 on_timeout: Optional[str] = None, auto_resume: Optional[bool] = None,
                 warm_pool_mode: Optional[str] = None,
-                wait_ready: bool = True, idle_timeout: Optional[int] = None) -> Dict[str, Any]:
-    """The REST create body for the SDK's parameters (seed 001 and 004 names included)."""
-    body: Dict[str, Any] = {"templateID": template}
+                wait_ready: bool = True, idle_timeout: Optional[int] = None,
+                image_name: Optional[str] = None, image_id: Optional[str] = None,
+                snapshot_name: Optional[str] = None, snapshot_id: Optional[str] = None,
+                region: Optional[str] = None) -> Dict[str, Any]:
+    """The REST create body for the SDK's parameters (seed 001 and 004 names included).
+    The start source is ``template`` (default ``"base"``), ``image_name`` or
+    ``snapshot_name`` (seed 002), exactly one."""
+    sources = [n for n, v in (("template", template), ("image_name", image_name),
+                              ("snapshot_name", snapshot_name)) if v is not None]
+    if len(sources) > 1:
+        raise _invalid(f"{' and '.join(sources)} are each a start source; send one of them")
+    if image_id is not None and image_name is None:
+        raise _invalid("image_id pins the build of image_name; send it with image_name")
+    if snapshot_id is not None and snapshot_name is None:
+        raise _invalid("snapshot_id pins the snapshot of snapshot_name; send it with "
+                       "snapshot_name")
+    body: Dict[str, Any] = {}
+    if image_name is not None:
+        body["imageName"] = image_name
+        if image_id is not None:
+            body["imageId"] = image_id
+    elif snapshot_name is not None:
+        body["snapshotName"] = snapshot_name
+        if snapshot_id is not None:
+            body["snapshotId"] = snapshot_id
+    else:
+        body["templateID"] = template if template is not None else "base"
+    if region is not None:
+        body["region"] = region
     # Network: `network` overrides `allow_internet_access` (seed 001); our own `egress`
     # is the REST form, and two sources of one policy are a mistake, not a merge.
     if egress is not None and (network is not None or allow_internet_access is not None):
@@ -657,6 +685,17 @@ class SandboxMetrics:
             disk_total_bytes=doc.get("diskTotalBytes", 0),
             net_rx_bytes=doc.get("netRxBytes", 0), net_tx_bytes=doc.get("netTxBytes", 0),
             tasks=doc.get("tasks", 0), host_cpu_pct=doc.get("hostCpuPct", 0.0))
+
+
+def logs_params(offset: int, limit: Optional[int]) -> Dict[str, int]:
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise _invalid(f"offset must be a line number from 0; got {offset!r}")
+    params = {"offset": offset}
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise _invalid(f"limit must be 1 to 1000 lines; got {limit!r}")
+        params["limit"] = limit
+    return params
 
 
 def check_port(port: Any) -> int:

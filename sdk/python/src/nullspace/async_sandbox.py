@@ -13,7 +13,7 @@ import httpx
 from ._core import (StoredSnapshot, CommandResult, Config, EntryInfo, SandboxError, SandboxInfo,
                     SandboxLifecycle, SandboxMetrics, SandboxNetworkOpts, SecurityPolicy,
                     SnapshotInfo, apply_event, check_port, create_body, egress_body,
-                    fields_query, list_page, list_params, only_fields, metrics_params, raise_for,
+                    fields_query, list_page, logs_params, list_params, only_fields, metrics_params, raise_for,
                     ready_or_raise, restore_body, restore_snapshot_id, run_body)
 
 
@@ -313,7 +313,7 @@ class AsyncSandbox:
         self.pty = AsyncPty(self)
 
     @classmethod
-    async def create(cls, template: str = "base", timeout: Optional[int] = None,
+    async def create(cls, template: Optional[str] = None, timeout: Optional[int] = None,
                      metadata: Optional[Dict[str, str]] = None,
                      envs: Optional[Dict[str, str]] = None,
                      secure: Optional[bool] = None,
@@ -327,6 +327,9 @@ class AsyncSandbox:
                      on_timeout: Optional[str] = None, auto_resume: Optional[bool] = None,
                      warm_pool_mode: Optional[str] = None, wait_ready: bool = True,
                      idle_timeout: Optional[int] = None,
+                     image_name: Optional[str] = None, image_id: Optional[str] = None,
+                     snapshot_name: Optional[str] = None, snapshot_id: Optional[str] = None,
+                     region: Optional[str] = None,
                      snapshot_interval: Optional[int] = None, warm_pool: Optional[str] = None,
                      egress: Optional[Dict[str, Any]] = None,
                      mounts: Optional[Dict[str, Any]] = None) -> "AsyncSandbox":
@@ -337,7 +340,9 @@ class AsyncSandbox:
                            secure=secure, security_policy=security_policy,
                            on_timeout=on_timeout, auto_resume=auto_resume,
                            warm_pool_mode=warm_pool_mode, wait_ready=wait_ready,
-                           idle_timeout=idle_timeout)
+                           idle_timeout=idle_timeout, image_name=image_name,
+                           image_id=image_id, snapshot_name=snapshot_name,
+                           snapshot_id=snapshot_id, region=region)
         config = Config.resolve(api_key, domain, request_timeout)
         client = httpx.AsyncClient(timeout=config.request_timeout)
         try:
@@ -569,9 +574,13 @@ class AsyncSandbox:
             except SandboxError:
                 pass
 
-    async def logs(self, request_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
-        """``[{time, source, text}]``: boot console, lifecycle events, diagnostics."""
-        return (await self._control("GET", "logs", request_timeout=request_timeout))["logs"]
+    async def logs(self, request_timeout: Optional[float] = None, offset: int = 0,
+                   limit: Optional[int] = None) -> List[Dict[str, Any]]:
+        """One page of its logs (see ``Sandbox.logs``)."""
+        doc = await _call(self._client, self._config, "GET",
+                          f"/sandboxes/{self.sandbox_id}/logs",
+                          params=logs_params(offset, limit), request_timeout=request_timeout)
+        return doc["logs"]
 
     async def pause(self, request_timeout: Optional[float] = None) -> None:
         await self._control("POST", "pause", {}, request_timeout)
@@ -584,14 +593,17 @@ class AsyncSandbox:
         """Pauses into object storage: any worker sharing the store can resume it."""
         await self._control("POST", "hibernate", {}, request_timeout)
 
-    async def create_snapshot(self, request_timeout: Optional[float] = None) -> SnapshotInfo:
+    async def create_snapshot(self, request_timeout: Optional[float] = None,
+                        name: Optional[str] = None) -> SnapshotInfo:
         """Takes a snapshot to object storage; the sandbox keeps running. Its ID works as
         a template ID."""
-        return SnapshotInfo.parse(await self._control("POST", "snapshots", {}, request_timeout))
+        return SnapshotInfo.parse(await self._control(
+            "POST", "snapshots", {} if name is None else {"name": name}, request_timeout))
 
-    async def snapshot(self, request_timeout: Optional[float] = None) -> AsyncSnapshot:
+    async def snapshot(self, request_timeout: Optional[float] = None,
+                       name: Optional[str] = None) -> AsyncSnapshot:
         """A manual snapshot (see ``Sandbox.snapshot``)."""
-        return AsyncSnapshot(await self.create_snapshot(request_timeout), self._config)
+        return AsyncSnapshot(await self.create_snapshot(request_timeout, name), self._config)
 
     async def list_snapshots(self, request_timeout: Optional[float] = None
                              ) -> List[AsyncSnapshot]:

@@ -11,7 +11,7 @@ import httpx
 
 from ._core import (StoredSnapshot, CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, SandboxMetrics,
                     SnapshotInfo, apply_event, check_port, create_body, egress_body,
-                    fields_query, list_page, list_params, only_fields, metrics_params, raise_for,
+                    fields_query, list_page, logs_params, list_params, only_fields, metrics_params, raise_for,
                     ready_or_raise, resources_body, restore_body, restore_snapshot_id, run_body,
                     SandboxLifecycle, SandboxNetworkOpts, SecurityPolicy)
 
@@ -292,7 +292,7 @@ class Sandbox:
     # -- class methods -------------------------------------------------------------------
 
     @classmethod
-    def create(cls, template: str = "base", timeout: Optional[int] = None,
+    def create(cls, template: Optional[str] = None, timeout: Optional[int] = None,
                metadata: Optional[Dict[str, str]] = None, envs: Optional[Dict[str, str]] = None,
                secure: Optional[bool] = None, allow_internet_access: Optional[bool] = None,
                network: Optional[Union[SandboxNetworkOpts, Dict[str, Any]]] = None,
@@ -304,6 +304,9 @@ class Sandbox:
                on_timeout: Optional[str] = None, auto_resume: Optional[bool] = None,
                warm_pool_mode: Optional[str] = None, wait_ready: bool = True,
                idle_timeout: Optional[int] = None,
+               image_name: Optional[str] = None, image_id: Optional[str] = None,
+               snapshot_name: Optional[str] = None, snapshot_id: Optional[str] = None,
+               region: Optional[str] = None,
                snapshot_interval: Optional[int] = None, warm_pool: Optional[str] = None,
                egress: Optional[Dict[str, Any]] = None,
                mounts: Optional[Dict[str, Any]] = None) -> "Sandbox":
@@ -316,7 +319,9 @@ class Sandbox:
                            secure=secure, security_policy=security_policy,
                            on_timeout=on_timeout, auto_resume=auto_resume,
                            warm_pool_mode=warm_pool_mode, wait_ready=wait_ready,
-                           idle_timeout=idle_timeout)
+                           idle_timeout=idle_timeout, image_name=image_name,
+                           image_id=image_id, snapshot_name=snapshot_name,
+                           snapshot_id=snapshot_id, region=region)
         config = Config.resolve(api_key, domain, request_timeout)
         client = httpx.Client(timeout=config.request_timeout)
         try:
@@ -478,15 +483,19 @@ class Sandbox:
         """Pauses into object storage: any worker sharing the store can resume it."""
         self._control("POST", "hibernate", {}, request_timeout)
 
-    def create_snapshot(self, request_timeout: Optional[float] = None) -> SnapshotInfo:
+    def create_snapshot(self, request_timeout: Optional[float] = None,
+                        name: Optional[str] = None) -> SnapshotInfo:
         """Takes a snapshot to object storage; the sandbox keeps running. Its ID works as
         a template ID."""
-        return SnapshotInfo.parse(self._control("POST", "snapshots", {}, request_timeout))
+        return SnapshotInfo.parse(self._control(
+            "POST", "snapshots", {} if name is None else {"name": name}, request_timeout))
 
-    def snapshot(self, request_timeout: Optional[float] = None) -> "Snapshot":
+    def snapshot(self, request_timeout: Optional[float] = None,
+                 name: Optional[str] = None) -> "Snapshot":
         """A manual snapshot: they accumulate and survive ``kill()``. The ``Snapshot``
-        restores (``snap.restore()``) and deletes itself."""
-        return Snapshot(self.create_snapshot(request_timeout), self._config)
+        restores (``snap.restore()``) and deletes itself. A ``name`` (unique in the team)
+        lets ``Sandbox.create(snapshot_name=...)`` start from it."""
+        return Snapshot(self.create_snapshot(request_timeout, name), self._config)
 
     def list_snapshots(self, request_timeout: Optional[float] = None) -> List["Snapshot"]:
         """Its snapshots (pause, periodic, manual), newest first."""
@@ -542,9 +551,14 @@ class Sandbox:
                     params=params, request_timeout=request_timeout)
         return [SandboxMetrics.parse(m) for m in doc["metrics"]]
 
-    def logs(self, request_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
-        """``[{time, source, text}]``: boot console, lifecycle events, diagnostics."""
-        return self._control("GET", "logs", request_timeout=request_timeout)["logs"]
+    def logs(self, request_timeout: Optional[float] = None, offset: int = 0,
+             limit: Optional[int] = None) -> List[Dict[str, Any]]:
+        """``[{time, source, text, pid?, stream?}]`` from line ``offset`` (at most
+        ``limit``, 1 to 1000): boot console, lifecycle events, diagnostics, and the output
+        of the template's start command (``source="start"``) and background commands
+        (``"process"``)."""
+        return _call(self._client, self._config, "GET", f"/sandboxes/{self.sandbox_id}/logs",
+                     params=logs_params(offset, limit), request_timeout=request_timeout)["logs"]
 
     def _ws_url(self, path: str) -> str:
         if not self._runtime:
