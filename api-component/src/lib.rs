@@ -14,12 +14,15 @@
 //! authority.
 
 use api_model::{
-    fields_param, is_sandbox_id, is_snapshot_id, parse_body, parse_query, reject_unknown_params,
-    ApiError, BuildLogParams, CreateRequest, EgressPolicy, EventsParams, ForkBody, ListParams,
-    MetricsParams, PreviewBody, RefreshBody, RestoreBody, TemplateBuildRequest, TimeoutBody,
-    VolumeCreateRequest, WarmPoolBody, MAX_BODY_BYTES,
+    fields_param, is_recording_id, is_sandbox_id, is_snapshot_id, parse_body, parse_query,
+    reject_unknown_params, ApiError, BuildLogParams, CreateRequest, EgressPolicy, EventsParams,
+    ForkBody, ListParams, MetricsParams, PreviewBody, RefreshBody, RestoreBody,
+    TemplateBuildRequest, TimeoutBody, VolumeCreateRequest, WarmPoolBody, MAX_BODY_BYTES,
 };
-use spin_sdk::http::{IncomingRequest, Method, Request, Response};
+use spin_sdk::http::{
+    Fields, IncomingRequest, IncomingResponse, Method, OutgoingResponse, Request, Response,
+    ResponseOutparam,
+};
 use spin_sdk::http_component;
 
 /// The pool manager's internal API when the environment names none.
@@ -76,11 +79,76 @@ fn upstream_from(env: Vec<(String, String)>) -> Result<String, ApiError> {
 const OPENAPI: &str = include_str!("../openapi.json");
 
 #[http_component]
-async fn handle(req: IncomingRequest) -> Response {
-    match serve(req).await {
-        Ok(resp) => resp,
+async fn handle(req: IncomingRequest, out: ResponseOutparam) {
+    let whole = match serve(req).await {
+        Ok(Answer::Whole(resp)) => resp,
+        Ok(Answer::Stream(upstream)) => return stream_through(upstream, out).await,
         Err(e) => error_response(&e),
+    };
+    let mut whole = whole;
+    let body = std::mem::take(whole.body_mut());
+    match OutgoingResponse::try_from(whole) {
+        Ok(resp) => {
+            if let Err(e) = out.set_with_body(resp, body).await {
+                eprintln!("writing the response failed: {e}");
+            }
+        }
+        Err(e) => eprintln!("making the response failed: {e}"),
     }
+}
+
+/// What the component answers: a whole response (JSON, small), or an upstream answer
+/// whose body is streamed through as it comes (a recording: up to the 64 MiB a sandbox
+/// records, more than an instance's memory should hold).
+enum Answer {
+    Whole(Response),
+    Stream(IncomingResponse),
+}
+
+/// The headers of a streamed answer that are passed on.
+const STREAMED_HEADERS: &[&str] = &["content-type", "content-length", "content-disposition"];
+
+/// Sends `upstream`'s status, [`STREAMED_HEADERS`] and body on, chunk by chunk. An
+/// upstream that fails mid-body ends the body short of its declared length, which the
+/// client sees as an error (never as a whole, shorter recording).
+async fn stream_through(upstream: IncomingResponse, out: ResponseOutparam) {
+    use futures::{SinkExt, StreamExt};
+    let headers = upstream.headers();
+    let mut pass: Vec<(String, Vec<u8>)> = Vec::new();
+    for name in STREAMED_HEADERS {
+        for value in headers.get(&name.to_string()) {
+            pass.push((name.to_string(), value));
+        }
+    }
+    drop(headers);
+    let resp = match Fields::from_list(&pass) {
+        Ok(fields) => OutgoingResponse::new(fields),
+        Err(e) => {
+            eprintln!("passing the upstream's headers on failed: {e:?}");
+            OutgoingResponse::new(Fields::new())
+        }
+    };
+    if resp.set_status_code(upstream.status()).is_err() {
+        eprintln!("the upstream answered status {}", upstream.status());
+    }
+    let mut sink = resp.take_body();
+    out.set(resp);
+    // `upstream` stays alive while its body is read: dropping it cancels the request.
+    let mut body = upstream.take_body_stream();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(bytes) => {
+                if sink.send(bytes).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                eprintln!("the upstream's body failed: {e:?}");
+                return;
+            }
+        }
+    }
+    let _ = sink.close().await;
 }
 
 /// A body that must be empty or `{}`.
@@ -93,9 +161,11 @@ struct Forward {
     method: Method,
     path: String,
     body: Vec<u8>,
+    /// Its answer's body is streamed through, not read whole (a recording's bytes).
+    stream: bool,
 }
 
-async fn serve(req: IncomingRequest) -> Result<Response, ApiError> {
+async fn serve(req: IncomingRequest) -> Result<Answer, ApiError> {
     let method = req.method();
     let path_with_query = req.path_with_query().unwrap_or_default();
     let (path, query) = match path_with_query.split_once('?') {
@@ -110,9 +180,17 @@ async fn serve(req: IncomingRequest) -> Result<Response, ApiError> {
     // Routes that need no key.
     match (&method, segments.as_slice()) {
         (Method::Get, ["openapi.json"]) => {
-            return Ok(json_response(200, OPENAPI.as_bytes().to_vec()))
+            return Ok(Answer::Whole(json_response(
+                200,
+                OPENAPI.as_bytes().to_vec(),
+            )))
         }
-        (Method::Get, ["health"]) => return Ok(json_response(200, br#"{"status":"ok"}"#.to_vec())),
+        (Method::Get, ["health"]) => {
+            return Ok(Answer::Whole(json_response(
+                200,
+                br#"{"status":"ok"}"#.to_vec(),
+            )))
+        }
         _ => {}
     }
 
@@ -155,11 +233,25 @@ async fn serve(req: IncomingRequest) -> Result<Response, ApiError> {
         .header("content-length", forward.body.len().to_string())
         .body(forward.body)
         .build();
-    let upstream: Response = spin_sdk::http::send(outbound).await.map_err(|e| {
+    let unanswered = |e: spin_sdk::http::SendError| {
         ApiError::upstream(format!(
             "the pool manager did not answer ({e}); try again, and check that it runs"
         ))
-    })?;
+    };
+    if forward.stream {
+        let upstream: IncomingResponse =
+            spin_sdk::http::send(outbound).await.map_err(unanswered)?;
+        if upstream.status() == 200 {
+            return Ok(Answer::Stream(upstream));
+        }
+        // A refusal is a small JSON error: answered whole, as any other.
+        let status = upstream.status();
+        let body = upstream.into_body().await.map_err(|e| {
+            ApiError::upstream(format!("reading the pool manager's answer failed: {e:?}"))
+        })?;
+        return Ok(Answer::Whole(json_response(status, body)));
+    }
+    let upstream: Response = spin_sdk::http::send(outbound).await.map_err(unanswered)?;
     let status = *upstream.status();
     // A rate-limited create says when to come back; the header is all clients read.
     let retry_after = upstream
@@ -170,7 +262,7 @@ async fn serve(req: IncomingRequest) -> Result<Response, ApiError> {
     if let Some(v) = retry_after {
         response.set_header("retry-after", v);
     }
-    Ok(response)
+    Ok(Answer::Whole(response))
 }
 
 /// Checks a request against its route; returns what to send upstream.
@@ -180,7 +272,12 @@ fn route(
     pairs: &[(String, String)],
     body: Vec<u8>,
 ) -> Result<Forward, ApiError> {
-    let forward = |method: Method, path: String, body: Vec<u8>| Forward { method, path, body };
+    let forward = |method: Method, path: String, body: Vec<u8>| Forward {
+        method,
+        path,
+        body,
+        stream: false,
+    };
     let no_query = || reject_unknown_params(pairs, &[]);
     match segments {
         ["sandboxes"] => match method {
@@ -264,7 +361,7 @@ fn route(
             let allowed = match *action {
                 "connect" | "pause" | "resume" | "refreshes" | "timeout" | "hibernate" | "fork"
                 | "previews" => "POST",
-                "events" | "logs" | "metrics" => "GET",
+                "events" | "logs" | "metrics" | "recordings" => "GET",
                 _ => return Err(unknown_route()),
             };
             if method.to_string() != allowed {
@@ -284,6 +381,7 @@ fn route(
                 "logs" => {
                     api_model::SandboxLogParams::parse(pairs)?;
                 }
+                "recordings" => no_query()?,
                 _ => {}
             }
             if allowed == "GET" {
@@ -404,6 +502,31 @@ fn route(
                     &["PUT", "GET"],
                 )),
             }
+        }
+        ["sandboxes", id, "recordings", recording] => {
+            let id = sandbox_id(id)?;
+            if *method != Method::Get {
+                return Err(not_allowed(
+                    method,
+                    "/api/v1/sandboxes/{id}/recordings/{recordingID}",
+                    &["GET"],
+                ));
+            }
+            // Only names recordings are given go on: no path can hide in one.
+            if !is_recording_id(recording) {
+                return Err(ApiError::bad_request(format!(
+                    "{recording:?} is not a recording ID: they are commands.jsonl, commands-N.jsonl or pty-N.cast (GET /api/v1/sandboxes/{{id}}/recordings lists them)"
+                ))
+                .with_details(serde_json::json!({ "field": "recordingID" })));
+            }
+            no_query()?;
+            empty_body(&body)?;
+            Ok(Forward {
+                method: Method::Get,
+                path: format!("/v1/sandboxes/{id}/recordings/{recording}"),
+                body: Vec::new(),
+                stream: true,
+            })
         }
         ["sandboxes", id, "snapshots", snapshot] => {
             let id = sandbox_id(id)?;
@@ -581,6 +704,7 @@ fn create_or_list(
                 method: Method::Post,
                 path,
                 body,
+                stream: false,
             })
         }
         Method::Get => {
@@ -589,6 +713,7 @@ fn create_or_list(
                 method: Method::Get,
                 path,
                 body: Vec::new(),
+                stream: false,
             })
         }
         _ => Err(not_allowed(method, route, &["POST", "GET"])),
@@ -608,6 +733,7 @@ fn get_or_delete(
             method: method.clone(),
             path,
             body: Vec::new(),
+            stream: false,
         }),
         _ => Err(not_allowed(method, route, &["GET", "DELETE"])),
     }
@@ -952,6 +1078,66 @@ mod tests {
         bad(Method::Post, &rotate, r#"{"graceSeconds":-1}"#, "u64");
         bad(Method::Post, &rotate, r#"{"grace":10}"#, "grace");
         forwarded(Method::Post, &rotate, r#"{"graceSeconds":0}"#);
+    }
+
+    #[test]
+    fn recordings_are_listed_and_streamed_and_only_their_names_go_upstream() {
+        let sbx = "sbx-0123456789abcdef0123";
+        assert_eq!(
+            forwarded(Method::Get, &format!("sandboxes/{sbx}/recordings"), ""),
+            ("GET".into(), format!("/v1/sandboxes/{sbx}/recordings"))
+        );
+        for id in ["commands.jsonl", "commands-2.jsonl", "pty-1.cast"] {
+            let f = call(Method::Get, &format!("sandboxes/{sbx}/recordings/{id}"), "").unwrap();
+            assert_eq!(f.path, format!("/v1/sandboxes/{sbx}/recordings/{id}"));
+            assert!(f.stream, "{id}: its body is streamed through");
+        }
+        let listed = call(Method::Get, &format!("sandboxes/{sbx}/recordings"), "").unwrap();
+        assert!(!listed.stream);
+        for bad in [
+            "..%2F..",
+            "..",
+            "meta.json",
+            "pty-0.cast",
+            "commands",
+            "pty-1.cast%00",
+        ] {
+            let e = refused(
+                Method::Get,
+                &format!("sandboxes/{sbx}/recordings/{bad}"),
+                "",
+            );
+            assert_eq!((e.status, e.code), (400, "invalid_request"), "{bad}");
+            assert_eq!(e.details["field"], "recordingID", "{bad}");
+        }
+        let e = refused(
+            Method::Delete,
+            &format!("sandboxes/{sbx}/recordings/pty-1.cast"),
+            "",
+        );
+        assert_eq!(e.allowed_methods().as_deref(), Some("GET"));
+        let e = refused(Method::Post, &format!("sandboxes/{sbx}/recordings"), "");
+        assert_eq!(e.allowed_methods().as_deref(), Some("GET"));
+        let e = refused(
+            Method::Get,
+            &format!("sandboxes/{sbx}/recordings?all=1"),
+            "",
+        );
+        assert_eq!(e.status, 400);
+        let e = refused(Method::Get, "sandboxes/sbx-nope/recordings/pty-1.cast", "");
+        assert_eq!(e.status, 404);
+        // The create field is checked here too.
+        forwarded(
+            Method::Post,
+            "sandboxes",
+            r#"{"templateID":"base","recording":true}"#,
+        );
+        let e = refused(
+            Method::Post,
+            "sandboxes",
+            r#"{"templateID":"base","recording":1}"#,
+        );
+        assert_eq!(e.status, 400);
     }
 
     #[test]

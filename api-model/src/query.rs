@@ -22,6 +22,7 @@ pub const VIEW_FIELDS: &[&str] = &[
     "hibernated",
     "egress",
     "mounts",
+    "recording",
 ];
 
 /// The seeds' names for view fields, accepted by `fields=` and answered under the name

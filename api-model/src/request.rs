@@ -177,6 +177,10 @@ pub struct CreateRequest {
     /// has not landed (501) rather than as an unknown field.
     #[serde(default)]
     pub security_policy: Option<Value>,
+    /// Keep a transcript of every command and terminal session in object storage
+    /// (`GET /sandboxes/{id}/recordings`); default off.
+    #[serde(default)]
+    pub recording: Option<bool>,
 }
 
 /// Where a sandbox starts from (seed 002's start sources).
@@ -230,6 +234,8 @@ pub struct ValidCreate {
     pub egress: EgressPolicy,
     /// The volumes to mount (checked; names not yet resolved).
     pub mounts: Vec<Mount>,
+    /// Whether commands and terminal sessions are recorded.
+    pub recording: bool,
 }
 
 impl CreateRequest {
@@ -420,6 +426,7 @@ impl CreateRequest {
             idle_timeout_s,
             egress,
             mounts,
+            recording: self.recording.unwrap_or(false),
         })
     }
 }
@@ -627,6 +634,27 @@ pub fn is_snapshot_id(id: &str) -> bool {
     })
 }
 
+/// Whether `id` has the shape of a recording ID: `commands.jsonl`, `commands-N.jsonl`
+/// (a command transcript) or `pty-N.cast` (a terminal session), N a positive decimal
+/// of at most 10 digits. Nothing else names a recording (no path can hide in one).
+pub fn is_recording_id(id: &str) -> bool {
+    let number = |n: &str| {
+        (1..=10).contains(&n.len()) && !n.starts_with('0') && n.bytes().all(|b| b.is_ascii_digit())
+    };
+    if id == "commands.jsonl" {
+        return true;
+    }
+    if let Some(n) = id
+        .strip_prefix("commands-")
+        .and_then(|r| r.strip_suffix(".jsonl"))
+    {
+        return number(n);
+    }
+    id.strip_prefix("pty-")
+        .and_then(|r| r.strip_suffix(".cast"))
+        .is_some_and(number)
+}
+
 /// Body of `POST /sandboxes/restore`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -815,6 +843,51 @@ fn unknown_field(msg: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recording_ids_are_the_names_issued_and_nothing_else() {
+        for ok in [
+            "commands.jsonl",
+            "commands-2.jsonl",
+            "commands-1234567890.jsonl",
+            "pty-1.cast",
+            "pty-42.cast",
+        ] {
+            assert!(is_recording_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "..",
+            "../..",
+            "..%2F..",
+            "commands",
+            "commands-.jsonl",
+            "commands-0.jsonl",
+            "commands-02.jsonl",
+            "commands-12345678901.jsonl",
+            "commands-x.jsonl",
+            "pty-.cast",
+            "pty-0.cast",
+            "pty-1.cast/",
+            "pty-1.cast.json",
+            "pty-1/../x.cast",
+            "PTY-1.cast",
+            "meta.json",
+        ] {
+            assert!(!is_recording_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn recording_is_off_unless_asked() {
+        let plain = parse_body::<CreateRequest>(br#"{"templateID":"base"}"#).unwrap();
+        assert!(!plain.validate().unwrap().recording);
+        let on = parse_body::<CreateRequest>(br#"{"templateID":"base","recording":true}"#).unwrap();
+        assert!(on.validate().unwrap().recording);
+        assert!(
+            parse_body::<CreateRequest>(br#"{"templateID":"base","recording":"yes"}"#).is_err()
+        );
+    }
 
     #[test]
     fn stale_fields_are_named_with_their_replacement() {

@@ -4,6 +4,7 @@
 //! `~/.local/state/nullspace/dev.env`; `--api-key` and `--domain` override. Human output
 //! by default, `--json` for scripts.
 
+mod playback;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use nullspace::{
@@ -180,6 +181,17 @@ enum SandboxCommand {
         /// At most this many lines (1 to 1000).
         #[arg(long)]
         limit: Option<usize>,
+    },
+    /// The recordings of a sandbox created with --recording (also after it ended).
+    Recordings { id: String },
+    /// Play a recording back: a terminal session at its own pace (--speed), or the
+    /// transcript of its commands.
+    Play {
+        id: String,
+        recording: String,
+        /// Playback speed (2: twice as fast; 0: no pauses).
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
     },
     /// A URL that downloads (or with --put uploads) one file with no credential until it
     /// expires.
@@ -507,6 +519,10 @@ struct CreateArgs {
     /// A region the operator configured.
     #[arg(long)]
     region: Option<String>,
+    /// Record every command and terminal session (list with `sandbox recordings ID`,
+    /// play with `sandbox play ID RECORDING`).
+    #[arg(long)]
+    recording: bool,
     /// Apply the timeout action after N seconds without SDK calls, preview traffic or a
     /// running foreground command (5 to 604800).
     #[arg(long, value_name = "SECONDS")]
@@ -1090,6 +1106,9 @@ async fn sandbox(
                 (None, None) => CreateOptions::new(a.template.as_deref().unwrap_or("base")),
             };
             o.region = a.region.clone();
+            if a.recording {
+                o = o.recording(true);
+            }
             o.idle_timeout = a.idle_timeout;
             o.timeout = a.timeout;
             o.metadata = a.metadata.iter().cloned().collect();
@@ -1314,6 +1333,30 @@ async fn sandbox(
             if let (Some(next), false) = (next, json) {
                 eprintln!("more: --offset {next}");
             }
+        }
+        SandboxCommand::Recordings { id } => {
+            let list = Sandbox::from_id(config, id)?.recordings().await?;
+            for r in list {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "recordingID": r.recording_id, "kind": r.kind, "sizeBytes": r.size_bytes, "createdAt": r.created_at })
+                    );
+                } else {
+                    println!(
+                        "{:<28} {:<9} {:>10} {}",
+                        r.recording_id, r.kind, r.size_bytes, r.created_at
+                    );
+                }
+            }
+        }
+        SandboxCommand::Play {
+            id,
+            recording,
+            speed,
+        } => {
+            let bytes = Sandbox::from_id(config, id)?.recording(recording).await?;
+            playback::play(&bytes, *speed).await?;
         }
         SandboxCommand::Presign {
             id,

@@ -50,6 +50,11 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/volumes/{id}", get(volume).delete(delete_volume))
         .route("/v1/sandboxes/{id}/logs", get(logs))
         .route("/v1/sandboxes/{id}/metrics", get(metrics))
+        .route("/v1/sandboxes/{id}/recordings", get(list_recordings))
+        .route(
+            "/v1/sandboxes/{id}/recordings/{recording}",
+            get(download_recording),
+        )
         .route("/v1/observability/summary", get(summary))
         .route("/metrics", get(prometheus))
         .route("/v1/sandboxes/restore", post(restore))
@@ -524,6 +529,40 @@ async fn metrics(
     Ok(Json(
         json!({ "metrics": m.metrics(&team, &id, p.start, p.end).await? }),
     ))
+}
+
+async fn list_recordings(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    reject_unknown_params(&parse_query(q.as_deref()), &[])?;
+    Ok(Json(
+        json!({ "recordings": m.list_recordings(&team, &id).await? }),
+    ))
+}
+
+/// A recording's bytes, streamed from the store: `application/x-ndjson` (commands) or
+/// `application/x-asciicast` (a terminal session).
+async fn download_recording(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path((id, recording)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    reject_unknown_params(&parse_query(q.as_deref()), &[])?;
+    let d = m.recording(&team, &id, &recording).await?;
+    use axum::http::header;
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, d.kind.content_type())
+        .header(header::CONTENT_LENGTH, d.size_bytes)
+        .header(
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{recording}\""),
+        )
+        .body(axum::body::Body::from_stream(d.body))
+        .expect("a valid response"))
 }
 
 async fn summary(

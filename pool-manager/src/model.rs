@@ -136,6 +136,9 @@ pub struct SandboxRecord {
     /// Moved here by a drain while hibernated: its new host resumes it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resume_after_move: bool,
+    /// Its commands and terminal sessions are recorded (`sandboxes::recording`).
+    #[serde(default)]
+    pub recording: bool,
 }
 
 impl SandboxRecord {
@@ -180,6 +183,7 @@ impl SandboxRecord {
             volume_copies: false,
             runtime_token_epoch: 0,
             preview_token_epochs: BTreeMap::new(),
+            recording: false,
         }
     }
 
@@ -273,6 +277,8 @@ pub struct SandboxView {
     /// The host that runs it (or holds it paused), for operators of a cluster.
     #[serde(rename = "hostID", skip_serializing_if = "Option::is_none")]
     pub host_id: Option<String>,
+    /// Whether its commands and terminal sessions are recorded.
+    pub recording: bool,
 }
 
 impl SandboxView {
@@ -296,6 +302,7 @@ impl SandboxView {
             egress: r.egress.clone(),
             mounts: r.mounts.clone(),
             host_id: r.host_id.clone(),
+            recording: r.recording,
         }
     }
 }

@@ -442,6 +442,7 @@ async fn the_cli_manages_volumes_and_egress() {
         "pause",
         "--auto-resume",
         "--no-wait-ready",
+        "--recording",
     ]);
     let id = id.trim();
     assert!(cli
@@ -557,6 +558,12 @@ async fn the_cli_manages_volumes_and_egress() {
         "{out:?}"
     );
     cli.ok(&["sandbox", "kill", id]);
+    // Recorded: its commands come back as a transcript.
+    let recordings = cli.ok(&["sandbox", "recordings", id]);
+    assert!(recordings.contains("commands.jsonl"), "{recordings}");
+    let played = cli.ok(&["sandbox", "play", id, "commands.jsonl", "--speed", "0"]);
+    assert!(played.contains("$ echo cli > /mnt/cli/f"), "{played}");
+    assert!(played.contains("[exit 0]"), "{played}");
     let listed = cli.ok(&["volume", "list"]);
     assert!(listed.contains("(clivol)  32 MiB  version 1"), "{listed}");
     cli.ok(&["volume", "delete", vol]);

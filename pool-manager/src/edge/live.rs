@@ -4,6 +4,7 @@
 
 use super::{Edge, JsonErr};
 use crate::error::{agent_error, ApiError};
+use crate::sandboxes::recording::PtyLog;
 use agent_client::{ProcessEvent, PtyOptions};
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -144,21 +145,25 @@ pub(super) async fn pty_ws(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let (agent, env) = edge.agent(&headers, &id).await?;
+    let (agent, env, recorder) = edge.recorded_agent(&headers, &id).await?;
+    let (cols, rows) = (q.cols.unwrap_or(80), q.rows.unwrap_or(24));
+    let command = q.cmd.clone();
     let options = PtyOptions {
         command: q.cmd,
-        cols: q.cols.unwrap_or(80),
-        rows: q.rows.unwrap_or(24),
+        cols,
+        rows,
         env,
         user: q.user,
         cwd: q.cwd,
     };
     let process = agent.pty(options).await.map_err(agent_error)?;
+    // A recorded sandbox's session is an asciicast of its own.
+    let log = recorder.and_then(|r| r.pty_opened(cols, rows, command.as_deref()));
     // An open terminal keeps the sandbox from idling.
     let busy = edge.manager.activity.busy(&id);
     Ok(ws.on_upgrade(move |socket| async move {
         let _busy = busy;
-        terminal(process, socket).await
+        terminal(process, socket, log).await
     }))
 }
 
@@ -168,11 +173,20 @@ enum TerminalControl {
     Resize { cols: u16, rows: u16 },
 }
 
-async fn terminal(mut process: agent_client::Process, mut socket: WebSocket) {
+/// Bridges a terminal and its WebSocket; `log` (a recorded sandbox's) gets the bytes
+/// both ways and the resizes.
+async fn terminal(
+    mut process: agent_client::Process,
+    mut socket: WebSocket,
+    mut log: Option<PtyLog>,
+) {
     loop {
         tokio::select! {
             event = process.next_event() => match event {
                 Ok(Some(ProcessEvent::Stdout(b))) | Ok(Some(ProcessEvent::Stderr(b))) => {
+                    if let Some(l) = log.as_mut() {
+                        l.output(&b);
+                    }
                     if socket.send(Message::Binary(b.into())).await.is_err() {
                         return;
                     }
@@ -189,9 +203,19 @@ async fn terminal(mut process: agent_client::Process, mut socket: WebSocket) {
                 }
             },
             msg = socket.recv() => match msg {
-                Some(Ok(Message::Binary(b))) if process.write_stdin(&b).await.is_err() => return,
+                Some(Ok(Message::Binary(b))) => {
+                    if let Some(l) = log.as_mut() {
+                        l.input(&b);
+                    }
+                    if process.write_stdin(&b).await.is_err() {
+                        return;
+                    }
+                }
                 Some(Ok(Message::Text(t))) => {
                     if let Ok(TerminalControl::Resize { cols, rows }) = serde_json::from_str(t.as_str()) {
+                        if let Some(l) = log.as_mut() {
+                            l.resized(cols, rows);
+                        }
                         let _ = process.resize(cols, rows).await;
                     }
                 }

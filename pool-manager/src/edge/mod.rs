@@ -8,6 +8,7 @@
 
 use crate::error::{agent_error, ApiError};
 use crate::model::{InternalState, SandboxRecord};
+use crate::sandboxes::recording::{CommandLog, CommandStart, Recorder};
 use crate::sandboxes::{Manager, Wake, WAKE_WINDOW};
 use crate::tokens::{runtime_epoch, TokenError, TokenSigner};
 use agent_client::{AgentClient, ProcessEvent, StdinWriter};
@@ -140,6 +141,18 @@ impl Edge {
         Ok((agent, record.env_vars))
     }
 
+    /// Like [`Edge::agent`], with the sandbox's recorder if it is recorded.
+    async fn recorded_agent(
+        &self,
+        headers: &HeaderMap,
+        id: &str,
+    ) -> Result<(AgentClient, BTreeMap<String, String>, Option<Arc<Recorder>>), ApiError> {
+        let record = self.authorize(headers, id)?;
+        let recorder = self.manager.recordings.recorder(&record).await;
+        let (agent, env) = self.agent_of(record).await?;
+        Ok((agent, env, recorder))
+    }
+
     /// Checks that the request carries a current runtime token of sandbox `id`, and
     /// returns the sandbox's record (read here, once per request, after the token's
     /// signature passed: a forged token costs no catalog read).
@@ -230,8 +243,14 @@ fn output_line(stream: &str, bytes: &[u8]) -> Bytes {
 }
 
 /// Streams a process's events as NDJSON until it exits or detaches; the sandbox counts
-/// as busy (never idle) while the stream lasts.
-fn stream_process(edge: &Edge, id: &str, process: agent_client::Process) -> Response {
+/// as busy (never idle) while the stream lasts. A recorded sandbox's `log` gets each
+/// event as it passes (an attach to a background command records its output too).
+fn stream_process(
+    edge: &Edge,
+    id: &str,
+    process: agent_client::Process,
+    log: Option<CommandLog>,
+) -> Response {
     let busy = edge.manager.activity.busy(id);
     let pid = process.pid();
     let key = (id.to_string(), pid);
@@ -243,14 +262,23 @@ fn stream_process(edge: &Edge, id: &str, process: agent_client::Process) -> Resp
     let start = futures::stream::once(async move {
         Ok::<Bytes, std::io::Error>(ndjson_line(json!({ "event": "start", "pid": pid })))
     });
-    let events =
-        futures::stream::unfold(Some((process, stdin_map, key, busy)), |state| async move {
-            let (mut process, stdin_map, key, busy) = state?;
+    let events = futures::stream::unfold(
+        Some((process, stdin_map, key, busy, log)),
+        |state| async move {
+            let (mut process, stdin_map, key, busy, log) = state?;
+            let log_ref = log.as_ref();
             let line = match process.next_event().await {
-                Ok(Some(ProcessEvent::Stdout(b))) => output_line("stdout", &b),
-                Ok(Some(ProcessEvent::Stderr(b))) => output_line("stderr", &b),
+                Ok(Some(ProcessEvent::Stdout(b))) => {
+                    log_ref.inspect(|l| l.output("stdout", &b));
+                    output_line("stdout", &b)
+                }
+                Ok(Some(ProcessEvent::Stderr(b))) => {
+                    log_ref.inspect(|l| l.output("stderr", &b));
+                    output_line("stderr", &b)
+                }
                 Ok(Some(ProcessEvent::Exited(s))) => {
                     stdin_map.lock().unwrap().remove(&key);
+                    log_ref.inspect(|l| l.exited(s.code, s.signal));
                     return Some((
                         Ok(ndjson_line(
                             json!({ "event": "exit", "exitCode": s.code, "signal": s.signal }),
@@ -260,11 +288,13 @@ fn stream_process(edge: &Edge, id: &str, process: agent_client::Process) -> Resp
                 }
                 Ok(Some(ProcessEvent::Detached)) | Ok(None) => {
                     stdin_map.lock().unwrap().remove(&key);
+                    log_ref.inspect(|l| l.detached());
                     return Some((Ok(ndjson_line(json!({ "event": "detached" }))), None));
                 }
                 Err(e) => {
                     stdin_map.lock().unwrap().remove(&key);
                     let err = agent_error(e);
+                    log_ref.inspect(|l| l.failed(&err.message));
                     return Some((
                         Ok(ndjson_line(
                             json!({ "event": "error", "code": err.code, "message": err.message }),
@@ -273,8 +303,9 @@ fn stream_process(edge: &Edge, id: &str, process: agent_client::Process) -> Resp
                     ));
                 }
             };
-            Some((Ok(line), Some((process, stdin_map, key, busy))))
-        });
+            Some((Ok(line), Some((process, stdin_map, key, busy, log))))
+        },
+    );
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(start.chain(events)))
@@ -287,7 +318,7 @@ async fn run(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (agent, sandbox_env) = edge.agent(&headers, &id).await?;
+    let (agent, sandbox_env, recorder) = edge.recorded_agent(&headers, &id).await?;
     let b: RunBody = parse_body(&body)?;
     let command = match (b.cmd, b.argv) {
         (Some(cmd), None) => Command::Shell(cmd),
@@ -301,7 +332,12 @@ async fn run(
     // The sandbox's envVars apply to every command; the command's own envs win.
     let mut env = sandbox_env;
     env.extend(b.envs);
-    let process = agent
+    // What the transcript says of the command (never its environment: secrets live
+    // there).
+    let asked = recorder
+        .as_ref()
+        .map(|_| (command.clone(), b.cwd.clone(), b.user.clone()));
+    let started = agent
         .exec(ExecRequest {
             command,
             env,
@@ -314,11 +350,25 @@ async fn run(
             attach: !b.background,
         })
         .await
-        .map_err(agent_error)?;
+        .map_err(agent_error);
+    let log = recorder.zip(asked).map(|(recorder, (command, cwd, user))| {
+        let log = recorder.command_started(CommandStart {
+            pid: started.as_ref().ok().map(|p| p.pid()),
+            command: &command,
+            cwd: cwd.as_deref(),
+            user: user.as_deref(),
+            background: b.background,
+        });
+        if let Err(e) = &started {
+            log.failed(&e.message);
+        }
+        log
+    });
+    let process = started?;
     if b.background {
         return Ok((StatusCode::CREATED, Json(json!({ "pid": process.pid() }))).into_response());
     }
-    Ok(stream_process(&edge, &id, process))
+    Ok(stream_process(&edge, &id, process, log))
 }
 
 async fn list_commands(
@@ -337,9 +387,10 @@ async fn attach(
     headers: HeaderMap,
     JsonErr(Path((id, pid))): JsonErr<Path<(String, u32)>>,
 ) -> Result<Response, ApiError> {
-    let (agent, _) = edge.agent(&headers, &id).await?;
+    let (agent, _, recorder) = edge.recorded_agent(&headers, &id).await?;
     let process = agent.attach(pid).await.map_err(agent_error)?;
-    Ok(stream_process(&edge, &id, process))
+    let log = recorder.map(|r| r.command_attached(pid));
+    Ok(stream_process(&edge, &id, process, log))
 }
 
 #[derive(Deserialize)]

@@ -24,6 +24,7 @@ mod moves;
 mod network;
 mod observe;
 mod previews;
+pub mod recording;
 mod recovery;
 mod snapshots;
 mod volumes;
@@ -88,6 +89,8 @@ pub struct Manager {
     /// Sandboxes whose periodic snapshots keep failing: each waits longer before the
     /// next attempt (on top of its interval).
     periodic_backoff: Mutex<HashMap<String, crate::backoff::Backoff>>,
+    /// Transcripts of recorded sandboxes (`recording: true`), kept in the snapshot store.
+    pub(crate) recordings: recording::Recordings,
 }
 
 /// A `/proc/meminfo` field (`MemTotal`, `MemAvailable`) in KiB.
@@ -192,6 +195,7 @@ impl Manager {
             region,
         } = config;
         Self {
+            recordings: recording::Recordings::new(&state_dir, snapshots.store.clone()),
             catalog: Arc::new(catalog),
             templates: Templates::new(templates_dir, vmm.clone()),
             vmm,
@@ -379,6 +383,25 @@ impl Manager {
             }
         }
         let reaped = self.vmm.reap_orphans(&adopted);
+        // Transcripts a previous run left of sandboxes that no longer record here
+        // (ended, failed, hibernated) go to the store, in the background: a slow store
+        // must not hold up the start. The others' are continued when next written.
+        let recording_here: std::collections::HashSet<String> = self
+            .catalog
+            .sandboxes_in(Catalog::NOT_DELETED)?
+            .into_iter()
+            .filter(|r| {
+                r.state == InternalState::Active
+                    || (r.state == InternalState::Stopped && r.hibernated.is_none())
+            })
+            .map(|r| r.id)
+            .collect();
+        let recordings = self.recordings.clone();
+        tokio::spawn(async move {
+            recordings
+                .upload_leftovers(|id| recording_here.contains(id))
+                .await
+        });
         info!(adopted = adopted.len(), reaped, "reconciled after start");
         Ok(())
     }
@@ -528,6 +551,7 @@ impl Manager {
             on_timeout,
             auto_resume: valid.auto_resume,
             idle_timeout_s: valid.idle_timeout_s,
+            recording: valid.recording,
             egress: valid.egress.clone(),
             mounts: self.resolve_mounts(team, valid.mounts.clone()).await?,
             ..SandboxRecord::fresh(
@@ -1003,6 +1027,11 @@ impl Manager {
                 r.pause_snapshot = Some(dir.display().to_string());
                 r.vm_dir = None;
                 self.transition(&mut r, InternalState::Stopped, "paused")?;
+                // What it recorded is stored while it sleeps (in the background: the
+                // files stay until they are, and the slot is not held for it); the
+                // transcripts go on here when it resumes.
+                let (recordings, sandbox) = (self.recordings.clone(), id.to_string());
+                tokio::spawn(async move { recordings.flush(&sandbox).await });
                 Ok(self.view(&r, false))
             }
             Err(e) => {
@@ -1155,6 +1184,9 @@ impl Manager {
             self.delete_hibernate_snapshot(&snapshot_id).await;
         }
         failpoint::hit("delete.snapshots_removed");
+        // Its transcripts are complete: stored (a failed upload is retried at the next
+        // start), then their local files go.
+        self.recordings.finish(r).await;
         let fork_base = r.fork_base.take();
         self.network.forget(&r.id);
         self.transition(r, InternalState::Deleted, reason)?;
@@ -1391,6 +1423,7 @@ impl Manager {
                 if let Some(mut r) = record {
                     // Its volume writes are saved and the volumes freed: it never runs again.
                     self.release_volumes(&r).await;
+                    self.recordings.finish(&r).await;
                     r.diagnostic = Some(Diagnostic {
                         code: "host_stopped".into(),
                         message: "the pool manager was stopped and ended this sandbox's VM".into(),

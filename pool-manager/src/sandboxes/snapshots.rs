@@ -272,6 +272,7 @@ impl Manager {
                     "timeout": r.timeout_s,
                     "egress": r.egress,
                     "mounts": r.mounts,
+                    "recording": r.recording,
                 }),
             };
             stored::publish(self.store(), &taken.dir, SNAPSHOT_FILES, new)
@@ -646,6 +647,9 @@ impl Manager {
         r.hibernated = Some(s.id.clone());
         r.vm_dir = None;
         self.transition(&mut r, InternalState::Stopped, "hibernated")?;
+        // It may resume on any worker: its transcripts so far are stored and end here
+        // (a resume starts new ones, named after these).
+        self.recordings.finish(&r).await;
         Ok(self.view(&r, false))
     }
 
@@ -678,6 +682,7 @@ impl Manager {
             // is the sandbox's, whatever worker runs it).
             egress: origin.egress,
             mounts: origin.mounts,
+            recording: origin.recording,
             state: InternalState::Stopped,
             hibernated: Some(s.id.clone()),
             ..SandboxRecord::fresh(
@@ -954,6 +959,7 @@ impl Manager {
                     metadata: r.metadata.clone(),
                     egress: r.egress.clone(),
                     mounts: r.mounts.clone(),
+                    recording: r.recording,
                     ..StoredSandbox::default()
                 },
                 l.manifest().id.clone(),
@@ -969,6 +975,7 @@ impl Manager {
             metadata: body.metadata.unwrap_or(origin.metadata),
             egress: origin.egress,
             mounts: origin.mounts,
+            recording: origin.recording,
             volume_copies: true,
             ..SandboxRecord::fresh(
                 team,
@@ -1107,6 +1114,7 @@ impl Manager {
                 public_ports: parent.public_ports.clone(),
                 egress: parent.egress.clone(),
                 mounts: parent.mounts.clone(),
+                recording: parent.recording,
                 volume_copies: true,
                 fork_base: Some(dir.display().to_string()),
                 ..SandboxRecord::fresh(
@@ -1338,6 +1346,8 @@ struct StoredSandbox {
     public_ports: Vec<u16>,
     egress: api_model::EgressPolicy,
     mounts: Vec<api_model::Mount>,
+    /// Whether the sandbox was recorded: its restores and resumes elsewhere are too.
+    recording: bool,
 }
 
 #[cfg(test)]

@@ -331,6 +331,9 @@ pub struct CreateOptions {
     pub snapshot: Option<(String, Option<String>)>,
     /// A region the operator configured → `region`.
     pub region: Option<String>,
+    /// Seed 002's sandbox recording: a transcript of every command and terminal
+    /// session, kept in object storage → `recording`.
+    pub recording: Option<bool>,
 }
 
 impl CreateOptions {
@@ -351,6 +354,12 @@ impl CreateOptions {
             snapshot: Some((name.into(), pin)),
             ..Self::default()
         }
+    }
+
+    /// Records every command and terminal session (see [`crate::Sandbox::recordings`]).
+    pub fn recording(mut self, on: bool) -> Self {
+        self.recording = Some(on);
+        self
     }
 
     /// Places the sandbox in a region the operator configured.
@@ -573,6 +582,9 @@ impl CreateOptions {
         }
         if let Some(r) = &self.region {
             body.insert("region".into(), json!(r));
+        }
+        if let Some(r) = self.recording {
+            body.insert("recording".into(), json!(r));
         }
         if let Some(t) = self.timeout {
             body.insert("timeout".into(), json!(t));

@@ -51,6 +51,7 @@
 //! | `imageName` / `imageId` (seed 002) | [`CreateOptions::image`]`(name, pin)` | `imageName`, `imageId` |
 //! | `snapshotName` / `snapshotId` (seed 002) | [`Sandbox::snapshot_named`], then [`CreateOptions::snapshot_named`]`(name, pin)` | `POST …/snapshots {name}`; `snapshotName`, `snapshotId` |
 //! | `region` (seed 002) | [`CreateOptions::region`] | `region` |
+//! | `recording` (seed 002) | [`CreateOptions::recording`], [`Sandbox::recordings`], [`Sandbox::recording`] | `recording`; `GET …/recordings`, `GET …/recordings/:rid` |
 //! | `files.presign` (seed 002) | [`Files::presign`] → [`Presigned`] | `POST …/files/presign {path, method, expires}` |
 //! | logs (seed 003) | [`Sandbox::logs`], [`Sandbox::logs_page`] | `GET /sandboxes/:id/logs?offset=&limit=` |
 //!
@@ -107,7 +108,7 @@ pub use files::{Files, Presigned};
 pub use live::{
     redact_preview_token, redact_preview_url, Event, EventStream, EventStreamOptions, FsEvent,
     LogLine, Metric, MetricTimestamp, MetricsTime, PortConnection, Preview, ProxyTarget, Pty,
-    PtyEvent, SandboxMetrics, Watch,
+    PtyEvent, Recording, SandboxMetrics, Watch,
 };
 pub use models::{
     CommandResult, Diagnostic, FileInfo, ListQuery, ProcessInfo, Resources, RestoreOptions,

@@ -411,6 +411,20 @@ impl MetricTimestamp for Metric {
     }
 }
 
+/// A recording of a sandbox ([`Sandbox::recordings`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Recording {
+    /// Its ID, for [`Sandbox::recording`].
+    #[serde(rename = "recordingID")]
+    pub recording_id: String,
+    /// `commands` (JSON lines) or `pty` (asciicast v2).
+    pub kind: String,
+    pub size_bytes: u64,
+    /// ISO 8601.
+    pub created_at: String,
+}
+
 /// One line of a sandbox's logs.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct LogLine {
@@ -477,6 +491,36 @@ impl Sandbox {
     /// Its logs: boot console, lifecycle events, the diagnostic of a failure.
     pub async fn logs(&self) -> Result<Vec<LogLine>> {
         Ok(self.logs_page(0, None).await?.0)
+    }
+
+    /// Its recordings (created with [`crate::CreateOptions::recording`]), also after it
+    /// ended.
+    pub async fn recordings(&self) -> Result<Vec<Recording>> {
+        let v = call(
+            &self.http,
+            &self.config,
+            reqwest::Method::GET,
+            &format!("/sandboxes/{}/recordings", self.id()),
+            None,
+        )
+        .await?;
+        serde_json::from_value(v["recordings"].clone())
+            .map_err(|e| Error::Protocol(format!("recordings: {e}")))
+    }
+
+    /// A recording's bytes: JSON lines of commands (`kind` `commands`), or an asciicast
+    /// v2 terminal session (`pty`).
+    pub async fn recording(&self, recording_id: &str) -> Result<Vec<u8>> {
+        let resp = self
+            .http
+            .get(self.config.url(&format!(
+                "/sandboxes/{}/recordings/{recording_id}",
+                self.id()
+            )))
+            .header("X-API-Key", &self.config.api_key)
+            .send()
+            .await?;
+        Ok(crate::error::check(resp).await?.bytes().await?.to_vec())
     }
 
     /// One page of its logs from line `offset` (at most `limit`, 1 to 1000), and the

@@ -422,7 +422,8 @@ def create_body(template: Optional[str], timeout: Optional[int], metadata: Optio
                 wait_ready: bool = True, idle_timeout: Optional[int] = None,
                 image_name: Optional[str] = None, image_id: Optional[str] = None,
                 snapshot_name: Optional[str] = None, snapshot_id: Optional[str] = None,
-                region: Optional[str] = None) -> Dict[str, Any]:
+                region: Optional[str] = None,
+                recording: Optional[bool] = None) -> Dict[str, Any]:
     """The REST create body for the SDK's parameters (seed 001 and 004 names included).
     The start source is ``template`` (default ``"base"``), ``image_name`` or
     ``snapshot_name`` (seed 002), exactly one."""
@@ -448,6 +449,8 @@ def create_body(template: Optional[str], timeout: Optional[int], metadata: Optio
         body["templateID"] = template if template is not None else "base"
     if region is not None:
         body["region"] = region
+    if recording is not None:
+        body["recording"] = bool(recording)
     # Network: `network` overrides `allow_internet_access` (seed 001); our own `egress`
     # is the REST form, and two sources of one policy are a mistake, not a merge.
     if egress is not None and (network is not None or allow_internet_access is not None):

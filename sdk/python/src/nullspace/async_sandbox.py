@@ -329,7 +329,7 @@ class AsyncSandbox:
                      idle_timeout: Optional[int] = None,
                      image_name: Optional[str] = None, image_id: Optional[str] = None,
                      snapshot_name: Optional[str] = None, snapshot_id: Optional[str] = None,
-                     region: Optional[str] = None,
+                     region: Optional[str] = None, recording: Optional[bool] = None,
                      snapshot_interval: Optional[int] = None, warm_pool: Optional[str] = None,
                      egress: Optional[Dict[str, Any]] = None,
                      mounts: Optional[Dict[str, Any]] = None) -> "AsyncSandbox":
@@ -342,7 +342,7 @@ class AsyncSandbox:
                            warm_pool_mode=warm_pool_mode, wait_ready=wait_ready,
                            idle_timeout=idle_timeout, image_name=image_name,
                            image_id=image_id, snapshot_name=snapshot_name,
-                           snapshot_id=snapshot_id, region=region)
+                           snapshot_id=snapshot_id, region=region, recording=recording)
         config = Config.resolve(api_key, domain, request_timeout)
         client = httpx.AsyncClient(timeout=config.request_timeout)
         try:
@@ -573,6 +573,22 @@ class AsyncSandbox:
                     self._runtime = info.runtime
             except SandboxError:
                 pass
+
+    async def list_recordings(self, request_timeout: Optional[float] = None
+                              ) -> List[Dict[str, Any]]:
+        """Its recordings (see ``Sandbox.list_recordings``)."""
+        doc = await self._control("GET", "recordings", request_timeout=request_timeout)
+        return doc["recordings"]
+
+    async def get_recording(self, recording_id: str,
+                            request_timeout: Optional[float] = None) -> bytes:
+        """A recording's bytes (see ``Sandbox.get_recording``)."""
+        resp = await self._client.get(
+            self._config.url(f"/sandboxes/{self.sandbox_id}/recordings/{recording_id}"),
+            headers=self._config.headers(),
+            timeout=request_timeout or self._config.request_timeout)
+        raise_for(resp.status_code, resp.content)
+        return resp.content
 
     async def logs(self, request_timeout: Optional[float] = None, offset: int = 0,
                    limit: Optional[int] = None) -> List[Dict[str, Any]]:

@@ -306,7 +306,7 @@ class Sandbox:
                idle_timeout: Optional[int] = None,
                image_name: Optional[str] = None, image_id: Optional[str] = None,
                snapshot_name: Optional[str] = None, snapshot_id: Optional[str] = None,
-               region: Optional[str] = None,
+               region: Optional[str] = None, recording: Optional[bool] = None,
                snapshot_interval: Optional[int] = None, warm_pool: Optional[str] = None,
                egress: Optional[Dict[str, Any]] = None,
                mounts: Optional[Dict[str, Any]] = None) -> "Sandbox":
@@ -321,7 +321,7 @@ class Sandbox:
                            warm_pool_mode=warm_pool_mode, wait_ready=wait_ready,
                            idle_timeout=idle_timeout, image_name=image_name,
                            image_id=image_id, snapshot_name=snapshot_name,
-                           snapshot_id=snapshot_id, region=region)
+                           snapshot_id=snapshot_id, region=region, recording=recording)
         config = Config.resolve(api_key, domain, request_timeout)
         client = httpx.Client(timeout=config.request_timeout)
         try:
@@ -550,6 +550,22 @@ class Sandbox:
         doc = _call(self._client, self._config, "GET", f"/sandboxes/{self.sandbox_id}/metrics",
                     params=params, request_timeout=request_timeout)
         return [SandboxMetrics.parse(m) for m in doc["metrics"]]
+
+    def list_recordings(self, request_timeout: Optional[float] = None) -> List[Dict[str, Any]]:
+        """Its recordings (created with ``recording=True``): ``[{recordingID, kind:
+        commands|pty, sizeBytes, createdAt}]``; also after it was killed."""
+        return self._control("GET", "recordings", request_timeout=request_timeout)["recordings"]
+
+    def get_recording(self, recording_id: str,
+                      request_timeout: Optional[float] = None) -> bytes:
+        """A recording's bytes: JSON lines of commands, or an asciicast v2 terminal
+        session."""
+        resp = self._client.get(
+            self._config.url(f"/sandboxes/{self.sandbox_id}/recordings/{recording_id}"),
+            headers=self._config.headers(),
+            timeout=request_timeout or self._config.request_timeout)
+        raise_for(resp.status_code, resp.content)
+        return resp.content
 
     def logs(self, request_timeout: Optional[float] = None, offset: int = 0,
              limit: Optional[int] = None) -> List[Dict[str, Any]]:

@@ -1,0 +1,89 @@
+//! `nullspace sandbox play`: a recording back in the terminal. An asciicast v2 terminal
+//! session is written at its own pace (scaled by `--speed`, pauses capped so an idle
+//! hour does not replay as an hour); a commands transcript (JSON lines) is printed as a
+//! shell session would have looked.
+
+use std::io::Write;
+use std::time::Duration;
+
+/// The longest pause replayed, in seconds (asciinema's idle limit does the same).
+const MAX_PAUSE_S: f64 = 2.0;
+
+/// Plays `bytes` (an asciicast v2 file, or a commands transcript) to stdout.
+pub async fn play(bytes: &[u8], speed: f64) -> anyhow::Result<()> {
+    if !(speed >= 0.0 && speed.is_finite()) {
+        anyhow::bail!("--speed {speed} is not a speed; send 0 (no pauses) or a positive number");
+    }
+    let text = String::from_utf8_lossy(bytes);
+    let mut lines = text.lines();
+    let Some(first) = lines.next() else {
+        return Ok(());
+    };
+    let head: serde_json::Value = serde_json::from_str(first)
+        .map_err(|e| anyhow::anyhow!("the recording does not start with JSON: {e}"))?;
+    if head.get("version").and_then(|v| v.as_u64()) == Some(2) {
+        play_cast(lines, speed).await
+    } else {
+        print_transcript(std::iter::once(first).chain(lines))
+    }
+}
+
+async fn play_cast<'a>(lines: impl Iterator<Item = &'a str>, speed: f64) -> anyhow::Result<()> {
+    let mut out = std::io::stdout();
+    let mut last = 0.0f64;
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        let event: (f64, String, String) = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("an asciicast event is not [time, code, data]: {e}"))?;
+        let (at, code, data) = event;
+        if speed > 0.0 {
+            let pause = (at - last).clamp(0.0, MAX_PAUSE_S) / speed;
+            tokio::time::sleep(Duration::from_secs_f64(pause)).await;
+        }
+        last = at;
+        match code.as_str() {
+            "o" => {
+                out.write_all(data.as_bytes())?;
+                out.flush()?;
+            }
+            // A resize cannot be replayed on the viewer's terminal: say it happened.
+            "r" => eprintln!("\r\n[resized to {data}]"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn print_transcript<'a>(lines: impl Iterator<Item = &'a str>) -> anyhow::Result<()> {
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("a transcript line is not JSON: {e}"))?;
+        let kind = v
+            .get("event")
+            .or_else(|| v.get("type"))
+            .and_then(|k| k.as_str());
+        match kind {
+            Some("start") => {
+                let cmd = v
+                    .get("cmd")
+                    .and_then(|c| c.as_str().map(str::to_string))
+                    .or_else(|| v.get("argv").map(|a| a.to_string()))
+                    .unwrap_or_default();
+                println!("$ {cmd}");
+            }
+            Some("output") | Some("stdout") | Some("stderr") => {
+                if let Some(d) = v.get("data").and_then(|d| d.as_str()) {
+                    print!("{d}");
+                }
+            }
+            Some("exit") => {
+                let code = v.get("exitCode").cloned().unwrap_or_default();
+                println!("[exit {code}]");
+            }
+            // The transcript's header: what was recorded, not what happened.
+            Some("recording") => {}
+            Some("truncated") => println!("[the recording was truncated here: its size limit]"),
+            _ => println!("{line}"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! Nullspace's TLS-intercepting HTTP layer (issue 25's core): what the egress proxy
+//! runs on a guest's TLS connection when the sandbox has a security policy.
+//!
+//! - [`ca`]: a per-team certificate authority (ECDSA P-256, PEM for the catalog) and
+//!   the leaves it mints per server name, cached in a bounded LRU.
+//! - [`tls`]: the guest-side `ServerConfig` (a leaf for each ClientHello's SNI) and the
+//!   upstream `ClientConfig` (webpki roots plus extra ones), and typed upstream errors.
+//! - [`proxy`]: [`intercept`], one connection: TLS both ways, HTTP/1.1 relayed with
+//!   hyper, the policy applied to each request and response, upgrades spliced.
+//! - [`policy`]: the REST `securityPolicy`, its validation and compiled form.
+//! - [`pii`], [`injection`], [`secrets`]: the detectors, the injection heuristics, env
+//!   masking.
+//! - [`audit`]: one record per request, to a sink that never blocks or grows unbounded.
+//! - [`body`]: bounded prefix reads and streamed, rewritten, counted bodies.
+//! - [`replay`]: the egress proxy's sniffed bytes put back in front of the socket.
+//!
+//! Nothing here starts VMs or touches the network namespace: the egress proxy hands
+//! [`intercept`] an accepted stream (its sniffed bytes replayed in front), the original
+//! destination and the SNI, and a [`Session`] per sandbox.
+//!
+//! # Using it
+//!
+//! ```no_run
+//! # async fn example(
+//! #     client: tokio::net::TcpStream,
+//! #     first: Vec<u8>,
+//! #     dest: std::net::SocketAddr,
+//! #     sni: Option<String>,
+//! # ) -> Result<(), Box<dyn std::error::Error>> {
+//! use intercept::{Replay, SecurityPolicy, Session, TeamCa};
+//! use std::sync::Arc;
+//! // Once per team, kept in the catalog (cert PEM → guests' trust stores).
+//! let ca = TeamCa::generate("team-1")?;
+//! let (cert_pem, key_pem) = (ca.cert_pem().to_string(), ca.key_pem().to_string());
+//! // Once per sandbox: the policy (placeholders filled once, at create, and kept).
+//! let mut policy: SecurityPolicy = serde_json::from_str(r#"{"pii":{"detectors":{"card":"redact"}}}"#)?;
+//! policy.fill_placeholders();
+//! let secret_values = std::collections::HashMap::new();
+//! let session = Arc::new(Session::new(
+//!     Arc::new(TeamCa::from_pem(&cert_pem, &key_pem)?),
+//!     intercept::upstream_client_config(&[])?,
+//!     policy.compile(&secret_values)?,
+//!     Arc::new(intercept::MemorySink::new(1000)),
+//! ));
+//! // Per connection the egress proxy lets out to port 443.
+//! let stats = intercept::intercept(Replay::new(first, client), dest, sni, session).await?;
+//! # let _ = stats;
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod audit;
+pub mod body;
+pub mod ca;
+pub mod injection;
+pub mod pii;
+pub mod policy;
+pub mod proxy;
+pub mod replay;
+pub mod secrets;
+pub mod tls;
+
+pub use audit::{AuditRecord, AuditSink, ChannelSink, Detection, MemorySink, NullSink};
+pub use ca::{CaError, LeafName, TeamCa};
+pub use policy::{CompiledPolicy, PolicyError, SecurityPolicy};
+pub use proxy::{intercept, BoxIo, Connect, InterceptError, Session, Stats, Target, TcpConnector};
+pub use replay::Replay;
+pub use tls::{guest_server_config, upstream_client_config, TlsError, UpstreamError};

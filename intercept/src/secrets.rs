@@ -1,0 +1,356 @@
+//! Env masking: secrets the guest only ever sees as placeholders.
+//!
+//! The guest's environment holds a placeholder (`nsk_<name>_<random>`); the real value
+//! lives only in the proxy. In a request to one of the secret's hosts the proxy puts
+//! the real value where the placeholder is (URL, headers, body); to any other host the
+//! placeholder is left as it is (and the attempt recorded). In every response the real
+//! value, should the server echo it, becomes the placeholder again. So the value is
+//! never in the VM: not in its memory, its snapshots, its forks.
+//!
+//! Bodies are rewritten as they stream ([`StreamReplacer`]): whatever their size, only
+//! the longest pattern's length is held back between chunks.
+
+use crate::policy::HostPattern;
+use aho_corasick::{AhoCorasick, MatchKind};
+use rand::distributions::{Alphanumeric, DistString};
+use std::sync::Arc;
+
+/// One masked secret.
+#[derive(Clone)]
+pub struct Secret {
+    /// The env var's name.
+    pub name: String,
+    /// What the guest sees.
+    pub placeholder: String,
+    /// The real value.
+    pub value: String,
+    /// Where the real value may go.
+    pub hosts: Vec<HostPattern>,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the value: policies end up in logs.
+        f.debug_struct("Secret")
+            .field("name", &self.name)
+            .field("placeholder", &self.placeholder)
+            .field("hosts", &self.hosts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Secret {
+    /// Whether the real value may be sent to `host`.
+    pub fn allowed_for(&self, host: &str) -> bool {
+        self.hosts.iter().any(|h| h.matches(host))
+    }
+}
+
+/// A new placeholder for the secret `name`: `nsk_<name, lowercased>_<24 random
+/// alphanumerics>` (long and random enough never to occur by chance).
+pub fn new_placeholder(name: &str) -> String {
+    let name: String = name
+        .chars()
+        .take(40)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let random = Alphanumeric.sample_string(&mut rand::thread_rng(), 24);
+    format!("nsk_{name}_{random}")
+}
+
+/// The secrets of a policy.
+#[derive(Debug, Clone, Default)]
+pub struct SecretSet {
+    secrets: Vec<Secret>,
+}
+
+/// What a replacement pattern stands for, for the audit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hit {
+    /// A placeholder became the real value.
+    Inserted,
+    /// A placeholder was left, the host not being one of the secret's.
+    Kept,
+    /// A real value became the placeholder.
+    Masked,
+}
+
+impl Hit {
+    /// The audit action's name.
+    pub fn action(self) -> &'static str {
+        match self {
+            Hit::Inserted => "inserted",
+            Hit::Kept => "kept",
+            Hit::Masked => "masked",
+        }
+    }
+}
+
+impl SecretSet {
+    /// A set of `secrets`.
+    pub fn new(secrets: Vec<Secret>) -> Self {
+        Self { secrets }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.secrets.is_empty()
+    }
+
+    /// The secret named `name`.
+    pub fn get(&self, name: &str) -> Option<&Secret> {
+        self.secrets.iter().find(|s| s.name == name)
+    }
+
+    /// Every secret.
+    pub fn iter(&self) -> impl Iterator<Item = &Secret> {
+        self.secrets.iter()
+    }
+
+    /// The env vars the guest gets: name → placeholder.
+    pub fn guest_env(&self) -> Vec<(String, String)> {
+        self.secrets
+            .iter()
+            .map(|s| (s.name.clone(), s.placeholder.clone()))
+            .collect()
+    }
+
+    /// The rewrite for a request to `host`: placeholders of secrets allowed there become
+    /// their values; other placeholders stay (and are counted).
+    pub fn for_request(&self, host: &str) -> Option<Replacer> {
+        Replacer::new(
+            self.secrets
+                .iter()
+                .map(|s| {
+                    if s.allowed_for(host) {
+                        (
+                            s.placeholder.clone(),
+                            s.value.clone(),
+                            s.name.clone(),
+                            Hit::Inserted,
+                        )
+                    } else {
+                        (
+                            s.placeholder.clone(),
+                            s.placeholder.clone(),
+                            s.name.clone(),
+                            Hit::Kept,
+                        )
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    /// The rewrite for responses: real values become placeholders.
+    pub fn for_response(&self) -> Option<Replacer> {
+        Replacer::new(
+            self.secrets
+                .iter()
+                .map(|s| {
+                    (
+                        s.value.clone(),
+                        s.placeholder.clone(),
+                        s.name.clone(),
+                        Hit::Masked,
+                    )
+                })
+                .collect(),
+        )
+    }
+}
+
+struct Patterns {
+    ac: AhoCorasick,
+    to: Vec<Vec<u8>>,
+    names: Vec<String>,
+    hits: Vec<Hit>,
+    max_len: usize,
+}
+
+/// A set of byte-string replacements (shared; cheap to clone).
+#[derive(Clone)]
+pub struct Replacer(Arc<Patterns>);
+
+impl std::fmt::Debug for Replacer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replacer")
+            .field("names", &self.0.names)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which pattern matched how often: (secret name, kind of hit, count).
+pub type Counts = Vec<(String, Hit, u32)>;
+
+impl Replacer {
+    /// `None` when `rules` (from, to, secret name, kind) is empty.
+    fn new(rules: Vec<(String, String, String, Hit)>) -> Option<Self> {
+        if rules.is_empty() {
+            return None;
+        }
+        let ac = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(rules.iter().map(|r| r.0.as_bytes()))
+            .expect("a few short patterns");
+        let max_len = rules.iter().map(|r| r.0.len()).max().unwrap_or(1);
+        Some(Self(Arc::new(Patterns {
+            ac,
+            to: rules.iter().map(|r| r.1.as_bytes().to_vec()).collect(),
+            names: rules.iter().map(|r| r.2.clone()).collect(),
+            hits: rules.iter().map(|r| r.3).collect(),
+            max_len,
+        })))
+    }
+
+    /// `data` rewritten, with how often each pattern matched (in pattern order).
+    pub fn replace_all(&self, data: &[u8], counts: &mut [u32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(data.len());
+        let mut pos = 0;
+        for m in self.0.ac.find_iter(data) {
+            out.extend_from_slice(&data[pos..m.start()]);
+            out.extend_from_slice(&self.0.to[m.pattern().as_usize()]);
+            counts[m.pattern().as_usize()] += 1;
+            pos = m.end();
+        }
+        out.extend_from_slice(&data[pos..]);
+        out
+    }
+
+    /// Whether `data` holds any pattern.
+    pub fn is_match(&self, data: &[u8]) -> bool {
+        self.0.ac.is_match(data)
+    }
+
+    /// A zeroed count per pattern.
+    pub fn zero_counts(&self) -> Vec<u32> {
+        vec![0; self.0.to.len()]
+    }
+
+    /// The nonzero `counts`, named.
+    pub fn named(&self, counts: &[u32]) -> Counts {
+        counts
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (self.0.names[i].clone(), self.0.hits[i], *n))
+            .collect()
+    }
+
+    /// A streaming rewriter over this set.
+    pub fn stream(&self) -> StreamReplacer {
+        StreamReplacer {
+            counts: self.zero_counts(),
+            r: self.clone(),
+            carry: Vec::new(),
+        }
+    }
+}
+
+/// Rewrites a body chunk by chunk. Between chunks it holds back at most the longest
+/// pattern's length less one byte: a pattern split across chunks is still found, and
+/// memory stays bounded whatever the body's size.
+#[derive(Debug)]
+pub struct StreamReplacer {
+    r: Replacer,
+    carry: Vec<u8>,
+    counts: Vec<u32>,
+}
+
+impl StreamReplacer {
+    /// Feeds `chunk`; returns what can be sent now.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut self.carry);
+        buf.extend_from_slice(chunk);
+        // A match starting before `safe` lies wholly in `buf` (patterns are at most
+        // `max_len` long); one starting at or after it may continue in the next chunk.
+        let safe = buf.len().saturating_sub(self.r.0.max_len - 1);
+        let mut out = Vec::with_capacity(buf.len());
+        let mut pos = 0;
+        for m in self.r.0.ac.find_iter(&buf) {
+            if m.start() >= safe {
+                break;
+            }
+            out.extend_from_slice(&buf[pos..m.start()]);
+            out.extend_from_slice(&self.r.0.to[m.pattern().as_usize()]);
+            self.counts[m.pattern().as_usize()] += 1;
+            pos = m.end();
+        }
+        let keep_from = pos.max(safe);
+        out.extend_from_slice(&buf[pos..keep_from]);
+        self.carry = buf[keep_from..].to_vec();
+        out
+    }
+
+    /// Ends the stream; returns what was held back, rewritten.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let carry = std::mem::take(&mut self.carry);
+        self.r.replace_all(&carry, &mut self.counts)
+    }
+
+    /// Bytes held back now (at most the longest pattern's length less one).
+    pub fn held(&self) -> usize {
+        self.carry.len()
+    }
+
+    /// What matched so far.
+    pub fn counts(&self) -> Counts {
+        self.r.named(&self.counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set() -> SecretSet {
+        SecretSet::new(vec![Secret {
+            name: "KEY".into(),
+            placeholder: "nsk_key_AAAAAAAAAAAAAAAAAAAAAAAA".into(),
+            value: "sk-the-real-value-123".into(),
+            hosts: vec![HostPattern::parse("api.example.com", "t").unwrap()],
+        }])
+    }
+
+    #[test]
+    fn placeholders_become_values_only_at_allowed_hosts() {
+        let s = set();
+        let body = b"auth=nsk_key_AAAAAAAAAAAAAAAAAAAAAAAA;";
+        let r = s.for_request("api.example.com").unwrap();
+        let mut c = r.zero_counts();
+        assert_eq!(r.replace_all(body, &mut c), b"auth=sk-the-real-value-123;");
+        assert_eq!(r.named(&c), [("KEY".to_string(), Hit::Inserted, 1)]);
+        let r = s.for_request("evil.example.net").unwrap();
+        let mut c = r.zero_counts();
+        assert_eq!(r.replace_all(body, &mut c), body);
+        assert_eq!(r.named(&c), [("KEY".to_string(), Hit::Kept, 1)]);
+        assert!(format!("{:?}", s).contains("KEY") && !format!("{:?}", s).contains("real-value"));
+    }
+
+    #[test]
+    fn streaming_finds_values_split_across_chunks_and_holds_little() {
+        let r = set().for_response().unwrap();
+        let text = b"a sk-the-real-value-123 b sk-the-real-value-123 c".repeat(50);
+        let expected = r.replace_all(&text, &mut r.zero_counts());
+        for chunk in [1, 2, 3, 7, 20, 21, 22, 64, 1000] {
+            let mut s = r.stream();
+            let mut out = Vec::new();
+            for c in text.chunks(chunk) {
+                out.extend(s.push(c));
+                assert!(s.held() < "sk-the-real-value-123".len());
+            }
+            out.extend(s.finish());
+            assert_eq!(out, expected, "chunk {chunk}");
+            assert_eq!(s.counts(), [("KEY".to_string(), Hit::Masked, 100)]);
+        }
+    }
+
+    #[test]
+    fn placeholders_look_right() {
+        let p = new_placeholder("OPENAI_API_KEY");
+        assert!(
+            p.starts_with("nsk_openai_api_key_") && p.len() == "nsk_openai_api_key_".len() + 24
+        );
+        assert_ne!(p, new_placeholder("OPENAI_API_KEY"));
+    }
+}
