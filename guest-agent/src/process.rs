@@ -21,6 +21,10 @@ use tokio::sync::{watch, Mutex};
 const BACKLOG_LIMIT: usize = 1024 * 1024;
 /// How long output is gathered into one frame after its first bytes arrive.
 const COALESCE_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
+/// A kept-output piece grows by joining small writes of the same stream up to this.
+const HISTORY_PIECE_BYTES: usize = 16 * 1024;
+/// Most JSON bytes of kept output one reply carries (below a frame's payload limit).
+const MAX_OUTPUT_REPLY_BYTES: usize = 900 * 1024;
 /// Finished, never-collected processes kept for a later attach or list.
 const FINISHED_KEPT: usize = 64;
 
@@ -58,7 +62,16 @@ impl ProcState {
         // A piece larger than the whole history keeps its end.
         let bytes = &bytes[bytes.len().saturating_sub(PROCESS_HISTORY_BYTES)..];
         self.history_bytes += bytes.len();
-        self.history.push_back((channel, at_ms, bytes.to_vec()));
+        // Small writes (a progress bar's byte at a time) join the piece before: one
+        // piece each would make the reply many times the bytes.
+        match self.history.back_mut() {
+            Some((c, _, last))
+                if *c == channel && last.len() + bytes.len() <= HISTORY_PIECE_BYTES =>
+            {
+                last.extend_from_slice(bytes)
+            }
+            _ => self.history.push_back((channel, at_ms, bytes.to_vec())),
+        }
         while self.history_bytes > PROCESS_HISTORY_BYTES {
             let Some((_, _, old)) = self.history.pop_front() else {
                 break;
@@ -163,7 +176,7 @@ impl ProcessTable {
     pub async fn output(&self, pid: u32) -> Result<Vec<OutputPiece>, AgentError> {
         let proc = self.get(pid).await?;
         let state = proc.state.lock().await;
-        Ok(state
+        let mut pieces: VecDeque<OutputPiece> = state
             .history
             .iter()
             .map(|(channel, at_ms, bytes)| OutputPiece {
@@ -176,7 +189,16 @@ impl ProcessTable {
                 text: String::from_utf8_lossy(bytes).into_owned(),
                 at_ms: *at_ms,
             })
-            .collect())
+            .collect();
+        // Escaped as JSON (NULs, invalid UTF-8) the text can outgrow a frame: the oldest
+        // pieces go until the reply fits.
+        let size = |p: &OutputPiece| serde_json::to_string(p).map_or(0, |s| s.len());
+        let mut total: usize = pieces.iter().map(size).sum();
+        while total > MAX_OUTPUT_REPLY_BYTES {
+            let Some(p) = pieces.pop_front() else { break };
+            total -= size(&p);
+        }
+        Ok(pieces.into())
     }
 }
 

@@ -587,6 +587,10 @@ async fn an_idle_sandbox_times_out_while_a_running_command_keeps_it_busy() {
     // autoResume: the next SDK call wakes it, and its idle clock starts over.
     let (out, _, _) = rt.run("echo back").await;
     assert_eq!(out, "back\n");
+    // Woken, it stays up for a new idle period (a clock left over would pause it at
+    // once), then idles out again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(api.get(id).await["state"], "running");
+    api.wait_state(id, "paused", Duration::from_secs(90)).await;
     api.delete(id).await;
 }

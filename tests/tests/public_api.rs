@@ -518,9 +518,9 @@ async fn the_api_host_stops_on_sigterm_and_a_new_one_takes_over() {
 async fn seed_002_start_sources_top_level_shapes_and_named_snapshots() {
     let stack = Stack::start("public-sources");
     let api = stack.public(stack.daemon.team_key("acme"));
-    // The top-level shape, and `failed` as a name of the error state.
+    // A built-in image by name with the top-level shape; `failed` names the error state.
     let sbx = api
-        .create(json!({ "templateID": "minimal", "vcpus": 1, "memMiB": 512, "diskSizeMiB": 1024 }))
+        .create(json!({ "imageName": "minimal", "vcpus": 1, "memMiB": 512, "diskSizeMiB": 1024 }))
         .await;
     assert_eq!(sbx["resources"], small(), "{sbx}");
     let id = sbx["sandboxID"].as_str().unwrap().to_string();
@@ -646,6 +646,30 @@ async fn presigned_urls_read_and_write_one_path_without_the_token() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
         assert!(v["message"].as_str().unwrap().contains(needle), "{v}");
     }
+    // A connect (which revokes runtime tokens) revokes what they presigned.
+    let (_, before) = presign(json!({ "path": "/workspace/report.csv" })).await;
+    let id = sbx["sandboxID"].as_str().unwrap();
+    let (status, connected) = api
+        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{connected}");
+    assert_eq!(
+        anon.get(before["url"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let rt = Runtime::of(&connected);
+    let presign = |body: Value| {
+        let rt = &rt;
+        async move {
+            let resp = rt.post("/files/presign", body).await;
+            let status = resp.status();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
     let (_, short) = presign(json!({ "path": "/workspace/report.csv", "expires": 1 })).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let resp = anon
@@ -655,9 +679,14 @@ async fn presigned_urls_read_and_write_one_path_without_the_token() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     // Its sandbox gone, its URLs are.
-    api.delete(sbx["sandboxID"].as_str().unwrap()).await;
+    let (_, last) = presign(json!({ "path": "/workspace/report.csv" })).await;
+    api.delete(id).await;
     assert_eq!(
-        anon.get(&url).send().await.unwrap().status(),
+        anon.get(last["url"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap()
+            .status(),
         StatusCode::UNAUTHORIZED
     );
 }

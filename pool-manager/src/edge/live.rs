@@ -203,14 +203,9 @@ async fn terminal(
                 }
             },
             msg = socket.recv() => match msg {
-                Some(Ok(Message::Binary(b))) => {
-                    if let Some(l) = log.as_mut() {
-                        l.input(&b);
-                    }
-                    if process.write_stdin(&b).await.is_err() {
-                        return;
-                    }
-                }
+                // Keystrokes are not recorded: with echo off they are passwords (sudo,
+                // passwd), and what the terminal echoes is in the output anyway.
+                Some(Ok(Message::Binary(b))) if process.write_stdin(&b).await.is_err() => return,
                 Some(Ok(Message::Text(t))) => {
                     if let Ok(TerminalControl::Resize { cols, rows }) = serde_json::from_str(t.as_str()) {
                         if let Some(l) = log.as_mut() {

@@ -136,7 +136,27 @@ impl Edge {
                 Err(Wake::Gone(e)) => return Err(e),
             }
         } else {
-            self.manager.running_agent(&record).await?
+            match self.manager.running_agent(&record).await {
+                Ok(agent) => agent,
+                // Paused between the read and the lock (the idle sweeper, say): an
+                // autoResume sandbox is woken rather than refused.
+                Err(e) if record.auto_resume => {
+                    let now = self.manager.catalog.sandbox(id)?.ok_or(e)?;
+                    match self
+                        .manager
+                        .wake_agent(&now, WAKE_WINDOW, "data-plane")
+                        .await
+                    {
+                        Ok(agent) => agent,
+                        Err(Wake::Unavailable(why)) => {
+                            return Err(ApiError::new(503, "sandbox_unavailable", why)
+                                .with_details(serde_json::json!({ "retryAfterS": 5 })))
+                        }
+                        Err(Wake::Gone(e)) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         };
         Ok((agent, record.env_vars))
     }

@@ -5,14 +5,14 @@
 //!
 //! The URL carries a token signed with the cluster's token key whose subject binds the
 //! sandbox, the method and the path, so it is good on every host (the owner is routed
-//! to) and cannot be bent to another path or method. It ends with its expiry or its
-//! sandbox; `connect` (which ends runtime tokens) leaves it alone, so a link handed out
-//! stays good for as long as it said.
+//! to) and cannot be bent to another path or method. It is issued in the sandbox's
+//! runtime epoch: it ends with its expiry, its sandbox, or a `connect` (which revokes
+//! runtime tokens, and with them whatever a leaked token presigned).
 
 use super::{stream_download, stream_upload, Edge, JsonErr};
 use crate::error::ApiError;
 use crate::model::InternalState;
-use crate::tokens::TokenError;
+use crate::tokens::{runtime_epoch, TokenError};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
@@ -25,8 +25,6 @@ use serde_json::{json, Value};
 pub const MAX_PRESIGN_S: u64 = 24 * 3600;
 /// Lifetime of a presigned URL whose request names none, in seconds.
 const DEFAULT_PRESIGN_S: u64 = 3600;
-/// Presigned tokens are issued in no epoch of the sandbox's: they end with their expiry.
-const PRESIGN_EPOCH: u64 = 0;
 
 /// The body of `POST /v1/sandboxes/{id}/files/presign`.
 #[derive(Deserialize)]
@@ -72,7 +70,7 @@ pub(super) async fn issue(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    edge.authorize(&headers, &id)?;
+    let record = edge.authorize(&headers, &id)?;
     let b: PresignBody = api_model::parse_body(&body)?;
     let method = method_of(b.method.as_deref())?;
     if b.path.is_empty() || b.path.len() > 4096 || b.path.contains('\0') {
@@ -87,9 +85,11 @@ pub(super) async fn issue(
         )));
     }
     let expires = chrono::Utc::now().timestamp() + ttl as i64;
-    let token = edge
-        .tokens
-        .issue(&subject(&id, method, &b.path), PRESIGN_EPOCH, expires);
+    let token = edge.tokens.issue(
+        &subject(&id, method, &b.path),
+        runtime_epoch(&record),
+        expires,
+    );
     let query = form_urlencoded::Serializer::new(String::new())
         .append_pair("path", &b.path)
         .append_pair("token", &token)
@@ -115,7 +115,8 @@ fn authorize(
             "the presigned URL is refused ({why}); ask for a new one with files/presign"
         ))
     };
-    edge.tokens
+    let issued = edge
+        .tokens
         .verify(
             &q.token,
             &subject(id, method, &q.path),
@@ -128,11 +129,18 @@ fn authorize(
             )),
             e => refused(e.to_string()),
         })?;
-    edge.manager
+    let record = edge
+        .manager
         .catalog
         .sandbox(id)?
         .filter(|r| !matches!(r.state, InternalState::Deleted | InternalState::Destroying))
-        .ok_or_else(|| refused(format!("sandbox {id} does not exist (or was deleted)")))
+        .ok_or_else(|| refused(format!("sandbox {id} does not exist (or was deleted)")))?;
+    if issued != runtime_epoch(&record) {
+        return Err(refused(
+            "connect revoked the runtime tokens it was issued under".into(),
+        ));
+    }
+    Ok(record)
 }
 
 /// `GET …/files/presigned?path&token`: the file, no other credential.
@@ -165,11 +173,7 @@ mod tests {
     #[test]
     fn a_token_is_bound_to_its_sandbox_method_and_path() {
         let signer = crate::tokens::TokenSigner::new(vec![7; 32]);
-        let t = signer.issue(
-            &subject("sbx-1", "GET", "/a b.txt"),
-            PRESIGN_EPOCH,
-            i64::MAX,
-        );
+        let t = signer.issue(&subject("sbx-1", "GET", "/a b.txt"), 7, i64::MAX);
         assert!(signer
             .verify(&t, &subject("sbx-1", "GET", "/a b.txt"), 0)
             .is_ok());

@@ -79,7 +79,15 @@ impl Activity {
     /// `id` stopped running: its next start begins a fresh clock. Guards still held
     /// write a fresh entry when they drop, which a start resets again.
     pub fn reset(&self, id: &str) {
-        self.by_sandbox.lock().unwrap().remove(id);
+        let mut all = self.by_sandbox.lock().unwrap();
+        // Guards still held (a command that outlives a transition) keep counting: a
+        // removed entry would let their drop zero a newer guard's count.
+        match all.get_mut(id) {
+            Some(e) if e.busy > 0 => e.last = Instant::now(),
+            _ => {
+                all.remove(id);
+            }
+        }
     }
 
     /// Drops the entries of sandboxes not in `running`.

@@ -580,6 +580,13 @@ impl Manager {
         use api_model::StartSource;
         match source {
             StartSource::Template(t) => Ok(t.clone()),
+            StartSource::Image { name, id } if BUILTIN.contains(&name.as_str()) => match id {
+                Some(_) => Err(ApiError::bad_request(format!(
+                    "imageId pins a custom template's build; {name:?} is a built-in image: omit imageId"
+                ))
+                .with_details(serde_json::json!({ "field": "imageId" }))),
+                None => Ok(name.clone()),
+            },
             StartSource::Image { name, id } => {
                 let t = self
                     .catalog

@@ -233,9 +233,28 @@ pub struct LogLine {
 pub const MAX_LOG_LINES: usize = 1000;
 /// Background processes whose output a log read gathers, newest first.
 const PROCESSES_LOGGED: usize = 16;
+/// Lines a log read keeps of each process's output (its last ones): a guest printing
+/// newlines must not make one read cost the host more than a few MiB.
+const LINES_PER_PROCESS: usize = 200;
+/// The longest log line kept, in bytes (the rest is cut).
+const MAX_LINE_BYTES: usize = 2048;
+
+/// `text` cut to at most [`MAX_LINE_BYTES`], on a character boundary.
+fn capped(mut text: String) -> String {
+    if text.len() > MAX_LINE_BYTES {
+        let mut end = MAX_LINE_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
 
 /// Splits kept process output into lines (a piece may end mid-line: the rest comes in
-/// the next piece of the same stream).
+/// the next piece of the same stream), keeping the last [`LINES_PER_PROCESS`], each cut
+/// to [`MAX_LINE_BYTES`].
 fn process_lines(
     pid: u32,
     source: &str,
@@ -243,13 +262,17 @@ fn process_lines(
     out: &mut Vec<LogLine>,
 ) {
     let mut partial: HashMap<String, (String, u64)> = HashMap::new();
-    let emit = |stream: &str, text: String, at_ms: u64, out: &mut Vec<LogLine>| {
-        out.push(LogLine {
+    let mut kept: VecDeque<LogLine> = VecDeque::new();
+    let emit = |stream: &str, text: String, at_ms: u64, kept: &mut VecDeque<LogLine>| {
+        if kept.len() == LINES_PER_PROCESS {
+            kept.pop_front();
+        }
+        kept.push_back(LogLine {
             time: Some(iso8601(at_ms as i64)),
             source: source.to_string(),
             pid: Some(pid),
             stream: Some(stream.to_string()),
-            text,
+            text: capped(text),
         });
     };
     for p in pieces {
@@ -266,16 +289,22 @@ fn process_lines(
                 &p.stream,
                 line.trim_end_matches(['\n', '\r']).to_string(),
                 *at,
-                out,
+                &mut kept,
             );
             *at = p.at_ms;
+        }
+        // A line with no end yet is bounded too.
+        if buf.len() > MAX_LINE_BYTES {
+            let line = std::mem::take(buf);
+            emit(&p.stream, line, *at, &mut kept);
         }
     }
     for (stream, (rest, at)) in partial {
         if !rest.is_empty() {
-            emit(&stream, rest, at, out);
+            emit(&stream, rest, at, &mut kept);
         }
     }
+    out.extend(kept);
 }
 
 impl Manager {
@@ -664,6 +693,34 @@ mod tests {
             tasks,
             host_cpu_pct: cpu / 10.0,
         }
+    }
+
+    #[test]
+    fn a_flood_of_process_output_makes_a_bounded_number_of_short_lines() {
+        let piece = |text: String| agent_protocol::OutputPiece {
+            stream: "stdout".into(),
+            text,
+            at_ms: 1,
+        };
+        let mut out = Vec::new();
+        let flood = vec![
+            piece("\n".repeat(100_000)),
+            piece("x".repeat(100_000)),
+            piece("tail\n".into()),
+        ];
+        process_lines(7, "process", flood, &mut out);
+        assert_eq!(out.len(), LINES_PER_PROCESS);
+        assert!(out.iter().all(|l| l.text.len() <= MAX_LINE_BYTES + 3));
+        assert_eq!(out.last().unwrap().text, "tail");
+        let mut out = Vec::new();
+        process_lines(
+            7,
+            "start",
+            vec![piece("a\nb".into()), piece("c\n".into())],
+            &mut out,
+        );
+        let texts: Vec<&str> = out.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(texts, ["a", "bc"]);
     }
 
     #[test]

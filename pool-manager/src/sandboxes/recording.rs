@@ -10,8 +10,9 @@
 //!   run at once interleave; `seq` (and `pid`) say whose line it is. A background
 //!   command's output is recorded as it streams to whoever attaches.
 //! - Terminals: one asciicast v2 file per session (`pty-<n>.cast`): the header (`width`,
-//!   `height`, `timestamp`), then `[t, "o", text]` for output, `[t, "i", text]` for
-//!   input and `[t, "r", "COLSxROWS"]` for resizes.
+//!   `height`, `timestamp`), then `[t, "o", text]` for output and `[t, "r",
+//!   "COLSxROWS"]` for resizes. Keystrokes are not recorded: typed with echo off they
+//!   are passwords, and what the terminal echoes is in its output.
 //!
 //! Transcripts are written as they stream, line by line, to files under
 //! `<state>/recordings/<team>/<sandbox>/` (never kept in memory), and uploaded to the
@@ -570,7 +571,6 @@ impl Recorder {
             id,
             started: Instant::now(),
             output: Utf8Stream::default(),
-            input: Utf8Stream::default(),
         })
     }
 
@@ -719,7 +719,6 @@ pub struct PtyLog {
     id: String,
     started: Instant,
     output: Utf8Stream,
-    input: Utf8Stream,
 }
 
 impl PtyLog {
@@ -738,14 +737,6 @@ impl PtyLog {
         }
     }
 
-    /// Bytes the user typed.
-    pub fn input(&mut self, bytes: &[u8]) {
-        let text = self.input.decode(bytes);
-        if !text.is_empty() {
-            self.event("i", &text);
-        }
-    }
-
     /// The terminal was resized.
     pub fn resized(&mut self, cols: u16, rows: u16) {
         self.event("r", &format!("{cols}x{rows}"));
@@ -756,9 +747,6 @@ impl Drop for PtyLog {
     fn drop(&mut self) {
         if let Some(rest) = self.output.finish() {
             self.event("o", &rest);
-        }
-        if let Some(rest) = self.input.finish() {
-            self.event("i", &rest);
         }
         // The session is over: its file is complete (the store gets it at the next
         // upload), and a sandbox with many sessions holds no descriptor for each.
@@ -1352,7 +1340,6 @@ mod tests {
         log.exited(Some(3), None);
         let mut pty = rec.pty_opened(80, 24, None).unwrap();
         pty.output("€".as_bytes());
-        pty.input(b"ls\r");
         pty.resized(100, 30);
         drop(pty);
         recordings.finish(&r).await;
@@ -1410,9 +1397,8 @@ mod tests {
         );
         assert_eq!(events[1][1], "o");
         assert_eq!(events[1][2], "€");
-        assert_eq!(events[2][1], "i");
-        assert_eq!(events[3][1], "r");
-        assert_eq!(events[3][2], "100x30");
+        assert_eq!(events[2][1], "r", "no keystrokes: {events:?}");
+        assert_eq!(events[2][2], "100x30");
         let _ = std::fs::remove_dir_all(dir);
     }
 

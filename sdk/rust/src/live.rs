@@ -488,9 +488,16 @@ impl Sandbox {
             .map_err(|e| Error::Protocol(format!("metrics: {e}")))
     }
 
-    /// Its logs: boot console, lifecycle events, the diagnostic of a failure.
+    /// All its logs, every page: boot console, lifecycle events, the diagnostic of a
+    /// failure, and the output of the start command and background commands.
     pub async fn logs(&self) -> Result<Vec<LogLine>> {
-        Ok(self.logs_page(0, None).await?.0)
+        let (mut all, mut next) = self.logs_page(0, None).await?;
+        while let Some(offset) = next {
+            let (page, more) = self.logs_page(offset, None).await?;
+            all.extend(page);
+            next = more;
+        }
+        Ok(all)
     }
 
     /// Its recordings (created with [`crate::CreateOptions::recording`]), also after it

@@ -592,11 +592,16 @@ class AsyncSandbox:
 
     async def logs(self, request_timeout: Optional[float] = None, offset: int = 0,
                    limit: Optional[int] = None) -> List[Dict[str, Any]]:
-        """One page of its logs (see ``Sandbox.logs``)."""
-        doc = await _call(self._client, self._config, "GET",
-                          f"/sandboxes/{self.sandbox_id}/logs",
-                          params=logs_params(offset, limit), request_timeout=request_timeout)
-        return doc["logs"]
+        """Its logs from ``offset`` (see ``Sandbox.logs``)."""
+        lines: List[Dict[str, Any]] = []
+        while True:
+            doc = await _call(self._client, self._config, "GET",
+                              f"/sandboxes/{self.sandbox_id}/logs",
+                              params=logs_params(offset, limit), request_timeout=request_timeout)
+            lines.extend(doc["logs"])
+            if limit is not None or doc.get("next") is None:
+                return lines
+            offset = doc["next"]
 
     async def pause(self, request_timeout: Optional[float] = None) -> None:
         await self._control("POST", "pause", {}, request_timeout)

@@ -572,9 +572,15 @@ class Sandbox:
         """``[{time, source, text, pid?, stream?}]`` from line ``offset`` (at most
         ``limit``, 1 to 1000): boot console, lifecycle events, diagnostics, and the output
         of the template's start command (``source="start"``) and background commands
-        (``"process"``)."""
-        return _call(self._client, self._config, "GET", f"/sandboxes/{self.sandbox_id}/logs",
-                     params=logs_params(offset, limit), request_timeout=request_timeout)["logs"]
+        (``"process"``). Without ``limit``, every page from ``offset`` on."""
+        lines: List[Dict[str, Any]] = []
+        while True:
+            doc = _call(self._client, self._config, "GET", f"/sandboxes/{self.sandbox_id}/logs",
+                        params=logs_params(offset, limit), request_timeout=request_timeout)
+            lines.extend(doc["logs"])
+            if limit is not None or doc.get("next") is None:
+                return lines
+            offset = doc["next"]
 
     def _ws_url(self, path: str) -> str:
         if not self._runtime:
