@@ -580,6 +580,13 @@ async fn seed_002_start_sources_top_level_shapes_and_named_snapshots() {
     api.delete(&id).await;
 }
 
+/// `POST files/presign` on the data plane: its status and body.
+async fn presign(rt: &Runtime, body: Value) -> (StatusCode, Value) {
+    let resp = rt.post("/files/presign", body).await;
+    let status = resp.status();
+    (status, resp.json::<Value>().await.unwrap())
+}
+
 #[tokio::test]
 async fn presigned_urls_read_and_write_one_path_without_the_token() {
     let stack = Stack::start("public-presign");
@@ -589,18 +596,14 @@ async fn presigned_urls_read_and_write_one_path_without_the_token() {
         .await;
     let rt = Runtime::of(&sbx);
     rt.put_file("/workspace/report.csv", b"a,b\n1,2\n").await;
-    let presign = |body: Value| {
-        let rt = &rt;
-        async move {
-            let resp = rt.post("/files/presign", body).await;
-            let status = resp.status();
-            (status, resp.json::<Value>().await.unwrap())
-        }
-    };
     let anon = reqwest::Client::new();
 
     // GET: the file, with no credential but the URL.
-    let (status, get) = presign(json!({ "path": "/workspace/report.csv", "expires": 60 })).await;
+    let (status, get) = presign(
+        &rt,
+        json!({ "path": "/workspace/report.csv", "expires": 60 }),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{get}");
     assert_eq!(get["method"], "GET", "{get}");
     let url = get["url"].as_str().unwrap().to_string();
@@ -622,7 +625,11 @@ async fn presigned_urls_read_and_write_one_path_without_the_token() {
     );
 
     // PUT: the body becomes the file.
-    let (status, put) = presign(json!({ "path": "/workspace/upload.bin", "method": "PUT" })).await;
+    let (status, put) = presign(
+        &rt,
+        json!({ "path": "/workspace/upload.bin", "method": "PUT" }),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{put}");
     let resp = anon
         .put(put["url"].as_str().unwrap())
@@ -642,12 +649,12 @@ async fn presigned_urls_read_and_write_one_path_without_the_token() {
         (json!({ "path": "/a", "expires": 0 }), "1 to 86400"),
         (json!({ "path": "" }), "path"),
     ] {
-        let (status, v) = presign(body).await;
+        let (status, v) = presign(&rt, body).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
         assert!(v["message"].as_str().unwrap().contains(needle), "{v}");
     }
     // A connect (which revokes runtime tokens) revokes what they presigned.
-    let (_, before) = presign(json!({ "path": "/workspace/report.csv" })).await;
+    let (_, before) = presign(&rt, json!({ "path": "/workspace/report.csv" })).await;
     let id = sbx["sandboxID"].as_str().unwrap();
     let (status, connected) = api
         .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
@@ -662,15 +669,11 @@ async fn presigned_urls_read_and_write_one_path_without_the_token() {
         StatusCode::UNAUTHORIZED
     );
     let rt = Runtime::of(&connected);
-    let presign = |body: Value| {
-        let rt = &rt;
-        async move {
-            let resp = rt.post("/files/presign", body).await;
-            let status = resp.status();
-            (status, resp.json::<Value>().await.unwrap())
-        }
-    };
-    let (_, short) = presign(json!({ "path": "/workspace/report.csv", "expires": 1 })).await;
+    let (_, short) = presign(
+        &rt,
+        json!({ "path": "/workspace/report.csv", "expires": 1 }),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let resp = anon
         .get(short["url"].as_str().unwrap())
@@ -679,7 +682,7 @@ async fn presigned_urls_read_and_write_one_path_without_the_token() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     // Its sandbox gone, its URLs are.
-    let (_, last) = presign(json!({ "path": "/workspace/report.csv" })).await;
+    let (_, last) = presign(&rt, json!({ "path": "/workspace/report.csv" })).await;
     api.delete(id).await;
     assert_eq!(
         anon.get(last["url"].as_str().unwrap())

@@ -123,18 +123,7 @@ impl Edge {
         let id = record.id.as_str();
         self.manager.activity.touch(id);
         let agent = if record.state == InternalState::Stopped && record.auto_resume {
-            match self
-                .manager
-                .wake_agent(&record, WAKE_WINDOW, "data-plane")
-                .await
-            {
-                Ok(agent) => agent,
-                Err(Wake::Unavailable(why)) => {
-                    return Err(ApiError::new(503, "sandbox_unavailable", why)
-                        .with_details(serde_json::json!({ "retryAfterS": 5 })))
-                }
-                Err(Wake::Gone(e)) => return Err(e),
-            }
+            self.wake(&record).await?
         } else {
             match self.manager.running_agent(&record).await {
                 Ok(agent) => agent,
@@ -142,23 +131,27 @@ impl Edge {
                 // autoResume sandbox is woken rather than refused.
                 Err(e) if record.auto_resume => {
                     let now = self.manager.catalog.sandbox(id)?.ok_or(e)?;
-                    match self
-                        .manager
-                        .wake_agent(&now, WAKE_WINDOW, "data-plane")
-                        .await
-                    {
-                        Ok(agent) => agent,
-                        Err(Wake::Unavailable(why)) => {
-                            return Err(ApiError::new(503, "sandbox_unavailable", why)
-                                .with_details(serde_json::json!({ "retryAfterS": 5 })))
-                        }
-                        Err(Wake::Gone(e)) => return Err(e),
-                    }
+                    self.wake(&now).await?
                 }
                 Err(e) => return Err(e),
             }
         };
         Ok((agent, record.env_vars))
+    }
+
+    /// Wakes paused autoResume sandbox `record` for a data-plane call: its agent, or a
+    /// 503 with Retry-After while it is still waking.
+    async fn wake(&self, record: &SandboxRecord) -> Result<AgentClient, ApiError> {
+        match self
+            .manager
+            .wake_agent(record, WAKE_WINDOW, "data-plane")
+            .await
+        {
+            Ok(agent) => Ok(agent),
+            Err(Wake::Unavailable(why)) => Err(ApiError::new(503, "sandbox_unavailable", why)
+                .with_details(serde_json::json!({ "retryAfterS": 5 }))),
+            Err(Wake::Gone(e)) => Err(e),
+        }
     }
 
     /// Like [`Edge::agent`], with the sandbox's recorder if it is recorded.
