@@ -53,34 +53,21 @@ async fn play_cast<'a>(lines: impl Iterator<Item = &'a str>, speed: f64) -> anyh
     Ok(())
 }
 
+/// A commands transcript (`recording.rs` on the pool manager writes it): `start`,
+/// `output` and `exit` lines per command; other kinds are shown as they are.
 fn print_transcript<'a>(lines: impl Iterator<Item = &'a str>) -> anyhow::Result<()> {
     for line in lines.filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line)
             .map_err(|e| anyhow::anyhow!("a transcript line is not JSON: {e}"))?;
-        let kind = v
-            .get("event")
-            .or_else(|| v.get("type"))
-            .and_then(|k| k.as_str());
-        match kind {
-            Some("start") => {
-                let cmd = v
-                    .get("cmd")
-                    .and_then(|c| c.as_str().map(str::to_string))
-                    .or_else(|| v.get("argv").map(|a| a.to_string()))
-                    .unwrap_or_default();
-                println!("$ {cmd}");
-            }
-            Some("output") | Some("stdout") | Some("stderr") => {
-                if let Some(d) = v.get("data").and_then(|d| d.as_str()) {
-                    print!("{d}");
-                }
-            }
-            Some("exit") => {
-                let code = v.get("exitCode").cloned().unwrap_or_default();
-                println!("[exit {code}]");
-            }
-            // The transcript's header: what was recorded, not what happened.
+        match v["type"].as_str() {
+            // The header: what was recorded, not what happened.
             Some("recording") => {}
+            Some("start") => match (v["cmd"].as_str(), &v["argv"]) {
+                (Some(cmd), _) => println!("$ {cmd}"),
+                (None, argv) => println!("$ {argv}"),
+            },
+            Some("output") => print!("{}", v["data"].as_str().unwrap_or_default()),
+            Some("exit") => println!("[exit {}]", v["exitCode"]),
             Some("truncated") => println!("[the recording was truncated here: its size limit]"),
             _ => println!("{line}"),
         }

@@ -559,21 +559,15 @@ impl Conn {
                 data = self.apply_pii(policy, &data, found, "requestBody", ex, marker)?;
             }
             let rewriter = req_secrets.as_ref().map(Replacer::stream);
-            let (out, counts) = finish_body(
+            finish_body(
                 data,
                 prefix.overflow,
                 prefix.ended,
                 body,
                 rewriter,
                 &mut parts.headers,
-            );
-            match counts {
-                Some(c) => {
-                    lock(ex).secrets(c, "requestBody");
-                    out
-                }
-                None => report_at_end(out, ex, "requestBody"),
-            }
+                (ex, "requestBody"),
+            )
         } else if let Some(r) = &req_secrets {
             // Large or of unknown length: rewritten as it streams, never buffered.
             parts.headers.remove(header::CONTENT_LENGTH);
@@ -737,21 +731,15 @@ impl Conn {
                 }
             }
             let rewriter = rewrite.map(Replacer::stream);
-            let (out, counts) = finish_body(
+            finish_body(
                 data,
                 prefix.overflow,
                 prefix.ended,
                 body,
                 rewriter,
                 &mut parts.headers,
-            );
-            match counts {
-                Some(c) => {
-                    lock(ex).secrets(c, "responseBody");
-                    out
-                }
-                None => report_at_end(out, ex, "responseBody"),
-            }
+                (ex, "responseBody"),
+            )
         } else if let Some(r) = rewrite {
             // Large or of unknown length (a download, a stream of events): rewritten as
             // it streams, so its first bytes are not held back.
@@ -989,8 +977,9 @@ fn is_encoded(headers: &HeaderMap) -> bool {
 
 /// The body to send on: `head` (plus `overflow`), then `rest` unless the body `ended`,
 /// through `rewriter`. A body wholly read gets its exact length (and the rewriter's
-/// counts are returned now); a streamed one loses `content-length` (hyper then frames
-/// it chunked) since rewriting may change it, and reports its counts at its end.
+/// counts go to the exchange now); a streamed one loses `content-length` (hyper then
+/// frames it chunked) since rewriting may change it, and reports its counts at its end.
+/// `report` is the exchange and where in it the body is (`requestBody`, ...).
 fn finish_body(
     head: Vec<u8>,
     overflow: Bytes,
@@ -998,7 +987,9 @@ fn finish_body(
     rest: Inner,
     rewriter: Option<StreamReplacer>,
     headers: &mut HeaderMap,
-) -> (ProxyBody, Option<Counts>) {
+    report: (&ExchangeRef, &'static str),
+) -> ProxyBody {
+    let (ex, location) = report;
     if ended {
         let mut rewriter = rewriter;
         let data = match &mut rewriter {
@@ -1012,14 +1003,22 @@ fn finish_body(
         if !data.is_empty() || headers.contains_key(header::CONTENT_LENGTH) {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
         }
-        return (ProxyBody::full(data), rewriter.map(|r| r.counts()));
+        let body = ProxyBody::full(data);
+        return match rewriter {
+            Some(r) => {
+                lock(ex).secrets(r.counts(), location);
+                body
+            }
+            None => report_at_end(body, ex, location),
+        };
     }
     headers.remove(header::CONTENT_LENGTH);
     let mut head = head;
     head.extend_from_slice(&overflow);
-    (
+    report_at_end(
         ProxyBody::streamed(Bytes::from(head), Some(rest), rewriter),
-        None,
+        ex,
+        location,
     )
 }
 

@@ -441,19 +441,7 @@ impl Daemon {
 
     /// Runs an admin command against this daemon's state; returns its stdout.
     pub fn admin(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new(pool_manager_binary())
-            .arg("admin")
-            .args(args)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        admin_in(&self.state, args)
     }
 
     /// Issues an operator key (teams, quotas, keys, the built-in warm pools).
@@ -633,4 +621,22 @@ impl Drop for SmallFs {
             .status();
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Runs `nullspace-pool-manager admin ARGS --state-dir STATE` (panicking unless it
+/// succeeds); returns its stdout, trimmed.
+pub fn admin_in(state: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(pool_manager_binary())
+        .arg("admin")
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }

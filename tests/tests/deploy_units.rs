@@ -226,11 +226,7 @@ async fn the_systemd_units_command_lines_serve_the_api() {
         Duration::from_secs(300),
     );
     started.children.push((child, "the pool manager"));
-    let control = lines[0]
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("the control API's URL")
-        .to_string();
+    let control = url_in(&lines[0], "the control API");
 
     // The API: its ExecStart, pointed at that pool manager (what api.env would set).
     let api_unit = read_unit(&units.join("nullspace-api.service"));
@@ -251,32 +247,14 @@ async fn the_systemd_units_command_lines_serve_the_api() {
         Duration::from_secs(120),
     );
     started.children.push((child, "the API"));
-    let api = lines[0]
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("the public API's URL")
-        .to_string();
+    let api = url_in(&lines[0], "the public API");
 
     // Health needs no key; a team's list goes through to the pool manager.
     let health = reqwest::get(format!("{api}/api/v1/health")).await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
     let body: serde_json::Value = health.json().await.unwrap();
     assert_eq!(body["status"], "ok", "{body}");
-    let admin = |args: &[&str]| -> String {
-        let out = Command::new(&pool_manager)
-            .arg("admin")
-            .args(args)
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let admin = |args: &[&str]| nullspace_tests::admin_in(&state, args);
     admin(&["team", "create", "acme"]);
     let key = admin(&["key", "create", "--team", "acme"]);
     let public = Api::at(&format!("{api}/api"), key);
@@ -534,4 +512,12 @@ fn systemd_exec_lines_expand_as_systemd_does() {
         systemd_argv(r#"/bin/sh -c 'echo "$${A:-$$(cat f)}"' ${B}"#, &env),
         ["/bin/sh", "-c", r#"echo "${A:-$(cat f)}""#, "7"]
     );
+}
+
+/// The first `http://` URL in a startup line of `what`.
+fn url_in(line: &str, what: &str) -> String {
+    line.split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("{what}'s URL in {line:?}"))
+        .to_string()
 }

@@ -183,12 +183,7 @@ impl Edge {
             .map_err(runtime_token_refused)?;
         // A deleted sandbox answers exactly as one that never existed (or whose record
         // was pruned): its tokens end with it.
-        let record = self
-            .manager
-            .catalog
-            .sandbox(id)?
-            .filter(|r| !matches!(r.state, InternalState::Deleted | InternalState::Destroying))
-            .ok_or_else(|| {
+        let record = self.live_record(id)?.ok_or_else(|| {
                 ApiError::unauthorized(format!(
                     "the runtime token is refused: sandbox {id} does not exist (or was deleted); create a new one"
                 ))
@@ -197,6 +192,16 @@ impl Edge {
             return Err(runtime_token_refused(TokenError::Revoked));
         }
         Ok(record)
+    }
+
+    /// The record of sandbox `id` unless it is deleted (or being deleted): a deleted
+    /// sandbox answers as one that never existed, and every credential of it ends.
+    fn live_record(&self, id: &str) -> Result<Option<SandboxRecord>, ApiError> {
+        Ok(self
+            .manager
+            .catalog
+            .sandbox(id)?
+            .filter(|r| !matches!(r.state, InternalState::Deleted | InternalState::Destroying)))
     }
 }
 

@@ -11,7 +11,6 @@
 
 use super::{stream_download, stream_upload, Edge, JsonErr};
 use crate::error::ApiError;
-use crate::model::InternalState;
 use crate::tokens::{runtime_epoch, TokenError};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -130,10 +129,7 @@ fn authorize(
             e => refused(e.to_string()),
         })?;
     let record = edge
-        .manager
-        .catalog
-        .sandbox(id)?
-        .filter(|r| !matches!(r.state, InternalState::Deleted | InternalState::Destroying))
+        .live_record(id)?
         .ok_or_else(|| refused(format!("sandbox {id} does not exist (or was deleted)")))?;
     if issued != runtime_epoch(&record) {
         return Err(refused(

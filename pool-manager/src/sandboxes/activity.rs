@@ -91,7 +91,7 @@ impl Activity {
     }
 
     /// Drops the entries of sandboxes not in `running`.
-    pub fn retain(&self, running: &[String]) {
+    pub fn retain(&self, running: &std::collections::HashSet<String>) {
         self.by_sandbox
             .lock()
             .unwrap()
@@ -117,7 +117,7 @@ mod tests {
         assert!(a.idle_for("s") >= Duration::from_millis(30));
         a.touch("s");
         assert!(a.idle_for("s") < Duration::from_millis(20));
-        a.retain(&[]);
+        a.retain(&Default::default());
         assert!(a.by_sandbox.lock().unwrap().is_empty());
     }
 }

@@ -1331,7 +1331,7 @@ impl Manager {
                 }
             };
             self.activity
-                .retain(&active.iter().map(|r| r.id.clone()).collect::<Vec<_>>());
+                .retain(&active.iter().map(|r| r.id.clone()).collect());
             let due: Vec<SandboxRecord> = active
                 .into_iter()
                 .filter(|r| r.expires_at_ms <= now || self.idle_past_timeout(r))
