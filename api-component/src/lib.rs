@@ -358,10 +358,28 @@ fn route(
                 parse_body::<EgressPolicy>(&body)?.compile()?;
                 return Ok(forward(Method::Put, path, body));
             }
+            if *action == "security-policy" {
+                if *method != Method::Put {
+                    return Err(not_allowed(
+                        method,
+                        "/api/v1/sandboxes/{id}/security-policy",
+                        &["PUT"],
+                    ));
+                }
+                no_query()?;
+                // The shape is the pool manager's to check (the proxy's own rules).
+                let policy: serde_json::Value = parse_body(&body)?;
+                if !policy.is_object() {
+                    return Err(ApiError::bad_request(
+                        "send the security policy as a JSON object (pii, injectionDefense, transforms, audit, envMasking)",
+                    ));
+                }
+                return Ok(forward(Method::Put, path, body));
+            }
             let allowed = match *action {
                 "connect" | "pause" | "resume" | "refreshes" | "timeout" | "hibernate" | "fork"
                 | "previews" => "POST",
-                "events" | "logs" | "metrics" | "recordings" => "GET",
+                "events" | "logs" | "metrics" | "recordings" | "audit" => "GET",
                 _ => return Err(unknown_route()),
             };
             if method.to_string() != allowed {
@@ -380,6 +398,9 @@ fn route(
                 }
                 "logs" => {
                     api_model::SandboxLogParams::parse(pairs)?;
+                }
+                "audit" => {
+                    api_model::AuditParams::parse(pairs)?;
                 }
                 "recordings" => no_query()?,
                 _ => {}

@@ -15,8 +15,9 @@ pub use egress::{CompiledEgress, EgressPolicy, EgressRule, MAX_EGRESS_RULES};
 pub use error::ApiError;
 pub use live::{Event, MetricSample, Preview, ProxyTarget};
 pub use query::{
-    fields_param, parse_query, project, reject_unknown_params, single, BuildLogParams,
-    EventsParams, ListParams, MetricsParams, SandboxLogParams, PUBLIC_STATES, VIEW_FIELDS,
+    fields_param, parse_query, project, reject_unknown_params, single, AuditParams, BuildLogParams,
+    EventsParams, ListParams, MetricsParams, SandboxLogParams, MAX_AUDIT_PAGE, PUBLIC_STATES,
+    VIEW_FIELDS,
 };
 pub use request::{
     is_recording_id, is_sandbox_id, is_snapshot_id, parse_body, validate_snapshot_interval,

@@ -23,6 +23,7 @@ pub const VIEW_FIELDS: &[&str] = &[
     "egress",
     "mounts",
     "recording",
+    "securityPolicy",
 ];
 
 /// The seeds' names for view fields, accepted by `fields=` and answered under the name
@@ -282,6 +283,35 @@ impl SandboxLogParams {
         }
         Ok(Self {
             offset: number_param(pairs, "offset", u32::MAX as u64)?.unwrap_or(0) as usize,
+            limit: limit as usize,
+        })
+    }
+}
+
+/// Largest page of `GET /sandboxes/{id}/audit`.
+pub const MAX_AUDIT_PAGE: u64 = 1000;
+
+/// Query of `GET /sandboxes/{id}/audit`: `after` (a record's ID), `limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditParams {
+    /// Only records with IDs above this one.
+    pub after: u64,
+    /// At most this many (1 to [`MAX_AUDIT_PAGE`], default 100).
+    pub limit: usize,
+}
+
+impl AuditParams {
+    /// Parses and checks an audit query.
+    pub fn parse(pairs: &[(String, String)]) -> Result<Self, ApiError> {
+        reject_unknown_params(pairs, &["after", "limit"])?;
+        let limit = number_param(pairs, "limit", MAX_AUDIT_PAGE)?.unwrap_or(100);
+        if limit == 0 {
+            return Err(ApiError::bad_request(format!(
+                "limit 0 is out of range; send 1 to {MAX_AUDIT_PAGE}"
+            )));
+        }
+        Ok(Self {
+            after: number_param(pairs, "after", i64::MAX as u64)?.unwrap_or(0),
             limit: limit as usize,
         })
     }

@@ -173,8 +173,8 @@ pub struct CreateRequest {
     #[serde(default)]
     pub snapshot_interval: Option<u64>,
     /// The TLS-intercepting security proxy's policy (seed 001's `security_policy`; the
-    /// SDKs send `{}` for `secure=True`). Named here so it is refused as a feature that
-    /// has not landed (501) rather than as an unknown field.
+    /// SDKs send `{}` for `secure=True`): its TLS connections are intercepted. Its
+    /// shape is the pool manager's to check (`intercept::SecurityPolicy`).
     #[serde(default)]
     pub security_policy: Option<Value>,
     /// Keep a transcript of every command and terminal session in object storage
@@ -339,11 +339,14 @@ impl CreateRequest {
                 .with_details(json!({ "field": "region" })));
             }
         }
-        if self.security_policy.is_some() {
-            return Err(ApiError::not_implemented(
-                "securityPolicy",
-                "the TLS-intercepting security proxy is not available yet; omit securityPolicy (in the SDKs: omit security_policy, or pass secure=False)",
-            ));
+        // Checked in full by the pool manager (the proxy's own rules); here, its shape.
+        if let Some(policy) = &self.security_policy {
+            if !policy.is_object() {
+                return Err(ApiError::bad_request(
+                    "securityPolicy must be an object (pii, injectionDefense, transforms, audit, envMasking); send {} for interception with the audit only, or omit it",
+                )
+                .with_details(json!({ "field": "securityPolicy" })));
+            }
         }
         let egress = self.egress.clone().unwrap_or_default();
         egress.compile()?;

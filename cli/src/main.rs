@@ -182,6 +182,30 @@ enum SandboxCommand {
         #[arg(long)]
         limit: Option<usize>,
     },
+    /// The audit of a sandbox with a security policy: one record per HTTP request its
+    /// guest made (time method host path status action detections). One page, or every
+    /// record and then new ones as they come with --follow (until Ctrl-C).
+    Audit {
+        id: String,
+        /// Only records after this ID (a page's next).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many records (1 to 1000; default 100).
+        #[arg(long, conflicts_with = "follow", value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: Option<u32>,
+        /// Keep printing new records, asking every second, until Ctrl-C (with --json: one
+        /// record per line).
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Show a sandbox's security policy, or replace it (applies at once) with --file: a
+    /// JSON policy {pii, injectionDefense, transforms, audit, envMasking}.
+    SecurityPolicy {
+        id: String,
+        /// The new policy, a JSON file (`-`: standard input).
+        #[arg(long, short)]
+        file: Option<std::path::PathBuf>,
+    },
     /// The recordings of a sandbox created with --recording (also after it ended).
     Recordings { id: String },
     /// Play a recording back: a terminal session at its own pace (--speed), or the
@@ -577,10 +601,15 @@ struct CreateArgs {
     /// --allow-out (seed 001's network.deny_out).
     #[arg(long, conflicts_with_all = ["no_internet", "allow", "deny"])]
     deny_out: Vec<String>,
-    /// true: the TLS-intercepting security proxy (not available yet: the API answers
-    /// not_implemented).
+    /// true: the TLS-intercepting security proxy, with the audit only (seed 001's
+    /// secure); false: none.
     #[arg(long, value_name = "true|false")]
     secure: Option<bool>,
+    /// The security proxy's policy, a JSON file (`-`: standard input): {pii,
+    /// injectionDefense, transforms, audit, envMasking}. A masked secret's real value
+    /// goes in --env under the same name; the guest only sees a placeholder.
+    #[arg(long, value_name = "FILE")]
+    security_policy: Option<std::path::PathBuf>,
     /// Mount a volume, PATH=VOLUME[:ro|:rw] (repeatable; default rw).
     #[arg(long = "mount", value_parser = mount_arg)]
     mounts: Vec<(String, String, nullspace::MountMode)>,
@@ -629,6 +658,47 @@ fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
         "kind": s.kind, "createdAt": s.created_at, "sizeBytes": s.size_bytes,
         "storedBytes": s.stored_bytes, "storage": s.storage, "name": s.name,
     })
+}
+
+/// A security policy from a JSON file, or standard input for `-`.
+fn read_policy(path: &Path) -> anyhow::Result<nullspace::SecurityPolicy> {
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading the policy from stdin")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    let body: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not JSON; send a security policy such as {{\"pii\": {{\"detectors\": {{\"email\": \"redact\"}}}}}}",
+            path.display()
+        )
+    })?;
+    Ok(nullspace::SecurityPolicy::from_body(body)?)
+}
+
+/// An audit record for people: time method host path status action detections.
+fn audit_line(r: &nullspace::AuditRecord) -> String {
+    let detections = if r.detections.is_empty() {
+        "-".to_string()
+    } else {
+        r.detections
+            .iter()
+            .map(|d| format!("{}@{}:{}", d.kind, d.location, d.action))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    format!(
+        "{} {} {} {} {} {} {}",
+        r.time, r.method, r.host, r.path, r.status, r.action, detections
+    )
+}
+
+fn print_audit_record(r: &nullspace::AuditRecord, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(r).unwrap());
+    } else {
+        println!("{}", audit_line(r));
+    }
 }
 
 /// `--on-timeout` value.
@@ -830,6 +900,9 @@ fn show(info: &SandboxInfo, json: bool) {
             m.mode.as_str()
         );
     }
+    if let Some(p) = &info.security_policy {
+        println!("  security policy: {p}");
+    }
     if let Some(d) = &info.diagnostic {
         println!("  diagnostic: {} — {} ({})", d.code, d.message, d.action);
     }
@@ -913,6 +986,7 @@ fn to_json(info: &SandboxInfo) -> serde_json::Value {
         })),
         "egress": info.egress,
         "mounts": info.mounts,
+        "securityPolicy": info.security_policy,
     })
 }
 
@@ -1138,6 +1212,9 @@ async fn sandbox(
                 });
             }
             o.secure = a.secure;
+            if let Some(path) = &a.security_policy {
+                o = o.security_policy(read_policy(path)?);
+            }
             if a.no_wait_ready {
                 o = o.wait_ready(false);
             }
@@ -1332,6 +1409,52 @@ async fn sandbox(
             }
             if let (Some(next), false) = (next, json) {
                 eprintln!("more: --offset {next}");
+            }
+        }
+        SandboxCommand::Audit {
+            id,
+            after,
+            limit,
+            follow,
+        } => {
+            let sbx = Sandbox::from_id(config, id)?;
+            if *follow {
+                let mut records = sbx.follow_audit(*after, Duration::from_secs(1));
+                let mut stop = std::pin::pin!(tokio::signal::ctrl_c());
+                loop {
+                    tokio::select! {
+                        r = records.next() => print_audit_record(&r?, json),
+                        _ = &mut stop => break,
+                    }
+                }
+                return Ok(());
+            }
+            let page = sbx.audit_page(*after, *limit).await?;
+            if json {
+                println!("{}", serde_json::to_string(&page).unwrap());
+                return Ok(());
+            }
+            for r in &page.records {
+                print_audit_record(r, false);
+            }
+            if page.more {
+                eprintln!("more: --after {}", page.next);
+            }
+        }
+        SandboxCommand::SecurityPolicy { id, file } => {
+            let info = match file {
+                Some(path) => {
+                    let policy = read_policy(path)?;
+                    Sandbox::from_id(config, id)?
+                        .set_security_policy(&policy)
+                        .await?
+                }
+                None => Sandbox::get_info_by_id(config, id).await?,
+            };
+            match (&info.security_policy, json) {
+                (Some(p), _) => println!("{}", serde_json::to_string_pretty(p).unwrap()),
+                (None, true) => println!("null"),
+                (None, false) => println!("{id} has no security policy"),
             }
         }
         SandboxCommand::Recordings { id } => {
@@ -1535,4 +1658,148 @@ fn admin(state_dir: &str, args: &[String]) -> anyhow::Result<i32> {
             )
         })?;
     Ok(status.code().unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from([&["nullspace"], args].concat())
+    }
+
+    fn sandbox_command(args: &[&str]) -> SandboxCommand {
+        match parse(args).unwrap().command {
+            Command::Sandbox(c) => c,
+            _ => panic!("not a sandbox command: {args:?}"),
+        }
+    }
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn audit_takes_after_limit_and_follow() {
+        let SandboxCommand::Audit {
+            id,
+            after,
+            limit,
+            follow,
+        } = sandbox_command(&["sandbox", "audit", "sbx-1", "--after", "17", "--limit", "5"])
+        else {
+            panic!("not audit")
+        };
+        assert_eq!(
+            (id.as_str(), after, limit, follow),
+            ("sbx-1", 17, Some(5), false)
+        );
+        let SandboxCommand::Audit {
+            after,
+            limit,
+            follow,
+            ..
+        } = sandbox_command(&["sandbox", "audit", "sbx-1", "-f", "--json"])
+        else {
+            panic!("not audit")
+        };
+        assert_eq!((after, limit, follow), (0, None, true));
+        assert!(
+            parse(&["--json", "sandbox", "audit", "sbx-1"])
+                .unwrap()
+                .json
+        );
+        // A page size out of range, or a page size while following, is refused.
+        for bad in [
+            &["sandbox", "audit", "sbx-1", "--limit", "0"][..],
+            &["sandbox", "audit", "sbx-1", "--limit", "1001"],
+            &["sandbox", "audit", "sbx-1", "--limit", "5", "--follow"],
+            &["sandbox", "audit", "sbx-1", "--after", "-1"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn security_policy_shows_or_replaces_from_a_file_or_stdin() {
+        let SandboxCommand::SecurityPolicy { id, file } =
+            sandbox_command(&["sandbox", "security-policy", "sbx-1", "--file", "-"])
+        else {
+            panic!("not security-policy")
+        };
+        assert_eq!((id.as_str(), file), ("sbx-1", Some("-".into())));
+        let SandboxCommand::SecurityPolicy { file, .. } =
+            sandbox_command(&["sandbox", "security-policy", "sbx-1"])
+        else {
+            panic!("not security-policy")
+        };
+        assert_eq!(file, None);
+        let SandboxCommand::Create(a) = sandbox_command(&[
+            "sandbox",
+            "create",
+            "--secure",
+            "true",
+            "--security-policy",
+            "policy.json",
+            "--env",
+            "OPENAI_API_KEY=sk-x",
+        ]) else {
+            panic!("not create")
+        };
+        assert_eq!(a.secure, Some(true));
+        assert_eq!(a.security_policy, Some("policy.json".into()));
+    }
+
+    #[test]
+    fn a_policy_file_is_read_and_checked() {
+        let dir = std::env::temp_dir().join(format!("nullspace-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.json");
+        std::fs::write(
+            &good,
+            r#"{"pii": {"detectors": {"card": "block"}}, "audit": {"enabled": true},
+                "envMasking": {"secrets": [{"name": "K", "hosts": ["api.example.com"]}]}}"#,
+        )
+        .unwrap();
+        let policy = read_policy(&good).unwrap();
+        assert_eq!(
+            policy,
+            nullspace::SecurityPolicy::new()
+                .pii_detector("card", "block")
+                .audit(true)
+                .mask_secret("K", ["api.example.com"])
+        );
+        let unknown = dir.join("unknown.json");
+        std::fs::write(&unknown, r#"{"pii": {}, "firewall": true}"#).unwrap();
+        let e = read_policy(&unknown).unwrap_err().to_string();
+        assert!(e.contains("unknown keys") && e.contains("firewall"), "{e}");
+        let broken = dir.join("broken.json");
+        std::fs::write(&broken, "{pii").unwrap();
+        let e = format!("{:#}", read_policy(&broken).unwrap_err());
+        assert!(e.contains("is not JSON"), "{e}");
+        assert!(read_policy(&dir.join("missing.json")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_audit_record_is_one_line_for_people() {
+        let mut r: nullspace::AuditRecord = serde_json::from_value(serde_json::json!({
+            "id": 17, "time": "2026-01-02T03:04:05Z", "method": "POST",
+            "host": "api.example.com", "path": "/v1/x?y", "status": 403,
+            "bytesIn": 0, "bytesOut": 40, "durationMs": 3, "action": "blocked",
+            "detections": [
+                { "kind": "card", "where": "requestBody", "action": "block" },
+                { "kind": "email", "where": "url", "action": "redact" },
+            ],
+        }))
+        .unwrap();
+        assert_eq!(
+            audit_line(&r),
+            "2026-01-02T03:04:05Z POST api.example.com /v1/x?y 403 blocked card@requestBody:block,email@url:redact"
+        );
+        r.detections.clear();
+        assert!(audit_line(&r).ends_with(" 403 blocked -"));
+    }
 }

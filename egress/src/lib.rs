@@ -12,6 +12,15 @@
 //!   [`sniff::MAX_SNIFF_BYTES`]); the connection is let out if
 //!   [`CompiledEgress::allows_connection`] says so, else reset.
 //! - A policy change applies at once: open connections it no longer allows are reset.
+//! - With a security policy ([`Gate::set_security`], the sandbox's `securityPolicy`),
+//!   every connection's first bytes are read: a TLS ClientHello is intercepted
+//!   ([`intercept::intercept`]: the guest's TLS terminated with the team CA, each HTTP
+//!   request checked and rewritten, TLS re-originated to the verified server), and so
+//!   is a cleartext HTTP/1 request ([`intercept::intercept_plain`]: the same policy;
+//!   placeholders never become secrets in cleartext); other bytes pass as above,
+//!   under the connection-level gate only. The connection-level
+//!   checks run first either way, and a transform's `upstreamHost` is held to them too
+//!   ([`GateConnector`]).
 //!
 //! The guest is root in its VM and may be hostile, so what it can cost the host is
 //! bounded: [`MAX_CONNECTIONS`] open connections per sandbox (the rest are reset at
@@ -63,6 +72,8 @@ pub const MAX_DNS_IN_FLIGHT: usize = 64;
 #[derive(Debug)]
 pub struct Gate {
     policy: watch::Sender<Arc<CompiledEgress>>,
+    /// The interception of its TLS connections, when it has a security policy.
+    security: Mutex<Option<Arc<intercept::Session>>>,
     resolved: Mutex<HashMap<IpAddr, Vec<(String, Instant)>>>,
     /// Refusals are logged at most once a second: a guest can cause thousands a second.
     refusals: Mutex<Throttle>,
@@ -73,6 +84,7 @@ impl Gate {
     pub fn new(policy: CompiledEgress) -> Arc<Self> {
         Arc::new(Self {
             policy: watch::Sender::new(Arc::new(policy)),
+            security: Mutex::default(),
             resolved: Mutex::default(),
             refusals: Mutex::default(),
         })
@@ -86,6 +98,20 @@ impl Gate {
     /// The policy in force.
     pub fn policy(&self) -> Arc<CompiledEgress> {
         self.policy.borrow().clone()
+    }
+
+    /// Intercepts the TLS connections opened from now on with `session` (`None`: the
+    /// connection-level gate only). Connections already open keep what they had.
+    pub fn set_security(&self, session: Option<Arc<intercept::Session>>) {
+        *self.security.lock().unwrap_or_else(|p| p.into_inner()) = session;
+    }
+
+    /// The interception in force, if any.
+    pub fn security(&self) -> Option<Arc<intercept::Session>> {
+        self.security
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// `Some(n)` when a refusal should be logged now, `n` being the refusals since the
@@ -495,7 +521,8 @@ async fn connection(mut client: TcpStream, gate: Arc<Gate>) {
     }
     let mut first = Vec::new();
     let mut asked = None;
-    if policy.has_domain_rules() {
+    let security = gate.security();
+    if policy.has_domain_rules() || security.is_some() {
         match read_name(&mut client, &mut first).await {
             Ok(name) => asked = name,
             Err(why) => {
@@ -514,6 +541,13 @@ async fn connection(mut client: TcpStream, gate: Arc<Gate>) {
         }
         return reset(client);
     }
+    if let Some(session) = security {
+        if sniff::is_tls(&first) || sniff::is_http(&first) {
+            let _ = client.set_nodelay(true);
+            let asked = asked.clone();
+            return intercepted(client, first, dst, asked, session, changes, &allowed).await;
+        }
+    }
     let mut upstream =
         match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(dst)).await {
             Ok(Ok(s)) => s,
@@ -523,23 +557,131 @@ async fn connection(mut client: TcpStream, gate: Arc<Gate>) {
         return reset(client);
     }
     drop(first);
-    let cut = async {
-        loop {
-            if changes.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-            let now = changes.borrow_and_update().clone();
-            if !allowed(&now) {
-                return;
-            }
-        }
-    };
+    let cut = until_disallowed(&mut changes, allowed);
     tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
         _ = cut => {
             info!(%dst, "egress: open connection cut by a policy change");
             reset(client);
         }
+    }
+}
+
+/// Returns once a policy change no longer allows the connection (never if none does).
+async fn until_disallowed(
+    changes: &mut watch::Receiver<Arc<CompiledEgress>>,
+    allowed: impl Fn(&CompiledEgress) -> bool,
+) {
+    loop {
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let now = changes.borrow_and_update().clone();
+        if !allowed(&now) {
+            return;
+        }
+    }
+}
+
+/// Serves a TLS or cleartext HTTP connection the gate let out through the interception,
+/// until it ends or a policy change no longer allows it.
+async fn intercepted(
+    client: TcpStream,
+    first: Vec<u8>,
+    dst: SocketAddrV4,
+    asked: Option<String>,
+    session: Arc<intercept::Session>,
+    mut changes: watch::Receiver<Arc<CompiledEgress>>,
+    allowed: &(impl Fn(&CompiledEgress) -> bool + Sync),
+) {
+    let cut = until_disallowed(&mut changes, allowed);
+    let tls = sniff::is_tls(&first);
+    let guest = intercept::Replay::new(first, client);
+    let served = async {
+        if tls {
+            intercept::intercept(guest, SocketAddr::V4(dst), asked, session).await
+        } else {
+            intercept::intercept_plain(guest, SocketAddr::V4(dst), asked, session).await
+        }
+    };
+    tokio::select! {
+        ended = served => match ended {
+            Ok(stats) => debug!(%dst, requests = stats.requests, "egress: intercepted connection ended"),
+            Err(e) => debug!(%dst, error = %e, "egress: intercepted connection failed"),
+        },
+        _ = cut => info!(%dst, "egress: open connection cut by a policy change"),
+    }
+}
+
+/// The interception's upstream connections, held to the gate: the guest's original
+/// destination was checked when the connection was let out; a transform's
+/// `upstreamHost` is resolved here, and each of its addresses must pass the same
+/// checks ([`never_reachable`], the egress policy for that name) before it is used.
+#[derive(Debug, Clone)]
+pub struct GateConnector {
+    gate: std::sync::Weak<Gate>,
+}
+
+impl GateConnector {
+    /// A connector checking against `gate` (held weakly: the gate holds the session
+    /// that holds this).
+    pub fn new(gate: &Arc<Gate>) -> Self {
+        Self {
+            gate: Arc::downgrade(gate),
+        }
+    }
+}
+
+impl intercept::Connect for GateConnector {
+    fn connect(
+        &self,
+        target: intercept::Target,
+    ) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<intercept::BoxIo>> + Send>> {
+        let gate = self.gate.upgrade();
+        Box::pin(async move {
+            let refused =
+                |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
+            let gate = gate.ok_or_else(|| refused("the sandbox's egress ended".into()))?;
+            let addr = match target {
+                intercept::Target::Addr(a) => a,
+                intercept::Target::Host(name, port) => {
+                    let policy = gate.policy();
+                    let addrs = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        tokio::net::lookup_host((name.as_str(), port)),
+                    )
+                    .await
+                    .map_err(|_| refused(format!("looking up {name} timed out")))??;
+                    let host = host::addresses(false);
+                    addrs
+                        .filter_map(|a| match a {
+                            SocketAddr::V4(v4) => Some(v4),
+                            SocketAddr::V6(_) => None,
+                        })
+                        .find(|a| {
+                            let ip = IpAddr::V4(*a.ip());
+                            !never_reachable(*a.ip(), &policy, &host)
+                                && policy.allows_connection(ip, Some(&name), &[])
+                        })
+                        .map(SocketAddr::V4)
+                        .ok_or_else(|| {
+                            refused(format!(
+                                "{name}: no address of it is one the sandbox's egress policy lets out"
+                            ))
+                        })?
+                }
+            };
+            let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connecting to {addr} timed out"),
+                    )
+                })??;
+            let _ = stream.set_nodelay(true);
+            Ok(Box::new(stream) as intercept::BoxIo)
+        })
     }
 }
 

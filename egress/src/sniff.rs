@@ -30,6 +30,18 @@ pub fn sniff(buf: &[u8]) -> Sniffed {
     }
 }
 
+/// Whether `buf` starts a TLS handshake record (a ClientHello, when it comes first).
+pub fn is_tls(buf: &[u8]) -> bool {
+    matches!(buf, [0x16, 3, ..])
+}
+
+/// Whether `buf` starts an HTTP/1 request line (a method of capitals, then a space):
+/// what the security proxy serves in cleartext, `Host` header or not.
+pub fn is_http(buf: &[u8]) -> bool {
+    let method = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    (3..=16).contains(&method) && buf.get(method) == Some(&b' ')
+}
+
 fn http_host(buf: &[u8]) -> Sniffed {
     let method_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
     if method_len == buf.len() {
@@ -217,6 +229,9 @@ mod tests {
         assert_eq!(sniff(b"SSH-2.0-OpenSSH\r\n"), Sniffed::Nothing);
         // Heads that would not fit in MAX_SNIFF_BYTES are given up on, not waited for.
         assert_eq!(sniff(&[0x16, 3, 1, 0xff, 0xff, 1]), Sniffed::TooLong);
+        assert!(is_tls(&[0x16, 3, 1]) && !is_tls(b"GET / HTTP/1.1\r\n"));
+        assert!(is_http(b"GET / HTTP/1.1\r\n") && is_http(b"OPTIONS * HTTP/1.1"));
+        assert!(!is_http(b"SSH-2.0-OpenSSH") && !is_http(b"GET") && !is_http(&[0x16, 3, 1]));
         assert_eq!(sniff(&[0x16, 3, 1, 0x40, 0x00, 1]), Sniffed::TooLong);
         assert_eq!(sniff(&[0x16, 3, 1, 0x3f, 0xfb, 1]), Sniffed::NeedMore);
         let mut long = b"GET / HTTP/1.1\r\nX: ".to_vec();

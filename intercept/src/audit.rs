@@ -45,7 +45,8 @@ pub struct AuditRecord {
 #[serde(rename_all = "camelCase")]
 pub struct Detection {
     /// What: a PII detector (`card`), `injection:<rule>`, `secret:<name>`,
-    /// `upstreamCertificate`, `uninspected` (a compressed body).
+    /// `upstreamCertificate`, `uninspected` (a compressed body), `cleartext` (a secret's
+    /// placeholder kept, where over TLS the value would have gone in).
     pub kind: String,
     /// Where: `url`, `requestHeader:<name>`, `requestBody`, `responseHeader:<name>`,
     /// `responseBody`, `tls`.

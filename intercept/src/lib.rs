@@ -5,8 +5,13 @@
 //!   the leaves it mints per server name, cached in a bounded LRU.
 //! - [`tls`]: the guest-side `ServerConfig` (a leaf for each ClientHello's SNI) and the
 //!   upstream `ClientConfig` (webpki roots plus extra ones), and typed upstream errors.
-//! - [`proxy`]: [`intercept`], one connection: TLS both ways, HTTP/1.1 relayed with
-//!   hyper, the policy applied to each request and response, upgrades spliced.
+//! - [`proxy`]: [`intercept`], one TLS connection: TLS both ways, HTTP/2 or HTTP/1.1
+//!   from the guest (ALPN) relayed with hyper as HTTP/1.1 upstream, the policy applied
+//!   to each request and response, upgrades spliced; [`intercept_plain`], one
+//!   cleartext HTTP/1.1 connection, the same pipeline in cleartext both ways (secret
+//!   placeholders never replaced there).
+//! - [`upstream`]: where requests go ([`Target`], [`Connect`]) and the few upstream
+//!   connections one guest connection shares (bounded, for HTTP/2's many streams).
 //! - [`policy`]: the REST `securityPolicy`, its validation and compiled form.
 //! - [`pii`], [`injection`], [`secrets`]: the detectors, the injection heuristics, env
 //!   masking.
@@ -16,7 +21,8 @@
 //!
 //! Nothing here starts VMs or touches the network namespace: the egress proxy hands
 //! [`intercept`] an accepted stream (its sniffed bytes replayed in front), the original
-//! destination and the SNI, and a [`Session`] per sandbox.
+//! destination and the SNI, and a [`Session`] per sandbox; or, for a cleartext HTTP
+//! connection, [`intercept_plain`] the stream, the destination and the sniffed `Host`.
 //!
 //! # Using it
 //!
@@ -26,6 +32,7 @@
 //! #     first: Vec<u8>,
 //! #     dest: std::net::SocketAddr,
 //! #     sni: Option<String>,
+//! #     (plain_client, plain_first, plain_dest, host): (tokio::net::TcpStream, Vec<u8>, std::net::SocketAddr, Option<String>),
 //! # ) -> Result<(), Box<dyn std::error::Error>> {
 //! use intercept::{Replay, SecurityPolicy, Session, TeamCa};
 //! use std::sync::Arc;
@@ -42,9 +49,17 @@
 //!     policy.compile(&secret_values)?,
 //!     Arc::new(intercept::MemorySink::new(1000)),
 //! ));
-//! // Per connection the egress proxy lets out to port 443.
-//! let stats = intercept::intercept(Replay::new(first, client), dest, sni, session).await?;
-//! # let _ = stats;
+//! // Per TLS connection the egress proxy lets out to port 443.
+//! let stats = intercept::intercept(Replay::new(first, client), dest, sni, session.clone()).await?;
+//! // Per cleartext HTTP connection it lets out (`host`: the Host header it sniffed).
+//! let plain = intercept::intercept_plain(
+//!     Replay::new(plain_first, plain_client),
+//!     plain_dest,
+//!     host,
+//!     session,
+//! )
+//! .await?;
+//! # let _ = (stats, plain);
 //! # Ok(())
 //! # }
 //! ```
@@ -54,6 +69,7 @@
 pub mod audit;
 pub mod body;
 pub mod ca;
+mod exchange;
 pub mod injection;
 pub mod pii;
 pub mod policy;
@@ -61,10 +77,15 @@ pub mod proxy;
 pub mod replay;
 pub mod secrets;
 pub mod tls;
+pub mod upstream;
 
 pub use audit::{AuditRecord, AuditSink, ChannelSink, Detection, MemorySink, NullSink};
 pub use ca::{CaError, LeafName, TeamCa};
 pub use policy::{CompiledPolicy, PolicyError, SecurityPolicy};
-pub use proxy::{intercept, BoxIo, Connect, InterceptError, Session, Stats, Target, TcpConnector};
+pub use proxy::{
+    intercept, intercept_plain, BoxIo, Connect, InterceptError, Session, Stats, Target,
+    TcpConnector,
+};
 pub use replay::Replay;
 pub use tls::{guest_server_config, upstream_client_config, TlsError, UpstreamError};
+pub use upstream::MAX_UPSTREAM_CONNECTIONS;

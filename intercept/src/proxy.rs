@@ -1,116 +1,129 @@
-//! The interception of one guest connection: TLS terminated with the team CA's leaf,
-//! each HTTP/1.1 request checked and rewritten by the policy, sent on over a verified
-//! TLS connection to the real server, and the response checked on its way back.
+//! The interception of one guest connection: TLS terminated with the team CA's leaf
+//! (or a cleartext HTTP/1.1 connection taken as it is), each request checked and
+//! rewritten by the policy, sent on to the real server, and the response checked on its
+//! way back.
+//!
+//! Toward the guest, [`intercept`] offers ALPN `h2` and `http/1.1`: a guest choosing
+//! `h2` is served HTTP/2 (many requests at once on one connection), any other HTTP/1.1
+//! (one at a time, upgrades possible). [`intercept_plain`] serves a cleartext HTTP/1.1
+//! connection (the guest's `http://` requests). Whatever the guest speaks, requests go
+//! upstream as HTTP/1.1 (see [`crate::upstream`]): an HTTP/2 request becomes an
+//! origin-form one (`/path?query`) with a `Host` header from its `:authority`, its
+//! `cookie` fields joined into one; responses lose the HTTP/1.1 connection-specific
+//! headers (`connection` and those it names, `keep-alive`, `transfer-encoding`,
+//! `upgrade`, `proxy-connection`, ...), which HTTP/2 forbids and each side frames
+//! anyway.
 //!
 //! Per request, in order:
-//! 1. The `Host` header must name the TLS server the guest asked for (SNI); otherwise
-//!    421: a guest cannot reach one host through a connection the egress policy let
-//!    out for another.
+//! 1. The host it names must be the one the connection is for, else 421: a guest cannot
+//!    reach one host through a connection the egress policy let out for another. Over
+//!    TLS, the `Host` header and the URI's authority (`:authority` in HTTP/2, an
+//!    absolute-form URI in HTTP/1.1) must each name the SNI; in cleartext, the `Host`
+//!    header must name the host the egress proxy sniffed (its gate decided on it). A
+//!    request with no `Host` gets one: its authority's, else that name. `CONNECT` is
+//!    refused (501): a tunnel would escape inspection.
 //! 2. PII on the URL (percent-decoded), the header values and a text body's first
 //!    [`MAX_INSPECT_BYTES`] (JSON, form, text, HTML): `block` → 403, `redact` →
 //!    `[REDACTED:kind]`, `log` → audit only. PII runs before secrets are inserted, so a
 //!    real secret the proxy puts in is never mistaken for the guest's.
 //! 3. Secret placeholders become real values if the host is one of the secret's
-//!    (everywhere in the body, streaming), else stay.
+//!    (everywhere in the body, streaming), else stay. Over cleartext they always stay:
+//!    anyone on the path could read a real value there. The audit says `kept`, plus a
+//!    `cleartext` detection where the value would have gone in over TLS.
 //! 4. The host's transform: request header edits, and `upstreamHost`.
-//! 5. Upstream: one TLS connection per guest connection (made on the first request,
-//!    again if the server closes it), verified against the public and extra roots; a
-//!    refused certificate is a 502 saying why.
+//! 5. Upstream: one of the guest connection's few upstream connections (made as needed,
+//!    again if the server closes one), over TLS verified against the public and extra
+//!    roots (a refused certificate is a 502 saying why), or in cleartext for a
+//!    cleartext guest connection.
 //! 6. The response: real secret values masked back to placeholders (headers and the
-//!    whole body, streaming), the transform's response edits, and injection defense
-//!    on a text body's first [`MAX_INSPECT_BYTES`].
-//! 7. One audit record when the response body ends (or the guest goes).
+//!    whole body, streaming; over cleartext too), the transform's response edits, and
+//!    injection defense on a text body's first [`MAX_INSPECT_BYTES`].
+//! 7. One audit record when the response body ends (or the guest goes: an HTTP/2
+//!    stream reset, a closed connection; status 0 if it went before the answer).
 //!
-//! A `101 Switching Protocols` answer to an upgrade request (WebSockets) ends the HTTP
-//! relay: both sides are spliced raw until either closes.
+//! A `101 Switching Protocols` answer to an HTTP/1.1 upgrade request (WebSockets) ends
+//! the HTTP relay: both sides are spliced raw until either closes. HTTP/2 has no such
+//! upgrade: the proxy does not enable extended CONNECT (RFC 8441), so an HTTP/2 client
+//! opens its WebSockets on an HTTP/1.1 connection, and a `CONNECT` is refused.
 //!
 //! Bounds: a body is buffered only up to [`MAX_INSPECT_BYTES`] (larger text bodies are
 //! inspected up to there and the rest streams uninspected, though still rewritten for
-//! secrets); request heads are limited to [`MAX_HEAD_BYTES`] by hyper's read buffer;
-//! the TLS handshakes, the upstream connect and the wait for a request head have
-//! deadlines. To keep responses inspectable the proxy asks for uncompressed ones
-//! (`accept-encoding: identity`) when injection defense or secrets are on; a server
-//! compressing anyway gets its body passed uninspected (and the audit says so).
+//! secrets); request heads are limited to [`MAX_HEAD_BYTES`] (hyper's read buffer in
+//! HTTP/1.1, the header list in HTTP/2); the TLS handshakes, the upstream connect and
+//! the wait for an HTTP/1.1 request head have deadlines. An HTTP/2 connection has at
+//! most [`H2_MAX_CONCURRENT_STREAMS`] streams, flow-control windows of
+//! [`H2_STREAM_WINDOW`] each and [`H2_CONNECTION_WINDOW`] in all, pings to find a
+//! guest gone silent, and at most [`MAX_UPSTREAM_CONNECTIONS`] exchanges in progress
+//! (others wait, up to [`crate::upstream::SLOT_WAIT_TIMEOUT`], then 503). To keep
+//! responses inspectable the proxy asks for uncompressed ones (`accept-encoding:
+//! identity`) when injection defense or secrets are on; a server compressing anyway
+//! gets its body passed uninspected (and the audit says so).
+//!
+//! Not served: HTTP/2 in cleartext (h2c). A cleartext connection is HTTP/1.1: one
+//! starting with the HTTP/2 preface is closed ([`InterceptError::GuestHttp`]), and an
+//! `Upgrade: h2c` is dropped (the request is served as HTTP/1.1). Only WebSocket
+//! upgrades are relayed: any other spliced protocol would escape the policy.
 
-use crate::audit::{AuditRecord, AuditSink, Detection, MAX_DETECTIONS};
+use crate::audit::AuditSink;
 use crate::body::{read_prefix, BoxError, Counters, Inner, ProxyBody, MAX_INSPECT_BYTES};
 use crate::ca::TeamCa;
+use crate::exchange::{
+    audit_path, lock, report_at_end, AuditGuard, Exchange, ExchangeRef, Outcome,
+};
 use crate::injection::{self, TextKind};
 use crate::pii::{self, Detector, Finding};
 use crate::policy::{CompiledPolicy, CompiledTransform, InjectionAction, PiiAction};
-use crate::secrets::{Counts, Replacer, StreamReplacer};
+use crate::secrets::{Replacer, StreamReplacer};
 use crate::tls::{self, TlsError, UpstreamError};
+use crate::upstream::{Dialer, Pool, Slot, MAX_UPSTREAM_CONNECTIONS};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::uri::Authority;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
-use rustls_pki_types::ServerName;
 use std::convert::Infallible;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
+
+pub use crate::upstream::{BoxIo, Connect, Io, Target, TcpConnector};
 
 /// Deadline for each TLS handshake (guest and upstream).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline for the upstream TCP connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Deadline for a request's head once its first byte came (slow-loris guests).
+/// Deadline for an HTTP/1.1 request's head once its first byte came (slow-loris
+/// guests).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// hyper's read buffer per side: the largest request or response head accepted.
+/// hyper's read buffer per side: the largest request or response head accepted (in
+/// HTTP/2, the largest request header list).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// The response header carrying the injection rules that matched (`flag`).
 pub const INJECTION_HEADER: &str = "x-nullspace-injection";
-
-/// A byte stream both ways (the guest's connection, an upstream connection).
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
-
-/// A boxed [`Io`].
-pub type BoxIo = Box<dyn Io>;
-
-/// Where an upstream connection goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// The guest's original destination.
-    Addr(SocketAddr),
-    /// A host a transform's `upstreamHost` names, and the port.
-    Host(String, u16),
-}
-
-/// Makes upstream TCP connections. Injectable: tests point it at local servers, and the
-/// egress proxy applies its own checks (reserved addresses, the egress policy) to a
-/// [`Target::Host`] before connecting.
-pub trait Connect: Send + Sync {
-    /// Connects to `target`.
-    fn connect(&self, target: Target) -> Pin<Box<dyn Future<Output = io::Result<BoxIo>> + Send>>;
-}
-
-/// Plain TCP, names resolved by the host's resolver.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct TcpConnector;
-
-impl Connect for TcpConnector {
-    fn connect(&self, target: Target) -> Pin<Box<dyn Future<Output = io::Result<BoxIo>> + Send>> {
-        Box::pin(async move {
-            let s = match target {
-                Target::Addr(a) => tokio::net::TcpStream::connect(a).await?,
-                Target::Host(h, p) => tokio::net::TcpStream::connect((h.as_str(), p)).await?,
-            };
-            let _ = s.set_nodelay(true);
-            Ok(Box::new(s) as BoxIo)
-        })
-    }
-}
+/// Most streams an HTTP/2 guest may have open at once on one connection.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// An HTTP/2 stream's flow-control window: how much of a request body the guest may
+/// send before the proxy reads it. Small, since the guest is a local VM (a short round
+/// trip refills it fast).
+pub const H2_STREAM_WINDOW: u32 = 64 * 1024;
+/// An HTTP/2 connection's flow-control window: every stream's whole window, so streams
+/// waiting for an upstream slot (their bodies unread) can never starve those being
+/// served of window; and what hyper buffers of one connection's request bodies stays
+/// at most this.
+pub const H2_CONNECTION_WINDOW: u32 = H2_STREAM_WINDOW * H2_MAX_CONCURRENT_STREAMS;
+/// How long an HTTP/2 connection may be silent before the proxy pings the guest.
+pub const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long the guest has to answer that ping before the connection is closed.
+pub const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What one sandbox's interception shares across its connections: the team CA, the
 /// upstream TLS configuration, the policy (changeable live), the connector, the audit.
@@ -210,10 +223,11 @@ struct ConnStats {
     upgraded: AtomicBool,
 }
 
-/// Intercepts one guest connection to `dest` (its original destination), whose TLS
+/// Intercepts one guest TLS connection to `dest` (its original destination), whose TLS
 /// server name the egress proxy sniffed as `sni` (the ClientHello's own is used when
 /// they differ). `guest` must start at the guest's first byte: the egress proxy replays
-/// the bytes it sniffed in front of the socket.
+/// the bytes it sniffed in front of the socket. The guest may choose HTTP/2 (ALPN
+/// `h2`) or HTTP/1.1.
 pub async fn intercept<S>(
     guest: S,
     dest: SocketAddr,
@@ -235,30 +249,68 @@ where
         .server_name()
         .map(|s| s.to_ascii_lowercase())
         .or(sni.map(|s| s.to_ascii_lowercase()));
-    let host = sni.clone().unwrap_or_else(|| dest.ip().to_string());
-    let conn = Arc::new(Conn {
-        ctx,
-        dest,
-        sni,
-        host,
-        upstream: tokio::sync::Mutex::new(None),
-        stats: ConnStats::default(),
-        splice: Mutex::new(None),
-    });
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let upstream_tls = Some(ctx.upstream_tls.clone());
+    serve(Conn::new(ctx, dest, sni, upstream_tls), tls, h2).await
+}
+
+/// Intercepts one guest cleartext HTTP/1.1 connection to `dest` (its original
+/// destination), whose `Host` the egress proxy sniffed as `host` (its gate decided on
+/// it: every request must name it, else 421). `guest` must start at the guest's first
+/// byte: the egress proxy replays the bytes it sniffed in front of the socket.
+///
+/// The upstream connection is cleartext too, to `dest` (or a transform's
+/// `upstreamHost`, on its port or `dest`'s). The policy applies as over TLS, but for
+/// secrets: a placeholder is never replaced by the real value in cleartext, whatever
+/// the host (real values echoed back are still masked).
+pub async fn intercept_plain<S>(
+    guest: S,
+    dest: SocketAddr,
+    host: Option<String>,
+    ctx: Arc<Session>,
+) -> Result<Stats, InterceptError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // A Host header's name: no port, no trailing dot, lowercase (as SNI is compared).
+    let host = host
+        .map(|h| String::from_utf8_lossy(host_name_of(h.trim().as_bytes())).to_ascii_lowercase())
+        .filter(|h| !h.is_empty());
+    serve(Conn::new(ctx, dest, host, None), guest, false).await
+}
+
+/// Serves HTTP (HTTP/2 when `h2`, else HTTP/1.1 with upgrades) on the guest's
+/// connection `io` until it ends, then waits for a splice the connection became.
+async fn serve<I: Io>(conn: Arc<Conn>, io: I, h2: bool) -> Result<Stats, InterceptError> {
     let service = {
         let conn = conn.clone();
         hyper::service::service_fn(move |req| conn.clone().handle(req))
     };
-    let served = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        // Both: the buffer bound alone lets a head through when one read brings it
-        // whole.
-        .max_buf_size(MAX_HEAD_BYTES)
-        .max_header_size(MAX_HEAD_BYTES)
-        .serve_connection(TokioIo::new(tls), service)
-        .with_upgrades()
-        .await;
+    let io = TokioIo::new(io);
+    let served = if h2 {
+        // Extended CONNECT stays off: WebSockets are HTTP/1.1's (see the module docs).
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(MAX_HEAD_BYTES as u32)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
+            .serve_connection(io, service)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            // Both: the buffer bound alone lets a head through when one read brings it
+            // whole.
+            .max_buf_size(MAX_HEAD_BYTES)
+            .max_header_size(MAX_HEAD_BYTES)
+            .serve_connection(io, service)
+            .with_upgrades()
+            .await
+    };
     let splice = conn.splice.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(splice) = splice {
         let _ = splice.await;
@@ -286,118 +338,44 @@ type Refusal = Box<Response<ProxyBody>>;
 struct Conn {
     ctx: Arc<Session>,
     dest: SocketAddr,
-    sni: Option<String>,
-    /// The SNI, else the destination's IP: what policies and audit records name.
+    /// The name every request must be for: the TLS server name, or the `Host` the
+    /// egress proxy sniffed on a cleartext connection. `None`: unknown, not checked.
+    expected: Option<String>,
+    /// That name, else the destination's IP: what policies and audit records name.
     host: String,
-    /// The upstream connection, with the target and name it was made for.
-    upstream: tokio::sync::Mutex<Option<(Target, String, SendRequest<ProxyBody>)>>,
+    /// Whether the guest's connection is cleartext (and so the upstream one).
+    cleartext: bool,
+    dialer: Dialer,
+    pool: Pool,
     stats: ConnStats,
     splice: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-/// What became of a request (the audit's `action`), worst wins.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Outcome {
-    Allowed,
-    Modified,
-    Blocked,
-    Error,
-}
-
-impl Outcome {
-    fn name(self) -> &'static str {
-        match self {
-            Outcome::Allowed => "allowed",
-            Outcome::Modified => "modified",
-            Outcome::Blocked => "blocked",
-            Outcome::Error => "error",
-        }
+impl Conn {
+    /// A connection to `dest` for `expected`, upstream over TLS with `upstream_tls`
+    /// (`None`: cleartext).
+    fn new(
+        ctx: Arc<Session>,
+        dest: SocketAddr,
+        expected: Option<String>,
+        upstream_tls: Option<Arc<ClientConfig>>,
+    ) -> Arc<Self> {
+        Arc::new(Conn {
+            dialer: Dialer {
+                connector: ctx.connector.clone(),
+                tls: upstream_tls.clone(),
+            },
+            ctx,
+            dest,
+            host: expected.clone().unwrap_or_else(|| dest.ip().to_string()),
+            expected,
+            cleartext: upstream_tls.is_none(),
+            pool: Pool::new(),
+            stats: ConnStats::default(),
+            splice: Mutex::new(None),
+        })
     }
 }
-
-/// One request's record in the making.
-struct Exchange {
-    time: String,
-    started: Instant,
-    method: String,
-    host: String,
-    path: String,
-    status: u16,
-    bytes_in: Arc<AtomicU64>,
-    bytes_out: Arc<AtomicU64>,
-    detections: Vec<Detection>,
-    outcome: Outcome,
-}
-
-type ExchangeRef = Arc<Mutex<Exchange>>;
-
-fn lock(ex: &ExchangeRef) -> std::sync::MutexGuard<'_, Exchange> {
-    ex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Exchange {
-    fn detect(&mut self, kind: String, location: String, action: &str) {
-        // Bounded: a body full of e-mail addresses is one detection per kind and place.
-        if self
-            .detections
-            .iter()
-            .any(|d| d.kind == kind && d.location == location && d.action == action)
-        {
-            return;
-        }
-        if self.detections.len() < MAX_DETECTIONS {
-            self.detections.push(Detection {
-                kind,
-                location,
-                action: action.to_string(),
-            });
-        }
-    }
-
-    fn outcome(&mut self, o: Outcome) {
-        self.outcome = self.outcome.max(o);
-    }
-
-    fn secrets(&mut self, counts: Counts, location: &str) {
-        for (name, hit, _) in counts {
-            self.detect(format!("secret:{name}"), location.to_string(), hit.action());
-            if hit != crate::secrets::Hit::Kept {
-                self.outcome(Outcome::Modified);
-            }
-        }
-    }
-}
-
-/// Sends the exchange's record when dropped (with the response body: the exchange is
-/// over).
-struct AuditGuard {
-    ex: ExchangeRef,
-    sink: Option<Arc<dyn AuditSink>>,
-}
-
-impl Drop for AuditGuard {
-    fn drop(&mut self) {
-        let Some(sink) = self.sink.take() else {
-            return;
-        };
-        let ex = lock(&self.ex);
-        sink.record(AuditRecord {
-            time: ex.time.clone(),
-            method: ex.method.clone(),
-            host: ex.host.clone(),
-            path: ex.path.clone(),
-            status: ex.status,
-            bytes_in: ex.bytes_in.load(Ordering::Relaxed),
-            bytes_out: ex.bytes_out.load(Ordering::Relaxed),
-            duration_ms: ex.started.elapsed().as_millis() as u64,
-            detections: ex.detections.clone(),
-            action: ex.outcome.name().to_string(),
-        });
-    }
-}
-
-/// Longest path kept in an audit record.
-const MAX_AUDIT_PATH: usize = 2048;
 
 impl Conn {
     async fn handle(
@@ -406,65 +384,181 @@ impl Conn {
     ) -> Result<Response<ProxyBody>, Infallible> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let policy = self.ctx.policy();
-        let ex: ExchangeRef = Arc::new(Mutex::new(Exchange {
-            time: crate::audit::now_rfc3339(),
-            started: Instant::now(),
-            method: req.method().to_string(),
-            host: self.host.clone(),
-            path: String::new(),
-            status: 0,
-            bytes_in: Arc::default(),
-            bytes_out: Arc::default(),
-            detections: Vec::new(),
-            outcome: Outcome::Allowed,
-        }));
-        let resp = match self.exchange(&policy, req, &ex).await {
+        let ex = Exchange::start(req.method().to_string(), self.host.clone());
+        // Made before the exchange: a request the guest abandons before its answer (an
+        // HTTP/2 stream reset, a closed connection) drops it here, and is recorded too.
+        let guard = AuditGuard::new(ex.clone(), policy.audit.then(|| self.ctx.audit.clone()));
+        let mut slot = None;
+        let resp = match self.exchange(&policy, req, &ex, &mut slot).await {
             Ok(r) => r,
-            Err(r) => *r,
+            Err(r) => {
+                // The proxy answers instead of the upstream: a response it began reading
+                // is abandoned, and the connection it came on with it.
+                if let Some(s) = slot.as_mut() {
+                    s.discard();
+                }
+                *r
+            }
         };
         lock(&ex).status = resp.status().as_u16();
-        let guard = AuditGuard {
-            ex,
-            sink: policy.audit.then(|| self.ctx.audit.clone()),
-        };
-        Ok(resp.map(|b| b.guarded(Box::new(guard))))
+        // The slot goes with the body: given back when it ends (then the record goes).
+        Ok(resp.map(|b| b.guarded(Box::new((slot, guard)))))
     }
 
     /// The response to `req`; `Err` for one the proxy made itself (refusals, errors).
+    /// `slot` gets the upstream slot the exchange holds.
     async fn exchange(
         &self,
         policy: &CompiledPolicy,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         ex: &ExchangeRef,
+        slot: &mut Option<Slot>,
     ) -> Result<Response<ProxyBody>, Refusal> {
-        let refuse = |ex: &ExchangeRef, status: StatusCode, body: serde_json::Value, o: Outcome| {
-            lock(ex).outcome(o);
-            Box::new(json_response(status, &body))
+        if let Some(named) = self.misdirected(&req) {
+            lock(ex).path = audit_path(req.uri().path().as_bytes());
+            let this = self.expected.as_deref().unwrap_or_default();
+            return Err(refuse(
+                ex,
+                StatusCode::MISDIRECTED_REQUEST,
+                serde_json::json!({
+                    "error": "misdirected_request",
+                    "message": format!("this connection is to {this}; send requests for {named} on a connection to it"),
+                }),
+                Outcome::Blocked,
+            ));
+        }
+        if req.method() == Method::CONNECT {
+            lock(ex).path = audit_path(req.uri().to_string().as_bytes());
+            return Err(refuse(
+                ex,
+                StatusCode::NOT_IMPLEMENTED,
+                serde_json::json!({
+                    "error": "not_supported",
+                    "message": "CONNECT is not supported on an intercepted connection: a tunnel would escape the sandbox's security policy (WebSockets work over HTTP/1.1)",
+                }),
+                Outcome::Blocked,
+            ));
+        }
+        // Taken before the body is read: the slots bound the exchanges in progress (and
+        // so their inspection buffers), not only the upstream connections.
+        let Some(taken) = self.pool.slot().await else {
+            lock(ex).path = audit_path(req.uri().path().as_bytes());
+            return Err(refuse(
+                ex,
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({
+                    "error": "upstream_busy",
+                    "message": format!("{MAX_UPSTREAM_CONNECTIONS} requests on this connection were in progress and none ended within {:?}; retry, or open another connection", crate::upstream::SLOT_WAIT_TIMEOUT),
+                }),
+                Outcome::Error,
+            ));
         };
-        if let (Some(sni), Some(h)) = (&self.sni, req.headers().get(header::HOST)) {
-            let named = host_name_of(h.as_bytes());
-            if !named.eq_ignore_ascii_case(sni.as_bytes()) {
-                lock(ex).path = audit_path(req.uri().path().as_bytes());
+        let slot = slot.insert(taken);
+        let host = self.host.as_str();
+        let method = req.method().clone();
+        let transform = policy.transform_for(host);
+        let (req, guest_upgrade) = self.prepare(policy, req, transform, ex).await?;
+
+        let (target, name) = self.target(transform);
+        let mut resp = match slot.send(&self.dialer, target, name, host, req).await {
+            Ok(r) => r,
+            Err(e) => {
+                let (kind, error) = match &e {
+                    UpstreamError::CertificateRefused { .. } => {
+                        ("upstreamCertificate", "upstream_certificate_refused")
+                    }
+                    UpstreamError::Tls { .. } => ("upstreamTls", "upstream_tls_failed"),
+                    _ => ("upstream", "upstream_unreachable"),
+                };
+                lock(ex).detect(kind.into(), "tls".into(), "block");
+                debug!(host, error = %e, "intercept: upstream failed");
                 return Err(refuse(
                     ex,
-                    StatusCode::MISDIRECTED_REQUEST,
-                    serde_json::json!({
-                        "error": "misdirected_request",
-                        "message": format!("this connection is to {sni}; send requests for {} on a connection to it", String::from_utf8_lossy(named)),
-                    }),
-                    Outcome::Blocked,
+                    StatusCode::BAD_GATEWAY,
+                    serde_json::json!({"error": error, "host": host, "message": e.to_string()}),
+                    Outcome::Error,
                 ));
             }
+        };
+
+        // An upgrade: splice both sides once the 101 is sent.
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // The upstream connection is the splice's now, or of no further use.
+            slot.discard();
+            let Some(guest_upgrade) = guest_upgrade else {
+                // Unasked (or asked over HTTP/2, where it cannot be relayed).
+                return Err(refuse(
+                    ex,
+                    StatusCode::BAD_GATEWAY,
+                    serde_json::json!({"error": "upstream_failed", "host": host, "message": "the upstream switched protocols though the request asked for no upgrade"}),
+                    Outcome::Error,
+                ));
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let (into_guest, out_of_guest) =
+                (self.stats.bytes_in.clone(), self.stats.bytes_out.clone());
+            self.stats.upgraded.store(true, Ordering::Relaxed);
+            let splice = tokio::spawn(async move {
+                let (Ok(g), Ok(u)) = tokio::join!(guest_upgrade, upstream_upgrade) else {
+                    return;
+                };
+                // Counted as read, not from copy's result: a side closing without
+                // TLS close_notify ends the copy with an error, bytes and all.
+                let mut g = Counted {
+                    io: TokioIo::new(g),
+                    read: out_of_guest,
+                };
+                let mut u = Counted {
+                    io: TokioIo::new(u),
+                    read: into_guest,
+                };
+                let _ = tokio::io::copy_bidirectional(&mut g, &mut u).await;
+            });
+            *self.splice.lock().unwrap_or_else(|p| p.into_inner()) = Some(splice);
+            return Ok(resp.map(|b| ProxyBody::pass(b.map_err(BoxError::from).boxed_unsync())));
         }
+        self.respond(policy, resp, &method, transform, ex).await
+    }
+
+    /// The name `req` is for when it is not the connection's: its URI's authority
+    /// (HTTP/2's `:authority`, an absolute-form URI) or a `Host` header naming another
+    /// host. `None` when each is the connection's, or that is unknown.
+    fn misdirected(&self, req: &Request<Incoming>) -> Option<String> {
+        let expected = self.expected.as_deref()?;
+        let authority = req.uri().authority().map(authority_name);
+        let hosts = req
+            .headers()
+            .get_all(header::HOST)
+            .iter()
+            .map(|v| host_name_of(v.as_bytes()));
+        authority
+            .into_iter()
+            .chain(hosts)
+            .find(|n| !n.eq_ignore_ascii_case(expected.as_bytes()))
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+    }
+
+    /// The request to send upstream (HTTP/1.1, origin-form), rewritten by the policy,
+    /// and the guest side of the upgrade it asks for, if it does.
+    async fn prepare(
+        &self,
+        policy: &CompiledPolicy,
+        mut req: Request<Incoming>,
+        transform: Option<&CompiledTransform>,
+        ex: &ExchangeRef,
+    ) -> Result<(Request<ProxyBody>, Option<OnUpgrade>), Refusal> {
         let host = self.host.as_str();
-        let transform = policy.transform_for(host);
         let detectors: Vec<Detector> = policy.pii.iter().map(|(d, _)| *d).collect();
-        let req_secrets = policy.secrets.for_request(host);
-        let resp_secrets = policy.secrets.for_response();
-        let upgrade = wants_upgrade(req.headers());
+        let req_secrets = if self.cleartext {
+            policy.secrets.for_cleartext_request(host)
+        } else {
+            policy.secrets.for_request(host)
+        };
+        // Upgrades are HTTP/1.1's: an HTTP/2 request cannot carry their headers.
+        let upgrade = req.version() <= Version::HTTP_11 && wants_upgrade(req.headers());
         let guest_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let method = req.method().clone();
         let (mut parts, body) = req.into_parts();
+        let authority = parts.uri.authority().cloned();
 
         // The URL.
         let mut url = parts
@@ -489,6 +583,21 @@ impl Conn {
 
         // The headers.
         strip_hop_by_hop(&mut parts.headers, upgrade);
+        if parts.version == Version::HTTP_2 {
+            // Upstream is HTTP/1.1: the request line and Host say what the pseudo-headers
+            // did, and cookies are one field (RFC 9113, 8.2.3).
+            parts.version = Version::HTTP_11;
+            join_cookies(&mut parts.headers);
+        }
+        if !parts.headers.contains_key(header::HOST) {
+            let name = authority
+                .as_ref()
+                .map(|a| host_of(a).to_string())
+                .or_else(|| self.expected.clone());
+            if let Some(v) = name.and_then(|n| HeaderValue::from_str(&n).ok()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
         for (name, value) in parts.headers.iter_mut() {
             if name == header::HOST {
                 continue;
@@ -510,7 +619,7 @@ impl Conn {
                 }
             }
         }
-        if policy.injection.is_some() || resp_secrets.is_some() {
+        if policy.injection.is_some() || !policy.secrets.is_empty() {
             parts.headers.insert(
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static("identity"),
@@ -583,58 +692,24 @@ impl Conn {
             lock(ex).bytes_out.clone(),
             self.stats.bytes_out.clone(),
         ]);
-        let req = Request::from_parts(parts, out.counted(counters));
+        Ok((
+            Request::from_parts(parts, out.counted(counters)),
+            guest_upgrade,
+        ))
+    }
 
-        // Upstream.
-        let mut resp = match self.send(req, transform).await {
-            Ok(r) => r,
-            Err(e) => {
-                let (kind, error) = match &e {
-                    UpstreamError::CertificateRefused { .. } => {
-                        ("upstreamCertificate", "upstream_certificate_refused")
-                    }
-                    UpstreamError::Tls { .. } => ("upstreamTls", "upstream_tls_failed"),
-                    _ => ("upstream", "upstream_unreachable"),
-                };
-                lock(ex).detect(kind.into(), "tls".into(), "block");
-                debug!(host, error = %e, "intercept: upstream failed");
-                return Err(refuse(
-                    ex,
-                    StatusCode::BAD_GATEWAY,
-                    serde_json::json!({"error": error, "host": host, "message": e.to_string()}),
-                    Outcome::Error,
-                ));
-            }
-        };
-
-        // An upgrade: splice both sides once the 101 is sent.
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(guest_upgrade) = guest_upgrade {
-                let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                let (into_guest, out_of_guest) =
-                    (self.stats.bytes_in.clone(), self.stats.bytes_out.clone());
-                self.stats.upgraded.store(true, Ordering::Relaxed);
-                let splice = tokio::spawn(async move {
-                    let (Ok(g), Ok(u)) = tokio::join!(guest_upgrade, upstream_upgrade) else {
-                        return;
-                    };
-                    // Counted as read, not from copy's result: a side closing without
-                    // TLS close_notify ends the copy with an error, bytes and all.
-                    let mut g = Counted {
-                        io: TokioIo::new(g),
-                        read: out_of_guest,
-                    };
-                    let mut u = Counted {
-                        io: TokioIo::new(u),
-                        read: into_guest,
-                    };
-                    let _ = tokio::io::copy_bidirectional(&mut g, &mut u).await;
-                });
-                *self.splice.lock().unwrap_or_else(|p| p.into_inner()) = Some(splice);
-            }
-            return Ok(resp.map(|b| ProxyBody::pass(b.map_err(BoxError::from).boxed_unsync())));
-        }
-
+    /// The upstream's response `resp` to a `method` request, checked and rewritten by
+    /// the policy on its way to the guest.
+    async fn respond(
+        &self,
+        policy: &CompiledPolicy,
+        resp: Response<Incoming>,
+        method: &Method,
+        transform: Option<&CompiledTransform>,
+        ex: &ExchangeRef,
+    ) -> Result<Response<ProxyBody>, Refusal> {
+        let host = self.host.as_str();
+        let resp_secrets = policy.secrets.for_response();
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
         // Only the proxy says what it found: an upstream's own header of that name would
@@ -803,35 +878,6 @@ impl Conn {
         Ok(pii::redact_with(data, &redact, marker))
     }
 
-    /// Sends `req` on the upstream connection, making it first if there is none (or the
-    /// server closed it).
-    async fn send(
-        &self,
-        req: Request<ProxyBody>,
-        transform: Option<&CompiledTransform>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let (target, name) = self.target(transform);
-        let mut slot = self.upstream.lock().await;
-        if let Some((t, n, s)) = slot.as_mut() {
-            // A policy change may have sent this host elsewhere (`upstreamHost`).
-            if *t != target || *n != name || s.is_closed() || s.ready().await.is_err() {
-                *slot = None;
-            }
-        }
-        if slot.is_none() {
-            let sender = self.connect(target.clone(), name.clone()).await?;
-            *slot = Some((target, name, sender));
-        }
-        let sender = &mut slot.as_mut().expect("just made").2;
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| UpstreamError::Connect {
-                target: self.host.clone(),
-                reason: format!("the request failed: {e}"),
-            })
-    }
-
     /// Where this host's requests go, and the name the upstream certificate must have.
     fn target(&self, transform: Option<&CompiledTransform>) -> (Target, String) {
         match transform.and_then(|t| t.upstream.clone()) {
@@ -839,52 +885,12 @@ impl Conn {
             None => (Target::Addr(self.dest), self.host.clone()),
         }
     }
+}
 
-    async fn connect(
-        &self,
-        target: Target,
-        name: String,
-    ) -> Result<SendRequest<ProxyBody>, UpstreamError> {
-        let server_name =
-            ServerName::try_from(name.clone()).map_err(|_| UpstreamError::BadName(name.clone()))?;
-        let shown = match &target {
-            Target::Addr(a) => a.to_string(),
-            Target::Host(h, p) => format!("{h}:{p}"),
-        };
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, self.ctx.connector.connect(target))
-            .await
-            .map_err(|_| UpstreamError::Connect {
-                target: shown.clone(),
-                reason: format!("no answer within {CONNECT_TIMEOUT:?}"),
-            })?
-            .map_err(|e| UpstreamError::Connect {
-                target: shown.clone(),
-                reason: e.to_string(),
-            })?;
-        let connector = tokio_rustls::TlsConnector::from(self.ctx.upstream_tls.clone());
-        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name, tcp))
-            .await
-            .map_err(|_| UpstreamError::Tls {
-                host: name.clone(),
-                reason: format!("the handshake did not finish within {HANDSHAKE_TIMEOUT:?}"),
-            })?
-            .map_err(|e| tls::classify_handshake_error(&name, &e))?;
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .max_buf_size(MAX_HEAD_BYTES)
-            .max_header_size(MAX_HEAD_BYTES)
-            .handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| UpstreamError::Connect {
-                target: shown,
-                reason: e.to_string(),
-            })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                debug!(error = %e, "intercept: upstream connection ended");
-            }
-        });
-        Ok(sender)
-    }
+/// Records the outcome `o` in the exchange and makes the proxy's own answer.
+fn refuse(ex: &ExchangeRef, status: StatusCode, body: serde_json::Value, o: Outcome) -> Refusal {
+    lock(ex).outcome(o);
+    Box::new(json_response(status, &body))
 }
 
 /// Whether a body is known to fit in the inspected prefix (its `content-length`, or
@@ -897,14 +903,6 @@ fn fits_prefix(headers: &HeaderMap, body: &Inner) -> bool {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok())
             .is_some_and(|n| n <= MAX_INSPECT_BYTES)
-}
-
-/// `body`, reporting its secret rewrites into the exchange when it ends.
-fn report_at_end(body: ProxyBody, ex: &ExchangeRef, location: &'static str) -> ProxyBody {
-    let ex = ex.clone();
-    body.on_end(Box::new(move |r: &StreamReplacer| {
-        lock(&ex).secrets(r.counts(), location)
-    }))
 }
 
 /// A stream counting the bytes read from it.
@@ -1022,9 +1020,23 @@ fn finish_body(
     )
 }
 
-/// Whether a request asks to upgrade the connection (WebSockets).
+/// Whether a request asks to upgrade the connection to WebSocket, the one upgrade
+/// relayed: its frames are not HTTP, so they are spliced uninspected. Any other (`h2c`)
+/// is not: spliced, HTTP/2 would escape the policy; such a request has its upgrade
+/// headers dropped and is served as plain HTTP/1.1.
 fn wants_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE)
+    let mut protocols = h
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|p| {
+            let p = p.trim_ascii();
+            // `name/version`.
+            p.split(|b| *b == b'/').next().unwrap_or(p)
+        })
+        .peekable();
+    protocols.peek().is_some()
+        && protocols.all(|p| p.eq_ignore_ascii_case(b"websocket"))
         && h.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str().is_ok_and(|s| {
                 s.split(',')
@@ -1075,11 +1087,6 @@ fn host_name_of(v: &[u8]) -> &[u8] {
     name.strip_suffix(b".").unwrap_or(name)
 }
 
-fn audit_path(url: &[u8]) -> String {
-    let s = String::from_utf8_lossy(url);
-    s.chars().take(MAX_AUDIT_PATH).collect()
-}
-
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let mut r = Response::new(ProxyBody::full(bytes));
@@ -1091,6 +1098,33 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Proxy
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+/// An authority as a Host header has it: without userinfo (`user@`).
+fn host_of(a: &Authority) -> &str {
+    a.as_str().rsplit('@').next().unwrap_or_default()
+}
+
+/// The host name an authority names (no userinfo, port or brackets).
+fn authority_name(a: &Authority) -> &[u8] {
+    host_name_of(host_of(a).as_bytes())
+}
+
+/// Joins a request's `cookie` fields into one, as HTTP/1.1 has it (HTTP/2 may split
+/// them: RFC 9113, 8.2.3).
+fn join_cookies(h: &mut HeaderMap) {
+    if h.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined = h
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
+    }
 }
 
 #[cfg(test)]
@@ -1119,5 +1153,36 @@ mod tests {
         assert!(wants_upgrade(&up));
         strip_hop_by_hop(&mut up, true);
         assert!(wants_upgrade(&up));
+        // Only WebSocket: h2c (alone or offered with it) is not relayed.
+        for other in ["h2c", "websocket, h2c", "", "TLS/1.0"] {
+            up.insert("upgrade", HeaderValue::from_static(other));
+            assert!(!wants_upgrade(&up), "{other}");
+        }
+        up.insert("upgrade", HeaderValue::from_static("WebSocket/13"));
+        assert!(wants_upgrade(&up));
+    }
+
+    #[test]
+    fn authorities_and_cookies_for_http1() {
+        let a = |s: &str| s.parse::<Authority>().unwrap();
+        assert_eq!(authority_name(&a("user:pw@A.com:443")), b"A.com");
+        assert_eq!(host_of(&a("user@a.com:8443")), "a.com:8443");
+        assert_eq!(authority_name(&a("[::1]:8443")), b"::1");
+        assert_eq!(authority_name(&a("a.com.")), b"a.com");
+        // Odd authorities a guest may send parse or not, but never panic here.
+        for odd in ["@", "a@", "@:1", "[::1", ":", "a:b@"] {
+            if let Ok(x) = odd.parse::<Authority>() {
+                let _ = (authority_name(&x), host_of(&x));
+            }
+        }
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookies(&mut h);
+        assert_eq!(h[header::COOKIE], "a=1");
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(h[header::COOKIE], "a=1; b=2; c=3");
     }
 }

@@ -73,6 +73,9 @@ pub enum Hit {
     Kept,
     /// A real value became the placeholder.
     Masked,
+    /// A placeholder was left although the host is one of the secret's: the request
+    /// went in cleartext, where anyone on the path could read the value.
+    Withheld,
 }
 
 impl Hit {
@@ -80,7 +83,7 @@ impl Hit {
     pub fn action(self) -> &'static str {
         match self {
             Hit::Inserted => "inserted",
-            Hit::Kept => "kept",
+            Hit::Kept | Hit::Withheld => "kept",
             Hit::Masked => "masked",
         }
     }
@@ -137,6 +140,30 @@ impl SecretSet {
                             Hit::Kept,
                         )
                     }
+                })
+                .collect(),
+        )
+    }
+
+    /// The rewrite for a cleartext request to `host`: every placeholder stays, never a
+    /// real value over a connection anyone on the path can read; those of secrets
+    /// allowed at `host` are counted as [`Hit::Withheld`], the others as [`Hit::Kept`].
+    pub fn for_cleartext_request(&self, host: &str) -> Option<Replacer> {
+        Replacer::new(
+            self.secrets
+                .iter()
+                .map(|s| {
+                    let hit = if s.allowed_for(host) {
+                        Hit::Withheld
+                    } else {
+                        Hit::Kept
+                    };
+                    (
+                        s.placeholder.clone(),
+                        s.placeholder.clone(),
+                        s.name.clone(),
+                        hit,
+                    )
                 })
                 .collect(),
         )
@@ -325,6 +352,22 @@ mod tests {
         assert_eq!(r.replace_all(body, &mut c), body);
         assert_eq!(r.named(&c), [("KEY".to_string(), Hit::Kept, 1)]);
         assert!(format!("{:?}", s).contains("KEY") && !format!("{:?}", s).contains("real-value"));
+    }
+
+    #[test]
+    fn cleartext_requests_keep_every_placeholder() {
+        let s = set();
+        let body = b"auth=nsk_key_AAAAAAAAAAAAAAAAAAAAAAAA;";
+        for (host, hit) in [
+            ("api.example.com", Hit::Withheld),
+            ("evil.example.net", Hit::Kept),
+        ] {
+            let r = s.for_cleartext_request(host).unwrap();
+            let mut c = r.zero_counts();
+            assert_eq!(r.replace_all(body, &mut c), body);
+            assert_eq!(r.named(&c), [("KEY".to_string(), hit, 1)]);
+            assert_eq!(hit.action(), "kept");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! Guest side: a `ServerConfig` per connection whose resolver presents a leaf of the
 //! team's CA for the name the guest's ClientHello asks (no SNI: the original
-//! destination's IP). Upstream side: a `ClientConfig` verifying the real server
+//! destination's IP), offering ALPN `h2` and `http/1.1`. Upstream side: a `ClientConfig` verifying the real server
 //! against the public roots (webpki-roots) and any extra roots an operator or test
 //! trusts. A refused upstream certificate is an [`UpstreamError::CertificateRefused`],
 //! which the proxy answers with a 502 saying why: never a silent downgrade.
@@ -17,9 +17,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use tracing::debug;
 
-/// The ALPN protocols offered to the guest and the upstream: HTTP/1.1 only (the relay
-/// speaks HTTP/1.1; a guest offering h2 and http/1.1 gets http/1.1).
+/// The ALPN protocols offered to the upstream: HTTP/1.1 only (requests go upstream as
+/// HTTP/1.1, whatever the guest speaks).
 pub const ALPN: &[&[u8]] = &[b"http/1.1"];
+
+/// The ALPN protocols offered to the guest, preferred first: HTTP/2, then HTTP/1.1 (a
+/// guest offering neither, or no ALPN at all, is served HTTP/1.1).
+pub const GUEST_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// Why TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +115,7 @@ pub fn guest_server_config(
             ca,
             fallback: dest_ip,
         }));
-    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    config.alpn_protocols = GUEST_ALPN.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 

@@ -46,6 +46,11 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/sandboxes/{id}/fork", post(fork))
         .route("/v1/sandboxes/{id}/previews", post(create_preview))
         .route("/v1/sandboxes/{id}/egress", put(set_egress))
+        .route(
+            "/v1/sandboxes/{id}/security-policy",
+            put(set_security_policy),
+        )
+        .route("/v1/sandboxes/{id}/audit", get(audit))
         .route("/v1/volumes", post(create_volume).get(list_volumes))
         .route("/v1/volumes/{id}", get(volume).delete(delete_volume))
         .route("/v1/sandboxes/{id}/logs", get(logs))
@@ -297,6 +302,26 @@ async fn set_egress(
 ) -> Result<Json<SandboxView>, ApiError> {
     let policy: api_model::EgressPolicy = parse_body(&body)?;
     Ok(Json(m.set_egress(&team, &id, policy).await?))
+}
+
+async fn set_security_policy(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<SandboxView>, ApiError> {
+    let policy: Value = parse_body(&body)?;
+    Ok(Json(m.set_security_policy(&team, &id, policy).await?))
+}
+
+async fn audit(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let p = api_model::AuditParams::parse(&parse_query(q.as_deref()))?;
+    Ok(Json(m.audit(&team, &id, p.after, p.limit)?))
 }
 
 async fn delete(

@@ -156,6 +156,11 @@ pub struct Serve {
     /// The DNS server the egress proxy resolves with, IP:PORT (default: the host's)
     #[arg(long, value_name = "IP:PORT", value_parser = egress_dns)]
     pub egress_dns: Option<SocketAddr>,
+    /// A PEM file of CA certificates the security proxy trusts for upstream servers
+    /// besides the public (webpki) roots: an internal CA whose servers sandboxes reach
+    /// (repeatable)
+    #[arg(long, value_name = "FILE")]
+    pub egress_extra_ca: Vec<std::path::PathBuf>,
     /// This host's ID on a shared catalog (default: the one kept in STATE/host-id, made on first start)
     #[arg(long, value_name = "ID")]
     pub host_id: Option<String>,

@@ -92,6 +92,7 @@ fn qemu_config(host: &HostArgs, state: &std::path::Path) -> anyhow::Result<vmm::
 fn network_settings(
     host: &HostArgs,
     egress_dns: Option<std::net::SocketAddr>,
+    extra_ca: &[std::path::PathBuf],
 ) -> anyhow::Result<sandboxes::NetworkSettings> {
     let isolated = match host.network {
         host_check::NetworkMode::Auto | host_check::NetworkMode::Isolated => {
@@ -115,7 +116,23 @@ fn network_settings(
         Some(dns) => egress::Upstream { dns },
         None => egress::Upstream::from_host(),
     };
-    Ok(sandboxes::NetworkSettings { isolated, upstream })
+    let mut roots = Vec::new();
+    for file in extra_ca {
+        roots.push(std::fs::read_to_string(file).with_context(|| {
+            format!(
+                "--egress-extra-ca {}: reading it; send a PEM file of CA certificates",
+                file.display()
+            )
+        })?);
+    }
+    let upstream_tls =
+        intercept::upstream_client_config(&roots.iter().map(String::as_str).collect::<Vec<_>>())
+            .map_err(|e| anyhow::anyhow!("--egress-extra-ca: {e}"))?;
+    Ok(sandboxes::NetworkSettings {
+        isolated,
+        upstream,
+        upstream_tls,
+    })
 }
 
 /// Runs the host check on what `config` will run, printing each line; an error names
@@ -620,7 +637,7 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
         false => token_secret(&dir)?,
     });
     let keep_vms = args.on_exit == cli::OnExit::Keep;
-    let network = network_settings(&args.host, args.egress_dns)?;
+    let network = network_settings(&args.host, args.egress_dns, &args.egress_extra_ca)?;
     close_to_guests(args)?;
     let vmm = vmm::QemuVmm::new(config, vmm::ImageSet::from_env()?)
         .await

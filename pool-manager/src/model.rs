@@ -139,6 +139,14 @@ pub struct SandboxRecord {
     /// Its commands and terminal sessions are recorded (`sandboxes::recording`).
     #[serde(default)]
     pub recording: bool,
+    /// Its security policy (`sandboxes::security`), each masked secret's placeholder
+    /// filled in: its TLS connections are intercepted while it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_policy: Option<intercept::SecurityPolicy>,
+    /// The real values of its masked secrets, by name: only the proxy gets them (never
+    /// the guest, a view, an event or a snapshot manifest).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_values: BTreeMap<String, String>,
 }
 
 impl SandboxRecord {
@@ -184,6 +192,8 @@ impl SandboxRecord {
             runtime_token_epoch: 0,
             preview_token_epochs: BTreeMap::new(),
             recording: false,
+            security_policy: None,
+            secret_values: BTreeMap::new(),
         }
     }
 
@@ -279,6 +289,10 @@ pub struct SandboxView {
     pub host_id: Option<String>,
     /// Whether its commands and terminal sessions are recorded.
     pub recording: bool,
+    /// Its security policy (placeholders filled in, never a secret's value); absent
+    /// when its connections are not intercepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub security_policy: Option<intercept::SecurityPolicy>,
 }
 
 impl SandboxView {
@@ -303,6 +317,7 @@ impl SandboxView {
             mounts: r.mounts.clone(),
             host_id: r.host_id.clone(),
             recording: r.recording,
+            security_policy: r.security_policy.clone(),
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod faults;
 pub mod http;
 pub mod netns;
 pub mod netns_cluster;
+pub mod origin;
 pub mod postgres;
 
 use agent_protocol::{Command, ExecRequest};

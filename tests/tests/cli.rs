@@ -380,7 +380,7 @@ async fn the_cli_manages_volumes_and_egress() {
         "{out:?}"
     );
     // The seeds' forms: conflicting flags are clap's errors (exit 2) or the SDK's
-    // (exit 1, before any request); secure=true is the API's not_implemented.
+    // (exit 1, before any request); a policy the proxy would not know is the API's 400.
     for conflict in [
         &["--warm-pool", "require", "--warm-pool-mode", "prefer"][..],
         &["--allow-out", "10.0.0.0/8", "--allow", "10.0.0.0/8"],
@@ -414,10 +414,22 @@ async fn the_cli_manages_volumes_and_egress() {
         .concat(),
     );
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let out = cli.run(&[CREATE_SMALL, &["--secure", "true"]].concat());
+    let policy =
+        std::env::temp_dir().join(format!("nullspace-cli-policy-{}.json", std::process::id()));
+    std::fs::write(&policy, r#"{"pii": {"detectors": {"card": "shred"}}}"#).unwrap();
+    let out = cli.run(
+        &[
+            CREATE_SMALL,
+            &["--security-policy", policy.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    let _ = std::fs::remove_file(&policy);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not_implemented"),
-        "{out:?}"
+        stderr.contains("invalid_request") && stderr.contains("securityPolicy"),
+        "{stderr}"
     );
     // A create with the seeds' names (--cpu/--memory-mb/--disk-mb, network lists,
     // on_timeout + auto_resume), answered while starting and waited on.

@@ -95,22 +95,32 @@ async fn create_command_files_delete_through_the_public_api() {
         v["sandboxes"],
         json!([{ "sandboxID": id, "id": id, "status": "running" }])
     );
-    // The security proxy's policy is a feature that has not landed: 501, not ignored.
-    let (status, v) = api
-        .post(
-            "/v1/sandboxes",
-            json!({ "templateID": "minimal", "securityPolicy": {} }),
-        )
-        .await;
-    assert_eq!(
-        (status, v["code"].as_str(), v["details"]["field"].as_str()),
+    // A security policy that is not one is refused, naming the field: its shape by the
+    // component, its rules by the pool manager behind it.
+    for (policy, says) in [
+        (json!("yes"), "must be an object"),
         (
-            StatusCode::NOT_IMPLEMENTED,
-            Some("not_implemented"),
-            Some("securityPolicy")
+            json!({ "pii": { "detectors": { "card": "shred" } } }),
+            "unknown variant",
         ),
-        "{v}"
-    );
+        (
+            json!({ "audit": { "enabled": true }, "firewall": {} }),
+            "unknown field",
+        ),
+    ] {
+        let (status, v) = api
+            .post(
+                "/v1/sandboxes",
+                json!({ "templateID": "minimal", "securityPolicy": policy }),
+            )
+            .await;
+        assert_eq!(
+            (status, v["details"]["field"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("securityPolicy")),
+            "{v}"
+        );
+        assert!(v["message"].as_str().unwrap().contains(says), "{v}");
+    }
 
     // Lifecycle through the component: timeout, pause, resume.
     let (status, v) = api

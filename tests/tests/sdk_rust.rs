@@ -604,8 +604,8 @@ async fn the_seed_documents_examples_run_as_written() {
     let stack = Stack::start_with("sdk-rust-seeds", &["--network", "isolated"], &[]);
     let config = ConnectionConfig::new(&stack.api.url, stack.daemon.team_key("acme"));
 
-    // Forms that would mean two things are refused before anything is sent; secure=True
-    // reaches the API, which says the security proxy is not built yet.
+    // Forms that would mean two things are refused before anything is sent; a security
+    // policy the proxy would not know reaches the API, which says what is wrong.
     let err = Sandbox::create(
         &config,
         &small("base")
@@ -615,10 +615,12 @@ async fn the_seed_documents_examples_run_as_written() {
     .await
     .unwrap_err();
     assert_eq!(err.code(), Some("invalid_request"), "{err}");
-    let err = Sandbox::create(&config, &small("base").secure(true))
+    let bad = nullspace::SecurityPolicy::new().pii_detector("card", "shred");
+    let err = Sandbox::create(&config, &small("base").security_policy(bad))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Some("not_implemented"), "{err}");
+    assert_eq!(err.code(), Some("invalid_request"), "{err}");
+    assert!(err.to_string().contains("securityPolicy"), "{err}");
 
     // Seed 001: Sandbox.create(allow_internet_access=False): nothing goes out.
     let started = SystemTime::now();

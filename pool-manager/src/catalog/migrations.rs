@@ -12,7 +12,7 @@ use super::sql::{args, Db, Dialect, Tx};
 use super::{now_ms, CatalogError, Durability};
 
 /// The schema version this binary reads and writes.
-pub const LATEST: i64 = 4;
+pub const LATEST: i64 = 5;
 
 /// The key of the advisory lock Postgres migrations hold (any constant the catalog
 /// uses for nothing else: "nullspace" in ASCII).
@@ -41,6 +41,10 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 4,
         apply: v4,
+    },
+    Migration {
+        version: 5,
+        apply: v5,
     },
 ];
 
@@ -230,6 +234,24 @@ fn v4(tx: &mut dyn Tx) -> Result<(), CatalogError> {
              created_at BIGINT NOT NULL,
              PRIMARY KEY (team_id, name));
          ALTER TABLE hosts ADD COLUMN region TEXT",
+    )
+}
+
+/// Version 5: each team's interception CA (the security proxy mints its leaves; every
+/// host of a cluster uses the one stored), and each sandbox's audit of the requests its
+/// guest made through the proxy (bounded per sandbox, pruned with the sandbox).
+fn v5(tx: &mut dyn Tx) -> Result<(), CatalogError> {
+    tx.batch(
+        "CREATE TABLE team_cas (
+             team_id TEXT PRIMARY KEY,
+             cert_pem TEXT NOT NULL,
+             key_pem TEXT NOT NULL);
+         CREATE TABLE audit_records (
+             sandbox_id TEXT NOT NULL,
+             seq BIGINT NOT NULL,
+             at_ms BIGINT NOT NULL,
+             record TEXT NOT NULL,
+             PRIMARY KEY (sandbox_id, seq))",
     )
 }
 

@@ -19,6 +19,7 @@ mod intents;
 pub use hosts::{Allocation, HostInfo, HostRecord, HEARTBEAT_EXPIRY_MS};
 mod migrations;
 mod postgres;
+mod security;
 mod sql;
 mod sqlite;
 pub use intents::Intent;
@@ -1106,6 +1107,7 @@ impl Catalog {
         self.db.transaction(Durability::Synced, |tx| {
             for id in &old {
                 tx.execute("DELETE FROM events WHERE sandbox_id = ?1", args![id])?;
+                tx.execute("DELETE FROM audit_records WHERE sandbox_id = ?1", args![id])?;
                 tx.execute("DELETE FROM sandboxes WHERE id = ?1", args![id])?;
             }
             Ok(())

@@ -26,6 +26,7 @@ mod observe;
 mod previews;
 pub mod recording;
 mod recovery;
+mod security;
 mod snapshots;
 mod volumes;
 mod warm;
@@ -91,6 +92,8 @@ pub struct Manager {
     periodic_backoff: Mutex<HashMap<String, crate::backoff::Backoff>>,
     /// Transcripts of recorded sandboxes (`recording: true`), kept in the snapshot store.
     pub(crate) recordings: recording::Recordings,
+    /// Each team's interception CA, loaded once.
+    team_cas: security::TeamCas,
 }
 
 /// A `/proc/meminfo` field (`MemTotal`, `MemAvailable`) in KiB.
@@ -196,6 +199,7 @@ impl Manager {
         } = config;
         Self {
             recordings: recording::Recordings::new(&state_dir, snapshots.store.clone()),
+            team_cas: security::TeamCas::default(),
             catalog: Arc::new(catalog),
             templates: Templates::new(templates_dir, vmm.clone()),
             vmm,
@@ -545,8 +549,14 @@ impl Manager {
         }
         self.check_shape(&template_id, resources)?;
         self.network.check(&valid.egress)?;
+        let security = security::plan(req.security_policy.as_ref(), &mut env_vars)?;
+        if security.policy.is_some() {
+            self.network.check_security()?;
+        }
         let mut record = SandboxRecord {
             env_vars,
+            security_policy: security.policy,
+            secret_values: security.secret_values,
             metadata: req.metadata,
             on_timeout,
             auto_resume: valid.auto_resume,
@@ -742,7 +752,7 @@ impl Manager {
         let work = async move {
             let intent = intent;
             let result = match this.start_vm(&mut record).await {
-                Ok(mut vm) => match this.mount_volumes(&record, &mut vm).await {
+                Ok(mut vm) => match this.prepare_guest(&record, &mut vm).await {
                     Ok(()) => {
                         intent.step("create.started", serde_json::json!({}));
                         Ok(vm)
@@ -814,7 +824,7 @@ impl Manager {
         mut guard: tokio::sync::OwnedMutexGuard<Option<QemuVm>>,
         intent: &recovery::OpIntent,
     ) -> Result<SandboxView, ApiError> {
-        if let Err(e) = self.mount_volumes(&record, &mut vm).await {
+        if let Err(e) = self.prepare_guest(&record, &mut vm).await {
             vm.kill().await;
             record.diagnostic = Some(Diagnostic {
                 code: "create_failed".into(),
@@ -834,6 +844,13 @@ impl Manager {
         self.install(&mut record, vm, &mut guard);
         info!(sandbox = %record.id, "checked out from the warm pool");
         Ok(self.view(&record, true))
+    }
+
+    /// What a new VM needs before it is the sandbox's: the team CA in its trust stores
+    /// (a sandbox with a security policy), its volumes mounted.
+    async fn prepare_guest(&self, record: &SandboxRecord, vm: &mut QemuVm) -> Result<(), ApiError> {
+        self.secure_guest(record, vm).await?;
+        self.mount_volumes(record, vm).await
     }
 
     async fn start_vm(&self, record: &mut SandboxRecord) -> Result<QemuVm, ApiError> {
@@ -1086,6 +1103,11 @@ impl Manager {
         let vm = self.vmm.restore(&snapshot, &options).await.map_err(|e| {
             ApiError::internal(format!("resume failed, the sandbox stays paused: {e}"))
         })?;
+        // A policy set while it was paused needs the CA in the guest now.
+        if let Err(e) = self.secure_guest(&r, &vm).await {
+            vm.kill().await;
+            return Err(e);
+        }
         self.install(&mut r, vm, &mut vm_slot);
         // Timeouts count from the resume.
         r.expires_at_ms = now_ms() + r.timeout_s as i64 * 1000;

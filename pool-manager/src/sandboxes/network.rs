@@ -20,6 +20,9 @@ pub struct NetworkSettings {
     pub isolated: Result<(), String>,
     /// Where the proxies send DNS lookups.
     pub upstream: Upstream,
+    /// How the security proxy verifies upstream servers (public roots, plus
+    /// `--egress-extra-ca`).
+    pub upstream_tls: Arc<rustls::ClientConfig>,
 }
 
 /// Why egress rules cannot be enforced under `--network user`.
@@ -58,9 +61,27 @@ impl Network {
             .clone()
     }
 
+    /// The sandbox's gate, if it has one (its VM was served since this daemon started).
+    pub fn existing_gate(&self, sandbox: &str) -> Option<Arc<Gate>> {
+        self.gates.lock().unwrap().get(sandbox).cloned()
+    }
+
     /// Forgets a sandbox's gate (it is gone).
     pub fn forget(&self, sandbox: &str) {
         self.gates.lock().unwrap().remove(sandbox);
+    }
+
+    /// Refuses a security policy where there is no egress proxy to intercept with.
+    pub fn check_security(&self) -> Result<(), ApiError> {
+        match &self.settings.isolated {
+            Err(why) => Err(ApiError::not_implemented(
+                "securityPolicy",
+                format!(
+                    "this host cannot intercept a sandbox's connections ({why}); omit securityPolicy, or run the pool manager with --network auto on a host that can isolate VMs"
+                ),
+            )),
+            Ok(()) => Ok(()),
+        }
     }
 
     /// Refuses a policy this host cannot enforce.
@@ -110,6 +131,7 @@ impl Manager {
         if let Some(serving) = vm.held::<egress::Serving>() {
             let gate = serving.gate().clone();
             gate.set(record.egress.compile().unwrap_or_else(|_| closed()));
+            self.secure_gate(record, &gate);
             self.network
                 .gates
                 .lock()
@@ -118,6 +140,7 @@ impl Manager {
             return;
         }
         let gate = self.network.gate(&record.id, &record.egress);
+        self.secure_gate(record, &gate);
         serve(vm, gate, self.network.settings.upstream, &record.id);
     }
 

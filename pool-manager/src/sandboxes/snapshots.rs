@@ -273,6 +273,8 @@ impl Manager {
                     "egress": r.egress,
                     "mounts": r.mounts,
                     "recording": r.recording,
+                    // Placeholders only: the secrets' values stay in the catalog.
+                    "securityPolicy": r.security_policy,
                 }),
             };
             stored::publish(self.store(), &taken.dir, SNAPSHOT_FILES, new)
@@ -683,6 +685,9 @@ impl Manager {
             egress: origin.egress,
             mounts: origin.mounts,
             recording: origin.recording,
+            // Its secrets' values are in the catalog of the worker that had it, not in
+            // the store: here their placeholders stay placeholders.
+            security_policy: origin.security_policy,
             state: InternalState::Stopped,
             hibernated: Some(s.id.clone()),
             ..SandboxRecord::fresh(
@@ -757,6 +762,10 @@ impl Manager {
                 message: format!("resume failed, the sandbox stays hibernated: {}", e.message),
                 ..e
             })?;
+        if let Err(e) = self.secure_guest(&r, &vm).await {
+            vm.kill().await;
+            return Err(e);
+        }
         self.install(&mut r, vm, &mut guard);
         r.expires_at_ms = now_ms() + r.timeout_s as i64 * 1000;
         r.hibernated = None;
@@ -960,6 +969,7 @@ impl Manager {
                     egress: r.egress.clone(),
                     mounts: r.mounts.clone(),
                     recording: r.recording,
+                    security_policy: r.security_policy.clone(),
                     ..StoredSandbox::default()
                 },
                 l.manifest().id.clone(),
@@ -970,12 +980,24 @@ impl Manager {
             mem_mib: vmm_manifest.mem_mib,
             disk_mib: vmm_manifest.disk_mib,
         };
+        // The secrets' values of the sandbox it was, where this catalog has them.
+        let secret_values = match origin.security_policy {
+            Some(_) => self
+                .catalog
+                .sandbox(source)?
+                .filter(|s| s.team_id == team)
+                .map(|s| s.secret_values)
+                .unwrap_or_default(),
+            None => Default::default(),
+        };
         let mut record = SandboxRecord {
             env_vars: origin.env_vars,
             metadata: body.metadata.unwrap_or(origin.metadata),
             egress: origin.egress,
             mounts: origin.mounts,
             recording: origin.recording,
+            security_policy: origin.security_policy,
+            secret_values,
             volume_copies: true,
             ..SandboxRecord::fresh(
                 team,
@@ -1013,6 +1035,16 @@ impl Manager {
                     .await
             }
             Pick::Local(_, l) => self.copy_and_restore(l, &dir, &record.id).await,
+        };
+        let result = match result {
+            Ok(vm) => match self.secure_guest(&record, &vm).await {
+                Ok(()) => Ok(vm),
+                Err(e) => {
+                    vm.kill().await;
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
         };
         match result {
             Ok(vm) => {
@@ -1115,6 +1147,9 @@ impl Manager {
                 egress: parent.egress.clone(),
                 mounts: parent.mounts.clone(),
                 recording: parent.recording,
+                // The parent's guest had the CA and the placeholders: so do the children.
+                security_policy: parent.security_policy.clone(),
+                secret_values: parent.secret_values.clone(),
                 volume_copies: true,
                 fork_base: Some(dir.display().to_string()),
                 ..SandboxRecord::fresh(
@@ -1348,6 +1383,8 @@ struct StoredSandbox {
     mounts: Vec<api_model::Mount>,
     /// Whether the sandbox was recorded: its restores and resumes elsewhere are too.
     recording: bool,
+    /// Its security policy (placeholders, never values).
+    security_policy: Option<intercept::SecurityPolicy>,
 }
 
 #[cfg(test)]

@@ -782,7 +782,7 @@ const HELPER_OUTPUT_TAIL: usize = 64 * 1024;
 
 /// Runs a shell script as root in the guest (at most 30 s); fails with (the end of) its
 /// stderr.
-async fn guest_root(vm: &QemuVm, script: &str) -> Result<(), ApiError> {
+pub(super) async fn guest_root(vm: &QemuVm, script: &str) -> Result<(), ApiError> {
     let request = ExecRequest {
         command: Command::Shell(script.to_string()),
         env: BTreeMap::new(),

@@ -45,11 +45,16 @@ def test_network_options_hold_inside_the_guest(testnet):
 
 
 def test_seed_001_walkthrough():
-    # The security proxy has not landed: asking for it is a clear 501, never ignored.
+    # secure=True turns the security proxy on (the audit only); the sandbox says so.
     for ask in ({"secure": True}, {"security_policy": SecurityPolicy(audit=True)}):
-        with pytest.raises(SandboxError) as e:
-            Sandbox.create(template="minimal", resources=SMALL, **ask)
-        assert (e.value.status, e.value.code) == (501, "not_implemented"), e.value
+        secured = Sandbox.create(template="minimal", resources=SMALL, timeout=60, **ask)
+        try:
+            assert isinstance(secured.get_info().security_policy, dict)
+            page = secured.get_audit()
+            assert page.records == [] and page.more is False
+        finally:
+            secured.kill()
+            secured.close()
 
     before = datetime.now(timezone.utc) - timedelta(seconds=2)
     sbx = Sandbox.create(template="minimal", timeout=120, metadata={"seed": "001"},
@@ -63,6 +68,10 @@ def test_seed_001_walkthrough():
         assert sbx.commands.run("echo $SEED").stdout == "one\n"
         info = sbx.get_info()
         assert info.resources == {"vcpus": 1, "memMiB": 512, "diskSizeMiB": 1024}
+        # secure=False: no security policy, an empty audit.
+        assert info.security_policy is None
+        page = sbx.get_audit()
+        assert (page.records, page.next, page.more) == ([], 0, False)
 
         # fields= gives compact raw dictionaries with the seed's names.
         assert Sandbox.get_info_by_id(sbx.sandbox_id, fields=["id", "status"]) == {

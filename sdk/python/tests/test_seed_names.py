@@ -67,9 +67,13 @@ def test_lifecycle_security_and_pool_names():
     assert "'require' or 'prefer'" in refused(warm_pool_mode="always")
     assert "securityPolicy" not in body(secure=False)
     assert body(secure=True)["securityPolicy"] == {}
-    assert body(security_policy=SecurityPolicy(pii={"mode": "redact"}, env_masking=True))[
-        "securityPolicy"] == {"pii": {"mode": "redact"}, "envMasking": True}
+    masking = {"secrets": [{"name": "TOKEN", "hosts": ["api.example.com"]}]}
+    assert body(security_policy=SecurityPolicy(pii={"detectors": {"email": "redact"}},
+                                                env_masking=masking))["securityPolicy"] == {
+        "pii": {"detectors": {"email": "redact"}}, "envMasking": masking}
     assert "send one" in refused(secure=False, security_policy={"audit": True})
+    assert "env_masking must be a dict" in refused(
+        security_policy=SecurityPolicy(env_masking=True))
     assert body(image_name="web", image_id="tpl-1")["imageName"] == "web"
     assert "templateID" not in body(snapshot_name="s", snapshot_id="snap-1")
     assert body(region="eu")["region"] == "eu"

@@ -157,6 +157,30 @@ impl Sandbox {
         self.rt.block_on(self.inner.logs_page(offset, limit))
     }
 
+    /// Replaces its security policy. See [`crate::Sandbox::set_security_policy`].
+    pub fn set_security_policy(&self, policy: &crate::SecurityPolicy) -> Result<SandboxInfo> {
+        self.rt.block_on(self.inner.set_security_policy(policy))
+    }
+
+    /// One page of its audit. See [`crate::Sandbox::audit_page`].
+    ///
+    /// ```no_run
+    /// # fn demo(sbx: &nullspace::blocking::Sandbox) -> nullspace::Result<()> {
+    /// let page = sbx.audit_page(0, Some(100))?;
+    /// for r in &page.records {
+    ///     println!("{} {} {}{} {}", r.time, r.method, r.host, r.path, r.action);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn audit_page(&self, after: u64, limit: Option<u32>) -> Result<crate::AuditPage> {
+        self.rt.block_on(self.inner.audit_page(after, limit))
+    }
+
+    /// Every audit record after `after`. See [`crate::Sandbox::audit_all`].
+    pub fn audit_all(&self, after: u64) -> Result<Vec<crate::AuditRecord>> {
+        self.rt.block_on(self.inner.audit_all(after))
+    }
+
     /// Waits until it is `running`. See [`crate::Sandbox::wait_ready`].
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         self.rt.block_on(self.inner.wait_ready(timeout))

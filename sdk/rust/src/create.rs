@@ -147,54 +147,239 @@ fn covers(deny: &EgressRule, allow: &EgressRule) -> bool {
     }
 }
 
-/// Seed 001's `SecurityPolicy` of the TLS-intercepting security proxy. Each part is
-/// free-form JSON until the proxy lands; sent as `securityPolicy` with camelCase keys
-/// (`pii`, `injectionDefense`, `transforms`, `audit`, `envMasking`), only the parts that
-/// are set. The API answers `501 not_implemented` until the proxy exists.
+/// Seed 001's `SecurityPolicy`: the sandbox's TLS connections are intercepted (the
+/// guest trusts its team's CA) and each HTTP request is checked, rewritten and audited.
+/// Sent as `securityPolicy` at create ([`CreateOptions::security_policy`]) or live
+/// ([`crate::Sandbox::set_security_policy`]), with camelCase keys and only the parts
+/// that are set. Every part is the API's JSON:
+///
+/// - `pii`: `{"detectors": {detector: "log" | "redact" | "block"}}` on what the guest
+///   sends; detectors `email`, `phone`, `card`, `iban`, `ipv4`, `ipv6`, `jwt`,
+///   `privateKey`, `apiKey` (absent ones are off).
+/// - `injectionDefense`: `{"action": "flag" | "strip" | "block"}` on what it receives.
+/// - `transforms`: `[{"host": "api.example.com" | "*.example.com", "requestHeaders":
+///   {"set": {name: value}, "remove": [name]}, "responseHeaders": {...},
+///   "upstreamHost": "host[:port]"}]`.
+/// - `audit`: `{"enabled": true}` (the default; `true`/`false` are sent as that): one
+///   record per request, read with [`crate::Sandbox::audit_page`].
+/// - `envMasking`: `{"secrets": [{"name": "OPENAI_API_KEY", "hosts": ["api.openai.com"],
+///   "placeholder": "optional, 16+ characters"}]}`. The real value goes in the create's
+///   [`CreateOptions::env`] under the same name; the guest only ever sees the
+///   placeholder, which the proxy swaps for the value on requests to `hosts`. A secret
+///   not given at create cannot be added live (400).
+///
+/// [`CreateOptions::secure`]`(true)` without a policy sends `{}`: interception with the
+/// audit only. The SDK checks each part's JSON type (`invalid_request` naming what to
+/// send); the API checks the rest. A sandbox's [`crate::SandboxInfo::security_policy`]
+/// (placeholders filled in, never a real value) reads back with
+/// [`SecurityPolicy::from_body`].
 ///
 /// ```no_run
 /// # async fn demo(config: &nullspace::ConnectionConfig) -> nullspace::Result<()> {
 /// use nullspace::{CreateOptions, Sandbox, SecurityPolicy};
-/// let policy = SecurityPolicy {
-///     pii: Some(serde_json::json!({ "redact": ["email"] })),
-///     ..SecurityPolicy::default()
-/// };
-/// let err = Sandbox::create(config, &CreateOptions::new("base").security_policy(policy))
-///     .await
-///     .unwrap_err();
-/// assert_eq!(err.code(), Some("not_implemented")); // until the proxy lands
+/// let policy = SecurityPolicy::new()
+///     .pii_detector("email", "redact")
+///     .pii_detector("card", "block")
+///     .injection_defense("flag")
+///     .transform(serde_json::json!({
+///         "host": "api.example.com",
+///         "requestHeaders": { "set": { "x-team": "data" }, "remove": ["cookie"] },
+///     }))
+///     .audit(true)
+///     .mask_secret("OPENAI_API_KEY", ["api.openai.com"]);
+/// let options = CreateOptions::new("base")
+///     .env("OPENAI_API_KEY", "sk-the-real-key-stays-outside")
+///     .security_policy(policy);
+/// let sbx = Sandbox::create(config, &options).await?;
+/// // The guest sees a placeholder, never the key.
+/// let out = sbx.commands().run("printenv OPENAI_API_KEY").await?;
+/// assert!(!out.stdout.contains("sk-the-real-key"));
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SecurityPolicy {
-    /// PII detection.
+    /// PII detection → `pii` (`{"detectors": {...}}`).
     pub pii: Option<Value>,
-    /// Prompt-injection defense.
+    /// Prompt-injection defense → `injectionDefense` (`{"action": ...}`).
     pub injection_defense: Option<Value>,
-    /// Transformations.
+    /// Per-host header edits and upstream rewrites → `transforms` (an array).
     pub transforms: Option<Value>,
-    /// Audit.
+    /// The audit → `audit` (`{"enabled": bool}`, or a bool short for it).
     pub audit: Option<Value>,
-    /// Environment masking.
+    /// Secrets the guest only sees as placeholders → `envMasking` (`{"secrets": [...]}`).
     pub env_masking: Option<Value>,
 }
 
+/// The parts of a [`SecurityPolicy`]: field, REST key, JSON kind, an example.
+const POLICY_PARTS: [(&str, &str, &str, &str); 5] = [
+    (
+        "pii",
+        "pii",
+        "object",
+        r#"{"detectors": {"email": "redact", "card": "block"}}"#,
+    ),
+    (
+        "injection_defense",
+        "injectionDefense",
+        "object",
+        r#"{"action": "flag"}"#,
+    ),
+    (
+        "transforms",
+        "transforms",
+        "array",
+        r#"[{"host": "api.example.com", "requestHeaders": {"set": {"x-team": "a"}}}]"#,
+    ),
+    ("audit", "audit", "object", r#"{"enabled": true}"#),
+    (
+        "env_masking",
+        "envMasking",
+        "object",
+        r#"{"secrets": [{"name": "OPENAI_API_KEY", "hosts": ["api.openai.com"]}]}"#,
+    ),
+];
+
 impl SecurityPolicy {
-    /// The `securityPolicy` object: camelCase keys, only the parts that are set.
+    /// An empty policy (what [`CreateOptions::secure`]`(true)` sends): interception
+    /// with the audit only.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Turns PII `detector` (`email`, `card`, ...) on with `action` (`log`, `redact`
+    /// or `block`), in `pii.detectors`.
+    pub fn pii_detector(mut self, detector: &str, action: &str) -> Self {
+        let pii = self.pii.get_or_insert_with(|| json!({}));
+        if let Value::Object(p) = pii {
+            let detectors = p.entry("detectors").or_insert_with(|| json!({}));
+            if let Value::Object(d) = detectors {
+                d.insert(detector.to_string(), json!(action));
+            }
+        }
+        self
+    }
+
+    /// Sets the injection defense's `action`: `flag`, `strip` or `block`.
+    pub fn injection_defense(mut self, action: &str) -> Self {
+        self.injection_defense = Some(json!({ "action": action }));
+        self
+    }
+
+    /// Adds a transform (`{"host", "requestHeaders", "responseHeaders",
+    /// "upstreamHost"}`) to `transforms`.
+    pub fn transform(mut self, transform: Value) -> Self {
+        let list = self.transforms.get_or_insert_with(|| json!([]));
+        if let Value::Array(l) = list {
+            l.push(transform);
+        }
+        self
+    }
+
+    /// Turns the audit on or off (`audit.enabled`; on by default).
+    pub fn audit(mut self, enabled: bool) -> Self {
+        self.audit = Some(json!({ "enabled": enabled }));
+        self
+    }
+
+    /// Masks env var `name`: the guest sees a generated placeholder, and its real value
+    /// (given with [`CreateOptions::env`] at create) is only sent to `hosts`.
+    pub fn mask_secret<I, S>(mut self, name: &str, hosts: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let hosts: Vec<String> = hosts.into_iter().map(Into::into).collect();
+        let masking = self.env_masking.get_or_insert_with(|| json!({}));
+        if let Value::Object(m) = masking {
+            let secrets = m.entry("secrets").or_insert_with(|| json!([]));
+            if let Value::Array(list) = secrets {
+                list.push(json!({ "name": name, "hosts": hosts }));
+            }
+        }
+        self
+    }
+
+    /// A policy from its REST JSON (`{"pii", "injectionDefense", "transforms", "audit",
+    /// "envMasking"}`), such as a file or [`crate::SandboxInfo::security_policy`]; an
+    /// unknown key or a part of the wrong JSON type is `invalid_request`.
+    ///
+    /// ```
+    /// use nullspace::SecurityPolicy;
+    /// let p = SecurityPolicy::from_body(serde_json::json!({"injectionDefense": {"action": "strip"}}))?;
+    /// assert_eq!(p, SecurityPolicy::new().injection_defense("strip"));
+    /// assert!(SecurityPolicy::from_body(serde_json::json!({"pii": ["email"]})).is_err());
+    /// # Ok::<(), nullspace::Error>(())
+    /// ```
+    pub fn from_body(body: Value) -> Result<Self> {
+        let Value::Object(mut map) = body else {
+            return Err(Error::invalid(format!(
+                "a security policy is a JSON object with pii, injectionDefense, transforms, audit and envMasking (each optional); got {body}"
+            )));
+        };
+        let unknown: Vec<&String> = map
+            .keys()
+            .filter(|k| !POLICY_PARTS.iter().any(|(_, wire, _, _)| wire == k))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(Error::invalid(format!(
+                "the security policy has unknown keys {unknown:?}; send pii, injectionDefense, transforms, audit or envMasking"
+            )));
+        }
+        let mut take = |key: &str| map.remove(key).filter(|v| !v.is_null());
+        let policy = Self {
+            pii: take("pii"),
+            injection_defense: take("injectionDefense"),
+            transforms: take("transforms"),
+            audit: take("audit"),
+            env_masking: take("envMasking"),
+        };
+        policy.checked_body()?;
+        Ok(policy)
+    }
+
+    /// The `securityPolicy` object: camelCase keys, only the parts that are set, and
+    /// `audit: true`/`false` as `{"enabled": ...}`. Not checked: see
+    /// [`SecurityPolicy::checked_body`].
     pub fn to_body(&self) -> Value {
         let mut out = Map::new();
-        for (key, part) in [
-            ("pii", &self.pii),
-            ("injectionDefense", &self.injection_defense),
-            ("transforms", &self.transforms),
-            ("audit", &self.audit),
-            ("envMasking", &self.env_masking),
-        ] {
+        for ((_, key, _, _), part) in POLICY_PARTS.iter().zip(self.parts()) {
             if let Some(v) = part {
-                out.insert(key.into(), v.clone());
+                let v = match v {
+                    Value::Bool(on) if *key == "audit" => json!({ "enabled": on }),
+                    other => other.clone(),
+                };
+                out.insert((*key).into(), v);
             }
         }
         Value::Object(out)
+    }
+
+    /// [`SecurityPolicy::to_body`] after checking each part's JSON type (an object; an
+    /// array for `transforms`): `invalid_request` naming the part and what to send.
+    pub fn checked_body(&self) -> Result<Value> {
+        for ((name, _, kind, example), part) in POLICY_PARTS.iter().zip(self.parts()) {
+            let Some(v) = part else { continue };
+            let ok = match *kind {
+                "array" => v.is_array(),
+                _ => v.is_object() || (*name == "audit" && v.is_boolean()),
+            };
+            if !ok {
+                return Err(Error::invalid(format!(
+                    "security_policy.{name} must be a JSON {kind}, e.g. {example}; got {v}"
+                )));
+            }
+        }
+        Ok(self.to_body())
+    }
+
+    fn parts(&self) -> [&Option<Value>; 5] {
+        [
+            &self.pii,
+            &self.injection_defense,
+            &self.transforms,
+            &self.audit,
+            &self.env_masking,
+        ]
     }
 }
 
@@ -312,7 +497,8 @@ pub struct CreateOptions {
     pub allow_internet_access: Option<bool>,
     /// Seed 001's allow/deny lists, overriding `allow_internet_access` → `egress`.
     pub network: Option<SandboxNetworkOpts>,
-    /// Seed 001's security proxy switch: `Some(true)` sends `securityPolicy: {}`.
+    /// Seed 001's security proxy switch: `Some(true)` sends `securityPolicy: {}`
+    /// (interception with the audit only).
     pub secure: Option<bool>,
     /// Seed 001's security proxy policy → `securityPolicy`.
     pub security_policy: Option<SecurityPolicy>,
@@ -410,8 +596,10 @@ impl CreateOptions {
         self
     }
 
-    /// Seed 001's `secure`: `true` turns the TLS-intercepting security proxy on (the API
-    /// answers `not_implemented` until it lands); `false` (and the default) keeps it off.
+    /// Seed 001's `secure`: `true` turns the TLS-intercepting security proxy on
+    /// (`securityPolicy: {}`: interception with the audit only, unless a
+    /// [`CreateOptions::security_policy`] says more); `false` (and the default) keeps it
+    /// off.
     pub fn secure(mut self, on: bool) -> Self {
         self.secure = Some(on);
         self
@@ -689,7 +877,7 @@ impl CreateOptions {
             (Some(false), Some(_)) => Err(Error::invalid(
                 "secure=false turns the security proxy off and security_policy configures it; send one of them: security_policy (secure omitted or true), or secure=false alone",
             )),
-            (_, Some(policy)) => Ok(Some(policy.to_body())),
+            (_, Some(policy)) => policy.checked_body().map(Some),
             (Some(true), None) => Ok(Some(json!({}))),
             _ => Ok(None),
         }
@@ -889,19 +1077,24 @@ mod tests {
         assert!(body(&CreateOptions::new("base").secure(false))
             .get("securityPolicy")
             .is_none());
-        let policy = SecurityPolicy {
-            injection_defense: Some(json!(true)),
-            env_masking: Some(json!({ "vars": ["TOKEN"] })),
-            ..SecurityPolicy::default()
-        };
-        assert_eq!(
-            body(
-                &CreateOptions::new("base")
-                    .secure(true)
-                    .security_policy(policy.clone())
-            )["securityPolicy"],
-            json!({ "injectionDefense": true, "envMasking": { "vars": ["TOKEN"] } })
+        let policy = SecurityPolicy::new()
+            .injection_defense("flag")
+            .mask_secret("TOKEN", ["api.example.com"]);
+        let b = body(
+            &CreateOptions::new("base")
+                .env("TOKEN", "the-real-token-value")
+                .secure(true)
+                .security_policy(policy.clone()),
         );
+        assert_eq!(
+            b["securityPolicy"],
+            json!({
+                "injectionDefense": { "action": "flag" },
+                "envMasking": { "secrets": [{ "name": "TOKEN", "hosts": ["api.example.com"] }] },
+            })
+        );
+        // The real value travels in envVars under the secret's name.
+        assert_eq!(b["envVars"], json!({ "TOKEN": "the-real-token-value" }));
         let m = refused(
             &CreateOptions::new("base")
                 .secure(false)
@@ -909,6 +1102,73 @@ mod tests {
         );
         assert!(
             m.contains("secure=false") && m.contains("security_policy"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn the_policy_builders_and_its_rest_json() {
+        let policy = SecurityPolicy::new()
+            .pii_detector("email", "redact")
+            .pii_detector("card", "block")
+            .injection_defense("strip")
+            .transform(json!({ "host": "*.example.com", "upstreamHost": "eu.example.com:8443" }))
+            .transform(json!({ "host": "api.example.com", "responseHeaders": { "remove": ["set-cookie"] } }))
+            .audit(false)
+            .mask_secret("A_KEY", ["a.example.com", "*.b.example.com"])
+            .mask_secret("B_KEY", vec!["b.example.com".to_string()]);
+        let wire = json!({
+            "pii": { "detectors": { "email": "redact", "card": "block" } },
+            "injectionDefense": { "action": "strip" },
+            "transforms": [
+                { "host": "*.example.com", "upstreamHost": "eu.example.com:8443" },
+                { "host": "api.example.com", "responseHeaders": { "remove": ["set-cookie"] } },
+            ],
+            "audit": { "enabled": false },
+            "envMasking": { "secrets": [
+                { "name": "A_KEY", "hosts": ["a.example.com", "*.b.example.com"] },
+                { "name": "B_KEY", "hosts": ["b.example.com"] },
+            ] },
+        });
+        assert_eq!(policy.checked_body().unwrap(), wire);
+        // Its REST JSON (a file, a sandbox's description) reads back to the same policy.
+        assert_eq!(SecurityPolicy::from_body(wire.clone()).unwrap(), policy);
+        assert_eq!(SecurityPolicy::new().to_body(), json!({}));
+        // audit: true is short for {"enabled": true}; nulls are parts left out.
+        let short = SecurityPolicy::from_body(json!({ "audit": true, "pii": null })).unwrap();
+        assert_eq!(short.to_body(), json!({ "audit": { "enabled": true } }));
+    }
+
+    #[test]
+    fn a_policy_of_the_wrong_shape_is_refused_before_sending() {
+        let invalid = |r: Result<Value>| match r.unwrap_err() {
+            Error::Local { code, message } => {
+                assert_eq!(code, "invalid_request", "{message}");
+                message
+            }
+            other => panic!("{other}"),
+        };
+        let m = invalid(SecurityPolicy::from_body(json!({ "piii": {} })).map(|p| p.to_body()));
+        assert!(m.contains("unknown keys [\"piii\"]"), "{m}");
+        let m = invalid(SecurityPolicy::from_body(json!([])).map(|p| p.to_body()));
+        assert!(m.contains("JSON object"), "{m}");
+        let m = invalid(
+            SecurityPolicy {
+                transforms: Some(json!({ "host": "a.example.com" })),
+                ..SecurityPolicy::default()
+            }
+            .checked_body(),
+        );
+        assert!(
+            m.contains("security_policy.transforms must be a JSON array"),
+            "{m}"
+        );
+        let m = refused(&CreateOptions::new("base").security_policy(SecurityPolicy {
+            env_masking: Some(json!(true)),
+            ..SecurityPolicy::default()
+        }));
+        assert!(
+            m.contains("security_policy.env_masking must be a JSON object"),
             "{m}"
         );
     }

@@ -34,8 +34,10 @@
 //! | `resources` `{"cpu", "memory_mb", "disk_mb"}` | [`CreateOptions::resources`]`(vcpus, mem_mib, disk_mib)` | `resources {vcpus, memMiB, diskSizeMiB}` |
 //! | `allow_internet_access=False` | [`CreateOptions::allow_internet_access`]`(false)` | `egress {internet: false, allow: [], deny: []}` (`true`: nothing sent) |
 //! | `network` (`SandboxNetworkOpts`) | [`CreateOptions::network`], [`SandboxNetworkOpts`] | `egress`: `allow` = `allow_out`; `deny` = `deny_out` without `0.0.0.0/0` / `::/0`, whose presence sets `internet: false` |
-//! | `secure=True` | [`CreateOptions::secure`]`(true)` | `securityPolicy: {}` (`501 not_implemented` until the security proxy lands; `false`: nothing sent) |
-//! | `security_policy` (`SecurityPolicy`) | [`CreateOptions::security_policy`], [`SecurityPolicy`] | `securityPolicy {pii, injectionDefense, transforms, audit, envMasking}` |
+//! | `secure=True` | [`CreateOptions::secure`]`(true)` | `securityPolicy: {}` (interception with the audit only; `false`: nothing sent) |
+//! | `security_policy` (`SecurityPolicy`) | [`CreateOptions::security_policy`], [`SecurityPolicy`] | `securityPolicy {pii, injectionDefense, transforms, audit, envMasking}` (a masked secret's value in `envVars`) |
+//! | the policy, live | [`Sandbox::set_security_policy`]; [`SandboxInfo::security_policy`] | `PUT /sandboxes/:id/security-policy`; `securityPolicy` |
+//! | the audit | [`Sandbox::audit_page`] → [`AuditPage`] of [`AuditRecord`], [`Sandbox::audit_all`], [`Sandbox::follow_audit`] | `GET /sandboxes/:id/audit?after=&limit=` → `{records, next, more}` |
 //! | `lifecycle` (`SandboxLifecycle`) | [`CreateOptions::lifecycle`], [`SandboxLifecycle`] | `lifecycle {onTimeout, autoResume}` |
 //! | `on_timeout=` (seed 004) | [`CreateOptions::on_timeout`] | `lifecycle.onTimeout` |
 //! | `auto_resume=` (seed 004) | [`CreateOptions::auto_resume`] | `lifecycle.autoResume` |
@@ -59,7 +61,8 @@
 //! `false` with `egress`; `secure` `false` with `security_policy`; `lifecycle.on_timeout`
 //! / `lifecycle.auto_resume` with a different `on_timeout=` / `auto_resume=`;
 //! `warm_pool` with a different `warm_pool_mode`; an `allow_out` entry inside a
-//! `deny_out` entry (the seed lets allow win, this API lets deny win). `network`
+//! `deny_out` entry (the seed lets allow win, this API lets deny win); a
+//! [`SecurityPolicy`] part of the wrong JSON type. `network`
 //! overrides `allow_internet_access` without an error, as seed 001 says.
 //!
 //! ```no_run
@@ -91,6 +94,7 @@ mod files;
 mod live;
 mod models;
 mod sandbox;
+mod security;
 mod snapshot;
 mod templates;
 mod time;
@@ -115,6 +119,7 @@ pub use models::{
     RuntimeAccess, RuntimeTarget, SandboxInfo, SandboxPage, SnapshotInfo, TimelineStep,
 };
 pub use sandbox::{FieldsPage, Sandbox};
+pub use security::{AuditDetection, AuditFollow, AuditPage, AuditRecord, MAX_AUDIT_PAGE};
 pub use snapshot::Snapshot;
 pub use templates::{
     BuildFailure, BuildLogLine, BuildLogPage, BuildStep, FileSpec, StepStatus, StepView, Template,

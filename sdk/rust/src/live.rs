@@ -220,7 +220,11 @@ impl Sandbox {
         })
     }
 
-    /// Follows the sandbox's lifecycle events (see [`EventStream`]).
+    /// Follows the sandbox's lifecycle events (see [`EventStream`]). Every event type is
+    /// passed through, those of a security policy included: `sandbox.audit` (`data`
+    /// `{"records": [...], "total": n}`: up to 20 records with detections or not allowed,
+    /// each an [`crate::AuditRecord`] in JSON) and `sandbox.security_policy_updated`
+    /// (`{"securityPolicy": {...}}`).
     pub fn stream_events(&self, options: EventStreamOptions) -> EventStream {
         let (tx, rx) = mpsc::channel(256);
         let sandbox = self.clone();

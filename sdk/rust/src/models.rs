@@ -102,6 +102,12 @@ pub struct SandboxInfo {
     /// Its volumes.
     #[serde(default)]
     pub mounts: Vec<api_model::Mount>,
+    /// Its security policy as the API keeps it (`pii`, `injectionDefense`,
+    /// `transforms`, `audit`, `envMasking`; each masked secret with its generated
+    /// `placeholder`, never a real value); `None` without one. See
+    /// [`crate::SecurityPolicy::from_body`].
+    #[serde(default)]
+    pub security_policy: Option<serde_json::Value>,
 }
 
 /// A snapshot of a sandbox: memory, processes and disk at one instant.

@@ -1,8 +1,9 @@
 """Python SDK for Nullspace sandboxes: ``Sandbox`` (sync) and ``AsyncSandbox``."""
 
-from ._core import (CommandResult, EntryInfo, NotFoundError, SandboxError, SandboxInfo,
-                    SandboxLifecycle, SandboxMetrics, SandboxNetworkOpts, SecurityPolicy,
-                    SnapshotInfo, redact_preview_token, redact_preview_url)
+from ._core import (AuditDetection, AuditPage, AuditRecord, CommandResult, EntryInfo,
+                    NotFoundError, SandboxError, SandboxInfo, SandboxLifecycle, SandboxMetrics,
+                    SandboxNetworkOpts, SecurityPolicy, SnapshotInfo, redact_preview_token,
+                    redact_preview_url)
 from .async_sandbox import (AsyncCommandHandle, AsyncCommands, AsyncFilesystem, AsyncPty,
                             AsyncPtyHandle, AsyncSandbox, AsyncSnapshot)
 from .sandbox import (CommandHandle, Commands, Filesystem, Pty, PtyHandle, Sandbox, Snapshot,
@@ -16,6 +17,9 @@ __all__ = [
     "AsyncPtyHandle",
     "AsyncSandbox",
     "AsyncSnapshot",
+    "AuditDetection",
+    "AuditPage",
+    "AuditRecord",
     "CommandHandle",
     "CommandResult",
     "Commands",

@@ -107,6 +107,10 @@ class SandboxInfo:
     hibernated: bool = False
     egress: Optional[Dict[str, Any]] = None
     mounts: List[Dict[str, str]] = field(default_factory=list)
+    #: Its security policy as the API keeps it (REST names: ``pii``,
+    #: ``injectionDefense``, ``transforms``, ``audit``, ``envMasking``, each masked
+    #: secret with its generated ``placeholder``, never a real value); None without one.
+    security_policy: Optional[Dict[str, Any]] = None
 
     @staticmethod
     def parse(doc: Dict[str, Any]) -> "SandboxInfo":
@@ -126,6 +130,7 @@ class SandboxInfo:
             hibernated=bool(doc.get("hibernated", False)),
             egress=doc.get("egress"),
             mounts=doc.get("mounts") or [],
+            security_policy=doc.get("securityPolicy"),
         )
 
 
@@ -371,10 +376,32 @@ class SandboxLifecycle:
 
 @dataclass
 class SecurityPolicy:
-    """Seed 001's security policy for the TLS-intercepting proxy: PII detection,
-    injection defense, transformations, audit and env masking. Sent as
-    ``securityPolicy``; the API answers ``not_implemented`` (501) until the proxy is
-    available."""
+    """Seed 001's security policy: the sandbox's TLS connections are intercepted (the
+    guest trusts its team's CA) and each HTTP request is checked, rewritten and audited.
+    Sent as ``securityPolicy`` at create (``Sandbox.create(security_policy=...)``) or
+    live (``sbx.set_security_policy(...)``); every part is optional:
+
+    - ``pii``: ``{"detectors": {detector: "log" | "redact" | "block"}}`` for what the
+      guest sends; detectors ``email``, ``phone``, ``card``, ``iban``, ``ipv4``,
+      ``ipv6``, ``jwt``, ``privateKey``, ``apiKey`` (absent ones are off).
+    - ``injection_defense``: ``{"action": "flag" | "strip" | "block"}`` for prompt
+      injection in what the guest receives.
+    - ``transforms``: ``[{"host": "api.example.com" or "*.example.com",
+      "requestHeaders": {"set": {name: value}, "remove": [name]}, "responseHeaders":
+      {...}, "upstreamHost": "host[:port]"}]``.
+    - ``audit``: ``{"enabled": True}`` (the default; ``True``/``False`` are short for
+      it): one record per request, read with ``sbx.get_audit()`` / ``sbx.audit()``.
+    - ``env_masking``: ``{"secrets": [{"name": "OPENAI_API_KEY", "hosts":
+      ["api.openai.com"], "placeholder": "optional, 16+ characters"}]}``. The real
+      value goes in ``envs`` under the same name at create; the guest only ever sees
+      the placeholder, which the proxy swaps for the value on requests to ``hosts``
+      (a secret not given at create cannot be added live).
+
+    ``secure=True`` without a policy sends ``{}``: interception with the audit only.
+    A dict works too, with these names or the REST ones (``injectionDefense``,
+    ``envMasking``), so a sandbox's ``SandboxInfo.security_policy`` can be sent back.
+    The SDK checks each part's JSON type; the API checks the rest and says what to
+    send instead."""
 
     pii: Any = None
     injection_defense: Any = None
@@ -384,22 +411,131 @@ class SecurityPolicy:
 
     _WIRE = {"pii": "pii", "injection_defense": "injectionDefense",
              "transforms": "transforms", "audit": "audit", "env_masking": "envMasking"}
+    _EXAMPLES = {
+        "pii": '{"detectors": {"email": "redact", "card": "block"}}',
+        "injection_defense": '{"action": "flag"}',
+        "transforms": '[{"host": "api.example.com", "requestHeaders": {"set": {"x-team": "a"}}}]',
+        "audit": '{"enabled": True}',
+        "env_masking": '{"secrets": [{"name": "OPENAI_API_KEY", "hosts": ["api.openai.com"]}]}',
+    }
 
     @staticmethod
     def body_of(value: Any) -> Dict[str, Any]:
-        """The REST ``securityPolicy`` of a SecurityPolicy or a dict of its fields."""
+        """The REST ``securityPolicy`` of a SecurityPolicy or a dict of its fields
+        (the SDK's names or the REST ones)."""
+        wire = SecurityPolicy._WIRE
         if isinstance(value, SecurityPolicy):
-            items = {k: getattr(value, k) for k in SecurityPolicy._WIRE}
+            items = {k: getattr(value, k) for k in wire}
         elif isinstance(value, dict):
-            unknown = set(value) - set(SecurityPolicy._WIRE)
+            names = {**{k: k for k in wire}, **{w: k for k, w in wire.items()}}
+            unknown = set(value) - set(names)
             if unknown:
                 raise _invalid(f"security_policy has unknown keys {sorted(unknown)}; send "
-                               f"{', '.join(SecurityPolicy._WIRE)}")
-            items = value
+                               f"{', '.join(wire)}")
+            items = {}
+            for key, v in value.items():
+                if names[key] in items:
+                    raise _invalid(f"security_policy has {names[key]} twice (as "
+                                   f"{names[key]!r} and {wire[names[key]]!r}); send one")
+                items[names[key]] = v
         else:
             raise _invalid(f"security_policy must be a SecurityPolicy or a dict; got "
                            f"{type(value).__name__}")
-        return {SecurityPolicy._WIRE[k]: v for k, v in items.items() if v is not None}
+        body: Dict[str, Any] = {}
+        for name, v in items.items():
+            if v is None:
+                continue
+            if name == "audit" and isinstance(v, bool):
+                v = {"enabled": v}
+            expected = list if name == "transforms" else dict
+            if not isinstance(v, expected):
+                raise _invalid(f"security_policy.{name} must be a "
+                               f"{'list' if expected is list else 'dict'}, e.g. "
+                               f"{SecurityPolicy._EXAMPLES[name]}; got {v!r}")
+            body[wire[name]] = v
+        return body
+
+
+@dataclass
+class AuditDetection:
+    """One thing the security policy found in a request or response: ``kind`` (a PII
+    detector such as ``card``, ``injection:<rule>``, ``secret:<name>``, ...),
+    ``where`` (``url``, ``requestHeader:<name>``, ``requestBody``, ``responseBody``,
+    ...) and the ``action`` taken (``log``, ``redact``, ``block``, ``flag``, ...)."""
+
+    kind: str
+    where: str
+    action: str
+
+    @staticmethod
+    def parse(doc: Dict[str, Any]) -> "AuditDetection":
+        return AuditDetection(doc.get("kind", ""), doc.get("where", ""), doc.get("action", ""))
+
+
+@dataclass
+class AuditRecord:
+    """One HTTP request a sandbox with a security policy made, as the audit keeps it.
+    ``action`` is what became of it: ``allowed``, ``modified`` (redacted, stripped,
+    secrets swapped), ``blocked`` or ``error`` (the upstream failed). ``path`` is what
+    was sent upstream (after redaction, never with a real secret); ``status`` is 0 when
+    the guest got no answer; ``bytes_in`` came from the upstream, ``bytes_out`` went
+    to it."""
+
+    id: int
+    time: str
+    method: str
+    host: str
+    path: str
+    status: int
+    bytes_in: int
+    bytes_out: int
+    duration_ms: int
+    detections: List[AuditDetection]
+    action: str
+
+    @property
+    def timestamp(self) -> Optional["datetime"]:
+        """``time`` as an aware datetime (UTC)."""
+        return parse_time(self.time)
+
+    @staticmethod
+    def parse(doc: Dict[str, Any]) -> "AuditRecord":
+        return AuditRecord(
+            id=doc["id"], time=doc.get("time", ""), method=doc.get("method", ""),
+            host=doc.get("host", ""), path=doc.get("path", ""), status=doc.get("status", 0),
+            bytes_in=doc.get("bytesIn", 0), bytes_out=doc.get("bytesOut", 0),
+            duration_ms=doc.get("durationMs", 0),
+            detections=[AuditDetection.parse(d) for d in doc.get("detections") or []],
+            action=doc.get("action", ""))
+
+
+@dataclass
+class AuditPage:
+    """One page of a sandbox's audit: ``records`` oldest first, ``next`` (pass it as
+    ``after`` for the next page) and ``more`` (whether records past ``next`` exist
+    now)."""
+
+    records: List[AuditRecord]
+    next: int
+    more: bool
+
+    @staticmethod
+    def parse(doc: Dict[str, Any], after: int = 0) -> "AuditPage":
+        records = [AuditRecord.parse(r) for r in doc.get("records") or []]
+        nxt = doc.get("next")
+        if nxt is None:
+            nxt = records[-1].id if records else after
+        return AuditPage(records, nxt, bool(doc.get("more", False)))
+
+
+def audit_params(after: Any, limit: Any) -> Dict[str, int]:
+    """``after``/``limit`` of an audit page, checked."""
+    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+        raise _invalid(f"after must be an audit record ID from 0 (a page's next); "
+                       f"got {after!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+        raise _invalid(f"limit must be 1 to 1000 records; got {limit!r}")
+    return {"after": after, "limit": limit}
 
 
 def _one_of(name: str, first: Any, other_name: str, other: Any) -> Any:
@@ -635,10 +771,14 @@ def metrics_params(start: Any, end: Any) -> Dict[str, int]:
 
 def parse_time(text: str) -> Optional["datetime"]:
     """An ISO 8601 time of the API as an aware datetime (None if absent)."""
+    import re
     from datetime import datetime
     if not text:
         return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    text = text.replace("Z", "+00:00").replace("z", "+00:00")
+    # Older Pythons take exactly 3 or 6 fractional digits; the API may send up to 9.
+    text = re.sub(r"\.(\d+)", lambda m: "." + (m.group(1) + "000000")[:6], text, count=1)
+    return datetime.fromisoformat(text)
 
 
 @dataclass

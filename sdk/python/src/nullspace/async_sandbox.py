@@ -10,9 +10,10 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Union
 
 import httpx
 
-from ._core import (StoredSnapshot, CommandResult, Config, EntryInfo, SandboxError, SandboxInfo,
-                    SandboxLifecycle, SandboxMetrics, SandboxNetworkOpts, SecurityPolicy,
-                    SnapshotInfo, apply_event, check_port, create_body, egress_body,
+from ._core import (StoredSnapshot, AuditPage, AuditRecord, CommandResult, Config, EntryInfo,
+                    SandboxError, SandboxInfo, SandboxLifecycle, SandboxMetrics,
+                    SandboxNetworkOpts, SecurityPolicy, SnapshotInfo, apply_event, audit_params,
+                    check_port, create_body, egress_body,
                     fields_query, list_page, logs_params, list_params, only_fields, metrics_params, raise_for,
                     ready_or_raise, restore_body, restore_snapshot_id, run_body)
 
@@ -495,6 +496,39 @@ class AsyncSandbox:
         return SandboxInfo.parse(await self._control("PUT", "egress",
                                                      egress_body(internet, allow, deny),
                                                      request_timeout))
+
+    async def set_security_policy(self, policy: Union[SecurityPolicy, Dict[str, Any]],
+                                  request_timeout: Optional[float] = None) -> SandboxInfo:
+        """Replaces its security policy (see ``Sandbox.set_security_policy``)."""
+        body = SecurityPolicy.body_of(policy)
+        return SandboxInfo.parse(await self._control("PUT", "security-policy", body,
+                                                     request_timeout))
+
+    async def get_audit(self, after: int = 0, limit: int = 100,
+                        request_timeout: Optional[float] = None) -> AuditPage:
+        """One page of its audit (see ``Sandbox.get_audit``)."""
+        params = audit_params(after, limit)
+        doc = await _call(self._client, self._config, "GET",
+                          f"/sandboxes/{self.sandbox_id}/audit",
+                          params=params, request_timeout=request_timeout)
+        return AuditPage.parse(doc, after)
+
+    def audit(self, after: int = 0,
+              request_timeout: Optional[float] = None) -> AsyncIterator[AuditRecord]:
+        """Every audit record with an ID above ``after``, page after page, as an async
+        iterator (see ``Sandbox.audit``)."""
+        audit_params(after, 1)
+        return self._audit(after, request_timeout)
+
+    async def _audit(self, after: int,
+                     request_timeout: Optional[float]) -> AsyncIterator[AuditRecord]:
+        while True:
+            page = await self.get_audit(after, 1000, request_timeout)
+            for record in page.records:
+                yield record
+            if not page.more or page.next <= after:
+                return
+            after = page.next
 
     async def refresh(self, duration: Optional[int] = None,
                       request_timeout: Optional[float] = None) -> None:

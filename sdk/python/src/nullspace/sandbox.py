@@ -9,8 +9,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import httpx
 
-from ._core import (StoredSnapshot, CommandResult, Config, EntryInfo, SandboxError, SandboxInfo, SandboxMetrics,
-                    SnapshotInfo, apply_event, check_port, create_body, egress_body,
+from ._core import (StoredSnapshot, AuditPage, AuditRecord, CommandResult, Config, EntryInfo,
+                    SandboxError, SandboxInfo, SandboxMetrics, SnapshotInfo, apply_event,
+                    audit_params, check_port, create_body, egress_body,
                     fields_query, list_page, logs_params, list_params, only_fields, metrics_params, raise_for,
                     ready_or_raise, resources_body, restore_body, restore_snapshot_id, run_body,
                     SandboxLifecycle, SandboxNetworkOpts, SecurityPolicy)
@@ -466,6 +467,42 @@ class Sandbox:
         return SandboxInfo.parse(self._control("PUT", "egress", egress_body(internet, allow, deny),
                                                request_timeout))
 
+    def set_security_policy(self, policy: Union[SecurityPolicy, Dict[str, Any]],
+                            request_timeout: Optional[float] = None) -> SandboxInfo:
+        """Replaces its security policy (a ``SecurityPolicy`` or a dict, see there); a
+        running sandbox follows it at once. Masked secrets keep their placeholders; one
+        not given at create cannot be added live (400). Returns the new description,
+        with ``security_policy`` as the API keeps it."""
+        body = SecurityPolicy.body_of(policy)
+        return SandboxInfo.parse(self._control("PUT", "security-policy", body, request_timeout))
+
+    def get_audit(self, after: int = 0, limit: int = 100,
+                  request_timeout: Optional[float] = None) -> AuditPage:
+        """One page of its audit (a sandbox with a security policy records each HTTP
+        request it makes): at most ``limit`` (1 to 1000) records with an ID above
+        ``after``, oldest first. Pass the page's ``next`` as ``after`` for the next
+        page; ``more`` says whether there are more now. Without a security policy the
+        page is empty (``next`` 0)."""
+        params = audit_params(after, limit)
+        doc = _call(self._client, self._config, "GET", f"/sandboxes/{self.sandbox_id}/audit",
+                    params=params, request_timeout=request_timeout)
+        return AuditPage.parse(doc, after)
+
+    def audit(self, after: int = 0,
+              request_timeout: Optional[float] = None) -> Iterator[AuditRecord]:
+        """Every audit record with an ID above ``after``, oldest first, page after page,
+        up to the newest there is now (see ``get_audit``)."""
+        audit_params(after, 1)
+        return self._audit(after, request_timeout)
+
+    def _audit(self, after: int, request_timeout: Optional[float]) -> Iterator[AuditRecord]:
+        while True:
+            page = self.get_audit(after, 1000, request_timeout)
+            yield from page.records
+            if not page.more or page.next <= after:
+                return
+            after = page.next
+
     def refresh(self, duration: Optional[int] = None,
                 request_timeout: Optional[float] = None) -> None:
         """Extends its life by ``duration`` seconds from now (default: its timeout)."""
@@ -593,7 +630,10 @@ class Sandbox:
                       live_only: bool = False) -> Iterator[Dict[str, Any]]:
         """Yields lifecycle events ``{id, at, type, data}`` as they happen. Reconnects by
         itself and resumes after the last event it yielded: no gap, no duplicate (also
-        across a pool manager restart). Ends after ``sandbox.deleted``."""
+        across a pool manager restart). Ends after ``sandbox.deleted``. Every type is
+        passed through, those of a security policy included: ``sandbox.audit`` (``data``
+        ``{records: [...], total}``: up to 20 records with detections or not allowed,
+        in the REST shape) and ``sandbox.security_policy_updated`` (``{securityPolicy}``)."""
         from websockets.sync.client import connect as ws_connect
         last = after_event_id
         failures = 0
