@@ -17,8 +17,10 @@
 //!   ([`intercept::intercept`]: the guest's TLS terminated with the team CA, each HTTP
 //!   request checked and rewritten, TLS re-originated to the verified server), and so
 //!   is a cleartext HTTP/1 request ([`intercept::intercept_plain`]: the same policy;
-//!   placeholders never become secrets in cleartext); other bytes pass as above,
-//!   under the connection-level gate only. The connection-level
+//!   placeholders never become secrets in cleartext). Anything else — another
+//!   protocol, a client that stays silent — is reset: with a security policy only what
+//!   the proxy inspects and audits goes out. A TLS or HTTP start that stalls is waited
+//!   for (up to the handshake deadline), so the name judged is the name served. The connection-level
 //!   checks run first either way, and a transform's `upstreamHost` is held to them too
 //!   ([`GateConnector`]).
 //!
@@ -100,10 +102,25 @@ impl Gate {
         self.policy.borrow().clone()
     }
 
-    /// Intercepts the TLS connections opened from now on with `session` (`None`: the
-    /// connection-level gate only). Connections already open keep what they had.
+    /// Intercepts the connections opened from now on with `session` (`None`: the
+    /// connection-level gate only). Open intercepted connections keep their session
+    /// (a policy change reaches them through it); open connections that were not
+    /// intercepted are cut when a session is set, as the policy would refuse them now.
     pub fn set_security(&self, session: Option<Arc<intercept::Session>>) {
+        let began = session.is_some();
         *self.security.lock().unwrap_or_else(|p| p.into_inner()) = session;
+        if began {
+            // Wakes every connection's watch: the passthrough ones re-check and go.
+            self.policy.send_modify(|_| {});
+        }
+    }
+
+    /// Whether the interception may serve a request for `host` (a TLS server name, a
+    /// cleartext Host): a name its lookups would be refused for is refused here too,
+    /// whatever address the connection went to. Addresses were judged when the
+    /// connection was let out.
+    pub fn name_allowed(&self, host: &str) -> bool {
+        host.parse::<IpAddr>().is_ok() || self.policy().allows_lookup(host)
     }
 
     /// The interception in force, if any.
@@ -466,10 +483,14 @@ enum Refused {
     Gone,
 }
 
-/// Reads the client's first bytes for the name it asks for, within [`SNIFF_WAIT`] and
+/// Reads the client's first bytes for the name it asks for, within `wait` ([`SNIFF_WAIT`]) and
 /// [`sniff::MAX_SNIFF_BYTES`]. `Ok(None)`: no name (not TLS/HTTP, no SNI or Host, or a
 /// client that did not speak in time); the bytes read are in `first` either way.
-async fn read_name(client: &mut TcpStream, first: &mut Vec<u8>) -> Result<Option<String>, Refused> {
+async fn read_name(
+    client: &mut TcpStream,
+    first: &mut Vec<u8>,
+    wait: Duration,
+) -> Result<Option<String>, Refused> {
     let reading = async {
         const CHUNK: usize = 2048;
         let mut chunk = [0u8; CHUNK];
@@ -500,7 +521,7 @@ async fn read_name(client: &mut TcpStream, first: &mut Vec<u8>) -> Result<Option
             }
         }
     };
-    tokio::time::timeout(SNIFF_WAIT, reading)
+    tokio::time::timeout(wait, reading)
         .await
         .unwrap_or(Ok(None))
 }
@@ -523,11 +544,27 @@ async fn connection(mut client: TcpStream, gate: Arc<Gate>) {
     let mut asked = None;
     let security = gate.security();
     if policy.has_domain_rules() || security.is_some() {
-        match read_name(&mut client, &mut first).await {
+        match read_name(&mut client, &mut first, SNIFF_WAIT).await {
             Ok(name) => asked = name,
             Err(why) => {
                 debug!(%dst, ?why, "egress: no name read");
                 return reset(client);
+            }
+        }
+        // Intercepted, a connection is judged by the name its handshake or request
+        // carries: one that started TLS or HTTP and stalled is waited for (as the
+        // interception's own handshake would be), never let out nameless.
+        if security.is_some()
+            && asked.is_none()
+            && intercepts(&first)
+            && sniff::sniff(&first) == sniff::Sniffed::NeedMore
+        {
+            match read_name(&mut client, &mut first, intercept::proxy::HANDSHAKE_TIMEOUT).await {
+                Ok(name) => asked = name,
+                Err(why) => {
+                    debug!(%dst, ?why, "egress: no name read");
+                    return reset(client);
+                }
             }
         }
     }
@@ -542,11 +579,18 @@ async fn connection(mut client: TcpStream, gate: Arc<Gate>) {
         return reset(client);
     }
     if let Some(session) = security {
-        if sniff::is_tls(&first) || sniff::is_http(&first) {
-            let _ = client.set_nodelay(true);
-            let asked = asked.clone();
-            return intercepted(client, first, dst, asked, session, changes, &allowed).await;
+        // With a security policy only what the proxy inspects goes out: a protocol it
+        // cannot read (or a client that stays silent) would carry data past the policy
+        // and the audit.
+        if !intercepts(&first) {
+            if let Some(since) = gate.log_refusal() {
+                info!(%dst, since, "egress: connection refused: a security policy lets out only TLS and HTTP");
+            }
+            return reset(client);
         }
+        let _ = client.set_nodelay(true);
+        let asked = asked.clone();
+        return intercepted(client, first, dst, asked, session, changes, &allowed).await;
     }
     let mut upstream =
         match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(dst)).await {
@@ -557,13 +601,28 @@ async fn connection(mut client: TcpStream, gate: Arc<Gate>) {
         return reset(client);
     }
     drop(first);
-    let cut = until_disallowed(&mut changes, allowed);
+    // A security policy set later cuts this connection too: it was not intercepted.
+    let still = |policy: &CompiledEgress| allowed(policy) && gate.security().is_none();
+    let cut = until_disallowed(&mut changes, still);
     tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
         _ = cut => {
             info!(%dst, "egress: open connection cut by a policy change");
             reset(client);
         }
+    }
+}
+
+/// Whether the security proxy serves a connection starting with `first`: a TLS record
+/// (a ClientHello) or an HTTP/1 request — as the sniffer reads them (a first byte of
+/// 0x16, or a capital letter), so a name the gate judged is the name served.
+fn intercepts(first: &[u8]) -> bool {
+    match first.first() {
+        Some(0x16) => true,
+        Some(b) if b.is_ascii_uppercase() => {
+            sniff::is_http(first) || matches!(sniff::sniff(first), sniff::Sniffed::Host(_))
+        }
+        _ => false,
     }
 }
 
@@ -860,7 +919,9 @@ mod tests {
             .await
             .unwrap();
         let mut first = Vec::new();
-        let name = read_name(&mut server, &mut first).await.unwrap();
+        let name = read_name(&mut server, &mut first, SNIFF_WAIT)
+            .await
+            .unwrap();
         assert_eq!(name.as_deref(), Some("a.test"));
         assert!(first.starts_with(b"GET /"));
         // A head that never ends: refused at the bound, having kept no more than it.
@@ -872,7 +933,7 @@ mod tests {
         });
         let mut first = Vec::new();
         assert!(matches!(
-            read_name(&mut server, &mut first).await,
+            read_name(&mut server, &mut first, SNIFF_WAIT).await,
             Err(Refused::TooLong)
         ));
         assert_eq!(first.len(), sniff::MAX_SNIFF_BYTES);
@@ -887,8 +948,27 @@ mod tests {
         let (_client, mut server) = pair(&listener).await;
         let started = Instant::now();
         let mut first = Vec::new();
-        assert_eq!(read_name(&mut server, &mut first).await.unwrap(), None);
+        assert_eq!(
+            read_name(&mut server, &mut first, SNIFF_WAIT)
+                .await
+                .unwrap(),
+            None
+        );
         assert!(started.elapsed() >= SNIFF_WAIT);
+    }
+
+    #[test]
+    fn the_proxy_intercepts_what_the_sniffer_names() {
+        let hello = [0x16, 3, 1, 0, 5, 1, 0, 0, 1, 0];
+        assert!(intercepts(&hello));
+        // Any record version: the sniffer reads a name from it, so it is served.
+        assert!(intercepts(&[0x16, 9, 9]));
+        assert!(intercepts(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n"));
+        // A method the sniffer takes a Host from, however odd its length.
+        assert!(intercepts(b"X / HTTP/1.1\r\nHost: a.test\r\n\r\n"));
+        assert!(!intercepts(b"SSH-2.0-OpenSSH_9.2\r\n"));
+        assert!(!intercepts(b"\x00raw"));
+        assert!(!intercepts(b""));
     }
 
     #[tokio::test]

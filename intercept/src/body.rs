@@ -3,19 +3,25 @@
 //!
 //! What a hostile guest or server can make the proxy hold per exchange is bounded:
 //! at most [`MAX_INSPECT_BYTES`] of prefix, one frame in flight, and the secret
-//! rewriter's carry (the longest pattern, at most 4 KiB).
+//! rewriter's carry (the longest pattern, at most 4 KiB). A prefix is read under an
+//! idle deadline ([`read_prefix_idle`]), and the session's inspection budget it was
+//! read under travels with the body until its head is handed on ([`ProxyBody::holding`]).
 
 use crate::secrets::StreamReplacer;
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
 
-/// Most body bytes buffered for inspection (PII, injection). A text body longer than
-/// this is inspected up to here and the rest is streamed uninspected (secrets are
-/// still rewritten in all of it).
+/// Most body bytes buffered for inspection (PII, injection) per body. A text body
+/// longer than this is inspected up to here and the rest is streamed uninspected
+/// (though a response is still masked in all of it). Buffers come out of the session's
+/// inspection budget ([`crate::proxy::SESSION_INSPECT_BUDGET`]).
 pub const MAX_INSPECT_BYTES: usize = 1 << 20;
 
 /// A boxed error for bodies.
@@ -26,6 +32,14 @@ pub type Inner = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
 /// What a body's end reports: where a rewriter's counts go.
 pub(crate) type OnEnd = Box<dyn FnOnce(&StreamReplacer) + Send>;
+
+/// What is done to a body's trailers before they are passed (masking).
+pub(crate) type OnTrailers = Box<dyn FnMut(&mut HeaderMap) + Send>;
+
+/// A body that sent nothing for its idle deadline while its prefix was read.
+#[derive(Debug, thiserror::Error)]
+#[error("no body data arrived for {0:?}")]
+pub struct BodyIdle(pub Duration);
 
 /// The start of a body, and whether it ended within it.
 #[derive(Debug)]
@@ -40,6 +54,20 @@ pub struct Prefix {
 
 /// Reads up to `limit` bytes of `body`. Trailers met within the prefix are dropped.
 pub async fn read_prefix(body: &mut Inner, limit: usize) -> Result<Prefix, BoxError> {
+    read(body, limit, None).await
+}
+
+/// [`read_prefix`], failing with [`BodyIdle`] when `body` brings nothing for `idle`
+/// (a sender stalling mid-prefix holds the buffer no longer than that).
+pub async fn read_prefix_idle(
+    body: &mut Inner,
+    limit: usize,
+    idle: Duration,
+) -> Result<Prefix, BoxError> {
+    read(body, limit, Some(idle)).await
+}
+
+async fn read(body: &mut Inner, limit: usize, idle: Option<Duration>) -> Result<Prefix, BoxError> {
     use http_body_util::BodyExt;
     let mut data = Vec::new();
     loop {
@@ -50,7 +78,13 @@ pub async fn read_prefix(body: &mut Inner, limit: usize) -> Result<Prefix, BoxEr
                 ended: body.is_end_stream(),
             });
         }
-        match body.frame().await {
+        let frame = match idle {
+            Some(idle) => tokio::time::timeout(idle, body.frame())
+                .await
+                .map_err(|_| Box::new(BodyIdle(idle)) as BoxError)?,
+            None => body.frame().await,
+        };
+        match frame {
             None => {
                 return Ok(Prefix {
                     data,
@@ -97,8 +131,14 @@ pub struct ProxyBody {
     rest: Option<Inner>,
     rewriter: Option<StreamReplacer>,
     on_end: Option<OnEnd>,
+    on_trailers: Option<OnTrailers>,
+    /// Trailers waiting for the rewriter's held-back bytes to go first.
+    trailers: Option<HeaderMap>,
     exact: Option<u64>,
     counters: Counters,
+    /// The inspection budget the head was read under: given back once the head has
+    /// been handed on and more is asked for (or the body dropped).
+    held: Option<OwnedSemaphorePermit>,
     /// Dropped with the body: whatever must happen when the exchange is over (the
     /// audit record).
     _guard: Option<Box<dyn Send>>,
@@ -123,7 +163,10 @@ impl ProxyBody {
             rest: None,
             rewriter: None,
             on_end: None,
+            on_trailers: None,
+            trailers: None,
             counters: Counters::default(),
+            held: None,
             _guard: None,
             finished: false,
         }
@@ -136,8 +179,11 @@ impl ProxyBody {
             rest,
             rewriter,
             on_end: None,
+            on_trailers: None,
+            trailers: None,
             exact: None,
             counters: Counters::default(),
+            held: None,
             _guard: None,
             finished: false,
         }
@@ -160,6 +206,18 @@ impl ProxyBody {
 
     pub(crate) fn guarded(mut self, guard: Box<dyn Send>) -> Self {
         self._guard = Some(guard);
+        self
+    }
+
+    pub(crate) fn on_trailers(mut self, f: OnTrailers) -> Self {
+        self.on_trailers = Some(f);
+        self
+    }
+
+    /// The body holding `permit` (the inspection budget its head was read under) until
+    /// the head has been handed on and more is asked for, or the body is dropped.
+    pub fn holding(mut self, permit: Option<OwnedSemaphorePermit>) -> Self {
+        self.held = permit;
         self
     }
 
@@ -203,7 +261,14 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.head.is_none() {
+            // The head (the inspected prefix) went with an earlier frame.
+            this.held = None;
+        }
         loop {
+            if let Some(t) = this.trailers.take() {
+                return Poll::Ready(Some(Ok(Frame::trailers(t))));
+            }
             if let Some(head) = this.head.take() {
                 let out = this.rewrite(head);
                 if out.is_empty() {
@@ -231,12 +296,25 @@ impl Body for ProxyBody {
                         this.counters.add(out.len());
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
-                    // Trailers pass unless a rewriter holds bytes back (they would
-                    // come after the trailers): then they are dropped.
-                    Err(trailers) => {
-                        if this.rewriter.as_ref().is_none_or(|r| r.held() == 0) {
-                            return Poll::Ready(Some(Ok(trailers)));
+                    // Trailers end the body: what a rewriter held back goes first, then
+                    // they, through the trailer hook (masking).
+                    Err(frame) => {
+                        let Ok(mut trailers) = frame.into_trailers() else {
+                            continue;
+                        };
+                        if let Some(f) = this.on_trailers.as_mut() {
+                            f(&mut trailers);
                         }
+                        let tail = match this.rewriter.as_mut() {
+                            Some(r) if r.held() > 0 => r.finish(),
+                            _ => Vec::new(),
+                        };
+                        if tail.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                        }
+                        this.trailers = Some(trailers);
+                        this.counters.add(tail.len());
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(tail)))));
                     }
                 },
             }
@@ -245,6 +323,7 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         self.head.is_none()
+            && self.trailers.is_none()
             && self.rewriter.as_ref().is_none_or(|r| r.held() == 0)
             && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
     }
@@ -255,6 +334,8 @@ impl Body for ProxyBody {
         }
         match (&self.head, &self.rest, &self.rewriter) {
             (None, Some(rest), None) => rest.size_hint(),
+            // Counting only: as long as what it passes.
+            (None, Some(rest), Some(r)) if r.is_identity() => rest.size_hint(),
             _ => SizeHint::default(),
         }
     }

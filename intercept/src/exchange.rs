@@ -2,7 +2,10 @@
 //! policy found and did, filled in as the exchange goes, and the record sent when it
 //! ends.
 
-use crate::audit::{AuditRecord, AuditSink, Detection, MAX_DETECTIONS};
+use crate::audit::{
+    cap, AuditRecord, AuditSink, Detection, MAX_AUDIT_HOST, MAX_AUDIT_METHOD, MAX_AUDIT_PATH,
+    MAX_DETECTIONS,
+};
 use crate::body::ProxyBody;
 use crate::secrets::{Counts, Hit, StreamReplacer};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,8 +57,11 @@ pub(crate) fn lock(ex: &ExchangeRef) -> std::sync::MutexGuard<'_, Exchange> {
 }
 
 impl Exchange {
-    /// A `method` request to `host`, arriving now.
-    pub(crate) fn start(method: String, host: String) -> ExchangeRef {
+    /// A `method` request to `host`, arriving now (both capped as the record has them:
+    /// the guest chooses them).
+    pub(crate) fn start(mut method: String, mut host: String) -> ExchangeRef {
+        cap(&mut method, MAX_AUDIT_METHOD);
+        cap(&mut host, MAX_AUDIT_HOST);
         Arc::new(Mutex::new(Exchange {
             time: crate::audit::now_rfc3339(),
             started: Instant::now(),
@@ -71,20 +77,14 @@ impl Exchange {
     }
 
     pub(crate) fn detect(&mut self, kind: String, location: String, action: &str) {
-        // Bounded: a body full of e-mail addresses is one detection per kind and place.
-        if self
-            .detections
-            .iter()
-            .any(|d| d.kind == kind && d.location == location && d.action == action)
-        {
+        if self.detections.len() >= MAX_DETECTIONS {
             return;
         }
-        if self.detections.len() < MAX_DETECTIONS {
-            self.detections.push(Detection {
-                kind,
-                location,
-                action: action.to_string(),
-            });
+        // Capped first (a location names a header the guest chose), then bounded: a
+        // body full of e-mail addresses is one detection per kind and place.
+        let d = Detection::new(kind, location, action.to_string());
+        if !self.detections.contains(&d) {
+            self.detections.push(d);
         }
     }
 
@@ -126,28 +126,33 @@ impl Drop for AuditGuard {
             return;
         };
         let ex = lock(&self.ex);
-        sink.record(AuditRecord {
-            time: ex.time.clone(),
-            method: ex.method.clone(),
-            host: ex.host.clone(),
-            path: ex.path.clone(),
-            status: ex.status,
-            bytes_in: ex.bytes_in.load(Ordering::Relaxed),
-            bytes_out: ex.bytes_out.load(Ordering::Relaxed),
-            duration_ms: ex.started.elapsed().as_millis() as u64,
-            detections: ex.detections.clone(),
-            action: ex.outcome.name().to_string(),
-        });
+        sink.record(
+            AuditRecord {
+                time: ex.time.clone(),
+                method: ex.method.clone(),
+                host: ex.host.clone(),
+                path: ex.path.clone(),
+                status: ex.status,
+                bytes_in: ex.bytes_in.load(Ordering::Relaxed),
+                bytes_out: ex.bytes_out.load(Ordering::Relaxed),
+                duration_ms: ex.started.elapsed().as_millis() as u64,
+                detections: ex.detections.clone(),
+                action: ex.outcome.name().to_string(),
+                dropped_before: 0,
+            }
+            .bounded(),
+        );
     }
 }
 
-/// Longest path kept in an audit record.
-const MAX_AUDIT_PATH: usize = 2048;
-
-/// `url` as an audit record keeps it (lossy UTF-8, at most [`MAX_AUDIT_PATH`] chars).
+/// `url` as an audit record keeps it (lossy UTF-8, at most [`MAX_AUDIT_PATH`] bytes).
 pub(crate) fn audit_path(url: &[u8]) -> String {
-    let s = String::from_utf8_lossy(url);
-    s.chars().take(MAX_AUDIT_PATH).collect()
+    // Only what can be kept is decoded (a cut URL is longer than the cap: it is cut
+    // again, marked, below).
+    let head = &url[..url.len().min(MAX_AUDIT_PATH + 1)];
+    let mut s = String::from_utf8_lossy(head).into_owned();
+    cap(&mut s, MAX_AUDIT_PATH);
+    s
 }
 
 /// `body`, reporting its secret rewrites into the exchange when it ends.

@@ -9,13 +9,18 @@
 //!   from the guest (ALPN) relayed with hyper as HTTP/1.1 upstream, the policy applied
 //!   to each request and response, upgrades spliced; [`intercept_plain`], one
 //!   cleartext HTTP/1.1 connection, the same pipeline in cleartext both ways (secret
-//!   placeholders never replaced there).
+//!   placeholders never replaced there). A [`Session`] per sandbox holds what its
+//!   connections share: the policy, the audit, an inspection budget and deadlines
+//!   ([`Limits`]), and the egress gate's host check ([`Session::with_host_check`]).
 //! - [`upstream`]: where requests go ([`Target`], [`Connect`]) and the few upstream
 //!   connections one guest connection shares (bounded, for HTTP/2's many streams).
 //! - [`policy`]: the REST `securityPolicy`, its validation and compiled form.
 //! - [`pii`], [`injection`], [`secrets`]: the detectors, the injection heuristics, env
-//!   masking.
-//! - [`audit`]: one record per request, to a sink that never blocks or grows unbounded.
+//!   masking (real values in request header values only, to the secret's hosts;
+//!   masked in responses — but a host you allow can always misuse a key it receives:
+//!   only allow hosts you trust with it).
+//! - [`audit`]: one record per request, each field capped, to a sink that never blocks
+//!   or grows unbounded (and says what it dropped).
 //! - [`body`]: bounded prefix reads and streamed, rewritten, counted bodies.
 //! - [`replay`]: the egress proxy's sniffed bytes put back in front of the socket.
 //!
@@ -70,11 +75,14 @@ pub mod audit;
 pub mod body;
 pub mod ca;
 mod exchange;
+mod headers;
 pub mod injection;
 pub mod pii;
 pub mod policy;
 pub mod proxy;
 pub mod replay;
+mod request;
+mod response;
 pub mod secrets;
 pub mod tls;
 pub mod upstream;
@@ -83,8 +91,8 @@ pub use audit::{AuditRecord, AuditSink, ChannelSink, Detection, MemorySink, Null
 pub use ca::{CaError, LeafName, TeamCa};
 pub use policy::{CompiledPolicy, PolicyError, SecurityPolicy};
 pub use proxy::{
-    intercept, intercept_plain, BoxIo, Connect, InterceptError, Session, Stats, Target,
-    TcpConnector,
+    intercept, intercept_plain, BoxIo, Connect, HostCheck, InterceptError, Limits, Session, Stats,
+    Target, TcpConnector, SESSION_INSPECT_BUDGET,
 };
 pub use replay::Replay;
 pub use tls::{guest_server_config, upstream_client_config, TlsError, UpstreamError};

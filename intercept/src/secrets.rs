@@ -1,17 +1,34 @@
 //! Env masking: secrets the guest only ever sees as placeholders.
 //!
 //! The guest's environment holds a placeholder (`nsk_<name>_<random>`); the real value
-//! lives only in the proxy. In a request to one of the secret's hosts the proxy puts
-//! the real value where the placeholder is (URL, headers, body); to any other host the
-//! placeholder is left as it is (and the attempt recorded). In every response the real
-//! value, should the server echo it, becomes the placeholder again. So the value is
-//! never in the VM: not in its memory, its snapshots, its forks.
+//! lives only in the proxy. The proxy puts the real value where the placeholder is in
+//! a request's **header values** only (an `Authorization`, an `x-api-key`), and only
+//! when the request is for one of the secret's hosts and goes there: a transform's
+//! `upstreamHost` must be one of them too. Everywhere else the placeholder is left as
+//! it is, and the attempt recorded (`kept`): in the URL and the body of any request
+//! (a server readily echoes those back: a chat prompt a model repeats, split across
+//! events, base64'd, escaped, none of which masking could match), to any other host,
+//! and in cleartext.
+//!
+//! In every response the real value, should the server echo it, becomes the
+//! placeholder again: header values and names, the reason phrase, the body (as it
+//! streams) and trailers. An exchange the value went into is held to more: its
+//! `Range`/`If-Range` are dropped (a range could cut the value into pieces masking
+//! would not match), a compressed answer to it is refused (masking cannot see into
+//! it), and so is a protocol switch (WebSocket frames are spliced unmasked).
+//!
+//! Masking is a safety net, not a boundary: a host you allow receives the real value,
+//! and can always misuse it or send it back in a form masking cannot recognise. Only
+//! list hosts you trust with the key. What masking does guarantee is that the value
+//! is never in the VM by the proxy's own doing: not in its memory, its snapshots, its
+//! forks.
 //!
 //! Bodies are rewritten as they stream ([`StreamReplacer`]): whatever their size, only
 //! the longest pattern's length is held back between chunks.
 
 use crate::policy::HostPattern;
 use aho_corasick::{AhoCorasick, MatchKind};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use rand::distributions::{Alphanumeric, DistString};
 use std::sync::Arc;
 
@@ -43,6 +60,13 @@ impl Secret {
     /// Whether the real value may be sent to `host`.
     pub fn allowed_for(&self, host: &str) -> bool {
         self.hosts.iter().any(|h| h.matches(host))
+    }
+
+    /// Whether the real value may go in a request for `host` that is sent to
+    /// `upstream` (a transform's `upstreamHost`; `None`: to `host` itself): both must
+    /// be the secret's.
+    pub fn allowed_via(&self, host: &str, upstream: Option<&str>) -> bool {
+        self.allowed_for(host) && upstream.is_none_or(|u| self.allowed_for(u))
     }
 }
 
@@ -118,14 +142,16 @@ impl SecretSet {
             .collect()
     }
 
-    /// The rewrite for a request to `host`: placeholders of secrets allowed there become
-    /// their values; other placeholders stay (and are counted).
-    pub fn for_request(&self, host: &str) -> Option<Replacer> {
+    /// The rewrite for a request's header values, the request being for `host` and
+    /// sent to `upstream` (a transform's `upstreamHost`; `None`: to `host`):
+    /// placeholders of secrets allowed at both become their values ([`Hit::Inserted`]);
+    /// others stay ([`Hit::Kept`]).
+    pub fn for_request(&self, host: &str, upstream: Option<&str>) -> Option<Replacer> {
         Replacer::new(
             self.secrets
                 .iter()
                 .map(|s| {
-                    if s.allowed_for(host) {
+                    if s.allowed_via(host, upstream) {
                         (
                             s.placeholder.clone(),
                             s.value.clone(),
@@ -142,18 +168,40 @@ impl SecretSet {
                     }
                 })
                 .collect(),
+            false,
         )
     }
 
-    /// The rewrite for a cleartext request to `host`: every placeholder stays, never a
-    /// real value over a connection anyone on the path can read; those of secrets
-    /// allowed at `host` are counted as [`Hit::Withheld`], the others as [`Hit::Kept`].
-    pub fn for_cleartext_request(&self, host: &str) -> Option<Replacer> {
+    /// The rewrite for a request's URL and body, whatever its host: every placeholder
+    /// stays ([`Hit::Kept`]), counted. A real value never goes there: a server may send
+    /// either back in a form masking cannot match.
+    pub fn for_request_body(&self) -> Option<Replacer> {
         Replacer::new(
             self.secrets
                 .iter()
                 .map(|s| {
-                    let hit = if s.allowed_for(host) {
+                    (
+                        s.placeholder.clone(),
+                        s.placeholder.clone(),
+                        s.name.clone(),
+                        Hit::Kept,
+                    )
+                })
+                .collect(),
+            false,
+        )
+    }
+
+    /// The rewrite for a cleartext request for `host` (sent to `upstream`, as in
+    /// [`SecretSet::for_request`]): every placeholder stays, never a real value over a
+    /// connection anyone on the path can read; those of secrets that would have gone in
+    /// over TLS are counted as [`Hit::Withheld`], the others as [`Hit::Kept`].
+    pub fn for_cleartext_request(&self, host: &str, upstream: Option<&str>) -> Option<Replacer> {
+        Replacer::new(
+            self.secrets
+                .iter()
+                .map(|s| {
+                    let hit = if s.allowed_via(host, upstream) {
                         Hit::Withheld
                     } else {
                         Hit::Kept
@@ -166,6 +214,7 @@ impl SecretSet {
                     )
                 })
                 .collect(),
+            false,
         )
     }
 
@@ -183,7 +232,95 @@ impl SecretSet {
                     )
                 })
                 .collect(),
+            false,
         )
+    }
+
+    /// What masks a response head (header names and values, the reason phrase) and
+    /// trailers.
+    pub fn head_masker(&self) -> Option<HeadMasker> {
+        let values = self.for_response()?;
+        // Header names arrive lowercased: a value echoed in one is matched whatever its
+        // case, and becomes the placeholder lowercased.
+        let names = Replacer::new(
+            self.secrets
+                .iter()
+                .map(|s| {
+                    (
+                        s.value.clone(),
+                        s.placeholder.to_ascii_lowercase(),
+                        s.name.clone(),
+                        Hit::Masked,
+                    )
+                })
+                .collect(),
+            true,
+        )?;
+        Some(HeadMasker { values, names })
+    }
+}
+
+/// Masks real values in a response's head and trailers: header values (exactly),
+/// header names (whatever the case: HTTP lowercases them) and the reason phrase.
+#[derive(Debug, Clone)]
+pub struct HeadMasker {
+    values: Replacer,
+    names: Replacer,
+}
+
+impl HeadMasker {
+    /// `data` with real values masked, and what was masked; `None` when it holds none.
+    pub fn mask(&self, data: &[u8]) -> Option<(Vec<u8>, Counts)> {
+        if !self.values.is_match(data) {
+            return None;
+        }
+        let mut c = self.values.zero_counts();
+        let out = self.values.replace_all(data, &mut c);
+        Some((out, self.values.named(&c)))
+    }
+
+    /// Masks `headers` in place: each name and value holding a real value gets the
+    /// placeholder instead (a header whose masked name is not valid is dropped). Returns,
+    /// per header masked, its name (as it is now) and what was masked.
+    pub fn mask_headers(&self, headers: &mut HeaderMap) -> Vec<(String, Counts)> {
+        let mut found = Vec::new();
+        if headers
+            .keys()
+            .any(|n| self.names.is_match(n.as_str().as_bytes()))
+        {
+            let old = std::mem::take(headers);
+            let mut current: Option<HeaderName> = None;
+            for (name, value) in old {
+                if let Some(name) = name {
+                    current = if self.names.is_match(name.as_str().as_bytes()) {
+                        let mut c = self.names.zero_counts();
+                        let masked = self.names.replace_all(name.as_str().as_bytes(), &mut c);
+                        let renamed = HeaderName::from_bytes(&masked).ok();
+                        let shown = renamed
+                            .as_ref()
+                            .map_or_else(|| "(dropped)".to_string(), |n| n.to_string());
+                        found.push((shown, self.names.named(&c)));
+                        renamed
+                    } else {
+                        Some(name)
+                    };
+                }
+                if let Some(n) = &current {
+                    headers.append(n.clone(), value);
+                }
+            }
+        }
+        for (name, value) in headers.iter_mut() {
+            if let Some((bytes, counts)) = self.mask(value.as_bytes()) {
+                match HeaderValue::from_bytes(&bytes) {
+                    Ok(v) => *value = v,
+                    // Cannot happen (a placeholder is visible ASCII), but never the value.
+                    Err(_) => *value = HeaderValue::from_static(""),
+                }
+                found.push((name.to_string(), counts));
+            }
+        }
+        found
     }
 }
 
@@ -193,6 +330,8 @@ struct Patterns {
     names: Vec<String>,
     hits: Vec<Hit>,
     max_len: usize,
+    /// Whether every pattern is replaced by itself: the rewrite only counts.
+    identity: bool,
 }
 
 /// A set of byte-string replacements (shared; cheap to clone).
@@ -211,13 +350,15 @@ impl std::fmt::Debug for Replacer {
 pub type Counts = Vec<(String, Hit, u32)>;
 
 impl Replacer {
-    /// `None` when `rules` (from, to, secret name, kind) is empty.
-    fn new(rules: Vec<(String, String, String, Hit)>) -> Option<Self> {
+    /// `None` when `rules` (from, to, secret name, kind) is empty; `nocase`: patterns
+    /// match whatever their ASCII case.
+    fn new(rules: Vec<(String, String, String, Hit)>, nocase: bool) -> Option<Self> {
         if rules.is_empty() {
             return None;
         }
         let ac = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
+            .ascii_case_insensitive(nocase)
             .build(rules.iter().map(|r| r.0.as_bytes()))
             .expect("a few short patterns");
         let max_len = rules.iter().map(|r| r.0.len()).max().unwrap_or(1);
@@ -227,7 +368,14 @@ impl Replacer {
             names: rules.iter().map(|r| r.2.clone()).collect(),
             hits: rules.iter().map(|r| r.3).collect(),
             max_len,
+            identity: rules.iter().all(|r| r.0 == r.1) && !nocase,
         })))
+    }
+
+    /// Whether the rewrite changes nothing (every pattern stays): it only counts, and a
+    /// body through it keeps its length.
+    pub fn is_identity(&self) -> bool {
+        self.0.identity
     }
 
     /// `data` rewritten, with how often each pattern matched (in pattern order).
@@ -324,6 +472,11 @@ impl StreamReplacer {
     pub fn counts(&self) -> Counts {
         self.r.named(&self.counts)
     }
+
+    /// Whether the rewrite changes nothing (see [`Replacer::is_identity`]).
+    pub fn is_identity(&self) -> bool {
+        self.r.is_identity()
+    }
 }
 
 #[cfg(test)]
@@ -343,14 +496,31 @@ mod tests {
     fn placeholders_become_values_only_at_allowed_hosts() {
         let s = set();
         let body = b"auth=nsk_key_AAAAAAAAAAAAAAAAAAAAAAAA;";
-        let r = s.for_request("api.example.com").unwrap();
+        let r = s.for_request("api.example.com", None).unwrap();
+        assert!(!r.is_identity());
         let mut c = r.zero_counts();
         assert_eq!(r.replace_all(body, &mut c), b"auth=sk-the-real-value-123;");
         assert_eq!(r.named(&c), [("KEY".to_string(), Hit::Inserted, 1)]);
-        let r = s.for_request("evil.example.net").unwrap();
-        let mut c = r.zero_counts();
-        assert_eq!(r.replace_all(body, &mut c), body);
-        assert_eq!(r.named(&c), [("KEY".to_string(), Hit::Kept, 1)]);
+        // Not for another host, nor for the secret's host sent elsewhere (a transform's
+        // upstreamHost), nor ever in a URL or body.
+        for r in [
+            s.for_request("evil.example.net", None).unwrap(),
+            s.for_request("api.example.com", Some("evil.example.net"))
+                .unwrap(),
+            s.for_request_body().unwrap(),
+        ] {
+            let mut c = r.zero_counts();
+            assert_eq!(r.replace_all(body, &mut c), body);
+            assert_eq!(r.named(&c), [("KEY".to_string(), Hit::Kept, 1)]);
+        }
+        assert!(s.for_request_body().unwrap().is_identity());
+        let r = s
+            .for_request("api.example.com", Some("api.example.com"))
+            .unwrap();
+        assert_eq!(
+            r.replace_all(body, &mut r.zero_counts()),
+            b"auth=sk-the-real-value-123;"
+        );
         assert!(format!("{:?}", s).contains("KEY") && !format!("{:?}", s).contains("real-value"));
     }
 
@@ -362,7 +532,7 @@ mod tests {
             ("api.example.com", Hit::Withheld),
             ("evil.example.net", Hit::Kept),
         ] {
-            let r = s.for_cleartext_request(host).unwrap();
+            let r = s.for_cleartext_request(host, None).unwrap();
             let mut c = r.zero_counts();
             assert_eq!(r.replace_all(body, &mut c), body);
             assert_eq!(r.named(&c), [("KEY".to_string(), hit, 1)]);
@@ -386,6 +556,44 @@ mod tests {
             assert_eq!(out, expected, "chunk {chunk}");
             assert_eq!(s.counts(), [("KEY".to_string(), Hit::Masked, 100)]);
         }
+    }
+
+    #[test]
+    fn heads_are_masked_in_names_values_and_any_case_of_names() {
+        let m = set().head_masker().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("k=sk-the-real-value-123"));
+        h.append("x-sk-the-real-value-123", HeaderValue::from_static("one"));
+        h.append("x-sk-the-real-value-123", HeaderValue::from_static("two"));
+        h.insert("x-b", HeaderValue::from_static("fine"));
+        let found = m.mask_headers(&mut h);
+        assert_eq!(h["x-a"], "k=nsk_key_AAAAAAAAAAAAAAAAAAAAAAAA");
+        let renamed = "x-nsk_key_aaaaaaaaaaaaaaaaaaaaaaaa";
+        assert_eq!(
+            h.get_all(renamed).iter().collect::<Vec<_>>(),
+            ["one", "two"]
+        );
+        assert_eq!(h["x-b"], "fine");
+        assert_eq!(h.len(), 4);
+        assert!(found.iter().any(|(n, _)| n == renamed));
+        assert!(found.iter().any(|(n, _)| n == "x-a"));
+        assert!(!format!("{h:?}").contains("real-value"));
+        // Upper case in the value, lowercased in a name: still found there.
+        let mut s = set();
+        s.secrets[0].value = "SK-The-Real-Value-123".into();
+        let m = s.head_masker().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("sk-the-real-value-123", HeaderValue::from_static("1"));
+        m.mask_headers(&mut h);
+        assert_eq!(
+            h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["nsk_key_aaaaaaaaaaaaaaaaaaaaaaaa"]
+        );
+        assert!(m.mask(b"sk-the-real-value-123").is_none());
+        assert_eq!(
+            m.mask(b"a SK-The-Real-Value-123").unwrap().0,
+            b"a nsk_key_AAAAAAAAAAAAAAAAAAAAAAAA"
+        );
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! upstream connections, made as needed and reused once free, are never more than the
 //! slots. A request waits at most [`SLOT_WAIT_TIMEOUT`] for a slot (then the guest gets
 //! a 503). So one guest connection can neither open unbounded upstream connections nor
-//! hold more than that many exchanges' inspection buffers.
+//! have more than that many exchanges in progress; their inspection buffers come out
+//! of the budget all of the session's connections share
+//! ([`crate::proxy::SESSION_INSPECT_BUDGET`]).
 
 use crate::body::ProxyBody;
 use crate::proxy::{CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_HEAD_BYTES};

@@ -145,8 +145,40 @@ pub struct SandboxRecord {
     pub security_policy: Option<intercept::SecurityPolicy>,
     /// The real values of its masked secrets, by name: only the proxy gets them (never
     /// the guest, a view, an event or a snapshot manifest).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub secret_values: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "SecretValues::is_empty")]
+    pub secret_values: SecretValues,
+}
+
+/// Masked secrets' real values by name. Its `Debug` names them only: records are
+/// logged, and a value must never be.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretValues(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for SecretValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl SecretValues {
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::ops::Deref for SecretValues {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for SecretValues {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl SandboxRecord {
@@ -193,7 +225,7 @@ impl SandboxRecord {
             preview_token_epochs: BTreeMap::new(),
             recording: false,
             security_policy: None,
-            secret_values: BTreeMap::new(),
+            secret_values: SecretValues::default(),
         }
     }
 

@@ -87,6 +87,28 @@ async fn the_security_proxy_intercepts_redacts_flags_masks_secrets_and_audits() 
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
     assert!(v["message"].as_str().unwrap().contains("envVars"), "{v}");
+    // The value under another name would reach the guest; the CA variables are the
+    // proxy's.
+    for (env, names) in [
+        (
+            json!({ "API_KEY": SECRET, "URL": format!("https://u:{SECRET}@x") }),
+            "envVars.URL",
+        ),
+        (
+            json!({ "API_KEY": SECRET, "SSL_CERT_FILE": "/mine.pem" }),
+            "envVars.SSL_CERT_FILE",
+        ),
+    ] {
+        let (status, v) = api
+            .post(
+                "/v1/sandboxes",
+                json!({ "templateID": "base", "resources": small(), "envVars": env, "securityPolicy": { "envMasking": masked } }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v["message"].as_str().unwrap().starts_with(names), "{v}");
+        assert!(!v.to_string().contains(SECRET), "{v}");
+    }
 
     let sbx = api
         .create(json!({
@@ -176,6 +198,14 @@ async fn the_security_proxy_intercepts_redacts_flags_masks_secrets_and_audits() 
         plain["body"].as_str().unwrap().contains("[REDACTED:card]"),
         "{plain}"
     );
+
+    // Only what the proxy reads goes out: another protocol to the same server is reset.
+    let raw = sh(
+        &rt,
+        "python3 -c \"import socket; s = socket.create_connection(('origin.test', 8080), 10); s.sendall(b'\\x00raw bytes\\n'); print(s.recv(64))\" 2>/dev/null || echo REFUSED",
+    )
+    .await;
+    assert_eq!(raw, "REFUSED", "{raw}");
 
     // A page aimed at a model is flagged.
     let head = sh(

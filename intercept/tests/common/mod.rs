@@ -148,6 +148,8 @@ async fn origin_handle(
             .status(101)
             .header("upgrade", "websocket")
             .header("connection", "Upgrade")
+            // The real secret, as a careless server might echo it in the switch.
+            .header("x-leak", SECRET)
             .header(
                 "sec-websocket-accept",
                 tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key),
@@ -210,6 +212,31 @@ async fn origin_handle(
                     chunks,
                 ))))
         }
+        // Compressed (or so it says): masking cannot read it.
+        "/gzip" => r
+            .header("content-type", "text/plain")
+            .header("content-encoding", "gzip")
+            .body(full(format!("pretend-gzip {SECRET}"))),
+        // The head only after 3 s.
+        "/slow" => {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            r.header("content-type", "text/plain").body(full("late"))
+        }
+        // A text body that starts, then stalls for 3 s before it ends.
+        "/stall" => {
+            let chunks = futures_util::stream::unfold(0, |i| async move {
+                match i {
+                    0 => Some((Ok::<_, Infallible>(Frame::data(Bytes::from("start "))), 1)),
+                    1 => {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        Some((Ok(Frame::data(Bytes::from("end"))), 2))
+                    }
+                    _ => None,
+                }
+            });
+            r.header("content-type", "text/plain")
+                .body(BodyExt::boxed(StreamBody::new(chunks)))
+        }
         // Held until `n` are in progress at once (or 3 s pass).
         "/gate" => {
             let n: usize = parts
@@ -266,6 +293,52 @@ fn serve_origin(listener: TcpListener, acceptor: Option<tokio_rustls::TlsAccepto
                             .await
                     }
                 };
+            });
+        }
+    });
+    Origin { addr, state }
+}
+
+/// An HTTPS origin answering every request with `response` (raw HTTP/1.1 bytes, what
+/// hyper would not send: odd reason phrases, trailers), then closing.
+pub async fn canned_origin(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    response: Vec<u8>,
+) -> Origin {
+    use tokio::io::AsyncWriteExt;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = Arc::new(OriginState::default());
+    let s = state.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            s.connections.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, response) = (acceptor.clone(), response.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = tls.write_all(&response).await;
+                let _ = tls.shutdown().await;
             });
         }
     });
@@ -367,6 +440,17 @@ pub async fn harness_in(
     origin_ca: Option<&TestCa>,
     policy: &str,
 ) -> Harness {
+    harness_with(mode, origin, origin_ca, policy, |s| s).await
+}
+
+/// [`harness_in`], its session made by `configure` from the default one.
+pub async fn harness_with(
+    mode: Mode,
+    origin: &Origin,
+    origin_ca: Option<&TestCa>,
+    policy: &str,
+    configure: impl FnOnce(Session) -> Session,
+) -> Harness {
     let ca = Arc::new(TeamCa::generate("test-team").unwrap());
     let ca_pem = ca.cert_pem().to_string();
     let extra: Vec<String> = origin_ca.iter().map(|c| c.cert.pem()).collect();
@@ -374,14 +458,14 @@ pub async fn harness_in(
     let upstream = intercept::upstream_client_config(&extra).unwrap();
     let audit = Arc::new(MemorySink::new(100));
     let targets = Arc::new(Mutex::new(Vec::new()));
-    let session = Arc::new(
+    let session = Arc::new(configure(
         Session::new(ca, upstream, compile(policy), audit.clone()).with_connector(Arc::new(
             ToOrigin {
                 addr: origin.addr,
                 targets: targets.clone(),
             },
         )),
-    );
+    ));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = listener.local_addr().unwrap();
     let (tx, stats) = tokio::sync::mpsc::unbounded_channel();
@@ -476,6 +560,9 @@ pub struct Answer {
     pub version: Version,
     pub headers: HeaderMap,
     pub body: String,
+    /// An HTTP/1.1 reason phrase other than the status's own.
+    pub reason: Option<String>,
+    pub trailers: Option<HeaderMap>,
 }
 
 impl Answer {
@@ -485,12 +572,19 @@ impl Answer {
 
     pub async fn read(r: Response<Incoming>) -> Answer {
         let (parts, body) = r.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
+        let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        let body = collected.to_bytes();
         Answer {
             status: parts.status,
             version: parts.version,
             headers: parts.headers,
             body: String::from_utf8_lossy(&body).into_owned(),
+            reason: parts
+                .extensions
+                .get::<hyper::ext::ReasonPhrase>()
+                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned()),
+            trailers,
         }
     }
 }
@@ -532,6 +626,37 @@ pub fn post(path: &str, ctype: &str, body: impl Into<Bytes>) -> Request<Full<Byt
         .header("content-type", ctype)
         .body(Full::new(body.into()))
         .unwrap()
+}
+
+/// A policy with the one secret (`OPENAI_KEY`, [`PLACEHOLDER`]) allowed at `hosts`,
+/// and `extra` members (`,"transforms":[...]`).
+pub fn secret_policy(hosts: &[&str], extra: &str) -> String {
+    let hosts = serde_json::to_string(hosts).unwrap();
+    format!(
+        r#"{{"envMasking":{{"secrets":[{{"name":"OPENAI_KEY","placeholder":"{PLACEHOLDER}","hosts":{hosts}}}]}}{extra}}}"#
+    )
+}
+
+/// `req` with `authorization: Bearer <placeholder>`.
+pub fn with_auth(mut req: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {PLACEHOLDER}").parse().unwrap(),
+    );
+    req
+}
+
+/// The (kind, where, action) of record `r`'s detections.
+pub fn detections(r: &AuditRecord) -> Vec<(String, String, String)> {
+    r.detections
+        .iter()
+        .map(|d| (d.kind.clone(), d.location.clone(), d.action.clone()))
+        .collect()
+}
+
+/// A (kind, where, action) triple as [`detections`] makes them.
+pub fn det(kind: &str, location: &str, action: &str) -> (String, String, String) {
+    (kind.to_string(), location.to_string(), action.to_string())
 }
 
 /// An HTTPS origin for `origin.test` (and `eu.origin.test`) and the TLS interceptor.

@@ -1218,6 +1218,9 @@ impl Manager {
         self.recordings.finish(r).await;
         let fork_base = r.fork_base.take();
         self.network.forget(&r.id);
+        // Its secrets' values go with it: a restore of its snapshots after the delete
+        // gets placeholders only.
+        r.secret_values = SecretValues::default();
         self.transition(r, InternalState::Deleted, reason)?;
         if let Some(dir) = fork_base {
             self.release_fork_base(&dir)?;

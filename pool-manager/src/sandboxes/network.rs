@@ -130,8 +130,10 @@ impl Manager {
     fn seat(&self, record: &SandboxRecord, vm: &mut QemuVm) {
         if let Some(serving) = vm.held::<egress::Serving>() {
             let gate = serving.gate().clone();
-            gate.set(record.egress.compile().unwrap_or_else(|_| closed()));
+            // Interception first: a connection let out by the new policy before its
+            // session were set would never be inspected.
             self.secure_gate(record, &gate);
+            gate.set(record.egress.compile().unwrap_or_else(|_| closed()));
             self.network
                 .gates
                 .lock()

@@ -33,13 +33,16 @@ pub const GUEST_CA_FILE: &str = "/usr/local/share/ca-certificates/nullspace-team
 pub const GUEST_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// Most audit records queued between the proxy and the catalog per sandbox; past it
 /// records are dropped (and counted) rather than held.
-const AUDIT_QUEUE: usize = 4096;
+const AUDIT_QUEUE: usize = 1024;
 /// Most records written in one catalog transaction.
 const AUDIT_BATCH: usize = 512;
 /// How long the writer gathers records before a write.
 const AUDIT_LINGER: Duration = Duration::from_millis(200);
 /// Most records one `sandbox.audit` event carries.
 const AUDIT_EVENT_RECORDS: usize = 20;
+/// Least time between two `sandbox.audit` events of one sandbox: a guest causing
+/// detections in a loop must not fill the event log (the audit has every record).
+const AUDIT_EVENT_EVERY: Duration = Duration::from_secs(5);
 /// Largest audit page.
 pub const MAX_AUDIT_PAGE: usize = 1000;
 
@@ -50,7 +53,7 @@ pub(super) struct TeamCas(Mutex<HashMap<String, Arc<TeamCa>>>);
 /// A create's policy, ready for its record.
 pub(super) struct Planned {
     pub policy: Option<SecurityPolicy>,
-    pub secret_values: BTreeMap<String, String>,
+    pub secret_values: SecretValues,
 }
 
 /// Checks a create's `securityPolicy`, fills its placeholders, and moves its secrets'
@@ -62,7 +65,7 @@ pub(super) fn plan(
     let Some(body) = body else {
         return Ok(Planned {
             policy: None,
-            secret_values: BTreeMap::new(),
+            secret_values: SecretValues::default(),
         });
     };
     let mut policy = parse(body)?;
@@ -78,7 +81,26 @@ pub(super) fn plan(
         })?;
         values.insert(s.name.clone(), value);
     }
+    let values = SecretValues(values);
     compile(&policy, &values)?;
+    // The value under another name (a copy, a URL embedding it) would reach the guest.
+    for (name, value) in env.iter() {
+        if let Some(secret) = values.iter().find(|(_, v)| value.contains(v.as_str())) {
+            return Err(ApiError::bad_request(format!(
+                "envVars.{name} contains the value of the masked secret {:?}; the guest must only see its placeholder: leave the value out of {name} (the proxy inserts it into requests' headers)",
+                secret.0
+            ))
+            .with_details(serde_json::json!({ "field": "envVars", "name": name })));
+        }
+    }
+    for var in CA_ENV.map(|(k, _)| k) {
+        if env.contains_key(var) {
+            return Err(ApiError::bad_request(format!(
+                "envVars.{var} is the security proxy's to set (the guest's trust store with the team CA); omit it, or put your CA in the image's system store"
+            ))
+            .with_details(serde_json::json!({ "field": "envVars", "name": var })));
+        }
+    }
     for s in &policy.env_masking.secrets {
         env.insert(s.name.clone(), s.placeholder.clone().expect("filled"));
     }
@@ -89,15 +111,17 @@ pub(super) fn plan(
     })
 }
 
-/// The trust-store variables for runtimes that ignore the system store (a caller's
-/// own values win).
+/// The trust-store variables for runtimes that ignore the system store.
+const CA_ENV: [(&str, &str); 3] = [
+    ("SSL_CERT_FILE", GUEST_BUNDLE),
+    ("REQUESTS_CA_BUNDLE", GUEST_BUNDLE),
+    ("NODE_EXTRA_CA_CERTS", GUEST_CA_FILE),
+];
+
+/// Sets [`CA_ENV`] (a create refuses them from the caller; a live change overrides).
 fn add_ca_env(env: &mut BTreeMap<String, String>) {
-    for (k, v) in [
-        ("SSL_CERT_FILE", GUEST_BUNDLE),
-        ("REQUESTS_CA_BUNDLE", GUEST_BUNDLE),
-        ("NODE_EXTRA_CA_CERTS", GUEST_CA_FILE),
-    ] {
-        env.entry(k.to_string()).or_insert_with(|| v.to_string());
+    for (k, v) in CA_ENV {
+        env.insert(k.to_string(), v.to_string());
     }
 }
 
@@ -122,14 +146,14 @@ fn policy_error(e: intercept::PolicyError) -> ApiError {
 /// of a sandbox this catalog does not hold) keeps its placeholder everywhere.
 fn compile(
     policy: &SecurityPolicy,
-    values: &BTreeMap<String, String>,
+    values: &SecretValues,
 ) -> Result<intercept::CompiledPolicy, ApiError> {
     let mut usable = policy.clone();
     usable
         .env_masking
         .secrets
         .retain(|s| values.contains_key(&s.name));
-    let values: HashMap<String, String> = values.clone().into_iter().collect();
+    let values: HashMap<String, String> = values.0.clone().into_iter().collect();
     usable.compile(&values).map_err(policy_error)
 }
 
@@ -200,7 +224,12 @@ impl Manager {
             compiled,
             Arc::new(sink),
         )
-        .with_connector(Arc::new(egress::GateConnector::new(gate)));
+        .with_connector(Arc::new(egress::GateConnector::new(gate)))
+        .with_host_check({
+            // Weak: the gate holds the session.
+            let gate = Arc::downgrade(gate);
+            Arc::new(move |host: &str| gate.upgrade().is_some_and(|g| g.name_allowed(host)))
+        });
         gate.set_security(Some(Arc::new(session)));
         let span = tracing::info_span!("audit", sandbox = %record.id);
         tokio::spawn(
@@ -235,9 +264,10 @@ touch {GUEST_BUNDLE}
 }} >{GUEST_BUNDLE}.tmp
 mv -f {GUEST_BUNDLE}.tmp {GUEST_BUNDLE}"#
         );
+        // A failure here is the guest's doing (it is root in its VM): said as such.
         super::volumes::guest_root(vm, &script).await.map_err(|e| {
-            ApiError::internal(format!(
-                "installing the team CA in the guest: {}",
+            ApiError::conflict(format!(
+                "installing the team CA in the guest failed ({}); its TLS through the security proxy would fail: check {GUEST_BUNDLE} and {GUEST_CA_FILE} in the guest (regular files, writable by root)",
                 e.message
             ))
         })
@@ -253,6 +283,7 @@ mv -f {GUEST_BUNDLE}.tmp {GUEST_BUNDLE}"#
         body: serde_json::Value,
     ) -> Result<SandboxView, ApiError> {
         let mut policy = parse(&body)?;
+        self.network.check_security()?;
         let (guard, mut r) = self.lock_owned(team, id).await?;
         if matches!(r.state, InternalState::Deleted | InternalState::Destroying) {
             return Err(ApiError::conflict(format!("sandbox {id} is deleted")));
@@ -350,6 +381,8 @@ async fn write_audit(
     mut records: tokio::sync::mpsc::Receiver<AuditRecord>,
 ) {
     let mut batch: Vec<AuditRecord> = Vec::new();
+    let mut last_event: Option<tokio::time::Instant> = None;
+    let mut unreported = 0usize;
     while let Some(first) = records.recv().await {
         batch.push(first);
         let until = tokio::time::Instant::now() + AUDIT_LINGER;
@@ -363,15 +396,21 @@ async fn write_audit(
             .iter()
             .filter(|r| !r.detections.is_empty() || r.action != "allowed")
             .collect();
+        unreported += notable.len();
         let mut events = Vec::new();
-        if !notable.is_empty() {
+        let due = last_event.is_none_or(|at| at.elapsed() >= AUDIT_EVENT_EVERY);
+        if !notable.is_empty() && due {
+            // `total`: the notable records since the last event (these and any batched
+            // between); GET /audit has them all.
             events.push((
                 "sandbox.audit",
                 serde_json::json!({
                     "records": notable.iter().take(AUDIT_EVENT_RECORDS).collect::<Vec<_>>(),
-                    "total": notable.len(),
+                    "total": unreported,
                 }),
             ));
+            last_event = Some(tokio::time::Instant::now());
+            unreported = 0;
         }
         let values: Vec<serde_json::Value> = batch
             .drain(..)

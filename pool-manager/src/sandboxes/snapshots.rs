@@ -980,23 +980,21 @@ impl Manager {
             mem_mib: vmm_manifest.mem_mib,
             disk_mib: vmm_manifest.disk_mib,
         };
-        // The secrets' values of the sandbox it was, where this catalog has them.
-        let secret_values = match origin.security_policy {
-            Some(_) => self
-                .catalog
-                .sandbox(source)?
-                .filter(|s| s.team_id == team)
-                .map(|s| s.secret_values)
-                .unwrap_or_default(),
-            None => Default::default(),
-        };
+        // The policy and secrets' values of the sandbox it was, from this catalog's
+        // record when it has one: a stored manifest is the bucket's word (it may be
+        // tampered with, or older than a narrowed policy) and never pairs with values.
+        let (security_policy, secret_values) =
+            match self.catalog.sandbox(source)?.filter(|s| s.team_id == team) {
+                Some(known) => (known.security_policy, known.secret_values),
+                None => (origin.security_policy, Default::default()),
+            };
         let mut record = SandboxRecord {
             env_vars: origin.env_vars,
             metadata: body.metadata.unwrap_or(origin.metadata),
             egress: origin.egress,
             mounts: origin.mounts,
             recording: origin.recording,
-            security_policy: origin.security_policy,
+            security_policy,
             secret_values,
             volume_copies: true,
             ..SandboxRecord::fresh(
