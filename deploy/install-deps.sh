@@ -126,5 +126,8 @@ check cargo "install Rust with rustup (https://rustup.rs)" cargo --version
 check cargo-nextest "cargo install --locked cargo-nextest" cargo nextest --version
 check cc "apt-get install gcc" cc --version
 check "python3 venv" "install a Python 3 with its venv module (Debian: apt-get install python3-venv)" python3 -c 'import venv, ensurepip; print("venv ok")'
+node20() { node -e 'const v = +process.versions.node.split(".")[0]; console.log("node " + process.version); process.exit(v >= 20 ? 0 : 1)'; }
+check "Node.js 20+" "install Node.js 20 or later with its npm (NodeSource's nodejs 20 package; Debian bookworm's nodejs is 18, too old)" node20
+check npm "install npm with Node.js 20+" npm --version
 check "VM user" "useradd --system nullspace-vm" id nullspace-vm
 [ "$failed" = 0 ] || die "install-deps: the tools marked ✗ above are missing or broken; apply the fixes and run it again"

@@ -54,4 +54,6 @@ step "checking the deployment manifests" deploy/check-manifests.sh "$CARGO_TARGE
 step "fuzzing the public API (schemathesis)" deploy/schemathesis.sh "$CARGO_TARGET_DIR/debug"
 # The Python SDK's tests, on a live stack of their own.
 step "testing the Python SDK (pytest)" deploy/test-python-sdk.sh "$CARGO_TARGET_DIR/debug"
+# The TypeScript SDK: npm ci (cached), build, npm pack checked, node --test on a live stack of its own.
+step "testing the TypeScript SDK (node --test)" deploy/test-typescript-sdk.sh "$CARGO_TARGET_DIR/debug"
 echo "[nullspace] ✓ all tests passed in $((SECONDS - total)) s" >&2

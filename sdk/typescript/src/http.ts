@@ -1,0 +1,375 @@
+/**
+ * HTTP with `fetch`: the control plane (the public API, `X-API-Key`) and a sandbox's
+ * data plane (its runtime target, `Authorization: Bearer <runtime token>`), with
+ * deadlines on every request and streams read chunk by chunk. Internal to the SDK.
+ *
+ * @module
+ */
+
+import { Config } from "./config.js";
+import { ConfigError, ConnectionError, SandboxError, SandboxTimeoutError, StreamError, errorFromBody } from "./errors.js";
+import type { RuntimeAccess } from "./models.js";
+
+/** Query parameters: a record (undefined values left out) or repeated pairs. */
+export type Query = Record<string, string | number | boolean | undefined> | Array<[string, string]>;
+
+/** A request body fetch can send, streams included. */
+export type Body = string | Uint8Array | ArrayBuffer | Blob | ReadableStream<Uint8Array>;
+
+/** What one request sends and how long it may take. */
+export interface SendOpts {
+  headers?: Record<string, string>;
+  query?: Query;
+  /** A JSON body (sent with `content-type: application/json`). */
+  json?: unknown;
+  /** A raw body (bytes, text, a stream). */
+  body?: Body;
+  /** Milliseconds: the whole request, or the longest silence of a stream. */
+  timeoutMs: number;
+  /** Cancels the request (and its stream). */
+  signal?: AbortSignal;
+  /** What to call the request in a timeout's message. */
+  what?: string;
+}
+
+/** The longest delay a timer takes (about 24.8 days); longer ones are capped to it. */
+export const MAX_TIMER_MS = 2_147_483_647;
+
+/**
+ * A deadline that can be re-armed (an idle timeout for streams), tied to a caller's
+ * `AbortSignal`. Its `signal` aborts with a {@link SandboxTimeoutError} when it passes.
+ */
+export class Deadline {
+  /** Aborts the request this deadline guards. */
+  readonly controller = new AbortController();
+  private timer: ReturnType<typeof setTimeout> | undefined;
+  private readonly onAbort: (() => void) | undefined;
+
+  constructor(
+    private readonly ms: number,
+    private readonly what: string,
+    private readonly user?: AbortSignal,
+  ) {
+    if (user) {
+      if (user.aborted) this.controller.abort(user.reason);
+      else {
+        this.onAbort = () => this.controller.abort(user.reason);
+        user.addEventListener("abort", this.onAbort, { once: true });
+      }
+    }
+    this.arm();
+  }
+
+  /** The signal to give fetch. */
+  get signal(): AbortSignal {
+    return this.controller.signal;
+  }
+
+  /** Starts (or restarts) the countdown. */
+  arm(): void {
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    if (this.controller.signal.aborted) return;
+    this.timer = setTimeout(() => {
+      this.controller.abort(
+        new SandboxTimeoutError("timeout", `${this.what}: nothing within ${this.ms} ms (requestTimeoutMs)`),
+      );
+    }, Math.min(this.ms, MAX_TIMER_MS));
+    (this.timer as { unref?: () => void }).unref?.();
+  }
+
+  /** Stops the countdown and lets go of the caller's signal. */
+  done(): void {
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.timer = undefined;
+    if (this.user && this.onAbort) this.user.removeEventListener("abort", this.onAbort);
+  }
+
+  /**
+   * The error to throw for a failure: the abort's reason (a timeout, or the caller's
+   * own) if the request was aborted, else a {@link ConnectionError} naming the URL.
+   */
+  failure(e: unknown, url: string): unknown {
+    if (this.controller.signal.aborted) return this.controller.signal.reason ?? e;
+    if (e instanceof SandboxError) return e;
+    const cause = (e as { cause?: { message?: string; code?: string } })?.cause;
+    const why = cause?.code ?? cause?.message ?? (e as Error)?.message ?? String(e);
+    let origin = url;
+    try {
+      origin = new URL(url).origin;
+    } catch {
+      // keep the URL as it is
+    }
+    return new ConnectionError("unreachable", `cannot reach ${origin}: ${why}`, 0, undefined, { cause: e });
+  }
+}
+
+function withQuery(url: string, query: Query | undefined): string {
+  if (!query) return url;
+  const params = new URLSearchParams();
+  const pairs = Array.isArray(query) ? query : Object.entries(query);
+  for (const [k, v] of pairs) if (v !== undefined) params.append(k, String(v));
+  const qs = params.toString();
+  return qs ? `${url}${url.includes("?") ? "&" : "?"}${qs}` : url;
+}
+
+/** An answer whose body was read whole. */
+export interface Answer {
+  status: number;
+  bytes: Uint8Array;
+  headers: Headers;
+}
+
+/** An answer whose body is still to be read (a stream), with the deadline that guards it. */
+export interface Streaming {
+  response: Response;
+  deadline: Deadline;
+  url: string;
+}
+
+/** The answer's body as text (invalid UTF-8 replaced). */
+export function text(a: Answer): string {
+  return new TextDecoder().decode(a.bytes);
+}
+
+/** The answer's body as JSON. */
+export function json<T>(a: Answer): T {
+  return JSON.parse(text(a)) as T;
+}
+
+/** Throws the API's error for a non-2xx answer. */
+export function expectOk(a: Answer): Answer {
+  if (a.status < 200 || a.status >= 300) throw errorFromBody(a.status, text(a));
+  return a;
+}
+
+async function start(method: string, url: string, opts: SendOpts): Promise<Streaming> {
+  const headers: Record<string, string> = { ...opts.headers };
+  let body: Body | undefined = opts.body;
+  if (opts.json !== undefined) {
+    headers["content-type"] = "application/json";
+    body = JSON.stringify(opts.json);
+  }
+  const full = withQuery(url, opts.query);
+  const deadline = new Deadline(opts.timeoutMs, opts.what ?? `${method} ${full}`, opts.signal);
+  const init: RequestInit & { duplex?: "half" } = { method, headers, signal: deadline.signal };
+  if (body !== undefined) {
+    if (typeof ReadableStream !== "undefined" && body instanceof ReadableStream) {
+      // A streamed upload may take longer than one deadline: each chunk sent re-arms it.
+      const reader = body.getReader();
+      body = new ReadableStream<Uint8Array>({
+        async pull(controller) {
+          const r = await reader.read();
+          deadline.arm();
+          if (r.done) controller.close();
+          else controller.enqueue(r.value);
+        },
+        cancel(reason) {
+          return reader.cancel(reason);
+        },
+      });
+      init.duplex = "half";
+    }
+    init.body = body as RequestInit["body"];
+  }
+  try {
+    const response = await fetch(full, init);
+    return { response, deadline, url: full };
+  } catch (e) {
+    deadline.done();
+    throw deadline.failure(e, full);
+  }
+}
+
+/** Sends a request and reads its whole answer (any status) within the deadline. */
+export async function send(method: string, url: string, opts: SendOpts): Promise<Answer> {
+  const s = await start(method, url, opts);
+  try {
+    const bytes = new Uint8Array(await s.response.arrayBuffer());
+    return { status: s.response.status, bytes, headers: s.response.headers };
+  } catch (e) {
+    throw s.deadline.failure(e, s.url);
+  } finally {
+    s.deadline.done();
+  }
+}
+
+/**
+ * Sends a request whose answer is a stream; a non-2xx answer is read and thrown. The
+ * deadline becomes an idle timeout: each chunk read re-arms it.
+ */
+export async function openStream(method: string, url: string, opts: SendOpts): Promise<Streaming> {
+  const s = await start(method, url, opts);
+  if (s.response.status < 200 || s.response.status >= 300) {
+    let body = "";
+    try {
+      body = await s.response.text();
+    } catch (e) {
+      throw s.deadline.failure(e, s.url);
+    } finally {
+      s.deadline.done();
+    }
+    throw errorFromBody(s.response.status, body);
+  }
+  return s;
+}
+
+/** The chunks of a streamed answer; stops the stream when the consumer stops early. */
+export async function* chunks(s: Streaming): AsyncGenerator<Uint8Array, void, undefined> {
+  const body = s.response.body;
+  if (!body) {
+    s.deadline.done();
+    return;
+  }
+  const reader = body.getReader();
+  let finished = false;
+  try {
+    for (;;) {
+      s.deadline.arm();
+      let r: { done: true; value?: undefined } | { done: false; value: Uint8Array };
+      try {
+        r = await reader.read();
+      } catch (e) {
+        finished = true;
+        throw s.deadline.failure(e, s.url);
+      }
+      if (r.done) {
+        finished = true;
+        return;
+      }
+      if (r.value.byteLength) yield r.value;
+    }
+  } finally {
+    s.deadline.done();
+    if (!finished) {
+      reader.cancel().catch(() => undefined);
+      s.deadline.controller.abort();
+    }
+  }
+}
+
+/** The non-empty lines of a streamed answer (NDJSON), decoded as UTF-8. */
+export async function* lines(s: Streaming): AsyncGenerator<string, void, undefined> {
+  const decoder = new TextDecoder();
+  let buffered = "";
+  for await (const chunk of chunks(s)) {
+    buffered += decoder.decode(chunk, { stream: true });
+    let nl: number;
+    while ((nl = buffered.indexOf("\n")) >= 0) {
+      const line = buffered.slice(0, nl).trim();
+      buffered = buffered.slice(nl + 1);
+      if (line) yield line;
+    }
+  }
+  buffered += decoder.decode();
+  if (buffered.trim()) yield buffered.trim();
+}
+
+/** One JSON value per line of a streamed answer. */
+export async function* ndjson<T>(s: Streaming): AsyncGenerator<T, void, undefined> {
+  for await (const line of lines(s)) {
+    let value: T;
+    try {
+      value = JSON.parse(line) as T;
+    } catch {
+      throw new StreamError("protocol", `a stream line is not JSON: ${line.slice(0, 200)}`);
+    }
+    yield value;
+  }
+}
+
+/** Options of one control-plane call. */
+export interface CallOpts {
+  json?: unknown;
+  query?: Query;
+  requestTimeoutMs?: number;
+}
+
+/**
+ * One public-API call: `X-API-Key`, JSON in and out; the API's error for a non-2xx
+ * answer; `undefined` for 204.
+ */
+export async function call<T = unknown>(config: Config, method: string, path: string, opts: CallOpts = {}): Promise<T> {
+  const a = await send(method, config.url(path), {
+    headers: { "x-api-key": config.apiKey, accept: "application/json" },
+    json: opts.json,
+    query: opts.query,
+    timeoutMs: opts.requestTimeoutMs ?? config.requestTimeoutMs,
+    what: `${method} /api/v1${path}`,
+  });
+  expectOk(a);
+  if (a.status === 204 || a.bytes.length === 0) return undefined as T;
+  return json<T>(a);
+}
+
+/** Reads a public-API resource as bytes (recordings). */
+export async function callBytes(config: Config, path: string, requestTimeoutMs?: number): Promise<Uint8Array> {
+  const a = await send("GET", config.url(path), {
+    headers: { "x-api-key": config.apiKey },
+    timeoutMs: requestTimeoutMs ?? config.requestTimeoutMs,
+    what: `GET /api/v1${path}`,
+  });
+  return expectOk(a).bytes;
+}
+
+/**
+ * A sandbox's data plane: its runtime target and token (from create, connect, resume
+ * or a running sandbox's detail). Commands, files, terminals and the event stream go
+ * through it.
+ */
+export class DataPlane {
+  constructor(
+    readonly sandboxId: string,
+    public config: Config,
+    public runtime: RuntimeAccess | null,
+  ) {}
+
+  private target(path: string): { url: string; headers: Record<string, string> } {
+    if (!this.runtime) {
+      throw new ConfigError(
+        "config",
+        `no data-plane access to ${this.sandboxId}: connect to it first (it may be paused): ` +
+          "await sandbox.connect() or Sandbox.connect(id)",
+      );
+    }
+    return {
+      url: this.runtime.target.baseUrl + path,
+      headers: { authorization: `Bearer ${this.runtime.token}` },
+    };
+  }
+
+  /** A data-plane request, its answer read whole (any status). */
+  async request(
+    method: string,
+    path: string,
+    opts: Omit<SendOpts, "timeoutMs" | "headers"> & { requestTimeoutMs?: number } = {},
+  ): Promise<Answer> {
+    const t = this.target(path);
+    return send(method, t.url, {
+      ...opts,
+      headers: t.headers,
+      timeoutMs: opts.requestTimeoutMs ?? this.config.requestTimeoutMs,
+      what: `${method} ${path} of ${this.sandboxId}`,
+    });
+  }
+
+  /** A data-plane request whose answer streams (a non-2xx answer is thrown). */
+  async stream(
+    method: string,
+    path: string,
+    opts: Omit<SendOpts, "timeoutMs" | "headers"> & { requestTimeoutMs?: number } = {},
+  ): Promise<Streaming> {
+    const t = this.target(path);
+    return openStream(method, t.url, {
+      ...opts,
+      headers: t.headers,
+      timeoutMs: opts.requestTimeoutMs ?? this.config.requestTimeoutMs,
+      what: `${method} ${path} of ${this.sandboxId}`,
+    });
+  }
+
+  /** The `ws://` (or `wss://`) URL of a data-plane path, and the bearer header. */
+  webSocket(path: string): { url: string; headers: Record<string, string> } {
+    const t = this.target(path);
+    return { url: t.url.replace(/^http/, "ws"), headers: t.headers };
+  }
+}
