@@ -360,8 +360,12 @@ async fn two_cpu_burners_leave_a_third_sandbox_responsive() {
         "CPU fairness: round trip idle {idle:.1} ms, with two burners {busy:.1} ms ({:.2}x)",
         busy / idle
     );
+    // Two burners hold both cores (each VM capped at its one vCPU's worth); the quiet
+    // sandbox's weight still gets it scheduled: measured 2.5-3.2x on the CI machine. A
+    // starved guest (no quota, or a weight it does not get) waits for whole scheduler
+    // periods: tens of times slower.
     assert!(
-        busy <= 3.0 * idle,
+        busy <= 4.0 * idle,
         "round trip {busy:.1} ms vs {idle:.1} ms idle"
     );
     for s in &sandboxes {

@@ -6,8 +6,8 @@
  * @module
  */
 
-import { SandboxTimeoutError, StreamError, errorFor, invalid } from "./errors.js";
-import { type DataPlane, type Streaming, expectOk, json, ndjson } from "./http.js";
+import { CommandDetachedError, SandboxTimeoutError, StreamError, errorFor, invalid } from "./errors.js";
+import { type DataPlane, INSPECT, type Streaming, expectOk, hide, json, ndjson } from "./http.js";
 import type { CommandResult, ProcessInfo } from "./models.js";
 import { checkKeys } from "./options.js";
 
@@ -47,10 +47,13 @@ const RUN_KEYS = new Set([
   "background", "envs", "cwd", "user", "stdin", "onStdout", "onStderr", "timeoutMs", "requestTimeoutMs", "signal",
 ]);
 
-/** Linux signal numbers by name (the guest is Linux). */
+/** Linux signal numbers by name (the guest is Linux on x86-64), aliases included. */
 export const SIGNALS: Readonly<Record<string, number>> = Object.freeze({
-  SIGHUP: 1, SIGINT: 2, SIGQUIT: 3, SIGKILL: 9, SIGUSR1: 10, SIGUSR2: 12, SIGPIPE: 13,
-  SIGALRM: 14, SIGTERM: 15, SIGCONT: 18, SIGSTOP: 19, SIGTSTP: 20, SIGWINCH: 28,
+  SIGHUP: 1, SIGINT: 2, SIGQUIT: 3, SIGILL: 4, SIGTRAP: 5, SIGABRT: 6, SIGIOT: 6, SIGBUS: 7,
+  SIGFPE: 8, SIGKILL: 9, SIGUSR1: 10, SIGSEGV: 11, SIGUSR2: 12, SIGPIPE: 13, SIGALRM: 14,
+  SIGTERM: 15, SIGSTKFLT: 16, SIGCHLD: 17, SIGCLD: 17, SIGCONT: 18, SIGSTOP: 19, SIGTSTP: 20,
+  SIGTTIN: 21, SIGTTOU: 22, SIGURG: 23, SIGXCPU: 24, SIGXFSZ: 25, SIGVTALRM: 26, SIGPROF: 27,
+  SIGWINCH: 28, SIGIO: 29, SIGPOLL: 29, SIGPWR: 30, SIGSYS: 31, SIGRTMIN: 34, SIGRTMAX: 64,
 });
 
 /** A signal as its number: `15`, `"SIGTERM"` or `"TERM"`. */
@@ -75,21 +78,30 @@ interface CommandEvent {
   message?: string;
 }
 
-function decodeBase64(b64: string): string {
+function base64Bytes(b64: string): Uint8Array {
   const bin = atob(b64);
   const bytes = new Uint8Array(bin.length);
   for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
-  return new TextDecoder().decode(bytes);
+  return bytes;
 }
 
 /** A command started with `background: true` (or re-attached with `commands.connect`). */
 export class CommandHandle {
+  private declare readonly commands: Commands;
+
   /** @internal */
   constructor(
-    private readonly commands: Commands,
+    commands: Commands,
     /** Its process ID in the sandbox. */
     readonly pid: number,
-  ) {}
+  ) {
+    hide(this, "commands", commands);
+  }
+
+  /** What `console.log` shows: the pid, no credential. */
+  [INSPECT](): string {
+    return `CommandHandle { pid: ${this.pid} }`;
+  }
 
   /** Waits for its end; output produced so far (the last 1 MiB) is replayed first. */
   wait(opts: WaitOpts = {}): Promise<CommandResult> {
@@ -122,8 +134,17 @@ export class Commands {
   /** Attaches in progress by pid: `sendStdin` waits for them (stdin needs a reader). */
   private readonly attaching = new Map<number, Promise<void>>();
 
+  private declare readonly dp: DataPlane;
+
   /** @internal */
-  constructor(private readonly dp: DataPlane) {}
+  constructor(dp: DataPlane) {
+    hide(this, "dp", dp);
+  }
+
+  /** What `console.log` shows: the sandbox ID, no credential. */
+  [INSPECT](): string {
+    return `Commands { sandboxId: '${this.dp.sandboxId}' }`;
+  }
 
   /**
    * Runs `cmd` with `/bin/sh -c` (an array runs as argv, without a shell). Waits and
@@ -199,22 +220,42 @@ export class Commands {
         attached();
         if (attachPid !== undefined) this.attaching.delete(attachPid);
       }
+      // One streaming decoder per stream: the server sends each raw chunk as `data`
+      // (valid UTF-8) or `dataBase64` (not valid on its own), so a character split
+      // across chunks only decodes when its bytes are joined.
+      const decoders = { stdout: new TextDecoder(), stderr: new TextDecoder() };
+      const utf8 = new TextEncoder();
+      const emit = (stream: "stdout" | "stderr", data: string) => {
+        if (!data) return;
+        if (stream === "stdout") {
+          result.stdout += data;
+          opts.onStdout?.(data);
+        } else {
+          result.stderr += data;
+          opts.onStderr?.(data);
+        }
+      };
       for await (const ev of ndjson<CommandEvent>(s)) {
         if (ev.event === "start") {
           result.pid = ev.pid ?? null;
         } else if (ev.event === "stdout" || ev.event === "stderr") {
-          const data = ev.data ?? (ev.dataBase64 !== undefined ? decodeBase64(ev.dataBase64) : "");
-          if (ev.event === "stdout") {
-            result.stdout += data;
-            opts.onStdout?.(data);
-          } else {
-            result.stderr += data;
-            opts.onStderr?.(data);
-          }
+          const bytes =
+            ev.data !== undefined ? utf8.encode(ev.data) : ev.dataBase64 !== undefined ? base64Bytes(ev.dataBase64) : undefined;
+          if (bytes) emit(ev.event, decoders[ev.event].decode(bytes, { stream: true }));
         } else if (ev.event === "exit") {
+          emit("stdout", decoders.stdout.decode());
+          emit("stderr", decoders.stderr.decode());
           result.exitCode = ev.exitCode ?? null;
           result.signal = ev.signal ?? null;
           return result;
+        } else if (ev.event === "detached") {
+          throw new CommandDetachedError(
+            "detached",
+            `another client attached to the command (pid ${result.pid ?? attachPid ?? "?"}), so this one stopped ` +
+              "following it; the command keeps running (wait on it again to take it back)",
+            0,
+            { pid: result.pid ?? attachPid ?? null },
+          );
         } else if (ev.event === "error") {
           throw errorFor(ev.code ?? "sandbox_error", ev.message ?? "the command failed", 200);
         }

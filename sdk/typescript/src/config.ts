@@ -19,6 +19,12 @@ export const DEFAULT_API_URL = "http://127.0.0.1:7080";
 /** How long one request may take unless `requestTimeoutMs` says otherwise (5 minutes). */
 export const DEFAULT_REQUEST_TIMEOUT_MS = 300_000;
 
+/**
+ * The key `console.log` and `util.inspect` (Node, Bun, Deno) call for an object's own
+ * view: the SDK's objects show their IDs and state there, never a credential.
+ */
+export const INSPECT: unique symbol = Symbol.for("nodejs.util.inspect.custom");
+
 /** The per-call connection options every call that reaches the API accepts. */
 export interface ConnectionOpts {
   /** The team's API key (default: `NULLSPACE_API_KEY`, then the dev env file). */
@@ -88,6 +94,17 @@ export class Config {
     readonly apiKey: string,
     readonly requestTimeoutMs: number = DEFAULT_REQUEST_TIMEOUT_MS,
   ) {}
+
+  /** What `JSON.stringify` writes: the URL and the timeout, the API key masked. */
+  toJSON(): { apiUrl: string; apiKey: string; requestTimeoutMs: number } {
+    return { apiUrl: this.apiUrl, apiKey: `${this.apiKey.slice(0, 3)}…REDACTED`, requestTimeoutMs: this.requestTimeoutMs };
+  }
+
+  /** What `console.log` and `util.inspect` show: the URL, the API key masked. */
+  [INSPECT](): string {
+    const { apiUrl, apiKey, requestTimeoutMs } = this.toJSON();
+    return `Config { apiUrl: '${apiUrl}', apiKey: '${apiKey}', requestTimeoutMs: ${requestTimeoutMs} }`;
+  }
 
   /**
    * The configuration for a call: its `apiKey`, `domain` and `requestTimeoutMs`, else

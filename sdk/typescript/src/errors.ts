@@ -82,6 +82,13 @@ export class ConnectionError extends SandboxError {}
  */
 export class StreamError extends SandboxError {}
 
+/**
+ * A command's output stream ended because another client attached to the same
+ * command (only one waiter follows a command at a time): code `detached`. The command
+ * keeps running; wait on it again to take it back.
+ */
+export class CommandDetachedError extends StreamError {}
+
 const BY_CODE: Record<string, new (code: string, message: string, status?: number, details?: unknown) => SandboxError> = {
   not_found: NotFoundError,
   invalid_request: InvalidRequestError,
@@ -97,14 +104,37 @@ const BY_CODE: Record<string, new (code: string, message: string, status?: numbe
   unreachable: ConnectionError,
   protocol: StreamError,
   stream_failed: StreamError,
+  detached: CommandDetachedError,
+  token_revoked: AuthenticationError,
 };
+
+/** The class for an HTTP status when the code alone does not name one. */
+function byStatus(status: number, code: string): (typeof BY_CODE)[string] | undefined {
+  switch (status) {
+    case 401:
+      return AuthenticationError;
+    case 403:
+      return ForbiddenError;
+    case 404:
+      return NotFoundError;
+    case 409:
+      return InvalidStateError;
+    case 429:
+      return /quota/.test(code) ? QuotaExceededError : RateLimitError;
+    default:
+      return undefined;
+  }
+}
 
 /**
  * The typed error for an error code: `errorFor("not_found", ...)` is a
- * {@link NotFoundError}; an unknown code is a plain {@link SandboxError}.
+ * {@link NotFoundError}. A code it does not know is typed by the HTTP `status` (401
+ * {@link AuthenticationError}, 403 {@link ForbiddenError}, 404 {@link NotFoundError},
+ * 409 {@link InvalidStateError}, 429 {@link RateLimitError} or
+ * {@link QuotaExceededError}); else it is a plain {@link SandboxError}.
  */
 export function errorFor(code: string, message: string, status = 0, details?: unknown): SandboxError {
-  const cls = BY_CODE[code] ?? SandboxError;
+  const cls = BY_CODE[code] ?? byStatus(status, code) ?? SandboxError;
   return new cls(code, message, status, details);
 }
 

@@ -12,7 +12,19 @@ import { rename, stat, unlink } from "node:fs/promises";
 import { Readable } from "node:stream";
 
 import { invalid } from "./errors.js";
-import { type Body, type DataPlane, MAX_TIMER_MS, chunks, expectOk, json, ndjson, text } from "./http.js";
+import {
+  type Body,
+  type DataPlane,
+  INSPECT,
+  MAX_TIMER_MS,
+  type Streaming,
+  chunks,
+  expectOk,
+  hide,
+  json,
+  ndjson,
+  text,
+} from "./http.js";
 import { type EntryInfo, parseEntry } from "./models.js";
 
 /** Data a file can be written from: text, bytes, a Blob, or a stream of bytes. */
@@ -74,6 +86,27 @@ function toStream(iter: AsyncIterable<Uint8Array>): ReadableStream<Uint8Array> {
   });
 }
 
+/**
+ * A streamed answer as a ReadableStream whose `cancel()` aborts the request at once
+ * (even while a read is pending), not after the next chunk.
+ */
+function answerStream(s: Streaming): ReadableStream<Uint8Array> {
+  const it = chunks(s);
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      const r = await it.next();
+      if (r.done) controller.close();
+      else controller.enqueue(r.value);
+    },
+    async cancel() {
+      s.deadline.done();
+      s.deadline.controller.abort();
+      s.response.body?.cancel().catch(() => undefined);
+      await it.return?.().catch(() => undefined);
+    },
+  });
+}
+
 function body(data: WriteData): Body {
   if (typeof data === "string") return new TextEncoder().encode(data);
   if (data instanceof Uint8Array || data instanceof ArrayBuffer) return data;
@@ -87,12 +120,23 @@ function body(data: WriteData): Body {
 
 /** The filesystem of one sandbox: `sandbox.files`. */
 export class Filesystem {
+  private declare readonly dp: DataPlane;
+
   /** @internal */
-  constructor(private readonly dp: DataPlane) {}
+  constructor(dp: DataPlane) {
+    hide(this, "dp", dp);
+  }
+
+  /** What `console.log` shows: the sandbox ID, no credential. */
+  [INSPECT](): string {
+    return `Filesystem { sandboxId: '${this.dp.sandboxId}' }`;
+  }
 
   /**
    * The whole file: as text (default, invalid UTF-8 replaced), as bytes
-   * (`format: "bytes"`), or as a stream of bytes (`format: "stream"`, for large files).
+   * (`format: "bytes"`), or as a stream of bytes (`format: "stream"`, for large files;
+   * cancelling the stream aborts the download). `requestTimeoutMs` bounds the wait for
+   * the answer and then each silence while its body arrives, not the whole transfer.
    */
   read(path: string, opts?: { format?: "text" }): Promise<string>;
   read(path: string, opts: { format: "bytes" }): Promise<Uint8Array>;
@@ -104,7 +148,7 @@ export class Filesystem {
     const format = opts.format ?? "text";
     if (format === "stream") {
       const s = await this.dp.stream("GET", "/files", { query: { path } });
-      return toStream(chunks(s));
+      return answerStream(s);
     }
     if (format !== "text" && format !== "bytes") {
       throw invalid(`format must be "text", "bytes" or "stream"; got ${JSON.stringify(format)}`);
@@ -115,7 +159,8 @@ export class Filesystem {
 
   /**
    * Writes the file (text, bytes, a Blob or a stream, streamed as it comes); it replaces
-   * the old one atomically once every byte arrived. Missing parents are created.
+   * the old one atomically once every byte arrived. Missing parents are created. A large
+   * body is sent in slices: `requestTimeoutMs` bounds each silence, not the whole upload.
    */
   async write(path: string, data: WriteData): Promise<WriteInfo> {
     const a = expectOk(await this.dp.request("PUT", "/files", { query: { path }, body: body(data) }));
@@ -138,13 +183,44 @@ export class Filesystem {
     const s = await this.dp.stream("GET", "/files", { query: { path } });
     const tmp = `${localPath}.nullspace-partial`;
     const out = createWriteStream(tmp);
+    // A write error (no space, no permission, a missing directory) rejects the download
+    // instead of crashing the process as an unhandled 'error' event.
+    let failed: Error | undefined;
+    let onFail: ((e: Error) => void) | undefined;
+    out.on("error", (e: Error) => {
+      failed ??= e;
+      onFail?.(e);
+    });
+    const check = () => {
+      if (failed) throw failed;
+    };
     let n = 0;
     try {
       for await (const chunk of chunks(s)) {
+        check();
         n += chunk.byteLength;
-        if (!out.write(chunk)) await new Promise<void>((r) => out.once("drain", () => r()));
+        if (!out.write(chunk)) {
+          await new Promise<void>((resolve, reject) => {
+            const drained = () => {
+              onFail = undefined;
+              resolve();
+            };
+            onFail = (e) => {
+              out.off("drain", drained);
+              reject(e);
+            };
+            out.once("drain", drained);
+            if (failed) onFail(failed);
+          });
+        }
       }
-      await new Promise<void>((resolve, reject) => out.end((err?: Error | null) => (err ? reject(err) : resolve())));
+      check();
+      await new Promise<void>((resolve, reject) => {
+        onFail = reject;
+        if (failed) return reject(failed);
+        out.end(() => (failed ? reject(failed) : resolve()));
+      });
+      check();
     } catch (e) {
       out.destroy();
       await unlink(tmp).catch(() => undefined);

@@ -6,9 +6,19 @@
  * @module
  */
 
-import { Config } from "./config.js";
+import { Config, INSPECT } from "./config.js";
 import { ConfigError, ConnectionError, SandboxError, SandboxTimeoutError, StreamError, errorFromBody } from "./errors.js";
 import type { RuntimeAccess } from "./models.js";
+
+export { INSPECT };
+
+/**
+ * Sets `obj[key]` as a writable but non-enumerable property: credentials (API keys,
+ * runtime tokens) stay out of `console.log`, `JSON.stringify` and spreads.
+ */
+export function hide<T extends object>(obj: T, key: string, value: unknown): void {
+  Object.defineProperty(obj, key, { value, writable: true, enumerable: false, configurable: true });
+}
 
 /** Query parameters: a record (undefined values left out) or repeated pairs. */
 export type Query = Record<string, string | number | boolean | undefined> | Array<[string, string]>;
@@ -77,6 +87,12 @@ export class Deadline {
     (this.timer as { unref?: () => void }).unref?.();
   }
 
+  /** Stops the countdown for now (the consumer has the data); `arm()` restarts it. */
+  pause(): void {
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.timer = undefined;
+  }
+
   /** Stops the countdown and lets go of the caller's signal. */
   done(): void {
     if (this.timer !== undefined) clearTimeout(this.timer);
@@ -131,9 +147,39 @@ export function text(a: Answer): string {
   return new TextDecoder().decode(a.bytes);
 }
 
-/** The answer's body as JSON. */
+/**
+ * The answer's body as JSON; a body that is not JSON is a {@link StreamError} (code
+ * `protocol`, the answer's status), never a bare `SyntaxError`.
+ */
 export function json<T>(a: Answer): T {
-  return JSON.parse(text(a)) as T;
+  const body = text(a);
+  try {
+    return JSON.parse(body) as T;
+  } catch {
+    throw new StreamError(
+      "protocol",
+      `the answer (HTTP ${a.status}, ${a.headers.get("content-type") ?? "no content-type"}) is not JSON: ${body.slice(0, 200)}`,
+      a.status,
+    );
+  }
+}
+
+/** Request bodies above this size are sent in slices, each re-arming the deadline. */
+const SLICE_BYTES = 256 * 1024;
+
+function sliced(bytes: Uint8Array): ReadableStream<Uint8Array> {
+  let offset = 0;
+  return new ReadableStream<Uint8Array>({
+    pull(controller) {
+      if (offset >= bytes.byteLength) {
+        controller.close();
+        return;
+      }
+      const end = Math.min(offset + SLICE_BYTES, bytes.byteLength);
+      controller.enqueue(bytes.subarray(offset, end));
+      offset = end;
+    },
+  });
 }
 
 /** Throws the API's error for a non-2xx answer. */
@@ -153,6 +199,13 @@ async function start(method: string, url: string, opts: SendOpts): Promise<Strea
   const deadline = new Deadline(opts.timeoutMs, opts.what ?? `${method} ${full}`, opts.signal);
   const init: RequestInit & { duplex?: "half" } = { method, headers, signal: deadline.signal };
   if (body !== undefined) {
+    // A large body is streamed in slices: the deadline is then one of idleness (as for
+    // a stream), not of the whole upload.
+    if (body instanceof ArrayBuffer && body.byteLength > SLICE_BYTES) body = sliced(new Uint8Array(body));
+    else if (body instanceof Uint8Array && body.byteLength > SLICE_BYTES) body = sliced(body);
+    else if (typeof Blob !== "undefined" && body instanceof Blob && body.size > SLICE_BYTES) {
+      body = body.stream() as unknown as ReadableStream<Uint8Array>;
+    }
     if (typeof ReadableStream !== "undefined" && body instanceof ReadableStream) {
       // A streamed upload may take longer than one deadline: each chunk sent re-arms it.
       const reader = body.getReader();
@@ -180,17 +233,30 @@ async function start(method: string, url: string, opts: SendOpts): Promise<Strea
   }
 }
 
-/** Sends a request and reads its whole answer (any status) within the deadline. */
+/**
+ * Sends a request and reads its whole answer (any status). The deadline covers the
+ * request up to the answer's headers, then each chunk of the answer's body (an idle
+ * deadline, as for streams): a large body that keeps arriving is not cut.
+ */
 export async function send(method: string, url: string, opts: SendOpts): Promise<Answer> {
   const s = await start(method, url, opts);
-  try {
-    const bytes = new Uint8Array(await s.response.arrayBuffer());
-    return { status: s.response.status, bytes, headers: s.response.headers };
-  } catch (e) {
-    throw s.deadline.failure(e, s.url);
-  } finally {
-    s.deadline.done();
+  const parts: Uint8Array[] = [];
+  let size = 0;
+  for await (const chunk of chunks(s)) {
+    parts.push(chunk);
+    size += chunk.byteLength;
   }
+  let bytes: Uint8Array;
+  if (parts.length === 1) bytes = parts[0]!;
+  else {
+    bytes = new Uint8Array(size);
+    let at = 0;
+    for (const p of parts) {
+      bytes.set(p, at);
+      at += p.byteLength;
+    }
+  }
+  return { status: s.response.status, bytes, headers: s.response.headers };
 }
 
 /**
@@ -213,7 +279,11 @@ export async function openStream(method: string, url: string, opts: SendOpts): P
   return s;
 }
 
-/** The chunks of a streamed answer; stops the stream when the consumer stops early. */
+/**
+ * The chunks of a streamed answer; stops the stream when the consumer stops early.
+ * The idle deadline runs only while a chunk is awaited, not while the consumer holds
+ * one (the generator is suspended at `yield`).
+ */
 export async function* chunks(s: Streaming): AsyncGenerator<Uint8Array, void, undefined> {
   const body = s.response.body;
   if (!body) {
@@ -236,6 +306,7 @@ export async function* chunks(s: Streaming): AsyncGenerator<Uint8Array, void, un
         finished = true;
         return;
       }
+      s.deadline.pause();
       if (r.value.byteLength) yield r.value;
     }
   } finally {
@@ -282,6 +353,8 @@ export interface CallOpts {
   json?: unknown;
   query?: Query;
   requestTimeoutMs?: number;
+  /** Cancels the call. */
+  signal?: AbortSignal;
 }
 
 /**
@@ -294,6 +367,7 @@ export async function call<T = unknown>(config: Config, method: string, path: st
     json: opts.json,
     query: opts.query,
     timeoutMs: opts.requestTimeoutMs ?? config.requestTimeoutMs,
+    signal: opts.signal,
     what: `${method} /api/v1${path}`,
   });
   expectOk(a);
@@ -317,11 +391,24 @@ export async function callBytes(config: Config, path: string, requestTimeoutMs?:
  * through it.
  */
 export class DataPlane {
+  /** The connection's configuration (its API key: not enumerable, not printed). */
+  declare config: Config;
+  /** The runtime target and token (not enumerable, not printed). */
+  declare runtime: RuntimeAccess | null;
+
   constructor(
     readonly sandboxId: string,
-    public config: Config,
-    public runtime: RuntimeAccess | null,
-  ) {}
+    config: Config,
+    runtime: RuntimeAccess | null,
+  ) {
+    hide(this, "config", config);
+    hide(this, "runtime", runtime);
+  }
+
+  /** What `console.log` shows: the sandbox ID, no credential. */
+  [INSPECT](): string {
+    return `DataPlane { sandboxId: '${this.sandboxId}' }`;
+  }
 
   private target(path: string): { url: string; headers: Record<string, string> } {
     if (!this.runtime) {

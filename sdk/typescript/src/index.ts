@@ -33,7 +33,7 @@ export { Pty, PtyHandle } from "./pty.js";
 export type { PtyCreateOpts } from "./pty.js";
 export type { StreamEventsOpts } from "./events.js";
 export { Template } from "./templates.js";
-export type { BuildFailure, BuildLogLine, BuildOpts, BuildStep, TemplateInfo, WarmPool } from "./templates.js";
+export type { BuildFailure, BuildLogLine, BuildOpts, BuildStep, TemplateInfo, WaitBuiltOpts, WarmPool } from "./templates.js";
 export { Volume } from "./volumes.js";
 export type { VolumeInfo } from "./volumes.js";
 export {
@@ -83,6 +83,7 @@ export type { ConnectionOpts, RequestOpts } from "./config.js";
 export {
   AuthenticationError,
   BuildFailedError,
+  CommandDetachedError,
   ConfigError,
   ConnectionError,
   ForbiddenError,

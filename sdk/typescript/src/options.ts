@@ -152,6 +152,18 @@ const INSTEAD: Record<string, string> = {
   requestTimeout: "requestTimeoutMs (milliseconds)",
 };
 
+/**
+ * What kind of value `v` is ("an object", "an array", "a string", "null"), for error
+ * messages: they name a field and the type it needs, never the caller's values (which
+ * may be secrets: environment variables, metadata, policies).
+ */
+export function kindOf(v: unknown): string {
+  if (v === null) return "null";
+  if (Array.isArray(v)) return "an array";
+  if (v === undefined) return "undefined";
+  return typeof v === "object" ? "an object" : `a ${typeof v}`;
+}
+
 /** @internal Refuses option keys a call does not know, naming what to send instead. */
 export function checkKeys(what: string, opts: object, known: Set<string>): void {
   for (const key of Object.keys(opts)) {
@@ -182,10 +194,20 @@ function oneOf<T>(name: string, first: T | undefined, otherName: string, other: 
   return first !== undefined ? first : other;
 }
 
+/**
+ * Whether `resources` asks for anything: undefined, null and `{}` send nothing (the
+ * template's shape applies), as in the Python SDK. Anything else is checked by
+ * {@link resourcesBody}.
+ */
+export function hasResources(resources: unknown): resources is ResourcesOpts {
+  if (resources === undefined || resources === null) return false;
+  return !(typeof resources === "object" && !Array.isArray(resources) && Object.keys(resources).length === 0);
+}
+
 /** `resources` with the SDK's aliases as the API's keys (defaults filled in). */
 export function resourcesBody(resources: ResourcesOpts): { vcpus: number; memMiB: number; diskSizeMiB: number } {
   if (!resources || typeof resources !== "object") {
-    throw invalid(`resources must be an object such as { cpu: 1, memoryMb: 512, diskMb: 1024 }; got ${JSON.stringify(resources)}`);
+    throw invalid(`resources must be an object such as { cpu: 1, memoryMb: 512, diskMb: 1024 }; got ${kindOf(resources)}`);
   }
   const known = new Set(["vcpus", "cpu", "memMiB", "memoryMb", "diskSizeMiB", "diskMb"]);
   const unknown = Object.keys(resources).filter((k) => !known.has(k));
@@ -205,7 +227,7 @@ export function resourcesBody(resources: ResourcesOpts): { vcpus: number; memMiB
 /** An egress policy with defaults: internet on, nothing listed. */
 export function egressBody(egress: EgressOpts = {}): EgressPolicy {
   if (!egress || typeof egress !== "object") {
-    throw invalid(`egress must be an object { internet, allow, deny }; got ${JSON.stringify(egress)}`);
+    throw invalid(`egress must be an object { internet, allow, deny }; got ${kindOf(egress)}`);
   }
   checkKeys("egress", egress, new Set(["internet", "allow", "deny"]));
   if (egress.internet !== undefined && typeof egress.internet !== "boolean") {
@@ -224,7 +246,7 @@ const ALL_V6 = "::/0";
 /** The REST `egress` policy a seed 001 network configuration stands for. */
 export function networkEgress(network: SandboxNetworkOpts): EgressPolicy {
   if (!network || typeof network !== "object" || Array.isArray(network)) {
-    throw invalid(`network must be an object { allowOut, denyOut }; got ${JSON.stringify(network)}`);
+    throw invalid(`network must be an object { allowOut, denyOut }; got ${kindOf(network)}`);
   }
   const unknown = Object.keys(network).filter((k) => k !== "allowOut" && k !== "denyOut");
   if (unknown.length) {
@@ -328,7 +350,7 @@ export function covers(deny: string, allow: string): boolean {
 function lifecycleOf(value: unknown): SandboxLifecycle {
   if (value === undefined || value === null) return {};
   if (typeof value !== "object" || Array.isArray(value)) {
-    throw invalid(`lifecycle must be an object { onTimeout, autoResume, idleTimeout }; got ${JSON.stringify(value)}`);
+    throw invalid(`lifecycle must be an object { onTimeout, autoResume, idleTimeout }; got ${kindOf(value)}`);
   }
   const unknown = Object.keys(value).filter((k) => !["onTimeout", "autoResume", "idleTimeout"].includes(k));
   if (unknown.length) {
@@ -349,7 +371,9 @@ export function mountBody(m: MountOpts): { id: string; type: "rw" | "ro" } {
 function record(name: string, value: unknown): Record<string, string> | undefined {
   if (value === undefined || value === null) return undefined;
   if (typeof value !== "object" || Array.isArray(value) || !Object.values(value).every((v) => typeof v === "string")) {
-    throw invalid(`${name} must be an object of strings, e.g. { FOO: "bar" }; got ${JSON.stringify(value)}`);
+    throw invalid(`${name} must be an object of strings, e.g. { FOO: "bar" }; got ${kindOf(value)}${
+      value && typeof value === "object" && !Array.isArray(value) ? " with a value that is not a string" : ""
+    }`);
   }
   return value as Record<string, string>;
 }
@@ -360,7 +384,7 @@ function record(name: string, value: unknown): Record<string, string> | undefine
  */
 export function createBody(template: string | undefined, opts: SandboxOpts = {}): Record<string, unknown> {
   if (typeof opts !== "object" || opts === null || Array.isArray(opts)) {
-    throw invalid(`Sandbox.create's options must be an object, e.g. { timeout: 300 }; got ${JSON.stringify(opts)}`);
+    throw invalid(`Sandbox.create's options must be an object, e.g. { timeout: 300 }; got ${kindOf(opts)}`);
   }
   checkKeys("Sandbox.create", opts, CREATE_KEYS);
   if (template !== undefined && typeof template !== "string") {
@@ -420,7 +444,7 @@ export function createBody(template: string | undefined, opts: SandboxOpts = {})
 
   if (opts.mounts !== undefined) {
     if (typeof opts.mounts !== "object" || opts.mounts === null || Array.isArray(opts.mounts)) {
-      throw invalid(`mounts must be an object of guest path → volume, e.g. { "/mnt/work": "work" }; got ${JSON.stringify(opts.mounts)}`);
+      throw invalid(`mounts must be an object of guest path → volume, e.g. { "/mnt/work": "work" }; got ${kindOf(opts.mounts)}`);
     }
     const entries = Object.entries(opts.mounts);
     if (entries.length) body.mounts = Object.fromEntries(entries.map(([p, m]) => [p, mountBody(m)]));
@@ -462,7 +486,7 @@ export function createBody(template: string | undefined, opts: SandboxOpts = {})
     ).filter(([, v]) => v !== undefined),
   );
   if (Object.keys(wire).length) body.lifecycle = wire;
-  if (opts.resources !== undefined) body.resources = resourcesBody(opts.resources);
+  if (hasResources(opts.resources)) body.resources = resourcesBody(opts.resources);
   if (opts.waitReady === false) body.waitReady = false;
   return body;
 }

@@ -6,7 +6,7 @@
  */
 
 import { SandboxTimeoutError, invalid } from "./errors.js";
-import type { DataPlane } from "./http.js";
+import { type DataPlane, INSPECT, hide } from "./http.js";
 import { type WsConnection, openWebSocket } from "./ws.js";
 
 /** How to open a terminal. */
@@ -23,6 +23,12 @@ export interface PtyCreateOpts {
   cwd?: string;
   /** Milliseconds the WebSocket may take to open (default 30000). */
   openTimeoutMs?: number;
+  /**
+   * The default `timeoutMs` of `recv()`, `wait()` and `for await` on the handle: the
+   * longest silence of the terminal before a {@link SandboxTimeoutError}. Default: no
+   * limit (a terminal may well be quiet).
+   */
+  recvTimeoutMs?: number;
 }
 
 /**
@@ -36,9 +42,19 @@ export class PtyHandle implements AsyncIterable<Uint8Array> {
   /** The signal that ended the process, if one did. */
   exitSignal: number | null = null;
   private exited = false;
+  private declare readonly conn: WsConnection;
+  private readonly recvTimeoutMs: number | undefined;
 
   /** @internal */
-  constructor(private readonly conn: WsConnection) {}
+  constructor(conn: WsConnection, recvTimeoutMs?: number) {
+    hide(this, "conn", conn);
+    this.recvTimeoutMs = recvTimeoutMs;
+  }
+
+  /** What `console.log` shows: whether it exited, and how. */
+  [INSPECT](): string {
+    return `PtyHandle { exited: ${this.exited}, exitCode: ${this.exitCode} }`;
+  }
 
   /** Sends keystrokes (text is sent as UTF-8). */
   async send(data: string | Uint8Array): Promise<void> {
@@ -52,17 +68,18 @@ export class PtyHandle implements AsyncIterable<Uint8Array> {
 
   /**
    * The terminal's next output; null once the process has exited (or the connection
-   * closed). With `timeoutMs`, a {@link SandboxTimeoutError} when nothing arrives in
-   * time.
+   * closed). With `timeoutMs` (default: the terminal's `recvTimeoutMs`, else no limit),
+   * a {@link SandboxTimeoutError} when nothing arrives in time.
    */
   async recv(opts: { timeoutMs?: number } = {}): Promise<Uint8Array | null> {
+    const timeoutMs = opts.timeoutMs ?? this.recvTimeoutMs;
     while (!this.exited) {
       let m;
       try {
-        m = await this.conn.next(opts.timeoutMs);
+        m = await this.conn.next(timeoutMs);
       } catch (e) {
         if (e instanceof SandboxTimeoutError) {
-          throw new SandboxTimeoutError("timeout", `no terminal output within ${opts.timeoutMs} ms`);
+          throw new SandboxTimeoutError("timeout", `no terminal output within ${timeoutMs} ms`);
         }
         throw e;
       }
@@ -103,20 +120,41 @@ export class PtyHandle implements AsyncIterable<Uint8Array> {
     this.conn.close();
   }
 
-  /** The output chunks until the process exits. */
-  async *[Symbol.asyncIterator](): AsyncIterator<Uint8Array> {
-    for (;;) {
-      const chunk = await this.recv();
-      if (chunk === null) return;
-      yield chunk;
-    }
+  /**
+   * The output chunks until the process exits. Leaving the loop early (`break`,
+   * `return`, a throw) closes the terminal's connection.
+   */
+  [Symbol.asyncIterator](): AsyncIterator<Uint8Array> {
+    return {
+      next: async (): Promise<IteratorResult<Uint8Array>> => {
+        const chunk = await this.recv();
+        if (chunk === null) {
+          this.conn.close();
+          return { done: true, value: undefined };
+        }
+        return { done: false, value: chunk };
+      },
+      return: async (): Promise<IteratorResult<Uint8Array>> => {
+        this.conn.close();
+        return { done: true, value: undefined };
+      },
+    };
   }
 }
 
 /** Terminals in a sandbox: `sandbox.pty`. */
 export class Pty {
+  private declare readonly dp: DataPlane;
+
   /** @internal */
-  constructor(private readonly dp: DataPlane) {}
+  constructor(dp: DataPlane) {
+    hide(this, "dp", dp);
+  }
+
+  /** What `console.log` shows: the sandbox ID, no credential. */
+  [INSPECT](): string {
+    return `Pty { sandboxId: '${this.dp.sandboxId}' }`;
+  }
 
   /** Opens a terminal (the user's login shell, or `cmd`). */
   async create(opts: PtyCreateOpts = {}): Promise<PtyHandle> {
@@ -133,6 +171,9 @@ export class Pty {
     if (opts.user) q.set("user", opts.user);
     if (opts.cwd) q.set("cwd", opts.cwd);
     const { url, headers } = this.dp.webSocket(`/pty?${q}`);
-    return new PtyHandle(await openWebSocket(url, headers, opts.openTimeoutMs));
+    if (opts.recvTimeoutMs !== undefined && !(typeof opts.recvTimeoutMs === "number" && opts.recvTimeoutMs > 0)) {
+      throw invalid("recvTimeoutMs must be a positive number of milliseconds");
+    }
+    return new PtyHandle(await openWebSocket(url, headers, opts.openTimeoutMs), opts.recvTimeoutMs);
   }
 }

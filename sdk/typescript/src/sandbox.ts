@@ -11,7 +11,7 @@ import { Config, type ConnectionOpts, type RequestOpts } from "./config.js";
 import { NotFoundError, SandboxTimeoutError, errorFor, invalid } from "./errors.js";
 import { type StreamEventsOpts, streamEvents } from "./events.js";
 import { Filesystem } from "./files.js";
-import { DataPlane, call, callBytes } from "./http.js";
+import { DataPlane, INSPECT, call, callBytes, hide } from "./http.js";
 import {
   type CommandResult,
   type LogLine,
@@ -131,8 +131,10 @@ export class Sandbox {
   readonly files: Filesystem;
   /** Terminals in the sandbox. */
   readonly pty: Pty;
-  /** @internal */
-  readonly dp: DataPlane;
+  /** @internal Its data plane (API key and runtime token: not enumerable, not printed). */
+  declare readonly dp: DataPlane;
+  /** The state it was last seen in (by create, connect, getInfo, waitReady, ...). */
+  private declare lastState: string | undefined;
 
   /**
    * A sandbox object for an API description (what create, connect and restore return);
@@ -140,10 +142,19 @@ export class Sandbox {
    */
   constructor(info: SandboxInfo, config: Config) {
     this.sandboxId = info.sandboxId;
-    this.dp = new DataPlane(info.sandboxId, config, info.runtime ?? null);
+    hide(this, "dp", new DataPlane(info.sandboxId, config, info.runtime ?? null));
+    hide(this, "lastState", info.state);
     this.commands = new Commands(this.dp);
     this.files = new Filesystem(this.dp);
     this.pty = new Pty(this.dp);
+  }
+
+  /**
+   * What `console.log` and `util.inspect` show: the ID and the state it was last seen
+   * in, never the API key or the runtime token.
+   */
+  [INSPECT](): string {
+    return `Sandbox { sandboxId: '${this.sandboxId}', state: '${this.lastState ?? "unknown"}' }`;
   }
 
   private get config(): Config {
@@ -279,13 +290,17 @@ export class Sandbox {
       json: opts.timeout === undefined ? {} : { timeout: opts.timeout },
       requestTimeoutMs: opts.requestTimeoutMs,
     });
-    this.dp.runtime = parseSandbox(doc).runtime ?? null;
+    const info = parseSandbox(doc);
+    this.dp.runtime = info.runtime ?? null;
+    this.lastState = info.state;
     return this;
   }
 
   /** Its description (read-only). */
   async getInfo(opts: RequestOpts = {}): Promise<SandboxInfo> {
-    return parseSandbox(await this.control("GET", "", opts));
+    const info = parseSandbox(await this.control("GET", "", opts));
+    this.lastState = info.state;
+    return info;
   }
 
   /** Whether it is running. */
@@ -296,14 +311,21 @@ export class Sandbox {
   /**
    * Waits until it runs (after `create(..., { waitReady: false })`) and takes its
    * data-plane access. A {@link SandboxTimeoutError} after `timeoutMs` (default 60000);
-   * the failure's code if it ends in `error`.
+   * the failure's code if it ends in `error`. `requestTimeoutMs` bounds each status
+   * request (default: the sandbox's, at most what is left of `timeoutMs`, at least 1 s).
    */
-  async waitReady(opts: { timeoutMs?: number } = {}): Promise<void> {
+  async waitReady(opts: { timeoutMs?: number } & RequestOpts = {}): Promise<void> {
+    checkKeys("waitReady", opts, new Set(["timeoutMs", "requestTimeoutMs"]));
     const timeoutMs = opts.timeoutMs ?? 60_000;
+    if (typeof timeoutMs !== "number" || !(timeoutMs > 0)) throw invalid("timeoutMs must be a positive number of milliseconds");
+    const perRequest = opts.requestTimeoutMs ?? this.config.requestTimeoutMs;
+    if (typeof perRequest !== "number" || !(perRequest > 0)) {
+      throw invalid("requestTimeoutMs must be a positive number of milliseconds");
+    }
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       const left = deadline - Date.now();
-      const info = await this.getInfo({ requestTimeoutMs: Math.max(Math.min(left, 30_000), 1_000) });
+      const info = await this.getInfo({ requestTimeoutMs: Math.max(Math.min(left, perRequest), 1_000) });
       if (info.state === "running") {
         this.dp.runtime = info.runtime ?? null;
         return;
@@ -549,18 +571,36 @@ export class Sandbox {
 
   /**
    * Its lifecycle events `{ id, at, type, data }` as they happen, as an async iterator:
-   * replayed from the first (or after `afterEventId`; `liveOnly` skips the replay), then
-   * live. Reconnects by itself and resumes after the last event it yielded (no gap, no
-   * duplicate); ends after `sandbox.deleted`, or when `signal` aborts or the loop breaks.
+   * replayed from the first (or after `afterEventId`; `liveOnly` skips the replay, see
+   * {@link StreamEventsOpts.liveOnly} for its one limit), then live. Reconnects by itself
+   * (a half-open connection is detected: `keepAliveMs`) and resumes after the last event
+   * it yielded (no gap, no duplicate); ends after `sandbox.deleted`, when the sandbox is
+   * found deleted at a reconnect, or when `signal` aborts or the loop breaks. A refused
+   * key (401, 403) or a sandbox that is gone (404) ends it at once with a
+   * {@link StreamError} carrying that status.
    */
   streamEvents(opts: StreamEventsOpts = {}): AsyncGenerator<SandboxEvent, void, undefined> {
-    checkKeys("streamEvents", opts, new Set(["afterEventId", "liveOnly", "signal", "maxReconnects"]));
+    checkKeys("streamEvents", opts, new Set(["afterEventId", "liveOnly", "signal", "maxReconnects", "keepAliveMs"]));
     return streamEvents(
       {
         dp: this.dp,
-        refresh: async () => {
-          const info = parseSandbox(await this.control("GET", ""));
+        refresh: async (signal) => {
+          const info = parseSandbox(await call<Doc>(this.config, "GET", `/sandboxes/${this.sandboxId}`, { signal }));
+          this.lastState = info.state;
           if (info.runtime) this.dp.runtime = info.runtime;
+          return info.state;
+        },
+        newestEventId: async (signal) => {
+          let after = 0;
+          for (;;) {
+            const doc = await call<{ events: Array<{ id: number }> }>(this.config, "GET", `/sandboxes/${this.sandboxId}/events`, {
+              query: { after_event_id: after, limit: 1000 },
+              signal,
+            });
+            const events = doc?.events ?? [];
+            if (events.length) after = Math.max(after, events[events.length - 1]!.id);
+            if (events.length < 1000) return after;
+          }
         },
       },
       opts,

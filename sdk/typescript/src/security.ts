@@ -94,11 +94,12 @@ export function securityPolicyBody(policy: unknown): SecurityPolicyDoc {
   return body as SecurityPolicyDoc;
 }
 
+/** The kind of a value only: policies may hold secrets, and messages never copy them. */
 function describe(v: unknown): string {
   if (v === null) return "null";
-  if (Array.isArray(v)) return `an array ${JSON.stringify(v).slice(0, 80)}`;
-  if (typeof v === "object") return `an object ${JSON.stringify(v).slice(0, 80)}`;
-  return `${typeof v} ${JSON.stringify(v)}`;
+  if (Array.isArray(v)) return "an array";
+  if (typeof v === "object") return "an object";
+  return `a ${typeof v}`;
 }
 
 /**

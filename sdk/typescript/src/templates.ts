@@ -7,10 +7,10 @@
  */
 
 import { Config, type ConnectionOpts } from "./config.js";
-import { BuildFailedError, invalid } from "./errors.js";
+import { BuildFailedError, SandboxTimeoutError, invalid } from "./errors.js";
 import { call } from "./http.js";
 import type { Resources } from "./models.js";
-import { type ResourcesOpts, checkKeys, resourcesBody } from "./options.js";
+import { type ResourcesOpts, checkKeys, hasResources, resourcesBody } from "./options.js";
 
 /**
  * One build step: exactly one of `run` (a shell command), `packages` (Debian packages),
@@ -132,6 +132,10 @@ export interface BuildOpts extends ConnectionOpts {
   resources?: ResourcesOpts;
   /** Each log line as it arrives (with `wait`). */
   onLog?: (line: BuildLogLine) => void;
+  /** With `wait`: milliseconds the build may take in all (see {@link WaitBuiltOpts}). */
+  timeoutMs?: number;
+  /** With `wait`: stops waiting (the build goes on). */
+  signal?: AbortSignal;
   /** Default true: follow the build and resolve to the ready template. */
   wait?: boolean;
 }
@@ -150,8 +154,22 @@ function parseWarmPool(doc: Doc): WarmPool {
 
 const BUILD_KEYS = new Set([
   "steps", "name", "fromTemplate", "startCmd", "readyCmd", "readyTimeout", "resources", "onLog", "wait",
-  "apiKey", "domain", "requestTimeoutMs",
+  "timeoutMs", "signal", "apiKey", "domain", "requestTimeoutMs",
 ]);
+
+/** Options of {@link Template.waitBuilt}. */
+export interface WaitBuiltOpts extends ConnectionOpts {
+  /** Each log line as it arrives. */
+  onLog?: (line: BuildLogLine) => void;
+  /**
+   * Milliseconds to wait for the build in all (default 1800000, 30 minutes); past them
+   * a {@link SandboxTimeoutError} (code `timeout`) and the build goes on (wait again, or
+   * read it with `Template.get`).
+   */
+  timeoutMs?: number;
+  /** Stops waiting (rejects with the signal's reason); the build goes on. */
+  signal?: AbortSignal;
+}
 
 /** Template builds and warm pools (all static). */
 export class Template {
@@ -171,18 +189,50 @@ export class Template {
     if (opts.startCmd !== undefined) body.startCmd = opts.startCmd;
     if (opts.readyCmd !== undefined) body.readyCmd = opts.readyCmd;
     if (opts.readyTimeout !== undefined) body.readyTimeout = opts.readyTimeout;
-    if (opts.resources) body.resources = resourcesBody(opts.resources);
+    if (hasResources(opts.resources)) body.resources = resourcesBody(opts.resources);
     const template = parseTemplate(await call<Doc>(config, "POST", "/templates", { json: body }));
     if (opts.wait === false) return template;
-    return Template.waitBuilt(template.templateId, { ...opts, onLog: opts.onLog });
+    return Template.waitBuilt(template.templateId, {
+      apiKey: opts.apiKey,
+      domain: opts.domain,
+      requestTimeoutMs: opts.requestTimeoutMs,
+      onLog: opts.onLog,
+      timeoutMs: opts.timeoutMs,
+      signal: opts.signal,
+    });
   }
 
-  /** Follows a build's log to its end; resolves to the template once ready (see `build`). */
-  static async waitBuilt(
-    templateId: string,
-    opts: ConnectionOpts & { onLog?: (line: BuildLogLine) => void } = {},
-  ): Promise<TemplateInfo> {
+  /**
+   * Follows a build's log to its end; resolves to the template once ready (see `build`).
+   * A {@link SandboxTimeoutError} after `timeoutMs` (default 30 minutes); `signal` stops
+   * waiting at once. Neither stops the build.
+   */
+  static async waitBuilt(templateId: string, opts: WaitBuiltOpts = {}): Promise<TemplateInfo> {
     const config = Config.resolve(opts);
+    const timeoutMs = opts.timeoutMs ?? 30 * 60_000;
+    if (typeof timeoutMs !== "number" || !(timeoutMs > 0)) throw invalid("timeoutMs must be a positive number of milliseconds");
+    const stop = new AbortController();
+    const onAbort = () => stop.abort(opts.signal?.reason);
+    if (opts.signal) {
+      if (opts.signal.aborted) throw opts.signal.reason ?? new Error("aborted");
+      opts.signal.addEventListener("abort", onAbort, { once: true });
+    }
+    const timer = setTimeout(
+      () => stop.abort(new SandboxTimeoutError("timeout", `template ${templateId} was still building after ${timeoutMs} ms`)),
+      Math.min(timeoutMs, 2_147_483_647),
+    );
+    try {
+      return await Template.follow(templateId, config, opts, stop.signal);
+    } catch (e) {
+      if (stop.signal.aborted) throw stop.signal.reason ?? e;
+      throw e;
+    } finally {
+      clearTimeout(timer);
+      opts.signal?.removeEventListener("abort", onAbort);
+    }
+  }
+
+  private static async follow(templateId: string, config: Config, opts: WaitBuiltOpts, signal: AbortSignal): Promise<TemplateInfo> {
     // A page waits up to 20 s for a line: the request must be allowed longer.
     const pageTimeout = Math.max(config.requestTimeoutMs, 40_000);
     let after = 0;
@@ -190,12 +240,15 @@ export class Template {
       const page = await call<Doc>(config, "GET", `/templates/${encodeURIComponent(templateId)}/logs`, {
         query: { after, wait: 20 },
         requestTimeoutMs: pageTimeout,
+        signal,
       });
       for (const line of page.lines) opts.onLog?.(line);
       after = page.next;
       if (page.status !== "building" && !page.lines.length) break;
     }
-    const template = await Template.get(templateId, opts);
+    const template = parseTemplate(
+      await call<Doc>(config, "GET", `/templates/${encodeURIComponent(templateId)}`, { signal }),
+    );
     if (template.status !== "ready") {
       const error = template.error ?? {};
       throw new BuildFailedError(
@@ -240,7 +293,7 @@ export class Template {
   ): Promise<WarmPool> {
     if (!Number.isInteger(size) || size < 0) throw invalid(`size must be an integer from 0; got ${JSON.stringify(size)}`);
     const body: Doc = { size, refill: opts.refill ?? true };
-    if (opts.resources) body.resources = resourcesBody(opts.resources);
+    if (hasResources(opts.resources)) body.resources = resourcesBody(opts.resources);
     return parseWarmPool(
       await call<Doc>(Config.resolve(opts), "PUT", `/templates/${encodeURIComponent(template)}/warm-pool`, { json: body }),
     );

@@ -29,6 +29,28 @@ export interface WebSocketLike {
   close(code?: number, reason?: string): void;
   /** Listens for `open`, `message`, `close` and `error`. */
   addEventListener(type: string, listener: (event: any) => void): void;
+  /** Sends a ping frame (the `ws` package; WHATWG WebSockets have none). */
+  ping?: () => void;
+  /** Listens for Node events such as `pong` and `ping` (the `ws` package). */
+  on?: (event: string, listener: (...args: any[]) => void) => unknown;
+  /** Drops the connection without a closing handshake (the `ws` package). */
+  terminate?: () => void;
+}
+
+/** How a connection checks that its peer is still there. */
+export interface KeepAliveOpts {
+  /** Milliseconds between pings where the client can send them (the `ws` package). */
+  pingEveryMs: number;
+  /**
+   * Milliseconds without anything from the peer (a message, a ping, a pong) after which
+   * the connection is taken for dead and dropped.
+   */
+  deadlineMs: number;
+  /**
+   * Where the client cannot ping (a WHATWG WebSocket, whose pings and pongs are
+   * invisible), also drop the connection after `deadlineMs` without a message.
+   */
+  readIdle: boolean;
 }
 
 let override: WebSocketConstructor | undefined;
@@ -71,6 +93,8 @@ export class WsConnection {
   private readonly queue: Message[] = [];
   private waiters: Array<(m: Message | null) => void> = [];
   private ended = false;
+  private lastSeen = Date.now();
+  private heartbeat: ReturnType<typeof setInterval> | undefined;
   /** The close code once the connection ended (1006: dropped without a close frame). */
   closeCode: number | undefined;
   /** Why the connection failed, if it did. */
@@ -85,6 +109,7 @@ export class WsConnection {
       else if (data instanceof ArrayBuffer) m = new Uint8Array(data);
       else if (ArrayBuffer.isView(data)) m = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
       else m = String(data);
+      this.lastSeen = Date.now();
       const w = this.waiters.shift();
       if (w) w(m);
       else this.queue.push(m);
@@ -99,7 +124,56 @@ export class WsConnection {
     });
   }
 
+  /**
+   * Checks that the peer is still there, so a half-open connection (the peer gone
+   * without a close, e.g. a dropped network) ends instead of waiting forever: with the
+   * `ws` package, a ping every `pingEveryMs` and the connection dropped when nothing (a
+   * pong, a ping, a message) came for `deadlineMs`; with a WHATWG WebSocket and
+   * `readIdle`, dropped after `deadlineMs` without a message.
+   */
+  keepAlive(opts: KeepAliveOpts): void {
+    if (this.ended || this.heartbeat !== undefined) return;
+    const ws = this.ws;
+    const canPing = typeof ws.ping === "function" && typeof ws.on === "function";
+    if (!canPing && !opts.readIdle) return;
+    if (canPing) {
+      const seen = () => {
+        this.lastSeen = Date.now();
+      };
+      ws.on!("pong", seen);
+      ws.on!("ping", seen);
+    }
+    this.lastSeen = Date.now();
+    let lastPing = 0;
+    const tick = Math.max(Math.min(opts.pingEveryMs, opts.deadlineMs) / 4, 10);
+    this.heartbeat = setInterval(() => {
+      const now = Date.now();
+      if (now - this.lastSeen > opts.deadlineMs) {
+        this.error = `nothing from the server within ${opts.deadlineMs} ms (a half-open connection?)`;
+        try {
+          if (ws.terminate) ws.terminate();
+          else ws.close(4000, "keepalive deadline");
+        } catch {
+          // already closed
+        }
+        this.finish();
+        return;
+      }
+      if (canPing && now - lastPing >= opts.pingEveryMs) {
+        lastPing = now;
+        try {
+          ws.ping!();
+        } catch {
+          // closing: the close event ends it
+        }
+      }
+    }, tick);
+    (this.heartbeat as { unref?: () => void }).unref?.();
+  }
+
   private finish(): void {
+    if (this.heartbeat !== undefined) clearInterval(this.heartbeat);
+    this.heartbeat = undefined;
     this.ended = true;
     const ws = this.waiters;
     this.waiters = [];
@@ -154,27 +228,43 @@ export class WsConnection {
 
 /**
  * Opens a WebSocket to `url` with `headers` in the handshake; fails with a
- * {@link StreamError} (code `stream_failed`, `status` when the server answered with one)
- * if the handshake fails, or a {@link SandboxTimeoutError} after `openTimeoutMs`.
+ * {@link StreamError} (code `stream_failed`, `status` when the server answered with one
+ * and the client says which: the `ws` package does, a WHATWG WebSocket does not) if the
+ * handshake fails, or a {@link SandboxTimeoutError} after `openTimeoutMs`. `signal`
+ * aborts the opening at once (rejecting with its reason).
  */
 export async function openWebSocket(
   url: string,
   headers: Record<string, string>,
   openTimeoutMs = 30_000,
+  signal?: AbortSignal,
 ): Promise<WsConnection> {
+  const aborted = () => signal?.reason ?? new StreamError("aborted", "the WebSocket's opening was aborted");
+  if (signal?.aborted) throw aborted();
   const Ctor = await implementation();
+  if (signal?.aborted) throw aborted();
   const ws = new Ctor(url, { headers });
   ws.binaryType = "arraybuffer";
   const conn = new WsConnection(ws);
   await new Promise<void>((resolve, reject) => {
     let settled = false;
-    const settle = (err?: Error) => {
+    const onAbort = () => {
+      try {
+        ws.close();
+      } catch {
+        // not open yet
+      }
+      settle(aborted());
+    };
+    const settle = (err?: unknown) => {
       if (settled) return;
       settled = true;
       clearTimeout(timer);
+      signal?.removeEventListener("abort", onAbort);
       if (err) reject(err);
       else resolve();
     };
+    signal?.addEventListener("abort", onAbort, { once: true });
     const timer = setTimeout(() => {
       try {
         ws.close();

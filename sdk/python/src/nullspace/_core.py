@@ -705,15 +705,15 @@ def apply_event(event: Dict[str, Any], result: CommandResult,
                 on_stderr: Optional[Callable[[str], Any]]) -> bool:
     """Applies one NDJSON command event; True once the command ended."""
     kind = event.get("event")
-    if kind == "start":
-        result.pid = event.get("pid")
-    elif kind in ("stdout", "stderr"):
-        text = event.get("data")
-        if text is None and "dataBase64" in event:
-            import base64
-            text = base64.b64decode(event["dataBase64"]).decode(errors="replace")
-        text = text or ""
-        if kind == "stdout":
+    # One incremental UTF-8 decoder per stream (kept on the result, not a field): the
+    # server sends raw chunks, and a character split across two of them arrives as
+    # two base64 pieces that only decode together.
+    decoders = result.__dict__.setdefault("_decoders", {})
+
+    def emit(name: str, text: str) -> None:
+        if not text:
+            return
+        if name == "stdout":
             result.stdout += text
             if on_stdout:
                 on_stdout(text)
@@ -721,7 +721,24 @@ def apply_event(event: Dict[str, Any], result: CommandResult,
             result.stderr += text
             if on_stderr:
                 on_stderr(text)
+
+    if kind == "start":
+        result.pid = event.get("pid")
+    elif kind in ("stdout", "stderr"):
+        import codecs
+        if kind not in decoders:
+            decoders[kind] = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        if event.get("data") is not None:
+            raw = event["data"].encode("utf-8", errors="surrogatepass")
+        elif "dataBase64" in event:
+            import base64
+            raw = base64.b64decode(event["dataBase64"])
+        else:
+            raw = b""
+        emit(kind, decoders[kind].decode(raw))
     elif kind == "exit":
+        for name, decoder in decoders.items():
+            emit(name, decoder.decode(b"", final=True))
         result.exit_code = event.get("exitCode")
         result.signal = event.get("signal")
         return True

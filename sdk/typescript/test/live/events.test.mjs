@@ -84,7 +84,10 @@ test("liveOnly skips the replay; afterEventId resumes; the stream ends after san
     assert.ok(e.id > 1);
     assert.equal(e.type, "sandbox.preview_port");
     assert.deepEqual(e.data, { port: 8000, public: true });
-    assert.ok(log.urls[0].endsWith("?live_only=true"), log.urls[0]);
+    // liveOnly reads the newest event's ID first and resumes after it (a reconnect
+    // before the first live event then misses nothing).
+    assert.match(log.urls[0], /\?after_event_id=\d+$/);
+    assert.ok(Number(/after_event_id=(\d+)/.exec(log.urls[0])[1]) < e.id, log.urls[0]);
 
     const later = sbx.streamEvents({ afterEventId: 1 });
     assert.equal((await within(30_000, "event 2", later.next())).value.id, 2);

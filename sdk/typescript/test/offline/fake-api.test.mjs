@@ -190,11 +190,16 @@ test("the event stream reconnects after a drop and resumes after the last event"
     assert.equal(local.state.wsUrls[0], `/v1/sandboxes/${SBX}/lifecycle/ws`);
     assert.equal(local.state.wsUrls[1], `/v1/sandboxes/${SBX}/lifecycle/ws?after_event_id=2`);
     assert.equal(local.state.wsHeaders[0]["x-api-key"], KEY);
-    // liveOnly, afterEventId: the query the data plane gets.
+    // liveOnly: after the newest event there is when it starts (read first), as an ID.
+    const opened = local.state.wsUrls.length;
     const live = sbx.streamEvents({ liveOnly: true });
-    assert.equal((await live.next()).value.id, 1);
+    const first = live.next();
+    while (local.state.wsUrls.length === opened) await new Promise((r) => setTimeout(r, 10));
+    assert.match(local.state.wsUrls.at(-1), /\?after_event_id=5$/);
+    local.push({ id: 6, at: "2026-01-01T00:00:00Z", type: "e6", data: {} });
+    assert.equal((await first).value.id, 6);
     await live.return();
-    assert.match(local.state.wsUrls.at(-1), /\?live_only=true$/);
+    // afterEventId: the query the data plane gets.
     const later = sbx.streamEvents({ afterEventId: 3 });
     assert.equal((await later.next()).value.id, 4);
     await later.return();

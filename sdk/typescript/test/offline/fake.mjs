@@ -36,12 +36,21 @@ export async function startFake(opts = {}) {
     wsHeaders: [],
     dropAfter: opts.dropAfter ?? null,
     build: opts.build ?? { fail: false },
+    // Lifecycle connections to drop at once (before any event), and what to do then.
+    dropNext: 0,
+    onDrop: null,
+    // Lifecycle connections to leave half-open: accepted, then never read again.
+    silentNext: 0,
+    sockets: new Set(),
+    sandboxState: "running",
+    ptyClosed: 0,
+    fileCancelled: 0,
   };
   let base = "";
   const view = (extra = {}) => ({
     sandboxID: SBX,
     templateID: "base",
-    state: "running",
+    state: state.sandboxState,
     metadata: {},
     timeout: 300,
     createdAt: "2026-01-01T00:00:00Z",
@@ -73,12 +82,40 @@ export async function startFake(opts = {}) {
         res.write(JSON.stringify({ event: "stdout", data: "hé" }) + "\n");
         res.write(JSON.stringify({ event: "stderr", dataBase64: Buffer.from([0xff, 0x41]).toString("base64") }) + "\n");
         if (cmd === "cut") return res.end();
+        if (cmd === "detach") return res.end(JSON.stringify({ event: "detached" }) + "\n");
+        if (cmd === "split") {
+          // "a€b😀c" with both characters split across raw chunks (base64 each).
+          const euro = Buffer.from("€");
+          const smile = Buffer.from("😀");
+          const parts = [Buffer.concat([Buffer.from("a"), euro.subarray(0, 1)]), euro.subarray(1, 2),
+            Buffer.concat([euro.subarray(2), Buffer.from("b"), smile.subarray(0, 2)]), smile.subarray(2)];
+          for (const b of parts) res.write(JSON.stringify({ event: "stdout", dataBase64: b.toString("base64") }) + "\n");
+          res.write(JSON.stringify({ event: "stdout", data: "c" }) + "\n");
+          // A truncated character at the very end is replaced, not lost.
+          res.write(JSON.stringify({ event: "stderr", dataBase64: smile.subarray(0, 3).toString("base64") }) + "\n");
+          return res.end(JSON.stringify({ event: "exit", exitCode: 0, signal: null }) + "\n");
+        }
         if (cmd === "fail") return res.end(JSON.stringify({ event: "error", code: "not_found", message: "no such user" }) + "\n");
         // Split one event over two writes: the SDK must join the lines.
         const exit = JSON.stringify({ event: "exit", exitCode: 3, signal: null }) + "\n";
         res.write(exit.slice(0, 9));
         await new Promise((r) => setTimeout(r, 20));
         return res.end(exit.slice(9));
+      }
+      if (p.endsWith("/files") && req.method === "GET" && url.searchParams.get("path") === "data.bin") {
+        res.writeHead(200, { "content-type": "application/octet-stream" });
+        res.write(Buffer.alloc(64 * 1024, 1));
+        await new Promise((r) => setTimeout(r, 20));
+        return res.end(Buffer.alloc(64 * 1024, 2));
+      }
+      if (p.endsWith("/files") && req.method === "GET" && url.searchParams.get("path") === "endless") {
+        // One chunk, then nothing until the client goes away.
+        res.writeHead(200, { "content-type": "application/octet-stream" });
+        res.write(Buffer.alloc(1024, 1));
+        res.on("close", () => {
+          state.fileCancelled += 1;
+        });
+        return;
       }
       if (p.endsWith("/files") && req.method === "GET") {
         return send(res, 404, { code: "not_found", message: `no such file: ${url.searchParams.get("path")}` });
@@ -91,6 +128,26 @@ export async function startFake(opts = {}) {
       return send(res, 200, { sandboxes: [view({ runtime: null })], nextToken: null });
     }
     if (p === `/api/v1/sandboxes/${SBX}` && req.method === "GET") return send(res, 200, view());
+    if (p === `/api/v1/sandboxes/${SBX}/events` && req.method === "GET") {
+      const after = Number(url.searchParams.get("after_event_id") ?? 0);
+      const limit = Number(url.searchParams.get("limit") ?? 1000);
+      return send(res, 200, { events: state.events.filter((e) => e.id > after).slice(0, limit) });
+    }
+    if (p === "/api/v1/trickle") {
+      // 6 chunks 150 ms apart: longer in all than a 400 ms deadline, never silent as long.
+      res.writeHead(200, { "content-type": "application/json" });
+      res.write("[");
+      for (let i = 0; i < 6; i++) {
+        await new Promise((r) => setTimeout(r, 150));
+        res.write(i ? ",1" : "1");
+      }
+      return res.end("]");
+    }
+    if (p === "/api/v1/sandboxes/sbx-revoked") return send(res, 401, { code: "token_revoked", message: "the token was revoked" });
+    if (p === "/api/v1/sandboxes/sbx-forbidden") return send(res, 403, { code: "not_yours", message: "no" });
+    if (p === "/api/v1/sandboxes/sbx-conflict") return send(res, 409, { code: "busy", message: "busy" });
+    if (p === "/api/v1/sandboxes/sbx-slow-down") return send(res, 429, { code: "too_many", message: "slow down" });
+    if (p === "/api/v1/sandboxes/sbx-html") return send(res, 200, "<html>a proxy page</html>", "text/html");
     if (p === `/api/v1/sandboxes/${SBX}/security-policy`) {
       state.policy = JSON.parse(body);
       return send(res, 200, view({ securityPolicy: state.policy }));
@@ -111,6 +168,10 @@ export async function startFake(opts = {}) {
     if (p === "/api/v1/templates" && req.method === "POST") {
       return send(res, 202, { templateID: "tpl-1", status: "building", builtin: false, from: "base", steps: [], envVars: {} });
     }
+    if (p === "/api/v1/templates/tpl-slow/logs") {
+      await new Promise((r) => setTimeout(r, 50));
+      return send(res, 200, { templateID: "tpl-slow", status: "building", lines: [], next: 0 });
+    }
     if (p === "/api/v1/templates/tpl-1/logs") {
       const after = Number(url.searchParams.get("after"));
       const lines = after === 0 ? [{ seq: 1, time: "t", step: 0, stream: "stdout", text: "hello" }] : after === 1 ? [{ seq: 2, time: "t", step: 0, stream: "build", text: "done" }] : [];
@@ -125,8 +186,28 @@ export async function startFake(opts = {}) {
   });
   const wss = new WebSocketServer({ noServer: true });
   server.on("upgrade", (req, socket, head) => {
+    if (new URL(req.url, "http://fake").pathname.endsWith("/pty")) {
+      if (req.headers.authorization !== `Bearer ${TOKEN}`) {
+        socket.end("HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n");
+        return;
+      }
+      wss.handleUpgrade(req, socket, head, (ws) => {
+        // Output now and then, until the client closes.
+        const t = setInterval(() => ws.send(Buffer.from("tick\r\n")), 20);
+        ws.on("close", () => {
+          clearInterval(t);
+          state.ptyClosed += 1;
+        });
+        if (new URL(req.url, "http://fake").searchParams.get("cmd") === "quiet") clearInterval(t);
+      });
+      return;
+    }
     state.wsUrls.push(req.url);
     state.wsHeaders.push(req.headers);
+    if (state.sandboxState === "deleted") {
+      socket.end("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
+      return;
+    }
     if (req.headers["x-api-key"] !== KEY) {
       socket.end("HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n");
       return;
@@ -135,6 +216,20 @@ export async function startFake(opts = {}) {
       const url = new URL(req.url, "http://fake");
       const after = Number(url.searchParams.get("after_event_id") ?? 0);
       const first = state.wsUrls.length === 1;
+      if (state.dropNext > 0) {
+        state.dropNext -= 1;
+        ws.terminate();
+        state.onDrop?.();
+        return;
+      }
+      if (state.silentNext > 0) {
+        // Half-open: no more reads (so no pongs), nothing sent.
+        state.silentNext -= 1;
+        socket.pause();
+        return;
+      }
+      state.sockets.add(ws);
+      ws.on("close", () => state.sockets.delete(ws));
       // Replays overlap by one (an event the client already has) to check the dedupe.
       let sent = 0;
       for (const e of state.events.filter((e) => e.id >= Math.max(after, 1))) {
@@ -152,6 +247,11 @@ export async function startFake(opts = {}) {
   return {
     base,
     state,
+    /** Appends an event and sends it to every open lifecycle stream. */
+    push(event) {
+      state.events.push(event);
+      for (const ws of state.sockets) ws.send(JSON.stringify(event));
+    },
     close: () =>
       new Promise((r) => {
         for (const c of wss.clients) c.terminate();

@@ -40,10 +40,23 @@ const CLASSES = {
 /** Python calls with no counterpart, and why. */
 const NOT_HERE = {
   "Sandbox.close": "fetch keeps no client to close; streams end with their loop or signal",
+  // Being added to the Python SDK now (the code interpreter); the TypeScript port follows.
+  "Sandbox.run_code": "pending port: the code interpreter is new in the Python SDK",
+  "Sandbox.create_code_context": "pending port: the code interpreter is new in the Python SDK",
+  "Sandbox.remove_code_context": "pending port: the code interpreter is new in the Python SDK",
+};
+
+/**
+ * Python classes being added in sdk/python now, not ported yet: each named, with why.
+ * (Remove an entry once its class is here.)
+ */
+const PENDING = {
+  Desktop: "the desktop helpers are being added to the Python SDK; the TypeScript port follows",
 };
 
 test("every public call of the Python SDK has its camelCase counterpart", () => {
   const py = pythonSurface();
+  for (const cls of Object.keys(PENDING)) delete py[cls];
   assert.deepEqual(Object.keys(py).sort(), Object.keys(CLASSES).sort(), "a Python class with no counterpart here");
   const missing = [];
   for (const [cls, methods] of Object.entries(py)) {
