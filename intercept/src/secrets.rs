@@ -147,49 +147,17 @@ impl SecretSet {
     /// placeholders of secrets allowed at both become their values ([`Hit::Inserted`]);
     /// others stay ([`Hit::Kept`]).
     pub fn for_request(&self, host: &str, upstream: Option<&str>) -> Option<Replacer> {
-        Replacer::new(
-            self.secrets
-                .iter()
-                .map(|s| {
-                    if s.allowed_via(host, upstream) {
-                        (
-                            s.placeholder.clone(),
-                            s.value.clone(),
-                            s.name.clone(),
-                            Hit::Inserted,
-                        )
-                    } else {
-                        (
-                            s.placeholder.clone(),
-                            s.placeholder.clone(),
-                            s.name.clone(),
-                            Hit::Kept,
-                        )
-                    }
-                })
-                .collect(),
-            false,
-        )
+        self.rewrite(|s| match s.allowed_via(host, upstream) {
+            true => (&s.placeholder, &s.value, Hit::Inserted),
+            false => (&s.placeholder, &s.placeholder, Hit::Kept),
+        })
     }
 
     /// The rewrite for a request's URL and body, whatever its host: every placeholder
     /// stays ([`Hit::Kept`]), counted. A real value never goes there: a server may send
     /// either back in a form masking cannot match.
     pub fn for_request_body(&self) -> Option<Replacer> {
-        Replacer::new(
-            self.secrets
-                .iter()
-                .map(|s| {
-                    (
-                        s.placeholder.clone(),
-                        s.placeholder.clone(),
-                        s.name.clone(),
-                        Hit::Kept,
-                    )
-                })
-                .collect(),
-            false,
-        )
+        self.rewrite(|s| (&s.placeholder, &s.placeholder, Hit::Kept))
     }
 
     /// The rewrite for a cleartext request for `host` (sent to `upstream`, as in
@@ -197,39 +165,28 @@ impl SecretSet {
     /// connection anyone on the path can read; those of secrets that would have gone in
     /// over TLS are counted as [`Hit::Withheld`], the others as [`Hit::Kept`].
     pub fn for_cleartext_request(&self, host: &str, upstream: Option<&str>) -> Option<Replacer> {
-        Replacer::new(
-            self.secrets
-                .iter()
-                .map(|s| {
-                    let hit = if s.allowed_via(host, upstream) {
-                        Hit::Withheld
-                    } else {
-                        Hit::Kept
-                    };
-                    (
-                        s.placeholder.clone(),
-                        s.placeholder.clone(),
-                        s.name.clone(),
-                        hit,
-                    )
-                })
-                .collect(),
-            false,
-        )
+        self.rewrite(|s| match s.allowed_via(host, upstream) {
+            true => (&s.placeholder, &s.placeholder, Hit::Withheld),
+            false => (&s.placeholder, &s.placeholder, Hit::Kept),
+        })
     }
 
     /// The rewrite for responses: real values become placeholders.
     pub fn for_response(&self) -> Option<Replacer> {
+        self.rewrite(|s| (&s.value, &s.placeholder, Hit::Masked))
+    }
+
+    /// A case-sensitive replacer of one `(from, to, hit)` rule per secret.
+    fn rewrite<'a>(
+        &'a self,
+        rule: impl Fn(&'a Secret) -> (&'a String, &'a String, Hit),
+    ) -> Option<Replacer> {
         Replacer::new(
             self.secrets
                 .iter()
                 .map(|s| {
-                    (
-                        s.value.clone(),
-                        s.placeholder.clone(),
-                        s.name.clone(),
-                        Hit::Masked,
-                    )
+                    let (from, to, hit) = rule(s);
+                    (from.clone(), to.clone(), s.name.clone(), hit)
                 })
                 .collect(),
             false,
