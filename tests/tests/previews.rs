@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 /// A page and a WebSocket echo on one port, with Python's standard library only.
 const SERVER: &str = r#"
-import base64, hashlib, http.server, socketserver, struct, threading
+import base64, hashlib, http.server, socketserver, struct, threading, time
 ECHOED = threading.Event()
 PAGE = b"""<html><body><div id=page>preview page</div><div id=out>waiting</div><script>
 const ws = new WebSocket('ws://' + location.host + '/ws');
@@ -49,7 +49,10 @@ class H(http.server.BaseHTTPRequestHandler):
         if self.path.startswith('/after-echo'):
             # Holds the page's load event (when the browser dumps the DOM) until the
             # WebSocket has echoed.
+            # The echo was written before ECHOED was set, but the browser may not have run
+            # onmessage yet: a moment more keeps this response behind it.
             ECHOED.wait(20)
+            time.sleep(0.5)
         body = PAGE if self.path.split('?')[0] in ('/', '/index.html') else ('path=' + self.path + ' host=' + self.headers['Host'] + ' proxy=' + str(self.headers.get('x-nullspace-preview-proxy-token')) + ' cookie=' + str(self.headers.get('Cookie'))).encode()
         self.send_response(200)
         if self.path.startswith('/setcookie'):
@@ -203,7 +206,12 @@ async fn a_browser_loads_a_preview_and_its_websocket_and_tokens_guard_private_po
 
     // A real browser: the signed URL trades its token for a cookie, the page loads, and
     // its WebSocket echoes through the same preview host.
-    let dom = chromium_dom(&url);
+    // The echo races the page's load event (when the DOM is dumped) inside the browser:
+    // a second load tells a slow browser from a broken WebSocket.
+    let mut dom = chromium_dom(&url);
+    if !dom.contains("echo:ping") {
+        dom = chromium_dom(&url);
+    }
     assert!(
         dom.contains("preview page") && dom.contains("echo:ping"),
         "{dom}"

@@ -20,11 +20,18 @@ class TestNet:
     also removes a namespace a killed run left). Never an outside address."""
 
     __test__ = False  # a fixture's type, not a test class
+    _made = 0  # nets made by this process: each gets its own subnet and link names
 
     def __init__(self) -> None:
-        self.subnet = 20 + os.getpid() % 200
+        # A fresh subnet per net: the kernel tears down a deleted namespace's veth pair
+        # asynchronously, so reusing the previous test's names can meet "File exists".
+        TestNet._made += 1
+        self.subnet = 20 + (os.getpid() + TestNet._made) % 200
         self.name = f"nstest-{os.getpid()}-{self.subnet}"
         host_end, peer = f"vt{self.subnet}h", f"vt{self.subnet}n"
+        self.host_end = host_end
+        # A link of that name left by a killed run is stale: remove it first.
+        subprocess.run(["ip", "link", "del", host_end], capture_output=True)
         self.servers = []
         _ip("netns", "add", self.name)
         try:
@@ -73,6 +80,9 @@ class TestNet:
         for s in self.servers:
             s.kill()
             s.wait()
+        # Deleting the host end removes the pair at once (synchronously), unlike the
+        # namespace's deferred teardown.
+        subprocess.run(["ip", "link", "del", self.host_end], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
