@@ -27,9 +27,10 @@ pub use request::{
     MAX_FORK_CHILDREN, MAX_TIMEOUT_S, MAX_WARM_POOL_SIZE, MIN_SNAPSHOT_INTERVAL_S, STALE_FIELDS,
 };
 pub use template::{
-    is_template_id, is_template_name, BuildFailure, BuildLogLine, BuildLogPage, BuildStep,
-    FileSpec, StepAction, StepStatus, StepView, TemplateBuildRequest, TemplateStatus, TemplateView,
-    ValidBuild, ValidStep, BUILTIN_TEMPLATES, MAX_LOG_PAGE, MAX_LOG_WAIT_S,
+    is_reserved_template_name, is_template_id, is_template_name, BuildFailure, BuildLogLine,
+    BuildLogPage, BuildStep, FileSpec, StepAction, StepStatus, StepView, TemplateBuildRequest,
+    TemplateStatus, TemplateView, ValidBuild, ValidStep, BUILTIN_TEMPLATES, MAX_LOG_PAGE,
+    MAX_LOG_WAIT_S, WORKSPACE_TEMPLATES,
 };
 pub use tenant::{
     is_team_ref, KeyRequest, LimitsPatch, RotateRequest, TeamCreateRequest,

@@ -9,6 +9,17 @@ use std::collections::BTreeMap;
 /// The built-in templates: always there, never built or deleted.
 pub const BUILTIN_TEMPLATES: &[&str] = &["base", "minimal"];
 
+/// The workspace templates: specs in the repository (`templates/<name>.json`, steps
+/// over `base`) that each host builds with the template builder, as the operator's, and
+/// every team may start from by name once built (`GET /templates` says their status).
+pub const WORKSPACE_TEMPLATES: &[&str] = &["code-interpreter", "desktop", "agent"];
+
+/// Whether `name` is a template no team may name its own: a built-in or a workspace
+/// template.
+pub fn is_reserved_template_name(name: &str) -> bool {
+    BUILTIN_TEMPLATES.contains(&name) || WORKSPACE_TEMPLATES.contains(&name)
+}
+
 /// Most build steps in one template.
 pub const MAX_BUILD_STEPS: usize = 64;
 /// Default time one `run` or `packages` step may take, in seconds.
@@ -385,7 +396,7 @@ impl TemplateBuildRequest {
     /// Every check that needs no state.
     pub fn validate(&self) -> Result<ValidBuild, ApiError> {
         if let Some(name) = &self.name {
-            if !is_template_name(name) || BUILTIN_TEMPLATES.contains(&name.as_str()) {
+            if !is_template_name(name) || is_reserved_template_name(name) {
                 return Err(field_error(
                     "name",
                     format!("name {name:?} is not usable; send 1 to 64 of a-z, 0-9, '-', '_', '.', starting with a letter or digit, not a built-in template's name or an ID prefix (tpl-, snap-, sbx-)"),
@@ -512,7 +523,10 @@ pub struct TemplateView {
     pub template_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// Built-in templates (`base`, `minimal`) are always ready and have no steps.
+    /// Built-in templates (`base`, `minimal`) are always ready and have no steps; the
+    /// workspace templates (`code-interpreter`, `desktop`, `agent`) are built-in too,
+    /// built on each host from the repository's specs (their status and steps say how
+    /// far).
     pub builtin: bool,
     pub from: String,
     pub status: TemplateStatus,
@@ -614,8 +628,14 @@ mod tests {
         let e = req(json!({"steps": [{"files": [{"path": "/a", "content": "", "mode": "999"}]}]}))
             .unwrap_err();
         assert!(e.message.contains("octal"), "{}", e.message);
-        let e = req(json!({"name": "base"})).unwrap_err();
-        assert!(e.message.contains("not usable"), "{}", e.message);
+        for reserved in ["base", "code-interpreter", "desktop", "agent"] {
+            let e = req(json!({ "name": reserved })).unwrap_err();
+            assert!(
+                e.message.contains("not usable"),
+                "{reserved}: {}",
+                e.message
+            );
+        }
     }
 
     #[test]

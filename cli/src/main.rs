@@ -171,6 +171,13 @@ enum SandboxCommand {
         #[arg(long)]
         private: bool,
     },
+    /// The viewer of a desktop sandbox (template `desktop`): a signed preview URL of its
+    /// noVNC page, interactive (or --view-only).
+    Desktop {
+        id: String,
+        #[arg(long)]
+        view_only: bool,
+    },
     /// Its logs: boot console, lifecycle events, the diagnostic of a failure, and the
     /// output of the template's start command and background commands.
     Logs {
@@ -1389,6 +1396,19 @@ async fn sandbox(
                 );
             } else {
                 println!("{}", p.url);
+            }
+        }
+        SandboxCommand::Desktop { id, view_only } => {
+            let url = Sandbox::from_id(config, id)?
+                .desktop_viewer_url(*view_only)
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "url": url, "viewOnly": view_only })
+                );
+            } else {
+                println!("{url}");
             }
         }
         SandboxCommand::Logs { id, offset, limit } => {

@@ -146,6 +146,11 @@ pub struct Serve {
     /// A warm pool of the default shape set at start, TEMPLATE=SIZE (repeatable; default: none)
     #[arg(long, value_name = "TEMPLATE=SIZE", value_parser = warm_pool)]
     pub warm_pool: Vec<WarmPool>,
+    /// Which workspace templates (code-interpreter, desktop, agent) this host builds in
+    /// the background after start: all, off (their names are unknown here), or names
+    /// separated by commas
+    #[arg(long, value_name = "all|off|NAME,...", default_value = "all", value_parser = workspace_mode)]
+    pub workspace_templates: crate::sandboxes::WorkspaceMode,
     #[command(flatten)]
     pub host: HostArgs,
     /// An address or IPv4 block no guest reaches, whatever its egress policy names
@@ -354,6 +359,10 @@ fn snapshot_store(s: &str) -> Result<SnapshotStore, String> {
         "s3" => Ok(SnapshotStore::S3),
         _ => Err("send local or s3".into()),
     }
+}
+
+fn workspace_mode(s: &str) -> Result<crate::sandboxes::WorkspaceMode, String> {
+    crate::sandboxes::WorkspaceMode::parse(s)
 }
 
 fn warm_pool(s: &str) -> Result<WarmPool, String> {

@@ -740,6 +740,7 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
             preview_domain: preview_domain.clone(),
             network,
             region: given(&args.region).map(str::to_string),
+            workspace_templates: args.workspace_templates.clone(),
         },
     ));
     manager
@@ -786,6 +787,11 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
             resources: None,
             refill: None,
         };
+        if args.workspace_templates.0.contains(&pool.template.as_str()) {
+            // Set once the template is built (in the background).
+            manager.defer_workspace_pool(&pool.template, body);
+            continue;
+        }
         // The host's own command line speaks for the operator.
         manager
             .set_warm_pool(sandboxes::Actor::Operator, &pool.template, body)
@@ -793,6 +799,9 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--warm-pool {}: {}", pool.spec, e.message))?;
     }
     tokio::spawn(manager.clone().refill_warm_pools());
+    // After the reconcile (which failed the builds a stop cut short) and never in
+    // the way of serving: base and minimal serve at once.
+    tokio::spawn(manager.clone().build_workspace_templates());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -392,15 +392,20 @@ impl Daemon {
             "--preview-listen",
             "127.0.0.1:0",
         ])
-        .args(extra)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--templates-dir")
-        .arg(shared_templates_dir())
-        .env("RUST_LOG", "warn")
-        // Its own run directory: a daemon reaps VM directories of dead owners, and
-        // another test's daemon killed on purpose is one.
-        .env("NULLSPACE_RUN_DIR", &run_dir);
+        .args(extra);
+        // The workspace templates are built only by the tests that ask for them (one
+        // build is minutes under TCG, and it would hold the host's build slot).
+        if !extra.iter().any(|a| a.starts_with("--workspace-templates")) {
+            cmd.args(["--workspace-templates", "off"]);
+        }
+        cmd.arg("--state-dir")
+            .arg(&state)
+            .arg("--templates-dir")
+            .arg(shared_templates_dir())
+            .env("RUST_LOG", "warn")
+            // Its own run directory: a daemon reaps VM directories of dead owners, and
+            // another test's daemon killed on purpose is one.
+            .env("NULLSPACE_RUN_DIR", &run_dir);
         // Ready once the templates are too: tests then see only their own VMs. If the
         // test process dies (a timeout), PDEATHSIG tells the daemon to end its VMs.
         let (child, lines) = spawn_until(

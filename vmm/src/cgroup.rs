@@ -44,6 +44,13 @@ pub fn overhead_mib(mem_mib: u32) -> u64 {
     256 + u64::from(mem_mib) / 16
 }
 
+/// Host memory QEMU's TCG may fill with translated code beyond [`overhead_mib`]: its
+/// code buffer is 1 GiB by default (QEMU 7.2, system emulation), filled as the guest
+/// runs code it has not run before. Measured: a 2 GiB guest installing a few hundred
+/// Debian packages (a workspace template's build) reached 1.25 GiB of anonymous QEMU
+/// memory and was killed at RAM + 384 MiB.
+pub const TCG_CODE_MIB: u64 = 1024;
+
 /// The limits one VM runs under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmLimits {
@@ -60,6 +67,12 @@ pub struct VmLimits {
 }
 
 impl VmLimits {
+    /// The same limits for a VM run under TCG: room for its translated code.
+    pub fn under_tcg(mut self) -> Self {
+        self.memory_bytes += TCG_CODE_MIB << 20;
+        self
+    }
+
     /// The limits of a VM with `vcpus` and `mem_mib` of RAM.
     pub fn for_vm(vcpus: u32, mem_mib: u32) -> Self {
         let vcpus = u64::from(vcpus.max(1));
@@ -491,6 +504,8 @@ mod tests {
         assert_eq!(big.cpu_quota_us, 400_000);
         assert_eq!(big.cpu_weight, 400);
         assert!(big.memory_bytes > 8192 << 20);
+        let tcg = VmLimits::for_vm(1, 256).under_tcg();
+        assert_eq!(tcg.memory_bytes, l.memory_bytes + (1024 << 20));
     }
 
     #[test]

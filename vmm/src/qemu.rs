@@ -731,8 +731,15 @@ impl QemuVmm {
         }
         let mut cgroup = match &self.cgroups {
             Some(c) => Some(
-                c.create(&launch.id, &VmLimits::for_vm(launch.vcpus, launch.mem_mib))
-                    .map_err(|e| VmmError::Host(format!("the VM's cgroup: {e}")))?,
+                c.create(&launch.id, &{
+                    let limits = VmLimits::for_vm(launch.vcpus, launch.mem_mib);
+                    if launch.machine_args.iter().any(|a| a.contains("accel=tcg")) {
+                        limits.under_tcg()
+                    } else {
+                        limits
+                    }
+                })
+                .map_err(|e| VmmError::Host(format!("the VM's cgroup: {e}")))?,
             ),
             None => None,
         };

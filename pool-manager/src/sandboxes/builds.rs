@@ -592,7 +592,14 @@ impl Manager {
         team: Option<&str>,
         id: &str,
     ) -> Result<Option<TemplateRecord>, ApiError> {
-        match self.catalog.template(team, id)? {
+        let found = match self.catalog.template(team, id)? {
+            Some(t) => Some(t),
+            // The workspace templates (by name) and the operator's templates behind
+            // them (by ID) are every team's.
+            None if team.is_some() => return self.shared_template(id),
+            None => None,
+        };
+        match found {
             Some(t) if t.status == TemplateStatus::Ready => Ok(Some(t)),
             Some(t) => Err(ApiError::conflict(format!(
                 "template {} is {}, not ready: {}",
@@ -625,7 +632,7 @@ impl Manager {
         } else {
             let base = self.ready_template(Some(team), &request.from)?.ok_or_else(|| {
                 ApiError::not_found("template", &request.from).with_details(serde_json::json!({
-                    "field": "from", "available": BUILTIN, "hint": "or a ready template of your team (GET /templates)"
+                    "field": "from", "available": BUILTIN, "workspace": api_model::WORKSPACE_TEMPLATES, "hint": "or a ready template of your team (GET /templates)"
                 }))
             })?;
             let resources =
@@ -664,8 +671,11 @@ impl Manager {
         {
             // Counted and recorded under one lock, so a burst cannot overshoot.
             let _one_at_a_time = self.admission.lock().unwrap();
-            // The team's templates and builds quotas (builds: running or queued).
-            self.check_build_quota(team)?;
+            // The team's templates and builds quotas (builds: running or queued); the
+            // operator's builds are the workspace templates, one per spec.
+            if team != crate::catalog::OPERATOR_TEAM_ID {
+                self.check_build_quota(team)?;
+            }
             self.catalog.put_template(&record)
         }
         .map_err(|e| match e {
@@ -1427,15 +1437,20 @@ impl Manager {
         if BUILTIN.contains(&id) {
             return Ok(builtin_view(id));
         }
+        if self.is_workspace(id) {
+            return self.workspace_view(id);
+        }
         self.catalog
             .template(Some(team), id)?
             .map(|t| t.view())
             .ok_or_else(|| ApiError::not_found("template", id))
     }
 
-    /// The built-in templates and the team's own, oldest first.
+    /// The built-in templates, the workspace templates (with their build's status) and
+    /// the team's own, oldest first.
     pub fn list_templates(&self, team: &str) -> Result<Vec<TemplateView>, ApiError> {
         let mut out: Vec<TemplateView> = BUILTIN.iter().map(|b| builtin_view(b)).collect();
+        out.extend(self.workspace_views()?);
         out.extend(self.catalog.templates(Some(team))?.iter().map(|t| t.view()));
         Ok(out)
     }
@@ -1481,7 +1496,7 @@ impl Manager {
     /// Deletes a template: a running build is cancelled (its VM ended), its stored
     /// snapshot and warm pool go; sandboxes made from it keep running.
     pub async fn delete_template(&self, team: &str, id: &str) -> Result<(), ApiError> {
-        if BUILTIN.contains(&id) {
+        if BUILTIN.contains(&id) || api_model::WORKSPACE_TEMPLATES.contains(&id) {
             return Err(ApiError::conflict(format!(
                 "{id} is a built-in template and cannot be deleted"
             )));

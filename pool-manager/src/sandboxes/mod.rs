@@ -30,6 +30,7 @@ mod security;
 mod snapshots;
 mod volumes;
 mod warm;
+pub mod workspace;
 pub use admission::Actor;
 pub use network::{NetworkSettings, USER_MODE_NETWORK};
 pub use previews::{Wake, WAKE_WINDOW};
@@ -37,6 +38,7 @@ pub(crate) use snapshots::free_bytes;
 use snapshots::snapshot_resources;
 pub use snapshots::SnapshotSettings;
 pub use warm::PoolStatus;
+pub use workspace::WorkspaceMode;
 
 type Slot = Arc<tokio::sync::Mutex<Option<QemuVm>>>;
 
@@ -79,6 +81,8 @@ pub struct Manager {
     warm: warm::WarmPools,
     /// Template builds.
     builds: builds::Builds,
+    /// The workspace templates (`code-interpreter`, `desktop`, `agent`).
+    workspace: workspace::Workspace,
     /// `HOST[:PORT]` preview URLs are made under.
     preview_domain: String,
     /// Resource samples of running sandboxes.
@@ -181,6 +185,8 @@ pub struct ManagerConfig {
     pub network: NetworkSettings,
     /// The region this host is in, if the operator named one.
     pub region: Option<String>,
+    /// Whether this host builds the workspace templates.
+    pub workspace_templates: WorkspaceMode,
 }
 
 impl Manager {
@@ -196,7 +202,21 @@ impl Manager {
             preview_domain,
             network,
             region,
+            workspace_templates,
         } = config;
+        // Everything a workspace template's base snapshot depends on (as the
+        // template snapshots' key has it).
+        let base_inputs = format!(
+            "{}|{}|{}|{:?}",
+            vmm.images().key(),
+            if vmm.isolated_network() {
+                "isolated"
+            } else {
+                "user"
+            },
+            vmm.qemu_version(),
+            vmm.accel().accel
+        );
         Self {
             recordings: recording::Recordings::new(&state_dir, snapshots.store.clone()),
             team_cas: security::TeamCas::default(),
@@ -220,6 +240,7 @@ impl Manager {
             gc_wanted: tokio::sync::Notify::new(),
             warm: warm::WarmPools::default(),
             builds: builds::Builds::default(),
+            workspace: workspace::Workspace::new(workspace_templates, &base_inputs),
             preview_domain,
             samples: observe::Samples::default(),
             activity: Arc::default(),

@@ -316,7 +316,8 @@ impl Manager {
         body.validate()?;
         let team = match actor {
             Actor::Team(team) => {
-                if BUILTIN.contains(&template) {
+                if BUILTIN.contains(&template) || api_model::WORKSPACE_TEMPLATES.contains(&template)
+                {
                     return Err(ApiError::forbidden(format!(
                         "the built-in templates' warm pools are the operator's: ask them to size the {template} pool, or build a template of your own (POST /templates) and pool that"
                     )));
@@ -325,6 +326,9 @@ impl Manager {
             }
             Actor::Operator => None,
         };
+        // A workspace template's pool is its current build's (by ID).
+        let template = self.pool_template(template)?;
+        let template = template.as_str();
         let resources = self.pool_shape(team, template, body.resources)?;
         let config = PoolConfig {
             target: body.size.min(MAX_WARM_POOL_SIZE),
@@ -443,6 +447,8 @@ impl Manager {
             Actor::Team(team) => Some(team),
             Actor::Operator => None,
         };
+        let template = self.pool_template(template)?;
+        let template = template.as_str();
         let resources = self.pool_shape(team, template, None)?;
         Ok(self.warm.status(template).unwrap_or(PoolStatus {
             template_id: template.to_string(),

@@ -124,6 +124,7 @@ SYNC_ONLY = {"__enter__", "__exit__"}
     (nullspace.Pty, nullspace.AsyncPty),
     (nullspace.PtyHandle, nullspace.AsyncPtyHandle),
     (nullspace.Snapshot, nullspace.AsyncSnapshot),
+    (nullspace.Desktop, nullspace.AsyncDesktop),
 ])
 def test_the_async_classes_have_every_call_of_the_sync_ones(sync, async_):
     s, a = _surface(sync), _surface(async_)
@@ -137,7 +138,7 @@ def test_the_async_classes_have_every_call_of_the_sync_ones(sync, async_):
     if sync is Sandbox:
         src_s = inspect.getsource(Sandbox.__init__)
         src_a = inspect.getsource(AsyncSandbox.__init__)
-        for attr in ("self.commands", "self.files", "self.pty"):
+        for attr in ("self.commands", "self.files", "self.pty", "self.desktop"):
             assert attr in src_s and attr in src_a, attr
 
 

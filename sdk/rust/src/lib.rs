@@ -56,6 +56,7 @@
 //! | `recording` (seed 002) | [`CreateOptions::recording`], [`Sandbox::recordings`], [`Sandbox::recording`] | `recording`; `GET …/recordings`, `GET …/recordings/:rid` |
 //! | `files.presign` (seed 002) | [`Files::presign`] → [`Presigned`] | `POST …/files/presign {path, method, expires}` |
 //! | logs (seed 003) | [`Sandbox::logs`], [`Sandbox::logs_page`] | `GET /sandboxes/:id/logs?offset=&limit=` |
+//! | `run_code` (seed 000's code-interpreter template) | [`Sandbox::run_code`] → [`Execution`], [`Sandbox::create_code_context`] | the template's `nullspace-code` helper through `POST …/commands` (docs/TEMPLATES.md) |
 //!
 //! Conflicts refused before sending: `network` with `egress`; `allow_internet_access`
 //! `false` with `egress`; `secure` `false` with `security_policy`; `lifecycle.on_timeout`
@@ -86,6 +87,7 @@
 //! ```
 
 pub mod blocking;
+mod code;
 mod commands;
 mod config;
 mod create;
@@ -101,6 +103,11 @@ mod time;
 mod volumes;
 
 pub use api_model::{EgressPolicy, Mount, MountMode, MountRequest};
+pub use code::{
+    desktop_viewer_url, CodeContext, CodeOptions, CodeResult, Execution, ExecutionError,
+    Logs as ExecutionLogs, ResultCallback, CODE_HELPER, DESKTOP_VIEWER_PORT,
+    DESKTOP_VIEW_ONLY_PORT,
+};
 pub use commands::{CommandHandle, Commands, OutputCallback, RunOptions};
 pub use config::{ConnectionConfig, DEFAULT_REQUEST_TIMEOUT};
 pub use create::{

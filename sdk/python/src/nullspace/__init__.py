@@ -1,17 +1,19 @@
 """Python SDK for Nullspace sandboxes: ``Sandbox`` (sync) and ``AsyncSandbox``."""
 
-from ._core import (AuditDetection, AuditPage, AuditRecord, CommandResult, EntryInfo,
+from ._core import (AuditDetection, AuditPage, AuditRecord, CodeContext, CommandResult, EntryInfo,
+                    Execution, ExecutionError, Logs, Result,
                     NotFoundError, SandboxError, SandboxInfo, SandboxLifecycle, SandboxMetrics,
                     SandboxNetworkOpts, SecurityPolicy, SnapshotInfo, redact_preview_token,
                     redact_preview_url)
-from .async_sandbox import (AsyncCommandHandle, AsyncCommands, AsyncFilesystem, AsyncPty,
+from .async_sandbox import (AsyncCommandHandle, AsyncCommands, AsyncDesktop, AsyncFilesystem, AsyncPty,
                             AsyncPtyHandle, AsyncSandbox, AsyncSnapshot)
-from .sandbox import (CommandHandle, Commands, Filesystem, Pty, PtyHandle, Sandbox, Snapshot,
+from .sandbox import (CommandHandle, Commands, Desktop, Filesystem, Pty, PtyHandle, Sandbox, Snapshot,
                       Template, Volume)
 
 __all__ = [
     "AsyncCommandHandle",
     "AsyncCommands",
+    "AsyncDesktop",
     "AsyncFilesystem",
     "AsyncPty",
     "AsyncPtyHandle",
@@ -20,13 +22,19 @@ __all__ = [
     "AuditDetection",
     "AuditPage",
     "AuditRecord",
+    "CodeContext",
     "CommandHandle",
     "CommandResult",
     "Commands",
+    "Desktop",
     "EntryInfo",
+    "Execution",
+    "ExecutionError",
+    "Logs",
     "Filesystem",
     "NotFoundError",
     "Pty",
+    "Result",
     "PtyHandle",
     "Sandbox",
     "SandboxError",

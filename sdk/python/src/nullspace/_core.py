@@ -879,3 +879,273 @@ def ready_or_raise(info: "SandboxInfo") -> bool:
 def restore_snapshot_id(snapshot_id: Any) -> Optional[str]:
     """A snapshot ID, or the ID of a ``SnapshotInfo``/``Snapshot``."""
     return getattr(snapshot_id, "snapshot_id", snapshot_id)
+
+
+# --- Code interpreter (the code-interpreter template's helper, docs/TEMPLATES.md) ---
+
+#: The helper the code-interpreter template installs; it prints one JSON event a line.
+CODE_HELPER = "/usr/local/bin/nullspace-code"
+#: Code longer than this goes through a file rather than the command line.
+CODE_ARGV_LIMIT = 96 * 1024
+
+
+@dataclass
+class Result:
+    """One output of an execution: the kernel's MIME bundle, by format. ``is_main_result``
+    is the cell's value (``execute_result``); others come from ``display()`` or figures.
+    ``png`` and ``jpeg`` are base64 strings, as Jupyter gives them."""
+
+    text: Optional[str] = None
+    html: Optional[str] = None
+    markdown: Optional[str] = None
+    svg: Optional[str] = None
+    png: Optional[str] = None
+    jpeg: Optional[str] = None
+    pdf: Optional[str] = None
+    latex: Optional[str] = None
+    json: Optional[Any] = None
+    javascript: Optional[str] = None
+    is_main_result: bool = False
+    raw: Dict[str, Any] = field(default_factory=dict)
+
+    MIME = {"text/plain": "text", "text/html": "html", "text/markdown": "markdown",
+            "image/svg+xml": "svg", "image/png": "png", "image/jpeg": "jpeg",
+            "application/pdf": "pdf", "text/latex": "latex", "application/json": "json",
+            "application/javascript": "javascript"}
+
+    @classmethod
+    def parse(cls, data: Dict[str, Any], is_main_result: bool = False) -> "Result":
+        r = cls(is_main_result=is_main_result, raw=dict(data))
+        for mime, name in cls.MIME.items():
+            if mime in data:
+                value = data[mime]
+                if isinstance(value, list) and name != "json":
+                    value = "".join(value)
+                if name in ("png", "jpeg") and isinstance(value, str):
+                    value = value.replace("\n", "")
+                setattr(r, name, value)
+        return r
+
+    def formats(self) -> List[str]:
+        """The formats this result has (``text``, ``png``, ...)."""
+        return [n for n in self.MIME.values() if getattr(self, n) is not None]
+
+    def png_bytes(self) -> Optional[bytes]:
+        """The PNG decoded, if there is one."""
+        import base64
+        return base64.b64decode(self.png) if self.png is not None else None
+
+    def __str__(self) -> str:
+        return self.text or ""
+
+
+@dataclass
+class ExecutionError:
+    """The exception an execution raised: its class name, its message and the traceback."""
+
+    name: str
+    value: str
+    traceback: List[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.value}"
+
+
+@dataclass
+class Logs:
+    """What an execution printed, chunk by chunk."""
+
+    stdout: List[str] = field(default_factory=list)
+    stderr: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Execution:
+    """An execution's outcome: its results, its output and the error it raised (if any).
+    ``timed_out`` says the kernel was interrupted when ``timeout`` passed."""
+
+    results: List[Result] = field(default_factory=list)
+    logs: Logs = field(default_factory=Logs)
+    error: Optional[ExecutionError] = None
+    execution_count: Optional[int] = None
+    timed_out: bool = False
+
+    @property
+    def text(self) -> Optional[str]:
+        """The main result's text (the cell's value), if it had one."""
+        for r in self.results:
+            if r.is_main_result:
+                return r.text
+        return None
+
+
+@dataclass
+class CodeContext:
+    """A separate kernel (its own variables and imports) in a sandbox."""
+
+    id: str
+    language: str = "python"
+    cwd: str = "/workspace"
+
+
+def code_context_args(context: Any, language: Optional[str]) -> "tuple[str, str]":
+    """The context ID and language a run uses."""
+    if context is None:
+        ctx, lang = "default", language or "python"
+    elif isinstance(context, CodeContext):
+        ctx, lang = context.id, language or context.language
+    elif isinstance(context, str):
+        ctx, lang = context, language or "python"
+    else:
+        raise SandboxError("invalid_request", "context must be a CodeContext, its id, or None")
+    if lang not in ("python", "bash"):
+        raise SandboxError("invalid_request",
+                           f"language {lang!r} is not supported; send 'python' or 'bash'")
+    return ctx, lang
+
+
+def code_command(ctx: str, language: str, timeout: float, code_b64: Optional[str] = None,
+                 code_file: Optional[str] = None) -> str:
+    """The shell command that runs code through the helper."""
+    import shlex
+    src = f"--code-b64 {code_b64}" if code_b64 is not None else f"--code-file {shlex.quote(code_file or '')}"
+    return (f"{CODE_HELPER} run --context {shlex.quote(ctx)} --language {language} "
+            f"--timeout {float(timeout):g} {src}")
+
+
+class CodeEventReader:
+    """Reads the helper's events from stdout chunks into an ``Execution``, calling back."""
+
+    def __init__(self, execution: Execution, on_stdout=None, on_stderr=None, on_result=None,
+                 on_error=None):
+        self.execution = execution
+        self.callbacks = {"stdout": on_stdout, "stderr": on_stderr, "result": on_result,
+                          "error": on_error}
+        self.buffer = ""
+        self.done = False
+        self.pending: List[Any] = []
+
+    def feed(self, chunk: str) -> None:
+        self.buffer += chunk
+        while "\n" in self.buffer:
+            line, self.buffer = self.buffer.split("\n", 1)
+            if line.strip():
+                self.event(json.loads(line))
+
+    def event(self, e: Dict[str, Any]) -> None:
+        kind = e.get("type")
+        x = self.execution
+        value: Any = None
+        if kind in ("stdout", "stderr"):
+            value = e.get("text", "")
+            getattr(x.logs, kind).append(value)
+        elif kind == "result":
+            value = Result.parse(e.get("data") or {}, bool(e.get("isMainResult")))
+            x.results.append(value)
+        elif kind == "error":
+            value = ExecutionError(e.get("name", ""), e.get("value", ""),
+                                   list(e.get("traceback") or []))
+            x.error = value
+        elif kind == "timeout":
+            x.timed_out = True
+        elif kind == "done":
+            x.execution_count = e.get("executionCount")
+            self.done = True
+        callback = self.callbacks.get(kind or "")
+        if callback is not None and value is not None:
+            self.pending.append(callback(value))
+
+    def finish(self, result: "CommandResult") -> Execution:
+        if self.buffer.strip():
+            self.feed("\n")
+        if not self.done:
+            tail = (result.stderr or result.stdout or "")[-2000:]
+            raise SandboxError(
+                "code_interpreter",
+                f"the code interpreter ended without a result (exit code {result.exit_code}); "
+                f"is this a code-interpreter sandbox? {tail.strip()}")
+        return self.execution
+
+
+def context_event(result: "CommandResult") -> Dict[str, Any]:
+    """The helper's one event of a context call."""
+    for line in result.stdout.splitlines():
+        if line.strip():
+            return json.loads(line)
+    raise SandboxError("code_interpreter",
+                       f"the code interpreter gave no answer (exit code {result.exit_code}): "
+                       f"{result.stderr.strip()[-2000:]}")
+
+
+# --- Desktop (the desktop template: Xvfb + openbox + noVNC, docs/TEMPLATES.md) ---
+
+#: The viewer's ports: noVNC over x11vnc, interactive and view-only.
+DESKTOP_VIEWER_PORT = 6080
+DESKTOP_VIEW_ONLY_PORT = 6081
+DESKTOP_ENV = {"DISPLAY": ":0"}
+#: Mouse buttons as xdotool numbers them.
+MOUSE_BUTTONS = {"left": 1, "middle": 2, "right": 3}
+
+
+def viewer_url(preview_url: str, view_only: bool) -> str:
+    """The noVNC page of a signed preview URL: connects at once, scales to the window."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+    parts = urlsplit(preview_url)
+    query = dict(parse_qsl(parts.query))
+    query.update({"autoconnect": "1", "resize": "scale", "reconnect": "1",
+                  "path": "websockify"})
+    if view_only:
+        query["view_only"] = "1"
+    return urlunsplit((parts.scheme, parts.netloc, "/vnc.html", urlencode(query), ""))
+
+
+def desktop_command(action: str, *args: Any) -> str:
+    """The shell command of one desktop action (xdotool, wmctrl, scrot)."""
+    import shlex
+    q = shlex.quote
+    if action == "move":
+        x, y = args
+        return f"xdotool mousemove --sync {int(x)} {int(y)}"
+    if action == "click":
+        button, repeat, x, y = args
+        move = f"xdotool mousemove --sync {int(x)} {int(y)} && " if x is not None else ""
+        return f"{move}xdotool click --repeat {int(repeat)} --delay 80 {int(button)}"
+    if action == "scroll":
+        amount, = args
+        button = 5 if amount > 0 else 4
+        return f"xdotool click --repeat {abs(int(amount))} --delay 30 {button}"
+    if action == "type":
+        text, = args
+        return f"xdotool type --delay 15 -- {q(text)}"
+    if action == "press":
+        keys, = args
+        return "xdotool key -- " + " ".join(q(k) for k in keys)
+    if action == "open":
+        target, = args
+        opener = "x-www-browser" if "://" in target else "xdg-open"
+        return f"setsid -f {opener} {q(target)} >/dev/null 2>&1 </dev/null"
+    if action == "screenshot":
+        path, = args
+        return f"scrot -o -z {q(path)}"
+    if action == "windows":
+        return "wmctrl -l -p -G"
+    raise ValueError(action)
+
+
+def parse_windows(out: str) -> List[Dict[str, Any]]:
+    """``wmctrl -l -p -G`` lines as ``{id, desktop, pid, x, y, width, height, title}``."""
+    windows = []
+    for line in out.splitlines():
+        parts = line.split(None, 8)
+        if len(parts) < 8:
+            continue
+        windows.append({"id": parts[0], "desktop": int(parts[1]), "pid": int(parts[2]),
+                        "x": int(parts[3]), "y": int(parts[4]), "width": int(parts[5]),
+                        "height": int(parts[6]), "title": parts[8] if len(parts) > 8 else ""})
+    return windows
+
+
+def desktop_check(result: "CommandResult", what: str) -> None:
+    if result.exit_code != 0:
+        raise SandboxError("desktop", f"{what} failed (exit code {result.exit_code}): "
+                                      f"{result.stderr.strip()[-2000:]}; is this a desktop sandbox?")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import shlex
+import uuid
 import json
 import time
 from datetime import datetime
@@ -10,7 +13,7 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Union
 
 import httpx
 
-from ._core import (StoredSnapshot, AuditPage, AuditRecord, CommandResult, Config, EntryInfo,
+from ._core import (DESKTOP_ENV, DESKTOP_VIEW_ONLY_PORT, DESKTOP_VIEWER_PORT, desktop_check, desktop_command, parse_windows, viewer_url, CODE_ARGV_LIMIT, CODE_HELPER, CodeContext, CodeEventReader, Execution, ExecutionError, Result, code_command, code_context_args, context_event, StoredSnapshot, AuditPage, AuditRecord, CommandResult, Config, EntryInfo,
                     SandboxError, SandboxInfo, SandboxLifecycle, SandboxMetrics,
                     SandboxNetworkOpts, SecurityPolicy, SnapshotInfo, apply_event, audit_params,
                     check_port, create_body, egress_body,
@@ -300,6 +303,66 @@ class AsyncSnapshot(StoredSnapshot):
                         request_timeout=request_timeout)
 
 
+
+class AsyncDesktop:
+    """The desktop of a ``desktop`` sandbox: its viewer's URL, screenshots, mouse and
+    keyboard (xdotool on display ``:0``), opening URLs or files, its windows."""
+
+    def __init__(self, sandbox: "AsyncSandbox"):
+        self._sandbox = sandbox
+
+    async def _run(self, cmd: str, what: str) -> CommandResult:
+        result = await self._sandbox.commands.run(cmd, envs=DESKTOP_ENV)
+        assert isinstance(result, CommandResult)
+        desktop_check(result, what)
+        return result
+
+    async def viewer_url(self, view_only: bool = False) -> str:
+        """A signed preview URL of the noVNC viewer (interactive, or view-only)."""
+        port = DESKTOP_VIEW_ONLY_PORT if view_only else DESKTOP_VIEWER_PORT
+        return viewer_url((await self._sandbox.get_preview_url(port))["url"], view_only)
+
+    async def screenshot(self) -> bytes:
+        """The screen as PNG bytes."""
+        path = f"/tmp/nullspace-screenshot-{uuid.uuid4().hex}.png"
+        await self._run(desktop_command("screenshot", path), "the screenshot")
+        data = await self._sandbox.files.read(path, format="bytes")
+        await self._sandbox.files.remove(path)
+        assert isinstance(data, bytes)
+        return data
+
+    async def move_mouse(self, x: int, y: int) -> None:
+        await self._run(desktop_command("move", x, y), "moving the mouse")
+
+    async def left_click(self, x: Optional[int] = None, y: Optional[int] = None) -> None:
+        await self._run(desktop_command("click", 1, 1, x, y), "the click")
+
+    async def right_click(self, x: Optional[int] = None, y: Optional[int] = None) -> None:
+        await self._run(desktop_command("click", 3, 1, x, y), "the click")
+
+    async def double_click(self, x: Optional[int] = None, y: Optional[int] = None) -> None:
+        await self._run(desktop_command("click", 1, 2, x, y), "the double click")
+
+    async def scroll(self, amount: int = 1) -> None:
+        """Scrolls down ``amount`` steps (up when negative)."""
+        await self._run(desktop_command("scroll", amount), "scrolling")
+
+    async def type_text(self, text: str) -> None:
+        await self._run(desktop_command("type", text), "typing")
+
+    async def press(self, *keys: str) -> None:
+        """Presses keys or chords in turn (xdotool names: ``Return``, ``ctrl+l``)."""
+        await self._run(desktop_command("press", keys), "the key press")
+
+    async def open(self, target: str) -> None:
+        """Opens a URL in the browser, or a file with its application."""
+        await self._run(desktop_command("open", target), "opening " + target)
+
+    async def windows(self) -> List[Dict[str, Any]]:
+        """The windows on the screen: ``{id, pid, x, y, width, height, title}``."""
+        return parse_windows((await self._run(desktop_command("windows"), "listing windows")).stdout)
+
+
 class AsyncSandbox:
     """A connected sandbox (async). ``await AsyncSandbox.create(...)``; every call of
     ``Sandbox`` as a coroutine (iterators as async iterators)."""
@@ -312,6 +375,7 @@ class AsyncSandbox:
         self.commands = AsyncCommands(self)
         self.files = AsyncFilesystem(self)
         self.pty = AsyncPty(self)
+        self.desktop = AsyncDesktop(self)
 
     @classmethod
     async def create(cls, template: Optional[str] = None, timeout: Optional[int] = None,
@@ -678,6 +742,56 @@ class AsyncSandbox:
         return [type(self)(SandboxInfo.parse(c), self._config,
                            httpx.AsyncClient(timeout=self._config.request_timeout))
                 for c in doc["sandboxes"]]
+
+    async def run_code(self, code: str, language: Optional[str] = None,
+                 context: Optional[Union[CodeContext, str]] = None,
+                 on_stdout: Optional[Callable[[str], Any]] = None,
+                 on_stderr: Optional[Callable[[str], Any]] = None,
+                 on_result: Optional[Callable[[Result], Any]] = None,
+                 on_error: Optional[Callable[[ExecutionError], Any]] = None,
+                 envs: Optional[Dict[str, str]] = None, timeout: float = 60.0,
+                 request_timeout: Optional[float] = None) -> Execution:
+        """Runs ``code`` in a Jupyter kernel of a ``code-interpreter`` sandbox (the
+        default context, or ``context``'s own kernel) and returns its ``Execution``:
+        ``results`` (each with ``text``, ``png``, ``svg``, ``html``, ``json``, ``markdown``
+        where the kernel gave them), ``logs`` and ``error``. State is kept between calls
+        in a context. Past ``timeout`` seconds the kernel is interrupted
+        (``execution.timed_out``). ``language="bash"`` runs the code with bash."""
+        ctx, lang = code_context_args(context, language)
+        b64, path = base64.b64encode(code.encode()).decode(), None
+        if len(b64) > CODE_ARGV_LIMIT:
+            path, b64 = f"/tmp/nullspace-code-{uuid.uuid4().hex}", None
+            await self.files.write(path, code)
+        execution = Execution()
+        reader = CodeEventReader(execution, on_stdout, on_stderr, on_result, on_error)
+        result = await self.commands.run(code_command(ctx, lang, timeout, b64, path), envs=envs,
+                                   on_stdout=reader.feed,
+                                   request_timeout=request_timeout or timeout + 60)
+        assert isinstance(result, CommandResult)
+        if path:
+            await self.files.remove(path)
+        return reader.finish(result)
+
+    async def create_code_context(self, language: str = "python", cwd: Optional[str] = None,
+                            request_timeout: Optional[float] = None) -> CodeContext:
+        """A new kernel of its own (separate variables and imports) for ``run_code``."""
+        _, lang = code_context_args(None, language)
+        cmd = f"{CODE_HELPER} create-context --language {lang}"
+        if cwd:
+            cmd += f" --cwd {shlex.quote(cwd)}"
+        result = await self.commands.run(cmd, request_timeout=request_timeout or 120)
+        assert isinstance(result, CommandResult)
+        event = context_event(result)
+        return CodeContext(event["id"], event.get("language", lang), event.get("cwd", "/workspace"))
+
+    async def remove_code_context(self, context: Union[CodeContext, str],
+                            request_timeout: Optional[float] = None) -> None:
+        """Ends a context's kernel."""
+        ctx, _ = code_context_args(context, None)
+        result = await self.commands.run(f"{CODE_HELPER} remove-context {shlex.quote(ctx)}",
+                                   request_timeout=request_timeout)
+        assert isinstance(result, CommandResult)
+        context_event(result)
 
     async def close(self) -> None:
         await self._client.aclose()

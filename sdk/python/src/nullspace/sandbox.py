@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import shlex
+import uuid
 import json
 import time
 from datetime import datetime
@@ -9,7 +12,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import httpx
 
-from ._core import (StoredSnapshot, AuditPage, AuditRecord, CommandResult, Config, EntryInfo,
+from ._core import (DESKTOP_ENV, DESKTOP_VIEW_ONLY_PORT, DESKTOP_VIEWER_PORT, desktop_check, desktop_command, parse_windows, viewer_url, CODE_ARGV_LIMIT, CODE_HELPER, CodeContext, CodeEventReader, Execution, ExecutionError, Result, code_command, code_context_args, context_event, StoredSnapshot, AuditPage, AuditRecord, CommandResult, Config, EntryInfo,
                     SandboxError, SandboxInfo, SandboxMetrics, SnapshotInfo, apply_event,
                     audit_params, check_port, create_body, egress_body,
                     fields_query, list_page, logs_params, list_params, only_fields, metrics_params, raise_for,
@@ -278,6 +281,66 @@ class Pty:
         return PtyHandle(ws)
 
 
+
+class Desktop:
+    """The desktop of a ``desktop`` sandbox: its viewer's URL, screenshots, mouse and
+    keyboard (xdotool on display ``:0``), opening URLs or files, its windows."""
+
+    def __init__(self, sandbox: "Sandbox"):
+        self._sandbox = sandbox
+
+    def _run(self, cmd: str, what: str) -> CommandResult:
+        result = self._sandbox.commands.run(cmd, envs=DESKTOP_ENV)
+        assert isinstance(result, CommandResult)
+        desktop_check(result, what)
+        return result
+
+    def viewer_url(self, view_only: bool = False) -> str:
+        """A signed preview URL of the noVNC viewer (interactive, or view-only)."""
+        port = DESKTOP_VIEW_ONLY_PORT if view_only else DESKTOP_VIEWER_PORT
+        return viewer_url(self._sandbox.get_preview_url(port)["url"], view_only)
+
+    def screenshot(self) -> bytes:
+        """The screen as PNG bytes."""
+        path = f"/tmp/nullspace-screenshot-{uuid.uuid4().hex}.png"
+        self._run(desktop_command("screenshot", path), "the screenshot")
+        data = self._sandbox.files.read(path, format="bytes")
+        self._sandbox.files.remove(path)
+        assert isinstance(data, bytes)
+        return data
+
+    def move_mouse(self, x: int, y: int) -> None:
+        self._run(desktop_command("move", x, y), "moving the mouse")
+
+    def left_click(self, x: Optional[int] = None, y: Optional[int] = None) -> None:
+        self._run(desktop_command("click", 1, 1, x, y), "the click")
+
+    def right_click(self, x: Optional[int] = None, y: Optional[int] = None) -> None:
+        self._run(desktop_command("click", 3, 1, x, y), "the click")
+
+    def double_click(self, x: Optional[int] = None, y: Optional[int] = None) -> None:
+        self._run(desktop_command("click", 1, 2, x, y), "the double click")
+
+    def scroll(self, amount: int = 1) -> None:
+        """Scrolls down ``amount`` steps (up when negative)."""
+        self._run(desktop_command("scroll", amount), "scrolling")
+
+    def type_text(self, text: str) -> None:
+        self._run(desktop_command("type", text), "typing")
+
+    def press(self, *keys: str) -> None:
+        """Presses keys or chords in turn (xdotool names: ``Return``, ``ctrl+l``)."""
+        self._run(desktop_command("press", keys), "the key press")
+
+    def open(self, target: str) -> None:
+        """Opens a URL in the browser, or a file with its application."""
+        self._run(desktop_command("open", target), "opening " + target)
+
+    def windows(self) -> List[Dict[str, Any]]:
+        """The windows on the screen: ``{id, pid, x, y, width, height, title}``."""
+        return parse_windows(self._run(desktop_command("windows"), "listing windows").stdout)
+
+
 class Sandbox:
     """A connected sandbox. Create with ``Sandbox.create`` or ``Sandbox.connect``."""
 
@@ -289,6 +352,7 @@ class Sandbox:
         self.commands = Commands(self)
         self.files = Filesystem(self)
         self.pty = Pty(self)
+        self.desktop = Desktop(self)
 
     # -- class methods -------------------------------------------------------------------
 
@@ -670,6 +734,56 @@ class Sandbox:
                     self._runtime = info.runtime
             except SandboxError:
                 pass
+
+    def run_code(self, code: str, language: Optional[str] = None,
+                 context: Optional[Union[CodeContext, str]] = None,
+                 on_stdout: Optional[Callable[[str], Any]] = None,
+                 on_stderr: Optional[Callable[[str], Any]] = None,
+                 on_result: Optional[Callable[[Result], Any]] = None,
+                 on_error: Optional[Callable[[ExecutionError], Any]] = None,
+                 envs: Optional[Dict[str, str]] = None, timeout: float = 60.0,
+                 request_timeout: Optional[float] = None) -> Execution:
+        """Runs ``code`` in a Jupyter kernel of a ``code-interpreter`` sandbox (the
+        default context, or ``context``'s own kernel) and returns its ``Execution``:
+        ``results`` (each with ``text``, ``png``, ``svg``, ``html``, ``json``, ``markdown``
+        where the kernel gave them), ``logs`` and ``error``. State is kept between calls
+        in a context. Past ``timeout`` seconds the kernel is interrupted
+        (``execution.timed_out``). ``language="bash"`` runs the code with bash."""
+        ctx, lang = code_context_args(context, language)
+        b64, path = base64.b64encode(code.encode()).decode(), None
+        if len(b64) > CODE_ARGV_LIMIT:
+            path, b64 = f"/tmp/nullspace-code-{uuid.uuid4().hex}", None
+            self.files.write(path, code)
+        execution = Execution()
+        reader = CodeEventReader(execution, on_stdout, on_stderr, on_result, on_error)
+        result = self.commands.run(code_command(ctx, lang, timeout, b64, path), envs=envs,
+                                   on_stdout=reader.feed,
+                                   request_timeout=request_timeout or timeout + 60)
+        assert isinstance(result, CommandResult)
+        if path:
+            self.files.remove(path)
+        return reader.finish(result)
+
+    def create_code_context(self, language: str = "python", cwd: Optional[str] = None,
+                            request_timeout: Optional[float] = None) -> CodeContext:
+        """A new kernel of its own (separate variables and imports) for ``run_code``."""
+        _, lang = code_context_args(None, language)
+        cmd = f"{CODE_HELPER} create-context --language {lang}"
+        if cwd:
+            cmd += f" --cwd {shlex.quote(cwd)}"
+        result = self.commands.run(cmd, request_timeout=request_timeout or 120)
+        assert isinstance(result, CommandResult)
+        event = context_event(result)
+        return CodeContext(event["id"], event.get("language", lang), event.get("cwd", "/workspace"))
+
+    def remove_code_context(self, context: Union[CodeContext, str],
+                            request_timeout: Optional[float] = None) -> None:
+        """Ends a context's kernel."""
+        ctx, _ = code_context_args(context, None)
+        result = self.commands.run(f"{CODE_HELPER} remove-context {shlex.quote(ctx)}",
+                                   request_timeout=request_timeout)
+        assert isinstance(result, CommandResult)
+        context_event(result)
 
     def close(self) -> None:
         """Closes the HTTP client; the sandbox keeps running."""
