@@ -330,3 +330,220 @@ async fn the_code_interpreter_keeps_state_returns_a_figure_and_reports_a_traceba
     let events = code(&rt, "run --language bash", "echo $((6 * 7))").await;
     assert_eq!(of_type(&events, "stdout")[0]["text"], "42\n", "{events:?}");
 }
+
+/// Runs headless Chromium on `url` until `connected()` says the page did what it should
+/// (or `within` passes); returns whether it did. Chromium is killed either way.
+async fn browse_until<F, Fut>(url: &str, within: Duration, mut connected: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let profile = nullspace_tests::ScratchDir::new("chromium-desktop");
+    let mut browser = tokio::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            "--remote-debugging-port=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("chromium (deploy/install-deps.sh installs it)");
+    let deadline = Instant::now() + within;
+    let mut ok = false;
+    while Instant::now() < deadline {
+        if connected().await {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = browser.kill().await;
+    ok
+}
+
+/// Decodes a PNG to RGB(A) rows: (width, height, channels, pixels).
+fn decode_png(png: &[u8]) -> (u32, u32, usize, Vec<u8>) {
+    let decoder = png::Decoder::new(std::io::Cursor::new(png));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).expect("a PNG frame");
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, info.color_type.samples(), buf)
+}
+
+/// The share of pixels inside `(x, y, w, h)` of a decoded screenshot close to `rgb`.
+fn share_of(shot: &(u32, u32, usize, Vec<u8>), area: (u32, u32, u32, u32), rgb: [u8; 3]) -> f64 {
+    let (width, height, channels, pixels) = shot;
+    let (x0, y0, w, h) = area;
+    let (mut near, mut all) = (0u64, 0u64);
+    for y in y0..(y0 + h).min(*height) {
+        for x in x0..(x0 + w).min(*width) {
+            let i = (y as usize * *width as usize + x as usize) * channels;
+            let p = &pixels[i..i + 3];
+            all += 1;
+            if p.iter().zip(rgb).all(|(a, b)| a.abs_diff(b) < 24) {
+                near += 1;
+            }
+        }
+    }
+    near as f64 / all.max(1) as f64
+}
+
+/// Polls `windows()` until one's title contains `title`.
+async fn wait_window(
+    desktop: &nullspace::Desktop<'_>,
+    title: &str,
+    within: Duration,
+) -> nullspace::Window {
+    let deadline = Instant::now() + within;
+    loop {
+        let windows = desktop.windows().await.expect("windows");
+        if let Some(w) = windows.into_iter().find(|w| w.title.contains(title)) {
+            return w;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no window titled {title:?} within {within:?}: {:?}",
+            desktop.windows().await
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_desktop_shows_its_viewer_and_an_opened_window_and_takes_clicks_and_keys() {
+    let stack = Stack::start_with("ws-desktop", &["--workspace-templates", "desktop"], &[]);
+    let key = stack.daemon.team_key("acme");
+    let api = stack.public(key.clone());
+    create_while_building(&api, "desktop").await;
+    let t = wait_built(&api, "desktop").await;
+    eprintln!("desktop template: built in {} ms", t["buildMs"]);
+
+    let config = nullspace::ConnectionConfig::new(&stack.api.url, key);
+    let sbx = nullspace::Sandbox::create(&config, &nullspace::CreateOptions::new("desktop"))
+        .await
+        .unwrap();
+    let desktop = sbx.desktop();
+    let log = |path: &'static str| {
+        let sbx = &sbx;
+        async move {
+            sbx.commands()
+                .run(&format!("cat {path} 2>/dev/null"))
+                .await
+                .map(|o| o.stdout)
+                .unwrap_or_default()
+        }
+    };
+
+    // The screen as the SDK sees it: 1280x800, nothing open yet.
+    let before = decode_png(&desktop.screenshot().await.unwrap());
+    assert_eq!((before.0, before.1), (1280, 800));
+
+    // A real browser on the host loads the viewer through its signed preview URL, and
+    // its WebSocket reaches the VNC server behind it (websockify logs the connection).
+    for (view_only, path) in [(false, "/tmp/novnc.log"), (true, "/tmp/novnc-view.log")] {
+        let url = desktop.viewer_url(view_only).await.unwrap();
+        assert!(
+            url.contains("/vnc.html?") && url.contains("autoconnect=1"),
+            "{url}"
+        );
+        assert_eq!(url.contains("view_only=1"), view_only, "{url}");
+        let connected = browse_until(&url, Duration::from_secs(90), || async {
+            log(path).await.contains("connecting to")
+        })
+        .await;
+        assert!(connected, "the viewer never connected: {}", log(path).await);
+    }
+    // Without the preview token, nothing.
+    let bare = desktop.viewer_url(false).await.unwrap();
+    let bare = bare.split("ns_preview_token=").next().unwrap().to_string();
+    let status = reqwest::get(&bare).await.map(|r| r.status());
+    assert!(
+        matches!(status, Ok(s) if s == StatusCode::UNAUTHORIZED) || status.is_err(),
+        "{status:?}"
+    );
+
+    // open(): a page in the desktop's browser; the SDK's screenshot shows its window.
+    sbx.files()
+        .write(
+            "/tmp/hello.html",
+            b"<html><head><title>nullspace-hello</title></head><body style='background:#cc0000'></body></html>".to_vec(),
+        )
+        .await
+        .unwrap();
+    desktop.open("file:///tmp/hello.html").await.unwrap();
+    let w = wait_window(&desktop, "nullspace-hello", Duration::from_secs(240)).await;
+    // Give the page a moment to paint after the title appears.
+    let mut red = 0.0;
+    for _ in 0..30 {
+        let shot = decode_png(&desktop.screenshot().await.unwrap());
+        let area = (
+            w.x.max(0) as u32 + w.width / 4,
+            w.y.max(0) as u32 + w.height / 2,
+            w.width / 2,
+            w.height / 4,
+        );
+        red = share_of(&shot, area, [0xcc, 0, 0]);
+        if red > 0.9 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(
+        red > 0.9,
+        "the window {w:?} is not on the screenshot ({red:.2} red)"
+    );
+    assert!(
+        share_of(&before, (0, 0, 1280, 800), [0xcc, 0, 0]) < 0.01,
+        "red before anything was opened"
+    );
+    sbx.commands().run("pkill -f chromium; true").await.unwrap();
+
+    // Clicks, scrolls and keys reach an application: xev prints what it gets.
+    sbx.commands()
+        .run("setsid -f sh -c 'DISPLAY=:0 exec stdbuf -oL xev -geometry 400x300+100+100 > /tmp/xev.log 2>&1' </dev/null >/dev/null 2>&1")
+        .await
+        .unwrap();
+    let w = wait_window(&desktop, "Event Tester", Duration::from_secs(60)).await;
+    let (cx, cy) = (w.x + w.width as i32 / 2, w.y + w.height as i32 / 2);
+    desktop.left_click(Some((cx, cy))).await.unwrap();
+    desktop.right_click(Some((cx, cy))).await.unwrap();
+    desktop.double_click(None).await.unwrap();
+    desktop.scroll(2).await.unwrap();
+    desktop.type_text("hi").await.unwrap();
+    desktop.press(&["Return"]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let seen = loop {
+        let seen = log("/tmp/xev.log").await;
+        let pressed = |b: u8| seen.contains(&format!("button {b}, same_screen"));
+        if pressed(1)
+            && pressed(3)
+            && pressed(5)
+            && seen.contains("(keysym 0x68, h)")
+            && seen.contains("(keysym 0x69, i)")
+            && seen.contains("(keysym 0xff0d, Return)")
+        {
+            break seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "xev did not get them all: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        seen.matches("ButtonPress event").count() >= 5,
+        "a click, a right click, a double click, two scrolls: {seen}"
+    );
+    // Bad input is refused with what to send instead.
+    let e = desktop.press(&[]).await.unwrap_err();
+    assert!(e.to_string().contains("at least one key"), "{e}");
+    sbx.kill().await.unwrap();
+}

@@ -27,8 +27,11 @@
 //! entries over all teams, oldest used going first; it is pruned before every step
 //! snapshot is written and after every build, never removing an entry a running build
 //! stands on (restored from) or is writing. Entries from before caches were per team
-//! are pruned. A step is not cached when the disk is short of space (the build log
-//! says so); the build goes on.
+//! are pruned. A step is not cached when the disk lacks room for its snapshot and the
+//! template's own after it (the build log says so); the build goes on, and a template
+//! snapshot short of room drops the unclaimed entries first. A quick step's entry
+//! (under [`QUICK_STEP`]) is dropped once the next step's is written: rerunning it
+//! costs less than the gigabytes a VM snapshot holds.
 //!
 //! **The log.** The build log goes to the catalog line by line as output arrives;
 //! callers read it in pages that wait for new lines (`GET /templates/{id}/logs?after=&
@@ -59,6 +62,9 @@ use vmm::{QemuVm, RestoreOptions, Snapshot};
 
 /// Step snapshots kept in the build cache, all teams together (oldest used go first).
 const CACHE_ENTRIES: usize = 16;
+/// A step that ran for less than this keeps its cache entry only until the build's
+/// next step is cached.
+const QUICK_STEP: Duration = Duration::from_secs(10);
 /// Builds that run at once on this host (a build VM is as heavy as any sandbox).
 const BUILD_SLOTS: usize = 1;
 /// The longest a build may take from getting its slot to a ready VM: past it the build
@@ -969,6 +975,8 @@ impl Manager {
         let keys = step_keys(&t.team_id, &self.base_key(t).await?, &t.request);
         let (mut vm, done) = self.build_vm(t, &keys).await?;
         let mut env = t.env_vars.clone();
+        // The cache entry of this build's last quick step, if it wrote one.
+        let mut quick_entry: Option<PathBuf> = None;
         for (i, step) in steps.iter().enumerate() {
             if let StepAction::Env(vars) = &step.action {
                 env.extend(vars.clone());
@@ -995,8 +1003,18 @@ impl Manager {
                 .await?;
             t.steps[i].status = StepStatus::Done;
             t.steps[i].duration_ms = Some(started.elapsed().as_millis() as u64);
-            if !matches!(step.action, StepAction::Env(_)) {
-                self.cache_step(t, &mut vm, &keys[i], i as u32).await;
+            if !matches!(step.action, StepAction::Env(_))
+                && self.cache_step(t, &mut vm, &keys[i], i as u32).await
+            {
+                // A quick step's entry is superseded by the next one's: redoing the
+                // step costs less than the disk its snapshot (memory and all) holds.
+                if let Some(q) = quick_entry.take() {
+                    self.drop_cache_entry(&q);
+                }
+                let took = Duration::from_millis(t.steps[i].duration_ms.unwrap_or(0));
+                if took < QUICK_STEP {
+                    quick_entry = Some(self.team_cache(&t.team_id).join(&keys[i]));
+                }
             }
         }
         t.env_vars = env.clone();
@@ -1041,9 +1059,11 @@ impl Manager {
                 return Ok(());
             }
             StepAction::Run(cmd) => cmd.clone(),
-            // Names are checked to be Debian package names: safe as shell words.
+            // Names are checked to be Debian package names: safe as shell words. dpkg's
+            // fsync per unpacked file buys nothing in a build VM (a crash fails the
+            // build; the result is a snapshot) and costs minutes for large sets.
             StepAction::Packages(p) => format!(
-                "apt-get update -q && apt-get install -y -q --no-install-recommends {}",
+                "apt-get update -q && apt-get install -y -q --no-install-recommends -o Dpkg::Options::=--force-unsafe-io {}",
                 p.join(" ")
             ),
         };
@@ -1113,9 +1133,12 @@ impl Manager {
     /// `key`, after pruning the cache to make room. Skipped (the build log says why)
     /// when the disk is short of space: a missing entry costs a later build time, a
     /// full disk costs every sandbox here.
-    async fn cache_step(&self, t: &TemplateRecord, vm: &mut QemuVm, key: &str, index: u32) {
+    /// The entry must leave room for the template's own snapshot after it (two
+    /// snapshots' worth): the cache never costs the build it serves. Returns whether
+    /// the entry was written.
+    async fn cache_step(&self, t: &TemplateRecord, vm: &mut QemuVm, key: &str, index: u32) -> bool {
         self.prune_build_cache(CACHE_ENTRIES.saturating_sub(1));
-        if let Err(e) = self.check_disk_space(vm, t.resources.mem_mib) {
+        if let Err(e) = self.check_disk_space_for(vm, t.resources.mem_mib, 2) {
             self.log_line(
                 &t.id,
                 Some(index),
@@ -1124,7 +1147,7 @@ impl Manager {
                     e.message
                 ),
             );
-            return;
+            return false;
         }
         let cache = self.team_cache(&t.team_id);
         let dir = cache.join(key);
@@ -1136,24 +1159,31 @@ impl Manager {
             .or_default()
             .push(tmp.clone());
         let _ = std::fs::create_dir_all(&cache);
-        match vm.snapshot(&tmp, true).await {
+        let written = match vm.snapshot(&tmp, true).await {
             Ok(_) => {
                 let claims = lock(&self.builds.cache_claims);
                 let in_use = claims.values().flatten().any(|d| *d == dir);
                 // An entry another build stands on stays; this copy is the same state.
                 if in_use {
                     let _ = std::fs::remove_dir_all(&tmp);
+                    true
                 } else {
                     let _ = std::fs::remove_dir_all(&dir);
-                    if std::fs::rename(&tmp, &dir).is_err() {
+                    let renamed = std::fs::rename(&tmp, &dir).is_ok();
+                    if !renamed {
                         let _ = std::fs::remove_dir_all(&tmp);
                     }
+                    renamed
                 }
             }
             // The build goes on: a missing cache entry costs time, not correctness.
-            Err(e) => warn!(key, error = %e, "caching a build step failed"),
-        }
+            Err(e) => {
+                warn!(key, error = %e, "caching a build step failed");
+                false
+            }
+        };
         self.release_cache_entry(&t.id, &tmp);
+        written
     }
 
     /// Removes a cache entry unless a build has claimed it.
@@ -1394,7 +1424,12 @@ impl Manager {
         let builder = format!("sbx-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]);
         let dir = self.scratch_dir();
         let _ = std::fs::create_dir_all(dir.parent().expect("scratch has a parent"));
-        self.check_disk_space(vm, t.resources.mem_mib)?;
+        if self.check_disk_space(vm, t.resources.mem_mib).is_err() {
+            // The template matters more than the step cache: drop every entry no
+            // build stands on, then look again.
+            self.prune_build_cache(0);
+            self.check_disk_space(vm, t.resources.mem_mib)?;
+        }
         let snapshot = vm
             .snapshot(&dir, false)
             .await

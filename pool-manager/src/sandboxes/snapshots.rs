@@ -182,8 +182,19 @@ impl Manager {
     /// configured reserve free after it (memory at most its full size, plus the disk
     /// overlay).
     pub(super) fn check_disk_space(&self, vm: &QemuVm, mem_mib: u32) -> Result<(), ApiError> {
+        self.check_disk_space_for(vm, mem_mib, 1)
+    }
+
+    /// [`Manager::check_disk_space`] for `copies` snapshots of `vm` at once (a build
+    /// caching a step must leave room for the template's own snapshot after it).
+    pub(super) fn check_disk_space_for(
+        &self,
+        vm: &QemuVm,
+        mem_mib: u32,
+        copies: u64,
+    ) -> Result<(), ApiError> {
         let need = (mem_mib as u64) << 20;
-        let need = need + allocated(vm.disk_path());
+        let need = (need + allocated(vm.disk_path())) * copies;
         let reserve = self.snapshots.min_free_mib << 20;
         let free = free_bytes(&self.state_dir)
             .map_err(|e| ApiError::internal(format!("checking free disk space: {e}")))?;

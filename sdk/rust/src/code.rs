@@ -232,7 +232,7 @@ impl EventReader {
 }
 
 /// Quotes `s` for `/bin/sh`.
-fn quote(s: &str) -> String {
+pub(crate) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
@@ -349,7 +349,7 @@ impl Sandbox {
     }
 }
 
-fn uuid_like() -> String {
+pub(crate) fn uuid_like() -> String {
     use std::time::{SystemTime, UNIX_EPOCH};
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -446,69 +446,5 @@ mod tests {
         }
         assert_eq!(base64_encode(b"hello"), "aGVsbG8=");
         assert_eq!(quote("it's"), r"'it'\''s'");
-    }
-}
-
-/// The desktop template's viewer ports: noVNC over x11vnc, interactive and view-only.
-pub const DESKTOP_VIEWER_PORT: u16 = 6080;
-/// The view-only viewer's port.
-pub const DESKTOP_VIEW_ONLY_PORT: u16 = 6081;
-
-/// The noVNC page of a signed preview URL: connects at once and scales to the window.
-pub fn desktop_viewer_url(preview_url: &str, view_only: bool) -> Result<String> {
-    let mut url = reqwest::Url::parse(preview_url)
-        .map_err(|e| Error::Protocol(format!("preview URL {preview_url:?}: {e}")))?;
-    let kept: Vec<(String, String)> = url
-        .query_pairs()
-        .filter(|(k, _)| !matches!(k.as_ref(), "autoconnect" | "resize" | "view_only"))
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    url.set_path("/vnc.html");
-    {
-        let mut q = url.query_pairs_mut();
-        q.clear();
-        for (k, v) in &kept {
-            q.append_pair(k, v);
-        }
-        q.append_pair("autoconnect", "1");
-        q.append_pair("resize", "scale");
-        q.append_pair("reconnect", "1");
-        q.append_pair("path", "websockify");
-        if view_only {
-            q.append_pair("view_only", "1");
-        }
-    }
-    Ok(url.to_string())
-}
-
-impl Sandbox {
-    /// A signed preview URL of a `desktop` sandbox's viewer (noVNC), interactive or
-    /// view-only.
-    pub async fn desktop_viewer_url(&self, view_only: bool) -> Result<String> {
-        let port = if view_only {
-            DESKTOP_VIEW_ONLY_PORT
-        } else {
-            DESKTOP_VIEWER_PORT
-        };
-        desktop_viewer_url(&self.get_preview_url(port).await?.url, view_only)
-    }
-}
-
-#[cfg(test)]
-mod desktop_tests {
-    #[test]
-    fn the_viewer_url_keeps_the_token_and_connects_at_once() {
-        let u = super::desktop_viewer_url(
-            "http://6080-sbx-1.localhost:7072/?ns_preview_token=abc",
-            true,
-        )
-        .unwrap();
-        assert!(
-            u.starts_with(
-                "http://6080-sbx-1.localhost:7072/vnc.html?ns_preview_token=abc&autoconnect=1"
-            ),
-            "{u}"
-        );
-        assert!(u.ends_with("&view_only=1"), "{u}");
     }
 }

@@ -91,6 +91,7 @@ mod code;
 mod commands;
 mod config;
 mod create;
+mod desktop;
 mod error;
 mod files;
 mod live;
@@ -104,15 +105,17 @@ mod volumes;
 
 pub use api_model::{EgressPolicy, Mount, MountMode, MountRequest};
 pub use code::{
-    desktop_viewer_url, CodeContext, CodeOptions, CodeResult, Execution, ExecutionError,
-    Logs as ExecutionLogs, ResultCallback, CODE_HELPER, DESKTOP_VIEWER_PORT,
-    DESKTOP_VIEW_ONLY_PORT,
+    CodeContext, CodeOptions, CodeResult, Execution, ExecutionError, Logs as ExecutionLogs,
+    ResultCallback, CODE_HELPER,
 };
 pub use commands::{CommandHandle, Commands, OutputCallback, RunOptions};
 pub use config::{ConnectionConfig, DEFAULT_REQUEST_TIMEOUT};
 pub use create::{
     CreateOptions, Lifecycle, OnTimeout, SandboxLifecycle, SandboxNetworkOpts, SecurityPolicy,
     WarmPoolMode,
+};
+pub use desktop::{
+    desktop_viewer_url, parse_windows, Desktop, Window, DESKTOP_VIEWER_PORT, DESKTOP_VIEW_ONLY_PORT,
 };
 pub use error::{Error, Result};
 pub use files::{Files, Presigned};

@@ -1,14 +1,25 @@
 /**
  * `Sandbox`: create, connect, list and inspect sandboxes, and everything one sandbox
  * does — its lifecycle, snapshots, forks, previews, metrics, logs, recordings, event
- * stream, egress and security policy — with `.commands`, `.files` and `.pty`.
+ * stream, egress and security policy — with `.commands`, `.files`, `.pty` and `.desktop`,
+ * and the code interpreter (`runCode`).
  *
  * @module
  */
 
+import {
+  type CodeContext,
+  type CodeContextOpts,
+  type Execution,
+  type RunCodeOpts,
+  createCodeContext,
+  removeCodeContext,
+  runCode,
+} from "./code.js";
 import { Commands, type RunOpts } from "./commands.js";
 import { Config, type ConnectionOpts, type RequestOpts } from "./config.js";
 import { NotFoundError, SandboxTimeoutError, errorFor, invalid } from "./errors.js";
+import { Desktop } from "./desktop.js";
 import { type StreamEventsOpts, streamEvents } from "./events.js";
 import { Filesystem } from "./files.js";
 import { DataPlane, INSPECT, call, callBytes, hide } from "./http.js";
@@ -131,6 +142,8 @@ export class Sandbox {
   readonly files: Filesystem;
   /** Terminals in the sandbox. */
   readonly pty: Pty;
+  /** The desktop of a `desktop` sandbox: its viewer's URL, screenshots, mouse and keyboard. */
+  readonly desktop: Desktop;
   /** @internal Its data plane (API key and runtime token: not enumerable, not printed). */
   declare readonly dp: DataPlane;
   /** The state it was last seen in (by create, connect, getInfo, waitReady, ...). */
@@ -147,6 +160,7 @@ export class Sandbox {
     this.commands = new Commands(this.dp);
     this.files = new Filesystem(this.dp);
     this.pty = new Pty(this.dp);
+    this.desktop = new Desktop(this);
   }
 
   /**
@@ -515,6 +529,38 @@ export class Sandbox {
    */
   async getHost(port: number, opts: RequestOpts = {}): Promise<string> {
     return (await this.getPreviewUrl(port, opts)).host;
+  }
+
+  // -- the code interpreter ------------------------------------------------------------
+
+  /**
+   * Runs `code` in a Jupyter kernel of a `code-interpreter` sandbox (the `default`
+   * context, or `context`'s own kernel) and resolves to its {@link Execution}: `results`
+   * (each with `text`, `png`, `svg`, `html`, `json`, `markdown`, ... where the kernel
+   * gave them), `logs`, `error` (the exception the code raised; not thrown). State is
+   * kept between runs in a context. Past `timeoutMs` (default 60000) the kernel is
+   * interrupted (`execution.timedOut`); `language: "bash"` runs the code with bash.
+   * Output streams to `onStdout`/`onStderr`, results to `onResult`, the exception to
+   * `onError`. A sandbox without the interpreter: a {@link SandboxError} with code
+   * `code_interpreter`.
+   *
+   * ```ts
+   * const ex = await sandbox.runCode("import math; math.pi * 2");
+   * console.log(ex.text);   // 6.283185307179586
+   * ```
+   */
+  async runCode(code: string, opts: RunCodeOpts = {}): Promise<Execution> {
+    return runCode(this, code, opts);
+  }
+
+  /** A new kernel of its own (separate variables and imports) for `runCode({ context })`. */
+  async createCodeContext(opts: CodeContextOpts = {}): Promise<CodeContext> {
+    return createCodeContext(this, opts);
+  }
+
+  /** Ends a context's kernel (made by {@link Sandbox.createCodeContext}). */
+  async removeCodeContext(context: CodeContext | string, opts: RequestOpts = {}): Promise<void> {
+    return removeCodeContext(this, context, opts);
   }
 
   // -- observing -----------------------------------------------------------------------

@@ -45,6 +45,11 @@ export async function startFake(opts = {}) {
     sandboxState: "running",
     ptyClosed: 0,
     fileCancelled: 0,
+    // A test's own commands: (body) => { stdout: [chunks], stderr: [chunks], exitCode }
+    // for the command it answers, undefined for the default script below.
+    onCommand: opts.onCommand ?? null,
+    // Files written (PUT /files) by path, served back and removed by the data plane.
+    files: new Map(),
   };
   let base = "";
   const view = (extra = {}) => ({
@@ -74,6 +79,14 @@ export async function startFake(opts = {}) {
       if (req.headers.authorization !== `Bearer ${TOKEN}`) return send(res, 401, { code: "unauthorized", message: "bad token" });
       if (p.endsWith("/commands") && req.method === "POST") {
         const cmd = JSON.parse(body).cmd;
+        const own = state.onCommand?.(JSON.parse(body));
+        if (own) {
+          res.writeHead(200, { "content-type": "application/x-ndjson" });
+          res.write(JSON.stringify({ event: "start", pid: 8 }) + "\n");
+          for (const data of own.stdout ?? []) res.write(JSON.stringify({ event: "stdout", data }) + "\n");
+          for (const data of own.stderr ?? []) res.write(JSON.stringify({ event: "stderr", data }) + "\n");
+          return res.end(JSON.stringify({ event: "exit", exitCode: own.exitCode ?? 0, signal: null }) + "\n");
+        }
         res.writeHead(200, { "content-type": "application/x-ndjson" });
         res.write(JSON.stringify({ event: "start", pid: 7 }) + "\n");
         if (cmd === "slow") {
@@ -102,6 +115,20 @@ export async function startFake(opts = {}) {
         await new Promise((r) => setTimeout(r, 20));
         return res.end(exit.slice(9));
       }
+      const stored = url.searchParams.get("path");
+      if (p.endsWith("/files") && req.method === "PUT") {
+        state.files.set(stored, Buffer.concat(chunks));
+        return send(res, 200, { path: stored, bytes: Buffer.concat(chunks).length });
+      }
+      if (p.endsWith("/files") && req.method === "GET" && state.files.has(stored)) {
+        res.writeHead(200, { "content-type": "application/octet-stream" });
+        return res.end(state.files.get(stored));
+      }
+      if (p.endsWith("/files") && req.method === "DELETE" && state.files.has(stored)) {
+        state.files.delete(stored);
+        res.writeHead(204);
+        return res.end();
+      }
       if (p.endsWith("/files") && req.method === "GET" && url.searchParams.get("path") === "data.bin") {
         res.writeHead(200, { "content-type": "application/octet-stream" });
         res.write(Buffer.alloc(64 * 1024, 1));
@@ -128,6 +155,19 @@ export async function startFake(opts = {}) {
       return send(res, 200, { sandboxes: [view({ runtime: null })], nextToken: null });
     }
     if (p === `/api/v1/sandboxes/${SBX}` && req.method === "GET") return send(res, 200, view());
+    if (p === `/api/v1/sandboxes/${SBX}/previews` && req.method === "POST") {
+      const { port } = JSON.parse(body);
+      const host = `${port}-${SBX}.localhost:7072`;
+      return send(res, 200, {
+        port,
+        public: false,
+        host,
+        url: `http://${host}/?ns_preview_token=tok-${port}`,
+        token: `tok-${port}`,
+        expiresAt: "2026-01-01T01:00:00Z",
+        proxyTarget: { url: `http://${host}/`, header: "x-nullspace-preview-proxy-token", token: `proxy-${port}` },
+      });
+    }
     if (p === `/api/v1/sandboxes/${SBX}/events` && req.method === "GET") {
       const after = Number(url.searchParams.get("after_event_id") ?? 0);
       const limit = Number(url.searchParams.get("limit") ?? 1000);

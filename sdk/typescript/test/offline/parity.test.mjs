@@ -31,6 +31,7 @@ const CLASSES = {
   CommandHandle: [ns.CommandHandle, []],
   Filesystem: [ns.Filesystem, []],
   Pty: [ns.Pty, []],
+  Desktop: [ns.Desktop, []],
   PtyHandle: [ns.PtyHandle, []],
   Snapshot: [ns.Snapshot, []],
   Template: [ns.Template, "all"],
@@ -40,19 +41,13 @@ const CLASSES = {
 /** Python calls with no counterpart, and why. */
 const NOT_HERE = {
   "Sandbox.close": "fetch keeps no client to close; streams end with their loop or signal",
-  // Being added to the Python SDK now (the code interpreter); the TypeScript port follows.
-  "Sandbox.run_code": "pending port: the code interpreter is new in the Python SDK",
-  "Sandbox.create_code_context": "pending port: the code interpreter is new in the Python SDK",
-  "Sandbox.remove_code_context": "pending port: the code interpreter is new in the Python SDK",
 };
 
 /**
  * Python classes being added in sdk/python now, not ported yet: each named, with why.
  * (Remove an entry once its class is here.)
  */
-const PENDING = {
-  Desktop: "the desktop helpers are being added to the Python SDK; the TypeScript port follows",
-};
+const PENDING = {};
 
 test("every public call of the Python SDK has its camelCase counterpart", () => {
   const py = pythonSurface();

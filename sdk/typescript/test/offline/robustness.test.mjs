@@ -106,6 +106,7 @@ test("console.log shows no API key and no runtime token", async () => {
     ["commands", sbx.commands],
     ["files", sbx.files],
     ["pty", sbx.pty],
+    ["desktop", sbx.desktop],
     ["handle", handle],
     ["config", Config.resolve(conn)],
   ]) {
@@ -119,7 +120,7 @@ test("console.log shows no API key and no runtime token", async () => {
   }
   assert.match(inspect(sbx), new RegExp(`${SBX}.*running`));
   assert.match(inspect(handle), /pid: 7/);
-  assert.deepEqual(Object.keys(sbx).sort(), ["commands", "files", "pty", "sandboxId"]);
+  assert.deepEqual(Object.keys(sbx).sort(), ["commands", "desktop", "files", "pty", "sandboxId"]);
   // Still there for the SDK's own use.
   assert.equal(sbx.dp.runtime.token, TOKEN);
 });
