@@ -151,6 +151,10 @@ pub struct Serve {
     /// separated by commas
     #[arg(long, value_name = "all|off|NAME,...", default_value = "all", value_parser = workspace_mode)]
     pub workspace_templates: crate::sandboxes::WorkspaceMode,
+    /// Where the template builder keeps its step cache (VM snapshots of finished build
+    /// steps; default: build-cache under the state directory): e.g. a larger disk
+    #[arg(long, value_name = "DIR")]
+    pub build_cache_dir: Option<PathBuf>,
     #[command(flatten)]
     pub host: HostArgs,
     /// An address or IPv4 block no guest reaches, whatever its egress policy names

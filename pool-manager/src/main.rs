@@ -741,6 +741,10 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
             network,
             region: given(&args.region).map(str::to_string),
             workspace_templates: args.workspace_templates.clone(),
+            build_cache_dir: args
+                .build_cache_dir
+                .clone()
+                .unwrap_or_else(|| dir.join("build-cache")),
         },
     ));
     manager

@@ -129,7 +129,14 @@ fn split_token(uri: &Uri) -> (Option<String>, Option<String>) {
         .split('&')
         .filter(|pair| match pair.strip_prefix(&format!("{TOKEN_PARAM}=")) {
             Some(t) => {
-                token = Some(t.to_string());
+                // Decoded as a query value: a client that rebuilt the URL may have
+                // percent-encoded the token's `:`s (noVNC's viewer URL does).
+                token = Some(
+                    form_urlencoded::parse(format!("t={t}").as_bytes())
+                        .next()
+                        .map(|(_, v)| v.into_owned())
+                        .unwrap_or_default(),
+                );
                 false
             }
             None => true,
@@ -498,5 +505,15 @@ mod tests {
         );
         let uri: Uri = "/a?ns_preview_token=abc".parse().unwrap();
         assert_eq!(split_token(&uri), (Some("abc".into()), None));
+        let uri: Uri = "/a?ns_preview_token=sbx-1%3A6080%3Apreview.1.2.x_y-z&b=1"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            split_token(&uri),
+            (
+                Some("sbx-1:6080:preview.1.2.x_y-z".into()),
+                Some("b=1".into())
+            )
+        );
     }
 }

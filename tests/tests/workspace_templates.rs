@@ -447,19 +447,39 @@ async fn the_desktop_shows_its_viewer_and_an_opened_window_and_takes_clicks_and_
     assert_eq!((before.0, before.1), (1280, 800));
 
     // A real browser on the host loads the viewer through its signed preview URL, and
-    // its WebSocket reaches the VNC server behind it (websockify logs the connection).
-    for (view_only, path) in [(false, "/tmp/novnc.log"), (true, "/tmp/novnc-view.log")] {
+    // its WebSocket reaches the VNC server behind it: while the browser is open,
+    // websockify holds a TCP connection to x11vnc (5900, or 5901 view-only).
+    for (view_only, port_hex) in [(false, "170C"), (true, "170D")] {
         let url = desktop.viewer_url(view_only).await.unwrap();
         assert!(
             url.contains("/vnc.html?") && url.contains("autoconnect=1"),
             "{url}"
         );
         assert_eq!(url.contains("view_only=1"), view_only, "{url}");
-        let connected = browse_until(&url, Duration::from_secs(90), || async {
-            log(path).await.contains("connecting to")
+        // Established (01) connections whose remote end is 127.0.0.1:<port>.
+        let probe =
+            format!("awk '$3 == \"0100007F:{port_hex}\" && $4 == \"01\"' /proc/net/tcp | wc -l");
+        let (sbx_ref, probe) = (&sbx, &probe);
+        let vnc_clients = move || async move {
+            sbx_ref
+                .commands()
+                .run(probe)
+                .await
+                .map(|o| o.stdout.trim().parse::<u32>().unwrap_or(0))
+                .unwrap_or(0)
+        };
+        assert_eq!(vnc_clients().await, 0, "a VNC client before the browser");
+        let connected = browse_until(&url, Duration::from_secs(90), move || async move {
+            vnc_clients().await > 0
         })
         .await;
-        assert!(connected, "the viewer never connected: {}", log(path).await);
+        let page = sbx
+            .commands()
+            .run("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:6080/vnc.html; tail -5 /tmp/novnc*.log")
+            .await
+            .map(|o| o.stdout)
+            .unwrap_or_default();
+        assert!(connected, "the viewer ({url}) never reached x11vnc: {page}");
     }
     // Without the preview token, nothing.
     let bare = desktop.viewer_url(false).await.unwrap();

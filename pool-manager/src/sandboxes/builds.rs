@@ -29,9 +29,10 @@
 //! stands on (restored from) or is writing. Entries from before caches were per team
 //! are pruned. A step is not cached when the disk lacks room for its snapshot and the
 //! template's own after it (the build log says so); the build goes on, and a template
-//! snapshot short of room drops the unclaimed entries first. A quick step's entry
-//! (under [`QUICK_STEP`]) is dropped once the next step's is written: rerunning it
-//! costs less than the gigabytes a VM snapshot holds.
+//! snapshot short of room (for itself and the store's copy) drops the unclaimed entries
+//! first. A quick step's entry (under [`QUICK_STEP`]) is dropped once the next step's is
+//! written, or at the end when a slower step of the build has one: rerunning it costs
+//! less than the gigabytes a VM snapshot holds.
 //!
 //! **The log.** The build log goes to the catalog line by line as output arrives;
 //! callers read it in pages that wait for new lines (`GET /templates/{id}/logs?after=&
@@ -833,7 +834,7 @@ impl Manager {
     }
 
     fn build_cache(&self) -> PathBuf {
-        self.state_dir.join("build-cache")
+        self.build_cache_dir.clone()
     }
 
     /// A team's step cache.
@@ -975,8 +976,10 @@ impl Manager {
         let keys = step_keys(&t.team_id, &self.base_key(t).await?, &t.request);
         let (mut vm, done) = self.build_vm(t, &keys).await?;
         let mut env = t.env_vars.clone();
-        // The cache entry of this build's last quick step, if it wrote one.
+        // The cache entry of this build's last quick step, if it wrote one, and whether
+        // the build wrote an entry for a step that was not quick.
         let mut quick_entry: Option<PathBuf> = None;
+        let mut slow_entry = false;
         for (i, step) in steps.iter().enumerate() {
             if let StepAction::Env(vars) = &step.action {
                 env.extend(vars.clone());
@@ -1014,8 +1017,15 @@ impl Manager {
                 let took = Duration::from_millis(t.steps[i].duration_ms.unwrap_or(0));
                 if took < QUICK_STEP {
                     quick_entry = Some(self.team_cache(&t.team_id).join(&keys[i]));
+                } else {
+                    slow_entry = true;
                 }
             }
+        }
+        // Quick steps after the last slow one are rerun from it in moments: their entry
+        // is not worth its gigabytes. (With no slow entry, it is the only one there is.)
+        if let (Some(q), true) = (quick_entry.take(), slow_entry) {
+            self.drop_cache_entry(&q);
         }
         t.env_vars = env.clone();
         let _ = self.save_template(t);
@@ -1424,11 +1434,15 @@ impl Manager {
         let builder = format!("sbx-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]);
         let dir = self.scratch_dir();
         let _ = std::fs::create_dir_all(dir.parent().expect("scratch has a parent"));
-        if self.check_disk_space(vm, t.resources.mem_mib).is_err() {
-            // The template matters more than the step cache: drop every entry no
-            // build stands on, then look again.
+        // Room for the snapshot and for the store's copy of it (a local store is on
+        // the same disk). The template matters more than the step cache: short of
+        // room, every entry no build stands on goes, then look again.
+        if self
+            .check_disk_space_for(vm, t.resources.mem_mib, 2)
+            .is_err()
+        {
             self.prune_build_cache(0);
-            self.check_disk_space(vm, t.resources.mem_mib)?;
+            self.check_disk_space_for(vm, t.resources.mem_mib, 2)?;
         }
         let snapshot = vm
             .snapshot(&dir, false)

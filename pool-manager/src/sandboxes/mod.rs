@@ -51,6 +51,8 @@ pub struct Manager {
     tokens: TokenSigner,
     pub(crate) edge_url: String,
     state_dir: PathBuf,
+    /// The template builder's step cache.
+    build_cache_dir: PathBuf,
     slots: Mutex<HashMap<String, Slot>>,
     /// Template snapshots already in the catalog.
     recorded_templates: Mutex<std::collections::HashSet<String>>,
@@ -187,6 +189,9 @@ pub struct ManagerConfig {
     pub region: Option<String>,
     /// Whether this host builds the workspace templates.
     pub workspace_templates: WorkspaceMode,
+    /// The template builder's step cache (`<state dir>/build-cache` unless the operator
+    /// put it elsewhere).
+    pub build_cache_dir: PathBuf,
 }
 
 impl Manager {
@@ -203,6 +208,7 @@ impl Manager {
             network,
             region,
             workspace_templates,
+            build_cache_dir,
         } = config;
         // Everything a workspace template's base snapshot depends on (as the
         // template snapshots' key has it).
@@ -226,6 +232,7 @@ impl Manager {
             tokens,
             edge_url,
             state_dir,
+            build_cache_dir,
             slots: Mutex::default(),
             recorded_templates: Mutex::default(),
             default_quota,
