@@ -152,7 +152,8 @@ pub struct Serve {
     #[arg(long, value_name = "all|off|NAME,...", default_value = "all", value_parser = workspace_mode)]
     pub workspace_templates: crate::sandboxes::WorkspaceMode,
     /// Where the template builder keeps its step cache (VM snapshots of finished build
-    /// steps; default: build-cache under the state directory): e.g. a larger disk
+    /// steps), in a directory nullspace-build-cache it makes there (default:
+    /// build-cache under the state directory): e.g. on a larger disk
     #[arg(long, value_name = "DIR")]
     pub build_cache_dir: Option<PathBuf>,
     #[command(flatten)]

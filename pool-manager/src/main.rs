@@ -664,6 +664,26 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
         .unwrap_or_else(|| dir.join("templates"));
     std::fs::create_dir_all(&templates_dir)
         .with_context(|| format!("creating {}", templates_dir.display()))?;
+    // A directory of our own under the one given: the cache's pruning removes what it
+    // does not know, which must never be an operator's files (a mount point, say).
+    let build_cache_dir = match &args.build_cache_dir {
+        Some(d) => {
+            let d = d.join("nullspace-build-cache");
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            let d = d
+                .canonicalize()
+                .with_context(|| format!("resolving {}", d.display()))?;
+            anyhow::ensure!(
+                !dir.starts_with(&d),
+                "--build-cache-dir {} holds the state directory {}: give a directory of its own",
+                d.display(),
+                dir.display()
+            );
+            vmm::qemu::check_vm_user_can_reach(&d).map_err(|e| anyhow::anyhow!("{e}"))?;
+            d
+        }
+        None => dir.join("build-cache"),
+    };
     for d in [&dir, &templates_dir] {
         vmm::qemu::check_vm_user_can_reach(d).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
@@ -741,10 +761,7 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
             network,
             region: given(&args.region).map(str::to_string),
             workspace_templates: args.workspace_templates.clone(),
-            build_cache_dir: args
-                .build_cache_dir
-                .clone()
-                .unwrap_or_else(|| dir.join("build-cache")),
+            build_cache_dir,
         },
     ));
     manager

@@ -125,6 +125,11 @@ impl Store {
         }
     }
 
+    /// Whether objects are kept in a local directory (on this host's disks).
+    pub fn is_local(&self) -> bool {
+        matches!(self.backend, Backend::Local(_))
+    }
+
     /// An S3 store.
     pub fn s3(store: crate::S3Store) -> Self {
         Self {

@@ -352,6 +352,8 @@ where
         .arg(url)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
+        // A group of its own: its renderer and GPU processes end with it.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .expect("chromium (deploy/install-deps.sh installs it)");
@@ -363,6 +365,10 @@ where
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if let Some(pid) = browser.id() {
+        // SAFETY: kill(2) on a process group this test made.
+        unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
     }
     let _ = browser.kill().await;
     ok
@@ -481,14 +487,30 @@ async fn the_desktop_shows_its_viewer_and_an_opened_window_and_takes_clicks_and_
             .unwrap_or_default();
         assert!(connected, "the viewer ({url}) never reached x11vnc: {page}");
     }
-    // Without the preview token, nothing.
-    let bare = desktop.viewer_url(false).await.unwrap();
-    let bare = bare.split("ns_preview_token=").next().unwrap().to_string();
-    let status = reqwest::get(&bare).await.map(|r| r.status());
-    assert!(
-        matches!(status, Ok(s) if s == StatusCode::UNAUTHORIZED) || status.is_err(),
-        "{status:?}"
+    // By hand, on the preview listener: the viewer URL's token (percent-encoded, as the
+    // SDKs' URL library writes it) is taken; without it, nothing.
+    let viewer = reqwest::Url::parse(&desktop.viewer_url(false).await.unwrap()).unwrap();
+    let (host, port) = (
+        viewer.host_str().unwrap().to_string(),
+        viewer.port().unwrap(),
     );
+    let client = reqwest::Client::builder()
+        .resolve(&host, ([127, 0, 0, 1], port).into())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let with_token = client.get(viewer.as_str()).send().await.unwrap();
+    assert!(
+        with_token.status().is_redirection() && with_token.headers().contains_key("set-cookie"),
+        "{:?}",
+        with_token
+    );
+    let bare = client
+        .get(format!("http://{host}:{port}/vnc.html"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bare.status(), StatusCode::UNAUTHORIZED);
 
     // open(): a page in the desktop's browser; the SDK's screenshot shows its window.
     sbx.files()

@@ -837,6 +837,16 @@ impl Manager {
         self.build_cache_dir.clone()
     }
 
+    /// Whether the step cache is on the state directory's file system (where template
+    /// snapshots are written): only then does dropping entries make room for one.
+    fn build_cache_shares_state_disk(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+        let cache = self.build_cache();
+        let cache_dev = dev(&cache).or_else(|| cache.parent().and_then(dev));
+        cache_dev.is_none() || cache_dev == dev(&self.state_dir)
+    }
+
     /// A team's step cache.
     fn team_cache(&self, team: &str) -> PathBuf {
         self.build_cache().join(team_cache_name(team))
@@ -979,7 +989,8 @@ impl Manager {
         // The cache entry of this build's last quick step, if it wrote one, and whether
         // the build wrote an entry for a step that was not quick.
         let mut quick_entry: Option<PathBuf> = None;
-        let mut slow_entry = false;
+        // A build restored from an entry stands on an earlier step's snapshot.
+        let mut slow_entry = done > 0;
         for (i, step) in steps.iter().enumerate() {
             if let StepAction::Env(vars) = &step.action {
                 env.extend(vars.clone());
@@ -1148,7 +1159,14 @@ impl Manager {
     /// the entry was written.
     async fn cache_step(&self, t: &TemplateRecord, vm: &mut QemuVm, key: &str, index: u32) -> bool {
         self.prune_build_cache(CACHE_ENTRIES.saturating_sub(1));
-        if let Err(e) = self.check_disk_space_for(vm, t.resources.mem_mib, 2) {
+        let room = if self.build_cache_shares_state_disk() {
+            self.check_disk_space_for(vm, t.resources.mem_mib, 2)
+        } else {
+            let _ = std::fs::create_dir_all(self.build_cache());
+            self.check_disk_space_at(&self.build_cache(), vm, t.resources.mem_mib, 1)
+                .and_then(|()| self.check_disk_space_for(vm, t.resources.mem_mib, 1))
+        };
+        if let Err(e) = room {
             self.log_line(
                 &t.id,
                 Some(index),
@@ -1434,15 +1452,22 @@ impl Manager {
         let builder = format!("sbx-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]);
         let dir = self.scratch_dir();
         let _ = std::fs::create_dir_all(dir.parent().expect("scratch has a parent"));
-        // Room for the snapshot and for the store's copy of it (a local store is on
-        // the same disk). The template matters more than the step cache: short of
+        // Room for the snapshot and for the store's copy of it (a local store's is on
+        // this host's disks). The template matters more than the step cache: short of
         // room, every entry no build stands on goes, then look again.
+        let copies = if self.snapshots.store.is_local() {
+            2
+        } else {
+            1
+        };
         if self
-            .check_disk_space_for(vm, t.resources.mem_mib, 2)
+            .check_disk_space_for(vm, t.resources.mem_mib, copies)
             .is_err()
         {
-            self.prune_build_cache(0);
-            self.check_disk_space_for(vm, t.resources.mem_mib, 2)?;
+            if self.build_cache_shares_state_disk() {
+                self.prune_build_cache(0);
+            }
+            self.check_disk_space_for(vm, t.resources.mem_mib, copies)?;
         }
         let snapshot = vm
             .snapshot(&dir, false)

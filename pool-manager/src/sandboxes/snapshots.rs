@@ -193,10 +193,21 @@ impl Manager {
         mem_mib: u32,
         copies: u64,
     ) -> Result<(), ApiError> {
+        self.check_disk_space_at(&self.state_dir, vm, mem_mib, copies)
+    }
+
+    /// [`Manager::check_disk_space_for`] on the file system of `dir`.
+    pub(super) fn check_disk_space_at(
+        &self,
+        dir: &Path,
+        vm: &QemuVm,
+        mem_mib: u32,
+        copies: u64,
+    ) -> Result<(), ApiError> {
         let need = (mem_mib as u64) << 20;
         let need = (need + allocated(vm.disk_path())) * copies;
         let reserve = self.snapshots.min_free_mib << 20;
-        let free = free_bytes(&self.state_dir)
+        let free = free_bytes(dir)
             .map_err(|e| ApiError::internal(format!("checking free disk space: {e}")))?;
         if free < need + reserve {
             return Err(ApiError::insufficient_storage(format!(

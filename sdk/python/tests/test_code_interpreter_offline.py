@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nullspace import AsyncSandbox, CodeContext, Execution, Sandbox, SandboxError
-from nullspace._core import (CODE_HELPER, CodeEventReader, CommandResult, code_command,
+from nullspace._core import (CODE_HELPER, CodeEventReader, CommandResult, code_command, desktop_command,
                              code_context_args, context_event)
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
@@ -88,3 +88,13 @@ def test_desktop_commands_and_the_viewer_url():
     wins = parse_windows("0x00e00003  0 321    10 20  640 480  sbx xterm: user@sbx\n")
     assert wins == [{"id": "0x00e00003", "desktop": 0, "pid": 321, "x": 10, "y": 20,
                      "width": 640, "height": 480, "title": "xterm: user@sbx"}]
+
+
+@pytest.mark.parametrize("action,args", [
+    ("move", (-5, 10)), ("click", (1, 1, 3, -1)), ("click", (1, 1, "3", 4)),
+    ("move", (True, 2)), ("scroll", (1001,)), ("scroll", (2.5,)),
+])
+def test_desktop_input_off_the_screen_is_refused(action, args):
+    with pytest.raises(SandboxError) as e:
+        desktop_command(action, *args)
+    assert e.value.code == "invalid_request"

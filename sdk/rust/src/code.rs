@@ -283,10 +283,12 @@ impl Sandbox {
                     ..RunOptions::default()
                 },
             )
-            .await?;
+            .await;
+        // The code's file goes whether the run succeeded or not.
         if let Some(path) = &file {
             let _ = self.files().remove(path).await;
         }
+        let out = out?;
         let mut reader = std::mem::take(&mut *reader.lock().unwrap());
         reader.feed("\n");
         if !reader.done {

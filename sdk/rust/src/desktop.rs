@@ -94,6 +94,19 @@ pub fn parse_windows(out: &str) -> Vec<Window> {
         .collect()
 }
 
+/// The most steps one scroll may take.
+const MAX_SCROLL: u32 = 1000;
+
+/// Screen coordinates are never negative (xdotool would read `-5` as an option).
+fn check_point(at: Option<(i32, i32)>) -> Result<()> {
+    match at {
+        Some((x, y)) if x < 0 || y < 0 => Err(Error::invalid(format!(
+            "({x}, {y}) is off the screen; send coordinates of 0 or more"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// A mouse button, as xdotool numbers them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Button {
@@ -180,15 +193,21 @@ impl Desktop<'_> {
     /// The whole screen as PNG bytes.
     pub async fn screenshot(&self) -> Result<Vec<u8>> {
         let path = format!("/tmp/nullspace-screenshot-{}.png", uuid_like());
-        self.run(&format!("scrot -o -z {}", quote(&path)), "the screenshot")
-            .await?;
-        let png = self.sandbox.files().read(&path).await;
+        let shot = self
+            .run(&format!("scrot -o -z {}", quote(&path)), "the screenshot")
+            .await;
+        let png = match shot {
+            Ok(_) => self.sandbox.files().read(&path).await,
+            Err(e) => Err(e),
+        };
+        // Removed whatever happened (scrot may have written it before failing).
         let _ = self.sandbox.files().remove(&path).await;
         png
     }
 
     /// Moves the pointer to (`x`, `y`).
     pub async fn move_mouse(&self, x: i32, y: i32) -> Result<()> {
+        check_point(Some((x, y)))?;
         self.run(
             &format!("xdotool mousemove --sync {x} {y}"),
             "moving the mouse",
@@ -199,6 +218,7 @@ impl Desktop<'_> {
 
     /// Clicks the left button, at `at` if given (else where the pointer is).
     pub async fn left_click(&self, at: Option<(i32, i32)>) -> Result<()> {
+        check_point(at)?;
         self.run(&click_command(Button::Left, 1, at), "the click")
             .await
             .map(drop)
@@ -206,6 +226,7 @@ impl Desktop<'_> {
 
     /// Clicks the right button, at `at` if given.
     pub async fn right_click(&self, at: Option<(i32, i32)>) -> Result<()> {
+        check_point(at)?;
         self.run(&click_command(Button::Right, 1, at), "the click")
             .await
             .map(drop)
@@ -213,6 +234,7 @@ impl Desktop<'_> {
 
     /// Double-clicks the left button, at `at` if given.
     pub async fn double_click(&self, at: Option<(i32, i32)>) -> Result<()> {
+        check_point(at)?;
         self.run(&click_command(Button::Left, 2, at), "the double click")
             .await
             .map(drop)
@@ -222,6 +244,11 @@ impl Desktop<'_> {
     pub async fn scroll(&self, amount: i32) -> Result<()> {
         if amount == 0 {
             return Ok(());
+        }
+        if amount.unsigned_abs() > MAX_SCROLL {
+            return Err(Error::invalid(format!(
+                "scroll {amount} steps is too many; send at most {MAX_SCROLL} either way"
+            )));
         }
         self.run(&scroll_command(amount), "scrolling")
             .await
@@ -312,6 +339,13 @@ mod tests {
         assert_eq!(w[0].title, "xterm: cat > /tmp/x");
         assert_eq!((w[0].pid, w[0].x, w[0].width), (812, 10, 640));
         assert_eq!((w[1].desktop, w[1].title.as_str()), (-1, ""));
+    }
+
+    #[test]
+    fn points_off_the_screen_are_refused() {
+        assert!(check_point(Some((-5, 10))).is_err());
+        assert!(check_point(Some((0, 0))).is_ok());
+        assert!(check_point(None).is_ok());
     }
 
     #[test]

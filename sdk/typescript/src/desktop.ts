@@ -88,7 +88,14 @@ function text(name: string, value: unknown): string {
 function point(x: unknown, y: unknown): [number, number] | undefined {
   if (x === undefined && y === undefined) return undefined;
   if (x === undefined || y === undefined) throw invalid("give both x and y, or neither (to click where the pointer is)");
-  return [int("x", x), int("y", y)];
+  return [coordinate("x", x), coordinate("y", y)];
+}
+
+/** A screen coordinate: a safe integer of 0 or more (xdotool reads `-5` as an option). */
+function coordinate(name: string, value: unknown): number {
+  const n = int(name, value);
+  if (n < 0 || !Number.isSafeInteger(n)) throw invalid(`${name} ${n} is off the screen; send an integer of 0 or more`);
+  return n;
 }
 
 /**
@@ -98,13 +105,14 @@ function point(x: unknown, y: unknown): [number, number] | undefined {
  * @internal
  */
 export const desktopCommand = {
-  move: (x: number, y: number): string => `xdotool mousemove --sync ${int("x", x)} ${int("y", y)}`,
+  move: (x: number, y: number): string => `xdotool mousemove --sync ${coordinate("x", x)} ${coordinate("y", y)}`,
   click: (button: number, repeat: number, at?: [number, number]): string => {
     const move = at ? `xdotool mousemove --sync ${at[0]} ${at[1]} && ` : "";
     return `${move}xdotool click --repeat ${repeat} --delay 80 ${button}`;
   },
   scroll: (amount: number): string => {
     const n = int("amount", amount);
+    if (Math.abs(n) > 1000) throw invalid(`scroll ${n} steps is too many; send -1000 to 1000`);
     return `xdotool click --repeat ${Math.abs(n)} --delay 30 ${n > 0 ? 5 : 4}`;
   },
   type: (s: string): string => `xdotool type --delay 15 -- ${shellQuote(text("text", s))}`,

@@ -40,7 +40,7 @@ async fn wait_built(
     let deadline = Instant::now() + Duration::from_secs(45 * 60);
     loop {
         let t: Value = http
-            .get(format!("{base}/v1/templates/{name}"))
+            .get(format!("{base}/api/v1/templates/{name}"))
             .header("X-API-Key", key)
             .send()
             .await?
@@ -125,7 +125,10 @@ async fn main() -> anyhow::Result<()> {
     let config = ConnectionConfig::new(&stack.api.url, key.clone());
 
     // 1. Create → first run_code result, cold and warm (the pool refills between).
-    let pool = format!("{}/v1/templates/code-interpreter/warm-pool", stack.api.url);
+    let pool = format!(
+        "{}/api/v1/templates/code-interpreter/warm-pool",
+        stack.api.url
+    );
     let pool_ready = || async {
         let v: Value = http
             .get(&pool)

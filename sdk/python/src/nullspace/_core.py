@@ -1103,6 +1103,14 @@ def desktop_command(action: str, *args: Any) -> str:
     """The shell command of one desktop action (xdotool, wmctrl, scrot)."""
     import shlex
     q = shlex.quote
+    if action in ("move", "click"):
+        for v in args[-2:]:
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise SandboxError("invalid_request", f"coordinate {v!r} is not a screen "
+                                   "position; send integers of 0 or more")
+    if action == "scroll" and (not isinstance(args[0], int) or abs(args[0]) > 1000):
+        raise SandboxError("invalid_request",
+                           f"scroll {args[0]!r}: send an integer from -1000 to 1000")
     if action == "move":
         x, y = args
         return f"xdotool mousemove --sync {int(x)} {int(y)}"
