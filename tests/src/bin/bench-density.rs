@@ -13,6 +13,7 @@
 //!
 //! Everything is measured in this one run, on this host, and printed as ratios too.
 
+use nullspace_tests::bench::cpu_seconds;
 use nullspace_tests::{init_logging, minimal, sh, ScratchDir};
 use std::time::{Duration, Instant};
 use vmm::{
@@ -33,17 +34,6 @@ async fn driver(cgroups: bool) -> anyhow::Result<QemuVmm> {
         ..QemuConfig::from_env()?
     };
     Ok(QemuVmm::new(config, ImageSet::from_env()?).await?)
-}
-
-/// CPU time (user + system) of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// A `kB` field of a `/proc/<pid>/…` file, in MiB.

@@ -14,21 +14,10 @@
 //!    with a viewer connected is left out (it needs a browser held open on the host).
 
 use nullspace::{CodeOptions, ConnectionConfig, CreateOptions, Sandbox, WarmPoolMode};
-use nullspace_tests::bench::{flag, percentile};
+use nullspace_tests::bench::{cpu_seconds, flag, percentile};
 use nullspace_tests::{qemus_in, Stack};
 use serde_json::Value;
 use std::time::{Duration, Instant};
-
-/// CPU time (user + system) of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
 
 /// Waits for workspace template `name` to be ready; returns its view.
 async fn wait_built(
