@@ -41,6 +41,8 @@
 #                                BASE+5 and BASE+10000 to BASE+10004, some of them on
 #                                127.0.0.1 too: two clusters need two bases)
 #   NULLSPACE_CLUSTER_SERVE_FLAGS  extra `serve` flags for every host (word-split)
+#   NULLSPACE_WORKSPACE_TEMPLATES  which workspace templates each host builds (default
+#                                off: minutes each under emulation; `all` for the three)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 self="$root/deploy/cluster.sh"
@@ -301,6 +303,7 @@ CONF
             --host-id "host-$i" --advertise-host "$addr" --state-dir "$dir/host-$i" \
             --catalog "$catalog" --templates-dir "$templates" --on-exit end \
             --snapshot-store s3 --s3-endpoint "$s3" --s3-bucket nullspace \
+            --workspace-templates "${NULLSPACE_WORKSPACE_TEMPLATES:-off}" \
             ${NULLSPACE_CLUSTER_SERVE_FLAGS:-} \
             >"$dir/host-$i/pool-manager.log" 2>&1 </dev/null &
         echo $! >"$dir/pids/host-$i.pid"

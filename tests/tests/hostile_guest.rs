@@ -224,14 +224,27 @@ async fn a_guest_hogging_memory_keeps_its_qemu_under_the_cgroup_limit() {
         json!({ "templateID": "minimal", "resources": small(), "timeout": 300 }),
     )
     .await;
-    // 512 MiB of guest RAM + the stated overhead (256 MiB + RAM/16).
+    // 512 MiB of guest RAM + the stated overhead (256 MiB + RAM/16), and under TCG the
+    // room for translated code (vmm::cgroup::TCG_CODE_MIB).
     let limit = read_number(&cgroup_path(
         "memory",
         &vm,
         "memory.limit_in_bytes",
         "memory.max",
     ));
-    assert_eq!(limit, (512 + 256 + 32) << 20, "the VM's memory limit");
+    let tcg = nullspace_tests::qemus_in(daemon.run_dir())
+        .iter()
+        .any(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains("accel=tcg"))
+                .unwrap_or(false)
+        });
+    let extra = if tcg { vmm::cgroup::TCG_CODE_MIB } else { 0 };
+    assert_eq!(
+        limit,
+        (512 + 256 + 32 + extra) << 20,
+        "the VM's memory limit"
+    );
     let pids_max = read_number(&cgroup_path("pids", &vm, "pids.max", "pids.max"));
     assert_eq!(pids_max, 129, "the VM's thread limit");
     let qemu = qemu_pid(&vm);

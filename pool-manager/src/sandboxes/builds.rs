@@ -28,11 +28,8 @@
 //! snapshot is written and after every build, never removing an entry a running build
 //! stands on (restored from) or is writing. Entries from before caches were per team
 //! are pruned. A step is not cached when the disk lacks room for its snapshot and the
-//! template's own after it (the build log says so); the build goes on, and a template
-//! snapshot short of room (for itself and the store's copy) drops the unclaimed entries
-//! first. A quick step's entry (under [`QUICK_STEP`]) is dropped once the next step's is
-//! written, or at the end when a slower step of the build has one: rerunning it costs
-//! less than the gigabytes a VM snapshot holds.
+//! template's own after it (the build log says so): the cache never takes the room the
+//! build it serves needs; the build goes on.
 //!
 //! **The log.** The build log goes to the catalog line by line as output arrives;
 //! callers read it in pages that wait for new lines (`GET /templates/{id}/logs?after=&
@@ -63,9 +60,6 @@ use vmm::{QemuVm, RestoreOptions, Snapshot};
 
 /// Step snapshots kept in the build cache, all teams together (oldest used go first).
 const CACHE_ENTRIES: usize = 16;
-/// A step that ran for less than this keeps its cache entry only until the build's
-/// next step is cached.
-const QUICK_STEP: Duration = Duration::from_secs(10);
 /// Builds that run at once on this host (a build VM is as heavy as any sandbox).
 const BUILD_SLOTS: usize = 1;
 /// The longest a build may take from getting its slot to a ready VM: past it the build
@@ -986,11 +980,6 @@ impl Manager {
         let keys = step_keys(&t.team_id, &self.base_key(t).await?, &t.request);
         let (mut vm, done) = self.build_vm(t, &keys).await?;
         let mut env = t.env_vars.clone();
-        // The cache entry of this build's last quick step, if it wrote one, and whether
-        // the build wrote an entry for a step that was not quick.
-        let mut quick_entry: Option<PathBuf> = None;
-        // A build restored from an entry stands on an earlier step's snapshot.
-        let mut slow_entry = done > 0;
         for (i, step) in steps.iter().enumerate() {
             if let StepAction::Env(vars) = &step.action {
                 env.extend(vars.clone());
@@ -1017,26 +1006,11 @@ impl Manager {
                 .await?;
             t.steps[i].status = StepStatus::Done;
             t.steps[i].duration_ms = Some(started.elapsed().as_millis() as u64);
-            if !matches!(step.action, StepAction::Env(_))
-                && self.cache_step(t, &mut vm, &keys[i], i as u32).await
-            {
-                // A quick step's entry is superseded by the next one's: redoing the
-                // step costs less than the disk its snapshot (memory and all) holds.
-                if let Some(q) = quick_entry.take() {
-                    self.drop_cache_entry(&q);
-                }
-                let took = Duration::from_millis(t.steps[i].duration_ms.unwrap_or(0));
-                if took < QUICK_STEP {
-                    quick_entry = Some(self.team_cache(&t.team_id).join(&keys[i]));
-                } else {
-                    slow_entry = true;
-                }
+            if !matches!(step.action, StepAction::Env(_)) {
+                // Every step's entry stays: each one's disk is an overlay on the one
+                // before it, so dropping one would break the entries after it.
+                self.cache_step(t, &mut vm, &keys[i], i as u32).await;
             }
-        }
-        // Quick steps after the last slow one are rerun from it in moments: their entry
-        // is not worth its gigabytes. (With no slow entry, it is the only one there is.)
-        if let (Some(q), true) = (quick_entry.take(), slow_entry) {
-            self.drop_cache_entry(&q);
         }
         t.env_vars = env.clone();
         let _ = self.save_template(t);
@@ -1156,7 +1130,7 @@ impl Manager {
     /// full disk costs every sandbox here.
     /// The entry must leave room for the template's own snapshot after it (two
     /// snapshots' worth): the cache never costs the build it serves. Returns whether
-    /// the entry was written.
+    /// the entry was written (kept for callers that care; the build goes on anyway).
     async fn cache_step(&self, t: &TemplateRecord, vm: &mut QemuVm, key: &str, index: u32) -> bool {
         self.prune_build_cache(CACHE_ENTRIES.saturating_sub(1));
         let room = if self.build_cache_shares_state_disk() {
@@ -1453,22 +1427,14 @@ impl Manager {
         let dir = self.scratch_dir();
         let _ = std::fs::create_dir_all(dir.parent().expect("scratch has a parent"));
         // Room for the snapshot and for the store's copy of it (a local store's is on
-        // this host's disks). The template matters more than the step cache: short of
-        // room, every entry no build stands on goes, then look again.
+        // this host's disks). The step cache is not pruned for room here: the build
+        // VM's disk stands on this build's entries, which the snapshot's rebase reads.
         let copies = if self.snapshots.store.is_local() {
             2
         } else {
             1
         };
-        if self
-            .check_disk_space_for(vm, t.resources.mem_mib, copies)
-            .is_err()
-        {
-            if self.build_cache_shares_state_disk() {
-                self.prune_build_cache(0);
-            }
-            self.check_disk_space_for(vm, t.resources.mem_mib, copies)?;
-        }
+        self.check_disk_space_for(vm, t.resources.mem_mib, copies)?;
         let snapshot = vm
             .snapshot(&dir, false)
             .await
