@@ -831,6 +831,16 @@ impl Manager {
         self.build_cache_dir.clone()
     }
 
+    /// Copies of a template's snapshot on this host's disks while it is stored: the
+    /// snapshot, and a local store's copy of it.
+    fn template_snapshot_copies(&self) -> u64 {
+        if self.snapshots.store.is_local() {
+            2
+        } else {
+            1
+        }
+    }
+
     /// Whether the step cache is on the state directory's file system (where template
     /// snapshots are written): only then does dropping entries make room for one.
     fn build_cache_shares_state_disk(&self) -> bool {
@@ -1133,12 +1143,14 @@ impl Manager {
     /// the entry was written (kept for callers that care; the build goes on anyway).
     async fn cache_step(&self, t: &TemplateRecord, vm: &mut QemuVm, key: &str, index: u32) -> bool {
         self.prune_build_cache(CACHE_ENTRIES.saturating_sub(1));
+        // The template's snapshot needs its own room (and a local store's copy).
+        let template = self.template_snapshot_copies();
         let room = if self.build_cache_shares_state_disk() {
-            self.check_disk_space_for(vm, t.resources.mem_mib, 2)
+            self.check_disk_space_for(vm, t.resources.mem_mib, 1 + template)
         } else {
             let _ = std::fs::create_dir_all(self.build_cache());
             self.check_disk_space_at(&self.build_cache(), vm, t.resources.mem_mib, 1)
-                .and_then(|()| self.check_disk_space_for(vm, t.resources.mem_mib, 1))
+                .and_then(|()| self.check_disk_space_for(vm, t.resources.mem_mib, template))
         };
         if let Err(e) = room {
             self.log_line(
@@ -1429,12 +1441,7 @@ impl Manager {
         // Room for the snapshot and for the store's copy of it (a local store's is on
         // this host's disks). The step cache is not pruned for room here: the build
         // VM's disk stands on this build's entries, which the snapshot's rebase reads.
-        let copies = if self.snapshots.store.is_local() {
-            2
-        } else {
-            1
-        };
-        self.check_disk_space_for(vm, t.resources.mem_mib, copies)?;
+        self.check_disk_space_for(vm, t.resources.mem_mib, self.template_snapshot_copies())?;
         let snapshot = vm
             .snapshot(&dir, false)
             .await
