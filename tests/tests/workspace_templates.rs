@@ -410,7 +410,8 @@ async fn wait_window(
 ) -> nullspace::Window {
     let deadline = Instant::now() + within;
     loop {
-        let windows = desktop.windows().await.expect("windows");
+        // wmctrl can meet a window that closed while it listed (BadWindow): look again.
+        let windows = desktop.windows().await.unwrap_or_default();
         if let Some(w) = windows.into_iter().find(|w| w.title.contains(title)) {
             return w;
         }
