@@ -371,6 +371,11 @@ where
         unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
     }
     let _ = browser.kill().await;
+    // Helpers that left its group (crashpad) would write into the profile after its
+    // removal: end whatever still names it.
+    let _ = std::process::Command::new("pkill")
+        .args(["-KILL", "-f", &profile.path().display().to_string()])
+        .status();
     ok
 }
 
