@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up this machine (Debian bookworm, root) and runs Nullspace locally: the pool
-# manager and the public API (api-host serving the wasm component) on loopback, with a
-# development team and key. Safe to run again: every step is cached.
+# manager, which also serves the public API (the wasm component in its process:
+# --public-listen), on loopback, with a development team and key. Safe to run again: every step is cached.
 #
 #   deploy/up.sh                 run in the foreground; Ctrl-C stops everything, VMs included
 #   deploy/up.sh --background    start, print how to reach it, return; deploy/down.sh stops it
@@ -61,7 +61,10 @@ umask 022
 
 # Start both in sessions of their own (a terminal Ctrl-C reaches only this script, whose
 # trap stops them in order); remember their PIDs for deploy/down.sh.
+# The public API runs in the pool manager's process (--public-listen): on one host that
+# saves every call a round trip between processes (bench-api: in-process vs api-host).
 setsid nohup "$pm" serve --listen $control --edge-listen $edge --preview-listen $preview \
+    --public-listen $public --api-component "$component" \
     --state-dir "$state" --on-exit end \
     >"$state/pool-manager.log" 2>&1 &
 pm_pid=$!
@@ -86,18 +89,15 @@ while ! grep -q "template snapshots ready" "$state/pool-manager.log" 2>/dev/null
     sleep 1
 done
 echo "[nullspace] ✓ pool manager ready ($((SECONDS - started)) s)" >&2
-setsid nohup "$bin/nullspace-api" --component "$component" --listen $public \
-    --pool-manager "http://$control" >"$state/api.log" 2>&1 &
-api_pid=$!
-echo "$api_pid" >"$state/api.pid"
-for _ in $(seq 1 120); do
-    grep -q "public API http://" "$state/api.log" 2>/dev/null && break
-    kill -0 $api_pid 2>/dev/null || break
+# Its listeners' line comes once the API component is compiled.
+for _ in $(seq 1 240); do
+    grep -q "public API http://" "$state/pool-manager.log" 2>/dev/null && break
+    kill -0 $pm_pid 2>/dev/null || break
     sleep 0.5
 done
-if ! grep -q "public API http://" "$state/api.log" 2>/dev/null; then
-    echo "[nullspace] ✗ the public API did not start; its log ($state/api.log) ends:" >&2
-    tail -20 "$state/api.log" >&2
+if ! grep -q "public API http://" "$state/pool-manager.log" 2>/dev/null; then
+    echo "[nullspace] ✗ the pool manager serves no public API; its log ($state/pool-manager.log) ends:" >&2
+    tail -20 "$state/pool-manager.log" >&2
     deploy/down.sh >/dev/null 2>&1 || true
     exit 1
 fi
@@ -110,7 +110,7 @@ Nullspace is running on this machine (set up in $((SECONDS - total)) s):
   data plane   http://$edge   (reached with the runtime token a create returns)
   previews     http://PORT-SANDBOXID.localhost:${preview#*:}   (POST /api/v1/sandboxes/ID/previews {"port":N} signs one)
   env file     $env_dir/dev.env   (NULLSPACE_API_URL, NULLSPACE_API_KEY, NULLSPACE_DATA_PLANE_URL)
-  logs         $state/pool-manager.log, $state/api.log
+  log          $state/pool-manager.log
 
   set -a; . $env_dir/dev.env; set +a
   curl -s -XPOST \$NULLSPACE_API_URL/api/v1/sandboxes -H "X-API-Key: \$NULLSPACE_API_KEY" \\
@@ -125,7 +125,7 @@ if $background; then
 fi
 echo "Ctrl-C stops everything, VMs included (or run deploy/down.sh from another shell)."
 trap 'deploy/down.sh; exit 0' INT TERM
-while kill -0 $pm_pid 2>/dev/null && kill -0 $api_pid 2>/dev/null; do sleep 1; done
+while kill -0 $pm_pid 2>/dev/null; do sleep 1; done
 echo "A service stopped on its own; see the logs above. Stopping the rest." >&2
 deploy/down.sh
 exit 1

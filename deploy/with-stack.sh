@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs a command against a live stack of its own — a pool manager and the public API
-# (api-host + the component) on free loopback ports, a fresh state directory, a team with
+# Runs a command against a live stack of its own — a pool manager serving the public API
+# in its process (--public-listen, as deploy/up.sh runs it) on free loopback ports, a fresh state directory, a team with
 # a small sandbox quota — with NULLSPACE_API_URL, NULLSPACE_API_KEY (the team's key) and
 # NULLSPACE_OPERATOR_KEY (an operator key: teams, quotas, keys, built-in warm pools)
 # exported. Then deletes every sandbox through the API, stops the stack, and fails if a
@@ -44,15 +44,15 @@ wait_for() { # FILE PATTERN SECONDS PID: fails at once when PID exits
 NULLSPACE_RUN_DIR="$run_dir" RUST_LOG=warn "$bin/nullspace-pool-manager" serve \
     --listen 127.0.0.1:0 --edge-listen 127.0.0.1:0 --preview-listen 127.0.0.1:0 --state-dir "$state" \
     --templates-dir "$cache/test-templates" --workspace-templates "${NULLSPACE_WORKSPACE_TEMPLATES:-off}" \
+    --public-listen 127.0.0.1:0 --api-component "$cache/components/nullspace-api.wasm" \
     2>"$state/pool-manager.log" &
 pids+=($!)
 wait_for "$state/pool-manager.log" "template snapshots ready" 300 "${pids[0]}"
-control=$(grep -o 'control API http://[0-9.:]*' "$state/pool-manager.log" | awk '{print $3}')
-RUST_LOG=warn "$bin/nullspace-api" --component "$cache/components/nullspace-api.wasm" \
-    --listen 127.0.0.1:0 --pool-manager "$control" 2>"$state/api.log" &
-pids=("$!" "${pids[@]}")
-wait_for "$state/api.log" "public API http://" 60 "${pids[0]}"
-api=$(grep -o 'public API http://[0-9.:]*' "$state/api.log" | awk '{print $3}')
+# The public API as deploy/up.sh runs it: in the pool manager's process (its line comes
+# once the component is compiled).
+wait_for "$state/pool-manager.log" "public API http://" 120 "${pids[0]}"
+api=$(grep -o 'public API http://[0-9.:]*' "$state/pool-manager.log" | awk '{print $3}')
+[ -n "$api" ] || { echo "[stack] the pool manager serves no public API:" >&2; tail -20 "$state/pool-manager.log" >&2; exit 1; }
 
 status=0
 NULLSPACE_API_URL="$api" NULLSPACE_API_KEY="$key" NULLSPACE_OPERATOR_KEY="$operator_key" "$@" ||

@@ -30,9 +30,9 @@ struct Flags {
     /// Where to listen
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7080", value_parser = address)]
     listen: SocketAddr,
-    /// The pool manager's internal API: every outbound request of the component goes there
+    /// The pool manager's internal API, http://HOST:PORT or, on the same host, unix:/PATH of its --control-socket (cheaper per request): every outbound request of the component goes there
     #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:7070", value_parser = pool_manager)]
-    pool_manager: http::uri::Authority,
+    pool_manager: PoolManagerAddr,
     /// Largest request body, in bytes (1 MiB)
     #[arg(long, value_name = "BYTES", default_value_t = api_model::MAX_BODY_BYTES, value_parser = byte_count)]
     max_body_bytes: usize,
@@ -59,7 +59,7 @@ pub struct HostConfig {
     pub listen: SocketAddr,
     /// The pool manager's internal API: every outbound request of the component goes
     /// there, whatever address the component named.
-    pub pool_manager: http::uri::Authority,
+    pub pool_manager: PoolManagerAddr,
     /// Largest request body (default 1 MiB).
     pub max_body_bytes: usize,
     /// Longest a request may take (default 60 s) ...
@@ -107,13 +107,53 @@ fn address(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| "is not an address; send IP:PORT, e.g. 127.0.0.1:7080".into())
 }
 
-fn pool_manager(s: &str) -> Result<http::uri::Authority, String> {
-    let bad = || "is not an http:// URL; send e.g. http://127.0.0.1:7070".to_string();
+/// Where the pool manager's internal API is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolManagerAddr {
+    /// `http://HOST:PORT`.
+    Tcp(http::uri::Authority),
+    /// `unix:/PATH`: the pool manager's `--control-socket` on this host. A Unix socket
+    /// skips the TCP/IP stack on both sides of every request.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for PoolManagerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(authority) => write!(f, "http://{authority}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The longest path a Unix socket address holds (`sun_path`, less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+fn pool_manager(s: &str) -> Result<PoolManagerAddr, String> {
+    let bad = || {
+        "is not an http:// or unix: address; send e.g. http://127.0.0.1:7070 or unix:/var/lib/nullspace/control.sock"
+            .to_string()
+    };
+    if let Some(path) = s.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err("names a relative socket path; send an absolute one, e.g. unix:/var/lib/nullspace/control.sock".into());
+        }
+        if path.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(format!(
+                "names a socket path longer than {MAX_SOCKET_PATH} bytes, more than a Unix socket address holds; put the pool manager's --control-socket on a shorter path"
+            ));
+        }
+        return Ok(PoolManagerAddr::Unix(path));
+    }
     let uri: http::Uri = s.parse().map_err(|_| bad())?;
     if uri.scheme_str() != Some("http") {
         return Err(bad());
     }
-    uri.authority().cloned().ok_or_else(bad)
+    uri.authority()
+        .cloned()
+        .map(PoolManagerAddr::Tcp)
+        .ok_or_else(bad)
 }
 
 fn byte_count(s: &str) -> Result<usize, String> {
@@ -175,7 +215,7 @@ mod tests {
         let c = parse(&["--component", "api.wasm"]).unwrap();
         assert!(c.listen.ip().is_loopback());
         assert_eq!(c.listen.port(), 7080);
-        assert_eq!(c.pool_manager.as_str(), "127.0.0.1:7070");
+        assert_eq!(c.pool_manager.to_string(), "http://127.0.0.1:7070");
         assert_eq!(c.max_body_bytes, 1 << 20);
         assert_eq!(c.request_timeout, Duration::from_secs(60));
         assert_eq!(c.ready_timeout, Duration::from_secs(300));
@@ -205,7 +245,31 @@ mod tests {
     #[test]
     fn the_pool_manager_url_becomes_an_authority() {
         let c = parse(&["--component", "a", "--pool-manager", "http://10.0.0.5:9000"]).unwrap();
-        assert_eq!(c.pool_manager.as_str(), "10.0.0.5:9000");
+        assert_eq!(c.pool_manager.to_string(), "http://10.0.0.5:9000");
+        let c = parse(&[
+            "--component",
+            "a",
+            "--pool-manager",
+            "unix:/run/ns/control.sock",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.pool_manager,
+            PoolManagerAddr::Unix(PathBuf::from("/run/ns/control.sock"))
+        );
+        let msg = |url: &str| parse(&["--component", "a", "--pool-manager", url]).unwrap_err();
+        assert!(
+            msg("unix:control.sock").contains("absolute"),
+            "{}",
+            msg("unix:x")
+        );
+        let long = format!("unix:/{}", "x".repeat(120));
+        assert!(
+            msg(&long).contains("longer than 107 bytes"),
+            "{}",
+            msg(&long)
+        );
+        assert!(msg("ftp://x").contains("unix:"), "{}", msg("ftp://x"));
     }
 
     #[test]
@@ -217,7 +281,7 @@ mod tests {
         let c = load(&["--config", cfg], &[]).unwrap();
         assert_eq!(c.component, PathBuf::from("/file/api.wasm"));
         assert_eq!(c.threads, 2);
-        assert_eq!(c.pool_manager.as_str(), "10.0.0.1:7070");
+        assert_eq!(c.pool_manager.to_string(), "http://10.0.0.1:7070");
         assert_eq!(c.ready_timeout, Duration::from_secs(600));
         assert_eq!(c.request_timeout, Duration::from_secs(60), "the default");
         let env = [
@@ -227,11 +291,14 @@ mod tests {
         ];
         let c = load(&[], &env).unwrap();
         assert_eq!(c.component, PathBuf::from("/file/api.wasm"));
-        assert_eq!((c.threads, c.pool_manager.as_str()), (4, "10.0.0.2:7070"));
+        assert_eq!(
+            (c.threads, c.pool_manager.to_string()),
+            (4, "http://10.0.0.2:7070".into())
+        );
         let c = load(&["--threads", "8", "--component", "cli.wasm"], &env).unwrap();
         assert_eq!(c.threads, 8);
         assert_eq!(c.component, PathBuf::from("cli.wasm"));
-        assert_eq!(c.pool_manager.as_str(), "10.0.0.2:7070");
+        assert_eq!(c.pool_manager.to_string(), "http://10.0.0.2:7070");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `nullspace-api`: serves the public API component over HTTP.
 //!
 //! ```text
-//! nullspace-api --component FILE.wasm [--listen 127.0.0.1:7080] [--pool-manager http://127.0.0.1:7070]
+//! nullspace-api --component FILE.wasm [--listen 127.0.0.1:7080] [--pool-manager http://127.0.0.1:7070 | unix:/PATH]
 //!     [--max-body-bytes 1048576] [--request-timeout-s 60] [--ready-timeout-s 300] [--max-concurrent 256]
 //!     [--threads 1] [--config FILE]
 //! ```
@@ -16,13 +16,7 @@
 //! Prints `public API http://ADDR` on stderr once it listens; SIGINT or SIGTERM stop it
 //! gracefully.
 
-mod config;
-// The pool manager's flag layering (command line, environment, file), shared.
-#[path = "../../pool-manager/src/layered.rs"]
-mod layered;
-mod runtime;
-mod server;
-mod upstream;
+use api_host::{config, runtime, server, upstream};
 
 use anyhow::Context;
 
@@ -62,7 +56,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: config::HostConfig) -> anyhow::Result<()> {
-    let upstream = upstream::Upstream::new(config.pool_manager.clone(), 64);
+    let upstream = upstream::Upstream::new(&config.pool_manager, 64);
     let started = std::time::Instant::now();
     let runtime = runtime::ApiRuntime::load(&config.component, config.max_concurrent, upstream)?;
     tracing::info!(
@@ -74,7 +68,7 @@ async fn run(config: config::HostConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     eprintln!(
-        "public API http://{} (pool manager http://{})",
+        "public API http://{} (pool manager {})",
         listener.local_addr()?,
         config.pool_manager
     );

@@ -95,6 +95,24 @@ pub struct Serve {
     /// Where the control API listens
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
     pub listen: String,
+    /// Also serve the control API on this Unix socket (mode 0660; a stale one is
+    /// replaced), for an API host on this machine: nullspace-api --pool-manager
+    /// unix:PATH, which skips the TCP/IP stack per request (default: none)
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// Also serve the public API (/api/v1) here, the --api-component running in this
+    /// process with its calls going straight to the control routes: on one host, cheaper
+    /// per request than a separate nullspace-api (default: none)
+    #[arg(long, value_name = "ADDR", requires = "api_component")]
+    pub public_listen: Option<String>,
+    /// Threads serving --public-listen, 1 to 64, each with its share of the requests
+    /// served at once (256 in all)
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub public_threads: u16,
+    /// The API component for --public-listen, FILE.wasm (deploy/build-component.sh
+    /// prints its path)
+    #[arg(long, value_name = "FILE.wasm", requires = "public_listen")]
+    pub api_component: Option<PathBuf>,
     /// Where the data-plane edge listens
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7071")]
     pub edge_listen: String,
@@ -566,6 +584,12 @@ mod tests {
         assert!(e.contains("--bogus"), "{e}");
         let e = msg(&["serve", "--listen"], &[]);
         assert!(e.contains("--listen"), "{e}");
+        let e = msg(&["serve", "--public-listen", "127.0.0.1:7080"], &[]);
+        assert!(e.contains("--api-component"), "{e}");
+        let e = msg(&["serve", "--api-component", "/x/api.wasm"], &[]);
+        assert!(e.contains("--public-listen"), "{e}");
+        let e = msg(&["serve", "--public-threads", "0"], &[]);
+        assert!(e.contains("1..=64"), "{e}");
         let e = msg(&["admin", "host", "undrain", "h", "--wait-s", "3"], &[]);
         assert!(e.contains("--wait-s"), "{e}");
     }

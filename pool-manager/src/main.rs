@@ -41,6 +41,7 @@ mod backoff;
 mod catalog;
 mod cli;
 mod cluster;
+mod control_socket;
 mod edge;
 mod error;
 mod host_check;
@@ -48,6 +49,7 @@ mod layered;
 mod model;
 mod operator_api;
 mod preview;
+mod public_api;
 mod quotas;
 mod sandboxes;
 mod templates;
@@ -646,6 +648,10 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
     let control = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
+    let mut control_socket = match &args.control_socket {
+        Some(path) => Some(control_socket::ControlSocket::bind(path)?),
+        None => None,
+    };
     let data = tokio::net::TcpListener::bind(edge_listen)
         .await
         .with_context(|| format!("binding {edge_listen}"))?;
@@ -843,6 +849,42 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
         edge::router(manager.clone(), tokens.clone()),
     )
     .with_graceful_shutdown(wait_stop(stop_rx.clone()));
+    let socket_listener = control_socket
+        .as_mut()
+        .and_then(control_socket::ControlSocket::take_listener);
+    let socket_router = api::router(manager.clone());
+    let socket_stop = wait_stop(stop_rx.clone());
+    let socket_server = async move {
+        match socket_listener {
+            Some(listener) => {
+                axum::serve(listener, socket_router)
+                    .with_graceful_shutdown(socket_stop)
+                    .await
+            }
+            None => Ok(()),
+        }
+    };
+    let public_api = match (&args.public_listen, &args.api_component) {
+        (Some(listen), Some(component)) => Some(public_api::PublicApi::bind(
+            manager.clone(),
+            listen,
+            component,
+            args.public_threads as usize,
+        )?),
+        // clap refuses one without the other.
+        _ => None,
+    };
+    let public_note = match &public_api {
+        Some(api) => format!(" , public API http://{}", api.local_addr()?),
+        None => String::new(),
+    };
+    let public_stop = stop_rx.clone();
+    let public_server = async move {
+        match public_api {
+            Some(api) => api.serve(public_stop).await.map_err(std::io::Error::other),
+            None => Ok(()),
+        }
+    };
     let previews = std::sync::Arc::new(preview::Previews {
         manager: manager.clone(),
         tokens,
@@ -851,13 +893,24 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
     let preview_addr = preview_listener.local_addr()?;
     let preview_server = axum::serve(preview_listener.tap_io(no_delay), preview::router(previews))
         .with_graceful_shutdown(wait_stop(stop_rx));
+    let socket_note = match &control_socket {
+        Some(socket) => format!(" , control socket unix:{}", socket.path().display()),
+        None => String::new(),
+    };
     eprintln!(
-        "nullspace-pool-manager: control API http://{} , data plane {edge_url} , previews http://{preview_domain} , preview listener http://{preview_addr} , state {}",
+        "nullspace-pool-manager: control API http://{} , data plane {edge_url} , previews http://{preview_domain} , preview listener http://{preview_addr}{socket_note}{public_note} , state {}",
         control_addr,
         dir.display()
     );
-    let servers =
-        tokio::spawn(async move { tokio::try_join!(control_server, edge_server, preview_server) });
+    let servers = tokio::spawn(async move {
+        tokio::try_join!(
+            control_server,
+            edge_server,
+            preview_server,
+            socket_server,
+            public_server
+        )
+    });
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let fatal = tokio::select! {

@@ -130,6 +130,10 @@ pub struct Daemon {
     /// `http://127.0.0.1:PORT`: the preview listener (where a preview domain other
     /// than the default points).
     pub preview_listener: String,
+    /// `unix:PATH` of its control socket (`--control-socket`), if it has one.
+    pub control_socket: Option<String>,
+    /// `http://127.0.0.1:PORT` of the public API it serves itself (`--public-listen`).
+    pub public: Option<String>,
 }
 
 /// Template snapshots shared by every test daemon (keyed by their inputs, built once).
@@ -171,6 +175,38 @@ pub fn api_component() -> std::path::PathBuf {
         "components/nullspace-api.wasm",
         "deploy/build-component.sh",
     )
+}
+
+/// `wasmtime` as `deploy/install-wasmtime-cli.sh` installs it (`NULLSPACE_WASMTIME`
+/// overrides).
+pub fn wasmtime_cli() -> std::path::PathBuf {
+    cached_artifact(
+        "NULLSPACE_WASMTIME",
+        "tools/wasmtime-48.0.8/bin/wasmtime",
+        "deploy/install-wasmtime-cli.sh",
+    )
+}
+
+/// Starts stock `wasmtime serve` on a free loopback port serving the API component, its
+/// upstream set to `upstream` through `--env`; returns the child and its `IP:PORT`.
+pub fn wasmtime_serve(upstream: &str) -> (std::process::Child, String) {
+    let mut cmd = std::process::Command::new(wasmtime_cli());
+    cmd.args(["serve", "-Scli", "--addr", "127.0.0.1:0"])
+        .arg(format!("--env=NULLSPACE_UPSTREAM={upstream}"))
+        .arg(api_component());
+    let (serve, lines) = spawn_until(
+        cmd,
+        "wasmtime",
+        &["Serving HTTP on"],
+        Duration::from_secs(120),
+    );
+    let addr = lines[0]
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {:?}", lines[0]))
+        .to_string();
+    (serve, addr)
 }
 
 /// Spawns `cmd` with PDEATHSIG (so a test killed on timeout takes it along) and waits
@@ -331,14 +367,14 @@ impl Stack {
     /// As [`Stack::start`], with extra `serve` flags and environment for the daemon.
     pub fn start_with(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let daemon = Daemon::start_with(name, extra, env);
-        let api = ApiHost::start(&daemon.control, &[]);
+        let api = ApiHost::start(daemon.api_upstream(), &[]);
         Self { api, daemon }
     }
 
     /// Starts a stack whose daemon keeps its state in `state` (an existing directory).
     pub fn start_in_with(state: std::path::PathBuf, extra: &[&str]) -> Self {
         let daemon = Daemon::start_in_with(state, extra);
-        let api = ApiHost::start(&daemon.control, &[]);
+        let api = ApiHost::start(daemon.api_upstream(), &[]);
         Self { api, daemon }
     }
 
@@ -393,6 +429,15 @@ impl Daemon {
             "127.0.0.1:0",
         ])
         .args(extra);
+        // The control API on a socket too, for the API host in front (the one route
+        // the public API takes on one host), where the path fits a socket address.
+        let socket = state.join("control.sock");
+        let control_socket = (socket.as_os_str().len() <= 107
+            && !extra.iter().any(|a| a.starts_with("--control-socket")))
+        .then(|| {
+            cmd.arg("--control-socket").arg(&socket);
+            format!("unix:{}", socket.display())
+        });
         // The workspace templates are built only by the tests that ask for them (one
         // build is minutes under TCG, and it would hold the host's build slot).
         if !extra.iter().any(|a| a.starts_with("--workspace-templates")) {
@@ -427,7 +472,18 @@ impl Daemon {
             edge: urls[1].clone(),
             preview: urls[2].clone(),
             preview_listener: urls[3].clone(),
+            control_socket,
+            public: lines[0]
+                .split(" , ")
+                .find_map(|part| part.strip_prefix("public API "))
+                .map(str::to_string),
         }
+    }
+
+    /// Where an API host on this machine reaches the control API: its socket
+    /// (`unix:PATH`) when it has one, else its TCP URL.
+    pub fn api_upstream(&self) -> &str {
+        self.control_socket.as_deref().unwrap_or(&self.control)
     }
 
     /// The daemon's process ID.

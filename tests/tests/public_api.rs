@@ -703,3 +703,99 @@ async fn presigned_urls_read_and_write_one_path_without_the_token() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+/// The public API served in the pool manager's own process (`--public-listen`, as
+/// `deploy/up.sh` runs it): the same component and host, its calls dispatched to the
+/// control routes without a socket. Reads run on the listener's threads, changes on the
+/// daemon's runtime; both must behave as through `nullspace-api`.
+#[tokio::test]
+async fn the_pool_manager_serves_the_public_api_in_process() {
+    let component = nullspace_tests::api_component();
+    let component = component.to_string_lossy();
+    let stack = Stack::start_with(
+        "public-in-process",
+        &[
+            "--public-listen",
+            "127.0.0.1:0",
+            "--api-component",
+            &component,
+        ],
+        &[],
+    );
+    let public = stack.daemon.public.clone().expect("a public API address");
+    let key = stack.daemon.team_key("acme");
+    let api = Api::at(&format!("{public}/api"), key.clone());
+    let http = reqwest::Client::new();
+
+    // Made by the component alone: no key, an unknown route, a stale field.
+    let resp = http
+        .get(format!("{public}/api/v1/sandboxes"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let (status, v) = api.fetch("/v1/nowhere").await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found")),
+        "{v}"
+    );
+    let (status, v) = api
+        .post(
+            "/v1/sandboxes",
+            json!({ "templateID": "minimal", "cpuCount": 1 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    // Answered by the pool manager: a key it does not know.
+    let stranger = Api::at(
+        &format!("{public}/api"),
+        "ns_0123456789abcdef0123456789abcdef".into(),
+    );
+    let (status, v) = stranger.fetch("/v1/sandboxes").await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthorized")),
+        "{v}"
+    );
+
+    // A whole lifecycle: create (the daemon's runtime), read, list, delete.
+    let sbx = api
+        .create(json!({ "templateID": "minimal", "resources": small() }))
+        .await;
+    let id = sbx["sandboxID"].as_str().unwrap().to_string();
+    assert_eq!(api.get(&id).await["state"], "running");
+    let (status, page) = api.fetch("/v1/sandboxes?fields=sandboxID,state").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(
+        page["sandboxes"],
+        json!([{ "sandboxID": id, "state": "running" }])
+    );
+    // The same sandbox through nullspace-api (the control socket) and straight to the daemon.
+    assert_eq!(stack.public(key.clone()).get(&id).await["sandboxID"], id);
+    assert_eq!(Api::new(&stack.daemon, key).get(&id).await["sandboxID"], id);
+    // The command a create returns works, and the events name the create.
+    let (status, events) = api.fetch(&format!("/v1/sandboxes/{id}/events")).await;
+    assert_eq!(status, StatusCode::OK, "{events}");
+    assert!(events.to_string().contains("running"), "{events}");
+    assert_eq!(api.delete(&id).await, StatusCode::NO_CONTENT);
+    let (status, v) = api.fetch(&format!("/v1/sandboxes/{id}")).await;
+    assert_eq!(
+        (status, v["state"].as_str()),
+        (StatusCode::OK, Some("deleted")),
+        "{v}"
+    );
+    // Its metrics say it served all of that, and nothing failed in the host.
+    let metrics = http
+        .get(format!("{public}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("nullspace_api_responses_total{class=\"5xx\"} 0"),
+        "{metrics}"
+    );
+}

@@ -7,20 +7,10 @@
 //! on a free loopback port and points `wasmtime serve` at it that way, as
 //! `deploy/nomad/api.nomad.hcl` does.
 
-use nullspace_tests::{api_component, cached_artifact, spawn_until, stop_child, Daemon};
+use nullspace_tests::{stop_child, wasmtime_serve, Daemon};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::time::Duration;
-
-/// `wasmtime` as `deploy/install-wasmtime-cli.sh` installs it (`NULLSPACE_WASMTIME`
-/// overrides).
-fn wasmtime_cli() -> std::path::PathBuf {
-    cached_artifact(
-        "NULLSPACE_WASMTIME",
-        "tools/wasmtime-48.0.8/bin/wasmtime",
-        "deploy/install-wasmtime-cli.sh",
-    )
-}
 
 /// One HTTP/1.1 exchange over a fresh connection.
 fn call(
@@ -82,28 +72,6 @@ type Case<'a> = (
     &'a str,
     Value,
 );
-
-/// Starts `wasmtime serve` on a free loopback port with the component's upstream set to
-/// `upstream` through `--env`; returns the child and its `IP:PORT`.
-fn wasmtime_serve(upstream: &str) -> (std::process::Child, String) {
-    let mut cmd = std::process::Command::new(wasmtime_cli());
-    cmd.args(["serve", "-Scli", "--addr", "127.0.0.1:0"])
-        .arg(format!("--env=NULLSPACE_UPSTREAM={upstream}"))
-        .arg(api_component());
-    let (serve, lines) = spawn_until(
-        cmd,
-        "wasmtime",
-        &["Serving HTTP on"],
-        Duration::from_secs(120),
-    );
-    let addr = lines[0]
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_else(|| panic!("no address in {:?}", lines[0]))
-        .to_string();
-    (serve, addr)
-}
 
 #[test]
 fn the_component_runs_under_stock_wasmtime_serve() {

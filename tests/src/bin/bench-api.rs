@@ -1,20 +1,30 @@
 //! Public-API benchmark (a command, not a test):
 //!
 //!     cargo build --release -p pool-manager -p api-host -p nullspace-tests --bins
-//!     deploy/build-component.sh
-//!     $CARGO_TARGET_DIR/release/bench-api [--n 2000] [--seconds 5] [--connections 8] [--creates 20]
+//!     deploy/build-component.sh && deploy/install-wasmtime-cli.sh
+//!     $CARGO_TARGET_DIR/release/bench-api [--n 2000] [--seconds 5] [--connections 8]
+//!         [--creates 20] [--list 50] [--checkouts 10] [--routes in-process,api-host,wasmtime]
 //!
 //! The cost of the wasm component in front of the pool manager, measured in one run on
-//! one stack: `GET /api/v1/sandboxes/:id` through api-host + component against
-//! `GET /v1/sandboxes/:id` straight to the pool manager — latency p50/p99 on one
-//! keep-alive connection (interleaved, so both see the same machine), requests/s with
-//! several connections — then a create through each, as ratios.
-
-use nullspace_tests::Stack;
-use serde_json::{json, Value};
-use std::time::{Duration, Instant};
+//! one stack, four ways to the same control routes:
+//! - `direct`: `/v1/...` straight to the pool manager (TCP), the baseline;
+//! - `in-process`: the pool manager's own public listener (`--public-listen`), the
+//!   component in its process, its calls dispatched to the routes directly;
+//! - `api-host`: `nullspace-api`, a process of its own, to the pool manager's control
+//!   socket (`unix:`), as a cluster's API tier runs (there over TCP);
+//! - `wasmtime`: stock `wasmtime serve` on the same `.wasm`, to the same pool manager
+//!   over TCP (the peer a user would pick).
+//!
+//! GET a sandbox: latency p50/p99 on one keep-alive connection each (interleaved, so all
+//! see the same machine), then requests/s with several connections; a list of `--list`
+//! sandboxes with `fields=`; creates (interleaved, each deleted before the next); a
+//! warm-pool checkout through the component against a create through it. Each as a
+//! ratio to `direct` (or to the create).
 
 use nullspace_tests::bench::{flag, percentile};
+use nullspace_tests::{api_component, stop_child, wasmtime_serve, Stack};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
 
 /// One way to reach the control API: a base URL its `/v1/...` paths hang off.
 #[derive(Clone)]
@@ -54,6 +64,60 @@ async fn throughput(url: &str, key: &str, connections: u64, seconds: u64) -> any
     Ok(total as f64 / seconds as f64)
 }
 
+/// p50 and p99 of GET `path` on each route, `n` rounds interleaved over one keep-alive
+/// connection per route; prints a line per route.
+async fn latencies(
+    what: &str,
+    routes: &[Route],
+    path: &str,
+    key: &str,
+    n: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let clients: Vec<reqwest::Client> = routes
+        .iter()
+        .map(|_| reqwest::Client::builder().pool_max_idle_per_host(1).build())
+        .collect::<Result<_, _>>()?;
+    // Warm every path (connections, compiled code, caches).
+    for (i, r) in routes.iter().enumerate() {
+        for _ in 0..100 {
+            get_ok(&clients[i], &format!("{}{path}", r.base), key).await?;
+        }
+    }
+    let mut samples = vec![Vec::with_capacity(n); routes.len()];
+    for _ in 0..n {
+        for (i, r) in routes.iter().enumerate() {
+            let t = Instant::now();
+            get_ok(&clients[i], &format!("{}{path}", r.base), key).await?;
+            samples[i].push(t.elapsed());
+        }
+    }
+    let mut p50 = Vec::new();
+    for (r, s) in routes.iter().zip(samples.iter_mut()) {
+        s.sort();
+        let (a, b) = (percentile(s, 0.5), percentile(s, 0.99));
+        println!(
+            "{what} via {:<10} n={n} p50={a:>9.1?} p99={b:>9.1?}",
+            r.name
+        );
+        p50.push(a);
+    }
+    Ok(p50)
+}
+
+/// `x / base` for each route but the first, named.
+fn ratios(routes: &[Route], values: &[f64], invert: bool) -> String {
+    routes
+        .iter()
+        .zip(values)
+        .skip(1)
+        .map(|(r, v)| {
+            let ratio = if invert { values[0] / v } else { v / values[0] };
+            format!("{} {ratio:.2}x", r.name)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -61,27 +125,101 @@ async fn main() -> anyhow::Result<()> {
     let seconds = flag(&args, "--seconds", 5);
     let connections = flag(&args, "--connections", 8);
     let creates = flag(&args, "--creates", 20) as usize;
+    let listed = flag(&args, "--list", 50) as usize;
+    let checkouts = flag(&args, "--checkouts", 10) as usize;
 
-    let stack = Stack::start("bench-api");
+    let component = api_component();
+    let component = component.to_string_lossy();
+    let stack = Stack::start_with(
+        "bench-api",
+        &[
+            "--public-listen",
+            "127.0.0.1:0",
+            "--api-component",
+            &component,
+        ],
+        &[],
+    );
     let key = stack.daemon.team_key("bench");
+    // The built-in templates' warm pools are the operator's to size.
+    let operator = stack.daemon.operator_key();
+    let (mut wasmtime, wasmtime_addr) = wasmtime_serve(&stack.daemon.control);
+    let public = stack
+        .daemon
+        .public
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("the daemon printed no public API address"))?;
     let routes = [
-        Route {
-            name: "component",
-            base: format!("{}/api", stack.api.url),
-        },
         Route {
             name: "direct",
             base: stack.daemon.control.clone(),
         },
+        Route {
+            name: "in-process",
+            base: format!("{public}/api"),
+        },
+        Route {
+            name: "api-host",
+            base: format!("{}/api", stack.api.url),
+        },
+        Route {
+            name: "wasmtime",
+            base: format!("http://{wasmtime_addr}/api"),
+        },
     ];
+    // `--routes in-process,api-host`: fewer routes, the same order (direct first).
+    let only = args
+        .iter()
+        .position(|a| a == "--routes")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(str::to_string).collect::<Vec<_>>());
+    let routes: Vec<Route> = routes
+        .into_iter()
+        .filter(|r| {
+            r.name == "direct" || only.as_ref().is_none_or(|o| o.iter().any(|n| n == r.name))
+        })
+        .collect();
+    anyhow::ensure!(
+        routes.len() >= 2 && routes[1].name == "in-process",
+        "--routes must name in-process (the promises are about it), e.g. --routes in-process,wasmtime"
+    );
+    let result = run(
+        &routes,
+        &stack,
+        &key,
+        &operator,
+        n,
+        seconds,
+        connections,
+        creates,
+        listed,
+        checkouts,
+    )
+    .await;
+    stop_child(&mut wasmtime, libc::SIGTERM, "wasmtime serve");
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    routes: &[Route],
+    stack: &Stack,
+    key: &str,
+    operator: &str,
+    n: usize,
+    seconds: u64,
+    connections: u64,
+    creates: usize,
+    listed: usize,
+    checkouts: usize,
+) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
-    let shape = json!({ "templateID": "minimal", "resources": { "vcpus": 1, "memMiB": 512, "diskSizeMiB": 1024 } });
-    let create = |route: &Route| {
-        let (http, url, key, body) = (
+    let shape = json!({ "vcpus": 1, "memMiB": 256, "diskSizeMiB": 1024 });
+    let create = |base: &str, body: Value| {
+        let (http, url, key) = (
             http.clone(),
-            format!("{}/v1/sandboxes", route.base),
-            key.clone(),
-            shape.clone(),
+            format!("{base}/v1/sandboxes"),
+            key.to_string(),
         );
         async move {
             let t = Instant::now();
@@ -105,90 +243,166 @@ async fn main() -> anyhow::Result<()> {
         let (http, url, key) = (
             http.clone(),
             format!("{}/v1/sandboxes/{id}", stack.daemon.control),
-            key.clone(),
+            key.to_string(),
         );
         async move {
             http.delete(url).header("X-API-Key", key).send().await?;
             anyhow::Ok(())
         }
     };
+    let minimal = json!({ "templateID": "minimal", "resources": shape });
+    let direct = &routes[0].base;
 
-    let (id, _) = create(&routes[1]).await?;
-    // Warm both paths (connections, compiled code, page cache).
-    for r in &routes {
-        for _ in 0..200 {
-            get_ok(&http, &format!("{}/v1/sandboxes/{id}", r.base), &key).await?;
-        }
-    }
-
-    // Latency on one connection each, interleaved.
-    let clients: Vec<reqwest::Client> = routes
-        .iter()
-        .map(|_| reqwest::Client::builder().pool_max_idle_per_host(1).build())
-        .collect::<Result<_, _>>()?;
-    let mut samples = vec![Vec::with_capacity(n); routes.len()];
-    for _ in 0..n {
-        for (i, r) in routes.iter().enumerate() {
-            let t = Instant::now();
-            get_ok(&clients[i], &format!("{}/v1/sandboxes/{id}", r.base), &key).await?;
-            samples[i].push(t.elapsed());
-        }
-    }
-    let mut p50 = Vec::new();
-    for (r, s) in routes.iter().zip(samples.iter_mut()) {
-        s.sort();
-        let (a, b) = (percentile(s, 0.5), percentile(s, 0.99));
-        println!(
-            "GET sandbox via {:<9} n={n} p50={a:>9.1?} p99={b:>9.1?}",
-            r.name
-        );
-        p50.push(a);
-    }
+    // One sandbox, GET many times.
+    let (id, _) = create(direct, minimal.clone()).await?;
+    let p50 = latencies(
+        "GET sandbox",
+        routes,
+        &format!("/v1/sandboxes/{id}"),
+        key,
+        n,
+    )
+    .await?;
+    let secs: Vec<f64> = p50.iter().map(Duration::as_secs_f64).collect();
+    println!(
+        "ratio GET p50 to direct: {} (promise: in-process within 1.5x, ahead of wasmtime)",
+        ratios(routes, &secs, false)
+    );
     let mut rps = Vec::new();
-    for r in &routes {
+    for r in routes {
         let v = throughput(
             &format!("{}/v1/sandboxes/{id}", r.base),
-            &key,
+            key,
             connections,
             seconds,
         )
         .await?;
         println!(
-            "GET sandbox via {:<9} {connections} connections: {v:>8.0} requests/s",
+            "GET sandbox via {:<10} {connections} connections: {v:>8.0} requests/s",
             r.name
         );
         rps.push(v);
     }
     println!(
-        "ratio component / direct: p50 {:.2}x, throughput {:.2}x fewer requests/s (promise: within 1.5x)",
-        p50[0].as_secs_f64() / p50[1].as_secs_f64(),
-        rps[1] / rps[0]
+        "ratio requests/s to direct: {} (promise: in-process at least 0.5x, ahead of wasmtime)",
+        ratios(routes, &rps, false)
     );
-    delete(id).await?;
+
+    // A page of `listed` sandboxes, two fields each.
+    let mut ids = vec![id];
+    while ids.len() < listed {
+        let batch = (listed - ids.len()).min(4);
+        let made =
+            futures::future::join_all((0..batch).map(|_| create(direct, minimal.clone()))).await;
+        for m in made {
+            ids.push(m?.0);
+        }
+    }
+    let path = format!("/v1/sandboxes?limit={listed}&fields=sandboxID,state");
+    let page: Value = http
+        .get(format!("{direct}{path}"))
+        .header("X-API-Key", key)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let rows = page["sandboxes"]
+        .as_array()
+        .or(page.as_array())
+        .map(Vec::len)
+        .unwrap_or(0);
+    anyhow::ensure!(
+        rows == listed,
+        "the page held {rows} sandboxes, not {listed}: {page}"
+    );
+    let p50 = latencies(
+        &format!("list {listed} fields="),
+        routes,
+        &path,
+        key,
+        (n / 4).max(50),
+    )
+    .await?;
+    let secs: Vec<f64> = p50.iter().map(Duration::as_secs_f64).collect();
+    println!(
+        "ratio list p50 to direct: {} (promise: in-process within 1.3x)",
+        ratios(routes, &secs, false)
+    );
+    futures::future::join_all(ids.into_iter().map(delete)).await;
 
     // Creates, interleaved; each deleted before the next.
-    let mut took = vec![Vec::new(); routes.len()];
+    let creators = &routes[..routes.len().min(3)];
+    let mut took = vec![Vec::new(); creators.len()];
     for _ in 0..creates {
-        for (i, r) in routes.iter().enumerate() {
-            let (id, t) = create(r).await?;
+        for (i, r) in creators.iter().enumerate() {
+            let (id, t) = create(&r.base, minimal.clone()).await?;
             took[i].push(t);
             delete(id).await?;
         }
     }
     let mut create_p50 = Vec::new();
-    for (r, t) in routes.iter().zip(took.iter_mut()) {
+    for (r, t) in creators.iter().zip(took.iter_mut()) {
         t.sort();
         let a = percentile(t, 0.5);
         println!(
-            "create via {:<9} n={creates} p50={a:>9.1?} p99={:>9.1?}",
+            "create via {:<10} n={creates} p50={a:>9.1?} p99={:>9.1?}",
             r.name,
             percentile(t, 0.99)
         );
-        create_p50.push(a);
+        create_p50.push(a.as_secs_f64());
     }
     println!(
-        "ratio component / direct create p50: {:.4}x (promise: within 1.01x)",
-        create_p50[0].as_secs_f64() / create_p50[1].as_secs_f64()
+        "ratio create p50 to direct: {} (promise: within 1.01x)",
+        ratios(creators, &create_p50, false)
     );
+
+    // A warm-pool checkout through the component against a create through it.
+    let pool = format!("{direct}/v1/templates/minimal/warm-pool");
+    http.put(&pool)
+        .header("X-API-Key", operator)
+        .json(&json!({ "size": 2, "resources": shape }))
+        .send()
+        .await?
+        .error_for_status()?;
+    let ready = || {
+        let (http, url) = (http.clone(), pool.clone());
+        async move {
+            let v: Value = http
+                .get(url)
+                .header("X-API-Key", operator)
+                .send()
+                .await?
+                .json()
+                .await?;
+            anyhow::Ok(v["ready"].as_u64().unwrap_or(0))
+        }
+    };
+    let warm = json!({ "templateID": "minimal", "resources": shape, "warmPool": "require" });
+    let mut checkout = Vec::new();
+    for _ in 0..checkouts {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while ready().await? < 1 {
+            anyhow::ensure!(Instant::now() < deadline, "the warm pool never refilled");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (id, t) = create(&routes[1].base, warm.clone()).await?;
+        checkout.push(t);
+        delete(id).await?;
+    }
+    checkout.sort();
+    let c = percentile(&checkout, 0.5);
+    println!(
+        "warm-pool checkout via in-process n={checkouts} p50={c:>9.1?} p99={:>9.1?}",
+        percentile(&checkout, 0.99)
+    );
+    println!(
+        "ratio create / checkout through the component: {:.0}x faster (promise: at least 600x)",
+        create_p50[1] / c.as_secs_f64()
+    );
+    http.put(&pool)
+        .header("X-API-Key", operator)
+        .json(&json!({ "size": 0, "resources": shape }))
+        .send()
+        .await?;
     Ok(())
 }

@@ -1,0 +1,148 @@
+//! The public API served by this process (`--public-listen ADDR --api-component FILE`):
+//! the same API component and host as `nullspace-api`, with the component's outbound
+//! calls dispatched straight into this daemon's control routes.
+//!
+//! On one host this is the cheap way to run the public API: a separate API process costs
+//! each request a second round trip between processes, and on a small VM each wake-up
+//! of a process on the other CPU is ~40 µs (measured with `bench-api`: about the
+//! component's own work). For the same reason the listener runs on threads of its own,
+//! each a single-threaded runtime: a request, its wasm instance and a read-only route
+//! stay on one thread, where the daemon's multi-threaded runtime would wake another CPU
+//! for each of the tasks wasi:http spawns. Routes that change things run on the daemon's
+//! runtime, as they do from the control listener (what they start outlives the request).
+//! Clusters keep `nullspace-api` as a tier of its own.
+
+use crate::sandboxes::Manager;
+use anyhow::Context as _;
+use api_host::config::HostConfig;
+use api_host::runtime::ApiRuntime;
+use api_host::upstream::{Dispatch, Upstream};
+use http_body_util::BodyExt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use wasmtime_wasi_http::Error as WasiHttpError;
+
+/// The public API, compiled and bound, ready to serve.
+pub struct PublicApi {
+    listener: std::net::TcpListener,
+    config: HostConfig,
+    runtime: ApiRuntime,
+    threads: usize,
+}
+
+impl PublicApi {
+    /// Compiles `component` and binds `listen`, to be served by `threads` threads; the
+    /// host's limits are `nullspace-api`'s defaults, `--max-concurrent` shared out among
+    /// the threads.
+    pub fn bind(
+        manager: Arc<Manager>,
+        listen: &str,
+        component: &Path,
+        threads: usize,
+    ) -> anyhow::Result<Self> {
+        let args: [&std::ffi::OsStr; 5] = [
+            "nullspace-api".as_ref(),
+            "--component".as_ref(),
+            component.as_os_str(),
+            "--listen".as_ref(),
+            listen.as_ref(),
+        ];
+        let mut config = HostConfig::load(args, |_| None)
+            .map_err(|e| anyhow::anyhow!("--public-listen / --api-component: {e}"))?;
+        let main = tokio::runtime::Handle::current();
+        let upstream = Upstream::in_process(dispatch(crate::api::router(manager), main));
+        let runtime = ApiRuntime::load(component, config.max_concurrent, upstream)
+            .with_context(|| format!("--api-component {}", component.display()))?;
+        let listener = std::net::TcpListener::bind(config.listen)
+            .with_context(|| format!("binding --public-listen {listen}"))?;
+        listener.set_nonblocking(true)?;
+        // Each thread serves at most its share: together never more than the pool holds.
+        config.max_concurrent = (config.max_concurrent / threads as u32).max(1);
+        Ok(Self {
+            listener,
+            config,
+            runtime,
+            threads,
+        })
+    }
+
+    /// Where it listens.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `stop` turns true, then lets in-flight requests finish; returns when
+    /// every thread has.
+    pub async fn serve(self, stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut done = Vec::new();
+        for i in 0..self.threads {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let listener = self.listener.try_clone()?;
+            let (config, runtime, mut stop) =
+                (self.config.clone(), self.runtime.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("public-api-{i}"))
+                .spawn(move || {
+                    let served = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(anyhow::Error::from)
+                        .and_then(|rt| {
+                            rt.block_on(async move {
+                                let listener = tokio::net::TcpListener::from_std(listener)?;
+                                let shutdown = async move {
+                                    let _ = stop.wait_for(|s| *s).await;
+                                };
+                                api_host::server::serve(listener, config, runtime, shutdown).await
+                            })
+                        });
+                    let _ = tx.send(served);
+                })?;
+            done.push(rx);
+        }
+        for rx in done {
+            rx.await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a public API thread ended abnormally")))?;
+        }
+        Ok(())
+    }
+}
+
+/// The control routes as the component's upstream. A read (GET, HEAD) runs on the
+/// caller's thread; anything else on the daemon's runtime, as from its own listener.
+fn dispatch(router: axum::Router, main: tokio::runtime::Handle) -> Dispatch {
+    Arc::new(
+        move |request: http::Request<wasmtime_wasi_http::WasiBody>| {
+            let router = router.clone();
+            let read = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
+            let call = call(router, request);
+            if read {
+                Box::pin(call)
+            } else {
+                let task = main.spawn(call);
+                Box::pin(async move {
+                    task.await.map_err(|e| {
+                        WasiHttpError::InternalError(Some(format!(
+                            "the route ended abnormally: {e}"
+                        )))
+                    })?
+                })
+            }
+        },
+    )
+}
+
+async fn call(
+    mut router: axum::Router,
+    request: http::Request<wasmtime_wasi_http::WasiBody>,
+) -> Result<http::Response<wasmtime_wasi_http::WasiBody>, WasiHttpError> {
+    let request = request.map(axum::body::Body::new);
+    let response = tower_service::Service::call(&mut router, request)
+        .await
+        .unwrap_or_else(|never| match never {});
+    Ok(response.map(|body| {
+        body.map_err(|e| WasiHttpError::InternalError(Some(e.to_string())))
+            .boxed_unsync()
+    }))
+}
