@@ -13,7 +13,7 @@ use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
@@ -56,16 +56,109 @@ impl WasiHttpView for RequestState {
 pub struct ApiRuntime {
     pre: ProxyPre<RequestState>,
     upstream: Upstream,
+    idle: IdleInstances,
+}
+
+/// How many finished instances are kept for their caller's next request, in all.
+const MAX_IDLE: usize = 16;
+
+/// How many requests one instance serves before it is dropped (bounds what a slow leak
+/// in the guest could grow to).
+const MAX_REUSES: u32 = 1000;
+
+/// An instance that finished a request without a fault, kept for the next request of
+/// the same API key.
+struct Idle {
+    key: String,
+    store: Store<RequestState>,
+    proxy: Proxy,
+    served: u32,
+}
+
+/// Finished instances by caller, the most recently used last. An instance only ever
+/// serves requests with one API key: whatever a request leaves in its memory (the key,
+/// the pool manager's answers) is that caller's own, never another team's.
+#[derive(Clone, Default)]
+struct IdleInstances(std::sync::Arc<IdleShared>);
+
+#[derive(Default)]
+struct IdleShared {
+    idle: std::sync::Mutex<std::collections::VecDeque<Idle>>,
+    /// Requests served by a kept instance, and by a new one.
+    reused: std::sync::atomic::AtomicU64,
+    created: std::sync::atomic::AtomicU64,
+}
+
+impl IdleInstances {
+    fn take(&self, key: &str) -> Option<Idle> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let taken = {
+            let mut idle = self.0.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.iter()
+                .rposition(|i| i.key == key)
+                .and_then(|at| idle.remove(at))
+        };
+        match taken {
+            Some(_) => self.0.reused.fetch_add(1, Relaxed),
+            None => self.0.created.fetch_add(1, Relaxed),
+        };
+        taken
+    }
+
+    fn put(&self, instance: Idle) {
+        if instance.served >= MAX_REUSES {
+            return drop_later(instance);
+        }
+        let evicted = {
+            let mut idle = self.0.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.push_back(instance);
+            (idle.len() > MAX_IDLE).then(|| idle.pop_front()).flatten()
+        };
+        if let Some(old) = evicted {
+            drop_later(old);
+        }
+    }
+}
+
+/// Drops `value` (a store: its instance goes back to the pool, its memory reset) in a
+/// task of its own, after the response at hand has gone out rather than before.
+fn drop_later<T: Send + 'static>(value: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn(async move { drop(value) });
+        }
+        Err(_) => drop(value),
+    }
+}
+
+/// The API key a request carries (`X-API-Key`, or `Authorization: Bearer`), if it is
+/// one an instance may be kept for: short and plain.
+fn caller_key(headers: &http::HeaderMap) -> Option<String> {
+    let key = match headers.get("x-api-key") {
+        Some(v) => v.to_str().ok()?,
+        None => headers
+            .get(http::header::AUTHORIZATION)?
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")?,
+    };
+    let key = key.trim();
+    (!key.is_empty()
+        && key.len() <= 128
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    .then(|| key.to_string())
 }
 
 impl ApiRuntime {
-    /// Compiles `component` for an engine sized for `max_concurrent` live instances.
+    /// Compiles `component` for an engine sized for `max_concurrent` requests at once
+    /// (and the idle instances kept beside them).
     pub fn load(component: &Path, max_concurrent: u32, upstream: Upstream) -> anyhow::Result<Self> {
+        let instances = max_concurrent + MAX_IDLE as u32;
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(max_concurrent)
-            .total_core_instances(max_concurrent * 4)
-            .total_memories(max_concurrent * 2)
-            .total_tables(max_concurrent * 2)
+        pool.total_component_instances(instances)
+            .total_core_instances(instances * 4)
+            .total_memories(instances * 2)
+            .total_tables(instances * 2)
             .max_memory_size(MAX_MEMORY_BYTES)
             // Resetting the first pages with memset instead of madvise saves re-faulting
             // them on every request. The component's stack (128 KiB) and data sit there.
@@ -114,23 +207,56 @@ impl ApiRuntime {
                     std::thread::sleep(EPOCH_TICK);
                 }
             })?;
-        Ok(Self { pre, upstream })
+        Ok(Self {
+            pre,
+            upstream,
+            idle: IdleInstances::default(),
+        })
     }
 
-    /// Runs one request in a new instance; resolves to the component's response.
+    /// Requests served so far by an instance kept from the same caller's earlier one,
+    /// and by a new instance.
+    pub fn instance_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.idle.0.reused.load(Relaxed),
+            self.idle.0.created.load(Relaxed),
+        )
+    }
+
+    /// Runs one request, in an instance its caller's last request left or a new one;
+    /// resolves to the component's response.
     pub async fn handle(
         &self,
         request: http::Request<wasmtime_wasi_http::p2::body::HyperIncomingBody>,
     ) -> anyhow::Result<http::Response<HyperOutgoingBody>> {
-        let mut store = Store::new(
-            self.pre.engine(),
-            RequestState {
-                wasi: WasiCtx::builder().inherit_stderr().build(),
-                http: WasiHttpCtx::new(),
-                table: ResourceTable::new(),
-                upstream: self.upstream.clone(),
-            },
-        );
+        let key = caller_key(request.headers());
+        let kept = match key.as_deref() {
+            Some(k) => self.idle.take(k),
+            None => {
+                self.idle
+                    .0
+                    .created
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                None
+            }
+        };
+        let (mut store, proxy, served) = match kept {
+            Some(idle) => (idle.store, Some(idle.proxy), idle.served),
+            None => (
+                Store::new(
+                    self.pre.engine(),
+                    RequestState {
+                        wasi: WasiCtx::builder().inherit_stderr().build(),
+                        http: WasiHttpCtx::new(),
+                        table: ResourceTable::new(),
+                        upstream: self.upstream.clone(),
+                    },
+                ),
+                None,
+                0,
+            ),
+        };
         store.epoch_deadline_async_yield_and_update(1);
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let req = store
@@ -140,12 +266,22 @@ impl ApiRuntime {
         let out = store.data_mut().http().new_response_outparam(sender)?;
         let pre = self.pre.clone();
         let guest: GuestFuture = Box::pin(async move {
-            let proxy = pre.instantiate_async(&mut store).await?;
+            let proxy = match proxy {
+                Some(proxy) => proxy,
+                None => pre.instantiate_async(&mut store).await?,
+            };
             proxy
                 .wasi_http_incoming_handler()
-                .call_handle(store, req, out)
-                .await
+                .call_handle(&mut store, req, out)
+                .await?;
+            Ok((store, proxy))
         });
+        let guest = Guest {
+            future: guest,
+            key,
+            served,
+            idle: self.idle.clone(),
+        };
         // The guest runs on this task, not a spawned one: a hop between threads costs
         // more than the whole guest on this kind of machine. Until it answers it is
         // driven here; after that the response body drives it (it may still be
@@ -155,14 +291,14 @@ impl ApiRuntime {
         let outcome = tokio::select! {
             biased;
             answer = &mut receiver => answer,
-            done = guest.as_mut().unwrap() => {
-                retire(guest.take());
+            done = &mut guest.as_mut().unwrap().future => {
+                let done = guest.take().unwrap().finish(done);
                 match receiver.try_recv() {
                     Ok(answer) => Ok(answer),
                     Err(_) => {
                         let why = match done {
                             Ok(()) => anyhow::anyhow!("the component never set a response"),
-                            Err(e) => anyhow::Error::from(e).context("the component failed"),
+                            Err(e) => e.context("the component failed"),
                         };
                         return Err(why);
                     }
@@ -177,20 +313,43 @@ impl ApiRuntime {
     }
 }
 
-type GuestFuture = Pin<Box<dyn Future<Output = wasmtime::Result<()>> + Send>>;
+type GuestFuture =
+    Pin<Box<dyn Future<Output = wasmtime::Result<(Store<RequestState>, Proxy)>> + Send>>;
 
-/// Drops a finished guest (its store: the instance goes back to the pool, its memory
-/// reset) in a task of its own, after the response it wrote has gone out rather than
-/// before: that is tens of microseconds off every request's latency.
-fn retire(guest: Option<GuestFuture>) {
-    if let Some(guest) = guest {
-        tokio::spawn(async move { drop(guest) });
+/// A request's guest: its future, and where its instance goes when it is done.
+struct Guest {
+    future: GuestFuture,
+    key: Option<String>,
+    served: u32,
+    idle: IdleInstances,
+}
+
+impl Guest {
+    /// Keeps the instance of a guest that finished without a fault for its caller's
+    /// next request (or drops it after the response); says how the guest ended.
+    fn finish(self, done: wasmtime::Result<(Store<RequestState>, Proxy)>) -> anyhow::Result<()> {
+        match (done, self.key) {
+            (Ok((store, proxy)), Some(key)) => {
+                self.idle.put(Idle {
+                    key,
+                    store,
+                    proxy,
+                    served: self.served + 1,
+                });
+                Ok(())
+            }
+            (Ok(instance), None) => {
+                drop_later(instance);
+                Ok(())
+            }
+            (Err(e), _) => Err(anyhow::Error::from(e)),
+        }
     }
 }
 
 /// A response body that also drives the guest that writes it, to completion.
 struct GuestDrivenBody {
-    guest: Option<GuestFuture>,
+    guest: Option<Guest>,
     body: HyperOutgoingBody,
 }
 
@@ -203,14 +362,13 @@ impl http_body::Body for GuestDrivenBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         if let Some(guest) = self.guest.as_mut() {
-            if let Poll::Ready(done) = guest.as_mut().poll(cx) {
-                if let Err(e) = done {
+            if let Poll::Ready(done) = guest.future.as_mut().poll(cx) {
+                if let Err(e) = self.guest.take().unwrap().finish(done) {
                     tracing::warn!(
                         error = format!("{e:#}"),
                         "the component failed after answering"
                     );
                 }
-                retire(self.guest.take());
             }
         }
         Pin::new(&mut self.body).poll_frame(cx)
@@ -222,5 +380,54 @@ impl http_body::Body for GuestDrivenBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::caller_key;
+
+    #[test]
+    fn an_instance_is_kept_only_for_a_plain_key() {
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            h
+        };
+        let key = "ns_0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            caller_key(&headers(&[("x-api-key", key)])).as_deref(),
+            Some(key)
+        );
+        let bearer = format!("Bearer {key}");
+        assert_eq!(
+            caller_key(&headers(&[("authorization", &bearer)])).as_deref(),
+            Some(key)
+        );
+        // X-API-Key wins, as in the component and the pool manager.
+        assert_eq!(
+            caller_key(&headers(&[
+                ("x-api-key", key),
+                ("authorization", "Bearer ns_other")
+            ]))
+            .as_deref(),
+            Some(key)
+        );
+        for bad in [
+            vec![],
+            vec![("x-api-key", "")],
+            vec![("x-api-key", "has space")],
+            vec![("x-api-key", "semi;colon")],
+            vec![("authorization", "Basic abc")],
+        ] {
+            assert_eq!(caller_key(&headers(&bad)), None, "{bad:?}");
+        }
+        let long = "k".repeat(129);
+        assert_eq!(caller_key(&headers(&[("x-api-key", &long)])), None);
     }
 }

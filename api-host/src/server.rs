@@ -47,6 +47,8 @@ impl Shared {
                 n.load(Ordering::Relaxed)
             ));
         }
+        let (reused, created) = self.runtime.instance_counts();
+        out.push_str(&format!("# HELP nullspace_api_instances_total Requests by the instance that served them: kept from the same API key's earlier request, or new.\n# TYPE nullspace_api_instances_total counter\nnullspace_api_instances_total{{instance=\"kept\"}} {reused}\nnullspace_api_instances_total{{instance=\"new\"}} {created}\n"));
         let in_flight = self.config.max_concurrent as usize - self.slots.available_permits();
         out.push_str(&format!("# HELP nullspace_api_in_flight Requests being served.\n# TYPE nullspace_api_in_flight gauge\nnullspace_api_in_flight {in_flight}\n"));
         out

@@ -798,4 +798,11 @@ async fn the_pool_manager_serves_the_public_api_in_process() {
         metrics.contains("nullspace_api_responses_total{class=\"5xx\"} 0"),
         "{metrics}"
     );
+    // One key's requests, one after another: its instance is kept between them.
+    let kept = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nullspace_api_instances_total{instance=\"kept\"} "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(kept >= 5, "{metrics}");
 }
