@@ -31,8 +31,16 @@ struct Shared {
     config: HostConfig,
     runtime: ApiRuntime,
     slots: Semaphore,
-    /// Responses by status class (1xx..5xx), for `/metrics`.
+    /// Responses by status class (1xx..5xx) and requests in flight, for `/metrics`:
+    /// shared by every thread serving one runtime (the pool manager runs several).
+    counters: Arc<Counters>,
+}
+
+/// What `/metrics` reports, whichever thread served it.
+#[derive(Default)]
+pub struct Counters {
     served: [std::sync::atomic::AtomicU64; 5],
+    in_flight: std::sync::atomic::AtomicI64,
 }
 
 impl Shared {
@@ -40,7 +48,7 @@ impl Shared {
     fn prometheus(&self) -> String {
         use std::sync::atomic::Ordering;
         let mut out = String::from("# HELP nullspace_api_responses_total Responses by status class.\n# TYPE nullspace_api_responses_total counter\n");
-        for (i, n) in self.served.iter().enumerate() {
+        for (i, n) in self.counters.served.iter().enumerate() {
             out.push_str(&format!(
                 "nullspace_api_responses_total{{class=\"{}xx\"}} {}\n",
                 i + 1,
@@ -49,7 +57,7 @@ impl Shared {
         }
         let (reused, created) = self.runtime.instance_counts();
         out.push_str(&format!("# HELP nullspace_api_instances_total Requests by the instance that served them: kept from the same API key's earlier request, or new.\n# TYPE nullspace_api_instances_total counter\nnullspace_api_instances_total{{instance=\"kept\"}} {reused}\nnullspace_api_instances_total{{instance=\"new\"}} {created}\n"));
-        let in_flight = self.config.max_concurrent as usize - self.slots.available_permits();
+        let in_flight = self.counters.in_flight.load(Ordering::Relaxed).max(0);
         out.push_str(&format!("# HELP nullspace_api_in_flight Requests being served.\n# TYPE nullspace_api_in_flight gauge\nnullspace_api_in_flight {in_flight}\n"));
         out
     }
@@ -62,9 +70,20 @@ pub async fn serve(
     runtime: ApiRuntime,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    serve_counted(listener, config, runtime, Default::default(), shutdown).await
+}
+
+/// [`serve`], counting into `counters` (shared by the threads that serve one listener).
+pub async fn serve_counted(
+    listener: TcpListener,
+    config: HostConfig,
+    runtime: ApiRuntime,
+    counters: Arc<Counters>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         slots: Semaphore::new(config.max_concurrent as usize),
-        served: Default::default(),
+        counters,
         config,
         runtime,
     });
@@ -148,6 +167,7 @@ async fn handle(
             .expect("a valid response");
     }
     let resp = async {
+        let _in_flight = InFlight::count(&shared.counters);
         let Ok(_slot) = shared.slots.try_acquire() else {
             let mut resp = error(&ApiError::new(
                 503,
@@ -205,12 +225,33 @@ async fn handle(
     .await;
     debug!(%method, %path, status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "served");
     if let Some(n) = shared
+        .counters
         .served
         .get((resp.status().as_u16() / 100).saturating_sub(1) as usize)
     {
         n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     resp
+}
+
+/// One request in flight, counted while it lives.
+struct InFlight<'a>(&'a Counters);
+
+impl<'a> InFlight<'a> {
+    fn count(counters: &'a Counters) -> Self {
+        counters
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(counters)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A JSON error response made by the host itself.

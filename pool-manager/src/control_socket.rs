@@ -3,7 +3,7 @@
 //! API-key checks as the TCP listener, without the TCP/IP stack on either side of every
 //! request.
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The longest path a Unix socket address holds (`sun_path`, less its NUL).
@@ -23,9 +23,12 @@ pub enum ControlSocketError {
     /// Something that is not a socket is there: never removed.
     #[error("--control-socket {0}: something other than a socket is there; remove it or pick another path")]
     NotASocket(PathBuf),
-    /// A live daemon answers on it.
+    /// A live daemon answers on it (or one this daemon may not connect to).
     #[error("--control-socket {0}: another process is listening there (a pool manager on the same state?); stop it or pick another path")]
     InUse(PathBuf),
+    /// Other users could replace the socket between this daemon's runs.
+    #[error("--control-socket {0}: its directory is writable by every user, who could take the path over; put it in a directory only the daemon's user (and group) can write, e.g. the state directory")]
+    OpenDirectory(PathBuf),
     /// A system call failed.
     #[error("--control-socket {0}: {1}")]
     Io(PathBuf, std::io::Error),
@@ -35,6 +38,9 @@ pub enum ControlSocketError {
 pub struct ControlSocket {
     listener: Option<tokio::net::UnixListener>,
     path: PathBuf,
+    /// Device and inode of the socket this bound: only that one is removed on drop,
+    /// never a later daemon's.
+    identity: (u64, u64),
 }
 
 impl ControlSocket {
@@ -51,10 +57,18 @@ impl ControlSocket {
             ));
         }
         let io = |e| ControlSocketError::Io(path.to_path_buf(), e);
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        let dir = std::fs::metadata(parent).map_err(io)?;
+        if dir.permissions().mode() & 0o002 != 0 {
+            return Err(ControlSocketError::OpenDirectory(path.to_path_buf()));
+        }
         match std::fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_socket() => {
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(ControlSocketError::InUse(path.to_path_buf()));
+                // Stale only when nothing listens (refused); a live socket, or one this
+                // user may not even connect to, is left alone.
+                match std::os::unix::net::UnixStream::connect(path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                    _ => return Err(ControlSocketError::InUse(path.to_path_buf())),
                 }
                 std::fs::remove_file(path).map_err(io)?;
             }
@@ -63,9 +77,11 @@ impl ControlSocket {
             Err(e) => return Err(io(e)),
         }
         let listener = tokio::net::UnixListener::bind(path).map_err(io)?;
+        let meta = std::fs::symlink_metadata(path).map_err(io)?;
         let socket = Self {
             listener: Some(listener),
             path: path.to_path_buf(),
+            identity: (meta.dev(), meta.ino()),
         };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(MODE)).map_err(io)?;
         Ok(socket)
@@ -84,7 +100,11 @@ impl ControlSocket {
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -99,6 +119,7 @@ mod tests {
             uuid::Uuid::new_v4().simple()
         ));
         std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         dir
     }
 
@@ -131,6 +152,24 @@ mod tests {
         let long = dir.join("x".repeat(120));
         let e = ControlSocket::bind(&long).err().unwrap().to_string();
         assert!(e.contains("107 bytes"), "{e}");
+
+        // A directory every user may write: refused.
+        let open = dir.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = ControlSocket::bind(&open.join("control.sock"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("writable by every user"), "{e}");
+
+        // A socket another daemon bound after this one's went is not removed by it.
+        let first = ControlSocket::bind(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let second = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        drop(first);
+        assert!(path.exists(), "the newer socket stays");
+        drop(second);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

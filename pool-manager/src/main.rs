@@ -652,6 +652,15 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
     let control = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
+    // A wrong --api-component fails the start here, before any VM is made.
+    if let Some(component) = &args.api_component {
+        if !component.is_file() {
+            bail!(
+                "--api-component {}: no such file; deploy/build-component.sh builds the component and prints its path",
+                component.display()
+            );
+        }
+    }
     let mut control_socket = match &args.control_socket {
         Some(path) => Some(control_socket::ControlSocket::bind(path)?),
         None => None,
@@ -906,7 +915,7 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
         control_addr,
         dir.display()
     );
-    let servers = tokio::spawn(async move {
+    let mut servers = tokio::spawn(async move {
         tokio::try_join!(
             control_server,
             edge_server,
@@ -922,6 +931,13 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => None,
         // Dropped unsent (the templates were made): this branch just never fires.
         Ok(why) = &mut fatal_rx => Some(why),
+        // A listener that stops on its own takes the others with it (try_join): the
+        // daemon must not stay up serving nothing.
+        ended = &mut servers => Some(match ended {
+            Ok(Ok(_)) => "the listeners stopped on their own".to_string(),
+            Ok(Err(e)) => format!("a listener failed: {e}"),
+            Err(e) => format!("a listener ended abnormally: {e}"),
+        }),
     };
     tracing::info!(keep_vms, "shutting down");
     let _ = stop_tx.send(true);
@@ -936,7 +952,9 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
             "shutdown took over 20 s; exiting anyway (the next start reaps or adopts what is left)"
         );
     }
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), servers).await;
+    if !servers.is_finished() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), servers).await;
+    }
     match fatal {
         Some(why) => bail!("{why}; run `nullspace-pool-manager check`"),
         None => Ok(()),

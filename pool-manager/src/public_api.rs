@@ -76,11 +76,16 @@ impl PublicApi {
     /// every thread has.
     pub async fn serve(self, stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut done = Vec::new();
+        let counters = Arc::new(api_host::server::Counters::default());
         for i in 0..self.threads {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let listener = self.listener.try_clone()?;
-            let (config, runtime, mut stop) =
-                (self.config.clone(), self.runtime.clone(), stop.clone());
+            let (config, runtime, mut stop, counters) = (
+                self.config.clone(),
+                self.runtime.clone(),
+                stop.clone(),
+                counters.clone(),
+            );
             std::thread::Builder::new()
                 .name(format!("public-api-{i}"))
                 .spawn(move || {
@@ -94,7 +99,10 @@ impl PublicApi {
                                 let shutdown = async move {
                                     let _ = stop.wait_for(|s| *s).await;
                                 };
-                                api_host::server::serve(listener, config, runtime, shutdown).await
+                                api_host::server::serve_counted(
+                                    listener, config, runtime, counters, shutdown,
+                                )
+                                .await
                             })
                         });
                     let _ = tx.send(served);
@@ -109,13 +117,31 @@ impl PublicApi {
     }
 }
 
-/// The control routes as the component's upstream. A read (GET, HEAD) runs on the
-/// caller's thread; anything else on the daemon's runtime, as from its own listener.
+/// Whether a request is one of the cheap catalog reads that run on the listener's own
+/// thread: a sandbox, a page of them, a sandbox's events. Everything else (a VM, S3,
+/// another host, a change) runs on the daemon's runtime, whose tasks and connections
+/// outlive the request and whose threads may block.
+fn runs_inline(method: &http::Method, path: &str) -> bool {
+    if *method != http::Method::GET {
+        return false;
+    }
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    matches!(
+        segments.as_slice(),
+        ["v1", "health"]
+            | ["v1", "sandboxes"]
+            | ["v1", "sandboxes", _]
+            | ["v1", "sandboxes", _, "events"]
+    )
+}
+
+/// The control routes as the component's upstream: [`runs_inline`] reads on the
+/// caller's thread, anything else on the daemon's runtime, as from its own listener.
 fn dispatch(router: axum::Router, main: tokio::runtime::Handle) -> Dispatch {
     Arc::new(
         move |request: http::Request<wasmtime_wasi_http::WasiBody>| {
             let router = router.clone();
-            let read = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
+            let read = runs_inline(request.method(), request.uri().path());
             let call = call(router, request);
             if read {
                 Box::pin(call)
@@ -145,4 +171,34 @@ async fn call(
         body.map_err(|e| WasiHttpError::InternalError(Some(e.to_string())))
             .boxed_unsync()
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs_inline;
+
+    #[test]
+    fn only_cheap_catalog_reads_run_on_the_listener_thread() {
+        let get = http::Method::GET;
+        for path in [
+            "/v1/health",
+            "/v1/sandboxes",
+            "/v1/sandboxes/sbx-1",
+            "/v1/sandboxes/sbx-1/events",
+        ] {
+            assert!(runs_inline(&get, path), "{path}");
+        }
+        for path in [
+            "/v1/sandboxes/sbx-1/metrics",
+            "/v1/sandboxes/sbx-1/recordings",
+            "/v1/sandboxes/sbx-1/logs",
+            "/v1/templates",
+            "/v1/snapshots",
+        ] {
+            assert!(!runs_inline(&get, path), "{path}");
+        }
+        assert!(!runs_inline(&http::Method::POST, "/v1/sandboxes"));
+        assert!(!runs_inline(&http::Method::DELETE, "/v1/sandboxes/sbx-1"));
+        assert!(!runs_inline(&http::Method::HEAD, "/v1/sandboxes"));
+    }
 }

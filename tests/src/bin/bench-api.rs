@@ -383,7 +383,7 @@ async fn run(
     };
     let warm = json!({ "templateID": "minimal", "resources": shape, "warmPool": "require" });
     // Interleaved with checkouts straight to the pool manager: what the hop adds.
-    let mut checkout = vec![Vec::new(), Vec::new()];
+    let mut checkout = [Vec::new(), Vec::new()];
     for _ in 0..checkouts {
         for (i, r) in routes[..2].iter().enumerate() {
             let deadline = Instant::now() + Duration::from_secs(300);
