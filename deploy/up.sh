@@ -64,7 +64,7 @@ umask 022
 # The public API runs in the pool manager's process (--public-listen): on one host that
 # saves every call a round trip between processes (bench-api: in-process vs api-host).
 setsid nohup "$pm" serve --listen $control --edge-listen $edge --preview-listen $preview \
-    --public-listen $public --api-component "$component" \
+    --public-listen $public --public-component "$component" \
     --state-dir "$state" --on-exit end \
     >"$state/pool-manager.log" 2>&1 &
 pm_pid=$!

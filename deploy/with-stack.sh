@@ -44,7 +44,7 @@ wait_for() { # FILE PATTERN SECONDS PID: fails at once when PID exits
 NULLSPACE_RUN_DIR="$run_dir" RUST_LOG=warn "$bin/nullspace-pool-manager" serve \
     --listen 127.0.0.1:0 --edge-listen 127.0.0.1:0 --preview-listen 127.0.0.1:0 --state-dir "$state" \
     --templates-dir "$cache/test-templates" --workspace-templates "${NULLSPACE_WORKSPACE_TEMPLATES:-off}" \
-    --public-listen 127.0.0.1:0 --api-component "$cache/components/nullspace-api.wasm" \
+    --public-listen 127.0.0.1:0 --public-component "$cache/components/nullspace-api.wasm" \
     2>"$state/pool-manager.log" &
 pids+=($!)
 wait_for "$state/pool-manager.log" "template snapshots ready" 300 "${pids[0]}"

@@ -100,10 +100,10 @@ pub struct Serve {
     /// unix:PATH, which skips the TCP/IP stack per request (default: none)
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
-    /// Also serve the public API (/api/v1) here, the --api-component running in this
+    /// Also serve the public API (/api/v1) here, the --public-component running in this
     /// process with its calls going straight to the control routes: on one host, cheaper
     /// per request than a separate nullspace-api (default: none)
-    #[arg(long, value_name = "ADDR", requires = "api_component")]
+    #[arg(long, value_name = "ADDR", requires = "public_component")]
     pub public_listen: Option<String>,
     /// Threads serving --public-listen, 1 to 64, each with its share of the requests
     /// served at once (256 in all)
@@ -112,7 +112,7 @@ pub struct Serve {
     /// The API component for --public-listen, FILE.wasm (deploy/build-component.sh
     /// prints its path)
     #[arg(long, value_name = "FILE.wasm", requires = "public_listen")]
-    pub api_component: Option<PathBuf>,
+    pub public_component: Option<PathBuf>,
     /// Where the data-plane edge listens
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7071")]
     pub edge_listen: String,
@@ -456,6 +456,24 @@ mod tests {
     }
 
     #[test]
+    fn the_public_api_flags_do_not_read_the_api_hosts_variables() {
+        // NULLSPACE_API_COMPONENT names the component for nullspace-api, the tests and
+        // deploy/cluster.sh; the pool manager's own flag is --public-component, so a
+        // shell that exports it for one does not switch the other's on.
+        let s = serve(&[], &[("NULLSPACE_API_COMPONENT", "/x/api.wasm")]);
+        assert_eq!((s.public_listen, s.public_component), (None, None));
+        let s = serve(
+            &[],
+            &[
+                ("NULLSPACE_PUBLIC_LISTEN", "127.0.0.1:7080"),
+                ("NULLSPACE_PUBLIC_COMPONENT", "/x/api.wasm"),
+            ],
+        );
+        assert_eq!(s.public_listen.as_deref(), Some("127.0.0.1:7080"));
+        assert_eq!(s.public_component, Some(PathBuf::from("/x/api.wasm")));
+    }
+
+    #[test]
     fn defaults_are_the_documented_ones() {
         let s = serve(&[], &[]);
         assert_eq!(s.listen, "127.0.0.1:7070");
@@ -585,8 +603,8 @@ mod tests {
         let e = msg(&["serve", "--listen"], &[]);
         assert!(e.contains("--listen"), "{e}");
         let e = msg(&["serve", "--public-listen", "127.0.0.1:7080"], &[]);
-        assert!(e.contains("--api-component"), "{e}");
-        let e = msg(&["serve", "--api-component", "/x/api.wasm"], &[]);
+        assert!(e.contains("--public-component"), "{e}");
+        let e = msg(&["serve", "--public-component", "/x/api.wasm"], &[]);
         assert!(e.contains("--public-listen"), "{e}");
         let e = msg(&["serve", "--public-threads", "0"], &[]);
         assert!(e.contains("1..=64"), "{e}");

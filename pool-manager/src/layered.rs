@@ -213,7 +213,14 @@ fn check_value(arg: &Arg, value: &str) -> Result<(), String> {
     let long = arg.get_long().expect("layered flags are long");
     let one = Command::new("check")
         .no_binary_name(true)
-        .arg(arg.clone().required(false).global(false));
+        // Alone: what it requires or conflicts with is checked on the whole command.
+        .arg(
+            arg.clone()
+                .required(false)
+                .global(false)
+                .requires(clap::builder::Resettable::<clap::Id>::Reset)
+                .conflicts_with(clap::builder::Resettable::<clap::Id>::Reset),
+        );
     match one.try_get_matches_from([format!("--{long}={value}")]) {
         Ok(_) => Ok(()),
         Err(e) => Err(match std::error::Error::source(&e) {

@@ -652,11 +652,11 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
     let control = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    // A wrong --api-component fails the start here, before any VM is made.
-    if let Some(component) = &args.api_component {
+    // A wrong --public-component fails the start here, before any VM is made.
+    if let Some(component) = &args.public_component {
         if !component.is_file() {
             bail!(
-                "--api-component {}: no such file; deploy/build-component.sh builds the component and prints its path",
+                "--public-component {}: no such file; deploy/build-component.sh builds the component and prints its path",
                 component.display()
             );
         }
@@ -877,7 +877,7 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
             None => Ok(()),
         }
     };
-    let public_api = match (&args.public_listen, &args.api_component) {
+    let public_api = match (&args.public_listen, &args.public_component) {
         (Some(listen), Some(component)) => Some(public_api::PublicApi::bind(
             manager.clone(),
             listen,

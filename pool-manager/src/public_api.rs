@@ -1,4 +1,4 @@
-//! The public API served by this process (`--public-listen ADDR --api-component FILE`):
+//! The public API served by this process (`--public-listen ADDR --public-component FILE`):
 //! the same API component and host as `nullspace-api`, with the component's outbound
 //! calls dispatched straight into this daemon's control routes.
 //!
@@ -49,11 +49,11 @@ impl PublicApi {
             listen.as_ref(),
         ];
         let mut config = HostConfig::load(args, |_| None)
-            .map_err(|e| anyhow::anyhow!("--public-listen / --api-component: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("--public-listen / --public-component: {e}"))?;
         let main = tokio::runtime::Handle::current();
         let upstream = Upstream::in_process(dispatch(crate::api::router(manager), main));
         let runtime = ApiRuntime::load(component, config.max_concurrent, upstream)
-            .with_context(|| format!("--api-component {}", component.display()))?;
+            .with_context(|| format!("--public-component {}", component.display()))?;
         let listener = std::net::TcpListener::bind(config.listen)
             .with_context(|| format!("binding --public-listen {listen}"))?;
         listener.set_nonblocking(true)?;

@@ -717,7 +717,7 @@ async fn the_pool_manager_serves_the_public_api_in_process() {
         &[
             "--public-listen",
             "127.0.0.1:0",
-            "--api-component",
+            "--public-component",
             &component,
         ],
         &[],

@@ -135,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
         &[
             "--public-listen",
             "127.0.0.1:0",
-            "--api-component",
+            "--public-component",
             &component,
         ],
         &[],
