@@ -163,7 +163,17 @@ async fn call(
     mut router: axum::Router,
     request: http::Request<wasmtime_wasi_http::WasiBody>,
 ) -> Result<http::Response<wasmtime_wasi_http::WasiBody>, WasiHttpError> {
-    let request = request.map(axum::body::Body::new);
+    // The body is read whole first, as a socket would have taken it: a route that
+    // never reads its body (pause, resume) would otherwise drop it while the component
+    // is still writing it, and the component sees its request fail (StreamError::Closed).
+    // Bodies are small: the host and the component cap them at 1 MiB.
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| WasiHttpError::InternalError(Some(format!("reading the request body: {e}"))))?
+        .to_bytes();
+    let request = http::Request::from_parts(parts, axum::body::Body::from(body));
     let response = tower_service::Service::call(&mut router, request)
         .await
         .unwrap_or_else(|never| match never {});

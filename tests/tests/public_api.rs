@@ -774,6 +774,17 @@ async fn the_pool_manager_serves_the_public_api_in_process() {
     // The same sandbox through nullspace-api (the control socket) and straight to the daemon.
     assert_eq!(stack.public(key.clone()).get(&id).await["sandboxID"], id);
     assert_eq!(Api::new(&stack.daemon, key).get(&id).await["sandboxID"], id);
+    // Routes that never read their body (pause, resume): the component's body still
+    // reaches them whole.
+    let (status, v) = api
+        .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+        .await;
+    assert!(status.is_success(), "{status} {v}");
+    let (status, v) = api
+        .post(&format!("/v1/sandboxes/{id}/resume"), json!({}))
+        .await;
+    assert!(status.is_success(), "{status} {v}");
+    assert_eq!(api.get(&id).await["state"], "running");
     // The command a create returns works, and the events name the create.
     let (status, events) = api.fetch(&format!("/v1/sandboxes/{id}/events")).await;
     assert_eq!(status, StatusCode::OK, "{events}");
