@@ -120,14 +120,15 @@ struct IdleShared {
 }
 
 impl IdleInstances {
-    fn take(&self, key: &str) -> Option<Idle> {
+    /// The instance kept for `key` (any key, or none, counts as a request served).
+    fn take(&self, key: Option<&str>) -> Option<Idle> {
         use std::sync::atomic::Ordering::Relaxed;
-        let taken = {
+        let taken = key.and_then(|key| {
             let mut idle = self.0.idle.lock().unwrap_or_else(|e| e.into_inner());
             idle.iter()
                 .rposition(|i| i.key == key)
                 .and_then(|at| idle.remove(at))
-        };
+        });
         match taken {
             Some(_) => self.0.reused.fetch_add(1, Relaxed),
             None => self.0.created.fetch_add(1, Relaxed),
@@ -252,16 +253,7 @@ impl ApiRuntime {
         request: http::Request<wasmtime_wasi_http::p2::body::HyperIncomingBody>,
     ) -> anyhow::Result<http::Response<HyperOutgoingBody>> {
         let key = caller_key(request.headers());
-        let kept = match key.as_deref() {
-            Some(k) => self.idle.take(k),
-            None => {
-                self.idle
-                    .0
-                    .created
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                None
-            }
-        };
+        let kept = self.idle.take(key.as_deref());
         let (mut store, proxy, served) = match kept {
             Some(idle) => (idle.store, Some(idle.proxy), idle.served),
             None => (

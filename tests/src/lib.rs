@@ -371,6 +371,20 @@ impl Stack {
         Self { api, daemon }
     }
 
+    /// As [`Stack::start`], the daemon also serving the public API in its own process
+    /// (`--public-listen`, as `deploy/up.sh` runs it): its URL is `daemon.public`.
+    pub fn start_in_process(name: &str) -> Self {
+        let component = api_component();
+        let component = component.to_string_lossy();
+        let flags = [
+            "--public-listen",
+            "127.0.0.1:0",
+            "--public-component",
+            &component,
+        ];
+        Self::start_with(name, &flags, &[])
+    }
+
     /// Starts a stack whose daemon keeps its state in `state` (an existing directory).
     pub fn start_in_with(state: std::path::PathBuf, extra: &[&str]) -> Self {
         let daemon = Daemon::start_in_with(state, extra);

@@ -710,18 +710,7 @@ async fn presigned_urls_read_and_write_one_path_without_the_token() {
 /// daemon's runtime; both must behave as through `nullspace-api`.
 #[tokio::test]
 async fn the_pool_manager_serves_the_public_api_in_process() {
-    let component = nullspace_tests::api_component();
-    let component = component.to_string_lossy();
-    let stack = Stack::start_with(
-        "public-in-process",
-        &[
-            "--public-listen",
-            "127.0.0.1:0",
-            "--public-component",
-            &component,
-        ],
-        &[],
-    );
+    let stack = Stack::start_in_process("public-in-process");
     let public = stack.daemon.public.clone().expect("a public API address");
     let key = stack.daemon.team_key("acme");
     let api = Api::at(&format!("{public}/api"), key.clone());

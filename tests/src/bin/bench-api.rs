@@ -22,7 +22,7 @@
 //! ratio to `direct` (or to the create).
 
 use nullspace_tests::bench::{flag, percentile};
-use nullspace_tests::{api_component, stop_child, wasmtime_serve, Stack};
+use nullspace_tests::{stop_child, wasmtime_serve, Stack};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -128,18 +128,7 @@ async fn main() -> anyhow::Result<()> {
     let listed = flag(&args, "--list", 50) as usize;
     let checkouts = flag(&args, "--checkouts", 10) as usize;
 
-    let component = api_component();
-    let component = component.to_string_lossy();
-    let stack = Stack::start_with(
-        "bench-api",
-        &[
-            "--public-listen",
-            "127.0.0.1:0",
-            "--public-component",
-            &component,
-        ],
-        &[],
-    );
+    let stack = Stack::start_in_process("bench-api");
     let key = stack.daemon.team_key("bench");
     let quota = format!("sandboxes={}", flag(&args, "--list", 50) + 10);
     stack
