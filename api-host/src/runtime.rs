@@ -58,6 +58,10 @@ impl wasmtime::ResourceLimiter for MemoryPeak {
     }
 }
 
+/// The largest declared body the host collects before it answers (see
+/// [`ApiRuntime::handle`]); larger ones (recordings) are streamed as written.
+const MAX_WHOLE_BODY: usize = 256 << 10;
+
 /// The most memory an instance may have grown to and still be kept.
 const MAX_KEPT_MEMORY: usize = 8 << 20;
 
@@ -333,7 +337,32 @@ impl ApiRuntime {
                 if let Some(g) = guest.as_mut() {
                     g.keep = status != http::StatusCode::UNAUTHORIZED && !status.is_server_error();
                 }
-                Ok(resp.map(|body| GuestDrivenBody { guest, body }.boxed_unsync()))
+                let small = resp
+                    .headers()
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .filter(|&len| len <= MAX_WHOLE_BODY);
+                let (parts, body) = resp.into_parts();
+                let body = GuestDrivenBody { guest, body };
+                if small.is_none() {
+                    return Ok(http::Response::from_parts(parts, body.boxed_unsync()));
+                }
+                // A small answer (every JSON one) goes out whole: the component sets its
+                // response before it writes the body, and a head sent before its body
+                // is a second write, and a second wake-up of the client. Collecting it
+                // also lets the instance go back before the response is sent.
+                let whole = body
+                    .collect()
+                    .await
+                    .context("the component failed while writing its response")?
+                    .to_bytes();
+                Ok(http::Response::from_parts(
+                    parts,
+                    http_body_util::Full::new(whole)
+                        .map_err(|never| match never {})
+                        .boxed_unsync(),
+                ))
             }
             Ok(Err(code)) => Err(anyhow::anyhow!("the component answered an error: {code:?}")),
             Err(_) => Err(anyhow::anyhow!("the component dropped its response")),

@@ -246,6 +246,15 @@ impl Catalog {
         self.db.query(&sql, &[])?.iter().map(host_of).collect()
     }
 
+    /// A host's recorded state (`ready`, `draining`, `drained`, `lost`), without its
+    /// load: one row, no scan of the sandboxes.
+    pub fn host_state(&self, id: &str) -> Result<Option<String>, CatalogError> {
+        self.db
+            .query_opt("SELECT state FROM hosts WHERE id = ?1", args![id])?
+            .map(|r| r.get(0))
+            .transpose()
+    }
+
     /// One host.
     pub fn host(&self, id: &str) -> Result<Option<HostRecord>, CatalogError> {
         let sql = format!("{} WHERE h.id = ?1", select_hosts(self.db.dialect()));
@@ -425,6 +434,10 @@ mod tests {
             assert!(c.set_host_state("host-b", "draining").unwrap());
             c.register_host(&info("host-b")).unwrap();
             assert_eq!(c.host("host-b").unwrap().unwrap().state, "draining");
+            // The one-row read a create on one host makes agrees with the full one.
+            assert_eq!(c.host_state("host-b").unwrap().as_deref(), Some("draining"));
+            assert_eq!(c.host_state("host-a").unwrap().as_deref(), Some("ready"));
+            assert_eq!(c.host_state("host-z").unwrap(), None, "{}", t.name());
             assert!(c.reserve("host-b", need).unwrap().is_none(), "{}", t.name());
             assert!(!c.set_host_state("host-z", "draining").unwrap());
             assert!(c.heartbeat("host-z", &warm, 1000).is_err(), "{}", t.name());
@@ -454,10 +467,10 @@ mod tests {
             for r in [&mine, &theirs, &legacy] {
                 c.put_sandbox(r).unwrap();
             }
-            c.begin_intent("sbx-x", "pause", &serde_json::json!({}))
+            c.begin_intent("sbx-x", "pause", &serde_json::json!({}), Durability::Synced)
                 .unwrap();
             c.set_host("host-a").unwrap();
-            c.begin_intent("sbx-y", "pause", &serde_json::json!({}))
+            c.begin_intent("sbx-y", "pause", &serde_json::json!({}), Durability::Synced)
                 .unwrap();
             let mut seen: Vec<String> = c
                 .sandboxes_in(&["active"])

@@ -6,7 +6,7 @@
 //! (`sandboxes::recovery`).
 
 use super::sql::args;
-use super::{now_ms, Catalog, CatalogError};
+use super::{now_ms, Catalog, CatalogError, Durability};
 
 /// One operation a crash may have cut short.
 #[derive(Debug, Clone)]
@@ -30,42 +30,58 @@ pub struct Intent {
 
 impl Catalog {
     /// Records that `op` on `sandbox_id` begins, with what recovery needs; returns the
-    /// intent's ID. Synced before the first step runs.
+    /// intent's ID, committed before the first step runs: synced, or with
+    /// [`Durability::UntilPowerLoss`] for an operation whose every effect a power loss
+    /// undoes anyway (a create that holds no volume: its VM). A crash of this process
+    /// keeps an unsynced commit, and the commits that do survive a power loss are
+    /// always a prefix of those made.
     pub fn begin_intent(
         &self,
         sandbox_id: &str,
         op: &str,
         data: &serde_json::Value,
+        durability: Durability,
     ) -> Result<i64, CatalogError> {
-        self.db
-            .query_one(
+        let host = self.host.get();
+        self.db.transaction(durability, |tx| {
+            tx.query_one(
                 "INSERT INTO intents (sandbox_id, op, step, data, started_at_ms, host_id)
                  VALUES (?1, ?2, 'begun', ?3, ?4, ?5) RETURNING id",
-                args![sandbox_id, op, data.to_string(), now_ms(), self.host.get()],
+                args![sandbox_id, op, data.to_string(), now_ms(), host],
             )?
             .get(0)
+        })
     }
 
     /// Records that intent `id` finished `step`; the keys of `data` (an object) are
-    /// merged into what it recorded before.
+    /// merged into what it recorded before. As durable as the intent's begin was.
     pub fn intent_step(
         &self,
         id: i64,
         step: &str,
         data: &serde_json::Value,
+        durability: Durability,
     ) -> Result<(), CatalogError> {
         let merged = self.db.dialect().json_merge("data", 3);
-        self.db.execute(
-            &format!("UPDATE intents SET step = ?2, data = {merged} WHERE id = ?1"),
-            args![id, step, data.to_string()],
-        )?;
+        self.db.transaction(durability, |tx| {
+            tx.execute(
+                &format!("UPDATE intents SET step = ?2, data = {merged} WHERE id = ?1"),
+                args![id, step, data.to_string()],
+            )
+        })?;
         Ok(())
     }
 
     /// The operation of intent `id` ended (done, or undone by its own error handling).
     pub fn end_intent(&self, id: i64) -> Result<(), CatalogError> {
-        self.db
-            .execute("DELETE FROM intents WHERE id = ?1", args![id])?;
+        self.end_intent_with(id, Durability::Synced)
+    }
+
+    /// [`Catalog::end_intent`], as durable as the intent's begin was.
+    pub fn end_intent_with(&self, id: i64, durability: Durability) -> Result<(), CatalogError> {
+        self.db.transaction(durability, |tx| {
+            tx.execute("DELETE FROM intents WHERE id = ?1", args![id])
+        })?;
         Ok(())
     }
 
@@ -99,6 +115,7 @@ impl Catalog {
 
 #[cfg(test)]
 mod tests {
+    use crate::catalog::Durability::{Synced, UntilPowerLoss as Relaxed};
     use serde_json::json;
 
     #[test]
@@ -106,17 +123,36 @@ mod tests {
         for t in crate::catalog::testing::backends() {
             let c = t.catalog();
             let a = c
-                .begin_intent("sbx-a", "pause", &json!({ "dir": "/p/1" }))
+                .begin_intent("sbx-a", "pause", &json!({ "dir": "/p/1" }), Synced)
                 .unwrap();
-            let b = c.begin_intent("sbx-b", "delete", &json!({})).unwrap();
+            let b = c
+                .begin_intent("sbx-b", "delete", &json!({}), Synced)
+                .unwrap();
             assert!(b > a, "{}: IDs increase", t.name());
-            c.intent_step(a, "snapshotted", &json!({ "snapshot": "s1" }))
+            c.intent_step(a, "snapshotted", &json!({ "snapshot": "s1" }), Synced)
                 .unwrap();
             c.end_intent(b).unwrap();
+            // Unsynced intents are committed all the same: a restart of the process
+            // sees where they got to, and one ended is gone.
+            let d = c
+                .begin_intent("sbx-d", "create", &json!({ "volumes": [] }), Relaxed)
+                .unwrap();
+            c.intent_step(d, "create.admitted", &json!({}), Relaxed)
+                .unwrap();
+            let e = c
+                .begin_intent("sbx-e", "create", &json!({}), Relaxed)
+                .unwrap();
+            c.end_intent_with(e, Relaxed).unwrap();
             // What a restart sees: a's last step and everything it recorded.
             let reopened = t.reopen();
             let left = reopened.intents().unwrap();
-            assert_eq!(left.len(), 1, "{}", t.name());
+            assert_eq!(left.len(), 2, "{}", t.name());
+            assert_eq!(
+                (left[1].sandbox_id.as_str(), left[1].step.as_str()),
+                ("sbx-d", "create.admitted"),
+                "{}",
+                t.name()
+            );
             assert_eq!(
                 (
                     left[0].sandbox_id.as_str(),

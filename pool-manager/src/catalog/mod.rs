@@ -1997,8 +1997,13 @@ mod tests {
             record.id
         );
         // And what came later works on it.
-        c.begin_intent(&record.id, "pause", &serde_json::json!({}))
-            .unwrap();
+        c.begin_intent(
+            &record.id,
+            "pause",
+            &serde_json::json!({}),
+            Durability::Synced,
+        )
+        .unwrap();
         c.append_build_log("tpl-1", &[(None, "build", "x".into())])
             .unwrap();
         c.record_item("volume", "vol-1", "team-old", 1).unwrap();

@@ -100,6 +100,21 @@ pub async fn place_create(
     if headers.contains_key(FORWARDED_BY) {
         return Ok(None);
     }
+    // Only a shared catalog has other hosts, so on one host only its own state
+    // matters: one row, where the hosts' load below is a scan of every sandbox record,
+    // which a warm checkout (a millisecond in all) must not pay for nothing.
+    if !m.catalog.is_shared() {
+        return match m.catalog.host_state(this)? {
+            Some(state) if state != "ready" => Err(ApiError::new(
+                503,
+                "no_host_available",
+                format!(
+                    "this host ({this}) is {state} and no other host can take the sandbox now; retry later, or ask the operator to add capacity"
+                ),
+            )),
+            _ => Ok(None),
+        };
+    }
     let hosts = m.catalog.hosts()?;
     let Some(me) = hosts.iter().find(|h| h.info.id == this) else {
         return Ok(None);

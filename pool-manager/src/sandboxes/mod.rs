@@ -5,7 +5,7 @@
 //! holds its VM while it runs. Every state change is written to the catalog and appended
 //! to the sandbox's event log before the call returns.
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Durability};
 use crate::error::ApiError;
 use crate::model::*;
 use crate::templates::{Templates, BUILTIN};
@@ -698,10 +698,20 @@ impl Manager {
         let (record, valid) = self.plan(team, req).await?;
         // Its volume holds are taken before its record exists: the intent names them.
         let volumes: Vec<&str> = record.mounts.iter().map(|m| m.volume.as_str()).collect();
-        let intent = self.begin_op(
+        // A create that holds no volume makes nothing a power loss would not end (a VM,
+        // its files, which the next start reaps): its intent, like its record, is not
+        // synced, which is most of a warm checkout's cost. Volume holds outlive a power
+        // loss, and so must the intent that names them.
+        let durability = if volumes.is_empty() {
+            Durability::UntilPowerLoss
+        } else {
+            Durability::Synced
+        };
+        let intent = self.begin_op_with(
             &record.id,
             recovery::op::CREATE,
             serde_json::json!({ "volumes": volumes }),
+            durability,
         )?;
         if record.mounts.is_empty() {
             return self.create_holding(record, valid, intent).await;

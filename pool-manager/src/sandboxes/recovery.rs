@@ -12,7 +12,7 @@
 //! ([`Manager::recover_after_states`]: what needs the sandboxes settled).
 
 use super::{remove_tree, Manager};
-use crate::catalog::{Catalog, Intent};
+use crate::catalog::{Catalog, Durability, Intent};
 use crate::error::ApiError;
 use crate::model::*;
 use serde_json::json;
@@ -40,6 +40,9 @@ pub(super) struct OpIntent {
     catalog: Arc<Catalog>,
     id: Option<i64>,
     sandbox: String,
+    /// How durable its row's writes are: those of one intent all alike, so a power
+    /// loss keeps a prefix of them.
+    durability: Durability,
 }
 
 impl OpIntent {
@@ -49,7 +52,7 @@ impl OpIntent {
     /// more than the step itself did.
     pub(super) fn step(&self, name: &'static str, data: serde_json::Value) {
         if let Some(id) = self.id {
-            if let Err(e) = self.catalog.intent_step(id, name, &data) {
+            if let Err(e) = self.catalog.intent_step(id, name, &data, self.durability) {
                 warn!(sandbox = %self.sandbox, step = name, error = %e, "recording an operation's step failed");
             }
         }
@@ -66,7 +69,7 @@ impl OpIntent {
         data: serde_json::Value,
     ) -> Result<(), ApiError> {
         if let Some(id) = self.id {
-            self.catalog.intent_step(id, name, &data)?;
+            self.catalog.intent_step(id, name, &data, self.durability)?;
         }
         failpoint::hit(name);
         Ok(())
@@ -76,7 +79,7 @@ impl OpIntent {
 impl Drop for OpIntent {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
-            if let Err(e) = self.catalog.end_intent(id) {
+            if let Err(e) = self.catalog.end_intent_with(id, self.durability) {
                 warn!(sandbox = %self.sandbox, error = %e, "ending an operation's intent failed; the next start re-checks it");
             }
         }
@@ -92,11 +95,25 @@ impl Manager {
         op: &'static str,
         data: serde_json::Value,
     ) -> Result<OpIntent, ApiError> {
-        let id = self.catalog.begin_intent(sandbox, op, &data)?;
+        self.begin_op_with(sandbox, op, data, Durability::Synced)
+    }
+
+    /// [`Manager::begin_op`] with the intent's writes as durable as `durability` says:
+    /// [`Durability::UntilPowerLoss`] only for an operation whose every effect a power
+    /// loss undoes anyway (see [`Catalog::begin_intent_with`]).
+    pub(super) fn begin_op_with(
+        &self,
+        sandbox: &str,
+        op: &'static str,
+        data: serde_json::Value,
+        durability: Durability,
+    ) -> Result<OpIntent, ApiError> {
+        let id = self.catalog.begin_intent(sandbox, op, &data, durability)?;
         let intent = OpIntent {
             catalog: self.catalog.clone(),
             id: Some(id),
             sandbox: sandbox.to_string(),
+            durability,
         };
         failpoint::hit(match op {
             op::CREATE => "create.begun",
