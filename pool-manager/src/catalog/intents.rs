@@ -34,7 +34,10 @@ impl Catalog {
     /// [`Durability::UntilPowerLoss`] for an operation whose every effect a power loss
     /// undoes anyway (a create that holds no volume: its VM). A crash of this process
     /// keeps an unsynced commit, and the commits that do survive a power loss are
-    /// always a prefix of those made.
+    /// always a prefix of those made. (On PostgreSQL a crash of the database server
+    /// also loses unsynced commits while the VM lives on: the record a checkout writes
+    /// unsynced is lost with its intent, as it already was alone, and the VM is an
+    /// orphan until this daemon's next start reaps it.)
     pub fn begin_intent(
         &self,
         sandbox_id: &str,
@@ -42,15 +45,17 @@ impl Catalog {
         data: &serde_json::Value,
         durability: Durability,
     ) -> Result<i64, CatalogError> {
-        let host = self.host.get();
-        self.db.transaction(durability, |tx| {
-            tx.query_one(
-                "INSERT INTO intents (sandbox_id, op, step, data, started_at_ms, host_id)
-                 VALUES (?1, ?2, 'begun', ?3, ?4, ?5) RETURNING id",
-                args![sandbox_id, op, data.to_string(), now_ms(), host],
-            )?
-            .get(0)
-        })
+        let sql = "INSERT INTO intents (sandbox_id, op, step, data, started_at_ms, host_id)
+                   VALUES (?1, ?2, 'begun', ?3, ?4, ?5) RETURNING id";
+        let args = args![sandbox_id, op, data.to_string(), now_ms(), self.host.get()];
+        match durability {
+            // One statement on its own: on PostgreSQL a transaction around it would be
+            // three more round trips.
+            Durability::Synced => self.db.query_one(sql, args)?.get(0),
+            Durability::UntilPowerLoss => self
+                .db
+                .transaction(durability, |tx| tx.query_one(sql, args)?.get(0)),
+        }
     }
 
     /// Records that intent `id` finished `step`; the keys of `data` (an object) are
@@ -63,13 +68,8 @@ impl Catalog {
         durability: Durability,
     ) -> Result<(), CatalogError> {
         let merged = self.db.dialect().json_merge("data", 3);
-        self.db.transaction(durability, |tx| {
-            tx.execute(
-                &format!("UPDATE intents SET step = ?2, data = {merged} WHERE id = ?1"),
-                args![id, step, data.to_string()],
-            )
-        })?;
-        Ok(())
+        let sql = format!("UPDATE intents SET step = ?2, data = {merged} WHERE id = ?1");
+        self.execute_as(durability, &sql, args![id, step, data.to_string()])
     }
 
     /// The operation of intent `id` ended (done, or undone by its own error handling).
@@ -79,9 +79,22 @@ impl Catalog {
 
     /// [`Catalog::end_intent`], as durable as the intent's begin was.
     pub fn end_intent_with(&self, id: i64, durability: Durability) -> Result<(), CatalogError> {
-        self.db.transaction(durability, |tx| {
-            tx.execute("DELETE FROM intents WHERE id = ?1", args![id])
-        })?;
+        self.execute_as(durability, "DELETE FROM intents WHERE id = ?1", args![id])
+    }
+
+    /// One statement, synced on its own or committed unsynced in a transaction.
+    fn execute_as(
+        &self,
+        durability: Durability,
+        sql: &str,
+        args: &[super::sql::Value],
+    ) -> Result<(), CatalogError> {
+        match durability {
+            Durability::Synced => self.db.execute(sql, args)?,
+            Durability::UntilPowerLoss => self
+                .db
+                .transaction(durability, |tx| tx.execute(sql, args))?,
+        };
         Ok(())
     }
 

@@ -700,8 +700,8 @@ impl Manager {
         let volumes: Vec<&str> = record.mounts.iter().map(|m| m.volume.as_str()).collect();
         // A create that holds no volume makes nothing a power loss would not end (a VM,
         // its files, which the next start reaps): its intent, like its record, is not
-        // synced, which is most of a warm checkout's cost. Volume holds outlive a power
-        // loss, and so must the intent that names them.
+        // synced. Volume holds outlive a power loss, and so must the intent that names
+        // them. (On PostgreSQL see `Catalog::begin_intent`: a database crash.)
         let durability = if volumes.is_empty() {
             Durability::UntilPowerLoss
         } else {

@@ -100,7 +100,7 @@ impl Manager {
 
     /// [`Manager::begin_op`] with the intent's writes as durable as `durability` says:
     /// [`Durability::UntilPowerLoss`] only for an operation whose every effect a power
-    /// loss undoes anyway (see [`Catalog::begin_intent_with`]).
+    /// loss undoes anyway (see [`Catalog::begin_intent`]).
     pub(super) fn begin_op_with(
         &self,
         sandbox: &str,
