@@ -342,10 +342,10 @@ impl ApiRuntime {
                     .get(http::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<usize>().ok())
-                    .filter(|&len| len <= MAX_WHOLE_BODY);
+                    .is_some_and(|len| len <= MAX_WHOLE_BODY);
                 let (parts, body) = resp.into_parts();
                 let body = GuestDrivenBody { guest, body };
-                if small.is_none() {
+                if !small {
                     return Ok(http::Response::from_parts(parts, body.boxed_unsync()));
                 }
                 // A small answer (every JSON one) goes out whole: the component sets its

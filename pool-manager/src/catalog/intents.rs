@@ -73,12 +73,8 @@ impl Catalog {
     }
 
     /// The operation of intent `id` ended (done, or undone by its own error handling).
-    pub fn end_intent(&self, id: i64) -> Result<(), CatalogError> {
-        self.end_intent_with(id, Durability::Synced)
-    }
-
-    /// [`Catalog::end_intent`], as durable as the intent's begin was.
-    pub fn end_intent_with(&self, id: i64, durability: Durability) -> Result<(), CatalogError> {
+    /// As durable as the intent's begin was.
+    pub fn end_intent(&self, id: i64, durability: Durability) -> Result<(), CatalogError> {
         self.execute_as(durability, "DELETE FROM intents WHERE id = ?1", args![id])
     }
 
@@ -144,7 +140,7 @@ mod tests {
             assert!(b > a, "{}: IDs increase", t.name());
             c.intent_step(a, "snapshotted", &json!({ "snapshot": "s1" }), Synced)
                 .unwrap();
-            c.end_intent(b).unwrap();
+            c.end_intent(b, Synced).unwrap();
             // Unsynced intents are committed all the same: a restart of the process
             // sees where they got to, and one ended is gone.
             let d = c
@@ -155,7 +151,7 @@ mod tests {
             let e = c
                 .begin_intent("sbx-e", "create", &json!({}), Relaxed)
                 .unwrap();
-            c.end_intent_with(e, Relaxed).unwrap();
+            c.end_intent(e, Relaxed).unwrap();
             // What a restart sees: a's last step and everything it recorded.
             let reopened = t.reopen();
             let left = reopened.intents().unwrap();

@@ -79,7 +79,7 @@ impl OpIntent {
 impl Drop for OpIntent {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
-            if let Err(e) = self.catalog.end_intent_with(id, self.durability) {
+            if let Err(e) = self.catalog.end_intent(id, self.durability) {
                 warn!(sandbox = %self.sandbox, error = %e, "ending an operation's intent failed; the next start re-checks it");
             }
         }
@@ -169,7 +169,7 @@ impl Manager {
             if !newest.contains(&i.id) {
                 // An older operation on the same sandbox (a delete around the volume save
                 // it was in): the newest one says where the sandbox got to.
-                self.catalog.end_intent(i.id)?;
+                self.catalog.end_intent(i.id, Durability::Synced)?;
                 continue;
             }
             let record = self.catalog.sandbox(&i.sandbox_id)?;
@@ -232,7 +232,7 @@ impl Manager {
                 }
                 _ => {}
             }
-            self.catalog.end_intent(i.id)?;
+            self.catalog.end_intent(i.id, Durability::Synced)?;
             info!(sandbox = %i.sandbox_id, op = %i.op, step = %i.step, "operation recovered");
         }
         if collect {
