@@ -165,12 +165,46 @@ async fn require_gets_exactly_the_ready_instances_prefer_falls_back_and_pools_re
     }
     wait_ready(&api, 5).await;
 
+    // A checkout that readies nothing in its guest writes no intent: its record,
+    // written with the checkout, is all a restart needs. Killed with it running, the
+    // daemon's next start adopts it (its file intact) and finds no intent to recover.
+    let (status, kept) = api
+        .post(
+            "/v1/sandboxes",
+            json!({ "templateID": "minimal", "resources": small(), "warmPool": "require", "timeout": 300 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{kept}");
+    let kept_id = kept["sandboxID"].as_str().unwrap().to_string();
+    let (_, _, code) = Runtime::of(&kept)
+        .run("echo kept > /workspace/kept && sync")
+        .await;
+    assert_eq!(code, 0);
+    let catalog = stack.daemon.state_dir().join("catalog.db");
+    let open_intents = || -> i64 {
+        rusqlite::Connection::open(&catalog)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM intents", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(open_intents(), 0, "a plain checkout left an intent");
+
     // Pools come back after a restart (their VMs are made again).
-    let state = stack.daemon.stop_with(libc::SIGTERM);
+    let state = stack.daemon.stop_with(libc::SIGKILL);
     let daemon = Daemon::start_in(state);
     let api = Api::new(&daemon, key);
     let status = wait_ready(&api, 5).await;
     assert_eq!(status["target"], 5, "{status}");
+    let back = api.get(&kept_id).await;
+    assert_eq!(back["state"], "running", "{back}");
+    let (status, connected) = api
+        .post(&format!("/v1/sandboxes/{kept_id}/connect"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{connected}");
+    let (out, _, _) = Runtime::of(&connected).run("cat /workspace/kept").await;
+    assert_eq!(out, "kept\n");
+    assert_eq!(open_intents(), 0, "an intent outlived the restart");
+    assert_eq!(api.delete(&kept_id).await, StatusCode::NO_CONTENT);
 }
 
 #[tokio::test]

@@ -122,6 +122,7 @@ fn select_hosts(dialect: super::sql::Dialect) -> String {
     let disk = dialect.json_int("record", &["resources", "diskSizeMiB"]);
     // A stopped sandbox holds its disk, not its CPUs or memory.
     let running = "state <> 'stopped'";
+    let live = crate::model::InternalState::live_sql_list();
     format!(
         "SELECT h.id, h.control_url, h.edge_url, h.preview_url, h.vcpus, h.mem_mib, h.disk_mib,
                 h.qemu, h.accel, h.image_set, h.state, h.warm, h.heartbeat_ms, n.now,
@@ -135,7 +136,7 @@ fn select_hosts(dialect: super::sql::Dialect) -> String {
                            SUM(CASE WHEN {running} THEN {mem} ELSE 0 END) AS mem,
                            SUM({disk}) AS disk
                     FROM sandboxes
-                    WHERE host_id IS NOT NULL AND state NOT IN ('deleted', 'failed')
+                    WHERE host_id IS NOT NULL AND state IN ({live})
                     GROUP BY host_id) s ON s.host_id = h.id
          LEFT JOIN (SELECT host_id, SUM(vcpus) AS vcpus, SUM(mem_mib) AS mem,
                            SUM(disk_mib) AS disk

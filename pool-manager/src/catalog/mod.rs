@@ -252,10 +252,11 @@ fn live_resources_sql(d: sql::Dialect) -> String {
     };
     format!(
         "SELECT COUNT(*), {}, {}, {}
-         FROM sandboxes WHERE team_id = ?1 AND state NOT IN ('deleted', 'failed')",
+         FROM sandboxes WHERE team_id = ?1 AND state IN ({})",
         sum("vcpus"),
         sum("memMiB"),
-        sum("diskSizeMiB")
+        sum("diskSizeMiB"),
+        crate::model::InternalState::live_sql_list()
     )
 }
 
@@ -1524,6 +1525,23 @@ mod tests {
                 "{}",
                 t.name()
             );
+            if t.name() == "sqlite" {
+                // The index reads only live rows, never the team's ended sandboxes.
+                let plan =
+                    c.db.query(
+                        &format!(
+                            "EXPLAIN QUERY PLAN {}",
+                            live_resources_sql(sql::Dialect::Sqlite)
+                        ),
+                        args![&team.id],
+                    )
+                    .unwrap();
+                let detail: Vec<String> = plan.iter().map(|r| r.get(3).unwrap()).collect();
+                assert!(
+                    detail.iter().any(|d| d.contains("team_id=? AND state=?")),
+                    "{detail:?}"
+                );
+            }
             let active = c.sandboxes_in(&["active"]).unwrap();
             assert_eq!(active.len(), 1);
             assert_eq!(c.sandboxes_in(Catalog::NOT_DELETED).unwrap().len(), 3);

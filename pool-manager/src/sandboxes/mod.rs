@@ -696,30 +696,22 @@ impl Manager {
         req: CreateRequest,
     ) -> Result<SandboxView, ApiError> {
         let (record, valid) = self.plan(team, req).await?;
-        // Its volume holds are taken before its record exists: the intent names them.
+        if record.mounts.is_empty() {
+            // Its intent is begun only if it restores (see `create_holding`).
+            return self.create_holding(record, valid, None).await;
+        }
+        // Its volume holds are taken before its record exists: the intent names them,
+        // and outlive a power loss, so the intent is synced.
         let volumes: Vec<&str> = record.mounts.iter().map(|m| m.volume.as_str()).collect();
-        // A create that holds no volume makes nothing a power loss would not end (a VM,
-        // its files, which the next start reaps): its intent, like its record, is not
-        // synced. Volume holds outlive a power loss, and so must the intent that names
-        // them. (On PostgreSQL see `Catalog::begin_intent`: a database crash.)
-        let durability = if volumes.is_empty() {
-            Durability::UntilPowerLoss
-        } else {
-            Durability::Synced
-        };
-        let intent = self.begin_op_with(
+        let intent = self.begin_op(
             &record.id,
             recovery::op::CREATE,
             serde_json::json!({ "volumes": volumes }),
-            durability,
         )?;
-        if record.mounts.is_empty() {
-            return self.create_holding(record, valid, intent).await;
-        }
         self.hold_volumes(&record).await?;
         intent.step("create.held", serde_json::json!({}));
         let released = record.clone();
-        let result = self.create_holding(record, valid, intent).await;
+        let result = self.create_holding(record, valid, Some(intent)).await;
         if result.is_err() {
             // Nothing ran with the volumes (or the failure path already saved them).
             self.release_volumes(&released).await;
@@ -727,13 +719,31 @@ impl Manager {
         result
     }
 
-    /// Creates a sandbox whose volume holds (if any) are taken.
+    /// Creates a sandbox whose volume holds (if any) are taken, and whose intent is
+    /// begun (`intent`) if it holds any.
+    ///
+    /// A create that holds no volume begins its intent here, and only where a restart
+    /// would find something to undo: a warm checkout that readies nothing in the guest
+    /// (no security policy) has none, as its record, written with the checkout in one
+    /// transaction, says all there is (a running VM, which the next start adopts). Such
+    /// an intent is not synced: what it covers (a VM, its files, which the next start
+    /// reaps) a power loss ends anyway. (On PostgreSQL see `Catalog::begin_intent`: a
+    /// database crash.)
     async fn create_holding(
         self: &Arc<Self>,
         mut record: SandboxRecord,
         valid: api_model::ValidCreate,
-        intent: recovery::OpIntent,
+        intent: Option<recovery::OpIntent>,
     ) -> Result<SandboxView, ApiError> {
+        let begin = |record: &SandboxRecord, intent: Option<recovery::OpIntent>| match intent {
+            Some(intent) => Ok(intent),
+            None => self.begin_op_with(
+                &record.id,
+                recovery::op::CREATE,
+                serde_json::json!({ "volumes": [] }),
+                Durability::UntilPowerLoss,
+            ),
+        };
         let wait = valid.wait_ready;
         // The new sandbox's slot is held from before its record exists until its VM is
         // in it: a delete or connect that finds the record waits for a whole sandbox.
@@ -745,7 +755,12 @@ impl Manager {
             self.slots.lock().unwrap().remove(&id);
             e
         };
+        let mut intent = intent;
         if let Some(mode) = valid.warm_pool {
+            if record.security_policy.is_some() && intent.is_none() {
+                // Its team CA goes into the guest between the checkout and the install.
+                intent = Some(begin(&record, None).map_err(refused)?);
+            }
             // Quotas first, then the checkout and the record in one critical section.
             match self.admit_checkout(&mut record, |record, vm| {
                 record.vm_dir = Some(vm.dir().display().to_string());
@@ -764,7 +779,7 @@ impl Manager {
                     ),
                 ]
             }).map_err(refused)? {
-                Some(vm) => return self.adopt_warm(record, vm, guard, &intent).await,
+                Some(vm) => return self.adopt_warm(record, vm, guard, intent.as_ref()).await,
                 None if mode == api_model::WarmPoolMode::Require => {
                     let r = record.resources;
                     self.slots.lock().unwrap().remove(&id);
@@ -777,6 +792,7 @@ impl Manager {
                 None => {}
             }
         }
+        let intent = begin(&record, intent).map_err(refused)?;
         self.admit(&record).map_err(refused)?;
         self.catalog.append_event(
             &record.id,
@@ -860,7 +876,7 @@ impl Manager {
         mut record: SandboxRecord,
         mut vm: QemuVm,
         mut guard: tokio::sync::OwnedMutexGuard<Option<QemuVm>>,
-        intent: &recovery::OpIntent,
+        intent: Option<&recovery::OpIntent>,
     ) -> Result<SandboxView, ApiError> {
         if let Err(e) = self.prepare_guest(&record, &mut vm).await {
             vm.kill().await;
@@ -878,7 +894,10 @@ impl Manager {
         }
         // The record said `running` from the checkout on: a restart before this step
         // fails the sandbox (its volumes may be missing) instead of re-adopting it.
-        intent.step("create.started", serde_json::json!({}));
+        // Without an intent there was nothing to ready: the record stands as written.
+        if let Some(intent) = intent {
+            intent.step("create.started", serde_json::json!({}));
+        }
         self.install(&mut record, vm, &mut guard);
         info!(sandbox = %record.id, "checked out from the warm pool");
         Ok(self.view(&record, true))

@@ -22,6 +22,11 @@ const MAX_WARMING_PER_POOL: u32 = 2;
 /// A failing refill's first retry; each next one waits twice as long, up to the cap.
 const REFILL_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 const REFILL_RETRY_CAP: std::time::Duration = std::time::Duration::from_secs(300);
+/// How long a refill woken by a checkout waits before it starts: the checkout's own
+/// reply (a millisecond or two) goes out before a VM restore (QEMU's start, under TCG
+/// a core's worth of translation) competes with it for the cores. Against a restore's
+/// hundreds of milliseconds the pool is back to target no later to speak of.
+const REFILL_DEFER: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// What a pool should hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -505,7 +510,7 @@ impl Manager {
     pub async fn refill_warm_pools(self: Arc<Self>) {
         loop {
             tokio::select! {
-                _ = self.warm.wake.notified() => {}
+                _ = self.warm.wake.notified() => tokio::time::sleep(REFILL_DEFER).await,
                 _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
             }
             for (template, resources) in self.warm.claim_refills() {
