@@ -46,10 +46,7 @@ impl Templates {
             vcpus,
             mem_mib
         );
-        let hash: String = Sha256::digest(inputs.as_bytes())[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hash = hex::encode(&Sha256::digest(inputs.as_bytes())[..8]);
         format!("{template}-{vcpus}x{mem_mib}-{hash}")
     }
 

@@ -217,7 +217,7 @@ fn team_segment(team: &str) -> String {
     }
     use sha2::Digest;
     let digest = sha2::Sha256::digest(team.as_bytes());
-    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(&digest[..16]);
     format!("h-{hex}")
 }
 

@@ -86,7 +86,7 @@ pub fn spec(name: &str) -> Option<TemplateBuildRequest> {
 /// `base_inputs`: `<name>-<12 hex digits>`.
 pub fn record_name(name: &str, spec_text: &str, base_inputs: &str) -> String {
     let hash = Sha256::digest(format!("{spec_text}\u{0}{base_inputs}").as_bytes());
-    let hex: String = hash[..6].iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(&hash[..6]);
     format!("{name}-{hex}")
 }
 

@@ -4,8 +4,9 @@
 //!     $CARGO_TARGET_DIR/debug/bench-catalog [--deleted 100000] [--gets 300]
 //!
 //! Whether a host's history slows it down: on one daemon with one live sandbox, GET of
-//! that sandbox, a list of the team's sandboxes and the timeout sweeper's read of the
-//! catalog (`nullspace_timeout_sweep_scan_seconds` on `/metrics`) are measured, then
+//! that sandbox, a list of the team's sandboxes, a warm-pool checkout (its admission
+//! sums the team's live sandboxes) and the timeout sweeper's read of the catalog
+//! (`nullspace_timeout_sweep_scan_seconds` on `/metrics`) are measured, then
 //! `--deleted` records of deleted sandboxes (of the same team, two events each) are
 //! written into the catalog beside the daemon, and everything is measured again. The
 //! figures are ratios (after / before): flat is ≈ 1.
@@ -18,7 +19,65 @@ use std::time::{Duration, Instant};
 struct Figures {
     get_p50: Duration,
     list_p50: Duration,
+    checkout_p50: Duration,
     sweep_scan: Duration,
+}
+
+const SHAPE: fn() -> Value = || json!({ "vcpus": 1, "memMiB": 256, "diskSizeMiB": 1024 });
+
+/// Warm-pool checkouts of `minimal` (a pool of one, each on a settled host: the pool
+/// full, nothing restoring, then a second), each deleted after; their median.
+async fn checkouts(
+    http: &reqwest::Client,
+    d: &Daemon,
+    key: &str,
+    operator: &str,
+    n: u64,
+) -> Duration {
+    let pool = format!("{}/v1/templates/minimal/warm-pool", d.control);
+    let mut samples = Vec::new();
+    for _ in 0..n {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let v: Value = http
+                .get(&pool)
+                .header("X-API-Key", operator)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if v["ready"] == 1 && v["warming"] == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the warm pool never filled: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t = Instant::now();
+        let v: Value = http
+            .post(format!("{}/v1/sandboxes", d.control))
+            .header("X-API-Key", key)
+            .json(&json!({ "templateID": "minimal", "resources": SHAPE(), "warmPool": "require" }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        samples.push(t.elapsed());
+        let id = v["sandboxID"]
+            .as_str()
+            .unwrap_or_else(|| panic!("checkout: {v}"));
+        http.delete(format!("{}/v1/sandboxes/{id}", d.control))
+            .header("X-API-Key", key)
+            .send()
+            .await
+            .unwrap();
+    }
+    samples.sort();
+    percentile(&samples, 0.5)
 }
 
 async fn timed_gets(http: &reqwest::Client, url: &str, key: &str, n: u64) -> Duration {
@@ -60,7 +119,13 @@ async fn sweep_scan(http: &reqwest::Client, control: &str, seconds: u64) -> Dura
     percentile(&samples, 0.5)
 }
 
-async fn measure(http: &reqwest::Client, d: &Daemon, key: &str, id: &str, gets: u64) -> Figures {
+async fn measure(
+    http: &reqwest::Client,
+    d: &Daemon,
+    (key, operator): (&str, &str),
+    id: &str,
+    gets: u64,
+) -> Figures {
     let get = format!("{}/v1/sandboxes/{id}", d.control);
     let list = format!("{}/v1/sandboxes?limit=100", d.control);
     // Warm the connection and the page cache.
@@ -68,6 +133,7 @@ async fn measure(http: &reqwest::Client, d: &Daemon, key: &str, id: &str, gets: 
     Figures {
         get_p50: timed_gets(http, &get, key, gets).await,
         list_p50: timed_gets(http, &list, key, gets / 3).await,
+        checkout_p50: checkouts(http, d, key, operator, 5).await,
         sweep_scan: sweep_scan(http, &d.control, 5).await,
     }
 }
@@ -123,11 +189,12 @@ async fn main() {
     let gets = flag(&args, "--gets", 300);
     let daemon = Daemon::start("bench-catalog");
     let key = daemon.team_key("bench");
+    let operator = daemon.operator_key();
     let http = reqwest::Client::new();
     let created: Value = http
         .post(format!("{}/v1/sandboxes", daemon.control))
         .header("X-API-Key", &key)
-        .json(&json!({ "templateID": "minimal", "resources": { "vcpus": 1, "memMiB": 256, "diskSizeMiB": 1024 }, "timeout": 3600 }))
+        .json(&json!({ "templateID": "minimal", "resources": SHAPE(), "timeout": 3600 }))
         .send()
         .await
         .unwrap()
@@ -135,8 +202,17 @@ async fn main() {
         .await
         .unwrap();
     let id = created["sandboxID"].as_str().expect("created").to_string();
+    let pool = format!("{}/v1/templates/minimal/warm-pool", daemon.control);
+    http.put(&pool)
+        .header("X-API-Key", &operator)
+        .json(&json!({ "size": 1, "resources": SHAPE() }))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
 
-    let before = measure(&http, &daemon, &key, &id, gets).await;
+    let before = measure(&http, &daemon, (&key, &operator), &id, gets).await;
     let catalog = daemon.state_dir().join("catalog.db");
     let (team, record): (String, String) = rusqlite::Connection::open(&catalog)
         .unwrap()
@@ -154,7 +230,7 @@ async fn main() {
         deleted,
     );
     eprintln!("wrote {deleted} deleted records in {:?}", t.elapsed());
-    let after = measure(&http, &daemon, &key, &id, gets).await;
+    let after = measure(&http, &daemon, (&key, &operator), &id, gets).await;
 
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-6);
     println!(
@@ -173,11 +249,23 @@ async fn main() {
         ratio(after.list_p50, before.list_p50)
     );
     println!(
+        "  warm-pool checkout p50      {:>9.3?} -> {:>9.3?}  ({:.2}x)",
+        before.checkout_p50,
+        after.checkout_p50,
+        ratio(after.checkout_p50, before.checkout_p50)
+    );
+    println!(
         "  timeout sweep scan (median) {:>9.3?} -> {:>9.3?}  ({:.2}x)",
         before.sweep_scan,
         after.sweep_scan,
         ratio(after.sweep_scan, before.sweep_scan)
     );
+    let _ = http
+        .put(&pool)
+        .header("X-API-Key", &operator)
+        .json(&json!({ "size": 0, "resources": SHAPE() }))
+        .send()
+        .await;
     let _ = http
         .delete(format!("{}/v1/sandboxes/{id}", daemon.control))
         .header("X-API-Key", &key)
