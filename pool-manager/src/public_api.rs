@@ -142,45 +142,55 @@ fn dispatch(router: axum::Router, main: tokio::runtime::Handle) -> Dispatch {
         move |request: http::Request<wasmtime_wasi_http::WasiBody>| {
             let router = router.clone();
             let read = runs_inline(request.method(), request.uri().path());
-            let call = call(router, request);
-            if read {
-                Box::pin(call)
-            } else {
-                let task = main.spawn(call);
-                Box::pin(async move {
-                    task.await.map_err(|e| {
-                        WasiHttpError::InternalError(Some(format!(
-                            "the route ended abnormally: {e}"
-                        )))
-                    })?
+            let main = main.clone();
+            Box::pin(async move {
+                // The body is read here, on the thread the component writes it from:
+                // read on the daemon's runtime, each piece the component wrote would
+                // wake a thread on the other CPU, and the component's next write would
+                // wait for it.
+                let request = whole_body(request).await?;
+                if read {
+                    return Ok(route(router, request).await);
+                }
+                main.spawn(route(router, request)).await.map_err(|e| {
+                    WasiHttpError::InternalError(Some(format!("the route ended abnormally: {e}")))
                 })
-            }
+            })
         },
     )
 }
 
-async fn call(
-    mut router: axum::Router,
+/// The request with its body read whole, as a socket would have taken it: a route that
+/// never reads its body (pause, resume) would otherwise drop it while the component is
+/// still writing it, and the component sees its request fail (StreamError::Closed).
+/// Bodies are small: the host and the component cap them at 1 MiB.
+async fn whole_body(
     request: http::Request<wasmtime_wasi_http::WasiBody>,
-) -> Result<http::Response<wasmtime_wasi_http::WasiBody>, WasiHttpError> {
-    // The body is read whole first, as a socket would have taken it: a route that
-    // never reads its body (pause, resume) would otherwise drop it while the component
-    // is still writing it, and the component sees its request fail (StreamError::Closed).
-    // Bodies are small: the host and the component cap them at 1 MiB.
+) -> Result<http::Request<axum::body::Body>, WasiHttpError> {
     let (parts, body) = request.into_parts();
     let body = body
         .collect()
         .await
         .map_err(|e| WasiHttpError::InternalError(Some(format!("reading the request body: {e}"))))?
         .to_bytes();
-    let request = http::Request::from_parts(parts, axum::body::Body::from(body));
+    Ok(http::Request::from_parts(
+        parts,
+        axum::body::Body::from(body),
+    ))
+}
+
+/// Runs `request` through the control routes.
+async fn route(
+    mut router: axum::Router,
+    request: http::Request<axum::body::Body>,
+) -> http::Response<wasmtime_wasi_http::WasiBody> {
     let response = tower_service::Service::call(&mut router, request)
         .await
         .unwrap_or_else(|never| match never {});
-    Ok(response.map(|body| {
+    response.map(|body| {
         body.map_err(|e| WasiHttpError::InternalError(Some(e.to_string())))
             .boxed_unsync()
-    }))
+    })
 }
 
 #[cfg(test)]

@@ -581,6 +581,20 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// Waits (up to a minute) for the daemon to die at its armed failpoint `point`,
+    /// panicking if it does not, then starts a new daemon on the same state: what a
+    /// restart after kill -9 finds.
+    pub fn restart_after_failpoint(mut self, point: &str) -> Daemon {
+        assert_eq!(
+            self.wait_for_exit(Duration::from_secs(60)),
+            Some(libc::SIGKILL),
+            "the daemon did not die at failpoint {point}"
+        );
+        let state = self.stop_with(libc::SIGKILL);
+        std::mem::forget(self); // its state directory is the next daemon's
+        Daemon::start_in(state)
+    }
 }
 
 /// Running QEMU processes of the VMs in `run_dir`, whoever started them (an adopted VM

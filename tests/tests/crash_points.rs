@@ -218,21 +218,12 @@ async fn listed(api: &Api) -> Vec<Value> {
 async fn kill_at(op: Op, point: &str) {
     // Unique per case: tests of one process share its PID in the state dir's name.
     let name = format!("crash-{op:?}-{}", point.replace(['.', '_'], "-")).to_lowercase();
-    let mut daemon = Daemon::start_with(&name, &[], &[("NULLSPACE_TEST_FAILPOINT", point)]);
+    let daemon = Daemon::start_with(&name, &[], &[("NULLSPACE_TEST_FAILPOINT", point)]);
     let key = daemon.team_key("acme");
     let api = Api::new(&daemon, key.clone());
     let p = prepare(op, &api).await;
     send(op, &api, &p).await;
-    let signal = daemon.wait_for_exit(Duration::from_secs(60));
-    assert_eq!(
-        signal,
-        Some(libc::SIGKILL),
-        "{op:?}: the daemon did not die at failpoint {point}"
-    );
-    let state = daemon.stop_with(libc::SIGKILL);
-    std::mem::forget(daemon); // its state directory is the next daemon's
-
-    let daemon = Daemon::start_in(state);
+    let daemon = daemon.restart_after_failpoint(&format!("{point} ({op:?})"));
     let api = Api::new(&daemon, key);
     let at = format!("{op:?} killed at {point}");
 

@@ -165,46 +165,66 @@ async fn require_gets_exactly_the_ready_instances_prefer_falls_back_and_pools_re
     }
     wait_ready(&api, 5).await;
 
-    // A checkout that readies nothing in its guest writes no intent: its record,
-    // written with the checkout, is all a restart needs. Killed with it running, the
-    // daemon's next start adopts it (its file intact) and finds no intent to recover.
-    let (status, kept) = api
-        .post(
-            "/v1/sandboxes",
-            json!({ "templateID": "minimal", "resources": small(), "warmPool": "require", "timeout": 300 }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{kept}");
-    let kept_id = kept["sandboxID"].as_str().unwrap().to_string();
-    let (_, _, code) = Runtime::of(&kept)
-        .run("echo kept > /workspace/kept && sync")
-        .await;
-    assert_eq!(code, 0);
-    let catalog = stack.daemon.state_dir().join("catalog.db");
-    let open_intents = || -> i64 {
-        rusqlite::Connection::open(&catalog)
-            .unwrap()
-            .query_row("SELECT COUNT(*) FROM intents", [], |r| r.get(0))
-            .unwrap()
-    };
-    assert_eq!(open_intents(), 0, "a plain checkout left an intent");
-
     // Pools come back after a restart (their VMs are made again).
-    let state = stack.daemon.stop_with(libc::SIGKILL);
+    let state = stack.daemon.stop_with(libc::SIGTERM);
     let daemon = Daemon::start_in(state);
     let api = Api::new(&daemon, key);
     let status = wait_ready(&api, 5).await;
     assert_eq!(status["target"], 5, "{status}");
-    let back = api.get(&kept_id).await;
-    assert_eq!(back["state"], "running", "{back}");
+}
+
+/// A checkout that readies nothing in its guest writes no intent: its record, written
+/// with the checkout, is all a restart needs. Killed between that record and the VM's
+/// install (the one window it has), the daemon's next start adopts the VM: the sandbox
+/// runs, answers, and nothing (intent, QEMU) is left over.
+#[tokio::test]
+async fn a_checkout_killed_before_its_install_is_adopted_by_the_next_start() {
+    let daemon = Daemon::start_with(
+        "warm-checkout-kill",
+        &[],
+        &[("NULLSPACE_TEST_FAILPOINT", "create.checked_out")],
+    );
+    let key = daemon.team_key("acme");
+    let op = Api::new(&daemon, daemon.operator_key());
+    let api = Api::new(&daemon, key.clone());
+    set_pool(&op, json!({ "size": 1, "resources": small() })).await;
+    wait_ready(&api, 1).await;
+    // The daemon dies at the failpoint: no answer comes.
+    let _ = api
+        .http
+        .post(format!("{}/v1/sandboxes", api.base))
+        .header("X-API-Key", &key)
+        .json(&json!({ "templateID": "minimal", "resources": small(), "warmPool": "require", "timeout": 600 }))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await;
+    let daemon = daemon.restart_after_failpoint("create.checked_out");
+    let api = Api::new(&daemon, key);
+    let (status, v) = api.fetch("/v1/sandboxes").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let listed = v["sandboxes"].as_array().unwrap().clone();
+    assert_eq!(listed.len(), 1, "{v}");
+    assert_eq!(listed[0]["state"], "running", "{v}");
+    let id = listed[0]["sandboxID"].as_str().unwrap().to_string();
     let (status, connected) = api
-        .post(&format!("/v1/sandboxes/{kept_id}/connect"), json!({}))
+        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
         .await;
     assert_eq!(status, StatusCode::OK, "{connected}");
-    let (out, _, _) = Runtime::of(&connected).run("cat /workspace/kept").await;
-    assert_eq!(out, "kept\n");
-    assert_eq!(open_intents(), 0, "an intent outlived the restart");
-    assert_eq!(api.delete(&kept_id).await, StatusCode::NO_CONTENT);
+    let (out, _, code) = Runtime::of(&connected).run("echo adopted").await;
+    assert_eq!((out.as_str(), code), ("adopted\n", 0));
+    let open_intents: i64 = rusqlite::Connection::open(daemon.state_dir().join("catalog.db"))
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM intents", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(open_intents, 0, "an intent outlived the restart");
+    // The pool refills beside it: one QEMU for the sandbox, one for the pool.
+    wait_ready(&api, 1).await;
+    assert_eq!(
+        nullspace_tests::qemus_in(daemon.run_dir()).len(),
+        2,
+        "one QEMU for the adopted sandbox and one ready in the pool"
+    );
+    assert_eq!(api.delete(&id).await, StatusCode::NO_CONTENT);
 }
 
 #[tokio::test]

@@ -1128,8 +1128,7 @@ impl Catalog {
         "failed",
     ];
     /// The states of sandboxes that hold resources.
-    pub const LIVE: &'static [&'static str] =
-        &["new", "creating", "active", "stopped", "destroying"];
+    pub const LIVE: &'static [&'static str] = crate::model::InternalState::LIVE_STORED;
 
     /// The records in one of `states` (internal names: `active`, `stopped`, ...), oldest
     /// first, found through the state index: the periodic loops never parse the

@@ -878,6 +878,9 @@ impl Manager {
         mut guard: tokio::sync::OwnedMutexGuard<Option<QemuVm>>,
         intent: Option<&recovery::OpIntent>,
     ) -> Result<SandboxView, ApiError> {
+        // Checked out and recorded, not yet installed: where a restart finds a record
+        // that says running and a VM nobody holds (the kill -9 tests stop here).
+        failpoint::hit("create.checked_out");
         if let Err(e) = self.prepare_guest(&record, &mut vm).await {
             vm.kill().await;
             record.diagnostic = Some(Diagnostic {

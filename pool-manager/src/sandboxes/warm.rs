@@ -22,10 +22,12 @@ const MAX_WARMING_PER_POOL: u32 = 2;
 /// A failing refill's first retry; each next one waits twice as long, up to the cap.
 const REFILL_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 const REFILL_RETRY_CAP: std::time::Duration = std::time::Duration::from_secs(300);
-/// How long a refill woken by a checkout waits before it starts: the checkout's own
-/// reply (a millisecond or two) goes out before a VM restore (QEMU's start, under TCG
-/// a core's worth of translation) competes with it for the cores. Against a restore's
-/// hundreds of milliseconds the pool is back to target no later to speak of.
+/// How long a refill waits after a wake-up (a checkout, a resize, a refill ending)
+/// before it starts: the reply of the checkout that woke it, and of the checkouts of a
+/// burst right behind it (a millisecond or less each), go out before a VM restore
+/// (QEMU's start, under TCG a core's worth of translation) competes with them for the
+/// cores. Against a restore's hundreds of milliseconds the pool is back to target no
+/// later to speak of.
 const REFILL_DEFER: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// What a pool should hold.

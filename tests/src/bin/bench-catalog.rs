@@ -25,6 +25,27 @@ struct Figures {
 
 const SHAPE: fn() -> Value = || json!({ "vcpus": 1, "memMiB": 256, "diskSizeMiB": 1024 });
 
+/// The JSON answer to `request`.
+async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
+/// Waits until the warm pool of `minimal` holds its one VM with nothing restoring,
+/// then a second: every figure is taken on a settled host.
+async fn settle(http: &reqwest::Client, d: &Daemon, operator: &str) {
+    let pool = format!("{}/v1/templates/minimal/warm-pool", d.control);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let v = json_of(http.get(&pool).header("X-API-Key", operator)).await;
+        if v["ready"] == 1 && v["warming"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the warm pool never filled: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
 /// Warm-pool checkouts of `minimal` (a pool of one, each on a settled host: the pool
 /// full, nothing restoring, then a second), each deleted after; their median.
 async fn checkouts(
@@ -34,38 +55,16 @@ async fn checkouts(
     operator: &str,
     n: u64,
 ) -> Duration {
-    let pool = format!("{}/v1/templates/minimal/warm-pool", d.control);
     let mut samples = Vec::new();
     for _ in 0..n {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let v: Value = http
-                .get(&pool)
-                .header("X-API-Key", operator)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if v["ready"] == 1 && v["warming"] == 0 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the warm pool never filled: {v}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        settle(http, d, operator).await;
         let t = Instant::now();
-        let v: Value = http
-            .post(format!("{}/v1/sandboxes", d.control))
-            .header("X-API-Key", key)
-            .json(&json!({ "templateID": "minimal", "resources": SHAPE(), "warmPool": "require" }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = json_of(
+            http.post(format!("{}/v1/sandboxes", d.control))
+                .header("X-API-Key", key)
+                .json(&json!({ "templateID": "minimal", "resources": SHAPE(), "warmPool": "require" })),
+        )
+        .await;
         samples.push(t.elapsed());
         let id = v["sandboxID"]
             .as_str()
@@ -128,6 +127,7 @@ async fn measure(
 ) -> Figures {
     let get = format!("{}/v1/sandboxes/{id}", d.control);
     let list = format!("{}/v1/sandboxes?limit=100", d.control);
+    settle(http, d, operator).await;
     // Warm the connection and the page cache.
     timed_gets(http, &get, key, 10).await;
     Figures {
