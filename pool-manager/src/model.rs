@@ -20,23 +20,6 @@ pub enum InternalState {
 }
 
 impl InternalState {
-    /// The states (as stored) of a sandbox that holds resources: every state but
-    /// `deleted` and `failed`. Queries name these (`state IN (...)`) rather than
-    /// exclude the two: an index on `(team_id, state)` then reads only live rows, not
-    /// every sandbox the team ever ended (which a retention period keeps, and a
-    /// serverless team makes by the hundred thousand).
-    pub const LIVE_STORED: &'static [&'static str] =
-        &["new", "creating", "active", "stopped", "destroying"];
-
-    /// [`InternalState::LIVE_STORED`] as an SQL list: `'new', 'creating', ...`.
-    pub fn live_sql_list() -> String {
-        Self::LIVE_STORED
-            .iter()
-            .map(|s| format!("'{s}'"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
     /// The internal states (as stored) behind a public one; none for an unknown name.
     pub fn stored_names_of(public: &str) -> &'static [&'static str] {
         match public {
@@ -396,7 +379,7 @@ mod tests {
             let stored = serde_json::to_value(s).unwrap();
             let stored = stored.as_str().unwrap();
             assert_eq!(
-                InternalState::LIVE_STORED.contains(&stored),
+                crate::catalog::Catalog::LIVE.contains(&stored),
                 !matches!(s, Deleted | Failed),
                 "{stored}"
             );

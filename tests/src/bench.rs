@@ -1,4 +1,4 @@
-//! What the bench commands share: flags and percentiles.
+//! What the bench commands share: flags, percentiles, a settled warm pool.
 
 use std::time::Duration;
 
@@ -25,4 +25,39 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// How long a settled pool's VMs are left before a measurement: their guests' first
+/// moments (under TCG, translated afresh) are over.
+pub const SETTLE: Duration = Duration::from_secs(1);
+
+/// Waits until the warm pool at `pool` (its `/warm-pool` URL, read with the
+/// operator's key) holds at least `size` ready VMs with none restoring (under TCG a
+/// restore takes a core), then [`SETTLE`]: a measurement on a settled host.
+pub async fn settle_pool(
+    http: &reqwest::Client,
+    pool: &str,
+    operator: &str,
+    size: u64,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let v: serde_json::Value = http
+            .get(pool)
+            .header("X-API-Key", operator)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if v["ready"].as_u64().unwrap_or(0) >= size && v["warming"].as_u64().unwrap_or(0) == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the warm pool never filled: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(SETTLE).await;
+    Ok(())
 }

@@ -582,6 +582,14 @@ impl Daemon {
         }
     }
 
+    /// Operations its catalog records as begun and not ended (the `intents` rows).
+    pub fn open_intents(&self) -> i64 {
+        rusqlite::Connection::open(self.state_dir().join("catalog.db"))
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM intents", [], |r| r.get(0))
+            .unwrap()
+    }
+
     /// Waits (up to a minute) for the daemon to die at its armed failpoint `point`,
     /// panicking if it does not, then starts a new daemon on the same state: what a
     /// restart after kill -9 finds.

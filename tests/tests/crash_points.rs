@@ -311,11 +311,7 @@ async fn kill_at(op: Op, point: &str) {
         running,
         "{at}: one QEMU per running sandbox"
     );
-    let open_intents: i64 = rusqlite::Connection::open(daemon.state_dir().join("catalog.db"))
-        .unwrap()
-        .query_row("SELECT COUNT(*) FROM intents", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(open_intents, 0, "{at}: every intent was recovered");
+    assert_eq!(daemon.open_intents(), 0, "{at}: every intent was recovered");
     if let Some(volume) = &p.volume {
         check_volume(&api, volume, op, &at).await;
     }

@@ -212,11 +212,7 @@ async fn a_checkout_killed_before_its_install_is_adopted_by_the_next_start() {
     assert_eq!(status, StatusCode::OK, "{connected}");
     let (out, _, code) = Runtime::of(&connected).run("echo adopted").await;
     assert_eq!((out.as_str(), code), ("adopted\n", 0));
-    let open_intents: i64 = rusqlite::Connection::open(daemon.state_dir().join("catalog.db"))
-        .unwrap()
-        .query_row("SELECT COUNT(*) FROM intents", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(open_intents, 0, "an intent outlived the restart");
+    assert_eq!(daemon.open_intents(), 0, "an intent outlived the restart");
     // The pool refills beside it: one QEMU for the sandbox, one for the pool.
     wait_ready(&api, 1).await;
     assert_eq!(

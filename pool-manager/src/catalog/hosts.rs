@@ -122,7 +122,7 @@ fn select_hosts(dialect: super::sql::Dialect) -> String {
     let disk = dialect.json_int("record", &["resources", "diskSizeMiB"]);
     // A stopped sandbox holds its disk, not its CPUs or memory.
     let running = "state <> 'stopped'";
-    let live = crate::model::InternalState::live_sql_list();
+    let live = super::live_states_sql();
     format!(
         "SELECT h.id, h.control_url, h.edge_url, h.preview_url, h.vcpus, h.mem_mib, h.disk_mib,
                 h.qemu, h.accel, h.image_set, h.state, h.warm, h.heartbeat_ms, n.now,

@@ -256,8 +256,21 @@ fn live_resources_sql(d: sql::Dialect) -> String {
         sum("vcpus"),
         sum("memMiB"),
         sum("diskSizeMiB"),
-        crate::model::InternalState::live_sql_list()
+        live_states_sql()
     )
+}
+
+/// [`Catalog::LIVE`] as an SQL list (`'new', 'creating', ...`), made once: the
+/// admission's quota read is on every create's path.
+fn live_states_sql() -> &'static str {
+    static LIST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        Catalog::LIVE
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    &LIST
 }
 
 fn live_resources_of(row: &sql::Row) -> Result<LiveResources, CatalogError> {
@@ -1127,8 +1140,13 @@ impl Catalog {
         "destroying",
         "failed",
     ];
-    /// The states of sandboxes that hold resources.
-    pub const LIVE: &'static [&'static str] = crate::model::InternalState::LIVE_STORED;
+    /// The states of sandboxes that hold resources: every state but `deleted` and
+    /// `failed`. Queries name these (`state IN (...)`, `live_states_sql`) rather
+    /// than exclude the two: an index on `(team_id, state)` then reads only live rows,
+    /// not every sandbox the team ever ended (which a retention period keeps, and a
+    /// serverless team makes by the hundred thousand).
+    pub const LIVE: &'static [&'static str] =
+        &["new", "creating", "active", "stopped", "destroying"];
 
     /// The records in one of `states` (internal names: `active`, `stopped`, ...), oldest
     /// first, found through the state index: the periodic loops never parse the

@@ -362,10 +362,6 @@ fn new_template_id() -> String {
     format!("tpl-{}", &uuid::Uuid::new_v4().simple().to_string()[..16])
 }
 
-fn hex(bytes: &[u8]) -> String {
-    hex::encode(bytes)
-}
-
 /// A step's one-line description.
 fn summary(step: &ValidStep) -> String {
     let s = match &step.action {
@@ -388,13 +384,13 @@ fn summary(step: &ValidStep) -> String {
 /// The cache keys of a build's steps: each covers the team, the base and every step up
 /// to it, so no team's build can hit another team's entry.
 fn step_keys(team: &str, base_key: &str, request: &TemplateBuildRequest) -> Vec<String> {
-    let mut key = hex(&Sha256::digest(format!("{team}|{base_key}").as_bytes()));
+    let mut key = hex::encode(Sha256::digest(format!("{team}|{base_key}").as_bytes()));
     request
         .steps
         .iter()
         .map(|step| {
             let step = serde_json::to_string(step).expect("json");
-            key = hex(&Sha256::digest(format!("{key}|{step}").as_bytes()))[..32].to_string();
+            key = hex::encode(Sha256::digest(format!("{key}|{step}").as_bytes()))[..32].to_string();
             key.clone()
         })
         .collect()
@@ -412,7 +408,7 @@ fn team_cache_name(team: &str) -> String {
     if plain {
         format!("t-{team}")
     } else {
-        format!("t={}", &hex(&Sha256::digest(team.as_bytes()))[..32])
+        format!("t={}", &hex::encode(Sha256::digest(team.as_bytes()))[..32])
     }
 }
 

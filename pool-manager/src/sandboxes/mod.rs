@@ -733,16 +733,15 @@ impl Manager {
         self: &Arc<Self>,
         mut record: SandboxRecord,
         valid: api_model::ValidCreate,
-        intent: Option<recovery::OpIntent>,
+        mut intent: Option<recovery::OpIntent>,
     ) -> Result<SandboxView, ApiError> {
-        let begin = |record: &SandboxRecord, intent: Option<recovery::OpIntent>| match intent {
-            Some(intent) => Ok(intent),
-            None => self.begin_op_with(
+        let begin = |record: &SandboxRecord| {
+            self.begin_op_with(
                 &record.id,
                 recovery::op::CREATE,
                 serde_json::json!({ "volumes": [] }),
                 Durability::UntilPowerLoss,
-            ),
+            )
         };
         let wait = valid.wait_ready;
         // The new sandbox's slot is held from before its record exists until its VM is
@@ -755,11 +754,10 @@ impl Manager {
             self.slots.lock().unwrap().remove(&id);
             e
         };
-        let mut intent = intent;
         if let Some(mode) = valid.warm_pool {
             if record.security_policy.is_some() && intent.is_none() {
                 // Its team CA goes into the guest between the checkout and the install.
-                intent = Some(begin(&record, None).map_err(refused)?);
+                intent = Some(begin(&record).map_err(refused)?);
             }
             // Quotas first, then the checkout and the record in one critical section.
             match self.admit_checkout(&mut record, |record, vm| {
@@ -792,7 +790,10 @@ impl Manager {
                 None => {}
             }
         }
-        let intent = begin(&record, intent).map_err(refused)?;
+        let intent = match intent {
+            Some(intent) => intent,
+            None => begin(&record).map_err(refused)?,
+        };
         self.admit(&record).map_err(refused)?;
         self.catalog.append_event(
             &record.id,

@@ -22,7 +22,7 @@
 //! bursts, as a burst workload takes warm capacity), and what a lone request after an
 //! idle second costs. Each as a ratio to `direct` (or to the create).
 
-use nullspace_tests::bench::{flag, percentile};
+use nullspace_tests::bench::{flag, percentile, settle_pool, SETTLE};
 use nullspace_tests::{stop_child, wasmtime_serve, Stack};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -361,29 +361,13 @@ async fn run(
     // is out (a refill waits `REFILL_DEFER`, 25 ms, for the checkouts that woke it).
     let pool = format!("{direct}/v1/templates/minimal/warm-pool");
     const BURST: usize = 6;
-    const SETTLE: Duration = Duration::from_secs(1);
     http.put(&pool)
         .header("X-API-Key", operator)
         .json(&json!({ "size": BURST, "resources": shape }))
         .send()
         .await?
         .error_for_status()?;
-    let ready = || {
-        let (http, url) = (http.clone(), pool.clone());
-        async move {
-            let v: Value = http
-                .get(url)
-                .header("X-API-Key", operator)
-                .send()
-                .await?
-                .json()
-                .await?;
-            anyhow::Ok(
-                v["ready"].as_u64().unwrap_or(0) >= BURST as u64
-                    && v["warming"].as_u64().unwrap_or(0) == 0,
-            )
-        }
-    };
+    let settled = || settle_pool(&http, &pool, operator, BURST as u64);
     let warm = json!({ "templateID": "minimal", "resources": shape, "warmPool": "require" });
     let mut checkout = [Vec::new(), Vec::new()];
     // Each burst's first checkout comes after the idle second: a lone checkout.
@@ -391,15 +375,7 @@ async fn run(
     // Even, so each route leads as many bursts.
     let rounds = (2 * checkouts).div_ceil(BURST).next_multiple_of(2);
     for round in 0..rounds {
-        let deadline = Instant::now() + Duration::from_secs(300);
-        // The pool full and no refill restoring (under TCG a restore takes a core);
-        // then a second for the VMs just restored to settle (their guests' first
-        // moments, translated afresh under TCG).
-        while !ready().await? {
-            anyhow::ensure!(Instant::now() < deadline, "the warm pool never refilled");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        tokio::time::sleep(SETTLE).await;
+        settled().await?;
         let mut ids = Vec::with_capacity(BURST);
         for k in 0..BURST {
             let i = (k + round) % 2;
@@ -449,11 +425,7 @@ async fn run(
     // pool's status), on the same connections, after the same idle second on a
     // settled host. A lone checkout costs at least this; against the create it bounds
     // the ratio a checkout that is not part of a burst could reach on this machine.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !ready().await? {
-        anyhow::ensure!(Instant::now() < deadline, "the warm pool never refilled");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    settled().await?;
     let mut idle_get = [Vec::new(), Vec::new()];
     for _ in 0..checkouts.min(10) {
         for (i, r) in routes[..2].iter().enumerate() {

@@ -11,7 +11,7 @@
 //! written into the catalog beside the daemon, and everything is measured again. The
 //! figures are ratios (after / before): flat is ≈ 1.
 
-use nullspace_tests::bench::{flag, percentile};
+use nullspace_tests::bench::{flag, percentile, settle_pool};
 use nullspace_tests::Daemon;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -30,20 +30,10 @@ async fn json_of(request: reqwest::RequestBuilder) -> Value {
     request.send().await.unwrap().json().await.unwrap()
 }
 
-/// Waits until the warm pool of `minimal` holds its one VM with nothing restoring,
-/// then a second: every figure is taken on a settled host.
+/// A settled host: the warm pool of `minimal` holds its one VM, nothing restores.
 async fn settle(http: &reqwest::Client, d: &Daemon, operator: &str) {
     let pool = format!("{}/v1/templates/minimal/warm-pool", d.control);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let v = json_of(http.get(&pool).header("X-API-Key", operator)).await;
-        if v["ready"] == 1 && v["warming"] == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the warm pool never filled: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    settle_pool(http, &pool, operator, 1).await.unwrap();
 }
 
 /// Warm-pool checkouts of `minimal` (a pool of one, each on a settled host: the pool
