@@ -71,16 +71,20 @@ async fn run(config: config::HostConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
+    // Listened for before the line that says the host is up: a SIGTERM sent as soon as
+    // a supervisor (or a test) reads it would otherwise be taken by tokio's handler
+    // before any stream hears it, and be lost.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
     eprintln!(
         "public API http://{} (pool manager {})",
         listener.local_addr()?,
         config.pool_manager
     );
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("a SIGTERM handler");
+    let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = interrupt.recv() => {}
             _ = term.recv() => {}
         }
     };

@@ -906,6 +906,12 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
     let preview_addr = preview_listener.local_addr()?;
     let preview_server = axum::serve(preview_listener.tap_io(no_delay), preview::router(previews))
         .with_graceful_shutdown(wait_stop(stop_rx));
+    // Listened for before the line that says the daemon is up: a SIGTERM sent as soon
+    // as a supervisor (or a test) reads it would otherwise land between tokio taking
+    // the signal and a stream hearing it, and be lost.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
     let socket_note = match &control_socket {
         Some(socket) => format!(" , control socket unix:{}", socket.path().display()),
         None => String::new(),
@@ -925,10 +931,9 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
         )
     });
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let fatal = tokio::select! {
         _ = term.recv() => None,
-        _ = tokio::signal::ctrl_c() => None,
+        _ = interrupt.recv() => None,
         // Dropped unsent (the templates were made): this branch just never fires.
         Ok(why) = &mut fatal_rx => Some(why),
         // A listener that stops on its own takes the others with it (try_join): the
