@@ -1,16 +1,29 @@
 //! Files as content-addressed chunks.
 //!
-//! A file is cut at fixed, page-aligned offsets into [`CHUNK_SIZE`] pieces. Pieces in
-//! holes (sparse files: memory images mostly are) and pieces of only zeros are not
-//! stored; the rest go to `chunks/<sha256>` once — a chunk already in the store (another
-//! snapshot of the same family, or an interrupted upload of this one) is not sent again.
-//! The [`FileManifest`] lists offsets and hashes; reading back verifies every chunk.
+//! A file is cut into chunks one of two ways ([`Layout`]):
+//!
+//! - **Positional**: at fixed, page-aligned offsets ([`CHUNK_SIZE`]), for files whose
+//!   bytes stay where they are between versions (a memory image, a raw volume). Given a
+//!   [`Base`] (the memory the VM started from, or its previous upload), a chunk that
+//!   differs from the base's chunk at its offset in a few pages is stored as a patch of
+//!   those pages ([`crate::pages`]): a snapshot stores what changed, not every chunk a
+//!   changed page touches.
+//! - **Content-defined** (FastCDC): for files whose bytes shift (a migration stream, a
+//!   qcow2 overlay that places clusters in write order): cut points follow the content,
+//!   so an insertion changes the chunks around it, not every later one.
+//!
+//! Pieces in holes and pieces of only zeros are not stored; the rest go to
+//! `chunks/<sha256>` once — a chunk already in the store (another snapshot of the same
+//! family, or an interrupted upload of this one) is not sent again. The
+//! [`FileManifest`] lists offsets, lengths and hashes; reading back verifies every chunk
+//! (a patched one after the patch is applied).
 //!
 //! A chunk that is reused (or uploaded) is first claimed from the garbage collector
 //! ([`crate::gc`]): the manifest that references it must be committed within half the
 //! bucket's grace of the claims, or its chunks are checked again ([`Batch::ready`]).
 
 use crate::gc::{Claims, RECHECKS};
+use crate::pages::{self, Anchor, PageHash, PageIndex};
 use crate::store::{ObjectStore, StoreError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -20,18 +33,46 @@ use std::path::{Path, PathBuf};
 /// Chunks read, hashed and sent at once.
 const UPLOAD_CONCURRENCY: usize = 8;
 
-/// Size of a chunk: a multiple of the page size, so memory pages never straddle two.
+/// Size of a positional chunk: a multiple of the page size, so memory pages never
+/// straddle two.
 pub const CHUNK_SIZE: u64 = 1 << 20;
+
+/// Content-defined chunks: smallest, average and largest (bytes). A qcow2 cluster is
+/// 64 KiB: chunks of a few clusters keep the object count near the positional one's.
+const CDC_MIN: usize = 64 << 10;
+const CDC_AVG: usize = 256 << 10;
+const CDC_MAX: usize = 1 << 20;
+
+/// How a file was cut.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cut {
+    /// At fixed offsets of `chunk_size`.
+    #[default]
+    Fixed,
+    /// Where its content says (FastCDC, `chunk_size` the average).
+    ContentDefined,
+}
 
 /// A stored file: its size and its non-zero chunks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileManifest {
     /// Size in bytes (holes and zero chunks included).
     pub size: u64,
-    /// Chunk size it was cut with.
+    /// Chunk size it was cut with (the average, content-defined).
     pub chunk_size: u64,
+    /// How it was cut (older manifests: fixed).
+    #[serde(default)]
+    pub cut: Cut,
     /// The stored chunks, by offset.
     pub chunks: Vec<ChunkRef>,
+}
+
+impl FileManifest {
+    /// The store keys of every object a restore of this file reads.
+    pub fn object_keys(&self) -> impl Iterator<Item = String> + '_ {
+        self.chunks.iter().flat_map(ChunkRef::object_keys)
+    }
 }
 
 /// One stored chunk of a file.
@@ -41,14 +82,44 @@ pub struct ChunkRef {
     pub offset: u64,
     /// Its length (the last chunk may be short).
     pub len: u64,
-    /// Its content address.
+    /// Its content's hash: its content address, or (patched) what applying the patch
+    /// must give.
     pub sha256: String,
+    /// Stored as a patch of another chunk, not whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<PatchRef>,
+}
+
+/// A chunk stored as the pages that differ from another one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchRef {
+    /// The stored chunk it applies to (`None`: a chunk of zeros).
+    pub base: Option<String>,
+    /// The patch object's hash ([`crate::pages::encode_patch`]).
+    pub sha256: String,
+    /// The patch object's length.
+    pub len: u64,
 }
 
 impl ChunkRef {
-    /// The store key of the chunk.
+    /// The store key of the whole chunk (of an unpatched one: what is stored).
     pub fn key(&self) -> String {
         chunk_key(&self.sha256)
+    }
+
+    /// The hashes of the objects a restore of this chunk reads.
+    pub fn object_shas(&self) -> Vec<&str> {
+        match &self.patch {
+            None => vec![&self.sha256],
+            Some(p) => std::iter::once(p.sha256.as_str())
+                .chain(p.base.as_deref())
+                .collect(),
+        }
+    }
+
+    /// The store keys of the objects a restore of this chunk reads.
+    pub fn object_keys(&self) -> Vec<String> {
+        self.object_shas().into_iter().map(chunk_key).collect()
     }
 }
 
@@ -62,14 +133,53 @@ pub fn chunk_key(sha256: &str) -> String {
 pub struct UploadStats {
     /// Chunks in the manifest.
     pub chunks: usize,
-    /// Chunks sent to the store.
+    /// Objects sent to the store (chunks, patches, and bases a patch needed).
     pub uploaded: usize,
     /// Chunks the store already had.
     pub reused: usize,
     /// Chunk-sized pieces skipped as holes or zeros.
     pub skipped: usize,
+    /// Chunks stored as patches of a base chunk.
+    pub patched: usize,
     /// Bytes sent.
     pub bytes_uploaded: u64,
+}
+
+impl UploadStats {
+    /// Adds another upload's counts.
+    pub fn add(&mut self, o: &UploadStats) {
+        self.chunks += o.chunks;
+        self.uploaded += o.uploaded;
+        self.reused += o.reused;
+        self.skipped += o.skipped;
+        self.patched += o.patched;
+        self.bytes_uploaded += o.bytes_uploaded;
+    }
+}
+
+/// What a positional upload's chunks are stored against.
+#[derive(Debug, Clone)]
+pub struct Base {
+    /// Per offset, the chunk a chunk there is patched against.
+    pub index: PageIndex,
+    /// The file the index describes, if it is on this host: an anchor the store lacks
+    /// is stored from it. (An index of an earlier upload has none: its anchors are in
+    /// the store, and one collected since is simply not patched against.)
+    pub file: Option<PathBuf>,
+}
+
+/// How to cut a file.
+#[derive(Debug, Clone, Copy)]
+pub enum Layout<'a> {
+    /// At fixed offsets; with a base, chunks close to it stored as patches; with
+    /// `index`, the upload returns the [`PageIndex`] a later upload of the same memory
+    /// is patched against.
+    Positional {
+        base: Option<&'a Base>,
+        index: bool,
+    },
+    /// At content-defined cut points.
+    ContentDefined,
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -80,8 +190,13 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> St
     }
 }
 
-/// Offsets of the chunks that touch data (not holes), per SEEK_DATA/SEEK_HOLE.
-fn data_chunk_offsets(file: &std::fs::File, size: u64) -> std::io::Result<Vec<u64>> {
+/// Offsets of the `chunk`-sized pieces that touch data (not holes), per
+/// SEEK_DATA/SEEK_HOLE.
+pub(crate) fn data_chunk_offsets(
+    file: &std::fs::File,
+    size: u64,
+    chunk: u64,
+) -> std::io::Result<Vec<u64>> {
     use std::os::unix::io::AsRawFd;
     let fd = file.as_raw_fd();
     let mut offsets = Vec::new();
@@ -101,67 +216,269 @@ fn data_chunk_offsets(file: &std::fs::File, size: u64) -> std::io::Result<Vec<u6
         if hole < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let mut chunk = (data as u64 / CHUNK_SIZE) * CHUNK_SIZE;
-        while chunk < hole as u64 {
-            if offsets.last() != Some(&chunk) {
-                offsets.push(chunk);
+        let mut at = (data as u64 / chunk) * chunk;
+        while at < hole as u64 {
+            if offsets.last() != Some(&at) {
+                offsets.push(at);
             }
-            chunk += CHUNK_SIZE;
+            at += chunk;
         }
         pos = hole;
     }
     Ok(offsets)
 }
 
-/// Reads the chunk at `offset`; unless it is all zeros, claims it and stores it if the
-/// store lacks it. Returns its reference and whether it was sent.
-async fn upload_chunk(
-    store: &impl ObjectStore,
-    claims: &Claims,
-    file: std::sync::Arc<std::fs::File>,
-    size: u64,
-    offset: u64,
-    path: &Path,
-) -> Result<Option<(ChunkRef, bool)>, StoreError> {
-    let len = CHUNK_SIZE.min(size - offset);
-    let (buf, sha) = tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset)?;
-        let sha = (!buf.iter().all(|b| *b == 0)).then(|| hex(&Sha256::digest(&buf)));
-        Ok::<_, std::io::Error>((buf, sha))
-    })
-    .await
-    .expect("read task")
-    .map_err(io("read", path))?;
-    let Some(sha) = sha else {
-        return Ok(None);
-    };
-    let key = chunk_key(&sha);
-    // Claimed before the check: a collector that has not deleted it by then won't.
-    claims.claim(store, &sha).await?;
-    let sent = !store.exists(&key).await?;
-    if sent {
-        store.put(&key, buf.into()).await?;
-    }
-    Ok(Some((
-        ChunkRef {
-            offset,
-            len,
-            sha256: sha,
-        },
-        sent,
-    )))
+fn sha_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
 }
 
-/// Stores `path` as chunks; returns its manifest (not stored: it goes into the caller's
-/// snapshot manifest, which is written last, within half the bucket's garbage-collection
-/// grace of this call; the crate's own publishes use a [`Batch`], which re-checks).
+/// A chunk read and hashed (on a blocking thread), to be stored.
+struct Prepared {
+    offset: u64,
+    data: Vec<u8>,
+    what: Plan,
+}
+
+enum Plan {
+    /// All zeros: not stored.
+    Zero,
+    /// Stored whole; `pages` when an index is wanted.
+    Whole {
+        sha: String,
+        pages: Option<Vec<PageHash>>,
+    },
+    /// The same pages as its anchor: the anchor's chunk.
+    Anchor(Anchor),
+    /// A patch of the pages that differ from its anchor (`None`: zeros).
+    Patch {
+        sha: String,
+        pages: Vec<PageHash>,
+        anchor: Option<Anchor>,
+        patch: Vec<u8>,
+    },
+}
+
+/// Reads and hashes the positional chunk at `offset`, and decides how it is stored.
+fn prepare_positional(
+    file: &std::fs::File,
+    size: u64,
+    offset: u64,
+    base: Option<&Base>,
+    index: bool,
+) -> std::io::Result<Prepared> {
+    let len = CHUNK_SIZE.min(size - offset);
+    let mut data = vec![0u8; len as usize];
+    file.read_exact_at(&mut data, offset)?;
+    if data.iter().all(|b| *b == 0) {
+        return Ok(Prepared {
+            offset,
+            data,
+            what: Plan::Zero,
+        });
+    }
+    let paged = len % pages::PAGE as u64 == 0;
+    let pages = (paged && (index || base.is_some())).then(|| pages::page_hashes(&data));
+    let what = match (base, pages) {
+        (Some(base), Some(pages)) => {
+            let anchor = base.index.anchors.get(&offset);
+            match anchor {
+                Some(a) if a.pages == pages => Plan::Anchor(a.clone()),
+                _ => match pages::changed_pages(&pages, anchor) {
+                    Some(changed) => Plan::Patch {
+                        sha: sha_hex(&data),
+                        patch: pages::encode_patch(&data, &changed),
+                        pages,
+                        anchor: anchor.cloned(),
+                    },
+                    None => Plan::Whole {
+                        sha: sha_hex(&data),
+                        pages: Some(pages),
+                    },
+                },
+            }
+        }
+        (_, pages) => Plan::Whole {
+            sha: sha_hex(&data),
+            pages,
+        },
+    };
+    Ok(Prepared { offset, data, what })
+}
+
+/// What storing one chunk gave: its reference and the anchor a later upload patches
+/// against.
+struct Stored {
+    chunk: Option<ChunkRef>,
+    anchor: Option<Anchor>,
+    stats: UploadStats,
+}
+
+/// Claims the object `sha` and stores `bytes` under it unless the store has it;
+/// returns whether it was sent.
+async fn put_claimed(
+    store: &impl ObjectStore,
+    claims: &Claims,
+    sha: &str,
+    bytes: impl FnOnce() -> Vec<u8>,
+) -> Result<bool, StoreError> {
+    let key = chunk_key(sha);
+    // Claimed before the check: a collector that has not deleted it by then won't.
+    claims.claim(store, sha).await?;
+    if store.exists(&key).await? {
+        return Ok(false);
+    }
+    store.put(&key, bytes().into()).await?;
+    Ok(true)
+}
+
+/// Whether the store has the anchor `a` (claimed), storing it from the base file if
+/// not (its bytes checked against the anchor's hash first).
+async fn ensure_anchor(
+    store: &impl ObjectStore,
+    claims: &Claims,
+    a: &Anchor,
+    offset: u64,
+    len: u64,
+    base: Option<&Base>,
+    stats: &mut UploadStats,
+) -> Result<bool, StoreError> {
+    claims.claim(store, &a.sha256).await?;
+    if store.exists(&chunk_key(&a.sha256)).await? {
+        return Ok(true);
+    }
+    let Some(file) = base.and_then(|b| b.file.clone()) else {
+        return Ok(false);
+    };
+    let read = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        std::fs::File::open(&file)?.read_exact_at(&mut buf, offset)?;
+        Ok::<_, std::io::Error>(buf)
+    })
+    .await
+    .expect("read task");
+    match read {
+        Ok(buf) if sha_hex(&buf) == a.sha256 => {
+            stats.uploaded += 1;
+            stats.bytes_uploaded += len;
+            store.put(&chunk_key(&a.sha256), buf.into()).await?;
+            Ok(true)
+        }
+        // The base changed or went: patch against nothing.
+        _ => Ok(false),
+    }
+}
+
+async fn store_prepared(
+    store: &impl ObjectStore,
+    claims: &Claims,
+    p: Prepared,
+    base: Option<&Base>,
+) -> Result<Stored, StoreError> {
+    let len = p.data.len() as u64;
+    let mut stats = UploadStats::default();
+    let whole = |sha: String, patch: Option<PatchRef>| ChunkRef {
+        offset: p.offset,
+        len,
+        sha256: sha,
+        patch,
+    };
+    let (sha, pages) = match p.what {
+        Plan::Zero => {
+            stats.skipped += 1;
+            return Ok(Stored {
+                chunk: None,
+                anchor: None,
+                stats,
+            });
+        }
+        Plan::Anchor(a) => {
+            // The anchor's bytes are these: stored from here if it went.
+            (a.sha256, Some(a.pages))
+        }
+        Plan::Whole { sha, pages } => (sha, pages),
+        Plan::Patch {
+            sha,
+            pages,
+            anchor,
+            patch,
+        } => {
+            let usable = match &anchor {
+                None => true,
+                Some(a) => ensure_anchor(store, claims, a, p.offset, len, base, &mut stats).await?,
+            };
+            if usable {
+                let patch_sha = sha_hex(&patch);
+                let patch_len = patch.len() as u64;
+                if put_claimed(store, claims, &patch_sha, || patch).await? {
+                    stats.uploaded += 1;
+                    stats.bytes_uploaded += patch_len;
+                } else {
+                    stats.reused += 1;
+                }
+                stats.patched += 1;
+                stats.chunks += 1;
+                return Ok(Stored {
+                    chunk: Some(whole(
+                        sha,
+                        Some(PatchRef {
+                            base: anchor.as_ref().map(|a| a.sha256.clone()),
+                            sha256: patch_sha,
+                            len: patch_len,
+                        }),
+                    )),
+                    anchor,
+                    stats,
+                });
+            }
+            (sha, Some(pages))
+        }
+    };
+    let data = p.data;
+    if put_claimed(store, claims, &sha, || data).await? {
+        stats.uploaded += 1;
+        stats.bytes_uploaded += len;
+    } else {
+        stats.reused += 1;
+    }
+    stats.chunks += 1;
+    Ok(Stored {
+        anchor: pages.map(|pages| Anchor {
+            sha256: sha.clone(),
+            pages,
+        }),
+        chunk: Some(whole(sha, None)),
+        stats,
+    })
+}
+
+/// Stores `path` as positional chunks; returns its manifest (not stored: it goes into
+/// the caller's snapshot manifest, which is written last, within half the bucket's
+/// garbage-collection grace of this call; the crate's own publishes use a [`Batch`],
+/// which re-checks).
 pub async fn upload_file(
     store: &impl ObjectStore,
     path: &Path,
 ) -> Result<(FileManifest, UploadStats), StoreError> {
     let claims = Claims::begin(store).await?;
-    upload_claimed(store, path, &claims).await
+    let (manifest, stats, _) = upload_claimed(
+        store,
+        path,
+        &claims,
+        Layout::Positional {
+            base: None,
+            index: false,
+        },
+    )
+    .await?;
+    Ok((manifest, stats))
+}
+
+/// What one file's upload gave.
+pub struct Uploaded {
+    pub manifest: FileManifest,
+    pub stats: UploadStats,
+    /// With [`Layout::Positional`] `index`: what a later upload patches against.
+    pub index: Option<PageIndex>,
 }
 
 /// Files uploaded for one manifest (a snapshot's, a volume version's) and the claims
@@ -180,15 +497,39 @@ impl Batch {
         })
     }
 
-    /// Stores `path` as chunks (see [`upload_file`]).
+    /// Stores `path` as positional chunks (see [`upload_file`]).
     pub(crate) async fn upload(
         &mut self,
         store: &impl ObjectStore,
         path: &Path,
     ) -> Result<(FileManifest, UploadStats), StoreError> {
-        let (manifest, stats) = upload_claimed(store, path, &self.claims).await?;
+        let up = self
+            .upload_as(
+                store,
+                path,
+                Layout::Positional {
+                    base: None,
+                    index: false,
+                },
+            )
+            .await?;
+        Ok((up.manifest, up.stats))
+    }
+
+    /// Stores `path` cut as `layout` says.
+    pub(crate) async fn upload_as(
+        &mut self,
+        store: &impl ObjectStore,
+        path: &Path,
+        layout: Layout<'_>,
+    ) -> Result<Uploaded, StoreError> {
+        let (manifest, stats, index) = upload_claimed(store, path, &self.claims, layout).await?;
         self.files.push((path.to_path_buf(), manifest.clone()));
-        Ok((manifest, stats))
+        Ok(Uploaded {
+            manifest,
+            stats,
+            index,
+        })
     }
 
     /// Call right before committing the manifest: if the uploads outlived their view of
@@ -212,8 +553,8 @@ impl Batch {
     }
 }
 
-/// Claims and checks every chunk of an uploaded file again; one that is missing is read
-/// from `path` again (unchanged: it is verified) and stored.
+/// Claims and checks every object of an uploaded file again; a chunk with one missing
+/// is read from `path` again (unchanged: it is verified) and stored.
 async fn recheck_file(
     store: &impl ObjectStore,
     claims: &Claims,
@@ -238,16 +579,19 @@ async fn recheck_chunk(
     chunk: &ChunkRef,
     path: &Path,
 ) -> Result<(), StoreError> {
-    claims.claim(store, &chunk.sha256).await?;
-    let key = chunk.key();
-    if store.exists(&key).await? {
+    let mut missing = false;
+    for sha in chunk.object_shas() {
+        claims.claim(store, sha).await?;
+        missing |= !store.exists(&chunk_key(sha)).await?;
+    }
+    if !missing {
         return Ok(());
     }
     let (offset, len) = (chunk.offset, chunk.len);
     let (buf, found) = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len as usize];
         file.read_exact_at(&mut buf, offset)?;
-        let sha = hex(&Sha256::digest(&buf));
+        let sha = sha_hex(&buf);
         Ok::<_, std::io::Error>((buf, sha))
     })
     .await
@@ -260,83 +604,237 @@ async fn recheck_chunk(
             found,
         });
     }
-    store.put(&key, buf.into()).await
+    let Some(patch) = &chunk.patch else {
+        return store.put(&chunk.key(), buf.into()).await;
+    };
+    // A patch or its base was collected: the patch is made again from the base, which
+    // must still be there (the manifest names it).
+    let mut base = match &patch.base {
+        None => vec![0u8; len as usize],
+        Some(sha) => get_verified(store, sha, len).await.map_err(|e| match e {
+            StoreError::NotFound(key) => StoreError::Backend {
+                op: "recheck",
+                key,
+                message: "the chunk a patch of this snapshot applies to was collected during the upload; take the snapshot again".into(),
+            },
+            e => e,
+        })?,
+    };
+    let changed: Vec<u32> = (0..buf.len() / pages::PAGE)
+        .filter(|&i| buf[i * pages::PAGE..][..pages::PAGE] != base[i * pages::PAGE..][..pages::PAGE])
+        .map(|i| i as u32)
+        .collect();
+    let bytes = pages::encode_patch(&buf, &changed);
+    pages::apply_patch(&mut base, &bytes).map_err(|e| StoreError::Backend {
+        op: "recheck",
+        key: chunk.key(),
+        message: e,
+    })?;
+    let found = sha_hex(&bytes);
+    if found != patch.sha256 || base != buf {
+        return Err(StoreError::Corrupt {
+            key: format!("{} (a patch made again)", path.display()),
+            expected: patch.sha256.clone(),
+            found,
+        });
+    }
+    store.put(&chunk_key(&patch.sha256), bytes.into()).await
+}
+
+/// Reads the chunk `sha` and checks its hash and length.
+async fn get_verified(
+    store: &impl ObjectStore,
+    sha: &str,
+    len: u64,
+) -> Result<Vec<u8>, StoreError> {
+    let key = chunk_key(sha);
+    let data = store.get(&key).await?;
+    let found = sha_hex(&data);
+    if found != sha || data.len() as u64 != len {
+        return Err(StoreError::Corrupt {
+            key,
+            expected: sha.to_string(),
+            found,
+        });
+    }
+    Ok(data.to_vec())
 }
 
 async fn upload_claimed(
     store: &impl ObjectStore,
     path: &Path,
     claims: &Claims,
-) -> Result<(FileManifest, UploadStats), StoreError> {
+    layout: Layout<'_>,
+) -> Result<(FileManifest, UploadStats, Option<PageIndex>), StoreError> {
     let file = std::sync::Arc::new(std::fs::File::open(path).map_err(io("open", path))?);
     let size = file.metadata().map_err(io("stat", path))?.len();
-    let offsets = {
-        let file = file.clone();
-        tokio::task::spawn_blocking(move || data_chunk_offsets(&file, size))
-            .await
-            .expect("seek task")
-            .map_err(io("seek", path))?
-    };
-    let mut stats = UploadStats {
-        skipped: size.div_ceil(CHUNK_SIZE) as usize - offsets.len(),
-        ..UploadStats::default()
-    };
-    // Several chunks in flight: against S3 each is a round trip or two.
-    let mut results = Vec::with_capacity(offsets.len());
-    for batch in offsets.chunks(UPLOAD_CONCURRENCY) {
-        let puts: Vec<_> = batch
-            .iter()
-            .map(|&offset| upload_chunk(store, claims, file.clone(), size, offset, path))
-            .collect();
-        // Every put of the batch runs to its end, failed or not: what landed stays, so a
-        // retry of an interrupted upload sends only the rest.
-        for r in futures::future::join_all(puts).await {
-            results.push(r?);
-        }
-    }
+    let mut stats = UploadStats::default();
     let mut chunks = Vec::new();
-    for r in results {
-        match r {
-            None => stats.skipped += 1,
-            Some((chunk, sent)) => {
-                if sent {
-                    stats.uploaded += 1;
-                    stats.bytes_uploaded += chunk.len;
-                } else {
-                    stats.reused += 1;
+    let mut index = PageIndex {
+        chunk_size: CHUNK_SIZE,
+        ..PageIndex::default()
+    };
+    let (base, want_index) = match layout {
+        Layout::Positional { base, index } => (base, index),
+        Layout::ContentDefined => (None, false),
+    };
+    // Chunks come prepared (read and hashed on blocking threads) and are stored
+    // several at a time: against S3 each is a round trip or two.
+    let mut take = |stored: Stored, stats: &mut UploadStats| {
+        stats.add(&stored.stats);
+        if let Some(c) = stored.chunk {
+            if let Some(a) = stored.anchor {
+                index.anchors.insert(c.offset, a);
+            }
+            chunks.push(c);
+        }
+    };
+    match layout {
+        Layout::Positional { .. } => {
+            let offsets = {
+                let file = file.clone();
+                tokio::task::spawn_blocking(move || data_chunk_offsets(&file, size, CHUNK_SIZE))
+                    .await
+                    .expect("seek task")
+                    .map_err(io("seek", path))?
+            };
+            stats.skipped = size.div_ceil(CHUNK_SIZE) as usize - offsets.len();
+            for batch in offsets.chunks(UPLOAD_CONCURRENCY) {
+                let puts: Vec<_> = batch
+                    .iter()
+                    .map(|&offset| {
+                        let file = file.clone();
+                        let base_owned = base.cloned();
+                        async move {
+                            let p = tokio::task::spawn_blocking(move || {
+                                prepare_positional(
+                                    &file,
+                                    size,
+                                    offset,
+                                    base_owned.as_ref(),
+                                    want_index,
+                                )
+                            })
+                            .await
+                            .expect("read task")
+                            .map_err(io("read", path))?;
+                            store_prepared(store, claims, p, base).await
+                        }
+                    })
+                    .collect();
+                // Every put of the batch runs to its end, failed or not: what landed
+                // stays, so a retry of an interrupted upload sends only the rest.
+                for r in futures::future::join_all(puts).await {
+                    take(r?, &mut stats);
                 }
-                chunks.push(chunk);
             }
         }
+        Layout::ContentDefined => {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Prepared>>(
+                UPLOAD_CONCURRENCY * 2,
+            );
+            let reader = std::fs::File::open(path).map_err(io("open", path))?;
+            let cutter = tokio::task::spawn_blocking(move || {
+                for c in fastcdc::v2020::StreamCDC::new(reader, CDC_MIN, CDC_AVG, CDC_MAX) {
+                    let prepared = c.map_err(std::io::Error::other).map(|c| Prepared {
+                        offset: c.offset,
+                        what: match c.data.iter().all(|b| *b == 0) {
+                            true => Plan::Zero,
+                            false => Plan::Whole {
+                                sha: sha_hex(&c.data),
+                                pages: None,
+                            },
+                        },
+                        data: c.data,
+                    });
+                    let failed = prepared.is_err();
+                    if tx.blocking_send(prepared).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            let mut batch = Vec::with_capacity(UPLOAD_CONCURRENCY);
+            let mut failed = None;
+            loop {
+                let next = rx.recv().await;
+                let done = next.is_none();
+                match next {
+                    Some(Ok(p)) => batch.push(p),
+                    Some(Err(e)) => failed = Some(e),
+                    None => {}
+                }
+                if failed.is_some() || batch.len() == UPLOAD_CONCURRENCY || (done && !batch.is_empty()) {
+                    let puts: Vec<_> = batch
+                        .drain(..)
+                        .map(|p| store_prepared(store, claims, p, None))
+                        .collect();
+                    for r in futures::future::join_all(puts).await {
+                        take(r?, &mut stats);
+                    }
+                }
+                if let Some(e) = failed {
+                    drop(rx);
+                    let _ = cutter.await;
+                    return Err(io("read", path)(e));
+                }
+                if done {
+                    break;
+                }
+            }
+            cutter.await.expect("chunking task");
+        }
     }
-    stats.chunks = chunks.len();
+    let cut = match layout {
+        Layout::Positional { .. } => Cut::Fixed,
+        Layout::ContentDefined => Cut::ContentDefined,
+    };
     Ok((
         FileManifest {
             size,
-            chunk_size: CHUNK_SIZE,
+            chunk_size: match cut {
+                Cut::Fixed => CHUNK_SIZE,
+                Cut::ContentDefined => CDC_AVG as u64,
+            },
+            cut,
             chunks,
         },
         stats,
+        want_index.then_some(index),
     ))
 }
 
-/// Reads one chunk, verifies it, and writes it at its offset.
+/// Reads one chunk (a patched one: its base and patch, applied), verifies it, and
+/// writes it at its offset.
 async fn restore_chunk(
     store: &impl ObjectStore,
     chunk: &ChunkRef,
     file: &std::fs::File,
     tmp: &Path,
 ) -> Result<(), StoreError> {
-    let key = chunk.key();
-    let data = store.get(&key).await?;
-    let found = hex(&Sha256::digest(&data));
-    if found != chunk.sha256 || data.len() as u64 != chunk.len {
-        return Err(StoreError::Corrupt {
-            key,
-            expected: chunk.sha256.clone(),
-            found,
-        });
-    }
+    let data = match &chunk.patch {
+        None => get_verified(store, &chunk.sha256, chunk.len).await?,
+        Some(p) => {
+            let patch = get_verified(store, &p.sha256, p.len).await?;
+            let mut data = match &p.base {
+                None => vec![0u8; chunk.len as usize],
+                Some(base) => get_verified(store, base, chunk.len).await?,
+            };
+            pages::apply_patch(&mut data, &patch).map_err(|_| StoreError::Corrupt {
+                key: chunk_key(&p.sha256),
+                expected: chunk.sha256.clone(),
+                found: "a patch that does not apply".into(),
+            })?;
+            let found = sha_hex(&data);
+            if found != chunk.sha256 {
+                return Err(StoreError::Corrupt {
+                    key: chunk_key(&p.sha256),
+                    expected: chunk.sha256.clone(),
+                    found,
+                });
+            }
+            data
+        }
+    };
     file.write_all_at(&data, chunk.offset)
         .map_err(io("write", tmp))
 }
@@ -384,10 +882,6 @@ pub async fn restore_file(
             Err(e)
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -489,6 +983,120 @@ mod tests {
             "{err}"
         );
         assert!(!dest.exists() && !dest.with_extension("partial").exists());
+    }
+
+    /// 16 MiB of pseudo-random bytes.
+    fn noise(seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..(16 << 20) / 8)
+            .flat_map(|_| {
+                // xorshift64
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect()
+    }
+
+    async fn upload_as(
+        store: &LocalStore,
+        path: &Path,
+        layout: Layout<'_>,
+    ) -> (FileManifest, UploadStats, Option<PageIndex>) {
+        let claims = Claims::begin(store).await.unwrap();
+        upload_claimed(store, path, &claims, layout).await.unwrap()
+    }
+
+    async fn restores_to(store: &LocalStore, manifest: &FileManifest, want: &[u8], dir: &Dir) {
+        let dest = dir.0.join("restored");
+        restore_file(store, manifest, &dest).await.unwrap();
+        assert!(std::fs::read(&dest).unwrap() == want, "restored bytes differ");
+        std::fs::remove_file(&dest).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_memory_image_with_scattered_changes_is_stored_as_patches_of_its_base() {
+        let dir = Dir::new("patches");
+        let store = LocalStore::open(dir.0.join("store")).unwrap();
+        let base_path = dir.0.join("base");
+        let base_bytes = noise(1);
+        std::fs::write(&base_path, &base_bytes).unwrap();
+        // One page changed in every chunk, one chunk rewritten whole.
+        let mut now = base_bytes.clone();
+        for c in 0..16 {
+            now[(c << 20) + 7 * 4096 + 3] ^= 0xff;
+        }
+        now[5 << 20..6 << 20].copy_from_slice(&noise(9)[..1 << 20]);
+        let now_path = dir.0.join("now");
+        std::fs::write(&now_path, &now).unwrap();
+        let base = Base {
+            index: PageIndex::of_file(&base_path, CHUNK_SIZE).unwrap(),
+            file: Some(base_path.clone()),
+        };
+        let positional = |base| Layout::Positional { base, index: true };
+        let (first, stats, index) = upload_as(&store, &now_path, positional(Some(&base))).await;
+        // 15 patches of one page, their 15 anchors stored from the base file (the
+        // store had none), one whole chunk.
+        assert_eq!((stats.chunks, stats.patched), (16, 15), "{stats:?}");
+        assert_eq!(stats.uploaded, 15 + 15 + 1, "{stats:?}");
+        let patch_bytes = 12 + 4 + 4096;
+        assert_eq!(stats.bytes_uploaded, 15 * (1 << 20) + 15 * patch_bytes + (1 << 20));
+        restores_to(&store, &first, &now, &dir).await;
+
+        // The next snapshot of the same memory, against the index the first left: one
+        // page more changed in one chunk sends one patch of two pages, nothing else.
+        let mut later = now.clone();
+        later[(3 << 20) + 100 * 4096] ^= 0x01;
+        std::fs::write(&now_path, &later).unwrap();
+        let next = Base {
+            index: index.unwrap(),
+            file: None,
+        };
+        let (second, stats, _) = upload_as(&store, &now_path, positional(Some(&next))).await;
+        assert_eq!((stats.uploaded, stats.reused), (1, 15), "{stats:?}");
+        assert_eq!(stats.bytes_uploaded, 12 + 2 * (4 + 4096));
+        restores_to(&store, &second, &later, &dir).await;
+        // Both need their bases and patches: what the collector must keep.
+        let keys: std::collections::HashSet<String> = second.object_keys().collect();
+        assert_eq!(keys.len(), 15 + 15 + 1, "anchors, patches, one whole chunk");
+
+        // A tampered patch: the restore stops at it, nothing half-written remains.
+        let victim = second.chunks[3].patch.as_ref().unwrap();
+        let key = chunk_key(&victim.sha256);
+        let mut bytes = store.get(&key).await.unwrap().to_vec();
+        let n = bytes.len();
+        bytes[n - 1] ^= 0xff;
+        store.put(&key, bytes.into()).await.unwrap();
+        let dest = dir.0.join("tampered");
+        let err = restore_file(&store, &second, &dest).await.unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(!dest.exists() && !dest.with_extension("partial").exists());
+    }
+
+    #[tokio::test]
+    async fn a_stream_with_bytes_inserted_keeps_its_other_content_defined_chunks() {
+        let dir = Dir::new("cdc");
+        let store = LocalStore::open(dir.0.join("store")).unwrap();
+        let path = dir.0.join("state");
+        let first = noise(3);
+        std::fs::write(&path, &first).unwrap();
+        let (m, stats, _) = upload_as(&store, &path, Layout::ContentDefined).await;
+        assert_eq!(m.cut, Cut::ContentDefined);
+        assert!(stats.chunks > 16, "{stats:?}");
+        // 100 bytes inserted near the start: every fixed chunk would be new.
+        let mut shifted = first[..1000].to_vec();
+        shifted.extend_from_slice(&[7u8; 100]);
+        shifted.extend_from_slice(&first[1000..]);
+        std::fs::write(&path, &shifted).unwrap();
+        let (m2, again, _) = upload_as(&store, &path, Layout::ContentDefined).await;
+        assert!(
+            again.bytes_uploaded < 2 * CDC_MAX as u64,
+            "{} bytes sent for 100 inserted",
+            again.bytes_uploaded
+        );
+        restores_to(&store, &m2, &shifted, &dir).await;
+        restores_to(&store, &m, &first, &dir).await;
     }
 
     #[tokio::test]

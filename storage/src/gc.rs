@@ -538,7 +538,7 @@ async fn references(store: &impl ObjectStore) -> Result<(HashSet<String>, usize)
         let snapshot = crate::snapshots::parse(&key, &bytes)?;
         manifests += 1;
         for f in snapshot.files.values() {
-            referenced.extend(f.chunks.iter().map(|c| c.key()));
+            referenced.extend(f.object_keys());
         }
     }
     referenced.extend(crate::volumes::referenced_chunks(store).await?);
@@ -731,7 +731,7 @@ mod tests {
     fn chunk_keys(s: &snapshots::StoredSnapshot) -> Vec<String> {
         s.files
             .values()
-            .flat_map(|f| f.chunks.iter().map(|c| c.key()))
+            .flat_map(crate::FileManifest::object_keys)
             .collect()
     }
 

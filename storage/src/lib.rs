@@ -4,9 +4,11 @@
 //!   backends, a local directory ([`LocalStore`]) and S3 ([`S3Store`]); [`Store`] is
 //!   whichever the configuration names.
 //! - [`chunks`]: files (memory images, disk layers) stored as content-addressed chunks
-//!   (`chunks/<sha256>`), page-aligned, holes and zero chunks skipped, so a fork family or
-//!   periodic snapshots of one sandbox share most bytes; every chunk is verified when read
-//!   back.
+//!   (`chunks/<sha256>`), holes and zero chunks skipped: memory images at fixed offsets,
+//!   streams and overlays at content-defined cut points, so a fork family or successive
+//!   snapshots of one sandbox share most bytes; every chunk is verified when read back.
+//! - [`pages`]: a memory chunk that differs from its base in a few pages stored as a
+//!   patch of those pages.
 //! - [`snapshots`]: a snapshot directory published as chunks plus a manifest written last
 //!   with a conditional put, listed, fetched back, deleted, and the chunks no manifest
 //!   references collected.
@@ -18,6 +20,7 @@
 
 pub mod chunks;
 pub mod gc;
+pub mod pages;
 mod local;
 mod s3;
 pub mod snapshots;

@@ -12,14 +12,20 @@
 //! Snapshot IDs carry their sandbox's ID (`snap-<sandbox hex>-<random>`), so a snapshot
 //! is found from its ID alone on any worker that shares the bucket.
 
-use crate::chunks::{restore_file, Batch, FileManifest, UploadStats};
+use crate::chunks::{restore_file, Base, Batch, FileManifest, Layout, UploadStats};
+use crate::pages::PageIndex;
 use crate::store::{ObjectStore, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Version of the stored manifest layout.
-pub const FORMAT: u32 = 1;
+/// Version of the stored manifest layout. 2: chunks may be content-defined or stored
+/// as patches (a build that reads only 1 would restore them wrongly, so it refuses 2).
+pub const FORMAT: u32 = 2;
+
+/// The oldest layout this build still reads: 1 (fixed, whole chunks) is 2 without
+/// patches.
+pub const OLDEST_FORMAT: u32 = 1;
 
 /// Why a snapshot was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -147,22 +153,63 @@ pub async fn publish(
     names: &[&str],
     new: NewSnapshot,
 ) -> Result<(StoredSnapshot, PublishStats), StoreError> {
+    let p = publish_with(store, dir, names, new, None).await?;
+    Ok((p.snapshot, p.stats))
+}
+
+/// What [`publish_with`] did.
+#[derive(Debug)]
+pub struct Published {
+    pub snapshot: StoredSnapshot,
+    pub stats: PublishStats,
+    /// The page index of the `memory` it stored: the base of the next snapshot of the
+    /// same VM (see [`crate::pages`]).
+    pub memory_index: Option<PageIndex>,
+}
+
+/// How each of a snapshot's files is cut: `memory` by position (patched against
+/// `memory_base`), the migration stream and the qcow2 overlay by content (their bytes
+/// shift between snapshots), volume images by position.
+fn layout<'a>(name: &str, memory_base: Option<&'a Base>) -> Layout<'a> {
+    match name {
+        "memory" => Layout::Positional {
+            base: memory_base,
+            index: true,
+        },
+        "state" | "disk.qcow2" => Layout::ContentDefined,
+        _ => Layout::Positional {
+            base: None,
+            index: false,
+        },
+    }
+}
+
+/// [`publish`], storing `memory` as changes to `memory_base` where it has few.
+pub async fn publish_with(
+    store: &impl ObjectStore,
+    dir: &Path,
+    names: &[&str],
+    new: NewSnapshot,
+    memory_base: Option<&Base>,
+) -> Result<Published, StoreError> {
     let mut files = BTreeMap::new();
     let mut stats = PublishStats::default();
+    let mut memory_index = None;
     let mut batch = Batch::begin(store).await?;
     for name in names {
         let path = dir.join(name);
         if !path.exists() {
             continue;
         }
-        let (manifest, s) = batch.upload(store, &path).await?;
+        let up = batch
+            .upload_as(store, &path, layout(name, memory_base))
+            .await?;
         stats.files += 1;
-        stats.chunks.chunks += s.chunks;
-        stats.chunks.uploaded += s.uploaded;
-        stats.chunks.reused += s.reused;
-        stats.chunks.skipped += s.skipped;
-        stats.chunks.bytes_uploaded += s.bytes_uploaded;
-        files.insert(name.to_string(), manifest);
+        stats.chunks.add(&up.stats);
+        if *name == "memory" {
+            memory_index = up.index;
+        }
+        files.insert(name.to_string(), up.manifest);
     }
     let stored = StoredSnapshot {
         format: FORMAT,
@@ -184,7 +231,11 @@ pub async fn publish(
     store
         .put_if_absent(&manifest_key(&stored.sandbox_id, &stored.id), body.into())
         .await?;
-    Ok((stored, stats))
+    Ok(Published {
+        snapshot: stored,
+        stats,
+        memory_index,
+    })
 }
 
 /// Reads one snapshot's manifest.
@@ -205,11 +256,14 @@ pub(crate) fn parse(key: &str, bytes: &[u8]) -> Result<StoredSnapshot, StoreErro
         key: key.to_string(),
         message: e.to_string(),
     })?;
-    if s.format != FORMAT {
+    if !(OLDEST_FORMAT..=FORMAT).contains(&s.format) {
         return Err(StoreError::Backend {
             op: "parse manifest",
             key: key.to_string(),
-            message: format!("snapshot format {}, this build reads {FORMAT}", s.format),
+            message: format!(
+                "snapshot format {}, this build reads {OLDEST_FORMAT} to {FORMAT}",
+                s.format
+            ),
         });
     }
     Ok(s)

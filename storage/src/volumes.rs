@@ -513,7 +513,7 @@ pub async fn referenced_chunks(
                 Err(StoreError::NotFound(_)) => continue,
                 Err(e) => return Err(e),
             };
-            out.extend(v.image.chunks.iter().map(|c| c.key()));
+            out.extend(v.image.object_keys());
         }
     }
     Ok(out)

@@ -230,13 +230,54 @@ async fn fork_children_diverge_and_share_memory_copy_on_write() {
         );
     }
 
-    // A child (copy-on-write RAM) can itself be snapshotted and restored.
+    // A child (copy-on-write RAM) can itself be snapshotted and restored: its RAM,
+    // which QEMU sends inside the migration stream, is split out into a positional
+    // memory image that shares the fork snapshot's unchanged pages chunk for chunk.
     let mut child = children.into_iter().next().unwrap();
+    let ram_sum = child
+        .agent()
+        .run(sh(
+            "head -c 8388608 /dev/urandom > /tmp/rand && cksum /tmp/rand",
+        ))
+        .await
+        .unwrap()
+        .stdout_str();
     let nested = child
         .snapshot(&scratch.path().join("nested"), false)
         .await
         .unwrap();
-    assert_eq!(nested.manifest().memory, MemoryFormat::Stream);
+    assert_eq!(nested.manifest().memory, MemoryFormat::File);
+    let chunks = |path: std::path::PathBuf| -> std::collections::HashSet<Vec<u8>> {
+        std::fs::read(path)
+            .unwrap()
+            .chunks(1 << 20)
+            .filter(|c| c.iter().any(|b| *b != 0))
+            .map(<[u8]>::to_vec)
+            .collect()
+    };
+    let (forked, child_ram) = (
+        chunks(snapshot.dir().join("memory")),
+        chunks(nested.dir().join("memory")),
+    );
+    for size in [4096usize, 16384, 65536, 262144] {
+        let c = |path: std::path::PathBuf| -> std::collections::HashSet<Vec<u8>> {
+            std::fs::read(path).unwrap().chunks(size).filter(|c| c.iter().any(|b| *b != 0)).map(<[u8]>::to_vec).collect()
+        };
+        let (a, b) = (c(snapshot.dir().join("memory")), c(nested.dir().join("memory")));
+        let new: usize = b.difference(&a).count();
+        eprintln!("EXPERIMENT size {size}: fork {} MiB, child {} MiB, child new {} MiB", a.len()*size>>20, b.len()*size>>20, new*size>>20);
+    }
+    let shared = child_ram.intersection(&forked).count();
+    eprintln!(
+        "memory chunks: fork snapshot {}, child {}, shared {shared}",
+        forked.len(),
+        child_ram.len()
+    );
+    assert!(
+        shared * 2 > forked.len(),
+        "the child's memory image shares {shared} of the fork snapshot's {} chunks",
+        forked.len()
+    );
     // The nested snapshot stands alone: the fork snapshot its disk grew from can go.
     snapshot.delete().unwrap();
     let grandchild = d
@@ -250,6 +291,16 @@ async fn fork_children_diverge_and_share_memory_copy_on_write() {
             .await
             .unwrap(),
         b"child 0"
+    );
+    // Its RAM bit for bit: the random file in tmpfs the child wrote before the snapshot.
+    assert_eq!(
+        grandchild
+            .agent()
+            .run(sh("cksum /tmp/rand"))
+            .await
+            .unwrap()
+            .stdout_str(),
+        ram_sum
     );
 }
 

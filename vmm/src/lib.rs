@@ -11,6 +11,7 @@ pub mod images;
 pub mod net;
 pub mod qemu;
 pub mod qmp;
+pub mod ram_stream;
 pub mod snapshot;
 pub mod space;
 pub mod tsc;

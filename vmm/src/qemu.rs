@@ -874,6 +874,7 @@ impl QemuVmm {
             id: id.to_string(),
             machine_args: self.machine_args(spec.vcpus, spec.mem_mib),
             memory: Memory::Owned,
+            memory_base: None,
             disk_backing: rootfs.clone(),
             disk_backing_format: "raw".into(),
             rootfs_image: rootfs,
@@ -930,6 +931,7 @@ impl QemuVmm {
             id,
             machine_args: m.machine_args.clone(),
             memory: memory.clone(),
+            memory_base: (m.memory == MemoryFormat::File).then(|| snapshot.memory()),
             disk_backing: snapshot.disk(),
             disk_backing_format: "qcow2".into(),
             rootfs_image: m.rootfs_image.clone(),
@@ -1063,6 +1065,65 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| VmmError::Host(format!("blocking file work: {e}")))?
 }
 
+/// Where a copy-on-write VM's migration stream lands before its RAM is split out.
+const STREAM_FILE: &str = "state.stream";
+
+/// The RAM block of the guest's memory backend (`-object memory-backend-file,id=mem0`).
+const RAM_BLOCK: &str = "mem0";
+
+/// Splits the stream a copy-on-write VM wrote into `dest/state.stream` into `state` and
+/// a positional `memory` image (see [`crate::ram_stream`]), both flushed; returns the
+/// snapshot's memory format. A stream this build cannot split is kept whole as `state`
+/// (a [`MemoryFormat::Stream`] snapshot), with a warning: it restores as before, it only
+/// shares fewer chunks.
+async fn split_memory(dest: &Path) -> Result<MemoryFormat, VmmError> {
+    let dest = dest.to_path_buf();
+    blocking(move || {
+        let stream = dest.join(STREAM_FILE);
+        let state = dest.join("state");
+        let memory = dest.join("memory");
+        let started = Instant::now();
+        let split = (|| {
+            let input = std::fs::File::open(&stream)?;
+            let output = std::fs::File::create(&state)?;
+            let image = std::fs::File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&memory)?;
+            let stats = crate::ram_stream::split(input, RAM_BLOCK, &output, &image)?;
+            output.sync_all()?;
+            image.sync_all()?;
+            Ok::<_, crate::ram_stream::SplitError>(stats)
+        })();
+        match split {
+            Ok(stats) => {
+                tracing::debug!(
+                    pages = stats.pages,
+                    zero_pages = stats.zero_pages,
+                    state_bytes = stats.state_bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "guest RAM split out of the migration stream"
+                );
+                let _ = std::fs::remove_file(&stream);
+                Ok(MemoryFormat::File)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the migration stream keeps its RAM: this snapshot shares fewer chunks");
+                let _ = std::fs::remove_file(&memory);
+                let keep = || -> std::io::Result<()> {
+                    std::fs::rename(&stream, &state)?;
+                    std::fs::File::open(&state)?.sync_all()
+                };
+                keep().map_err(|e| VmmError::Snapshot(format!("keeping the state: {e}")))?;
+                Ok(MemoryFormat::Stream)
+            }
+        }
+    })
+    .await
+}
+
 /// Lets the unprivileged QEMU of a later restore open a snapshot's files: the memory
 /// file read-write (QEMU 7.2 cannot map a read-only file copy-on-write), the disk
 /// read-only as a backing file.
@@ -1146,6 +1207,10 @@ struct Launch {
     id: String,
     machine_args: Vec<String>,
     memory: Memory,
+    /// The memory file the VM's RAM started as (the snapshot it was restored from,
+    /// copy-on-write or copied): its later snapshots store their RAM as changes to it.
+    #[serde(default)]
+    memory_base: Option<PathBuf>,
     disk_backing: PathBuf,
     disk_backing_format: String,
     /// The read-only root filesystem image at the bottom of the disk chain.
@@ -1868,6 +1933,13 @@ impl QemuVm {
         self.dir.path()
     }
 
+    /// The memory file its RAM started as, if it was restored from a snapshot (for a
+    /// [`MemoryFormat::Stream`] snapshot, none). Its snapshots' memory differs from it
+    /// by the pages the guest wrote since: the base their chunks are stored against.
+    pub fn memory_base(&self) -> Option<&Path> {
+        self.launch.memory_base.as_deref()
+    }
+
     /// Its disk overlay (on the state disk, not in [`QemuVm::dir`]).
     pub fn disk_path(&self) -> &Path {
         self.disk.path()
@@ -2068,11 +2140,11 @@ impl QemuVm {
             self.qmp().execute("stop", None).await?;
         }
         failpoint::hit("vm.snapshot.stopped");
-        let format = match self.launch.memory {
-            Memory::Owned => MemoryFormat::File,
-            Memory::CopyOnWrite(_) => MemoryFormat::Stream,
-        };
-        self.set_ignore_shared(format == MemoryFormat::File).await?;
+        // Always with `x-ignore-shared`: a VM that owns its memory file leaves RAM out of
+        // the stream; a copy-on-write one sends it, and its pages are taken out of the
+        // stream into a positional memory image below (`ram_stream`).
+        let split_ram = matches!(self.launch.memory, Memory::CopyOnWrite(_));
+        self.set_ignore_shared(true).await?;
 
         // QEMU connects to us and streams its state; we write it to `state`.
         let sock = self.dir.file("migrate.sock");
@@ -2082,7 +2154,7 @@ impl QemuVm {
         if let Some(r) = &self.run_as {
             let _ = std::os::unix::fs::chown(&sock, Some(r.uid), Some(r.gid));
         }
-        let state_path = dest.join("state");
+        let state_path = dest.join(if split_ram { STREAM_FILE } else { "state" });
         // At most the guest's RAM (a stream snapshot carries it) plus device state, from
         // this VM's QEMU only, within the migration's own deadline: a QEMU a guest took
         // over must not fill the state disk or hold the snapshot forever.
@@ -2104,7 +2176,10 @@ impl QemuVm {
                         cap >> 20
                     )));
                 }
-                file.sync_all().await?;
+                if !split_ram {
+                    // A stream to split is read once more and dropped: never flushed.
+                    file.sync_all().await?;
+                }
                 Ok::<u64, std::io::Error>(n)
             };
             tokio::time::timeout(Duration::from_secs(330), work)
@@ -2130,13 +2205,17 @@ impl QemuVm {
             .map_err(|e| VmmError::Snapshot(format!("receiving the state: {e}")))?;
         let _ = std::fs::remove_file(&sock);
         tracing::debug!(bytes = received, "device state saved");
+        let format = match split_ram {
+            false => MemoryFormat::File,
+            true => split_memory(dest).await?,
+        };
         failpoint::hit("vm.snapshot.state_saved");
 
         // Migration flushed and released the disk: the overlay is consistent to copy.
         // GiB of memory and disk: copied on a blocking thread.
         let disk = dest.join("disk.qcow2");
         let mut copies = Vec::new();
-        if format == MemoryFormat::File {
+        if !split_ram {
             copies.push((
                 self.dir.file("memory"),
                 dest.join("memory"),
@@ -2191,6 +2270,7 @@ impl QemuVm {
             disk_mib: self.launch.disk_mib,
             egress: self.launch.egress,
             memory: format,
+            ignore_shared: true,
             isolated_network: self.launch.isolated_network,
             volumes: self
                 .launch
@@ -2207,7 +2287,8 @@ impl QemuVm {
 
     /// Loads a snapshot's state into this VM, started with `-incoming defer`, and runs it.
     async fn migrate_in(&self, snapshot: &Snapshot, deadline: Instant) -> Result<(), VmmError> {
-        self.set_ignore_shared(snapshot.manifest().memory == MemoryFormat::File)
+        let m = snapshot.manifest();
+        self.set_ignore_shared(m.memory == MemoryFormat::File || m.ignore_shared)
             .await?;
         let sock = self.dir.file("incoming.sock");
         let uri = format!("unix:{}", sock.display());

@@ -249,6 +249,8 @@ impl Manager {
                     dir,
                     snapshot,
                     started,
+                    memory_base: vm.memory_base().map(Path::to_path_buf),
+                    memory_index: vm.dir().join(MEMORY_INDEX),
                 }),
                 Err(e) => {
                     super::remove_tree(dir).await;
@@ -299,9 +301,33 @@ impl Manager {
                     "securityPolicy": r.security_policy,
                 }),
             };
-            stored::publish(self.store(), &taken.dir, SNAPSHOT_FILES, new)
-                .await
-                .map_err(|e| store_error("storing the snapshot", e))
+            let base = {
+                let (file, index) = (taken.memory_base.clone(), taken.memory_index.clone());
+                // The first snapshot against a file reads and hashes all of it.
+                tokio::task::spawn_blocking(move || memory_base(file, &index))
+                    .await
+                    .unwrap_or(None)
+            };
+            let published = stored::publish_with(
+                self.store(),
+                &taken.dir,
+                SNAPSHOT_FILES,
+                new,
+                base.as_ref(),
+            )
+            .await
+            .map_err(|e| store_error("storing the snapshot", e))?;
+            if let Some(index) = &published.memory_index {
+                // Only where the VM still is: its directory goes with it.
+                if taken.memory_index.parent().is_some_and(Path::is_dir) {
+                    let (index, path) = (index.clone(), taken.memory_index.clone());
+                    let saved = tokio::task::spawn_blocking(move || index.save(&path)).await;
+                    if let Ok(Err(e)) = saved {
+                        warn!(sandbox = %r.id, error = %e, "the next snapshot stores its memory whole: saving the page index");
+                    }
+                }
+            }
+            Ok((published.snapshot, published.stats))
         }
         .await;
         super::remove_tree(taken.dir.clone()).await;
@@ -316,7 +342,8 @@ impl Manager {
                 info!(sandbox = %r.id, snapshot = %s.id, kind = kind.as_str(), taken_ms,
                     total_ms = taken.started.elapsed().as_millis() as u64,
                     chunks = stats.chunks.chunks, uploaded = stats.chunks.uploaded,
-                    reused = stats.chunks.reused, bytes_uploaded = stats.chunks.bytes_uploaded,
+                    reused = stats.chunks.reused, patched = stats.chunks.patched,
+                    bytes_uploaded = stats.chunks.bytes_uploaded,
                     "snapshot stored");
                 self.catalog.append_event(
                     &r.id,
@@ -1386,6 +1413,33 @@ struct Taken {
     dir: PathBuf,
     snapshot: Snapshot,
     started: std::time::Instant,
+    /// The memory file the VM's RAM started as (see [`QemuVm::memory_base`]).
+    memory_base: Option<PathBuf>,
+    /// Where the VM keeps the page index of its last stored memory (in its own
+    /// directory: it goes with the VM).
+    memory_index: PathBuf,
+}
+
+/// The page index a VM keeps of its last stored memory.
+const MEMORY_INDEX: &str = "memory.index";
+
+/// What a snapshot's memory is stored against: the page index the VM's previous
+/// snapshot left, else that of the memory file its RAM started as (made once, cached
+/// beside that file). Either way the file fills in an anchor the store lacks. None
+/// when neither is there: every chunk is stored whole, as before.
+fn memory_base(file: Option<PathBuf>, index: &Path) -> Option<storage::chunks::Base> {
+    use storage::pages::PageIndex;
+    let file = file.filter(|f| f.is_file());
+    let index = match PageIndex::load(index) {
+        Ok(index) => index,
+        Err(_) => {
+            let f = file.as_ref()?;
+            PageIndex::of_file_cached(f, storage::CHUNK_SIZE)
+                .inspect_err(|e| warn!(base = %f.display(), error = %e, "indexing the memory a snapshot builds on"))
+                .ok()?
+        }
+    };
+    Some(storage::chunks::Base { index, file })
 }
 
 /// What a stored snapshot records of its sandbox, for restores elsewhere.
