@@ -256,6 +256,11 @@ pub struct SnapshotView {
     pub size_bytes: u64,
     /// Bytes of data it references in the store (holes and zero pages left out).
     pub stored_bytes: u64,
+    /// In the answer to a snapshot's creation: the bytes it sent to the store, what
+    /// the store lacked of it (chunks, and patches of the pages that changed since the
+    /// memory it builds on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uploaded_bytes: Option<u64>,
     /// `object` (restorable on any worker sharing the store) or `local` (this worker).
     pub storage: &'static str,
     pub resources: Resources,

@@ -174,10 +174,7 @@ pub enum Layout<'a> {
     /// At fixed offsets; with a base, chunks close to it stored as patches; with
     /// `index`, the upload returns the [`PageIndex`] a later upload of the same memory
     /// is patched against.
-    Positional {
-        base: Option<&'a Base>,
-        index: bool,
-    },
+    Positional { base: Option<&'a Base>, index: bool },
     /// At content-defined cut points.
     ContentDefined,
 }
@@ -621,7 +618,9 @@ async fn recheck_chunk(
         })?,
     };
     let changed: Vec<u32> = (0..buf.len() / pages::PAGE)
-        .filter(|&i| buf[i * pages::PAGE..][..pages::PAGE] != base[i * pages::PAGE..][..pages::PAGE])
+        .filter(|&i| {
+            buf[i * pages::PAGE..][..pages::PAGE] != base[i * pages::PAGE..][..pages::PAGE]
+        })
         .map(|i| i as u32)
         .collect();
     let bytes = pages::encode_patch(&buf, &changed);
@@ -730,9 +729,8 @@ async fn upload_claimed(
             }
         }
         Layout::ContentDefined => {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Prepared>>(
-                UPLOAD_CONCURRENCY * 2,
-            );
+            let (tx, mut rx) =
+                tokio::sync::mpsc::channel::<std::io::Result<Prepared>>(UPLOAD_CONCURRENCY * 2);
             let reader = std::fs::File::open(path).map_err(io("open", path))?;
             let cutter = tokio::task::spawn_blocking(move || {
                 for c in fastcdc::v2020::StreamCDC::new(reader, CDC_MIN, CDC_AVG, CDC_MAX) {
@@ -763,7 +761,10 @@ async fn upload_claimed(
                     Some(Err(e)) => failed = Some(e),
                     None => {}
                 }
-                if failed.is_some() || batch.len() == UPLOAD_CONCURRENCY || (done && !batch.is_empty()) {
+                if failed.is_some()
+                    || batch.len() == UPLOAD_CONCURRENCY
+                    || (done && !batch.is_empty())
+                {
                     let puts: Vec<_> = batch
                         .drain(..)
                         .map(|p| store_prepared(store, claims, p, None))
@@ -804,21 +805,35 @@ async fn upload_claimed(
 }
 
 /// Reads one chunk (a patched one: its base and patch, applied), verifies it, and
-/// writes it at its offset.
+/// writes it at its offset. With `index`, returns the chunk's anchor for a later
+/// upload: the stored chunk it is, or the one its patch applies to.
 async fn restore_chunk(
     store: &impl ObjectStore,
     chunk: &ChunkRef,
     file: &std::fs::File,
     tmp: &Path,
-) -> Result<(), StoreError> {
-    let data = match &chunk.patch {
-        None => get_verified(store, &chunk.sha256, chunk.len).await?,
+    index: bool,
+) -> Result<Option<Anchor>, StoreError> {
+    let paged = index && chunk.len % pages::PAGE as u64 == 0;
+    let (data, anchor) = match &chunk.patch {
+        None => {
+            let data = get_verified(store, &chunk.sha256, chunk.len).await?;
+            let anchor = paged.then(|| Anchor {
+                sha256: chunk.sha256.clone(),
+                pages: pages::page_hashes(&data),
+            });
+            (data, anchor)
+        }
         Some(p) => {
             let patch = get_verified(store, &p.sha256, p.len).await?;
             let mut data = match &p.base {
                 None => vec![0u8; chunk.len as usize],
                 Some(base) => get_verified(store, base, chunk.len).await?,
             };
+            let anchor = p.base.as_ref().filter(|_| paged).map(|base| Anchor {
+                sha256: base.clone(),
+                pages: pages::page_hashes(&data),
+            });
             pages::apply_patch(&mut data, &patch).map_err(|_| StoreError::Corrupt {
                 key: chunk_key(&p.sha256),
                 expected: chunk.sha256.clone(),
@@ -832,11 +847,12 @@ async fn restore_chunk(
                     found,
                 });
             }
-            data
+            (data, anchor)
         }
     };
     file.write_all_at(&data, chunk.offset)
-        .map_err(io("write", tmp))
+        .map_err(io("write", tmp))?;
+    Ok(anchor)
 }
 
 /// Rebuilds a file from its manifest at `dest` (sparse where nothing was stored),
@@ -846,9 +862,32 @@ pub async fn restore_file(
     manifest: &FileManifest,
     dest: &Path,
 ) -> Result<(), StoreError> {
+    restore(store, manifest, dest, false).await.map(drop)
+}
+
+/// [`restore_file`], also giving the file's page index (positional files): the stored
+/// chunks its chunks are or are patched from, so its next upload patches against them.
+pub async fn restore_file_indexed(
+    store: &impl ObjectStore,
+    manifest: &FileManifest,
+    dest: &Path,
+) -> Result<PageIndex, StoreError> {
+    restore(store, manifest, dest, manifest.cut == Cut::Fixed).await
+}
+
+async fn restore(
+    store: &impl ObjectStore,
+    manifest: &FileManifest,
+    dest: &Path,
+    index: bool,
+) -> Result<PageIndex, StoreError> {
     let tmp = dest.with_extension("partial");
     let file = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
     file.set_len(manifest.size).map_err(io("size", &tmp))?;
+    let mut anchors = PageIndex {
+        chunk_size: manifest.chunk_size,
+        ..PageIndex::default()
+    };
     let result = async {
         let file = &file;
         let tmp = &tmp;
@@ -858,9 +897,13 @@ pub async fn restore_file(
         for batch in manifest.chunks.chunks(UPLOAD_CONCURRENCY) {
             let gets: Vec<_> = batch
                 .iter()
-                .map(|chunk| restore_chunk(store, chunk, file, tmp))
+                .map(|chunk| restore_chunk(store, chunk, file, tmp, index))
                 .collect();
-            futures::future::try_join_all(gets).await?;
+            for (chunk, anchor) in batch.iter().zip(futures::future::try_join_all(gets).await?) {
+                if let Some(a) = anchor {
+                    anchors.anchors.insert(chunk.offset, a);
+                }
+            }
         }
         file.sync_all().map_err(io("sync", tmp))
     }
@@ -875,7 +918,8 @@ pub async fn restore_file(
                 .unwrap_or(Path::new("."));
             std::fs::File::open(dir)
                 .and_then(|d| d.sync_all())
-                .map_err(io("sync", dir))
+                .map_err(io("sync", dir))?;
+            Ok(anchors)
         }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
@@ -1011,7 +1055,10 @@ mod tests {
     async fn restores_to(store: &LocalStore, manifest: &FileManifest, want: &[u8], dir: &Dir) {
         let dest = dir.0.join("restored");
         restore_file(store, manifest, &dest).await.unwrap();
-        assert!(std::fs::read(&dest).unwrap() == want, "restored bytes differ");
+        assert!(
+            std::fs::read(&dest).unwrap() == want,
+            "restored bytes differ"
+        );
         std::fs::remove_file(&dest).unwrap();
     }
 
@@ -1041,7 +1088,10 @@ mod tests {
         assert_eq!((stats.chunks, stats.patched), (16, 15), "{stats:?}");
         assert_eq!(stats.uploaded, 15 + 15 + 1, "{stats:?}");
         let patch_bytes = 12 + 4 + 4096;
-        assert_eq!(stats.bytes_uploaded, 15 * (1 << 20) + 15 * patch_bytes + (1 << 20));
+        assert_eq!(
+            stats.bytes_uploaded,
+            15 * (1 << 20) + 15 * patch_bytes + (1 << 20)
+        );
         restores_to(&store, &first, &now, &dir).await;
 
         // The next snapshot of the same memory, against the index the first left: one

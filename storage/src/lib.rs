@@ -20,8 +20,8 @@
 
 pub mod chunks;
 pub mod gc;
-pub mod pages;
 mod local;
+pub mod pages;
 mod s3;
 pub mod snapshots;
 mod store;

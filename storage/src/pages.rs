@@ -299,7 +299,8 @@ mod tests {
 
     #[test]
     fn an_index_round_trips_through_its_file() {
-        let dir = std::env::temp_dir().join(format!("nullspace-pages-{}", uuid::Uuid::new_v4().simple()));
+        let dir =
+            std::env::temp_dir().join(format!("nullspace-pages-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("memory");
         let f = std::fs::File::create(&file).unwrap();

@@ -246,6 +246,17 @@ impl S3Store {
         }
     }
 
+    /// The SDK client the store sends its requests with (benchmarks measure raw
+    /// requests against the store's with it).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The bucket it stores in.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
     /// Creates the bucket if it does not exist; fails with the server's reason if it
     /// cannot be reached.
     pub async fn ensure_bucket(&self) -> Result<(), StoreError> {

@@ -12,7 +12,9 @@
 //! Snapshot IDs carry their sandbox's ID (`snap-<sandbox hex>-<random>`), so a snapshot
 //! is found from its ID alone on any worker that shares the bucket.
 
-use crate::chunks::{restore_file, Base, Batch, FileManifest, Layout, UploadStats};
+use crate::chunks::{
+    restore_file, restore_file_indexed, Base, Batch, Cut, FileManifest, Layout, UploadStats,
+};
 use crate::pages::PageIndex;
 use crate::store::{ObjectStore, StoreError};
 use serde::{Deserialize, Serialize};
@@ -321,7 +323,18 @@ pub async fn fetch(
         });
     }
     for (name, manifest) in &snapshot.files {
-        restore_file(store, manifest, &dest.join(name)).await?;
+        let path = dest.join(name);
+        if name == "memory" && manifest.cut == Cut::Fixed {
+            // Beside the memory, what a snapshot of a VM restored from it is stored
+            // against (the chunks this one is or builds on: see `crate::pages`).
+            let index = restore_file_indexed(store, manifest, &path).await?;
+            let cached = path.with_extension("index");
+            if let Err(e) = index.save(&cached) {
+                tracing::debug!(index = %cached.display(), error = %e, "page index not kept");
+            }
+        } else {
+            restore_file(store, manifest, &path).await?;
+        }
     }
     Ok(())
 }

@@ -547,3 +547,114 @@ async fn tampered_manifests_are_refused_and_write_nothing_outside() {
     assert_eq!(api.delete(&id_of(&v)).await, StatusCode::NO_CONTENT);
     assert_eq!(api.delete(&id).await, StatusCode::NO_CONTENT);
 }
+
+/// What the local store's chunks take on disk.
+fn chunk_bytes(stack: &Stack) -> u64 {
+    let dir = stack.daemon.state_dir().join("objects").join("chunks");
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// A snapshot through the API: its answer and what the store grew by.
+async fn snapshot_growth(stack: &Stack, api: &Api, id: &str) -> (Value, u64) {
+    let before = chunk_bytes(stack);
+    let (status, snap) = snapshot(api, id).await;
+    assert_eq!(status, StatusCode::CREATED, "{snap}");
+    (snap, chunk_bytes(stack) - before)
+}
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test]
+async fn successive_snapshots_and_a_fork_family_store_only_what_changed() {
+    let stack = Stack::start("snap-delta");
+    let api = stack.public(stack.daemon.team_key("acme"));
+    let sbx = api
+        .create(json!({ "templateID": "minimal", "resources": small(), "timeout": 600 }))
+        .await;
+    let id = id_of(&sbx);
+    let rt = Runtime::of(&sbx);
+    let (sums, err, code) = rt
+        .run("head -c 16777216 /dev/urandom > /tmp/mem.bin; head -c 4194304 /dev/urandom > /workspace/disk.bin; sync; sha256sum /tmp/mem.bin /workspace/disk.bin")
+        .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(sums.contains("/tmp/mem.bin"), "{sums}");
+
+    let (first, grew) = snapshot_growth(&stack, &api, &id).await;
+    let referenced = first["storedBytes"].as_u64().unwrap();
+    assert!(referenced > 16 * MIB, "{first}");
+    // What it sent is what the store grew by (a new store: nothing was there).
+    assert_eq!(first["uploadedBytes"].as_u64().unwrap(), grew, "{first}");
+
+    // Idle: the second snapshot adds next to nothing. Before, the RAM in the
+    // migration stream shifted and every chunk after the first change was new.
+    let (idle, grew) = snapshot_growth(&stack, &api, &id).await;
+    eprintln!(
+        "first: referenced {referenced}, sent {}; idle second: added {grew}, sent {}",
+        first["uploadedBytes"], idle["uploadedBytes"]
+    );
+    assert!(
+        grew * 20 <= referenced,
+        "an idle second snapshot added {grew} bytes, over 5% of the first's {referenced}"
+    );
+
+    // 8 MiB changed: a few times that at most (a chunk changed again is stored as a
+    // patch of all its pages that differ from the chunk it builds on, and the guest's
+    // kernel moves pages too), not the whole memory again.
+    let (_, _, code) = rt
+        .run("head -c 8388608 /dev/urandom > /tmp/change.bin")
+        .await;
+    assert_eq!(code, 0);
+    let (changed, grew) = snapshot_growth(&stack, &api, &id).await;
+    eprintln!("after 8 MiB changed: added {grew}");
+    assert!(
+        grew <= 24 * MIB,
+        "8 MiB changed, the snapshot added {grew} bytes"
+    );
+
+    // Stored as patches of other chunks, it restores bit for bit: memory and disk.
+    let (status, restored) = restore(
+        &api,
+        json!({ "sandboxID": id, "snapshotID": changed["snapshotID"], "timeout": 120 }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{restored}");
+    let (again, _, _) = Runtime::of(&restored)
+        .run("sha256sum /tmp/mem.bin /workspace/disk.bin")
+        .await;
+    assert_eq!(again, sums);
+    assert_eq!(api.delete(&id_of(&restored)).await, StatusCode::NO_CONTENT);
+
+    // A fork family: the parent and three children, each snapshotted once, store
+    // about one snapshot's worth, not four.
+    let (status, forked) = api
+        .post(&format!("/v1/sandboxes/{id}/fork"), json!({ "count": 3 }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{forked}");
+    let children: Vec<String> = forked["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(id_of)
+        .collect();
+    let before = chunk_bytes(&stack);
+    let mut family_referenced = 0;
+    for member in std::iter::once(&id).chain(&children) {
+        let (snap, _) = snapshot_growth(&stack, &api, member).await;
+        family_referenced += snap["storedBytes"].as_u64().unwrap();
+    }
+    let family = chunk_bytes(&stack) - before;
+    eprintln!("fork family: referenced {family_referenced}, added {family}");
+    assert!(
+        family * 10 <= referenced * 3,
+        "the fork family added {family} bytes, over 0.3x one snapshot's {referenced}"
+    );
+    for member in std::iter::once(&id).chain(&children) {
+        assert_eq!(api.delete(member).await, StatusCode::NO_CONTENT);
+    }
+}

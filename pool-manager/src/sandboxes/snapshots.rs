@@ -128,6 +128,7 @@ fn view_of(s: &StoredSnapshot) -> SnapshotView {
         size_bytes: s.size_bytes(),
         stored_bytes: s.data_bytes(),
         storage: "object",
+        uploaded_bytes: None,
         name: None,
         resources: vm
             .map(|m| Resources {
@@ -154,6 +155,7 @@ fn local_view(r: &SandboxRecord, s: &Snapshot) -> SnapshotView {
             .sum(),
         stored_bytes: s.disk_usage(),
         storage: "local",
+        uploaded_bytes: None,
         name: None,
         resources: Resources {
             vcpus: m.vcpus,
@@ -275,7 +277,7 @@ impl Manager {
         taken: Taken,
         r: &SandboxRecord,
         kind: Kind,
-    ) -> Result<StoredSnapshot, ApiError> {
+    ) -> Result<(StoredSnapshot, stored::PublishStats), ApiError> {
         let taken_ms = taken.started.elapsed().as_millis() as u64;
         let result = async {
             let _uploading = self.uploads.read().await;
@@ -348,9 +350,9 @@ impl Manager {
                 self.catalog.append_event(
                     &r.id,
                     "sandbox.snapshot",
-                    &serde_json::json!({ "snapshotID": s.id, "kind": kind.as_str(), "sizeBytes": s.size_bytes() }),
+                    &serde_json::json!({ "snapshotID": s.id, "kind": kind.as_str(), "sizeBytes": s.size_bytes(), "uploadedBytes": stats.chunks.bytes_uploaded }),
                 )?;
-                Ok(s)
+                Ok((s, stats))
             }
             Err(e) => {
                 self.snapshot_failed(r, kind, &e)?;
@@ -444,12 +446,13 @@ impl Manager {
         let taken = self.take(vm, &r, Kind::Manual, true).await?;
         intent.step("snapshot.taken", serde_json::json!({}));
         drop(guard);
-        let published = self.publish(taken, &r, Kind::Manual).await?;
+        let (published, stats) = self.publish(taken, &r, Kind::Manual).await?;
         intent.step(
             "snapshot.published",
             serde_json::json!({ "snapshot": published.id }),
         );
         let mut view = view_of(&published);
+        view.uploaded_bytes = Some(stats.chunks.bytes_uploaded);
         if let Some(n) = name {
             // Another create took the name meanwhile: the snapshot stays, unnamed.
             self.catalog
@@ -664,7 +667,7 @@ impl Manager {
             .map_err(kept_running)?;
         intent.step("hibernate.taken", serde_json::json!({}));
         let s = match self.publish(taken, &r, Kind::Pause).await {
-            Ok(s) => s,
+            Ok((s, _)) => s,
             Err(e) => {
                 let _ = vm.resume().await;
                 return Err(kept_running(e));
@@ -1239,6 +1242,7 @@ impl Manager {
         };
         match self.vmm.fork(vm, count as usize, &dir, child_volumes).await {
             Ok((_snapshot, vms)) => {
+                inherit_memory_index(vm, &dir).await;
                 info!(sandbox = %id, children = count, elapsed_ms = started.elapsed().as_millis() as u64, "forked");
                 intent.step("fork.children_started", serde_json::json!({}));
                 let mut views = Vec::new();
@@ -1385,7 +1389,7 @@ impl Manager {
         let taken = self.take(vm, &r, Kind::Periodic, true).await?;
         intent.step("snapshot.taken", serde_json::json!({}));
         drop(guard);
-        let published = self.publish(taken, &r, Kind::Periodic).await?;
+        let (published, _) = self.publish(taken, &r, Kind::Periodic).await?;
         intent.step(
             "snapshot.published",
             serde_json::json!({ "snapshot": published.id }),
@@ -1418,6 +1422,29 @@ struct Taken {
     /// Where the VM keeps the page index of its last stored memory (in its own
     /// directory: it goes with the VM).
     memory_index: PathBuf,
+}
+
+/// Gives a fork snapshot the page index the parent's snapshots are stored against
+/// (that of its last stored memory, else of the memory it started as), so the
+/// children's snapshots store their changes against the same chunks instead of the
+/// fork snapshot's (which the store does not have). Without one, the children index
+/// the fork snapshot itself.
+async fn inherit_memory_index(parent: &QemuVm, fork_dir: &Path) {
+    let own = parent.dir().join(MEMORY_INDEX);
+    let base = parent.memory_base().map(Path::to_path_buf);
+    let dest = fork_dir.join("memory").with_extension("index");
+    let _ = tokio::task::spawn_blocking(move || {
+        let index = match storage::pages::PageIndex::load(&own) {
+            Ok(index) => index,
+            Err(_) => storage::pages::PageIndex::of_file_cached(
+                base.as_deref().filter(|b| b.is_file())?,
+                storage::CHUNK_SIZE,
+            )
+            .ok()?,
+        };
+        index.save(&dest).ok()
+    })
+    .await;
 }
 
 /// The page index a VM keeps of its last stored memory.
