@@ -68,7 +68,46 @@ pub struct FileManifest {
     pub chunks: Vec<ChunkRef>,
 }
 
+/// The longest patch a chunk can have: every page of a [`CHUNK_SIZE`] chunk.
+const MAX_PATCH: u64 = 12 + (CHUNK_SIZE / pages::PAGE as u64) * (4 + pages::PAGE as u64);
+
 impl FileManifest {
+    /// Whether it is one this build could have written: chunks in order, inside the
+    /// file, none longer than a chunk, hashes that are SHA-256 hex, patches no longer
+    /// than a chunk's pages. (A manifest read from the store is checked before it sizes
+    /// a buffer or a file.)
+    pub fn check(&self) -> Result<(), String> {
+        let is_sha = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        let mut end = 0u64;
+        for c in &self.chunks {
+            if c.offset < end || c.len == 0 || c.len > CHUNK_SIZE.max(CDC_MAX as u64) {
+                return Err(format!("a chunk at {} of {} bytes", c.offset, c.len));
+            }
+            end = c
+                .offset
+                .checked_add(c.len)
+                .filter(|e| *e <= self.size)
+                .ok_or_else(|| {
+                    format!(
+                        "a chunk at {} past the file's {} bytes",
+                        c.offset, self.size
+                    )
+                })?;
+            if !is_sha(&c.sha256) {
+                return Err(format!("a chunk hash {:?}", c.sha256));
+            }
+            if let Some(p) = &c.patch {
+                if !is_sha(&p.sha256)
+                    || p.base.as_deref().is_some_and(|b| !is_sha(b))
+                    || p.len > MAX_PATCH
+                {
+                    return Err(format!("a patch {:?} of {} bytes", p.sha256, p.len));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The store keys of every object a restore of this file reads.
     pub fn object_keys(&self) -> impl Iterator<Item = String> + '_ {
         self.chunks.iter().flat_map(ChunkRef::object_keys)
@@ -255,12 +294,14 @@ enum Plan {
     },
 }
 
-/// Reads and hashes the positional chunk at `offset`, and decides how it is stored.
+/// Reads and hashes the positional chunk at `offset`, and decides how it is stored:
+/// `base` is whether the upload has one, `anchor` its anchor at this offset.
 fn prepare_positional(
     file: &std::fs::File,
     size: u64,
     offset: u64,
-    base: Option<&Base>,
+    base: bool,
+    anchor: Option<&Anchor>,
     index: bool,
 ) -> std::io::Result<Prepared> {
     let len = CHUNK_SIZE.min(size - offset);
@@ -273,13 +314,16 @@ fn prepare_positional(
             what: Plan::Zero,
         });
     }
-    let paged = len % pages::PAGE as u64 == 0;
-    let pages = (paged && (index || base.is_some())).then(|| pages::page_hashes(&data));
+    let paged = len.is_multiple_of(pages::PAGE as u64);
+    let pages = (paged && (index || base)).then(|| pages::page_hashes(&data));
     let what = match (base, pages) {
-        (Some(base), Some(pages)) => {
-            let anchor = base.index.anchors.get(&offset);
+        (true, Some(pages)) => {
             match anchor {
-                Some(a) if a.pages == pages => Plan::Anchor(a.clone()),
+                // The same pages: the anchor's chunk, if its hash says so too (an index
+                // is a hint, never trusted to name what these bytes are).
+                Some(a) if a.pages == pages && sha_hex(&data) == a.sha256 => {
+                    Plan::Anchor(a.clone())
+                }
                 _ => match pages::changed_pages(&pages, anchor) {
                     Some(changed) => Plan::Patch {
                         sha: sha_hex(&data),
@@ -703,14 +747,16 @@ async fn upload_claimed(
                     .iter()
                     .map(|&offset| {
                         let file = file.clone();
-                        let base_owned = base.cloned();
+                        let anchor = base.and_then(|b| b.index.anchors.get(&offset)).cloned();
+                        let has_base = base.is_some();
                         async move {
                             let p = tokio::task::spawn_blocking(move || {
                                 prepare_positional(
                                     &file,
                                     size,
                                     offset,
-                                    base_owned.as_ref(),
+                                    has_base,
+                                    anchor.as_ref(),
                                     want_index,
                                 )
                             })
@@ -814,7 +860,7 @@ async fn restore_chunk(
     tmp: &Path,
     index: bool,
 ) -> Result<Option<Anchor>, StoreError> {
-    let paged = index && chunk.len % pages::PAGE as u64 == 0;
+    let paged = index && chunk.len.is_multiple_of(pages::PAGE as u64);
     let (data, anchor) = match &chunk.patch {
         None => {
             let data = get_verified(store, &chunk.sha256, chunk.len).await?;
@@ -881,6 +927,12 @@ async fn restore(
     dest: &Path,
     index: bool,
 ) -> Result<PageIndex, StoreError> {
+    // From the bucket: checked before anything is allocated or written by it.
+    manifest.check().map_err(|why| StoreError::Backend {
+        op: "restore",
+        key: dest.display().to_string(),
+        message: format!("the stored manifest was tampered with: {why}"),
+    })?;
     let tmp = dest.with_extension("partial");
     let file = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
     file.set_len(manifest.size).map_err(io("size", &tmp))?;
@@ -1147,6 +1199,41 @@ mod tests {
         );
         restores_to(&store, &m2, &shifted, &dir).await;
         restores_to(&store, &m, &first, &dir).await;
+    }
+
+    #[tokio::test]
+    async fn a_manifest_naming_impossible_chunks_is_refused_before_anything_is_allocated() {
+        let dir = Dir::new("bounds");
+        let store = LocalStore::open(dir.0.join("store")).unwrap();
+        let sha = |c: char| c.to_string().repeat(64);
+        let chunk = |offset: u64, len: u64, patch_len: u64| ChunkRef {
+            offset,
+            len,
+            sha256: sha('a'),
+            patch: Some(PatchRef {
+                base: None,
+                sha256: sha('b'),
+                len: patch_len,
+            }),
+        };
+        for chunks in [
+            vec![chunk(0, u64::MAX / 2, 12)],
+            vec![chunk(u64::MAX - 1, 2, 12)],
+            vec![chunk(0, 4096, u64::MAX)],
+            vec![chunk(8192, 4096, 12), chunk(0, 4096, 12)],
+        ] {
+            let m = FileManifest {
+                size: 1 << 20,
+                chunk_size: CHUNK_SIZE,
+                cut: Cut::Fixed,
+                chunks,
+            };
+            let err = restore_file(&store, &m, &dir.0.join("out"))
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("tampered"), "{err}");
+            assert!(!dir.0.join("out.partial").exists());
+        }
     }
 
     #[tokio::test]

@@ -62,6 +62,9 @@ pub struct PageIndex {
 
 const INDEX_MAGIC: &[u8; 8] = b"NSPGIDX1";
 
+/// The largest index read: that of 64 GiB of memory (4,148 bytes per MiB).
+const MAX_INDEX_BYTES: u64 = 64 * 1024 * 4148 + 24;
+
 impl PageIndex {
     /// The index of a file as it is: every chunk that is not all zeros is its own anchor.
     /// Reads the whole file (holes skipped).
@@ -72,7 +75,7 @@ impl PageIndex {
         let mut buf = vec![0u8; chunk_size as usize];
         for offset in crate::chunks::data_chunk_offsets(&file, size, chunk_size)? {
             let len = chunk_size.min(size - offset) as usize;
-            if len % PAGE != 0 {
+            if !len.is_multiple_of(PAGE) {
                 continue;
             }
             let data = &mut buf[..len];
@@ -135,15 +138,42 @@ impl PageIndex {
             }
         }
         let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::write(&tmp, &out)?;
-        std::fs::rename(&tmp, path).inspect_err(|_| {
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            // Only the daemon's: page hashes would let another confirm a guessed page.
+            let mut f = std::fs::File::options()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&out)?;
+            std::fs::rename(&tmp, path)
+        };
+        write().inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
         })
     }
 
-    /// Reads one [`PageIndex::save`] wrote; anything else is an error.
+    /// Reads one [`PageIndex::save`] wrote; anything else is an error. Only a regular
+    /// file of this process's user, not through a link, and of a bounded size: an index
+    /// in a directory a VM's QEMU can write to might be a planted FIFO or a huge file.
     pub fn load(path: &Path) -> std::io::Result<Self> {
-        let bytes = std::fs::read(path)?;
+        use std::io::Read;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
+        let file = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)?;
+        let meta = file.metadata()?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if !meta.file_type().is_file() || meta.uid() != me || meta.len() > MAX_INDEX_BYTES {
+            return Err(bad("not a page index this daemon wrote"));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.take(MAX_INDEX_BYTES).read_to_end(&mut bytes)?;
         let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a page index");
         let mut at = 0usize;
         let mut take = |n: usize| -> std::io::Result<&[u8]> {

@@ -365,3 +365,49 @@ async fn restoring_with_another_qemu_or_kernel_is_refused() {
     std::fs::remove_file(&manifest_path).unwrap();
     assert!(Snapshot::open(snapshot.dir()).is_err());
 }
+
+#[tokio::test]
+async fn a_copy_on_write_vm_whose_stream_cannot_be_split_is_saved_whole_and_restores() {
+    // What a stream of another QEMU's layout gets: the snapshot is saved again with
+    // its RAM in the stream (`x-ignore-shared` off), and restores as such.
+    std::env::set_var("NULLSPACE_TEST_REFUSE_RAM_SPLIT", "1");
+    let d = driver().await;
+    let mut vm = d.boot(&minimal()).await.unwrap();
+    let scratch = ScratchDir::new("unsplit");
+    let base = vm
+        .snapshot(&scratch.path().join("base"), false)
+        .await
+        .unwrap();
+    vm.kill().await;
+    let options = RestoreOptions {
+        memory: RestoreMemory::CopyOnWrite,
+        ..RestoreOptions::default()
+    };
+    let mut child = d.restore(&base, &options).await.unwrap();
+    let sum = child
+        .agent()
+        .run(sh(
+            "head -c 1048576 /dev/urandom > /tmp/r && sha256sum /tmp/r",
+        ))
+        .await
+        .unwrap()
+        .stdout_str();
+    assert!(sum.contains("/tmp/r"), "{sum:?}");
+    let whole = child
+        .snapshot(&scratch.path().join("whole"), false)
+        .await
+        .unwrap();
+    assert_eq!(whole.manifest().memory, MemoryFormat::Stream);
+    assert!(!whole.dir().join("memory").exists());
+    child.kill().await;
+    let again = d.restore(&whole, &RestoreOptions::default()).await.unwrap();
+    assert_eq!(
+        again
+            .agent()
+            .run(sh("sha256sum /tmp/r"))
+            .await
+            .unwrap()
+            .stdout_str(),
+        sum
+    );
+}

@@ -1072,16 +1072,16 @@ const STREAM_FILE: &str = "state.stream";
 const RAM_BLOCK: &str = "mem0";
 
 /// Splits the stream a copy-on-write VM wrote into `dest/state.stream` into `state` and
-/// a positional `memory` image (see [`crate::ram_stream`]), both flushed; returns the
-/// snapshot's memory format. A stream this build cannot split is kept whole as `state`
-/// (a [`MemoryFormat::Stream`] snapshot), with a warning: it restores as before, it only
-/// shares fewer chunks.
-async fn split_memory(dest: &Path) -> Result<MemoryFormat, VmmError> {
+/// a positional `memory` image of `mem_mib` (see [`crate::ram_stream`]); the stream goes.
+/// `None` if this build cannot read the stream (another QEMU's layout): nothing of it is
+/// left, and the caller saves a whole stream instead. A failure to read or write (a full
+/// disk) fails the snapshot.
+async fn split_memory(dest: &Path, mem_mib: u32) -> Result<Option<()>, VmmError> {
+    use crate::ram_stream::SplitError;
     let dest = dest.to_path_buf();
     blocking(move || {
         let stream = dest.join(STREAM_FILE);
-        let state = dest.join("state");
-        let memory = dest.join("memory");
+        let (state, memory) = (dest.join("state"), dest.join("memory"));
         let started = Instant::now();
         let split = (|| {
             let input = std::fs::File::open(&stream)?;
@@ -1092,11 +1092,15 @@ async fn split_memory(dest: &Path) -> Result<MemoryFormat, VmmError> {
                 .create(true)
                 .truncate(true)
                 .open(&memory)?;
-            let stats = crate::ram_stream::split(input, RAM_BLOCK, &output, &image)?;
-            output.sync_all()?;
-            image.sync_all()?;
-            Ok::<_, crate::ram_stream::SplitError>(stats)
+            let block_bytes = u64::from(mem_mib) << 20;
+            // Tests reach the fallback (a stream from another QEMU) this way.
+            #[cfg(debug_assertions)]
+            if std::env::var_os("NULLSPACE_TEST_REFUSE_RAM_SPLIT").is_some() {
+                return Err(SplitError::Format("refused for a test".into()));
+            }
+            crate::ram_stream::split(input, RAM_BLOCK, block_bytes, &output, &image)
         })();
+        let _ = std::fs::remove_file(&stream);
         match split {
             Ok(stats) => {
                 tracing::debug!(
@@ -1106,18 +1110,20 @@ async fn split_memory(dest: &Path) -> Result<MemoryFormat, VmmError> {
                     ms = started.elapsed().as_millis() as u64,
                     "guest RAM split out of the migration stream"
                 );
-                let _ = std::fs::remove_file(&stream);
-                Ok(MemoryFormat::File)
+                Ok(Some(()))
             }
             Err(e) => {
-                tracing::warn!(error = %e, "the migration stream keeps its RAM: this snapshot shares fewer chunks");
                 let _ = std::fs::remove_file(&memory);
-                let keep = || -> std::io::Result<()> {
-                    std::fs::rename(&stream, &state)?;
-                    std::fs::File::open(&state)?.sync_all()
-                };
-                keep().map_err(|e| VmmError::Snapshot(format!("keeping the state: {e}")))?;
-                Ok(MemoryFormat::Stream)
+                let _ = std::fs::remove_file(&state);
+                match e {
+                    SplitError::Format(why) => {
+                        tracing::warn!(why, "the migration stream is saved with its RAM: this snapshot shares fewer chunks");
+                        Ok(None)
+                    }
+                    SplitError::Io(e) => Err(VmmError::Snapshot(format!(
+                        "writing the snapshot's memory image: {e}"
+                    ))),
+                }
             }
         }
     })
@@ -2140,74 +2146,31 @@ impl QemuVm {
             self.qmp().execute("stop", None).await?;
         }
         failpoint::hit("vm.snapshot.stopped");
-        // Always with `x-ignore-shared`: a VM that owns its memory file leaves RAM out of
-        // the stream; a copy-on-write one sends it, and its pages are taken out of the
-        // stream into a positional memory image below (`ram_stream`).
+        // With `x-ignore-shared`: a VM that owns its memory file leaves RAM out of the
+        // stream; a copy-on-write one sends it, and its pages are taken out of the
+        // stream into a positional memory image (`ram_stream`), which makes the same
+        // snapshot a shared-memory VM's would be.
         let split_ram = matches!(self.launch.memory, Memory::CopyOnWrite(_));
         self.set_ignore_shared(true).await?;
-
-        // QEMU connects to us and streams its state; we write it to `state`.
-        let sock = self.dir.file("migrate.sock");
-        let _ = std::fs::remove_file(&sock);
-        let listener = tokio::net::UnixListener::bind(&sock)
-            .map_err(|e| VmmError::Host(format!("binding {}: {e}", sock.display())))?;
-        if let Some(r) = &self.run_as {
-            let _ = std::os::unix::fs::chown(&sock, Some(r.uid), Some(r.gid));
-        }
-        let state_path = dest.join(if split_ram { STREAM_FILE } else { "state" });
-        // At most the guest's RAM (a stream snapshot carries it) plus device state, from
-        // this VM's QEMU only, within the migration's own deadline: a QEMU a guest took
-        // over must not fill the state disk or hold the snapshot forever.
-        let cap = (u64::from(self.launch.mem_mib) + 256) << 20;
-        let qemu_pid = self.pid as i32;
-        let receive = tokio::spawn(async move {
-            let work = async {
-                let (conn, _) = listener.accept().await?;
-                if conn.peer_cred()?.pid() != Some(qemu_pid) {
-                    return Err(std::io::Error::other("the state came from another process"));
+        let format = if !split_ram {
+            self.save_state(&dest.join("state")).await?;
+            MemoryFormat::File
+        } else {
+            self.save_state(&dest.join(STREAM_FILE)).await?;
+            match split_memory(dest, self.launch.mem_mib).await? {
+                Some(()) => MemoryFormat::File,
+                None => {
+                    // A stream this build cannot split: saved again as a whole stream
+                    // (RAM inside, `x-ignore-shared` off, as a restore of one expects).
+                    // QEMU migrates no VM a migration left stopped (`postmigrate`): it
+                    // continues for a moment (which takes its disks back) and stops.
+                    self.qmp().execute("cont", None).await?;
+                    self.qmp().execute("stop", None).await?;
+                    self.set_ignore_shared(false).await?;
+                    self.save_state(&dest.join("state")).await?;
+                    MemoryFormat::Stream
                 }
-                let mut file = tokio::fs::File::create(&state_path).await?;
-                let n =
-                    tokio::io::copy(&mut tokio::io::AsyncReadExt::take(conn, cap + 1), &mut file)
-                        .await?;
-                if n > cap {
-                    return Err(std::io::Error::other(format!(
-                        "the device state outgrew {} MiB",
-                        cap >> 20
-                    )));
-                }
-                if !split_ram {
-                    // A stream to split is read once more and dropped: never flushed.
-                    file.sync_all().await?;
-                }
-                Ok::<u64, std::io::Error>(n)
-            };
-            tokio::time::timeout(Duration::from_secs(330), work)
-                .await
-                .map_err(|_| std::io::Error::other("timed out receiving the state"))?
-        });
-        let uri = format!("unix:{}", sock.display());
-        let migrated = async {
-            self.qmp()
-                .execute("migrate", Some(json!({ "uri": uri })))
-                .await?;
-            self.wait_migration("taking a snapshot").await
-        }
-        .await;
-        if let Err(e) = migrated {
-            receive.abort();
-            let _ = std::fs::remove_file(&sock);
-            return Err(e);
-        }
-        let received = receive
-            .await
-            .map_err(|e| VmmError::Snapshot(format!("receiving the state: {e}")))?
-            .map_err(|e| VmmError::Snapshot(format!("receiving the state: {e}")))?;
-        let _ = std::fs::remove_file(&sock);
-        tracing::debug!(bytes = received, "device state saved");
-        let format = match split_ram {
-            false => MemoryFormat::File,
-            true => split_memory(dest).await?,
+            }
         };
         failpoint::hit("vm.snapshot.state_saved");
 
@@ -2270,7 +2233,6 @@ impl QemuVm {
             disk_mib: self.launch.disk_mib,
             egress: self.launch.egress,
             memory: format,
-            ignore_shared: true,
             isolated_network: self.launch.isolated_network,
             volumes: self
                 .launch
@@ -2285,10 +2247,69 @@ impl QemuVm {
         Ok((Snapshot::new(dest.to_path_buf(), manifest), was_running))
     }
 
+    /// Migrates the (stopped) VM's state into the file `path`: QEMU connects to a
+    /// socket of ours and streams it. Not flushed: a durable snapshot's commit does.
+    async fn save_state(&self, path: &Path) -> Result<u64, VmmError> {
+        let sock = self.dir.file("migrate.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock)
+            .map_err(|e| VmmError::Host(format!("binding {}: {e}", sock.display())))?;
+        if let Some(r) = &self.run_as {
+            let _ = std::os::unix::fs::chown(&sock, Some(r.uid), Some(r.gid));
+        }
+        let state_path = path.to_path_buf();
+        // At most the guest's RAM (a copy-on-write VM sends it) plus device state, from
+        // this VM's QEMU only, within the migration's own deadline: a QEMU a guest took
+        // over must not fill the state disk or hold the snapshot forever.
+        let cap = (u64::from(self.launch.mem_mib) + 256) << 20;
+        let qemu_pid = self.pid as i32;
+        let receive = tokio::spawn(async move {
+            let work = async {
+                let (conn, _) = listener.accept().await?;
+                if conn.peer_cred()?.pid() != Some(qemu_pid) {
+                    return Err(std::io::Error::other("the state came from another process"));
+                }
+                let mut file = tokio::fs::File::create(&state_path).await?;
+                let n =
+                    tokio::io::copy(&mut tokio::io::AsyncReadExt::take(conn, cap + 1), &mut file)
+                        .await?;
+                if n > cap {
+                    return Err(std::io::Error::other(format!(
+                        "the device state outgrew {} MiB",
+                        cap >> 20
+                    )));
+                }
+                Ok::<u64, std::io::Error>(n)
+            };
+            tokio::time::timeout(Duration::from_secs(330), work)
+                .await
+                .map_err(|_| std::io::Error::other("timed out receiving the state"))?
+        });
+        let uri = format!("unix:{}", sock.display());
+        let migrated = async {
+            self.qmp()
+                .execute("migrate", Some(json!({ "uri": uri })))
+                .await?;
+            self.wait_migration("taking a snapshot").await
+        }
+        .await;
+        if let Err(e) = migrated {
+            receive.abort();
+            let _ = std::fs::remove_file(&sock);
+            return Err(e);
+        }
+        let received = receive
+            .await
+            .map_err(|e| VmmError::Snapshot(format!("receiving the state: {e}")))?
+            .map_err(|e| VmmError::Snapshot(format!("receiving the state: {e}")))?;
+        let _ = std::fs::remove_file(&sock);
+        tracing::debug!(bytes = received, "device state saved");
+        Ok(received)
+    }
+
     /// Loads a snapshot's state into this VM, started with `-incoming defer`, and runs it.
     async fn migrate_in(&self, snapshot: &Snapshot, deadline: Instant) -> Result<(), VmmError> {
-        let m = snapshot.manifest();
-        self.set_ignore_shared(m.memory == MemoryFormat::File || m.ignore_shared)
+        self.set_ignore_shared(snapshot.manifest().memory == MemoryFormat::File)
             .await?;
         let sock = self.dir.file("incoming.sock");
         let uri = format!("unix:{}", sock.display());

@@ -109,11 +109,13 @@ fn idstr(r: &mut impl Read) -> std::io::Result<Vec<u8>> {
     Ok(s)
 }
 
-/// Splits `stream`: pages of the RAM block `block` go into `memory` (truncated to the
-/// block's size first: a sparse file), the rest into `state`. See the module docs.
+/// Splits `stream`: pages of the RAM block `block`, which must be `block_bytes` long,
+/// go into `memory` (truncated to that size first: a sparse file), the rest into
+/// `state`. See the module docs.
 pub fn split(
     stream: impl Read,
     block: &str,
+    block_bytes: u64,
     state: impl Write,
     memory: &std::fs::File,
 ) -> Result<SplitStats, SplitError> {
@@ -136,8 +138,10 @@ pub fn split(
 
     let mut ram = RamReader {
         block: block.as_bytes().to_vec(),
+        expected_bytes: block_bytes,
         last_block: None,
         block_bytes: None,
+        written: Vec::new(),
         memory,
         page: vec![0u8; PAGE_SIZE as usize],
     };
@@ -212,11 +216,28 @@ fn read_until_ram_section(r: &mut impl BufRead) -> Result<Vec<u8>, SplitError> {
 
 struct RamReader<'a> {
     block: Vec<u8>,
+    /// The size the block must have (the guest's RAM).
+    expected_bytes: u64,
     /// The block the previous record named (what `CONTINUE` refers to).
     last_block: Option<Vec<u8>>,
     block_bytes: Option<u64>,
+    /// One bit per page of the block: written with data. A zero record for such a page
+    /// (sent again after it was cleared) must clear it in the image too.
+    written: Vec<u64>,
     memory: &'a std::fs::File,
     page: Vec<u8>,
+}
+
+impl RamReader<'_> {
+    fn mark(&mut self, offset: u64) {
+        let n = (offset / PAGE_SIZE) as usize;
+        self.written[n / 64] |= 1 << (n % 64);
+    }
+
+    fn was_written(&self, offset: u64) -> bool {
+        let n = (offset / PAGE_SIZE) as usize;
+        self.written[n / 64] & (1 << (n % 64)) != 0
+    }
 }
 
 impl RamReader<'_> {
@@ -259,7 +280,7 @@ impl RamReader<'_> {
             let ours = *current == self.block;
             if ours {
                 let size = self.block_bytes.unwrap_or(0);
-                if offset + PAGE_SIZE > size {
+                if offset.checked_add(PAGE_SIZE).is_none_or(|end| end > size) {
                     return Err(format(format!(
                         "a page at {offset:#x} past the block's {size} bytes"
                     )));
@@ -275,17 +296,19 @@ impl RamReader<'_> {
                 let [fill] = read_array::<1>(r)?;
                 if !ours {
                     out.put(&[fill])?;
-                } else if fill == 0 {
+                } else if fill == 0 && !self.was_written(offset) {
                     stats.zero_pages += 1;
                 } else {
                     self.page.fill(fill);
                     self.memory.write_all_at(&self.page, offset)?;
+                    self.mark(offset);
                     stats.pages += 1;
                 }
             } else if flags & FLAG_PAGE != 0 {
                 r.read_exact(&mut self.page)?;
                 if ours {
                     self.memory.write_all_at(&self.page, offset)?;
+                    self.mark(offset);
                     stats.pages += 1;
                 } else {
                     out.put(&self.page)?;
@@ -325,10 +348,22 @@ impl RamReader<'_> {
             out.put(&used.to_be_bytes())?;
             out.put(&addr.to_be_bytes())?;
             if id == self.block {
+                if self.block_bytes.is_some() {
+                    return Err(format("the RAM block is listed twice"));
+                }
+                if used != self.expected_bytes || used % PAGE_SIZE != 0 {
+                    return Err(format(format!(
+                        "the RAM block has {used} bytes, the guest {}",
+                        self.expected_bytes
+                    )));
+                }
                 self.memory.set_len(used)?;
                 self.block_bytes = Some(used);
+                self.written = vec![0; (used / PAGE_SIZE).div_ceil(64) as usize];
             }
-            seen += used;
+            seen = seen
+                .checked_add(used)
+                .ok_or_else(|| format("RAM block sizes overflow"))?;
         }
         if seen != total {
             return Err(format(format!(
@@ -427,7 +462,7 @@ mod tests {
             .open(&path)
             .unwrap();
         let mut state = Vec::new();
-        let stats = split(&with[..], "mem0", &mut state, &memory).unwrap();
+        let stats = split(&with[..], "mem0", 64 * PAGE_SIZE, &mut state, &memory).unwrap();
         assert_eq!(
             (stats.pages, stats.zero_pages, stats.block_bytes),
             (3, 1, 64 * PAGE_SIZE)
@@ -449,11 +484,32 @@ mod tests {
     }
 
     #[test]
+    fn a_page_sent_again_as_zeros_is_cleared() {
+        let path = temp("again");
+        let memory = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        let twice = stream(&[
+            ("mem0", 3 * PAGE_SIZE, None),
+            ("mem0", 3 * PAGE_SIZE, Some(0)),
+        ]);
+        split(&twice[..], "mem0", 64 * PAGE_SIZE, std::io::sink(), &memory).unwrap();
+        let image = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(image.iter().all(|b| *b == 0));
+    }
+
+    #[test]
     fn streams_it_does_not_know_are_refused() {
         let path = temp("refused");
         let memory = std::fs::File::create(&path).unwrap();
         let mut good = stream(&[("mem0", 0, None)]);
-        let refused = |bytes: &[u8]| split(bytes, "mem0", std::io::sink(), &memory).unwrap_err();
+        let refused = |bytes: &[u8]| {
+            split(bytes, "mem0", 64 * PAGE_SIZE, std::io::sink(), &memory).unwrap_err()
+        };
         assert!(matches!(refused(b"not a stream"), SplitError::Format(_)));
         // An XBZRLE page.
         let mut xbzrle = good.clone();
@@ -469,6 +525,12 @@ mod tests {
         // A page past the block.
         let past = stream(&[("mem0", 64 * PAGE_SIZE, None)]);
         assert!(matches!(refused(&past), SplitError::Format(_)));
+        // A block of another size than the guest's RAM.
+        let other = stream(&[("mem0", 0, None)]);
+        assert!(matches!(
+            split(&other[..], "mem0", 32 * PAGE_SIZE, std::io::sink(), &memory).unwrap_err(),
+            SplitError::Format(_)
+        ));
         std::fs::remove_file(&path).unwrap();
     }
 }

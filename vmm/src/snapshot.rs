@@ -7,7 +7,8 @@
 //!   state: the `x-ignore-shared` capability leaves a VM's own (shared) RAM out, and a
 //!   copy-on-write VM's RAM, which QEMU must send, is split out of the stream into
 //!   `memory` ([`crate::ram_stream`]). [`MemoryFormat::Stream`] snapshots (older ones,
-//!   or a stream that could not be split) hold RAM too.
+//!   or one whose stream this build could not split, saved again without
+//!   `x-ignore-shared`) hold RAM too.
 //! - `memory` — guest RAM as a sparse positional image ([`MemoryFormat::File`] only):
 //!   page N at offset N × 4 KiB, so successive snapshots and a fork family share every
 //!   unchanged chunk. Restores map it `share=off`: pages are copied only when a child
@@ -66,11 +67,6 @@ pub struct SnapshotManifest {
     pub disk_mib: u64,
     pub egress: bool,
     pub memory: MemoryFormat,
-    /// Whether the state was saved with `x-ignore-shared` (a restore must set it the
-    /// same way: QEMU checks). Every memory file snapshot was; a stream snapshot only
-    /// when its RAM could not be split out (older ones were not).
-    #[serde(default)]
-    pub ignore_shared: bool,
     /// Whether the VM was on a tap device in its own namespace (QEMU saves user-mode
     /// networking's state, so a snapshot restores only into the same kind of network).
     #[serde(default)]
@@ -394,7 +390,6 @@ mod tests {
             disk_mib: 1024,
             egress: true,
             memory: MemoryFormat::File,
-            ignore_shared: true,
             isolated_network: false,
             volumes: Vec::new(),
         };

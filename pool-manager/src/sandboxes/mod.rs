@@ -398,6 +398,9 @@ impl Manager {
         self.recover_after_states(intents).await?;
         // Scratch space of snapshots a crash interrupted: never published, never needed.
         let _ = std::fs::remove_dir_all(self.state_dir.join("uploads"));
+        // Page indexes of the previous daemon's VMs: its VMs' next snapshots index the
+        // memory they started as instead (an index only saves work).
+        let _ = std::fs::remove_dir_all(self.state_dir.join(snapshots::PAGE_INDEXES));
         // Fork snapshots no live child stands on (a fork the crash interrupted, or one
         // whose last child's delete did not get to it).
         let bases: std::collections::HashSet<String> = self

@@ -206,7 +206,9 @@ impl Manager {
         mem_mib: u32,
         copies: u64,
     ) -> Result<(), ApiError> {
-        let need = (mem_mib as u64) << 20;
+        // Twice the memory: a copy-on-write VM's stream carries it, and the memory image
+        // split out of the stream is written before the stream goes.
+        let need = (mem_mib as u64) << 21;
         let need = (need + allocated(vm.disk_path())) * copies;
         let reserve = self.snapshots.min_free_mib << 20;
         let free = free_bytes(dir)
@@ -221,6 +223,20 @@ impl Manager {
             .with_details(serde_json::json!({ "freeMiB": free >> 20, "neededMiB": need >> 20, "reserveMiB": self.snapshots.min_free_mib })));
         }
         Ok(())
+    }
+
+    /// Where the page index of `vm`'s last stored memory is kept: in a directory of the
+    /// daemon's (never the VM's, which its QEMU can write to), removed with the VM.
+    fn memory_index_of(&self, vm: &mut QemuVm) -> PathBuf {
+        let path = self
+            .state_dir
+            .join(PAGE_INDEXES)
+            .join(format!("{}.index", vm.id()));
+        if vm.held::<MemoryIndexFile>().is_none() {
+            let _ = std::fs::create_dir_all(path.parent().expect("a parent"));
+            vm.hold(MemoryIndexFile(path.clone()));
+        }
+        path
     }
 
     /// A scratch directory for one snapshot, removed by the caller.
@@ -252,7 +268,7 @@ impl Manager {
                     snapshot,
                     started,
                     memory_base: vm.memory_base().map(Path::to_path_buf),
-                    memory_index: vm.dir().join(MEMORY_INDEX),
+                    memory_index: self.memory_index_of(vm),
                 }),
                 Err(e) => {
                     super::remove_tree(dir).await;
@@ -319,14 +335,11 @@ impl Manager {
             )
             .await
             .map_err(|e| store_error("storing the snapshot", e))?;
-            if let Some(index) = &published.memory_index {
-                // Only where the VM still is: its directory goes with it.
-                if taken.memory_index.parent().is_some_and(Path::is_dir) {
-                    let (index, path) = (index.clone(), taken.memory_index.clone());
-                    let saved = tokio::task::spawn_blocking(move || index.save(&path)).await;
-                    if let Ok(Err(e)) = saved {
-                        warn!(sandbox = %r.id, error = %e, "the next snapshot stores its memory whole: saving the page index");
-                    }
+            if let Some(index) = published.memory_index.clone() {
+                let path = taken.memory_index.clone();
+                let saved = tokio::task::spawn_blocking(move || index.save(&path)).await;
+                if let Ok(Err(e)) = saved {
+                    warn!(sandbox = %r.id, error = %e, "the next snapshot indexes the memory it builds on again: saving the page index");
                 }
             }
             Ok((published.snapshot, published.stats))
@@ -1242,7 +1255,8 @@ impl Manager {
         };
         match self.vmm.fork(vm, count as usize, &dir, child_volumes).await {
             Ok((_snapshot, vms)) => {
-                inherit_memory_index(vm, &dir).await;
+                let own = self.memory_index_of(vm);
+                inherit_memory_index(vm, own, &dir).await;
                 info!(sandbox = %id, children = count, elapsed_ms = started.elapsed().as_millis() as u64, "forked");
                 intent.step("fork.children_started", serde_json::json!({}));
                 let mut views = Vec::new();
@@ -1419,9 +1433,21 @@ struct Taken {
     started: std::time::Instant,
     /// The memory file the VM's RAM started as (see [`QemuVm::memory_base`]).
     memory_base: Option<PathBuf>,
-    /// Where the VM keeps the page index of its last stored memory (in its own
-    /// directory: it goes with the VM).
+    /// Where the page index of the VM's last stored memory is kept.
     memory_index: PathBuf,
+}
+
+/// The daemon's directory (under its state directory) of its VMs' page indexes.
+pub(super) const PAGE_INDEXES: &str = "page-indexes";
+
+/// A VM's page index file, removed when the VM goes (held by it). A publish that ends
+/// after that may write it again: the next start removes the directory.
+struct MemoryIndexFile(PathBuf);
+
+impl Drop for MemoryIndexFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Gives a fork snapshot the page index the parent's snapshots are stored against
@@ -1429,8 +1455,7 @@ struct Taken {
 /// children's snapshots store their changes against the same chunks instead of the
 /// fork snapshot's (which the store does not have). Without one, the children index
 /// the fork snapshot itself.
-async fn inherit_memory_index(parent: &QemuVm, fork_dir: &Path) {
-    let own = parent.dir().join(MEMORY_INDEX);
+async fn inherit_memory_index(parent: &QemuVm, own: PathBuf, fork_dir: &Path) {
     let base = parent.memory_base().map(Path::to_path_buf);
     let dest = fork_dir.join("memory").with_extension("index");
     let _ = tokio::task::spawn_blocking(move || {
@@ -1446,9 +1471,6 @@ async fn inherit_memory_index(parent: &QemuVm, fork_dir: &Path) {
     })
     .await;
 }
-
-/// The page index a VM keeps of its last stored memory.
-const MEMORY_INDEX: &str = "memory.index";
 
 /// What a snapshot's memory is stored against: the page index the VM's previous
 /// snapshot left, else that of the memory file its RAM started as (made once, cached
