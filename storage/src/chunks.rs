@@ -30,8 +30,45 @@ use sha2::{Digest, Sha256};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// Chunks read, hashed and sent at once.
-const UPLOAD_CONCURRENCY: usize = 8;
+/// Chunks read, hashed and sent (or fetched) at once.
+const UPLOAD_CONCURRENCY: usize = 16;
+
+/// Runs `work` on each item with at most [`UPLOAD_CONCURRENCY`] in flight: a window,
+/// not batches, so one slow request holds up no others. Every one started runs to its
+/// end, failed or not (what landed stays: a retry sends only the rest); then the
+/// results, in the order they finished, or the first error.
+async fn windowed<I, F, T>(
+    items: I,
+    mut work: impl FnMut(I::Item) -> F,
+) -> Result<Vec<T>, StoreError>
+where
+    I: IntoIterator,
+    F: std::future::Future<Output = Result<T, StoreError>>,
+{
+    use futures::StreamExt;
+    let mut items = items.into_iter();
+    let mut running = futures::stream::FuturesUnordered::new();
+    let (mut done, mut failed) = (Vec::new(), None);
+    loop {
+        while failed.is_none() && running.len() < UPLOAD_CONCURRENCY {
+            match items.next() {
+                Some(item) => running.push(work(item)),
+                None => break,
+            }
+        }
+        match running.next().await {
+            None => break,
+            Some(Ok(t)) => done.push(t),
+            Some(Err(e)) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(done),
+    }
+}
 
 /// Size of a positional chunk: a multiple of the page size, so memory pages never
 /// straddle two.
@@ -742,36 +779,30 @@ async fn upload_claimed(
                     .map_err(io("seek", path))?
             };
             stats.skipped = size.div_ceil(CHUNK_SIZE) as usize - offsets.len();
-            for batch in offsets.chunks(UPLOAD_CONCURRENCY) {
-                let puts: Vec<_> = batch
-                    .iter()
-                    .map(|&offset| {
-                        let file = file.clone();
-                        let anchor = base.and_then(|b| b.index.anchors.get(&offset)).cloned();
-                        let has_base = base.is_some();
-                        async move {
-                            let p = tokio::task::spawn_blocking(move || {
-                                prepare_positional(
-                                    &file,
-                                    size,
-                                    offset,
-                                    has_base,
-                                    anchor.as_ref(),
-                                    want_index,
-                                )
-                            })
-                            .await
-                            .expect("read task")
-                            .map_err(io("read", path))?;
-                            store_prepared(store, claims, p, base).await
-                        }
+            let stored = windowed(offsets, |offset| {
+                let file = file.clone();
+                let anchor = base.and_then(|b| b.index.anchors.get(&offset)).cloned();
+                let has_base = base.is_some();
+                async move {
+                    let p = tokio::task::spawn_blocking(move || {
+                        prepare_positional(
+                            &file,
+                            size,
+                            offset,
+                            has_base,
+                            anchor.as_ref(),
+                            want_index,
+                        )
                     })
-                    .collect();
-                // Every put of the batch runs to its end, failed or not: what landed
-                // stays, so a retry of an interrupted upload sends only the rest.
-                for r in futures::future::join_all(puts).await {
-                    take(r?, &mut stats);
+                    .await
+                    .expect("read task")
+                    .map_err(io("read", path))?;
+                    store_prepared(store, claims, p, base).await
                 }
+            })
+            .await?;
+            for st in stored {
+                take(st, &mut stats);
             }
         }
         Layout::ContentDefined => {
@@ -831,6 +862,8 @@ async fn upload_claimed(
             cutter.await.expect("chunking task");
         }
     }
+    // They finished in any order: the manifest lists them by offset.
+    chunks.sort_unstable_by_key(|c| c.offset);
     let cut = match layout {
         Layout::Positional { .. } => Cut::Fixed,
         Layout::ContentDefined => Cut::ContentDefined,
@@ -943,18 +976,14 @@ async fn restore(
     let result = async {
         let file = &file;
         let tmp = &tmp;
-        // In batches, several gets in flight. (A stream over an iterator with a
-        // closure would pipeline better, but its future is not provably `Send` to
-        // rustc, and callers spawn this.)
-        for batch in manifest.chunks.chunks(UPLOAD_CONCURRENCY) {
-            let gets: Vec<_> = batch
-                .iter()
-                .map(|chunk| restore_chunk(store, chunk, file, tmp, index))
-                .collect();
-            for (chunk, anchor) in batch.iter().zip(futures::future::try_join_all(gets).await?) {
-                if let Some(a) = anchor {
-                    anchors.anchors.insert(chunk.offset, a);
-                }
+        let got = windowed(&manifest.chunks, |chunk| async move {
+            let anchor = restore_chunk(store, chunk, file, tmp, index).await?;
+            Ok((chunk.offset, anchor))
+        })
+        .await?;
+        for (offset, anchor) in got {
+            if let Some(a) = anchor {
+                anchors.anchors.insert(offset, a);
             }
         }
         file.sync_all().map_err(io("sync", tmp))

@@ -461,7 +461,12 @@ impl Daemon {
             .arg(&state)
             .arg("--templates-dir")
             .arg(shared_templates_dir())
-            .env("RUST_LOG", "warn")
+            // Warnings only, unless `NULLSPACE_TEST_DAEMON_LOG` asks for more (a bench's
+            // timings: `NULLSPACE_TEST_DAEMON_LOG=info`).
+            .env(
+                "RUST_LOG",
+                std::env::var("NULLSPACE_TEST_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             // Its own run directory: a daemon reaps VM directories of dead owners, and
             // another test's daemon killed on purpose is one.
             .env("NULLSPACE_RUN_DIR", &run_dir);
@@ -737,4 +742,15 @@ pub fn admin_in(state: &std::path::Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Bytes of the files directly in `dir` (apparent sizes; 0 if it is missing).
+pub fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
 }

@@ -550,14 +550,7 @@ async fn tampered_manifests_are_refused_and_write_nothing_outside() {
 
 /// What the local store's chunks take on disk.
 fn chunk_bytes(stack: &Stack) -> u64 {
-    let dir = stack.daemon.state_dir().join("objects").join("chunks");
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum()
+    nullspace_tests::dir_bytes(&stack.daemon.state_dir().join("objects").join("chunks"))
 }
 
 /// A snapshot through the API: its answer and what the store grew by.

@@ -19,7 +19,7 @@
 //! the first and takes ≤ 25% of its time; S3 throughput ≥ 0.9× raw.
 
 use nullspace_tests::http::{small, Api};
-use nullspace_tests::{s3_flags, Daemon, S3_ENV};
+use nullspace_tests::{dir_bytes, s3_flags, Daemon, S3_ENV};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -41,17 +41,6 @@ async fn post(api: &Api, path: &str, body: Value, want: StatusCode) -> anyhow::R
     let (status, v) = api.post(path, body).await;
     anyhow::ensure!(status == want, "{path}: {status} {v}");
     Ok(v)
-}
-
-/// Bytes of the files under `dir` (apparent sizes).
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum()
 }
 
 /// One snapshot: how long it took, and its bytes.
@@ -233,7 +222,8 @@ async fn s3_throughput() -> anyhow::Result<()> {
         "restored bytes differ"
     );
 
-    // Raw: one multipart object, 8 MiB parts, 8 in flight; ranged gets the same way.
+    // Raw: one multipart object, 8 MiB parts, 8 in flight; ranged gets the same way,
+    // written into a file and flushed (the store's restore verifies and flushes too).
     let client = store.client().clone();
     let bucket = store.bucket().to_string();
     let key = "raw/data";
@@ -289,23 +279,25 @@ async fn s3_throughput() -> anyhow::Result<()> {
         .send()
         .await?;
     let raw_up = t.elapsed();
+    // Into a file flushed to disk, as a restore must leave it.
     let t = Instant::now();
-    let mut got = vec![0u8; SIZE];
-    for (batch_no, batch) in got.chunks_mut(PART * PARALLEL).enumerate() {
-        let gets: Vec<_> = batch
-            .chunks_mut(PART)
-            .enumerate()
-            .map(|(i, out)| {
-                let start = (batch_no * PARALLEL + i) * PART;
+    let out = std::fs::File::create(dir.join("raw"))?;
+    for batch_no in 0..SIZE.div_ceil(PART * PARALLEL) {
+        let gets: Vec<_> = (0..PARALLEL)
+            .map(|i| (batch_no * PARALLEL + i) * PART)
+            .filter(|start| *start < SIZE)
+            .map(|start| {
+                let end = (start + PART).min(SIZE);
                 let req = client
                     .get_object()
                     .bucket(&bucket)
                     .key(key)
-                    .range(format!("bytes={start}-{}", start + out.len() - 1));
+                    .range(format!("bytes={start}-{}", end - 1));
+                let out = &out;
                 async move {
                     let body = req.send().await?.body.collect().await?.into_bytes();
-                    anyhow::ensure!(body.len() == out.len(), "a short range");
-                    out.copy_from_slice(&body);
+                    anyhow::ensure!(body.len() == end - start, "a short range");
+                    std::os::unix::fs::FileExt::write_all_at(out, &body, start as u64)?;
                     Ok::<_, anyhow::Error>(())
                 }
             })
@@ -314,15 +306,19 @@ async fn s3_throughput() -> anyhow::Result<()> {
             r?;
         }
     }
+    out.sync_all()?;
     let raw_down = t.elapsed();
-    anyhow::ensure!(got == bytes, "raw download differs");
+    anyhow::ensure!(
+        std::fs::read(dir.join("raw"))? == bytes,
+        "raw download differs"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     for c in &manifest.chunks {
         let _ = store.delete(&c.key()).await;
     }
     let _ = store.delete(key).await;
 
-    println!("S3 throughput, 256 MiB of random bytes (SeaweedFS, loopback):");
+    println!("S3 throughput, 256 MiB of random bytes (SeaweedFS, loopback; downloads into a file flushed to disk):");
     println!(
         "  upload   store {:>6.0} MiB/s   raw multipart {:>6.0} MiB/s   ratio {:.2}x (goal: at least 0.9x)",
         rate(ours_up),
