@@ -225,9 +225,15 @@ async fn the_sdk_snapshots_restores_forks_and_hibernates() {
         (snap.kind.as_str(), snap.storage.as_str()),
         ("manual", "object")
     );
+    // What it sent: the whole of a first snapshot in a new store, nothing once listed.
+    let sent = snap
+        .uploaded_bytes
+        .expect("a new snapshot says what it sent");
+    assert!(sent > 0 && sent <= snap.size_bytes, "{snap:?}");
     let listed = sbx.list_snapshots().await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].snapshot_id, snap.snapshot_id);
+    assert_eq!(listed[0].uploaded_bytes, None);
 
     let children = sbx.fork(1).await.unwrap();
     assert_eq!(children.len(), 1);

@@ -140,6 +140,10 @@ pub struct SnapshotInfo {
     /// The name the team gave it (a start source: [`crate::CreateOptions::snapshot_named`]).
     #[serde(default)]
     pub name: Option<String>,
+    /// Only on the snapshot just taken: the bytes it sent to the store (what the store
+    /// lacked of it; the rest it shares with other snapshots).
+    #[serde(default)]
+    pub uploaded_bytes: Option<u64>,
 }
 
 /// Options of [`crate::Sandbox::restore`].

@@ -161,6 +161,8 @@ export interface SnapshotInfo {
   resources?: Resources;
   /** The team-unique name it was given, if any (a start source: `snapshotName`). */
   name?: string;
+  /** Only on the snapshot just taken: the bytes it sent to the store (what the store lacked of it). */
+  uploadedBytes?: number;
 }
 
 /** @internal */
@@ -177,6 +179,7 @@ export function parseSnapshot(doc: Doc): SnapshotInfo {
   };
   if (doc.resources) s.resources = doc.resources;
   if (doc.name !== undefined && doc.name !== null) s.name = doc.name;
+  if (typeof doc.uploadedBytes === "number") s.uploadedBytes = doc.uploadedBytes;
   return s;
 }
 

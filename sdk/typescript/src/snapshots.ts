@@ -36,6 +36,8 @@ export class Snapshot implements SnapshotInfo {
   resources?: Resources;
   /** The team-unique name it was given, if any. */
   name?: string;
+  /** Only on the snapshot just taken: the bytes it sent to the store. */
+  uploadedBytes?: number;
 
   /** @internal */
   constructor(
@@ -52,6 +54,7 @@ export class Snapshot implements SnapshotInfo {
     this.storage = info.storage;
     if (info.resources) this.resources = info.resources;
     if (info.name !== undefined) this.name = info.name;
+    if (info.uploadedBytes !== undefined) this.uploadedBytes = info.uploadedBytes;
     Object.defineProperty(this, "config", { enumerable: false });
   }
 

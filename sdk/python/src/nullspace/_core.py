@@ -149,6 +149,9 @@ class SnapshotInfo:
     storage: str
     resources: Optional[Dict[str, int]] = None
     name: Optional[str] = None
+    #: Only on the snapshot just taken: the bytes it sent to the store (what the store
+    #: lacked of it; the rest it shares with other snapshots).
+    uploaded_bytes: Optional[int] = None
 
     @staticmethod
     def parse(doc: Dict[str, Any]) -> "SnapshotInfo":
@@ -163,6 +166,7 @@ class SnapshotInfo:
             storage=doc.get("storage", ""),
             resources=doc.get("resources"),
             name=doc.get("name"),
+            uploaded_bytes=doc.get("uploadedBytes"),
         )
 
 
