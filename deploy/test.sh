@@ -37,6 +37,10 @@ step "checking the host (nullspace-pool-manager check)" host_check
 s3_dir=$(mktemp -d /tmp/nullspace-test-s3-XXXXXX)
 pg_dir=$(mktemp -d /tmp/nullspace-test-pg-XXXXXX)
 trap 'deploy/postgres.sh stop "$pg_dir" || true; rm -rf "$pg_dir"; deploy/seaweedfs.sh stop "$s3_dir"; rm -rf "$s3_dir"' EXIT
+# A signal (a CI run cut short) ends the script through its EXIT trap too: bash runs
+# none for an untrapped SIGTERM, and the servers and VM directories would outlive it.
+trap 'exit 143' TERM HUP
+trap 'exit 130' INT
 NULLSPACE_TEST_S3=$(deploy/seaweedfs.sh start "$s3_dir" 19433)
 export NULLSPACE_TEST_S3
 NULLSPACE_TEST_POSTGRES=$(deploy/postgres.sh start "$pg_dir" 19543)

@@ -27,6 +27,10 @@ stop_all() {
     pids=()
 }
 trap 'stop_all; rm -rf "$state" "$run_dir"' EXIT
+# A signal (a CI run cut short) ends the script through its EXIT trap too: bash runs
+# none for an untrapped SIGTERM, and the servers and VM directories would outlive it.
+trap 'exit 143' TERM HUP
+trap 'exit 130' INT
 
 "$bin/nullspace-pool-manager" admin team create ci --max-sandboxes "${NULLSPACE_TEAM_QUOTA:-4}" \
     --state-dir "$state" >/dev/null

@@ -222,6 +222,16 @@ pub struct UploadStats {
 }
 
 impl UploadStats {
+    /// Counts one object stored: `sent` (its `len` bytes), or found in the store.
+    fn count(&mut self, sent: bool, len: u64) {
+        if sent {
+            self.uploaded += 1;
+            self.bytes_uploaded += len;
+        } else {
+            self.reused += 1;
+        }
+    }
+
     /// Adds another upload's counts.
     pub fn add(&mut self, o: &UploadStats) {
         self.chunks += o.chunks;
@@ -436,8 +446,7 @@ async fn ensure_anchor(
     .expect("read task");
     match read {
         Ok(buf) if sha_hex(&buf) == a.sha256 => {
-            stats.uploaded += 1;
-            stats.bytes_uploaded += len;
+            stats.count(true, len);
             store.put(&chunk_key(&a.sha256), buf.into()).await?;
             Ok(true)
         }
@@ -487,12 +496,8 @@ async fn store_prepared(
             if usable {
                 let patch_sha = sha_hex(&patch);
                 let patch_len = patch.len() as u64;
-                if put_claimed(store, claims, &patch_sha, || patch).await? {
-                    stats.uploaded += 1;
-                    stats.bytes_uploaded += patch_len;
-                } else {
-                    stats.reused += 1;
-                }
+                let sent = put_claimed(store, claims, &patch_sha, || patch).await?;
+                stats.count(sent, patch_len);
                 stats.patched += 1;
                 stats.chunks += 1;
                 return Ok(Stored {
@@ -512,12 +517,8 @@ async fn store_prepared(
         }
     };
     let data = p.data;
-    if put_claimed(store, claims, &sha, || data).await? {
-        stats.uploaded += 1;
-        stats.bytes_uploaded += len;
-    } else {
-        stats.reused += 1;
-    }
+    let sent = put_claimed(store, claims, &sha, || data).await?;
+    stats.count(sent, len);
     stats.chunks += 1;
     Ok(Stored {
         anchor: pages.map(|pages| Anchor {

@@ -1076,10 +1076,10 @@ const RAM_BLOCK: &str = "mem0";
 
 /// Splits the stream a copy-on-write VM wrote into `dest/state.stream` into `state` and
 /// a positional `memory` image of `mem_mib` (see [`crate::ram_stream`]); the stream goes.
-/// `None` if this build cannot read the stream (another QEMU's layout): nothing of it is
+/// `false` if this build cannot read the stream (another QEMU's layout): nothing of it is
 /// left, and the caller saves a whole stream instead. A failure to read or write (a full
 /// disk) fails the snapshot.
-async fn split_memory(dest: &Path, mem_mib: u32) -> Result<Option<()>, VmmError> {
+async fn split_memory(dest: &Path, mem_mib: u32) -> Result<bool, VmmError> {
     use crate::ram_stream::SplitError;
     let dest = dest.to_path_buf();
     blocking(move || {
@@ -1113,7 +1113,7 @@ async fn split_memory(dest: &Path, mem_mib: u32) -> Result<Option<()>, VmmError>
                     ms = started.elapsed().as_millis() as u64,
                     "guest RAM split out of the migration stream"
                 );
-                Ok(Some(()))
+                Ok(true)
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&memory);
@@ -1121,7 +1121,7 @@ async fn split_memory(dest: &Path, mem_mib: u32) -> Result<Option<()>, VmmError>
                 match e {
                     SplitError::Format(why) => {
                         tracing::warn!(why, "the migration stream is saved with its RAM: this snapshot shares fewer chunks");
-                        Ok(None)
+                        Ok(false)
                     }
                     SplitError::Io(e) => Err(VmmError::Snapshot(format!(
                         "writing the snapshot's memory image: {e}"
@@ -2162,8 +2162,8 @@ impl QemuVm {
         } else {
             self.save_state(&dest.join(STREAM_FILE)).await?;
             match split_memory(dest, self.launch.mem_mib).await? {
-                Some(()) => MemoryFormat::File,
-                None => {
+                true => MemoryFormat::File,
+                false => {
                     // A stream this build cannot split: saved again as a whole stream
                     // (RAM inside, `x-ignore-shared` off, as a restore of one expects).
                     // QEMU migrates no VM a migration left stopped (`postmigrate`): it

@@ -1457,19 +1457,9 @@ impl Drop for MemoryIndexFile {
 /// the fork snapshot itself.
 async fn inherit_memory_index(parent: &QemuVm, own: PathBuf, fork_dir: &Path) {
     let base = parent.memory_base().map(Path::to_path_buf);
-    let dest = fork_dir.join("memory").with_extension("index");
-    let _ = tokio::task::spawn_blocking(move || {
-        let index = match storage::pages::PageIndex::load(&own) {
-            Ok(index) => index,
-            Err(_) => storage::pages::PageIndex::of_file_cached(
-                base.as_deref().filter(|b| b.is_file())?,
-                storage::CHUNK_SIZE,
-            )
-            .ok()?,
-        };
-        index.save(&dest).ok()
-    })
-    .await;
+    let dest = fork_dir.join("memory.index");
+    let _ =
+        tokio::task::spawn_blocking(move || memory_base(base, &own)?.index.save(&dest).ok()).await;
 }
 
 /// What a snapshot's memory is stored against: the page index the VM's previous
