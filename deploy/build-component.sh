@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the public API component: the core module for wasm32-wasip1 with Debian's
+# Builds the public API component (with the web dashboard it serves, built first by
+# deploy/build-dashboard.sh): the core module for wasm32-wasip1 with Debian's
 # rustc-web and build-std (deploy/wasm-toolchain.sh), then a component with the preview1
 # proxy adapter (api-component/componentize). Prints the component's path:
 # $NULLSPACE_CACHE/components/nullspace-api.wasm.
@@ -9,6 +10,10 @@ cache=${NULLSPACE_CACHE:-/var/cache/nullspace}
 host_target=${CARGO_TARGET_DIR:-$cache/target}
 step="toolchain"
 trap 'echo "component build FAILED at step: $step" >&2' ERR
+
+# The dashboard's files are embedded in the component (api-component/build.rs).
+step="dashboard"
+deploy/build-dashboard.sh >/dev/null
 
 # The componentizer runs on the host: build it with the host toolchain first.
 step="componentize"

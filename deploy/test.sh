@@ -60,4 +60,6 @@ step "fuzzing the public API (schemathesis)" deploy/schemathesis.sh "$CARGO_TARG
 step "testing the Python SDK (pytest)" deploy/test-python-sdk.sh "$CARGO_TARGET_DIR/debug"
 # The TypeScript SDK: npm ci (cached), build, npm pack checked, node --test on a live stack of its own.
 step "testing the TypeScript SDK (node --test)" deploy/test-typescript-sdk.sh "$CARGO_TARGET_DIR/debug"
+# The web dashboard in headless Chromium (Playwright), on a live stack of its own.
+step "testing the dashboard in Chromium (Playwright)" deploy/test-dashboard.sh "$CARGO_TARGET_DIR/debug"
 echo "[nullspace] ✓ all tests passed in $((SECONDS - total)) s" >&2

@@ -106,6 +106,7 @@ cat <<MSG
 
 Nullspace is running on this machine (set up in $((SECONDS - total)) s):
   public API   http://$public/api/v1   (OpenAPI: http://$public/api/v1/openapi.json)
+  dashboard    http://$public/dashboard/   (open it in a browser; sign in with the API key below)
   API key      $key
   data plane   http://$edge   (reached with the runtime token a create returns)
   previews     http://PORT-SANDBOXID.localhost:${preview#*:}   (POST /api/v1/sandboxes/ID/previews {"port":N} signs one)

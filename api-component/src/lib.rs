@@ -25,6 +25,8 @@ use spin_sdk::http::{
 };
 use spin_sdk::http_component;
 
+mod dashboard;
+
 /// The pool manager's internal API when the environment names none.
 const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:7070";
 
@@ -172,6 +174,9 @@ async fn serve(req: IncomingRequest) -> Result<Answer, ApiError> {
         Some((p, q)) => (p.to_string(), Some(q.to_string())),
         None => (path_with_query.clone(), None),
     };
+    if let Some(page) = dashboard::serve(&method, &path) {
+        return Ok(Answer::Whole(page));
+    }
     let segments: Vec<&str> = path
         .strip_prefix("/api/v1")
         .map(|rest| rest.split('/').filter(|s| !s.is_empty()).collect())
@@ -377,8 +382,8 @@ fn route(
                 return Ok(forward(Method::Put, path, body));
             }
             let allowed = match *action {
-                "connect" | "pause" | "resume" | "refreshes" | "timeout" | "hibernate" | "fork"
-                | "previews" => "POST",
+                "connect" | "access" | "pause" | "resume" | "refreshes" | "timeout"
+                | "hibernate" | "fork" | "previews" => "POST",
                 "events" | "logs" | "metrics" | "recordings" | "audit" => "GET",
                 _ => return Err(unknown_route()),
             };

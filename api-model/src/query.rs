@@ -24,6 +24,7 @@ pub const VIEW_FIELDS: &[&str] = &[
     "mounts",
     "recording",
     "securityPolicy",
+    "dashboardUrl",
 ];
 
 /// The seeds' names for view fields, accepted by `fields=` and answered under the name

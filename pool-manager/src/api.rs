@@ -29,6 +29,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/sandboxes", post(create).get(list))
         .route("/v1/sandboxes/{id}", get(detail).delete(delete))
         .route("/v1/sandboxes/{id}/connect", post(connect))
+        .route("/v1/sandboxes/{id}/access", post(access))
         .route("/v1/sandboxes/{id}/pause", post(pause))
         .route("/v1/sandboxes/{id}/resume", post(resume))
         .route("/v1/sandboxes/{id}/refreshes", post(refresh))
@@ -249,6 +250,17 @@ async fn connect(
     Ok(Json(
         to_completion(async move { m.connect(&team, &id, timeout).await }).await?,
     ))
+}
+
+/// Data-plane access for one more client: no resume, no older token ended.
+async fn access(
+    State(m): State<Arc<Manager>>,
+    Caller(team): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let _: NoFields = parse_body(&body)?;
+    Ok(Json(json!({ "runtime": m.access(&team, &id)? })))
 }
 
 async fn pause(

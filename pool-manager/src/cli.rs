@@ -113,6 +113,12 @@ pub struct Serve {
     /// prints its path)
     #[arg(long, value_name = "FILE.wasm", requires = "public_listen")]
     pub public_component: Option<PathBuf>,
+    /// The public API's origin as browsers reach it, http(s)://HOST[:PORT]: dashboard
+    /// links (`dashboardUrl`) point there, and the data plane allows cross-origin calls
+    /// from there only (default: http://ADDR of --public-listen, else
+    /// http://127.0.0.1:7080, where a separate nullspace-api listens by default)
+    #[arg(long, value_name = "URL", value_parser = public_url)]
+    pub public_url: Option<String>,
     /// Where the data-plane edge listens
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7071")]
     pub edge_listen: String,
@@ -363,6 +369,25 @@ pub struct WarmPool {
     pub spec: String,
 }
 
+/// `--public-url`: an origin, `http(s)://HOST[:PORT]`, with nothing after it.
+fn public_url(s: &str) -> Result<String, String> {
+    let url = s.trim().trim_end_matches('/');
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| {
+            format!(
+                "{s:?} is not an http:// or https:// URL; send e.g. https://sandboxes.example.com"
+            )
+        })?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', ' ', '@']) {
+        return Err(format!(
+            "{s:?} is not an origin (scheme, host and port only); send e.g. https://sandboxes.example.com or http://10.0.0.5:7080"
+        ));
+    }
+    Ok(url.to_string())
+}
+
 fn network_mode(s: &str) -> Result<NetworkMode, String> {
     s.parse()
         .map_err(|_| "send auto, isolated or user".to_string())
@@ -453,6 +478,30 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
         crate::layered::command::<Cli>().debug_assert();
+    }
+
+    #[test]
+    fn the_public_url_is_an_origin() {
+        assert_eq!(
+            public_url("https://sandboxes.example.com/").unwrap(),
+            "https://sandboxes.example.com"
+        );
+        assert_eq!(
+            public_url("http://10.0.0.5:7080").unwrap(),
+            "http://10.0.0.5:7080"
+        );
+        for bad in [
+            "10.0.0.5:7080",
+            "ftp://x",
+            "http://",
+            "http://x/dashboard",
+            "http://u@x",
+        ] {
+            let e = public_url(bad).unwrap_err();
+            assert!(e.contains("send e.g."), "{bad}: {e}");
+        }
+        let s = serve(&[], &[("NULLSPACE_PUBLIC_URL", "https://api.example.com")]);
+        assert_eq!(s.public_url.as_deref(), Some("https://api.example.com"));
     }
 
     #[test]

@@ -891,6 +891,13 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
         Some(api) => format!(" , public API http://{}", api.local_addr()?),
         None => String::new(),
     };
+    // Dashboard links and the data plane's CORS name the public API's origin: the
+    // operator's, else the one this process serves, else a separate API host's default.
+    match (&args.public_url, &public_api) {
+        (Some(url), _) => manager.set_public_url(url),
+        (None, Some(api)) => manager.set_public_url(&advertise(api.local_addr()?)),
+        (None, None) => {}
+    }
     let public_stop = stop_rx.clone();
     let public_server = async move {
         match public_api {

@@ -330,6 +330,8 @@ pub struct SandboxView {
     /// when its connections are not intercepted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub security_policy: Option<intercept::SecurityPolicy>,
+    /// Its page in the web dashboard (`<public URL>/dashboard/sandboxes/<id>`).
+    pub dashboard_url: String,
 }
 
 impl SandboxView {
@@ -355,6 +357,7 @@ impl SandboxView {
             host_id: r.host_id.clone(),
             recording: r.recording,
             security_policy: r.security_policy.clone(),
+            dashboard_url: String::new(),
         }
     }
 }

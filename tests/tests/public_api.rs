@@ -806,3 +806,261 @@ async fn the_pool_manager_serves_the_public_api_in_process() {
         .unwrap_or(0);
     assert!(kept >= 5, "{metrics}");
 }
+
+/// The dashboard's server side (issue 30): its pages and assets from the public API's
+/// origin with their security headers, `dashboardUrl` in every sandbox response, data-
+/// plane access that neither resumes nor revokes, CORS for the dashboard's origin only,
+/// and the WebSocket credential a browser can send. The pages themselves are tested in
+/// Chromium (deploy/test-dashboard.sh).
+#[tokio::test]
+async fn the_dashboard_is_served_and_every_sandbox_links_to_its_page() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let stack = Stack::start_in_process("public-dashboard");
+    let public = stack.daemon.public.clone().expect("a public API address");
+    let key = stack.daemon.team_key("acme");
+    let api = Api::at(&format!("{public}/api"), key.clone());
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+
+    // The page, for any path under /dashboard/ (the app routes itself), with no key.
+    let resp = http
+        .get(format!("{public}/dashboard"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(resp.headers()["location"], "/dashboard/");
+    let mut index = String::new();
+    for path in [
+        "/dashboard/",
+        "/dashboard/sandboxes/sbx-anything",
+        "/dashboard/pools",
+    ] {
+        let resp = http.get(format!("{public}{path}")).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let h = resp.headers().clone();
+        assert!(
+            h["content-type"].to_str().unwrap().starts_with("text/html"),
+            "{path}"
+        );
+        let csp = h["content-security-policy"].to_str().unwrap();
+        for rule in [
+            "script-src 'self'",
+            "frame-ancestors 'none'",
+            "base-uri 'none'",
+        ] {
+            assert!(csp.contains(rule), "{path}: {csp} lacks {rule}");
+        }
+        assert!(!csp.contains("unsafe-eval"), "{csp}");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(h["x-frame-options"], "DENY");
+        assert_eq!(h["referrer-policy"], "no-referrer");
+        assert!(
+            h.get("access-control-allow-origin").is_none(),
+            "the public API's origin grants no other origin"
+        );
+        index = resp.text().await.unwrap();
+    }
+    // Every asset the page names is served, with its type; nothing inline.
+    let assets: Vec<&str> = index
+        .split('"')
+        .filter(|s| s.starts_with("/dashboard/assets/"))
+        .collect();
+    assert!(
+        assets.len() >= 2,
+        "the page names its script and styles: {index}"
+    );
+    assert!(
+        !index.contains("<script>") && !index.contains("style="),
+        "{index}"
+    );
+    for asset in assets {
+        let resp = http.get(format!("{public}{asset}")).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{asset}");
+        let kind = resp.headers()["content-type"].to_str().unwrap().to_string();
+        let want = if asset.ends_with(".js") {
+            "text/javascript"
+        } else {
+            "text/css"
+        };
+        assert!(kind.starts_with(want), "{asset}: {kind}");
+        assert!(!resp.bytes().await.unwrap().is_empty(), "{asset}");
+    }
+    let resp = http
+        .get(format!("{public}/dashboard/assets/..%2F..%2Fapi%2Fv1%2Fhealth"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::NOT_FOUND,
+        "only embedded assets are served"
+    );
+    let resp = http
+        .get(format!("{public}/dashboard/assets/nothing.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let resp = http
+        .post(format!("{public}/dashboard/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(resp.headers()["allow"], "GET");
+
+    // dashboardUrl in create, detail and list (with fields=).
+    let sbx = api
+        .create(json!({ "templateID": "minimal", "resources": small(), "timeout": 300 }))
+        .await;
+    let id = sbx["sandboxID"].as_str().unwrap().to_string();
+    let page = format!("{public}/dashboard/sandboxes/{id}");
+    assert_eq!(sbx["dashboardUrl"], page.as_str(), "{sbx}");
+    assert_eq!(api.get(&id).await["dashboardUrl"], page.as_str());
+    let (status, v) = api
+        .fetch("/v1/sandboxes?fields=sandboxID,dashboardUrl")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["sandboxes"],
+        json!([{ "sandboxID": id, "dashboardUrl": page }])
+    );
+
+    // Access for the dashboard: a working token, and the create's token still works.
+    let (status, access) = api
+        .post(&format!("/v1/sandboxes/{id}/access"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{access}");
+    let dashboard_rt = Runtime::of(&access);
+    let (out, _, _) = dashboard_rt.run("echo from-the-dashboard").await;
+    assert_eq!(out, "from-the-dashboard\n");
+    let (out, _, _) = Runtime::of(&sbx).run("echo still-mine").await;
+    assert_eq!(out, "still-mine\n", "access ends no other client's token");
+    let (status, v) = api
+        .post(
+            &format!("/v1/sandboxes/{id}/access"),
+            json!({ "timeout": 5 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+
+    // CORS on the data plane: the dashboard's origin only.
+    let edge = dashboard_rt.base.clone();
+    let preflight = |origin: &'static str| {
+        http.request(
+            reqwest::Method::OPTIONS,
+            format!("{edge}/files/list?path=/"),
+        )
+        .header("origin", origin)
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "authorization")
+        .send()
+    };
+    let origin: &'static str = Box::leak(public.clone().into_boxed_str());
+    let resp = preflight(origin).await.unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    assert_eq!(resp.headers()["access-control-allow-origin"], origin);
+    let allowed = resp.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(allowed.contains("authorization"), "{allowed}");
+    let resp = preflight("http://evil.example").await.unwrap();
+    assert!(
+        resp.headers().get("access-control-allow-origin").is_none(),
+        "another origin is not allowed: {:?}",
+        resp.headers()
+    );
+    let resp = http
+        .get(format!("{edge}/files/list?path=/workspace"))
+        .bearer_auth(&dashboard_rt.token)
+        .header("origin", origin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["access-control-allow-origin"], origin);
+
+    // A browser's WebSocket carries its credential as a subprotocol: the terminal with
+    // the runtime token, the event stream with the API key; a wrong one is refused.
+    let ws = |path: String, credential: String| {
+        let url = format!("{edge}{path}").replacen("http://", "ws://", 1);
+        async move {
+            let mut req = url.into_client_request().unwrap();
+            req.headers_mut().insert(
+                "sec-websocket-protocol",
+                format!("nullspace.v1, nullspace.auth.{credential}")
+                    .parse()
+                    .unwrap(),
+            );
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                tokio_tungstenite::connect_async(req),
+            )
+            .await
+            .expect("the handshake ends within 30 s")
+        }
+    };
+    let (mut term, resp) = ws("/pty?cols=80&rows=24".into(), dashboard_rt.token.clone())
+        .await
+        .expect("the terminal opens with the token as a subprotocol");
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "nullspace.v1");
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    term.send(Message::Binary(b"echo dash-$((6*7))\n".to_vec().into()))
+        .await
+        .unwrap();
+    let mut screen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !screen.contains("dash-42") {
+        let msg = tokio::time::timeout_at(deadline, term.next())
+            .await
+            .expect("the terminal answers within 60 s")
+            .expect("the terminal stays open")
+            .unwrap();
+        if let Message::Binary(b) = msg {
+            screen.push_str(&String::from_utf8_lossy(&b));
+        }
+    }
+    drop(term);
+    let (mut events, _) = ws("/lifecycle/ws".into(), key.clone())
+        .await
+        .expect("the event stream opens with the API key as a subprotocol");
+    let first = tokio::time::timeout(Duration::from_secs(30), events.next())
+        .await
+        .expect("the log is replayed")
+        .unwrap()
+        .unwrap();
+    assert!(first.to_text().unwrap().contains("\"type\""), "{first}");
+    drop(events);
+    match ws("/pty".into(), "sbx-x.1.9999999999.forged".into()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED)
+        }
+        other => panic!(
+            "a forged credential opened a terminal: {:?}",
+            other.map(|_| ())
+        ),
+    }
+
+    // A paused sandbox gets no access (looking does not wake it), and stays paused.
+    let (status, v) = api
+        .post(&format!("/v1/sandboxes/{id}/pause"), json!({}))
+        .await;
+    assert!(status.is_success(), "{status} {v}");
+    let (status, v) = api
+        .post(&format!("/v1/sandboxes/{id}/access"), json!({}))
+        .await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (StatusCode::CONFLICT, Some("invalid_state")),
+        "{v}"
+    );
+    assert!(v["message"].as_str().unwrap().contains("resume"), "{v}");
+    assert_eq!(api.get(&id).await["state"], "paused");
+    assert_eq!(api.delete(&id).await, StatusCode::NO_CONTENT);
+}

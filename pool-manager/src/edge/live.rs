@@ -64,7 +64,9 @@ pub(super) async fn lifecycle_ws(
         (_, Some(after)) => after,
         (false, None) => 0,
     };
-    Ok(ws.on_upgrade(move |socket| follow_events(edge, id, after, socket)))
+    Ok(ws
+        .protocols([super::WS_PROTOCOL])
+        .on_upgrade(move |socket| follow_events(edge, id, after, socket)))
 }
 
 async fn follow_events(edge: Edge, id: String, mut after: u64, mut socket: WebSocket) {
@@ -161,10 +163,12 @@ pub(super) async fn pty_ws(
     let log = recorder.and_then(|r| r.pty_opened(cols, rows, command.as_deref()));
     // An open terminal keeps the sandbox from idling.
     let busy = edge.manager.activity.busy(&id);
-    Ok(ws.on_upgrade(move |socket| async move {
-        let _busy = busy;
-        terminal(process, socket, log).await
-    }))
+    Ok(ws
+        .protocols([super::WS_PROTOCOL])
+        .on_upgrade(move |socket| async move {
+            let _busy = busy;
+            terminal(process, socket, log).await
+        }))
 }
 
 #[derive(Deserialize)]
@@ -234,10 +238,12 @@ pub(super) async fn port_ws(
     let (agent, _) = edge.agent(&headers, &id).await?;
     let tunnel = agent.connect_port(port).await.map_err(agent_error)?;
     let busy = edge.manager.activity.busy(&id);
-    Ok(ws.on_upgrade(move |socket| async move {
-        let _busy = busy;
-        bridge_port(tunnel, socket).await
-    }))
+    Ok(ws
+        .protocols([super::WS_PROTOCOL])
+        .on_upgrade(move |socket| async move {
+            let _busy = busy;
+            bridge_port(tunnel, socket).await
+        }))
 }
 
 async fn bridge_port(tunnel: tokio::io::DuplexStream, mut socket: WebSocket) {

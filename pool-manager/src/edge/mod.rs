@@ -43,6 +43,7 @@ pub fn router(manager: Arc<Manager>, tokens: TokenSigner) -> Router {
         (manager.clone(), crate::cluster::routing::Face::Edge),
         crate::cluster::routing::to_owner,
     );
+    let cors_manager = manager.clone();
     let edge = Edge {
         manager,
         tokens,
@@ -72,7 +73,59 @@ pub fn router(manager: Arc<Manager>, tokens: TokenSigner) -> Router {
         .route("/v1/sandboxes/{id}/ports/{port}/ws", get(live::port_ws))
         .fallback(|| async { ApiError::not_found("route", "this path") })
         .layer(owner_routing)
+        .layer(axum::middleware::map_request(credential_from_subprotocol))
+        .layer(dashboard_cors(cors_manager))
         .with_state(edge)
+}
+
+/// The WebSocket subprotocol every upgrade answers with: a browser that offers
+/// subprotocols (to carry its credential, below) fails a handshake that selects none.
+pub(crate) const WS_PROTOCOL: &str = "nullspace.v1";
+
+/// The prefix of the subprotocol that carries a browser's credential: browsers cannot
+/// set headers on a WebSocket, and a credential in the URL would end up in logs and
+/// history. `new WebSocket(url, ["nullspace.v1", "nullspace.auth." + token])`.
+const AUTH_PROTOCOL_PREFIX: &str = "nullspace.auth.";
+
+/// A request without `Authorization` whose offered subprotocols carry a credential gets
+/// it as `Authorization: Bearer` (then every check, and a forward to the owner host,
+/// sees one kind of request).
+async fn credential_from_subprotocol(mut req: axum::extract::Request) -> axum::extract::Request {
+    if req.headers().contains_key(header::AUTHORIZATION) {
+        return req;
+    }
+    let credential = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(AUTH_PROTOCOL_PREFIX))
+        .and_then(|c| axum::http::HeaderValue::from_str(&format!("Bearer {c}")).ok());
+    if let Some(value) = credential {
+        req.headers_mut().insert(header::AUTHORIZATION, value);
+    }
+    req
+}
+
+/// CORS for the dashboard: cross-origin calls (files, commands) are allowed from the
+/// public API's origin only (`--public-url`, which serves `/dashboard/`), read per
+/// request since that origin is known once the public listener is bound.
+fn dashboard_cors(manager: Arc<Manager>) -> tower_http::cors::CorsLayer {
+    use axum::http::{HeaderName, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin, _| {
+            origin.as_bytes() == manager.public_url().as_bytes()
+        }))
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .expose_headers([
+            header::CONTENT_DISPOSITION,
+            header::CONTENT_LENGTH,
+            HeaderName::from_static("retry-after"),
+        ])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 mod presign;

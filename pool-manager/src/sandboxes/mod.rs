@@ -50,6 +50,9 @@ pub struct Manager {
     templates: Templates,
     tokens: TokenSigner,
     pub(crate) edge_url: String,
+    /// The public API's origin, where the dashboard is served (`--public-url`; set once
+    /// the public listener is bound when it derives from it).
+    public_url: std::sync::OnceLock<String>,
     state_dir: PathBuf,
     /// The template builder's step cache.
     build_cache_dir: PathBuf,
@@ -167,6 +170,10 @@ fn qcow2_backing(image: &Path) -> Option<PathBuf> {
     Some(image.parent().unwrap_or(Path::new("/")).join(name))
 }
 
+/// The public API's origin when the operator names none and this process serves none:
+/// where a separate `nullspace-api` listens by default.
+pub const DEFAULT_PUBLIC_URL: &str = "http://127.0.0.1:7080";
+
 /// Where a manager keeps things and what it allows.
 pub struct ManagerConfig {
     /// Base URL of this host's data plane, handed to clients.
@@ -231,6 +238,7 @@ impl Manager {
             vmm,
             tokens,
             edge_url,
+            public_url: std::sync::OnceLock::new(),
             state_dir,
             build_cache_dir,
             slots: Mutex::default(),
@@ -543,7 +551,38 @@ impl Manager {
     fn view(&self, r: &SandboxRecord, with_runtime: bool) -> SandboxView {
         let runtime =
             (with_runtime && r.state == InternalState::Active).then(|| self.runtime_access(r));
-        SandboxView::of(r, runtime)
+        let mut view = SandboxView::of(r, runtime);
+        view.dashboard_url = format!("{}/dashboard/sandboxes/{}", self.public_url(), r.id);
+        view
+    }
+
+    /// Sets the public API's origin (`http://HOST:PORT`, no trailing slash) that
+    /// dashboard links and the data plane's CORS name. Only the first call counts: it is
+    /// set once, at start.
+    pub fn set_public_url(&self, url: &str) {
+        let _ = self.public_url.set(url.trim_end_matches('/').to_string());
+    }
+
+    /// The public API's origin; [`DEFAULT_PUBLIC_URL`] until one is set.
+    pub fn public_url(&self) -> &str {
+        self.public_url
+            .get()
+            .map(String::as_str)
+            .unwrap_or(DEFAULT_PUBLIC_URL)
+    }
+
+    /// Data-plane access to running sandbox `id` for one more client (the dashboard): a
+    /// token of its current runtime epoch. Unlike `connect` it neither resumes a paused
+    /// sandbox (looking is not waking) nor ends the tokens other clients hold.
+    pub fn access(&self, team: &str, id: &str) -> Result<RuntimeAccess, ApiError> {
+        let r = self.owned(team, id)?;
+        if r.state != InternalState::Active {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is {}: the data plane reaches running sandboxes only; resume it (POST /api/v1/sandboxes/{id}/resume) first",
+                r.state.public()
+            )));
+        }
+        Ok(self.runtime_access(&r))
     }
 
     /// Validates a create request into a new record.

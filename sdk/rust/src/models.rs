@@ -108,6 +108,9 @@ pub struct SandboxInfo {
     /// [`crate::SecurityPolicy::from_body`].
     #[serde(default)]
     pub security_policy: Option<serde_json::Value>,
+    /// Its page in the web dashboard (empty from a server without one).
+    #[serde(default)]
+    pub dashboard_url: String,
 }
 
 /// A snapshot of a sandbox: memory, processes and disk at one instant.

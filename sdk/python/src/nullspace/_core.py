@@ -111,6 +111,8 @@ class SandboxInfo:
     #: ``injectionDefense``, ``transforms``, ``audit``, ``envMasking``, each masked
     #: secret with its generated ``placeholder``, never a real value); None without one.
     security_policy: Optional[Dict[str, Any]] = None
+    #: Its page in the web dashboard (``dashboardUrl``).
+    dashboard_url: str = ""
 
     @staticmethod
     def parse(doc: Dict[str, Any]) -> "SandboxInfo":
@@ -131,6 +133,7 @@ class SandboxInfo:
             egress=doc.get("egress"),
             mounts=doc.get("mounts") or [],
             security_policy=doc.get("securityPolicy"),
+            dashboard_url=doc.get("dashboardUrl", ""),
         )
 
 
