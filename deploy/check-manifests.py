@@ -96,8 +96,8 @@ def check_spin(schema: dict, path: Path) -> dict:
         return manifest
     triggers = manifest["trigger"].get("http", [])
     check(
-        [t["route"] for t in triggers] == ["/api/v1/..."],
-        f"{rel}: one HTTP trigger, on /api/v1/...",
+        [t["route"] for t in triggers] == ["/api/v1/...", "/dashboard/..."],
+        f"{rel}: two HTTP triggers, /api/v1/... and /dashboard/... (the dashboard the component serves)",
     )
     components = manifest.get("component", {})
     for t in triggers:
@@ -319,7 +319,7 @@ def check_k8s(label: str, path: Path, spinkube_schema: dict, k8s_spin: dict) -> 
                 name, port = b["name"], b["port"]["number"]
                 if name == "nullspace-api":
                     ok = app is not None  # the spin-operator makes this Service (port 80)
-                    check(ok and port == 80 and p["path"] == "/api/v1", f"{label}: {h}{p['path']} → the SpinApp's Service nullspace-api:80")
+                    check(ok and port == 80 and p["path"] in ("/api/v1", "/dashboard"), f"{label}: {h}{p['path']} → the SpinApp's Service nullspace-api:80")
                 else:
                     svc = by.get(("Service", name))
                     check(svc is not None and port in [x["port"] for x in svc["spec"]["ports"]], f"{label}: {h}{p['path']} → Service {name}:{port}")

@@ -142,6 +142,7 @@ if [ ! -e /etc/nullspace/pool-manager.env ]; then
 #NULLSPACE_EDGE_LISTEN=127.0.0.1:7071  # clients reach sandboxes here: the host's address for remote ones
 #NULLSPACE_PREVIEW_LISTEN=127.0.0.1:7072
 #NULLSPACE_PREVIEW_DOMAIN=preview.example.com
+#NULLSPACE_PUBLIC_URL=https://api.example.com  # dashboard links; the data plane's CORS origin
 # Several hosts on one catalog (docs/DEPLOY.md):
 #NULLSPACE_CATALOG=postgres://nullspace:PASSWORD@db.example.com:5432/nullspace
 #NULLSPACE_ADVERTISE_HOST=10.0.0.5

@@ -29,6 +29,12 @@ variable "preview_domain" {
   default     = "preview.nullspace.example.com"
 }
 
+variable "public_url" {
+  description = "The public API's origin as browsers reach it: dashboard links point there, and the data plane allows the dashboard's calls from there only"
+  type        = string
+  default     = "https://api.nullspace.example.com"
+}
+
 variable "s3_bucket" {
   type    = string
   default = "nullspace"
@@ -119,7 +125,7 @@ job "nullspace-pool-manager" {
           "$pm" serve --state-dir "$STATE_DIR" \
             --host-id "$HOST_ID" --advertise-host "$HOST_IP" \
             --listen "$HOST_IP:7070" --edge-listen "$HOST_IP:7071" --preview-listen "$HOST_IP:7072" \
-            --preview-domain "$PREVIEW_DOMAIN" --snapshot-store s3 \
+            --preview-domain "$PREVIEW_DOMAIN" --public-url "$PUBLIC_URL" --snapshot-store s3 \
             --s3-endpoint "$S3_ENDPOINT" --s3-bucket "$S3_BUCKET" --on-exit end &
           daemon=$!
           drain_then_stop() {
@@ -142,6 +148,7 @@ job "nullspace-pool-manager" {
         HOST_IP          = "${attr.unique.network.ip-address}"
         STATE_DIR        = var.state_dir
         PREVIEW_DOMAIN   = var.preview_domain
+        PUBLIC_URL       = var.public_url
         S3_BUCKET        = var.s3_bucket
         DRAIN_WAIT_S     = var.drain_wait_s
         NULLSPACE_CACHE   = "/var/cache/nullspace"

@@ -194,9 +194,14 @@ fn the_component_runs_under_stock_wasmtime_serve() {
             .contains("NULLSPACE_UPSTREAM"),
         "{v}"
     );
-    // Requests that need no upstream are still served.
+    // Requests that need no upstream are still served: health, and the dashboard's
+    // page and assets (built into the same `.wasm`).
     let (status, v) = call(&addr, "GET", "/api/v1/health", &[], "");
     assert_eq!((status, v["status"].as_str()), (200, Some("ok")), "{v}");
+    for path in ["/dashboard/", "/dashboard/assets/app.js"] {
+        let (status, _) = call(&addr, "GET", path, &[], "");
+        assert_eq!(status, 200, "{path} from stock wasmtime serve");
+    }
     stop_child(&mut broken, libc::SIGTERM, "wasmtime serve");
     drop(daemon);
 }
