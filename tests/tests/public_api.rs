@@ -890,7 +890,9 @@ async fn the_dashboard_is_served_and_every_sandbox_links_to_its_page() {
         assert!(!resp.bytes().await.unwrap().is_empty(), "{asset}");
     }
     let resp = http
-        .get(format!("{public}/dashboard/assets/..%2F..%2Fapi%2Fv1%2Fhealth"))
+        .get(format!(
+            "{public}/dashboard/assets/..%2F..%2Fapi%2Fv1%2Fhealth"
+        ))
         .send()
         .await
         .unwrap();

@@ -153,6 +153,12 @@ async fn the_async_sdk_drives_a_sandbox_end_to_end() {
     let info = Sandbox::get_info_by_id(&config, sbx.id()).await.unwrap();
     assert_eq!(info.state, "paused");
     assert!(info.runtime.is_none(), "a read-only get never wakes it");
+    assert!(
+        info.dashboard_url
+            .ends_with(&format!("/dashboard/sandboxes/{}", sbx.id())),
+        "{}",
+        info.dashboard_url
+    );
     sbx.resume().await.unwrap();
     assert_eq!(
         sbx.files().read_to_string("up.bin").await.unwrap().len(),

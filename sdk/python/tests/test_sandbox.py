@@ -54,6 +54,7 @@ def test_sync_sandbox_end_to_end(tmp_path):
         sbx.pause()
         info = Sandbox.get_info_by_id(sbx.sandbox_id)
         assert info.state == "paused" and info.runtime is None
+        assert info.dashboard_url.endswith(f"/dashboard/sandboxes/{sbx.sandbox_id}")
         sbx.resume()
         assert sbx.files.read("up.bin", format="bytes") == blob
         sandbox_id = sbx.sandbox_id

@@ -37,6 +37,7 @@ test("list, fields, waitReady, timeouts, pause, resume, connect", async () => {
     const paused = await Sandbox.getInfoById(sbx.sandboxId);
     assert.equal(paused.state, "paused");
     assert.equal(paused.runtime ?? null, null);
+    assert.ok(paused.dashboardUrl.endsWith(`/dashboard/sandboxes/${sbx.sandboxId}`), paused.dashboardUrl);
     await sbx.resume();
     assert.equal(await sbx.files.read("state.txt"), "kept");
     await sbx.pause();
