@@ -23,6 +23,7 @@ export function clearKey(): void {
   }
   accessCache.clear();
   summaryCache = null;
+  summaryPending = null;
 }
 
 /** An error answer of the API (or the network). */
@@ -317,12 +318,23 @@ export interface FileInfo {
 // ---- Observability summary (cached: the data plane's URL comes from it) ----
 
 let summaryCache: { at: number; value: Summary } | null = null;
+/** The request in flight: the sandboxes list opens a lifecycle socket per row at once,
+ * and each asks for the data plane's URL — one request serves them all. */
+let summaryPending: Promise<Summary> | null = null;
 
 export async function summary(fresh = false): Promise<Summary> {
   if (!fresh && summaryCache && Date.now() - summaryCache.at < 60_000) return summaryCache.value;
-  const value = await api<Summary>("GET", "/observability/summary");
-  summaryCache = { at: Date.now(), value };
-  return value;
+  if (summaryPending) return summaryPending;
+  const p = api<Summary>("GET", "/observability/summary").then((value) => {
+    if (summaryPending === p) summaryCache = { at: Date.now(), value };
+    return value;
+  });
+  summaryPending = p;
+  try {
+    return await p;
+  } finally {
+    if (summaryPending === p) summaryPending = null;
+  }
 }
 
 /** The data-plane edge's base URL (the summary's "data plane" endpoint), or null. */
@@ -343,6 +355,9 @@ export async function runtimeAccess(id: string, fresh = false): Promise<RuntimeA
   if (!doc || !doc.runtime || !doc.runtime.target) {
     throw new ApiError(0, "bad_response", "The API did not return data-plane access for this sandbox.");
   }
+  if (!/^https?:\/\//i.test(doc.runtime.target.baseUrl ?? "")) {
+    throw new ApiError(0, "bad_response", "The API returned a data-plane address that is not an http(s) URL.");
+  }
   accessCache.set(id, doc.runtime);
   return doc.runtime;
 }
@@ -351,8 +366,16 @@ export function forgetAccess(id: string): void {
   accessCache.delete(id);
 }
 
-/** A data-plane call with the runtime token; one retry with a fresh token on 401. */
-export async function dp(id: string, method: string, path: string, query: Record<string, string> = {}, body?: BodyInit): Promise<Response> {
+/** A data-plane call with the runtime token (never the API key); one retry with a fresh
+ * token on 401. `signal` ends it when the user leaves the page. */
+export async function dp(
+  id: string,
+  method: string,
+  path: string,
+  query: Record<string, string> = {},
+  body?: BodyInit,
+  signal?: AbortSignal,
+): Promise<Response> {
   for (let attempt = 0; ; attempt++) {
     const access = await runtimeAccess(id, attempt > 0);
     const qs = new URLSearchParams(query).toString();
@@ -360,13 +383,16 @@ export async function dp(id: string, method: string, path: string, query: Record
     try {
       res = await fetch(`${access.target.baseUrl}${path}${qs ? `?${qs}` : ""}`, {
         method,
-        headers: { Authorization: `Bearer ${access.token}` },
+        headers: { Authorization: `Bearer ${access.token}`, ...(body !== undefined ? { "Content-Type": "application/octet-stream" } : {}) },
         body,
+        signal,
         credentials: "omit",
         cache: "no-store",
         mode: "cors",
+        referrerPolicy: "no-referrer",
       });
     } catch (e) {
+      if (e instanceof DOMException && e.name === "AbortError") throw e;
       throw new ApiError(0, "network", `The sandbox's data plane did not answer (${e instanceof Error ? e.message : String(e)}).`);
     }
     if (res.status === 401 && attempt === 0) continue;
@@ -375,8 +401,8 @@ export async function dp(id: string, method: string, path: string, query: Record
   }
 }
 
-export async function dpJson<T>(id: string, method: string, path: string, query: Record<string, string> = {}, body?: BodyInit): Promise<T> {
-  const res = await dp(id, method, path, query, body);
+export async function dpJson<T>(id: string, method: string, path: string, query: Record<string, string> = {}, body?: BodyInit, signal?: AbortSignal): Promise<T> {
+  const res = await dp(id, method, path, query, body, signal);
   return (await res.json()) as T;
 }
 

@@ -34,6 +34,33 @@ export function svg<K extends keyof SVGElementTagNameMap>(
   return el;
 }
 
+/** An absolute http(s) URL from the API (a preview, a data plane), or null for anything
+ * else (`javascript:`, `data:`, relative, unparsable). */
+export function httpUrl(s: unknown): string | null {
+  if (typeof s !== "string" || !s) return null;
+  try {
+    const u = new URL(s);
+    return u.protocol === "http:" || u.protocol === "https:" ? u.toString() : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Attributes that take a URL: only same-app paths, fragments, http(s) and blob: URLs. */
+const URL_ATTRS = new Set(["href", "src", "action", "formaction", "poster", "xlink:href"]);
+
+function safeUrlAttr(v: string): string {
+  const t = v.trim();
+  if (t.startsWith("#") || (t.startsWith("/") && !t.startsWith("//"))) return v;
+  try {
+    const u = new URL(t);
+    if (u.protocol === "http:" || u.protocol === "https:" || u.protocol === "blob:") return v;
+  } catch {
+    // not absolute: relative paths are not used by the app
+  }
+  return "about:blank";
+}
+
 function setAttrs(el: HTMLElement, attrs: Attrs): void {
   for (const [k, v] of Object.entries(attrs)) {
     if (v === null || v === undefined || v === false) continue;
@@ -45,6 +72,9 @@ function setAttrs(el: HTMLElement, attrs: Attrs): void {
       el.checked = Boolean(v);
     } else if (v === true) {
       el.setAttribute(k, "");
+    } else if (URL_ATTRS.has(k.toLowerCase())) {
+      // Never a javascript:/data: URL from data the API (or a guest) controls.
+      el.setAttribute(k, safeUrlAttr(String(v)));
     } else {
       el.setAttribute(k, String(v));
     }

@@ -81,6 +81,8 @@ function shell(activeNav: string): HTMLElement {
 }
 
 function render(route: Route | null, params: string[]): void {
+  // A confirmation left open answers "cancel": its action belongs to the page being left.
+  for (const d of document.querySelectorAll<HTMLDialogElement>("dialog[open]")) d.close();
   ctx?.dispose();
   ctx = new PageContext();
   if (!getKey()) {

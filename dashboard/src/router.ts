@@ -102,8 +102,13 @@ export function match(pathname: string): { route: Route | null; params: string[]
   return { route: null, params: [] };
 }
 
+/** The path last rendered: a change of the fragment only (the skip link, "#new-sandbox")
+ * fires popstate too, and must not re-render (and reset) the page. */
+let renderedPath: string | null = null;
+
 export function current(): void {
   const { route, params } = match(location.pathname);
+  renderedPath = location.pathname;
   render(route, params);
 }
 
@@ -118,7 +123,10 @@ export function navigate(path: string, replaceState = false): void {
 
 /** Same-app links navigate without reloading. */
 export function startRouter(): void {
-  window.addEventListener("popstate", current);
+  window.addEventListener("popstate", () => {
+    if (location.pathname === renderedPath) return;
+    current();
+  });
   document.addEventListener("click", (ev) => {
     if (ev.defaultPrevented || ev.button !== 0 || ev.metaKey || ev.ctrlKey || ev.shiftKey || ev.altKey) return;
     const a = (ev.target as Element | null)?.closest?.("a");

@@ -4,9 +4,12 @@
 //
 // Env: NULLSPACE_API_URL (the public API origin, which serves /dashboard/),
 //      NULLSPACE_API_KEY (a team key), NULLSPACE_OPERATOR_KEY (operator key),
-//      NULLSPACE_ARTIFACTS (directory for screenshots), CHROMIUM (optional binary path).
+//      NULLSPACE_ARTIFACTS (directory for screenshots), CHROMIUM (optional binary path),
+//      NULLSPACE_DASHBOARD_DIST (optional: a dashboard/dist whose assets/app.js and
+//      app.css the browser gets instead of those embedded in the API component — to test
+//      a frontend change against a live stack without rebuilding the component).
 import { chromium } from "playwright-core";
-import { copyFile, mkdir, writeFile } from "node:fs/promises";
+import { copyFile, mkdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { randomBytes } from "node:crypto";
 
@@ -14,6 +17,7 @@ const API = (process.env.NULLSPACE_API_URL || "").replace(/\/+$/, "");
 const KEY = process.env.NULLSPACE_API_KEY || "";
 const OPERATOR = process.env.NULLSPACE_OPERATOR_KEY || "";
 const ARTIFACTS = process.env.NULLSPACE_ARTIFACTS || "./e2e-artifacts";
+const DIST = process.env.NULLSPACE_DASHBOARD_DIST || "";
 const TOTAL_MS = 8 * 60_000;
 const CREATE_MS = 120_000;
 
@@ -111,6 +115,7 @@ async function main() {
   let page = null;
   let sandboxId = null;
   let other = null; // { id, key }
+  let createdVolume = null;
   let failed = null;
   const consoleErrors = [];
   const deadline = setTimeout(() => {
@@ -121,7 +126,16 @@ async function main() {
   }, TOTAL_MS);
 
   try {
-    const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+    const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, acceptDownloads: true });
+    if (DIST) {
+      // The page itself (and its CSP) still comes from the component; only the bundle is swapped.
+      const assets = { "app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8" };
+      for (const [name, type] of Object.entries(assets)) {
+        const body = await readFile(join(DIST, "assets", name));
+        await context.route(`${API}/dashboard/assets/${name}`, (route) => route.fulfill({ status: 200, contentType: type, body }));
+      }
+      log(`serving the dashboard bundle from ${DIST} (not the component's)`);
+    }
     page = await context.newPage();
     page.setDefaultTimeout(30_000);
     page.on("console", (m) => {
@@ -139,6 +153,8 @@ async function main() {
       const text = (await alert.textContent()) || "";
       log(`  refusal shown: ${text.trim().slice(0, 160)}`);
       assert(text.trim().length > 0, "no refusal message shown");
+      // "<message> (unauthorized, HTTP 401)": the code is set apart from the message.
+      assert(/\S \(unauthorized, HTTP 401\)/.test(text), `the refusal does not read "<message> (unauthorized, HTTP 401)": ${text.trim()}`);
       assert((await page.locator('[data-testid="sandboxes-list"]').count()) === 0, "the sandboxes list is shown with a wrong key");
       assert((await page.locator('[data-testid="signin-form"]').count()) === 1, "the sign-in form is gone");
     });
@@ -200,7 +216,170 @@ async function main() {
       await stateIs("running", 120_000);
     });
 
-    await step("7. screenshots of every page", async () => {
+    // The sandbox's tabs, each opened with the keyboard-reachable tab buttons.
+    const noPanelError = async (what) => {
+      const err = page.locator('[data-testid="tab-panel"] [data-testid="error"]');
+      if ((await err.count()) > 0) throw new Error(`${what} shows an error: ${((await err.first().textContent()) || "").trim()}`);
+    };
+    const openTab = async (name) => {
+      await page.locator(`[data-testid="tab-${name}"]`).click();
+      await page.locator(`[data-testid="tab-${name}"][aria-selected="true"]`).waitFor({ timeout: 10_000 });
+    };
+
+    await step("7. files: upload into /workspace, list, download the same bytes", async () => {
+      await openTab("files");
+      await page.locator('[data-testid="files-path"]', { hasText: "/workspace" }).waitFor({ timeout: 10_000 });
+      await page.locator('[data-testid="files-table"], [data-testid="error"]').first().waitFor({ timeout: 30_000 });
+      await noPanelError("the files tab");
+      const name = `dash-e2e-${runId}.bin`;
+      // Text and every byte value: the round trip must be byte-exact, not text-decoded.
+      const bytes = Buffer.concat([Buffer.from(`hello from the dashboard test ${runId}\n`), Buffer.from(Array.from({ length: 256 }, (_, i) => i))]);
+      await page.locator('[data-testid="files-upload-input"]').setInputFiles({ name, mimeType: "application/octet-stream", buffer: bytes });
+      await page.locator('[data-testid="files-upload"]').click();
+      const row = page.locator('[data-testid="file-row"]', { has: page.locator('[data-testid="file-name"]', { hasText: name }) });
+      await row.waitFor({ timeout: 30_000 });
+      const rowText = (await row.textContent()) || "";
+      log(`  listed: ${rowText.trim().slice(0, 120)}`);
+      const [download] = await Promise.all([
+        page.waitForEvent("download", { timeout: 30_000 }),
+        row.locator('[data-testid="file-download"]').click(),
+      ]);
+      assert(download.suggestedFilename() === name, `the download is named ${download.suggestedFilename()}, not ${name}`);
+      const path = await download.path();
+      const got = await readFile(path);
+      assert(Buffer.compare(got, bytes) === 0, `the download has ${got.length} bytes that differ from the ${bytes.length} uploaded`);
+      log(`  downloaded ${got.length} bytes, identical`);
+    });
+
+    await step("8. previews: a URL for port 8000 shown as an http(s) link", async () => {
+      await openTab("previews");
+      await page.locator('[data-testid="preview-port"]').fill("8000");
+      await page.locator('[data-testid="preview-submit"]').click();
+      const link = page.locator('[data-testid="preview-link"]').first();
+      await page.locator('[data-testid="preview-link"], [data-testid="tab-panel"] [data-testid="error"]').first().waitFor({ timeout: 30_000 });
+      await noPanelError("the previews tab");
+      const hrefAttr = (await link.getAttribute("href")) || "";
+      const u = new URL(hrefAttr);
+      assert(u.protocol === "http:" || u.protocol === "https:", `the preview link's href is not http(s): ${hrefAttr}`);
+      assert(u.hostname.startsWith(`8000-`), `the preview URL's host does not name port 8000: ${u.host}`);
+      assert((await link.getAttribute("rel") || "").includes("noopener"), "the preview link opens without rel=noopener");
+      log(`  preview ${u.origin}${u.pathname}`);
+      // A preview URL that is not http(s) (a compromised or buggy API) is never a link.
+      const hostile = `${API}/api/v1/sandboxes/${encodeURIComponent(sandboxId)}/previews`;
+      await page.route(hostile, (route) =>
+        route.fulfill({
+          status: 201,
+          contentType: "application/json",
+          body: JSON.stringify({ port: 8001, public: false, host: "x", url: "javascript:alert(document.domain)", token: "t", expiresAt: new Date().toISOString(), proxyTarget: { url: "x", header: "x", token: "t" } }),
+        }),
+      );
+      try {
+        await page.locator('[data-testid="preview-port"]').fill("8001");
+        await page.locator('[data-testid="preview-submit"]').click();
+        await page.locator('[data-testid="tab-panel"] [data-testid="error"]').waitFor({ timeout: 10_000 });
+      } finally {
+        await page.unroute(hostile);
+      }
+      const bad = await page.evaluate(() => [...document.querySelectorAll("a[href], iframe[src]")].map((e) => e.getAttribute("href") ?? e.getAttribute("src")).filter((v) => /^\s*(javascript|data|vbscript):/i.test(v)));
+      assert(bad.length === 0, `a link or frame with a script URL is on the page: ${bad.join(", ")}`);
+      assert((await page.locator('[data-testid="preview-link"]').count()) === 1, "the hostile preview was listed");
+    });
+
+    await step("9. events: the creation event is listed", async () => {
+      await openTab("events");
+      await page.locator('[data-testid="event-row"]').first().waitFor({ timeout: 30_000 });
+      await page.locator('[data-testid="event-row"]', { hasText: "sandbox.created" }).first().waitFor({ timeout: 10_000 });
+      await noPanelError("the events tab");
+      // A first page short of the page size: nothing more to load.
+      assert(!(await page.locator('[data-testid="events-more"]').isVisible()), "'Load more events' is offered with every event shown");
+      log(`  ${await page.locator('[data-testid="event-row"]').count()} events shown`);
+    });
+
+    await step("10. logs: rendered without an error", async () => {
+      await openTab("logs");
+      const logs = page.locator('[data-testid="logs"]');
+      await logs.waitFor({ timeout: 10_000 });
+      await page.waitForFunction(() => {
+        const t = document.querySelector('[data-testid="logs"]')?.textContent || "";
+        return t !== "" && t !== "Loading…";
+      }, null, { timeout: 30_000 });
+      await noPanelError("the logs tab");
+      const text = (await logs.textContent()) || "";
+      log(`  ${text.split("\n").length} log lines, ${(await page.locator('[data-testid="logs-range"]').textContent()) || "no range"}`);
+    });
+
+    await step("10b. keyboard: tabs by arrows, Home and End; the skip link keeps the page", async () => {
+      const selected = () => page.locator('[role="tab"][aria-selected="true"]').getAttribute("data-tab");
+      await page.locator('[data-testid="tab-logs"]').focus();
+      await page.keyboard.press("ArrowRight");
+      assert((await selected()) === "previews", `ArrowRight from logs selected ${await selected()}`);
+      assert(await page.evaluate(() => document.activeElement?.getAttribute("data-tab") === "previews"), "focus did not follow the selected tab");
+      await page.keyboard.press("Home");
+      assert((await selected()) === "overview", `Home selected ${await selected()}`);
+      await page.keyboard.press("End");
+      assert((await selected()) === "volumes", `End selected ${await selected()}`);
+      await page.keyboard.press("ArrowLeft");
+      assert((await selected()) === "snapshots", `ArrowLeft from volumes selected ${await selected()}`);
+      // Only the selected tab is in the Tab order.
+      const inOrder = await page.locator('[role="tab"][tabindex="0"]').count();
+      assert(inOrder === 1, `${inOrder} tabs are in the Tab order`);
+      await page.keyboard.press("Home");
+      // The skip link moves focus to the content without re-rendering the page.
+      await page.evaluate(() => {
+        window.__e2ePanel = document.querySelector('[data-testid="tab-panel"]');
+      });
+      await page.locator("a.skip").focus();
+      await page.keyboard.press("Enter");
+      await page.waitForFunction(() => document.activeElement?.id === "main", null, { timeout: 5_000 });
+      await page.waitForTimeout(300);
+      assert(await page.evaluate(() => window.__e2ePanel === document.querySelector('[data-testid="tab-panel"]') && window.__e2ePanel.isConnected), "the skip link re-rendered the page");
+    });
+
+    await step("11. volumes: create, listed, delete with confirmation", async () => {
+      const volName = `dash-e2e-${runId}`;
+      await page.locator('[data-testid="nav-volumes"]').click();
+      await page.locator('[data-testid="volumes-table"]').waitFor({ timeout: 30_000 });
+      await page.locator('[data-testid="volume-name"]').fill(volName);
+      await page.locator('[data-testid="volume-size"]').fill("64");
+      await page.locator('[data-testid="volume-create"]').click();
+      const row = page.locator('[data-testid="volume-row"]', { hasText: volName });
+      await row.waitFor({ timeout: 60_000 });
+      const listed = await call("GET", "/volumes");
+      const made = (Array.isArray(listed.doc) ? listed.doc : listed.doc?.volumes || []).find((v) => v.name === volName);
+      assert(made && made.sizeMiB === 64, `the API does not list volume ${volName} with 64 MiB: ${JSON.stringify(listed.doc)}`);
+      createdVolume = made.volumeID;
+      log(`  volume ${made.volumeID}`);
+      // Cancel first: nothing is deleted.
+      await row.locator('[data-testid="volume-delete"]').click();
+      const dlg = page.locator('[data-testid="confirm-dialog"]');
+      await dlg.waitFor({ timeout: 10_000 });
+      await dlg.locator('[data-testid="confirm-cancel"]').click();
+      await dlg.waitFor({ state: "detached", timeout: 10_000 });
+      assert((await row.count()) === 1, "cancelling the delete removed the volume row");
+      await row.locator('[data-testid="volume-delete"]').click();
+      await dlg.waitFor({ timeout: 10_000 });
+      await dlg.locator('[data-testid="confirm-ok"]').click();
+      await row.waitFor({ state: "detached", timeout: 60_000 });
+      const after = await call("GET", `/volumes/${encodeURIComponent(made.volumeID)}`);
+      assert(after.status === 404, `the deleted volume still answers ${after.status}`);
+      createdVolume = null;
+    });
+
+    await step("12. templates: the list shows base", async () => {
+      await page.locator('[data-testid="nav-templates"]').click();
+      await page.locator('[data-testid="templates-table"]').waitFor({ timeout: 30_000 });
+      const base = page.locator('[data-testid="template-row"]', { has: page.locator("code", { hasText: /^base$/ }) }).first();
+      await base.waitFor({ timeout: 10_000 });
+      // Its page: a built-in template offers no delete.
+      await base.locator("a").first().click();
+      await page.locator('[data-testid="build-log"]').waitFor({ timeout: 30_000 });
+      await page.locator("h1 code", { hasText: /^base$/ }).waitFor({ timeout: 30_000 });
+      assert(!(await page.locator('[data-testid="template-delete"]').isVisible()), "a built-in template offers Delete");
+      await page.locator('[data-testid="nav-sandboxes"]').click();
+      await page.locator('[data-testid="sandboxes-table"]').waitFor({ timeout: 30_000 });
+    });
+
+    await step("13. screenshots of every page", async () => {
       const shots = [
         ["sandboxes", "/dashboard/sandboxes", '[data-testid="sandboxes-table"]'],
         ["sandbox", `/dashboard/sandboxes/${encodeURIComponent(sandboxId)}`, '[data-testid="sandbox-state"]'],
@@ -227,7 +406,7 @@ async function main() {
       await page.setViewportSize({ width: 1280, height: 800 });
     });
 
-    await step("8. another team's sandbox is not found", async () => {
+    await step("14. another team's sandbox is not found", async () => {
       const team = `dash-other-${randomBytes(4).toString("hex")}`;
       const t = await call("POST", "/teams", { key: OPERATOR, body: { name: team } });
       assert(t.status === 201 || t.status === 200, `POST /teams → ${t.status} ${JSON.stringify(t.doc)}`);
@@ -246,7 +425,7 @@ async function main() {
       assert((await page.locator('[data-testid="sandbox-state"]').count()) === 0, "another team's sandbox state is shown");
     });
 
-    await step("9. kill from the page", async () => {
+    await step("15. kill from the page", async () => {
       await page.goto(`${API}/dashboard/sandboxes/${encodeURIComponent(sandboxId)}`);
       await page.locator('[data-testid="action-kill"]:not([disabled])').click();
       const dlg = page.locator('[data-testid="confirm-dialog"]');
@@ -280,6 +459,18 @@ async function main() {
       log(`cleanup: listing failed: ${e.message}`);
     }
     for (const id of mine) await deleteSandbox(id, KEY);
+    // And the test's volume, if a step failed before deleting it.
+    try {
+      const vols = new Set(createdVolume ? [createdVolume] : []);
+      const r = await call("GET", "/volumes");
+      for (const v of Array.isArray(r.doc) ? r.doc : r.doc?.volumes ?? []) if (v.name === `dash-e2e-${runId}`) vols.add(v.volumeID);
+      for (const v of vols) {
+        const d = await call("DELETE", `/volumes/${encodeURIComponent(v)}`);
+        log(`cleanup: DELETE volume ${v} → ${d.status}`);
+      }
+    } catch (e) {
+      log(`cleanup: volumes: ${e.message}`);
+    }
     if (other?.id) await deleteSandbox(other.id, other.key);
   }
   if (failed) process.exit(1);

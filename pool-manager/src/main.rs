@@ -895,7 +895,18 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
     // operator's, else the one this process serves, else a separate API host's default.
     match (&args.public_url, &public_api) {
         (Some(url), _) => manager.set_public_url(url),
-        (None, Some(api)) => manager.set_public_url(&advertise(api.local_addr()?)),
+        (None, Some(api)) => {
+            let addr = api.local_addr()?;
+            if addr.ip().is_unspecified() && advertised.is_none() {
+                // A browser cannot open 0.0.0.0: name where it reaches this host.
+                tracing::warn!(
+                    "the public API listens on {addr} without --public-url or --advertise-host: dashboard links name 127.0.0.1; pass --public-url URL (the address browsers use)"
+                );
+                manager.set_public_url(&format!("http://127.0.0.1:{}", addr.port()));
+            } else {
+                manager.set_public_url(&advertise(addr));
+            }
+        }
         (None, None) => {}
     }
     let public_stop = stop_rx.clone();

@@ -19,9 +19,9 @@ export function confirmDialog(opts: ConfirmOpts): Promise<boolean> {
     const titleId = `dlg-${Math.random().toString(36).slice(2)}`;
     const dlg = h(
       "dialog",
-      { class: "dialog", "aria-labelledby": titleId, "data-testid": "confirm-dialog" },
+      { class: "dialog", "aria-labelledby": titleId, "aria-describedby": `${titleId}-msg`, "data-testid": "confirm-dialog" },
       h("h2", { id: titleId }, opts.title),
-      h("p", null, opts.message),
+      h("p", { id: `${titleId}-msg` }, opts.message),
       h("div", { class: "dialog-actions" }, cancel, ok),
     );
     let done = false;

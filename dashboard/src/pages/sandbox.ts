@@ -24,7 +24,7 @@ import { confirmDialog } from "../components/dialog";
 import { errorBox, loading, notice } from "../components/feedback";
 import { kvList, row, table } from "../components/table";
 import { openTerminal } from "../components/terminal";
-import { type Child, field, fmtBytes, fmtDate, fmtRelative, h, replace } from "../dom";
+import { type Child, field, fmtBytes, fmtDate, fmtRelative, h, httpUrl, replace } from "../dom";
 import { eventState, followLifecycle } from "../live";
 import { type PageContext, href } from "../router";
 import { stateBadge } from "./sandboxes";
@@ -181,11 +181,20 @@ export function sandboxPage(root: HTMLElement, ctx: PageContext, params: string[
       }),
     );
     panel.id = "tab-panel";
+    panel.tabIndex = 0;
+    // The WAI-ARIA tabs pattern: one tab in the Tab order; arrows, Home and End move.
     tabBar.addEventListener("keydown", (ev) => {
-      if (ev.key !== "ArrowRight" && ev.key !== "ArrowLeft") return;
+      if (!["ArrowRight", "ArrowLeft", "Home", "End"].includes(ev.key)) return;
       const visible = [...tabBar.querySelectorAll<HTMLButtonElement>("button[role=tab]")].filter((b) => !b.hidden);
+      if (!visible.length) return;
+      ev.preventDefault();
       const i = visible.findIndex((b) => b.dataset.tab === tab);
-      const n = visible[(i + (ev.key === "ArrowRight" ? 1 : visible.length - 1)) % visible.length];
+      const n =
+        ev.key === "Home"
+          ? visible[0]
+          : ev.key === "End"
+            ? visible[visible.length - 1]
+            : visible[(i + (ev.key === "ArrowRight" ? 1 : visible.length - 1)) % visible.length];
       if (n?.dataset.tab) {
         selectTab(n.dataset.tab as TabId);
         n.focus();
@@ -404,48 +413,62 @@ function overviewTab(panel: HTMLElement, s: Sandbox): void {
   );
 }
 
+const EVENTS_PAGE = 100;
+
 function eventsTab(panel: HTMLElement, ctx: PageContext, id: string, liveEvents: ((e: SandboxEvent) => void)[]): void {
   const body = h("tbody");
   const seen = new Set<number>();
+  /** Newest first: a row goes before the first row with a smaller ID. */
   const add = (e: SandboxEvent) => {
-    if (seen.has(e.id)) return;
+    if (typeof e.id !== "number" || seen.has(e.id)) return;
     seen.add(e.id);
     const data = e.data && Object.keys(e.data).length ? JSON.stringify(e.data) : "";
-    body.prepend(row([String(e.id), fmtDate(e.at), h("code", null, e.type), h("code", { class: "wrap" }, data)], { "data-testid": "event-row" }));
+    const tr = row([String(e.id), fmtDate(e.at), h("code", null, e.type), h("code", { class: "wrap" }, data)], { "data-testid": "event-row", "data-event-id": String(e.id) });
+    let before: Element | null = null;
+    for (const r of body.children) {
+      if (Number((r as HTMLElement).dataset.eventId) < e.id) {
+        before = r;
+        break;
+      }
+    }
+    body.insertBefore(tr, before);
   };
   const status = h("div", null, loading());
+  const more = h("button", { type: "button", class: "btn btn-small", "data-testid": "events-more", hidden: true }, "Load more events");
   replace(
     panel,
     h("h2", null, "Events"),
-    h("p", { class: "muted" }, "Newest first; new events appear live."),
+    h("p", { class: "muted" }, `Newest first; new events appear live. ${EVENTS_PAGE} at a time from the first.`),
     status,
     h(
       "div",
       { class: "table-wrap", tabindex: 0, role: "region", "aria-label": "Events" },
       h("table", { "data-testid": "events-table" }, h("thead", null, h("tr", null, ...["#", "At", "Type", "Data"].map((t) => h("th", { scope: "col" }, t)))), body),
     ),
+    h("div", { class: "form-actions" }, more),
   );
-  const buffered: SandboxEvent[] = [];
-  let loaded = false;
-  liveEvents.push((e) => (loaded ? add(e) : buffered.push(e)));
-  void (async () => {
+  // One bounded page per request; "Load more" asks for the next. Live events are shown
+  // at once (rows are kept in ID order whatever arrives first).
+  liveEvents.push(add);
+  let after = 0;
+  const loadPage = async () => {
+    more.disabled = true;
     try {
-      let after = 0;
-      for (let page = 0; page < 20; page++) {
-        const doc = await api<{ events: SandboxEvent[] }>("GET", `/sandboxes/${enc(id)}/events`, { query: { after_event_id: after, limit: 500 }, signal: ctx.signal });
-        const evs = doc.events ?? [];
-        evs.forEach(add);
-        if (evs.length < 500) break;
-        after = evs[evs.length - 1].id;
-      }
+      const doc = await api<{ events: SandboxEvent[] }>("GET", `/sandboxes/${enc(id)}/events`, { query: { after_event_id: after, limit: EVENTS_PAGE }, signal: ctx.signal });
       if (!ctx.alive) return;
-      loaded = true;
-      buffered.splice(0).forEach(add);
-      replace(status);
+      const evs = doc.events ?? [];
+      evs.forEach(add);
+      if (evs.length) after = evs[evs.length - 1].id;
+      more.hidden = evs.length < EVENTS_PAGE;
+      replace(status, seen.size ? null : h("p", { class: "muted" }, "No events yet."));
     } catch (e) {
       if (ctx.alive) replace(status, errorBox(e, "Could not read the events"));
+    } finally {
+      more.disabled = false;
     }
-  })();
+  };
+  more.addEventListener("click", () => void loadPage());
+  void loadPage();
 }
 
 function metricsTab(panel: HTMLElement, ctx: PageContext, id: string): void {
@@ -486,24 +509,42 @@ function metricsTab(panel: HTMLElement, ctx: PageContext, id: string): void {
   ctx.every(5_000, load);
 }
 
+const LOGS_PAGE = 500;
+
 function logsTab(panel: HTMLElement, ctx: PageContext, id: string): void {
   const out = h("pre", { class: "log", "data-testid": "logs", tabindex: 0 }, "Loading…");
   const status = h("div");
   const reload = h("button", { type: "button", class: "btn btn-small" }, "Refresh");
-  replace(panel, h("div", { class: "page-head" }, h("h2", null, "Logs"), reload), status, out);
+  const earlier = h("button", { type: "button", class: "btn btn-small", "data-testid": "logs-earlier", disabled: true }, "Earlier lines");
+  const later = h("button", { type: "button", class: "btn btn-small", "data-testid": "logs-later", disabled: true }, "Later lines");
+  const range = h("span", { class: "muted", "data-testid": "logs-range" });
+  replace(panel, h("div", { class: "page-head" }, h("h2", null, "Logs"), reload), status, out, h("div", { class: "pager" }, earlier, range, later));
+  // One page (offset/limit) at a time; the timer refreshes the page shown.
+  let offset = 0;
   const load = async () => {
     try {
-      const doc = await api<{ logs: LogLine[] }>("GET", `/sandboxes/${enc(id)}/logs`, { signal: ctx.signal });
+      const doc = await api<{ logs: LogLine[]; next?: number | null }>("GET", `/sandboxes/${enc(id)}/logs`, { query: { offset, limit: LOGS_PAGE }, signal: ctx.signal });
       if (!ctx.alive) return;
       const atBottom = out.scrollTop + out.clientHeight >= out.scrollHeight - 8;
       const lines = doc.logs ?? [];
-      out.textContent = lines.length ? lines.map((l) => `${l.time ? `${l.time} ` : ""}[${l.source}] ${l.text}`).join("\n") : "No logs yet.";
+      out.textContent = lines.length ? lines.map((l) => `${l.time ? `${l.time} ` : ""}[${l.source}] ${l.text}`).join("\n") : offset ? "No lines here." : "No logs yet.";
       if (atBottom) out.scrollTop = out.scrollHeight;
+      earlier.disabled = offset === 0;
+      later.disabled = typeof doc.next !== "number";
+      range.textContent = lines.length ? `lines ${offset + 1}–${offset + lines.length}` : "";
       replace(status);
     } catch (e) {
       if (ctx.alive) replace(status, errorBox(e, "Could not read the logs"));
     }
   };
+  earlier.addEventListener("click", () => {
+    offset = Math.max(0, offset - LOGS_PAGE);
+    void load();
+  });
+  later.addEventListener("click", () => {
+    offset += LOGS_PAGE;
+    void load();
+  });
   reload.addEventListener("click", () => void load());
   void load();
   ctx.every(10_000, load);
@@ -526,20 +567,23 @@ function previewsTab(panel: HTMLElement, ctx: PageContext, id: string): void {
     replace(status, loading());
     try {
       const pv = await api<Preview>("POST", `/sandboxes/${enc(id)}/previews`, { body: { port: p }, signal: ctx.signal });
+      if (!ctx.alive) return;
+      const url = httpUrl(pv.url);
+      if (!url) throw new ApiError(0, "bad_response", "The API returned a preview URL that is not an http(s) URL; it is not shown.");
       replace(status);
       list.prepend(
         h(
           "li",
           null,
           h("strong", null, `Port ${pv.port}: `),
-          h("a", { href: pv.url, target: "_blank", rel: "noopener noreferrer", "data-testid": "preview-link" }, pv.url),
+          h("a", { href: url, target: "_blank", rel: "noopener noreferrer", referrerpolicy: "no-referrer", "data-testid": "preview-link" }, url),
           h("small", { class: "muted block" }, `${pv.public ? "public" : "signed"} · expires ${fmtDate(pv.expiresAt)}`),
         ),
       );
     } catch (e) {
       if (ctx.alive) replace(status, errorBox(e, "Could not make a preview URL"));
     } finally {
-      submit.disabled = false;
+      if (ctx.alive) submit.disabled = false;
     }
   });
   replace(panel, h("h2", null, "Previews"), h("p", { class: "muted" }, "A signed URL that reaches a port inside the sandbox."), form, status, list);
@@ -554,6 +598,8 @@ function parentPath(p: string): string {
   const i = t.lastIndexOf("/");
   return i <= 0 ? "/" : t.slice(0, i);
 }
+
+const FILES_SHOWN = 1000;
 
 function filesTab(panel: HTMLElement, ctx: PageContext, id: string): void {
   let cwd = "/workspace";
@@ -571,11 +617,13 @@ function filesTab(panel: HTMLElement, ctx: PageContext, id: string): void {
     up.disabled = cwd === "/";
     replace(listing, loading());
     try {
-      const doc = await dpJson<{ entries: FileInfo[] }>(id, "GET", "/files/list", { path: cwd });
+      const doc = await dpJson<{ entries: FileInfo[] }>(id, "GET", "/files/list", { path: cwd }, undefined, ctx.signal);
       if (!ctx.alive) return;
-      const entries = [...(doc.entries ?? [])].sort((a, b) => (a.type === "dir" ? 0 : 1) - (b.type === "dir" ? 0 : 1) || a.name.localeCompare(b.name));
+      const all = [...(doc.entries ?? [])].sort((a, b) => (a.type === "dir" ? 0 : 1) - (b.type === "dir" ? 0 : 1) || a.name.localeCompare(b.name));
+      const entries = all.slice(0, FILES_SHOWN);
       replace(
         listing,
+        all.length > FILES_SHOWN ? h("p", { class: "muted" }, `The first ${FILES_SHOWN} of ${all.length} entries (directories first, by name).`) : null,
         table(
           ["Name", "Type", "Size", "Modified", ""],
           entries.map((e) => {
@@ -610,8 +658,9 @@ function filesTab(panel: HTMLElement, ctx: PageContext, id: string): void {
   const download = async (path: string, name: string, btn: HTMLButtonElement) => {
     btn.disabled = true;
     try {
-      const res = await dp(id, "GET", "/files", { path });
+      const res = await dp(id, "GET", "/files", { path }, undefined, ctx.signal);
       const blob = await res.blob();
+      if (!ctx.alive) return;
       const url = URL.createObjectURL(blob);
       const a = h("a", { href: url, download: name, class: "visually-hidden" });
       document.body.appendChild(a);
@@ -636,7 +685,7 @@ function filesTab(panel: HTMLElement, ctx: PageContext, id: string): void {
     const path = joinPath(cwd, f.name);
     replace(status, loading(`Uploading ${f.name}…`));
     try {
-      await dp(id, "PUT", "/files", { path }, f);
+      await dp(id, "PUT", "/files", { path }, f, ctx.signal);
       if (!ctx.alive) return;
       replace(status, notice(`Uploaded ${path} (${fmtBytes(f.size)}).`));
       fileInput.value = "";
@@ -684,7 +733,9 @@ function desktopTab(panel: HTMLElement, ctx: PageContext, id: string): void {
     try {
       const pv = await api<Preview>("POST", `/sandboxes/${enc(id)}/previews`, { body: { port: 6080 }, signal: ctx.signal });
       if (!ctx.alive) return;
-      const u = new URL(pv.url);
+      const base = httpUrl(pv.url);
+      if (!base) throw new ApiError(0, "bad_response", "The API returned a preview URL that is not an http(s) URL.");
+      const u = new URL(base);
       u.pathname = `${u.pathname.replace(/\/+$/, "")}/vnc.html`;
       u.searchParams.set("autoconnect", "true");
       u.searchParams.set("resize", "scale");

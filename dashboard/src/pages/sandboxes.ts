@@ -20,7 +20,13 @@ export function sandboxesPage(root: HTMLElement, ctx: PageContext): void {
   let metadata = "";
   const tokens: (string | null)[] = [null]; // token of each page shown so far
   let pageIndex = 0;
-  let live: PageContext | null = null;
+  // Live state of the sandboxes shown: one lifecycle socket per row, kept across the
+  // 15 s refresh (not reopened), closed when its row goes or the page is left.
+  const follows = new Map<string, { stop: () => void; cell: HTMLElement }>();
+  ctx.onCleanup(() => {
+    for (const f of follows.values()) f.stop();
+    follows.clear();
+  });
 
   const listArea = h("div", { class: "list-area", "data-testid": "sandboxes-list" }, loading());
   const pager = h("div", { class: "pager" });
@@ -111,17 +117,28 @@ export function sandboxesPage(root: HTMLElement, ctx: PageContext): void {
         empty: "No sandboxes match.",
       }),
     );
-    // Live state of the sandboxes on this page only.
-    live?.dispose();
-    live = ctx.child();
+    const shown = new Set(rows.map((r) => r.id));
+    for (const [id, f] of follows) {
+      if (!shown.has(id)) {
+        f.stop();
+        follows.delete(id);
+      }
+    }
+    if (!ctx.alive) return;
     for (const r of rows) {
-      const stop = followLifecycle(r.id, {
+      const f = follows.get(r.id);
+      if (f) {
+        f.cell = r.cell;
+        continue;
+      }
+      const entry = { cell: r.cell, stop: () => undefined as void };
+      entry.stop = followLifecycle(r.id, {
         onEvent: (e) => {
           const st = eventState(e);
-          if (st) replace(r.cell, stateBadge(st));
+          if (st) replace(entry.cell, stateBadge(st));
         },
       });
-      live.onCleanup(stop);
+      follows.set(r.id, entry);
     }
   }
 

@@ -1,10 +1,13 @@
 // One template: its details, the build log (polled while building) and, for a failed
 // build, the API's explanation.
 import { type BuildLogPage, type Template, api, asApiError, enc } from "../api";
+import { confirmDialog } from "../components/dialog";
 import { errorBox, loading } from "../components/feedback";
 import { fmtDate, h, replace } from "../dom";
-import { type PageContext, href } from "../router";
+import { type PageContext, href, navigate } from "../router";
 import { templateBadge } from "./templates";
+
+const LOG_PAGE = 500;
 
 export function templatePage(root: HTMLElement, ctx: PageContext, params: string[]): void {
   const id = params[0] ?? "";
@@ -16,15 +19,40 @@ export function templatePage(root: HTMLElement, ctx: PageContext, params: string
   let after = 0;
   let status = "";
   let logLoaded = false;
+  const more = h("button", { type: "button", class: "btn btn-small", "data-testid": "build-log-more", hidden: true }, "Load more of the log");
+  const actionStatus = h("div", { "aria-live": "polite" });
+  const del = h("button", { type: "button", class: "btn btn-danger", "data-testid": "template-delete", hidden: true }, "Delete template");
+  del.addEventListener("click", async () => {
+    if (
+      !(await confirmDialog({
+        title: "Delete this template?",
+        message: `${id} will be deleted: a running build is cancelled, its snapshot and warm pool go. Sandboxes made from it keep running. This cannot be undone.`,
+        confirmLabel: "Delete",
+        danger: true,
+      }))
+    )
+      return;
+    del.disabled = true;
+    try {
+      await api("DELETE", `/templates/${enc(id)}`);
+      if (ctx.alive) navigate("/templates");
+    } catch (e) {
+      if (!ctx.alive) return;
+      del.disabled = false;
+      replace(actionStatus, errorBox(e, "Could not delete the template"));
+    }
+  });
 
   const loadTemplate = async () => {
     try {
       const t = await api<Template>("GET", `/templates/${enc(id)}`, { signal: ctx.signal });
       if (!ctx.alive) return;
       status = t.status;
+      del.hidden = t.builtin;
       replace(
         info,
-        h("div", { class: "page-head" }, h("h1", null, h("code", null, t.templateID)), templateBadge(t.status)),
+        h("div", { class: "page-head" }, h("h1", null, h("code", null, t.templateID)), templateBadge(t.status), del),
+        actionStatus,
         h(
           "dl",
           { class: "props" },
@@ -68,15 +96,20 @@ export function templatePage(root: HTMLElement, ctx: PageContext, params: string
     }
   };
 
+  let logBusy = false;
   const loadLog = async () => {
+    if (logBusy) return; // one page at a time: `after` moves with each
+    logBusy = true;
     try {
-      const page = await api<BuildLogPage>("GET", `/templates/${enc(id)}/logs`, { query: { after }, signal: ctx.signal });
+      const page = await api<BuildLogPage>("GET", `/templates/${enc(id)}/logs`, { query: { after, limit: LOG_PAGE }, signal: ctx.signal });
       if (!ctx.alive) return;
       const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
       for (const l of page.lines ?? []) {
         log.append(`${l.stream === "stderr" ? "! " : l.stream === "build" ? "# " : "  "}${l.text}${l.text.endsWith("\n") ? "" : "\n"}`);
       }
       if (typeof page.next === "number") after = page.next;
+      // A full page may have more after it (a finished build is not polled).
+      more.hidden = (page.lines ?? []).length < LOG_PAGE;
       if (!logLoaded && !(page.lines ?? []).length) log.textContent = "";
       logLoaded = true;
       if (atBottom) log.scrollTop = log.scrollHeight;
@@ -86,10 +119,13 @@ export function templatePage(root: HTMLElement, ctx: PageContext, params: string
       if (was === "building" && status !== "building") void loadTemplate();
     } catch (e) {
       if (ctx.alive) replace(logStatus, errorBox(e, "Could not read the build log"));
+    } finally {
+      logBusy = false;
     }
   };
 
-  replace(root, h("p", null, h("a", { href: href("/templates") }, "← Templates")), info, failure, h("h2", null, "Build log"), logStatus, log);
+  more.addEventListener("click", () => void loadLog());
+  replace(root, h("p", null, h("a", { href: href("/templates") }, "← Templates")), info, failure, h("h2", null, "Build log"), logStatus, log, h("div", { class: "form-actions" }, more));
   void loadTemplate().then(loadLog);
   ctx.every(2_000, async () => {
     if (status === "building") await loadLog();
