@@ -116,6 +116,7 @@ async function main() {
   let sandboxId = null;
   let other = null; // { id, key }
   let createdVolume = null;
+  const createdTemplates = [];
   let failed = null;
   const consoleErrors = [];
   const deadline = setTimeout(() => {
@@ -379,6 +380,31 @@ async function main() {
       await page.locator('[data-testid="sandboxes-table"]').waitFor({ timeout: 30_000 });
     });
 
+    await step("12b. templates: a failed build's log and explanation, then delete", async () => {
+      // A build whose step fails at once: the page must say where and what to do.
+      const name = `dash-fail-${runId}`;
+      const r = await call("POST", "/templates", {
+        body: { name, from: "base", steps: [{ run: "echo dash-step-output; exit 3" }] },
+        timeoutMs: 60_000,
+      });
+      assert(r.status === 202 || r.status === 201 || r.status === 200, `template build answered ${r.status}: ${JSON.stringify(r.doc)}`);
+      const id = r.doc.templateID;
+      createdTemplates.push(id);
+      await page.goto(`${API}/dashboard/templates/${encodeURIComponent(id)}`);
+      const failure = page.locator('[data-testid="template-failure"]');
+      await failure.filter({ hasText: /exit/i }).waitFor({ timeout: 180_000 });
+      const text = await failure.innerText();
+      log(`  failure shown: ${text.replace(/\s+/g, " ").slice(0, 160)}`);
+      assert(/step/i.test(text), `the failure names its phase: ${text}`);
+      await page.locator('[data-testid="build-log"]', { hasText: "dash-step-output" }).waitFor({ timeout: 30_000 });
+      await page.locator('[data-testid="template-delete"]').click();
+      await page.locator('[data-testid="confirm-ok"]').click();
+      await page.locator('[data-testid="templates-table"]').waitFor({ timeout: 30_000 });
+      const gone = await call("GET", `/templates/${encodeURIComponent(id)}`);
+      assert(gone.status === 404, `the deleted template answers ${gone.status}`);
+      createdTemplates.splice(createdTemplates.indexOf(id), 1);
+    });
+
     await step("13. screenshots of every page", async () => {
       const shots = [
         ["sandboxes", "/dashboard/sandboxes", '[data-testid="sandboxes-table"]'],
@@ -470,6 +496,10 @@ async function main() {
       }
     } catch (e) {
       log(`cleanup: volumes: ${e.message}`);
+    }
+    for (const t of createdTemplates) {
+      const d = await call("DELETE", `/templates/${encodeURIComponent(t)}`).catch((e) => ({ status: e.message }));
+      log(`cleanup: DELETE template ${t} → ${d.status}`);
     }
     if (other?.id) await deleteSandbox(other.id, other.key);
   }
