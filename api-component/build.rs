@@ -34,7 +34,9 @@ fn main() {
         })
         .collect();
     names.sort();
-    let mut out = String::from("/// The dashboard's assets: name under `/dashboard/assets/`, content type, bytes.\n");
+    let mut out = String::from(
+        "/// The dashboard's assets: name under `/dashboard/assets/`, content type, bytes.\n",
+    );
     out.push_str("pub static ASSETS: &[(&str, &str, &[u8])] = &[\n");
     for name in &names {
         let path = assets_dir.join(name);
@@ -43,13 +45,19 @@ fn main() {
             panic!("{}: no content type for this kind of file; name it .js, .css, .svg, .png, .woff2 or .json", path.display())
         });
         let abs = path.canonicalize().expect("listed just now");
-        writeln!(out, "    ({name:?}, {kind:?}, include_bytes!({:?})),", abs.display().to_string()).unwrap();
+        writeln!(
+            out,
+            "    ({name:?}, {kind:?}, include_bytes!({:?})),",
+            abs.display().to_string()
+        )
+        .unwrap();
     }
     out.push_str("];\n");
     println!("cargo:rerun-if-changed={}", index.display());
     let abs = index.canonicalize().expect("checked above");
     writeln!(out, "/// The page every other `/dashboard/` path answers with (the app routes itself).\npub static INDEX: &[u8] = include_bytes!({:?});", abs.display().to_string()).unwrap();
-    let target = Path::new(&std::env::var("OUT_DIR").expect("cargo sets it")).join("dashboard_assets.rs");
+    let target =
+        Path::new(&std::env::var("OUT_DIR").expect("cargo sets it")).join("dashboard_assets.rs");
     std::fs::write(&target, out).unwrap_or_else(|e| panic!("writing {}: {e}", target.display()));
 }
 

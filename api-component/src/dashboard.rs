@@ -101,15 +101,22 @@ mod tests {
         assert_eq!(status(Method::Get, "/dashboard/"), Some(200));
         assert_eq!(status(Method::Get, "/dashboard/sandboxes/sbx-1"), Some(200));
         assert_eq!(status(Method::Post, "/dashboard/"), Some(405));
-        assert_eq!(status(Method::Get, "/dashboard/assets/../index.html"), Some(404));
+        assert_eq!(
+            status(Method::Get, "/dashboard/assets/../index.html"),
+            Some(404)
+        );
         assert_eq!(status(Method::Get, "/dashboard/assets/"), Some(404));
         assert!(!ASSETS.is_empty(), "the build embedded no assets");
         for (name, kind, _) in ASSETS {
             let resp = serve(&Method::Get, &format!("/dashboard/assets/{name}")).unwrap();
             assert_eq!(*resp.status(), 200, "{name}");
-            assert_eq!(resp.header("content-type").and_then(|v| v.as_str()), Some(*kind));
             assert_eq!(
-                resp.header("content-security-policy").and_then(|v| v.as_str()),
+                resp.header("content-type").and_then(|v| v.as_str()),
+                Some(*kind)
+            );
+            assert_eq!(
+                resp.header("content-security-policy")
+                    .and_then(|v| v.as_str()),
                 Some(CSP)
             );
         }
