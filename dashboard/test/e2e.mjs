@@ -117,6 +117,7 @@ async function main() {
   let other = null; // { id, key }
   let createdVolume = null;
   const createdTemplates = [];
+  let poolSet = false;
   let failed = null;
   const consoleErrors = [];
   const deadline = setTimeout(() => {
@@ -405,6 +406,30 @@ async function main() {
       createdTemplates.splice(createdTemplates.indexOf(id), 1);
     });
 
+    await step("12c. warm pools: the page follows a pool as it fills", async () => {
+      // Built-in pools are the operator's: it sets one; the team's page shows it live.
+      await page.locator('[data-testid="nav-pools"]').click();
+      const row = page.locator('[data-testid="pool-row"]', { has: page.locator("code", { hasText: /^minimal$/ }) });
+      await row.waitFor({ timeout: 30_000 });
+      const r = await call("PUT", "/templates/minimal/warm-pool", { key: OPERATOR, body: { size: 1 } });
+      assert(r.status === 200, `setting the pool answered ${r.status}: ${JSON.stringify(r.doc)}`);
+      poolSet = true;
+      // Columns: template, target, ready, …: no reload, the page refreshes itself.
+      await page.waitForFunction(
+        () => {
+          const rows = [...document.querySelectorAll('[data-testid="pool-row"]')];
+          const cells = rows.find((tr) => tr.querySelector("code")?.textContent === "minimal")?.querySelectorAll("td");
+          return cells && cells[1].textContent === "1" && cells[2].textContent === "1";
+        },
+        null,
+        { timeout: 120_000 },
+      );
+      log("  minimal: target 1, ready 1, seen without a reload");
+      const off = await call("PUT", "/templates/minimal/warm-pool", { key: OPERATOR, body: { size: 0 } });
+      assert(off.status === 200, `emptying the pool answered ${off.status}`);
+      poolSet = false;
+    });
+
     await step("13. screenshots of every page", async () => {
       const shots = [
         ["sandboxes", "/dashboard/sandboxes", '[data-testid="sandboxes-table"]'],
@@ -496,6 +521,10 @@ async function main() {
       }
     } catch (e) {
       log(`cleanup: volumes: ${e.message}`);
+    }
+    if (poolSet) {
+      const d = await call("PUT", "/templates/minimal/warm-pool", { key: OPERATOR, body: { size: 0 } }).catch((e) => ({ status: e.message }));
+      log(`cleanup: minimal's warm pool back to 0 → ${d.status}`);
     }
     for (const t of createdTemplates) {
       const d = await call("DELETE", `/templates/${encodeURIComponent(t)}`).catch((e) => ({ status: e.message }));
