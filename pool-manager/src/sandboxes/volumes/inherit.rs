@@ -297,7 +297,8 @@ pub(in crate::sandboxes) async fn settle_inherited(
         let freeze = if frozen {
             String::new()
         } else {
-            format!("fsfreeze --freeze {path} || exit 1\n")
+            // A file system the snapshot caught frozen already is frozen: fine.
+            format!("fsfreeze --freeze {path} 2>/dev/null || true\n")
         };
         let script = match (s.how, frozen) {
             (InheritVolumes::Readonly, _) => format!(
