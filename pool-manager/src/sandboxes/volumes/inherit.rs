@@ -131,7 +131,7 @@ for P in {paths}; do
     case "$t" in "$P"/*) ;; *) continue ;; esac
     pid=${{fd#/proc/}}; pid=${{pid%%/*}}
     fl=
-    while read -r k v _; do [ "$k" = flags: ] && fl=$v && break; done < "/proc/$pid/fdinfo/${{fd##*/}}" 2>/dev/null
+    while read -r k v _; do [ "$k" = flags: ] && fl=$v && break; done 2>/dev/null < "/proc/$pid/fdinfo/${{fd##*/}}"
     [ -n "$fl" ] && [ $((0$fl & 3)) -ne 0 ] && found="$found $t (pid $pid)"
   done
 done
@@ -140,10 +140,13 @@ done
         );
         match guest_root(vm, &script).await {
             Ok(()) => Ok(()),
-            Err(e) if e.message.starts_with(OPEN_FOR_WRITE) => Err(ApiError::conflict(format!(
-                "the children would get the volumes read-only, but the parent has files open for writing on them:{}; close them first, or fork with \"volumes\": \"copy\" (each child gets a copy of its own)",
-                &e.message[OPEN_FOR_WRITE.len()..]
-            ))),
+            Err(e) if e.message.starts_with(OPEN_FOR_WRITE) => {
+                // The guest's word, so bounded: the first files say enough.
+                let files: String = e.message[OPEN_FOR_WRITE.len()..].chars().take(1000).collect();
+                Err(ApiError::conflict(format!(
+                    "the children would get the volumes read-only, but the parent has files open for writing on them:{files}; close them first, or fork with \"volumes\": \"copy\" (each child gets a copy of its own)"
+                )))
+            }
             Err(e) => Err(ApiError::internal(format!(
                 "checking the parent's volumes for open files: {}",
                 e.message
