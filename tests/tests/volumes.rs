@@ -131,7 +131,10 @@ async fn a_volume_outlives_its_sandboxes_and_workers_with_one_writer_at_a_time()
     assert_eq!(status, StatusCode::CREATED, "{forked}");
     let child = &forked["sandboxes"][0];
     assert_eq!(child["mounts"][0]["type"], "ro", "{child}");
-    assert_eq!(child["mounts"][0]["inherited"]["how"], "readonly", "{child}");
+    assert_eq!(
+        child["mounts"][0]["inherited"]["how"], "readonly",
+        "{child}"
+    );
     let (out, code) = run(
         &Runtime::of(child),
         "cat /mnt/work/note.txt && echo child > /mnt/work/child.txt",
@@ -400,7 +403,10 @@ async fn fork_children_get_volumes_read_only_or_as_copies_and_no_write_is_lost()
     let stack = Stack::start("volume-fork");
     let api = stack.public(stack.daemon.team_key("acme"));
     let (status, vol) = api
-        .post("/v1/volumes", json!({ "name": "shared-work", "sizeMiB": 64 }))
+        .post(
+            "/v1/volumes",
+            json!({ "name": "shared-work", "sizeMiB": 64 }),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{vol}");
     let vol_id = vol["volumeID"].as_str().unwrap().to_string();
@@ -457,7 +463,12 @@ async fn fork_children_get_volumes_read_only_or_as_copies_and_no_write_is_lost()
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| (a["sandboxID"].as_str().unwrap(), a["type"].as_str().unwrap()))
+        .map(|a| {
+            (
+                a["sandboxID"].as_str().unwrap(),
+                a["type"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert!(holders.contains(&(pid.as_str(), "rw")), "{shown}");
     assert!(
@@ -511,12 +522,24 @@ async fn fork_children_get_volumes_read_only_or_as_copies_and_no_write_is_lost()
         assert_eq!(api.delete(id).await, StatusCode::NO_CONTENT);
     }
     for (volume, want, not) in [
-        (&vol_id, "after.txt before.txt held.log later.txt", "child.txt"),
-        (&copy_id, "after.txt before.txt child.txt held.log", "later.txt"),
+        (
+            &vol_id,
+            "after.txt before.txt held.log later.txt",
+            "child.txt",
+        ),
+        (
+            &copy_id,
+            "after.txt before.txt child.txt held.log",
+            "later.txt",
+        ),
     ] {
         let (status, reader) = create(&api, volume, "ro").await;
         assert_eq!(status, StatusCode::CREATED, "{reader}");
-        let (out, code) = run(&Runtime::of(&reader), "ls /mnt/work | grep -v lost+found | tr '\\n' ' '").await;
+        let (out, code) = run(
+            &Runtime::of(&reader),
+            "ls /mnt/work | grep -v lost+found | tr '\\n' ' '",
+        )
+        .await;
         assert_eq!(code, 0, "{out}");
         assert_eq!(out, want, "volume {volume} holds {out}, not {not}");
         assert_eq!(api.delete(&id_of(&reader)).await, StatusCode::NO_CONTENT);

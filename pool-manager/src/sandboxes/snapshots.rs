@@ -1064,8 +1064,7 @@ impl Manager {
             }
         }
         let how = body.volumes.unwrap_or_default();
-        let (mounts, settle) =
-            inherit_mounts(source, &origin.mounts, how, |v| have.contains(v));
+        let (mounts, settle) = inherit_mounts(source, &origin.mounts, how, |v| have.contains(v));
         let mut record = SandboxRecord {
             env_vars: origin.env_vars,
             metadata: body.metadata.unwrap_or(origin.metadata),

@@ -142,7 +142,10 @@ done
             Ok(()) => Ok(()),
             Err(e) if e.message.starts_with(OPEN_FOR_WRITE) => {
                 // The guest's word, so bounded: the first files say enough.
-                let files: String = e.message[OPEN_FOR_WRITE.len()..].chars().take(1000).collect();
+                let files: String = e.message[OPEN_FOR_WRITE.len()..]
+                    .chars()
+                    .take(1000)
+                    .collect();
                 Err(ApiError::conflict(format!(
                     "the children would get the volumes read-only, but the parent has files open for writing on them:{files}; close them first, or fork with \"volumes\": \"copy\" (each child gets a copy of its own)"
                 )))
@@ -165,7 +168,9 @@ done
         let mut frozen = Vec::new();
         for m in r.mounts.iter().filter(|m| m.mode == MountMode::Rw) {
             let path = quoted(&m.path);
-            if let Err(e) = guest_root(vm, &format!("sync -f {path}; fsfreeze --freeze {path}")).await {
+            if let Err(e) =
+                guest_root(vm, &format!("sync -f {path}; fsfreeze --freeze {path}")).await
+            {
                 thaw_paths(vm, &frozen).await;
                 return Err(ApiError::internal(format!(
                     "freezing volume {} at {} for the fork: {}",
@@ -200,9 +205,9 @@ done
             let parent = stored::get(self.store(), &from).await.ok();
             let size_mib = match parent.as_ref() {
                 Some(p) => p.size_mib,
-                None => std::fs::metadata(&image).map(|m| m.len() >> 20).map_err(|e| {
-                    ApiError::internal(format!("reading {}: {e}", image.display()))
-                })?,
+                None => std::fs::metadata(&image)
+                    .map(|m| m.len() >> 20)
+                    .map_err(|e| ApiError::internal(format!("reading {}: {e}", image.display())))?,
             };
             // `<parent's name>-<the child's ID>`: names are unique per team.
             let name = parent.and_then(|p| p.name).map(|n| {
@@ -210,12 +215,24 @@ done
                 format!("{short}-{}", &child.id[4..16])
             });
             let view = self
-                .create_volume(&team, VolumeCreateRequest { name, size_mib: Some(size_mib) })
+                .create_volume(
+                    &team,
+                    VolumeCreateRequest {
+                        name,
+                        size_mib: Some(size_mib),
+                    },
+                )
                 .await?;
             copies.push(view.volume_id.clone());
-            stored::save(self.store(), &view.volume_id, &child.id, &image, super::now_ms() as u64)
-                .await
-                .map_err(super::volume_error)?;
+            stored::save(
+                self.store(),
+                &view.volume_id,
+                &child.id,
+                &image,
+                super::now_ms() as u64,
+            )
+            .await
+            .map_err(super::volume_error)?;
             info!(sandbox = %child.id, from = %from, volume = %view.volume_id, "volume copied for a child");
             child.mounts[lun].volume = view.volume_id;
         }
