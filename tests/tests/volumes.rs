@@ -517,8 +517,44 @@ async fn fork_children_get_volumes_read_only_or_as_copies_and_no_write_is_lost()
         "{copy_vol}"
     );
 
+    // A restore asked for copies: a third volume, of the snapshot's content.
+    let (status, snap) = api
+        .post(&format!("/v1/sandboxes/{pid}/snapshots"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{snap}");
+    let (status, restored) = api
+        .post(
+            "/v1/sandboxes/restore",
+            json!({ "sandboxID": pid, "snapshotID": snap["snapshotID"], "volumes": "copy" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{restored}");
+    let restored_id = restored["mounts"][0]["volumeID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        restored_id != vol_id && restored_id != copy_id,
+        "{restored}"
+    );
+    assert_eq!(restored["mounts"][0]["type"], "rw", "{restored}");
+    let (out, code) = run(&Runtime::of(&restored), "echo r > /mnt/work/restored.txt").await;
+    assert_eq!(code, 0, "{out}");
+    let (status, v) = api
+        .post(
+            "/v1/sandboxes/restore",
+            json!({ "sandboxID": pid, "volumes": "everything" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+
     // Every sandbox ends: the writers' volumes are saved, the read-only child's nothing.
-    for id in [&pid, &id_of(&ro_child), &id_of(&copy_child)] {
+    for id in [
+        &pid,
+        &id_of(&ro_child),
+        &id_of(&copy_child),
+        &id_of(&restored),
+    ] {
         assert_eq!(api.delete(id).await, StatusCode::NO_CONTENT);
     }
     for (volume, want, not) in [
@@ -532,6 +568,11 @@ async fn fork_children_get_volumes_read_only_or_as_copies_and_no_write_is_lost()
             "after.txt before.txt child.txt held.log",
             "later.txt",
         ),
+        (
+            &restored_id,
+            "after.txt before.txt held.log later.txt restored.txt",
+            "child.txt",
+        ),
     ] {
         let (status, reader) = create(&api, volume, "ro").await;
         assert_eq!(status, StatusCode::CREATED, "{reader}");
@@ -544,7 +585,7 @@ async fn fork_children_get_volumes_read_only_or_as_copies_and_no_write_is_lost()
         assert_eq!(out, want, "volume {volume} holds {out}, not {not}");
         assert_eq!(api.delete(&id_of(&reader)).await, StatusCode::NO_CONTENT);
     }
-    for volume in [&vol_id, &copy_id] {
+    for volume in [&vol_id, &copy_id, &restored_id] {
         let (status, v) = api
             .call(Method::DELETE, &format!("/v1/volumes/{volume}"), None)
             .await;
