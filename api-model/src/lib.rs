@@ -38,8 +38,9 @@ pub use tenant::{
 };
 
 pub use volume::{
-    is_volume_id, validate_mounts, Mount, MountMode, MountRequest, VolumeAttachment,
-    VolumeCreateRequest, VolumeView, DEFAULT_VOLUME_MIB, MAX_MOUNTS, VOLUME_MIB_RANGE,
+    is_volume_id, validate_mounts, InheritVolumes, Inherited, Mount, MountMode, MountRequest,
+    VolumeAttachment, VolumeCreateRequest, VolumeView, DEFAULT_VOLUME_MIB, MAX_MOUNTS,
+    VOLUME_MIB_RANGE,
 };
 
 /// Largest control-plane request body, in bytes.

@@ -674,6 +674,9 @@ pub struct RestoreBody {
     /// Labels of the new sandbox (default: the original's).
     #[serde(default)]
     pub metadata: Option<BTreeMap<String, String>>,
+    /// What the copy does with the original's read-write volumes (default `readonly`).
+    #[serde(default)]
+    pub volumes: Option<crate::InheritVolumes>,
 }
 
 impl RestoreBody {
@@ -715,6 +718,9 @@ pub struct ForkBody {
     /// Labels of the children (default: the parent's).
     #[serde(default)]
     pub metadata: Option<BTreeMap<String, String>>,
+    /// What the children do with the parent's read-write volumes (default `readonly`).
+    #[serde(default)]
+    pub volumes: Option<crate::InheritVolumes>,
 }
 
 impl ForkBody {

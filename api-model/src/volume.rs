@@ -110,6 +110,47 @@ pub struct Mount {
     /// `rw` or `ro`.
     #[serde(rename = "type")]
     pub mode: MountMode,
+    /// For a fork child or a restored copy: the mount it inherited, and how.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inherited: Option<Inherited>,
+}
+
+/// What a fork child or a restored copy does with its parent's read-write volumes
+/// (`volumes` of a fork or restore). Read-only mounts stay read-only either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InheritVolumes {
+    /// The same volume, mounted read-only: the parent keeps the write lock, and a write
+    /// in the child fails with EROFS (never silently discarded).
+    #[default]
+    Readonly,
+    /// A new volume of the parent's content at the fork (or snapshot), mounted
+    /// read-write and saved like any other: both sides' writes are kept, apart.
+    Copy,
+}
+
+impl InheritVolumes {
+    /// `readonly` or `copy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Readonly => "readonly",
+            Self::Copy => "copy",
+        }
+    }
+}
+
+/// How a child's mount came from its parent's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Inherited {
+    /// The sandbox it came from.
+    #[serde(rename = "fromSandboxID")]
+    pub from_sandbox: String,
+    /// The parent's volume (for a copy, the one it was copied from).
+    #[serde(rename = "fromVolumeID")]
+    pub from_volume: String,
+    /// `readonly` or `copy`.
+    pub how: InheritVolumes,
 }
 
 /// Paths a volume may not cover: the guest needs them as they are.
@@ -177,6 +218,7 @@ pub fn validate_mounts(mounts: &BTreeMap<String, MountRequest>) -> Result<Vec<Mo
             path: path.clone(),
             volume: m.id.clone(),
             mode: m.mode,
+            inherited: None,
         });
     }
     Ok(out)

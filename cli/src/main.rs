@@ -269,6 +269,10 @@ enum SandboxCommand {
         /// Lifetime of the new sandbox in seconds.
         #[arg(long)]
         timeout: Option<u64>,
+        /// What it does with the original's read-write volumes: readonly (the same
+        /// volume, read-only) or copy (a new volume of its content)
+        #[arg(long, value_name = "readonly|copy", value_parser = volumes_arg)]
+        volumes: Option<nullspace::InheritVolumes>,
     },
     /// Branch a running sandbox into COUNT children; print their IDs.
     Fork {
@@ -276,6 +280,10 @@ enum SandboxCommand {
         /// How many children.
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// What the children do with its read-write volumes: readonly (the same volume,
+        /// read-only: a write fails with EROFS) or copy (each a new volume of its content)
+        #[arg(long, value_name = "readonly|copy", default_value = "readonly", value_parser = volumes_arg)]
+        volumes: nullspace::InheritVolumes,
     },
 }
 
@@ -327,6 +335,16 @@ impl EgressArgs {
 }
 
 /// `PATH=VOLUME[:ro|:rw]`.
+fn volumes_arg(s: &str) -> Result<nullspace::InheritVolumes, String> {
+    match s {
+        "readonly" => Ok(nullspace::InheritVolumes::Readonly),
+        "copy" => Ok(nullspace::InheritVolumes::Copy),
+        _ => Err(format!(
+            "{s:?}: send readonly (the same volume, read-only) or copy (a new volume of its content)"
+        )),
+    }
+}
+
 fn mount_arg(s: &str) -> Result<(String, String, nullspace::MountMode), String> {
     let (path, rest) = s
         .split_once('=')
@@ -1593,11 +1611,13 @@ async fn sandbox(
             id,
             snapshot,
             timeout,
+            volumes,
         } => {
             let options = RestoreOptions {
                 snapshot_id: snapshot.clone(),
                 timeout: *timeout,
                 metadata: None,
+                volumes: *volumes,
             };
             let sbx = Sandbox::restore(config, id, &options).await?;
             if json {
@@ -1606,8 +1626,11 @@ async fn sandbox(
                 println!("{}", sbx.id());
             }
         }
-        SandboxCommand::Fork { id, count } => {
-            let children = Sandbox::attach(config, id).await?.fork(*count).await?;
+        SandboxCommand::Fork { id, count, volumes } => {
+            let children = Sandbox::attach(config, id)
+                .await?
+                .fork_with(*count, *volumes)
+                .await?;
             if json {
                 let ids: Vec<&str> = children.iter().map(|c| c.id()).collect();
                 println!("{}", serde_json::json!({ "sandboxIDs": ids }));

@@ -181,7 +181,12 @@ export interface Sandbox {
   diagnostic?: { code?: string; message?: string; action?: string } | null;
   snapshotInterval?: number;
   hibernated?: boolean;
-  mounts?: { path?: string; volumeID?: string; type?: string }[];
+  mounts?: {
+    path?: string;
+    volumeID?: string;
+    type?: string;
+    inherited?: { fromSandboxID?: string; fromVolumeID?: string; how?: string };
+  }[];
   hostID?: string;
   recording?: boolean;
   dashboardUrl?: string;

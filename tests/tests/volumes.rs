@@ -108,7 +108,7 @@ async fn a_volume_outlives_its_sandboxes_and_workers_with_one_writer_at_a_time()
     let (_, shown) = on_a.fetch(&format!("/v1/volumes/{vol_id}")).await;
     assert_eq!(shown["attachments"].as_array().unwrap().len(), 2, "{shown}");
 
-    // Pause and resume remount it; a fork child writes its own copy only.
+    // Pause and resume remount it; a fork child gets it read-only (volumes/inherit.rs).
     let wid = id_of(&writer);
     let (status, v) = on_a
         .post(&format!("/v1/sandboxes/{wid}/pause"), json!({}))
@@ -130,14 +130,23 @@ async fn a_volume_outlives_its_sandboxes_and_workers_with_one_writer_at_a_time()
         .await;
     assert_eq!(status, StatusCode::CREATED, "{forked}");
     let child = &forked["sandboxes"][0];
+    assert_eq!(child["mounts"][0]["type"], "ro", "{child}");
+    assert_eq!(
+        child["mounts"][0]["inherited"]["how"], "readonly",
+        "{child}"
+    );
     let (out, code) = run(
         &Runtime::of(child),
         "cat /mnt/work/note.txt && echo child > /mnt/work/child.txt",
     )
     .await;
-    assert_eq!((out.as_str(), code), ("hello\nagain", 0));
+    assert_ne!(code, 0, "a read-only child took a write: {out}");
+    assert!(
+        out.starts_with("hello\nagain") && out.contains("Read-only file system"),
+        "{out}"
+    );
 
-    // A restored copy of a snapshot has the volume as it was, and its own copy too.
+    // A restored copy of a snapshot has the volume as it was, read-only too.
     let (status, snap) = on_a
         .post(&format!("/v1/sandboxes/{wid}/snapshots"), json!({}))
         .await;
@@ -149,12 +158,17 @@ async fn a_volume_outlives_its_sandboxes_and_workers_with_one_writer_at_a_time()
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{copy}");
+    assert_eq!(copy["mounts"][0]["type"], "ro", "{copy}");
     let (out, code) = run(
         &Runtime::of(&copy),
         "cat /mnt/work/note.txt && touch /mnt/work/copy.txt",
     )
     .await;
-    assert_eq!((out.as_str(), code), ("hello\nagain", 0));
+    assert_ne!(code, 0, "a read-only copy took a write: {out}");
+    assert!(
+        out.starts_with("hello\nagain") && out.contains("Read-only file system"),
+        "{out}"
+    );
 
     // Hibernated on A, resumed on B: the same writer, its volume remounted there.
     let (status, v) = on_a
@@ -378,4 +392,203 @@ async fn a_failed_save_keeps_the_hold_and_is_retried_until_it_lands() {
         .call(Method::DELETE, &format!("/v1/volumes/{vol_id}"), None)
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
+}
+
+/// What a fork child does with its parent's read-write volume (issue 31): by default it
+/// mounts the same volume read-only (a write fails with EROFS) while the parent's later
+/// writes are saved; a file the parent holds open for writing refuses such a fork; with
+/// `volumes: "copy"` each side writes a volume of its own, and both are kept.
+#[tokio::test]
+async fn fork_children_get_volumes_read_only_or_as_copies_and_no_write_is_lost() {
+    let stack = Stack::start("volume-fork");
+    let api = stack.public(stack.daemon.team_key("acme"));
+    let (status, vol) = api
+        .post(
+            "/v1/volumes",
+            json!({ "name": "shared-work", "sizeMiB": 64 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{vol}");
+    let vol_id = vol["volumeID"].as_str().unwrap().to_string();
+    let (status, parent) = create(&api, &vol_id, "rw").await;
+    assert_eq!(status, StatusCode::CREATED, "{parent}");
+    let pid = id_of(&parent);
+    let p = Runtime::of(&parent);
+    let (out, code) = run(&p, "echo before > /mnt/work/before.txt").await;
+    assert_eq!(code, 0, "{out}");
+
+    // A file open for writing: a read-only child could not be made; the fork says so.
+    let (out, code) = run(
+        &p,
+        "nohup sh -c 'echo $$ > /tmp/held.pid; exec 3>>/mnt/work/held.log; exec sleep 600' >/dev/null 2>&1 & sleep 0.5",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let (status, v) = api
+        .post(&format!("/v1/sandboxes/{pid}/fork"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.contains("/mnt/work/held.log") && message.contains("\"copy\""),
+        "{v}"
+    );
+    let (out, code) = run(&p, "kill $(cat /tmp/held.pid); sleep 0.5; echo ok").await;
+    assert_eq!((out.as_str(), code), ("ok", 0));
+
+    // The default: the same volume, read-only; the parent keeps writing it.
+    let (status, forked) = api
+        .post(&format!("/v1/sandboxes/{pid}/fork"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{forked}");
+    let ro_child = forked["sandboxes"][0].clone();
+    assert_eq!(
+        ro_child["mounts"][0],
+        json!({ "path": "/mnt/work", "volumeID": vol_id, "type": "ro",
+                "inherited": { "fromSandboxID": pid, "fromVolumeID": vol_id, "how": "readonly" } }),
+        "{ro_child}"
+    );
+    let (out, code) = run(
+        &Runtime::of(&ro_child),
+        "cat /mnt/work/before.txt; echo x > /mnt/work/child.txt",
+    )
+    .await;
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.starts_with("before") && out.contains("Read-only file system"),
+        "{out}"
+    );
+    let (_, shown) = api.fetch(&format!("/v1/volumes/{vol_id}")).await;
+    let holders: Vec<(&str, &str)> = shown["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["sandboxID"].as_str().unwrap(),
+                a["type"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(holders.contains(&(pid.as_str(), "rw")), "{shown}");
+    assert!(
+        holders.contains(&(ro_child["sandboxID"].as_str().unwrap(), "ro")),
+        "the child holds it read-only: {shown}"
+    );
+    let (out, code) = run(&p, "echo after > /mnt/work/after.txt").await;
+    assert_eq!(code, 0, "the parent still writes: {out}");
+
+    // With copies: each side writes its own volume.
+    let (status, forked) = api
+        .post(
+            &format!("/v1/sandboxes/{pid}/fork"),
+            json!({ "volumes": "copy" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{forked}");
+    let copy_child = forked["sandboxes"][0].clone();
+    let mount = &copy_child["mounts"][0];
+    let copy_id = mount["volumeID"].as_str().unwrap().to_string();
+    assert_ne!(copy_id, vol_id, "{copy_child}");
+    assert_eq!(
+        (
+            mount["type"].as_str(),
+            mount["inherited"]["how"].as_str(),
+            mount["inherited"]["fromVolumeID"].as_str()
+        ),
+        (Some("rw"), Some("copy"), Some(vol_id.as_str())),
+        "{copy_child}"
+    );
+    let (out, code) = run(
+        &Runtime::of(&copy_child),
+        "cat /mnt/work/after.txt && echo mine > /mnt/work/child.txt",
+    )
+    .await;
+    assert_eq!((out.as_str(), code), ("after", 0));
+    let (out, code) = run(&p, "echo later > /mnt/work/later.txt").await;
+    assert_eq!(code, 0, "{out}");
+    let (status, copy_vol) = api.fetch(&format!("/v1/volumes/{copy_id}")).await;
+    assert_eq!(status, StatusCode::OK, "{copy_vol}");
+    assert!(
+        copy_vol["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("shared-work-"),
+        "{copy_vol}"
+    );
+
+    // A restore asked for copies: a third volume, of the snapshot's content.
+    let (status, snap) = api
+        .post(&format!("/v1/sandboxes/{pid}/snapshots"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{snap}");
+    let (status, restored) = api
+        .post(
+            "/v1/sandboxes/restore",
+            json!({ "sandboxID": pid, "snapshotID": snap["snapshotID"], "volumes": "copy" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{restored}");
+    let restored_id = restored["mounts"][0]["volumeID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        restored_id != vol_id && restored_id != copy_id,
+        "{restored}"
+    );
+    assert_eq!(restored["mounts"][0]["type"], "rw", "{restored}");
+    let (out, code) = run(&Runtime::of(&restored), "echo r > /mnt/work/restored.txt").await;
+    assert_eq!(code, 0, "{out}");
+    let (status, v) = api
+        .post(
+            "/v1/sandboxes/restore",
+            json!({ "sandboxID": pid, "volumes": "everything" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+
+    // Every sandbox ends: the writers' volumes are saved, the read-only child's nothing.
+    for id in [
+        &pid,
+        &id_of(&ro_child),
+        &id_of(&copy_child),
+        &id_of(&restored),
+    ] {
+        assert_eq!(api.delete(id).await, StatusCode::NO_CONTENT);
+    }
+    for (volume, want, not) in [
+        (
+            &vol_id,
+            "after.txt before.txt held.log later.txt",
+            "child.txt",
+        ),
+        (
+            &copy_id,
+            "after.txt before.txt child.txt held.log",
+            "later.txt",
+        ),
+        (
+            &restored_id,
+            "after.txt before.txt held.log later.txt restored.txt",
+            "child.txt",
+        ),
+    ] {
+        let (status, reader) = create(&api, volume, "ro").await;
+        assert_eq!(status, StatusCode::CREATED, "{reader}");
+        let (out, code) = run(
+            &Runtime::of(&reader),
+            "ls /mnt/work | grep -v lost+found | tr '\\n' ' '",
+        )
+        .await;
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(out, want, "volume {volume} holds {out}, not {not}");
+        assert_eq!(api.delete(&id_of(&reader)).await, StatusCode::NO_CONTENT);
+    }
+    for volume in [&vol_id, &copy_id, &restored_id] {
+        let (status, v) = api
+            .call(Method::DELETE, &format!("/v1/volumes/{volume}"), None)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
+    }
 }

@@ -68,6 +68,12 @@ export function sandboxPage(root: HTMLElement, ctx: PageContext, params: string[
   const hibernateBtn = actionButton("Hibernate", "action-hibernate");
   const snapshotBtn = actionButton("Snapshot", "action-snapshot");
   const forkCount = h("input", { type: "number", min: 1, max: 16, value: 1, class: "narrow", "data-testid": "fork-count" });
+  const forkVolumes = h(
+    "select",
+    { "data-testid": "fork-volumes", title: "What the children get of its read-write volumes" },
+    h("option", { value: "readonly" }, "volumes read-only"),
+    h("option", { value: "copy" }, "volumes copied"),
+  );
   const forkBtn = actionButton("Fork", "action-fork");
   const timeoutInput = h("input", { type: "number", min: 1, max: 604800, value: 300, class: "narrow", "data-testid": "timeout-seconds" });
   const timeoutBtn = actionButton("Set timeout", "action-timeout");
@@ -79,7 +85,7 @@ export function sandboxPage(root: HTMLElement, ctx: PageContext, params: string[
     resumeBtn,
     hibernateBtn,
     snapshotBtn,
-    h("span", { class: "inline-field" }, field("Fork count", forkCount), forkBtn),
+    h("span", { class: "inline-field" }, field("Fork count", forkCount), field("Volumes", forkVolumes), forkBtn),
     h("span", { class: "inline-field" }, field("Timeout (s)", timeoutInput), timeoutBtn),
     killBtn,
   );
@@ -312,7 +318,8 @@ export function sandboxPage(root: HTMLElement, ctx: PageContext, params: string[
   forkBtn.addEventListener("click", () =>
     act(forkBtn, "Forking", async () => {
       const count = Math.max(1, Math.min(16, Number(forkCount.value) || 1));
-      const doc = await api<{ sandboxes: Sandbox[] }>("POST", `/sandboxes/${enc(id)}/fork`, { body: { count } });
+      const volumes = forkVolumes.value === "copy" ? "copy" : "readonly";
+      const doc = await api<{ sandboxes: Sandbox[] }>("POST", `/sandboxes/${enc(id)}/fork`, { body: { count, volumes } });
       replace(
         actionStatus,
         h(
@@ -808,8 +815,17 @@ function volumesTab(panel: HTMLElement, s: Sandbox): void {
     panel,
     h("h2", null, "Volumes"),
     table(
-      ["Path", "Volume", "Mode"],
-      (s.mounts ?? []).map((m) => row([h("code", null, m.path ?? "—"), h("code", null, m.volumeID ?? "—"), m.type ?? "—"])),
+      ["Path", "Volume", "Mode", "Inherited"],
+      (s.mounts ?? []).map((m) =>
+        row([
+          h("code", null, m.path ?? "—"),
+          h("code", null, m.volumeID ?? "—"),
+          m.type ?? "—",
+          m.inherited
+            ? `${m.inherited.how === "copy" ? "a copy of" : "read-only from"} ${m.inherited.fromVolumeID ?? "?"} (${m.inherited.fromSandboxID ?? "?"})`
+            : "—",
+        ]),
+      ),
       { testid: "mounts-table", caption: "Mounted volumes", empty: "No volumes mounted." },
     ),
   );

@@ -7,6 +7,7 @@
 //! removed whatever happened. A failed publish leaves no snapshot and the sandbox
 //! running.
 
+use super::volumes::inherit::{inherit_mounts, thaw_paths};
 use super::{now_ms, Manager, Slot};
 use crate::error::ApiError;
 use crate::model::*;
@@ -1053,15 +1054,25 @@ impl Manager {
                 Some(known) => (known.security_policy, known.secret_values),
                 None => (origin.security_policy, Default::default()),
             };
+        // Its volumes: the original's, read-only, or copies (volumes/inherit.rs). A
+        // volume the team no longer has (or never had: the manifest is the bucket's
+        // word) is not held.
+        let mut have = std::collections::HashSet::new();
+        for m in &origin.mounts {
+            if self.team_has_volume(team, &m.volume).await {
+                have.insert(m.volume.clone());
+            }
+        }
+        let how = body.volumes.unwrap_or_default();
+        let (mounts, settle) = inherit_mounts(source, &origin.mounts, how, |v| have.contains(v));
         let mut record = SandboxRecord {
             env_vars: origin.env_vars,
             metadata: body.metadata.unwrap_or(origin.metadata),
             egress: origin.egress,
-            mounts: origin.mounts,
+            mounts,
             recording: origin.recording,
             security_policy,
             secret_values,
-            volume_copies: true,
             ..SandboxRecord::fresh(
                 team,
                 template_id,
@@ -1099,9 +1110,22 @@ impl Manager {
             }
             Pick::Local(_, l) => self.copy_and_restore(l, &dir, &record.id).await,
         };
+        let mut copies = Vec::new();
         let result = match result {
             Ok(vm) => match self.secure_guest(&record, &vm).await {
-                Ok(()) => Ok(vm),
+                Ok(()) => match self
+                    .settle_child(&mut record, &vm, &dir, &settle, false, &mut copies)
+                    .await
+                {
+                    Ok(()) => Ok(vm),
+                    Err(e) => {
+                        vm.kill().await;
+                        self.release_holds(&record).await;
+                        self.drop_copies(team, &copies).await;
+                        self.drop_volume_images(&record.id);
+                        Err(e)
+                    }
+                },
                 Err(e) => {
                     vm.kill().await;
                     Err(e)
@@ -1182,9 +1206,13 @@ impl Manager {
         body: ForkBody,
     ) -> Result<Vec<SandboxView>, ApiError> {
         let count = body.validate()?;
+        let how = body.volumes.unwrap_or_default();
         let (mut guard, parent) = self.lock_running(team, id, "forked").await?;
         let vm = guard.as_mut().expect("checked");
         self.check_disk_space(vm, parent.resources.mem_mib)?;
+        // The children's volumes: the parent's, read-only, or copies (volumes/inherit.rs).
+        self.check_no_writers(&parent, vm, how).await?;
+        let (child_mounts, settle) = inherit_mounts(id, &parent.mounts, how, |_| true);
         let timeout_s = body.timeout.unwrap_or(parent.timeout_s);
         let dir = self
             .state_dir
@@ -1208,12 +1236,11 @@ impl Manager {
                 idle_timeout_s: parent.idle_timeout_s,
                 public_ports: parent.public_ports.clone(),
                 egress: parent.egress.clone(),
-                mounts: parent.mounts.clone(),
+                mounts: child_mounts.clone(),
                 recording: parent.recording,
                 // The parent's guest had the CA and the placeholders: so do the children.
                 security_policy: parent.security_policy.clone(),
                 secret_values: parent.secret_values.clone(),
-                volume_copies: true,
                 fork_base: Some(dir.display().to_string()),
                 ..SandboxRecord::fresh(
                     team,
@@ -1253,12 +1280,46 @@ impl Manager {
             self.volume_images(&child_ids[i], snapshot)
                 .map_err(|e| vmm::VmmError::Host(e.message))
         };
-        match self.vmm.fork(vm, count as usize, &dir, child_volumes).await {
+        // The parent's read-write volumes frozen around the snapshot: clean images, and
+        // children that start with them frozen until their mounts are settled.
+        let forked = match self.freeze_for_fork(&parent, vm).await {
+            Ok(frozen) => {
+                let forked = self.vmm.fork(vm, count as usize, &dir, child_volumes).await;
+                thaw_paths(vm, &frozen).await;
+                forked.map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.message),
+        };
+        match forked {
             Ok((_snapshot, vms)) => {
                 let own = self.memory_index_of(vm);
                 inherit_memory_index(vm, own, &dir).await;
                 info!(sandbox = %id, children = count, elapsed_ms = started.elapsed().as_millis() as u64, "forked");
                 intent.step("fork.children_started", serde_json::json!({}));
+                let mut copies = Vec::new();
+                if let Err(e) = self
+                    .settle_children(&mut children, &vms, &dir, &settle, &mut copies)
+                    .await
+                {
+                    // All or nothing: no child runs with a mount it should not have.
+                    for vm in vms {
+                        vm.kill().await;
+                    }
+                    for mut c in children {
+                        self.release_holds(&c).await;
+                        self.drop_volume_images(&c.id);
+                        c.diagnostic = Some(Diagnostic {
+                            code: "fork_failed".into(),
+                            message: e.message.clone(),
+                            action: "see the message; the parent keeps running".into(),
+                        });
+                        c.fork_base = None;
+                        self.transition(&mut c, InternalState::Failed, "fork failed")?;
+                    }
+                    self.drop_copies(team, &copies).await;
+                    super::remove_tree(dir).await;
+                    return Err(e);
+                }
                 let mut views = Vec::new();
                 for (mut child, vm) in children.into_iter().zip(vms) {
                     let slot = self.slot(&child.id);

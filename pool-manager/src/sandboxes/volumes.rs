@@ -9,8 +9,10 @@
 //! saved version.
 //!
 //! Snapshots carry a copy of every attached image (`volume-<lun>.img`): a resume reuses
-//! the sandbox's own image; a fork child or a restored copy gets its own copy of the
-//! snapshot's and holds no lock (it never writes the volume back).
+//! the sandbox's own image; a fork child or a restored copy starts from a copy of the
+//! snapshot's, and gets the original's read-write volumes read-only or as new volumes
+//! ([`inherit`]). (Records from before that, `volume_copies`, kept a private copy that
+//! was never written back.)
 //!
 //! Holds are leases ([`VOLUME_LEASE`], see `storage::volumes`): [`Manager::keep_volume_leases`]
 //! renews those of this host's live sandboxes, and of its saves still being retried,
@@ -42,6 +44,8 @@ use std::time::{Duration, Instant};
 use storage::volumes::{self as stored, Holder, Renewal, StoredVolume, VolumeError};
 use tracing::{info, warn};
 use vmm::{QemuVm, VolumeDrive};
+
+pub(super) mod inherit;
 
 /// How long the guest gets to see a hot-plugged disk.
 const DEVICE_WAIT_S: u32 = 20;

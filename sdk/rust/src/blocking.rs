@@ -215,7 +215,13 @@ impl Sandbox {
 
     /// Branches it into `count` children.
     pub fn fork(&self, count: u32) -> Result<Vec<Sandbox>> {
-        let children = self.rt.block_on(self.inner.fork(count))?;
+        self.fork_with(count, crate::InheritVolumes::Readonly)
+    }
+
+    /// Forks, saying what the children do with its read-write volumes. See
+    /// [`crate::Sandbox::fork_with`].
+    pub fn fork_with(&self, count: u32, volumes: crate::InheritVolumes) -> Result<Vec<Sandbox>> {
+        let children = self.rt.block_on(self.inner.fork_with(count, volumes))?;
         Ok(children
             .into_iter()
             .map(|inner| Self {

@@ -103,7 +103,7 @@ mod templates;
 mod time;
 mod volumes;
 
-pub use api_model::{EgressPolicy, Mount, MountMode, MountRequest};
+pub use api_model::{EgressPolicy, InheritVolumes, Inherited, Mount, MountMode, MountRequest};
 pub use code::{
     CodeContext, CodeOptions, CodeResult, Execution, ExecutionError, Logs as ExecutionLogs,
     ResultCallback, CODE_HELPER,

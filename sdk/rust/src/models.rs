@@ -162,6 +162,10 @@ pub struct RestoreOptions {
     /// Labels of the new sandbox (default: the original's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<BTreeMap<String, String>>,
+    /// What it does with the original's read-write volumes (server default
+    /// [`crate::InheritVolumes::Readonly`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<crate::InheritVolumes>,
 }
 
 /// Filters and paging of [`crate::Sandbox::list`].

@@ -6,7 +6,7 @@ use crate::files::Files;
 use crate::models::{
     ListQuery, RestoreOptions, RuntimeAccess, SandboxInfo, SandboxPage, SnapshotInfo,
 };
-use crate::{ConnectionConfig, CreateOptions, Error, Result, Snapshot};
+use crate::{ConnectionConfig, CreateOptions, Error, InheritVolumes, Result, Snapshot};
 use serde_json::{json, Map, Value};
 use std::time::Duration;
 
@@ -550,13 +550,22 @@ impl Sandbox {
     }
 
     /// Branches it into `count` running children with its memory, processes and disk;
-    /// it keeps running.
+    /// it keeps running. Its read-write volumes are mounted read-only in the children
+    /// (see [`Sandbox::fork_with`]).
     pub async fn fork(&self, count: u32) -> Result<Vec<Sandbox>> {
+        self.fork_with(count, InheritVolumes::Readonly).await
+    }
+
+    /// [`Sandbox::fork`], saying what the children do with its read-write volumes:
+    /// [`InheritVolumes::Readonly`] (the same volume, read-only: a write fails with
+    /// EROFS) or [`InheritVolumes::Copy`] (each child a new volume of their content,
+    /// named in its `mounts`).
+    pub async fn fork_with(&self, count: u32, volumes: InheritVolumes) -> Result<Vec<Sandbox>> {
         let v = self
             .control(
                 reqwest::Method::POST,
                 "fork",
-                Some(json!({ "count": count })),
+                Some(json!({ "count": count, "volumes": volumes })),
             )
             .await?;
         let children: Vec<SandboxInfo> =

@@ -17,12 +17,14 @@
 export { Sandbox } from "./sandbox.js";
 export type {
   ConnectOpts,
+  ForkOpts,
   ListOpts,
   ProjectedPage,
   RestoreOpts,
   RunOnceOpts,
   SandboxPage,
   SandboxQuery,
+  VolumeInheritance,
 } from "./sandbox.js";
 export { Snapshot } from "./snapshots.js";
 export { Commands, CommandHandle, SIGNALS, signalNumber } from "./commands.js";

@@ -48,6 +48,8 @@ export interface Mount {
   volumeId: string;
   /** `rw` (one holder) or `ro`. */
   type: "rw" | "ro";
+  /** A fork child's or restored copy's mount: where it came from, and how. */
+  inherited?: { fromSandboxId: string; fromVolumeId: string; how: "readonly" | "copy" };
 }
 
 /** What the timeout does, as the API reports it. */
@@ -122,7 +124,14 @@ export function parseSandbox(doc: Doc): SandboxInfo {
     timeline: doc.timeline ?? [],
     snapshotInterval: doc.snapshotInterval ?? 0,
     hibernated: Boolean(doc.hibernated),
-    mounts: (doc.mounts ?? []).map((m: Doc) => ({ path: m.path, volumeId: m.volumeID, type: m.type })),
+    mounts: (doc.mounts ?? []).map((m: Doc) => ({
+      path: m.path,
+      volumeId: m.volumeID,
+      type: m.type,
+      ...(m.inherited
+        ? { inherited: { fromSandboxId: m.inherited.fromSandboxID, fromVolumeId: m.inherited.fromVolumeID, how: m.inherited.how } }
+        : {}),
+    })),
     recording: Boolean(doc.recording),
   };
   const optional: Array<[keyof SandboxInfo, unknown]> = [

@@ -112,6 +112,27 @@ export interface RestoreOpts extends ConnectionOpts {
   timeout?: number;
   /** Default: the original's. */
   metadata?: Record<string, string>;
+  /** What it does with the original's read-write volumes (default `"readonly"`). */
+  volumes?: VolumeInheritance;
+}
+
+/**
+ * What a fork child or a restored copy does with the original's read-write volumes:
+ * `"readonly"` mounts the same volume read-only (a write fails with EROFS; the original
+ * keeps writing it), `"copy"` a new volume of its content (named in the new sandbox's
+ * `mounts`), read-write and saved like any other.
+ */
+export type VolumeInheritance = "readonly" | "copy";
+
+/** Options of `sbx.fork`. */
+export interface ForkOpts extends RequestOpts {
+  /** What the children do with its read-write volumes (default `"readonly"`). */
+  volumes?: VolumeInheritance;
+}
+
+function volumesMode(where: string, volumes: unknown): VolumeInheritance | undefined {
+  if (volumes === undefined || volumes === "readonly" || volumes === "copy") return volumes;
+  throw invalid(`${where}: volumes must be "readonly" (the default: the same volume, read-only) or "copy" (a new volume of its content); got ${JSON.stringify(volumes)}`);
 }
 
 /** Options of `Sandbox.runOnce`: the sandbox's and the command's. */
@@ -122,7 +143,7 @@ export interface RunOnceOpts extends SandboxOpts {
 
 const LIST_KEYS = new Set(["query", "limit", "nextToken", "fields", "apiKey", "domain", "requestTimeoutMs"]);
 const CONNECT_KEYS = new Set(["timeout", "apiKey", "domain", "requestTimeoutMs"]);
-const RESTORE_KEYS = new Set(["snapshotId", "timeout", "metadata", "apiKey", "domain", "requestTimeoutMs"]);
+const RESTORE_KEYS = new Set(["snapshotId", "timeout", "metadata", "volumes", "apiKey", "domain", "requestTimeoutMs"]);
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
@@ -271,6 +292,8 @@ export class Sandbox {
     if (snap !== undefined) body.snapshotID = typeof snap === "string" ? snap : snap.snapshotId;
     if (opts.timeout !== undefined) body.timeout = opts.timeout;
     if (opts.metadata !== undefined) body.metadata = opts.metadata;
+    const volumes = volumesMode("Sandbox.restore", opts.volumes);
+    if (volumes !== undefined) body.volumes = volumes;
     const config = Config.resolve(opts);
     const doc = await call<Doc>(config, "POST", "/sandboxes/restore", { json: body });
     return new Sandbox(parseSandbox(doc), config);
@@ -492,11 +515,16 @@ export class Sandbox {
 
   /**
    * Branches it into `count` (default 1) running children with its memory, processes
-   * and disk; it keeps running.
+   * and disk; it keeps running. `opts.volumes`: what the children do with its
+   * read-write volumes (see {@link VolumeInheritance}).
    */
-  async fork(count = 1, opts: RequestOpts = {}): Promise<Sandbox[]> {
+  async fork(count = 1, opts: ForkOpts = {}): Promise<Sandbox[]> {
     if (!Number.isInteger(count) || count < 1) throw invalid(`count must be an integer from 1; got ${JSON.stringify(count)}`);
-    const doc = await this.control("POST", "fork", { json: { count }, ...opts });
+    const { volumes, ...request } = opts;
+    const json: Doc = { count };
+    const mode = volumesMode("fork", volumes);
+    if (mode !== undefined) json.volumes = mode;
+    const doc = await this.control("POST", "fork", { json, ...request });
     return doc.sandboxes.map((c: Doc) => new Sandbox(parseSandbox(c), this.config));
   }
 

@@ -215,8 +215,22 @@ def resources_body(resources: Dict[str, int]) -> Dict[str, int]:
     }
 
 
+#: What a fork child or a restored copy does with the original's read-write volumes.
+VOLUME_INHERITANCE = ("readonly", "copy")
+
+
+def volumes_mode(volumes: Optional[str]) -> Optional[str]:
+    """Checks ``volumes`` of a fork or restore: ``"readonly"`` (the same volume, mounted
+    read-only; the default), ``"copy"`` (a new volume of the original's content), or None."""
+    if volumes is not None and volumes not in VOLUME_INHERITANCE:
+        raise ValueError(f"volumes={volumes!r}: send \"readonly\" (the default: the same "
+                         "volume, read-only) or \"copy\" (a new volume of its content)")
+    return volumes
+
+
 def restore_body(sandbox_id: str, snapshot_id: Optional[str], timeout: Optional[int],
-                 metadata: Optional[Dict[str, str]]) -> Dict[str, Any]:
+                 metadata: Optional[Dict[str, str]],
+                 volumes: Optional[str] = None) -> Dict[str, Any]:
     body: Dict[str, Any] = {"sandboxID": sandbox_id}
     if snapshot_id is not None:
         body["snapshotID"] = snapshot_id
@@ -224,6 +238,15 @@ def restore_body(sandbox_id: str, snapshot_id: Optional[str], timeout: Optional[
         body["timeout"] = timeout
     if metadata is not None:
         body["metadata"] = metadata
+    if volumes_mode(volumes) is not None:
+        body["volumes"] = volumes
+    return body
+
+
+def fork_body(count: int, volumes: Optional[str]) -> Dict[str, Any]:
+    body: Dict[str, Any] = {"count": count}
+    if volumes_mode(volumes) is not None:
+        body["volumes"] = volumes
     return body
 
 

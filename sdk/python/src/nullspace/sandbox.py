@@ -16,7 +16,7 @@ from ._core import (DESKTOP_ENV, DESKTOP_VIEW_ONLY_PORT, DESKTOP_VIEWER_PORT, de
                     SandboxError, SandboxInfo, SandboxMetrics, SnapshotInfo, apply_event,
                     audit_params, check_port, create_body, egress_body,
                     fields_query, list_page, logs_params, list_params, only_fields, metrics_params, raise_for,
-                    ready_or_raise, resources_body, restore_body, restore_snapshot_id, run_body,
+                    fork_body, ready_or_raise, resources_body, restore_body, restore_snapshot_id, run_body,
                     SandboxLifecycle, SandboxNetworkOpts, SecurityPolicy)
 
 
@@ -443,16 +443,18 @@ class Sandbox:
     def restore(cls, sandbox_id: str, snapshot_id: Optional[Union[str, SnapshotInfo]] = None,
                 timeout: Optional[int] = None, metadata: Optional[Dict[str, str]] = None,
                 api_key: Optional[str] = None, domain: Optional[str] = None,
-                request_timeout: Optional[float] = None) -> "Sandbox":
+                request_timeout: Optional[float] = None,
+                volumes: Optional[str] = None) -> "Sandbox":
         """Starts a new sandbox from a snapshot of ``sandbox_id`` (which may be deleted or
         on another worker): ``snapshot_id``, or the newest (pause, then periodic, then
-        manual). Returns it connected."""
+        manual). Returns it connected. ``volumes``: what it does with the original's
+        read-write volumes, ``"readonly"`` (default) or ``"copy"``."""
         config = Config.resolve(api_key, domain, request_timeout)
         client = httpx.Client(timeout=config.request_timeout)
         try:
             doc = _call(client, config, "POST", "/sandboxes/restore",
                         restore_body(sandbox_id, restore_snapshot_id(snapshot_id), timeout,
-                                     metadata))
+                                     metadata, volumes))
         except Exception:
             client.close()
             raise
@@ -608,10 +610,14 @@ class Sandbox:
         self._control("DELETE", f"snapshots/{snapshot_id}", request_timeout=request_timeout)
 
     def fork(self, count: int = 1,
-             request_timeout: Optional[float] = None) -> List["Sandbox"]:
+             request_timeout: Optional[float] = None,
+             volumes: Optional[str] = None) -> List["Sandbox"]:
         """Branches it into ``count`` running children with its memory, processes and
-        disk; it keeps running. Each child has its own HTTP client: close it when done."""
-        doc = self._control("POST", "fork", {"count": count}, request_timeout)
+        disk; it keeps running. Each child has its own HTTP client: close it when done.
+        ``volumes``: what the children do with its read-write volumes, ``"readonly"``
+        (default: the same volume, read-only; a write fails with EROFS) or ``"copy"``
+        (each child a new volume of their content, named in its ``mounts``)."""
+        doc = self._control("POST", "fork", fork_body(count, volumes), request_timeout)
         return [type(self)(SandboxInfo.parse(c), self._config,
                            httpx.Client(timeout=self._config.request_timeout))
                 for c in doc["sandboxes"]]
@@ -802,11 +808,13 @@ class Snapshot(StoredSnapshot):
     ``SnapshotInfo`` field, and ``restore()`` / ``delete()``. It outlives its sandbox."""
 
     def restore(self, timeout: Optional[int] = None, metadata: Optional[Dict[str, str]] = None,
-                request_timeout: Optional[float] = None) -> Sandbox:
-        """Starts a new sandbox from it and returns it connected."""
+                request_timeout: Optional[float] = None,
+                volumes: Optional[str] = None) -> Sandbox:
+        """Starts a new sandbox from it and returns it connected (``volumes``: see
+        ``Sandbox.restore``)."""
         return Sandbox.restore(self.sandbox_id, self.snapshot_id, timeout, metadata,
                                self._config.api_key, self._config.api_url,
-                               request_timeout or self._config.request_timeout)
+                               request_timeout or self._config.request_timeout, volumes)
 
     def delete(self, request_timeout: Optional[float] = None) -> None:
         """Deletes it from the store."""
