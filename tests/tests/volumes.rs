@@ -591,4 +591,24 @@ async fn fork_children_get_volumes_read_only_or_as_copies_and_no_write_is_lost()
             .await;
         assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
     }
+
+    // Its volume deleted, a snapshot of the parent restores only as a copy.
+    let restore = |volumes: &'static str| json!({ "sandboxID": pid, "snapshotID": snap["snapshotID"], "volumes": volumes });
+    let (status, v) = api.post("/v1/sandboxes/restore", restore("readonly")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.contains(&vol_id) && message.contains("\"copy\""),
+        "{v}"
+    );
+    let (status, again) = api.post("/v1/sandboxes/restore", restore("copy")).await;
+    assert_eq!(status, StatusCode::CREATED, "{again}");
+    let again_vol = again["mounts"][0]["volumeID"].as_str().unwrap().to_string();
+    let (out, code) = run(&Runtime::of(&again), "cat /mnt/work/later.txt").await;
+    assert_eq!((out.as_str(), code), ("later", 0));
+    assert_eq!(api.delete(&id_of(&again)).await, StatusCode::NO_CONTENT);
+    let (status, v) = api
+        .call(Method::DELETE, &format!("/v1/volumes/{again_vol}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{v}");
 }

@@ -189,6 +189,14 @@ impl Manager {
                     remove_tree(self.pauses_dir(&i.sandbox_id)).await;
                 }
                 op::FORK => {
+                    // The parent's read-write volumes were frozen around the snapshot.
+                    if let Some(r) = record.as_ref().filter(|r| r.state == InternalState::Active) {
+                        let slot = self.slot(&r.id);
+                        let vm = slot.lock().await;
+                        if let Some(vm) = vm.as_ref() {
+                            self.thaw_volumes(r, vm).await;
+                        }
+                    }
                     for child in i.data["children"].as_array().into_iter().flatten() {
                         let Some(child) = child.as_str() else {
                             continue;

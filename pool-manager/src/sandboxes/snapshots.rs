@@ -1064,7 +1064,7 @@ impl Manager {
             }
         }
         let how = body.volumes.unwrap_or_default();
-        let (mounts, settle) = inherit_mounts(source, &origin.mounts, how, |v| have.contains(v));
+        let (mounts, settle) = inherit_mounts(source, &origin.mounts, how, |v| have.contains(v))?;
         let mut record = SandboxRecord {
             env_vars: origin.env_vars,
             metadata: body.metadata.unwrap_or(origin.metadata),
@@ -1114,7 +1114,7 @@ impl Manager {
         let result = match result {
             Ok(vm) => match self.secure_guest(&record, &vm).await {
                 Ok(()) => match self
-                    .settle_child(&mut record, &vm, &dir, &settle, false, &mut copies)
+                    .settle_child(&mut record, &vm, &settle, false, &mut copies)
                     .await
                 {
                     Ok(()) => Ok(vm),
@@ -1212,7 +1212,7 @@ impl Manager {
         self.check_disk_space(vm, parent.resources.mem_mib)?;
         // The children's volumes: the parent's, read-only, or copies (volumes/inherit.rs).
         self.check_no_writers(&parent, vm, how).await?;
-        let (child_mounts, settle) = inherit_mounts(id, &parent.mounts, how, |_| true);
+        let (child_mounts, settle) = inherit_mounts(id, &parent.mounts, how, |_| true)?;
         let timeout_s = body.timeout.unwrap_or(parent.timeout_s);
         let dir = self
             .state_dir
@@ -1298,7 +1298,7 @@ impl Manager {
                 intent.step("fork.children_started", serde_json::json!({}));
                 let mut copies = Vec::new();
                 if let Err(e) = self
-                    .settle_children(&mut children, &vms, &dir, &settle, &mut copies)
+                    .settle_children(&mut children, &vms, &settle, &mut copies)
                     .await
                 {
                     // All or nothing: no child runs with a mount it should not have.
@@ -1314,7 +1314,12 @@ impl Manager {
                             action: "see the message; the parent keeps running".into(),
                         });
                         c.fork_base = None;
-                        self.transition(&mut c, InternalState::Failed, "fork failed")?;
+                        // Every child is settled before any error is answered.
+                        if let Err(t) =
+                            self.transition(&mut c, InternalState::Failed, "fork failed")
+                        {
+                            warn!(sandbox = %c.id, error = %t.message, "recording a child's failure");
+                        }
                     }
                     self.drop_copies(team, &copies).await;
                     super::remove_tree(dir).await;

@@ -385,7 +385,8 @@ impl Manager {
             if m.mode != MountMode::Rw {
                 continue;
             }
-            if let Err(e) = guest_root(vm, &format!("sync; fsfreeze --freeze '{}'", m.path)).await {
+            let path = shell_quoted(&m.path);
+            if let Err(e) = guest_root(vm, &format!("sync; fsfreeze --freeze {path}")).await {
                 warn!(sandbox = %r.id, volume = %m.volume, error = %e.message, "the guest did not freeze a volume");
                 continue;
             }
@@ -399,7 +400,7 @@ impl Manager {
                 if let Err(e) = copied {
                     warn!(sandbox = %r.id, volume = %m.volume, error = %e, "copying a frozen volume failed");
                 }
-                let _ = guest_root(vm, &format!("fsfreeze --unfreeze '{}'", m.path)).await;
+                let _ = guest_root(vm, &format!("fsfreeze --unfreeze {path}")).await;
             }
         }
     }
@@ -415,7 +416,8 @@ impl Manager {
             if m.mode != MountMode::Rw {
                 continue;
             }
-            let _ = guest_root(vm, &format!("fsfreeze --unfreeze '{}' || true", m.path)).await;
+            let path = shell_quoted(&m.path);
+            let _ = guest_root(vm, &format!("fsfreeze --unfreeze {path} || true")).await;
             let _ = std::fs::remove_file(self.volume_image(&r.id, lun as u8, true));
         }
     }
@@ -780,6 +782,12 @@ async fn format_image(image: &Path, size_mib: u64) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `s` as one shell word, in single quotes: mount paths are checked at create, but a
+/// restored record's come from a snapshot's manifest (the bucket's word).
+pub(super) fn shell_quoted(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
 /// Output of a guest helper kept for its error message, per channel: the guest may
 /// print without end, the host keeps only this much of the end.
 const HELPER_OUTPUT_TAIL: usize = 64 * 1024;
@@ -825,10 +833,10 @@ while :; do
   [ "$i" -gt {tries} ] && {{ echo "the volume's disk (LUN {lun}) never appeared" >&2; exit 1; }}
   sleep 0.1
 done
-mkdir -p '{path}'
-mount -t ext4 -o noatime,{options} "$dev" '{path}'"#,
+mkdir -p {path}
+mount -t ext4 -o noatime,{options} "$dev" {path}"#,
         tries = DEVICE_WAIT_S * 10,
-        path = m.path,
+        path = shell_quoted(&m.path),
     );
     guest_root(vm, &script).await.map_err(|e| {
         ApiError::internal(format!(

@@ -22,11 +22,10 @@
 //! freeze land in its private copy: documented).
 
 use super::super::Manager;
-use super::{guest_root, VolumeDrive};
+use super::guest_root;
 use crate::error::ApiError;
 use crate::model::SandboxRecord;
-use api_model::{InheritVolumes, Inherited, Mount, MountMode, VolumeCreateRequest};
-use std::path::Path;
+use api_model::{is_volume_id, InheritVolumes, Inherited, Mount, MountMode, VolumeCreateRequest};
 use storage::volumes as stored;
 use tracing::{info, warn};
 use vmm::QemuVm;
@@ -43,17 +42,35 @@ pub(in crate::sandboxes) struct Settle {
 /// The child's mounts for the parent's `mounts`, and what its guest must do with them.
 /// Read-only mounts stay as they were; read-write ones become read-only (`readonly`)
 /// or stay read-write on a copy whose ID [`Manager::copy_inherited`] fills in (`copy`).
-/// `exists(volume)` says whether the team still has the volume: a gone one (deleted
-/// since the snapshot) is not held; its mount stays in the guest, read-only.
+/// Every mount keeps its place: a mount's index is its disk's LUN.
+///
+/// `exists(volume)` says whether the team has the volume. One it has not (deleted
+/// since the snapshot, or never the team's: a restore's manifest is the bucket's word)
+/// can only be copied from the image: anything else is refused (409), naming it.
 pub(in crate::sandboxes) fn inherit_mounts(
     from: &str,
     mounts: &[Mount],
     how: InheritVolumes,
     exists: impl Fn(&str) -> bool,
-) -> (Vec<Mount>, Vec<Settle>) {
+) -> Result<(Vec<Mount>, Vec<Settle>), ApiError> {
     let mut out = Vec::with_capacity(mounts.len());
     let mut settle = Vec::new();
     for m in mounts {
+        let exists = exists(&m.volume);
+        let copied = m.mode == MountMode::Rw && how == InheritVolumes::Copy;
+        if !exists && !copied {
+            return Err(ApiError::conflict(format!(
+                "the volume mounted at {} ({}) is gone (deleted since, or not this team's): {}",
+                m.path,
+                m.volume,
+                if m.mode == MountMode::Rw {
+                    "restore with \"volumes\": \"copy\" to get its content from the snapshot as a new volume"
+                } else {
+                    "nothing can mount it read-only; restore another snapshot"
+                }
+            ))
+            .with_details(serde_json::json!({ "volumeID": m.volume, "path": m.path })));
+        }
         let inherited = |how| {
             Some(Inherited {
                 from_sandbox: from.to_string(),
@@ -61,41 +78,28 @@ pub(in crate::sandboxes) fn inherit_mounts(
                 how,
             })
         };
-        let exists = exists(&m.volume);
         match m.mode {
-            // Held read-only again, unless the volume is gone.
-            MountMode::Ro if exists => out.push(Mount {
+            MountMode::Ro => out.push(Mount {
                 inherited: inherited(InheritVolumes::Readonly),
                 ..m.clone()
             }),
-            MountMode::Ro => {}
             MountMode::Rw => {
                 settle.push(Settle {
                     path: m.path.clone(),
                     how,
                 });
-                let mode = match how {
-                    // A gone volume has no hold to take: only the guest's mount is left.
-                    InheritVolumes::Readonly if !exists => continue,
-                    InheritVolumes::Readonly => MountMode::Ro,
-                    InheritVolumes::Copy => MountMode::Rw,
-                };
                 out.push(Mount {
-                    mode,
+                    mode: if copied { MountMode::Rw } else { MountMode::Ro },
                     inherited: inherited(how),
                     ..m.clone()
                 });
             }
         }
     }
-    (out, settle)
+    Ok((out, settle))
 }
 
-/// A shell word: `s` in single quotes (paths are checked at create, but a restored
-/// record is the bucket's word).
-fn quoted(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
+use super::shell_quoted as quoted;
 
 /// The marker a guest check prints before the files it found open for writing.
 const OPEN_FOR_WRITE: &str = "open for writing:";
@@ -183,13 +187,13 @@ done
     }
 
     /// `copy`: makes each new volume the child's read-write inherited mounts name — its
-    /// first version the snapshot's image of it in `snapshot_dir` (immutable, unlike the
-    /// image the child writes) — and puts its ID in the child's mounts. Returns the new
-    /// volumes' IDs (to delete if the child does not start).
+    /// first version the child's own image of it, taken while its file system is frozen
+    /// (clean, and still the original's content) — and puts its ID in the child's
+    /// mounts. Pushes the new volumes' IDs to `copies` (to delete if the child does not
+    /// start).
     pub(in crate::sandboxes) async fn copy_inherited(
         &self,
         child: &mut SandboxRecord,
-        snapshot_dir: &Path,
         copies: &mut Vec<String>,
     ) -> Result<(), ApiError> {
         let team = child.team_id.clone();
@@ -201,12 +205,18 @@ done
                 }
                 _ => continue,
             };
-            let image = snapshot_dir.join(VolumeDrive::snapshot_file(lun as u8));
-            let parent = stored::get(self.store(), &from).await.ok();
+            let image = self.volume_image(&child.id, lun as u8, false);
+            // The original's name and size only if it is the team's (never another
+            // team's, whatever a manifest names).
+            let parent = if is_volume_id(&from) {
+                self.volume(&team, &from).await.ok()
+            } else {
+                None
+            };
             let size_mib = match parent.as_ref() {
                 Some(p) => p.size_mib,
                 None => std::fs::metadata(&image)
-                    .map(|m| m.len() >> 20)
+                    .map(|m| m.len().div_ceil(1 << 20))
                     .map_err(|e| ApiError::internal(format!("reading {}: {e}", image.display())))?,
             };
             // `<parent's name>-<the child's ID>`: names are unique per team.
@@ -239,37 +249,60 @@ done
         Ok(())
     }
 
-    /// A fork's children, each with its VM: their copies made, their holds taken and
-    /// their guests' mounts settled. All or nothing is the caller's (it ends them all
-    /// on an error, with [`Manager::release_holds`] and [`Manager::drop_copies`]).
+    /// A fork's children, each with its VM (started with the inherited file systems
+    /// frozen): their copies made, their holds taken and their guests' mounts settled.
+    /// All or nothing is the caller's (it ends them all on an error, with
+    /// [`Manager::release_holds`] and [`Manager::drop_copies`]).
     pub(in crate::sandboxes) async fn settle_children(
         &self,
         children: &mut [SandboxRecord],
         vms: &[QemuVm],
-        snapshot_dir: &Path,
         settle: &[Settle],
         copies: &mut Vec<String>,
     ) -> Result<(), ApiError> {
         for (child, vm) in children.iter_mut().zip(vms) {
-            self.settle_child(child, vm, snapshot_dir, settle, true, copies)
-                .await?;
+            self.settle_child(child, vm, settle, true, copies).await?;
         }
         Ok(())
     }
 
-    /// One child: [`Manager::copy_inherited`], its holds, [`settle_inherited`].
+    /// One new sandbox: its inherited read-write file systems frozen (a restored copy's
+    /// here; a fork's child starts so), then [`Manager::copy_inherited`], its holds, and
+    /// [`settle_inherited`]. On an error the file systems are thawed (the caller ends
+    /// the VM anyway).
     pub(in crate::sandboxes) async fn settle_child(
         &self,
         child: &mut SandboxRecord,
         vm: &QemuVm,
-        snapshot_dir: &Path,
         settle: &[Settle],
         frozen: bool,
         copies: &mut Vec<String>,
     ) -> Result<(), ApiError> {
-        self.copy_inherited(child, snapshot_dir, copies).await?;
-        self.hold_volumes(child).await?;
-        settle_inherited(vm, settle, frozen).await
+        if settle.is_empty() {
+            return self.hold_volumes(child).await;
+        }
+        if !frozen {
+            for s in settle {
+                // One the snapshot caught frozen already is frozen: fine.
+                let path = quoted(&s.path);
+                let _ = guest_root(
+                    vm,
+                    &format!("sync -f {path}; fsfreeze --freeze {path} 2>/dev/null || true"),
+                )
+                .await;
+            }
+        }
+        let settled = async {
+            self.copy_inherited(child, copies).await?;
+            self.hold_volumes(child).await?;
+            settle_inherited(vm, settle).await
+        }
+        .await;
+        if settled.is_err() {
+            let paths: Vec<String> = settle.iter().map(|s| s.path.clone()).collect();
+            thaw_paths(vm, &paths).await;
+        }
+        settled
     }
 
     /// Releases a child's holds (it did not start).
@@ -282,7 +315,8 @@ done
     /// Whether `team` has volume `id` (a restore's manifest may name one since deleted,
     /// or, tampered with, another team's).
     pub(in crate::sandboxes) async fn team_has_volume(&self, team: &str, id: &str) -> bool {
-        self.volume(team, id).await.is_ok()
+        // An ID, never a name: a hold is kept under what the record names.
+        is_volume_id(id) && self.volume(team, id).await.is_ok()
     }
 
     /// Deletes the volumes [`Manager::copy_inherited`] made for a child that did not
@@ -303,36 +337,38 @@ pub(in crate::sandboxes) async fn thaw_paths(vm: &QemuVm, paths: &[String]) {
     }
 }
 
-/// Settles a child's inherited read-write mounts in its guest: `readonly` ones become
-/// read-only (a read-only bind remount, which a frozen file system allows), `copy` ones
-/// stay read-write; then each thaws. A fork's child starts frozen (`frozen`); a
-/// restored copy is frozen here first.
+/// Settles a child's inherited read-write mounts in its guest, whose file systems are
+/// frozen: `copy` ones thaw, read-write; `readonly` ones become read-only for good. First
+/// the mount (a read-only bind remount: a frozen file system allows it, and no writer
+/// gets through once it thaws), then it thaws, then the whole file system (every other
+/// mount of it too: a container's bind mount, say) is remounted read-only, which fails
+/// (EBUSY) while anything holds a file of it open for writing: the child then fails
+/// rather than keep a writable way in.
 pub(in crate::sandboxes) async fn settle_inherited(
     vm: &QemuVm,
     settle: &[Settle],
-    frozen: bool,
 ) -> Result<(), ApiError> {
     for s in settle {
         let path = quoted(&s.path);
-        let freeze = if frozen {
-            String::new()
-        } else {
-            // A file system the snapshot caught frozen already is frozen: fine.
-            format!("fsfreeze --freeze {path} 2>/dev/null || true\n")
-        };
-        let script = match (s.how, frozen) {
-            (InheritVolumes::Readonly, _) => format!(
-                "{freeze}if ! out=$(mount -o remount,bind,ro {path} 2>&1); then fsfreeze --unfreeze {path}; echo \"$out\" >&2; exit 1; fi\nfsfreeze --unfreeze {path}"
+        let script = match s.how {
+            InheritVolumes::Readonly => format!(
+                "mount -o remount,bind,ro {path} || exit 1\nfsfreeze --unfreeze {path}\nmount -o remount,ro {path}"
             ),
-            (InheritVolumes::Copy, true) => format!("fsfreeze --unfreeze {path}"),
-            // A restored copy's own volume: nothing to change.
-            (InheritVolumes::Copy, false) => continue,
+            InheritVolumes::Copy => format!("fsfreeze --unfreeze {path}"),
         };
         guest_root(vm, &script).await.map_err(|e| {
-            ApiError::conflict(format!(
-                "making {} read-only in the new sandbox failed ({}): a file there is open for writing; restore or fork with \"volumes\": \"copy\" instead",
-                s.path, e.message
-            ))
+            // The guest's words, bounded.
+            let said: String = e.message.chars().take(500).collect();
+            match s.how {
+                InheritVolumes::Readonly => ApiError::conflict(format!(
+                    "making the volume at {} read-only in the new sandbox failed ({said}): a file of it is open for writing (perhaps through another mount of it, a container's); close it, or fork or restore with \"volumes\": \"copy\"",
+                    s.path
+                )),
+                InheritVolumes::Copy => ApiError::internal(format!(
+                    "thawing the copied volume at {} in the new sandbox failed: {said}",
+                    s.path
+                )),
+            }
         })?;
     }
     Ok(())
