@@ -16,7 +16,7 @@
 use api_model::{
     fields_param, is_recording_id, is_sandbox_id, is_snapshot_id, parse_body, parse_query,
     reject_unknown_params, ApiError, BuildLogParams, CreateRequest, EgressPolicy, EventsParams,
-    ForkBody, ListParams, MetricsParams, PreviewBody, RefreshBody, RestoreBody,
+    ForkBody, ListParams, MetricsParams, MigrateBody, PreviewBody, RefreshBody, RestoreBody,
     TemplateBuildRequest, TimeoutBody, VolumeCreateRequest, WarmPoolBody, MAX_BODY_BYTES,
 };
 use spin_sdk::http::{
@@ -383,7 +383,7 @@ fn route(
             }
             let allowed = match *action {
                 "connect" | "access" | "pause" | "resume" | "refreshes" | "timeout"
-                | "hibernate" | "fork" | "previews" => "POST",
+                | "hibernate" | "fork" | "previews" | "migrate" => "POST",
                 "events" | "logs" | "metrics" | "recordings" | "audit" => "GET",
                 _ => return Err(unknown_route()),
             };
@@ -436,6 +436,9 @@ fn route(
                 }
                 "previews" => {
                     parse_body::<PreviewBody>(&body)?.validate()?;
+                }
+                "migrate" => {
+                    parse_body::<MigrateBody>(&body)?.validate()?;
                 }
                 _ => {
                     parse_body::<NoFields>(&body)?;

@@ -743,6 +743,34 @@ impl ForkBody {
     }
 }
 
+/// Body of `POST /sandboxes/{id}/migrate` (operator): the host to move to, or none
+/// for placement to choose.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateBody {
+    /// A host ID (`nullspace-pool-manager admin host list`).
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+impl MigrateBody {
+    /// Checks the host ID's shape.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if let Some(h) = &self.host {
+            let ok = (1..=64).contains(&h.len())
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !ok {
+                return Err(ApiError::bad_request(
+                    "host must be a host ID of 1 to 64 letters, digits, '.', '_' or '-' (see `nullspace-pool-manager admin host list`), or omitted for placement to choose",
+                )
+                .with_details(json!({ "field": "host" })));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Body of `connect` and `timeout`.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]

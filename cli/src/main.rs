@@ -150,6 +150,13 @@ enum SandboxCommand {
     },
     /// Pause into object storage: resumable (and restorable) on any worker.
     Hibernate { id: String },
+    /// Move a running sandbox to another host without stopping it (operator key).
+    Migrate {
+        id: String,
+        /// The destination host's ID (default: placement chooses).
+        #[arg(long)]
+        host: Option<String>,
+    },
     /// Replace a sandbox's egress policy (applies at once; no flags: everything open).
     Egress {
         id: String,
@@ -1578,6 +1585,25 @@ async fn sandbox(
         SandboxCommand::Hibernate { id } => {
             Sandbox::from_id(config, id)?.hibernate().await?;
             show(&Sandbox::get_info_by_id(config, id).await?, json);
+        }
+        SandboxCommand::Migrate { id, host } => {
+            let m = Sandbox::from_id(config, id)?
+                .migrate(host.as_deref())
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                println!(
+                    "{} moved {} -> {}: downtime {} ms, {} ms in all, {} MiB of RAM, {} MiB of disk",
+                    m.sandbox_id,
+                    m.from,
+                    m.to,
+                    m.downtime_ms,
+                    m.total_ms,
+                    m.ram_bytes >> 20,
+                    m.disk_bytes >> 20
+                );
+            }
         }
         SandboxCommand::Snapshot { id, name } => {
             let sbx = Sandbox::from_id(config, id)?;

@@ -72,6 +72,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
             axum::routing::put(set_warm_pool).get(warm_pool),
         )
         .merge(crate::operator_api::routes())
+        .merge(crate::migration_api::routes())
         .fallback(|| async {
             ApiError::not_found("route", "this path").with_details(json!({
                 "hint": "see openapi/internal.yaml for the routes"
@@ -148,7 +149,7 @@ pub(crate) fn team(m: &Manager, headers: &HeaderMap) -> Result<String, ApiError>
 /// whose caller hung up; an operation dropped halfway would leave its VM out of its
 /// slot (ended), its volumes frozen or its snapshot half-recorded, and its intent
 /// row gone with it. Only a crash may cut one short: that is what intents recover.
-async fn to_completion<T: Send + 'static>(
+pub(crate) async fn to_completion<T: Send + 'static>(
     work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::spawn(work)
@@ -680,9 +681,13 @@ mod tests {
 
     #[test]
     fn the_openapi_documents_list_exactly_the_routes_served() {
-        let control = [include_str!("api.rs"), include_str!("operator_api.rs")]
-            .map(|s| s.split("#[cfg(test)]").next().unwrap_or_default())
-            .concat();
+        let control = [
+            include_str!("api.rs"),
+            include_str!("operator_api.rs"),
+            include_str!("migration_api.rs"),
+        ]
+        .map(|s| s.split("#[cfg(test)]").next().unwrap_or_default())
+        .concat();
         check(
             &control,
             include_str!("../openapi/internal.yaml"),

@@ -278,7 +278,7 @@ pub enum HostCommand {
         #[command(flatten)]
         catalog: CatalogArgs,
     },
-    /// Drain a host: its sandboxes move to the others, live, and it takes no new ones.
+    /// Drain a host: its sandboxes move to the others (hibernated and resumed, or migrated live with --live), and it takes no new ones.
     Drain {
         /// The host's ID (`admin host list`).
         #[arg(value_name = "HOST_ID")]
@@ -286,6 +286,9 @@ pub enum HostCommand {
         /// Seconds to wait until the host is drained, exiting non-zero if it is not by then; 0: do not wait
         #[arg(long, value_name = "S", default_value_t = 0, value_parser = seconds)]
         wait_s: u64,
+        /// Migrate running sandboxes live (a pause of a fraction of a second) instead of hibernating them; those that cannot (volumes mounted, no compatible host) still hibernate
+        #[arg(long)]
+        live: bool,
         #[command(flatten)]
         catalog: CatalogArgs,
     },
@@ -599,12 +602,13 @@ mod tests {
         let Command::Admin(Admin::Host(HostCommand::Drain {
             host,
             wait_s,
+            live,
             catalog,
         })) = cli.command
         else {
             panic!()
         };
-        assert_eq!((host.as_str(), wait_s), ("host-a", 30));
+        assert_eq!((host.as_str(), wait_s, live), ("host-a", 30, false));
         assert_eq!(catalog.state.state_dir, PathBuf::from("/from/env"));
     }
 

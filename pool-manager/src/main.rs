@@ -46,6 +46,7 @@ mod edge;
 mod error;
 mod host_check;
 mod layered;
+mod migration_api;
 mod model;
 mod operator_api;
 mod preview;
@@ -408,10 +409,15 @@ async fn run_admin(admin: Admin) -> anyhow::Result<()> {
         Admin::Host(HostCommand::Drain {
             host,
             wait_s,
+            live,
             catalog,
         }) => {
             let catalog = open_catalog_for_hosts(&catalog)?;
-            set_host_state(&catalog, &host, "draining")?;
+            set_host_state(
+                &catalog,
+                &host,
+                if live { "draining-live" } else { "draining" },
+            )?;
             if wait_s > 0 {
                 wait_drained(&catalog, &host, wait_s).await?;
                 println!(
@@ -525,7 +531,7 @@ async fn wait_drained(catalog: &catalog::Catalog, id: &str, wait_s: u64) -> anyh
                 eprintln!("host {id} drained: no sandbox left on it");
                 return Ok(());
             }
-            "draining" => {}
+            "draining" | "draining-live" => {}
             "ready" => bail!(
                 "host {id} was undrained (`admin host undrain`) before it drained; drain it again"
             ),

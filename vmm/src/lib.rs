@@ -20,7 +20,10 @@ pub mod vm_user;
 
 pub use accel::{Accel, AccelChoice, Detection};
 pub use images::ImageSet;
-pub use qemu::{QemuConfig, QemuVm, QemuVmm, RestoreMemory, RestoreOptions, VolumeDrive};
+pub use qemu::{
+    IncomingSocket, IncomingSpec, LiveOptions, MigrationStats, QemuConfig, QemuVm, QemuVmm,
+    RestoreMemory, RestoreOptions, VolumeDrive,
+};
 pub use snapshot::{MemoryFormat, Snapshot, SnapshotManifest};
 
 use agent_client::AgentClient;
@@ -111,6 +114,9 @@ pub enum VmmError {
     /// The snapshot cannot be restored on this host; the message says why and what to do.
     #[error("snapshot cannot be restored here: {0}")]
     SnapshotMismatch(String),
+    /// A live migration failed; the message says at which step and why.
+    #[error("live migration: {0}")]
+    Migration(String),
     /// QMP failed.
     #[error(transparent)]
     Qmp(#[from] qmp::QmpError),

@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 use tokio::net::UnixStream;
 use tracing::{info, warn, Instrument};
 
+mod live;
+pub use live::{IncomingSocket, IncomingSpec, LiveOptions, MigrationStats};
+
 /// The unprivileged account QEMU runs as when the daemon runs as root.
 pub const VM_USER: &str = "nullspace-vm";
 /// How long auto-detection waits for a guest under KVM before settling for TCG.
@@ -564,6 +567,9 @@ impl QemuVmm {
             args.push("-incoming".into());
             args.push("defer".into());
         }
+        if launch.start_paused {
+            args.push("-S".into());
+        }
         if self.seccomp {
             args.push("-sandbox".into());
             args.push(
@@ -883,6 +889,7 @@ impl QemuVmm {
             isolated_network: self.config.isolated_network,
             volumes: Vec::new(),
             incoming: false,
+            start_paused: false,
             boot_timeout: spec.boot_timeout,
             rootfs: spec.rootfs.clone(),
             vcpus: spec.vcpus,
@@ -940,6 +947,7 @@ impl QemuVmm {
             isolated_network: self.config.isolated_network,
             volumes: volume_drives(m, &options.volumes)?,
             incoming: true,
+            start_paused: false,
             boot_timeout: options.timeout,
             rootfs: m.rootfs.clone(),
             vcpus: m.vcpus,
@@ -1233,6 +1241,10 @@ struct Launch {
     #[serde(default)]
     volumes: Vec<VolumeDrive>,
     incoming: bool,
+    /// Started with `-S`: an incoming live migration leaves the VM stopped until its
+    /// new owner runs it (the switch-over is the owner's, not QEMU's).
+    #[serde(default)]
+    start_paused: bool,
     boot_timeout: Duration,
     rootfs: String,
     vcpus: u32,

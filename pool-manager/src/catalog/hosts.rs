@@ -2,7 +2,8 @@
 //! (ID, addresses, capacity, what its VMs need: QEMU version, accelerator, image set)
 //! and heartbeats; placement reads them and reserves capacity on one atomically.
 //!
-//! A host is `ready`, `draining` (no new placements; an operator's drain), `drained`
+//! A host is `ready`, `draining` (no new placements; an operator's drain; `draining-live`
+//! when its running sandboxes migrate live instead of hibernating), `drained`
 //! (its sandboxes moved), `lost` (declared dead by another host, which took its
 //! sandboxes over), or `dead`: not stored, but read as such when its heartbeat is older
 //! than [`HEARTBEAT_EXPIRY_MS`] (until a host declares it lost).
@@ -280,7 +281,7 @@ impl Catalog {
     pub fn declare_lost(&self, host: &str, heartbeat_ms: i64) -> Result<bool, CatalogError> {
         Ok(self.db.execute(
             "UPDATE hosts SET state = 'lost'
-             WHERE id = ?1 AND heartbeat_ms = ?2 AND state IN ('ready', 'draining')",
+             WHERE id = ?1 AND heartbeat_ms = ?2 AND state IN ('ready', 'draining', 'draining-live')",
             args![host, heartbeat_ms],
         )? > 0)
     }

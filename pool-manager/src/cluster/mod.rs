@@ -10,6 +10,7 @@ pub mod forward;
 pub mod hosts;
 pub mod placement;
 pub mod routing;
+pub mod tunnel;
 
 use std::sync::OnceLock;
 

@@ -64,6 +64,15 @@ fn owner_of(m: &Manager, id: &str) -> Result<Option<String>, ApiError> {
     Ok(owner)
 }
 
+/// Forgets sandbox `id`'s owner as looked up: it just moved (a live migration), and a
+/// request must not be served by its old host meanwhile.
+pub fn forget_owner(id: &str) {
+    let mut cache = OWNERS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(map) = cache.as_mut() {
+        map.remove(id);
+    }
+}
+
 /// The sandbox ID a path is about (`/v1/sandboxes/{id}` and below), if any, decoded
 /// as the router's `Path` decodes it: a percent-encoded ID must not slip past routing
 /// to be served by a host that does not own it.

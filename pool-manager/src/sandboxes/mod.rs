@@ -20,6 +20,7 @@ use vmm::{QemuVm, QemuVmm, RestoreMemory, RestoreOptions, Snapshot, Vm};
 mod activity;
 mod admission;
 mod builds;
+mod migrate;
 mod moves;
 mod network;
 mod observe;
@@ -32,6 +33,7 @@ mod volumes;
 mod warm;
 pub mod workspace;
 pub use admission::Actor;
+pub use migrate::{incoming_socket, MigrationReport, MIGRATION_TOKEN};
 pub use network::{NetworkSettings, USER_MODE_NETWORK};
 pub use previews::{Wake, WAKE_WINDOW};
 pub(crate) use snapshots::free_bytes;
@@ -103,6 +105,10 @@ pub struct Manager {
     pub(crate) recordings: recording::Recordings,
     /// Each team's interception CA, loaded once.
     team_cas: security::TeamCas,
+    /// VMs started here for live migrations on their way in, by sandbox ID.
+    incoming: tokio::sync::Mutex<HashMap<String, migrate::Incoming>>,
+    /// Numbers the incoming VMs.
+    incoming_generation: std::sync::atomic::AtomicU64,
 }
 
 /// A `/proc/meminfo` field (`MemTotal`, `MemAvailable`) in KiB.
@@ -262,6 +268,8 @@ impl Manager {
             network: network::Network::new(network),
             periodic_backoff: Mutex::default(),
             region,
+            incoming: tokio::sync::Mutex::default(),
+            incoming_generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -274,7 +282,7 @@ impl Manager {
         let mut known: std::collections::BTreeSet<String> = self.region.iter().cloned().collect();
         if crate::cluster::this_host().is_some() {
             for h in self.catalog.hosts()? {
-                if matches!(h.state.as_str(), "ready" | "draining") {
+                if matches!(h.state.as_str(), "ready" | "draining" | "draining-live") {
                     known.extend(h.info.region);
                 }
             }

@@ -12,7 +12,10 @@
 //! takes placements again.
 //!
 //! A draining host hibernates its sandboxes one by one, hands each to another ready
-//! host (which resumes it: same ID, files and processes), and ends `drained`.
+//! host (which resumes it: same ID, files and processes), and ends `drained`. A host
+//! drained live (`draining-live`) first migrates each running sandbox live
+//! (`migrate.rs`); one that cannot (volumes mounted, no compatible host, a failed
+//! migration) hibernates and moves as above.
 
 use super::Manager;
 use crate::catalog::HostRecord;
@@ -47,7 +50,8 @@ impl Manager {
             };
             match mine.state.as_str() {
                 "lost" => self.fence(me).await,
-                "draining" => self.drain_step(me, &hosts).await,
+                "draining" => self.drain_step(me, &hosts, false).await,
+                "draining-live" => self.drain_step(me, &hosts, true).await,
                 _ => {}
             }
             if mine.state == "ready" {
@@ -155,10 +159,11 @@ impl Manager {
         }
     }
 
-    /// One pass of this host's drain: running sandboxes hibernate, locally paused ones
-    /// resume and hibernate, hibernated ones move to another ready host (which resumes
-    /// them); once none is left the host is `drained`.
-    async fn drain_step(&self, me: &str, hosts: &[HostRecord]) {
+    /// One pass of this host's drain: running sandboxes migrate live (when `live`) or
+    /// hibernate, locally paused ones resume and hibernate, hibernated ones move to
+    /// another ready host (which resumes them); once none is left the host is
+    /// `drained`.
+    async fn drain_step(self: &Arc<Self>, me: &str, hosts: &[HostRecord], live: bool) {
         let Ok(mine) = self.catalog.sandboxes_in(&["active", "stopped"]) else {
             return;
         };
@@ -170,6 +175,14 @@ impl Manager {
         }
         for r in mine {
             let team = r.team_id.clone();
+            if live && r.state == InternalState::Active && r.mounts.is_empty() {
+                match self.migrate(&r.id, None).await {
+                    Ok(_) => continue,
+                    Err(e) => {
+                        warn!(sandbox = %r.id, error = %e.message, "drain: the live migration failed; hibernating it instead")
+                    }
+                }
+            }
             if r.state == InternalState::Stopped && r.hibernated.is_none() {
                 if let Err(e) = self.resume(&team, &r.id).await {
                     warn!(sandbox = %r.id, error = %e.message, "drain: resuming a paused sandbox to move it failed");

@@ -125,8 +125,9 @@ pub use live::{
     PtyEvent, Recording, SandboxMetrics, Watch,
 };
 pub use models::{
-    CommandResult, Diagnostic, FileInfo, ListQuery, ProcessInfo, Resources, RestoreOptions,
-    RuntimeAccess, RuntimeTarget, SandboxInfo, SandboxPage, SnapshotInfo, TimelineStep,
+    CommandResult, Diagnostic, FileInfo, ListQuery, Migration, ProcessInfo, Resources,
+    RestoreOptions, RuntimeAccess, RuntimeTarget, SandboxInfo, SandboxPage, SnapshotInfo,
+    TimelineStep,
 };
 pub use sandbox::{FieldsPage, Sandbox};
 pub use security::{AuditDetection, AuditFollow, AuditPage, AuditRecord, MAX_AUDIT_PAGE};

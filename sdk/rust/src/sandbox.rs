@@ -463,6 +463,20 @@ impl Sandbox {
             .map(drop)
     }
 
+    /// Moves it to another host of the cluster without stopping it (an operator key):
+    /// to `host`, or where placement chooses. Its processes run on; command streams,
+    /// terminals and previews reconnect.
+    pub async fn migrate(&self, host: Option<&str>) -> Result<crate::Migration> {
+        let body = match host {
+            Some(h) => json!({ "host": h }),
+            None => json!({}),
+        };
+        let v = self
+            .control(reqwest::Method::POST, "migrate", Some(body))
+            .await?;
+        serde_json::from_value(v).map_err(|e| Error::Protocol(format!("a migration: {e}")))
+    }
+
     /// Takes a manual snapshot to object storage; the sandbox keeps running. Manual
     /// snapshots accumulate and survive [`Sandbox::kill`]; the ID works as a template.
     pub async fn create_snapshot(&self) -> Result<SnapshotInfo> {

@@ -73,6 +73,7 @@ export type {
   EntryInfo,
   LifecycleInfo,
   LogLine,
+  Migration,
   Mount,
   ProcessInfo,
   Recording,

@@ -149,6 +149,25 @@ export function parseSandbox(doc: Doc): SandboxInfo {
 }
 
 /** A snapshot: a sandbox's memory, processes and disk at one instant. */
+/** What a live migration did (`Sandbox.migrate`). */
+export interface Migration {
+  sandboxId: string;
+  /** The host it left. */
+  from: string;
+  /** The host it runs on now. */
+  to: string;
+  /** How long the guest stood still: the last pass of RAM and the hand-over. */
+  downtimeMs: number;
+  /** The whole move, from the request. */
+  totalMs: number;
+  /** Bytes of RAM and device state sent. */
+  ramBytes: number;
+  /** Bytes of disk copied. */
+  diskBytes: number;
+  /** Passes over RAM. */
+  passes: number;
+}
+
 export interface SnapshotInfo {
   /** Works as a template: `Sandbox.create(snapshotId)`. */
   snapshotId: string;

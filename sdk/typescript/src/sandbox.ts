@@ -26,6 +26,7 @@ import { DataPlane, INSPECT, call, callBytes, hide } from "./http.js";
 import {
   type CommandResult,
   type LogLine,
+  type Migration,
   type Recording,
   type SandboxEvent,
   type SandboxInfo,
@@ -430,6 +431,16 @@ export class Sandbox {
   /** Pauses into object storage: any worker sharing the store can resume it. */
   async hibernate(opts: RequestOpts = {}): Promise<void> {
     await this.control("POST", "hibernate", { json: {}, ...opts });
+  }
+
+  /**
+   * Moves it to another host of the cluster without stopping it (an operator key): to
+   * `host`, or where placement chooses. Its processes run on; command streams,
+   * terminals and previews reconnect.
+   */
+  async migrate(host?: string, opts: RequestOpts = {}): Promise<Migration> {
+    const json = host === undefined ? {} : { host };
+    return (await this.control("POST", "migrate", { json, ...opts })) as Migration;
   }
 
   /**

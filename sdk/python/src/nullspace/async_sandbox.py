@@ -717,6 +717,14 @@ class AsyncSandbox:
         """Pauses into object storage: any worker sharing the store can resume it."""
         await self._control("POST", "hibernate", {}, request_timeout)
 
+    async def migrate(self, host: Optional[str] = None,
+                      request_timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Moves it to another host of the cluster without stopping it (an operator
+        key): to ``host``, or where placement chooses. Returns the report: ``from``,
+        ``to``, ``downtimeMs``, ``totalMs``, ``ramBytes``, ``diskBytes``, ``passes``."""
+        body: Dict[str, Any] = {} if host is None else {"host": host}
+        return await self._control("POST", "migrate", body, request_timeout)
+
     async def create_snapshot(self, request_timeout: Optional[float] = None,
                         name: Optional[str] = None) -> SnapshotInfo:
         """Takes a snapshot to object storage; the sandbox keeps running. Its ID works as

@@ -1,0 +1,699 @@
+//! Live migration: a running sandbox moves to another host of the cluster while its
+//! guest runs, paused only for the last pass of RAM.
+//!
+//! The source (the owner) drives it ([`Manager::migrate`]):
+//! 1. The destination is asked to start a VM waiting for the migration
+//!    ([`Manager::accept_migration`], `POST /v1/internal/migrations/{id}`).
+//! 2. The disk is mirrored to the destination's NBD export, then RAM is copied by
+//!    pre-copy with auto-converge (`vmm`'s `qemu/live.rs`); QEMU's streams go to
+//!    sockets in the VM directory, which this host carries to the destination through
+//!    HTTP upgrades (`GET /v1/internal/migrations/{id}/{disk|ram}`).
+//! 3. Switch-over: the catalog hands the sandbox to the destination in the next
+//!    ownership epoch (the source's later writes are refused), then the destination
+//!    runs the VM and takes it ([`Manager::finish_migration`]).
+//!
+//! Anything that fails before the switch-over leaves the sandbox running on the source
+//! as it was (the destination's VM ends). After it, the destination owns the sandbox:
+//! if its VM then fails to run, the sandbox goes to `error` with the reason.
+//!
+//! Host-to-host calls carry a token signed with the cluster's shared key, bound to the
+//! sandbox and the destination, valid for the migration's deadline.
+
+use super::{now_ms, vm_error, Manager};
+use crate::catalog::HostRecord;
+use crate::cluster::{forward::ForwardError, routing, tunnel};
+use crate::error::ApiError;
+use crate::model::*;
+use axum::http::{Method, StatusCode};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{info, warn, Instrument};
+use vmm::{IncomingSocket, IncomingSpec, LiveOptions, QemuVm, Vm};
+
+/// The header a host-to-host migration call carries its token in.
+pub const MIGRATION_TOKEN: &str = "x-nullspace-migration";
+/// The longest a whole migration (disk and RAM) may take.
+const MIGRATION_DEADLINE: Duration = Duration::from_secs(180);
+/// The longest the guest may stand still for the last pass (QEMU's downtime limit).
+const MAX_DOWNTIME: Duration = Duration::from_millis(300);
+/// How long an incoming VM waits for its source before it ends.
+const INCOMING_DEADLINE: Duration = Duration::from_secs(240);
+
+/// What a live migration did, as its caller and the `sandbox.migrated` event see it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationReport {
+    /// The sandbox.
+    pub sandbox_id: String,
+    /// The host it left.
+    pub from: String,
+    /// The host it runs on now.
+    pub to: String,
+    /// How long the guest stood still: from the source stopping it for the last pass
+    /// to the destination running it.
+    pub downtime_ms: u64,
+    /// From the request to the destination running it.
+    pub total_ms: u64,
+    /// Bytes of RAM and device state sent.
+    pub ram_bytes: u64,
+    /// Bytes of disk the mirror copied.
+    pub disk_bytes: u64,
+    /// Passes over RAM.
+    pub passes: u64,
+}
+
+/// An incoming VM, waiting for its source.
+pub(super) struct Incoming {
+    vm: QemuVm,
+    /// Which preparation this is (a stale deadline must not end a newer one).
+    generation: u64,
+}
+
+/// The token subject of sandbox `id`'s migration to host `to`.
+fn subject(id: &str, to: &str) -> String {
+    format!("migration:{id}:{to}")
+}
+
+fn unix_now() -> i64 {
+    now_ms() / 1000
+}
+
+fn unreachable_host(to: &str, e: ForwardError) -> ApiError {
+    ApiError::new(
+        502,
+        "host_unreachable",
+        format!("the destination host {to} could not be reached: {e}; the sandbox runs on here"),
+    )
+}
+
+impl Manager {
+    /// Moves running sandbox `id` (this host's) to `host`, or to a host placement
+    /// chooses, without stopping it. Operator only (the caller checks).
+    pub async fn migrate(
+        self: &Arc<Self>,
+        id: &str,
+        host: Option<&str>,
+    ) -> Result<MigrationReport, ApiError> {
+        let started = Instant::now();
+        let me = crate::cluster::this_host().ok_or_else(|| {
+            ApiError::conflict(
+                "live migration moves a sandbox between the hosts of a cluster, and this pool manager runs alone; run several on one PostgreSQL catalog (the README's \"Several hosts\")",
+            )
+        })?;
+        let slot = self.slot(id);
+        let mut guard = slot.lock_owned().await;
+        let r = self
+            .catalog
+            .sandbox(id)?
+            .filter(|r| r.state != InternalState::Deleted)
+            .ok_or_else(|| ApiError::not_found("sandbox", id))?;
+        if r.host_id.as_deref() != Some(me) {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is not on this host any more; retry, and the request goes to its owner"
+            )));
+        }
+        let Some(vm) = guard.as_mut().filter(|_| r.state == InternalState::Active) else {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} is {}: only a running sandbox migrates live (a paused one moves with its snapshot: drain its host)",
+                r.state.public()
+            )));
+        };
+        if vm.has_volumes() || !r.mounts.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} has volumes mounted, which live migration does not carry yet; unmount them, or drain its host without --live (hibernate and resume)"
+            )));
+        }
+        let target = self.migration_target(me, host, &r)?;
+        let to = target.info.id.clone();
+        let span = tracing::info_span!("migration", sandbox = %id, from = %me, to = %to);
+        let token = self.tokens.issue(
+            &subject(id, &to),
+            r.owner_epoch,
+            unix_now() + MIGRATION_DEADLINE.as_secs() as i64 + 60,
+        );
+        let _ =
+            self.catalog
+                .append_event(id, "sandbox.migrating", &json!({ "from": me, "to": to }));
+        let deadline = Instant::now() + MIGRATION_DEADLINE;
+        let moved = self
+            .copy_to(vm, id, me, &target, &token, deadline)
+            .instrument(span.clone())
+            .await;
+        let (stats, stopped) = match moved {
+            Ok(moved) => moved,
+            Err(e) => {
+                vm.abort_outgoing().await;
+                self.abandon(&target, id, &token).await;
+                let _ = self.catalog.append_event(
+                    id,
+                    "sandbox.migration_failed",
+                    &json!({ "from": me, "to": to, "reason": e.message, "state": "running" }),
+                );
+                warn!(parent: &span, error = %e.message, "live migration failed; the sandbox runs on here");
+                return Err(e);
+            }
+        };
+        // Switch-over: the sandbox is the destination's from the next epoch on.
+        let handed = self.catalog.reassign(id, me, &to, |r| {
+            r.vm_dir = None;
+            r.step("running", Some(format!("migrating live from {me} to {to}")));
+        });
+        match handed {
+            Ok(Some(_)) => {}
+            other => {
+                let why = match other {
+                    Err(e) => format!("handing it over in the catalog failed: {e}"),
+                    _ => "it changed hands meanwhile".to_string(),
+                };
+                vm.abort_outgoing().await;
+                self.abandon(&target, id, &token).await;
+                let _ = self.catalog.append_event(
+                    id,
+                    "sandbox.migration_failed",
+                    &json!({ "from": me, "to": to, "reason": why, "state": "running" }),
+                );
+                return Err(ApiError::conflict(format!(
+                    "sandbox {id} did not migrate: {why}; it runs on here"
+                )));
+            }
+        }
+        routing::forget_owner(id);
+        let finished = tunnel::call(
+            &target.info.control_url,
+            Method::POST,
+            &format!("/v1/internal/migrations/{id}/finish"),
+            (MIGRATION_TOKEN, &token),
+            &json!({ "from": me }),
+            Duration::from_secs(90),
+        )
+        .await;
+        let downtime_ms = stats.qemu_downtime_ms + stopped.elapsed().as_millis() as u64;
+        // The source's VM is done either way: the sandbox is the destination's.
+        if let Some(vm) = guard.take() {
+            vm.kill().await;
+        }
+        self.network.forget(id);
+        self.slots.lock().unwrap().remove(id);
+        drop(guard);
+        match finished {
+            Ok((status, _)) if status.is_success() => {}
+            Ok((status, body)) => {
+                return Err(ApiError::new(
+                    502,
+                    "migration_failed",
+                    format!(
+                        "sandbox {id} was handed to {to}, which could not run it ({status}: {}); it is in error there",
+                        body["message"].as_str().unwrap_or("no reason given")
+                    ),
+                ))
+            }
+            Err(e) => {
+                return Err(ApiError::new(
+                    502,
+                    "migration_failed",
+                    format!("sandbox {id} was handed to {to}, which did not answer ({e}); see its state"),
+                ))
+            }
+        }
+        let report = MigrationReport {
+            sandbox_id: id.to_string(),
+            from: me.to_string(),
+            to: to.clone(),
+            downtime_ms,
+            total_ms: started.elapsed().as_millis() as u64,
+            ram_bytes: stats.ram_bytes,
+            disk_bytes: stats.disk_bytes,
+            passes: stats.passes,
+        };
+        let _ = self.catalog.append_event(
+            id,
+            "sandbox.migrated",
+            &serde_json::to_value(&report).expect("json"),
+        );
+        info!(parent: &span, downtime_ms, total_ms = report.total_ms, ram_bytes = report.ram_bytes, disk_bytes = report.disk_bytes, "migrated live");
+        Ok(report)
+    }
+
+    /// The host sandbox `r` goes to: `asked`, which must be able to take it, or the
+    /// one placement chooses among the compatible ready hosts.
+    fn migration_target(
+        &self,
+        me: &str,
+        asked: Option<&str>,
+        r: &SandboxRecord,
+    ) -> Result<HostRecord, ApiError> {
+        let hosts = self.catalog.hosts()?;
+        let mine = hosts
+            .iter()
+            .find(|h| h.info.id == me)
+            .ok_or_else(|| ApiError::internal("this host is not in the catalog's hosts"))?;
+        let compatible = |h: &HostRecord| {
+            h.info.qemu == mine.info.qemu
+                && h.info.image_set == mine.info.image_set
+                && h.info.accel == mine.info.accel
+        };
+        let need = crate::catalog::Allocation {
+            vcpus: u64::from(r.resources.vcpus),
+            mem_mib: u64::from(r.resources.mem_mib),
+            disk_mib: r.resources.disk_mib,
+        };
+        if let Some(asked) = asked {
+            let h = hosts
+                .iter()
+                .find(|h| h.info.id == asked)
+                .ok_or_else(|| ApiError::not_found("host", asked))?;
+            if h.info.id == me {
+                return Err(ApiError::bad_request(format!(
+                    "sandbox {} already runs on {asked}; name another host, or omit host to let placement choose",
+                    r.id
+                )));
+            }
+            if h.state != "ready" {
+                return Err(ApiError::conflict(format!(
+                    "host {asked} is {}, not ready; name a ready host, or omit host",
+                    h.state
+                )));
+            }
+            if !compatible(h) {
+                return Err(ApiError::conflict(format!(
+                    "host {asked} runs another QEMU, accelerator or image set ({}, {}, {}; this host: {}, {}, {}): a VM migrates only to the same machine",
+                    h.info.qemu, h.info.accel, h.info.image_set, mine.info.qemu, mine.info.accel, mine.info.image_set
+                )));
+            }
+            return Ok(h.clone());
+        }
+        let excluded: std::collections::HashSet<String> = [me.to_string()].into();
+        crate::cluster::placement::choose(&hosts, need, "", false, compatible, &excluded)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    503,
+                    "no_host",
+                    format!(
+                        "no other ready host with the same QEMU, accelerator and image set has room for sandbox {}; add one, or retry later",
+                        r.id
+                    ),
+                )
+            })
+    }
+
+    /// Everything before the switch-over: the destination's VM, the disk mirror and
+    /// the RAM, until the source's VM is stopped with all of it sent.
+    async fn copy_to(
+        &self,
+        vm: &mut QemuVm,
+        id: &str,
+        me: &str,
+        target: &HostRecord,
+        token: &str,
+        deadline: Instant,
+    ) -> Result<(vmm::MigrationStats, Instant), ApiError> {
+        let to = &target.info.id;
+        let base = &target.info.control_url;
+        let failed = |what: &str, e: vmm::VmmError| {
+            ApiError::new(
+                502,
+                "migration_failed",
+                format!("{what}: {e}; the sandbox runs on here"),
+            )
+        };
+        let (status, body) = tunnel::call(
+            base,
+            Method::POST,
+            &format!("/v1/internal/migrations/{id}"),
+            (MIGRATION_TOKEN, token),
+            &json!({ "from": me, "spec": vm.incoming_spec() }),
+            Duration::from_secs(90),
+        )
+        .await
+        .map_err(|e| unreachable_host(to, e))?;
+        if !status.is_success() {
+            return Err(ApiError::new(
+                if status == StatusCode::INSUFFICIENT_STORAGE { 507 } else { 502 },
+                "migration_failed",
+                format!(
+                    "host {to} could not start a VM for sandbox {id} ({status}: {}); the sandbox runs on here",
+                    body["message"].as_str().unwrap_or("no reason given")
+                ),
+            ));
+        }
+        vm.flatten_disk(deadline)
+            .await
+            .map_err(|e| failed("flattening the disk for the move", e))?;
+        let disk = carry(vm, "migrate-disk.sock", base, id, "disk", token, deadline)?;
+        let mirrored = vm.mirror_disk(&disk.path, deadline).await;
+        let disk_bytes = match mirrored {
+            Ok(b) => b,
+            Err(e) => return Err(failed("mirroring the disk", e)),
+        };
+        let ram = carry(vm, "migrate-ram.sock", base, id, "ram", token, deadline)?;
+        let options = LiveOptions {
+            max_downtime: MAX_DOWNTIME,
+            deadline,
+        };
+        let mut stats = vm
+            .migrate_out(&ram.path, &options)
+            .await
+            .map_err(|e| failed("migrating RAM", e))?;
+        // The guest stands still from here (QEMU's own figure covers the last pass).
+        let stopped = Instant::now();
+        // The guest is stopped: the mirror's copy is whole.
+        stats.disk_bytes = disk_bytes.max(
+            vm.end_mirror()
+                .await
+                .map_err(|e| failed("ending the disk mirror", e))?,
+        );
+        drop(disk);
+        // QEMU sent the whole stream; the destination must have loaded it before the
+        // sandbox is handed over (the source can still run on until then).
+        ram.finished(deadline).await?;
+        let (status, body) = tunnel::call(
+            base,
+            Method::POST,
+            &format!("/v1/internal/migrations/{id}/received"),
+            (MIGRATION_TOKEN, token),
+            &json!({}),
+            Duration::from_secs(60),
+        )
+        .await
+        .map_err(|e| unreachable_host(to, e))?;
+        if !status.is_success() {
+            return Err(ApiError::new(
+                502,
+                "migration_failed",
+                format!(
+                    "host {to} did not load sandbox {id}'s state ({status}: {}); the sandbox runs on here",
+                    body["message"].as_str().unwrap_or("no reason given")
+                ),
+            ));
+        }
+        Ok((stats, stopped))
+    }
+
+    /// Tells the destination to end the VM it started for sandbox `id` (best effort:
+    /// one left over ends at its own deadline).
+    async fn abandon(&self, target: &HostRecord, id: &str, token: &str) {
+        if let Err(e) = tunnel::call(
+            &target.info.control_url,
+            Method::DELETE,
+            &format!("/v1/internal/migrations/{id}"),
+            (MIGRATION_TOKEN, token),
+            &json!({}),
+            Duration::from_secs(15),
+        )
+        .await
+        {
+            warn!(sandbox = %id, host = %target.info.id, error = %e, "the destination was not told to end its VM; it ends at its deadline");
+        }
+    }
+
+    /// Checks a host-to-host migration token for sandbox `id` coming to this host.
+    pub fn check_migration_token(&self, id: &str, token: &str) -> Result<(), ApiError> {
+        let me = crate::cluster::this_host().ok_or_else(|| ApiError::not_found("migration", id))?;
+        self.tokens
+            .verify(token, &subject(id, me), unix_now())
+            .map(|_| ())
+            .map_err(|e| ApiError::unauthorized(format!("migration token refused: {e}")))
+    }
+
+    /// Destination: starts a VM for sandbox `id`'s migration from host `from`, waiting
+    /// for its disk and RAM. It ends on its own if the source neither finishes nor
+    /// abandons it within [`INCOMING_DEADLINE`].
+    pub async fn accept_migration(
+        self: &Arc<Self>,
+        id: &str,
+        from: &str,
+        spec: IncomingSpec,
+    ) -> Result<(), ApiError> {
+        let r = self
+            .catalog
+            .sandbox(id)?
+            .filter(|r| r.state == InternalState::Active && r.host_id.as_deref() == Some(from))
+            .ok_or_else(|| {
+                ApiError::conflict(format!("sandbox {id} is not running on host {from}"))
+            })?;
+        if self.slot(id).lock().await.is_some() {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} already has a VM on this host"
+            )));
+        }
+        let vm = self
+            .vmm
+            .prepare_incoming(&spec)
+            .await
+            .map_err(|e| vm_error("starting a VM for the incoming migration", e))?;
+        let generation = self
+            .incoming_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let previous = self
+            .incoming
+            .lock()
+            .await
+            .insert(id.to_string(), Incoming { vm, generation });
+        if let Some(previous) = previous {
+            previous.vm.kill().await;
+        }
+        info!(sandbox = %r.id, from = %from, "waiting for a live migration");
+        let this = self.clone();
+        let id = id.to_string();
+        let from = from.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(INCOMING_DEADLINE).await;
+            let current = matches!(this.incoming.lock().await.get(&id), Some(i) if i.generation == generation);
+            if !current {
+                return;
+            }
+            // A source that handed the sandbox over and then died never says finish:
+            // the catalog says whose it is.
+            let handed = this
+                .catalog
+                .sandbox(&id)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.host_id.as_deref() == crate::cluster::this_host());
+            if handed {
+                warn!(sandbox = %id, "a migration handed over here was never finished by its source: finishing it");
+                if let Err(e) = this.finish_migration(&id, &from).await {
+                    warn!(sandbox = %id, error = %e.message, "finishing an abandoned migration failed");
+                }
+                return;
+            }
+            let stale = this.incoming.lock().await.remove(&id);
+            if let Some(stale) = stale {
+                warn!(sandbox = %id, "an incoming migration was neither finished nor abandoned: its VM ends");
+                stale.vm.kill().await;
+            }
+        });
+        Ok(())
+    }
+
+    /// Destination: a connection to one of sandbox `id`'s incoming VM's sockets.
+    pub async fn incoming_stream(
+        &self,
+        id: &str,
+        which: IncomingSocket,
+    ) -> Result<tokio::net::UnixStream, ApiError> {
+        let (path, pid) = {
+            let incoming = self.incoming.lock().await;
+            let i = incoming
+                .get(id)
+                .ok_or_else(|| ApiError::not_found("migration", id))?;
+            (i.vm.incoming_socket(which), i.vm.pid())
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let conn = loop {
+            match tokio::net::UnixStream::connect(&path).await {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err(e) => {
+                    return Err(ApiError::internal(format!(
+                        "connecting {}: {e}",
+                        path.display()
+                    )))
+                }
+            }
+        };
+        let peer = conn.peer_cred().ok().and_then(|c| c.pid());
+        if peer.map(|p| p as u32) != pid {
+            return Err(ApiError::internal(format!(
+                "{} is served by process {peer:?}, not the VM's QEMU: not used",
+                path.display()
+            )));
+        }
+        Ok(conn)
+    }
+
+    /// Destination: waits until sandbox `id`'s incoming VM has loaded the whole
+    /// migration stream (it stays stopped until the switch-over).
+    pub async fn migration_received(&self, id: &str) -> Result<(), ApiError> {
+        let incoming = self.incoming.lock().await;
+        let i = incoming
+            .get(id)
+            .ok_or_else(|| ApiError::not_found("migration", id))?;
+        i.vm.wait_incoming(Instant::now() + Duration::from_secs(30))
+            .await
+            .map_err(|e| ApiError::internal(format!("the incoming VM did not load the state: {e}")))
+    }
+
+    /// Destination: ends sandbox `id`'s incoming VM (the source gave up).
+    pub async fn abandon_migration(&self, id: &str) -> Result<(), ApiError> {
+        let gone = self.incoming.lock().await.remove(id);
+        match gone {
+            Some(i) => {
+                i.vm.kill().await;
+                info!(sandbox = %id, "incoming migration abandoned by its source");
+                Ok(())
+            }
+            None => Err(ApiError::not_found("migration", id)),
+        }
+    }
+
+    /// Destination, after the switch-over (the catalog names this host): runs the VM
+    /// and makes it the sandbox's. A VM that does not run puts the sandbox in `error`.
+    pub async fn finish_migration(&self, id: &str, from: &str) -> Result<(), ApiError> {
+        let incoming = self
+            .incoming
+            .lock()
+            .await
+            .remove(id)
+            .ok_or_else(|| ApiError::not_found("migration", id))?;
+        let mut vm = incoming.vm;
+        let me = crate::cluster::this_host().unwrap_or_default();
+        let slot = self.slot(id);
+        let mut guard = slot.lock().await;
+        let mut r = match self.catalog.sandbox(id)? {
+            Some(r) if r.host_id.as_deref() == Some(me) => r,
+            _ => {
+                vm.kill().await;
+                return Err(ApiError::conflict(format!(
+                    "sandbox {id} was not handed to this host; its incoming VM ended"
+                )));
+            }
+        };
+        let ran = vm
+            .finish_incoming(Instant::now() + Duration::from_secs(60))
+            .await;
+        if let Err(e) = ran {
+            vm.kill().await;
+            r.diagnostic = Some(Diagnostic {
+                code: "migration_failed".into(),
+                message: format!(
+                    "the live migration from host {from} failed after the switch-over: {e}"
+                ),
+                action: "restore one of its stored snapshots, or create a new sandbox".into(),
+            });
+            r.vm_dir = None;
+            self.transition(&mut r, InternalState::Failed, "live migration failed")?;
+            self.release_volumes(&r).await;
+            return Err(ApiError::internal(format!(
+                "sandbox {id} did not run here after its migration: {e}"
+            )));
+        }
+        self.install(&mut r, vm, &mut guard);
+        r.step("running", Some(format!("migrated live from {from}")));
+        self.catalog.put_sandbox(&r)?;
+        routing::forget_owner(id);
+        info!(sandbox = %id, from = %from, "runs here after a live migration");
+        Ok(())
+    }
+}
+
+/// A stream QEMU opens to a socket in its VM directory, carried to the destination.
+struct Carried {
+    path: std::path::PathBuf,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl Carried {
+    /// Waits until everything QEMU sent was carried (it closed its end, and so did the
+    /// destination).
+    async fn finished(mut self, deadline: Instant) -> Result<(), ApiError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let failed = |why: String| {
+            ApiError::new(
+                502,
+                "migration_failed",
+                format!("carrying the migration stream: {why}; the sandbox runs on here"),
+            )
+        };
+        match tokio::time::timeout(left, &mut self.task).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(why))) => Err(failed(why)),
+            Ok(Err(e)) => Err(failed(e.to_string())),
+            Err(_) => Err(failed("not done by the migration's deadline".into())),
+        }
+    }
+}
+
+impl Drop for Carried {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Listens on `name` in `vm`'s directory for its QEMU, and carries the first
+/// connection from it to the destination's `stream` of sandbox `id`.
+fn carry(
+    vm: &QemuVm,
+    name: &str,
+    base_url: &str,
+    id: &str,
+    stream: &str,
+    token: &str,
+    deadline: Instant,
+) -> Result<Carried, ApiError> {
+    let (path, listener) = vm
+        .listen_for_qemu(name)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let qemu = vm.pid();
+    let url = base_url.to_string();
+    let remote = format!("/v1/internal/migrations/{id}/{stream}");
+    let token = token.to_string();
+    let id = id.to_string();
+    let stream = stream.to_string();
+    let task = tokio::spawn(async move {
+        let work = async {
+            let (mut conn, _) = listener.accept().await.map_err(|e| e.to_string())?;
+            let peer = conn
+                .peer_cred()
+                .ok()
+                .and_then(|c| c.pid())
+                .map(|p| p as u32);
+            if peer != qemu {
+                return Err(format!(
+                    "a connection from process {peer:?}, not the VM's QEMU"
+                ));
+            }
+            let mut far = tunnel::open(&url, &remote, (MIGRATION_TOKEN, &token))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::io::copy_bidirectional(&mut conn, &mut far)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<(), String>(())
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let result = match tokio::time::timeout(left, work).await {
+            Ok(r) => r,
+            Err(_) => Err("it outlived the migration's deadline".to_string()),
+        };
+        if let Err(e) = &result {
+            warn!(sandbox = %id, stream = %stream, error = %e, "carrying a migration stream failed");
+        }
+        result
+    });
+    Ok(Carried { path, task })
+}
+
+/// The stream names of `GET /v1/internal/migrations/{id}/{stream}`.
+pub fn incoming_socket(stream: &str) -> Option<IncomingSocket> {
+    match stream {
+        "ram" => Some(IncomingSocket::Migration),
+        "disk" => Some(IncomingSocket::Disk),
+        _ => None,
+    }
+}

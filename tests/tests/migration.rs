@@ -1,0 +1,316 @@
+//! Live migration between two hosts on one PostgreSQL catalog (loopback): a running
+//! sandbox moves while its processes run on, through the operator's API and through a
+//! live drain; what the API refuses, it refuses with what to send instead.
+
+use nullspace_tests::http::{Api, Runtime};
+use nullspace_tests::postgres::{pool_manager, server, FreshDatabase};
+use nullspace_tests::Daemon;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn tiny() -> Value {
+    json!({ "vcpus": 1, "memMiB": 256, "diskSizeMiB": 1024 })
+}
+
+/// The host whose edge serves `view`'s runtime.
+fn owner_of<'a>(view: &Value, hosts: &[(&'a str, String)]) -> &'a str {
+    let base = view["runtime"]["target"]["baseUrl"]
+        .as_str()
+        .unwrap_or_default();
+    hosts
+        .iter()
+        .find(|(_, edge)| base.starts_with(edge.as_str()))
+        .map(|(name, _)| *name)
+        .unwrap_or_else(|| panic!("no host's edge serves {view}"))
+}
+
+/// The counter's lines `n` as numbers, checked to be 1, 2, 3... with none lost or
+/// repeated.
+fn counted(text: &str) -> u64 {
+    let mut last = 0;
+    for line in text.lines() {
+        let n: u64 = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{line:?} in {text}"));
+        assert_eq!(n, last + 1, "the count skipped or restarted: {text}");
+        last = n;
+    }
+    last
+}
+
+/// Waits until the counter's file counts past `n` (within 30 s); returns its count.
+async fn count_past(rt: &Runtime, n: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = match rt.read_file("/workspace/count").await {
+            Some(text) => counted(&String::from_utf8(text).unwrap()),
+            None => 0,
+        };
+        if now > n {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the count stopped at {now}, not past {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The event types of sandbox `id`, oldest first.
+async fn event_types(api: &Api, id: &str) -> Vec<(String, Value)> {
+    let (_, log) = api
+        .fetch(&format!("/v1/sandboxes/{id}/events?limit=1000"))
+        .await;
+    log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["type"].as_str().unwrap().to_string(), e["data"].clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_moves_the_rest() {
+    let server = match server() {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let db = FreshDatabase::create(&server, "migration").await;
+    let url = db.url.clone();
+    pool_manager(&["migrate", "--catalog", &url]).unwrap();
+    let a = Daemon::start_with(
+        "migrate-a",
+        &["--catalog", &url, "--host-id", "host-a"],
+        &[],
+    );
+    let b = Daemon::start_with(
+        "migrate-b",
+        &["--catalog", &url, "--host-id", "host-b"],
+        &[],
+    );
+    a.admin(&["team", "create", "acme", "--catalog", &url]);
+    let key = a.admin(&["key", "create", "--team", "acme", "--catalog", &url]);
+    let via_a = Api::new(&a, key.clone());
+    let operator = Api::new(
+        &a,
+        a.admin(&["key", "create", "--operator", "--catalog", &url]),
+    );
+    let hosts = [("host-a", a.edge.clone()), ("host-b", b.edge.clone())];
+
+    // A sandbox on host A.
+    let mut sbx = Value::Null;
+    for _ in 0..8 {
+        sbx = via_a
+            .create(json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }))
+            .await;
+        if owner_of(&sbx, &hosts) == "host-a" {
+            break;
+        }
+        via_a.delete(sbx["sandboxID"].as_str().unwrap()).await;
+    }
+    assert_eq!(owner_of(&sbx, &hosts), "host-a", "no create landed on A");
+    let id = sbx["sandboxID"].as_str().unwrap().to_string();
+    let migrate = format!("/v1/sandboxes/{id}/migrate");
+
+    // What is refused: a team key, a bad host, the host it is on, an unknown host.
+    let (status, v) = via_a.post(&migrate, json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("operator"), "{v}");
+    let (status, v) = operator.post(&migrate, json!({ "host": "a b" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let (status, v) = operator.post(&migrate, json!({ "hosts": "host-b" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let (status, v) = operator.post(&migrate, json!({ "host": "host-a" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("another host"),
+        "{v}"
+    );
+    let (status, v) = operator.post(&migrate, json!({ "host": "host-z" })).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{v}");
+
+    // A file, a process counting every 10 ms, and a background command with output
+    // still to come.
+    let rt = Runtime::of(&sbx);
+    rt.put_file("/workspace/kept.txt", b"written on A").await;
+    let (pid, _, code) = rt
+        .run("setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i >> /workspace/count; sleep 0.01; done' </dev/null >/dev/null 2>&1 & echo $!")
+        .await;
+    assert_eq!(code, 0);
+    let counter = pid.trim().to_string();
+    let started = rt
+        .post(
+            "/commands",
+            json!({ "cmd": "for i in 1 2 3 4 5 6; do echo line$i; sleep 1; done", "background": true }),
+        )
+        .await;
+    assert_eq!(started.status(), StatusCode::CREATED);
+    let command = started.json::<Value>().await.unwrap()["pid"]
+        .as_u64()
+        .unwrap();
+    let before = count_past(&rt, 0).await;
+
+    // Migrate to B, asked through A (which owns it).
+    let (status, report) = operator.post(&migrate, json!({ "host": "host-b" })).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        (
+            report["sandboxId"].as_str(),
+            report["from"].as_str(),
+            report["to"].as_str()
+        ),
+        (Some(id.as_str()), Some("host-a"), Some("host-b")),
+        "{report}"
+    );
+    // All of RAM went (256 MiB, most of it zero pages sent as flags), in at least one
+    // pass, and the guest stood still for less than the whole move.
+    assert!(report["ramBytes"].as_u64().unwrap() > 1 << 20, "{report}");
+    assert!(report["passes"].as_u64().unwrap() >= 1, "{report}");
+    assert!(
+        report["downtimeMs"].as_u64().unwrap() < report["totalMs"].as_u64().unwrap(),
+        "{report}"
+    );
+    eprintln!("migration: {report}");
+
+    // It runs on B now: same ID, its file, its processes, still counting.
+    let (status, moved) = via_a
+        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{moved}");
+    assert_eq!(owner_of(&moved, &hosts), "host-b", "{moved}");
+    assert_eq!(moved["state"], "running", "{moved}");
+    let rt = Runtime::of(&moved);
+    assert_eq!(
+        rt.read_file("/workspace/kept.txt").await.as_deref(),
+        Some(&b"written on A"[..])
+    );
+    let (_, _, alive) = rt.run(&format!("kill -0 {counter}")).await;
+    assert_eq!(alive, 0, "the counter started on A runs on B");
+    count_past(&rt, before + 10).await;
+    // The command started on A delivers all its output, attached again on B.
+    let attached = rt.get(&format!("/commands/{command}")).await;
+    assert_eq!(attached.status(), StatusCode::OK);
+    let text = attached.text().await.unwrap();
+    let (mut out, mut exit) = (String::new(), None);
+    for line in text.lines() {
+        let e: Value = serde_json::from_str(line).unwrap();
+        match e["event"].as_str() {
+            Some("stdout") => out.push_str(e["data"].as_str().unwrap()),
+            Some("exit") => exit = e["exitCode"].as_i64(),
+            _ => {}
+        }
+    }
+    assert_eq!(out, "line1\nline2\nline3\nline4\nline5\nline6\n", "{text}");
+    assert_eq!(exit, Some(0), "{text}");
+    // A has no VM left for it; B runs exactly one.
+    assert!(
+        nullspace_tests::qemus_in(a.run_dir()).is_empty(),
+        "a QEMU stayed on A"
+    );
+    assert_eq!(nullspace_tests::qemus_in(b.run_dir()).len(), 1);
+    // The events say it moved, with the downtime.
+    let events = event_types(&via_a, &id).await;
+    let migrating = events.iter().position(|(t, _)| t == "sandbox.migrating");
+    let migrated = events.iter().position(|(t, _)| t == "sandbox.migrated");
+    assert!(
+        matches!((migrating, migrated), (Some(x), Some(y)) if x < y),
+        "{events:?}"
+    );
+    let (_, data) = &events[migrated.unwrap()];
+    assert_eq!(
+        (data["from"].as_str(), data["to"].as_str()),
+        (Some("host-a"), Some("host-b")),
+        "{data}"
+    );
+    assert!(data["downtimeMs"].is_u64(), "{data}");
+
+    // A live drain of B moves it, and a second sandbox, back to A without stopping them.
+    // (Placement puts a create on the emptier host, A: it moves to B the same way.)
+    let second = via_a
+        .create(json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }))
+        .await;
+    let second_path = format!(
+        "/v1/sandboxes/{}/migrate",
+        second["sandboxID"].as_str().unwrap()
+    );
+    if owner_of(&second, &hosts) == "host-a" {
+        let (status, v) = operator.post(&second_path, json!({})).await;
+        assert_eq!(
+            (status, v["to"].as_str()),
+            (StatusCode::OK, Some("host-b")),
+            "{v}"
+        );
+    }
+    let second_id = second["sandboxID"].as_str().unwrap().to_string();
+    let (_, second) = via_a
+        .post(&format!("/v1/sandboxes/{second_id}/connect"), json!({}))
+        .await;
+    assert_eq!(owner_of(&second, &hosts), "host-b", "{second}");
+    let rt2 = Runtime::of(&second);
+    let (pid2, _, _) = rt2
+        .run("setsid sleep 3000 </dev/null >/dev/null 2>&1 & echo $!")
+        .await;
+    let listed = a.admin(&[
+        "host",
+        "drain",
+        "host-b",
+        "--live",
+        "--wait-s",
+        "180",
+        "--catalog",
+        &url,
+    ]);
+    assert!(listed.contains(r#""state":"drained""#), "{listed}");
+    for (sid, pid) in [(&id, counter.as_str()), (&second_id, pid2.trim())] {
+        let (status, v) = via_a
+            .post(&format!("/v1/sandboxes/{sid}/connect"), json!({}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(owner_of(&v, &hosts), "host-a", "{v}");
+        let (_, _, alive) = Runtime::of(&v).run(&format!("kill -0 {pid}")).await;
+        assert_eq!(alive, 0, "{sid}'s process survived the live drain");
+        let types: Vec<String> = event_types(&via_a, sid)
+            .await
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
+        assert!(
+            !types.iter().any(|t| t == "sandbox.paused"),
+            "a live drain paused {sid}: {types:?}"
+        );
+        assert!(types.iter().any(|t| t == "sandbox.migrated"), "{types:?}");
+    }
+    assert!(
+        nullspace_tests::qemus_in(b.run_dir()).is_empty(),
+        "a QEMU stayed on B"
+    );
+    a.admin(&["host", "undrain", "host-b", "--catalog", &url]);
+
+    // A sandbox that is not running does not migrate.
+    let (status, v) = via_a
+        .post(&format!("/v1/sandboxes/{second_id}/pause"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (status, v) = operator
+        .post(&format!("/v1/sandboxes/{second_id}/migrate"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("only a running sandbox"),
+        "{v}"
+    );
+
+    for sid in [&id, &second_id] {
+        via_a.delete(sid).await;
+    }
+    assert!(nullspace_tests::qemus_in(a.run_dir()).is_empty());
+}

@@ -1,0 +1,528 @@
+//! Live migration, QEMU's side: a running VM's disk and RAM copied to a VM another
+//! host started for it, while the guest runs.
+//!
+//! The sequence (QEMU's non-shared-storage migration):
+//! 1. The destination starts QEMU stopped (`-S`) and waiting (`-incoming defer`), with
+//!    fresh memory and a disk overlay on its own copy of the image set's root
+//!    filesystem ([`QemuVmm::prepare_incoming`]), and exports that disk over NBD.
+//! 2. The source makes its disk chain overlay → root filesystem ([`QemuVm::flatten_disk`]:
+//!    a snapshot layer in between, such as a template's, is streamed into the overlay),
+//!    then mirrors the overlay onto the export ([`QemuVm::mirror_disk`]) until the
+//!    mirror is in step; guest writes go to both from then on.
+//! 3. RAM by pre-copy with auto-converge ([`QemuVm::migrate_out`]); QEMU stops the
+//!    source for the last pass (the downtime).
+//! 4. The source ends the mirror ([`QemuVm::end_mirror`]); the owner hands the sandbox
+//!    over; the destination runs ([`QemuVm::finish_incoming`]). Before the hand-over the
+//!    source can still run on ([`QemuVm::abort_outgoing`]).
+//!
+//! QEMU runs in a network namespace with no route out, so it never talks to another
+//! host: both streams go to unix sockets in the VM directories, and the daemons carry
+//! them between hosts.
+
+use super::*;
+
+/// The block job mirroring the disk to the destination.
+const MIRROR_JOB: &str = "nullspace-mirror";
+/// The block job streaming a snapshot layer into the overlay.
+const STREAM_JOB: &str = "nullspace-stream";
+/// The destination's NBD export of its disk (QEMU's export ID).
+const DISK_EXPORT: &str = "nullspace-disk";
+/// The export's NBD name.
+const EXPORT_NAME: &str = "root";
+/// How long a block job's QMP command may take (a mirror's opens the NBD connection).
+const JOB_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a destination needs to start a VM a live migration fills: the shape, the root
+/// filesystem (by name: its own copy of the image set's) and the machine, which must be
+/// the one this host builds for the shape.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IncomingSpec {
+    /// QEMU's version line on the source: the destination's must be the same.
+    pub qemu_version: String,
+    /// The source's machine arguments.
+    pub machine_args: Vec<String>,
+    /// The root filesystem's name in the image set.
+    pub rootfs: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM, MiB.
+    pub mem_mib: u32,
+    /// The disk's virtual size, MiB.
+    pub disk_mib: u64,
+    /// Whether the VM has an egress proxy.
+    pub egress: bool,
+}
+
+/// Which of an incoming VM's sockets a stream goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IncomingSocket {
+    /// The migration stream (RAM and device state).
+    Migration,
+    /// The NBD export of its disk (the source's mirror writes there).
+    Disk,
+}
+
+impl IncomingSocket {
+    fn file(self) -> &'static str {
+        match self {
+            IncomingSocket::Migration => "incoming.sock",
+            IncomingSocket::Disk => "nbd.sock",
+        }
+    }
+}
+
+/// How an outgoing migration runs.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveOptions {
+    /// The longest the guest may be stopped for the last pass (QEMU's downtime limit).
+    pub max_downtime: Duration,
+    /// The whole migration (disk and RAM) gives up after this.
+    pub deadline: Instant,
+}
+
+/// What a migration moved and how long the guest stood still, as QEMU reports it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStats {
+    /// The guest stopped on the source for this long (QEMU's figure: the last pass).
+    pub qemu_downtime_ms: u64,
+    /// From `migrate` to completion.
+    pub ram_ms: u64,
+    /// Bytes of the migration stream.
+    pub ram_bytes: u64,
+    /// Dirty-page syncs: passes over RAM.
+    pub passes: u64,
+    /// Bytes the disk mirror copied.
+    pub disk_bytes: u64,
+}
+
+impl QemuVmm {
+    /// Starts a VM for an incoming live migration: stopped, waiting for the migration
+    /// stream on its `incoming.sock`, with a fresh overlay on this host's root
+    /// filesystem exported writable over NBD on its `nbd.sock` for the source's mirror.
+    pub async fn prepare_incoming(&self, spec: &IncomingSpec) -> Result<QemuVm, VmmError> {
+        if spec.qemu_version != self.qemu_version {
+            return Err(VmmError::SnapshotMismatch(format!(
+                "the source runs {:?} and this host {:?}: migrate to a host with the same QEMU",
+                spec.qemu_version, self.qemu_version
+            )));
+        }
+        // The peer's arguments never reach QEMU: this host's for the shape, which must
+        // be the same machine.
+        let machine_args = self.machine_args(spec.vcpus, spec.mem_mib);
+        if machine_args != spec.machine_args {
+            return Err(VmmError::SnapshotMismatch(format!(
+                "the source's machine ({}) is not the one this host builds for {} vCPUs and {} MiB ({}): migrate to a host with the same accelerator and kernel",
+                spec.machine_args.join(" "),
+                spec.vcpus,
+                spec.mem_mib,
+                machine_args.join(" ")
+            )));
+        }
+        let rootfs_image = self.images.rootfs(&spec.rootfs)?;
+        let id = new_vm_id();
+        let span = tracing::info_span!("vm", id = %id, incoming = true);
+        let launch = Launch {
+            id,
+            machine_args,
+            memory: Memory::Owned,
+            memory_base: None,
+            disk_backing: rootfs_image.clone(),
+            disk_backing_format: "raw".into(),
+            rootfs_image,
+            disk_mib: spec.disk_mib,
+            egress: spec.egress,
+            isolated_network: self.config.isolated_network,
+            volumes: Vec::new(),
+            incoming: true,
+            start_paused: true,
+            boot_timeout: Duration::from_secs(60),
+            rootfs: spec.rootfs.clone(),
+            vcpus: spec.vcpus,
+            mem_mib: spec.mem_mib,
+        };
+        async {
+            let vm = self.launch(launch, |_| async { Ok(()) }).await?;
+            match vm.listen_incoming().await {
+                Ok(()) => Ok(vm),
+                Err(e) => Err(vm.boot_failure(e).await),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+impl QemuVm {
+    /// What a destination needs to start a VM for this one's migration.
+    pub fn incoming_spec(&self) -> IncomingSpec {
+        IncomingSpec {
+            qemu_version: self.qemu_version.clone(),
+            machine_args: self.launch.machine_args.clone(),
+            rootfs: self.launch.rootfs.clone(),
+            vcpus: self.launch.vcpus,
+            mem_mib: self.launch.mem_mib,
+            disk_mib: self.launch.disk_mib,
+            egress: self.launch.egress,
+        }
+    }
+
+    /// Whether volumes are attached (their images are not migrated).
+    pub fn has_volumes(&self) -> bool {
+        !self.launch.volumes.is_empty()
+    }
+
+    /// The path of one of an incoming VM's sockets, for [`QemuVm::is_own_qemu`] to
+    /// check once connected.
+    pub fn incoming_socket(&self, which: IncomingSocket) -> PathBuf {
+        self.dir.file(which.file())
+    }
+
+    /// Whether the other end of `socket` is this VM's QEMU (a socket in a directory
+    /// QEMU writes could be a link to another VM's).
+    pub fn is_own_qemu(&self, socket: &UnixStream) -> bool {
+        self.check_peer(socket, "migration").is_ok()
+    }
+
+    /// A socket in the VM directory that this VM's QEMU (its user) may connect to,
+    /// for a stream the daemon carries elsewhere. Accept with
+    /// [`QemuVm::is_own_qemu`]'s check: only this VM's QEMU is served.
+    pub fn listen_for_qemu(
+        &self,
+        name: &str,
+    ) -> Result<(PathBuf, tokio::net::UnixListener), VmmError> {
+        let sock = self.dir.file(name);
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock)
+            .map_err(|e| VmmError::Host(format!("binding {}: {e}", sock.display())))?;
+        if let Some(r) = &self.run_as {
+            std::os::unix::fs::chown(&sock, Some(r.uid), Some(r.gid))
+                .map_err(|e| VmmError::Host(format!("chown {}: {e}", sock.display())))?;
+        }
+        Ok((sock, listener))
+    }
+
+    async fn listen_incoming(&self) -> Result<(), VmmError> {
+        let qmp = self.qmp();
+        // Every page comes in the stream: nothing is shared with the source.
+        self.set_ignore_shared(false).await?;
+        let incoming = self.dir.file(IncomingSocket::Migration.file());
+        qmp.execute(
+            "migrate-incoming",
+            Some(json!({ "uri": format!("unix:{}", incoming.display()) })),
+        )
+        .await?;
+        let nbd = self.dir.file(IncomingSocket::Disk.file());
+        qmp.execute(
+            "nbd-server-start",
+            Some(json!({ "addr": { "type": "unix", "data": { "path": nbd.display().to_string() } } })),
+        )
+        .await?;
+        let node = self.root_node().await?;
+        qmp.execute(
+            "block-export-add",
+            Some(json!({
+                "type": "nbd",
+                "id": DISK_EXPORT,
+                "node-name": node,
+                "name": EXPORT_NAME,
+                "writable": true,
+            })),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The node name of the root disk's top image.
+    async fn root_node(&self) -> Result<String, VmmError> {
+        let blocks = self.qmp().execute("query-block", None).await?;
+        blocks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["device"] == "root")
+            .and_then(|b| b["inserted"]["node-name"].as_str())
+            .map(str::to_string)
+            .ok_or_else(|| VmmError::Migration("QEMU lists no root disk".into()))
+    }
+
+    /// Makes the disk's chain overlay → root filesystem: a snapshot layer in between
+    /// (a template's, a restored snapshot's) is streamed into the overlay while the
+    /// guest runs, so the destination needs only the image set. Nothing to do for a
+    /// booted VM.
+    pub async fn flatten_disk(&mut self, deadline: Instant) -> Result<(), VmmError> {
+        if self.launch.disk_backing == self.launch.rootfs_image {
+            return Ok(());
+        }
+        let rootfs = self.launch.rootfs_image.display().to_string();
+        let nodes = self
+            .qmp()
+            .execute("query-named-block-nodes", Some(json!({ "flat": true })))
+            .await?;
+        let base = nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["drv"] == "raw" && n["file"] == rootfs.as_str())
+            .and_then(|n| n["node-name"].as_str())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                VmmError::Migration(format!(
+                    "the root filesystem {rootfs} is not in the disk's chain"
+                ))
+            })?;
+        self.qmp()
+            .execute_within(
+                "block-stream",
+                Some(json!({
+                    "job-id": STREAM_JOB,
+                    "device": "root",
+                    "base-node": base,
+                    "auto-dismiss": false,
+                })),
+                JOB_COMMAND_TIMEOUT,
+            )
+            .await?;
+        self.wait_job(STREAM_JOB, false, deadline).await?;
+        self.launch.disk_backing = self.launch.rootfs_image.clone();
+        self.launch.disk_backing_format = "raw".into();
+        self.write_launch_record()
+    }
+
+    /// Mirrors the disk overlay onto the destination's export, reached through
+    /// `nbd_socket` (one of [`QemuVm::listen_for_qemu`]'s, carried to the destination),
+    /// until the mirror is in step. Returns the bytes copied so far.
+    pub async fn mirror_disk(&self, nbd_socket: &Path, deadline: Instant) -> Result<u64, VmmError> {
+        self.qmp()
+            .execute_within(
+                "drive-mirror",
+                Some(json!({
+                    "job-id": MIRROR_JOB,
+                    "device": "root",
+                    "target": format!("nbd+unix:///{EXPORT_NAME}?socket={}", nbd_socket.display()),
+                    "format": "raw",
+                    "sync": "top",
+                    "mode": "existing",
+                    "auto-dismiss": false,
+                })),
+                JOB_COMMAND_TIMEOUT,
+            )
+            .await?;
+        self.wait_job(MIRROR_JOB, true, deadline).await
+    }
+
+    /// Migrates RAM and device state through `socket` (one of
+    /// [`QemuVm::listen_for_qemu`]'s, carried to the destination) by pre-copy with
+    /// auto-converge. On success the VM is stopped here (`postmigrate`); on failure, or
+    /// past the deadline (cancelled), it runs on.
+    pub async fn migrate_out(
+        &self,
+        socket: &Path,
+        options: &LiveOptions,
+    ) -> Result<MigrationStats, VmmError> {
+        let qmp = self.qmp();
+        // A snapshot may have left x-ignore-shared on: a VM with memory of its own
+        // would then send none of it.
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [
+                { "capability": "x-ignore-shared", "state": false },
+                { "capability": "auto-converge", "state": true },
+            ] })),
+        )
+        .await?;
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({
+                "max-bandwidth": SNAPSHOT_BANDWIDTH,
+                "downtime-limit": options.max_downtime.as_millis() as u64,
+            })),
+        )
+        .await?;
+        let started = Instant::now();
+        qmp.execute(
+            "migrate",
+            Some(json!({ "uri": format!("unix:{}", socket.display()) })),
+        )
+        .await?;
+        loop {
+            let info = qmp.execute("query-migrate", None).await?;
+            match info["status"].as_str().unwrap_or("") {
+                "completed" => {
+                    return Ok(MigrationStats {
+                        qemu_downtime_ms: info["downtime"].as_u64().unwrap_or(0),
+                        ram_ms: started.elapsed().as_millis() as u64,
+                        ram_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
+                        passes: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+                        disk_bytes: 0,
+                    })
+                }
+                "failed" | "cancelled" => {
+                    return Err(VmmError::Migration(format!(
+                        "the RAM migration {}: {}",
+                        info["status"].as_str().unwrap_or(""),
+                        info["error-desc"].as_str().unwrap_or("no reason given")
+                    )))
+                }
+                _ if Instant::now() > options.deadline => {
+                    let _ = qmp.execute("migrate_cancel", None).await;
+                    return Err(VmmError::Timeout(format!(
+                        "the RAM migration to converge ({} passes so far, {} bytes sent)",
+                        info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+                        info["ram"]["transferred"].as_u64().unwrap_or(0)
+                    )));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// After a completed migration: ends the disk mirror, whose copy is whole (the
+    /// guest is stopped). Returns the bytes it copied.
+    pub async fn end_mirror(&self) -> Result<u64, VmmError> {
+        self.qmp()
+            .execute("block-job-cancel", Some(json!({ "device": MIRROR_JOB })))
+            .await?;
+        self.wait_job(MIRROR_JOB, false, Instant::now() + Duration::from_secs(30))
+            .await
+    }
+
+    /// Undoes an outgoing migration that did not hand over: the migration and the
+    /// mirror are cancelled and the VM runs on here, as before.
+    pub async fn abort_outgoing(&self) {
+        let qmp = self.qmp();
+        let _ = qmp.execute("migrate_cancel", None).await;
+        let settle = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < settle {
+            match qmp.execute("query-migrate", None).await {
+                Ok(info)
+                    if matches!(
+                        info["status"].as_str(),
+                        Some("active" | "setup" | "device" | "cancelling" | "pre-switchover")
+                    ) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                _ => break,
+            }
+        }
+        if let Ok(jobs) = qmp.execute("query-jobs", None).await {
+            for job in jobs.as_array().into_iter().flatten() {
+                let Some(id) = job["id"].as_str() else {
+                    continue;
+                };
+                if id != MIRROR_JOB && id != STREAM_JOB {
+                    continue;
+                }
+                if job["status"] != "concluded" {
+                    let _ = qmp
+                        .execute(
+                            "block-job-cancel",
+                            Some(json!({ "device": id, "force": true })),
+                        )
+                        .await;
+                    let _ = self
+                        .wait_job(id, false, Instant::now() + Duration::from_secs(10))
+                        .await;
+                }
+                let _ = qmp.execute("job-dismiss", Some(json!({ "id": id }))).await;
+            }
+        }
+        match qmp.execute("query-status", None).await {
+            Ok(status) if status["running"] == true => {}
+            _ => {
+                if let Err(e) = qmp.execute("cont", None).await {
+                    warn!(vm = %self.id, error = %e, "running the VM again after a failed migration");
+                }
+            }
+        }
+    }
+
+    /// On the destination: waits until the whole migration stream is loaded (the VM
+    /// stays stopped).
+    pub async fn wait_incoming(&self, deadline: Instant) -> Result<(), VmmError> {
+        loop {
+            let info = self.qmp().execute("query-migrate", None).await?;
+            match info["status"].as_str().unwrap_or("") {
+                "completed" => break,
+                "failed" | "cancelled" => {
+                    return Err(VmmError::Migration(format!(
+                        "the incoming migration {}: {}",
+                        info["status"].as_str().unwrap_or(""),
+                        info["error-desc"].as_str().unwrap_or("no reason given")
+                    )))
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(VmmError::Timeout("the incoming migration".into()))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+        Ok(())
+    }
+
+    /// On the destination, after the source handed over: closes the disk export, runs
+    /// the VM and connects its agent.
+    pub async fn finish_incoming(&mut self, deadline: Instant) -> Result<(), VmmError> {
+        self.wait_incoming(deadline).await?;
+        let qmp = self.qmp();
+        qmp.execute(
+            "block-export-del",
+            Some(json!({ "id": DISK_EXPORT, "mode": "hard" })),
+        )
+        .await?;
+        let _ = qmp.execute("nbd-server-stop", None).await;
+        qmp.execute("cont", None).await?;
+        self.connect_agent(deadline).await
+    }
+
+    /// Waits for block job `job`: until it is ready (a mirror in step) when
+    /// `until_ready`, else until it concludes; a concluded job is dismissed. Returns
+    /// the bytes it has copied. Past `deadline` the job is cancelled.
+    async fn wait_job(
+        &self,
+        job: &str,
+        until_ready: bool,
+        deadline: Instant,
+    ) -> Result<u64, VmmError> {
+        let qmp = self.qmp();
+        loop {
+            let jobs = qmp.execute("query-jobs", None).await?;
+            let found = jobs
+                .as_array()
+                .and_then(|a| a.iter().find(|j| j["id"] == job))
+                .cloned();
+            let Some(j) = found else {
+                return Err(VmmError::Migration(format!("block job {job} is gone")));
+            };
+            let copied = j["current-progress"].as_u64().unwrap_or(0);
+            match j["status"].as_str().unwrap_or("") {
+                "ready" if until_ready => return Ok(copied),
+                "concluded" => {
+                    let _ = qmp.execute("job-dismiss", Some(json!({ "id": job }))).await;
+                    return match j["error"].as_str() {
+                        Some(e) => Err(VmmError::Migration(format!("block job {job}: {e}"))),
+                        None if until_ready => Err(VmmError::Migration(format!(
+                            "block job {job} ended before it was in step"
+                        ))),
+                        None => Ok(copied),
+                    };
+                }
+                _ if Instant::now() > deadline => {
+                    let _ = qmp
+                        .execute(
+                            "block-job-cancel",
+                            Some(json!({ "device": job, "force": true })),
+                        )
+                        .await;
+                    return Err(VmmError::Timeout(format!(
+                        "block job {job} ({copied} of {} bytes)",
+                        j["total-progress"].as_u64().unwrap_or(0)
+                    )));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+}
