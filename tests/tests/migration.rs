@@ -292,6 +292,44 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     );
     a.admin(&["host", "undrain", "host-b", "--catalog", &url]);
 
+    // A destination killed (kill -9) once it has loaded the state, before the
+    // switch-over: the sandbox runs on where it was, untouched, and says why.
+    let c = Daemon::start_with(
+        "migrate-c",
+        &["--catalog", &url, "--host-id", "host-c"],
+        &[("NULLSPACE_TEST_FAILPOINT", "migrate.loaded")],
+    );
+    let (status, v) = operator.post(&migrate, json!({ "host": "host-c" })).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("runs on here"),
+        "{v}"
+    );
+    let (status, v) = via_a
+        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(
+        (owner_of(&v, &hosts), v["state"].as_str()),
+        ("host-a", Some("running")),
+        "{v}"
+    );
+    let rt = Runtime::of(&v);
+    let now = count_past(&rt, 0).await;
+    count_past(&rt, now + 10).await;
+    let types: Vec<String> = event_types(&via_a, &id)
+        .await
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    let last_move = types.iter().rev().find(|t| t.starts_with("sandbox.migrat"));
+    assert_eq!(
+        last_move.map(String::as_str),
+        Some("sandbox.migration_failed"),
+        "{types:?}"
+    );
+    drop(c);
+
     // A sandbox that is not running does not migrate.
     let (status, v) = via_a
         .post(&format!("/v1/sandboxes/{second_id}/pause"), json!({}))

@@ -535,7 +535,12 @@ impl Manager {
             .ok_or_else(|| ApiError::not_found("migration", id))?;
         i.vm.wait_incoming(Instant::now() + Duration::from_secs(30))
             .await
-            .map_err(|e| ApiError::internal(format!("the incoming VM did not load the state: {e}")))
+            .map_err(|e| {
+                ApiError::internal(format!("the incoming VM did not load the state: {e}"))
+            })?;
+        // The kill -9 test's point: the destination gone before the switch-over.
+        failpoint::hit("migrate.loaded");
+        Ok(())
     }
 
     /// Destination: ends sandbox `id`'s incoming VM (the source gave up).
