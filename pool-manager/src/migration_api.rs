@@ -46,8 +46,9 @@ async fn migrate(
     ))
 }
 
-/// The migration token of a host-to-host call, checked for sandbox `id`.
-fn token(m: &Manager, headers: &HeaderMap, id: &str) -> Result<(), ApiError> {
+/// The migration token of a host-to-host call, checked for sandbox `id`; the epoch
+/// it was issued in.
+fn token(m: &Manager, headers: &HeaderMap, id: &str) -> Result<u64, ApiError> {
     let token = headers
         .get(MIGRATION_TOKEN)
         .and_then(|v| v.to_str().ok())
@@ -80,9 +81,10 @@ async fn accept(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
-    token(&m, &headers, &id)?;
+    let epoch = token(&m, &headers, &id)?;
     let body: AcceptBody = parse_body(&body)?;
-    to_completion(async move { m.accept_migration(&id, &body.from, body.spec).await }).await?;
+    to_completion(async move { m.accept_migration(&id, &body.from, epoch, body.spec).await })
+        .await?;
     Ok(StatusCode::CREATED)
 }
 

@@ -93,3 +93,57 @@ pub fn pool_manager(args: &[&str]) -> Result<String, String> {
         Err(String::from_utf8_lossy(&out.stderr).to_string())
     }
 }
+
+/// A PostgreSQL server a bench started itself (deploy/postgres.sh): stopped, and its
+/// directory removed, when dropped, or from the panic hook (release builds abort on
+/// panic: no drop runs).
+pub struct OwnPostgres {
+    script: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl OwnPostgres {
+    /// The suite's server if `NULLSPACE_TEST_POSTGRES` names one, else one of its own on
+    /// `port`; with its URL.
+    pub fn or_suites(port: &str) -> anyhow::Result<(Option<Self>, String)> {
+        if let Ok(url) = std::env::var("NULLSPACE_TEST_POSTGRES") {
+            return Ok((None, url));
+        }
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/postgres.sh");
+        let dir = std::env::temp_dir().join(format!("bench-pg-{}", std::process::id()));
+        let out = std::process::Command::new(&script)
+            .arg("start")
+            .arg(&dir)
+            .arg(port)
+            .output()?;
+        let own = Self { script, dir };
+        anyhow::ensure!(
+            out.status.success(),
+            "deploy/postgres.sh start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (script, dir) = (own.script.clone(), own.dir.clone());
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default(info);
+            stop_postgres(&script, &dir);
+        }));
+        let url = String::from_utf8(out.stdout)?.trim().to_string();
+        eprintln!("PostgreSQL of this run: {url}");
+        Ok((Some(own), url))
+    }
+}
+
+fn stop_postgres(script: &std::path::Path, dir: &std::path::Path) {
+    let _ = std::process::Command::new(script)
+        .arg("stop")
+        .arg(dir)
+        .status();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        stop_postgres(&self.script, &self.dir);
+    }
+}

@@ -33,12 +33,19 @@ use vmm::{IncomingSocket, IncomingSpec, LiveOptions, QemuVm, Vm};
 
 /// The header a host-to-host migration call carries its token in.
 pub const MIGRATION_TOKEN: &str = "x-nullspace-migration";
-/// The longest a whole migration (disk and RAM) may take.
+/// The longest the copy (disk and RAM, up to the switch-over) may take.
 const MIGRATION_DEADLINE: Duration = Duration::from_secs(180);
+/// The source hands a sandbox over no later than this after it started (the copy,
+/// then at most the destination's confirmation): never once the destination may have
+/// given up ([`INCOMING_DEADLINE`]).
+const HANDOVER_DEADLINE: Duration = Duration::from_secs(300);
 /// The longest the guest may stand still for the last pass (QEMU's downtime limit).
 const MAX_DOWNTIME: Duration = Duration::from_millis(300);
-/// How long an incoming VM waits for its source before it ends.
-const INCOMING_DEADLINE: Duration = Duration::from_secs(240);
+/// How long an incoming VM waits for its source before it ends (or, if the catalog
+/// names its host by then, runs: a source that died after handing it over).
+const INCOMING_DEADLINE: Duration = Duration::from_secs(420);
+/// How long a migration's host-to-host token is good for.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(480);
 
 /// What a live migration did, as its caller and the `sandbox.migrated` event see it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -63,11 +70,20 @@ pub struct MigrationReport {
     pub passes: u64,
 }
 
+/// An incoming VM, waiting for its source; each behind a lock of its own (the map's
+/// lock is held only to find one).
+pub(super) type IncomingSlot = Arc<tokio::sync::Mutex<Incoming>>;
+
 /// An incoming VM, waiting for its source.
 pub(super) struct Incoming {
-    vm: QemuVm,
+    /// The VM, until it is run or ended.
+    vm: Option<QemuVm>,
     /// Which preparation this is (a stale deadline must not end a newer one).
     generation: u64,
+    /// The streams carried in so far: each is taken once.
+    taken: Vec<IncomingSocket>,
+    /// The whole migration stream is loaded: the source may hand it over any moment.
+    loaded: bool,
 }
 
 /// The token subject of sandbox `id`'s migration to host `to`.
@@ -130,7 +146,7 @@ impl Manager {
         let token = self.tokens.issue(
             &subject(id, &to),
             r.owner_epoch,
-            unix_now() + MIGRATION_DEADLINE.as_secs() as i64 + 60,
+            unix_now() + TOKEN_LIFETIME.as_secs() as i64,
         );
         let _ =
             self.catalog
@@ -154,29 +170,39 @@ impl Manager {
                 return Err(e);
             }
         };
-        // Switch-over: the sandbox is the destination's from the next epoch on.
-        let handed = self.catalog.reassign(id, me, &to, |r| {
-            r.vm_dir = None;
-            r.step("running", Some(format!("migrating live from {me} to {to}")));
-        });
-        match handed {
-            Ok(Some(_)) => {}
-            other => {
-                let why = match other {
-                    Err(e) => format!("handing it over in the catalog failed: {e}"),
-                    _ => "it changed hands meanwhile".to_string(),
-                };
-                vm.abort_outgoing().await;
-                self.abandon(&target, id, &token).await;
-                let _ = self.catalog.append_event(
-                    id,
-                    "sandbox.migration_failed",
-                    &json!({ "from": me, "to": to, "reason": why, "state": "running" }),
-                );
-                return Err(ApiError::conflict(format!(
-                    "sandbox {id} did not migrate: {why}; it runs on here"
-                )));
+        // Switch-over: the sandbox is the destination's from the next epoch on. Not past
+        // the hand-over deadline: the destination may have given up by then.
+        let handed = if started.elapsed() < HANDOVER_DEADLINE {
+            self.catalog.reassign(id, me, &to, |r| {
+                r.vm_dir = None;
+                r.step("running", Some(format!("migrating live from {me} to {to}")));
+            })
+        } else {
+            Ok(None)
+        };
+        let handed = match handed {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) if started.elapsed() >= HANDOVER_DEADLINE => {
+                Err("the copy outlasted the hand-over deadline".to_string())
             }
+            Ok(None) => Err("it changed hands meanwhile".to_string()),
+            // The commit may have landed with its answer lost: the catalog says.
+            Err(e) => match self.catalog.sandbox(id) {
+                Ok(Some(r)) if r.host_id.as_deref() == Some(to.as_str()) => Ok(()),
+                _ => Err(format!("handing it over in the catalog failed: {e}")),
+            },
+        };
+        if let Err(why) = handed {
+            vm.abort_outgoing().await;
+            self.abandon(&target, id, &token).await;
+            let _ = self.catalog.append_event(
+                id,
+                "sandbox.migration_failed",
+                &json!({ "from": me, "to": to, "reason": why, "state": "running" }),
+            );
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} did not migrate: {why}; it runs on here"
+            )));
         }
         routing::forget_owner(id);
         let finished = tunnel::call(
@@ -352,18 +378,24 @@ impl Manager {
             max_downtime: MAX_DOWNTIME,
             deadline,
         };
-        let mut stats = vm
+        let started = vm
             .migrate_out(&ram.path, &options)
             .await
             .map_err(|e| failed("migrating RAM", e))?;
-        // The guest stands still from here (QEMU's own figure covers the last pass).
-        let stopped = Instant::now();
-        // The guest is stopped: the mirror's copy is whole.
-        stats.disk_bytes = disk_bytes.max(
+        // The guest is stopped before the switch-over, its disks still active: the
+        // mirror copies its last writes and ends in step.
+        let disk_bytes = disk_bytes.max(
             vm.end_mirror()
                 .await
                 .map_err(|e| failed("ending the disk mirror", e))?,
         );
+        let mut stats = vm
+            .switch_over(started, deadline)
+            .await
+            .map_err(|e| failed("switching over", e))?;
+        stats.disk_bytes = disk_bytes;
+        // QEMU's downtime figure runs to here; the rest is counted from now.
+        let stopped = Instant::now();
         drop(disk);
         // QEMU sent the whole stream; the destination must have loaded it before the
         // sandbox is handed over (the source can still run on until then).
@@ -408,22 +440,33 @@ impl Manager {
         }
     }
 
-    /// Checks a host-to-host migration token for sandbox `id` coming to this host.
-    pub fn check_migration_token(&self, id: &str, token: &str) -> Result<(), ApiError> {
+    /// Checks a host-to-host migration token for sandbox `id` coming to this host;
+    /// returns the ownership epoch it was issued in.
+    pub fn check_migration_token(&self, id: &str, token: &str) -> Result<u64, ApiError> {
         let me = crate::cluster::this_host().ok_or_else(|| ApiError::not_found("migration", id))?;
         self.tokens
             .verify(token, &subject(id, me), unix_now())
-            .map(|_| ())
             .map_err(|e| ApiError::unauthorized(format!("migration token refused: {e}")))
     }
 
-    /// Destination: starts a VM for sandbox `id`'s migration from host `from`, waiting
-    /// for its disk and RAM. It ends on its own if the source neither finishes nor
-    /// abandons it within [`INCOMING_DEADLINE`].
+    /// The incoming VM of sandbox `id`, if one waits here.
+    async fn incoming_slot(&self, id: &str) -> Result<IncomingSlot, ApiError> {
+        self.incoming
+            .lock()
+            .await
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("migration", id))
+    }
+
+    /// Destination: starts a VM for sandbox `id`'s migration from host `from` (a token
+    /// of `epoch`), waiting for its disk and RAM. It ends on its own if the source
+    /// neither finishes nor abandons it within [`INCOMING_DEADLINE`].
     pub async fn accept_migration(
         self: &Arc<Self>,
         id: &str,
         from: &str,
+        epoch: u64,
         spec: IncomingSpec,
     ) -> Result<(), ApiError> {
         let r = self
@@ -433,6 +476,19 @@ impl Manager {
             .ok_or_else(|| {
                 ApiError::conflict(format!("sandbox {id} is not running on host {from}"))
             })?;
+        if r.owner_epoch != epoch {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id} changed hands since this migration began (epoch {} now, {epoch} then)",
+                r.owner_epoch
+            )));
+        }
+        // The VM is the sandbox's shape, whatever the peer says.
+        if spec.vcpus != r.resources.vcpus || spec.mem_mib != r.resources.mem_mib {
+            return Err(ApiError::bad_request(format!(
+                "the VM asked for ({} vCPUs, {} MiB) is not sandbox {id}'s ({} vCPUs, {} MiB)",
+                spec.vcpus, spec.mem_mib, r.resources.vcpus, r.resources.mem_mib
+            )));
+        }
         if self.slot(id).lock().await.is_some() {
             return Err(ApiError::conflict(format!(
                 "sandbox {id} already has a VM on this host"
@@ -446,13 +502,17 @@ impl Manager {
         let generation = self
             .incoming_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let previous = self
-            .incoming
-            .lock()
-            .await
-            .insert(id.to_string(), Incoming { vm, generation });
+        let slot = Arc::new(tokio::sync::Mutex::new(Incoming {
+            vm: Some(vm),
+            generation,
+            taken: Vec::new(),
+            loaded: false,
+        }));
+        let previous = self.incoming.lock().await.insert(id.to_string(), slot);
         if let Some(previous) = previous {
-            previous.vm.kill().await;
+            if let Some(vm) = previous.lock().await.vm.take() {
+                vm.kill().await;
+            }
         }
         info!(sandbox = %r.id, from = %from, "waiting for a live migration");
         let this = self.clone();
@@ -460,46 +520,70 @@ impl Manager {
         let from = from.to_string();
         tokio::spawn(async move {
             tokio::time::sleep(INCOMING_DEADLINE).await;
-            let current = matches!(this.incoming.lock().await.get(&id), Some(i) if i.generation == generation);
-            if !current {
-                return;
-            }
-            // A source that handed the sandbox over and then died never says finish:
-            // the catalog says whose it is.
-            let handed = this
-                .catalog
-                .sandbox(&id)
-                .ok()
-                .flatten()
-                .is_some_and(|r| r.host_id.as_deref() == crate::cluster::this_host());
-            if handed {
-                warn!(sandbox = %id, "a migration handed over here was never finished by its source: finishing it");
-                if let Err(e) = this.finish_migration(&id, &from).await {
-                    warn!(sandbox = %id, error = %e.message, "finishing an abandoned migration failed");
-                }
-                return;
-            }
-            let stale = this.incoming.lock().await.remove(&id);
-            if let Some(stale) = stale {
-                warn!(sandbox = %id, "an incoming migration was neither finished nor abandoned: its VM ends");
-                stale.vm.kill().await;
-            }
+            this.incoming_deadline(&id, &from, generation).await;
         });
         Ok(())
     }
 
-    /// Destination: a connection to one of sandbox `id`'s incoming VM's sockets.
+    /// An incoming VM's deadline: one the catalog now names this host for runs (its
+    /// source died after handing it over, before saying finish); any other ends.
+    async fn incoming_deadline(&self, id: &str, from: &str, generation: u64) {
+        let Ok(slot) = self.incoming_slot(id).await else {
+            return;
+        };
+        if slot.lock().await.generation != generation {
+            return;
+        }
+        let handed = self
+            .catalog
+            .sandbox(id)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.host_id.as_deref() == crate::cluster::this_host());
+        if handed {
+            warn!(sandbox = %id, "a migration handed over here was never finished by its source: finishing it");
+            if let Err(e) = self.finish_migration(id, from).await {
+                warn!(sandbox = %id, error = %e.message, "finishing an abandoned migration failed");
+            }
+            return;
+        }
+        let stale = {
+            let mut map = self.incoming.lock().await;
+            match map.get(id) {
+                Some(s) if Arc::ptr_eq(s, &slot) => map.remove(id),
+                _ => None,
+            }
+        };
+        if let Some(stale) = stale {
+            warn!(sandbox = %id, "an incoming migration was neither finished nor abandoned: its VM ends");
+            if let Some(vm) = stale.lock().await.vm.take() {
+                vm.kill().await;
+            }
+        }
+    }
+
+    /// Destination: a connection to one of sandbox `id`'s incoming VM's sockets, once
+    /// per stream.
     pub async fn incoming_stream(
         &self,
         id: &str,
         which: IncomingSocket,
     ) -> Result<tokio::net::UnixStream, ApiError> {
+        let slot = self.incoming_slot(id).await?;
         let (path, pid) = {
-            let incoming = self.incoming.lock().await;
-            let i = incoming
-                .get(id)
+            let mut incoming = slot.lock().await;
+            if incoming.taken.contains(&which) {
+                return Err(ApiError::conflict(format!(
+                    "sandbox {id}'s {which:?} stream is already being carried"
+                )));
+            }
+            let vm = incoming
+                .vm
+                .as_ref()
                 .ok_or_else(|| ApiError::not_found("migration", id))?;
-            (i.vm.incoming_socket(which), i.vm.pid())
+            let found = (vm.incoming_socket(which), vm.pid());
+            incoming.taken.push(which);
+            found
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         let conn = loop {
@@ -529,15 +613,18 @@ impl Manager {
     /// Destination: waits until sandbox `id`'s incoming VM has loaded the whole
     /// migration stream (it stays stopped until the switch-over).
     pub async fn migration_received(&self, id: &str) -> Result<(), ApiError> {
-        let incoming = self.incoming.lock().await;
-        let i = incoming
-            .get(id)
+        let slot = self.incoming_slot(id).await?;
+        let mut incoming = slot.lock().await;
+        let vm = incoming
+            .vm
+            .as_ref()
             .ok_or_else(|| ApiError::not_found("migration", id))?;
-        i.vm.wait_incoming(Instant::now() + Duration::from_secs(30))
+        vm.wait_incoming(Instant::now() + Duration::from_secs(30))
             .await
             .map_err(|e| {
                 ApiError::internal(format!("the incoming VM did not load the state: {e}"))
             })?;
+        incoming.loaded = true;
         // The kill -9 test's point: the destination gone before the switch-over.
         failpoint::hit("migrate.loaded");
         Ok(())
@@ -546,9 +633,13 @@ impl Manager {
     /// Destination: ends sandbox `id`'s incoming VM (the source gave up).
     pub async fn abandon_migration(&self, id: &str) -> Result<(), ApiError> {
         let gone = self.incoming.lock().await.remove(id);
-        match gone {
-            Some(i) => {
-                i.vm.kill().await;
+        let vm = match gone {
+            Some(slot) => slot.lock().await.vm.take(),
+            None => None,
+        };
+        match vm {
+            Some(vm) => {
+                vm.kill().await;
                 info!(sandbox = %id, "incoming migration abandoned by its source");
                 Ok(())
             }
@@ -557,52 +648,71 @@ impl Manager {
     }
 
     /// Destination, after the switch-over (the catalog names this host): runs the VM
-    /// and makes it the sandbox's. A VM that does not run puts the sandbox in `error`.
+    /// and makes it the sandbox's. Once the sandbox is this host's, anything that keeps
+    /// it from running here (no VM, a VM that does not run) puts it in `error`.
     pub async fn finish_migration(&self, id: &str, from: &str) -> Result<(), ApiError> {
-        let incoming = self
-            .incoming
-            .lock()
-            .await
-            .remove(id)
-            .ok_or_else(|| ApiError::not_found("migration", id))?;
-        let mut vm = incoming.vm;
+        let gone = self.incoming.lock().await.remove(id);
+        let vm = match gone {
+            Some(slot) => slot.lock().await.vm.take(),
+            None => None,
+        };
         let me = crate::cluster::this_host().unwrap_or_default();
         let slot = self.slot(id);
         let mut guard = slot.lock().await;
-        let mut r = match self.catalog.sandbox(id)? {
+        let record = match self.catalog.sandbox(id) {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(vm) = vm {
+                    vm.kill().await;
+                }
+                return Err(e.into());
+            }
+        };
+        let mut r = match record {
             Some(r) if r.host_id.as_deref() == Some(me) => r,
             _ => {
-                vm.kill().await;
+                if let Some(vm) = vm {
+                    vm.kill().await;
+                }
                 return Err(ApiError::conflict(format!(
                     "sandbox {id} was not handed to this host; its incoming VM ended"
                 )));
             }
         };
-        let ran = vm
-            .finish_incoming(Instant::now() + Duration::from_secs(60))
-            .await;
-        if let Err(e) = ran {
-            vm.kill().await;
+        let failure = match vm {
+            // Finished already (a second call).
+            None if guard.is_some() => return Ok(()),
+            None => "its VM on this host was gone at the switch-over (ended at its deadline, or this host restarted)".to_string(),
+            Some(mut vm) => match vm.finish_incoming(Instant::now() + Duration::from_secs(60)).await {
+                Ok(()) => {
+                    self.install(&mut r, vm, &mut guard);
+                    r.step("running", Some(format!("migrated live from {from}")));
+                    self.catalog.put_sandbox(&r)?;
+                    routing::forget_owner(id);
+                    info!(sandbox = %id, from = %from, "runs here after a live migration");
+                    return Ok(());
+                }
+                Err(e) => {
+                    vm.kill().await;
+                    e.to_string()
+                }
+            },
+        };
+        if r.state == InternalState::Active {
             r.diagnostic = Some(Diagnostic {
                 code: "migration_failed".into(),
                 message: format!(
-                    "the live migration from host {from} failed after the switch-over: {e}"
+                    "the live migration from host {from} failed after the switch-over: {failure}"
                 ),
                 action: "restore one of its stored snapshots, or create a new sandbox".into(),
             });
             r.vm_dir = None;
             self.transition(&mut r, InternalState::Failed, "live migration failed")?;
             self.release_volumes(&r).await;
-            return Err(ApiError::internal(format!(
-                "sandbox {id} did not run here after its migration: {e}"
-            )));
         }
-        self.install(&mut r, vm, &mut guard);
-        r.step("running", Some(format!("migrated live from {from}")));
-        self.catalog.put_sandbox(&r)?;
-        routing::forget_owner(id);
-        info!(sandbox = %id, from = %from, "runs here after a live migration");
-        Ok(())
+        Err(ApiError::internal(format!(
+            "sandbox {id} did not run here after its migration: {failure}"
+        )))
     }
 }
 

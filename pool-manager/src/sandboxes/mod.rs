@@ -106,7 +106,7 @@ pub struct Manager {
     /// Each team's interception CA, loaded once.
     team_cas: security::TeamCas,
     /// VMs started here for live migrations on their way in, by sandbox ID.
-    incoming: tokio::sync::Mutex<HashMap<String, migrate::Incoming>>,
+    incoming: tokio::sync::Mutex<HashMap<String, migrate::IncomingSlot>>,
     /// Numbers the incoming VMs.
     incoming_generation: std::sync::atomic::AtomicU64,
 }
@@ -1109,7 +1109,9 @@ impl Manager {
     ) -> Result<(tokio::sync::OwnedMutexGuard<Option<QemuVm>>, SandboxRecord), ApiError> {
         self.owned(team, id)?;
         let guard = self.slot(id).lock_owned().await;
-        Ok((guard, self.owned(team, id)?))
+        let r = self.owned(team, id)?;
+        here(&r)?;
+        Ok((guard, r))
     }
 
     /// Takes a pause snapshot on this host's disk and ends the VM.
@@ -1292,6 +1294,7 @@ impl Manager {
         if r.state == InternalState::Deleted {
             return Ok(());
         }
+        here(&r)?;
         let intent = self.begin_op(id, recovery::op::DELETE, serde_json::json!({}))?;
         self.transition(&mut r, InternalState::Destroying, reason)?;
         intent.step("delete.destroying", serde_json::json!({}));
@@ -1694,6 +1697,23 @@ async fn test_stall_pause() {
 
 #[cfg(not(debug_assertions))]
 async fn test_stall_pause() {}
+
+/// Refuses work on a sandbox another host took while the caller waited for its slot
+/// (a live migration holds the slot until it has handed the sandbox over): the
+/// request is to be retried, and routing sends it to the new owner.
+pub(crate) fn here(r: &SandboxRecord) -> Result<(), ApiError> {
+    match (crate::cluster::this_host(), r.host_id.as_deref()) {
+        (Some(me), Some(owner)) if owner != me => Err(ApiError::new(
+            503,
+            "owner_moved",
+            format!(
+                "sandbox {} moved to host {owner} while this request waited; retry it (it goes there)",
+                r.id
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
 
 /// A VM that could not start, as the API says it: a full file system is the host's
 /// storage (507, with what to free), anything else an internal error.

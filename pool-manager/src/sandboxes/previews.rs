@@ -167,6 +167,12 @@ impl Manager {
     pub async fn running_agent(&self, r: &SandboxRecord) -> Result<AgentClient, ApiError> {
         let slot = self.slot(&r.id);
         let vm = slot.lock().await;
+        if vm.is_none() {
+            // Moved away while this waited (a live migration holds the slot)?
+            if let Some(now) = self.catalog.sandbox(&r.id)? {
+                super::here(&now)?;
+            }
+        }
         match vm.as_ref() {
             Some(vm) if r.state == InternalState::Active => Ok(vm.agent().clone()),
             _ => Err(ApiError::conflict(format!(

@@ -25,75 +25,19 @@
 //!   `cargo test --release -p pool-manager a_decision_over -- --nocapture`.
 
 use nullspace_tests::bench::{flag, percentile};
-use nullspace_tests::postgres::{admin, pool_manager, FreshDatabase};
+use nullspace_tests::postgres::{admin, pool_manager, FreshDatabase, OwnPostgres};
 use nullspace_tests::Daemon;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-/// Where this command's own PostgreSQL listens (the suite's is 19543).
-const OWN_POSTGRES_PORT: &str = "19546";
-
-/// A PostgreSQL server this command started: stopped (and its directory removed) when
-/// dropped, or from the panic hook (release builds abort on panic: no drop runs).
-struct OwnPostgres {
-    script: PathBuf,
-    dir: PathBuf,
-}
-
-impl OwnPostgres {
-    fn start() -> anyhow::Result<(Self, String)> {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/postgres.sh");
-        let dir = std::env::temp_dir().join(format!("bench-cluster-pg-{}", std::process::id()));
-        let out = std::process::Command::new(&script)
-            .arg("start")
-            .arg(&dir)
-            .arg(OWN_POSTGRES_PORT)
-            .output()?;
-        let own = Self { script, dir };
-        anyhow::ensure!(
-            out.status.success(),
-            "deploy/postgres.sh start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let (script, dir) = (own.script.clone(), own.dir.clone());
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            default(info);
-            stop_postgres(&script, &dir);
-        }));
-        Ok((own, String::from_utf8(out.stdout)?.trim().to_string()))
-    }
-}
-
-fn stop_postgres(script: &Path, dir: &Path) {
-    let _ = std::process::Command::new(script)
-        .arg("stop")
-        .arg(dir)
-        .status();
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-impl Drop for OwnPostgres {
-    fn drop(&mut self) {
-        stop_postgres(&self.script, &self.dir);
-    }
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let n = flag(&args, "--n", 10) as usize;
     let round_trips = flag(&args, "--round-trips", 300) as usize;
-    // The suite's PostgreSQL if one is named, else one of our own.
-    let (own, server) = match std::env::var("NULLSPACE_TEST_POSTGRES") {
-        Ok(url) => (None, url),
-        Err(_) => {
-            let (own, url) = OwnPostgres::start()?;
-            eprintln!("PostgreSQL of this run: {url}");
-            (Some(own), url)
-        }
-    };
+    // The suite's PostgreSQL if one is named, else one of our own (the suite's is
+    // 19543).
+    let (own, server) = OwnPostgres::or_suites("19546")?;
     let result = run(&server, n, round_trips).await;
     drop(own);
     result

@@ -8,12 +8,15 @@
 //! 2. The source makes its disk chain overlay → root filesystem ([`QemuVm::flatten_disk`]:
 //!    a snapshot layer in between, such as a template's, is streamed into the overlay),
 //!    then mirrors the overlay onto the export ([`QemuVm::mirror_disk`]) until the
-//!    mirror is in step; guest writes go to both from then on.
+//!    mirror is in step (it goes on copying what the guest writes).
 //! 3. RAM by pre-copy with auto-converge ([`QemuVm::migrate_out`]); QEMU stops the
-//!    source for the last pass (the downtime).
-//! 4. The source ends the mirror ([`QemuVm::end_mirror`]); the owner hands the sandbox
-//!    over; the destination runs ([`QemuVm::finish_incoming`]). Before the hand-over the
-//!    source can still run on ([`QemuVm::abort_outgoing`]).
+//!    source for the last pass (the downtime starts) and waits before the switch-over
+//!    (`pause-before-switchover`) with its block devices still active.
+//! 4. The source ends the mirror once in step ([`QemuVm::end_mirror`]: the guest is
+//!    stopped, so its last writes are copied), sends the device state
+//!    ([`QemuVm::switch_over`]); the owner hands the sandbox over; the destination runs
+//!    ([`QemuVm::finish_incoming`]). Before the hand-over the source can still run on
+//!    ([`QemuVm::abort_outgoing`]).
 //!
 //! QEMU runs in a network namespace with no route out, so it never talks to another
 //! host: both streams go to unix sockets in the VM directories, and the daemons carry
@@ -312,15 +315,17 @@ impl QemuVm {
         self.wait_job(MIRROR_JOB, true, deadline).await
     }
 
-    /// Migrates RAM and device state through `socket` (one of
-    /// [`QemuVm::listen_for_qemu`]'s, carried to the destination) by pre-copy with
-    /// auto-converge. On success the VM is stopped here (`postmigrate`); on failure, or
-    /// past the deadline (cancelled), it runs on.
+    /// Migrates RAM through `socket` (one of [`QemuVm::listen_for_qemu`]'s, carried
+    /// to the destination) by pre-copy with auto-converge, up to the switch-over:
+    /// returns when QEMU has stopped the guest for the last pass and waits
+    /// (`pre-switchover`, its block devices still active, so the disk mirror can be
+    /// ended in step: [`QemuVm::end_mirror`], then [`QemuVm::switch_over`]). On
+    /// failure, or past the deadline (cancelled), the VM runs on.
     pub async fn migrate_out(
         &self,
         socket: &Path,
         options: &LiveOptions,
-    ) -> Result<MigrationStats, VmmError> {
+    ) -> Result<Instant, VmmError> {
         let qmp = self.qmp();
         // A snapshot may have left x-ignore-shared on: a VM with memory of its own
         // would then send none of it.
@@ -329,6 +334,7 @@ impl QemuVm {
             Some(json!({ "capabilities": [
                 { "capability": "x-ignore-shared", "state": false },
                 { "capability": "auto-converge", "state": true },
+                { "capability": "pause-before-switchover", "state": true },
             ] })),
         )
         .await?;
@@ -349,15 +355,7 @@ impl QemuVm {
         loop {
             let info = qmp.execute("query-migrate", None).await?;
             match info["status"].as_str().unwrap_or("") {
-                "completed" => {
-                    return Ok(MigrationStats {
-                        qemu_downtime_ms: info["downtime"].as_u64().unwrap_or(0),
-                        ram_ms: started.elapsed().as_millis() as u64,
-                        ram_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
-                        passes: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
-                        disk_bytes: 0,
-                    })
-                }
+                "pre-switchover" => return Ok(started),
                 "failed" | "cancelled" => {
                     return Err(VmmError::Migration(format!(
                         "the RAM migration {}: {}",
@@ -373,13 +371,54 @@ impl QemuVm {
                         info["ram"]["transferred"].as_u64().unwrap_or(0)
                     )));
                 }
-                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+                _ => tokio::time::sleep(Duration::from_millis(2)).await,
             }
         }
     }
 
-    /// After a completed migration: ends the disk mirror, whose copy is whole (the
-    /// guest is stopped). Returns the bytes it copied.
+    /// From `pre-switchover` (the guest stopped, the mirror ended): sends the device
+    /// state and completes the migration. The VM stays stopped here (`postmigrate`).
+    pub async fn switch_over(
+        &self,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<MigrationStats, VmmError> {
+        let qmp = self.qmp();
+        qmp.execute(
+            "migrate-continue",
+            Some(json!({ "state": "pre-switchover" })),
+        )
+        .await?;
+        loop {
+            let info = qmp.execute("query-migrate", None).await?;
+            match info["status"].as_str().unwrap_or("") {
+                "completed" => {
+                    return Ok(MigrationStats {
+                        qemu_downtime_ms: info["downtime"].as_u64().unwrap_or(0),
+                        ram_ms: started.elapsed().as_millis() as u64,
+                        ram_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
+                        passes: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+                        disk_bytes: 0,
+                    })
+                }
+                "failed" | "cancelled" => {
+                    return Err(VmmError::Migration(format!(
+                        "the switch-over {}: {}",
+                        info["status"].as_str().unwrap_or(""),
+                        info["error-desc"].as_str().unwrap_or("no reason given")
+                    )))
+                }
+                _ if Instant::now() > deadline => {
+                    let _ = qmp.execute("migrate_cancel", None).await;
+                    return Err(VmmError::Timeout("the switch-over".into()));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    }
+
+    /// At the switch-over (the guest stopped, block devices still active): ends the
+    /// disk mirror once its copy is whole. Returns the bytes it copied.
     pub async fn end_mirror(&self) -> Result<u64, VmmError> {
         self.qmp()
             .execute("block-job-cancel", Some(json!({ "device": MIRROR_JOB })))
@@ -429,6 +468,15 @@ impl QemuVm {
                 let _ = qmp.execute("job-dismiss", Some(json!({ "id": id }))).await;
             }
         }
+        // A snapshot's migration later must run to its end, not wait at the switch-over.
+        let _ = qmp
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": [
+                    { "capability": "pause-before-switchover", "state": false },
+                ] })),
+            )
+            .await;
         match qmp.execute("query-status", None).await {
             Ok(status) if status["running"] == true => {}
             _ => {
