@@ -189,3 +189,28 @@ impl Runtime {
         (out, err, code)
     }
 }
+
+/// The host (its name in `hosts`: name and edge URL) whose edge serves `view`'s runtime.
+pub fn owner_of<'a>(view: &Value, hosts: &[(&'a str, String)]) -> &'a str {
+    let base = view["runtime"]["target"]["baseUrl"]
+        .as_str()
+        .unwrap_or_default();
+    hosts
+        .iter()
+        .find(|(_, edge)| base.starts_with(edge.as_str()))
+        .map(|(name, _)| *name)
+        .unwrap_or_else(|| panic!("no host's edge serves {view}"))
+}
+
+/// A sandbox created through `api` (`body`) that placement put on host `on`: others
+/// are deleted and the create sent again, up to 8 times.
+pub async fn create_on(api: &Api, on: &str, hosts: &[(&str, String)], body: Value) -> Value {
+    for _ in 0..8 {
+        let sbx = api.create(body.clone()).await;
+        if owner_of(&sbx, hosts) == on {
+            return sbx;
+        }
+        api.delete(sbx["sandboxID"].as_str().unwrap()).await;
+    }
+    panic!("no create landed on {on}");
+}

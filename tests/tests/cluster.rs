@@ -2,7 +2,7 @@
 //! heartbeat, creates sent to one are placed on both, and a sandbox one host owns is
 //! used through the other (control calls and the data plane are forwarded).
 
-use nullspace_tests::http::{Api, Runtime};
+use nullspace_tests::http::{create_on, owner_of, Api, Runtime};
 use nullspace_tests::postgres::{pool_manager, server, FreshDatabase};
 use nullspace_tests::Daemon;
 use reqwest::StatusCode;
@@ -294,18 +294,6 @@ async fn read_ws_until(ws: &mut Ws, mut done: impl FnMut(Message) -> bool) -> St
     }
 }
 
-/// The host (A or B) whose edge a sandbox view's runtime URL is on.
-fn owner_of<'a>(view: &Value, hosts: &[(&'a str, String)]) -> &'a str {
-    let base = view["runtime"]["target"]["baseUrl"]
-        .as_str()
-        .unwrap_or_default();
-    hosts
-        .iter()
-        .find(|(_, edge)| base.starts_with(edge.as_str()))
-        .map(|(name, _)| *name)
-        .unwrap_or_else(|| panic!("no host's edge serves {view}"))
-}
-
 /// Polls `check` every 500 ms for up to `secs` seconds.
 async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
 where
@@ -379,17 +367,13 @@ async fn a_drain_moves_sandboxes_live_and_a_lost_hosts_hibernated_sandbox_resume
     let hosts = [("host-a", a.edge.clone()), ("host-b", b.edge.clone())];
 
     // A sandbox on host A with a file and a process.
-    let mut sbx = Value::Null;
-    for _ in 0..8 {
-        sbx = via_a
-            .create(json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }))
-            .await;
-        if owner_of(&sbx, &hosts) == "host-a" {
-            break;
-        }
-        via_a.delete(sbx["sandboxID"].as_str().unwrap()).await;
-    }
-    assert_eq!(owner_of(&sbx, &hosts), "host-a", "no create landed on A");
+    let sbx = create_on(
+        &via_a,
+        "host-a",
+        &hosts,
+        json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }),
+    )
+    .await;
     // Its QEMU has none of the daemon's secrets (the S3 keys are in A's environment).
     for pid in nullspace_tests::qemus_in(a.run_dir()) {
         let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();

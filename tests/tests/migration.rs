@@ -2,7 +2,7 @@
 //! sandbox moves while its processes run on, through the operator's API and through a
 //! live drain; what the API refuses, it refuses with what to send instead.
 
-use nullspace_tests::http::{Api, Runtime};
+use nullspace_tests::http::{create_on, owner_of, Api, Runtime};
 use nullspace_tests::postgres::{pool_manager, server, FreshDatabase};
 use nullspace_tests::Daemon;
 use reqwest::StatusCode;
@@ -11,18 +11,6 @@ use std::time::{Duration, Instant};
 
 fn tiny() -> Value {
     json!({ "vcpus": 1, "memMiB": 256, "diskSizeMiB": 1024 })
-}
-
-/// The host whose edge serves `view`'s runtime.
-fn owner_of<'a>(view: &Value, hosts: &[(&'a str, String)]) -> &'a str {
-    let base = view["runtime"]["target"]["baseUrl"]
-        .as_str()
-        .unwrap_or_default();
-    hosts
-        .iter()
-        .find(|(_, edge)| base.starts_with(edge.as_str()))
-        .map(|(name, _)| *name)
-        .unwrap_or_else(|| panic!("no host's edge serves {view}"))
 }
 
 /// The counter's lines `n` as numbers, checked to be 1, 2, 3... with none lost or
@@ -124,17 +112,13 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     let hosts = [("host-a", a.edge.clone()), ("host-b", b.edge.clone())];
 
     // A sandbox on host A.
-    let mut sbx = Value::Null;
-    for _ in 0..8 {
-        sbx = via_a
-            .create(json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }))
-            .await;
-        if owner_of(&sbx, &hosts) == "host-a" {
-            break;
-        }
-        via_a.delete(sbx["sandboxID"].as_str().unwrap()).await;
-    }
-    assert_eq!(owner_of(&sbx, &hosts), "host-a", "no create landed on A");
+    let sbx = create_on(
+        &via_a,
+        "host-a",
+        &hosts,
+        json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }),
+    )
+    .await;
     let id = sbx["sandboxID"].as_str().unwrap().to_string();
     let migrate = format!("/v1/sandboxes/{id}/migrate");
 
@@ -333,6 +317,22 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
         &["--catalog", &url, "--host-id", "host-c"],
         &[("NULLSPACE_TEST_FAILPOINT", "migrate.loaded")],
     );
+    // Registered (its first heartbeat) before it is named.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = a.admin(&["host", "list", "--catalog", &url]);
+        if listed
+            .lines()
+            .any(|l| l.contains(r#""hostID":"host-c""#) && l.contains(r#""state":"ready""#))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host-c never registered: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let (status, v) = operator.post(&migrate, json!({ "host": "host-c" })).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{v}");
     assert!(

@@ -5,14 +5,10 @@
 use axum::body::Body;
 use axum::http::{HeaderValue, Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
-use std::time::Duration;
 
 /// The loop guard: set on every forwarded request to the forwarding host's ID. A host
 /// that receives it serves the request itself (or says it cannot), never forwards.
 pub const FORWARDED_BY: &str = "x-nullspace-forwarded-by";
-
-/// How long connecting to another host may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a request could not be forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -55,32 +51,7 @@ pub async fn forward(
     mut req: Request<Body>,
     host_header: HostHeader,
 ) -> Result<Response<Body>, ForwardError> {
-    let authority = base_url
-        .strip_prefix("http://")
-        .map(|a| a.trim_end_matches('/'))
-        .filter(|a| !a.is_empty() && !a.contains('/'))
-        .ok_or_else(|| ForwardError::BadUrl(base_url.to_string()))?
-        .to_string();
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&authority))
-        .await
-        .map_err(|_| ForwardError::Connect {
-            url: base_url.into(),
-            why: format!("no answer within {CONNECT_TIMEOUT:?}"),
-        })?
-        .map_err(|e| ForwardError::Connect {
-            url: base_url.into(),
-            why: e.to_string(),
-        })?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| ForwardError::Connect {
-            url: base_url.into(),
-            why: e.to_string(),
-        })?;
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
+    let (mut sender, authority) = super::tunnel::connect(base_url).await?;
     // Origin form, and the target as Host.
     let path = req
         .uri()

@@ -17,9 +17,9 @@ pub const STREAM_PROTOCOL: &str = "nullspace-migration";
 /// How long connecting to another host may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// An HTTP/1 connection to the host at `base_url` (`http://HOST:PORT`), with its
-/// authority.
-async fn connect(
+/// An HTTP/1 connection to the host at `base_url` (`http://HOST:PORT`), upgrades
+/// allowed, with its authority (`HOST:PORT`).
+pub(super) async fn connect(
     base_url: &str,
 ) -> Result<(hyper::client::conn::http1::SendRequest<Body>, String), ForwardError> {
     let authority = base_url
