@@ -21,7 +21,7 @@ pub use query::{
 };
 pub use request::{
     is_recording_id, is_sandbox_id, is_snapshot_id, parse_body, validate_snapshot_interval,
-    validate_timeout, CreateRequest, ForkBody, LifecycleRequest, MigrateBody, OnTimeout,
+    validate_timeout, CreateRequest, ForkBody, LifecycleRequest, MigrateBody, Migration, OnTimeout,
     PreviewBody, RefreshBody, Resources, RestoreBody, SnapshotBody, StartSource, TimeoutBody,
     ValidCreate, WarmPoolBody, WarmPoolError, WarmPoolMode, WarmPoolStatus, DEFAULT_TIMEOUT_S,
     MAX_FORK_CHILDREN, MAX_TIMEOUT_S, MAX_WARM_POOL_SIZE, MIN_SNAPSHOT_INTERVAL_S, STALE_FIELDS,

@@ -771,6 +771,30 @@ impl MigrateBody {
     }
 }
 
+/// What a live migration did: the answer of `POST /sandboxes/{id}/migrate` and the
+/// `sandbox.migrated` event's data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Migration {
+    /// The sandbox.
+    pub sandbox_id: String,
+    /// The host it left.
+    pub from: String,
+    /// The host it runs on now.
+    pub to: String,
+    /// How long the guest stood still: from the source stopping it for the last pass
+    /// to the destination running it.
+    pub downtime_ms: u64,
+    /// From the request to the destination running it.
+    pub total_ms: u64,
+    /// Bytes of RAM and device state sent.
+    pub ram_bytes: u64,
+    /// Bytes of disk the mirror copied.
+    pub disk_bytes: u64,
+    /// Passes over RAM.
+    pub passes: u64,
+}
+
 /// Body of `connect` and `timeout`.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]

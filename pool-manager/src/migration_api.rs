@@ -6,8 +6,8 @@
 use crate::api::{to_completion, AnyCaller};
 use crate::catalog::Role;
 use crate::error::ApiError;
-use crate::sandboxes::{incoming_socket, Manager, MigrationReport, MIGRATION_TOKEN};
-use api_model::{parse_body, MigrateBody};
+use crate::sandboxes::{incoming_socket, Manager, MIGRATION_TOKEN};
+use api_model::{parse_body, MigrateBody, Migration};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, Request, StatusCode};
@@ -33,7 +33,7 @@ async fn migrate(
     caller: AnyCaller,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Json<MigrationReport>, ApiError> {
+) -> Result<Json<Migration>, ApiError> {
     if !matches!(caller.0.role, Role::Operator) {
         return Err(ApiError::forbidden(
             "moving a sandbox between hosts is the operator's: call this with an operator key (`nullspace-pool-manager admin key create --operator`)",

@@ -24,6 +24,7 @@ use crate::catalog::HostRecord;
 use crate::cluster::{forward::ForwardError, routing, tunnel};
 use crate::error::ApiError;
 use crate::model::*;
+use api_model::Migration;
 use axum::http::{Method, StatusCode};
 use serde_json::json;
 use std::sync::Arc;
@@ -46,29 +47,6 @@ const MAX_DOWNTIME: Duration = Duration::from_millis(300);
 const INCOMING_DEADLINE: Duration = Duration::from_secs(420);
 /// How long a migration's host-to-host token is good for.
 const TOKEN_LIFETIME: Duration = Duration::from_secs(480);
-
-/// What a live migration did, as its caller and the `sandbox.migrated` event see it.
-#[derive(Debug, Clone, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MigrationReport {
-    /// The sandbox.
-    pub sandbox_id: String,
-    /// The host it left.
-    pub from: String,
-    /// The host it runs on now.
-    pub to: String,
-    /// How long the guest stood still: from the source stopping it for the last pass
-    /// to the destination running it.
-    pub downtime_ms: u64,
-    /// From the request to the destination running it.
-    pub total_ms: u64,
-    /// Bytes of RAM and device state sent.
-    pub ram_bytes: u64,
-    /// Bytes of disk the mirror copied.
-    pub disk_bytes: u64,
-    /// Passes over RAM.
-    pub passes: u64,
-}
 
 /// An incoming VM, waiting for its source; each behind a lock of its own (the map's
 /// lock is held only to find one).
@@ -110,7 +88,7 @@ impl Manager {
         self: &Arc<Self>,
         id: &str,
         host: Option<&str>,
-    ) -> Result<MigrationReport, ApiError> {
+    ) -> Result<Migration, ApiError> {
         let started = Instant::now();
         let me = crate::cluster::this_host().ok_or_else(|| {
             ApiError::conflict(
@@ -242,7 +220,7 @@ impl Manager {
                 ))
             }
         }
-        let report = MigrationReport {
+        let report = Migration {
             sandbox_id: id.to_string(),
             from: me.to_string(),
             to: to.clone(),

@@ -33,7 +33,7 @@ mod volumes;
 mod warm;
 pub mod workspace;
 pub use admission::Actor;
-pub use migrate::{incoming_socket, MigrationReport, MIGRATION_TOKEN};
+pub use migrate::{incoming_socket, MIGRATION_TOKEN};
 pub use network::{NetworkSettings, USER_MODE_NETWORK};
 pub use previews::{Wake, WAKE_WINDOW};
 pub(crate) use snapshots::free_bytes;

@@ -103,7 +103,9 @@ mod templates;
 mod time;
 mod volumes;
 
-pub use api_model::{EgressPolicy, InheritVolumes, Inherited, Mount, MountMode, MountRequest};
+pub use api_model::{
+    EgressPolicy, InheritVolumes, Inherited, Migration, Mount, MountMode, MountRequest,
+};
 pub use code::{
     CodeContext, CodeOptions, CodeResult, Execution, ExecutionError, Logs as ExecutionLogs,
     ResultCallback, CODE_HELPER,
@@ -125,9 +127,8 @@ pub use live::{
     PtyEvent, Recording, SandboxMetrics, Watch,
 };
 pub use models::{
-    CommandResult, Diagnostic, FileInfo, ListQuery, Migration, ProcessInfo, Resources,
-    RestoreOptions, RuntimeAccess, RuntimeTarget, SandboxInfo, SandboxPage, SnapshotInfo,
-    TimelineStep,
+    CommandResult, Diagnostic, FileInfo, ListQuery, ProcessInfo, Resources, RestoreOptions,
+    RuntimeAccess, RuntimeTarget, SandboxInfo, SandboxPage, SnapshotInfo, TimelineStep,
 };
 pub use sandbox::{FieldsPage, Sandbox};
 pub use security::{AuditDetection, AuditFollow, AuditPage, AuditRecord, MAX_AUDIT_PAGE};

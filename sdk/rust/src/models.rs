@@ -113,29 +113,6 @@ pub struct SandboxInfo {
     pub dashboard_url: String,
 }
 
-/// What a live migration did ([`crate::Sandbox::migrate`]).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Migration {
-    /// The sandbox.
-    pub sandbox_id: String,
-    /// The host it left.
-    pub from: String,
-    /// The host it runs on now.
-    pub to: String,
-    /// How long the guest stood still: from the source stopping it for the last pass
-    /// to the destination running it.
-    pub downtime_ms: u64,
-    /// The whole move, from the request.
-    pub total_ms: u64,
-    /// Bytes of RAM and device state sent.
-    pub ram_bytes: u64,
-    /// Bytes of disk copied.
-    pub disk_bytes: u64,
-    /// Passes over RAM.
-    pub passes: u64,
-}
-
 /// A snapshot of a sandbox: memory, processes and disk at one instant.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
