@@ -300,9 +300,10 @@ async fn the_cli_opens_a_shell_proxies_ssh_and_shows_previews_logs_and_metrics()
     assert!(gen.success());
     let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
     let setup = format!(
-        "mkdir -p /home/user/.ssh && echo '{}' > /home/user/.ssh/authorized_keys && chown -R user /home/user/.ssh && chmod 700 /home/user/.ssh && mkdir -p /run/sshd && /usr/sbin/sshd",
+        "mkdir -p /home/user/.ssh && echo '{}' > /home/user/.ssh/authorized_keys && chown -R user /home/user/.ssh && chmod 700 /home/user/.ssh && mkdir -p /run/sshd && /usr/sbin/sshd && for i in $(seq 100); do awk '$2 ~ /:0016$/ && $4 == \"0A\" {{ up = 1 }} END {{ exit !up }}' /proc/net/tcp && exit 0; sleep 0.1; done; echo sshd never listened >&2; exit 1",
         public.trim()
     );
+    // sshd forks into the background: the proxy must not connect before it listens.
     cli.ok(&["exec", &id, "--user", "root", "--", &setup]);
     let proxy = format!(
         "{} sandbox proxy %h 22",
