@@ -1315,6 +1315,25 @@ fn volume_drives(
         .collect()
 }
 
+/// Connects the unix socket `sock`, which QEMU may not have made yet, retrying until
+/// `deadline`.
+async fn connect_until(sock: &Path, deadline: Instant) -> Result<UnixStream, VmmError> {
+    loop {
+        match UnixStream::connect(sock).await {
+            Ok(c) => return Ok(c),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(e) => {
+                return Err(VmmError::Host(format!(
+                    "connecting {}: {e}",
+                    sock.display()
+                )))
+            }
+        }
+    }
+}
+
 fn new_vm_id() -> String {
     format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..16])
 }
@@ -2332,20 +2351,7 @@ impl QemuVm {
         self.qmp()
             .execute("migrate-incoming", Some(json!({ "uri": uri })))
             .await?;
-        let mut conn = loop {
-            match UnixStream::connect(&sock).await {
-                Ok(c) => break c,
-                Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(5)).await
-                }
-                Err(e) => {
-                    return Err(VmmError::Host(format!(
-                        "connecting {}: {e}",
-                        sock.display()
-                    )))
-                }
-            }
-        };
+        let mut conn = connect_until(&sock, deadline).await?;
         let mut state = tokio::fs::File::open(snapshot.state())
             .await
             .map_err(|e| VmmError::Snapshot(format!("opening the snapshot state: {e}")))?;

@@ -60,8 +60,6 @@ pub(super) struct Incoming {
     generation: u64,
     /// The streams carried in so far: each is taken once.
     taken: Vec<IncomingSocket>,
-    /// The whole migration stream is loaded: the source may hand it over any moment.
-    loaded: bool,
 }
 
 /// The token subject of sandbox `id`'s migration to host `to`.
@@ -356,8 +354,7 @@ impl Manager {
             max_downtime: MAX_DOWNTIME,
             deadline,
         };
-        let started = vm
-            .migrate_out(&ram.path, &options)
+        vm.migrate_out(&ram.path, &options)
             .await
             .map_err(|e| failed("migrating RAM", e))?;
         // The guest is stopped before the switch-over, its disks still active: the
@@ -368,7 +365,7 @@ impl Manager {
                 .map_err(|e| failed("ending the disk mirror", e))?,
         );
         let mut stats = vm
-            .switch_over(started, deadline)
+            .switch_over(deadline)
             .await
             .map_err(|e| failed("switching over", e))?;
         stats.disk_bytes = disk_bytes;
@@ -484,7 +481,6 @@ impl Manager {
             vm: Some(vm),
             generation,
             taken: Vec::new(),
-            loaded: false,
         }));
         let previous = self.incoming.lock().await.insert(id.to_string(), slot);
         if let Some(previous) = previous {
@@ -548,43 +544,21 @@ impl Manager {
         which: IncomingSocket,
     ) -> Result<tokio::net::UnixStream, ApiError> {
         let slot = self.incoming_slot(id).await?;
-        let (path, pid) = {
-            let mut incoming = slot.lock().await;
-            if incoming.taken.contains(&which) {
-                return Err(ApiError::conflict(format!(
-                    "sandbox {id}'s {which:?} stream is already being carried"
-                )));
-            }
-            let vm = incoming
-                .vm
-                .as_ref()
-                .ok_or_else(|| ApiError::not_found("migration", id))?;
-            let found = (vm.incoming_socket(which), vm.pid());
-            incoming.taken.push(which);
-            found
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let conn = loop {
-            match tokio::net::UnixStream::connect(&path).await {
-                Ok(c) => break c,
-                Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(5)).await
-                }
-                Err(e) => {
-                    return Err(ApiError::internal(format!(
-                        "connecting {}: {e}",
-                        path.display()
-                    )))
-                }
-            }
-        };
-        let peer = conn.peer_cred().ok().and_then(|c| c.pid());
-        if peer.map(|p| p as u32) != pid {
-            return Err(ApiError::internal(format!(
-                "{} is served by process {peer:?}, not the VM's QEMU: not used",
-                path.display()
+        let mut incoming = slot.lock().await;
+        if incoming.taken.contains(&which) {
+            return Err(ApiError::conflict(format!(
+                "sandbox {id}'s {which:?} stream is already being carried"
             )));
         }
+        let vm = incoming
+            .vm
+            .as_ref()
+            .ok_or_else(|| ApiError::not_found("migration", id))?;
+        let conn = vm
+            .connect_incoming(which)
+            .await
+            .map_err(|e| ApiError::internal(format!("the incoming VM's {which:?} socket: {e}")))?;
+        incoming.taken.push(which);
         Ok(conn)
     }
 
@@ -592,7 +566,7 @@ impl Manager {
     /// migration stream (it stays stopped until the switch-over).
     pub async fn migration_received(&self, id: &str) -> Result<(), ApiError> {
         let slot = self.incoming_slot(id).await?;
-        let mut incoming = slot.lock().await;
+        let incoming = slot.lock().await;
         let vm = incoming
             .vm
             .as_ref()
@@ -602,7 +576,6 @@ impl Manager {
             .map_err(|e| {
                 ApiError::internal(format!("the incoming VM did not load the state: {e}"))
             })?;
-        incoming.loaded = true;
         // The kill -9 test's point: the destination gone before the switch-over.
         failpoint::hit("migrate.loaded");
         Ok(())

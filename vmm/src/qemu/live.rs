@@ -90,8 +90,6 @@ pub struct LiveOptions {
 pub struct MigrationStats {
     /// The guest stopped on the source for this long (QEMU's figure: the last pass).
     pub qemu_downtime_ms: u64,
-    /// From `migrate` to completion.
-    pub ram_ms: u64,
     /// Bytes of the migration stream.
     pub ram_bytes: u64,
     /// Dirty-page syncs: passes over RAM.
@@ -176,21 +174,21 @@ impl QemuVm {
         !self.launch.volumes.is_empty()
     }
 
-    /// The path of one of an incoming VM's sockets, for [`QemuVm::is_own_qemu`] to
-    /// check once connected.
-    pub fn incoming_socket(&self, which: IncomingSocket) -> PathBuf {
-        self.dir.file(which.file())
-    }
-
-    /// Whether the other end of `socket` is this VM's QEMU (a socket in a directory
-    /// QEMU writes could be a link to another VM's).
-    pub fn is_own_qemu(&self, socket: &UnixStream) -> bool {
-        self.check_peer(socket, "migration").is_ok()
+    /// A connection to one of an incoming VM's sockets (QEMU makes them as it starts
+    /// listening), checked to be served by this VM's QEMU.
+    pub async fn connect_incoming(&self, which: IncomingSocket) -> Result<UnixStream, VmmError> {
+        let conn = connect_until(
+            &self.dir.file(which.file()),
+            Instant::now() + Duration::from_secs(10),
+        )
+        .await?;
+        self.check_peer(&conn, "migration")?;
+        Ok(conn)
     }
 
     /// A socket in the VM directory that this VM's QEMU (its user) may connect to,
-    /// for a stream the daemon carries elsewhere. Accept with
-    /// [`QemuVm::is_own_qemu`]'s check: only this VM's QEMU is served.
+    /// for a stream the daemon carries elsewhere. Only a connection from this VM's
+    /// QEMU ([`QemuVm::pid`]) is to be served.
     pub fn listen_for_qemu(
         &self,
         name: &str,
@@ -321,11 +319,7 @@ impl QemuVm {
     /// (`pre-switchover`, its block devices still active, so the disk mirror can be
     /// ended in step: [`QemuVm::end_mirror`], then [`QemuVm::switch_over`]). On
     /// failure, or past the deadline (cancelled), the VM runs on.
-    pub async fn migrate_out(
-        &self,
-        socket: &Path,
-        options: &LiveOptions,
-    ) -> Result<Instant, VmmError> {
+    pub async fn migrate_out(&self, socket: &Path, options: &LiveOptions) -> Result<(), VmmError> {
         let qmp = self.qmp();
         // A snapshot may have left x-ignore-shared on: a VM with memory of its own
         // would then send none of it.
@@ -346,7 +340,6 @@ impl QemuVm {
             })),
         )
         .await?;
-        let started = Instant::now();
         qmp.execute(
             "migrate",
             Some(json!({ "uri": format!("unix:{}", socket.display()) })),
@@ -355,7 +348,7 @@ impl QemuVm {
         loop {
             let info = qmp.execute("query-migrate", None).await?;
             match info["status"].as_str().unwrap_or("") {
-                "pre-switchover" => return Ok(started),
+                "pre-switchover" => return Ok(()),
                 "failed" | "cancelled" => {
                     return Err(VmmError::Migration(format!(
                         "the RAM migration {}: {}",
@@ -378,11 +371,7 @@ impl QemuVm {
 
     /// From `pre-switchover` (the guest stopped, the mirror ended): sends the device
     /// state and completes the migration. The VM stays stopped here (`postmigrate`).
-    pub async fn switch_over(
-        &self,
-        started: Instant,
-        deadline: Instant,
-    ) -> Result<MigrationStats, VmmError> {
+    pub async fn switch_over(&self, deadline: Instant) -> Result<MigrationStats, VmmError> {
         let qmp = self.qmp();
         qmp.execute(
             "migrate-continue",
@@ -395,7 +384,6 @@ impl QemuVm {
                 "completed" => {
                     return Ok(MigrationStats {
                         qemu_downtime_ms: info["downtime"].as_u64().unwrap_or(0),
-                        ram_ms: started.elapsed().as_millis() as u64,
                         ram_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
                         passes: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
                         disk_bytes: 0,
