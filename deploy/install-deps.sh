@@ -20,15 +20,35 @@ installed_version() { { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null
 candidate_version() { { apt-cache policy "$1" 2>/dev/null || true; } | awk '/Candidate:/ && $2 != "(none)" {print $2}'; }
 available() { { apt-cache madison "$1" 2>/dev/null || true; } | awk -F'|' '{gsub(/ /, "", $2); print $2}' | grep -qxF "$2"; }
 
-# qemu-img must come from the same QEMU as qemu-system-x86_64: a machine may ship a newer
-# qemu-utils (bookworm-backports) that Debian's qemu-system-common breaks, so installing
-# the system emulator alone would remove qemu-img. Both are pinned to one version in one
-# transaction: the installed emulator's, if apt still offers it, else the candidate.
+# QEMU comes from Debian's bookworm-backports (10.x): live migration's post-copy needs
+# /dev/userfaultfd (QEMU 8.1+: QEMU runs unprivileged), and a template's memory file can
+# stay read-only to VMs (8.2+). bookworm's own 7.2 has neither. The machine may already
+# ship backports' qemu-utils; the suite is added where no apt source names it.
+QEMU_MIN=10.0
+backports_source=/etc/apt/sources.list.d/nullspace-bookworm-backports.sources
+has_backports() { grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; }
+if ! has_backports; then
+    cat >"$backports_source" <<'SRC'
+# Added by Nullspace's deploy/install-deps.sh: QEMU 10 (post-copy live migration).
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    added_backports=1
+fi
+# qemu-img must come from the same QEMU as qemu-system-x86_64, and every package of the
+# QEMU source at one version (a newer qemu-utils breaks an older qemu-system-common):
+# the installed emulator's, if it is recent enough and apt still offers it, else the
+# newest apt offers from backports.
+recent() { dpkg --compare-versions "$1" ge "1:$QEMU_MIN"; }
 qemu_version() {
     local v
     v=$(installed_version qemu-system-x86)
-    if [ -z "$v" ] || ! available qemu-utils "$v"; then
-        v=$(candidate_version qemu-system-x86)
+    if [ -z "$v" ] || ! recent "$v" || ! available qemu-utils "$v"; then
+        v=$({ apt-cache madison qemu-system-x86 2>/dev/null || true; } |
+            awk -F'|' '/bookworm-backports/ {gsub(/ /, "", $2); print $2; exit}')
     fi
     echo "$v"
 }
@@ -52,10 +72,11 @@ apt_update() {
     apt-get update -q >&2 ||
         die "apt-get update failed (its output is above): check the network and /etc/apt/sources.list (Debian bookworm main)"
 }
-if [ -n "$wanted" ] || [ -z "$qemu" ] || qemu_mismatch; then
+if [ -n "${added_backports:-}" ] || [ -n "$wanted" ] || [ -z "$qemu" ] || qemu_mismatch; then
     apt_update
     qemu=$(qemu_version)
-    [ -n "$qemu" ] || die "no qemu-system-x86 package in the apt sources: add Debian bookworm main to /etc/apt/sources.list"
+    [ -n "$qemu" ] && recent "$qemu" ||
+        die "no qemu-system-x86 $QEMU_MIN or later in the apt sources (found '${qemu:-none}'): add Debian's bookworm-backports (see $backports_source) and run deploy/install-deps.sh again"
     wanted=$(missing | grep -vx qemu-system-x86 || true)
     # Every package of the QEMU source at one version: a newer qemu-utils can have
     # pulled a newer qemu-system-data, which breaks the older qemu-system-common.
@@ -87,6 +108,19 @@ if getent group kvm >/dev/null && ! id -nG nullspace-vm | grep -qw kvm; then
     usermod -a -G kvm nullspace-vm
 fi
 
+# Post-copy live migration: a destination's QEMU (only it) opens /dev/userfaultfd through
+# this group (vmm::qemu::UFFD_GROUP); the udev rule keeps the mode across reboots.
+getent group nullspace-uffd >/dev/null || groupadd --system nullspace-uffd
+if [ -c /dev/userfaultfd ]; then
+    uffd_rule='KERNEL=="userfaultfd", GROUP="nullspace-uffd", MODE="0660"'
+    rules=/etc/udev/rules.d/60-nullspace-userfaultfd.rules
+    if [ -d /etc/udev ] && [ "$(cat "$rules" 2>/dev/null)" != "$uffd_rule" ]; then
+        mkdir -p /etc/udev/rules.d && echo "$uffd_rule" >"$rules"
+    fi
+    [ "$(stat -c %G /dev/userfaultfd)" = nullspace-uffd ] || chgrp nullspace-uffd /dev/userfaultfd
+    [ "$(stat -c %a /dev/userfaultfd)" = 660 ] || chmod 0660 /dev/userfaultfd
+fi
+
 # --- verify: every tool runs, not merely "is installed" -------------------------------------
 failed=0
 check() { # NAME FIX COMMAND...
@@ -108,6 +142,9 @@ img=$({ qemu-img --version 2>/dev/null || true; } | awk 'NR==1{print $3}')
 same_version() { [ -n "$emulator" ] && [ "$emulator" = "$img" ] && echo "$emulator" ||
     { echo "qemu-system-x86_64 ${emulator:-missing}, qemu-img ${img:-missing}"; false; }; }
 check "one QEMU version" "$qemu_fix" same_version
+qemu_recent() { [ -n "$emulator" ] && dpkg --compare-versions "$emulator" ge "$QEMU_MIN" && echo "QEMU $emulator" ||
+    { echo "QEMU ${emulator:-missing}, older than $QEMU_MIN"; false; }; }
+check "QEMU $QEMU_MIN+" "$qemu_fix (from bookworm-backports)" qemu_recent
 check mkfs.ext4 "apt-get install e2fsprogs" mkfs.ext4 -V
 check nft "apt-get install nftables" nft --version
 check ip "apt-get install iproute2" ip -V
@@ -130,4 +167,8 @@ node20() { node -e 'const v = +process.versions.node.split(".")[0]; console.log(
 check "Node.js 20+" "install Node.js 20 or later with its npm (NodeSource's nodejs 20 package; Debian bookworm's nodejs is 18, too old)" node20
 check npm "install npm with Node.js 20+" npm --version
 check "VM user" "useradd --system nullspace-vm" id nullspace-vm
+uffd() { [ -c /dev/userfaultfd ] && [ "$(stat -c %G:%a /dev/userfaultfd)" = nullspace-uffd:660 ] &&
+    echo "/dev/userfaultfd for incoming live migrations (post-copy)" ||
+    { echo "/dev/userfaultfd missing or not nullspace-uffd:660"; false; }; }
+check "post-copy" "a kernel of 6.1 or later has /dev/userfaultfd; run deploy/install-deps.sh again" uffd
 [ "$failed" = 0 ] || die "install-deps: the tools marked ✗ above are missing or broken; apply the fixes and run it again"

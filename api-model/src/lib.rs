@@ -23,8 +23,9 @@ pub use request::{
     is_recording_id, is_sandbox_id, is_snapshot_id, parse_body, validate_snapshot_interval,
     validate_timeout, CreateRequest, ForkBody, LifecycleRequest, MigrateBody, Migration, OnTimeout,
     PreviewBody, RefreshBody, Resources, RestoreBody, SnapshotBody, StartSource, TimeoutBody,
-    ValidCreate, WarmPoolBody, WarmPoolError, WarmPoolMode, WarmPoolStatus, DEFAULT_TIMEOUT_S,
-    MAX_FORK_CHILDREN, MAX_TIMEOUT_S, MAX_WARM_POOL_SIZE, MIN_SNAPSHOT_INTERVAL_S, STALE_FIELDS,
+    ValidCreate, WarmPoolBody, WarmPoolError, WarmPoolMode, WarmPoolStatus,
+    DEFAULT_POSTCOPY_AFTER_MS, DEFAULT_TIMEOUT_S, MAX_FORK_CHILDREN, MAX_POSTCOPY_AFTER_MS,
+    MAX_TIMEOUT_S, MAX_WARM_POOL_SIZE, MIN_SNAPSHOT_INTERVAL_S, STALE_FIELDS,
 };
 pub use template::{
     is_reserved_template_name, is_template_id, is_template_name, BuildFailure, BuildLogLine,

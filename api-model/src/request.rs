@@ -751,7 +751,21 @@ pub struct MigrateBody {
     /// A host ID (`nullspace-pool-manager admin host list`).
     #[serde(default)]
     pub host: Option<String>,
+    /// Whether the copy may switch to post-copy when pre-copy does not converge
+    /// (default true, where the destination allows it). Post-copy always ends; its
+    /// risk: a host lost before it completes loses the guest.
+    #[serde(default)]
+    pub postcopy: Option<bool>,
+    /// How long pre-copy may run before the switch to post-copy, in ms (default
+    /// [`DEFAULT_POSTCOPY_AFTER_MS`]; 0: at once).
+    #[serde(default, rename = "postcopyAfterMs")]
+    pub postcopy_after_ms: Option<u64>,
 }
+
+/// How long pre-copy runs before a migration switches to post-copy, by default.
+pub const DEFAULT_POSTCOPY_AFTER_MS: u64 = 20_000;
+/// The most `postcopyAfterMs` may be: the switch must come before the copy's deadline.
+pub const MAX_POSTCOPY_AFTER_MS: u64 = 150_000;
 
 impl MigrateBody {
     /// Checks the host ID's shape.
@@ -767,7 +781,32 @@ impl MigrateBody {
                 .with_details(json!({ "field": "host" })));
             }
         }
+        match (self.postcopy, self.postcopy_after_ms) {
+            (Some(false), Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "postcopyAfterMs is when to switch to post-copy, and postcopy is false: send one of them",
+                )
+                .with_details(json!({ "field": "postcopyAfterMs" })))
+            }
+            (_, Some(ms)) if ms > MAX_POSTCOPY_AFTER_MS => {
+                return Err(ApiError::bad_request(format!(
+                    "postcopyAfterMs must be 0 to {MAX_POSTCOPY_AFTER_MS} (the copy gives up at 180 s), or omitted for {DEFAULT_POSTCOPY_AFTER_MS}"
+                ))
+                .with_details(json!({ "field": "postcopyAfterMs" })))
+            }
+            _ => {}
+        }
         Ok(())
+    }
+
+    /// When to switch to post-copy: `None` for pre-copy only.
+    pub fn postcopy_after(&self) -> Option<std::time::Duration> {
+        match self.postcopy {
+            Some(false) => None,
+            _ => Some(std::time::Duration::from_millis(
+                self.postcopy_after_ms.unwrap_or(DEFAULT_POSTCOPY_AFTER_MS),
+            )),
+        }
     }
 }
 
@@ -793,6 +832,10 @@ pub struct Migration {
     pub disk_bytes: u64,
     /// Passes over RAM.
     pub passes: u64,
+    /// Whether it switched to post-copy (the guest ran on the destination before all
+    /// its RAM had arrived).
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 /// Body of `connect` and `timeout`.

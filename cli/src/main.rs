@@ -156,6 +156,14 @@ enum SandboxCommand {
         /// The destination host's ID (default: placement chooses).
         #[arg(long)]
         host: Option<String>,
+        /// Never switch to post-copy (a copy that does not converge then fails, and
+        /// the sandbox runs on where it was).
+        #[arg(long, conflicts_with = "postcopy_after_ms")]
+        precopy_only: bool,
+        /// Switch to post-copy if pre-copy has not converged after this many ms
+        /// (default 20000; 0: at once).
+        #[arg(long)]
+        postcopy_after_ms: Option<u64>,
     },
     /// Replace a sandbox's egress policy (applies at once; no flags: everything open).
     Egress {
@@ -1586,22 +1594,32 @@ async fn sandbox(
             Sandbox::from_id(config, id)?.hibernate().await?;
             show(&Sandbox::get_info_by_id(config, id).await?, json);
         }
-        SandboxCommand::Migrate { id, host } => {
+        SandboxCommand::Migrate {
+            id,
+            host,
+            precopy_only,
+            postcopy_after_ms,
+        } => {
             let m = Sandbox::from_id(config, id)?
-                .migrate(host.as_deref())
+                .migrate_with(&nullspace::MigrateBody {
+                    host: host.clone(),
+                    postcopy: precopy_only.then_some(false),
+                    postcopy_after_ms: *postcopy_after_ms,
+                })
                 .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
             } else {
                 println!(
-                    "{} moved {} -> {}: downtime {} ms, {} ms in all, {} MiB of RAM, {} MiB of disk",
+                    "{} moved {} -> {}: downtime {} ms, {} ms in all, {} MiB of RAM, {} MiB of disk{}",
                     m.sandbox_id,
                     m.from,
                     m.to,
                     m.downtime_ms,
                     m.total_ms,
                     m.ram_bytes >> 20,
-                    m.disk_bytes >> 20
+                    m.disk_bytes >> 20,
+                    if m.postcopy { " (post-copy)" } else { "" }
                 );
             }
         }

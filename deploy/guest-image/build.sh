@@ -60,6 +60,13 @@ if [ ! -f "$kernel_dir/initrd.img" ]; then
     dpkg-deb -x "$tmp"/*.deb "$tmp/pkg"
     kver=$(ls "$tmp/pkg/lib/modules")
     cp "$tmp/pkg/boot/vmlinuz-$kver" "$tmp/vmlinuz"
+    # QEMU 10's microvm loads the initramfs at the very top of a 2048 MiB guest's RAM,
+    # over the ACPI tables SeaBIOS put there: the guest then hangs in ACPI init (2047
+    # and 2049 MiB boot). A lower initrd_addr_max in the boot header (offset 0x22c,
+    # after the "HdrS" magic at 0x202) makes QEMU leave room for the tables.
+    step="lower initrd_addr_max"
+    [ "$(dd if="$tmp/vmlinuz" bs=1 skip=$((0x202)) count=4 status=none)" = HdrS ]
+    printf '\xff\xff\xff\x7e' | dd of="$tmp/vmlinuz" bs=1 seek=$((0x22c)) conv=notrunc status=none
     step="assemble initramfs"
     ird="$tmp/initramfs"
     mkdir -p "$ird"/{bin,dev,proc,sys,newroot,lib/modules}

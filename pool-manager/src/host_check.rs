@@ -197,6 +197,19 @@ pub fn run(input: &HostCheckInput) -> HostCheck {
             )
         },
     );
+    // Without it live migrations into this host are pre-copy only (a soft line).
+    lines.push(match vmm::qemu::postcopy_access() {
+        Ok(_) => ok(
+            "post-copy",
+            "incoming live migrations' QEMU opens /dev/userfaultfd (group nullspace-uffd)",
+        ),
+        Err(why) => bad(
+            "post-copy",
+            format!("live migrations into this host are pre-copy only: {why}"),
+            "run deploy/install-deps.sh",
+            false,
+        ),
+    });
     lines.push(match vmm::cgroup::Cgroups::detect() {
         Ok(c) => ok(
             "cgroups",

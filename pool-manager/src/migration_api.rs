@@ -42,7 +42,11 @@ async fn migrate(
     let body: MigrateBody = parse_body(&body)?;
     body.validate()?;
     Ok(Json(
-        to_completion(async move { m.migrate(&id, body.host.as_deref()).await }).await?,
+        to_completion(async move {
+            m.migrate(&id, body.host.as_deref(), body.postcopy_after())
+                .await
+        })
+        .await?,
     ))
 }
 
@@ -80,12 +84,13 @@ async fn accept(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<StatusCode, ApiError> {
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let epoch = token(&m, &headers, &id)?;
     let body: AcceptBody = parse_body(&body)?;
-    to_completion(async move { m.accept_migration(&id, &body.from, epoch, body.spec).await })
-        .await?;
-    Ok(StatusCode::CREATED)
+    let postcopy =
+        to_completion(async move { m.accept_migration(&id, &body.from, epoch, body.spec).await })
+            .await?;
+    Ok((StatusCode::CREATED, Json(json!({ "postcopy": postcopy }))))
 }
 
 async fn abandon(

@@ -180,6 +180,8 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     // The guest's used RAM went (its page cache, the processes; zero pages go as
     // flags), and the 16 MiB file written to the overlay.
     assert!(report["ramBytes"].as_u64().unwrap() > 16 << 20, "{report}");
+    // Pre-copy converged well before the default switch to post-copy.
+    assert_eq!(report["postcopy"], false, "{report}");
     assert!(
         report["diskBytes"].as_u64().unwrap() >= 16 << 20,
         "{report}"
@@ -391,4 +393,194 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
         via_a.delete(sid).await;
     }
     assert!(nullspace_tests::qemus_in(a.run_dir()).is_empty());
+}
+
+/// Waits (up to `secs`) until sandbox `id`, read through `api`, passes `check`.
+async fn until(
+    api: &Api,
+    id: &str,
+    secs: u64,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (status, v) = api.fetch(&format!("/v1/sandboxes/{id}")).await;
+        if status == StatusCode::OK && check(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} within {secs} s: {status} {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Waits (up to 30 s) until host `host` is registered and ready in the catalog.
+fn registered(by: &Daemon, host: &str, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = by.admin(&["host", "list", "--catalog", url]);
+        if listed.lines().any(|l| {
+            l.contains(&format!(r#""hostID":"{host}""#)) && l.contains(r#""state":"ready""#)
+        }) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{host} never registered: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_copy_runs_the_guest_on_the_destination_and_a_source_lost_in_it_puts_the_sandbox_in_error(
+) {
+    let server = match server() {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let db = FreshDatabase::create(&server, "postcopy").await;
+    let url = db.url.clone();
+    pool_manager(&["migrate", "--catalog", &url]).unwrap();
+    let a = Daemon::start_with("postcopy-a", &["--catalog", &url, "--host-id", "pc-a"], &[]);
+    let b = Daemon::start_with("postcopy-b", &["--catalog", &url, "--host-id", "pc-b"], &[]);
+    a.admin(&["team", "create", "acme", "--catalog", &url]);
+    let key = a.admin(&["key", "create", "--team", "acme", "--catalog", &url]);
+    let via_a = Api::new(&a, key.clone());
+    let operator = Api::new(
+        &a,
+        a.admin(&["key", "create", "--operator", "--catalog", &url]),
+    );
+    let mut hosts = vec![("pc-a", a.edge.clone()), ("pc-b", b.edge.clone())];
+    let sbx = create_on(
+        &via_a,
+        "pc-a",
+        &hosts,
+        json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }),
+    )
+    .await;
+    let id = sbx["sandboxID"].as_str().unwrap().to_string();
+    let migrate = format!("/v1/sandboxes/{id}/migrate");
+
+    // What is refused: a switch time with post-copy off, one past the copy's deadline.
+    let (status, v) = operator
+        .post(
+            &migrate,
+            json!({ "postcopy": false, "postcopyAfterMs": 10 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["details"]["field"], "postcopyAfterMs", "{v}");
+    let (status, v) = operator
+        .post(&migrate, json!({ "postcopyAfterMs": 999_999 }))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("150000"), "{v}");
+
+    // 32 MiB of random data in guest RAM only (a tmpfs), and a process counting every
+    // 10 ms (it dirties memory all along).
+    let rt = Runtime::of(&sbx);
+    let (sum, err, code) = as_root(
+        &rt,
+        "mkdir -p /mnt/ram && mount -t tmpfs -o size=48m tmpfs /mnt/ram && head -c 33554432 /dev/urandom > /mnt/ram/blob && sha256sum /mnt/ram/blob",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let (pid, _, code) = rt
+        .run("setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i >> /workspace/count; sleep 0.01; done' </dev/null >/dev/null 2>&1 & echo $!")
+        .await;
+    assert_eq!(code, 0);
+    let counter = pid.trim().to_string();
+    let before = count_past(&rt, 0).await;
+
+    // Post-copy at once: the guest runs on B before its RAM has arrived.
+    let (status, report) = operator
+        .post(&migrate, json!({ "host": "pc-b", "postcopyAfterMs": 0 }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["postcopy"], true, "{report}");
+    assert_eq!(report["to"], "pc-b", "{report}");
+    assert!(report["ramBytes"].as_u64().unwrap() > 32 << 20, "{report}");
+    eprintln!("post-copy migration: {report}");
+    let moved = until(&via_a, &id, 10, "running on B", |v| {
+        v["state"] == "running" && owner_of(v, &hosts) == "pc-b"
+    })
+    .await;
+    let rt = Runtime::of(&moved);
+    let (_, _, alive) = rt.run(&format!("kill -0 {counter}")).await;
+    assert_eq!(alive, 0, "the counter started on A runs on B");
+    count_past(&rt, before + 10).await;
+    let (moved_sum, err, code) = as_root(&rt, "sha256sum /mnt/ram/blob").await;
+    assert_eq!((code, moved_sum.as_str()), (0, sum.as_str()), "{err}");
+    let events = event_types(&via_a, &id).await;
+    assert!(
+        events
+            .iter()
+            .any(|(t, d)| t == "sandbox.migrated" && d["postcopy"] == true),
+        "{events:?}"
+    );
+    assert!(
+        nullspace_tests::qemus_in(a.run_dir()).is_empty(),
+        "a QEMU stayed on A"
+    );
+
+    // A source killed (kill -9) in post-copy, after handing the sandbox over: the
+    // guest's memory is split between the hosts, so the destination cannot run it on.
+    // It says so: error, migration_failed; its VM ends. A is drained (it has no
+    // sandbox left) so that the create lands on C, the emptier of the ready hosts.
+    a.admin(&["host", "drain", "pc-a", "--catalog", &url]);
+    let c = Daemon::start_with(
+        "postcopy-c",
+        &["--catalog", &url, "--host-id", "pc-c"],
+        &[("NULLSPACE_TEST_FAILPOINT", "migrate.postcopy_handed")],
+    );
+    registered(&a, "pc-c", &url);
+    hosts.push(("pc-c", c.edge.clone()));
+    let lost = create_on(
+        &via_a,
+        "pc-c",
+        &hosts,
+        json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }),
+    )
+    .await;
+    let lost_id = lost["sandboxID"].as_str().unwrap().to_string();
+    let (status, v) = operator
+        .post(
+            &format!("/v1/sandboxes/{lost_id}/migrate"),
+            json!({ "host": "pc-b", "postcopyAfterMs": 0 }),
+        )
+        .await;
+    assert!(!status.is_success(), "{status} {v}");
+    let failed = until(&via_a, &lost_id, 60, "the lost post-copy in error", |v| {
+        v["state"] == "error"
+    })
+    .await;
+    assert_eq!(failed["diagnostic"]["code"], "migration_failed", "{failed}");
+    assert!(
+        failed["diagnostic"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("post-copy"),
+        "{failed}"
+    );
+    // B keeps only the first sandbox's VM.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nullspace_tests::qemus_in(b.run_dir()).len() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the lost guest's QEMU stayed on B"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(c);
+
+    via_a.delete(&id).await;
+    via_a.delete(&lost_id).await;
+    assert!(nullspace_tests::qemus_in(b.run_dir()).is_empty());
 }

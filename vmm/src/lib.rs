@@ -22,7 +22,7 @@ pub use accel::{Accel, AccelChoice, Detection};
 pub use images::ImageSet;
 pub use qemu::{
     IncomingSocket, IncomingSpec, LiveOptions, MigrationStats, QemuConfig, QemuVm, QemuVmm,
-    RestoreMemory, RestoreOptions, VolumeDrive,
+    RestoreMemory, RestoreOptions, Switchover, VolumeDrive,
 };
 pub use snapshot::{MemoryFormat, Snapshot, SnapshotManifest};
 

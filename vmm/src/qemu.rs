@@ -23,12 +23,13 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::UnixStream;
 use tracing::{info, warn, Instrument};
 
 mod live;
-pub use live::{IncomingSocket, IncomingSpec, LiveOptions, MigrationStats};
+pub use live::{IncomingSocket, IncomingSpec, LiveOptions, MigrationStats, Switchover};
 
 /// The unprivileged account QEMU runs as when the daemon runs as root.
 pub const VM_USER: &str = "nullspace-vm";
@@ -169,6 +170,9 @@ pub struct QemuVmm {
     /// memory files can then be read-only to VMs.
     private_rom: bool,
     qemu_version: String,
+    /// The group that opens `/dev/userfaultfd` ([`postcopy_access`]), when incoming
+    /// migrations can take post-copy here; `Some(None)` when QEMU runs as root.
+    postcopy_gid: Option<Option<u32>>,
 }
 
 impl QemuVmm {
@@ -212,7 +216,19 @@ impl QemuVmm {
         }
         let qemu_version = qemu_version_of(&config.qemu_binary)?;
         let private_rom = maps_read_only_files_private(&config.qemu_binary);
+        let postcopy_gid = match (&run_as, opens_userfaultfd_device(&qemu_version)) {
+            (_, false) => None,
+            (None, true) => Some(None),
+            (Some(_), true) => match postcopy_access() {
+                Ok(gid) => Some(Some(gid)),
+                Err(why) => {
+                    warn!("live migrations into this host are pre-copy only: {why}");
+                    None
+                }
+            },
+        };
         let mut vmm = Self {
+            postcopy_gid,
             qemu_version,
             config,
             images,
@@ -441,6 +457,11 @@ impl QemuVmm {
     }
 
     /// The QEMU version this driver runs (first line of `qemu -version`).
+    /// Whether a live migration into this host can switch to post-copy.
+    pub fn postcopy_available(&self) -> bool {
+        self.postcopy_gid.is_some()
+    }
+
     pub fn qemu_version(&self) -> &str {
         &self.qemu_version
     }
@@ -698,11 +719,16 @@ impl QemuVmm {
             ),
             None => None,
         };
-        let vm_run_as = self
+        let mut vm_run_as = self
             .run_as
             .as_ref()
             .zip(uid_claim.as_ref())
             .map(|(r, u)| r.for_vm(u.uid()));
+        if let (true, Some(r), Some(Some(gid))) =
+            (launch.postcopy, &mut vm_run_as, self.postcopy_gid)
+        {
+            r.groups.push(gid);
+        }
         let netns_fd = net.as_ref().map(|n| n.netns_fd());
         // Kept open only until QEMU has inherited it.
         let tap = net.as_mut().and_then(GuestNet::take_tap);
@@ -890,6 +916,7 @@ impl QemuVmm {
             volumes: Vec::new(),
             incoming: false,
             start_paused: false,
+            postcopy: false,
             boot_timeout: spec.boot_timeout,
             rootfs: spec.rootfs.clone(),
             vcpus: spec.vcpus,
@@ -948,6 +975,7 @@ impl QemuVmm {
             volumes: volume_drives(m, &options.volumes)?,
             incoming: true,
             start_paused: false,
+            postcopy: false,
             boot_timeout: options.timeout,
             rootfs: m.rootfs.clone(),
             vcpus: m.vcpus,
@@ -1245,6 +1273,10 @@ struct Launch {
     /// new owner runs it (the switch-over is the owner's, not QEMU's).
     #[serde(default)]
     start_paused: bool,
+    /// An incoming live migration that may switch to post-copy: its QEMU gets the
+    /// group that opens `/dev/userfaultfd`, and only it.
+    #[serde(default)]
+    postcopy: bool,
     boot_timeout: Duration,
     rootfs: String,
     vcpus: u32,
@@ -1648,6 +1680,53 @@ pub fn seccomp_available(qemu: &Path) -> bool {
     kernel && qemu_has_it
 }
 
+/// The group whose members may open `/dev/userfaultfd`: given to a VM's QEMU only
+/// while it is the destination of a live migration, which needs userfaultfd for
+/// post-copy (QEMU 8.1+ opens the device; the syscall itself needs
+/// `vm.unprivileged_userfaultfd=1` or CAP_SYS_PTRACE, which no VM gets).
+pub const UFFD_GROUP: &str = "nullspace-uffd";
+/// The device post-copy's userfaultfd comes from.
+const USERFAULTFD: &str = "/dev/userfaultfd";
+
+/// The group ID an incoming VM's QEMU needs for post-copy, when this host allows it:
+/// `/dev/userfaultfd` readable and writable by [`UFFD_GROUP`] and no one else.
+/// Otherwise why not (post-copy is then off: migrations are pre-copy only).
+pub fn postcopy_access() -> Result<u32, String> {
+    use std::os::unix::fs::MetadataExt;
+    let fix = format!("run deploy/install-deps.sh (groupadd --system {UFFD_GROUP}; chgrp {UFFD_GROUP} {USERFAULTFD}; chmod 0660 {USERFAULTFD}, and the udev rule that keeps it)");
+    let name = CString::new(UFFD_GROUP).expect("no NUL");
+    // SAFETY: getgrnam returns a pointer into static storage or null; read at once.
+    let gid = unsafe {
+        let gr = libc::getgrnam(name.as_ptr());
+        if gr.is_null() {
+            return Err(format!("there is no group {UFFD_GROUP}: {fix}"));
+        }
+        (*gr).gr_gid
+    };
+    let meta = std::fs::metadata(USERFAULTFD)
+        .map_err(|e| format!("{USERFAULTFD}: {e} (a kernel before 6.1 has none): {fix}"))?;
+    let mode = meta.mode() & 0o777;
+    if meta.gid() != gid || mode & 0o060 != 0o060 || mode & 0o007 != 0 {
+        return Err(format!(
+            "{USERFAULTFD} is mode {mode:o}, group {}: {fix}",
+            meta.gid()
+        ));
+    }
+    Ok(gid)
+}
+
+/// Whether `version` (QEMU's version line) is 8.1 or later: the first to open
+/// `/dev/userfaultfd` instead of calling the syscall.
+fn opens_userfaultfd_device(version: &str) -> bool {
+    let numbers = version
+        .split_whitespace()
+        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .unwrap_or("");
+    let mut parts = numbers.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (8, 1)
+}
+
 /// Hands a file the VM uses (a volume image) to its QEMU alone: its uid, mode 0600.
 fn give_to(path: &Path, run_as: &RunAs) {
     let _ = std::os::unix::fs::chown(path, Some(run_as.uid), Some(run_as.gid));
@@ -1679,7 +1758,8 @@ pub struct QemuVm {
     /// Set when this process started QEMU; an adopted VM has only its `pid`.
     child: Option<Child>,
     pid: u32,
-    qmp: Option<Qmp>,
+    /// Shared so that a watch on a migration can outlive a borrow of the VM.
+    qmp: Option<Arc<Qmp>>,
     agent: Option<AgentClient>,
     run_as: Option<RunAs>,
     /// Its driver's `private_rom`: template memory opened read-only.
@@ -1728,7 +1808,7 @@ impl QemuVm {
             }
         };
         self.check_peer(&qmp, "QMP")?;
-        self.qmp = Some(Qmp::connect(qmp).await?);
+        self.qmp = Some(Arc::new(Qmp::connect(qmp).await?));
         Ok(())
     }
 
@@ -1867,7 +1947,7 @@ impl QemuVm {
     /// The QMP connection.
     pub fn qmp(&self) -> &Qmp {
         self.qmp
-            .as_ref()
+            .as_deref()
             .expect("a launched VM has a QMP connection")
     }
 

@@ -28,6 +28,9 @@ const VERSION: u32 = 3;
 const SECTION_START: u8 = 0x01;
 const SECTION_PART: u8 = 0x02;
 const SECTION_END: u8 = 0x03;
+/// A command to the destination (`MIG_CMD_*`: `cmd: u16`, `len: u16`, `len` bytes).
+/// QEMU 10 sends `switchover-start` between the RAM section's iterations and its end.
+const COMMAND: u8 = 0x08;
 const SECTION_FOOTER: u8 = 0x7e;
 
 /// Page record flags (the low bits of a page's offset).
@@ -164,6 +167,17 @@ pub fn split(
                 if kind == SECTION_END {
                     break;
                 }
+            }
+            // Commands carry no RAM: they go through as they are, in place.
+            COMMAND => {
+                let cmd: [u8; 2] = read_array(&mut r)?;
+                let len: [u8; 2] = read_array(&mut r)?;
+                let mut data = vec![0u8; u16::from_be_bytes(len) as usize];
+                r.read_exact(&mut data)?;
+                out.put(&[kind])?;
+                out.put(&cmd)?;
+                out.put(&len)?;
+                out.put(&data)?;
             }
             other => {
                 return Err(format(format!(
@@ -481,6 +495,34 @@ mod tests {
         let without = stream(&[("/rom@etc/acpi", PAGE_SIZE, None)]);
         assert_eq!(state, without);
         assert_eq!(stats.state_bytes, without.len() as u64);
+    }
+
+    /// `s` with QEMU 10's `switchover-start` command (9, no data) before the RAM
+    /// section's end.
+    fn with_switchover_start(mut s: Vec<u8>) -> Vec<u8> {
+        let end = s
+            .windows(5)
+            .rposition(|w| w == [SECTION_END, 0, 0, 0, 2])
+            .unwrap();
+        s.splice(end..end, [COMMAND, 0, 9, 0, 0]);
+        s
+    }
+
+    #[test]
+    fn commands_between_iterations_pass_through_in_place() {
+        let path = temp("command");
+        let memory = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        let with = with_switchover_start(stream(&[("mem0", 2 * PAGE_SIZE, None)]));
+        let mut state = Vec::new();
+        let stats = split(&with[..], "mem0", 64 * PAGE_SIZE, &mut state, &memory).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(stats.pages, 1);
+        assert_eq!(state, with_switchover_start(stream(&[])));
     }
 
     #[test]

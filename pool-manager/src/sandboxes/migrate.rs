@@ -16,6 +16,13 @@
 //! as it was (the destination's VM ends). After it, the destination owns the sandbox:
 //! if its VM then fails to run, the sandbox goes to `error` with the reason.
 //!
+//! Post-copy: a copy that has not converged by the asked time switches to post-copy
+//! (where the destination allows it); the destination then runs the guest before all
+//! its RAM has arrived, and the source serves the rest until QEMU says the copy
+//! completed. Losing either host or the stream between them before then loses the
+//! guest: the destination's watch ([`Manager::watch_postcopy`]) puts the sandbox in
+//! `error` (`migration_failed`).
+//!
 //! Host-to-host calls carry a token signed with the cluster's shared key, bound to the
 //! sandbox and the destination, valid for the migration's deadline.
 
@@ -30,7 +37,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn, Instrument};
-use vmm::{IncomingSocket, IncomingSpec, LiveOptions, QemuVm, Vm};
+use vmm::{IncomingSocket, IncomingSpec, LiveOptions, QemuVm, Switchover, Vm};
 
 /// The header a host-to-host migration call carries its token in.
 pub const MIGRATION_TOKEN: &str = "x-nullspace-migration";
@@ -45,6 +52,8 @@ const MAX_DOWNTIME: Duration = Duration::from_millis(300);
 /// How long an incoming VM waits for its source before it ends (or, if the catalog
 /// names its host by then, runs: a source that died after handing it over).
 const INCOMING_DEADLINE: Duration = Duration::from_secs(420);
+/// How long the RAM left after a post-copy switch-over may take to arrive.
+const POSTCOPY_DEADLINE: Duration = Duration::from_secs(120);
 /// How long a migration's host-to-host token is good for.
 const TOKEN_LIFETIME: Duration = Duration::from_secs(480);
 
@@ -82,10 +91,13 @@ fn unreachable_host(to: &str, e: ForwardError) -> ApiError {
 impl Manager {
     /// Moves running sandbox `id` (this host's) to `host`, or to a host placement
     /// chooses, without stopping it. Operator only (the caller checks).
+    /// `postcopy_after`: when to switch to post-copy if pre-copy has not converged
+    /// (`None`: never).
     pub async fn migrate(
         self: &Arc<Self>,
         id: &str,
         host: Option<&str>,
+        postcopy_after: Option<Duration>,
     ) -> Result<Migration, ApiError> {
         let started = Instant::now();
         let me = crate::cluster::this_host().ok_or_else(|| {
@@ -129,14 +141,19 @@ impl Manager {
                 .append_event(id, "sandbox.migrating", &json!({ "from": me, "to": to }));
         let deadline = Instant::now() + MIGRATION_DEADLINE;
         let moved = self
-            .copy_to(vm, id, me, &target, &token, deadline)
+            .copy_to(vm, id, me, &target, &token, deadline, postcopy_after)
             .instrument(span.clone())
             .await;
-        let (stats, stopped) = match moved {
+        let (stats, stopped, ram) = match moved {
             Ok(moved) => moved,
             Err(e) => {
-                vm.abort_outgoing().await;
+                let runs = vm.abort_outgoing().await;
                 self.abandon(&target, id, &token).await;
+                if !runs {
+                    self.lost_at_switchover(id, &mut guard, &to, &e.message)
+                        .await;
+                    return Err(e);
+                }
                 let _ = self.catalog.append_event(
                     id,
                     "sandbox.migration_failed",
@@ -169,8 +186,14 @@ impl Manager {
             },
         };
         if let Err(why) = handed {
-            vm.abort_outgoing().await;
+            let runs = vm.abort_outgoing().await;
             self.abandon(&target, id, &token).await;
+            if !runs {
+                self.lost_at_switchover(id, &mut guard, &to, &why).await;
+                return Err(ApiError::conflict(format!(
+                    "sandbox {id} did not migrate ({why}), and its VM could not run again after the post-copy switch-over: it is in error"
+                )));
+            }
             let _ = self.catalog.append_event(
                 id,
                 "sandbox.migration_failed",
@@ -181,6 +204,10 @@ impl Manager {
             )));
         }
         routing::forget_owner(id);
+        if stats.postcopy {
+            // The kill -9 test's point: the source gone with RAM left to send.
+            failpoint::hit("migrate.postcopy_handed");
+        }
         let finished = tunnel::call(
             &target.info.control_url,
             Method::POST,
@@ -191,6 +218,28 @@ impl Manager {
         )
         .await;
         let downtime_ms = stats.qemu_downtime_ms + stopped.elapsed().as_millis() as u64;
+        // In post-copy the source serves the pages left until the destination has them
+        // all (the destination's watch fails the sandbox if they never come).
+        let mut stats = stats;
+        let finished_ok = finished.as_ref().is_ok_and(|(s, _)| s.is_success());
+        let postcopy_failed = match (ram, guard.as_ref()) {
+            (Some(ram), Some(vm)) if finished_ok => {
+                let deadline = Instant::now() + POSTCOPY_DEADLINE;
+                match vm.wait_outgoing(deadline).await {
+                    // QEMU wrote the last page into the socket: the stream must also
+                    // have been carried to its end.
+                    Ok(bytes) => match ram.finished(deadline).await {
+                        Ok(()) => {
+                            stats.ram_bytes = bytes;
+                            None
+                        }
+                        Err(why) => Some(why),
+                    },
+                    Err(e) => Some(e.to_string()),
+                }
+            }
+            _ => None,
+        };
         // The source's VM is done either way: the sandbox is the destination's.
         if let Some(vm) = guard.take() {
             vm.kill().await;
@@ -198,6 +247,13 @@ impl Manager {
         self.network.forget(id);
         self.slots.lock().unwrap().remove(id);
         drop(guard);
+        if let Some(why) = postcopy_failed {
+            return Err(ApiError::new(
+                502,
+                "migration_failed",
+                format!("sandbox {id} was handed to {to}, and its post-copy did not complete ({why}): it is in error there"),
+            ));
+        }
         match finished {
             Ok((status, _)) if status.is_success() => {}
             Ok((status, body)) => {
@@ -227,13 +283,14 @@ impl Manager {
             ram_bytes: stats.ram_bytes,
             disk_bytes: stats.disk_bytes,
             passes: stats.passes,
+            postcopy: stats.postcopy,
         };
         let _ = self.catalog.append_event(
             id,
             "sandbox.migrated",
             &serde_json::to_value(&report).expect("json"),
         );
-        info!(parent: &span, downtime_ms, total_ms = report.total_ms, ram_bytes = report.ram_bytes, disk_bytes = report.disk_bytes, "migrated live");
+        info!(parent: &span, downtime_ms, total_ms = report.total_ms, ram_bytes = report.ram_bytes, disk_bytes = report.disk_bytes, postcopy = report.postcopy, "migrated live");
         Ok(report)
     }
 
@@ -301,7 +358,10 @@ impl Manager {
     }
 
     /// Everything before the switch-over: the destination's VM, the disk mirror and
-    /// the RAM, until the source's VM is stopped with all of it sent.
+    /// the RAM, until the source's VM is stopped with all of it sent, or, after a
+    /// post-copy switch-over, with the device state sent and the RAM stream (returned)
+    /// still carrying the rest.
+    #[allow(clippy::too_many_arguments)]
     async fn copy_to(
         &self,
         vm: &mut QemuVm,
@@ -310,7 +370,8 @@ impl Manager {
         target: &HostRecord,
         token: &str,
         deadline: Instant,
-    ) -> Result<(vmm::MigrationStats, Instant), ApiError> {
+        postcopy_after: Option<Duration>,
+    ) -> Result<(vmm::MigrationStats, Instant, Option<Carried>), ApiError> {
         let to = &target.info.id;
         let base = &target.info.control_url;
         let failed = |what: &str, e: vmm::VmmError| {
@@ -325,11 +386,13 @@ impl Manager {
             Method::POST,
             &format!("/v1/internal/migrations/{id}"),
             (MIGRATION_TOKEN, token),
-            &json!({ "from": me, "spec": vm.incoming_spec() }),
+            &json!({ "from": me, "spec": IncomingSpec { postcopy: postcopy_after.is_some(), ..vm.incoming_spec() } }),
             Duration::from_secs(90),
         )
         .await
         .map_err(|e| unreachable_host(to, e))?;
+        // Post-copy only where the destination took it (its QEMU can open userfaultfd).
+        let postcopy_after = postcopy_after.filter(|_| body["postcopy"] == true);
         if !status.is_success() {
             return Err(ApiError::new(
                 if status == StatusCode::INSUFFICIENT_STORAGE { 507 } else { 502 },
@@ -349,12 +412,23 @@ impl Manager {
             Ok(b) => b,
             Err(e) => return Err(failed("mirroring the disk", e)),
         };
-        let ram = carry(vm, "migrate-ram.sock", base, id, "ram", token, deadline)?;
+        // In post-copy the RAM stream outlives the switch-over.
+        let ram = carry(
+            vm,
+            "migrate-ram.sock",
+            base,
+            id,
+            "ram",
+            token,
+            deadline + POSTCOPY_DEADLINE,
+        )?;
         let options = LiveOptions {
             max_downtime: MAX_DOWNTIME,
             deadline,
+            postcopy_after,
         };
-        vm.migrate_out(&ram.path, &options)
+        let mode = vm
+            .migrate_out(&ram.path, &options)
             .await
             .map_err(|e| failed("migrating RAM", e))?;
         // The guest is stopped before the switch-over, its disks still active: the
@@ -365,16 +439,28 @@ impl Manager {
                 .map_err(|e| failed("ending the disk mirror", e))?,
         );
         let mut stats = vm
-            .switch_over(deadline)
+            .switch_over(mode, deadline)
             .await
             .map_err(|e| failed("switching over", e))?;
         stats.disk_bytes = disk_bytes;
         // QEMU's downtime figure runs to here; the rest is counted from now.
         let stopped = Instant::now();
         drop(disk);
-        // QEMU sent the whole stream; the destination must have loaded it before the
-        // sandbox is handed over (the source can still run on until then).
-        ram.finished(deadline).await?;
+        // QEMU sent the whole stream (in post-copy, the device state); the destination
+        // must have loaded it before the sandbox is handed over.
+        let ram = match mode {
+            Switchover::PreCopy => {
+                ram.finished(deadline).await.map_err(|why| {
+                    ApiError::new(
+                        502,
+                        "migration_failed",
+                        format!("{why}; the sandbox runs on here"),
+                    )
+                })?;
+                None
+            }
+            Switchover::PostCopy => Some(ram),
+        };
         let (status, body) = tunnel::call(
             base,
             Method::POST,
@@ -395,7 +481,45 @@ impl Manager {
                 ),
             ));
         }
-        Ok((stats, stopped))
+        Ok((stats, stopped, ram))
+    }
+
+    /// Source: the VM could not run again after a failed post-copy switch-over (its
+    /// state went to a destination that did not take the sandbox): the sandbox is in
+    /// `error`, its VM ended.
+    async fn lost_at_switchover(
+        &self,
+        id: &str,
+        guard: &mut tokio::sync::OwnedMutexGuard<Option<QemuVm>>,
+        to: &str,
+        why: &str,
+    ) {
+        if let Some(vm) = guard.take() {
+            vm.kill().await;
+        }
+        match self.catalog.sandbox(id) {
+            Ok(Some(mut r)) if r.state == InternalState::Active => {
+                let failure = format!(
+                    "the live migration to host {to} failed after its post-copy switch-over, and the VM could not run here again: {why}"
+                );
+                if let Err(e) = self.fail_migrated(&mut r, failure) {
+                    warn!(sandbox = %id, error = %e.message, "recording a migration that lost its guest");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Puts sandbox `r`, whose guest a migration lost, in `error` with `failure`.
+    fn fail_migrated(&self, r: &mut SandboxRecord, failure: String) -> Result<(), ApiError> {
+        r.diagnostic = Some(Diagnostic {
+            code: "migration_failed".into(),
+            message: failure,
+            action: "restore one of its stored snapshots, or create a new sandbox".into(),
+        });
+        r.vm_dir = None;
+        self.transition(r, InternalState::Failed, "live migration failed")?;
+        Ok(())
     }
 
     /// Tells the destination to end the VM it started for sandbox `id` (best effort:
@@ -443,7 +567,7 @@ impl Manager {
         from: &str,
         epoch: u64,
         spec: IncomingSpec,
-    ) -> Result<(), ApiError> {
+    ) -> Result<bool, ApiError> {
         let r = self
             .catalog
             .sandbox(id)?
@@ -474,6 +598,7 @@ impl Manager {
             .prepare_incoming(&spec)
             .await
             .map_err(|e| vm_error("starting a VM for the incoming migration", e))?;
+        let postcopy = vm.incoming_postcopy();
         let generation = self
             .incoming_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -488,7 +613,7 @@ impl Manager {
                 vm.kill().await;
             }
         }
-        info!(sandbox = %r.id, from = %from, "waiting for a live migration");
+        info!(sandbox = %r.id, from = %from, postcopy, "waiting for a live migration");
         let this = self.clone();
         let id = id.to_string();
         let from = from.to_string();
@@ -496,7 +621,7 @@ impl Manager {
             tokio::time::sleep(INCOMING_DEADLINE).await;
             this.incoming_deadline(&id, &from, generation).await;
         });
-        Ok(())
+        Ok(postcopy)
     }
 
     /// An incoming VM's deadline: one the catalog now names this host for runs (its
@@ -564,7 +689,7 @@ impl Manager {
 
     /// Destination: waits until sandbox `id`'s incoming VM has loaded the whole
     /// migration stream (it stays stopped until the switch-over).
-    pub async fn migration_received(&self, id: &str) -> Result<(), ApiError> {
+    pub async fn migration_received(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
         let slot = self.incoming_slot(id).await?;
         let incoming = slot.lock().await;
         let vm = incoming
@@ -576,9 +701,58 @@ impl Manager {
             .map_err(|e| {
                 ApiError::internal(format!("the incoming VM did not load the state: {e}"))
             })?;
+        if vm.incoming_postcopy() {
+            // From here its RAM may be split between the hosts until the copy ends.
+            let done = vm
+                .incoming_completion(Instant::now() + POSTCOPY_DEADLINE + Duration::from_secs(30));
+            let (this, id, vm_id) = (self.clone(), id.to_string(), vm.id().to_string());
+            tokio::spawn(async move {
+                if let Err(e) = done.await {
+                    this.watch_postcopy(&id, &vm_id, e.to_string()).await;
+                }
+            });
+        }
         // The kill -9 test's point: the destination gone before the switch-over.
         failpoint::hit("migrate.loaded");
         Ok(())
+    }
+
+    /// Destination: incoming VM `vm_id` of sandbox `id` lost its post-copy (`why`):
+    /// its guest cannot run on. It ends; if the sandbox is this host's by now, it goes
+    /// to `error` (else the source still has it: it runs on there, or says why not).
+    async fn watch_postcopy(&self, id: &str, vm_id: &str, why: String) {
+        warn!(sandbox = %id, vm = %vm_id, error = %why, "a post-copy migration lost its guest");
+        let waiting = {
+            let map = self.incoming.lock().await;
+            map.get(id).cloned()
+        };
+        if let Some(waiting) = waiting {
+            let mut incoming = waiting.lock().await;
+            if incoming.vm.as_ref().is_some_and(|vm| vm.id() == vm_id) {
+                if let Some(vm) = incoming.vm.take() {
+                    vm.kill().await;
+                }
+            }
+        }
+        let slot = self.slot(id);
+        let mut guard = slot.lock().await;
+        if guard.as_ref().is_some_and(|vm| vm.id() == vm_id) {
+            if let Some(vm) = guard.take() {
+                vm.kill().await;
+            }
+        }
+        let me = crate::cluster::this_host();
+        if let Ok(Some(mut r)) = self.catalog.sandbox(id) {
+            if r.state == InternalState::Active && r.host_id.as_deref() == me && guard.is_none() {
+                let failure = format!(
+                    "the live migration's post-copy failed before all of the guest's memory arrived: {why}"
+                );
+                if let Err(e) = self.fail_migrated(&mut r, failure) {
+                    warn!(sandbox = %id, error = %e.message, "recording a post-copy that lost its guest");
+                }
+                self.release_volumes(&r).await;
+            }
+        }
     }
 
     /// Destination: ends sandbox `id`'s incoming VM (the source gave up).
@@ -650,15 +824,12 @@ impl Manager {
             },
         };
         if r.state == InternalState::Active {
-            r.diagnostic = Some(Diagnostic {
-                code: "migration_failed".into(),
-                message: format!(
+            self.fail_migrated(
+                &mut r,
+                format!(
                     "the live migration from host {from} failed after the switch-over: {failure}"
                 ),
-                action: "restore one of its stored snapshots, or create a new sandbox".into(),
-            });
-            r.vm_dir = None;
-            self.transition(&mut r, InternalState::Failed, "live migration failed")?;
+            )?;
             self.release_volumes(&r).await;
         }
         Err(ApiError::internal(format!(
@@ -676,20 +847,15 @@ struct Carried {
 impl Carried {
     /// Waits until everything QEMU sent was carried (it closed its end, and so did the
     /// destination).
-    async fn finished(mut self, deadline: Instant) -> Result<(), ApiError> {
+    async fn finished(mut self, deadline: Instant) -> Result<(), String> {
         let left = deadline.saturating_duration_since(Instant::now());
-        let failed = |why: String| {
-            ApiError::new(
-                502,
-                "migration_failed",
-                format!("carrying the migration stream: {why}; the sandbox runs on here"),
-            )
-        };
         match tokio::time::timeout(left, &mut self.task).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(why))) => Err(failed(why)),
-            Ok(Err(e)) => Err(failed(e.to_string())),
-            Err(_) => Err(failed("not done by the migration's deadline".into())),
+            Ok(Ok(Err(why))) => Err(format!("carrying the migration stream: {why}")),
+            Ok(Err(e)) => Err(format!("carrying the migration stream: {e}")),
+            Err(_) => {
+                Err("carrying the migration stream: not done by the migration's deadline".into())
+            }
         }
     }
 }

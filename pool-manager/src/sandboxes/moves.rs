@@ -176,7 +176,16 @@ impl Manager {
         for r in mine {
             let team = r.team_id.clone();
             if live && r.state == InternalState::Active && r.mounts.is_empty() {
-                match self.migrate(&r.id, None).await {
+                match self
+                    .migrate(
+                        &r.id,
+                        None,
+                        Some(std::time::Duration::from_millis(
+                            api_model::DEFAULT_POSTCOPY_AFTER_MS,
+                        )),
+                    )
+                    .await
+                {
                     Ok(_) => continue,
                     Err(e) => {
                         warn!(sandbox = %r.id, error = %e.message, "drain: the live migration failed; hibernating it instead")

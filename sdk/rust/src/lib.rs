@@ -104,7 +104,7 @@ mod time;
 mod volumes;
 
 pub use api_model::{
-    EgressPolicy, InheritVolumes, Inherited, Migration, Mount, MountMode, MountRequest,
+    EgressPolicy, InheritVolumes, Inherited, MigrateBody, Migration, Mount, MountMode, MountRequest,
 };
 pub use code::{
     CodeContext, CodeOptions, CodeResult, Execution, ExecutionError, Logs as ExecutionLogs,

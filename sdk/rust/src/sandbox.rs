@@ -467,10 +467,18 @@ impl Sandbox {
     /// to `host`, or where placement chooses. Its processes run on; command streams,
     /// terminals and previews reconnect.
     pub async fn migrate(&self, host: Option<&str>) -> Result<crate::Migration> {
-        let body = match host {
-            Some(h) => json!({ "host": h }),
-            None => json!({}),
-        };
+        self.migrate_with(&crate::MigrateBody {
+            host: host.map(str::to_string),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// [`Sandbox::migrate`] with every option: whether the copy may switch to
+    /// post-copy, and when (`postcopy_after_ms`).
+    pub async fn migrate_with(&self, options: &crate::MigrateBody) -> Result<crate::Migration> {
+        let body = serde_json::to_value(options)
+            .map_err(|e| Error::Protocol(format!("a migration request: {e}")))?;
         let v = self
             .control(reqwest::Method::POST, "migrate", Some(body))
             .await?;

@@ -166,6 +166,8 @@ export interface Migration {
   diskBytes: number;
   /** Passes over RAM. */
   passes: number;
+  /** Whether it switched to post-copy (the guest ran on the destination before all its RAM arrived). */
+  postcopy: boolean;
 }
 
 export interface SnapshotInfo {

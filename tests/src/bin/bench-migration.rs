@@ -12,7 +12,10 @@
 //! stopping the guest for the last pass to the destination running it) and total time,
 //! p50 and p99. The same sandbox is then hibernated and resumed `--hibernates` times
 //! (the move a drain without --live makes: the guest is stopped for both calls), and
-//! the ratio of that pause to the live migration's downtime printed.
+//! the ratio of that pause to the live migration's downtime printed. Idle and busy
+//! move by pre-copy only (`"postcopy": false`); "busy-pc" is the busy guest moved by
+//! post-copy at once (`"postcopyAfterMs": 0`: its downtime is the device state and
+//! the first pages the guest touches, its total the rest of RAM behind it).
 
 use nullspace_tests::bench::{flag, percentile};
 use nullspace_tests::postgres::{pool_manager, FreshDatabase, OwnPostgres};
@@ -80,7 +83,7 @@ async fn run(server: &str, n: usize, hibernates: usize) -> anyhow::Result<()> {
         .build()?;
     let base = a.control.clone();
     println!(
-        "{:>8} {:>5} | {:>14} {:>14} | {:>14} {:>14} | {:>9} {:>9} | {:>16} {:>7}",
+        "{:>8} {:>7} | {:>14} {:>14} | {:>14} {:>14} | {:>9} {:>9} | {:>16} {:>7}",
         "RAM MiB",
         "guest",
         "downtime p50",
@@ -93,7 +96,11 @@ async fn run(server: &str, n: usize, hibernates: usize) -> anyhow::Result<()> {
         "ratio"
     );
     for mem in [256u32, 512, 1024] {
-        for busy in [false, true] {
+        for (mode, busy, ask) in [
+            ("idle", false, json!({ "postcopy": false })),
+            ("busy", true, json!({ "postcopy": false })),
+            ("busy-pc", true, json!({ "postcopyAfterMs": 0 })),
+        ] {
             let sbx = post(
                 &http,
                 &base,
@@ -120,7 +127,7 @@ async fn run(server: &str, n: usize, hibernates: usize) -> anyhow::Result<()> {
                     &base,
                     &operator,
                     &format!("/v1/sandboxes/{id}/migrate"),
-                    json!({}),
+                    ask.clone(),
                 )
                 .await?;
                 downtime.push(Duration::from_millis(r["downtimeMs"].as_u64().unwrap_or(0)));
@@ -153,8 +160,7 @@ async fn run(server: &str, n: usize, hibernates: usize) -> anyhow::Result<()> {
             let (t50, t99) = p50_p99(&mut total);
             let (h50, _) = p50_p99(&mut paused);
             println!(
-                "{mem:>8} {:>5} | {d50:>11.0} ms {d99:>11.0} ms | {t50:>11.0} ms {t99:>11.0} ms | {:>9} {passes:>9} | {h50:>13.0} ms {:>6.1}x",
-                if busy { "busy" } else { "idle" },
+                "{mem:>8} {mode:>7} | {d50:>11.0} ms {d99:>11.0} ms | {t50:>11.0} ms {t99:>11.0} ms | {:>9} {passes:>9} | {h50:>13.0} ms {:>6.1}x",
                 ram >> 20,
                 h50 / d50.max(1.0)
             );

@@ -18,6 +18,15 @@
 //!    ([`QemuVm::finish_incoming`]). Before the hand-over the source can still run on
 //!    ([`QemuVm::abort_outgoing`]).
 //!
+//! Post-copy: when the pre-copy has not converged by [`LiveOptions::postcopy_after`],
+//! the source switches to post-copy (`migrate-start-postcopy`): the guest stops, its
+//! device state goes, the destination runs it, and the pages not yet sent are sent in
+//! the background or fetched as the guest touches them (userfaultfd on the destination,
+//! whose QEMU alone gets the group that opens `/dev/userfaultfd`). From the hand-over
+//! on, the guest's memory is split between two hosts until the copy completes: losing
+//! the source or the stream then loses the guest ([`QemuVm::incoming_completion`]
+//! says so), the documented risk of post-copy.
+//!
 //! QEMU runs in a network namespace with no route out, so it never talks to another
 //! host: both streams go to unix sockets in the VM directories, and the daemons carry
 //! them between hosts.
@@ -32,6 +41,9 @@ const STREAM_JOB: &str = "nullspace-stream";
 const DISK_EXPORT: &str = "nullspace-disk";
 /// The export's NBD name.
 const EXPORT_NAME: &str = "root";
+/// How long a post-copy may stay paused (its stream broken) before its guest is
+/// given up.
+const POSTCOPY_STALL: Duration = Duration::from_secs(5);
 /// How long a block job's QMP command may take (a mirror's opens the NBD connection).
 const JOB_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -55,6 +67,10 @@ pub struct IncomingSpec {
     pub disk_mib: u64,
     /// Whether the VM has an egress proxy.
     pub egress: bool,
+    /// Whether the source may switch to post-copy (the destination takes it if it
+    /// can: [`QemuVm::incoming_postcopy`]).
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 /// Which of an incoming VM's sockets a stream goes to.
@@ -82,6 +98,19 @@ pub struct LiveOptions {
     pub max_downtime: Duration,
     /// The whole migration (disk and RAM) gives up after this.
     pub deadline: Instant,
+    /// Switch to post-copy if the pre-copy has not converged this long after it
+    /// started; `None`: pre-copy only (the destination must have taken post-copy).
+    pub postcopy_after: Option<Duration>,
+}
+
+/// How the switch-over went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switchover {
+    /// All RAM was sent before the switch-over.
+    PreCopy,
+    /// The device state was sent with RAM left to copy: the source must stay until
+    /// [`QemuVm::wait_outgoing`] says all of it went.
+    PostCopy,
 }
 
 /// What a migration moved and how long the guest stood still, as QEMU reports it.
@@ -96,6 +125,8 @@ pub struct MigrationStats {
     pub passes: u64,
     /// Bytes the disk mirror copied.
     pub disk_bytes: u64,
+    /// Whether it switched to post-copy.
+    pub postcopy: bool,
 }
 
 impl QemuVmm {
@@ -122,6 +153,7 @@ impl QemuVmm {
             )));
         }
         let rootfs_image = self.images.rootfs(&spec.rootfs)?;
+        let postcopy = spec.postcopy && self.postcopy_available();
         let id = new_vm_id();
         let span = tracing::info_span!("vm", id = %id, incoming = true);
         let launch = Launch {
@@ -138,6 +170,7 @@ impl QemuVmm {
             volumes: Vec::new(),
             incoming: true,
             start_paused: true,
+            postcopy,
             boot_timeout: Duration::from_secs(60),
             rootfs: spec.rootfs.clone(),
             vcpus: spec.vcpus,
@@ -166,7 +199,14 @@ impl QemuVm {
             mem_mib: self.launch.mem_mib,
             disk_mib: self.launch.disk_mib,
             egress: self.launch.egress,
+            postcopy: false,
         }
+    }
+
+    /// Whether this incoming VM takes post-copy (its host allows it and the source
+    /// asked).
+    pub fn incoming_postcopy(&self) -> bool {
+        self.launch.postcopy
     }
 
     /// Whether volumes are attached (their images are not migrated).
@@ -208,6 +248,16 @@ impl QemuVm {
         let qmp = self.qmp();
         // Every page comes in the stream: nothing is shared with the source.
         self.set_ignore_shared(false).await?;
+        if self.launch.postcopy {
+            // Before the stream starts: the source's advice to use it comes first.
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(
+                    json!({ "capabilities": [ { "capability": "postcopy-ram", "state": true } ] }),
+                ),
+            )
+            .await?;
+        }
         let incoming = self.dir.file(IncomingSocket::Migration.file());
         qmp.execute(
             "migrate-incoming",
@@ -314,12 +364,17 @@ impl QemuVm {
     }
 
     /// Migrates RAM through `socket` (one of [`QemuVm::listen_for_qemu`]'s, carried
-    /// to the destination) by pre-copy with auto-converge, up to the switch-over:
-    /// returns when QEMU has stopped the guest for the last pass and waits
-    /// (`pre-switchover`, its block devices still active, so the disk mirror can be
-    /// ended in step: [`QemuVm::end_mirror`], then [`QemuVm::switch_over`]). On
-    /// failure, or past the deadline (cancelled), the VM runs on.
-    pub async fn migrate_out(&self, socket: &Path, options: &LiveOptions) -> Result<(), VmmError> {
+    /// to the destination) by pre-copy with auto-converge, switching to post-copy past
+    /// [`LiveOptions::postcopy_after`], up to the switch-over: returns when QEMU has
+    /// stopped the guest and waits (`pre-switchover`, its block devices still active,
+    /// so the disk mirror can be ended in step: [`QemuVm::end_mirror`], then
+    /// [`QemuVm::switch_over`]). On failure, or past the deadline (cancelled), the VM
+    /// runs on.
+    pub async fn migrate_out(
+        &self,
+        socket: &Path,
+        options: &LiveOptions,
+    ) -> Result<Switchover, VmmError> {
         let qmp = self.qmp();
         // A snapshot may have left x-ignore-shared on: a VM with memory of its own
         // would then send none of it.
@@ -329,6 +384,7 @@ impl QemuVm {
                 { "capability": "x-ignore-shared", "state": false },
                 { "capability": "auto-converge", "state": true },
                 { "capability": "pause-before-switchover", "state": true },
+                { "capability": "postcopy-ram", "state": options.postcopy_after.is_some() },
             ] })),
         )
         .await?;
@@ -340,15 +396,17 @@ impl QemuVm {
             })),
         )
         .await?;
+        let started = Instant::now();
         qmp.execute(
             "migrate",
             Some(json!({ "uri": format!("unix:{}", socket.display()) })),
         )
         .await?;
+        let mut mode = Switchover::PreCopy;
         loop {
             let info = qmp.execute("query-migrate", None).await?;
             match info["status"].as_str().unwrap_or("") {
-                "pre-switchover" => return Ok(()),
+                "pre-switchover" => return Ok(mode),
                 "failed" | "cancelled" => {
                     return Err(VmmError::Migration(format!(
                         "the RAM migration {}: {}",
@@ -364,14 +422,32 @@ impl QemuVm {
                         info["ram"]["transferred"].as_u64().unwrap_or(0)
                     )));
                 }
+                "active"
+                    if mode == Switchover::PreCopy
+                        && options
+                            .postcopy_after
+                            .is_some_and(|after| started.elapsed() >= after) =>
+                {
+                    // QEMU switches at its next step: it stops the guest, and with
+                    // pause-before-switchover waits before sending the device state.
+                    qmp.execute("migrate-start-postcopy", None).await?;
+                    info!(vm = %self.id, after_ms = started.elapsed().as_millis() as u64, "switching the migration to post-copy");
+                    mode = Switchover::PostCopy;
+                }
                 _ => tokio::time::sleep(Duration::from_millis(2)).await,
             }
         }
     }
 
     /// From `pre-switchover` (the guest stopped, the mirror ended): sends the device
-    /// state and completes the migration. The VM stays stopped here (`postmigrate`).
-    pub async fn switch_over(&self, deadline: Instant) -> Result<MigrationStats, VmmError> {
+    /// state and completes the migration, or, in post-copy, starts the copy of the RAM
+    /// left ([`QemuVm::wait_outgoing`] waits for its end). The VM stays stopped here
+    /// (`postmigrate`).
+    pub async fn switch_over(
+        &self,
+        mode: Switchover,
+        deadline: Instant,
+    ) -> Result<MigrationStats, VmmError> {
         let qmp = self.qmp();
         qmp.execute(
             "migrate-continue",
@@ -380,13 +456,17 @@ impl QemuVm {
         .await?;
         loop {
             let info = qmp.execute("query-migrate", None).await?;
-            match info["status"].as_str().unwrap_or("") {
-                "completed" => {
+            let status = info["status"].as_str().unwrap_or("");
+            match status {
+                "completed" | "postcopy-active"
+                    if status == "completed" || mode == Switchover::PostCopy =>
+                {
                     return Ok(MigrationStats {
                         qemu_downtime_ms: info["downtime"].as_u64().unwrap_or(0),
                         ram_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
                         passes: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
                         disk_bytes: 0,
+                        postcopy: mode == Switchover::PostCopy,
                     })
                 }
                 "failed" | "cancelled" => {
@@ -405,6 +485,30 @@ impl QemuVm {
         }
     }
 
+    /// After a post-copy switch-over: waits until the destination has every page.
+    /// Returns the bytes of the whole stream.
+    pub async fn wait_outgoing(&self, deadline: Instant) -> Result<u64, VmmError> {
+        let qmp = self.qmp();
+        loop {
+            let info = qmp.execute("query-migrate", None).await?;
+            match info["status"].as_str().unwrap_or("") {
+                "completed" => return Ok(info["ram"]["transferred"].as_u64().unwrap_or(0)),
+                s @ ("failed" | "cancelled" | "postcopy-paused") => {
+                    return Err(VmmError::Migration(format!(
+                        "the post-copy {s}: {}",
+                        info["error-desc"]
+                            .as_str()
+                            .unwrap_or("the stream to the destination broke")
+                    )))
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(VmmError::Timeout("the post-copy to complete".into()))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
     /// At the switch-over (the guest stopped, block devices still active): ends the
     /// disk mirror once its copy is whole. Returns the bytes it copied.
     pub async fn end_mirror(&self) -> Result<u64, VmmError> {
@@ -416,8 +520,9 @@ impl QemuVm {
     }
 
     /// Undoes an outgoing migration that did not hand over: the migration and the
-    /// mirror are cancelled and the VM runs on here, as before.
-    pub async fn abort_outgoing(&self) {
+    /// mirror are cancelled and the VM runs on here, as before. Returns whether it
+    /// runs (a post-copy switch-over may have left it unable to).
+    pub async fn abort_outgoing(&self) -> bool {
         let qmp = self.qmp();
         let _ = qmp.execute("migrate_cancel", None).await;
         let settle = Instant::now() + Duration::from_secs(10);
@@ -426,7 +531,14 @@ impl QemuVm {
                 Ok(info)
                     if matches!(
                         info["status"].as_str(),
-                        Some("active" | "setup" | "device" | "cancelling" | "pre-switchover")
+                        Some(
+                            "active"
+                                | "setup"
+                                | "device"
+                                | "cancelling"
+                                | "pre-switchover"
+                                | "postcopy-active"
+                        )
                     ) =>
                 {
                     tokio::time::sleep(Duration::from_millis(10)).await
@@ -462,26 +574,42 @@ impl QemuVm {
                 "migrate-set-capabilities",
                 Some(json!({ "capabilities": [
                     { "capability": "pause-before-switchover", "state": false },
+                    { "capability": "postcopy-ram", "state": false },
                 ] })),
             )
             .await;
         match qmp.execute("query-status", None).await {
-            Ok(status) if status["running"] == true => {}
-            _ => {
-                if let Err(e) = qmp.execute("cont", None).await {
+            Ok(status) if status["running"] == true => true,
+            _ => match qmp.execute("cont", None).await {
+                Ok(_) => true,
+                Err(e) => {
                     warn!(vm = %self.id, error = %e, "running the VM again after a failed migration");
+                    false
                 }
-            }
+            },
         }
     }
 
-    /// On the destination: waits until the whole migration stream is loaded (the VM
-    /// stays stopped).
+    /// On the destination: waits until the whole migration stream is loaded, or in
+    /// post-copy the device state (QEMU then leaves `inmigrate` for `paused`; the RAM
+    /// left comes later). The VM stays stopped.
     pub async fn wait_incoming(&self, deadline: Instant) -> Result<(), VmmError> {
         loop {
             let info = self.qmp().execute("query-migrate", None).await?;
             match info["status"].as_str().unwrap_or("") {
                 "completed" => break,
+                "postcopy-active" => {
+                    let state = self.qmp().execute("query-status", None).await?;
+                    if state["status"] != "inmigrate" {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await
+                }
+                "postcopy-paused" => {
+                    return Err(VmmError::Migration(
+                        "the post-copy stream from the source broke".into(),
+                    ))
+                }
                 "failed" | "cancelled" => {
                     return Err(VmmError::Migration(format!(
                         "the incoming migration {}: {}",
@@ -511,6 +639,48 @@ impl QemuVm {
         let _ = qmp.execute("nbd-server-stop", None).await;
         qmp.execute("cont", None).await?;
         self.connect_agent(deadline).await
+    }
+
+    /// On the destination, once it runs: a watch that ends when every page has
+    /// arrived (at once after a pre-copy), or with why not: the post-copy failed,
+    /// stalled ([`POSTCOPY_STALL`] paused: its source or the stream is gone), or outlasted
+    /// `deadline`. Its guest is then lost.
+    pub fn incoming_completion(
+        &self,
+        deadline: Instant,
+    ) -> impl std::future::Future<Output = Result<(), VmmError>> + Send + 'static {
+        let qmp = self
+            .qmp
+            .clone()
+            .expect("a launched VM has a QMP connection");
+        async move {
+            let mut paused_since: Option<Instant> = None;
+            loop {
+                let info = qmp.execute("query-migrate", None).await?;
+                match info["status"].as_str().unwrap_or("") {
+                    "completed" | "none" | "" => return Ok(()),
+                    s @ ("failed" | "cancelled") => {
+                        return Err(VmmError::Migration(format!(
+                            "the post-copy {s}: {}",
+                            info["error-desc"].as_str().unwrap_or("no reason given")
+                        )))
+                    }
+                    "postcopy-paused" => {
+                        let since = *paused_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > POSTCOPY_STALL {
+                            return Err(VmmError::Migration(
+                                "the source stopped sending the pages left (it or the stream between the hosts is gone)".into(),
+                            ));
+                        }
+                    }
+                    _ => paused_since = None,
+                }
+                if Instant::now() > deadline {
+                    return Err(VmmError::Timeout("the post-copy to complete".into()));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 
     /// Waits for block job `job`: until it is ready (a mirror in step) when

@@ -721,7 +721,8 @@ class AsyncSandbox:
                       request_timeout: Optional[float] = None) -> Dict[str, Any]:
         """Moves it to another host of the cluster without stopping it (an operator
         key): to ``host``, or where placement chooses. Returns the report: ``from``,
-        ``to``, ``downtimeMs``, ``totalMs``, ``ramBytes``, ``diskBytes``, ``passes``."""
+        ``to``, ``downtimeMs``, ``totalMs``, ``ramBytes``, ``diskBytes``, ``passes``,
+        ``postcopy``."""
         body: Dict[str, Any] = {} if host is None else {"host": host}
         return await self._control("POST", "migrate", body, request_timeout)
 
