@@ -320,21 +320,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
         &[("NULLSPACE_TEST_FAILPOINT", "migrate.loaded")],
     );
     // Registered (its first heartbeat) before it is named.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let listed = a.admin(&["host", "list", "--catalog", &url]);
-        if listed
-            .lines()
-            .any(|l| l.contains(r#""hostID":"host-c""#) && l.contains(r#""state":"ready""#))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "host-c never registered: {listed}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    registered(&a, "host-c", &url);
     let (status, v) = operator.post(&migrate, json!({ "host": "host-c" })).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{v}");
     assert!(
@@ -508,10 +494,15 @@ async fn post_copy_runs_the_guest_on_the_destination_and_a_source_lost_in_it_put
     assert_eq!(report["to"], "pc-b", "{report}");
     assert!(report["ramBytes"].as_u64().unwrap() > 32 << 20, "{report}");
     eprintln!("post-copy migration: {report}");
-    let moved = until(&via_a, &id, 10, "running on B", |v| {
-        v["state"] == "running" && owner_of(v, &hosts) == "pc-b"
-    })
-    .await;
+    let (status, moved) = via_a
+        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{moved}");
+    assert_eq!(
+        (moved["hostID"].as_str(), moved["state"].as_str()),
+        (Some("pc-b"), Some("running")),
+        "{moved}"
+    );
     let rt = Runtime::of(&moved);
     let (_, _, alive) = rt.run(&format!("kill -0 {counter}")).await;
     assert_eq!(alive, 0, "the counter started on A runs on B");

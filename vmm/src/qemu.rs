@@ -2458,11 +2458,19 @@ impl QemuVm {
         Ok(())
     }
 
+    /// Sets `x-ignore-shared` for a snapshot's or restore's migration, which runs to
+    /// its end by pre-copy: a live migration this VM took part in may have left
+    /// post-copy (which QEMU refuses beside ignore-shared) or the pause before the
+    /// switch-over on.
     async fn set_ignore_shared(&self, on: bool) -> Result<(), VmmError> {
         self.qmp()
             .execute(
                 "migrate-set-capabilities",
-                Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] })),
+                Some(json!({ "capabilities": [
+                    { "capability": "x-ignore-shared", "state": on },
+                    { "capability": "postcopy-ram", "state": false },
+                    { "capability": "pause-before-switchover", "state": false },
+                ] })),
             )
             .await?;
         Ok(())

@@ -458,6 +458,16 @@ mod tests {
         ))
     }
 
+    /// A new memory image at `path`, for `split` to write.
+    fn memory_file(path: &std::path::Path) -> std::fs::File {
+        std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .unwrap()
+    }
+
     #[test]
     fn pages_of_the_block_land_at_their_offsets_and_the_rest_passes_through() {
         let pages = [
@@ -469,12 +479,7 @@ mod tests {
         ];
         let with = stream(&pages);
         let path = temp("split");
-        let memory = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
+        let memory = memory_file(&path);
         let mut state = Vec::new();
         let stats = split(&with[..], "mem0", 64 * PAGE_SIZE, &mut state, &memory).unwrap();
         assert_eq!(
@@ -511,12 +516,7 @@ mod tests {
     #[test]
     fn commands_between_iterations_pass_through_in_place() {
         let path = temp("command");
-        let memory = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
+        let memory = memory_file(&path);
         let with = with_switchover_start(stream(&[("mem0", 2 * PAGE_SIZE, None)]));
         let mut state = Vec::new();
         let stats = split(&with[..], "mem0", 64 * PAGE_SIZE, &mut state, &memory).unwrap();
@@ -528,12 +528,7 @@ mod tests {
     #[test]
     fn a_page_sent_again_as_zeros_is_cleared() {
         let path = temp("again");
-        let memory = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
+        let memory = memory_file(&path);
         let twice = stream(&[
             ("mem0", 3 * PAGE_SIZE, None),
             ("mem0", 3 * PAGE_SIZE, Some(0)),
