@@ -80,35 +80,69 @@ async fn event_types(api: &Api, id: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_moves_the_rest() {
+/// Two pool managers on a fresh catalog, a team key and an operator key (both through
+/// host `a`); `None` (the test skipped) without PostgreSQL.
+struct TwoHosts {
+    /// Dropped last: the database goes with the test.
+    _db: FreshDatabase,
+    url: String,
+    a: Daemon,
+    b: Daemon,
+    via_a: Api,
+    operator: Api,
+}
+
+async fn two_hosts(name: &str, a_id: &str, b_id: &str) -> Option<TwoHosts> {
     let server = match server() {
         Ok(s) => s,
         Err(why) => {
             eprintln!("SKIPPED: {why}");
-            return;
+            return None;
         }
     };
-    let db = FreshDatabase::create(&server, "migration").await;
+    let db = FreshDatabase::create(&server, name).await;
     let url = db.url.clone();
     pool_manager(&["migrate", "--catalog", &url]).unwrap();
     let a = Daemon::start_with(
-        "migrate-a",
-        &["--catalog", &url, "--host-id", "host-a"],
+        &format!("{name}-a"),
+        &["--catalog", &url, "--host-id", a_id],
         &[],
     );
     let b = Daemon::start_with(
-        "migrate-b",
-        &["--catalog", &url, "--host-id", "host-b"],
+        &format!("{name}-b"),
+        &["--catalog", &url, "--host-id", b_id],
         &[],
     );
     a.admin(&["team", "create", "acme", "--catalog", &url]);
     let key = a.admin(&["key", "create", "--team", "acme", "--catalog", &url]);
-    let via_a = Api::new(&a, key.clone());
+    let via_a = Api::new(&a, key);
     let operator = Api::new(
         &a,
         a.admin(&["key", "create", "--operator", "--catalog", &url]),
     );
+    Some(TwoHosts {
+        _db: db,
+        url,
+        a,
+        b,
+        via_a,
+        operator,
+    })
+}
+
+#[tokio::test]
+async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_moves_the_rest() {
+    let Some(TwoHosts {
+        _db,
+        url,
+        a,
+        b,
+        via_a,
+        operator,
+    }) = two_hosts("migrate", "host-a", "host-b").await
+    else {
+        return;
+    };
     let hosts = [("host-a", a.edge.clone()), ("host-b", b.edge.clone())];
 
     // A sandbox on host A.
@@ -314,13 +348,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
 
     // A destination killed (kill -9) once it has loaded the state, before the
     // switch-over: the sandbox runs on where it was, untouched, and says why.
-    let c = Daemon::start_with(
-        "migrate-c",
-        &["--catalog", &url, "--host-id", "host-c"],
-        &[("NULLSPACE_TEST_FAILPOINT", "migrate.loaded")],
-    );
-    // Registered (its first heartbeat) before it is named.
-    registered(&a, "host-c", &url);
+    let c = host_dying_at(&a, &url, "migrate-c", "host-c", "migrate.loaded");
     let (status, v) = operator.post(&migrate, json!({ "host": "host-c" })).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{v}");
     assert!(
@@ -403,15 +431,22 @@ async fn until(
     }
 }
 
-/// Waits (up to 30 s) until host `host` is registered and ready in the catalog.
-fn registered(by: &Daemon, host: &str, url: &str) {
+/// A third pool manager, `host`, on `url`'s catalog that kills itself (SIGKILL) at
+/// `failpoint`; returned once registered and ready (its heartbeat task registers it
+/// after the daemon says it is up), as seen through `by`.
+fn host_dying_at(by: &Daemon, url: &str, name: &str, host: &str, failpoint: &str) -> Daemon {
+    let c = Daemon::start_with(
+        name,
+        &["--catalog", url, "--host-id", host],
+        &[("NULLSPACE_TEST_FAILPOINT", failpoint)],
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let listed = by.admin(&["host", "list", "--catalog", url]);
         if listed.lines().any(|l| {
             l.contains(&format!(r#""hostID":"{host}""#)) && l.contains(r#""state":"ready""#)
         }) {
-            return;
+            return c;
         }
         assert!(
             Instant::now() < deadline,
@@ -424,25 +459,17 @@ fn registered(by: &Daemon, host: &str, url: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_copy_runs_the_guest_on_the_destination_and_a_source_lost_in_it_puts_the_sandbox_in_error(
 ) {
-    let server = match server() {
-        Ok(s) => s,
-        Err(why) => {
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
+    let Some(TwoHosts {
+        _db,
+        url,
+        a,
+        b,
+        via_a,
+        operator,
+    }) = two_hosts("postcopy", "pc-a", "pc-b").await
+    else {
+        return;
     };
-    let db = FreshDatabase::create(&server, "postcopy").await;
-    let url = db.url.clone();
-    pool_manager(&["migrate", "--catalog", &url]).unwrap();
-    let a = Daemon::start_with("postcopy-a", &["--catalog", &url, "--host-id", "pc-a"], &[]);
-    let b = Daemon::start_with("postcopy-b", &["--catalog", &url, "--host-id", "pc-b"], &[]);
-    a.admin(&["team", "create", "acme", "--catalog", &url]);
-    let key = a.admin(&["key", "create", "--team", "acme", "--catalog", &url]);
-    let via_a = Api::new(&a, key.clone());
-    let operator = Api::new(
-        &a,
-        a.admin(&["key", "create", "--operator", "--catalog", &url]),
-    );
     let mut hosts = vec![("pc-a", a.edge.clone()), ("pc-b", b.edge.clone())];
     let sbx = create_on(
         &via_a,
@@ -526,12 +553,7 @@ async fn post_copy_runs_the_guest_on_the_destination_and_a_source_lost_in_it_put
     // It says so: error, migration_failed; its VM ends. A is drained (it has no
     // sandbox left) so that the create lands on C, the emptier of the ready hosts.
     a.admin(&["host", "drain", "pc-a", "--catalog", &url]);
-    let c = Daemon::start_with(
-        "postcopy-c",
-        &["--catalog", &url, "--host-id", "pc-c"],
-        &[("NULLSPACE_TEST_FAILPOINT", "migrate.postcopy_handed")],
-    );
-    registered(&a, "pc-c", &url);
+    let c = host_dying_at(&a, &url, "postcopy-c", "pc-c", "migrate.postcopy_handed");
     hosts.push(("pc-c", c.edge.clone()));
     let lost = create_on(
         &via_a,

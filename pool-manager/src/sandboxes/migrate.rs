@@ -502,7 +502,7 @@ impl Manager {
                 let failure = format!(
                     "the live migration to host {to} failed after its post-copy switch-over, and the VM could not run here again: {why}"
                 );
-                if let Err(e) = self.fail_migrated(&mut r, failure) {
+                if let Err(e) = self.fail_migrated(&mut r, failure).await {
                     warn!(sandbox = %id, error = %e.message, "recording a migration that lost its guest");
                 }
             }
@@ -510,8 +510,9 @@ impl Manager {
         }
     }
 
-    /// Puts sandbox `r`, whose guest a migration lost, in `error` with `failure`.
-    fn fail_migrated(&self, r: &mut SandboxRecord, failure: String) -> Result<(), ApiError> {
+    /// Puts sandbox `r`, whose guest a migration lost, in `error` with `failure`, and
+    /// lets its volumes go.
+    async fn fail_migrated(&self, r: &mut SandboxRecord, failure: String) -> Result<(), ApiError> {
         r.diagnostic = Some(Diagnostic {
             code: "migration_failed".into(),
             message: failure,
@@ -519,6 +520,7 @@ impl Manager {
         });
         r.vm_dir = None;
         self.transition(r, InternalState::Failed, "live migration failed")?;
+        self.release_volumes(r).await;
         Ok(())
     }
 
@@ -719,7 +721,7 @@ impl Manager {
 
     /// Destination: incoming VM `vm_id` of sandbox `id` lost its post-copy (`why`):
     /// its guest cannot run on. It ends; if the sandbox is this host's by now, it goes
-    /// to `error` (else the source still has it: it runs on there, or says why not).
+    /// to `error`.
     async fn watch_postcopy(&self, id: &str, vm_id: &str, why: String) {
         warn!(sandbox = %id, vm = %vm_id, error = %why, "a post-copy migration lost its guest");
         let waiting = {
@@ -734,6 +736,13 @@ impl Manager {
                 }
             }
         }
+        // Only a sandbox handed to this host is this host's to fail (else the source
+        // still has it: it runs on there, or says why not).
+        let me = crate::cluster::this_host();
+        match self.catalog.sandbox(id) {
+            Ok(Some(r)) if r.state == InternalState::Active && r.host_id.as_deref() == me => {}
+            _ => return,
+        }
         let slot = self.slot(id);
         let mut guard = slot.lock().await;
         if guard.as_ref().is_some_and(|vm| vm.id() == vm_id) {
@@ -741,16 +750,18 @@ impl Manager {
                 vm.kill().await;
             }
         }
-        let me = crate::cluster::this_host();
+        if guard.is_some() {
+            return;
+        }
+        // Read again under the slot's lock: a finish that failed meanwhile said why.
         if let Ok(Some(mut r)) = self.catalog.sandbox(id) {
-            if r.state == InternalState::Active && r.host_id.as_deref() == me && guard.is_none() {
+            if r.state == InternalState::Active && r.host_id.as_deref() == me {
                 let failure = format!(
                     "the live migration's post-copy failed before all of the guest's memory arrived: {why}"
                 );
-                if let Err(e) = self.fail_migrated(&mut r, failure) {
+                if let Err(e) = self.fail_migrated(&mut r, failure).await {
                     warn!(sandbox = %id, error = %e.message, "recording a post-copy that lost its guest");
                 }
-                self.release_volumes(&r).await;
             }
         }
     }
@@ -829,8 +840,8 @@ impl Manager {
                 format!(
                     "the live migration from host {from} failed after the switch-over: {failure}"
                 ),
-            )?;
-            self.release_volumes(&r).await;
+            )
+            .await?;
         }
         Err(ApiError::internal(format!(
             "sandbox {id} did not run here after its migration: {failure}"

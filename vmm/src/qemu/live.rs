@@ -457,10 +457,10 @@ impl QemuVm {
         loop {
             let info = qmp.execute("query-migrate", None).await?;
             let status = info["status"].as_str().unwrap_or("");
+            let sent = status == "completed"
+                || (mode == Switchover::PostCopy && status == "postcopy-active");
             match status {
-                "completed" | "postcopy-active"
-                    if status == "completed" || mode == Switchover::PostCopy =>
-                {
+                _ if sent => {
                     return Ok(MigrationStats {
                         qemu_downtime_ms: info["downtime"].as_u64().unwrap_or(0),
                         ram_bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
@@ -568,16 +568,8 @@ impl QemuVm {
                 let _ = qmp.execute("job-dismiss", Some(json!({ "id": id }))).await;
             }
         }
-        // A snapshot's migration later must run to its end, not wait at the switch-over.
-        let _ = qmp
-            .execute(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": [
-                    { "capability": "pause-before-switchover", "state": false },
-                    { "capability": "postcopy-ram", "state": false },
-                ] })),
-            )
-            .await;
+        // The capabilities stay: a snapshot's migration sets its own
+        // (`set_ignore_shared`), as does a later live migration.
         match qmp.execute("query-status", None).await {
             Ok(status) if status["running"] == true => true,
             _ => match qmp.execute("cont", None).await {
