@@ -753,6 +753,7 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
     // reach this one is where clients do too.
     let edge_url = advertise(data.local_addr()?);
     let (vcpus, mem_mib, disk_mib) = cluster::hosts::capacity(&dir);
+    let snapshots = snapshot_settings(args, &dir).await?;
     let host_info = catalog::HostInfo {
         id: host.clone(),
         control_url: advertise(control.local_addr()?),
@@ -765,8 +766,8 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
         accel: format!("{:?}", vmm.accel().accel).to_lowercase(),
         image_set: vmm.images().key(),
         region: given(&args.region).map(str::to_string),
+        store: Some(snapshots.store.identity()),
     };
-    let snapshots = snapshot_settings(args, &dir).await?;
     eprintln!(
         "nullspace-pool-manager: snapshots in {}",
         snapshots.store.describe()
@@ -1007,6 +1008,7 @@ mod tests {
             accel: "tcg".into(),
             image_set: "test".into(),
             region: None,
+            store: None,
         }
     }
 

@@ -33,6 +33,27 @@ impl LocalStore {
         Ok(Self { root })
     }
 
+    /// `file://<machine ID>/<canonical root>`: equal for two stores exactly when they
+    /// are one directory on one machine (the machine ID from `/etc/machine-id`, or the
+    /// host name where there is none).
+    pub fn identity(&self) -> String {
+        let machine = std::fs::read_to_string("/etc/machine-id")
+            .ok()
+            .map(|m| m.trim().to_string())
+            .filter(|m| !m.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .unwrap_or_default();
+        let root = self
+            .root
+            .canonicalize()
+            .unwrap_or_else(|_| self.root.clone());
+        format!("file://{machine}{}", root.display())
+    }
+
     fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
         check_key(key)?;
         Ok(self.root.join(key))

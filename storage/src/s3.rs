@@ -126,6 +126,8 @@ pub struct S3Config {
 #[derive(Debug, Clone)]
 pub struct S3Store {
     client: Client,
+    /// The endpoint as configured (for [`S3Store::identity`]).
+    endpoint: String,
     bucket: String,
     prefix: String,
     limits: Limits,
@@ -192,6 +194,12 @@ impl S3Store {
         Self::with_limits(config, Limits::from_env())
     }
 
+    /// `<endpoint>/<bucket>/<prefix>`: equal for two stores that read and write the
+    /// same objects.
+    pub fn identity(&self) -> String {
+        format!("{}/{}/{}", self.endpoint, self.bucket, self.prefix)
+    }
+
     fn with_limits(config: &S3Config, limits: Limits) -> Self {
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
@@ -236,6 +244,7 @@ impl S3Store {
         let prefix = config.prefix.trim_matches('/');
         Self {
             client: Client::from_conf(conf),
+            endpoint: config.endpoint.trim_end_matches('/').to_string(),
             bucket: config.bucket.clone(),
             prefix: if prefix.is_empty() {
                 String::new()

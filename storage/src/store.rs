@@ -161,6 +161,16 @@ impl Store {
         }
     }
 
+    /// What names the objects this store reads and writes, whatever host opened it:
+    /// two hosts with the same identity share snapshots (S3: `<endpoint>/<bucket>/
+    /// <prefix>`; a local directory: `file://<machine ID><path>`).
+    pub fn identity(&self) -> String {
+        match &self.backend {
+            Backend::Local(s) => s.identity(),
+            Backend::S3(s) => s.identity(),
+        }
+    }
+
     /// Which backend, for logs.
     pub fn describe(&self) -> &'static str {
         match self.backend {

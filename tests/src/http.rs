@@ -214,3 +214,50 @@ pub async fn create_on(api: &Api, on: &str, hosts: &[(&str, String)], body: Valu
     }
     panic!("no create landed on {on}");
 }
+
+/// A WebSocket client's connection.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket to `http_url` (its `ws://` form) with `headers`, opened within 30 s.
+pub async fn websocket(http_url: &str, headers: &[(&str, &str)]) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = http_url
+        .replacen("http://", "ws://", 1)
+        .into_client_request()
+        .unwrap();
+    for (name, value) in headers {
+        req.headers_mut().insert(
+            name.parse::<reqwest::header::HeaderName>().unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    let (ws, _) = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .expect("the WebSocket opens within 30 s")
+    .unwrap_or_else(|e| panic!("{http_url}: {e}"));
+    ws
+}
+
+/// Reads messages until `done` says so (returning that one), for up to 60 s.
+pub async fn read_ws_until(
+    ws: &mut Ws,
+    mut done: impl FnMut(tokio_tungstenite::tungstenite::Message) -> bool,
+) -> String {
+    use futures::StreamExt;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("the awaited message within 60 s")
+            .expect("the socket open")
+            .expect("a message");
+        let text = format!("{msg:?}");
+        if done(msg) {
+            return text;
+        }
+    }
+}

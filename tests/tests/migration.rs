@@ -2,12 +2,59 @@
 //! sandbox moves while its processes run on, through the operator's API and through a
 //! live drain; what the API refuses, it refuses with what to send instead.
 
-use nullspace_tests::http::{create_on, owner_of, Api, Runtime};
+use nullspace_tests::http::{create_on, owner_of, read_ws_until, websocket, Api, Runtime, Ws};
 use nullspace_tests::postgres::{pool_manager, server, FreshDatabase};
 use nullspace_tests::Daemon;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The preview domain the hosts share (a wildcard DNS name over every host).
+const PREVIEW_DOMAIN: &str = "preview.nullspace.test";
+
+/// A WebSocket server for `busybox nc -ll -e`, one connection per run: the handshake,
+/// then a text frame `tick N` every 200 ms until the client goes.
+const WS_SERVER: &str = r#"key=
+while IFS= read -r line; do
+    line=$(printf '%s' "$line" | tr -d '\r')
+    [ -z "$line" ] && break
+    case "$line" in
+        [Ss]ec-[Ww]eb[Ss]ocket-[Kk]ey:*) key=$(printf '%s' "${line#*:}" | tr -d ' ') ;;
+    esac
+done
+acc=$(printf '%s' "${key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11" | sha1sum | cut -c1-40 | xxd -r -p | base64)
+printf 'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n' "$acc"
+i=0
+while :; do
+    i=$((i+1))
+    m="tick $i"
+    printf "\\x81\\x$(printf %02x ${#m})%s" "$m"
+    sleep 0.2
+done
+"#;
+
+/// Whether `m` is one of [`WS_SERVER`]'s ticks.
+fn is_tick(m: Message) -> bool {
+    matches!(m, Message::Text(t) if t.starts_with("tick "))
+}
+
+/// Waits (up to 60 s) until the server side ends `ws`: a close, an error or its end.
+async fn ws_ends(ws: &mut Ws) {
+    use futures::StreamExt;
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(Ok(m)) = ws.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the WebSocket to the moved sandbox's old VM hung"
+    );
+}
 
 fn tiny() -> Value {
     json!({ "vcpus": 1, "memMiB": 256, "diskSizeMiB": 1024 })
@@ -105,12 +152,26 @@ async fn two_hosts(name: &str, a_id: &str, b_id: &str) -> Option<TwoHosts> {
     pool_manager(&["migrate", "--catalog", &url]).unwrap();
     let a = Daemon::start_with(
         &format!("{name}-a"),
-        &["--catalog", &url, "--host-id", a_id],
+        &[
+            "--catalog",
+            &url,
+            "--host-id",
+            a_id,
+            "--preview-domain",
+            PREVIEW_DOMAIN,
+        ],
         &[],
     );
     let b = Daemon::start_with(
         &format!("{name}-b"),
-        &["--catalog", &url, "--host-id", b_id],
+        &[
+            "--catalog",
+            &url,
+            "--host-id",
+            b_id,
+            "--preview-domain",
+            PREVIEW_DOMAIN,
+        ],
         &[],
     );
     a.admin(&["team", "create", "acme", "--catalog", &url]);
@@ -143,7 +204,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     else {
         return;
     };
-    let hosts = [("host-a", a.edge.clone()), ("host-b", b.edge.clone())];
+    let mut hosts = vec![("host-a", a.edge.clone()), ("host-b", b.edge.clone())];
 
     // A sandbox on host A.
     let sbx = create_on(
@@ -282,32 +343,65 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     );
     assert!(data["downtimeMs"].is_u64(), "{data}");
 
-    // A live drain of B moves it, and a second sandbox, back to A without stopping them.
-    // (Placement puts a create on the emptier host, A: it moves to B the same way.)
-    let second = via_a
-        .create(json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }))
-        .await;
-    let second_path = format!(
-        "/v1/sandboxes/{}/migrate",
-        second["sandboxID"].as_str().unwrap()
-    );
-    if owner_of(&second, &hosts) == "host-a" {
-        let (status, v) = operator.post(&second_path, json!({})).await;
-        assert_eq!(
-            (status, v["to"].as_str()),
-            (StatusCode::OK, Some("host-b")),
-            "{v}"
-        );
+    // A live drain of B with three sandboxes moves every one to A or to a third host,
+    // C, without stopping them. (Placement puts a create on the emptier host, A: each
+    // moves to B the way the first did.)
+    let mut on_b = Vec::new();
+    for _ in 0..2 {
+        let sbx = via_a
+            .create(json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }))
+            .await;
+        let sid = sbx["sandboxID"].as_str().unwrap().to_string();
+        if owner_of(&sbx, &hosts) == "host-a" {
+            let (status, v) = operator
+                .post(
+                    &format!("/v1/sandboxes/{sid}/migrate"),
+                    json!({ "host": "host-b" }),
+                )
+                .await;
+            assert_eq!(
+                (status, v["to"].as_str()),
+                (StatusCode::OK, Some("host-b")),
+                "{v}"
+            );
+        }
+        let (_, sbx) = via_a
+            .post(&format!("/v1/sandboxes/{sid}/connect"), json!({}))
+            .await;
+        assert_eq!(owner_of(&sbx, &hosts), "host-b", "{sbx}");
+        on_b.push((sid, Runtime::of(&sbx)));
     }
-    let second_id = second["sandboxID"].as_str().unwrap().to_string();
-    let (_, second) = via_a
-        .post(&format!("/v1/sandboxes/{second_id}/connect"), json!({}))
-        .await;
-    assert_eq!(owner_of(&second, &hosts), "host-b", "{second}");
-    let rt2 = Runtime::of(&second);
+    let (second_id, rt2) = &on_b[0];
+    let (third_id, rt3) = &on_b[1];
     let (pid2, _, _) = rt2
         .run("setsid sleep 3000 </dev/null >/dev/null 2>&1 & echo $!")
         .await;
+    // A WebSocket server in the third (busybox only: a handshake, then "tick N" every
+    // 200 ms), followed live through A's preview listener, which forwards to B.
+    rt3.put_file("/workspace/ws.sh", WS_SERVER.as_bytes()).await;
+    let (pid3, err, code) = rt3
+        .run("setsid nc -ll -p 8000 -e sh /workspace/ws.sh </dev/null >/dev/null 2>&1 & echo $!")
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let (status, pv) = via_a
+        .post(
+            &format!("/v1/sandboxes/{third_id}/previews"),
+            json!({ "port": 8000 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{pv}");
+    let preview_host = format!("8000-{third_id}.{PREVIEW_DOMAIN}");
+    let proxy_token = pv["proxyTarget"]["token"].as_str().unwrap().to_string();
+    let ws_url = format!("{}/ws", a.preview_listener);
+    let ws_headers = [
+        ("host", preview_host.as_str()),
+        ("x-nullspace-preview-proxy-token", proxy_token.as_str()),
+    ];
+    let mut live = websocket(&ws_url, &ws_headers).await;
+    read_ws_until(&mut live, is_tick).await;
+
+    let c = joined(&a, &url, "migrate-c", "host-c", &[]);
+    hosts.push(("host-c", c.edge.clone()));
     let listed = a.admin(&[
         "host",
         "drain",
@@ -319,12 +413,19 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
         &url,
     ]);
     assert!(listed.contains(r#""state":"drained""#), "{listed}");
-    for (sid, pid) in [(&id, counter.as_str()), (&second_id, pid2.trim())] {
+    let mut landed = Vec::new();
+    for (sid, pid) in [
+        (&id, counter.as_str()),
+        (second_id, pid2.trim()),
+        (third_id, pid3.trim()),
+    ] {
         let (status, v) = via_a
             .post(&format!("/v1/sandboxes/{sid}/connect"), json!({}))
             .await;
         assert_eq!(status, StatusCode::OK, "{v}");
-        assert_eq!(owner_of(&v, &hosts), "host-a", "{v}");
+        let owner = owner_of(&v, &hosts);
+        assert!(owner == "host-a" || owner == "host-c", "{v}");
+        landed.push(owner);
         let (_, _, alive) = Runtime::of(&v).run(&format!("kill -0 {pid}")).await;
         assert_eq!(alive, 0, "{sid}'s process survived the live drain");
         let events = event_types(&via_a, sid).await;
@@ -332,24 +433,41 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
             !events.iter().any(|(t, _)| t == "sandbox.paused"),
             "a live drain paused {sid}: {events:?}"
         );
-        // The drain's own move: from B to A, live.
+        // The drain's own move: from B to where it runs now, live.
         assert!(
-            events.iter().any(|(t, d)| t == "sandbox.migrated"
-                && d["from"] == "host-b"
-                && d["to"] == "host-a"),
+            events
+                .iter()
+                .any(|(t, d)| t == "sandbox.migrated" && d["from"] == "host-b" && d["to"] == owner),
             "{events:?}"
         );
     }
+    eprintln!("the live drain of host-b moved its sandboxes to {landed:?}");
     assert!(
         nullspace_tests::qemus_in(b.run_dir()).is_empty(),
         "a QEMU stayed on B"
     );
+    // The preview's WebSocket ended with the VM it was tunnelled to (not left hanging);
+    // the client connects again through the same URL and the new owner serves it.
+    ws_ends(&mut live).await;
+    let mut again = websocket(&ws_url, &ws_headers).await;
+    read_ws_until(&mut again, is_tick).await;
+    drop(again);
     a.admin(&["host", "undrain", "host-b", "--catalog", &url]);
 
     // A destination killed (kill -9) once it has loaded the state, before the
     // switch-over: the sandbox runs on where it was, untouched, and says why.
-    let c = host_dying_at(&a, &url, "migrate-c", "host-c", "migrate.loaded");
-    let (status, v) = operator.post(&migrate, json!({ "host": "host-c" })).await;
+    let (_, v) = via_a
+        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+        .await;
+    let was_on = owner_of(&v, &hosts);
+    let d = joined(
+        &a,
+        &url,
+        "migrate-d",
+        "host-d",
+        &[("NULLSPACE_TEST_FAILPOINT", "migrate.loaded")],
+    );
+    let (status, v) = operator.post(&migrate, json!({ "host": "host-d" })).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{v}");
     assert!(
         // The destination died answering that it had loaded the state: the step
@@ -367,7 +485,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(
         (owner_of(&v, &hosts), v["state"].as_str()),
-        ("host-a", Some("running")),
+        (was_on, Some("running")),
         "{v}"
     );
     let rt = Runtime::of(&v);
@@ -384,7 +502,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
         Some("sandbox.migration_failed"),
         "{types:?}"
     );
-    drop(c);
+    drop(d);
 
     // A sandbox that is not running does not migrate.
     let (status, v) = via_a
@@ -403,10 +521,12 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
         "{v}"
     );
 
-    for sid in [&id, &second_id] {
+    for sid in [&id, second_id, third_id] {
         via_a.delete(sid).await;
     }
-    assert!(nullspace_tests::qemus_in(a.run_dir()).is_empty());
+    for host in [&a, &c] {
+        assert!(nullspace_tests::qemus_in(host.run_dir()).is_empty());
+    }
 }
 
 /// Waits (up to `secs`) until sandbox `id`, read through `api`, passes `check`.
@@ -431,14 +551,21 @@ async fn until(
     }
 }
 
-/// A third pool manager, `host`, on `url`'s catalog that kills itself (SIGKILL) at
-/// `failpoint`; returned once registered and ready (its heartbeat task registers it
-/// after the daemon says it is up), as seen through `by`.
-fn host_dying_at(by: &Daemon, url: &str, name: &str, host: &str, failpoint: &str) -> Daemon {
+/// Another pool manager, `host`, on `url`'s catalog with `env` (a failpoint: it kills
+/// itself, SIGKILL, there); returned once registered and ready (its heartbeat task
+/// registers it after the daemon says it is up), as seen through `by`.
+fn joined(by: &Daemon, url: &str, name: &str, host: &str, env: &[(&str, &str)]) -> Daemon {
     let c = Daemon::start_with(
         name,
-        &["--catalog", url, "--host-id", host],
-        &[("NULLSPACE_TEST_FAILPOINT", failpoint)],
+        &[
+            "--catalog",
+            url,
+            "--host-id",
+            host,
+            "--preview-domain",
+            PREVIEW_DOMAIN,
+        ],
+        env,
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -553,7 +680,13 @@ async fn post_copy_runs_the_guest_on_the_destination_and_a_source_lost_in_it_put
     // It says so: error, migration_failed; its VM ends. A is drained (it has no
     // sandbox left) so that the create lands on C, the emptier of the ready hosts.
     a.admin(&["host", "drain", "pc-a", "--catalog", &url]);
-    let c = host_dying_at(&a, &url, "postcopy-c", "pc-c", "migrate.postcopy_handed");
+    let c = joined(
+        &a,
+        &url,
+        "postcopy-c",
+        "pc-c",
+        &[("NULLSPACE_TEST_FAILPOINT", "migrate.postcopy_handed")],
+    );
     hosts.push(("pc-c", c.edge.clone()));
     let lost = create_on(
         &via_a,

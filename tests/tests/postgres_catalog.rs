@@ -33,7 +33,7 @@ async fn a_daemon_on_a_postgres_catalog_keeps_everything_across_a_restart() {
     for _ in 0..2 {
         assert_eq!(
             pool_manager(&["migrate", "--catalog", url]).unwrap(),
-            "schema version 5"
+            "schema version 6"
         );
     }
     let unknown = pool_manager(&["migrate", "--catalog", "mysql://u@h/db"]).unwrap_err();

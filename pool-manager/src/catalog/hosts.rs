@@ -53,6 +53,18 @@ pub struct HostInfo {
     /// placed on its hosts only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    /// Which snapshot store it uses ([`storage::Store::identity`]): hosts with the same
+    /// one read each other's snapshots, so a hibernated sandbox may move between them.
+    /// `None` for a host registered by an older build (it shares with none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+}
+
+impl HostInfo {
+    /// Whether `other` reads the snapshots this host writes (the same store).
+    pub fn shares_store_with(&self, other: &HostInfo) -> bool {
+        self.store.is_some() && self.store == other.store
+    }
 }
 
 /// A host as the catalog knows it.
@@ -129,7 +141,7 @@ fn select_hosts(dialect: super::sql::Dialect) -> String {
                 h.qemu, h.accel, h.image_set, h.state, h.warm, h.heartbeat_ms, n.now,
                 CAST(COALESCE(s.vcpus, 0) + COALESCE(r.vcpus, 0) AS BIGINT),
                 CAST(COALESCE(s.mem, 0) + COALESCE(r.mem, 0) AS BIGINT),
-                CAST(COALESCE(s.disk, 0) + COALESCE(r.disk, 0) AS BIGINT), h.region
+                CAST(COALESCE(s.disk, 0) + COALESCE(r.disk, 0) AS BIGINT), h.region, h.store
          FROM hosts h
          CROSS JOIN (SELECT {now} AS now) n
          LEFT JOIN (SELECT host_id,
@@ -170,6 +182,7 @@ fn host_of(row: &Row) -> Result<HostRecord, CatalogError> {
             accel: row.get(8)?,
             image_set: row.get(9)?,
             region: row.get(17)?,
+            store: row.get(18)?,
         },
         state,
         warm: serde_json::from_str(&row.get::<String>(11)?).unwrap_or_default(),
@@ -190,14 +203,14 @@ impl Catalog {
         let now = self.db.dialect().now_ms();
         self.db.execute(
             &format!("INSERT INTO hosts (id, control_url, edge_url, preview_url, vcpus, mem_mib, disk_mib,
-                                qemu, accel, image_set, state, warm, heartbeat_ms, registered_ms, region)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'ready', '{{}}', {now}, {now}, ?11)
+                                qemu, accel, image_set, state, warm, heartbeat_ms, registered_ms, region, store)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'ready', '{{}}', {now}, {now}, ?11, ?12)
              ON CONFLICT(id) DO UPDATE SET control_url = excluded.control_url,
                  edge_url = excluded.edge_url, preview_url = excluded.preview_url,
                  vcpus = excluded.vcpus, mem_mib = excluded.mem_mib,
                  disk_mib = excluded.disk_mib, qemu = excluded.qemu, accel = excluded.accel,
                  image_set = excluded.image_set, heartbeat_ms = excluded.heartbeat_ms,
-                 region = excluded.region"),
+                 region = excluded.region, store = excluded.store"),
             args![
                 &info.id,
                 &info.control_url,
@@ -209,7 +222,8 @@ impl Catalog {
                 &info.qemu,
                 &info.accel,
                 &info.image_set,
-                info.region.as_deref()
+                info.region.as_deref(),
+                info.store.as_deref()
             ],
         )?;
         Ok(())
@@ -401,6 +415,7 @@ mod tests {
             accel: "kvm".into(),
             image_set: "img-1".into(),
             region: None,
+            store: None,
         }
     }
 
@@ -443,6 +458,30 @@ mod tests {
             assert!(c.reserve("host-b", need).unwrap().is_none(), "{}", t.name());
             assert!(!c.set_host_state("host-z", "draining").unwrap());
             assert!(c.heartbeat("host-z", &warm, 1000).is_err(), "{}", t.name());
+        }
+    }
+
+    #[test]
+    fn hosts_share_snapshots_only_through_one_named_store() {
+        for t in crate::catalog::testing::backends() {
+            let c = t.catalog();
+            let s3 = Some("http://s3:8333/snaps/".to_string());
+            for (id, store) in [("a", s3.clone()), ("b", s3.clone()), ("c", None)] {
+                c.register_host(&HostInfo { store, ..info(id) }).unwrap();
+            }
+            let a = c.host("a").unwrap().unwrap().info;
+            assert_eq!(a.store, s3, "{}", t.name());
+            assert!(a.shares_store_with(&c.host("b").unwrap().unwrap().info));
+            // A host that never said (an older build) shares with none, itself included.
+            let old = c.host("c").unwrap().unwrap().info;
+            assert!(!a.shares_store_with(&old) && !old.shares_store_with(&old));
+            // Re-registering with another store is what the catalog keeps.
+            c.register_host(&HostInfo {
+                store: Some("file://m/x".into()),
+                ..info("b")
+            })
+            .unwrap();
+            assert!(!a.shares_store_with(&c.host("b").unwrap().unwrap().info));
         }
     }
 

@@ -12,7 +12,7 @@ use super::sql::{args, Db, Dialect, Tx};
 use super::{now_ms, CatalogError, Durability};
 
 /// The schema version this binary reads and writes.
-pub const LATEST: i64 = 5;
+pub const LATEST: i64 = 6;
 
 /// The key of the advisory lock Postgres migrations hold (any constant the catalog
 /// uses for nothing else: "nullspace" in ASCII).
@@ -45,6 +45,10 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 5,
         apply: v5,
+    },
+    Migration {
+        version: 6,
+        apply: v6,
     },
 ];
 
@@ -253,6 +257,12 @@ fn v5(tx: &mut dyn Tx) -> Result<(), CatalogError> {
              record TEXT NOT NULL,
              PRIMARY KEY (sandbox_id, seq))",
     )
+}
+
+/// Version 6: which snapshot store each host uses, so that a drain moves a hibernated
+/// sandbox only to a host that can read its snapshot.
+fn v6(tx: &mut dyn Tx) -> Result<(), CatalogError> {
+    tx.batch("ALTER TABLE hosts ADD COLUMN store TEXT")
 }
 
 /// Columns added after the first release, before there were migrations: a catalog

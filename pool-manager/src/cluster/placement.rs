@@ -257,6 +257,7 @@ mod tests {
                 accel: "kvm".into(),
                 image_set: "i".into(),
                 region: None,
+                store: None,
             },
             state: "ready".into(),
             warm: serde_json::json!({ "base/1/256/1024": warm }),

@@ -12,7 +12,10 @@
 //! takes placements again.
 //!
 //! A draining host hibernates its sandboxes one by one, hands each to another ready
-//! host (which resumes it: same ID, files and processes), and ends `drained`. A host
+//! host (which resumes it: same ID, files and processes), and ends `drained`. That host
+//! must share this one's snapshot store (the hosts' `store` identity) and restore its
+//! snapshots (same QEMU, accelerator and image set); a sandbox no such host can take
+//! keeps running here, and the drain waits. A host
 //! drained live (`draining-live`) first migrates each running sandbox live
 //! (`migrate.rs`); one that cannot (volumes mounted, no compatible host, a failed
 //! migration) hibernates and moves as above.
@@ -192,6 +195,30 @@ impl Manager {
                     }
                 }
             }
+            // The host it goes to must read its hibernate snapshot (the same store) and
+            // restore it (the same QEMU, accelerator and image set): chosen before it is
+            // hibernated, so that one no host can take runs on here meanwhile.
+            let need = crate::catalog::Allocation {
+                vcpus: u64::from(r.resources.vcpus),
+                mem_mib: u64::from(r.resources.mem_mib),
+                disk_mib: r.resources.disk_mib,
+            };
+            let Some(me_record) = hosts.iter().find(|h| h.info.id == me) else {
+                return;
+            };
+            let excluded: std::collections::HashSet<String> = [me.to_string()].into();
+            let compatible = |h: &HostRecord| {
+                h.info.qemu == me_record.info.qemu
+                    && h.info.accel == me_record.info.accel
+                    && h.info.image_set == me_record.info.image_set
+                    && h.info.shares_store_with(&me_record.info)
+            };
+            let Some(target) =
+                crate::cluster::placement::choose(hosts, need, "", false, compatible, &excluded)
+            else {
+                warn!(sandbox = %r.id, "drain: no other ready host with room, the same QEMU, accelerator and image set, and this host's snapshot store can take it; it stays here, retried on the next pass");
+                continue;
+            };
             if r.state == InternalState::Stopped && r.hibernated.is_none() {
                 if let Err(e) = self.resume(&team, &r.id).await {
                     warn!(sandbox = %r.id, error = %e.message, "drain: resuming a paused sandbox to move it failed");
@@ -204,24 +231,6 @@ impl Manager {
                     continue;
                 }
             }
-            let need = crate::catalog::Allocation {
-                vcpus: u64::from(r.resources.vcpus),
-                mem_mib: u64::from(r.resources.mem_mib),
-                disk_mib: r.resources.disk_mib,
-            };
-            let Some(me_record) = hosts.iter().find(|h| h.info.id == me) else {
-                return;
-            };
-            let excluded: std::collections::HashSet<String> = [me.to_string()].into();
-            let compatible = |h: &HostRecord| {
-                h.info.qemu == me_record.info.qemu && h.info.image_set == me_record.info.image_set
-            };
-            let Some(target) =
-                crate::cluster::placement::choose(hosts, need, "", false, compatible, &excluded)
-            else {
-                warn!(sandbox = %r.id, "drain: no other ready host can take it; retried on the next pass");
-                continue;
-            };
             let to = target.info.id.clone();
             match self.catalog.reassign(&r.id, me, &to, |r| {
                 r.resume_after_move = true;
