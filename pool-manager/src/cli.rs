@@ -286,7 +286,7 @@ pub enum HostCommand {
         /// Seconds to wait until the host is drained, exiting non-zero if it is not by then; 0: do not wait
         #[arg(long, value_name = "S", default_value_t = 0, value_parser = seconds)]
         wait_s: u64,
-        /// Migrate running sandboxes live (a pause of a fraction of a second) instead of hibernating them; those that cannot (volumes mounted, no compatible host) still hibernate
+        /// Migrate running sandboxes live (a pause of a fraction of a second) instead of hibernating them; those that cannot (no compatible host, a failed move) still hibernate
         #[arg(long)]
         live: bool,
         #[command(flatten)]

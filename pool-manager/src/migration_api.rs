@@ -125,7 +125,7 @@ async fn finish(
     Ok(Json(json!({ "running": true })))
 }
 
-/// Carries a migration stream (`ram` or `disk`) from the source into the incoming
+/// Carries a migration stream (`ram`, `disk` or `vol0` to `vol7`) from the source into the incoming
 /// VM's socket, through an HTTP upgrade.
 async fn stream(
     State(m): State<Arc<Manager>>,
@@ -136,7 +136,7 @@ async fn stream(
         token(&m, req.headers(), &id)?;
         let which = incoming_socket(&stream).ok_or_else(|| {
             ApiError::not_found("migration stream", &stream).with_details(json!({
-                "hint": "the streams are ram and disk"
+                "hint": "the streams are ram, disk and vol0 to vol7"
             }))
         })?;
         let upgrading = req

@@ -127,12 +127,15 @@ async fn event_types(api: &Api, id: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-/// Two pool managers on a fresh catalog, a team key and an operator key (both through
-/// host `a`); `None` (the test skipped) without PostgreSQL.
+/// Two pool managers on a fresh catalog and one snapshot store (A's local one, which
+/// B is given: one directory on one machine), a team key and an operator key (both
+/// through host `a`); `None` (the test skipped) without PostgreSQL.
 struct TwoHosts {
     /// Dropped last: the database goes with the test.
     _db: FreshDatabase,
     url: String,
+    /// The hosts' shared `--store-dir` (in A's state: it goes with A).
+    store: String,
     a: Daemon,
     b: Daemon,
     via_a: Api,
@@ -162,6 +165,7 @@ async fn two_hosts(name: &str, a_id: &str, b_id: &str) -> Option<TwoHosts> {
         ],
         &[],
     );
+    let store = a.state_dir().join("objects").display().to_string();
     let b = Daemon::start_with(
         &format!("{name}-b"),
         &[
@@ -171,6 +175,8 @@ async fn two_hosts(name: &str, a_id: &str, b_id: &str) -> Option<TwoHosts> {
             b_id,
             "--preview-domain",
             PREVIEW_DOMAIN,
+            "--store-dir",
+            &store,
         ],
         &[],
     );
@@ -184,6 +190,7 @@ async fn two_hosts(name: &str, a_id: &str, b_id: &str) -> Option<TwoHosts> {
     Some(TwoHosts {
         _db: db,
         url,
+        store,
         a,
         b,
         via_a,
@@ -196,6 +203,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     let Some(TwoHosts {
         _db,
         url,
+        store,
         a,
         b,
         via_a,
@@ -206,12 +214,24 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     };
     let mut hosts = vec![("host-a", a.edge.clone()), ("host-b", b.edge.clone())];
 
-    // A sandbox on host A.
+    // A sandbox on host A, with a volume mounted read-write and one read-only.
+    let mut volumes = Vec::new();
+    for name in ["work", "ref"] {
+        let (status, v) = via_a
+            .post("/v1/volumes", json!({ "name": name, "sizeMiB": 16 }))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        volumes.push(v["volumeID"].as_str().unwrap().to_string());
+    }
+    let mounts = json!({
+        "/mnt/work": { "id": volumes[0], "type": "rw" },
+        "/mnt/ref": { "id": volumes[1], "type": "ro" },
+    });
     let sbx = create_on(
         &via_a,
         "host-a",
         &hosts,
-        json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }),
+        json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600, "mounts": mounts }),
     )
     .await;
     let id = sbx["sandboxID"].as_str().unwrap().to_string();
@@ -259,6 +279,11 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
         .as_u64()
         .unwrap();
     let before = count_past(&rt, 0).await;
+    // 8 MiB of random data on the read-write volume.
+    let (_, err, code) =
+        as_root(&rt, "head -c 8388608 /dev/urandom > /mnt/work/blob && sync").await;
+    assert_eq!(code, 0, "{err}");
+    let on_volumes = volume_sums(&rt).await;
 
     // Migrate to B, asked through A (which owns it).
     let (status, report) = operator.post(&migrate, json!({ "host": "host-b" })).await;
@@ -277,8 +302,9 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     assert!(report["ramBytes"].as_u64().unwrap() > 16 << 20, "{report}");
     // Pre-copy converged well before the default switch to post-copy.
     assert_eq!(report["postcopy"], false, "{report}");
+    // The overlay's 16 MiB and the volume's 8.
     assert!(
-        report["diskBytes"].as_u64().unwrap() >= 16 << 20,
+        report["diskBytes"].as_u64().unwrap() >= 24 << 20,
         "{report}"
     );
     eprintln!("migration: {report}");
@@ -305,6 +331,10 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     )
     .await;
     assert_eq!((code, moved_sum.as_str()), (0, sum.as_str()), "{err}");
+    // Both volumes came whole, still mounted; the read-write one takes writes on B.
+    assert_eq!(volume_sums(&rt).await, on_volumes);
+    let (_, err, code) = as_root(&rt, "echo written-on-b > /mnt/work/after && sync").await;
+    assert_eq!(code, 0, "{err}");
     // The command started on A delivers all its output, attached again on B.
     let attached = rt.get(&format!("/commands/{command}")).await;
     assert_eq!(attached.status(), StatusCode::OK);
@@ -400,7 +430,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     let mut live = websocket(&ws_url, &ws_headers).await;
     read_ws_until(&mut live, is_tick).await;
 
-    let c = joined(&a, &url, "migrate-c", "host-c", &[]);
+    let c = joined(&a, &url, &store, "migrate-c", "host-c", &[]);
     hosts.push(("host-c", c.edge.clone()));
     let listed = a.admin(&[
         "host",
@@ -423,6 +453,15 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
             .post(&format!("/v1/sandboxes/{sid}/connect"), json!({}))
             .await;
         assert_eq!(status, StatusCode::OK, "{v}");
+        if sid == &id {
+            // Its volumes moved again, with what was written on B.
+            let rt = Runtime::of(&v);
+            assert_eq!(volume_sums(&rt).await, on_volumes);
+            assert_eq!(
+                rt.read_file("/mnt/work/after").await.as_deref(),
+                Some(&b"written-on-b\n"[..])
+            );
+        }
         let owner = owner_of(&v, &hosts);
         assert!(owner == "host-a" || owner == "host-c", "{v}");
         landed.push(owner);
@@ -463,6 +502,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     let d = joined(
         &a,
         &url,
+        &store,
         "migrate-d",
         "host-d",
         &[("NULLSPACE_TEST_FAILPOINT", "migrate.loaded")],
@@ -527,6 +567,37 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     for host in [&a, &c] {
         assert!(nullspace_tests::qemus_in(host.run_dir()).is_empty());
     }
+    // The host it ended on saved the read-write volume (its write lock had moved with
+    // it): a new sandbox reads what was written on A and on B.
+    let reader = via_a
+        .create(json!({
+            "templateID": "minimal",
+            "resources": tiny(),
+            "mounts": { "/mnt/work": { "id": volumes[0], "type": "ro" } },
+        }))
+        .await;
+    let rt = Runtime::of(&reader);
+    let (sums, err, code) = as_root(&rt, "sha256sum /mnt/work/blob | cut -c1-64").await;
+    assert_eq!(code, 0, "{err}");
+    assert!(on_volumes.starts_with(&sums), "{sums} vs {on_volumes}");
+    assert_eq!(
+        rt.read_file("/mnt/work/after").await.as_deref(),
+        Some(&b"written-on-b\n"[..])
+    );
+    via_a.delete(reader["sandboxID"].as_str().unwrap()).await;
+}
+
+/// The sha256 of the read-write volume's blob and of the whole read-only volume's
+/// device, read from disk (the page cache dropped first).
+async fn volume_sums(rt: &Runtime) -> String {
+    let (sums, err, code) = as_root(
+        rt,
+        "echo 3 > /proc/sys/vm/drop_caches && sha256sum /mnt/work/blob | cut -c1-64 && sha256sum $(awk '$2==\"/mnt/ref\"{print $1}' /proc/mounts) | cut -c1-64",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(sums.lines().count(), 2, "{sums}");
+    sums
 }
 
 /// Waits (up to `secs`) until sandbox `id`, read through `api`, passes `check`.
@@ -551,10 +622,17 @@ async fn until(
     }
 }
 
-/// Another pool manager, `host`, on `url`'s catalog with `env` (a failpoint: it kills
+/// Another pool manager, `host`, on `url`'s catalog and `store` with `env` (a failpoint: it kills
 /// itself, SIGKILL, there); returned once registered and ready (its heartbeat task
 /// registers it after the daemon says it is up), as seen through `by`.
-fn joined(by: &Daemon, url: &str, name: &str, host: &str, env: &[(&str, &str)]) -> Daemon {
+fn joined(
+    by: &Daemon,
+    url: &str,
+    store: &str,
+    name: &str,
+    host: &str,
+    env: &[(&str, &str)],
+) -> Daemon {
     let c = Daemon::start_with(
         name,
         &[
@@ -564,6 +642,8 @@ fn joined(by: &Daemon, url: &str, name: &str, host: &str, env: &[(&str, &str)]) 
             host,
             "--preview-domain",
             PREVIEW_DOMAIN,
+            "--store-dir",
+            store,
         ],
         env,
     );
@@ -589,6 +669,7 @@ async fn post_copy_runs_the_guest_on_the_destination_and_a_source_lost_in_it_put
     let Some(TwoHosts {
         _db,
         url,
+        store,
         a,
         b,
         via_a,
@@ -683,6 +764,7 @@ async fn post_copy_runs_the_guest_on_the_destination_and_a_source_lost_in_it_put
     let c = joined(
         &a,
         &url,
+        &store,
         "postcopy-c",
         "pc-c",
         &[("NULLSPACE_TEST_FAILPOINT", "migrate.postcopy_handed")],

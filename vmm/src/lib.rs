@@ -21,8 +21,8 @@ pub mod vm_user;
 pub use accel::{Accel, AccelChoice, Detection};
 pub use images::ImageSet;
 pub use qemu::{
-    IncomingSocket, IncomingSpec, LiveOptions, MigrationStats, QemuConfig, QemuVm, QemuVmm,
-    RestoreMemory, RestoreOptions, Switchover, VolumeDrive,
+    IncomingSocket, IncomingSpec, IncomingVolume, LiveOptions, MigrationStats, QemuConfig, QemuVm,
+    QemuVmm, RestoreMemory, RestoreOptions, Switchover, VolumeDrive,
 };
 pub use snapshot::{MemoryFormat, Snapshot, SnapshotManifest};
 

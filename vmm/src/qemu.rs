@@ -29,7 +29,9 @@ use tokio::net::UnixStream;
 use tracing::{info, warn, Instrument};
 
 mod live;
-pub use live::{IncomingSocket, IncomingSpec, LiveOptions, MigrationStats, Switchover};
+pub use live::{
+    IncomingSocket, IncomingSpec, IncomingVolume, LiveOptions, MigrationStats, Switchover,
+};
 
 /// The unprivileged account QEMU runs as when the daemon runs as root.
 pub const VM_USER: &str = "nullspace-vm";

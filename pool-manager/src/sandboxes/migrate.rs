@@ -123,9 +123,9 @@ impl Manager {
                 r.state.public()
             )));
         };
-        if vm.has_volumes() || !r.mounts.is_empty() {
+        if r.volume_copies || vm.volume_luns().len() != r.mounts.len() {
             return Err(ApiError::conflict(format!(
-                "sandbox {id} has volumes mounted, which live migration does not carry yet; unmount them, or drain its host without --live (hibernate and resume)"
+                "sandbox {id} mounts private copies of its volumes (made by an older version), which live migration does not carry; drain its host without --live (hibernate and resume)"
             )));
         }
         let target = self.migration_target(me, host, &r)?;
@@ -240,10 +240,13 @@ impl Manager {
             }
             _ => None,
         };
-        // The source's VM is done either way: the sandbox is the destination's.
+        // The source's VM is done either way: the sandbox is the destination's, and so
+        // are its volumes (their holds are the sandbox's: the destination renews them,
+        // and saves its images when the sandbox ends there). These images go unsaved.
         if let Some(vm) = guard.take() {
             vm.kill().await;
         }
+        self.drop_volume_images(id);
         self.network.forget(id);
         self.slots.lock().unwrap().remove(id);
         drop(guard);
@@ -307,10 +310,15 @@ impl Manager {
             .iter()
             .find(|h| h.info.id == me)
             .ok_or_else(|| ApiError::internal("this host is not in the catalog's hosts"))?;
+        // Volumes are the store's: their write locks and saves go on from the
+        // destination only if it uses the same one.
+        let volumes_move_to =
+            |h: &HostRecord| r.mounts.is_empty() || h.info.shares_store_with(&mine.info);
         let compatible = |h: &HostRecord| {
             h.info.qemu == mine.info.qemu
                 && h.info.image_set == mine.info.image_set
                 && h.info.accel == mine.info.accel
+                && volumes_move_to(h)
         };
         let need = crate::catalog::Allocation {
             vcpus: u64::from(r.resources.vcpus),
@@ -334,6 +342,12 @@ impl Manager {
                     h.state
                 )));
             }
+            if !volumes_move_to(h) {
+                return Err(ApiError::conflict(format!(
+                    "sandbox {} has volumes mounted, and host {asked} uses another snapshot store than this host: a sandbox with volumes moves only between hosts sharing one; name such a host, or omit host",
+                    r.id
+                )));
+            }
             if !compatible(h) {
                 return Err(ApiError::conflict(format!(
                     "host {asked} runs another QEMU, accelerator or image set ({}, {}, {}; this host: {}, {}, {}): a VM migrates only to the same machine",
@@ -350,7 +364,8 @@ impl Manager {
                     503,
                     "no_host",
                     format!(
-                        "no other ready host with the same QEMU, accelerator and image set has room for sandbox {}; add one, or retry later",
+                        "no other ready host with the same QEMU, accelerator and image set{} has room for sandbox {}; add one, or retry later",
+                        if r.mounts.is_empty() { "" } else { " (and this host's snapshot store, for its volumes)" },
                         r.id
                     ),
                 )
@@ -408,10 +423,28 @@ impl Manager {
             .map_err(|e| failed("flattening the disk for the move", e))?;
         let disk = carry(vm, "migrate-disk.sock", base, id, "disk", token, deadline)?;
         let mirrored = vm.mirror_disk(&disk.path, deadline).await;
-        let disk_bytes = match mirrored {
+        let mut disk_bytes = match mirrored {
             Ok(b) => b,
             Err(e) => return Err(failed("mirroring the disk", e)),
         };
+        // Each volume whole, onto the image the destination made for it.
+        let mut volumes = Vec::new();
+        for lun in vm.volume_luns() {
+            let carried = carry(
+                vm,
+                &format!("migrate-vol{lun}.sock"),
+                base,
+                id,
+                &format!("vol{lun}"),
+                token,
+                deadline,
+            )?;
+            disk_bytes += vm
+                .mirror_volume(lun, &carried.path, deadline)
+                .await
+                .map_err(|e| failed(&format!("mirroring volume {lun}"), e))?;
+            volumes.push(carried);
+        }
         // In post-copy the RAM stream outlives the switch-over.
         let ram = carry(
             vm,
@@ -445,7 +478,7 @@ impl Manager {
         stats.disk_bytes = disk_bytes;
         // QEMU's downtime figure runs to here; the rest is counted from now.
         let stopped = Instant::now();
-        drop(disk);
+        drop((disk, volumes));
         // QEMU sent the whole stream (in post-copy, the device state); the destination
         // must have loaded it before the sandbox is handed over.
         let ram = match mode {
@@ -595,11 +628,14 @@ impl Manager {
                 "sandbox {id} already has a VM on this host"
             )));
         }
-        let vm = self
-            .vmm
-            .prepare_incoming(&spec)
-            .await
-            .map_err(|e| vm_error("starting a VM for the incoming migration", e))?;
+        let images = self.incoming_volume_images(&r, &spec.volumes).await?;
+        let vm = match self.vmm.prepare_incoming(&spec, &images).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                self.drop_volume_images(id);
+                return Err(vm_error("starting a VM for the incoming migration", e));
+            }
+        };
         let postcopy = vm.incoming_postcopy();
         let generation = self
             .incoming_generation
@@ -659,6 +695,7 @@ impl Manager {
             warn!(sandbox = %id, "an incoming migration was neither finished nor abandoned: its VM ends");
             if let Some(vm) = stale.lock().await.vm.take() {
                 vm.kill().await;
+                self.drop_volume_images(id);
             }
         }
     }
@@ -776,6 +813,7 @@ impl Manager {
         match vm {
             Some(vm) => {
                 vm.kill().await;
+                self.drop_volume_images(id);
                 info!(sandbox = %id, "incoming migration abandoned by its source");
                 Ok(())
             }
@@ -809,6 +847,7 @@ impl Manager {
             _ => {
                 if let Some(vm) = vm {
                     vm.kill().await;
+                    self.drop_volume_images(id);
                 }
                 return Err(ApiError::conflict(format!(
                     "sandbox {id} was not handed to this host; its incoming VM ended"
@@ -932,11 +971,33 @@ fn carry(
     Ok(Carried { path, task })
 }
 
-/// The stream names of `GET /v1/internal/migrations/{id}/{stream}`.
+/// The stream names of `GET /v1/internal/migrations/{id}/{stream}`: `ram`, `disk`,
+/// and `vol<LUN>` for each volume.
 pub fn incoming_socket(stream: &str) -> Option<IncomingSocket> {
     match stream {
         "ram" => Some(IncomingSocket::Migration),
         "disk" => Some(IncomingSocket::Disk),
-        _ => None,
+        _ => stream
+            .strip_prefix("vol")
+            .filter(|lun| lun.len() == 1)
+            .and_then(|lun| lun.parse::<u8>().ok())
+            .filter(|lun| *lun < 8)
+            .map(IncomingSocket::Volume),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_names_are_ram_disk_and_one_per_volume_lun() {
+        assert_eq!(incoming_socket("ram"), Some(IncomingSocket::Migration));
+        assert_eq!(incoming_socket("disk"), Some(IncomingSocket::Disk));
+        assert_eq!(incoming_socket("vol0"), Some(IncomingSocket::Volume(0)));
+        assert_eq!(incoming_socket("vol7"), Some(IncomingSocket::Volume(7)));
+        for bad in ["vol8", "vol", "vol01", "vol-1", "volx", "Vol1", "disk0", ""] {
+            assert_eq!(incoming_socket(bad), None, "{bad}");
+        }
     }
 }

@@ -17,8 +17,8 @@
 //! snapshots (same QEMU, accelerator and image set); a sandbox no such host can take
 //! keeps running here, and the drain waits. A host
 //! drained live (`draining-live`) first migrates each running sandbox live
-//! (`migrate.rs`); one that cannot (volumes mounted, no compatible host, a failed
-//! migration) hibernates and moves as above.
+//! (`migrate.rs`); one that cannot (no compatible host, a failed migration)
+//! hibernates and moves as above.
 
 use super::Manager;
 use crate::catalog::HostRecord;
@@ -178,7 +178,7 @@ impl Manager {
         }
         for r in mine {
             let team = r.team_id.clone();
-            if live && r.state == InternalState::Active && r.mounts.is_empty() {
+            if live && r.state == InternalState::Active {
                 match self
                     .migrate(
                         &r.id,

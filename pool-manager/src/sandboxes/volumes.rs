@@ -371,6 +371,71 @@ impl Manager {
         Ok(out)
     }
 
+    /// Destination of a live migration: an empty image of each volume the incoming VM
+    /// has (`volumes`), of its size, for the source's mirror to fill. The peer's list
+    /// must be the sandbox's mounts (LUN = index, the same mode), each no larger than
+    /// its volume in the store (which this host must therefore share).
+    pub(super) async fn incoming_volume_images(
+        &self,
+        r: &SandboxRecord,
+        volumes: &[vmm::IncomingVolume],
+    ) -> Result<BTreeMap<u8, PathBuf>, ApiError> {
+        let mut out = BTreeMap::new();
+        if volumes.len() != r.mounts.len() {
+            return Err(ApiError::bad_request(format!(
+                "the incoming VM has {} volumes and sandbox {} mounts {}",
+                volumes.len(),
+                r.id,
+                r.mounts.len()
+            )));
+        }
+        if volumes.is_empty() {
+            return Ok(out);
+        }
+        let dir = self.volume_dir(&r.id);
+        if dir.join(PENDING_FILE).exists() || dir.join(ABANDONED_FILE).exists() {
+            return Err(ApiError::conflict(format!(
+                "this host still keeps a save of sandbox {}'s volumes from when it ran here; migrate it to another host",
+                r.id
+            )));
+        }
+        vmm::space::ensure(&dir, 0, self.snapshots.min_free_mib << 20, "volume images")
+            .map_err(|e| super::vm_error("making the incoming volumes' images", e))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
+        for v in volumes {
+            let m = r
+                .mounts
+                .get(usize::from(v.lun))
+                .filter(|m| (m.mode == MountMode::Ro) == v.read_only)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "the incoming VM's volume at LUN {} ({}) is not one sandbox {} mounts",
+                        v.lun,
+                        if v.read_only { "ro" } else { "rw" },
+                        r.id
+                    ))
+                })?;
+            let stored = stored::get(self.store(), &m.volume)
+                .await
+                .map_err(volume_error)?;
+            if v.size_bytes == 0 || v.size_bytes > stored.size_mib << 20 {
+                return Err(ApiError::bad_request(format!(
+                    "the incoming VM's image of volume {} is {} bytes; the volume has {} MiB",
+                    m.volume, v.size_bytes, stored.size_mib
+                )));
+            }
+            let image = self.volume_image(&r.id, v.lun, false);
+            // A clean copy left from another time must never be saved as this one.
+            let _ = std::fs::remove_file(self.volume_image(&r.id, v.lun, true));
+            std::fs::File::create(&image)
+                .and_then(|f| f.set_len(v.size_bytes))
+                .map_err(|e| ApiError::internal(format!("making {}: {e}", image.display())))?;
+            out.insert(v.lun, image);
+        }
+        Ok(out)
+    }
+
     /// Makes the running VM's read-write volumes clean on disk: the guest flushes and
     /// freezes each file system (its journal checkpointed, so the image mounts anywhere
     /// without recovery). With `thaw`, a clean copy is kept beside each image

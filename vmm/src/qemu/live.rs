@@ -8,7 +8,9 @@
 //! 2. The source makes its disk chain overlay → root filesystem ([`QemuVm::flatten_disk`]:
 //!    a snapshot layer in between, such as a template's, is streamed into the overlay),
 //!    then mirrors the overlay onto the export ([`QemuVm::mirror_disk`]) until the
-//!    mirror is in step (it goes on copying what the guest writes).
+//!    mirror is in step (it goes on copying what the guest writes). Each attached
+//!    volume is mirrored whole the same way ([`QemuVm::mirror_volume`]) onto an image
+//!    the destination made for it, exported by the same NBD server.
 //! 3. RAM by pre-copy with auto-converge ([`QemuVm::migrate_out`]); QEMU stops the
 //!    source for the last pass (the downtime starts) and waits before the switch-over
 //!    (`pause-before-switchover`) with its block devices still active.
@@ -41,6 +43,22 @@ const STREAM_JOB: &str = "nullspace-stream";
 const DISK_EXPORT: &str = "nullspace-disk";
 /// The export's NBD name.
 const EXPORT_NAME: &str = "root";
+
+/// The block job mirroring volume `lun`.
+fn volume_mirror_job(lun: u8) -> String {
+    format!("{MIRROR_JOB}-vol{lun}")
+}
+
+/// The NBD name (and export ID) of volume `lun`'s export on the destination.
+fn volume_export(lun: u8) -> String {
+    format!("vol{lun}")
+}
+
+/// The destination's writable twin of read-only volume `lun`'s node: the mirror
+/// writes the image through it while the guest's own node stays read-only.
+fn volume_twin(lun: u8) -> String {
+    format!("vol{lun}-incoming")
+}
 /// How long a post-copy may stay paused (its stream broken) before its guest is
 /// given up.
 const POSTCOPY_STALL: Duration = Duration::from_secs(5);
@@ -71,6 +89,22 @@ pub struct IncomingSpec {
     /// can: [`QemuVm::incoming_postcopy`]).
     #[serde(default)]
     pub postcopy: bool,
+    /// The attached volumes: the destination makes an image of each (its size, empty)
+    /// for the source's mirror to fill.
+    #[serde(default)]
+    pub volumes: Vec<IncomingVolume>,
+}
+
+/// A volume of an incoming VM: its slot and image size.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IncomingVolume {
+    /// Its LUN (0 to 7).
+    pub lun: u8,
+    /// Whether the guest sees it write-protected.
+    pub read_only: bool,
+    /// The image's size in bytes.
+    pub size_bytes: u64,
 }
 
 /// Which of an incoming VM's sockets a stream goes to.
@@ -80,13 +114,15 @@ pub enum IncomingSocket {
     Migration,
     /// The NBD export of its disk (the source's mirror writes there).
     Disk,
+    /// The NBD export of the volume at this LUN (on the same NBD server as the disk's).
+    Volume(u8),
 }
 
 impl IncomingSocket {
     fn file(self) -> &'static str {
         match self {
             IncomingSocket::Migration => "incoming.sock",
-            IncomingSocket::Disk => "nbd.sock",
+            IncomingSocket::Disk | IncomingSocket::Volume(_) => "nbd.sock",
         }
     }
 }
@@ -132,8 +168,14 @@ pub struct MigrationStats {
 impl QemuVmm {
     /// Starts a VM for an incoming live migration: stopped, waiting for the migration
     /// stream on its `incoming.sock`, with a fresh overlay on this host's root
-    /// filesystem exported writable over NBD on its `nbd.sock` for the source's mirror.
-    pub async fn prepare_incoming(&self, spec: &IncomingSpec) -> Result<QemuVm, VmmError> {
+    /// filesystem exported writable over NBD on its `nbd.sock` for the source's mirror,
+    /// and each of `spec`'s volumes on its image in `volumes` (by LUN: made by the
+    /// caller, of the spec's size), exported there too.
+    pub async fn prepare_incoming(
+        &self,
+        spec: &IncomingSpec,
+        volumes: &BTreeMap<u8, PathBuf>,
+    ) -> Result<QemuVm, VmmError> {
         if spec.qemu_version != self.qemu_version {
             return Err(VmmError::SnapshotMismatch(format!(
                 "the source runs {:?} and this host {:?}: migrate to a host with the same QEMU",
@@ -153,6 +195,26 @@ impl QemuVmm {
             )));
         }
         let rootfs_image = self.images.rootfs(&spec.rootfs)?;
+        let mut drives = Vec::with_capacity(spec.volumes.len());
+        for v in &spec.volumes {
+            let path = volumes.get(&v.lun).filter(|_| v.lun < 8).ok_or_else(|| {
+                VmmError::InvalidSpec(format!(
+                    "the incoming VM has a volume at LUN {} and no image was made for it",
+                    v.lun
+                ))
+            })?;
+            if drives.iter().any(|d: &VolumeDrive| d.lun == v.lun) {
+                return Err(VmmError::InvalidSpec(format!(
+                    "the incoming VM names LUN {} twice",
+                    v.lun
+                )));
+            }
+            drives.push(VolumeDrive {
+                lun: v.lun,
+                path: path.clone(),
+                read_only: v.read_only,
+            });
+        }
         let postcopy = spec.postcopy && self.postcopy_available();
         let id = new_vm_id();
         let span = tracing::info_span!("vm", id = %id, incoming = true);
@@ -167,7 +229,7 @@ impl QemuVmm {
             disk_mib: spec.disk_mib,
             egress: spec.egress,
             isolated_network: self.config.isolated_network,
-            volumes: Vec::new(),
+            volumes: drives,
             incoming: true,
             start_paused: true,
             postcopy,
@@ -200,18 +262,28 @@ impl QemuVm {
             disk_mib: self.launch.disk_mib,
             egress: self.launch.egress,
             postcopy: false,
+            volumes: self
+                .launch
+                .volumes
+                .iter()
+                .map(|v| IncomingVolume {
+                    lun: v.lun,
+                    read_only: v.read_only,
+                    size_bytes: std::fs::metadata(&v.path).map_or(0, |m| m.len()),
+                })
+                .collect(),
         }
+    }
+
+    /// The LUNs of the attached volumes.
+    pub fn volume_luns(&self) -> Vec<u8> {
+        self.launch.volumes.iter().map(|v| v.lun).collect()
     }
 
     /// Whether this incoming VM takes post-copy (its host allows it and the source
     /// asked).
     pub fn incoming_postcopy(&self) -> bool {
         self.launch.postcopy
-    }
-
-    /// Whether volumes are attached (their images are not migrated).
-    pub fn has_volumes(&self) -> bool {
-        !self.launch.volumes.is_empty()
     }
 
     /// A connection to one of an incoming VM's sockets (QEMU makes them as it starts
@@ -282,6 +354,40 @@ impl QemuVm {
             })),
         )
         .await?;
+        for v in &self.launch.volumes {
+            let node = if v.read_only {
+                // The guest's node stays read-only; a second one on the same file takes
+                // the mirror's writes (no file lock: the first holds a shared one). The
+                // guest does not run until the mirror is done and the twin is gone.
+                qmp.execute(
+                    "blockdev-add",
+                    Some(json!({
+                        "driver": "raw",
+                        "node-name": volume_twin(v.lun),
+                        "file": {
+                            "driver": "file",
+                            "filename": v.path.display().to_string(),
+                            "locking": "off",
+                        }
+                    })),
+                )
+                .await?;
+                volume_twin(v.lun)
+            } else {
+                v.node_name()
+            };
+            qmp.execute(
+                "block-export-add",
+                Some(json!({
+                    "type": "nbd",
+                    "id": volume_export(v.lun),
+                    "node-name": node,
+                    "name": volume_export(v.lun),
+                    "writable": true,
+                })),
+            )
+            .await?;
+        }
         Ok(())
     }
 
@@ -361,6 +467,41 @@ impl QemuVm {
             )
             .await?;
         self.wait_job(MIRROR_JOB, true, deadline).await
+    }
+
+    /// Mirrors the whole of the volume at `lun` onto the destination's export of it
+    /// (an image of its size), reached through `nbd_socket`, until in step; it goes on
+    /// copying what the guest writes until [`QemuVm::end_mirror`]. Returns the bytes
+    /// copied so far.
+    pub async fn mirror_volume(
+        &self,
+        lun: u8,
+        nbd_socket: &Path,
+        deadline: Instant,
+    ) -> Result<u64, VmmError> {
+        let drive = self
+            .launch
+            .volumes
+            .iter()
+            .find(|v| v.lun == lun)
+            .ok_or_else(|| VmmError::InvalidSpec(format!("no volume at LUN {lun}")))?;
+        let job = volume_mirror_job(lun);
+        self.qmp()
+            .execute_within(
+                "drive-mirror",
+                Some(json!({
+                    "job-id": job,
+                    "device": drive.node_name(),
+                    "target": format!("nbd+unix:///{}?socket={}", volume_export(lun), nbd_socket.display()),
+                    "format": "raw",
+                    "sync": "full",
+                    "mode": "existing",
+                    "auto-dismiss": false,
+                })),
+                JOB_COMMAND_TIMEOUT,
+            )
+            .await?;
+        self.wait_job(&job, true, deadline).await
     }
 
     /// Migrates RAM through `socket` (one of [`QemuVm::listen_for_qemu`]'s, carried
@@ -510,13 +651,25 @@ impl QemuVm {
     }
 
     /// At the switch-over (the guest stopped, block devices still active): ends the
-    /// disk mirror once its copy is whole. Returns the bytes it copied.
+    /// disk's and the volumes' mirrors once each copy is whole. Returns the bytes they
+    /// copied.
     pub async fn end_mirror(&self) -> Result<u64, VmmError> {
-        self.qmp()
-            .execute("block-job-cancel", Some(json!({ "device": MIRROR_JOB })))
-            .await?;
-        self.wait_job(MIRROR_JOB, false, Instant::now() + Duration::from_secs(30))
-            .await
+        let jobs: Vec<String> = std::iter::once(MIRROR_JOB.to_string())
+            .chain(self.launch.volumes.iter().map(|v| volume_mirror_job(v.lun)))
+            .collect();
+        // All at once: each completes as soon as its last writes are copied.
+        for job in &jobs {
+            self.qmp()
+                .execute("block-job-cancel", Some(json!({ "device": job })))
+                .await?;
+        }
+        let mut copied = 0;
+        for job in &jobs {
+            copied += self
+                .wait_job(job, false, Instant::now() + Duration::from_secs(30))
+                .await?;
+        }
+        Ok(copied)
     }
 
     /// Undoes an outgoing migration that did not hand over: the migration and the
@@ -551,7 +704,7 @@ impl QemuVm {
                 let Some(id) = job["id"].as_str() else {
                     continue;
                 };
-                if id != MIRROR_JOB && id != STREAM_JOB {
+                if !id.starts_with(MIRROR_JOB) && id != STREAM_JOB {
                     continue;
                 }
                 if job["status"] != "concluded" {
@@ -628,6 +781,32 @@ impl QemuVm {
             Some(json!({ "id": DISK_EXPORT, "mode": "hard" })),
         )
         .await?;
+        for v in &self.launch.volumes {
+            qmp.execute(
+                "block-export-del",
+                Some(json!({ "id": volume_export(v.lun), "mode": "hard" })),
+            )
+            .await?;
+        }
+        // An export's removal completes in the background; the twins go once it has.
+        let settle = Instant::now() + Duration::from_secs(10);
+        for v in self.launch.volumes.iter().filter(|v| v.read_only) {
+            loop {
+                match qmp
+                    .execute(
+                        "blockdev-del",
+                        Some(json!({ "node-name": volume_twin(v.lun) })),
+                    )
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(_) if Instant::now() < settle => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
         let _ = qmp.execute("nbd-server-stop", None).await;
         qmp.execute("cont", None).await?;
         self.connect_agent(deadline).await
