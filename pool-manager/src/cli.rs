@@ -201,6 +201,30 @@ pub struct Serve {
     /// The address other hosts and clients reach this one at (default: the bound address)
     #[arg(long, value_name = "ADDR")]
     pub advertise_host: Option<String>,
+    /// The URL other hosts reach this one's control API at, when something stands in
+    /// between (a proxy, a load balancer, a NAT's forwarded port): http://HOST:PORT
+    /// (default: the control listener's port on --advertise-host)
+    #[arg(long, value_name = "URL", value_parser = control_url)]
+    pub advertise_control_url: Option<String>,
+}
+
+/// `--advertise-control-url`: `http://HOST:PORT`, nothing after it.
+fn control_url(s: &str) -> Result<String, String> {
+    let rest = s.strip_prefix("http://").ok_or_else(|| {
+        format!("{s:?}: send http://HOST:PORT (the control API is plain HTTP between hosts)")
+    })?;
+    let rest = rest.trim_end_matches('/');
+    let port_ok = rest
+        .rsplit_once(':')
+        .and_then(|(host, port)| (!host.is_empty()).then_some(port))
+        .and_then(|p| p.parse::<u16>().ok())
+        .is_some_and(|p| p > 0);
+    if !port_ok || rest.contains('/') || rest.contains('?') || rest.contains('@') {
+        return Err(format!(
+            "{s:?}: send http://HOST:PORT, with a port and no path"
+        ));
+    }
+    Ok(format!("http://{rest}"))
 }
 
 /// `check`.
@@ -663,6 +687,22 @@ mod tests {
         assert!(e.contains("1..=64"), "{e}");
         let e = msg(&["admin", "host", "undrain", "h", "--wait-s", "3"], &[]);
         assert!(e.contains("--wait-s"), "{e}");
+        for bad in [
+            "10.0.0.1:7070",
+            "https://h:7070",
+            "http://h",
+            "http://h:0",
+            "http://h:7070/api",
+            "http://:7070",
+        ] {
+            let e = msg(&["serve", "--advertise-control-url", bad], &[]);
+            assert!(e.contains("send http://HOST:PORT"), "{bad}: {e}");
+        }
+        let ok = serve(&["--advertise-control-url", "http://10.0.0.1:7070/"], &[]);
+        assert_eq!(
+            ok.advertise_control_url.as_deref(),
+            Some("http://10.0.0.1:7070")
+        );
     }
 
     #[test]

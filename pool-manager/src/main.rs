@@ -756,7 +756,10 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
     let snapshots = snapshot_settings(args, &dir).await?;
     let host_info = catalog::HostInfo {
         id: host.clone(),
-        control_url: advertise(control.local_addr()?),
+        control_url: match &args.advertise_control_url {
+            Some(url) => url.clone(),
+            None => advertise(control.local_addr()?),
+        },
         edge_url: advertise(data.local_addr()?),
         preview_url: advertise(preview_listener.local_addr()?),
         vcpus,

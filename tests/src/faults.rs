@@ -1,6 +1,7 @@
-//! A fault-injecting loopback proxy in front of an HTTP server (the suite's S3 server):
-//! pass-through, `503 SlowDown` to every request or a fraction of them, stalls, and
-//! connections reset part way through a body. The fault is switched at run time
+//! A fault-injecting loopback proxy in front of an HTTP server (the suite's S3 server,
+//! a pool manager's control API between hosts): pass-through, `503 SlowDown` to every
+//! request or a fraction of them, stalls, connections reset part way through a body, and
+//! faults on the first requests to one path only (streams in HTTP upgrades included). The fault is switched at run time
 //! ([`FaultProxy::set`]); connections already passing through are closed when it
 //! changes, so the next request meets the new fault.
 //!
@@ -31,6 +32,26 @@ pub enum Fault {
     /// server never sees it). One without: it is sent on, and half of the response
     /// body (half of the head if there is none) reaches the client before the reset.
     ResetMidBody,
+    /// The first `times` requests whose request line contains `path` meet `fault`;
+    /// every other request passes, upgrades and all (its connection is then piped
+    /// as it is).
+    OnPath {
+        path: &'static str,
+        times: u32,
+        fault: PathFault,
+    },
+}
+
+/// What [`Fault::OnPath`] does to a request it picks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathFault {
+    /// `503` at once; the server never sees it.
+    Refuse,
+    /// The connection is reset once the head is read; the server never sees it.
+    Reset,
+    /// Sent on, then the connection is reset once this many bytes went from the client
+    /// to the server (a stream cut part way).
+    CutAfter(u64),
 }
 
 /// The XML body of S3's throttling error.
@@ -47,11 +68,14 @@ struct Counters {
     requests: AtomicU64,
     /// Requests failed (503, stalled, reset).
     injected: AtomicU64,
+    /// Requests [`Fault::OnPath`] picked since it was set.
+    on_path: AtomicU64,
 }
 
 /// A running proxy; stops when dropped.
 pub struct FaultProxy {
     addr: SocketAddr,
+    upstream: watch::Sender<String>,
     fault: watch::Sender<Fault>,
     counters: Arc<Counters>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -62,10 +86,7 @@ impl FaultProxy {
     /// Starts a proxy on a free loopback port in front of `upstream` (`http://host:port`
     /// or `host:port`), passing everything through.
     pub fn start(upstream: &str) -> Self {
-        let upstream = upstream
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_string();
+        let (upstream, upstream_rx) = watch::channel(bare(upstream));
         let (fault, fault_rx) = watch::channel(Fault::PassThrough);
         let counters = Arc::new(Counters::default());
         let (stop, stop_rx) = tokio::sync::oneshot::channel();
@@ -90,7 +111,7 @@ impl FaultProxy {
                             let _ = client.set_nodelay(true);
                             tokio::spawn(serve(
                                 client,
-                                upstream.clone(),
+                                upstream_rx.borrow().clone(),
                                 fault_rx.clone(),
                                 c.clone(),
                             ));
@@ -110,6 +131,7 @@ impl FaultProxy {
             .expect("the fault proxy listens");
         Self {
             addr,
+            upstream,
             fault,
             counters,
             stop: Some(stop),
@@ -124,7 +146,15 @@ impl FaultProxy {
 
     /// Switches the fault; connections passing through are closed.
     pub fn set(&self, fault: Fault) {
+        self.counters.on_path.store(0, Ordering::SeqCst);
         self.fault.send_replace(fault);
+    }
+
+    /// Points the proxy at another server (`http://host:port` or `host:port`), for
+    /// connections accepted from now on: a proxy may be started before its server,
+    /// which is told the proxy's address.
+    pub fn set_upstream(&self, upstream: &str) {
+        self.upstream.send_replace(bare(upstream));
     }
 
     /// The fault now.
@@ -154,6 +184,14 @@ impl Drop for FaultProxy {
     }
 }
 
+/// `host:port` of `http://host:port/`.
+fn bare(upstream: &str) -> String {
+    upstream
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
 /// One client connection, under the fault in force when it was accepted.
 async fn serve(
     mut client: TcpStream,
@@ -177,9 +215,25 @@ async fn serve(
     let Some(req) = read_head(&mut client).await else {
         return;
     };
+    if let Fault::OnPath { path, times, fault } = now {
+        let line = req.head.split(|b| *b == b'\n').next().unwrap_or_default();
+        let picked = String::from_utf8_lossy(line).contains(path)
+            && counters.on_path.fetch_add(1, Ordering::SeqCst) < u64::from(times);
+        if picked {
+            counters.requests.fetch_add(1, Ordering::SeqCst);
+            counters.injected.fetch_add(1, Ordering::SeqCst);
+        }
+        match (picked, fault) {
+            (true, PathFault::Refuse) => slow_down(client, &req).await,
+            (true, PathFault::Reset) => reset(client),
+            (true, PathFault::CutAfter(n)) => pipe(client, &upstream, &req, Some(n)).await,
+            (false, _) => pipe(client, &upstream, &req, None).await,
+        }
+        return;
+    }
     let n = counters.requests.fetch_add(1, Ordering::SeqCst);
     match now {
-        Fault::PassThrough => unreachable!(),
+        Fault::PassThrough | Fault::OnPath { .. } => unreachable!(),
         Fault::SlowDown { percent } => {
             let p = u64::from(percent.min(100));
             // Evenly spread: request n fails when the running share of failures steps up.
@@ -216,6 +270,37 @@ async fn serve(
             }
         }
     }
+}
+
+/// Sends the request's head and what came after it on, then pipes the connection both
+/// ways as it is (an upgrade, keep-alive requests); with `cut`, the connection is reset
+/// once that many bytes went from the client to the server in all.
+async fn pipe(mut client: TcpStream, upstream: &str, req: &Head, cut: Option<u64>) {
+    let Ok(mut server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let _ = server.set_nodelay(true);
+    if server.write_all(&req.head).await.is_err() || server.write_all(&req.extra).await.is_err() {
+        return;
+    }
+    let Some(limit) = cut else {
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        return;
+    };
+    let sent = (req.head.len() + req.extra.len()) as u64;
+    {
+        let (mut from_client, mut to_client) = client.split();
+        let (mut from_server, mut to_server) = server.split();
+        let mut capped = (&mut from_client).take(limit.saturating_sub(sent));
+        let up = tokio::io::copy(&mut capped, &mut to_server);
+        let down = tokio::io::copy(&mut from_server, &mut to_client);
+        // The upward copy ends at the limit (or the client's end): the cut.
+        tokio::select! {
+            _ = up => {}
+            _ = down => {}
+        }
+    }
+    reset(client);
 }
 
 /// A request head and what arrived after it.

@@ -221,6 +221,17 @@ pub type Ws =
 
 /// A WebSocket to `http_url` (its `ws://` form) with `headers`, opened within 30 s.
 pub async fn websocket(http_url: &str, headers: &[(&str, &str)]) -> Ws {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        try_websocket(http_url, headers),
+    )
+    .await
+    .expect("the WebSocket opens within 30 s")
+    .unwrap_or_else(|e| panic!("{http_url}: {e}"))
+}
+
+/// One try at [`websocket`]: the handshake's error if it is refused.
+pub async fn try_websocket(http_url: &str, headers: &[(&str, &str)]) -> Result<Ws, String> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = http_url
         .replacen("http://", "ws://", 1)
@@ -232,14 +243,31 @@ pub async fn websocket(http_url: &str, headers: &[(&str, &str)]) -> Ws {
             value.parse().unwrap(),
         );
     }
-    let (ws, _) = tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        tokio_tungstenite::connect_async(req),
-    )
-    .await
-    .expect("the WebSocket opens within 30 s")
-    .unwrap_or_else(|e| panic!("{http_url}: {e}"));
-    ws
+    tokio_tungstenite::connect_async(req)
+        .await
+        .map(|(ws, _)| ws)
+        .map_err(|e| e.to_string())
+}
+
+/// [`try_websocket`] until it opens (a server still starting, an owner's address still
+/// cached elsewhere), for up to 30 s.
+pub async fn websocket_when_ready(http_url: &str, headers: &[(&str, &str)]) -> Ws {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            try_websocket(http_url, headers),
+        )
+        .await
+        {
+            Ok(Ok(ws)) => return ws,
+            Ok(Err(e)) if std::time::Instant::now() > deadline => panic!("{http_url}: {e}"),
+            Err(_) if std::time::Instant::now() > deadline => {
+                panic!("{http_url}: no handshake within 30 s")
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    }
 }
 
 /// Reads messages until `done` says so (returning that one), for up to 60 s.

@@ -2,7 +2,9 @@
 //! sandbox moves while its processes run on, through the operator's API and through a
 //! live drain; what the API refuses, it refuses with what to send instead.
 
-use nullspace_tests::http::{create_on, owner_of, read_ws_until, websocket, Api, Runtime, Ws};
+use nullspace_tests::http::{
+    create_on, owner_of, read_ws_until, websocket_when_ready, Api, Runtime, Ws,
+};
 use nullspace_tests::postgres::{pool_manager, server, FreshDatabase};
 use nullspace_tests::Daemon;
 use reqwest::StatusCode;
@@ -427,7 +429,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
         ("host", preview_host.as_str()),
         ("x-nullspace-preview-proxy-token", proxy_token.as_str()),
     ];
-    let mut live = websocket(&ws_url, &ws_headers).await;
+    let mut live = websocket_when_ready(&ws_url, &ws_headers).await;
     read_ws_until(&mut live, is_tick).await;
 
     let c = joined(&a, &url, &store, "migrate-c", "host-c", &[]);
@@ -488,7 +490,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     // The preview's WebSocket ended with the VM it was tunnelled to (not left hanging);
     // the client connects again through the same URL and the new owner serves it.
     ws_ends(&mut live).await;
-    let mut again = websocket(&ws_url, &ws_headers).await;
+    let mut again = websocket_when_ready(&ws_url, &ws_headers).await;
     read_ws_until(&mut again, is_tick).await;
     drop(again);
     a.admin(&["host", "undrain", "host-b", "--catalog", &url]);
@@ -633,8 +635,20 @@ fn joined(
     host: &str,
     env: &[(&str, &str)],
 ) -> Daemon {
-    let c = Daemon::start_with(
-        name,
+    joined_with(by, url, store, name, host, &[], env)
+}
+
+/// [`joined`], with `extra` flags.
+fn joined_with(
+    by: &Daemon,
+    url: &str,
+    store: &str,
+    name: &str,
+    host: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Daemon {
+    let flags = [
         &[
             "--catalog",
             url,
@@ -645,8 +659,10 @@ fn joined(
             "--store-dir",
             store,
         ],
-        env,
-    );
+        extra,
+    ]
+    .concat();
+    let c = Daemon::start_with(name, &flags, env);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let listed = by.admin(&["host", "list", "--catalog", url]);
@@ -811,4 +827,194 @@ async fn post_copy_runs_the_guest_on_the_destination_and_a_source_lost_in_it_put
     via_a.delete(&id).await;
     via_a.delete(&lost_id).await;
     assert!(nullspace_tests::qemus_in(b.run_dir()).is_empty());
+}
+
+/// Every host-to-host call of a migration, refused, reset or cut part way through a
+/// fault proxy between the hosts (the destination advertises the proxy as its control
+/// URL): each leaves the sandbox running where it was, untouched, its destination VM
+/// ended; a `finish` lost after the switch-over is sent again and the move completes.
+#[tokio::test]
+async fn a_fault_on_any_call_between_the_hosts_leaves_the_sandbox_running_where_it_was() {
+    use nullspace_tests::faults::{Fault, FaultProxy, PathFault};
+    let Some(TwoHosts {
+        _db,
+        url,
+        store,
+        a,
+        b,
+        via_a,
+        operator,
+    }) = two_hosts("migfaults", "mf-a", "mf-b").await
+    else {
+        return;
+    };
+    // The proxy first: D is told its address, then the proxy is pointed at D.
+    let proxy = FaultProxy::start("127.0.0.1:9");
+    let d = joined_with(
+        &a,
+        &url,
+        &store,
+        "migfaults-d",
+        "mf-d",
+        &["--advertise-control-url", &proxy.url()],
+        &[],
+    );
+    proxy.set_upstream(&d.control);
+    let hosts = vec![
+        ("mf-a", a.edge.clone()),
+        ("mf-b", b.edge.clone()),
+        ("mf-d", d.edge.clone()),
+    ];
+    let (status, v) = via_a
+        .post("/v1/volumes", json!({ "name": "faults", "sizeMiB": 16 }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let volume = v["volumeID"].as_str().unwrap().to_string();
+    // Wherever placement puts it, it is moved to A first (through the proxy if on D).
+    let sbx = via_a
+        .create(
+            json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600,
+                "mounts": { "/mnt/work": { "id": volume, "type": "rw" } } }),
+        )
+        .await;
+    let id = sbx["sandboxID"].as_str().unwrap().to_string();
+    let sbx = if owner_of(&sbx, &hosts) == "mf-a" {
+        sbx
+    } else {
+        let (status, v) = operator
+            .post(
+                &format!("/v1/sandboxes/{id}/migrate"),
+                json!({ "host": "mf-a" }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let (_, sbx) = via_a
+            .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+            .await;
+        sbx
+    };
+    assert_eq!(owner_of(&sbx, &hosts), "mf-a", "{sbx}");
+    let rt = Runtime::of(&sbx);
+    let (_, err, code) = as_root(
+        &rt,
+        "head -c 4194304 /dev/urandom > /mnt/work/blob && head -c 8388608 /dev/urandom > /workspace/big && sync",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let (pid, _, code) = rt
+        .run("setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i >> /workspace/count; sleep 0.01; done' </dev/null >/dev/null 2>&1 & echo $!")
+        .await;
+    assert_eq!(code, 0);
+    let counter = pid.trim().to_string();
+    let migrate = format!("/v1/sandboxes/{id}/migrate");
+    let path = |suffix: &str| -> &'static str {
+        Box::leak(format!("/v1/internal/migrations/{id}{suffix}").into_boxed_str())
+    };
+    let cases = [
+        ("the destination's VM refused", path(" "), PathFault::Refuse),
+        (
+            "the disk's stream cut",
+            path("/disk "),
+            PathFault::CutAfter(1 << 20),
+        ),
+        (
+            "the volume's stream cut",
+            path("/vol0 "),
+            PathFault::CutAfter(256 << 10),
+        ),
+        (
+            "the RAM stream cut",
+            path("/ram "),
+            PathFault::CutAfter(4 << 20),
+        ),
+        (
+            "the loaded state's check reset",
+            path("/received "),
+            PathFault::Reset,
+        ),
+    ];
+    for (what, path, fault) in cases {
+        proxy.set(Fault::OnPath {
+            path,
+            times: 1,
+            fault,
+        });
+        let picked = proxy.injected();
+        let (status, v) = operator
+            .post(&migrate, json!({ "host": "mf-d", "postcopy": false }))
+            .await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{what}: {v}");
+        assert!(
+            v["message"].as_str().unwrap().contains("runs on here"),
+            "{what}: {v}"
+        );
+        assert_eq!(proxy.injected(), picked + 1, "{what}: the fault never hit");
+        // Where it was, running, its counter counting; the last move event a failure.
+        let (status, v) = via_a
+            .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{what}: {v}");
+        assert_eq!(
+            (owner_of(&v, &hosts), v["state"].as_str()),
+            ("mf-a", Some("running")),
+            "{what}: {v}"
+        );
+        let rt = Runtime::of(&v);
+        let (_, _, alive) = rt.run(&format!("kill -0 {counter}")).await;
+        assert_eq!(alive, 0, "{what}: the counter died");
+        let now = count_past(&rt, 0).await;
+        count_past(&rt, now + 5).await;
+        let types: Vec<String> = event_types(&via_a, &id)
+            .await
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
+        assert_eq!(
+            types.iter().rev().find(|t| t.starts_with("sandbox.migrat")),
+            Some(&"sandbox.migration_failed".to_string()),
+            "{what}: {types:?}"
+        );
+        // The destination's VM and its volume images went (its abandon passed).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !nullspace_tests::qemus_in(d.run_dir()).is_empty() {
+            assert!(Instant::now() < deadline, "{what}: a QEMU stayed on D");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            !d.state_dir().join("volumes").join(&id).exists(),
+            "{what}: D kept the volume images"
+        );
+    }
+
+    // The switch-over's last call, lost once: sent again, and the move completes.
+    proxy.set(Fault::OnPath {
+        path: path("/finish "),
+        times: 1,
+        fault: PathFault::Reset,
+    });
+    let (status, report) = operator
+        .post(&migrate, json!({ "host": "mf-d", "postcopy": false }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert!(proxy.injected() > 0);
+    let (_, v) = via_a
+        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+        .await;
+    assert_eq!(
+        (owner_of(&v, &hosts), v["state"].as_str()),
+        ("mf-d", Some("running")),
+        "{v}"
+    );
+    let rt = Runtime::of(&v);
+    let (_, _, alive) = rt.run(&format!("kill -0 {counter}")).await;
+    assert_eq!(alive, 0, "the counter runs on D");
+    let now = count_past(&rt, 0).await;
+    count_past(&rt, now + 5).await;
+    assert!(nullspace_tests::qemus_in(a.run_dir()).is_empty());
+    assert!(
+        !a.state_dir().join("volumes").join(&id).exists(),
+        "A kept the moved sandbox's volume images"
+    );
+    via_a.delete(&id).await;
+    assert!(nullspace_tests::qemus_in(d.run_dir()).is_empty());
 }

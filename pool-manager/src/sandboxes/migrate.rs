@@ -54,6 +54,14 @@ const MAX_DOWNTIME: Duration = Duration::from_millis(300);
 const INCOMING_DEADLINE: Duration = Duration::from_secs(420);
 /// How long the RAM left after a post-copy switch-over may take to arrive.
 const POSTCOPY_DEADLINE: Duration = Duration::from_secs(120);
+/// The waits before each try of the destination's `finish` (a call lost on the way
+/// is sent again).
+const FINISH_RETRIES: [Duration; 4] = [
+    Duration::ZERO,
+    Duration::from_millis(250),
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
 /// How long a migration's host-to-host token is good for.
 const TOKEN_LIFETIME: Duration = Duration::from_secs(480);
 
@@ -208,15 +216,28 @@ impl Manager {
             // The kill -9 test's point: the source gone with RAM left to send.
             failpoint::hit("migrate.postcopy_handed");
         }
-        let finished = tunnel::call(
-            &target.info.control_url,
-            Method::POST,
-            &format!("/v1/internal/migrations/{id}/finish"),
-            (MIGRATION_TOKEN, &token),
-            &json!({ "from": me }),
-            Duration::from_secs(90),
-        )
-        .await;
+        // The sandbox is the destination's now, and its guest stands still until this
+        // call lands: one lost on the way is sent again (the destination's finish is
+        // idempotent). An answer, even an error, is final.
+        let mut tries = FINISH_RETRIES.iter().peekable();
+        let finished = loop {
+            tokio::time::sleep(*tries.next().expect("a first try")).await;
+            let answer = tunnel::call(
+                &target.info.control_url,
+                Method::POST,
+                &format!("/v1/internal/migrations/{id}/finish"),
+                (MIGRATION_TOKEN, &token),
+                &json!({ "from": me }),
+                Duration::from_secs(90),
+            )
+            .await;
+            match answer {
+                Err(e) if tries.peek().is_some() => {
+                    warn!(parent: &span, error = %e, "telling the destination to run the sandbox failed; sending it again")
+                }
+                answer => break answer,
+            }
+        };
         let downtime_ms = stats.qemu_downtime_ms + stopped.elapsed().as_millis() as u64;
         // In post-copy the source serves the pages left until the destination has them
         // all (the destination's watch fails the sandbox if they never come).
