@@ -201,6 +201,10 @@ pub struct Serve {
     /// The address other hosts and clients reach this one at (default: the bound address)
     #[arg(long, value_name = "ADDR")]
     pub advertise_host: Option<String>,
+    /// The vCPUs sandboxes may have on this host in all, for cluster placement and live
+    /// migration (default: its CPUs; more overcommits them, 1 to 4096)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub capacity_vcpus: Option<u64>,
     /// The URL other hosts reach this one's control API at, when something stands in
     /// between (a proxy, a load balancer, a NAT's forwarded port): http://HOST:PORT
     /// (default: the control listener's port on --advertise-host)
@@ -687,6 +691,8 @@ mod tests {
         assert!(e.contains("1..=64"), "{e}");
         let e = msg(&["admin", "host", "undrain", "h", "--wait-s", "3"], &[]);
         assert!(e.contains("--wait-s"), "{e}");
+        let e = msg(&["serve", "--capacity-vcpus", "0"], &[]);
+        assert!(e.contains("1..=4096"), "{e}");
         for bad in [
             "10.0.0.1:7070",
             "https://h:7070",

@@ -752,7 +752,8 @@ async fn serve(args: &cli::Serve) -> anyhow::Result<()> {
     // The data plane clients are sent to (a sandbox's runtime URL): where other hosts
     // reach this one is where clients do too.
     let edge_url = advertise(data.local_addr()?);
-    let (vcpus, mem_mib, disk_mib) = cluster::hosts::capacity(&dir);
+    let (cpus, mem_mib, disk_mib) = cluster::hosts::capacity(&dir);
+    let vcpus = args.capacity_vcpus.unwrap_or(cpus);
     let snapshots = snapshot_settings(args, &dir).await?;
     let host_info = catalog::HostInfo {
         id: host.clone(),

@@ -130,7 +130,8 @@ async fn event_types(api: &Api, id: &str) -> Vec<(String, Value)> {
 }
 
 /// Two pool managers on a fresh catalog and one snapshot store (A's local one, which
-/// B is given: one directory on one machine), a team key and an operator key (both
+/// B is given: one directory on one machine), each offering 4 vCPUs (the drain test
+/// puts three 1-vCPU sandboxes on B), a team key and an operator key (both
 /// through host `a`); `None` (the test skipped) without PostgreSQL.
 struct TwoHosts {
     /// Dropped last: the database goes with the test.
@@ -164,6 +165,8 @@ async fn two_hosts(name: &str, a_id: &str, b_id: &str) -> Option<TwoHosts> {
             a_id,
             "--preview-domain",
             PREVIEW_DOMAIN,
+            "--capacity-vcpus",
+            "4",
         ],
         &[],
     );
@@ -179,6 +182,8 @@ async fn two_hosts(name: &str, a_id: &str, b_id: &str) -> Option<TwoHosts> {
             PREVIEW_DOMAIN,
             "--store-dir",
             &store,
+            "--capacity-vcpus",
+            "4",
         ],
         &[],
     );
@@ -856,7 +861,12 @@ async fn a_fault_on_any_call_between_the_hosts_leaves_the_sandbox_running_where_
         &store,
         "migfaults-d",
         "mf-d",
-        &["--advertise-control-url", &proxy.url()],
+        &[
+            "--advertise-control-url",
+            &proxy.url(),
+            "--capacity-vcpus",
+            "1",
+        ],
         &[],
     );
     proxy.set_upstream(&d.control);
@@ -1015,6 +1025,25 @@ async fn a_fault_on_any_call_between_the_hosts_leaves_the_sandbox_running_where_
         !a.state_dir().join("volumes").join(&id).exists(),
         "A kept the moved sandbox's volume images"
     );
+    // D offers one vCPU, which the sandbox has now: another is refused there, before
+    // anything starts.
+    let other = via_a
+        .create(json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }))
+        .await;
+    let other_id = other["sandboxID"].as_str().unwrap().to_string();
+    assert_ne!(owner_of(&other, &hosts), "mf-d", "{other}");
+    let (status, v) = operator
+        .post(
+            &format!("/v1/sandboxes/{other_id}/migrate"),
+            json!({ "host": "mf-d" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("has no room"),
+        "{v}"
+    );
+    via_a.delete(&other_id).await;
     via_a.delete(&id).await;
     assert!(nullspace_tests::qemus_in(d.run_dir()).is_empty());
 }

@@ -136,7 +136,7 @@ impl Manager {
                 "sandbox {id} mounts private copies of its volumes (made by an older version), which live migration does not carry; drain its host without --live (hibernate and resume)"
             )));
         }
-        let target = self.migration_target(me, host, &r)?;
+        let (target, _room) = self.migration_target(me, host, &r)?;
         let to = target.info.id.clone();
         let span = tracing::info_span!("migration", sandbox = %id, from = %me, to = %to);
         let token = self.tokens.issue(
@@ -319,13 +319,14 @@ impl Manager {
     }
 
     /// The host sandbox `r` goes to: `asked`, which must be able to take it, or the
-    /// one placement chooses among the compatible ready hosts.
+    /// one placement chooses among the compatible ready hosts; with its room held for
+    /// the move.
     fn migration_target(
         &self,
         me: &str,
         asked: Option<&str>,
         r: &SandboxRecord,
-    ) -> Result<HostRecord, ApiError> {
+    ) -> Result<(HostRecord, Room), ApiError> {
         let hosts = self.catalog.hosts()?;
         let mine = hosts
             .iter()
@@ -375,22 +376,50 @@ impl Manager {
                     h.info.qemu, h.info.accel, h.info.image_set, mine.info.qemu, mine.info.accel, mine.info.image_set
                 )));
             }
-            return Ok(h.clone());
-        }
-        let excluded: std::collections::HashSet<String> = [me.to_string()].into();
-        crate::cluster::placement::choose(&hosts, need, "", false, compatible, &excluded)
-            .cloned()
-            .ok_or_else(|| {
+            let room = self.hold_room(asked, need)?.ok_or_else(|| {
                 ApiError::new(
                     503,
                     "no_host",
                     format!(
-                        "no other ready host with the same QEMU, accelerator and image set{} has room for sandbox {}; add one, or retry later",
-                        if r.mounts.is_empty() { "" } else { " (and this host's snapshot store, for its volumes)" },
-                        r.id
+                        "host {asked} has no room for sandbox {} ({} vCPUs, {} MiB of memory, {} MiB of disk); name another host, or omit host",
+                        r.id, need.vcpus, need.mem_mib, need.disk_mib
                     ),
                 )
-            })
+            })?;
+            return Ok((h.clone(), room));
+        }
+        // A host placement chose may fill meanwhile (its room is held in the catalog):
+        // the next is tried.
+        let mut excluded: std::collections::HashSet<String> = [me.to_string()].into();
+        while let Some(h) =
+            crate::cluster::placement::choose(&hosts, need, "", false, compatible, &excluded)
+        {
+            if let Some(room) = self.hold_room(&h.info.id, need)? {
+                return Ok((h.clone(), room));
+            }
+            excluded.insert(h.info.id.clone());
+        }
+        Err(ApiError::new(
+            503,
+            "no_host",
+            format!(
+                "no other ready host with the same QEMU, accelerator and image set{} has room for sandbox {}; add one, or retry later",
+                if r.mounts.is_empty() { "" } else { " (and this host's snapshot store, for its volumes)" },
+                r.id
+            ),
+        ))
+    }
+
+    /// Holds `need` on `host` in the catalog (`None`: it has no room left).
+    fn hold_room(
+        &self,
+        host: &str,
+        need: crate::catalog::Allocation,
+    ) -> Result<Option<Room>, ApiError> {
+        Ok(self.catalog.reserve(host, need)?.map(|id| Room {
+            catalog: self.catalog.clone(),
+            id,
+        }))
     }
 
     /// Everything before the switch-over: the destination's VM, the disk mirror and
@@ -906,6 +935,22 @@ impl Manager {
         Err(ApiError::internal(format!(
             "sandbox {id} did not run here after its migration: {failure}"
         )))
+    }
+}
+
+/// The destination's room for a moving sandbox, held in the catalog (a reservation,
+/// which expires on its own after `RESERVATION_TTL_MS` should this host die) until the
+/// move ends: then the sandbox's record counts there, or nothing does.
+struct Room {
+    catalog: Arc<crate::catalog::Catalog>,
+    id: String,
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        if let Err(e) = self.catalog.release_reservation(&self.id) {
+            warn!(reservation = %self.id, error = %e, "releasing a migration's reservation failed; it expires on its own");
+        }
     }
 }
 
