@@ -165,6 +165,22 @@ impl AgentClient {
         Process::start(self.open(&Request::Pty(options)).await?).await
     }
 
+    /// Attaches to the terminal of process `pid`, opened by [`AgentClient::pty`] on a
+    /// stream that ended with its host (a live migration, a restarted host): what it
+    /// wrote meanwhile comes first; resized to `size` (cols, rows) if given.
+    pub async fn pty_attach(
+        &self,
+        pid: u32,
+        size: Option<(u16, u16)>,
+    ) -> Result<Process, ClientError> {
+        let request = Request::PtyAttach {
+            pid,
+            cols: size.map(|s| s.0),
+            rows: size.map(|s| s.1),
+        };
+        Process::start(self.open(&request).await?).await
+    }
+
     /// Watches a directory (and, if `recursive`, everything under it).
     pub async fn watch_dir(&self, path: &str, recursive: bool) -> Result<Watch, ClientError> {
         let mut stream = self

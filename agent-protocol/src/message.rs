@@ -39,6 +39,16 @@ pub enum Request {
     Reseed { entropy: String },
     /// Attach this stream to a running (or just finished) process started earlier.
     Attach { pid: u32 },
+    /// Attach this stream to the terminal ([`Request::Pty`]) of process `pid`, whose
+    /// stream ended when its host went away (a live migration, a restarted host): what
+    /// it wrote meanwhile comes first. Resized to `cols`×`rows` if given.
+    PtyAttach {
+        pid: u32,
+        #[serde(default)]
+        cols: Option<u16>,
+        #[serde(default)]
+        rows: Option<u16>,
+    },
     /// Stop forwarding output to this stream; the process keeps running.
     Detach,
     /// Cancel the operation of this stream (kills a foreground process).

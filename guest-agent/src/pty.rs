@@ -7,6 +7,7 @@ use agent_protocol::{
     AgentError, Channel, ErrorCode, ExitStatus, PtyRequest, Reply, DATA_CHUNK, DEFAULT_CWD,
     DEFAULT_USER,
 };
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,15 +43,96 @@ fn open_pty(cols: u16, rows: u16) -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) })
 }
 
-/// Runs the terminal session on `out`'s stream until its process exits.
-pub async fn run(req: PtyRequest, out: Outbox, mut inbox: mpsc::Receiver<Inbound>) {
-    let started = start(&req);
-    let (mut child, master) = match started {
+/// How long a terminal whose host went away (a live migration, a restarted pool
+/// manager) waits for a stream to attach again before its session gets a hangup.
+const DETACHED_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+/// The most output a detached terminal keeps for the next stream (the oldest goes).
+const BACKLOG_LIMIT: usize = 1 << 20;
+
+/// A stream handed to a terminal: it serves it until the terminal ends, the host goes
+/// away or another stream takes it over; `done` is dropped then.
+struct Attachment {
+    out: Outbox,
+    inbox: mpsc::Receiver<Inbound>,
+    done: tokio::sync::oneshot::Sender<()>,
+    /// The size to set as it attaches.
+    size: Option<(u16, u16)>,
+}
+
+/// The terminals alive, by their process's PID: where a stream attaches.
+fn terminals() -> &'static std::sync::Mutex<HashMap<u32, mpsc::Sender<Attachment>>> {
+    static TERMINALS: std::sync::OnceLock<
+        std::sync::Mutex<HashMap<u32, mpsc::Sender<Attachment>>>,
+    > = std::sync::OnceLock::new();
+    TERMINALS.get_or_init(Default::default)
+}
+
+/// Opens a terminal and serves it on `out`'s stream. It outlives the stream if the host
+/// goes away (its output kept for [`attach`]), not if the host ends the stream.
+pub async fn run(req: PtyRequest, out: Outbox, inbox: mpsc::Receiver<Inbound>) {
+    let (child, master) = match start(&req) {
         Ok(x) => x,
         Err(e) => return out.error(e).await,
     };
     let pid = child.id().unwrap_or(0);
-    out.reply(&Reply::Started { pid }).await;
+    let (tx, rx) = mpsc::channel(4);
+    terminals().lock().unwrap().insert(pid, tx.clone());
+    tokio::spawn(serve(pid, child, master, rx));
+    hand_over(&tx, out, inbox, None).await;
+}
+
+/// Attaches `out`'s stream to the terminal of process `pid` (taking it over from a
+/// stream still attached); resized to `size` if given. What it wrote meanwhile comes
+/// first.
+pub async fn attach(
+    pid: u32,
+    size: Option<(u16, u16)>,
+    out: Outbox,
+    inbox: mpsc::Receiver<Inbound>,
+) {
+    let Some(tx) = terminals().lock().unwrap().get(&pid).cloned() else {
+        return out
+            .error(AgentError::new(
+                ErrorCode::NotFound,
+                format!("no terminal of process {pid}: it ended, or waited unattached longer than {} s; open a new one", DETACHED_LIMIT.as_secs()),
+            ))
+            .await;
+    };
+    hand_over(&tx, out, inbox, size).await;
+}
+
+/// Gives the stream to the terminal and waits while it serves it.
+async fn hand_over(
+    tx: &mpsc::Sender<Attachment>,
+    out: Outbox,
+    inbox: mpsc::Receiver<Inbound>,
+    size: Option<(u16, u16)>,
+) {
+    let (done, served) = tokio::sync::oneshot::channel();
+    let stream = out.clone();
+    let attachment = Attachment {
+        out,
+        inbox,
+        done,
+        size,
+    };
+    if tx.send(attachment).await.is_err() {
+        return stream
+            .error(AgentError::new(ErrorCode::NotFound, "the terminal ended"))
+            .await;
+    }
+    let _ = served.await;
+}
+
+/// The terminal of process `pid` for its whole life: its output to the attached stream
+/// (or a bounded backlog while none is), input and resizes from it, a hangup when the
+/// host ends the stream or none attaches within [`DETACHED_LIMIT`].
+async fn serve(
+    pid: u32,
+    mut child: tokio::process::Child,
+    master: OwnedFd,
+    mut attachments: mpsc::Receiver<Attachment>,
+) {
     let master_fd = master.as_raw_fd();
     let mut reader = tokio::fs::File::from_std(std::fs::File::from(
         master.try_clone().expect("dup of a pty master"),
@@ -58,14 +140,51 @@ pub async fn run(req: PtyRequest, out: Outbox, mut inbox: mpsc::Receiver<Inbound
     let mut writer = tokio::fs::File::from_std(std::fs::File::from(master));
     let mut buf = vec![0u8; DATA_CHUNK];
     let mut reading = true;
+    // The attached stream's outbox (and its `done`), and its inbox apart: the select
+    // reads one while writing to the other.
+    let mut attached: Option<(Outbox, tokio::sync::oneshot::Sender<()>)> = None;
+    let mut inbox: Option<mpsc::Receiver<Inbound>> = None;
+    let mut backlog: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut backlog_bytes = 0usize;
+    let mut exited: Option<ExitStatus> = None;
+    let mut detached_since = tokio::time::Instant::now();
+    let hang_up = |pid: u32| {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(-(pid as i32), libc::SIGHUP) };
+    };
     loop {
+        // The process ended and its output is all out: the attached stream gets the
+        // exit; without one, it waits for a stream (or the limit) to tell.
+        if let (Some(status), false) = (exited, reading) {
+            if let Some((out, _done)) = attached.take() {
+                out.eof(Channel::Output).await;
+                out.reply(&Reply::Exited(status)).await;
+                break;
+            }
+        }
+        let inbound = async {
+            match inbox.as_mut() {
+                Some(i) => i.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             n = reader.read(&mut buf), if reading => match n {
-                Ok(n) if n > 0 => out.data(Channel::Output, buf[..n].to_vec()).await,
+                Ok(n) if n > 0 => match &attached {
+                    Some((out, _)) => out.data(Channel::Output, buf[..n].to_vec()).await,
+                    None => {
+                        backlog_bytes += n;
+                        backlog.push_back(buf[..n].to_vec());
+                        while backlog_bytes > BACKLOG_LIMIT {
+                            let Some(old) = backlog.pop_front() else { break };
+                            backlog_bytes -= old.len();
+                        }
+                    }
+                },
                 // EIO once the last process holding the slave has gone.
                 _ => reading = false,
             },
-            msg = inbox.recv() => match msg {
+            msg = inbound => match msg {
                 Some(Inbound::Data(bytes)) => {
                     let _ = writer.write_all(&bytes).await;
                     let _ = writer.flush().await;
@@ -76,26 +195,64 @@ pub async fn run(req: PtyRequest, out: Outbox, mut inbox: mpsc::Receiver<Inbound
                     unsafe { libc::ioctl(master_fd, libc::TIOCSWINSZ, &ws) };
                 }
                 Some(Inbound::Eof) | Some(Inbound::Detach) => {}
-                Some(Inbound::Abort(_)) | Some(Inbound::SessionEnded) | None => {
+                // The host went away, not the terminal's user: it waits for the next.
+                Some(Inbound::SessionEnded) | None => {
+                    attached = None;
+                    inbox = None;
+                    detached_since = tokio::time::Instant::now();
+                }
+                Some(Inbound::Abort(_)) => {
                     // The terminal's user is gone: hang up on its session.
-                    // SAFETY: kill has no memory-safety preconditions.
-                    unsafe { libc::kill(-(pid as i32), libc::SIGHUP) };
-                    let _ = child.wait().await;
-                    return;
+                    hang_up(pid);
+                    break;
                 }
             },
-            status = child.wait() => {
+            next = attachments.recv() => {
+                let Some(next) = next else { break };
+                if let Some((cols, rows)) = next.size {
+                    let ws = winsize(cols, rows);
+                    // SAFETY: a valid descriptor and winsize.
+                    unsafe { libc::ioctl(master_fd, libc::TIOCSWINSZ, &ws) };
+                }
+                if let Some((old, _)) = attached.take() {
+                    old.error(AgentError::new(
+                        ErrorCode::Cancelled,
+                        "another stream took this terminal over",
+                    ))
+                    .await;
+                }
+                next.out.reply(&Reply::Started { pid }).await;
+                for bytes in backlog.drain(..) {
+                    next.out.data(Channel::Output, bytes).await;
+                }
+                backlog_bytes = 0;
+                attached = Some((next.out, next.done));
+                inbox = Some(next.inbox);
+            },
+            status = child.wait(), if exited.is_none() => {
                 // Drain what the terminal still holds.
                 while let Ok(Ok(n)) = tokio::time::timeout(std::time::Duration::from_millis(50), reader.read(&mut buf)).await {
                     if n == 0 { break; }
-                    out.data(Channel::Output, buf[..n].to_vec()).await;
+                    match &attached {
+                        Some((out, _)) => out.data(Channel::Output, buf[..n].to_vec()).await,
+                        None => { backlog_bytes += n; backlog.push_back(buf[..n].to_vec()); }
+                    }
                 }
-                out.eof(Channel::Output).await;
-                let status = status.map(|s| ExitStatus { code: s.code(), signal: s.signal() })
-                    .unwrap_or(ExitStatus { code: None, signal: None });
-                return out.reply(&Reply::Exited(status)).await;
+                reading = false;
+                exited = Some(status.map(|s| ExitStatus { code: s.code(), signal: s.signal() })
+                    .unwrap_or(ExitStatus { code: None, signal: None }));
+            },
+            _ = tokio::time::sleep_until(detached_since + DETACHED_LIMIT), if attached.is_none() => {
+                if exited.is_none() {
+                    hang_up(pid);
+                }
+                break;
             }
         }
+    }
+    terminals().lock().unwrap().remove(&pid);
+    if exited.is_none() {
+        let _ = child.wait().await;
     }
 }
 

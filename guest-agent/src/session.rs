@@ -358,6 +358,9 @@ async fn handle(
         }
         Request::ConnectPort { port } => crate::tunnel::connect(port, out, inbox).await,
         Request::Pty(req) => crate::pty::run(req, out, inbox).await,
+        Request::PtyAttach { pid, cols, rows } => {
+            crate::pty::attach(pid, cols.zip(rows), out, inbox).await
+        }
         Request::WatchDir { path, recursive } => {
             crate::watch::watch(path, recursive, out, inbox).await
         }

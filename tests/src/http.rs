@@ -232,6 +232,16 @@ pub async fn websocket(http_url: &str, headers: &[(&str, &str)]) -> Ws {
 
 /// One try at [`websocket`]: the handshake's error if it is refused.
 pub async fn try_websocket(http_url: &str, headers: &[(&str, &str)]) -> Result<Ws, String> {
+    try_websocket_answered(http_url, headers)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// [`try_websocket`], with the headers of the upgrade's answer.
+pub async fn try_websocket_answered(
+    http_url: &str,
+    headers: &[(&str, &str)],
+) -> Result<(Ws, reqwest::header::HeaderMap), String> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = http_url
         .replacen("http://", "ws://", 1)
@@ -243,10 +253,19 @@ pub async fn try_websocket(http_url: &str, headers: &[(&str, &str)]) -> Result<W
             value.parse().unwrap(),
         );
     }
-    tokio_tungstenite::connect_async(req)
+    let (ws, answer) = tokio_tungstenite::connect_async(req)
         .await
-        .map(|(ws, _)| ws)
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    let mut got = reqwest::header::HeaderMap::new();
+    for (name, value) in answer.headers() {
+        if let (Ok(n), Ok(v)) = (
+            reqwest::header::HeaderName::from_bytes(name.as_str().as_bytes()),
+            reqwest::header::HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            got.append(n, v);
+        }
+    }
+    Ok((ws, got))
 }
 
 /// [`try_websocket`] until it opens (a server still starting, an owner's address still

@@ -2,8 +2,10 @@
 //! sandbox moves while its processes run on, through the operator's API and through a
 //! live drain; what the API refuses, it refuses with what to send instead.
 
+use futures::SinkExt;
 use nullspace_tests::http::{
-    create_on, owner_of, read_ws_until, websocket_when_ready, Api, Runtime, Ws,
+    create_on, owner_of, read_ws_until, try_websocket_answered, websocket_when_ready, Api, Runtime,
+    Ws,
 };
 use nullspace_tests::postgres::{pool_manager, server, FreshDatabase};
 use nullspace_tests::Daemon;
@@ -35,6 +37,11 @@ while :; do
     sleep 0.2
 done
 "#;
+
+/// Whether `m` is terminal output containing `text`.
+fn said(m: &Message, text: &str) -> bool {
+    matches!(m, Message::Binary(b) if String::from_utf8_lossy(b).contains(text))
+}
 
 /// Whether `m` is one of [`WS_SERVER`]'s ticks.
 fn is_tick(m: Message) -> bool {
@@ -291,6 +298,26 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
         as_root(&rt, "head -c 8388608 /dev/urandom > /mnt/work/blob && sync").await;
     assert_eq!(code, 0, "{err}");
     let on_volumes = volume_sums(&rt).await;
+    // A terminal through A's edge: a loop answering each line it reads.
+    let auth = format!("Bearer {}", rt.token);
+    let (mut pty, answer) = tokio::time::timeout(
+        Duration::from_secs(30),
+        try_websocket_answered(
+            &format!(
+                "{}/v1/sandboxes/{id}/pty?cmd=while%20read%20l%3B%20do%20echo%20got-%24l%3B%20done",
+                a.edge
+            ),
+            &[("authorization", &auth)],
+        ),
+    )
+    .await
+    .expect("the terminal opens within 30 s")
+    .expect("the terminal opens");
+    let pty_pid = answer["x-nullspace-pty-pid"].to_str().unwrap().to_string();
+    pty.send(Message::Binary(b"one\n".to_vec().into()))
+        .await
+        .unwrap();
+    read_ws_until(&mut pty, |m| said(&m, "got-one")).await;
 
     // Migrate to B, asked through A (which owns it).
     let (status, report) = operator.post(&migrate, json!({ "host": "host-b" })).await;
@@ -342,6 +369,35 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     assert_eq!(volume_sums(&rt).await, on_volumes);
     let (_, err, code) = as_root(&rt, "echo written-on-b > /mnt/work/after && sync").await;
     assert_eq!(code, 0, "{err}");
+    // The terminal's socket ended with A's VM; the same terminal attaches again (its
+    // loop still reading) through A's edge, which forwards to B.
+    ws_ends(&mut pty).await;
+    // (The connect above handed out a new runtime token, ending the one before.)
+    let auth = format!("Bearer {}", rt.token);
+    let mut pty = websocket_when_ready(
+        &format!("{}/v1/sandboxes/{id}/pty?pid={pty_pid}", a.edge),
+        &[("authorization", &auth)],
+    )
+    .await;
+    pty.send(Message::Binary(b"two\n".to_vec().into()))
+        .await
+        .unwrap();
+    read_ws_until(&mut pty, |m| said(&m, "got-two")).await;
+    // Not with a command of its own; not a terminal that is not there.
+    for (query, code) in [
+        (format!("pid={pty_pid}&cmd=sh"), "400"),
+        ("pid=999999".to_string(), "404"),
+    ] {
+        let refused = try_websocket_answered(
+            &format!("{}/v1/sandboxes/{id}/pty?{query}", a.edge),
+            &[("authorization", &auth)],
+        )
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("?{query} opened a terminal"));
+        assert!(refused.contains(code), "?{query}: {refused}");
+    }
+    drop(pty);
     // The command started on A delivers all its output, attached again on B.
     let attached = rt.get(&format!("/commands/{command}")).await;
     assert_eq!(attached.status(), StatusCode::OK);

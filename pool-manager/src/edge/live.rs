@@ -135,11 +135,23 @@ pub(super) struct PtyQuery {
     user: Option<String>,
     #[serde(default)]
     cwd: Option<String>,
+    /// Attach to this terminal (its process's PID, from the `x-nullspace-pty-pid`
+    /// header of the upgrade that opened it) instead of opening one.
+    #[serde(default)]
+    pid: Option<u32>,
 }
+
+/// The upgrade answer's header naming the terminal's process, for `?pid=` later.
+const PTY_PID: &str = "x-nullspace-pty-pid";
 
 /// `GET /v1/sandboxes/{id}/pty`: a terminal over WebSocket. Binary messages are the
 /// terminal's bytes both ways; a text message `{"type":"resize","cols":C,"rows":R}`
-/// resizes it; the last message is `{"type":"exit","exitCode":N,"signal":S}`.
+/// resizes it; the last message is `{"type":"exit","exitCode":N,"signal":S}`. The
+/// upgrade's answer names the terminal's process (`x-nullspace-pty-pid`): when the
+/// socket ends without an exit (the sandbox moved to another host, its host restarted),
+/// `?pid=` attaches to the same terminal again, its output meanwhile first (up to 1 MiB;
+/// within 120 s, after which the terminal gets a hangup). A socket the client closes
+/// hangs the terminal up.
 pub(super) async fn pty_ws(
     State(edge): State<Edge>,
     Path(id): Path<String>,
@@ -147,28 +159,46 @@ pub(super) async fn pty_ws(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
+    if q.pid.is_some() && (q.cmd.is_some() || q.user.is_some() || q.cwd.is_some()) {
+        return Err(ApiError::bad_request(
+            "pid attaches to a terminal opened earlier, which has its command, user and cwd; send pid alone (with cols and rows), or cmd, user and cwd without pid",
+        ));
+    }
     let (agent, env, recorder) = edge.recorded_agent(&headers, &id).await?;
     let (cols, rows) = (q.cols.unwrap_or(80), q.rows.unwrap_or(24));
     let command = q.cmd.clone();
-    let options = PtyOptions {
-        command: q.cmd,
-        cols,
-        rows,
-        env,
-        user: q.user,
-        cwd: q.cwd,
+    let process = match q.pid {
+        Some(pid) => agent
+            .pty_attach(pid, q.cols.zip(q.rows).or(Some((cols, rows))))
+            .await
+            .map_err(agent_error)?,
+        None => {
+            let options = PtyOptions {
+                command: q.cmd,
+                cols,
+                rows,
+                env,
+                user: q.user,
+                cwd: q.cwd,
+            };
+            agent.pty(options).await.map_err(agent_error)?
+        }
     };
-    let process = agent.pty(options).await.map_err(agent_error)?;
+    let pid = process.pid();
     // A recorded sandbox's session is an asciicast of its own.
     let log = recorder.and_then(|r| r.pty_opened(cols, rows, command.as_deref()));
     // An open terminal keeps the sandbox from idling.
     let busy = edge.manager.activity.busy(&id);
-    Ok(ws
+    let mut answer = ws
         .protocols([super::WS_PROTOCOL])
         .on_upgrade(move |socket| async move {
             let _busy = busy;
             terminal(process, socket, log).await
-        }))
+        });
+    answer
+        .headers_mut()
+        .insert(PTY_PID, axum::http::HeaderValue::from(pid));
+    Ok(answer)
 }
 
 #[derive(Deserialize)]
