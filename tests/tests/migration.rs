@@ -1099,7 +1099,46 @@ async fn a_fault_on_any_call_between_the_hosts_leaves_the_sandbox_running_where_
         v["message"].as_str().unwrap().contains("has no room"),
         "{v}"
     );
+    // A fork child moves without the fork snapshot it ran from, which its old host
+    // drops once no sandbox there runs from it (its parent is gone).
+    let (status, forked) = via_a
+        .post(
+            &format!("/v1/sandboxes/{other_id}/fork"),
+            json!({ "count": 1 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{forked}");
+    let child = &forked["sandboxes"][0];
+    let child_id = child["sandboxID"].as_str().unwrap().to_string();
     via_a.delete(&other_id).await;
+    let (from, to) = match owner_of(child, &hosts) {
+        "mf-a" => (&a, "mf-b"),
+        _ => (&b, "mf-a"),
+    };
+    let forks = || {
+        std::fs::read_dir(from.state_dir().join("forks"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    assert_eq!(forks(), 1, "the fork snapshot on its host");
+    let (status, v) = operator
+        .post(
+            &format!("/v1/sandboxes/{child_id}/migrate"),
+            json!({ "host": to }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while forks() != 0 {
+        assert!(Instant::now() < deadline, "the fork snapshot stayed on its old host");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, v) = via_a
+        .post(&format!("/v1/sandboxes/{child_id}/connect"), json!({}))
+        .await;
+    let (_, _, code) = Runtime::of(&v).run("true").await;
+    assert_eq!(code, 0, "the moved fork child runs");
+    via_a.delete(&child_id).await;
     via_a.delete(&id).await;
     assert!(nullspace_tests::qemus_in(d.run_dir()).is_empty());
 }

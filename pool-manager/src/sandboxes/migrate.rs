@@ -176,6 +176,9 @@ impl Manager {
         let handed = if started.elapsed() < HANDOVER_DEADLINE {
             self.catalog.reassign(id, me, &to, |r| {
                 r.vm_dir = None;
+                // Its memory and disk came whole: a fork snapshot here is not its base
+                // there.
+                r.fork_base = None;
                 r.step("running", Some(format!("migrating live from {me} to {to}")));
             })
         } else {
@@ -268,6 +271,12 @@ impl Manager {
             vm.kill().await;
         }
         self.drop_volume_images(id);
+        if let Some(dir) = &r.fork_base {
+            // The fork snapshot goes once no sandbox of this host runs from it.
+            if let Err(e) = self.release_fork_base(dir) {
+                warn!(parent: &span, error = %e.message, "releasing the fork snapshot the sandbox ran from failed");
+            }
+        }
         self.network.forget(id);
         self.slots.lock().unwrap().remove(id);
         drop(guard);
