@@ -26,6 +26,36 @@ pub fn routes() -> Router<Arc<Manager>> {
         .route("/v1/internal/migrations/{id}/received", post(received))
         .route("/v1/internal/migrations/{id}/finish", post(finish))
         .route("/v1/internal/migrations/{id}/{stream}", get(stream))
+        .route("/v1/internal/outgoing/{id}", post(outgoing))
+}
+
+/// Body of `POST /v1/internal/outgoing/{id}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutgoingBody {
+    to: String,
+}
+
+/// The source's answer to its destination: whether it still moves sandbox `id` there
+/// (`{"moving": bool}`).
+async fn outgoing(
+    State(m): State<Arc<Manager>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body: OutgoingBody = parse_body(&body)?;
+    let token = headers
+        .get(MIGRATION_TOKEN)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::unauthorized(format!(
+                "host-to-host migration calls carry a token in {MIGRATION_TOKEN}"
+            ))
+        })?;
+    Ok(Json(
+        json!({ "moving": m.moving_out(&id, &body.to, token)? }),
+    ))
 }
 
 async fn migrate(
@@ -87,9 +117,16 @@ async fn accept(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let epoch = token(&m, &headers, &id)?;
     let body: AcceptBody = parse_body(&body)?;
-    let postcopy =
-        to_completion(async move { m.accept_migration(&id, &body.from, epoch, body.spec).await })
-            .await?;
+    let presented = headers
+        .get(MIGRATION_TOKEN)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let postcopy = to_completion(async move {
+        m.accept_migration(&id, &body.from, epoch, &presented, body.spec)
+            .await
+    })
+    .await?;
     Ok((StatusCode::CREATED, Json(json!({ "postcopy": postcopy }))))
 }
 

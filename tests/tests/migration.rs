@@ -1130,7 +1130,10 @@ async fn a_fault_on_any_call_between_the_hosts_leaves_the_sandbox_running_where_
     assert_eq!(status, StatusCode::OK, "{v}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while forks() != 0 {
-        assert!(Instant::now() < deadline, "the fork snapshot stayed on its old host");
+        assert!(
+            Instant::now() < deadline,
+            "the fork snapshot stayed on its old host"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (_, v) = via_a
@@ -1141,4 +1144,121 @@ async fn a_fault_on_any_call_between_the_hosts_leaves_the_sandbox_running_where_
     via_a.delete(&child_id).await;
     via_a.delete(&id).await;
     assert!(nullspace_tests::qemus_in(d.run_dir()).is_empty());
+}
+
+/// A source killed (kill -9) in the middle of a move, its disk mirrored and its RAM not
+/// yet: restarted, it adopts the VM, which runs on as before with its processes; the
+/// destination's VM ends; the next move (past the mirror job the dead host left in
+/// QEMU) completes.
+#[tokio::test]
+async fn a_source_killed_mid_copy_runs_the_sandbox_on_after_its_restart_and_moves_it_later() {
+    let Some(TwoHosts {
+        _db,
+        url,
+        store,
+        a,
+        b,
+        via_a,
+        operator,
+    }) = two_hosts("migkill", "mk-a", "mk-b").await
+    else {
+        return;
+    };
+    let mut e = joined(
+        &a,
+        &url,
+        &store,
+        "migkill-e",
+        "mk-e",
+        &[("NULLSPACE_TEST_FAILPOINT", "migrate.mirrored")],
+    );
+    let hosts = vec![
+        ("mk-a", a.edge.clone()),
+        ("mk-b", b.edge.clone()),
+        ("mk-e", e.edge.clone()),
+    ];
+    let sbx = via_a
+        .create(json!({ "templateID": "minimal", "resources": tiny(), "timeout": 600 }))
+        .await;
+    let id = sbx["sandboxID"].as_str().unwrap().to_string();
+    let migrate = format!("/v1/sandboxes/{id}/migrate");
+    if owner_of(&sbx, &hosts) != "mk-e" {
+        let (status, v) = operator.post(&migrate, json!({ "host": "mk-e" })).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+    }
+    let (_, sbx) = via_a
+        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+        .await;
+    assert_eq!(owner_of(&sbx, &hosts), "mk-e", "{sbx}");
+    let rt = Runtime::of(&sbx);
+    rt.put_file("/workspace/kept.txt", b"before the kill").await;
+    let (pid, _, code) = rt
+        .run("setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i >> /workspace/count; sleep 0.01; done' </dev/null >/dev/null 2>&1 & echo $!")
+        .await;
+    assert_eq!(code, 0);
+    let counter = pid.trim().to_string();
+
+    // E dies with its disk mirrored to A.
+    let (status, v) = operator
+        .post(&migrate, json!({ "host": "mk-a", "postcopy": false }))
+        .await;
+    assert!(!status.is_success(), "{status} {v}");
+    assert_eq!(
+        e.wait_for_exit(Duration::from_secs(60)),
+        Some(libc::SIGKILL),
+        "E did not die at migrate.mirrored"
+    );
+    let state = e.stop_with(libc::SIGKILL);
+    std::mem::forget(e); // its state directory is the restarted daemon's
+    let e = Daemon::start_in_with(
+        state,
+        &[
+            "--catalog",
+            &url,
+            "--host-id",
+            "mk-e",
+            "--preview-domain",
+            PREVIEW_DOMAIN,
+            "--store-dir",
+            &store,
+        ],
+    );
+    let sbx = until(&via_a, &id, 60, "the sandbox running on E again", |v| {
+        v["state"] == "running" && v["hostID"] == "mk-e"
+    })
+    .await;
+    let (status, v) = via_a
+        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v} (was {sbx})");
+    let rt = Runtime::of(&v);
+    let (_, _, alive) = rt.run(&format!("kill -0 {counter}")).await;
+    assert_eq!(alive, 0, "the counter survived its host's kill -9");
+    let now = count_past(&rt, 0).await;
+    count_past(&rt, now + 10).await;
+    assert_eq!(
+        rt.read_file("/workspace/kept.txt").await.as_deref(),
+        Some(&b"before the kill"[..])
+    );
+    // A's incoming VM ended (its streams broke with E).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !nullspace_tests::qemus_in(a.run_dir()).is_empty() {
+        assert!(Instant::now() < deadline, "the incoming QEMU stayed on A");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The next move goes through.
+    let (status, report) = operator
+        .post(&migrate, json!({ "host": "mk-a", "postcopy": false }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let (_, v) = via_a
+        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+        .await;
+    assert_eq!(owner_of(&v, &hosts), "mk-a", "{v}");
+    let rt = Runtime::of(&v);
+    let (_, _, alive) = rt.run(&format!("kill -0 {counter}")).await;
+    assert_eq!(alive, 0, "the counter runs on A");
+    assert!(nullspace_tests::qemus_in(e.run_dir()).is_empty());
+    via_a.delete(&id).await;
 }

@@ -62,6 +62,10 @@ const FINISH_RETRIES: [Duration; 4] = [
     Duration::from_secs(1),
     Duration::from_secs(3),
 ];
+/// How often a destination asks its source whether it still moves the sandbox.
+const SOURCE_CHECK: Duration = Duration::from_secs(3);
+/// Source checks in a row without an answer after which the destination gives up.
+const SOURCE_SILENT_CHECKS: u32 = 5;
 /// How long a migration's host-to-host token is good for.
 const TOKEN_LIFETIME: Duration = Duration::from_secs(480);
 
@@ -137,6 +141,7 @@ impl Manager {
             )));
         }
         let (target, _room) = self.migration_target(me, host, &r)?;
+        let _moving = Outgoing::mark(self, id);
         let to = target.info.id.clone();
         let span = tracing::info_span!("migration", sandbox = %id, from = %me, to = %to);
         let token = self.tokens.issue(
@@ -504,6 +509,8 @@ impl Manager {
                 .map_err(|e| failed(&format!("mirroring volume {lun}"), e))?;
             volumes.push(carried);
         }
+        // The kill -9 test's point: the source gone with the mirrors running.
+        failpoint::hit("migrate.mirrored");
         // In post-copy the RAM stream outlives the switch-over.
         let ram = carry(
             vm,
@@ -660,6 +667,7 @@ impl Manager {
         id: &str,
         from: &str,
         epoch: u64,
+        token: &str,
         spec: IncomingSpec,
     ) -> Result<bool, ApiError> {
         let r = self
@@ -712,6 +720,11 @@ impl Manager {
         }
         info!(sandbox = %r.id, from = %from, postcopy, "waiting for a live migration");
         let this = self.clone();
+        let (sid, source, token) = (id.to_string(), from.to_string(), token.to_string());
+        tokio::spawn(async move {
+            this.watch_source(&sid, &source, &token, generation).await;
+        });
+        let this = self.clone();
         let id = id.to_string();
         let from = from.to_string();
         tokio::spawn(async move {
@@ -719,6 +732,94 @@ impl Manager {
             this.incoming_deadline(&id, &from, generation).await;
         });
         Ok(postcopy)
+    }
+
+    /// Destination: ends an incoming VM whose source no longer moves it (it restarted,
+    /// or gave up without saying so) or has not answered for [`SOURCE_SILENT_CHECKS`]
+    /// checks, asked every [`SOURCE_CHECK`]; never once the catalog names this host.
+    async fn watch_source(&self, id: &str, from: &str, token: &str, generation: u64) {
+        let me = crate::cluster::this_host().unwrap_or_default().to_string();
+        let handed_here = || {
+            self.catalog
+                .sandbox(id)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.host_id.as_deref() == Some(me.as_str()))
+        };
+        let mut silent = 0;
+        loop {
+            tokio::time::sleep(SOURCE_CHECK).await;
+            let Ok(slot) = self.incoming_slot(id).await else {
+                return;
+            };
+            if slot.lock().await.generation != generation || handed_here() {
+                return;
+            }
+            let Some(source) = self.catalog.host(from).ok().flatten() else {
+                return;
+            };
+            let answer = tunnel::call(
+                &source.info.control_url,
+                Method::POST,
+                &format!("/v1/internal/outgoing/{id}"),
+                (MIGRATION_TOKEN, token),
+                &json!({ "to": me }),
+                Duration::from_secs(10),
+            )
+            .await;
+            let why = match answer {
+                Ok((status, body)) if status.is_success() => {
+                    silent = 0;
+                    if body["moving"] == true {
+                        continue;
+                    }
+                    format!("its source {from} no longer moves it (it restarted, or gave up)")
+                }
+                // A source that predates the question: it ends at its deadline.
+                Ok((status, _)) if status == StatusCode::NOT_FOUND => continue,
+                _ => {
+                    silent += 1;
+                    if silent < SOURCE_SILENT_CHECKS {
+                        continue;
+                    }
+                    format!("its source {from} has not answered for {silent} checks")
+                }
+            };
+            // The hand-over may have landed between the two reads.
+            if handed_here() {
+                return;
+            }
+            self.end_incoming(id, &slot, &why).await;
+            return;
+        }
+    }
+
+    /// Ends incoming VM `slot` of sandbox `id` (if it is still the one waiting), and
+    /// the images made for its volumes.
+    async fn end_incoming(&self, id: &str, slot: &IncomingSlot, why: &str) {
+        let stale = {
+            let mut map = self.incoming.lock().await;
+            match map.get(id) {
+                Some(s) if Arc::ptr_eq(s, slot) => map.remove(id),
+                _ => None,
+            }
+        };
+        if let Some(stale) = stale {
+            warn!(sandbox = %id, why, "an incoming migration ends: its VM goes");
+            if let Some(vm) = stale.lock().await.vm.take() {
+                vm.kill().await;
+                self.drop_volume_images(id);
+            }
+        }
+    }
+
+    /// Source: whether it is moving sandbox `id` to host `to` now (asked by that host,
+    /// with the migration's token).
+    pub fn moving_out(&self, id: &str, to: &str, token: &str) -> Result<bool, ApiError> {
+        self.tokens
+            .verify(token, &subject(id, to), unix_now())
+            .map_err(|e| ApiError::unauthorized(format!("migration token refused: {e}")))?;
+        Ok(self.outgoing.lock().unwrap().contains(id))
     }
 
     /// An incoming VM's deadline: one the catalog now names this host for runs (its
@@ -743,20 +844,12 @@ impl Manager {
             }
             return;
         }
-        let stale = {
-            let mut map = self.incoming.lock().await;
-            match map.get(id) {
-                Some(s) if Arc::ptr_eq(s, &slot) => map.remove(id),
-                _ => None,
-            }
-        };
-        if let Some(stale) = stale {
-            warn!(sandbox = %id, "an incoming migration was neither finished nor abandoned: its VM ends");
-            if let Some(vm) = stale.lock().await.vm.take() {
-                vm.kill().await;
-                self.drop_volume_images(id);
-            }
-        }
+        self.end_incoming(
+            id,
+            &slot,
+            "it was neither finished nor abandoned by its deadline",
+        )
+        .await;
     }
 
     /// Destination: a connection to one of sandbox `id`'s incoming VM's sockets, once
@@ -944,6 +1037,28 @@ impl Manager {
         Err(ApiError::internal(format!(
             "sandbox {id} did not run here after its migration: {failure}"
         )))
+    }
+}
+
+/// Marks a sandbox as moving out of this host for as long as it lives.
+struct Outgoing<'a> {
+    manager: &'a Manager,
+    id: String,
+}
+
+impl<'a> Outgoing<'a> {
+    fn mark(manager: &'a Manager, id: &str) -> Self {
+        manager.outgoing.lock().unwrap().insert(id.to_string());
+        Self {
+            manager,
+            id: id.to_string(),
+        }
+    }
+}
+
+impl Drop for Outgoing<'_> {
+    fn drop(&mut self) {
+        self.manager.outgoing.lock().unwrap().remove(&self.id);
     }
 }
 

@@ -109,6 +109,8 @@ pub struct Manager {
     incoming: tokio::sync::Mutex<HashMap<String, migrate::IncomingSlot>>,
     /// Numbers the incoming VMs.
     incoming_generation: std::sync::atomic::AtomicU64,
+    /// Sandboxes this host is moving to another now (what a destination asks).
+    outgoing: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A `/proc/meminfo` field (`MemTotal`, `MemAvailable`) in KiB.
@@ -270,6 +272,7 @@ impl Manager {
             region,
             incoming: tokio::sync::Mutex::default(),
             incoming_generation: std::sync::atomic::AtomicU64::new(0),
+            outgoing: Mutex::default(),
         }
     }
 

@@ -412,6 +412,7 @@ impl QemuVm {
         if self.launch.disk_backing == self.launch.rootfs_image {
             return Ok(());
         }
+        self.clear_job(STREAM_JOB).await?;
         let rootfs = self.launch.rootfs_image.display().to_string();
         let nodes = self
             .qmp()
@@ -451,6 +452,7 @@ impl QemuVm {
     /// `nbd_socket` (one of [`QemuVm::listen_for_qemu`]'s, carried to the destination),
     /// until the mirror is in step. Returns the bytes copied so far.
     pub async fn mirror_disk(&self, nbd_socket: &Path, deadline: Instant) -> Result<u64, VmmError> {
+        self.clear_job(MIRROR_JOB).await?;
         self.qmp()
             .execute_within(
                 "drive-mirror",
@@ -486,6 +488,7 @@ impl QemuVm {
             .find(|v| v.lun == lun)
             .ok_or_else(|| VmmError::InvalidSpec(format!("no volume at LUN {lun}")))?;
         let job = volume_mirror_job(lun);
+        self.clear_job(&job).await?;
         self.qmp()
             .execute_within(
                 "drive-mirror",
@@ -852,6 +855,40 @@ impl QemuVm {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+
+    /// Ends a block job `job` left from an earlier move (its owner died mid-copy, and the
+    /// restarted one adopted the VM): QEMU refuses a new job under a taken ID.
+    async fn clear_job(&self, job: &str) -> Result<(), VmmError> {
+        let jobs = self.qmp().execute("query-jobs", None).await?;
+        let Some(left) = jobs
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["id"] == job))
+            .cloned()
+        else {
+            return Ok(());
+        };
+        warn!(vm = %self.id, job, status = %left["status"], "a block job of an earlier move was left: ended");
+        if left["status"] != "concluded" {
+            let _ = self
+                .qmp()
+                .execute(
+                    "block-job-cancel",
+                    Some(json!({ "device": job, "force": true })),
+                )
+                .await;
+            // Concluded, then dismissed, by the wait (its error, if any, is the old
+            // move's).
+            let _ = self
+                .wait_job(job, false, Instant::now() + Duration::from_secs(10))
+                .await;
+        } else {
+            let _ = self
+                .qmp()
+                .execute("job-dismiss", Some(json!({ "id": job })))
+                .await;
+        }
+        Ok(())
     }
 
     /// Waits for block job `job`: until it is ready (a mirror in step) when
