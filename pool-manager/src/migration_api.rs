@@ -45,14 +45,7 @@ async fn outgoing(
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let body: OutgoingBody = parse_body(&body)?;
-    let token = headers
-        .get(MIGRATION_TOKEN)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| {
-            ApiError::unauthorized(format!(
-                "host-to-host migration calls carry a token in {MIGRATION_TOKEN}"
-            ))
-        })?;
+    let token = presented(&headers)?;
     Ok(Json(
         json!({ "moving": m.moving_out(&id, &body.to, token)? }),
     ))
@@ -83,15 +76,19 @@ async fn migrate(
 /// The migration token of a host-to-host call, checked for sandbox `id`; the epoch
 /// it was issued in.
 fn token(m: &Manager, headers: &HeaderMap, id: &str) -> Result<u64, ApiError> {
-    let token = headers
+    m.check_migration_token(id, presented(headers)?)
+}
+
+/// The token a host-to-host call presents.
+fn presented(headers: &HeaderMap) -> Result<&str, ApiError> {
+    headers
         .get(MIGRATION_TOKEN)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| {
             ApiError::unauthorized(format!(
                 "host-to-host migration calls carry a token in {MIGRATION_TOKEN}"
             ))
-        })?;
-    m.check_migration_token(id, token)
+        })
 }
 
 /// Body of `POST /v1/internal/migrations/{id}`.
@@ -117,13 +114,9 @@ async fn accept(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let epoch = token(&m, &headers, &id)?;
     let body: AcceptBody = parse_body(&body)?;
-    let presented = headers
-        .get(MIGRATION_TOKEN)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let token = presented(&headers)?.to_string();
     let postcopy = to_completion(async move {
-        m.accept_migration(&id, &body.from, epoch, &presented, body.spec)
+        m.accept_migration(&id, &body.from, epoch, &token, body.spec)
             .await
     })
     .await?;

@@ -103,6 +103,16 @@ async fn count_past(rt: &Runtime, n: u64) -> u64 {
     }
 }
 
+/// Starts a process counting every 10 ms into `/workspace/count` (its own session, so
+/// that it outlives the command); returns its PID.
+async fn start_counter(rt: &Runtime) -> String {
+    let (pid, err, code) = rt
+        .run("setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i >> /workspace/count; sleep 0.01; done' </dev/null >/dev/null 2>&1 & echo $!")
+        .await;
+    assert_eq!(code, 0, "{err}");
+    pid.trim().to_string()
+}
+
 /// Runs `cmd` as root in the sandbox (dropping the page cache needs it); (stdout,
 /// stderr, exit code).
 async fn as_root(rt: &Runtime, cmd: &str) -> (String, String, i64) {
@@ -277,11 +287,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
         &rt,"head -c 16777216 /dev/urandom > /workspace/big && sync && echo 3 > /proc/sys/vm/drop_caches && sha256sum /workspace/big")
         .await;
     assert_eq!(code, 0, "{err}");
-    let (pid, _, code) = rt
-        .run("setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i >> /workspace/count; sleep 0.01; done' </dev/null >/dev/null 2>&1 & echo $!")
-        .await;
-    assert_eq!(code, 0);
-    let counter = pid.trim().to_string();
+    let counter = start_counter(&rt).await;
     let started = rt
         .post(
             "/commands",
@@ -790,11 +796,7 @@ async fn post_copy_runs_the_guest_on_the_destination_and_a_source_lost_in_it_put
     )
     .await;
     assert_eq!(code, 0, "{err}");
-    let (pid, _, code) = rt
-        .run("setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i >> /workspace/count; sleep 0.01; done' </dev/null >/dev/null 2>&1 & echo $!")
-        .await;
-    assert_eq!(code, 0);
-    let counter = pid.trim().to_string();
+    let counter = start_counter(&rt).await;
     let before = count_past(&rt, 0).await;
 
     // Post-copy at once: the guest runs on B before its RAM has arrived.
@@ -967,11 +969,7 @@ async fn a_fault_on_any_call_between_the_hosts_leaves_the_sandbox_running_where_
     )
     .await;
     assert_eq!(code, 0, "{err}");
-    let (pid, _, code) = rt
-        .run("setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i >> /workspace/count; sleep 0.01; done' </dev/null >/dev/null 2>&1 & echo $!")
-        .await;
-    assert_eq!(code, 0);
-    let counter = pid.trim().to_string();
+    let counter = start_counter(&rt).await;
     let migrate = format!("/v1/sandboxes/{id}/migrate");
     let path = |suffix: &str| -> &'static str {
         Box::leak(format!("/v1/internal/migrations/{id}{suffix}").into_boxed_str())
@@ -1192,11 +1190,7 @@ async fn a_source_killed_mid_copy_runs_the_sandbox_on_after_its_restart_and_move
     assert_eq!(owner_of(&sbx, &hosts), "mk-e", "{sbx}");
     let rt = Runtime::of(&sbx);
     rt.put_file("/workspace/kept.txt", b"before the kill").await;
-    let (pid, _, code) = rt
-        .run("setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i >> /workspace/count; sleep 0.01; done' </dev/null >/dev/null 2>&1 & echo $!")
-        .await;
-    assert_eq!(code, 0);
-    let counter = pid.trim().to_string();
+    let counter = start_counter(&rt).await;
 
     // E dies with its disk mirrored to A.
     let (status, v) = operator
