@@ -77,7 +77,7 @@ pub async fn run(req: PtyRequest, out: Outbox, inbox: mpsc::Receiver<Inbound>) {
     let pid = child.id().unwrap_or(0);
     let (tx, rx) = mpsc::channel(4);
     terminals().lock().unwrap().insert(pid, tx.clone());
-    tokio::spawn(serve(pid, child, master, rx));
+    tokio::spawn(serve(pid, child, master, (tx.clone(), rx)));
     hand_over(&tx, out, inbox, None).await;
 }
 
@@ -131,7 +131,7 @@ async fn serve(
     pid: u32,
     mut child: tokio::process::Child,
     master: OwnedFd,
-    mut attachments: mpsc::Receiver<Attachment>,
+    (me, mut attachments): (mpsc::Sender<Attachment>, mpsc::Receiver<Attachment>),
 ) {
     let master_fd = master.as_raw_fd();
     let mut reader = tokio::fs::File::from_std(std::fs::File::from(
@@ -172,14 +172,7 @@ async fn serve(
             n = reader.read(&mut buf), if reading => match n {
                 Ok(n) if n > 0 => match &attached {
                     Some((out, _)) => out.data(Channel::Output, buf[..n].to_vec()).await,
-                    None => {
-                        backlog_bytes += n;
-                        backlog.push_back(buf[..n].to_vec());
-                        while backlog_bytes > BACKLOG_LIMIT {
-                            let Some(old) = backlog.pop_front() else { break };
-                            backlog_bytes -= old.len();
-                        }
-                    }
+                    None => keep(&mut backlog, &mut backlog_bytes, &buf[..n]),
                 },
                 // EIO once the last process holding the slave has gone.
                 _ => reading = false,
@@ -235,7 +228,7 @@ async fn serve(
                     if n == 0 { break; }
                     match &attached {
                         Some((out, _)) => out.data(Channel::Output, buf[..n].to_vec()).await,
-                        None => { backlog_bytes += n; backlog.push_back(buf[..n].to_vec()); }
+                        None => keep(&mut backlog, &mut backlog_bytes, &buf[..n]),
                     }
                 }
                 reading = false;
@@ -250,9 +243,27 @@ async fn serve(
             }
         }
     }
-    terminals().lock().unwrap().remove(&pid);
+    {
+        // Only its own entry: the PID may be a newer terminal's by now.
+        let mut table = terminals().lock().unwrap();
+        if table.get(&pid).is_some_and(|tx| tx.same_channel(&me)) {
+            table.remove(&pid);
+        }
+    }
     if exited.is_none() {
         let _ = child.wait().await;
+    }
+}
+
+/// Keeps `bytes` for the next stream, the oldest going past [`BACKLOG_LIMIT`].
+fn keep(backlog: &mut VecDeque<Vec<u8>>, held: &mut usize, bytes: &[u8]) {
+    *held += bytes.len();
+    backlog.push_back(bytes.to_vec());
+    while *held > BACKLOG_LIMIT {
+        let Some(old) = backlog.pop_front() else {
+            break;
+        };
+        *held -= old.len();
     }
 }
 

@@ -33,11 +33,12 @@ pub fn routes() -> Router<Arc<Manager>> {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OutgoingBody {
+    from: String,
     to: String,
 }
 
 /// The source's answer to its destination: whether it still moves sandbox `id` there
-/// (`{"moving": bool}`).
+/// (`{"moving": bool}`; 409 from a host that is not `from`).
 async fn outgoing(
     State(m): State<Arc<Manager>>,
     Path(id): Path<String>,
@@ -47,7 +48,7 @@ async fn outgoing(
     let body: OutgoingBody = parse_body(&body)?;
     let token = presented(&headers)?;
     Ok(Json(
-        json!({ "moving": m.moving_out(&id, &body.to, token)? }),
+        json!({ "moving": m.moving_out(&id, &body.from, &body.to, token)? }),
     ))
 }
 

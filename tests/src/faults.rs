@@ -52,6 +52,11 @@ pub enum PathFault {
     /// Sent on, then the connection is reset once this many bytes went from the client
     /// to the server (a stream cut part way).
     CutAfter(u64),
+    /// Sent on; once the server starts to answer, the connection is reset: the server
+    /// did it, the client never hears.
+    LoseAnswer,
+    /// Held this long, then sent on as it is.
+    Delay(Duration),
 }
 
 /// The XML body of S3's throttling error.
@@ -227,6 +232,11 @@ async fn serve(
             (true, PathFault::Refuse) => slow_down(client, &req).await,
             (true, PathFault::Reset) => reset(client),
             (true, PathFault::CutAfter(n)) => pipe(client, &upstream, &req, Some(n)).await,
+            (true, PathFault::LoseAnswer) => lose_answer(client, &upstream, &req).await,
+            (true, PathFault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                pipe(client, &upstream, &req, None).await
+            }
             (false, _) => pipe(client, &upstream, &req, None).await,
         }
         return;
@@ -300,6 +310,26 @@ async fn pipe(mut client: TcpStream, upstream: &str, req: &Head, cut: Option<u64
             _ = down => {}
         }
     }
+    reset(client);
+}
+
+/// Sends the request on (its head, what came with it and the rest of its body), waits
+/// for the first byte of the answer, and resets the client's connection.
+async fn lose_answer(mut client: TcpStream, upstream: &str, req: &Head) {
+    let Ok(mut server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    if server.write_all(&req.head).await.is_err() || server.write_all(&req.extra).await.is_err() {
+        return;
+    }
+    let rest = req.content_length.saturating_sub(req.extra.len() as u64);
+    let _ = tokio::time::timeout(
+        FORWARD_LIMIT,
+        tokio::io::copy(&mut (&mut client).take(rest), &mut server),
+    )
+    .await;
+    let mut first = [0u8; 1];
+    let _ = tokio::time::timeout(FORWARD_LIMIT, server.read(&mut first)).await;
     reset(client);
 }
 

@@ -1050,17 +1050,45 @@ async fn a_fault_on_any_call_between_the_hosts_leaves_the_sandbox_running_where_
         );
     }
 
-    // The switch-over's last call, lost once: sent again, and the move completes.
+    // A move held up for seconds (the loaded-state check delayed 8 s): D asks A
+    // meanwhile whether it still moves the sandbox, hears yes, keeps its VM, and the
+    // move completes.
     proxy.set(Fault::OnPath {
-        path: path("/finish "),
+        path: path("/received "),
         times: 1,
-        fault: PathFault::Reset,
+        fault: PathFault::Delay(Duration::from_secs(8)),
     });
+    let picked = proxy.injected();
     let (status, report) = operator
         .post(&migrate, json!({ "host": "mf-d", "postcopy": false }))
         .await;
     assert_eq!(status, StatusCode::OK, "{report}");
-    assert!(proxy.injected() > 0);
+    assert_eq!(proxy.injected(), picked + 1, "the delay never hit");
+    assert!(
+        report["totalMs"].as_u64().unwrap() >= 8000,
+        "the move was not held up: {report}"
+    );
+    let (status, report) = operator
+        .post(&migrate, json!({ "host": "mf-a", "postcopy": false }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    // The answer to the switch-over's last call lost once (D ran the sandbox): the
+    // call is sent again, D says it runs, and the move completes.
+    proxy.set(Fault::OnPath {
+        path: path("/finish "),
+        times: 1,
+        fault: PathFault::LoseAnswer,
+    });
+    let picked = proxy.injected();
+    let (status, report) = operator
+        .post(&migrate, json!({ "host": "mf-d", "postcopy": false }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        proxy.injected(),
+        picked + 1,
+        "the lost answer never happened"
+    );
     let (_, v) = via_a
         .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
         .await;

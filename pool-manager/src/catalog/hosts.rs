@@ -351,6 +351,16 @@ impl Catalog {
     /// in one transaction under a lock on the host, so two hosts placing at once never
     /// both take the last of its capacity.
     pub fn reserve(&self, host: &str, need: Allocation) -> Result<Option<String>, CatalogError> {
+        self.reserve_for(host, need, RESERVATION_TTL_MS)
+    }
+
+    /// [`Catalog::reserve`] for `ttl_ms` (a live migration's room lasts its deadlines).
+    pub fn reserve_for(
+        &self,
+        host: &str,
+        need: Allocation,
+        ttl_ms: i64,
+    ) -> Result<Option<String>, CatalogError> {
         let id = format!("rsv-{}", uuid::Uuid::new_v4().simple());
         let sql = format!("{} WHERE h.id = ?1", select_hosts(self.db.dialect()));
         self.db.transaction(Durability::Synced, |tx| {
@@ -377,7 +387,7 @@ impl Catalog {
                     i(need.vcpus),
                     i(need.mem_mib),
                     i(need.disk_mib),
-                    now + RESERVATION_TTL_MS
+                    now + ttl_ms
                 ],
             )?;
             Ok(Some(id.clone()))

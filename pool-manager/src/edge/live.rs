@@ -147,7 +147,8 @@ const PTY_PID: &str = "x-nullspace-pty-pid";
 /// `GET /v1/sandboxes/{id}/pty`: a terminal over WebSocket. Binary messages are the
 /// terminal's bytes both ways; a text message `{"type":"resize","cols":C,"rows":R}`
 /// resizes it; the last message is `{"type":"exit","exitCode":N,"signal":S}`. The
-/// upgrade's answer names the terminal's process (`x-nullspace-pty-pid`): when the
+/// first message is `{"type":"started","pid":N}` and the upgrade's answer names the
+/// terminal's process too (`x-nullspace-pty-pid`): when the
 /// socket ends without an exit (the sandbox moved to another host, its host restarted),
 /// `?pid=` attaches to the same terminal again, its output meanwhile first (up to 1 MiB;
 /// within 120 s, after which the terminal gets a hangup). A socket the client closes
@@ -168,8 +169,9 @@ pub(super) async fn pty_ws(
     let (cols, rows) = (q.cols.unwrap_or(80), q.rows.unwrap_or(24));
     let command = q.cmd.clone();
     let process = match q.pid {
+        // Its size stays unless asked.
         Some(pid) => agent
-            .pty_attach(pid, q.cols.zip(q.rows).or(Some((cols, rows))))
+            .pty_attach(pid, q.cols.zip(q.rows))
             .await
             .map_err(agent_error)?,
         None => {
@@ -193,7 +195,7 @@ pub(super) async fn pty_ws(
         .protocols([super::WS_PROTOCOL])
         .on_upgrade(move |socket| async move {
             let _busy = busy;
-            terminal(process, socket, log).await
+            terminal(process, socket, log, pid).await
         });
     answer
         .headers_mut()
@@ -213,7 +215,17 @@ async fn terminal(
     mut process: agent_client::Process,
     mut socket: WebSocket,
     mut log: Option<PtyLog>,
+    pid: u32,
 ) {
+    // First, which terminal this is (a browser cannot read the upgrade's headers).
+    let started = json!({ "type": "started", "pid": pid });
+    if socket
+        .send(Message::Text(started.to_string().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
     loop {
         tokio::select! {
             event = process.next_event() => match event {

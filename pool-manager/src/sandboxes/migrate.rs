@@ -81,6 +81,9 @@ pub(super) struct Incoming {
     generation: u64,
     /// The streams carried in so far: each is taken once.
     taken: Vec<IncomingSocket>,
+    /// Whether it has loaded the state (its source may hand it over any moment: it is
+    /// then never ended for a silent source, only at its deadline).
+    loaded: bool,
 }
 
 /// The token subject of sandbox `id`'s migration to host `to`.
@@ -141,8 +144,8 @@ impl Manager {
             )));
         }
         let (target, _room) = self.migration_target(me, host, &r)?;
-        let _moving = Outgoing::mark(self, id);
         let to = target.info.id.clone();
+        let _moving = Outgoing::mark(self, id, &to);
         let span = tracing::info_span!("migration", sandbox = %id, from = %me, to = %to);
         let token = self.tokens.issue(
             &subject(id, &to),
@@ -275,7 +278,13 @@ impl Manager {
         if let Some(vm) = guard.take() {
             vm.kill().await;
         }
-        self.drop_volume_images(id);
+        if finished_ok && postcopy_failed.is_none() {
+            self.drop_volume_images(id);
+        } else if !r.mounts.is_empty() {
+            // The destination did not say it runs: these are the volumes as the guest
+            // stopped here, kept for an operator (the destination saves its own).
+            warn!(parent: &span, "the move did not end well: this host keeps the sandbox's volume images");
+        }
         if let Some(dir) = &r.fork_base {
             // The fork snapshot goes once no sandbox of this host runs from it.
             if let Err(e) = self.release_fork_base(dir) {
@@ -430,10 +439,14 @@ impl Manager {
         host: &str,
         need: crate::catalog::Allocation,
     ) -> Result<Option<Room>, ApiError> {
-        Ok(self.catalog.reserve(host, need)?.map(|id| Room {
-            catalog: self.catalog.clone(),
-            id,
-        }))
+        let lasts = HANDOVER_DEADLINE + POSTCOPY_DEADLINE + Duration::from_secs(60);
+        Ok(self
+            .catalog
+            .reserve_for(host, need, lasts.as_millis() as i64)?
+            .map(|id| Room {
+                catalog: self.catalog.clone(),
+                id,
+            }))
     }
 
     /// Everything before the switch-over: the destination's VM, the disk mirror and
@@ -711,6 +724,7 @@ impl Manager {
             vm: Some(vm),
             generation,
             taken: Vec::new(),
+            loaded: false,
         }));
         let previous = self.incoming.lock().await.insert(id.to_string(), slot);
         if let Some(previous) = previous {
@@ -735,8 +749,10 @@ impl Manager {
     }
 
     /// Destination: ends an incoming VM whose source no longer moves it (it restarted,
-    /// or gave up without saying so) or has not answered for [`SOURCE_SILENT_CHECKS`]
-    /// checks, asked every [`SOURCE_CHECK`]; never once the catalog names this host.
+    /// or gave up without saying so), or that has not answered for
+    /// [`SOURCE_SILENT_CHECKS`] checks before the VM loaded the state; asked every
+    /// [`SOURCE_CHECK`]. Once the catalog names this host, the VM is finished here if
+    /// its source does not do it in time (it died after the hand-over).
     async fn watch_source(&self, id: &str, from: &str, token: &str, generation: u64) {
         let me = crate::cluster::this_host().unwrap_or_default().to_string();
         let handed_here = || {
@@ -752,7 +768,27 @@ impl Manager {
             let Ok(slot) = self.incoming_slot(id).await else {
                 return;
             };
-            if slot.lock().await.generation != generation || handed_here() {
+            let loaded = {
+                let incoming = slot.lock().await;
+                if incoming.generation != generation {
+                    return;
+                }
+                incoming.loaded
+            };
+            if handed_here() {
+                // The source finishes it at once; if it has not within two checks, it
+                // is gone.
+                tokio::time::sleep(SOURCE_CHECK * 2).await;
+                let waiting = match self.incoming_slot(id).await {
+                    Ok(s) => Arc::ptr_eq(&s, &slot),
+                    Err(_) => false,
+                };
+                if waiting {
+                    warn!(sandbox = %id, from = %from, "handed over here and never finished by its source: finishing it");
+                    if let Err(e) = self.finish_migration(id, from).await {
+                        warn!(sandbox = %id, error = %e.message, "finishing an abandoned migration failed");
+                    }
+                }
                 return;
             }
             let Some(source) = self.catalog.host(from).ok().flatten() else {
@@ -763,7 +799,7 @@ impl Manager {
                 Method::POST,
                 &format!("/v1/internal/outgoing/{id}"),
                 (MIGRATION_TOKEN, token),
-                &json!({ "to": me }),
+                &json!({ "from": from, "to": me }),
                 Duration::from_secs(10),
             )
             .await;
@@ -773,13 +809,14 @@ impl Manager {
                     if body["moving"] == true {
                         continue;
                     }
-                    format!("its source {from} no longer moves it (it restarted, or gave up)")
+                    format!("its source {from} no longer moves it here (it restarted, or gave up)")
                 }
                 // A source that predates the question: it ends at its deadline.
                 Ok((status, _)) if status == StatusCode::NOT_FOUND => continue,
+                // No answer, or not the source's (a proxy that reached another host).
                 _ => {
                     silent += 1;
-                    if silent < SOURCE_SILENT_CHECKS {
+                    if silent < SOURCE_SILENT_CHECKS || loaded {
                         continue;
                     }
                     format!("its source {from} has not answered for {silent} checks")
@@ -787,7 +824,7 @@ impl Manager {
             };
             // The hand-over may have landed between the two reads.
             if handed_here() {
-                return;
+                continue;
             }
             self.end_incoming(id, &slot, &why).await;
             return;
@@ -813,13 +850,25 @@ impl Manager {
         }
     }
 
-    /// Source: whether it is moving sandbox `id` to host `to` now (asked by that host,
-    /// with the migration's token).
-    pub fn moving_out(&self, id: &str, to: &str, token: &str) -> Result<bool, ApiError> {
+    /// Source `from`: whether it is moving sandbox `id` to host `to` now (asked by that
+    /// host, with the migration's token). Another host is asked in vain: 409.
+    pub fn moving_out(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        token: &str,
+    ) -> Result<bool, ApiError> {
         self.tokens
             .verify(token, &subject(id, to), unix_now())
             .map_err(|e| ApiError::unauthorized(format!("migration token refused: {e}")))?;
-        Ok(self.outgoing.lock().unwrap().contains(id))
+        let me = crate::cluster::this_host().unwrap_or_default();
+        if me != from {
+            return Err(ApiError::conflict(format!(
+                "this is host {me}, not {from}: ask the host that moves the sandbox"
+            )));
+        }
+        Ok(self.outgoing.lock().unwrap().get(id).map(String::as_str) == Some(to))
     }
 
     /// An incoming VM's deadline: one the catalog now names this host for runs (its
@@ -882,7 +931,7 @@ impl Manager {
     /// migration stream (it stays stopped until the switch-over).
     pub async fn migration_received(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
         let slot = self.incoming_slot(id).await?;
-        let incoming = slot.lock().await;
+        let mut incoming = slot.lock().await;
         let vm = incoming
             .vm
             .as_ref()
@@ -892,11 +941,19 @@ impl Manager {
             .map_err(|e| {
                 ApiError::internal(format!("the incoming VM did not load the state: {e}"))
             })?;
-        if vm.incoming_postcopy() {
+        let postcopy = vm.incoming_postcopy();
+        let watched = postcopy.then(|| {
+            (
+                vm.incoming_completion(
+                    Instant::now() + POSTCOPY_DEADLINE + Duration::from_secs(30),
+                ),
+                vm.id().to_string(),
+            )
+        });
+        incoming.loaded = true;
+        if let Some((done, vm_id)) = watched {
             // From here its RAM may be split between the hosts until the copy ends.
-            let done = vm
-                .incoming_completion(Instant::now() + POSTCOPY_DEADLINE + Duration::from_secs(30));
-            let (this, id, vm_id) = (self.clone(), id.to_string(), vm.id().to_string());
+            let (this, id) = (self.clone(), id.to_string());
             tokio::spawn(async move {
                 if let Err(e) = done.await {
                     this.watch_postcopy(&id, &vm_id, e.to_string()).await;
@@ -1040,15 +1097,19 @@ impl Manager {
     }
 }
 
-/// Marks a sandbox as moving out of this host for as long as it lives.
+/// Marks a sandbox as moving out of this host (to a host) for as long as it lives.
 struct Outgoing<'a> {
     manager: &'a Manager,
     id: String,
 }
 
 impl<'a> Outgoing<'a> {
-    fn mark(manager: &'a Manager, id: &str) -> Self {
-        manager.outgoing.lock().unwrap().insert(id.to_string());
+    fn mark(manager: &'a Manager, id: &str, to: &str) -> Self {
+        manager
+            .outgoing
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), to.to_string());
         Self {
             manager,
             id: id.to_string(),

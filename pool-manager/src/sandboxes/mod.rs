@@ -110,7 +110,7 @@ pub struct Manager {
     /// Numbers the incoming VMs.
     incoming_generation: std::sync::atomic::AtomicU64,
     /// Sandboxes this host is moving to another now (what a destination asks).
-    outgoing: Mutex<std::collections::HashSet<String>>,
+    outgoing: Mutex<HashMap<String, String>>,
 }
 
 /// A `/proc/meminfo` field (`MemTotal`, `MemAvailable`) in KiB.
@@ -436,6 +436,15 @@ impl Manager {
                 }
             }
         }
+        // Volume images of sandboxes that are not this host's (an incoming migration
+        // the crash cut short, a sandbox that moved on): never to be taken for theirs.
+        let here: std::collections::HashSet<String> = self
+            .catalog
+            .sandboxes_in(Catalog::NOT_DELETED)?
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        self.sweep_stray_volume_images(&here);
         let reaped = self.vmm.reap_orphans(&adopted);
         // Transcripts a previous run left of sandboxes that no longer record here
         // (ended, failed, hibernated) go to the store, in the background: a slow store

@@ -380,7 +380,6 @@ impl Manager {
         r: &SandboxRecord,
         volumes: &[vmm::IncomingVolume],
     ) -> Result<BTreeMap<u8, PathBuf>, ApiError> {
-        let mut out = BTreeMap::new();
         if volumes.len() != r.mounts.len() {
             return Err(ApiError::bad_request(format!(
                 "the incoming VM has {} volumes and sandbox {} mounts {}",
@@ -390,7 +389,7 @@ impl Manager {
             )));
         }
         if volumes.is_empty() {
-            return Ok(out);
+            return Ok(BTreeMap::new());
         }
         let dir = self.volume_dir(&r.id);
         if dir.join(PENDING_FILE).exists() || dir.join(ABANDONED_FILE).exists() {
@@ -399,8 +398,30 @@ impl Manager {
                 r.id
             )));
         }
-        vmm::space::ensure(&dir, 0, self.snapshots.min_free_mib << 20, "volume images")
-            .map_err(|e| super::vm_error("making the incoming volumes' images", e))?;
+        // The images are sparse; the whole of each must fit beside the reserve.
+        let need: u64 = volumes.iter().map(|v| v.size_bytes).sum();
+        vmm::space::ensure(
+            &dir,
+            need,
+            self.snapshots.min_free_mib << 20,
+            "volume images",
+        )
+        .map_err(|e| super::vm_error("making the incoming volumes' images", e))?;
+        let made = self.make_incoming_images(r, volumes).await;
+        if made.is_err() {
+            // Nothing half made stays to be taken for the sandbox's own later.
+            self.drop_volume_images(&r.id);
+        }
+        made
+    }
+
+    async fn make_incoming_images(
+        &self,
+        r: &SandboxRecord,
+        volumes: &[vmm::IncomingVolume],
+    ) -> Result<BTreeMap<u8, PathBuf>, ApiError> {
+        let mut out = BTreeMap::new();
+        let dir = self.volume_dir(&r.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
         for v in volumes {
@@ -812,6 +833,26 @@ impl Manager {
 
     /// Drops this host's images of a sandbox whose volumes were saved (hibernated: a
     /// resume anywhere takes them from its snapshot).
+    /// Removes the volume images of every sandbox not in `here` (this host's), except
+    /// those with a save still to retry or given up (an operator's).
+    pub(super) fn sweep_stray_volume_images(&self, here: &HashSet<String>) {
+        let Ok(dirs) = std::fs::read_dir(self.state_dir.join("volumes")) else {
+            return;
+        };
+        for dir in dirs.flatten() {
+            let path = dir.path();
+            let name = dir.file_name().to_string_lossy().to_string();
+            if here.contains(&name)
+                || path.join(PENDING_FILE).exists()
+                || path.join(ABANDONED_FILE).exists()
+            {
+                continue;
+            }
+            info!(dir = %path.display(), "removing volume images of a sandbox that is not this host's");
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+
     pub(super) fn drop_volume_images(&self, sandbox: &str) {
         let _ = std::fs::remove_dir_all(self.volume_dir(sandbox));
     }

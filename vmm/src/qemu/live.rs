@@ -779,21 +779,25 @@ impl QemuVm {
     pub async fn finish_incoming(&mut self, deadline: Instant) -> Result<(), VmmError> {
         self.wait_incoming(deadline).await?;
         let qmp = self.qmp();
-        qmp.execute(
-            "block-export-del",
-            Some(json!({ "id": DISK_EXPORT, "mode": "hard" })),
-        )
-        .await?;
-        for v in &self.launch.volumes {
-            qmp.execute(
-                "block-export-del",
-                Some(json!({ "id": volume_export(v.lun), "mode": "hard" })),
-            )
-            .await?;
+        // The exports and twins are the copy's scaffolding: a failure to take one down
+        // is logged, never a reason to lose the guest (the NBD server stops below, and
+        // the VM's network namespace has no way in anyway).
+        let exports = std::iter::once(DISK_EXPORT.to_string())
+            .chain(self.launch.volumes.iter().map(|v| volume_export(v.lun)));
+        for export in exports {
+            if let Err(e) = qmp
+                .execute(
+                    "block-export-del",
+                    Some(json!({ "id": export, "mode": "hard" })),
+                )
+                .await
+            {
+                warn!(vm = %self.id, export, error = %e, "removing an incoming VM's export failed");
+            }
         }
         // An export's removal completes in the background; the twins go once it has.
-        let settle = Instant::now() + Duration::from_secs(10);
         for v in self.launch.volumes.iter().filter(|v| v.read_only) {
+            let settle = Instant::now() + Duration::from_secs(5);
             loop {
                 match qmp
                     .execute(
@@ -806,7 +810,10 @@ impl QemuVm {
                     Err(_) if Instant::now() < settle => {
                         tokio::time::sleep(Duration::from_millis(20)).await
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => {
+                        warn!(vm = %self.id, lun = v.lun, error = %e, "removing a read-only volume's incoming twin failed; it stays unused");
+                        break;
+                    }
                 }
             }
         }
