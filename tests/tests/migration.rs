@@ -133,6 +133,22 @@ async fn as_root(rt: &Runtime, cmd: &str) -> (String, String, i64) {
     (out, err, code)
 }
 
+/// `POST /v1/sandboxes/{id}/connect` through `api`, sent again (for up to 10 s) while
+/// the answer is 503 `owner_moved`, as clients are told to: a host that still believed
+/// itself on the way to the old owner. (status, body).
+async fn connect(api: &Api, id: &str) -> (StatusCode, Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, v) = api
+            .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
+            .await;
+        if status != StatusCode::SERVICE_UNAVAILABLE || Instant::now() > deadline {
+            return (status, v);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The event types of sandbox `id`, oldest first.
 async fn event_types(api: &Api, id: &str) -> Vec<(String, Value)> {
     let (_, log) = api
@@ -350,9 +366,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
     eprintln!("migration: {report}");
 
     // It runs on B now: same ID, its file, its processes, still counting.
-    let (status, moved) = via_a
-        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
-        .await;
+    let (status, moved) = connect(&via_a, &id).await;
     assert_eq!(status, StatusCode::OK, "{moved}");
     assert_eq!(owner_of(&moved, &hosts), "host-b", "{moved}");
     assert_eq!(moved["state"], "running", "{moved}");
@@ -464,9 +478,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
                 "{v}"
             );
         }
-        let (_, sbx) = via_a
-            .post(&format!("/v1/sandboxes/{sid}/connect"), json!({}))
-            .await;
+        let (_, sbx) = connect(&via_a, &sid).await;
         assert_eq!(owner_of(&sbx, &hosts), "host-b", "{sbx}");
         on_b.push((sid, Runtime::of(&sbx)));
     }
@@ -518,9 +530,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
         (second_id, pid2.trim()),
         (third_id, pid3.trim()),
     ] {
-        let (status, v) = via_a
-            .post(&format!("/v1/sandboxes/{sid}/connect"), json!({}))
-            .await;
+        let (status, v) = connect(&via_a, sid).await;
         assert_eq!(status, StatusCode::OK, "{v}");
         if sid == &id {
             // Its volumes moved again, with what was written on B.
@@ -564,9 +574,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
 
     // A destination killed (kill -9) once it has loaded the state, before the
     // switch-over: the sandbox runs on where it was, untouched, and says why.
-    let (_, v) = via_a
-        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
-        .await;
+    let (_, v) = connect(&via_a, &id).await;
     let was_on = owner_of(&v, &hosts);
     let d = joined(
         &a,
@@ -588,9 +596,7 @@ async fn a_running_sandbox_migrates_live_with_its_processes_and_a_live_drain_mov
             && v["message"].as_str().unwrap().contains("runs on here"),
         "{v}"
     );
-    let (status, v) = via_a
-        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
-        .await;
+    let (status, v) = connect(&via_a, &id).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(
         (owner_of(&v, &hosts), v["state"].as_str()),
@@ -808,9 +814,7 @@ async fn post_copy_runs_the_guest_on_the_destination_and_a_source_lost_in_it_put
     assert_eq!(report["to"], "pc-b", "{report}");
     assert!(report["ramBytes"].as_u64().unwrap() > 32 << 20, "{report}");
     eprintln!("post-copy migration: {report}");
-    let (status, moved) = via_a
-        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
-        .await;
+    let (status, moved) = connect(&via_a, &id).await;
     assert_eq!(status, StatusCode::OK, "{moved}");
     assert_eq!(
         (moved["hostID"].as_str(), moved["state"].as_str()),
@@ -956,9 +960,7 @@ async fn a_fault_on_any_call_between_the_hosts_leaves_the_sandbox_running_where_
             )
             .await;
         assert_eq!(status, StatusCode::OK, "{v}");
-        let (_, sbx) = via_a
-            .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
-            .await;
+        let (_, sbx) = connect(&via_a, &id).await;
         sbx
     };
     assert_eq!(owner_of(&sbx, &hosts), "mf-a", "{sbx}");
@@ -1014,9 +1016,7 @@ async fn a_fault_on_any_call_between_the_hosts_leaves_the_sandbox_running_where_
         );
         assert_eq!(proxy.injected(), picked + 1, "{what}: the fault never hit");
         // Where it was, running, its counter counting; the last move event a failure.
-        let (status, v) = via_a
-            .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
-            .await;
+        let (status, v) = connect(&via_a, &id).await;
         assert_eq!(status, StatusCode::OK, "{what}: {v}");
         assert_eq!(
             (owner_of(&v, &hosts), v["state"].as_str()),
@@ -1089,9 +1089,7 @@ async fn a_fault_on_any_call_between_the_hosts_leaves_the_sandbox_running_where_
         picked + 1,
         "the lost answer never happened"
     );
-    let (_, v) = via_a
-        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
-        .await;
+    let (_, v) = connect(&via_a, &id).await;
     assert_eq!(
         (owner_of(&v, &hosts), v["state"].as_str()),
         ("mf-d", Some("running")),
@@ -1162,9 +1160,7 @@ async fn a_fault_on_any_call_between_the_hosts_leaves_the_sandbox_running_where_
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (_, v) = via_a
-        .post(&format!("/v1/sandboxes/{child_id}/connect"), json!({}))
-        .await;
+    let (_, v) = connect(&via_a, &child_id).await;
     let (_, _, code) = Runtime::of(&v).run("true").await;
     assert_eq!(code, 0, "the moved fork child runs");
     via_a.delete(&child_id).await;
@@ -1212,9 +1208,7 @@ async fn a_source_killed_mid_copy_runs_the_sandbox_on_after_its_restart_and_move
         let (status, v) = operator.post(&migrate, json!({ "host": "mk-e" })).await;
         assert_eq!(status, StatusCode::OK, "{v}");
     }
-    let (_, sbx) = via_a
-        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
-        .await;
+    let (_, sbx) = connect(&via_a, &id).await;
     assert_eq!(owner_of(&sbx, &hosts), "mk-e", "{sbx}");
     let rt = Runtime::of(&sbx);
     rt.put_file("/workspace/kept.txt", b"before the kill").await;
@@ -1249,9 +1243,7 @@ async fn a_source_killed_mid_copy_runs_the_sandbox_on_after_its_restart_and_move
         v["state"] == "running" && v["hostID"] == "mk-e"
     })
     .await;
-    let (status, v) = via_a
-        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
-        .await;
+    let (status, v) = connect(&via_a, &id).await;
     assert_eq!(status, StatusCode::OK, "{v} (was {sbx})");
     let rt = Runtime::of(&v);
     let (_, _, alive) = rt.run(&format!("kill -0 {counter}")).await;
@@ -1274,9 +1266,7 @@ async fn a_source_killed_mid_copy_runs_the_sandbox_on_after_its_restart_and_move
         .post(&migrate, json!({ "host": "mk-a", "postcopy": false }))
         .await;
     assert_eq!(status, StatusCode::OK, "{report}");
-    let (_, v) = via_a
-        .post(&format!("/v1/sandboxes/{id}/connect"), json!({}))
-        .await;
+    let (_, v) = connect(&via_a, &id).await;
     assert_eq!(owner_of(&v, &hosts), "mk-a", "{v}");
     let rt = Runtime::of(&v);
     let (_, _, alive) = rt.run(&format!("kill -0 {counter}")).await;

@@ -139,8 +139,19 @@ pub async fn route(m: &Manager, id: &str, face: Face, req: Request<Body>) -> Rou
         Err(_) if face == Face::Preview => return Routed::Here(req),
         Err(e) => return Routed::There(e.into_response()),
     };
+    // A move changes the owner: what this host looked up is stale after one it
+    // forwarded, or once the host it believed the owner says it moved on.
+    let moves = req.method() == axum::http::Method::POST
+        && req.uri().path().trim_end_matches('/').ends_with("/migrate");
     Routed::There(match to_host(m, id, &owner, this, face, req).await {
-        Ok(answer) => answer,
+        Ok(answer) => {
+            if answer.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE
+                || (moves && answer.status().is_success())
+            {
+                forget_owner(id);
+            }
+            answer
+        }
         // The preview listener is anyone's to ask: its own refusals say nothing of
         // hosts, addresses or whether the sandbox exists.
         Err(refused) if face == Face::Preview => {
